@@ -1,0 +1,36 @@
+"""ckptkit: PyTorch training checkpoints stored by role.
+
+Resume checkpoints go to the backends declared for resuming and are pruned to the last K;
+the final model goes once to the backends declared for publishing.
+"""
+
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl  # noqa: E402
+from .roles import Role  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendError,
+    CheckpointError,
+    CkptkitError,
+    ConfigError,
+    PluginError,
+    PublishError,
+    SaveError,
+)
+from .config import Config  # noqa: E402
+from .manager import CheckpointManager, Restored  # noqa: E402
+
+__all__ = [
+    "BackendError",
+    "CheckpointError",
+    "CheckpointManager",
+    "CkptkitError",
+    "Config",
+    "ConfigError",
+    "PluginError",
+    "PublishError",
+    "Restored",
+    "Role",
+    "SaveError",
+    "hookimpl",
+]

@@ -1,0 +1,93 @@
+"""The values that the manager and the backends exchange through the hooks."""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Callable
+
+import attrs
+import torch
+
+from . import __version__
+from .manifest import FileEntry, Manifest, now
+
+
+@attrs.frozen
+class PayloadFile:
+    """One file of a checkpoint, as the manager hands it to a backend.
+
+    ``write`` streams the content into an open binary file. Once one backend has stored the
+    file on local disk, later backends get ``source`` (that file's path) and ``expected`` (its
+    size and checksum) instead, so they copy bytes rather than serialise the state again.
+    """
+
+    name: str
+    write: Callable[[BinaryIO], None] | None = None
+    source: str | None = None
+    expected: FileEntry | None = None
+
+    def __attrs_post_init__(self):
+        if (self.write is None) == (self.source is None):
+            raise ValueError("a payload file needs exactly one of write or source")
+
+
+@attrs.frozen
+class Payload:
+    """A checkpoint to store: its metadata and its files, written in order, manifest last."""
+
+    run_name: str
+    step: int
+    epoch: int | None
+    format: str
+    files: tuple[PayloadFile, ...]
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    mlflow_run_id: str | None = None
+    role: str = "resume"
+    world_size: int = 1
+
+    def manifest(self, files: dict[str, FileEntry]) -> Manifest:
+        """The manifest that commits this payload once ``files`` are stored."""
+        return Manifest(
+            run_name=self.run_name,
+            step=self.step,
+            epoch=self.epoch,
+            format=self.format,
+            files=files,
+            metrics=dict(self.metrics),
+            mlflow_run_id=self.mlflow_run_id,
+            role=self.role,
+            world_size=self.world_size,
+            torch_version=torch.__version__,
+            ckptkit_version=__version__,
+            created=now(),
+        )
+
+    def from_stored(self, local_dir: str, manifest: Manifest) -> Payload:
+        """The same payload, its files now copied from ``local_dir`` where they sit committed."""
+        import os
+
+        files = tuple(
+            PayloadFile(name=f.name, source=os.path.join(local_dir, f.name),
+                        expected=manifest.files[f.name])
+            for f in self.files
+        )
+        return attrs.evolve(self, files=files)
+
+
+@attrs.frozen
+class CheckpointRef:
+    """Where one committed checkpoint lives.
+
+    ``path`` is the backend's own address of the checkpoint folder; ``uri`` is what people
+    see; ``local_dir`` is set when the files sit on this machine's disk and can be loaded in
+    place. ``sizes`` maps file names to sizes as a listing saw them, when the listing gave them.
+    """
+
+    backend: str
+    run_name: str
+    step: int
+    path: str
+    uri: str
+    role: str = "resume"
+    local_dir: str | None = None
+    sizes: dict[str, int] | None = None
+    mtime: float | None = None

@@ -1,0 +1,207 @@
+"""The configuration: which backends exist and which roles each one serves."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Any, Mapping
+
+import attrs
+import yaml
+
+from .errors import ConfigError
+from .roles import Role
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FORMATS = ("torch", "dcp")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _unknown(key: str, given: Mapping, allowed: tuple[str, ...]) -> None:
+    for k in given:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            where = f"{key}.{k}" if key else str(k)
+            raise ConfigError(f"{where}: unknown key{hint} (allowed: {', '.join(allowed)})")
+
+
+def check_options(key: str, options: Mapping, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    """Reject unknown and missing keys of a backend's options; ``key`` is where they sit."""
+    _unknown(key, options, allowed)
+    for r in required:
+        if r not in options:
+            raise ConfigError(f"{key}.{r}: required key is missing")
+
+
+def check_run_name(name: Any, key: str = "run_name") -> str:
+    """A run name becomes a folder under each backend's root: keep it one plain path segment."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"{key}: {name!r} is not a valid run name; use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, with no '/' and no '..'"
+        )
+    return name
+
+
+def _int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _mapping(key: str, value: Any) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+@attrs.frozen
+class BackendSpec:
+    """One declared backend: its config name, its type, and the options its type reads."""
+
+    name: str
+    type: str
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> BackendSpec:
+        key = f"backends.{name}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{key}: backend names use letters, digits, '.', '_' and '-'")
+        data = _mapping(key, data)
+        btype = data.get("type")
+        if not isinstance(btype, str) or not btype:
+            raise ConfigError(f"{key}.type: required key is missing (e.g. type: local)")
+        return cls(name=name, type=btype, options={k: v for k, v in data.items() if k != "type"})
+
+
+def _backends(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{key}: a role needs at least one backend (a list of backend names)")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: lists a backend twice")
+    return tuple(value)
+
+
+@attrs.frozen
+class ResumeRole:
+    backends: tuple[str, ...]
+    every_n_steps: int = 1000
+    keep_last: int = 3
+    format: str = "torch"
+    async_: bool = False
+
+    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async")
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str = "roles.resume") -> ResumeRole:
+        data = _mapping(key, data)
+        _unknown(key, data, cls.KEYS)
+        fmt = data.get("format", "torch")
+        if fmt not in FORMATS:
+            raise ConfigError(f"{key}.format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        is_async = data.get("async", False)
+        if not isinstance(is_async, bool):
+            raise ConfigError(f"{key}.async: must be true or false, got {is_async!r}")
+        return cls(
+            backends=_backends(f"{key}.backends", data.get("backends")),
+            every_n_steps=_int(f"{key}.every_n_steps", data.get("every_n_steps", 1000), 1),
+            keep_last=_int(f"{key}.keep_last", data.get("keep_last", 3), 1),
+            format=fmt,
+            async_=is_async,
+        )
+
+
+@attrs.frozen
+class FinalRole:
+    backends: tuple[str, ...]
+    dtype: str | None = None
+
+    KEYS = ("backends", "dtype")
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str = "roles.final") -> FinalRole:
+        data = _mapping(key, data)
+        _unknown(key, data, cls.KEYS)
+        dtype = data.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"{key}.dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return cls(backends=_backends(f"{key}.backends", data.get("backends")), dtype=dtype)
+
+
+@attrs.frozen
+class Config:
+    """A validated configuration. Build it with ``from_dict``, ``from_file`` or ``load``."""
+
+    backends: dict[str, BackendSpec]
+    resume: ResumeRole | None = None
+    final: FinalRole | None = None
+    run_name: str | None = None
+    algorithm: str | None = None
+    source: str = "<dict>"
+
+    KEYS = ("run_name", "algorithm", "backends", "roles")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: the config must be a mapping with keys {', '.join(cls.KEYS)}")
+        _unknown("", data, cls.KEYS)
+        run_name = data.get("run_name")
+        if run_name is not None:
+            check_run_name(run_name)
+        algorithm = data.get("algorithm")
+        if algorithm is not None and not isinstance(algorithm, str):
+            raise ConfigError(f"algorithm: must be a string, got {algorithm!r}")
+        raw_backends = _mapping("backends", data.get("backends") or {})
+        if not raw_backends:
+            raise ConfigError("backends: declare at least one backend (e.g. scratch: {type: local, path: ./checkpoints})")
+        backends = {name: BackendSpec.from_dict(name, spec) for name, spec in raw_backends.items()}
+        roles = _mapping("roles", data.get("roles") or {})
+        _unknown("roles", roles, tuple(r.value for r in Role))
+        if not roles:
+            raise ConfigError("roles: declare at least one role (resume or final) and its backends")
+        resume = ResumeRole.from_dict(roles["resume"]) if "resume" in roles else None
+        final = FinalRole.from_dict(roles["final"]) if "final" in roles else None
+        for role, rc in ((Role.RESUME, resume), (Role.FINAL, final)):
+            for b in rc.backends if rc else ():
+                if b not in backends:
+                    raise ConfigError(
+                        f"roles.{role}.backends: {b!r} is not declared under backends "
+                        f"(declared: {', '.join(backends)})"
+                    )
+        return cls(backends=backends, resume=resume, final=final, run_name=run_name,
+                   algorithm=algorithm, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Config:
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        try:
+            return cls.from_dict(data, source=path)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | Mapping | Config) -> Config:
+        if isinstance(source, Config):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        return cls.from_file(source)
+
+    def role(self, role: Role) -> ResumeRole | FinalRole | None:
+        return self.resume if role is Role.RESUME else self.final
+
+    def roles_of(self, backend: str) -> list[Role]:
+        return [r for r in Role if (rc := self.role(r)) is not None and backend in rc.backends]

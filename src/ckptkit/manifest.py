@@ -1,0 +1,67 @@
+"""The manifest: the file whose presence commits a checkpoint and which lists what it holds."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any
+
+import attrs
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@attrs.frozen
+class FileEntry:
+    size: int
+    sha256: str
+
+
+def _files(value: dict) -> dict[str, FileEntry]:
+    return {name: e if isinstance(e, FileEntry) else FileEntry(**e) for name, e in value.items()}
+
+
+@attrs.frozen
+class Manifest:
+    """What a committed checkpoint holds. Written last; a folder without one holds nothing."""
+
+    run_name: str
+    step: int
+    epoch: int | None
+    format: str
+    files: dict[str, FileEntry] = attrs.field(converter=_files)
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    mlflow_run_id: str | None = None
+    role: str = "resume"
+    world_size: int = 1
+    torch_version: str = ""
+    ckptkit_version: str = ""
+    created: str = ""
+    version: int = MANIFEST_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        data = json.loads(text)
+        if not isinstance(data, dict) or "files" not in data:
+            raise ValueError("not a ckptkit manifest")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,95 @@
+"""Routing: each role's hooks reach only the backend instances declared for it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import Config
+from .errors import ConfigError, PluginError
+from .plugins import BackendType, CkptkitPluginManager
+from .roles import Role
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """The configured backend instances, registered under their config names, by role."""
+
+    def __init__(self, pm: CkptkitPluginManager, config: Config):
+        self.pm = pm
+        self.config = config
+        self.types: dict[str, BackendType] = {}
+        self.instances: dict[str, Any] = {}
+        self._callers: dict[tuple[str, tuple[str, ...]], Any] = {}
+        for name, spec in config.backends.items():
+            btype = pm.backend_type(spec.type, f"backends.{name}.type")
+            roles = config.roles_of(name)
+            for role in roles:
+                missing = btype.missing_hooks(role)
+                if missing:
+                    serves = ", ".join(r.value for r in btype.roles) or "no role"
+                    raise ConfigError(
+                        f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
+                        f"(from {btype.dist}), which cannot serve the {role} role: it does not "
+                        f"implement {', '.join(missing)}. That type serves: {serves}; declare "
+                        f"{name!r} only under those roles"
+                    )
+            if not roles:
+                log.warning("backend %r is declared but no role uses it", name)
+            self.types[name] = btype
+            self.instances[name] = self._build(name, btype, spec.options)
+        for name, instance in self.instances.items():
+            if config.roles_of(name):
+                pm.register_backend(instance, name, self.types[name])
+
+    @staticmethod
+    def _build(name: str, btype: BackendType, options: dict) -> Any:
+        try:
+            return btype.cls.from_config(name, dict(options))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be built "
+                f"from its config: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def backends(self, role: Role) -> list[str]:
+        """The backends of a role, in the order their hooks are called.
+
+        Resume: backends that keep files on local disk first, so that the rest copy their
+        bytes. Final: backends whose ``publish_final`` is marked ``trylast`` go last.
+        """
+        rc = self.config.role(role)
+        names = list(rc.backends) if rc else []
+        if role is Role.RESUME:
+            return sorted(names, key=lambda n: not getattr(self.instances[n], "keeps_files_locally", False))
+        late = {impl.plugin_name for impl in self.pm.hook.publish_final.get_hookimpls() if impl.trylast}
+        return sorted(names, key=lambda n: n in late)
+
+    def caller(self, hook: str, names: list[str]):
+        """A hook caller that reaches only the named backends."""
+        key = (hook, tuple(sorted(names)))
+        if key not in self._callers:
+            others = [p for n, p in self.pm.list_name_plugin() if n not in names]
+            self._callers[key] = self.pm.subset_hook_caller(hook, remove_plugins=others)
+        return self._callers[key]
+
+    def call(self, backend: str, hook: str, /, **kwargs: Any) -> Any:
+        """Call ``hook`` on one backend; its single result, or None if it does not implement it."""
+        results = self.caller(hook, [backend])(**kwargs)
+        if isinstance(results, list):
+            return results[0] if results else None
+        return results
+
+    def implements(self, name: str, hook: str) -> bool:
+        return hook in self.types[name].hooks
+
+    def close(self) -> None:
+        for name, instance in self.instances.items():
+            if self.pm.is_registered(instance):
+                self.pm.unregister(instance)
+            close = getattr(instance, "close", None)
+            if callable(close):
+                close()

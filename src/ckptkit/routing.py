@@ -29,7 +29,9 @@ class Router:
                 missing = btype.missing_hooks(role)
                 if missing:
                     serves = ", ".join(r.value for r in btype.roles) or "no role"
+                    why = getattr(btype.cls, "ROLE_HINTS", {}).get(role.value)
                     raise ConfigError(
+                        (f"{why}. " if why else "") +
                         f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
                         f"(from {btype.dist}), which cannot serve the {role} role: it does not "
                         f"implement {', '.join(missing)}. That type serves: {serves}; declare "

@@ -1,0 +1,252 @@
+"""The ``ckptkit`` command line: inspect backends, check configs, list, verify and prune."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+import attrs
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CheckpointError, CkptkitError
+from .manager import CheckpointManager
+from .plugins import make_plugin_manager
+from .roles import Role
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _emit(args: argparse.Namespace, data: Any, table: Table | None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    elif table is not None:
+        console.print(table)
+
+
+def _manager(args: argparse.Namespace) -> CheckpointManager:
+    return CheckpointManager.from_config(args.config, run_name=args.run_name)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    pm = make_plugin_manager()
+    rows = [{"type": t.name, "distribution": t.dist, "roles": [r.value for r in t.roles],
+             "class": f"{t.cls.__module__}.{t.cls.__qualname__}"}
+            for t in sorted(pm.backend_types.values(), key=lambda t: t.name)]
+    table = Table(title="Installed backend types")
+    for col in ("type", "distribution", "roles", "class"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["type"], r["distribution"], ", ".join(r["roles"]) or "-", r["class"])
+    _emit(args, rows, table)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    ck = _manager(args)
+    try:
+        rows = []
+        for role in Role:
+            rc = ck.config.role(role)
+            if rc is None:
+                continue
+            settings = {k: v for k, v in attrs.asdict(rc).items() if k != "backends"}
+            for name in ck.router.backends(role):
+                spec = ck.config.backends[name]
+                instance = ck.router.instances[name]
+                row = {"role": role.value, "backend": name, "type": spec.type,
+                       "distribution": ck.router.types[name].dist,
+                       "location": _location(instance), "settings": settings}
+                if args.probe:
+                    row["probe"] = ck.router.call(name, "probe") if ck.router.implements(name, "probe") else {}
+                rows.append(row)
+        table = Table(title=f"{ck.config.source}: run {ck.run_name!r}, routing")
+        for col in ("role", "backend", "type", "location", "settings") + (("probe",) if args.probe else ()):
+            table.add_column(col)
+        for r in rows:
+            cells = [r["role"], r["backend"], r["type"], r["location"],
+                     ", ".join(f"{k}={v}" for k, v in r["settings"].items())]
+            if args.probe:
+                cells.append(", ".join(f"{k}: {v}" for k, v in r["probe"].items()) or "not supported")
+            table.add_row(*cells)
+        _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows}, table)
+        if not args.json:
+            console.print("[green]config OK[/green]")
+        failed = [r for r in rows if any(v != "ok" for v in r.get("probe", {}).values())]
+        if failed:
+            err_console.print(f"ckptkit: error: probe failed for {', '.join(r['backend'] for r in failed)}")
+            return 1
+        return 0
+    finally:
+        ck.close()
+
+
+def _location(instance: Any) -> str:
+    root = getattr(instance, "root", None)
+    fs = getattr(instance, "fs", None)
+    if root is not None and fs is not None:
+        return fs.unstrip_protocol(root)
+    return getattr(instance, "location", "") or type(instance).__name__
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    ck = _manager(args)
+    try:
+        rows = []
+        for ref in ck.list_checkpoints():
+            try:
+                m = ck.router.call(ref.backend, "read_manifest", ref=ref)
+            except CheckpointError:
+                continue
+            if ref.sizes is not None and any(ref.sizes.get(n) != e.size for n, e in m.files.items()):
+                continue  # files disagree with the manifest: not a checkpoint
+            rows.append({"backend": ref.backend, "step": m.step, "epoch": m.epoch, "format": m.format,
+                         "size": m.total_size, "files": len(m.files), "created": m.created,
+                         "metrics": m.metrics, "mlflow_run_id": m.mlflow_run_id, "uri": ref.uri})
+        table = Table(title=f"run {ck.run_name!r}: committed resume checkpoints")
+        for col in ("backend", "step", "epoch", "format", "size", "created", "metrics", "uri"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["backend"], str(r["step"]), str(r["epoch"]), r["format"], _size(r["size"]),
+                          r["created"], ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()), r["uri"])
+        _emit(args, rows, table)
+        return 0
+    finally:
+        ck.close()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ck = _manager(args)
+    try:
+        rows = []
+        for ref in ck.list_checkpoints():
+            if args.step is not None and ref.step != args.step:
+                continue
+            try:
+                m = ck.verify(ref)
+                rows.append({"backend": ref.backend, "step": ref.step, "ok": True,
+                             "detail": f"{len(m.files)} files, {_size(m.total_size)}", "uri": ref.uri})
+            except (CheckpointError, OSError) as exc:
+                rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "detail": str(exc), "uri": ref.uri})
+        table = Table(title=f"run {ck.run_name!r}: verification")
+        for col in ("backend", "step", "result", "detail"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["backend"], str(r["step"]), "[green]ok[/green]" if r["ok"] else "[red]CORRUPT[/red]", r["detail"])
+        _emit(args, rows, table)
+        if not rows:
+            err_console.print(f"ckptkit: error: no committed checkpoint found for run {ck.run_name!r}")
+            return 1
+        bad = [r for r in rows if not r["ok"]]
+        if bad:
+            err_console.print(f"ckptkit: error: {len(bad)} of {len(rows)} checkpoints failed verification")
+            return 1
+        return 0
+    finally:
+        ck.close()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    ck = _manager(args)
+    try:
+        keep = args.keep_last or ck.resume_role.keep_last
+        if keep < 1:
+            raise CkptkitError("--keep-last must be at least 1")
+        rows = []
+        for name in ck.router.backends(Role.RESUME):
+            doomed = ck.router.call(name, "prune", run_name=ck.run_name, keep_last=keep,
+                                    protected_steps=frozenset(), dry_run=args.dry_run)
+            rows += [{"backend": name, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
+                     for r in doomed]
+        verb = "would delete" if args.dry_run else "deleted"
+        table = Table(title=f"run {ck.run_name!r}: {verb} (keep_last={keep})")
+        for col in ("backend", "step", "kind", "uri"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
+        _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "deleted": rows}, table)
+        return 0
+    finally:
+        ck.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0 if summary["resumed_matches_uninterrupted"] else 1
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the ckptkit YAML config")
+    p.add_argument("--run-name", help="the run (default: run_name from the config, else 'default')")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptkit", description="Role-routed PyTorch checkpoints.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("backends", cmd_backends, "list installed backend types, their distributions and roles")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add("check", cmd_check, "validate a config and show which backends serve which role")
+    _config_args(p)
+    p.add_argument("--probe", action="store_true", help="also write, list, read and delete a small object on each backend")
+    p = add("ls", cmd_ls, "list the committed resume checkpoints of a run")
+    _config_args(p)
+    p = add("verify", cmd_verify, "check every file of every checkpoint against its manifest")
+    _config_args(p)
+    p.add_argument("--step", type=int, help="verify only this step")
+    p = add("prune", cmd_prune, "delete all but the newest keep_last checkpoints, and old leftovers")
+    _config_args(p)
+    p.add_argument("--keep-last", type=int, help="override roles.resume.keep_last")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")
+    p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CkptkitError as exc:
+        err_console.print(f"ckptkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,11 +31,11 @@ class Router:
                     serves = ", ".join(r.value for r in btype.roles) or "no role"
                     why = getattr(btype.cls, "ROLE_HINTS", {}).get(role.value)
                     raise ConfigError(
-                        (f"{why}. " if why else "") +
                         f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
-                        f"(from {btype.dist}), which cannot serve the {role} role: it does not "
-                        f"implement {', '.join(missing)}. That type serves: {serves}; declare "
-                        f"{name!r} only under those roles"
+                        f"(from {btype.dist}), which cannot serve the {role} role: "
+                        + (f"{why}. " if why else "")
+                        + f"It does not implement {', '.join(missing)}; that type serves: "
+                        f"{serves}. Declare {name!r} only under those roles"
                     )
             if not roles:
                 log.warning("backend %r is declared but no role uses it", name)

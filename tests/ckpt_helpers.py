@@ -1,0 +1,48 @@
+"""Small models and configs shared by the core tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+    x = torch.randn(8, 16)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def local_config(root, *, every=1, keep=5, final=True, run_name="exp") -> dict:
+    cfg = {
+        "run_name": run_name,
+        "backends": {"scratch": {"type": "local", "path": str(root / "scratch")}},
+        "roles": {"resume": {"backends": ["scratch"], "every_n_steps": every, "keep_last": keep}},
+    }
+    if final:
+        cfg["backends"]["published"] = {"type": "local", "path": str(root / "published")}
+        cfg["roles"]["final"] = {"backends": ["published"]}
+    return cfg
+
+
+def assert_same_state(a, b) -> None:
+    """Bit-identical nested state (tensors compared exactly, other values with ==)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), "tensors differ"
+    else:
+        assert a == b

@@ -1,0 +1,109 @@
+"""Shared fixtures of the core tests: small models, configs on temporary disks, fresh plugin managers."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from ckptkit.plugins import make_plugin_manager
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager per test, so registrations never leak between tests."""
+    return make_plugin_manager(autoload=False)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def third_party_dist(tmp_path, monkeypatch):
+    """A separately installed backend distribution: a package plus its .dist-info on sys.path.
+
+    Its ``memo`` backend keeps checkpoints in memory and records every hook call, so tests can
+    see which roles it was called for.
+    """
+    site = tmp_path / "site"
+    pkg = site / "ckptkit_memo"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        import io
+        import ckptkit
+        from ckptkit.checkpoint import CheckpointRef
+        from ckptkit.hashing import HashingWriter
+        from ckptkit.manifest import FileEntry
+
+        CALLS = []
+        STORE = {}
+
+        class MemoBackend:
+            @classmethod
+            def from_config(cls, name, options):
+                return cls(name, options.get("fail", False))
+
+            def __init__(self, name, fail):
+                self.name = name
+                self.fail = fail
+
+            def _put(self, run_name, key, payload):
+                if self.fail:
+                    raise ConnectionError("memo store is down")
+                files = {}
+                entries = {}
+                for pf in payload.files:
+                    buf = io.BytesIO()
+                    if pf.source:
+                        buf.write(open(pf.source, "rb").read())
+                        w = None
+                    else:
+                        w = HashingWriter(buf)
+                        pf.write(w)
+                    files[pf.name] = buf.getvalue()
+                    entries[pf.name] = pf.expected or FileEntry(size=w.size, sha256=w.hexdigest())
+                STORE[(self.name, run_name, key)] = (files, payload.manifest(entries))
+                return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step,
+                                     path=f"{run_name}/{key}", uri=f"memo://{self.name}/{run_name}/{key}",
+                                     role=payload.role)
+
+            @ckptkit.hookimpl
+            def save_resume(self, run_name, step, payload):
+                CALLS.append((self.name, "save_resume", step, payload))
+                return self._put(run_name, step, payload)
+
+            @ckptkit.hookimpl
+            def list_checkpoints(self, run_name):
+                CALLS.append((self.name, "list_checkpoints", None, None))
+                return [CheckpointRef(backend=self.name, run_name=r, step=k, path=f"{r}/{k}", uri=f"memo://{self.name}/{r}/{k}")
+                        for (n, r, k) in STORE if n == self.name and r == run_name and k != "final"]
+
+            @ckptkit.hookimpl
+            def read_manifest(self, ref):
+                return STORE[(self.name, ref.run_name, ref.step)][1]
+
+            @ckptkit.hookimpl
+            def open_file(self, ref, name):
+                return io.BytesIO(STORE[(self.name, ref.run_name, ref.step)][0][name])
+
+            @ckptkit.hookimpl
+            def prune(self, run_name, keep_last):
+                CALLS.append((self.name, "prune", keep_last, None))
+                return []
+
+            @ckptkit.hookimpl
+            def publish_final(self, run_name, payload, stored):
+                CALLS.append((self.name, "publish_final", payload.step, payload, stored))
+                return self._put(run_name, "final", payload)
+    '''))
+    dist = site / "ckptkit_memo-1.2.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ckptkit-memo\nVersion: 1.2\n")
+    (dist / "entry_points.txt").write_text("[ckptkit.backends]\nmemo = ckptkit_memo:MemoBackend\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("ckptkit_memo", None)

@@ -1,0 +1,126 @@
+import os
+
+import pytest
+
+from ckptkit import CheckpointManager, Config, ConfigError
+from ckptkit.local import local_root
+
+
+def base():
+    return {
+        "run_name": "exp-42",
+        "backends": {"scratch": {"type": "local", "path": "./ckpts"}},
+        "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 100, "keep_last": 2},
+                  "final": {"backends": ["scratch"], "dtype": "bfloat16"}},
+    }
+
+
+def test_from_dict_reads_every_key():
+    cfg = Config.from_dict(base())
+    assert cfg.run_name == "exp-42"
+    assert cfg.resume.backends == ("scratch",)
+    assert (cfg.resume.every_n_steps, cfg.resume.keep_last, cfg.resume.format) == (100, 2, "torch")
+    assert cfg.final.dtype == "bfloat16"
+    assert cfg.backends["scratch"].type == "local"
+    assert cfg.backends["scratch"].options == {"path": "./ckpts"}
+
+
+def test_from_file_matches_dict(tmp_path):
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(
+        "run_name: exp-42\n"
+        "backends:\n  scratch: {type: local, path: ./ckpts}\n"
+        "roles:\n  resume: {backends: [scratch], every_n_steps: 100, keep_last: 2}\n"
+        "  final: {backends: [scratch], dtype: bfloat16}\n"
+    )
+    from_file = Config.from_file(path)
+    assert from_file.resume == Config.from_dict(base()).resume
+    assert from_file.source == str(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.update(checkpoints={}), "checkpoints: unknown key"),
+        (lambda c: c["roles"]["resume"].update(keep_lst=3), "roles.resume.keep_lst: unknown key; did you mean 'keep_last'"),
+        (lambda c: c["roles"]["resume"].update(keep_last=0), "roles.resume.keep_last: must be an integer >= 1"),
+        (lambda c: c["roles"]["resume"].update(every_n_steps=True), "roles.resume.every_n_steps"),
+        (lambda c: c["roles"]["resume"].update(backends=[]), "roles.resume.backends: a role needs at least one backend"),
+        (lambda c: c["roles"]["final"].update(backends=["nope"]), "roles.final.backends: 'nope' is not declared"),
+        (lambda c: c["roles"]["resume"].update(format="pickle"), "roles.resume.format: must be one of torch, dcp"),
+        (lambda c: c["roles"]["final"].update(dtype="int8"), "roles.final.dtype"),
+        (lambda c: c["roles"].update(best={"backends": ["scratch"]}), "roles.best: unknown key"),
+        (lambda c: c.update(roles={}), "roles: declare at least one role"),
+        (lambda c: c.update(backends={}), "backends: declare at least one backend"),
+        (lambda c: c["backends"]["scratch"].pop("type"), "backends.scratch.type: required key is missing"),
+        (lambda c: c.update(run_name="../escape"), "run_name: '../escape' is not a valid run name"),
+        (lambda c: c.update(run_name="a/b"), "run_name"),
+    ],
+)
+def test_bad_config_names_the_key(mutate, message):
+    cfg = base()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(cfg)
+    assert message in str(info.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        Config.from_file(path)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        Config.from_file(tmp_path / "missing.yaml")
+    path.write_text("backends: {a: {type: local, path: x}}\nroles: {resume: {backends: [a], keep_last: -1}}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: roles.resume.keep_last"):
+        Config.from_file(path)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"type": "s3", "path": "s3://bucket/x"}, "backends.scratch.type: unknown backend type 's3' (installed: local"),
+        ({"type": "local", "path": "s3://bucket/x"}, "backends.scratch.path: 's3://bucket/x' is a s3:// URI"),
+        ({"type": "local", "path": "file://host/x"}, "backends.scratch.path: malformed file URI"),
+        ({"type": "local"}, "backends.scratch.path: required key is missing"),
+        ({"type": "local", "path": "x", "pth": 1}, "backends.scratch.pth: unknown key"),
+        ({"type": "local", "path": "x", "leftover_grace_s": -1}, "backends.scratch.leftover_grace_s"),
+    ],
+)
+def test_backend_errors_come_before_training(options, message, pm, in_tmp):
+    cfg = base()
+    cfg["backends"]["scratch"] = options
+    with pytest.raises(ConfigError) as info:
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert message in str(info.value)
+    assert not os.listdir(in_tmp), "a rejected config must not create anything"
+
+
+def test_unknown_documented_type_gives_install_hint(pm):
+    cfg = base()
+    cfg["backends"]["registry"] = {"type": "mlflow"}
+    cfg["roles"]["final"]["backends"] = ["registry"]
+    with pytest.raises(ConfigError, match=r'pip install "ckptkit\[mlflow\]"'):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def test_run_name_argument_is_checked_too(pm):
+    with pytest.raises(ConfigError, match="run_name"):
+        CheckpointManager.from_config(base(), run_name="../../etc", plugin_manager=pm)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("ckpts", "{cwd}/ckpts"),
+        ("./ckpts", "{cwd}/ckpts"),
+        ("/abs/ckpts", "/abs/ckpts"),
+        ("file:///abs/ckpts", "/abs/ckpts"),
+        ("file://localhost/abs/ckpts", "/abs/ckpts"),
+        ("file://./ckpts", "{cwd}/ckpts"),
+        ("file:ckpts", "{cwd}/ckpts"),
+    ],
+)
+def test_local_path_forms(given, expected, in_tmp):
+    assert local_root(given, "k") == expected.format(cwd=os.getcwd())

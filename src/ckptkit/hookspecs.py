@@ -102,7 +102,7 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
 
 @_hookspec
 def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
-                  algorithm: str | None) -> CheckpointRef:
+                  algorithm: str | None, model: Any | None) -> CheckpointRef:
     """Store the final model.
 
     Called by ``CheckpointManager.finalize`` and ``ckptkit publish`` on the writing rank, once
@@ -113,6 +113,8 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
     :param payload: the final model's files (``final_model.pt``), as for ``save_resume``.
     :param stored: where earlier final backends of this call already committed the same model.
     :param algorithm: a free-form tag for the model (``{algorithm}`` in names), or None.
+    :param model: the ``torch.nn.Module`` given to ``finalize`` (None from ``ckptkit publish``),
+        for a registry that logs a framework-flavoured model instead of the file.
     :return: a ``CheckpointRef`` to where the model now lives.
     """
 

@@ -176,7 +176,7 @@ class CheckpointManager:
         failures: dict[str, Exception] = {}
         copied = False
         for name in self.router.backends(role):
-            extra_kwargs = {"stored": list(saved), "algorithm": kwargs.get("algorithm")} if role is Role.FINAL else {"step": kwargs["step"]}
+            extra_kwargs = {"stored": list(saved), "algorithm": kwargs.get("algorithm"), "model": kwargs.get("model")} if role is Role.FINAL else {"step": kwargs["step"]}
             try:
                 ref = self.router.call(name, hook, run_name=self.run_name, payload=payload, **extra_kwargs)
             except Exception as exc:
@@ -304,7 +304,7 @@ class CheckpointManager:
             files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),),
             metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(),
         )
-        saved, failures = self._store_each(Role.FINAL, payload, "publish_final", algorithm=algorithm)
+        saved, failures = self._store_each(Role.FINAL, payload, "publish_final", algorithm=algorithm, model=model)
         if failures:
             where = ", ".join(r.uri for r in saved)
             if not saved:

@@ -110,6 +110,10 @@ class CheckpointManager:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CkptkitError(f"the checkpoint manager of run {self.run_name!r} is closed; build a new one")
+
     @property
     def resume_role(self) -> ResumeRole:
         if self.config.resume is None:
@@ -142,6 +146,7 @@ class CheckpointManager:
         that fails does not stop the others; once all were tried, a ``SaveError`` names the
         failures (or a warning does, with ``on_error="warn"``).
         """
+        self._check_open()
         role = self.resume_role
         if not force and not self.is_due(step):
             return []
@@ -196,6 +201,7 @@ class CheckpointManager:
 
     def list_checkpoints(self) -> list[CheckpointRef]:
         """Committed resume checkpoints across all resume backends, newest first."""
+        self._check_open()
         refs = []
         for name in self.router.backends(Role.RESUME):
             try:
@@ -291,6 +297,7 @@ class CheckpointManager:
         A backend that fails does not stop the others. If no backend took the model, it is
         written to a local fallback folder that the error names, for ``ckptkit publish`` later.
         """
+        self._check_open()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
         state = gather.final_state(model, self.config.final.dtype)

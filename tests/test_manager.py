@@ -1,0 +1,227 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+import ckptkit
+from ckptkit import CheckpointError, CheckpointManager, PublishError, SaveError
+from ckptkit.manager import FINAL_FILE, STATE_FILE
+
+from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+
+
+def steps_on_disk(root, run="exp"):
+    d = root / run
+    return sorted(int(n.split("-")[1]) for n in os.listdir(d) if n.startswith("step-")) if d.exists() else []
+
+
+def test_thirty_steps_keep_five_and_restore_bit_identical(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path, keep=5), plugin_manager=pm)
+    model, opt = make_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7)
+    early = {"best": 0.25, "bad_epochs": 3}
+    for step in range(30):
+        loss = train_step(model, opt)
+        sched.step()
+        rng = torch.get_rng_state()
+        ck.save(step=step, epoch=step // 10, model=model, optimizer=opt, metrics={"loss": loss},
+                extra={"early_stopping": early, "sched": sched, "rng": rng})
+    assert steps_on_disk(tmp_path / "scratch") == [25, 26, 27, 28, 29]
+    assert [r.step for r in ck.list_checkpoints()] == [29, 28, 27, 26, 25]
+    ck.close()
+    with pytest.raises(ckptkit.CkptkitError, match="closed"):
+        ck.list_checkpoints()
+
+    model2, opt2 = make_model(seed=99)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1)
+    ck2 = CheckpointManager.from_config(local_config(tmp_path, keep=5), plugin_manager=ckptkit.plugins.make_plugin_manager(autoload=False))
+    restored = ck2.restore(model=model2, optimizer=opt2, extra={"sched": sched2})
+    assert restored.step == 29 and restored.epoch == 2
+    assert restored.metrics == {"loss": pytest.approx(loss)}
+    assert restored.extra["early_stopping"] == early
+    assert torch.equal(restored.extra["rng"], rng)
+    assert sched2.state_dict() == sched.state_dict()
+    assert_same_state(model2.state_dict(), model.state_dict())
+    assert_same_state(opt2.state_dict(), opt.state_dict())
+    # Training continues identically from the restored state.
+    torch.manual_seed(5)
+    a = train_step(model, opt)
+    torch.manual_seed(5)
+    b = train_step(model2, opt2)
+    assert a == b
+    ck2.close()
+
+
+def test_save_only_when_due_and_restore_none_when_empty(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path, every=5), plugin_manager=pm)
+    model, opt = make_model()
+    assert ck.restore(model, opt) is None
+    saved = [s for s in range(12) if ck.save(step=s, model=model, optimizer=opt)]
+    assert saved == [0, 5, 10]
+    assert ck.save(step=7, model=model, optimizer=opt, force=True)
+    assert steps_on_disk(tmp_path / "scratch") == [0, 5, 7, 10]
+
+
+def test_two_local_roots_side_by_side_and_bytes_copied_once(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["nfs"] = {"type": "local", "path": f"file://{tmp_path}/nfs"}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "nfs"]
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    refs = ck.save(step=3, model=model, optimizer=opt, force=True)
+    assert [r.backend for r in refs] == ["scratch", "nfs"]
+    a = (tmp_path / "scratch/exp/step-0000000003" / STATE_FILE).read_bytes()
+    b = (tmp_path / "nfs/exp/step-0000000003" / STATE_FILE).read_bytes()
+    assert a == b
+    ma = ck.router.call("scratch", "read_manifest", ref=refs[0])
+    mb = ck.router.call("nfs", "read_manifest", ref=refs[1])
+    assert ma.files == mb.files
+
+
+def test_final_lands_once_in_final_backend_only(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    refs = ck.finalize(model, step=10, epoch=1, metrics={"acc": 0.9}, algorithm="mlp")
+    assert [r.backend for r in refs] == ["published"]
+    final_dir = tmp_path / "published/exp/final"
+    assert sorted(os.listdir(final_dir)) == [FINAL_FILE, "manifest.json"]
+    assert not (tmp_path / "scratch/exp/final").exists()
+    assert not (tmp_path / "published/exp").joinpath("step-0000000000").exists()
+    body = torch.load(final_dir / FINAL_FILE, weights_only=True)
+    assert_same_state(body["model"], model.state_dict())
+    assert (body["step"], body["epoch"], body["algorithm"]) == (10, 1, "mlp")
+
+
+def test_final_dtype_cast(tmp_path, pm):
+    cfg = local_config(tmp_path)
+    cfg["roles"]["final"]["dtype"] = "bfloat16"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, _ = make_model()
+    ck.finalize(model, step=1)
+    body = torch.load(tmp_path / "published/exp/final" / FINAL_FILE, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in body["model"].values())
+    assert model[0].weight.dtype == torch.float32, "the cast must not touch the live model"
+
+
+def test_restore_falls_back_past_a_corrupt_checkpoint(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(3):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+        if step == 1:
+            expected = {k: v.clone() for k, v in model.state_dict().items()}
+    newest = tmp_path / "scratch/exp/step-0000000002" / STATE_FILE
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the checksum can tell
+    newest.write_bytes(bytes(data))
+    model2, opt2 = make_model(seed=3)
+    with pytest.warns(RuntimeWarning, match=r"skipped file://.*step-0000000002.*checksum"):
+        restored = ck.restore(model2, opt2)
+    assert restored.step == 1
+    assert len(restored.skipped) == 1
+    assert_same_state(model2.state_dict(), expected)
+
+
+def test_newest_across_backends_wins(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["other"] = {"type": "local", "path": str(tmp_path / "other")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "other"]
+    model, opt = make_model()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=4, model=model, optimizer=opt, force=True)
+    # Only "other" holds step 9 (scratch lost it, say a full local disk was wiped).
+    train_step(model, opt)
+    ck.save(step=9, model=model, optimizer=opt, force=True)
+    import shutil
+    shutil.rmtree(tmp_path / "scratch/exp/step-0000000009")
+    m2, o2 = make_model(seed=1)
+    restored = ck.restore(m2, o2)
+    assert (restored.step, restored.ref.backend) == (9, "other")
+    assert_same_state(m2.state_dict(), model.state_dict())
+
+
+class Unsafe:
+    def __init__(self, x=1):
+        self.x = x
+
+
+def test_unsafe_objects_are_refused_with_a_hint_and_allowed_by_name(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt, extra={"thing": Unsafe(7)})
+    with pytest.raises(CheckpointError, match=r"weights_only=True.*safe_globals=\[TheType\]"):
+        ck.restore(model, opt)
+    restored = ck.restore(model, opt, safe_globals=[Unsafe])
+    assert restored.extra["thing"].x == 7
+
+
+def test_restore_without_optimizer_state_is_clear(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model)
+    with pytest.raises(KeyError, match="no optimizer state"):
+        ck.restore(model, opt)
+    assert ck.restore(model).step == 0
+
+
+def test_failing_backend_does_not_touch_the_others(tmp_path, third_party_dist):
+    from ckptkit.plugins import make_plugin_manager
+
+    cfg = local_config(tmp_path, keep=2, final=False)
+    cfg["backends"]["flaky"] = {"type": "memo", "fail": True}
+    cfg["roles"]["resume"]["backends"] = ["flaky", "scratch"]
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=True))
+    model, opt = make_model()
+    with pytest.raises(SaveError):
+        ck.save(step=0, model=model, optimizer=opt)
+    with pytest.raises(SaveError) as info:
+        ck.save(step=1, model=model, optimizer=opt)
+    assert "flaky" in info.value.failures and "memo store is down" in str(info.value)
+    assert [r.backend for r in info.value.saved] == ["scratch"]
+    assert "step-0000000001" in str(info.value)
+    assert steps_on_disk(tmp_path / "scratch") == [0, 1]
+    ck.on_error = "warn"
+    with pytest.warns(RuntimeWarning, match="flaky"):
+        ck.save(step=2, model=model, optimizer=opt)
+    assert steps_on_disk(tmp_path / "scratch") == [1, 2]
+
+
+def test_final_goes_to_fallback_when_no_backend_takes_it(tmp_path, third_party_dist):
+    from ckptkit.plugins import make_plugin_manager
+
+    cfg = {"backends": {"down": {"type": "memo", "fail": True}}, "roles": {"final": {"backends": ["down"]}}}
+    ck = CheckpointManager.from_config(cfg, run_name="r", plugin_manager=make_plugin_manager(autoload=True),
+                                       fallback_dir=tmp_path / "fb")
+    model, _ = make_model()
+    with pytest.raises(PublishError) as info:
+        ck.finalize(model, step=3)
+    fallback = tmp_path / "fb/r/final"
+    assert str(fallback) in str(info.value) and "ckptkit publish" in str(info.value)
+    body = torch.load(fallback / FINAL_FILE, weights_only=True)
+    assert_same_state(body["model"], model.state_dict())
+
+
+def test_save_does_not_hold_a_second_copy(tmp_path):
+    """Peak memory of a save stays well under twice the state (it is streamed, not buffered)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch, ckptkit
+        state_mb = 256
+        model = torch.nn.Linear(1024, state_mb * 256, bias=False)  # 256 MiB of float32
+        ck = ckptkit.CheckpointManager.from_config({{
+            "backends": {{"d": {{"type": "local", "path": {str(tmp_path)!r}}}}},
+            "roles": {{"resume": {{"backends": ["d"], "every_n_steps": 1}}}}}})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ck.save(step=0, model=model)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024 / state_mb)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth = float(out.stdout.strip().splitlines()[-1])
+    assert growth < 0.25, f"peak memory grew by {growth:.2f} x the state during save"

@@ -1,0 +1,458 @@
+"""The ``mlflow`` backend type: the final model, once, in an MLflow run and its model registry.
+
+It serves the ``final`` role only. ``publish_final`` uploads ``final_model.pt`` as the run's
+artifact ``checkpoints/final_model.pt`` (or, when an S3/GCS final backend already holds it, logs
+that URI as the run parameter ``final_checkpoint_uri``), logs ``final/epoch``, ``final/step`` and
+``final/<metric>``, and registers a new model version whose source is that one copy.
+``tracking_run_id`` names the MLflow run whose id every resume manifest records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import string
+import tempfile
+import threading
+import time
+from typing import Any, Iterator
+
+import ckptkit
+from ckptkit.checkpoint import CheckpointRef, Payload, PayloadFile
+from ckptkit.config import check_options
+from ckptkit.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+FINAL_FILE = "final_model.pt"
+ARTIFACT_DIR = "checkpoints"
+FLAVOUR_DIR = "model"
+FINAL_URI_PARAM = "final_checkpoint_uri"
+RUN_NAME_TAG = "ckptkit.run_name"
+PLACEHOLDERS = ("algorithm", "run_name")
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+URI_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+DEFAULT_EXPERIMENT = "ckptkit"
+DEFAULT_MODEL_NAME = "{run_name}"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_BACKOFF = 1.0
+# After the tracking server failed to name a run, saves do not ask again for this long.
+RUN_ID_RETRY_AFTER_S = 300.0
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_ENV_LOCK = threading.RLock()
+
+
+def redact(text: str) -> str:
+    """``text`` with every ``user:password@`` of a URL replaced by ``***@``."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = redact(str(exc)).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:300] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _template_fields(key: str, template: Any) -> str:
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigError(f"{key}: must be a non-empty string such as 'wmtp_{{algorithm}}'")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {template!r} is not a valid template: {exc}") from None
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in PLACEHOLDERS or spec or conversion:
+            raise ConfigError(
+                f"{key}: unknown placeholder {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} in {template!r} (allowed: "
+                + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS) + ")"
+            )
+    return template
+
+
+def _tracking_uri(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be a URI such as sqlite:///mlflow.db or http://host:5000")
+    scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if ":" in value else ""
+    if scheme not in URI_SCHEMES:
+        raise ConfigError(
+            f"{key}: {redact(value)!r} is not a tracking URI MLflow reads here (schemes: "
+            f"{', '.join(URI_SCHEMES)}); e.g. sqlite:///mlflow.db or http://127.0.0.1:5000"
+        )
+    if scheme in ("http", "https") and not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError(f"{key}: {redact(value)!r} names no host")
+    return value
+
+
+def _number(key: str, value: Any, minimum: float, integer: bool = False):
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}: must be {kind} >= {minimum:g}, got {value!r}")
+    return value
+
+
+class MlflowBackend:
+    """Publishes the final model to MLflow. See the module docstring for what it logs."""
+
+    OPTIONS = ("tracking_uri", "experiment", "registered_model_name", "artifact_location",
+               "log_pytorch_model", "request_timeout", "request_max_retries")
+    ROLE_HINTS = {
+        "resume": (
+            "MLflow never holds resume checkpoints: it keeps every logged artifact forever and "
+            "nothing prunes it, so a checkpoint every N steps piles up there (30 saves of a 14 GB "
+            "state add 420 GB); put resume checkpoints on a local, s3 or gcs backend and keep "
+            "mlflow under roles.final, which also records the run id in every resume checkpoint"
+        ),
+    }
+
+    def __init__(self, name: str, tracking_uri: str, experiment: str, registered_model_name: str,
+                 artifact_location: str | None = None, log_pytorch_model: bool = False,
+                 request_timeout: float | None = None, request_max_retries: int | None = None):
+        self.name = name
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.registered_model_name = registered_model_name
+        self.artifact_location = artifact_location
+        self.log_pytorch_model = log_pytorch_model
+        self.request_timeout = request_timeout
+        self.request_max_retries = request_max_retries
+        self.location = redact(tracking_uri)
+        self._client = None
+        self._experiment_id: str | None = None
+        self._owned: set[str] = set()
+        self._run_id_failed_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<MlflowBackend {self.name!r} at {self.location}>"
+
+    @classmethod
+    def from_config(cls, name: str, options: dict[str, Any]) -> MlflowBackend:
+        key = f"backends.{name}"
+        check_options(key, options, cls.OPTIONS)
+        artifact_location = options.get("artifact_location")
+        if artifact_location is not None and (not isinstance(artifact_location, str) or not artifact_location):
+            raise ConfigError(f"{key}.artifact_location: must be a path or URI, got {artifact_location!r}")
+        if "tracking_uri" in options:
+            uri = _tracking_uri(f"{key}.tracking_uri", options["tracking_uri"])
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            uri = _tracking_uri("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+        else:
+            uri = "sqlite:///" + os.path.abspath(DEFAULT_DB)
+        if uri.startswith("sqlite:") and artifact_location is None:
+            # The embedded store: artifacts in a folder beside the database file.
+            db = uri.split(":///", 1)[1] if ":///" in uri else DEFAULT_DB
+            folder = os.path.dirname(os.path.abspath(db)) if db and db != ":memory:" else os.getcwd()
+            artifact_location = os.path.join(folder, DEFAULT_ARTIFACTS)
+        if artifact_location is not None and "://" not in artifact_location:
+            artifact_location = "file://" + os.path.abspath(os.path.expanduser(artifact_location))
+        experiment = options.get("experiment", DEFAULT_EXPERIMENT)
+        if not isinstance(experiment, str) or not experiment.strip():
+            raise ConfigError(f"{key}.experiment: must be a non-empty experiment name, got {experiment!r}")
+        template = _template_fields(f"{key}.registered_model_name",
+                                    options.get("registered_model_name", DEFAULT_MODEL_NAME))
+        flavour = options.get("log_pytorch_model", False)
+        if not isinstance(flavour, bool):
+            raise ConfigError(f"{key}.log_pytorch_model: must be true or false, got {flavour!r}")
+        timeout = options.get("request_timeout")
+        if timeout is not None:
+            _number(f"{key}.request_timeout", timeout, 0.1)
+        retries = options.get("request_max_retries")
+        if retries is not None:
+            _number(f"{key}.request_max_retries", retries, 0, integer=True)
+        return cls(name, uri, experiment, template, artifact_location=artifact_location,
+                   log_pytorch_model=flavour, request_timeout=timeout, request_max_retries=retries)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _requests(self) -> Iterator[None]:
+        """Bound MLflow's HTTP retries so that a down server fails in seconds, not minutes.
+
+        MLflow reads these variables on every request. An explicit option wins, then a value the
+        user exported, then ckptkit's default.
+        """
+        wanted = {
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": self.request_timeout,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": self.request_max_retries,
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": None,
+        }
+        defaults = {"MLFLOW_HTTP_REQUEST_TIMEOUT": DEFAULT_TIMEOUT_S,
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": DEFAULT_MAX_RETRIES,
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": DEFAULT_BACKOFF}
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in wanted}
+            try:
+                for k, v in wanted.items():
+                    if v is not None:
+                        os.environ[k] = str(v)
+                    elif saved[k] is None:
+                        os.environ[k] = str(defaults[k])
+                yield
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def _error(self, what: str, exc: BaseException) -> BackendError:
+        return BackendError(self.name, f"{what} on MLflow at {self.location} failed: {_one_line(exc)}")
+
+    def _get_experiment_id(self) -> str:
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment, artifact_location=self.artifact_location)
+                except MlflowException as exc:
+                    if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+            else:
+                if exp.lifecycle_stage != "active":
+                    raise BackendError(self.name, f"experiment {self.experiment!r} is deleted; restore "
+                                       "it or set another backends.<name>.experiment")
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def _usable_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            log.warning("backend %r: MLflow run %s is not usable: %s", self.name, run_id, _one_line(exc))
+            return False
+        return run.info.lifecycle_stage == "active"
+
+    def _reopen(self, run_id: str) -> str:
+        run = self.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        self._owned.add(run_id)
+        return run_id
+
+    def _resolve_run(self, run_name: str, resumed_run_id: str | None) -> str:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            if self._usable_run(active.info.run_id):
+                return active.info.run_id
+            log.warning("backend %r: the active MLflow run %s is not in %s; using a run named %r there",
+                        self.name, active.info.run_id, self.location, run_name)
+        if resumed_run_id and self._usable_run(resumed_run_id):
+            return self._reopen(resumed_run_id)
+        exp_id = self._get_experiment_id()
+        runs = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
+            order_by=["attributes.start_time DESC"])
+        if runs:
+            return self._reopen(runs[0].info.run_id)
+        run = self.client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+        self._owned.add(run.info.run_id)
+        return run.info.run_id
+
+    def model_name(self, run_name: str, algorithm: str | None) -> str:
+        if algorithm is None and "{algorithm}" in self.registered_model_name:
+            raise BackendError(self.name, f"registered_model_name {self.registered_model_name!r} "
+                               "uses {algorithm}, but none was given: set algorithm in the config "
+                               "or pass finalize(algorithm=...)")
+        return self.registered_model_name.format(algorithm=algorithm or "", run_name=run_name)
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    @ckptkit.hookimpl
+    def tracking_run_id(self, run_name: str, resumed_run_id: str | None) -> str | None:
+        failed_at = self._run_id_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < RUN_ID_RETRY_AFTER_S:
+            return None
+        try:
+            with self._requests():
+                run_id = self._resolve_run(run_name, resumed_run_id)
+        except Exception as exc:
+            self._run_id_failed_at = time.monotonic()
+            log.warning("backend %r: could not name the MLflow run (checkpoints are saved without "
+                        "it; asking again in %.0f s): %s", self.name, RUN_ID_RETRY_AFTER_S, _one_line(exc))
+            return None
+        self._run_id_failed_at = None
+        return run_id
+
+    @ckptkit.hookimpl(trylast=True)
+    def publish_final(self, run_name: str, payload: Payload, stored: list[CheckpointRef],
+                      algorithm: str | None, model: Any | None) -> CheckpointRef:
+        name = self.model_name(run_name, algorithm)
+        if self.log_pytorch_model and model is None:
+            raise BackendError(self.name, "log_pytorch_model needs the torch.nn.Module, which only "
+                               "finalize(model=...) has; republish with log_pytorch_model: false, "
+                               "or finalize again")
+        step = "connecting"
+        try:
+            with self._requests():
+                step = "finding the run"
+                run_id = payload.mlflow_run_id
+                if run_id and self._usable_run(run_id):
+                    self._owned.add(run_id)
+                else:
+                    run_id = self._resolve_run(run_name, None)
+                step = "logging the final metrics"
+                self._log_final_metrics(run_id, payload, algorithm)
+                remote = next((r for r in stored if r.uri.startswith(REMOTE_SCHEMES)), None)
+                sizes = None
+                if self.log_pytorch_model:
+                    step = "logging the pytorch-flavour model"
+                    source = self._log_flavour(run_id, model)
+                elif remote is not None:
+                    step = f"logging parameter {FINAL_URI_PARAM}"
+                    source = remote.uri.rstrip("/") + "/" + FINAL_FILE
+                    self.client.log_param(run_id, FINAL_URI_PARAM, source)
+                else:
+                    step = f"uploading {ARTIFACT_DIR}/{FINAL_FILE}"
+                    artifact, size = self._upload(run_id, payload)
+                    source = f"runs:/{run_id}/{artifact}"
+                    sizes = {FINAL_FILE: size}
+                step = f"registering model {name!r}"
+                version = self._register(name, source, run_id, run_name, payload, algorithm)
+                if run_id in self._owned:
+                    self.client.set_terminated(run_id, "FINISHED")
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise self._error(step, exc) from None
+        uri = f"models:/{name}/{version}"
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path=uri, uri=uri,
+                             role="final", sizes=sizes)
+
+    @ckptkit.hookimpl
+    def probe(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        with self._requests():
+            for op, action in (("connect", lambda: self.client.search_experiments(max_results=1)),
+                               ("experiment", lambda: self.client.get_experiment_by_name(self.experiment)),
+                               ("registry", lambda: self.client.search_registered_models(max_results=1))):
+                try:
+                    action()
+                    results[op] = "ok"
+                except Exception as exc:
+                    results[op] = _one_line(exc)
+        return results
+
+    def close(self) -> None:
+        self._client = None
+
+    # -- publishing steps -------------------------------------------------------------------
+
+    def _log_final_metrics(self, run_id: str, payload: Payload, algorithm: str | None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        ts = int(time.time() * 1000)
+        values = {"final/step": float(payload.step)}
+        if payload.epoch is not None:
+            values["final/epoch"] = float(payload.epoch)
+        values.update({f"final/{k}": float(v) for k, v in payload.metrics.items()})
+        tags = [RunTag(RUN_NAME_TAG, payload.run_name)]
+        if algorithm:
+            tags.append(RunTag("ckptkit.algorithm", algorithm))
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, payload.step) for k, v in values.items()],
+                              tags=tags)
+
+    def _artifact_dir(self, run_id: str) -> str:
+        """``checkpoints``, or a fresh subfolder when this run already holds a final model.
+
+        A registered version points at its artifact, so a second final of the same run must not
+        overwrite the first one's bytes.
+        """
+        taken = {a.path for a in self.client.list_artifacts(run_id, ARTIFACT_DIR)}
+        if f"{ARTIFACT_DIR}/{FINAL_FILE}" not in taken:
+            return ARTIFACT_DIR
+        n = 2
+        while f"{ARTIFACT_DIR}/final-{n}" in taken:
+            n += 1
+        return f"{ARTIFACT_DIR}/final-{n}"
+
+    def _upload(self, run_id: str, payload: Payload) -> tuple[str, int]:
+        pf = self._final_file(payload)
+        folder = self._artifact_dir(run_id)
+        if pf.source is not None and os.path.basename(pf.source) == FINAL_FILE:
+            self.client.log_artifact(run_id, pf.source, folder)
+            return f"{folder}/{FINAL_FILE}", os.path.getsize(pf.source)
+        with tempfile.TemporaryDirectory(prefix="ckptkit-mlflow-") as tmp:
+            path = os.path.join(tmp, FINAL_FILE)
+            if pf.source is not None:
+                os.symlink(os.path.abspath(pf.source), path)
+            else:
+                # Nothing local holds the file yet: write it once and upload that one file.
+                with open(path, "wb") as f:
+                    pf.write(f)
+            size = os.path.getsize(path)
+            self.client.log_artifact(run_id, path, folder)
+        return f"{folder}/{FINAL_FILE}", size
+
+    def _log_flavour(self, run_id: str, model: Any) -> str:
+        import mlflow.pytorch
+        import torch
+
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or
+               type(m).__name__.startswith("FSDP") for m in model.modules()):
+            raise BackendError(self.name, "log_pytorch_model cannot pickle an FSDP-sharded module; "
+                               "set log_pytorch_model: false to register the gathered final_model.pt")
+        taken = {a.path for a in self.client.list_artifacts(run_id, ARTIFACT_DIR)}
+        folder = f"{ARTIFACT_DIR}/{FLAVOUR_DIR}"
+        n = 2
+        while folder in taken:
+            folder = f"{ARTIFACT_DIR}/{FLAVOUR_DIR}-{n}"
+            n += 1
+        with tempfile.TemporaryDirectory(prefix="ckptkit-mlflow-") as tmp:
+            path = os.path.join(tmp, "model")
+            mlflow.pytorch.save_model(model, path, serialization_format="pickle")
+            self.client.log_artifacts(run_id, path, folder)
+        return f"runs:/{run_id}/{folder}"
+
+    def _register(self, name: str, source: str, run_id: str, run_name: str, payload: Payload,
+                  algorithm: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {RUN_NAME_TAG: run_name, "ckptkit.step": str(payload.step)}
+        if algorithm:
+            tags["ckptkit.algorithm"] = algorithm
+        pf = self._final_file(payload)
+        if pf.expected is not None and not self.log_pytorch_model:
+            tags["ckptkit.sha256"] = pf.expected.sha256
+        mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        return str(mv.version)
+
+    def _final_file(self, payload: Payload) -> PayloadFile:
+        for pf in payload.files:
+            if pf.name == FINAL_FILE:
+                return pf
+        raise BackendError(self.name, f"the final payload has no {FINAL_FILE} (files: "
+                           f"{', '.join(p.name for p in payload.files)})")

@@ -1,0 +1,44 @@
+"""The ``gcs`` backend: ckptkit checkpoints in a Google Cloud Storage bucket.
+
+A checkpoint is committed when its ``manifest.json`` is written, after every other file.
+Large files go up as resumable uploads in chunks while they are serialised, on a thread of
+their own; an upload that fails is cancelled, so a failed save leaves no object behind that
+looks whole. Credentials come from Google's default chain (``GOOGLE_APPLICATION_CREDENTIALS``,
+gcloud, the metadata server) or from ``storage_options.token``; never from the YAML itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gcsfs
+
+from ckptkit.storage import FileBackend, RemoteOptions, secret_values
+
+__all__ = ["GCSBackend"]
+__version__ = "0.1.0"
+
+
+class GCSBackend(FileBackend):
+    """Checkpoints under ``gs://bucket/prefix/<run_name>/``.
+
+    Options: ``path`` (required), ``storage_options`` (passed to ``gcsfs.GCSFileSystem``, e.g.
+    ``project``, ``token``, ``endpoint_url``), ``leftover_grace_s``, ``retry`` (``attempts``,
+    ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (the resumable-upload chunk) and
+    ``upload_concurrency`` (unused: a resumable upload takes its chunks in order).
+    """
+
+    OPTIONS = RemoteOptions.KEYS
+    SCHEME = "gs"
+
+    @classmethod
+    def from_config(cls, name: str, options: dict[str, Any]) -> GCSBackend:
+        opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=1)
+        storage_options = dict(opts.storage_options)
+        storage_options.setdefault("skip_instance_cache", True)
+        fs = gcsfs.GCSFileSystem(**storage_options)
+        backend = cls(name, fs, opts.root, leftover_grace_s=opts.leftover_grace_s, retry=opts.retry,
+                      secrets=secret_values(opts.storage_options))
+        backend.part_size = opts.part_size
+        backend.upload_concurrency = opts.concurrency
+        return backend

@@ -1,0 +1,79 @@
+"""The ``s3`` backend: ckptkit checkpoints in an S3 bucket (or any S3-compatible store).
+
+A checkpoint is committed when its ``manifest.json`` is written, after every other file.
+Large files go up as multipart uploads, several parts at a time, while they are serialised;
+an upload that fails is aborted, so a failed save leaves no object behind that looks whole.
+Credentials come from the usual AWS chain (environment, config files, instance roles) or from
+``storage_options``; they never need to be in the YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import s3fs
+
+from ckptkit.storage import FileBackend, RemoteOptions, secret_values
+
+__all__ = ["S3Backend"]
+__version__ = "0.1.0"
+
+# botocore retries each request this often inside each attempt of ckptkit's own retry policy.
+DEFAULT_BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 3}
+
+
+class _S3Multipart:
+    """The S3 multipart upload of one object, one request per method."""
+
+    def __init__(self, fs: s3fs.S3FileSystem, path: str):
+        self.fs = fs
+        self.bucket, self.key, _ = fs.split_path(path)
+
+    def put_whole(self, data: bytes) -> None:
+        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data)
+
+    def begin(self) -> str:
+        return self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+
+    def put_part(self, upload: str, number: int, data: bytearray) -> str:
+        out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload,
+                              PartNumber=number, Body=data)
+        return out["ETag"]
+
+    def complete(self, upload: str, parts: list[tuple[int, str]]) -> None:
+        self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload,
+                        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+
+    def abort(self, upload: str) -> None:
+        self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload)
+
+
+class S3Backend(FileBackend):
+    """Checkpoints under ``s3://bucket/prefix/<run_name>/``.
+
+    Options: ``path`` (required), ``storage_options`` (passed to ``s3fs.S3FileSystem``, e.g.
+    ``endpoint_url``, ``profile``, ``config_kwargs``), ``leftover_grace_s``, ``retry``
+    (``attempts``, ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (at least 5) and
+    ``upload_concurrency`` (parts in flight per file).
+    """
+
+    OPTIONS = RemoteOptions.KEYS
+    SCHEME = "s3"
+
+    @classmethod
+    def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:
+        opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=32, min_part_size_mb=5)
+        storage_options = dict(opts.storage_options)
+        config_kwargs = dict(storage_options.get("config_kwargs") or {})
+        config_kwargs.setdefault("retries", dict(DEFAULT_BOTOCORE_RETRIES))
+        storage_options["config_kwargs"] = config_kwargs
+        storage_options.setdefault("skip_instance_cache", True)
+        fs = s3fs.S3FileSystem(**storage_options)
+        backend = cls(name, fs, opts.root, leftover_grace_s=opts.leftover_grace_s, retry=opts.retry,
+                      secrets=secret_values(opts.storage_options))
+        backend.part_size = opts.part_size
+        backend.upload_concurrency = opts.concurrency
+        return backend
+
+    def _multipart(self, path: str) -> _S3Multipart:
+        return _S3Multipart(self.fs, path)

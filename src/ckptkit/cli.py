@@ -194,6 +194,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["resumed_matches_uninterrupted"] else 1
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import find_source, publish
+
+    ck = CheckpointManager.from_config(args.config, run_name=args.run_name,
+                                       fallback_dir=args.fallback_dir or "ckptkit-fallback")
+    try:
+        source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
+        result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
+        table = Table(title=f"run {ck.run_name!r}: published the {source.kind} checkpoint of step "
+                            f"{source.manifest.step} from {source.uri}")
+        for col in ("backend", "result", "where"):
+            table.add_column(col)
+        for r in result.already_held:
+            table.add_row(r.backend, "already held", r.uri)
+        for r in result.published:
+            table.add_row(r.backend, "[green]published[/green]", r.uri)
+        for name, reason in result.failures.items():
+            table.add_row(name, "[red]FAILED[/red]", reason)
+        _emit(args, result.to_dict(), table)
+        if not result.ok:
+            err_console.print(f"ckptkit: error: not published to {', '.join(result.failures)}; "
+                              f"the model stays at {source.uri}", markup=False, highlight=False, soft_wrap=True)
+            return 1
+        return 0
+    finally:
+        ck.close()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_size, make_plan, parse_size
+
+    from .config import Config
+
+    config = Config.load(args.config)
+    state = parse_size(args.state_size, "--state-size")
+    final = parse_size(args.final_size, "--final-size") if args.final_size else None
+    plan = make_plan(config, state, args.steps, final_size=final)
+    table = Table(title=f"{config.source}: {format_size(state)} state, {args.steps} steps, "
+                        f"{plan.saves} resume saves (keep_last={plan.keep_last})")
+    for col in ("plan", "role", "backend", "type", "copies", "at end", "at peak", "note"):
+        table.add_column(col)
+    for label, rows in (("routed", plan.routed), ("duplicate", plan.duplicate)):
+        for h in rows:
+            table.add_row(label, h.role, h.backend, h.type, str(h.copies), format_size(h.end_bytes),
+                          format_size(h.peak_bytes), h.note)
+    _emit(args, plan.to_dict(), table)
+    if not args.json:
+        console.print(f"resume checkpoints at the end: {format_size(plan.resume_end)} routed against "
+                      f"{format_size(plan.duplicate_resume_end)} with duplicate uploads to MLflow, "
+                      f"{plan.resume_cut:.0%} less; everything: {format_size(plan.total_end)} against "
+                      f"{format_size(plan.duplicate_total_end)} ({plan.total_cut:.0%})")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -230,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
+    _config_args(p)
+    p.add_argument("--step", type=int, help="publish this resume checkpoint (default: the newest stored final model)")
+    p.add_argument("--from", dest="source", metavar="FOLDER", help="publish the checkpoint in this folder")
+    p.add_argument("--backend", action="append", help="publish only to this final backend (repeatable)")
+    p.add_argument("--algorithm", help="the {algorithm} tag (default: the config's, else the one stored)")
+    p.add_argument("--fallback-dir", help="where finalize left the model when no backend took it "
+                                          "(default: ./ckptkit-fallback)")
+    p.add_argument("--force", action="store_true", help="write again to backends that already hold these bytes")
+    p = add("plan", cmd_plan, "bytes each role and backend will hold, beside duplicate uploads to MLflow")
+    p.add_argument("config", help="the ckptkit YAML config")
+    p.add_argument("--state-size", required=True, help="bytes of one resume checkpoint, e.g. 14GB")
+    p.add_argument("--final-size", help="bytes of the final model (default: the state size)")
+    p.add_argument("--steps", type=int, required=True, help="training steps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 

@@ -852,7 +852,11 @@ class FileBackend:
                 raise OSError(f"the probe object {self.uri(path)} did not show up in a listing")
 
         results: dict[str, Any] = {}
-        for op, action in (("write", lambda: self.fs.pipe_file(path, data)), ("list", list_root),
+        def write() -> None:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+        for op, action in (("write", write), ("list", list_root),
                            ("read", read), ("delete", lambda: self.fs.rm_file(path))):
             try:
                 self._call(f"probe {op} at {self.uri(path)}", action)

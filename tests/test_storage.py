@@ -1,0 +1,172 @@
+"""The storage contract: commit by manifest (and rename on local disk), leftovers, pruning."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import fsspec
+import pytest
+
+import ckptkit
+from ckptkit import BackendError, CheckpointManager
+from ckptkit.checkpoint import Payload, PayloadFile
+from ckptkit.local import LocalBackend
+from ckptkit.storage import FileBackend, step_dirname
+
+from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+
+
+def payload(step, data=b"x" * 100, fail=False):
+    def write(f):
+        f.write(data[: len(data) // 2])
+        if fail:
+            raise OSError("disk full")
+        f.write(data[len(data) // 2:])
+
+    return Payload(run_name="r", step=step, epoch=None, format="torch", files=(PayloadFile("state.pt", write=write),))
+
+
+@pytest.fixture(params=["local", "object-store"])
+def backend(request, tmp_path):
+    """The same contract on local disk (rename commits) and on an object-store-like fsspec (manifest commits)."""
+    if request.param == "local":
+        return LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    return FileBackend("mem", fs, f"/bucket-{tmp_path.name}")
+
+
+def steps(backend):
+    return sorted(r.step for r in backend.list_checkpoints(run_name="r"))
+
+
+def test_committed_checkpoint_round_trips(backend):
+    ref = backend.save_resume(run_name="r", step=7, payload=payload(7, b"abc" * 1000))
+    assert ref.path.endswith("/r/step-0000000007")
+    manifest = backend.read_manifest(ref=ref)
+    assert manifest.step == 7 and manifest.files["state.pt"].size == 3000
+    with backend.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"abc" * 1000
+    assert steps(backend) == [7]
+
+
+def test_failed_write_leaves_nothing_committed(backend):
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    with pytest.raises(BackendError, match=r"backend '(disk|mem)': could not store .*step-0000000002.*disk full"):
+        backend.save_resume(run_name="r", step=2, payload=payload(2, fail=True))
+    assert steps(backend) == [1]
+    assert not [p for p in backend.fs.find(backend.root) if "0000000002" in p], "partial files must be removed"
+
+
+def test_files_without_manifest_are_invisible_then_cleaned_after_grace(backend):
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    crashed = f"{backend.run_path('r')}/{step_dirname(5)}"
+    backend.fs.makedirs(crashed, exist_ok=True)
+    backend.fs.pipe_file(f"{crashed}/state.pt", b"half a checkpoint")
+    assert steps(backend) == [1]
+    assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False) == []
+    assert backend.fs.exists(f"{crashed}/state.pt"), "inside the grace period a leftover may be a save in flight"
+    backend.leftover_grace_s = 0
+    time.sleep(0.01)
+    doomed = backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    assert [r.role for r in doomed] == ["leftover"]
+    assert not backend.fs.exists(crashed)
+    assert steps(backend) == [1]
+
+
+def test_prune_keeps_newest_and_protected(backend):
+    for s in range(6):
+        backend.save_resume(run_name="r", step=s, payload=payload(s))
+    would = backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=True)
+    assert sorted(r.step for r in would) == [0, 2, 3]
+    assert steps(backend) == [0, 1, 2, 3, 4, 5], "a dry run deletes nothing"
+    backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=False)
+    assert steps(backend) == [1, 4, 5]
+
+
+def test_inconsistent_checkpoint_is_not_counted(backend):
+    for s in range(3):
+        backend.save_resume(run_name="r", step=s, payload=payload(s))
+    newest = f"{backend.run_path('r')}/{step_dirname(2)}/state.pt"
+    backend.fs.pipe_file(newest, b"truncated")
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    # Step 2 disagrees with its manifest, so step 1 is the newest real checkpoint and survives.
+    assert steps(backend) == [1, 2]
+
+
+def test_saving_a_step_again_replaces_it(backend):
+    backend.save_resume(run_name="r", step=3, payload=payload(3, b"old"))
+    ref = backend.save_resume(run_name="r", step=3, payload=payload(3, b"new!"))
+    with backend.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"new!"
+    assert backend.read_manifest(ref=ref).files["state.pt"].size == 4
+
+
+def test_probe_reports_each_operation(backend):
+    backend.fs.makedirs(backend.root, exist_ok=True)
+    assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
+
+
+def test_probe_reports_failure_for_unwritable_root(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = LocalBackend.from_config("bad", {"path": str(blocker / "root")}).probe()
+    assert result["write"].startswith(("NotADirectoryError", "FileExistsError")), result
+
+
+def test_run_name_cannot_escape_root(tmp_path):
+    b = LocalBackend.from_config("d", {"path": str(tmp_path)})
+    with pytest.raises(ckptkit.ConfigError):
+        b.run_path("../outside")
+
+
+KILLED_SAVE = """
+import os, signal, sys, torch, ckptkit
+from ckptkit.checkpoint import Payload
+sys.path.insert(0, {tests!r})
+from ckpt_helpers import local_config, make_model, train_step
+import pathlib
+ck = ckptkit.CheckpointManager.from_config(local_config(pathlib.Path({root!r}), keep=5, final=False))
+model, opt = make_model()
+for step in range(2):
+    train_step(model, opt)
+    ck.save(step=step, model=model, optimizer=opt)
+torch.save(model.state_dict(), {expected!r})
+train_step(model, opt)
+# The process dies after the files of step 2 are written and before its manifest.
+Payload.manifest = lambda self, files: os.kill(os.getpid(), signal.SIGKILL)
+ck.save(step=2, model=model, optimizer=opt)
+"""
+
+
+def test_save_killed_before_its_manifest_is_not_restored(tmp_path, pm):
+    script = KILLED_SAVE.format(tests=os.path.dirname(__file__), root=str(tmp_path), expected=str(tmp_path / "s1.pt"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = tmp_path / "scratch/exp"
+    leftovers = [n for n in os.listdir(run) if n.startswith(".tmp-step-0000000002")]
+    assert leftovers and (run / leftovers[0] / "state.pt").stat().st_size > 0, "the files were written"
+    assert not (run / leftovers[0] / "manifest.json").exists()
+
+    cfg = local_config(tmp_path, keep=5, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert [r.step for r in ck.list_checkpoints()] == [1, 0]
+    model, opt = make_model(seed=4)
+    restored = ck.restore(model, opt)
+    assert restored.step == 1 and not restored.skipped
+    import torch
+    assert_same_state(model.state_dict(), torch.load(tmp_path / "s1.pt", weights_only=True))
+
+    # A later save cleans the leftover once it is older than the grace period.
+    train_step(model, opt)
+    ck.save(step=2, model=model, optimizer=opt)
+    assert leftovers[0] in os.listdir(run)
+    ck.router.instances["scratch"].leftover_grace_s = 0
+    ck.save(step=3, model=model, optimizer=opt)
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    assert [r.step for r in ck.list_checkpoints()] == [3, 2, 1, 0]

@@ -1,0 +1,260 @@
+"""Republishing: a stored final or resume checkpoint sent through the final backends again.
+
+``ckptkit publish`` uses this when a final backend failed at ``finalize`` (the model then sits in
+another final backend or in the local fallback folder), or to publish a resume checkpoint as the
+final model without retraining. Final files are copied as they are; a resume checkpoint's model
+state is written once as a final file, in the same form ``finalize`` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Iterable
+
+import attrs
+import torch
+
+from .checkpoint import CheckpointRef, Payload, PayloadFile
+from .errors import BackendError, CheckpointError, CkptkitError, ConfigError
+from .gather import DTYPES
+from .hashing import hash_stream
+from .local import LocalBackend
+from .manager import FINAL_FILE, STATE_FILE, CheckpointManager, _save_writer
+from .manifest import MANIFEST_NAME, Manifest
+from .roles import Role
+
+
+@attrs.frozen
+class PublishSource:
+    """A stored checkpoint to publish: where it is, what its manifest says, what kind it is."""
+
+    kind: str  # "final" or "resume"
+    ref: CheckpointRef
+    manifest: Manifest
+    backend: str | None  # the configured backend holding it; None for the fallback or a folder
+
+    @property
+    def uri(self) -> str:
+        return self.ref.uri
+
+
+@attrs.frozen
+class PublishResult:
+    """What one ``publish`` did, per backend."""
+
+    source: PublishSource
+    published: tuple[CheckpointRef, ...] = ()
+    already_held: tuple[CheckpointRef, ...] = ()
+    failures: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": {"kind": self.source.kind, "uri": self.source.uri, "step": self.source.manifest.step,
+                       "backend": self.source.backend, "mlflow_run_id": self.source.manifest.mlflow_run_id},
+            "published": [{"backend": r.backend, "uri": r.uri} for r in self.published],
+            "already_held": [{"backend": r.backend, "uri": r.uri} for r in self.already_held],
+            "failures": dict(self.failures),
+        }
+
+
+def _fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None) -> LocalBackend:
+    return LocalBackend.from_config("fallback", {"path": os.fspath(fallback_dir or ck.fallback_dir)})
+
+
+def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
+    final_ref = getattr(backend, "final_ref", None)
+    if not callable(final_ref):
+        return None
+    try:
+        return final_ref(run_name)
+    except (OSError, CkptkitError):
+        return None
+
+
+def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None) -> list[PublishSource]:
+    """Every committed final model of the run: in the configured backends, then the fallback."""
+    out = []
+    seen = set()
+    for name, instance in ck.router.instances.items():
+        ref = _final_of(instance, ck.run_name)
+        if ref is None:
+            continue
+        try:
+            manifest = instance.read_manifest(ref)
+        except CkptkitError:
+            continue
+        out.append(PublishSource("final", ref, manifest, name))
+        seen.add(ref.uri)
+    fb = _fallback(ck, fallback_dir)
+    ref = fb.final_ref(ck.run_name)
+    if ref is not None and ref.uri not in seen:
+        out.append(PublishSource("final", ref, fb.read_manifest(ref), None))
+    return out
+
+
+def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.PathLike | None = None,
+                fallback_dir: str | os.PathLike | None = None) -> PublishSource:
+    """The checkpoint ``ckptkit publish`` sends.
+
+    ``path``: a checkpoint folder (one holding ``manifest.json``). ``step``: that resume
+    checkpoint. Neither: the newest stored final model (configured backends and the fallback
+    folder), else an error that suggests ``--step``.
+    """
+    if path is not None:
+        return source_from_folder(path)
+    if step is not None:
+        for ref in ck.list_checkpoints():
+            if ref.step == step:
+                return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
+        steps = sorted({r.step for r in ck.list_checkpoints()})
+        raise CheckpointError(f"run {ck.run_name!r} has no committed resume checkpoint at step {step} "
+                              f"(committed steps: {', '.join(map(str, steps)) or 'none'})")
+    finals = stored_finals(ck, fallback_dir)
+    if not finals:
+        where = os.fspath(fallback_dir or ck.fallback_dir)
+        raise CheckpointError(
+            f"run {ck.run_name!r} has no stored final model in its backends nor in the fallback "
+            f"folder {where}; publish a resume checkpoint with --step STEP, or name a folder with --from")
+    return max(finals, key=lambda s: (s.manifest.created, s.manifest.step))
+
+
+def source_from_folder(path: str | os.PathLike) -> PublishSource:
+    """A checkpoint folder on local disk (a ``file://`` URI or a path) as a publish source."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    folder = os.path.abspath(os.path.expanduser(text))
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), "rb") as f:
+            manifest = Manifest.from_json(f.read())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} holds no {MANIFEST_NAME}: not a committed checkpoint") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{folder}/{MANIFEST_NAME} is not a readable manifest: {exc}") from None
+    kind = "final" if FINAL_FILE in manifest.files else "resume"
+    ref = CheckpointRef(backend="folder", run_name=manifest.run_name, step=manifest.step, path=folder,
+                        uri="file://" + folder, role=kind, local_dir=folder)
+    return PublishSource(kind, ref, manifest, None)
+
+
+def _verified_local(ck: CheckpointManager, source: PublishSource, workdir: str) -> str:
+    """A local folder with the source's files, each checked against the manifest."""
+    if source.backend is not None:
+        return ck._fetch(source.ref, source.manifest, workdir)
+    folder = source.ref.local_dir
+    for name, entry in source.manifest.files.items():
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                size, digest = hash_stream(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{source.uri}: {name} is missing") from None
+        if (size, digest) != (entry.size, entry.sha256):
+            raise CheckpointError(f"{source.uri}: {name} does not match its manifest")
+    return folder
+
+
+def final_body_from_resume(state: dict[str, Any], manifest: Manifest, algorithm: str | None,
+                           dtype: str | None) -> dict[str, Any]:
+    """What ``finalize`` would have written for the model a resume checkpoint holds."""
+    if "model" not in state:
+        raise CheckpointError("the resume checkpoint holds no model state")
+    model = state["model"]
+    if dtype is not None:
+        target = DTYPES[dtype]
+        model = {k: v.to(target) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model.items()}
+    return {"model": model, "step": manifest.step, "epoch": manifest.epoch,
+            "metrics": dict(manifest.metrics), "algorithm": algorithm}
+
+
+def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorithm: str | None) -> Payload:
+    m = source.manifest
+    common = dict(run_name=ck.run_name, step=m.step, epoch=m.epoch, format="torch", role="final",
+                  metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id)
+    if source.kind == "final":
+        if FINAL_FILE not in m.files:
+            raise CheckpointError(f"{source.uri}: a final checkpoint without {FINAL_FILE}")
+        return Payload(files=(PayloadFile(FINAL_FILE, source=os.path.join(folder, FINAL_FILE),
+                                          expected=m.files[FINAL_FILE]),), **common)
+    if m.format != "torch" or STATE_FILE not in m.files:
+        raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint cannot be published directly; "
+                              "run ckptkit export on it first, then publish the exported file")
+    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+    dtype = ck.config.final.dtype if ck.config.final is not None else None
+    body = final_body_from_resume(state, m, algorithm, dtype)
+    return Payload(files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),), **common)
+
+
+def _algorithm_of(source: PublishSource, folder: str) -> str | None:
+    if source.kind != "final":
+        return None
+    try:
+        body = torch.load(os.path.join(folder, FINAL_FILE), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    value = body.get("algorithm") if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str] | None = None,
+            algorithm: str | None = None, force: bool = False) -> PublishResult:
+    """Send ``source`` through the final backends (all, or those named), one at a time.
+
+    A backend that already holds these exact bytes as its final model (same size and checksum)
+    is not written again unless ``force``; it is handed on in ``stored``, so that a registry
+    records its URI instead of uploading a copy. A failing backend does not stop the others.
+    """
+    if ck.config.final is None:
+        raise ConfigError("roles.final: no final backends are declared in the config")
+    order = ck.router.backends(Role.FINAL)
+    if backends is not None:
+        wanted = list(backends)
+        unknown = [b for b in wanted if b not in order]
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: not a final backend of this config "
+                              f"(final backends: {', '.join(order)})")
+        order = [b for b in order if b in wanted]
+    with tempfile.TemporaryDirectory(prefix="ckptkit-publish-") as workdir:
+        folder = _verified_local(ck, source, workdir)
+        algorithm = algorithm or ck.config.algorithm or _algorithm_of(source, folder)
+        payload = _payload(ck, source, folder, algorithm)
+        entry = source.manifest.files.get(FINAL_FILE)
+        held: list[CheckpointRef] = []
+        if not force and entry is not None:
+            for name in order:
+                ref = _final_of(ck.router.instances[name], ck.run_name)
+                if ref is None:
+                    continue
+                try:
+                    theirs = ck.router.instances[name].read_manifest(ref)
+                except CkptkitError:
+                    continue
+                if theirs.files.get(FINAL_FILE) == entry:
+                    held.append(ref)
+        stored = list(held)
+        published: list[CheckpointRef] = []
+        failures: dict[str, str] = {}
+        held_names = {r.backend for r in held}
+        copied = payload.files[0].source is not None
+        for name in order:
+            if name in held_names:
+                continue
+            try:
+                ref = ck.router.call(name, "publish_final", run_name=ck.run_name, payload=payload,
+                                     stored=list(stored), algorithm=algorithm, model=None)
+            except Exception as exc:
+                err = exc if isinstance(exc, CkptkitError) else BackendError(name, f"{type(exc).__name__}: {exc}")
+                failures[name] = str(err)
+                continue
+            if isinstance(ref, CheckpointRef):
+                stored.append(ref)
+                published.append(ref)
+                if ref.local_dir and not copied:
+                    payload = payload.from_stored(ref.local_dir, ck.router.call(name, "read_manifest", ref=ref))
+                    copied = True
+    return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
+                         failures=failures)

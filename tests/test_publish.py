@@ -1,0 +1,150 @@
+"""Republishing a stored final or resume checkpoint through the final backends, without retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, CheckpointError, ConfigError, PublishError
+from ckptkit.cli import main
+from ckptkit.publish import find_source, publish, source_from_folder
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _config(tmp_path, dtype=None):
+    final = {"backends": ["archive"]}
+    if dtype:
+        final["dtype"] = dtype
+    return {"run_name": "exp", "algorithm": "sft",
+            "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                         "archive": {"type": "local", "path": str(tmp_path / "archive")}},
+            "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 2, "keep_last": 2},
+                      "final": final}}
+
+
+def _train(ck, model, opt, steps=6):
+    for step in range(steps):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ck.save(step=step, epoch=step // 3, model=model, optimizer=opt, metrics={"loss": loss.item()})
+
+
+def _final_body(tmp_path):
+    path = tmp_path / "archive" / "exp" / "final" / "final_model.pt"
+    return torch.load(path, weights_only=True)
+
+
+def test_a_final_left_in_the_fallback_is_published_once_the_backend_works(tmp_path):
+    blocker = tmp_path / "archive"
+    blocker.write_text("not a folder")  # the archive cannot be created: its backend fails
+    fallback = tmp_path / "fallback"
+    ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=fallback)
+    model, opt = _model()
+    _train(ck, model, opt)
+    with pytest.raises(PublishError, match=str(fallback)):
+        ck.finalize(model=model, step=5, epoch=1, metrics={"loss": 0.5})
+    ck.close()
+    blocker.unlink()
+
+    ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=fallback)
+    source = find_source(ck)
+    assert (source.kind, source.backend, source.manifest.step) == ("final", None, 5)
+    result = publish(ck, source)
+    assert result.ok and [r.backend for r in result.published] == ["archive"]
+    fb_bytes = (fallback / "exp" / "final" / "final_model.pt").read_bytes()
+    assert (tmp_path / "archive" / "exp" / "final" / "final_model.pt").read_bytes() == fb_bytes
+    body = _final_body(tmp_path)
+    assert body["step"] == 5 and body["algorithm"] == "sft"
+    assert torch.equal(body["model"]["0.weight"], model.state_dict()["0.weight"])
+    ck.close()
+
+
+def test_a_resume_checkpoint_is_published_as_the_final_model(tmp_path):
+    ck = CheckpointManager.from_config(_config(tmp_path, dtype="bfloat16"))
+    model, opt = _model()
+    _train(ck, model, opt)
+    source = find_source(ck, step=4)
+    assert source.kind == "resume"
+    result = publish(ck, source)
+    assert result.ok
+    body = _final_body(tmp_path)
+    assert body["step"] == 4 and body["epoch"] == 1 and body["algorithm"] == "sft"
+    assert set(body["metrics"]) == {"loss"}
+    assert body["model"]["0.weight"].dtype == torch.bfloat16
+    saved = torch.load(source.ref.local_dir + "/state.pt", weights_only=True)["model"]["2.bias"]
+    assert torch.equal(body["model"]["2.bias"], saved.to(torch.bfloat16))
+    assert not torch.equal(saved, model.state_dict()["2.bias"])  # step 5 trained on past it
+    assert "optimizer" not in body
+    ck.close()
+
+
+def test_a_backend_already_holding_the_same_bytes_is_not_written_again(tmp_path):
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.finalize(model=model, step=5, epoch=1)
+    manifest = tmp_path / "archive" / "exp" / "final" / "manifest.json"
+    before = manifest.read_bytes()
+    result = publish(ck, find_source(ck))
+    assert [r.backend for r in result.already_held] == ["archive"] and not result.published
+    assert manifest.read_bytes() == before
+    result = publish(ck, find_source(ck), force=True)
+    assert [r.backend for r in result.published] == ["archive"]
+    assert json.loads(manifest.read_bytes())["created"] >= json.loads(before)["created"]
+    ck.close()
+
+
+def test_a_tampered_source_is_refused(tmp_path):
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.finalize(model=model, step=5)
+    folder = tmp_path / "archive" / "exp" / "final"
+    with open(folder / "final_model.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(CheckpointError, match="does not match"):
+        publish(ck, source_from_folder(folder), force=True)
+    ck.close()
+
+
+def test_errors_name_what_is_missing(tmp_path):
+    ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=tmp_path / "fb")
+    with pytest.raises(CheckpointError, match="--step"):
+        find_source(ck)
+    model, opt = _model()
+    _train(ck, model, opt)
+    with pytest.raises(CheckpointError, match="committed steps: 2, 4"):
+        find_source(ck, step=3)
+    with pytest.raises(ConfigError, match="scratch: not a final backend"):
+        publish(ck, find_source(ck, step=4), backends=["scratch"])
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        source_from_folder(tmp_path)
+    ck.close()
+
+
+def test_cli_publish(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path)))
+    ck = CheckpointManager.from_config(str(cfg))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.close()
+    assert main(["publish", str(cfg), "--step", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"]["kind"] == "resume" and data["published"][0]["backend"] == "archive"
+    assert os.path.exists(tmp_path / "archive" / "exp" / "final" / "final_model.pt")
+    assert main(["publish", str(cfg), "--step", "99"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ckptkit: error:") and "step 99" in err and "\n" not in err

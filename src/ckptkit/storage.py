@@ -284,9 +284,13 @@ class PartWriter:
     """A write-only file that cuts what it is given into parts and uploads them in parallel.
 
     At most ``concurrency`` parts are in flight and one more is being filled, so memory stays
-    at ``(concurrency + 1) * part_size`` however large the object grows. Nothing is visible
-    until ``commit``; ``abort`` drops the upload.
+    at ``(concurrency + 1) * part_size`` (plus the client's copy of each part in flight)
+    however large the object grows. The part size doubles after every ``GROW_EVERY`` parts, so
+    that an object of any size fits in a few thousand parts. Nothing is visible until
+    ``commit``; ``abort`` drops the upload.
     """
+
+    GROW_EVERY = 2000
 
     def __init__(self, target: Multipart, what: str, part_size: int, concurrency: int,
                  retry: Callable[..., Any]):
@@ -344,6 +348,9 @@ class PartWriter:
         except BaseException:
             self._slots.release()
             raise
+        if self._number % self.GROW_EVERY == 0:
+            # Keep very large objects under the stores' part-count limits (S3: 10,000).
+            self.part_size *= 2
         self._buf = bytearray(self.part_size)
         self._fill = 0
 
@@ -355,22 +362,20 @@ class PartWriter:
             self._slots.release()
 
     def commit(self) -> None:
-        """Upload what is left and publish the object."""
-        try:
-            if self._upload is None:
-                data = bytes(memoryview(self._buf)[:self._fill])
-                self._buf = bytearray()
-                self.retry(f"upload of {self.what}", self.target.put_whole, data)
-            else:
-                if self._fill:
-                    self._send()
-                self._buf = bytearray()
-                parts = sorted(f.result() for f in self._futures)
-                self.retry(f"completing the upload of {self.what}", self.target.complete,
-                           self._upload, parts)
-        finally:
-            self._done = True
-            self._pool.shutdown(wait=True)
+        """Upload what is left and publish the object; on failure, ``abort`` cleans up."""
+        if self._upload is None:
+            data = bytes(memoryview(self._buf)[:self._fill])
+            self._buf = bytearray()
+            self.retry(f"upload of {self.what}", self.target.put_whole, data)
+        else:
+            if self._fill:
+                self._send()
+            self._buf = bytearray()
+            parts = sorted(f.result() for f in self._futures)
+            self.retry(f"completing the upload of {self.what}", self.target.complete,
+                       self._upload, parts)
+        self._done = True
+        self._pool.shutdown(wait=True)
 
     def abort(self) -> None:
         """Drop the upload: stop sending parts and ask the store to forget those it holds."""

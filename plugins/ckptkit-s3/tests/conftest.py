@@ -46,10 +46,13 @@ def bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def pm():
-    """ckptkit's plugin manager with the local type and the installed ckptkit-s3 dist only."""
-    manager = make_plugin_manager(autoload=False)
-    manager.load_backend_entrypoints(only_dist="ckptkit-s3")
-    return manager
+    """Builds plugin managers with the local type and the installed ckptkit-s3 dist only."""
+    def make():
+        manager = make_plugin_manager(autoload=False)
+        manager.load_backend_entrypoints(only_dist="ckptkit-s3")
+        return manager
+
+    return make
 
 
 @pytest.fixture

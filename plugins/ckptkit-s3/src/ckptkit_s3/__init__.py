@@ -18,8 +18,9 @@ from ckptkit.storage import FileBackend, RemoteOptions, secret_values
 __all__ = ["S3Backend"]
 __version__ = "0.1.0"
 
-# botocore retries each request this often inside each attempt of ckptkit's own retry policy.
-DEFAULT_BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 3}
+# botocore retries each request up to twice (three tries) inside each attempt of ckptkit's
+# own retry policy; ``max_attempts`` in botocore's config counts the retries.
+DEFAULT_BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 2}
 
 
 class _S3Multipart:
@@ -62,7 +63,7 @@ class S3Backend(FileBackend):
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:
-        opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=32, min_part_size_mb=5)
+        opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=5)
         storage_options = dict(opts.storage_options)
         config_kwargs = dict(storage_options.get("config_kwargs") or {})
         config_kwargs.setdefault("retries", dict(DEFAULT_BOTOCORE_RETRIES))

@@ -1,0 +1,301 @@
+"""The s3 backend against a real S3 endpoint (moto's server on loopback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tracemalloc
+
+import pytest
+import s3fs
+import torch
+
+import ckptkit
+from ckptkit.checkpoint import Payload, PayloadFile
+from ckptkit.errors import BackendError, ConfigError, SaveError
+from ckptkit.manifest import MANIFEST_NAME
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+
+
+def model(seed: int = 0, n: int = 64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(n, n), torch.nn.ReLU(), torch.nn.Linear(n, 4))
+
+
+def manager(pm, backends: dict, resume: list[str], final: list[str] | None = None, keep_last: int = 2,
+            run_name: str = "run"):
+    roles = {"resume": {"backends": resume, "every_n_steps": 1, "keep_last": keep_last}}
+    if final:
+        roles["final"] = {"backends": final}
+    return ckptkit.CheckpointManager.from_config({"backends": backends, "roles": roles},
+                                                 run_name=run_name, plugin_manager=pm())
+
+
+def s3(endpoint: str) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+
+
+def keys(fs: s3fs.S3FileSystem, path: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return sorted(p[len(path) + 1:] for p in fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("path, message", [
+    ("gs://bucket/x", "has scheme gs://"),
+    ("bucket/x", "is not a s3:// URI"),
+    ("s3:///x", "names no bucket"),
+    ("s3://", "names no bucket"),
+    ("s3://Bad_Bucket!/x", "is not a valid bucket name"),
+    ("s3://bucket/a/../b", "'..' segments"),
+    ("s3://bucket/x?versionId=1", "no query"),
+    (42, "must be a s3:// URI"),
+])
+def test_malformed_path_is_a_config_error_naming_the_key(pm, path, message):
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": {"type": "s3", "path": path}}, ["archive"])
+    assert "backends.archive.path" in str(err.value)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"storage_option": {}}, "backends.archive.storage_option"),
+    ({"storage_options": "endpoint"}, "backends.archive.storage_options"),
+    ({"retry": {"attempts": 0}}, "backends.archive.retry.attempts"),
+    ({"retry": {"tries": 3}}, "backends.archive.retry.tries"),
+    ({"part_size_mb": 1}, "backends.archive.part_size_mb"),
+    ({"leftover_grace_s": -1}, "backends.archive.leftover_grace_s"),
+])
+def test_bad_options_name_their_key(pm, extra, key):
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": {"type": "s3", "path": "s3://bucket/x", **extra}}, ["archive"])
+    assert key in str(err.value)
+
+
+def test_credentials_are_not_needed_in_the_config(pm, s3_backend_options, s3_endpoint, bucket):
+    # The env chain (AWS_ACCESS_KEY_ID/...) supplies them; the YAML names only the endpoint.
+    opts = s3_backend_options()
+    assert set(opts["storage_options"]) == {"endpoint_url"}
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    assert ck.save(step=0, model=model())[0].uri == f"s3://{bucket}/ckpts/run/step-0000000000"
+
+
+def test_save_prune_restore_cycle_and_final_prefix(pm, s3_backend_options, s3_endpoint, bucket):
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], final=["archive"], keep_last=2)
+    m = model(1)
+    opt = torch.optim.AdamW(m.parameters())
+    for step in range(5):
+        m(torch.randn(3, 64)).sum().backward()
+        opt.step()
+        refs = ck.save(step=step, model=m, optimizer=opt, epoch=step // 2, metrics={"loss": 1.0 / (step + 1)},
+                       extra={"note": {"step": step}})
+        assert [r.backend for r in refs] == ["archive"]
+    ck.finalize(model=m, step=4, epoch=2, metrics={"loss": 0.2})
+    fs = s3(s3_endpoint)
+    assert keys(fs, f"{bucket}/ckpts/run") == [
+        "final/final_model.pt", "final/manifest.json",
+        "step-0000000003/manifest.json", "step-0000000003/state.pt",
+        "step-0000000004/manifest.json", "step-0000000004/state.pt",
+    ]
+    manifest = json.loads(fs.cat_file(f"{bucket}/ckpts/run/step-0000000004/{MANIFEST_NAME}"))
+    assert manifest["step"] == 4 and manifest["epoch"] == 2 and manifest["metrics"] == {"loss": 0.2}
+    assert manifest["files"]["state.pt"]["size"] == fs.size(f"{bucket}/ckpts/run/step-0000000004/state.pt")
+
+    m2, fresh = model(2), None
+    opt2 = torch.optim.AdamW(m2.parameters())
+    fresh = manager(pm, {"archive": s3_backend_options()}, ["archive"])
+    restored = fresh.restore(model=m2, optimizer=opt2)
+    assert restored.step == 4 and restored.epoch == 2 and restored.extra == {"note": {"step": 4}}
+    assert restored.ref.uri == f"s3://{bucket}/ckpts/run/step-0000000004"
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_remote_only_resume_skips_a_corrupt_newest(pm, s3_backend_options, s3_endpoint, bucket):
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        ck.save(step=step, model=model(step))
+    fs = s3(s3_endpoint)
+    fs.pipe_file(f"{bucket}/ckpts/run/step-0000000020/state.pt", b"not a checkpoint")
+    m = model(99)
+    with pytest.warns(RuntimeWarning, match="step-0000000020"):
+        restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model=m)
+    assert restored.step == 10
+    assert torch.equal(m[0].weight, model(10)[0].weight)
+
+
+def test_nothing_to_resume_returns_none(pm, s3_backend_options):
+    assert manager(pm, {"archive": s3_backend_options(prefix="empty")}, ["archive"]).restore(model=model()) is None
+
+
+def test_local_and_remote_resume_newest_across_both_wins(pm, s3_backend_options, tmp_path):
+    both = {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}, "archive": s3_backend_options()}
+    # Step 5 only on S3 (a job that lost its scratch disk), step 3 on both.
+    manager(pm, both, ["scratch", "archive"], keep_last=5).save(step=3, model=model(3))
+    manager(pm, {"archive": both["archive"]}, ["archive"], keep_last=5).save(step=5, model=model(5))
+    m = model(0)
+    restored = manager(pm, both, ["scratch", "archive"]).restore(model=m)
+    assert (restored.step, restored.ref.backend) == (5, "archive")
+    assert torch.equal(m[0].weight, model(5)[0].weight)
+    # Newer on local disk: local wins, and its copy is loaded in place.
+    manager(pm, {"scratch": both["scratch"]}, ["scratch"], keep_last=5).save(step=7, model=model(7))
+    restored = manager(pm, both, ["scratch", "archive"]).restore(model=m)
+    assert (restored.step, restored.ref.backend) == (7, "scratch")
+    # Both hold step 3: the local save went first and S3 got the same bytes, checksum and all.
+    ck = manager(pm, both, ["scratch", "archive"], keep_last=5)
+    by_backend = {r.backend: ck.router.call(r.backend, "read_manifest", ref=r)
+                  for r in ck.list_checkpoints() if r.step == 3}
+    assert by_backend["scratch"].files == by_backend["archive"].files
+
+
+def test_restore_lists_once_not_once_per_checkpoint(pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    writer = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=1)
+    backend = writer.router.instances["archive"]
+    tiny = torch.nn.Linear(2, 2)
+    for step in range(25):
+        backend.save_resume(run_name="run", step=step, payload=Payload(
+            run_name="run", step=step, epoch=None, format="torch",
+            files=(PayloadFile("state.pt", write=lambda f: torch.save(tiny.state_dict(), f)),)))
+    proxy = make_fault_proxy(moto_port)
+    ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"])
+    refs = ck.list_checkpoints()
+    assert sorted(r.step for r in refs) == list(range(25))
+    lists = [r for r in proxy.requests if r[0] == "GET" and "list-type=2" in r[1]]
+    assert len(lists) == 1, proxy.requests
+    assert len(proxy.requests) == 1
+    # What a maxdepth-limited find costs on s3fs: a request per folder.
+    proxy.clear()
+    backend = ck.router.instances["archive"]
+    backend.fs.invalidate_cache()
+    backend.fs.find(backend.run_path("run"), maxdepth=2, withdirs=False)
+    assert len(proxy.requests) > 25
+
+
+def test_prune_keeps_newest_and_cleans_only_old_leftovers(pm, s3_backend_options, s3_endpoint, bucket):
+    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
+    for step in range(3):
+        ck.save(step=step, model=model())
+    fs = s3(s3_endpoint)
+    run = f"{bucket}/ckpts/run"
+    # A crashed save (no manifest), fresh: inside the grace period, kept.
+    fs.pipe_file(f"{run}/step-0000000009/state.pt", b"partial")
+    backend = ck.router.instances["archive"]
+    assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False) == []
+    assert "step-0000000009/state.pt" in keys(fs, run)
+    assert [r.step for r in backend.list_checkpoints(run_name="run")] == [2]
+    # Grace period over: the leftover goes, the newest committed stays whatever keep_last says.
+    backend.leftover_grace_s = 0.0
+    gone = backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True)
+    assert [r.role for r in gone] == ["leftover"]
+    assert "step-0000000009/state.pt" in keys(fs, run)
+    backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    assert keys(fs, run) == ["step-0000000002/manifest.json", "step-0000000002/state.pt"]
+    # The newest committed one survives even when its neighbours are damaged.
+    with pytest.raises(ValueError):
+        backend.prune(run_name="run", keep_last=0, protected_steps=frozenset(), dry_run=False)
+
+
+def test_upload_streams_in_parts_with_bounded_memory(pm, s3_backend_options, moto_port, s3_endpoint, bucket):
+    ck = manager(pm, {"archive": s3_backend_options(part_size_mb=5, upload_concurrency=2)}, ["archive"])
+    big = torch.nn.Linear(4096, 8192, bias=False)  # 128 MiB of weights
+    tracemalloc.start()
+    try:
+        ref = ck.save(step=0, model=big)[0]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = ref.sizes["state.pt"]
+    fs = s3(s3_endpoint)
+    head = fs.call_s3("head_object", Bucket=bucket, Key="ckpts/run/step-0000000000/state.pt")
+    assert head["ETag"].strip('"').endswith(f"-{math.ceil(size / (5 * 2**20))}")  # a multipart ETag
+    # Python-side buffers: parts in flight (and the client's copies of them), not 128 MiB.
+    assert peak < 64 * 2**20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def test_transient_faults_are_retried(pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket):
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, part_size_mb=5,
+                              storage_options={"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 0}}})
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    add = proxy.add
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    part2 = add(FaultT(lambda m, p: m == "PUT" and "partNumber=2" in p, status=503, times=1))
+    slow = add(FaultT(lambda m, p: m == "PUT" and "partNumber=3" in p, status=503, times=1,
+                      body=b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"))
+    dropped = add(FaultT(lambda m, p: m == "PUT" and p.split("?")[0].endswith(MANIFEST_NAME), drop=True, times=1))
+    listing = add(FaultT(lambda m, p: m == "GET" and "list-type=2" in p, status=500, times=1))
+    big = torch.nn.Linear(2048, 2048, bias=False)  # 16 MiB: four parts
+    ref = ck.save(step=0, model=big)[0]
+    assert (part2.hits, slow.hits, dropped.hits) == (1, 1, 1)
+    assert [r.step for r in ck.list_checkpoints()] == [0]
+    assert listing.hits == 1
+    m = torch.nn.Linear(2048, 2048, bias=False)
+    assert ck.restore(model=m).step == 0 and torch.equal(m.weight, big.weight)
+    assert ref.uri.endswith("step-0000000000")
+
+
+def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
+        pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket, tmp_path, caplog):
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, part_size_mb=5,
+                              storage_options={"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 0}},
+                                               "key": KEY_ID, "secret": SECRET})
+    both = {"scratch": {"type": "local", "path": str(tmp_path)}, "archive": opts}
+    ck = manager(pm, both, ["scratch", "archive"])
+    ck.save(step=0, model=model())
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    broken = proxy.add(FaultT(lambda m, p: m == "PUT" and "partNumber=3" in p, status=503, times=None))
+    caplog.set_level(logging.DEBUG, logger="ckptkit")
+    with pytest.raises(SaveError) as err:
+        ck.save(step=1, model=torch.nn.Linear(2048, 2048, bias=False))
+    assert broken.hits == 3  # retry.attempts, then it gives up
+    failure = err.value.failures["archive"]
+    assert isinstance(failure, BackendError) and failure.backend == "archive"
+    text = str(failure)
+    assert f"s3://{bucket}/ckpts/run/step-0000000001/state.pt" in text
+    assert "gave up after 3 attempts" in text
+    # The other backend committed it; S3 holds no trace of step 1, not even an open upload.
+    assert [r.backend for r in err.value.saved] == ["scratch"]
+    fs = s3(s3_endpoint)
+    assert not any(k.startswith("step-0000000001") for k in keys(fs, f"{bucket}/ckpts/run"))
+    assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    assert [r.step for r in ck.router.call("archive", "list_checkpoints", run_name="run")] == [0]
+    # No credential in the error or in ckptkit's logs.
+    for blob in (str(err.value), caplog.text):
+        assert SECRET not in blob and KEY_ID not in blob
+
+
+def test_failing_writer_publishes_no_partial_object(pm, s3_backend_options, s3_endpoint, bucket):
+    backend = manager(pm, {"archive": s3_backend_options(part_size_mb=5)}, ["archive"]).router.instances["archive"]
+
+    for size in (1000, 12 * 2**20):  # a one-shot object and a multipart one
+        def write(f, size=size):
+            f.write(b"x" * size)
+            raise RuntimeError("serialisation failed")
+
+        payload = Payload(run_name="run", step=1, epoch=None, format="torch", files=(PayloadFile("state.pt", write=write),))
+        with pytest.raises(BackendError, match="could not store .*step-0000000001.*serialisation failed"):
+            backend.save_resume(run_name="run", step=1, payload=payload)
+        fs = s3(s3_endpoint)
+        assert keys(fs, f"{bucket}/ckpts/run") == []
+        assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+
+
+def test_probe_reports_each_operation(pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket):
+    ok = manager(pm, {"archive": s3_backend_options()}, ["archive"]).router.instances["archive"]
+    assert ok.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
+    assert keys(s3(s3_endpoint), f"{bucket}/ckpts") == []
+    proxy = make_fault_proxy(moto_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    proxy.add(FaultT(lambda m, p: m == "PUT", status=403, times=None,
+                     body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
+    denied = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"]).router.instances["archive"]
+    result = denied.probe()
+    assert result["write"].startswith("PermissionError"), result
+    assert result["list"] != "ok"  # the probe object never appeared

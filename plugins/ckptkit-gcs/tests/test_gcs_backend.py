@@ -1,0 +1,129 @@
+"""The gcs backend against a real GCS JSON API (gcp-storage-emulator on loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckptkit
+from ckptkit.errors import BackendError, ConfigError, SaveError
+from ckptkit.manifest import MANIFEST_NAME
+
+
+def model(seed: int = 0, n: int = 64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(n, n), torch.nn.ReLU(), torch.nn.Linear(n, 4))
+
+
+def manager(pm, backends: dict, resume: list[str], final: list[str] | None = None, keep_last: int = 2):
+    roles = {"resume": {"backends": resume, "every_n_steps": 1, "keep_last": keep_last}}
+    if final:
+        roles["final"] = {"backends": final}
+    return ckptkit.CheckpointManager.from_config({"backends": backends, "roles": roles},
+                                                 run_name="run", plugin_manager=pm())
+
+
+def keys(endpoint: str, path: str) -> list[str]:
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(endpoint_url=endpoint, token="anon", skip_instance_cache=True)
+    try:
+        return sorted(p[len(path) + 1:] for p in fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("path, message", [
+    ("s3://bucket/x", "has scheme s3://"),
+    ("gs://", "names no bucket"),
+    ("gs://UPPER/x", "is not a valid bucket name"),
+    ("bucket/x", "is not a gs:// URI"),
+])
+def test_malformed_path_is_a_config_error_naming_the_key(pm, path, message):
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": {"type": "gcs", "path": path}}, ["archive"])
+    assert "backends.archive.path" in str(err.value) and message in str(err.value)
+
+
+def test_entry_point_gives_both_roles(pm):
+    btype = pm().backend_types["gcs"]
+    assert btype.dist.startswith("ckptkit-gcs ")
+    assert {r.value for r in btype.roles} == {"resume", "final"}
+
+
+def test_save_prune_restore_cycle_and_final(pm, gcs_backend_options, gcs_endpoint, bucket):
+    ck = manager(pm, {"archive": gcs_backend_options(part_size_mb=1)}, ["archive"], final=["archive"])
+    m = model(1)
+    for step in range(4):
+        ck.save(step=step, model=m, epoch=1, metrics={"loss": float(step)})
+    ck.finalize(model=m, step=3)
+    assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == [
+        "final/final_model.pt", "final/manifest.json",
+        "step-0000000002/manifest.json", "step-0000000002/state.pt",
+        "step-0000000003/manifest.json", "step-0000000003/state.pt",
+    ]
+    m2 = model(2)
+    restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m2)
+    assert restored.step == 3 and restored.ref.uri == f"gs://{bucket}/ckpts/run/step-0000000003"
+    assert torch.equal(m[0].weight, m2[0].weight)
+
+
+def test_multi_chunk_upload_round_trips(pm, gcs_backend_options):
+    ck = manager(pm, {"archive": gcs_backend_options(part_size_mb=1)}, ["archive"])
+    big = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB: several resumable chunks
+    ck.save(step=0, model=big)
+    m = torch.nn.Linear(1024, 1024, bias=False)
+    assert manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m).step == 0
+    assert torch.equal(m.weight, big.weight)
+
+
+def test_local_and_remote_resume_newest_wins(pm, gcs_backend_options, tmp_path):
+    local = {"type": "local", "path": str(tmp_path)}
+    manager(pm, {"scratch": local}, ["scratch"]).save(step=4, model=model(4))
+    manager(pm, {"archive": gcs_backend_options()}, ["archive"]).save(step=6, model=model(6))
+    m = model(0)
+    restored = manager(pm, {"scratch": local, "archive": gcs_backend_options()}, ["scratch", "archive"]).restore(model=m)
+    assert (restored.step, restored.ref.backend) == (6, "archive")
+    assert torch.equal(m[0].weight, model(6)[0].weight)
+
+
+def test_transient_fault_is_retried(pm, gcs_backend_options, make_fault_proxy, gcs_port, gcs_endpoint, bucket):
+    proxy = make_fault_proxy(gcs_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    chunk = proxy.add(FaultT(lambda m, p: "upload_id=" in p and "state.pt" in p, status=503, times=1,
+                             body=b'{"error": {"code": 503, "message": "injected"}}'))
+    listing = proxy.add(FaultT(lambda m, p: m == "GET" and "/o?" in p, status=500, times=1,
+                               body=b'{"error": {"code": 500, "message": "injected"}}'))
+    ck = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url, part_size_mb=1)}, ["archive"])
+    big = torch.nn.Linear(1024, 1024, bias=False)
+    ck.save(step=0, model=big)
+    assert chunk.hits == 1 and listing.hits == 1
+    m = torch.nn.Linear(1024, 1024, bias=False)
+    assert ck.restore(model=m).step == 0 and torch.equal(m.weight, big.weight)
+    assert json.loads(keys and __import__("gcsfs").GCSFileSystem(
+        endpoint_url=gcs_endpoint, token="anon", skip_instance_cache=True).cat_file(
+        f"{bucket}/ckpts/run/step-0000000000/{MANIFEST_NAME}"))["step"] == 0
+
+
+def test_unrecoverable_fault_leaves_nothing_committed(pm, gcs_backend_options, make_fault_proxy, gcs_port,
+                                                      gcs_endpoint, bucket, tmp_path):
+    proxy = make_fault_proxy(gcs_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    denied = proxy.add(FaultT(lambda m, p: m in ("POST", "PUT") and "state.pt" in p, status=403, times=None,
+                              body=b'{"error": {"code": 403, "message": "denied"}}'))
+    both = {"scratch": {"type": "local", "path": str(tmp_path)}, "archive": gcs_backend_options(endpoint=proxy.url)}
+    with pytest.raises(SaveError) as err:
+        manager(pm, both, ["scratch", "archive"]).save(step=0, model=model())
+    assert denied.hits >= 1
+    failure = err.value.failures["archive"]
+    assert isinstance(failure, BackendError)
+    assert f"gs://{bucket}/ckpts/run/step-0000000000/state.pt" in str(failure)
+    assert [r.backend for r in err.value.saved] == ["scratch"]
+    assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == []
+
+
+def test_probe(pm, gcs_backend_options):
+    backend = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).router.instances["archive"]
+    assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}

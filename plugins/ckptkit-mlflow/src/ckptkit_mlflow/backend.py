@@ -38,9 +38,9 @@ DEFAULT_EXPERIMENT = "ckptkit"
 DEFAULT_MODEL_NAME = "{run_name}"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 10
 DEFAULT_MAX_RETRIES = 2
-DEFAULT_BACKOFF = 1.0
+DEFAULT_BACKOFF = 1
 # After the tracking server failed to name a run, saves do not ask again for this long.
 RUN_ID_RETRY_AFTER_S = 300.0
 
@@ -59,6 +59,13 @@ def _one_line(exc: BaseException) -> str:
     if len(first) > 300:
         first = first[:300] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _is_active(run_id: str) -> bool:
+    import mlflow
+
+    active = mlflow.active_run()
+    return active is not None and active.info.run_id == run_id
 
 
 def _template_fields(key: str, template: Any) -> str:
@@ -118,7 +125,7 @@ class MlflowBackend:
 
     def __init__(self, name: str, tracking_uri: str, experiment: str, registered_model_name: str,
                  artifact_location: str | None = None, log_pytorch_model: bool = False,
-                 request_timeout: float | None = None, request_max_retries: int | None = None):
+                 request_timeout: int | None = None, request_max_retries: int | None = None):
         self.name = name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -166,7 +173,7 @@ class MlflowBackend:
             raise ConfigError(f"{key}.log_pytorch_model: must be true or false, got {flavour!r}")
         timeout = options.get("request_timeout")
         if timeout is not None:
-            _number(f"{key}.request_timeout", timeout, 0.1)
+            _number(f"{key}.request_timeout", timeout, 1, integer=True)
         retries = options.get("request_max_retries")
         if retries is not None:
             _number(f"{key}.request_max_retries", retries, 0, integer=True)
@@ -179,8 +186,8 @@ class MlflowBackend:
     def _requests(self) -> Iterator[None]:
         """Bound MLflow's HTTP retries so that a down server fails in seconds, not minutes.
 
-        MLflow reads these variables on every request. An explicit option wins, then a value the
-        user exported, then ckptkit's default.
+        MLflow reads these variables (whole numbers) on every request. An explicit option wins,
+        then a value the user exported, then ckptkit's default.
         """
         wanted = {
             "MLFLOW_HTTP_REQUEST_TIMEOUT": self.request_timeout,
@@ -243,6 +250,8 @@ class MlflowBackend:
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
+            if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
             log.warning("backend %r: MLflow run %s is not usable: %s", self.name, run_id, _one_line(exc))
             return False
         return run.info.lifecycle_stage == "active"
@@ -314,7 +323,8 @@ class MlflowBackend:
                 step = "finding the run"
                 run_id = payload.mlflow_run_id
                 if run_id and self._usable_run(run_id):
-                    self._owned.add(run_id)
+                    if not _is_active(run_id):
+                        self._owned.add(run_id)
                 else:
                     run_id = self._resolve_run(run_name, None)
                 step = "logging the final metrics"

@@ -1,0 +1,318 @@
+"""The mlflow backend against a real tracking server on loopback and the embedded sqlite store."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ckptkit import CheckpointManager, ConfigError, PublishError
+from ckptkit.cli import main
+from ckptkit_mlflow import FINAL_URI_PARAM, MlflowBackend, redact
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train(ck, model, opt, steps):
+    loss = None
+    for step in steps:
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ck.save(step=step, epoch=step // 10, model=model, optimizer=opt, metrics={"loss": loss.item()})
+    return loss.item()
+
+
+def _config(tmp_path, uri, experiment, model_name="reg_{algorithm}", final=("registry",), backends=None, **opts):
+    return {
+        "algorithm": "sft",
+        "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                     "registry": {"type": "mlflow", "tracking_uri": uri, "experiment": experiment,
+                                  "registered_model_name": model_name, **opts},
+                     **(backends or {})},
+        "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5, "keep_last": 2},
+                  "final": {"backends": list(final)}},
+    }
+
+
+def _files(client, run_id, path=None):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out.extend(_files(client, run_id, a.path) if a.is_dir else [(a.path, a.file_size)])
+    return out
+
+
+def _manifest_run_ids(tmp_path, run_name):
+    return {json.load(open(p))["mlflow_run_id"]
+            for p in glob.glob(str(tmp_path / "scratch" / run_name / "step-*" / "manifest.json"))}
+
+
+def _uid():
+    return uuid.uuid4().hex[:8]
+
+
+# -- a real tracking server -------------------------------------------------------------------
+
+def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_server):
+    exp = f"thirty-{_uid()}"
+    ck = CheckpointManager.from_config(_config(tmp_path, mlflow_server.url, exp), run_name="thirty")
+    model, opt = _model()
+    loss = _train(ck, model, opt, range(1, 31))
+    refs = ck.finalize(model=model, step=30, epoch=3, metrics={"loss": loss, "acc": 0.75})
+    ck.close()
+    assert [r.uri for r in refs] == ["models:/reg_sft/1"] or refs[0].uri.startswith("models:/reg_sft/")
+
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    # Six resume saves happened (5, 10, ..., 30); MLflow holds one file: the final model.
+    assert sorted(os.listdir(tmp_path / "scratch" / "thirty")) == ["step-0000000025", "step-0000000030"]
+    files = _files(client, run.info.run_id)
+    assert [p for p, _ in files] == ["checkpoints/final_model.pt"]
+    on_server = [os.path.join(d, f) for d, _, fs in os.walk(mlflow_server.artifacts) for f in fs
+                 if run.info.run_id in d]
+    assert len(on_server) == 1 and on_server[0].endswith("checkpoints/final_model.pt")
+    body = torch.load(on_server[0], weights_only=True)
+    assert body["step"] == 30 and body["algorithm"] == "sft"
+    assert all(torch.equal(body["model"][k], v) for k, v in model.state_dict().items())
+    # The run of the checkpoints is the run of the model.
+    assert _manifest_run_ids(tmp_path, "thirty") == {run.info.run_id}
+    assert run.data.metrics == {"final/step": 30.0, "final/epoch": 3.0, "final/loss": pytest.approx(loss),
+                                "final/acc": 0.75}
+    assert run.data.tags["ckptkit.run_name"] == "thirty" and run.info.status == "FINISHED"
+    assert FINAL_URI_PARAM not in run.data.params
+    version = client.get_model_version("reg_sft", refs[0].uri.rsplit("/", 1)[1])
+    assert version.run_id == run.info.run_id
+    assert version.source.endswith("checkpoints/final_model.pt")
+
+
+def test_server_down_at_finalize_then_publish_once_it_is_back(tmp_path, mlflow_server, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    exp = f"down-{_uid()}"
+    secret_uri = mlflow_server.url.replace("http://", "http://alice:s3cr3t-pw@")
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, secret_uri, exp, model_name="down_{run_name}",
+                                      request_timeout=2, request_max_retries=1)))
+    fallback = tmp_path / "fallback"
+    ck = CheckpointManager.from_config(str(cfg), run_name="down", fallback_dir=fallback)
+    model, opt = _model(1)
+    _train(ck, model, opt, range(1, 11))
+    (run_id,) = _manifest_run_ids(tmp_path, "down")
+
+    mlflow_server.stop()
+    try:
+        caplog.set_level(logging.DEBUG)
+        t0 = time.monotonic()
+        with pytest.raises(PublishError) as err:
+            ck.finalize(model=model, step=10, epoch=1, metrics={"loss": 0.25})
+        elapsed = time.monotonic() - t0
+        ck.close()
+        message = str(err.value)
+        assert elapsed < 30, f"a down server took {elapsed:.0f} s to fail"
+        assert "registry" in message and str(fallback) in message and "ckptkit publish" in message
+        assert "s3cr3t-pw" not in message and "s3cr3t-pw" not in caplog.text
+        assert "***@127.0.0.1" in message
+        assert os.path.exists(fallback / "down" / "final" / "final_model.pt")
+        probe = MlflowBackend.from_config("registry", {"tracking_uri": secret_uri, "request_timeout": 1,
+                                                       "request_max_retries": 0}).probe()
+        assert probe["connect"] != "ok" and "s3cr3t-pw" not in json.dumps(probe)
+    finally:
+        mlflow_server.start()
+
+    assert main(["publish", str(cfg), "--run-name", "down", "--fallback-dir", str(fallback), "--json"]) == 0
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    assert [p for p, _ in _files(client, run_id)] == ["checkpoints/final_model.pt"]
+    assert run.data.metrics["final/step"] == 10.0 and run.data.metrics["final/loss"] == 0.25
+    (version,) = client.search_model_versions("name='down_down'")
+    assert version.run_id == run_id and version.tags["ckptkit.sha256"]
+    assert all("s3cr3t" not in v for v in run.data.params.values())
+    assert len(client.search_runs([client.get_experiment_by_name(exp).experiment_id])) == 1
+
+
+# -- the embedded store -----------------------------------------------------------------------
+
+def test_registry_versions_increment_and_keep_their_own_bytes(tmp_path, embedded_uri):
+    exp = f"versions-{_uid()}"
+    name = f"v{_uid()}_{{algorithm}}"
+    sources = []
+    for i, run_name in enumerate(["first", "second", "second"]):
+        ck = CheckpointManager.from_config(_config(tmp_path, embedded_uri, exp, model_name=name), run_name=run_name)
+        model, opt = _model(i)
+        _train(ck, model, opt, range(1, 6))
+        (ref,) = ck.finalize(model=model, step=5 + i, algorithm="dpo")
+        ck.close()
+        sources.append((ref.uri, model.state_dict()["0.weight"].clone()))
+    model_name = name.format(algorithm="dpo")
+    client = MlflowClient(embedded_uri)
+    versions = sorted(client.search_model_versions(f"name='{model_name}'"), key=lambda v: int(v.version))
+    assert [str(v.version) for v in versions] == ["1", "2", "3"]
+    assert [r for r, _ in sources] == [f"models:/{model_name}/{n}" for n in (1, 2, 3)]
+    assert versions[1].run_id == versions[2].run_id != versions[0].run_id
+    # The second final of a run goes beside the first, so version 2 still points at its bytes.
+    assert versions[2].source.endswith("checkpoints/final-2/final_model.pt")
+    for v, (_, weight) in zip(versions, sources):
+        local = client.download_artifacts(v.run_id, v.source.split(f"{v.run_id}/", 1)[1], str(tmp_path))
+        assert torch.equal(torch.load(local, weights_only=True)["model"]["0.weight"], weight)
+        assert v.tags["ckptkit.algorithm"] == "dpo"
+
+
+def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spawn_server, monkeypatch):
+    pytest.importorskip("ckptkit_s3")
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = spawn_server(lambda p: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(p)])
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = f"final-{_uid()}"
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    exp = f"s3-{_uid()}"
+    archive = {"type": "s3", "path": f"s3://{bucket}/finals", "storage_options": {"endpoint_url": endpoint}}
+    cfg = _config(tmp_path, embedded_uri, exp, model_name=f"s3_{_uid()}", final=("registry", "archive"),
+                  backends={"archive": archive})
+    ck = CheckpointManager.from_config(cfg, run_name="ref")
+    model, opt = _model(2)
+    _train(ck, model, opt, range(1, 11))
+    refs = ck.finalize(model=model, step=10, epoch=1, metrics={"loss": 0.5})
+    ck.close()
+    assert [r.backend for r in refs] == ["archive", "registry"]  # the registry goes last
+    client = MlflowClient(embedded_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    expected = f"s3://{bucket}/finals/ref/final/final_model.pt"
+    assert run.data.params[FINAL_URI_PARAM] == expected
+    assert _files(client, run.info.run_id) == []
+    assert run.data.metrics == {"final/step": 10.0, "final/epoch": 1.0, "final/loss": 0.5}
+    (version,) = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    assert version.source == expected
+
+
+def test_a_restored_run_keeps_its_mlflow_run_id(tmp_path, embedded_uri):
+    exp = f"restore-{_uid()}"
+    cfg = _config(tmp_path, embedded_uri, exp)
+    ck = CheckpointManager.from_config(cfg, run_name="crashy")
+    model, opt = _model(3)
+    _train(ck, model, opt, range(1, 13))
+    ck.close()  # the job dies here, before finalize
+    (first,) = _manifest_run_ids(tmp_path, "crashy")
+    client = MlflowClient(embedded_uri)
+    client.set_terminated(first, "KILLED")
+
+    ck = CheckpointManager.from_config(cfg, run_name="crashy")
+    model, opt = _model(4)
+    restored = ck.restore(model=model, optimizer=opt)
+    assert restored.step == 10 and restored.mlflow_run_id == first
+    _train(ck, model, opt, range(restored.step + 1, 21))
+    ck.finalize(model=model, step=20, epoch=2)
+    ck.close()
+    assert _manifest_run_ids(tmp_path, "crashy") == {first}
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    assert [r.info.run_id for r in runs] == [first]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["final/step"] == 20.0
+
+
+def test_the_active_run_is_used_and_left_open(tmp_path, embedded_uri, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_uri)
+    mlflow.set_tracking_uri(embedded_uri)
+    exp = f"active-{_uid()}"
+    ck = CheckpointManager.from_config(_config(tmp_path, embedded_uri, exp), run_name="mine")
+    with mlflow.start_run(run_name="the-users-own") as active:
+        model, opt = _model(5)
+        _train(ck, model, opt, range(1, 6))
+        ck.finalize(model=model, step=5)
+        ck.close()
+        run = MlflowClient(embedded_uri).get_run(active.info.run_id)
+        assert run.info.status == "RUNNING"
+        assert run.data.metrics["final/step"] == 5.0
+    assert _manifest_run_ids(tmp_path, "mine") == {active.info.run_id}
+
+
+def test_log_pytorch_model_is_the_only_copy(tmp_path, embedded_uri, monkeypatch):
+    import mlflow.pytorch
+
+    exp = f"flavour-{_uid()}"
+    model_name = f"flav_{_uid()}"
+    ck = CheckpointManager.from_config(_config(tmp_path, embedded_uri, exp, model_name=model_name,
+                                               log_pytorch_model=True), run_name="flav")
+    model, opt = _model(6)
+    _train(ck, model, opt, range(1, 6))
+    (ref,) = ck.finalize(model=model, step=5)
+    ck.close()
+    client = MlflowClient(embedded_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    paths = [p for p, _ in _files(client, run.info.run_id)]
+    assert "checkpoints/model/MLmodel" in paths
+    assert not any(p.endswith("final_model.pt") for p in paths)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_uri)
+    mlflow.set_registry_uri(embedded_uri)
+    loaded = mlflow.pytorch.load_model(ref.uri)
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+def test_mlflow_for_resume_is_a_config_error_that_says_why(tmp_path):
+    cfg = {"backends": {"registry": {"type": "mlflow"}}, "roles": {"resume": {"backends": ["registry"]}}}
+    with pytest.raises(ConfigError) as err:
+        CheckpointManager.from_config(cfg)
+    text = str(err.value)
+    assert "MLflow never holds resume checkpoints" in text and "nothing prunes" in text
+    assert "roles.resume.backends" in text and "'registry'" in text
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"registered_model_name": "m_{algo}"}, r"backends\.registry\.registered_model_name: unknown placeholder \{algo\}"),
+    ({"registered_model_name": "m_{run_name!r}"}, "unknown placeholder"),
+    ({"registered_model_name": "m_{"}, "not a valid template"),
+    ({"experimnet": "x"}, r"backends\.registry\.experimnet: unknown key; did you mean 'experiment'"),
+    ({"tracking_uri": "ftp://bob:hunter2@host/x"}, r"backends\.registry\.tracking_uri: 'ftp://\*\*\*@host/x'"),
+    ({"log_pytorch_model": "yes"}, r"backends\.registry\.log_pytorch_model: must be true or false"),
+    ({"request_timeout": 0.5}, r"backends\.registry\.request_timeout: must be an integer >= 1"),
+    ({"request_max_retries": -1}, r"backends\.registry\.request_max_retries"),
+])
+def test_bad_options_name_the_key(options, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        MlflowBackend.from_config("registry", options)
+    assert "hunter2" not in str(err.value)
+
+
+def test_the_embedded_default_needs_no_server(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    backend = MlflowBackend.from_config("registry", {})
+    assert backend.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert backend.artifact_location == f"file://{tmp_path}/mlartifacts"
+    assert backend.registered_model_name == "{run_name}"
+
+
+def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):
+    cfg = _config(tmp_path, embedded_uri, f"noalgo-{_uid()}")
+    del cfg["algorithm"]
+    ck = CheckpointManager.from_config(cfg, run_name="noalgo", fallback_dir=tmp_path / "fb")
+    model, _ = _model()
+    with pytest.raises(PublishError, match=r"uses \{algorithm\}, but none was given"):
+        ck.finalize(model=model, step=1)
+    ck.close()
+
+
+def test_redact():
+    assert redact("GET https://u:p@h:5000/api failed; also http://x@y") == \
+        "GET https://***@h:5000/api failed; also http://***@y"

@@ -8,8 +8,10 @@ called with keyword arguments only; an implementation may accept fewer arguments
 lists, which is how specs grow without breaking older plugins.
 
 A type serves the ``resume`` role when it implements ``save_resume``, ``list_checkpoints``,
-``read_manifest``, ``open_file`` and ``prune``; it serves the ``final`` role when it implements
-``publish_final``. Declaring a backend for a role its type does not serve is a config error.
+``read_manifest``, ``open_file`` and ``prune``, and sharded resume checkpoints (``format: dcp``)
+when it also implements ``stage_sharded``, ``commit_sharded`` and ``discard_sharded``; it serves
+the ``final`` role when it implements ``publish_final``. Declaring a backend for a role (or a
+format) its type does not serve is a config error.
 """
 
 from __future__ import annotations
@@ -98,6 +100,42 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
     :param dry_run: when true, report what would be deleted and delete nothing.
     :return: the ``CheckpointRef`` of every checkpoint deleted (or that would be).
     """
+
+
+@_hookspec
+def stage_sharded(run_name: str, step: int) -> str:
+    """Prepare the folder that the shards of a sharded (``format: dcp``) checkpoint go into.
+
+    Called by ``CheckpointManager.save`` on rank 0 only, once per resume backend, before every
+    rank writes its shards with ``torch.distributed.checkpoint`` through the backend instance's
+    ``fs`` attribute (an fsspec filesystem), which every rank's instance must have. Nothing in
+    the folder counts as committed until ``commit_sharded``.
+
+    :param run_name: the run.
+    :param step: the step being saved.
+    :return: the folder's path on ``fs``; rank 0 broadcasts it to the other ranks.
+    """
+
+
+@_hookspec
+def commit_sharded(run_name: str, step: int, path: str, payload: Payload,
+                   files: dict[str, Any]) -> CheckpointRef:
+    """Commit a sharded checkpoint once every rank has written its shards into ``path``.
+
+    Called on rank 0 only, after a barrier. Writes the manifest last (and, on local disk,
+    renames the folder into place).
+
+    :param path: what ``stage_sharded`` returned.
+    :param payload: the checkpoint's metadata; its ``files`` are empty.
+    :param files: every file in the folder, name to ``FileEntry`` (size and sha256), gathered
+        from all ranks.
+    :return: a ``CheckpointRef`` to the committed checkpoint.
+    """
+
+
+@_hookspec
+def discard_sharded(path: str) -> None:
+    """Remove a staged folder whose save failed on some rank. Called on rank 0 only."""
 
 
 @_hookspec

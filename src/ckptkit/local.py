@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import posixpath
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import fsspec
@@ -16,8 +17,9 @@ from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_options
 from .errors import BackendError, ConfigError
 from .hashing import HashingWriter, copy_hashed
-from .manifest import MANIFEST_NAME, FileEntry
-from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name
+from .hookspecs import hookimpl
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, step_dirname
 
 
 def local_root(path: Any, key: str) -> str:
@@ -44,6 +46,49 @@ def local_root(path: Any, key: str) -> str:
             f"use type: {scheme} for it"
         )
     return os.path.abspath(os.path.expanduser(text))
+
+
+def _load_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):  # not Linux, or no such libc symbol
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class _EarlyWriteback:
+    """Passes writes to ``f`` and asks the kernel to start writing each full window to disk.
+
+    Without it the whole file is still dirty when the closing fsync comes, and the save waits
+    for all of it (0.3 s of a 1 GiB save on the development machine's disk); with it, fsync
+    waits for the last window only. Only a hint: durability still comes from fsync, and errors
+    are left for fsync to report.
+    """
+
+    WINDOW = 64 * 1024 * 1024
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._written = self._started = 0
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._written += n
+        if _sync_file_range is not None and self._written - self._started >= self.WINDOW:
+            self._f.flush()
+            _sync_file_range(self._f.fileno(), self._started, self._written - self._started,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._started = self._written
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def _fsync_dir(path: str) -> None:
@@ -79,49 +124,80 @@ class LocalBackend(FileBackend):
         ref = super()._ref(run_name, step, path, role=role, sizes=sizes, mtime=mtime)
         return attrs.evolve(ref, local_dir=path)
 
-    def _store(self, run_name: str, dirname: str, payload: Payload) -> CheckpointRef:
-        run = self.run_path(run_name)
-        target = posixpath.join(run, dirname)
-        tmp = posixpath.join(run, f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
+    def _stage(self, run_name: str, dirname: str) -> str:
+        tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
         with self._lock:
             self._in_flight.add(tmp)
+        os.makedirs(tmp)
+        return tmp
+
+    def _commit(self, tmp: str, dirname: str, manifest: Manifest) -> str:
+        """Write the manifest into ``tmp``, fsync, and rename it to ``dirname``, replacing an older copy."""
+        run = posixpath.dirname(tmp)
+        target = posixpath.join(run, dirname)
+        with open(os.path.join(tmp, MANIFEST_NAME), "wb") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(target):
+            trash = posixpath.join(run, f".trash-{dirname}-{uuid.uuid4().hex[:12]}")
+            os.rename(target, trash)
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(run)
+        return target
+
+    def _unstage(self, tmp: str, remove: bool) -> None:
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self._in_flight.discard(tmp)
+
+    def _store(self, run_name: str, dirname: str, payload: Payload) -> CheckpointRef:
+        tmp = self._stage(run_name, dirname)
         try:
-            os.makedirs(tmp)
             entries = {}
             for pf in payload.files:
                 entries[pf.name] = self._write(pf, os.path.join(tmp, _check_file_name(pf.name)))
-            manifest = payload.manifest(entries)
-            with open(os.path.join(tmp, MANIFEST_NAME), "wb") as f:
-                f.write(manifest.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if os.path.exists(target):
-                # Saving a step again: swap the old copy out, the new one in, then drop the old.
-                trash = posixpath.join(run, f".trash-{dirname}-{uuid.uuid4().hex[:12]}")
-                os.rename(target, trash)
-                os.rename(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-            _fsync_dir(run)
+            target = self._commit(tmp, dirname, payload.manifest(entries))
         except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise BackendError(self.name, f"could not store {target}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            with self._lock:
-                self._in_flight.discard(tmp)
+            self._unstage(tmp, remove=True)
+            raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
+                                          f"{self.root}: {type(exc).__name__}: {exc}") from exc
+        self._unstage(tmp, remove=False)
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
 
+    @hookimpl
+    def stage_sharded(self, run_name: str, step: int) -> str:
+        return self._stage(run_name, step_dirname(step))
+
+    @hookimpl
+    def commit_sharded(self, run_name: str, step: int, path: str, payload: Payload,
+                       files: dict[str, FileEntry]) -> CheckpointRef:
+        try:
+            target = self._commit(path, step_dirname(step), payload.manifest(files))
+        except Exception as exc:
+            raise BackendError(self.name, f"could not commit {path}: {type(exc).__name__}: {exc}") from exc
+        self._unstage(path, remove=False)
+        return self._ref(run_name, step, target, sizes={k: e.size for k, e in files.items()})
+
+    @hookimpl
+    def discard_sharded(self, path: str) -> None:
+        self._unstage(path, remove=True)
+
     def _write(self, pf: PayloadFile, path: str) -> FileEntry:
         with open(path, "wb") as f:
+            out = _EarlyWriteback(f)
             if pf.source is not None:
                 with open(pf.source, "rb") as src:
-                    size, digest = copy_hashed(src, f)
+                    size, digest = copy_hashed(src, out)
             else:
                 with ThreadPoolExecutor(1) as pool:
-                    writer = HashingWriter(f, pool)
+                    writer = HashingWriter(out, pool)
                     pf.write(writer)
                     size, digest = writer.size, writer.hexdigest()
             f.flush()

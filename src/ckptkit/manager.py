@@ -14,12 +14,12 @@ from typing import Any, Iterable, Mapping
 import attrs
 import torch
 
-from . import gather
+from . import gather, ranks, sharded
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import BackendError, CheckpointError, CkptkitError, ConfigError, PublishError, SaveError
 from .hashing import copy_hashed, hash_stream
-from .manifest import Manifest
+from .manifest import FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .roles import Role
 from .routing import Router
@@ -27,6 +27,7 @@ from .routing import Router
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+EXTRA_FILE = "extra.pt"
 FINAL_FILE = "final_model.pt"
 DEFAULT_RUN_NAME = "default"
 
@@ -142,9 +143,10 @@ class CheckpointManager:
              extra: Mapping[str, Any] | None = None, force: bool = False) -> list[CheckpointRef]:
         """Save a resume checkpoint if ``step`` is due (a multiple of every_n_steps), then prune.
 
-        Returns the references of the committed copies, empty when nothing was due. A backend
-        that fails does not stop the others; once all were tried, a ``SaveError`` names the
-        failures (or a warning does, with ``on_error="warn"``).
+        Call it on every rank. Returns the references of the committed copies (on every rank),
+        empty when nothing was due. A backend that fails does not stop the others; once all were
+        tried, a ``SaveError`` names the failures on every rank (or a warning does, with
+        ``on_error="warn"``).
         """
         self._check_open()
         role = self.resume_role
@@ -152,29 +154,90 @@ class CheckpointManager:
             return []
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        state = gather.resume_state(model, optimizer)
-        state["extra"] = _extra_state(extra)
-        if gather.rank() != 0:
-            return []
         payload = Payload(
-            run_name=self.run_name, step=step, epoch=epoch, format=role.format,
-            files=(PayloadFile(STATE_FILE, write=_save_writer(state)),),
-            metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(),
-            world_size=gather.world_size(),
+            run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
+            metrics=_metrics(metrics), world_size=ranks.world_size(),
         )
-        saved, failures = self._store_each(Role.RESUME, payload, "save_resume", step=step)
-        for ref in saved:
-            try:
-                self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=role.keep_last,
-                                 protected_steps=frozenset({step}), dry_run=False)
-            except Exception as exc:
-                log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+        if role.format == "dcp":
+            saved, failures = self._save_sharded(payload, gather.resume_state(model, optimizer, sharded=True),
+                                                 _extra_state(extra))
+        else:
+            state = gather.resume_state(model, optimizer)
+            state["extra"] = _extra_state(extra)
+
+            def store() -> tuple[list[CheckpointRef], dict[str, str]]:
+                full = attrs.evolve(payload, files=(PayloadFile(STATE_FILE, write=_save_writer(state)),),
+                                    mlflow_run_id=self._tracking_run_id())
+                saved, failures = self._store_each(Role.RESUME, full, "save_resume", step=step)
+                return saved, {n: str(e) for n, e in failures.items()}
+
+            status, result = ranks.on_rank0(store)
+            saved, failures = result if status == "ok" else ([], {"(all)": result})
+        if saved:
+            ranks.on_rank0(self._prune_after, saved, step)
         if failures:
             detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
             where = ", ".join(r.uri for r in saved) or "nowhere"
             self._fail(SaveError(f"step {step} was not saved to every resume backend ({detail}); "
-                                 f"it is committed at: {where}", failures, saved))
+                                 f"it is committed at: {where}",
+                                 {n: BackendError(n, e) if n in self.router.instances else CkptkitError(e)
+                                  for n, e in failures.items()}, saved))
         return saved
+
+    def _prune_after(self, saved: list[CheckpointRef], step: int) -> None:
+        for ref in saved:
+            try:
+                self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
+                                 protected_steps=frozenset({step}), dry_run=False)
+            except Exception as exc:
+                log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+
+    def _save_sharded(self, payload: Payload, state: dict[str, Any], extra: dict[str, Any]):
+        """Every rank writes its shards into each resume backend; rank 0 commits each one.
+
+        The first backend that keeps files on local disk gets the shards from DCP; the others
+        get each rank's own files copied from there, so nothing is serialised twice.
+        """
+        saved: list[CheckpointRef] = []
+        failures: dict[str, str] = {}
+        source: str | None = None
+        mine: dict[str, FileEntry] = {}
+        payload = attrs.evolve(payload, mlflow_run_id=ranks.broadcast(
+            self._tracking_run_id() if ranks.rank() == 0 else None))
+        for name in self.router.backends(Role.RESUME):
+            backend = self.router.instances[name]
+            status, path = ranks.on_rank0(self.router.call, name, "stage_sharded", run_name=self.run_name,
+                                          step=payload.step)
+            if status == "error":
+                failures[name] = path
+                continue
+            try:
+                if source is None:
+                    written = sharded.save(state, backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)))
+                    if ranks.rank() == 0:
+                        written[EXTRA_FILE] = _put_file(backend.fs, path, EXTRA_FILE, _save_writer(extra))
+                else:
+                    written = {n: _copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
+                report: tuple[str, Any] = ("ok", written)
+            except Exception as exc:
+                report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {exc}")
+            reports = ranks.all_gather(report)
+            errors = [r[1] for r in reports if r[0] == "error"]
+            if errors:
+                ranks.on_rank0(self.router.call, name, "discard_sharded", path=path)
+                failures[name] = "; ".join(errors)
+                continue
+            files = {n: e for r in reports for n, e in r[1].items()}
+            status, ref = ranks.on_rank0(self.router.call, name, "commit_sharded", run_name=self.run_name,
+                                         step=payload.step, path=path, payload=payload, files=files)
+            if status == "error":
+                ranks.on_rank0(self.router.call, name, "discard_sharded", path=path)
+                failures[name] = ref
+                continue
+            saved.append(ref)
+            if source is None and ref.local_dir:
+                source, mine = ref.local_dir, report[1]
+        return saved, failures
 
     def _store_each(self, role: Role, payload: Payload, hook: str, **kwargs: Any):
         saved: list[CheckpointRef] = []
@@ -214,16 +277,7 @@ class CheckpointManager:
     def verify(self, ref: CheckpointRef) -> Manifest:
         """Check every file of a checkpoint against its manifest; return the manifest."""
         manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
-        for name, entry in manifest.files.items():
-            try:
-                with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
-                    size, digest = hash_stream(f)
-            except FileNotFoundError:
-                raise CheckpointError(f"{ref.uri}: {name} is missing") from None
-            if size != entry.size:
-                raise CheckpointError(f"{ref.uri}: {name} has {size} bytes, the manifest says {entry.size}")
-            if digest != entry.sha256:
-                raise CheckpointError(f"{ref.uri}: {name} does not match its checksum")
+        self._check_files(ref, manifest, manifest.files)
         return manifest
 
     def _fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
@@ -243,29 +297,29 @@ class CheckpointManager:
                 extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = ()) -> Restored | None:
         """Load the newest committed checkpoint across all resume backends into model and optimizer.
 
-        A checkpoint that fails verification is skipped with a warning naming it and the next
-        newest is tried. Objects in ``extra`` with ``load_state_dict`` get their saved state back.
-        ``safe_globals`` lists extra types that ``torch.load(weights_only=True)`` may rebuild.
-        Returns None when there is nothing to resume from.
+        Call it on every rank. A checkpoint that fails verification is skipped with a warning
+        naming it and the next newest is tried. Objects in ``extra`` with ``load_state_dict`` get
+        their saved state back. ``safe_globals`` lists extra types that
+        ``torch.load(weights_only=True)`` may rebuild. Returns None when there is nothing to resume.
         """
+        self._check_open()
+        safe_globals = list(safe_globals)
         skipped: list[str] = []
-        for ref in self.list_checkpoints():
-            try:
-                manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
-                with tempfile.TemporaryDirectory(prefix="ckptkit-restore-") as workdir:
-                    folder = self._fetch(ref, manifest, workdir)
-                    state = self._load(os.path.join(folder, STATE_FILE), ref, safe_globals)
-                    gather.load_resume_state(model, optimizer, state)
-            except (CheckpointError, OSError, EOFError, RuntimeError) as exc:
-                if isinstance(exc, CheckpointError) and exc.args and "weights_only" in str(exc):
-                    raise
-                if isinstance(exc, RuntimeError) and not _looks_corrupt(exc):
-                    raise
-                reason = f"skipped {ref.uri}: {exc}"
-                warnings.warn(reason, RuntimeWarning, stacklevel=2)
+        status, candidates = ranks.on_rank0(self.list_checkpoints)
+        for ref in candidates if status == "ok" else []:
+            status, manifest = ranks.on_rank0(self.router.call, ref.backend, "read_manifest", ref=ref)
+            if status == "ok" and manifest.format == "dcp":
+                problem, saved_extra = self._restore_sharded(ref, manifest, model, optimizer, safe_globals)
+            elif status == "ok":
+                problem, saved_extra = self._restore_full(ref, manifest, model, optimizer, safe_globals)
+            else:
+                problem, saved_extra = manifest, None
+            if problem is not None:
+                reason = f"skipped {ref.uri}: {problem}"
+                if ranks.rank() == 0:
+                    warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
                 continue
-            saved_extra = state.get("extra", {})
             for key, target in (extra or {}).items():
                 if key in saved_extra and callable(getattr(target, "load_state_dict", None)):
                     target.load_state_dict(saved_extra[key])
@@ -275,6 +329,64 @@ class CheckpointManager:
                             extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
                             manifest=manifest, skipped=tuple(skipped))
         return None
+
+    def _restore_full(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
+        """Rank 0 verifies and reads the file; the state reaches the other ranks by broadcast."""
+        state: dict[str, Any] = {}
+        problem = None
+        with tempfile.TemporaryDirectory(prefix="ckptkit-restore-") as workdir:
+            if ranks.rank() == 0:
+                try:
+                    folder = self._fetch(ref, manifest, workdir)
+                    state = self._load(os.path.join(folder, STATE_FILE), ref, safe_globals)
+                except CheckpointError as exc:
+                    if "weights_only" in str(exc):
+                        problem = ("fatal", str(exc))
+                    else:
+                        problem = ("skip", str(exc))
+                except (OSError, EOFError, RuntimeError) as exc:
+                    problem = ("skip", str(exc)) if not isinstance(exc, RuntimeError) or _looks_corrupt(exc) \
+                        else ("fatal", f"{type(exc).__name__}: {exc}")
+            problem = ranks.broadcast(problem)
+            if problem is not None:
+                if problem[0] == "fatal":
+                    raise CheckpointError(problem[1])
+                return problem[1], None
+            gather.load_resume_state(model, optimizer, state)
+            return None, ranks.broadcast(state.get("extra", {}) if ranks.rank() == 0 else None)
+
+    def _restore_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
+        """Each rank checks a share of the files, then every rank reads the shards it needs."""
+        backend = self.router.instances[ref.backend]
+        names = sorted(manifest.files)
+        mine = names[ranks.rank()::ranks.world_size()]
+        try:
+            self._check_files(ref, manifest, mine)
+            problem = None
+        except (CheckpointError, OSError) as exc:
+            problem = str(exc)
+        problems = [p for p in ranks.all_gather(problem) if p]
+        if problems:
+            return "; ".join(problems), None
+        state = gather.resume_state(model, optimizer, sharded=True)
+        sharded.load(state, backend.fs, ref.path)
+        gather.load_resume_state(model, optimizer, state, full=False)
+        with self.router.call(ref.backend, "open_file", ref=ref, name=EXTRA_FILE) as f, \
+                torch.serialization.safe_globals(safe_globals):
+            return None, torch.load(f, map_location="cpu", weights_only=True)
+
+    def _check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
+        for name in names:
+            entry = manifest.files[name]
+            try:
+                with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
+                    size, digest = hash_stream(f)
+            except FileNotFoundError:
+                raise CheckpointError(f"{ref.uri}: {name} is missing") from None
+            if size != entry.size:
+                raise CheckpointError(f"{ref.uri}: {name} has {size} bytes, the manifest says {entry.size}")
+            if digest != entry.sha256:
+                raise CheckpointError(f"{ref.uri}: {name} does not match its checksum")
 
     @staticmethod
     def _load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any]) -> dict[str, Any]:
@@ -301,25 +413,28 @@ class CheckpointManager:
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
         state = gather.final_state(model, self.config.final.dtype)
-        if gather.rank() != 0:
-            return []
         algorithm = algorithm or self.config.algorithm
-        body = {"model": state, "step": step, "epoch": epoch, "metrics": _metrics(metrics),
-                "algorithm": algorithm}
-        payload = Payload(
-            run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
-            files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),),
-            metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(),
-        )
-        saved, failures = self._store_each(Role.FINAL, payload, "publish_final", algorithm=algorithm, model=model)
-        if failures:
-            where = ", ".join(r.uri for r in saved)
-            if not saved:
-                where = self._write_fallback(payload)
+
+        def publish() -> tuple[list[CheckpointRef], str | None]:
+            body = {"model": state, "step": step, "epoch": epoch, "metrics": _metrics(metrics),
+                    "algorithm": algorithm}
+            payload = Payload(
+                run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
+                files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),),
+                metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(),
+            )
+            saved, failures = self._store_each(Role.FINAL, payload, "publish_final", algorithm=algorithm, model=model)
+            if not failures:
+                return saved, None
+            where = ", ".join(r.uri for r in saved) or self._write_fallback(payload)
             detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
-            self._fail(PublishError(
-                f"the final model did not reach every final backend ({detail}); it is saved at "
-                f"{where}; retry with: ckptkit publish", failures, saved))
+            return saved, (f"the final model did not reach every final backend ({detail}); it is saved at "
+                           f"{where}; retry with: ckptkit publish")
+
+        status, result = ranks.on_rank0(publish)
+        saved, problem = result if status == "ok" else ([], result)
+        if problem:
+            self._fail(PublishError(problem, {}, saved))
         return saved
 
     def _write_fallback(self, payload: Payload) -> str:
@@ -340,6 +455,26 @@ class CheckpointManager:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _put_file(fs, folder: str, name: str, write) -> FileEntry:
+    """Stream one small file into ``folder`` on ``fs``, hashed on the way."""
+    from .hashing import HashingWriter
+
+    with fs.open(f"{folder}/{name}", "wb") as f:
+        w = HashingWriter(f)
+        write(w)
+    return FileEntry(size=w.size, sha256=w.hexdigest())
+
+
+def _copy_file(source: str, fs, folder: str, name: str, expected: FileEntry) -> FileEntry:
+    """Copy a committed local file into ``folder`` on ``fs``, checking it against ``expected``."""
+    with open(source, "rb") as src, fs.open(f"{folder}/{name}", "wb") as dst:
+        size, digest = copy_hashed(src, dst)
+    entry = FileEntry(size=size, sha256=digest)
+    if entry != expected:
+        raise CheckpointError(f"{source} changed while it was copied")
+    return entry
 
 
 def _looks_corrupt(exc: RuntimeError) -> bool:

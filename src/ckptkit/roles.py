@@ -16,3 +16,6 @@ ROLE_HOOKS: dict[Role, tuple[str, ...]] = {
     Role.RESUME: ("save_resume", "list_checkpoints", "read_manifest", "open_file", "prune"),
     Role.FINAL: ("publish_final",),
 }
+
+# Sharded resume checkpoints need these as well.
+SHARDED_HOOKS: tuple[str, ...] = ("stage_sharded", "commit_sharded", "discard_sharded")

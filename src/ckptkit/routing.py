@@ -8,7 +8,7 @@ from typing import Any
 from .config import Config
 from .errors import ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
-from .roles import Role
+from .roles import SHARDED_HOOKS, Role
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ class Router:
                         + (f"{why}. " if why else "")
                         + f"It does not implement {', '.join(missing)}; that type serves: "
                         f"{serves}. Declare {name!r} only under those roles"
+                    )
+            if Role.RESUME in roles and config.resume.format == "dcp":
+                missing = [h for h in SHARDED_HOOKS if h not in btype.hooks]
+                if missing:
+                    raise ConfigError(
+                        f"roles.resume.format: dcp needs every resume backend to write shards, but "
+                        f"backend {name!r} (type {spec.type!r}, from {btype.dist}) does not implement "
+                        f"{', '.join(missing)}; use format: torch or another backend"
                     )
             if not roles:
                 log.warning("backend %r is declared but no role uses it", name)

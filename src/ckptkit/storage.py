@@ -701,6 +701,37 @@ class FileBackend:
             log.warning("backend %r: could not clean up %s: %s", self.name, self.uri(path),
                         self.describe(exc))
 
+    @hookimpl
+    def stage_sharded(self, run_name: str, step: int) -> str:
+        target = posixpath.join(self.run_path(run_name), step_dirname(step))
+        manifest_path = posixpath.join(target, MANIFEST_NAME)
+        if self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
+            self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+        with self._lock:
+            self._in_flight.add(target)
+        return target
+
+    @hookimpl
+    def commit_sharded(self, run_name: str, step: int, path: str, payload: Payload,
+                       files: dict[str, FileEntry]) -> CheckpointRef:
+        manifest_path = posixpath.join(path, MANIFEST_NAME)
+        try:
+            self._call(f"writing {self.uri(manifest_path)}", self.fs.pipe_file, manifest_path,
+                       payload.manifest(files).to_json())
+        except Exception as exc:
+            raise self._fail(f"could not commit {self.uri(path)}", exc) from None
+        finally:
+            with self._lock:
+                self._in_flight.discard(path)
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return self._ref(run_name, step, path, sizes={k: e.size for k, e in files.items()})
+
+    @hookimpl
+    def discard_sharded(self, path: str) -> None:
+        self._discard(path)
+        with self._lock:
+            self._in_flight.discard(path)
+
     # -- hooks: reading -------------------------------------------------------------------
 
     def _find(self, path: str) -> dict[str, dict[str, Any]]:

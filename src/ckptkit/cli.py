@@ -194,6 +194,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["resumed_matches_uninterrupted"] else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    ck = _manager(args)
+    try:
+        done = ck.export(args.out, step=args.step, dtype=args.dtype)
+        row = {"step": done.step, "format": done.manifest.format, "source": done.ref.uri, "out": args.out}
+        table = Table(title=f"run {ck.run_name!r}: exported")
+        for col in row:
+            table.add_column(col)
+        table.add_row(*(str(v) for v in row.values()))
+        _emit(args, row, table)
+        return 0
+    finally:
+        ck.close()
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import find_source, publish
 
@@ -284,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = add("export", cmd_export, "write one full model file from a (sharded or full) resume checkpoint")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument("--step", type=int, help="export this step (default: the newest verified)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating-point tensors")
     p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
     _config_args(p)
     p.add_argument("--step", type=int, help="publish this resume checkpoint (default: the newest stored final model)")

@@ -400,6 +400,35 @@ class CheckpointManager:
                 "restore(..., safe_globals=[TheType]); better, store plain values or tensors"
             ) from None
 
+    def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Restored:
+        """Write one full, unsharded model file from a stored resume checkpoint, offline.
+
+        Takes the newest verified checkpoint (or ``step``), in either format, and writes what
+        ``finalize`` would have written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
+        """
+        self._check_open()
+        for ref in self.list_checkpoints():
+            if step is not None and ref.step != step:
+                continue
+            try:
+                manifest = self.verify(ref)
+            except (CheckpointError, OSError) as exc:
+                warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            if manifest.format == "dcp":
+                model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]
+            else:
+                with tempfile.TemporaryDirectory(prefix="ckptkit-export-") as workdir:
+                    folder = self._fetch(ref, manifest, workdir)
+                    model_state = self._load(os.path.join(folder, STATE_FILE), ref, ())["model"]
+            body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
+                    "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
+            torch.save(body, os.fspath(out))
+            return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics), extra={},
+                            mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        which = f"step {step}" if step is not None else "any step"
+        raise CheckpointError(f"run {self.run_name!r} has no verified checkpoint at {which} to export")
+
     # -- the final model --------------------------------------------------------------------
 
     def finalize(self, model: torch.nn.Module, step: int, epoch: int | None = None,

@@ -704,9 +704,8 @@ class FileBackend:
     @hookimpl
     def stage_sharded(self, run_name: str, step: int) -> str:
         target = posixpath.join(self.run_path(run_name), step_dirname(step))
-        manifest_path = posixpath.join(target, MANIFEST_NAME)
-        if self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
-            self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+        # Saving a step again: the shards may be named differently this time, so clear it all.
+        self._discard(target)
         with self._lock:
             self._in_flight.add(target)
         return target

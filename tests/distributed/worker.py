@@ -22,14 +22,22 @@ def model_factory(seed: int) -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(64, 8))
 
 
+DEVICE = torch.device("cpu")
+
+
 def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    model = model.to(DEVICE)
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(model, use_orig_params=True)
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -45,7 +53,7 @@ def build(kind: str, seed: int):
 def train(model, opt, steps: int, ck=None, start: int = 0) -> None:
     for step in range(start, start + steps):
         torch.manual_seed(1000 + step + ranks.rank())
-        loss = model(torch.randn(4, 16)).pow(2).mean()
+        loss = model(torch.randn(4, 16).to(DEVICE)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -60,8 +68,8 @@ def local(value):
 
 def snapshot(model, opt) -> dict:
     """This rank's own view of model and optimizer (local shards for FSDP), cloned."""
-    snap = {"model": {k: local(v).detach().clone() for k, v in model.state_dict().items()}}
-    snap["optim"] = {f"{pid}.{k}": local(v).clone() for pid, st in opt.state_dict()["state"].items()
+    snap = {"model": {k: local(v).detach().cpu().clone() for k, v in model.state_dict().items()}}
+    snap["optim"] = {f"{pid}.{k}": local(v).cpu().clone() for pid, st in opt.state_dict()["state"].items()
                      for k, v in st.items() if torch.is_tensor(v)}
     return snap
 
@@ -84,8 +92,12 @@ def full_model_state(model) -> dict:
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    global DEVICE
+    if opts.get("cuda"):
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
     if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if opts.get("cuda") else "gloo")
     rank = ranks.rank()
     result: dict = {"rank": rank, "world_size": ranks.world_size()}
     cfg = opts["config"]

@@ -1,0 +1,189 @@
+"""Distributed training under torchrun (gloo, 2 CPU processes), driven from pytest.
+
+Each test launches ``distributed/worker.py`` with a scenario and reads back one JSON result per
+rank. Launches get a wall-clock limit so a hang fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from ckptkit.cli import main as cli
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
+LIMIT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, scenario: str, workdir, options: dict, timeout: float = LIMIT_S) -> list[dict]:
+    """Run a scenario on ``nproc`` ranks (1: a plain process without a process group)."""
+    args = [WORKER, scenario, str(workdir), json.dumps(options)]
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = []
+    for rank in range(nproc):
+        with open(os.path.join(workdir, f"result-{scenario}-{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+def config(tmp_path, fmt: str, resume=("local",), s3=None) -> dict:
+    """Local resume and final roots under ``tmp_path``; an S3 prefix of its own when ``s3`` is given."""
+    backends = {"local": {"type": "local", "path": str(tmp_path / "ckpts")},
+                "published": {"type": "local", "path": str(tmp_path / "final")}}
+    if s3 is not None:
+        backends["archive"] = {"type": "s3", "path": f"s3://{s3['bucket']}/{tmp_path.name}",
+                               "storage_options": {"endpoint_url": s3["endpoint"]}}
+    return {"run_name": "dist", "backends": backends,
+            "roles": {"resume": {"backends": list(resume), "every_n_steps": 1, "keep_last": 2, "format": fmt},
+                      "final": {"backends": ["published"]}}}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 endpoint (moto server) on loopback, shared by the ranks' own s3fs clients."""
+    pytest.importorskip("ckptkit_s3", reason="the S3 cases need the ckptkit-s3 plugin (tox installs it)")
+    from moto.server import ThreadedMotoServer
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    import boto3
+
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="dist-ckpts")
+    yield {"endpoint": endpoint, "bucket": "dist-ckpts"}
+    server.stop()
+
+
+def s3_objects(s3, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"])
+    listing = client.list_objects_v2(Bucket=s3["bucket"], Prefix=prefix + "/")
+    return sorted(o["Key"][len(prefix) + 1:] for o in listing.get("Contents", []))
+
+
+def check_cycle(results: list[dict], tmp_path, fmt: str, backends: int = 1) -> None:
+    for r in results:
+        assert r["restored_step"] == 3
+        assert r["diffs"] == [], f"rank {r['rank']} restored other values: {r['diffs']}"
+        assert r["extra"] == {"rank0_note": "saved at 3"}
+        assert r["final"] == [f"file://{tmp_path}/final/dist/final"]
+    assert results[0]["kept"] == [3] * backends + [2] * backends
+    expected = torch.load(tmp_path / "expected_full.pt", weights_only=True)
+    final = torch.load(tmp_path / "final/dist/final/final_model.pt", weights_only=True)
+    assert final["model"].keys() == expected.keys()
+    assert all(torch.equal(final["model"][k], expected[k]) for k in expected), "finalize wrote other weights"
+    manifest = json.loads((tmp_path / "ckpts/dist/step-0000000003/manifest.json").read_text())
+    assert manifest["format"] == fmt and manifest["world_size"] == 2
+    if fmt == "dcp":
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp", "extra.pt"} <= set(manifest["files"])
+    else:
+        assert set(manifest["files"]) == {"state.pt"}
+
+
+def test_ddp_full_mode_on_local_disk(tmp_path):
+    results = launch(2, "cycle", tmp_path, {"config": config(tmp_path, "torch"), "wrap": "ddp"})
+    check_cycle(results, tmp_path, "torch")
+
+
+def test_fsdp2_full_mode_on_local_and_s3(tmp_path, s3):
+    cfg = config(tmp_path, "torch", resume=("local", "archive"), s3=s3)
+    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "fsdp2"})
+    check_cycle(results, tmp_path, "torch", backends=2)
+    keys = s3_objects(s3, tmp_path.name)
+    assert "dist/step-0000000003/state.pt" in keys and "dist/step-0000000002/manifest.json" in keys
+    assert not [k for k in keys if "step-0000000001" in k], "S3 was pruned to keep_last=2 as well"
+
+
+def test_fsdp2_sharded_mode_on_local_and_s3_then_export_and_verify(tmp_path, s3, capsys):
+    cfg = config(tmp_path, "dcp", resume=("local", "archive"), s3=s3)
+    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "fsdp2"})
+    check_cycle(results, tmp_path, "dcp", backends=2)
+    local_files = sorted(os.listdir(tmp_path / "ckpts/dist/step-0000000003"))
+    s3_files = sorted(k.rsplit("/", 1)[1] for k in s3_objects(s3, tmp_path.name) if "step-0000000003" in k)
+    assert s3_files == local_files, "every rank's shards were copied to S3 as well"
+
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["verify", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted((r["backend"], r["step"], r["ok"]) for r in rows) == [
+        ("archive", 2, True), ("archive", 3, True), ("local", 2, True), ("local", 3, True)]
+    assert cli(["ls", str(path), "--json"]) == 0
+    assert {r["format"] for r in json.loads(capsys.readouterr().out)} == {"dcp"}
+    out = tmp_path / "exported.pt"
+    assert cli(["export", str(path), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    exported = torch.load(out, weights_only=True)
+    expected = torch.load(tmp_path / "expected_full.pt", weights_only=True)
+    assert exported["step"] == 3
+    assert all(torch.equal(exported["model"][k], expected[k].to(torch.bfloat16)) for k in expected)
+
+
+def test_ddp_sharded_mode_on_s3_only(tmp_path, s3):
+    cfg = config(tmp_path, "dcp", resume=("archive",), s3=s3)
+    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "ddp"})
+    for r in results:
+        assert r["restored_step"] == 3 and r["diffs"] == []
+    keys = s3_objects(s3, tmp_path.name)
+    assert {k.rsplit("/", 1)[1] for k in keys if "step-0000000003" in k} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"}
+    assert not os.path.exists(tmp_path / "ckpts"), "nothing went to local disk"
+
+
+def test_reshard_two_ranks_to_one_process(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    launch(2, "save", tmp_path, {"config": cfg, "wrap": "fsdp2"})
+    result = launch(1, "restore", tmp_path, {"config": cfg, "wrap": "plain"})[0]
+    assert result["world_size"] == 1 and result["restored_step"] == 1
+    assert result["keys"] > 0 and result["diffs"] == []
+
+
+def test_reshard_one_process_to_two_ranks(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    launch(1, "save", tmp_path, {"config": cfg, "wrap": "plain"})
+    results = launch(2, "restore", tmp_path, {"config": cfg, "wrap": "fsdp2"})
+    assert [r["restored_step"] for r in results] == [1, 1]
+    assert results[0]["keys"] > 0 and results[0]["diffs"] == []
+
+
+def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):
+    cfg = config(tmp_path, "torch")
+    results = launch(2, "rank0_fails", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)
+    for r in results:
+        assert r["raised"] and "step 1 was not saved" in r["raised"] and "local" in r["raised"]
+        assert r["listed"] == [], f"rank {r['rank']} sees a committed checkpoint that failed"
+    leftovers = os.listdir(tmp_path / "ckpts/dist") if (tmp_path / "ckpts/dist").exists() else []
+    assert leftovers == [], "the failed save left files behind"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FSDP1 needs a non-CPU accelerator device; benchmarks/gpu_checks.py runs it on a GPU")
+def test_fsdp1_full_and_sharded(tmp_path):
+    for fmt in ("torch", "dcp"):
+        (tmp_path / fmt).mkdir()
+        results = launch(min(torch.cuda.device_count(), 2), "cycle", tmp_path / fmt,
+                         {"config": config(tmp_path / fmt, fmt), "wrap": "fsdp1", "cuda": True})
+        assert all(r["diffs"] == [] for r in results)

@@ -35,6 +35,14 @@ def check_options(key: str, options: Mapping, allowed: tuple[str, ...], required
             raise ConfigError(f"{key}.{r}: required key is missing")
 
 
+def check_number(key: str, value: Any, minimum: float, integer: bool = False) -> Any:
+    bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if bad or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}: must be {kind} >= {minimum:g}, got {value!r}")
+    return value
+
+
 def check_run_name(name: Any, key: str = "run_name") -> str:
     """A run name becomes a folder under each backend's root: keep it one plain path segment."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
@@ -44,11 +52,6 @@ def check_run_name(name: Any, key: str = "run_name") -> str:
         )
     return name
 
-
-def _int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _mapping(key: str, value: Any) -> Mapping:
@@ -109,8 +112,8 @@ class ResumeRole:
             raise ConfigError(f"{key}.async: must be true or false, got {is_async!r}")
         return cls(
             backends=_backends(f"{key}.backends", data.get("backends")),
-            every_n_steps=_int(f"{key}.every_n_steps", data.get("every_n_steps", 1000), 1),
-            keep_last=_int(f"{key}.keep_last", data.get("keep_last", 3), 1),
+            every_n_steps=check_number(f"{key}.every_n_steps", data.get("every_n_steps", 1000), 1, integer=True),
+            keep_last=check_number(f"{key}.keep_last", data.get("keep_last", 3), 1, integer=True),
             format=fmt,
             async_=is_async,
         )

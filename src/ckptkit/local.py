@@ -14,7 +14,7 @@ import attrs
 import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .config import check_options
+from .config import check_number, check_options
 from .errors import BackendError, ConfigError
 from .hashing import HashingWriter, copy_hashed
 from .hookspecs import hookimpl
@@ -114,9 +114,7 @@ class LocalBackend(FileBackend):
     def from_config(cls, name: str, options: dict[str, Any]) -> LocalBackend:
         key = f"backends.{name}"
         check_options(key, options, cls.OPTIONS, required=("path",))
-        grace = options.get("leftover_grace_s", DEFAULT_GRACE_S)
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
-            raise ConfigError(f"{key}.leftover_grace_s: must be a number of seconds >= 0, got {grace!r}")
+        grace = check_number(f"{key}.leftover_grace_s", options.get("leftover_grace_s", DEFAULT_GRACE_S), 0)
         root = local_root(options["path"], f"{key}.path")
         return cls(name, fsspec.filesystem("file"), root, leftover_grace_s=float(grace))
 

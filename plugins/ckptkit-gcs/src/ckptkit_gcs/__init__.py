@@ -13,7 +13,9 @@ from typing import Any
 
 import gcsfs
 
-from ckptkit.storage import FileBackend, RemoteOptions, secret_values
+from ckptkit.redact import secret_values
+from ckptkit.remote import RemoteOptions
+from ckptkit.storage import FileBackend
 
 __all__ = ["GCSBackend"]
 __version__ = "0.1.0"

@@ -13,7 +13,9 @@ from typing import Any
 
 import s3fs
 
-from ckptkit.storage import FileBackend, RemoteOptions, secret_values
+from ckptkit.redact import secret_values
+from ckptkit.remote import RemoteOptions
+from ckptkit.storage import FileBackend
 
 __all__ = ["S3Backend"]
 __version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""Keeping credentials, signatures and tokens out of every message ckptkit shows or logs."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+_QUERY_RE = re.compile(r"((?:https?|s3|gs|gcs)://[^\s?'\"<>]+)\?[^\s'\"<>]*")
+_SECRET_FIELD_RE = re.compile(
+    r"(?i)\b(authorization|x-amz-security-token|x-amz-credential|x-amz-signature|x-goog-signature|"
+    r"x-goog-credential|signature|access_token|refresh_token|id_token|client_secret|"
+    r"aws_secret_access_key|aws_session_token|secret_access_key|session_token|secret|password|"
+    r"token|upload_id|uploadid)(['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+|aws4-hmac-sha256\s+)?[^\s,'\"}&;]+"
+)
+_KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "session_token", "client_secret",
+                        "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                        "access_token", "refresh_token", "private_key", "private_key_id")
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "GOOGLE_OAUTH_ACCESS_TOKEN", "GCS_OAUTH_TOKEN")
+
+
+def secret_values(options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """Credential strings that must never be shown: from storage options and the environment."""
+    found: list[str] = []
+
+    def walk(value: Any, name: str = "") -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, str(k).lower())
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, name)
+        elif isinstance(value, str) and name in _SECRET_OPTION_NAMES and len(value) >= 4:
+            found.append(value)
+
+    walk(dict(options or {}))
+    found.extend(v for e in _SECRET_ENV if len(v := os.environ.get(e, "")) >= 4)
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` without credentials, signatures, tokens or URL query strings."""
+    for value in secrets:
+        if value:
+            text = text.replace(value, "<redacted>")
+    text = _QUERY_RE.sub(r"\1?<redacted>", text)
+    text = _SECRET_FIELD_RE.sub(r"\1\2<redacted>", text)
+    return _KEY_ID_RE.sub("<redacted-key-id>", text)
+
+
+def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """A one-line description of an exception, safe to log."""
+    text = str(exc).strip().splitlines()
+    detail = text[0] if text else ""
+    if not detail and exc.__cause__ is not None:
+        return describe(exc.__cause__, secrets)
+    return redact(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__, secrets)

@@ -1,0 +1,82 @@
+"""Config options shared by the object-store backends (bucket URI, retries, multipart sizes)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import attrs
+
+from .config import check_number, check_options
+from .errors import ConfigError
+from .retry import RetryPolicy
+from .storage import DEFAULT_GRACE_S
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def parse_bucket_uri(key: str, value: Any, scheme: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` from ``<scheme>://bucket/prefix``; a ConfigError names ``key``."""
+    example = f"{scheme}://my-bucket/checkpoints"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be a {scheme}:// URI like {example}, got {value!r}")
+    if "://" not in value:
+        raise ConfigError(f"{key}: {value!r} is not a {scheme}:// URI; write it like {example}")
+    given, rest = value.split("://", 1)
+    if given.lower() != scheme:
+        hint = f"; use type: {given} for it" if given in ("s3", "gs", "file") else ""
+        raise ConfigError(f"{key}: {value!r} has scheme {given}://, this backend takes {scheme}:// "
+                          f"(like {example}){hint}")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"{key}: {scheme}:// URIs take no query or fragment; put client settings "
+                          "under storage_options")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"{key}: {value!r} names no bucket; write it like {example}")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ConfigError(f"{key}: {bucket!r} is not a valid bucket name (3 to 222 lowercase "
+                          "letters, digits, '.', '-', '_', starting and ending with a letter or digit)")
+    segments = [s for s in prefix.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise ConfigError(f"{key}: the prefix {prefix!r} may not contain '.' or '..' segments")
+    return bucket, "/".join(segments)
+
+
+@attrs.frozen
+class RemoteOptions:
+    """The options every object-store backend reads from its config."""
+
+    bucket: str
+    prefix: str
+    storage_options: dict[str, Any]
+    leftover_grace_s: float
+    retry: RetryPolicy
+    part_size: int
+    concurrency: int
+
+    KEYS = ("path", "storage_options", "leftover_grace_s", "retry", "part_size_mb", "upload_concurrency")
+
+    @property
+    def root(self) -> str:
+        return f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+    @classmethod
+    def from_config(cls, name: str, options: Mapping[str, Any], scheme: str,
+                    part_size_mb: int = 32, min_part_size_mb: int = 5,
+                    concurrency: int = 4) -> RemoteOptions:
+        key = f"backends.{name}"
+        check_options(key, options, cls.KEYS, required=("path",))
+        bucket, prefix = parse_bucket_uri(f"{key}.path", options["path"], scheme)
+        storage_options = options.get("storage_options") or {}
+        if not isinstance(storage_options, Mapping):
+            raise ConfigError(f"{key}.storage_options: must be a mapping of fsspec options, "
+                              f"got {type(storage_options).__name__}")
+        grace = check_number(f"{key}.leftover_grace_s", options.get("leftover_grace_s", DEFAULT_GRACE_S), 0)
+        mb = check_number(f"{key}.part_size_mb", options.get("part_size_mb", part_size_mb), min_part_size_mb,
+                     integer=True)
+        conc = check_number(f"{key}.upload_concurrency", options.get("upload_concurrency", concurrency), 1,
+                       integer=True)
+        return cls(bucket=bucket, prefix=prefix, storage_options=dict(storage_options),
+                   leftover_grace_s=float(grace), retry=RetryPolicy.from_config(f"{key}.retry", options.get("retry")),
+                   part_size=mb * 2**20, concurrency=conc)

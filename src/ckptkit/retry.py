@@ -1,0 +1,141 @@
+"""Retrying transient storage errors (5xx, throttling, dropped connections) with a bound."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import attrs
+
+from .config import check_number, check_options
+from .errors import CheckpointError, ConfigError
+from .redact import describe
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "ServiceUnavailableException", "BandwidthLimitExceeded", "rateLimitExceeded", "backendError",
+})
+# Matched by class name so that no client library has to be imported here.
+_TRANSIENT_TYPES = frozenset({
+    "ServerDisconnectedError", "ClientConnectionError", "ClientConnectorError", "ClientOSError",
+    "ClientPayloadError", "ServerTimeoutError", "ConnectionClosedError", "EndpointConnectionError",
+    "ReadTimeoutError", "ConnectTimeoutError", "ProxyError", "ChunkedEncodingError", "IncompleteRead",
+    "ResponseParserError", "FSTimeoutError", "RemoteDisconnected", "HTTPClientError",
+})
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError, CheckpointError, ConfigError)
+
+
+class RetriesExhausted(Exception):
+    """A transient error that persisted through every attempt the retry policy allows."""
+
+    def __init__(self, what: str, attempts: int, last: BaseException, secrets: Iterable[str] = ()):
+        self.what = what
+        self.attempts = attempts
+        self.last = last
+        super().__init__(f"{what}: gave up after {attempts} attempt{'s' if attempts != 1 else ''}: "
+                         f"{describe(last, secrets)}")
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    for attr in ("status", "code", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        code = response.get("Error", {}).get("Code")
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Is this worth trying again: a 5xx, a throttle, a timeout or a dropped connection?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RetriesExhausted) or isinstance(current, _PERMANENT):
+            return False
+        if isinstance(current, (ConnectionError, TimeoutError, socket.timeout)):
+            return True
+        if {c.__name__ for c in type(current).__mro__} & _TRANSIENT_TYPES:
+            return True
+        if _http_status(current) in TRANSIENT_STATUS or _error_code(current) in _TRANSIENT_CODES:
+            return True
+        if any(f"{code}" in str(current) for code in ("SlowDown", "reduce your request rate")):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How often and how patiently a transient error is retried.
+
+    ``attempts`` counts the first try. Between attempts the wait doubles from ``backoff_s`` up
+    to ``max_backoff_s``, with jitter, so one operation waits at most about
+    ``attempts * max_backoff_s`` seconds before its error is raised.
+    """
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    KEYS = ("attempts", "backoff_s", "max_backoff_s")
+
+    @classmethod
+    def from_config(cls, key: str, value: Any) -> RetryPolicy:
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping with keys {', '.join(cls.KEYS)}, got {value!r}")
+        check_options(key, value, cls.KEYS)
+        default = cls()
+        return cls(
+            attempts=check_number(f"{key}.attempts", value.get("attempts", default.attempts), 1, integer=True),
+            backoff_s=float(check_number(f"{key}.backoff_s", value.get("backoff_s", default.backoff_s), 0)),
+            max_backoff_s=float(check_number(f"{key}.max_backoff_s", value.get("max_backoff_s", default.max_backoff_s), 0)),
+        )
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return base * (0.5 + random.random() / 2)
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, secrets: Iterable[str] = (),
+             **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, retried on transient errors; ``what`` names it in messages."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt >= self.attempts:
+                    raise RetriesExhausted(what, attempt, exc, secrets) from None
+                wait = self.delay(attempt)
+                log.warning("%s failed (%s); retry %d of %d in %.1f s", what, describe(exc, secrets),
+                            attempt, self.attempts - 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")

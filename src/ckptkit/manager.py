@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
-import shutil
 import tempfile
 import warnings
 from typing import Any, Iterable, Mapping

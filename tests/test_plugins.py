@@ -32,10 +32,11 @@ def test_third_party_distribution_is_discovered(third_party_dist):
     assert set(memo.roles) == {Role.RESUME, Role.FINAL}
 
 
-def test_autoload_can_be_switched_off(third_party_dist, monkeypatch):
-    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+@pytest.mark.parametrize("value, loaded", [("1", False), ("true", False), ("0", True), ("", True)])
+def test_autoload_can_be_switched_off(third_party_dist, monkeypatch, value, loaded):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     pm = make_plugin_manager()
-    assert "memo" not in pm.backend_types
+    assert ("memo" in pm.backend_types) is loaded
     assert "local" in pm.backend_types
 
 
@@ -107,10 +108,17 @@ def test_bad_plugin_error_names_plugin_and_distribution(tmp_path, monkeypatch, b
     module = f"bad_backend_{abs(hash(message))}"
     _write_dist(site, "ckptkit-bad", module, body)
     monkeypatch.syspath_prepend(str(site))
+    pm = make_plugin_manager(autoload=True)
+    assert "thing" not in pm.backend_types and "local" in pm.backend_types
+    cfg = {"backends": {"t": {"type": "thing"}}, "roles": {"final": {"backends": ["t"]}}}
     with pytest.raises(PluginError) as info:
-        make_plugin_manager(autoload=True)
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
     text = str(info.value)
+    assert text.startswith("backends.t.type: ")
     assert "'thing'" in text and "ckptkit-bad 0.3" in text and message in text
+    # A config that does not use the broken type is not affected.
+    ok = {"backends": {"d": {"type": "local", "path": str(tmp_path / "d")}}, "roles": {"resume": {"backends": ["d"]}}}
+    CheckpointManager.from_config(ok, plugin_manager=pm).close()
     sys.modules.pop(module, None)
 
 
@@ -127,8 +135,10 @@ def test_duplicate_type_name_names_both_distributions(tmp_path, monkeypatch):
     """
     _write_dist(site, "ckptkit-dupe", "dupe_backend", body, entry="local")
     monkeypatch.syspath_prepend(str(site))
+    pm = make_plugin_manager(autoload=True)
+    cfg = {"backends": {"d": {"type": "local", "path": "x"}}, "roles": {"resume": {"backends": ["d"]}}}
     with pytest.raises(PluginError, match=r"'local'.*ckptkit-dupe 0.3.*clashes.*ckptkit 0"):
-        make_plugin_manager(autoload=True)
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
     sys.modules.pop("dupe_backend", None)
 
 

@@ -48,11 +48,16 @@ def cmd_backends(args: argparse.Namespace) -> int:
     rows = [{"type": t.name, "distribution": t.dist, "roles": [r.value for r in t.roles],
              "class": f"{t.cls.__module__}.{t.cls.__qualname__}"}
             for t in sorted(pm.backend_types.values(), key=lambda t: t.name)]
+    rows += [{"type": name, "distribution": None, "roles": [], "class": None, "error": str(exc)}
+             for name, exc in sorted(pm.broken.items())]
     table = Table(title="Installed backend types")
     for col in ("type", "distribution", "roles", "class"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["type"], r["distribution"], ", ".join(r["roles"]) or "-", r["class"])
+        if r.get("error"):
+            table.add_row(r["type"], "[red]broken[/red]", "-", r["error"])
+        else:
+            table.add_row(r["type"], r["distribution"], ", ".join(r["roles"]) or "-", r["class"])
     _emit(args, rows, table)
     return 0
 

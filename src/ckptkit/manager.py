@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from typing import Any, Iterable, Mapping
@@ -249,6 +250,10 @@ class CheckpointManager:
                 failures[name] = exc if isinstance(exc, CkptkitError) else BackendError(name, f"{type(exc).__name__}: {exc}")
                 log.error("backend %r failed: %s", name, failures[name])
                 continue
+            if not isinstance(ref, CheckpointRef):
+                failures[name] = BackendError(name, f"{hook} returned {type(ref).__name__}, not a CheckpointRef; "
+                                                    "the backend plugin is faulty")
+                continue
             if isinstance(ref, CheckpointRef):
                 saved.append(ref)
                 if ref.local_dir and not copied:
@@ -345,6 +350,9 @@ class CheckpointManager:
                 except (OSError, EOFError, RuntimeError) as exc:
                     problem = ("skip", str(exc)) if not isinstance(exc, RuntimeError) or _looks_corrupt(exc) \
                         else ("fatal", f"{type(exc).__name__}: {exc}")
+                except Exception as exc:
+                    # Storage that kept failing (retries exhausted, say): try an older checkpoint.
+                    problem = ("skip", f"{type(exc).__name__}: {exc}")
             problem = ranks.broadcast(problem)
             if problem is not None:
                 if problem[0] == "fatal":
@@ -361,8 +369,8 @@ class CheckpointManager:
         try:
             self._check_files(ref, manifest, mine)
             problem = None
-        except (CheckpointError, OSError) as exc:
-            problem = str(exc)
+        except Exception as exc:
+            problem = f"rank {ranks.rank()}: {exc}"
         problems = [p for p in ranks.all_gather(problem) if p]
         if problems:
             return "; ".join(problems), None
@@ -371,7 +379,10 @@ class CheckpointManager:
         gather.load_resume_state(model, optimizer, state, full=False)
         with self.router.call(ref.backend, "open_file", ref=ref, name=EXTRA_FILE) as f, \
                 torch.serialization.safe_globals(safe_globals):
-            return None, torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                return None, torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise _refused(ref, exc) from None
 
     def _check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
         for name in names:
@@ -392,11 +403,7 @@ class CheckpointManager:
             with torch.serialization.safe_globals(list(safe_globals)):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{ref.uri}: the checkpoint holds objects that safe loading (weights_only=True) "
-                f"refuses: {str(exc).splitlines()[0]}. If you trust it, allow the named types with "
-                "restore(..., safe_globals=[TheType]); better, store plain values or tensors"
-            ) from None
+            raise _refused(ref, exc) from None
 
     def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Restored:
         """Write one full, unsharded model file from a stored resume checkpoint, offline.
@@ -456,12 +463,13 @@ class CheckpointManager:
             where = ", ".join(r.uri for r in saved) or self._write_fallback(payload)
             detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
             return saved, (f"the final model did not reach every final backend ({detail}); it is saved at "
-                           f"{where}; retry with: ckptkit publish")
+                           f"{where}; retry with: ckptkit publish", {n: str(e) for n, e in failures.items()})
 
         status, result = ranks.on_rank0(publish)
-        saved, problem = result if status == "ok" else ([], result)
+        saved, problem = result if status == "ok" else ([], (result, {"(all)": result}))
         if problem:
-            self._fail(PublishError(problem, {}, saved))
+            message, failures = problem
+            self._fail(PublishError(message, {n: BackendError(n, e) for n, e in failures.items()}, saved))
         return saved
 
     def _write_fallback(self, payload: Payload) -> str:
@@ -502,6 +510,18 @@ def _copy_file(source: str, fs, folder: str, name: str, expected: FileEntry) -> 
     if entry != expected:
         raise CheckpointError(f"{source} changed while it was copied")
     return entry
+
+
+def _refused(ref: CheckpointRef, exc: pickle.UnpicklingError) -> CheckpointError:
+    """The error for state that ``torch.load(weights_only=True)`` will not rebuild, naming the type."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    named = found.group(1) if found else "an object of a type it does not know"
+    return CheckpointError(
+        f"{ref.uri}: the checkpoint holds {named}, which safe loading (weights_only=True) refuses. "
+        f"If you trust the checkpoint, allow that type by name: restore(..., safe_globals=[{named.rsplit('.', 1)[-1]}]); "
+        "better, store plain values or tensors in extra"
+    )
 
 
 def _looks_corrupt(exc: RuntimeError) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import logging
 import os
 
 import attrs
@@ -13,6 +14,8 @@ from . import hookspecs
 from ._project import BACKENDS_ENTRY_POINT_GROUP, DISABLE_AUTOLOAD_ENV, PROJECT_NAME
 from .errors import ConfigError, PluginError
 from .roles import ROLE_HOOKS, Role
+
+log = logging.getLogger(__name__)
 
 # Backend types that ckptkit documents, and the extra that installs each.
 KNOWN_EXTRAS = {"s3": "s3", "gcs": "gcs", "mlflow": "mlflow"}
@@ -47,6 +50,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(PROJECT_NAME)
         self.backend_types: dict[str, BackendType] = {}
+        self.broken: dict[str, PluginError] = {}
 
     def add_backend_type(self, name: str, cls: type, dist: str = "<registered in code>") -> BackendType:
         """Make ``cls`` available as backend type ``name``, after checking its hooks."""
@@ -86,23 +90,35 @@ class CkptkitPluginManager(pluggy.PluginManager):
         return btype
 
     def load_backend_entrypoints(self, only_dist: str | None = None) -> None:
-        """Load every entry point of the backends group (or only those of ``only_dist``)."""
+        """Load every entry point of the backends group (or only those of ``only_dist``).
+
+        A type that fails to load or to validate is kept in ``broken`` with its error, which is
+        raised when a config uses that type, so one broken distribution does not stop configs
+        that do not need it.
+        """
         for ep in importlib.metadata.entry_points(group=BACKENDS_ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             if only_dist is not None and (dist is None or dist.metadata["Name"] != only_dist):
                 continue
             label = _dist_label(dist)
             try:
-                cls = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"backend type {ep.name!r} from {label} failed to load ({ep.value}): "
-                    f"{type(exc).__name__}: {exc}; reinstall or uninstall {label.split()[0]}"
-                ) from exc
-            self.add_backend_type(ep.name, cls, label)
+                try:
+                    cls = ep.load()
+                except Exception as exc:
+                    raise PluginError(
+                        f"backend type {ep.name!r} from {label} failed to load ({ep.value}): "
+                        f"{type(exc).__name__}: {exc}; reinstall or uninstall {label.split()[0]}"
+                    ) from exc
+                self.add_backend_type(ep.name, cls, label)
+            except PluginError as exc:
+                log.warning("%s", exc)
+                self.broken[ep.name] = exc
 
     def backend_type(self, name: str, key: str) -> BackendType:
         """The type called ``name``; ``key`` is the config key that asked for it."""
+        if name in self.broken:
+            # Broken, or claimed by two distributions, where using either would be a guess.
+            raise PluginError(f"{key}: {self.broken[name]}")
         try:
             return self.backend_types[name]
         except KeyError:
@@ -127,7 +143,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
 
 
 def autoload_enabled() -> bool:
-    return not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
 def make_plugin_manager(autoload: bool | None = None) -> CkptkitPluginManager:

@@ -351,7 +351,11 @@ class FileBackend:
         run = self.run_path(run_name)
         out = []
         for dirname, files in (self._listing(run_name) if listing is None else listing).items():
-            if dirname == FINAL_DIR or (parse_step(dirname) is not None and MANIFEST_NAME in files):
+            # Only what ckptkit itself writes: a step folder without manifest, or a temporary
+            # or trash folder of the local commit protocol. Anything else is not ours to delete.
+            ours = parse_step(dirname) is not None or dirname.startswith((".tmp-step-", ".tmp-final-",
+                                                                           ".trash-step-", ".trash-final-"))
+            if not ours or MANIFEST_NAME in files and parse_step(dirname) is not None:
                 continue
             mtimes = [m for i in files.values() if (m := _mtime(i)) is not None]
             out.append((posixpath.join(run, dirname), max(mtimes) if mtimes else None))
@@ -379,7 +383,8 @@ class FileBackend:
                 # Committed but disagreeing with its manifest: not a checkpoint, a leftover.
                 doomed.append(ref)
         for path, mtime in self._leftovers(run_name, listing):
-            if path in in_flight or (mtime is not None and now - mtime <= self.leftover_grace_s):
+            # Without a modification time its age is unknown, so it may be a save in flight.
+            if path in in_flight or mtime is None or now - mtime <= self.leftover_grace_s:
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
         if not dry_run:

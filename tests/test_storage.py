@@ -169,3 +169,14 @@ def test_save_killed_before_its_manifest_is_not_restored(tmp_path, pm):
     ck.save(step=3, model=model, optimizer=opt)
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     assert [r.step for r in ck.list_checkpoints()] == [3, 2, 1, 0]
+
+
+def test_prune_leaves_folders_it_did_not_write(backend):
+    backend.leftover_grace_s = 0
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    foreign = f"{backend.run_path('r')}/tensorboard"
+    backend.fs.makedirs(foreign, exist_ok=True)
+    backend.fs.pipe_file(f"{foreign}/events.out", b"not a checkpoint")
+    time.sleep(0.01)
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    assert backend.fs.exists(f"{foreign}/events.out")

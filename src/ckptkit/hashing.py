@@ -27,8 +27,11 @@ class HashingWriter:
         n = view.nbytes
         if self._executor is not None and n >= _OVERLAP_MIN:
             pending = self._executor.submit(self._hash.update, view)
-            self.raw.write(view)
-            pending.result()
+            try:
+                self.raw.write(view)
+            finally:
+                # The caller may free or reuse ``data`` once we return or raise.
+                pending.result()
         else:
             self._hash.update(view)
             self.raw.write(view)

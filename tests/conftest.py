@@ -65,7 +65,7 @@ def third_party_dist(tmp_path, monkeypatch):
                         w = HashingWriter(buf)
                         pf.write(w)
                     files[pf.name] = buf.getvalue()
-                    entries[pf.name] = pf.expected or FileEntry(size=w.size, sha256=w.hexdigest())
+                    entries[pf.name] = pf.expected or FileEntry(size=w.size, digest=w.digest())
                 STORE[(self.name, run_name, key)] = (files, payload.manifest(entries))
                 return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step,
                                      path=f"{run_name}/{key}", uri=f"memo://{self.name}/{run_name}/{key}",

@@ -224,3 +224,31 @@ def test_save_does_not_hold_a_second_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth = float(out.stdout.strip().splitlines()[-1])
     assert growth < 0.25, f"peak memory grew by {growth:.2f} x the state during save"
+
+
+def test_manifests_with_sha256_digests_still_verify(tmp_path, pm):
+    import hashlib
+    import json
+
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    folder = tmp_path / "scratch/exp/step-0000000000"
+    data = (folder / STATE_FILE).read_bytes()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"][STATE_FILE]["digest"].startswith("xxh3_128:")
+    manifest["files"][STATE_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert ck.restore(model, opt).step == 0
+    manifest["files"][STATE_FILE]["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match="does not match its checksum"):
+        assert ck.restore(model, opt) is None
+
+
+def test_save_leaves_torchs_crc32_setting_as_it_was(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, _ = make_model()
+    assert torch.serialization.get_crc32_options() is True
+    ck.save(step=0, model=model)
+    assert torch.serialization.get_crc32_options() is True

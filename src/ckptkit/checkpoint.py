@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from . import __version__
+from .hashing import ALGORITHM, CHUNK, algorithm_of
 from .manifest import FileEntry, Manifest, now
 
 
@@ -28,6 +29,20 @@ class PayloadFile:
     def __attrs_post_init__(self):
         if (self.write is None) == (self.source is None):
             raise ValueError("a payload file needs exactly one of write or source")
+
+    @property
+    def algorithm(self) -> str:
+        """The checksum to compute while storing it: the one ``expected`` was made with, if any."""
+        return algorithm_of(self.expected.digest) if self.expected is not None else ALGORITHM
+
+    def write_to(self, f: BinaryIO) -> None:
+        """Stream the content into ``f``: serialise it, or copy it from ``source``."""
+        if self.source is None:
+            self.write(f)
+            return
+        with open(self.source, "rb") as src:
+            while chunk := src.read(CHUNK):
+                f.write(chunk)
 
 
 @attrs.frozen

@@ -1,12 +1,20 @@
-"""Checksums computed while bytes stream to storage, so nothing is read twice to hash it."""
+"""Checksums computed while bytes stream to storage, so nothing is read twice to hash it.
+
+A digest is written ``"<algorithm>:<hex>"`` so that each one says how to check it. New files get
+xxh3-128: a checksum against corruption, not a signature, and at over 10 GB/s per core it costs a
+save almost nothing, where sha256 took more CPU than torch.save itself. Manifests that carry
+sha256 digests still verify.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-ALGORITHM = "sha256"
+import xxhash
+
+ALGORITHM = "xxh3_128"
 CHUNK = 8 * 1024 * 1024
 # Below this size a write is hashed inline; above it, hashing runs on a helper thread while the
 # write goes to the file (hashlib and file writes both release the GIL for large buffers).
@@ -16,10 +24,12 @@ _OVERLAP_MIN = 1024 * 1024
 class HashingWriter:
     """A write-only file object that hashes and counts what passes through to ``raw``."""
 
-    def __init__(self, raw: BinaryIO, executor: ThreadPoolExecutor | None = None):
+    def __init__(self, raw: BinaryIO, executor: ThreadPoolExecutor | None = None,
+                 algorithm: str = ALGORITHM):
         self.raw = raw
         self.size = 0
-        self._hash = hashlib.new(ALGORITHM)
+        self.algorithm = algorithm
+        self._hash = new_hasher(algorithm)
         self._executor = executor
 
     def write(self, data) -> int:
@@ -50,24 +60,36 @@ class HashingWriter:
     def seekable(self) -> bool:
         return False
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 
-def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` in chunks; return the size and checksum of what was copied."""
+def copy_hashed(src: BinaryIO, dst: BinaryIO, algorithm: str = ALGORITHM) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` in chunks; return the size and digest of what was copied."""
     with ThreadPoolExecutor(1) as pool:
-        writer = HashingWriter(dst, pool)
+        writer = HashingWriter(dst, pool, algorithm)
         while chunk := src.read(CHUNK):
             writer.write(chunk)
-        return writer.size, writer.hexdigest()
+        return writer.size, writer.digest()
 
 
-def hash_stream(src: BinaryIO) -> tuple[int, str]:
-    """Read ``src`` to its end; return its size and checksum."""
-    h = hashlib.new(ALGORITHM)
+def new_hasher(algorithm: str) -> Any:
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def algorithm_of(digest: str) -> str:
+    return digest.split(":", 1)[0]
+
+
+def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM) -> tuple[int, str]:
+    """Read ``src`` to its end; return its size and digest."""
+    h = new_hasher(algorithm)
     size = 0
     while chunk := src.read(CHUNK):
         h.update(chunk)
         size += len(chunk)
-    return size, h.hexdigest()
+    return size, f"{algorithm}:{h.hexdigest()}"

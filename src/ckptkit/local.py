@@ -16,7 +16,7 @@ import fsspec
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_number, check_options
 from .errors import BackendError, ConfigError
-from .hashing import HashingWriter, copy_hashed
+from .hashing import HashingWriter
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, step_dirname
@@ -188,19 +188,13 @@ class LocalBackend(FileBackend):
         self._unstage(path, remove=True)
 
     def _write(self, pf: PayloadFile, path: str) -> FileEntry:
-        with open(path, "wb") as f:
-            out = _EarlyWriteback(f)
-            if pf.source is not None:
-                with open(pf.source, "rb") as src:
-                    size, digest = copy_hashed(src, out)
-            else:
-                with ThreadPoolExecutor(1) as pool:
-                    writer = HashingWriter(out, pool)
-                    pf.write(writer)
-                    size, digest = writer.size, writer.hexdigest()
+        with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
+            writer = HashingWriter(_EarlyWriteback(f), pool, pf.algorithm)
+            pf.write_to(writer)
+            size, digest = writer.size, writer.digest()
             f.flush()
             os.fsync(f.fileno())
-        entry = FileEntry(size=size, sha256=digest)
+        entry = FileEntry(size=size, digest=digest)
         if pf.expected is not None and pf.expected != entry:
             raise OSError(f"{pf.source} changed while it was copied")
         return entry

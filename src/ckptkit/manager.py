@@ -17,7 +17,7 @@ from . import gather, ranks, sharded
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import BackendError, CheckpointError, CkptkitError, ConfigError, PublishError, SaveError
-from .hashing import copy_hashed, hash_stream
+from .hashing import algorithm_of, copy_hashed, hash_stream
 from .manifest import FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .roles import Role
@@ -63,7 +63,17 @@ def _extra_state(extra: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _save_writer(obj: Any):
     def write(f) -> None:
-        torch.save(obj, f)
+        # The stream is checksummed as it is written; torch's own per-record crc32 would read
+        # every byte a second time for nothing.
+        get, set_ = (getattr(torch.serialization, n, None) for n in ("get_crc32_options", "set_crc32_options"))
+        before = get() if get else None
+        if set_:
+            set_(False)
+        try:
+            torch.save(obj, f)
+        finally:
+            if set_:
+                set_(before)
 
     return write
 
@@ -291,8 +301,8 @@ class CheckpointManager:
         for name, entry in manifest.files.items():
             with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
                     open(os.path.join(workdir, name), "wb") as dst:
-                size, digest = copy_hashed(src, dst)
-            if (size, digest) != (entry.size, entry.sha256):
+                size, digest = copy_hashed(src, dst, algorithm_of(entry.digest))
+            if (size, digest) != (entry.size, entry.digest):
                 raise CheckpointError(f"{ref.uri}: {name} does not match its manifest")
         return workdir
 
@@ -389,12 +399,12 @@ class CheckpointManager:
             entry = manifest.files[name]
             try:
                 with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
-                    size, digest = hash_stream(f)
+                    size, digest = hash_stream(f, algorithm_of(entry.digest))
             except FileNotFoundError:
                 raise CheckpointError(f"{ref.uri}: {name} is missing") from None
             if size != entry.size:
                 raise CheckpointError(f"{ref.uri}: {name} has {size} bytes, the manifest says {entry.size}")
-            if digest != entry.sha256:
+            if digest != entry.digest:
                 raise CheckpointError(f"{ref.uri}: {name} does not match its checksum")
 
     @staticmethod
@@ -499,14 +509,14 @@ def _put_file(fs, folder: str, name: str, write) -> FileEntry:
     with fs.open(f"{folder}/{name}", "wb") as f:
         w = HashingWriter(f)
         write(w)
-    return FileEntry(size=w.size, sha256=w.hexdigest())
+    return FileEntry(size=w.size, digest=w.digest())
 
 
 def _copy_file(source: str, fs, folder: str, name: str, expected: FileEntry) -> FileEntry:
     """Copy a committed local file into ``folder`` on ``fs``, checking it against ``expected``."""
     with open(source, "rb") as src, fs.open(f"{folder}/{name}", "wb") as dst:
-        size, digest = copy_hashed(src, dst)
-    entry = FileEntry(size=size, sha256=digest)
+        size, digest = copy_hashed(src, dst, algorithm_of(expected.digest))
+    entry = FileEntry(size=size, digest=digest)
     if entry != expected:
         raise CheckpointError(f"{source} changed while it was copied")
     return entry

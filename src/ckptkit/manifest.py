@@ -14,12 +14,20 @@ MANIFEST_VERSION = 1
 
 @attrs.frozen
 class FileEntry:
+    """A file's size and its digest, ``"<algorithm>:<hex>"``."""
+
     size: int
-    sha256: str
+    digest: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileEntry:
+        if "digest" in data:
+            return cls(size=int(data["size"]), digest=str(data["digest"]))
+        return cls(size=int(data["size"]), digest=f"sha256:{data['sha256']}")
 
 
 def _files(value: dict) -> dict[str, FileEntry]:
-    return {name: e if isinstance(e, FileEntry) else FileEntry(**e) for name, e in value.items()}
+    return {name: e if isinstance(e, FileEntry) else FileEntry.from_dict(e) for name, e in value.items()}
 
 
 @attrs.frozen

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import BackendError, CheckpointError, CkptkitError, ConfigError
 from .gather import DTYPES
-from .hashing import hash_stream
+from .hashing import algorithm_of, hash_stream
 from .local import LocalBackend
 from .manager import FINAL_FILE, STATE_FILE, CheckpointManager, _save_writer
 from .manifest import MANIFEST_NAME, Manifest
@@ -150,10 +150,10 @@ def _verified_local(ck: CheckpointManager, source: PublishSource, workdir: str) 
     for name, entry in source.manifest.files.items():
         try:
             with open(os.path.join(folder, name), "rb") as f:
-                size, digest = hash_stream(f)
+                size, digest = hash_stream(f, algorithm_of(entry.digest))
         except FileNotFoundError:
             raise CheckpointError(f"{source.uri}: {name} is missing") from None
-        if (size, digest) != (entry.size, entry.sha256):
+        if (size, digest) != (entry.size, entry.digest):
             raise CheckpointError(f"{source.uri}: {name} does not match its manifest")
     return folder
 

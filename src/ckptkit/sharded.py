@@ -75,7 +75,7 @@ class HashingFileSystem(FileSystemBase):
             _abandon(raw)
             raise
         raw.close()
-        self.written[posixpath.basename(path)] = FileEntry(size=writer.size, sha256=writer.hexdigest())
+        self.written[posixpath.basename(path)] = FileEntry(size=writer.size, digest=writer.digest())
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
         return posixpath.join(os.fspath(path), suffix)

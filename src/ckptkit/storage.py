@@ -195,19 +195,14 @@ class FileBackend:
         out = self._writer(path)
         try:
             with ThreadPoolExecutor(1) as pool:
-                writer = HashingWriter(out, pool)
-                if pf.source is not None:
-                    with open(pf.source, "rb") as src:
-                        while chunk := src.read(8 * 2**20):
-                            writer.write(chunk)
-                else:
-                    pf.write(writer)
-                size, digest = writer.size, writer.hexdigest()
+                writer = HashingWriter(out, pool, pf.algorithm)
+                pf.write_to(writer)
+                size, digest = writer.size, writer.digest()
             out.commit()
         except BaseException:
             out.abort()
             raise
-        return FileEntry(size=size, sha256=digest)
+        return FileEntry(size=size, digest=digest)
 
     def _discard(self, path: str) -> None:
         """Remove what a failed save wrote: the manifest first, so nothing looks committed."""

@@ -456,7 +456,7 @@ class MlflowBackend:
             tags["ckptkit.algorithm"] = algorithm
         pf = self._final_file(payload)
         if pf.expected is not None and not self.log_pytorch_model:
-            tags["ckptkit.sha256"] = pf.expected.sha256
+            tags["ckptkit.digest"] = pf.expected.digest
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
         return str(mv.version)
 

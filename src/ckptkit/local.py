@@ -199,6 +199,9 @@ class LocalBackend(FileBackend):
             raise OSError(f"{pf.source} changed while it was copied")
         return entry
 
+    def _prepare_root(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+
     def _delete(self, path: str) -> None:
         manifest = os.path.join(path, MANIFEST_NAME)
         if os.path.exists(manifest):

@@ -393,6 +393,10 @@ class FileBackend:
             self.fs.invalidate_cache(self.run_path(run_name))
         return doomed
 
+    def _prepare_root(self) -> None:
+        """Make the root writable where that takes a step; object stores have no folders to make,
+        and a probe must never create a bucket."""
+
     @hookimpl
     def probe(self) -> dict[str, Any]:
         path = posixpath.join(self.root, f".ckptkit-probe-{uuid.uuid4().hex[:12]}")
@@ -410,7 +414,7 @@ class FileBackend:
 
         results: dict[str, Any] = {}
         def write() -> None:
-            self.fs.makedirs(self.root, exist_ok=True)
+            self._prepare_root()
             self.fs.pipe_file(path, data)
 
         for op, action in (("write", write), ("list", list_root),

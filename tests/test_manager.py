@@ -252,3 +252,15 @@ def test_save_leaves_torchs_crc32_setting_as_it_was(tmp_path, pm):
     assert torch.serialization.get_crc32_options() is True
     ck.save(step=0, model=model)
     assert torch.serialization.get_crc32_options() is True
+
+
+def test_restore_does_not_keep_the_checkpoint_file_mapped(tmp_path, pm):
+    """Optimizers keep loaded tensors as they are; none may point into the checkpoint file."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    ck.save(step=0, model=model, optimizer=opt)
+    model2, opt2 = make_model(seed=2)
+    ck.restore(model2, opt2)
+    with open("/proc/self/maps") as f:
+        assert "step-0000000000" not in f.read()

@@ -410,8 +410,11 @@ class CheckpointManager:
     @staticmethod
     def _load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any]) -> dict[str, Any]:
         try:
+            # Not memory-mapped: optimizers keep loaded tensors as they are, and a tensor that
+            # points into the file would keep the whole file mapped (and, once pruned, its disk
+            # space taken) for the rest of training.
             with torch.serialization.safe_globals(list(safe_globals)):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise _refused(ref, exc) from None
 

@@ -21,7 +21,20 @@ CHUNK = 8 * 1024 * 1024
 _OVERLAP_MIN = 1024 * 1024
 
 
-class HashingWriter:
+class WriteOnly:
+    """What a file object says about itself when it can only be written front to back."""
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+
+class HashingWriter(WriteOnly):
     """A write-only file object that hashes and counts what passes through to ``raw``."""
 
     def __init__(self, raw: BinaryIO, executor: ThreadPoolExecutor | None = None,
@@ -50,15 +63,6 @@ class HashingWriter:
 
     def flush(self) -> None:
         self.raw.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
 
     def digest(self) -> str:
         return f"{self.algorithm}:{self._hash.hexdigest()}"

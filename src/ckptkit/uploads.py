@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
+from .hashing import WriteOnly
 from .redact import describe
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class Multipart(Protocol):
     def abort(self, upload: Any) -> None: ...
 
 
-class PartWriter:
+class PartWriter(WriteOnly):
     """A write-only file that cuts what it is given into parts and uploads them in parallel.
 
     At most ``concurrency`` parts are in flight and one more is being filled, so memory stays
@@ -53,15 +54,6 @@ class PartWriter:
         self._futures: list[Future] = []
         self._number = 0
         self._done = False
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
 
     def flush(self) -> None:
         pass
@@ -141,7 +133,7 @@ class PartWriter:
                             self.what, describe(exc))
 
 
-class StreamWriter:
+class StreamWriter(WriteOnly):
     """A write-only file that hands what it is given to ``fs.open(path, "wb")`` on a thread.
 
     Serialising and uploading overlap; the queue between them holds at most
@@ -160,15 +152,6 @@ class StreamWriter:
         self._thread = threading.Thread(target=self._run, args=(open_file,), daemon=True,
                                         name="ckptkit-stream")
         self._thread.start()
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
 
     def flush(self) -> None:
         pass

@@ -54,9 +54,10 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
 def list_checkpoints(run_name: str) -> list[CheckpointRef]:
     """List the committed resume checkpoints of a run, in any order.
 
-    Called by ``restore``, ``ls``, ``verify`` and ``prune``, once per resume backend. A folder
-    without a manifest is not committed and must not be listed. Remote backends should answer
-    from one listing rather than one request per checkpoint.
+    Called by ``restore``, ``export``, ``ckptkit ls`` and ``ckptkit verify``, once per resume
+    backend (on rank 0 when distributed). A folder without a manifest is not committed and must
+    not be listed. Remote backends should answer from one listing rather than one request per
+    checkpoint.
 
     :param run_name: the run whose checkpoints to list.
     :return: a list of ``CheckpointRef``, empty when the run has none.

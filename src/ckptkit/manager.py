@@ -8,7 +8,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import attrs
 import torch
@@ -20,10 +20,12 @@ from .errors import BackendError, CheckpointError, CkptkitError, ConfigError, Pu
 from .hashing import algorithm_of, copy_hashed, hash_stream
 from .manifest import FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
+from .retry import RetryPolicy
 from .roles import Role
 from .routing import Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATE_FILE = "state.pt"
 EXTRA_FILE = "extra.pt"
@@ -299,12 +301,27 @@ class CheckpointManager:
             self.verify(ref)
             return ref.local_dir
         for name, entry in manifest.files.items():
-            with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
-                    open(os.path.join(workdir, name), "wb") as dst:
-                size, digest = copy_hashed(src, dst, algorithm_of(entry.digest))
+            def copy(name=name, entry=entry):
+                with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
+                        open(os.path.join(workdir, name), "wb") as dst:
+                    return copy_hashed(src, dst, algorithm_of(entry.digest))
+
+            size, digest = self._reading(ref, name, copy)
             if (size, digest) != (entry.size, entry.digest):
                 raise CheckpointError(f"{ref.uri}: {name} does not match its manifest")
         return workdir
+
+    def _reading(self, ref: CheckpointRef, name: str, read: Callable[[], T]) -> T:
+        """``read()`` of one file, retried whole by the backend's policy on transient errors.
+
+        ``open_file`` retries only the open; the reads after it (one request per block on an
+        object store) fail through to here.
+        """
+        backend = self.router.instances.get(ref.backend)
+        policy = getattr(backend, "retry", None)
+        if not isinstance(policy, RetryPolicy):
+            return read()
+        return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                 extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = ()) -> Restored | None:

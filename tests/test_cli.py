@@ -49,6 +49,8 @@ def test_check_shows_routing_and_probes(capsys, config_file, tmp_path):
     data = json.loads(out)
     assert code == 0
     routes = {(r["role"], r["backend"]) for r in data["routes"]}
+    resume = next(r for r in data["routes"] if r["role"] == "resume")
+    assert set(resume["settings"]) == {"every_n_steps", "keep_last", "format", "async"}
     assert routes == {("resume", "scratch"), ("final", "published")}
     assert all(v == "ok" for r in data["routes"] for v in r["probe"].values())
     code, out, _ = run(capsys, "check", str(config_file))
@@ -96,6 +98,23 @@ def test_prune_dry_run_then_for_real(capsys, config_file, saved):
     assert os.listdir(saved) == ["step-0000000003"]
 
 
+def test_prune_keep_last_zero_is_refused_not_replaced_by_config(capsys, config_file, saved):
+    code, _, err = run(capsys, "prune", str(config_file), "--keep-last", "0")
+    assert code == 1 and "--keep-last must be at least 1" in err
+    assert len(os.listdir(saved)) == 4
+
+
+def test_export_to_a_bad_path_exits_1_with_one_line(capsys, config_file, saved, tmp_path):
+    for out in (str(tmp_path / "missing" / "model.pt"), str(tmp_path)):
+        code, _, err = run(capsys, "export", str(config_file), "--out", out)
+        assert code == 1 and err.startswith("ckptkit: error: --out") and err.strip().count("\n") == 0
+
+
+def test_demo_too_few_steps_exits_1_with_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--workdir", str(tmp_path / "d"), "--steps", "3")
+    assert code == 1 and err.startswith("ckptkit: error:") and "at least" in err
+
+
 def test_verify_of_empty_run_fails(capsys, config_file):
     code, _, err = run(capsys, "verify", str(config_file), "--run-name", "nothing-here")
     assert code == 1 and "no committed checkpoint" in err
@@ -113,9 +132,9 @@ def test_demo_resumes_bit_identically(tmp_path, capsys):
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
-        main(["demo", "--workdir", str(tmp_path)])
-    assert (tmp_path / "mine.txt").exists()
+    code, _, err = run(capsys, "demo", "--workdir", str(tmp_path))
+    assert code == 1 and "not a ckptkit demo folder" in err and err.strip().count("\n") == 0
+    assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_console_script_help():

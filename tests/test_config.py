@@ -77,6 +77,22 @@ def test_yaml_errors_name_the_file(tmp_path):
         Config.from_file(path)
 
 
+
+def test_config_file_errors_are_one_line_and_name_the_file_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_file(path)
+    assert "\n" not in str(info.value)
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        Config.from_file(path)
+    assert str(info.value).count("bad.yaml") == 1
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml: cannot read the config file"):
+        Config.from_file(folder)
+
 @pytest.mark.parametrize(
     "options, message",
     [

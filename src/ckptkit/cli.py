@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -70,7 +71,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             rc = ck.config.role(role)
             if rc is None:
                 continue
-            settings = {k: v for k, v in attrs.asdict(rc).items() if k != "backends"}
+            # Config keys, not attribute names: the attribute async_ is the key async.
+            settings = {k.rstrip("_"): v for k, v in attrs.asdict(rc).items() if k != "backends"}
             for name in ck.router.backends(role):
                 spec = ck.config.backends[name]
                 instance = ck.router.instances[name]
@@ -169,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
-        keep = args.keep_last or ck.resume_role.keep_last
+        keep = ck.resume_role.keep_last if args.keep_last is None else args.keep_last
         if keep < 1:
             raise CkptkitError("--keep-last must be at least 1")
         rows = []
@@ -193,13 +195,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console)
+    try:
+        summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console)
+    except (ValueError, FileExistsError, NotADirectoryError) as exc:  # a bad --steps or --workdir
+        raise CkptkitError(str(exc)) from None
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     return 0 if summary["resumed_matches_uninterrupted"] else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise CkptkitError(f"--out: {args.out} is a folder; name the file to write")
+    if not os.path.isdir(out_dir):
+        raise CkptkitError(f"--out: the folder {out_dir} does not exist")
     ck = _manager(args)
     try:
         done = ck.export(args.out, step=args.step, dtype=args.dtype)
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CkptkitError as exc:
+    except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback
         err_console.print(f"ckptkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
 

@@ -188,12 +188,19 @@ class Config:
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{path}: cannot read the config file: {reason}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            # One line: PyYAML's message spans several, with the position on its own line.
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         try:
             return cls.from_dict(data, source=path)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            message = str(exc)
+            if message.startswith(f"{path}: "):  # from_dict already named the file
+                raise
+            raise ConfigError(f"{path}: {message}") from None
 
     @classmethod
     def load(cls, source: str | os.PathLike | Mapping | Config) -> Config:

@@ -180,3 +180,19 @@ def test_prune_leaves_folders_it_did_not_write(backend):
     time.sleep(0.01)
     backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
     assert backend.fs.exists(f"{foreign}/events.out")
+
+
+def test_local_save_interrupted_by_keyboard_interrupt_leaves_no_temp_folder(tmp_path):
+    local = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    local.save_resume(run_name="r", step=1, payload=payload(1))
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    broken = Payload(run_name="r", step=2, epoch=None, format="torch",
+                     files=(PayloadFile("state.pt", write=interrupted),))
+    with pytest.raises(KeyboardInterrupt):
+        local.save_resume(run_name="r", step=2, payload=broken)
+    assert sorted(os.listdir(tmp_path / "root" / "r")) == [step_dirname(1)]
+    assert [r.step for r in local.list_checkpoints(run_name="r")] == [1]

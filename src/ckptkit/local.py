@@ -161,8 +161,10 @@ class LocalBackend(FileBackend):
             for pf in payload.files:
                 entries[pf.name] = self._write(pf, os.path.join(tmp, _check_file_name(pf.name)))
             target = self._commit(tmp, dirname, payload.manifest(entries))
-        except Exception as exc:
+        except BaseException as exc:
             self._unstage(tmp, remove=True)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: no leftover, then go on
+                raise
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
                                           f"{self.root}: {type(exc).__name__}: {exc}") from exc
         self._unstage(tmp, remove=False)

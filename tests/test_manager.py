@@ -264,3 +264,22 @@ def test_restore_does_not_keep_the_checkpoint_file_mapped(tmp_path, pm):
     ck.restore(model2, opt2)
     with open("/proc/self/maps") as f:
         assert "step-0000000000" not in f.read()
+
+
+def test_numpy_and_tensor_steps_and_epochs_are_stored_as_plain_ints(tmp_path, pm):
+    np = pytest.importorskip("numpy")
+    ck = CheckpointManager.from_config(local_config(tmp_path, every=2), plugin_manager=pm)
+    model, opt = make_model()
+    assert [r.step for r in ck.save(step=np.int64(2), epoch=np.int64(1), model=model, optimizer=opt)] == [2]
+    assert [r.step for r in ck.save(step=torch.tensor(4), epoch=torch.tensor(1), model=model,
+                                           optimizer=opt)] == [4]
+    assert ck.save(step=np.int64(3), model=model) == []
+    for bad in (-2, -3, 2.0, True):
+        with pytest.raises(ValueError, match="step must be a non-negative integer"):
+            ck.save(step=bad, model=model)
+    restored = ck.restore(model, opt)
+    assert (restored.step, restored.epoch) == (4, 1) and type(restored.epoch) is int
+    ck.finalize(model=model, step=np.int64(5), epoch=np.int64(1))
+    final = torch.load(tmp_path / "published" / "exp" / "final" / FINAL_FILE, weights_only=True)
+    assert (final["step"], final["epoch"]) == (5, 1) and type(final["step"]) is int
+    ck.close()

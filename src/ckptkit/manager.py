@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import pickle
 import re
@@ -45,6 +46,20 @@ class Restored:
     ref: CheckpointRef
     manifest: Manifest
     skipped: tuple[str, ...] = ()
+
+
+def _count(name: str, given: Any) -> int:
+    """A step or epoch as a plain int, so that manifests and pickles hold no numpy or torch objects.
+
+    numpy integers and one-element integer tensors are fine; bools, floats and negatives are not.
+    """
+    try:
+        value = None if isinstance(given, bool) else operator.index(given)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {given!r}")
+    return value
 
 
 def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -161,10 +176,10 @@ class CheckpointManager:
         """
         self._check_open()
         role = self.resume_role
+        step = _count("step", step)
+        epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -476,6 +491,8 @@ class CheckpointManager:
         self._check_open()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
+        step = _count("step", step)
+        epoch = None if epoch is None else _count("epoch", epoch)
         state = gather.final_state(model, self.config.final.dtype)
         algorithm = algorithm or self.config.algorithm
 

@@ -161,7 +161,7 @@ def test_restore_without_optimizer_state_is_clear(tmp_path, pm):
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     model, opt = make_model()
     ck.save(step=0, model=model)
-    with pytest.raises(KeyError, match="no optimizer state"):
+    with pytest.raises(CheckpointError, match="holds no optimizer state .*restore it without optimizer="):
         ck.restore(model, opt)
     assert ck.restore(model).step == 0
 
@@ -283,3 +283,21 @@ def test_numpy_and_tensor_steps_and_epochs_are_stored_as_plain_ints(tmp_path, pm
     final = torch.load(tmp_path / "published" / "exp" / "final" / FINAL_FILE, weights_only=True)
     assert (final["step"], final["epoch"]) == (5, 1) and type(final["step"]) is int
     ck.close()
+
+
+def test_saving_never_changes_an_unstepped_optimizer(tmp_path, pm):
+    """DCP initialises an unstepped optimizer's state; a save must not leave that behind."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ref_model, ref_opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    assert len(opt.state) == 0
+    torch.manual_seed(3)
+    a = train_step(model, opt)
+    torch.manual_seed(3)
+    b = train_step(ref_model, ref_opt)
+    assert a == b
+    assert_same_state(opt.state_dict(), ref_opt.state_dict())
+    fresh_model, fresh_opt = make_model(seed=5)
+    restored = ck.restore(fresh_model, fresh_opt)
+    assert restored.step == 0 and len(fresh_opt.state) == 0

@@ -30,12 +30,22 @@ def _full_options(**extra: Any) -> StateDictOptions | None:
 
 
 def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 sharded: bool = False) -> dict[str, Any]:
-    """Model (and optimizer) state to resume from: full on rank 0 (empty elsewhere) or this rank's shards."""
+                 sharded: bool = False, load_target: bool = False) -> dict[str, Any]:
+    """Model (and optimizer) state to resume from: full on rank 0 (empty elsewhere) or this rank's shards.
+
+    ``load_target``: the state is only a structure for a sharded load to fill in, so an
+    unstepped optimizer may keep the state that DCP creates for it.
+    """
     options = None if sharded else _full_options()
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
+    unstepped = not optimizer.state
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    if unstepped and not load_target:
+        # DCP fills an unstepped optimizer's state by taking a step with lr=0 (step counters
+        # become 1); undo that, so that saving never changes how training goes on.
+        optimizer.state.clear()
+        optim_sd = {**optim_sd, "state": {}}
     return {"model": model_sd, "optimizer": optim_sd}
 
 
@@ -46,8 +56,6 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     ``full`` state lives on rank 0 only when distributed and is broadcast from there; sharded
     state was loaded by each rank into the structure ``resume_state(sharded=True)`` gave it.
     """
-    if optimizer is not None and ranks.rank() == 0 and "optimizer" not in state:
-        raise KeyError("the checkpoint holds no optimizer state; restore without optimizer=")
     options = _full_options(broadcast_from_rank0=True) if full else None
     if full and ranks.active() and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}

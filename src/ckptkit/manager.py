@@ -384,8 +384,11 @@ class CheckpointManager:
                 try:
                     folder = self._fetch(ref, manifest, workdir)
                     state = self._load(os.path.join(folder, STATE_FILE), ref, safe_globals)
+                    if optimizer is not None and "optimizer" not in state:
+                        raise CheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
+                                              "optimizer=); restore it without optimizer=")
                 except CheckpointError as exc:
-                    if "weights_only" in str(exc):
+                    if "weights_only" in str(exc) or "holds no optimizer state" in str(exc):
                         problem = ("fatal", str(exc))
                     else:
                         problem = ("skip", str(exc))
@@ -416,7 +419,7 @@ class CheckpointManager:
         problems = [p for p in ranks.all_gather(problem) if p]
         if problems:
             return "; ".join(problems), None
-        state = gather.resume_state(model, optimizer, sharded=True)
+        state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
         sharded.load(state, backend.fs, ref.path)
         gather.load_resume_state(model, optimizer, state, full=False)
         with self.router.call(ref.backend, "open_file", ref=ref, name=EXTRA_FILE) as f, \

@@ -14,6 +14,7 @@ _SECRET_FIELD_RE = re.compile(
     r"token|upload_id|uploadid)(['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+|aws4-hmac-sha256\s+)?[^\s,'\"}&;]+"
 )
 _KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "session_token", "client_secret",
                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                         "access_token", "refresh_token", "private_key", "private_key_id")
@@ -45,6 +46,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for value in secrets:
         if value:
             text = text.replace(value, "<redacted>")
+    text = _USERINFO_RE.sub(r"\g<scheme>***@", text)
     text = _QUERY_RE.sub(r"\1?<redacted>", text)
     text = _SECRET_FIELD_RE.sub(r"\1\2<redacted>", text)
     return _KEY_ID_RE.sub("<redacted-key-id>", text)

@@ -21,8 +21,9 @@ from typing import Any, Iterator
 
 import ckptkit
 from ckptkit.checkpoint import CheckpointRef, Payload, PayloadFile
-from ckptkit.config import check_options
+from ckptkit.config import check_number, check_options
 from ckptkit.errors import BackendError, ConfigError
+from ckptkit.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ DEFAULT_BACKOFF = 1
 # After the tracking server failed to name a run, saves do not ask again for this long.
 RUN_ID_RETRY_AFTER_S = 300.0
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _ENV_LOCK = threading.RLock()
-
-
-def redact(text: str) -> str:
-    """``text`` with every ``user:password@`` of a URL replaced by ``***@``."""
-    return _USERINFO.sub(r"\g<scheme>***@", str(text))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -100,13 +95,6 @@ def _tracking_uri(key: str, value: Any) -> str:
         raise ConfigError(f"{key}: {redact(value)!r} names no host")
     return value
 
-
-def _number(key: str, value: Any, minimum: float, integer: bool = False):
-    ok_type = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key}: must be {kind} >= {minimum:g}, got {value!r}")
-    return value
 
 
 class MlflowBackend:
@@ -173,10 +161,10 @@ class MlflowBackend:
             raise ConfigError(f"{key}.log_pytorch_model: must be true or false, got {flavour!r}")
         timeout = options.get("request_timeout")
         if timeout is not None:
-            _number(f"{key}.request_timeout", timeout, 1, integer=True)
+            check_number(f"{key}.request_timeout", timeout, 1, integer=True)
         retries = options.get("request_max_retries")
         if retries is not None:
-            _number(f"{key}.request_max_retries", retries, 0, integer=True)
+            check_number(f"{key}.request_max_retries", retries, 0, integer=True)
         return cls(name, uri, experiment, template, artifact_location=artifact_location,
                    log_pytorch_model=flavour, request_timeout=timeout, request_max_retries=retries)
 

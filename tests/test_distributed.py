@@ -110,6 +110,13 @@ def test_ddp_full_mode_on_local_disk(tmp_path):
     check_cycle(results, tmp_path, "torch")
 
 
+def test_ddp_full_mode_async(tmp_path):
+    cfg = config(tmp_path, "torch")
+    cfg["roles"]["resume"]["async"] = True
+    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "ddp"})
+    check_cycle(results, tmp_path, "torch")
+
+
 def test_fsdp2_full_mode_on_local_and_s3(tmp_path, s3):
     cfg = config(tmp_path, "torch", resume=("local", "archive"), s3=s3)
     results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "fsdp2"})

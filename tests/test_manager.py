@@ -301,3 +301,95 @@ def test_saving_never_changes_an_unstepped_optimizer(tmp_path, pm):
     fresh_model, fresh_opt = make_model(seed=5)
     restored = ck.restore(fresh_model, fresh_opt)
     assert restored.step == 0 and len(fresh_opt.state) == 0
+
+
+class _Gate:
+    """A local backend whose writes wait until the test opens the gate."""
+
+    opened = None
+
+    @classmethod
+    def make(cls):
+        import threading
+
+        from ckptkit.local import LocalBackend
+
+        gate = threading.Event()
+
+        class GatedLocal(LocalBackend):
+            @classmethod
+            def from_config(cls_, name, options):
+                fail = options.pop("fail", False)
+                backend = super().from_config(name, options)
+                backend.fail = fail
+                return backend
+
+            def _store(self, run_name, dirname, payload):
+                assert gate.wait(30), "the test never opened the gate"
+                if self.fail:
+                    raise OSError("disk on fire")
+                return super()._store(run_name, dirname, payload)
+
+        return GatedLocal, gate
+
+
+def async_config(tmp_path, fail=False):
+    return {"run_name": "exp",
+            "backends": {"slow": {"type": "gated", "path": str(tmp_path / "slow"), "fail": fail}},
+            "roles": {"resume": {"backends": ["slow"], "every_n_steps": 1, "keep_last": 2, "async": True}}}
+
+
+def test_async_save_returns_before_writing_and_writes_what_was_staged(tmp_path, pm):
+    backend_cls, gate = _Gate.make()
+    pm.add_backend_type("gated", backend_cls)
+    ck = CheckpointManager.from_config(async_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ck.save(step=0, model=model, optimizer=opt) == []
+    assert not (tmp_path / "slow/exp/step-0000000000").exists(), "save returned before the write"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(100.0)  # training goes on while the write waits
+    gate.set()
+    refs = ck.wait()
+    assert [r.step for r in refs] == [0]
+    fresh, fresh_opt = make_model(seed=8)
+    assert ck.restore(fresh, fresh_opt).step == 0
+    assert_same_state(fresh.state_dict(), expected)
+    ck.close()
+
+
+def test_async_failure_is_reported_by_the_next_save_and_close_waits(tmp_path, pm):
+    backend_cls, gate = _Gate.make()
+    pm.add_backend_type("gated", backend_cls)
+    ck = CheckpointManager.from_config(async_config(tmp_path, fail=True), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    gate.set()
+    with pytest.raises(SaveError, match=r"step 0 was not saved.*slow.*disk on fire"):
+        ck.save(step=1, model=model, optimizer=opt)
+    with pytest.raises(SaveError, match="step 1 was not saved"):
+        ck.close()
+
+    ok = CheckpointManager.from_config(async_config(tmp_path / "ok"), plugin_manager=pm_with_gate())
+    ok.save(step=5, model=model, optimizer=opt)
+    ok.close()
+    assert (tmp_path / "ok/slow/exp/step-0000000005/manifest.json").exists(), "close waited for the write"
+
+
+def pm_with_gate():
+    from ckptkit.plugins import make_plugin_manager
+
+    backend_cls, gate = _Gate.make()
+    gate.set()
+    manager = make_plugin_manager(autoload=False)
+    manager.add_backend_type("gated", backend_cls)
+    return manager
+
+
+def test_async_with_sharded_format_is_a_config_error(tmp_path, pm):
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"].update({"async": True, "format": "dcp"})
+    with pytest.raises(ckptkit.ConfigError, match="roles.resume.async: asynchronous saving works with format: torch"):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)

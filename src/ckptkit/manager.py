@@ -9,6 +9,7 @@ import pickle
 import re
 import tempfile
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import attrs
@@ -23,6 +24,7 @@ from .manifest import FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .retry import RetryPolicy
 from .roles import Role
+from .staging import Stager
 from .routing import Router
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,9 @@ class CheckpointManager:
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
+        self._stager = Stager()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | Mapping | Config, run_name: str | None = None,
@@ -127,9 +132,9 @@ class CheckpointManager:
         ``finalize`` once every other backend was tried: ``raise`` or ``warn``.
         """
         config = Config.load(source)
-        if config.resume is not None and config.resume.async_:
-            raise ConfigError("roles.resume.async: asynchronous saving is not available in this "
-                              "version of ckptkit; set async: false")
+        if config.resume is not None and config.resume.async_ and config.resume.format != "torch":
+            raise ConfigError("roles.resume.async: asynchronous saving works with format: torch; "
+                              "sharded (dcp) saves are synchronous, so set async: false")
         name = check_run_name(run_name, "run_name") if run_name else (config.run_name or DEFAULT_RUN_NAME)
         pm = plugin_manager or make_plugin_manager()
         router = Router(pm, config)
@@ -173,6 +178,12 @@ class CheckpointManager:
         empty when nothing was due. A backend that fails does not stop the others; once all were
         tried, a ``SaveError`` names the failures on every rank (or a warning does, with
         ``on_error="warn"``).
+
+        With ``async: true`` it returns once the state is copied to CPU buffers (reused between
+        saves), and rank 0 writes and prunes in a background thread while training goes on. It
+        then returns ``[]``; the next due ``save``, or ``wait``, ``restore``, ``finalize`` or
+        ``close``, waits for that write and reports its outcome as above. One save is in flight
+        at a time.
         """
         self._check_open()
         role = self.resume_role
@@ -184,23 +195,42 @@ class CheckpointManager:
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
         )
+        previous = self._collect()
         if role.format == "dcp":
             saved, failures = self._save_sharded(payload, gather.resume_state(model, optimizer, sharded=True),
                                                  _extra_state(extra))
-        else:
-            state = gather.resume_state(model, optimizer)
-            state["extra"] = _extra_state(extra)
+            if saved:
+                ranks.on_rank0(self._prune_after, saved, step)
+            self._report(step, saved, failures)
+            return saved
+        state = gather.resume_state(model, optimizer)
+        state["extra"] = _extra_state(extra)
+        if role.async_:
+            if ranks.rank() == 0:
+                # Training may change the model as soon as save returns: write from a copy.
+                staged = self._stager.stage(state)
+                self._pending = self._pool().submit(self._store_full, payload, staged)
+            if previous is not None:
+                # Reported after this step's save started, so that a failure never drops it.
+                self._report(*previous)
+            return []
+        status, result = ranks.on_rank0(self._store_full, payload, state)
+        _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
+        self._report(step, saved, failures)
+        return saved
 
-            def store() -> tuple[list[CheckpointRef], dict[str, str]]:
-                full = attrs.evolve(payload, files=(PayloadFile(STATE_FILE, write=_save_writer(state)),),
-                                    mlflow_run_id=self._tracking_run_id())
-                saved, failures = self._store_each(Role.RESUME, full, "save_resume", step=step)
-                return saved, {n: str(e) for n, e in failures.items()}
+    def _store_full(self, payload: Payload, state: dict[str, Any]) -> tuple[int, list[CheckpointRef], dict[str, str]]:
+        """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises."""
+        try:
+            full = attrs.evolve(payload, files=(PayloadFile(STATE_FILE, write=_save_writer(state)),),
+                                mlflow_run_id=self._tracking_run_id())
+            saved, failures = self._store_each(Role.RESUME, full, "save_resume", step=payload.step)
+            self._prune_after(saved, payload.step)
+            return payload.step, saved, {n: str(e) for n, e in failures.items()}
+        except Exception as exc:
+            return payload.step, [], {"(all)": f"{type(exc).__name__}: {exc}"}
 
-            status, result = ranks.on_rank0(store)
-            saved, failures = result if status == "ok" else ([], {"(all)": result})
-        if saved:
-            ranks.on_rank0(self._prune_after, saved, step)
+    def _report(self, step: int, saved: list[CheckpointRef], failures: dict[str, str]) -> None:
         if failures:
             detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
             where = ", ".join(r.uri for r in saved) or "nowhere"
@@ -208,7 +238,35 @@ class CheckpointManager:
                                  f"it is committed at: {where}",
                                  {n: BackendError(n, e) if n in self.router.instances else CkptkitError(e)
                                   for n, e in failures.items()}, saved))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
+        return self._writer
+
+    def wait(self) -> list[CheckpointRef]:
+        """Wait for the asynchronous save in flight, if any, and report how it went.
+
+        Call it on every rank (``save``, ``restore``, ``finalize`` and ``close`` call it). Returns
+        the references of what that save committed; raises ``SaveError`` (or warns, with
+        ``on_error="warn"``) on every rank if it failed.
+        """
+        outcome = self._collect()
+        if outcome is None:
+            return []
+        step, saved, failures = outcome
+        self._report(step, saved, failures)
         return saved
+
+    def _collect(self) -> tuple[int, list[CheckpointRef], dict[str, str]] | None:
+        """The outcome of the asynchronous save in flight, once it is done, on every rank."""
+        if self.config.resume is None or not self.config.resume.async_:
+            return None
+        outcome = None
+        if self._pending is not None:
+            outcome = self._pending.result()
+            self._pending = None
+        return ranks.broadcast(outcome)
 
     def _prune_after(self, saved: list[CheckpointRef], step: int) -> None:
         for ref in saved:
@@ -348,6 +406,7 @@ class CheckpointManager:
         ``torch.load(weights_only=True)`` may rebuild. Returns None when there is nothing to resume.
         """
         self._check_open()
+        self.wait()
         safe_globals = list(safe_globals)
         skipped: list[str] = []
         status, candidates = ranks.on_rank0(self.list_checkpoints)
@@ -492,6 +551,7 @@ class CheckpointManager:
         written to a local fallback folder that the error names, for ``ckptkit publish`` later.
         """
         self._check_open()
+        previous = self._collect()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
         step = _count("step", step)
@@ -517,6 +577,9 @@ class CheckpointManager:
 
         status, result = ranks.on_rank0(publish)
         saved, problem = result if status == "ok" else ([], (result, {"(all)": result}))
+        if previous is not None:
+            # The last resume save's outcome, reported once the final model is safe.
+            self._report(*previous)
         if problem:
             message, failures = problem
             self._fail(PublishError(message, {n: BackendError(n, e) for n, e in failures.items()}, saved))
@@ -532,8 +595,13 @@ class CheckpointManager:
     def close(self) -> None:
         """Finish pending work and release the backends. Safe to call twice."""
         if not self._closed:
-            self._closed = True
-            self.router.close()
+            try:
+                self.wait()
+            finally:
+                self._closed = True
+                if self._writer is not None:
+                    self._writer.shutdown(wait=True)
+                self.router.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -110,6 +110,7 @@ def main() -> None:
         train(model, opt, steps=4, ck=ck)
         expected = snapshot(model, opt)
         full = full_model_state(model)
+        ck.wait()  # an asynchronous save may still be writing
         result["kept"] = [r.step for r in ck.list_checkpoints()] if rank == 0 else None
         model2, opt2 = build(kind, seed=7)
         restored = ck.restore(model=model2, optimizer=opt2)

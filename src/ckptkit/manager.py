@@ -491,9 +491,13 @@ class CheckpointManager:
     def _check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
         for name in names:
             entry = manifest.files[name]
-            try:
+
+            def read(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
                 with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
-                    size, digest = hash_stream(f, algorithm_of(entry.digest))
+                    return hash_stream(f, algorithm_of(entry.digest))
+
+            try:
+                size, digest = self._reading(ref, name, read)
             except FileNotFoundError:
                 raise CheckpointError(f"{ref.uri}: {name} is missing") from None
             if size != entry.size:
@@ -524,7 +528,7 @@ class CheckpointManager:
                 continue
             try:
                 manifest = self.verify(ref)
-            except (CheckpointError, OSError) as exc:
+            except Exception as exc:
                 warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
                 continue
             if manifest.format == "dcp":

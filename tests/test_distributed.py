@@ -28,10 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, scenario: str, workdir, options: dict, timeout: float = LIMIT_S) -> list[dict]:
-    """Run a scenario on ``nproc`` ranks (1: a plain process without a process group)."""
+def launch(nproc: int, scenario: str, workdir, options: dict, timeout: float = LIMIT_S,
+           group: bool | None = None) -> list[dict]:
+    """Run a scenario on ``nproc`` ranks; one rank runs as a plain process without a process
+    group unless ``group`` asks for torchrun anyway."""
     args = [WORKER, scenario, str(workdir), json.dumps(options)]
-    if nproc == 1:
+    if not (nproc > 1 if group is None else group):
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -192,5 +194,5 @@ def test_fsdp1_full_and_sharded(tmp_path):
     for fmt in ("torch", "dcp"):
         (tmp_path / fmt).mkdir()
         results = launch(min(torch.cuda.device_count(), 2), "cycle", tmp_path / fmt,
-                         {"config": config(tmp_path / fmt, fmt), "wrap": "fsdp1", "cuda": True})
+                         {"config": config(tmp_path / fmt, fmt), "wrap": "fsdp1", "cuda": True}, group=True)
         assert all(r["diffs"] == [] for r in results)

@@ -323,14 +323,19 @@ class CheckpointManager:
                 source, mine = ref.local_dir, report[1]
         return saved, failures
 
-    def _store_each(self, role: Role, payload: Payload, hook: str, **kwargs: Any):
+    def _store_each(self, role: Role, payload: Payload, hook: str, **role_kwargs: Any):
+        """Call ``hook`` on each backend of ``role`` in routing order; ``(saved, failures)``.
+
+        ``role_kwargs`` are the hook's role-specific arguments (``step``; or ``algorithm`` and
+        ``model``). Final backends also get ``stored``: where the model is already committed.
+        """
         saved: list[CheckpointRef] = []
         failures: dict[str, Exception] = {}
         copied = False
         for name in self.router.backends(role):
-            extra_kwargs = {"stored": list(saved), "algorithm": kwargs.get("algorithm"), "model": kwargs.get("model")} if role is Role.FINAL else {"step": kwargs["step"]}
+            kwargs = dict(role_kwargs, stored=list(saved)) if role is Role.FINAL else role_kwargs
             try:
-                ref = self.router.call(name, hook, run_name=self.run_name, payload=payload, **extra_kwargs)
+                ref = self.router.call(name, hook, run_name=self.run_name, payload=payload, **kwargs)
             except Exception as exc:
                 failures[name] = exc if isinstance(exc, CkptkitError) else BackendError(name, f"{type(exc).__name__}: {exc}")
                 log.error("backend %r failed: %s", name, failures[name])
@@ -339,13 +344,12 @@ class CheckpointManager:
                 failures[name] = BackendError(name, f"{hook} returned {type(ref).__name__}, not a CheckpointRef; "
                                                     "the backend plugin is faulty")
                 continue
-            if isinstance(ref, CheckpointRef):
-                saved.append(ref)
-                if ref.local_dir and not copied:
-                    # Later backends copy these bytes instead of serialising the state again.
-                    manifest = self.router.call(name, "read_manifest", ref=ref)
-                    payload = payload.from_stored(ref.local_dir, manifest)
-                    copied = True
+            saved.append(ref)
+            if ref.local_dir and not copied:
+                # Later backends copy these bytes instead of serialising the state again.
+                manifest = self.router.call(name, "read_manifest", ref=ref)
+                payload = payload.from_stored(ref.local_dir, manifest)
+                copied = True
         return saved, failures
 
     # -- restoring --------------------------------------------------------------------------

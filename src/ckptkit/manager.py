@@ -323,17 +323,19 @@ class CheckpointManager:
                 source, mine = ref.local_dir, report[1]
         return saved, failures
 
-    def _store_each(self, role: Role, payload: Payload, hook: str, **role_kwargs: Any):
-        """Call ``hook`` on each backend of ``role`` in routing order; ``(saved, failures)``.
+    def _store_each(self, role: Role, payload: Payload, hook: str, names: Iterable[str] | None = None,
+                    stored: Iterable[CheckpointRef] = (), **role_kwargs: Any):
+        """Call ``hook`` on each backend of ``role`` (or ``names``) in routing order; ``(saved, failures)``.
 
         ``role_kwargs`` are the hook's role-specific arguments (``step``; or ``algorithm`` and
-        ``model``). Final backends also get ``stored``: where the model is already committed.
+        ``model``). Final backends also get ``stored``: where the model is already committed,
+        starting from ``stored``.
         """
         saved: list[CheckpointRef] = []
         failures: dict[str, Exception] = {}
-        copied = False
-        for name in self.router.backends(role):
-            kwargs = dict(role_kwargs, stored=list(saved)) if role is Role.FINAL else role_kwargs
+        copied = any(pf.source is not None for pf in payload.files)
+        for name in self.router.backends(role) if names is None else names:
+            kwargs = dict(role_kwargs, stored=[*stored, *saved]) if role is Role.FINAL else role_kwargs
             try:
                 ref = self.router.call(name, hook, run_name=self.run_name, payload=payload, **kwargs)
             except Exception as exc:

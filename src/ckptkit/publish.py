@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .errors import BackendError, CheckpointError, CkptkitError, ConfigError
+from .errors import CheckpointError, CkptkitError, ConfigError
 from .gather import DTYPES
 from .hashing import algorithm_of, hash_stream
 from .local import LocalBackend
@@ -235,26 +235,10 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                     continue
                 if theirs.files.get(FINAL_FILE) == entry:
                     held.append(ref)
-        stored = list(held)
-        published: list[CheckpointRef] = []
-        failures: dict[str, str] = {}
         held_names = {r.backend for r in held}
-        copied = payload.files[0].source is not None
-        for name in order:
-            if name in held_names:
-                continue
-            try:
-                ref = ck.router.call(name, "publish_final", run_name=ck.run_name, payload=payload,
-                                     stored=list(stored), algorithm=algorithm, model=None)
-            except Exception as exc:
-                err = exc if isinstance(exc, CkptkitError) else BackendError(name, f"{type(exc).__name__}: {exc}")
-                failures[name] = str(err)
-                continue
-            if isinstance(ref, CheckpointRef):
-                stored.append(ref)
-                published.append(ref)
-                if ref.local_dir and not copied:
-                    payload = payload.from_stored(ref.local_dir, ck.router.call(name, "read_manifest", ref=ref))
-                    copied = True
+        published, errors = ck._store_each(Role.FINAL, payload, "publish_final",
+                                           names=[n for n in order if n not in held_names], stored=held,
+                                           algorithm=algorithm, model=None)
+        failures = {n: str(e) for n, e in errors.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
                          failures=failures)

@@ -196,3 +196,22 @@ def test_local_save_interrupted_by_keyboard_interrupt_leaves_no_temp_folder(tmp_
         local.save_resume(run_name="r", step=2, payload=broken)
     assert sorted(os.listdir(tmp_path / "root" / "r")) == [step_dirname(1)]
     assert [r.step for r in local.list_checkpoints(run_name="r")] == [1]
+
+
+@pytest.mark.skipif(__import__("ckptkit.local").local._renameat2 is None,
+                    reason="renameat2 needs Linux with glibc 2.28 or later")
+def test_replacing_a_local_checkpoint_is_one_atomic_swap(tmp_path, monkeypatch):
+    import ckptkit.local
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    backend.save_resume(run_name="r", step=3, payload=payload(3, b"old"))
+    # Were the old copy moved aside and the new one moved in by two renames, a crash in between
+    # would leave step 3 with no copy at all; the swap never needs os.rename.
+    def no_rename(*args):
+        raise OSError("a crash here would lose step 3")
+
+    monkeypatch.setattr(ckptkit.local.os, "rename", no_rename)
+    ref = backend.save_resume(run_name="r", step=3, payload=payload(3, b"new!"))
+    with backend.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"new!"
+    assert sorted(os.listdir(tmp_path / "root/r")) == ["step-0000000003"]

@@ -62,6 +62,28 @@ _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not Linux, or a libc older than glibc 2.28
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two folders in one atomic step where the kernel and filesystem can; False if not."""
+    if _renameat2 is None:
+        return False
+    return _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 class _EarlyWriteback:
     """Passes writes to ``f`` and asks the kernel to start writing each full window to disk.
 
@@ -139,10 +161,15 @@ class LocalBackend(FileBackend):
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if os.path.exists(target):
-            trash = posixpath.join(run, f".trash-{dirname}-{uuid.uuid4().hex[:12]}")
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
+            # Replacing a committed copy: swap atomically, so that a crash leaves one of the two
+            # in place; only where the filesystem cannot swap are there two renames.
+            if _exchange(tmp, target):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                trash = posixpath.join(run, f".trash-{dirname}-{uuid.uuid4().hex[:12]}")
+                os.rename(target, trash)
+                os.rename(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, target)
         _fsync_dir(run)

@@ -393,3 +393,17 @@ def test_async_with_sharded_format_is_a_config_error(tmp_path, pm):
     cfg["roles"]["resume"].update({"async": True, "format": "dcp"})
     with pytest.raises(ckptkit.ConfigError, match="roles.resume.async: asynchronous saving works with format: torch"):
         CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def test_non_finite_metrics_are_kept_in_strict_json(tmp_path, pm):
+    import json
+    import math
+
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, _ = make_model()
+    ck.save(step=0, model=model, metrics={"loss": float("nan"), "grad": float("inf"), "acc": 0.5})
+    text = (tmp_path / "scratch/exp/step-0000000000/manifest.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["metrics"] == {"loss": "nan", "grad": "inf", "acc": 0.5}
+    restored = ck.restore(model)
+    assert math.isnan(restored.metrics["loss"]) and restored.metrics["grad"] == math.inf

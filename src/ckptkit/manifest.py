@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from typing import Any
 
 import attrs
@@ -30,6 +31,11 @@ def _files(value: dict) -> dict[str, FileEntry]:
     return {name: e if isinstance(e, FileEntry) else FileEntry.from_dict(e) for name, e in value.items()}
 
 
+def _metrics(value: dict) -> dict[str, float]:
+    # JSON has no NaN or infinity: they are stored as the strings "nan", "inf" and "-inf".
+    return {k: float(v) for k, v in value.items()}
+
+
 @attrs.frozen
 class Manifest:
     """What a committed checkpoint holds. Written last; a folder without one holds nothing."""
@@ -39,7 +45,7 @@ class Manifest:
     epoch: int | None
     format: str
     files: dict[str, FileEntry] = attrs.field(converter=_files)
-    metrics: dict[str, float] = attrs.field(factory=dict)
+    metrics: dict[str, float] = attrs.field(factory=dict, converter=_metrics)
     mlflow_run_id: str | None = None
     role: str = "resume"
     world_size: int = 1
@@ -61,10 +67,12 @@ class Manifest:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        data["metrics"] = {k: v if math.isfinite(v) else str(v) for k, v in self.metrics.items()}
+        return data
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False).encode()
 
     @property
     def total_size(self) -> int:

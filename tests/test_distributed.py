@@ -112,10 +112,13 @@ def test_ddp_full_mode_on_local_disk(tmp_path):
     check_cycle(results, tmp_path, "torch")
 
 
-def test_ddp_full_mode_async(tmp_path):
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_full_mode_async(tmp_path, wrap):
+    """DDP's state aliases the live parameters and is copied; FSDP2's is gathered into new
+    tensors on rank 0, which staging passes through. Both must restore what was saved."""
     cfg = config(tmp_path, "torch")
     cfg["roles"]["resume"]["async"] = True
-    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": "ddp"})
+    results = launch(2, "cycle", tmp_path, {"config": cfg, "wrap": wrap})
     check_cycle(results, tmp_path, "torch")
 
 

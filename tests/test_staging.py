@@ -26,3 +26,21 @@ def test_stage_reallocates_when_the_shape_changes():
     a = stager.stage({"w": torch.zeros(2)})["w"]
     b = stager.stage({"w": torch.zeros(3)})["w"]
     assert a.shape == (2,) and b.shape == (3,)
+
+
+def test_private_copies_pass_through_and_live_tensors_are_copied():
+    from ckptkit.staging import live_storages
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    live = live_storages(model, opt)
+    gathered = torch.zeros(5)  # like a full state gathered to rank 0: nobody trains it
+    momentum = opt.state[model.weight]["momentum_buffer"]
+    staged = Stager().stage({"w": model.weight, "gathered": gathered, "momentum": momentum}, live)
+    assert staged["gathered"] is gathered
+    assert staged["w"].data_ptr() != model.weight.data_ptr()
+    assert staged["momentum"].data_ptr() != momentum.data_ptr()
+    view = model.weight[1:]  # a view into a parameter's storage is live, too
+    assert Stager().stage({"v": view}, live)["v"].data_ptr() != view.data_ptr()

@@ -24,7 +24,7 @@ from .manifest import FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .retry import RetryPolicy
 from .roles import Role
-from .staging import Stager
+from .staging import Stager, live_storages
 from .routing import Router
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class CheckpointManager:
         if role.async_:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
-                staged = self._stager.stage(state)
+                staged = self._stager.stage(state, live_storages(model, optimizer))
                 self._pending = self._pool().submit(self._store_full, payload, staged)
             if previous is not None:
                 # Reported after this step's save started, so that a failure never drops it.

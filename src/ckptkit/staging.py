@@ -1,7 +1,8 @@
 """Staging for asynchronous saves: a copy of the state in CPU memory that training cannot touch.
 
 The buffers are kept between saves and refilled in place, so only the first save pays for
-allocating (and page-faulting) them.
+allocating (and page-faulting) them. Tensors that are already private CPU copies (what
+gathering a sharded model to rank 0 produces) are passed through, not copied again.
 """
 
 from __future__ import annotations
@@ -12,14 +13,33 @@ from typing import Any
 import torch
 
 
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+
+
+def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
+    """The storages that training writes to: parameters, buffers and optimizer state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return frozenset(p for t in tensors if (p := _storage(t)) is not None)
+
+
 class Stager:
     """Copies a nested state into CPU buffers it reuses while shapes and dtypes stay the same."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def stage(self, obj: Any, path: tuple = ()) -> Any:
+    def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = ()) -> Any:
+        """A copy of ``obj`` that training cannot change. With ``live`` (see ``live_storages``),
+        CPU tensors outside those storages are private already and are passed through."""
         if torch.is_tensor(obj):
+            if live is not None and obj.device.type == "cpu" and (p := _storage(obj)) is not None and p not in live:
+                return obj
             buf = self._buffers.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu")
@@ -27,9 +47,9 @@ class Stager:
             buf.copy_(obj.detach())
             return buf
         if isinstance(obj, dict):
-            return {k: self.stage(v, path + (k,)) for k, v in obj.items()}
+            return {k: self.stage(v, live, path + (k,)) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.stage(v, path + (i,)) for i, v in enumerate(obj))
+            return type(obj)(self.stage(v, live, path + (i,)) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
     @property

@@ -407,3 +407,61 @@ def test_non_finite_metrics_are_kept_in_strict_json(tmp_path, pm):
     assert data["metrics"] == {"loss": "nan", "grad": "inf", "acc": 0.5}
     restored = ck.restore(model)
     assert math.isnan(restored.metrics["loss"]) and restored.metrics["grad"] == math.inf
+
+
+def test_sharded_checkpoint_without_optimizer_state_is_a_clear_error(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    ck.save(step=0, model=model)
+    with pytest.raises(CheckpointError, match="holds no optimizer state .*restore it without optimizer="):
+        ck.restore(model, opt)
+    assert ck.restore(model).step == 0
+
+
+def test_async_copies_extra_state_that_training_keeps_changing(tmp_path, pm):
+    backend_cls, gate = _Gate.make()
+    pm.add_backend_type("gated", backend_cls)
+    ck = CheckpointManager.from_config(async_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    ema = {"w": torch.zeros(4)}  # not a parameter, buffer or optimizer state, yet updated in place
+    ck.save(step=0, model=model, optimizer=opt, extra={"ema": ema})
+    ema["w"].add_(1.0)
+    gate.set()
+    ck.wait()
+    restored = ck.restore(model, opt)
+    assert torch.equal(restored.extra["ema"]["w"], torch.zeros(4))
+    ck.close()
+
+
+def test_a_failing_shard_write_is_a_save_error_and_leaves_nothing(tmp_path, pm):
+    """DCP raises its own BaseException when a shard cannot be written; it must become a SaveError."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from ckptkit.storage import FileBackend
+
+    class FullDisk(MemoryFileSystem):
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and path.endswith(".distcp"):
+                raise OSError("no space left for shards")
+            return super()._open(path, mode, **kwargs)
+
+    fs = FullDisk(skip_instance_cache=True)
+
+    class ShardSink(FileBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, fs, f"/sink-{tmp_path.name}")
+
+    pm.add_backend_type("sink", ShardSink)
+    cfg = {"run_name": "exp", "backends": {"sink": {"type": "sink"}},
+           "roles": {"resume": {"backends": ["sink"], "format": "dcp", "every_n_steps": 1}}}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    with pytest.raises(SaveError, match=r"step 0 was not saved.*sink.*no space left for shards"):
+        ck.save(step=0, model=model, optimizer=opt)
+    assert ck.list_checkpoints() == []
+    assert not [p for p in fs.find(f"/sink-{tmp_path.name}") if "step-" in p], "the staged folder was removed"

@@ -148,3 +148,18 @@ def test_cli_publish(tmp_path, monkeypatch, capsys):
     assert main(["publish", str(cfg), "--step", "99"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ckptkit: error:") and "step 99" in err and "\n" not in err
+
+
+def test_a_sharded_resume_checkpoint_is_published_as_the_final_model(tmp_path):
+    cfg = _config(tmp_path)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    ck = CheckpointManager.from_config(cfg)
+    model, opt = _model()
+    _train(ck, model, opt, steps=5)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    result = publish(ck, find_source(ck, step=4))
+    assert result.ok
+    body = _final_body(tmp_path)
+    assert body["step"] == 4 and body["model"].keys() == expected.keys()
+    assert all(torch.equal(body["model"][k], expected[k]) for k in expected)
+    ck.close()

@@ -128,7 +128,7 @@ def commit_sharded(run_name: str, step: int, path: str, payload: Payload,
 
     :param path: what ``stage_sharded`` returned.
     :param payload: the checkpoint's metadata; its ``files`` are empty.
-    :param files: every file in the folder, name to ``FileEntry`` (size and sha256), gathered
+    :param files: every file in the folder, name to ``FileEntry`` (size and digest), gathered
         from all ranks.
     :return: a ``CheckpointRef`` to the committed checkpoint.
     """

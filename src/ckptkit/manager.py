@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import attrs
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import gather, ranks, sharded
 from .checkpoint import CheckpointRef, Payload, PayloadFile
@@ -208,7 +209,10 @@ class CheckpointManager:
         if role.async_:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
-                staged = self._stager.stage(state, live_storages(model, optimizer))
+                # Gathered model and optimizer state that is a private copy already passes through;
+                # ``extra`` may hold anything training keeps changing (an EMA's state), so it is copied.
+                live = live_storages(model, optimizer)
+                staged = {k: self._stager.stage(v, None if k == "extra" else live, (k,)) for k, v in state.items()}
                 self._pending = self._pool().submit(self._store_full, payload, staged)
             if previous is not None:
                 # Reported after this step's save started, so that a failure never drops it.
@@ -286,8 +290,10 @@ class CheckpointManager:
         failures: dict[str, str] = {}
         source: str | None = None
         mine: dict[str, FileEntry] = {}
-        payload = attrs.evolve(payload, mlflow_run_id=ranks.broadcast(
-            self._tracking_run_id() if ranks.rank() == 0 else None))
+        status, run_id = ranks.on_rank0(self._tracking_run_id)
+        if status == "error":
+            log.warning("no tracking run id for step %d: %s", payload.step, run_id)
+        payload = attrs.evolve(payload, mlflow_run_id=run_id if status == "ok" else None)
         for name in self.router.backends(Role.RESUME):
             backend = self.router.instances[name]
             status, path = ranks.on_rank0(self.router.call, name, "stage_sharded", run_name=self.run_name,
@@ -303,8 +309,8 @@ class CheckpointManager:
                 else:
                     written = {n: _copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
                 report: tuple[str, Any] = ("ok", written)
-            except Exception as exc:
-                report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {exc}")
+            except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+                report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {_first_line(exc)}")
             reports = ranks.all_gather(report)
             errors = [r[1] for r in reports if r[0] == "error"]
             if errors:
@@ -314,6 +320,9 @@ class CheckpointManager:
             files = {n: e for r in reports for n, e in r[1].items()}
             status, ref = ranks.on_rank0(self.router.call, name, "commit_sharded", run_name=self.run_name,
                                          step=payload.step, path=path, payload=payload, files=files)
+            if status == "ok" and not isinstance(ref, CheckpointRef):
+                status, ref = "error", (f"backend {name!r}: commit_sharded returned {type(ref).__name__}, "
+                                        "not a CheckpointRef; the backend plugin is faulty")
             if status == "error":
                 ranks.on_rank0(self.router.call, name, "discard_sharded", path=path)
                 failures[name] = ref
@@ -485,7 +494,13 @@ class CheckpointManager:
         if problems:
             return "; ".join(problems), None
         state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
-        sharded.load(state, backend.fs, ref.path)
+        try:
+            sharded.load(state, backend.fs, ref.path)
+        except (Exception, CheckpointException) as exc:
+            if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in _first_line(exc):
+                raise CheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
+                                      "optimizer=); restore it without optimizer=") from None
+            raise
         gather.load_resume_state(model, optimizer, state, full=False)
         with self.router.call(ref.backend, "open_file", ref=ref, name=EXTRA_FILE) as f, \
                 torch.serialization.safe_globals(safe_globals):
@@ -561,9 +576,9 @@ class CheckpointManager:
         written to a local fallback folder that the error names, for ``ckptkit publish`` later.
         """
         self._check_open()
-        previous = self._collect()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
+        previous = self._collect()
         step = _count("step", step)
         epoch = None if epoch is None else _count("epoch", epoch)
         state = gather.final_state(model, self.config.final.dtype)
@@ -650,6 +665,17 @@ def _refused(ref: CheckpointRef, exc: pickle.UnpicklingError) -> CheckpointError
         f"If you trust the checkpoint, allow that type by name: restore(..., safe_globals=[{named.rsplit('.', 1)[-1]}]); "
         "better, store plain values or tensors in extra"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line saying why ``exc`` happened; for DCP's wrapper, each rank's own reason."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, CheckpointException) and failures:
+        # Each rank's failure is an (exception, traceback frames) pair, or an object holding one.
+        inner = (f[0] if isinstance(f, tuple) else getattr(f, "exception", f) for f in failures.values())
+        return "; ".join(f"{type(e).__name__}: {_first_line(e)}" for e in inner)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if isinstance(exc, CheckpointException) and lines else (lines[0] if lines else "")
 
 
 def _looks_corrupt(exc: RuntimeError) -> bool:

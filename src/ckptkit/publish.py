@@ -13,11 +13,12 @@ import tempfile
 from typing import Any, Iterable
 
 import attrs
+import fsspec
 import torch
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import CheckpointError, CkptkitError, ConfigError
-from .gather import DTYPES
+from . import gather, sharded
 from .hashing import algorithm_of, hash_stream
 from .local import LocalBackend
 from .manager import FINAL_FILE, STATE_FILE, CheckpointManager, _save_writer
@@ -164,10 +165,7 @@ def final_body_from_resume(state: dict[str, Any], manifest: Manifest, algorithm:
     if "model" not in state:
         raise CheckpointError("the resume checkpoint holds no model state")
     model = state["model"]
-    if dtype is not None:
-        target = DTYPES[dtype]
-        model = {k: v.to(target) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model.items()}
-    return {"model": model, "step": manifest.step, "epoch": manifest.epoch,
+    return {"model": gather.cast(model, dtype), "step": manifest.step, "epoch": manifest.epoch,
             "metrics": dict(manifest.metrics), "algorithm": algorithm}
 
 
@@ -180,10 +178,13 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorith
             raise CheckpointError(f"{source.uri}: a final checkpoint without {FINAL_FILE}")
         return Payload(files=(PayloadFile(FINAL_FILE, source=os.path.join(folder, FINAL_FILE),
                                           expected=m.files[FINAL_FILE]),), **common)
-    if m.format != "torch" or STATE_FILE not in m.files:
-        raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint cannot be published directly; "
-                              "run ckptkit export on it first, then publish the exported file")
-    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+    if m.format == "dcp":
+        # The shards, verified and local by now, put together in this one process.
+        state = sharded.load_full(fsspec.filesystem("file"), folder)
+    elif m.format == "torch" and STATE_FILE in m.files:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+    else:
+        raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint without {STATE_FILE} cannot be published")
     dtype = ck.config.final.dtype if ck.config.final is not None else None
     body = final_body_from_resume(state, m, algorithm, dtype)
     return Payload(files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),), **common)

@@ -46,7 +46,7 @@ def _abandon(raw: Any) -> None:
 
 
 class HashingFileSystem(FileSystemBase):
-    """A DCP file system over an fsspec filesystem that records size and sha256 of each file written."""
+    """A DCP file system over an fsspec filesystem that records the size and digest of each file written."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, sync: bool = False):
         self.fs = fs

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import attrs
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from .errors import CheckpointError, CkptkitError
@@ -141,9 +142,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
-        for ref in ck.list_checkpoints():
-            if args.step is not None and ref.step != args.step:
-                continue
+        refs = [r for r in ck.list_checkpoints() if args.step is None or r.step == args.step]
+        # Verifying reads every byte: show how far it got (on stderr, so --json stays clean).
+        for ref in track(refs, description="verifying", console=err_console, transient=True,
+                         disable=args.json or not refs):
             try:
                 m = ck.verify(ref)
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": True,

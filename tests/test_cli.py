@@ -128,6 +128,8 @@ def test_demo_resumes_bit_identically(tmp_path, capsys):
     assert summary["restored_step"] == 10
     assert summary["kept_checkpoints"] == [0, 10, 20]
     assert summary["final_model"]
+    assert summary["saves"] == 3
+    assert 0 < summary["tracked_bytes"] < summary["tracked_bytes_if_every_checkpoint_were_logged"]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):

@@ -111,12 +111,16 @@ def run_demo(workdir: str, steps: int = 60, console: Console | None = None) -> d
 
     say(f"[bold]ckptkit demo[/bold] in {workdir}: {steps} steps, a save every {EVERY}, keep_last={KEEP_LAST}")
     model, opt, sched, data_rng = _setup()
-    saves = 0
+    saved_bytes: list[int] = []  # the size of every resume checkpoint written, pruned or not
+
+    def save(ck: CheckpointManager, step: int, loss: float) -> None:
+        refs = ck.save(step=step, epoch=0, model=model, optimizer=opt, metrics={"loss": loss},
+                       extra={"lr_scheduler": sched, "data_rng": _RngState(data_rng)})
+        saved_bytes.extend(sum(r.sizes.values()) for r in refs[:1])
+
     with CheckpointManager.from_config(config) as ck:
         for step in range(crash_after):
-            loss = _train_step(model, opt, sched, data_rng)
-            saves += bool(ck.save(step=step, epoch=0, model=model, optimizer=opt, metrics={"loss": loss},
-                                  extra={"lr_scheduler": sched, "data_rng": _RngState(data_rng)}))
+            save(ck, step, _train_step(model, opt, sched, data_rng))
     say(f"step {crash_after - 1}: [red]simulated crash[/red], the process state is gone")
     del model, opt, sched, data_rng
 
@@ -128,22 +132,25 @@ def run_demo(workdir: str, steps: int = 60, console: Console | None = None) -> d
         say(f"restored step {restored.step} from {restored.ref.uri}" if restored else "nothing to restore")
         for step in range(start, steps):
             loss = _train_step(model, opt, sched, data_rng)
-            saves += bool(ck.save(step=step, epoch=0, model=model, optimizer=opt, metrics={"loss": loss},
-                                  extra={"lr_scheduler": sched, "data_rng": _RngState(data_rng)}))
+            save(ck, step, loss)
         published = ck.finalize(model=model, step=steps - 1, epoch=0, metrics={"loss": loss})
         kept = [r.step for r in ck.list_checkpoints()]
         run_id = ck.mlflow_run_id
 
+    final_bytes = sum((published[0].sizes or {}).values()) if published else 0
     matches = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     summary = {
         "workdir": workdir,
         "steps": steps,
-        "saves": saves,
+        "saves": len(saved_bytes),
         "crashed_after_step": crash_after - 1,
         "restored_step": restored.step if restored else None,
         "kept_checkpoints": sorted(kept),
         "resume_bytes_on_disk": _tree_bytes(os.path.join(workdir, "checkpoints")),
         "final_model": [r.uri for r in published],
+        # What the tracking store holds: the final model once, against every checkpoint as well.
+        "tracked_bytes": final_bytes,
+        "tracked_bytes_if_every_checkpoint_were_logged": final_bytes + sum(saved_bytes),
         "final_loss": loss,
         "mlflow_run_id": run_id,
         "resumed_matches_uninterrupted": matches,

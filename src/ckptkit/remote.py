@@ -9,6 +9,7 @@ import attrs
 
 from .config import check_number, check_options
 from .errors import ConfigError
+from .redact import secret_values
 from .retry import RetryPolicy
 from .storage import DEFAULT_GRACE_S
 
@@ -80,3 +81,11 @@ class RemoteOptions:
         return cls(bucket=bucket, prefix=prefix, storage_options=dict(storage_options),
                    leftover_grace_s=float(grace), retry=RetryPolicy.from_config(f"{key}.retry", options.get("retry")),
                    part_size=mb * 2**20, concurrency=conc)
+
+    def backend(self, cls: type, name: str, fs: Any) -> Any:
+        """An instance of ``cls`` (a ``FileBackend`` subclass) over ``fs`` with these options."""
+        instance = cls(name, fs, self.root, leftover_grace_s=self.leftover_grace_s, retry=self.retry,
+                       secrets=secret_values(self.storage_options))
+        instance.part_size = self.part_size
+        instance.upload_concurrency = self.concurrency
+        return instance

@@ -13,7 +13,6 @@ from typing import Any
 
 import gcsfs
 
-from ckptkit.redact import secret_values
 from ckptkit.remote import RemoteOptions
 from ckptkit.storage import FileBackend
 
@@ -38,9 +37,4 @@ class GCSBackend(FileBackend):
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=1)
         storage_options = dict(opts.storage_options)
         storage_options.setdefault("skip_instance_cache", True)
-        fs = gcsfs.GCSFileSystem(**storage_options)
-        backend = cls(name, fs, opts.root, leftover_grace_s=opts.leftover_grace_s, retry=opts.retry,
-                      secrets=secret_values(opts.storage_options))
-        backend.part_size = opts.part_size
-        backend.upload_concurrency = opts.concurrency
-        return backend
+        return opts.backend(cls, name, gcsfs.GCSFileSystem(**storage_options))

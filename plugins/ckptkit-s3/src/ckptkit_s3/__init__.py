@@ -13,7 +13,6 @@ from typing import Any
 
 import s3fs
 
-from ckptkit.redact import secret_values
 from ckptkit.remote import RemoteOptions
 from ckptkit.storage import FileBackend
 
@@ -71,12 +70,7 @@ class S3Backend(FileBackend):
         config_kwargs.setdefault("retries", dict(DEFAULT_BOTOCORE_RETRIES))
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
-        fs = s3fs.S3FileSystem(**storage_options)
-        backend = cls(name, fs, opts.root, leftover_grace_s=opts.leftover_grace_s, retry=opts.retry,
-                      secrets=secret_values(opts.storage_options))
-        backend.part_size = opts.part_size
-        backend.upload_concurrency = opts.concurrency
-        return backend
+        return opts.backend(cls, name, s3fs.S3FileSystem(**storage_options))
 
     def _multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)

@@ -13,16 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moto_server import moto_server
 
 
 def main() -> None:
@@ -42,17 +35,7 @@ def main() -> None:
     from ckptkit.plugins import make_plugin_manager
     from ckptkit.storage import step_dirname
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_server() as endpoint:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("bench")
         model = torch.nn.Linear(4, 4)
@@ -104,9 +87,6 @@ def main() -> None:
         print(f"{'operation':10} {'requests':>9} {'seconds':>8}")
         for name, count, secs in rows:
             print(f"{name:10} {count:9d} {secs:8.2f}")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -15,19 +15,14 @@ import io
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from moto_server import moto_server
+
 BUCKET = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reset_peak() -> None:
@@ -119,17 +114,7 @@ def main() -> None:
             print(json.dumps(case(args.case, args.endpoint, args.mib, d)))
         return
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_server() as endpoint:
         import s3fs
 
         s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(BUCKET)
@@ -153,9 +138,6 @@ def main() -> None:
             print(f"{name:10} {best['seconds']:8.2f} {best['seconds'] / put:6.2f} "
                   f"{max(r['peak_over_state_mib'] for r in results[name]):26.0f} "
                   f"{max(r['peak_rss_mib'] for r in results[name]):15.0f}")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

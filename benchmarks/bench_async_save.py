@@ -15,7 +15,6 @@ import statistics
 import tempfile
 import time
 
-import torch
 from torch import nn
 
 import ckptkit

@@ -13,9 +13,14 @@ from .errors import (  # noqa: E402
     CheckpointError,
     CkptkitError,
     ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
     PluginError,
     PublishError,
     SaveError,
+    StorageFullError,
+    StorageUnavailableError,
+    UnsafeCheckpointError,
 )
 from .config import Config  # noqa: E402
 from .manager import CheckpointManager, Restored  # noqa: E402
@@ -27,10 +32,15 @@ __all__ = [
     "CkptkitError",
     "Config",
     "ConfigError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
     "PluginError",
     "PublishError",
     "Restored",
     "Role",
     "SaveError",
+    "StorageFullError",
+    "StorageUnavailableError",
+    "UnsafeCheckpointError",
     "hookimpl",
 ]

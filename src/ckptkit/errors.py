@@ -1,4 +1,10 @@
-"""Exceptions raised by ckptkit. Each one names what failed and says what to do."""
+"""Exceptions raised by ckptkit. Each one names what failed and says what to do.
+
+Every error ckptkit raises on purpose is a ``CkptkitError``. An error caused by another keeps it
+as ``__cause__`` (``raise ... from exc``), so code can look past the message to what happened.
+"""
+
+from __future__ import annotations
 
 
 class CkptkitError(Exception):
@@ -18,24 +24,61 @@ class BackendError(CkptkitError):
 
     def __init__(self, backend: str, message: str):
         self.backend = backend
-        super().__init__(f"backend {backend!r}: {message}")
+        self.detail = message
+        prefix = f"backend {backend!r}: "
+        super().__init__(message if message.startswith(prefix) else prefix + message)
+
+    def __reduce__(self):
+        return (type(self), (self.backend, self.detail))
+
+
+class StorageUnavailableError(BackendError):
+    """A backend's storage could not be reached, listed or read (retries included).
+
+    Raised by ``restore`` when no checkpoint was found and some resume backend could not be
+    listed: "nothing to resume" would be a guess, and training from step 0 would lose work.
+    """
+
+
+class StorageFullError(BackendError):
+    """The storage ran out of space (or quota) while a checkpoint was written."""
 
 
 class CheckpointError(CkptkitError):
     """A stored checkpoint is missing, corrupt or cannot be loaded safely."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files or manifest disagree with what was committed; restore skips it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Loading the checkpoint would need to rebuild objects that safe loading refuses.
+
+    Nothing from the file was executed. Never skipped silently: it is either an attack or a
+    type the trainer has to allow by name (``safe_globals=``).
+    """
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint is intact but does not fit what ``restore`` was asked to fill."""
+
+
 class SaveError(CkptkitError):
     """A save did not reach every backend declared for its role.
 
-    ``failures`` maps each backend name that failed to its exception; ``saved`` lists the
-    references that did commit, so nothing that was stored is lost from view.
+    ``failures`` maps each backend name that failed to its exception (a ``CkptkitError`` whose
+    ``__cause__`` is the original one); ``saved`` lists the references that did commit, so
+    nothing that was stored is lost from view.
     """
 
     def __init__(self, message: str, failures: dict, saved: list):
         self.failures = failures
         self.saved = saved
         super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.failures, self.saved))
 
 
 class PublishError(SaveError):

@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
     StorageFullError,
     StorageUnavailableError,
     UnsafeCheckpointError,
+    UnstorableStateError,
 )
 from .config import Config  # noqa: E402
 from .manager import CheckpointManager, Restored  # noqa: E402
@@ -42,5 +43,6 @@ __all__ = [
     "StorageFullError",
     "StorageUnavailableError",
     "UnsafeCheckpointError",
+    "UnstorableStateError",
     "hookimpl",
 ]

@@ -64,6 +64,10 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint is intact but does not fit what ``restore`` was asked to fill."""
 
 
+class UnstorableStateError(CkptkitError, TypeError):
+    """``save`` was given state that safe loading could not rebuild; refused before anything is written."""
+
+
 class SaveError(CkptkitError):
     """A save did not reach every backend declared for its role.
 

@@ -8,9 +8,12 @@ import math
 from typing import Any
 
 import attrs
+import xxhash
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+# Version 2 manifests carry ``checksum``, a digest of everything else they say.
+MANIFEST_VERSION = 2
+_UNSEALED_VERSION = 1
 
 
 @attrs.frozen
@@ -61,10 +64,29 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse a manifest and check it against its own checksum.
+
+        Raises ``ValueError`` for anything that is not an intact ckptkit manifest: a changed
+        byte anywhere in a version 2 manifest no longer matches its ``checksum``.
+        """
         data = json.loads(text)
         if not isinstance(data, dict) or "files" not in data:
             raise ValueError("not a ckptkit manifest")
-        return cls.from_dict(data)
+        version = data.get("version")
+        if version == MANIFEST_VERSION:
+            stored = data.pop("checksum", None)
+            if stored != _checksum(data):
+                raise ValueError("its checksum does not match its content (the manifest was changed "
+                                 "or damaged after it was written)")
+        elif not (version == _UNSEALED_VERSION and "checksum" not in data):
+            raise ValueError(f"unknown manifest version {version!r}")
+        manifest = cls.from_dict(data)
+        if not manifest.files:
+            raise ValueError("it lists no files")
+        for name in manifest.files:
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(f"it names a file outside its folder: {name!r}")
+        return manifest
 
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
@@ -72,11 +94,32 @@ class Manifest:
         return data
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False).encode()
+        """The manifest as strict JSON, sealed with a checksum of everything else in it."""
+        data = self.to_dict()
+        if self.version == MANIFEST_VERSION:
+            data["checksum"] = _checksum(data)
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode()
+
+    def check_location(self, run_name: str, step: int | None, where: str) -> None:
+        """Raise ``ValueError`` unless the manifest belongs where it was found.
+
+        ``step`` is the step its folder is named after (None for a final model's folder). A
+        manifest copied, or altered, into another run's or step's folder would otherwise make
+        restore resume the wrong step with the right-looking weights.
+        """
+        if self.run_name != run_name:
+            raise ValueError(f"{where} says it belongs to run {self.run_name!r}, but it lies in run {run_name!r}")
+        if step is not None and self.step != step:
+            raise ValueError(f"{where} says step {self.step}, but it lies in the folder of step {step}")
 
     @property
     def total_size(self) -> int:
         return sum(e.size for e in self.files.values())
+
+
+def _checksum(data: dict[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return f"xxh3_128:{xxhash.xxh3_128_hexdigest(canonical.encode())}"
 
 
 def now() -> str:

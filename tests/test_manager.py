@@ -237,13 +237,17 @@ def test_manifests_with_sha256_digests_still_verify(tmp_path, pm):
     data = (folder / STATE_FILE).read_bytes()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["files"][STATE_FILE]["digest"].startswith("xxh3_128:")
+    # A manifest as the first release wrote it: version 1, not sealed.
+    del manifest["checksum"]
+    manifest["version"] = 1
     manifest["files"][STATE_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert ck.restore(model, opt).step == 0
     manifest["files"][STATE_FILE]["sha256"] = "0" * 64
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.warns(RuntimeWarning, match="does not match its checksum"):
-        assert ck.restore(model, opt) is None
+    with pytest.warns(RuntimeWarning, match="does not match its checksum"), \
+            pytest.raises(ckptkit.CorruptCheckpointError, match="none could be restored"):
+        ck.restore(model, opt)
 
 
 def test_save_leaves_torchs_crc32_setting_as_it_was(tmp_path, pm):

@@ -9,7 +9,6 @@ state is written once as a final file, in the same form ``finalize`` writes.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Iterable
 
 import attrs
@@ -18,10 +17,11 @@ import torch
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import CheckpointError, CkptkitError, ConfigError
-from . import gather, sharded
+from . import fanout, gather, reading, sharded
 from .hashing import algorithm_of, hash_stream
 from .local import LocalBackend
-from .manager import FINAL_FILE, STATE_FILE, CheckpointManager, _save_writer
+from .fanout import torch_writer
+from .manager import FINAL_FILE, STATE_FILE, CheckpointManager
 from .manifest import MANIFEST_NAME, Manifest
 from .roles import Role
 
@@ -146,7 +146,7 @@ def source_from_folder(path: str | os.PathLike) -> PublishSource:
 def _verified_local(ck: CheckpointManager, source: PublishSource, workdir: str) -> str:
     """A local folder with the source's files, each checked against the manifest."""
     if source.backend is not None:
-        return ck._fetch(source.ref, source.manifest, workdir)
+        return ck.reader.fetch(source.ref, source.manifest, workdir)
     folder = source.ref.local_dir
     for name, entry in source.manifest.files.items():
         try:
@@ -182,12 +182,12 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorith
         # The shards, verified and local by now, put together in this one process.
         state = sharded.load_full(fsspec.filesystem("file"), folder)
     elif m.format == "torch" and STATE_FILE in m.files:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+        state = reading.load(os.path.join(folder, STATE_FILE), source.ref)
     else:
         raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint without {STATE_FILE} cannot be published")
     dtype = ck.config.final.dtype if ck.config.final is not None else None
     body = final_body_from_resume(state, m, algorithm, dtype)
-    return Payload(files=(PayloadFile(FINAL_FILE, write=_save_writer(body)),), **common)
+    return Payload(files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),), **common)
 
 
 def _algorithm_of(source: PublishSource, folder: str) -> str | None:
@@ -219,7 +219,7 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
             raise ConfigError(f"{', '.join(unknown)}: not a final backend of this config "
                               f"(final backends: {', '.join(order)})")
         order = [b for b in order if b in wanted]
-    with tempfile.TemporaryDirectory(prefix="ckptkit-publish-") as workdir:
+    with reading.scratch("publish") as workdir:
         folder = _verified_local(ck, source, workdir)
         algorithm = algorithm or ck.config.algorithm or _algorithm_of(source, folder)
         payload = _payload(ck, source, folder, algorithm)
@@ -237,9 +237,9 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                 if theirs.files.get(FINAL_FILE) == entry:
                     held.append(ref)
         held_names = {r.backend for r in held}
-        published, errors = ck._store_each(Role.FINAL, payload, "publish_final",
-                                           names=[n for n in order if n not in held_names], stored=held,
-                                           algorithm=algorithm, model=None)
+        published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
+                                              names=[n for n in order if n not in held_names], stored=held,
+                                              algorithm=algorithm, model=None)
         failures = {n: str(e) for n, e in errors.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
                          failures=failures)

@@ -1,0 +1,60 @@
+"""Asynchronous saving: the state is staged in CPU memory, and rank 0 writes it on a thread.
+
+One save is in flight at a time. Its outcome, ``(step, saved, failures)``, is collected on
+every rank at the next point where all ranks meet (the next due save, ``wait``, ``restore``,
+``finalize`` or ``close``), so a failure is reported everywhere and never dropped.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from . import ranks
+from .staging import Stager, live_storages
+
+Outcome = tuple  # (step, list[CheckpointRef], dict[str, CkptkitError])
+
+
+class AsyncSaver:
+    """Stages state into reused CPU buffers and runs the write of the last staged save on a thread."""
+
+    def __init__(self) -> None:
+        self._stager = Stager()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+              copy_always: tuple[str, ...]) -> dict[str, Any]:
+        """A copy of ``state`` that training cannot change once ``save`` returns.
+
+        Gathered model and optimizer state that is a private copy already passes through; the
+        keys in ``copy_always`` (``extra``: anything training keeps changing, such as an EMA's
+        state) are always copied.
+        """
+        live = live_storages(model, optimizer)
+        return {k: self._stager.stage(v, None if k in copy_always else live, (k,)) for k, v in state.items()}
+
+    def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
+        """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
+        self._pending = self._writer.submit(write, *args)
+
+    def collect(self) -> Outcome | None:
+        """The outcome of the save in flight, once it is done, on every rank (collective)."""
+        outcome = None
+        if self._pending is not None:
+            outcome = self._pending.result()
+            self._pending = None
+        return ranks.share(outcome)
+
+    def shutdown(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    @property
+    def staged_bytes(self) -> int:
+        return self._stager.nbytes

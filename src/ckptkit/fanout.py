@@ -1,0 +1,183 @@
+"""The fan-out: one checkpoint handed to each backend of a role, one at a time.
+
+A backend that fails never stops or undoes another; every failure is kept as an exception (a
+``CkptkitError`` whose cause is what the backend raised) under the backend's name. The first
+backend that keeps files on local disk is written first, and the others copy its verified bytes
+instead of serialising the state again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, BinaryIO, Callable, Iterable
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from . import ranks, sharded
+from .checkpoint import CheckpointRef, Payload
+from .errors import BackendError, CkptkitError, CorruptCheckpointError
+from .hashing import HashingWriter, algorithm_of, copy_hashed
+from .manifest import FileEntry
+from .roles import Role
+from .routing import Router
+
+log = logging.getLogger(__name__)
+
+EXTRA_FILE = "extra.pt"
+
+
+def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
+    """A payload ``write``: ``torch.save(obj)`` streamed into the file it is given."""
+    def write(f: BinaryIO) -> None:
+        # The stream is checksummed as it is written; torch's own per-record crc32 would read
+        # every byte a second time for nothing.
+        get, set_ = (getattr(torch.serialization, n, None) for n in ("get_crc32_options", "set_crc32_options"))
+        before = get() if get else None
+        if set_:
+            set_(False)
+        try:
+            torch.save(obj, f)
+        finally:
+            if set_:
+                set_(before)
+
+    return write
+
+
+def _backend_failure(name: str, exc: Exception) -> CkptkitError:
+    if isinstance(exc, CkptkitError):
+        return exc
+    failure = BackendError(name, f"{type(exc).__name__}: {exc}")
+    failure.__cause__ = exc
+    return failure
+
+
+def _not_a_ref(name: str, hook: str, got: Any) -> BackendError:
+    return BackendError(name, f"{hook} returned {type(got).__name__}, not a CheckpointRef; the backend plugin is faulty")
+
+
+def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook: str,
+               names: Iterable[str] | None = None, stored: Iterable[CheckpointRef] = (),
+               **role_kwargs: Any) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
+    """Call ``hook`` on each backend of ``role`` (or ``names``) in routing order; ``(saved, failures)``.
+
+    ``role_kwargs`` are the hook's role-specific arguments (``step``; or ``algorithm`` and
+    ``model``). Final backends also get ``stored``: where the model is already committed,
+    starting from ``stored``.
+    """
+    saved: list[CheckpointRef] = []
+    failures: dict[str, CkptkitError] = {}
+    copied = any(pf.source is not None for pf in payload.files)
+    for name in router.backends(role) if names is None else names:
+        kwargs = dict(role_kwargs, stored=[*stored, *saved]) if role is Role.FINAL else role_kwargs
+        try:
+            ref = router.call(name, hook, run_name=run_name, payload=payload, **kwargs)
+        except Exception as exc:
+            failures[name] = _backend_failure(name, exc)
+            log.error("backend %r failed: %s", name, failures[name])
+            continue
+        if not isinstance(ref, CheckpointRef):
+            failures[name] = _not_a_ref(name, hook, ref)
+            continue
+        saved.append(ref)
+        if ref.local_dir and not copied:
+            # Later backends copy these bytes instead of serialising the state again.
+            manifest = router.call(name, "read_manifest", ref=ref)
+            payload = payload.from_stored(ref.local_dir, manifest)
+            copied = True
+    return saved, failures
+
+
+def put_file(fs, folder: str, name: str, write: Callable[[BinaryIO], None]) -> FileEntry:
+    """Stream one small file into ``folder`` on ``fs``, hashed on the way."""
+    with fs.open(f"{folder}/{name}", "wb") as f:
+        w = HashingWriter(f)
+        write(w)
+    return FileEntry(size=w.size, digest=w.digest())
+
+
+def copy_file(source: str, fs, folder: str, name: str, expected: FileEntry) -> FileEntry:
+    """Copy a committed local file into ``folder`` on ``fs``, checking it against ``expected``."""
+    with open(source, "rb") as src, fs.open(f"{folder}/{name}", "wb") as dst:
+        size, digest = copy_hashed(src, dst, algorithm_of(expected.digest))
+    entry = FileEntry(size=size, digest=digest)
+    if entry != expected:
+        raise CorruptCheckpointError(f"{source} changed while it was copied")
+    return entry
+
+
+def first_line(exc: BaseException) -> str:
+    """One line saying why ``exc`` happened; for DCP's wrapper, each rank's own reason."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, CheckpointException) and failures:
+        # Each rank's failure is an (exception, traceback frames) pair, or an object holding one.
+        inner = (f[0] if isinstance(f, tuple) else getattr(f, "exception", f) for f in failures.values())
+        return "; ".join(f"{type(e).__name__}: {first_line(e)}" for e in inner)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if isinstance(exc, CheckpointException) and lines else (lines[0] if lines else "")
+
+
+def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[str, Any],
+                 extra: dict[str, Any], rank_files: dict[str, Callable[[BinaryIO], None]] | None = None
+                 ) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
+    """Every rank writes its shards into each resume backend; rank 0 commits each one (collective).
+
+    The first backend that keeps files on local disk gets the shards from DCP; the others
+    get each rank's own files copied from there, so nothing is serialised twice. Rank 0 also
+    writes ``extra``; ``rank_files`` are further files this rank writes beside its shards.
+    """
+    saved: list[CheckpointRef] = []
+    failures: dict[str, CkptkitError] = {}
+    source: str | None = None
+    mine: dict[str, FileEntry] = {}
+    for name in router.backends(Role.RESUME):
+        backend = router.instances[name]
+        status, path = ranks.on_rank0(router.call, name, "stage_sharded", run_name=run_name, step=payload.step)
+        if status == "error":
+            failures[name] = _backend_failure(name, path)
+            continue
+        try:
+            if source is None:
+                written = sharded.save(state, backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)))
+                if ranks.rank() == 0:
+                    written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
+                for fname, write in (rank_files or {}).items():
+                    written[fname] = put_file(backend.fs, path, fname, write)
+            else:
+                written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
+            report: tuple[str, Any] = ("ok", written)
+        except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+            report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {first_line(exc)}")
+        reports = ranks.all_gather(report)
+        errors = [r[1] for r in reports if r[0] == "error"]
+        if errors:
+            ranks.on_rank0(router.call, name, "discard_sharded", path=path)
+            failures[name] = BackendError(name, "; ".join(errors))
+            continue
+        files = {n: e for r in reports for n, e in r[1].items()}
+        status, ref = ranks.on_rank0(router.call, name, "commit_sharded", run_name=run_name,
+                                     step=payload.step, path=path, payload=payload, files=files)
+        if status == "ok" and not isinstance(ref, CheckpointRef):
+            status, ref = "error", _not_a_ref(name, "commit_sharded", ref)
+        if status == "error":
+            ranks.on_rank0(router.call, name, "discard_sharded", path=path)
+            failures[name] = _backend_failure(name, ref)
+            continue
+        saved.append(ref)
+        if source is None and ref.local_dir:
+            source, mine = ref.local_dir, report[1]
+    return saved, failures
+
+
+def describe_failures(failures: dict[str, Exception]) -> str:
+    return "; ".join(f"{n}: {_strip(n, e)}" for n, e in failures.items())
+
+
+def _strip(name: str, exc: Exception) -> str:
+    """The failure's text without a repeated ``backend 'name':`` prefix."""
+    if isinstance(exc, BackendError) and exc.backend == name:
+        return exc.detail
+    return str(exc)
+

@@ -14,12 +14,24 @@ _SECRET_FIELD_RE = re.compile(
     r"token|upload_id|uploadid)(['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+|aws4-hmac-sha256\s+)?[^\s,'\"}&;]+"
 )
 _KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# ``scheme://user:password@``. The first form runs to the last ``@`` before the path, so a
+# password holding ``@`` goes too; the second takes a secret holding ``/`` (AWS secret keys
+# do) when a ``:`` comes first and what follows it is not a port.
+_USERINFO_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)"
+    r"(?:[^/\s'\"<>]+@|[^/\s'\"<>@:]*:(?!\d+(?:/|$))[^\s'\"<>@]*@)"
+)
+# ``user:password@host`` without a scheme (MLflow takes such a tracking URI, and a bucket
+# parsed out of ``s3://KEY:SECRET@bucket`` looks like it).
+_BARE_USERINFO_RE = re.compile(
+    r"(?<![\w.~%+@:/*-])[\w.~%+-][\w.~%+@-]*:(?!//|\d+(?:/|$))[^\s'\"<>@]+@(?=[\w\[])"
+)
 _SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "session_token", "client_secret",
                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                         "access_token", "refresh_token", "private_key", "private_key_id")
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "GOOGLE_OAUTH_ACCESS_TOKEN", "GCS_OAUTH_TOKEN")
+               "GOOGLE_OAUTH_ACCESS_TOKEN", "GCS_OAUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN")
 
 
 def secret_values(options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -47,6 +59,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if value:
             text = text.replace(value, "<redacted>")
     text = _USERINFO_RE.sub(r"\g<scheme>***@", text)
+    text = _BARE_USERINFO_RE.sub("***@", text)
     text = _QUERY_RE.sub(r"\1?<redacted>", text)
     text = _SECRET_FIELD_RE.sub(r"\1\2<redacted>", text)
     return _KEY_ID_RE.sub("<redacted-key-id>", text)

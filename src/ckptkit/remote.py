@@ -9,7 +9,7 @@ import attrs
 
 from .config import check_number, check_options
 from .errors import ConfigError
-from .redact import secret_values
+from .redact import redact, secret_values
 from .retry import RetryPolicy
 from .storage import DEFAULT_GRACE_S
 
@@ -22,19 +22,24 @@ def parse_bucket_uri(key: str, value: Any, scheme: str) -> tuple[str, str]:
     example = f"{scheme}://my-bucket/checkpoints"
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a {scheme}:// URI like {example}, got {value!r}")
+    shown = redact(value)  # the value may hold credentials; messages show it without them
     if "://" not in value:
-        raise ConfigError(f"{key}: {value!r} is not a {scheme}:// URI; write it like {example}")
+        raise ConfigError(f"{key}: {shown!r} is not a {scheme}:// URI; write it like {example}")
     given, rest = value.split("://", 1)
     if given.lower() != scheme:
         hint = f"; use type: {given} for it" if given in ("s3", "gs", "file") else ""
-        raise ConfigError(f"{key}: {value!r} has scheme {given}://, this backend takes {scheme}:// "
+        raise ConfigError(f"{key}: {shown!r} has scheme {given}://, this backend takes {scheme}:// "
                           f"(like {example}){hint}")
+    if any(c in rest.split("/", 1)[0] for c in ":@"):
+        # ``KEY:SECRET@bucket``: a secret may hold '/', so the whole value stays unshown.
+        raise ConfigError(f"{key}: credentials (user:password@) do not belong in the {scheme}:// path; "
+                          "put them under storage_options or in the environment")
     if "?" in rest or "#" in rest:
         raise ConfigError(f"{key}: {scheme}:// URIs take no query or fragment; put client settings "
                           "under storage_options")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
-        raise ConfigError(f"{key}: {value!r} names no bucket; write it like {example}")
+        raise ConfigError(f"{key}: {shown!r} names no bucket; write it like {example}")
     if not _BUCKET_RE.match(bucket) or ".." in bucket:
         raise ConfigError(f"{key}: {bucket!r} is not a valid bucket name (3 to 222 lowercase "
                           "letters, digits, '.', '-', '_', starting and ending with a letter or digit)")

@@ -91,14 +91,47 @@ def _backends(key: str, value: Any) -> tuple[str, ...]:
 
 
 @attrs.frozen
+class KeepBest:
+    """``roles.resume.keep_best``: the ``count`` best checkpoints by ``metric`` are kept besides the last."""
+
+    metric: str
+    mode: str = "min"
+    count: int = 1
+
+    KEYS = ("metric", "mode", "count")
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str) -> KeepBest:
+        data = _mapping(key, data)
+        _unknown(key, data, cls.KEYS)
+        metric = data.get("metric")
+        if not isinstance(metric, str) or not metric:
+            raise ConfigError(f"{key}.metric: name the metric to rank checkpoints by (a key of save's metrics=), "
+                              f"got {metric!r}")
+        mode = data.get("mode", "min")
+        if mode not in ("min", "max"):
+            raise ConfigError(f"{key}.mode: must be min or max, got {mode!r}")
+        return cls(metric=metric, mode=mode, count=check_number(f"{key}.count", data.get("count", 1), 1, integer=True))
+
+    def best(self, metrics_by_step: Mapping[int, Mapping[str, float]]) -> frozenset[int]:
+        """The steps of the ``count`` best checkpoints; those without the metric, or with NaN, do not compete."""
+        scored = [(v, step) for step, m in metrics_by_step.items()
+                  if isinstance(v := m.get(self.metric), (int, float)) and v == v]
+        # Ties go to the newer step.
+        scored.sort(key=lambda vs: (vs[0] if self.mode == "min" else -vs[0], -vs[1]))
+        return frozenset(step for _, step in scored[: self.count])
+
+
+@attrs.frozen
 class ResumeRole:
     backends: tuple[str, ...]
     every_n_steps: int = 1000
     keep_last: int = 3
     format: str = "torch"
     async_: bool = False
+    keep_best: KeepBest | None = None
 
-    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async")
+    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "keep_best")
 
     @classmethod
     def from_dict(cls, data: Any, key: str = "roles.resume") -> ResumeRole:
@@ -116,6 +149,7 @@ class ResumeRole:
             keep_last=check_number(f"{key}.keep_last", data.get("keep_last", 3), 1, integer=True),
             format=fmt,
             async_=is_async,
+            keep_best=None if data.get("keep_best") is None else KeepBest.from_dict(data["keep_best"], f"{key}.keep_best"),
         )
 
 

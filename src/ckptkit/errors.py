@@ -64,6 +64,23 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint is intact but does not fit what ``restore`` was asked to fill."""
 
 
+class RunConflictError(CkptkitError):
+    """A new training would write into a run that already holds newer checkpoints of another one.
+
+    Raised by the first ``save`` of a manager that did not restore from the run, when the run's
+    newest committed step is at or above the step being saved. ``run_name`` and ``newest_step``
+    say which.
+    """
+
+    def __init__(self, message: str, run_name: str = "", newest_step: int = -1):
+        self.run_name = run_name
+        self.newest_step = newest_step
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.run_name, self.newest_step))
+
+
 class UnstorableStateError(CkptkitError, TypeError):
     """``save`` was given state that safe loading could not rebuild; refused before anything is written."""
 

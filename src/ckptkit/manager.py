@@ -22,6 +22,7 @@ from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import (
     CkptkitError,
+    RunConflictError,
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -40,13 +41,19 @@ from .routing import Router
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+RANK_EXTRA_KEY = "rank_extra"
 FINAL_FILE = "final_model.pt"
 DEFAULT_RUN_NAME = "default"
 
 
+def rank_extra_file(rank: int) -> str:
+    """The file of a sharded checkpoint that holds rank ``rank``'s own ``rank_extra``."""
+    return f"rank_extra-{rank:05d}.pt"
+
+
 @attrs.frozen
-class Restored:
-    """What ``restore`` put back, and where it came from."""
+class CheckpointInfo:
+    """A committed checkpoint's step, epoch, metrics and shared ``extra``, and where it lies."""
 
     step: int
     epoch: int | None
@@ -55,7 +62,20 @@ class Restored:
     mlflow_run_id: str | None
     ref: CheckpointRef
     manifest: Manifest
+
+
+@attrs.frozen
+class Restored(CheckpointInfo):
+    """What ``restore`` put back, and where it came from.
+
+    ``rank_extra`` is this rank's own state as saved by the rank of the same number;
+    ``ranks_without_state`` lists the ranks of this job that found none (the checkpoint was
+    saved on fewer ranks, or without ``rank_extra``).
+    """
+
     skipped: tuple[str, ...] = ()
+    rank_extra: dict[str, Any] = attrs.field(factory=dict)
+    ranks_without_state: tuple[int, ...] = ()
 
 
 def _count(name: str, given: Any) -> int:
@@ -136,6 +156,8 @@ class CheckpointManager:
         # Steps known to hold intact bytes: hashed while this manager wrote them, or verified
         # when restored. Only these count toward keep_last when pruning after a save.
         self._verified: set[int] = set()
+        self._metrics: dict[int, dict[str, float]] = {}
+        self._run_checked = False
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | Mapping | Config, run_name: str | None = None,
@@ -187,14 +209,21 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
              epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
-             extra: Mapping[str, Any] | None = None, force: bool = False) -> list[CheckpointRef]:
+             extra: Mapping[str, Any] | None = None, force: bool = False,
+             rank_extra: Mapping[str, Any] | None = None) -> list[CheckpointRef]:
         """Save a resume checkpoint if ``step`` is due (a multiple of every_n_steps), then prune.
 
         Call it on every rank. Returns the references of the committed copies (on every rank),
         empty when nothing was due. A backend that fails does not stop the others; once all were
         tried, a ``SaveError`` names the failures on every rank (or a warning does, with
-        ``on_error="warn"``). ``extra`` is shared state, rank 0's; state that safe loading could
-        not rebuild is refused with ``UnstorableStateError`` before anything is written.
+        ``on_error="warn"``). ``extra`` is shared state: rank 0's is saved and every rank gets it
+        back. ``rank_extra`` is each rank's own (its RNG state, its data loader's position):
+        every rank's mapping is saved and each rank gets its own back. State that safe loading
+        could not rebuild is refused with ``UnstorableStateError`` before anything is written.
+
+        The first save of a manager that did not restore from its run refuses to write into a
+        run whose newest checkpoint is at or above ``step`` (``RunConflictError``): two
+        trainings under one name would prune and resume each other's checkpoints.
 
         With ``async: true`` it returns once the state is copied to CPU buffers (reused between
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
@@ -209,46 +238,71 @@ class CheckpointManager:
         if not force and not self.is_due(step):
             return []
         extra_state = _extra_state(extra, "extra")
+        own_state = None if rank_extra is None else _extra_state(rank_extra, "rank_extra")
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
         )
         previous = self._async.collect() if role.async_ else None
+        if not self._run_checked:
+            self._check_run(step)
         if role.format == "dcp":
             status, run_id = ranks.on_rank0(self._tracking_run_id)
             if status == "error":
                 log.warning("no tracking run id for step %d: %s", step, run_id)
             payload = attrs.evolve(payload, mlflow_run_id=run_id if status == "ok" else None)
             state = gather.resume_state(model, optimizer, sharded=True)
-            saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state)
+            own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
+            saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file)
             if saved:
-                ranks.on_rank0(self._prune_after, saved, step)
+                ranks.on_rank0(self._prune_after, saved, step, payload.metrics)
             self._report(step, saved, failures)
             return saved
         state = gather.resume_state(model, optimizer)
-        state["extra"] = extra_state
+        gathered = ranks.gather(own_state)
+        if gathered is not None and own_state is not None:
+            state[RANK_EXTRA_KEY] = dict(enumerate(gathered))
         if role.async_:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
-                staged = self._async.stage(state, model, optimizer, copy_always=("extra",))
-                self._async.submit(self._store_full, payload, staged)
+                staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
+                                           copy_always=("extra", RANK_EXTRA_KEY))
+                self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
             if previous is not None:
                 # Reported after this step's save started, so that a failure never drops it.
                 self._report(*previous)
             return []
-        status, result = ranks.on_rank0(self._store_full, payload, state)
+        status, result = ranks.on_rank0(self._store_full, payload, state, extra_state)
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
         return saved
 
-    def _store_full(self, payload: Payload, state: dict[str, Any]) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
+    def _check_run(self, step: int) -> None:
+        """Refuse to write into a run that holds newer checkpoints this manager did not restore (collective)."""
+        status, listing = ranks.on_rank0(self.reader.list_all)
+        self._run_checked = True
+        if status == "error":
+            log.warning("could not check run %r for newer checkpoints: %s", self.run_name, listing)
+            return
+        refs, _ = listing
+        newest = max((r.step for r in refs), default=None)
+        if newest is not None and newest >= step:
+            raise RunConflictError(
+                f"run {self.run_name!r} already holds checkpoints up to step {newest}, and this training "
+                f"did not restore from it but would save step {step} there: the two trainings would prune "
+                "and resume each other's checkpoints. Call restore() first to continue that run, choose "
+                f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
+                self.run_name, newest)
+
+    def _store_full(self, payload: Payload, state: dict[str, Any], extra: dict[str, Any]
+                    ) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
         """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises."""
         try:
-            full = attrs.evolve(payload, files=(PayloadFile(STATE_FILE, write=torch_writer(state)),),
-                                mlflow_run_id=self._tracking_run_id())
+            files = (PayloadFile(STATE_FILE, write=torch_writer(state)), PayloadFile(EXTRA_FILE, write=torch_writer(extra)))
+            full = attrs.evolve(payload, files=files, mlflow_run_id=self._tracking_run_id())
             saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, full, "save_resume",
                                                 step=payload.step)
-            self._prune_after(saved, payload.step)
+            self._prune_after(saved, payload.step, payload.metrics)
             return payload.step, saved, failures
         except Exception as exc:
             failure = exc if isinstance(exc, CkptkitError) else CkptkitError(f"{type(exc).__name__}: {exc}")
@@ -279,15 +333,36 @@ class CheckpointManager:
         self._report(step, saved, failures)
         return saved
 
-    def _prune_after(self, saved: list[CheckpointRef], step: int) -> None:
+    def _prune_after(self, saved: list[CheckpointRef], step: int, metrics: dict[str, float]) -> None:
+        if not saved:
+            return
         self._verified.add(step)
+        self._metrics[step] = dict(metrics)
         for ref in saved:
             try:
+                protected = frozenset({step}) | self.best_steps(ref.backend)
                 self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
-                                 protected_steps=frozenset({step}), dry_run=False,
-                                 counted_steps=frozenset(self._verified))
+                                 protected_steps=protected, dry_run=False, counted_steps=frozenset(self._verified))
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+
+    def best_steps(self, backend: str) -> frozenset[int]:
+        """The steps that ``roles.resume.keep_best`` keeps on ``backend`` (empty without keep_best).
+
+        Metrics come from the manifests, each read once per manager.
+        """
+        keep_best = self.resume_role.keep_best
+        if keep_best is None:
+            return frozenset()
+        refs = self.router.call(backend, "list_checkpoints", run_name=self.run_name) or []
+        for ref in refs:
+            if ref.step not in self._metrics:
+                try:
+                    self._metrics[ref.step] = dict(self.reader.manifest(ref).metrics)
+                except reading.SKIPPABLE as exc:
+                    log.warning("keep_best: could not read the metrics of %s: %s", ref.uri, exc)
+        listed = {r.step for r in refs}
+        return keep_best.best({s: m for s, m in self._metrics.items() if s in listed})
 
     # -- restoring --------------------------------------------------------------------------
 
@@ -324,13 +399,17 @@ class CheckpointManager:
         return self.reader.verify(ref)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = ()) -> Restored | None:
+                extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = (),
+                rank_extra: Mapping[str, Any] | None = None) -> Restored | None:
         """Load the newest committed checkpoint across all resume backends into model and optimizer.
 
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
-        warning naming it and why, and the next newest is tried. Objects in ``extra`` with
-        ``load_state_dict`` get their saved state back. ``safe_globals`` lists extra types that
-        ``torch.load(weights_only=True)`` may rebuild.
+        warning naming it and why, and the next newest is tried. Objects in ``extra`` (shared
+        state) and ``rank_extra`` (this rank's own) with ``load_state_dict`` get their saved
+        state back; ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
+        world size, rank r gets what saved rank r saved, and ranks without saved state are
+        named in a warning and in ``Restored.ranks_without_state``. ``safe_globals`` lists extra
+        types that ``torch.load(weights_only=True)`` may rebuild.
 
         Returns None only when every resume backend answered and none holds a checkpoint of
         this run. Raises ``StorageUnavailableError`` when nothing was found and some backend
@@ -351,9 +430,9 @@ class CheckpointManager:
             status, manifest = ranks.on_rank0(self.reader.manifest, ref)
             if status == "ok":
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
-                problem, saved_extra = restore_one(ref, manifest, model, optimizer, safe_globals)
+                problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
             elif isinstance(manifest, SKIPPABLE):
-                problem, saved_extra = manifest, None
+                problem, loaded = manifest, None
             else:
                 raise manifest
             if problem is not None:
@@ -363,13 +442,23 @@ class CheckpointManager:
                 skipped.append(reason)
                 continue
             self._unreachable([ref], unreachable)
+            saved_extra, own, holders = loaded
             _fill(extra, saved_extra)
+            _fill(rank_extra, own or {})
+            missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
+            if missing and (rank_extra is not None or holders) and ranks.rank() == 0:
+                warnings.warn(f"rank_extra: ranks {', '.join(map(str, missing))} of {ranks.world_size()} got no saved "
+                              f"state from {ref.uri} (it holds the state of ranks "
+                              f"{', '.join(map(str, sorted(holders))) or 'none'}); they keep what they have",
+                              RuntimeWarning, stacklevel=2)
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
             self._verified.add(manifest.step)
+            self._run_checked = True
             return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                             extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
-                            manifest=manifest, skipped=tuple(skipped))
+                            manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
+                            ranks_without_state=missing)
         self._unreachable([], unreachable)
         if skipped:
             raise CorruptCheckpointError(
@@ -379,14 +468,19 @@ class CheckpointManager:
         return None
 
     def _restore_full(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
-        """Rank 0 verifies and reads the file; the state reaches the other ranks by broadcast."""
+        """Rank 0 verifies and reads the files; the state reaches the other ranks by broadcast."""
         state: dict[str, Any] = {}
+        saved_extra: dict[str, Any] = {}
         outcome = None
         if ranks.rank() == 0:
             try:
                 with reading.scratch("restore") as workdir:
                     folder = self.reader.fetch(ref, manifest, workdir)
                     state = reading.load(os.path.join(folder, STATE_FILE), ref, safe_globals)
+                    if EXTRA_FILE in manifest.files:
+                        saved_extra = reading.load(os.path.join(folder, EXTRA_FILE), ref, safe_globals)
+                    else:  # checkpoints from before extra had a file of its own
+                        saved_extra = state.pop("extra", {})
                 if optimizer is not None and "optimizer" not in state:
                     raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                                       "optimizer=); restore it without optimizer=")
@@ -399,8 +493,11 @@ class CheckpointManager:
             if outcome[0] == "fatal":
                 raise outcome[1]
             return outcome[1], None
+        per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
         gather.load_resume_state(model, optimizer, state)
-        return None, ranks.share(state.get("extra", {}) if ranks.rank() == 0 else None)
+        saved_extra, per_rank = ranks.share((saved_extra, per_rank))
+        per_rank = per_rank or {}
+        return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
     def _restore_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
         """Each rank checks a share of the files, then every rank reads the shards it needs."""
@@ -427,11 +524,55 @@ class CheckpointManager:
             raise IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
                                               f"model: {fanout.first_line(exc)}") from exc
         gather.load_resume_state(model, optimizer, state, full=False)
-        with self.router.call(ref.backend, "open_file", ref=ref, name=EXTRA_FILE) as f:
+        saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
+        mine = rank_extra_file(ranks.rank())
+        own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
+        holders = frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))
+                            if rank_extra_file(r) in manifest.files)
+        return None, (saved_extra, own, holders)
+
+    def _load_file(self, ref: CheckpointRef, name: str, safe_globals) -> Any:
+        """One small verified file of a checkpoint, read straight from its backend and loaded weights-only."""
+        with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
             try:
-                return None, safeload.load(f, safe_globals)
+                return safeload.load(f, safe_globals)
             except CkptkitError as exc:
-                raise type(exc)(f"{ref.uri}/{EXTRA_FILE}: {exc}") from exc
+                raise type(exc)(f"{ref.uri}/{name}: {exc}") from exc
+
+    def peek(self, safe_globals: Iterable[Any] = ()) -> CheckpointInfo | None:
+        """The newest intact checkpoint's step, epoch, metrics and shared ``extra``, without a model.
+
+        For trainers that need saved arguments (the model's config in ``extra``) before they can
+        build the model that ``restore`` fills. Reads the manifest and the small ``extra.pt``
+        only, verified; no collective, so any rank may call it. Returns None and raises as
+        ``restore`` does.
+        """
+        self._check_open()
+        candidates, unreachable = self.reader.list_all()
+        skipped = []
+        for ref in candidates:
+            try:
+                manifest = self.reader.manifest(ref)
+                if EXTRA_FILE in manifest.files:
+                    self.reader.check_files(ref, manifest, [EXTRA_FILE])
+                    saved_extra = self._load_file(ref, EXTRA_FILE, list(safe_globals))
+                else:
+                    # Older checkpoints keep extra inside state.pt: read it all.
+                    with reading.scratch("peek") as workdir:
+                        folder = self.reader.fetch(ref, manifest, workdir)
+                        saved_extra = reading.load(os.path.join(folder, STATE_FILE), ref, safe_globals).get("extra", {})
+            except SKIPPABLE as exc:
+                warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
+                skipped.append(exc)
+                continue
+            self._unreachable([ref], unreachable)
+            return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
+                                  extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        self._unreachable([], unreachable)
+        if skipped:
+            raise CorruptCheckpointError(f"run {self.run_name!r}: no committed checkpoint is intact "
+                                         f"({'; '.join(map(str, skipped))})")
+        return None
 
     def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Restored:
         """Write one full, unsharded model file from a stored resume checkpoint, offline.

@@ -39,6 +39,15 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def gather(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank ``dst``; None on the other ranks."""
+    if not active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def portable(obj: Any) -> Any:
     """``obj`` with every exception in it turned into a ckptkit error of the same kind that only
     carries text: what other ranks can be sent. Causes and tracebacks stay on the rank they happened on."""

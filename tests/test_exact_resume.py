@@ -1,0 +1,176 @@
+"""Exact resume for real trainers: per-rank state, one run per name, peek, keep_best."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, ConfigError, RunConflictError
+from ckptkit.cli import main as cli_main
+from ckptkit.manager import EXTRA_FILE, STATE_FILE
+
+from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+
+
+class Sampler:
+    """A data loader position: the kind of state each rank keeps for itself."""
+
+    def __init__(self, pos=0):
+        self.pos = pos
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_rank_extra_comes_back_in_place_and_in_restored(tmp_path, pm, fmt):
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    gen = torch.Generator().manual_seed(3)
+    ck.save(step=0, model=model, optimizer=opt, extra={"shared": 1},
+            rank_extra={"loader": Sampler(41), "gen": gen.get_state()})
+    ck.close()
+
+    ck2 = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    loader = Sampler()
+    model2, opt2 = make_model(seed=1)
+    restored = ck2.restore(model2, opt2, rank_extra={"loader": loader})
+    assert loader.pos == 41
+    assert restored.rank_extra["loader"] == {"pos": 41}
+    assert torch.equal(restored.rank_extra["gen"], gen.get_state())
+    assert restored.extra == {"shared": 1}
+    assert restored.ranks_without_state == ()
+    folder = tmp_path / "scratch/exp/step-0000000000"
+    expected = {"rank_extra-00000.pt"} if fmt == "dcp" else set()
+    assert expected <= set(os.listdir(folder))
+    ck2.close()
+
+
+def test_restore_asking_for_rank_extra_that_was_never_saved_says_so(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    loader = Sampler(5)
+    with pytest.warns(RuntimeWarning, match=r"rank_extra: ranks 0 of 1 got no saved state"):
+        restored = ck.restore(model, opt, rank_extra={"loader": loader})
+    assert restored.ranks_without_state == (0,) and loader.pos == 5
+
+
+def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False, keep=3)
+    old = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(10):
+        old.save(step=step, model=model, optimizer=opt)
+    old.close()
+    before = sorted(os.listdir(tmp_path / "scratch/exp"))
+
+    new = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    fresh, fresh_opt = make_model(seed=4)
+    with pytest.raises(RunConflictError, match=r"run 'exp' already holds checkpoints up to step 9.*restore\(\).*"
+                                                r"new run name.*ckptkit prune .*--all") as info:
+        new.save(step=0, model=fresh, optimizer=fresh_opt)
+    assert (info.value.run_name, info.value.newest_step) == ("exp", 9)
+    assert sorted(os.listdir(tmp_path / "scratch/exp")) == before, "nothing of the old run may be touched"
+    new.close()
+
+    # Continuing the run after restore, or saving past its newest step, is fine.
+    again = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert again.restore(fresh, fresh_opt).step == 9
+    assert again.save(step=10, model=fresh, optimizer=fresh_opt)
+    again.close()
+    later = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert later.save(step=11, model=fresh, optimizer=fresh_opt)
+    later.close()
+
+
+def test_peek_reads_step_metrics_and_extra_without_a_model(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.peek() is None
+    model, opt = make_model()
+    args = {"n_layer": 2, "n_embd": 16, "vocab": "gpt2"}
+    for step in range(3):
+        ck.save(step=step, epoch=step // 2, model=model, optimizer=opt, metrics={"loss": 1.0 / (step + 1)},
+                extra={"model_args": args})
+    info = ck.peek()
+    assert (info.step, info.epoch, info.extra["model_args"]) == (2, 1, args)
+    assert info.metrics == {"loss": pytest.approx(1 / 3)}
+    assert sorted(info.manifest.files) == [EXTRA_FILE, STATE_FILE]
+    # The state file is not read: damaging it does not change what peek says.
+    state = tmp_path / "scratch/exp/step-0000000002" / STATE_FILE
+    state.write_bytes(b"\0" * state.stat().st_size)
+    assert ck.peek().step == 2
+    extra = tmp_path / "scratch/exp/step-0000000002" / EXTRA_FILE
+    extra.write_bytes(b"\0" * extra.stat().st_size)
+    with pytest.warns(RuntimeWarning, match="step-0000000002"):
+        assert ck.peek().step == 1
+
+
+def test_keep_best_keeps_the_best_besides_the_last(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["roles"]["resume"]["keep_best"] = {"metric": "val_loss", "mode": "min", "count": 2}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    losses = [0.9, 0.3, 0.8, 0.1, 0.7, 0.6, 0.95, 0.99]
+    for step, loss in enumerate(losses):
+        ck.save(step=step, model=model, optimizer=opt, metrics={"val_loss": loss})
+    kept = sorted(r.step for r in ck.list_checkpoints())
+    assert kept == [1, 3, 6, 7]  # the best two (0.1, 0.3) and the last two
+    ck.close()
+
+    # ckptkit prune honours keep_best too.
+    path = tmp_path / "ck.json"
+    path.write_text(json.dumps(cfg))
+    assert cli_main(["prune", str(path), "--keep-last", "1"]) == 0
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert sorted(r.step for r in ck.list_checkpoints()) == [1, 3, 7]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"mode": "min"}, "keep_best.metric"),
+    ({"metric": "x", "mode": "lowest"}, "keep_best.mode"),
+    ({"metric": "x", "count": 0}, "keep_best.count"),
+    ({"metric": "x", "top": 1}, "keep_best"),
+])
+def test_keep_best_config_errors_name_the_key(tmp_path, pm, bad, match):
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["keep_best"] = bad
+    with pytest.raises(ConfigError, match=match):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def test_older_checkpoints_with_extra_inside_state_still_restore(tmp_path, pm):
+    """Checkpoints written before extra had a file of its own keep it in state.pt."""
+    from ckptkit.manifest import FileEntry, Manifest
+    from ckptkit.hashing import hash_stream
+
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt, extra={"e": 1})
+    folder = tmp_path / "scratch/exp/step-0000000000"
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    state["extra"] = {"e": 7}
+    torch.save(state, folder / STATE_FILE)
+    os.remove(folder / EXTRA_FILE)
+    manifest = Manifest.from_json((folder / "manifest.json").read_bytes())
+    with open(folder / STATE_FILE, "rb") as f:
+        size, digest = hash_stream(f)
+    import attrs
+    manifest = attrs.evolve(manifest, files={STATE_FILE: FileEntry(size, digest)})
+    (folder / "manifest.json").write_bytes(manifest.to_json())
+    model2, opt2 = make_model(seed=2)
+    assert ck.restore(model2, opt2).extra == {"e": 7}
+    assert ck.peek().extra == {"e": 7}
+    assert_same_state(model2.state_dict(), model.state_dict())

@@ -174,3 +174,14 @@ def test_older_checkpoints_with_extra_inside_state_still_restore(tmp_path, pm):
     assert ck.restore(model2, opt2).extra == {"e": 7}
     assert ck.peek().extra == {"e": 7}
     assert_same_state(model2.state_dict(), model.state_dict())
+
+
+def test_finalize_stores_params_and_extra_beside_the_model(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, _ = make_model()
+    params = {"n_layer": 2, "dropout": 0.1, "bias": True, "tokenizer": "gpt2", "note": None}
+    ck.finalize(model, step=3, extra={"vocab": ["a", "b"]}, params=params)
+    body = torch.load(tmp_path / "published/exp/final/final_model.pt", weights_only=True)
+    assert body["params"] == params and body["extra"] == {"vocab": ["a", "b"]}
+    with pytest.raises(ValueError, match=r"params\['layers'\]: must be a string, number.*extra="):
+        ck.finalize(model, step=3, params={"layers": [1, 2]})

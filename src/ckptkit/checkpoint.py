@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import attrs
 import torch
@@ -58,6 +58,8 @@ class Payload:
     mlflow_run_id: str | None = None
     role: str = "resume"
     world_size: int = 1
+    # The model's own settings (``finalize(params=...)``), for a registry to record beside it.
+    params: dict[str, Any] = attrs.field(factory=dict)
 
     def manifest(self, files: dict[str, FileEntry]) -> Manifest:
         """The manifest that commits this payload once ``files`` are stored."""

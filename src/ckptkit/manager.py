@@ -113,6 +113,19 @@ def _extra_state(extra: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     return state
 
 
+def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Model settings as plain values a registry can record and anyone can read back."""
+    out = {}
+    for key, value in (params or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"params: names must be non-empty strings, got {key!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"params[{key!r}]: must be a string, number, boolean or None, got "
+                             f"{type(value).__name__}; put richer state in extra=")
+        out[key] = value
+    return out
+
+
 def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> None:
     """Give objects with ``load_state_dict`` their saved state back, in place."""
     for key, target in (targets or {}).items():
@@ -606,8 +619,14 @@ class CheckpointManager:
     # -- the final model --------------------------------------------------------------------
 
     def finalize(self, model: torch.nn.Module, step: int, epoch: int | None = None,
-                 metrics: Mapping[str, Any] | None = None, algorithm: str | None = None) -> list[CheckpointRef]:
+                 metrics: Mapping[str, Any] | None = None, algorithm: str | None = None,
+                 extra: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None
+                 ) -> list[CheckpointRef]:
         """Gather the full model once and publish it to every final backend.
+
+        ``params`` (the model's settings: plain strings, numbers, booleans or None) and ``extra``
+        are stored in the final file beside the model, and a registry records ``params`` (MLflow
+        logs them as run parameters), so that someone else can rebuild the model.
 
         A backend that fails does not stop the others. If no backend took the model, it is
         written to a local fallback folder that the error names, for ``ckptkit publish`` later.
@@ -618,16 +637,18 @@ class CheckpointManager:
         previous = self._async.collect() if self.config.resume is not None and self.config.resume.async_ else None
         step = _count("step", step)
         epoch = None if epoch is None else _count("epoch", epoch)
+        extra_state = _extra_state(extra, "extra")
+        model_params = _params(params)
         state = gather.final_state(model, self.config.final.dtype)
         algorithm = algorithm or self.config.algorithm
 
         def publish() -> tuple[list[CheckpointRef], tuple[str, dict[str, CkptkitError]] | None]:
             body = {"model": state, "step": step, "epoch": epoch, "metrics": _metrics(metrics),
-                    "algorithm": algorithm}
+                    "algorithm": algorithm, "extra": extra_state, "params": model_params}
             payload = Payload(
                 run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
                 files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),),
-                metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(),
+                metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(), params=model_params,
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
                                                 algorithm=algorithm, model=model)

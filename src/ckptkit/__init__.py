@@ -26,6 +26,7 @@ from .errors import (  # noqa: E402
 )
 from .config import Config  # noqa: E402
 from .manager import CheckpointManager, Restored  # noqa: E402
+from .rng import RngState  # noqa: E402
 
 __all__ = [
     "BackendError",
@@ -39,6 +40,7 @@ __all__ = [
     "PluginError",
     "PublishError",
     "Restored",
+    "RngState",
     "RunConflictError",
     "Role",
     "SaveError",

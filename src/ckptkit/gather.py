@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import itertools
+
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -18,15 +21,35 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from . import ranks
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _full_options(**extra: Any) -> StateDictOptions | None:
-    # In one process the model's own tensors are the state; gathering would only copy them.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra) if ranks.active() else None
+def distributed(model: torch.nn.Module) -> bool:
+    """Whether the model's full state has to be gathered and scattered through the process group.
+
+    Decided by the model, not the world size: an FSDP2 model on one rank still holds DTensors
+    that plain tensors cannot be copied into, and a DDP or FSDP1 module still wraps its state.
+    A plain module on several ranks is a replica per rank, filled from rank 0.
+    """
+    if ranks.active():
+        return True
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
+            isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return True
+    return any(isinstance(t, DTensor) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _full_options(model: torch.nn.Module, **extra: Any) -> StateDictOptions | None:
+    # A plain module in one process: its own tensors are the state; gathering would only copy them.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra) if distributed(model) else None
 
 
 def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -36,7 +59,7 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     ``load_target``: the state is only a structure for a sharded load to fill in, so an
     unstepped optimizer may keep the state that DCP creates for it.
     """
-    options = None if sharded else _full_options()
+    options = None if sharded else _full_options(model)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     unstepped = not optimizer.state
@@ -56,14 +79,24 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     ``full`` state lives on rank 0 only when distributed and is broadcast from there; sharded
     state was loaded by each rank into the structure ``resume_state(sharded=True)`` gave it.
     """
-    options = _full_options(broadcast_from_rank0=True) if full else None
-    if full and ranks.active() and ranks.rank() != 0:
+    options = _full_options(model, broadcast_from_rank0=True) if full else None
+    if options is not None and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}
     # Model and optimizer separately: set_state_dict with both and broadcast_from_rank0 issues
     # mismatched collectives when the other ranks pass empty dicts (torch 2.13).
     set_model_state_dict(model, state["model"], options=options)
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    if optimizer is None:
+        return
+    optim_state = state["optimizer"]
+    if options is not None:
+        # torch 2.13's broadcast takes its device from the optimizer's own per-parameter state
+        # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
+        # first step) has none: "Expected device to be set". With no state to scatter, every
+        # rank loads rank 0's param_groups (learning rates and the like) as they are.
+        groups = ranks.broadcast(None if optim_state.get("state") else optim_state.get("param_groups"))
+        if groups is not None:
+            optim_state, options = {"state": {}, "param_groups": groups}, None
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
 def final_state(model: torch.nn.Module, dtype: str | None = None) -> dict[str, torch.Tensor]:

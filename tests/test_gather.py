@@ -1,0 +1,116 @@
+"""The gatherer in one process: every optimizer and wrapping resumes bit for bit.
+
+A process group of one rank (gloo on an in-memory store) stands in for ``torchrun
+--nproc-per-node 1``: there FSDP2 still holds DTensors and DDP still wraps the module, so
+the state must go through the same gather and scatter as on many ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+import ckptkit
+from ckptkit import gather
+from ckpt_helpers import assert_same_state, local_config
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+}
+
+
+def build(wrap: str, optimizer: str, seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif wrap == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def train(model, opt, sched, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        torch.manual_seed(100 + step)  # the data of a step does not depend on what ran before
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def full_state(model, opt) -> dict:
+    """A copy of model and optimizer state keyed by parameter name, the same for every wrapping."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if gather.distributed(model) else None
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    return copy.deepcopy({"model": model_sd, "optimizer": optim_sd})
+
+
+def resume_matches_uninterrupted(tmp_path, fmt: str, optimizer: str, saved_as: str, restored_as: str) -> None:
+    """Save after 3 steps, go on for 3; a fresh model restored from the save goes on the same way."""
+    cfg = local_config(tmp_path, every=3)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt, sched = build(saved_as, optimizer, seed=0)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    train(model, opt, sched, range(3))
+    ck.save(step=3, model=model, optimizer=opt, extra={"sched": sched})
+    ck.close()
+    at_save = full_state(model, opt)
+    expected_losses = train(model, opt, sched, range(3, 6))
+    expected = full_state(model, opt)
+
+    model2, opt2, sched2 = build(restored_as, optimizer, seed=1)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    restored = ck.restore(model=model2, optimizer=opt2, extra={"sched": sched2})
+    ck.close()
+    assert restored.step == 3
+    assert_same_state(full_state(model2, opt2), at_save)
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["initial_lr"] * 0.5
+    assert train(model2, opt2, sched2, range(3, 6)) == expected_losses
+    assert_same_state(full_state(model2, opt2), expected)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_every_optimizer_and_scheduler_resume_bit_identical(tmp_path, fmt, optimizer):
+    resume_matches_uninterrupted(tmp_path, fmt, optimizer, "plain", "plain")
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("saved_as, restored_as",
+                         [("fsdp2", "fsdp2"), ("plain", "fsdp2"), ("fsdp2", "plain"), ("ddp", "ddp"), ("ddp", "plain")])
+def test_one_rank_wrappings_resume_bit_identical(tmp_path, group_of_one, fmt, optimizer, saved_as, restored_as):
+    """Full state saved by one wrapping (what N ranks write in format: torch) fills any other."""
+    resume_matches_uninterrupted(tmp_path, fmt, optimizer, saved_as, restored_as)
+
+
+def test_plain_replica_in_a_group_of_one_is_not_gathered(group_of_one):
+    model, opt, _ = build("plain", "sgd", seed=0)
+    assert not gather.distributed(model)
+    assert gather.distributed(build("ddp", "sgd", seed=0)[0])
+    assert gather.distributed(build("fsdp2", "sgd", seed=0)[0])

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .manager import CheckpointManager
 from .plugins import make_plugin_manager
+from .rng import RngState
 
 MARKER = ".ckptkit-demo"
 EVERY = 10
@@ -27,35 +28,22 @@ def _setup(seed: int = 0):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
-    data_rng = torch.Generator().manual_seed(seed + 1)
-    return model, opt, sched, data_rng
+    return model, opt, sched
 
 
 _TRUE_W = torch.linspace(-1, 1, 32)
 
 
-def _train_step(model, opt, sched, data_rng) -> float:
-    x = torch.randn(64, 32, generator=data_rng)
-    y = (x @ _TRUE_W).unsqueeze(1) + 0.1 * torch.randn(64, 1, generator=data_rng)
+def _train_step(model, opt, sched) -> float:
+    # Batches come from the global generators, which RngState saves and restores.
+    x = torch.randn(64, 32)
+    y = (x @ _TRUE_W).unsqueeze(1) + 0.1 * torch.randn(64, 1)
     loss = torch.nn.functional.mse_loss(model(x), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
     sched.step()
     return loss.item()
-
-
-class _RngState:
-    """Adapts a torch.Generator to the state_dict protocol that ``extra`` understands."""
-
-    def __init__(self, gen: torch.Generator):
-        self.gen = gen
-
-    def state_dict(self) -> torch.Tensor:
-        return self.gen.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.gen.set_state(state)
 
 
 def _config(workdir: str) -> dict[str, Any]:
@@ -105,33 +93,34 @@ def run_demo(workdir: str, steps: int = 60, console: Console | None = None) -> d
     config = _config(workdir)
     crash_after = int(steps * 0.6) + 1
 
-    reference, r_opt, r_sched, r_rng = _setup()
+    reference, r_opt, r_sched = _setup()
     for _ in range(steps):
-        _train_step(reference, r_opt, r_sched, r_rng)
+        _train_step(reference, r_opt, r_sched)
 
     say(f"[bold]ckptkit demo[/bold] in {workdir}: {steps} steps, a save every {EVERY}, keep_last={KEEP_LAST}")
-    model, opt, sched, data_rng = _setup()
+    model, opt, sched = _setup()
+    rng = RngState()
     saved_bytes: list[int] = []  # the size of every resume checkpoint written, pruned or not
 
     def save(ck: CheckpointManager, step: int, loss: float) -> None:
         refs = ck.save(step=step, epoch=0, model=model, optimizer=opt, metrics={"loss": loss},
-                       extra={"lr_scheduler": sched, "data_rng": _RngState(data_rng)})
+                       extra={"lr_scheduler": sched}, rank_extra={"rng": rng})
         saved_bytes.extend(sum(r.sizes.values()) for r in refs[:1])
 
     with CheckpointManager.from_config(config) as ck:
         for step in range(crash_after):
-            save(ck, step, _train_step(model, opt, sched, data_rng))
+            save(ck, step, _train_step(model, opt, sched))
     say(f"step {crash_after - 1}: [red]simulated crash[/red], the process state is gone")
-    del model, opt, sched, data_rng
+    del model, opt, sched
 
-    model, opt, sched, data_rng = _setup(seed=123)  # fresh objects; restore must overwrite them
+    model, opt, sched = _setup(seed=123)  # fresh objects and generators; restore must overwrite them
     with CheckpointManager.from_config(config) as ck:
         restored = ck.restore(model=model, optimizer=opt,
-                              extra={"lr_scheduler": sched, "data_rng": _RngState(data_rng)})
+                              extra={"lr_scheduler": sched}, rank_extra={"rng": rng})
         start = restored.step + 1 if restored else 0
         say(f"restored step {restored.step} from {restored.ref.uri}" if restored else "nothing to restore")
         for step in range(start, steps):
-            loss = _train_step(model, opt, sched, data_rng)
+            loss = _train_step(model, opt, sched)
             save(ck, step, loss)
         published = ck.finalize(model=model, step=steps - 1, epoch=0, metrics={"loss": loss})
         kept = [r.step for r in ck.list_checkpoints()]

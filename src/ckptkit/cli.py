@@ -16,6 +16,7 @@ from rich.table import Table
 from .errors import CheckpointError, CkptkitError
 from .manager import CheckpointManager
 from .plugins import make_plugin_manager
+from .redact import redact, secret_values
 from .roles import Role
 
 console = Console()
@@ -151,7 +152,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": True,
                              "detail": f"{len(m.files)} files, {_size(m.total_size)}", "uri": ref.uri})
             except Exception as exc:  # a storage that kept failing counts as unverifiable, too
-                rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "detail": str(exc), "uri": ref.uri})
+                rows.append({"backend": ref.backend, "step": ref.step, "ok": False,
+                             "detail": redact(str(exc), secret_values()), "uri": ref.uri})
         table = Table(title=f"run {ck.run_name!r}: verification")
         for col in ("backend", "step", "result", "detail"):
             table.add_column(col)
@@ -350,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback
-        err_console.print(f"ckptkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        # The last line of defence: whatever raised, no credential reaches the terminal.
+        err_console.print(f"ckptkit: error: {redact(str(exc), secret_values())}", markup=False,
+                          highlight=False, soft_wrap=True)
         return 1
 
 

@@ -18,11 +18,12 @@ import torch
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import CheckpointError, CkptkitError, ConfigError
 from . import fanout, gather, reading, sharded
-from .hashing import algorithm_of, hash_stream
+from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
 from .manager import FINAL_FILE, STATE_FILE, CheckpointManager
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .redact import redact, secret_values
 from .roles import Role
 
 
@@ -65,6 +66,19 @@ class PublishResult:
 
 def _fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None) -> LocalBackend:
     return LocalBackend.from_config("fallback", {"path": os.fspath(fallback_dir or ck.fallback_dir)})
+
+
+def _holding(backend: Any, run_name: str, entry: FileEntry, algorithm: str | None) -> CheckpointRef | None:
+    """Where ``backend`` already holds a final file equal to ``entry``, if it does."""
+    ref = _final_of(backend, run_name)
+    if ref is not None:
+        try:
+            theirs = backend.read_manifest(ref)
+        except CkptkitError:
+            return None
+        return ref if theirs.files.get(FINAL_FILE) == entry else None
+    find = getattr(backend, "find_published", None)
+    return find(run_name, entry.digest, algorithm) if callable(find) else None
 
 
 def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
@@ -169,7 +183,8 @@ def final_body_from_resume(state: dict[str, Any], manifest: Manifest, algorithm:
             "metrics": dict(manifest.metrics), "algorithm": algorithm}
 
 
-def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorithm: str | None) -> Payload:
+def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorithm: str | None,
+             workdir: str) -> Payload:
     m = source.manifest
     common = dict(run_name=ck.run_name, step=m.step, epoch=m.epoch, format="torch", role="final",
                   metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id)
@@ -187,7 +202,16 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorith
         raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint without {STATE_FILE} cannot be published")
     dtype = ck.config.final.dtype if ck.config.final is not None else None
     body = final_body_from_resume(state, m, algorithm, dtype)
-    return Payload(files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),), **common)
+    # Written once, hashed on the way: every backend copies these bytes, and the checksum tells
+    # which backends already hold them.
+    out = os.path.join(workdir, "final")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, FINAL_FILE)
+    with open(path, "wb") as f:
+        w = HashingWriter(f)
+        torch_writer(body)(w)
+    return Payload(files=(PayloadFile(FINAL_FILE, source=path, expected=FileEntry(size=w.size, digest=w.digest())),),
+                   **common)
 
 
 def _algorithm_of(source: PublishSource, folder: str) -> str | None:
@@ -207,7 +231,11 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
 
     A backend that already holds these exact bytes as its final model (same size and checksum)
     is not written again unless ``force``; it is handed on in ``stored``, so that a registry
-    records its URI instead of uploading a copy. A failing backend does not stop the others.
+    records its URI instead of uploading a copy. A file backend tells through its final
+    manifest; a registry through ``find_published(run_name, digest, algorithm)``, which returns
+    the reference of what holds them (or None) and raises a ``CkptkitError`` when it cannot tell:
+    that backend then fails without being sent the model. A failing backend does not stop the
+    others.
     """
     if ck.config.final is None:
         raise ConfigError("roles.final: no final backends are declared in the config")
@@ -222,24 +250,23 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
     with reading.scratch("publish") as workdir:
         folder = _verified_local(ck, source, workdir)
         algorithm = algorithm or ck.config.algorithm or _algorithm_of(source, folder)
-        payload = _payload(ck, source, folder, algorithm)
-        entry = source.manifest.files.get(FINAL_FILE)
+        payload = _payload(ck, source, folder, algorithm, workdir)
+        entry = payload.files[0].expected
         held: list[CheckpointRef] = []
+        lookup_failed: dict[str, CkptkitError] = {}
         if not force and entry is not None:
             for name in order:
-                ref = _final_of(ck.router.instances[name], ck.run_name)
-                if ref is None:
-                    continue
                 try:
-                    theirs = ck.router.instances[name].read_manifest(ref)
-                except CkptkitError:
+                    ref = _holding(ck.router.instances[name], ck.run_name, entry, algorithm)
+                except CkptkitError as exc:
+                    lookup_failed[name] = exc
                     continue
-                if theirs.files.get(FINAL_FILE) == entry:
+                if ref is not None:
                     held.append(ref)
-        held_names = {r.backend for r in held}
+        skip = {r.backend for r in held} | set(lookup_failed)
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
-                                              names=[n for n in order if n not in held_names], stored=held,
+                                              names=[n for n in order if n not in skip], stored=held,
                                               algorithm=algorithm, model=None)
-        failures = {n: str(e) for n, e in errors.items()}
+        failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
                          failures=failures)

@@ -6,7 +6,9 @@ import glob
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -64,6 +66,10 @@ def _uid():
     return uuid.uuid4().hex[:8]
 
 
+def _secret_uri(server):
+    return server.url.replace("http://", "http://alice:s3cr3t-pw@")
+
+
 # -- a real tracking server -------------------------------------------------------------------
 
 def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_server):
@@ -106,7 +112,7 @@ def test_server_down_at_finalize_then_publish_once_it_is_back(tmp_path, mlflow_s
     secret_uri = mlflow_server.url.replace("http://", "http://alice:s3cr3t-pw@")
     cfg = tmp_path / "ckptkit.yaml"
     cfg.write_text(json.dumps(_config(tmp_path, secret_uri, exp, model_name="down_{run_name}",
-                                      request_timeout=2, request_max_retries=1)))
+                                      timeout_s=4, retries=1)))
     fallback = tmp_path / "fallback"
     ck = CheckpointManager.from_config(str(cfg), run_name="down", fallback_dir=fallback)
     model, opt = _model(1)
@@ -127,8 +133,8 @@ def test_server_down_at_finalize_then_publish_once_it_is_back(tmp_path, mlflow_s
         assert "s3cr3t-pw" not in message and "s3cr3t-pw" not in caplog.text
         assert "***@127.0.0.1" in message
         assert os.path.exists(fallback / "down" / "final" / "final_model.pt")
-        probe = MlflowBackend.from_config("registry", {"tracking_uri": secret_uri, "request_timeout": 1,
-                                                       "request_max_retries": 0}).probe()
+        probe = MlflowBackend.from_config("registry", {"tracking_uri": secret_uri, "timeout_s": 1,
+                                                       "retries": 0}).probe()
         assert probe["connect"] != "ok" and "s3cr3t-pw" not in json.dumps(probe)
     finally:
         mlflow_server.start()
@@ -143,6 +149,151 @@ def test_server_down_at_finalize_then_publish_once_it_is_back(tmp_path, mlflow_s
     assert all("s3cr3t" not in v for v in run.data.params.values())
     assert len(client.search_runs([client.get_experiment_by_name(exp).experiment_id])) == 1
 
+    # The fallback still holds the model: publishing it again finds the version that has it.
+    assert main(["publish", str(cfg), "--run-name", "down", "--fallback-dir", str(fallback), "--json"]) == 0
+    assert [str(v.version) for v in client.search_model_versions("name='down_down'")] == [str(version.version)]
+
+
+def test_finalize_and_publish_print_no_credentials_and_json_stays_json(tmp_path, mlflow_server, capfd, caplog):
+    caplog.set_level(logging.INFO)
+    exp = f"quiet-{_uid()}"
+    name = f"quiet_{_uid()}"
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, _secret_uri(mlflow_server), exp, model_name=name)))
+    ck = CheckpointManager.from_config(str(cfg), run_name="quiet")
+    model, opt = _model(7)
+    _train(ck, model, opt, range(1, 6))
+    (ref,) = ck.finalize(model=model, step=5)
+    ck.close()
+    out, err = capfd.readouterr()
+    assert "View run" not in out and "s3cr3t-pw" not in out + err
+    # ckptkit says where the model went, without the credentials.
+    assert any(ref.uri in r.getMessage() and "***@127.0.0.1" in r.getMessage() for r in caplog.records)
+    assert "s3cr3t-pw" not in caplog.text
+
+    code = main(["publish", str(cfg), "--run-name", "quiet", "--step", "5", "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert [p["backend"] for p in data["published"]] == ["registry"]
+    assert "s3cr3t-pw" not in out + err
+
+
+def test_publish_skips_a_registry_that_holds_the_same_bytes_unless_forced(tmp_path, mlflow_server, capfd):
+    exp = f"dedup-{_uid()}"
+    name = f"dedup_{_uid()}"
+    archive = {"archive": {"type": "local", "path": str(tmp_path / "archive")}}
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, _secret_uri(mlflow_server), exp, model_name=name,
+                                      final=("archive", "registry"), backends=archive)))
+    ck = CheckpointManager.from_config(str(cfg), run_name="dedup")
+    model, opt = _model(8)
+    _train(ck, model, opt, range(1, 6))
+    ck.finalize(model=model, step=5, metrics={"loss": 0.5})
+    ck.close()
+    client = MlflowClient(mlflow_server.url)
+    (v1,) = client.search_model_versions(f"name='{name}'")
+    assert str(v1.version) == "1"
+    manifest = json.loads((tmp_path / "archive" / "dedup" / "final" / "manifest.json").read_text())
+    assert v1.tags["ckptkit.digest"] == manifest["files"]["final_model.pt"]["digest"]
+    capfd.readouterr()
+
+    for _ in range(2):
+        assert main(["publish", str(cfg), "--run-name", "dedup", "--json"]) == 0
+        data = json.loads(capfd.readouterr().out)
+        assert data["published"] == []
+        assert data["already_held"] == [{"backend": "archive", "uri": f"file://{tmp_path}/archive/dedup/final"},
+                                        {"backend": "registry", "uri": f"models:/{name}/1"}]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+
+    assert main(["publish", str(cfg), "--run-name", "dedup", "--json", "--force"]) == 0
+    data = json.loads(capfd.readouterr().out)
+    assert [(p["backend"], p["uri"]) for p in data["published"]][1] == ("registry", f"models:/{name}/2")
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on loopback that accepts connections and never answers: a hung tracking server."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    sock.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_tracking_server_fails_the_first_save_and_finalize_within_timeout_s(tmp_path, silent_server, caplog):
+    uri = f"http://alice:s3cr3t-pw@127.0.0.1:{silent_server}"
+    cfg = _config(tmp_path, uri, "hung", timeout_s=4, retries=1)
+    ck = CheckpointManager.from_config(cfg, run_name="hung", fallback_dir=tmp_path / "fallback")
+    model, opt = _model(9)
+    _train(ck, model, opt, range(0, 6))  # the first save asks for the run and gives up
+    (warning,) = [r.getMessage() for r in caplog.records if "could not name the MLflow run" in r.getMessage()]
+    assert "'registry'" in warning and f"***@127.0.0.1:{silent_server}" in warning
+    assert "did not answer within 2 s (2 attempts, timeout_s: 4 bounds each request)" in warning
+    assert os.listdir(tmp_path / "scratch" / "hung")  # the checkpoints were saved all the same
+
+    with pytest.raises(PublishError) as err:
+        ck.finalize(model=model, step=5)
+    ck.close()
+    message = str(err.value)
+    assert f"registry: finding the run on MLflow at http://***@127.0.0.1:{silent_server} failed" in message
+    assert err.value.failures["registry"].backend == "registry"
+    assert "the tracking server did not answer within 2 s" in message and "raise timeout_s" in message
+    assert str(tmp_path / "fallback") in message
+    assert "s3cr3t-pw" not in message + caplog.text
+
+    probe = MlflowBackend.from_config("registry", {"tracking_uri": uri, "timeout_s": 1, "retries": 0}).probe()
+    assert all("did not answer within 1 s (1 attempt," in v for v in probe.values())
+
+
+def test_http_settings_come_from_the_config_else_the_environment(monkeypatch):
+    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+        monkeypatch.delenv(var, raising=False)
+    default = MlflowBackend.from_config("registry", {"tracking_uri": "http://127.0.0.1:1"})
+    s = default.http_settings()
+    # 30 s in all: three attempts of 9 s, 2 s of back-off between the second and the third.
+    assert (s.timeout, s.retries, s.backoff, s.budget) == (9, 2, 1, 30)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "3")
+    s = default.http_settings()
+    assert (s.timeout, s.retries, s.budget) == (77, 2, None)  # what the user exported is kept
+    with default._requests():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+    configured = MlflowBackend.from_config("registry", {"tracking_uri": "http://127.0.0.1:1", "timeout_s": 12,
+                                                        "retries": 3})
+    with configured._requests():  # the config wins over the environment
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] == "0"
+    # ... and only for the duration of its calls.
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77" and os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] == "3"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+
 
 # -- the embedded store -----------------------------------------------------------------------
 
@@ -153,7 +304,9 @@ def test_registry_versions_increment_and_keep_their_own_bytes(tmp_path, embedded
     for i, run_name in enumerate(["first", "second", "second"]):
         ck = CheckpointManager.from_config(_config(tmp_path, embedded_uri, exp, model_name=name), run_name=run_name)
         model, opt = _model(i)
-        _train(ck, model, opt, range(1, 6))
+        restored = ck.restore(model=model, optimizer=opt) if i == 2 else None  # "second" goes on
+        start = restored.step + 1 if restored else 1
+        _train(ck, model, opt, range(start, start + 5))
         (ref,) = ck.finalize(model=model, step=5 + i, algorithm="dpo")
         ck.close()
         sources.append((ref.uri, model.state_dict()["0.weight"].clone()))
@@ -200,6 +353,40 @@ def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spa
     assert run.data.metrics == {"final/step": 10.0, "final/epoch": 1.0, "final/loss": 0.5}
     (version,) = client.search_model_versions(f"run_id='{run.info.run_id}'")
     assert version.source == expected
+    # No local copy existed, and the version still carries the checksum S3's manifest has.
+    s3_manifest = json.loads(s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).cat_file(
+        f"{bucket}/finals/ref/final/manifest.json"))
+    assert version.tags["ckptkit.digest"] == s3_manifest["files"]["final_model.pt"]["digest"]
+
+
+def test_publishing_a_step_twice_registers_it_once(tmp_path, embedded_uri, capsys):
+    exp = f"twice-{_uid()}"
+    name = f"twice_{_uid()}"
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, embedded_uri, exp, model_name=name)))
+    ck = CheckpointManager.from_config(str(cfg), run_name="twice")
+    model, opt = _model(10)
+    _train(ck, model, opt, range(1, 11))
+    ck.close()
+    client = MlflowClient(embedded_uri)
+    for _ in range(2):
+        assert main(["publish", str(cfg), "--run-name", "twice", "--step", "10", "--json"]) == 0
+        assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    data = json.loads(capsys.readouterr().out.split("\n}\n", 1)[1])
+    assert data["already_held"] == [{"backend": "registry", "uri": f"models:/{name}/1"}]
+    # Another step is other bytes; --force registers the same bytes again.
+    assert main(["publish", str(cfg), "--run-name", "twice", "--step", "5", "--json"]) == 0
+    assert main(["publish", str(cfg), "--run-name", "twice", "--step", "10", "--json", "--force"]) == 0
+    versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    assert sorted(versions) == ["1", "2", "3"]
+    assert versions["3"].tags["ckptkit.digest"] == versions["1"].tags["ckptkit.digest"]
+    assert versions["2"].tags["ckptkit.digest"] != versions["1"].tags["ckptkit.digest"]
+    local = client.download_artifacts(versions["1"].run_id, versions["1"].source.split(f"{versions['1'].run_id}/", 1)[1],
+                                      str(tmp_path))
+    from ckptkit.hashing import hash_stream
+
+    with open(local, "rb") as f:
+        assert hash_stream(f)[1] == versions["1"].tags["ckptkit.digest"]
 
 
 def test_a_restored_run_keeps_its_mlflow_run_id(tmp_path, embedded_uri):
@@ -285,8 +472,15 @@ def test_mlflow_for_resume_is_a_config_error_that_says_why(tmp_path):
     ({"experimnet": "x"}, r"backends\.registry\.experimnet: unknown key; did you mean 'experiment'"),
     ({"tracking_uri": "ftp://bob:hunter2@host/x"}, r"backends\.registry\.tracking_uri: 'ftp://\*\*\*@host/x'"),
     ({"log_pytorch_model": "yes"}, r"backends\.registry\.log_pytorch_model: must be true or false"),
-    ({"request_timeout": 0.5}, r"backends\.registry\.request_timeout: must be an integer >= 1"),
-    ({"request_max_retries": -1}, r"backends\.registry\.request_max_retries"),
+    ({"timeout_s": 0.5}, r"backends\.registry\.timeout_s: must be a number >= 3"),
+    ({"timeout_s": 2, "retries": 2}, r"backends\.registry\.timeout_s: must be a number >= 3"),
+    ({"retries": -1}, r"backends\.registry\.retries: must be an integer >= 0"),
+    ({"retries": 1.5}, r"backends\.registry\.retries: must be an integer"),
+    ({"retries": 40}, r"backends\.registry\.retries: 40 retries do not fit the default timeout_s"),
+    ({"request_timeout": 10}, r"backends\.registry\.request_timeout: replaced by timeout_s"),
+    ({"request_max_retries": 1}, r"backends\.registry\.request_max_retries: replaced by retries"),
+    ({"tracking_uri": "alice:hunter2@mlflow.internal:5000"},
+     r"backends\.registry\.tracking_uri: '\*\*\*@mlflow\.internal:5000' is not a tracking URI"),
 ])
 def test_bad_options_name_the_key(options, match):
     with pytest.raises(ConfigError, match=match) as err:

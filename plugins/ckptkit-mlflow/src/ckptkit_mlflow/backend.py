@@ -3,8 +3,14 @@
 It serves the ``final`` role only. ``publish_final`` uploads ``final_model.pt`` as the run's
 artifact ``checkpoints/final_model.pt`` (or, when an S3/GCS final backend already holds it, logs
 that URI as the run parameter ``final_checkpoint_uri``), logs ``final/epoch``, ``final/step`` and
-``final/<metric>``, and registers a new model version whose source is that one copy.
-``tracking_run_id`` names the MLflow run whose id every resume manifest records.
+``final/<metric>``, and registers a new model version whose source is that one copy, tagged
+with the file's checksum (``ckptkit.digest``) so that ``ckptkit publish`` can tell that the
+registry already holds those bytes (``find_published``). ``tracking_run_id`` names the MLflow
+run whose id every resume manifest records.
+
+Every request to a tracking server is bounded (``timeout_s``, ``retries``), and MLflow's own
+printing of run links (which would show ``user:password@`` of the tracking URI on stdout) is
+turned off around ckptkit's calls.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import threading
 import time
 from typing import Any, Iterator
 
+import attrs
+
 import ckptkit
 from ckptkit.checkpoint import CheckpointRef, Payload, PayloadFile
 from ckptkit.config import check_number, check_options
 from ckptkit.errors import BackendError, ConfigError
-from ckptkit.redact import redact
+from ckptkit.hashing import HashingWriter, WriteOnly, hash_stream
+from ckptkit.redact import redact, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +48,17 @@ DEFAULT_EXPERIMENT = "ckptkit"
 DEFAULT_MODEL_NAME = "{run_name}"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-DEFAULT_TIMEOUT_S = 10
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_BACKOFF = 1
+DIGEST_TAG = "ckptkit.digest"
+# The most one request to the tracking server may take, retries included, unless configured.
+DEFAULT_TIMEOUT_S = 30
+DEFAULT_RETRIES = 2
+BACKOFF_FACTOR = 1
+_DIGEST_RE = re.compile(r"^[a-z0-9_]+:[0-9a-f]+$")
+RENAMED = {"request_timeout": "timeout_s", "request_max_retries": "retries"}
+_TIMEOUT_TYPES = frozenset({"ReadTimeoutError", "ConnectTimeoutError", "ReadTimeout", "ConnectTimeout",
+                            "Timeout", "TimeoutError", "timeout"})
+_UNREACHABLE_TYPES = frozenset({"NewConnectionError", "ConnectionRefusedError", "NameResolutionError",
+                                "gaierror"})
 # After the tracking server failed to name a run, saves do not ask again for this long.
 RUN_ID_RETRY_AFTER_S = 300.0
 
@@ -49,11 +66,81 @@ _ENV_LOCK = threading.RLock()
 
 
 def _one_line(exc: BaseException) -> str:
-    text = redact(str(exc)).strip().splitlines()
+    text = redact(str(exc), secret_values()).strip().splitlines()
     first = text[0] if text else ""
     if len(first) > 300:
         first = first[:300] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what lies under it: causes, contexts, and urllib3's ``reason``."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+
+
+def _network_failure(exc: BaseException) -> str | None:
+    """``"timeout"`` when the server did not answer in time, ``"unreachable"`` when no
+    connection could be made, else None."""
+    names = {type(e).__name__ for e in _chain(exc)}
+    if names & _TIMEOUT_TYPES:
+        return "timeout"
+    if names & _UNREACHABLE_TYPES:
+        return "unreachable"
+    return None
+
+
+@attrs.frozen
+class HttpSettings:
+    """How MLflow's HTTP client waits: per attempt, how many retries, how long between them."""
+
+    timeout: int
+    retries: int
+    backoff: int
+    budget: float | None  # the configured (or default) timeout_s these were derived from
+
+    ENV = {"timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT", "retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+           "backoff": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"}
+
+    @classmethod
+    def within(cls, budget: float, retries: int) -> HttpSettings:
+        """Attempts that together, sleeps between them included, stay within ``budget`` seconds.
+
+        urllib3 sleeps ``backoff * 2**(k-1)`` before the k-th retry, except before the first.
+        """
+        attempts = retries + 1
+        backoff = BACKOFF_FACTOR
+        sleeps = sum(backoff * 2 ** (k - 1) for k in range(2, retries + 1))
+        if budget - sleeps < attempts:
+            backoff, sleeps = 0, 0
+        return cls(timeout=max(1, int((budget - sleeps) // attempts)), retries=retries, backoff=backoff,
+                   budget=budget)
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    def environ(self) -> dict[str, str]:
+        env = {var: str(getattr(self, field)) for field, var in self.ENV.items()}
+        # Jitter and a server's Retry-After would stretch the sleeps past the budget.
+        env["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
+        env["MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER"] = "false"
+        return env
+
+
+class _Discard(WriteOnly):
+    def write(self, data) -> int:
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
 
 
 def _is_active(run_id: str) -> bool:
@@ -101,7 +188,7 @@ class MlflowBackend:
     """Publishes the final model to MLflow. See the module docstring for what it logs."""
 
     OPTIONS = ("tracking_uri", "experiment", "registered_model_name", "artifact_location",
-               "log_pytorch_model", "request_timeout", "request_max_retries")
+               "log_pytorch_model", "timeout_s", "retries")
     ROLE_HINTS = {
         "resume": (
             "MLflow never holds resume checkpoints: it keeps every logged artifact forever and "
@@ -113,15 +200,15 @@ class MlflowBackend:
 
     def __init__(self, name: str, tracking_uri: str, experiment: str, registered_model_name: str,
                  artifact_location: str | None = None, log_pytorch_model: bool = False,
-                 request_timeout: int | None = None, request_max_retries: int | None = None):
+                 timeout_s: float | None = None, retries: int | None = None):
         self.name = name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.registered_model_name = registered_model_name
         self.artifact_location = artifact_location
         self.log_pytorch_model = log_pytorch_model
-        self.request_timeout = request_timeout
-        self.request_max_retries = request_max_retries
+        self.timeout_s = timeout_s
+        self.retries = retries
         self.location = redact(tracking_uri)
         self._client = None
         self._experiment_id: str | None = None
@@ -134,6 +221,11 @@ class MlflowBackend:
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> MlflowBackend:
         key = f"backends.{name}"
+        for old, new in RENAMED.items():
+            if old in options:
+                raise ConfigError(f"{key}.{old}: replaced by {new} (timeout_s: the most seconds one request "
+                                  "to the tracking server may take, retries included; retries: how many "
+                                  "times a failed request is tried again)")
         check_options(key, options, cls.OPTIONS)
         artifact_location = options.get("artifact_location")
         if artifact_location is not None and (not isinstance(artifact_location, str) or not artifact_location):
@@ -159,40 +251,69 @@ class MlflowBackend:
         flavour = options.get("log_pytorch_model", False)
         if not isinstance(flavour, bool):
             raise ConfigError(f"{key}.log_pytorch_model: must be true or false, got {flavour!r}")
-        timeout = options.get("request_timeout")
-        if timeout is not None:
-            check_number(f"{key}.request_timeout", timeout, 1, integer=True)
-        retries = options.get("request_max_retries")
+        retries = options.get("retries")
         if retries is not None:
-            check_number(f"{key}.request_max_retries", retries, 0, integer=True)
+            check_number(f"{key}.retries", retries, 0, integer=True)
+        timeout = options.get("timeout_s")
+        if timeout is not None:
+            # MLflow waits whole seconds per attempt: each attempt needs at least one.
+            attempts = (DEFAULT_RETRIES if retries is None else retries) + 1
+            check_number(f"{key}.timeout_s", timeout, attempts)
+        elif retries is not None and retries + 1 > DEFAULT_TIMEOUT_S:
+            raise ConfigError(f"{key}.retries: {retries} retries do not fit the default timeout_s of "
+                              f"{DEFAULT_TIMEOUT_S} s; set timeout_s to at least {retries + 1}")
         return cls(name, uri, experiment, template, artifact_location=artifact_location,
-                   log_pytorch_model=flavour, request_timeout=timeout, request_max_retries=retries)
+                   log_pytorch_model=flavour, timeout_s=timeout, retries=retries)
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def _configured(self) -> bool:
+        return self.timeout_s is not None or self.retries is not None
+
+    def http_settings(self) -> HttpSettings:
+        """How requests to the tracking server wait.
+
+        ``timeout_s``/``retries`` from the config win. Without them, values the user exported in
+        ``MLFLOW_HTTP_REQUEST_*`` are kept, and ckptkit's default budget fills in the rest.
+        """
+        if self._configured:
+            return HttpSettings.within(DEFAULT_TIMEOUT_S if self.timeout_s is None else self.timeout_s,
+                                       DEFAULT_RETRIES if self.retries is None else self.retries)
+
+        def exported(field: str) -> int | None:
+            try:
+                return int(os.environ[HttpSettings.ENV[field]])
+            except (KeyError, ValueError):
+                return None
+
+        given = {f: exported(f) for f in HttpSettings.ENV}
+        retries = DEFAULT_RETRIES if given["retries"] is None else given["retries"]
+        derived = HttpSettings.within(DEFAULT_TIMEOUT_S, retries)
+        if given["timeout"] is None and given["backoff"] is None:
+            return derived
+        return HttpSettings(timeout=derived.timeout if given["timeout"] is None else given["timeout"],
+                            retries=retries, backoff=derived.backoff if given["backoff"] is None else given["backoff"],
+                            budget=None)
+
     @contextlib.contextmanager
     def _requests(self) -> Iterator[None]:
-        """Bound MLflow's HTTP retries so that a down server fails in seconds, not minutes.
+        """Every MLflow call of this backend runs inside: bounded waits, no printed links.
 
-        MLflow reads these variables (whole numbers) on every request. An explicit option wins,
-        then a value the user exported, then ckptkit's default.
+        MLflow takes these settings only from environment variables, read on every request, so
+        they are set for the duration of the call (under a lock) and put back afterwards.
+        MlflowClient.set_terminated prints ``View run ... at: <tracking URI>`` to stdout, with
+        any ``user:password@`` in it; MLflow's own switch turns that off.
         """
-        wanted = {
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": self.request_timeout,
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": self.request_max_retries,
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": None,
-        }
-        defaults = {"MLFLOW_HTTP_REQUEST_TIMEOUT": DEFAULT_TIMEOUT_S,
-                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": DEFAULT_MAX_RETRIES,
-                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": DEFAULT_BACKOFF}
+        wanted = self.http_settings().environ()
+        wanted["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in wanted}
             try:
                 for k, v in wanted.items():
-                    if v is not None:
-                        os.environ[k] = str(v)
-                    elif saved[k] is None:
-                        os.environ[k] = str(defaults[k])
+                    if (self._configured or saved[k] is None
+                            or k == "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+                        os.environ[k] = v
                 yield
             finally:
                 for k, v in saved.items():
@@ -209,8 +330,22 @@ class MlflowBackend:
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
 
+    def _cause(self, exc: BaseException) -> str:
+        """Why a call failed, in one line without credentials; a network failure says which."""
+        settings = self.http_settings()
+        kind = _network_failure(exc)
+        if kind is None:
+            return _one_line(exc)
+        tries = f"{settings.attempts} attempt{'s' if settings.attempts != 1 else ''}"
+        bound = (f"timeout_s: {settings.budget:g} bounds each request" if settings.budget is not None
+                 else "MLFLOW_HTTP_REQUEST_* as exported")
+        if kind == "timeout":
+            return (f"the tracking server did not answer within {settings.timeout} s ({tries}, {bound}); "
+                    "check that it is up, or raise timeout_s for a slow one")
+        return f"cannot connect to the tracking server ({tries}): {_one_line(exc)}"
+
     def _error(self, what: str, exc: BaseException) -> BackendError:
-        return BackendError(self.name, f"{what} on MLflow at {self.location} failed: {_one_line(exc)}")
+        return BackendError(self.name, f"{what} on MLflow at {self.location} failed: {self._cause(exc)}")
 
     def _get_experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -291,8 +426,9 @@ class MlflowBackend:
                 run_id = self._resolve_run(run_name, resumed_run_id)
         except Exception as exc:
             self._run_id_failed_at = time.monotonic()
-            log.warning("backend %r: could not name the MLflow run (checkpoints are saved without "
-                        "it; asking again in %.0f s): %s", self.name, RUN_ID_RETRY_AFTER_S, _one_line(exc))
+            log.warning("backend %r: could not name the MLflow run at %s (checkpoints are saved without "
+                        "it; asking again in %.0f s): %s", self.name, self.location, RUN_ID_RETRY_AFTER_S,
+                        self._cause(exc))
             return None
         self._run_id_failed_at = None
         return run_id
@@ -319,6 +455,7 @@ class MlflowBackend:
                 self._log_final_metrics(run_id, payload, algorithm)
                 remote = next((r for r in stored if r.uri.startswith(REMOTE_SCHEMES)), None)
                 sizes = None
+                digest = None
                 if self.log_pytorch_model:
                     step = "logging the pytorch-flavour model"
                     source = self._log_flavour(run_id, model)
@@ -328,20 +465,51 @@ class MlflowBackend:
                     self.client.log_param(run_id, FINAL_URI_PARAM, source)
                 else:
                     step = f"uploading {ARTIFACT_DIR}/{FINAL_FILE}"
-                    artifact, size = self._upload(run_id, payload)
+                    artifact, size, digest = self._upload(run_id, payload)
                     source = f"runs:/{run_id}/{artifact}"
                     sizes = {FINAL_FILE: size}
+                if remote is not None:
+                    digest = self._digest(payload)
                 step = f"registering model {name!r}"
-                version = self._register(name, source, run_id, run_name, payload, algorithm)
+                version = self._register(name, source, run_id, run_name, payload, algorithm,
+                                         None if self.log_pytorch_model else digest)
                 if run_id in self._owned:
+                    step = "ending the run"
                     self.client.set_terminated(run_id, "FINISHED")
         except BackendError:
             raise
         except Exception as exc:
             raise self._error(step, exc) from None
         uri = f"models:/{name}/{version}"
+        log.info("backend %r: registered %s from MLflow run %s at %s", self.name, uri, run_id, self.location)
         return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path=uri, uri=uri,
                              role="final", sizes=sizes)
+
+    def find_published(self, run_name: str, digest: str, algorithm: str | None) -> CheckpointRef | None:
+        """The registered version that already holds the final file with checksum ``digest``.
+
+        ``ckptkit publish`` asks before sending a model, and skips this backend (unless
+        ``--force``) when there is one. Versions are matched on the ``ckptkit.digest`` tag,
+        within the model that this run and algorithm register to.
+        """
+        name = self.model_name(run_name, algorithm)
+        if not _DIGEST_RE.match(digest):
+            return None  # not a checksum ckptkit writes, so no version carries it
+        try:
+            with self._requests():
+                found = self.client.search_model_versions(f"tags.`{DIGEST_TAG}` = '{digest}'")
+        except Exception as exc:
+            raise self._error(f"looking for a version of {name!r} that holds {digest}", exc) from None
+        versions = sorted((v for v in found if v.name == name and v.status == "READY"), key=lambda v: int(v.version))
+        if not versions:
+            return None
+        v = versions[0]
+        uri = f"models:/{name}/{v.version}"
+        try:
+            step = int(v.tags.get("ckptkit.step", -1))
+        except ValueError:
+            step = -1
+        return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=uri, uri=uri, role="final")
 
     @ckptkit.hookimpl
     def probe(self) -> dict[str, Any]:
@@ -354,7 +522,7 @@ class MlflowBackend:
                     action()
                     results[op] = "ok"
                 except Exception as exc:
-                    results[op] = _one_line(exc)
+                    results[op] = self._cause(exc)
         return results
 
     def close(self) -> None:
@@ -390,23 +558,43 @@ class MlflowBackend:
             n += 1
         return f"{ARTIFACT_DIR}/final-{n}"
 
-    def _upload(self, run_id: str, payload: Payload) -> tuple[str, int]:
+    def _digest(self, payload: Payload) -> str:
+        """The final file's checksum: known when it was stored before, else computed.
+
+        When only a remote copy exists, the file is serialised once more into a hash and
+        nowhere else (``torch.save`` writes the same bytes for the same state).
+        """
+        pf = self._final_file(payload)
+        if pf.expected is not None:
+            return pf.expected.digest
+        if pf.source is not None:
+            with open(pf.source, "rb") as f:
+                return hash_stream(f)[1]
+        sink = HashingWriter(_Discard())
+        pf.write(sink)
+        return sink.digest()
+
+    def _upload(self, run_id: str, payload: Payload) -> tuple[str, int, str]:
+        """Upload the final file as a run artifact; its path in the run, size and checksum."""
         pf = self._final_file(payload)
         folder = self._artifact_dir(run_id)
         if pf.source is not None and os.path.basename(pf.source) == FINAL_FILE:
             self.client.log_artifact(run_id, pf.source, folder)
-            return f"{folder}/{FINAL_FILE}", os.path.getsize(pf.source)
+            return f"{folder}/{FINAL_FILE}", os.path.getsize(pf.source), self._digest(payload)
         with tempfile.TemporaryDirectory(prefix="ckptkit-mlflow-") as tmp:
             path = os.path.join(tmp, FINAL_FILE)
             if pf.source is not None:
                 os.symlink(os.path.abspath(pf.source), path)
+                digest = self._digest(payload)
             else:
-                # Nothing local holds the file yet: write it once and upload that one file.
+                # Nothing local holds the file yet: write it once, hashed on the way, and upload it.
                 with open(path, "wb") as f:
-                    pf.write(f)
+                    w = HashingWriter(f)
+                    pf.write(w)
+                digest = w.digest()
             size = os.path.getsize(path)
             self.client.log_artifact(run_id, path, folder)
-        return f"{folder}/{FINAL_FILE}", size
+        return f"{folder}/{FINAL_FILE}", size, digest
 
     def _log_flavour(self, run_id: str, model: Any) -> str:
         import mlflow.pytorch
@@ -431,7 +619,7 @@ class MlflowBackend:
         return f"runs:/{run_id}/{folder}"
 
     def _register(self, name: str, source: str, run_id: str, run_name: str, payload: Payload,
-                  algorithm: str | None) -> str:
+                  algorithm: str | None, digest: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -442,9 +630,8 @@ class MlflowBackend:
         tags = {RUN_NAME_TAG: run_name, "ckptkit.step": str(payload.step)}
         if algorithm:
             tags["ckptkit.algorithm"] = algorithm
-        pf = self._final_file(payload)
-        if pf.expected is not None and not self.log_pytorch_model:
-            tags["ckptkit.digest"] = pf.expected.digest
+        if digest is not None:
+            tags[DIGEST_TAG] = digest
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
         return str(mv.version)
 

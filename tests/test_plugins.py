@@ -1,3 +1,5 @@
+import inspect
+import json
 import sys
 import textwrap
 
@@ -174,3 +176,90 @@ def test_instances_are_registered_under_their_config_names(pm, tmp_path):
     assert pm.get_plugin("unused") is None
     ck.close()
     assert pm.get_plugin("a") is None, "close unregisters the backends"
+
+
+def _hook_defaults(cls) -> list[str]:
+    """``Class.hook(arg)`` for every argument of a ckptkit hook implementation that has a default."""
+    found = []
+    for attr in dir(cls):
+        if getattr(getattr(cls, attr, None), f"{PROJECT_NAME}_impl", None) is None:
+            continue
+        for p in inspect.signature(getattr(cls, attr)).parameters.values():
+            if p.default is not p.empty:
+                found.append(f"{cls.__name__}.{attr}({p.name})")
+    return found
+
+
+def test_every_shipped_backend_gets_every_hook_argument_from_any_pluggy():
+    # pluggy < 1.7 never passes an argument that the implementation gives a default, so a
+    # defaulted dry_run in prune was always False there: shipped types must not have one.
+    pm = make_plugin_manager(autoload=True)
+    shipped = {"local", "s3", "gcs", "mlflow"}
+    assert not shipped & set(pm.broken), {n: str(e) for n, e in pm.broken.items()}
+    assert shipped <= set(pm.backend_types)
+    assert [d for n in sorted(shipped) for d in _hook_defaults(pm.backend_types[n].cls)] == []
+
+
+def test_hook_argument_with_a_default_is_refused_when_the_type_is_added(pm):
+    class Lenient:
+        @classmethod
+        def from_config(cls, name, options):
+            return cls()
+
+        @ckptkit.hookimpl
+        def list_checkpoints(self, run_name):
+            return []
+
+        @ckptkit.hookimpl
+        def prune(self, run_name, keep_last, protected_steps, dry_run=False):
+            return []
+
+    with pytest.raises(PluginError) as info:
+        pm.add_backend_type("lenient", Lenient, "ckptkit-lenient 0.2")
+    text = str(info.value)
+    assert "'lenient'" in text and "Lenient" in text and "ckptkit-lenient 0.2" in text
+    assert "hook prune" in text and "dry_run" in text
+    assert "pluggy" in text and "1.7" in text and "default" in text
+    assert "lenient" not in pm.backend_types
+
+
+@pytest.mark.parametrize("signature", ["self, run_name, *, keep_last, protected_steps, dry_run",
+                                       "self, run_name, keep_last, **options"])
+def test_hook_arguments_that_pluggy_never_passes_are_refused(pm, signature):
+    namespace = {}
+    exec(f"def prune({signature}): return []", namespace)
+    Odd = type("Odd", (), {"from_config": classmethod(lambda cls, name, options: cls()),
+                           "prune": ckptkit.hookimpl(namespace["prune"])})
+    with pytest.raises(PluginError, match=r"'odd'.*hook prune.*pluggy never passes"):
+        pm.add_backend_type("odd", Odd)
+
+
+def test_prune_dry_run_from_the_cli_deletes_nothing(tmp_path, capsys):
+    import yaml
+
+    from ckpt_helpers import local_config, make_model, train_step
+    from ckptkit.cli import main
+
+    cfg = local_config(tmp_path, keep=10, final=False)
+    config = tmp_path / "ckptkit.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    pm = make_plugin_manager(autoload=False)
+    model, opt = make_model()
+    with CheckpointManager.from_config(str(config), plugin_manager=pm) as ck:
+        # What pluggy built for the registered backend: an argument it holds as a "keyword
+        # with a default" is one that pluggy < 1.7 never passes.
+        assert [(impl.plugin_name, impl.kwargnames) for impl in pm.hook.prune.get_hookimpls()
+                if impl.kwargnames] == []
+        for step in range(4):
+            train_step(model, opt)
+            ck.save(step=step, epoch=0, model=model, optimizer=opt)
+    run = tmp_path / "scratch" / "exp"
+    before = sorted(p.name for p in run.iterdir())
+    assert len(before) == 4
+
+    assert main(["prune", str(config), "--keep-last", "1", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] is True and sorted(r["step"] for r in report["deleted"]) == [0, 1, 2]
+    assert sorted(p.name for p in run.iterdir()) == before, "--dry-run deleted checkpoints"
+    assert main(["verify", str(config), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4

@@ -44,6 +44,24 @@ def _dist_label(dist: importlib.metadata.Distribution | None) -> str:
     return f"{dist.metadata['Name']} {dist.version}"
 
 
+def _check_passable(where: str, hook: str, params: list[inspect.Parameter]) -> None:
+    """Refuse parameters of a hook implementation that pluggy would not fill in."""
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            raise PluginError(
+                f"{where}: hook {hook} declares {p}, which pluggy never passes (it passes only "
+                "plain named parameters); list the spec's arguments by name"
+            )
+        if p.default is not p.empty:
+            # pluggy < 1.7 treats such a parameter as optional and never passes it, so the
+            # implementation silently runs with the default (prune's dry_run stayed False).
+            raise PluginError(
+                f"{where}: hook {hook} gives argument {p.name!r} a default ({p.default!r}); "
+                "pluggy before 1.7 never passes a defaulted argument, so the default would "
+                f"always win: drop the default from {p.name}"
+            )
+
+
 class CkptkitPluginManager(pluggy.PluginManager):
     """A pluggy manager that also knows the backend types and where each came from."""
 
@@ -75,7 +93,9 @@ class CkptkitPluginManager(pluggy.PluginManager):
             caller = getattr(self.hook, attr, None)
             if caller is None or caller.spec is None:
                 raise PluginError(f"{where}: {attr} is marked as a hook but ckptkit has no such hook")
-            params = [p for p in inspect.signature(getattr(cls, attr)).parameters if p != "self"]
+            signature = inspect.signature(getattr(cls, attr))
+            _check_passable(where, attr, [p for n, p in signature.parameters.items() if n != "self"])
+            params = [p for p in signature.parameters if p != "self"]
             extra = [p for p in params if p not in caller.spec.argnames]
             if extra:
                 raise PluginError(

@@ -357,8 +357,8 @@ class FileBackend:
         return out
 
     @hookimpl
-    def prune(self, run_name: str, keep_last: int, protected_steps: frozenset[int] = frozenset(),
-              dry_run: bool = False) -> list[CheckpointRef]:
+    def prune(self, run_name: str, keep_last: int, protected_steps: frozenset[int],
+              dry_run: bool) -> list[CheckpointRef]:
         if keep_last < 1:
             raise ValueError("keep_last must be at least 1")
         with self._lock:

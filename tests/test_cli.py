@@ -143,3 +143,12 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "ckptkit.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("backends", "check", "ls", "verify", "prune", "demo"):
         assert command in out
+
+
+def test_errors_reach_the_terminal_without_credentials(capsys, config_file, monkeypatch):
+    # A value echoed back in an error (here the run name) may hold user:password@host.
+    code, out, err = run(capsys, "ls", str(config_file), "--run-name", "alice:hunter2@mlflow.internal:5000")
+    assert code == 1 and "hunter2" not in out + err and "***@mlflow.internal" in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
+    code, out, err = run(capsys, "ls", str(config_file), "--run-name", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY/x")
+    assert code == 1 and "EXAMPLEKEY" not in out + err and "<redacted>" in err

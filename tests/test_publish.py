@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
+import ckptkit
 from ckptkit import CheckpointManager, CheckpointError, ConfigError, PublishError
+from ckptkit.checkpoint import CheckpointRef
 from ckptkit.cli import main
 from ckptkit.publish import find_source, publish, source_from_folder
 
@@ -162,4 +164,76 @@ def test_a_sharded_resume_checkpoint_is_published_as_the_final_model(tmp_path):
     body = _final_body(tmp_path)
     assert body["step"] == 4 and body["model"].keys() == expected.keys()
     assert all(torch.equal(body["model"][k], expected[k]) for k in expected)
+    ck.close()
+
+
+def test_publishing_a_resume_step_twice_writes_it_once(tmp_path):
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    first = publish(ck, find_source(ck, step=4))
+    assert [r.backend for r in first.published] == ["archive"]
+    manifest = tmp_path / "archive" / "exp" / "final" / "manifest.json"
+    before = manifest.read_bytes()
+    again = publish(ck, find_source(ck, step=4))
+    assert [r.backend for r in again.already_held] == ["archive"] and not again.published
+    assert manifest.read_bytes() == before
+    ck.close()
+
+
+class _Registry:
+    """A final backend that, like a model registry, keeps no files but can say what it holds."""
+
+    calls: list = []
+    holds: object = None  # a CheckpointRef, None, or an exception to raise
+
+    @classmethod
+    def from_config(cls, name, options):
+        return cls(name)
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_published(self, run_name, digest, algorithm):
+        self.calls.append(("find_published", digest, algorithm))
+        if isinstance(self.holds, Exception):
+            raise self.holds
+        return self.holds
+
+    @ckptkit.hookimpl
+    def publish_final(self, run_name, payload, stored, algorithm, model):
+        self.calls.append(("publish_final", payload.files[0].expected.digest, algorithm))
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path="r/1",
+                             uri="registry://r/1", role="final")
+
+
+def test_a_registry_is_asked_whether_it_holds_the_bytes_before_it_is_sent_them(tmp_path, pm):
+    from ckptkit.errors import BackendError
+
+    pm.add_backend_type("registry", _Registry)
+    cfg = _config(tmp_path)
+    cfg["backends"]["registry"] = {"type": "registry"}
+    cfg["roles"]["final"]["backends"] = ["archive", "registry"]
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _model()
+    _train(ck, model, opt)
+    _Registry.calls = []
+    ck.finalize(model=model, step=5)
+    digest = json.loads((tmp_path / "archive" / "exp" / "final" / "manifest.json").read_text())["files"]["final_model.pt"]["digest"]
+    assert _Registry.calls == [("publish_final", digest, "sft")]
+
+    held = CheckpointRef(backend="registry", run_name="exp", step=5, path="r/1", uri="registry://r/1", role="final")
+    cases = [(held, False, [("find_published", digest, "sft")]),
+             (BackendError("registry", "registry down"), False, [("find_published", digest, "sft")]),
+             (BackendError("registry", "registry down"), True, [("publish_final", digest, "sft")])]
+    for holds, force, calls in cases:
+        _Registry.holds, _Registry.calls = holds, []
+        result = publish(ck, find_source(ck), force=force)
+        assert _Registry.calls == calls
+        if holds is held:
+            assert result.already_held == (find_source(ck).ref, held) and result.ok
+        elif not force:
+            assert result.failures == {"registry": "backend 'registry': registry down"} and not result.published
+        else:
+            assert [r.backend for r in result.published] == ["archive", "registry"]
     ck.close()

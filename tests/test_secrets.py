@@ -272,6 +272,11 @@ def test_a_run_with_credentials_leaves_none_anywhere(tmp_path, monkeypatch, scan
     scan.files(tmp_path)
     scan.bucket(s3_endpoint, bucket)
     scan.mlflow(mlflow_server.url, experiment)
+    places = [where for where, _ in scan.seen]
+    for kind in ("run ", "model version ", "object s3://", "file "):
+        assert any(p.startswith(kind) and ("manifest" in p or kind in ("run ", "model version "))
+                   for p in places), f"the scan read no {kind.strip()}"
+    assert len([p for p in places if p.startswith("model version ")]) == 2  # finalize, publish
     scan.assert_clean()
 
 
@@ -323,6 +328,37 @@ def test_failures_with_credentials_leave_none_anywhere(tmp_path, monkeypatch, sc
 
     scan.files(tmp_path)
     scan.assert_clean()
+
+
+_LEAKS = {
+    "stdout": lambda scan, tmp, value: os.write(1, value.encode()),
+    "print": lambda scan, tmp, value: print(value),
+    "stderr": lambda scan, tmp, value: os.write(2, value.encode()),
+    "ckptkit debug log": lambda scan, tmp, value: logging.getLogger("ckptkit.fanout").debug("x %s", value),
+    "plugin debug log": lambda scan, tmp, value: logging.getLogger("ckptkit_mlflow.backend").debug(value),
+    "mlflow info log": lambda scan, tmp, value: logging.getLogger("mlflow.tracking").info(value),
+    "manifest": lambda scan, tmp, value: (tmp / "manifest.json").write_text(value),
+    "exception cause": lambda scan, tmp, value: scan.error("x", _raised(value)),
+}
+
+
+def _raised(value: str) -> BaseException:
+    try:
+        try:
+            raise OSError(value)
+        except OSError as exc:
+            raise CkptkitError("wrapped") from exc
+    except CkptkitError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("channel", sorted(_LEAKS))
+def test_the_scan_sees_a_secret_in(channel, tmp_path, capfd, caplog):
+    scan = Scan(capfd, caplog)
+    _LEAKS[channel](scan, tmp_path, SECRETS["mlflow password"])
+    scan.files(tmp_path)
+    with pytest.raises(AssertionError, match="holds the mlflow password"):
+        scan.assert_clean()
 
 
 # -- redaction itself -------------------------------------------------------------------------

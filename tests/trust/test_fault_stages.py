@@ -1,0 +1,296 @@
+"""A fault at each stage of save, commit, prune and publish loses nothing and says where it struck.
+
+Each case saves step 1, makes one operation of the next save (or prune, or publish) fail, and
+checks that nothing new is committed, that a fresh manager still restores step 1 bit for bit, and
+that the error names the backend, the file and the stage. The faults come from the backends in
+``faults.py``: ckptkit's generic ``FileBackend`` (the object-store write path) over a local
+filesystem wrapped as fsspec protocol ``faultyfile``, and the local backend with faults at its
+own stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+import ckptkit
+from ckptkit import cli
+from ckptkit.errors import BackendError, PublishError, SaveError
+from ckptkit.plugins import make_plugin_manager
+
+from trust.faults import FaultyFileBackend, FaultyLocalBackend
+
+pytestmark = pytest.mark.timeout(120)
+
+TYPES = {"faultyfs": FaultyFileBackend, "faultylocal": FaultyLocalBackend}
+
+
+def model_at(step: int) -> torch.nn.Module:
+    m = torch.nn.Linear(256, 64)
+    with torch.no_grad():
+        m.weight.fill_(float(step))
+        m.bias.fill_(-float(step))
+    return m
+
+
+def assert_holds_step(m: torch.nn.Module, step: int) -> None:
+    assert torch.equal(m.weight, torch.full_like(m.weight, float(step)))
+    assert torch.equal(m.bias, torch.full_like(m.bias, -float(step)))
+
+
+def plugin_manager():
+    pm = make_plugin_manager(autoload=False)
+    for name, cls in TYPES.items():
+        pm.add_backend_type(name, cls)
+    return pm
+
+
+def config(tmp_path, resume: dict, final: dict | None = None, keep_last: int = 2) -> dict:
+    backends = dict(resume)
+    roles = {"resume": {"backends": list(resume), "every_n_steps": 1, "keep_last": keep_last}}
+    if final:
+        backends.update(final)
+        roles["final"] = {"backends": list(final)}
+    return {"run_name": "run", "backends": backends, "roles": roles}
+
+
+def manager(cfg: dict) -> ckptkit.CheckpointManager:
+    return ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(),
+                                                 fallback_dir=cfg.get("_fallback", "ckptkit-fallback"))
+
+
+def restored_step(cfg: dict) -> int | None:
+    m = model_at(-7)
+    with manager(cfg) as ck:
+        restored = ck.restore(model=m)
+    if restored is None:
+        return None
+    assert_holds_step(m, restored.step)
+    return restored.step
+
+
+def folders(root) -> list[str]:
+    run = os.path.join(root, "run")
+    return sorted(os.listdir(run)) if os.path.isdir(run) else []
+
+
+# -- save and commit ------------------------------------------------------------------------
+
+SAVE_STAGES = [
+    # (backend type, fault, what the error must name)
+    ("faultyfs", {"op": "exists", "path": "step-0000000002/manifest.json"}, "step-0000000002/manifest.json"),
+    ("faultyfs", {"op": "open", "path": "step-0000000002/state.pt"}, "step-0000000002/state.pt"),
+    ("faultyfs", {"op": "write", "path": "step-0000000002/state.pt", "nth": 3}, "step-0000000002/state.pt"),
+    ("faultyfs", {"op": "write", "path": "step-0000000002/state.pt", "nth": 3, "error": "ENOSPC"},
+     "step-0000000002/state.pt"),
+    ("faultyfs", {"op": "close", "path": "step-0000000002/state.pt"}, "step-0000000002/state.pt"),
+    ("faultyfs", {"op": "pipe_file", "path": "step-0000000002/manifest.json"}, "step-0000000002/manifest.json"),
+    ("faultylocal", {"op": "write", "path": "state.pt", "nth": 3}, "state.pt"),
+    ("faultylocal", {"op": "write", "path": "state.pt", "nth": 3, "error": "ENOSPC"}, "state.pt"),
+    ("faultylocal", {"op": "commit", "path": "step-0000000002"}, "manifest.json"),
+]
+# The local backend reports a failed write as torch's "unexpected pos 46 vs 0", naming neither
+# the file nor the cause.
+_LOCAL_WRITE_ERROR = pytest.mark.xfail(strict=True, reason="issue 8 item 10: a failed local write surfaces "
+                                                           "torch's 'unexpected pos', not the file and cause")
+
+
+@pytest.mark.parametrize("btype, fault, names", [
+    pytest.param(t, f, n, id=f"{t}-{f['op']}-{f.get('error', 'EIO')}",
+                 marks=_LOCAL_WRITE_ERROR if (t, f["op"]) == ("faultylocal", "write") else ())
+    for t, f, n in SAVE_STAGES])
+def test_a_failed_save_commits_nothing_and_the_previous_checkpoint_loads(tmp_path, btype, fault, names):
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    armed = ck.router.instances["flaky"].faults.add(**fault)
+
+    with pytest.raises(SaveError) as err:
+        ck.save(step=2, model=model_at(2))
+
+    assert armed.fired == 1, ck.router.instances["flaky"].faults.calls
+    failure = err.value.failures["flaky"]
+    assert list(err.value.failures) == ["flaky"] and err.value.saved == []
+    assert isinstance(failure, BackendError) and failure.backend == "flaky"
+    text = str(err.value)
+    assert "flaky" in text and "backend 'flaky'" in str(failure) and names in str(failure), text
+    assert "step 2" in text
+    if fault.get("error") == "ENOSPC":
+        assert "No space left" in str(failure)
+    # Nothing of step 2 is committed, and nothing of it is left over either.
+    assert [r.step for r in ck.list_checkpoints()] == [1]
+    assert folders(root) == ["step-0000000001"]
+    ck.close()
+    assert restored_step(cfg) == 1
+
+
+@pytest.mark.parametrize("btype", [
+    pytest.param("faultyfs", marks=pytest.mark.xfail(
+        strict=True, reason="FileBackend._store deletes a stored step's manifest before rewriting its "
+                            "files, so a failed rewrite loses the committed copy (reported with issue 8)")),
+    "faultylocal"])
+def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(tmp_path, btype):
+    """Saving a step again (``force=True``, or after a restore fell back) and failing half-way
+    must leave the committed copy of that step as it was."""
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    ck.save(step=2, model=model_at(2))
+    ck.router.instances["flaky"].faults.add(op="write", path="state.pt", nth=3)
+    with pytest.raises(SaveError):
+        ck.save(step=2, model=model_at(20), force=True)
+    ck.close()
+    assert restored_step(cfg) == 2
+
+
+def test_a_transient_fault_is_retried_and_the_save_commits_intact(tmp_path):
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root),
+                                      "retry": {"attempts": 3, "backoff_s": 0.01, "max_backoff_s": 0.02}}})
+    ck = manager(cfg)
+    faults = ck.router.instances["flaky"].faults
+    armed = [faults.add(op="write", path="state.pt", nth=2, error="ConnectionError"),
+             faults.add(op="pipe_file", path="manifest.json", error="ConnectionError")]
+    [ref] = ck.save(step=1, model=model_at(1))
+    assert [f.fired for f in armed] == [1, 1]
+    ck.verify(ref)
+    ck.close()
+    assert restored_step(cfg) == 1
+
+
+def test_cleanup_that_fails_too_leaves_nothing_committed_and_the_next_prune_removes_it(tmp_path):
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    faults = ck.router.instances["flaky"].faults
+    faults.add(op="write", path="step-0000000002/state.pt", nth=2)
+    faults.add(op="rm", path="step-0000000002")
+    with pytest.raises(SaveError):
+        ck.save(step=2, model=model_at(2))
+    assert folders(root) == ["step-0000000001", "step-0000000002"]
+    assert [r.step for r in ck.list_checkpoints()] == [1]
+    assert restored_step(cfg) == 1
+    ck.save(step=3, model=model_at(3))
+    assert folders(root) == ["step-0000000001", "step-0000000003"]
+    ck.close()
+    assert restored_step(cfg) == 3
+
+
+def test_one_failing_backend_does_not_stop_the_other(tmp_path):
+    cfg = config(tmp_path, {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                            "flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    ck.router.instances["flaky"].faults.add(op="pipe_file", path="manifest.json")
+    with pytest.raises(SaveError) as err:
+        ck.save(step=2, model=model_at(2))
+    assert list(err.value.failures) == ["flaky"]
+    assert [r.backend for r in err.value.saved] == ["scratch"]
+    assert "manifest.json" in str(err.value.failures["flaky"])
+    assert sorted((r.backend, r.step) for r in ck.list_checkpoints()) == [("flaky", 1), ("scratch", 1), ("scratch", 2)]
+    ck.close()
+    assert restored_step(cfg) == 2
+
+
+# -- prune ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [{"op": "rm_file", "path": "step-0000000001/manifest.json"},
+                                   {"op": "rm", "path": "step-0000000001"},
+                                   {"op": "find", "path": "run"}],
+                         ids=["manifest", "folder", "listing"])
+def test_a_failed_prune_after_a_save_keeps_the_save_and_says_so(tmp_path, caplog, fault):
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}}, keep_last=1)
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    armed = ck.router.instances["flaky"].faults.add(**fault)
+    with caplog.at_level(logging.WARNING):
+        [ref] = ck.save(step=2, model=model_at(2))
+    assert armed.fired == 1
+    assert ref.step == 2
+    ck.verify(ref)
+    warned = [r.getMessage() for r in caplog.records if "prun" in r.getMessage()]
+    assert warned and "'flaky'" in warned[0], caplog.text
+    if fault["op"] != "find":
+        assert "step-0000000001" in warned[0], warned
+    assert restored_step(cfg) == 2
+    # The next prune finishes the job.
+    ck.save(step=3, model=model_at(3))
+    assert folders(root) == ["step-0000000003"]
+    ck.close()
+
+
+@pytest.fixture
+def faulty_dist(tmp_path, monkeypatch):
+    """The faulty backend types as an installed distribution, so the ``ckptkit`` CLI finds them."""
+    site = tmp_path / "site"
+    dist = site / "ckptkit_trust_faults-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ckptkit-trust-faults\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
+        [ckptkit.backends]
+        faultyfs = trust.faults:FaultyFileBackend
+        faultylocal = trust.faults:FaultyLocalBackend
+    """))
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_ckptkit_prune_that_fails_exits_1_naming_backend_and_path_and_loses_nothing(tmp_path, faulty_dist, capsys):
+    root = tmp_path / "flaky"
+    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root)}}, keep_last=5)
+    with manager(cfg) as ck:
+        for step in (1, 2, 3):
+            ck.save(step=step, model=model_at(step))
+    cfg["backends"]["flaky"]["faults"] = [{"op": "rm", "path": "step-0000000002"}]
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    code = cli.main(["prune", str(path), "--keep-last", "1"])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "'flaky'" in err and "step-0000000002" in err and "delete" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "step-0000000003" in folders(root)
+    assert restored_step(config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root)}})) == 3
+
+
+# -- publish --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [{"op": "open", "path": "final/final_model.pt"},
+                                   {"op": "write", "path": "final/final_model.pt", "nth": 2},
+                                   {"op": "pipe_file", "path": "final/manifest.json"}],
+                         ids=["open", "write", "manifest"])
+def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_path, fault):
+    cfg = config(tmp_path, {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
+                 final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
+    fallback = tmp_path / "fallback"
+    ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(), fallback_dir=fallback)
+    ck.save(step=1, model=model_at(1))
+    armed = ck.router.instances["pub"].faults.add(**fault)
+    with pytest.raises(PublishError) as err:
+        ck.finalize(model=model_at(1), step=1)
+    assert armed.fired == 1
+    assert list(err.value.failures) == ["pub"]
+    failure = err.value.failures["pub"]
+    assert isinstance(failure, BackendError) and failure.backend == "pub"
+    assert fault["path"] in str(failure)
+    text = str(err.value)
+    assert "ckptkit publish" in text and str(fallback) in text, text
+    # The model waits in the fallback folder; the final backend holds nothing committed.
+    assert os.path.exists(fallback / "run" / "final" / "manifest.json")
+    assert not os.path.exists(tmp_path / "pub" / "run" / "final" / "manifest.json")
+    saved = torch.load(fallback / "run" / "final" / "final_model.pt", weights_only=True)
+    assert saved["step"] == 1 and torch.equal(saved["model"]["weight"], model_at(1).weight)
+    ck.close()
+    assert restored_step(cfg) == 1

@@ -6,6 +6,8 @@ rank. Launches get a wall-clock limit so a hang fails the test instead of the su
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import socket
@@ -104,7 +106,7 @@ def check_cycle(results: list[dict], tmp_path, fmt: str, backends: int = 1) -> N
     if fmt == "dcp":
         assert {".metadata", "__0_0.distcp", "__1_0.distcp", "extra.pt"} <= set(manifest["files"])
     else:
-        assert set(manifest["files"]) == {"state.pt"}
+        assert set(manifest["files"]) == {"state.pt", "extra.pt"}
 
 
 def test_ddp_full_mode_on_local_disk(tmp_path):
@@ -165,12 +167,59 @@ def test_ddp_sharded_mode_on_s3_only(tmp_path, s3):
     assert not os.path.exists(tmp_path / "ckpts"), "nothing went to local disk"
 
 
-def test_reshard_two_ranks_to_one_process(tmp_path):
-    cfg = config(tmp_path, "dcp")
-    launch(2, "save", tmp_path, {"config": cfg, "wrap": "fsdp2"})
-    result = launch(1, "restore", tmp_path, {"config": cfg, "wrap": "plain"})[0]
-    assert result["world_size"] == 1 and result["restored_step"] == 1
-    assert result["keys"] > 0 and result["diffs"] == []
+@functools.cache
+def load_worker():
+    """The worker's own code, for checks that run in this (plain, single) process."""
+    spec = importlib.util.spec_from_file_location("ckptkit_dist_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved_on_two_ranks(tmp_path_factory):
+    """Every wrapping (DDP, FSDP2), format and optimizer, with an LR scheduler in ``extra``,
+    saved on 2 ranks at step 3, then restored on 2 ranks into fresh models."""
+    workdir = tmp_path_factory.mktemp("matrix")
+    cfg = config(workdir, "torch")
+    return workdir, cfg, launch(2, "matrix", workdir, {"config": cfg})
+
+
+def check_restored(results: list[dict]) -> None:
+    for name in load_worker().MATRIX:
+        for r in results:
+            assert (r[name]["step"], r[name]["sched_epoch"]) == (3, 3), f"{name} on rank {r['rank']}"
+        assert results[0][name]["diffs"] == [], f"{name}: restored other values"
+
+
+def test_every_wrapping_and_optimizer_resumes_bit_identical(saved_on_two_ranks):
+    _, _, results = saved_on_two_ranks
+    check_restored(results)
+    for name in load_worker().MATRIX:
+        assert all(r[name]["losses_equal"] for r in results), f"{name}: training went on differently"
+        assert results[0][name]["final_diffs"] == [], f"{name}: training went on differently"
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_every_wrapping_and_optimizer_restores_on_another_world_size(saved_on_two_ranks, nproc):
+    """One rank still runs DDP and FSDP2 (a process group of one); there, it saves again."""
+    workdir, cfg, _ = saved_on_two_ranks
+    results = launch(nproc, "matrix_restore", workdir, {"config": cfg}, group=True)
+    check_restored(results)
+    worker = load_worker()
+    assert all(r[name]["trained"] for r in results for name in worker.MATRIX)
+    if nproc == 1:
+        for name in worker.MATRIX:
+            report, _ = worker.matrix_restore(name, cfg, str(workdir), as_plain=True, run=f"{name}-resaved")
+            assert report == {"step": 3, "sched_epoch": 3, "diffs": []}, f"{name} saved on one rank"
+
+
+def test_what_ranks_saved_restores_into_a_plain_model_in_one_process(saved_on_two_ranks):
+    workdir, cfg, _ = saved_on_two_ranks
+    worker = load_worker()
+    for name in worker.MATRIX:
+        report, _ = worker.matrix_restore(name, cfg, str(workdir), as_plain=True)
+        assert report == {"step": 3, "sched_epoch": 3, "diffs": []}, name
 
 
 def test_reshard_one_process_to_two_ranks(tmp_path):

@@ -5,7 +5,9 @@ Usage: torchrun --nproc-per-node N worker.py SCENARIO WORKDIR [OPTIONS_JSON]
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import sys
 
@@ -14,6 +16,7 @@ import torch.distributed as dist
 
 import ckptkit
 from ckptkit import ranks
+from ckptkit.plugins import make_plugin_manager
 
 
 def model_factory(seed: int) -> torch.nn.Module:
@@ -89,6 +92,85 @@ def full_model_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),  # stateless
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+}
+MATRIX = [f"{w}-{f}-{o}" for w in ("ddp", "fsdp2") for f in ("torch", "dcp") for o in OPTIMIZERS]
+SAVED_AT = 3
+
+
+def matrix_parts(name: str, cfg: dict, seed: int, as_plain: bool = False):
+    """A combination's manager config, model, optimizer and LR scheduler, built fresh."""
+    kind, fmt, optimizer = name.split("-")
+    cfg = json.loads(json.dumps(cfg))
+    cfg["run_name"] = name
+    cfg["roles"]["resume"].update(format=fmt, every_n_steps=SAVED_AT)
+    model = wrap(model_factory(seed), "plain" if as_plain else kind)
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    return cfg, model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def matrix_manager(cfg: dict) -> ckptkit.CheckpointManager:
+    # Only the built-in local backend: loading every installed plugin costs seconds per launch.
+    return ckptkit.CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+
+
+def matrix_train(model, opt, sched, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        torch.manual_seed(1000 + step + 100 * ranks.rank())  # each rank its own data
+        loss = model(torch.randn(4, 16).to(DEVICE)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def full_state(model, opt) -> dict:
+    """Model and optimizer state by parameter name, whole on rank 0 (empty elsewhere), copied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if dist.is_initialized() else None
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    return copy.deepcopy({"model": model_sd, "optimizer": optim_sd})
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Where two nested states differ (tensors exactly, other values with ==)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [path]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def matrix_restore(name: str, cfg: dict, workdir: str, as_plain: bool = False, run: str | None = None):
+    """Restore a combination (from its own run, or ``run``) into a fresh model; this rank's
+    report and the restored parts."""
+    cfg, model, opt, sched = matrix_parts(name, cfg, seed=9, as_plain=as_plain)
+    cfg["run_name"] = run or name
+    ck = matrix_manager(cfg)
+    restored = ck.restore(model=model, optimizer=opt, extra={"sched": sched})
+    ck.close()
+    report = {"step": restored.step, "sched_epoch": sched.last_epoch}
+    state = full_state(model, opt)
+    ref = None
+    if ranks.rank() == 0:
+        ref = torch.load(os.path.join(workdir, f"ref-{name}.pt"), weights_only=True)
+        report["diffs"] = differences(ref["at_save"], state)
+    return report, (cfg, model, opt, sched, ref)
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -144,6 +226,40 @@ def main() -> None:
             result["keys"] = len(expected)
         train(model, opt, steps=1)  # the optimizer state is usable after resharding
         ck.close()
+
+    elif scenario == "matrix":
+        # Every wrapping, format and optimizer: save at step SAVED_AT and go on uninterrupted,
+        # then restore into a fresh model and go on again: the same losses and weights.
+        for name in MATRIX:
+            cfg_n, model, opt, sched = matrix_parts(name, cfg, seed=0)
+            ck = matrix_manager(cfg_n)
+            matrix_train(model, opt, sched, range(SAVED_AT))
+            ck.save(step=SAVED_AT, model=model, optimizer=opt, extra={"sched": sched})
+            ck.close()
+            at_save = full_state(model, opt)
+            losses = matrix_train(model, opt, sched, range(SAVED_AT, SAVED_AT + 3))
+            final = full_state(model, opt)
+            if rank == 0:
+                torch.save({"at_save": at_save, "final": final}, os.path.join(workdir, f"ref-{name}.pt"))
+            report, (_, model, opt, sched, ref) = matrix_restore(name, cfg, workdir)
+            report["losses_equal"] = matrix_train(model, opt, sched, range(SAVED_AT, SAVED_AT + 3)) == losses
+            state = full_state(model, opt)
+            if rank == 0:
+                report["final_diffs"] = differences(ref["final"], state)
+            result[name] = report
+
+    elif scenario == "matrix_restore":
+        # What "matrix" saved, restored on another world size: the same state, and it trains.
+        # One rank saves it again, for a plain process to load.
+        for name in MATRIX:
+            report, (cfg_n, model, opt, sched, _) = matrix_restore(name, cfg, workdir)
+            if ranks.world_size() == 1:
+                cfg_n["run_name"] = f"{name}-resaved"
+                ck = matrix_manager(cfg_n)
+                ck.save(step=SAVED_AT, model=model, optimizer=opt, extra={"sched": sched})
+                ck.close()
+            report["trained"] = all(map(math.isfinite, matrix_train(model, opt, sched, range(SAVED_AT, SAVED_AT + 1))))
+            result[name] = report
 
     elif scenario == "rank0_fails":
         ck = ckptkit.CheckpointManager.from_config(cfg)

@@ -14,8 +14,11 @@ from ckpt_helpers import local_config, make_model, train_step
 
 def draws() -> list:
     """A few numbers from each generator; the Gaussians leave numpy's and Python's caches half-used."""
-    return [random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(1).tolist(),
-            torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist()]
+    numbers = [random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(1).tolist(),
+               torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist()]
+    for device in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        numbers.append(torch.rand(3, device=f"cuda:{device}").tolist())
+    return numbers
 
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
@@ -59,7 +62,8 @@ def test_state_loads_weights_only_without_allowed_globals(tmp_path):
 def test_state_the_process_cannot_take_is_named_in_a_warning(monkeypatch):
     state = ckptkit.RngState().state_dict()
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    state["cuda"] = [torch.get_rng_state()] * (visible + 1)  # one device more than this process sees
+    cuda = state.get("cuda", [])
+    state["cuda"] = cuda + [cuda[0] if cuda else torch.zeros(16, dtype=torch.uint8)]  # one device more than there are
     expected = draws()
     with pytest.warns(RuntimeWarning, match=rf"CUDA devices {visible}\.\.{visible}'s"):
         ckptkit.RngState().load_state_dict(state)

@@ -99,7 +99,13 @@ OPTIMIZERS = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
 }
-MATRIX = [f"{w}-{f}-{o}" for w in ("ddp", "fsdp2") for f in ("torch", "dcp") for o in OPTIMIZERS]
+
+
+def matrix_names(wraps=("ddp", "fsdp2")) -> list[str]:
+    return [f"{w}-{f}-{o}" for w in wraps for f in ("torch", "dcp") for o in OPTIMIZERS]
+
+
+MATRIX = matrix_names()
 SAVED_AT = 3
 
 
@@ -230,7 +236,7 @@ def main() -> None:
     elif scenario == "matrix":
         # Every wrapping, format and optimizer: save at step SAVED_AT and go on uninterrupted,
         # then restore into a fresh model and go on again: the same losses and weights.
-        for name in MATRIX:
+        for name in matrix_names(opts.get("wraps", ("ddp", "fsdp2"))):
             cfg_n, model, opt, sched = matrix_parts(name, cfg, seed=0)
             ck = matrix_manager(cfg_n)
             matrix_train(model, opt, sched, range(SAVED_AT))

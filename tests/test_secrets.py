@@ -112,7 +112,7 @@ def aws_env(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRETS["AWS_SECRET_ACCESS_KEY"])
     monkeypatch.setenv("AWS_SESSION_TOKEN", SECRETS["AWS_SESSION_TOKEN"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(var, raising=False)
     # A server that is down fails in seconds (these are what a user would export).
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -182,7 +182,7 @@ class Scan:
     def mlflow(self, url: str, experiment: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(url)
+        client = MlflowClient(url, registry_uri=url)
         exp = client.get_experiment_by_name(experiment)
         self.add(f"experiment {experiment}", json.dumps([exp.name, exp.artifact_location, exp.tags]))
         for run in client.search_runs([exp.experiment_id]):

@@ -93,10 +93,20 @@ def embedded_uri(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_active_run(tmp_path, monkeypatch):
-    """Each test in its own folder (fallbacks land there), and no MLflow run left open."""
+    """Each test in its own folder (fallbacks land there), no MLflow run left open, and MLflow's
+    global tracking and registry URIs (set_tracking_uri also exports them) put back."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()

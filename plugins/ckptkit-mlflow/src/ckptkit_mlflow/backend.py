@@ -86,14 +86,14 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
 
 
-def _network_failure(exc: BaseException) -> str | None:
-    """``"timeout"`` when the server did not answer in time, ``"unreachable"`` when no
-    connection could be made, else None."""
-    names = {type(e).__name__ for e in _chain(exc)}
-    if names & _TIMEOUT_TYPES:
-        return "timeout"
-    if names & _UNREACHABLE_TYPES:
-        return "unreachable"
+def _network_failure(exc: BaseException) -> tuple[str, BaseException] | None:
+    """``("timeout", e)`` when the server did not answer in time, ``("unreachable", e)`` when no
+    connection could be made (``e``: the exception that says so), else None."""
+    chain = list(_chain(exc))
+    for kind, types in (("timeout", _TIMEOUT_TYPES), ("unreachable", _UNREACHABLE_TYPES)):
+        found = [e for e in chain if type(e).__name__ in types]
+        if found:
+            return kind, found[0]
     return None
 
 
@@ -333,16 +333,17 @@ class MlflowBackend:
     def _cause(self, exc: BaseException) -> str:
         """Why a call failed, in one line without credentials; a network failure says which."""
         settings = self.http_settings()
-        kind = _network_failure(exc)
-        if kind is None:
+        failure = _network_failure(exc)
+        if failure is None:
             return _one_line(exc)
+        kind, reason = failure
         tries = f"{settings.attempts} attempt{'s' if settings.attempts != 1 else ''}"
         bound = (f"timeout_s: {settings.budget:g} bounds each request" if settings.budget is not None
                  else "MLFLOW_HTTP_REQUEST_* as exported")
         if kind == "timeout":
             return (f"the tracking server did not answer within {settings.timeout} s ({tries}, {bound}); "
                     "check that it is up, or raise timeout_s for a slow one")
-        return f"cannot connect to the tracking server ({tries}): {_one_line(exc)}"
+        return f"cannot connect to the tracking server ({tries}): {_one_line(reason)}"
 
     def _error(self, what: str, exc: BaseException) -> BackendError:
         return BackendError(self.name, f"{what} on MLflow at {self.location} failed: {self._cause(exc)}")

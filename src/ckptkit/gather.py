@@ -8,9 +8,8 @@ offloaded to the CPU; *sharded* state stays where it lives, one shard per rank.
 
 from __future__ import annotations
 
-from typing import Any
-
 import itertools
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from . import ranks
@@ -39,8 +39,6 @@ def distributed(model: torch.nn.Module) -> bool:
         return True
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
             isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         return True

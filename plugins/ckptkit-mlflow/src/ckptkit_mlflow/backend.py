@@ -442,8 +442,12 @@ class MlflowBackend:
             raise BackendError(self.name, "log_pytorch_model needs the torch.nn.Module, which only "
                                "finalize(model=...) has; republish with log_pytorch_model: false, "
                                "or finalize again")
-        step = "connecting"
+        remote = None if self.log_pytorch_model else next(
+            (r for r in stored if r.uri.startswith(REMOTE_SCHEMES)), None)
+        step = "hashing the final file"
         try:
+            # Only a remote copy exists: its checksum is computed here, outside the env lock.
+            digest = self._digest(payload) if remote is not None else None
             with self._requests():
                 step = "finding the run"
                 run_id = payload.mlflow_run_id
@@ -454,9 +458,7 @@ class MlflowBackend:
                     run_id = self._resolve_run(run_name, None)
                 step = "logging the final metrics"
                 self._log_final_metrics(run_id, payload, algorithm)
-                remote = next((r for r in stored if r.uri.startswith(REMOTE_SCHEMES)), None)
                 sizes = None
-                digest = None
                 if self.log_pytorch_model:
                     step = "logging the pytorch-flavour model"
                     source = self._log_flavour(run_id, model)
@@ -469,11 +471,8 @@ class MlflowBackend:
                     artifact, size, digest = self._upload(run_id, payload)
                     source = f"runs:/{run_id}/{artifact}"
                     sizes = {FINAL_FILE: size}
-                if remote is not None:
-                    digest = self._digest(payload)
                 step = f"registering model {name!r}"
-                version = self._register(name, source, run_id, run_name, payload, algorithm,
-                                         None if self.log_pytorch_model else digest)
+                version = self._register(name, source, run_id, run_name, payload, algorithm, digest)
                 if run_id in self._owned:
                     step = "ending the run"
                     self.client.set_terminated(run_id, "FINISHED")
@@ -501,7 +500,8 @@ class MlflowBackend:
                 found = self.client.search_model_versions(f"tags.`{DIGEST_TAG}` = '{digest}'")
         except Exception as exc:
             raise self._error(f"looking for a version of {name!r} that holds {digest}", exc) from None
-        versions = sorted((v for v in found if v.name == name and v.status == "READY"), key=lambda v: int(v.version))
+        versions = sorted((v for v in found if v.name == name and v.status != "FAILED_REGISTRATION"),
+                          key=lambda v: int(v.version))
         if not versions:
             return None
         v = versions[0]

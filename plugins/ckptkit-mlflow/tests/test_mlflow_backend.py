@@ -264,6 +264,20 @@ def test_a_hung_tracking_server_fails_the_first_save_and_finalize_within_timeout
     assert all("did not answer within 1 s (1 attempt," in v for v in probe.values())
 
 
+def test_a_run_link_logged_during_a_call_holds_no_credentials(caplog):
+    # MLflow before 3 logs "View run <name> at: <tracking URI>/#/..." from set_terminated.
+    from ckptkit_mlflow.backend import RUN_LINK_LOGGER
+
+    caplog.set_level(logging.INFO)
+    backend = MlflowBackend.from_config("registry", {"tracking_uri": "http://alice:s3cr3t-pw@127.0.0.1:1"})
+    link = logging.getLogger(RUN_LINK_LOGGER)
+    with backend._requests():
+        link.info("View run %s at: %s.", "r", "http://alice:s3cr3t-pw@127.0.0.1:1/#/experiments/1/runs/abc")
+    link.info("outside: %s", "http://bob:other-pw@h")  # ckptkit's calls only
+    assert "View run r at: http://***@127.0.0.1:1/#/experiments/1/runs/abc." in caplog.text
+    assert "s3cr3t-pw" not in caplog.text and "other-pw" in caplog.text
+
+
 def test_http_settings_come_from_the_config_else_the_environment(monkeypatch):
     for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):

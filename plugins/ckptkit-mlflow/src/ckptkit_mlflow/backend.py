@@ -59,6 +59,10 @@ _TIMEOUT_TYPES = frozenset({"ReadTimeoutError", "ConnectTimeoutError", "ReadTime
                             "Timeout", "TimeoutError", "timeout"})
 _UNREACHABLE_TYPES = frozenset({"NewConnectionError", "ConnectionRefusedError", "NameResolutionError",
                                 "gaierror"})
+# MLflow before 3 logs the run link (the tracking URI with any user:password@) at INFO here,
+# with no switch to turn it off; MLflow 3 prints it, and MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+# turns that off.
+RUN_LINK_LOGGER = "mlflow.tracking._tracking_service.client"
 # After the tracking server failed to name a run, saves do not ask again for this long.
 RUN_ID_RETRY_AFTER_S = 300.0
 
@@ -133,6 +137,20 @@ class HttpSettings:
         env["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
         env["MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER"] = "false"
         return env
+
+
+class _Redacting(logging.Filter):
+    """Rewrites a record that holds credentials into one that does not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text, secret_values())
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_REDACTING = _Redacting()
 
 
 class _Discard(WriteOnly):
@@ -303,10 +321,12 @@ class MlflowBackend:
         MLflow takes these settings only from environment variables, read on every request, so
         they are set for the duration of the call (under a lock) and put back afterwards.
         MlflowClient.set_terminated prints ``View run ... at: <tracking URI>`` to stdout, with
-        any ``user:password@`` in it; MLflow's own switch turns that off.
+        any ``user:password@`` in it; MLflow's own switch turns that off, and where MLflow logs
+        the line instead (before 3), a filter takes the credentials out of it.
         """
         wanted = self.http_settings().environ()
         wanted["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        link_logger = logging.getLogger(RUN_LINK_LOGGER)
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in wanted}
             try:
@@ -314,8 +334,10 @@ class MlflowBackend:
                     if (self._configured or saved[k] is None
                             or k == "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
                         os.environ[k] = v
+                link_logger.addFilter(_REDACTING)
                 yield
             finally:
+                link_logger.removeFilter(_REDACTING)
                 for k, v in saved.items():
                     if v is None:
                         os.environ.pop(k, None)

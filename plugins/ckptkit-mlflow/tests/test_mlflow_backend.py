@@ -77,7 +77,8 @@ def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_serv
     ck = CheckpointManager.from_config(_config(tmp_path, mlflow_server.url, exp), run_name="thirty")
     model, opt = _model()
     loss = _train(ck, model, opt, range(1, 31))
-    refs = ck.finalize(model=model, step=30, epoch=3, metrics={"loss": loss, "acc": 0.75})
+    refs = ck.finalize(model=model, step=30, epoch=3, metrics={"loss": loss, "acc": 0.75},
+                       params={"n_layer": 2, "dropout": 0.1}, extra={"vocab": ["a"]})
     ck.close()
     assert [r.uri for r in refs] == ["models:/reg_sft/1"] or refs[0].uri.startswith("models:/reg_sft/")
 
@@ -94,6 +95,7 @@ def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_serv
     assert len(on_server) == 1 and on_server[0].endswith("checkpoints/final_model.pt")
     body = torch.load(on_server[0], weights_only=True)
     assert body["step"] == 30 and body["algorithm"] == "sft"
+    assert body["params"] == {"n_layer": 2, "dropout": 0.1} and body["extra"] == {"vocab": ["a"]}
     assert all(torch.equal(body["model"][k], v) for k, v in model.state_dict().items())
     # The run of the checkpoints is the run of the model.
     assert _manifest_run_ids(tmp_path, "thirty") == {run.info.run_id}
@@ -101,6 +103,7 @@ def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_serv
                                 "final/acc": 0.75}
     assert run.data.tags["ckptkit.run_name"] == "thirty" and run.info.status == "FINISHED"
     assert FINAL_URI_PARAM not in run.data.params
+    assert run.data.params == {"n_layer": "2", "dropout": "0.1"}, "the model's settings, to rebuild it"
     version = client.get_model_version("reg_sft", refs[0].uri.rsplit("/", 1)[1])
     assert version.run_id == run.info.run_id
     assert version.source.endswith("checkpoints/final_model.pt")

@@ -565,7 +565,25 @@ class MlflowBackend:
         if algorithm:
             tags.append(RunTag("ckptkit.algorithm", algorithm))
         self.client.log_batch(run_id, metrics=[Metric(k, v, ts, payload.step) for k, v in values.items()],
-                              tags=tags)
+                              tags=tags, params=self._new_params(run_id, payload))
+
+    def _new_params(self, run_id: str, payload: Payload) -> list:
+        """The model's settings (``finalize(params=...)``) that the run does not hold yet.
+
+        MLflow never changes a logged parameter; a second final of the run with other values
+        keeps the first ones (they are in the final file either way) and says so.
+        """
+        from mlflow.entities import Param
+
+        given = {k: str(v) for k, v in (getattr(payload, "params", None) or {}).items()}
+        if not given:
+            return []
+        held = self.client.get_run(run_id).data.params
+        changed = sorted(k for k, v in given.items() if k in held and held[k] != v)
+        if changed:
+            log.warning("backend %r: run %s already logs params %s with other values; MLflow keeps the first "
+                        "ones, the final file holds the new ones", self.name, run_id, ", ".join(changed))
+        return [Param(k, v) for k, v in given.items() if k not in held]
 
     def _artifact_dir(self, run_id: str) -> str:
         """``checkpoints``, or a fresh subfolder when this run already holds a final model.

@@ -46,3 +46,32 @@ def assert_same_state(a, b) -> None:
         assert torch.equal(a, b), "tensors differ"
     else:
         assert a == b
+
+
+def rewrite_manifest(folder, **changes) -> None:
+    """Rewrite a checkpoint's manifest as an attacker who controls the store would.
+
+    Applies ``changes`` to its fields, refreshes the size and digest of every file it lists
+    (so that files replaced in the folder pass verification), and seals it again the way
+    ckptkit seals manifests. The one place that knows how manifests are sealed.
+    """
+    import json
+    import os
+
+    from ckptkit.hashing import algorithm_of, hash_stream
+    from ckptkit.manifest import MANIFEST_NAME, Manifest
+
+    path = os.path.join(os.fspath(folder), MANIFEST_NAME)
+    with open(path) as f:
+        data = json.load(f)
+    data.pop("checksum", None)
+    data.update(changes)
+    for name, entry in data["files"].items():
+        with open(os.path.join(os.fspath(folder), name), "rb") as f:
+            entry["size"], entry["digest"] = hash_stream(f, algorithm_of(entry["digest"]))
+    manifest = Manifest.from_dict(data)
+    for seal in ("seal", "with_checksum"):
+        if callable(getattr(manifest, seal, None)):
+            manifest = getattr(manifest, seal)()
+    with open(path, "wb") as f:
+        f.write(manifest.to_json())

@@ -2,8 +2,11 @@
 
 DCP does the planning, resharding and collective coordination. What ckptkit adds is a DCP
 file system over the backend's own fsspec filesystem that hashes every file while it is
-written (so the manifest gets checksums without reading anything back) and a metadata reader
-that refuses to unpickle anything but DCP's own metadata types.
+written (so the manifest gets checksums without reading anything back), and a read path that
+runs nothing stored in the checkpoint: ``.metadata`` is unpickled with an exact allowlist of
+DCP's metadata classes, and every non-tensor ("bytes") item goes through ``safeload.load``
+(weights-only) instead of DCP's ``torch.load(weights_only=False)``. Tensors DCP itself loads
+with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -12,15 +15,37 @@ import io
 import os
 import pickle
 import posixpath
+import types
 from contextlib import contextmanager
-from typing import Any, Generator
+from typing import Any, Generator, Iterable
 
 import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.filesystem import (
+    FileSystemBase,
+    FileSystemReader,
+    FileSystemWriter,
+    _StorageInfo,
+)
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.utils import _create_file_view
 
-from .errors import CheckpointError
+from . import safeload
+from .errors import CkptkitError, CorruptCheckpointError, UnsafeCheckpointError
 from .hashing import HashingWriter
 from .manifest import FileEntry
 
@@ -103,40 +128,151 @@ class HashingFileSystem(FileSystemBase):
         self.fs.rm(os.fspath(path))
 
 
-# DCP's metadata is a pickle; only DCP's own types and these few others may appear in it.
-_ALLOWED = {
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
+# DCP's metadata is a pickle. These are all the names that the metadata of model and optimizer
+# state (plain, DDP or FSDP2; Adam, AdamW, SGD; with an LR scheduler's state) asks for, found by
+# recording what unpickling real checkpoints looks up, plus every torch dtype by its name.
+_METADATA_NAMES: dict[tuple[str, str], Any] = {
+    ("torch.distributed.checkpoint.metadata", cls.__name__): cls
+    for cls in (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata,
+                TensorProperties, MetadataIndex, StorageMeta, _MEM_FORMAT_ENCODING)
 }
+_METADATA_NAMES[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
+_METADATA_NAMES[("torch", "Size")] = torch.Size
+_METADATA_NAMES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+_METADATA_NAMES.update({("torch", name): value for name, value in vars(torch).items()
+                        if isinstance(value, torch.dtype)})
+# The pickle's BUILD opcode may set attributes on any object it can reach, these classes and
+# functions included; what it could change is checked after each load.
+_MUTABLE = [v for v in _METADATA_NAMES.values() if isinstance(v, (type, types.FunctionType)) and v is not torch.Size]
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP metadata and nothing else: each global must be one of ``_METADATA_NAMES``.
+
+    Looked up by exact (module, name); never imported, so a dotted protocol-4 name (an
+    attribute chain such as ``os.system`` under a DCP module) cannot reach anything.
+    """
+
     def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _ALLOWED or dtype:
-            return super().find_class(module, name)
-        raise CheckpointError(
-            f"the sharded checkpoint's {METADATA_FILE} refers to {module}.{name}, which ckptkit does "
-            "not unpickle; the file is not DCP metadata or was tampered with"
-        )
+        found = _METADATA_NAMES.get((module, name))
+        if found is None or "." in name:
+            raise UnsafeCheckpointError(
+                f"the sharded checkpoint's {METADATA_FILE} refers to {module}.{name}, which is not one of DCP's "
+                "metadata types; nothing in it ran. The file is not DCP metadata or was tampered with")
+        return found
+
+
+def _attributes() -> list[dict[str, Any]]:
+    return [dict(vars(v)) for v in _MUTABLE]
+
+
+def _check_attributes(before: list[dict[str, Any]]) -> None:
+    """Undo and refuse any change the pickle made to the allowed classes or functions themselves."""
+    changed = []
+    for value, old in zip(_MUTABLE, before):
+        now = vars(value)
+        if now.keys() != old.keys() or any(now[k] is not old[k] for k in old):
+            changed.append(value.__qualname__)
+            for key in set(now) - set(old):
+                delattr(value, key)
+            for key, item in old.items():
+                if now.get(key) is not item:
+                    setattr(value, key, item)
+    if changed:
+        raise UnsafeCheckpointError(f"the sharded checkpoint's {METADATA_FILE} tries to change "
+                                    f"{', '.join(changed)}; it was undone and nothing in it ran")
+
+
+def read_metadata(stream: Any) -> Metadata:
+    """DCP metadata from ``stream``, unpickled with the exact allowlist; typed errors."""
+    before = _attributes()
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except CkptkitError:
+        raise
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # truncated, or not a pickle at all
+        raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} cannot be read "
+                                     f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        _check_attributes(before)
+    if not isinstance(metadata, Metadata):
+        raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} holds a "
+                                     f"{type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        where = getattr(info, "relative_path", None)
+        if (not isinstance(info, _StorageInfo) or not isinstance(where, str) or not where
+                or "/" in where or "\\" in where or where in (".", "..")):
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} points at {where!r}, "
+                                         "which is not a file of its own folder")
+    return metadata
 
 
 class _SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
+    """Reads ``.metadata`` with the allowlist, once: ``open_reader`` reads it before DCP asks,
+    because DCP would turn a typed error into text and fall back to per-rank metadata."""
 
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    _metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise CorruptCheckpointError(f"no per-rank metadata: ckptkit writes one {METADATA_FILE}")
+        if self._metadata is None:
+            with self.fs.create_stream(self._get_metadata_path(), "rb") as f:
+                self._metadata = read_metadata(f)
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class _SafeBytes:
+    """Load planner part: DCP's bytes items (all state but tensors) are loaded weights-only.
+
+    Mirrors ``DefaultLoadPlanner.load_bytes`` of torch 2.13, which uses
+    ``torch.load(weights_only=False)``.
+    """
+
+    safe_globals: tuple = ()
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = safeload.load(value, self.safe_globals, name=f"the sharded checkpoint's item {fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+    """DCP's default load planner, loading bytes items weights-only."""
+
+    def __init__(self, safe_globals: Iterable[Any] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.safe_globals = tuple(safe_globals)
+
+
+class SafeEmptyLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+    """DCP's planner that rebuilds the whole state from the metadata, loading bytes items weights-only."""
+
+    def __init__(self, safe_globals: Iterable[Any] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.safe_globals = tuple(safe_globals)
+
+
+def _typed(exc: CheckpointException, path: str) -> BaseException:
+    """The typed ckptkit error behind DCP's CheckpointException (which carries every rank's), if any,
+    naming the checkpoint."""
+    failures = [f[0] if isinstance(f, tuple) else f for f in (exc.failures or {}).values()]
+    ours = [f for f in failures if isinstance(f, CkptkitError)]
+    if not ours:
+        return exc
+    # An unsafe file is never skipped, so it is the one to report.
+    ours.sort(key=lambda f: not isinstance(f, UnsafeCheckpointError))
+    typed = type(ours[0])(f"{path}: {ours[0]}")
+    typed.__cause__ = ours[0]
+    return typed
 
 
 def writer(fs: fsspec.AbstractFileSystem, path: str, sync: bool) -> tuple[FileSystemWriter, HashingFileSystem]:
@@ -147,10 +283,20 @@ def writer(fs: fsspec.AbstractFileSystem, path: str, sync: bool) -> tuple[FileSy
     return w, hfs
 
 
-def reader(fs: fsspec.AbstractFileSystem, path: str) -> FileSystemReader:
+def reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
     r = _SafeReader(path)
     r.fs = HashingFileSystem(fs)
     r.path = r.fs.init_path(path)
+    return r
+
+
+def open_reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
+    """A reader whose metadata has been read and checked; typed errors naming ``path``."""
+    r = reader(fs, path)
+    try:
+        r.read_metadata()
+    except CkptkitError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
     return r
 
 
@@ -161,16 +307,62 @@ def save(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, sync: 
     return dict(hfs.written)
 
 
-def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Fill ``state`` in place from a sharded checkpoint, resharding as needed (collective if a group exists)."""
-    dcp.load(state, storage_reader=reader(fs, path))
+def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> None:
+    """Fill ``state`` in place from a sharded checkpoint, resharding as needed (collective if a group exists).
+
+    Runs nothing stored in the checkpoint: raises ``UnsafeCheckpointError`` for anything that
+    safe loading refuses (``safe_globals`` names further types to allow in non-tensor items),
+    ``CorruptCheckpointError`` for metadata that cannot be read, DCP's ``CheckpointException``
+    for the rest.
+    """
+    r = open_reader(fs, path)
+    try:
+        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(safe_globals))
+    except CheckpointException as exc:
+        typed = _typed(exc, path)
+        if typed is exc:
+            raise
+        raise typed  # noqa: B904 (its cause is the rank's own error, set by _typed)
 
 
-def load_full(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
-    """The whole state of a sharded checkpoint in one process, as plain CPU tensors."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
+def load_full(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+    """The whole state of a sharded checkpoint in one process, as plain CPU tensors; raises as ``load`` does."""
+    r = open_reader(fs, path)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=reader(fs, path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    try:
+        _load_state_dict(state, storage_reader=r, planner=SafeEmptyLoadPlanner(safe_globals), no_dist=True)
+    except CheckpointException as exc:
+        typed = _typed(exc, path)
+        if typed is exc:
+            raise
+        raise typed  # noqa: B904 (its cause is the rank's own error, set by _typed)
     return state
+
+
+def check(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> None:
+    """Raise as ``load`` would, reading only ``.metadata`` and the non-tensor items (no tensors).
+
+    What a deep verify needs to tell that a sharded checkpoint would load safely, at the cost
+    of its small items.
+    """
+    r = open_reader(fs, path)
+    try:
+        _check(r, safe_globals)
+    except CkptkitError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
+def _check(r: _SafeReader, safe_globals: Iterable[Any]) -> None:
+    metadata = r.read_metadata()
+    wanted = {index: info for index, info in metadata.storage_data.items()
+              if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)}
+    by_file: dict[str, list[tuple[Any, _StorageInfo]]] = {}
+    for index, info in wanted.items():
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for name, items in sorted(by_file.items()):
+        with r.fs.create_stream(r.fs.concat_path(r.path, name), "rb") as stream:
+            for index, info in sorted(items, key=lambda item: item[1].offset):
+                raw = r.transforms.transform_load_stream(None, info.transform_descriptors or (),
+                                                         _create_file_view(stream, info.offset, info.length))
+                safeload.load(io.BytesIO(raw.read()), safe_globals,
+                              name=f"the sharded checkpoint's item {index.fqn!r}")

@@ -1,0 +1,394 @@
+"""Loading checkpoint files without running code, and refusing at save time what could not be loaded.
+
+Everything goes through ``torch.load(weights_only=True)``. On top of torch's own allowlist,
+plain numeric numpy arrays and scalars (bool, integer, float, complex) and numpy's RNG state
+load too, because they are everyday training state. numpy's own pickle format cannot be
+allowed as it is: ``numpy.dtype`` plus a dtype's ``__setstate__`` can make an array of any
+dtype, objects included, and a float64 dtype whose flags claim it holds objects (numpy then
+treats the array's bytes as object pointers). So the numpy names map to stand-ins that check
+every argument and build the array themselves from validated bytes; the stand-ins are replaced
+by the real arrays once the file is loaded.
+
+``check_storable`` is the save-side twin: it refuses, before anything is written, state that
+``load`` could not rebuild, naming the key and what to store instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import contextvars
+import datetime
+import enum
+import math
+import os
+import pathlib
+import pickle
+import re
+import types
+from typing import Any, BinaryIO, Iterable
+
+import torch
+
+from .errors import CkptkitError, CorruptCheckpointError, UnsafeCheckpointError, UnstorableStateError
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: without it, nothing numpy-related is allowed
+    np = None  # type: ignore[assignment]
+
+__all__ = ["load", "check", "check_storable"]
+
+_NUMERIC_KINDS = "biufc"
+# The stand-ins created by the load running in this context, to be replaced by real values.
+_CREATED: contextvars.ContextVar[list | None] = contextvars.ContextVar("ckptkit_safeload_created", default=None)
+
+
+def _refuse(what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{what}. ckptkit loads plain numeric numpy arrays and scalars (bool, integer, float, complex) "
+        "only; nothing in it ran")
+
+
+def _numeric(dtype: Any) -> bool:
+    return (isinstance(dtype, np.dtype) and dtype.kind in _NUMERIC_KINDS and not dtype.hasobject
+            and dtype.fields is None and dtype.subdtype is None and dtype.metadata is None)
+
+
+def _register(standin: Any) -> None:
+    created = _CREATED.get()
+    if created is not None:
+        created.append(standin)
+
+
+class _DType:
+    """Stands in for ``numpy.dtype`` while unpickling: a plain numeric dtype, byte order and nothing else."""
+
+    __slots__ = ("dtype",)
+
+    def __new__(cls, name: Any = None, align: Any = False, copy: Any = True):
+        if not isinstance(name, str) or len(name) > 16:
+            raise _refuse(f"a numpy dtype given as {type(name).__name__} {name!r:.40}")
+        try:
+            dtype = np.dtype(name)
+        except (TypeError, ValueError) as exc:
+            raise _refuse(f"an unknown numpy dtype {name!r}") from exc
+        if not _numeric(dtype):
+            raise _refuse(f"a numpy array or scalar of dtype {dtype}")
+        self = object.__new__(cls)
+        self.dtype = dtype
+        _register(self)
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        # numpy writes (3, byteorder, subarray, names, fields, elsize, alignment, flags) for the
+        # dtypes allowed here; anything else (fields, a subarray, flags saying "holds objects",
+        # metadata) is not a plain numeric dtype.
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                and state[1] in ("<", ">", "|", "=") and state[2:] == (None, None, None, -1, -1, 0)):
+            raise _refuse(f"a numpy dtype {self.dtype} with the unexpected state {state!r:.120}")
+        if state[1] in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _NDArray:
+    """Stands in for the ``numpy.ndarray`` class, which ``_reconstruct`` is given; never instantiated."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        raise _refuse("a numpy.ndarray built directly rather than through numpy's pickle format")
+
+
+class _Array:
+    """Stands in for ``numpy._core.multiarray._reconstruct`` and the array it starts."""
+
+    __slots__ = ("array",)
+
+    def __new__(cls, subtype: Any = None, shape: Any = None, typecode: Any = None):
+        if subtype is not _NDArray:
+            raise _refuse(f"a numpy array of the subclass {subtype!r:.80}")
+        self = object.__new__(cls)
+        self.array = None
+        _register(self)
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _refuse(f"a numpy array with the unexpected state {state!r:.120}")
+        version, shape, dtype, fortran, data = state
+        if not isinstance(dtype, _DType):
+            raise _refuse(f"a numpy array whose dtype is {type(dtype).__name__}")
+        if not (version == 1 and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+                and type(fortran) is bool and isinstance(data, (bytes, bytearray))):
+            raise _refuse(f"a numpy array with the unexpected state {state!r:.120}")
+        count = math.prod(shape)
+        if len(data) != count * dtype.dtype.itemsize:
+            raise CorruptCheckpointError(f"a numpy array of shape {shape} and dtype {dtype.dtype} holds "
+                                         f"{len(data)} bytes, not {count * dtype.dtype.itemsize}")
+        flat = _from_bytes(data, dtype.dtype, count)
+        self.array = flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+    def value(self) -> Any:
+        if self.array is None:
+            raise _refuse("a numpy array without its contents")
+        return self.array
+
+
+def _scalar(dtype: Any = None, data: Any = None) -> Any:
+    """Stands in for ``numpy._core.multiarray.scalar``: a numeric scalar from its bytes."""
+    if not isinstance(dtype, _DType):
+        raise _refuse(f"a numpy scalar whose dtype is {type(dtype).__name__}")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.dtype.itemsize:
+        raise CorruptCheckpointError(f"a numpy {dtype.dtype} scalar stored in {type(data).__name__} "
+                                     f"of {len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes")
+    return _from_bytes(data, dtype.dtype, 1)[0]
+
+
+def _from_bytes(data: bytes | bytearray, dtype: Any, count: int) -> Any:
+    if dtype.kind == "b":  # a bool is one byte, 0 or 1; other byte values are not valid numpy bools
+        return np.frombuffer(data, dtype=np.uint8, count=count) != 0
+    return np.frombuffer(data, dtype=dtype, count=count)
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """Stands in for ``bytes``: pickle protocol 2 writes ``b""`` (an empty array's data, too) as ``bytes()``."""
+    if args:
+        raise UnsafeCheckpointError(f"a call of bytes() with arguments {args!r:.80}; nothing in it ran")
+    return b""
+
+
+def _stand_ins() -> list[tuple[Any, str]]:
+    """Names beyond torch's allowlist, each mapped to a stand-in that checks its arguments.
+
+    Without numpy, no numpy name is allowed.
+    """
+    names: list[tuple[Any, str]] = [(_empty_bytes, "builtins.bytes")]
+    if np is None:
+        return names
+    names += [(_DType, "numpy.dtype"), (_NDArray, "numpy.ndarray")]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x
+        names += [(_Array, f"{module}._reconstruct"), (_scalar, f"{module}.scalar")]
+    return names
+
+
+def _resolve(obj: Any, seen: dict[int, Any]) -> Any:
+    """``obj`` with every numpy stand-in replaced by its real value; containers changed in place where mutable."""
+    kind = type(obj)
+    if kind is _Array:
+        return obj.value()
+    if kind is _DType:
+        return obj.dtype
+    if kind in _ATOMS or isinstance(obj, torch.Tensor):
+        return obj
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    seen[key] = obj
+    if isinstance(obj, dict):
+        items = [(_resolve(k, seen), _resolve(v, seen)) for k, v in obj.items()]
+        if any(k is not old for (k, _), old in zip(items, obj)):
+            obj.clear()
+        obj.update(items)
+    elif isinstance(obj, list):
+        obj[:] = [_resolve(v, seen) for v in obj]
+    elif isinstance(obj, (tuple, set, frozenset)):
+        values = [_resolve(v, seen) for v in obj]
+        if any(v is not old for v, old in zip(values, obj)):
+            rebuilt = getattr(kind, "_make", kind)(values) if isinstance(obj, tuple) else kind(values)
+            seen[key] = rebuilt
+            return rebuilt
+    elif hasattr(obj, "__dict__"):  # an instance of a type the caller allowed
+        for name, value in vars(obj).items():
+            new = _resolve(value, seen)
+            if new is not value:
+                setattr(obj, name, new)
+    return obj
+
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray})
+
+# How torch's weights-only unpickler says that it refused a name or an object.
+_REFUSED = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"Trying to load unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"Trying to call reduce for unrecognized function (.+?)(?: which belongs to|$)"),
+    re.compile(r"Can only build .* but got (.+)$"),
+    re.compile(r"Can only create new object .* but got (.+)$"),
+    re.compile(r"(\S+ must be imported to load .+)$"),
+)
+
+
+def _describe(source: Any) -> str:
+    name = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None)
+    return os.path.basename(os.fspath(name)) if isinstance(name, (str, os.PathLike)) else "the file"
+
+
+def _unpickling_failure(exc: pickle.UnpicklingError, what: str) -> CkptkitError:
+    text = str(exc)
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+    for pattern in _REFUSED:
+        for line in detail.splitlines():
+            match = pattern.search(line.strip())
+            if match is None:
+                continue
+            name = match.group(1).strip()
+            if "must be imported" in name:
+                return UnsafeCheckpointError(f"{what} holds an object that safe loading rebuilds only once "
+                                             f"its module is imported ({name}); nothing in it ran")
+            missing_numpy = name.startswith("numpy") and np is None
+            hint = (" numpy is not installed here: install it to load numeric numpy arrays."
+                    if missing_numpy else
+                    f" If this checkpoint is yours and {name} is a class you trust, allow it by name: "
+                    f"restore(..., safe_globals=[{name}]).")
+            return UnsafeCheckpointError(
+                f"{what} needs {name}, which safe loading (torch.load with weights_only=True) does not "
+                f"rebuild; nothing in it ran.{hint}")
+    first = detail.splitlines()[0] if detail else type(exc).__name__
+    return CorruptCheckpointError(f"{what} is not a readable checkpoint file ({first})")
+
+
+def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (), *, name: str | None = None,
+         _mmap: bool = False) -> Any:
+    """Load a file written by ``torch.save`` onto the CPU without running anything stored in it.
+
+    ``source`` is a path or a readable binary file. ``safe_globals`` names further types the
+    caller trusts (as ``torch.serialization.safe_globals`` takes them). Raises
+    ``UnsafeCheckpointError`` (naming the type) when the file needs anything else, and
+    ``CorruptCheckpointError`` when it is not a readable checkpoint file; ``OSError`` when it
+    cannot be read at all. ``name`` is what errors call the source (default: its file name).
+
+    Not memory-mapped: a tensor that points into the file would keep it mapped (and its disk
+    space taken once pruned) for as long as training keeps the tensor.
+    """
+    what = name or _describe(source)
+    mmap = _mmap and isinstance(source, (str, os.PathLike))
+    # The stand-ins go last so that they win over a caller's own entry for the same names.
+    allowed = [*safe_globals, *_stand_ins()]
+    created: list = []
+    token = _CREATED.set(created)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+        if created:
+            obj = _resolve(obj, {})
+    except CkptkitError as exc:
+        raise type(exc)(f"{what}: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        raise _unpickling_failure(exc, what) from exc
+    except (OSError, MemoryError):
+        raise
+    except RecursionError as exc:
+        raise CorruptCheckpointError(f"{what} nests objects too deeply to load") from exc
+    except Exception as exc:  # zip errors, truncation, records that do not fit together
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise CorruptCheckpointError(f"{what} is not a readable checkpoint file "
+                                     f"({type(exc).__name__}{': ' + detail if detail else ''})") from exc
+    finally:
+        _CREATED.reset(token)
+    return obj
+
+
+def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str | None = None) -> None:
+    """Raise as ``load`` would for the file at ``path``, without reading its tensors' bytes.
+
+    The file is memory-mapped, so only its pickle is read: what a deep verify needs to tell
+    that a checkpoint would load safely.
+    """
+    load(path, safe_globals, name=name, _mmap=True)
+
+
+# -- refusing at save time what load could not rebuild --------------------------------------
+
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray,
+                    torch.Size, torch.dtype, torch.device, torch.layout})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.Counter})
+_SEQUENCES = frozenset({list, tuple, set})
+
+
+def _hint(value: Any) -> str:
+    """What to store instead of ``value``."""
+    if isinstance(value, datetime.datetime):
+        return "a plain value, e.g. dt.timestamp() or dt.isoformat()"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a plain value, e.g. value.isoformat()"
+    if isinstance(value, datetime.timedelta):
+        return "a plain value, e.g. td.total_seconds()"
+    if np is not None and isinstance(value, (np.ndarray, np.generic)):
+        return ("a numeric numpy array (bool, integer, float or complex), a list (array.tolist()) "
+                "or a tensor (torch.from_numpy)")
+    if np is not None and isinstance(value, type) and issubclass(value, (np.generic, np.dtype)):
+        return "the dtype's name as a string, e.g. 'float32'"
+    if isinstance(value, enum.Enum):
+        return "a plain value, e.g. member.value or member.name"
+    if isinstance(value, pathlib.PurePath):
+        return "a plain value, e.g. str(path)"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        return "a plain value that names it (a string) and look it up again on resume"
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return "a plain value, e.g. tuple(value) or value._asdict()"
+    if isinstance(value, frozenset):
+        return "a plain value, e.g. set(value)"
+    if isinstance(value, collections.abc.Mapping):
+        return "a plain dict, e.g. dict(value)"
+    if callable(getattr(value, "state_dict", None)):
+        return "its state, value.state_dict()"
+    if hasattr(value, "__dataclass_fields__"):
+        return "a plain value, e.g. dataclasses.asdict(value)"
+    return "a plain value (number, string, list, dict)"
+
+
+def _allowed_types(safe_globals: Iterable[Any]) -> frozenset:
+    return frozenset(g[0] if isinstance(g, tuple) else g for g in safe_globals)
+
+
+def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> None:
+    """Raise ``UnstorableStateError`` unless ``load`` could rebuild ``obj`` after ``torch.save``.
+
+    Walks dicts, lists, tuples and sets down to their leaves without serialising anything, so
+    it costs next to nothing for large tensor dicts. ``where`` names ``obj`` in the error (e.g.
+    ``"extra"``), which then gives the exact key, e.g. ``extra['clock']['started']``.
+    ``safe_globals`` are types the caller allows on both save and restore.
+    """
+    allowed = _allowed_types(safe_globals)
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    while stack:
+        value, path = stack.pop()
+        kind = type(value)
+        if kind in _PLAIN or kind in allowed:
+            continue
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            continue
+        if np is not None and _numpy_storable(value):
+            continue
+        if kind in _MAPPINGS or kind in _SEQUENCES:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if kind in _MAPPINGS:
+                for key, item in value.items():
+                    stack.append((key, f"{path} (the key {key!r:.60})"))
+                    stack.append((item, f"{path}[{key!r}]"))
+            elif kind is set:
+                stack.extend((item, f"{path} (an element of the set)") for item in value)
+            else:
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+            continue
+        raise UnstorableStateError(
+            f"{path} is {_type_name(value)}, which restore could not load back safely (torch.load with "
+            f"weights_only=True does not rebuild it), so nothing was saved. Store {_hint(value)} instead, "
+            "or convert it to a tensor; or, if you trust the type, pass it in safe_globals= to both save "
+            "and restore.")
+
+
+def _numpy_storable(value: Any) -> bool:
+    if type(value) is np.ndarray or isinstance(value, np.generic):
+        return _numeric(value.dtype)
+    return isinstance(value, np.dtype) and _numeric(value)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if np is not None and isinstance(value, (np.ndarray, np.generic)):
+        return f"a {name} of dtype {value.dtype}"
+    return f"a {name}"

@@ -1,0 +1,326 @@
+"""Safe loading: everyday numpy state loads, object arrays and arbitrary types do not, and save
+refuses up front what restore could not load back."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import enum
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, CorruptCheckpointError, UnsafeCheckpointError, UnstorableStateError
+from ckptkit import safeload
+
+from ckpt_helpers import local_config, make_model, train_step
+
+
+def saved(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def round_trip(obj, **kwargs):
+    return safeload.load(saved(obj), **kwargs)
+
+
+def assert_same_numpy(a, b) -> None:
+    assert type(a) is type(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+
+
+NUMERIC_ARRAYS = {
+    "float32 2-d": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "float64 fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    "int32 big-endian": np.arange(5, dtype=">i4"),
+    "bool": np.array([True, False, True]),
+    "complex64": np.array([1 + 2j, -3j], dtype=np.complex64),
+    "0-d": np.array(3.5),
+    "empty": np.zeros((0, 3), dtype=np.int16),
+    "uint64 max": np.array([2**64 - 1], dtype=np.uint64),
+    "float16": np.array([1.5, np.nan], dtype=np.float16),
+    "longdouble": np.array([1.25], dtype=np.longdouble),
+    "strided view": np.arange(10)[::3],
+    "int8": np.array([-128, 127], dtype=np.int8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMERIC_ARRAYS))
+def test_numeric_numpy_arrays_load(name):
+    array = NUMERIC_ARRAYS[name]
+    loaded = round_trip({"a": array})["a"]
+    assert_same_numpy(loaded, array)
+    assert loaded.flags.writeable and loaded.flags.owndata
+    assert loaded.flags.f_contiguous == array.flags.f_contiguous or not array.flags.contiguous
+
+
+def test_numpy_scalars_and_dtypes_load():
+    values = [np.float64(1.5), np.int8(-3), np.bool_(True), np.complex128(1j), np.uint32(7),
+              np.float16(2), np.longdouble(3)]
+    for value, loaded in zip(values, round_trip(values)):
+        assert type(loaded) is type(value) and loaded == value
+    assert round_trip({"d": np.dtype(">f4")})["d"] == np.dtype(">f4")
+
+
+def test_numpy_legacy_rng_state_loads_and_continues_the_stream():
+    np.random.seed(7)
+    np.random.random(3)
+    state = np.random.get_state()
+    expected = np.random.random(5)
+    loaded = round_trip({"rng": state})["rng"]
+    np.random.seed(0)
+    np.random.set_state(loaded)
+    assert np.array_equal(np.random.random(5), expected)
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.MT19937, np.random.Philox, np.random.SFC64])
+def test_numpy_generator_state_loads_and_continues_the_stream(bit_generator):
+    rng = np.random.Generator(bit_generator(11))
+    rng.random(4)
+    loaded = round_trip(rng.bit_generator.state)
+    other = np.random.Generator(bit_generator(0))
+    other.bit_generator.state = loaded
+    assert np.array_equal(other.random(6), rng.random(6))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_numpy_state_survives_save_and_restore(tmp_path, pm, fmt):
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    np.random.seed(3)
+    rng = np.random.default_rng(5)
+    extra = {"legacy_rng": np.random.get_state(), "rng": rng.bit_generator.state,
+             "ema": np.linspace(0, 1, 7, dtype=np.float32), "best": np.float64(0.25), "seen": np.int64(12)}
+    ck.save(step=0, model=model, optimizer=opt, extra=extra)
+    restored = ck.restore(model, opt)
+    got = restored.extra
+    assert got["legacy_rng"][0] == "MT19937" and np.array_equal(got["legacy_rng"][1], extra["legacy_rng"][1])
+    assert got["legacy_rng"][2:] == extra["legacy_rng"][2:]
+    assert got["rng"] == extra["rng"]
+    assert_same_numpy(got["ema"], extra["ema"])
+    assert type(got["best"]) is np.float64 and got["best"] == 0.25
+    assert type(got["seen"]) is np.int64 and got["seen"] == 12
+    ck.close()
+
+
+# -- what stays refused --------------------------------------------------------------------
+
+class _Reduces:
+    """Pickles as ``func(*args)`` followed by ``__setstate__(state)``: how a crafted file looks."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def _crafted_array(dtype, values):
+    return _Reduces(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                    (1, (len(values),), dtype, False, values))
+
+
+REFUSED_NUMPY = {
+    "object array": lambda: np.array([None, 1], dtype=object),
+    "object array in a list": lambda: [np.array([{"a": 1}], dtype=object)],
+    "string array": lambda: np.array(["a", "b"]),
+    "structured array": lambda: np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+    "datetime64 array": lambda: np.array(["2024-01-01"], dtype="M8[D]"),
+    "object scalar dtype": lambda: np.dtype(object),
+    # A float64 dtype whose flags claim it holds objects: numpy would treat the array's bytes as
+    # object pointers. Allowing numpy.dtype and its DType classes as they are lets this through.
+    "float64 dtype flagged as holding objects": lambda: _crafted_array(
+        _Reduces(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 63)), [1e-300, 2.0]),
+    "object dtype by name": lambda: _crafted_array(_Reduces(np.dtype, ("O8", False, True)), [None]),
+    "structured dtype by state": lambda: _crafted_array(
+        _Reduces(np.dtype, ("V8", False, True)), [b"\0" * 8]),
+    "array built without numpy's format": lambda: _Reduces(np.ndarray, ((3,), "O")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_NUMPY))
+def test_non_numeric_numpy_state_is_refused(name):
+    with pytest.raises(UnsafeCheckpointError, match="nothing in it ran"):
+        round_trip({"x": REFUSED_NUMPY[name]()})
+
+
+def test_a_refused_type_is_named_with_how_to_allow_it():
+    started = datetime.datetime(2024, 5, 1, 12, 0)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        round_trip({"started": started})
+    message = str(info.value)
+    assert "datetime.datetime" in message and "nothing in it ran" in message
+    assert "safe_globals=[datetime.datetime]" in message
+    assert isinstance(info.value.__cause__, Exception)
+    assert round_trip({"started": started}, safe_globals=[datetime.datetime])["started"] == started
+
+
+def test_the_error_names_the_file(tmp_path):
+    path = tmp_path / "extra.pt"
+    torch.save({"x": np.array([None], dtype=object)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"^extra\.pt: .*dtype object"):
+        safeload.load(path)
+    with pytest.raises(UnsafeCheckpointError, match=r"^item 'x': "):
+        safeload.load(str(path), name="item 'x'")
+
+
+def _good_file() -> bytes:
+    return saved({"w": torch.ones(64), "a": np.ones(3)}).getvalue()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: b"",
+    lambda data: data[: len(data) // 2],
+    lambda data: data[:-8],
+    lambda data: os.urandom(256),
+    lambda data: b"just some text",
+], ids=["empty", "half", "tail cut", "random", "text"])
+def test_damaged_files_are_corrupt_and_keep_their_cause(damage):
+    with pytest.raises(CorruptCheckpointError) as info:
+        safeload.load(io.BytesIO(damage(_good_file())))
+    assert info.value.__cause__ is not None
+
+
+def test_a_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        safeload.load(tmp_path / "nope.pt")
+
+
+def test_check_reads_the_pickle_of_a_file_on_disk(tmp_path):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(1000), "a": np.arange(3)}, good)
+    torch.save({"w": torch.ones(1000), "a": np.array([None], dtype=object)}, bad)
+    safeload.check(good)
+    with pytest.raises(UnsafeCheckpointError, match="bad.pt"):
+        safeload.check(bad)
+
+
+def test_without_numpy_nothing_numpy_is_allowed(tmp_path):
+    path = tmp_path / "extra.pt"
+    torch.save({"a": np.arange(3, dtype=np.float32)}, path)
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from ckptkit import safeload, UnsafeCheckpointError\n"
+        "try:\n"
+        f"    safeload.load({str(path)!r})\n"
+        "except UnsafeCheckpointError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED" in out.stdout and "numpy" in out.stdout and "not installed" in out.stdout
+
+
+# -- save refuses what restore could not load -------------------------------------------------
+
+class Color(enum.Enum):
+    RED = 1
+
+
+class Plain:
+    def __init__(self):
+        self.x = 1
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+def warmup_schedule(step):
+    return step
+
+
+class MyTensor(torch.Tensor):
+    pass
+
+STORABLE = {
+    "scalars": {"a": 1, "b": 2.5, "c": "s", "d": None, "e": True, "f": b"x", "g": b"", "h": 1j, "i": 2**80},
+    "containers": {"l": [1, (2, 3)], "s": {1, 2}, "o": collections.OrderedDict(a=1), "c": collections.Counter("ab")},
+    "torch": {"t": torch.ones(3), "p": torch.nn.Parameter(torch.zeros(2)), "size": torch.Size([2]),
+              "dtype": torch.bfloat16, "device": torch.device("cpu"), "rng": torch.get_rng_state()},
+    "numpy": {"a": np.arange(4.0), "s": np.float32(1), "rng": np.random.get_state(),
+              "gen": np.random.default_rng(0).bit_generator.state, "dtype": np.dtype("i8")},
+    "bytearray": bytearray(b"ab"),
+}
+
+UNSTORABLE = {
+    "datetime": datetime.datetime(2024, 1, 1),
+    "date": datetime.date(2024, 1, 1),
+    "timedelta": datetime.timedelta(seconds=3),
+    "object array": np.array([None], dtype=object),
+    "string array": np.array(["a"]),
+    "numpy scalar type": np.float32,
+    "function": warmup_schedule,
+    "class instance": Plain(),
+    "enum": Color.RED,
+    "namedtuple": Point(1, 2),
+    "path": pathlib.Path("/tmp"),
+    "frozenset": frozenset({1}),
+    "defaultdict": collections.defaultdict(list),
+    "tensor subclass": torch.ones(1).as_subclass(MyTensor),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORABLE))
+def test_what_save_accepts_restore_loads(name):
+    value = STORABLE[name]
+    safeload.check_storable({"v": value}, "extra")
+    round_trip({"v": value})
+
+
+@pytest.mark.parametrize("name", sorted(UNSTORABLE))
+def test_what_save_refuses_restore_could_not_load(name):
+    value = UNSTORABLE[name]
+    with pytest.raises(UnstorableStateError, match=r"extra\['v'\]"):
+        safeload.check_storable({"v": value}, "extra")
+    with pytest.raises(UnsafeCheckpointError):
+        round_trip({"v": value})
+
+
+def test_the_error_names_the_exact_key_and_what_to_store_instead():
+    state = {"clock": {"started": datetime.datetime(2024, 1, 1)}, "ok": [1, 2]}
+    with pytest.raises(UnstorableStateError) as info:
+        safeload.check_storable(state, "extra")
+    message = str(info.value)
+    assert message.startswith("extra['clock']['started'] is a datetime.datetime")
+    assert "dt.timestamp()" in message and "dt.isoformat()" in message and "safe_globals" in message
+    with pytest.raises(UnstorableStateError, match=r"^extra\['xs'\]\[1\] is a numpy.ndarray of dtype object"):
+        safeload.check_storable({"xs": [np.zeros(2), np.array([None], dtype=object)]}, "extra")
+    with pytest.raises(UnstorableStateError, match=r"^rank_extra \(the key .*Color.RED"):
+        safeload.check_storable({Color.RED: 1}, "rank_extra")
+    with pytest.raises(UnstorableStateError, match=r"^extra\['fn'\] is a function.*names it"):
+        safeload.check_storable({"fn": lambda step: step}, "extra")
+
+
+def test_allowed_types_pass_both_ways():
+    value = {"when": datetime.datetime(2024, 1, 1)}
+    safeload.check_storable(value, "extra", safe_globals=[datetime.datetime])
+    assert round_trip(value, safe_globals=[datetime.datetime]) == value
+
+
+def test_shared_and_cyclic_containers_are_walked_once():
+    shared = [torch.ones(2)]
+    cyclic: list = [1]
+    cyclic.append(cyclic)
+    safeload.check_storable({"a": shared, "b": shared, "c": cyclic}, "extra")
+
+
+def test_save_refuses_a_datetime_in_extra_before_writing_anything(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    with pytest.raises(UnstorableStateError, match=r"\['clock'\]\['started'\]"):
+        ck.save(step=0, model=model, optimizer=opt, extra={"clock": {"started": datetime.datetime.now()}})
+    assert ck.list_checkpoints() == []
+    ck.close()

@@ -129,7 +129,8 @@ class _Reduces:
 
 
 def _crafted_array(dtype, values):
-    return _Reduces(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy._core (2.x) or numpy.core (1.x)
+    return _Reduces(reconstruct, (np.ndarray, (0,), b"b"),
                     (1, (len(values),), dtype, False, values))
 
 

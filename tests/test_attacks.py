@@ -231,13 +231,6 @@ def test_the_deep_check_refuses_without_reading_tensors(attacked):
     assert not attacked.marker.exists()
 
 
-# Reader.verify compares checksums only; the attacker rewrote them. These pass once it also runs
-# the deep check above on the files it verifies.
-_VERIFY_LOADS_NOTHING = pytest.mark.xfail(
-    strict=True, reason="verify checks checksums only; wire sharded.check / safeload.check into Reader.verify")
-
-
-@_VERIFY_LOADS_NOTHING
 def test_verify_refuses(attacked):
     ck = attacked.manager()
     ref = next(r for r in ck.list_checkpoints() if r.step == 1)
@@ -247,7 +240,6 @@ def test_verify_refuses(attacked):
     ck.close()
 
 
-@_VERIFY_LOADS_NOTHING
 def test_cli_verify_reports_the_unsafe_checkpoint(attacked, capsys):
     code = main(["verify", attacked.cfg_file, "--json"])
     rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}

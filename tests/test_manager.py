@@ -150,8 +150,11 @@ class Unsafe:
 def test_unsafe_objects_are_refused_with_a_hint_and_allowed_by_name(tmp_path, pm):
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     model, opt = make_model()
-    ck.save(step=0, model=model, optimizer=opt, extra={"thing": Unsafe(7)})
-    with pytest.raises(CheckpointError, match=r"holds [\w.]*test_manager.Unsafe, which safe loading \(weights_only=True\) refuses.*safe_globals=\[Unsafe\]"):
+    with pytest.raises(ckptkit.UnstorableStateError, match=r"extra\['thing'\] is a [\w.]*test_manager.Unsafe.*nothing was saved"):
+        ck.save(step=0, model=model, optimizer=opt, extra={"thing": Unsafe(7)})
+    assert ck.list_checkpoints() == []
+    ck.save(step=0, model=model, optimizer=opt, extra={"thing": Unsafe(7)}, safe_globals=[Unsafe])
+    with pytest.raises(ckptkit.UnsafeCheckpointError, match=r"Unsafe.*safe_globals"):
         ck.restore(model, opt)
     restored = ck.restore(model, opt, safe_globals=[Unsafe])
     assert restored.extra["thing"].x == 7

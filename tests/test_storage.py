@@ -68,11 +68,11 @@ def test_files_without_manifest_are_invisible_then_cleaned_after_grace(backend):
     backend.fs.makedirs(crashed, exist_ok=True)
     backend.fs.pipe_file(f"{crashed}/state.pt", b"half a checkpoint")
     assert steps(backend) == [1]
-    assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False) == []
+    assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None) == []
     assert backend.fs.exists(f"{crashed}/state.pt"), "inside the grace period a leftover may be a save in flight"
     backend.leftover_grace_s = 0
     time.sleep(0.01)
-    doomed = backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    doomed = backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     assert [r.role for r in doomed] == ["leftover"]
     assert not backend.fs.exists(crashed)
     assert steps(backend) == [1]
@@ -81,10 +81,10 @@ def test_files_without_manifest_are_invisible_then_cleaned_after_grace(backend):
 def test_prune_keeps_newest_and_protected(backend):
     for s in range(6):
         backend.save_resume(run_name="r", step=s, payload=payload(s))
-    would = backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=True)
+    would = backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=True, counted_steps=None)
     assert sorted(r.step for r in would) == [0, 2, 3]
     assert steps(backend) == [0, 1, 2, 3, 4, 5], "a dry run deletes nothing"
-    backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=False)
+    backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=False, counted_steps=None)
     assert steps(backend) == [1, 4, 5]
 
 
@@ -93,7 +93,7 @@ def test_inconsistent_checkpoint_is_not_counted(backend):
         backend.save_resume(run_name="r", step=s, payload=payload(s))
     newest = f"{backend.run_path('r')}/{step_dirname(2)}/state.pt"
     backend.fs.pipe_file(newest, b"truncated")
-    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     # Step 2 disagrees with its manifest, so step 1 is the newest real checkpoint and survives.
     assert steps(backend) == [1, 2]
 
@@ -178,7 +178,7 @@ def test_prune_leaves_folders_it_did_not_write(backend):
     backend.fs.makedirs(foreign, exist_ok=True)
     backend.fs.pipe_file(f"{foreign}/events.out", b"not a checkpoint")
     time.sleep(0.01)
-    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     assert backend.fs.exists(f"{foreign}/events.out")
 
 

@@ -175,22 +175,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
-        keep = ck.resume_role.keep_last if args.keep_last is None else args.keep_last
-        if keep < 1:
-            raise CkptkitError("--keep-last must be at least 1")
-        rows = []
-        for name in ck.router.backends(Role.RESUME):
-            doomed = ck.router.call(name, "prune", run_name=ck.run_name, keep_last=keep,
-                                    protected_steps=frozenset(), dry_run=args.dry_run)
-            rows += [{"backend": name, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
-                     for r in doomed]
+        if args.all:
+            doomed = ck.delete_run(dry_run=args.dry_run)
+            corrupt: tuple = ()
+            keep = 0
+        else:
+            keep = ck.resume_role.keep_last if args.keep_last is None else args.keep_last
+            if keep < 1:
+                raise CkptkitError("--keep-last must be at least 1")
+            result = ck.prune(keep_last=keep, dry_run=args.dry_run)
+            doomed, corrupt = list(result.deleted), result.corrupt
+        rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
+                for r in doomed]
+        damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e)} for r, e in corrupt]
         verb = "would delete" if args.dry_run else "deleted"
-        table = Table(title=f"run {ck.run_name!r}: {verb} (keep_last={keep})")
+        table = Table(title=f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})")
         for col in ("backend", "step", "kind", "uri"):
             table.add_column(col)
         for r in rows:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
-        _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "deleted": rows}, table)
+        for d in damaged:
+            table.add_row(d["backend"], str(d["step"]), "[red]damaged, not counted[/red]", d["error"])
+        _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
+                     "damaged": damaged}, table)
         return 0
     finally:
         ck.close()
@@ -314,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--keep-last", type=int, help="override roles.resume.keep_last")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--all", action="store_true",
+                   help="delete every resume checkpoint of the run, the newest included (frees the run name)")
     p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")
     p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")

@@ -87,19 +87,40 @@ def open_file(ref: CheckpointRef, name: str) -> BinaryIO:
 
 @_hookspec
 def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
-          dry_run: bool) -> list[CheckpointRef]:
+          dry_run: bool, counted_steps: frozenset[int] | None) -> list[CheckpointRef]:
     """Delete all but the newest ``keep_last`` committed checkpoints of a run.
 
-    Called by the manager after each committed resume save, once per resume backend, and by
-    ``ckptkit prune``. The newest committed checkpoint is never deleted, whatever ``keep_last``
-    says, nor one that is being written or uploaded. Leftovers of crashed saves (folders without
-    a manifest) may be removed once they are older than the backend's grace period.
+    Called by the manager after each committed resume save, once per backend that committed
+    it, and by ``ckptkit prune``. The newest committed checkpoint is never deleted, whatever
+    ``keep_last`` says, nor one that is being written or uploaded. Leftovers of crashed saves
+    (folders without a manifest, unfinished uploads) may be removed once they are older than the
+    backend's grace period.
 
     :param run_name: the run to prune.
     :param keep_last: how many committed checkpoints to keep, at least 1.
-    :param protected_steps: steps that must survive (a save or upload still in flight).
+    :param protected_steps: steps that must survive (the save just made, ``keep_best``).
     :param dry_run: when true, report what would be deleted and delete nothing.
-    :return: the ``CheckpointRef`` of every checkpoint deleted (or that would be).
+    :param counted_steps: None, or the steps known to be intact: the manager passes the steps
+        it wrote (checksummed while written) or verified when it restored; ``ckptkit prune``
+        passes the steps it has just verified. Only these count toward ``keep_last``. A
+        checkpoint newer than the oldest counted one that is kept is never deleted, and when
+        fewer than ``keep_last`` counted checkpoints exist, nothing older than the oldest of
+        them is deleted either, so a run is never left without a checkpoint that verifies.
+        A backend that ignores it counts every committed checkpoint.
+    :return: the ``CheckpointRef`` of every checkpoint or leftover deleted (or that would be).
+    """
+
+
+@_hookspec
+def delete_run(run_name: str, dry_run: bool) -> list[CheckpointRef]:
+    """Delete every resume checkpoint of a run, the newest included, and its leftovers.
+
+    Called only by ``ckptkit prune --all``, when a person wants a run name free for a new
+    training. The final model (``final/``) is not a resume checkpoint and stays.
+
+    :param run_name: the run to empty.
+    :param dry_run: when true, report what would be deleted and delete nothing.
+    :return: the ``CheckpointRef`` of everything deleted (or that would be).
     """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import posixpath
 import shutil
@@ -15,11 +16,11 @@ import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_number, check_options
-from .errors import BackendError, ConfigError
+from .errors import BackendError, ConfigError, StorageFullError
 from .hashing import HashingWriter
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, step_dirname
+from .storage import DEFAULT_GRACE_S, STEP_PREFIX, FileBackend, _check_file_name, step_dirname
 
 
 def local_root(path: Any, key: str) -> str:
@@ -98,9 +99,16 @@ class _EarlyWriteback:
     def __init__(self, f: BinaryIO):
         self._f = f
         self._written = self._started = 0
+        # torch.save turns a failed write into its own RuntimeError ("unexpected pos"); the
+        # OSError that says why is kept here.
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
-        n = self._f.write(data)
+        try:
+            n = self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self._written += n
         if _sync_file_range is not None and self._written - self._started >= self.WINDOW:
             self._f.flush()
@@ -111,6 +119,11 @@ class _EarlyWriteback:
 
     def flush(self) -> None:
         self._f.flush()
+
+
+def _is_ours(dirname: str) -> bool:
+    """A folder name that ckptkit's own saves create under a run."""
+    return dirname.startswith((STEP_PREFIX, ".tmp-step-", ".tmp-final-", ".trash-step-", ".trash-final-"))
 
 
 def _fsync_dir(path: str) -> None:
@@ -192,6 +205,10 @@ class LocalBackend(FileBackend):
             self._unstage(tmp, remove=True)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: no leftover, then go on
                 raise
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(self.name, f"no space left on {self.root} while writing {dirname} of run "
+                                                  f"{run_name!r} ({os.strerror(exc.errno)}); nothing of it was kept. "
+                                                  "Free space, lower keep_last, or use a larger disk") from exc
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
                                           f"{self.root}: {type(exc).__name__}: {exc}") from exc
         self._unstage(tmp, remove=False)
@@ -218,11 +235,17 @@ class LocalBackend(FileBackend):
 
     def _write(self, pf: PayloadFile, path: str) -> FileEntry:
         with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
-            writer = HashingWriter(_EarlyWriteback(f), pool, pf.algorithm)
-            pf.write_to(writer)
-            size, digest = writer.size, writer.digest()
-            f.flush()
-            os.fsync(f.fileno())
+            sink = _EarlyWriteback(f)
+            writer = HashingWriter(sink, pool, pf.algorithm)
+            try:
+                pf.write_to(writer)
+                size, digest = writer.size, writer.digest()
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as exc:
+                if sink.error is not None and exc is not sink.error:
+                    raise sink.error from exc
+                raise
         entry = FileEntry(size=size, digest=digest)
         if pf.expected is not None and pf.expected != entry:
             raise OSError(f"{pf.source} changed while it was copied")
@@ -230,6 +253,24 @@ class LocalBackend(FileBackend):
 
     def _prepare_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
+
+    def _leftovers(self, run_name: str, listing=None) -> list[tuple[str, float | None]]:
+        """Also the folders that hold no file at all, which a listing of files cannot see: a
+        save killed right after creating its folder leaves one."""
+        found = super()._leftovers(run_name, listing)
+        known = {path for path, _ in found}
+        run = self.run_path(run_name)
+        try:
+            entries = list(os.scandir(run))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            path = posixpath.join(run, entry.name)
+            if path in known or not entry.is_dir(follow_symlinks=False) or not _is_ours(entry.name):
+                continue
+            if not any(files for _, _, files in os.walk(path)):
+                found.append((path, entry.stat(follow_symlinks=False).st_mtime))
+        return found
 
     def _delete(self, path: str) -> None:
         manifest = os.path.join(path, MANIFEST_NAME)

@@ -52,6 +52,14 @@ def rank_extra_file(rank: int) -> str:
 
 
 @attrs.frozen
+class PruneResult:
+    """What a pruning by hand deleted (or would), and the damaged checkpoints it found and did not count."""
+
+    deleted: tuple[CheckpointRef, ...]
+    corrupt: tuple[tuple[CheckpointRef, CkptkitError], ...]
+
+
+@attrs.frozen
 class CheckpointInfo:
     """A committed checkpoint's step, epoch, metrics and shared ``extra``, and where it lies."""
 
@@ -102,14 +110,14 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def _extra_state(extra: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
     """Extra state as stored: objects with ``state_dict()`` give their state, the rest as is.
 
     Refused before anything is written when restore could not load it back safely.
     """
     state = {k: v.state_dict() if callable(getattr(v, "state_dict", None)) else v
              for k, v in (extra or {}).items()}
-    safeload.check_storable(state, where)
+    safeload.check_storable(state, where, safe_globals)
     return state
 
 
@@ -223,7 +231,7 @@ class CheckpointManager:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
              epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
              extra: Mapping[str, Any] | None = None, force: bool = False,
-             rank_extra: Mapping[str, Any] | None = None) -> list[CheckpointRef]:
+             rank_extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = ()) -> list[CheckpointRef]:
         """Save a resume checkpoint if ``step`` is due (a multiple of every_n_steps), then prune.
 
         Call it on every rank. Returns the references of the committed copies (on every rank),
@@ -232,7 +240,8 @@ class CheckpointManager:
         ``on_error="warn"``). ``extra`` is shared state: rank 0's is saved and every rank gets it
         back. ``rank_extra`` is each rank's own (its RNG state, its data loader's position):
         every rank's mapping is saved and each rank gets its own back. State that safe loading
-        could not rebuild is refused with ``UnstorableStateError`` before anything is written.
+        could not rebuild is refused with ``UnstorableStateError`` before anything is written,
+        unless its type is in ``safe_globals`` (then pass the same to ``restore``).
 
         The first save of a manager that did not restore from its run refuses to write into a
         run whose newest checkpoint is at or above ``step`` (``RunConflictError``): two
@@ -250,8 +259,8 @@ class CheckpointManager:
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
-        extra_state = _extra_state(extra, "extra")
-        own_state = None if rank_extra is None else _extra_state(rank_extra, "rank_extra")
+        extra_state = _extra_state(extra, "extra", safe_globals)
+        own_state = None if rank_extra is None else _extra_state(rank_extra, "rank_extra", safe_globals)
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -359,6 +368,49 @@ class CheckpointManager:
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
 
+    def prune(self, keep_last: int | None = None, dry_run: bool = False) -> PruneResult:
+        """Prune every resume backend by hand (what ``ckptkit prune`` does), verifying first.
+
+        On each backend the checkpoints are verified newest first (every file read and checked)
+        until ``keep_last`` verify; only those count toward ``keep_last``, so a run is never
+        left without a checkpoint that verifies. Damaged ones are reported, not counted, and
+        deleted only once older than the kept ones. ``keep_best`` checkpoints stay.
+        """
+        self._check_open()
+        keep = self.resume_role.keep_last if keep_last is None else keep_last
+        if keep < 1:
+            raise ValueError("keep_last must be at least 1")
+        deleted: list[CheckpointRef] = []
+        corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
+        for name in self.router.backends(Role.RESUME):
+            refs = sorted(self.router.call(name, "list_checkpoints", run_name=self.run_name) or [],
+                          key=lambda r: r.step, reverse=True)
+            verified: set[int] = set()
+            for ref in refs:
+                if len(verified) >= keep:
+                    break
+                try:
+                    self.reader.verify(ref)
+                    verified.add(ref.step)
+                except SKIPPABLE as exc:
+                    corrupt.append((ref, exc))
+            deleted += self.router.call(name, "prune", run_name=self.run_name, keep_last=keep,
+                                        protected_steps=self.best_steps(name), dry_run=dry_run,
+                                        counted_steps=frozenset(verified)) or []
+        return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt))
+
+    def delete_run(self, dry_run: bool = False) -> list[CheckpointRef]:
+        """Delete every resume checkpoint of the run on every resume backend (``ckptkit prune --all``)."""
+        self._check_open()
+        gone: list[CheckpointRef] = []
+        for name in self.router.backends(Role.RESUME):
+            if not self.router.implements(name, "delete_run"):
+                raise CkptkitError(f"backend {name!r} (type {self.router.types[name].name!r}) cannot delete a "
+                                   "whole run (its type does not implement delete_run); delete it with the "
+                                   "storage's own tools")
+            gone += self.router.call(name, "delete_run", run_name=self.run_name, dry_run=dry_run) or []
+        return gone
+
     def best_steps(self, backend: str) -> frozenset[int]:
         """The steps that ``roles.resume.keep_best`` keeps on ``backend`` (empty without keep_best).
 
@@ -404,12 +456,36 @@ class CheckpointManager:
             raise error
         log.warning("run %r: going on with what the other backends hold; could not list: %s", self.run_name, detail)
 
-    def verify(self, ref: CheckpointRef) -> Manifest:
-        """Check a checkpoint's manifest and every one of its files; return the manifest.
+    def verify(self, ref: CheckpointRef, safe_globals: Iterable[Any] = ()) -> Manifest:
+        """Check a checkpoint as restore would, without loading it into a model; return the manifest.
 
-        Raises ``CorruptCheckpointError`` or ``StorageUnavailableError``.
+        The manifest proves itself and its place, every file matches its size and checksum, and
+        every pickle in it (``.pt`` files, DCP's ``.metadata`` and non-tensor shard items) is one
+        that safe loading accepts; nothing in them is run. Raises ``CorruptCheckpointError``,
+        ``StorageUnavailableError`` or ``UnsafeCheckpointError``. A ``torch`` checkpoint on a
+        remote backend is downloaded to a scratch folder for this.
         """
-        return self.reader.verify(ref)
+        safe_globals = list(safe_globals)
+        manifest = self.reader.manifest(ref)
+        if manifest.format == "dcp":
+            self.reader.check_files(ref, manifest, manifest.files)
+            try:
+                sharded.check(self.router.instances[ref.backend].fs, ref.path, safe_globals)
+            except CkptkitError as exc:
+                raise type(exc)(f"{ref.uri}: {exc}") from exc
+            names = [n for n in manifest.files if n.endswith(".pt")]
+            for name in names:
+                self._load_file(ref, name, safe_globals)
+            return manifest
+        with reading.scratch("verify") as workdir:
+            folder = self.reader.fetch(ref, manifest, workdir)
+            for name in manifest.files:
+                if name.endswith(".pt"):
+                    try:
+                        safeload.check(os.path.join(folder, name), safe_globals, name=f"{ref.uri}/{name}")
+                    except CkptkitError as exc:
+                        raise type(exc)(str(exc)) from exc
+        return manifest
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                 extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = (),
@@ -526,7 +602,7 @@ class CheckpointManager:
             return "; ".join(str(p) for p in problems), None
         state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
         try:
-            sharded.load(state, backend.fs, ref.path)
+            sharded.load(state, backend.fs, ref.path, safe_globals)
         except (Exception, CheckpointException) as exc:
             inner = _unwrap(exc)
             if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
@@ -598,16 +674,17 @@ class CheckpointManager:
             if step is not None and ref.step != step:
                 continue
             try:
-                manifest = self.verify(ref)
+                manifest = self.reader.manifest(ref)
+                if manifest.format == "dcp":
+                    self.reader.check_files(ref, manifest, manifest.files)
+                    model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]
+                else:
+                    with reading.scratch("export") as workdir:
+                        folder = self.reader.fetch(ref, manifest, workdir)
+                        model_state = reading.load(os.path.join(folder, STATE_FILE), ref)["model"]
             except SKIPPABLE as exc:
                 warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
                 continue
-            if manifest.format == "dcp":
-                model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]
-            else:
-                with reading.scratch("export") as workdir:
-                    folder = self.reader.fetch(ref, manifest, workdir)
-                    model_state = reading.load(os.path.join(folder, STATE_FILE), ref)["model"]
             body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
                     "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
             torch.save(body, os.fspath(out))

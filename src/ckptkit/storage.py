@@ -23,7 +23,7 @@ import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
-from .errors import BackendError, CheckpointError
+from .errors import BackendError, CheckpointError, StorageUnavailableError
 from .hashing import HashingWriter
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -264,7 +264,7 @@ class FileBackend:
         except FileNotFoundError:
             return {}
         except Exception as exc:
-            raise self._fail(f"could not list {self.uri(run)}", exc) from None
+            raise StorageUnavailableError(self.name, f"could not list {self.uri(run)}: {self.describe(exc)}") from exc
         folders: dict[str, dict[str, dict[str, Any]]] = {}
         prefix = self.fs._strip_protocol(run).rstrip("/") + "/"
         for path, info in found.items():
@@ -358,7 +358,7 @@ class FileBackend:
 
     @hookimpl
     def prune(self, run_name: str, keep_last: int, protected_steps: frozenset[int],
-              dry_run: bool) -> list[CheckpointRef]:
+              dry_run: bool, counted_steps: frozenset[int] | None) -> list[CheckpointRef]:
         if keep_last < 1:
             raise ValueError("keep_last must be at least 1")
         with self._lock:
@@ -368,30 +368,64 @@ class FileBackend:
         doomed = []
         listing = self._listing(run_name)
         for ref in sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True):
-            if kept < keep_last and self._consistent(ref):
+            consistent = self._consistent(ref)
+            if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
                 kept += 1
             elif ref.step in protected_steps or ref.path in in_flight:
                 continue
             elif kept >= keep_last:
                 doomed.append(ref)
-            elif ref.mtime is not None and now - ref.mtime > self.leftover_grace_s:
+            elif not consistent and ref.mtime is not None and now - ref.mtime > self.leftover_grace_s:
                 # Committed but disagreeing with its manifest: not a checkpoint, a leftover.
                 doomed.append(ref)
+            # Otherwise: not (yet) known to be intact, and newer than what is kept: it stays.
         for path, mtime in self._leftovers(run_name, listing):
             # Without a modification time its age is unknown, so it may be a save in flight.
             if path in in_flight or mtime is None or now - mtime <= self.leftover_grace_s:
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
+        stale = self._stale_uploads(run_name, in_flight, now)
         if not dry_run:
             for ref in doomed:
+                self._delete_or_fail(ref)
+            for ref, abort in stale:
                 try:
-                    self._delete(ref.path)
-                except FileNotFoundError:
-                    pass
+                    abort()
                 except Exception as exc:
-                    raise self._fail(f"could not delete {ref.uri}", exc) from None
+                    raise self._fail(f"could not abort the unfinished upload {ref.uri}", exc) from None
             self.fs.invalidate_cache(self.run_path(run_name))
-        return doomed
+        return doomed + [ref for ref, _ in stale]
+
+    def _delete_or_fail(self, ref: CheckpointRef) -> None:
+        try:
+            self._delete(ref.path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._fail(f"could not delete {ref.uri}", exc) from None
+
+    def _stale_uploads(self, run_name: str, in_flight: set[str], now: float
+                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
+        """Uploads of this run that a crashed save started and never finished, older than the
+        grace period, each with the call that aborts it. Stores without such uploads have none."""
+        return []
+
+    @hookimpl
+    def delete_run(self, run_name: str, dry_run: bool) -> list[CheckpointRef]:
+        with self._lock:
+            in_flight = set(self._in_flight)
+        listing = self._listing(run_name)
+        doomed = sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True)
+        doomed += [self._ref(run_name, -1, path, role="leftover")
+                   for path, _ in self._leftovers(run_name, listing) if path not in in_flight]
+        stale = self._stale_uploads(run_name, in_flight, float("inf"))
+        if not dry_run:
+            for ref in doomed:
+                self._delete_or_fail(ref)
+            for _, abort in stale:
+                abort()
+            self.fs.invalidate_cache(self.run_path(run_name))
+        return doomed + [ref for ref, _ in stale]
 
     def _prepare_root(self) -> None:
         """Make the root writable where that takes a step; object stores have no folders to make,

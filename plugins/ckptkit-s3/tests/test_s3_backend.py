@@ -186,19 +186,19 @@ def test_prune_keeps_newest_and_cleans_only_old_leftovers(pm, s3_backend_options
     # A crashed save (no manifest), fresh: inside the grace period, kept.
     fs.pipe_file(f"{run}/step-0000000009/state.pt", b"partial")
     backend = ck.router.instances["archive"]
-    assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False) == []
+    assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None) == []
     assert "step-0000000009/state.pt" in keys(fs, run)
     assert [r.step for r in backend.list_checkpoints(run_name="run")] == [2]
     # Grace period over: the leftover goes, the newest committed stays whatever keep_last says.
     backend.leftover_grace_s = 0.0
-    gone = backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True)
+    gone = backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True, counted_steps=None)
     assert [r.role for r in gone] == ["leftover"]
     assert "step-0000000009/state.pt" in keys(fs, run)
-    backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False)
+    backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     assert keys(fs, run) == ["step-0000000002/manifest.json", "step-0000000002/state.pt"]
     # The newest committed one survives even when its neighbours are damaged.
     with pytest.raises(ValueError):
-        backend.prune(run_name="run", keep_last=0, protected_steps=frozenset(), dry_run=False)
+        backend.prune(run_name="run", keep_last=0, protected_steps=frozenset(), dry_run=False, counted_steps=None)
 
 
 def test_upload_streams_in_parts_with_bounded_memory(pm, s3_backend_options, moto_port, s3_endpoint, bucket):

@@ -1,0 +1,150 @@
+"""Pruning never leaves a run without a checkpoint that verifies, and cleans what crashes leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from ckptkit import CheckpointManager, StorageFullError
+from ckptkit.cli import main as cli_main
+
+from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only reading every byte can tell
+    path.write_bytes(bytes(data))
+
+
+def _steps(root, run="exp"):
+    d = root / "scratch" / run
+    return sorted(int(n.split("-")[1]) for n in os.listdir(d) if n.startswith("step-"))
+
+
+def _config_file(tmp_path, cfg):
+    path = tmp_path / "ck.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_cli_prune_keeps_the_newest_checkpoint_that_verifies(tmp_path, pm, capsys):
+    cfg = local_config(tmp_path, final=False, keep=5)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    states = {}
+    for step in range(4):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    ck.close()
+    _corrupt(tmp_path / "scratch/exp/step-0000000003/state.pt")
+
+    assert cli_main(["prune", _config_file(tmp_path, cfg), "--keep-last", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [d["step"] for d in out["damaged"]] == [3]
+    assert sorted(r["step"] for r in out["deleted"]) == [0, 1]
+    assert _steps(tmp_path) == [2, 3], "the newest verified step stays; the damaged newer one is not counted"
+
+    model2, opt2 = make_model(seed=9)
+    with pytest.warns(RuntimeWarning, match="step-0000000003"):
+        assert CheckpointManager.from_config(cfg, plugin_manager=pm).restore(model2, opt2).step == 2
+    assert_same_state(model2.state_dict(), states[2])
+
+
+def test_the_prune_after_a_save_counts_only_what_this_manager_knows_is_intact(tmp_path, pm):
+    """Checkpoints of an earlier process that this one never verified do not count toward keep_last."""
+    cfg = local_config(tmp_path, final=False, keep=2)
+    first = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(3):
+        first.save(step=step, model=model, optimizer=opt)
+    first.close()
+    # The newest is damaged on disk after it was committed; a later process restores past it.
+    _corrupt(tmp_path / "scratch/exp/step-0000000002/state.pt")
+    second = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    with pytest.warns(RuntimeWarning):
+        assert second.restore(model, opt).step == 1
+    second.save(step=3, model=model, optimizer=opt)
+    # Intact and known: 3 (written) and 1 (restored). The damaged 2 lies between them and is
+    # not counted; 0 is older than both kept ones.
+    assert _steps(tmp_path) == [1, 2, 3]
+    second.save(step=4, model=model, optimizer=opt)
+    assert _steps(tmp_path) == [3, 4]
+
+
+def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 60
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    run = tmp_path / "scratch/exp"
+    old = [run / "step-0000000007", run / ".tmp-step-0000000008-abcdef012345", run / ".tmp-final-0123456789ab"]
+    young = run / ".tmp-step-0000000009-abcdef012345"
+    mine = run / "notes"
+    for folder in [*old, young, mine]:
+        folder.mkdir()
+    (old[1] / "nested").mkdir()
+    an_hour_ago = time.time() - 3600
+    for folder in old:
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    os.utime(mine, (an_hour_ago, an_hour_ago))
+    ck.save(step=1, model=model, optimizer=opt)
+    assert not any(f.exists() for f in old)
+    assert young.exists() and mine.exists(), "a young folder may be a save in flight; others are not ours"
+    assert _steps(tmp_path) == [0, 1]
+
+
+def test_prune_all_frees_the_run_name(tmp_path, pm, capsys):
+    cfg = local_config(tmp_path, final=True)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(3):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.finalize(model, step=2)
+    ck.close()
+    path = _config_file(tmp_path, cfg)
+    assert cli_main(["prune", path, "--all", "--dry-run", "--json"]) == 0
+    assert sorted(r["step"] for r in json.loads(capsys.readouterr().out)["deleted"]) == [0, 1, 2]
+    assert _steps(tmp_path) == [0, 1, 2]
+    assert cli_main(["prune", path, "--all"]) == 0
+    assert _steps(tmp_path) == []
+    assert (tmp_path / "published/exp/final/final_model.pt").exists(), "the final model is not a resume checkpoint"
+    fresh = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert fresh.save(step=0, model=model, optimizer=opt), "a new training may use the name again"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB filesystem that fills up for real (a tmpfs; mounting needs root)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing(tmp_path, pm, tiny_disk):
+    import torch
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["path"] = str(tiny_disk)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    small = torch.nn.Linear(4, 4)
+    assert ck.save(step=0, model=small)
+    big = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
+    with pytest.raises(Exception) as info:
+        ck.save(step=1, model=big)
+    failure = info.value.failures["scratch"]
+    assert isinstance(failure, StorageFullError)
+    assert f"no space left on {tiny_disk}" in str(failure) and "step-0000000001" in str(failure)
+    assert isinstance(failure.__cause__, OSError) and "unexpected pos" not in str(failure)
+    assert sorted(os.listdir(tiny_disk / "exp")) == ["step-0000000000"], "nothing of the failed save is left"
+    assert ck.restore(small).step == 0

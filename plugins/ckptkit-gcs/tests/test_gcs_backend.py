@@ -61,8 +61,8 @@ def test_save_prune_restore_cycle_and_final(pm, gcs_backend_options, gcs_endpoin
     ck.finalize(model=m, step=3)
     assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == [
         "final/final_model.pt", "final/manifest.json",
-        "step-0000000002/manifest.json", "step-0000000002/state.pt",
-        "step-0000000003/manifest.json", "step-0000000003/state.pt",
+        "step-0000000002/extra.pt", "step-0000000002/manifest.json", "step-0000000002/state.pt",
+        "step-0000000003/extra.pt", "step-0000000003/manifest.json", "step-0000000003/state.pt",
     ]
     m2 = model(2)
     restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m2)

@@ -99,8 +99,8 @@ def test_save_prune_restore_cycle_and_final_prefix(pm, s3_backend_options, s3_en
     fs = s3(s3_endpoint)
     assert keys(fs, f"{bucket}/ckpts/run") == [
         "final/final_model.pt", "final/manifest.json",
-        "step-0000000003/manifest.json", "step-0000000003/state.pt",
-        "step-0000000004/manifest.json", "step-0000000004/state.pt",
+        "step-0000000003/extra.pt", "step-0000000003/manifest.json", "step-0000000003/state.pt",
+        "step-0000000004/extra.pt", "step-0000000004/manifest.json", "step-0000000004/state.pt",
     ]
     manifest = json.loads(fs.cat_file(f"{bucket}/ckpts/run/step-0000000004/{MANIFEST_NAME}"))
     assert manifest["step"] == 4 and manifest["epoch"] == 2 and manifest["metrics"] == {"loss": 0.2}
@@ -195,7 +195,7 @@ def test_prune_keeps_newest_and_cleans_only_old_leftovers(pm, s3_backend_options
     assert [r.role for r in gone] == ["leftover"]
     assert "step-0000000009/state.pt" in keys(fs, run)
     backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-    assert keys(fs, run) == ["step-0000000002/manifest.json", "step-0000000002/state.pt"]
+    assert keys(fs, run) == ["step-0000000002/extra.pt", "step-0000000002/manifest.json", "step-0000000002/state.pt"]
     # The newest committed one survives even when its neighbours are damaged.
     with pytest.raises(ValueError):
         backend.prune(run_name="run", keep_last=0, protected_steps=frozenset(), dry_run=False, counted_steps=None)
@@ -299,3 +299,32 @@ def test_probe_reports_each_operation(pm, s3_backend_options, make_fault_proxy, 
     result = denied.probe()
     assert result["write"].startswith("PermissionError"), result
     assert result["list"] != "ok"  # the probe object never appeared
+
+
+def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
+        pm, s3_backend_options, s3_endpoint, bucket):
+    # moto dates every upload in 2010, so every upload here is past any grace period.
+    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
+    ck.save(step=0, model=model())
+    fs = s3(s3_endpoint)
+    # What a save killed mid-upload leaves: a multipart upload with a part, never completed.
+    crashed = "ckpts/run/step-0000000005/state.pt"
+    foreign = "ckpts/run-other/step-0000000005/state.pt"
+    for key in (crashed, foreign):
+        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+
+    def pending():
+        return sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
+
+    backend = ck.router.instances["archive"]
+    would = backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True, counted_steps=None)
+    assert [r.role for r in would] == ["unfinished upload"] and crashed in would[0].uri
+    assert pending() == sorted([crashed, foreign]), "a dry run aborts nothing"
+    # An upload into a folder this backend is writing right now is never touched.
+    backend._in_flight.add(f"{bucket}/ckpts/run/step-0000000005")
+    assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True,
+                         counted_steps=None) == []
+    backend._in_flight.clear()
+    ck.save(step=1, model=model())
+    assert pending() == [foreign], "another run's upload is not this run's to abort"

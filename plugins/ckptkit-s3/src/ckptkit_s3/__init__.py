@@ -9,12 +9,15 @@ Credentials come from the usual AWS chain (environment, config files, instance r
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import posixpath
+from typing import Any, Callable
 
 import s3fs
 
+from ckptkit.checkpoint import CheckpointRef
 from ckptkit.remote import RemoteOptions
-from ckptkit.storage import FileBackend
+from ckptkit.storage import FINAL_DIR, FileBackend, parse_step
 
 __all__ = ["S3Backend"]
 __version__ = "0.1.0"
@@ -74,3 +77,41 @@ class S3Backend(FileBackend):
 
     def _multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
+
+    def _stale_uploads(self, run_name: str, in_flight: set[str], now: float
+                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
+        """Multipart uploads of this run's checkpoints that a killed save started and never finished.
+
+        S3 keeps their parts (and bills them) until they are aborted. Only uploads into a step
+        folder or ``final/`` of this run, older than the grace period and not this process's
+        own save in flight, are returned.
+        """
+        run = self.run_path(run_name)
+        bucket, key, _ = self.fs.split_path(run)
+        prefix = key.rstrip("/") + "/"
+        uploads = self._call(f"listing unfinished uploads under {self.uri(run)}", self._list_uploads, bucket, prefix)
+        stale = []
+        for upload in uploads:
+            folder = upload["Key"][len(prefix):].split("/", 1)[0]
+            if parse_step(folder) is None and folder != FINAL_DIR:
+                continue
+            if posixpath.join(run, folder) in in_flight:
+                continue
+            if now - upload["Initiated"].timestamp() <= self.leftover_grace_s:
+                continue
+            ref = self._ref(run_name, -1, f"{bucket}/{upload['Key']}", role="unfinished upload")
+            abort = functools.partial(self._call, f"aborting the upload of {ref.uri}", self.fs.call_s3,
+                                      "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                      UploadId=upload["UploadId"])
+            stale.append((ref, abort))
+        return stale
+
+    def _list_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        page: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            out = self.fs.call_s3("list_multipart_uploads", **page)
+            found += out.get("Uploads", [])
+            if not out.get("IsTruncated"):
+                return found
+            page.update(KeyMarker=out["NextKeyMarker"], UploadIdMarker=out["NextUploadIdMarker"])

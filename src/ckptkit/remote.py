@@ -60,8 +60,12 @@ class RemoteOptions:
     retry: RetryPolicy
     part_size: int
     concurrency: int
+    # The longest one request may wait to connect, or between bytes of an answer, before it
+    # counts as failed (and is retried by ``retry``): a hung server cannot stall training.
+    timeout_s: float = 60.0
 
-    KEYS = ("path", "storage_options", "leftover_grace_s", "retry", "part_size_mb", "upload_concurrency")
+    KEYS = ("path", "storage_options", "leftover_grace_s", "retry", "part_size_mb", "upload_concurrency",
+            "timeout_s")
 
     @property
     def root(self) -> str:
@@ -83,9 +87,10 @@ class RemoteOptions:
                      integer=True)
         conc = check_number(f"{key}.upload_concurrency", options.get("upload_concurrency", concurrency), 1,
                        integer=True)
+        timeout = check_number(f"{key}.timeout_s", options.get("timeout_s", 60), 0.001)
         return cls(bucket=bucket, prefix=prefix, storage_options=dict(storage_options),
                    leftover_grace_s=float(grace), retry=RetryPolicy.from_config(f"{key}.retry", options.get("retry")),
-                   part_size=mb * 2**20, concurrency=conc)
+                   part_size=mb * 2**20, concurrency=conc, timeout_s=float(timeout))
 
     def backend(self, cls: type, name: str, fs: Any) -> Any:
         """An instance of ``cls`` (a ``FileBackend`` subclass) over ``fs`` with these options."""

@@ -127,3 +127,18 @@ def test_unrecoverable_fault_leaves_nothing_committed(pm, gcs_backend_options, m
 def test_probe(pm, gcs_backend_options):
     backend = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).router.instances["archive"]
     assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_store_is_not_nothing_to_resume(pm, gcs_backend_options, silent_server):
+    """A server that accepts and never answers. gcsfs retries each request itself (6 tries,
+    about 31 s of backoff), so one listing takes 6 x timeout_s + 31 s at most."""
+    from ckptkit import CheckpointManager, StorageUnavailableError
+
+    options = gcs_backend_options(endpoint=f"http://127.0.0.1:{silent_server}", timeout_s=0.5,
+                                  retry={"attempts": 1})
+    cfg = {"run_name": "run", "backends": {"archive": options},
+           "roles": {"resume": {"backends": ["archive"], "every_n_steps": 1, "keep_last": 2}}}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm())
+    with pytest.raises(StorageUnavailableError, match="archive.*could not be listed.*[Tt]imeout"):
+        ck.restore(torch.nn.Linear(2, 2))

@@ -6,9 +6,7 @@ import glob
 import json
 import logging
 import os
-import socket
 import sys
-import threading
 import time
 import uuid
 
@@ -213,32 +211,6 @@ def test_publish_skips_a_registry_that_holds_the_same_bytes_unless_forced(tmp_pa
     data = json.loads(capfd.readouterr().out)
     assert [(p["backend"], p["uri"]) for p in data["published"]][1] == ("registry", f"models:/{name}/2")
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
-
-
-@pytest.fixture
-def silent_server():
-    """A TCP server on loopback that accepts connections and never answers: a hung tracking server."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    sock.settimeout(0.2)
-    held, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                held.append(sock.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield sock.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    sock.close()
-    for conn in held:
-        conn.close()
 
 
 @pytest.mark.timeout(90)

@@ -328,3 +328,21 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     backend._in_flight.clear()
     ck.save(step=1, model=model())
     assert pending() == [foreign], "another run's upload is not this run's to abort"
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_options, silent_server):
+    """A server that accepts and never answers: save fails, and restore does not mistake it for "nothing"."""
+    from ckptkit import StorageUnavailableError
+
+    options = s3_backend_options(endpoint=f"http://127.0.0.1:{silent_server}", timeout_s=0.5,
+                                 retry={"attempts": 1})
+    options["storage_options"]["config_kwargs"] = {"retries": {"max_attempts": 0}}
+    ck = manager(pm, {"archive": options}, ["archive"])
+    with pytest.raises(SaveError) as err:
+        ck.save(step=0, model=model())
+    failure = err.value.failures["archive"]
+    assert isinstance(failure, BackendError) and failure.backend == "archive"
+    assert "timeout" in str(failure).lower() or "timed out" in str(failure).lower()
+    with pytest.raises(StorageUnavailableError, match="archive.*could not be listed"):
+        ck.restore(model())

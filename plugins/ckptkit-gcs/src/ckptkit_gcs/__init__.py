@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import gcsfs
 
 from ckptkit.remote import RemoteOptions
@@ -26,7 +27,9 @@ class GCSBackend(FileBackend):
     Options: ``path`` (required), ``storage_options`` (passed to ``gcsfs.GCSFileSystem``, e.g.
     ``project``, ``token``, ``endpoint_url``), ``leftover_grace_s``, ``retry`` (``attempts``,
     ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (the resumable-upload chunk) and
-    ``upload_concurrency`` (unused: a resumable upload takes its chunks in order).
+    ``upload_concurrency`` (unused: a resumable upload takes its chunks in order) and
+    ``timeout_s`` (connect and read timeout of each request, unless ``storage_options`` sets
+    ``requests_timeout``).
     """
 
     OPTIONS = RemoteOptions.KEYS
@@ -37,4 +40,8 @@ class GCSBackend(FileBackend):
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=1)
         storage_options = dict(opts.storage_options)
         storage_options.setdefault("skip_instance_cache", True)
+        # A bound on each wait (connecting, and between bytes of an answer), not on a whole
+        # transfer, which may rightly take long for a large chunk.
+        storage_options.setdefault("requests_timeout", aiohttp.ClientTimeout(
+            total=None, sock_connect=opts.timeout_s, sock_read=opts.timeout_s))
         return opts.backend(cls, name, gcsfs.GCSFileSystem(**storage_options))

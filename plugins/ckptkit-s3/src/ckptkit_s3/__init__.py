@@ -59,7 +59,8 @@ class S3Backend(FileBackend):
     Options: ``path`` (required), ``storage_options`` (passed to ``s3fs.S3FileSystem``, e.g.
     ``endpoint_url``, ``profile``, ``config_kwargs``), ``leftover_grace_s``, ``retry``
     (``attempts``, ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (at least 5) and
-    ``upload_concurrency`` (parts in flight per file).
+    ``upload_concurrency`` (parts in flight per file) and ``timeout_s`` (connect and read
+    timeout of each request, unless ``storage_options.config_kwargs`` sets them).
     """
 
     OPTIONS = RemoteOptions.KEYS
@@ -71,6 +72,8 @@ class S3Backend(FileBackend):
         storage_options = dict(opts.storage_options)
         config_kwargs = dict(storage_options.get("config_kwargs") or {})
         config_kwargs.setdefault("retries", dict(DEFAULT_BOTOCORE_RETRIES))
+        config_kwargs.setdefault("connect_timeout", opts.timeout_s)
+        config_kwargs.setdefault("read_timeout", opts.timeout_s)
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
         return opts.backend(cls, name, s3fs.S3FileSystem(**storage_options))

@@ -14,7 +14,9 @@ all), ``error`` the exception raised: ``OSError`` (EIO), ``ENOSPC``, ``Connectio
   ``close`` (closing such a file, which publishes it), ``pipe_file``, ``cat_file``, ``exists``,
   ``find``, ``rm_file`` and ``rm``.
 - ``faultylocal``: the built-in ``LocalBackend`` with faults at its own stages: ``write`` (one
-  write call on a payload file) and ``commit`` (writing the manifest and renaming into place).
+  write call of the serialiser into a payload file), ``commit`` (writing the manifest and renaming
+  into place) and ``full`` (the payload file is opened on ``/dev/full``, so the kernel itself
+  answers its writes with ENOSPC, wherever the backend writes them from).
 
 Every call is recorded in ``calls`` as ``(op, path)``, so a test can see how far a save got.
 """
@@ -22,6 +24,7 @@ Every call is recorded in ``calls`` as ``(op, path)``, so a test can see how far
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from typing import Any
 
@@ -87,10 +90,14 @@ class Faults:
             self.plan.clear()
             self.calls.clear()
 
-    def check(self, op: str, path: str) -> None:
+    def take(self, op: str, path: str) -> Fault | None:
+        """Record the operation; the fault that strikes it, if any."""
         with self.lock:
             self.calls.append((op, str(path)))
-            fault = next((f for f in self.plan if f.hit(op, str(path))), None)
+            return next((f for f in self.plan if f.hit(op, str(path))), None)
+
+    def check(self, op: str, path: str) -> None:
+        fault = self.take(op, path)
         if fault is not None:
             raise ERRORS[fault.error](f"{op} {path}")
 
@@ -219,6 +226,8 @@ class FaultyLocalBackend(LocalBackend):
         return backend
 
     def _write(self, pf, path):
+        if self.faults.take("full", path) is not None:
+            os.symlink("/dev/full", path)
         faults = self.faults
         faulty = attrs.evolve(pf, source=None, write=lambda f: pf.write_to(_FaultyStream(f, path, faults)))
         return super()._write(faulty, path)

@@ -21,7 +21,7 @@ import yaml
 
 import ckptkit
 from ckptkit import cli
-from ckptkit.errors import BackendError, PublishError, SaveError
+from ckptkit.errors import BackendError, PublishError, SaveError, StorageFullError
 from ckptkit.plugins import make_plugin_manager
 
 from trust.faults import FaultyFileBackend, FaultyLocalBackend
@@ -91,20 +91,13 @@ SAVE_STAGES = [
      "step-0000000002/state.pt"),
     ("faultyfs", {"op": "close", "path": "step-0000000002/state.pt"}, "step-0000000002/state.pt"),
     ("faultyfs", {"op": "pipe_file", "path": "step-0000000002/manifest.json"}, "step-0000000002/manifest.json"),
-    ("faultylocal", {"op": "write", "path": "state.pt", "nth": 3}, "state.pt"),
-    ("faultylocal", {"op": "write", "path": "state.pt", "nth": 3, "error": "ENOSPC"}, "state.pt"),
+    ("faultylocal", {"op": "full", "path": "state.pt", "error": "ENOSPC"}, "step-0000000002"),
     ("faultylocal", {"op": "commit", "path": "step-0000000002"}, "manifest.json"),
 ]
-# The local backend reports a failed write as torch's "unexpected pos 46 vs 0", naming neither
-# the file nor the cause.
-_LOCAL_WRITE_ERROR = pytest.mark.xfail(strict=True, reason="issue 8 item 10: a failed local write surfaces "
-                                                           "torch's 'unexpected pos', not the file and cause")
 
 
-@pytest.mark.parametrize("btype, fault, names", [
-    pytest.param(t, f, n, id=f"{t}-{f['op']}-{f.get('error', 'EIO')}",
-                 marks=_LOCAL_WRITE_ERROR if (t, f["op"]) == ("faultylocal", "write") else ())
-    for t, f, n in SAVE_STAGES])
+@pytest.mark.parametrize("btype, fault, names", SAVE_STAGES,
+                         ids=[f"{t}-{f['op']}-{f.get('error', 'EIO')}" for t, f, _ in SAVE_STAGES])
 def test_a_failed_save_commits_nothing_and_the_previous_checkpoint_loads(tmp_path, btype, fault, names):
     root = tmp_path / "flaky"
     cfg = config(tmp_path, {"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
@@ -123,7 +116,9 @@ def test_a_failed_save_commits_nothing_and_the_previous_checkpoint_loads(tmp_pat
     assert "flaky" in text and "backend 'flaky'" in str(failure) and names in str(failure), text
     assert "step 2" in text
     if fault.get("error") == "ENOSPC":
-        assert "No space left" in str(failure)
+        assert "no space left" in str(failure).lower()
+        if btype == "faultylocal":
+            assert isinstance(failure, StorageFullError), repr(failure)
     # Nothing of step 2 is committed, and nothing of it is left over either.
     assert [r.step for r in ck.list_checkpoints()] == [1]
     assert folders(root) == ["step-0000000001"]

@@ -234,11 +234,6 @@ def test_kills_never_pick_a_corrupt_checkpoint_nor_lose_one(torture):
     assert not torture.torn, torture.torn
 
 
-# Leftovers that the next start does not clean yet (issue 8 item 9); test_orphans.py holds a
-# strict test for each. Drop a kind from here once its test passes.
-KNOWN_OPEN = ("empty folder", "multipart upload")
-
-
 def leftovers(t: Torture) -> list[tuple[str, str]]:
     """``(kind, what)`` for everything of the run that is not a committed checkpoint's file."""
     ck = t.manager()
@@ -282,7 +277,4 @@ def test_a_fresh_start_cleans_what_the_kills_left(torture):
     wait_gone(pid, 120)
     lines = read_log(job["log"])
     assert lines and lines[-1] == "done", (lines, read_log(job["log"] + ".stderr"))
-    after = leftovers(torture)
-    assert [x for x in after if x[0] not in KNOWN_OPEN] == []
-    if after:
-        pytest.xfail(f"issue 8 item 9: the kills left {after}")
+    assert leftovers(torture) == []

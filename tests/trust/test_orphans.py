@@ -23,9 +23,6 @@ from trust.common import new_bucket
 
 pytestmark = pytest.mark.timeout(120)
 
-_ITEM_9 = "issue 8 item 9: leftovers that a kill leaves are never removed"
-
-
 def model_at(step: int) -> torch.nn.Module:
     m = torch.nn.Linear(64, 16)
     with torch.no_grad():
@@ -81,7 +78,6 @@ def test_local_partial_folders_of_a_killed_save_or_prune_are_removed(tmp_path):
     assert tree(root / "other") == other
 
 
-@pytest.mark.xfail(strict=True, reason=_ITEM_9 + " (the pruner lists files only, so empty folders stay)")
 @pytest.mark.parametrize("left", [".tmp-step-0000000003-0123456789ab", ".trash-step-0000000002-0123456789ab",
                                   "step-0000000000"])
 def test_local_empty_folders_of_a_killed_save_or_prune_are_removed(tmp_path, left):
@@ -100,7 +96,6 @@ def s3_cfg(port: int, bucket: str) -> dict:
             "roles": {"resume": {"backends": ["store"], "every_n_steps": 1, "keep_last": 2}}}
 
 
-@pytest.mark.xfail(strict=True, reason=_ITEM_9 + " (unfinished S3 multipart uploads are never aborted)")
 def test_s3_unfinished_multipart_upload_of_a_killed_save_is_aborted(moto_port):
     import s3fs
 

@@ -248,19 +248,13 @@ class WithCliPrune(Sequences):
 TestSequences = Sequences.TestCase
 TestSequences.settings = PROFILE
 
-# Found at random, not in every run of 50 sequences, so this xfail cannot be strict; the strict
-# one is the minimal example below. Remove both markers once issue 8 item 7 is fixed.
-TestSequencesWithCliPrune = pytest.mark.xfail(
-    strict=False, reason="issue 8 item 7: ckptkit prune counts a corrupt checkpoint as kept and deletes "
-                         "the newest one that verifies")(WithCliPrune.TestCase)
+TestSequencesWithCliPrune = WithCliPrune.TestCase
 TestSequencesWithCliPrune.settings = PROFILE
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 7: ckptkit prune counts a corrupt checkpoint as kept "
-                                       "and deletes the newest one that verifies")
 def test_prune_keeps_the_newest_checkpoint_that_verifies():
-    """The minimal sequence hypothesis finds: save 1 and 2, corrupt step 2's state.pt in place,
-    ``ckptkit prune --keep-last 1``."""
+    """The minimal sequence that broke this on issue 8 (item 7): save 1 and 2, corrupt step 2's
+    state.pt in place, ``ckptkit prune --keep-last 1``."""
     machine = WithCliPrune()
     try:
         machine.start(keep=3)

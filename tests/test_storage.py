@@ -1,5 +1,6 @@
 """The storage contract: commit by manifest (and rename on local disk), leftovers, pruning."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -8,11 +9,14 @@ import time
 
 import fsspec
 import pytest
+import torch
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 import ckptkit
-from ckptkit import BackendError, CheckpointManager
+from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError
 from ckptkit.checkpoint import Payload, PayloadFile
 from ckptkit.local import LocalBackend
+from ckptkit.retry import RetryPolicy
 from ckptkit.storage import FileBackend, step_dirname
 
 from ckpt_helpers import assert_same_state, local_config, make_model, train_step
@@ -215,3 +219,94 @@ def test_replacing_a_local_checkpoint_is_one_atomic_swap(tmp_path, monkeypatch):
     with backend.open_file(ref=ref, name="state.pt") as f:
         assert f.read() == b"new!"
     assert sorted(os.listdir(tmp_path / "root/r")) == ["step-0000000003"]
+
+
+class _FullDiskFile(LocalFileOpener):
+    """A real local file on a disk that holds ``fs.budget`` more bytes, then fails like a full one."""
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self.fs.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.fs.budget -= n
+        return super().write(data)
+
+
+class _FullDiskFS(LocalFileSystem):
+    """Local disk behind a filesystem whose free space runs out after ``budget`` bytes."""
+
+    def __init__(self, budget, **kwargs):
+        super().__init__(auto_mkdir=True, skip_instance_cache=True, **kwargs)
+        self.budget = budget
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        path = self._strip_protocol(path)
+        if "w" in mode:
+            self.makedirs(self._parent(path), exist_ok=True)
+            return _FullDiskFile(path, mode, fs=self, **kwargs)
+        return super()._open(path, mode, block_size=block_size, **kwargs)
+
+
+def test_a_full_disk_behind_a_streaming_backend_is_named_not_torchs_unexpected_pos(tmp_path):
+    fs = _FullDiskFS(budget=64 * 1024)
+    backend = FileBackend("nfs", fs, str(tmp_path / "root"))
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    big = Payload(run_name="r", step=2, epoch=None, format="torch", files=(
+        PayloadFile("state.pt", write=lambda f: torch.save({"w": torch.zeros(256 * 1024)}, f)),))
+    with pytest.raises(StorageFullError) as info:
+        backend.save_resume(run_name="r", step=2, payload=big)
+    message = str(info.value)
+    assert info.value.backend == "nfs" and message.startswith("backend 'nfs': no space left on ")
+    assert f"{tmp_path}/root" in message and "step-0000000002" in message and "keep_last" in message
+    assert "unexpected pos" not in message
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert steps(backend) == [1]
+    assert not [p for p in fs.find(str(tmp_path / "root")) if "0000000002" in p], "nothing of the failed save is left"
+
+
+@pytest.mark.parametrize("kind", ["local", "plain-fs"])
+def test_empty_leftover_folders_go_after_the_grace_period(tmp_path, kind):
+    """A save killed right after creating its folder leaves one with no file in it, which a
+    listing of files never shows; any backend whose storage has folders must see and remove it."""
+    root = tmp_path / "root"
+    if kind == "local":
+        backend = LocalBackend.from_config("disk", {"path": str(root), "leftover_grace_s": 60})
+    else:
+        backend = FileBackend("plain", LocalFileSystem(auto_mkdir=True, skip_instance_cache=True), str(root),
+                              leftover_grace_s=60)
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    run = root / "r"
+    old = [run / "step-0000000007", run / ".tmp-step-0000000008-abcdef012345", run / ".trash-final-0123456789ab"]
+    young = run / ".tmp-step-0000000009-abcdef012345"
+    foreign = run / "notes"
+    for folder in [*old, young, foreign]:
+        folder.mkdir()
+    (old[1] / "nested").mkdir()
+    an_hour_ago = time.time() - 3600
+    for folder in [*old, foreign]:
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    would = backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=True, counted_steps=None)
+    assert sorted(os.path.basename(r.path) for r in would) == sorted(f.name for f in old)
+    assert {r.role for r in would} == {"leftover"} and all(f.exists() for f in old), "a dry run deletes nothing"
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert not any(f.exists() for f in old)
+    assert young.exists(), "a young folder may be a save in flight"
+    assert foreign.exists(), "a folder ckptkit does not write is not its to delete"
+    assert steps(backend) == [1]
+
+
+class _DownFS(LocalFileSystem):
+    """A store whose every listing fails the way a dropped network does."""
+
+    def find(self, path, *args, **kwargs):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, f"connection refused listing {path}")
+
+
+def test_a_listing_that_keeps_failing_is_storage_unavailable_with_its_cause(tmp_path):
+    backend = FileBackend("nas", _DownFS(skip_instance_cache=True), str(tmp_path / "root"),
+                          retry=RetryPolicy(attempts=2, backoff_s=0, max_backoff_s=0))
+    with pytest.raises(StorageUnavailableError) as info:
+        backend.list_checkpoints(run_name="r")
+    assert info.value.backend == "nas"
+    assert f"could not list file://{tmp_path}/root/r" in str(info.value) and "gave up after 2 attempts" in str(info.value)
+    assert isinstance(info.value.__cause__.last, ConnectionRefusedError)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import posixpath
 import shutil
@@ -16,11 +15,11 @@ import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_number, check_options
-from .errors import BackendError, ConfigError, StorageFullError
+from .errors import BackendError, ConfigError
 from .hashing import HashingWriter
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .storage import DEFAULT_GRACE_S, STEP_PREFIX, FileBackend, _check_file_name, step_dirname
+from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, no_space, step_dirname, storage_full
 
 
 def local_root(path: Any, key: str) -> str:
@@ -121,11 +120,6 @@ class _EarlyWriteback:
         self._f.flush()
 
 
-def _is_ours(dirname: str) -> bool:
-    """A folder name that ckptkit's own saves create under a run."""
-    return dirname.startswith((STEP_PREFIX, ".tmp-step-", ".tmp-final-", ".trash-step-", ".trash-final-"))
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -205,10 +199,9 @@ class LocalBackend(FileBackend):
             self._unstage(tmp, remove=True)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: no leftover, then go on
                 raise
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFullError(self.name, f"no space left on {self.root} while writing {dirname} of run "
-                                                  f"{run_name!r} ({os.strerror(exc.errno)}); nothing of it was kept. "
-                                                  "Free space, lower keep_last, or use a larger disk") from exc
+            full = no_space(exc)
+            if full is not None:
+                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full) from full
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
                                           f"{self.root}: {type(exc).__name__}: {exc}") from exc
         self._unstage(tmp, remove=False)
@@ -253,24 +246,6 @@ class LocalBackend(FileBackend):
 
     def _prepare_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
-
-    def _leftovers(self, run_name: str, listing=None) -> list[tuple[str, float | None]]:
-        """Also the folders that hold no file at all, which a listing of files cannot see: a
-        save killed right after creating its folder leaves one."""
-        found = super()._leftovers(run_name, listing)
-        known = {path for path, _ in found}
-        run = self.run_path(run_name)
-        try:
-            entries = list(os.scandir(run))
-        except FileNotFoundError:
-            return found
-        for entry in entries:
-            path = posixpath.join(run, entry.name)
-            if path in known or not entry.is_dir(follow_symlinks=False) or not _is_ours(entry.name):
-                continue
-            if not any(files for _, _, files in os.walk(path)):
-                found.append((path, entry.stat(follow_symlinks=False).st_mtime))
-        return found
 
     def _delete(self, path: str) -> None:
         manifest = os.path.join(path, MANIFEST_NAME)

@@ -10,7 +10,9 @@ other way: the manifest first, so a half-deleted checkpoint never looks committe
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -23,7 +25,7 @@ import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
-from .errors import BackendError, CheckpointError, StorageUnavailableError
+from .errors import BackendError, CheckpointError, StorageFullError, StorageUnavailableError
 from .hashing import HashingWriter
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -34,6 +36,8 @@ from .uploads import Multipart, PartWriter, StreamWriter
 STEP_PREFIX = "step-"
 STEP_DIGITS = 10
 FINAL_DIR = "final"
+# The temporary and trash folders of the local commit protocol (``LocalBackend``).
+LEFTOVER_PREFIXES = (".tmp-step-", ".tmp-final-", ".trash-step-", ".trash-final-")
 DEFAULT_GRACE_S = 3600.0
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,44 @@ def _mtime(info: dict[str, Any]) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+def no_space(exc: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error behind ``exc``, if that is what it comes from.
+
+    torch.save reports a failed write as its own RuntimeError ("unexpected pos ..."), with the
+    OSError that says why only in the exception's context, so the whole chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        current = (getattr(current, "last", None) if isinstance(current, RetriesExhausted)
+                   else current.__cause__ or current.__context__)
+    return None
+
+
+def storage_full(backend: str, where: str, what: str, cause: OSError) -> StorageFullError:
+    """The error for a write that ran out of space, saying what to do about it."""
+    return StorageFullError(backend, f"no space left on {where} while writing {what} ({os.strerror(cause.errno)}); "
+                                     "nothing of it was kept. Free space, lower keep_last, or use a larger disk")
+
+
+@attrs.define
+class _Folder:
+    """What one listing of a run saw of a folder directly under it."""
+
+    files: dict[str, dict[str, Any]] = attrs.Factory(dict)  # the files directly inside: name -> info
+    # The newest modification time of the folder itself or of any file under it; None when the
+    # store tells neither (object stores have no folders of their own).
+    mtime: float | None = None
+
+    def touched(self, info: dict[str, Any]) -> None:
+        mtime = _mtime(info)
+        if mtime is not None and (self.mtime is None or mtime > self.mtime):
+            self.mtime = mtime
 
 
 def _check_file_name(name: str) -> str:
@@ -160,6 +202,9 @@ class FileBackend:
                        manifest.to_json())
         except Exception as exc:
             self._discard(target)
+            full = no_space(exc)
+            if full is not None:
+                raise storage_full(self.name, self.uri(self.root), self.uri(current), full) from full
             raise self._fail(f"could not store {self.uri(target)} (writing {self.uri(current)} failed; "
                              "nothing of it was committed)", exc) from None
         finally:
@@ -252,11 +297,12 @@ class FileBackend:
 
     def _find(self, path: str) -> dict[str, dict[str, Any]]:
         # No maxdepth: some stores (s3fs) walk folder by folder when given one, while a plain
-        # recursive find is one paginated listing of the prefix.
-        return self.fs.find(path, withdirs=False, detail=True)
+        # recursive find is one paginated listing of the prefix. Folders are asked for too: a
+        # save killed right after creating its folder leaves one with no file in it.
+        return self.fs.find(path, withdirs=True, detail=True)
 
-    def _listing(self, run_name: str) -> dict[str, dict[str, dict[str, Any]]]:
-        """One listing of a run: folder name -> file name -> info."""
+    def _listing(self, run_name: str) -> dict[str, _Folder]:
+        """One listing of a run: folder name -> what is in it."""
         run = self.run_path(run_name)
         self.fs.invalidate_cache(run)
         try:
@@ -265,28 +311,34 @@ class FileBackend:
             return {}
         except Exception as exc:
             raise StorageUnavailableError(self.name, f"could not list {self.uri(run)}: {self.describe(exc)}") from exc
-        folders: dict[str, dict[str, dict[str, Any]]] = {}
+        folders: dict[str, _Folder] = {}
         prefix = self.fs._strip_protocol(run).rstrip("/") + "/"
         for path, info in found.items():
-            rel = self.fs._strip_protocol(path)
+            rel = self.fs._strip_protocol(path).rstrip("/")
             if not rel.startswith(prefix):
                 continue
             parts = rel[len(prefix):].split("/")
-            if len(parts) == 2 and parts[1]:
-                folders.setdefault(parts[0], {})[parts[1]] = info
+            is_dir = info.get("type") == "directory"
+            if not parts[0] or len(parts) == 1 and not is_dir:
+                continue
+            folder = folders.setdefault(parts[0], _Folder())
+            if len(parts) == 1 or not is_dir:
+                # A nested folder's own time is left out: emptying it (as a kill's cleanup
+                # does) says nothing of whether a save still writes here.
+                folder.touched(info)
+            if len(parts) == 2 and not is_dir:
+                folder.files[parts[1]] = info
         return folders
 
-    def _committed(self, run_name: str, listing: dict[str, dict[str, dict[str, Any]]]) -> list[CheckpointRef]:
+    def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:
         run = self.run_path(run_name)
         refs = []
-        for dirname, files in listing.items():
+        for dirname, folder in listing.items():
             step = parse_step(dirname)
-            if step is None or MANIFEST_NAME not in files:
+            if step is None or MANIFEST_NAME not in folder.files:
                 continue
-            sizes = {n: int(i.get("size") or 0) for n, i in files.items() if n != MANIFEST_NAME}
-            mtimes = [m for i in files.values() if (m := _mtime(i)) is not None]
-            refs.append(self._ref(run_name, step, posixpath.join(run, dirname), sizes=sizes,
-                                  mtime=max(mtimes) if mtimes else None))
+            sizes = {n: int(i.get("size") or 0) for n, i in folder.files.items() if n != MANIFEST_NAME}
+            refs.append(self._ref(run_name, step, posixpath.join(run, dirname), sizes=sizes, mtime=folder.mtime))
         return refs
 
     @hookimpl
@@ -295,8 +347,9 @@ class FileBackend:
 
     def final_ref(self, run_name: str) -> CheckpointRef | None:
         """The committed final model of a run, if this backend holds one."""
-        files = self._listing(run_name).get(FINAL_DIR)
-        if not files or MANIFEST_NAME not in files:
+        folder = self._listing(run_name).get(FINAL_DIR)
+        files = folder.files if folder is not None else {}
+        if MANIFEST_NAME not in files:
             return None
         path = posixpath.join(self.run_path(run_name), FINAL_DIR)
         ref = self._ref(run_name, -1, path, role="final",
@@ -340,20 +393,19 @@ class FileBackend:
             self._call(f"deleting {self.uri(manifest)}", self.fs.rm_file, manifest)
         self._call(f"deleting {self.uri(path)}", self.fs.rm, path, recursive=True)
 
-    def _leftovers(self, run_name: str, listing: dict[str, dict[str, dict[str, Any]]] | None = None
+    def _leftovers(self, run_name: str, listing: dict[str, _Folder] | None = None
                    ) -> list[tuple[str, float | None]]:
-        """Folders of a run that hold no committed checkpoint: (path, newest mtime)."""
+        """Folders of a run, empty ones included, that hold no committed checkpoint:
+        (path, newest mtime)."""
         run = self.run_path(run_name)
         out = []
-        for dirname, files in (self._listing(run_name) if listing is None else listing).items():
+        for dirname, folder in (self._listing(run_name) if listing is None else listing).items():
             # Only what ckptkit itself writes: a step folder without manifest, or a temporary
             # or trash folder of the local commit protocol. Anything else is not ours to delete.
-            ours = parse_step(dirname) is not None or dirname.startswith((".tmp-step-", ".tmp-final-",
-                                                                           ".trash-step-", ".trash-final-"))
-            if not ours or MANIFEST_NAME in files and parse_step(dirname) is not None:
+            ours = parse_step(dirname) is not None or dirname.startswith(LEFTOVER_PREFIXES)
+            if not ours or MANIFEST_NAME in folder.files and parse_step(dirname) is not None:
                 continue
-            mtimes = [m for i in files.values() if (m := _mtime(i)) is not None]
-            out.append((posixpath.join(run, dirname), max(mtimes) if mtimes else None))
+            out.append((posixpath.join(run, dirname), folder.mtime))
         return out
 
     @hookimpl

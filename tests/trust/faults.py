@@ -153,9 +153,10 @@ class FaultyFS(LocalFileSystem):
             return _FaultyFile(super()._open(path, mode, **kwargs), path, self.faults)
         return super()._open(path, mode, **kwargs)
 
-    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+    # No explicit mode: fsspec before 2024.12 has none and passes kwargs on to open("wb").
+    def pipe_file(self, path, value, **kwargs):
         self.faults.check("pipe_file", path)
-        return super().pipe_file(path, value, mode=mode, **kwargs)
+        return super().pipe_file(path, value, **kwargs)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         self.faults.check("cat_file", path)

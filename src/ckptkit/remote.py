@@ -1,4 +1,4 @@
-"""Config options shared by the object-store backends (bucket URI, retries, multipart sizes)."""
+"""Config options shared by the object-store backends (bucket URI, retries, timeouts, multipart sizes)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,12 @@ class RemoteOptions:
     # The longest one request may wait to connect, or between bytes of an answer, before it
     # counts as failed (and is retried by ``retry``): a hung server cannot stall training.
     timeout_s: float = 60.0
+    # How often the client library (botocore, gcsfs) retries one failed request itself before
+    # ``retry`` sees the failure; with ``timeout_s`` it bounds how long one operation can hang.
+    request_retries: int = 2
 
     KEYS = ("path", "storage_options", "leftover_grace_s", "retry", "part_size_mb", "upload_concurrency",
-            "timeout_s")
+            "timeout_s", "request_retries")
 
     @property
     def root(self) -> str:
@@ -88,9 +91,11 @@ class RemoteOptions:
         conc = check_number(f"{key}.upload_concurrency", options.get("upload_concurrency", concurrency), 1,
                        integer=True)
         timeout = check_number(f"{key}.timeout_s", options.get("timeout_s", 60), 0.001)
+        request_retries = check_number(f"{key}.request_retries", options.get("request_retries", 2), 0, integer=True)
         return cls(bucket=bucket, prefix=prefix, storage_options=dict(storage_options),
                    leftover_grace_s=float(grace), retry=RetryPolicy.from_config(f"{key}.retry", options.get("retry")),
-                   part_size=mb * 2**20, concurrency=conc, timeout_s=float(timeout))
+                   part_size=mb * 2**20, concurrency=conc, timeout_s=float(timeout),
+                   request_retries=request_retries)
 
     def backend(self, cls: type, name: str, fs: Any) -> Any:
         """An instance of ``cls`` (a ``FileBackend`` subclass) over ``fs`` with these options."""

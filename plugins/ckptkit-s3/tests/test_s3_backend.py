@@ -70,6 +70,9 @@ def test_malformed_path_is_a_config_error_naming_the_key(pm, path, message):
     ({"retry": {"tries": 3}}, "backends.archive.retry.tries"),
     ({"part_size_mb": 1}, "backends.archive.part_size_mb"),
     ({"leftover_grace_s": -1}, "backends.archive.leftover_grace_s"),
+    ({"timeout_s": 0}, "backends.archive.timeout_s"),
+    ({"request_retries": -1}, "backends.archive.request_retries"),
+    ({"request_retries": 1.5}, "backends.archive.request_retries"),
 ])
 def test_bad_options_name_their_key(pm, extra, key):
     with pytest.raises(ConfigError) as err:
@@ -330,19 +333,20 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     assert pending() == [foreign], "another run's upload is not this run's to abort"
 
 
-@pytest.mark.timeout(120)
-def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_options, silent_server):
-    """A server that accepts and never answers: save fails, and restore does not mistake it for "nothing"."""
+@pytest.mark.timeout(30)
+def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_options, silent_server, bucket):
+    """A server that accepts and never answers: save fails, and restore does not mistake it for
+    "nothing". With one try per request and one attempt, each operation gives up after timeout_s."""
     from ckptkit import StorageUnavailableError
 
     options = s3_backend_options(endpoint=f"http://127.0.0.1:{silent_server}", timeout_s=0.5,
-                                 retry={"attempts": 1})
-    options["storage_options"]["config_kwargs"] = {"retries": {"max_attempts": 0}}
+                                 request_retries=0, retry={"attempts": 1})
     ck = manager(pm, {"archive": options}, ["archive"])
     with pytest.raises(SaveError) as err:
         ck.save(step=0, model=model())
     failure = err.value.failures["archive"]
     assert isinstance(failure, BackendError) and failure.backend == "archive"
+    assert f"s3://{bucket}/ckpts/run/step-0000000000" in str(failure)
     assert "timeout" in str(failure).lower() or "timed out" in str(failure).lower()
     with pytest.raises(StorageUnavailableError, match="archive.*could not be listed"):
         ck.restore(model())

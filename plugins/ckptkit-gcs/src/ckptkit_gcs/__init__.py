@@ -9,10 +9,13 @@ gcloud, the metadata server) or from ``storage_options.token``; never from the Y
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import aiohttp
 import gcsfs
+import gcsfs.core
+from gcsfs.retry import retry_request
 
 from ckptkit.remote import RemoteOptions
 from ckptkit.storage import FileBackend
@@ -21,15 +24,32 @@ __all__ = ["GCSBackend"]
 __version__ = "0.1.0"
 
 
+# gcsfs tries each request 6 times, backing off up to about 31 s in all, a count fixed when
+# the class is defined; the undecorated request lets the config choose it instead.
+_PLAIN_REQUEST = getattr(gcsfs.core.GCSFileSystem._request, "__wrapped__", None)
+
+
+class _GCSFileSystem(gcsfs.GCSFileSystem):
+    """gcsfs whose own retries of one request number ``request_retries``."""
+
+    def __init__(self, *args: Any, request_retries: int = 5, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if _PLAIN_REQUEST is not None:  # else a gcsfs whose retries cannot be chosen: its own stay
+            self._request = types.MethodType(retry_request(retries=request_retries + 1)(_PLAIN_REQUEST), self)
+
+
 class GCSBackend(FileBackend):
     """Checkpoints under ``gs://bucket/prefix/<run_name>/``.
 
     Options: ``path`` (required), ``storage_options`` (passed to ``gcsfs.GCSFileSystem``, e.g.
     ``project``, ``token``, ``endpoint_url``), ``leftover_grace_s``, ``retry`` (``attempts``,
     ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (the resumable-upload chunk) and
-    ``upload_concurrency`` (unused: a resumable upload takes its chunks in order) and
+    ``upload_concurrency`` (unused: a resumable upload takes its chunks in order),
     ``timeout_s`` (connect and read timeout of each request, unless ``storage_options`` sets
-    ``requests_timeout``).
+    ``requests_timeout``) and ``request_retries`` (gcsfs's own retries of each request).
+
+    Unfinished resumable uploads (a save killed mid-file) need no cleaning: they publish
+    nothing, and GCS forgets an upload session a week after it began.
     """
 
     OPTIONS = RemoteOptions.KEYS
@@ -44,4 +64,4 @@ class GCSBackend(FileBackend):
         # transfer, which may rightly take long for a large chunk.
         storage_options.setdefault("requests_timeout", aiohttp.ClientTimeout(
             total=None, sock_connect=opts.timeout_s, sock_read=opts.timeout_s))
-        return opts.backend(cls, name, gcsfs.GCSFileSystem(**storage_options))
+        return opts.backend(cls, name, _GCSFileSystem(request_retries=opts.request_retries, **storage_options))

@@ -22,10 +22,6 @@ from ckptkit.storage import FINAL_DIR, FileBackend, parse_step
 __all__ = ["S3Backend"]
 __version__ = "0.1.0"
 
-# botocore retries each request up to twice (three tries) inside each attempt of ckptkit's
-# own retry policy; ``max_attempts`` in botocore's config counts the retries.
-DEFAULT_BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 2}
-
 
 class _S3Multipart:
     """The S3 multipart upload of one object, one request per method."""
@@ -59,8 +55,10 @@ class S3Backend(FileBackend):
     Options: ``path`` (required), ``storage_options`` (passed to ``s3fs.S3FileSystem``, e.g.
     ``endpoint_url``, ``profile``, ``config_kwargs``), ``leftover_grace_s``, ``retry``
     (``attempts``, ``backoff_s``, ``max_backoff_s``), ``part_size_mb`` (at least 5) and
-    ``upload_concurrency`` (parts in flight per file) and ``timeout_s`` (connect and read
-    timeout of each request, unless ``storage_options.config_kwargs`` sets them).
+    ``upload_concurrency`` (parts in flight per file), ``timeout_s`` (connect and read
+    timeout of each request) and ``request_retries`` (botocore's retries of each request),
+    unless ``storage_options.config_kwargs`` sets ``connect_timeout``, ``read_timeout`` or
+    ``retries`` itself.
     """
 
     OPTIONS = RemoteOptions.KEYS
@@ -71,12 +69,18 @@ class S3Backend(FileBackend):
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=5)
         storage_options = dict(opts.storage_options)
         config_kwargs = dict(storage_options.get("config_kwargs") or {})
-        config_kwargs.setdefault("retries", dict(DEFAULT_BOTOCORE_RETRIES))
+        # botocore retries each request inside each attempt of ckptkit's own retry policy;
+        # ``max_attempts`` in botocore's config counts the retries, not the first try.
+        config_kwargs.setdefault("retries", {"mode": "standard", "max_attempts": opts.request_retries})
         config_kwargs.setdefault("connect_timeout", opts.timeout_s)
         config_kwargs.setdefault("read_timeout", opts.timeout_s)
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
-        return opts.backend(cls, name, s3fs.S3FileSystem(**storage_options))
+        fs = s3fs.S3FileSystem(**storage_options)
+        # s3fs retries timeouts, dropped connections and cut-off downloads around botocore's
+        # retries (5 tries, a class default): bounded by the same count.
+        fs.retries = opts.request_retries + 1
+        return opts.backend(cls, name, fs)
 
     def _multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)

@@ -102,10 +102,12 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
     :param dry_run: when true, report what would be deleted and delete nothing.
     :param counted_steps: None, or the steps known to be intact: the manager passes the steps
         it wrote (checksummed while written) or verified when it restored; ``ckptkit prune``
-        passes the steps it has just verified. Only these count toward ``keep_last``. A
-        checkpoint newer than the oldest counted one that is kept is never deleted, and when
-        fewer than ``keep_last`` counted checkpoints exist, nothing older than the oldest of
-        them is deleted either, so a run is never left without a checkpoint that verifies.
+        passes the steps it has just verified by reading every byte. A checkpoint damaged
+        after its commit must not push intact ones out of ``keep_last``, so only these steps
+        count toward it. A committed checkpoint newer than the oldest counted one that is kept
+        is never deleted, and when fewer than ``keep_last`` counted checkpoints exist, nothing
+        is deleted but leftovers, so a run is never left without a checkpoint that verifies.
+        (A committed checkpoint whose files disagree in size with its manifest is a leftover.)
         A backend that ignores it counts every committed checkpoint.
     :return: the ``CheckpointRef`` of every checkpoint or leftover deleted (or that would be).
     """

@@ -295,18 +295,35 @@ def test_empty_leftover_folders_go_after_the_grace_period(tmp_path, kind):
     assert steps(backend) == [1]
 
 
-class _DownFS(LocalFileSystem):
-    """A store whose every listing fails the way a dropped network does."""
+class _DroppingFS(LocalFileSystem):
+    """A store that, once ``down``, fails every listing and read the way a dropped network does."""
+
+    down = False
+
+    def _refuse(self, path):
+        if self.down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"connection refused for {path}")
 
     def find(self, path, *args, **kwargs):
-        raise ConnectionRefusedError(errno.ECONNREFUSED, f"connection refused listing {path}")
+        self._refuse(path)
+        return super().find(path, *args, **kwargs)
+
+    def cat_file(self, path, *args, **kwargs):
+        self._refuse(path)
+        return super().cat_file(path, *args, **kwargs)
 
 
-def test_a_listing_that_keeps_failing_is_storage_unavailable_with_its_cause(tmp_path):
-    backend = FileBackend("nas", _DownFS(skip_instance_cache=True), str(tmp_path / "root"),
-                          retry=RetryPolicy(attempts=2, backoff_s=0, max_backoff_s=0))
+def test_a_store_that_keeps_failing_is_storage_unavailable_with_its_cause_not_a_corrupt_checkpoint(tmp_path):
+    fs = _DroppingFS(auto_mkdir=True, skip_instance_cache=True)
+    backend = FileBackend("nas", fs, str(tmp_path / "root"), retry=RetryPolicy(attempts=2, backoff_s=0, max_backoff_s=0))
+    ref = backend.save_resume(run_name="r", step=1, payload=payload(1))
+    fs.down = True
     with pytest.raises(StorageUnavailableError) as info:
         backend.list_checkpoints(run_name="r")
     assert info.value.backend == "nas"
     assert f"could not list file://{tmp_path}/root/r" in str(info.value) and "gave up after 2 attempts" in str(info.value)
+    assert isinstance(info.value.__cause__.last, ConnectionRefusedError)
+    with pytest.raises(StorageUnavailableError) as info:
+        backend.read_manifest(ref=ref)
+    assert info.value.backend == "nas" and f"{ref.uri}/manifest.json" in str(info.value)
     assert isinstance(info.value.__cause__.last, ConnectionRefusedError)

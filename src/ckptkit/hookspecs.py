@@ -60,7 +60,9 @@ def list_checkpoints(run_name: str) -> list[CheckpointRef]:
     checkpoint.
 
     :param run_name: the run whose checkpoints to list.
-    :return: a list of ``CheckpointRef``, empty when the run has none.
+    :return: a list of ``CheckpointRef``, empty when the run has none. Raise
+        ``StorageUnavailableError`` (keeping the cause) when the storage could not be listed,
+        retries included: ``restore`` must not take that for a run without checkpoints.
     """
 
 
@@ -69,7 +71,9 @@ def read_manifest(ref: CheckpointRef) -> Manifest:
     """Read the manifest of a checkpoint that ``list_checkpoints`` returned.
 
     :param ref: the checkpoint.
-    :return: its ``Manifest``. Raise ``CheckpointError`` when it is missing or unreadable.
+    :return: its ``Manifest``. Raise ``CheckpointError`` when it is missing or unreadable, and
+        ``StorageUnavailableError`` when the storage did not answer (retries included), which
+        says nothing about the checkpoint.
     """
 
 

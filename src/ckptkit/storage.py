@@ -364,7 +364,8 @@ class FileBackend:
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri(path)} is missing: the checkpoint is not committed") from None
         except RetriesExhausted as exc:
-            raise CheckpointError(f"backend {self.name!r}: {exc}") from None
+            # The store did not answer: says nothing about the checkpoint itself.
+            raise StorageUnavailableError(self.name, str(exc)) from exc
         try:
             return Manifest.from_json(data)
         except (ValueError, TypeError) as exc:

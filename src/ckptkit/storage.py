@@ -442,12 +442,15 @@ class FileBackend:
             for ref in doomed:
                 self._delete_or_fail(ref)
             for ref, abort in stale:
-                try:
-                    abort()
-                except Exception as exc:
-                    raise self._fail(f"could not abort the unfinished upload {ref.uri}", exc) from None
+                self._abort_or_fail(ref, abort)
             self.fs.invalidate_cache(self.run_path(run_name))
         return doomed + [ref for ref, _ in stale]
+
+    def _abort_or_fail(self, ref: CheckpointRef, abort: Callable[[], None]) -> None:
+        try:
+            abort()
+        except Exception as exc:
+            raise self._fail(f"could not abort the unfinished upload {ref.uri}", exc) from None
 
     def _delete_or_fail(self, ref: CheckpointRef) -> None:
         try:
@@ -475,8 +478,8 @@ class FileBackend:
         if not dry_run:
             for ref in doomed:
                 self._delete_or_fail(ref)
-            for _, abort in stale:
-                abort()
+            for ref, abort in stale:
+                self._abort_or_fail(ref, abort)
             self.fs.invalidate_cache(self.run_path(run_name))
         return doomed + [ref for ref, _ in stale]
 

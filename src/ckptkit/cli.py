@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_verify, "check every file of every checkpoint against its manifest")
     _config_args(p)
     p.add_argument("--step", type=int, help="verify only this step")
-    p = add("prune", cmd_prune, "delete all but the newest keep_last checkpoints, and old leftovers")
+    p = add("prune", cmd_prune, "delete all but the newest keep_last checkpoints that verify (damaged newer ones "
+                                "stay and are reported), and old leftovers")
     _config_args(p)
     p.add_argument("--keep-last", type=int, help="override roles.resume.keep_last")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import textwrap
 
 import pytest
@@ -51,7 +50,7 @@ def plugin_manager():
     return pm
 
 
-def config(tmp_path, resume: dict, final: dict | None = None, keep_last: int = 2) -> dict:
+def config(resume: dict, final: dict | None = None, keep_last: int = 2) -> dict:
     backends = dict(resume)
     roles = {"resume": {"backends": list(resume), "every_n_steps": 1, "keep_last": keep_last}}
     if final:
@@ -61,8 +60,7 @@ def config(tmp_path, resume: dict, final: dict | None = None, keep_last: int = 2
 
 
 def manager(cfg: dict) -> ckptkit.CheckpointManager:
-    return ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(),
-                                                 fallback_dir=cfg.get("_fallback", "ckptkit-fallback"))
+    return ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager())
 
 
 def restored_step(cfg: dict) -> int | None:
@@ -100,7 +98,7 @@ SAVE_STAGES = [
                          ids=[f"{t}-{f['op']}-{f.get('error', 'EIO')}" for t, f, _ in SAVE_STAGES])
 def test_a_failed_save_commits_nothing_and_the_previous_checkpoint_loads(tmp_path, btype, fault, names):
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
+    cfg = config({"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
     armed = ck.router.instances["flaky"].faults.add(**fault)
@@ -135,7 +133,7 @@ def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(tmp_path, btype):
     """Saving a step again (``force=True``, or after a restore fell back) and failing half-way
     must leave the committed copy of that step as it was."""
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
+    cfg = config({"flaky": {"type": btype, "path": str(root), "leftover_grace_s": 0}})
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
     ck.save(step=2, model=model_at(2))
@@ -148,7 +146,7 @@ def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(tmp_path, btype):
 
 def test_a_transient_fault_is_retried_and_the_save_commits_intact(tmp_path):
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root),
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root),
                                       "retry": {"attempts": 3, "backoff_s": 0.01, "max_backoff_s": 0.02}}})
     ck = manager(cfg)
     faults = ck.router.instances["flaky"].faults
@@ -163,7 +161,7 @@ def test_a_transient_fault_is_retried_and_the_save_commits_intact(tmp_path):
 
 def test_cleanup_that_fails_too_leaves_nothing_committed_and_the_next_prune_removes_it(tmp_path):
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
     faults = ck.router.instances["flaky"].faults
@@ -181,7 +179,7 @@ def test_cleanup_that_fails_too_leaves_nothing_committed_and_the_next_prune_remo
 
 
 def test_one_failing_backend_does_not_stop_the_other(tmp_path):
-    cfg = config(tmp_path, {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+    cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
                             "flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}})
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
@@ -204,7 +202,7 @@ def test_one_failing_backend_does_not_stop_the_other(tmp_path):
                          ids=["manifest", "folder", "listing"])
 def test_a_failed_prune_after_a_save_keeps_the_save_and_says_so(tmp_path, caplog, fault):
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}}, keep_last=1)
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}}, keep_last=1)
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
     armed = ck.router.instances["flaky"].faults.add(**fault)
@@ -242,7 +240,7 @@ def faulty_dist(tmp_path, monkeypatch):
 
 def test_ckptkit_prune_that_fails_exits_1_naming_backend_and_path_and_loses_nothing(tmp_path, faulty_dist, capsys):
     root = tmp_path / "flaky"
-    cfg = config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root)}}, keep_last=5)
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root)}}, keep_last=5)
     with manager(cfg) as ck:
         for step in (1, 2, 3):
             ck.save(step=step, model=model_at(step))
@@ -257,7 +255,7 @@ def test_ckptkit_prune_that_fails_exits_1_naming_backend_and_path_and_loses_noth
     assert "'flaky'" in err and "step-0000000002" in err and "delete" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert "step-0000000003" in folders(root)
-    assert restored_step(config(tmp_path, {"flaky": {"type": "faultyfs", "path": str(root)}})) == 3
+    assert restored_step(config({"flaky": {"type": "faultyfs", "path": str(root)}})) == 3
 
 
 # -- publish --------------------------------------------------------------------------------
@@ -267,7 +265,7 @@ def test_ckptkit_prune_that_fails_exits_1_naming_backend_and_path_and_loses_noth
                                    {"op": "pipe_file", "path": "final/manifest.json"}],
                          ids=["open", "write", "manifest"])
 def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_path, fault):
-    cfg = config(tmp_path, {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
+    cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
                  final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
     fallback = tmp_path / "fallback"
     ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(), fallback_dir=fallback)

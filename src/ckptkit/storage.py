@@ -323,8 +323,8 @@ class FileBackend:
                 continue
             folder = folders.setdefault(parts[0], _Folder())
             if len(parts) == 1 or not is_dir:
-                # A nested folder's own time is left out: emptying it (as a kill's cleanup
-                # does) says nothing of whether a save still writes here.
+                # ckptkit's saves write files, never nested folders: a save in flight shows
+                # in the folder's own time or its files', so a nested folder's is left out.
                 folder.touched(info)
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info

@@ -218,6 +218,9 @@ class LocalBackend(FileBackend):
         try:
             target = self._commit(path, step_dirname(step), payload.manifest(files))
         except Exception as exc:
+            full = no_space(exc)
+            if full is not None:
+                raise storage_full(self.name, self.root, f"the manifest of {path}", full) from full
             raise BackendError(self.name, f"could not commit {path}: {type(exc).__name__}: {exc}") from exc
         self._unstage(path, remove=False)
         return self._ref(run_name, step, target, sizes={k: e.size for k, e in files.items()})

@@ -16,6 +16,7 @@ import ckptkit
 from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError
 from ckptkit.checkpoint import Payload, PayloadFile
 from ckptkit.local import LocalBackend
+from ckptkit.manifest import FileEntry
 from ckptkit.retry import RetryPolicy
 from ckptkit.storage import FileBackend, step_dirname
 
@@ -327,3 +328,30 @@ def test_a_store_that_keeps_failing_is_storage_unavailable_with_its_cause_not_a_
         backend.read_manifest(ref=ref)
     assert info.value.backend == "nas" and f"{ref.uri}/manifest.json" in str(info.value)
     assert isinstance(info.value.__cause__.last, ConnectionRefusedError)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB filesystem (a tmpfs; mounting needs root), filled up to its last byte."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_at_the_commit_of_a_sharded_checkpoint_is_named(full_disk):
+    backend = LocalBackend.from_config("disk", {"path": str(full_disk)})
+    staged = backend.stage_sharded(run_name="r", step=3)
+    with open(full_disk / "ballast", "wb") as f, pytest.raises(OSError):
+        while True:  # the shards took the rest of the disk
+            f.write(b"\0" * 65536)
+            f.flush()
+    empty = Payload(run_name="r", step=3, epoch=None, format="dcp", files=())
+    with pytest.raises(StorageFullError) as info:
+        backend.commit_sharded(run_name="r", step=3, path=staged, payload=empty, files={"__0_0.distcp": FileEntry(1, "x:0")})
+    assert str(info.value).startswith(f"backend 'disk': no space left on {full_disk} while writing the manifest of {staged}")
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert backend.list_checkpoints(run_name="r") == []

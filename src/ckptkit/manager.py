@@ -22,14 +22,15 @@ from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import (
     CkptkitError,
-    RunConflictError,
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PublishError,
+    RunConflictError,
     SaveError,
     StorageUnavailableError,
     UnsafeCheckpointError,
+    UnstorableStateError,
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .manifest import Manifest
@@ -259,8 +260,7 @@ class CheckpointManager:
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
-        extra_state = _extra_state(extra, "extra", safe_globals)
-        own_state = None if rank_extra is None else _extra_state(rank_extra, "rank_extra", safe_globals)
+        extra_state, own_state = self._storable(extra, rank_extra, safe_globals)
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -298,6 +298,27 @@ class CheckpointManager:
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
         return saved
+
+    def _storable(self, extra, rank_extra, safe_globals) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``extra`` (rank 0's, the one saved) and this rank's ``rank_extra`` as stored, checked on
+        every rank before anything is written; a refusal on any rank is raised on all (collective)."""
+        extra_state: dict[str, Any] = {}
+        own_state = None
+        problem = None
+        try:
+            if ranks.rank() == 0:
+                extra_state = _extra_state(extra, "extra", safe_globals)
+            if rank_extra is not None:
+                own_state = _extra_state(rank_extra, "rank_extra", safe_globals)
+        except UnstorableStateError as exc:
+            problem = exc
+        if ranks.active():
+            problems = [p for p in ranks.all_gather(ranks.portable(problem)) if p is not None]
+            if problems:
+                raise problem if problem is not None else problems[0]
+        elif problem is not None:
+            raise problem
+        return extra_state, own_state
 
     def _check_run(self, step: int) -> None:
         """Refuse to write into a run that holds newer checkpoints this manager did not restore (collective)."""

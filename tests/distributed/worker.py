@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -271,10 +272,17 @@ def main() -> None:
         ck = ckptkit.CheckpointManager.from_config(cfg)
         model, opt = build(kind, seed=0)
         train(model, opt, steps=1)
+        # State that restore could not load is refused before writing, on every rank.
         try:
-            # Only rank 0 serialises in full mode; an unpicklable value fails its save half-way.
+            ck.save(step=1, model=model, optimizer=opt, force=True, extra={"bad": (lambda: None) if rank == 0 else 0})
+            result["refused"] = None
+        except ckptkit.UnstorableStateError as exc:
+            result["refused"] = str(exc)
+        try:
+            # Allowed by the trainer, the lambda passes the check; only rank 0 serialises in full
+            # mode, and pickling it fails its save half-way.
             ck.save(step=1, model=model, optimizer=opt, force=True,
-                    extra={"bad": (lambda: None) if rank == 0 else 0})
+                    extra={"bad": (lambda: None) if rank == 0 else 0}, safe_globals=[types.FunctionType])
             result["raised"] = None
         except ckptkit.SaveError as exc:
             result["raised"] = str(exc)

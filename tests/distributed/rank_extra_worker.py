@@ -63,6 +63,8 @@ def main() -> None:
     with open(os.path.join(workdir, f"result-{scenario}-{rank}.json"), "w") as f:
         json.dump(result, f)
     if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while another still talks to it aborts.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,7 +15,8 @@ import torch
 from . import ranks
 from .staging import Stager, live_storages
 
-Outcome = tuple  # (step, list[CheckpointRef], dict[str, CkptkitError])
+# (step, the references committed, backend name -> its CkptkitError)
+Outcome = tuple[int, list, dict]
 
 
 class AsyncSaver:
@@ -55,6 +56,3 @@ class AsyncSaver:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
 
-    @property
-    def staged_bytes(self) -> int:
-        return self._stager.nbytes

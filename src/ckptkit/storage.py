@@ -437,7 +437,11 @@ class FileBackend:
             if path in in_flight or mtime is None or now - mtime <= self.leftover_grace_s:
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
-        stale = self._stale_uploads(run_name, in_flight, now)
+        return self._remove(run_name, doomed, self._stale_uploads(run_name, in_flight, now), dry_run)
+
+    def _remove(self, run_name: str, doomed: list[CheckpointRef],
+                stale: list[tuple[CheckpointRef, Callable[[], None]]], dry_run: bool) -> list[CheckpointRef]:
+        """Delete ``doomed`` and abort ``stale`` uploads (unless ``dry_run``); return all of them."""
         if not dry_run:
             for ref in doomed:
                 self._delete_or_fail(ref)
@@ -474,14 +478,7 @@ class FileBackend:
         doomed = sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True)
         doomed += [self._ref(run_name, -1, path, role="leftover")
                    for path, _ in self._leftovers(run_name, listing) if path not in in_flight]
-        stale = self._stale_uploads(run_name, in_flight, float("inf"))
-        if not dry_run:
-            for ref in doomed:
-                self._delete_or_fail(ref)
-            for ref, abort in stale:
-                self._abort_or_fail(ref, abort)
-            self.fs.invalidate_cache(self.run_path(run_name))
-        return doomed + [ref for ref, _ in stale]
+        return self._remove(run_name, doomed, self._stale_uploads(run_name, in_flight, float("inf")), dry_run)
 
     def _prepare_root(self) -> None:
         """Make the root writable where that takes a step; object stores have no folders to make,

@@ -12,12 +12,19 @@ A type serves the ``resume`` role when it implements ``save_resume``, ``list_che
 when it also implements ``stage_sharded``, ``commit_sharded`` and ``discard_sharded``; it serves
 the ``final`` role when it implements ``publish_final``. Declaring a backend for a role (or a
 format) its type does not serve is a config error.
+
+Everything ckptkit *calls* on a backend is a hook below, marked with ``hookimpl``; a method
+named like a hook but not marked is refused when the type is loaded, since it would never be
+called. Everything ckptkit *reads* from a backend besides its hooks is listed in
+``BACKEND_ATTRIBUTES`` and checked when the type is loaded (class attributes) and when an
+instance is built from the config (instance attributes).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
 
+import attrs
 import pluggy
 
 from ._project import PROJECT_NAME
@@ -27,7 +34,92 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 _hookspec = pluggy.HookspecMarker(PROJECT_NAME)
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class HookimplMarker(pluggy.HookimplMarker):
+    """Marks a method of a backend class as its implementation of the ckptkit hook of that name.
+
+    Use it bare (``@hookimpl``) or with pluggy's options (``@hookimpl(trylast=True)`` makes a
+    ``publish_final`` run after the other final backends'). The method may take any subset of
+    the spec's arguments, by the spec's names, without default values. Import it as
+    ``from ckptkit.plugin import hookimpl`` (``ckptkit.hookimpl`` is the same object).
+    """
+
+
+hookimpl = HookimplMarker(PROJECT_NAME)
+
+
+@attrs.frozen
+class AttributeSpec:
+    """An attribute ckptkit reads from a backend besides its hooks; all are optional.
+
+    ``on`` says where it is looked up: ``"class"`` (checked when the type is loaded) or
+    ``"instance"`` (checked when ``from_config`` has built an instance; a value set on the
+    class is checked there too). ``kind`` says in words what the value must be, ``check``
+    tests it, and ``doc`` says what ckptkit does with it.
+    """
+
+    name: str
+    on: str
+    kind: str
+    doc: str
+    check: Callable[[Any], bool] = attrs.field(repr=False)
+
+
+def _is_role_hints(value: Any) -> bool:
+    roles = ("resume", "final")
+    return isinstance(value, Mapping) and all(k in roles and isinstance(v, str) for k, v in value.items())
+
+
+def _is_filesystem(value: Any) -> bool:
+    import fsspec
+
+    return isinstance(value, fsspec.AbstractFileSystem)
+
+
+def _is_retry_policy(value: Any) -> bool:
+    from .retry import RetryPolicy
+
+    return isinstance(value, RetryPolicy)
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, (tuple, list, frozenset, set)) and all(isinstance(v, str) for v in value)
+
+
+BACKEND_ATTRIBUTES: tuple[AttributeSpec, ...] = (
+    AttributeSpec(
+        "ROLE_HINTS", "class", "a dict from a role name (resume, final) to a sentence",
+        "Added to the config error when the type is declared for a role it does not serve, to say "
+        "why (mlflow: it never holds resume checkpoints).", _is_role_hints),
+    AttributeSpec(
+        "keeps_files_locally", "instance", "a bool",
+        "True when committed files sit on this machine's disk: the backend then goes first among "
+        "the resume backends so that the others copy its bytes, and dcp shards are fsynced.",
+        lambda v: isinstance(v, bool)),
+    AttributeSpec(
+        "fs", "instance", "an fsspec.AbstractFileSystem",
+        "The filesystem every rank writes dcp shards through (between stage_sharded and "
+        "commit_sharded), and restore and export read them through. Needed by a type that "
+        "implements the sharded hooks; with root, it is the location ckptkit check shows.",
+        _is_filesystem),
+    AttributeSpec(
+        "root", "instance", "a str",
+        "The folder on fs that holds the runs; ckptkit check shows fs.unstrip_protocol(root).",
+        lambda v: isinstance(v, str)),
+    AttributeSpec(
+        "location", "instance", "a str",
+        "Where the backend stores things, without credentials, shown by ckptkit check when the "
+        "backend has no fs and root.", lambda v: isinstance(v, str)),
+    AttributeSpec(
+        "retry", "instance", "a ckptkit.plugin.RetryPolicy",
+        "How restore and verify retry a read of a whole file that failed transiently (open_file "
+        "retries only the open).", _is_retry_policy),
+    AttributeSpec(
+        "secrets", "instance", "a tuple of str",
+        "Strings (keys, tokens) scrubbed from the messages of errors raised while reading this "
+        "backend's files.", _is_strings),
+)
 
 
 @_hookspec
@@ -153,6 +245,8 @@ def commit_sharded(run_name: str, step: int, path: str, payload: Payload,
     Called on rank 0 only, after a barrier. Writes the manifest last (and, on local disk,
     renames the folder into place).
 
+    :param run_name: the run, as given to ``stage_sharded``.
+    :param step: the step, as given to ``stage_sharded``.
     :param path: what ``stage_sharded`` returned.
     :param payload: the checkpoint's metadata; its ``files`` are empty.
     :param files: every file in the folder, name to ``FileEntry`` (size and digest), gathered
@@ -163,12 +257,18 @@ def commit_sharded(run_name: str, step: int, path: str, payload: Payload,
 
 @_hookspec
 def discard_sharded(path: str) -> None:
-    """Remove a staged folder whose save failed on some rank. Called on rank 0 only."""
+    """Remove a staged folder whose save failed on some rank.
+
+    Called on rank 0 only, when some rank failed to write its shards or the commit failed.
+
+    :param path: what ``stage_sharded`` returned.
+    :return: nothing. Must not raise for a folder that is already gone.
+    """
 
 
 @_hookspec
 def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
-                  algorithm: str | None, model: Any | None) -> CheckpointRef:
+                  algorithm: str | None, model: Any | None, state: dict[str, Any]) -> CheckpointRef:
     """Store the final model.
 
     Called by ``CheckpointManager.finalize`` and ``ckptkit publish`` on the writing rank, once
@@ -181,7 +281,14 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
     :param algorithm: a free-form tag for the model (``{algorithm}`` in names), or None.
     :param model: the ``torch.nn.Module`` given to ``finalize`` (None from ``ckptkit publish``),
         for a registry that logs a framework-flavoured model instead of the file.
-    :return: a ``CheckpointRef`` to where the model now lives.
+    :param state: the model state that ``final_model.pt`` holds under ``"model"`` (names to CPU
+        tensors, cast to ``roles.final.dtype``), in memory; from ``ckptkit publish``, loaded from
+        the verified source. A backend that converts the model (safetensors, another dtype)
+        reads it here instead of loading the file again; it must not modify it.
+    :return: a ``CheckpointRef`` to where the model now lives. A backend that stores a
+        converted model sets its ``sizes`` to the files it wrote, so that the ref is not taken
+        for a copy of ``final_model.pt`` (in ``stored``, or as a place ``ckptkit publish`` can
+        read the model back from).
     """
 
 
@@ -203,6 +310,47 @@ def tracking_run_id(run_name: str, resumed_run_id: str | None) -> str | None:
 def probe() -> dict[str, Any]:
     """Touch the backend's storage for ``ckptkit check --probe``.
 
+    Called once per configured backend, on the process that runs the command; takes no argument.
+
     :return: a dict from an operation (``write``, ``list``, ``delete``, ...) to ``"ok"`` or a
         one-line reason it failed. Must clean up after itself.
+    """
+
+
+@_hookspec
+def final_ref(run_name: str) -> CheckpointRef | None:
+    """Find the committed final model of a run in this backend.
+
+    Called by ``ckptkit publish`` directly on each configured backend (and on the local fallback
+    folder), to find stored final models to send and to skip backends that already hold
+    identical bytes. ``FileBackend`` implements it; a registry answers with ``find_published``.
+
+    :param run_name: the run.
+    :return: a ``CheckpointRef`` (role ``final``) whose manifest ``read_manifest`` can read, or
+        None when this backend holds no final model of the run.
+    """
+
+
+@_hookspec
+def find_published(run_name: str, digest: str, algorithm: str | None) -> CheckpointRef | None:
+    """Find a published final model with the given checksum, for a backend without ``final_ref``.
+
+    Called by ``ckptkit publish`` directly on each final backend before it sends a model; a
+    backend that answers with a ref is skipped (unless ``--force``).
+
+    :param run_name: the run the model belongs to.
+    :param digest: the final file's checksum, ``"<algorithm>:<hex>"`` as in a ``FileEntry``.
+    :param algorithm: the model's tag, as passed to ``publish_final``, or None.
+    :return: a ``CheckpointRef`` to where the same bytes are already published, or None.
+    """
+
+
+@_hookspec
+def close() -> None:
+    """Release what the backend holds (clients, connections, thread pools).
+
+    Called by ``CheckpointManager.close()`` directly on every backend instance built from the
+    config, declared for a role or not, after it was unregistered; called once.
+
+    :return: nothing. Should not raise.
     """

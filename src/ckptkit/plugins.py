@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import importlib.metadata
 import inspect
 import logging
 import os
+import re
+from typing import Any
 
 import attrs
 import pluggy
@@ -19,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Backend types that ckptkit documents, and the extra that installs each.
 KNOWN_EXTRAS = {"s3": "s3", "gcs": "gcs", "mlflow": "mlflow"}
+# Method names a backend may still define from before they became public: the new name.
+RENAMED = {"_multipart": "multipart"}
 
 
 @attrs.frozen
@@ -36,6 +42,17 @@ class BackendType:
 
     def missing_hooks(self, role: Role) -> list[str]:
         return [h for h in ROLE_HOOKS[role] if h not in self.hooks]
+
+    def check_instance(self, backend: str, instance: Any) -> None:
+        """Refuse an instance whose documented attributes (``BACKEND_ATTRIBUTES``) have the wrong type."""
+        where = f"backend {backend!r} (type {self.name!r}, {self.cls.__module__}.{self.cls.__qualname__}, from {self.dist})"
+        for spec in hookspecs.BACKEND_ATTRIBUTES:
+            value = getattr(instance, spec.name, None)
+            if value is not None:
+                _check_attribute(where, spec, value)
+        if "stage_sharded" in self.hooks and getattr(instance, "fs", None) is None:
+            raise PluginError(f"{where}: the type implements the sharded hooks, so every instance needs an "
+                              "fs attribute (the fsspec filesystem that every rank writes its shards through)")
 
 
 def _dist_label(dist: importlib.metadata.Distribution | None) -> str:
@@ -62,6 +79,105 @@ def _check_passable(where: str, hook: str, params: list[inspect.Parameter]) -> N
             )
 
 
+def _check_attribute(where: str, spec: hookspecs.AttributeSpec, value: Any) -> None:
+    if not spec.check(value):
+        raise PluginError(f"{where}: attribute {spec.name} must be {spec.kind}, got {type(value).__name__} "
+                          f"{value!r:.80}. ckptkit reads it as follows: {spec.doc}")
+
+
+def _check_class_attributes(where: str, cls: type) -> None:
+    for spec in hookspecs.BACKEND_ATTRIBUTES:
+        try:
+            raw = inspect.getattr_static(cls, spec.name)
+        except AttributeError:
+            continue
+        # A property or other descriptor has its value only on an instance: checked there.
+        if raw is not None and not hasattr(raw, "__get__"):
+            _check_attribute(where, spec, raw)
+    for old, new in RENAMED.items():
+        if callable(getattr(cls, old, None)):
+            raise PluginError(f"{where}: defines {old}, which ckptkit no longer calls; rename it to {new} "
+                              f"(documented in ckptkit.plugin.FileBackend.{new})")
+
+
+def _entry_point_help(type_name: str) -> str:
+    return (f'[project.entry-points."{BACKENDS_ENTRY_POINT_GROUP}"]\n'
+            f'{type_name} = "<module>:<BackendClass>"')
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _relates_to_ckptkit(dist: importlib.metadata.Distribution) -> bool:
+    if _normalize(dist.metadata["Name"] or "").startswith(PROJECT_NAME):
+        return True
+    return any(re.match(rf"{PROJECT_NAME}\b(?![-_.])", r) for r in dist.requires or ())
+
+
+def _dists_without_entry_point(type_name: str) -> list[str]:
+    """Sentences about installed distributions that look like type ``type_name`` but declare no
+    entry point for it in the backends group."""
+    wanted = _normalize(type_name)
+    out = []
+    for dist in importlib.metadata.distributions():
+        dname = dist.metadata["Name"]
+        if not dname or wanted not in _normalize(dname).split("-") or not _relates_to_ckptkit(dist):
+            continue
+        eps = list(dist.entry_points)
+        if any(ep.group == BACKENDS_ENTRY_POINT_GROUP for ep in eps):
+            continue  # it declares backends, loaded or broken: reported elsewhere
+        groups = sorted({ep.group for ep in eps})
+        near = difflib.get_close_matches(BACKENDS_ENTRY_POINT_GROUP, groups, n=1, cutoff=0.8)
+        if near:
+            said = (f"it declares its entry point in the group {near[0]!r} instead of "
+                    f"{BACKENDS_ENTRY_POINT_GROUP!r}")
+        else:
+            said = f"it declares no entry point in the group {BACKENDS_ENTRY_POINT_GROUP!r}" + (
+                f" (only in: {', '.join(groups)})" if groups else "")
+        out.append(f"the distribution {_dist_label(dist)} is installed, but {said}, so ckptkit cannot "
+                   f"find its backend class; its pyproject.toml needs\n{_entry_point_help(type_name)}\n"
+                   "and the distribution must then be installed again (entry points are read at install time)")
+    return out
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint, label: str) -> Any:
+    """The object an entry point names, or a PluginError that says whose mistake a failure is."""
+    head = f"backend type {ep.name!r} from {label} failed to load"
+    dist = label.split()[0]
+    fix = (f"fix the entry point in {dist}'s packaging (pyproject.toml, "
+           f'[project.entry-points."{BACKENDS_ENTRY_POINT_GROUP}"]) and install the fixed version; '
+           "reinstalling this one will not help")
+    module_name = ep.module
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise PluginError(f"{head}: its entry point value {ep.value!r} is wrong: there is no module "
+                              f"{module_name!r} (No module named {missing!r}); {fix}") from exc
+        raise PluginError(f"{head}: importing {module_name} needs the module {missing or str(exc)!r}, which "
+                          f"is not installed; install {dist}'s dependencies, or uninstall {dist}") from exc
+    except Exception as exc:
+        raise PluginError(f"{head}: importing {module_name} ({ep.value}) raised {type(exc).__name__}: {exc}; "
+                          f"that is a bug in {dist}: upgrade or uninstall it") from exc
+    if not ep.attr:
+        raise PluginError(f"{head}: its entry point value {ep.value!r} names a module, not a class; write it "
+                          f"as '{module_name}:<BackendClass>'; {fix}")
+    owner = module_name
+    for part in ep.attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            near = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise PluginError(f"{head}: its entry point value {ep.value!r} is wrong: {owner} has no "
+                              f"attribute {part!r}{hint}; {fix}") from None
+        owner = f"{owner}.{part}"
+    return obj
+
+
 class CkptkitPluginManager(pluggy.PluginManager):
     """A pluggy manager that also knows the backend types and where each came from."""
 
@@ -69,6 +185,8 @@ class CkptkitPluginManager(pluggy.PluginManager):
         super().__init__(PROJECT_NAME)
         self.backend_types: dict[str, BackendType] = {}
         self.broken: dict[str, PluginError] = {}
+        # Whether entry points of every distribution were loaded, or only ckptkit's own.
+        self.autoloaded = False
 
     def add_backend_type(self, name: str, cls: type, dist: str = "<registered in code>") -> BackendType:
         """Make ``cls`` available as backend type ``name``, after checking its hooks."""
@@ -85,10 +203,19 @@ class CkptkitPluginManager(pluggy.PluginManager):
             raise PluginError(f"{where}: the entry point must name a class, got {type(cls).__name__}")
         if not callable(getattr(cls, "from_config", None)):
             raise PluginError(f"{where}: the class needs a from_config(name, options) classmethod")
+        _check_class_attributes(where, cls)
         hooks = set()
         for attr in dir(cls):
             opts = self.parse_hookimpl_opts(cls, attr)
             if opts is None:
+                spec = None if attr.startswith("_") else getattr(getattr(self.hook, attr, None), "spec", None)
+                if spec is not None and callable(getattr(cls, attr, None)):
+                    # pluggy only calls marked methods: this one would silently never run.
+                    raise PluginError(
+                        f"{where}: {attr} is named like the ckptkit hook {attr} but is not marked as a hook "
+                        f"implementation, so ckptkit would never call it; decorate it with @hookimpl "
+                        "(from ckptkit.plugin import hookimpl), or rename it if it is not meant as the hook"
+                    )
                 continue
             caller = getattr(self.hook, attr, None)
             if caller is None or caller.spec is None:
@@ -122,13 +249,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
                 continue
             label = _dist_label(dist)
             try:
-                try:
-                    cls = ep.load()
-                except Exception as exc:
-                    raise PluginError(
-                        f"backend type {ep.name!r} from {label} failed to load ({ep.value}): "
-                        f"{type(exc).__name__}: {exc}; reinstall or uninstall {label.split()[0]}"
-                    ) from exc
+                cls = _load_entry_point(ep, label)
                 self.add_backend_type(ep.name, cls, label)
             except PluginError as exc:
                 log.warning("%s", exc)
@@ -142,13 +263,24 @@ class CkptkitPluginManager(pluggy.PluginManager):
         try:
             return self.backend_types[name]
         except KeyError:
-            installed = ", ".join(sorted(self.backend_types)) or "none"
-            hint = ""
-            if name in KNOWN_EXTRAS:
-                hint = f'; install it with: pip install "ckptkit[{KNOWN_EXTRAS[name]}]"'
-            raise ConfigError(
-                f"{key}: unknown backend type {name!r} (installed: {installed}){hint}"
-            ) from None
+            pass
+        installed = ", ".join(sorted(self.backend_types)) or "none"
+        hints = []
+        if not self.autoloaded:
+            declared = [_dist_label(ep.dist) for ep in importlib.metadata.entry_points(
+                group=BACKENDS_ENTRY_POINT_GROUP, name=name) if getattr(ep, "dist", None) is not None]
+            if declared:
+                hints.append(f"{', '.join(declared)} declares it, but loading installed plugins is switched off "
+                             f"(unset {DISABLE_AUTOLOAD_ENV}, or add the type with add_backend_type)")
+        hints += _dists_without_entry_point(name)
+        if not hints and name in KNOWN_EXTRAS:
+            hints.append(f'install it with: pip install "ckptkit[{KNOWN_EXTRAS[name]}]"')
+        if not hints:
+            near = difflib.get_close_matches(name, list(self.backend_types), n=1)
+            if near:
+                hints.append(f"did you mean {near[0]!r}?")
+        raise ConfigError(f"{key}: unknown backend type {name!r} (installed: {installed})"
+                          + "".join(f"; {h}" for h in hints))
 
     def register_backend(self, instance: object, name: str, btype: BackendType) -> None:
         try:
@@ -185,5 +317,6 @@ def make_plugin_manager(autoload: bool | None = None) -> CkptkitPluginManager:
         pm.add_backend_type("local", LocalBackend, f"{PROJECT_NAME} (built in)")
     if autoload:
         pm.load_backend_entrypoints()
+        pm.autoloaded = True
     pm.check_pending()
     return pm

@@ -56,7 +56,7 @@ class Router:
     @staticmethod
     def _build(name: str, btype: BackendType, options: dict) -> Any:
         try:
-            return btype.cls.from_config(name, dict(options))
+            instance = btype.cls.from_config(name, dict(options))
         except ConfigError:
             raise
         except Exception as exc:
@@ -64,6 +64,8 @@ class Router:
                 f"backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be built "
                 f"from its config: {type(exc).__name__}: {exc}"
             ) from exc
+        btype.check_instance(name, instance)
+        return instance
 
     def backends(self, role: Role) -> list[str]:
         """The backends of a role, in the order their hooks are called.

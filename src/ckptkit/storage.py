@@ -121,7 +121,7 @@ class FileBackend:
 
     Subclasses provide ``from_config`` (building ``fs`` and ``root`` from the options) and may
     override the write path; the listing, reading and pruning here hold for all of them.
-    Object stores return a ``Multipart`` from ``_multipart`` to upload large files in parallel
+    Object stores return a ``Multipart`` from ``multipart`` to upload large files in parallel
     parts; other filesystems get a streaming writer on a thread. Every request goes through
     ``retry`` and every message through ``redact``.
     """
@@ -214,12 +214,17 @@ class FileBackend:
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
 
-    def _multipart(self, path: str) -> Multipart | None:
-        """The parallel-part upload of one object, for stores that have one."""
+    def multipart(self, path: str) -> Multipart | None:
+        """The parallel-part upload of the object at ``path``, or None to stream it through ``fs.open``.
+
+        Override it for a store with a native multipart upload (``ckptkit-s3`` does): return a
+        new ``Multipart`` for each call. Its parts are ``part_size`` bytes (doubling as the object
+        grows), at most ``upload_concurrency`` in flight, each request retried by ``retry``.
+        """
         return None
 
     def _writer(self, path: str) -> PartWriter | StreamWriter:
-        target = self._multipart(path)
+        target = self.multipart(path)
         if target is not None:
             return PartWriter(target, self.uri(path), self.part_size, self.upload_concurrency,
                               self._call)
@@ -345,6 +350,7 @@ class FileBackend:
     def list_checkpoints(self, run_name: str) -> list[CheckpointRef]:
         return self._committed(run_name, self._listing(run_name))
 
+    @hookimpl
     def final_ref(self, run_name: str) -> CheckpointRef | None:
         """The committed final model of a run, if this backend holds one."""
         folder = self._listing(run_name).get(FINAL_DIR)

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 class Multipart(Protocol):
     """One object uploaded in numbered parts (S3 multipart upload and the like).
 
-    ``FileBackend._multipart`` returns one; ``PartWriter`` drives it. Each method is one request
+    ``FileBackend.multipart`` returns one; ``PartWriter`` drives it. Each method is one request
     and may be retried, so each must be safe to repeat.
     """
 

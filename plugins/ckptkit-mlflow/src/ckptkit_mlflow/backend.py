@@ -507,6 +507,7 @@ class MlflowBackend:
         return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path=uri, uri=uri,
                              role="final", sizes=sizes)
 
+    @ckptkit.hookimpl
     def find_published(self, run_name: str, digest: str, algorithm: str | None) -> CheckpointRef | None:
         """The registered version that already holds the final file with checksum ``digest``.
 
@@ -548,6 +549,7 @@ class MlflowBackend:
                     results[op] = self._cause(exc)
         return results
 
+    @ckptkit.hookimpl
     def close(self) -> None:
         self._client = None
 

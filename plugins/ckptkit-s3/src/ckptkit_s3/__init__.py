@@ -82,7 +82,7 @@ class S3Backend(FileBackend):
         fs.retries = opts.request_retries + 1
         return opts.backend(cls, name, fs)
 
-    def _multipart(self, path: str) -> _S3Multipart:
+    def multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
 
     def _stale_uploads(self, run_name: str, in_flight: set[str], now: float

@@ -1,0 +1,69 @@
+"""The public API for writing a ckptkit backend: the one module a backend author imports.
+
+Everything a third-party distribution needs is here; the rest of ckptkit is private and may
+change between releases. ``docs/plugins.md`` walks through each name. In short:
+
+- ``hookimpl`` marks the methods of a backend class that implement the hooks specified in
+  ``ckptkit.hookspecs``; ``FileBackend`` implements all of them for any fsspec filesystem.
+- ``Payload``/``PayloadFile`` (what to store), ``CheckpointRef`` (where it now lives),
+  ``Manifest``/``FileEntry`` (what a checkpoint holds; ``Manifest.to_json()`` and
+  ``Manifest.from_json()`` serialise and parse it) are the values the hooks exchange.
+- ``RetryPolicy`` retries transient errors (``RetryPolicy.from_config`` reads a ``retry:``
+  mapping; ``transient=`` adds a client's own exception types), ``RemoteOptions`` reads the
+  options every object-store backend shares, ``check_options``/``check_number`` validate a
+  backend's own options.
+- ``BACKEND_ATTRIBUTES`` lists the attributes ckptkit reads from a backend besides its hooks.
+- The error types a backend raises or lets through.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CheckpointRef, Payload, PayloadFile
+from .config import check_number, check_options
+from .errors import (
+    BackendError,
+    CheckpointError,
+    CkptkitError,
+    ConfigError,
+    CorruptCheckpointError,
+    PluginError,
+    StorageFullError,
+    StorageUnavailableError,
+)
+from .hashing import HashingWriter, hash_stream
+from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .remote import RemoteOptions, parse_bucket_uri
+from .retry import RetriesExhausted, RetryPolicy, is_transient
+from .storage import FileBackend
+from .uploads import Multipart
+
+__all__ = [
+    "BACKEND_ATTRIBUTES",
+    "BackendError",
+    "CheckpointError",
+    "CheckpointRef",
+    "CkptkitError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "FileBackend",
+    "FileEntry",
+    "HashingWriter",
+    "MANIFEST_NAME",
+    "Manifest",
+    "Multipart",
+    "Payload",
+    "PayloadFile",
+    "PluginError",
+    "RemoteOptions",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "StorageFullError",
+    "StorageUnavailableError",
+    "check_number",
+    "check_options",
+    "hash_stream",
+    "hookimpl",
+    "is_transient",
+    "parse_bucket_uri",
+]

@@ -57,7 +57,8 @@ def test_fewer_saves_than_keep_last_keeps_them_all():
 
 
 @pytest.mark.parametrize("text,expected", [("14GB", 14 * GB), ("14 gb", 14 * GB), ("1.5G", 1_500_000_000),
-                                           ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1000", 1000)])
+                                           ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1000B", 1000),
+                                           (1000, 1000)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -95,3 +96,19 @@ def test_cli_plan_bad_size_exits_1_with_one_line(tmp_path, capsys):
     assert main(["plan", str(cfg), "--state-size", "lots", "--steps", "10"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ckptkit: error: --state-size") and "\n" not in err
+
+
+@pytest.mark.parametrize("text", ["14", "1.5", " 14 "])
+def test_a_size_without_a_unit_is_refused_naming_the_choices(text):
+    with pytest.raises(ConfigError, match=r"--state-size: .* has no unit; write .*GB .*GiB .*B if bytes"):
+        parse_size(text)
+
+
+def test_cli_plan_state_size_without_unit_exits_1_with_one_line(tmp_path, capsys):
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text("backends:\n  scratch: {type: local, path: ./ck}\nroles:\n  resume: {backends: [scratch]}\n")
+    assert main(["plan", str(cfg), "--state-size", "14", "--steps", "10"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("ckptkit: error: --state-size: '14' has no unit") and "\n" not in err
+    assert "14GB" in err and captured.out == ""

@@ -26,7 +26,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(text: str | int | float, key: str = "--state-size") -> int:
-    """Bytes from ``14GB`` (decimal units), ``13GiB`` (binary units) or a plain number of bytes."""
+    """Bytes from ``14GB`` (decimal units), ``13GiB`` (binary units) or ``1000B``; a number
+    given as text must carry its unit (``14`` alone is far more likely 14 GB than 14 bytes)."""
     if isinstance(text, bool):
         raise ConfigError(f"{key}: a size such as 14GB, got {text!r}")
     if isinstance(text, (int, float)):
@@ -34,8 +35,11 @@ def parse_size(text: str | int | float, key: str = "--state-size") -> int:
     else:
         m = _SIZE_RE.match(str(text))
         if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 14GB, 512MiB or 1000000")
+            raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 14GB, 512MiB or 1000B")
         value, unit = float(m.group(1)), m.group(2).lower()
+        if not unit:
+            raise ConfigError(f"{key}: {text!r} has no unit; write {m.group(1)}GB (10^9 bytes), "
+                              f"{m.group(1)}GiB (2^30 bytes) or {m.group(1)}B if bytes are meant")
     size = int(round(value * _UNITS[unit]))
     if size <= 0:
         raise ConfigError(f"{key}: must be more than 0 bytes, got {text!r}")

@@ -203,7 +203,7 @@ class LocalBackend(FileBackend):
             if full is not None:
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full) from full
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
-                                          f"{self.root}: {type(exc).__name__}: {exc}") from exc
+                                          f"{self.root}: {self.describe(exc)}") from exc
         self._unstage(tmp, remove=False)
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
@@ -221,7 +221,7 @@ class LocalBackend(FileBackend):
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.root, f"the manifest of {path}", full) from full
-            raise BackendError(self.name, f"could not commit {path}: {type(exc).__name__}: {exc}") from exc
+            raise BackendError(self.name, f"could not commit {path}: {self.describe(exc)}") from exc
         self._unstage(path, remove=False)
         return self._ref(run_name, step, target, sizes={k: e.size for k, e in files.items()})
 

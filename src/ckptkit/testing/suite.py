@@ -1,0 +1,473 @@
+"""The storage contract as tests that any resume backend inherits.
+
+A backend author subclasses ``ResumeBackendTests`` in a test module, provides the ``backend``
+fixture (a fresh instance over an empty root, built with a retry policy of at least two attempts
+and a short backoff), and pytest collects every test below for that backend. The hooks are
+called the way ckptkit calls them: keyword arguments only, and only those the implementation
+takes. Faults go through a ``WrappedFileSystem`` put in front of the backend's ``fs``.
+
+What a store cannot do is described by overridable attributes and methods, not assumed: how to
+wrap the filesystem, how to plant what a crash leaves, whether folders exist without files, what
+an unfinished upload is, and the file sizes a failing write is tried with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import posixpath
+import time
+from typing import Any, Callable, Iterable
+
+import pytest
+
+from ..plugin import (MANIFEST_NAME, BackendError, CheckpointRef, FileEntry, Manifest, Payload, PayloadFile,
+                      StorageUnavailableError, hash_stream)
+from ..storage import step_dirname
+from .faults import WrappedFileSystem, permanent, transient
+
+# A credential-looking string for backends built without credentials of their own.
+PLANTED_SECRET = "ckptkit-conformance-Zq8vN2pLw7"
+
+
+def call_hook(backend: Any, hook: str, **kwargs: Any) -> Any:
+    """Call a hook implementation as pluggy does: keyword arguments, only those it takes."""
+    impl = getattr(backend, hook)
+    wanted = inspect.signature(impl).parameters
+    return impl(**{k: v for k, v in kwargs.items() if k in wanted})
+
+
+def payload(run_name: str, step: int, files: dict[str, bytes | Callable[[Any], None]] | None = None,
+            role: str = "resume", format: str = "torch") -> Payload:
+    """A payload of plain bytes (or writer callables), by default one small ``state.pt``."""
+    files = files if files is not None else {"state.pt": f"state of step {step}".encode() * 20}
+
+    def writer(content: bytes | Callable[[Any], None]) -> Callable[[Any], None]:
+        return content if callable(content) else (lambda f: f.write(content))
+
+    return Payload(run_name=run_name, step=step, epoch=step // 10, format=format, role=role,
+                   metrics={"loss": 1.0 / (step + 1)},
+                   files=tuple(PayloadFile(name, write=writer(c)) for name, c in files.items()))
+
+
+class ResumeBackendTests:
+    """The storage contract of a ``resume`` backend. Subclass it and provide ``backend``.
+
+    Attributes a subclass may change:
+
+    - ``run_name``: the run the tests write (a fresh root per test keeps runs apart).
+    - ``failing_write_sizes``: sizes, in bytes, of a file whose serialiser fails half-way; add
+      one larger than an upload part so that a failed multipart or chunked upload is tried too.
+    - ``listing_requests``: how many store requests one ``list_checkpoints`` may make, whatever
+      the number of checkpoints.
+    """
+
+    run_name = "run"
+    failing_write_sizes: tuple[int, ...] = (1000,)
+    listing_requests = 1
+
+    # -- what the subclass provides -------------------------------------------------------
+
+    @pytest.fixture
+    def backend(self) -> Any:
+        """A fresh backend instance over an empty root, with a fast retry policy of at least
+        two attempts (``RetryPolicy(attempts=3, backoff_s=0.01)``)."""
+        raise NotImplementedError("subclasses of ResumeBackendTests provide the 'backend' fixture")
+
+    @pytest.fixture
+    def secrets(self, backend: Any) -> tuple[str, ...]:
+        """Credential strings the backend holds, which must never be shown. By default the
+        backend's ``secrets`` (a ``FileBackend`` scrubs them), or a planted one added to them."""
+        held = tuple(s for s in getattr(backend, "secrets", ()) if len(s) >= 4)
+        if held:
+            return held
+        backend.secrets = (PLANTED_SECRET,)
+        return (PLANTED_SECRET,)
+
+    @pytest.fixture
+    def store_requests(self) -> Callable[[], int] | None:
+        """None, or a callable returning how many requests the store itself has answered so
+        far (a proxy's count), to check a listing below the filesystem layer too."""
+        return None
+
+    def wrap_filesystem(self, backend: Any) -> WrappedFileSystem:
+        """Put a ``WrappedFileSystem`` between the backend and its store; return it."""
+        fs = getattr(backend, "fs", None)
+        if fs is None:
+            pytest.skip(f"{type(backend).__name__} has no 'fs' attribute; override wrap_filesystem "
+                        "to put a WrappedFileSystem in front of its store")
+        if isinstance(fs, WrappedFileSystem):
+            return fs
+        wrapped = WrappedFileSystem(fs)
+        backend.fs = wrapped
+        return wrapped
+
+    def run_folder(self, backend: Any, run_name: str | None = None) -> str:
+        return backend.run_path(run_name or self.run_name)
+
+    def write_leftover(self, backend: Any, folder: str, name: str, data: bytes) -> None:
+        """Write a file the way a save killed before its manifest leaves it (``folder`` is
+        relative to the run)."""
+        path = posixpath.join(self.run_folder(backend), folder)
+        backend.fs.makedirs(path, exist_ok=True)
+        backend.fs.pipe_file(posixpath.join(path, name), data)
+
+    def make_empty_folder(self, backend: Any, folder: str) -> bool:
+        """Make an empty folder in the run, as a save killed right after creating it leaves;
+        False when the store has no folders without files (object stores)."""
+        path = posixpath.join(self.run_folder(backend), folder)
+        backend.fs.makedirs(path, exist_ok=True)
+        backend.fs.invalidate_cache()
+        return bool(backend.fs.isdir(path))
+
+    def overwrite(self, backend: Any, ref: CheckpointRef, name: str, data: bytes) -> None:
+        """Replace one file of a committed checkpoint, as damage after the commit would."""
+        backend.fs.pipe_file(posixpath.join(ref.path, name), data)
+
+    def stored_files(self, backend: Any) -> list[str]:
+        """Every file under the backend's root, relative to it."""
+        backend.fs.invalidate_cache()
+        root = backend.fs._strip_protocol(backend.root).rstrip("/")
+        try:
+            found = backend.fs.find(root)
+        except FileNotFoundError:
+            return []
+        return sorted(backend.fs._strip_protocol(p)[len(root) + 1:] for p in found)
+
+    def unfinished_uploads(self, backend: Any) -> list[str]:
+        """Uploads begun and never completed or aborted (S3 multipart uploads, say)."""
+        return []
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def save(self, backend: Any, step: int, run_name: str | None = None, **kwargs: Any) -> CheckpointRef:
+        run_name = run_name or self.run_name
+        ref = call_hook(backend, "save_resume", run_name=run_name, step=step,
+                        payload=payload(run_name, step, **kwargs))
+        assert isinstance(ref, CheckpointRef), f"save_resume returned {type(ref).__name__}, not a CheckpointRef"
+        return ref
+
+    def steps(self, backend: Any, run_name: str | None = None) -> list[int]:
+        refs = call_hook(backend, "list_checkpoints", run_name=run_name or self.run_name)
+        return sorted(r.step for r in refs)
+
+    def prune(self, backend: Any, keep_last: int = 1, protected: Iterable[int] = (), dry_run: bool = False,
+              counted: Iterable[int] | None = None) -> list[CheckpointRef]:
+        return call_hook(backend, "prune", run_name=self.run_name, keep_last=keep_last,
+                         protected_steps=frozenset(protected), dry_run=dry_run,
+                         counted_steps=None if counted is None else frozenset(counted))
+
+    @staticmethod
+    def read(backend: Any, ref: CheckpointRef, name: str) -> bytes:
+        with call_hook(backend, "open_file", ref=ref, name=name) as f:
+            return f.read()
+
+    @staticmethod
+    def past_grace(backend: Any) -> None:
+        """Make every leftover written so far older than the backend's grace period."""
+        backend.leftover_grace_s = 0.0
+        time.sleep(0.05)
+
+    # -- commit ---------------------------------------------------------------------------
+
+    def test_a_committed_checkpoint_round_trips(self, backend):
+        data = bytes(range(256)) * 40
+        ref = self.save(backend, 7, files={"state.pt": data, "extra.pt": b"extra"})
+        assert ref.step == 7 and ref.run_name == self.run_name and ref.path.rstrip("/").endswith(step_dirname(7))
+        listed = call_hook(backend, "list_checkpoints", run_name=self.run_name)
+        assert [(r.step, r.path) for r in listed] == [(7, ref.path)]
+        manifest = call_hook(backend, "read_manifest", ref=listed[0])
+        assert isinstance(manifest, Manifest) and manifest.step == 7 and manifest.run_name == self.run_name
+        assert set(manifest.files) == {"state.pt", "extra.pt"}
+        assert manifest.files["state.pt"].size == len(data)
+        assert self.read(backend, listed[0], "state.pt") == data
+        assert manifest.files["state.pt"].digest == hash_stream(io.BytesIO(data), manifest.files["state.pt"].digest.split(":")[0])[1]
+
+    def test_nothing_is_listed_until_the_manifest_is_written_last(self, backend):
+        self.save(backend, 1)
+        fs = self.wrap_filesystem(backend)
+        seen: list[list[int]] = []
+
+        def last_file(f):
+            f.write(b"the last file of step 2")
+            seen.append(self.steps(backend))
+
+        ref = self.save(backend, 2, files={"state.pt": b"state", "extra.pt": last_file})
+        assert seen == [[1]], "step 2 was listed before its manifest was written"
+        assert self.steps(backend) == [1, 2]
+        target = ref.path.rstrip("/") + "/"
+        writes = [c for c in fs.requests("write") if fs.wrapped._strip_protocol(c.path).startswith(
+            fs.wrapped._strip_protocol(target))]
+        # A backend that commits by renaming a folder writes nothing into the final one itself.
+        if writes:
+            assert writes[-1].path.endswith(MANIFEST_NAME), \
+                f"the manifest must be the last thing written into {target}; the last write was {writes[-1]}"
+
+    def test_a_failed_write_leaves_nothing_committed_and_says_where(self, backend):
+        self.save(backend, 1)
+        for size in self.failing_write_sizes:
+            def half_then_fail(f, size=size):
+                f.write(b"x" * size)
+                raise RuntimeError("serialisation failed")
+
+            with pytest.raises(BackendError) as info:
+                self.save(backend, 2, files={"state.pt": b"state", "extra.pt": half_then_fail})
+            assert info.value.backend == backend.name
+            assert "serialisation failed" in str(info.value) and step_dirname(2) in str(info.value)
+            assert self.steps(backend) == [1]
+            assert not [p for p in self.stored_files(backend) if step_dirname(2) in p], \
+                f"a failed save of {size} bytes left files behind"
+            assert self.unfinished_uploads(backend) == []
+
+    def test_saving_a_step_again_replaces_it(self, backend):
+        self.save(backend, 3, files={"state.pt": b"old"})
+        ref = self.save(backend, 3, files={"state.pt": b"new!"})
+        assert self.read(backend, ref, "state.pt") == b"new!"
+        assert call_hook(backend, "read_manifest", ref=ref).files["state.pt"].size == 4
+        assert self.steps(backend) == [3]
+
+    # -- leftovers ------------------------------------------------------------------------
+
+    def test_what_a_crash_leaves_is_not_listed_and_goes_after_the_grace_period(self, backend):
+        self.save(backend, 1)
+        self.write_leftover(backend, step_dirname(5), "state.pt", b"half a checkpoint")
+        assert self.steps(backend) == [1]
+        assert self.prune(backend) == [], "inside the grace period a leftover may be a save in flight"
+        assert any(step_dirname(5) in p for p in self.stored_files(backend))
+        self.past_grace(backend)
+        would = self.prune(backend, dry_run=True)
+        assert [(r.role, r.path.rstrip("/").rsplit("/", 1)[-1]) for r in would] == [("leftover", step_dirname(5))]
+        assert any(step_dirname(5) in p for p in self.stored_files(backend)), "a dry run deletes nothing"
+        assert [r.role for r in self.prune(backend)] == ["leftover"]
+        assert not any(step_dirname(5) in p for p in self.stored_files(backend))
+        assert self.steps(backend) == [1]
+
+    def test_an_empty_leftover_folder_goes_after_the_grace_period(self, backend):
+        self.save(backend, 1)
+        if not self.make_empty_folder(backend, step_dirname(6)):
+            # An object store has no folder without a file: nothing to see, nothing to clean.
+            assert self.steps(backend) == [1] and self.prune(backend) == []
+            return
+        assert self.steps(backend) == [1]
+        assert self.prune(backend) == [], "a young folder may be a save in flight"
+        self.past_grace(backend)
+        assert [r.role for r in self.prune(backend)] == ["leftover"]
+        backend.fs.invalidate_cache()
+        assert not backend.fs.exists(posixpath.join(self.run_folder(backend), step_dirname(6)))
+
+    def test_prune_leaves_what_it_did_not_write(self, backend):
+        self.save(backend, 1)
+        self.write_leftover(backend, "tensorboard", "events.out", b"not a checkpoint")
+        self.save(backend, 4, run_name="other-run")
+        self.past_grace(backend)
+        self.save(backend, 2)
+        self.prune(backend, keep_last=1)
+        assert f"{self.run_name}/tensorboard/events.out" in self.stored_files(backend)
+        assert self.steps(backend) == [2]
+        assert self.steps(backend, "other-run") == [4], "another run is not this run's to prune"
+
+    # -- prune ----------------------------------------------------------------------------
+
+    def test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(self, backend):
+        for s in range(6):
+            self.save(backend, s)
+        would = self.prune(backend, keep_last=2, protected={1}, dry_run=True)
+        assert sorted(r.step for r in would) == [0, 2, 3]
+        assert self.steps(backend) == [0, 1, 2, 3, 4, 5], "a dry run deletes nothing"
+        gone = self.prune(backend, keep_last=2, protected={1})
+        assert sorted(r.step for r in gone) == [0, 2, 3]
+        assert self.steps(backend) == [1, 4, 5]
+
+    def test_prune_refuses_keep_last_below_one(self, backend):
+        self.save(backend, 0)
+        with pytest.raises(ValueError):
+            self.prune(backend, keep_last=0)
+        assert self.steps(backend) == [0]
+
+    def test_only_counted_steps_count_toward_keep_last(self, backend):
+        for s in range(5):
+            self.save(backend, s)
+        # 3 and 4 are newer than the newest counted one that is kept: never deleted.
+        assert sorted(r.step for r in self.prune(backend, keep_last=1, counted={1, 2})) == [0, 1]
+        assert self.steps(backend) == [2, 3, 4]
+        # Fewer counted checkpoints than keep_last: nothing is deleted.
+        assert self.prune(backend, keep_last=3, counted={4}) == []
+        assert self.steps(backend) == [2, 3, 4]
+
+    def test_a_checkpoint_damaged_after_its_commit_does_not_count(self, backend):
+        refs = [self.save(backend, s) for s in range(3)]
+        self.overwrite(backend, refs[2], "state.pt", b"truncated")
+        self.prune(backend, keep_last=1)
+        # Step 2 disagrees with its manifest, so step 1 is the newest real checkpoint and stays.
+        assert self.steps(backend) == [1, 2]
+
+    def test_prune_never_deletes_a_save_in_flight(self, backend):
+        self.save(backend, 1)
+        self.past_grace(backend)
+        pruned: list[list[CheckpointRef]] = []
+
+        def prune_meanwhile(f):
+            f.write(b"the first half")
+            pruned.append(self.prune(backend, keep_last=1))
+            f.write(b"the second half")
+
+        self.save(backend, 2, files={"state.pt": prune_meanwhile})
+        assert pruned == [[]]
+        assert self.steps(backend) == [1, 2]
+
+    def test_delete_run_removes_every_checkpoint_and_leftover_but_not_the_final_model(self, backend):
+        if not hasattr(backend, "delete_run"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional delete_run hook")
+        for s in range(3):
+            self.save(backend, s)
+        self.write_leftover(backend, step_dirname(9), "state.pt", b"half")
+        has_final = hasattr(backend, "publish_final")
+        if has_final:
+            call_hook(backend, "publish_final", run_name=self.run_name,
+                      payload=payload(self.run_name, 2, {"final_model.pt": b"model"}, role="final"),
+                      stored=[], algorithm=None, model=None)
+        would = call_hook(backend, "delete_run", run_name=self.run_name, dry_run=True)
+        assert sorted(r.step for r in would if r.role != "leftover") == [0, 1, 2]
+        assert self.steps(backend) == [0, 1, 2]
+        call_hook(backend, "delete_run", run_name=self.run_name, dry_run=False)
+        assert self.steps(backend) == []
+        left = self.stored_files(backend)
+        assert not [p for p in left if "step-" in p]
+        if has_final and hasattr(backend, "final_ref"):
+            assert backend.final_ref(self.run_name) is not None
+
+    # -- requests -------------------------------------------------------------------------
+
+    def test_listing_is_one_request_whatever_the_number_of_checkpoints(self, backend, store_requests):
+        for s in range(8):
+            self.save(backend, s)
+        fs = self.wrap_filesystem(backend)
+        fs.clear()
+        before = store_requests() if store_requests is not None else None
+        assert self.steps(backend) == list(range(8))
+        asked = fs.requests()
+        assert len(asked) <= self.listing_requests, f"one listing made {len(asked)} requests: {asked}"
+        if store_requests is not None:
+            answered = store_requests() - before
+            assert answered <= self.listing_requests, f"the store answered {answered} requests for one listing"
+
+    def test_transient_errors_are_retried(self, backend):
+        attempts = getattr(getattr(backend, "retry", None), "attempts", 0)
+        assert attempts >= 2, "build the backend with a RetryPolicy of at least 2 attempts for this suite"
+        fs = self.wrap_filesystem(backend)
+        listing = fs.add("list", transient())
+        reading = fs.add("read", transient(), path=MANIFEST_NAME)
+        fs.add("write", transient(), path="state.pt")
+        fs.add("write", transient(), path=MANIFEST_NAME)
+        ref = self.save(backend, 1)
+        assert self.steps(backend) == [1]
+        assert call_hook(backend, "read_manifest", ref=ref).step == 1
+        assert listing.fired == 1 and reading.fired == 1
+        assert self.read(backend, ref, "state.pt").startswith(b"state of step 1")
+
+    def test_a_store_that_keeps_failing_is_unavailable_not_empty(self, backend):
+        ref = self.save(backend, 1)
+        fs = self.wrap_filesystem(backend)
+        down = fs.add("list", transient(), times=None)
+        with pytest.raises(StorageUnavailableError) as info:
+            self.steps(backend)
+        assert info.value.backend == backend.name
+        assert down.fired == backend.retry.attempts, "each attempt of the retry policy, then no more"
+        fs.clear()
+        fs.add("read", transient(), path=MANIFEST_NAME, times=None)
+        with pytest.raises(StorageUnavailableError) as info:
+            call_hook(backend, "read_manifest", ref=ref)
+        assert info.value.backend == backend.name and MANIFEST_NAME in str(info.value)
+        fs.clear()
+        denied = fs.add("list", permanent(), times=None)
+        with pytest.raises(StorageUnavailableError):
+            self.steps(backend)
+        assert denied.fired == 1, "a refusal is not retried"
+
+    # -- secrets --------------------------------------------------------------------------
+
+    def test_secrets_never_appear_in_errors_logs_or_locations(self, backend, secrets, caplog):
+        caplog.set_level(logging.DEBUG)
+        ref = self.save(backend, 1)
+        leaked = " and ".join(secrets)
+        shown: list[str] = [repr(backend), ref.uri]
+
+        def echo(f):
+            raise RuntimeError(f"the client echoed its credentials: {leaked}")
+
+        with pytest.raises(Exception) as info:
+            self.save(backend, 2, files={"state.pt": echo})
+        shown.append(str(info.value))
+        fs = self.wrap_filesystem(backend)
+        fs.add("list", lambda what: ConnectionResetError(f"reset ({leaked})"), times=None)
+        with pytest.raises(StorageUnavailableError) as info:
+            self.steps(backend)
+        shown.append(str(info.value))
+        fs.clear()
+        fs.add("any", lambda what: PermissionError(f"denied for {leaked}"), times=None)
+        if hasattr(backend, "probe"):
+            shown.append(repr(call_hook(backend, "probe")))
+        shown.append(caplog.text)
+        for secret in secrets:
+            for text in shown:
+                assert secret not in text, f"a credential was shown: {text}"
+        assert "<redacted>" in " ".join(shown), "the failures above should have named the echoed credential, scrubbed"
+
+    # -- probe ----------------------------------------------------------------------------
+
+    def test_probe_reports_each_operation_and_cleans_up(self, backend):
+        if not hasattr(backend, "probe"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional probe hook")
+        before = self.stored_files(backend)
+        result = call_hook(backend, "probe")
+        assert result and set(result.values()) == {"ok"}, result
+        assert self.stored_files(backend) == before, "the probe must remove what it wrote"
+
+    def test_probe_reports_a_refused_write_without_raising(self, backend):
+        if not hasattr(backend, "probe"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional probe hook")
+        fs = self.wrap_filesystem(backend)
+        fs.add("write", permanent(), times=None)
+        result = call_hook(backend, "probe")
+        assert result["write"] != "ok" and "PermissionError" in result["write"], result
+        assert any(v != "ok" for k, v in result.items() if k != "write"), "the probe object never appeared"
+
+    # -- the final model and sharded checkpoints --------------------------------------------
+
+    def test_the_final_model_is_not_a_resume_checkpoint(self, backend):
+        if not hasattr(backend, "publish_final"):
+            pytest.skip(f"{type(backend).__name__} does not serve the final role")
+        self.save(backend, 1)
+        ref = call_hook(backend, "publish_final", run_name=self.run_name,
+                        payload=payload(self.run_name, 1, {"final_model.pt": b"the model"}, role="final"),
+                        stored=[], algorithm=None, model=None)
+        assert isinstance(ref, CheckpointRef) and ref.role == "final"
+        assert self.steps(backend) == [1]
+        if hasattr(backend, "final_ref"):
+            found = backend.final_ref(self.run_name)
+            assert found is not None and found.step == 1 and found.path == ref.path
+            assert self.read(backend, found, "final_model.pt") == b"the model"
+        self.past_grace(backend)
+        assert self.prune(backend, keep_last=1) == []
+
+    def test_a_sharded_checkpoint_is_committed_by_its_manifest(self, backend):
+        if not hasattr(backend, "stage_sharded"):
+            pytest.skip(f"{type(backend).__name__} does not serve format: dcp")
+        self.save(backend, 1)
+        path = call_hook(backend, "stage_sharded", run_name=self.run_name, step=2)
+        shard = b"shard bytes" * 100
+        backend.fs.makedirs(path, exist_ok=True)
+        with backend.fs.open(posixpath.join(path, "__0_0.distcp"), "wb") as f:
+            f.write(shard)
+        assert self.steps(backend) == [1], "staged shards are not a checkpoint"
+        size, digest = hash_stream(io.BytesIO(shard))
+        ref = call_hook(backend, "commit_sharded", run_name=self.run_name, step=2, path=path,
+                        payload=payload(self.run_name, 2, {}, format="dcp"),
+                        files={"__0_0.distcp": FileEntry(size=size, digest=digest)})
+        assert self.steps(backend) == [1, 2]
+        assert call_hook(backend, "read_manifest", ref=ref).files["__0_0.distcp"].size == size
+        doomed = call_hook(backend, "stage_sharded", run_name=self.run_name, step=3)
+        call_hook(backend, "discard_sharded", path=doomed)
+        assert self.steps(backend) == [1, 2]
+        assert not [p for p in self.stored_files(backend) if step_dirname(3) in p]

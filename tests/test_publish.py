@@ -194,6 +194,7 @@ class _Registry:
     def __init__(self, name):
         self.name = name
 
+    @ckptkit.hookimpl
     def find_published(self, run_name, digest, algorithm):
         self.calls.append(("find_published", digest, algorithm))
         if isinstance(self.holds, Exception):

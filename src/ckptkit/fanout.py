@@ -71,7 +71,10 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
     failures: dict[str, CkptkitError] = {}
     copied = any(pf.source is not None for pf in payload.files)
     for name in router.backends(role) if names is None else names:
-        kwargs = dict(role_kwargs, stored=[*stored, *saved]) if role is Role.FINAL else role_kwargs
+        if role is Role.FINAL:
+            kwargs = dict(role_kwargs, stored=[*stored, *(r for r in saved if holds_files(r, payload))])
+        else:
+            kwargs = role_kwargs
         try:
             ref = router.call(name, hook, run_name=run_name, payload=payload, **kwargs)
         except Exception as exc:
@@ -82,12 +85,36 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
             failures[name] = _not_a_ref(name, hook, ref)
             continue
         saved.append(ref)
-        if ref.local_dir and not copied:
+        if ref.local_dir and not copied and holds_files(ref, payload):
             # Later backends copy these bytes instead of serialising the state again.
-            manifest = router.call(name, "read_manifest", ref=ref)
-            payload = payload.from_stored(ref.local_dir, manifest)
-            copied = True
+            local = _stored_payload(router, name, ref, payload)
+            if local is not None:
+                payload, copied = local, True
     return saved, failures
+
+
+def holds_files(ref: CheckpointRef, payload: Payload) -> bool:
+    """Whether ``ref`` may hold the payload's own files; a ref whose ``sizes`` names other files
+    (a final backend that stored a converted model) does not."""
+    return ref.sizes is None or all(pf.name in ref.sizes for pf in payload.files)
+
+
+def _stored_payload(router: Router, name: str, ref: CheckpointRef, payload: Payload) -> Payload | None:
+    """``payload`` read from the files ``ref`` committed on local disk, or None where that backend
+    cannot show them (no ``read_manifest``, or a manifest or files that lack them): the backend
+    has stored its copy all the same, and the later ones serialise the state themselves."""
+    if not router.implements(name, "read_manifest"):
+        return None
+    try:
+        local = payload.from_stored(ref.local_dir, router.call(name, "read_manifest", ref=ref))
+        if all(os.path.getsize(pf.source) == pf.expected.size for pf in local.files):
+            return local
+        why = "its files differ in size from its manifest"
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    log.warning("backend %r: the copy at %s cannot be read back (%s); the other backends write their own",
+                name, ref.uri, why)
+    return None
 
 
 def put_file(fs, folder: str, name: str, write: Callable[[BinaryIO], None]) -> FileEntry:

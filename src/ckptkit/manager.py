@@ -726,8 +726,9 @@ class CheckpointManager:
         are stored in the final file beside the model, and a registry records ``params`` (MLflow
         logs them as run parameters), so that someone else can rebuild the model.
 
-        A backend that fails does not stop the others. If no backend took the model, it is
-        written to a local fallback folder that the error names, for ``ckptkit publish`` later.
+        A backend that fails does not stop the others. If one failed and no other holds the final
+        file where ``ckptkit publish`` can read it back (a registry or a converted copy cannot), it
+        is written to a local fallback folder that the error names, for ``ckptkit publish`` later.
         """
         self._check_open()
         if self.config.final is None:
@@ -749,10 +750,14 @@ class CheckpointManager:
                 metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(), params=model_params,
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
-                                                algorithm=algorithm, model=model)
+                                                algorithm=algorithm, model=model, state=state)
             if not failures:
                 return saved, None
-            where = ", ".join(r.uri for r in saved) or self._write_fallback(payload)
+            where = [r.uri for r in saved]
+            if not any(fanout.holds_files(r, payload) and callable(getattr(self.router.instances.get(r.backend),
+                                                                           "final_ref", None)) for r in saved):
+                where.append(self._write_fallback(payload))
+            where = ", ".join(where)
             return saved, (f"the final model did not reach every final backend "
                            f"({fanout.describe_failures(failures)}); it is saved at {where}; retry with: "
                            "ckptkit publish", failures)

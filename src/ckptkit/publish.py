@@ -13,11 +13,10 @@ from typing import Any, Iterable
 
 import attrs
 import fsspec
-import torch
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import CheckpointError, CkptkitError, ConfigError
-from . import fanout, gather, reading, sharded
+from . import fanout, gather, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
@@ -183,8 +182,12 @@ def final_body_from_resume(state: dict[str, Any], manifest: Manifest, algorithm:
             "metrics": dict(manifest.metrics), "algorithm": algorithm}
 
 
-def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorithm: str | None,
-             workdir: str) -> Payload:
+def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: dict[str, Any] | None,
+             algorithm: str | None, workdir: str) -> tuple[Payload, dict[str, Any]]:
+    """The final file to send, and the model state it holds (``publish_final``'s ``state``).
+
+    ``final``: the loaded final file, for a final source.
+    """
     m = source.manifest
     common = dict(run_name=ck.run_name, step=m.step, epoch=m.epoch, format="torch", role="final",
                   metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id)
@@ -192,7 +195,7 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorith
         if FINAL_FILE not in m.files:
             raise CheckpointError(f"{source.uri}: a final checkpoint without {FINAL_FILE}")
         return Payload(files=(PayloadFile(FINAL_FILE, source=os.path.join(folder, FINAL_FILE),
-                                          expected=m.files[FINAL_FILE]),), **common)
+                                          expected=m.files[FINAL_FILE]),), **common), final["model"]
     if m.format == "dcp":
         # The shards, verified and local by now, put together in this one process.
         state = sharded.load_full(fsspec.filesystem("file"), folder)
@@ -211,18 +214,18 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, algorith
         w = HashingWriter(f)
         torch_writer(body)(w)
     return Payload(files=(PayloadFile(FINAL_FILE, source=path, expected=FileEntry(size=w.size, digest=w.digest())),),
-                   **common)
+                   **common), body["model"]
 
 
-def _algorithm_of(source: PublishSource, folder: str) -> str | None:
-    if source.kind != "final":
-        return None
-    try:
-        body = torch.load(os.path.join(folder, FINAL_FILE), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    value = body.get("algorithm") if isinstance(body, dict) else None
-    return value if isinstance(value, str) else None
+def _final_body(source: PublishSource, folder: str) -> dict[str, Any]:
+    """The verified final file of ``source``, loaded weights-only and memory-mapped: a tensor is
+    read from disk only if a backend uses it, and the file outlives every use (it is removed
+    after all backends were called)."""
+    body = safeload.load(os.path.join(folder, FINAL_FILE), name=f"{source.uri}/{FINAL_FILE}", _mmap=True)
+    if not isinstance(body, dict) or not isinstance(body.get("model"), dict):
+        raise CheckpointError(f"{source.uri}/{FINAL_FILE} holds no model state (a dict under 'model'); "
+                              "it was not written by ckptkit finalize")
+    return body
 
 
 def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str] | None = None,
@@ -249,8 +252,10 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
         order = [b for b in order if b in wanted]
     with reading.scratch("publish") as workdir:
         folder = _verified_local(ck, source, workdir)
-        algorithm = algorithm or ck.config.algorithm or _algorithm_of(source, folder)
-        payload = _payload(ck, source, folder, algorithm, workdir)
+        final = _final_body(source, folder) if source.kind == "final" else None
+        stored_tag = final.get("algorithm") if final is not None else None
+        algorithm = algorithm or ck.config.algorithm or (stored_tag if isinstance(stored_tag, str) else None)
+        payload, state = _payload(ck, source, folder, final, algorithm, workdir)
         entry = payload.files[0].expected
         held: list[CheckpointRef] = []
         lookup_failed: dict[str, CkptkitError] = {}
@@ -266,7 +271,7 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
         skip = {r.backend for r in held} | set(lookup_failed)
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
                                               names=[n for n in order if n not in skip], stored=held,
-                                              algorithm=algorithm, model=None)
+                                              algorithm=algorithm, model=None, state=state)
         failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
                          failures=failures)

@@ -1,0 +1,306 @@
+"""Third-party final-only backends beside the built-in ones: a model zoo that converts the model,
+and backends that fail or answer oddly. None of them may stop the other final backends, the
+fallback copy lands whenever no backend holds ``final_model.pt`` where ``ckptkit publish`` can
+read it back, and a converting backend gets the state itself, at ``finalize`` and ``publish``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptkit
+from ckptkit import CheckpointManager, PublishError
+from ckptkit.checkpoint import CheckpointRef
+from ckptkit.cli import main
+from ckptkit.config import check_options
+from ckptkit.gather import DTYPES
+
+FINAL = "final_model.pt"
+
+
+class ModelZoo:
+    """A final-only backend that keeps each final model as ``model.safetensors``, in a dtype of its own.
+
+    It converts the state it is handed and never reads ``final_model.pt``. Its ref points at a
+    local folder (``local_dir``) that holds no ckptkit manifest, and its ``sizes`` name the
+    file it wrote: a converted model, not a copy of the final file.
+    """
+
+    OPTIONS = ("path", "fail", "dtype")
+    received: list = []
+
+    @classmethod
+    def from_config(cls, name, options):
+        check_options(f"backends.{name}", options, cls.OPTIONS, required=("path",))
+        return cls(name, options["path"], options.get("fail", False), options.get("dtype"))
+
+    def __init__(self, name, root, fail, dtype):
+        self.name, self.root, self.fail, self.dtype = name, root, fail, dtype
+
+    @ckptkit.hookimpl
+    def publish_final(self, run_name, payload, state):
+        if self.fail:
+            raise ConnectionError("the zoo's upload server answered 503")
+        ModelZoo.received.append(state)
+        dtype = DTYPES[self.dtype] if self.dtype else None
+        tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        folder = os.path.join(self.root, run_name, f"v{payload.step}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "model.safetensors")
+        save_file(tensors, path, metadata={"run": run_name, "step": str(payload.step)})
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path=folder,
+                             uri="file://" + folder, role="final", local_dir=folder,
+                             sizes={"model.safetensors": os.path.getsize(path)})
+
+
+class Shelf:
+    """A final-only backend that keeps the final file as it is, in a layout of its own.
+
+    Like the zoo it returns ``local_dir`` and implements no ``read_manifest``; unlike it, its
+    ref says nothing about the files it holds.
+    """
+
+    @classmethod
+    def from_config(cls, name, options):
+        return cls(name, options["path"])
+
+    def __init__(self, name, root):
+        self.name, self.root = name, root
+
+    @ckptkit.hookimpl
+    def publish_final(self, run_name, payload):
+        folder = os.path.join(self.root, run_name)
+        os.makedirs(folder, exist_ok=True)
+        for pf in payload.files:
+            with open(os.path.join(folder, pf.name), "wb") as f:
+                pf.write_to(f)
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path=folder,
+                             uri="file://" + folder, role="final", local_dir=folder)
+
+
+class Odd:
+    """A final backend that misbehaves in the way its ``how`` option names."""
+
+    @classmethod
+    def from_config(cls, name, options):
+        return cls(name, options["how"], options["path"])
+
+    def __init__(self, name, how, root):
+        self.name, self.how, self.root = name, how, root
+
+    def _ref(self, run_name, step):
+        return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=self.root,
+                             uri="file://" + self.root, role="final", local_dir=self.root)
+
+    @ckptkit.hookimpl
+    def publish_final(self, run_name, payload):
+        if self.how == "raises":
+            raise RuntimeError("odd went wrong")
+        if self.how == "returns None":
+            return None
+        return self._ref(run_name, payload.step)
+
+    @ckptkit.hookimpl
+    def read_manifest(self, ref):
+        if self.how == "manifest raises":
+            raise OSError("odd cannot read its manifest back")
+        # "manifest lacks the file": a manifest of something else.
+        return ckptkit.checkpoint.Payload(run_name=ref.run_name, step=ref.step, epoch=None, format="torch",
+                                          files=(), role="final").manifest({})
+
+
+class Recorder:
+    """A registry-like final backend, called last, that records the ``stored`` it was given."""
+
+    seen: list = []
+
+    @classmethod
+    def from_config(cls, name, options):
+        return cls(name)
+
+    def __init__(self, name):
+        self.name = name
+
+    @ckptkit.hookimpl(trylast=True)
+    def publish_final(self, run_name, payload, stored):
+        Recorder.seen.append(list(stored))
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path="r/1",
+                             uri="registry://r/1", role="final")
+
+
+@pytest.fixture
+def zoo_pm(pm):
+    for name, cls in (("zoo", ModelZoo), ("shelf", Shelf), ("odd", Odd), ("recorder", Recorder)):
+        pm.add_backend_type(name, cls)
+    ModelZoo.received, Recorder.seen = [], []
+    return pm
+
+
+@pytest.fixture
+def zoo_dist(tmp_path, monkeypatch):
+    """The zoo as an installed distribution, found through its entry point (the CLI builds its own
+    plugin manager)."""
+    site = tmp_path / "site"
+    dist = site / "ckptkit_zoo-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "ckptkit_zoo.py").write_text(f"import sys\nModelZoo = sys.modules[{__name__!r}].ModelZoo\n")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ckptkit-zoo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ckptkit.backends]\nzoo = ckptkit_zoo:ModelZoo\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("ckptkit_zoo", None)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def _config(tmp_path, final, **zoo):
+    known = {"zoo": {"type": "zoo", "path": str(tmp_path / "zoo"), **zoo},
+             "shelf": {"type": "shelf", "path": str(tmp_path / "shelf")},
+             "archive": {"type": "local", "path": str(tmp_path / "archive")},
+             "registry": {"type": "recorder"}}
+    return {"run_name": "exp", "algorithm": "sft", "backends": {n: known[n] for n in final if n in known},
+            "roles": {"final": {"backends": final}}}
+
+
+def _same_state(got, model):
+    want = model.state_dict()
+    return isinstance(got, Mapping) and got.keys() == want.keys() and all(
+        isinstance(got[k], torch.Tensor) and torch.equal(got[k], want[k]) for k in want)
+
+
+def _archived(tmp_path):
+    return torch.load(tmp_path / "archive" / "exp" / "final" / FINAL, weights_only=True)
+
+
+def test_a_final_only_backend_that_sets_local_dir_does_not_stop_the_next_one(tmp_path, zoo_pm):
+    ck = CheckpointManager.from_config(_config(tmp_path, ["shelf", "archive"]), plugin_manager=zoo_pm,
+                                       fallback_dir=tmp_path / "fb")
+    model = _model()
+    refs = ck.finalize(model, step=3)
+    ck.close()
+    assert [r.backend for r in refs] == ["shelf", "archive"]
+    assert _same_state(_archived(tmp_path)["model"], model)
+    assert (tmp_path / "shelf" / "exp" / FINAL).read_bytes() == (tmp_path / "archive" / "exp" / "final" / FINAL).read_bytes()
+    assert not (tmp_path / "fb").exists()
+
+
+def test_finalize_with_a_model_zoo_and_a_local_final_writes_both(tmp_path, zoo_pm):
+    ck = CheckpointManager.from_config(_config(tmp_path, ["zoo", "archive", "registry"]), plugin_manager=zoo_pm,
+                                       fallback_dir=tmp_path / "fb")
+    model = _model()
+    refs = ck.finalize(model, step=3)
+    ck.close()
+    assert [r.backend for r in refs] == ["zoo", "archive", "registry"]
+    # The zoo got the state in memory, and converted it without reading any file.
+    assert len(ModelZoo.received) == 1 and _same_state(ModelZoo.received[0], model)
+    assert _same_state(load_file(tmp_path / "zoo" / "exp" / "v3" / "model.safetensors"), model)
+    body = _archived(tmp_path)
+    assert body["step"] == 3 and _same_state(body["model"], model)
+    # A converted model is not a copy of final_model.pt: later backends are not told it is.
+    assert [[r.backend for r in stored] for stored in Recorder.seen] == [["archive"]]
+    assert not (tmp_path / "fb").exists()
+
+
+def test_a_model_zoo_that_fails_lets_the_local_final_land_and_the_error_names_it(tmp_path, zoo_pm):
+    ck = CheckpointManager.from_config(_config(tmp_path, ["zoo", "archive"], fail=True), plugin_manager=zoo_pm,
+                                       fallback_dir=tmp_path / "fb")
+    model = _model()
+    with pytest.raises(PublishError) as info:
+        ck.finalize(model, step=3)
+    ck.close()
+    message = str(info.value)
+    assert "zoo" in message and "503" in message and "archive" not in info.value.failures
+    assert set(info.value.failures) == {"zoo"} and [r.backend for r in info.value.saved] == ["archive"]
+    assert str(tmp_path / "archive") in message and "ckptkit publish" in message
+    assert _same_state(_archived(tmp_path)["model"], model)
+    assert not (tmp_path / "fb").exists()  # the archive holds it: no second copy
+
+
+@pytest.mark.parametrize("how, fails", [("raises", "odd went wrong"), ("returns None", "returned NoneType"),
+                                        ("manifest raises", None), ("manifest lacks the file", None)])
+def test_an_odd_final_backend_never_stops_the_others(tmp_path, zoo_pm, how, fails):
+    cfg = _config(tmp_path, ["odd", "archive"])
+    cfg["backends"]["odd"] = {"type": "odd", "how": how, "path": str(tmp_path / "odd")}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=zoo_pm, fallback_dir=tmp_path / "fb")
+    model = _model()
+    if fails:
+        with pytest.raises(PublishError, match=fails) as info:
+            ck.finalize(model, step=3)
+        assert set(info.value.failures) == {"odd"}
+    else:
+        assert [r.backend for r in ck.finalize(model, step=3)] == ["odd", "archive"]
+    ck.close()
+    assert _same_state(_archived(tmp_path)["model"], model)
+
+
+def test_the_fallback_lands_when_only_a_converted_model_was_stored(tmp_path, zoo_pm, zoo_dist, monkeypatch,
+                                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "archive"
+    blocker.write_text("not a folder")  # the archive cannot be created: its backend fails
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, ["zoo", "archive"])))
+    ck = CheckpointManager.from_config(str(cfg), plugin_manager=zoo_pm)
+    model = _model()
+    with pytest.raises(PublishError) as info:
+        ck.finalize(model, step=3, metrics={"loss": 0.25})
+    ck.close()
+    fallback = tmp_path / "ckptkit-fallback" / "exp" / "final"
+    assert set(info.value.failures) == {"archive"} and str(fallback) in str(info.value)
+    assert _same_state(torch.load(fallback / FINAL, weights_only=True)["model"], model)
+
+    # Once the archive works, `ckptkit publish` finds the model in the fallback folder.
+    blocker.unlink()
+    assert main(["publish", str(cfg), "--backend", "archive", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"]["backend"] is None and [p["backend"] for p in data["published"]] == ["archive"]
+    body = _archived(tmp_path)
+    assert body["step"] == 3 and body["metrics"] == {"loss": 0.25} and _same_state(body["model"], model)
+
+
+def test_cli_publish_sends_the_state_to_a_converting_backend(tmp_path, zoo_pm, zoo_dist, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, ["zoo", "archive"], fail=True)))
+    ck = CheckpointManager.from_config(str(cfg), plugin_manager=zoo_pm)
+    model = _model()
+    with pytest.raises(PublishError, match="zoo"):
+        ck.finalize(model, step=3)
+    ck.close()
+
+    # The zoo is back, converting to half precision; the archive already holds these bytes.
+    cfg.write_text(json.dumps(_config(tmp_path, ["zoo", "archive"], dtype="float16")))
+    assert main(["publish", str(cfg), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [p["backend"] for p in data["published"]] == ["zoo"] and not data["failures"]
+    assert [p["backend"] for p in data["already_held"]] == ["archive"]
+    assert len(ModelZoo.received) == 1 and _same_state(ModelZoo.received[0], model)
+    stored = load_file(tmp_path / "zoo" / "exp" / "v3" / "model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert all(torch.equal(stored[k], v.half()) for k, v in model.state_dict().items())
+
+
+def test_publishing_a_resume_step_hands_the_converting_backend_the_state_in_memory(tmp_path, zoo_pm):
+    cfg = _config(tmp_path, ["zoo"])
+    cfg["backends"]["scratch"] = {"type": "local", "path": str(tmp_path / "scratch")}
+    cfg["roles"]["resume"] = {"backends": ["scratch"], "every_n_steps": 1, "keep_last": 1}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=zoo_pm)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck.save(step=4, model=model, optimizer=opt)
+    from ckptkit.publish import find_source, publish
+
+    result = publish(ck, find_source(ck, step=4))
+    ck.close()
+    assert result.ok and [r.backend for r in result.published] == ["zoo"]
+    assert len(ModelZoo.received) == 1 and _same_state(ModelZoo.received[0], model)
+    assert _same_state(load_file(tmp_path / "zoo" / "exp" / "v4" / "model.safetensors"), model)

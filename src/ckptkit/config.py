@@ -36,6 +36,8 @@ def check_options(key: str, options: Mapping, allowed: tuple[str, ...], required
 
 
 def check_number(key: str, value: Any, minimum: float, integer: bool = False) -> Any:
+    """``value`` when it is a number (an int when ``integer``) of at least ``minimum``, else a
+    ConfigError naming ``key``; bools are refused."""
     bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
     if bad or value < minimum:
         kind = "an integer" if integer else "a number"

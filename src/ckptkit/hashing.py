@@ -46,6 +46,7 @@ class HashingWriter(WriteOnly):
         self._executor = executor
 
     def write(self, data) -> int:
+        """Hash ``data``, write it to ``raw``, and return its length."""
         view = memoryview(data).cast("B")
         n = view.nbytes
         if self._executor is not None and n >= _OVERLAP_MIN:
@@ -62,9 +63,11 @@ class HashingWriter(WriteOnly):
         return n
 
     def flush(self) -> None:
+        """Flush ``raw``."""
         self.raw.flush()
 
     def digest(self) -> str:
+        """The digest of everything written, ``"<algorithm>:<hex>"`` as a ``FileEntry`` holds it."""
         return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 

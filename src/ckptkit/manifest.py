@@ -25,6 +25,7 @@ class FileEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileEntry:
+        """An entry from a manifest's ``files`` mapping (older manifests carry ``sha256`` instead of ``digest``)."""
         if "digest" in data:
             return cls(size=int(data["size"]), digest=str(data["digest"]))
         return cls(size=int(data["size"]), digest=f"sha256:{data['sha256']}")
@@ -59,6 +60,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest from already-parsed fields, unknown ones ignored and nothing checked; use
+        ``from_json`` for bytes read from storage."""
         known = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -89,6 +92,7 @@ class Manifest:
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values (non-finite metrics as strings), without the checksum."""
         data = attrs.asdict(self)
         data["metrics"] = {k: v if math.isfinite(v) else str(v) for k, v in self.metrics.items()}
         return data
@@ -114,6 +118,7 @@ class Manifest:
 
     @property
     def total_size(self) -> int:
+        """The size of all files it lists, in bytes."""
         return sum(e.size for e in self.files.values())
 
 

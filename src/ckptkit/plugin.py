@@ -13,6 +13,7 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
   options every object-store backend shares, ``check_options``/``check_number`` validate a
   backend's own options.
 - ``BACKEND_ATTRIBUTES`` lists the attributes ckptkit reads from a backend besides its hooks.
+- ``make_plugin_manager`` builds a plugin manager for a backend's tests.
 - The error types a backend raises or lets through.
 """
 
@@ -33,6 +34,7 @@ from .errors import (
 from .hashing import HashingWriter, hash_stream
 from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .plugins import make_plugin_manager
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
 from .storage import FileBackend
@@ -65,5 +67,6 @@ __all__ = [
     "hash_stream",
     "hookimpl",
     "is_transient",
+    "make_plugin_manager",
     "parse_bucket_uri",
 ]

@@ -72,12 +72,15 @@ class RemoteOptions:
 
     @property
     def root(self) -> str:
+        """``bucket/prefix``: the root a ``FileBackend`` is built on."""
         return f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any], scheme: str,
                     part_size_mb: int = 32, min_part_size_mb: int = 5,
                     concurrency: int = 4) -> RemoteOptions:
+        """Read and check the shared options of backend ``name`` (keys in ``KEYS``); ``scheme``
+        is the URI scheme its ``path`` must have, the other arguments are the type's defaults."""
         key = f"backends.{name}"
         check_options(key, options, cls.KEYS, required=("path",))
         bucket, prefix = parse_bucket_uri(f"{key}.path", options["path"], scheme)

@@ -69,13 +69,27 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Is this worth trying again: a 5xx, a throttle, a timeout or a dropped connection?"""
+def _marked(exc: BaseException, marks: Iterable[Any]) -> bool:
+    return any(isinstance(exc, m) if isinstance(m, type) else bool(m(exc)) for m in marks)
+
+
+def is_transient(exc: BaseException, also: Iterable[Any] = ()) -> bool:
+    """Is this worth trying again: a 5xx, a throttle, a timeout or a dropped connection?
+
+    The exception and its causes are searched. ``also`` adds exception types, or predicates
+    taking an exception, that count as transient too (checked before the built-in rules, so
+    they win over them); an exception that already exhausted its retries never is.
+    """
+    also = tuple(also)
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, RetriesExhausted) or isinstance(current, _PERMANENT):
+        if isinstance(current, RetriesExhausted):
+            return False
+        if also and _marked(current, also):
+            return True
+        if isinstance(current, _PERMANENT):
             return False
         if isinstance(current, (ConnectionError, TimeoutError, socket.timeout)):
             return True
@@ -97,16 +111,26 @@ class RetryPolicy:
     ``attempts`` counts the first try. Between attempts the wait doubles from ``backoff_s`` up
     to ``max_backoff_s``, with jitter, so one operation waits at most about
     ``attempts * max_backoff_s`` seconds before its error is raised.
+
+    ``from_config(key, value)`` reads a backend's ``retry:`` mapping (``attempts``,
+    ``backoff_s``, ``max_backoff_s``; None gives the defaults). What counts as transient is
+    ``is_transient``: connection errors and timeouts, HTTP 408/425/429/5xx, throttling codes
+    and the usual client library's connection errors. ``transient`` adds a client's own: a
+    tuple of exception types, or of predicates taking an exception and returning a bool
+    (``with_transient`` returns a copy with more of them).
     """
 
     attempts: int = 5
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
+    transient: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
 
     KEYS = ("attempts", "backoff_s", "max_backoff_s")
 
     @classmethod
     def from_config(cls, key: str, value: Any) -> RetryPolicy:
+        """The policy a config's ``retry:`` mapping describes; ``key`` (``backends.<name>.retry``)
+        names it in a ``ConfigError``."""
         if value is None:
             return cls()
         if not isinstance(value, Mapping):
@@ -119,7 +143,12 @@ class RetryPolicy:
             max_backoff_s=float(check_number(f"{key}.max_backoff_s", value.get("max_backoff_s", default.max_backoff_s), 0)),
         )
 
+    def with_transient(self, *marks: Any) -> RetryPolicy:
+        """A copy that also retries ``marks``: exception types, or predicates taking an exception."""
+        return attrs.evolve(self, transient=self.transient + marks)
+
     def delay(self, attempt: int) -> float:
+        """The wait in seconds after failed attempt number ``attempt`` (1 for the first), with jitter."""
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
         return base * (0.5 + random.random() / 2)
 
@@ -130,7 +159,7 @@ class RetryPolicy:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if not is_transient(exc):
+                if not is_transient(exc, self.transient):
                     raise
                 if attempt >= self.attempts:
                     raise RetriesExhausted(what, attempt, exc, secrets) from None

@@ -146,9 +146,11 @@ class FileBackend:
     # -- layout ---------------------------------------------------------------------------
 
     def uri(self, path: str) -> str:
+        """``path`` on ``fs`` as people see it, with the filesystem's protocol (``s3://...``)."""
         return self.fs.unstrip_protocol(path)
 
     def run_path(self, run_name: str) -> str:
+        """The folder of a run under ``root``; a run name that is not one plain path segment is refused."""
         return posixpath.join(self.root, check_run_name(run_name))
 
     def _ref(self, run_name: str, step: int, path: str, role: str = "resume",
@@ -159,9 +161,11 @@ class FileBackend:
     # -- requests -------------------------------------------------------------------------
 
     def redact(self, text: str) -> str:
+        """``text`` with this backend's ``secrets`` and any credentials in URLs scrubbed."""
         return redact(text, self.secrets)
 
     def describe(self, exc: BaseException) -> str:
+        """A one-line ``Type: message`` of ``exc`` for an error or log line, secrets scrubbed."""
         return describe(exc, self.secrets)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

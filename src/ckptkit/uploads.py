@@ -21,11 +21,20 @@ class Multipart(Protocol):
     and may be retried, so each must be safe to repeat.
     """
 
-    def put_whole(self, data: bytes) -> None: ...
-    def begin(self) -> Any: ...
-    def put_part(self, upload: Any, number: int, data: bytearray) -> Any: ...
-    def complete(self, upload: Any, parts: list[tuple[int, Any]]) -> None: ...
-    def abort(self, upload: Any) -> None: ...
+    def put_whole(self, data: bytes) -> None:
+        """Store the whole object in one request; used when it fits in one part."""
+
+    def begin(self) -> Any:
+        """Start a multipart upload; return its handle (S3: the upload id)."""
+
+    def put_part(self, upload: Any, number: int, data: bytearray) -> Any:
+        """Upload part ``number`` (from 1) of ``upload``; return what ``complete`` needs of it (S3: the ETag)."""
+
+    def complete(self, upload: Any, parts: list[tuple[int, Any]]) -> None:
+        """Publish the object from ``parts``, ``(number, put_part's result)`` in order."""
+
+    def abort(self, upload: Any) -> None:
+        """Drop an unfinished upload, so that nothing of it is published or billed."""
 
 
 class PartWriter(WriteOnly):

@@ -1,0 +1,347 @@
+"""The public plugin API (``ckptkit.plugin``): documented, checked, and clear about authoring mistakes."""
+
+import inspect
+import pathlib
+import sys
+import textwrap
+import types
+
+import attrs
+import pytest
+
+import ckptkit
+import ckptkit.plugin as plugin
+from ckptkit import CheckpointManager, ConfigError, PluginError
+from ckptkit import hookspecs
+from ckptkit.plugins import make_plugin_manager
+
+DOCS = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+
+
+def _own_doc(obj) -> str:
+    """The docstring an object carries itself (a class's, not one inherited from a base)."""
+    if inspect.isclass(obj):
+        return (obj.__dict__.get("__doc__") or "").strip()
+    if inspect.isroutine(obj) or isinstance(obj, property):
+        return (obj.__doc__ or "").strip()
+    if type(obj).__module__.startswith("ckptkit."):
+        return _own_doc(type(obj))  # an instance of ckptkit's own class: that class documents it
+    return ""  # a plain value (a str, a tuple): documented in docs/plugins.md only
+
+
+def _public_methods(cls) -> dict[str, object]:
+    """Methods and properties a class itself defines for callers, hook implementations left out
+    (the hook's spec documents them)."""
+    out = {}
+    for name, raw in vars(cls).items():
+        if name.startswith("_") or name.isupper():
+            continue
+        member = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+        if not (inspect.isfunction(member) or isinstance(member, property)):
+            continue
+        if getattr(member, "ckptkit_impl", None) is not None:
+            continue
+        out[name] = member
+    return out
+
+
+def undocumented(module) -> list[str]:
+    """Every public name of ``module`` (and public method of its classes) without a docstring,
+    and every public name that docs/plugins.md does not mention."""
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if f"`{name}" not in DOCS:
+            missing.append(f"{name} (not in docs/plugins.md)")
+        if (inspect.isclass(obj) or inspect.isroutine(obj) or type(obj).__module__.startswith("ckptkit.")) \
+                and not _own_doc(obj):
+            missing.append(name)
+        if inspect.isclass(obj) and obj.__module__.startswith("ckptkit.") and not issubclass(obj, BaseException):
+            missing += [f"{name}.{m}" for m, member in _public_methods(obj).items() if not _own_doc(member)]
+    return missing
+
+
+def test_every_public_name_has_a_docstring_and_a_place_in_the_docs():
+    assert undocumented(plugin) == []
+
+
+def test_the_docs_check_finds_a_missing_docstring():
+    class Bare:
+        def method(self):
+            return 1
+
+    fake = types.SimpleNamespace(__all__=["Bare", "hookimpl"], Bare=Bare, hookimpl=plugin.hookimpl)
+    Bare.__module__ = "ckptkit.fake"
+    found = undocumented(fake)
+    assert "Bare" in found and "Bare.method" in found and "Bare (not in docs/plugins.md)" in found
+    assert "hookimpl" not in found
+
+
+def _specs() -> dict[str, object]:
+    pm = make_plugin_manager(autoload=False)
+    return {name: getattr(hookspecs, name) for name in dir(hookspecs)
+            if pm.parse_hookspec_opts(hookspecs, name) is not None}
+
+
+def test_every_hookspec_documents_each_argument_and_its_result():
+    specs = _specs()
+    assert {"save_resume", "publish_final", "final_ref", "find_published", "close"} <= set(specs)
+    problems = []
+    for name, fn in specs.items():
+        doc = inspect.getdoc(fn) or ""
+        if not doc:
+            problems.append(f"{name}: no docstring")
+            continue
+        for arg in inspect.signature(fn).parameters:
+            if f":param {arg}:" not in doc:
+                problems.append(f"{name}: {arg} undocumented")
+        if ":return:" not in doc:
+            problems.append(f"{name}: result undocumented")
+        if f"`{name}" not in DOCS:
+            problems.append(f"{name}: not in docs/plugins.md")
+    assert problems == []
+
+
+def test_every_backend_attribute_is_documented():
+    names = [a.name for a in plugin.BACKEND_ATTRIBUTES]
+    assert {"ROLE_HINTS", "keeps_files_locally", "fs", "root", "location"} <= set(names)
+    assert len(names) == len(set(names))
+    for spec in plugin.BACKEND_ATTRIBUTES:
+        assert spec.doc and spec.kind and spec.on in ("class", "instance"), spec
+        assert f"`{spec.name}" in DOCS, f"{spec.name} is not in docs/plugins.md"
+    # Nothing ckptkit calls on a backend may be a bare attribute: those are hooks.
+    assert not set(names) & set(_specs())
+
+
+def test_public_names_are_the_ones_ckptkit_uses():
+    assert plugin.hookimpl is ckptkit.hookimpl
+    assert plugin.hookimpl.project_name == "ckptkit"
+    from ckptkit.storage import FileBackend
+
+    assert plugin.FileBackend is FileBackend
+    assert callable(plugin.FileBackend.multipart) and not hasattr(plugin.FileBackend, "_multipart")
+
+
+def test_manifest_serialises_and_parses():
+    payload = plugin.Payload(run_name="r", step=3, epoch=1, format="torch",
+                             files=(plugin.PayloadFile(name="state.pt", write=lambda f: f.write(b"x")),),
+                             metrics={"loss": float("nan")})
+    manifest = payload.manifest({"state.pt": plugin.FileEntry(size=1, digest="xxh3_128:00")})
+    text = manifest.to_json()
+    back = plugin.Manifest.from_json(text)
+    assert back.step == 3 and back.files == manifest.files and str(back.metrics["loss"]) == "nan"
+    with pytest.raises(ValueError, match="checksum"):
+        plugin.Manifest.from_json(text.replace(b'"step": 3', b'"step": 4'))
+
+
+class _ClientHiccup(Exception):
+    """An error type of some storage client that ckptkit does not know."""
+
+
+def test_retry_policy_from_config_and_a_clients_own_transient_errors():
+    policy = plugin.RetryPolicy.from_config("backends.x.retry", {"attempts": 3, "backoff_s": 0})
+    assert policy.attempts == 3 and policy.backoff_s == 0
+    with pytest.raises(ConfigError, match=r"backends\.x\.retry\.atempts"):
+        plugin.RetryPolicy.from_config("backends.x.retry", {"atempts": 3})
+
+    def flaky(failures: list[BaseException]):
+        def call():
+            if failures:
+                raise failures.pop(0)
+            return "done"
+        return call
+
+    with pytest.raises(_ClientHiccup):
+        policy.call("reading x", flaky([_ClientHiccup("503")]))
+    assert not plugin.is_transient(_ClientHiccup("503"))
+    marked = policy.with_transient(_ClientHiccup)
+    assert marked.call("reading x", flaky([_ClientHiccup("1"), _ClientHiccup("2")])) == "done"
+    with pytest.raises(plugin.RetriesExhausted, match="gave up after 3 attempts"):
+        marked.call("reading x", flaky([_ClientHiccup(str(i)) for i in range(3)]))
+    # A predicate marks only some errors of a type (a client's HTTP error with its status).
+    by_status = policy.with_transient(lambda e: isinstance(e, _ClientHiccup) and "503" in str(e))
+    assert by_status.call("reading x", flaky([_ClientHiccup("503")])) == "done"
+    with pytest.raises(_ClientHiccup, match="404"):
+        by_status.call("reading x", flaky([_ClientHiccup("404")]))
+    assert attrs.evolve(policy, transient=[_ClientHiccup]).transient == (_ClientHiccup,)
+
+
+# -- documented attributes are checked -------------------------------------------------------
+
+
+def _with_hook(namespace: dict) -> type:
+    def publish_final(self, run_name, payload):
+        return None
+
+    namespace.setdefault("from_config", classmethod(lambda cls, name, options: cls()))
+    namespace["publish_final"] = plugin.hookimpl(publish_final)
+    return type("Odd", (), namespace)
+
+
+@pytest.mark.parametrize("namespace, message", [
+    ({"ROLE_HINTS": ["resume"]}, "attribute ROLE_HINTS must be a dict from a role name"),
+    ({"ROLE_HINTS": {"resmue": "typo"}}, "attribute ROLE_HINTS must be a dict from a role name"),
+    ({"keeps_files_locally": "yes"}, "attribute keeps_files_locally must be a bool, got str"),
+])
+def test_a_class_attribute_of_the_wrong_type_is_refused_when_the_type_is_added(namespace, message):
+    pm = make_plugin_manager(autoload=False)
+    with pytest.raises(PluginError) as info:
+        pm.add_backend_type("odd", _with_hook(namespace), "ckptkit-odd 0.2")
+    text = str(info.value)
+    assert "'odd'" in text and "Odd" in text and "ckptkit-odd 0.2" in text and message in text
+    assert "odd" not in pm.backend_types
+
+
+def test_an_old_private_multipart_is_pointed_out():
+    class Old(plugin.FileBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            raise AssertionError("not built")
+
+        def _multipart(self, path):
+            return None
+
+    with pytest.raises(PluginError, match=r"'old'.*ckptkit-old 1\.0.*defines _multipart.*rename it to multipart"):
+        make_plugin_manager(autoload=False).add_backend_type("old", Old, "ckptkit-old 1.0")
+
+
+def _write_dist(site: pathlib.Path, dist_name: str, module: str, body: str | None,
+                entry_points: str | None) -> None:
+    if body is not None:
+        (site / f"{module}.py").write_text(textwrap.dedent(body))
+    info = site / f"{dist_name.replace('-', '_')}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.3\n"
+                                   "Requires-Dist: ckptkit>=0.4\n")
+    if entry_points is not None:
+        (info / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path to install fake third-party distributions into; their modules are
+    forgotten afterwards."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    before = set(sys.modules)
+    yield folder
+    for name in set(sys.modules) - before:
+        if name.startswith("ckptkit_dav"):
+            sys.modules.pop(name, None)
+
+
+_DAV_OK = """
+    import fsspec
+    from ckptkit.plugin import FileBackend, hookimpl
+
+    class DavBackend(FileBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            backend = cls(name, fsspec.filesystem("memory"), "/dav")
+            backend.root = options.get("root", backend.root)
+            return backend
+"""
+
+
+def _config(type_name: str = "webdav", **options) -> dict:
+    return {"backends": {"dav": {"type": type_name, **options}}, "roles": {"final": {"backends": ["dav"]}}}
+
+
+def _config_error(exc_type, config: dict) -> str:
+    pm = make_plugin_manager(autoload=True)
+    with pytest.raises(exc_type) as info:
+        CheckpointManager.from_config(config, plugin_manager=pm)
+    return str(info.value)
+
+
+def test_an_instance_attribute_of_the_wrong_type_is_refused_naming_the_backend_and_distribution(site):
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_attr", _DAV_OK,
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_attr:DavBackend\n")
+    text = _config_error(PluginError, _config(root=5))
+    assert "backend 'dav' (type 'webdav'" in text and "ckptkit-dav 0.3" in text
+    assert "attribute root must be a str, got int" in text
+
+
+def test_a_distribution_without_a_backends_entry_point_is_named(site):
+    _write_dist(site, "ckptkit-webdav", "ckptkit_dav_noep", _DAV_OK,
+                "[console_scripts]\ndav-tool = ckptkit_dav_noep:main\n")
+    text = _config_error(ConfigError, _config())
+    assert text.startswith("backends.dav.type: unknown backend type 'webdav'")
+    assert "the distribution ckptkit-webdav 0.3 is installed" in text
+    assert "declares no entry point in the group 'ckptkit.backends' (only in: console_scripts)" in text
+    assert '[project.entry-points."ckptkit.backends"]\nwebdav = ' in text
+
+
+def test_an_entry_point_in_a_misspelt_group_is_named(site):
+    _write_dist(site, "ckptkit-webdav", "ckptkit_dav_group", _DAV_OK,
+                "[ckptkit.backend]\nwebdav = ckptkit_dav_group:DavBackend\n")
+    text = _config_error(ConfigError, _config())
+    assert "ckptkit-webdav 0.3 is installed" in text
+    assert "in the group 'ckptkit.backend' instead of 'ckptkit.backends'" in text
+
+
+def test_an_unrelated_type_name_gets_no_distribution_hint(site):
+    text = _config_error(ConfigError, _config("lcoal"))
+    assert "is installed" not in text and "did you mean 'local'?" in text
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ckptkit_dav_typo:DavBackned",
+     "its entry point value 'ckptkit_dav_typo:DavBackned' is wrong: ckptkit_dav_typo has no attribute "
+     "'DavBackned' (did you mean 'DavBackend'?)"),
+    ("ckptkit_dav_tpyo:DavBackend",
+     "its entry point value 'ckptkit_dav_tpyo:DavBackend' is wrong: there is no module 'ckptkit_dav_tpyo'"),
+    ("ckptkit_dav_typo", "names a module, not a class; write it as 'ckptkit_dav_typo:<BackendClass>'"),
+])
+def test_a_typo_in_the_entry_point_says_the_value_is_wrong_not_reinstall(site, value, message):
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_typo", _DAV_OK, f"[ckptkit.backends]\nwebdav = {value}\n")
+    text = _config_error(PluginError, _config())
+    assert text.startswith("backends.dav.type: backend type 'webdav' from ckptkit-dav 0.3 failed to load")
+    assert message in text
+    assert "fix the entry point in ckptkit-dav's packaging" in text
+    assert "reinstall or" not in text
+
+
+def test_a_missing_dependency_names_it(site):
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_dep", "import webdav_client_not_installed\n",
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_dep:DavBackend\n")
+    text = _config_error(PluginError, _config())
+    assert "importing ckptkit_dav_dep needs the module 'webdav_client_not_installed', which is not installed" in text
+    assert "install ckptkit-dav's dependencies" in text
+
+
+@pytest.mark.parametrize("body, hook", [
+    # A class that marks nothing.
+    ("""
+        class DavBackend:
+            @classmethod
+            def from_config(cls, name, options): return cls()
+            def publish_final(self, run_name, payload): return None
+     """, "publish_final"),
+    # A FileBackend subclass overriding a hook without the marker: the hook would vanish.
+    ("""
+        from ckptkit.plugin import FileBackend
+
+        class DavBackend(FileBackend):
+            @classmethod
+            def from_config(cls, name, options): raise AssertionError("never built")
+            def open_file(self, ref, name): return super().open_file(ref, name)
+     """, "open_file"),
+])
+def test_a_hook_without_hookimpl_is_pointed_out(site, body, hook):
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_unmarked", body,
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_unmarked:DavBackend\n")
+    text = _config_error(PluginError, _config())
+    assert "ckptkit-dav 0.3" in text
+    assert f"{hook} is named like the ckptkit hook {hook} but is not marked as a hook implementation" in text
+    assert "@hookimpl" in text
+
+
+def test_an_installed_plugin_with_autoload_off_says_so(site, monkeypatch):
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_off", _DAV_OK,
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_off:DavBackend\n")
+    pm = make_plugin_manager(autoload=False)
+    with pytest.raises(ConfigError, match=r"ckptkit-dav 0\.3 declares it, but loading installed plugins is "
+                                          r"switched off \(unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD"):
+        CheckpointManager.from_config(_config(), plugin_manager=pm)

@@ -66,8 +66,11 @@ def _mapping(key: str, value: Any) -> Mapping:
 class BackendSpec:
     """One declared backend: its config name, its type, and the options its type reads."""
 
+    # The backend's name: its key under ``backends``, and what ``roles.*.backends`` lists.
     name: str
+    # The backend type: a name in the ``ckptkit.backends`` entry-point group (``local``, ``s3``, ...).
     type: str
+    # Every other key: the options that its type reads.
     options: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
@@ -96,8 +99,11 @@ def _backends(key: str, value: Any) -> tuple[str, ...]:
 class KeepBest:
     """``roles.resume.keep_best``: the ``count`` best checkpoints by ``metric`` are kept besides the last."""
 
+    # The key of ``save(metrics=...)`` that ranks checkpoints; one without it, or with NaN, does not compete.
     metric: str
+    # ``min`` or ``max``: whether a lower or a higher value is better. Ties go to the newer step.
     mode: str = "min"
+    # How many of the best checkpoints are kept besides the newest ``keep_last`` (an integer >= 1).
     count: int = 1
 
     KEYS = ("metric", "mode", "count")
@@ -126,11 +132,21 @@ class KeepBest:
 
 @attrs.frozen
 class ResumeRole:
+    """``roles.resume``: where resume checkpoints go, how often they are written, how many are kept."""
+
+    # Where resume checkpoints go: declared backend names (or one name). Local-disk ones are written first.
     backends: tuple[str, ...]
+    # ``save`` writes only when ``step % every_n_steps == 0`` (or with ``force=True``); step 0 is due.
     every_n_steps: int = 1000
+    # Each backend keeps its newest ``keep_last`` committed checkpoints and prunes older ones (>= 1).
     keep_last: int = 3
+    # ``torch``: the full state, gathered to rank 0, in one file. ``dcp``: every rank writes its own
+    # shards, and a checkpoint saved on N ranks loads on M.
     format: str = "torch"
+    # With ``true`` (``format: torch`` only), ``save`` returns once the state is copied to CPU memory,
+    # and rank 0 writes, commits and prunes in a background thread.
     async_: bool = False
+    # Keep the best checkpoints by a metric besides the newest ``keep_last``.
     keep_best: KeepBest | None = None
 
     KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "keep_best")
@@ -157,7 +173,12 @@ class ResumeRole:
 
 @attrs.frozen
 class FinalRole:
+    """``roles.final``: where ``finalize`` and ``ckptkit publish`` send the final model."""
+
+    # Where the final model goes: declared backend names (or one name). Registries (``mlflow``) go last.
     backends: tuple[str, ...]
+    # Cast the final model's floating-point tensors to ``float32``, ``float16`` or ``bfloat16``
+    # (default: keep them as trained). Resume checkpoints are not affected.
     dtype: str | None = None
 
     KEYS = ("backends", "dtype")
@@ -176,11 +197,18 @@ class FinalRole:
 class Config:
     """A validated configuration. Build it with ``from_dict``, ``from_file`` or ``load``."""
 
+    # The declared backends by name, each with its ``type`` and that type's options.
     backends: dict[str, BackendSpec]
+    # The ``resume`` role (``roles.resume``), if declared.
     resume: ResumeRole | None = None
+    # The ``final`` role (``roles.final``), if declared.
     final: FinalRole | None = None
+    # The folder under each backend's root (default: ``default``). ``from_config(run_name=...)``
+    # and ``--run-name`` take precedence.
     run_name: str | None = None
+    # A free-form tag: fills ``{algorithm}`` in ``registered_model_name``, and is stored with the final model.
     algorithm: str | None = None
+    # Where the config was read from (a file, or ``<dict>``), named in errors; not a key.
     source: str = "<dict>"
 
     KEYS = ("run_name", "algorithm", "backends", "roles")

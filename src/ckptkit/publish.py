@@ -76,8 +76,10 @@ def _holding(backend: Any, run_name: str, entry: FileEntry, algorithm: str | Non
         except CkptkitError:
             return None
         return ref if theirs.files.get(FINAL_FILE) == entry else None
+    # Hooks called directly, since the fallback folder's backend is not registered; a type
+    # loads only if every method named like a hook is marked, so the method is the hook.
     find = getattr(backend, "find_published", None)
-    return find(run_name, entry.digest, algorithm) if callable(find) else None
+    return find(run_name=run_name, digest=entry.digest, algorithm=algorithm) if callable(find) else None
 
 
 def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
@@ -85,7 +87,7 @@ def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
     if not callable(final_ref):
         return None
     try:
-        return final_ref(run_name)
+        return final_ref(run_name=run_name)
     except (OSError, CkptkitError):
         return None
 
@@ -105,7 +107,7 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
         out.append(PublishSource("final", ref, manifest, name))
         seen.add(ref.uri)
     fb = _fallback(ck, fallback_dir)
-    ref = fb.final_ref(ck.run_name)
+    ref = fb.final_ref(run_name=ck.run_name)
     if ref is not None and ref.uri not in seen:
         out.append(PublishSource("final", ref, fb.read_manifest(ref), None))
     return out

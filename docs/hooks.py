@@ -140,7 +140,7 @@ def config_sections(root: type, problems: list[str]) -> list[Section]:
             inner = _attrs_classes(tp)
             if inner and key not in ("<name>", "<option>"):
                 child = f"{full}.<name>" if typing.get_origin(tp) is dict else full
-                doc += f" See [`{child}`](#{_anchor(child)})."
+                doc += f" See [`{child}`](#{_section_anchor(child)})."
                 nested.append((inner[0], child))
             if key == "<option>":
                 section.rows.append((full, "depends on the type", "-",
@@ -159,6 +159,10 @@ def config_sections(root: type, problems: list[str]) -> list[Section]:
 
 def _anchor(key: str) -> str:
     return "key-" + re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
+
+
+def _section_anchor(key: str) -> str:
+    return "section-" + _anchor(key)[4:]
 
 
 def _intro(cls: type) -> str:
@@ -196,7 +200,7 @@ def config_reference() -> tuple[str, list[str]]:
            "comment above it. The [configuration guide](../config.md) explains the keys with "
            "examples and the errors a mistake gives.", ""]
     for s in sections:
-        title = f"`{s.key}`" if s.key else "Top level"
+        title = f"`{s.key}` {{ #{_section_anchor(s.key)} }}" if s.key else "Top level"
         out += [f"## {title}", ""]
         if s.key and _intro(s.cls):
             out += [_intro(s.cls), ""]

@@ -238,3 +238,30 @@ def test_a_registry_is_asked_whether_it_holds_the_bytes_before_it_is_sent_them(t
         else:
             assert [r.backend for r in result.published] == ["archive", "registry"]
     ck.close()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = os.fspath(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_final_file_that_runs_code_is_refused_and_not_passed_on(tmp_path):
+    from ckptkit import UnsafeCheckpointError
+    from ckptkit.local import LocalBackend
+
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    marker = tmp_path / "ran"
+    # A final model whose manifest agrees with it, but whose pickle runs a command when loaded.
+    fb = LocalBackend.from_config("fallback", {"path": str(tmp_path / "fb")})
+    payload = ckptkit.checkpoint.Payload(
+        run_name="exp", step=5, epoch=None, format="torch", role="final",
+        files=(ckptkit.checkpoint.PayloadFile("final_model.pt", write=lambda f: torch.save(
+            {"model": {"w": torch.zeros(2)}, "hook": _RunsCode(marker)}, f)),))
+    fb.publish_final(run_name="exp", payload=payload)
+    with pytest.raises(UnsafeCheckpointError):
+        publish(ck, find_source(ck, fallback_dir=tmp_path / "fb"))
+    assert not marker.exists() and not (tmp_path / "archive" / "exp" / "final").exists()
+    ck.close()

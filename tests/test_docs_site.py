@@ -135,9 +135,9 @@ def test_the_strict_build_fails_on_an_undocumented_field_and_a_broken_anchor(tmp
     shutil.copytree(REPO / "src" / "ckptkit", tmp_path / "src" / "ckptkit", ignore=shutil.ignore_patterns("__pycache__"))
     config_py = tmp_path / "src" / "ckptkit" / "config.py"
     text = config_py.read_text()
-    text, n = re.subn(r'(\n    source: str = "<dict>"\n)', r'\1    retention_days: int = 30\n', text)
-    assert n == 1
-    text, n = re.subn(r'(\n    KEYS = \("run_name", )', r'\1"retention_days", ', text)
+    # A new key in Config's KEYS and a field for it, with no comment above the field.
+    text, n = re.subn(r'(\nclass Config:.*?\n)(    KEYS = \()', r'\1    retention_days: int = 30\n\n\2"retention_days", ',
+                      text, count=1, flags=re.S)
     assert n == 1
     config_py.write_text(text)
     (tmp_path / "docs" / "extra.md").write_text("# Extra\n\nSee [the roles](architecture.md#no-such-anchor).\n")

@@ -189,7 +189,8 @@ def test_a_final_only_backend_that_sets_local_dir_does_not_stop_the_next_one(tmp
     ck.close()
     assert [r.backend for r in refs] == ["shelf", "archive"]
     assert _same_state(_archived(tmp_path)["model"], model)
-    assert (tmp_path / "shelf" / "exp" / FINAL).read_bytes() == (tmp_path / "archive" / "exp" / "final" / FINAL).read_bytes()
+    archived = (tmp_path / "archive" / "exp" / "final" / FINAL).read_bytes()
+    assert (tmp_path / "shelf" / "exp" / FINAL).read_bytes() == archived
     assert not (tmp_path / "fb").exists()
 
 

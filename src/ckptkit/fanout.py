@@ -72,7 +72,7 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
     copied = any(pf.source is not None for pf in payload.files)
     for name in router.backends(role) if names is None else names:
         if role is Role.FINAL:
-            kwargs = dict(role_kwargs, stored=[*stored, *(r for r in saved if holds_files(r, payload))])
+            kwargs = dict(role_kwargs, stored=[r for r in (*stored, *saved) if holds_files(r, payload)])
         else:
             kwargs = role_kwargs
         try:

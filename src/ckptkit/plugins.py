@@ -243,6 +243,8 @@ class CkptkitPluginManager(pluggy.PluginManager):
         raised when a config uses that type, so one broken distribution does not stop configs
         that do not need it.
         """
+        if only_dist is None:
+            self.autoloaded = True
         for ep in importlib.metadata.entry_points(group=BACKENDS_ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             if only_dist is not None and (dist is None or dist.metadata["Name"] != only_dist):
@@ -260,10 +262,8 @@ class CkptkitPluginManager(pluggy.PluginManager):
         if name in self.broken:
             # Broken, or claimed by two distributions, where using either would be a guess.
             raise PluginError(f"{key}: {self.broken[name]}")
-        try:
+        if name in self.backend_types:
             return self.backend_types[name]
-        except KeyError:
-            pass
         installed = ", ".join(sorted(self.backend_types)) or "none"
         hints = []
         if not self.autoloaded:
@@ -317,6 +317,5 @@ def make_plugin_manager(autoload: bool | None = None) -> CkptkitPluginManager:
         pm.add_backend_type("local", LocalBackend, f"{PROJECT_NAME} (built in)")
     if autoload:
         pm.load_backend_entrypoints()
-        pm.autoloaded = True
     pm.check_pending()
     return pm

@@ -289,6 +289,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_config(args: argparse.Namespace) -> int:
+    from .migrate import migrate_file
+
+    migration = migrate_file(args.trainer_config)
+    if args.out is None:
+        sys.stdout.write(migration.to_yaml())  # its comments give the reason for each setting
+        return 0
+    if os.path.exists(args.out) and not args.force:
+        raise CkptkitError(f"--out: {args.out} exists; pass --force to replace it")
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(migration.to_yaml())
+    print(migration.explanation())
+    print(f"wrote {args.out}; check it with: ckptkit check {args.out}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -348,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-size", help="bytes of the final model (default: the state size)")
     p.add_argument("--steps", type=int, required=True, help="training steps")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add("migrate-config", cmd_migrate_config,
+            "turn a trainer config (paths.checkpoints, mlflow) into a ckptkit config, saying why for each setting")
+    p.add_argument("trainer_config", metavar="TRAINER_CONFIG", help="the trainer's YAML")
+    p.add_argument("-o", "--out", help="write the config here and print the reasons (default: the config, "
+                                       "commented, on stdout)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 

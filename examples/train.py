@@ -299,6 +299,8 @@ def _train(ck: ckptkit.CheckpointManager, settings: Settings, args: argparse.Nam
             print(f"step {step} epoch {epoch} loss {loss_value:.4f}"
                   + (f" saved to {', '.join(r.uri for r in saved)}" if saved else ""), flush=True)
         if args.die_after_step is not None and step == args.die_after_step:
+            if dist.is_initialized():
+                dist.barrier()  # every rank has logged this step before any of them dies
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, for the tests: nothing runs after this
     if losses is not None:
         losses.close()

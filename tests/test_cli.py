@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,3 +153,158 @@ def test_errors_reach_the_terminal_without_credentials(capsys, config_file, monk
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
     code, out, err = run(capsys, "ls", str(config_file), "--run-name", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY/x")
     assert code == 1 and "EXAMPLEKEY" not in out + err and "<redacted>" in err
+
+
+# -- a store that cannot be listed, installed as a real distribution -----------------------------
+
+_DOWN = '''
+from fsspec.implementations.local import LocalFileSystem
+from ckptkit.local import LocalBackend
+
+
+class RefusingFS(LocalFileSystem):
+    """Local disk behind a dropped connection: every listing is refused."""
+
+    def find(self, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+class DownBackend(LocalBackend):
+    @classmethod
+    def from_config(cls, name, options):
+        backend = super().from_config(name, options)
+        backend.fs = RefusingFS(skip_instance_cache=True)
+        return backend
+'''
+
+
+@pytest.fixture
+def down_type(tmp_path, monkeypatch):
+    """The backend type ``down``: the local backend over a filesystem whose listings are refused."""
+    site = tmp_path / "site"
+    (site / "ckptkit_down_cli-1.0.dist-info").mkdir(parents=True)
+    (site / "ckptkit_down_cli.py").write_text(_DOWN)
+    (site / "ckptkit_down_cli-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ckptkit-down-cli\nVersion: 1.0\n")
+    (site / "ckptkit_down_cli-1.0.dist-info" / "entry_points.txt").write_text(
+        "[ckptkit.backends]\ndown = ckptkit_down_cli:DownBackend\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield
+    sys.modules.pop("ckptkit_down_cli", None)
+
+
+def _with_down(tmp_path, resume):
+    cfg = local_config(tmp_path, keep=10, final=False)
+    cfg["backends"]["nas"] = {"type": "down", "path": str(tmp_path / "nas")}
+    cfg["roles"]["resume"]["backends"] = resume
+    path = tmp_path / "down.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_ls_exits_1_when_a_backend_cannot_be_listed_and_shows_what_the_others_hold(capsys, saved, tmp_path,
+                                                                                   down_type):
+    code, out, err = run(capsys, "ls", _with_down(tmp_path, ["scratch", "nas"]), "--json")
+    assert code == 1
+    assert [r["step"] for r in json.loads(out)] == [3, 2, 1, 0]
+    assert err.startswith("ckptkit: error: backend 'nas': could not list") and err.strip().count("\n") == 0
+    assert "Connection refused" in err and "the other backends" in err
+
+
+def test_a_backend_that_cannot_be_listed_is_named_once(capsys, tmp_path, down_type):
+    for command in ("ls", "verify", "prune"):
+        code, _, err = run(capsys, command, _with_down(tmp_path, ["nas"]))
+        assert code == 1 and "Connection refused" in err
+        assert err.count("backend 'nas'") == 1, err
+
+
+def test_a_failing_backend_is_named_once_in_the_log(tmp_path, third_party_dist, caplog):
+    from ckptkit import CheckpointManager, SaveError
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["memo"] = {"type": "memo", "fail": True}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "memo"]
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg) as ck, pytest.raises(SaveError) as info:
+        ck.save(step=0, model=model, optimizer=opt)
+    logged = [r.getMessage() for r in caplog.records if "memo store is down" in r.getMessage()]
+    assert logged and all(m.count("backend 'memo'") == 1 for m in logged), logged
+    assert "(memo: ConnectionError: memo store is down)" in str(info.value)
+
+
+def test_an_unknown_backend_type_gets_a_did_you_mean(capsys, tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("backends: {a: {type: lcoal, path: x}}\nroles: {resume: {backends: [a]}}\n")
+    code, _, err = run(capsys, "check", str(bad))
+    assert code == 1 and "unknown backend type 'lcoal'" in err and "did you mean 'local'?" in err
+
+
+# -- 80 columns -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def narrow(monkeypatch):
+    """The command line's consoles as they start on an 80-column terminal."""
+    from rich.console import Console
+
+    import ckptkit.cli as cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(cli, "console", Console())
+    monkeypatch.setattr(cli, "err_console", Console(stderr=True))
+    return 80
+
+
+def _readable(out, width, *whole):
+    lines = out.splitlines()
+    assert lines and max(len(line) for line in lines) <= width, out
+    assert "…" not in out, out  # nothing cut off
+    for text in whole:
+        assert any(text in line for line in lines), f"{text!r} is split or missing:\n{out}"
+
+
+def test_tables_stay_readable_at_80_columns(capsys, config_file, saved, tmp_path, narrow):
+    code, out, _ = run(capsys, "ls", str(config_file))
+    assert code == 0
+    table, folder = out.rstrip("\n").rsplit("\n", 1)
+    _readable(table, narrow, "KiB", "loss: 0.25", "loss: 0.3333")
+    assert re.search(r"│ \d{4}-\d\d-\d\d \d\d:\d\d +│", table)
+    # The folder, whole on its own line (a terminal may wrap it; rich does not break it).
+    assert folder == f"scratch: file://{saved}/step-NNNNNNNNNN"
+    code, out, _ = run(capsys, "check", str(config_file), "--probe")
+    assert code == 0
+    _readable(out, narrow, "every_n_steps=1", "keep_last=10", "config OK")
+    code, out, _ = run(capsys, "backends")
+    _readable(out, narrow, "ckptkit.local.LocalBackend")
+    code, out, _ = run(capsys, "verify", str(config_file))
+    _readable(out, narrow, "ok")
+    code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "1", "--dry-run")
+    _readable(out, narrow, "would delete")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("backends:\n  scratch: {type: local, path: ./ck}\n  archive: {type: s3, path: s3://b/p}\n"
+                    "  registry: {type: mlflow}\nroles:\n  resume: {backends: [scratch], every_n_steps: 1000, "
+                    "keep_last: 5}\n  final: {backends: [archive, registry]}\n")
+    code, out, _ = run(capsys, "plan", str(plan), "--state-size", "14GB", "--steps", "30000")
+    assert code == 0
+    _readable(out, narrow, "duplicate", "420 GB", "newest 5 of 30", "registry")
+
+
+def test_check_probe_leaves_nothing_in_the_working_directory(capsys, in_tmp, monkeypatch):
+    # The README's shape: relative local roots and MLflow's embedded default store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (in_tmp / "ckptkit.yaml").write_text(
+        "backends:\n  scratch: {type: local, path: ./checkpoints/nested}\n  registry: {type: mlflow}\n"
+        "roles:\n  resume: {backends: [scratch]}\n  final: {backends: [registry]}\n")
+    code, out, err = run(capsys, "check", "ckptkit.yaml", "--probe", "--json")
+    routes = {r["backend"]: r["probe"] for r in json.loads(out)["routes"]}
+    assert code == 0, err
+    assert routes["scratch"] == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
+    assert routes["registry"] and all(v == "ok" for v in routes["registry"].values())
+    assert sorted(os.listdir(in_tmp)) == ["ckptkit.yaml"]
+
+
+def test_check_probe_keeps_a_root_that_was_there(capsys, in_tmp):
+    (in_tmp / "checkpoints").mkdir()
+    (in_tmp / "ckptkit.yaml").write_text("backends:\n  scratch: {type: local, path: ./checkpoints}\n"
+                                         "roles:\n  resume: {backends: [scratch]}\n")
+    assert run(capsys, "check", "ckptkit.yaml", "--probe")[0] == 0
+    assert sorted(os.listdir(in_tmp)) == ["checkpoints", "ckptkit.yaml"] and not os.listdir(in_tmp / "checkpoints")

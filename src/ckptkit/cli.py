@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
 
 import attrs
 from rich.console import Console
@@ -28,6 +29,35 @@ def _emit(args: argparse.Namespace, data: Any, table: Table | None) -> None:
         print(json.dumps(data, indent=2, default=str))
     elif table is not None:
         console.print(table)
+
+
+def _table(title: str, columns: Iterable[str], whole: Iterable[str] = ()) -> Table:
+    """A table that stays readable on an 80-column terminal.
+
+    The ``whole`` columns hold short values (names, steps, sizes) that never wrap; the others
+    wrap, and fold a word longer than the column, rather than cutting it off with an ellipsis.
+    """
+    keep = set(whole)
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, no_wrap=col in keep, overflow="fold")
+    return table
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"ckptkit: error: {redact(message, secret_values())}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _when(created: str) -> str:
+    """A manifest's ISO time as ``YYYY-MM-DD HH:MM`` in UTC; the text as it is when it is not one."""
+    try:
+        moment = datetime.fromisoformat(created)
+    except (TypeError, ValueError):
+        return str(created)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def _manager(args: argparse.Namespace) -> CheckpointManager:
@@ -53,14 +83,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
             for t in sorted(pm.backend_types.values(), key=lambda t: t.name)]
     rows += [{"type": name, "distribution": None, "roles": [], "class": None, "error": str(exc)}
              for name, exc in sorted(pm.broken.items())]
-    table = Table(title="Installed backend types")
-    for col in ("type", "distribution", "roles", "class"):
-        table.add_column(col)
+    table = _table("Installed backend types", ("type", "distribution", "roles", "class"), whole=("type",))
     for r in rows:
         if r.get("error"):
             table.add_row(r["type"], "[red]broken[/red]", "-", r["error"])
         else:
-            table.add_row(r["type"], r["distribution"], ", ".join(r["roles"]) or "-", r["class"])
+            # One item a line, so that a class path fits in one piece on an 80-column terminal.
+            table.add_row(r["type"], r["distribution"].replace(" ", "\n", 1), "\n".join(r["roles"]) or "-",
+                          r["class"])
     _emit(args, rows, table)
     return 0
 
@@ -84,14 +114,17 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if args.probe:
                     row["probe"] = ck.router.call(name, "probe") if ck.router.implements(name, "probe") else {}
                 rows.append(row)
-        table = Table(title=f"{ck.config.source}: run {ck.run_name!r}, routing")
-        for col in ("role", "backend", "type", "location", "settings") + (("probe",) if args.probe else ()):
-            table.add_column(col)
+        table = _table(f"{ck.config.source}: run {ck.run_name!r}, routing",
+                       ("role", "backend", "type", "location", "settings") + (("probe",) if args.probe else ()),
+                       whole=("role", "type"))
         for r in rows:
+            # One setting a line, and the unset ones left to --json: it fits 80 columns.
             cells = [r["role"], r["backend"], r["type"], r["location"],
-                     ", ".join(f"{k}={v}" for k, v in r["settings"].items())]
+                     "\n".join(f"{k}={v}" for k, v in r["settings"].items() if v is not None)]
             if args.probe:
-                cells.append(", ".join(f"{k}: {v}" for k, v in r["probe"].items()) or "not supported")
+                bad = {k: v for k, v in r["probe"].items() if v != "ok"}
+                cells.append("not supported" if not r["probe"] else
+                             "\n".join(f"{k}: {v}" for k, v in bad.items()) if bad else "ok")
             table.add_row(*cells)
         _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows}, table)
         if not args.json:
@@ -106,18 +139,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _location(instance: Any) -> str:
+    # A backend's own location first: it may add what the filesystem leaves out (a WebDAV host).
+    location = getattr(instance, "location", None)
+    if location:
+        return location
     root = getattr(instance, "root", None)
     fs = getattr(instance, "fs", None)
     if root is not None and fs is not None:
         return fs.unstrip_protocol(root)
-    return getattr(instance, "location", "") or type(instance).__name__
+    return type(instance).__name__
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
-        for ref in ck.list_checkpoints():
+        # Every backend is listed; one that cannot be is an error even when others answered.
+        refs, unreachable = ck.reader.list_all()
+        for ref in refs:
             try:
                 m = ck.router.call(ref.backend, "read_manifest", ref=ref)
             except CheckpointError:
@@ -127,13 +166,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
             rows.append({"backend": ref.backend, "step": m.step, "epoch": m.epoch, "format": m.format,
                          "size": m.total_size, "files": len(m.files), "created": m.created,
                          "metrics": m.metrics, "mlflow_run_id": m.mlflow_run_id, "uri": ref.uri})
-        table = Table(title=f"run {ck.run_name!r}: committed resume checkpoints")
-        for col in ("backend", "step", "epoch", "format", "size", "created", "metrics", "uri"):
-            table.add_column(col)
+        table = _table(f"run {ck.run_name!r}: committed resume checkpoints",
+                       ("backend", "step", "epoch", "format", "size", "created (UTC)", "metrics"),
+                       whole=("step", "epoch", "size", "created (UTC)"))
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), str(r["epoch"]), r["format"], _size(r["size"]),
-                          r["created"], ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()), r["uri"])
-        _emit(args, rows, table)
+                          _when(r["created"]), "\n".join(f"{k}: {v:.4g}" for k, v in r["metrics"].items()))
+        if rows or not unreachable or args.json:
+            _emit(args, rows, table)
+        if rows and not args.json:
+            # The folders, whole: a URI does not fit a table column on a narrow terminal.
+            for name in dict.fromkeys(r["backend"] for r in rows):
+                folder = next(r["uri"] for r in rows if r["backend"] == name).rsplit("/", 1)[0]
+                console.print(f"{name}: {folder}/step-NNNNNNNNNN", markup=False, highlight=False, soft_wrap=True)
+        if unreachable:
+            others = "; the table shows what the other backends hold" if rows else ""
+            _fail("; ".join(str(e) for e in unreachable.values()) + others)
+            return 1
         return 0
     finally:
         ck.close()
@@ -154,9 +203,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except Exception as exc:  # a storage that kept failing counts as unverifiable, too
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": False,
                              "detail": redact(str(exc), secret_values()), "uri": ref.uri})
-        table = Table(title=f"run {ck.run_name!r}: verification")
-        for col in ("backend", "step", "result", "detail"):
-            table.add_column(col)
+        table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
+                       whole=("step", "result"))
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), "[green]ok[/green]" if r["ok"] else "[red]CORRUPT[/red]", r["detail"])
         _emit(args, rows, table)
@@ -189,9 +237,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 for r in doomed]
         damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e)} for r, e in corrupt]
         verb = "would delete" if args.dry_run else "deleted"
-        table = Table(title=f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})")
-        for col in ("backend", "step", "kind", "uri"):
-            table.add_column(col)
+        table = _table(f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})",
+                       ("backend", "step", "kind", "uri"), whole=("step",))
         for r in rows:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
         for d in damaged:
@@ -225,9 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         done = ck.export(args.out, step=args.step, dtype=args.dtype)
         row = {"step": done.step, "format": done.manifest.format, "source": done.ref.uri, "out": args.out}
-        table = Table(title=f"run {ck.run_name!r}: exported")
-        for col in row:
-            table.add_column(col)
+        table = _table(f"run {ck.run_name!r}: exported", row, whole=("step", "format"))
         table.add_row(*(str(v) for v in row.values()))
         _emit(args, row, table)
         return 0
@@ -243,10 +288,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     try:
         source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
         result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
-        table = Table(title=f"run {ck.run_name!r}: published the {source.kind} checkpoint of step "
-                            f"{source.manifest.step} from {source.uri}")
-        for col in ("backend", "result", "where"):
-            table.add_column(col)
+        title = f"run {ck.run_name!r}: published the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"
+        table = _table(title, ("backend", "result", "where"), whole=("result",))
         for r in result.already_held:
             table.add_row(r.backend, "already held", r.uri)
         for r in result.published:
@@ -272,16 +315,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     state = parse_size(args.state_size, "--state-size")
     final = parse_size(args.final_size, "--final-size") if args.final_size else None
     plan = make_plan(config, state, args.steps, final_size=final)
-    table = Table(title=f"{config.source}: {format_size(state)} state, {args.steps} steps, "
-                        f"{plan.saves} resume saves (keep_last={plan.keep_last})")
-    for col in ("plan", "role", "backend", "type", "copies", "at end", "at peak", "note"):
-        table.add_column(col)
-    for label, rows in (("routed", plan.routed), ("duplicate", plan.duplicate)):
+    columns = ("role", "backend", "type", "copies", "at end", "at peak", "note")
+    whole = ("role", "type", "copies", "at end", "at peak")
+    # Two tables rather than a column saying which plan: each fits 80 columns.
+    tables = [_table(f"{config.source}: {format_size(state)} state, {args.steps} steps, {plan.saves} resume "
+                     f"saves (keep_last={plan.keep_last}), routed by ckptkit", columns, whole),
+              _table("the same training with every resume checkpoint also uploaded to MLflow", columns, whole)]
+    for table, rows in zip(tables, (plan.routed, plan.duplicate)):
         for h in rows:
-            table.add_row(label, h.role, h.backend, h.type, str(h.copies), format_size(h.end_bytes),
+            table.add_row(h.role, h.backend, h.type, str(h.copies), format_size(h.end_bytes),
                           format_size(h.peak_bytes), h.note)
-    _emit(args, plan.to_dict(), table)
+    _emit(args, plan.to_dict(), tables[0])
     if not args.json:
+        console.print(tables[1])
         console.print(f"resume checkpoints at the end: {format_size(plan.resume_end)} routed against "
                       f"{format_size(plan.duplicate_resume_end)} with duplicate uploads to MLflow, "
                       f"{plan.resume_cut:.0%} less; everything: {format_size(plan.total_end)} against "

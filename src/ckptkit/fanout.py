@@ -79,7 +79,7 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
             ref = router.call(name, hook, run_name=run_name, payload=payload, **kwargs)
         except Exception as exc:
             failures[name] = _backend_failure(name, exc)
-            log.error("backend %r failed: %s", name, failures[name])
+            log.error("backend %r failed: %s", name, _strip(name, failures[name]))
             continue
         if not isinstance(ref, CheckpointRef):
             failures[name] = _not_a_ref(name, hook, ref)

@@ -250,6 +250,23 @@ class LocalBackend(FileBackend):
     def _prepare_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
 
+    @hookimpl
+    def probe(self) -> dict[str, Any]:
+        # A probe leaves no trace: the folders it made for the root go again, when still empty.
+        made = []
+        folder = self.root
+        while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            return super().probe()
+        finally:
+            for folder in made:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
     def _delete(self, path: str) -> None:
         manifest = os.path.join(path, MANIFEST_NAME)
         if os.path.exists(manifest):

@@ -466,7 +466,7 @@ class CheckpointManager:
     def _unreachable(self, found: list, unreachable: dict[str, CkptkitError]) -> None:
         if not unreachable:
             return
-        detail = "; ".join(str(e) for e in unreachable.values())
+        detail = fanout.describe_failures(unreachable)
         if not found:
             error = StorageUnavailableError(
                 next(iter(unreachable)),

@@ -537,6 +537,13 @@ class MlflowBackend:
 
     @ckptkit.hookimpl
     def probe(self) -> dict[str, Any]:
+        db = self.tracking_uri.split(":///", 1)[1] if self.tracking_uri.startswith("sqlite:///") else None
+        if db and db != ":memory:" and not os.path.exists(db):
+            # MLflow would create the database to answer; a probe leaves no trace. The first
+            # publish creates it, which needs a writable folder.
+            folder = os.path.dirname(os.path.abspath(db))
+            ok = os.path.isdir(folder) and os.access(folder, os.W_OK)
+            return {"connect": "ok" if ok else f"cannot create the database {db}: {folder} is not a writable folder"}
         results: dict[str, Any] = {}
         with self._requests():
             for op, action in (("connect", lambda: self.client.search_experiments(max_results=1)),

@@ -42,7 +42,9 @@ def wait_for_port(port: int, timeout: float = 30.0, proc=None) -> None:
 class Fault:
     """Answer matching requests with ``status`` (or drop the connection when ``drop``).
 
-    ``times`` is how many matching requests to spoil (None: all of them).
+    ``times`` is how many matching requests to spoil (None: all of them). With ``hold`` (an
+    Event), a matching request waits until it is set, then goes to the server unchanged: a
+    server that hangs for as long as the test wants.
     """
 
     match: Callable[[str, str], bool]
@@ -51,6 +53,7 @@ class Fault:
     drop: bool = False
     times: int | None = 1
     hits: int = 0
+    hold: threading.Event | None = None
 
 
 class FaultProxy:
@@ -83,6 +86,9 @@ class FaultProxy:
             def _handle(self):
                 body = self._body()
                 fault = proxy._fault(self.command, self.path)
+                if fault is not None and fault.hold is not None:
+                    fault.hold.wait()
+                    fault = None
                 if fault is not None and fault.drop:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -106,7 +112,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but tells the size of the object it describes.
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -4,7 +4,7 @@ Resume checkpoints go to the backends declared for resuming and are pruned to th
 the final model goes once to the backends declared for publishing.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 from .hookspecs import hookimpl  # noqa: E402
 from .roles import Role  # noqa: E402
@@ -12,11 +12,14 @@ from .errors import (  # noqa: E402
     BackendError,
     CheckpointError,
     CkptkitError,
+    CollectiveTimeoutError,
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PluginError,
     PublishError,
+    RanksDisagreeError,
+    RanksOutOfStepError,
     RunConflictError,
     SaveError,
     StorageFullError,
@@ -33,12 +36,15 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CkptkitError",
+    "CollectiveTimeoutError",
     "Config",
     "ConfigError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "PluginError",
     "PublishError",
+    "RanksDisagreeError",
+    "RanksOutOfStepError",
     "Restored",
     "RngState",
     "RunConflictError",

@@ -22,7 +22,8 @@ Outcome = tuple[int, list, dict]
 class AsyncSaver:
     """Stages state into reused CPU buffers and runs the write of the last staged save on a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, coll: ranks.Collectives) -> None:
+        self._coll = coll
         self._stager = Stager()
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -50,7 +51,7 @@ class AsyncSaver:
         if self._pending is not None:
             outcome = self._pending.result()
             self._pending = None
-        return ranks.share(outcome)
+        return self._coll.share("collect the asynchronous save", outcome)
 
     def shutdown(self) -> None:
         if self._writer is not None:

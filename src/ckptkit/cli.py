@@ -126,14 +126,16 @@ def cmd_check(args: argparse.Namespace) -> int:
                 cells.append("not supported" if not r["probe"] else
                              "\n".join(f"{k}: {v}" for k, v in bad.items()) if bad else "ok")
             table.add_row(*cells)
-        _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows}, table)
-        if not args.json:
+        problems = ck.final_problems()
+        _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows, "problems": problems}, table)
+        for line in problems:
+            err_console.print(f"ckptkit: error: {line}", markup=False, highlight=False)
+        if not args.json and not problems:
             console.print("[green]config OK[/green]")
         failed = [r for r in rows if any(v != "ok" for v in r.get("probe", {}).values())]
         if failed:
             err_console.print(f"ckptkit: error: probe failed for {', '.join(r['backend'] for r in failed)}")
-            return 1
-        return 0
+        return 1 if failed or problems else 0
     finally:
         ck.close()
 

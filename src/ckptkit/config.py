@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -194,6 +196,23 @@ class FinalRole:
 
 
 @attrs.frozen
+class Distributed:
+    """How ckptkit's own collectives behave when training runs on several ranks."""
+
+    # A rank waits this long for the others at each of ckptkit's meeting points, including
+    # for rank 0 to finish writing a full checkpoint in a synchronous save.
+    timeout_s: float = 600.0
+
+    KEYS = ("timeout_s",)
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str = "distributed") -> Distributed:
+        data = _mapping(key, data)
+        _unknown(key, data, cls.KEYS)
+        return cls(timeout_s=float(check_number(f"{key}.timeout_s", data.get("timeout_s", 600.0), 1)))
+
+
+@attrs.frozen
 class Config:
     """A validated configuration. Build it with ``from_dict``, ``from_file`` or ``load``."""
 
@@ -210,8 +229,10 @@ class Config:
     algorithm: str | None = None
     # Where the config was read from (a file, or ``<dict>``), named in errors; not a key.
     source: str = "<dict>"
+    # How ckptkit's own collectives behave across ranks (``distributed``).
+    distributed: Distributed = Distributed()
 
-    KEYS = ("run_name", "algorithm", "backends", "roles")
+    KEYS = ("run_name", "algorithm", "backends", "roles", "distributed")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> Config:
@@ -241,8 +262,9 @@ class Config:
                         f"roles.{role}.backends: {b!r} is not declared under backends "
                         f"(declared: {', '.join(backends)})"
                     )
+        distributed = Distributed.from_dict(data.get("distributed") or {})
         return cls(backends=backends, resume=resume, final=final, run_name=run_name,
-                   algorithm=algorithm, source=source)
+                   algorithm=algorithm, source=source, distributed=distributed)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Config:
@@ -276,6 +298,25 @@ class Config:
 
     def role(self, role: Role) -> ResumeRole | FinalRole | None:
         return self.resume if role is Role.RESUME else self.final
+
+    def fingerprint(self) -> dict[str, str]:
+        """A short digest of every setting by its dotted key, the source file left out: what the
+        ranks of a job compare to find a config that differs. Digests, so that no value (a
+        credential in a backend's options) leaves the rank."""
+        plain = attrs.asdict(self, filter=lambda a, _: a.name != "source")
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, Mapping) and value:
+                for k, v in value.items():
+                    k = {"resume": "roles.resume", "final": "roles.final", "async_": "async"}.get(k, k) if prefix in ("", "roles.resume") else k
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                text = json.dumps(value, sort_keys=True, default=repr)
+                flat[prefix] = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+        walk("", plain)
+        return flat
 
     def roles_of(self, backend: str) -> list[Role]:
         return [r for r in Role if (rc := self.role(r)) is not None and backend in rc.backends]

@@ -104,3 +104,19 @@ class SaveError(CkptkitError):
 
 class PublishError(SaveError):
     """The final model did not reach every final backend; it stays where it was saved."""
+
+
+class RanksOutOfStepError(CkptkitError):
+    """The ranks of a distributed job did not meet in ckptkit's collectives as they must.
+
+    Raised on every rank that is still running, instead of waiting for the process group's
+    own timeout. ``RanksDisagreeError`` and ``CollectiveTimeoutError`` say how.
+    """
+
+
+class RanksDisagreeError(RanksOutOfStepError):
+    """The ranks differ where they must agree: their configs, run names, or the ckptkit call each is in."""
+
+
+class CollectiveTimeoutError(RanksOutOfStepError):
+    """A rank waited longer than ``distributed.timeout_s`` for the others in one of ckptkit's collectives."""

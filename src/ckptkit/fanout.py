@@ -147,8 +147,8 @@ def first_line(exc: BaseException) -> str:
 
 
 def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[str, Any],
-                 extra: dict[str, Any], rank_files: dict[str, Callable[[BinaryIO], None]] | None = None
-                 ) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
+                 extra: dict[str, Any], rank_files: dict[str, Callable[[BinaryIO], None]] | None,
+                 coll: ranks.Collectives) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
     """Every rank writes its shards into each resume backend; rank 0 commits each one (collective).
 
     The first backend that keeps files on local disk gets the shards from DCP; the others
@@ -161,13 +161,16 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
     mine: dict[str, FileEntry] = {}
     for name in router.backends(Role.RESUME):
         backend = router.instances[name]
-        status, path = ranks.on_rank0(router.call, name, "stage_sharded", run_name=run_name, step=payload.step)
+        at = f"save step {payload.step}: {name}"
+        status, path = coll.on_rank0(f"{at}: stage", router.call, name, "stage_sharded", run_name=run_name,
+                                     step=payload.step)
         if status == "error":
             failures[name] = _backend_failure(name, path)
             continue
         try:
             if source is None:
-                written = sharded.save(state, backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)))
+                written = sharded.save(state, backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)),
+                                       process_group=coll.group)
                 if ranks.rank() == 0:
                     written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
                 for fname, write in (rank_files or {}).items():
@@ -177,19 +180,19 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
             report: tuple[str, Any] = ("ok", written)
         except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
             report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {first_line(exc)}")
-        reports = ranks.all_gather(report)
+        reports = coll.all_gather(f"{at}: written", report)
         errors = [r[1] for r in reports if r[0] == "error"]
         if errors:
-            ranks.on_rank0(router.call, name, "discard_sharded", path=path)
+            coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
             failures[name] = BackendError(name, "; ".join(errors))
             continue
         files = {n: e for r in reports for n, e in r[1].items()}
-        status, ref = ranks.on_rank0(router.call, name, "commit_sharded", run_name=run_name,
+        status, ref = coll.on_rank0(f"{at}: commit", router.call, name, "commit_sharded", run_name=run_name,
                                      step=payload.step, path=path, payload=payload, files=files)
         if status == "ok" and not isinstance(ref, CheckpointRef):
             status, ref = "error", _not_a_ref(name, "commit_sharded", ref)
         if status == "error":
-            ranks.on_rank0(router.call, name, "discard_sharded", path=path)
+            coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
             failures[name] = _backend_failure(name, ref)
             continue
         saved.append(ref)

@@ -71,7 +71,7 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                      state: dict[str, Any], full: bool = True) -> None:
+                      state: dict[str, Any], full: bool, coll: ranks.Collectives) -> None:
     """Copy state back into the model and optimizer.
 
     ``full`` state lives on rank 0 only when distributed and is broadcast from there; sharded
@@ -91,7 +91,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
         # first step) has none: "Expected device to be set". With no state to scatter, every
         # rank loads rank 0's param_groups (learning rates and the like) as they are.
-        groups = ranks.broadcast(None if optim_state.get("state") else optim_state.get("param_groups"))
+        groups = coll.broadcast("restore: optimizer param_groups",
+                                None if optim_state.get("state") else optim_state.get("param_groups"))
         if groups is not None:
             optim_state, options = {"state": {}, "param_groups": groups}, None
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)

@@ -296,13 +296,16 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
 def tracking_run_id(run_name: str, resumed_run_id: str | None) -> str | None:
     """Name the experiment-tracking run that checkpoints of this run belong to.
 
-    Called by the manager before each save and by ``finalize``, on the final backends. The first
-    non-None result wins and is stored in every manifest, so a restored training continues the
-    same tracking run.
+    Called by the manager on rank 0 at ``restore``, at every ``save`` call until a backend
+    answers, and by ``finalize``, on the final backends. It sits on the training's critical
+    path, so it must return at once: look the run up in the background on the first call
+    (bounded by the backend's own timeouts) and return None until it is known. The first
+    non-None result wins and is stored in every later manifest, so a restored training
+    continues the same tracking run.
 
     :param run_name: the ckptkit run name.
     :param resumed_run_id: the run id found in the checkpoint that was restored, if any.
-    :return: a run id, or None when this backend does not track runs.
+    :return: a run id, or None when this backend does not track runs or does not know it yet.
     """
 
 
@@ -353,4 +356,18 @@ def close() -> None:
     config, declared for a role or not, after it was unregistered; called once.
 
     :return: nothing. Should not raise.
+    """
+
+
+@_hookspec
+def check_final(run_name: str, algorithm: str | None) -> list[str]:
+    """Say what would make a later publish of this run fail, before training starts.
+
+    Called by ``ckptkit check`` on each final backend (problems make it exit 1) and by
+    ``CheckpointManager.from_config`` (logged as warnings, since ``finalize(algorithm=...)``
+    may still supply what the config lacks). Optional; needs no network.
+
+    :param run_name: the run.
+    :param algorithm: the config's ``algorithm``, or None.
+    :return: one line per problem, naming the key and how to fix it; empty when there is none.
     """

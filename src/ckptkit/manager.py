@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import time
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -174,7 +175,9 @@ class CheckpointManager:
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
-        self._async = AsyncSaver()
+        self.coll = ranks.Collectives(config.distributed.timeout_s,
+                                      attrs.evolve(config, run_name=run_name).fingerprint())
+        self._async = AsyncSaver(self.coll)
         # Steps known to hold intact bytes: hashed while this manager wrote them, or verified
         # when restored. Only these count toward keep_last when pruning after a save.
         self._verified: set[int] = set()
@@ -198,7 +201,17 @@ class CheckpointManager:
         name = check_run_name(run_name, "run_name") if run_name else (config.run_name or DEFAULT_RUN_NAME)
         pm = plugin_manager or make_plugin_manager()
         router = Router(pm, config)
-        return cls(config, name, pm, router, on_error=on_error, fallback_dir=fallback_dir)
+        manager = cls(config, name, pm, router, on_error=on_error, fallback_dir=fallback_dir)
+        try:
+            # Ranks whose configs differ are refused here, before the first training step.
+            manager.coll.start()
+        except BaseException:
+            router.close()
+            raise
+        if ranks.rank() == 0:
+            for line in manager.final_problems():
+                log.warning("%s (finalize will refuse unless it is given what is missing)", line)
+        return manager
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -213,11 +226,43 @@ class CheckpointManager:
         return self.config.resume
 
     def _tracking_run_id(self) -> str | None:
-        if self.mlflow_run_id is None and self.config.final is not None:
+        """Rank 0: the tracking run's id once a final backend knows it, else the restored one.
+
+        Backends answer at once and look the run up in the background (the hookspec asks them
+        to), so a slow or hung tracking server never holds up a save: a checkpoint written
+        before the answer names no run. Asked at restore and at every save call until known.
+        """
+        if self.mlflow_run_id is None and self.config.final is not None and ranks.rank() == 0:
             names = self.router.backends(Role.FINAL)
             self.mlflow_run_id = self.router.caller("tracking_run_id", names)(
                 run_name=self.run_name, resumed_run_id=self._resumed_run_id)
         return self.mlflow_run_id or self._resumed_run_id
+
+    def tracking_run_id(self, timeout: float = 0.0) -> str | None:
+        """The experiment-tracking run (MLflow's run id) that checkpoints of this run record.
+
+        The final backends look it up in the background, starting at ``restore`` or the first
+        ``save`` call (or here); until they know it, saves name no run. ``timeout`` waits up to
+        that many seconds for the answer, for a trainer that logs its own metrics to the same
+        run. Rank 0 only; None on other ranks, without a tracking backend, or not yet known.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            run_id = self._tracking_run_id()
+            if run_id is not None or time.monotonic() >= deadline or ranks.rank() != 0:
+                return run_id
+            time.sleep(0.05)
+
+    def final_problems(self) -> list[str]:
+        """What would make publishing this run's final model fail, as each final backend sees it
+        from the config alone (``ckptkit check`` reports these)."""
+        problems = []
+        for name in self.router.backends(Role.FINAL) if self.config.final is not None else ():
+            if self.router.implements(name, "check_final"):
+                found = self.router.call(name, "check_final", run_name=self.run_name, algorithm=self.config.algorithm)
+                problems += [line if line.startswith(f"backend {name!r}") else f"backend {name!r}: {line}"
+                             for line in found or ()]
+        return problems
 
     def _fail(self, exc: SaveError) -> None:
         if self.on_error == "raise":
@@ -256,11 +301,12 @@ class CheckpointManager:
         """
         self._check_open()
         role = self.resume_role
+        self._tracking_run_id()  # starts the lookup well before the first due save
         step = _count("step", step)
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
-        extra_state, own_state = self._storable(extra, rank_extra, safe_globals)
+        extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -269,19 +315,18 @@ class CheckpointManager:
         if not self._run_checked:
             self._check_run(step)
         if role.format == "dcp":
-            status, run_id = ranks.on_rank0(self._tracking_run_id)
-            if status == "error":
-                log.warning("no tracking run id for step %d: %s", step, run_id)
-            payload = attrs.evolve(payload, mlflow_run_id=run_id if status == "ok" else None)
+            # Only rank 0 writes the manifest, the one file that holds it.
+            payload = attrs.evolve(payload, mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None)
             state = gather.resume_state(model, optimizer, sharded=True)
             own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
-            saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file)
+            saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
+                                                  self.coll)
             if saved:
-                ranks.on_rank0(self._prune_after, saved, step, payload.metrics)
+                self.coll.on_rank0(f"save step {step}: prune", self._prune_after, saved, step, payload.metrics)
             self._report(step, saved, failures)
             return saved
         state = gather.resume_state(model, optimizer)
-        gathered = ranks.gather(own_state)
+        gathered = self.coll.gather(f"save step {step}: rank_extra", own_state)
         if gathered is not None and own_state is not None:
             state[RANK_EXTRA_KEY] = dict(enumerate(gathered))
         if role.async_:
@@ -294,12 +339,12 @@ class CheckpointManager:
                 # Reported after this step's save started, so that a failure never drops it.
                 self._report(*previous)
             return []
-        status, result = ranks.on_rank0(self._store_full, payload, state, extra_state)
+        status, result = self.coll.on_rank0(f"save step {step}: write", self._store_full, payload, state, extra_state)
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
         return saved
 
-    def _storable(self, extra, rank_extra, safe_globals) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _storable(self, step, extra, rank_extra, safe_globals) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``extra`` (rank 0's, the one saved) and this rank's ``rank_extra`` as stored, checked on
         every rank before anything is written; a refusal on any rank is raised on all (collective)."""
         extra_state: dict[str, Any] = {}
@@ -310,19 +355,14 @@ class CheckpointManager:
                 extra_state = _extra_state(extra, "extra", safe_globals)
             if rank_extra is not None:
                 own_state = _extra_state(rank_extra, "rank_extra", safe_globals)
-        except UnstorableStateError as exc:
+        except Exception as exc:  # a state_dict() that raises on one rank, too
             problem = exc
-        if ranks.active():
-            problems = [p for p in ranks.all_gather(ranks.portable(problem)) if p is not None]
-            if problems:
-                raise problem if problem is not None else problems[0]
-        elif problem is not None:
-            raise problem
+        self.coll.agree(f"save step {step}: check state", problem)
         return extra_state, own_state
 
     def _check_run(self, step: int) -> None:
         """Refuse to write into a run that holds newer checkpoints this manager did not restore (collective)."""
-        status, listing = ranks.on_rank0(self.reader.list_all)
+        status, listing = self.coll.on_rank0(f"save step {step}: check run", self.reader.list_all)
         self._run_checked = True
         if status == "error":
             log.warning("could not check run %r for newer checkpoints: %s", self.run_name, listing)
@@ -531,13 +571,13 @@ class CheckpointManager:
         self.wait()
         reading.sweep_scratch()
         safe_globals = list(safe_globals)
-        status, listing = ranks.on_rank0(self.reader.list_all)
+        status, listing = self.coll.on_rank0("restore: list", self.reader.list_all)
         if status == "error":
             raise listing
         candidates, unreachable = listing
         skipped: list[str] = []
         for ref in candidates:
-            status, manifest = ranks.on_rank0(self.reader.manifest, ref)
+            status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok":
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
                 problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
@@ -563,6 +603,7 @@ class CheckpointManager:
                               RuntimeWarning, stacklevel=2)
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
+            self._tracking_run_id()
             self._verified.add(manifest.step)
             self._run_checked = True
             return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
@@ -598,14 +639,14 @@ class CheckpointManager:
                 outcome = ("skip", exc)
             except Exception as exc:
                 outcome = ("fatal", exc)
-        outcome = ranks.share(outcome)
+        outcome = self.coll.share(f"restore step {ref.step}: read", outcome)
         if outcome is not None:
             if outcome[0] == "fatal":
                 raise outcome[1]
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
-        gather.load_resume_state(model, optimizer, state)
-        saved_extra, per_rank = ranks.share((saved_extra, per_rank))
+        gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll)
+        saved_extra, per_rank = self.coll.share(f"restore step {ref.step}: extra", (saved_extra, per_rank))
         per_rank = per_rank or {}
         return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
@@ -618,12 +659,13 @@ class CheckpointManager:
             self.reader.check_files(ref, manifest, names[ranks.rank()::ranks.world_size()])
         except SKIPPABLE as exc:
             problem = exc
-        problems = [p for p in ranks.all_gather(ranks.portable(problem)) if p is not None]
+        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: check", ranks.portable(problem))
+                    if p is not None]
         if problems:
             return "; ".join(str(p) for p in problems), None
         state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
         try:
-            sharded.load(state, backend.fs, ref.path, safe_globals)
+            sharded.load(state, backend.fs, ref.path, safe_globals, process_group=self.coll.group)
         except (Exception, CheckpointException) as exc:
             inner = _unwrap(exc)
             if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
@@ -633,7 +675,7 @@ class CheckpointManager:
                                                   "optimizer=); restore it without optimizer=") from None
             raise IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
                                               f"model: {fanout.first_line(exc)}") from exc
-        gather.load_resume_state(model, optimizer, state, full=False)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
         mine = rank_extra_file(ranks.rank())
         own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
@@ -762,7 +804,7 @@ class CheckpointManager:
                            f"({fanout.describe_failures(failures)}); it is saved at {where}; retry with: "
                            "ckptkit publish", failures)
 
-        status, result = ranks.on_rank0(publish)
+        status, result = self.coll.on_rank0(f"finalize step {step}", publish)
         saved, problem = result if status == "ok" else ([], (str(result), {"(all)": result}))
         if previous is not None:
             # The last resume save's outcome, reported once the final model is safe.

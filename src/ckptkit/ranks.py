@@ -1,12 +1,27 @@
-"""The few collective steps the manager needs, on torch.distributed; no-ops in one process."""
+"""The few collective steps the manager needs, on torch.distributed; no-ops in one process.
+
+ckptkit's collectives run on a gloo group of their own, so that they never pair with the
+training's collectives, and with a timeout, so that a frozen or diverging rank fails the
+others within ``distributed.timeout_s`` instead of the process group's own (30 minutes).
+Each one starts by comparing a label (which call, which step) across ranks: ranks that are at
+different points raise at once rather than exchanging the wrong objects.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+from typing import Any, Callable
 
 import torch.distributed as dist
 
-from .errors import BackendError, CkptkitError, SaveError
+from .errors import (
+    BackendError,
+    CkptkitError,
+    CollectiveTimeoutError,
+    RanksDisagreeError,
+    RanksOutOfStepError,
+    SaveError,
+)
 
 
 def active() -> bool:
@@ -19,33 +34,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def broadcast(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (pickled between the trusted ranks of one job)."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    if not active():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather(obj: Any, dst: int = 0) -> list[Any] | None:
-    """Every rank's ``obj``, in rank order, on rank ``dst``; None on the other ranks."""
-    if not active():
-        return [obj]
-    out: list[Any] | None = [None] * dist.get_world_size() if rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
-    return out
 
 
 def portable(obj: Any) -> Any:
@@ -75,26 +63,131 @@ def _as_text(exc: BaseException) -> CkptkitError:
     return CkptkitError(f"{cls.__name__}: {exc}")
 
 
-def share(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank; ``src`` keeps its own (exceptions with their causes),
-    the others get ``portable(obj)``."""
-    if not active():
-        return obj
-    shared = broadcast(portable(obj) if rank() == src else None, src=src)
-    return obj if rank() == src else shared
 
 
-def on_rank0(fn, *args: Any, **kwargs: Any) -> tuple[str, Any]:
-    """Run ``fn`` on rank 0 and tell every rank how it went: ``("ok", result)`` or ``("error", exc)``.
+class Collectives:
+    """The collectives of one checkpoint manager, bounded and checked.
 
-    Rank 0 always reaches the broadcast, also when ``fn`` raises, so a failure there becomes an
-    error on every rank instead of a hang. Rank 0 gets its own exception; the others a
-    ckptkit error of the same type with its text (see ``share``).
+    ``fingerprint`` (the config's, see ``Config.fingerprint``) is compared across ranks at the
+    first meeting: a rank whose config differs is refused, naming the keys, never their values.
     """
-    outcome: tuple[str, Any] = ("ok", None)
-    if rank() == 0:
+
+    def __init__(self, timeout_s: float, fingerprint: dict[str, str]):
+        self.timeout_s = timeout_s
+        self._fingerprint = fingerprint
+        self._group: Any = None
+        self._broken: RanksOutOfStepError | None = None
+
+    def start(self) -> None:
+        """Make the group and compare configs across ranks (collective); a no-op once done or in one process."""
+        if self._group is not None or not active():
+            return
+        self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+        prints: list[Any] = [None] * world_size()
+        self._call("comparing configs", dist.all_gather_object, prints, self._fingerprint, checked=False)
+        theirs = dict(enumerate(prints))
+        differ = sorted({k for fp in theirs.values() for k in set(fp) | set(theirs[0])
+                         if fp.get(k) != theirs[0].get(k)})
+        if differ:
+            odd = [r for r, fp in theirs.items() if fp != theirs[0]]
+            self._broken = RanksDisagreeError(
+                f"ranks {', '.join(map(str, odd))} of {world_size()} have a different ckptkit config than rank 0 "
+                f"(keys {', '.join(differ)}); every rank must load the same config and run name, or rank 0's "
+                "would silently decide for all. Fix the config of those ranks")
+            raise self._broken
+
+    @property
+    def group(self) -> Any:
+        """The process group for DCP's own collectives: None (the default group) in one process."""
+        self.start()
+        return self._group
+
+    def _call(self, label: str, fn: Callable[..., Any], *args: Any, checked: bool = True) -> Any:
+        """Run one collective ``fn(*args, group=...)``, its timeout and failures raised as ckptkit errors."""
+        if self._broken is not None:
+            raise type(self._broken)(f"{self._broken} (seen earlier; ckptkit's collectives are unusable in this "
+                                     "job now: restart it)")
+        if checked:
+            labels: list[Any] = [None] * world_size()
+            self._raw(label, dist.all_gather_object, labels, label)
+            if any(other != label for other in labels):
+                where = "; ".join(f"rank {r}: {other}" for r, other in enumerate(labels))
+                self._broken = RanksDisagreeError(
+                    f"rank {rank()} is at {label!r} but the ranks are at different ckptkit calls ({where}): each "
+                    "rank must call save, restore and finalize with the same steps, and a rank that catches an "
+                    "exception from save must not go on alone")
+                raise self._broken
+        return self._raw(label, fn, *args)
+
+    def _raw(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            outcome = ("ok", fn(*args, **kwargs))
-        except Exception as exc:
-            outcome = ("error", exc)
-    return share(outcome)
+            return fn(*args, group=self._group)
+        except RuntimeError as exc:
+            reason = " ".join(str(exc).split())[:300]
+            self._broken = CollectiveTimeoutError(
+                f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
+                f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not call "
+                "ckptkit at the same step; raise distributed.timeout_s if rank 0 needs longer to write a checkpoint")
+            raise self._broken from exc
+
+    def broadcast(self, label: str, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (pickled between the trusted ranks of one job)."""
+        if not active():
+            return obj
+        self.start()
+        box = [obj]
+        self._call(label, dist.broadcast_object_list, box, src)
+        return box[0]
+
+    def all_gather(self, label: str, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not active():
+            return [obj]
+        self.start()
+        out: list[Any] = [None] * world_size()
+        self._call(label, dist.all_gather_object, out, obj)
+        return out
+
+    def gather(self, label: str, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank ``dst``; None on the other ranks."""
+        if not active():
+            return [obj]
+        self.start()
+        out: list[Any] | None = [None] * world_size() if rank() == dst else None
+        self._call(label, dist.gather_object, obj, out, dst)
+        return out
+
+    def share(self, label: str, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank; ``src`` keeps its own (exceptions with their causes),
+        the others get ``portable(obj)``."""
+        if not active():
+            return obj
+        shared = self.broadcast(label, portable(obj) if rank() == src else None, src=src)
+        return obj if rank() == src else shared
+
+    def on_rank0(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[str, Any]:
+        """Run ``fn`` on rank 0 and tell every rank how it went: ``("ok", result)`` or ``("error", exc)``.
+
+        Rank 0 always reaches the broadcast, also when ``fn`` raises, so a failure there becomes an
+        error on every rank instead of a hang. Rank 0 gets its own exception; the others a
+        ckptkit error of the same type with its text (see ``share``).
+        """
+        outcome: tuple[str, Any] = ("ok", None)
+        if rank() == 0:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except Exception as exc:
+                outcome = ("error", exc)
+        return self.share(label, outcome)
+
+    def agree(self, label: str, problem: BaseException | None) -> None:
+        """Raise on every rank if any rank had a ``problem`` (collective): a rank-local failure
+        becomes everyone's, so no rank goes on alone. The first rank's problem wins; a rank
+        keeps its own exception."""
+        if not active():
+            if problem is not None:
+                raise problem
+            return
+        problems = [p for p in self.all_gather(label, portable(problem)) if p is not None]
+        if problems:
+            raise problem if problem is not None else problems[0]

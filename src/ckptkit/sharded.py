@@ -300,14 +300,17 @@ def open_reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
     return r
 
 
-def save(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, sync: bool) -> dict[str, FileEntry]:
-    """Write this rank's shards of ``state`` (collective); return the files this rank wrote."""
+def save(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, sync: bool,
+         process_group: Any = None) -> dict[str, FileEntry]:
+    """Write this rank's shards of ``state`` (collective on ``process_group``, default: the
+    default group); return the files this rank wrote."""
     w, hfs = writer(fs, path, sync)
-    dcp.save(state, storage_writer=w)
+    dcp.save(state, storage_writer=w, process_group=process_group)
     return dict(hfs.written)
 
 
-def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> None:
+def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = (),
+         process_group: Any = None) -> None:
     """Fill ``state`` in place from a sharded checkpoint, resharding as needed (collective if a group exists).
 
     Runs nothing stored in the checkpoint: raises ``UnsafeCheckpointError`` for anything that
@@ -317,7 +320,7 @@ def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, safe_g
     """
     r = open_reader(fs, path)
     try:
-        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(safe_globals))
+        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(safe_globals), process_group=process_group)
     except CheckpointException as exc:
         typed = _typed(exc, path)
         if typed is exc:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 
@@ -73,6 +74,8 @@ def _secret_uri(server):
 def test_thirty_steps_leave_only_the_final_model_in_mlflow(tmp_path, mlflow_server):
     exp = f"thirty-{_uid()}"
     ck = CheckpointManager.from_config(_config(tmp_path, mlflow_server.url, exp), run_name="thirty")
+    # Saves never wait for the run's lookup; waiting here makes every manifest name it.
+    assert ck.tracking_run_id(timeout=60) is not None
     model, opt = _model()
     loss = _train(ck, model, opt, range(1, 31))
     refs = ck.finalize(model=model, step=30, epoch=3, metrics={"loss": loss, "acc": 0.75},
@@ -116,6 +119,7 @@ def test_server_down_at_finalize_then_publish_once_it_is_back(tmp_path, mlflow_s
                                       timeout_s=4, retries=1)))
     fallback = tmp_path / "fallback"
     ck = CheckpointManager.from_config(str(cfg), run_name="down", fallback_dir=fallback)
+    assert ck.tracking_run_id(timeout=60) is not None
     model, opt = _model(1)
     _train(ck, model, opt, range(1, 11))
     (run_id,) = _manifest_run_ids(tmp_path, "down")
@@ -213,22 +217,22 @@ def test_publish_skips_a_registry_that_holds_the_same_bytes_unless_forced(tmp_pa
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
 
 
-@pytest.mark.timeout(90)
-def test_a_hung_tracking_server_fails_the_first_save_and_finalize_within_timeout_s(tmp_path, silent_server, caplog):
+@pytest.mark.timeout(120)
+def test_a_hung_tracking_server_holds_up_no_save_and_fails_finalize_within_timeout_s(tmp_path, silent_server, caplog):
     uri = f"http://alice:s3cr3t-pw@127.0.0.1:{silent_server}"
     cfg = _config(tmp_path, uri, "hung", timeout_s=4, retries=1)
     ck = CheckpointManager.from_config(cfg, run_name="hung", fallback_dir=tmp_path / "fallback")
     model, opt = _model(9)
-    _train(ck, model, opt, range(0, 6))  # the first save asks for the run and gives up
-    (warning,) = [r.getMessage() for r in caplog.records if "could not name the MLflow run" in r.getMessage()]
-    assert "'registry'" in warning and f"***@127.0.0.1:{silent_server}" in warning
-    assert "did not answer within 2 s (2 attempts, timeout_s: 4 bounds each request)" in warning
-    assert os.listdir(tmp_path / "scratch" / "hung")  # the checkpoints were saved all the same
+    _train(ck, model, opt, range(0, 6))  # the run's lookup hangs on its own thread meanwhile
+    assert _manifest_run_ids(tmp_path, "hung") == {None}, "both saves were committed without the run"
 
     with pytest.raises(PublishError) as err:
         ck.finalize(model=model, step=5)
     ck.close()
     message = str(err.value)
+    (warning,) = [r.getMessage() for r in caplog.records if "could not name the MLflow run" in r.getMessage()]
+    assert "'registry'" in warning and f"***@127.0.0.1:{silent_server}" in warning
+    assert "did not answer within 2 s (2 attempts, timeout_s: 4 bounds each request)" in warning
     assert f"registry: finding the run on MLflow at http://***@127.0.0.1:{silent_server} failed" in message
     assert err.value.failures["registry"].backend == "registry"
     assert "the tracking server did not answer within 2 s" in message and "raise timeout_s" in message
@@ -382,6 +386,7 @@ def test_a_restored_run_keeps_its_mlflow_run_id(tmp_path, embedded_uri):
     exp = f"restore-{_uid()}"
     cfg = _config(tmp_path, embedded_uri, exp)
     ck = CheckpointManager.from_config(cfg, run_name="crashy")
+    assert ck.tracking_run_id(timeout=60) is not None
     model, opt = _model(3)
     _train(ck, model, opt, range(1, 13))
     ck.close()  # the job dies here, before finalize
@@ -393,6 +398,7 @@ def test_a_restored_run_keeps_its_mlflow_run_id(tmp_path, embedded_uri):
     model, opt = _model(4)
     restored = ck.restore(model=model, optimizer=opt)
     assert restored.step == 10 and restored.mlflow_run_id == first
+    assert ck.tracking_run_id(timeout=60) == first
     _train(ck, model, opt, range(restored.step + 1, 21))
     ck.finalize(model=model, step=20, epoch=2)
     ck.close()
@@ -410,6 +416,7 @@ def test_the_active_run_is_used_and_left_open(tmp_path, embedded_uri, monkeypatc
     exp = f"active-{_uid()}"
     ck = CheckpointManager.from_config(_config(tmp_path, embedded_uri, exp), run_name="mine")
     with mlflow.start_run(run_name="the-users-own") as active:
+        assert ck.tracking_run_id(timeout=60) == active.info.run_id
         model, opt = _model(5)
         _train(ck, model, opt, range(1, 6))
         ck.finalize(model=model, step=5)
@@ -491,7 +498,7 @@ def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):
     del cfg["algorithm"]
     ck = CheckpointManager.from_config(cfg, run_name="noalgo", fallback_dir=tmp_path / "fb")
     model, _ = _model()
-    with pytest.raises(PublishError, match=r"uses \{algorithm\}, but none was given"):
+    with pytest.raises(PublishError, match=r"uses \{algorithm\}, but no algorithm is given"):
         ck.finalize(model=model, step=1)
     ck.close()
 
@@ -499,3 +506,31 @@ def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):
 def test_redact():
     assert redact("GET https://u:p@h:5000/api failed; also http://x@y") == \
         "GET https://***@h:5000/api failed; also http://***@y"
+
+
+@pytest.mark.timeout(180)
+def test_saves_never_wait_for_the_tracking_run(tmp_path, mlflow_server, make_fault_proxy):
+    """Every request to the tracking server is held until the test lets it through: the saves
+    commit meanwhile, the run's id reaches the manifests once known, and one run results."""
+    proxy = make_fault_proxy(mlflow_server.port)
+    gate = threading.Event()
+    proxy.add(type(proxy).__init__.__globals__["Fault"](lambda method, path: True, times=None, hold=gate))
+    exp = f"held-{_uid()}"
+    ck = CheckpointManager.from_config(_config(tmp_path, proxy.url, exp, model_name="held_{algorithm}"),
+                                       run_name="held")
+    assert proxy.requests == [], "building a manager asks the tracking server nothing"
+    model, opt = _model(11)
+    _train(ck, model, opt, range(1, 11))
+    assert proxy.requests, "the first save call started the lookup"
+    assert _manifest_run_ids(tmp_path, "held") == {None}, "saves 5 and 10 went ahead without it"
+    gate.set()
+    run_id = ck.tracking_run_id(timeout=60)
+    assert run_id is not None
+    _train(ck, model, opt, range(11, 16))
+    with open(tmp_path / "scratch" / "held" / "step-0000000015" / "manifest.json") as f:
+        assert json.load(f)["mlflow_run_id"] == run_id
+    (ref,) = ck.finalize(model=model, step=15)
+    ck.close()
+    client = MlflowClient(mlflow_server.url)
+    assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name(exp).experiment_id])] == [run_id]
+    assert client.get_model_version("held_sft", ref.uri.rsplit("/", 1)[1]).run_id == run_id

@@ -23,6 +23,7 @@ import string
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Iterator
 
 import attrs
@@ -161,11 +162,16 @@ class _Discard(WriteOnly):
         pass
 
 
-def _is_active(run_id: str) -> bool:
+def _active_run_id() -> str | None:
+    """The id of the MLflow run this thread started (``mlflow.start_run``), if any."""
     import mlflow
 
     active = mlflow.active_run()
-    return active is not None and active.info.run_id == run_id
+    return active.info.run_id if active is not None else None
+
+
+def _is_active(run_id: str) -> bool:
+    return _active_run_id() == run_id
 
 
 def _template_fields(key: str, template: Any) -> str:
@@ -232,6 +238,10 @@ class MlflowBackend:
         self._experiment_id: str | None = None
         self._owned: set[str] = set()
         self._run_id_failed_at: float | None = None
+        # The tracking run, looked up on a thread: (run name, resumed id, active id) -> its answer.
+        self._lookup: Future | None = None
+        self._lookup_key: tuple | None = None
+        self._lookup_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<MlflowBackend {self.name!r} at {self.location}>"
@@ -409,15 +419,14 @@ class MlflowBackend:
         self._owned.add(run_id)
         return run_id
 
-    def _resolve_run(self, run_name: str, resumed_run_id: str | None) -> str:
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None:
-            if self._usable_run(active.info.run_id):
-                return active.info.run_id
+    def _resolve_run(self, run_name: str, resumed_run_id: str | None, active_id: str | None) -> str:
+        """The run to use: the caller's active run (``active_id``), the resumed one, the newest
+        run of that name, or a new one."""
+        if active_id is not None:
+            if self._usable_run(active_id):
+                return active_id
             log.warning("backend %r: the active MLflow run %s is not in %s; using a run named %r there",
-                        self.name, active.info.run_id, self.location, run_name)
+                        self.name, active_id, self.location, run_name)
         if resumed_run_id and self._usable_run(resumed_run_id):
             return self._reopen(resumed_run_id)
         exp_id = self._get_experiment_id()
@@ -431,30 +440,61 @@ class MlflowBackend:
         return run.info.run_id
 
     def model_name(self, run_name: str, algorithm: str | None) -> str:
-        if algorithm is None and "{algorithm}" in self.registered_model_name:
-            raise BackendError(self.name, f"registered_model_name {self.registered_model_name!r} "
-                               "uses {algorithm}, but none was given: set algorithm in the config "
-                               "or pass finalize(algorithm=...)")
+        problem = self._name_problem(algorithm)
+        if problem:
+            raise BackendError(self.name, problem)
         return self.registered_model_name.format(algorithm=algorithm or "", run_name=run_name)
+
+    def _name_problem(self, algorithm: str | None) -> str | None:
+        if algorithm is None and "{algorithm}" in self.registered_model_name:
+            return (f"registered_model_name {self.registered_model_name!r} uses {{algorithm}}, but no algorithm "
+                    "is given: set algorithm in the config, pass finalize(algorithm=...), or publish with "
+                    "ckptkit publish --algorithm NAME")
+        return None
 
     # -- hooks ------------------------------------------------------------------------------
 
     @ckptkit.hookimpl
+    def check_final(self, run_name: str, algorithm: str | None) -> list[str]:
+        problem = self._name_problem(algorithm)
+        return [problem] if problem else []
+
+    @ckptkit.hookimpl
     def tracking_run_id(self, run_name: str, resumed_run_id: str | None) -> str | None:
-        failed_at = self._run_id_failed_at
-        if failed_at is not None and time.monotonic() - failed_at < RUN_ID_RETRY_AFTER_S:
-            return None
+        # MLflow keeps the active run per thread: only the caller's thread can see it.
+        key = (run_name, resumed_run_id, _active_run_id())
+        with self._lookup_lock:
+            lookup = self._lookup
+            failed_at = self._run_id_failed_at
+            retry = failed_at is None or time.monotonic() - failed_at >= RUN_ID_RETRY_AFTER_S
+            if lookup is None or self._lookup_key != key or (lookup.done() and lookup.result() is None and retry):
+                lookup = self._lookup = Future()
+                self._lookup_key = key
+                # A daemon thread: a hung server must not keep the process from exiting.
+                threading.Thread(target=self._look_up, args=(lookup, *key), name="ckptkit-mlflow-run",
+                                 daemon=True).start()
+        return lookup.result() if lookup.done() else None
+
+    def _look_up(self, lookup: Future, run_name: str, resumed_run_id: str | None, active_id: str | None) -> None:
+        run_id = None
         try:
             with self._requests():
-                run_id = self._resolve_run(run_name, resumed_run_id)
+                run_id = self._resolve_run(run_name, resumed_run_id, active_id)
+            self._run_id_failed_at = None
         except Exception as exc:
             self._run_id_failed_at = time.monotonic()
             log.warning("backend %r: could not name the MLflow run at %s (checkpoints are saved without "
                         "it; asking again in %.0f s): %s", self.name, self.location, RUN_ID_RETRY_AFTER_S,
                         self._cause(exc))
-            return None
-        self._run_id_failed_at = None
-        return run_id
+        finally:
+            lookup.set_result(run_id)
+
+    def _settle_lookup(self) -> None:
+        """Wait for a lookup in flight (bounded by timeout_s and retries), so that publishing
+        cannot create a second run of the same name beside it."""
+        lookup = self._lookup
+        if lookup is not None:
+            lookup.result()
 
     @ckptkit.hookimpl(trylast=True)
     def publish_final(self, run_name: str, payload: Payload, stored: list[CheckpointRef],
@@ -477,7 +517,8 @@ class MlflowBackend:
                     if not _is_active(run_id):
                         self._owned.add(run_id)
                 else:
-                    run_id = self._resolve_run(run_name, None)
+                    self._settle_lookup()
+                    run_id = self._resolve_run(run_name, None, _active_run_id())
                 step = "logging the final metrics"
                 self._log_final_metrics(run_id, payload, algorithm)
                 sizes = None

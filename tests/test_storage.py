@@ -11,6 +11,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 import ckptkit
 from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError
@@ -355,3 +356,202 @@ def test_a_full_disk_at_the_commit_of_a_sharded_checkpoint_is_named(full_disk):
     assert str(info.value).startswith(f"backend 'disk': no space left on {full_disk} while writing the manifest of {staged}")
     assert info.value.__cause__.errno == errno.ENOSPC
     assert backend.list_checkpoints(run_name="r") == []
+
+
+class _NoImplicitFoldersFS(LocalFileSystem):
+    """A real disk that, like WebDAV (409 Conflict) or SFTP, writes a file only into a folder that exists."""
+
+    def __init__(self, **kwargs):
+        super().__init__(auto_mkdir=False, skip_instance_cache=True, **kwargs)
+
+
+class _FolderStore(FileBackend):
+    needs_folders = True
+
+
+def test_a_store_without_implicit_folders_gets_each_folder_made_before_it_is_written(tmp_path):
+    fs = _NoImplicitFoldersFS()
+    plain = FileBackend("dav", fs, str(tmp_path / "plain"))
+    with pytest.raises(BackendError, match="step-0000000001"):
+        plain.save_resume(run_name="r", step=1, payload=payload(1))  # the store refuses, as WebDAV does
+
+    backend = _FolderStore("dav", fs, str(tmp_path / "root"))
+    assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}, "the probe makes the root"
+    ref = backend.save_resume(run_name="r", step=1, payload=payload(1, b"abc" * 100))
+    with backend.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"abc" * 100
+    staged = backend.stage_sharded(run_name="r", step=2)
+    assert fs.isdir(staged), "every rank writes its shards into the staged folder"
+    fs.pipe_file(f"{staged}/__0_0.distcp", b"shard")
+    empty = Payload(run_name="r", step=2, epoch=None, format="dcp", files=())
+    backend.commit_sharded(run_name="r", step=2, path=staged, payload=empty,
+                           files={"__0_0.distcp": FileEntry(5, "x:0")})
+    assert steps(backend) == [1, 2]
+
+
+class _NoFolderMakingMemoryFS(MemoryFileSystem):
+    """An object store: making a "folder" there could create a bucket, so it must never be asked to."""
+
+    def makedirs(self, path, exist_ok=False):
+        raise AssertionError(f"an object store was asked to make the folder {path}")
+
+    mkdir = makedirs
+
+
+def test_an_object_store_is_never_asked_to_make_a_folder():
+    fs = _NoFolderMakingMemoryFS(skip_instance_cache=True)
+    backend = FileBackend("s3ish", fs, f"/bucket-{os.getpid()}-{time.monotonic_ns()}")
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    assert backend.probe()["write"] == "ok"
+    assert steps(backend) == [1]
+
+
+class _CutOffFS(LocalFileSystem):
+    """A WebDAV-like store: an upload streams into the file's final name, so a connection that
+    drops half-way through ``cut_off`` leaves a truncated file there, and the store then stays
+    unreachable (so nothing can be cleaned up) until ``down`` is reset."""
+
+    def __init__(self, cut_off, **kwargs):
+        super().__init__(auto_mkdir=True, skip_instance_cache=True, **kwargs)
+        self.cut_off = cut_off
+        self.down = False
+        self.moves = []
+
+    def _refuse(self):
+        if self.down:
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+
+    def pipe_file(self, path, value, *args, **kwargs):
+        self._refuse()
+        if self.cut_off(path):
+            super().pipe_file(path, value[: len(value) // 2])
+            self.down = True
+            self._refuse()
+        return super().pipe_file(path, value, *args, **kwargs)
+
+    def mv(self, path1, path2, *args, **kwargs):
+        self._refuse()
+        self.moves.append((os.path.basename(path1), os.path.basename(path2)))
+        return super().mv(path1, path2, *args, **kwargs)
+
+    def rm(self, *args, **kwargs):
+        self._refuse()
+        return super().rm(*args, **kwargs)
+
+    def rm_file(self, *args, **kwargs):
+        self._refuse()
+        return super().rm_file(*args, **kwargs)
+
+    def exists(self, *args, **kwargs):
+        self._refuse()
+        return super().exists(*args, **kwargs)
+
+
+class _AtomicMoveStore(FileBackend):
+    atomic_move = True
+
+
+def test_a_cut_off_manifest_upload_on_a_store_with_atomic_move_leaves_an_uncommitted_leftover(tmp_path):
+    fs = _CutOffFS(cut_off=lambda path: "manifest.json" in os.path.basename(path) and "0000000002" in path)
+    backend = _AtomicMoveStore("dav", fs, str(tmp_path / "root"), leftover_grace_s=0)
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    with pytest.raises(BackendError, match="step-0000000002"):
+        backend.save_resume(run_name="r", step=2, payload=payload(2))
+    fs.down = False
+    folder = tmp_path / "root/r/step-0000000002"
+    assert not (folder / "manifest.json").exists(), "a truncated manifest would read as a damaged checkpoint"
+    assert steps(backend) == [1]
+    ck = backend.list_checkpoints(run_name="r")
+    assert [backend.read_manifest(ref=r).step for r in ck] == [1]
+    time.sleep(0.01)
+    would = backend.prune(run_name="r", keep_last=5, protected_steps=frozenset(), dry_run=True, counted_steps=None)
+    assert [(r.role, os.path.basename(r.path)) for r in would] == [("leftover", "step-0000000002")]
+    backend.prune(run_name="r", keep_last=5, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert not folder.exists() and steps(backend) == [1]
+    assert [m for m in fs.moves if m[1] == "manifest.json"], "step 1's manifest was moved into place"
+
+
+def test_a_sharded_commit_on_a_store_with_atomic_move_goes_through_the_move_too(tmp_path):
+    fs = _CutOffFS(cut_off=lambda path: False)
+    backend = _AtomicMoveStore("dav", fs, str(tmp_path / "root"))
+    staged = backend.stage_sharded(run_name="r", step=4)
+    fs.pipe_file(f"{staged}/__0_0.distcp", b"shard")
+    empty = Payload(run_name="r", step=4, epoch=None, format="dcp", files=())
+    backend.commit_sharded(run_name="r", step=4, path=staged, payload=empty, files={"__0_0.distcp": FileEntry(5, "x:0")})
+    assert [m[1] for m in fs.moves] == ["manifest.json"]
+    assert sorted(os.listdir(staged)) == ["__0_0.distcp", "manifest.json"], "no temporary manifest is left"
+    assert steps(backend) == [4]
+
+
+def test_an_object_store_writes_its_manifest_in_one_put_without_a_move(tmp_path):
+    # S3 and GCS publish a single PUT whole or not at all; a copy and delete would only add requests.
+    fs = _CutOffFS(cut_off=lambda path: False)
+    backend = FileBackend("s3ish", fs, str(tmp_path / "root"))
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    assert fs.moves == [] and sorted(os.listdir(tmp_path / "root/r/step-0000000001")) == ["manifest.json", "state.pt"]
+
+
+class _HostedStore(FileBackend):
+    """A store whose paths are relative to a server, as webdav4's are."""
+
+    def uri(self, path):
+        return f"https://dav.example.org:8443/remote.php/{path.lstrip('/')}"
+
+
+def test_the_location_and_every_address_include_the_host():
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    backend = _HostedStore("dav", fs, "/ckpts")
+    assert backend.location == "https://dav.example.org:8443/remote.php/ckpts"
+    assert "https://dav.example.org:8443/remote.php/ckpts" in repr(backend)
+    ref = backend.save_resume(run_name="r", step=1, payload=payload(1))
+    assert ref.uri == "https://dav.example.org:8443/remote.php/ckpts/r/step-0000000001"
+    with pytest.raises(BackendError, match=r"https://dav\.example\.org:8443/remote\.php/ckpts/r/step-0000000002"):
+        backend.save_resume(run_name="r", step=2, payload=payload(2, fail=True))
+    plain = FileBackend("mem", fs, "/ckpts")
+    assert plain.location == "memory:///ckpts"
+
+
+class _Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+
+def test_a_leftover_without_modification_time_goes_once_it_was_seen_a_grace_period_ago(monkeypatch):
+    """An empty folder on a store that gives folders no time: its age counts from the first
+    listing that showed it, so it is removed in the end, and never before a save with a time of
+    its own would be."""
+    import ckptkit.storage
+
+    clock = _Clock(1_000_000.0)
+    monkeypatch.setattr(ckptkit.storage, "time", clock)
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    root = f"/bucket-{os.getpid()}-{time.monotonic_ns()}"
+    backend = FileBackend("mem", fs, root, leftover_grace_s=60)
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    empty = f"{root}/r/{step_dirname(5)}"
+    fs.makedirs(empty, exist_ok=True)
+    assert "created" not in fs.info(empty) and "mtime" not in fs.info(empty), "the store tells no time"
+
+    def prune(b, dry_run=False):
+        return [r.path for r in b.prune(run_name="r", keep_last=1, protected_steps=frozenset(),
+                                         dry_run=dry_run, counted_steps=None)]
+
+    assert prune(backend) == [], "first seen now: it may be a save that just began"
+    clock.now += 60
+    assert prune(backend) == [], "seen no longer ago than the grace period"
+    clock.now += 1
+    other = FileBackend("mem", fs, root, leftover_grace_s=60)
+    assert prune(other) == [], "another instance (a one-shot ckptkit prune) has not seen it before"
+    assert prune(backend, dry_run=True) == [empty] and fs.isdir(empty)
+    assert prune(backend) == [empty]
+    assert not fs.exists(empty) and steps(backend) == [1]
+
+    # Seen again after it was gone: a new folder of that name, aged from scratch.
+    fs.makedirs(empty, exist_ok=True)
+    clock.now += 1
+    assert prune(backend) == []
+    clock.now += 30
+    assert prune(backend) == []

@@ -5,6 +5,11 @@ is the folder ``<root>/<run_name>/step-<step>/``, committed when its ``manifest.
 written, which happens last. On object stores, where rename is not atomic, the manifest is the
 commit; ``LocalBackend`` adds a temporary folder and an atomic rename on top. Deleting goes the
 other way: the manifest first, so a half-deleted checkpoint never looks committed.
+
+What a store can and cannot do is said by ``FileBackend``'s capability attributes
+(``needs_folders``, ``atomic_move``) and overridable steps (``create_folder``, ``move_file``,
+``uri``), so that a store without implicit folders or atomic uploads (WebDAV, SFTP) keeps the
+same contract.
 """
 
 from __future__ import annotations
@@ -124,7 +129,32 @@ class FileBackend:
     Object stores return a ``Multipart`` from ``multipart`` to upload large files in parallel
     parts; other filesystems get a streaming writer on a thread. Every request goes through
     ``retry`` and every message through ``redact``.
+
+    What the store can do, set by a subclass for its filesystem:
+
+    - ``needs_folders``: a file can only be written into a folder that exists (WebDAV answers
+      409 Conflict, SFTP and plain disks fail). ``create_folder`` then makes each checkpoint's
+      folder, and the probe makes the root, before anything is written into them. Object
+      stores keep the default, False: they have no folders, and making one could create a bucket.
+    - ``atomic_move``: ``move_file`` replaces its target in one step, while an upload that is
+      cut off may leave a partial file under its name (WebDAV, SFTP). The manifest is then
+      written under a temporary name and moved into place, so that an interrupted commit never
+      leaves a truncated ``manifest.json``. Keep the default, False, where one write of a small
+      object is all or nothing (S3, GCS): the manifest is written straight to its name.
+    - ``uri(path)``: the full address of a path, shown in every message, ref and ``location``;
+      override it where ``fs.unstrip_protocol`` leaves out the host (WebDAV, HTTP). It must
+      never include credentials.
+
+    A leftover folder whose store reports no modification time (an empty folder on a store
+    that gives folders no time) is aged from when this instance's ``prune`` first saw it: it
+    goes once it is still there ``leftover_grace_s`` after that first sighting. That sighting
+    is never earlier than the folder was made, so another process's save in flight gets at
+    least the grace period it would get by its own time. A one-shot ``ckptkit prune`` thus
+    never removes such a folder; the pruning after each save of a training run does.
     """
+
+    needs_folders = False
+    atomic_move = False
 
     def __init__(self, name: str, fs: fsspec.AbstractFileSystem, root: str,
                  leftover_grace_s: float = DEFAULT_GRACE_S, retry: RetryPolicy | None = None,
@@ -138,16 +168,26 @@ class FileBackend:
         self.part_size = 32 * 2**20
         self.upload_concurrency = 4
         self._in_flight: set[str] = set()
+        # Leftovers without a modification time: path -> when this instance first listed them.
+        self._first_seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} at {self.uri(self.root)}>"
+        return f"<{type(self).__name__} {self.name!r} at {self.location}>"
 
     # -- layout ---------------------------------------------------------------------------
 
     def uri(self, path: str) -> str:
-        """``path`` on ``fs`` as people see it, with the filesystem's protocol (``s3://...``)."""
+        """``path`` on ``fs`` as people see it, with the filesystem's protocol (``s3://...``).
+
+        Override it where that leaves out the host (webdav4 gives ``webdav://path``); never
+        include credentials."""
         return self.fs.unstrip_protocol(path)
+
+    @property
+    def location(self) -> str:
+        """Where this backend keeps its runs, as ``ckptkit check`` shows it."""
+        return self.uri(self.root)
 
     def run_path(self, run_name: str) -> str:
         """The folder of a run under ``root``; a run name that is not one plain path segment is refused."""
@@ -196,14 +236,15 @@ class FileBackend:
             # Saving a step again: un-commit the old copy before overwriting its files.
             if self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
                 self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+            current = target
+            self._make_folder(target)
             entries = {}
             for pf in payload.files:
                 current = posixpath.join(target, _check_file_name(pf.name))
                 entries[pf.name] = self._put(pf, current)
             manifest = payload.manifest(entries)
             current = manifest_path
-            self._call(f"writing {self.uri(manifest_path)}", self.fs.pipe_file, manifest_path,
-                       manifest.to_json())
+            self._commit_manifest(manifest_path, manifest.to_json())
         except Exception as exc:
             self._discard(target)
             full = no_space(exc)
@@ -217,6 +258,37 @@ class FileBackend:
         self.fs.invalidate_cache(posixpath.dirname(target))
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
+
+    def create_folder(self, path: str) -> None:
+        """Make the folder ``path`` and any missing parents; called only when ``needs_folders``."""
+        self.fs.makedirs(path, exist_ok=True)
+
+    def move_file(self, src: str, dst: str) -> None:
+        """Move the file ``src`` onto ``dst``, replacing it, in one atomic step; called only when
+        ``atomic_move``. Override it where ``fs.mv`` is a copy and a delete (webdav4's is)."""
+        self.fs.mv(src, dst)
+
+    def _make_folder(self, path: str) -> None:
+        if self.needs_folders:
+            self._call(f"creating {self.uri(path)}", self.create_folder, path)
+
+    def _commit_manifest(self, path: str, data: bytes) -> None:
+        """Publish the manifest at ``path``: the step that commits a checkpoint."""
+        if not self.atomic_move:
+            self._call(f"writing {self.uri(path)}", self.fs.pipe_file, path, data)
+            return
+        # A cut-off upload can leave part of a file under its name: the temporary one holds
+        # it, and is no manifest, so the checkpoint stays uncommitted until the move.
+        tmp = posixpath.join(posixpath.dirname(path), f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:12]}")
+        self._call(f"writing {self.uri(tmp)}", self.fs.pipe_file, tmp, data)
+        try:
+            self._call(f"moving {self.uri(tmp)} to {self.uri(path)}", self.move_file, tmp, path)
+        except BaseException:
+            try:
+                self.fs.rm_file(tmp)
+            except Exception as exc:  # the folder is a leftover; prune removes it after the grace period
+                log.debug("could not remove %s: %s", self.uri(tmp), self.describe(exc))
+            raise
 
     def multipart(self, path: str) -> Multipart | None:
         """The parallel-part upload of the object at ``path``, or None to stream it through ``fs.open``.
@@ -279,6 +351,12 @@ class FileBackend:
         self._discard(target)
         with self._lock:
             self._in_flight.add(target)
+        try:
+            self._make_folder(target)
+        except Exception as exc:
+            with self._lock:
+                self._in_flight.discard(target)
+            raise self._fail(f"could not create {self.uri(target)}", exc) from None
         return target
 
     @hookimpl
@@ -286,8 +364,7 @@ class FileBackend:
                        files: dict[str, FileEntry]) -> CheckpointRef:
         manifest_path = posixpath.join(path, MANIFEST_NAME)
         try:
-            self._call(f"writing {self.uri(manifest_path)}", self.fs.pipe_file, manifest_path,
-                       payload.manifest(files).to_json())
+            self._commit_manifest(manifest_path, payload.manifest(files).to_json())
         except Exception as exc:
             raise self._fail(f"could not commit {self.uri(path)}", exc) from None
         finally:
@@ -430,6 +507,7 @@ class FileBackend:
         kept = 0
         doomed = []
         listing = self._listing(run_name)
+        aged = self._aged(run_name, listing, now)
         for ref in sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True):
             consistent = self._consistent(ref)
             if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
@@ -438,16 +516,30 @@ class FileBackend:
                 continue
             elif kept >= keep_last:
                 doomed.append(ref)
-            elif not consistent and ref.mtime is not None and now - ref.mtime > self.leftover_grace_s:
+            elif not consistent and now - aged[ref.path] > self.leftover_grace_s:
                 # Committed but disagreeing with its manifest: not a checkpoint, a leftover.
                 doomed.append(ref)
             # Otherwise: not (yet) known to be intact, and newer than what is kept: it stays.
-        for path, mtime in self._leftovers(run_name, listing):
-            # Without a modification time its age is unknown, so it may be a save in flight.
-            if path in in_flight or mtime is None or now - mtime <= self.leftover_grace_s:
+        for path, _ in self._leftovers(run_name, listing):
+            if path in in_flight or now - aged[path] <= self.leftover_grace_s:
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
         return self._remove(run_name, doomed, self._stale_uploads(run_name, in_flight, now), dry_run)
+
+    def _aged(self, run_name: str, listing: dict[str, _Folder], now: float) -> dict[str, float]:
+        """The time each folder of a listing counts as written: its own, or for a folder whose
+        store tells none, when this instance first saw it (``now`` if that is this listing)."""
+        run = self.run_path(run_name)
+        times = {}
+        with self._lock:
+            seen = self._first_seen
+            for path in [p for p in seen if posixpath.dirname(p) == run]:
+                if posixpath.basename(path) not in listing or listing[posixpath.basename(path)].mtime is not None:
+                    del seen[path]  # gone, or it shows a time of its own now
+            for dirname, folder in listing.items():
+                path = posixpath.join(run, dirname)
+                times[path] = folder.mtime if folder.mtime is not None else seen.setdefault(path, now)
+        return times
 
     def _remove(self, run_name: str, doomed: list[CheckpointRef],
                 stale: list[tuple[CheckpointRef, Callable[[], None]]], dry_run: bool) -> list[CheckpointRef]:
@@ -455,6 +547,9 @@ class FileBackend:
         if not dry_run:
             for ref in doomed:
                 self._delete_or_fail(ref)
+                with self._lock:
+                    # A folder of that name made later is a new one, aged from scratch.
+                    self._first_seen.pop(ref.path, None)
             for ref, abort in stale:
                 self._abort_or_fail(ref, abort)
             self.fs.invalidate_cache(self.run_path(run_name))
@@ -493,6 +588,7 @@ class FileBackend:
     def _prepare_root(self) -> None:
         """Make the root writable where that takes a step; object stores have no folders to make,
         and a probe must never create a bucket."""
+        self._make_folder(self.root)
 
     @hookimpl
     def probe(self) -> dict[str, Any]:

@@ -218,3 +218,10 @@ class StreamWriter(WriteOnly):
                 f.close()
         except Exception as exc:
             log.debug("discarding an unfinished upload failed: %s", describe(exc))
+        finally:
+            # An fsspec buffered file closes itself when garbage-collected, publishing what it
+            # holds; gcsfs's discard leaves a file that never started an upload open.
+            try:
+                f.closed = True
+            except AttributeError:
+                pass

@@ -124,11 +124,6 @@ def test_unrecoverable_fault_leaves_nothing_committed(pm, gcs_backend_options, m
     assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == []
 
 
-def test_probe(pm, gcs_backend_options):
-    backend = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).router.instances["archive"]
-    assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
-
-
 @pytest.mark.timeout(30)
 def test_a_hung_store_fails_the_save_and_is_not_nothing_to_resume(pm, gcs_backend_options, silent_server, bucket):
     """A server that accepts and never answers. With one try per request (gcsfs's own retries
@@ -145,3 +140,33 @@ def test_a_hung_store_fails_the_save_and_is_not_nothing_to_resume(pm, gcs_backen
     assert f"gs://{bucket}/ckpts/run/step-0000000000" in str(failure) and "Timeout" in str(failure)
     with pytest.raises(StorageUnavailableError, match="archive.*could not be listed.*[Tt]imeout"):
         ck.restore(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"storage_option": {}}, "backends.archive.storage_option"),
+    ({"storage_options": "endpoint"}, "backends.archive.storage_options"),
+    ({"retry": {"attempts": 0}}, "backends.archive.retry.attempts"),
+    ({"part_size_mb": 0}, "backends.archive.part_size_mb"),
+    ({"leftover_grace_s": -1}, "backends.archive.leftover_grace_s"),
+    ({"timeout_s": 0}, "backends.archive.timeout_s"),
+    ({"request_retries": -1}, "backends.archive.request_retries"),
+])
+def test_bad_options_name_their_key(pm, extra, key):
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": {"type": "gcs", "path": "gs://bucket/x", **extra}}, ["archive"])
+    assert key in str(err.value)
+
+
+def test_remote_only_resume_skips_a_corrupt_newest(pm, gcs_backend_options, gcs_endpoint, bucket):
+    ck = manager(pm, {"archive": gcs_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        ck.save(step=step, model=model(step))
+    import gcsfs
+
+    gcsfs.GCSFileSystem(endpoint_url=gcs_endpoint, token="anon", skip_instance_cache=True).pipe_file(
+        f"{bucket}/ckpts/run/step-0000000020/state.pt", b"not a checkpoint")
+    m = model(99)
+    with pytest.warns(RuntimeWarning, match="step-0000000020"):
+        restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m)
+    assert restored.step == 10
+    assert torch.equal(m[0].weight, model(10)[0].weight)

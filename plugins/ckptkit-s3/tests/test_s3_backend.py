@@ -157,53 +157,6 @@ def test_local_and_remote_resume_newest_across_both_wins(pm, s3_backend_options,
     assert by_backend["scratch"].files == by_backend["archive"].files
 
 
-def test_restore_lists_once_not_once_per_checkpoint(pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
-    writer = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=1)
-    backend = writer.router.instances["archive"]
-    tiny = torch.nn.Linear(2, 2)
-    for step in range(25):
-        backend.save_resume(run_name="run", step=step, payload=Payload(
-            run_name="run", step=step, epoch=None, format="torch",
-            files=(PayloadFile("state.pt", write=lambda f: torch.save(tiny.state_dict(), f)),)))
-    proxy = make_fault_proxy(moto_port)
-    ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"])
-    refs = ck.list_checkpoints()
-    assert sorted(r.step for r in refs) == list(range(25))
-    lists = [r for r in proxy.requests if r[0] == "GET" and "list-type=2" in r[1]]
-    assert len(lists) == 1, proxy.requests
-    assert len(proxy.requests) == 1
-    # What a maxdepth-limited find costs on s3fs: a request per folder.
-    proxy.clear()
-    backend = ck.router.instances["archive"]
-    backend.fs.invalidate_cache()
-    backend.fs.find(backend.run_path("run"), maxdepth=2, withdirs=False)
-    assert len(proxy.requests) > 25
-
-
-def test_prune_keeps_newest_and_cleans_only_old_leftovers(pm, s3_backend_options, s3_endpoint, bucket):
-    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
-    for step in range(3):
-        ck.save(step=step, model=model())
-    fs = s3(s3_endpoint)
-    run = f"{bucket}/ckpts/run"
-    # A crashed save (no manifest), fresh: inside the grace period, kept.
-    fs.pipe_file(f"{run}/step-0000000009/state.pt", b"partial")
-    backend = ck.router.instances["archive"]
-    assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None) == []
-    assert "step-0000000009/state.pt" in keys(fs, run)
-    assert [r.step for r in backend.list_checkpoints(run_name="run")] == [2]
-    # Grace period over: the leftover goes, the newest committed stays whatever keep_last says.
-    backend.leftover_grace_s = 0.0
-    gone = backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True, counted_steps=None)
-    assert [r.role for r in gone] == ["leftover"]
-    assert "step-0000000009/state.pt" in keys(fs, run)
-    backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-    assert keys(fs, run) == ["step-0000000002/extra.pt", "step-0000000002/manifest.json", "step-0000000002/state.pt"]
-    # The newest committed one survives even when its neighbours are damaged.
-    with pytest.raises(ValueError):
-        backend.prune(run_name="run", keep_last=0, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-
-
 def test_upload_streams_in_parts_with_bounded_memory(pm, s3_backend_options, moto_port, s3_endpoint, bucket):
     ck = manager(pm, {"archive": s3_backend_options(part_size_mb=5, upload_concurrency=2)}, ["archive"])
     big = torch.nn.Linear(4096, 8192, bias=False)  # 128 MiB of weights
@@ -272,36 +225,6 @@ def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
     # No credential in the error or in ckptkit's logs.
     for blob in (str(err.value), caplog.text):
         assert SECRET not in blob and KEY_ID not in blob
-
-
-def test_failing_writer_publishes_no_partial_object(pm, s3_backend_options, s3_endpoint, bucket):
-    backend = manager(pm, {"archive": s3_backend_options(part_size_mb=5)}, ["archive"]).router.instances["archive"]
-
-    for size in (1000, 12 * 2**20):  # a one-shot object and a multipart one
-        def write(f, size=size):
-            f.write(b"x" * size)
-            raise RuntimeError("serialisation failed")
-
-        payload = Payload(run_name="run", step=1, epoch=None, format="torch", files=(PayloadFile("state.pt", write=write),))
-        with pytest.raises(BackendError, match="could not store .*step-0000000001.*serialisation failed"):
-            backend.save_resume(run_name="run", step=1, payload=payload)
-        fs = s3(s3_endpoint)
-        assert keys(fs, f"{bucket}/ckpts/run") == []
-        assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
-
-
-def test_probe_reports_each_operation(pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket):
-    ok = manager(pm, {"archive": s3_backend_options()}, ["archive"]).router.instances["archive"]
-    assert ok.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
-    assert keys(s3(s3_endpoint), f"{bucket}/ckpts") == []
-    proxy = make_fault_proxy(moto_port)
-    FaultT = type(proxy).__init__.__globals__["Fault"]
-    proxy.add(FaultT(lambda m, p: m == "PUT", status=403, times=None,
-                     body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
-    denied = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"]).router.instances["archive"]
-    result = denied.probe()
-    assert result["write"].startswith("PermissionError"), result
-    assert result["list"] != "ok"  # the probe object never appeared
 
 
 def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(

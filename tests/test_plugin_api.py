@@ -345,3 +345,11 @@ def test_an_installed_plugin_with_autoload_off_says_so(site, monkeypatch):
     with pytest.raises(ConfigError, match=r"ckptkit-dav 0\.3 declares it, but loading installed plugins is "
                                           r"switched off \(unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD"):
         CheckpointManager.from_config(_config(), plugin_manager=pm)
+
+
+def test_a_documented_type_that_nothing_declares_names_its_extra(monkeypatch):
+    from ckptkit import plugins
+
+    monkeypatch.setitem(plugins.KNOWN_EXTRAS, "azure", "azure")
+    text = _config_error(ConfigError, _config("azure"))
+    assert 'install it with: pip install "ckptkit[azure]"' in text and "switched off" not in text

@@ -79,7 +79,7 @@ class ResumeBackendTests:
     @pytest.fixture
     def secrets(self, backend: Any) -> tuple[str, ...]:
         """Credential strings the backend holds, which must never be shown. By default the
-        backend's ``secrets`` (a ``FileBackend`` scrubs them), or a planted one added to them."""
+        backend's ``secrets`` (a ``FileBackend`` scrubs them), else a planted one it is given."""
         held = tuple(s for s in getattr(backend, "secrets", ()) if len(s) >= 4)
         if held:
             return held

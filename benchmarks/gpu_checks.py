@@ -1,13 +1,19 @@
-"""The checks that need a GPU, in one go: FSDP1 in both modes, and CUDA tensors staged to the CPU.
+"""The checks that need a GPU, in one go: FSDP1 in both modes, exact resume on NCCL with CUDA
+tensors, and asynchronous staging into pinned memory.
 
 Run on a machine with at least one CUDA device:
 
     python benchmarks/gpu_checks.py [--nproc N]
 
-Each check launches tests/distributed/worker.py under torchrun with NCCL, saves every step,
-restores into a fresh model on the GPU, compares every rank's own shards bit for bit, and
-finalizes. It prints one line per check and exits 1 if any fails. The CPU test suite skips the
-FSDP1 test with the reason "FSDP needs a non-CPU accelerator device"; this script is its GPU side.
+The "cycle" checks launch tests/distributed/worker.py under torchrun with NCCL, save every step,
+restore into a fresh model on the GPU, compare every rank's own shards bit for bit, and
+finalize. The "resume" check runs tests/distributed/trainer.py (the CPU suite's ported trainer,
+test_trainer_resume.py) on CUDA: per-rank data and RNG state in ``rank_extra`` (CUDA generators
+included), DDP and FSDP2, both formats, stateless and stateful optimizers, an asynchronous save;
+killed by SIGKILL after step 7 and resumed, it must match an uninterrupted run bit for bit. The
+"pinned" check stages CUDA tensors as an asynchronous save does and checks that the buffers are
+pinned and hold the same bytes. One line per check; exit 1 if any fails. The CPU suite skips the
+FSDP1 test ("FSDP needs a non-CPU accelerator device"); this script is its GPU side.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed", "worker.py")
+TRAINER = os.path.join(ROOT, "tests", "distributed", "trainer.py")
 
 
 def free_port() -> int:
@@ -55,6 +62,58 @@ def run(nproc: int, wrap: str, fmt: str) -> tuple[bool, str, float]:
         return ok, f"restored step 3 on {nproc} rank(s), shards identical, final on CPU: {on_cpu}", took
 
 
+def launch_trainer(nproc: int, scenario: str, workdir: str, opts: dict) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", TRAINER, scenario, workdir, json.dumps({**opts, "cuda": True})]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode
+
+
+def resume_exactly(nproc: int) -> tuple[bool, str, float]:
+    sys.path.insert(0, os.path.dirname(TRAINER))
+    import trainer
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as base:
+        plain, cut = os.path.join(base, "plain"), os.path.join(base, "cut")
+        os.makedirs(plain)
+        os.makedirs(cut)
+        if launch_trainer(nproc, "uninterrupted", plain, {}) != 0:
+            return False, "the uninterrupted run failed", time.perf_counter() - start
+        for case in trainer.CASES:
+            if launch_trainer(nproc, "killed", cut, {"cases": [case], "die_after": 6}) == 0:
+                return False, f"{trainer.name_of(case)}: the run to be killed was not", time.perf_counter() - start
+        if launch_trainer(nproc, "resumed", cut, {}) != 0:
+            return False, "the resumed run failed", time.perf_counter() - start
+        load = lambda d, s, r: json.load(open(os.path.join(d, f"result-{s}-{r}.json")))  # noqa: E731
+        bad = []
+        for case in trainer.CASES:
+            name = trainer.name_of(case)
+            for r in range(nproc):
+                want, got = load(plain, "uninterrupted", r)[name], load(cut, "resumed", r)[name]
+                tail = {k: v for k, v in want["losses"].items() if int(k) > got["start"]}
+                if got["start"] not in ((3, 6) if case[3] else (6,)) or got["losses"] != tail:
+                    bad.append(f"{name} rank {r}")
+            a = torch.load(os.path.join(plain, f"final-{name}.pt"), weights_only=True)
+            b = torch.load(os.path.join(cut, f"final-{name}.pt"), weights_only=True)
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                bad.append(f"{name} final weights")
+    detail = f"{len(trainer.CASES)} cases on {nproc} rank(s): " + ("; ".join(bad) if bad else "bit-identical")
+    return not bad, detail, time.perf_counter() - start
+
+
+def pinned_staging() -> tuple[bool, str, float]:
+    from ckptkit.staging import Stager
+
+    start = time.perf_counter()
+    state = {"w": torch.randn(4096, 4096, device="cuda"), "opt": {"m": torch.randn(1024, device="cuda")}}
+    stager = Stager()
+    staged = stager.stage(state)
+    stager.wait()
+    ok = staged["w"].is_pinned() and staged["opt"]["m"].is_pinned()
+    ok = ok and torch.equal(staged["w"], state["w"].cpu()) and torch.equal(staged["opt"]["m"], state["opt"]["m"].cpu())
+    return ok, f"buffers pinned and equal: {ok}", time.perf_counter() - start
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=min(2, torch.cuda.device_count()))
@@ -67,6 +126,10 @@ def main() -> int:
         ok, detail, took = run(args.nproc, wrap, fmt)
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {wrap:6} format={fmt:5} {took:6.1f}s  {detail}")
+    for label, check in (("resume", lambda: resume_exactly(args.nproc)), ("pinned", pinned_staging)):
+        ok, detail, took = check()
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {label:19} {took:6.1f}s  {detail}")
     return 1 if failed else 0
 
 

@@ -147,3 +147,19 @@ def test_run_name_argument_is_checked_too(pm):
 )
 def test_local_path_forms(given, expected, in_tmp):
     assert local_root(given, "k") == expected.format(cwd=os.getcwd())
+
+
+def test_distributed_timeout_is_checked_and_fingerprints_name_keys_not_values():
+    from ckptkit.config import Config
+
+    base = {"backends": {"a": {"type": "local", "path": "/secret/x"}}, "roles": {"resume": {"backends": ["a"]}}}
+    assert Config.from_dict(base).distributed.timeout_s == 600
+    assert Config.from_dict({**base, "distributed": {"timeout_s": 5}}).distributed.timeout_s == 5
+    with pytest.raises(ConfigError, match=r"distributed.timeout_s: must be a number >= 1"):
+        Config.from_dict({**base, "distributed": {"timeout_s": 0}})
+    with pytest.raises(ConfigError, match=r"distributed"):
+        Config.from_dict({**base, "distributed": {"timeout": 5}})
+    one = Config.from_dict(base).fingerprint()
+    other = Config.from_dict({**base, "roles": {"resume": {"backends": ["a"], "every_n_steps": 7}}}).fingerprint()
+    assert {k for k in one if one[k] != other.get(k)} == {"roles.resume.every_n_steps"}
+    assert "/secret/x" not in repr(one)

@@ -37,7 +37,9 @@ class AsyncSaver:
         state) are always copied.
         """
         live = live_storages(model, optimizer)
-        return {k: self._stager.stage(v, None if k in copy_always else live, (k,)) for k, v in state.items()}
+        staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,)) for k, v in state.items()}
+        self._stager.wait()
+        return staged
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""

@@ -46,6 +46,7 @@ OPTIMIZERS = {
 _data = torch.Generator().manual_seed(0)
 X = torch.randn(512, 16, generator=_data)
 Y = torch.randn(512, 4, generator=_data)
+DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK with the "cuda" option (benchmarks/gpu_checks.py)
 
 
 class Sampler:
@@ -86,14 +87,14 @@ def config(workdir: str, case, **distributed) -> dict:
 def build(wrap: str, opt_name: str):
     torch.manual_seed(0)  # the same initial weights on every rank
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                                torch.nn.Linear(32, 4))
+                                torch.nn.Linear(32, 4)).to(DEVICE)
     if wrap == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     elif wrap == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
         fully_shard(model[0], mesh=mesh)
         model = fully_shard(model, mesh=mesh)
     opt = OPTIMIZERS[opt_name](model.parameters())
@@ -116,7 +117,7 @@ def train(case, workdir: str, resume: bool, die_after: int | None = None, fail_a
     losses = {}
     for step in range(start + 1, STEPS + 1):
         idx = sampler.next()
-        loss = (model(X[idx]) - Y[idx]).pow(2).mean()
+        loss = (model(X[idx].to(DEVICE)) - Y[idx].to(DEVICE)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -143,7 +144,11 @@ def train(case, workdir: str, resume: bool, die_after: int | None = None, fail_a
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    dist.init_process_group("gloo")
+    global DEVICE
+    if opts.get("cuda"):
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if opts.get("cuda") else "gloo")
     rank = ranks.rank()
     result: dict = {"rank": rank}
     cases = [tuple(c) for c in opts.get("cases", CASES)]

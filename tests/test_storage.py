@@ -1,4 +1,6 @@
-"""The storage contract: commit by manifest (and rename on local disk), leftovers, pruning."""
+"""The storage layer beyond the contract that every backend proves through ``ckptkit.testing``
+(see ``tests/test_local_conformance.py``): local commits by rename, full disks, stores without
+implicit folders or with an atomic move, killed saves."""
 
 import errno
 import os
@@ -34,87 +36,8 @@ def payload(step, data=b"x" * 100, fail=False):
     return Payload(run_name="r", step=step, epoch=None, format="torch", files=(PayloadFile("state.pt", write=write),))
 
 
-@pytest.fixture(params=["local", "object-store"])
-def backend(request, tmp_path):
-    """The same contract on local disk (rename commits) and on an object-store-like fsspec (manifest commits)."""
-    if request.param == "local":
-        return LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
-    fs = fsspec.filesystem("memory", skip_instance_cache=True)
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
-    return FileBackend("mem", fs, f"/bucket-{tmp_path.name}")
-
-
 def steps(backend):
     return sorted(r.step for r in backend.list_checkpoints(run_name="r"))
-
-
-def test_committed_checkpoint_round_trips(backend):
-    ref = backend.save_resume(run_name="r", step=7, payload=payload(7, b"abc" * 1000))
-    assert ref.path.endswith("/r/step-0000000007")
-    manifest = backend.read_manifest(ref=ref)
-    assert manifest.step == 7 and manifest.files["state.pt"].size == 3000
-    with backend.open_file(ref=ref, name="state.pt") as f:
-        assert f.read() == b"abc" * 1000
-    assert steps(backend) == [7]
-
-
-def test_failed_write_leaves_nothing_committed(backend):
-    backend.save_resume(run_name="r", step=1, payload=payload(1))
-    with pytest.raises(BackendError, match=r"backend '(disk|mem)': could not store .*step-0000000002.*disk full"):
-        backend.save_resume(run_name="r", step=2, payload=payload(2, fail=True))
-    assert steps(backend) == [1]
-    assert not [p for p in backend.fs.find(backend.root) if "0000000002" in p], "partial files must be removed"
-
-
-def test_files_without_manifest_are_invisible_then_cleaned_after_grace(backend):
-    backend.save_resume(run_name="r", step=1, payload=payload(1))
-    crashed = f"{backend.run_path('r')}/{step_dirname(5)}"
-    backend.fs.makedirs(crashed, exist_ok=True)
-    backend.fs.pipe_file(f"{crashed}/state.pt", b"half a checkpoint")
-    assert steps(backend) == [1]
-    assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None) == []
-    assert backend.fs.exists(f"{crashed}/state.pt"), "inside the grace period a leftover may be a save in flight"
-    backend.leftover_grace_s = 0
-    time.sleep(0.01)
-    doomed = backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-    assert [r.role for r in doomed] == ["leftover"]
-    assert not backend.fs.exists(crashed)
-    assert steps(backend) == [1]
-
-
-def test_prune_keeps_newest_and_protected(backend):
-    for s in range(6):
-        backend.save_resume(run_name="r", step=s, payload=payload(s))
-    would = backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=True, counted_steps=None)
-    assert sorted(r.step for r in would) == [0, 2, 3]
-    assert steps(backend) == [0, 1, 2, 3, 4, 5], "a dry run deletes nothing"
-    backend.prune(run_name="r", keep_last=2, protected_steps=frozenset({1}), dry_run=False, counted_steps=None)
-    assert steps(backend) == [1, 4, 5]
-
-
-def test_inconsistent_checkpoint_is_not_counted(backend):
-    for s in range(3):
-        backend.save_resume(run_name="r", step=s, payload=payload(s))
-    newest = f"{backend.run_path('r')}/{step_dirname(2)}/state.pt"
-    backend.fs.pipe_file(newest, b"truncated")
-    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-    # Step 2 disagrees with its manifest, so step 1 is the newest real checkpoint and survives.
-    assert steps(backend) == [1, 2]
-
-
-def test_saving_a_step_again_replaces_it(backend):
-    backend.save_resume(run_name="r", step=3, payload=payload(3, b"old"))
-    ref = backend.save_resume(run_name="r", step=3, payload=payload(3, b"new!"))
-    with backend.open_file(ref=ref, name="state.pt") as f:
-        assert f.read() == b"new!"
-    assert backend.read_manifest(ref=ref).files["state.pt"].size == 4
-
-
-def test_probe_reports_each_operation(backend):
-    backend.fs.makedirs(backend.root, exist_ok=True)
-    assert backend.probe() == {"write": "ok", "list": "ok", "read": "ok", "delete": "ok"}
 
 
 def test_probe_reports_failure_for_unwritable_root(tmp_path):
@@ -175,17 +98,6 @@ def test_save_killed_before_its_manifest_is_not_restored(tmp_path, pm):
     ck.save(step=3, model=model, optimizer=opt)
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     assert [r.step for r in ck.list_checkpoints()] == [3, 2, 1, 0]
-
-
-def test_prune_leaves_folders_it_did_not_write(backend):
-    backend.leftover_grace_s = 0
-    backend.save_resume(run_name="r", step=1, payload=payload(1))
-    foreign = f"{backend.run_path('r')}/tensorboard"
-    backend.fs.makedirs(foreign, exist_ok=True)
-    backend.fs.pipe_file(f"{foreign}/events.out", b"not a checkpoint")
-    time.sleep(0.01)
-    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
-    assert backend.fs.exists(f"{foreign}/events.out")
 
 
 def test_local_save_interrupted_by_keyboard_interrupt_leaves_no_temp_folder(tmp_path):

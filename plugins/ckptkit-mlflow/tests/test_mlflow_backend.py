@@ -531,6 +531,6 @@ def test_saves_never_wait_for_the_tracking_run(tmp_path, mlflow_server, make_fau
         assert json.load(f)["mlflow_run_id"] == run_id
     (ref,) = ck.finalize(model=model, step=15)
     ck.close()
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name(exp).experiment_id])] == [run_id]
     assert client.get_model_version("held_sft", ref.uri.rsplit("/", 1)[1]).run_id == run_id

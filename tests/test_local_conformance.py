@@ -1,7 +1,7 @@
 """The conformance suite (``ckptkit.testing``) run against the built-in backends.
 
 ``local`` commits by renaming a folder; the plain ``FileBackend`` commits by its manifest, over an
-in-memory filesystem (folders exist only as names, no modification times) and over a local one
+in-memory filesystem (folders exist only as names, without modification times) and over a local one
 that streams every write through fsspec, as third-party stores do.
 """
 
@@ -40,12 +40,6 @@ class TestFileBackendInMemory(ResumeBackendTests):
     def backend(self, tmp_path):
         fs = fsspec.filesystem("memory", skip_instance_cache=True)
         return FileBackend("mem", fs, f"/bucket-{tmp_path.name}", retry=FAST)
-
-    # The memory filesystem's folders have no modification time, so an empty leftover folder's
-    # age is unknown and prune keeps it forever (issue 10, item 3).
-    @pytest.mark.xfail(strict=True, reason="leftovers without a modification time are never pruned (issue 10, item 3)")
-    def test_an_empty_leftover_folder_goes_after_the_grace_period(self, backend):
-        super().test_an_empty_leftover_folder_goes_after_the_grace_period(backend)
 
 
 def test_ckptkit_itself_never_imports_pytest():

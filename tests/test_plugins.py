@@ -80,7 +80,7 @@ def _write_dist(site, dist_name, module, body, entry="thing"):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("import not_a_real_module_xyz\n", "failed to load"),
+        ("import not_a_real_module_xyz\n", "failed to load: importing bad_backend_"),
         ("""
             import ckptkit
             class Backend:

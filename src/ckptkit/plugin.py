@@ -7,7 +7,8 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
   ``ckptkit.hookspecs``; ``FileBackend`` implements all of them for any fsspec filesystem.
 - ``Payload``/``PayloadFile`` (what to store), ``CheckpointRef`` (where it now lives),
   ``Manifest``/``FileEntry`` (what a checkpoint holds; ``Manifest.to_json()`` and
-  ``Manifest.from_json()`` serialise and parse it) are the values the hooks exchange.
+  ``Manifest.from_json()`` serialise and parse it) are the values the hooks exchange;
+  ``step_dirname``, ``parse_step``, ``FINAL_DIR`` and ``MANIFEST_NAME`` name the standard layout.
 - ``RetryPolicy`` retries transient errors (``RetryPolicy.from_config`` reads a ``retry:``
   mapping; ``transient=`` adds a client's own exception types), ``RemoteOptions`` reads the
   options every object-store backend shares, ``check_options``/``check_number`` validate a
@@ -37,7 +38,7 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .plugins import make_plugin_manager
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
-from .storage import FileBackend
+from .storage import FINAL_DIR, FileBackend, parse_step, step_dirname
 from .uploads import Multipart
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "CkptkitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "FINAL_DIR",
     "FileBackend",
     "FileEntry",
     "HashingWriter",
@@ -69,4 +71,6 @@ __all__ = [
     "is_transient",
     "make_plugin_manager",
     "parse_bucket_uri",
+    "parse_step",
+    "step_dirname",
 ]

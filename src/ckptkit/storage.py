@@ -50,10 +50,12 @@ T = TypeVar("T")
 
 
 def step_dirname(step: int) -> str:
+    """The folder name of a resume checkpoint in the standard layout: ``step-`` and the step, zero-padded."""
     return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
 
 
 def parse_step(dirname: str) -> int | None:
+    """The step a ``step_dirname`` folder name holds, or None for any other name."""
     if not dirname.startswith(STEP_PREFIX):
         return None
     digits = dirname[len(STEP_PREFIX):]

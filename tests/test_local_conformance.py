@@ -2,7 +2,8 @@
 
 ``local`` commits by renaming a folder; the plain ``FileBackend`` commits by its manifest, over an
 in-memory filesystem (folders exist only as names, without modification times) and over a local one
-that streams every write through fsspec, as third-party stores do.
+that streams every write through fsspec, as third-party stores do, and over one that needs its
+folders made and commits the manifest by a move, as WebDAV does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ class TestFileBackendOnAStreamingFilesystem(ResumeBackendTests):
     def backend(self, tmp_path):
         return FileBackend("plain", LocalFileSystem(auto_mkdir=True, skip_instance_cache=True),
                            str(tmp_path / "root"), retry=FAST)
+
+
+class _FoldersAndMoves(FileBackend):
+    # What a WebDAV or SFTP store is like: writes need their folder, a move is atomic.
+    needs_folders = True
+    atomic_move = True
+
+
+class TestFileBackendThatMakesFoldersAndMovesItsManifest(ResumeBackendTests):
+    @pytest.fixture
+    def backend(self, tmp_path):
+        return _FoldersAndMoves("dav", LocalFileSystem(auto_mkdir=False, skip_instance_cache=True),
+                                str(tmp_path / "root"), retry=FAST)
 
 
 class TestFileBackendInMemory(ResumeBackendTests):

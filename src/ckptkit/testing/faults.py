@@ -20,6 +20,8 @@ READ = frozenset({"cat_file", "cat", "info", "exists", "isfile", "isdir", "size"
 WRITE = frozenset({"pipe_file", "pipe", "put_file", "put", "mkdir", "makedirs", "mkdirs", "touch", "mv",
                    "move", "rename", "copy", "cp_file", "cp", "write_bytes", "write_text", "setxattrs"})
 DELETE = frozenset({"rm", "rm_file", "rmdir", "delete", "unlink"})
+# Writes whose path is the destination (the second argument).
+MOVES = frozenset({"mv", "move", "rename", "copy", "cp_file", "cp"})
 KINDS = ("list", "read", "write", "delete")
 
 
@@ -153,8 +155,7 @@ class WrappedFileSystem:
         for kind, names in (("list", LIST), ("read", READ), ("write", WRITE), ("delete", DELETE)):
             if name in names:
                 # A move or copy is a write to its destination.
-                target = args[1] if name in ("mv", "move", "rename", "copy", "cp_file", "cp") and len(args) > 1 \
-                    else (args[0] if args else kwargs.get("path", ""))
+                target = args[1] if name in MOVES and len(args) > 1 else (args[0] if args else kwargs.get("path", ""))
                 return Call(kind, name, ",".join(map(str, target)) if isinstance(target, (list, tuple)) else str(target))
         return None
 

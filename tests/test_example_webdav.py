@@ -1,0 +1,191 @@
+"""The example third-party distribution, examples/ckptkit-webdav, as a user gets it.
+
+It is installed for real (a wheel built by pip into a folder put on sys.path), found through its
+``ckptkit.backends`` entry point, and run against a real WebDAV server (wsgidav on loopback, with
+a password): through a CheckpointManager, the command line, and ckptkit's conformance suite.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from cheroot import wsgi
+from wsgidav.wsgidav_app import WsgiDAVApp
+
+import ckptkit
+from ckptkit import BackendError, CheckpointManager
+from ckptkit.cli import main as cli_main
+from ckptkit.plugins import make_plugin_manager
+from ckptkit.retry import RetryPolicy
+from ckptkit.storage import FileBackend
+from ckptkit.testing import ResumeBackendTests
+
+from ckpt_helpers import assert_same_state, make_model, train_step
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ckptkit-webdav"
+USER = "trainer"
+PASSWORD = "dav-Pw-" + uuid.uuid4().hex[:12]
+PASSWORD_ENV = "CKPTKIT_TEST_WEBDAV_PASSWORD"
+
+
+@pytest.fixture(scope="session")
+def webdav_dist(tmp_path_factory):
+    """ckptkit-webdav installed from its pyproject: the copy in the environment where one is
+    (tox can install it with the plugins), else a wheel built by pip into a folder on sys.path."""
+    try:
+        installed = importlib.metadata.distribution("ckptkit-webdav")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None:
+        yield Path(str(installed.locate_file("")))
+        return
+    site = tmp_path_factory.mktemp("webdav-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
+                    "--target", str(site), str(EXAMPLE)], check=True, capture_output=True, timeout=300)
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    yield site
+    sys.path.remove(str(site))
+    importlib.invalidate_caches()
+    for name in [m for m in sys.modules if m == "ckptkit_webdav" or m.startswith("ckptkit_webdav.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def webdav_server(tmp_path_factory):
+    """A wsgidav server on a free loopback port that asks for a user and password: its URL."""
+    root = tmp_path_factory.mktemp("webdav-root")
+    app = WsgiDAVApp({
+        "provider_mapping": {"/": str(root)},
+        "simple_dc": {"user_mapping": {"*": {USER: {"password": PASSWORD}}}},
+        "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+        "verbose": 0,
+        "logging": {"enable_loggers": []},
+    })
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = wsgi.Server(("127.0.0.1", port), app, numthreads=8)
+    server.prepare()
+    thread = threading.Thread(target=server.serve, daemon=True, name="wsgidav")
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def password(monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    return PASSWORD
+
+
+@pytest.fixture
+def pm(webdav_dist):
+    """A plugin manager that knows ckptkit's own types and, through its entry point, ckptkit-webdav's."""
+    pm = make_plugin_manager(autoload=False)
+    pm.load_backend_entrypoints(only_dist="ckptkit-webdav")
+    assert "webdav" in pm.backend_types, pm.broken
+    return pm
+
+
+def options(server: str, **more) -> dict:
+    return {"path": f"{server}/ckpts-{uuid.uuid4().hex[:10]}", "username": USER, "password_env": PASSWORD_ENV,
+            **more}
+
+
+def test_the_installed_distribution_declares_its_entry_point(webdav_dist, pm):
+    dist = importlib.metadata.distribution("ckptkit-webdav")
+    assert Path(str(dist.locate_file(""))).resolve() == webdav_dist.resolve(), "the installed copy, not the source"
+    eps = [(ep.name, ep.value) for ep in dist.entry_points if ep.group == "ckptkit.backends"]
+    assert eps == [("webdav", "ckptkit_webdav:WebdavBackend")]
+    btype = pm.backend_types["webdav"]
+    assert btype.dist == "ckptkit-webdav 0.1.0"
+    assert sorted(r.value for r in btype.roles) == ["final", "resume"]
+    assert Path(sys.modules[btype.cls.__module__].__file__).is_relative_to(webdav_dist)
+
+
+def test_save_restore_and_prune_through_a_checkpoint_manager(pm, webdav_server, password):
+    cfg = {"run_name": "exp",
+           "backends": {"dav": {"type": "webdav", **options(webdav_server)}},
+           "roles": {"resume": {"backends": ["dav"], "every_n_steps": 1, "keep_last": 2},
+                     "final": {"backends": ["dav"]}}}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(4):  # the first save makes every folder on the way: no 409 Conflict
+        train_step(model, opt)
+        ck.save(step=step, epoch=0, model=model, optimizer=opt, metrics={"loss": 1.0 / (step + 1)})
+    assert [r.step for r in ck.list_checkpoints()] == [3, 2], "keep_last 2: the others were pruned"
+    refs = ck.finalize(model, step=3, epoch=0)
+    ck.close()
+    assert refs[0].uri.startswith(f"{webdav_server}/ckpts-") and refs[0].uri.endswith("/exp/final")
+
+    again = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    fresh, fresh_opt = make_model(seed=7)
+    restored = again.restore(model=fresh, optimizer=fresh_opt)
+    again.close()
+    assert restored.step == 3 and restored.metrics == {"loss": 0.25}
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
+def test_the_command_line_finds_the_type_and_shows_the_host(webdav_dist, webdav_server, password, tmp_path,
+                                                            capsys, monkeypatch):
+    monkeypatch.delenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    assert cli_main(["backends", "--json"]) == 0
+    types = {row["type"]: row for row in json.loads(capsys.readouterr().out)}
+    assert types["webdav"]["distribution"].startswith("ckptkit-webdav"), types["webdav"]
+
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps({"run_name": "exp", "backends": {"dav": {"type": "webdav", **options(webdav_server)}},
+                               "roles": {"resume": {"backends": ["dav"]}}}))
+    assert cli_main(["check", str(cfg), "--probe", "--json"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out)["routes"][0]
+    assert row["location"].startswith(f"{webdav_server}/ckpts-"), row
+    assert set(row["probe"].values()) == {"ok"}, row
+    assert PASSWORD not in out
+
+
+def test_plain_filebackend_on_webdav_fails_its_first_save_with_409_which_the_example_avoids(webdav_server, password):
+    # Why the example declares needs_folders: webdav4 does not make a file's folder.
+    from webdav4.fsspec import WebdavFileSystem
+
+    fs = WebdavFileSystem(webdav_server, auth=(USER, PASSWORD), skip_instance_cache=True)
+    plain = FileBackend("plain", fs, f"ckpts-{uuid.uuid4().hex[:10]}")
+    payload = ckptkit.checkpoint.Payload(run_name="r", step=1, epoch=None, format="torch",
+                                         files=(ckptkit.checkpoint.PayloadFile("state.pt", write=lambda f: f.write(b"x")),))
+    with pytest.raises(BackendError, match="409"):
+        plain.save_resume(run_name="r", step=1, payload=payload)
+
+
+def test_bad_options_name_the_key(pm, webdav_server, password, monkeypatch):
+    cls = pm.backend_types["webdav"].cls
+    with pytest.raises(ckptkit.ConfigError, match=r"backends\.dav\.path: credentials do not belong"):
+        cls.from_config("dav", {"path": f"http://{USER}:{PASSWORD}@127.0.0.1/x"})
+    with pytest.raises(ckptkit.ConfigError, match=r"backends\.dav\.path: .* names no folder"):
+        cls.from_config("dav", {"path": webdav_server})
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(ckptkit.ConfigError, match=rf"backends\.dav\.password_env: .*{PASSWORD_ENV} is not set"):
+        cls.from_config("dav", options(webdav_server))
+
+
+class TestWebdavConformance(ResumeBackendTests):
+    """ckptkit's storage contract, proved for the example against the real server."""
+
+    @pytest.fixture
+    def backend(self, pm, webdav_server, password):
+        cls = pm.backend_types["webdav"].cls
+        backend = cls.from_config("dav", options(webdav_server, retry={"attempts": 3, "backoff_s": 0.01}))
+        assert isinstance(backend.retry, RetryPolicy) and backend.retry.attempts == 3
+        return backend

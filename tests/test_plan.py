@@ -75,6 +75,12 @@ def test_format_size_uses_decimal_units():
     assert format_size(512) == "512 B"
 
 
+@pytest.mark.parametrize("n,text", [(999, "999 B"), (999_950, "1 MB"), (47_513, "47.5 KB"), (142_534, "143 KB"),
+                                    (11_040, "11 KB"), (1_500_000_000, "1.5 GB"), (5 * 10**15, "5,000 TB")])
+def test_format_size_rounds_to_three_digits(n, text):
+    assert format_size(n) == text
+
+
 def test_cli_plan_json(tmp_path, capsys):
     cfg = tmp_path / "ckptkit.yaml"
     cfg.write_text("backends:\n  scratch: {type: local, path: ./ck}\n  registry: {type: mlflow}\n"

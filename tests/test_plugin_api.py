@@ -192,16 +192,12 @@ def test_a_class_attribute_of_the_wrong_type_is_refused_when_the_type_is_added(n
     assert "odd" not in pm.backend_types
 
 
-def test_an_old_private_multipart_is_pointed_out():
-    class Old(plugin.FileBackend):
-        @classmethod
-        def from_config(cls, name, options):
-            raise AssertionError("not built")
-
-        def _multipart(self, path):
-            return None
-
-    with pytest.raises(PluginError, match=r"'old'.*ckptkit-old 1\.0.*defines _multipart.*rename it to multipart"):
+@pytest.mark.parametrize("old, new", [("_multipart", "multipart"), ("_stale_uploads", "stale_uploads")])
+def test_an_override_of_a_formerly_private_step_is_pointed_out(old, new):
+    Old = type("Old", (plugin.FileBackend,), {
+        "from_config": classmethod(lambda cls, name, options: None), old: lambda self, *args: None})
+    assert callable(getattr(plugin.FileBackend, new)) and not hasattr(plugin.FileBackend, old)
+    with pytest.raises(PluginError, match=rf"'old'.*ckptkit-old 1\.0.*defines {old}.*rename it to {new}"):
         make_plugin_manager(autoload=False).add_backend_type("old", Old, "ckptkit-old 1.0")
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 from rich.console import Console
@@ -256,7 +258,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console)
+        summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console,
+                           config=args.config)
     except (ValueError, FileExistsError, NotADirectoryError) as exc:  # a bad --steps or --workdir
         raise CkptkitError(str(exc)) from None
     if args.json:
@@ -390,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete every resume checkpoint of the run, the newest included (frees the run name)")
     p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")
     p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
+    p.add_argument("--config", help="run against this config's backends and routing instead, under a new run name")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = add("export", cmd_export, "write one full model file from a (sharded or full) resume checkpoint")
@@ -427,10 +431,34 @@ def _version() -> str:
     return __version__
 
 
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Keep MLflow's INFO lines (database set-up and migrations) out of ckptkit's output.
+
+    Its warnings and errors still show. MLflow sets its loggers' level from MLFLOW_LOGGING_LEVEL
+    when it is first imported, and a level the user set there wins.
+    """
+    if os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        yield
+        return
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _quiet_mlflow():
+            return args.func(args)
     except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback
         # The last line of defence: whatever raised, no credential reaches the terminal.
         err_console.print(f"ckptkit: error: {redact(str(exc), secret_values())}", markup=False,

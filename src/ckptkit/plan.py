@@ -47,12 +47,15 @@ def parse_size(text: str | int | float, key: str = "--state-size") -> int:
 
 
 def format_size(n: int | float) -> str:
-    """Decimal units, as sizes are quoted for storage (``70 GB``)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.4g} {unit}"
+    """Decimal units, as sizes are quoted for storage (``70 GB``), to three significant digits."""
+    if abs(n) < 999.5:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-    return str(n)
+        rounded = float(f"{n:.3g}")  # rounded first: 999.96 KB is 1 MB, not 1e+03 KB
+        if abs(rounded) < 1000:
+            return f"{rounded:g} {unit}"
+    return f"{n:,.0f} TB"
 
 
 @attrs.frozen

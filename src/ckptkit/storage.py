@@ -526,7 +526,7 @@ class FileBackend:
             if path in in_flight or now - aged[path] <= self.leftover_grace_s:
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
-        return self._remove(run_name, doomed, self._stale_uploads(run_name, in_flight, now), dry_run)
+        return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, now), dry_run)
 
     def _aged(self, run_name: str, listing: dict[str, _Folder], now: float) -> dict[str, float]:
         """The time each folder of a listing counts as written: its own, or for a folder whose
@@ -571,10 +571,16 @@ class FileBackend:
         except Exception as exc:
             raise self._fail(f"could not delete {ref.uri}", exc) from None
 
-    def _stale_uploads(self, run_name: str, in_flight: set[str], now: float
-                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
+    def stale_uploads(self, run_name: str, in_flight: set[str], now: float
+                      ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
         """Uploads of this run that a crashed save started and never finished, older than the
-        grace period, each with the call that aborts it. Stores without such uploads have none."""
+        grace period, each with the call that aborts it. Stores without such uploads have none.
+
+        Override it for a store whose unfinished uploads are invisible in listings (S3 multipart
+        uploads): ``prune`` (with ``now`` the current time) and ``delete_run`` (with ``now``
+        infinite, so every one counts as old) abort what it returns. ``in_flight`` holds the
+        checkpoint folders this process is writing, whose uploads must be left alone.
+        """
         return []
 
     @hookimpl
@@ -585,7 +591,7 @@ class FileBackend:
         doomed = sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True)
         doomed += [self._ref(run_name, -1, path, role="leftover")
                    for path, _ in self._leftovers(run_name, listing) if path not in in_flight]
-        return self._remove(run_name, doomed, self._stale_uploads(run_name, in_flight, float("inf")), dry_run)
+        return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, float("inf")), dry_run)
 
     def _prepare_root(self) -> None:
         """Make the root writable where that takes a step; object stores have no folders to make,

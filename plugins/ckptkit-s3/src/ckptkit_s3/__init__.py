@@ -85,8 +85,8 @@ class S3Backend(FileBackend):
     def multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
 
-    def _stale_uploads(self, run_name: str, in_flight: set[str], now: float
-                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
+    def stale_uploads(self, run_name: str, in_flight: set[str], now: float
+                      ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
         """Multipart uploads of this run's checkpoints that a killed save started and never finished.
 
         S3 keeps their parts (and bills them) until they are aborted. Only uploads into a step

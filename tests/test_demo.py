@@ -1,0 +1,91 @@
+"""`ckptkit demo` as a new user sees it: run as a command in a fresh folder, its output read as text."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytest.importorskip("ckptkit_mlflow", reason="the default demo publishes to MLflow (the dev venv installs it)")
+
+# A line that MLflow's logging (or alembic's, under it) would print: "2026/12/04 14:24:22 INFO mlflow...".
+LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING) |\b(INFO|DEBUG) (mlflow|alembic)\b",
+                      re.MULTILINE)
+
+
+def _demo(cwd, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_TRACKING_URI")}
+    env["COLUMNS"] = "80"
+    return subprocess.run([sys.executable, "-m", "ckptkit.cli", "demo", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def default_demo(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("demo")
+    return cwd, _demo(cwd, "--steps", "30")
+
+
+def test_the_demo_says_what_it_did_without_mlflow_log_lines(default_demo):
+    cwd, done = default_demo
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not LOG_LINE.search(done.stdout + done.stderr), done.stdout + done.stderr
+    assert "Creating initial MLflow database tables" not in done.stdout + done.stderr
+    assert done.stderr == ""
+    for phase in ("trained a reference run of 30 steps", "trained steps 0-18, 2 resume checkpoints saved",
+                  "simulated crash", "restarted: restored step 10", "trained steps 11-29",
+                  "published the final model to registry"):
+        assert phase in done.stdout
+    assert "bit-identical to the uninterrupted run" in done.stdout
+
+
+def test_the_demo_gives_sizes_in_units_and_says_what_tracked_bytes_are(default_demo):
+    _, done = default_demo
+    out = done.stdout
+    assert re.search(r"│ tracked bytes +│ \d+(\.\d)? KB +│", out), out
+    assert re.search(r"│ if every checkpoint were logged +│ \d+(\.\d)? KB, \d+x as much", out), out
+    assert re.search(r"about \d+(\.\d)? KB each", out)
+    assert "Tracked bytes are what the final backends" in out
+    assert not re.search(r"\d\.\d{5,}", out), "a number is not rounded"
+    assert re.search(r"│ final loss +│ \d\.\d{4} +│", out)
+
+
+def test_the_demo_names_the_model_version_and_the_command_that_shows_it(default_demo):
+    cwd, done = default_demo
+    out = done.stdout
+    assert re.search(r"│ final model +│ ckptkit_demo_mlp v1 +│", out), out
+    assert "models:/" not in out and "['" not in out
+    db = cwd / "ckptkit-demo" / "mlflow.db"
+    assert db.is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}\n" in out
+    assert "http://127.0.0.1:5000/#/models/ckptkit_demo_mlp/versions/1" in out
+
+
+def test_the_demo_runs_against_a_config_of_the_users(tmp_path):
+    config = {"backends": {"scratch": {"type": "local", "path": "./ck"}, "kept": {"type": "local", "path": "./final"}},
+              "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 1000, "keep_last": 7},
+                        "final": {"backends": ["kept"]}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    done = _demo(tmp_path, "--config", "mine.yaml", "--steps", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = re.search(r"run '(ckptkit-demo-\d{8}-\d{6})'", done.stdout).group(1)
+    # The config's backends, under the demo's own run and schedule (a save every 10 steps).
+    assert sorted(os.listdir(tmp_path / "ck" / run)) == ["step-0000000000", "step-0000000010"]
+    assert os.path.isfile(tmp_path / "final" / run / "final" / "final_model.pt")
+    assert "bit-identical to the uninterrupted run" in done.stdout
+    assert "mlflow ui" not in done.stdout and not LOG_LINE.search(done.stdout + done.stderr)
+    assert f"ckptkit prune mine.yaml --run-name {run} --all" in done.stdout
+    assert sorted(os.listdir(tmp_path)) == ["ck", "final", "mine.yaml"]
+
+
+def test_the_demo_refuses_a_config_without_a_resume_role(tmp_path):
+    (tmp_path / "final-only.yaml").write_text("backends: {kept: {type: local, path: ./final}}\n"
+                                              "roles: {final: {backends: [kept]}}\n")
+    done = _demo(tmp_path, "--config", "final-only.yaml")
+    assert done.returncode == 1
+    assert done.stderr.startswith("ckptkit: error: final-only.yaml: roles.resume: the demo needs a resume backend")
+    assert os.listdir(tmp_path) == ["final-only.yaml"]

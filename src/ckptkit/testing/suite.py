@@ -344,7 +344,7 @@ class ResumeBackendTests:
         left = self.stored_files(backend)
         assert not [p for p in left if "step-" in p]
         if has_final and hasattr(backend, "final_ref"):
-            assert backend.final_ref(self.run_name) is not None
+            assert call_hook(backend, "final_ref", run_name=self.run_name) is not None
 
     # -- requests -------------------------------------------------------------------------
 
@@ -457,7 +457,7 @@ class ResumeBackendTests:
         assert isinstance(ref, CheckpointRef) and ref.role == "final"
         assert self.steps(backend) == [1]
         if hasattr(backend, "final_ref"):
-            found = backend.final_ref(self.run_name)
+            found = call_hook(backend, "final_ref", run_name=self.run_name)
             assert found is not None and found.step == 1 and found.path == ref.path
             assert self.read(backend, found, "final_model.pt") == b"the model"
         self.past_grace(backend)

@@ -58,6 +58,7 @@ def test_the_demo_names_the_model_version_and_the_command_that_shows_it(default_
     cwd, done = default_demo
     out = done.stdout
     assert re.search(r"│ final model +│ ckptkit_demo_mlp v1 +│", out), out
+    assert re.search(r"│ MLflow run +│ [0-9a-f]{32} +│", out), out
     assert "models:/" not in out and "['" not in out
     db = cwd / "ckptkit-demo" / "mlflow.db"
     assert db.is_file()

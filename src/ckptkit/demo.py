@@ -271,9 +271,10 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
             size = ck.reader.manifest(ref).total_size
             stored[ref.backend] += size
             sizes.append(size)
-        run_id = ck.mlflow_run_id or (restored.mlflow_run_id if restored else None)
         registered = [_model_label(r.uri) for r in published if r.uri.startswith("models:/")]
         views = _mlflow_views(ck, registered)
+        # Publishing has settled the run's lookup; without a tracker there is nothing to wait for.
+        run_id = ck.tracking_run_id(timeout=10.0 if views else 0.0)
         actual_run = ck.run_name
 
     final_bytes = max((sum((r.sizes or {}).values()) for r in published), default=0)

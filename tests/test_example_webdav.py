@@ -189,3 +189,115 @@ class TestWebdavConformance(ResumeBackendTests):
         backend = cls.from_config("dav", options(webdav_server, retry={"attempts": 3, "backoff_s": 0.01}))
         assert isinstance(backend.retry, RetryPolicy) and backend.retry.attempts == 3
         return backend
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server. Once ``cut`` is set, the first PUT whose path contains
+    it is forwarded with half its body, then the connection drops and every later connection is
+    refused until ``down`` is cleared: a network lost in the middle of an upload, for good."""
+
+    def __init__(self, upstream: int):
+        self.upstream = upstream
+        self.cut: str | None = None
+        self.down = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _serve(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                method, path = head.split(b"\r\n", 1)[0].split(b" ")[:2]
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buf) < length:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                body, buf = buf[:length], buf[length:]
+                if method == b"PUT" and self.cut and self.cut.encode() in path:
+                    self.down = True
+                    upstream.sendall(head + b"\r\n\r\n" + body[: length // 2])
+                    return
+                upstream.sendall(head + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self._closing = True
+        self.listener.close()
+
+
+def test_a_manifest_upload_cut_off_by_the_network_leaves_a_leftover_not_a_truncated_manifest(
+        pm, webdav_server, password):
+    cls = pm.backend_types["webdav"].cls
+    proxy = CuttingProxy(int(webdav_server.rsplit(":", 1)[1]))
+    try:
+        folder = f"ckpts-{uuid.uuid4().hex[:10]}"
+        opts = {"username": USER, "password_env": PASSWORD_ENV, "retry": {"attempts": 2, "backoff_s": 0.01}}
+        training = cls.from_config("dav", {"path": f"http://127.0.0.1:{proxy.port}/{folder}", **opts})
+        payload = ckptkit.checkpoint.Payload  # noqa: N806
+        files = lambda step: (ckptkit.checkpoint.PayloadFile("state.pt", write=lambda f: f.write(b"s" * 5000)),)  # noqa: E731
+        for step in (1, 2):  # made beforehand, so that only the commit differs between stores
+            training.fs.makedirs(f"{folder}/r/step-000000000{step}", exist_ok=True)
+        training.save_resume(run_name="r", step=1, payload=payload(run_name="r", step=1, epoch=None, format="torch",
+                                                                    files=files(1)))
+        proxy.cut = "manifest.json"
+        with pytest.raises(BackendError, match="step-0000000002"):
+            training.save_resume(run_name="r", step=2, payload=payload(run_name="r", step=2, epoch=None,
+                                                                        format="torch", files=files(2)))
+        assert proxy.down, "the manifest's upload was cut off"
+    finally:
+        proxy.close()
+
+    # The next process, once the server is reachable again.
+    after = cls.from_config("dav", {"path": f"{webdav_server}/{folder}", **opts})
+    names = after.fs.ls(f"{folder}/r/step-0000000002", detail=False)
+    assert "manifest.json" not in [n.rsplit("/", 1)[-1] for n in names], names
+    assert [r.step for r in after.list_checkpoints(run_name="r")] == [1]
+    after.leftover_grace_s = 0
+    would = after.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=True, counted_steps=None)
+    assert [(r.role, r.path.rsplit("/", 1)[-1]) for r in would] == [("leftover", "step-0000000002")]

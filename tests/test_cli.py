@@ -308,3 +308,20 @@ def test_check_probe_keeps_a_root_that_was_there(capsys, in_tmp):
                                          "roles:\n  resume: {backends: [scratch]}\n")
     assert run(capsys, "check", "ckptkit.yaml", "--probe")[0] == 0
     assert sorted(os.listdir(in_tmp)) == ["checkpoints", "ckptkit.yaml"] and not os.listdir(in_tmp / "checkpoints")
+
+
+def test_mlflow_info_lines_are_kept_out_but_its_warnings_show(capsys, monkeypatch):
+    import logging
+
+    pytest.importorskip("mlflow")  # configures its loggers on import, as in a real command
+    from ckptkit.cli import _quiet_mlflow
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    log = logging.getLogger("mlflow.store.db.utils")
+    before = logging.getLogger("mlflow").level
+    with _quiet_mlflow():
+        log.info("Creating initial MLflow database tables...")
+        log.warning("the tracking store is read-only")
+    err = capsys.readouterr().err
+    assert "Creating initial" not in err and "the tracking store is read-only" in err
+    assert logging.getLogger("mlflow").level == before and "MLFLOW_LOGGING_LEVEL" not in os.environ

@@ -12,7 +12,6 @@ import s3fs
 import torch
 
 import ckptkit
-from ckptkit.checkpoint import Payload, PayloadFile
 from ckptkit.errors import BackendError, ConfigError, SaveError
 from ckptkit.manifest import MANIFEST_NAME
 

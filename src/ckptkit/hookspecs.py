@@ -105,12 +105,14 @@ BACKEND_ATTRIBUTES: tuple[AttributeSpec, ...] = (
         _is_filesystem),
     AttributeSpec(
         "root", "instance", "a str",
-        "The folder on fs that holds the runs; ckptkit check shows fs.unstrip_protocol(root).",
+        "The folder on fs that holds the runs; without a location, ckptkit check shows "
+        "fs.unstrip_protocol(root).",
         lambda v: isinstance(v, str)),
     AttributeSpec(
         "location", "instance", "a str",
-        "Where the backend stores things, without credentials, shown by ckptkit check when the "
-        "backend has no fs and root.", lambda v: isinstance(v, str)),
+        "Where the backend stores things, without credentials, shown by ckptkit check (before "
+        "fs.unstrip_protocol(root), which may leave out a server); FileBackend sets it to uri(root).",
+        lambda v: isinstance(v, str)),
     AttributeSpec(
         "retry", "instance", "a ckptkit.plugin.RetryPolicy",
         "How restore and verify retry a read of a whole file that failed transiently (open_file "

@@ -53,7 +53,7 @@ def _page(site: Path, name: str) -> str:
 
 
 def test_the_strict_build_writes_every_page(site: Path) -> None:
-    for page in ("architecture", "config", "guarantees", "plugins", "migrate", "reference/config", "reference/cli"):
+    for page in ("architecture", "config", "guarantees", "plugins", "install", "quickstart", "migrate", "reference/config", "reference/cli"):
         assert (site / page / "index.html").is_file(), page
     assert "ckptkit" in (site / "index.html").read_text(encoding="utf-8")
     # The diagrams reach the page as mermaid blocks for the browser to draw.

@@ -26,6 +26,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 import ckptkit
 from ckptkit import BackendError, CheckpointManager
 from ckptkit.cli import main as cli_main
+from ckptkit.plugin import Payload, PayloadFile
 from ckptkit.plugins import make_plugin_manager
 from ckptkit.retry import RetryPolicy
 from ckptkit.storage import FileBackend
@@ -105,6 +106,11 @@ def options(server: str, **more) -> dict:
             **more}
 
 
+def small_payload(step: int) -> Payload:
+    return Payload(run_name="r", step=step, epoch=None, format="torch",
+                   files=(PayloadFile("state.pt", write=lambda f: f.write(b"s" * 5000)),))
+
+
 def test_the_installed_distribution_declares_its_entry_point(webdav_dist, pm):
     dist = importlib.metadata.distribution("ckptkit-webdav")
     assert Path(str(dist.locate_file(""))).resolve() == webdav_dist.resolve(), "the installed copy, not the source"
@@ -163,10 +169,8 @@ def test_plain_filebackend_on_webdav_fails_its_first_save_with_409_which_the_exa
 
     fs = WebdavFileSystem(webdav_server, auth=(USER, PASSWORD), skip_instance_cache=True)
     plain = FileBackend("plain", fs, f"ckpts-{uuid.uuid4().hex[:10]}")
-    payload = ckptkit.checkpoint.Payload(run_name="r", step=1, epoch=None, format="torch",
-                                         files=(ckptkit.checkpoint.PayloadFile("state.pt", write=lambda f: f.write(b"x")),))
     with pytest.raises(BackendError, match="409"):
-        plain.save_resume(run_name="r", step=1, payload=payload)
+        plain.save_resume(run_name="r", step=1, payload=small_payload(1))
 
 
 def test_bad_options_name_the_key(pm, webdav_server, password, monkeypatch):
@@ -279,16 +283,12 @@ def test_a_manifest_upload_cut_off_by_the_network_leaves_a_leftover_not_a_trunca
         folder = f"ckpts-{uuid.uuid4().hex[:10]}"
         opts = {"username": USER, "password_env": PASSWORD_ENV, "retry": {"attempts": 2, "backoff_s": 0.01}}
         training = cls.from_config("dav", {"path": f"http://127.0.0.1:{proxy.port}/{folder}", **opts})
-        payload = ckptkit.checkpoint.Payload  # noqa: N806
-        files = lambda step: (ckptkit.checkpoint.PayloadFile("state.pt", write=lambda f: f.write(b"s" * 5000)),)  # noqa: E731
         for step in (1, 2):  # made beforehand, so that only the commit differs between stores
             training.fs.makedirs(f"{folder}/r/step-000000000{step}", exist_ok=True)
-        training.save_resume(run_name="r", step=1, payload=payload(run_name="r", step=1, epoch=None, format="torch",
-                                                                    files=files(1)))
+        training.save_resume(run_name="r", step=1, payload=small_payload(1))
         proxy.cut = "manifest.json"
         with pytest.raises(BackendError, match="step-0000000002"):
-            training.save_resume(run_name="r", step=2, payload=payload(run_name="r", step=2, epoch=None,
-                                                                        format="torch", files=files(2)))
+            training.save_resume(run_name="r", step=2, payload=small_payload(2))
         assert proxy.down, "the manifest's upload was cut off"
     finally:
         proxy.close()

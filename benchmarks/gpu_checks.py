@@ -12,7 +12,8 @@ test_trainer_resume.py) on CUDA: per-rank data and RNG state in ``rank_extra`` (
 included), DDP and FSDP2, both formats, stateless and stateful optimizers, an asynchronous save;
 killed by SIGKILL after step 7 and resumed, it must match an uninterrupted run bit for bit. The
 "pinned" check stages CUDA tensors as an asynchronous save does and checks that the buffers are
-pinned and hold the same bytes. One line per check; exit 1 if any fails. The CPU suite skips the
+pinned and hold the same bytes. One line per check; exit 1 if any fails. ``--cpu`` runs the
+resume check on gloo without a GPU, to check the script itself. The CPU suite skips the
 FSDP1 test ("FSDP needs a non-CPU accelerator device"); this script is its GPU side.
 """
 
@@ -62,13 +63,13 @@ def run(nproc: int, wrap: str, fmt: str) -> tuple[bool, str, float]:
         return ok, f"restored step 3 on {nproc} rank(s), shards identical, final on CPU: {on_cpu}", took
 
 
-def launch_trainer(nproc: int, scenario: str, workdir: str, opts: dict) -> int:
+def launch_trainer(nproc: int, scenario: str, workdir: str, opts: dict, cuda: bool = True) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", TRAINER, scenario, workdir, json.dumps({**opts, "cuda": True})]
+           f"--master-port={free_port()}", TRAINER, scenario, workdir, json.dumps({**opts, "cuda": cuda})]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode
 
 
-def resume_exactly(nproc: int) -> tuple[bool, str, float]:
+def resume_exactly(nproc: int, cuda: bool = True) -> tuple[bool, str, float]:
     sys.path.insert(0, os.path.dirname(TRAINER))
     import trainer
 
@@ -77,12 +78,12 @@ def resume_exactly(nproc: int) -> tuple[bool, str, float]:
         plain, cut = os.path.join(base, "plain"), os.path.join(base, "cut")
         os.makedirs(plain)
         os.makedirs(cut)
-        if launch_trainer(nproc, "uninterrupted", plain, {}) != 0:
+        if launch_trainer(nproc, "uninterrupted", plain, {}, cuda) != 0:
             return False, "the uninterrupted run failed", time.perf_counter() - start
         for case in trainer.CASES:
-            if launch_trainer(nproc, "killed", cut, {"cases": [case], "die_after": 6}) == 0:
+            if launch_trainer(nproc, "killed", cut, {"cases": [case], "die_after": 6}, cuda) == 0:
                 return False, f"{trainer.name_of(case)}: the run to be killed was not", time.perf_counter() - start
-        if launch_trainer(nproc, "resumed", cut, {}) != 0:
+        if launch_trainer(nproc, "resumed", cut, {}, cuda) != 0:
             return False, "the resumed run failed", time.perf_counter() - start
         load = lambda d, s, r: json.load(open(os.path.join(d, f"result-{s}-{r}.json")))  # noqa: E731
         bad = []
@@ -117,7 +118,13 @@ def pinned_staging() -> tuple[bool, str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=min(2, torch.cuda.device_count()))
+    parser.add_argument("--cpu", action="store_true",
+                        help="check this script itself without a GPU: the resume check on gloo, CPU tensors")
     args = parser.parse_args()
+    if args.cpu:
+        ok, detail, took = resume_exactly(2, cuda=False)
+        print(f"{'PASS' if ok else 'FAIL'}  resume (cpu, gloo)  {took:6.1f}s  {detail}")
+        return 0 if ok else 1
     if not torch.cuda.is_available():
         print("no CUDA device: these checks need a GPU", file=sys.stderr)
         return 1

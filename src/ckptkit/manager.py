@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import shutil
 import time
+import uuid
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -34,7 +36,8 @@ from .errors import (
     UnstorableStateError,
 )
 from .fanout import EXTRA_FILE, torch_writer
-from .manifest import Manifest
+from .hashing import algorithm_of, copy_hashed, hash_stream
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 RANK_EXTRA_KEY = "rank_extra"
 FINAL_FILE = "final_model.pt"
+# The manifest format of a checkpoint committed by ``save_files``: a folder of files ckptkit only
+# moves and verifies (a framework's own checkpoint), never loads.
+FILES_FORMAT = "files"
 DEFAULT_RUN_NAME = "default"
 
 
@@ -141,6 +147,50 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> None:
     for key, target in (targets or {}).items():
         if key in saved and callable(getattr(target, "load_state_dict", None)):
             target.load_state_dict(saved[key])
+
+
+def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """``save_files``'s input as (name in the checkpoint, path) pairs, or a ValueError saying what is wrong."""
+    if isinstance(files, (str, os.PathLike)):
+        folder = os.fspath(files)
+        if not os.path.isdir(folder):
+            raise ValueError(f"save_files: {folder} is not a folder (pass a folder or a list of files)")
+        paths = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_dir():
+                raise ValueError(f"save_files: {folder} holds the folder {entry.name!r}; a checkpoint is a flat "
+                                 "folder of files: commit the files of that folder as their own list, or "
+                                 "save without subfolders")
+            paths.append(entry.path)
+    else:
+        paths = [os.fspath(p) for p in files]
+    out: dict[str, str] = {}
+    for path in paths:
+        name = os.path.basename(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"save_files: {path} is not a file")
+        if name == MANIFEST_NAME:
+            raise ValueError(f"save_files: {path} is named {MANIFEST_NAME}, the name of ckptkit's own manifest; "
+                             "rename it")
+        if name in out:
+            raise ValueError(f"save_files: {out[name]} and {path} share the name {name!r}")
+        out[name] = path
+    if not out:
+        raise ValueError(f"save_files: no files to commit in {files!r}")
+    return list(out.items())
+
+
+def _holds(folder: str, manifest: Manifest) -> bool:
+    """Does ``folder`` already hold every file of ``manifest``, byte for byte?"""
+    for name, entry in manifest.files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
+            return False
+    for name, entry in manifest.files.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            if hash_stream(f, algorithm_of(entry.digest))[1] != entry.digest:
+                return False
+    return True
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -578,6 +628,10 @@ class CheckpointManager:
         skipped: list[str] = []
         for ref in candidates:
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
+            if status == "ok" and manifest.format == FILES_FORMAT:
+                raise IncompatibleCheckpointError(
+                    f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
+                    "not model state: fetch it with restore_files(dest) and let that trainer load it")
             if status == "ok":
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
                 problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
@@ -708,6 +762,8 @@ class CheckpointManager:
                 if EXTRA_FILE in manifest.files:
                     self.reader.check_files(ref, manifest, [EXTRA_FILE])
                     saved_extra = self._load_file(ref, EXTRA_FILE, list(safe_globals))
+                elif manifest.format == FILES_FORMAT:
+                    saved_extra = {}  # a trainer's own files: nothing of ckptkit's to read
                 else:
                     # Older checkpoints keep extra inside state.pt: read it all.
                     with reading.scratch("peek") as workdir:
@@ -755,6 +811,138 @@ class CheckpointManager:
                             mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(f"run {self.run_name!r} has no verified checkpoint at {which} to export")
+
+    # -- folders of files (a framework's own checkpoint) ------------------------------------
+
+    def save_files(self, step: int, files: str | os.PathLike | Iterable[str | os.PathLike],
+                   epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
+                   force: bool = False) -> list[CheckpointRef]:
+        """Commit a folder of files that something else wrote (a trainer's own checkpoint) as the
+        resume checkpoint of ``step``, if it is due, then prune.
+
+        ``files`` is a folder (every file directly in it; a subfolder is refused) or a list of
+        file paths (stored under their base names). The files go to every resume backend as
+        ``save`` writes its own: streamed, checksummed, the manifest (format ``files``) last, then
+        ``keep_last`` applied. ckptkit never loads them; ``restore_files`` gives them back,
+        verified. Call it on every rank once each has written its part: rank 0 reads the files,
+        so they must lie where rank 0 sees them. Returns and raises as ``save`` does.
+        """
+        self._check_open()
+        self.resume_role  # raises without a resume role
+        self._tracking_run_id()
+        step = _count("step", step)
+        epoch = None if epoch is None else _count("epoch", epoch)
+        if not force and not self.is_due(step):
+            return []
+        self.wait()
+        # Every rank has written its files (a trainer writes one RNG file per rank) before rank 0 reads them.
+        self.coll.agree(f"save_files step {step}: written", None)
+        status, listed = self.coll.on_rank0(f"save_files step {step}: list", _source_files, files)
+        if status == "error":
+            raise listed
+        if not self._run_checked:
+            self._check_run(step)
+        payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
+                          files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
+                          metrics=_metrics(metrics), world_size=ranks.world_size())
+        status, result = self.coll.on_rank0(f"save_files step {step}: write", self._store_files, payload)
+        _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
+        self._report(step, saved, failures)
+        return saved
+
+    def _store_files(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
+        """Rank 0: copy a ``save_files`` payload to every resume backend, then prune. Never raises."""
+        try:
+            full = attrs.evolve(payload, mlflow_run_id=self._tracking_run_id())
+            saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, full, "save_resume",
+                                                step=payload.step)
+            self._prune_after(saved, payload.step, payload.metrics)
+            return payload.step, saved, failures
+        except Exception as exc:
+            failure = exc if isinstance(exc, CkptkitError) else CkptkitError(f"{type(exc).__name__}: {exc}")
+            if failure is not exc:
+                failure.__cause__ = exc
+            return payload.step, [], {"(all)": failure}
+
+    def restore_files(self, dest: str | os.PathLike) -> CheckpointInfo | None:
+        """Put the files of the newest intact checkpoint across the resume backends into a folder.
+
+        ``dest`` is the folder to fill; ``{step}`` in it is replaced by the checkpoint's step
+        (``out/checkpoint-{step}``). Every file is streamed from its backend and checked against
+        the manifest; the folder is filled under a temporary name and renamed into place, so it
+        holds either all the files or none. A folder already there is kept when its files match
+        the manifest (nothing is downloaded), else replaced. Nothing is loaded: the files are
+        for whoever wrote them (``save_files``). Damaged checkpoints are skipped with a warning
+        as in ``restore``. Call it on every rank; rank 0 writes ``dest``, which the others must
+        see. Returns the checkpoint's step, epoch and metrics (``extra`` empty) with ``ref``,
+        or None when every resume backend answered and none holds one; raises as ``restore``.
+        """
+        self._check_open()
+        self.wait()
+        reading.sweep_scratch()
+        status, listing = self.coll.on_rank0("restore_files: list", self.reader.list_all)
+        if status == "error":
+            raise listing
+        candidates, unreachable = listing
+        skipped: list[str] = []
+        for ref in candidates:
+            status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
+                                                os.fspath(dest))
+            if status == "error":
+                if not isinstance(result, SKIPPABLE):
+                    raise result
+                reason = f"skipped {ref.uri}: {result}"
+                if ranks.rank() == 0:
+                    warnings.warn(reason, RuntimeWarning, stacklevel=2)
+                skipped.append(reason)
+                continue
+            manifest = result
+            self._unreachable([ref], unreachable)
+            self._resumed_run_id = manifest.mlflow_run_id
+            self.mlflow_run_id = None
+            self._tracking_run_id()
+            self._verified.add(manifest.step)
+            self._run_checked = True
+            return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
+                                  extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        self._unreachable([], unreachable)
+        if skipped:
+            raise CorruptCheckpointError(
+                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be fetched "
+                f"({'; '.join(skipped)}). Nothing was written; check the storage, or start a new run name")
+        return None
+
+    def _fetch_files(self, ref: CheckpointRef, dest: str) -> Manifest:
+        """Rank 0: the verified files of ``ref`` in ``dest`` (``{step}`` filled in); its manifest."""
+        manifest = self.reader.manifest(ref)
+        target = os.path.abspath(dest.replace("{step}", str(manifest.step)))
+        if _holds(target, manifest):
+            return manifest
+        parent, base = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{base}.ckptkit-{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)
+        try:
+            for name, entry in manifest.files.items():
+                def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
+                    with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
+                            open(os.path.join(tmp, name), "wb") as dst:
+                        return copy_hashed(src, dst, algorithm_of(entry.digest))
+
+                size, digest = self.reader.reading(ref, name, copy)
+                if FileEntry(size=size, digest=digest) != entry:
+                    raise CorruptCheckpointError(f"{ref.uri}: {name} does not match the manifest "
+                                                 f"({size} bytes read, {entry.size} listed, or another checksum)")
+            if os.path.lexists(target):
+                old = f"{tmp}-old"
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return manifest
 
     # -- the final model --------------------------------------------------------------------
 

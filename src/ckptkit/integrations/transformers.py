@@ -1,0 +1,143 @@
+"""ckptkit inside the Hugging Face ``transformers`` Trainer.
+
+The Trainer keeps writing its own checkpoint folders (``checkpoint-N/``: weights, optimizer,
+scheduler, scaler, RNG states, trainer state). ``CkptkitCallback`` commits each one, as it is, to
+ckptkit's resume backends (``CheckpointManager.save_files``: streamed, checksummed, manifest
+last, pruned to ``keep_last``), fetches the newest committed one back before a restart
+(``resume_from``), and publishes the trained model once to the final backends when training
+ends. ckptkit never unpickles the Trainer's files; the Trainer loads them itself.
+
+    ckpt = CkptkitCallback("ckptkit.yaml", run_name="exp-42")
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ckpt])
+    trainer.train(resume_from_checkpoint=ckpt.resume_from(trainer))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..errors import IncompatibleCheckpointError
+from ..manager import CheckpointManager
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CkptkitCallback"]
+
+# The Trainer's own names: its checkpoint folders and the file that makes a folder one of them.
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _latest_metrics(state: TrainerState) -> dict[str, float]:
+    """The newest value of every number the Trainer has logged (loss, learning_rate, eval_*)."""
+    metrics: dict[str, float] = {}
+    for entry in state.log_history:
+        for key, value in entry.items():
+            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                metrics[key] = float(value)
+    return metrics
+
+
+class CkptkitCallback(TrainerCallback):
+    """Routes the Trainer's checkpoints through ckptkit: resume folders to the resume backends,
+    the trained model once to the final backends.
+
+    ``manager`` is a ``CheckpointManager`` or what ``CheckpointManager.from_config`` takes (a
+    YAML path, a dict); one built here is closed when training ends. Each checkpoint folder the
+    Trainer writes is committed, and with ``drive_saves`` the Trainer is also told to save at
+    every step that ``roles.resume.every_n_steps`` makes due (set ``save_strategy="no"`` to let
+    ckptkit's schedule alone decide). With ``publish_final`` and a final role in the config, the
+    model is published at the end of ``train`` (its ``config`` kept beside the weights, as
+    ``extra["transformers_config"]``); ``params`` are recorded with it.
+    """
+
+    def __init__(self, manager: CheckpointManager | str | os.PathLike | Mapping[str, Any],
+                 run_name: str | None = None, *, drive_saves: bool = True, publish_final: bool = True,
+                 params: Mapping[str, Any] | None = None):
+        if isinstance(manager, CheckpointManager):
+            if run_name is not None and run_name != manager.run_name:
+                raise ValueError(f"run_name={run_name!r} differs from the manager's run {manager.run_name!r}; "
+                                 "pass one or the other")
+            self.manager, self._owned = manager, False
+        else:
+            self.manager, self._owned = CheckpointManager.from_config(manager, run_name=run_name), True
+        self.manager.resume_role  # a Trainer checkpoint needs somewhere to go: refused before training
+        self.drive_saves = drive_saves
+        self.publish_final = publish_final
+        self.params = dict(params or {})
+        self._steps_run = 0
+
+    # -- resuming ---------------------------------------------------------------------------
+
+    def resume_from(self, where: Any) -> str | None:
+        """Fetch the newest committed Trainer checkpoint into the output folder; its path, or None.
+
+        ``where`` is the Trainer, its ``TrainingArguments`` or the output folder. The checkpoint
+        is taken from whichever resume backend holds the newest intact one (an S3 copy when the
+        local disk is gone), verified, and put at ``<output_dir>/checkpoint-<step>`` (kept as it
+        is when that folder already matches). Pass the result to
+        ``trainer.train(resume_from_checkpoint=...)``; None starts from scratch.
+        """
+        output_dir = getattr(getattr(where, "args", where), "output_dir", where)
+        if not isinstance(output_dir, (str, os.PathLike)):
+            raise TypeError(f"resume_from takes a Trainer, TrainingArguments or a folder, got {type(where).__name__}")
+        info = self.manager.restore_files(os.path.join(os.fspath(output_dir), CHECKPOINT_PREFIX + "{step}"))
+        if info is None:
+            return None
+        if TRAINER_STATE not in info.manifest.files:
+            raise IncompatibleCheckpointError(
+                f"{info.ref.uri} holds no {TRAINER_STATE}: it was not written by a transformers Trainer "
+                f"(it holds {', '.join(sorted(info.manifest.files))}); resume it with the code that saved it, "
+                "or give this training another run name")
+        path = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}{info.step}")
+        log.info("resuming the Trainer from step %d of %s (fetched into %s)", info.step, info.ref.uri, path)
+        return path
+
+    # -- the Trainer's events ---------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
+        # is active on this thread, so that the final model is logged to that run.
+        self.manager.tracking_run_id()
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._steps_run += 1
+        if self.drive_saves and self.manager.is_due(state.global_step):
+            control.should_save = True
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
+        self.manager.save_files(step=state.global_step, files=folder, epoch=int(state.epoch or 0),
+                                metrics=_latest_metrics(state), force=True)
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: Any = None, **kwargs: Any):
+        try:
+            if self.publish_final and self.manager.config.final is not None:
+                if self._steps_run == 0:
+                    # A restart of a finished training: its model was published when it ended.
+                    log.info("no training step ran (step %d was reached before); the final model is not "
+                             "published again", state.global_step)
+                elif model is None:
+                    raise ValueError("the Trainer passed no model to on_train_end; nothing to publish")
+                else:
+                    config = getattr(model, "config", None)
+                    extra = {"transformers_config": config.to_json_string()} if hasattr(config, "to_json_string") else {}
+                    self.manager.finalize(model=model, step=state.global_step, epoch=int(state.epoch or 0),
+                                          metrics=_latest_metrics(state), extra=extra, params=self.params)
+            else:
+                self.manager.wait()
+        finally:
+            if self._owned:
+                self.manager.close()
+        return control

@@ -1,0 +1,256 @@
+"""The Hugging Face Trainer with ckptkit's callback, for real: a tiny GPT-2 built from its config on
+the CPU, killed and resumed, on local disk and on S3 (moto), with an embedded MLflow store.
+
+Run as a script (``python this_file.py CONFIG OUT KILL_AT``) it is the training that SIGKILLs
+itself, the way a preempted job dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+MAX_STEPS = 12
+EVERY = 4
+KILL_AT = 6  # after the save of step 4, before the one of step 8
+
+
+def tiny_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    # Dropout stays on, so that a resume that lost the RNG state would show in the weights.
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (48, 16), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def trainer_for(config, out_dir, extra_callbacks=(), report_to=()):
+    from transformers import Trainer, TrainingArguments
+
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="no", logging_steps=2, report_to=list(report_to), seed=7, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    callback = CkptkitCallback(config, run_name="hf")
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(),
+                      callbacks=[callback, *extra_callbacks])
+    return trainer, callback
+
+
+def train(config, out_dir, extra_callbacks=(), report_to=()):
+    """One training as a user writes it: resume from whatever ckptkit holds, then train."""
+    trainer, callback = trainer_for(config, out_dir, extra_callbacks, report_to)
+    resumed = callback.resume_from(trainer)
+    trainer.train(resume_from_checkpoint=resumed)
+    return trainer, resumed
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def local_config(tmp_path, keep_last=2, final=None):
+    config = {
+        "backends": {"scratch": {"type": "local", "path": str(tmp_path / "ckpts")}},
+        "roles": {"resume": {"backends": ["scratch"], "every_n_steps": EVERY, "keep_last": keep_last}},
+    }
+    if final is not None:
+        config["backends"]["registry"] = final
+        config["roles"]["final"] = {"backends": ["registry"]}
+    return config
+
+
+def run_killed(tmp_path, config, out_dir):
+    """The training in a child process that SIGKILLs itself after step KILL_AT."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, __file__, str(path), str(out_dir), str(KILL_AT)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The weights of a training that nobody stopped, with the same seeds and data."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    trainer, _ = train(local_config(tmp), tmp / "out")
+    return weights(trainer.model)
+
+
+def assert_same(model, expected):
+    got = weights(model)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def steps(root):
+    return sorted(int(d.name.split("-")[1]) for d in root.iterdir() if d.name.startswith("step-"))
+
+
+def test_killed_training_resumes_bit_identical_from_local_disk(tmp_path, uninterrupted):
+    config = local_config(tmp_path)
+    out = tmp_path / "out"
+    run_killed(tmp_path, config, out)
+    assert steps(tmp_path / "ckpts" / "hf") == [4]
+
+    counted = step_counter()
+    trainer, resumed = train(config, out, extra_callbacks=[counted])
+
+    assert resumed == str(out / "checkpoint-4")
+    assert counted.steps == MAX_STEPS - 4  # it went on from step 4, not from scratch
+    assert trainer.state.global_step == MAX_STEPS
+    assert_same(trainer.model, uninterrupted)
+    # keep_last: 2 of the saves at 4, 8 and 12.
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    manifest = json.loads((tmp_path / "ckpts" / "hf" / "step-0000000012" / "manifest.json").read_text())
+    assert manifest["format"] == "files"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json"} <= set(manifest["files"])
+
+
+def test_resume_fetches_the_s3_copy_when_the_local_disk_is_gone(tmp_path, uninterrupted, s3):
+    config = {
+        "backends": {"archive": {"type": "s3", "path": f"s3://{s3['bucket']}/ckpts",
+                                 "storage_options": {"endpoint_url": s3["endpoint"]}}},
+        "roles": {"resume": {"backends": ["archive"], "every_n_steps": EVERY, "keep_last": 1}},
+    }
+    out = tmp_path / "out"
+    run_killed(tmp_path, config, out)
+    shutil.rmtree(out)  # the machine is gone; only S3 holds the checkpoint
+
+    trainer, resumed = train(config, out)
+
+    assert resumed == str(out / "checkpoint-4")
+    assert trainer.state.global_step == MAX_STEPS
+    assert_same(trainer.model, uninterrupted)
+    fs = s3["fs"]
+    fs.invalidate_cache()
+    held = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3['bucket']}/ckpts/hf", refresh=True))
+    assert held == ["step-0000000012"]  # keep_last: 1
+
+
+def test_a_damaged_newest_copy_is_skipped_for_the_older_one(tmp_path):
+    """A damaged file in the newest checkpoint: the Trainer resumes from the one before."""
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    config = local_config(tmp_path)
+    out = tmp_path / "out"
+    train(config, out)
+    root = tmp_path / "ckpts" / "hf"
+    assert steps(root) == [8, 12]
+    with open(root / "step-0000000012" / "optimizer.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    shutil.rmtree(out)
+    callback = CkptkitCallback(config, run_name="hf")
+    with pytest.warns(RuntimeWarning, match="step-0000000012.*optimizer.pt"):
+        path = callback.resume_from(out)
+    assert path == str(out / "checkpoint-8")
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    assert not (out / "checkpoint-12").exists()
+    with pytest.raises(ValueError, match="run_name='other' differs"):
+        CkptkitCallback(callback.manager, run_name="other")
+    callback.manager.close()
+
+
+def test_mlflow_holds_one_model_and_no_checkpoint(tmp_path):
+    """The tracking store gets the final model once, also when the training is started again
+    after it finished; every resume checkpoint stays out of it."""
+    import mlflow
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    final = {"type": "mlflow", "tracking_uri": f"sqlite:///{db}", "experiment": "hf",
+             "registered_model_name": "tiny-gpt2"}
+    config = local_config(tmp_path, final=final)
+    trainer, _ = train(config, tmp_path / "out")
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    versions = client.search_model_versions("name='tiny-gpt2'")
+    assert [str(v.version) for v in versions] == ["1"]
+    artifacts = [p for p in (tmp_path / "mlflow").rglob("*") if p.is_file() and p.name != "mlflow.db"]
+    assert [p.name for p in artifacts] == ["final_model.pt"]
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    saved = torch.load(artifacts[0], weights_only=True)
+    assert saved["step"] == MAX_STEPS
+    assert json.loads(saved["extra"]["transformers_config"])["n_embd"] == 16
+    assert_same(trainer.model, saved["model"])
+
+    # Started again after it finished: it resumes at the end, trains nothing, publishes nothing.
+    trainer, resumed = train(config, tmp_path / "out")
+    assert resumed == str(tmp_path / "out" / "checkpoint-12")
+    assert len(client.search_model_versions("name='tiny-gpt2'")) == 1
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from trust.common import free_port, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    fs.mkdir("hf-ckpts")
+    return {"endpoint": s3_server, "bucket": "hf-ckpts", "fs": fs}
+
+
+def step_counter():
+    """A callback that counts the steps this process trained."""
+    from transformers import TrainerCallback
+
+    class Counter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    return Counter()
+
+
+def kill_at(step):
+    """A callback that SIGKILLs the process at the end of ``step``: no cleanup, no flush."""
+    from transformers import TrainerCallback
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAt()
+
+
+if __name__ == "__main__":
+    config_path, out_dir, step = sys.argv[1:]
+    train(json.loads(open(config_path).read()), out_dir, extra_callbacks=[kill_at(int(step))])

@@ -9,6 +9,8 @@ sha256 digests still verify.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -19,6 +21,25 @@ CHUNK = 8 * 1024 * 1024
 # Below this size a write is hashed inline; above it, hashing runs on a helper thread while the
 # write goes to the file (hashlib and file writes both release the GIL for large buffers).
 _OVERLAP_MIN = 1024 * 1024
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    """The threads that hash while a write goes on, shared by every writer of this process.
+
+    Started once rather than per file, which cost each save a thread start and join; a hash task
+    never waits on another, so writers sharing the pool cannot hold each other up for long. A
+    forked child gets a pool of its own (the parent's threads do not exist there).
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)),
+                                                     thread_name_prefix="ckptkit-hash"))
+        return _pool[1]
 
 
 class WriteOnly:
@@ -73,11 +94,10 @@ class HashingWriter(WriteOnly):
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO, algorithm: str = ALGORITHM) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` in chunks; return the size and digest of what was copied."""
-    with ThreadPoolExecutor(1) as pool:
-        writer = HashingWriter(dst, pool, algorithm)
-        while chunk := src.read(CHUNK):
-            writer.write(chunk)
-        return writer.size, writer.digest()
+    writer = HashingWriter(dst, hash_pool(), algorithm)
+    while chunk := src.read(CHUNK):
+        writer.write(chunk)
+    return writer.size, writer.digest()
 
 
 def new_hasher(algorithm: str) -> Any:

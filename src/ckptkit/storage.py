@@ -22,7 +22,6 @@ import posixpath
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
@@ -31,7 +30,7 @@ import fsspec
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
 from .errors import BackendError, CheckpointError, StorageFullError, StorageUnavailableError
-from .hashing import HashingWriter
+from .hashing import HashingWriter, hash_pool
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .redact import describe, redact
@@ -322,10 +321,9 @@ class FileBackend:
     def _put_once(self, pf: PayloadFile, path: str) -> FileEntry:
         out = self._writer(path)
         try:
-            with ThreadPoolExecutor(1) as pool:
-                writer = HashingWriter(out, pool, pf.algorithm)
-                pf.write_to(writer)
-                size, digest = writer.size, writer.digest()
+            writer = HashingWriter(out, hash_pool(), pf.algorithm)
+            pf.write_to(writer)
+            size, digest = writer.size, writer.digest()
             out.commit()
         except BaseException:
             out.abort()

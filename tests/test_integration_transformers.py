@@ -33,7 +33,9 @@ def tiny_model():
 
 def dataset():
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (48, 16), generator=g)
+    # 10 batches an epoch: MAX_STEPS ends inside the second epoch, where a Trainer resumed at its
+    # last step trains one more (transformers' own behaviour).
+    ids = torch.randint(0, 64, (40, 16), generator=g)
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
@@ -193,10 +195,50 @@ def test_mlflow_holds_one_model_and_no_checkpoint(tmp_path):
     assert json.loads(saved["extra"]["transformers_config"])["n_embd"] == 16
     assert_same(trainer.model, saved["model"])
 
-    # Started again after it finished: it resumes at the end, trains nothing, publishes nothing.
+    # Started again after it finished: it resumes at the end and publishes nothing again.
     trainer, resumed = train(config, tmp_path / "out")
     assert resumed == str(tmp_path / "out" / "checkpoint-12")
     assert len(client.search_model_versions("name='tiny-gpt2'")) == 1
+
+
+def test_hf_mlflow_log_artifacts_is_called_out(tmp_path, monkeypatch, caplog):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "1")
+    callback = CkptkitCallback(local_config(tmp_path), run_name="hf")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=["mlflow"], use_cpu=True)
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl())
+    assert "HF_MLFLOW_LOG_ARTIFACTS is set" in caplog.text
+    callback.manager.close()
+
+
+def test_save_files_takes_flat_folders_and_restore_refuses_them(tmp_path):
+    """The core calls under the callback: what save_files refuses, and restore() sending a
+    folder of files to restore_files instead of loading it."""
+    from ckptkit import CheckpointManager
+    from ckptkit.errors import IncompatibleCheckpointError
+
+    ck = CheckpointManager.from_config(local_config(tmp_path), run_name="files")
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"w" * 1000)
+    with pytest.raises(ValueError, match="holds the folder 'sub'"):
+        ck.save_files(4, folder)
+    (folder / "sub").rmdir()
+    (folder / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="manifest.json, the name of ckptkit's own manifest"):
+        ck.save_files(4, folder)
+    assert ck.save_files(4, [folder / "weights.bin"])[0].sizes == {"weights.bin": 1000}
+    assert ck.save_files(5, [folder / "weights.bin"]) == []  # not due
+    with pytest.raises(IncompatibleCheckpointError, match="restore_files"):
+        ck.restore(torch.nn.Linear(2, 2))
+    assert ck.peek().step == 4
+    info = ck.restore_files(tmp_path / "back" / "{step}")
+    assert (info.step, (tmp_path / "back" / "4" / "weights.bin").read_bytes()) == (4, b"w" * 1000)
+    ck.close()
 
 
 @pytest.fixture(scope="module")

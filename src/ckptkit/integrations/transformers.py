@@ -31,6 +31,8 @@ __all__ = ["CkptkitCallback"]
 # The Trainer's own names: its checkpoint folders and the file that makes a folder one of them.
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+# The Trainer's MLflow setting that uploads every checkpoint folder to the tracking store.
+LOG_ARTIFACTS = "HF_MLFLOW_LOG_ARTIFACTS"
 
 
 def _latest_metrics(state: TrainerState) -> dict[str, float]:
@@ -73,6 +75,7 @@ class CkptkitCallback(TrainerCallback):
         self.publish_final = publish_final
         self.params = dict(params or {})
         self._steps_run = 0
+        self._start_step = 0
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -106,6 +109,11 @@ class CkptkitCallback(TrainerCallback):
         # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
         # is active on this thread, so that the final model is logged to that run.
         self.manager.tracking_run_id()
+        self._start_step = state.global_step
+        if "mlflow" in (args.report_to or []) and os.environ.get(LOG_ARTIFACTS, "").upper() in ("1", "TRUE", "ON", "YES"):
+            log.warning("%s is set: the Trainer's MLflow callback uploads every checkpoint folder to the tracking "
+                        "store as well, beside the copies ckptkit keeps and prunes; unset it (ckptkit publishes "
+                        "the final model there once)", LOG_ARTIFACTS)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -124,10 +132,11 @@ class CkptkitCallback(TrainerCallback):
                      model: Any = None, **kwargs: Any):
         try:
             if self.publish_final and self.manager.config.final is not None:
-                if self._steps_run == 0:
-                    # A restart of a finished training: its model was published when it ended.
-                    log.info("no training step ran (step %d was reached before); the final model is not "
-                             "published again", state.global_step)
+                if self._steps_run == 0 or self._start_step >= state.max_steps:
+                    # A restart of a finished training (the Trainer may still run one more step):
+                    # its model was published when it first ended.
+                    log.info("training had reached max_steps (%d) before this start; the final model is "
+                             "not published again", state.max_steps)
                 elif model is None:
                     raise ValueError("the Trainer passed no model to on_train_end; nothing to publish")
                 else:

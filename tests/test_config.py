@@ -163,3 +163,17 @@ def test_distributed_timeout_is_checked_and_fingerprints_name_keys_not_values():
     other = Config.from_dict({**base, "roles": {"resume": {"backends": ["a"], "every_n_steps": 7}}}).fingerprint()
     assert {k for k in one if one[k] != other.get(k)} == {"roles.resume.every_n_steps"}
     assert "/secret/x" not in repr(one)
+
+
+def test_fingerprints_are_the_same_for_equal_configs_holding_objects_and_sets():
+    from ckptkit.config import Config
+
+    def config():
+        cfg = Config.from_dict({"backends": {"a": {"type": "local", "path": "p"}},
+                                "roles": {"resume": {"backends": ["a"]}}})
+        spec = cfg.backends["a"]
+        # what a config built in code may hold: a client object, a set (repr differs per process)
+        options = {**spec.options, "client": object(), "tags": {"x", "y", "z"}}
+        return Config(backends={"a": type(spec)(name=spec.name, type=spec.type, options=options)}, resume=cfg.resume)
+
+    assert config().fingerprint() == config().fingerprint()

@@ -128,3 +128,10 @@ def test_a_frozen_rank_fails_the_others_within_the_configured_bound(tmp_path):
     rank0 = got[0]
     assert rank0["raised"][0] == "CollectiveTimeoutError"
     assert "distributed.timeout_s" in rank0["raised"][1] and "3 s" in rank0["raised"][1]
+
+
+def test_a_refusal_in_finalize_on_one_rank_is_raised_on_every_rank(tmp_path):
+    got = launch("finalize_refused", tmp_path)
+    for r in got:
+        assert r["raised"][0] == "UnstorableStateError" and "extra['f']" in r["raised"][1]
+        assert len(r["published"]) == 1, "the next finalize goes through on every rank"

@@ -47,13 +47,14 @@ class AsyncSaver:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
         self._pending = self._writer.submit(write, *args)
 
-    def collect(self) -> Outcome | None:
-        """The outcome of the save in flight, once it is done, on every rank (collective)."""
+    def collect(self, caller: str) -> Outcome | None:
+        """The outcome of the save in flight, once it is done, on every rank (collective);
+        ``caller`` names the call that waits, so that ranks in different calls are told apart."""
         outcome = None
         if self._pending is not None:
             outcome = self._pending.result()
             self._pending = None
-        return self._coll.share("collect the asynchronous save", outcome)
+        return self._coll.share(f"{caller}: collect the asynchronous save", outcome)
 
     def shutdown(self) -> None:
         if self._writer is not None:

@@ -195,6 +195,14 @@ class FinalRole:
         return cls(backends=_backends(f"{key}.backends", data.get("backends")), dtype=dtype)
 
 
+def _stable(value: Any) -> Any:
+    """A stand-in for a value JSON cannot hold that is the same on every rank: sets sorted, any
+    other object by its type alone (its repr may hold a memory address)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
 @attrs.frozen
 class Distributed:
     """How ckptkit's own collectives behave when training runs on several ranks."""
@@ -303,7 +311,8 @@ class Config:
         """A short digest of every setting by its dotted key, the source file left out: what the
         ranks of a job compare to find a config that differs. Digests, so that no value (a
         credential in a backend's options) leaves the rank."""
-        plain = attrs.asdict(self, filter=lambda a, _: a.name != "source")
+        plain = attrs.asdict(self, filter=lambda a, _: a.name != "source",
+                             value_serializer=lambda _i, _f, v: _stable(v) if isinstance(v, (set, frozenset)) else v)
         flat: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -312,7 +321,7 @@ class Config:
                     k = {"resume": "roles.resume", "final": "roles.final", "async_": "async"}.get(k, k) if prefix in ("", "roles.resume") else k
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
             else:
-                text = json.dumps(value, sort_keys=True, default=repr)
+                text = json.dumps(value, sort_keys=True, default=_stable)
                 flat[prefix] = hashlib.sha256(text.encode()).hexdigest()[:16]
 
         walk("", plain)

@@ -168,20 +168,28 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         if status == "error":
             failures[name] = _backend_failure(name, path)
             continue
-        try:
-            if source is None:
-                written = sharded.save(state, backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)),
-                                       process_group=coll.group)
-                if ranks.rank() == 0:
-                    written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
-                for fname, write in (rank_files or {}).items():
-                    written[fname] = put_file(backend.fs, path, fname, write)
-            else:
-                written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
-            report: tuple[str, Any] = ("ok", written)
-        except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-            report = ("error", f"rank {ranks.rank()}: {type(exc).__name__}: {first_line(exc)}")
-        reports = coll.all_gather(f"{at}: written", report)
+        report: tuple[str, Any] = ("ok", {})
+        if source is None:
+            try:
+                target = sharded.writer(backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)))
+            except Exception as exc:
+                report = ("error", _on_this_rank(exc))
+            # DCP's collectives run on ckptkit's group: every rank enters them, or none does.
+            reports = coll.all_gather(f"{at}: ready", report)
+        if report[0] == "ok" and (source is not None or all(r[0] == "ok" for r in reports)):
+            try:
+                if source is None:
+                    written = sharded.save(state, target, process_group=coll.group)
+                    if ranks.rank() == 0:
+                        written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
+                    for fname, write in (rank_files or {}).items():
+                        written[fname] = put_file(backend.fs, path, fname, write)
+                else:
+                    written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
+                report = ("ok", written)
+            except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+                report = ("error", _on_this_rank(exc))
+            reports = coll.all_gather(f"{at}: written", report)
         errors = [r[1] for r in reports if r[0] == "error"]
         if errors:
             coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
@@ -200,6 +208,10 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         if source is None and ref.local_dir:
             source, mine = ref.local_dir, report[1]
     return saved, failures
+
+
+def _on_this_rank(exc: BaseException) -> str:
+    return f"rank {ranks.rank()}: {type(exc).__name__}: {first_line(exc)}"
 
 
 def describe_failures(failures: dict[str, Exception]) -> str:

@@ -65,6 +65,10 @@ def _as_text(exc: BaseException) -> CkptkitError:
 
 
 
+# What gloo says when a peer did not answer in time or went away.
+_PEER_GONE = ("timed out", "timeout", "connection closed", "connection reset", "closed by peer", "broken pipe")
+
+
 class Collectives:
     """The collectives of one checkpoint manager, bounded and checked.
 
@@ -124,10 +128,13 @@ class Collectives:
             return fn(*args, group=self._group)
         except RuntimeError as exc:
             reason = " ".join(str(exc).split())[:300]
+            if not any(sign in reason.lower() for sign in _PEER_GONE):
+                raise
             self._broken = CollectiveTimeoutError(
                 f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
                 f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not call "
-                "ckptkit at the same step; raise distributed.timeout_s if rank 0 needs longer to write a checkpoint")
+                "ckptkit at the same step; what rank 0 was doing there may still have completed (see ckptkit "
+                "ls). Raise distributed.timeout_s if rank 0 needs longer to write a checkpoint")
             raise self._broken from exc
 
     def broadcast(self, label: str, obj: Any, src: int = 0) -> Any:

@@ -300,25 +300,24 @@ def open_reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
     return r
 
 
-def save(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, sync: bool,
+def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSystem],
          process_group: Any = None) -> dict[str, FileEntry]:
-    """Write this rank's shards of ``state`` (collective on ``process_group``, default: the
-    default group); return the files this rank wrote."""
-    w, hfs = writer(fs, path, sync)
+    """Write this rank's shards of ``state`` through ``target`` (from ``writer``), collective on
+    ``process_group`` (default: the default group); return the files this rank wrote."""
+    w, hfs = target
     dcp.save(state, storage_writer=w, process_group=process_group)
     return dict(hfs.written)
 
 
-def load(state: dict[str, Any], fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = (),
+def load(state: dict[str, Any], r: _SafeReader, path: str, safe_globals: Iterable[Any] = (),
          process_group: Any = None) -> None:
-    """Fill ``state`` in place from a sharded checkpoint, resharding as needed (collective if a group exists).
+    """Fill ``state`` in place from a sharded checkpoint through ``r`` (from ``open_reader``),
+    resharding as needed (collective on ``process_group`` if a group exists).
 
     Runs nothing stored in the checkpoint: raises ``UnsafeCheckpointError`` for anything that
     safe loading refuses (``safe_globals`` names further types to allow in non-tensor items),
-    ``CorruptCheckpointError`` for metadata that cannot be read, DCP's ``CheckpointException``
-    for the rest.
+    DCP's ``CheckpointException`` for the rest.
     """
-    r = open_reader(fs, path)
     try:
         dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(safe_globals), process_group=process_group)
     except CheckpointException as exc:

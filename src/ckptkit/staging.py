@@ -28,12 +28,23 @@ def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor shaped like ``like``: pinned for a GPU tensor, so that copies run at full bus
+    speed and asynchronously; ordinary memory where pinning is refused (a memlock limit)."""
+    if like.is_cuda:
+        try:
+            return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu")
+
+
 class Stager:
     """Copies a nested state into CPU buffers it reuses while shapes and dtypes stay the same."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._copying = False  # device-to-host copies were queued and not yet waited for
+        self._copying: set[torch.device] = set()  # devices with queued device-to-host copies
 
     def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = ()) -> Any:
         """A copy of ``obj`` that training cannot change. With ``live`` (see ``live_storages``),
@@ -43,11 +54,12 @@ class Stager:
                 return obj
             buf = self._buffers.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                # Pinned host memory for GPU tensors: copies run at full bus speed, asynchronously.
-                buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=obj.is_cuda)
+                buf = _host_buffer(obj)
                 self._buffers[path] = buf
-            buf.copy_(obj.detach(), non_blocking=obj.is_cuda and buf.is_pinned())
-            self._copying |= obj.is_cuda
+            queued = obj.is_cuda and buf.is_pinned()
+            buf.copy_(obj.detach(), non_blocking=queued)
+            if queued:
+                self._copying.add(obj.device)
             return buf
         if isinstance(obj, dict):
             return {k: self.stage(v, live, path + (k,)) for k, v in obj.items()}
@@ -56,10 +68,11 @@ class Stager:
         return copy.deepcopy(obj)
 
     def wait(self) -> None:
-        """Wait for the device-to-host copies queued by ``stage``: the buffers are complete after it."""
-        if self._copying:
-            torch.cuda.synchronize()
-            self._copying = False
+        """Wait for the device-to-host copies queued by ``stage`` on every device: the buffers
+        are complete after it."""
+        for device in self._copying:
+            torch.cuda.synchronize(device)
+        self._copying.clear()
 
     @property
     def nbytes(self) -> int:

@@ -191,6 +191,20 @@ def main() -> None:
             result["later"] = None
         except ckptkit.CkptkitError as exc:
             result["later"] = [type(exc).__name__, str(exc)]
+    elif scenario == "finalize_refused":
+        case = cases[0]
+        model, opt, _ = build(case[0], case[2])
+        cfg = config(workdir, case)
+        cfg["backends"]["final"] = {"type": "local", "path": os.path.join(workdir, "final")}
+        cfg["roles"]["final"] = {"backends": ["final"]}
+        ck = ckptkit.CheckpointManager.from_config(cfg, run_name="fin")
+        try:  # the usual idiom: extra given on rank 0 only, and refused there
+            ck.finalize(model, step=1, extra={"f": (lambda: 0)} if rank == 0 else None)
+            result["raised"] = None
+        except ckptkit.CkptkitError as exc:
+            result["raised"] = [type(exc).__name__, str(exc)]
+        result["published"] = [r.uri for r in ck.finalize(model, step=1)]
+        ck.close()
     elif scenario == "frozen":
         case = cases[0]
         model, opt, _ = build(case[0], case[2])

@@ -242,6 +242,7 @@ class MlflowBackend:
         self._lookup: Future | None = None
         self._lookup_key: tuple | None = None
         self._lookup_lock = threading.Lock()
+        self._lookups_in_flight: set[Future] = set()
 
     def __repr__(self) -> str:
         return f"<MlflowBackend {self.name!r} at {self.location}>"
@@ -470,6 +471,8 @@ class MlflowBackend:
             if lookup is None or self._lookup_key != key or (lookup.done() and lookup.result() is None and retry):
                 lookup = self._lookup = Future()
                 self._lookup_key = key
+                self._lookups_in_flight.add(lookup)
+                lookup.add_done_callback(self._forget_lookup)
                 # A daemon thread: a hung server must not keep the process from exiting.
                 threading.Thread(target=self._look_up, args=(lookup, *key), name="ckptkit-mlflow-run",
                                  daemon=True).start()
@@ -489,12 +492,22 @@ class MlflowBackend:
         finally:
             lookup.set_result(run_id)
 
+    def _forget_lookup(self, lookup: Future) -> None:
+        with self._lookup_lock:
+            self._lookups_in_flight.discard(lookup)
+
     def _settle_lookup(self) -> None:
-        """Wait for a lookup in flight (bounded by timeout_s and retries), so that publishing
-        cannot create a second run of the same name beside it."""
-        lookup = self._lookup
-        if lookup is not None:
-            lookup.result()
+        """Wait for the lookups in flight, so that publishing cannot create a second run of the
+        same name beside them. Each of their few requests is bounded by timeout_s."""
+        settings = self.http_settings()
+        bound = 4 * (settings.budget or settings.timeout * (settings.retries + 1)) + 5
+        with self._lookup_lock:
+            pending = list(self._lookups_in_flight)
+        for lookup in pending:
+            try:
+                lookup.result(timeout=bound)
+            except TimeoutError:
+                log.warning("backend %r: the MLflow run lookup is still waiting after %.0f s", self.name, bound)
 
     @ckptkit.hookimpl(trylast=True)
     def publish_final(self, run_name: str, payload: Payload, stored: list[CheckpointRef],
@@ -510,6 +523,9 @@ class MlflowBackend:
         try:
             # Only a remote copy exists: its checksum is computed here, outside the env lock.
             digest = self._digest(payload) if remote is not None else None
+            if not payload.mlflow_run_id:
+                # Outside _requests: the lookup thread takes the same lock for its requests.
+                self._settle_lookup()
             with self._requests():
                 step = "finding the run"
                 run_id = payload.mlflow_run_id
@@ -517,7 +533,6 @@ class MlflowBackend:
                     if not _is_active(run_id):
                         self._owned.add(run_id)
                 else:
-                    self._settle_lookup()
                     run_id = self._resolve_run(run_name, None, _active_run_id())
                 step = "logging the final metrics"
                 self._log_final_metrics(run_id, payload, algorithm)

@@ -357,16 +357,17 @@ class CheckpointManager:
         if not force and not self.is_due(step):
             return []
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
+        # Asked on this thread, never the writer's: a tracker may keep its active run per thread.
+        # Only rank 0 writes the manifest, the one file that holds it.
         payload = Payload(
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
+            mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None,
         )
-        previous = self._async.collect() if role.async_ else None
+        previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
             self._check_run(step)
         if role.format == "dcp":
-            # Only rank 0 writes the manifest, the one file that holds it.
-            payload = attrs.evolve(payload, mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None)
             state = gather.resume_state(model, optimizer, sharded=True)
             own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
             saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
@@ -432,7 +433,7 @@ class CheckpointManager:
         """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises."""
         try:
             files = (PayloadFile(STATE_FILE, write=torch_writer(state)), PayloadFile(EXTRA_FILE, write=torch_writer(extra)))
-            full = attrs.evolve(payload, files=files, mlflow_run_id=self._tracking_run_id())
+            full = attrs.evolve(payload, files=files)
             saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, full, "save_resume",
                                                 step=payload.step)
             self._prune_after(saved, payload.step, payload.metrics)
@@ -459,7 +460,7 @@ class CheckpointManager:
         """
         if self.config.resume is None or not self.config.resume.async_:
             return []
-        outcome = self._async.collect()
+        outcome = self._async.collect("wait")
         if outcome is None:
             return []
         step, saved, failures = outcome
@@ -717,9 +718,21 @@ class CheckpointManager:
                     if p is not None]
         if problems:
             return "; ".join(str(p) for p in problems), None
+        problem = None
+        try:
+            opened = sharded.open_reader(backend.fs, ref.path)
+        except Exception as exc:
+            problem = exc
+        # DCP's collectives run on ckptkit's group: every rank enters them, or none does.
+        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: open", ranks.portable(problem))
+                    if p is not None]
+        if problems:
+            if all(isinstance(p, SKIPPABLE) for p in problems):
+                return "; ".join(str(p) for p in problems), None
+            raise problem if problem is not None else problems[0]
         state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
         try:
-            sharded.load(state, backend.fs, ref.path, safe_globals, process_group=self.coll.group)
+            sharded.load(state, opened, ref.path, safe_globals, process_group=self.coll.group)
         except (Exception, CheckpointException) as exc:
             inner = _unwrap(exc)
             if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
@@ -963,11 +976,18 @@ class CheckpointManager:
         self._check_open()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
-        previous = self._async.collect() if self.config.resume is not None and self.config.resume.async_ else None
-        step = _count("step", step)
-        epoch = None if epoch is None else _count("epoch", epoch)
-        extra_state = _extra_state(extra, "extra")
-        model_params = _params(params)
+        problem = None
+        try:
+            step = _count("step", step)
+            epoch = None if epoch is None else _count("epoch", epoch)
+            extra_state = _extra_state(extra, "extra")
+            model_params = _params(params)
+        except Exception as exc:  # e.g. extra given on rank 0 only, and refused there
+            problem = exc
+        # Before any collective of the model's: a refusal on one rank is raised on every rank.
+        self.coll.agree(f"finalize step {step}: check state", problem)
+        is_async = self.config.resume is not None and self.config.resume.async_
+        previous = self._async.collect(f"finalize step {step}") if is_async else None
         state = gather.final_state(model, self.config.final.dtype)
         algorithm = algorithm or self.config.algorithm
 

@@ -240,7 +240,9 @@ class CheckpointManager:
                     fallback_dir: str | os.PathLike = "ckptkit-fallback") -> CheckpointManager:
         """Load and check a config (a YAML path, a dict or a ``Config``) and build every backend.
 
-        Every config error is raised here, before the first training step. ``run_name`` wins over
+        Every config error is raised here, before the first training step. Under
+        torch.distributed it is collective: every rank calls it, and a config or run name that
+        differs between ranks raises ``RanksDisagreeError`` on all of them. ``run_name`` wins over
         the config's ``run_name``. ``on_error`` says what a failing backend does to ``save`` and
         ``finalize`` once every other backend was tried: ``raise`` or ``warn``.
         """

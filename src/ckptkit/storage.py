@@ -116,6 +116,18 @@ class _Folder:
             self.mtime = mtime
 
 
+# What a listing tells of a file that changes whenever the file is written again.
+_IDENTITY_KEYS = ("size", "mtime", "ino", "ETag", "LastModified", "etag", "generation", "updated")
+_CHANGE_KEYS = ("mtime", "ETag", "LastModified", "etag", "generation", "updated")
+
+
+def _identity(info: dict[str, Any] | None) -> tuple | None:
+    """The listing's identity of a file, or None where the store shows no time, etag or generation."""
+    if not info or not any(info.get(k) is not None for k in _CHANGE_KEYS):
+        return None
+    return tuple(info.get(k) for k in _IDENTITY_KEYS)
+
+
 def _check_file_name(name: str) -> str:
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(f"file name {name!r} in a manifest points outside its checkpoint")
@@ -172,6 +184,8 @@ class FileBackend:
         # Leftovers without a modification time: path -> when this instance first listed them.
         self._first_seen: dict[str, float] = {}
         self._lock = threading.Lock()
+        # Manifests that prune has read, by folder: (the listing's identity of the file, manifest).
+        self._manifests: dict[str, tuple[tuple, Manifest]] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.location}>"
@@ -465,12 +479,25 @@ class FileBackend:
 
     # -- hooks: pruning -------------------------------------------------------------------
 
-    def _consistent(self, ref: CheckpointRef) -> bool:
-        """Do the sizes the listing saw agree with the manifest? (No bytes are read.)"""
-        try:
-            manifest = self.read_manifest(ref)
-        except CheckpointError:
-            return False
+    def _consistent(self, ref: CheckpointRef, listed: dict[str, Any] | None = None) -> bool:
+        """Do the sizes the listing saw agree with the manifest? (No bytes are read.)
+
+        ``listed`` is the listing's entry for the manifest file: a manifest read before, whose
+        entry still shows the same size, time and inode or etag, is not read again (the prune
+        after every save would otherwise read each kept one each time, a request apiece on an
+        object store). A manifest replaced or rewritten shows another entry and is read.
+        """
+        key = _identity(listed)
+        cached = self._manifests.get(ref.path)
+        if key is not None and cached is not None and cached[0] == key:
+            manifest = cached[1]
+        else:
+            try:
+                manifest = self.read_manifest(ref)
+            except CheckpointError:
+                return False
+            if key is not None:
+                self._manifests[ref.path] = (key, manifest)
         if ref.sizes is None:
             return True
         return all(ref.sizes.get(n) == e.size for n, e in manifest.files.items())
@@ -508,8 +535,13 @@ class FileBackend:
         doomed = []
         listing = self._listing(run_name)
         aged = self._aged(run_name, listing, now)
-        for ref in sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True):
-            consistent = self._consistent(ref)
+        committed = self._committed(run_name, listing)
+        with self._lock:
+            for path in [p for p in self._manifests if posixpath.dirname(p) == self.run_path(run_name)]:
+                if posixpath.basename(path) not in listing:
+                    del self._manifests[path]
+        for ref in sorted(committed, key=lambda r: r.step, reverse=True):
+            consistent = self._consistent(ref, listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME))
             if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
                 kept += 1
             elif ref.step in protected_steps or ref.path in in_flight:

@@ -235,6 +235,8 @@ def test_save_files_takes_flat_folders_and_restore_refuses_them(tmp_path):
     assert ck.save_files(5, [folder / "weights.bin"]) == []  # not due
     with pytest.raises(IncompatibleCheckpointError, match="restore_files"):
         ck.restore(torch.nn.Linear(2, 2))
+    with pytest.raises(IncompatibleCheckpointError, match="restore_files"):
+        ck.export(tmp_path / "model.pt")
     assert ck.peek().step == 4
     info = ck.restore_files(tmp_path / "back" / "{step}")
     assert (info.step, (tmp_path / "back" / "4" / "weights.bin").read_bytes()) == (4, b"w" * 1000)

@@ -809,6 +809,11 @@ class CheckpointManager:
                 continue
             try:
                 manifest = self.reader.manifest(ref)
+                if manifest.format == FILES_FORMAT:
+                    raise IncompatibleCheckpointError(
+                        f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
+                        "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
+                        "with the tool that wrote it")
                 if manifest.format == "dcp":
                     self.reader.check_files(ref, manifest, manifest.files)
                     model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]

@@ -28,16 +28,17 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def hash_pool() -> ThreadPoolExecutor:
-    """The threads that hash while a write goes on, shared by every writer of this process.
+    """The threads that overlap a save's waits (hashing while a write goes on, fsyncs issued
+    together), shared by every writer of this process.
 
-    Started once rather than per file, which cost each save a thread start and join; a hash task
+    Started once rather than per file, which cost each save a thread start and join; a task
     never waits on another, so writers sharing the pool cannot hold each other up for long. A
     forked child gets a pool of its own (the parent's threads do not exist there).
     """
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)),
+            _pool = (os.getpid(), ThreadPoolExecutor(max(4, min(8, os.cpu_count() or 4)),
                                                      thread_name_prefix="ckptkit-hash"))
         return _pool[1]
 

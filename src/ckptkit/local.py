@@ -120,6 +120,13 @@ class _EarlyWriteback:
     def flush(self) -> None:
         self._f.flush()
 
+    def start_writeback(self) -> None:
+        """Ask the kernel to start writing what is left, so that the commit's fsync finds less to wait for."""
+        if _sync_file_range is not None and self._written > self._started:
+            _sync_file_range(self._f.fileno(), self._started, self._written - self._started,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._started = self._written
+
 
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -127,6 +134,32 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_together(files: list[BinaryIO], folder: str) -> None:
+    """fsync ``files`` (still open, so that no write error can be lost in between) and ``folder``
+    at once, and return when all are durable, raising the first error.
+
+    Nothing in the folder is visible before the rename that follows, so their order does not
+    matter; issued together, the filesystem's journal commits them in one go, where one after
+    the other each waited for a commit of its own (16 ms against 3 for three small files).
+    """
+    pool = hash_pool()
+    pending = [pool.submit(os.fsync, f.fileno()) for f in files[1:]]
+    pending.append(pool.submit(_fsync_dir, folder))
+    error: BaseException | None = None
+    try:
+        if files:
+            os.fsync(files[0].fileno())
+    except BaseException as exc:
+        error = exc
+    for p in pending:  # every one is waited for before the files are closed
+        try:
+            p.result()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 class LocalBackend(FileBackend):
@@ -139,6 +172,12 @@ class LocalBackend(FileBackend):
 
     OPTIONS = ("path", "leftover_grace_s")
     keeps_files_locally = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The files each save in flight has written into its temporary folder and not yet
+        # fsynced, still open: the commit fsyncs them all at once.
+        self._unsynced: dict[str, list[BinaryIO]] = {}
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> LocalBackend:
@@ -160,14 +199,16 @@ class LocalBackend(FileBackend):
         return tmp
 
     def _commit(self, tmp: str, dirname: str, manifest: Manifest) -> str:
-        """Write the manifest into ``tmp``, fsync, and rename it to ``dirname``, replacing an older copy."""
+        """Write the manifest into ``tmp``, fsync it, the files written there (still open) and the
+        folder, then rename it to ``dirname``, replacing an older copy."""
         run = posixpath.dirname(tmp)
         target = posixpath.join(run, dirname)
+        with self._lock:
+            written = self._unsynced.get(tmp, [])
         with open(os.path.join(tmp, MANIFEST_NAME), "wb") as f:
             f.write(manifest.to_json())
             f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+            _fsync_together([*written, f], tmp)
         if os.path.exists(target):
             # Replacing a committed copy: swap atomically, so that a crash leaves one of the two
             # in place; only where the filesystem cannot swap are there two renames.
@@ -191,11 +232,20 @@ class LocalBackend(FileBackend):
 
     def _store(self, run_name: str, dirname: str, payload: Payload) -> CheckpointRef:
         tmp = self._stage(run_name, dirname)
+        written: list[BinaryIO] = []
+        with self._lock:
+            self._unsynced[tmp] = written
         try:
             entries = {}
-            for pf in payload.files:
-                entries[pf.name] = self._write(pf, os.path.join(tmp, _check_file_name(pf.name)))
-            target = self._commit(tmp, dirname, payload.manifest(entries))
+            try:
+                for pf in payload.files:
+                    entries[pf.name] = self._write(pf, os.path.join(tmp, _check_file_name(pf.name)))
+                target = self._commit(tmp, dirname, payload.manifest(entries))
+            finally:
+                with self._lock:
+                    del self._unsynced[tmp]
+                for f in written:
+                    f.close()
         except BaseException as exc:
             self._unstage(tmp, remove=True)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: no leftover, then go on
@@ -231,18 +281,29 @@ class LocalBackend(FileBackend):
         self._unstage(path, remove=True)
 
     def _write(self, pf: PayloadFile, path: str) -> FileEntry:
-        with open(path, "wb") as f:
-            sink = _EarlyWriteback(f)
-            writer = HashingWriter(sink, hash_pool(), pf.algorithm)
-            try:
-                pf.write_to(writer)
-                size, digest = writer.size, writer.digest()
-                f.flush()
+        """Write one file of a save; it stays open for the commit to fsync with the others."""
+        with self._lock:
+            written = self._unsynced.get(posixpath.dirname(path))
+        f = open(path, "wb")
+        if written is not None:
+            written.append(f)
+        sink = _EarlyWriteback(f)
+        writer = HashingWriter(sink, hash_pool(), pf.algorithm)
+        try:
+            pf.write_to(writer)
+            size, digest = writer.size, writer.digest()
+            f.flush()
+            if written is not None:
+                sink.start_writeback()
+            else:  # not part of a commit that syncs it
                 os.fsync(f.fileno())
-            except Exception as exc:
-                if sink.error is not None and exc is not sink.error:
-                    raise sink.error from exc
-                raise
+        except Exception as exc:
+            if sink.error is not None and exc is not sink.error:
+                raise sink.error from exc
+            raise
+        finally:
+            if written is None:
+                f.close()
         entry = FileEntry(size=size, digest=digest)
         if pf.expected is not None and pf.expected != entry:
             raise OSError(f"{pf.source} changed while it was copied")

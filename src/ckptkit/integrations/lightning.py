@@ -1,0 +1,279 @@
+"""ckptkit as PyTorch Lightning's checkpointing: one callback added to ``Trainer(callbacks=[...])``.
+
+``CkptkitCheckpoint`` takes the place of Lightning's ``ModelCheckpoint``. Every
+``roles.resume.every_n_steps`` optimizer steps it saves Lightning's whole training checkpoint
+(loops, optimizers, schedulers, callbacks, precision plugin, hyperparameters, datamodule) plus
+each rank's random generators through ``CheckpointManager.save``, so the resume backends,
+``keep_last``/``keep_best`` pruning and the commit protocol are ckptkit's. When ``fit`` starts
+it restores the newest committed checkpoint and hands it to Lightning's own restore, as
+``fit(ckpt_path=...)`` would; at the end of ``fit`` the final model goes to the final role once.
+
+Lightning builds its checkpoint dict and restores from one only inside its private
+``trainer._checkpoint_connector`` (public ``ckpt_path`` values are file paths, read before any
+callback runs). The callback uses that connector's ``dump_checkpoint`` and its loaded-checkpoint
+slot, which every Lightning 2.x release has; ``_connector`` refuses clearly where they are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import warnings
+from typing import Any, Iterable, Mapping
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+except ImportError as exc:  # pragma: no cover - the extra is what brings it
+    raise ImportError("ckptkit.integrations.lightning needs PyTorch Lightning 2.x: "
+                      'pip install "ckptkit[lightning]"') from exc
+
+from ..config import Config
+from ..errors import ConfigError
+from ..manager import CheckpointManager
+from ..rng import RngState
+
+__all__ = ["CkptkitCheckpoint"]
+
+log = logging.getLogger(__name__)
+
+# Where the Lightning checkpoint (all of it but the weights) sits in ckptkit's shared extra.
+LIGHTNING_KEY = "lightning"
+RNG_KEY = "rng"
+
+# What each ModelCheckpoint option becomes with ckptkit: the refusal names the user's own settings.
+_MODEL_CHECKPOINT_OPTIONS = {
+    "dirpath": "a backend's path (backends: {{name: {{type: local, path: {value}}}}})",
+    "every_n_train_steps": "roles.resume.every_n_steps: {value}",
+    "save_top_k": "roles.resume.keep_last (or keep_best with a monitor): {value}",
+    "monitor": "roles.resume.keep_best: {{metric: {value}, mode: ..., count: ...}}",
+    "every_n_epochs": "a step count in roles.resume.every_n_steps (ckptkit saves by optimizer step)",
+    "train_time_interval": "a step count in roles.resume.every_n_steps (ckptkit saves by optimizer step)",
+    "save_last": "nothing: the newest committed checkpoint is always the one resumed",
+}
+
+
+def _connector(trainer: pl.Trainer) -> Any:
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is None or not callable(getattr(connector, "dump_checkpoint", None)) \
+            or not hasattr(connector, "_loaded_checkpoint"):
+        raise RuntimeError(f"CkptkitCheckpoint does not know this Lightning ({pl.__version__}): its trainer has no "
+                           "checkpoint connector with dump_checkpoint and _loaded_checkpoint. Install a "
+                           'Lightning 2.x release: pip install "ckptkit[lightning]"')
+    return connector
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Lightning's logged scalars as floats (what manifests and ``keep_best`` read)."""
+    out = {}
+    for name, value in metrics.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            out[name] = float(value.item())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _plain_params(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a registry can record as they are; richer ones stay in the checkpoint only."""
+    return {k: v for k, v in hparams.items()
+            if isinstance(k, str) and k and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+class CkptkitCheckpoint(Checkpoint):
+    """Lightning's checkpointing routed by ckptkit: resume checkpoints to the resume backends, the final model once.
+
+    Add it to the trainer and nothing else changes::
+
+        trainer = Trainer(max_steps=1000, callbacks=[CkptkitCheckpoint("ckptkit.yaml")])
+        trainer.fit(model)   # resumes from the newest committed checkpoint of the run, if any
+
+    ``config`` is a YAML path, a dict or a ``Config``; ``run_name`` wins over the config's.
+    ``safe_globals`` lists types in the Lightning checkpoint (a hyperparameter's class, say)
+    that safe loading may rebuild; they are refused before anything is written otherwise.
+    ``params`` are the model settings the final backends record; by default the plain values
+    of the LightningModule's ``hparams``. ``finalize=False`` leaves the final model to the caller.
+
+    Supported strategies: a single device and DDP (``strategy="ddp"``), where the manager's
+    collectives run on every rank. ``ModelCheckpoint`` in the same trainer is refused: its files
+    would bypass the routing and pruning, and two checkpointers would disagree on what to resume.
+    """
+
+    def __init__(self, config: str | os.PathLike | Mapping | Config, run_name: str | None = None, *,
+                 safe_globals: Iterable[Any] = (), params: Mapping[str, Any] | None = None,
+                 finalize: bool = True, on_error: str = "raise"):
+        super().__init__()
+        # Checked here, before any process starts, so a typo fails at Trainer(...), not on the ranks.
+        self.config = Config.load(config)
+        if self.config.resume is None:
+            raise ConfigError("roles.resume: CkptkitCheckpoint needs resume backends to checkpoint Lightning's "
+                              "training to; declare roles.resume in the config")
+        self.run_name = run_name
+        self.safe_globals = list(safe_globals)
+        self.params = dict(params) if params is not None else None
+        self.finalize = finalize
+        self.on_error = on_error
+        self.manager: CheckpointManager | None = None
+        self.restored_step: int | None = None
+        self._last_saved: int | None = None
+        self._finalized_step: int | None = None
+        self._pending_rng: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(run_name=self.run_name or self.config.run_name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"finalized_step": self._finalized_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._finalized_step = state_dict.get("finalized_step")
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or \
+                type(strategy).__name__ not in ("SingleDeviceStrategy", "DDPStrategy"):
+            raise ConfigError(
+                f"CkptkitCheckpoint supports a single device and strategy='ddp'; this trainer uses "
+                f"{type(strategy).__name__}, whose checkpoint is sharded or held by its own engine. Use "
+                "ckptkit's CheckpointManager in a loop of your own for FSDP, or remove CkptkitCheckpoint")
+        others = [cb for cb in trainer.callbacks if isinstance(cb, Checkpoint) and cb is not self]
+        for cb in others:
+            if isinstance(cb, ModelCheckpoint):
+                raise ConfigError(self._model_checkpoint_message(cb))
+            raise ConfigError(f"{type(cb).__name__} is a second checkpointing callback beside CkptkitCheckpoint: "
+                              "two checkpointers would disagree on what to resume; keep one")
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "MLFlowLogger" and getattr(logger, "_log_model", False):
+                warnings.warn("MLFlowLogger(log_model=...) uploads the files ModelCheckpoint writes; with "
+                              "CkptkitCheckpoint there are none, so it uploads nothing. The final model reaches "
+                              "MLflow through roles.final; set log_model=False to say so", UserWarning, stacklevel=2)
+
+    @staticmethod
+    def _model_checkpoint_message(cb: ModelCheckpoint) -> str:
+        defaults = ModelCheckpoint()
+        mapped = []
+        for option, target in _MODEL_CHECKPOINT_OPTIONS.items():
+            attr = {"every_n_train_steps": "_every_n_train_steps", "every_n_epochs": "_every_n_epochs",
+                    "train_time_interval": "_train_time_interval"}.get(option, option)
+            value = getattr(cb, attr, None)
+            if value != getattr(defaults, attr, None) and value is not None:
+                mapped.append(f"{option}={value!r} -> {target.format(value=value)}")
+        detail = ("; ".join(mapped)) if mapped else "it has no options beyond the defaults"
+        return ("ModelCheckpoint and CkptkitCheckpoint are both in Trainer(callbacks=...): ModelCheckpoint's files "
+                "would bypass ckptkit's routing, pruning and commit protocol, and 'last' would mean two things. "
+                f"Remove ModelCheckpoint and set its options in the ckptkit config instead ({detail})")
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_trainer(trainer)
+        connector = _connector(trainer)
+        if self.manager is None:
+            # Built here, not in __init__: under DDP each rank's process group exists only now.
+            self.manager = CheckpointManager.from_config(self.config, run_name=self.run_name, on_error=self.on_error)
+        restored = self.manager.restore(model=pl_module, safe_globals=self.safe_globals, rank_extra={})
+        if restored is None:
+            return
+        checkpoint = restored.extra.get(LIGHTNING_KEY)
+        if not isinstance(checkpoint, dict):
+            raise ConfigError(f"{restored.ref.uri} was not written by CkptkitCheckpoint (its extra holds no "
+                              f"{LIGHTNING_KEY!r} state); resume it with the loop that wrote it, or use a new run_name")
+        checkpoint = dict(checkpoint)
+        # The weights are in the module already (restore broadcast them); Lightning loads them again
+        # from here after its on_load_checkpoint hooks, as it would from a file.
+        checkpoint["state_dict"] = pl_module.state_dict()
+        from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+
+        connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, restored.ref.uri)
+        self._pending_rng = restored.rank_extra.get(RNG_KEY)
+        self.restored_step = self._last_saved = restored.step
+        log.info("ckptkit: resuming run %r from %s (global step %d)", self.manager.run_name, restored.ref.uri,
+                 restored.step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_rng_at_epoch_end()
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_rng_at_epoch_end()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
+            self._pending_rng = None
+
+    def _restore_rng_at_epoch_end(self) -> None:
+        # Saved at an epoch's last batch: the uninterrupted fit went on to make the next epoch's
+        # loader iterator (which draws a seed), and the resumed fit makes it once while setting up
+        # its data, after the sanity check. The generators go back before that; set again after
+        # a sanity check, whose draws the uninterrupted fit made before its first step.
+        if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
+            RngState().load_state_dict(self._pending_rng["state"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Saved mid-epoch: the generators go back after Lightning made the loader's iterator again
+        # (which draws a seed), where the uninterrupted fit was when it saved.
+        if self._pending_rng is not None:
+            RngState().load_state_dict(self._pending_rng["state"])
+            self._pending_rng = None
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == 0 or step == self._last_saved or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if self.manager is None or not self.manager.is_due(step):
+            return
+        self._save(trainer, pl_module, step, force=False)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool) -> None:
+        checkpoint = _connector(trainer).dump_checkpoint(weights_only=False)
+        epoch_done = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        # The weights go through ckptkit's model state (gathered, exportable, publishable).
+        checkpoint.pop("state_dict", None)
+        self.manager.save(step=step, epoch=trainer.current_epoch, model=pl_module,
+                          metrics=_plain_metrics(trainer.callback_metrics), extra={LIGHTNING_KEY: checkpoint},
+                          rank_extra={RNG_KEY: {"state": RngState().state_dict(), "epoch_done": epoch_done}},
+                          safe_globals=self.safe_globals, force=force)
+        self._last_saved = step
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.manager is None:
+            return
+        step = trainer.global_step
+        if self.finalize and self.manager.config.final is not None:
+            if self._finalized_step == step:
+                log.info("ckptkit: the final model of step %d was published before this fit was resumed", step)
+            else:
+                params = self.params if self.params is not None else _plain_params(pl_module.hparams)
+                self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
+                                      metrics=_plain_metrics(trainer.callback_metrics), params=params)
+                self._finalized_step = step
+        if step != self._last_saved and step > 0:
+            # The end of fit is resumable too, and records that the final model was published:
+            # running the finished fit again then publishes nothing.
+            self._save(trainer, pl_module, step, force=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    def _close(self) -> None:
+        if self.manager is not None:
+            manager, self.manager = self.manager, None
+            manager.close()

@@ -1,0 +1,302 @@
+"""ckptkit.integrations.lightning against real PyTorch Lightning on the CPU.
+
+Each fit runs in a subprocess (this file run as a script), so that a kill is a real SIGKILL and
+DDP is Lightning's own launcher with 2 CPU processes. The model draws its data from the global
+generator every step, so a resumed fit matches an uninterrupted one only if the weights,
+optimizer, scheduler, loop state and every rank's RNG state all came back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ckptkit.errors import ConfigError
+from ckptkit.integrations.lightning import CkptkitCheckpoint
+
+HERE = Path(__file__).resolve()
+MAX_STEPS = 17
+BATCHES_PER_EPOCH = 7
+
+
+class Net(pl.LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.05):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x = torch.randn(4, self.hparams.width)
+        y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(4, 1)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
+
+
+def trainer(config, devices: int = 1, callbacks=(), **kwargs) -> tuple[pl.Trainer, CkptkitCheckpoint]:
+    ckpt = CkptkitCheckpoint(config)
+    # Every rank iterates the whole loader (no DistributedSampler), so that epochs end where they
+    # do in one process.
+    return pl.Trainer(max_steps=MAX_STEPS, accelerator="cpu", devices=devices,
+                      strategy="ddp" if devices > 1 else "auto", use_distributed_sampler=False,
+                      enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[*callbacks, ckpt], **kwargs), ckpt
+
+
+def main(spec_path: str) -> None:
+    """One fit as the spec says; SIGKILLs itself (every rank) at the end of ``kill_after``."""
+    spec = json.loads(Path(spec_path).read_text())
+
+    class KillAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == spec.get("kill_after"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    pl.seed_everything(1, verbose=False)
+    model = Net()
+    tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt()], logger=False,
+                       default_root_dir=spec["workdir"])
+    tr.fit(model)
+    if tr.global_rank == 0:
+        torch.save({"weights": model.state_dict(), "global_step": tr.global_step, "epoch": tr.current_epoch,
+                    "loops": tr.fit_loop.state_dict(), "optimizer": tr.optimizers[0].state_dict(),
+                    "scheduler": tr.lr_scheduler_configs[0].scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "restored_step": ckpt.restored_step},
+                   os.path.join(spec["workdir"], spec["out"]))
+
+
+# -- the test side ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on port {port} within {timeout} s")
+
+
+def fit(workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None, devices: int = 1,
+        env: dict | None = None) -> dict | None:
+    """Run one fit in a subprocess; the result it saved, or None when it was killed as asked."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / f"spec-{out}.json"
+    spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
+                                "kill_after": kill_after, "devices": devices}))
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
+                   **(env or {}))
+    proc = subprocess.run([sys.executable, str(HERE), str(spec)], cwd=workdir, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    if kill_after is not None:
+        assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert not (workdir / out).exists()
+        return None
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return torch.load(workdir / out, weights_only=True)
+
+
+def local_config(root: Path, every: int = 4, keep_last: int = 2, final: dict | None = None) -> dict:
+    config = {"run_name": "lit", "backends": {"scratch": {"type": "local", "path": str(root / "ckpts")}},
+              "roles": {"resume": {"backends": ["scratch"], "every_n_steps": every, "keep_last": keep_last}}}
+    if final is not None:
+        config["backends"]["registry"] = final
+        config["roles"]["final"] = {"backends": ["registry"]}
+    return config
+
+
+def mlflow_backend(root: Path) -> dict:
+    return {"type": "mlflow", "tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "artifact_location": str(root / "mlartifacts"), "experiment": "lit",
+            "registered_model_name": "lit_model"}
+
+
+def committed_steps(root: Path, run: str = "lit") -> list[int]:
+    folder = root / run
+    return sorted(int(p.name.split("-")[1]) for p in folder.iterdir()
+                  if p.name.startswith("step-") and (p / "manifest.json").is_file())
+
+
+def assert_same_training(expected: dict, got: dict, loop_exceptions: frozenset[str] = frozenset()) -> None:
+    assert got["global_step"] == expected["global_step"] == MAX_STEPS
+    assert got["epoch"] == expected["epoch"]
+    for key, value in expected["weights"].items():
+        assert torch.equal(value, got["weights"][key]), f"weight {key} differs"
+    assert torch.equal(expected["rng"], got["rng"]), "the global generator ended elsewhere"
+    assert_equal_state(expected["optimizer"], got["optimizer"], "optimizer")
+    assert_equal_state(expected["scheduler"], got["scheduler"], "scheduler")
+    differ = []
+    assert_equal_state(expected["loops"], got["loops"], "loops", differ)
+    assert set(differ) <= loop_exceptions, f"loop state differs at {sorted(set(differ) - loop_exceptions)}"
+
+
+def assert_equal_state(a, b, path: str, differ: list | None = None) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_equal_state(a[key], b[key], f"{path}/{key}", differ)
+        return
+    same = torch.equal(a, b) if torch.is_tensor(a) else a == b
+    if differ is not None and not same:
+        differ.append(path)
+    else:
+        assert same, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted fit (its final model to an embedded MLflow store), run once."""
+    root = tmp_path_factory.mktemp("reference")
+    return root, fit(root, local_config(root, final=mlflow_backend(root)))
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_steps(fs, prefix: str) -> list[int]:
+    fs.invalidate_cache()
+    return sorted(int(p.rsplit("step-", 1)[1].split("/")[0]) for p in fs.glob(f"{prefix}/step-*/manifest.json"))
+
+
+def test_a_killed_fit_resumes_from_s3_bit_identical_and_keep_last_holds(tmp_path, reference, s3_server, monkeypatch):
+    import s3fs
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    fs.mkdir("lit-ckpts")
+    config = local_config(tmp_path, final=mlflow_backend(tmp_path))
+    config["backends"]["archive"] = {"type": "s3", "path": "s3://lit-ckpts/runs",
+                                     "storage_options": {"endpoint_url": s3_server}}
+    config["roles"]["resume"]["backends"] = ["scratch", "archive"]
+
+    # Killed after step 10, mid-epoch: steps 4 and 8 are committed on both backends.
+    fit(tmp_path, config, kill_after=10, env=AWS)
+    assert committed_steps(tmp_path / "ckpts") == [4, 8]
+    assert s3_steps(fs, "lit-ckpts/runs/lit") == [4, 8]
+    # The local disk is gone: the restart resumes from the S3 copy.
+    shutil.rmtree(tmp_path / "ckpts")
+    got = fit(tmp_path, config, env=AWS)
+
+    assert got["restored_step"] == 8
+    assert_same_training(reference[1], got)
+    # keep_last: 2 on each backend, the end of fit included.
+    assert committed_steps(tmp_path / "ckpts") == [16, 17]
+    assert s3_steps(fs, "lit-ckpts/runs/lit") == [16, 17]
+
+
+# Lightning itself counts one epoch start fewer after a restart at an epoch's end (its own
+# ModelCheckpoint's files resume the same way); everything else is as uninterrupted.
+SKIPPED_EPOCH_START = frozenset(f"loops/epoch_progress/{w}/{c}" for w in ("total", "current")
+                                for c in ("ready", "started"))
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> dict:
+    """The uninterrupted fit on 2 DDP processes (its setup draws differently from one process)."""
+    root = tmp_path_factory.mktemp("ddp-reference")
+    return fit(root, local_config(root, every=BATCHES_PER_EPOCH), devices=2)
+
+
+def test_ddp_on_two_processes_killed_after_an_epochs_last_batch_resumes_bit_identical(tmp_path, ddp_reference):
+    config = local_config(tmp_path, every=BATCHES_PER_EPOCH)
+    fit(tmp_path, config, kill_after=BATCHES_PER_EPOCH + 2, devices=2)
+    assert committed_steps(tmp_path / "ckpts") == [BATCHES_PER_EPOCH]
+    got = fit(tmp_path, config, devices=2)
+    assert got["restored_step"] == BATCHES_PER_EPOCH
+    assert_same_training(ddp_reference, got, loop_exceptions=SKIPPED_EPOCH_START)
+    assert committed_steps(tmp_path / "ckpts") == [2 * BATCHES_PER_EPOCH, MAX_STEPS]
+
+
+def mlflow_contents(root: Path) -> tuple[list, list[str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    versions = client.search_model_versions("name='lit_model'")
+    files = sorted(str(p.relative_to(root / "mlartifacts")) for p in (root / "mlartifacts").rglob("*") if p.is_file())
+    return versions, files
+
+
+def test_the_tracking_store_holds_the_final_model_once_and_no_checkpoint(reference):
+    root, first = reference
+    versions, files = mlflow_contents(root)
+    assert len(versions) == 1
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["final_model.pt"], files
+    final = torch.load(next((root / "mlartifacts").rglob("final_model.pt")), weights_only=True)
+    assert final["step"] == MAX_STEPS
+    for key, value in first["weights"].items():
+        assert torch.equal(final["model"][key], value)
+    assert final["params"] == {"width": 8, "lr": 0.05}
+    # Running the finished fit again resumes at its end and publishes nothing more.
+    again = fit(root, local_config(root, final=mlflow_backend(root)), out="again.pt")
+    assert again["restored_step"] == MAX_STEPS
+    assert len(mlflow_contents(root)[0]) == 1
+    assert committed_steps(root / "ckpts") == [16, 17]
+
+
+def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tr, _ = trainer(local_config(tmp_path), logger=False, default_root_dir=tmp_path,
+                    callbacks=[ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=5, save_top_k=3,
+                                               monitor="train_loss")])
+    with pytest.raises(ConfigError) as info:
+        tr.fit(Net())
+    message = str(info.value)
+    assert "Remove ModelCheckpoint" in message
+    assert "every_n_train_steps=5 -> roles.resume.every_n_steps: 5" in message
+    assert "save_top_k=3 -> roles.resume.keep_last" in message
+    assert "monitor='train_loss' -> roles.resume.keep_best: {metric: train_loss" in message
+    assert not (tmp_path / "ckpts").exists() and not (tmp_path / "mc").exists()
+
+
+def test_a_config_without_resume_backends_is_refused_at_construction(tmp_path):
+    config = local_config(tmp_path)
+    del config["roles"]["resume"]
+    config["roles"]["final"] = {"backends": ["scratch"]}
+    with pytest.raises(ConfigError, match="roles.resume"):
+        CkptkitCheckpoint(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

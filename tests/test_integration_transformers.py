@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,8 +174,8 @@ def test_a_damaged_newest_copy_is_skipped_for_the_older_one(tmp_path):
 
 
 def test_mlflow_holds_one_model_and_no_checkpoint(tmp_path):
-    """The tracking store gets the final model once, also when the training is started again
-    after it finished; every resume checkpoint stays out of it."""
+    """The tracking store gets the final model once; every resume checkpoint stays out of it
+    (a restart after the end publishing nothing again: the docs example's test)."""
     import mlflow
 
     db = tmp_path / "mlflow" / "mlflow.db"
@@ -194,11 +195,6 @@ def test_mlflow_holds_one_model_and_no_checkpoint(tmp_path):
     assert saved["step"] == MAX_STEPS
     assert json.loads(saved["extra"]["transformers_config"])["n_embd"] == 16
     assert_same(trainer.model, saved["model"])
-
-    # Started again after it finished: it resumes at the end and publishes nothing again.
-    trainer, resumed = train(config, tmp_path / "out")
-    assert resumed == str(tmp_path / "out" / "checkpoint-12")
-    assert len(client.search_model_versions("name='tiny-gpt2'")) == 1
 
 
 def test_hf_mlflow_log_artifacts_is_called_out(tmp_path, monkeypatch, caplog):
@@ -241,6 +237,24 @@ def test_save_files_takes_flat_folders_and_restore_refuses_them(tmp_path):
     info = ck.restore_files(tmp_path / "back" / "{step}")
     assert (info.step, (tmp_path / "back" / "4" / "weights.bin").read_bytes()) == (4, b"w" * 1000)
     ck.close()
+
+
+def test_the_docs_example_runs_and_resumes(tmp_path, monkeypatch):
+    """The example of docs/integrations.md, run twice as a user would: the second run resumes
+    at the end, where the Trainer runs one more step (24 steps end inside an epoch), and
+    publishes nothing again."""
+    import mlflow
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = text[text.index("## Hugging Face Transformers"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "docs_example"})
+    assert steps(tmp_path / "checkpoints" / "tiny-gpt2") == [16, 24]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-gpt2'")] == ["1"]
 
 
 @pytest.fixture(scope="module")

@@ -52,11 +52,12 @@ class Net(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
 
 
-def trainer(config, devices: int = 1, callbacks=(), **kwargs) -> tuple[pl.Trainer, CkptkitCheckpoint]:
+def trainer(config, devices: int = 1, callbacks=(), max_steps: int = MAX_STEPS, **kwargs
+            ) -> tuple[pl.Trainer, CkptkitCheckpoint]:
     ckpt = CkptkitCheckpoint(config)
     # Every rank iterates the whole loader (no DistributedSampler), so that epochs end where they
     # do in one process.
-    return pl.Trainer(max_steps=MAX_STEPS, accelerator="cpu", devices=devices,
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices,
                       strategy="ddp" if devices > 1 else "auto", use_distributed_sampler=False,
                       enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[*callbacks, ckpt], **kwargs), ckpt
@@ -310,6 +311,23 @@ def test_the_tracking_store_holds_the_final_model_once_and_no_checkpoint(referen
     assert again["restored_step"] == MAX_STEPS
     assert len(mlflow_contents(root)[0]) == 1
     assert committed_steps(root / "ckpts") == [16, 17]
+
+
+def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_path):
+    config = local_config(tmp_path, every=4, final={"type": "local", "path": str(tmp_path / "final")})
+    for run in range(2):
+        tr, ckpt = trainer(config, max_steps=6, logger=False, default_root_dir=tmp_path)
+        tr.fit(Net())
+        assert tr.global_step == 6
+        published = next((tmp_path / "final").rglob("final_model.pt")).stat()
+        if run == 0:
+            first = published
+            assert ckpt.restored_step is None
+    # The end of fit (step 6, not a due step) was saved; the second run restored it and published
+    # nothing: the final file is the same one, never written again.
+    assert ckpt.restored_step == 6
+    assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert committed_steps(tmp_path / "ckpts") == [4, 6]
 
 
 def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_path):

@@ -120,18 +120,11 @@ class CkptkitCheckpoint(Checkpoint):
         self.manager: CheckpointManager | None = None
         self.restored_step: int | None = None
         self._last_saved: int | None = None
-        self._finalized_step: int | None = None
         self._pending_rng: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(run_name=self.run_name or self.config.run_name)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"finalized_step": self._finalized_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._finalized_step = state_dict.get("finalized_step")
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -254,16 +247,12 @@ class CkptkitCheckpoint(Checkpoint):
             return
         step = trainer.global_step
         if self.finalize and self.manager.config.final is not None:
-            if self._finalized_step == step:
-                log.info("ckptkit: the final model of step %d was published before this fit was resumed", step)
-            else:
-                params = self.params if self.params is not None else _plain_params(pl_module.hparams)
-                self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
-                                      metrics=_plain_metrics(trainer.callback_metrics), params=params)
-                self._finalized_step = step
+            params = self.params if self.params is not None else _plain_params(pl_module.hparams)
+            self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
+                                  metrics=_plain_metrics(trainer.callback_metrics), params=params)
         if step != self._last_saved and step > 0:
-            # The end of fit is resumable too, and records that the final model was published:
-            # running the finished fit again then publishes nothing.
+            # The end of fit is resumable too: running the finished fit again restores a finished
+            # loop, which Lightning skips, so nothing is trained or published twice.
             self._save(trainer, pl_module, step, force=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -313,7 +313,8 @@ def test_the_tracking_store_holds_the_final_model_once_and_no_checkpoint(referen
     assert committed_steps(root / "ckpts") == [16, 17]
 
 
-def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_path):
+def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = local_config(tmp_path, every=4, final={"type": "local", "path": str(tmp_path / "final")})
     for run in range(2):
         tr, ckpt = trainer(config, max_steps=6, logger=False, default_root_dir=tmp_path)
@@ -330,13 +331,17 @@ def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_p
     assert committed_steps(tmp_path / "ckpts") == [4, 6]
 
 
-def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_path):
+def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever MLflow or Lightning would write lands there
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
 
-    tr, _ = trainer(local_config(tmp_path), logger=False, default_root_dir=tmp_path,
+    # log_model="all" would upload nothing with CkptkitCheckpoint: a warning says so.
+    logger = MLFlowLogger(experiment_name="lit", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_model="all")
+    tr, _ = trainer(local_config(tmp_path), logger=logger, default_root_dir=tmp_path,
                     callbacks=[ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=5, save_top_k=3,
                                                monitor="train_loss")])
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info, pytest.warns(UserWarning, match="uploads nothing"):
         tr.fit(Net())
     message = str(info.value)
     assert "Remove ModelCheckpoint" in message

@@ -27,6 +27,7 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 except ImportError as exc:  # pragma: no cover - the extra is what brings it
     raise ImportError("ckptkit.integrations.lightning needs PyTorch Lightning 2.x: "
@@ -136,17 +137,17 @@ class CkptkitCheckpoint(Checkpoint):
                 f"CkptkitCheckpoint supports a single device and strategy='ddp'; this trainer uses "
                 f"{type(strategy).__name__}, whose checkpoint is sharded or held by its own engine. Use "
                 "ckptkit's CheckpointManager in a loop of your own for FSDP, or remove CkptkitCheckpoint")
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and logger._log_model:
+                warnings.warn("MLFlowLogger(log_model=...) uploads the files ModelCheckpoint writes; with "
+                              "CkptkitCheckpoint there are none, so it uploads nothing. The final model reaches "
+                              "MLflow through roles.final; set log_model=False to say so", UserWarning, stacklevel=2)
         others = [cb for cb in trainer.callbacks if isinstance(cb, Checkpoint) and cb is not self]
         for cb in others:
             if isinstance(cb, ModelCheckpoint):
                 raise ConfigError(self._model_checkpoint_message(cb))
             raise ConfigError(f"{type(cb).__name__} is a second checkpointing callback beside CkptkitCheckpoint: "
                               "two checkpointers would disagree on what to resume; keep one")
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "MLFlowLogger" and getattr(logger, "_log_model", False):
-                warnings.warn("MLFlowLogger(log_model=...) uploads the files ModelCheckpoint writes; with "
-                              "CkptkitCheckpoint there are none, so it uploads nothing. The final model reaches "
-                              "MLflow through roles.final; set log_model=False to say so", UserWarning, stacklevel=2)
 
     @staticmethod
     def _model_checkpoint_message(cb: ModelCheckpoint) -> str:
@@ -246,6 +247,8 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is None:
             return
         step = trainer.global_step
+        # Published first, saved second: a crash between the two trains the last steps again and
+        # publishes again, where the other order could leave a finished fit never published.
         if self.finalize and self.manager.config.final is not None:
             params = self.params if self.params is not None else _plain_params(pl_module.hparams)
             self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,

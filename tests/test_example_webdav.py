@@ -40,10 +40,11 @@ PASSWORD = "dav-Pw-" + uuid.uuid4().hex[:12]
 PASSWORD_ENV = "CKPTKIT_TEST_WEBDAV_PASSWORD"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def webdav_dist(tmp_path_factory):
     """ckptkit-webdav installed from its pyproject: the copy in the environment where one is
-    (tox can install it with the plugins), else a wheel built by pip into a folder on sys.path."""
+    (tox can install it with the plugins), else a wheel built by pip into a folder on sys.path,
+    taken off it after this module so that later tests see only their own distributions."""
     try:
         installed = importlib.metadata.distribution("ckptkit-webdav")
     except importlib.metadata.PackageNotFoundError:

@@ -348,4 +348,5 @@ def test_a_documented_type_that_nothing_declares_names_its_extra(monkeypatch):
 
     monkeypatch.setitem(plugins.KNOWN_EXTRAS, "azure", "azure")
     text = _config_error(ConfigError, _config("azure"))
-    assert 'install it with: pip install "ckptkit[azure]"' in text and "switched off" not in text
+    assert 'pip install ".[azure]" ./plugins/ckptkit-azure' in text and "switched off" not in text
+    assert 'pip install --index-url URL "ckptkit[azure]"' in text and "docs/install.md" in text

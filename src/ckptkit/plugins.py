@@ -274,7 +274,11 @@ class CkptkitPluginManager(pluggy.PluginManager):
                              f"(unset {DISABLE_AUTOLOAD_ENV}, or add the type with add_backend_type)")
         hints += _dists_without_entry_point(name)
         if not hints and name in KNOWN_EXTRAS:
-            hints.append(f'install it with: pip install "ckptkit[{KNOWN_EXTRAS[name]}]"')
+            extra = KNOWN_EXTRAS[name]
+            # Never from the public index alone: the name ckptkit there is another project's.
+            hints.append(f'install it from a checkout with: pip install ".[{extra}]" ./plugins/ckptkit-{extra}, '
+                         f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" '
+                         "(see docs/install.md)")
         if not hints:
             near = difflib.get_close_matches(name, list(self.backend_types), n=1)
             if near:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -107,3 +108,20 @@ def third_party_dist(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     yield site
     sys.modules.pop("ckptkit_memo", None)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals_put_back(monkeypatch):
+    """The frameworks under test (Lightning's MLFlowLogger, the Trainer's MLflow callback) set
+    MLflow's process-wide tracking and registry URIs; put them back after each test, so that a
+    later test's MLflow calls reach its own store."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)

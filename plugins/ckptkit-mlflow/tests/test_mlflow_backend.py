@@ -443,7 +443,10 @@ def test_log_pytorch_model_is_the_only_copy(tmp_path, embedded_uri, monkeypatch)
     paths = [p for p, _ in _files(client, run.info.run_id)]
     assert "checkpoints/model/MLmodel" in paths
     assert not any(p.endswith("final_model.pt") for p in paths)
+    # A URI set by an earlier test in this process (the frameworks' MLflow loggers set one) wins
+    # over the environment: set both; the conftest puts them back.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_uri)
+    mlflow.set_tracking_uri(embedded_uri)
     mlflow.set_registry_uri(embedded_uri)
     loaded = mlflow.pytorch.load_model(ref.uri)
     x = torch.randn(3, 8)

@@ -433,10 +433,13 @@ class CheckpointManager:
     def _store_full(self, payload: Payload, state: dict[str, Any], extra: dict[str, Any]
                     ) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
         """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises."""
+        files = (PayloadFile(STATE_FILE, write=torch_writer(state)), PayloadFile(EXTRA_FILE, write=torch_writer(extra)))
+        return self._store(attrs.evolve(payload, files=files))
+
+    def _store(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
+        """Rank 0: commit ``payload`` to every resume backend, then prune. Never raises."""
         try:
-            files = (PayloadFile(STATE_FILE, write=torch_writer(state)), PayloadFile(EXTRA_FILE, write=torch_writer(extra)))
-            full = attrs.evolve(payload, files=files)
-            saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, full, "save_resume",
+            saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, payload, "save_resume",
                                                 step=payload.step)
             self._prune_after(saved, payload.step, payload.metrics)
             return payload.step, saved, failures
@@ -864,25 +867,12 @@ class CheckpointManager:
             self._check_run(step)
         payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
                           files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
-                          metrics=_metrics(metrics), world_size=ranks.world_size())
-        status, result = self.coll.on_rank0(f"save_files step {step}: write", self._store_files, payload)
+                          metrics=_metrics(metrics), world_size=ranks.world_size(),
+                          mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None)
+        status, result = self.coll.on_rank0(f"save_files step {step}: write", self._store, payload)
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
         return saved
-
-    def _store_files(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
-        """Rank 0: copy a ``save_files`` payload to every resume backend, then prune. Never raises."""
-        try:
-            full = attrs.evolve(payload, mlflow_run_id=self._tracking_run_id())
-            saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, full, "save_resume",
-                                                step=payload.step)
-            self._prune_after(saved, payload.step, payload.metrics)
-            return payload.step, saved, failures
-        except Exception as exc:
-            failure = exc if isinstance(exc, CkptkitError) else CkptkitError(f"{type(exc).__name__}: {exc}")
-            if failure is not exc:
-                failure.__cause__ = exc
-            return payload.step, [], {"(all)": failure}
 
     def restore_files(self, dest: str | os.PathLike) -> CheckpointInfo | None:
         """Put the files of the newest intact checkpoint across the resume backends into a folder.

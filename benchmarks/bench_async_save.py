@@ -4,7 +4,10 @@ Same process, same 1 GiB model, same local folder, alternating. For the async ca
 the time ``save`` blocks (staging into CPU buffers; the first save allocates them, later ones
 reuse them) and, separately, how long the background write then took.
 
-    python benchmarks/bench_async_save.py [--size-gib 1] [--dir /var/tmp] [--rounds 3]
+    python benchmarks/bench_async_save.py [--size-gib 1] [--dir /var/tmp] [--rounds 3] [--device cuda]
+
+With ``--device cuda`` the model lives on the GPU, so the async save stages into pinned host
+buffers and the sync save copies to the host as it writes.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the model lives: cpu or cuda")
     args = parser.parse_args()
-    model = build_model(args.size_gib)
+    model = build_model(args.size_gib).to(args.device)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     folder = tempfile.mkdtemp(prefix="ckptkit-async-", dir=args.dir)
     sync_ck, async_ck = manager(f"{folder}/sync", False), manager(f"{folder}/async", True)

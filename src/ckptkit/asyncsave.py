@@ -27,6 +27,7 @@ class AsyncSaver:
         self._stager = Stager()
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._copies: list[torch.cuda.Event] = []
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
               copy_always: tuple[str, ...]) -> dict[str, Any]:
@@ -38,14 +39,22 @@ class AsyncSaver:
         """
         live = live_storages(model, optimizer)
         staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,)) for k, v in state.items()}
-        self._stager.wait()
+        # Copies from a GPU are queued, not waited for: the writer thread waits before it reads.
+        self._copies = self._stager.record()
         return staged
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
-        self._pending = self._writer.submit(write, *args)
+        copies, self._copies = self._copies, []
+        self._pending = self._writer.submit(self._after_copies, copies, write, *args)
+
+    @staticmethod
+    def _after_copies(copies: list[torch.cuda.Event], write: Callable[..., Outcome], *args: Any) -> Outcome:
+        for event in copies:
+            event.synchronize()
+        return write(*args)
 
     def collect(self, caller: str) -> Outcome | None:
         """The outcome of the save in flight, once it is done, on every rank (collective);

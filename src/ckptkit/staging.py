@@ -67,12 +67,23 @@ class Stager:
             return type(obj)(self.stage(v, live, path + (i,)) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
-    def wait(self) -> None:
-        """Wait for the device-to-host copies queued by ``stage`` on every device: the buffers
-        are complete after it."""
+    def record(self) -> list[torch.cuda.Event]:
+        """Events that complete once the device-to-host copies queued by ``stage`` are done, one
+        per device. They are recorded on each device's current stream, so training work queued
+        after them runs after the copies and cannot change what is copied; the caller need not
+        wait, and whoever reads the buffers synchronizes on the events first."""
+        events = []
         for device in self._copying:
-            torch.cuda.synchronize(device)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
         self._copying.clear()
+        return events
+
+    def wait(self) -> None:
+        """Wait for the device-to-host copies queued by ``stage``: the buffers are complete after it."""
+        for event in self.record():
+            event.synchronize()
 
     @property
     def nbytes(self) -> int:

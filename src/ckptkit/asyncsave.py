@@ -50,11 +50,11 @@ class AsyncSaver:
         copies, self._copies = self._copies, []
         self._pending = self._writer.submit(self._after_copies, copies, write, *args)
 
-    @staticmethod
-    def _after_copies(copies: list[torch.cuda.Event], write: Callable[..., Outcome], *args: Any) -> Outcome:
+    def _after_copies(self, copies: list[torch.cuda.Event], write: Callable[..., Outcome], *args: Any) -> Outcome:
         for event in copies:
             event.synchronize()
-        return write(*args)
+        # The first save from a GPU may hand over device snapshots (see staging).
+        return write(*(self._stager.materialize(a) for a in args))
 
     def collect(self, caller: str) -> Outcome | None:
         """The outcome of the save in flight, once it is done, on every rank (collective);

@@ -128,7 +128,10 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=min(2, torch.cuda.device_count()))
     parser.add_argument("--cpu", action="store_true",
                         help="check this script itself without a GPU: the resume check on gloo, CPU tensors")
+    parser.add_argument("--checks", default="cycle,resume,pinned",
+                        help="which checks to run, comma-separated (default: cycle,resume,pinned)")
     args = parser.parse_args()
+    checks = set(args.checks.split(","))
     if args.cpu:
         ok, detail, took = resume_exactly(2, cuda=False)
         print(f"{'PASS' if ok else 'FAIL'}  resume (cpu, gloo)  {took:6.1f}s  {detail}")
@@ -137,11 +140,14 @@ def main() -> int:
         print("no CUDA device: these checks need a GPU", file=sys.stderr)
         return 1
     failed = 0
-    for wrap, fmt in (("fsdp1", "torch"), ("fsdp1", "dcp"), ("fsdp2", "torch"), ("fsdp2", "dcp"), ("ddp", "torch")):
+    cycles = (("fsdp1", "torch"), ("fsdp1", "dcp"), ("fsdp2", "torch"), ("fsdp2", "dcp"), ("ddp", "torch"))
+    for wrap, fmt in cycles if "cycle" in checks else ():
         ok, detail, took = run(args.nproc, wrap, fmt)
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {wrap:6} format={fmt:5} {took:6.1f}s  {detail}")
     for label, check in (("resume", lambda: resume_exactly(args.nproc)), ("pinned", pinned_staging)):
+        if label not in checks:
+            continue
         ok, detail, took = check()
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {label:19} {took:6.1f}s  {detail}")

@@ -233,6 +233,7 @@ class CheckpointManager:
         self._verified: set[int] = set()
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
+        self._swept = False  # scratch folders of killed processes removed by this manager's first restore
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | Mapping | Config, run_name: str | None = None,
@@ -625,7 +626,9 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        reading.sweep_scratch()
+        if not self._swept:  # once: listing the temporary folder costs about as much as a small restore
+            reading.sweep_scratch()
+            self._swept = True
         safe_globals = list(safe_globals)
         status, listing = self.coll.on_rank0("restore: list", self.reader.list_all)
         if status == "error":
@@ -685,13 +688,15 @@ class CheckpointManager:
         outcome = None
         if ranks.rank() == 0:
             try:
-                with reading.scratch("restore") as workdir:
-                    folder = self.reader.fetch(ref, manifest, workdir)
-                    state = reading.load(os.path.join(folder, STATE_FILE), ref, safe_globals)
-                    if EXTRA_FILE in manifest.files:
-                        saved_extra = reading.load(os.path.join(folder, EXTRA_FILE), ref, safe_globals)
-                    else:  # checkpoints from before extra had a file of its own
-                        saved_extra = state.pop("extra", {})
+                # Every file of the checkpoint, each verified before any of it is applied below.
+                loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals)
+                if STATE_FILE not in loaded:
+                    raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {STATE_FILE}")
+                state = loaded[STATE_FILE]
+                if EXTRA_FILE in loaded:
+                    saved_extra = loaded[EXTRA_FILE]
+                else:  # checkpoints from before extra had a file of its own
+                    saved_extra = state.pop("extra", {})
                 if optimizer is not None and "optimizer" not in state:
                     raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                                       "optimizer=); restore it without optimizer=")

@@ -13,10 +13,11 @@ Anything else is a bug and propagates as it is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from . import safeload
 from .checkpoint import CheckpointRef
@@ -29,7 +30,7 @@ from .errors import (
     StorageUnavailableError,
     UnsafeCheckpointError,
 )
-from .hashing import algorithm_of, copy_hashed, hash_stream
+from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream
 from .manifest import FileEntry, Manifest
 from .retry import RetriesExhausted, RetryPolicy
 from .roles import Role
@@ -41,6 +42,10 @@ SCRATCH_PREFIX = "ckptkit-scratch-"
 
 # Worth trying an older checkpoint after these; everything else is raised.
 SKIPPABLE = (CorruptCheckpointError, StorageUnavailableError)
+# Below this size a local file is hashed before it is loaded; above it, on a second thread while it loads.
+_THREAD_MIN = 1024 * 1024
+# A local file is hashed in reads of this size: a buffer that stays in the CPU's cache.
+_READ_CHUNK = 1024 * 1024
 
 
 def storage_failure(backend: str, what: str, exc: BaseException) -> CkptkitError:
@@ -115,27 +120,75 @@ class Reader:
         for name in names:
             entry = manifest.files[name]
 
-            def read(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
-                with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
-                    return hash_stream(f, algorithm_of(entry.digest))
-
-            size, digest = self.reading(ref, name, read)
-            _compare(ref, name, entry, size, digest)
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest))
+            _compare(ref, name, entry, *self.reading(ref, name, read))
 
     def fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
         """A local folder holding the checkpoint's verified files."""
         if ref.local_dir:
             self.check_files(ref, manifest, manifest.files)
             return ref.local_dir
-        for name, entry in manifest.files.items():
-            def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
-                with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
-                        open(os.path.join(workdir, name), "wb") as dst:
-                    return copy_hashed(src, dst, algorithm_of(entry.digest))
-
-            size, digest = self.reading(ref, name, copy)
-            _compare(ref, name, entry, size, digest)
+        for name in manifest.files:
+            self.download(ref, manifest, name, workdir)
         return workdir
+
+    def load_files(self, ref: CheckpointRef, manifest: Manifest, names: Sequence[str],
+                   safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+        """Files ``names`` of ``ref``, each checked against ``manifest`` and loaded weights-only.
+
+        Returns only once every one of them matched its size and checksum, so a caller may apply
+        what it gets; raises ``CorruptCheckpointError`` for a file that does not match (whatever
+        loading it gave), else the load's own error, naming the checkpoint. Every byte is read
+        from storage once: a local file is hashed on a second thread while the caller's thread
+        loads it (both read it from the page cache); a remote one is downloaded into a scratch
+        folder while it is hashed, and loaded from there.
+        """
+        safe_globals = list(safe_globals)
+        if not ref.local_dir:
+            with scratch("load") as workdir:
+                for name in names:
+                    self.download(ref, manifest, name, workdir)
+                return {name: load(os.path.join(workdir, name), ref, safe_globals) for name in names}
+        hashes: dict[str, Any] = {}
+        for name in sorted(names, key=lambda n: manifest.files[n].size):
+            entry = manifest.files[name]
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1))
+            if entry.size >= _THREAD_MIN:
+                hashes[name] = hash_pool().submit(self.reading, ref, name, read)
+            else:  # hashing it costs less than handing it to a thread: verified before it is loaded
+                _compare(ref, name, entry, *self.reading(ref, name, read))
+        loaded: dict[str, Any] = {}
+        failure: Exception | None = None
+        try:
+            # The weights-only unpickler runs on bytes not yet verified. That is safe because it
+            # runs nothing stored in them, and nothing loaded is returned, let alone applied to a
+            # model or optimizer, before the digests below matched.
+            for name in names:
+                loaded[name] = load(os.path.join(ref.local_dir, name), ref, safe_globals)
+        except Exception as exc:
+            failure = exc
+        finally:
+            for name, pending in hashes.items():
+                _compare(ref, name, manifest.files[name], *pending.result())
+        if failure is not None:
+            raise failure
+        return loaded
+
+    def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK) -> tuple[int, str]:
+        with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
+            return hash_stream(f, algorithm, chunk)
+
+    def download(self, ref: CheckpointRef, manifest: Manifest, name: str, workdir: str) -> str:
+        """Copy file ``name`` of ``ref`` into ``workdir``, checked against ``manifest``; return its path."""
+        entry = manifest.files[name]
+        path = os.path.join(workdir, name)
+
+        def copy() -> tuple[int, str]:
+            with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, open(path, "wb") as dst:
+                return copy_hashed(src, dst, algorithm_of(entry.digest))
+
+        _compare(ref, name, entry, *self.reading(ref, name, copy))
+        return path
 
     def reading(self, ref: CheckpointRef, name: str, read: Callable[[], T]) -> T:
         """``read()`` of one file, retried whole by the backend's policy on transient errors.

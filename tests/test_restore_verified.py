@@ -1,0 +1,89 @@
+"""Restore verifies every file before anything reaches the model, also now that a local file is
+hashed on a second thread while it loads (large files) or just before it loads (small ones)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, CorruptCheckpointError
+from ckptkit.manager import STATE_FILE
+
+from ckpt_helpers import assert_same_state, local_config, train_step
+
+# Small: hashed before it is loaded; large (over 1 MiB): hashed on a second thread meanwhile.
+SIZES = {"small": 16, "large": 512}
+
+
+def make(width: int, seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def snapshot(model, opt):
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": [{n: t.clone() if torch.is_tensor(t) else t for n, t in opt.state[p].items()}
+                          for p in model.parameters() if p in opt.state]}
+
+
+def save_steps(tmp_path, pm, width, steps):
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make(width, 0)
+    states = {}
+    for step in steps:
+        train_step_wide(model, opt, width)
+        ck.save(step=step, model=model, optimizer=opt)
+        states[step] = snapshot(model, opt)
+    ck.close()
+    return states
+
+
+def train_step_wide(model, opt, width):
+    if width == 16:
+        return train_step(model, opt)
+    loss = model(torch.randn(8, width)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def state_file(tmp_path, step):
+    return tmp_path / "scratch" / "exp" / f"step-{step:010d}" / STATE_FILE
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_flipped_byte_is_refused_and_nothing_is_applied(tmp_path, pm, size):
+    width = SIZES[size]
+    save_steps(tmp_path, pm, width, [0])
+    path = state_file(tmp_path, 0)
+    assert (path.stat().st_size > 1024 * 1024) == (size == "large")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # tensor bytes: torch.load reads them without complaint
+    path.write_bytes(bytes(data))
+    model, opt = make(width, 7)
+    train_step_wide(model, opt, width)
+    before = snapshot(model, opt)
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match="checksum"), \
+            pytest.raises(CorruptCheckpointError, match="none could be restored"):
+        ck.restore(model, opt)
+    assert_same_state(snapshot(model, opt), before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_tampered_pickle_counts_as_corrupt_and_the_older_one_is_restored(tmp_path, pm, size):
+    """A changed global name in the pickle makes the load refuse it as unsafe, which is never
+    skipped; but the file also fails its checksum, and that decides: skipped, older restored."""
+    width = SIZES[size]
+    states = save_steps(tmp_path, pm, width, [0, 1])
+    path = state_file(tmp_path, 1)
+    data = path.read_bytes()
+    assert b"_rebuild_tensor_v2" in data
+    path.write_bytes(data.replace(b"_rebuild_tensor_v2", b"_rebuild_tensor_v9"))
+    model, opt = make(width, 7)
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match=r"step-0000000001.*checksum"):
+        restored = ck.restore(model, opt)
+    assert restored.step == 0
+    assert_same_state(snapshot(model, opt), states[0])

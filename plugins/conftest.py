@@ -61,6 +61,8 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
+        # (method, path, body bytes sent back) of each request answered by the server
+        self.responses: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
         proxy = self
 
@@ -118,6 +120,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                with proxy.lock:
+                    proxy.responses.append((self.command, self.path, 0 if self.command == "HEAD" else len(data)))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
 
@@ -146,6 +150,7 @@ class FaultProxy:
         with self.lock:
             self.faults.clear()
             self.requests.clear()
+            self.responses.clear()
 
     def close(self) -> None:
         self.server.shutdown()

@@ -222,8 +222,10 @@ def test_what_ranks_saved_restores_into_a_plain_model_in_one_process(saved_on_tw
         assert report == {"step": 3, "sched_epoch": 3, "diffs": []}, name
 
 
-def test_reshard_one_process_to_two_ranks(tmp_path):
-    cfg = config(tmp_path, "dcp")
+@pytest.mark.parametrize("where", ["local", "archive"])
+def test_reshard_one_process_to_two_ranks(tmp_path, where, request):
+    """From S3, each rank downloads the files its part of the state needs, checked, and loads those."""
+    cfg = config(tmp_path, "dcp", resume=(where,), s3=request.getfixturevalue("s3") if where == "archive" else None)
     launch(1, "save", tmp_path, {"config": cfg, "wrap": "plain"})
     results = launch(2, "restore", tmp_path, {"config": cfg, "wrap": "fsdp2"})
     assert [r["restored_step"] for r in results] == [1, 1]

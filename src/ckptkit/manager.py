@@ -16,6 +16,7 @@ import warnings
 from typing import Any, Iterable, Mapping
 
 import attrs
+import fsspec
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -716,7 +717,13 @@ class CheckpointManager:
         return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
     def _restore_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
-        """Each rank checks a share of the files, then every rank reads the shards it needs."""
+        """Every file is verified before DCP writes any of it into the model: from local storage,
+        each rank checks a share of the files, then every rank reads the shards it needs in place;
+        from remote storage, each rank downloads the files it reads into a scratch folder, checking
+        them on the way, and DCP reads those copies, so no byte is fetched twice by one rank."""
+        if not ref.local_dir:
+            with reading.scratch("restore") as workdir:
+                return self._restore_sharded_copies(ref, manifest, model, optimizer, safe_globals, workdir)
         backend = self.router.instances[ref.backend]
         names = sorted(manifest.files)
         problem = None
@@ -734,31 +741,97 @@ class CheckpointManager:
         except Exception as exc:
             problem = exc
         # DCP's collectives run on ckptkit's group: every rank enters them, or none does.
-        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: open", ranks.portable(problem))
-                    if p is not None]
-        if problems:
-            if all(isinstance(p, SKIPPABLE) for p in problems):
-                return "; ".join(str(p) for p in problems), None
-            raise problem if problem is not None else problems[0]
+        skip = self._agree_sharded(ref, "open", problem)
+        if skip is not None:
+            return skip, None
         state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
-        try:
-            sharded.load(state, opened, ref.path, safe_globals, process_group=self.coll.group)
-        except (Exception, CheckpointException) as exc:
-            inner = _unwrap(exc)
-            if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
-                raise inner from None
-            if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in fanout.first_line(exc):
-                raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
-                                                  "optimizer=); restore it without optimizer=") from None
-            raise IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
-                                              f"model: {fanout.first_line(exc)}") from exc
+        self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
         mine = rank_extra_file(ranks.rank())
         own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
-        holders = frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))
-                            if rank_extra_file(r) in manifest.files)
-        return None, (saved_extra, own, holders)
+        return None, (saved_extra, own, self._extra_holders(manifest))
+
+    def _restore_sharded_copies(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals,
+                                workdir: str):
+        """``_restore_sharded`` from remote storage, through verified copies in ``workdir``."""
+        mine = rank_extra_file(ranks.rank())
+        problem = opened = None
+        try:
+            if EXTRA_FILE not in manifest.files or sharded.METADATA_FILE not in manifest.files:
+                raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {sharded.METADATA_FILE} "
+                                             f"or no {EXTRA_FILE}")
+            self.reader.download(ref, manifest, sharded.METADATA_FILE, workdir)
+            opened = sharded.open_reader(fsspec.filesystem("file"), workdir, name=ref.uri)
+        except Exception as exc:
+            problem = exc
+        skip = self._agree_sharded(ref, "open", problem)
+        if skip is not None:
+            return skip, None
+        state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
+        problem = None
+        try:
+            wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
+        except Exception as exc:
+            wanted, problem = set(), exc
+        plans = self.coll.all_gather(f"restore step {ref.step}: plan", (sorted(wanted), ranks.portable(problem)))
+        failures = [p for _, p in plans if p is not None]
+        if failures:
+            raise self._shards_failure(ref, optimizer, problem or failures[0])
+        # Files that no rank reads are still checked, a share per rank, where they lie.
+        unread = sorted(set(manifest.files) - {sharded.METADATA_FILE}.union(*(names for names, _ in plans)))
+        try:
+            for name in sorted(wanted):
+                if name not in manifest.files:
+                    raise CorruptCheckpointError(f"{ref.uri}: {sharded.METADATA_FILE} points at {name}, "
+                                                 "which its manifest does not list")
+                self.reader.download(ref, manifest, name, workdir)
+            self.reader.check_files(ref, manifest, unread[ranks.rank()::ranks.world_size()])
+        except Exception as exc:
+            problem = exc
+        skip = self._agree_sharded(ref, "check", problem)
+        if skip is not None:
+            return skip, None
+        self._load_shards(ref, state, opened, optimizer, safe_globals)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll)
+        saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
+        own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
+        return None, (saved_extra, own, self._extra_holders(manifest))
+
+    def _agree_sharded(self, ref: CheckpointRef, what: str, problem: BaseException | None) -> str | None:
+        """Every rank's ``problem`` (collective): the reason to skip ``ref`` when all are skippable,
+        None when there were none; raises the first that is not skippable."""
+        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: {what}", ranks.portable(problem))
+                    if p is not None]
+        if not problems:
+            return None
+        if all(isinstance(p, SKIPPABLE) for p in problems):
+            return "; ".join(str(p) for p in problems)
+        raise problem if problem is not None and not isinstance(problem, SKIPPABLE) else next(
+            p for p in problems if not isinstance(p, SKIPPABLE))
+
+    def _load_shards(self, ref: CheckpointRef, state: dict[str, Any], opened, optimizer, safe_globals) -> None:
+        try:
+            sharded.load(state, opened, ref.path, safe_globals, process_group=self.coll.group)
+        except (Exception, CheckpointException) as exc:
+            failure = self._shards_failure(ref, optimizer, exc)
+            raise failure from failure.__cause__
+
+    def _shards_failure(self, ref: CheckpointRef, optimizer, exc: BaseException) -> BaseException:
+        inner = _unwrap(exc)
+        if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
+            return inner
+        if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in fanout.first_line(exc):
+            return IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
+                                               "optimizer=); restore it without optimizer=")
+        error = IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
+                                            f"model: {fanout.first_line(exc)}")
+        error.__cause__ = exc
+        return error
+
+    def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
+        return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))
+                         if rank_extra_file(r) in manifest.files)
 
     def _load_file(self, ref: CheckpointRef, name: str, safe_globals) -> Any:
         """One small verified file of a checkpoint, read straight from its backend and loaded weights-only."""

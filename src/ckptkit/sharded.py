@@ -290,14 +290,27 @@ def reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
     return r
 
 
-def open_reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
-    """A reader whose metadata has been read and checked; typed errors naming ``path``."""
+def open_reader(fs: fsspec.AbstractFileSystem, path: str, name: str | None = None) -> _SafeReader:
+    """A reader whose metadata has been read and checked; typed errors naming ``name`` (default ``path``)."""
     r = reader(fs, path)
     try:
         r.read_metadata()
     except CkptkitError as exc:
-        raise type(exc)(f"{path}: {exc}") from exc
+        raise type(exc)(f"{name or path}: {exc}") from exc
     return r
+
+
+def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
+    """The files of the checkpoint that ``load(state, r, ...)`` reads on this rank (names in its folder).
+
+    DCP's own local plan for ``state``, made from the metadata alone: a rank reads the items its
+    part of the state needs, which may lie in other ranks' files. Raises as ``load`` would for
+    state that the checkpoint cannot fill (a key it does not hold).
+    """
+    metadata = r.read_metadata()
+    planner = SafeLoadPlanner()
+    planner.set_up_planner(state, metadata, is_coordinator=False)
+    return {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
 
 
 def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSystem],

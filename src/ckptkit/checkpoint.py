@@ -47,7 +47,8 @@ class PayloadFile:
 
 @attrs.frozen
 class Payload:
-    """A checkpoint to store: its metadata and its files, written in order, manifest last."""
+    """A checkpoint to store: its metadata and its files, written in order (or up to ``concurrency``
+    at once), manifest last, once every file is stored."""
 
     run_name: str
     step: int
@@ -60,6 +61,9 @@ class Payload:
     world_size: int = 1
     # The model's own settings (``finalize(params=...)``), for a registry to record beside it.
     params: dict[str, Any] = attrs.field(factory=dict)
+    # How many of ``files`` a backend may write at the same time (``roles.resume.write_threads``).
+    # Only a speed hint: a backend that writes them one after the other is just as correct.
+    concurrency: int = 1
 
     def manifest(self, files: dict[str, FileEntry]) -> Manifest:
         """The manifest that commits this payload once ``files`` are stored."""

@@ -150,8 +150,12 @@ class ResumeRole:
     async_: bool = False
     # Keep the best checkpoints by a metric besides the newest ``keep_last``.
     keep_best: KeepBest | None = None
+    # ``format: torch`` only: split the state into this many files of about equal bytes
+    # (``state-00-of-04.pt`` ...; one file keeps the name ``state.pt``), written at the same time
+    # by backends whose client allows it (local, s3, gcs). 1 to 64.
+    write_threads: int = 1
 
-    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "keep_best")
+    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "keep_best", "write_threads")
 
     @classmethod
     def from_dict(cls, data: Any, key: str = "roles.resume") -> ResumeRole:
@@ -163,7 +167,14 @@ class ResumeRole:
         is_async = data.get("async", False)
         if not isinstance(is_async, bool):
             raise ConfigError(f"{key}.async: must be true or false, got {is_async!r}")
+        threads = check_number(f"{key}.write_threads", data.get("write_threads", 1), 1, integer=True)
+        if threads > 64:
+            raise ConfigError(f"{key}.write_threads: at most 64, got {threads}")
+        if threads > 1 and fmt != "torch":
+            raise ConfigError(f"{key}.write_threads: splits a format: torch state into files; with format: {fmt} "
+                              "every rank writes its own shards already, so leave it out")
         return cls(
+            write_threads=threads,
             backends=_backends(f"{key}.backends", data.get("backends")),
             every_n_steps=check_number(f"{key}.every_n_steps", data.get("every_n_steps", 1000), 1, integer=True),
             keep_last=check_number(f"{key}.keep_last", data.get("keep_last", 3), 1, integer=True),

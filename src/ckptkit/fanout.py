@@ -8,9 +8,11 @@ instead of serialising the state again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, BinaryIO, Callable, Iterable
+import threading
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -28,20 +30,41 @@ log = logging.getLogger(__name__)
 EXTRA_FILE = "extra.pt"
 
 
+_crc32_lock = threading.Lock()
+_crc32_off = 0  # torch.save calls in flight that turned torch's crc32 off
+_crc32_before: bool | None = None
+
+
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch's per-record crc32 off while any ckptkit write is in flight, and back as it was after
+    the last one: the option is process-wide, and parts of one state are saved at the same time."""
+    global _crc32_off, _crc32_before
+    get, set_ = (getattr(torch.serialization, n, None) for n in ("get_crc32_options", "set_crc32_options"))
+    if get is None or set_ is None:
+        yield
+        return
+    with _crc32_lock:
+        if _crc32_off == 0:
+            _crc32_before = get()
+            set_(False)
+        _crc32_off += 1
+    try:
+        yield
+    finally:
+        with _crc32_lock:
+            _crc32_off -= 1
+            if _crc32_off == 0:
+                set_(_crc32_before)
+
+
 def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
     """A payload ``write``: ``torch.save(obj)`` streamed into the file it is given."""
     def write(f: BinaryIO) -> None:
         # The stream is checksummed as it is written; torch's own per-record crc32 would read
         # every byte a second time for nothing.
-        get, set_ = (getattr(torch.serialization, n, None) for n in ("get_crc32_options", "set_crc32_options"))
-        before = get() if get else None
-        if set_:
-            set_(False)
-        try:
+        with _without_crc32():
             torch.save(obj, f)
-        finally:
-            if set_:
-                set_(before)
 
     return write
 

@@ -137,7 +137,10 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
     :param payload: the files to write, in order. A file carries either ``write`` (a callable
         that streams the content into an open binary file) or ``source`` (the local path of the
         same bytes) with ``expected`` (their size and checksum). ``payload.manifest(files)``
-        builds the manifest, which must be written last: its presence is the commit.
+        builds the manifest, which must be written last, once every file is stored: its
+        presence is the commit. ``payload.concurrency`` is how many files may be written at
+        the same time (``roles.resume.write_threads``); writing them one after the other is
+        correct too.
 
     :return: a ``CheckpointRef`` to the committed checkpoint. Raise on failure, after removing
         or leaving uncommitted whatever was written; never touch other checkpoints.

@@ -7,6 +7,7 @@ import os
 import posixpath
 import shutil
 import stat
+import threading
 import uuid
 from typing import Any, BinaryIO
 
@@ -21,6 +22,7 @@ from .hashing import HashingWriter, hash_pool
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, no_space, step_dirname, storage_full
+from .writes import stoppable, write_files
 
 
 def local_root(path: Any, key: str) -> str:
@@ -172,6 +174,7 @@ class LocalBackend(FileBackend):
 
     OPTIONS = ("path", "leftover_grace_s")
     keeps_files_locally = True
+    concurrent_writes = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -238,8 +241,12 @@ class LocalBackend(FileBackend):
         try:
             entries = {}
             try:
-                for pf in payload.files:
-                    entries[pf.name] = self._write(pf, os.path.join(tmp, _check_file_name(pf.name)))
+                # Each file into its own temporary file, several at a time when the payload allows;
+                # the commit then fsyncs them all and renames the folder once.
+                entries = write_files(
+                    payload.files,
+                    lambda pf, stop: self._write(pf, os.path.join(tmp, _check_file_name(pf.name)), stop),
+                    self.write_concurrency(payload))
                 target = self._commit(tmp, dirname, payload.manifest(entries))
             finally:
                 with self._lock:
@@ -280,15 +287,17 @@ class LocalBackend(FileBackend):
     def discard_sharded(self, path: str) -> None:
         self._unstage(path, remove=True)
 
-    def _write(self, pf: PayloadFile, path: str) -> FileEntry:
-        """Write one file of a save; it stays open for the commit to fsync with the others."""
+    def _write(self, pf: PayloadFile, path: str, stop: threading.Event | None = None) -> FileEntry:
+        """Write one file of a save; it stays open for the commit to fsync with the others.
+        ``stop`` (set when another file of the save failed) ends the write early."""
         with self._lock:
             written = self._unsynced.get(posixpath.dirname(path))
         f = open(path, "wb")
         if written is not None:
-            written.append(f)
+            with self._lock:
+                written.append(f)
         sink = _EarlyWriteback(f)
-        writer = HashingWriter(sink, hash_pool(), pf.algorithm)
+        writer = HashingWriter(stoppable(sink, stop), hash_pool(), pf.algorithm)
         try:
             pf.write_to(writer)
             size, digest = writer.size, writer.digest()

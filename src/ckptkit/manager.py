@@ -20,7 +20,7 @@ import fsspec
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import fanout, gather, ranks, reading, safeload, sharded
+from . import fanout, gather, ranks, reading, safeload, sharded, split
 from .asyncsave import AsyncSaver
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
@@ -43,10 +43,10 @@ from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
 from .routing import Router
+from .split import STATE_FILE  # noqa: F401  (tools and tests import it from here)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 RANK_EXTRA_KEY = "rank_extra"
 FINAL_FILE = "final_model.pt"
 # The manifest format of a checkpoint committed by ``save_files``: a folder of files ckptkit only
@@ -434,9 +434,16 @@ class CheckpointManager:
 
     def _store_full(self, payload: Payload, state: dict[str, Any], extra: dict[str, Any]
                     ) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
-        """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises."""
-        files = (PayloadFile(STATE_FILE, write=torch_writer(state)), PayloadFile(EXTRA_FILE, write=torch_writer(extra)))
-        return self._store(attrs.evolve(payload, files=files))
+        """Rank 0: write a full checkpoint to every resume backend, then prune. Never raises.
+
+        With ``write_threads`` above 1 the state goes into that many files of about equal bytes,
+        which the backends may write at the same time."""
+        threads = self.resume_role.write_threads
+        parts = split.split(state, threads)
+        files = tuple(PayloadFile(name, write=torch_writer(part))
+                      for name, part in zip(split.part_names(len(parts)), parts))
+        files += (PayloadFile(EXTRA_FILE, write=torch_writer(extra)),)
+        return self._store(attrs.evolve(payload, files=files, concurrency=min(threads, len(files))))
 
     def _store(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
         """Rank 0: commit ``payload`` to every resume backend, then prune. Never raises."""
@@ -596,6 +603,8 @@ class CheckpointManager:
             for name in names:
                 self._load_file(ref, name, safe_globals)
             return manifest
+        if manifest.format == "torch":
+            reading.state_files(ref, manifest)
         with reading.scratch("verify") as workdir:
             folder = self.reader.fetch(ref, manifest, workdir)
             for name in manifest.files:
@@ -691,9 +700,7 @@ class CheckpointManager:
             try:
                 # Every file of the checkpoint, each verified before any of it is applied below.
                 loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals)
-                if STATE_FILE not in loaded:
-                    raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {STATE_FILE}")
-                state = loaded[STATE_FILE]
+                state = split.merge([loaded[n] for n in reading.state_files(ref, manifest)], ref.uri)
                 if EXTRA_FILE in loaded:
                     saved_extra = loaded[EXTRA_FILE]
                 else:  # checkpoints from before extra had a file of its own
@@ -862,9 +869,7 @@ class CheckpointManager:
                     saved_extra = {}  # a trainer's own files: nothing of ckptkit's to read
                 else:
                     # Older checkpoints keep extra inside state.pt: read it all.
-                    with reading.scratch("peek") as workdir:
-                        folder = self.reader.fetch(ref, manifest, workdir)
-                        saved_extra = reading.load(os.path.join(folder, STATE_FILE), ref, safe_globals).get("extra", {})
+                    saved_extra = self.reader.load_state(ref, manifest, safe_globals).get("extra", {})
             except SKIPPABLE as exc:
                 warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
                 skipped.append(exc)
@@ -899,9 +904,7 @@ class CheckpointManager:
                     self.reader.check_files(ref, manifest, manifest.files)
                     model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]
                 else:
-                    with reading.scratch("export") as workdir:
-                        folder = self.reader.fetch(ref, manifest, workdir)
-                        model_state = reading.load(os.path.join(folder, STATE_FILE), ref)["model"]
+                    model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
             except SKIPPABLE as exc:
                 warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
                 continue

@@ -20,10 +20,11 @@ from . import fanout, gather, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
-from .manager import FINAL_FILE, STATE_FILE, CheckpointManager
+from .manager import FINAL_FILE, CheckpointManager
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .redact import redact, secret_values
 from .roles import Role
+from .split import STATE_FILE
 
 
 @attrs.frozen
@@ -201,8 +202,8 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
     if m.format == "dcp":
         # The shards, verified and local by now, put together in this one process.
         state = sharded.load_full(fsspec.filesystem("file"), folder)
-    elif m.format == "torch" and STATE_FILE in m.files:
-        state = reading.load(os.path.join(folder, STATE_FILE), source.ref)
+    elif m.format == "torch":
+        state = reading.load_state(folder, source.ref, m, (), keep=("model",))
     else:
         raise CheckpointError(f"{source.uri}: a {m.format!r} checkpoint without {STATE_FILE} cannot be published")
     dtype = ck.config.final.dtype if ck.config.final is not None else None

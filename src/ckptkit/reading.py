@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from . import safeload
+from . import safeload, split
 from .checkpoint import CheckpointRef
 from .errors import (
     BackendError,
@@ -174,6 +174,13 @@ class Reader:
             raise failure
         return loaded
 
+    def load_state(self, ref: CheckpointRef, manifest: Manifest, safe_globals: Iterable[Any] = (),
+                   keep: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The whole state of a ``torch`` checkpoint: ``state.pt``, or every part of a split state
+        merged into one dict, each file verified and loaded by ``load_files``. ``keep`` keeps only
+        those top-level keys (``export`` needs the model alone)."""
+        return _merged(ref, manifest, lambda names: self.load_files(ref, manifest, names, safe_globals), keep)
+
     def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK) -> tuple[int, str]:
         with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
             return hash_stream(f, algorithm, chunk)
@@ -224,6 +231,30 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = ()) -> Any
         return safeload.load(path, safe_globals)
     except CheckpointError as exc:
         raise type(exc)(f"{ref.uri}: {exc}") from exc
+
+
+def state_files(ref: CheckpointRef, manifest: Manifest) -> list[str]:
+    """The files holding a ``torch`` checkpoint's state: ``state.pt``, or every part of a split
+    state (``roles.resume.write_threads``) in order; ``CorruptCheckpointError`` for any other set."""
+    return split.state_files(manifest.files, f"the manifest of {ref.uri}")
+
+
+def load_state(folder: str, ref: CheckpointRef, manifest: Manifest, safe_globals: Iterable[Any] = (),
+               keep: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The whole state of a ``torch`` checkpoint whose files lie in ``folder``, verified already,
+    merged from its parts; ``keep`` as for ``Reader.load_state``."""
+    return _merged(ref, manifest, lambda names: {n: load(os.path.join(folder, n), ref, safe_globals)
+                                                 for n in names}, keep)
+
+
+def _merged(ref: CheckpointRef, manifest: Manifest, load_all: Callable[[list[str]], dict[str, Any]],
+            keep: tuple[str, ...] | None) -> dict[str, Any]:
+    names = state_files(ref, manifest)
+    loaded = load_all(names)
+    parts = [loaded.pop(n) for n in names]
+    if keep is not None:
+        parts = [{k: v for k, v in p.items() if k in keep} if isinstance(p, dict) else p for p in parts]
+    return split.merge(parts, ref.uri)
 
 
 @contextlib.contextmanager

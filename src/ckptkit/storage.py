@@ -36,6 +36,7 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .redact import describe, redact
 from .retry import RetriesExhausted, RetryPolicy
 from .uploads import Multipart, PartWriter, StreamWriter
+from .writes import stoppable, write_files
 
 STEP_PREFIX = "step-"
 STEP_DIGITS = 10
@@ -154,6 +155,10 @@ class FileBackend:
       written under a temporary name and moved into place, so that an interrupted commit never
       leaves a truncated ``manifest.json``. Keep the default, False, where one write of a small
       object is all or nothing (S3, GCS): the manifest is written straight to its name.
+    - ``concurrent_writes``: the filesystem client may write several files from several threads
+      at once (s3fs, gcsfs and local files may; a client holding one connection may not). A
+      payload split for parallel writing (``Payload.concurrency``) is then written that many
+      files at a time; with the default, False, one after the other.
     - ``uri(path)``: the full address of a path, shown in every message, ref and ``location``;
       override it where ``fs.unstrip_protocol`` leaves out the host (WebDAV, HTTP). It must
       never include credentials.
@@ -168,6 +173,7 @@ class FileBackend:
 
     needs_folders = False
     atomic_move = False
+    concurrent_writes = False
 
     def __init__(self, name: str, fs: fsspec.AbstractFileSystem, root: str,
                  leftover_grace_s: float = DEFAULT_GRACE_S, retry: RetryPolicy | None = None,
@@ -253,10 +259,21 @@ class FileBackend:
                 self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
             current = target
             self._make_folder(target)
-            entries = {}
-            for pf in payload.files:
-                current = posixpath.join(target, _check_file_name(pf.name))
-                entries[pf.name] = self._put(pf, current)
+            failed: list[str] = []
+
+            def put(pf: PayloadFile, stop: threading.Event | None) -> FileEntry:
+                path = posixpath.join(target, _check_file_name(pf.name))
+                try:
+                    return self._put(pf, path, stop)
+                except BaseException:
+                    failed.append(path)
+                    raise
+
+            try:
+                entries = write_files(payload.files, put, self.write_concurrency(payload))
+            except BaseException:
+                current = failed[0] if failed else current
+                raise
             manifest = payload.manifest(entries)
             current = manifest_path
             self._commit_manifest(manifest_path, manifest.to_json())
@@ -321,21 +338,27 @@ class FileBackend:
                               self._call)
         return StreamWriter(lambda: self.fs.open(path, "wb", block_size=self.part_size))
 
-    def _put(self, pf: PayloadFile, path: str) -> FileEntry:
+    def write_concurrency(self, payload: Payload) -> int:
+        """How many files of ``payload`` to write at once: its ``concurrency`` where this store's
+        client may be used from several threads (``concurrent_writes``), else one."""
+        return max(1, payload.concurrency) if self.concurrent_writes else 1
+
+    def _put(self, pf: PayloadFile, path: str, stop: threading.Event | None = None) -> FileEntry:
         """Stream one payload file to ``path``; an aborted write publishes nothing.
 
         A transient failure that the per-request retries did not absorb restarts the file
         from its beginning (serialising again, or rereading the source), within the policy.
+        ``stop`` (set when another file of the checkpoint failed) ends the write early.
         """
-        entry = self._call(f"uploading {self.uri(path)}", self._put_once, pf, path)
+        entry = self._call(f"uploading {self.uri(path)}", self._put_once, pf, path, stop)
         if pf.expected is not None and pf.expected != entry:
             raise CheckpointError(f"{pf.source} changed while it was copied to {self.uri(path)}")
         return entry
 
-    def _put_once(self, pf: PayloadFile, path: str) -> FileEntry:
+    def _put_once(self, pf: PayloadFile, path: str, stop: threading.Event | None = None) -> FileEntry:
         out = self._writer(path)
         try:
-            writer = HashingWriter(out, hash_pool(), pf.algorithm)
+            writer = HashingWriter(stoppable(out, stop), hash_pool(), pf.algorithm)
             pf.write_to(writer)
             size, digest = writer.size, writer.digest()
             out.commit()

@@ -39,15 +39,16 @@ def call_hook(backend: Any, hook: str, **kwargs: Any) -> Any:
 
 
 def payload(run_name: str, step: int, files: dict[str, bytes | Callable[[Any], None]] | None = None,
-            role: str = "resume", format: str = "torch") -> Payload:
-    """A payload of plain bytes (or writer callables), by default one small ``state.pt``."""
+            role: str = "resume", format: str = "torch", concurrency: int = 1) -> Payload:
+    """A payload of plain bytes (or writer callables), by default one small ``state.pt``;
+    ``concurrency`` files may be written at once."""
     files = files if files is not None else {"state.pt": f"state of step {step}".encode() * 20}
 
     def writer(content: bytes | Callable[[Any], None]) -> Callable[[Any], None]:
         return content if callable(content) else (lambda f: f.write(content))
 
     return Payload(run_name=run_name, step=step, epoch=step // 10, format=format, role=role,
-                   metrics={"loss": 1.0 / (step + 1)},
+                   metrics={"loss": 1.0 / (step + 1)}, concurrency=concurrency,
                    files=tuple(PayloadFile(name, write=writer(c)) for name, c in files.items()))
 
 
@@ -228,6 +229,48 @@ class ResumeBackendTests:
             assert not [p for p in self.stored_files(backend) if step_dirname(2) in p], \
                 f"a failed save of {size} bytes left files behind"
             assert self.unfinished_uploads(backend) == []
+
+    def test_a_split_state_written_at_once_round_trips(self, backend):
+        parts = {f"state-{i:02d}-of-04.pt": bytes([i]) * (5000 + i) for i in range(4)}
+        ref = self.save(backend, 4, files={**parts, "extra.pt": b"extra"}, concurrency=4)
+        manifest = call_hook(backend, "read_manifest", ref=ref)
+        assert set(manifest.files) == {*parts, "extra.pt"}
+        for name, data in parts.items():
+            assert manifest.files[name].size == len(data)
+            assert self.read(backend, ref, name) == data
+
+    def test_one_failed_file_among_concurrent_writes_leaves_nothing_committed(self, backend):
+        """With ``Payload.concurrency`` above 1 a backend may write files at the same time; one that
+        fails must still leave no committed checkpoint and nothing behind, the others included."""
+        self.save(backend, 1)
+        stopped: list[BaseException] = []
+
+        def good(f):
+            try:
+                for _ in range(100):
+                    f.write(b"y" * 10_000)
+                    time.sleep(0.002)
+            except BaseException as exc:  # stopped because another file failed: fine
+                stopped.append(exc)
+                raise
+
+        def bad(f):
+            f.write(b"x" * 10_000)
+            time.sleep(0.02)
+            raise RuntimeError("part 2 failed")
+
+        files = {f"state-{i:02d}-of-04.pt": good for i in range(4)}
+        files["state-02-of-04.pt"] = bad
+        with pytest.raises(BackendError) as info:
+            self.save(backend, 2, files={**files, "extra.pt": b"extra"}, concurrency=4)
+        assert info.value.backend == backend.name and "part 2 failed" in str(info.value)
+        assert self.steps(backend) == [1]
+        del info
+        gc.collect()
+        time.sleep(0.3)  # a write still going on after save_resume returned would show up now
+        assert not [p for p in self.stored_files(backend) if step_dirname(2) in p], \
+            "a failed save of a split state left files behind"
+        assert self.unfinished_uploads(backend) == []
 
     def test_saving_a_step_again_replaces_it(self, backend):
         self.save(backend, 3, files={"state.pt": b"old"})

@@ -85,6 +85,8 @@ class GCSBackend(FileBackend):
 
     OPTIONS = RemoteOptions.KEYS
     SCHEME = "gs"
+    # The client is safe to use from several threads: the files of a split state go up at once.
+    concurrent_writes = True
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> GCSBackend:

@@ -94,6 +94,8 @@ class S3Backend(FileBackend):
 
     OPTIONS = RemoteOptions.KEYS
     SCHEME = "s3"
+    # The client is safe to use from several threads: the files of a split state go up at once.
+    concurrent_writes = True
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:

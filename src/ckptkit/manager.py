@@ -863,8 +863,7 @@ class CheckpointManager:
             try:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
-                    self.reader.check_files(ref, manifest, [EXTRA_FILE])
-                    saved_extra = self._load_file(ref, EXTRA_FILE, list(safe_globals))
+                    saved_extra = self.reader.load_files(ref, manifest, [EXTRA_FILE], safe_globals)[EXTRA_FILE]
                 elif manifest.format == FILES_FORMAT:
                     saved_extra = {}  # a trainer's own files: nothing of ckptkit's to read
                 else:

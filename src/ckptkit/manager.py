@@ -10,9 +10,11 @@ import logging
 import operator
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping
 
 import attrs
@@ -235,6 +237,11 @@ class CheckpointManager:
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
         self._swept = False  # scratch folders of killed processes removed by this manager's first restore
+        # Rank 0 prunes after each commit on a thread of its own (with the pid that started it:
+        # a forked child starts its own); every later call of this manager waits for it first.
+        self._pruner: tuple[int, ThreadPoolExecutor] | None = None
+        self._pruning: Future | None = None
+        self._pruning_lock = threading.Lock()  # an async save's writer thread starts prunes too
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | Mapping | Config, run_name: str | None = None,
@@ -272,6 +279,7 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CkptkitError(f"the checkpoint manager of run {self.run_name!r} is closed; build a new one")
+        self._settle_prune()
 
     @property
     def resume_role(self) -> ResumeRole:
@@ -333,6 +341,9 @@ class CheckpointManager:
              extra: Mapping[str, Any] | None = None, force: bool = False,
              rank_extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = ()) -> list[CheckpointRef]:
         """Save a resume checkpoint if ``step`` is due (a multiple of every_n_steps), then prune.
+
+        The prune (keep_last) runs on a thread of rank 0 once the checkpoint is committed; the
+        next call of this manager waits for it, and a failed prune is logged as a warning.
 
         Call it on every rank. Returns the references of the committed copies (on every rank),
         empty when nothing was due. A backend that fails does not stop the others; once all were
@@ -446,8 +457,9 @@ class CheckpointManager:
         return self._store(attrs.evolve(payload, files=files, concurrency=min(threads, len(files))))
 
     def _store(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
-        """Rank 0: commit ``payload`` to every resume backend, then prune. Never raises."""
+        """Rank 0: commit ``payload`` to every resume backend, then start the prune. Never raises."""
         try:
+            self._settle_prune()  # the last save's prune, which may run beside an async write's staging
             saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, payload, "save_resume",
                                                 step=payload.step)
             self._prune_after(saved, payload.step, payload.metrics)
@@ -466,15 +478,18 @@ class CheckpointManager:
                                  failures, saved))
 
     def wait(self) -> list[CheckpointRef]:
-        """Wait for the asynchronous save in flight, if any, and report how it went.
+        """Wait for the asynchronous save in flight, if any, and the prune after the last save,
+        and report how the save went.
 
         Call it on every rank (``save``, ``restore``, ``finalize`` and ``close`` call it). Returns
         the references of what that save committed; raises ``SaveError`` (or warns, with
-        ``on_error="warn"``) on every rank if it failed.
+        ``on_error="warn"``) on every rank if it failed. A failed prune was logged as a warning.
         """
         if self.config.resume is None or not self.config.resume.async_:
+            self._settle_prune()
             return []
         outcome = self._async.collect("wait")
+        self._settle_prune()
         if outcome is None:
             return []
         step, saved, failures = outcome
@@ -482,17 +497,44 @@ class CheckpointManager:
         return saved
 
     def _prune_after(self, saved: list[CheckpointRef], step: int, metrics: dict[str, float]) -> None:
+        """Rank 0: prune the backends that committed ``step``, on the pruning thread.
+
+        The commit is durable before this is called, and pruning it cannot undo it, so the
+        caller goes on at once. The next call of this manager (and the next write, from any
+        thread) waits for the prune first, so a prune never overlaps a save it could take
+        for a leftover, nor a listing or restore; its failures are logged as it runs.
+        """
         if not saved:
             return
+        self._settle_prune()
         self._verified.add(step)
         self._metrics[step] = dict(metrics)
+        with self._pruning_lock:
+            if self._pruner is None or self._pruner[0] != os.getpid():
+                self._pruner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ckptkit-prune"))
+            self._pruning = self._pruner[1].submit(self._prune_backends, list(saved), step,
+                                                   frozenset(self._verified))
+
+    def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int]) -> None:
         for ref in saved:
             try:
                 protected = frozenset({step}) | self.best_steps(ref.backend)
                 self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
-                                 protected_steps=protected, dry_run=False, counted_steps=frozenset(self._verified))
+                                 protected_steps=protected, dry_run=False, counted_steps=counted)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+
+    def _settle_prune(self) -> None:
+        """Wait for the prune after the last save, if it still runs."""
+        pending = self._pruning
+        if pending is None:
+            return
+        try:
+            pending.result()  # failures were logged; anything else is a bug, raised here
+        finally:
+            with self._pruning_lock:
+                if self._pruning is pending:
+                    self._pruning = None
 
     def prune(self, keep_last: int | None = None, dry_run: bool = False) -> PruneResult:
         """Prune every resume backend by hand (what ``ckptkit prune`` does), verifying first.
@@ -591,6 +633,7 @@ class CheckpointManager:
         ``StorageUnavailableError`` or ``UnsafeCheckpointError``. A ``torch`` checkpoint on a
         remote backend is downloaded to a scratch folder for this.
         """
+        self._settle_prune()
         safe_globals = list(safe_globals)
         manifest = self.reader.manifest(ref)
         if manifest.format == "dcp":
@@ -1065,6 +1108,7 @@ class CheckpointManager:
         self.coll.agree(f"finalize step {step}: check state", problem)
         is_async = self.config.resume is not None and self.config.resume.async_
         previous = self._async.collect(f"finalize step {step}") if is_async else None
+        self._settle_prune()
         state = gather.final_state(model, self.config.final.dtype)
         algorithm = algorithm or self.config.algorithm
 
@@ -1114,6 +1158,8 @@ class CheckpointManager:
             finally:
                 self._closed = True
                 self._async.shutdown()
+                if self._pruner is not None and self._pruner[0] == os.getpid():
+                    self._pruner[1].shutdown(wait=True)
                 self.router.close()
 
     def __enter__(self) -> CheckpointManager:

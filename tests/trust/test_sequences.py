@@ -158,6 +158,7 @@ class Sequences(RuleBasedStateMachine):
         step = self.next_step
         newest = self.newest_verifying()
         refs = self.ck.save(step=step, model=model_at(step))
+        self.ck.wait()  # the prune after it runs on a thread of its own
         assert [r.step for r in refs] == [step]
         self.written[step] = self.files(step)
         self.next_step += 1

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
 from ckptkit import CheckpointManager, StorageFullError
 from ckptkit.cli import main as cli_main
+from ckptkit.hookspecs import hookimpl
+from ckptkit.local import LocalBackend, _in_memory
+from ckptkit.plugins import make_plugin_manager
 
 from ckpt_helpers import assert_same_state, local_config, make_model, train_step
 
@@ -72,8 +76,10 @@ def test_the_prune_after_a_save_counts_only_what_this_manager_knows_is_intact(tm
     second.save(step=3, model=model, optimizer=opt)
     # Intact and known: 3 (written) and 1 (restored). The damaged 2 lies between them and is
     # not counted; 0 is older than both kept ones.
+    second.wait()  # the prune after a save runs on a thread of its own
     assert _steps(tmp_path) == [1, 2, 3]
     second.save(step=4, model=model, optimizer=opt)
+    second.wait()
     assert _steps(tmp_path) == [3, 4]
 
 
@@ -95,6 +101,7 @@ def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_pat
         os.utime(folder, (an_hour_ago, an_hour_ago))
     os.utime(mine, (an_hour_ago, an_hour_ago))
     ck.save(step=1, model=model, optimizer=opt)
+    ck.wait()  # the prune after a save runs on a thread of its own
     assert not any(f.exists() for f in old)
     assert young.exists() and mine.exists(), "a young folder may be a save in flight; others are not ours"
     assert _steps(tmp_path) == [0, 1]
@@ -148,3 +155,116 @@ def test_a_full_disk_is_named_and_leaves_nothing(tmp_path, pm, tiny_disk):
     assert isinstance(failure.__cause__, OSError) and "unexpected pos" not in str(failure)
     assert sorted(os.listdir(tiny_disk / "exp")) == ["step-0000000000"], "nothing of the failed save is left"
     assert ck.restore(small).step == 0
+
+
+# -- the prune after a save, off the caller's thread ------------------------------------------
+
+
+class _HeldPrune(LocalBackend):
+    """The local backend, its prune held until the test lets it go; it notes the thread it ran on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+
+    @hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(60), "the test never let the prune go"
+        return super().prune(run_name=run_name, keep_last=keep_last, protected_steps=protected_steps,
+                             dry_run=dry_run, counted_steps=counted_steps)
+
+
+def _in_thread(fn, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001  (handed to the test)
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_save_returns_before_its_prune_and_the_next_write_waits_for_it(tmp_path):
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldprune", _HeldPrune)
+    cfg = local_config(tmp_path, final=False, keep=1)
+    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch"), "leftover_grace_s": 0}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    model, opt = make_model()
+    backend.release.set()
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.wait()
+    backend.release.clear()
+    backend.entered.clear()
+
+    saver, out = _in_thread(ck.save, step=2, model=model, optimizer=opt)
+    saver.join(20)
+    assert not saver.is_alive(), "save waited for its prune"
+    assert [r.step for r in out["result"]] == [2]
+    assert backend.entered.wait(20) and backend.threads[-1].startswith("ckptkit-prune"), backend.threads
+    assert _steps(tmp_path) == [1, 2], "committed before the prune, which has not run yet"
+
+    # The next save waits for that prune before it writes: with no grace period, a prune that
+    # ran beside it would take its temporary folder for a leftover.
+    nxt, out = _in_thread(ck.save, step=3, model=model, optimizer=opt)
+    nxt.join(0.5)
+    run = tmp_path / "scratch/exp"
+    assert nxt.is_alive() and not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    backend.release.set()
+    nxt.join(20)
+    assert not nxt.is_alive() and [r.step for r in out["result"]] == [3], out
+    ck.close()  # waits for the last prune
+    assert _steps(tmp_path) == [3]
+    assert CheckpointManager.from_config(cfg, plugin_manager=pm).list_checkpoints()[0].step == 3
+
+
+def test_the_prune_reads_no_manifest_back_and_a_new_step_is_not_asked_for(tmp_path):
+    """The prune after a save knows the manifest it just committed, and a step above any listed
+    or written is new: neither costs a request. Saving a stored step again still un-commits it
+    first."""
+    from trust.faults import FaultyFileBackend
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faultyfs", FaultyFileBackend)
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["backends"]["scratch"] = {"type": "faultyfs", "path": str(tmp_path / "scratch")}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    calls = ck.router.instances["scratch"].faults.calls
+    model, opt = make_model()
+    for step in range(1, 5):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    kept = ("step-0000000003/", "step-0000000004/")
+    asked = [(op, p) for op, p in calls if op in ("exists", "cat_file") and any(k in p for k in kept)]
+    assert asked == [], asked
+    assert _steps(tmp_path) == [3, 4]
+    del calls[:]
+    ck.save(step=4, model=model, optimizer=opt, force=True)
+    ck.wait()
+    assert ("exists", str(tmp_path / "scratch/exp/step-0000000004/manifest.json")) in calls, calls
+    ck.close()
+    assert CheckpointManager.from_config(cfg, plugin_manager=pm).restore(model, opt).step == 4
+
+
+def test_tmpfs_is_told_from_disk(tmp_path):
+    """fsyncs on tmpfs run inline (nothing to wait for); elsewhere they are issued together."""
+    mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]
+
+    def fstype(path):
+        path = os.path.realpath(path)
+        point, kind = max(((p, k) for p, k in mounts if path == p or path.startswith(p.rstrip("/") + "/")),
+                          key=lambda m: len(m[0]))
+        return kind
+
+    for path in (str(tmp_path), "/dev/shm"):
+        if os.path.isdir(path):
+            assert _in_memory(path) == (fstype(path) in ("tmpfs", "ramfs")), (path, fstype(path))

@@ -192,6 +192,14 @@ class FileBackend:
         self._lock = threading.Lock()
         # Manifests that prune has read, by folder: (the listing's identity of the file, manifest).
         self._manifests: dict[str, tuple[tuple, Manifest]] = {}
+        # Manifests this instance committed and no listing has shown yet, by folder: (their size
+        # in bytes, manifest). The prune after a save takes its own commit from here instead of
+        # reading it back (a request on object stores).
+        self._committed_here: dict[str, tuple[int, Manifest]] = {}
+        # The highest step of each run that a listing showed or this instance wrote, and the
+        # runs listed at least once: a step above it cannot be committed yet (see ``_store``).
+        self._newest_step: dict[str, int] = {}
+        self._listed_runs: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.location}>"
@@ -251,11 +259,19 @@ class FileBackend:
         target = posixpath.join(self.run_path(run_name), dirname)
         manifest_path = posixpath.join(target, MANIFEST_NAME)
         current = manifest_path
+        run, step = self.run_path(run_name), parse_step(dirname)
         with self._lock:
             self._in_flight.add(target)
+            newest = self._newest_step.get(run, -1)
+            unseen = step is not None and run in self._listed_runs and step > newest
+            if step is not None:
+                self._newest_step[run] = max(newest, step)
         try:
-            # Saving a step again: un-commit the old copy before overwriting its files.
-            if self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
+            # Saving a step again: un-commit the old copy before overwriting its files. A step
+            # above any that a listing of the run showed (the prune after each save lists it,
+            # and so does the manager's check before the first) or that this instance wrote is
+            # a new one: asking costs a round trip or two and can only answer no.
+            if not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
                 self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
             current = target
             self._make_folder(target)
@@ -276,7 +292,9 @@ class FileBackend:
                 raise
             manifest = payload.manifest(entries)
             current = manifest_path
-            self._commit_manifest(manifest_path, manifest.to_json())
+            data = manifest.to_json()
+            self._commit_manifest(manifest_path, data)
+            self._remember(target, data, manifest)
         except Exception as exc:
             self._discard(target)
             full = no_space(exc)
@@ -401,7 +419,10 @@ class FileBackend:
                        files: dict[str, FileEntry]) -> CheckpointRef:
         manifest_path = posixpath.join(path, MANIFEST_NAME)
         try:
-            self._commit_manifest(manifest_path, payload.manifest(files).to_json())
+            manifest = payload.manifest(files)
+            data = manifest.to_json()
+            self._commit_manifest(manifest_path, data)
+            self._remember(path, data, manifest)
         except Exception as exc:
             raise self._fail(f"could not commit {self.uri(path)}", exc) from None
         finally:
@@ -431,7 +452,7 @@ class FileBackend:
         try:
             found = self._call(f"listing {self.uri(run)}", self._find, run)
         except FileNotFoundError:
-            return {}
+            found = {}
         except Exception as exc:
             raise StorageUnavailableError(self.name, f"could not list {self.uri(run)}: {self.describe(exc)}") from exc
         folders: dict[str, _Folder] = {}
@@ -451,6 +472,10 @@ class FileBackend:
                 folder.touched(info)
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info
+        listed = [step for step in map(parse_step, folders) if step is not None]
+        with self._lock:
+            self._newest_step[run] = max(self._newest_step.get(run, -1), *listed, -1)
+            self._listed_runs.add(run)
         return folders
 
     def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:
@@ -502,18 +527,32 @@ class FileBackend:
 
     # -- hooks: pruning -------------------------------------------------------------------
 
+    def _remember(self, folder: str, data: bytes, manifest: Manifest) -> None:
+        """Keep the resume manifest just committed at ``folder`` for the prune's first look at it."""
+        if manifest.role != "resume":
+            return
+        with self._lock:
+            self._committed_here[folder] = (len(data), manifest)
+
     def _consistent(self, ref: CheckpointRef, listed: dict[str, Any] | None = None) -> bool:
         """Do the sizes the listing saw agree with the manifest? (No bytes are read.)
 
         ``listed`` is the listing's entry for the manifest file: a manifest read before, whose
         entry still shows the same size, time and inode or etag, is not read again (the prune
         after every save would otherwise read each kept one each time, a request apiece on an
-        object store). A manifest replaced or rewritten shows another entry and is read.
+        object store). A manifest replaced or rewritten shows another entry and is read. One
+        that this instance committed itself is not read back either, when the listing shows it
+        at the size it was written.
         """
         key = _identity(listed)
         cached = self._manifests.get(ref.path)
+        with self._lock:
+            own = self._committed_here.pop(ref.path, None)
         if key is not None and cached is not None and cached[0] == key:
             manifest = cached[1]
+        elif key is not None and own is not None and listed.get("size") == own[0]:
+            manifest = own[1]
+            self._manifests[ref.path] = (key, manifest)
         else:
             try:
                 manifest = self.read_manifest(ref)
@@ -525,7 +564,9 @@ class FileBackend:
             return True
         return all(ref.sizes.get(n) == e.size for n, e in manifest.files.items())
 
-    def _delete(self, path: str) -> None:
+    def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
+        """Delete the checkpoint folder ``path``, its manifest first. ``names``: the other files
+        the listing showed in it, for a store that can delete them without listing again."""
         manifest = posixpath.join(path, MANIFEST_NAME)
         if self._call(f"checking {self.uri(manifest)}", self.fs.exists, manifest):
             self._call(f"deleting {self.uri(manifest)}", self.fs.rm_file, manifest)
@@ -560,9 +601,10 @@ class FileBackend:
         aged = self._aged(run_name, listing, now)
         committed = self._committed(run_name, listing)
         with self._lock:
-            for path in [p for p in self._manifests if posixpath.dirname(p) == self.run_path(run_name)]:
-                if posixpath.basename(path) not in listing:
-                    del self._manifests[path]
+            for known in (self._manifests, self._committed_here):
+                for path in [p for p in known if posixpath.dirname(p) == self.run_path(run_name)]:
+                    if posixpath.basename(path) not in listing:
+                        del known[path]
         for ref in sorted(committed, key=lambda r: r.step, reverse=True):
             consistent = self._consistent(ref, listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME))
             if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
@@ -618,7 +660,7 @@ class FileBackend:
 
     def _delete_or_fail(self, ref: CheckpointRef) -> None:
         try:
-            self._delete(ref.path)
+            self._delete(ref.path, None if ref.sizes is None else list(ref.sizes))
         except FileNotFoundError:
             pass
         except Exception as exc:

@@ -204,6 +204,7 @@ def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
     both = {"scratch": {"type": "local", "path": str(tmp_path)}, "archive": opts}
     ck = manager(pm, both, ["scratch", "archive"])
     ck.save(step=0, model=model())
+    ck.wait()  # the prune after it runs on a thread of its own: done before the fault is armed
     FaultT = type(proxy).__init__.__globals__["Fault"]
     broken = proxy.add(FaultT(lambda m, p: m == "PUT" and "partNumber=3" in p, status=503, times=None))
     caplog.set_level(logging.DEBUG, logger="ckptkit")
@@ -228,9 +229,11 @@ def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
 
 def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
         pm, s3_backend_options, s3_endpoint, bucket):
-    # moto dates every upload in 2010, so every upload here is past any grace period.
+    # moto dates every upload in 2010, so every upload here is past any grace period. They are
+    # made before this backend first lists the run's uploads: one begun after a listing cannot
+    # be stale before a grace period has passed since, so the prune does not list again until
+    # then (moto's dates would contradict that).
     ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
-    ck.save(step=0, model=model())
     fs = s3(s3_endpoint)
     # What a save killed mid-upload leaves: a multipart upload with a part, never completed.
     crashed = "ckpts/run/step-0000000005/state.pt"
@@ -252,6 +255,7 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
                          counted_steps=None) == []
     backend._in_flight.clear()
     ck.save(step=1, model=model())
+    ck.wait()  # the prune after a save runs on a thread of its own
     assert pending() == [foreign], "another run's upload is not this run's to abort"
 
 
@@ -272,3 +276,35 @@ def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_o
     assert "timeout" in str(failure).lower() or "timed out" in str(failure).lower()
     with pytest.raises(StorageUnavailableError, match="archive.*could not be listed"):
         ck.restore(model())
+
+
+def test_a_save_takes_six_requests_and_lists_unfinished_uploads_once_per_grace_period(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """The round trips of a small save, pinned so that they cannot grow unnoticed: the three
+    files, the prune's listing, and the deletion of the checkpoint keep_last lets go (manifest
+    first, then the rest in one batch). Not asked: whether the new step exists (the last listing
+    says it cannot), the manifest just written (the backend knows it), the folder's files again
+    before deleting them, nor the unfinished uploads (none can be stale before the grace period
+    has passed since the last look)."""
+    proxy = make_fault_proxy(moto_port)
+    ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"], keep_last=2)
+    m = model()
+    for step in range(3):
+        ck.save(step=step, model=m)
+    ck.wait()
+    first = list(proxy.requests)
+    assert sum("uploads" in p for _, p in first) == 1, first
+    for step in range(3, 6):
+        proxy.clear()
+        ck.save(step=step, model=m)
+        ck.wait()
+        folder, old = (f"/{bucket}/ckpts/run/step-{s:010d}" for s in (step, step - 2))
+        assert [(method, path.split("?")[0]) for method, path in proxy.requests] == [
+            ("PUT", f"{folder}/state.pt"), ("PUT", f"{folder}/extra.pt"), ("PUT", f"{folder}/{MANIFEST_NAME}"),
+            ("GET", f"/{bucket}"),  # the prune's listing of the run
+            ("DELETE", f"{old}/{MANIFEST_NAME}"), ("POST", f"/{bucket}"),
+        ], proxy.requests
+    assert [r.step for r in ck.list_checkpoints()] == [5, 4]
+    ck.close()
+    restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model(1))
+    assert restored.step == 5

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import posixpath
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import s3fs
 
@@ -48,6 +49,7 @@ _require_this_ckptkit("ckptkit-s3")
 
 from ckptkit.checkpoint import CheckpointRef  # noqa: E402
 from ckptkit.remote import RemoteOptions  # noqa: E402
+from ckptkit.manifest import MANIFEST_NAME  # noqa: E402
 from ckptkit.storage import FINAL_DIR, FileBackend, parse_step  # noqa: E402
 
 __all__ = ["S3Backend"]
@@ -115,8 +117,26 @@ class S3Backend(FileBackend):
         fs.retries = opts.request_retries + 1
         return opts.backend(cls, name, fs)
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Per run: the time before which no unfinished upload can be older than the grace
+        # period, as the last listing of them showed (see ``stale_uploads``).
+        self._uploads_quiet_until: dict[str, float] = {}
+
     def multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
+
+    def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
+        if names is None:
+            return super()._delete(path)
+        # Two requests where a recursive delete takes four: S3 answers the deletion of a
+        # missing key with success, so the manifest is not asked for first, and the files the
+        # prune's listing showed go in one batch without listing the folder again.
+        manifest = posixpath.join(path, MANIFEST_NAME)
+        self._call(f"deleting {self.uri(manifest)}", self.fs.rm_file, manifest)
+        keys = [posixpath.join(path, name) for name in names]
+        if keys:
+            self._call(f"deleting {self.uri(path)}", self.fs.rm, keys)
 
     def stale_uploads(self, run_name: str, in_flight: set[str], now: float
                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:
@@ -125,16 +145,25 @@ class S3Backend(FileBackend):
         S3 keeps their parts (and bills them) until they are aborted. Only uploads into a step
         folder or ``final/`` of this run, older than the grace period and not this process's
         own save in flight, are returned.
+
+        They are listed only when one can have grown old enough: an upload that a listing did
+        not show began after it, so none can be stale before the grace period has passed since
+        that listing, nor before the oldest one it showed reaches the grace period. The prune
+        after each save thus lists them once per grace period, not once per save.
         """
         run = self.run_path(run_name)
+        if math.isfinite(now) and now < self._uploads_quiet_until.get(run, -math.inf):
+            return []
         bucket, key, _ = self.fs.split_path(run)
         prefix = key.rstrip("/") + "/"
         uploads = self._call(f"listing unfinished uploads under {self.uri(run)}", self._list_uploads, bucket, prefix)
         stale = []
+        quiet_until = now + self.leftover_grace_s
         for upload in uploads:
             folder = upload["Key"][len(prefix):].split("/", 1)[0]
             if parse_step(folder) is None and folder != FINAL_DIR:
                 continue
+            quiet_until = min(quiet_until, upload["Initiated"].timestamp() + self.leftover_grace_s)
             if posixpath.join(run, folder) in in_flight:
                 continue
             if now - upload["Initiated"].timestamp() <= self.leftover_grace_s:
@@ -144,6 +173,8 @@ class S3Backend(FileBackend):
                                       "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
                                       UploadId=upload["UploadId"])
             stale.append((ref, abort))
+        if math.isfinite(now):
+            self._uploads_quiet_until[run] = quiet_until
         return stale
 
     def _list_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:

@@ -226,12 +226,12 @@ class FaultyLocalBackend(LocalBackend):
         backend.faults = Faults(plan)
         return backend
 
-    def _write(self, pf, path):
+    def _write(self, pf, path, stop=None):
         if self.faults.take("full", path) is not None:
             os.symlink("/dev/full", path)
         faults = self.faults
         faulty = attrs.evolve(pf, source=None, write=lambda f: pf.write_to(_FaultyStream(f, path, faults)))
-        return super()._write(faulty, path)
+        return super()._write(faulty, path, stop)
 
     def _commit(self, tmp, dirname, manifest):
         self.faults.check("commit", f"{tmp}/manifest.json")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+import uuid
 
+import fsspec
 import pytest
 import torch
 
@@ -13,6 +17,7 @@ from ckptkit import CheckpointManager, ConfigError, CorruptCheckpointError
 from ckptkit import split
 from ckptkit.cli import main
 from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.plugin import FileBackend, Payload, PayloadFile
 from ckptkit.publish import find_source, publish
 
 STEP2 = "scratch/exp/step-0000000002"
@@ -195,3 +200,37 @@ def test_write_threads_is_checked(tmp_path, value, message):
 def test_write_threads_with_dcp_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="roles.resume.write_threads: splits a format: torch state"):
         CheckpointManager.from_config(_config(tmp_path, 2, format="dcp"))
+
+
+class _Serial(FileBackend):
+    """A third-party backend over a client that one thread at a time may use (the default)."""
+
+
+class _Concurrent(FileBackend):
+    concurrent_writes = True
+
+
+@pytest.mark.parametrize("cls, most", [(_Serial, 1), (_Concurrent, 4)])
+def test_a_file_backend_writes_files_at_once_only_when_its_client_allows(cls, most):
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    root = f"/parallel-{uuid.uuid4().hex[:8]}"
+    backend = cls("third", fs, root)
+    lock, now, seen = threading.Lock(), [0], []
+
+    def write(f):
+        with lock:
+            now[0] += 1
+            seen.append(now[0])
+        time.sleep(0.05)
+        f.write(b"part")
+        with lock:
+            now[0] -= 1
+
+    files = tuple(PayloadFile(f"state-{i:02d}-of-04.pt", write=write) for i in range(4))
+    payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=files, concurrency=4)
+    try:
+        ref = backend.save_resume(run_name="r", step=1, payload=payload)
+        assert max(seen) == most
+        assert set(backend.read_manifest(ref=ref).files) == {pf.name for pf in files}
+    finally:
+        fs.rm(root, recursive=True)  # the memory filesystem is one store for the whole process

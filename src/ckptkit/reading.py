@@ -152,7 +152,8 @@ class Reader:
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):
             entry = manifest.files[name]
-            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1))
+            chunk = min(_READ_CHUNK, entry.size + 1)
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), chunk)
             if entry.size >= _THREAD_MIN:
                 hashes[name] = hash_pool().submit(self.reading, ref, name, read)
             else:  # hashing it costs less than handing it to a thread: verified before it is loaded

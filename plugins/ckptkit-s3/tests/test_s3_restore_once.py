@@ -95,3 +95,14 @@ def test_a_flipped_byte_on_s3_is_refused_and_nothing_is_applied(pm, s3_backend_o
             pytest.raises(CorruptCheckpointError, match="none could be restored"):
         manager(pm, s3_backend_options(), fmt).restore(model=m, optimizer=opt)
     assert same(snapshot(m, opt), before)
+
+
+def test_a_sharded_checkpoint_without_optimizer_state_says_so(pm, s3_backend_options):
+    """The plan of what to download is DCP's own, so it refuses what DCP would, before any download."""
+    m, opt = model(1)
+    manager(pm, s3_backend_options(), "dcp").save(step=STEP, model=m)
+    m2, opt2 = model(2)
+    before = snapshot(m2, opt2)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="holds no optimizer state"):
+        manager(pm, s3_backend_options(), "dcp").restore(model=m2, optimizer=opt2)
+    assert same(snapshot(m2, opt2), before)

@@ -439,6 +439,10 @@ class FileBackend:
 
     # -- hooks: reading -------------------------------------------------------------------
 
+    def _strip(self, path: str) -> str:
+        """A path as ``_find`` gives it, without the filesystem's protocol."""
+        return self.fs._strip_protocol(path)
+
     def _find(self, path: str) -> dict[str, dict[str, Any]]:
         # No maxdepth: some stores (s3fs) walk folder by folder when given one, while a plain
         # recursive find is one paginated listing of the prefix. Folders are asked for too: a
@@ -456,9 +460,9 @@ class FileBackend:
         except Exception as exc:
             raise StorageUnavailableError(self.name, f"could not list {self.uri(run)}: {self.describe(exc)}") from exc
         folders: dict[str, _Folder] = {}
-        prefix = self.fs._strip_protocol(run).rstrip("/") + "/"
+        prefix = self._strip(run).rstrip("/") + "/"
         for path, info in found.items():
-            rel = self.fs._strip_protocol(path).rstrip("/")
+            rel = self._strip(path).rstrip("/")
             if not rel.startswith(prefix):
                 continue
             parts = rel[len(prefix):].split("/")

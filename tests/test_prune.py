@@ -227,6 +227,31 @@ def test_save_returns_before_its_prune_and_the_next_write_waits_for_it(tmp_path)
     assert CheckpointManager.from_config(cfg, plugin_manager=pm).list_checkpoints()[0].step == 3
 
 
+def test_best_steps_waits_for_the_prune_that_reads_and_fills_the_same_metrics(tmp_path):
+    """best_steps and the prune after a save both read and fill the manager's metrics by step
+    (the prune calls it on its thread): a call of it while that prune runs waits for it, as
+    every other call of the manager does, instead of racing it on the same dict."""
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldprune", _HeldPrune)
+    cfg = local_config(tmp_path, final=False, keep=1)
+    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
+    cfg["roles"]["resume"]["keep_best"] = {"metric": "loss", "mode": "min"}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    model, opt = make_model()
+    ck.save(step=1, model=model, optimizer=opt, metrics={"loss": 1.0})
+    assert backend.entered.wait(20), "the prune after the save started"
+    asker, out = _in_thread(ck.best_steps, backend="scratch")
+    try:
+        asker.join(0.5)
+        assert asker.is_alive(), "best_steps ran beside the prune that uses the same metrics"
+    finally:
+        backend.release.set()
+    asker.join(20)
+    assert not asker.is_alive() and out.get("result") == frozenset({1}), out
+    ck.close()
+
+
 def test_the_prune_reads_no_manifest_back_and_a_new_step_is_not_asked_for(tmp_path):
     """The prune after a save knows the manifest it just committed, and a step above any listed
     or written is new: neither costs a request. Saving a stored step again still un-commits it

@@ -518,7 +518,7 @@ class CheckpointManager:
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int]) -> None:
         for ref in saved:
             try:
-                protected = frozenset({step}) | self.best_steps(ref.backend)
+                protected = frozenset({step}) | self._best_steps(ref.backend)
                 self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
                                  protected_steps=protected, dry_run=False, counted_steps=counted)
             except Exception as exc:
@@ -584,6 +584,10 @@ class CheckpointManager:
 
         Metrics come from the manifests, each read once per manager.
         """
+        self._settle_prune()  # the prune after a save reads and fills the same metrics, on its thread
+        return self._best_steps(backend)
+
+    def _best_steps(self, backend: str) -> frozenset[int]:
         keep_best = self.resume_role.keep_best
         if keep_best is None:
             return frozenset()

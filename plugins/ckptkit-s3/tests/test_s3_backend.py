@@ -308,3 +308,20 @@ def test_a_save_takes_six_requests_and_lists_unfinished_uploads_once_per_grace_p
     ck.close()
     restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model(1))
     assert restored.step == 5
+
+
+def test_a_pruned_checkpoint_holding_a_file_named_like_a_glob_pattern_is_deleted_whole(
+        pm, s3_backend_options, s3_endpoint, bucket, tmp_path):
+    """save_files keeps a trainer's own file names; one with [ ] * ? is still deleted by the
+    prune (a batch delete through s3fs would read it as a pattern and leave it behind)."""
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=1)
+    folder = tmp_path / "trainer"
+    folder.mkdir()
+    (folder / "rng_state[0].pth").write_bytes(b"rng" * 100)
+    (folder / "model.bin").write_bytes(b"weights" * 100)
+    for step in range(2):
+        ck.save_files(step=step, files=folder)
+    ck.wait()  # the prune after a save runs on a thread of its own
+    left = keys(s3(s3_endpoint), f"{bucket}/ckpts/run")
+    assert left and all("step-0000000001/" in k for k in left), left
+    ck.close()

@@ -3,10 +3,16 @@ hashed on a second thread while it loads (large files) or just before it loads (
 
 from __future__ import annotations
 
+import threading
+import warnings
+
 import pytest
 import torch
 
 from ckptkit import CheckpointManager, CorruptCheckpointError
+from ckptkit.hookspecs import hookimpl
+from ckptkit.local import LocalBackend
+from ckptkit.plugins import make_plugin_manager
 from ckptkit.manager import STATE_FILE
 
 from ckpt_helpers import assert_same_state, local_config, train_step
@@ -87,3 +93,85 @@ def test_a_tampered_pickle_counts_as_corrupt_and_the_older_one_is_restored(tmp_p
         restored = ck.restore(model, opt)
     assert restored.step == 0
     assert_same_state(snapshot(model, opt), states[0])
+
+
+class _Held:
+    """A file of a checkpoint whose first read waits until the test lets it go."""
+
+    def __init__(self, f, backend):
+        self.f, self.backend = f, backend
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        self.backend.closed.set()
+
+    def readinto(self, buf):
+        self.backend.entered.set()
+        assert self.backend.release.wait(60), "the test never let the read go"
+        return self.f.readinto(buf)
+
+
+class _HeldRead(LocalBackend):
+    """The local backend; the read of one file of step 1 (``held``) waits for ``release``."""
+
+    held: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered, self.release, self.closed = threading.Event(), threading.Event(), threading.Event()
+
+    @hookimpl
+    def open_file(self, ref, name):
+        f = super().open_file(ref=ref, name=name)
+        return _Held(f, self) if ref.step == 1 and name == self.held else f
+
+
+def test_a_failed_check_waits_for_the_other_files_hashes_before_restore_goes_on(tmp_path):
+    """When one file of a checkpoint fails its check, the hashes of its other files still running
+    on the hash threads are waited for: restore falls back only once nothing reads the skipped
+    checkpoint any more (no open file, no hash thread left reading it, no error left unseen)."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["write_threads"] = 2
+    ck = CheckpointManager.from_config(cfg)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 600))
+    for step in range(2):
+        ck.save(step=step, model=model)
+    ck.close()
+    folder = tmp_path / "scratch/exp/step-0000000001"
+    parts = sorted(folder.glob("state-*-of-02.pt"), key=lambda p: (p.stat().st_size, p.name))
+    assert len(parts) == 2 and parts[0].stat().st_size > 1024 * 1024, "both hashed on the hash threads"
+    data = bytearray(parts[0].read_bytes())  # checked first: the smaller one
+    data[len(data) // 2] ^= 0xFF
+    parts[0].write_bytes(bytes(data))
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldread", _HeldRead)
+    cfg["backends"]["scratch"]["type"] = "heldread"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    backend.held = parts[1].name
+    out: dict = {}
+
+    def restore():
+        with warnings.catch_warnings(record=True):
+            try:
+                out["result"] = ck.restore(torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 600)))
+            except BaseException as exc:  # noqa: BLE001  (handed to the test)
+                out["error"] = exc
+
+    thread = threading.Thread(target=restore, daemon=True)
+    thread.start()
+    try:
+        assert backend.entered.wait(20), "the held file's hash started"
+        thread.join(0.5)
+        assert thread.is_alive() and not backend.closed.is_set(), \
+            f"restore went on while a hash of the skipped checkpoint still read it: {out}"
+    finally:
+        backend.release.set()
+    thread.join(20)
+    assert not thread.is_alive() and out.get("result") is not None and out["result"].step == 0, out
+    assert backend.closed.is_set()
+    ck.close()

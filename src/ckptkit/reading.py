@@ -17,6 +17,7 @@ import functools
 import os
 import shutil
 import tempfile
+from concurrent import futures
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from . import safeload, split
@@ -169,6 +170,9 @@ class Reader:
         except Exception as exc:
             failure = exc
         finally:
+            # Every hash finished before any check can raise: none goes on reading a skipped
+            # checkpoint (and holding its file open) while the caller moves on.
+            futures.wait(hashes.values())
             for name, pending in hashes.items():
                 _compare(ref, name, manifest.files[name], *pending.result())
         if failure is not None:

@@ -252,6 +252,41 @@ def test_best_steps_waits_for_the_prune_that_reads_and_fills_the_same_metrics(tm
     ck.close()
 
 
+def test_a_forked_child_does_not_wait_for_the_prune_its_parent_was_running(tmp_path):
+    """A process forked while the prune after a save runs has no such thread: its calls of the
+    inherited manager go on instead of waiting forever for a prune that cannot finish there."""
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldprune", _HeldPrune)
+    cfg = local_config(tmp_path, final=False, keep=1)
+    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    model, opt = make_model()
+    try:
+        ck.save(step=1, model=model, optimizer=opt)
+        assert backend.entered.wait(20), "the prune after the save started"
+        pid = os.fork()
+        if pid == 0:  # the child: one call of the manager, then out without running any cleanup
+            code = 1
+            try:
+                code = 0 if [r.step for r in ck.list_checkpoints()] == [1] else 2
+            finally:
+                os._exit(code)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited for its parent's prune")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        backend.release.set()
+    ck.close()
+
+
 def test_the_prune_reads_no_manifest_back_and_a_new_step_is_not_asked_for(tmp_path):
     """The prune after a save knows the manifest it just committed, and a step above any listed
     or written is new: neither costs a request. Saving a stored step again still un-commits it

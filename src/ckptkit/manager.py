@@ -529,6 +529,9 @@ class CheckpointManager:
         pending = self._pruning
         if pending is None:
             return
+        if self._pruner is not None and self._pruner[0] != os.getpid():
+            self._pruning = None  # forked while the parent pruned: that thread does not run here
+            return
         try:
             pending.result()  # failures were logged; anything else is a bug, raised here
         finally:

@@ -44,3 +44,30 @@ def test_private_copies_pass_through_and_live_tensors_are_copied():
     assert staged["momentum"].data_ptr() != momentum.data_ptr()
     view = model.weight[1:]  # a view into a parameter's storage is live, too
     assert Stager().stage({"v": view}, live)["v"].data_ptr() != view.data_ptr()
+
+
+def test_a_staging_copy_that_fails_fails_the_save_instead_of_raising_on_the_writer():
+    """What the writer waits for before it writes (a GPU's queued copies) can fail, with a CUDA
+    error say: the save's outcome carries the failure, the write never runs, and the saver is
+    ready for the next save, so that no rank raises alone outside the collective."""
+    from ckptkit.asyncsave import AsyncSaver
+    from ckptkit.checkpoint import Payload
+    from ckptkit.ranks import Collectives
+
+    class FailingCopy:  # stands for a CUDA event whose wait reports an error
+        def synchronize(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    saver = AsyncSaver(Collectives(timeout_s=5, fingerprint={}))
+    model = torch.nn.Linear(2, 2)
+    written = []
+    saver.stage({"model": model.state_dict()}, model, None, copy_always=())
+    saver._copies = [FailingCopy()]
+    payload = Payload(run_name="r", step=7, epoch=None, format="torch", files=())
+    saver.submit(lambda *args: written.append(args) or (7, ["ref"], {}), payload, {})
+    step, saved, failures = saver.collect("test")
+    assert (step, saved, written) == (7, [], [])
+    assert "illegal memory access" in str(failures["(staging)"]) and "step 7" in str(failures["(staging)"])
+    saver.submit(lambda *args: (8, ["ref"], {}), payload, {})
+    assert saver.collect("test") == (8, ["ref"], {})
+    saver.shutdown()

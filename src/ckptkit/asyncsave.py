@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import ranks
+from .errors import CkptkitError
 from .staging import Stager, live_storages
 
 # (step, the references committed, backend name -> its CkptkitError)
@@ -50,11 +51,18 @@ class AsyncSaver:
         copies, self._copies = self._copies, []
         self._pending = self._writer.submit(self._after_copies, copies, write, *args)
 
-    def _after_copies(self, copies: list[torch.cuda.Event], write: Callable[..., Outcome], *args: Any) -> Outcome:
-        for event in copies:
-            event.synchronize()
-        # The first save from a GPU may hand over device snapshots (see staging).
-        return write(*(self._stager.materialize(a) for a in args))
+    def _after_copies(self, copies: list[torch.cuda.Event], write: Callable[..., Outcome], payload: Any,
+                      *args: Any) -> Outcome:
+        try:
+            for event in copies:
+                event.synchronize()
+            # The first save from a GPU may hand over device snapshots (see staging).
+            args = tuple(self._stager.materialize(a) for a in args)
+        except Exception as exc:  # a CUDA error, no host memory: this save fails, on every rank
+            error = CkptkitError(f"copying the state of step {payload.step} into host memory failed: {exc}")
+            error.__cause__ = exc
+            return payload.step, [], {"(staging)": error}
+        return write(payload, *args)
 
     def collect(self, caller: str) -> Outcome | None:
         """The outcome of the save in flight, once it is done, on every rank (collective);

@@ -171,10 +171,11 @@ class Reader:
             failure = exc
         finally:
             # Every hash finished before any check can raise: none goes on reading a skipped
-            # checkpoint (and holding its file open) while the caller moves on.
+            # checkpoint (and holding its file open) while the caller moves on. The checks come
+            # after this block, so that an interrupt (Ctrl-C) is never replaced by a checksum error.
             futures.wait(hashes.values())
-            for name, pending in hashes.items():
-                _compare(ref, name, manifest.files[name], *pending.result())
+        for name, pending in hashes.items():
+            _compare(ref, name, manifest.files[name], *pending.result())
         if failure is not None:
             raise failure
         return loaded

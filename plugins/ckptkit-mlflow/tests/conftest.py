@@ -103,10 +103,13 @@ def _no_active_run(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        if var in os.environ:
-            monkeypatch.setenv(var, os.environ[var])
-        else:
-            monkeypatch.delenv(var, raising=False)
+        # delenv of an unset variable records nothing to undo, so one that set_registry_uri
+        # exports during the test would stay set for every later test: set it first, so that
+        # the undo removes it again.
+        value = os.environ.get(var)
+        monkeypatch.setenv(var, "" if value is None else value)
+        if value is None:
+            monkeypatch.delenv(var)
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()

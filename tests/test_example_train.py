@@ -122,8 +122,8 @@ WATCH = """
 import sys, runpy
 WRITES = ("w", "a", "x", "+")
 def hook(event, args):
-    if event == "open" and isinstance(args[0], str) and (any(c in str(args[1] or "") for c in WRITES)
-                                                        or (args[2] or 0) & 0o3):
+    if event == "open" and isinstance(args[0], str) and args[0] != "/dev/null" and (
+            any(c in str(args[1] or "") for c in WRITES) or (args[2] or 0) & 0o3):
         sys.stderr.write(f"TOUCHED open {args[0]} {args[1]}\\n")
     elif event == "socket.bind" and args[1][1] == 0:
         pass  # urllib3 binds ::1 port 0 at import to learn whether IPv6 works: no traffic

@@ -263,3 +263,33 @@ def test_prune_dry_run_from_the_cli_deletes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == before, "--dry-run deleted checkpoints"
     assert main(["verify", str(config), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 4
+
+
+def test_registering_a_backend_runs_none_of_its_properties():
+    """pluggy reads every attribute of a plugin to find its hooks: a backend's lazily made
+    client must not be made then (an MLflow client connects, and may create mlflow.db)."""
+    import functools
+
+    from ckptkit.plugins import BackendType, make_plugin_manager
+
+    made = []
+
+    class Lazy:
+        @property
+        def client(self):
+            made.append("client")
+            return object()
+
+        @functools.cached_property
+        def session(self):
+            made.append("session")
+            return object()
+
+        @ckptkit.hookimpl
+        def close(self):
+            pass
+
+    pm = make_plugin_manager(autoload=False)
+    pm.register_backend(Lazy(), "lazy", BackendType(name="lazy", cls=Lazy, dist="tests", hooks=frozenset({"close"})))
+    assert made == []
+    assert pm.get_plugin("lazy") is not None and len(pm.hook.close.get_hookimpls()) >= 1

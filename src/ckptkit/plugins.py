@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -187,6 +188,14 @@ class CkptkitPluginManager(pluggy.PluginManager):
         self.broken: dict[str, PluginError] = {}
         # Whether entry points of every distribution were loaded, or only ckptkit's own.
         self.autoloaded = False
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        # pluggy reads every attribute of a plugin to find its hooks. A backend's property (a
+        # client made on first use, say) must not run then: it may connect, or create a database
+        # in the working directory, while a config is only being checked.
+        if isinstance(inspect.getattr_static(plugin, name, None), (property, functools.cached_property)):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
 
     def add_backend_type(self, name: str, cls: type, dist: str = "<registered in code>") -> BackendType:
         """Make ``cls`` available as backend type ``name``, after checking its hooks."""

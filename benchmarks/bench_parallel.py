@@ -166,6 +166,17 @@ def print_rows(rows: list[dict[str, Any]], baseline: str) -> None:
               f"{dcp} | {sp} |", flush=True)
 
 
+def race_then_clean(cases: list, rounds: int, scratch: str) -> None:
+    """``race`` the cases, then close their managers and remove their folder, whatever happened."""
+    try:
+        race(cases, rounds)
+    finally:
+        for c in cases:
+            if hasattr(c, "manager"):
+                c.manager.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100MB,1GiB")
@@ -192,13 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         for folder in folders:
             where = "tmpfs" if folder.startswith("/dev/shm") else f"disk ({folder})"
             cases, work = local_cases(folder, threads, model, opt)
-            try:
-                race(cases, rounds)
-            finally:
-                for c in cases:
-                    if hasattr(c, "manager"):
-                        c.manager.close()
-                shutil.rmtree(work, ignore_errors=True)
+            race_then_clean(cases, rounds, work)
             got = rows_of(size, real, where, cases, threads)
             print_rows(got, cases[0].name)
             rows += got
@@ -217,13 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             scratch = tempfile.mkdtemp(prefix="ckptkit-bench-parallel-")
             with moto_server() as endpoint:  # a fresh server per size: moto keeps what it was sent
                 cases = s3_cases(endpoint, threads, model, opt, scratch)
-                try:
-                    race(cases, rounds)
-                finally:
-                    for c in cases:
-                        if hasattr(c, "manager"):
-                            c.manager.close()
-                    shutil.rmtree(scratch, ignore_errors=True)
+                race_then_clean(cases, rounds, scratch)
             got = rows_of(size, real, "s3 (moto)", cases, threads)
             print_rows(got, cases[0].name)
             rows += got

@@ -786,12 +786,11 @@ class CheckpointManager:
         problem = None
         try:
             self.reader.check_files(ref, manifest, names[ranks.rank()::ranks.world_size()])
-        except SKIPPABLE as exc:
+        except Exception as exc:
             problem = exc
-        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: check", ranks.portable(problem))
-                    if p is not None]
-        if problems:
-            return "; ".join(str(p) for p in problems), None
+        skip = self._agree_sharded(ref, "check", problem)
+        if skip is not None:
+            return skip, None
         problem = None
         try:
             opened = sharded.open_reader(backend.fs, ref.path)

@@ -264,6 +264,21 @@ def test_save_leaves_torchs_crc32_setting_as_it_was(tmp_path, pm):
     assert torch.serialization.get_crc32_options() is True
 
 
+def test_an_empty_extra_is_a_file_torch_loads_as_an_empty_dict(tmp_path, pm):
+    """An empty extra.pt is written from bytes serialised once per process: each save's copy must
+    still be a whole, weights-only loadable file, and an extra given later is saved as given."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.save(step=2, model=model, optimizer=opt, extra={"epoch_seen": 7})
+    extras = [tmp_path / "scratch" / "exp" / f"step-{s:010d}" / "extra.pt" for s in range(3)]
+    assert [torch.load(p, weights_only=True) for p in extras] == [{}, {}, {"epoch_seen": 7}]
+    assert extras[0].read_bytes() == extras[1].read_bytes()
+    assert torch.serialization.get_crc32_options() is True
+    assert ck.restore(model, opt).extra == {"epoch_seen": 7}
+
+
 def test_restore_does_not_keep_the_checkpoint_file_mapped(tmp_path, pm):
     """Optimizers keep loaded tensors as they are; none may point into the checkpoint file."""
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)

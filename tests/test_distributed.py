@@ -232,6 +232,18 @@ def test_reshard_one_process_to_two_ranks(tmp_path, where, request):
     assert results[0]["keys"] > 0 and results[0]["diffs"] == []
 
 
+def test_restore_of_an_older_sharded_step_then_a_refused_save_on_every_rank(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    cfg["roles"]["resume"]["keep_last"] = 5
+    results = launch(2, "restore_step", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)
+    for r in results:
+        assert r["restored_step"] == 1 and r["diffs"] == [], r
+        assert r["save"].startswith("RunConflictError: run 'dist': step 1 was restored, but the run holds newer "
+                                    "checkpoints up to step 3"), r
+        assert r["missing"].startswith("CheckpointNotFoundError: run 'dist' has no committed checkpoint of step 9 "
+                                       "(committed steps, newest first: 3, 2, 1, 0)"), r
+
+
 def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):
     cfg = config(tmp_path, "torch")
     results = launch(2, "rank0_fails", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)

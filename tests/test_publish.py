@@ -126,7 +126,7 @@ def test_errors_name_what_is_missing(tmp_path):
         find_source(ck)
     model, opt = _model()
     _train(ck, model, opt)
-    with pytest.raises(CheckpointError, match="committed steps: 2, 4"):
+    with pytest.raises(ckptkit.CheckpointNotFoundError, match="no committed checkpoint of step 3 .*newest first: 4, 2"):
         find_source(ck, step=3)
     with pytest.raises(ConfigError, match="scratch: not a final backend"):
         publish(ck, find_source(ck, step=4), backends=["scratch"])

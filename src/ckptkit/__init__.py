@@ -11,6 +11,7 @@ from .roles import Role  # noqa: E402
 from .errors import (  # noqa: E402
     BackendError,
     CheckpointError,
+    CheckpointNotFoundError,
     CkptkitError,
     CollectiveTimeoutError,
     ConfigError,
@@ -35,6 +36,7 @@ __all__ = [
     "BackendError",
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointNotFoundError",
     "CkptkitError",
     "CollectiveTimeoutError",
     "Config",

@@ -196,7 +196,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
-        refs = [r for r in ck.list_checkpoints() if args.step is None or r.step == args.step]
+        refs = ck.list_checkpoints(step=args.step)
         # Verifying reads every byte: show how far it got (on stderr, so --json stays clean).
         for ref in track(refs, description="verifying", console=err_console, transient=True,
                          disable=args.json or not refs):

@@ -52,6 +52,25 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint's files or manifest disagree with what was committed; restore skips it."""
 
 
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No committed checkpoint of the step asked for (``restore(step=...)``, ``peek(step=...)``,
+    ``export(step=...)``, ``ckptkit publish --step``).
+
+    Raised only when every resume backend answered; with one that could not be listed,
+    ``StorageUnavailableError`` is raised instead, since the step may lie there. ``run_name``,
+    ``step`` and ``available`` (the committed steps found, newest first) say which.
+    """
+
+    def __init__(self, message: str, run_name: str = "", step: int = -1, available: tuple[int, ...] = ()):
+        self.run_name = run_name
+        self.step = step
+        self.available = tuple(available)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.run_name, self.step, self.available))
+
+
 class UnsafeCheckpointError(CheckpointError):
     """Loading the checkpoint would need to rebuild objects that safe loading refuses.
 
@@ -68,8 +87,10 @@ class RunConflictError(CkptkitError):
     """A new training would write into a run that already holds newer checkpoints of another one.
 
     Raised by the first ``save`` of a manager that did not restore from the run, when the run's
-    newest committed step is at or above the step being saved. ``run_name`` and ``newest_step``
-    say which.
+    newest committed step is at or above the step being saved; and by every ``save`` after
+    ``restore(step=N)`` while the run holds checkpoints newer than N (new saves would be pruned
+    by the newer steps, and a plain restore would resume those). ``run_name`` and
+    ``newest_step`` say which.
     """
 
     def __init__(self, message: str, run_name: str = "", newest_step: int = -1):

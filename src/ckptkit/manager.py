@@ -27,6 +27,7 @@ from .asyncsave import AsyncSaver
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import (
+    CheckpointNotFoundError,
     CkptkitError,
     ConfigError,
     CorruptCheckpointError,
@@ -196,6 +197,21 @@ def _holds(folder: str, manifest: Manifest) -> bool:
     return True
 
 
+def _steps_text(steps: list[int], wanted: int, shown: int = 5) -> str:
+    """The committed ``steps`` (newest first) in words: the newest few, and the nearest to ``wanted``."""
+    if not steps:
+        return "it holds no committed checkpoint"
+    text = "committed steps, newest first: " + ", ".join(map(str, steps[:shown]))
+    if len(steps) > shown:
+        text += f", ... ({len(steps)} in all)"
+        nearest = [s for s in (max((s for s in steps if s < wanted), default=None),
+                               min((s for s in steps if s > wanted), default=None))
+                   if s is not None and s not in steps[:shown]]
+        if nearest:
+            text += f"; nearest to {wanted}: {', '.join(map(str, sorted(nearest)))}"
+    return text
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The first rank's own exception inside DCP's CheckpointException, else ``exc``."""
     failures = getattr(exc, "failures", None)
@@ -236,6 +252,9 @@ class CheckpointManager:
         self._verified: set[int] = set()
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
+        # After restore(step=N) while the run may hold newer steps: (N, the newest step seen then,
+        # or None). The next save lists the run again and is refused while steps above N remain.
+        self._rolled_back: tuple[int, int | None] | None = None
         self._swept = False  # scratch folders of killed processes removed by this manager's first restore
         # Rank 0 prunes after each commit on a thread of its own (with the pid that started it:
         # a forked child starts its own); every later call of this manager waits for it first.
@@ -356,7 +375,8 @@ class CheckpointManager:
 
         The first save of a manager that did not restore from its run refuses to write into a
         run whose newest checkpoint is at or above ``step`` (``RunConflictError``): two
-        trainings under one name would prune and resume each other's checkpoints.
+        trainings under one name would prune and resume each other's checkpoints. After
+        ``restore(step=N)``, every save is refused the same way while the run holds steps above N.
 
         With ``async: true`` it returns once the state is copied to CPU buffers (reused between
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
@@ -430,6 +450,9 @@ class CheckpointManager:
         """Refuse to write into a run that holds newer checkpoints this manager did not restore (collective)."""
         status, listing = self.coll.on_rank0(f"save step {step}: check run", self.reader.list_all)
         self._run_checked = True
+        if self._rolled_back is not None:
+            self._check_rolled_back(step, status, listing)
+            return
         if status == "error":
             log.warning("could not check run %r for newer checkpoints: %s", self.run_name, listing)
             return
@@ -442,6 +465,31 @@ class CheckpointManager:
                 "and resume each other's checkpoints. Call restore() first to continue that run, choose "
                 f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
                 self.run_name, newest)
+
+    def _check_rolled_back(self, step: int, status: str, listing: Any) -> None:
+        """After ``restore(step=N)``: refuse to save while the run holds steps above N, which keep_last
+        and a plain restore would take for the newest. Refused again at every save until they are gone."""
+        restored, seen = self._rolled_back
+        if status == "error":
+            log.warning("could not check run %r for checkpoints newer than the restored step %d: %s",
+                        self.run_name, restored, listing)
+            newest = seen  # what restore saw: refused on that, rather than not checked at all
+        else:
+            newest = max((r.step for r in listing[0]), default=None)
+        if newest is None or newest <= restored:
+            self._rolled_back = None
+            return
+        self._run_checked = False
+        raise RunConflictError(
+            f"run {self.run_name!r}: step {restored} was restored, but the run holds newer checkpoints up to "
+            f"step {newest}, so saving step {step} there would write behind them: keep_last prunes by step "
+            f"number (the new checkpoints could be pruned at once) and a plain restore() would resume step "
+            f"{newest}. To go on from step {restored}, save under a new run name (a manager built with "
+            f"another run_name, after restore(step={restored}) from this one); or remove the steps above "
+            f"{restored} for good: `ckptkit ls CONFIG --run-name {self.run_name}` shows where they lie, and "
+            "the storage's own tools delete their step-* folders (ckptkit prune deletes only older "
+            f"checkpoints, and prune --all would delete step {restored} too)",
+            self.run_name, newest)
 
     def _store_full(self, payload: Payload, state: dict[str, Any], extra: dict[str, Any]
                     ) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
@@ -606,16 +654,44 @@ class CheckpointManager:
 
     # -- restoring --------------------------------------------------------------------------
 
-    def list_checkpoints(self) -> list[CheckpointRef]:
+    def list_checkpoints(self, step: int | None = None) -> list[CheckpointRef]:
         """Committed resume checkpoints across all resume backends, newest first.
 
         Raises ``StorageUnavailableError`` when a backend could not be listed and no other
-        gave a checkpoint; with checkpoints found elsewhere, it only logs a warning.
+        gave a checkpoint; with checkpoints found elsewhere, it only logs a warning. With
+        ``step``, only the copies of that step, in the backends' order, and
+        ``CheckpointNotFoundError`` (naming the steps there are) when every backend answered
+        and none holds it.
         """
         self._check_open()
         refs, unreachable = self.reader.list_all()
+        if step is not None:
+            refs = self._copies_of(refs, unreachable, _count("step", step))
         self._unreachable(refs, unreachable)
         return refs
+
+    def _copies_of(self, refs: list[CheckpointRef], unreachable: dict[str, CkptkitError],
+                   step: int) -> list[CheckpointRef]:
+        """The copies of ``step`` among ``refs`` (a listing, newest first), in the backends' order.
+
+        None found: ``StorageUnavailableError`` when a backend could not be listed (the step may
+        lie there), else ``CheckpointNotFoundError`` naming the steps the run holds.
+        """
+        copies = [r for r in refs if r.step == step]
+        if copies:
+            return copies
+        steps = sorted({r.step for r in refs}, reverse=True)
+        if unreachable:
+            error = StorageUnavailableError(
+                next(iter(unreachable)),
+                f"run {self.run_name!r}: step {step} is not among the committed checkpoints of the backends that "
+                f"answered ({_steps_text(steps, step)}), and these resume backends could not be listed: "
+                f"{fanout.describe_failures(unreachable)}; it may lie there. Try again once the storage answers")
+            error.__cause__ = next(iter(unreachable.values()))
+            raise error
+        raise CheckpointNotFoundError(
+            f"run {self.run_name!r} has no committed checkpoint of step {step} ({_steps_text(steps, step)})",
+            self.run_name, step, tuple(steps))
 
     def _unreachable(self, found: list, unreachable: dict[str, CkptkitError]) -> None:
         if not unreachable:
@@ -667,7 +743,7 @@ class CheckpointManager:
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                 extra: Mapping[str, Any] | None = None, safe_globals: Iterable[Any] = (),
-                rank_extra: Mapping[str, Any] | None = None) -> Restored | None:
+                rank_extra: Mapping[str, Any] | None = None, step: int | None = None) -> Restored | None:
         """Load the newest committed checkpoint across all resume backends into model and optimizer.
 
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
@@ -683,8 +759,21 @@ class CheckpointManager:
         could not be listed, ``CorruptCheckpointError`` when checkpoints exist but none is
         intact, and ``UnsafeCheckpointError`` / ``IncompatibleCheckpointError`` at once (never
         skipped).
+
+        ``step=N`` restores that step and no other (to roll back past a loss spike, or to
+        reproduce a step): only copies of step N are tried, in the backends' order, so a
+        damaged copy on one backend is skipped, with the same warning, for another backend's
+        copy of step N. It raises ``CheckpointNotFoundError`` (naming the steps there are) when
+        every resume backend answered and none holds step N, ``StorageUnavailableError`` when
+        step N was not found and some backend could not be listed, and
+        ``CorruptCheckpointError`` when every copy of step N is damaged (nothing is loaded).
+        While the run holds steps newer than N, ``save`` is refused with ``RunConflictError``:
+        keep_last would prune the new checkpoints in favour of the newer ones, and a plain
+        restore would resume those. Save under a new run name instead, or delete the newer
+        steps first.
         """
         self._check_open()
+        step = None if step is None else _count("step", step)
         self.wait()
         if not self._swept:  # once: listing the temporary folder costs about as much as a small restore
             reading.sweep_scratch()
@@ -694,6 +783,9 @@ class CheckpointManager:
         if status == "error":
             raise listing
         candidates, unreachable = listing
+        newest = candidates[0].step if candidates else None
+        if step is not None:
+            candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
         for ref in candidates:
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
@@ -728,12 +820,23 @@ class CheckpointManager:
             self.mlflow_run_id = None
             self._tracking_run_id()
             self._verified.add(manifest.step)
-            self._run_checked = True
+            if step is not None and (unreachable or newest > step):
+                # Newer steps (or a backend that may hold some): the first save checks the run again.
+                self._rolled_back = (step, newest if newest > step else None)
+                self._run_checked = False
+            else:
+                self._rolled_back = None
+                self._run_checked = True
             return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                             extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
                             manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
                             ranks_without_state=missing)
         self._unreachable([], unreachable)
+        if skipped and step is not None:
+            raise CorruptCheckpointError(
+                f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
+                f"({'; '.join(skipped)}). Nothing was loaded, and no other step was tried: restore another "
+                "step, or restore() without step= for the newest intact one")
         if skipped:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored "
@@ -897,16 +1000,19 @@ class CheckpointManager:
             except CkptkitError as exc:
                 raise type(exc)(f"{ref.uri}/{name}: {exc}") from exc
 
-    def peek(self, safe_globals: Iterable[Any] = ()) -> CheckpointInfo | None:
+    def peek(self, safe_globals: Iterable[Any] = (), step: int | None = None) -> CheckpointInfo | None:
         """The newest intact checkpoint's step, epoch, metrics and shared ``extra``, without a model.
 
         For trainers that need saved arguments (the model's config in ``extra``) before they can
         build the model that ``restore`` fills. Reads the manifest and the small ``extra.pt``
-        only, verified; no collective, so any rank may call it. Returns None and raises as
-        ``restore`` does.
+        only, verified; no collective, so any rank may call it. ``step`` reads that step only,
+        as ``restore(step=...)`` would. Returns None and raises as ``restore`` does.
         """
         self._check_open()
+        step = None if step is None else _count("step", step)
         candidates, unreachable = self.reader.list_all()
+        if step is not None:
+            candidates = self._copies_of(candidates, unreachable, step)
         skipped = []
         for ref in candidates:
             try:
@@ -927,20 +1033,19 @@ class CheckpointManager:
                                   extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable)
         if skipped:
-            raise CorruptCheckpointError(f"run {self.run_name!r}: no committed checkpoint is intact "
-                                         f"({'; '.join(map(str, skipped))})")
+            which = "no committed checkpoint is intact" if step is None else f"no copy of step {step} is intact"
+            raise CorruptCheckpointError(f"run {self.run_name!r}: {which} ({'; '.join(map(str, skipped))})")
         return None
 
     def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Restored:
         """Write one full, unsharded model file from a stored resume checkpoint, offline.
 
-        Takes the newest verified checkpoint (or ``step``), in either format, and writes what
-        ``finalize`` would have written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
+        Takes the newest verified checkpoint (or ``step``, and no other: ``CheckpointNotFoundError``
+        when no backend holds it), in either format, and writes what ``finalize`` would have
+        written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
         """
         self._check_open()
-        for ref in self.list_checkpoints():
-            if step is not None and ref.step != step:
-                continue
+        for ref in self.list_checkpoints(step=step):
             try:
                 manifest = self.reader.manifest(ref)
                 if manifest.format == FILES_FORMAT:
@@ -1041,6 +1146,7 @@ class CheckpointManager:
             self.mlflow_run_id = None
             self._tracking_run_id()
             self._verified.add(manifest.step)
+            self._rolled_back = None
             self._run_checked = True
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)

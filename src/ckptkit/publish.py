@@ -125,12 +125,8 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
     if path is not None:
         return source_from_folder(path)
     if step is not None:
-        for ref in ck.list_checkpoints():
-            if ref.step == step:
-                return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
-        steps = sorted({r.step for r in ck.list_checkpoints()})
-        raise CheckpointError(f"run {ck.run_name!r} has no committed resume checkpoint at step {step} "
-                              f"(committed steps: {', '.join(map(str, steps)) or 'none'})")
+        ref = ck.list_checkpoints(step=step)[0]  # CheckpointNotFoundError names the steps there are
+        return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
     finals = stored_finals(ck, fallback_dir)
     if not finals:
         where = os.fspath(fallback_dir or ck.fallback_dir)

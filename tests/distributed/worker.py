@@ -234,6 +234,28 @@ def main() -> None:
         train(model, opt, steps=1)  # the optimizer state is usable after resharding
         ck.close()
 
+    elif scenario == "restore_step":
+        # Steps 0-3 saved; step 1 restored into a fresh model on every rank. Then, on every rank
+        # alike: the next save is refused (steps 2 and 3 remain), and a step never saved is not found.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, opt = build(kind, seed=0)
+        train(model, opt, steps=2, ck=ck)
+        expected = snapshot(model, opt)
+        train(model, opt, steps=2, ck=ck, start=2)
+        ck.close()
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, opt = build(kind, seed=7)
+        result["restored_step"] = ck.restore(model=model, optimizer=opt, step=1).step
+        result["diffs"] = same(expected, snapshot(model, opt))
+        for name, call in (("save", lambda: ck.save(step=2, model=model, optimizer=opt)),
+                           ("missing", lambda: ck.restore(model=model, optimizer=opt, step=9))):
+            try:
+                call()
+                result[name] = None
+            except ckptkit.CkptkitError as exc:
+                result[name] = f"{type(exc).__name__}: {exc}"
+        ck.close()
+
     elif scenario == "matrix":
         # Every wrapping, format and optimizer: save at step SAVED_AT and go on uninterrupted,
         # then restore into a fresh model and go on again: the same losses and weights.

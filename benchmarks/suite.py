@@ -10,6 +10,10 @@ cases every round and taking medians:
                (its first save, which allocates the staging buffers, is shown on its own);
 * ``restore``  ckptkit's restore (verify and load, model and optimizer) against ``torch.load``
                (``weights_only=True``) of the torch.save file and ``load_state_dict``;
+* ``fresh``    the same restore as a resuming process makes it: each round a new process that
+               holds the model and an optimizer that has not stepped yet restores once (the
+               restores of ``restore`` reuse memory that the previous round freed, and find the
+               optimizer's state there already);
 * ``s3``       ckptkit's save to an ``s3`` backend against ``s3fs.put`` of the torch.save file,
                and against ``torch.save`` into ``io.BytesIO`` then one upload, all to one moto
                server that the suite starts on a free loopback port (sizes up to 256 MiB unless
@@ -57,7 +61,7 @@ DEFAULT_SIZES = "1MB,10MB,100MB,1GiB"
 # moto keeps every object in memory and joins multipart uploads there: at 1 GiB it took minutes
 # and answered 500, so the S3 cases stop below that unless asked (bench_s3_save.py does 512 MiB).
 DEFAULT_S3_MAX = "256MiB"
-PARTS = ("save", "restore", "async", "s3")
+PARTS = ("save", "restore", "fresh", "async", "s3")
 BUCKET = "bench"
 WIDTH = 1024
 
@@ -86,14 +90,23 @@ def default_rounds(size: int, remote: bool) -> int:
 
 # -- the state ------------------------------------------------------------------------------
 
-def build(size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A model and an AdamW optimizer after one step: weights + two moments = ``size`` bytes."""
+def build(size: int, fresh: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model and an AdamW optimizer after one step: weights + two moments = ``size`` bytes.
+
+    ``fresh``: what a resuming process holds before it restores: the same model, its memory
+    written once (zeros), and an optimizer that has not stepped."""
     params = max(WIDTH, size // 12)
     rows = max(1, params // WIDTH)
     per_layer = max(1, min(rows, 4096))  # layers of at most 16 MiB each, as a real model has many
-    layers = [nn.Linear(WIDTH, min(per_layer, rows - i), bias=False) for i in range(0, rows, per_layer)]
+    device = "meta" if fresh else None
+    layers = [nn.Linear(WIDTH, min(per_layer, rows - i), bias=False, device=device) for i in range(0, rows, per_layer)]
     torch.manual_seed(0)
     model = nn.Sequential(*layers) if len(layers) > 1 else layers[0]
+    if fresh:
+        model = model.to_empty(device="cpu")
+        for p in model.parameters():
+            p.detach().zero_()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
         nn.init.normal_(p)  # random values: every page resident, nothing compresses
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -283,6 +296,43 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         shutil.rmtree(work, ignore_errors=True)
 
 
+def fresh_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[str, Any]]:
+    """Each round, a new process per case restores the files written here once (page cache warm
+    for both), into a model and an optimizer that has not stepped, as a resuming process does."""
+    work = tempfile.mkdtemp(prefix="ckptkit-suite-fresh-", dir=folder)
+    where = "tmpfs" if folder.startswith("/dev/shm") else f"disk ({folder})"
+    try:
+        torch.save(plain_state(model, opt), os.path.join(work, "plain.pt"))
+        ck = local_manager(os.path.join(work, "ck"))
+        ck.save(step=0, model=model, optimizer=opt)
+        ck.close()
+        tl, cr = Case("torch.load+load_state_dict", lambda: None), Case("ckptkit restore", lambda: None)
+        for r in range(rounds):
+            for case in (tl, cr) if r % 2 == 0 else (cr, tl):
+                res = subprocess.run([sys.executable, os.path.abspath(__file__), "--restore-child", case.name,
+                                      "--sizes", str(size), "--dir", work], capture_output=True, text=True)
+                if res.returncode:
+                    raise RuntimeError(f"fresh restore, {case.name}: {res.stderr.strip().splitlines()[-1:]}")
+                case.times.append(float(res.stdout.strip().splitlines()[-1]))
+        return [row(size, where, "restore, fresh process", tl, cr, "a new process, an optimizer not yet stepped")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def restore_child(case: str, size: int, work: str) -> float:
+    """Seconds that one restore of ``case`` took in this fresh process."""
+    model, opt = build(size, fresh=True)
+    ck = local_manager(os.path.join(work, "ck")) if case == "ckptkit restore" else None
+    start = time.perf_counter()
+    if ck is None:
+        sd = torch.load(os.path.join(work, "plain.pt"), weights_only=True)
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optimizer"])
+    else:
+        ck.restore(model=model, optimizer=opt)
+    return time.perf_counter() - start
+
+
 def s3_suite(size: int, endpoint: str, rounds: int, model, opt, scratch: str) -> list[dict[str, Any]]:
     import s3fs
 
@@ -427,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the size at which each case's peak memory is measured in a fresh process "
                              "(default 1GiB; 0 leaves it out)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--restore-child", help=argparse.SUPPRESS)
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts to run, of {', '.join(PARTS)} (default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
@@ -439,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     folders = args.dir or [tempfile.gettempdir()] + (["/dev/shm"] if os.path.isdir("/dev/shm") else [])
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, sizes[0], folders[0])))
+        return
+    if args.restore_child:
+        print(restore_child(args.restore_child, sizes[0], folders[0]))
         return
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
@@ -474,9 +528,13 @@ def main(argv: list[str] | None = None) -> None:
             model, opt = build(size)
             actual = state_bytes(model, opt)
             found: list[dict[str, Any]] = []
-            for folder in [] if args.no_local or not parts - {"s3"} else folders:
+            for folder in [] if args.no_local or not parts - {"s3", "fresh"} else folders:
                 found += attempt(f"{size_label(size)} in {folder}", lambda: local_suite(
                     actual, folder, args.rounds or default_rounds(size, False), model, opt, parts))
+            for folder in [] if args.no_local or "fresh" not in parts else folders:
+                # Three rounds: each one starts two processes (about two seconds each, importing torch).
+                found += attempt(f"{size_label(size)} in {folder}, fresh processes", lambda: fresh_suite(
+                    actual, folder, args.rounds or 3, model, opt))
             if endpoint is not None and size <= parse_size(args.s3_max_size):
                 found += attempt(f"{size_label(size)} to S3", lambda: s3_suite(
                     actual, endpoint, args.rounds or default_rounds(size, True), model, opt, scratch))

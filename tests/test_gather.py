@@ -114,3 +114,31 @@ def test_plain_replica_in_a_group_of_one_is_not_gathered(group_of_one):
     assert not gather.distributed(model)
     assert gather.distributed(build("ddp", "sgd", seed=0)[0])
     assert gather.distributed(build("fsdp2", "sgd", seed=0)[0])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_restoring_into_an_unstepped_optimizer_takes_no_step(tmp_path, optimizer):
+    """DCP would give an empty optimizer zero state through a step at lr=0 (AdamW: twice the
+    model's size in fresh memory) before loading over it; restoring a plain module needs none."""
+    model, opt, sched = build("plain", optimizer, seed=0)
+    train(model, opt, sched, range(2))
+    ck = ckptkit.CheckpointManager.from_config(local_config(tmp_path))
+    ck.save(step=2, model=model, optimizer=opt)
+    model2, opt2, _ = build("plain", optimizer, seed=1)
+    steps = []
+    opt2.register_step_pre_hook(lambda *_: steps.append(1))
+    assert ck.restore(model=model2, optimizer=opt2).step == 2
+    assert steps == []
+    assert_same_state(full_state(model2, opt2), full_state(model, opt))
+    ck.close()
+
+
+def test_a_failed_optimizer_load_leaves_an_unstepped_optimizer_empty(tmp_path):
+    model, opt, sched = build("plain", "adamw", seed=0)
+    train(model, opt, sched, range(2))
+    state = gather.resume_state(model, opt)
+    del state["optimizer"]["state"]["2.bias"]
+    model2, opt2, _ = build("plain", "adamw", seed=1)
+    with pytest.raises(RuntimeError, match="Missing optimizer state for parameter '2.bias'"):
+        gather.load_resume_state(model2, opt2, state, full=True, coll=ckptkit.ranks.Collectives(60, {}))
+    assert len(opt2.state) == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 from fsspec.implementations.local import LocalFileSystem
 import pytest
@@ -234,3 +236,124 @@ def test_typed_errors_survive_the_trip_to_other_ranks():
     again = ranks.portable(error)
     assert type(again) is SaveError and type(again.failures["s3"]) is StorageUnavailableError
     assert torch.equal(ranks.portable(torch.ones(2)), torch.ones(2))
+
+
+def _split_model(seed=0):
+    """A model whose AdamW state splits into parts of over 1 MiB each, the size from which the
+    parts of a split state are loaded on threads of their own."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 512, bias=False))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 512)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _in_flight_together(monkeypatch, parties):
+    """Make ``reading.load`` of every part wait until ``parties`` loads are in flight at once:
+    loads one after the other break the barrier (its timeout) and the restore fails."""
+    from ckptkit import reading
+
+    barrier = threading.Barrier(parties, timeout=20)
+    threads = set()
+    original = reading.load
+
+    def load(path, ref, safe_globals=()):
+        if os.path.basename(path).startswith("state-"):
+            threads.add(threading.current_thread().name)
+            barrier.wait()
+        return original(path, ref, safe_globals)
+
+    monkeypatch.setattr(reading, "load", load)
+    return threads
+
+
+def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypatch):
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["write_threads"] = 2
+    model, opt = _split_model()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=1, model=model, optimizer=opt)
+    sizes = [p.stat().st_size for p in (tmp_path / "scratch/exp/step-0000000001").glob("state-*")]
+    assert len(sizes) == 2 and min(sizes) > 1024 * 1024
+    threads = _in_flight_together(monkeypatch, 2)
+    fresh, fresh_opt = _split_model(seed=3)
+    assert ck.restore(fresh, fresh_opt).step == 1
+    assert len(threads) == 2 and all(t.startswith("ckptkit-load") for t in threads)
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    assert_same_state(fresh_opt.state_dict(), opt.state_dict())
+
+
+def test_a_damaged_part_loaded_beside_the_others_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch):
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["write_threads"] = 2
+    model, opt = _split_model()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=1, model=model, optimizer=opt)
+    part = tmp_path / "scratch/exp/step-0000000001/state-01-of-02.pt"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a tensor's bytes: it still loads, only the checksum can tell
+    part.write_bytes(bytes(data))
+    threads = _in_flight_together(monkeypatch, 2)
+    fresh, fresh_opt = _split_model(seed=3)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    before_opt = copy.deepcopy(fresh_opt.state_dict())
+    with pytest.raises(CorruptCheckpointError, match="state-01-of-02.pt does not match its checksum"), \
+            pytest.warns(RuntimeWarning, match="skipped"):
+        ck.restore(fresh, fresh_opt)
+    assert len(threads) == 2
+    assert_same_state(fresh.state_dict(), before)
+    assert_same_state(fresh_opt.state_dict(), before_opt)
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_parts_download_at_the_same_time_only_through_a_client_made_for_it(tmp_path, pm, monkeypatch, concurrent):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from ckptkit import reading
+    from ckptkit.plugin import FileBackend
+
+    fs = MemoryFileSystem(skip_instance_cache=True)
+    root = f"/parts-{tmp_path.name}"
+
+    class Remote(FileBackend):
+        concurrent_writes = concurrent
+
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, fs, root)
+
+    pm.add_backend_type("remote", Remote)
+    cfg = {"run_name": "exp", "backends": {"remote": {"type": "remote"}},
+           "roles": {"resume": {"backends": ["remote"], "every_n_steps": 1, "write_threads": 2}}}
+    model, opt = _split_model()
+    try:
+        ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+        ck.save(step=1, model=model, optimizer=opt)
+        lock, now, most = threading.Lock(), [0], [0]
+        barrier = threading.Barrier(2, timeout=20)
+        original = reading.Reader.download
+
+        def download(self, ref, manifest, name, workdir):
+            if not name.startswith("state-"):
+                return original(self, ref, manifest, name, workdir)
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            try:
+                if concurrent:
+                    barrier.wait()  # both parts in flight at once, or this breaks
+                return original(self, ref, manifest, name, workdir)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        monkeypatch.setattr(reading.Reader, "download", download)
+        fresh, fresh_opt = _split_model(seed=3)
+        assert ck.restore(fresh, fresh_opt).step == 1
+        assert most[0] == (2 if concurrent else 1)
+        assert_same_state(fresh.state_dict(), model.state_dict())
+        assert_same_state(fresh_opt.state_dict(), opt.state_dict())
+        ck.close()
+    finally:
+        fs.rm(root, recursive=True)  # the memory filesystem is one store for the whole process

@@ -95,7 +95,23 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                                 None if optim_state.get("state") else optim_state.get("param_groups"))
         if groups is not None:
             optim_state, options = {"state": {}, "param_groups": groups}, None
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    if options is not None or optimizer.state:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        return
+    # An optimizer that has not stepped yet (the one a resuming process builds) would first be
+    # given state by DCP through a step at lr=0: a zero tensor per moment (for AdamW twice the
+    # model's size in fresh memory, half the time of restoring 1 GiB) computed and then replaced
+    # by what is loaded. Loading by name needs none of it, and DCP skips it for an optimizer
+    # that holds state: an empty entry, which the load replaces.
+    first = next((p for group in optimizer.param_groups for p in group["params"]), None)
+    if first is not None:
+        optimizer.state[first] = {}
+    try:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    except BaseException:
+        if first is not None and optimizer.state.get(first) == {}:
+            del optimizer.state[first]
+        raise
 
 
 def final_state(model: torch.nn.Module, dtype: str | None = None) -> dict[str, torch.Tensor]:

@@ -23,6 +23,14 @@ CHUNK = 8 * 1024 * 1024
 _OVERLAP_MIN = 1024 * 1024
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a job scheduler may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 

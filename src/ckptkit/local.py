@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_number, check_options
 from .errors import BackendError, ConfigError
-from .hashing import HashingWriter, hash_pool
+from .hashing import HashingWriter, hash_pool, usable_cpus
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, no_space, step_dirname, storage_full
@@ -129,13 +129,6 @@ class _EarlyWriteback:
             self._started = self._written
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def _load_statfs():
     try:
         fn = ctypes.CDLL(None, use_errno=True).statfs
@@ -236,7 +229,7 @@ class LocalBackend(FileBackend):
         # and a local write is bound by the CPU and memory, not by waiting: more files at once
         # than half the usable cores only contend (on 2 cores, 8 at once took 2.7 times as long
         # as one file, 2 at once 1.3 times).
-        return min(super().write_concurrency(payload), max(2, _usable_cpus() // 2))
+        return min(super().write_concurrency(payload), max(2, usable_cpus() // 2))
 
     def _ref(self, run_name, step, path, role="resume", sizes=None, mtime=None) -> CheckpointRef:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=path, uri=self.uri(path),

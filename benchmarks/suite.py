@@ -387,6 +387,9 @@ def memory_child(case: str, size: int, folder: str) -> dict[str, Any]:
             torch.save(plain_state(model, opt), plain)  # streams: adds next to nothing
         elif case == "ckptkit restore":
             ck.save(step=0, model=model, optimizer=opt)
+        if case in ("torch.load+load_state_dict", "ckptkit restore"):
+            del model, opt
+            model, opt = build(size, fresh=True)  # restored into as a resuming process holds them
         calls = {
             "torch.save+fsync": lambda: (torch.save(plain_state(model, opt), plain), fsync_path(plain)),
             "DCP save": lambda: dcp.save(plain_state(model, opt), checkpoint_id=os.path.join(work, "dcp")),

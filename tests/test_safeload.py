@@ -325,3 +325,57 @@ def test_save_refuses_a_datetime_in_extra_before_writing_anything(tmp_path, pm):
         ck.save(step=0, model=model, optimizer=opt, extra={"clock": {"started": datetime.datetime.now()}})
     assert ck.list_checkpoints() == []
     ck.close()
+
+
+class _Trusted:
+    """A type a caller allows by name."""
+
+
+def test_loads_at_once_keep_what_each_allows_until_the_last_is_done():
+    """torch keeps one process-wide set of allowed globals; its context manager removes on exit
+    what it added, even while another thread's load still needs it."""
+    assert _Trusted not in torch.serialization.get_safe_globals()
+    outer = safeload._allowing([_Trusted])
+    outer.__enter__()
+    try:
+        with safeload._allowing([_Trusted]):  # a second load at the same time, done first
+            assert _Trusted in torch.serialization.get_safe_globals()
+        assert _Trusted in torch.serialization.get_safe_globals()
+    finally:
+        outer.__exit__(None, None, None)
+    assert _Trusted not in torch.serialization.get_safe_globals()
+
+
+def test_a_load_leaves_what_the_trainer_allowed_itself():
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([_Trusted])
+    try:
+        buf = io.BytesIO()
+        torch.save({"lr": np.float64(1e-3)}, buf)
+        buf.seek(0)
+        assert safeload.load(buf, [_Trusted]) == {"lr": np.float64(1e-3)}
+        assert _Trusted in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def test_a_split_state_with_numpy_values_restores_every_time(tmp_path, pm):
+    """Part 0 holds param_groups (a numpy learning rate here) and loads beside the other parts:
+    a load that finished first used to take numpy's stand-ins away from it."""
+    cfg = local_config(tmp_path, keep=1)
+    cfg["roles"]["resume"]["write_threads"] = 2
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512, bias=False) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=np.float64(1e-3))
+    model(torch.randn(2, 512)).sum().backward()
+    opt.step()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=1, model=model, optimizer=opt)
+    before = set(torch.serialization.get_safe_globals())
+    for _ in range(10):
+        fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
+        assert ck.restore(model, fresh).step == 1
+        assert fresh.param_groups[0]["lr"] == np.float64(1e-3)
+    assert set(torch.serialization.get_safe_globals()) == before  # nothing left allowed
+    ck.close()

@@ -236,6 +236,10 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
             for name in names:
                 if name not in pending:
                     done[name] = work(name)
+        except BaseException:
+            for f in pending.values():  # parts not started yet are not worth loading
+                f.cancel()
+            raise
         finally:
             futures.wait(pending.values())
         for name in big:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import contextvars
 import datetime
 import enum
@@ -25,10 +26,12 @@ import os
 import pathlib
 import pickle
 import re
+import threading
 import types
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import torch
+from torch import _weights_only_unpickler
 
 from .errors import CkptkitError, CorruptCheckpointError, UnsafeCheckpointError, UnstorableStateError
 
@@ -246,6 +249,56 @@ def _unpickling_failure(exc: pickle.UnpicklingError, what: str) -> CkptkitError:
     return CorruptCheckpointError(f"{what} is not a readable checkpoint file ({first})")
 
 
+_allow_lock = threading.Lock()
+# Entries this module added to torch's allowed globals, by how many loads in flight need them.
+_allowed_here: collections.Counter = collections.Counter()
+
+
+@contextlib.contextmanager
+def _allowing(entries: Iterable[Any]) -> Iterator[None]:
+    """``entries`` allowed for weights-only loading while the block runs, whatever other threads load.
+
+    torch keeps one process-wide set, and ``torch.serialization.safe_globals`` removes on exit
+    what it added, even while another thread's load still needs it (the parts of a split state
+    load at once) and even what was allowed before (by the trainer's own ``add_safe_globals``).
+    Here the first load that needs an entry adds it, unless it was allowed already, and the
+    last one done removes it.
+    """
+    mine = []
+    with _allow_lock:
+        present = set(torch.serialization.get_safe_globals())
+        for entry in dict.fromkeys(entries):
+            if _allowed_here[entry] or entry not in present:
+                if not _allowed_here[entry]:
+                    torch.serialization.add_safe_globals([entry])
+                _allowed_here[entry] += 1
+                mine.append(entry)
+    try:
+        yield
+    finally:
+        with _allow_lock:
+            done = []
+            for entry in mine:
+                _allowed_here[entry] -= 1
+                if not _allowed_here[entry]:
+                    del _allowed_here[entry]
+                    done.append(entry)
+            if done:
+                _remove_allowed(done)
+
+
+def _remove_allowed(entries: list[Any]) -> None:
+    # torch's own removal replaces its set in one assignment, so a load on another thread never
+    # sees it empty; clearing and adding back is the public way, for a torch without it.
+    remove = getattr(_weights_only_unpickler, "_remove_safe_globals", None)
+    if remove is not None:
+        remove(entries)
+        return
+    rest = [g for g in torch.serialization.get_safe_globals() if g not in entries]
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(rest)
+
+
 def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (), *, name: str | None = None,
          _mmap: bool = False) -> Any:
     """Load a file written by ``torch.save`` onto the CPU without running anything stored in it.
@@ -266,7 +319,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     created: list = []
     token = _CREATED.set(created)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with _allowing(allowed):
             obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
         if created:
             obj = _resolve(obj, {})

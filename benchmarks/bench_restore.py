@@ -22,12 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from suite import build, load_average, parse_size, plain_state, size_label  # noqa: E402
+from suite import build, load_average, parse_size, plain_state, size_label, timed_restore  # noqa: E402
 
 import ckptkit  # noqa: E402
 from ckptkit.plugins import make_plugin_manager  # noqa: E402
@@ -47,14 +46,7 @@ def child(case: str, size: int, root: str) -> float:
     """Seconds one restore of ``case`` took in this fresh process."""
     model, opt = build(size, fresh=True)
     ck = None if case == BASELINE else manager(root, int(case.split("=")[1]))
-    start = time.perf_counter()
-    if ck is None:
-        sd = torch.load(os.path.join(root, "plain.pt"), weights_only=True)
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optimizer"])
-    else:
-        ck.restore(model=model, optimizer=opt)
-    return time.perf_counter() - start
+    return timed_restore(model, opt, os.path.join(root, "plain.pt"), ck)
 
 
 def measure(size: int, folder: str, threads: list[int], rounds: int) -> dict[str, list[float]]:

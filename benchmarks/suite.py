@@ -323,9 +323,15 @@ def restore_child(case: str, size: int, work: str) -> float:
     """Seconds that one restore of ``case`` took in this fresh process."""
     model, opt = build(size, fresh=True)
     ck = local_manager(os.path.join(work, "ck")) if case == "ckptkit restore" else None
+    return timed_restore(model, opt, os.path.join(work, "plain.pt"), ck)
+
+
+def timed_restore(model: nn.Module, opt: torch.optim.Optimizer, plain: str,
+                  ck: ckptkit.CheckpointManager | None) -> float:
+    """Seconds of ``ck.restore``, or with no ``ck`` of torch.load of ``plain`` and load_state_dict."""
     start = time.perf_counter()
     if ck is None:
-        sd = torch.load(os.path.join(work, "plain.pt"), weights_only=True)
+        sd = torch.load(plain, weights_only=True)
         model.load_state_dict(sd["model"])
         opt.load_state_dict(sd["optimizer"])
     else:

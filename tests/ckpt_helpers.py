@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from ckptkit.local import LocalBackend
 
 
 def make_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -75,3 +78,20 @@ def rewrite_manifest(folder, **changes) -> None:
             manifest = getattr(manifest, seal)()
     with open(path, "wb") as f:
         f.write(manifest.to_json())
+
+
+class _DownFS(LocalFileSystem):
+    """A filesystem whose server does not answer: every listing fails as a dropped connection would."""
+
+    def find(self, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+class DownBackend(LocalBackend):
+    """The local backend over storage that cannot be reached."""
+
+    @classmethod
+    def from_config(cls, name, options):
+        backend = super().from_config(name, options)
+        backend.fs = _DownFS()
+        return backend

@@ -10,7 +10,6 @@ import sys
 import tempfile
 import threading
 
-from fsspec.implementations.local import LocalFileSystem
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from ckptkit.local import LocalBackend
 from ckptkit.manifest import Manifest
 from ckptkit.reading import SCRATCH_PREFIX, sweep_scratch
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import DownBackend, assert_same_state, local_config, make_model, train_step
 
 
 def _save_steps(tmp_path, pm, steps, **cfg):
@@ -103,23 +102,6 @@ def test_restore_raises_when_checkpoints_exist_but_none_is_intact(tmp_path, pm):
     model, opt = make_model()
     with pytest.warns(RuntimeWarning), pytest.raises(CorruptCheckpointError, match="none could be restored"):
         ck.restore(model, opt)
-
-
-class _DownFS(LocalFileSystem):
-    """A filesystem whose server does not answer: every listing fails as a dropped connection would."""
-
-    def find(self, *args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
-
-
-class DownBackend(LocalBackend):
-    """The local backend over storage that cannot be reached."""
-
-    @classmethod
-    def from_config(cls, name, options):
-        backend = super().from_config(name, options)
-        backend.fs = _DownFS()
-        return backend
 
 
 def _config_with(tmp_path, backends):
@@ -268,12 +250,17 @@ def _in_flight_together(monkeypatch, parties):
     return threads
 
 
-def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypatch):
+def _saved_in_two_parts(tmp_path, pm):
     cfg = local_config(tmp_path)
     cfg["roles"]["resume"]["write_threads"] = 2
     model, opt = _split_model()
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     ck.save(step=1, model=model, optimizer=opt)
+    return ck, model, opt
+
+
+def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypatch):
+    ck, model, opt = _saved_in_two_parts(tmp_path, pm)
     sizes = [p.stat().st_size for p in (tmp_path / "scratch/exp/step-0000000001").glob("state-*")]
     assert len(sizes) == 2 and min(sizes) > 1024 * 1024
     threads = _in_flight_together(monkeypatch, 2)
@@ -285,11 +272,7 @@ def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypa
 
 
 def test_a_damaged_part_loaded_beside_the_others_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch):
-    cfg = local_config(tmp_path)
-    cfg["roles"]["resume"]["write_threads"] = 2
-    model, opt = _split_model()
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    ck.save(step=1, model=model, optimizer=opt)
+    ck, _, _ = _saved_in_two_parts(tmp_path, pm)
     part = tmp_path / "scratch/exp/step-0000000001/state-01-of-02.pt"
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside a tensor's bytes: it still loads, only the checksum can tell

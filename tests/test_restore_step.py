@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 
-from fsspec.implementations.local import LocalFileSystem
 import pytest
 
 from ckptkit import (
@@ -18,11 +17,10 @@ from ckptkit import (
     StorageUnavailableError,
 )
 from ckptkit.cli import main as cli_main
-from ckptkit.local import LocalBackend
 from ckptkit.manager import STATE_FILE
 from ckptkit.plugins import make_plugin_manager
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import DownBackend, assert_same_state, local_config, make_model, train_step
 
 
 def snapshot(model, opt):
@@ -140,21 +138,6 @@ def test_cli_verify_and_export_name_the_steps_there_are(tmp_path, pm, capsys):
     assert cli_main(["export", str(config), "--out", str(tmp_path / "m.pt"), "--step", "5"]) == 1
     assert "no committed checkpoint of step 5" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
-
-
-class _DownFS(LocalFileSystem):
-    """Storage that does not answer: every listing fails as a dropped connection would."""
-
-    def find(self, *args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
-
-
-class DownBackend(LocalBackend):
-    @classmethod
-    def from_config(cls, name, options):
-        backend = super().from_config(name, options)
-        backend.fs = _DownFS()
-        return backend
 
 
 def test_a_step_missing_where_a_backend_did_not_answer_is_unavailable_not_not_found(tmp_path, pm, caplog):

@@ -24,6 +24,9 @@ OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+    # A group without parameters before the others: DCP loads it without its settings.
+    "adamw_empty_group_first": lambda params: torch.optim.AdamW(
+        [{"params": [], "lr": 0.5, "betas": (0.5, 0.6)}, {"params": list(params)}], lr=1e-2),
 }
 
 
@@ -142,3 +145,9 @@ def test_a_failed_optimizer_load_leaves_an_unstepped_optimizer_empty(tmp_path):
     with pytest.raises(RuntimeError, match="Missing optimizer state for parameter '2.bias'"):
         gather.load_resume_state(model2, opt2, state, full=True, coll=ckptkit.ranks.Collectives(60, {}))
     assert len(opt2.state) == 0
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_a_group_without_parameters_keeps_its_settings_through_the_gathered_path(tmp_path, group_of_one, wrap):
+    """Full state gathered to rank 0 and broadcast: the group's settings come from rank 0 too."""
+    resume_matches_uninterrupted(tmp_path, "torch", "adamw_empty_group_first", wrap, wrap)

@@ -86,7 +86,9 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     if optimizer is None:
         return
     optim_state = state["optimizer"]
+    without_params = _group_without_params(optim_state)
     if options is not None:
+        without_params = coll.broadcast("restore: optimizer param group without parameters", without_params)
         # torch 2.13's broadcast takes its device from the optimizer's own per-parameter state
         # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
         # first step) has none: "Expected device to be set". With no state to scatter, every
@@ -95,6 +97,24 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                                 None if optim_state.get("state") else optim_state.get("param_groups"))
         if groups is not None:
             optim_state, options = {"state": {}, "param_groups": groups}, None
+    _load_optimizer(model, optimizer, optim_state, options)
+    # DCP (torch 2.13) matches a saved param group without parameters to the optimizer's only
+    # when it is the last group; elsewhere the group is loaded without its settings (lr, betas:
+    # the first step then fails), so they come back from the checkpoint here.
+    empty = [g for g in optimizer.param_groups if not g["params"]]
+    if without_params is not None and len(empty) == 1:
+        empty[0].update(without_params)
+
+
+def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of the saved param group that has no parameters, when there is exactly one
+    (DCP loads no more than one)."""
+    groups = [g for g in optim_state.get("param_groups", ()) if not g.get("params")]
+    return {k: v for k, v in groups[0].items() if k != "params"} if len(groups) == 1 else None
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+                    options: StateDictOptions | None) -> None:
     if options is not None or optimizer.state:
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         return

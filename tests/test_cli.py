@@ -157,25 +157,7 @@ def test_errors_reach_the_terminal_without_credentials(capsys, config_file, monk
 
 # -- a store that cannot be listed, installed as a real distribution -----------------------------
 
-_DOWN = '''
-from fsspec.implementations.local import LocalFileSystem
-from ckptkit.local import LocalBackend
-
-
-class RefusingFS(LocalFileSystem):
-    """Local disk behind a dropped connection: every listing is refused."""
-
-    def find(self, *args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
-
-
-class DownBackend(LocalBackend):
-    @classmethod
-    def from_config(cls, name, options):
-        backend = super().from_config(name, options)
-        backend.fs = RefusingFS(skip_instance_cache=True)
-        return backend
-'''
+_DOWN = "from ckpt_helpers import DownBackend\n"
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ _empty_dict_file: bytes | None = None
 
 def _empty_dict_bytes() -> bytes:
     """What ``torch.save({})`` writes, made once per process: an empty ``extra`` is the common
-    case, and torch.save's fixed work (a zip of five records) cost each save about 0.2 ms."""
+    case, and torch.save's fixed work (a zip of five records) cost each save 0.07 to 0.2 ms."""
     global _empty_dict_file
     if _empty_dict_file is None:
         buf = io.BytesIO()

@@ -88,13 +88,13 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     optim_state = state["optimizer"]
     without_params = _group_without_params(optim_state)
     if options is not None:
-        without_params = coll.broadcast("restore: optimizer param group without parameters", without_params)
         # torch 2.13's broadcast takes its device from the optimizer's own per-parameter state
         # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
         # first step) has none: "Expected device to be set". With no state to scatter, every
         # rank loads rank 0's param_groups (learning rates and the like) as they are.
-        groups = coll.broadcast("restore: optimizer param_groups",
-                                None if optim_state.get("state") else optim_state.get("param_groups"))
+        groups, without_params = coll.broadcast(
+            "restore: optimizer param_groups",
+            (None if optim_state.get("state") else optim_state.get("param_groups"), without_params))
         if groups is not None:
             optim_state, options = {"state": {}, "param_groups": groups}, None
     _load_optimizer(model, optimizer, optim_state, options)

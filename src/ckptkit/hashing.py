@@ -46,7 +46,7 @@ def hash_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max(4, min(8, os.cpu_count() or 4)),
+            _pool = (os.getpid(), ThreadPoolExecutor(max(4, min(8, usable_cpus())),
                                                      thread_name_prefix="ckptkit-hash"))
         return _pool[1]
 

@@ -231,9 +231,8 @@ class LocalBackend(FileBackend):
         # as one file, 2 at once 1.3 times).
         return min(super().write_concurrency(payload), max(2, usable_cpus() // 2))
 
-    def _ref(self, run_name, step, path, role="resume", sizes=None, mtime=None) -> CheckpointRef:
-        return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=path, uri=self.uri(path),
-                             role=role, local_dir=path, sizes=sizes, mtime=mtime)
+    def _local_dir(self, path: str) -> str:
+        return path
 
     def _stage(self, run_name: str, dirname: str) -> str:
         tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")

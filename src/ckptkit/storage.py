@@ -225,7 +225,13 @@ class FileBackend:
     def _ref(self, run_name: str, step: int, path: str, role: str = "resume",
              sizes: dict[str, int] | None = None, mtime: float | None = None) -> CheckpointRef:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=path,
-                             uri=self.uri(path), role=role, sizes=sizes, mtime=mtime)
+                             uri=self.uri(path), role=role, sizes=sizes, mtime=mtime,
+                             local_dir=self._local_dir(path))
+
+    def _local_dir(self, path: str) -> str | None:
+        """The folder on this machine's disk that ``path`` is, where readers may open its files
+        directly; None for a store that is not local disk."""
+        return None
 
     # -- requests -------------------------------------------------------------------------
 

@@ -279,39 +279,6 @@ def test_an_empty_extra_is_a_file_torch_loads_as_an_empty_dict(tmp_path, pm):
     assert ck.restore(model, opt).extra == {"epoch_seen": 7}
 
 
-def test_an_extra_the_manifest_records_as_empty_is_not_read(tmp_path, pm):
-    """A restore or peek of a checkpoint saved without extra reads no extra.pt: the manifest
-    records it as the bytes of torch.save({}), so what it holds is known. Any other extra is read."""
-    from ckptkit.local import LocalBackend
-
-    opened = []
-
-    class Recording(LocalBackend):
-        @ckptkit.hookimpl
-        def open_file(self, ref, name):
-            opened.append((ref.step, name))
-            return super().open_file(ref, name)
-
-    pm.add_backend_type("recording", Recording)
-    cfg = {"run_name": "exp", "backends": {"disk": {"type": "recording", "path": str(tmp_path / "disk")}},
-           "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1}}}
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
-    train_step(model, opt)
-    ck.save(step=0, model=model, optimizer=opt)
-    ck.save(step=1, model=model, optimizer=opt, extra={"seen": 3})
-    fresh, fresh_opt = make_model(seed=2)
-    assert ck.restore(fresh, fresh_opt, step=0).extra == {}
-    assert ck.peek(step=0).extra == {}
-    assert opened == [(0, "state.pt")]
-    assert_same_state(fresh.state_dict(), model.state_dict())
-    opened.clear()
-    assert ck.restore(fresh, fresh_opt).extra == {"seen": 3}
-    assert ck.peek().extra == {"seen": 3}
-    assert sorted(opened) == [(1, "extra.pt"), (1, "extra.pt"), (1, "state.pt")]
-    ck.close()
-
-
 def test_restore_does_not_keep_the_checkpoint_file_mapped(tmp_path, pm):
     """Optimizers keep loaded tensors as they are; none may point into the checkpoint file."""
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)

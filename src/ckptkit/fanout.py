@@ -9,7 +9,6 @@ instead of serialising the state again.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
@@ -22,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from . import ranks, sharded
 from .checkpoint import CheckpointRef, Payload
 from .errors import BackendError, CkptkitError, CorruptCheckpointError
-from .hashing import HashingWriter, algorithm_of, copy_hashed, new_hasher
+from .hashing import HashingWriter, algorithm_of, copy_hashed
 from .manifest import FileEntry
 from .roles import Role
 from .routing import Router
@@ -73,25 +72,6 @@ def _empty_dict_bytes() -> bytes:
             torch.save({}, buf)
         _empty_dict_file = buf.getvalue()
     return _empty_dict_file
-
-
-def is_empty_dict(entry: FileEntry | None) -> bool:
-    """Whether a manifest's ``entry`` records the very bytes that ``torch.save({})`` gives in this
-    process. Loading such a file gives ``{}``, which is then known without reading it: a restore
-    of a checkpoint saved without ``extra`` reads one file less (one request less from a store)."""
-    if entry is None or entry.size != len(_empty_dict_bytes()):
-        return False
-    try:
-        return entry.digest == _empty_dict_digest(algorithm_of(entry.digest))
-    except ValueError:  # an algorithm this version does not know: the file is read, and fails there
-        return False
-
-
-@functools.cache
-def _empty_dict_digest(algorithm: str) -> str:
-    hasher = new_hasher(algorithm)
-    hasher.update(_empty_dict_bytes())
-    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:

@@ -39,7 +39,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnstorableStateError,
 )
-from .fanout import EXTRA_FILE, is_empty_dict, torch_writer
+from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
@@ -853,15 +853,12 @@ class CheckpointManager:
         outcome = None
         if ranks.rank() == 0:
             try:
-                # Every file of the checkpoint, each verified before any of it is applied below,
-                # but an extra.pt that the manifest says holds an empty dict.
-                empty_extra = is_empty_dict(manifest.files.get(EXTRA_FILE))
-                names = sorted(n for n in manifest.files if not (empty_extra and n == EXTRA_FILE))
-                loaded = self.reader.load_files(ref, manifest, names, safe_globals)
+                # Every file of the checkpoint, each verified before any of it is applied below.
+                loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals)
                 state = split.merge([loaded[n] for n in reading.state_files(ref, manifest)], ref.uri)
                 if EXTRA_FILE in loaded:
                     saved_extra = loaded[EXTRA_FILE]
-                elif not empty_extra:  # checkpoints from before extra had a file of its own
+                else:  # checkpoints from before extra had a file of its own
                     saved_extra = state.pop("extra", {})
                 if optimizer is not None and "optimizer" not in state:
                     raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
@@ -1022,9 +1019,7 @@ class CheckpointManager:
         for ref in candidates:
             try:
                 manifest = self.reader.manifest(ref)
-                if is_empty_dict(manifest.files.get(EXTRA_FILE)):
-                    saved_extra = {}
-                elif EXTRA_FILE in manifest.files:
+                if EXTRA_FILE in manifest.files:
                     saved_extra = self.reader.load_files(ref, manifest, [EXTRA_FILE], safe_globals)[EXTRA_FILE]
                 elif manifest.format == FILES_FORMAT:
                     saved_extra = {}  # a trainer's own files: nothing of ckptkit's to read

@@ -143,7 +143,10 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
         correct too.
 
     :return: a ``CheckpointRef`` to the committed checkpoint. Raise on failure, after removing
-        or leaving uncommitted whatever was written; never touch other checkpoints.
+        or leaving uncommitted whatever was written; never touch other checkpoints. A step that
+        is committed here already is replaced whole (no file of its old copy stays), and a
+        failure before the new copy is complete should leave the old one committed:
+        ``FileBackend`` uploads the new files beside it first.
     """
 
 

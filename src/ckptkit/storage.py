@@ -272,19 +272,25 @@ class FileBackend:
             unseen = step is not None and run in self._listed_runs and step > newest
             if step is not None:
                 self._newest_step[run] = max(newest, step)
+        staging = None  # where the files of a step saved again go first
+        uncommitted = True  # whether what lies at target may be removed when this fails
         try:
-            # Saving a step again: un-commit the old copy before overwriting its files. A step
-            # above any that a listing of the run showed (the prune after each save lists it,
-            # and so does the manager's check before the first) or that this instance wrote is
-            # a new one: asking costs a round trip or two and can only answer no.
+            # A step above any that a listing of the run showed (the prune after each save
+            # lists it, and so does the manager's check before the first) or that this instance
+            # wrote is a new one: asking costs a round trip or two and can only answer no.
             if not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
-                self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
-            current = target
-            self._make_folder(target)
+                # Saving a committed step again: its files are written beside it, and the old copy
+                # is un-committed only once all of them are stored, so a failed upload keeps it.
+                staging = posixpath.join(run, f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
+                uncommitted = False
+                with self._lock:
+                    self._in_flight.add(staging)
+            current = folder = staging or target
+            self._make_folder(folder)
             failed: list[str] = []
 
             def put(pf: PayloadFile, stop: threading.Event | None) -> FileEntry:
-                path = posixpath.join(target, _check_file_name(pf.name))
+                path = posixpath.join(folder, _check_file_name(pf.name))
                 try:
                     return self._put(pf, path, stop)
                 except BaseException:
@@ -296,21 +302,46 @@ class FileBackend:
             except BaseException:
                 current = failed[0] if failed else current
                 raise
+            if staging is not None:
+                current = manifest_path
+                self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+                uncommitted = True
+                # The old copy's files go (a split state may have had other parts), and the
+                # store copies the new ones in itself: no byte goes through this machine again.
+                self.fs.invalidate_cache(target)
+                for current in self._call(f"listing {self.uri(target)}", self.fs.find, target):
+                    if posixpath.basename(current) not in entries:
+                        self._call(f"deleting {self.uri(current)}", self.fs.rm_file, current)
+                for name in entries:
+                    src, current = posixpath.join(staging, name), posixpath.join(target, name)
+                    self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.copy, src, current)
+                self._discard(staging)
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
             self._commit_manifest(manifest_path, data)
             self._remember(target, data, manifest)
         except Exception as exc:
-            self._discard(target)
+            if staging is not None:
+                self._discard(staging)
+            if uncommitted:
+                self._discard(target)
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.uri(self.root), self.uri(current), full) from full
-            raise self._fail(f"could not store {self.uri(target)} (writing {self.uri(current)} failed; "
-                             "nothing of it was committed)", exc) from None
+            if staging is None:
+                outcome = "nothing of it was committed"
+            elif uncommitted:
+                outcome = ("nothing of it was committed, and the copy of this step committed before was "
+                           "un-committed to be replaced and is gone")
+            else:
+                outcome = "nothing of it was committed; the copy of this step committed before is kept"
+            raise self._fail(f"could not store {self.uri(target)} (writing {self.uri(current)} failed; {outcome})",
+                             exc) from None
         finally:
             with self._lock:
                 self._in_flight.discard(target)
+                self._in_flight.discard(staging)
         self.fs.invalidate_cache(posixpath.dirname(target))
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})

@@ -12,7 +12,8 @@ all), ``error`` the exception raised: ``OSError`` (EIO), ``ENOSPC``, ``Connectio
   stores) over ``FaultyFS``, the local filesystem wrapped as fsspec protocol ``faultyfile``.
   Operations: ``open`` (for writing), ``write`` (one write call on a file opened for writing),
   ``close`` (closing such a file, which publishes it), ``pipe_file``, ``cat_file``, ``exists``,
-  ``find``, ``rm_file`` and ``rm``.
+  ``find``, ``rm_file``, ``rm`` and ``copy`` (a copy the store makes itself; ``path`` matches
+  where it copies to).
 - ``faultylocal``: the built-in ``LocalBackend`` with faults at its own stages: ``write`` (one
   write call of the serialiser into a payload file), ``commit`` (writing the manifest and renaming
   into place) and ``full`` (the payload file is opened on ``/dev/full``, so the kernel itself
@@ -173,6 +174,10 @@ class FaultyFS(LocalFileSystem):
     def rm_file(self, path):
         self.faults.check("rm_file", path)
         return super().rm_file(path)
+
+    def cp_file(self, path1, path2, **kwargs):
+        self.faults.check("copy", path2)
+        return super().cp_file(path1, path2, **kwargs)
 
     def rm(self, path, recursive=False, maxdepth=None):
         self.faults.check("rm", path if isinstance(path, str) else ",".join(path))

@@ -10,6 +10,7 @@ own stages.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import textwrap
@@ -142,11 +143,7 @@ def test_a_failed_check_before_saving_a_stored_step_again_is_named(tmp_path):
     ck.close()
 
 
-@pytest.mark.parametrize("btype", [
-    pytest.param("faultyfs", marks=pytest.mark.xfail(
-        strict=True, reason="FileBackend._store deletes a stored step's manifest before rewriting its "
-                            "files, so a failed rewrite loses the committed copy (reported with issue 8)")),
-    "faultylocal"])
+@pytest.mark.parametrize("btype", ["faultyfs", "faultylocal"])
 def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(tmp_path, btype):
     """Saving a step again (``force=True``, or after a restore fell back) and failing half-way
     must leave the committed copy of that step as it was."""
@@ -161,6 +158,50 @@ def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(tmp_path, btype):
         ck.save(step=2, model=model_at(20), force=True)
     ck.close()
     assert restored_step(cfg) == 2
+
+
+@pytest.mark.parametrize("btype", ["faultyfs", "faultylocal"])
+def test_a_stored_step_saved_again_is_replaced_whole(tmp_path, btype):
+    """The new copy of a step holds the new state and only its own files (none of the old
+    copy's parts), and nothing is left beside it."""
+    root = tmp_path / "store"
+    cfg = config({"store": {"type": btype, "path": str(root)}})
+    split = copy.deepcopy(cfg)
+    split["roles"]["resume"]["write_threads"] = 2
+    step_dir = root / "run" / "step-0000000001"
+    with manager(split) as ck:
+        ck.save(step=1, model=model_at(1))
+    assert sorted(os.listdir(step_dir)) == ["extra.pt", "manifest.json", "state-00-of-02.pt", "state-01-of-02.pt"]
+    with manager(cfg) as ck:
+        ck.restore(model=model_at(-7))
+        ck.save(step=1, model=model_at(10), force=True)
+    assert sorted(os.listdir(step_dir)) == ["extra.pt", "manifest.json", "state.pt"]
+    assert folders(root) == ["step-0000000001"]
+    m = model_at(-7)
+    with manager(cfg) as ck:
+        assert ck.restore(model=m).step == 1
+    assert_holds_step(m, 10)
+
+
+def test_a_failed_copy_into_a_stored_step_leaves_nothing_half_committed(tmp_path):
+    """A step saved again on an object store is un-committed once its new files are stored, and
+    filled by copies the store makes; a copy that fails there has nothing to go back to (the
+    old files are being replaced), so the step is left un-committed and the one before it is
+    restored, and the error names the copy."""
+    root = tmp_path / "flaky"
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    ck.save(step=2, model=model_at(2))
+    ck.wait()
+    ck.router.instances["flaky"].faults.add(op="copy", path="step-0000000002/state.pt")
+    with pytest.raises(SaveError) as err:
+        ck.save(step=2, model=model_at(20), force=True)
+    assert "writing faultyfile://" in str(err.value) and "step-0000000002/state.pt failed" in str(err.value)
+    assert "committed before was un-committed to be replaced and is gone" in str(err.value)
+    ck.close()
+    assert restored_step(cfg) == 1
+    assert [f for f in folders(root) if f.startswith(".tmp-")] == []
 
 
 def test_a_transient_fault_is_retried_and_the_save_commits_intact(tmp_path):

@@ -273,11 +273,31 @@ class ResumeBackendTests:
         assert self.unfinished_uploads(backend) == []
 
     def test_saving_a_step_again_replaces_it(self, backend):
-        self.save(backend, 3, files={"state.pt": b"old"})
+        self.save(backend, 3, files={"state-00-of-02.pt": b"old", "state-01-of-02.pt": b"old"})
         ref = self.save(backend, 3, files={"state.pt": b"new!"})
         assert self.read(backend, ref, "state.pt") == b"new!"
         assert call_hook(backend, "read_manifest", ref=ref).files["state.pt"].size == 4
         assert self.steps(backend) == [3]
+        assert sorted(p.rsplit("/", 1)[-1] for p in self.stored_files(backend)) == [MANIFEST_NAME, "state.pt"], \
+            "the step saved again keeps files of its old copy, or something was left beside it"
+
+    def test_a_failed_save_of_a_stored_step_keeps_the_stored_copy(self, backend):
+        ref = self.save(backend, 3, files={"state.pt": b"old"})
+
+        def half_then_fail(f):
+            f.write(b"x" * 10)
+            raise RuntimeError("serialisation failed")
+
+        with pytest.raises(BackendError) as info:
+            self.save(backend, 3, files={"state.pt": b"new!", "extra.pt": half_then_fail})
+        assert info.value.backend == backend.name and "serialisation failed" in str(info.value)
+        del info
+        gc.collect()
+        assert self.steps(backend) == [3]
+        assert self.read(backend, ref, "state.pt") == b"old"
+        assert call_hook(backend, "read_manifest", ref=ref).files["state.pt"].size == 3
+        assert sorted(p.rsplit("/", 1)[-1] for p in self.stored_files(backend)) == [MANIFEST_NAME, "state.pt"]
+        assert self.unfinished_uploads(backend) == []
 
     # -- leftovers ------------------------------------------------------------------------
 

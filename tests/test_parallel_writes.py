@@ -94,6 +94,39 @@ def test_more_threads_than_tensors_gives_one_part_per_tensor(tmp_path):
     ck.close()
 
 
+class _Versioned(torch.nn.Module):
+    """A module whose version 2 stores ``w`` transposed against version 1, and converts what
+    version 1 saved when it loads it, as torch's own modules do with ``_version``."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(48, 32))
+        self.b = torch.nn.Parameter(torch.randn(32))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if local_metadata.get("version", 1) < 2 and prefix + "w" in state_dict:
+            state_dict[prefix + "w"] = state_dict[prefix + "w"].t()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+def test_a_split_state_keeps_the_module_versions(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Versioned(), torch.nn.Linear(32, 8))
+    ck = CheckpointManager.from_config(_config(tmp_path, 3))
+    ck.save(step=2, model=model)
+    ck.close()
+    assert sorted(os.listdir(tmp_path / STEP2))[-1] == "state-02-of-03.pt"
+    merged = split.merge(split.split({"model": model.state_dict()}, 3), "here")
+    assert merged["model"]._metadata == model.state_dict()._metadata
+    fresh = torch.nn.Sequential(_Versioned(), torch.nn.Linear(32, 8))
+    ck = CheckpointManager.from_config(_config(tmp_path, 1))
+    assert ck.restore(model=fresh).step == 2
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    ck.close()
+
+
 @pytest.mark.parametrize("is_async", [False, True])
 def test_a_split_save_restores_bit_identical(tmp_path, is_async):
     model, opt = _trained()

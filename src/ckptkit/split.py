@@ -3,7 +3,8 @@
 With ``roles.resume.write_threads: N`` above 1, a ``torch`` checkpoint's state goes into
 ``state-00-of-NN.pt`` ... instead of one ``state.pt``, so that a backend can write the files at
 the same time. Each part is a plain weights-only torch file holding the same nested dicts as
-the whole state, with a share of the leaves; merging the parts gives the whole state back.
+the whole state, with a share of the leaves (and every part's model state the module versions,
+``_metadata``); merging the parts gives the whole state back.
 
 Only the ``model`` and ``optimizer`` subtrees are spread over the parts, leaf by leaf; every
 other value (``param_groups``, ``rank_extra``, anything that is not a tensor) goes whole into
@@ -93,11 +94,16 @@ def _storages(obj: Any) -> Iterator[tuple[Any, int]]:
 
 
 def _put(tree: Any, like: Any, path: tuple, value: Any) -> None:
-    """Set ``tree[path] = value``, making the containers on the way of the same type as in ``like``."""
+    """Set ``tree[path] = value``, making the containers on the way of the same type as in
+    ``like``, with its ``_metadata``: a module's state dict carries each submodule's version
+    there, by which ``load_state_dict`` converts what an older version saved."""
     for key in path[:-1]:
         like = like[key]
         if key not in tree:
             tree[key] = type(like)()
+            metadata = getattr(like, "_metadata", None)
+            if metadata is not None:
+                tree[key]._metadata = metadata
         tree = tree[key]
     tree[path[-1]] = value
 

@@ -151,3 +151,13 @@ def test_a_failed_optimizer_load_leaves_an_unstepped_optimizer_empty(tmp_path):
 def test_a_group_without_parameters_keeps_its_settings_through_the_gathered_path(tmp_path, group_of_one, wrap):
     """Full state gathered to rank 0 and broadcast: the group's settings come from rank 0 too."""
     resume_matches_uninterrupted(tmp_path, "torch", "adamw_empty_group_first", wrap, wrap)
+
+
+def test_a_cast_final_state_keeps_the_module_versions():
+    """load_state_dict converts what an older module version saved by ``_metadata``: a final
+    model saved in another dtype must carry it as the model's own state dict does."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    sd = model.state_dict()
+    cast = gather.cast(sd, "bfloat16")
+    assert cast._metadata == sd._metadata and cast._metadata["1"]["version"] == 2
+    assert cast["0.weight"].dtype == torch.bfloat16 and cast["1.num_batches_tracked"].dtype == torch.int64

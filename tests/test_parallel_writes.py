@@ -111,13 +111,14 @@ class _Versioned(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
-def test_a_split_state_keeps_the_module_versions(tmp_path):
+@pytest.mark.parametrize("threads, is_async", [(3, False), (1, True), (3, True)])
+def test_a_split_or_staged_state_keeps_the_module_versions(tmp_path, threads, is_async):
     torch.manual_seed(0)
     model = torch.nn.Sequential(_Versioned(), torch.nn.Linear(32, 8))
-    ck = CheckpointManager.from_config(_config(tmp_path, 3))
+    ck = CheckpointManager.from_config(_config(tmp_path, threads, **{"async": is_async}))
     ck.save(step=2, model=model)
     ck.close()
-    assert sorted(os.listdir(tmp_path / STEP2))[-1] == "state-02-of-03.pt"
+    assert sorted(os.listdir(tmp_path / STEP2))[-1] == split.part_names(threads)[-1]
     merged = split.merge(split.split({"model": model.state_dict()}, 3), "here")
     assert merged["model"]._metadata == model.state_dict()._metadata
     fresh = torch.nn.Sequential(_Versioned(), torch.nn.Linear(32, 8))

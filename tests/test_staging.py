@@ -71,3 +71,13 @@ def test_a_staging_copy_that_fails_fails_the_save_instead_of_raising_on_the_writ
     saver.submit(lambda *args: (8, ["ref"], {}), payload, {})
     assert saver.collect("test") == (8, ["ref"], {})
     saver.shutdown()
+
+
+def test_a_staged_state_dict_keeps_the_module_versions():
+    """load_state_dict converts what an older module version saved by ``_metadata``: without it
+    in the staged copy, an async checkpoint loads as if saved by version 1 of every module."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    sd = model.state_dict()
+    staged = Stager().stage({"model": sd, "optimizer": {"state": {}}})
+    assert staged["model"]._metadata == sd._metadata and staged["model"]._metadata["1"]["version"] == 2
+    assert not hasattr(staged["optimizer"], "_metadata")

@@ -145,4 +145,7 @@ def cast(sd: dict[str, Any], dtype: str | None) -> dict[str, Any]:
     if dtype is None:
         return sd
     target = DTYPES[dtype]
-    return {k: v.to(target) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
+    out = type(sd)((k, v.to(target) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items())
+    if hasattr(sd, "_metadata"):  # the module versions that load_state_dict converts by
+        out._metadata = sd._metadata
+    return out

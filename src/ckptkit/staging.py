@@ -13,6 +13,7 @@ allocates there (``materialize``).
 
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Any
 
@@ -77,7 +78,15 @@ class Stager:
                 self._copying.add(obj.device)
             return buf
         if isinstance(obj, dict):
-            return {k: self.stage(v, live, path + (k,)) for k, v in obj.items()}
+            staged = {k: self.stage(v, live, path + (k,)) for k, v in obj.items()}
+            metadata = getattr(obj, "_metadata", None)
+            if metadata is None:
+                return staged
+            # A module state dict's submodule versions, by which load_state_dict converts what
+            # an older version of a module saved: the copy must carry them as the original does.
+            staged = collections.OrderedDict(staged)
+            staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+            return staged
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.stage(v, live, path + (i,)) for i, v in enumerate(obj))
         return copy.deepcopy(obj)

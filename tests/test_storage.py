@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 import ckptkit
-from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError
+from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError, storage
 from ckptkit.checkpoint import Payload, PayloadFile
 from ckptkit.local import LocalBackend
 from ckptkit.manifest import FileEntry
@@ -317,6 +317,28 @@ def test_an_object_store_is_never_asked_to_make_a_folder():
     backend.save_resume(run_name="r", step=1, payload=payload(1))
     assert backend.probe()["write"] == "ok"
     assert steps(backend) == [1]
+
+
+class _NoCopyMemoryFS(MemoryFileSystem):
+    """A store that cannot copy a file itself: fsspec's stub, which raises NotImplementedError."""
+
+    cp_file = fsspec.AbstractFileSystem.cp_file
+
+
+@pytest.mark.parametrize("fs_type, copies", [(MemoryFileSystem, True), (_NoCopyMemoryFS, False)])
+def test_a_step_saved_again_is_copied_into_place_only_where_the_store_copies(fs_type, copies):
+    fs = fs_type(skip_instance_cache=True)
+    assert storage._copies_files(fs) is copies
+    root = f"/again-{os.getpid()}-{time.monotonic_ns()}"
+    backend = FileBackend("store", fs, root)
+    backend.save_resume(run_name="r", step=1, payload=payload(1, b"old" * 40))
+    again = FileBackend("store", fs, root)  # knows nothing of step 1: it asks the store
+    ref = again.save_resume(run_name="r", step=1, payload=payload(1, b"new!" * 30))
+    with again.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"new!" * 30
+    assert steps(again) == [1]
+    assert not [p for p in fs.find(root) if ".tmp-" in p]
+    fs.rm(root, recursive=True)
 
 
 class _CutOffFS(LocalFileSystem):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
@@ -133,6 +134,14 @@ def _check_file_name(name: str) -> str:
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(f"file name {name!r} in a manifest points outside its checkpoint")
     return name
+
+
+def _copies_files(fs: Any) -> bool:
+    """Whether the store behind ``fs`` copies a file itself (``cp_file``): fsspec's base classes
+    only raise ``NotImplementedError`` there."""
+    cls = type(fs)
+    return (getattr(cls, "cp_file", None) not in (None, fsspec.AbstractFileSystem.cp_file)
+            or getattr(cls, "_cp_file", None) not in (None, AsyncFileSystem._cp_file))
 
 
 class FileBackend:
@@ -278,13 +287,18 @@ class FileBackend:
             # A step above any that a listing of the run showed (the prune after each save
             # lists it, and so does the manager's check before the first) or that this instance
             # wrote is a new one: asking costs a round trip or two and can only answer no.
-            if not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path):
+            stored = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path)
+            if stored and _copies_files(self.fs):
                 # Saving a committed step again: its files are written beside it, and the old copy
                 # is un-committed only once all of them are stored, so a failed upload keeps it.
                 staging = posixpath.join(run, f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
                 uncommitted = False
                 with self._lock:
                     self._in_flight.add(staging)
+            elif stored:
+                # A store that cannot copy a file itself: the old copy is un-committed and its
+                # files are overwritten, so a failure half-way loses it.
+                self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
             current = folder = staging or target
             self._make_folder(folder)
             failed: list[str] = []

@@ -320,21 +320,17 @@ class FileBackend:
                 current = manifest_path
                 self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
                 uncommitted = True
-                # The old copy's files go (a split state may have had other parts), and the
-                # store copies the new ones in itself: no byte goes through this machine again.
-                self.fs.invalidate_cache(target)
-                for current in self._call(f"listing {self.uri(target)}", self.fs.find, target):
-                    if posixpath.basename(current) not in entries:
-                        self._call(f"deleting {self.uri(current)}", self.fs.rm_file, current)
+                # The store copies the new files in itself: no byte goes through this machine again.
                 for name in entries:
                     src, current = posixpath.join(staging, name), posixpath.join(target, name)
                     self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.copy, src, current)
-                self._discard(staging)
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
             self._commit_manifest(manifest_path, data)
             self._remember(target, data, manifest)
+            if staging is not None:
+                self._tidy_replaced(target, staging, entries)
         except Exception as exc:
             if staging is not None:
                 self._discard(staging)
@@ -359,6 +355,20 @@ class FileBackend:
         self.fs.invalidate_cache(posixpath.dirname(target))
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
+
+    def _tidy_replaced(self, target: str, staging: str, entries: dict[str, FileEntry]) -> None:
+        """After a step saved again is committed: remove the files beside it and the files of
+        its old copy that the new one does not have (a split state's other parts). Readers go by
+        the manifest, so what a failure here leaves costs space only: it is logged."""
+        self._discard(staging)
+        try:
+            self.fs.invalidate_cache(target)
+            for path in self._call(f"listing {self.uri(target)}", self.fs.find, target):
+                if posixpath.basename(path) not in entries and posixpath.basename(path) != MANIFEST_NAME:
+                    self._call(f"deleting {self.uri(path)}", self.fs.rm_file, path)
+        except Exception as exc:
+            log.warning("backend %r: could not remove the old files of %s: %s", self.name, self.uri(target),
+                        self.describe(exc))
 
     def create_folder(self, path: str) -> None:
         """Make the folder ``path`` and any missing parents; called only when ``needs_folders``."""

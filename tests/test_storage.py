@@ -341,6 +341,38 @@ def test_a_step_saved_again_is_copied_into_place_only_where_the_store_copies(fs_
     fs.rm(root, recursive=True)
 
 
+class _NoReplacingCopyMemoryFS(MemoryFileSystem):
+    """A store whose copy will not replace a file (WebDAV's COPY without Overwrite)."""
+
+    def cp_file(self, path1, path2, **kwargs):
+        if self.exists(path2):
+            raise FileExistsError(path2)
+        return super().cp_file(path1, path2, **kwargs)
+
+
+@pytest.mark.parametrize("fs_type, names", [
+    (MemoryFileSystem, ["a[1].bin", "b*.bin", "c?.bin"]),  # what fsspec's copy() would take as patterns
+    (_NoReplacingCopyMemoryFS, ["state.pt"]),
+])
+def test_a_step_saved_again_holds_the_new_bytes_whatever_its_names_and_the_stores_copy(fs_type, names):
+    fs = fs_type(skip_instance_cache=True)
+    root = f"/names-{os.getpid()}-{time.monotonic_ns()}"
+
+    def files(data):
+        return tuple(PayloadFile(n, write=lambda f, d=data: f.write(d)) for n in names)
+
+    FileBackend("store", fs, root).save_resume(
+        run_name="r", step=1, payload=Payload(run_name="r", step=1, epoch=None, format="files", files=files(b"old")))
+    again = FileBackend("store", fs, root)
+    ref = again.save_resume(
+        run_name="r", step=1, payload=Payload(run_name="r", step=1, epoch=None, format="files", files=files(b"new!")))
+    for name in names:
+        with again.open_file(ref=ref, name=name) as f:
+            assert f.read() == b"new!", name
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(root)) == sorted(["manifest.json", *names])
+    fs.rm(root, recursive=True)
+
+
 class _CutOffFS(LocalFileSystem):
     """A WebDAV-like store: an upload streams into the file's final name, so a connection that
     drops half-way through ``cut_off`` leaves a truncated file there, and the store then stays

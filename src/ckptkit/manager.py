@@ -575,7 +575,10 @@ class CheckpointManager:
             # Once, here rather than in restore: listing the temporary folder (1 ms with 2,000
             # entries, most of it under the GIL) cost a 1 MB resume a fifth of its restore.
             self._swept = True
-            reading.sweep_scratch()
+            try:
+                reading.sweep_scratch()
+            except Exception as exc:  # housekeeping: never the next save's failure
+                log.warning("removing scratch folders of killed processes failed: %s", exc)
 
     def _settle_prune(self) -> None:
         """Wait for the prune after the last save, if it still runs."""

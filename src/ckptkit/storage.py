@@ -14,6 +14,7 @@ same contract.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import logging
@@ -318,12 +319,25 @@ class FileBackend:
                 raise
             if staging is not None:
                 current = manifest_path
-                self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+                with contextlib.suppress(FileNotFoundError):  # a retried delete whose first try went through
+                    self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
                 uncommitted = True
-                # The store copies the new files in itself: no byte goes through this machine again.
-                for name in entries:
-                    src, current = posixpath.join(staging, name), posixpath.join(target, name)
-                    self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.copy, src, current)
+                try:
+                    # The store copies the new files in itself: no byte goes through this machine again.
+                    for name in entries:
+                        src, current = posixpath.join(staging, name), posixpath.join(target, name)
+                        self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
+                except Exception as exc:
+                    # A store whose copy refuses (WebDAV's will not replace a file): the files are
+                    # written into place as they were beside it, rather than the step lost.
+                    log.warning("backend %r: the store could not copy %s (%s); writing the files again",
+                                self.name, self.uri(current), self.describe(exc))
+                    folder = target
+                    try:
+                        entries = write_files(payload.files, put, self.write_concurrency(payload))
+                    except BaseException:
+                        current = failed[0] if failed else current
+                        raise
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()

@@ -227,8 +227,10 @@ def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
         assert SECRET not in blob and KEY_ID not in blob
 
 
+# A killed save's folder, or the folder beside a step saved again where its files are staged.
+@pytest.mark.parametrize("folder", ["step-0000000005", ".tmp-step-0000000005-0123456789ab"])
 def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
-        pm, s3_backend_options, s3_endpoint, bucket):
+        pm, s3_backend_options, s3_endpoint, bucket, folder):
     # moto dates every upload in 2010, so every upload here is past any grace period. They are
     # made before this backend first lists the run's uploads: one begun after a listing cannot
     # be stale before a grace period has passed since, so the prune does not list again until
@@ -236,7 +238,7 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
     fs = s3(s3_endpoint)
     # What a save killed mid-upload leaves: a multipart upload with a part, never completed.
-    crashed = "ckpts/run/step-0000000005/state.pt"
+    crashed = f"ckpts/run/{folder}/state.pt"
     foreign = "ckpts/run-other/step-0000000005/state.pt"
     for key in (crashed, foreign):
         upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
@@ -250,7 +252,7 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     assert [r.role for r in would] == ["unfinished upload"] and crashed in would[0].uri
     assert pending() == sorted([crashed, foreign]), "a dry run aborts nothing"
     # An upload into a folder this backend is writing right now is never touched.
-    backend._in_flight.add(f"{bucket}/ckpts/run/step-0000000005")
+    backend._in_flight.add(f"{bucket}/ckpts/run/{folder}")
     assert backend.prune(run_name="run", keep_last=1, protected_steps=frozenset(), dry_run=True,
                          counted_steps=None) == []
     backend._in_flight.clear()

@@ -273,11 +273,18 @@ class ResumeBackendTests:
         assert self.unfinished_uploads(backend) == []
 
     def test_saving_a_step_again_replaces_it(self, backend):
+        self.save(backend, 3, files={"state.pt": b"old", "extra.pt": b"old extra"})
+        ref = self.save(backend, 3, files={"state.pt": b"new!", "extra.pt": b"new extra"})
+        assert self.read(backend, ref, "state.pt") == b"new!" and self.read(backend, ref, "extra.pt") == b"new extra"
+        assert call_hook(backend, "read_manifest", ref=ref).files["state.pt"].size == 4
+        assert self.steps(backend) == [3]
+        assert sorted(p.rsplit("/", 1)[-1] for p in self.stored_files(backend)) == \
+            sorted([MANIFEST_NAME, "state.pt", "extra.pt"]), "something was left beside the step saved again"
+
+    def test_a_step_saved_again_keeps_no_file_of_its_old_copy(self, backend):
         self.save(backend, 3, files={"state-00-of-02.pt": b"old", "state-01-of-02.pt": b"old"})
         ref = self.save(backend, 3, files={"state.pt": b"new!"})
         assert self.read(backend, ref, "state.pt") == b"new!"
-        assert call_hook(backend, "read_manifest", ref=ref).files["state.pt"].size == 4
-        assert self.steps(backend) == [3]
         assert sorted(p.rsplit("/", 1)[-1] for p in self.stored_files(backend)) == [MANIFEST_NAME, "state.pt"], \
             "the step saved again keeps files of its old copy, or something was left beside it"
 

@@ -50,7 +50,7 @@ _require_this_ckptkit("ckptkit-s3")
 from ckptkit.checkpoint import CheckpointRef  # noqa: E402
 from ckptkit.remote import RemoteOptions  # noqa: E402
 from ckptkit.manifest import MANIFEST_NAME  # noqa: E402
-from ckptkit.storage import FINAL_DIR, FileBackend, parse_step  # noqa: E402
+from ckptkit.storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, parse_step  # noqa: E402
 
 __all__ = ["S3Backend"]
 __version__ = "0.4.0"
@@ -164,7 +164,8 @@ class S3Backend(FileBackend):
         quiet_until = now + self.leftover_grace_s
         for upload in uploads:
             folder = upload["Key"][len(prefix):].split("/", 1)[0]
-            if parse_step(folder) is None and folder != FINAL_DIR:
+            # Uploads into a checkpoint's folder, or beside it where a step saved again is staged.
+            if parse_step(folder) is None and folder != FINAL_DIR and not folder.startswith(LEFTOVER_PREFIXES):
                 continue
             quiet_until = min(quiet_until, upload["Initiated"].timestamp() + self.leftover_grace_s)
             if posixpath.join(run, folder) in in_flight:

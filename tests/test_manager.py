@@ -105,6 +105,22 @@ def test_final_dtype_cast(tmp_path, pm):
     assert model[0].weight.dtype == torch.float32, "the cast must not touch the live model"
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_the_final_model_carries_the_module_versions(tmp_path, pm, dtype):
+    """load_state_dict converts what an older module version saved by ``_metadata``; a final
+    model without it loads as if version 1 of every module had saved it."""
+    cfg = local_config(tmp_path)
+    if dtype:
+        cfg["roles"]["final"]["dtype"] = dtype
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ck.finalize(model, step=1)
+    body = torch.load(tmp_path / "published/exp/final" / FINAL_FILE, weights_only=True)
+    assert body["model"]._metadata == model.state_dict()._metadata
+    assert body["model"]._metadata["1"]["version"] == 2
+    ck.close()
+
+
 def test_restore_falls_back_past_a_corrupt_checkpoint(tmp_path, pm):
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     model, opt = make_model()

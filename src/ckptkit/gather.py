@@ -8,6 +8,8 @@ offloaded to the CPU; *sharded* state stays where it lives, one shard per rank.
 
 from __future__ import annotations
 
+import collections
+
 import itertools
 from typing import Any
 
@@ -137,6 +139,13 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
 def final_state(model: torch.nn.Module, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """The full model state on the CPU, optionally cast; empty on ranks other than 0."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed(model):
+        # DCP's full state is a plain dict: without the module versions (``_metadata``) that
+        # load_state_dict converts by. A plain module's keys are its own, so they carry over.
+        metadata = getattr(model.state_dict(), "_metadata", None)
+        if metadata is not None:
+            sd = collections.OrderedDict(sd)
+            sd._metadata = metadata  # type: ignore[attr-defined]
     return cast(sd, dtype)
 
 

@@ -220,7 +220,7 @@ def test_a_failed_copy_and_rewrite_into_a_stored_step_leave_nothing_half_committ
     faults.add(op="write", path="/step-0000000002/state.pt")
     with pytest.raises(SaveError) as err:
         ck.save(step=2, model=model_at(20), force=True)
-    assert "writing faultyfile://" in str(err.value) and "step-0000000002/state.pt failed" in str(err.value)
+    assert "(writing " in str(err.value) and "/step-0000000002/state.pt failed" in str(err.value)
     assert "committed before was un-committed to be replaced and is gone" in str(err.value)
     ck.close()
     assert restored_step(cfg) == 1

@@ -183,16 +183,22 @@ def test_a_stored_step_saved_again_is_replaced_whole(tmp_path, btype):
     assert_holds_step(m, 10)
 
 
-def test_a_copy_the_store_refuses_is_written_again_and_commits(tmp_path, caplog):
-    """A step saved again on an object store is un-committed once its new files are stored,
-    and filled by copies the store makes; where the store refuses a copy, the files are written
-    into place again and the step commits all the same."""
+def _steps_1_and_2_stored(tmp_path):
+    """A generic ``FileBackend`` (the object-store write path) holding steps 1 and 2, its prune settled."""
     root = tmp_path / "flaky"
     cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
     ck = manager(cfg)
     ck.save(step=1, model=model_at(1))
     ck.save(step=2, model=model_at(2))
     ck.wait()
+    return root, cfg, ck
+
+
+def test_a_copy_the_store_refuses_is_written_again_and_commits(tmp_path, caplog):
+    """A step saved again on an object store is un-committed once its new files are stored,
+    and filled by copies the store makes; where the store refuses a copy, the files are written
+    into place again and the step commits all the same."""
+    root, cfg, ck = _steps_1_and_2_stored(tmp_path)
     fault = ck.router.instances["flaky"].faults.add(op="copy", path="step-0000000002/state.pt")
     with caplog.at_level(logging.WARNING, logger="ckptkit"):
         ck.save(step=2, model=model_at(20), force=True)
@@ -209,12 +215,7 @@ def test_a_failed_copy_and_rewrite_into_a_stored_step_leave_nothing_half_committ
     """When writing the files into place fails too, there is nothing to go back to (the old
     files are being replaced): the step is left un-committed, the one before it is restored,
     and the error says the old copy is gone."""
-    root = tmp_path / "flaky"
-    cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
-    ck = manager(cfg)
-    ck.save(step=1, model=model_at(1))
-    ck.save(step=2, model=model_at(2))
-    ck.wait()
+    root, cfg, ck = _steps_1_and_2_stored(tmp_path)
     faults = ck.router.instances["flaky"].faults
     faults.add(op="copy", path="step-0000000002/state.pt")
     faults.add(op="write", path="/step-0000000002/state.pt")

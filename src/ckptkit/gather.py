@@ -9,7 +9,6 @@ offloaded to the CPU; *sharded* state stays where it lives, one shard per rank.
 from __future__ import annotations
 
 import collections
-
 import itertools
 from typing import Any
 

@@ -78,14 +78,13 @@ class Stager:
                 self._copying.add(obj.device)
             return buf
         if isinstance(obj, dict):
-            staged = {k: self.stage(v, live, path + (k,)) for k, v in obj.items()}
-            metadata = getattr(obj, "_metadata", None)
-            if metadata is None:
-                return staged
             # A module state dict's submodule versions, by which load_state_dict converts what
             # an older version of a module saved: the copy must carry them as the original does.
-            staged = collections.OrderedDict(staged)
-            staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+            metadata = getattr(obj, "_metadata", None)
+            kind = dict if metadata is None else collections.OrderedDict
+            staged = kind((k, self.stage(v, live, path + (k,))) for k, v in obj.items())
+            if metadata is not None:
+                staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return staged
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.stage(v, live, path + (i,)) for i, v in enumerate(obj))

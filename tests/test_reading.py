@@ -252,11 +252,11 @@ def _in_flight_together(monkeypatch, parties):
     threads = set()
     original = reading.load
 
-    def load(path, ref, safe_globals=()):
+    def load(path, ref, safe_globals=(), **options):
         if os.path.basename(path).startswith("state-"):
             threads.add(threading.current_thread().name)
             barrier.wait()
-        return original(path, ref, safe_globals)
+        return original(path, ref, safe_globals, **options)
 
     monkeypatch.setattr(reading, "load", load)
     return threads
@@ -283,12 +283,17 @@ def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypa
     assert_same_state(fresh_opt.state_dict(), opt.state_dict())
 
 
-def test_a_damaged_part_loaded_beside_the_others_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch):
+@pytest.mark.parametrize("mapped", [True, False], ids=["local-disk", "network-fs"])
+def test_a_damaged_part_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch, mapped):
+    """On a local disk every part is verified before any is loaded; where files cannot be mapped
+    (a network filesystem), the parts load beside their hashes and are applied only once all matched."""
     ck, _, _ = _saved_in_two_parts(tmp_path, pm)
     part = tmp_path / "scratch/exp/step-0000000001/state-01-of-02.pt"
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside a tensor's bytes: it still loads, only the checksum can tell
     part.write_bytes(bytes(data))
+    if not mapped:
+        monkeypatch.setattr(reading, "mappable", lambda path: False)
     threads = _in_flight_together(monkeypatch, 2)
     fresh, fresh_opt = _split_model(seed=3)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -296,7 +301,7 @@ def test_a_damaged_part_loaded_beside_the_others_is_refused_and_nothing_applied(
     with pytest.raises(CorruptCheckpointError, match="state-01-of-02.pt does not match its checksum"), \
             pytest.warns(RuntimeWarning, match="skipped"):
         ck.restore(fresh, fresh_opt)
-    assert len(threads) == 2
+    assert len(threads) == (0 if mapped else 2)
     assert_same_state(fresh.state_dict(), before)
     assert_same_state(fresh_opt.state_dict(), before_opt)
 
@@ -352,3 +357,123 @@ def test_parts_download_at_the_same_time_only_through_a_client_made_for_it(tmp_p
         ck.close()
     finally:
         fs.rm(root, recursive=True)  # the memory filesystem is one store for the whole process
+
+
+# -- loading through a memory mapping ------------------------------------------------------------
+
+def _mapped(path) -> bool:
+    """Whether this process has ``path`` memory-mapped (Linux)."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+def _in_mapping(tensor, path) -> bool:
+    """Whether ``tensor``'s bytes lie in this process's mapping of ``path``."""
+    ptr = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(str(path)):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if start <= ptr < end:
+                    return True
+    return False
+
+
+class _WithExtraState(torch.nn.Module):
+    """A module whose extra state, a tensor, is kept as it is given (``set_extra_state``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(512, 512)
+        self.scale = torch.ones(4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state):
+        self.scale = state["scale"]
+
+
+def test_a_restore_maps_the_state_file_and_keeps_nothing_in_the_mapping(tmp_path, pm, monkeypatch):
+    """From a local disk the state file is loaded memory-mapped, the model's tensors copied from
+    the mapping into the model; what the optimizer, the module's extra state and the per-rank
+    state keep is copied out of it first, so no mapping of the checkpoint is left afterwards."""
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    torch.manual_seed(0)
+    model = _WithExtraState()
+    model.scale = torch.full((4,), 3.0)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 512)).sum().backward()
+    opt.step()
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.close()
+    state_file = tmp_path / "scratch/exp/step-0000000001/state.pt"
+    seen = []
+    original = reading._model_mapped
+
+    def spy(state):
+        seen.append(_mapped(state_file))
+        return original(state)
+
+    monkeypatch.setattr(reading, "_model_mapped", spy)
+    fresh = _WithExtraState()  # as a resuming process holds it: an optimizer that has not stepped
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.restore(fresh, fresh_opt).step == 1
+    assert seen == [True], "the state file was loaded through a mapping"
+    assert not _mapped(state_file)
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    assert_same_state(fresh_opt.state_dict(), opt.state_dict())
+    assert torch.equal(fresh.scale, torch.full((4,), 3.0))
+
+
+def test_the_model_tensors_stay_mapped_and_everything_else_gets_memory_of_its_own(tmp_path):
+    from ckptkit import safeload
+
+    moment = torch.arange(8.0)
+    path = tmp_path / "state.pt"
+    torch.save({"model": {"w": torch.ones(1024), "m._extra_state": torch.zeros(3)},
+                "optimizer": {"state": {0: {"exp_avg": moment, "view": moment[2:]}}},
+                "rank_extra": [torch.ones(2), (torch.ones(3), 7)]}, path)
+    state = reading._model_mapped(safeload.load(str(path), mmap=True))
+    assert _in_mapping(state["model"]["w"], path)
+    assert not _in_mapping(state["model"]["m._extra_state"], path)
+    saved = state["optimizer"]["state"][0]
+    assert not _in_mapping(saved["exp_avg"], path)
+    assert saved["view"].untyped_storage().data_ptr() == saved["exp_avg"].untyped_storage().data_ptr(), \
+        "tensors that shared storage in the file still share it"
+    assert torch.equal(saved["view"], torch.arange(2.0, 8.0))
+    assert not any(_in_mapping(t, path) for t in (state["rank_extra"][0], state["rank_extra"][1][0]))
+    assert state["rank_extra"][1][1] == 7
+
+
+def test_a_file_holding_what_cannot_be_walked_loads_the_plain_way(tmp_path):
+    from ckptkit.checkpoint import CheckpointRef
+
+    path = tmp_path / "state.pt"
+    torch.save({"model": {"w": torch.ones(4)}, "optimizer": {"odd": {1, 2}, "m": torch.ones(1024)}}, path)
+    ref = CheckpointRef(backend="disk", run_name="r", step=1, path=str(tmp_path), uri="disk://r/1",
+                        local_dir=str(tmp_path))
+    state = reading.load(str(path), ref, model_mapped=True)
+    assert state["optimizer"]["odd"] == {1, 2}
+    assert not _mapped(path), "a set is not walked: the file was loaded without a mapping"
+    assert torch.equal(state["model"]["w"], torch.ones(4))
+
+
+def test_files_are_mapped_only_on_a_local_disk_or_in_memory(tmp_path):
+    from ckptkit.local import mappable
+
+    assert mappable(str(tmp_path))
+    assert mappable("/dev/shm")
+    assert not mappable("/proc"), "procfs stands here for any filesystem not known to be local"
+
+
+def test_a_model_on_the_meta_device_is_not_loaded_by_copy():
+    from ckptkit import gather
+
+    assert gather.copies_on_load(torch.nn.Linear(2, 2))
+    assert not gather.copies_on_load(torch.nn.Linear(2, 2, device="meta"))

@@ -1,5 +1,5 @@
-"""Restore verifies every file before anything reaches the model, also now that a local file is
-hashed on a second thread while it loads (large files) or just before it loads (small ones)."""
+"""Restore verifies every file before anything reaches the model: a local file is hashed before
+it is loaded, or, where it cannot be memory-mapped, a large one on a second thread while it loads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from ckptkit import CheckpointManager, CorruptCheckpointError
+from ckptkit import CheckpointManager, CorruptCheckpointError, reading
 from ckptkit.hookspecs import hookimpl
 from ckptkit.local import LocalBackend
 from ckptkit.plugins import make_plugin_manager
@@ -17,8 +17,17 @@ from ckptkit.manager import STATE_FILE
 
 from ckpt_helpers import assert_same_state, local_config, train_step
 
-# Small: hashed before it is loaded; large (over 1 MiB): hashed on a second thread meanwhile.
+# Small: hashed before it is loaded; large (over 1 MiB): hashed on a second thread meanwhile
+# where the file cannot be memory-mapped, else hashed first too.
 SIZES = {"small": 16, "large": 512}
+
+
+@pytest.fixture(params=[True, False], ids=["local-disk", "network-fs"])
+def mapping(request, monkeypatch):
+    """Restore as from a local disk (files memory-mapped) and as from a filesystem where they are not."""
+    if not request.param:
+        monkeypatch.setattr(reading, "mappable", lambda path: False)
+    return request.param
 
 
 def make(width: int, seed: int):
@@ -59,7 +68,7 @@ def state_file(tmp_path, step):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_a_flipped_byte_is_refused_and_nothing_is_applied(tmp_path, pm, size):
+def test_a_flipped_byte_is_refused_and_nothing_is_applied(tmp_path, pm, size, mapping):
     width = SIZES[size]
     save_steps(tmp_path, pm, width, [0])
     path = state_file(tmp_path, 0)
@@ -78,7 +87,7 @@ def test_a_flipped_byte_is_refused_and_nothing_is_applied(tmp_path, pm, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_a_tampered_pickle_counts_as_corrupt_and_the_older_one_is_restored(tmp_path, pm, size):
+def test_a_tampered_pickle_counts_as_corrupt_and_the_older_one_is_restored(tmp_path, pm, size, mapping):
     """A changed global name in the pickle makes the load refuse it as unsafe, which is never
     skipped; but the file also fails its checksum, and that decides: skipped, older restored."""
     width = SIZES[size]
@@ -129,7 +138,7 @@ class _HeldRead(LocalBackend):
         return _Held(f, self) if ref.step == 1 and name == self.held else f
 
 
-def test_a_failed_check_waits_for_the_other_files_hashes_before_restore_goes_on(tmp_path):
+def test_a_failed_check_waits_for_the_other_files_hashes_before_restore_goes_on(tmp_path, mapping):
     """When one file of a checkpoint fails its check, the hashes of its other files still running
     on the hash threads are waited for: restore falls back only once nothing reads the skipped
     checkpoint any more (no open file, no hash thread left reading it, no error left unseen)."""

@@ -107,6 +107,13 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         empty[0].update(without_params)
 
 
+def copies_on_load(model: torch.nn.Module) -> bool:
+    """Whether ``load_resume_state`` copies a full model state into the model's own tensors and
+    keeps none of those it was given: not while a parameter or buffer is on the meta device,
+    where DCP takes the given tensors as they are."""
+    return not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:
     """The settings of the saved param group that has no parameters, when there is exactly one
     (DCP loads no more than one)."""

@@ -7,6 +7,7 @@ import os
 import posixpath
 import shutil
 import stat
+import sys
 import threading
 import uuid
 from typing import Any, BinaryIO, Iterable
@@ -144,16 +145,32 @@ _statfs = _load_statfs()
 _MEMORY_FS = (0x01021994, 0x858458F6)
 
 
+# ... and of the local disk filesystems: ext2/3/4, xfs, btrfs, f2fs, zfs, and overlayfs (containers).
+_DISK_FS = (0xEF53, 0x58465342, 0x9123683E, 0xF2F52010, 0x2FC12FC1, 0x794C7630)
+
+
+def _fs_type(path: str) -> int | None:
+    """statfs's f_type of the filesystem ``path`` lies on; None where that cannot be told."""
+    if _statfs is None or not sys.platform.startswith("linux"):  # struct statfs differs elsewhere
+        return None
+    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux
+    if _statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value
+
+
 def _in_memory(path: str) -> bool:
     """Whether ``path`` lies on a filesystem kept in memory, where fsync has nothing to wait for.
 
     A wrong answer costs speed only: the fsyncs are issued either way."""
-    if _statfs is None:
-        return False
-    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux
-    if _statfs(os.fsencode(path), buf) != 0:
-        return False
-    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS
+    return _fs_type(path) in _MEMORY_FS
+
+
+def mappable(path: str) -> bool:
+    """Whether files under ``path`` may be read through a memory mapping: on a local disk or in
+    memory. On network and FUSE filesystems a read that fails under a mapping kills the process
+    (SIGBUS) where a ``read`` raises an error that restore can handle."""
+    return _fs_type(path) in _MEMORY_FS + _DISK_FS
 
 
 def _fsync_dir(path: str) -> None:

@@ -857,8 +857,10 @@ class CheckpointManager:
         if ranks.rank() == 0:
             try:
                 # Every file of the checkpoint, each verified before any of it is applied below.
-                loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals)
-                state = split.merge([loaded[n] for n in reading.state_files(ref, manifest)], ref.uri)
+                names = reading.state_files(ref, manifest)
+                loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals,
+                                                mapped=names if gather.copies_on_load(model) else ())
+                state = split.merge([loaded[n] for n in names], ref.uri)
                 if EXTRA_FILE in loaded:
                     saved_extra = loaded[EXTRA_FILE]
                 else:  # checkpoints from before extra had a file of its own

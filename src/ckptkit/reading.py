@@ -18,7 +18,9 @@ import os
 import shutil
 import tempfile
 from concurrent import futures
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
+
+import torch
 
 from . import safeload, split
 from .checkpoint import CheckpointRef
@@ -32,6 +34,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
+from .local import mappable
 from .manifest import FileEntry, Manifest
 from .retry import RetriesExhausted, RetryPolicy
 from .roles import Role
@@ -134,7 +137,7 @@ class Reader:
         return workdir
 
     def load_files(self, ref: CheckpointRef, manifest: Manifest, names: Sequence[str],
-                   safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+                   safe_globals: Iterable[Any] = (), mapped: Collection[str] = ()) -> dict[str, Any]:
         """Files ``names`` of ``ref``, each checked against ``manifest`` and loaded weights-only.
 
         Returns only once every one of them matched its size and checksum, so a caller may apply
@@ -144,6 +147,10 @@ class Reader:
         loads it (both read it from the page cache); a remote one is downloaded into a scratch
         folder while it is hashed, and loaded from there. The parts of a split state are
         downloaded, and loaded, several at a time.
+
+        ``mapped``: state files whose model tensors may stay in the file, memory-mapped, for a
+        caller that copies them into the model and drops them (see ``load``). Where the local
+        filesystem allows mapping, every file is then verified before any of it is loaded.
         """
         safe_globals = list(safe_globals)
         big = [n for n in names if manifest.files[n].size >= _THREAD_MIN]
@@ -153,15 +160,16 @@ class Reader:
             with scratch("load") as workdir:
                 _each(names, big if threaded else (), lambda name: self.download(ref, manifest, name, workdir))
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
+        if mapped and mappable(ref.local_dir):
+            _each(names, big, functools.partial(self._check, ref, manifest))
+            return _each(names, big, lambda name: load(os.path.join(ref.local_dir, name), ref, safe_globals,
+                                                       model_mapped=name in mapped))
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):
-            entry = manifest.files[name]
-            chunk = min(_READ_CHUNK, entry.size + 1)
-            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), chunk)
-            if entry.size >= _THREAD_MIN:
-                hashes[name] = hash_pool().submit(self.reading, ref, name, read)
+            if manifest.files[name].size >= _THREAD_MIN:
+                hashes[name] = hash_pool().submit(self._digest, ref, manifest, name)
             else:  # hashing it costs less than handing it to a thread: verified before it is loaded
-                _compare(ref, name, entry, *self.reading(ref, name, read))
+                self._check(ref, manifest, name)
         loaded: dict[str, Any] = {}
         failure: Exception | None = None
         try:
@@ -188,6 +196,15 @@ class Reader:
         merged into one dict, each file verified and loaded by ``load_files``. ``keep`` keeps only
         those top-level keys (``export`` needs the model alone)."""
         return _merged(ref, manifest, lambda names: self.load_files(ref, manifest, names, safe_globals), keep)
+
+    def _digest(self, ref: CheckpointRef, manifest: Manifest, name: str) -> tuple[int, str]:
+        """The size and digest of local file ``name``, read in pieces that stay in the CPU's cache."""
+        entry = manifest.files[name]
+        read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1))
+        return self.reading(ref, name, read)
+
+    def _check(self, ref: CheckpointRef, manifest: Manifest, name: str) -> None:
+        _compare(ref, name, manifest.files[name], *self._digest(ref, manifest, name))
 
     def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK) -> tuple[int, str]:
         with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
@@ -254,17 +271,74 @@ def _compare(ref: CheckpointRef, name: str, entry: FileEntry, size: int, digest:
         raise CorruptCheckpointError(f"{ref.uri}: {name} does not match its checksum")
 
 
-def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = ()) -> Any:
+def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_mapped: bool = False) -> Any:
     """A verified file of ``ref``, loaded weights-only, with the checkpoint named in any error.
 
-    Not memory-mapped: optimizers keep loaded tensors as they are, and a tensor that points into
-    the file would keep the whole file mapped (and, once pruned, its disk space taken) for the
-    rest of training.
+    ``model_mapped``: the file is memory-mapped, and the tensors of its top-level ``model`` dict
+    stay in the mapping, for a caller that copies them into the model's own tensors and then
+    drops them (``load_state_dict`` copies). Every other tensor is copied out of the mapping into
+    memory of its own, as a plain load gives it: optimizers keep loaded tensors as they are, and
+    one that pointed into the file would keep the whole file mapped (and, once pruned, its disk
+    space taken) for the rest of training. The model's share is then read once, straight into the
+    model, and the rest is copied out of the page cache, which is faster than ``torch.load``'s own
+    reads (docs/performance.md). A file holding anything not walked here is loaded the plain way.
     """
     try:
+        if model_mapped:
+            try:
+                return _model_mapped(safeload.load(path, safe_globals, mmap=True))
+            except _Opaque:
+                pass
         return safeload.load(path, safe_globals)
     except CheckpointError as exc:
         raise type(exc)(f"{ref.uri}: {exc}") from exc
+
+
+class _Opaque(Exception):
+    """A loaded object that ``_owned`` cannot see into."""
+
+
+# What a state holds besides tensors and the containers walked: values that point into no file.
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout, torch.Size)
+
+
+def _model_mapped(state: Any) -> Any:
+    """``state`` with every tensor in memory of its own but the plain ones of its ``model`` dict."""
+    memo: dict[int, torch.UntypedStorage] = {}
+    if not isinstance(state, dict):
+        return _owned(state, memo)
+    for key, value in state.items():
+        if key != "model" or not isinstance(value, dict):
+            state[key] = _owned(value, memo)
+            continue
+        for name, tensor in value.items():
+            # Extra state is whatever a module's set_extra_state keeps, not copied into the model.
+            if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or name.endswith("_extra_state"):
+                value[name] = _owned(tensor, memo)
+    return state
+
+
+def _owned(obj: Any, memo: dict[int, torch.UntypedStorage]) -> Any:
+    """``obj`` with each tensor copied out of the mapping; tensors that shared storage still share
+    it (``memo``: the copy of each storage). Containers are changed in place."""
+    if type(obj) is torch.Tensor and obj.layout == torch.strided:
+        storage = obj.untyped_storage()
+        own = memo.get(storage.data_ptr())
+        if own is None:
+            own = memo[storage.data_ptr()] = storage.clone()
+        return torch.empty(0, dtype=obj.dtype).set_(own, obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, _ATOMS):
+        return obj
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _owned(value, memo)
+        return obj
+    if isinstance(obj, list):
+        obj[:] = [_owned(value, memo) for value in obj]
+        return obj
+    if type(obj) is tuple:
+        return tuple(_owned(value, memo) for value in obj)
+    raise _Opaque(type(obj).__name__)
 
 
 def state_files(ref: CheckpointRef, manifest: Manifest) -> list[str]:

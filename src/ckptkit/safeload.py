@@ -300,7 +300,7 @@ def _remove_allowed(entries: list[Any]) -> None:
 
 
 def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (), *, name: str | None = None,
-         _mmap: bool = False) -> Any:
+         mmap: bool = False) -> Any:
     """Load a file written by ``torch.save`` onto the CPU without running anything stored in it.
 
     ``source`` is a path or a readable binary file. ``safe_globals`` names further types the
@@ -309,18 +309,19 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     ``CorruptCheckpointError`` when it is not a readable checkpoint file; ``OSError`` when it
     cannot be read at all. ``name`` is what errors call the source (default: its file name).
 
-    Not memory-mapped: a tensor that points into the file would keep it mapped (and its disk
-    space taken once pruned) for as long as training keeps the tensor.
+    ``mmap`` (a path only): the tensors point into the file, mapped, instead of memory of their
+    own. A tensor kept from it keeps the whole file mapped (and, once pruned, its disk space
+    taken), so a caller copies out what it keeps (see ``reading.load``).
     """
     what = name or _describe(source)
-    mmap = _mmap and isinstance(source, (str, os.PathLike))
     # The stand-ins go last so that they win over a caller's own entry for the same names.
     allowed = [*safe_globals, *_stand_ins()]
     created: list = []
     token = _CREATED.set(created)
     try:
         with _allowing(allowed):
-            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            obj = torch.load(source, map_location="cpu", weights_only=True,
+                             mmap=mmap and isinstance(source, (str, os.PathLike)))
         if created:
             obj = _resolve(obj, {})
     except CkptkitError as exc:
@@ -346,7 +347,7 @@ def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str |
     The file is memory-mapped, so only its pickle is read: what a deep verify needs to tell
     that a checkpoint would load safely.
     """
-    load(path, safe_globals, name=name, _mmap=True)
+    load(path, safe_globals, name=name, mmap=True)
 
 
 # -- refusing at save time what load could not rebuild --------------------------------------

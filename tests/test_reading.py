@@ -439,7 +439,7 @@ def test_the_model_tensors_stay_mapped_and_everything_else_gets_memory_of_its_ow
     torch.save({"model": {"w": torch.ones(1024), "m._extra_state": torch.zeros(3)},
                 "optimizer": {"state": {0: {"exp_avg": moment, "view": moment[2:]}}},
                 "rank_extra": [torch.ones(2), (torch.ones(3), 7)]}, path)
-    state = reading._model_mapped(safeload.load(str(path), mmap=True))
+    state = reading._model_mapped(safeload.load(str(path), mapped=True))
     assert _in_mapping(state["model"]["w"], path)
     assert not _in_mapping(state["model"]["m._extra_state"], path)
     saved = state["optimizer"]["state"][0]
@@ -477,3 +477,105 @@ def test_a_model_on_the_meta_device_is_not_loaded_by_copy():
 
     assert gather.copies_on_load(torch.nn.Linear(2, 2))
     assert not gather.copies_on_load(torch.nn.Linear(2, 2, device="meta"))
+
+
+def test_tensors_that_are_more_than_their_bytes_come_back_as_a_plain_load_gives_them(tmp_path):
+    """A copy of a storage would lose a conjugate or negative bit, the autograd flag or a
+    quantizer: such tensors are loaded the plain way, never rebuilt from their bytes."""
+    from ckptkit import safeload
+    from ckptkit.checkpoint import CheckpointRef
+
+    z, other = torch.tensor([1 + 2j, 3 - 4j]), torch.tensor([5 + 6j])
+    state = {"model": {"w": torch.ones(4), "conj": other.conj()},
+             "optimizer": {"conj": z.conj(), "neg": z.conj().imag, "grad": torch.ones(3).requires_grad_(),
+                           "q": torch.quantize_per_tensor(torch.tensor([0.5, -1.0]), 0.5, 0, torch.qint8)}}
+    ref = CheckpointRef(backend="disk", run_name="r", step=1, path=str(tmp_path), uri="disk://r/1",
+                        local_dir=str(tmp_path))
+    for key in state["optimizer"]:
+        path = tmp_path / f"{key}.pt"
+        torch.save({"model": state["model"], "optimizer": {key: state["optimizer"][key]}}, path)
+        plain = safeload.load(str(path))["optimizer"][key]
+        got = reading.load(str(path), ref, model_mapped=True)
+        mine = got["optimizer"][key]
+        if key == "q":
+            assert torch.equal(mine.dequantize(), plain.dequantize())
+        else:
+            assert torch.equal(mine.resolve_conj().resolve_neg(), plain.resolve_conj().resolve_neg()), key
+        assert mine.requires_grad == plain.requires_grad, key
+        assert torch.equal(got["model"]["conj"].resolve_conj(), other.conj().resolve_conj())
+        assert not _mapped(path), key
+
+
+def _adopting_model():
+    """A module whose load pre-hook keeps the tensor it is given as its buffer, as a resizable
+    buffer does."""
+    model = torch.nn.Linear(512, 512)
+    model.register_buffer("codebook", torch.zeros(1))
+
+    def adopt(module, state_dict, prefix, *args):
+        module.codebook = state_dict[prefix + "codebook"]
+
+    model._register_load_state_dict_pre_hook(adopt, with_module=True)
+    return model
+
+
+@pytest.mark.parametrize("why", ["load pre-hook", "MAP_SHARED"])
+def test_the_state_file_is_not_mapped_where_a_tensor_could_stay_in_or_write_to_it(tmp_path, pm, monkeypatch, why):
+    import mmap
+
+    cfg = local_config(tmp_path, final=False)
+    model = _adopting_model() if why == "load pre-hook" else torch.nn.Linear(512, 512)
+    if why == "load pre-hook":
+        model.codebook = torch.arange(8.0)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=1, model=model)
+    ck.close()
+    state_file = tmp_path / "scratch/exp/step-0000000001/state.pt"
+    before = state_file.read_bytes()
+    seen = []
+    original = reading._model_mapped
+    monkeypatch.setattr(reading, "_model_mapped", lambda state: seen.append(1) or original(state))
+    fresh = _adopting_model() if why == "load pre-hook" else torch.nn.Linear(512, 512)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    if why == "MAP_SHARED":
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+            assert ck.restore(fresh).step == 1
+    else:
+        assert ck.restore(fresh).step == 1
+    assert seen == []
+    assert not _mapped(state_file)
+    assert state_file.read_bytes() == before
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
+def test_code_from_outside_torch_that_sees_the_loaded_tensors_turns_the_mapping_off():
+    from ckptkit import gather
+
+    class OwnLoad(torch.nn.Linear):
+        def _load_from_state_dict(self, *args, **kwargs):
+            return super()._load_from_state_dict(*args, **kwargs)
+
+    assert gather.copies_on_load(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+    assert not gather.copies_on_load(torch.nn.Sequential(OwnLoad(2, 2)))
+    assert not gather.copies_on_load(_adopting_model())
+
+
+def test_a_state_file_written_between_its_check_and_its_load_is_refused(tmp_path, pm, monkeypatch):
+    """A mapping reads the file when the model's tensors are copied, after the hash: a file
+    written in place meanwhile is refused as corrupt, and the older checkpoint restored."""
+    ck, states = _save_steps(tmp_path, pm, [1, 2])
+    ck.close()
+    state_file = tmp_path / "scratch/exp/step-0000000002/state.pt"
+    original = reading._model_mapped
+
+    def written_meanwhile(state):
+        if state_file.exists():
+            os.utime(state_file, ns=(1, 1))
+        return original(state)
+
+    monkeypatch.setattr(reading, "_model_mapped", written_meanwhile)
+    model, opt = make_model()
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match="state.pt changed while it was being restored"):
+        assert ck.restore(model, opt).step == 1
+    assert_same_state(model.state_dict(), states[1])

@@ -109,9 +109,21 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
 
 def copies_on_load(model: torch.nn.Module) -> bool:
     """Whether ``load_resume_state`` copies a full model state into the model's own tensors and
-    keeps none of those it was given: not while a parameter or buffer is on the meta device,
-    where DCP takes the given tensors as they are."""
-    return not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    keeps none of those it was given. Not while a parameter or buffer is on the meta device,
+    where DCP takes the given tensors as they are; nor where code from outside torch sees them
+    first (a module's own ``_load_from_state_dict``, a load pre-hook), which may keep one."""
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return False
+    for module in model.modules():
+        hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+        if not all(_from_torch(f) for f in [type(module)._load_from_state_dict, *hooks]):
+            return False
+    return True
+
+
+def _from_torch(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return module == "torch" or module.startswith("torch.")
 
 
 def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:

@@ -168,8 +168,9 @@ def _in_memory(path: str) -> bool:
 
 def mappable(path: str) -> bool:
     """Whether files under ``path`` may be read through a memory mapping: on a local disk or in
-    memory. On network and FUSE filesystems a read that fails under a mapping kills the process
-    (SIGBUS) where a ``read`` raises an error that restore can handle."""
+    memory. A read that fails under a mapping kills the process (SIGBUS) where a ``read`` raises
+    an error that restore can handle; network and FUSE filesystems fail that way far more often
+    than a local disk, whose failing read would also end training."""
     return _fs_type(path) in _MEMORY_FS + _DISK_FS
 
 

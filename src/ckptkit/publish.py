@@ -220,7 +220,7 @@ def _final_body(source: PublishSource, folder: str) -> dict[str, Any]:
     """The verified final file of ``source``, loaded weights-only and memory-mapped: a tensor is
     read from disk only if a backend uses it, and the file outlives every use (it is removed
     after all backends were called)."""
-    body = safeload.load(os.path.join(folder, FINAL_FILE), name=f"{source.uri}/{FINAL_FILE}", mmap=True)
+    body = safeload.load(os.path.join(folder, FINAL_FILE), name=f"{source.uri}/{FINAL_FILE}", mapped=True)
     if not isinstance(body, dict) or not isinstance(body.get("model"), dict):
         raise CheckpointError(f"{source.uri}/{FINAL_FILE} holds no model state (a dict under 'model'); "
                               "it was not written by ckptkit finalize")

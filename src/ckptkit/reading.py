@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import os
 import shutil
 import tempfile
@@ -143,14 +144,16 @@ class Reader:
         Returns only once every one of them matched its size and checksum, so a caller may apply
         what it gets; raises ``CorruptCheckpointError`` for a file that does not match (whatever
         loading it gave), else the load's own error, naming the checkpoint. Every byte is read
-        from storage once: a local file is hashed on a second thread while the caller's thread
-        loads it (both read it from the page cache); a remote one is downloaded into a scratch
+        from storage once: a local file is hashed before it loads through a mapping, or where it
+        cannot be mapped on a second thread while the caller's thread loads it (both read it
+        from the page cache); a remote one is downloaded into a scratch
         folder while it is hashed, and loaded from there. The parts of a split state are
         downloaded, and loaded, several at a time.
 
         ``mapped``: state files whose model tensors may stay in the file, memory-mapped, for a
         caller that copies them into the model and drops them (see ``load``). Where the local
-        filesystem allows mapping, every file is then verified before any of it is loaded.
+        filesystem allows mapping, every file is then verified before any of it is loaded, and
+        refused as corrupt if it changed (inode, size or times) by the time it was loaded.
         """
         safe_globals = list(safe_globals)
         big = [n for n in names if manifest.files[n].size >= _THREAD_MIN]
@@ -161,9 +164,16 @@ class Reader:
                 _each(names, big if threaded else (), lambda name: self.download(ref, manifest, name, workdir))
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
         if mapped and mappable(ref.local_dir):
+            paths = {name: os.path.join(ref.local_dir, name) for name in names}
+            before = {name: _identity(path, ref) for name, path in paths.items()}
             _each(names, big, functools.partial(self._check, ref, manifest))
-            return _each(names, big, lambda name: load(os.path.join(ref.local_dir, name), ref, safe_globals,
-                                                       model_mapped=name in mapped))
+            loaded = _each(names, big, lambda name: load(paths[name], ref, safe_globals, model_mapped=name in mapped))
+            # A mapping reads the file when its pages are touched, not when it was hashed: a file
+            # written in place meanwhile would reach the model unverified.
+            for name, path in paths.items():
+                if _identity(path, ref) != before[name]:
+                    raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored")
+            return loaded
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):
             if manifest.files[name].size >= _THREAD_MIN:
@@ -264,6 +274,15 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
     return {name: done[name] for name in names}
 
 
+def _identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
+    """What changes when a file is replaced or written: its inode, size and times."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise storage_failure(ref.backend, f"reading {path}", exc) from exc
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _compare(ref: CheckpointRef, name: str, entry: FileEntry, size: int, digest: str) -> None:
     if size != entry.size:
         raise CorruptCheckpointError(f"{ref.uri}: {name} has {size} bytes, the manifest says {entry.size}")
@@ -284,9 +303,10 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
     reads (docs/performance.md). A file holding anything not walked here is loaded the plain way.
     """
     try:
-        if model_mapped:
+        if model_mapped and torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE:
+            # (MAP_SHARED, which torch lets a process choose, would let a write reach the file.)
             try:
-                return _model_mapped(safeload.load(path, safe_globals, mmap=True))
+                return _model_mapped(safeload.load(path, safe_globals, mapped=True))
             except _Opaque:
                 pass
         return safeload.load(path, safe_globals)
@@ -313,20 +333,29 @@ def _model_mapped(state: Any) -> Any:
             continue
         for name, tensor in value.items():
             # Extra state is whatever a module's set_extra_state keeps, not copied into the model.
-            if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or name.endswith("_extra_state"):
+            if not _plain(tensor) or name.endswith("_extra_state"):
                 value[name] = _owned(tensor, memo)
     return state
+
+
+def _plain(obj: Any) -> bool:
+    """A tensor that is its storage's bytes and nothing more: on the CPU, dense, not quantized,
+    with no conjugate or negative bit and no autograd flag, which a copy of the storage would lose."""
+    return (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
+            and not (obj.is_quantized or obj.is_conj() or obj.is_neg() or obj.requires_grad))
 
 
 def _owned(obj: Any, memo: dict[int, torch.UntypedStorage]) -> Any:
     """``obj`` with each tensor copied out of the mapping; tensors that shared storage still share
     it (``memo``: the copy of each storage). Containers are changed in place."""
-    if type(obj) is torch.Tensor and obj.layout == torch.strided:
+    if _plain(obj):
         storage = obj.untyped_storage()
         own = memo.get(storage.data_ptr())
         if own is None:
             own = memo[storage.data_ptr()] = storage.clone()
         return torch.empty(0, dtype=obj.dtype).set_(own, obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, torch.Tensor):
+        raise _Opaque(f"a {type(obj).__name__} that is more than its storage's bytes")
     if isinstance(obj, _ATOMS):
         return obj
     if isinstance(obj, dict):

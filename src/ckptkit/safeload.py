@@ -300,7 +300,7 @@ def _remove_allowed(entries: list[Any]) -> None:
 
 
 def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (), *, name: str | None = None,
-         mmap: bool = False) -> Any:
+         mapped: bool = False) -> Any:
     """Load a file written by ``torch.save`` onto the CPU without running anything stored in it.
 
     ``source`` is a path or a readable binary file. ``safe_globals`` names further types the
@@ -309,7 +309,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     ``CorruptCheckpointError`` when it is not a readable checkpoint file; ``OSError`` when it
     cannot be read at all. ``name`` is what errors call the source (default: its file name).
 
-    ``mmap`` (a path only): the tensors point into the file, mapped, instead of memory of their
+    ``mapped`` (a path only): the tensors point into the file, mapped, instead of memory of their
     own. A tensor kept from it keeps the whole file mapped (and, once pruned, its disk space
     taken), so a caller copies out what it keeps (see ``reading.load``).
     """
@@ -321,7 +321,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     try:
         with _allowing(allowed):
             obj = torch.load(source, map_location="cpu", weights_only=True,
-                             mmap=mmap and isinstance(source, (str, os.PathLike)))
+                             mmap=mapped and isinstance(source, (str, os.PathLike)))
         if created:
             obj = _resolve(obj, {})
     except CkptkitError as exc:
@@ -347,7 +347,7 @@ def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str |
     The file is memory-mapped, so only its pickle is read: what a deep verify needs to tell
     that a checkpoint would load safely.
     """
-    load(path, safe_globals, name=name, mmap=True)
+    load(path, safe_globals, name=name, mapped=True)
 
 
 # -- refusing at save time what load could not rebuild --------------------------------------

@@ -96,6 +96,7 @@ def check_cycle(results: list[dict], tmp_path, fmt: str, backends: int = 1) -> N
         assert r["diffs"] == [], f"rank {r['rank']} restored other values: {r['diffs']}"
         assert r["extra"] == {"rank0_note": "saved at 3"}
         assert r["final"] == [f"file://{tmp_path}/final/dist/final"]
+        assert r["mapped"] == [], f"rank {r['rank']} still maps a checkpoint's file after restore"
     assert results[0]["kept"] == [3] * backends + [2] * backends
     expected = torch.load(tmp_path / "expected_full.pt", weights_only=True)
     final = torch.load(tmp_path / "final/dist/final/final_model.pt", weights_only=True)
@@ -112,6 +113,13 @@ def check_cycle(results: list[dict], tmp_path, fmt: str, backends: int = 1) -> N
 def test_ddp_full_mode_on_local_disk(tmp_path):
     results = launch(2, "cycle", tmp_path, {"config": config(tmp_path, "torch"), "wrap": "ddp"})
     check_cycle(results, tmp_path, "torch")
+
+
+def test_a_model_built_on_the_meta_device_restores_and_keeps_nothing_mapped(tmp_path):
+    results = launch(2, "restore_meta", tmp_path, {"config": config(tmp_path, "torch")})
+    for r in results:
+        assert r["equal"], f"rank {r['rank']} restored other values"
+        assert r["mapped"] == [], f"rank {r['rank']} still maps {r['mapped']}"
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])

@@ -178,6 +178,12 @@ def matrix_restore(name: str, cfg: dict, workdir: str, as_plain: bool = False, r
     return report, (cfg, model, opt, sched, ref)
 
 
+def mapped_under(folder: str) -> list[str]:
+    """The files under ``folder`` that this process has memory-mapped (Linux)."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split()[-1] for line in f if str(folder) in line})
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -206,10 +212,25 @@ def main() -> None:
         result["restored_step"] = restored.step
         result["extra"] = restored.extra
         result["diffs"] = same(expected, snapshot(model2, opt2))
+        result["mapped"] = mapped_under(workdir)
         refs = ck.finalize(model=model2, step=restored.step, metrics={"loss": 0.5})
         result["final"] = [r.uri for r in refs]
         if rank == 0:
             torch.save(full, os.path.join(workdir, "expected_full.pt"))
+        ck.close()
+
+    elif scenario == "restore_meta":
+        # A resuming process that builds its model on the meta device: DCP takes the tensors it
+        # is given there (assign=True), so the state file must not be loaded through a mapping.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        torch.manual_seed(0)
+        saved = torch.nn.Linear(256, 256)
+        ck.save(step=1, model=saved)
+        ck.wait()
+        fresh = torch.nn.Linear(256, 256, device="meta")
+        ck.restore(model=fresh)
+        result["equal"] = all(torch.equal(a.detach(), b.detach()) for a, b in zip(fresh.parameters(), saved.parameters()))
+        result["mapped"] = mapped_under(workdir)
         ck.close()
 
     elif scenario == "save":

@@ -143,8 +143,6 @@ def _load_statfs():
 _statfs = _load_statfs()
 # statfs's f_type of the filesystems kept in memory only: tmpfs, ramfs.
 _MEMORY_FS = (0x01021994, 0x858458F6)
-
-
 # ... and of the local disk filesystems: ext2/3/4, xfs, btrfs, f2fs, zfs, and overlayfs (containers).
 _DISK_FS = (0xEF53, 0x58465342, 0x9123683E, 0xF2F52010, 0x2FC12FC1, 0x794C7630)
 

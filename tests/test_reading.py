@@ -279,6 +279,8 @@ def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypa
     fresh, fresh_opt = _split_model(seed=3)
     assert ck.restore(fresh, fresh_opt).step == 1
     assert len(threads) == 2 and all(t.startswith("ckptkit-load") for t in threads)
+    assert not any(_mapped(p) for p in (tmp_path / "scratch/exp/step-0000000001").glob("state-*")), \
+        "the optimizer's share of each part was copied out of its mapping"
     assert_same_state(fresh.state_dict(), model.state_dict())
     assert_same_state(fresh_opt.state_dict(), opt.state_dict())
 

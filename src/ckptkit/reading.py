@@ -172,7 +172,9 @@ class Reader:
             # written in place meanwhile would reach the model unverified.
             for name, path in paths.items():
                 if _identity(path, ref) != before[name]:
-                    raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored")
+                    raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
+                                                 "was loaded is not what was verified; nothing of it was applied. "
+                                                 "Keep other programs from writing into checkpoint folders")
             return loaded
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):

@@ -51,7 +51,7 @@ def test_check_shows_routing_and_probes(capsys, config_file, tmp_path):
     assert code == 0
     routes = {(r["role"], r["backend"]) for r in data["routes"]}
     resume = next(r for r in data["routes"] if r["role"] == "resume")
-    assert set(resume["settings"]) == {"every_n_steps", "keep_last", "format", "async", "keep_best", "write_threads"}
+    assert set(resume["settings"]) == {"every_n_steps", "keep_last", "format", "async", "async_copy", "keep_best", "write_threads"}
     assert routes == {("resume", "scratch"), ("final", "published")}
     assert all(v == "ok" for r in data["routes"] for v in r["probe"].values())
     code, out, _ = run(capsys, "check", str(config_file))

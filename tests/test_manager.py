@@ -506,3 +506,61 @@ def test_a_failing_shard_write_is_a_save_error_and_leaves_nothing(tmp_path, pm):
         ck.save(step=0, model=model, optimizer=opt)
     assert ck.list_checkpoints() == []
     assert not [p for p in fs.find(f"/sink-{tmp_path.name}") if "step-" in p], "the staged folder was removed"
+
+
+def _background_manager(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True, "async_copy": "background"})
+    return CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def _big_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)], torch.nn.BatchNorm1d(1024))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _big_step(model, opt):
+    opt.zero_grad()
+    model(torch.randn(8, 1024)).pow(2).mean().backward()
+    opt.step()
+
+
+def test_background_copy_commits_the_state_as_save_saw_it_though_the_step_follows_at_once(tmp_path, pm):
+    ck = _background_manager(tmp_path, pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    expected_opt = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+    opt.zero_grad()
+    model(torch.randn(8, 1024)).pow(2).mean().backward()  # changes batch norm's statistics
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ck.save(step=0, model=model, optimizer=opt) == []
+    opt.step()  # at once: it waits for the copy, which has 48 MB to go through
+    model(torch.randn(8, 1024))
+    assert [r.step for r in ck.wait()] == [0]
+    fresh, fresh_opt = _big_model()
+    ck.restore(fresh, fresh_opt)
+    assert_same_state(fresh.state_dict(), expected)
+    for k, s in fresh_opt.state_dict()["state"].items():
+        assert_same_state(s, expected_opt[k])
+    ck.close()
+
+
+def test_background_copy_never_commits_a_tensor_changed_in_place_outside_the_optimizer(tmp_path, pm):
+    ck = _background_manager(tmp_path, pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    last = opt.state[model[3].bias]["exp_avg_sq"]  # copied last, after 48 MB of others
+    before = last.clone()
+    ck.save(step=0, model=model, optimizer=opt)
+    last.mul_(0)
+    try:
+        ck.wait()
+    except SaveError as exc:
+        assert "step 0 was not written: optimizer.state.3.bias.exp_avg_sq changed in place" in str(exc)
+        assert not (tmp_path / "scratch/exp/step-0000000000").exists()
+    else:  # the change came after the copy: the checkpoint holds what save saw
+        fresh, fresh_opt = _big_model()
+        ck.restore(fresh, fresh_opt)
+        assert torch.equal(fresh_opt.state[fresh[3].bias]["exp_avg_sq"], before)
+    ck.close()

@@ -1,6 +1,8 @@
+import threading
+
 import torch
 
-from ckptkit.staging import Stager
+from ckptkit.staging import Stager, stepped_storages
 
 
 def test_stage_copies_and_reuses_buffers():
@@ -81,3 +83,96 @@ def test_a_staged_state_dict_keeps_the_module_versions():
     staged = Stager().stage({"model": sd, "optimizer": {"state": {}}})
     assert staged["model"]._metadata == sd._metadata and staged["model"]._metadata["1"]["version"] == 2
     assert not hasattr(staged["optimizer"], "_metadata")
+
+
+def test_deferred_tensors_get_their_buffer_now_and_their_copy_later():
+    model = torch.nn.Linear(3, 2)
+    defer = stepped_storages(model, None)
+    stager = Stager()
+    staged = stager.stage({"model": model.state_dict(), "other": torch.ones(2)}, live=None, defer=defer)
+    assert [path for *_, path in stager.deferred] == [("model", "weight"), ("model", "bias")]
+    assert torch.equal(staged["other"], torch.ones(2)), "what is not deferred is copied at once"
+    with torch.no_grad():
+        model.weight.add_(1)  # after the copy below would be fine; before it, the copy is refused
+    assert stager.copy_deferred() == [("model", "weight")]
+    assert stager.deferred == []
+    weight = staged["model"]["weight"]
+    again = stager.stage({"model": model.state_dict()}, live=None, defer=defer)
+    assert again["model"]["weight"].data_ptr() == weight.data_ptr(), "deferred buffers are reused too"
+    assert stager.copy_deferred() == []
+    assert torch.equal(again["model"]["weight"], model.weight.detach())
+
+
+def test_buffers_are_copied_before_stage_returns_even_when_parameters_are_deferred():
+    """A forward pass changes batch norm's running statistics: their copy cannot wait for the
+    next optimizer step, which comes after that forward pass."""
+    model = torch.nn.BatchNorm1d(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    staged = Stager().stage(model.state_dict(), live=None, defer=stepped_storages(model, opt))
+    model(torch.randn(8, 4) + 5)
+    assert torch.equal(staged["running_mean"], torch.zeros(4))
+    assert int(staged["num_batches_tracked"]) == 0
+
+
+def _background_saver():
+    from ckptkit.asyncsave import AsyncSaver
+    from ckptkit.ranks import Collectives
+
+    return AsyncSaver(Collectives(timeout_s=5, fingerprint={}))
+
+
+def test_a_parameter_changed_before_its_background_copy_fails_the_save_and_writes_nothing():
+    from ckptkit.checkpoint import Payload
+
+    saver = _background_saver()
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    written = []
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    with torch.no_grad():
+        model.bias.mul_(0)  # outside optimizer.step(): nothing waits for the copy
+    payload = Payload(run_name="r", step=3, epoch=None, format="torch", files=())
+    saver.submit(lambda *args: written.append(args) or (3, ["ref"], {}), payload, staged)
+    step, saved, failures = saver.collect("test")
+    assert (step, saved, written) == (3, [], [])
+    message = str(failures["(staging)"])
+    assert "step 3 was not written: model.bias changed in place" in message
+    assert "async_copy: blocking" in message
+    saver.wait_copied()  # does not hang after a refused copy
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    saver.submit(lambda p, s: (4, [torch.equal(s["model"]["bias"], model.bias.detach())], {}), payload, staged)
+    assert saver.collect("test") == (4, [True], {})
+    saver.shutdown()
+
+
+def test_every_optimizer_step_waits_for_the_background_copy_and_close_removes_the_wait():
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+    from ckptkit.checkpoint import Payload
+
+    hooks = len(_global_optimizer_pre_hooks)
+    saver = _background_saver()
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)  # not the one given to save
+    started, release = threading.Event(), threading.Event()
+    saver._stager.copy_deferred = lambda real=saver._stager.copy_deferred: (started.set(), release.wait(),
+                                                                             real())[-1]
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=())
+    saver.submit(lambda p, s: (1, [s["model"]["weight"].clone()], {}), payload, staged)
+    before = model.weight.detach().clone()
+    started.wait()
+    model(torch.ones(1, 4)).sum().backward()
+    stepped = threading.Thread(target=other.step)
+    stepped.start()
+    stepped.join(0.2)
+    assert stepped.is_alive(), "the step waits while the copy is not done"
+    assert torch.equal(model.weight.detach(), before)
+    release.set()
+    stepped.join()
+    assert not torch.equal(model.weight.detach(), before)
+    step, (saved,), failures = saver.collect("test")
+    assert failures == {} and torch.equal(saved, before)
+    assert len(_global_optimizer_pre_hooks) == hooks + 1
+    saver.shutdown()
+    assert len(_global_optimizer_pre_hooks) == hooks

@@ -17,6 +17,7 @@ from .roles import Role
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMATS = ("torch", "dcp")
+ASYNC_COPIES = ("blocking", "background")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -148,6 +149,11 @@ class ResumeRole:
     # With ``true`` (``format: torch`` only), ``save`` returns once the state is copied to CPU memory,
     # and rank 0 writes, commits and prunes in a background thread.
     async_: bool = False
+    # With ``async: true``: ``blocking`` copies the whole state before ``save`` returns.
+    # ``background`` copies parameters and optimizer state on the writer thread while training
+    # goes on; every optimizer's ``step`` waits for that copy, and a tensor changed in place
+    # any other way before its copy is done fails that save.
+    async_copy: str = "blocking"
     # Keep the best checkpoints by a metric besides the newest ``keep_last``.
     keep_best: KeepBest | None = None
     # ``format: torch`` only: split the state into this many files of about equal bytes
@@ -155,7 +161,7 @@ class ResumeRole:
     # by backends whose client allows it (local, s3, gcs). 1 to 64.
     write_threads: int = 1
 
-    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "keep_best", "write_threads")
+    KEYS = ("backends", "every_n_steps", "keep_last", "format", "async", "async_copy", "keep_best", "write_threads")
 
     @classmethod
     def from_dict(cls, data: Any, key: str = "roles.resume") -> ResumeRole:
@@ -167,6 +173,12 @@ class ResumeRole:
         is_async = data.get("async", False)
         if not isinstance(is_async, bool):
             raise ConfigError(f"{key}.async: must be true or false, got {is_async!r}")
+        async_copy = data.get("async_copy", "blocking")
+        if async_copy not in ASYNC_COPIES:
+            raise ConfigError(f"{key}.async_copy: must be one of {', '.join(ASYNC_COPIES)}, got {async_copy!r}")
+        if async_copy != "blocking" and not is_async:
+            raise ConfigError(f"{key}.async_copy: {async_copy} applies to asynchronous saves; set async: true "
+                              "as well, or leave async_copy out")
         threads = check_number(f"{key}.write_threads", data.get("write_threads", 1), 1, integer=True)
         if threads > 64:
             raise ConfigError(f"{key}.write_threads: at most 64, got {threads}")
@@ -180,6 +192,7 @@ class ResumeRole:
             keep_last=check_number(f"{key}.keep_last", data.get("keep_last", 3), 1, integer=True),
             format=fmt,
             async_=is_async,
+            async_copy=async_copy,
             keep_best=None if data.get("keep_best") is None else KeepBest.from_dict(data["keep_best"], f"{key}.keep_best"),
         )
 

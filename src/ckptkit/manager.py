@@ -382,7 +382,8 @@ class CheckpointManager:
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
         then returns ``[]``; the next due ``save``, or ``wait``, ``restore``, ``finalize`` or
         ``close``, waits for that write and reports its outcome as above. One save is in flight
-        at a time.
+        at a time. With ``async_copy: background`` the parameters and optimizer state are copied
+        on that thread too, and the next ``optimizer.step()`` (of any optimizer) waits for the copy.
         """
         self._check_open()
         role = self.resume_role
@@ -419,7 +420,8 @@ class CheckpointManager:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
                 staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
-                                           copy_always=("extra", RANK_EXTRA_KEY))
+                                           copy_always=("extra", RANK_EXTRA_KEY),
+                                           background=role.async_copy == "background")
                 self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
             if previous is not None:
                 # Reported after this step's save started, so that a failure never drops it.

@@ -9,6 +9,11 @@ host memory is slow (about half a second per GiB), so the first save does not wa
 when the GPU has room: it snapshots the tensors on the device, which takes a fraction of a
 millisecond per GiB, and the writer thread moves the snapshot into pinned buffers that it
 allocates there (``materialize``).
+
+With ``defer`` (``async_copy: background``), CPU tensors that only an optimizer step changes
+(parameters and optimizer state) are not copied by ``stage``: it sets their buffers aside with
+the tensors' version counters, and ``copy_deferred``, on the writer thread, fills them while
+training runs its next forward and backward passes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
+def stepped_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
+    """The storages that only an optimizer step changes in a training loop: parameters and
+    optimizer state. Buffers are not among them: a forward pass changes them (batch norm)."""
+    tensors = list(model.parameters())
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return frozenset(p for t in tensors if (p := _storage(t)) is not None)
+
+
 def _host_buffer(like: torch.Tensor) -> torch.Tensor:
     """A CPU tensor shaped like ``like``: pinned for a GPU tensor, so that copies run at full bus
     speed and asynchronously; ordinary memory where pinning is refused (a memlock limit)."""
@@ -56,13 +70,24 @@ class Stager:
         self._room: dict[torch.device, int] = {}
         self._snapshots: dict[int, tuple] = {}  # id of a device snapshot -> its buffer's path
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # copies out of snapshots
+        # (buffer, source, the source's version counter when staged, path): see ``defer``.
+        self.deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]] = []
 
-    def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = ()) -> Any:
+    def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = (),
+              defer: frozenset[int] = frozenset()) -> Any:
         """A copy of ``obj`` that training cannot change. With ``live`` (see ``live_storages``),
-        CPU tensors outside those storages are private already and are passed through."""
+        CPU tensors outside those storages are private already and are passed through. CPU
+        tensors in the storages ``defer`` get their buffer, left to ``copy_deferred`` to fill."""
         if torch.is_tensor(obj):
-            if live is not None and obj.device.type == "cpu" and (p := _storage(obj)) is not None and p not in live:
+            storage = _storage(obj) if obj.device.type == "cpu" else None
+            if live is not None and storage is not None and storage not in live:
                 return obj
+            if storage in defer:
+                buf = self._buffers.get(path)
+                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                    buf = self._buffers[path] = _host_buffer(obj)
+                self.deferred.append((buf, obj.detach(), obj._version, path))
+                return buf
             buf = self._buffers.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 if obj.is_cuda and self._take_room(obj):
@@ -82,13 +107,26 @@ class Stager:
             # an older version of a module saved: the copy must carry them as the original does.
             metadata = getattr(obj, "_metadata", None)
             kind = dict if metadata is None else collections.OrderedDict
-            staged = kind((k, self.stage(v, live, path + (k,))) for k, v in obj.items())
+            staged = kind((k, self.stage(v, live, path + (k,), defer)) for k, v in obj.items())
             if metadata is not None:
                 staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return staged
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.stage(v, live, path + (i,)) for i, v in enumerate(obj))
+            return type(obj)(self.stage(v, live, path + (i,), defer) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
+
+    def copy_deferred(self) -> list[tuple]:
+        """Fill the buffers that ``stage`` deferred; return the paths of the tensors whose version
+        counter moved before their copy was done. Such a tensor was changed in place during the
+        copy, or between ``stage`` and it: its buffer may hold a mix of before and after."""
+        deferred, self.deferred = self.deferred, []
+        changed = []
+        for buf, src, version, path in deferred:
+            buf.copy_(src)
+            # Read after the copy: an in-place change counts once it completes.
+            if src._version != version:
+                changed.append(path)
+        return changed
 
     def _take_room(self, t: torch.Tensor) -> bool:
         """Whether a snapshot of ``t`` fits on its device, leaving a tenth of the device (at

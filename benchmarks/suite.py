@@ -7,7 +7,9 @@ cases every round and taking medians:
 * ``save``     ckptkit's sync save to a ``local`` backend against ``torch.save`` + fsync of the
                file, and against DCP ``save`` (single process, its own fsyncs), per folder;
 * ``async``    how long an ``async: true`` save blocks the caller, against a sync ckptkit save
-               (its first save, which allocates the staging buffers, is shown on its own);
+               (its first save, which allocates the staging buffers, is shown on its own); and
+               with ``async_copy: background``, in a training loop, the save plus the wait at
+               the next ``optimizer.step()``, and what the loop's steps lose to the copy and write;
 * ``restore``  ckptkit's restore (verify and load, model and optimizer) against ``torch.load``
                (``weights_only=True``) of the torch.save file and ``load_state_dict``;
 * ``fresh``    the same restore as a resuming process makes it: each round a new process that
@@ -49,6 +51,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ckptkit
 from ckptkit.plugins import make_plugin_manager
@@ -64,6 +67,7 @@ DEFAULT_S3_MAX = "256MiB"
 PARTS = ("save", "restore", "fresh", "async", "s3")
 BUCKET = "bench"
 WIDTH = 1024
+BATCH = 32  # rows of the forward and backward pass that the async_copy: background case runs
 
 
 def parse_size(text: str) -> int:
@@ -191,11 +195,12 @@ def race(cases: list[Case], rounds: int, warmup: bool = True) -> None:
 
 # -- the comparisons ----------------------------------------------------------------------
 
-def local_manager(folder: str, is_async: bool = False, keep_last: int = 2) -> ckptkit.CheckpointManager:
+def local_manager(folder: str, is_async: bool = False, keep_last: int = 2,
+                  async_copy: str = "blocking") -> ckptkit.CheckpointManager:
     return ckptkit.CheckpointManager.from_config(
         {"backends": {"disk": {"type": "local", "path": folder}},
          "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": keep_last,
-                              "async": is_async}}},
+                              "async": is_async, "async_copy": async_copy}}},
         run_name="bench", plugin_manager=make_plugin_manager(autoload=False))
 
 
@@ -289,11 +294,79 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         race([sync_case, blocked], rounds)
         rows.append(row(size, where, "async blocking", sync_case, blocked, "the write goes on in the background"))
         rows.append(row(size, where, "async first save", sync_case, first, "one round"))
-        sync_ck.close()
         async_ck.close()
+        rows += background_rows(size, where, work, rounds, model, opt, sync_case, step)
+        sync_ck.close()
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def train_pass(model: nn.Module, batch: torch.Tensor) -> None:
+    """A forward and backward pass over every layer: the training work between two steps."""
+    layers = list(model) if isinstance(model, nn.Sequential) else [model]
+    sum(layer(batch).pow(2).mean() for layer in layers).backward()
+
+
+def background_rows(size: int, where: str, work: str, rounds: int, model, opt, sync_case: Case,
+                    step: Any) -> list[dict[str, Any]]:
+    """``async_copy: background``, in a training loop: save, a forward and backward pass of
+    ``BATCH`` rows (the copy runs beside it), then ``optimizer.step()``, which waits for the copy.
+    The caller is held for the save plus that wait, timed by a step pre-hook registered after
+    ckptkit's. The loop's steps (pass and optimizer step, save left out) are also timed against
+    the same steps with no save in flight: what the copy and the write take from training."""
+    batch = torch.randn(BATCH, WIDTH)
+    started: dict[str, float] = {}
+
+    def held_at_step() -> float:
+        """Seconds ``opt.step()`` waited before its own work began."""
+        handle = register_optimizer_step_pre_hook(
+            lambda *_: started.__setitem__("t", time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            opt.step()
+        finally:
+            handle.remove()
+        return started["t"] - start
+
+    def loop(ck: ckptkit.CheckpointManager | None, held: Case, steps: Case) -> None:
+        start = time.perf_counter()
+        if ck is not None:
+            ck.save(step=next(step), model=model, optimizer=opt)
+        saved = time.perf_counter()
+        train_pass(model, batch)
+        wait = held_at_step()
+        steps.times.append(time.perf_counter() - saved)
+        held.times.append(saved - start + wait)
+        opt.zero_grad(set_to_none=True)
+        if ck is not None:
+            ck.wait()  # untimed: steps pass between two saves
+
+    bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
+    blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
+    first, first_steps = Case("async background, first save", lambda: None), Case("steps", lambda: None)
+    held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
+    held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
+    plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
+    cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
+    try:
+        loop(bg, first, first_steps)
+        for ck in (blocking, None):  # warm-ups
+            loop(ck, Case("", lambda: None), Case("", lambda: None))
+        for r in range(rounds):
+            for ck in (bg, blocking, None) if r % 2 == 0 else (None, blocking, bg):
+                loop(ck, *cases[ck])
+    finally:
+        bg.close()
+        blocking.close()
+    note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
+    return [row(size, where, "async background held", sync_case, held, note),
+            row(size, where, "async background first save", sync_case, first, "one round"),
+            row(size, where, "async blocking held, loop", sync_case, held_b, note),
+            row(size, where, "steps beside background copy", plain, steps,
+                "pass + optimizer step, with the copy and the write in flight"),
+            row(size, where, "steps beside blocking async", plain, steps_b,
+                "pass + optimizer step, with the write in flight")]
 
 
 def fresh_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[str, Any]]:

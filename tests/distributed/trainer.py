@@ -25,12 +25,13 @@ from ckptkit import ranks
 
 STEPS = 10
 EVERY = 3
-# wrapping, format, optimizer, async: stateless SGD and each stateful optimizer, under DDP and
-# FSDP2, in both formats.
+# wrapping, format, optimizer, async (True, or "background" for async_copy: background):
+# stateless SGD and each stateful optimizer, under DDP and FSDP2, in both formats.
 CASES = [
     ("ddp", "torch", "sgd", False),
     ("ddp", "dcp", "adagrad", False),
     ("ddp", "torch", "adam", True),
+    ("ddp", "torch", "adamw", "background"),  # async_copy: background
     ("fsdp2", "torch", "sgd_momentum", False),
     ("fsdp2", "dcp", "adamw", False),
     ("fsdp2", "dcp", "sgd", False),
@@ -71,14 +72,15 @@ class Sampler:
 
 def name_of(case) -> str:
     wrap, fmt, opt, is_async = case
-    return f"{wrap}-{fmt}-{opt}" + ("-async" if is_async else "")
+    return f"{wrap}-{fmt}-{opt}" + ("-async" if is_async else "") + ("-background" if is_async == "background" else "")
 
 
 def config(workdir: str, case, **distributed) -> dict:
     _, fmt, _, is_async = case
     cfg = {"backends": {"disk": {"type": "local", "path": os.path.join(workdir, "ckpts")}},
            "roles": {"resume": {"backends": ["disk"], "every_n_steps": EVERY, "keep_last": 2,
-                                "format": fmt, "async": is_async}}}
+                                "format": fmt, "async": bool(is_async),
+                                "async_copy": "background" if is_async == "background" else "blocking"}}}
     if distributed:
         cfg["distributed"] = distributed
     return cfg

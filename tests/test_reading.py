@@ -567,6 +567,7 @@ def test_a_state_file_written_between_its_check_and_its_load_is_refused(tmp_path
     written in place meanwhile is refused as corrupt, and the older checkpoint restored."""
     ck, states = _save_steps(tmp_path, pm, [1, 2])
     ck.close()
+    monkeypatch.setattr(reading, "_MAP_MIN", 0)  # this small state through a mapping too
     state_file = tmp_path / "scratch/exp/step-0000000002/state.pt"
     original = reading._model_mapped
 
@@ -581,3 +582,24 @@ def test_a_state_file_written_between_its_check_and_its_load_is_refused(tmp_path
     with pytest.warns(RuntimeWarning, match="state.pt changed while it was being restored"):
         assert ck.restore(model, opt).step == 1
     assert_same_state(model.state_dict(), states[1])
+
+
+def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(tmp_path, pm, monkeypatch):
+    """Below ``_MAP_MIN`` the mapping's own costs outweigh what it saves: the state loads the
+    plain way, still verified before any of it is applied."""
+    ck, states = _save_steps(tmp_path, pm, [1])
+    ck.close()
+    state_file = tmp_path / "scratch/exp/step-0000000001/state.pt"
+    assert state_file.stat().st_size < reading._MAP_MIN
+    seen = []
+    original = reading._model_mapped
+    monkeypatch.setattr(reading, "_model_mapped", lambda state: seen.append(1) or original(state))
+    for map_min, mapped in ((reading._MAP_MIN, []), (state_file.stat().st_size, [1])):
+        monkeypatch.setattr(reading, "_MAP_MIN", map_min)
+        seen.clear()
+        model, opt = make_model(seed=5)
+        ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+        assert ck.restore(model, opt).step == 1
+        ck.close()
+        assert seen == mapped
+        assert_same_state(model.state_dict(), states[1])

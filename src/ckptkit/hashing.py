@@ -126,7 +126,7 @@ def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK) -
 
     Reads go into one reused buffer where ``src`` can ``readinto``: a fresh ``bytes`` per read
     costs page faults on new memory each time, and a buffer small enough to stay in the CPU's
-    cache (1 MiB) is hashed straight after it was filled. The reads and xxhash's updates of more
+    cache is hashed straight after it was filled. The reads and xxhash's updates of more
     than 64 KiB release the GIL, so this can run on a second thread beside other work.
     """
     h = new_hasher(algorithm)

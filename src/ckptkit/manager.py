@@ -860,8 +860,9 @@ class CheckpointManager:
             try:
                 # Every file of the checkpoint, each verified before any of it is applied below.
                 names = reading.state_files(ref, manifest)
+                mapped = reading.worth_mapping(manifest, names)
                 loaded = self.reader.load_files(ref, manifest, sorted(manifest.files), safe_globals,
-                                                mapped=names if gather.copies_on_load(model) else ())
+                                                mapped=mapped if mapped and gather.copies_on_load(model) else ())
                 state = split.merge([loaded[n] for n in names], ref.uri)
                 if EXTRA_FILE in loaded:
                     saved_extra = loaded[EXTRA_FILE]

@@ -49,8 +49,17 @@ SCRATCH_PREFIX = "ckptkit-scratch-"
 SKIPPABLE = (CorruptCheckpointError, StorageUnavailableError)
 # Below this size a local file is hashed before it is loaded; above it, on a second thread while it loads.
 _THREAD_MIN = 1024 * 1024
-# A local file is hashed in reads of this size: a buffer that stays in the CPU's cache.
-_READ_CHUNK = 1024 * 1024
+# A state file at least this large is loaded through a memory mapping where it may be; a smaller
+# one loads the plain way. From a fresh process, mapping saved 0.5 ms of a 2 MB restore and 1.5 ms
+# of a 4 MB one, and cost 0.15 to 0.25 ms of a 1 MB one: the mapping's own calls, the checks
+# that the file did not change, and copying the optimizer's share out of it cost more there than
+# the model's share read once saves.
+_MAP_MIN = 1024 * 1024
+# A local file is hashed in reads of this size: a buffer that stays in the CPU's cache and is
+# cheap to allocate. Each file gets a fresh one, and from a fresh process 1 MiB of new memory
+# cost more page faults than hashing the file: 0.94 ms against 0.20 ms for a 1 MB file read in
+# 256 KiB (2.5 against 3.5 ms at 10 MB, 59 against 62 ms at 256 MB).
+_READ_CHUNK = 256 * 1024
 
 
 def storage_failure(backend: str, what: str, exc: BaseException) -> CkptkitError:
@@ -370,6 +379,11 @@ def _owned(obj: Any, memo: dict[int, torch.UntypedStorage]) -> Any:
     if type(obj) is tuple:
         return tuple(_owned(value, memo) for value in obj)
     raise _Opaque(type(obj).__name__)
+
+
+def worth_mapping(manifest: Manifest, names: Iterable[str]) -> list[str]:
+    """Those of the state files ``names`` large enough to gain from loading through a mapping."""
+    return [n for n in names if manifest.files[n].size >= _MAP_MIN]
 
 
 def state_files(ref: CheckpointRef, manifest: Manifest) -> list[str]:

@@ -1,5 +1,6 @@
 import threading
 
+import pytest
 import torch
 
 from ckptkit.staging import Stager, stepped_storages
@@ -87,20 +88,45 @@ def test_a_staged_state_dict_keeps_the_module_versions():
 
 def test_deferred_tensors_get_their_buffer_now_and_their_copy_later():
     model = torch.nn.Linear(3, 2)
-    defer = stepped_storages(model, None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stager = Stager()
-    staged = stager.stage({"model": model.state_dict(), "other": torch.ones(2)}, live=None, defer=defer)
+    staged = stager.stage({"model": model.state_dict(), "other": torch.ones(2)}, live=None,
+                          defer=stepped_storages(opt))
     assert [path for *_, path in stager.deferred] == [("model", "weight"), ("model", "bias")]
     assert torch.equal(staged["other"], torch.ones(2)), "what is not deferred is copied at once"
-    with torch.no_grad():
-        model.weight.add_(1)  # after the copy below would be fine; before it, the copy is refused
-    assert stager.copy_deferred() == [("model", "weight")]
-    assert stager.deferred == []
     weight = staged["model"]["weight"]
-    again = stager.stage({"model": model.state_dict()}, live=None, defer=defer)
+    stager.copy_deferred(stager.deferred)
+    assert torch.equal(weight, model.weight.detach())
+    stager.deferred = []
+    again = stager.stage({"model": model.state_dict()}, live=None, defer=stepped_storages(opt))
     assert again["model"]["weight"].data_ptr() == weight.data_ptr(), "deferred buffers are reused too"
-    assert stager.copy_deferred() == []
-    assert torch.equal(again["model"]["weight"], model.weight.detach())
+
+
+def test_only_what_the_optimizer_steps_is_deferred():
+    """A frozen parameter may change in a forward pass (a codebook), a tensor learning rate in a
+    scheduler's step: neither waits for the optimizer, so neither may wait to be copied."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    stepped = stepped_storages(opt)
+    assert model[0].weight.untyped_storage().data_ptr() in stepped
+    assert opt.state[model[0].weight]["exp_avg"].untyped_storage().data_ptr() in stepped
+    assert model[1].weight.untyped_storage().data_ptr() not in stepped
+    assert opt.param_groups[0]["lr"].untyped_storage().data_ptr() not in stepped
+    assert stepped_storages(None) == frozenset(), "with no optimizer, nothing waits for a step"
+
+
+def test_a_tensor_learning_rate_is_copied_not_passed_through():
+    from ckptkit.staging import live_storages
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    staged = Stager().stage(opt.state_dict(), live_storages(model, opt))
+    sched.step()  # changes the tensor in place
+    assert torch.equal(staged["param_groups"][0]["lr"], torch.tensor(0.01))
 
 
 def test_buffers_are_copied_before_stage_returns_even_when_parameters_are_deferred():
@@ -108,7 +134,7 @@ def test_buffers_are_copied_before_stage_returns_even_when_parameters_are_deferr
     next optimizer step, which comes after that forward pass."""
     model = torch.nn.BatchNorm1d(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    staged = Stager().stage(model.state_dict(), live=None, defer=stepped_storages(model, opt))
+    staged = Stager().stage(model.state_dict(), live=None, defer=stepped_storages(opt))
     model(torch.randn(8, 4) + 5)
     assert torch.equal(staged["running_mean"], torch.zeros(4))
     assert int(staged["num_batches_tracked"]) == 0
@@ -121,7 +147,11 @@ def _background_saver():
     return AsyncSaver(Collectives(timeout_s=5, fingerprint={}))
 
 
-def test_a_parameter_changed_before_its_background_copy_fails_the_save_and_writes_nothing():
+@pytest.mark.parametrize("when", ["before the copy", "after the copy"])
+def test_a_parameter_changed_before_the_next_step_fails_the_save_and_writes_nothing(when):
+    """The writer thread cannot see an in-place operation that is still running (its version
+    counter moves when it ends), so the verdict is given on the training thread, at the next step
+    or collect: any change since save fails the save, whether or not it raced the copy."""
     from ckptkit.checkpoint import Payload
 
     saver = _background_saver()
@@ -129,19 +159,44 @@ def test_a_parameter_changed_before_its_background_copy_fails_the_save_and_write
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     written = []
     staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    payload = Payload(run_name="r", step=3, epoch=None, format="torch", files=())
+    if when == "after the copy":
+        saver.submit(lambda *args: written.append(args) or (3, ["ref"], {}), payload, staged)
+        saver._copied.wait()
     with torch.no_grad():
         model.bias.mul_(0)  # outside optimizer.step(): nothing waits for the copy
-    payload = Payload(run_name="r", step=3, epoch=None, format="torch", files=())
-    saver.submit(lambda *args: written.append(args) or (3, ["ref"], {}), payload, staged)
+    if when == "before the copy":
+        saver.submit(lambda *args: written.append(args) or (3, ["ref"], {}), payload, staged)
     step, saved, failures = saver.collect("test")
     assert (step, saved, written) == (3, [], [])
     message = str(failures["(staging)"])
-    assert "step 3 was not written: model.bias changed in place" in message
+    assert "step 3 was not written: model.bias changed in place between save() and the next optimizer.step()" \
+        in message
     assert "async_copy: blocking" in message
-    saver.wait_copied()  # does not hang after a refused copy
     staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
     saver.submit(lambda p, s: (4, [torch.equal(s["model"]["bias"], model.bias.detach())], {}), payload, staged)
     assert saver.collect("test") == (4, [True], {})
+    saver.shutdown()
+
+
+def test_a_stage_that_raised_part_way_leaves_nothing_for_the_next_save():
+    from ckptkit.checkpoint import Payload
+
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise RuntimeError("cannot copy")
+
+    saver = _background_saver()
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="cannot copy"):
+        saver.stage({"model": model.state_dict(), "z": Uncopyable()}, model, opt, copy_always=(), background=True)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # moves the version counters of what the failed stage had set aside
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    payload = Payload(run_name="r", step=5, epoch=None, format="torch", files=())
+    saver.submit(lambda p, s: (5, ["ref"], {}), payload, staged)
+    assert saver.collect("test") == (5, ["ref"], {})
     saver.shutdown()
 
 
@@ -155,8 +210,8 @@ def test_every_optimizer_step_waits_for_the_background_copy_and_close_removes_th
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     other = torch.optim.SGD(model.parameters(), lr=0.1)  # not the one given to save
     started, release = threading.Event(), threading.Event()
-    saver._stager.copy_deferred = lambda real=saver._stager.copy_deferred: (started.set(), release.wait(),
-                                                                             real())[-1]
+    saver._stager.copy_deferred = lambda deferred, real=saver._stager.copy_deferred: (
+        started.set(), release.wait(), real(deferred))[-1]
     staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
     payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=())
     saver.submit(lambda p, s: (1, [s["model"]["weight"].clone()], {}), payload, staged)

@@ -7,8 +7,12 @@ every rank at the next point where all ranks meet (the next due save, ``wait``, 
 With ``background`` staging (``async_copy: background``) the copy of the parameters and the
 optimizer state is made on the writer thread, too. Every optimizer's ``step`` waits for it
 first (a global step pre-hook), so the only writer of those tensors in a training loop cannot
-run before their copy is done. A tensor whose version counter moved before its copy was done
-(an in-place change outside ``optimizer.step()``) fails the save instead of committing a mix.
+run before their copy is done. Then, still on the training thread, the step pre-hook (or the
+next ``collect``) compares the tensors' version counters with those at ``save``: there every
+in-place operation that thread started has finished and counted, which the writer thread
+cannot know of an operation still running. The writer commits only after that verdict; a
+tensor changed in place between ``save`` and the verdict fails the save instead of committing
+a mix of before and after.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ class AsyncSaver:
         self._copies: list[torch.cuda.Event] = []
         self._copied = threading.Event()  # set while no deferred copy is pending
         self._copied.set()
+        self._judged = threading.Event()  # set while no verdict on the deferred tensors is pending
+        self._judged.set()
+        self._judging = threading.Lock()
+        # (tensor, its version counter at save, its path): what the verdict compares.
+        self._watched: list[tuple[torch.Tensor, int, tuple]] = []
+        self._changed: list[tuple] = []  # the verdict: paths of tensors changed since save
+        self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -51,8 +62,9 @@ class AsyncSaver:
         keys in ``copy_always`` (``extra``: anything training keeps changing, such as an EMA's
         state) are always copied before ``stage`` returns.
         """
+        self._stager.deferred = []  # what a stage that raised part way left
         live = live_storages(model, optimizer)
-        defer = stepped_storages(model, optimizer) if background else frozenset()
+        defer = stepped_storages(optimizer) if background else frozenset()
         staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
                                         frozenset() if k in copy_always else defer)
                   for k, v in state.items()}
@@ -62,24 +74,43 @@ class AsyncSaver:
         self._copies = self._stager.record()
         return staged
 
-    def wait_copied(self) -> None:
-        """Return once the deferred copies of the save in flight are done (at once when none are)."""
+    def settle(self) -> None:
+        """On the thread that trains: wait for the deferred copies of the save in flight, then
+        give the verdict on them (at once when there are none)."""
         self._copied.wait()
+        self._judge()
+
+    def _judge(self) -> None:
+        with self._judging:
+            if self._judged.is_set():
+                return
+            self._changed = [path for t, version, path in self._watched if t._version != version]
+            self._watched = []
+            self._judged.set()
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
         copies, self._copies = self._copies, []
-        if self._stager.deferred:
+        deferred, self._stager.deferred = self._stager.deferred, []
+        if deferred:
+            self._watched = [(src, version, path) for _, src, version, path in deferred]
+            self._saving_thread = threading.current_thread()
             self._copied.clear()  # set by the writer thread once the deferred copies are done
-        self._pending = self._writer.submit(self._after_copies, copies, write, *args)
+            self._judged.clear()  # set by settle, on the training thread
+        try:
+            self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
+        except BaseException:
+            self._copied.set()
+            self._judged.set()
+            raise
 
-    def _after_copies(self, copies: list[torch.cuda.Event], write: Callable[..., Outcome], payload: Any,
-                      *args: Any) -> Outcome:
+    def _after_copies(self, deferred: list, copies: list[torch.cuda.Event], write: Callable[..., Outcome],
+                      payload: Any, *args: Any) -> Outcome:
         try:
             try:
-                changed = self._stager.copy_deferred()
+                self._stager.copy_deferred(deferred)
             finally:
                 self._copied.set()
             for event in copies:
@@ -90,13 +121,21 @@ class AsyncSaver:
             error = CkptkitError(f"copying the state of step {payload.step} into host memory failed: {exc}")
             error.__cause__ = exc
             return payload.step, [], {"(staging)": error}
-        if changed:
-            names = ", ".join(".".join(map(str, p)) for p in changed[:3]) + (" ..." if len(changed) > 3 else "")
-            return payload.step, [], {"(staging)": CkptkitError(
-                f"step {payload.step} was not written: {names} changed in place while async_copy: background "
-                "was copying it, so the copy could mix values from before and after. Only optimizer.step() "
-                "waits for that copy: call wait() before changing parameters or optimizer state any other "
-                "way after save, or set roles.resume.async_copy: blocking")}
+        if deferred:
+            # The thread that saved gives the verdict at its next optimizer step or collect; once
+            # it has ended (the interpreter exits), nothing of it can still be changing a tensor.
+            while not self._judged.wait(0.2):
+                if self._saving_thread is not None and not self._saving_thread.is_alive():
+                    self._judge()
+            if self._changed:
+                changed = self._changed
+                names = ", ".join(".".join(map(str, p)) for p in changed[:3]) + (" ..." if len(changed) > 3 else "")
+                return payload.step, [], {"(staging)": CkptkitError(
+                    f"step {payload.step} was not written: {names} changed in place between save() and the "
+                    "next optimizer.step() (or wait()), while async_copy: background copied it on the "
+                    "writer thread, so the copy could mix values from before and after. Only "
+                    "optimizer.step() waits for that copy: call wait() before changing parameters or "
+                    "optimizer state any other way after save, or set roles.resume.async_copy: blocking")}
         return write(payload, *args)
 
     def collect(self, caller: str) -> Outcome | None:
@@ -104,11 +143,13 @@ class AsyncSaver:
         ``caller`` names the call that waits, so that ranks in different calls are told apart."""
         outcome = None
         if self._pending is not None:
+            self.settle()
             outcome = self._pending.result()
             self._pending = None
         return self._coll.share(f"{caller}: collect the asynchronous save", outcome)
 
     def shutdown(self) -> None:
+        self.settle()  # a save in flight that nobody collected still gets its verdict
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         if self._step_hook is not None:
@@ -117,10 +158,10 @@ class AsyncSaver:
 
 
 def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
-    """An optimizer step pre-hook that waits for ``saver``'s deferred copies; a weak reference,
+    """An optimizer step pre-hook that settles ``saver``'s deferred copies; a weak reference,
     so that a manager dropped without ``close`` does not live on in torch's global hooks."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if (s := saver()) is not None:
-            s.wait_copied()
+            s.settle()
     return hook
 

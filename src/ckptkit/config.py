@@ -150,9 +150,9 @@ class ResumeRole:
     # and rank 0 writes, commits and prunes in a background thread.
     async_: bool = False
     # With ``async: true``: ``blocking`` copies the whole state before ``save`` returns.
-    # ``background`` copies parameters and optimizer state on the writer thread while training
-    # goes on; every optimizer's ``step`` waits for that copy, and a tensor changed in place
-    # any other way before its copy is done fails that save.
+    # ``background`` copies the trained parameters and the optimizer's state on the writer thread
+    # while training goes on; every optimizer's ``step`` waits for that copy, and a tensor changed
+    # in place any other way between ``save`` and the next step fails that save.
     async_copy: str = "blocking"
     # Keep the best checkpoints by a metric besides the newest ``keep_last``.
     keep_best: KeepBest | None = None

@@ -11,9 +11,9 @@ millisecond per GiB, and the writer thread moves the snapshot into pinned buffer
 allocates there (``materialize``).
 
 With ``defer`` (``async_copy: background``), CPU tensors that only an optimizer step changes
-(parameters and optimizer state) are not copied by ``stage``: it sets their buffers aside with
-the tensors' version counters, and ``copy_deferred``, on the writer thread, fills them while
-training runs its next forward and backward passes.
+(the parameters it trains and its state) are not copied by ``stage``: it sets their buffers
+aside with the tensors' version counters, and ``copy_deferred``, on the writer thread, fills
+them while training runs its next forward and backward passes.
 """
 
 from __future__ import annotations
@@ -33,19 +33,23 @@ def _storage(t: torch.Tensor) -> int | None:
 
 
 def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
-    """The storages that training writes to: parameters, buffers and optimizer state."""
+    """The storages that training writes to: parameters, buffers and optimizer state, and tensors
+    among the optimizer's settings (a tensor ``lr``, which a scheduler changes in place)."""
     tensors = [*model.parameters(), *model.buffers()]
     if optimizer is not None:
         tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors += [v for group in optimizer.param_groups for v in group.values() if torch.is_tensor(v)]
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
-def stepped_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
-    """The storages that only an optimizer step changes in a training loop: parameters and
-    optimizer state. Buffers are not among them: a forward pass changes them (batch norm)."""
-    tensors = list(model.parameters())
-    if optimizer is not None:
-        tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+def stepped_storages(optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
+    """The storages that only ``optimizer.step()`` changes in a training loop: the parameters it
+    trains and its state. Buffers, frozen parameters and settings are not among them: a forward
+    pass or a scheduler may change those."""
+    if optimizer is None:
+        return frozenset()
+    tensors = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
@@ -115,18 +119,10 @@ class Stager:
             return type(obj)(self.stage(v, live, path + (i,), defer) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
-    def copy_deferred(self) -> list[tuple]:
-        """Fill the buffers that ``stage`` deferred; return the paths of the tensors whose version
-        counter moved before their copy was done. Such a tensor was changed in place during the
-        copy, or between ``stage`` and it: its buffer may hold a mix of before and after."""
-        deferred, self.deferred = self.deferred, []
-        changed = []
-        for buf, src, version, path in deferred:
+    def copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]]) -> None:
+        """Fill the buffers of ``deferred`` (what ``stage`` set aside)."""
+        for buf, src, _, _ in deferred:
             buf.copy_(src)
-            # Read after the copy: an in-place change counts once it completes.
-            if src._version != version:
-                changed.append(path)
-        return changed
 
     def _take_room(self, t: torch.Tensor) -> bool:
         """Whether a snapshot of ``t`` fits on its device, leaving a tenth of the device (at

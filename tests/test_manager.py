@@ -566,3 +566,42 @@ def test_background_copy_never_commits_a_tensor_changed_in_place_outside_the_opt
         assert not (tmp_path / f"scratch/exp/step-{step:010d}").exists()
     assert [r.step for r in ck.list_checkpoints()] == [0]
     ck.close()
+
+
+CRASH_AFTER_SAVE = """
+import sys, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+folder, copy = sys.argv[1], sys.argv[2]
+ck = ckptkit.CheckpointManager.from_config(
+    {"backends": {"disk": {"type": "local", "path": folder}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True, "async_copy": copy}}},
+    run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
+model = torch.nn.Linear(1024, 1024)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(2, 1024)).sum().backward()
+opt.step()
+ck.save(step=7, model=model, optimizer=opt)
+torch.save(model.state_dict(), folder + "/expected.pt")
+raise RuntimeError("training crashed right after save")
+"""
+
+
+@pytest.mark.parametrize("copy", ["blocking", "background"])
+def test_an_async_save_in_flight_when_training_crashes_is_still_committed(tmp_path, pm, copy):
+    """save() returned, so the step is staged; the interpreter's exit must neither lose it (the
+    write used to fail half written) nor hang (the background copy's verdict comes from the
+    thread that trains, which at exit will not step again)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CRASH_AFTER_SAVE, str(tmp_path), copy],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "training crashed right after save" in proc.stderr
+    assert "failed" not in proc.stderr, proc.stderr[-2000:]
+    ck = CheckpointManager.from_config(
+        {"backends": {"disk": {"type": "local", "path": str(tmp_path)}},
+         "roles": {"resume": {"backends": ["disk"]}}}, run_name="exp", plugin_manager=pm)
+    model = torch.nn.Linear(1024, 1024)
+    assert ck.restore(model).step == 7
+    assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
+    ck.close()

@@ -17,6 +17,7 @@ a mix of before and after.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import ranks
 from .errors import CkptkitError
 from .staging import Stager, live_storages, stepped_storages
+
+log = logging.getLogger(__name__)
 
 # (step, the references committed, backend name -> its CkptkitError)
 Outcome = tuple[int, list, dict]
@@ -92,6 +95,7 @@ class AsyncSaver:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
+            _finish_at_exit(weakref.ref(self))
         copies, self._copies = self._copies, []
         deferred, self._stager.deferred = self._stager.deferred, []
         if deferred:
@@ -155,6 +159,34 @@ class AsyncSaver:
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+
+
+def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
+    """At interpreter exit (training crashed or ended without ``close``), let the save in flight
+    finish before ``concurrent.futures`` refuses new work: the write hashes on a thread pool, and
+    without this it failed half written. A failure is logged, there being nobody to raise to."""
+    def finish() -> None:
+        s = saver()
+        if s is None or s._pending is None:
+            return
+        if s._saving_thread is not None and s._saving_thread is not threading.current_thread() \
+                and s._saving_thread.is_alive():
+            return  # that thread gives the verdict, or the writer does once it has ended
+        # The thread that saved is this one, done with training: its verdict is final now (the
+        # writer cannot wait for it to end, as the interpreter joins the writer before that).
+        s.settle()
+        step, saved, failures = s._pending.result()
+        for name, error in failures.items():
+            log.error("the asynchronous save of step %d, in flight at exit, failed on %s: %s", step, name, error)
+        if saved:
+            log.info("the asynchronous save of step %d, in flight at exit, is committed at %s", step,
+                     ", ".join(r.uri for r in saved))
+
+    try:
+        # Run before concurrent.futures' own exit hook, which was registered earlier.
+        threading._register_atexit(finish)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # an interpreter without it, or one already exiting
+        pass
 
 
 def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:

@@ -27,9 +27,6 @@ def model_factory(seed: int) -> torch.nn.Module:
 
 
 DEVICE = torch.device("cpu")
-# These small states load through a mapping, as large ones do, so that the scenarios that check
-# that no file stays mapped after a restore check something.
-reading._MAP_MIN = 0
 
 
 def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
@@ -190,6 +187,10 @@ def mapped_under(folder: str) -> list[str]:
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    # These small states load through a mapping, as large ones do, so that the scenarios that
+    # check that no file stays mapped after a restore check something. Set here, not on import:
+    # the tests import this module into their own process too.
+    reading._MAP_MIN = 0
     global DEVICE
     if opts.get("cuda"):
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

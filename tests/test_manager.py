@@ -605,3 +605,27 @@ def test_an_async_save_in_flight_when_training_crashes_is_still_committed(tmp_pa
     assert ck.restore(model).step == 7
     assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
     ck.close()
+
+
+def _child_exits() -> None:
+    pass
+
+
+def test_a_forked_worker_exits_while_an_async_save_is_in_flight(tmp_path, pm):
+    """A data loader forks its workers while training goes on, an async save in flight: they
+    inherit ckptkit's exit hook, but not the writer thread, and must not wait for it."""
+    import multiprocessing
+
+    ck = _background_manager(tmp_path, pm)
+    model, opt = make_model()
+    train_step(model, opt)
+    ck.save(step=0, model=model, optimizer=opt)  # in flight until the next step or wait()
+    child = multiprocessing.get_context("fork").Process(target=_child_exits)
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert [r.step for r in ck.wait()] == [0]
+    ck.close()

@@ -18,6 +18,7 @@ a mix of before and after.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,8 +168,8 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
     without this it failed half written. A failure is logged, there being nobody to raise to."""
     def finish() -> None:
         s = saver()
-        if s is None or s._pending is None:
-            return
+        if s is None or s._pending is None or os.getpid() != pid:
+            return  # a forked child (a data loader's worker) inherits this hook but not the writer
         if s._saving_thread is not None and s._saving_thread is not threading.current_thread() \
                 and s._saving_thread.is_alive():
             return  # that thread gives the verdict, or the writer does once it has ended
@@ -182,6 +183,7 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
             log.info("the asynchronous save of step %d, in flight at exit, is committed at %s", step,
                      ", ".join(r.uri for r in saved))
 
+    pid = os.getpid()
     try:
         # Run before concurrent.futures' own exit hook, which was registered earlier.
         threading._register_atexit(finish)  # type: ignore[attr-defined]

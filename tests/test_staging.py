@@ -231,3 +231,33 @@ def test_every_optimizer_step_waits_for_the_background_copy_and_close_removes_th
     assert len(_global_optimizer_pre_hooks) == hooks + 1
     saver.shutdown()
     assert len(_global_optimizer_pre_hooks) == hooks
+
+
+def test_an_optimizer_stepped_in_a_forked_child_does_not_wait_for_the_parent_copy():
+    """A child forked while the copy runs (multiprocessing training, a worker that steps) has no
+    writer thread: waiting there for the copy would never end."""
+    import multiprocessing
+
+    from ckptkit.checkpoint import Payload
+
+    saver = _background_saver()
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    started, release = threading.Event(), threading.Event()
+    saver._stager.copy_deferred = lambda deferred, real=saver._stager.copy_deferred: (
+        started.set(), release.wait(), real(deferred))[-1]
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=())
+    saver.submit(lambda p, s: (1, ["ref"], {}), payload, staged)
+    started.wait()
+    model(torch.ones(1, 4)).sum().backward()
+    child = multiprocessing.get_context("fork").Process(target=opt.step)
+    child.start()
+    child.join(20)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    release.set()
+    assert not alive and child.exitcode == 0
+    assert saver.collect("test") == (1, ["ref"], {})
+    saver.shutdown()

@@ -42,6 +42,7 @@ class AsyncSaver:
 
     def __init__(self, coll: ranks.Collectives) -> None:
         self._coll = coll
+        self._pid = os.getpid()  # a forked child inherits this object, but not its writer thread
         self._stager = Stager()
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -168,7 +169,7 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
     without this it failed half written. A failure is logged, there being nobody to raise to."""
     def finish() -> None:
         s = saver()
-        if s is None or s._pending is None or os.getpid() != pid:
+        if s is None or s._pending is None or os.getpid() != s._pid:
             return  # a forked child (a data loader's worker) inherits this hook but not the writer
         if s._saving_thread is not None and s._saving_thread is not threading.current_thread() \
                 and s._saving_thread.is_alive():
@@ -183,7 +184,6 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
             log.info("the asynchronous save of step %d, in flight at exit, is committed at %s", step,
                      ", ".join(r.uri for r in saved))
 
-    pid = os.getpid()
     try:
         # Run before concurrent.futures' own exit hook, which was registered earlier.
         threading._register_atexit(finish)  # type: ignore[attr-defined]
@@ -195,7 +195,7 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     """An optimizer step pre-hook that settles ``saver``'s deferred copies; a weak reference,
     so that a manager dropped without ``close`` does not live on in torch's global hooks."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if (s := saver()) is not None:
+        if (s := saver()) is not None and os.getpid() == s._pid:
             s.settle()
     return hook
 

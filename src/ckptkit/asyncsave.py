@@ -86,6 +86,8 @@ class AsyncSaver:
         self._judge()
 
     def _judge(self) -> None:
+        if self._judged.is_set():  # every optimizer step comes here: no lock when nothing waits
+            return
         with self._judging:
             if self._judged.is_set():
                 return

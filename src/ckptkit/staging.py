@@ -37,9 +37,9 @@ def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     among the optimizer's settings (a tensor ``lr``, which a scheduler changes in place)."""
     tensors = [*model.parameters(), *model.buffers()]
     if optimizer is not None:
-        tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors += _state_tensors(optimizer)
         tensors += [v for group in optimizer.param_groups for v in group.values() if torch.is_tensor(v)]
-    return frozenset(p for t in tensors if (p := _storage(t)) is not None)
+    return _storages(tensors)
 
 
 def stepped_storages(optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
@@ -48,8 +48,15 @@ def stepped_storages(optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
     pass or a scheduler may change those."""
     if optimizer is None:
         return frozenset()
-    tensors = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    return _storages(trained + _state_tensors(optimizer))
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def _storages(tensors: list[torch.Tensor]) -> frozenset[int]:
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
@@ -86,21 +93,20 @@ class Stager:
             storage = _storage(obj) if obj.device.type == "cpu" else None
             if live is not None and storage is not None and storage not in live:
                 return obj
+            buf = self._buffers.get(path)
+            fits = buf is not None and buf.shape == obj.shape and buf.dtype == obj.dtype
             if storage in defer:
-                buf = self._buffers.get(path)
-                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                if not fits:
                     buf = self._buffers[path] = _host_buffer(obj)
                 self.deferred.append((buf, obj.detach(), obj._version, path))
                 return buf
-            buf = self._buffers.get(path)
-            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            if not fits:
                 if obj.is_cuda and self._take_room(obj):
                     self._copying.add(obj.device)
                     snapshot = obj.detach().clone()
                     self._snapshots[id(snapshot)] = path
                     return snapshot
-                buf = _host_buffer(obj)
-                self._buffers[path] = buf
+                buf = self._buffers[path] = _host_buffer(obj)
             queued = obj.is_cuda and buf.is_pinned()
             buf.copy_(obj.detach(), non_blocking=queued)
             if queued:

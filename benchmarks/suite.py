@@ -7,9 +7,11 @@ cases every round and taking medians:
 * ``save``     ckptkit's sync save to a ``local`` backend against ``torch.save`` + fsync of the
                file, and against DCP ``save`` (single process, its own fsyncs), per folder;
 * ``async``    how long an ``async: true`` save blocks the caller, against a sync ckptkit save
-               (its first save, which allocates the staging buffers, is shown on its own); and
-               with ``async_copy: background``, in a training loop, the save plus the wait at
-               the next ``optimizer.step()``, and what the loop's steps lose to the copy and write;
+               (its first save, after two seconds of training in which the manager makes and
+               pages in its buffers, is shown on its own); and with ``async_copy: background``,
+               in a training loop, the save plus the wait at the next ``optimizer.step()``, what
+               the loop's steps lose to the copy and write, and to the making of the buffers,
+               and a first save made at once, at the manager's first step;
 * ``restore``  ckptkit's restore (verify and load, model and optimizer) against ``torch.load``
                (``weights_only=True``) of the torch.save file and ``load_state_dict``;
 * ``fresh``    the same restore as a resuming process makes it: each round a new process that
@@ -68,6 +70,10 @@ PARTS = ("save", "restore", "fresh", "async", "s3")
 BUCKET = "bench"
 WIDTH = 1024
 BATCH = 32  # rows of the forward and backward pass that the async_copy: background case runs
+# Training before a first async save: a manager makes that save's buffers meanwhile. Trainers
+# save after minutes; two seconds cover the buffers of 1 GiB on two busy cores.
+FIRST_SAVE_AFTER_S = 2.0
+PREPARING_STEPS = 5  # the steps timed beside the making of those buffers
 
 
 def parse_size(text: str) -> int:
@@ -286,14 +292,16 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         # that it does not compete with the async case's timing for the interpreter lock.
         sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(step), model=model, optimizer=opt),
                          sync_ck.wait)
-        first = Case("async save, first (allocates buffers)",
+        trained = train_for(model, opt, FIRST_SAVE_AFTER_S)  # the first save's buffers are made meanwhile
+        first = Case("async save, first",
                      lambda: async_ck.save(step=next(step), model=model, optimizer=opt), async_ck.wait)
         race([first], 1, warmup=False)
         blocked = Case("async save, blocked", lambda: async_ck.save(step=next(step), model=model, optimizer=opt),
                        async_ck.wait)
         race([sync_case, blocked], rounds)
         rows.append(row(size, where, "async blocking", sync_case, blocked, "the write goes on in the background"))
-        rows.append(row(size, where, "async first save", sync_case, first, "one round"))
+        rows.append(row(size, where, "async first save", sync_case, first,
+                        f"one round, after {FIRST_SAVE_AFTER_S:g} s of training ({trained} steps)"))
         async_ck.close()
         rows += background_rows(size, where, work, rounds, model, opt, sync_case, step)
         sync_ck.close()
@@ -306,6 +314,27 @@ def train_pass(model: nn.Module, batch: torch.Tensor) -> None:
     """A forward and backward pass over every layer: the training work between two steps."""
     layers = list(model) if isinstance(model, nn.Sequential) else [model]
     sum(layer(batch).pow(2).mean() for layer in layers).backward()
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
+    """Seconds that ``steps`` training steps (pass and optimizer step) took."""
+    batch = torch.randn(BATCH, WIDTH)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_pass(model, batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def train_for(model: nn.Module, opt: torch.optim.Optimizer, seconds: float) -> int:
+    """Train for ``seconds`` and at least 3 steps, as a trainer does before its first save; the
+    number of steps."""
+    start, steps = time.perf_counter(), 0
+    while steps < 3 or time.perf_counter() - start < seconds:
+        train_steps(model, opt, 1)
+        steps += 1
+    return steps
 
 
 def background_rows(size: int, where: str, work: str, rounds: int, model, opt, sync_case: Case,
@@ -342,26 +371,48 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
         if ck is not None:
             ck.wait()  # untimed: steps pass between two saves
 
+    # What making the first save's buffers (from the manager's first step on) takes from the steps
+    # that run beside it, against the same steps before any manager existed.
+    alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
+    alone.times.append(train_steps(model, opt, PREPARING_STEPS))
     bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
-    blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
+    start = time.perf_counter()
+    train_steps(model, opt, 1)
+    preparing = Case(f"{PREPARING_STEPS} steps after the first", lambda: None)
+    preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
+    trained = 1 + PREPARING_STEPS + train_for(model, opt, FIRST_SAVE_AFTER_S - (time.perf_counter() - start))
     first, first_steps = Case("async background, first save", lambda: None), Case("steps", lambda: None)
     held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
     held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
     plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
-    cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
+    blocking = None
     try:
         loop(bg, first, first_steps)
+        blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
+        cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
         for ck in (blocking, None):  # warm-ups
             loop(ck, Case("", lambda: None), Case("", lambda: None))
         for r in range(rounds):
             for ck in (bg, blocking, None) if r % 2 == 0 else (None, blocking, bg):
                 loop(ck, *cases[ck])
+        # A first save at the manager's first step: its buffers are still being made.
+        at_once = local_manager(os.path.join(work, "at-once"), is_async=True, async_copy="background")
+        train_steps(model, opt, 1)
+        early = Case("async background, first save at the first step", lambda: None)
+        loop(at_once, early, Case("", lambda: None))
+        at_once.close()
     finally:
         bg.close()
-        blocking.close()
+        if blocking is not None:
+            blocking.close()
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
-            row(size, where, "async background first save", sync_case, first, "one round"),
+            row(size, where, "async background first save", sync_case, first,
+                f"one round, after {trained} steps ({FIRST_SAVE_AFTER_S:g} s of training)"),
+            row(size, where, "async background first save at once", sync_case, early,
+                "one round, at the manager's first step: its buffers are still being made"),
+            row(size, where, "steps beside first buffers", alone, preparing,
+                f"{PREPARING_STEPS} steps after the manager's first, against the same before it"),
             row(size, where, "async blocking held, loop", sync_case, held_b, note),
             row(size, where, "steps beside background copy", plain, steps,
                 "pass + optimizer step, with the copy and the write in flight"),

@@ -1,4 +1,5 @@
 import os
+import threading
 
 import pytest
 import torch
@@ -566,6 +567,42 @@ def test_background_copy_never_commits_a_tensor_changed_in_place_outside_the_opt
         assert not (tmp_path / f"scratch/exp/step-{step:010d}").exists()
     assert [r.step for r in ck.list_checkpoints()] == [0]
     ck.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "blocking", "background"])
+def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
+    """The buffers of the first async save are made while training runs, from the first optimizer
+    step on; a sync manager, which stages nothing, makes none."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    hooks = len(_global_optimizer_post_hooks)
+    cfg = local_config(tmp_path, final=False)
+    if mode != "sync":
+        cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    for thread in threading.enumerate():
+        if thread.name == "ckptkit-prepare":
+            thread.join()
+    spares = {b.data_ptr() for bs in ck._async._stager._spares.values() for b in bs}
+    assert len(_global_optimizer_post_hooks) == hooks + (mode != "sync")
+    if mode == "sync":
+        assert spares == set()
+        ck.close()
+        return
+    assert len(spares) == 10 + 10 * 3, "4 linear layers and batch norm's affine: 10 parameters, each with 3 state tensors"
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ck.save(step=0, model=model, optimizer=opt)
+    _big_step(model, opt)
+    assert [r.step for r in ck.wait()] == [0]
+    taken = {b.data_ptr() for path, b in ck._async._stager._buffers.items() if path[0] in ("model", "optimizer")}
+    assert spares <= taken, "every parameter and its state were copied into the buffers made ahead"
+    fresh, fresh_opt = _big_model()
+    ck.restore(fresh, fresh_opt)
+    assert_same_state(fresh.state_dict(), expected)
+    ck.close()
+    assert len(_global_optimizer_post_hooks) == hooks
 
 
 CRASH_AFTER_SAVE = """

@@ -1,3 +1,4 @@
+import os
 import threading
 
 import pytest
@@ -261,3 +262,55 @@ def test_an_optimizer_stepped_in_a_forked_child_does_not_wait_for_the_parent_cop
     assert not alive and child.exitcode == 0
     assert saver.collect("test") == (1, ["ref"], {})
     saver.shutdown()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory is read from Linux's /proc")
+def test_buffers_prepared_ahead_are_paged_in_and_the_first_stage_takes_them():
+    """New memory costs five times the copy into it to page in: ``prepare`` pays that before the
+    first save, and that save copies into what it made."""
+    stager = Stager()
+    w, m = torch.randn(4096, 4096), torch.randn(4096, 4096)  # 64 MiB each: fresh pages from the kernel
+    before = _resident_bytes()
+    stager.prepare([(w.shape, w.dtype), (m.shape, m.dtype), (torch.Size([7]), torch.float64)])
+    assert _resident_bytes() - before >= 0.9 * (w.nbytes + m.nbytes), "the buffers are paged in, not only reserved"
+    spares = {b.data_ptr() for bs in stager._spares.values() for b in bs}
+    assert len(spares) == 3
+    staged = stager.stage({"w": w, "state": {"m": m}})
+    assert {staged["w"].data_ptr(), staged["state"]["m"].data_ptr()} <= spares
+    assert torch.equal(staged["w"], w) and torch.equal(staged["state"]["m"], m)
+    stager.stop_preparing()
+    assert stager._spares == {}, "what the first save did not take is released"
+    stager.prepare([(w.shape, w.dtype)])
+    assert stager._spares == {}, "nothing is made once a save has staged"
+
+
+def test_the_first_step_of_an_optimizer_prepares_its_buffers_once():
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    hooks = len(_global_optimizer_post_hooks)
+    saver = _background_saver()
+    saver.prepare_ahead()
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(model.parameters())
+    assert saver._stager._spares == {}
+    model(torch.ones(1, 256)).sum().backward()
+    opt.step()  # AdamW makes its state here: the hook sees it
+    for thread in threading.enumerate():
+        if thread.name == "ckptkit-prepare":
+            thread.join()
+    spares = {b.data_ptr() for bs in saver._stager._spares.values() for b in bs}
+    assert len(spares) == 2 + 3 * 2, "weight and bias; for each, exp_avg, exp_avg_sq and step"
+    staged = saver.stage({"model": model.state_dict(), "optimizer": opt.state_dict()}, model, opt, copy_always=())
+    state = staged["optimizer"]["state"][0]
+    assert {staged["model"]["weight"].data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()} <= spares
+    assert torch.equal(state["exp_avg"], opt.state[model.weight]["exp_avg"])
+    assert saver._stager._spares == {}
+    opt.step()
+    assert saver._stager._spares == {} and not any(t.name == "ckptkit-prepare" for t in threading.enumerate())
+    saver.shutdown()
+    assert len(_global_optimizer_post_hooks) == hooks

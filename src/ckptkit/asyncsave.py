@@ -13,6 +13,10 @@ in-place operation that thread started has finished and counted, which the write
 cannot know of an operation still running. The writer commits only after that verdict; a
 tensor changed in place between ``save`` and the verdict fails the save instead of committing
 a mix of before and after.
+
+With ``prepare_ahead``, the first step of each optimizer (a global step post-hook) starts a
+thread that makes and pages in the CPU buffers its parameters and state will be staged into, so
+that the first save copies into memory already paged in, as later saves do.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import ranks
 from .errors import CkptkitError
-from .staging import Stager, live_storages, stepped_storages
+from .staging import Stager, live_storages, plain_cpu_tensors, stepped_storages
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,24 @@ class AsyncSaver:
         self._changed: list[tuple] = []  # the verdict: paths of tensors changed since save
         self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
+        self._prepare_hook: Any = None
+        self._prepared: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+    def prepare_ahead(self) -> None:
+        """Make the first save's CPU buffers while training runs, starting at the first step of
+        each optimizer (its state exists from then on), on rank 0, which stages, until the first
+        save. They are the memory the first save would allocate, taken earlier."""
+        if self._prepare_hook is None:
+            self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
+
+    def _prepare(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer in self._prepared or ranks.rank() != 0:
+            return
+        self._prepared.add(optimizer)
+        likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
+        if likes:
+            threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare",
+                             daemon=True).start()
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
               copy_always: tuple[str, ...], background: bool = False) -> dict[str, Any]:
@@ -70,9 +92,15 @@ class AsyncSaver:
         self._stager.deferred = []  # what a stage that raised part way left
         live = live_storages(model, optimizer)
         defer = stepped_storages(optimizer) if background else frozenset()
-        staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
-                                        frozenset() if k in copy_always else defer)
-                  for k, v in state.items()}
+        try:
+            staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
+                                            frozenset() if k in copy_always else defer)
+                      for k, v in state.items()}
+        finally:
+            # What the first save did not take, later saves will not either. The post-hook stays
+            # until shutdown (it returns at once now): a save made inside a step hook would
+            # otherwise change the hook dict that torch is going through.
+            self._stager.stop_preparing()
         if self._stager.deferred and self._step_hook is None:
             self._step_hook = register_optimizer_step_pre_hook(_waits_for(weakref.ref(self)))
         # Copies from a GPU are queued, not waited for: the writer thread waits before it reads.
@@ -157,12 +185,14 @@ class AsyncSaver:
         return self._coll.share(f"{caller}: collect the asynchronous save", outcome)
 
     def shutdown(self) -> None:
+        self._stager.stop_preparing()
         self.settle()  # a save in flight that nobody collected still gets its verdict
         if self._writer is not None:
             self._writer.shutdown(wait=True)
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
+        for hook in (self._step_hook, self._prepare_hook):
+            if hook is not None:
+                hook.remove()
+        self._step_hook = self._prepare_hook = None
 
 
 def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
@@ -201,3 +231,11 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
             s.settle()
     return hook
 
+
+
+def _prepares_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
+    """An optimizer step post-hook that starts ``saver``'s preparation for that optimizer."""
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if (s := saver()) is not None and os.getpid() == s._pid and s._stager.preparing:
+            s._prepare(optimizer)
+    return hook

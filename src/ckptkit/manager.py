@@ -247,6 +247,8 @@ class CheckpointManager:
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
+        if config.resume is not None and config.resume.async_:
+            self._async.prepare_ahead()  # the first save's buffers, paged in while training runs
         # Steps known to hold intact bytes: hashed while this manager wrote them, or verified
         # when restored. Only these count toward keep_last when pruning after a save.
         self._verified: set[int] = set()

@@ -1,7 +1,9 @@
 """Staging for asynchronous saves: a copy of the state in CPU memory that training cannot touch.
 
 The buffers are kept between saves and refilled in place, so only the first save pays for
-allocating (and page-faulting) them. Tensors that are already private CPU copies (what
+allocating them. New memory costs about half a second per GiB to page in, five times the copy
+into it, so ``prepare`` makes CPU buffers ahead of the first save, on a thread of its own while
+training runs, and the first ``stage`` takes them by shape and dtype. Tensors that are already private CPU copies (what
 gathering a sharded model to rank 0 produces) are passed through, not copied again.
 
 For GPU tensors the buffers are pinned and the copies are queued, not waited for. Pinning
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import collections
 import copy
-from typing import Any
+import ctypes
+import threading
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +64,27 @@ def _storages(tensors: list[torch.Tensor]) -> frozenset[int]:
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
+def plain_cpu_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of ``optimizer`` (the parameters it trains, its state) that staging copies
+    into CPU buffers of their own shape: plain CPU tensors, not a sharded tensor's parts."""
+    tensors = [p for group in optimizer.param_groups for p in group["params"]] + _state_tensors(optimizer)
+    return [t for t in tensors if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"]
+
+
+_PAGE_IN_CHUNK = 32 << 20
+
+
+def _page_in(buf: torch.Tensor, going_on: Callable[[], bool]) -> None:
+    """Write every page of ``buf``, so that later copies into it take no page faults. memset
+    through ctypes, chunk by chunk: it runs without the interpreter lock, on this one thread
+    (torch's own fill would start a parallel region beside training's)."""
+    start, size = buf.data_ptr(), buf.numel() * buf.element_size()
+    for offset in range(0, size, _PAGE_IN_CHUNK):
+        if not going_on():
+            return
+        ctypes.memset(start + offset, 0, min(_PAGE_IN_CHUNK, size - offset))
+
+
 def _host_buffer(like: torch.Tensor) -> torch.Tensor:
     """A CPU tensor shaped like ``like``: pinned for a GPU tensor, so that copies run at full bus
     speed and asynchronously; ordinary memory where pinning is refused (a memlock limit)."""
@@ -83,6 +108,36 @@ class Stager:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # copies out of snapshots
         # (buffer, source, the source's version counter when staged, path): see ``defer``.
         self.deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]] = []
+        # Paged-in CPU buffers made by ``prepare``, by shape and dtype, until a stage takes them.
+        self._spares: dict[tuple, list[torch.Tensor]] = {}
+        self._spares_lock = threading.Lock()
+        self.preparing = True  # until ``stop_preparing``: buffers made after the first stage go unused
+
+    def prepare(self, likes: list[tuple[torch.Size, torch.dtype]]) -> None:
+        """Make and page in CPU buffers of these shapes and dtypes, the largest first, for the
+        first ``stage`` to take. Meant for a thread of its own; it stops once a stage has run."""
+        for shape, dtype in sorted(likes, key=lambda like: -like[0].numel() * like[1].itemsize):
+            if not self.preparing:
+                return
+            buf = torch.empty(shape, dtype=dtype)
+            _page_in(buf, lambda: self.preparing)
+            with self._spares_lock:
+                if not self.preparing:
+                    return
+                self._spares.setdefault((tuple(shape), dtype), []).append(buf)
+
+    def stop_preparing(self) -> None:
+        """Release the buffers that ``prepare`` made and no stage took, and make no more."""
+        with self._spares_lock:
+            self.preparing = False
+            self._spares.clear()
+
+    def _new_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        if not like.is_cuda:
+            with self._spares_lock:
+                if spares := self._spares.get((tuple(like.shape), like.dtype)):
+                    return spares.pop()
+        return _host_buffer(like)
 
     def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = (),
               defer: frozenset[int] = frozenset()) -> Any:
@@ -97,7 +152,7 @@ class Stager:
             fits = buf is not None and buf.shape == obj.shape and buf.dtype == obj.dtype
             if storage in defer:
                 if not fits:
-                    buf = self._buffers[path] = _host_buffer(obj)
+                    buf = self._buffers[path] = self._new_buffer(obj)
                 self.deferred.append((buf, obj.detach(), obj._version, path))
                 return buf
             if not fits:
@@ -106,7 +161,7 @@ class Stager:
                     snapshot = obj.detach().clone()
                     self._snapshots[id(snapshot)] = path
                     return snapshot
-                buf = self._buffers[path] = _host_buffer(obj)
+                buf = self._buffers[path] = self._new_buffer(obj)
             queued = obj.is_cuda and buf.is_pinned()
             buf.copy_(obj.detach(), non_blocking=queued)
             if queued:

@@ -74,11 +74,19 @@ class AsyncSaver:
     def _prepare(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer in self._prepared or ranks.rank() != 0:
             return
-        self._prepared.add(optimizer)
         likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
-        if likes:
-            threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare",
-                             daemon=True).start()
+        if not likes:
+            return
+        if not self._prepared:
+            # Not a daemon thread, which the interpreter stops wherever it stands at exit, inside
+            # torch too: the exit hook makes it stop within one chunk, and the interpreter joins it.
+            stager = weakref.ref(self._stager)
+            try:
+                threading._register_atexit(lambda: (s := stager()) is not None and s.stop_preparing())  # type: ignore[attr-defined]
+            except (AttributeError, RuntimeError):  # an interpreter without it, or one already exiting
+                return
+        self._prepared.add(optimizer)
+        threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
               copy_always: tuple[str, ...], background: bool = False) -> dict[str, Any]:

@@ -314,3 +314,18 @@ def test_the_first_step_of_an_optimizer_prepares_its_buffers_once():
     assert saver._stager._spares == {} and not any(t.name == "ckptkit-prepare" for t in threading.enumerate())
     saver.shutdown()
     assert len(_global_optimizer_post_hooks) == hooks
+
+
+def test_deferred_copies_are_exact_for_dense_and_strided_tensors():
+    """The writer copies dense tensors byte for byte; others (transposed, conjugated) go through
+    torch, which resolves their strides and lazy bits."""
+    stager = Stager()
+    dense = torch.randn(64, 33)
+    transposed = torch.randn(33, 64).t()
+    conj = torch.randn(5, dtype=torch.complex64).conj()
+    deferred = [(torch.empty_like(t, memory_format=torch.contiguous_format).resolve_conj(), t, t._version, (i,))
+                for i, t in enumerate((dense, transposed, conj))]
+    stager.copy_deferred(deferred)
+    for buf, src, _, _ in deferred:
+        assert torch.equal(buf, src.resolve_conj())
+    assert not deferred[2][0].is_conj()

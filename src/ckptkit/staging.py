@@ -85,6 +85,14 @@ def _page_in(buf: torch.Tensor, going_on: Callable[[], bool]) -> None:
         ctypes.memset(start + offset, 0, min(_PAGE_IN_CHUNK, size - offset))
 
 
+def _flat_alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b``'s bytes, copied as they are, make ``a`` equal to it: both plain, dense and
+    contiguous on the CPU, of one shape and dtype, with no lazy conjugation or negation."""
+    return all(t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
+               and not t.is_conj() and not t.is_neg() and type(t) in (torch.Tensor, torch.nn.Parameter)
+               for t in (a, b)) and a.shape == b.shape and a.dtype == b.dtype
+
+
 def _host_buffer(like: torch.Tensor) -> torch.Tensor:
     """A CPU tensor shaped like ``like``: pinned for a GPU tensor, so that copies run at full bus
     speed and asynchronously; ordinary memory where pinning is refused (a memlock limit)."""
@@ -181,9 +189,14 @@ class Stager:
         return copy.deepcopy(obj)
 
     def copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]]) -> None:
-        """Fill the buffers of ``deferred`` (what ``stage`` set aside)."""
+        """Fill the buffers of ``deferred`` (what ``stage`` set aside), on one thread: torch's
+        own copy would start a parallel region of its own beside training's, and on few cores
+        the two teams' threads took turns (a 1 MB copy took 3 ms instead of 0.2 ms)."""
         for buf, src, _, _ in deferred:
-            buf.copy_(src)
+            if _flat_alike(buf, src):
+                ctypes.memmove(buf.data_ptr(), src.data_ptr(), buf.numel() * buf.element_size())
+            else:
+                buf.copy_(src)
 
     def _take_room(self, t: torch.Tensor) -> bool:
         """Whether a snapshot of ``t`` fits on its device, leaving a tenth of the device (at

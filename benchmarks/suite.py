@@ -74,6 +74,7 @@ BATCH = 32  # rows of the forward and backward pass that the async_copy: backgro
 # save after minutes; two seconds cover the buffers of 1 GiB on two busy cores.
 FIRST_SAVE_AFTER_S = 2.0
 PREPARING_STEPS = 5  # the steps timed beside the making of those buffers
+FIRST_ROUNDS = 3  # first saves timed, each by a new manager
 
 
 def parse_size(text: str) -> int:
@@ -292,16 +293,23 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         # that it does not compete with the async case's timing for the interpreter lock.
         sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(step), model=model, optimizer=opt),
                          sync_ck.wait)
-        trained = train_for(model, opt, FIRST_SAVE_AFTER_S)  # the first save's buffers are made meanwhile
-        first = Case("async save, first",
-                     lambda: async_ck.save(step=next(step), model=model, optimizer=opt), async_ck.wait)
-        race([first], 1, warmup=False)
+        first = Case("async save, first", lambda: None)
+        for r in range(FIRST_ROUNDS):  # each round a new manager, which makes its buffers while training
+            if r:
+                async_ck.close()
+                shutil.rmtree(os.path.join(work, "async"))
+                async_ck = local_manager(os.path.join(work, "async"), is_async=True)
+            trained = train_for(model, opt, FIRST_SAVE_AFTER_S)
+            t, peak = measure(lambda: async_ck.save(step=next(step), model=model, optimizer=opt))
+            first.times.append(t)
+            first.peaks.append(peak)
+            async_ck.wait()
         blocked = Case("async save, blocked", lambda: async_ck.save(step=next(step), model=model, optimizer=opt),
                        async_ck.wait)
         race([sync_case, blocked], rounds)
         rows.append(row(size, where, "async blocking", sync_case, blocked, "the write goes on in the background"))
         rows.append(row(size, where, "async first save", sync_case, first,
-                        f"one round, after {FIRST_SAVE_AFTER_S:g} s of training ({trained} steps)"))
+                        f"a new manager each round, after {FIRST_SAVE_AFTER_S:g} s of training ({trained} steps)"))
         async_ck.close()
         rows += background_rows(size, where, work, rounds, model, opt, sync_case, step)
         sync_ck.close()
@@ -371,23 +379,28 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
         if ck is not None:
             ck.wait()  # untimed: steps pass between two saves
 
-    # What making the first save's buffers (from the manager's first step on) takes from the steps
-    # that run beside it, against the same steps before any manager existed.
-    alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
-    alone.times.append(train_steps(model, opt, PREPARING_STEPS))
-    bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
-    start = time.perf_counter()
-    train_steps(model, opt, 1)
-    preparing = Case(f"{PREPARING_STEPS} steps after the first", lambda: None)
-    preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
-    trained = 1 + PREPARING_STEPS + train_for(model, opt, FIRST_SAVE_AFTER_S - (time.perf_counter() - start))
     first, first_steps = Case("async background, first save", lambda: None), Case("steps", lambda: None)
+    # What making the first save's buffers (from the manager's first step on) takes from the steps
+    # that run beside it, against the same steps before that manager existed.
+    alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
+    preparing = Case(f"{PREPARING_STEPS} steps after the first", lambda: None)
+    bg = None
+    for r in range(FIRST_ROUNDS):  # each round a new manager
+        if bg is not None:
+            bg.close()
+            shutil.rmtree(os.path.join(work, "background"))
+        alone.times.append(train_steps(model, opt, PREPARING_STEPS))
+        bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
+        start = time.perf_counter()
+        train_steps(model, opt, 1)
+        preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
+        trained = 1 + PREPARING_STEPS + train_for(model, opt, FIRST_SAVE_AFTER_S - (time.perf_counter() - start))
+        loop(bg, first, first_steps)
     held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
     held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
     plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
     blocking = None
     try:
-        loop(bg, first, first_steps)
         blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
         cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
         for ck in (blocking, None):  # warm-ups
@@ -408,7 +421,7 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
             row(size, where, "async background first save", sync_case, first,
-                f"one round, after {trained} steps ({FIRST_SAVE_AFTER_S:g} s of training)"),
+                f"a new manager each round, after {trained} steps ({FIRST_SAVE_AFTER_S:g} s of training)"),
             row(size, where, "async background first save at once", sync_case, early,
                 "one round, at the manager's first step: its buffers are still being made"),
             row(size, where, "steps beside first buffers", alone, preparing,

@@ -63,6 +63,7 @@ class AsyncSaver:
         self._step_hook: Any = None
         self._prepare_hook: Any = None
         self._prepared: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._stops_at_exit = False
 
     def prepare_ahead(self) -> None:
         """Make the first save's CPU buffers while training runs, starting at the first step of
@@ -72,12 +73,15 @@ class AsyncSaver:
             self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
 
     def _prepare(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer in self._prepared or ranks.rank() != 0:
+        if optimizer in self._prepared:
+            return
+        self._prepared.add(optimizer)
+        if ranks.rank() != 0:  # only rank 0 stages
             return
         likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
         if not likes:
             return
-        if not self._prepared:
+        if not self._stops_at_exit:
             # Not a daemon thread, which the interpreter stops wherever it stands at exit, inside
             # torch too: the exit hook makes it stop within one chunk, and the interpreter joins it.
             stager = weakref.ref(self._stager)
@@ -85,7 +89,7 @@ class AsyncSaver:
                 threading._register_atexit(lambda: (s := stager()) is not None and s.stop_preparing())  # type: ignore[attr-defined]
             except (AttributeError, RuntimeError):  # an interpreter without it, or one already exiting
                 return
-        self._prepared.add(optimizer)
+            self._stops_at_exit = True
         threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

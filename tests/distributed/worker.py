@@ -206,7 +206,11 @@ def main() -> None:
         # Save every step, keep the last 2, restore into a fresh model, compare, finalize.
         ck = ckptkit.CheckpointManager.from_config(cfg)
         model, opt = build(kind, seed=0)
+        # How many tensors this rank made staging buffers for, ahead of the first save.
+        prepared, prepare = [], ck._async._stager.prepare
+        ck._async._stager.prepare = lambda likes: (prepared.append(len(likes)), prepare(likes))
         train(model, opt, steps=4, ck=ck)
+        result["prepared"] = prepared
         expected = snapshot(model, opt)
         full = full_model_state(model)
         ck.wait()  # an asynchronous save may still be writing

@@ -6,12 +6,14 @@ cases every round and taking medians:
 
 * ``save``     ckptkit's sync save to a ``local`` backend against ``torch.save`` + fsync of the
                file, and against DCP ``save`` (single process, its own fsyncs), per folder;
-* ``async``    how long an ``async: true`` save blocks the caller, against a sync ckptkit save
-               (its first save, after two seconds of training in which the manager makes and
-               pages in its buffers, is shown on its own); and with ``async_copy: background``,
-               in a training loop, the save plus the wait at the next ``optimizer.step()``, what
-               the loop's steps lose to the copy and write, and to the making of the buffers,
-               and a first save made at once, at the manager's first step;
+* ``async``    how long an ``async: true`` save blocks the caller, against a sync ckptkit save;
+               and with ``async_copy: background``, in a training loop, the save plus the wait
+               at the next ``optimizer.step()``, what the loop's steps lose to the copy and the
+               write, and to the making of the first save's buffers;
+* ``first``    the first async save of a new training, from 100 MB up: each round a new
+               process builds the model, a manager, restores (nothing yet), trains one step and
+               saves at once, or trains two seconds more first (while the manager makes its
+               buffers); held for the save plus the next step's wait, against a sync save;
 * ``restore``  ckptkit's restore (verify and load, model and optimizer) against ``torch.load``
                (``weights_only=True``) of the torch.save file and ``load_state_dict``;
 * ``fresh``    the same restore as a resuming process makes it: each round a new process that
@@ -66,7 +68,7 @@ DEFAULT_SIZES = "1MB,10MB,100MB,1GiB"
 # moto keeps every object in memory and joins multipart uploads there: at 1 GiB it took minutes
 # and answered 500, so the S3 cases stop below that unless asked (bench_s3_save.py does 512 MiB).
 DEFAULT_S3_MAX = "256MiB"
-PARTS = ("save", "restore", "fresh", "async", "s3")
+PARTS = ("save", "restore", "fresh", "async", "first", "s3")
 BUCKET = "bench"
 WIDTH = 1024
 BATCH = 32  # rows of the forward and backward pass that the async_copy: background case runs
@@ -74,7 +76,11 @@ BATCH = 32  # rows of the forward and backward pass that the async_copy: backgro
 # save after minutes; two seconds cover the buffers of 1 GiB on two busy cores.
 FIRST_SAVE_AFTER_S = 2.0
 PREPARING_STEPS = 5  # the steps timed beside the making of those buffers
-FIRST_ROUNDS = 3  # first saves timed, each by a new manager
+# First async saves are timed in fresh processes (a process reuses memory that it freed, which
+# a trainer's first save does not find), from this size up: below it the save's fixed costs,
+# not the copy, make the time (the "async" rows show them).
+DEFAULT_FIRST_MIN = "100MB"
+FIRST_CASES = (("blocking", 0.0), ("background", 0.0), ("background", FIRST_SAVE_AFTER_S))
 
 
 def parse_size(text: str) -> int:
@@ -293,23 +299,12 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         # that it does not compete with the async case's timing for the interpreter lock.
         sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(step), model=model, optimizer=opt),
                          sync_ck.wait)
-        first = Case("async save, first", lambda: None)
-        for r in range(FIRST_ROUNDS):  # each round a new manager, which makes its buffers while training
-            if r:
-                async_ck.close()
-                shutil.rmtree(os.path.join(work, "async"))
-                async_ck = local_manager(os.path.join(work, "async"), is_async=True)
-            trained = train_for(model, opt, FIRST_SAVE_AFTER_S)
-            t, peak = measure(lambda: async_ck.save(step=next(step), model=model, optimizer=opt))
-            first.times.append(t)
-            first.peaks.append(peak)
-            async_ck.wait()
+        async_ck.save(step=next(step), model=model, optimizer=opt)  # makes the buffers: see the "first" part
+        async_ck.wait()
         blocked = Case("async save, blocked", lambda: async_ck.save(step=next(step), model=model, optimizer=opt),
                        async_ck.wait)
         race([sync_case, blocked], rounds)
         rows.append(row(size, where, "async blocking", sync_case, blocked, "the write goes on in the background"))
-        rows.append(row(size, where, "async first save", sync_case, first,
-                        f"a new manager each round, after {FIRST_SAVE_AFTER_S:g} s of training ({trained} steps)"))
         async_ck.close()
         rows += background_rows(size, where, work, rounds, model, opt, sync_case, step)
         sync_ck.close()
@@ -345,6 +340,19 @@ def train_for(model: nn.Module, opt: torch.optim.Optimizer, seconds: float) -> i
     return steps
 
 
+def held_at_step(opt: torch.optim.Optimizer) -> float:
+    """Seconds that ``opt.step()`` waited before its own work began (a step pre-hook registered
+    after ckptkit's takes the time)."""
+    started: list[float] = []
+    handle = register_optimizer_step_pre_hook(lambda *_: started.append(time.perf_counter()))
+    start = time.perf_counter()
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    return started[0] - start
+
+
 def background_rows(size: int, where: str, work: str, rounds: int, model, opt, sync_case: Case,
                     step: Any) -> list[dict[str, Any]]:
     """``async_copy: background``, in a training loop: save, a forward and backward pass of
@@ -353,18 +361,6 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     ckptkit's. The loop's steps (pass and optimizer step, save left out) are also timed against
     the same steps with no save in flight: what the copy and the write take from training."""
     batch = torch.randn(BATCH, WIDTH)
-    started: dict[str, float] = {}
-
-    def held_at_step() -> float:
-        """Seconds ``opt.step()`` waited before its own work began."""
-        handle = register_optimizer_step_pre_hook(
-            lambda *_: started.__setitem__("t", time.perf_counter()))
-        start = time.perf_counter()
-        try:
-            opt.step()
-        finally:
-            handle.remove()
-        return started["t"] - start
 
     def loop(ck: ckptkit.CheckpointManager | None, held: Case, steps: Case) -> None:
         start = time.perf_counter()
@@ -372,30 +368,21 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
             ck.save(step=next(step), model=model, optimizer=opt)
         saved = time.perf_counter()
         train_pass(model, batch)
-        wait = held_at_step()
+        wait = held_at_step(opt)
         steps.times.append(time.perf_counter() - saved)
         held.times.append(saved - start + wait)
         opt.zero_grad(set_to_none=True)
         if ck is not None:
             ck.wait()  # untimed: steps pass between two saves
 
-    first, first_steps = Case("async background, first save", lambda: None), Case("steps", lambda: None)
     # What making the first save's buffers (from the manager's first step on) takes from the steps
     # that run beside it, against the same steps before that manager existed.
     alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
+    alone.times.append(train_steps(model, opt, PREPARING_STEPS))
+    bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
+    train_steps(model, opt, 1)
     preparing = Case(f"{PREPARING_STEPS} steps after the first", lambda: None)
-    bg = None
-    for r in range(FIRST_ROUNDS):  # each round a new manager
-        if bg is not None:
-            bg.close()
-            shutil.rmtree(os.path.join(work, "background"))
-        alone.times.append(train_steps(model, opt, PREPARING_STEPS))
-        bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
-        start = time.perf_counter()
-        train_steps(model, opt, 1)
-        preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
-        trained = 1 + PREPARING_STEPS + train_for(model, opt, FIRST_SAVE_AFTER_S - (time.perf_counter() - start))
-        loop(bg, first, first_steps)
+    preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
     held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
     held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
     plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
@@ -403,27 +390,17 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     try:
         blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
         cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
-        for ck in (blocking, None):  # warm-ups
+        for ck in (bg, blocking, None):  # warm-ups
             loop(ck, Case("", lambda: None), Case("", lambda: None))
         for r in range(rounds):
             for ck in (bg, blocking, None) if r % 2 == 0 else (None, blocking, bg):
                 loop(ck, *cases[ck])
-        # A first save at the manager's first step: its buffers are still being made.
-        at_once = local_manager(os.path.join(work, "at-once"), is_async=True, async_copy="background")
-        train_steps(model, opt, 1)
-        early = Case("async background, first save at the first step", lambda: None)
-        loop(at_once, early, Case("", lambda: None))
-        at_once.close()
     finally:
         bg.close()
         if blocking is not None:
             blocking.close()
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
-            row(size, where, "async background first save", sync_case, first,
-                f"a new manager each round, after {trained} steps ({FIRST_SAVE_AFTER_S:g} s of training)"),
-            row(size, where, "async background first save at once", sync_case, early,
-                "one round, at the manager's first step: its buffers are still being made"),
             row(size, where, "steps beside first buffers", alone, preparing,
                 f"{PREPARING_STEPS} steps after the manager's first, against the same before it"),
             row(size, where, "async blocking held, loop", sync_case, held_b, note),
@@ -431,6 +408,61 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
                 "pass + optimizer step, with the copy and the write in flight"),
             row(size, where, "steps beside blocking async", plain, steps_b,
                 "pass + optimizer step, with the write in flight")]
+
+
+def first_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[str, Any]]:
+    """Each round, a new process per case builds the model and optimizer, then a manager, restores
+    (nothing there yet), trains one step (or that and ``FIRST_SAVE_AFTER_S`` seconds more), and
+    saves: the first save holds training for the save plus the next step's wait, against a sync
+    save of the same state made here."""
+    work = tempfile.mkdtemp(prefix="ckptkit-suite-first-", dir=folder)
+    where = "tmpfs" if folder.startswith("/dev/shm") else f"disk ({folder})"
+    try:
+        sync_ck = local_manager(os.path.join(work, "sync"))
+        steps = iter(range(10**9))
+        sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(steps), model=model, optimizer=opt),
+                         sync_ck.wait)
+        race([sync_case], rounds)
+        sync_ck.close()
+        cases = {c: Case(f"{c[0]}:{c[1]}", lambda: None) for c in FIRST_CASES}
+        for r in range(rounds):
+            for c in FIRST_CASES if r % 2 == 0 else FIRST_CASES[::-1]:
+                res = subprocess.run([sys.executable, os.path.abspath(__file__), "--first-child", cases[c].name,
+                                      "--sizes", str(size), "--dir", work], capture_output=True, text=True)
+                if res.returncode:
+                    raise RuntimeError(f"first save, {c}: {res.stderr.strip().splitlines()[-1:]}")
+                cases[c].times.append(float(res.stdout.strip().splitlines()[-1]))
+        rows = []
+        for (mode, after), case in cases.items():
+            what = "async first save" if mode == "blocking" else "async background first save"
+            when = f"after {after:g} s of training" if after else "at the first step"
+            rows.append(row(size, where, f"{what}, {'trained' if after else 'at once'}", sync_case, case,
+                            f"a new process each round, {when} after restore()"))
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def first_child(case: str, size: int, work: str) -> float:
+    """Seconds that the first save of a new training held it, in this fresh process."""
+    mode, after = case.split(":")
+    model, opt = build(size)
+    folder = os.path.join(work, f"first-{os.getpid()}")
+    ck = local_manager(folder, is_async=True, async_copy=mode)
+    ck.restore(model=model, optimizer=opt)  # nothing to restore: a new training
+    train_steps(model, opt, 1)
+    if float(after):
+        train_for(model, opt, float(after))
+    batch = torch.randn(BATCH, WIDTH)
+    start = time.perf_counter()
+    ck.save(step=0, model=model, optimizer=opt)
+    saved = time.perf_counter()
+    train_pass(model, batch)
+    held = saved - start + held_at_step(opt)
+    ck.wait()
+    ck.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return held
 
 
 def fresh_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[str, Any]]:
@@ -624,6 +656,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(default 1GiB; 0 leaves it out)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--restore-child", help=argparse.SUPPRESS)
+    parser.add_argument("--first-child", help=argparse.SUPPRESS)
+    parser.add_argument("--first-min-size", default=DEFAULT_FIRST_MIN,
+                        help=f"the first async saves in fresh processes run from this size up (default {DEFAULT_FIRST_MIN})")
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts to run, of {', '.join(PARTS)} (default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
@@ -639,6 +674,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.restore_child:
         print(restore_child(args.restore_child, sizes[0], folders[0]))
+        return
+    if args.first_child:
+        print(first_child(args.first_child, sizes[0], folders[0]))
         return
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
@@ -674,12 +712,16 @@ def main(argv: list[str] | None = None) -> None:
             model, opt = build(size)
             actual = state_bytes(model, opt)
             found: list[dict[str, Any]] = []
-            for folder in [] if args.no_local or not parts - {"s3", "fresh"} else folders:
+            for folder in [] if args.no_local or not parts - {"s3", "fresh", "first"} else folders:
                 found += attempt(f"{size_label(size)} in {folder}", lambda: local_suite(
                     actual, folder, args.rounds or default_rounds(size, False), model, opt, parts))
             for folder in [] if args.no_local or "fresh" not in parts else folders:
                 # Three rounds: each one starts two processes (about two seconds each, importing torch).
                 found += attempt(f"{size_label(size)} in {folder}, fresh processes", lambda: fresh_suite(
+                    actual, folder, args.rounds or 3, model, opt))
+            for folder in [] if args.no_local or "first" not in parts or size < parse_size(args.first_min_size) \
+                    else folders:
+                found += attempt(f"{size_label(size)} in {folder}, first saves in fresh processes", lambda: first_suite(
                     actual, folder, args.rounds or 3, model, opt))
             if endpoint is not None and size <= parse_size(args.s3_max_size):
                 found += attempt(f"{size_label(size)} to S3", lambda: s3_suite(

@@ -244,7 +244,6 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     return hook
 
 
-
 def _prepares_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     """An optimizer step post-hook that starts ``saver``'s preparation for that optimizer."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -3,8 +3,9 @@
 The buffers are kept between saves and refilled in place, so only the first save pays for
 allocating them. New memory costs about half a second per GiB to page in, five times the copy
 into it, so ``prepare`` makes CPU buffers ahead of the first save, on a thread of its own while
-training runs, and the first ``stage`` takes them by shape and dtype. Tensors that are already private CPU copies (what
-gathering a sharded model to rank 0 produces) are passed through, not copied again.
+training runs, and the first ``stage`` takes them by shape and dtype. Tensors that are already
+private CPU copies (what gathering a sharded model to rank 0 produces) are passed through, not
+copied again.
 
 For GPU tensors the buffers are pinned and the copies are queued, not waited for. Pinning
 host memory is slow (about half a second per GiB), so the first save does not wait for it

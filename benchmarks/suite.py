@@ -199,6 +199,10 @@ def race(cases: list[Case], rounds: int, warmup: bool = True) -> None:
         for c in cases:
             c.run()
             c.clean()
+    # Gigabytes that earlier comparisons left dirty in the page cache would be written back, or
+    # reclaimed, in the middle of whichever case runs first (seen: a 1 GiB sync save's first round
+    # at 2.7 s, the next at 0.4 s).
+    os.sync()
     for r in range(rounds):
         for c in cases if r % 2 == 0 else cases[::-1]:
             t, peak = measure(c.run)
@@ -376,13 +380,13 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
         if ck is not None:
             ck.wait()  # untimed: steps pass between two saves
 
-    # What making the first save's buffers (from the manager's first step on) takes from the steps
-    # that run beside it, against the same steps before that manager existed.
+    # What making the first save's buffers (from restore on, the optimizer holding state already)
+    # takes from the steps that run beside it, against the same steps before that manager existed.
     alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
     alone.times.append(train_steps(model, opt, PREPARING_STEPS))
     bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
-    train_steps(model, opt, 1)
-    preparing = Case(f"{PREPARING_STEPS} steps after the first", lambda: None)
+    bg.restore(model=model, optimizer=opt)  # nothing there yet
+    preparing = Case(f"{PREPARING_STEPS} steps after restore", lambda: None)
     preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
     held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
     held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
@@ -403,7 +407,7 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
             row(size, where, "steps beside first buffers", alone, preparing,
-                f"{PREPARING_STEPS} steps after the manager's first, against the same before it"),
+                f"{PREPARING_STEPS} steps after the manager's restore, against the same before it"),
             row(size, where, "async blocking held, loop", sync_case, held_b, note),
             row(size, where, "steps beside background copy", plain, steps,
                 "pass + optimizer step, with the copy and the write in flight"),
@@ -447,7 +451,7 @@ def first_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[st
 def first_child(case: str, size: int, work: str) -> float:
     """Seconds that the first save of a new training held it, in this fresh process."""
     mode, after = case.split(":")
-    model, opt = build(size)
+    model, opt = build(size, fresh=True)  # an optimizer without state: its first step makes it
     folder = os.path.join(work, f"first-{os.getpid()}")
     ck = local_manager(folder, is_async=True, async_copy=mode)
     ck.restore(model=model, optimizer=opt)  # nothing to restore: a new training

@@ -569,10 +569,16 @@ def test_background_copy_never_commits_a_tensor_changed_in_place_outside_the_opt
     ck.close()
 
 
+def _join_preparing():
+    for thread in threading.enumerate():
+        if thread.name == "ckptkit-prepare":
+            thread.join()
+
+
 @pytest.mark.parametrize("mode", ["sync", "blocking", "background"])
 def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
-    """The buffers of the first async save are made while training runs, from the first optimizer
-    step on; a sync manager, which stages nothing, makes none."""
+    """The buffers of the first async save are made while training runs, from the first step of
+    the optimizer given to restore on; a sync manager, which stages nothing, makes none."""
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     hooks = len(_global_optimizer_post_hooks)
@@ -581,10 +587,9 @@ def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(
         cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = _big_model()
+    assert ck.restore(model, opt) is None  # a new training
     _big_step(model, opt)
-    for thread in threading.enumerate():
-        if thread.name == "ckptkit-prepare":
-            thread.join()
+    _join_preparing()
     spares = {b.data_ptr() for bs in ck._async._stager._spares.values() for b in bs}
     assert len(_global_optimizer_post_hooks) == hooks + (mode != "sync")
     if mode == "sync":
@@ -603,6 +608,29 @@ def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(
     assert_same_state(fresh.state_dict(), expected)
     ck.close()
     assert len(_global_optimizer_post_hooks) == hooks
+
+
+def test_a_resumed_async_manager_makes_the_first_save_buffers_at_restore_and_only_then(tmp_path, pm):
+    """A manager that is never given the optimizer through restore makes nothing ahead (that
+    memory would be held for a save it may never make); one that restores state into it starts
+    at once, before any step."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    model, opt = _big_model()
+    _big_step(model, opt)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    _big_step(model, opt)
+    _join_preparing()
+    assert ck._async._stager._spares == {}
+    ck.save(step=0, model=model, optimizer=opt)
+    ck.close()
+    resumed = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model2, opt2 = _big_model()
+    assert resumed.restore(model2, opt2).step == 0
+    _join_preparing()
+    assert sum(len(bs) for bs in resumed._async._stager._spares.values()) == 10 + 10 * 3
+    resumed.close()
+    assert resumed._async._stager._spares == {}
 
 
 CRASH_AFTER_SAVE = """

@@ -289,21 +289,34 @@ def test_buffers_prepared_ahead_are_paged_in_and_the_first_stage_takes_them():
     assert stager._spares == {}, "nothing is made once a save has staged"
 
 
-def test_the_first_step_of_an_optimizer_prepares_its_buffers_once():
+def _join_preparing():
+    for thread in threading.enumerate():
+        if thread.name == "ckptkit-prepare":
+            thread.join()
+
+
+def _spare_ptrs(saver):
+    return {b.data_ptr() for bs in saver._stager._spares.values() for b in bs}
+
+
+def test_the_first_step_of_the_optimizer_given_prepares_its_buffers_once_and_no_other_optimizer_does():
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     hooks = len(_global_optimizer_post_hooks)
     saver = _background_saver()
-    saver.prepare_ahead()
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.AdamW(model.parameters())
+    saver.prepare_for(opt)
+    other = torch.nn.Linear(512, 512)
+    other_opt = torch.optim.AdamW(other.parameters())
+    other(torch.ones(1, 512)).sum().backward()
+    other_opt.step()  # not the optimizer given: nothing is made for it
+    _join_preparing()
     assert saver._stager._spares == {}
     model(torch.ones(1, 256)).sum().backward()
     opt.step()  # AdamW makes its state here: the hook sees it
-    for thread in threading.enumerate():
-        if thread.name == "ckptkit-prepare":
-            thread.join()
-    spares = {b.data_ptr() for bs in saver._stager._spares.values() for b in bs}
+    _join_preparing()
+    spares = _spare_ptrs(saver)
     assert len(spares) == 2 + 3 * 2, "weight and bias; for each, exp_avg, exp_avg_sq and step"
     staged = saver.stage({"model": model.state_dict(), "optimizer": opt.state_dict()}, model, opt, copy_always=())
     state = staged["optimizer"]["state"][0]
@@ -314,6 +327,98 @@ def test_the_first_step_of_an_optimizer_prepares_its_buffers_once():
     assert saver._stager._spares == {} and not any(t.name == "ckptkit-prepare" for t in threading.enumerate())
     saver.shutdown()
     assert len(_global_optimizer_post_hooks) == hooks
+
+
+def test_an_optimizer_that_holds_state_already_is_prepared_for_at_once():
+    """A resumed run: restore loaded the optimizer's state, so its buffers are made before the
+    first step, and no step hook is needed."""
+    saver = _background_saver()
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 64)).sum().backward()
+    opt.step()
+    saver.prepare_for(opt)
+    _join_preparing()
+    assert saver._prepare_hook is None
+    assert len(_spare_ptrs(saver)) == 2 + 2, "weight and bias, and a momentum buffer for each"
+    saver.shutdown()
+
+
+class _CountingSGD(torch.optim.Optimizer):
+    """Keeps a plain number and a list of tensors in its state, as some optimizers do."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.param_groups[0]["params"]:
+            p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+            st = self.state[p]
+            st["calls"] = st.get("calls", 0) + 1
+            st["history"] = [p.detach().clone()]
+        self.state["steps"] = self.state.get("steps", 0) + 1
+
+
+def test_an_optimizer_keeping_numbers_and_lists_in_its_state_steps_and_is_prepared_for():
+    saver = _background_saver()
+    model = torch.nn.Linear(32, 32)
+    opt = _CountingSGD(model.parameters(), lr=0.1)
+    saver.prepare_for(opt)
+    for _ in range(2):
+        model(torch.ones(1, 32)).sum().backward()
+        opt.step()  # the post-hook must not fail the step
+    _join_preparing()
+    assert len(_spare_ptrs(saver)) == 2 + 2, "weight and bias, and the tensor in each one's history list"
+    saver.shutdown()
+
+
+def test_a_failure_to_prepare_is_logged_and_never_fails_the_step(caplog, monkeypatch):
+    import ckptkit.asyncsave as asyncsave
+
+    def broken(optimizer):
+        raise RuntimeError("no threads left")
+
+    monkeypatch.setattr(asyncsave, "plain_cpu_tensors", broken)
+    saver = _background_saver()
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    saver.prepare_for(opt)
+    model(torch.ones(1, 8)).sum().backward()
+    with caplog.at_level("WARNING", logger="ckptkit.asyncsave"):
+        opt.step()
+    assert "could not make the first asynchronous save's buffers ahead (RuntimeError: no threads left)" in caplog.text
+    assert saver._stager._spares == {}
+    saver.shutdown()
+
+
+def _exit_at_once():
+    pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: a data loader's workers on Linux")
+def test_a_child_forked_while_buffers_are_made_exits_though_it_inherits_their_lock_held():
+    """A data loader's worker forked while the preparing thread holds the spares' lock inherits
+    the lock held, and the exit hook that stops preparing, but not the thread that would release
+    the lock: the hook must leave the child alone."""
+    import multiprocessing
+
+    saver = _background_saver()
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 64)).sum().backward()
+    opt.step()
+    saver.prepare_for(opt)  # registers the exit hook
+    _join_preparing()
+    with saver._stager._spares_lock:
+        child = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+        child.start()
+        child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    saver.shutdown()
 
 
 def test_deferred_copies_are_exact_for_dense_and_strided_tensors():

@@ -14,9 +14,10 @@ cannot know of an operation still running. The writer commits only after that ve
 tensor changed in place between ``save`` and the verdict fails the save instead of committing
 a mix of before and after.
 
-With ``prepare_ahead``, the first step of each optimizer (a global step post-hook) starts a
-thread that makes and pages in the CPU buffers its parameters and state will be staged into, so
-that the first save copies into memory already paged in, as later saves do.
+``prepare_for`` starts a thread that makes and pages in the CPU buffers an optimizer's
+parameters and state will be staged into, so that the first save copies into memory already
+paged in, as later saves do: at once when the optimizer holds state (a resumed run), else at its
+first step (a global step post-hook), when its state exists.
 """
 
 from __future__ import annotations
@@ -62,35 +63,56 @@ class AsyncSaver:
         self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
         self._prepare_hook: Any = None
+        self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
         self._prepared: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._stops_at_exit = False
 
-    def prepare_ahead(self) -> None:
-        """Make the first save's CPU buffers while training runs, starting at the first step of
-        each optimizer (its state exists from then on), on rank 0, which stages, until the first
-        save. They are the memory the first save would allocate, taken earlier."""
+    def prepare_for(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the first save's CPU buffers for ``optimizer``'s parameters and state while
+        training runs, on rank 0 (which stages), until the first save: the memory that save would
+        allocate, taken earlier. Only for the optimizer given, which the manager learns from
+        ``restore``: not for every optimizer the process steps, nor once per manager."""
+        if not self._stager.preparing or optimizer in self._prepared:
+            return
+        if optimizer.state:  # restored into: its state exists already
+            self._prepare(optimizer)
+            return
+        self._awaited.add(optimizer)
         if self._prepare_hook is None:
             self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
 
     def _prepare(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer in self._prepared:
-            return
+        self._awaited.discard(optimizer)
         self._prepared.add(optimizer)
         if ranks.rank() != 0:  # only rank 0 stages
             return
-        likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
-        if not likes:
-            return
+        try:
+            likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
+            if likes and self._stop_at_exit():
+                threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
+        except Exception as exc:  # an optimization: it must never fail the training step it runs in
+            log.warning("could not make the first asynchronous save's buffers ahead (%s: %s); that save "
+                        "makes them", type(exc).__name__, exc)
+
+    def _stop_at_exit(self) -> bool:
+        """Whether the preparing thread is stopped at exit, as it must be: not a daemon thread,
+        which the interpreter stops wherever it stands, inside torch too, but one that an exit hook
+        stops within a chunk and the interpreter joins."""
         if not self._stops_at_exit:
-            # Not a daemon thread, which the interpreter stops wherever it stands at exit, inside
-            # torch too: the exit hook makes it stop within one chunk, and the interpreter joins it.
-            stager = weakref.ref(self._stager)
+            stager, pid = weakref.ref(self._stager), self._pid
+
+            def stop() -> None:
+                # A forked child (a data loader's worker) inherits the hook, not the thread, and
+                # perhaps the spares' lock held: it has nothing to stop.
+                if os.getpid() == pid and (s := stager()) is not None:
+                    s.stop_preparing()
+
             try:
-                threading._register_atexit(lambda: (s := stager()) is not None and s.stop_preparing())  # type: ignore[attr-defined]
+                threading._register_atexit(stop)  # type: ignore[attr-defined]
             except (AttributeError, RuntimeError):  # an interpreter without it, or one already exiting
-                return
+                return False
             self._stops_at_exit = True
-        threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
+        return True
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
               copy_always: tuple[str, ...], background: bool = False) -> dict[str, Any]:
@@ -245,8 +267,9 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
 
 
 def _prepares_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
-    """An optimizer step post-hook that starts ``saver``'s preparation for that optimizer."""
+    """An optimizer step post-hook that starts ``saver``'s preparation for an optimizer it
+    awaits, at that optimizer's first step."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if (s := saver()) is not None and os.getpid() == s._pid and s._stager.preparing:
+        if (s := saver()) is not None and optimizer in s._awaited and os.getpid() == s._pid and s._stager.preparing:
             s._prepare(optimizer)
     return hook

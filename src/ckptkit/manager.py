@@ -247,8 +247,6 @@ class CheckpointManager:
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
-        if config.resume is not None and config.resume.async_:
-            self._async.prepare_ahead()  # the first save's buffers, paged in while training runs
         # Steps known to hold intact bytes: hashed while this manager wrote them, or verified
         # when restored. Only these count toward keep_last when pruning after a save.
         self._verified: set[int] = set()
@@ -829,6 +827,7 @@ class CheckpointManager:
             self.mlflow_run_id = None
             self._tracking_run_id()
             self._verified.add(manifest.step)
+            self._prepare_first_save(optimizer)
             if step is not None and (unreachable or newest > step):
                 # Newer steps (or a backend that may hold some): the first save checks the run again.
                 self._rolled_back = (step, newest if newest > step else None)
@@ -851,7 +850,15 @@ class CheckpointManager:
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored "
                 f"({'; '.join(skipped)}). Nothing was loaded; starting from step 0 would throw them away. "
                 "Check the storage, or start a new run name")
+        self._prepare_first_save(optimizer)
         return None
+
+    def _prepare_first_save(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """After ``restore``, before training: an async manager makes the first save's buffers
+        for that optimizer while training runs (paging in new memory costs about five times the
+        copy into it, which the first save would otherwise pay while training waits)."""
+        if optimizer is not None and self.config.resume is not None and self.config.resume.async_:
+            self._async.prepare_for(optimizer)
 
     def _restore_full(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
         """Rank 0 verifies and reads the files; the state reaches the other ranks by broadcast."""

@@ -58,7 +58,18 @@ def stepped_storages(optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    # Any nesting: an optimizer may keep lists of tensors, or plain numbers, in its state.
+    found: list[torch.Tensor] = []
+    stack: list[Any] = list(optimizer.state.values())
+    while stack:
+        v = stack.pop()
+        if torch.is_tensor(v):
+            found.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return found
 
 
 def _storages(tensors: list[torch.Tensor]) -> frozenset[int]:

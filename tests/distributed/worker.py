@@ -209,6 +209,7 @@ def main() -> None:
         # How many tensors this rank made staging buffers for, ahead of the first save.
         prepared, prepare = [], ck._async._stager.prepare
         ck._async._stager.prepare = lambda likes: (prepared.append(len(likes)), prepare(likes))
+        assert ck.restore(model=model, optimizer=opt) is None  # a new training
         train(model, opt, steps=4, ck=ck)
         result["prepared"] = prepared
         expected = snapshot(model, opt)

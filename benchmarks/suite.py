@@ -199,9 +199,8 @@ def race(cases: list[Case], rounds: int, warmup: bool = True) -> None:
         for c in cases:
             c.run()
             c.clean()
-    # Gigabytes that earlier comparisons left dirty in the page cache would be written back, or
-    # reclaimed, in the middle of whichever case runs first (seen: a 1 GiB sync save's first round
-    # at 2.7 s, the next at 0.4 s).
+    # Gigabytes that earlier comparisons left dirty in the page cache would otherwise be written
+    # back during whichever case runs first.
     os.sync()
     for r in range(rounds):
         for c in cases if r % 2 == 0 else cases[::-1]:

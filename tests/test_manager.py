@@ -588,6 +588,10 @@ def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = _big_model()
     assert ck.restore(model, opt) is None  # a new training
+    _join_preparing()
+    if mode != "sync":
+        assert sum(len(bs) for bs in ck._async._stager._spares.values()) == 10 + 10 * 2, \
+            "before the first step: the parameters, and the two moments AdamW's first step will make"
     _big_step(model, opt)
     _join_preparing()
     spares = {b.data_ptr() for bs in ck._async._stager._spares.values() for b in bs}

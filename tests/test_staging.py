@@ -299,6 +299,18 @@ def _spare_ptrs(saver):
     return {b.data_ptr() for bs in saver._stager._spares.values() for b in bs}
 
 
+def test_prepare_makes_only_what_earlier_calls_did_not_take_on():
+    """A new training's buffers are made from what its first step is expected to make, then from
+    what it made: the second call adds only the difference."""
+    stager = Stager()
+    a, b, c = (torch.Size([64]), torch.float32), (torch.Size([8, 8]), torch.float32), (torch.Size([]), torch.float32)
+    stager.prepare([a, a, b])
+    stager.prepare([a, b, b, c])
+    made = {key: len(bufs) for key, bufs in stager._spares.items()}
+    assert made == {((64,), torch.float32): 2, ((8, 8), torch.float32): 2, ((), torch.float32): 1}
+    stager.stop_preparing()
+
+
 def test_the_first_step_of_the_optimizer_given_prepares_its_buffers_once_and_no_other_optimizer_does():
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
@@ -307,14 +319,16 @@ def test_the_first_step_of_the_optimizer_given_prepares_its_buffers_once_and_no_
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.AdamW(model.parameters())
     saver.prepare_for(opt)
+    _join_preparing()
+    assert len(_spare_ptrs(saver)) == 2 + 2 * 2, "before any step: weight and bias, and AdamW's two moments of each"
     other = torch.nn.Linear(512, 512)
     other_opt = torch.optim.AdamW(other.parameters())
     other(torch.ones(1, 512)).sum().backward()
     other_opt.step()  # not the optimizer given: nothing is made for it
     _join_preparing()
-    assert saver._stager._spares == {}
+    assert len(_spare_ptrs(saver)) == 2 + 2 * 2
     model(torch.ones(1, 256)).sum().backward()
-    opt.step()  # AdamW makes its state here: the hook sees it
+    opt.step()  # AdamW makes its state here: the hook sees it, and makes what is not made yet
     _join_preparing()
     spares = _spare_ptrs(saver)
     assert len(spares) == 2 + 3 * 2, "weight and bias; for each, exp_avg, exp_avg_sq and step"
@@ -379,15 +393,18 @@ def test_a_failure_to_prepare_is_logged_and_never_fails_the_step(caplog, monkeyp
     def broken(optimizer):
         raise RuntimeError("no threads left")
 
-    monkeypatch.setattr(asyncsave, "plain_cpu_tensors", broken)
+    monkeypatch.setattr(asyncsave, "expected_likes", broken)
+    monkeypatch.setattr(asyncsave, "plain_cpu_likes", broken)
     saver = _background_saver()
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.AdamW(model.parameters())
-    saver.prepare_for(opt)
-    model(torch.ones(1, 8)).sum().backward()
     with caplog.at_level("WARNING", logger="ckptkit.asyncsave"):
+        saver.prepare_for(opt)
+        model(torch.ones(1, 8)).sum().backward()
         opt.step()
-    assert "could not make the first asynchronous save's buffers ahead (RuntimeError: no threads left)" in caplog.text
+    said = "could not make the first asynchronous save's buffers ahead (RuntimeError: no threads left)"
+    assert [r.getMessage() for r in caplog.records].count(said + "; that save makes them") == 2, \
+        "once when asked, once at the first step"
     assert saver._stager._spares == {}
     saver.shutdown()
 

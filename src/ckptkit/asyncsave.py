@@ -16,8 +16,9 @@ a mix of before and after.
 
 ``prepare_for`` starts a thread that makes and pages in the CPU buffers an optimizer's
 parameters and state will be staged into, so that the first save copies into memory already
-paged in, as later saves do: at once when the optimizer holds state (a resumed run), else at its
-first step (a global step post-hook), when its state exists.
+paged in, as later saves do. When the optimizer holds no state yet (a new training), that is
+its parameters and the state its first step will make, where known (Adam's moments), and at
+that first step (a global step post-hook) whatever else the state holds.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import ranks
 from .errors import CkptkitError
-from .staging import Stager, live_storages, plain_cpu_tensors, stepped_storages
+from .staging import Stager, expected_likes, live_storages, plain_cpu_likes, stepped_storages
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +73,20 @@ class AsyncSaver:
         training runs, on rank 0 (which stages), until the first save: the memory that save would
         allocate, taken earlier. Only for the optimizer given, which the manager learns from
         ``restore``: not for every optimizer the process steps, nor once per manager."""
-        if not self._stager.preparing or optimizer in self._prepared:
-            return
-        if optimizer.state:  # restored into: its state exists already
-            self._prepare(optimizer)
-            return
-        self._awaited.add(optimizer)
-        if self._prepare_hook is None:
-            self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
-
-    def _prepare(self, optimizer: torch.optim.Optimizer) -> None:
-        self._awaited.discard(optimizer)
+        if not self._stager.preparing or optimizer in self._prepared or ranks.rank() != 0:
+            return  # only rank 0 stages
         self._prepared.add(optimizer)
-        if ranks.rank() != 0:  # only rank 0 stages
-            return
+        new = not optimizer.state  # a new training's optimizer; a restored one holds its state
+        self._prepare(optimizer, expected_likes if new else plain_cpu_likes)
+        if new:
+            self._awaited.add(optimizer)
+            if self._prepare_hook is None:
+                self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
+
+    def _prepare(self, optimizer: torch.optim.Optimizer,
+                 likes_of: Callable[[torch.optim.Optimizer], list[tuple[torch.Size, torch.dtype]]]) -> None:
         try:
-            likes = [(t.shape, t.dtype) for t in plain_cpu_tensors(optimizer)]
+            likes = likes_of(optimizer)
             if likes and self._stop_at_exit():
                 threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
         except Exception as exc:  # an optimization: it must never fail the training step it runs in
@@ -271,5 +270,6 @@ def _prepares_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     awaits, at that optimizer's first step."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if (s := saver()) is not None and optimizer in s._awaited and os.getpid() == s._pid and s._stager.preparing:
-            s._prepare(optimizer)
+            s._awaited.discard(optimizer)
+            s._prepare(optimizer, plain_cpu_likes)  # what is not made yet: the stager leaves out the rest
     return hook

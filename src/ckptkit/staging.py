@@ -76,11 +76,33 @@ def _storages(tensors: list[torch.Tensor]) -> frozenset[int]:
     return frozenset(p for t in tensors if (p := _storage(t)) is not None)
 
 
-def plain_cpu_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The tensors of ``optimizer`` (the parameters it trains, its state) that staging copies
-    into CPU buffers of their own shape: plain CPU tensors, not a sharded tensor's parts."""
+def _plain_cpu(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+
+
+def plain_cpu_likes(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Size, torch.dtype]]:
+    """The shapes and dtypes of the tensors of ``optimizer`` (the parameters it trains, its
+    state) that staging copies into CPU buffers of their own shape: plain CPU tensors, not a
+    sharded tensor's parts."""
     tensors = [p for group in optimizer.param_groups for p in group["params"]] + _state_tensors(optimizer)
-    return [t for t in tensors if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"]
+    return [(t.shape, t.dtype) for t in tensors if _plain_cpu(t)]
+
+
+# Optimizers whose first step makes, for each parameter with a gradient, state tensors shaped
+# like it: Adam's two moments (three with amsgrad).
+_MOMENTS = {torch.optim.Adam: 2, torch.optim.AdamW: 2}
+
+
+def expected_likes(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Size, torch.dtype]]:
+    """``plain_cpu_likes``, and before the first step of an Adam or AdamW optimizer also the
+    moments that step will make, so that their buffers can be made while it runs."""
+    likes = plain_cpu_likes(optimizer)
+    moments = _MOMENTS.get(type(optimizer), 0)
+    if moments and not optimizer.state:
+        for group in optimizer.param_groups:
+            n = moments + bool(group.get("amsgrad"))
+            likes += [(p.shape, p.dtype) for p in group["params"] if p.requires_grad and _plain_cpu(p)] * n
+    return likes
 
 
 _PAGE_IN_CHUNK = 32 << 20
@@ -130,13 +152,18 @@ class Stager:
         self.deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]] = []
         # Paged-in CPU buffers made by ``prepare``, by shape and dtype, until a stage takes them.
         self._spares: dict[tuple, list[torch.Tensor]] = {}
+        self._planned: collections.Counter[tuple] = collections.Counter()  # every buffer prepare took on
         self._spares_lock = threading.Lock()
         self.preparing = True  # until ``stop_preparing``: buffers made after the first stage go unused
 
     def prepare(self, likes: list[tuple[torch.Size, torch.dtype]]) -> None:
         """Make and page in CPU buffers of these shapes and dtypes, the largest first, for the
-        first ``stage`` to take. Meant for a thread of its own; it stops once a stage has run."""
-        for shape, dtype in sorted(likes, key=lambda like: -like[0].numel() * like[1].itemsize):
+        first ``stage`` to take, leaving out as many of each as earlier calls took on already.
+        Meant for a thread of its own; it stops once a stage has run."""
+        with self._spares_lock:
+            wanted = collections.Counter((tuple(shape), dtype) for shape, dtype in likes) - self._planned
+            self._planned += wanted
+        for shape, dtype in sorted(wanted.elements(), key=lambda like: -torch.Size(like[0]).numel() * like[1].itemsize):
             if not self.preparing:
                 return
             buf = torch.empty(shape, dtype=dtype)
@@ -144,13 +171,14 @@ class Stager:
             with self._spares_lock:
                 if not self.preparing:
                     return
-                self._spares.setdefault((tuple(shape), dtype), []).append(buf)
+                self._spares.setdefault((shape, dtype), []).append(buf)
 
     def stop_preparing(self) -> None:
         """Release the buffers that ``prepare`` made and no stage took, and make no more."""
         with self._spares_lock:
             self.preparing = False
             self._spares.clear()
+            self._planned.clear()
 
     def _new_buffer(self, like: torch.Tensor) -> torch.Tensor:
         if not like.is_cuda:

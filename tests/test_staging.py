@@ -1,3 +1,4 @@
+import collections
 import os
 import threading
 
@@ -276,7 +277,7 @@ def test_buffers_prepared_ahead_are_paged_in_and_the_first_stage_takes_them():
     stager = Stager()
     w, m = torch.randn(4096, 4096), torch.randn(4096, 4096)  # 64 MiB each: fresh pages from the kernel
     before = _resident_bytes()
-    stager.prepare([(w.shape, w.dtype), (m.shape, m.dtype), (torch.Size([7]), torch.float64)])
+    stager.prepare(stager.plan([(w.shape, w.dtype), (m.shape, m.dtype), (torch.Size([7]), torch.float64)], owner=0))
     assert _resident_bytes() - before >= 0.9 * (w.nbytes + m.nbytes), "the buffers are paged in, not only reserved"
     spares = {b.data_ptr() for bs in stager._spares.values() for b in bs}
     assert len(spares) == 3
@@ -285,7 +286,7 @@ def test_buffers_prepared_ahead_are_paged_in_and_the_first_stage_takes_them():
     assert torch.equal(staged["w"], w) and torch.equal(staged["state"]["m"], m)
     stager.stop_preparing()
     assert stager._spares == {}, "what the first save did not take is released"
-    stager.prepare([(w.shape, w.dtype)])
+    stager.prepare(stager.plan([(w.shape, w.dtype)], owner=0))
     assert stager._spares == {}, "nothing is made once a save has staged"
 
 
@@ -299,16 +300,45 @@ def _spare_ptrs(saver):
     return {b.data_ptr() for bs in saver._stager._spares.values() for b in bs}
 
 
-def test_prepare_makes_only_what_earlier_calls_did_not_take_on():
+def _made(stager):
+    return {key: len(bufs) for key, bufs in stager._spares.items() if bufs}
+
+
+def test_a_plan_makes_what_is_missing_and_releases_what_no_owner_needs_any_more():
     """A new training's buffers are made from what its first step is expected to make, then from
-    what it made: the second call adds only the difference."""
+    what it made: the second plan of the same owner makes only the difference, and releases what
+    was expected in vain; another owner's plan adds to it."""
     stager = Stager()
     a, b, c = (torch.Size([64]), torch.float32), (torch.Size([8, 8]), torch.float32), (torch.Size([]), torch.float32)
-    stager.prepare([a, a, b])
-    stager.prepare([a, b, b, c])
-    made = {key: len(bufs) for key, bufs in stager._spares.items()}
-    assert made == {((64,), torch.float32): 2, ((8, 8), torch.float32): 2, ((), torch.float32): 1}
+    stager.prepare(stager.plan([a, a, b], owner=1))
+    assert sorted(stager.plan([a, b, b, c], owner=1)) == sorted([((8, 8), torch.float32), ((), torch.float32)])
+    assert _made(stager) == {((64,), torch.float32): 1, ((8, 8), torch.float32): 1}, "the second a is released"
+    stager.prepare([((8, 8), torch.float32), ((), torch.float32), ((64,), torch.float32)])
+    assert _made(stager) == {((64,), torch.float32): 1, ((8, 8), torch.float32): 2, ((), torch.float32): 1}, \
+        "a buffer no plan needs when it is done is dropped"
+    stager.prepare(stager.plan([a], owner=2))
+    assert _made(stager)[((64,), torch.float32)] == 2
     stager.stop_preparing()
+    assert stager.plan([a], owner=3) == [] and stager._spares == {}
+
+
+def test_moments_expected_for_parameters_that_get_no_gradient_are_released_at_the_first_step():
+    """AdamW makes moments only for parameters with a gradient: an unused head's expected moments
+    are released at the first step, so the spares are what the first save will stage."""
+    from ckptkit.staging import plain_cpu_likes
+
+    saver = _background_saver()
+    used, unused = torch.nn.Linear(128, 128), torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW([*used.parameters(), *unused.parameters()])
+    saver.prepare_for(opt)
+    _join_preparing()
+    assert len(_spare_ptrs(saver)) == 4 + 4 * 2
+    used(torch.ones(1, 128)).sum().backward()
+    opt.step()
+    _join_preparing()
+    assert _made(saver._stager) == dict(collections.Counter((tuple(s), d) for s, d in plain_cpu_likes(opt)))
+    assert len(_spare_ptrs(saver)) == 4 + 2 * 3, "four parameters; for the used two, exp_avg, exp_avg_sq and step"
+    saver.shutdown()
 
 
 def test_the_first_step_of_the_optimizer_given_prepares_its_buffers_once_and_no_other_optimizer_does():

@@ -86,9 +86,9 @@ class AsyncSaver:
     def _prepare(self, optimizer: torch.optim.Optimizer,
                  likes_of: Callable[[torch.optim.Optimizer], list[tuple[torch.Size, torch.dtype]]]) -> None:
         try:
-            likes = likes_of(optimizer)
-            if likes and self._stop_at_exit():
-                threading.Thread(target=self._stager.prepare, args=(likes,), name="ckptkit-prepare").start()
+            wanted = self._stager.plan(likes_of(optimizer), owner=id(optimizer))
+            if wanted and self._stop_at_exit():
+                threading.Thread(target=self._stager.prepare, args=(wanted,), name="ckptkit-prepare").start()
         except Exception as exc:  # an optimization: it must never fail the training step it runs in
             log.warning("could not make the first asynchronous save's buffers ahead (%s: %s); that save "
                         "makes them", type(exc).__name__, exc)
@@ -271,5 +271,6 @@ def _prepares_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if (s := saver()) is not None and optimizer in s._awaited and os.getpid() == s._pid and s._stager.preparing:
             s._awaited.discard(optimizer)
-            s._prepare(optimizer, plain_cpu_likes)  # what is not made yet: the stager leaves out the rest
+            # The state it did make: the stager makes what is missing, releases what was expected in vain.
+            s._prepare(optimizer, plain_cpu_likes)
     return hook

@@ -152,18 +152,35 @@ class Stager:
         self.deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]] = []
         # Paged-in CPU buffers made by ``prepare``, by shape and dtype, until a stage takes them.
         self._spares: dict[tuple, list[torch.Tensor]] = {}
-        self._planned: collections.Counter[tuple] = collections.Counter()  # every buffer prepare took on
+        # The buffers each owner needs (``plan``), and all of them together.
+        self._plans: dict[int, collections.Counter[tuple]] = {}
+        self._planned: collections.Counter[tuple] = collections.Counter()
         self._spares_lock = threading.Lock()
         self.preparing = True  # until ``stop_preparing``: buffers made after the first stage go unused
 
-    def prepare(self, likes: list[tuple[torch.Size, torch.dtype]]) -> None:
-        """Make and page in CPU buffers of these shapes and dtypes, the largest first, for the
-        first ``stage`` to take, leaving out as many of each as earlier calls took on already.
-        Meant for a thread of its own; it stops once a stage has run."""
+    def plan(self, likes: list[tuple[torch.Size, torch.dtype]], owner: int) -> list[tuple[tuple, torch.dtype]]:
+        """Record that ``owner`` (an optimizer's id) needs CPU buffers of these shapes and dtypes,
+        in place of what it needed before; release the spares that no owner needs any more (the
+        moments a first step was expected to make and did not: parameters that got no gradient,
+        or moved off the CPU), and return the buffers still to be made, for ``prepare``."""
+        keys = collections.Counter((tuple(shape), dtype) for shape, dtype in likes)
         with self._spares_lock:
-            wanted = collections.Counter((tuple(shape), dtype) for shape, dtype in likes) - self._planned
-            self._planned += wanted
-        for shape, dtype in sorted(wanted.elements(), key=lambda like: -torch.Size(like[0]).numel() * like[1].itemsize):
+            if not self.preparing:
+                return []
+            before = +self._planned
+            self._planned.subtract(self._plans.get(owner, collections.Counter()))
+            self._planned.update(keys)
+            self._planned = +self._planned  # drop what no owner needs
+            self._plans[owner] = keys
+            for key, spares in self._spares.items():
+                del spares[self._planned[key]:]
+            return list((self._planned - before).elements())
+
+    def prepare(self, likes: list[tuple[tuple, torch.dtype]]) -> None:
+        """Make and page in CPU buffers of these shapes and dtypes (what ``plan`` returned), the
+        largest first, for the first ``stage`` to take; one that the plans no longer need when it
+        is done is dropped. Meant for a thread of its own; it stops once a stage has run."""
+        for shape, dtype in sorted(likes, key=lambda like: -torch.Size(like[0]).numel() * like[1].itemsize):
             if not self.preparing:
                 return
             buf = torch.empty(shape, dtype=dtype)
@@ -171,7 +188,9 @@ class Stager:
             with self._spares_lock:
                 if not self.preparing:
                     return
-                self._spares.setdefault((shape, dtype), []).append(buf)
+                spares = self._spares.setdefault((shape, dtype), [])
+                if len(spares) < self._planned[(shape, dtype)]:
+                    spares.append(buf)
 
     def stop_preparing(self) -> None:
         """Release the buffers that ``prepare`` made and no stage took, and make no more."""
@@ -179,6 +198,7 @@ class Stager:
             self.preparing = False
             self._spares.clear()
             self._planned.clear()
+            self._plans.clear()
 
     def _new_buffer(self, like: torch.Tensor) -> torch.Tensor:
         if not like.is_cuda:

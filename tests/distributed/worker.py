@@ -206,7 +206,7 @@ def main() -> None:
         # Save every step, keep the last 2, restore into a fresh model, compare, finalize.
         ck = ckptkit.CheckpointManager.from_config(cfg)
         model, opt = build(kind, seed=0)
-        # How many tensors this rank made staging buffers for, ahead of the first save.
+        # How many staging buffers this rank set out to make, call by call, ahead of the first save.
         prepared, prepare = [], ck._async._stager.prepare
         ck._async._stager.prepare = lambda likes: (prepared.append(len(likes)), prepare(likes))
         assert ck.restore(model=model, optimizer=opt) is None  # a new training

@@ -322,6 +322,40 @@ def test_a_plan_makes_what_is_missing_and_releases_what_no_owner_needs_any_more(
     assert stager.plan([a], owner=3) == [] and stager._spares == {}
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps),
+    lambda ps: torch.optim.NAdam(ps),
+    lambda ps: torch.optim.RAdam(ps),
+    lambda ps: torch.optim.Adamax(ps),
+    lambda ps: torch.optim.Adadelta(ps),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.SGD(ps, lr=0.1),
+    lambda ps: torch.optim.RMSprop(ps, momentum=0.5, centered=True),
+    lambda ps: torch.optim.RMSprop(ps),
+], ids=["adam-amsgrad", "adamw", "nadam", "radam", "adamax", "adadelta", "sgd-momentum", "sgd", "rmsprop-centered",
+        "rmsprop"])
+def test_the_state_a_first_step_makes_is_planned_before_it_but_for_its_scalars(make):
+    """What is planned at restore for a new training's optimizer is what its first step makes,
+    but for the 0-dim counters, which that step adds: nothing planned is released, nothing else
+    is left to make while the first save may be coming."""
+    from ckptkit.staging import plain_cpu_likes
+
+    saver = _background_saver()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    opt = make(model.parameters())
+    saver.prepare_for(opt)
+    _join_preparing()
+    planned = _made(saver._stager)
+    model(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    _join_preparing()
+    made = collections.Counter((tuple(s), d) for s, d in plain_cpu_likes(opt))
+    assert _made(saver._stager) == dict(made)
+    assert {key: n for key, n in made.items() if key[0] != ()} == planned
+    saver.shutdown()
+
+
 def test_moments_expected_for_parameters_that_get_no_gradient_are_released_at_the_first_step():
     """AdamW makes moments only for parameters with a gradient: an unused head's expected moments
     are released at the first step, so the spares are what the first save will stage."""

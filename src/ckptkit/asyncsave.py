@@ -17,8 +17,9 @@ a mix of before and after.
 ``prepare_for`` starts a thread that makes and pages in the CPU buffers an optimizer's
 parameters and state will be staged into, so that the first save copies into memory already
 paged in, as later saves do. When the optimizer holds no state yet (a new training), that is
-its parameters and the state its first step will make, where known (Adam's moments), and at
-that first step (a global step post-hook) whatever else the state holds.
+its parameters and the state its first step will make, where known (the moments of Adam, SGD
+with momentum and other common optimizers), and at that first step (a global step post-hook)
+whatever else the state holds.
 """
 
 from __future__ import annotations

@@ -88,20 +88,33 @@ def plain_cpu_likes(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Size, 
     return [(t.shape, t.dtype) for t in tensors if _plain_cpu(t)]
 
 
-# Optimizers whose first step makes, for each parameter with a gradient, state tensors shaped
-# like it: Adam's two moments (three with amsgrad).
-_MOMENTS = {torch.optim.Adam: 2, torch.optim.AdamW: 2}
+def _adam(group: dict) -> int:
+    return 2 + bool(group.get("amsgrad"))
+
+
+# How many state tensors shaped like each parameter with a gradient the first step of these
+# torch.optim optimizers makes, by param group (the scalars they also make are left to that step).
+_MOMENTS: dict[type, Callable[[dict], int]] = {
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adam,
+    torch.optim.NAdam: lambda group: 2,
+    torch.optim.RAdam: lambda group: 2,
+    torch.optim.Adamax: lambda group: 2,
+    torch.optim.Adadelta: lambda group: 2,
+    torch.optim.SGD: lambda group: int(bool(group.get("momentum"))),
+    torch.optim.RMSprop: lambda group: 1 + bool(group.get("momentum")) + bool(group.get("centered")),
+}
 
 
 def expected_likes(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Size, torch.dtype]]:
-    """``plain_cpu_likes``, and before the first step of an Adam or AdamW optimizer also the
-    moments that step will make, so that their buffers can be made while it runs."""
+    """``plain_cpu_likes``, and before the first step of one of the common ``torch.optim``
+    optimizers also the moments that step will make, so that their buffers can be made while
+    it runs."""
     likes = plain_cpu_likes(optimizer)
-    moments = _MOMENTS.get(type(optimizer), 0)
-    if moments and not optimizer.state:
+    moments = _MOMENTS.get(type(optimizer))
+    if moments is not None and not optimizer.state:
         for group in optimizer.param_groups:
-            n = moments + bool(group.get("amsgrad"))
-            likes += [(p.shape, p.dtype) for p in group["params"] if p.requires_grad and _plain_cpu(p)] * n
+            likes += [(p.shape, p.dtype) for p in group["params"] if p.requires_grad and _plain_cpu(p)] * moments(group)
     return likes
 
 

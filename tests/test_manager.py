@@ -575,6 +575,40 @@ def _join_preparing():
             thread.join()
 
 
+class _TiedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(512, 256)
+        self.head = torch.nn.Linear(256, 512, bias=False)
+        self.head.weight = self.emb.weight  # tied, as language models tie their embeddings
+
+
+@pytest.mark.parametrize("mode", ["blocking", "background"])
+def test_an_async_save_writes_a_tied_weight_once_as_a_sync_save_does(tmp_path, pm, mode):
+    model = _TiedModel()
+    opt = torch.optim.AdamW(model.parameters())
+    model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    sizes = {}
+    for kind in ("sync", mode):
+        cfg = local_config(tmp_path / kind, final=False)
+        if kind != "sync":
+            cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
+        ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+        ck.save(step=0, model=model, optimizer=opt)
+        ck.wait()
+        ck.close()
+        sizes[kind] = sum(f.stat().st_size for f in (tmp_path / kind).rglob(STATE_FILE))
+    assert sizes[mode] <= sizes["sync"] + 4096, f"the tied weight is written once: {sizes}"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    fresh = _TiedModel()
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    ck.restore(fresh, fresh_opt)
+    ck.close()
+    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh.head.weight, model.head.weight)
+    assert torch.equal(fresh_opt.state[fresh.emb.weight]["exp_avg"], opt.state[model.emb.weight]["exp_avg"])
+
+
 @pytest.mark.parametrize("mode", ["sync", "blocking", "background"])
 def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
     """The buffers of the first async save are made while training runs, from the first step of

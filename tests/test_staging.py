@@ -26,6 +26,26 @@ def test_stage_copies_and_reuses_buffers():
     assert stager.nbytes == 4 * 4 * 4 + 4
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_tensor_that_appears_twice_is_staged_once(deferred):
+    """A weight tied to another module's is in the state dict under both names: one buffer, so
+    that the copy and the file hold it once, as torch.save of the live tensors does."""
+    stager = Stager()
+    tied, other = torch.randn(64, 8), torch.randn(64, 8)
+    view = tied[1:]
+    state = {"model": {"emb": tied, "head": tied, "other": other, "tail": view}, "extra": {"again": tied}}
+    defer = frozenset({tied.untyped_storage().data_ptr()}) if deferred else frozenset()
+    seen: dict = {}
+    staged = {k: stager.stage(v, None, (k,), defer if k == "model" else frozenset(), seen) for k, v in state.items()}
+    model = staged["model"]
+    assert model["emb"] is model["head"]
+    assert model["emb"] is not model["other"] and model["tail"] is not model["emb"], "other tensors and views stay apart"
+    assert len(stager.deferred) == (2 if deferred else 0), "the tied weight and its view, each deferred once"
+    assert (staged["extra"]["again"] is model["emb"]) is not deferred, "extra is copied at once, never deferred"
+    stager.copy_deferred(stager.deferred)
+    assert torch.equal(model["head"], tied) and torch.equal(model["tail"], view)
+
+
 def test_stage_reallocates_when_the_shape_changes():
     stager = Stager()
     a = stager.stage({"w": torch.zeros(2)})["w"]

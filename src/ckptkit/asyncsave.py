@@ -66,17 +66,16 @@ class AsyncSaver:
         self._step_hook: Any = None
         self._prepare_hook: Any = None
         self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
-        self._prepared: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._stops_at_exit = False
 
     def prepare_for(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the first save's CPU buffers for ``optimizer``'s parameters and state while
         training runs, on rank 0 (which stages), until the first save: the memory that save would
         allocate, taken earlier. Only for the optimizer given, which the manager learns from
-        ``restore``: not for every optimizer the process steps, nor once per manager."""
-        if not self._stager.preparing or optimizer in self._prepared or ranks.rank() != 0:
+        ``restore``: not for every optimizer the process steps, nor once per manager. Called
+        again for the same optimizer, its plan is replaced, not added to."""
+        if not self._stager.preparing or ranks.rank() != 0:
             return  # only rank 0 stages
-        self._prepared.add(optimizer)
         new = not optimizer.state  # a new training's optimizer; a restored one holds its state
         self._prepare(optimizer, expected_likes if new else plain_cpu_likes)
         if new:
@@ -126,9 +125,10 @@ class AsyncSaver:
         self._stager.deferred = []  # what a stage that raised part way left
         live = live_storages(model, optimizer)
         defer = stepped_storages(optimizer) if background else frozenset()
+        seen: dict = {}  # tensors that appear twice (tied weights) are staged once
         try:
             staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
-                                            frozenset() if k in copy_always else defer)
+                                            frozenset() if k in copy_always else defer, seen)
                       for k, v in state.items()}
         finally:
             # What the first save did not take, later saves will not either. The post-hook stays

@@ -221,20 +221,28 @@ class Stager:
         return _host_buffer(like)
 
     def stage(self, obj: Any, live: frozenset[int] | None = None, path: tuple = (),
-              defer: frozenset[int] = frozenset()) -> Any:
+              defer: frozenset[int] = frozenset(), seen: dict[tuple, torch.Tensor] | None = None) -> Any:
         """A copy of ``obj`` that training cannot change. With ``live`` (see ``live_storages``),
         CPU tensors outside those storages are private already and are passed through. CPU
-        tensors in the storages ``defer`` get their buffer, left to ``copy_deferred`` to fill."""
+        tensors in the storages ``defer`` get their buffer, left to ``copy_deferred`` to fill.
+        ``seen`` (shared by the calls of one save) gives a tensor that appears again, such as a
+        weight tied to another module's, the buffer it got the first time: one copy in memory,
+        and one in the file, as ``torch.save`` of the tensors themselves writes it."""
+        seen = {} if seen is None else seen
         if torch.is_tensor(obj):
             storage = _storage(obj) if obj.device.type == "cpu" else None
             if live is not None and storage is not None and storage not in live:
                 return obj
+            same = (obj.device, obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype, storage in defer)
+            if obj.numel() and same in seen:
+                return seen[same]
             buf = self._buffers.get(path)
             fits = buf is not None and buf.shape == obj.shape and buf.dtype == obj.dtype
             if storage in defer:
                 if not fits:
                     buf = self._buffers[path] = self._new_buffer(obj)
                 self.deferred.append((buf, obj.detach(), obj._version, path))
+                seen[same] = buf
                 return buf
             if not fits:
                 if obj.is_cuda and self._take_room(obj):
@@ -247,18 +255,19 @@ class Stager:
             buf.copy_(obj.detach(), non_blocking=queued)
             if queued:
                 self._copying.add(obj.device)
+            seen[same] = buf
             return buf
         if isinstance(obj, dict):
             # A module state dict's submodule versions, by which load_state_dict converts what
             # an older version of a module saved: the copy must carry them as the original does.
             metadata = getattr(obj, "_metadata", None)
             kind = dict if metadata is None else collections.OrderedDict
-            staged = kind((k, self.stage(v, live, path + (k,), defer)) for k, v in obj.items())
+            staged = kind((k, self.stage(v, live, path + (k,), defer, seen)) for k, v in obj.items())
             if metadata is not None:
                 staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return staged
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.stage(v, live, path + (i,), defer) for i, v in enumerate(obj))
+            return type(obj)(self.stage(v, live, path + (i,), defer, seen) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
     def copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]]) -> None:

@@ -287,8 +287,8 @@ def test_the_parts_of_a_split_state_load_at_the_same_time(tmp_path, pm, monkeypa
 
 @pytest.mark.parametrize("mapped", [True, False], ids=["local-disk", "network-fs"])
 def test_a_damaged_part_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch, mapped):
-    """On a local disk every part is verified before any is loaded; where files cannot be mapped
-    (a network filesystem), the parts load beside their hashes and are applied only once all matched."""
+    """The parts load beside their hashes, through mappings on a local disk and read where files
+    cannot be mapped (a network filesystem), and are applied only once all of them matched."""
     ck, _, _ = _saved_in_two_parts(tmp_path, pm)
     part = tmp_path / "scratch/exp/step-0000000001/state-01-of-02.pt"
     data = bytearray(part.read_bytes())
@@ -303,7 +303,7 @@ def test_a_damaged_part_is_refused_and_nothing_applied(tmp_path, pm, monkeypatch
     with pytest.raises(CorruptCheckpointError, match="state-01-of-02.pt does not match its checksum"), \
             pytest.warns(RuntimeWarning, match="skipped"):
         ck.restore(fresh, fresh_opt)
-    assert len(threads) == (0 if mapped else 2)
+    assert len(threads) == 2
     assert_same_state(fresh.state_dict(), before)
     assert_same_state(fresh_opt.state_dict(), before_opt)
 
@@ -582,6 +582,31 @@ def test_a_state_file_written_between_its_check_and_its_load_is_refused(tmp_path
     with pytest.warns(RuntimeWarning, match="state.pt changed while it was being restored"):
         assert ck.restore(model, opt).step == 1
     assert_same_state(model.state_dict(), states[1])
+
+
+def test_a_state_file_of_another_size_than_its_manifest_says_is_never_mapped(tmp_path, pm, monkeypatch):
+    """Reading a mapping past the end of its file kills the process (SIGBUS), which no check after
+    the load could turn into a skipped checkpoint. A state file large enough to be mapped is
+    hashed beside its load, so its size is checked before: one that is not the manifest's is
+    refused before it is loaded at all."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model = torch.nn.Linear(600, 600)
+    for step in (1, 2):
+        ck.save(step=step, model=model)
+    ck.close()
+    state_file = tmp_path / "scratch/exp/step-0000000002/state.pt"
+    assert state_file.stat().st_size >= max(reading._MAP_MIN, reading._THREAD_MIN)
+    with open(state_file, "r+b") as f:
+        f.truncate(state_file.stat().st_size - 1)
+    loaded = []
+    original = reading.load
+    monkeypatch.setattr(reading, "load", lambda path, *a, **kw: loaded.append((path, kw)) or original(path, *a, **kw))
+    fresh = torch.nn.Linear(600, 600)
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match=r"step-0000000002: state.pt has \d+ bytes, the manifest says"):
+        assert ck.restore(fresh).step == 1
+    assert [os.path.basename(os.path.dirname(p)) for p, kw in loaded if kw.get("model_mapped")] == ["step-0000000001"]
+    assert_same_state(fresh.state_dict(), model.state_dict())
 
 
 def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(tmp_path, pm, monkeypatch):

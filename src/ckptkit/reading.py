@@ -55,10 +55,10 @@ _THREAD_MIN = 1024 * 1024
 # that the file did not change, and copying the optimizer's share out of it cost more there than
 # the model's share read once saves.
 _MAP_MIN = 1024 * 1024
-# A local file is hashed in reads of this size: a buffer that stays in the CPU's cache and is
-# cheap to allocate. Each file gets a fresh one, and from a fresh process 1 MiB of new memory
-# cost more page faults than hashing the file: 0.94 ms against 0.20 ms for a 1 MB file read in
-# 256 KiB (2.5 against 3.5 ms at 10 MB, 59 against 62 ms at 256 MB).
+# A local file that cannot be mapped is hashed in reads of this size: a buffer that stays in the
+# CPU's cache and is cheap to allocate. Each file gets a fresh one, and from a fresh process 1 MiB
+# of new memory cost more page faults than hashing the file: 0.94 ms against 0.20 ms for a 1 MB
+# file read in 256 KiB (2.5 against 3.5 ms at 10 MB, 59 against 62 ms at 256 MB).
 _READ_CHUNK = 256 * 1024
 
 
@@ -131,10 +131,10 @@ class Reader:
         return manifest
 
     def check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
+        mapped = bool(ref.local_dir) and mappable(ref.local_dir)
         for name in names:
             entry = manifest.files[name]
-
-            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest))
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), CHUNK, mapped)
             _compare(ref, name, entry, *self.reading(ref, name, read))
 
     def fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
@@ -153,16 +153,16 @@ class Reader:
         Returns only once every one of them matched its size and checksum, so a caller may apply
         what it gets; raises ``CorruptCheckpointError`` for a file that does not match (whatever
         loading it gave), else the load's own error, naming the checkpoint. Every byte is read
-        from storage once: a local file is hashed before it loads through a mapping, or where it
-        cannot be mapped on a second thread while the caller's thread loads it (both read it
-        from the page cache); a remote one is downloaded into a scratch
-        folder while it is hashed, and loaded from there. The parts of a split state are
-        downloaded, and loaded, several at a time.
+        from storage once: a local file of 1 MiB or more is hashed on a second thread while the
+        caller's thread loads it (both read it from the page cache), a smaller one before it
+        loads; a remote one is downloaded into a scratch folder while it is hashed, and loaded
+        from there. The parts of a split state are downloaded, and loaded, several at a time.
 
         ``mapped``: state files whose model tensors may stay in the file, memory-mapped, for a
         caller that copies them into the model and drops them (see ``load``). Where the local
-        filesystem allows mapping, every file is then verified before any of it is loaded, and
-        refused as corrupt if it changed (inode, size or times) by the time it was loaded.
+        filesystem allows mapping, such a file is refused before it is mapped if its size is not
+        the manifest's, and as corrupt if it changed (inode, size or times) by the time it was
+        loaded and hashed.
         """
         safe_globals = list(safe_globals)
         big = [n for n in names if manifest.files[n].size >= _THREAD_MIN]
@@ -172,19 +172,14 @@ class Reader:
             with scratch("load") as workdir:
                 _each(names, big if threaded else (), lambda name: self.download(ref, manifest, name, workdir))
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
-        if mapped and mappable(ref.local_dir):
-            paths = {name: os.path.join(ref.local_dir, name) for name in names}
-            before = {name: _identity(path, ref) for name, path in paths.items()}
-            _each(names, big, functools.partial(self._check, ref, manifest))
-            loaded = _each(names, big, lambda name: load(paths[name], ref, safe_globals, model_mapped=name in mapped))
-            # A mapping reads the file when its pages are touched, not when it was hashed: a file
-            # written in place meanwhile would reach the model unverified.
-            for name, path in paths.items():
-                if _identity(path, ref) != before[name]:
-                    raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
-                                                 "was loaded is not what was verified; nothing of it was applied. "
-                                                 "Keep other programs from writing into checkpoint folders")
-            return loaded
+        mapped = mapped if mapped and mappable(ref.local_dir) else ()
+        paths = {name: os.path.join(ref.local_dir, name) for name in names}
+        before = {name: _identity(paths[name], ref) for name in mapped}
+        for name in mapped:
+            # A mapping read past the end of its file kills the process (SIGBUS): a file of
+            # another size than the manifest's is refused before any of it is mapped.
+            if before[name][1] != manifest.files[name].size:
+                _compare(ref, name, manifest.files[name], before[name][1], "")
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):
             if manifest.files[name].size >= _THREAD_MIN:
@@ -197,7 +192,7 @@ class Reader:
             # The weights-only unpickler runs on bytes not yet verified. That is safe because it
             # runs nothing stored in them, and nothing loaded is returned, let alone applied to a
             # model or optimizer, before the digests below matched.
-            loaded = _each(names, big, lambda name: load(os.path.join(ref.local_dir, name), ref, safe_globals))
+            loaded = _each(names, big, lambda name: load(paths[name], ref, safe_globals, model_mapped=name in mapped))
         except Exception as exc:
             failure = exc
         finally:
@@ -209,6 +204,13 @@ class Reader:
             _compare(ref, name, manifest.files[name], *pending.result())
         if failure is not None:
             raise failure
+        # A mapping reads the file when its pages are touched, not when it was hashed: a file
+        # written in place meanwhile would reach the model unverified.
+        for name in mapped:
+            if _identity(paths[name], ref) != before[name]:
+                raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
+                                             "was loaded is not what was verified; nothing of it was applied. "
+                                             "Keep other programs from writing into checkpoint folders")
         return loaded
 
     def load_state(self, ref: CheckpointRef, manifest: Manifest, safe_globals: Iterable[Any] = (),
@@ -219,17 +221,20 @@ class Reader:
         return _merged(ref, manifest, lambda names: self.load_files(ref, manifest, names, safe_globals), keep)
 
     def _digest(self, ref: CheckpointRef, manifest: Manifest, name: str) -> tuple[int, str]:
-        """The size and digest of local file ``name``, read in pieces that stay in the CPU's cache."""
+        """The size and digest of file ``name`` of a local checkpoint: mapped where that is safe
+        (``hash_stream``), else read in pieces that stay in the CPU's cache."""
         entry = manifest.files[name]
-        read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1))
+        read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1),
+                                 mappable(ref.local_dir))
         return self.reading(ref, name, read)
 
     def _check(self, ref: CheckpointRef, manifest: Manifest, name: str) -> None:
         _compare(ref, name, manifest.files[name], *self._digest(ref, manifest, name))
 
-    def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK) -> tuple[int, str]:
+    def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK,
+              mapped: bool = False) -> tuple[int, str]:
         with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
-            return hash_stream(f, algorithm, chunk)
+            return hash_stream(f, algorithm, chunk, mapped)
 
     def download(self, ref: CheckpointRef, manifest: Manifest, name: str, workdir: str) -> str:
         """Copy file ``name`` of ``ref`` into ``workdir``, checked against ``manifest``; return its path."""

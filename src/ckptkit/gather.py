@@ -9,13 +9,15 @@ offloaded to the CPU; *sharded* state stays where it lives, one shard per rank.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns as _dcp_names,  # the names a parameter has in DCP's state dicts: torch's own rule
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -72,11 +74,15 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                      state: dict[str, Any], full: bool, coll: ranks.Collectives) -> None:
+                      state: dict[str, Any], full: bool, coll: ranks.Collectives,
+                      held: Collection[str] | None = None) -> None:
     """Copy state back into the model and optimizer.
 
     ``full`` state lives on rank 0 only when distributed and is broadcast from there; sharded
-    state was loaded by each rank into the structure ``resume_state(sharded=True)`` gave it.
+    state was loaded by each rank into the structure ``resume_state(sharded=True)`` gave it,
+    and ``held`` names the parameters the checkpoint holds optimizer state for
+    (``sharded.optimizer_state_held``). A parameter without saved state (one that never got a
+    gradient) has none after the restore either, as in the training that saved it.
     """
     options = _full_options(model, broadcast_from_rank0=True) if full else None
     if options is not None and ranks.rank() != 0:
@@ -93,18 +99,42 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
         # first step) has none: "Expected device to be set". With no state to scatter, every
         # rank loads rank 0's param_groups (learning rates and the like) as they are.
-        groups, without_params = coll.broadcast(
+        groups, without_params, held = coll.broadcast(
             "restore: optimizer param_groups",
-            (None if optim_state.get("state") else optim_state.get("param_groups"), without_params))
+            (None if optim_state.get("state") else optim_state.get("param_groups"), without_params,
+             set(optim_state.get("state", ()))))
         if groups is not None:
             optim_state, options = {"state": {}, "param_groups": groups}, None
     _load_optimizer(model, optimizer, optim_state, options)
+    if held is not None:
+        _forget_unsaved(model, optimizer, held)
     # DCP (torch 2.13) matches a saved param group without parameters to the optimizer's only
     # when it is the last group; elsewhere the group is loaded without its settings (lr, betas:
     # the first step then fails), so they come back from the checkpoint here.
     empty = [g for g in optimizer.param_groups if not g["params"]]
     if without_params is not None and len(empty) == 1:
         empty[0].update(without_params)
+
+
+def without_unsaved(state: dict[str, Any], held: Collection[str]) -> dict[str, Any]:
+    """A sharded load target (``resume_state(sharded=True, load_target=True)``) without the
+    optimizer state of parameters the checkpoint holds none for: DCP gives an unstepped
+    optimizer zero state for every parameter, and would then look for it in the checkpoint."""
+    if "optimizer" not in state:
+        return state
+    optim = state["optimizer"]
+    kept = {fqn: v for fqn, v in optim.get("state", {}).items() if fqn in held}
+    return {**state, "optimizer": {**optim, "state": kept}}
+
+
+def _forget_unsaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, held: Collection[str]) -> None:
+    """Drop the state of optimizer parameters that have none in the checkpoint: where DCP first
+    gave the optimizer zero state by a step at lr=0, such a parameter would keep it (and Adam's
+    step counter a head start the first time it gets a gradient)."""
+    held = set(held)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param in optimizer.state and not _dcp_names(model, name) & held:
+            del optimizer.state[param]
 
 
 def copies_on_load(model: torch.nn.Module) -> bool:
@@ -135,8 +165,12 @@ def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
                     options: StateDictOptions | None) -> None:
+    # Not strict: a parameter that never got a gradient (an unused head, an expert no token was
+    # routed to) has no optimizer state, saved or live, and torch's own load_state_dict accepts
+    # that. DCP's strict default refuses the checkpoint instead (torch 2.13).
+    loose = dataclasses.replace(options or StateDictOptions(), strict=False)
     if options is not None or optimizer.state:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
         return
     # An optimizer that has not stepped yet (the one a resuming process builds) would first be
     # given state by DCP through a step at lr=0: a zero tensor per moment (for AdamW twice the
@@ -147,7 +181,7 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
     if first is not None:
         optimizer.state[first] = {}
     try:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
         if first is not None and optimizer.state.get(first) == {}:
             del optimizer.state[first]

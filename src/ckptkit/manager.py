@@ -922,9 +922,10 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
+        held = sharded.optimizer_state_held(opened)
+        state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
         mine = rank_extra_file(ranks.rank())
         own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
@@ -946,7 +947,8 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        state = gather.resume_state(model, optimizer, sharded=True, load_target=True)
+        held = sharded.optimizer_state_held(opened)
+        state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         problem = None
         try:
             wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
@@ -971,7 +973,7 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
         own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
         return None, (saved_extra, own, self._extra_holders(manifest))

@@ -313,6 +313,18 @@ def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
     return {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
 
 
+def optimizer_state_held(r: _SafeReader) -> set[str]:
+    """The names of the parameters that the checkpoint holds optimizer state for (from its
+    metadata: DCP flattens ``optimizer.state.<name>.<key>``, and a name has dots of its own)."""
+    prefix = "optimizer.state."
+    held: set[str] = set()
+    for key in r.read_metadata().state_dict_metadata:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            held.update(rest[:i] for i, c in enumerate(rest) if c == ".")
+    return held
+
+
 def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSystem],
          process_group: Any = None) -> dict[str, FileEntry]:
     """Write this rank's shards of ``state`` through ``target`` (from ``writer``), collective on

@@ -20,10 +20,20 @@ from ckptkit import ranks, reading
 from ckptkit.plugins import make_plugin_manager
 
 
-def model_factory(seed: int) -> torch.nn.Module:
+class UnusedHead(torch.nn.Sequential):
+    """Runs its layers but the last, a head whose parameters never get a gradient (so no
+    optimizer state either)."""
+
+    def forward(self, x):
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
+
+def model_factory(seed: int, unused: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                               torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    layers = [torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)]
+    return UnusedHead(*layers, torch.nn.Linear(8, 8)) if unused else torch.nn.Sequential(*layers)
 
 
 DEVICE = torch.device("cpu")
@@ -32,7 +42,7 @@ DEVICE = torch.device("cpu")
 def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     model = model.to(DEVICE)
     if kind == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=isinstance(model, UnusedHead))
     if kind == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -99,6 +109,8 @@ OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+    # AdamW on a model whose head never gets a gradient, so has no optimizer state.
+    "adamw_unusedhead": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
 }
 
 
@@ -116,7 +128,7 @@ def matrix_parts(name: str, cfg: dict, seed: int, as_plain: bool = False):
     cfg = json.loads(json.dumps(cfg))
     cfg["run_name"] = name
     cfg["roles"]["resume"].update(format=fmt, every_n_steps=SAVED_AT)
-    model = wrap(model_factory(seed), "plain" if as_plain else kind)
+    model = wrap(model_factory(seed, unused=optimizer.endswith("_unusedhead")), "plain" if as_plain else kind)
     opt = OPTIMIZERS[optimizer](model.parameters())
     return cfg, model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 

@@ -40,9 +40,12 @@ class _UnusedHead(torch.nn.Sequential):
         return x
 
 
-def build(wrap: str, optimizer: str, seed: int, unused: bool = False):
+def build(wrap: str, optimizer: str, seed: int, unused: bool = False, tied: bool = False):
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)]
+    if tied:  # two layers sharing one weight: one parameter under two names
+        layers[2:2] = [torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32)]
+        layers[4].weight = layers[2].weight
     model = _UnusedHead(*layers, torch.nn.Linear(4, 4)) if unused else torch.nn.Sequential(*layers)
     if wrap == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
@@ -78,11 +81,11 @@ def full_state(model, opt) -> dict:
 
 
 def resume_matches_uninterrupted(tmp_path, fmt: str, optimizer: str, saved_as: str, restored_as: str,
-                                 unused: bool = False) -> None:
+                                 unused: bool = False, tied: bool = False) -> None:
     """Save after 3 steps, go on for 3; a fresh model restored from the save goes on the same way."""
     cfg = local_config(tmp_path, every=3)
     cfg["roles"]["resume"]["format"] = fmt
-    model, opt, sched = build(saved_as, optimizer, seed=0, unused=unused)
+    model, opt, sched = build(saved_as, optimizer, seed=0, unused=unused, tied=tied)
     ck = ckptkit.CheckpointManager.from_config(cfg)
     train(model, opt, sched, range(3))
     ck.save(step=3, model=model, optimizer=opt, extra={"sched": sched})
@@ -91,7 +94,7 @@ def resume_matches_uninterrupted(tmp_path, fmt: str, optimizer: str, saved_as: s
     expected_losses = train(model, opt, sched, range(3, 6))
     expected = full_state(model, opt)
 
-    model2, opt2, sched2 = build(restored_as, optimizer, seed=1, unused=unused)
+    model2, opt2, sched2 = build(restored_as, optimizer, seed=1, unused=unused, tied=tied)
     ck = ckptkit.CheckpointManager.from_config(cfg)
     restored = ck.restore(model=model2, optimizer=opt2, extra={"sched": sched2})
     ck.close()
@@ -138,6 +141,14 @@ def test_a_parameter_that_never_got_a_gradient_resumes_wrapped(tmp_path, group_o
     """Gathered and broadcast, or sharded: the head still has no optimizer state after restore
     (DCP's own zero state, made by a step at lr=0, would give AdamW's counter a head start)."""
     resume_matches_uninterrupted(tmp_path, fmt, "adamw", wrap, wrap, unused=True)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("wrap", ["plain", "ddp"])
+def test_a_tied_weight_keeps_its_optimizer_state(tmp_path, group_of_one, fmt, wrap):
+    """A weight under two names has its state saved under one: it is held, whichever name
+    restore meets first."""
+    resume_matches_uninterrupted(tmp_path, fmt, "adamw", wrap, wrap, unused=True, tied=True)
 
 
 def test_lbfgs_resumes_bit_identical(tmp_path):

@@ -131,9 +131,11 @@ def _forget_unsaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, he
     """Drop the state of optimizer parameters that have none in the checkpoint: where DCP first
     gave the optimizer zero state by a step at lr=0, such a parameter would keep it (and Adam's
     step counter a head start the first time it gets a gradient)."""
-    held = set(held)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param in optimizer.state and not _dcp_names(model, name) & held:
+    names: dict[torch.Tensor, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight has several
+        names.setdefault(param, set()).update(_dcp_names(model, name))
+    for param, fqns in names.items():
+        if param in optimizer.state and fqns.isdisjoint(held):
             del optimizer.state[param]
 
 

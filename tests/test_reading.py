@@ -609,6 +609,58 @@ def test_a_state_file_of_another_size_than_its_manifest_says_is_never_mapped(tmp
     assert_same_state(fresh.state_dict(), model.state_dict())
 
 
+class _CountedReads(LocalBackend):
+    """The local backend; counts the reads of each file it opens (a mapping reads none)."""
+
+    reads: dict
+
+    @ckptkit.hookimpl
+    def open_file(self, ref, name):
+        f = super().open_file(ref=ref, name=name)
+        reads = self.reads
+
+        class Counted:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def fileno(self):
+                return f.fileno()
+
+            def readinto(self, buf):
+                reads[name] = reads.get(name, 0) + 1
+                return f.readinto(buf)
+
+        return Counted()
+
+
+def test_a_state_file_the_restore_maps_is_hashed_through_a_mapping_and_verify_reads_every_file(tmp_path, pm):
+    """A mapping frees the hash of the GIL beside the load, but a failing read under it kills the
+    process (SIGBUS) instead of raising: only a file the load maps anyway is hashed that way.
+    ``verify``, which is run on suspect disks, reads every file."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model = torch.nn.Linear(600, 600)
+    ck.save(step=1, model=model)
+    ck.close()
+    assert (tmp_path / "scratch/exp/step-0000000001/state.pt").stat().st_size >= reading._MAP_MIN
+    pm.add_backend_type("counted", _CountedReads)
+    cfg = local_config(tmp_path)
+    cfg["backends"]["scratch"]["type"] = "counted"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    backend.reads = {}
+    fresh = torch.nn.Linear(600, 600)
+    assert ck.restore(fresh).step == 1
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    assert "state.pt" not in backend.reads and backend.reads.get("extra.pt", 0) > 0
+    backend.reads = {}
+    ck.verify(ck.list_checkpoints()[0])
+    assert backend.reads.get("state.pt", 0) > 0
+    ck.close()
+
+
 def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(tmp_path, pm, monkeypatch):
     """Below ``_MAP_MIN`` the mapping's own costs outweigh what it saves: the state loads the
     plain way, still verified before any of it is applied."""

@@ -131,10 +131,9 @@ class Reader:
         return manifest
 
     def check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
-        mapped = bool(ref.local_dir) and mappable(ref.local_dir)
         for name in names:
             entry = manifest.files[name]
-            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), CHUNK, mapped)
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest))
             _compare(ref, name, entry, *self.reading(ref, name, read))
 
     def fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
@@ -183,7 +182,9 @@ class Reader:
         hashes: dict[str, Any] = {}
         for name in sorted(names, key=lambda n: manifest.files[n].size):
             if manifest.files[name].size >= _THREAD_MIN:
-                hashes[name] = hash_pool().submit(self._digest, ref, manifest, name)
+                # A file the load maps is hashed through a mapping too: no more exposed to a
+                # failing read (SIGBUS) than the load already is, and free of the GIL.
+                hashes[name] = hash_pool().submit(self._digest, ref, manifest, name, name in mapped)
             else:  # hashing it costs less than handing it to a thread: verified before it is loaded
                 self._check(ref, manifest, name)
         loaded: dict[str, Any] = {}
@@ -220,12 +221,12 @@ class Reader:
         those top-level keys (``export`` needs the model alone)."""
         return _merged(ref, manifest, lambda names: self.load_files(ref, manifest, names, safe_globals), keep)
 
-    def _digest(self, ref: CheckpointRef, manifest: Manifest, name: str) -> tuple[int, str]:
-        """The size and digest of file ``name`` of a local checkpoint: mapped where that is safe
-        (``hash_stream``), else read in pieces that stay in the CPU's cache."""
+    def _digest(self, ref: CheckpointRef, manifest: Manifest, name: str, mapped: bool = False) -> tuple[int, str]:
+        """The size and digest of file ``name`` of a local checkpoint, read in pieces that stay in
+        the CPU's cache, or with ``mapped`` through a mapping (``hash_stream``)."""
         entry = manifest.files[name]
         read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1),
-                                 mappable(ref.local_dir))
+                                 mapped)
         return self.reading(ref, name, read)
 
     def _check(self, ref: CheckpointRef, manifest: Manifest, name: str) -> None:

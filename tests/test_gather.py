@@ -151,6 +151,61 @@ def test_a_tied_weight_keeps_its_optimizer_state(tmp_path, group_of_one, fmt, wr
     resume_matches_uninterrupted(tmp_path, fmt, "adamw", wrap, wrap, unused=True, tied=True)
 
 
+def _layouts():
+    def head_only(model):
+        return torch.optim.AdamW(model[2].parameters(), lr=1e-2)
+
+    def all_params(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def one_group(model):
+        return torch.optim.AdamW(model[0].parameters(), lr=1e-2)
+
+    def two_groups(model):
+        return torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 5e-3}],
+                                 lr=1e-2)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    return {
+        "head only, restored over all": (head_only, all_params, "no parameter named 0.bias, 0.weight"),
+        "one group, restored in two": (one_group, two_groups, "1 param group"),
+        "two groups, restored in one": (two_groups, all_params, "2 param group"),
+        "sgd, restored into adamw": (sgd, all_params, "does not fit"),
+    }
+
+
+@pytest.mark.parametrize("layout", sorted(_layouts()))
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_an_optimizer_built_otherwise_than_the_saved_one_is_refused_at_once(tmp_path, fmt, layout):
+    """Not strict about state (a parameter may have none) is not loose about layout: a group
+    the checkpoint has no settings for would fail the first step (no betas), and parameters it
+    never saw would train from no state. Refused, before the model is loaded where the state is
+    full, and without falling back to an older checkpoint."""
+    saved_as, restored_as, match = _layouts()[layout]
+    cfg = local_config(tmp_path, every=1)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, _, _ = build("plain", "sgd", seed=0)
+    opt = saved_as(model)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    for step in range(2):
+        train(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), range(step, step + 1))
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    model2, _, _ = build("plain", "sgd", seed=1)
+    opt2 = restored_as(model2)
+    before = copy.deepcopy(model2.state_dict())
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match=match) as info:
+        ck.restore(model=model2, optimizer=opt2)
+    ck.close()
+    assert "step-0000000001" in str(info.value) and "Build the optimizer as the run that saved it did" in str(info.value)
+    assert len(opt2.state) == 0
+    if fmt == "torch":
+        assert_same_state(model2.state_dict(), before)
+
+
 def test_lbfgs_resumes_bit_identical(tmp_path):
     """LBFGS keeps all its state under its first parameter, none under the others."""
     def run(model, opt, steps):

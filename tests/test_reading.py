@@ -661,6 +661,30 @@ def test_a_state_file_the_restore_maps_is_hashed_through_a_mapping_and_verify_re
     ck.close()
 
 
+@pytest.mark.parametrize("victim", ["state.pt", "extra.pt"])
+def test_any_file_rewritten_between_its_check_and_its_load_is_refused(tmp_path, pm, monkeypatch, victim):
+    """A small file is hashed before it loads, so another program may replace it in between:
+    what loaded is not what was checked. Refused by its stat, mapped or not."""
+    ck, states = _save_steps(tmp_path, pm, [1, 2])
+    ck.close()
+    folder = tmp_path / "scratch/exp/step-0000000002"
+    assert (folder / "state.pt").stat().st_size < reading._MAP_MIN
+    original = reading.load
+
+    def rewritten_first(path, *args, **kwargs):
+        if path == str(folder / victim):
+            data = torch.load(path, weights_only=True)
+            torch.save(data, path)  # the same content even: only its stat can tell
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(reading, "load", rewritten_first)
+    model, opt = make_model()
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match=f"step-0000000002: {victim} changed while it was being restored"):
+        assert ck.restore(model, opt).step == 1
+    assert_same_state(model.state_dict(), states[1])
+
+
 def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(tmp_path, pm, monkeypatch):
     """Below ``_MAP_MIN`` the mapping's own costs outweigh what it saves: the state loads the
     plain way, still verified before any of it is applied."""

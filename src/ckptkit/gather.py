@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from . import ranks
+from .errors import IncompatibleCheckpointError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,37 +76,66 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                       state: dict[str, Any], full: bool, coll: ranks.Collectives,
-                      held: Collection[str] | None = None) -> None:
+                      held: Collection[str] | None = None, source: str = "the checkpoint") -> None:
     """Copy state back into the model and optimizer.
 
     ``full`` state lives on rank 0 only when distributed and is broadcast from there; sharded
     state was loaded by each rank into the structure ``resume_state(sharded=True)`` gave it,
     and ``held`` names the parameters the checkpoint holds optimizer state for
     (``sharded.optimizer_state_held``). A parameter without saved state (one that never got a
-    gradient) has none after the restore either, as in the training that saved it.
+    gradient) has none after the restore either, as in the training that saved it. An optimizer
+    whose groups do not match the saved ones raises ``IncompatibleCheckpointError`` (naming
+    ``source``) on every rank, before the model is loaded (sharded state is in it already). An
+    optimizer that fails to load is left as it was, and so is the model; a model that fails to
+    load leaves the optimizer as it was.
     """
     options = _full_options(model, broadcast_from_rank0=True) if full else None
     if options is not None and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}
+    if optimizer is not None:
+        optim_state = state["optimizer"]
+        without_params = _group_without_params(optim_state)
+        misfit = _misfit(model, optimizer, optim_state) if options is None or ranks.rank() == 0 else None
+        if options is not None:
+            # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
+            # state tensors, and a stateless optimizer (SGD without momentum, or one saved
+            # before its first step) has none: "Expected device to be set". With no state to
+            # scatter, every rank loads rank 0's param_groups (learning rates and the like) as
+            # they are.
+            groups, without_params, held, misfit = coll.broadcast(
+                "restore: optimizer param_groups",
+                (None if optim_state.get("state") else optim_state.get("param_groups"), without_params,
+                 set(optim_state.get("state", ())), misfit))
+            if groups is not None and misfit is None:
+                optim_state, optim_options = {"state": {}, "param_groups": groups}, None
+            else:
+                optim_options = options
+        else:
+            optim_options = None
+        if misfit is not None:
+            raise IncompatibleCheckpointError(f"{source}: {misfit}. Build the optimizer as the run that saved "
+                                              "it did (the same parameters in the same groups), or restore "
+                                              "without optimizer=")
     # Model and optimizer separately: set_state_dict with both and broadcast_from_rank0 issues
-    # mismatched collectives when the other ranks pass empty dicts (torch 2.13).
-    set_model_state_dict(model, state["model"], options=options)
+    # mismatched collectives when the other ranks pass empty dicts (torch 2.13). The optimizer
+    # first: loading it is what fails for an optimizer of another class, and the model is then
+    # left as it was.
     if optimizer is None:
+        set_model_state_dict(model, state["model"], options=options)
         return
-    optim_state = state["optimizer"]
-    without_params = _group_without_params(optim_state)
-    if options is not None:
-        # torch 2.13's broadcast takes its device from the optimizer's own per-parameter state
-        # tensors, and a stateless optimizer (SGD without momentum, or one saved before its
-        # first step) has none: "Expected device to be set". With no state to scatter, every
-        # rank loads rank 0's param_groups (learning rates and the like) as they are.
-        groups, without_params, held = coll.broadcast(
-            "restore: optimizer param_groups",
-            (None if optim_state.get("state") else optim_state.get("param_groups"), without_params,
-             set(optim_state.get("state", ()))))
-        if groups is not None:
-            optim_state, options = {"state": {}, "param_groups": groups}, None
-    _load_optimizer(model, optimizer, optim_state, options)
+    kept = optimizer.state, optimizer.param_groups
+    try:
+        _load_optimizer(model, optimizer, optim_state, optim_options)
+    except (KeyError, ValueError, TypeError) as exc:  # torch's own load_state_dict meeting another class's state
+        raise IncompatibleCheckpointError(
+            f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
+            f"{exc}). Build the optimizer as the run that saved it did (the same class, parameters and groups), "
+            "or restore without optimizer=") from exc
+    try:
+        set_model_state_dict(model, state["model"], options=options)
+    except BaseException:
+        optimizer.state, optimizer.param_groups = kept
+        raise
     if held is not None:
         _forget_unsaved(model, optimizer, held)
     # DCP (torch 2.13) matches a saved param group without parameters to the optimizer's only
@@ -114,6 +144,34 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     empty = [g for g in optimizer.param_groups if not g["params"]]
     if without_params is not None and len(empty) == 1:
         empty[0].update(without_params)
+
+
+def _misfit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any]) -> str | None:
+    """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
+    ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters
+    in a saved group (by name). Without the check DCP loads a group it cannot match without
+    its settings (the first step then fails), and trains parameters the checkpoint never saw
+    from no state at all."""
+    saved = optim_state.get("param_groups") or []
+    if len(saved) != len(optimizer.param_groups):
+        return (f"its optimizer has {len(saved)} param group(s), the optimizer given to restore "
+                f"{len(optimizer.param_groups)}")
+    known = {name for group in saved for name in group.get("params", ())}
+    names = _names(model)
+    unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
+                     if names.get(p, set()).isdisjoint(known))
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        return f"its optimizer has no parameter named {listed}, which the optimizer given to restore trains"
+    return None
+
+
+def _names(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:
+    """Each parameter's names in DCP's state dicts: several for a tied weight."""
+    names: dict[torch.Tensor, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(param, set()).update(_dcp_names(model, name))
+    return names
 
 
 def without_unsaved(state: dict[str, Any], held: Collection[str]) -> dict[str, Any]:
@@ -131,10 +189,7 @@ def _forget_unsaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, he
     """Drop the state of optimizer parameters that have none in the checkpoint: where DCP first
     gave the optimizer zero state by a step at lr=0, such a parameter would keep it (and Adam's
     step counter a head start the first time it gets a gradient)."""
-    names: dict[torch.Tensor, set[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight has several
-        names.setdefault(param, set()).update(_dcp_names(model, name))
-    for param, fqns in names.items():
+    for param, fqns in _names(model).items():
         if param in optimizer.state and fqns.isdisjoint(held):
             del optimizer.state[param]
 
@@ -167,26 +222,29 @@ def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
                     options: StateDictOptions | None) -> None:
+    """Load ``optim_state`` into ``optimizer``; one that fails leaves it as it was (torch's own
+    ``load_state_dict`` swaps in new state and groups, and may fail after that, half done)."""
     # Not strict: a parameter that never got a gradient (an unused head, an expert no token was
     # routed to) has no optimizer state, saved or live, and torch's own load_state_dict accepts
     # that. DCP's strict default refuses the checkpoint instead (torch 2.13).
     loose = dataclasses.replace(options or StateDictOptions(), strict=False)
-    if options is not None or optimizer.state:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
-        return
-    # An optimizer that has not stepped yet (the one a resuming process builds) would first be
-    # given state by DCP through a step at lr=0: a zero tensor per moment (for AdamW twice the
-    # model's size in fresh memory, half the time of restoring 1 GiB) computed and then replaced
-    # by what is loaded. Loading by name needs none of it, and DCP skips it for an optimizer
-    # that holds state: an empty entry, which the load replaces.
-    first = next((p for group in optimizer.param_groups for p in group["params"]), None)
-    if first is not None:
-        optimizer.state[first] = {}
+    state, groups = optimizer.state, optimizer.param_groups
+    first = None
+    if options is None and not optimizer.state:
+        # An optimizer that has not stepped yet (the one a resuming process builds) would first
+        # be given state by DCP through a step at lr=0: a zero tensor per moment (for AdamW
+        # twice the model's size in fresh memory, half the time of restoring 1 GiB) computed and
+        # then replaced by what is loaded. Loading by name needs none of it, and DCP skips it
+        # for an optimizer that holds state: an empty entry, which the load replaces.
+        first = next((p for group in optimizer.param_groups for p in group["params"]), None)
+        if first is not None:
+            optimizer.state[first] = {}
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
-        if first is not None and optimizer.state.get(first) == {}:
-            del optimizer.state[first]
+        optimizer.state, optimizer.param_groups = state, groups
+        if first is not None and state.get(first) == {}:
+            del state[first]
         raise
 
 

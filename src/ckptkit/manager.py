@@ -890,12 +890,26 @@ class CheckpointManager:
                 raise outcome[1]
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
-        gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll)
+        gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
         saved_extra, per_rank = self.coll.share(f"restore step {ref.step}: extra", (saved_extra, per_rank))
         per_rank = per_rank or {}
         return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
     def _restore_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
+        """``_load_sharded``; an optimizer that had not stepped is left without state when that
+        fails or skips the checkpoint, though DCP gave it zero state to load into."""
+        pristine = optimizer is not None and not optimizer.state
+        try:
+            outcome = self._load_sharded(ref, manifest, model, optimizer, safe_globals)
+        except BaseException:
+            if pristine:
+                optimizer.state.clear()
+            raise
+        if outcome[0] is not None and pristine:
+            optimizer.state.clear()
+        return outcome
+
+    def _load_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
         """Every file is verified before DCP writes any of it into the model: from local storage,
         each rank checks a share of the files, then every rank reads the shards it needs in place;
         from remote storage, each rank downloads the files it reads into a scratch folder, checking
@@ -922,10 +936,11 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
+        self._check_groups(ref, opened, optimizer)
         held = sharded.optimizer_state_held(opened)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
         mine = rank_extra_file(ranks.rank())
         own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
@@ -933,7 +948,7 @@ class CheckpointManager:
 
     def _restore_sharded_copies(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals,
                                 workdir: str):
-        """``_restore_sharded`` from remote storage, through verified copies in ``workdir``."""
+        """``_load_sharded`` from remote storage, through verified copies in ``workdir``."""
         mine = rank_extra_file(ranks.rank())
         problem = opened = None
         try:
@@ -947,6 +962,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
+        self._check_groups(ref, opened, optimizer)
         held = sharded.optimizer_state_held(opened)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         problem = None
@@ -973,7 +989,7 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held)
+        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
         own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
         return None, (saved_extra, own, self._extra_holders(manifest))
@@ -1002,12 +1018,29 @@ class CheckpointManager:
         if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
             return inner
         if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in fanout.first_line(exc):
-            return IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
-                                               "optimizer=); restore it without optimizer=")
+            return IncompatibleCheckpointError(f"{ref.uri}: its optimizer state does not fit the optimizer given "
+                                               f"to restore ({fanout.first_line(exc)}). Build the optimizer as the "
+                                               "run that saved it did (the same class, parameters and groups), or "
+                                               "restore without optimizer=")
         error = IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
                                             f"model: {fanout.first_line(exc)}")
         error.__cause__ = exc
         return error
+
+    def _check_groups(self, ref: CheckpointRef, opened, optimizer) -> None:
+        """Before a sharded load: the checkpoint holds optimizer state, in as many param groups
+        as ``optimizer`` has. Every rank reads the same metadata, so all raise alike."""
+        if optimizer is None:
+            return
+        groups = sharded.optimizer_groups_saved(opened)
+        if groups is None:
+            raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
+                                              "optimizer=); restore it without optimizer=")
+        if groups != len(optimizer.param_groups):
+            raise IncompatibleCheckpointError(
+                f"{ref.uri}: its optimizer has {groups} param group(s), the optimizer given to restore "
+                f"{len(optimizer.param_groups)}. Build the optimizer as the run that saved it did (the same "
+                "parameters in the same groups), or restore without optimizer=")
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
         return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))

@@ -160,8 +160,8 @@ class Reader:
         ``mapped``: state files whose model tensors may stay in the file, memory-mapped, for a
         caller that copies them into the model and drops them (see ``load``). Where the local
         filesystem allows mapping, such a file is refused before it is mapped if its size is not
-        the manifest's, and as corrupt if it changed (inode, size or times) by the time it was
-        loaded and hashed.
+        the manifest's. Any local file that changed (inode, size or times) by the time it was
+        loaded and hashed is refused as corrupt.
         """
         safe_globals = list(safe_globals)
         big = [n for n in names if manifest.files[n].size >= _THREAD_MIN]
@@ -173,7 +173,9 @@ class Reader:
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
         mapped = mapped if mapped and mappable(ref.local_dir) else ()
         paths = {name: os.path.join(ref.local_dir, name) for name in names}
-        before = {name: _identity(paths[name], ref) for name in mapped}
+        # Each file is read twice, to hash it and to load it; one written in between (in place,
+        # or replaced) is refused below by what its stat says.
+        before = {name: _identity(paths[name], ref) for name in names}
         for name in mapped:
             # A mapping read past the end of its file kills the process (SIGBUS): a file of
             # another size than the manifest's is refused before any of it is mapped.
@@ -207,7 +209,7 @@ class Reader:
             raise failure
         # A mapping reads the file when its pages are touched, not when it was hashed: a file
         # written in place meanwhile would reach the model unverified.
-        for name in mapped:
+        for name in names:
             if _identity(paths[name], ref) != before[name]:
                 raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
                                              "was loaded is not what was verified; nothing of it was applied. "

@@ -325,6 +325,16 @@ def optimizer_state_held(r: _SafeReader) -> set[str]:
     return held
 
 
+def optimizer_groups_saved(r: _SafeReader) -> int | None:
+    """How many param groups the checkpoint's optimizer has (from its metadata), or None when
+    it was saved without an optimizer."""
+    prefix = "optimizer.param_groups."
+    keys = r.read_metadata().state_dict_metadata
+    if not any(k.startswith("optimizer.") for k in keys):
+        return None
+    return len({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+
+
 def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSystem],
          process_group: Any = None) -> dict[str, FileEntry]:
     """Write this rank's shards of ``state`` through ``target`` (from ``writer``), collective on

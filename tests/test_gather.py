@@ -183,18 +183,28 @@ def test_an_optimizer_built_otherwise_than_the_saved_one_is_refused_at_once(tmp_
     the checkpoint has no settings for would fail the first step (no betas), and parameters it
     never saw would train from no state. Refused, before the model is loaded where the state is
     full, and without falling back to an older checkpoint."""
+    refused_at_once(tmp_path, fmt, layout, "plain")
+
+
+@pytest.mark.parametrize("layout", ["head only, restored over all", "two groups, restored in one"])
+def test_an_optimizer_built_otherwise_is_refused_where_full_state_is_broadcast(tmp_path, group_of_one, layout):
+    """Gathered to rank 0 and broadcast: rank 0 finds the misfit, and every rank raises it."""
+    refused_at_once(tmp_path, "torch", layout, "ddp")
+
+
+def refused_at_once(tmp_path, fmt: str, layout: str, wrap: str) -> None:
     saved_as, restored_as, match = _layouts()[layout]
     cfg = local_config(tmp_path, every=1)
     cfg["roles"]["resume"]["format"] = fmt
-    model, _, _ = build("plain", "sgd", seed=0)
-    opt = saved_as(model)
+    model, _, _ = build(wrap, "sgd", seed=0)
+    opt = saved_as(getattr(model, "module", model))
     ck = ckptkit.CheckpointManager.from_config(cfg)
     for step in range(2):
         train(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), range(step, step + 1))
         ck.save(step=step, model=model, optimizer=opt)
     ck.close()
-    model2, _, _ = build("plain", "sgd", seed=1)
-    opt2 = restored_as(model2)
+    model2, _, _ = build(wrap, "sgd", seed=1)
+    opt2 = restored_as(getattr(model2, "module", model2))
     before = copy.deepcopy(model2.state_dict())
     ck = ckptkit.CheckpointManager.from_config(cfg)
     with pytest.raises(ckptkit.IncompatibleCheckpointError, match=match) as info:

@@ -216,6 +216,88 @@ def refused_at_once(tmp_path, fmt: str, layout: str, wrap: str) -> None:
         assert_same_state(model2.state_dict(), before)
 
 
+def _saved_with_a_head_then_stepped_without_it(tmp_path, fmt, wrap):
+    """A checkpoint whose optimizer holds state for every layer, and an optimizer that has
+    stepped since with the last layer getting no gradient (a rollback in the same process)."""
+    cfg = local_config(tmp_path, every=1)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt, sched = build(wrap, "adamw", seed=0)
+    train(model, opt, sched, range(2))
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    ck.save(step=2, model=model, optimizer=opt)
+    ck.close()
+    at_save = full_state(model, opt)
+    model2, opt2, _ = build(wrap, "adamw", seed=1)
+    inner = getattr(model2, "module", model2)
+    for p in inner[0].parameters():  # a step in which the other layers get no gradient
+        p.grad = torch.ones_like(p)
+    opt2.step()
+    opt2.zero_grad()
+    assert 0 < len(opt2.state) < len(list(model2.parameters()))
+    return cfg, at_save, model2, opt2
+
+
+@pytest.mark.parametrize("fmt, wrap", [("dcp", "plain"), ("torch", "ddp"), ("dcp", "ddp")])
+def test_a_stepped_optimizer_lacking_state_the_checkpoint_holds_is_refused_not_left_without_it(
+        tmp_path, group_of_one, fmt, wrap):
+    """Loaded in place (sharded) or broadcast (full), only the state an optimizer holds already
+    is filled in: the saved state of a parameter that has none yet would be lost (or reach
+    rank 0 alone). Refused before anything is loaded."""
+    cfg, _, model2, opt2 = _saved_with_a_head_then_stepped_without_it(tmp_path, fmt, wrap)
+    before_model, before_opt = copy.deepcopy(full_state(model2, opt2)), len(opt2.state)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="stepped without, so loading would lose it"):
+        ck.restore(model=model2, optimizer=opt2)
+    ck.close()
+    assert len(opt2.state) == before_opt
+    assert_same_state(full_state(model2, opt2), before_model)
+
+
+def test_a_stepped_plain_optimizer_takes_all_the_saved_state(tmp_path):
+    """A plain model's optimizer is replaced whole by torch's own load_state_dict."""
+    cfg, at_save, model2, opt2 = _saved_with_a_head_then_stepped_without_it(tmp_path, "torch", "plain")
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    assert ck.restore(model=model2, optimizer=opt2).step == 2
+    ck.close()
+    assert_same_state(full_state(model2, opt2), at_save)
+
+
+def test_two_param_groups_without_parameters_are_refused_with_the_reason(tmp_path):
+    def two_empty(params):
+        return torch.optim.AdamW([{"params": []}, {"params": list(params)}, {"params": [], "lr": 0.5}], lr=1e-2)
+
+    cfg = local_config(tmp_path, every=1)
+    model, _, _ = build("plain", "sgd", seed=0)
+    opt = two_empty(model.parameters())
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.close()
+    model2, _, _ = build("plain", "sgd", seed=1)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="2 param groups without parameters.*loads at most one"):
+        ck.restore(model=model2, optimizer=two_empty(model2.parameters()))
+    ck.close()
+
+
+def test_a_model_that_fails_to_load_leaves_an_unstepped_optimizer_empty(tmp_path):
+    """The optimizer loads first; when the model then fails (the same names, another shape),
+    the optimizer is put back as it was, without the state it took or the mark of it."""
+    cfg = local_config(tmp_path, every=1)
+    model, opt, sched = build("plain", "adamw", seed=0)
+    train(model, opt, sched, range(1))
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.close()
+    torch.manual_seed(1)
+    wider = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4))
+    opt2 = torch.optim.AdamW(wider.parameters(), lr=1e-2)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ck.restore(model=wider, optimizer=opt2)
+    ck.close()
+    assert len(opt2.state) == 0 and opt2.param_groups[0]["lr"] == 1e-2
+
+
 def test_lbfgs_resumes_bit_identical(tmp_path):
     """LBFGS keeps all its state under its first parameter, none under the others."""
     def run(model, opt, steps):

@@ -95,7 +95,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     if optimizer is not None:
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
-        misfit = _misfit(model, optimizer, optim_state) if options is None or ranks.rank() == 0 else None
+        misfit = (_misfit(model, optimizer, optim_state, lacking_checked=options is not None)
+                  if options is None or ranks.rank() == 0 else None)
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
             # state tensors, and a stateless optimizer (SGD without momentum, or one saved
@@ -113,9 +114,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         else:
             optim_options = None
         if misfit is not None:
-            raise IncompatibleCheckpointError(f"{source}: {misfit}. Build the optimizer as the run that saved "
-                                              "it did (the same parameters in the same groups), or restore "
-                                              "without optimizer=")
+            raise IncompatibleCheckpointError(f"{source}: {misfit}")
     # Model and optimizer separately: set_state_dict with both and broadcast_from_rank0 issues
     # mismatched collectives when the other ranks pass empty dicts (torch 2.13). The optimizer
     # first: loading it is what fails for an optimizer of another class, and the model is then
@@ -123,10 +122,10 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
         return
-    kept = optimizer.state, optimizer.param_groups
+    kept = _kept(optimizer)
     try:
         _load_optimizer(model, optimizer, optim_state, optim_options)
-    except (KeyError, ValueError, TypeError) as exc:  # torch's own load_state_dict meeting another class's state
+    except (KeyError, ValueError) as exc:  # torch's own load_state_dict meeting another class's state
         raise IncompatibleCheckpointError(
             f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
             f"{exc}). Build the optimizer as the run that saved it did (the same class, parameters and groups), "
@@ -146,24 +145,63 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         empty[0].update(without_params)
 
 
-def _misfit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any]) -> str | None:
+_REBUILD = ("Build the optimizer as the run that saved it did (the same parameters in the same groups), "
+            "or restore without optimizer=")
+
+
+def _misfit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+            lacking_checked: bool = False) -> str | None:
     """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
     ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters
     in a saved group (by name). Without the check DCP loads a group it cannot match without
     its settings (the first step then fails), and trains parameters the checkpoint never saw
-    from no state at all."""
+    from no state at all. ``lacking_checked`` (full state broadcast to other ranks): also
+    ``lacking_state``."""
     saved = optim_state.get("param_groups") or []
     if len(saved) != len(optimizer.param_groups):
         return (f"its optimizer has {len(saved)} param group(s), the optimizer given to restore "
-                f"{len(optimizer.param_groups)}")
+                f"{len(optimizer.param_groups)}. {_REBUILD}")
+    empty = sum(1 for group in optimizer.param_groups if not group["params"])
+    if empty > 1:
+        return (f"the optimizer has {empty} param groups without parameters, and torch's "
+                "distributed state dict API (DCP) loads at most one: give each group a parameter, or "
+                "merge the empty ones, in the run that saves too")
     known = {name for group in saved for name in group.get("params", ())}
     names = _names(model)
     unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
                      if names.get(p, set()).isdisjoint(known))
     if unknown:
-        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        return f"its optimizer has no parameter named {listed}, which the optimizer given to restore trains"
+        return (f"its optimizer has no parameter named {_listed(unknown)}, which the optimizer given to "
+                f"restore trains. {_REBUILD}")
+    if lacking_checked:
+        return lacking_state(model, optimizer, set(optim_state.get("state", ())))
     return None
+
+
+def lacking_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, held: Collection[str]) -> str | None:
+    """Why an optimizer that has stepped cannot take the saved state where it is loaded in place
+    (sharded) or broadcast (full, from rank 0): there, only the state the optimizer holds
+    already is filled in, and the checkpoint's state of a parameter it holds none for (one
+    that got no gradient yet) would be lost, or reach rank 0 alone. None if nothing lacks."""
+    if not optimizer.state:
+        return None  # an optimizer that has not stepped is given state for every parameter first
+    lacking = sorted(min(fqns) for p, fqns in _names(model).items()
+                     if p not in optimizer.state and not fqns.isdisjoint(held))
+    if not lacking:
+        return None
+    return (f"it holds optimizer state for {_listed(lacking)}, which the optimizer given to restore has "
+            "stepped without, so loading would lose it. Restore into an optimizer that has not stepped "
+            "(build a new one), as a resuming process does")
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _kept(optimizer: torch.optim.Optimizer) -> tuple[Any, list[dict[str, Any]]]:
+    """What puts ``optimizer`` back as it is now (``optimizer.state, optimizer.param_groups =``):
+    a load swaps in new ones, or adds to the state in place (DCP's first step at lr=0)."""
+    return collections.defaultdict(dict, optimizer.state), optimizer.param_groups
 
 
 def _names(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:
@@ -228,7 +266,7 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
     # routed to) has no optimizer state, saved or live, and torch's own load_state_dict accepts
     # that. DCP's strict default refuses the checkpoint instead (torch 2.13).
     loose = dataclasses.replace(options or StateDictOptions(), strict=False)
-    state, groups = optimizer.state, optimizer.param_groups
+    kept = _kept(optimizer)
     first = None
     if options is None and not optimizer.state:
         # An optimizer that has not stepped yet (the one a resuming process builds) would first
@@ -242,9 +280,7 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
-        optimizer.state, optimizer.param_groups = state, groups
-        if first is not None and state.get(first) == {}:
-            del state[first]
+        optimizer.state, optimizer.param_groups = kept
         raise
 
 

@@ -936,7 +936,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        self._check_groups(ref, opened, optimizer)
+        self._check_groups(ref, opened, model, optimizer)
         held = sharded.optimizer_state_held(opened)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
@@ -962,7 +962,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        self._check_groups(ref, opened, optimizer)
+        self._check_groups(ref, opened, model, optimizer)
         held = sharded.optimizer_state_held(opened)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         problem = None
@@ -1027,9 +1027,11 @@ class CheckpointManager:
         error.__cause__ = exc
         return error
 
-    def _check_groups(self, ref: CheckpointRef, opened, optimizer) -> None:
+    def _check_groups(self, ref: CheckpointRef, opened, model, optimizer) -> None:
         """Before a sharded load: the checkpoint holds optimizer state, in as many param groups
-        as ``optimizer`` has. Every rank reads the same metadata, so all raise alike."""
+        as ``optimizer`` has, and an optimizer that has stepped holds state for every parameter
+        the checkpoint has state for (``gather.lacking_state``). Every rank reads the same
+        metadata, and the ranks' optimizers hold state for the same parameters, so all raise alike."""
         if optimizer is None:
             return
         groups = sharded.optimizer_groups_saved(opened)
@@ -1041,6 +1043,9 @@ class CheckpointManager:
                 f"{ref.uri}: its optimizer has {groups} param group(s), the optimizer given to restore "
                 f"{len(optimizer.param_groups)}. Build the optimizer as the run that saved it did (the same "
                 "parameters in the same groups), or restore without optimizer=")
+        lacking = gather.lacking_state(model, optimizer, sharded.optimizer_state_held(opened))
+        if lacking is not None:
+            raise IncompatibleCheckpointError(f"{ref.uri}: {lacking}")
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
         return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))

@@ -263,19 +263,24 @@ def test_a_stepped_plain_optimizer_takes_all_the_saved_state(tmp_path):
 
 
 def test_two_param_groups_without_parameters_are_refused_with_the_reason(tmp_path):
-    def two_empty(params):
-        return torch.optim.AdamW([{"params": []}, {"params": list(params)}, {"params": [], "lr": 0.5}], lr=1e-2)
+    """DCP loads at most one group without parameters: save refuses such an optimizer before it
+    writes anything, and restore refuses to load into one."""
+    def groups(model, *parts):
+        return torch.optim.AdamW([{"params": [p for i in part for p in model[i].parameters()]} for part in parts],
+                                 lr=1e-2)
 
     cfg = local_config(tmp_path, every=1)
     model, _, _ = build("plain", "sgd", seed=0)
-    opt = two_empty(model.parameters())
     ck = ckptkit.CheckpointManager.from_config(cfg)
-    ck.save(step=1, model=model, optimizer=opt)
+    with pytest.raises(ckptkit.UnstorableStateError, match="2 param groups without parameters"):
+        ck.save(step=1, model=model, optimizer=groups(model, [], [0, 2], []))
+    assert ck.list_checkpoints() == []
+    ck.save(step=1, model=model, optimizer=groups(model, [], [0], [2]))
     ck.close()
     model2, _, _ = build("plain", "sgd", seed=1)
     ck = ckptkit.CheckpointManager.from_config(cfg)
     with pytest.raises(ckptkit.IncompatibleCheckpointError, match="2 param groups without parameters.*loads at most one"):
-        ck.restore(model=model2, optimizer=two_empty(model2.parameters()))
+        ck.restore(model=model2, optimizer=groups(model2, [], [0, 2], []))
     ck.close()
 
 

@@ -393,6 +393,12 @@ class CheckpointManager:
         if not force and not self.is_due(step):
             return []
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
+        empty = sum(1 for g in optimizer.param_groups if not g["params"]) if optimizer is not None else 0
+        if empty > 1:  # every rank has the same groups, so every rank raises
+            raise UnstorableStateError(
+                f"save step {step}: the optimizer has {empty} param groups without parameters, and torch's "
+                "distributed state dict API (DCP), which restore loads optimizers through, loads at most one: "
+                "give each group a parameter, or merge the empty ones")
         # Asked on this thread, never the writer's: a tracker may keep its active run per thread.
         # Only rank 0 writes the manifest, the one file that holds it.
         payload = Payload(

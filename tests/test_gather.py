@@ -253,6 +253,32 @@ def test_a_stepped_optimizer_lacking_state_the_checkpoint_holds_is_refused_not_l
     assert_same_state(full_state(model2, opt2), before_model)
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_stepped_optimizer_over_part_of_the_model_restores(tmp_path, fmt):
+    """Fine-tuning a part from a checkpoint whose optimizer trained the whole model: the saved
+    state of the parameters it does not train is not lacking from it."""
+    cfg = local_config(tmp_path, every=1)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt, sched = build("plain", "adamw", seed=0)
+    train(model, opt, sched, range(2))
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    ck.save(step=2, model=model, optimizer=opt)
+    ck.close()
+    at_save = full_state(model, opt)
+    model2, _, _ = build("plain", "adamw", seed=1)
+    model2[2].requires_grad_(False)
+    part = torch.optim.AdamW(model2[0].parameters(), lr=1e-2)
+    train(model2, part, torch.optim.lr_scheduler.StepLR(part, 1), range(1))
+    assert len(part.state) == 2
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    assert ck.restore(model=model2, optimizer=part).step == 2
+    ck.close()
+    restored = full_state(model2, part)
+    assert_same_state(restored["model"], at_save["model"])
+    assert_same_state(restored["optimizer"]["state"],
+                      {k: v for k, v in at_save["optimizer"]["state"].items() if k.startswith("0.")})
+
+
 def test_a_stepped_plain_optimizer_takes_all_the_saved_state(tmp_path):
     """A plain model's optimizer is replaced whole by torch's own load_state_dict."""
     cfg, at_save, model2, opt2 = _saved_with_a_head_then_stepped_without_it(tmp_path, "torch", "plain")

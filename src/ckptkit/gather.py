@@ -185,8 +185,10 @@ def lacking_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, held
     that got no gradient yet) would be lost, or reach rank 0 alone. None if nothing lacks."""
     if not optimizer.state:
         return None  # an optimizer that has not stepped is given state for every parameter first
-    lacking = sorted(min(fqns) for p, fqns in _names(model).items()
-                     if p not in optimizer.state and not fqns.isdisjoint(held))
+    names = _names(model)
+    trained = {p for group in optimizer.param_groups for p in group["params"]}
+    lacking = sorted(min(names[p]) for p in trained
+                     if p in names and p not in optimizer.state and not names[p].isdisjoint(held))
     if not lacking:
         return None
     return (f"it holds optimizer state for {_listed(lacking)}, which the optimizer given to restore has "

@@ -95,7 +95,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     if optimizer is not None:
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
-        misfit = (_misfit(model, optimizer, optim_state, lacking_checked=options is not None)
+        names = names_of(model)
+        misfit = (_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
                   if options is None or ranks.rank() == 0 else None)
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
@@ -128,15 +129,14 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     except (KeyError, ValueError) as exc:  # torch's own load_state_dict meeting another class's state
         raise IncompatibleCheckpointError(
             f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
-            f"{exc}). Build the optimizer as the run that saved it did (the same class, parameters and groups), "
-            "or restore without optimizer=") from exc
+            f"{exc}). {REBUILD}") from exc
     try:
         set_model_state_dict(model, state["model"], options=options)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept
         raise
     if held is not None:
-        _forget_unsaved(model, optimizer, held)
+        _forget_unsaved(names, optimizer, held)
     # DCP (torch 2.13) matches a saved param group without parameters to the optimizer's only
     # when it is the last group; elsewhere the group is loaded without its settings (lr, betas:
     # the first step then fails), so they come back from the checkpoint here.
@@ -145,11 +145,25 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         empty[0].update(without_params)
 
 
-_REBUILD = ("Build the optimizer as the run that saved it did (the same parameters in the same groups), "
-            "or restore without optimizer=")
+REBUILD = ("Build the optimizer as the run that saved it did (the same class, parameters and groups), "
+           "or restore without optimizer=")
 
 
-def _misfit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+def groups_misfit(saved: int | None, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer``'s param groups cannot take those of a checkpoint whose optimizer has
+    ``saved`` groups (``saved=None``: as many as ``optimizer``, for a save), or None."""
+    if saved is not None and saved != len(optimizer.param_groups):
+        return (f"its optimizer has {saved} param group(s), the optimizer given to restore "
+                f"{len(optimizer.param_groups)}. {REBUILD}")
+    empty = sum(1 for group in optimizer.param_groups if not group["params"])
+    if empty > 1:
+        return (f"the optimizer has {empty} param groups without parameters, and torch's distributed "
+                "state dict API (DCP), which restore loads optimizers through, loads at most one: give "
+                "each group a parameter, or merge the empty ones")
+    return None
+
+
+def _misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
             lacking_checked: bool = False) -> str | None:
     """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
     ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters
@@ -158,34 +172,29 @@ def _misfit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_stat
     from no state at all. ``lacking_checked`` (full state broadcast to other ranks): also
     ``lacking_state``."""
     saved = optim_state.get("param_groups") or []
-    if len(saved) != len(optimizer.param_groups):
-        return (f"its optimizer has {len(saved)} param group(s), the optimizer given to restore "
-                f"{len(optimizer.param_groups)}. {_REBUILD}")
-    empty = sum(1 for group in optimizer.param_groups if not group["params"])
-    if empty > 1:
-        return (f"the optimizer has {empty} param groups without parameters, and torch's "
-                "distributed state dict API (DCP) loads at most one: give each group a parameter, or "
-                "merge the empty ones, in the run that saves too")
+    problem = groups_misfit(len(saved), optimizer)
+    if problem is not None:
+        return problem
     known = {name for group in saved for name in group.get("params", ())}
-    names = _names(model)
     unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
                      if names.get(p, set()).isdisjoint(known))
     if unknown:
         return (f"its optimizer has no parameter named {_listed(unknown)}, which the optimizer given to "
-                f"restore trains. {_REBUILD}")
+                f"restore trains. {REBUILD}")
     if lacking_checked:
-        return lacking_state(model, optimizer, set(optim_state.get("state", ())))
+        return lacking_state(names, optimizer, set(optim_state.get("state", ())))
     return None
 
 
-def lacking_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, held: Collection[str]) -> str | None:
+def lacking_state(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer,
+                  held: Collection[str]) -> str | None:
     """Why an optimizer that has stepped cannot take the saved state where it is loaded in place
     (sharded) or broadcast (full, from rank 0): there, only the state the optimizer holds
     already is filled in, and the checkpoint's state of a parameter it holds none for (one
-    that got no gradient yet) would be lost, or reach rank 0 alone. None if nothing lacks."""
+    that got no gradient yet) would be lost, or reach rank 0 alone. None if nothing lacks.
+    ``names``: ``names_of(model)``."""
     if not optimizer.state:
         return None  # an optimizer that has not stepped is given state for every parameter first
-    names = _names(model)
     trained = {p for group in optimizer.param_groups for p in group["params"]}
     lacking = sorted(min(names[p]) for p in trained
                      if p in names and p not in optimizer.state and not names[p].isdisjoint(held))
@@ -206,7 +215,7 @@ def _kept(optimizer: torch.optim.Optimizer) -> tuple[Any, list[dict[str, Any]]]:
     return collections.defaultdict(dict, optimizer.state), optimizer.param_groups
 
 
-def _names(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:
+def names_of(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:
     """Each parameter's names in DCP's state dicts: several for a tied weight."""
     names: dict[torch.Tensor, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -225,11 +234,12 @@ def without_unsaved(state: dict[str, Any], held: Collection[str]) -> dict[str, A
     return {**state, "optimizer": {**optim, "state": kept}}
 
 
-def _forget_unsaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, held: Collection[str]) -> None:
+def _forget_unsaved(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer,
+                    held: Collection[str]) -> None:
     """Drop the state of optimizer parameters that have none in the checkpoint: where DCP first
     gave the optimizer zero state by a step at lr=0, such a parameter would keep it (and Adam's
     step counter a head start the first time it gets a gradient)."""
-    for param, fqns in _names(model).items():
+    for param, fqns in names.items():
         if param in optimizer.state and fqns.isdisjoint(held):
             del optimizer.state[param]
 

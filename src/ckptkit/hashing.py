@@ -132,13 +132,13 @@ def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK,
     than 64 KiB release the GIL, so this can run on a second thread beside other work.
 
     ``mapped``: a local file (one with a ``fileno``) is hashed in one update over a read-only
-    mapping instead, which releases the GIL for the whole file. A read that fails under a
-    mapping (a disk error, a file truncated meanwhile) kills the process (SIGBUS) where a
-    ``read`` raises: only for a file the caller maps anyway. Reads take the GIL
-    back for each chunk, and beside a thread running Python (a load) wait up to the
-    interpreter's switch interval (5 ms) each time: a 10 MB restore on tmpfs took 12 ms with
-    its hash read in chunks beside the load, 8 ms mapped. Mapped is faster alone too, with no
-    copy out of the page cache (1.4 against 1.8 ms for 10 MB).
+    mapping instead, which releases the GIL for the whole file. Reads take the GIL back for each
+    chunk, and beside a thread running Python (a load) wait up to the interpreter's switch
+    interval (5 ms) each time: a 10 MB restore on tmpfs took 12 ms with its hash read in chunks
+    beside the load, 8 ms mapped. Mapped is faster alone too, with no copy out of the page cache
+    (1.4 against 1.8 ms for 10 MB). But a read that fails under a mapping (a disk error, a file
+    truncated meanwhile) kills the process (SIGBUS) where a ``read`` raises: only for a file the
+    caller maps anyway.
     """
     if mapped:
         try:

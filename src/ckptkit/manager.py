@@ -393,12 +393,9 @@ class CheckpointManager:
         if not force and not self.is_due(step):
             return []
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
-        empty = sum(1 for g in optimizer.param_groups if not g["params"]) if optimizer is not None else 0
-        if empty > 1:  # every rank has the same groups, so every rank raises
-            raise UnstorableStateError(
-                f"save step {step}: the optimizer has {empty} param groups without parameters, and torch's "
-                "distributed state dict API (DCP), which restore loads optimizers through, loads at most one: "
-                "give each group a parameter, or merge the empty ones")
+        unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
+        if unloadable is not None:  # every rank has the same groups, so every rank raises
+            raise UnstorableStateError(f"save step {step}: {unloadable}")
         # Asked on this thread, never the writer's: a tracker may keep its active run per thread.
         # Only rank 0 writes the manifest, the one file that holds it.
         payload = Payload(
@@ -942,8 +939,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        self._check_groups(ref, opened, model, optimizer)
-        held = sharded.optimizer_state_held(opened)
+        held = self._optimizer_held(ref, opened, model, optimizer)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
@@ -968,8 +964,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        self._check_groups(ref, opened, model, optimizer)
-        held = sharded.optimizer_state_held(opened)
+        held = self._optimizer_held(ref, opened, model, optimizer)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
         problem = None
         try:
@@ -1025,33 +1020,31 @@ class CheckpointManager:
             return inner
         if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in fanout.first_line(exc):
             return IncompatibleCheckpointError(f"{ref.uri}: its optimizer state does not fit the optimizer given "
-                                               f"to restore ({fanout.first_line(exc)}). Build the optimizer as the "
-                                               "run that saved it did (the same class, parameters and groups), or "
-                                               "restore without optimizer=")
+                                               f"to restore ({fanout.first_line(exc)}). {gather.REBUILD}")
         error = IncompatibleCheckpointError(f"{ref.uri}: its verified shards could not be loaded into this "
                                             f"model: {fanout.first_line(exc)}")
         error.__cause__ = exc
         return error
 
-    def _check_groups(self, ref: CheckpointRef, opened, model, optimizer) -> None:
-        """Before a sharded load: the checkpoint holds optimizer state, in as many param groups
-        as ``optimizer`` has, and an optimizer that has stepped holds state for every parameter
-        the checkpoint has state for (``gather.lacking_state``). Every rank reads the same
-        metadata, and the ranks' optimizers hold state for the same parameters, so all raise alike."""
+    def _optimizer_held(self, ref: CheckpointRef, opened, model, optimizer) -> set[str]:
+        """Before a sharded load: the names of the parameters the checkpoint holds optimizer state
+        for (``sharded.optimizer_state_held``), once it is checked that it holds optimizer state,
+        in as many param groups as ``optimizer`` has, and that an optimizer that has stepped holds
+        state for every parameter it trains that the checkpoint has state for. Every rank reads
+        the same metadata, and the ranks' optimizers hold state for the same parameters, so all
+        raise alike."""
         if optimizer is None:
-            return
+            return set()
         groups = sharded.optimizer_groups_saved(opened)
         if groups is None:
             raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                               "optimizer=); restore it without optimizer=")
-        if groups != len(optimizer.param_groups):
-            raise IncompatibleCheckpointError(
-                f"{ref.uri}: its optimizer has {groups} param group(s), the optimizer given to restore "
-                f"{len(optimizer.param_groups)}. Build the optimizer as the run that saved it did (the same "
-                "parameters in the same groups), or restore without optimizer=")
-        lacking = gather.lacking_state(model, optimizer, sharded.optimizer_state_held(opened))
-        if lacking is not None:
-            raise IncompatibleCheckpointError(f"{ref.uri}: {lacking}")
+        held = sharded.optimizer_state_held(opened)
+        problem = gather.groups_misfit(groups, optimizer) or gather.lacking_state(gather.names_of(model), optimizer,
+                                                                                  held)
+        if problem is not None:
+            raise IncompatibleCheckpointError(f"{ref.uri}: {problem}")
+        return held
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
         return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))

@@ -121,6 +121,8 @@ def test_ranks_at_different_steps_fail_at_once_and_stay_failed(tmp_path):
         kind, message = r["raised"]
         assert kind == "RanksDisagreeError" and "save step 3" in message and "save step 4" in message
         assert r["later"][0] == "RanksDisagreeError" and "restart" in r["later"][1]
+        assert r["group_destroyed_by_close"], "close releases ckptkit's own process group"
+        assert r["freed"] == [True, True], "the error kept the model or the manager alive"
 
 
 def test_a_frozen_rank_fails_the_others_within_the_configured_bound(tmp_path):

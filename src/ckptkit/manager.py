@@ -1331,6 +1331,7 @@ class CheckpointManager:
                 if self._pruner is not None and self._pruner[0] == os.getpid():
                     self._pruner[1].shutdown(wait=True)
                 self.router.close()
+                self.coll.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

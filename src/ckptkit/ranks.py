@@ -10,7 +10,7 @@ different points raise at once rather than exchanging the wrong objects.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch.distributed as dist
 
@@ -63,8 +63,6 @@ def _as_text(exc: BaseException) -> CkptkitError:
     return CkptkitError(f"{cls.__name__}: {exc}")
 
 
-
-
 # What gloo says when a peer did not answer in time or went away.
 _PEER_GONE = ("timed out", "timeout", "connection closed", "connection reset", "closed by peer", "broken pipe")
 
@@ -80,7 +78,10 @@ class Collectives:
         self.timeout_s = timeout_s
         self._fingerprint = fingerprint
         self._group: Any = None
-        self._broken: RanksOutOfStepError | None = None
+        # Only the type and text of the error that broke the collectives are kept: a kept exception
+        # holds its traceback, and through it the caller's frames (the model, the optimizer, this
+        # manager) until the interpreter's end, where tearing down a process group can abort.
+        self._broken: tuple[type[RanksOutOfStepError], str] | None = None
 
     def start(self) -> None:
         """Make the group and compare configs across ranks (collective); a no-op once done or in one process."""
@@ -94,11 +95,26 @@ class Collectives:
                          if fp.get(k) != theirs[0].get(k)})
         if differ:
             odd = [r for r, fp in theirs.items() if fp != theirs[0]]
-            self._broken = RanksDisagreeError(
-                f"ranks {', '.join(map(str, odd))} of {world_size()} have a different ckptkit config than rank 0 "
-                f"(keys {', '.join(differ)}); every rank must load the same config and run name, or rank 0's "
-                "would silently decide for all. Fix the config of those ranks")
-            raise self._broken
+            self.close()  # no manager is made, so nothing else would release the group
+            self._fail(RanksDisagreeError,
+                       f"ranks {', '.join(map(str, odd))} of {world_size()} have a different ckptkit config than "
+                       f"rank 0 (keys {', '.join(differ)}); every rank must load the same config and run name, or "
+                       "rank 0's would silently decide for all. Fix the config of those ranks")
+
+    def close(self) -> None:
+        """Destroy the group, on this rank only (for gloo that is no collective); safe to call twice.
+        A peer still waiting in it fails at once instead of at the timeout."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # the job destroyed every group already
+            pass
+
+    def _fail(self, cls: type[RanksOutOfStepError], text: str, cause: BaseException | None = None) -> NoReturn:
+        self._broken = (cls, text)
+        raise cls(text) from cause
 
     @property
     def group(self) -> Any:
@@ -109,18 +125,17 @@ class Collectives:
     def _call(self, label: str, fn: Callable[..., Any], *args: Any, checked: bool = True) -> Any:
         """Run one collective ``fn(*args, group=...)``, its timeout and failures raised as ckptkit errors."""
         if self._broken is not None:
-            raise type(self._broken)(f"{self._broken} (seen earlier; ckptkit's collectives are unusable in this "
-                                     "job now: restart it)")
+            cls, text = self._broken
+            raise cls(f"{text} (seen earlier; ckptkit's collectives are unusable in this job now: restart it)")
         if checked:
             labels: list[Any] = [None] * world_size()
             self._raw(label, dist.all_gather_object, labels, label)
             if any(other != label for other in labels):
                 where = "; ".join(f"rank {r}: {other}" for r, other in enumerate(labels))
-                self._broken = RanksDisagreeError(
-                    f"rank {rank()} is at {label!r} but the ranks are at different ckptkit calls ({where}): each "
-                    "rank must call save, restore and finalize with the same steps, and a rank that catches an "
-                    "exception from save must not go on alone")
-                raise self._broken
+                self._fail(RanksDisagreeError,
+                           f"rank {rank()} is at {label!r} but the ranks are at different ckptkit calls ({where}): "
+                           "each rank must call save, restore and finalize with the same steps, and a rank that "
+                           "catches an exception from save must not go on alone")
         return self._raw(label, fn, *args)
 
     def _raw(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -130,12 +145,11 @@ class Collectives:
             reason = " ".join(str(exc).split())[:300]
             if not any(sign in reason.lower() for sign in _PEER_GONE):
                 raise
-            self._broken = CollectiveTimeoutError(
-                f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
-                f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not call "
-                "ckptkit at the same step; what rank 0 was doing there may still have completed (see ckptkit "
-                "ls). Raise distributed.timeout_s if rank 0 needs longer to write a checkpoint")
-            raise self._broken from exc
+            self._fail(CollectiveTimeoutError,
+                       f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
+                       f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not "
+                       "call ckptkit at the same step; what rank 0 was doing there may still have completed (see "
+                       "ckptkit ls). Raise distributed.timeout_s if rank 0 needs longer to write a checkpoint", exc)
 
     def broadcast(self, label: str, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled between the trusted ranks of one job)."""

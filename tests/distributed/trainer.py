@@ -10,11 +10,13 @@ Usage: torchrun --nproc-per-node N trainer.py SCENARIO WORKDIR [OPTIONS_JSON]
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -143,6 +145,32 @@ def train(case, workdir: str, resume: bool, die_after: int | None = None, fail_a
     return {"start": start, "losses": losses, "errors": errors}
 
 
+def steps_differ(workdir: str, case, result: dict) -> tuple[weakref.ref, ...]:
+    """Rank 1 saves one step ahead of rank 0. Returns weak references to the model and the
+    manager: an error kept with its traceback would keep both, and the process groups they use,
+    alive to the interpreter's end, where tearing a process group down can abort the process."""
+    model, opt, _ = build(case[0], case[2])
+    ck = ckptkit.CheckpointManager.from_config(config(workdir, case), run_name="steps")
+    try:
+        ck.save(EVERY + ranks.rank(), model, opt, force=True)
+        result["raised"] = None
+    except ckptkit.CkptkitError as exc:
+        result["raised"] = [type(exc).__name__, str(exc)]
+    try:  # once out of step, every later call fails at once instead of pairing wrong calls
+        ck.save(2 * EVERY, model, opt)
+        result["later"] = None
+    except ckptkit.CkptkitError as exc:
+        result["later"] = [type(exc).__name__, str(exc)]
+    group = ck.coll.group
+    ck.close()
+    try:
+        dist.destroy_process_group(group)
+        result["group_destroyed_by_close"] = False
+    except ValueError:  # "Invalid process group specified": gone already
+        result["group_destroyed_by_close"] = True
+    return weakref.ref(model), weakref.ref(ck)
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -180,19 +208,13 @@ def main() -> None:
         except ckptkit.CkptkitError as exc:
             result["raised"] = [type(exc).__name__, str(exc)]
     elif scenario == "steps_differ":
-        case = cases[0]
-        model, opt, _ = build(case[0], case[2])
-        ck = ckptkit.CheckpointManager.from_config(config(workdir, case), run_name="steps")
-        try:
-            ck.save(EVERY + rank, model, opt, force=True)  # rank 1 is one step ahead
-            result["raised"] = None
-        except ckptkit.CkptkitError as exc:
-            result["raised"] = [type(exc).__name__, str(exc)]
-        try:  # once out of step, every later call fails at once instead of pairing wrong calls
-            ck.save(2 * EVERY, model, opt)
-            result["later"] = None
-        except ckptkit.CkptkitError as exc:
-            result["later"] = [type(exc).__name__, str(exc)]
+        # The first DDP model of a process imports modules whose frames torch keeps, and with them
+        # their callers' frames: built once out here, that chain does not reach steps_differ's locals.
+        build(*cases[0][0:3:2])
+        gc.disable()  # what is freed below is freed by reference counts alone
+        refs = steps_differ(workdir, cases[0], result)
+        result["freed"] = [ref() is None for ref in refs]
+        gc.enable()
     elif scenario == "finalize_refused":
         case = cases[0]
         model, opt, _ = build(case[0], case[2])

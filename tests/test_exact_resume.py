@@ -117,6 +117,17 @@ def test_peek_reads_step_metrics_and_extra_without_a_model(tmp_path, pm):
         assert ck.peek().step == 1
 
 
+def test_peek_of_a_checkpoint_saved_without_extra_reads_no_state(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=4, model=model, optimizer=opt)
+    ck.wait()
+    state = tmp_path / "scratch/exp/step-0000000004" / STATE_FILE
+    state.write_bytes(b"\0" * state.stat().st_size)  # peek would skip it if it read it
+    info = ck.peek()
+    assert (info.step, info.extra, sorted(info.manifest.files)) == (4, {}, [STATE_FILE])
+
+
 def test_keep_best_keeps_the_best_besides_the_last(tmp_path, pm):
     cfg = local_config(tmp_path, final=False, keep=2)
     cfg["roles"]["resume"]["keep_best"] = {"metric": "val_loss", "mode": "min", "count": 2}
@@ -168,8 +179,12 @@ def test_older_checkpoints_with_extra_inside_state_still_restore(tmp_path, pm):
     with open(folder / STATE_FILE, "rb") as f:
         size, digest = hash_stream(f)
     import attrs
-    manifest = attrs.evolve(manifest, files={STATE_FILE: FileEntry(size, digest)})
-    (folder / "manifest.json").write_bytes(manifest.to_json())
+    from ckptkit.manifest import _checksum
+
+    data = attrs.evolve(manifest, files={STATE_FILE: FileEntry(size, digest)}).to_dict()
+    del data["extra_in_state"]  # written before manifests said where extra is
+    data["checksum"] = _checksum(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
     model2, opt2 = make_model(seed=2)
     assert ck.restore(model2, opt2).extra == {"e": 7}
     assert ck.peek().extra == {"e": 7}

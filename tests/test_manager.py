@@ -1,3 +1,4 @@
+import json
 import os
 import threading
 
@@ -7,6 +8,7 @@ import torch
 import ckptkit
 from ckptkit import CheckpointError, CheckpointManager, PublishError, SaveError
 from ckptkit.manager import FINAL_FILE, STATE_FILE
+from ckptkit.manifest import MANIFEST_NAME
 
 from ckpt_helpers import assert_same_state, local_config, make_model, train_step
 
@@ -281,19 +283,22 @@ def test_save_leaves_torchs_crc32_setting_as_it_was(tmp_path, pm):
     assert torch.serialization.get_crc32_options() is True
 
 
-def test_an_empty_extra_is_a_file_torch_loads_as_an_empty_dict(tmp_path, pm):
-    """An empty extra.pt is written from bytes serialised once per process: each save's copy must
-    still be a whole, weights-only loadable file, and an extra given later is saved as given."""
+def test_no_extra_writes_no_extra_file_and_restores_as_an_empty_extra(tmp_path, pm):
+    """A checkpoint saved without extra holds no extra.pt (one file, and on an object store one
+    request, fewer for each save and restore); one saved with extra holds it as given."""
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     model, opt = make_model()
-    for step in range(2):
-        ck.save(step=step, model=model, optimizer=opt)
+    ck.save(step=0, model=model, optimizer=opt)
+    ck.save(step=1, model=model, optimizer=opt, extra={})
     ck.save(step=2, model=model, optimizer=opt, extra={"epoch_seen": 7})
+    ck.wait()
     extras = [tmp_path / "scratch" / "exp" / f"step-{s:010d}" / "extra.pt" for s in range(3)]
-    assert [torch.load(p, weights_only=True) for p in extras] == [{}, {}, {"epoch_seen": 7}]
-    assert extras[0].read_bytes() == extras[1].read_bytes()
-    assert torch.serialization.get_crc32_options() is True
+    assert [p.exists() for p in extras] == [False, False, True]
+    assert torch.load(extras[2], weights_only=True) == {"epoch_seen": 7}
+    assert [sorted(json.loads((p.parent / MANIFEST_NAME).read_text())["files"]) for p in extras[:2]] == [["state.pt"]] * 2
     assert ck.restore(model, opt).extra == {"epoch_seen": 7}
+    restored = ck.restore(model, opt, step=1)
+    assert restored.extra == {} and restored.step == 1
 
 
 def test_restore_does_not_keep_the_checkpoint_file_mapped(tmp_path, pm, monkeypatch):

@@ -29,7 +29,7 @@ def _save_steps(tmp_path, pm, steps, **cfg):
     states = {}
     for step in steps:
         train_step(model, opt)
-        ck.save(step=step, model=model, optimizer=opt)
+        ck.save(step=step, model=model, optimizer=opt, extra={"step_seen": step})
         states[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return ck, states
 
@@ -642,7 +642,7 @@ def test_a_state_file_the_restore_maps_is_hashed_through_a_mapping_and_verify_re
     ``verify``, which is run on suspect disks, reads every file."""
     ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     model = torch.nn.Linear(600, 600)
-    ck.save(step=1, model=model)
+    ck.save(step=1, model=model, extra={"seen": 1})
     ck.close()
     assert (tmp_path / "scratch/exp/step-0000000001/state.pt").stat().st_size >= reading._MAP_MIN
     pm.add_backend_type("counted", _CountedReads)

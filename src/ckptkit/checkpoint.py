@@ -80,6 +80,7 @@ class Payload:
             torch_version=torch.__version__,
             ckptkit_version=__version__,
             created=now(),
+            extra_in_state=False,
         )
 
     def from_stored(self, local_dir: str, manifest: Manifest) -> Payload:

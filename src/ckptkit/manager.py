@@ -506,7 +506,8 @@ class CheckpointManager:
         parts = split.split(state, threads)
         files = tuple(PayloadFile(name, write=torch_writer(part))
                       for name, part in zip(split.part_names(len(parts)), parts))
-        files += (PayloadFile(EXTRA_FILE, write=torch_writer(extra)),)
+        if extra:  # a file of its own, so that peek reads no tensors; none for no extra
+            files += (PayloadFile(EXTRA_FILE, write=torch_writer(extra)),)
         return self._store(attrs.evolve(payload, files=files, concurrency=min(threads, len(files))))
 
     def _store(self, payload: Payload) -> tuple[int, list[CheckpointRef], dict[str, CkptkitError]]:
@@ -1077,8 +1078,8 @@ class CheckpointManager:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
                     saved_extra = self.reader.load_files(ref, manifest, [EXTRA_FILE], safe_globals)[EXTRA_FILE]
-                elif manifest.format == FILES_FORMAT:
-                    saved_extra = {}  # a trainer's own files: nothing of ckptkit's to read
+                elif manifest.format == FILES_FORMAT or not manifest.extra_in_state:
+                    saved_extra = {}  # saved without extra, or a trainer's own files
                 else:
                     # Older checkpoints keep extra inside state.pt: read it all.
                     saved_extra = self.reader.load_state(ref, manifest, safe_globals).get("extra", {})

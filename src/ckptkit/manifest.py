@@ -57,6 +57,9 @@ class Manifest:
     ckptkit_version: str = ""
     created: str = ""
     version: int = MANIFEST_VERSION
+    # False: a checkpoint without extra.pt was saved without extra. True (manifests that do not say,
+    # written before): its extra may be inside state.pt.
+    extra_in_state: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

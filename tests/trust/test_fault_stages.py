@@ -170,12 +170,12 @@ def test_a_stored_step_saved_again_is_replaced_whole(tmp_path, btype):
     split["roles"]["resume"]["write_threads"] = 2
     step_dir = root / "run" / "step-0000000001"
     with manager(split) as ck:
-        ck.save(step=1, model=model_at(1))
+        ck.save(step=1, model=model_at(1), extra={"seen": 1})
     assert sorted(os.listdir(step_dir)) == ["extra.pt", "manifest.json", "state-00-of-02.pt", "state-01-of-02.pt"]
     with manager(cfg) as ck:
         ck.restore(model=model_at(-7))
         ck.save(step=1, model=model_at(10), force=True)
-    assert sorted(os.listdir(step_dir)) == ["extra.pt", "manifest.json", "state.pt"]
+    assert sorted(os.listdir(step_dir)) == ["manifest.json", "state.pt"]  # saved without extra
     assert folders(root) == ["step-0000000001"]
     m = model_at(-7)
     with manager(cfg) as ck:

@@ -57,16 +57,18 @@ def test_save_prune_restore_cycle_and_final(pm, gcs_backend_options, gcs_endpoin
     ck = manager(pm, {"archive": gcs_backend_options(part_size_mb=1)}, ["archive"], final=["archive"])
     m = model(1)
     for step in range(4):
-        ck.save(step=step, model=m, epoch=1, metrics={"loss": float(step)})
+        ck.save(step=step, model=m, epoch=1, metrics={"loss": float(step)},
+                extra={"seen": step} if step == 3 else None)
     ck.finalize(model=m, step=3)
     assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == [
         "final/final_model.pt", "final/manifest.json",
-        "step-0000000002/extra.pt", "step-0000000002/manifest.json", "step-0000000002/state.pt",
+        "step-0000000002/manifest.json", "step-0000000002/state.pt",  # no extra, no extra.pt
         "step-0000000003/extra.pt", "step-0000000003/manifest.json", "step-0000000003/state.pt",
     ]
     m2 = model(2)
     restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m2)
     assert restored.step == 3 and restored.ref.uri == f"gs://{bucket}/ckpts/run/step-0000000003"
+    assert restored.extra == {"seen": 3}
     assert torch.equal(m[0].weight, m2[0].weight)
 
 

@@ -280,10 +280,10 @@ def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_o
         ck.restore(model())
 
 
-def test_a_save_takes_six_requests_and_lists_unfinished_uploads_once_per_grace_period(
+def test_a_save_takes_five_requests_and_lists_unfinished_uploads_once_per_grace_period(
         pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
-    """The round trips of a small save, pinned so that they cannot grow unnoticed: the three
-    files, the prune's listing, and the deletion of the checkpoint keep_last lets go (manifest
+    """The round trips of a small save, pinned so that they cannot grow unnoticed: the two
+    files (the state and the manifest; no extra.pt without extra), the prune's listing, and the deletion of the checkpoint keep_last lets go (manifest
     first, then the rest in one batch). Not asked: whether the new step exists (the last listing
     says it cannot), the manifest just written (the backend knows it), the folder's files again
     before deleting them, nor the unfinished uploads (none can be stale before the grace period
@@ -302,7 +302,7 @@ def test_a_save_takes_six_requests_and_lists_unfinished_uploads_once_per_grace_p
         ck.wait()
         folder, old = (f"/{bucket}/ckpts/run/step-{s:010d}" for s in (step, step - 2))
         assert [(method, path.split("?")[0]) for method, path in proxy.requests] == [
-            ("PUT", f"{folder}/state.pt"), ("PUT", f"{folder}/extra.pt"), ("PUT", f"{folder}/{MANIFEST_NAME}"),
+            ("PUT", f"{folder}/state.pt"), ("PUT", f"{folder}/{MANIFEST_NAME}"),
             ("GET", f"/{bucket}"),  # the prune's listing of the run
             ("DELETE", f"{old}/{MANIFEST_NAME}"), ("POST", f"/{bucket}"),
         ], proxy.requests

@@ -52,7 +52,7 @@ def test_a_split_state_round_trips_bit_identical(pm, s3_backend_options, s3_endp
     ck.save(step=1, model=m, optimizer=opt)
     ck.close()
     assert keys(s3_endpoint, f"{bucket}/ckpts/run/step-0000000001") == [
-        "extra.pt", "manifest.json", "state-00-of-04.pt", "state-01-of-04.pt", "state-02-of-04.pt",
+        "manifest.json", "state-00-of-04.pt", "state-01-of-04.pt", "state-02-of-04.pt",
         "state-03-of-04.pt"]
     m2, opt2 = model_and_optimizer(5)
     ck = manager(pm, s3_backend_options(), 1)

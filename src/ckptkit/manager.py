@@ -1322,7 +1322,7 @@ class CheckpointManager:
         return ref.uri
 
     def close(self) -> None:
-        """Finish pending work and release the backends. Safe to call twice."""
+        """Finish pending work, release the backends and ckptkit's own process group. Safe to call twice."""
         if not self._closed:
             try:
                 self.wait()

@@ -117,6 +117,24 @@ def test_peek_reads_step_metrics_and_extra_without_a_model(tmp_path, pm):
         assert ck.peek().step == 1
 
 
+def test_a_dcp_checkpoint_saved_without_extra_holds_an_empty_extra_file(tmp_path, pm):
+    """dcp always writes extra.pt (every rank reads it); an empty one is written from bytes
+    serialised once per process, and each copy must be a whole, weights-only loadable file."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    extras = [tmp_path / "scratch/exp" / f"step-{s:010d}" / EXTRA_FILE for s in range(2)]
+    assert [torch.load(p, weights_only=True) for p in extras] == [{}, {}]
+    assert extras[0].read_bytes() == extras[1].read_bytes()
+    assert torch.serialization.get_crc32_options() is True
+    assert ck.restore(model, opt).extra == {} and ck.peek().extra == {}
+    ck.close()
+
+
 def test_peek_of_a_checkpoint_saved_without_extra_reads_no_state(tmp_path, pm):
     ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
     model, opt = make_model()

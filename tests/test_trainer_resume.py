@@ -123,6 +123,7 @@ def test_ranks_at_different_steps_fail_at_once_and_stay_failed(tmp_path):
         assert r["later"][0] == "RanksDisagreeError" and "restart" in r["later"][1]
         assert r["group_destroyed_by_close"], "close releases ckptkit's own process group"
         assert r["freed"] == [True, True], "the error kept the model or the manager alive"
+    assert got[0]["forked_close_returned"], "closing in a forked child blocked on the parent's group"
 
 
 def test_a_frozen_rank_fails_the_others_within_the_configured_bound(tmp_path):
@@ -137,3 +138,6 @@ def test_a_refusal_in_finalize_on_one_rank_is_raised_on_every_rank(tmp_path):
     for r in got:
         assert r["raised"][0] == "UnstorableStateError" and "extra['f']" in r["raised"][1]
         assert len(r["published"]) == 1, "the next finalize goes through on every rank"
+        assert r["wait_after_close"] == []
+        assert r["group_after_close"] and "was closed" in r["group_after_close"]
+        assert r["groups_made_after_close"] == 0

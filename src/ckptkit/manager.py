@@ -286,7 +286,10 @@ class CheckpointManager:
             # Ranks whose configs differ are refused here, before the first training step.
             manager.coll.start()
         except BaseException:
-            router.close()
+            try:
+                router.close()
+            finally:
+                manager.coll.close()
             raise
         if ranks.rank() == 0:
             for line in manager.final_problems():
@@ -539,6 +542,8 @@ class CheckpointManager:
         the references of what that save committed; raises ``SaveError`` (or warns, with
         ``on_error="warn"``) on every rank if it failed. A failed prune was logged as a warning.
         """
+        if self._closed:  # close() waited for everything
+            return []
         if self.config.resume is None or not self.config.resume.async_:
             self._settle_prune()
             return []
@@ -1064,7 +1069,7 @@ class CheckpointManager:
 
         For trainers that need saved arguments (the model's config in ``extra``) before they can
         build the model that ``restore`` fills. Reads the manifest and the small ``extra.pt``
-        only, verified; no collective, so any rank may call it. ``step`` reads that step only,
+        only (verified; a checkpoint saved without extra has none, and its extra is ``{}``); no collective, so any rank may call it. ``step`` reads that step only,
         as ``restore(step=...)`` would. Returns None and raises as ``restore`` does.
         """
         self._check_open()
@@ -1078,7 +1083,7 @@ class CheckpointManager:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
                     saved_extra = self.reader.load_files(ref, manifest, [EXTRA_FILE], safe_globals)[EXTRA_FILE]
-                elif manifest.format == FILES_FORMAT or not manifest.extra_in_state:
+                elif manifest.format == FILES_FORMAT or (manifest.format == "torch" and not manifest.extra_in_state):
                     saved_extra = {}  # saved without extra, or a trainer's own files
                 else:
                     # Older checkpoints keep extra inside state.pt: read it all.
@@ -1328,11 +1333,13 @@ class CheckpointManager:
                 self.wait()
             finally:
                 self._closed = True
-                self._async.shutdown()
-                if self._pruner is not None and self._pruner[0] == os.getpid():
-                    self._pruner[1].shutdown(wait=True)
-                self.router.close()
-                self.coll.close()
+                try:
+                    self._async.shutdown()
+                    if self._pruner is not None and self._pruner[0] == os.getpid():
+                        self._pruner[1].shutdown(wait=True)
+                    self.router.close()
+                finally:
+                    self.coll.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -10,6 +10,7 @@ different points raise at once rather than exchanging the wrong objects.
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any, Callable, NoReturn
 
 import torch.distributed as dist
@@ -82,11 +83,15 @@ class Collectives:
         # holds its traceback, and through it the caller's frames (the model, the optimizer, this
         # manager) until the interpreter's end, where tearing down a process group can abort.
         self._broken: tuple[type[RanksOutOfStepError], str] | None = None
+        self._closed = False
+        self._pid = os.getpid()  # the process whose group it is: a forked child's copy is not its own
 
     def start(self) -> None:
         """Make the group and compare configs across ranks (collective); a no-op once done or in one process."""
         if self._group is not None or not active():
             return
+        self._usable()
+        self._pid = os.getpid()
         self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
         prints: list[Any] = [None] * world_size()
         self._call("comparing configs", dist.all_gather_object, prints, self._fingerprint, checked=False)
@@ -103,14 +108,25 @@ class Collectives:
 
     def close(self) -> None:
         """Destroy the group, on this rank only (for gloo that is no collective); safe to call twice.
-        A peer still waiting in it fails at once instead of at the timeout."""
+        A peer still waiting in it fails at once instead of at the timeout. Later collectives
+        raise instead of making a group again. In a forked child the group is only let go: its
+        connections are the parent's, and destroying it there blocks."""
         group, self._group = self._group, None
-        if group is None:
+        self._closed = True
+        if group is None or self._pid != os.getpid():
             return
         try:
             dist.destroy_process_group(group)
         except ValueError:  # the job destroyed every group already
             pass
+
+    def _usable(self) -> None:
+        if self._broken is not None:
+            cls, text = self._broken
+            raise cls(f"{text} (seen earlier; ckptkit's collectives are unusable in this job now: restart it)")
+        if self._closed:
+            raise CkptkitError("this checkpoint manager was closed, and with it ckptkit's process group: "
+                               "make a new manager (on every rank)")
 
     def _fail(self, cls: type[RanksOutOfStepError], text: str, cause: BaseException | None = None) -> NoReturn:
         self._broken = (cls, text)
@@ -124,9 +140,7 @@ class Collectives:
 
     def _call(self, label: str, fn: Callable[..., Any], *args: Any, checked: bool = True) -> Any:
         """Run one collective ``fn(*args, group=...)``, its timeout and failures raised as ckptkit errors."""
-        if self._broken is not None:
-            cls, text = self._broken
-            raise cls(f"{text} (seen earlier; ckptkit's collectives are unusable in this job now: restart it)")
+        self._usable()
         if checked:
             labels: list[Any] = [None] * world_size()
             self._raw(label, dist.all_gather_object, labels, label)

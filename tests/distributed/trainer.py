@@ -161,6 +161,13 @@ def steps_differ(workdir: str, case, result: dict) -> tuple[weakref.ref, ...]:
         result["later"] = None
     except ckptkit.CkptkitError as exc:
         result["later"] = [type(exc).__name__, str(exc)]
+    if ranks.rank() == 0:  # a forked worker closing its copy must not touch the parent's connections
+        child = os.fork()
+        if child == 0:  # the manager holds the only reference to the group, as in a trainer
+            ck.coll.close()
+            os._exit(0)
+        result["forked_close_returned"] = exited_within(child, 30)
+    dist.barrier()  # rank 1 keeps its end of the group open meanwhile
     group = ck.coll.group
     ck.close()
     try:
@@ -169,6 +176,17 @@ def steps_differ(workdir: str, case, result: dict) -> tuple[weakref.ref, ...]:
     except ValueError:  # "Invalid process group specified": gone already
         result["group_destroyed_by_close"] = True
     return weakref.ref(model), weakref.ref(ck)
+
+
+def exited_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
 
 
 def main() -> None:
@@ -229,6 +247,14 @@ def main() -> None:
             result["raised"] = [type(exc).__name__, str(exc)]
         result["published"] = [r.uri for r in ck.finalize(model, step=1)]
         ck.close()
+        result["wait_after_close"] = ck.wait()
+        groups = len(dist.distributed_c10d._world.pg_map)  # no public count of a job's groups
+        try:  # a collective after close raises instead of making the group again
+            ck.coll.group
+            result["group_after_close"] = None
+        except ckptkit.CkptkitError as exc:
+            result["group_after_close"] = str(exc)
+        result["groups_made_after_close"] = len(dist.distributed_c10d._world.pg_map) - groups
     elif scenario == "frozen":
         case = cases[0]
         model, opt, _ = build(case[0], case[2])

@@ -96,7 +96,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
         names = names_of(model)
-        misfit = (_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
+        misfit = (layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
                   if options is None or ranks.rank() == 0 else None)
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
@@ -163,7 +163,7 @@ def groups_misfit(saved: int | None, optimizer: torch.optim.Optimizer) -> str | 
     return None
 
 
-def _misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
             lacking_checked: bool = False) -> str | None:
     """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
     ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters

@@ -947,6 +947,7 @@ class CheckpointManager:
             return skip, None
         held = self._optimizer_held(ref, opened, model, optimizer)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
+        self._check_param_groups(ref, opened, model, optimizer)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
@@ -995,6 +996,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
+        self._check_param_groups(ref, opened, model, optimizer)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
@@ -1051,6 +1053,20 @@ class CheckpointManager:
         if problem is not None:
             raise IncompatibleCheckpointError(f"{ref.uri}: {problem}")
         return held
+
+    def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer) -> None:
+        """Before the shards reach the model: every parameter the optimizer trains is in a saved
+        param group, read from the checkpoint's small items (verified files). Every rank reads
+        the same items and has the same layout, so all raise alike."""
+        if optimizer is None:
+            return
+        try:
+            groups = sharded.saved_param_groups(opened)
+        except Exception:  # the load that follows fails, or the check after it refuses
+            return
+        problem = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
+        if problem is not None:
+            raise IncompatibleCheckpointError(f"{ref.uri}: {problem}")
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
         return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))

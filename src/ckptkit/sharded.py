@@ -17,7 +17,7 @@ import pickle
 import posixpath
 import types
 from contextlib import contextmanager
-from typing import Any, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import fsspec
 import torch
@@ -390,16 +390,31 @@ def check(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] 
 
 
 def _check(r: _SafeReader, safe_globals: Iterable[Any]) -> None:
+    _items(r, lambda fqn: True, safe_globals)
+
+
+def saved_param_groups(r: _SafeReader) -> list[dict[str, Any]]:
+    """The checkpoint's optimizer param groups, each as ``{"params": [parameter names]}``, read
+    weights-only from their small items without DCP (no collective, no tensor read)."""
+    prefix = "optimizer.param_groups."
+    items = _items(r, lambda fqn: fqn.startswith(prefix) and fqn.endswith(".params"), ())
+    groups = {int(fqn[len(prefix):].split(".", 1)[0]): value for fqn, value in items.items()}
+    return [{"params": list(groups[i])} for i in sorted(groups)]
+
+
+def _items(r: _SafeReader, wanted: Callable[[str], bool], safe_globals: Iterable[Any]) -> dict[str, Any]:
+    """The non-tensor items whose names ``wanted`` accepts, loaded weights-only."""
     metadata = r.read_metadata()
-    wanted = {index: info for index, info in metadata.storage_data.items()
-              if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)}
     by_file: dict[str, list[tuple[Any, _StorageInfo]]] = {}
-    for index, info in wanted.items():
-        by_file.setdefault(info.relative_path, []).append((index, info))
+    for index, info in metadata.storage_data.items():
+        if wanted(index.fqn) and isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            by_file.setdefault(info.relative_path, []).append((index, info))
+    out = {}
     for name, items in sorted(by_file.items()):
         with r.fs.create_stream(r.fs.concat_path(r.path, name), "rb") as stream:
             for index, info in sorted(items, key=lambda item: item[1].offset):
                 raw = r.transforms.transform_load_stream(None, info.transform_descriptors or (),
                                                          _create_file_view(stream, info.offset, info.length))
-                safeload.load(io.BytesIO(raw.read()), safe_globals,
-                              name=f"the sharded checkpoint's item {index.fqn!r}")
+                out[index.fqn] = safeload.load(io.BytesIO(raw.read()), safe_globals,
+                                               name=f"the sharded checkpoint's item {index.fqn!r}")
+    return out

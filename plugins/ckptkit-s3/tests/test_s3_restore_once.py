@@ -106,3 +106,26 @@ def test_a_sharded_checkpoint_without_optimizer_state_says_so(pm, s3_backend_opt
     with pytest.raises(ckptkit.IncompatibleCheckpointError, match="holds no optimizer state"):
         manager(pm, s3_backend_options(), "dcp").restore(model=m2, optimizer=opt2)
     assert same(snapshot(m2, opt2), before)
+
+
+def test_a_dcp_optimizer_over_other_parameters_is_refused_before_the_shards_reach_the_model(
+        pm, s3_backend_options):
+    """The saved param groups are read from their small items before DCP loads any shard, so
+    the model is left as it was (a trainer that catches the error does not go on from a model
+    half restored)."""
+    m, _ = model(0)
+    head_only = torch.optim.AdamW(m[2].parameters(), lr=1e-2)
+    m(torch.randn(4, 128)).pow(2).mean().backward()
+    head_only.step()
+    ck = manager(pm, s3_backend_options(), "dcp")
+    ck.save(step=STEP, model=m, optimizer=head_only)
+    ck.close()
+    m2, _ = model(1)
+    over_all = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    before = [t.clone() for t in m2.state_dict().values()]
+    ck = manager(pm, s3_backend_options(), "dcp")
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="no parameter named 0.bias, 0.weight"):
+        ck.restore(model=m2, optimizer=over_all)
+    ck.close()
+    assert same([t.clone() for t in m2.state_dict().values()], before)
+    assert len(over_all.state) == 0

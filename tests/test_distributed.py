@@ -257,6 +257,16 @@ def test_restore_of_an_older_sharded_step_then_a_refused_save_on_every_rank(tmp_
                                        "(committed steps, newest first: 3, 2, 1, 0)"), r
 
 
+def test_an_optimizer_misfit_is_refused_on_every_rank_though_one_rank_could_not_read_the_groups(tmp_path):
+    """The param groups are checked before the shards load; a rank that could not read them
+    must not go on into DCP's load alone (it would wait there for distributed.timeout_s)."""
+    cfg = config(tmp_path, "dcp")
+    results = launch(2, "groups_unread_on_one_rank", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)
+    for r in results:
+        assert r["raised"][0] == "IncompatibleCheckpointError", r
+        assert "no parameter named 0.bias, 0.weight" in r["raised"][1], r
+
+
 def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):
     cfg = config(tmp_path, "torch")
     results = launch(2, "rank0_fails", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)

@@ -123,7 +123,12 @@ def test_ranks_at_different_steps_fail_at_once_and_stay_failed(tmp_path):
         assert r["later"][0] == "RanksDisagreeError" and "restart" in r["later"][1]
         assert r["group_destroyed_by_close"], "close releases ckptkit's own process group"
         assert r["freed"] == [True, True], "the error kept the model or the manager alive"
-    assert got[0]["forked_close_returned"], "closing in a forked child blocked on the parent's group"
+
+
+def test_a_forked_worker_closing_its_copy_of_the_manager_leaves_the_parents_alone(tmp_path):
+    got = launch("forked_close", tmp_path, timeout=120)
+    assert got[0]["forked_close_returned"], "close in a forked child blocked on the parent's save or group"
+    assert [r["steps"] for r in got] == [[3], [3]], "the parent's async save was not committed"
 
 
 def test_a_frozen_rank_fails_the_others_within_the_configured_bound(tmp_path):

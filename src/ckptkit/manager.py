@@ -244,6 +244,7 @@ class CheckpointManager:
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
+        self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
@@ -1056,17 +1057,21 @@ class CheckpointManager:
 
     def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer) -> None:
         """Before the shards reach the model: every parameter the optimizer trains is in a saved
-        param group, read from the checkpoint's small items (verified files). Every rank reads
-        the same items and has the same layout, so all raise alike."""
+        param group, read from the checkpoint's small items (verified files). A misfit found on
+        any rank is raised on all (collective): a rank that could not read the items goes on to
+        the load only with the others."""
         if optimizer is None:
             return
+        problem = None
         try:
             groups = sharded.saved_param_groups(opened)
-        except Exception:  # the load that follows fails, or the check after it refuses
-            return
-        problem = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
-        if problem is not None:
-            raise IncompatibleCheckpointError(f"{ref.uri}: {problem}")
+        except Exception:  # unreadable here: the check after the load still refuses a misfit
+            groups = None
+        if groups is not None:
+            misfit = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
+            if misfit is not None:
+                problem = IncompatibleCheckpointError(f"{ref.uri}: {misfit}")
+        self.coll.agree(f"restore step {ref.step}: param groups", problem)
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
         return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))
@@ -1343,7 +1348,14 @@ class CheckpointManager:
         return ref.uri
 
     def close(self) -> None:
-        """Finish pending work, release the backends and ckptkit's own process group. Safe to call twice."""
+        """Finish pending work, release the backends and ckptkit's own process group. Safe to call twice.
+
+        In a process forked from the one that made the manager (a data loader's worker) it only
+        marks the manager closed: the save in flight, the backends and the group are the parent's."""
+        if not self._closed and os.getpid() != self._pid:
+            self._closed = True
+            self.coll.close()  # lets the group go without touching it
+            return
         if not self._closed:
             try:
                 self.wait()

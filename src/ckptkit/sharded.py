@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import posixpath
+import re
 import types
 from contextlib import contextmanager
 from typing import Any, Callable, Generator, Iterable
@@ -396,10 +397,12 @@ def _check(r: _SafeReader, safe_globals: Iterable[Any]) -> None:
 def saved_param_groups(r: _SafeReader) -> list[dict[str, Any]]:
     """The checkpoint's optimizer param groups, each as ``{"params": [parameter names]}``, read
     weights-only from their small items without DCP (no collective, no tensor read)."""
-    prefix = "optimizer.param_groups."
-    items = _items(r, lambda fqn: fqn.startswith(prefix) and fqn.endswith(".params"), ())
-    groups = {int(fqn[len(prefix):].split(".", 1)[0]): value for fqn, value in items.items()}
+    items = _items(r, lambda fqn: _GROUP_PARAMS.fullmatch(fqn) is not None, ())
+    groups = {int(_GROUP_PARAMS.fullmatch(fqn).group(1)): value for fqn, value in items.items()}
     return [{"params": list(groups[i])} for i in sorted(groups)]
+
+
+_GROUP_PARAMS = re.compile(r"optimizer\.param_groups\.(\d+)\.params")
 
 
 def _items(r: _SafeReader, wanted: Callable[[str], bool], safe_globals: Iterable[Any]) -> dict[str, Any]:

@@ -161,13 +161,6 @@ def steps_differ(workdir: str, case, result: dict) -> tuple[weakref.ref, ...]:
         result["later"] = None
     except ckptkit.CkptkitError as exc:
         result["later"] = [type(exc).__name__, str(exc)]
-    if ranks.rank() == 0:  # a forked worker closing its copy must not touch the parent's connections
-        child = os.fork()
-        if child == 0:  # the manager holds the only reference to the group, as in a trainer
-            ck.coll.close()
-            os._exit(0)
-        result["forked_close_returned"] = exited_within(child, 30)
-    dist.barrier()  # rank 1 keeps its end of the group open meanwhile
     group = ck.coll.group
     ck.close()
     try:
@@ -233,6 +226,24 @@ def main() -> None:
         refs = steps_differ(workdir, cases[0], result)
         result["freed"] = [ref() is None for ref in refs]
         gc.enable()
+    elif scenario == "forked_close":
+        # A data loader's worker, forked while an async save is in flight, closes its copy of the
+        # manager: that must neither wait for the parent's save nor touch the parent's group.
+        case = next(c for c in cases if c[3] is True)
+        model, opt, _ = build(case[0], case[2])
+        ck = ckptkit.CheckpointManager.from_config(config(workdir, case), run_name="forked")
+        ck.save(EVERY, model, opt)
+        if rank == 0:
+            child = os.fork()
+            if child == 0:  # the manager holds the only reference to the group, as in a trainer
+                ck.close()
+                os._exit(0)
+            result["forked_close_returned"] = exited_within(child, 30)
+        dist.barrier()  # rank 1 keeps its end of the group open meanwhile
+        ck.close()
+        ck = ckptkit.CheckpointManager.from_config(config(workdir, case), run_name="forked")
+        result["steps"] = [r.step for r in ck.list_checkpoints()]
+        ck.close()
     elif scenario == "finalize_refused":
         case = cases[0]
         model, opt, _ = build(case[0], case[2])

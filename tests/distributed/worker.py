@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import ckptkit
-from ckptkit import ranks, reading
+from ckptkit import ranks, reading, sharded
 from ckptkit.plugins import make_plugin_manager
 
 
@@ -238,6 +238,28 @@ def main() -> None:
         result["final"] = [r.uri for r in refs]
         if rank == 0:
             torch.save(full, os.path.join(workdir, "expected_full.pt"))
+        ck.close()
+
+    elif scenario == "groups_unread_on_one_rank":
+        # Saved by an optimizer over the last layer only; restored into one over every parameter,
+        # with the saved param groups' items unreadable on rank 1 alone.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, _ = build(kind, seed=0)
+        head = torch.optim.AdamW(list(model.parameters())[-2:], lr=1e-2)
+        train(model, head, steps=1, ck=ck)
+        ck.close()
+        if rank == 1:
+            def unreadable(r):
+                raise OSError("the shared filesystem hiccuped")
+
+            sharded.saved_param_groups = unreadable
+        model2, opt2 = build(kind, seed=1)
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        try:
+            ck.restore(model=model2, optimizer=opt2)
+            result["raised"] = None
+        except ckptkit.CkptkitError as exc:
+            result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
     elif scenario == "restore_meta":

@@ -267,6 +267,15 @@ def test_an_optimizer_misfit_is_refused_on_every_rank_though_one_rank_could_not_
         assert "no parameter named 0.bias, 0.weight" in r["raised"][1], r
 
 
+def test_a_rank_that_leaves_during_the_shard_load_is_reported_as_such(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    cfg["distributed"] = {"timeout_s": 30}
+    rank0 = launch(2, "rank_leaves_during_shard_load", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)[0]
+    assert rank0["raised"][0] == "CollectiveTimeoutError", rank0
+    assert "restore step 0: load shards" in rank0["raised"][1], rank0
+    assert rank0["later"][0] == "CollectiveTimeoutError" and "restart it" in rank0["later"][1], rank0
+
+
 def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):
     cfg = config(tmp_path, "torch")
     results = launch(2, "rank0_fails", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)

@@ -1020,6 +1020,9 @@ class CheckpointManager:
         try:
             sharded.load(state, opened, ref.path, safe_globals, process_group=self.coll.group)
         except (Exception, CheckpointException) as exc:
+            lost = self.coll.lost(f"restore step {ref.step}: load shards", exc)
+            if lost is not None:  # a rank left or froze: not a misfit of the checkpoint
+                raise lost from exc
             failure = self._shards_failure(ref, optimizer, exc)
             raise failure from failure.__cause__
 
@@ -1090,8 +1093,9 @@ class CheckpointManager:
 
         For trainers that need saved arguments (the model's config in ``extra``) before they can
         build the model that ``restore`` fills. Reads the manifest and the small ``extra.pt``
-        only (verified; a checkpoint saved without extra has none, and its extra is ``{}``); no collective, so any rank may call it. ``step`` reads that step only,
-        as ``restore(step=...)`` would. Returns None and raises as ``restore`` does.
+        only (verified; a checkpoint saved without extra has none, and its extra is ``{}``); no
+        collective, so any rank may call it. ``step`` reads that step only, as
+        ``restore(step=...)`` would. Returns None and raises as ``restore`` does.
         """
         self._check_open()
         step = None if step is None else _count("step", step)
@@ -1104,7 +1108,8 @@ class CheckpointManager:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
                     saved_extra = self.reader.load_files(ref, manifest, [EXTRA_FILE], safe_globals)[EXTRA_FILE]
-                elif manifest.format == FILES_FORMAT or (manifest.format == "torch" and not manifest.extra_in_state):
+                elif manifest.format == FILES_FORMAT or (manifest.format == "torch"
+                                                         and not manifest.extra_in_state):
                     saved_extra = {}  # saved without extra, or a trainer's own files
                 else:
                     # Older checkpoints keep extra inside state.pt: read it all.

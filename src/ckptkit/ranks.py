@@ -128,9 +128,9 @@ class Collectives:
             raise CkptkitError("this checkpoint manager was closed, and with it ckptkit's process group: "
                                "make a new manager (on every rank)")
 
-    def _fail(self, cls: type[RanksOutOfStepError], text: str, cause: BaseException | None = None) -> NoReturn:
+    def _fail(self, cls: type[RanksOutOfStepError], text: str) -> NoReturn:
         self._broken = (cls, text)
-        raise cls(text) from cause
+        raise cls(text)
 
     @property
     def group(self) -> Any:
@@ -156,14 +156,29 @@ class Collectives:
         try:
             return fn(*args, group=self._group)
         except RuntimeError as exc:
-            reason = " ".join(str(exc).split())[:300]
-            if not any(sign in reason.lower() for sign in _PEER_GONE):
+            lost = self.lost(label, exc)
+            if lost is None:
                 raise
-            self._fail(CollectiveTimeoutError,
-                       f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
-                       f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not "
-                       "call ckptkit at the same step; what rank 0 was doing there may still have completed (see "
-                       "ckptkit ls). Raise distributed.timeout_s if rank 0 needs longer to write a checkpoint", exc)
+            raise lost from exc
+
+    def lost(self, label: str, exc: BaseException) -> CollectiveTimeoutError | None:
+        """The error to raise for ``exc`` from a collective at ``label`` (also DCP's own, on this
+        group) when it says a peer did not answer in time or went away, else None. The
+        collectives are unusable from then on. Only a ``RuntimeError`` (gloo's) counts, so that a
+        checkpoint's own key names ("timeout_head.weight" in a missing-key error) never do."""
+        failures = getattr(exc, "failures", None)  # DCP's CheckpointException: each rank's error
+        causes = ([f[0] if isinstance(f, tuple) else f for f in failures.values()]
+                  if isinstance(failures, dict) else [exc])
+        reason = next((" ".join(str(c).split())[:300] for c in causes
+                       if isinstance(c, RuntimeError) and any(s in str(c).lower() for s in _PEER_GONE)), None)
+        if reason is None:
+            return None
+        message = (f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
+                   f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not "
+                   "call ckptkit at the same step; what rank 0 was doing there may still have completed (see "
+                   "ckptkit ls). Raise distributed.timeout_s if rank 0 needs longer to write a checkpoint")
+        self._broken = (CollectiveTimeoutError, message)
+        return CollectiveTimeoutError(message)
 
     def broadcast(self, label: str, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled between the trusted ranks of one job)."""

@@ -262,6 +262,38 @@ def main() -> None:
             result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
+    elif scenario == "rank_leaves_during_shard_load":
+        # Rank 1 is gone (crashed, killed) just as DCP's load of the shards starts: rank 0 must
+        # say so, not call the checkpoint incompatible.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, opt = build(kind, seed=0)
+        train(model, opt, steps=1, ck=ck)
+        ck.close()
+        path = os.path.join(workdir, f"result-{scenario}-{rank}.json")
+        if rank == 1:
+            def gone(*args, **kwargs):
+                with open(path, "w") as f:
+                    json.dump(result, f)
+                os._exit(0)
+
+            sharded.load = gone
+        model2, opt2 = build(kind, seed=1)
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        try:
+            ck.restore(model=model2, optimizer=opt2)
+            result["raised"] = None
+        except ckptkit.CkptkitError as exc:
+            result["raised"] = [type(exc).__name__, str(exc)]
+        try:
+            ck.list_checkpoints()  # no collective: still fine
+            ck.restore(model=model2, optimizer=opt2)
+            result["later"] = None
+        except ckptkit.CkptkitError as exc:
+            result["later"] = [type(exc).__name__, str(exc)]
+        with open(path, "w") as f:
+            json.dump(result, f)
+        os._exit(0)  # no peer left for the barrier at the end
+
     elif scenario == "restore_meta":
         # A resuming process that builds its model on the meta device: DCP takes the tensors it
         # is given there (assign=True), so the state file must not be loaded through a mapping.

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+import ckptkit
 from ckptkit.cli import main as cli
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
@@ -274,6 +275,35 @@ def test_a_rank_that_leaves_during_the_shard_load_is_reported_as_such(tmp_path):
     assert rank0["raised"][0] == "CollectiveTimeoutError", rank0
     assert "restore step 0: load shards" in rank0["raised"][1], rank0
     assert rank0["later"][0] == "CollectiveTimeoutError" and "restart it" in rank0["later"][1], rank0
+
+
+def test_a_rank_restoring_without_optimizer_beside_one_with_it_meets_the_others(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    cfg["distributed"] = {"timeout_s": 20}
+    results = launch(2, "optimizer_on_rank0_only", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)
+    assert [r["restored_step"] for r in results] == [0, 0]
+    assert all(r["same_model"] for r in results)
+    assert [r["optimizer_state"] for r in results] == [6, 0]
+
+
+def test_only_a_collective_that_lost_its_peer_breaks_the_collectives():
+    """DCP raises its collectives' errors as they are and wraps each rank's own failures: a
+    missing key named like "timeout_head" is a misfit of the checkpoint, not a lost rank."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ckptkit import ranks
+
+    coll = ranks.Collectives(30, {})
+    missing = RuntimeError("Missing key in checkpoint state_dict: model.timeout_head.weight.")
+    assert coll.lost("load", CheckpointException("load failed", {0: (missing, traceback.StackSummary())})) is None
+    assert coll.lost("load", OSError("connection reset by the disk")) is None
+    assert coll._broken is None
+    gone = coll.lost("load", RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:4567"))
+    assert isinstance(gone, ckptkit.CollectiveTimeoutError) and "'load'" in str(gone)
+    with pytest.raises(ckptkit.CollectiveTimeoutError, match="restart it"):
+        coll._usable()  # what every later collective of that manager checks first
 
 
 def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):

@@ -946,9 +946,9 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        held = self._optimizer_held(ref, opened, model, optimizer)
+        held, problem = self._optimizer_held(ref, opened, model, optimizer)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
-        self._check_param_groups(ref, opened, model, optimizer)
+        self._check_param_groups(ref, opened, model, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
@@ -972,13 +972,14 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        held = self._optimizer_held(ref, opened, model, optimizer)
+        held, problem = self._optimizer_held(ref, opened, model, optimizer)
         state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
-        problem = None
+        wanted: set[str] = set()
         try:
-            wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
+            if problem is None:
+                wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
         except Exception as exc:
-            wanted, problem = set(), exc
+            problem = exc
         plans = self.coll.all_gather(f"restore step {ref.step}: plan", (sorted(wanted), ranks.portable(problem)))
         failures = [p for _, p in plans if p is not None]
         if failures:
@@ -997,7 +998,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
-        self._check_param_groups(ref, opened, model, optimizer)
+        self._check_param_groups(ref, opened, model, optimizer, None)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
@@ -1038,40 +1039,37 @@ class CheckpointManager:
         error.__cause__ = exc
         return error
 
-    def _optimizer_held(self, ref: CheckpointRef, opened, model, optimizer) -> set[str]:
+    def _optimizer_held(self, ref: CheckpointRef, opened, model,
+                        optimizer) -> tuple[set[str], IncompatibleCheckpointError | None]:
         """Before a sharded load: the names of the parameters the checkpoint holds optimizer state
         for (``sharded.optimizer_state_held``), once it is checked that it holds optimizer state,
         in as many param groups as ``optimizer`` has, and that an optimizer that has stepped holds
-        state for every parameter it trains that the checkpoint has state for. Every rank reads
-        the same metadata, and the ranks' optimizers hold state for the same parameters, so all
-        raise alike."""
+        state for every parameter it trains that the checkpoint has state for; else, with them,
+        why not. Returned, not raised: the caller makes every rank raise it (an optimizer's state
+        may differ between ranks)."""
         if optimizer is None:
-            return set()
+            return set(), None
         groups = sharded.optimizer_groups_saved(opened)
         if groups is None:
-            raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
-                                              "optimizer=); restore it without optimizer=")
+            return set(), IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
+                                                      "optimizer=); restore it without optimizer=")
         held = sharded.optimizer_state_held(opened)
         problem = gather.groups_misfit(groups, optimizer) or gather.lacking_state(gather.names_of(model), optimizer,
                                                                                   held)
-        if problem is not None:
-            raise IncompatibleCheckpointError(f"{ref.uri}: {problem}")
-        return held
+        return held, None if problem is None else IncompatibleCheckpointError(f"{ref.uri}: {problem}")
 
-    def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer) -> None:
+    def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer,
+                            problem: BaseException | None) -> None:
         """Before the shards reach the model: every parameter the optimizer trains is in a saved
-        param group, read from the checkpoint's small items (verified files). A misfit found on
-        any rank is raised on all (collective): a rank that could not read the items goes on to
-        the load only with the others."""
-        if optimizer is None:
-            return
-        problem = None
-        try:
-            groups = sharded.saved_param_groups(opened)
-        except Exception:  # unreadable here: the check after the load still refuses a misfit
-            groups = None
-        if groups is not None:
-            misfit = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
+        param group, read from the checkpoint's small items (verified files). ``problem`` (this
+        rank's, found before) or a misfit found on any rank is raised on all (collective, also
+        for a rank without optimizer): no rank goes into DCP's load alone."""
+        if problem is None and optimizer is not None:
+            try:
+                groups = sharded.saved_param_groups(opened)
+                misfit = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
+            except Exception:  # unreadable here: the check after the load still refuses a misfit
+                misfit = None
             if misfit is not None:
                 problem = IncompatibleCheckpointError(f"{ref.uri}: {misfit}")
         self.coll.agree(f"restore step {ref.step}: param groups", problem)

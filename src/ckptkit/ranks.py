@@ -164,14 +164,13 @@ class Collectives:
     def lost(self, label: str, exc: BaseException) -> CollectiveTimeoutError | None:
         """The error to raise for ``exc`` from a collective at ``label`` (also DCP's own, on this
         group) when it says a peer did not answer in time or went away, else None. The
-        collectives are unusable from then on. Only a ``RuntimeError`` (gloo's) counts, so that a
-        checkpoint's own key names ("timeout_head.weight" in a missing-key error) never do."""
-        failures = getattr(exc, "failures", None)  # DCP's CheckpointException: each rank's error
-        causes = ([f[0] if isinstance(f, tuple) else f for f in failures.values()]
-                  if isinstance(failures, dict) else [exc])
-        reason = next((" ".join(str(c).split())[:300] for c in causes
-                       if isinstance(c, RuntimeError) and any(s in str(c).lower() for s in _PEER_GONE)), None)
-        if reason is None:
+        collectives are unusable from then on. Only ``exc`` itself counts, raised by a collective:
+        DCP raises its collectives' errors as they are, and wraps what each rank's own work raised
+        (a missing key "timeout_head.weight" among them) in a ``CheckpointException``."""
+        if not isinstance(exc, RuntimeError):
+            return None
+        reason = " ".join(str(exc).split())[:300]
+        if not any(sign in reason.lower() for sign in _PEER_GONE):
             return None
         message = (f"rank {rank()}: the other ranks did not meet it at {label!r} within {self.timeout_s:g} s "
                    f"(distributed.timeout_s), or one left ({reason}). A rank is frozen, crashed, or did not "

@@ -286,6 +286,14 @@ def test_a_rank_restoring_without_optimizer_beside_one_with_it_meets_the_others(
     assert [r["optimizer_state"] for r in results] == [6, 0]
 
 
+def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(tmp_path):
+    cfg = config(tmp_path, "dcp")
+    cfg["distributed"] = {"timeout_s": 20}
+    results = launch(2, "load_target_fails_on_one_rank", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)
+    for r in results:
+        assert "out of memory while making the optimizer's state" in r["raised"][1], r
+
+
 def test_only_a_collective_that_lost_its_peer_breaks_the_collectives():
     """DCP raises its collectives' errors as they are and wraps each rank's own failures: a
     missing key named like "timeout_head" is a misfit of the checkpoint, not a lost rank."""

@@ -947,7 +947,7 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         held, problem = self._optimizer_held(ref, opened, model, optimizer)
-        state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
+        state, problem = self._load_target(model, optimizer, held, problem)
         self._check_param_groups(ref, opened, model, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
@@ -973,17 +973,17 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         held, problem = self._optimizer_held(ref, opened, model, optimizer)
-        state = gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True), held)
+        state, problem = self._load_target(model, optimizer, held, problem)
         wanted: set[str] = set()
-        try:
-            if problem is None:
+        if problem is None:
+            try:
                 wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
-        except Exception as exc:
-            problem = exc
+            except Exception as exc:  # made here, so that every rank raises the same error
+                problem = self._shards_failure(ref, optimizer, exc)
         plans = self.coll.all_gather(f"restore step {ref.step}: plan", (sorted(wanted), ranks.portable(problem)))
         failures = [p for _, p in plans if p is not None]
         if failures:
-            raise self._shards_failure(ref, optimizer, problem or failures[0])
+            raise problem if problem is not None else failures[0]
         # Files that no rank reads are still checked, a share per rank, where they lie.
         unread = sorted(set(manifest.files) - {sharded.METADATA_FILE}.union(*(names for names, _ in plans)))
         try:
@@ -1057,6 +1057,20 @@ class CheckpointManager:
         problem = gather.groups_misfit(groups, optimizer) or gather.lacking_state(gather.names_of(model), optimizer,
                                                                                   held)
         return held, None if problem is None else IncompatibleCheckpointError(f"{ref.uri}: {problem}")
+
+    @staticmethod
+    def _load_target(model, optimizer, held: set[str],
+                     problem: BaseException | None) -> tuple[dict[str, Any], BaseException | None]:
+        """The state a sharded load fills in place, unless this rank has a ``problem`` already;
+        with what making it raised here as the problem (an unstepped optimizer's state is made
+        here, and may not fit in memory on one rank alone), for the ranks to agree on."""
+        if problem is not None:
+            return {}, problem
+        try:
+            return gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True),
+                                          held), None
+        except Exception as exc:
+            return {}, exc
 
     def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer,
                             problem: BaseException | None) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import ckptkit
-from ckptkit import ranks, reading, sharded
+from ckptkit import gather, ranks, reading, sharded
 from ckptkit.plugins import make_plugin_manager
 
 
@@ -196,6 +196,24 @@ def mapped_under(folder: str) -> list[str]:
         return sorted({line.split()[-1] for line in f if str(folder) in line})
 
 
+def saved_after_one_step(cfg: dict, kind: str) -> torch.nn.Module:
+    """A model trained one step and saved (step 0) with its optimizer; the manager closed."""
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    model, opt = build(kind, seed=0)
+    train(model, opt, steps=1, ck=ck)
+    ck.close()
+    return model
+
+
+def restore_raised(ck, model, opt) -> list[str] | None:
+    """The type and text of the ckptkit error that ``restore`` raised, or None."""
+    try:
+        ck.restore(model=model, optimizer=opt)
+    except ckptkit.CkptkitError as exc:
+        return [type(exc).__name__, str(exc)]
+    return None
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -253,22 +271,30 @@ def main() -> None:
                 raise OSError("the shared filesystem hiccuped")
 
             sharded.saved_param_groups = unreadable
-        model2, opt2 = build(kind, seed=1)
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        result["raised"] = restore_raised(ck, *build(kind, seed=1))
+        ck.close()
+
+    elif scenario == "load_target_fails_on_one_rank":
+        # Making the optimizer state a sharded load fills runs out of memory on rank 1 alone.
+        saved_after_one_step(cfg, kind)
+        if rank == 1:
+            def out_of_memory(*args, **kwargs):
+                raise RuntimeError("out of memory while making the optimizer's state")
+
+            gather.resume_state = out_of_memory
         ck = ckptkit.CheckpointManager.from_config(cfg)
         try:
-            ck.restore(model=model2, optimizer=opt2)
+            ck.restore(*build(kind, seed=1))
             result["raised"] = None
-        except ckptkit.CkptkitError as exc:
+        except Exception as exc:  # rank 1 gets its own RuntimeError back, the others its text
             result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
     elif scenario == "optimizer_on_rank0_only":
         # DCP takes another state dict on each rank; ckptkit's checks before the load must still
         # meet on every rank (a rank without optimizer has nothing to check, but must be there).
-        ck = ckptkit.CheckpointManager.from_config(cfg)
-        model, opt = build(kind, seed=0)
-        train(model, opt, steps=1, ck=ck)
-        ck.close()
+        model = saved_after_one_step(cfg, kind)
         model2, opt2 = build(kind, seed=1)
         ck = ckptkit.CheckpointManager.from_config(cfg)
         restored = ck.restore(model=model2, optimizer=opt2 if rank == 0 else None)
@@ -281,10 +307,7 @@ def main() -> None:
     elif scenario == "rank_leaves_during_shard_load":
         # Rank 1 is gone (crashed, killed) just as DCP's load of the shards starts: rank 0 must
         # say so, not call the checkpoint incompatible.
-        ck = ckptkit.CheckpointManager.from_config(cfg)
-        model, opt = build(kind, seed=0)
-        train(model, opt, steps=1, ck=ck)
-        ck.close()
+        saved_after_one_step(cfg, kind)
         path = os.path.join(workdir, f"result-{scenario}-{rank}.json")
         if rank == 1:
             def gone(*args, **kwargs):
@@ -295,17 +318,9 @@ def main() -> None:
             sharded.load = gone
         model2, opt2 = build(kind, seed=1)
         ck = ckptkit.CheckpointManager.from_config(cfg)
-        try:
-            ck.restore(model=model2, optimizer=opt2)
-            result["raised"] = None
-        except ckptkit.CkptkitError as exc:
-            result["raised"] = [type(exc).__name__, str(exc)]
-        try:
-            ck.list_checkpoints()  # no collective: still fine
-            ck.restore(model=model2, optimizer=opt2)
-            result["later"] = None
-        except ckptkit.CkptkitError as exc:
-            result["later"] = [type(exc).__name__, str(exc)]
+        result["raised"] = restore_raised(ck, model2, opt2)
+        ck.list_checkpoints()  # no collective: still fine
+        result["later"] = restore_raised(ck, model2, opt2)
         with open(path, "w") as f:
             json.dump(result, f)
         os._exit(0)  # no peer left for the barrier at the end

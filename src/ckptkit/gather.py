@@ -164,7 +164,7 @@ def groups_misfit(saved: int | None, optimizer: torch.optim.Optimizer) -> str | 
 
 
 def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
-            lacking_checked: bool = False) -> str | None:
+                  lacking_checked: bool = False) -> str | None:
     """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
     ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters
     in a saved group (by name). Without the check DCP loads a group it cannot match without

@@ -946,9 +946,10 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        held, problem = self._optimizer_held(ref, opened, model, optimizer)
+        names = gather.names_of(model) if optimizer is not None else {}
+        held, problem = self._optimizer_held(ref, opened, names, optimizer)
         state, problem = self._load_target(model, optimizer, held, problem)
-        self._check_param_groups(ref, opened, model, optimizer, problem)
+        self._check_param_groups(ref, opened, names, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
@@ -972,7 +973,8 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "open", problem)
         if skip is not None:
             return skip, None
-        held, problem = self._optimizer_held(ref, opened, model, optimizer)
+        names = gather.names_of(model) if optimizer is not None else {}
+        held, problem = self._optimizer_held(ref, opened, names, optimizer)
         state, problem = self._load_target(model, optimizer, held, problem)
         wanted: set[str] = set()
         if problem is None:
@@ -998,7 +1000,7 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
-        self._check_param_groups(ref, opened, model, optimizer, None)
+        self._check_param_groups(ref, opened, names, optimizer, None)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
@@ -1039,7 +1041,7 @@ class CheckpointManager:
         error.__cause__ = exc
         return error
 
-    def _optimizer_held(self, ref: CheckpointRef, opened, model,
+    def _optimizer_held(self, ref: CheckpointRef, opened, names: dict[torch.Tensor, set[str]],
                         optimizer) -> tuple[set[str], IncompatibleCheckpointError | None]:
         """Before a sharded load: the names of the parameters the checkpoint holds optimizer state
         for (``sharded.optimizer_state_held``), once it is checked that it holds optimizer state,
@@ -1054,8 +1056,7 @@ class CheckpointManager:
             return set(), IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                                       "optimizer=); restore it without optimizer=")
         held = sharded.optimizer_state_held(opened)
-        problem = gather.groups_misfit(groups, optimizer) or gather.lacking_state(gather.names_of(model), optimizer,
-                                                                                  held)
+        problem = gather.groups_misfit(groups, optimizer) or gather.lacking_state(names, optimizer, held)
         return held, None if problem is None else IncompatibleCheckpointError(f"{ref.uri}: {problem}")
 
     @staticmethod
@@ -1072,7 +1073,7 @@ class CheckpointManager:
         except Exception as exc:
             return {}, exc
 
-    def _check_param_groups(self, ref: CheckpointRef, opened, model, optimizer,
+    def _check_param_groups(self, ref: CheckpointRef, opened, names: dict[torch.Tensor, set[str]], optimizer,
                             problem: BaseException | None) -> None:
         """Before the shards reach the model: every parameter the optimizer trains is in a saved
         param group, read from the checkpoint's small items (verified files). ``problem`` (this
@@ -1081,7 +1082,7 @@ class CheckpointManager:
         if problem is None and optimizer is not None:
             try:
                 groups = sharded.saved_param_groups(opened)
-                misfit = gather.layout_misfit(gather.names_of(model), optimizer, {"param_groups": groups})
+                misfit = gather.layout_misfit(names, optimizer, {"param_groups": groups})
             except Exception:  # unreadable here: the check after the load still refuses a misfit
                 misfit = None
             if misfit is not None:

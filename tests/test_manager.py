@@ -10,7 +10,11 @@ from ckptkit import CheckpointError, CheckpointManager, PublishError, SaveError
 from ckptkit.manager import FINAL_FILE, STATE_FILE
 from ckptkit.manifest import MANIFEST_NAME
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import assert_same_state, local_config, make_model, rewrite_manifest, train_step
+
+
+def gather_state(model, opt):
+    return ckptkit.gather.resume_state(model, opt)
 
 
 def steps_on_disk(root, run="exp"):
@@ -187,6 +191,31 @@ def test_restore_without_optimizer_state_is_clear(tmp_path, pm):
     with pytest.raises(CheckpointError, match="holds no optimizer state .*restore it without optimizer="):
         ck.restore(model, opt)
     assert ck.restore(model).step == 0
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_the_manifest_names_the_optimizers_class_and_only_its_name_must_match(tmp_path, pm, fmt):
+    """A module that torch moves an optimizer to keeps its checkpoints restorable, and so do
+    manifests from before they named the class (torch's own load decides there, as it did)."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt = make_model()
+    train_step(model, opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with_opt, without = ck.save(step=0, model=model, optimizer=opt)[0], ck.save(step=1, model=model)[0]
+
+    def named(ref):
+        with open(os.path.join(ref.local_dir, MANIFEST_NAME)) as f:
+            return json.load(f)["optimizer"]
+
+    assert named(with_opt) == "torch.optim.adamw:AdamW" and named(without) is None
+    expected = gather_state(model, opt)
+    for saved_as in ("torch.optim.moved_elsewhere:AdamW", None):
+        rewrite_manifest(with_opt.local_dir, optimizer=saved_as)
+        model2, opt2 = make_model(seed=5)
+        with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+            assert ck.restore(model2, opt2, step=0).step == 0
+        assert_same_state(gather_state(model2, opt2), expected)
 
 
 def test_failing_backend_does_not_touch_the_others(tmp_path, third_party_dist):

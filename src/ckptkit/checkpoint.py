@@ -64,6 +64,8 @@ class Payload:
     # How many of ``files`` a backend may write at the same time (``roles.resume.write_threads``).
     # Only a speed hint: a backend that writes them one after the other is just as correct.
     concurrency: int = 1
+    # ``manifest.optimizer_class`` of the optimizer whose state the files hold, if any.
+    optimizer: str | None = None
 
     def manifest(self, files: dict[str, FileEntry]) -> Manifest:
         """The manifest that commits this payload once ``files`` are stored."""
@@ -81,6 +83,7 @@ class Payload:
             ckptkit_version=__version__,
             created=now(),
             extra_in_state=False,
+            optimizer=self.optimizer,
         )
 
     def from_stored(self, local_dir: str, manifest: Manifest) -> Payload:

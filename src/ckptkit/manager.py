@@ -41,7 +41,7 @@ from .errors import (
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, optimizer_class, same_class
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -406,6 +406,7 @@ class CheckpointManager:
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
             mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None,
+            optimizer=None if optimizer is None else optimizer_class(optimizer),
         )
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
@@ -811,6 +812,7 @@ class CheckpointManager:
                     f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
                     "not model state: fetch it with restore_files(dest) and let that trainer load it")
             if status == "ok":
+                self._check_optimizer_class(ref, manifest, optimizer)
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
                 problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
             elif isinstance(manifest, SKIPPABLE):
@@ -862,6 +864,22 @@ class CheckpointManager:
                 "Check the storage, or start a new run name")
         self._prepare_first_save(optimizer)
         return None
+
+    def _check_optimizer_class(self, ref: CheckpointRef, manifest: Manifest, optimizer) -> None:
+        """Refuse, on every rank and before anything is read, an optimizer of another class than
+        the one whose state ``ref`` holds (collective). torch's own ``load_state_dict`` takes the
+        state of some other classes: Adam's into SGD (whose first step then fails for want of a
+        momentum setting) or into AdamW (which would then train as Adam, its settings replaced)."""
+        problem = None
+        if optimizer is not None and manifest.optimizer is not None:
+            live = optimizer_class(optimizer)
+            if not same_class(manifest.optimizer, live):
+                problem = IncompatibleCheckpointError(
+                    f"{ref.uri} holds the state of a {manifest.optimizer.replace(':', '.')} optimizer, and the "
+                    f"optimizer given to restore is a {live.replace(':', '.')}: its state and settings "
+                    f"(learning rate, betas, momentum) would not carry over as they were. {gather.REBUILD} "
+                    "(the model alone; a new optimizer then starts without state)")
+        self.coll.agree(f"restore step {ref.step}: optimizer class", problem)
 
     def _prepare_first_save(self, optimizer: torch.optim.Optimizer | None) -> None:
         """After ``restore``, before training: an async manager makes the first save's buffers

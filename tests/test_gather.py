@@ -378,6 +378,37 @@ def test_lbfgs_resumes_bit_identical(tmp_path):
     assert_same_state(full_state(model2, opt2), full_state(model, opt))
 
 
+def test_an_unstepped_lbfgs_saved_at_step_0_restores_and_trains_on(tmp_path):
+    """DCP would make an unstepped optimizer's state by a step without a closure, which LBFGS
+    refuses: the save at step 0 of a new training names the groups without any step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, history_size=3, max_iter=4)
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        ck.save(step=0, model=model, optimizer=opt)
+    assert len(opt.state) == 0
+    model2 = torch.nn.Linear(16, 4)
+    opt2 = torch.optim.LBFGS(model2.parameters(), lr=0.5, history_size=3, max_iter=4)
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        assert ck.restore(model=model2, optimizer=opt2).step == 0
+    assert len(opt2.state) == 0 and opt2.param_groups[0]["history_size"] == 3
+    assert_same_state(model2.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("wrap", ["plain", "ddp"])
+def test_saving_an_unstepped_optimizer_runs_none_of_its_step_hooks(tmp_path, group_of_one, wrap):
+    """A step hook may be training's own (an EMA update, a step counter): the save at step 0
+    must not step the optimizer, even at lr=0, nor make state for it."""
+    model, opt, _ = build(wrap, "adamw", seed=0)
+    steps = []
+    opt.register_step_pre_hook(lambda *args: steps.append("pre"))
+    opt.register_step_post_hook(lambda *args: steps.append("post"))
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        ck.save(step=0, model=model, optimizer=opt)
+    assert steps == [] and len(opt.state) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_plain_replica_in_a_group_of_one_is_not_gathered(group_of_one):
     model, opt, _ = build("plain", "sgd", seed=0)
     assert not gather.distributed(model)

@@ -218,6 +218,38 @@ def test_the_manifest_names_the_optimizers_class_and_only_its_name_must_match(tm
         assert_same_state(gather_state(model2, opt2), expected)
 
 
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_where_dcp_would_make_its_state(tmp_path, pm):
+    """LBFGS under format dcp: DCP makes a restoring optimizer's state by a step without a
+    closure. The save is refused, with nothing written, instead of a checkpoint that no restore
+    could load; and a dcp checkpoint is refused to it before anything is read."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    model = torch.nn.Linear(4, 2)
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    x = torch.randn(8, 4)
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError, match="LBFGS, whose step.. needs a closure, cannot be "
+                           "restored in format dcp.*format: torch"):
+            ck.save(step=1, model=model, optimizer=lbfgs)
+        assert steps_on_disk(tmp_path / "scratch") == []
+        other, adam = make_model()
+        train_step(other, adam)
+        ck.save(step=2, model=other, optimizer=adam)
+        model2, _ = make_model(seed=3)
+        before = gather_state(model2, None)
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match="needs a closure.*without optimizer="):
+            ck.restore(model2, torch.optim.LBFGS(model2.parameters()))
+        assert_same_state(gather_state(model2, None), before)
+
+
 def test_failing_backend_does_not_touch_the_others(tmp_path, third_party_dist):
     from ckptkit.plugins import make_plugin_manager
 

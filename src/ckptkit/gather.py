@@ -9,9 +9,11 @@ offloaded to the CPU; *sharded* state stays where it lives, one shard per rank.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import inspect
 import itertools
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,14 +66,40 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     options = None if sharded else _full_options(model)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
-    unstepped = not optimizer.state
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    if unstepped and not load_target:
-        # DCP fills an unstepped optimizer's state by taking a step with lr=0 (step counters
-        # become 1); undo that, so that saving never changes how training goes on.
+    if optimizer.state or load_target:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        return {"model": model_sd, "optimizer": optim_sd}
+    # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's and
+    # the user's step hooks would run, a moment the size of the model would be made for each
+    # parameter, and an optimizer whose step needs a closure (LBFGS) would fail. Saving must
+    # change nothing, and there is no state to save: DCP skips the step for an optimizer that
+    # holds some, so it is given an empty entry while the groups are named.
+    with _stateless(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    return {"model": model_sd, "optimizer": {**optim_sd, "state": {}}}
+
+
+@contextlib.contextmanager
+def _stateless(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """An unstepped ``optimizer`` seen by DCP as one that holds state (an empty entry for its
+    first parameter), so that DCP does not make its state by a step; it holds none after."""
+    first = next((p for group in optimizer.param_groups for p in group["params"]), None)
+    if first is not None:
+        optimizer.state[first] = {}
+    try:
+        yield
+    finally:
         optimizer.state.clear()
-        optim_sd = {**optim_sd, "state": {}}
-    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (LBFGS): DCP cannot make its state, which it
+    does for a restore wherever the state is loaded in place or broadcast from rank 0."""
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

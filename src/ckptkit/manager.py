@@ -98,6 +98,13 @@ class Restored(CheckpointInfo):
     ranks_without_state: tuple[int, ...] = ()
 
 
+def _closure_misfit(optimizer: torch.optim.Optimizer, fmt: str) -> str:
+    where = "in format dcp" if fmt == "dcp" else "into a distributed model"
+    return (f"the state of {type(optimizer).__name__}, whose step() needs a closure, cannot be restored {where}: "
+            "restore loads it there through torch's distributed state dict API (DCP), which makes an "
+            "optimizer's state by calling step() without a closure")
+
+
 def _count(name: str, given: Any) -> int:
     """A step or epoch as a plain int, so that manifests and pickles hold no numpy or torch objects.
 
@@ -398,6 +405,10 @@ class CheckpointManager:
             return []
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
+        if unloadable is None and optimizer is not None and gather.needs_closure(optimizer) and (
+                role.format == "dcp" or gather.distributed(model)):
+            unloadable = (f"{_closure_misfit(optimizer, role.format)}. Save it with format: torch from one "
+                          "process, or save the model without optimizer=")
         if unloadable is not None:  # every rank has the same groups, so every rank raises
             raise UnstorableStateError(f"save step {step}: {unloadable}")
         # Asked on this thread, never the writer's: a tracker may keep its active run per thread.
@@ -812,7 +823,7 @@ class CheckpointManager:
                     f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
                     "not model state: fetch it with restore_files(dest) and let that trainer load it")
             if status == "ok":
-                self._check_optimizer_class(ref, manifest, optimizer)
+                self._check_optimizer(ref, manifest, model, optimizer)
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
                 problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
             elif isinstance(manifest, SKIPPABLE):
@@ -865,13 +876,19 @@ class CheckpointManager:
         self._prepare_first_save(optimizer)
         return None
 
-    def _check_optimizer_class(self, ref: CheckpointRef, manifest: Manifest, optimizer) -> None:
-        """Refuse, on every rank and before anything is read, an optimizer of another class than
-        the one whose state ``ref`` holds (collective). torch's own ``load_state_dict`` takes the
-        state of some other classes: Adam's into SGD (whose first step then fails for want of a
-        momentum setting) or into AdamW (which would then train as Adam, its settings replaced)."""
+    def _check_optimizer(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
+        """Refuse, on every rank and before anything is read (collective), an optimizer of another
+        class than the one whose state ``ref`` holds, and one whose state DCP cannot make where it
+        would have to. torch's own ``load_state_dict`` takes the state of some other classes:
+        Adam's into SGD (whose first step then fails for want of a momentum setting) or into
+        AdamW (which would then train as Adam, its settings replaced)."""
         problem = None
-        if optimizer is not None and manifest.optimizer is not None:
+        if optimizer is not None and gather.needs_closure(optimizer) and (
+                manifest.format == "dcp" or gather.distributed(model)):
+            problem = IncompatibleCheckpointError(
+                f"{ref.uri}: {_closure_misfit(optimizer, manifest.format)}. Restore it without optimizer= "
+                "(the model alone)")
+        elif optimizer is not None and manifest.optimizer is not None:
             live = optimizer_class(optimizer)
             if not same_class(manifest.optimizer, live):
                 problem = IncompatibleCheckpointError(

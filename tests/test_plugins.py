@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import ckptkit
 from ckptkit import CheckpointManager, ConfigError, PluginError
@@ -164,6 +165,43 @@ def test_type_without_a_roles_hooks_is_a_config_error(pm, tmp_path):
     text = str(info.value)
     assert text.startswith("roles.resume.backends: backend 'f' has type 'finalonly'")
     assert "save_resume" in text and "finals only here" in text and "serves: final" in text
+
+
+def test_type_that_serves_no_role_is_told_so_not_to_move_the_backend(pm, tmp_path):
+    class Nothing:
+        @classmethod
+        def from_config(cls, name, options):
+            return cls()
+
+        @ckptkit.hookimpl
+        def open_file(self, ref, name):
+            return None
+
+    pm.add_backend_type("nothing", Nothing)
+    cfg = {"backends": {"n": {"type": "nothing"}}, "roles": {"resume": {"backends": ["n"]}}}
+    with pytest.raises(ConfigError) as info:
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    text = str(info.value)
+    assert "it does not implement save_resume, list_checkpoints, read_manifest, prune" in text
+    assert "That type serves no role" in text and "declare" not in text
+
+
+def test_a_listing_that_raises_a_bug_names_the_backend_and_is_never_taken_for_an_empty_run(pm, tmp_path):
+
+    class Buggy(LocalBackend):
+        @ckptkit.hookimpl
+        def list_checkpoints(self, run_name):
+            raise KeyError("boom in list_checkpoints")
+
+    pm.add_backend_type("buggy", Buggy)
+    cfg = {"backends": {"flat": {"type": "buggy", "path": str(tmp_path / "b")}},
+           "roles": {"resume": {"backends": ["flat"]}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        model = torch.nn.Linear(2, 2)
+        with pytest.raises(ckptkit.BackendError) as info:
+            ck.restore(model)
+    assert str(info.value).startswith("backend 'flat': listing run 'default' raised KeyError: 'boom in list_checkpoints'")
+    assert "type 'buggy'" in str(info.value) and isinstance(info.value.__cause__, KeyError)
 
 
 def test_instances_are_registered_under_their_config_names(pm, tmp_path):

@@ -100,7 +100,11 @@ class Reader:
             except Exception as exc:
                 failure = storage_failure(name, f"listing run {self.run_name!r}", exc)
                 if not isinstance(failure, CkptkitError):
-                    raise
+                    # A bug in the backend's type, not an unreachable store: raised, never taken
+                    # for an empty run, and named, so that its author can be told.
+                    btype = self.router.types[name]
+                    raise BackendError(name, f"listing run {self.run_name!r} raised {type(exc).__name__}: {exc} "
+                                             f"(type {btype.name!r}, from {btype.dist})") from exc
                 if not isinstance(failure, StorageUnavailableError):
                     failure = StorageUnavailableError(name, str(failure))
                     failure.__cause__ = exc

@@ -34,8 +34,10 @@ class Router:
                         f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
                         f"(from {btype.dist}), which cannot serve the {role} role: "
                         + (f"{why}. " if why else "")
-                        + f"It does not implement {', '.join(missing)}; that type serves: "
-                        f"{serves}. Declare {name!r} only under those roles"
+                        + f"it does not implement {', '.join(missing)}. "
+                        + (f"That type serves: {serves}; declare {name!r} only under those roles"
+                           if btype.roles else "That type serves no role: it lacks hooks every role needs "
+                           "(see docs/plugins.md, 'Which hooks serve which role')")
                     )
             if Role.RESUME in roles and config.resume.format == "dcp":
                 missing = [h for h in SHARDED_HOOKS if h not in btype.hooks]

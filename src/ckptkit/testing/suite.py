@@ -21,6 +21,7 @@ import posixpath
 import time
 from typing import Any, Callable, Iterable
 
+import attrs
 import pytest
 
 from ..plugin import (MANIFEST_NAME, BackendError, CheckpointRef, FileEntry, Manifest, Payload, PayloadFile,
@@ -229,6 +230,23 @@ class ResumeBackendTests:
             assert not [p for p in self.stored_files(backend) if step_dirname(2) in p], \
                 f"a failed save of {size} bytes left files behind"
             assert self.unfinished_uploads(backend) == []
+
+    def test_a_copied_file_that_is_not_what_the_manifest_expects_is_never_committed(self, backend, tmp_path):
+        """A file given by ``source`` (the bytes another backend committed) comes with
+        ``expected``: a copy whose size or digest differs is refused, and nothing is listed."""
+        good = bytes(range(256)) * 40
+        source = tmp_path / "state.pt"
+        source.write_bytes(good)
+        size, digest = hash_stream(io.BytesIO(good), "xxh3_128")
+        self.save(backend, 1)
+        for content, expected in ((good, FileEntry(size, "xxh3_128:" + "0" * 32)),  # a bit flipped on the way
+                                  (good[:-1], FileEntry(size, digest))):  # a file cut short
+            source.write_bytes(content)
+            copied = attrs.evolve(payload(self.run_name, 2), files=(
+                PayloadFile("state.pt", source=str(source), expected=expected),))
+            with pytest.raises(Exception):
+                call_hook(backend, "save_resume", run_name=self.run_name, step=2, payload=copied)
+            assert self.steps(backend) == [1], f"a copy that does not match {expected} was committed"
 
     def test_a_split_state_written_at_once_round_trips(self, backend):
         parts = {f"state-{i:02d}-of-04.pt": bytes([i]) * (5000 + i) for i in range(4)}

@@ -378,6 +378,44 @@ def test_lbfgs_resumes_bit_identical(tmp_path):
     assert_same_state(full_state(model2, opt2), full_state(model, opt))
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("wrap", ["plain", "ddp"])
+def test_a_frozen_layer_keeps_its_optimizer_state_for_when_it_is_unfrozen(tmp_path, group_of_one, fmt, wrap):
+    """Adam keeps the moments of a layer frozen part way; DCP loads state only into parameters
+    that require a gradient. Restored into the same frozen model, the moments come back, and
+    the training after unfreezing goes on bit for bit."""
+    def built(seed):
+        model, opt, sched = build("plain", "adamw", seed=seed)
+        # DDP takes a layer frozen part way only when it looks for unused parameters.
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if wrap == "ddp" else model
+        return wrapped, opt, sched
+
+    cfg = local_config(tmp_path, every=1)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt, sched = built(0)
+    train(model, opt, sched, range(2))
+    inner = getattr(model, "module", model)
+    inner[0].requires_grad_(False)
+    train(model, opt, sched, range(2, 4))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=4, model=model, optimizer=opt)
+    at_save = full_state(model, opt)
+    assert len(opt.state) == 4
+    inner[0].requires_grad_(True)
+    expected = train(model, opt, sched, range(4, 6))
+
+    model2, opt2, sched2 = built(1)
+    inner2 = getattr(model2, "module", model2)
+    inner2[0].requires_grad_(False)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=model2, optimizer=opt2, extra={"sched": sched2}).step == 4
+    assert len(opt2.state) == 4 and not inner2[0].weight.requires_grad and inner2[2].weight.requires_grad
+    assert_same_state(full_state(model2, opt2), at_save)
+    inner2[0].requires_grad_(True)
+    sched2.load_state_dict(sched.state_dict())  # not what is under test: the scheduler is not saved here
+    assert train(model2, opt2, sched2, range(4, 6)) == expected
+
+
 def test_an_unstepped_lbfgs_saved_at_step_0_restores_and_trains_on(tmp_path):
     """DCP would make an unstepped optimizer's state by a step without a closure, which LBFGS
     refuses: the save at step 0 of a new training names the groups without any step."""

@@ -250,6 +250,24 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused_where_dcp_would_make
         assert_same_state(gather_state(model2, None), before)
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_model_left_on_the_meta_device_is_refused_not_restored_into_nothing(tmp_path, pm, fmt):
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt = make_model()
+    train_step(model, opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=3, model=model, optimizer=opt)
+    with torch.device("meta"):
+        empty, _ = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match="'0.weight' on the meta device.*to_empty"):
+            ck.restore(empty)
+        empty.to_empty(device="cpu")
+        assert ck.restore(empty).step == 3
+    assert_same_state(empty.state_dict(), model.state_dict())
+
+
 def test_failing_backend_does_not_touch_the_others(tmp_path, third_party_dist):
     from ckptkit.plugins import make_plugin_manager
 

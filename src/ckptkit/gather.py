@@ -67,7 +67,8 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     if optimizer.state or load_target:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        with _all_trainable(optimizer) if load_target else contextlib.nullcontext():
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         return {"model": model_sd, "optimizer": optim_sd}
     # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's and
     # the user's step hooks would run, a moment the size of the model would be made for each
@@ -90,6 +91,22 @@ def _stateless(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         yield
     finally:
         optimizer.state.clear()
+
+
+@contextlib.contextmanager
+def _all_trainable(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The optimizer's frozen parameters require a gradient while DCP runs: DCP (torch 2.13)
+    loads saved state only into parameters that require one, and makes a load target's state
+    only for those, so a parameter frozen when the checkpoint was saved (its moments kept by
+    the optimizer for when it is unfrozen) would silently lose its state."""
+    frozen = [p for group in optimizer.param_groups for p in group["params"] if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -318,7 +335,8 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
         if first is not None:
             optimizer.state[first] = {}
     try:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
+        with _all_trainable(optimizer):
+            set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept
         raise

@@ -6,6 +6,7 @@ writing in the background (``asyncsave``) and reading back (``reading``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
@@ -823,7 +824,7 @@ class CheckpointManager:
                     f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
                     "not model state: fetch it with restore_files(dest) and let that trainer load it")
             if status == "ok":
-                self._check_optimizer(ref, manifest, model, optimizer)
+                self._check_restorable(ref, manifest, model, optimizer)
                 restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
                 problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
             elif isinstance(manifest, SKIPPABLE):
@@ -845,6 +846,12 @@ class CheckpointManager:
                 warnings.warn(f"rank_extra: ranks {', '.join(map(str, missing))} of {ranks.world_size()} got no saved "
                               f"state from {ref.uri} (it holds the state of ranks "
                               f"{', '.join(map(str, sorted(holders))) or 'none'}); they keep what they have",
+                              RuntimeWarning, stacklevel=2)
+            unclaimed = sorted(r for r in holders if r >= ranks.world_size())
+            if unclaimed and ranks.rank() == 0:
+                warnings.warn(f"rank_extra: the state that ranks {', '.join(map(str, unclaimed))} saved in {ref.uri} "
+                              f"is restored by no rank, as this job has {ranks.world_size()} (rank r gets what rank r "
+                              "saved): what it held (a data position, a random state) is not carried on",
                               RuntimeWarning, stacklevel=2)
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
@@ -876,14 +883,23 @@ class CheckpointManager:
         self._prepare_first_save(optimizer)
         return None
 
-    def _check_optimizer(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
-        """Refuse, on every rank and before anything is read (collective), an optimizer of another
-        class than the one whose state ``ref`` holds, and one whose state DCP cannot make where it
-        would have to. torch's own ``load_state_dict`` takes the state of some other classes:
+    def _check_restorable(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
+        """Refuse, on every rank and before anything is read (collective), a model on the meta
+        device where nothing would be loaded into it, an optimizer of another class than the one
+        whose state ``ref`` holds, and one whose state DCP cannot make where it would have to. torch's own ``load_state_dict`` takes the state of some other classes:
         Adam's into SGD (whose first step then fails for want of a momentum setting) or into
         AdamW (which would then train as Adam, its settings replaced)."""
         problem = None
-        if optimizer is not None and gather.needs_closure(optimizer) and (
+        meta = next((name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta),
+                    None)
+        if meta is not None and (manifest.format == "dcp" or not gather.distributed(model)):
+            # Only DCP's broadcast of a full state assigns tensors to a model on the meta
+            # device; everywhere else restore copies into the model's own, and a meta tensor
+            # takes nothing (torch warns, and the first forward pass fails).
+            problem = IncompatibleCheckpointError(
+                f"{ref.uri}: the model given to restore has {meta!r} on the meta device, which can hold "
+                "no values: call model.to_empty(device=...) before restore")
+        elif optimizer is not None and gather.needs_closure(optimizer) and (
                 manifest.format == "dcp" or gather.distributed(model)):
             problem = IncompatibleCheckpointError(
                 f"{ref.uri}: {_closure_misfit(optimizer, manifest.format)}. Restore it without optimizer= "

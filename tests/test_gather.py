@@ -416,6 +416,116 @@ def test_a_frozen_layer_keeps_its_optimizer_state_for_when_it_is_unfrozen(tmp_pa
     assert train(model2, opt2, sched2, range(4, 6)) == expected
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_an_unstepped_optimizer_over_flat_parameters_saves_and_restores(tmp_path, group_of_one, fmt):
+    """FSDP1 with use_orig_params wants the state of all of a flat parameter's parameters or of
+    none: the save at step 0 hands DCP an empty entry for each."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def built(seed):
+        torch.manual_seed(seed)
+        model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)),
+                                         device_id=torch.device("cpu"), use_orig_params=True)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt = built(0)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=0, model=model, optimizer=opt)
+    assert len(opt.state) == 0
+    model2, opt2 = built(1)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=model2, optimizer=opt2).step == 0
+    assert len(opt2.state) == 0
+    assert_same_state(full_state(model2, opt2), full_state(model, opt))
+
+
+def test_lbfgs_in_a_distributed_model_is_refused_at_save(tmp_path, group_of_one):
+    """Broadcast from rank 0, a restore would have DCP make LBFGS's state by a step without a
+    closure: refused at save, in format torch too, with nothing written."""
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError, match="LBFGS, whose step.. needs a closure, cannot be "
+                           "restored into a distributed model"):
+            ck.save(step=0, model=model, optimizer=lbfgs)
+        assert ck.list_checkpoints() == []
+        with pytest.raises(ckptkit.CheckpointNotFoundError):
+            ck.restore(model=model, optimizer=lbfgs, step=0)
+
+
+def test_a_frozen_integer_parameter_is_left_frozen_and_restores(tmp_path):
+    """Only floating-point tensors can require a gradient: an int8 base weight the optimizer
+    holds (as in QLoRA) stays as it is while the frozen float layers are made trainable."""
+    def built(seed):
+        model, opt, sched = build("plain", "adamw", seed=seed)
+        model.register_parameter("quantized", torch.nn.Parameter(torch.arange(6, dtype=torch.int8),
+                                                                  requires_grad=False))
+        opt.add_param_group({"params": [model.quantized]})
+        return model, opt, sched
+
+    model, opt, sched = built(0)
+    train(model, opt, sched, range(2))
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        ck.save(step=2, model=model, optimizer=opt)
+    model2, opt2, _ = built(1)
+    model2[0].requires_grad_(False)
+    with ckptkit.CheckpointManager.from_config(local_config(tmp_path)) as ck:
+        assert ck.restore(model=model2, optimizer=opt2).step == 2
+    assert not model2.quantized.requires_grad and not model2[0].weight.requires_grad
+    assert_same_state(full_state(model2, opt2), full_state(model, opt))
+
+
+def test_a_restore_makes_no_place_for_state_of_a_frozen_layer_the_checkpoint_holds_none_for(tmp_path):
+    """DCP makes a new optimizer's state by a step for every parameter that requires a gradient:
+    a frozen layer without saved state stays frozen through it (a frozen backbone's moments
+    would be made for nothing)."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    model, opt, sched = build("plain", "adamw", seed=0)
+    model[0].requires_grad_(False)
+    train(model, opt, sched, range(2))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=2, model=model, optimizer=opt)
+    model2, opt2, _ = build("plain", "adamw", seed=1)
+    model2[0].requires_grad_(False)
+    trainable_at_steps = []
+    opt2.register_step_pre_hook(lambda *args: trainable_at_steps.append(
+        sorted(n for n, p in model2.named_parameters() if p.requires_grad)))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=model2, optimizer=opt2).step == 2
+    assert trainable_at_steps and all(t == ["2.bias", "2.weight"] for t in trainable_at_steps)
+    assert_same_state(full_state(model2, opt2), full_state(model, opt))
+
+
+def test_the_class_of_the_state_is_the_torch_optim_class_inside_wrappers_and_subclasses():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    class Custom(torch.optim.Optimizer):
+        pass
+
+    class Wrapping:  # holds the optimizer it wraps as accelerate's AcceleratedOptimizer does
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    adamw = gather.optimizer_class(torch.optim.AdamW(params))
+    assert adamw == "torch.optim.adamw:AdamW" == gather.optimizer_class(MyAdamW(params))
+    assert gather.optimizer_class(Wrapping(MyAdamW(params))) == adamw
+    wrapped_adam = gather.optimizer_class(Wrapping(torch.optim.Adam(params)))
+    assert wrapped_adam == "torch.optim.adam:Adam" and not gather.same_class(wrapped_adam, adamw)
+    assert gather.same_class("torch.optim.moved_elsewhere:AdamW", adamw)
+    custom = gather.optimizer_class(Custom(params, {}))
+    assert custom.endswith(":test_the_class_of_the_state_is_the_torch_optim_class_inside_wrappers_and_subclasses."
+                           "<locals>.Custom")
+    assert not gather.same_class("bitsandbytes.optim.adamw:AdamW", adamw)
+    assert gather.needs_closure(Wrapping(torch.optim.LBFGS(params))) and not gather.needs_closure(Wrapping(
+        torch.optim.AdamW(params)))
+
+
 def test_an_unstepped_lbfgs_saved_at_step_0_restores_and_trains_on(tmp_path):
     """DCP would make an unstepped optimizer's state by a step without a closure, which LBFGS
     refuses: the save at step 0 of a new training names the groups without any step."""

@@ -379,6 +379,14 @@ def test_redact_removes_userinfo(text, secret):
     assert secret not in redact(text)
 
 
+def test_redact_removes_the_password_beside_a_known_key_in_a_url():
+    """The key id is a known secret (storage_options, AWS_ACCESS_KEY_ID); replaced first, it
+    hid the user part from the pattern, and the password stayed."""
+    text = "Custom endpoint `http://AKIAIOSFODNN7EXAMPLE:Sup3r/S3cret+x@127.0.0.1:9000` was not a valid URI"
+    out = redact(text, ("AKIAIOSFODNN7EXAMPLE",))
+    assert "Sup3r" not in out and "AKIAIOSFODNN7EXAMPLE" not in out and "127.0.0.1:9000" in out
+
+
 @pytest.mark.parametrize("text", [
     "http://127.0.0.1:5000/api/2.0/mlflow/runs/get",
     "s3://bucket/team/ckpts/exp/step-0000000010",

@@ -64,7 +64,7 @@ class Payload:
     # How many of ``files`` a backend may write at the same time (``roles.resume.write_threads``).
     # Only a speed hint: a backend that writes them one after the other is just as correct.
     concurrency: int = 1
-    # ``manifest.optimizer_class`` of the optimizer whose state the files hold, if any.
+    # ``gather.optimizer_class`` of the optimizer whose state the files hold, if any.
     optimizer: str | None = None
 
     def manifest(self, files: dict[str, FileEntry]) -> Manifest:

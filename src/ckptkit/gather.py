@@ -57,17 +57,20 @@ def _full_options(model: torch.nn.Module, **extra: Any) -> StateDictOptions | No
 
 
 def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 sharded: bool = False, load_target: bool = False) -> dict[str, Any]:
+                 sharded: bool = False, load_target: bool = False,
+                 held: Collection[str] = ()) -> dict[str, Any]:
     """Model (and optimizer) state to resume from: full on rank 0 (empty elsewhere) or this rank's shards.
 
     ``load_target``: the state is only a structure for a sharded load to fill in, so an
     unstepped optimizer may keep the state that DCP creates for it.
+    ``held``: with ``load_target``, the parameters the checkpoint holds optimizer state for; the
+    frozen ones among them get a place for it too.
     """
     options = None if sharded else _full_options(model)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     if optimizer.state or load_target:
-        with _all_trainable(optimizer) if load_target else contextlib.nullcontext():
+        with _trainable(optimizer, names_of(model), held) if load_target else contextlib.nullcontext():
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         return {"model": model_sd, "optimizer": optim_sd}
     # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's and
@@ -82,11 +85,12 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 @contextlib.contextmanager
 def _stateless(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """An unstepped ``optimizer`` seen by DCP as one that holds state (an empty entry for its
-    first parameter), so that DCP does not make its state by a step; it holds none after."""
-    first = next((p for group in optimizer.param_groups for p in group["params"]), None)
-    if first is not None:
-        optimizer.state[first] = {}
+    """An unstepped ``optimizer`` seen by DCP as one that holds state (an empty entry for each
+    parameter: FSDP1 wants all of a flat parameter's or none), so that DCP does not make its
+    state by a step; it holds none after."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {}
     try:
         yield
     finally:
@@ -94,26 +98,65 @@ def _stateless(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _all_trainable(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """The optimizer's frozen parameters require a gradient while DCP runs: DCP (torch 2.13)
-    loads saved state only into parameters that require one, and makes a load target's state
-    only for those, so a parameter frozen when the checkpoint was saved (its moments kept by
-    the optimizer for when it is unfrozen) would silently lose its state."""
-    frozen = [p for group in optimizer.param_groups for p in group["params"] if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
+def _trainable(optimizer: torch.optim.Optimizer, names: dict[torch.Tensor, set[str]],
+               held: Collection[str]) -> Iterator[None]:
+    """The optimizer's frozen parameters that the checkpoint holds state for (``held``, by name)
+    require a gradient while DCP runs: DCP (torch 2.13) loads saved state only into parameters
+    that require one, and makes a load target's state only for those, so a parameter frozen
+    when the checkpoint was saved (its moments kept by the optimizer for when it is unfrozen)
+    would silently lose its state. Only those: DCP makes a new optimizer's state for every
+    parameter that requires a gradient, and a frozen backbone's would be made for nothing."""
+    frozen: list[torch.Tensor] = []
+    held = held or ()
     try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                # Only floating-point tensors can require a gradient (an int8 base weight cannot).
+                if (not p.requires_grad and (p.is_floating_point() or p.is_complex())
+                        and not names.get(p, set()).isdisjoint(held)):
+                    p.requires_grad_(True)
+                    frozen.append(p)
         yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
 
 
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``), whose state it is."""
+    seen = {id(optimizer)}
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and id(inner) not in seen:
+        seen.add(id(inner))
+        optimizer = inner
+    return optimizer
+
+
+def optimizer_class(optimizer: torch.optim.Optimizer) -> str:
+    """How a manifest names the kind of state ``optimizer`` holds, ``module:qualname``: the
+    ``torch.optim`` class it is or extends (a subclass of AdamW holds AdamW's state), else its
+    own class; wrappers (``unwrapped``) do not count."""
+    kind = type(unwrapped(optimizer))
+    base = next((c for c in kind.__mro__ if c.__module__.startswith("torch.optim") and c is not torch.optim.Optimizer),
+                kind)
+    return f"{base.__module__}:{base.__qualname__}"
+
+
+def same_class(saved: str, live: str) -> bool:
+    """Whether two ``optimizer_class`` names are one kind of state. Between ``torch.optim``
+    classes the qualified names count (torch has moved optimizers between modules); any other
+    class must match in full."""
+    if saved == live:
+        return True
+    torch_optim = saved.startswith("torch.optim") and live.startswith("torch.optim")
+    return torch_optim and saved.rpartition(":")[2] == live.rpartition(":")[2]
+
+
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` requires a closure (LBFGS): DCP cannot make its state, which it
     does for a restore wherever the state is loaded in place or broadcast from rank 0."""
     try:
-        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+        closure = inspect.signature(type(unwrapped(optimizer)).step).parameters.get("closure")
     except (TypeError, ValueError):
         return False
     return closure is not None and closure.default is inspect.Parameter.empty
@@ -170,7 +213,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         return
     kept = _kept(optimizer)
     try:
-        _load_optimizer(model, optimizer, optim_state, optim_options)
+        _load_optimizer(model, optimizer, optim_state, optim_options, names,
+                        held if held is not None else set(optim_state.get("state", ())))
     except (KeyError, ValueError) as exc:  # torch's own load_state_dict meeting another class's state
         raise IncompatibleCheckpointError(
             f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
@@ -316,7 +360,8 @@ def _group_without_params(optim_state: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
-                    options: StateDictOptions | None) -> None:
+                    options: StateDictOptions | None, names: dict[torch.Tensor, set[str]],
+                    held: Collection[str]) -> None:
     """Load ``optim_state`` into ``optimizer``; one that fails leaves it as it was (torch's own
     ``load_state_dict`` swaps in new state and groups, and may fail after that, half done)."""
     # Not strict: a parameter that never got a gradient (an unused head, an expert no token was
@@ -335,7 +380,7 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
         if first is not None:
             optimizer.state[first] = {}
     try:
-        with _all_trainable(optimizer):
+        with _trainable(optimizer, names, held):
             set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept

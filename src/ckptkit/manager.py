@@ -42,7 +42,7 @@ from .errors import (
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, optimizer_class, same_class
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -418,7 +418,7 @@ class CheckpointManager:
             run_name=self.run_name, step=step, epoch=epoch, format=role.format, files=(),
             metrics=_metrics(metrics), world_size=ranks.world_size(),
             mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None,
-            optimizer=None if optimizer is None else optimizer_class(optimizer),
+            optimizer=None if optimizer is None else gather.optimizer_class(optimizer),
         )
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
@@ -817,6 +817,7 @@ class CheckpointManager:
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
+        silent: list[str] = []  # the backends of the skips where the storage did not answer
         for ref in candidates:
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok" and manifest.format == FILES_FORMAT:
@@ -836,6 +837,8 @@ class CheckpointManager:
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
+                if isinstance(problem, StorageUnavailableError):
+                    silent.append(ref.backend)
                 continue
             self._unreachable([ref], unreachable)
             saved_extra, own, holders = loaded
@@ -870,6 +873,12 @@ class CheckpointManager:
                             manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
                             ranks_without_state=missing)
         self._unreachable([], unreachable)
+        if skipped and len(silent) == len(skipped):
+            # Intact for all anyone knows: the store stopped answering after the listing.
+            raise StorageUnavailableError(
+                ", ".join(dict.fromkeys(silent)),
+                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be read, as "
+                f"the storage did not answer ({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
         if skipped and step is not None:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
@@ -905,8 +914,8 @@ class CheckpointManager:
                 f"{ref.uri}: {_closure_misfit(optimizer, manifest.format)}. Restore it without optimizer= "
                 "(the model alone)")
         elif optimizer is not None and manifest.optimizer is not None:
-            live = optimizer_class(optimizer)
-            if not same_class(manifest.optimizer, live):
+            live = gather.optimizer_class(optimizer)
+            if not gather.same_class(manifest.optimizer, live):
                 problem = IncompatibleCheckpointError(
                     f"{ref.uri} holds the state of a {manifest.optimizer.replace(':', '.')} optimizer, and the "
                     f"optimizer given to restore is a {live.replace(':', '.')}: its state and settings "
@@ -1119,8 +1128,8 @@ class CheckpointManager:
         if problem is not None:
             return {}, problem
         try:
-            return gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True),
-                                          held), None
+            return gather.without_unsaved(gather.resume_state(model, optimizer, sharded=True, load_target=True,
+                                                              held=held), held), None
         except Exception as exc:
             return {}, exc
 

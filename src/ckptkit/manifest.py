@@ -60,7 +60,7 @@ class Manifest:
     # False: a checkpoint without extra.pt was saved without extra. True (manifests that do not say,
     # written before): its extra may be inside state.pt.
     extra_in_state: bool = True
-    # The class of the optimizer whose state it holds, ``module:qualname`` (``optimizer_class``);
+    # The class of the optimizer whose state it holds, ``module:qualname`` (``gather.optimizer_class``);
     # None when saved without one, or in manifests written before they said.
     optimizer: str | None = None
 
@@ -126,18 +126,6 @@ class Manifest:
     def total_size(self) -> int:
         """The size of all files it lists, in bytes."""
         return sum(e.size for e in self.files.values())
-
-
-def optimizer_class(optimizer: object) -> str:
-    """How a manifest names the class of ``optimizer``: ``module:qualname``."""
-    kind = type(optimizer)
-    return f"{kind.__module__}:{kind.__qualname__}"
-
-
-def same_class(saved: str, live: str) -> bool:
-    """Whether two ``optimizer_class`` names are one class. Only the qualified names count: a
-    module moved between torch versions still holds the same optimizer."""
-    return saved.rpartition(":")[2] == live.rpartition(":")[2]
 
 
 def _checksum(data: dict[str, Any]) -> str:

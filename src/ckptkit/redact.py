@@ -55,11 +55,13 @@ def secret_values(options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` without credentials, signatures, tokens or URL query strings."""
+    # A URL's user part first: a known secret replaced there would hide it from the pattern,
+    # and the password beside it would stay.
+    text = _USERINFO_RE.sub(r"\g<scheme>***@", text)
+    text = _BARE_USERINFO_RE.sub("***@", text)
     for value in secrets:
         if value:
             text = text.replace(value, "<redacted>")
-    text = _USERINFO_RE.sub(r"\g<scheme>***@", text)
-    text = _BARE_USERINFO_RE.sub("***@", text)
     text = _QUERY_RE.sub(r"\1?<redacted>", text)
     text = _SECRET_FIELD_RE.sub(r"\1\2<redacted>", text)
     return _KEY_ID_RE.sub("<redacted-key-id>", text)

@@ -33,7 +33,7 @@ class Router:
                     raise ConfigError(
                         f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
                         f"(from {btype.dist}), which cannot serve the {role} role: "
-                        + (f"{why}. " if why else "")
+                        + (f"{why}; " if why else "")
                         + f"it does not implement {', '.join(missing)}. "
                         + (f"That type serves: {serves}; declare {name!r} only under those roles"
                            if btype.roles else "That type serves no role: it lacks hooks every role needs "

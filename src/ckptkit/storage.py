@@ -384,6 +384,12 @@ class FileBackend:
             log.warning("backend %r: could not remove the old files of %s: %s", self.name, self.uri(target),
                         self.describe(exc))
 
+    def store_exists(self) -> bool:
+        """Whether the store holding ``root`` exists (for an object store, its bucket); asked
+        only when listing a run raised ``FileNotFoundError``, which then means an empty run if
+        True. Override it where a missing bucket lists as missing (``s3``, ``gcs``)."""
+        return True
+
     def create_folder(self, path: str) -> None:
         """Make the folder ``path`` and any missing parents; called only when ``needs_folders``."""
         self.fs.makedirs(path, exist_ok=True)
@@ -530,7 +536,13 @@ class FileBackend:
         self.fs.invalidate_cache(run)
         try:
             found = self._call(f"listing {self.uri(run)}", self._find, run)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            # A run folder not made yet is an empty run; a store that is not there holds runs
+            # nobody can see, and restore must not answer "nothing saved" for them.
+            if not self._call(f"looking for the store of {self.uri(run)}", self.store_exists):
+                raise StorageUnavailableError(
+                    self.name, f"could not list {self.uri(run)}: its store (bucket) does not exist or cannot be "
+                    f"seen with these credentials ({self.describe(exc)}); create it, or correct the path") from exc
             found = {}
         except Exception as exc:
             raise StorageUnavailableError(self.name, f"could not list {self.uri(run)}: {self.describe(exc)}") from exc

@@ -91,6 +91,14 @@ def test_local_and_remote_resume_newest_wins(pm, gcs_backend_options, tmp_path):
     assert torch.equal(m[0].weight, model(6)[0].weight)
 
 
+def test_a_bucket_that_does_not_exist_is_unavailable_never_an_empty_run(pm, gcs_backend_options, bucket):
+    options = gcs_backend_options()
+    options["path"] = options["path"].replace(bucket, bucket + "x")
+    ck = manager(pm, {"archive": options}, ["archive"])
+    with pytest.raises(ckptkit.StorageUnavailableError, match=f"backend 'archive'.*{bucket}x"):
+        ck.restore(model=model())
+
+
 def test_transient_fault_is_retried(pm, gcs_backend_options, make_fault_proxy, gcs_port, gcs_endpoint, bucket):
     proxy = make_fault_proxy(gcs_port)
     FaultT = type(proxy).__init__.__globals__["Fault"]

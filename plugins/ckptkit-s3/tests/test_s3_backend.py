@@ -136,6 +136,32 @@ def test_nothing_to_resume_returns_none(pm, s3_backend_options):
     assert manager(pm, {"archive": s3_backend_options(prefix="empty")}, ["archive"]).restore(model=model()) is None
 
 
+def test_a_bucket_that_does_not_exist_is_unavailable_never_an_empty_run(pm, s3_backend_options, bucket):
+    """A bucket name one letter off once made restore answer None: start from step 0."""
+    options = s3_backend_options()
+    options["path"] = options["path"].replace(bucket, bucket + "x")
+    ck = manager(pm, {"archive": options}, ["archive"])
+    with pytest.raises(ckptkit.StorageUnavailableError, match=f"backend 'archive'.*{bucket}x.*bucket does not exist"):
+        ck.restore(model=model())
+    with pytest.raises(ckptkit.StorageUnavailableError):
+        ck.list_checkpoints()
+
+
+def test_a_store_that_stops_answering_after_the_listing_is_unavailable_not_corrupt(
+        pm, s3_backend_options, make_fault_proxy, moto_port):
+    """Every manifest read failing after the listing worked: the checkpoints are intact for all
+    anyone knows, so the error says the storage did not answer, not that they are damaged."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    for step in range(2):
+        ck.save(step=step, model=model())
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith(MANIFEST_NAME), status=503, times=100))
+    with pytest.raises(ckptkit.StorageUnavailableError, match="has 2 committed checkpoint.*storage did not answer"):
+        manager(pm, {"archive": opts}, ["archive"]).restore(model=model())
+
+
 def test_local_and_remote_resume_newest_across_both_wins(pm, s3_backend_options, tmp_path):
     both = {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}, "archive": s3_backend_options()}
     # Step 5 only on S3 (a job that lost its scratch disk), step 3 on both.

@@ -98,3 +98,6 @@ class GCSBackend(FileBackend):
         storage_options.setdefault("requests_timeout", aiohttp.ClientTimeout(
             total=None, sock_connect=opts.timeout_s, sock_read=opts.timeout_s))
         return opts.backend(cls, name, _GCSFileSystem(request_retries=opts.request_retries, **storage_options))
+
+    def store_exists(self) -> bool:
+        return self.fs.exists(self.root.split("/", 1)[0])

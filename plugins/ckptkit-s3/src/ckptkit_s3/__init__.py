@@ -123,6 +123,9 @@ class S3Backend(FileBackend):
         # period, as the last listing of them showed (see ``stale_uploads``).
         self._uploads_quiet_until: dict[str, float] = {}
 
+    def store_exists(self) -> bool:
+        return self.fs.exists(self.root.split("/", 1)[0])
+
     def multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
 

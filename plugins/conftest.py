@@ -44,7 +44,9 @@ class Fault:
 
     ``times`` is how many matching requests to spoil (None: all of them). With ``hold`` (an
     Event), a matching request waits until it is set, then goes to the server unchanged: a
-    server that hangs for as long as the test wants.
+    server that hangs for as long as the test wants. With ``unread``, a matching request gets
+    no "100 Continue", its body is never read and it is never answered (until ``hold`` is set,
+    when the connection is closed): a store that takes a request and then stops.
     """
 
     match: Callable[[str, str], bool]
@@ -54,6 +56,7 @@ class Fault:
     times: int | None = 1
     hits: int = 0
     hold: threading.Event | None = None
+    unread: bool = False
 
 
 class FaultProxy:
@@ -85,9 +88,21 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
+            def handle_expect_100(self):
+                # Decided here, once, when the client waits for leave to send its body.
+                self.decided = [proxy._fault(self.command, self.path)]
+                if self.decided[0] is not None and self.decided[0].unread:
+                    return True
+                return super().handle_expect_100()
+
             def _handle(self):
+                decided, self.decided = getattr(self, "decided", None), None
+                fault = decided[0] if decided is not None else proxy._fault(self.command, self.path)
+                if fault is not None and fault.unread:
+                    (fault.hold or threading.Event()).wait(120)
+                    self.close_connection = True
+                    return
                 body = self._body()
-                fault = proxy._fault(self.command, self.path)
                 if fault is not None and fault.hold is not None:
                     fault.hold.wait()
                     fault = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import threading
 import tracemalloc
 
 import pytest
@@ -304,6 +306,39 @@ def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_o
     assert "timeout" in str(failure).lower() or "timed out" in str(failure).lower()
     with pytest.raises(StorageUnavailableError, match="archive.*could not be listed"):
         ck.restore(model())
+
+
+def test_a_store_that_takes_an_upload_and_never_reads_it_fails_the_save_in_bounded_time(
+        pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket):
+    """botocore's read timeout starts only once a body is sent: an upload the store neither
+    reads nor answers held save, and training, for good. Each request that sends a body now has
+    a deadline; the save fails naming the object, and what was committed stays."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0, part_size_mb=5)
+    opts["retry"] = {"attempts": 1}
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    ck.save(step=0, model=model())
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    stalled = proxy.add(FaultT(lambda m, p: m == "PUT" and "step-0000000001" in p, unread=True, times=None,
+                               hold=threading.Event()))
+    outcome = []
+
+    def save():
+        try:
+            ck.save(step=1, model=model())
+        except SaveError as exc:
+            outcome.append(exc)
+
+    saving = threading.Thread(target=save, daemon=True)
+    saving.start()
+    saving.join(120)  # a hang is a failure here, not a stalled test run
+    stalled.hold.set()
+    assert not saving.is_alive(), "save still waits on a store that never reads the upload"
+    assert len(outcome) == 1 and re.search(
+        r"archive: could not store .*step-0000000001.*put_object of \d+ bytes to .*step-0000000001/state.pt was not "
+        r"answered within [\d.]+ s", str(outcome[0])), outcome
+    assert stalled.hits >= 1
+    assert [r.step for r in manager(pm, {"archive": s3_backend_options()}, ["archive"]).list_checkpoints()] == [0]
 
 
 def test_a_save_takes_five_requests_and_lists_unfinished_uploads_once_per_grace_period(

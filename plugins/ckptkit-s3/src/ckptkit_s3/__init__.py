@@ -9,6 +9,7 @@ Credentials come from the usual AWS chain (environment, config files, instance r
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import math
@@ -56,22 +57,38 @@ __all__ = ["S3Backend"]
 __version__ = "0.4.0"
 
 
-class _S3Multipart:
-    """The S3 multipart upload of one object, one request per method."""
+# The slowest upload of a request body that counts as progress. botocore's read timeout starts
+# only once a body is sent, so a store that takes a request and never reads its body (or never
+# answers its "Expect: 100-continue") would hold the upload, and training, for good.
+_MIN_UPLOAD_RATE = 256 * 1024
 
-    def __init__(self, fs: s3fs.S3FileSystem, path: str):
+
+class _S3Multipart:
+    """The S3 multipart upload of one object, one request per method. A request that sends a
+    body has ``deadline(size)`` seconds in all, the client's own retries included."""
+
+    def __init__(self, fs: s3fs.S3FileSystem, path: str, deadline: Callable[[int], float]):
         self.fs = fs
         self.bucket, self.key, _ = fs.split_path(path)
+        self.deadline = deadline
+
+    def _send(self, method: str, data: bytes | bytearray, **kwargs: Any) -> Any:
+        deadline = self.deadline(len(data))
+        try:
+            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, Body=data, timeout=deadline, **kwargs)
+        except (TimeoutError, asyncio.CancelledError) as exc:  # the deadline cancelled the request
+            raise TimeoutError(f"{method} of {len(data)} bytes to {self.bucket}/{self.key} was not answered within "
+                               f"{deadline:.1f} s (timeout_s and request_retries, the body sent at "
+                               f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
 
     def put_whole(self, data: bytes) -> None:
-        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data)
+        self._send("put_object", data)
 
     def begin(self) -> str:
         return self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
 
     def put_part(self, upload: str, number: int, data: bytearray) -> str:
-        out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload,
-                              PartNumber=number, Body=data)
+        out = self._send("upload_part", data, UploadId=upload, PartNumber=number)
         return out["ETag"]
 
     def complete(self, upload: str, parts: list[tuple[int, str]]) -> None:
@@ -98,6 +115,9 @@ class S3Backend(FileBackend):
     SCHEME = "s3"
     # The client is safe to use from several threads: the files of a split state go up at once.
     concurrent_writes = True
+    # ``timeout_s`` and ``request_retries`` as ``from_config`` sets them, for the upload deadline.
+    timeout_s = 60.0
+    request_retries = 2
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:
@@ -115,7 +135,9 @@ class S3Backend(FileBackend):
         # s3fs retries timeouts, dropped connections and cut-off downloads around botocore's
         # retries (5 tries, a class default): bounded by the same count.
         fs.retries = opts.request_retries + 1
-        return opts.backend(cls, name, fs)
+        backend = opts.backend(cls, name, fs)
+        backend.timeout_s, backend.request_retries = opts.timeout_s, opts.request_retries
+        return backend
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -127,7 +149,12 @@ class S3Backend(FileBackend):
         return self.fs.exists(self.root.split("/", 1)[0])
 
     def multipart(self, path: str) -> _S3Multipart:
-        return _S3Multipart(self.fs, path)
+        return _S3Multipart(self.fs, path, self._deadline)
+
+    def _deadline(self, size: int) -> float:
+        """Seconds one request sending ``size`` bytes may take, retries by s3fs and botocore
+        included: each try may wait ``timeout_s`` and send at ``_MIN_UPLOAD_RATE``."""
+        return (self.request_retries + 1) ** 2 * (self.timeout_s + size / _MIN_UPLOAD_RATE)
 
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
         names = None if names is None else list(names)

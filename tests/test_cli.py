@@ -84,6 +84,22 @@ def test_ls_and_verify(capsys, config_file, saved):
     assert "1 of 4 checkpoints failed" in err
 
 
+def test_ls_names_the_folder_pattern_only_for_the_standard_layout(capsys, config_file, saved, third_party_dist,
+                                                                   tmp_path):
+    code, out, _ = run(capsys, "ls", str(config_file))
+    assert code == 0 and f"scratch: file://{saved}/step-NNNNNNNNNN" in out.replace("\n", "")
+    from ckptkit import CheckpointManager
+
+    memo = {"backends": {"m": {"type": "memo"}}, "roles": {"resume": {"backends": ["m"], "every_n_steps": 1}},
+            "run_name": "exp"}
+    with CheckpointManager.from_config(memo) as ck:  # the memo type names its checkpoints memo://m/exp/<step>
+        ck.save(step=7, model=make_model()[0])
+    other = tmp_path / "memo.yaml"
+    other.write_text(yaml.safe_dump(memo))
+    code, out, _ = run(capsys, "ls", str(other))
+    assert code == 0 and "m: memo://m/exp/7" in out and "NNNN" not in out
+
+
 def test_ls_hides_checkpoint_whose_files_disagree(capsys, config_file, saved):
     (saved / "step-0000000003" / "state.pt").write_bytes(b"short")
     code, out, _ = run(capsys, "ls", str(config_file), "--json")

@@ -35,6 +35,13 @@ def test_third_party_distribution_is_discovered(third_party_dist):
     assert set(memo.roles) == {Role.RESUME, Role.FINAL}
 
 
+@pytest.mark.parametrize("spelled", ["ckptkit-memo", "ckptkit_memo", "CKPTKIT.Memo"])
+def test_one_distribution_is_loaded_by_its_name_however_spelled(third_party_dist, spelled):
+    pm = make_plugin_manager(autoload=False)
+    pm.load_backend_entrypoints(only_dist=spelled)
+    assert "memo" in pm.backend_types and "local" in pm.backend_types
+
+
 @pytest.mark.parametrize("value, loaded", [("1", False), ("true", False), ("0", True), ("", True)])
 def test_autoload_can_be_switched_off(third_party_dist, monkeypatch, value, loaded):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
@@ -181,8 +182,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if rows and not args.json:
             # The folders, whole: a URI does not fit a table column on a narrow terminal.
             for name in dict.fromkeys(r["backend"] for r in rows):
-                folder = next(r["uri"] for r in rows if r["backend"] == name).rsplit("/", 1)[0]
-                console.print(f"{name}: {folder}/step-NNNNNNNNNN", markup=False, highlight=False, soft_wrap=True)
+                uri = next(r["uri"] for r in rows if r["backend"] == name)
+                folder, _, last = uri.rstrip("/").rpartition("/")
+                # A third-party layout may name its checkpoints otherwise: shown as it is then.
+                shown = f"{folder}/step-NNNNNNNNNN" if re.fullmatch(r"step-\d{10}", last) else uri
+                console.print(f"{name}: {shown}", markup=False, highlight=False, soft_wrap=True)
         if unreachable:
             others = "; the table shows what the other backends hold" if rows else ""
             _fail("; ".join(str(e) for e in unreachable.values()) + others)

@@ -56,6 +56,11 @@ class BackendType:
                               "fs attribute (the fsspec filesystem that every rank writes its shards through)")
 
 
+def _normalized(name: str) -> str:
+    """A distribution name as packaging compares them (PEP 503): ckptkit_s3 is ckptkit-s3."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _dist_label(dist: importlib.metadata.Distribution | None) -> str:
     if dist is None:
         return "<unknown distribution>"
@@ -256,7 +261,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
             self.autoloaded = True
         for ep in importlib.metadata.entry_points(group=BACKENDS_ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
-            if only_dist is not None and (dist is None or dist.metadata["Name"] != only_dist):
+            if only_dist is not None and (dist is None or _normalized(dist.metadata["Name"]) != _normalized(only_dist)):
                 continue
             label = _dist_label(dist)
             try:

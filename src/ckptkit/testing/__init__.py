@@ -4,7 +4,7 @@ In the manner of fsspec's abstract tests, a backend author subclasses the suite 
 and provides a fixture that builds the backend::
 
     import pytest
-    from ckptkit.retry import RetryPolicy
+    from ckptkit.plugin import RetryPolicy
     from ckptkit.testing import ResumeBackendTests
 
     class TestMyBackend(ResumeBackendTests):

@@ -406,8 +406,8 @@ class CheckpointManager:
             return []
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
-        if unloadable is None and optimizer is not None and gather.needs_closure(optimizer) and (
-                role.format == "dcp" or gather.distributed(model)):
+        if unloadable is None and optimizer is not None and (
+                role.format == "dcp" or gather.distributed(model)) and gather.needs_closure(optimizer):
             unloadable = (f"{_closure_misfit(optimizer, role.format)}. Save it with format: torch from one "
                           "process, or save the model without optimizer=")
         if unloadable is not None:  # every rank has the same groups, so every rank raises
@@ -908,8 +908,8 @@ class CheckpointManager:
             problem = IncompatibleCheckpointError(
                 f"{ref.uri}: the model given to restore has {meta!r} on the meta device, which can hold "
                 "no values: call model.to_empty(device=...) before restore")
-        elif optimizer is not None and gather.needs_closure(optimizer) and (
-                manifest.format == "dcp" or gather.distributed(model)):
+        elif optimizer is not None and (manifest.format == "dcp" or gather.distributed(model)) and (
+                gather.needs_closure(optimizer)):
             problem = IncompatibleCheckpointError(
                 f"{ref.uri}: {_closure_misfit(optimizer, manifest.format)}. Restore it without optimizer= "
                 "(the model alone)")

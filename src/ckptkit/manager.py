@@ -876,7 +876,7 @@ class CheckpointManager:
         if skipped and len(silent) == len(skipped):
             # Intact for all anyone knows: the store stopped answering after the listing.
             raise StorageUnavailableError(
-                ", ".join(dict.fromkeys(silent)),
+                silent[0],
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be read, as "
                 f"the storage did not answer ({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
         if skipped and step is not None:
@@ -1067,15 +1067,20 @@ class CheckpointManager:
         own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
         return None, (saved_extra, own, self._extra_holders(manifest))
 
-    def _agree_sharded(self, ref: CheckpointRef, what: str, problem: BaseException | None) -> str | None:
-        """Every rank's ``problem`` (collective): the reason to skip ``ref`` when all are skippable,
-        None when there were none; raises the first that is not skippable."""
+    def _agree_sharded(self, ref: CheckpointRef, what: str,
+                       problem: BaseException | None) -> str | StorageUnavailableError | None:
+        """Every rank's ``problem`` (collective): the reason to skip ``ref`` when all are skippable
+        (a ``StorageUnavailableError`` when the storage did not answer any of them), None when
+        there were none; raises the first that is not skippable."""
         problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: {what}", ranks.portable(problem))
                     if p is not None]
         if not problems:
             return None
         if all(isinstance(p, SKIPPABLE) for p in problems):
-            return "; ".join(str(p) for p in problems)
+            text = "; ".join(str(p) for p in problems)
+            if all(isinstance(p, StorageUnavailableError) for p in problems):
+                return StorageUnavailableError(ref.backend, text)
+            return text
         raise problem if problem is not None and not isinstance(problem, SKIPPABLE) else next(
             p for p in problems if not isinstance(p, SKIPPABLE))
 

@@ -261,7 +261,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
             self.autoloaded = True
         for ep in importlib.metadata.entry_points(group=BACKENDS_ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
-            if only_dist is not None and (dist is None or _normalized(dist.metadata["Name"]) != _normalized(only_dist)):
+            if only_dist is not None and (dist is None or _normalized(dist.metadata["Name"] or "") != _normalized(only_dist)):
                 continue
             label = _dist_label(dist)
             try:

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 import s3fs
+from fsspec.asyn import sync_wrapper
 
 
 def _require_this_ckptkit(plugin: str) -> None:
@@ -61,34 +62,60 @@ __version__ = "0.4.0"
 # only once a body is sent, so a store that takes a request and never reads its body (or never
 # answers its "Expect: 100-continue") would hold the upload, and training, for good.
 _MIN_UPLOAD_RATE = 256 * 1024
+_SENDS_BODY = frozenset({"put_object", "upload_part"})
+
+
+class UploadStalled(ConnectionError):
+    """A request body the store did not take, or did not answer, within its deadline. A
+    ``ConnectionError``: fsspec would turn a ``TimeoutError`` into an empty ``FSTimeoutError``,
+    and ckptkit's retry policy takes either as transient."""
+
+
+class _S3FileSystem(s3fs.S3FileSystem):
+    """s3fs whose requests that send a body have a deadline, on every path that writes: ckptkit's
+    multipart uploads, s3fs's own file writer (``format: dcp`` shards) and ``put_file``.
+
+    ``wait_s`` and ``tries`` are the client's own bounds on one request (botocore's timeouts;
+    s3fs's and botocore's tries of it); a body may take ``tries × (wait_s + size at
+    _MIN_UPLOAD_RATE)`` in all, and is then cancelled with ``UploadStalled``."""
+
+    wait_s = 60.0
+    tries = 9
+
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        body = kwargs.get("Body")
+        if method not in _SENDS_BODY or body is None:
+            return await super()._call_s3(method, *args, **kwargs)
+        size = len(body) if hasattr(body, "__len__") else 0
+        deadline = self.tries * (self.wait_s + size / _MIN_UPLOAD_RATE)
+        try:
+            return await asyncio.wait_for(super()._call_s3(method, *args, **kwargs), deadline)
+        except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
+            raise UploadStalled(
+                f"{method} of {size} bytes to {kwargs.get('Bucket')}/{kwargs.get('Key')} was not answered within "
+                f"{deadline:.1f} s (the store's timeouts and retries, the body sent at "
+                f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
+
+    # s3fs binds its blocking call_s3 (which its file writer uses too) to its own _call_s3.
+    call_s3 = sync_wrapper(_call_s3)
 
 
 class _S3Multipart:
-    """The S3 multipart upload of one object, one request per method. A request that sends a
-    body has ``deadline(size)`` seconds in all, the client's own retries included."""
+    """The S3 multipart upload of one object, one request per method."""
 
-    def __init__(self, fs: s3fs.S3FileSystem, path: str, deadline: Callable[[int], float]):
+    def __init__(self, fs: s3fs.S3FileSystem, path: str):
         self.fs = fs
         self.bucket, self.key, _ = fs.split_path(path)
-        self.deadline = deadline
-
-    def _send(self, method: str, data: bytes | bytearray, **kwargs: Any) -> Any:
-        deadline = self.deadline(len(data))
-        try:
-            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, Body=data, timeout=deadline, **kwargs)
-        except (TimeoutError, asyncio.CancelledError) as exc:  # the deadline cancelled the request
-            raise TimeoutError(f"{method} of {len(data)} bytes to {self.bucket}/{self.key} was not answered within "
-                               f"{deadline:.1f} s (timeout_s and request_retries, the body sent at "
-                               f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
 
     def put_whole(self, data: bytes) -> None:
-        self._send("put_object", data)
+        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data)
 
     def begin(self) -> str:
         return self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
 
     def put_part(self, upload: str, number: int, data: bytearray) -> str:
-        out = self._send("upload_part", data, UploadId=upload, PartNumber=number)
+        out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload,
+                              PartNumber=number, Body=data)
         return out["ETag"]
 
     def complete(self, upload: str, parts: list[tuple[int, str]]) -> None:
@@ -115,10 +142,6 @@ class S3Backend(FileBackend):
     SCHEME = "s3"
     # The client is safe to use from several threads: the files of a split state go up at once.
     concurrent_writes = True
-    # ``timeout_s`` and ``request_retries`` as ``from_config`` sets them, for the upload deadline.
-    timeout_s = 60.0
-    request_retries = 2
-
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=5)
@@ -131,13 +154,16 @@ class S3Backend(FileBackend):
         config_kwargs.setdefault("read_timeout", opts.timeout_s)
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
-        fs = s3fs.S3FileSystem(**storage_options)
+        fs = _S3FileSystem(**storage_options)
         # s3fs retries timeouts, dropped connections and cut-off downloads around botocore's
         # retries (5 tries, a class default): bounded by the same count.
         fs.retries = opts.request_retries + 1
-        backend = opts.backend(cls, name, fs)
-        backend.timeout_s, backend.request_retries = opts.timeout_s, opts.request_retries
-        return backend
+        # The upload deadline from what the client was told, config_kwargs included.
+        retries = config_kwargs["retries"].get("max_attempts", opts.request_retries) \
+            if isinstance(config_kwargs["retries"], dict) else opts.request_retries
+        fs.wait_s = float(max(config_kwargs["connect_timeout"], config_kwargs["read_timeout"]))
+        fs.tries = fs.retries * (int(retries) + 1)
+        return opts.backend(cls, name, fs)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -149,12 +175,7 @@ class S3Backend(FileBackend):
         return self.fs.exists(self.root.split("/", 1)[0])
 
     def multipart(self, path: str) -> _S3Multipart:
-        return _S3Multipart(self.fs, path, self._deadline)
-
-    def _deadline(self, size: int) -> float:
-        """Seconds one request sending ``size`` bytes may take, retries by s3fs and botocore
-        included: each try may wait ``timeout_s`` and send at ``_MIN_UPLOAD_RATE``."""
-        return (self.request_retries + 1) ** 2 * (self.timeout_s + size / _MIN_UPLOAD_RATE)
+        return _S3Multipart(self.fs, path)
 
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
         names = None if names is None else list(names)

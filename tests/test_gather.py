@@ -175,14 +175,14 @@ def _layouts():
         "head only, restored over all": (head_only, all_params, "no parameter named 0.bias, 0.weight"),
         "one group, restored in two": (one_group, two_groups, "1 param group"),
         "two groups, restored in one": (two_groups, all_params, "2 param group"),
-        "sgd, restored into adamw": (sgd, all_params, "holds the state of a torch.optim.sgd.SGD optimizer, and the "
-                                     "optimizer given to restore is a torch.optim.adamw.AdamW"),
+        "sgd, restored into adamw": (sgd, all_params, ("holds the state of a torch.optim.sgd.SGD optimizer, and the "
+                                                       "optimizer given to restore is a torch.optim.adamw.AdamW")),
         # torch's own load_state_dict takes these: SGD given Adam's groups fails its first step
         # (no momentum setting), AdamW given Adam's trains as Adam.
-        "adam, restored into sgd": (adam, sgd, "a torch.optim.adam.Adam optimizer, and the optimizer given to "
-                                    "restore is a torch.optim.sgd.SGD"),
-        "adam, restored into adamw": (adam, all_params, "a torch.optim.adam.Adam optimizer, and the optimizer "
-                                      "given to restore is a torch.optim.adamw.AdamW"),
+        "adam, restored into sgd": (adam, sgd, ("a torch.optim.adam.Adam optimizer, and the optimizer given to "
+                                                "restore is a torch.optim.sgd.SGD")),
+        "adam, restored into adamw": (adam, all_params, ("a torch.optim.adam.Adam optimizer, and the optimizer "
+                                                         "given to restore is a torch.optim.adamw.AdamW")),
     }
 
 

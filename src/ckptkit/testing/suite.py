@@ -455,11 +455,12 @@ class ResumeBackendTests:
         assert attempts >= 2, "build the backend with a RetryPolicy of at least 2 attempts for this suite"
         fs = self.wrap_filesystem(backend)
         listing = fs.add("list", transient())
-        reading = fs.add("read", transient(), path=MANIFEST_NAME)
         fs.add("write", transient(), path="state.pt")
         fs.add("write", transient(), path=MANIFEST_NAME)
         ref = self.save(backend, 1)
         assert self.steps(backend) == [1]
+        # Planted only now, so that no request of the save can use it up: read_manifest's own.
+        reading = fs.add("read", transient(), path=MANIFEST_NAME)
         assert call_hook(backend, "read_manifest", ref=ref).step == 1
         assert listing.fired == 1 and reading.fired == 1
         assert self.read(backend, ref, "state.pt").startswith(b"state of step 1")

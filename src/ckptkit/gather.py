@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,7 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     if optimizer.state or load_target:
-        with _trainable(optimizer, names_of(model), held) if load_target else contextlib.nullcontext():
+        with _trainable(optimizer, held, lambda: names_of(model)) if load_target else contextlib.nullcontext():
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         return {"model": model_sd, "optimizer": optim_sd}
     # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's and
@@ -85,37 +85,44 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 @contextlib.contextmanager
 def _stateless(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """An unstepped ``optimizer`` seen by DCP as one that holds state (an empty entry for each
-    parameter: FSDP1 wants all of a flat parameter's or none), so that DCP does not make its
-    state by a step; it holds none after."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {}
+    """An unstepped ``optimizer`` seen by DCP as one that holds state (``_empty_entries``), so
+    that DCP does not make its state by a step; it holds none after."""
+    _empty_entries(optimizer)
     try:
         yield
     finally:
         optimizer.state.clear()
 
 
+def _empty_entries(optimizer: torch.optim.Optimizer) -> None:
+    """An empty state entry for each parameter of an unstepped ``optimizer``: DCP makes the state
+    of an optimizer that holds none by a step at lr=0, and skips that for one that holds some
+    (FSDP1 wants the entries of all of a flat parameter's parameters, or of none)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {}
+
+
 @contextlib.contextmanager
-def _trainable(optimizer: torch.optim.Optimizer, names: dict[torch.Tensor, set[str]],
-               held: Collection[str]) -> Iterator[None]:
+def _trainable(optimizer: torch.optim.Optimizer, held: Collection[str],
+               names: Callable[[], dict[torch.Tensor, set[str]]]) -> Iterator[None]:
     """The optimizer's frozen parameters that the checkpoint holds state for (``held``, by name)
     require a gradient while DCP runs: DCP (torch 2.13) loads saved state only into parameters
     that require one, and makes a load target's state only for those, so a parameter frozen
     when the checkpoint was saved (its moments kept by the optimizer for when it is unfrozen)
     would silently lose its state. Only those: DCP makes a new optimizer's state for every
-    parameter that requires a gradient, and a frozen backbone's would be made for nothing."""
+    parameter that requires a gradient, and a frozen backbone's would be made for nothing.
+    ``names`` gives ``names_of(model)``, asked only when some parameter is frozen."""
+    # Only floating-point tensors can require a gradient (an int8 base weight cannot).
+    candidates = [p for group in optimizer.param_groups for p in group["params"]
+                  if not p.requires_grad and (p.is_floating_point() or p.is_complex())]
+    by_name = names() if candidates and held else {}
     frozen: list[torch.Tensor] = []
-    held = held or ()
     try:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                # Only floating-point tensors can require a gradient (an int8 base weight cannot).
-                if (not p.requires_grad and (p.is_floating_point() or p.is_complex())
-                        and not names.get(p, set()).isdisjoint(held)):
-                    p.requires_grad_(True)
-                    frozen.append(p)
+        for p in candidates:
+            if not by_name.get(p, set()).isdisjoint(held):
+                p.requires_grad_(True)
+                frozen.append(p)
         yield
     finally:
         for p in frozen:
@@ -369,18 +376,15 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
     # that. DCP's strict default refuses the checkpoint instead (torch 2.13).
     loose = dataclasses.replace(options or StateDictOptions(), strict=False)
     kept = _kept(optimizer)
-    first = None
     if options is None and not optimizer.state:
         # An optimizer that has not stepped yet (the one a resuming process builds) would first
         # be given state by DCP through a step at lr=0: a zero tensor per moment (for AdamW
         # twice the model's size in fresh memory, half the time of restoring 1 GiB) computed and
-        # then replaced by what is loaded. Loading by name needs none of it, and DCP skips it
-        # for an optimizer that holds state: an empty entry, which the load replaces.
-        first = next((p for group in optimizer.param_groups for p in group["params"]), None)
-        if first is not None:
-            optimizer.state[first] = {}
+        # then replaced by what is loaded. Loading by name needs none of it; the load replaces
+        # the empty entries.
+        _empty_entries(optimizer)
     try:
-        with _trainable(optimizer, names, held):
+        with _trainable(optimizer, held, lambda: names):
             set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept

@@ -28,7 +28,7 @@ class Router:
             for role in roles:
                 missing = btype.missing_hooks(role)
                 if missing:
-                    serves = ", ".join(r.value for r in btype.roles) or "no role"
+                    serves = ", ".join(r.value for r in btype.roles)
                     why = getattr(btype.cls, "ROLE_HINTS", {}).get(role.value)
                     raise ConfigError(
                         f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "

@@ -142,6 +142,7 @@ class S3Backend(FileBackend):
     SCHEME = "s3"
     # The client is safe to use from several threads: the files of a split state go up at once.
     concurrent_writes = True
+
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> S3Backend:
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import posixpath
 import shutil
@@ -17,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_number, check_options
-from .errors import BackendError, ConfigError
+from .errors import BackendError, CheckpointError, ConfigError
 from .hashing import HashingWriter, hash_pool, usable_cpus
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -397,8 +398,12 @@ class LocalBackend(FileBackend):
                 continue  # removed while listing, as a prune or a commit's rename does
             for entry in entries:
                 try:
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    # ckptkit writes no links: one planted in a run is neither listed nor
+                    # followed, so a prune can never delete what it points at.
                     continue
                 is_dir = stat.S_ISDIR(st.st_mode)
                 found[entry.path] = {"name": entry.path, "type": "directory" if is_dir else "file",
@@ -406,6 +411,28 @@ class LocalBackend(FileBackend):
                 if is_dir:
                     pending.append(entry.path)
         return found
+
+    @hookimpl
+    def open_file(self, ref: CheckpointRef, name: str):
+        # A checkpoint's files are regular files that ckptkit wrote: a link is never followed
+        # (it could lead out of the root, or to a device that never ends), whatever it holds.
+        if type(self.fs) is not LocalFileSystem:
+            return super().open_file(ref, name)
+        path = posixpath.join(ref.path, _check_file_name(name))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(f"{path} is a symbolic link, which ckptkit never writes; it was not "
+                                      "followed") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointError(f"{path} is not a regular file, which ckptkit never writes; it was not read")
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _strip(self, path: str) -> str:
         # ``_find`` gives plain absolute paths (os.scandir's): nothing to strip, and fsspec's
@@ -433,6 +460,9 @@ class LocalBackend(FileBackend):
                     break
 
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
+        if os.path.islink(path):  # a folder replaced by a link since the listing: only the link goes
+            os.unlink(path)
+            return
         try:
             os.remove(os.path.join(path, MANIFEST_NAME))  # first: a half-deleted folder is never committed
         except FileNotFoundError:

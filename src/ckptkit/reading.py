@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 from concurrent import futures
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
@@ -137,7 +139,7 @@ class Reader:
     def check_files(self, ref: CheckpointRef, manifest: Manifest, names: Iterable[str]) -> None:
         for name in names:
             entry = manifest.files[name]
-            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest))
+            read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), CHUNK, False, entry.size)
             _compare(ref, name, entry, *self.reading(ref, name, read))
 
     def fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
@@ -178,9 +180,10 @@ class Reader:
         mapped = mapped if mapped and mappable(ref.local_dir) else ()
         paths = {name: os.path.join(ref.local_dir, name) for name in names}
         before = {name: _identity(paths[name], ref) for name in names}
-        for name in mapped:
-            # A mapping read past the end of its file kills the process (SIGBUS): a file of
-            # another size than the manifest's is refused before any of it is mapped.
+        for name in names:
+            # A file of another size than the manifest's is refused before any of it is read:
+            # reading past the end of a mapping kills the process (SIGBUS), and a file too large
+            # is never worth reading.
             if before[name][1] != manifest.files[name].size:
                 _compare(ref, name, manifest.files[name], before[name][1], "")
         hashes: dict[str, Any] = {}
@@ -230,15 +233,23 @@ class Reader:
         the CPU's cache, or with ``mapped`` through a mapping (``hash_stream``)."""
         entry = manifest.files[name]
         read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), min(_READ_CHUNK, entry.size + 1),
-                                 mapped)
+                                 mapped, entry.size)
         return self.reading(ref, name, read)
 
     def _check(self, ref: CheckpointRef, manifest: Manifest, name: str) -> None:
         _compare(ref, name, manifest.files[name], *self._digest(ref, manifest, name))
 
     def _hash(self, ref: CheckpointRef, name: str, algorithm: str, chunk: int = CHUNK,
-              mapped: bool = False) -> tuple[int, str]:
+              mapped: bool = False, size: int | None = None) -> tuple[int, str]:
+        """The size and digest of file ``name``; a local file of another ``size`` is not read."""
         with self.router.call(ref.backend, "open_file", ref=ref, name=name) as f:
+            if size is not None and ref.local_dir:
+                try:
+                    found = os.fstat(f.fileno()).st_size
+                except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                    found = size
+                if found != size:
+                    return found, ""
             return hash_stream(f, algorithm, chunk, mapped)
 
     def download(self, ref: CheckpointRef, manifest: Manifest, name: str, workdir: str) -> str:
@@ -296,11 +307,16 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
 
 
 def _identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
-    """What changes when a file is replaced or written: its inode, size and times."""
+    """What changes when a file is replaced or written: its inode, size and times. A link or
+    anything else but a regular file is refused: ckptkit writes none, and loading one would
+    read whatever it points at."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError as exc:
         raise storage_failure(ref.backend, f"reading {path}", exc) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptCheckpointError(f"{ref.uri}: {os.path.basename(path)} is not a regular file (a link or "
+                                     "device, which ckptkit never writes); it was not read")
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 

@@ -78,7 +78,10 @@ class Manifest:
         Raises ``ValueError`` for anything that is not an intact ckptkit manifest: a changed
         byte anywhere in a version 2 manifest no longer matches its ``checksum``.
         """
-        data = json.loads(text)
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except RecursionError:
+            raise ValueError("it is nested too deeply to be a ckptkit manifest") from None
         if not isinstance(data, dict) or "files" not in data:
             raise ValueError("not a ckptkit manifest")
         version = data.get("version")
@@ -89,13 +92,8 @@ class Manifest:
                                  "or damaged after it was written)")
         elif not (version == _UNSEALED_VERSION and "checksum" not in data):
             raise ValueError(f"unknown manifest version {version!r}")
-        manifest = cls.from_dict(data)
-        if not manifest.files:
-            raise ValueError("it lists no files")
-        for name in manifest.files:
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-                raise ValueError(f"it names a file outside its folder: {name!r}")
-        return manifest
+        _check_fields(data)
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON values (non-finite metrics as strings), without the checksum."""
@@ -126,6 +124,77 @@ class Manifest:
     def total_size(self) -> int:
         """The size of all files it lists, in bytes."""
         return sum(e.size for e in self.files.values())
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice reads differently in different JSON readers, and the checksum covers
+    # only the value this one keeps.
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+        raise ValueError(f"it gives the key {seen[0]!r} twice")
+    return data
+
+
+_FORMATS = ("torch", "dcp", "files")
+_ROLES = ("resume", "final")
+_ALGORITHMS = ("xxh3_128", "sha256")
+_HEX = frozenset("0123456789abcdef")
+
+
+def _count(value: Any, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def _file_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..", MANIFEST_NAME) and "/" not in name and "\\" not in name
+            and all(c >= " " and c != "\x7f" for c in name))
+
+
+def _digest(value: Any) -> bool:
+    algorithm, _, hexdigest = value.partition(":") if isinstance(value, str) else ("", "", "")
+    return algorithm in _ALGORITHMS and bool(hexdigest) and set(hexdigest) <= _HEX
+
+
+def _metric(value: Any) -> bool:
+    return type(value) in (int, float) or value in ("nan", "inf", "-inf")
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of a parsed manifest whose value no ckptkit
+    writes: every value a reader acts on has the type and range it expects."""
+    files = data["files"]
+    if not isinstance(files, dict) or not files:
+        raise ValueError("it lists no files")
+    for name, entry in files.items():
+        if not _file_name(name):
+            raise ValueError(f"it names a file outside its folder, or no file: {name!r}")
+        if not isinstance(entry, dict) or not _count(entry.get("size")) or not (
+                _digest(entry.get("digest")) if "digest" in entry else _digest(f"sha256:{entry.get('sha256')}")):
+            raise ValueError(f"its entry for {name!r} is not a size and a checksum: {entry!r}"[:300])
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and _metric(v) for k, v in metrics.items()):
+        raise ValueError("its metrics are not names with numbers")
+    checks = {
+        "run_name": lambda v: isinstance(v, str) and bool(v),
+        "step": _count,
+        "epoch": lambda v: v is None or _count(v),
+        "format": lambda v: v in _FORMATS,
+        "role": lambda v: v in _ROLES,
+        "world_size": lambda v: _count(v, 1),
+        "mlflow_run_id": lambda v: v is None or isinstance(v, str),
+        "optimizer": lambda v: v is None or isinstance(v, str),
+        "extra_in_state": lambda v: type(v) is bool,
+        "torch_version": lambda v: isinstance(v, str),
+        "ckptkit_version": lambda v: isinstance(v, str),
+        "created": lambda v: isinstance(v, str),
+    }
+    required = ("run_name", "step", "epoch", "format")
+    for key, valid in checks.items():
+        if key in data and not valid(data[key]) or key in required and key not in data:
+            shown = repr(data.get(key, "(missing)"))[:80]
+            raise ValueError(f"its {key} is {shown}, which no ckptkit writes"
+                             + (" (a format this version does not know)" if key == "format" else ""))
 
 
 def _checksum(data: dict[str, Any]) -> str:

@@ -1,0 +1,107 @@
+"""A manifest holding anything ckptkit never writes is refused as such, whatever its seal says."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from ckptkit import CheckpointManager
+from ckptkit.manifest import FileEntry, Manifest, _checksum
+
+from ckpt_helpers import local_config, make_model, train_step
+
+DIGEST = "xxh3_128:" + "0" * 32
+
+
+def _sealed(data: dict) -> bytes:
+    data = dict(data)
+    data.pop("checksum", None)
+    data["checksum"] = _checksum(data)
+    return json.dumps(data).encode()
+
+
+def _good() -> dict:
+    return Manifest(run_name="exp", step=2, epoch=0, format="torch",
+                    files={"state.pt": FileEntry(size=10, digest=DIGEST)}).to_dict()
+
+
+def _set(*path, value):
+    def change(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+    return change
+
+
+CASES = {
+    "a NUL in a file name": lambda d: d["files"].__setitem__("state\x00.pt", d["files"].pop("state.pt")),
+    "a newline in a file name": lambda d: d["files"].__setitem__("a\nb", {"size": 0, "digest": DIGEST}),
+    "the manifest among its files": lambda d: d["files"].__setitem__("manifest.json", {"size": 0, "digest": DIGEST}),
+    "files as a list": _set("files", value=[1, 2]),
+    "a file entry as a list": _set("files", "state.pt", value=[1]),
+    "a size as text": _set("files", "state.pt", "size", value="10"),
+    "a negative size": _set("files", "state.pt", "size", value=-5),
+    "a size as a float": _set("files", "state.pt", "size", value=10.0),
+    "a size as a bool": _set("files", "state.pt", "size", value=True),
+    "an unknown checksum algorithm": _set("files", "state.pt", "digest", value="md5:00"),
+    "a digest as a number": _set("files", "state.pt", "digest", value=5),
+    "a digest that is not hex": _set("files", "state.pt", "digest", value="xxh3_128:zz"),
+    "metrics as a list": _set("metrics", value=[1]),
+    "a metric as text": _set("metrics", value={"loss": "abc"}),
+    "a metric as a mapping": _set("metrics", value={"loss": {"a": 1}}),
+    "a step as text": _set("step", value="2"),
+    "a step as a float": _set("step", value=2.0),
+    "a step as a bool": _set("step", value=True),
+    "a negative step": _set("step", value=-1),
+    "an epoch as a mapping": _set("epoch", value={"a": 1}),
+    "a run name as a number": _set("run_name", value=5),
+    "an unknown format": _set("format", value="pickle"),
+    "an unknown role": _set("role", value="other"),
+    "a world size below one": _set("world_size", value=-1),
+    "an optimizer as a number": _set("optimizer", value=3),
+    "no epoch": lambda d: d.pop("epoch"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_resealed_manifest_with_a_value_no_ckptkit_writes_is_refused(case):
+    data = _good()
+    Manifest.from_json(_sealed(data))  # the unchanged one parses
+    CASES[case](data)
+    with pytest.raises(ValueError):
+        Manifest.from_json(_sealed(data))
+
+
+def test_a_key_given_twice_is_refused_though_the_seal_covers_the_value_kept():
+    text = _sealed(_good()).decode()
+    doubled = text.replace('"run_name": "exp"', '"run_name": "other", "run_name": "exp"', 1)
+    assert doubled != text
+    with pytest.raises(ValueError, match="run_name"):
+        Manifest.from_json(doubled)
+
+
+def test_a_manifest_nested_too_deeply_is_refused_not_a_recursion_error():
+    with pytest.raises(ValueError, match="nested"):
+        Manifest.from_json('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+@pytest.mark.parametrize("case", ["a NUL in a file name", "files as a list", "a negative size", "an unknown format"])
+def test_restore_skips_such_a_manifest_for_the_checkpoint_before(tmp_path, pm, case):
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    path = tmp_path / "scratch/exp/step-0000000002/manifest.json"
+    data = json.loads(path.read_bytes())
+    CASES[case](data)
+    path.write_bytes(_sealed(data))
+    model2, opt2 = make_model(seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = ck.restore(model=model2, optimizer=opt2)
+    assert restored.step == 1
+    assert any("skipped" in str(w.message) and "step-0000000002" in str(w.message) for w in caught)

@@ -374,6 +374,9 @@ def test_the_scan_sees_a_secret_in(channel, tmp_path, capfd, caplog):
     ("http://alice:p@ss@host:5000/api", "ss@host"),
     ("postgresql+psycopg2://ml:dbpass@db:5432/mlflow", "dbpass"),
     ("https://ghp_token123@github.example/x", "ghp_token123"),
+    ("tracking at http://alice:it's-Secret1@127.0.0.1:9 failed", "Secret1"),
+    ('uri "http://alice:pw\"Secret2@host:5000/api"', "Secret2"),
+    ("http://alice:<Secret3>@host", "Secret3"),
 ])
 def test_redact_removes_userinfo(text, secret):
     assert secret not in redact(text)
@@ -385,6 +388,23 @@ def test_redact_removes_the_password_beside_a_known_key_in_a_url():
     text = "Custom endpoint `http://AKIAIOSFODNN7EXAMPLE:Sup3r/S3cret+x@127.0.0.1:9000` was not a valid URI"
     out = redact(text, ("AKIAIOSFODNN7EXAMPLE",))
     assert "Sup3r" not in out and "AKIAIOSFODNN7EXAMPLE" not in out and "127.0.0.1:9000" in out
+
+
+def test_the_repr_of_a_config_shows_no_credentials():
+    """A config's repr reaches logs, tracebacks and debuggers."""
+    from ckptkit.config import Config
+
+    config = Config.from_dict({
+        "backends": {
+            "arch": {"type": "s3", "path": "s3://bkt/ck",
+                     "storage_options": {"key": "AKIAABCDEFGHIJKLMNOP", "secret": "S3-SECRET-VALUE-xyz"}},
+            "registry": {"type": "mlflow", "tracking_uri": "http://alice:PlainPw123@mlflow.internal:5000",
+                         "experiment": "e"}},
+        "roles": {"resume": {"backends": ["arch"]}, "final": {"backends": ["registry"]}}})
+    shown = repr(config)
+    for secret in ("AKIAABCDEFGHIJKLMNOP", "S3-SECRET-VALUE-xyz", "PlainPw123"):
+        assert secret not in shown
+    assert "s3://bkt/ck" in shown and "mlflow.internal:5000" in shown
 
 
 @pytest.mark.parametrize("text", [

@@ -13,6 +13,7 @@ import attrs
 import yaml
 
 from .errors import ConfigError
+from .redact import masked
 from .roles import Role
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,8 +74,9 @@ class BackendSpec:
     name: str
     # The backend type: a name in the ``ckptkit.backends`` entry-point group (``local``, ``s3``, ...).
     type: str
-    # Every other key: the options that its type reads.
-    options: dict[str, Any] = attrs.field(factory=dict)
+    # Every other key: the options that its type reads. Shown without credentials: a repr
+    # ends up in logs, tracebacks and debuggers.
+    options: dict[str, Any] = attrs.field(factory=dict, repr=lambda options: repr(masked(options)))
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> BackendSpec:

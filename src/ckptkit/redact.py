@@ -15,11 +15,12 @@ _SECRET_FIELD_RE = re.compile(
 )
 _KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 # ``scheme://user:password@``. The first form runs to the last ``@`` before the path, so a
-# password holding ``@`` goes too; the second takes a secret holding ``/`` (AWS secret keys
-# do) when a ``:`` comes first and what follows it is not a port.
+# password holding ``@`` goes too, and quotes, which a user part may hold unencoded; the
+# second takes a secret holding ``/`` (AWS secret keys do) when a ``:`` comes first and what
+# follows it is not a port.
 _USERINFO_RE = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)"
-    r"(?:[^/\s'\"<>]+@|[^/\s'\"<>@:]*:(?!\d+(?:/|$))[^\s'\"<>@]*@)"
+    r"(?:[^/\s]+@|[^/\s'\"<>@:]*:(?!\d+(?:/|$))[^\s'\"<>@]*@)"
 )
 # ``user:password@host`` without a scheme (MLflow takes such a tracking URI, and a bucket
 # parsed out of ``s3://KEY:SECRET@bucket`` looks like it).
@@ -51,6 +52,17 @@ def secret_values(options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     walk(dict(options or {}))
     found.extend(v for e in _SECRET_ENV if len(v := os.environ.get(e, "")) >= 4)
     return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def masked(value: Any) -> Any:
+    """``value`` (options as a config gives them) with the values of credential keys replaced
+    and credentials in every string redacted, for showing it."""
+    if isinstance(value, Mapping):
+        return {k: "<redacted>" if str(k).lower() in _SECRET_OPTION_NAMES and v else masked(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(v) for v in value)
+    return redact(value) if isinstance(value, str) else value
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -22,6 +22,7 @@ import torch
 import fsspec
 
 from ckptkit import CheckpointManager, UnsafeCheckpointError, safeload, sharded
+from ckptkit import errors as ckptkit_errors
 from ckptkit.cli import main
 from ckptkit.publish import find_source, publish
 
@@ -225,7 +226,7 @@ def test_the_deep_check_refuses_without_reading_tensors(attacked):
     files = ["extra.pt"] if attacked.format == "dcp" else ["state.pt", "extra.pt"]
     with pytest.raises(UnsafeCheckpointError, match="nothing in it ran"):
         if attacked.format == "dcp":
-            sharded.check(fsspec.filesystem("file"), str(attacked.folder))
+            sharded.check(fsspec.filesystem("file"), str(attacked.folder), os.listdir(attacked.folder))
         for name in files:
             safeload.check(attacked.folder / name)
     assert not attacked.marker.exists()
@@ -246,3 +247,50 @@ def test_cli_verify_reports_the_unsafe_checkpoint(attacked, capsys):
     assert not attacked.marker.exists()
     assert code == 1 and rows[0]["ok"] and not rows[1]["ok"]
     assert "nothing in it ran" in rows[1]["detail"].lower()
+
+
+# -- files of a sharded checkpoint that its manifest does not list ------------------------------
+
+def _dcp_checkpoint(tmp_path, pm, seed):
+    cfg = local_config(tmp_path / f"run{seed}", final=False)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model(seed=seed)
+    train_step(model, opt)
+    ck.save(step=1, model=model, optimizer=opt, extra={"seed": seed})
+    ck.close()
+    return cfg, tmp_path / f"run{seed}" / "scratch/exp/step-0000000001", model
+
+
+def _unlisting(folder, drop):
+    data = json.loads((folder / "manifest.json").read_text())
+    files = {n: e for n, e in data["files"].items() if n not in drop}
+    rewrite_manifest(folder, files=files)
+
+
+@pytest.mark.parametrize("swap", [".metadata", "shards"])
+def test_files_a_sharded_manifest_does_not_list_are_never_read(tmp_path, swap):
+    """The attacker puts another model's metadata or shards in place and reseals the manifest
+    without them: what it does not list was never verified, so no way of reading uses it."""
+    from ckptkit.plugins import make_plugin_manager
+
+    cfg, folder, model = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    _, other, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=1)
+    moved = [".metadata"] if swap == ".metadata" else [n for n in os.listdir(other) if n.endswith(".distcp")]
+    if swap == "shards":
+        moved.append(".metadata")  # the other model's shards, as its metadata places them
+    for name in moved:
+        (folder / name).write_bytes((other / name).read_bytes())
+    _unlisting(folder, drop=moved if swap == ".metadata" else [n for n in moved if n != ".metadata"])
+    if swap == "shards":
+        rewrite_manifest(folder)  # the new .metadata listed, with its digest
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    fresh, opt = make_model(seed=2)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="does not list|lists no"):
+        ck.restore(model=fresh, optimizer=opt)
+    ref = ck.list_checkpoints()[0]
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="does not list|lists no"):
+        ck.verify(ref)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError):
+        ck.export(tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()

@@ -59,6 +59,13 @@ FILES_FORMAT = "files"
 DEFAULT_RUN_NAME = "default"
 
 
+def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
+    """A sharded checkpoint's manifest lists its metadata and its ``extra.pt``: a restore reads
+    both, and a file it does not list was never verified."""
+    if EXTRA_FILE not in manifest.files or sharded.METADATA_FILE not in manifest.files:
+        raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {sharded.METADATA_FILE} or no {EXTRA_FILE}")
+
+
 def rank_extra_file(rank: int) -> str:
     """The file of a sharded checkpoint that holds rank ``rank``'s own ``rank_extra``."""
     return f"rank_extra-{rank:05d}.pt"
@@ -755,7 +762,7 @@ class CheckpointManager:
         if manifest.format == "dcp":
             self.reader.check_files(ref, manifest, manifest.files)
             try:
-                sharded.check(self.router.instances[ref.backend].fs, ref.path, safe_globals)
+                sharded.check(self.router.instances[ref.backend].fs, ref.path, manifest.files, safe_globals)
             except CkptkitError as exc:
                 raise type(exc)(f"{ref.uri}: {exc}") from exc
             names = [n for n in manifest.files if n.endswith(".pt")]
@@ -991,6 +998,7 @@ class CheckpointManager:
         names = sorted(manifest.files)
         problem = None
         try:
+            _require_sharded_files(ref, manifest)
             self.reader.check_files(ref, manifest, names[ranks.rank()::ranks.world_size()])
         except Exception as exc:
             problem = exc
@@ -999,7 +1007,7 @@ class CheckpointManager:
             return skip, None
         problem = None
         try:
-            opened = sharded.open_reader(backend.fs, ref.path)
+            opened = sharded.open_reader(backend.fs, ref.path, name=ref.uri, listed=manifest.files)
         except Exception as exc:
             problem = exc
         # DCP's collectives run on ckptkit's group: every rank enters them, or none does.
@@ -1023,11 +1031,9 @@ class CheckpointManager:
         mine = rank_extra_file(ranks.rank())
         problem = opened = None
         try:
-            if EXTRA_FILE not in manifest.files or sharded.METADATA_FILE not in manifest.files:
-                raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {sharded.METADATA_FILE} "
-                                             f"or no {EXTRA_FILE}")
+            _require_sharded_files(ref, manifest)
             self.reader.download(ref, manifest, sharded.METADATA_FILE, workdir)
-            opened = sharded.open_reader(fsspec.filesystem("file"), workdir, name=ref.uri)
+            opened = sharded.open_reader(fsspec.filesystem("file"), workdir, name=ref.uri, listed=manifest.files)
         except Exception as exc:
             problem = exc
         skip = self._agree_sharded(ref, "open", problem)
@@ -1222,8 +1228,9 @@ class CheckpointManager:
                         "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
                         "with the tool that wrote it")
                 if manifest.format == "dcp":
-                    self.reader.check_files(ref, manifest, manifest.files)
-                    model_state = sharded.load_full(self.router.instances[ref.backend].fs, ref.path)["model"]
+                    with reading.scratch("export") as workdir:  # read once, from what was verified
+                        folder = self.reader.fetch(ref, manifest, workdir)
+                        model_state = sharded.load_full(fsspec.filesystem("file"), folder, manifest.files)["model"]
                 else:
                     model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
             except SKIPPABLE as exc:

@@ -18,7 +18,7 @@ import posixpath
 import re
 import types
 from contextlib import contextmanager
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Collection, Generator, Iterable
 
 import fsspec
 import torch
@@ -291,13 +291,26 @@ def reader(fs: fsspec.AbstractFileSystem, path: str) -> _SafeReader:
     return r
 
 
-def open_reader(fs: fsspec.AbstractFileSystem, path: str, name: str | None = None) -> _SafeReader:
-    """A reader whose metadata has been read and checked; typed errors naming ``name`` (default ``path``)."""
+def open_reader(fs: fsspec.AbstractFileSystem, path: str, name: str | None = None,
+                listed: Collection[str] | None = None) -> _SafeReader:
+    """A reader whose metadata has been read and checked; typed errors naming ``name`` (default ``path``).
+
+    ``listed``: the files the checkpoint's manifest lists. ``.metadata`` must be one, and so must
+    every file it points at: a file the manifest does not list was never verified, and DCP would
+    read it as it is. Checked before anything but ``.metadata`` is read.
+    """
+    if listed is not None and METADATA_FILE not in listed:
+        raise CorruptCheckpointError(f"{name or path}: its manifest does not list {METADATA_FILE}")
     r = reader(fs, path)
     try:
-        r.read_metadata()
+        metadata = r.read_metadata()
     except CkptkitError as exc:
         raise type(exc)(f"{name or path}: {exc}") from exc
+    if listed is not None:
+        unlisted = sorted({info.relative_path for info in metadata.storage_data.values()} - set(listed))
+        if unlisted:
+            raise CorruptCheckpointError(f"{name or path}: {METADATA_FILE} points at {', '.join(unlisted[:5])}, "
+                                         "which its manifest does not list; nothing of it was read")
     return r
 
 
@@ -363,9 +376,11 @@ def load(state: dict[str, Any], r: _SafeReader, path: str, safe_globals: Iterabl
         raise typed  # noqa: B904 (its cause is the rank's own error, set by _typed)
 
 
-def load_full(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
-    """The whole state of a sharded checkpoint in one process, as plain CPU tensors; raises as ``load`` does."""
-    r = open_reader(fs, path)
+def load_full(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str],
+              safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+    """The whole state of a sharded checkpoint in one process, as plain CPU tensors; ``listed``
+    as for ``open_reader``; raises as ``load`` does."""
+    r = open_reader(fs, path, listed=listed)
     state: dict[str, Any] = {}
     try:
         _load_state_dict(state, storage_reader=r, planner=SafeEmptyLoadPlanner(safe_globals), no_dist=True)
@@ -377,13 +392,14 @@ def load_full(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[A
     return state
 
 
-def check(fs: fsspec.AbstractFileSystem, path: str, safe_globals: Iterable[Any] = ()) -> None:
-    """Raise as ``load`` would, reading only ``.metadata`` and the non-tensor items (no tensors).
+def check(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str], safe_globals: Iterable[Any] = ()) -> None:
+    """Raise as ``load`` would, reading only ``.metadata`` and the non-tensor items (no tensors);
+    ``listed`` as for ``open_reader``.
 
     What a deep verify needs to tell that a sharded checkpoint would load safely, at the cost
     of its small items.
     """
-    r = open_reader(fs, path)
+    r = open_reader(fs, path, listed=listed)
     try:
         _check(r, safe_globals)
     except CkptkitError as exc:

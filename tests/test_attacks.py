@@ -24,6 +24,7 @@ import fsspec
 from ckptkit import CheckpointManager, UnsafeCheckpointError, safeload, sharded
 from ckptkit import errors as ckptkit_errors
 from ckptkit.cli import main
+from ckptkit.plugins import make_plugin_manager
 from ckptkit.publish import find_source, publish
 
 from ckpt_helpers import local_config, make_model, rewrite_manifest, train_step
@@ -272,7 +273,6 @@ def _unlisting(folder, drop):
 def test_files_a_sharded_manifest_does_not_list_are_never_read(tmp_path, swap):
     """The attacker puts another model's metadata or shards in place and reseals the manifest
     without them: what it does not list was never verified, so no way of reading uses it."""
-    from ckptkit.plugins import make_plugin_manager
 
     cfg, folder, model = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
     _, other, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=1)
@@ -294,3 +294,38 @@ def test_files_a_sharded_manifest_does_not_list_are_never_read(tmp_path, swap):
     with pytest.raises(ckptkit_errors.CorruptCheckpointError):
         ck.export(tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+# -- metadata that loads without running code and still does harm --------------------------
+
+def _saved_metadata(tmp_path) -> bytes:
+    _, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), 0)
+    return (folder / ".metadata").read_bytes()
+
+
+def test_metadata_that_changes_a_shared_enum_member_is_refused_and_undone(tmp_path):
+    """Calling the allowed enum class gives the process's one member; BUILD on it would make
+    every later save of the process write a value no load can read."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    original = _saved_metadata(tmp_path)
+    body = original[2:]
+    if body[:1] == pickle.FRAME:
+        body = body[9:]
+    gadget = (b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n" + pickle.BININT1 + b"\x00"
+              + pickle.TUPLE1 + pickle.REDUCE + pickle.EMPTY_DICT + _unicode("_value_") + pickle.BININT1 + b"\x07"
+              + pickle.SETITEM + pickle.BUILD + pickle.POP)
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    value = member.value
+    with pytest.raises(UnsafeCheckpointError, match="TORCH_CONTIGUOUS_FORMAT"):
+        sharded.read_metadata(io.BytesIO(original[:2] + gadget + body))
+    assert member._value_ == value
+    sharded.read_metadata(io.BytesIO(original))  # the file as DCP wrote it still reads
+
+
+def test_metadata_placing_an_item_at_a_huge_list_index_is_refused_before_any_list_grows(tmp_path):
+    metadata = pickle.loads(_saved_metadata(tmp_path))  # the test's own file, written by DCP a moment ago
+    key = next(k for k in metadata.planner_data if k.startswith("model."))
+    metadata.planner_data[key] = ("model", 10**10)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="places"):
+        sharded.read_metadata(io.BytesIO(pickle.dumps(metadata)))

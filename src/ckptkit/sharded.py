@@ -145,6 +145,12 @@ _METADATA_NAMES.update({("torch", name): value for name, value in vars(torch).it
 # The pickle's BUILD opcode may set attributes on any object it can reach, these classes and
 # functions included; what it could change is checked after each load.
 _MUTABLE = [v for v in _METADATA_NAMES.values() if isinstance(v, (type, types.FunctionType)) and v is not torch.Size]
+# Calling the enum class gives back its one member for the value, shared by the whole process:
+# BUILD on it would change what every later save writes.
+_MUTABLE += list(_MEM_FORMAT_ENCODING)
+# A list index in ``planner_data`` above the number of items by more than this is refused:
+# torch grows the list one element at a time up to it.
+_INDEX_SLACK = 1024
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -173,7 +179,7 @@ def _check_attributes(before: list[dict[str, Any]]) -> None:
     for value, old in zip(_MUTABLE, before):
         now = vars(value)
         if now.keys() != old.keys() or any(now[k] is not old[k] for k in old):
-            changed.append(value.__qualname__)
+            changed.append(getattr(value, "__qualname__", None) or f"{type(value).__name__}.{old.get('_name_')}")
             for key in set(now) - set(old):
                 delattr(value, key)
             for key, item in old.items():
@@ -201,6 +207,7 @@ def read_metadata(stream: Any) -> Metadata:
     if not isinstance(metadata, Metadata):
         raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} holds a "
                                      f"{type(metadata).__name__}, not DCP metadata")
+    _check_planner_data(metadata)
     for info in (metadata.storage_data or {}).values():
         where = getattr(info, "relative_path", None)
         if (not isinstance(info, _StorageInfo) or not isinstance(where, str) or not where
@@ -208,6 +215,24 @@ def read_metadata(stream: Any) -> Metadata:
             raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} points at {where!r}, "
                                          "which is not a file of its own folder")
     return metadata
+
+
+def _check_planner_data(metadata: Metadata) -> None:
+    """``planner_data`` maps each item to its place in the nested state: keys and list indexes.
+    A load rebuilds the nesting from it, so an index far beyond the items there are would make
+    a list of that length (a 2 KB file asking for 10**10 elements)."""
+    data = metadata.planner_data
+    if data is None:
+        return
+    most = len(metadata.state_dict_metadata or {}) + _INDEX_SLACK
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} has planner data of type "
+                                     f"{type(data).__name__}")
+    for fqn, path in data.items():
+        if not (isinstance(path, (tuple, list)) and path and all(
+                type(k) is str or type(k) is int and 0 <= k < most for k in path)):
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} places {str(fqn)[:80]!r} at "
+                                         f"{str(path)[:80]}, which no state it holds has")
 
 
 class _SafeReader(FileSystemReader):

@@ -311,6 +311,46 @@ def _kept(optimizer: torch.optim.Optimizer) -> tuple[Any, list[dict[str, Any]]]:
     return collections.defaultdict(dict, optimizer.state), optimizer.param_groups
 
 
+def _persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each plain (unsharded) buffer a state dict holds, by each of its names in DCP's state dicts."""
+    for module_name, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is None or name in module._non_persistent_buffers_set or isinstance(buf, DTensor):
+                continue
+            for fqn in _dcp_names(model, f"{module_name}.{name}" if module_name else name):
+                yield fqn, buf
+
+
+def own_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """This rank's buffers (BatchNorm's running statistics), as CPU copies by name, where each
+    rank's are its own: FSDP neither shards nor synchronises buffers, and DDP does not with
+    ``broadcast_buffers=False``. A state dict holds one rank's; a resume must give every rank its
+    own back. None where ranks hold no buffers of their own (one process, DDP broadcasting from
+    rank 0 before each forward, a model without buffers)."""
+    if ranks.world_size() < 2 or not distributed(model) or (
+            isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers):
+        return None
+    return {fqn: buf.detach().to("cpu", copy=True) for fqn, buf in _persistent_buffers(model)} or None
+
+
+def buffer_targets(model: torch.nn.Module, saved: Collection[str]) -> dict[str, torch.Tensor]:
+    """Tensors for a sharded load to fill with the buffers named ``saved`` that the model has."""
+    return {fqn: torch.empty_like(buf, device="cpu") for fqn, buf in _persistent_buffers(model) if fqn in saved}
+
+
+def load_own_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
+    """Copy this rank's saved buffers (``own_buffers``) into the model's."""
+    for fqn, buf in _persistent_buffers(model):
+        value = saved.get(fqn)
+        if value is None:
+            continue
+        if value.shape != buf.shape:
+            raise IncompatibleCheckpointError(f"{source}: this rank's saved buffer {fqn} has shape "
+                                              f"{tuple(value.shape)}, the model's {tuple(buf.shape)}")
+        with torch.no_grad():
+            buf.copy_(value)
+
+
 def names_of(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:
     """Each parameter's names in DCP's state dicts: several for a tied weight."""
     names: dict[torch.Tensor, set[str]] = {}

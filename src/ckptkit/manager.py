@@ -52,11 +52,33 @@ from .split import STATE_FILE  # noqa: F401  (tools and tests import it from her
 log = logging.getLogger(__name__)
 
 RANK_EXTRA_KEY = "rank_extra"
+# Each rank's own buffers (``gather.own_buffers``): by rank in a full state, by rank as text in
+# a sharded one (DCP's keys are text).
+RANK_BUFFERS_KEY = "rank_buffers"
 FINAL_FILE = "final_model.pt"
 # The manifest format of a checkpoint committed by ``save_files``: a folder of files ckptkit only
 # moves and verifies (a framework's own checkpoint), never loads.
 FILES_FORMAT = "files"
 DEFAULT_RUN_NAME = "default"
+
+
+def _add_buffer_targets(state: dict[str, Any], model, opened) -> None:
+    """A place in a sharded load's ``state`` for this rank's own buffers, where the checkpoint
+    holds them (``gather.own_buffers``)."""
+    if not state:  # this rank has a problem already, raised on all
+        return
+    saved = sharded.items_under(opened, f"{RANK_BUFFERS_KEY}.{ranks.rank()}.")
+    targets = gather.buffer_targets(model, saved) if saved else {}
+    if targets:
+        state[RANK_BUFFERS_KEY] = {str(ranks.rank()): targets}
+
+
+def _load_resume_state(model, optimizer, state: dict[str, Any], coll, held, source: str) -> None:
+    """``gather.load_resume_state`` of a sharded load's ``state``, then this rank's own buffers."""
+    own = state.pop(RANK_BUFFERS_KEY, {}).get(str(ranks.rank()))
+    gather.load_resume_state(model, optimizer, state, full=False, coll=coll, held=held, source=source)
+    if own:
+        gather.load_own_buffers(model, own, source)
 
 
 def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
@@ -430,8 +452,11 @@ class CheckpointManager:
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
             self._check_run(step)
+        buffers = gather.own_buffers(model)
         if role.format == "dcp":
             state = gather.resume_state(model, optimizer, sharded=True)
+            if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
+                state[RANK_BUFFERS_KEY] = {str(ranks.rank()): buffers}
             own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
             saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
                                                   self.coll)
@@ -440,14 +465,16 @@ class CheckpointManager:
             self._report(step, saved, failures)
             return saved
         state = gather.resume_state(model, optimizer)
-        gathered = self.coll.gather(f"save step {step}: rank_extra", own_state)
+        gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
         if gathered is not None and own_state is not None:
-            state[RANK_EXTRA_KEY] = dict(enumerate(gathered))
+            state[RANK_EXTRA_KEY] = {r: extra for r, (extra, _) in enumerate(gathered)}
+        if gathered is not None and buffers is not None:
+            state[RANK_BUFFERS_KEY] = {r: bufs for r, (_, bufs) in enumerate(gathered)}
         if role.async_:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
                 staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
-                                           copy_always=("extra", RANK_EXTRA_KEY),
+                                           copy_always=("extra", RANK_EXTRA_KEY, RANK_BUFFERS_KEY),
                                            background=role.async_copy == "background")
                 self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
             if previous is not None:
@@ -967,8 +994,12 @@ class CheckpointManager:
                 raise outcome[1]
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
+        buffers = state.pop(RANK_BUFFERS_KEY, None) if ranks.rank() == 0 else None
         gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
-        saved_extra, per_rank = self.coll.share(f"restore step {ref.step}: extra", (saved_extra, per_rank))
+        saved_extra, per_rank, buffers = self.coll.share(f"restore step {ref.step}: extra",
+                                                         (saved_extra, per_rank, buffers))
+        if buffers and buffers.get(ranks.rank()) is not None:
+            gather.load_own_buffers(model, buffers[ranks.rank()], ref.uri)
         per_rank = per_rank or {}
         return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
@@ -1017,9 +1048,10 @@ class CheckpointManager:
         names = gather.names_of(model) if optimizer is not None else {}
         held, problem = self._optimizer_held(ref, opened, names, optimizer)
         state, problem = self._load_target(model, optimizer, held, problem)
+        _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
+        _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
         mine = rank_extra_file(ranks.rank())
         own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
@@ -1042,6 +1074,7 @@ class CheckpointManager:
         names = gather.names_of(model) if optimizer is not None else {}
         held, problem = self._optimizer_held(ref, opened, names, optimizer)
         state, problem = self._load_target(model, optimizer, held, problem)
+        _add_buffer_targets(state, model, opened)
         wanted: set[str] = set()
         if problem is None:
             try:
@@ -1068,7 +1101,7 @@ class CheckpointManager:
             return skip, None
         self._check_param_groups(ref, opened, names, optimizer, None)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        gather.load_resume_state(model, optimizer, state, full=False, coll=self.coll, held=held, source=ref.uri)
+        _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
         own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
         return None, (saved_extra, own, self._extra_holders(manifest))

@@ -24,7 +24,11 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    _EmptyStateDictLoadPlanner,
+)
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
@@ -364,6 +368,11 @@ def optimizer_state_held(r: _SafeReader) -> set[str]:
     return held
 
 
+def items_under(r: _SafeReader, prefix: str) -> set[str]:
+    """The names, without ``prefix``, of the items whose flattened keys start with it."""
+    return {key[len(prefix):] for key in r.read_metadata().state_dict_metadata if key.startswith(prefix)}
+
+
 def optimizer_groups_saved(r: _SafeReader) -> int | None:
     """How many param groups the checkpoint's optimizer has (from its metadata), or None when
     it was saved without an optimizer."""
@@ -379,7 +388,10 @@ def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSyste
     """Write this rank's shards of ``state`` through ``target`` (from ``writer``), collective on
     ``process_group`` (default: the default group); return the files this rank wrote."""
     w, hfs = target
-    dcp.save(state, storage_writer=w, process_group=process_group)
+    # An item every rank holds (a buffer, a step count) is written by rank 0, so that the one
+    # copy kept is rank 0's, as in a full state, not that of whichever rank wrote least.
+    dcp.save(state, storage_writer=w, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+             process_group=process_group)
     return dict(hfs.written)
 
 

@@ -81,6 +81,10 @@ def _load_resume_state(model, optimizer, state: dict[str, Any], coll, held, sour
         gather.load_own_buffers(model, own, source)
 
 
+# How often a restore that found nothing, or nothing intact, lists the run again.
+_RELISTS = 1
+
+
 def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
     """A sharded checkpoint's manifest lists its metadata and its ``extra.pt``: a restore reads
     both, and a file it does not list was never verified."""
@@ -843,16 +847,29 @@ class CheckpointManager:
         step = None if step is None else _count("step", step)
         self.wait()
         safe_globals = list(safe_globals)
-        status, listing = self.coll.on_rank0("restore: list", self.reader.list_all)
-        if status == "error":
-            raise listing
-        candidates, unreachable = listing
+        candidates, unreachable = self._listing("restore: list")
         newest = candidates[0].step if candidates else None
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
-        for ref in candidates:
+        tried: set[tuple[str, int]] = set()
+        relists = 0
+        while True:
+            if not candidates:
+                # A listing is no snapshot: a training process writing this run may have committed
+                # a step after it and pruned those it showed (before or while they were read).
+                # Found nothing, or nothing intact: list once more, for steps not tried yet.
+                if step is not None or relists == _RELISTS:
+                    break
+                relists += 1
+                listed, again = self._listing("restore: list again")
+                candidates = [r for r in listed if (r.backend, r.step) not in tried]
+                if not candidates:
+                    break
+                unreachable = again
+            ref = candidates.pop(0)
+            tried.add((ref.backend, ref.step))
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok" and manifest.format == FILES_FORMAT:
                 raise IncompatibleCheckpointError(
@@ -925,6 +942,13 @@ class CheckpointManager:
                 "Check the storage, or start a new run name")
         self._prepare_first_save(optimizer)
         return None
+
+    def _listing(self, what: str) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
+        """``Reader.list_all`` on rank 0, the same on every rank (collective)."""
+        status, listing = self.coll.on_rank0(what, self.reader.list_all)
+        if status == "error":
+            raise listing
+        return listing
 
     def _check_restorable(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
         """Refuse, on every rank and before anything is read (collective), a model on the meta
@@ -1220,7 +1244,20 @@ class CheckpointManager:
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)
         skipped = []
-        for ref in candidates:
+        tried: set[tuple[str, int]] = set()
+        relists = 0
+        while True:
+            if not candidates:  # listed again once, as restore does
+                if step is not None or relists == _RELISTS:
+                    break
+                relists += 1
+                listed, again = self.reader.list_all()
+                candidates = [r for r in listed if (r.backend, r.step) not in tried]
+                if not candidates:
+                    break
+                unreachable = again
+            ref = candidates.pop(0)
+            tried.add((ref.backend, ref.step))
             try:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:

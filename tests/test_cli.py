@@ -323,3 +323,22 @@ def test_mlflow_info_lines_are_kept_out_but_its_warnings_show(capsys, monkeypatc
     err = capsys.readouterr().err
     assert "Creating initial" not in err and "the tracking store is read-only" in err
     assert logging.getLogger("mlflow").level == before and "MLFLOW_LOGGING_LEVEL" not in os.environ
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
+    """An interrupted command (here the demo, training) is the user's own stop, not a crash."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ckptkit.cli", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "1000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline(), "the demo said nothing before training"  # started: main() runs
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ckptkit: interrupted" in err

@@ -136,6 +136,9 @@ def test_wheels_install_extras_into_a_fresh_venv(tmp_path):
     built = sorted(p.name for p in wheels.iterdir())
     v = ckptkit.__version__
     assert built == [f"ckptkit-{v}-py3-none-any.whl"] + [f"ckptkit_{e}-{v}-py3-none-any.whl" for e in sorted(PLUGINS)]
+    for name in built:  # typed packages: type checkers read the annotations of each
+        with zipfile.ZipFile(wheels / name) as whl:
+            assert f"{name.split('-')[0]}/py.typed" in whl.namelist(), name
     with zipfile.ZipFile(wheels / built[0]) as whl:
         metadata = whl.read(f"ckptkit-{v}.dist-info/METADATA").decode()
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
@@ -172,3 +175,15 @@ def test_wheels_install_extras_into_a_fresh_venv(tmp_path):
             ("final", "registry", f"ckptkit-mlflow {v}")]
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # about 2 GB: not left for pytest's kept temp folders
+
+
+@pytest.mark.parametrize("module, missing, extra", [
+    ("ckptkit.integrations.transformers", "transformers", "transformers"),
+    ("ckptkit.integrations.lightning", "lightning", "lightning"),
+    ("ckptkit.testing", "pytest", "testing"),
+])
+def test_a_module_whose_optional_dependency_is_missing_names_the_extra(module, missing, extra):
+    code = f"import sys; sys.modules[{missing!r}] = None\nimport {module}"  # None: import fails as if absent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f'pip install "ckptkit[{extra}]"' in proc.stderr.splitlines()[-1], proc.stderr[-2000:]

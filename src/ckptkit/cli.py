@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"ckptkit: error: {redact(str(exc), secret_values())}", markup=False,
                           highlight=False, soft_wrap=True)
         return 1
+    except KeyboardInterrupt:  # the user's own stop: no traceback; what was committed stays committed
+        err_console.print("ckptkit: interrupted", markup=False, highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

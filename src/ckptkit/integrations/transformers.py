@@ -19,7 +19,11 @@ import math
 import os
 from typing import Any, Mapping
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - the extra is what brings it
+    raise ImportError("ckptkit.integrations.transformers needs Hugging Face transformers (and accelerate, for its "
+                      'Trainer): pip install "ckptkit[transformers]"') from exc
 
 from ..errors import IncompatibleCheckpointError
 from ..manager import CheckpointManager

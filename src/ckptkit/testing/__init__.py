@@ -15,7 +15,10 @@ and provides a fixture that builds the backend::
 This package imports pytest; ckptkit itself never imports it.
 """
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:  # pragma: no cover - the extra is what brings it
+    raise ImportError('ckptkit.testing is a pytest suite and needs pytest: pip install "ckptkit[testing]"') from exc
 
 # The suite's assertions explain themselves in a failure report only when pytest rewrites them.
 pytest.register_assert_rewrite("ckptkit.testing.suite")

@@ -305,3 +305,33 @@ def test_publishing_a_resume_step_hands_the_converting_backend_the_state_in_memo
     assert result.ok and [r.backend for r in result.published] == ["zoo"]
     assert len(ModelZoo.received) == 1 and _same_state(ModelZoo.received[0], model)
     assert _same_state(load_file(tmp_path / "zoo" / "exp" / "v4" / "model.safetensors"), model)
+
+
+def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path, monkeypatch):
+    """The error's ``ckptkit publish ...`` names the config, the run and the fallback folder:
+    run as written once the backend is back, it publishes what finalize could not."""
+    import shlex
+
+    import yaml
+
+    blocked = tmp_path / "registry"
+    blocked.write_text("a file where the final backend's folder should be")
+    config = tmp_path / "ck.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_name": "exp",
+        "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                     "registry": {"type": "local", "path": str(blocked / "models")}},
+        "roles": {"resume": {"backends": ["scratch"]}, "final": {"backends": ["registry"]}}}))
+    monkeypatch.chdir(tmp_path)
+    ck = CheckpointManager.from_config(str(config), run_name="exp-42", fallback_dir=tmp_path / "fb")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(PublishError) as caught:
+        ck.finalize(model=model, step=7)
+    ck.close()
+    command = str(caught.value).split("retry with: ", 1)[1].split("\n")[0]
+    words = shlex.split(command)
+    assert words[:3] == ["ckptkit", "publish", str(config)] and "exp-42" in words
+    blocked.unlink()
+    assert main(words[1:]) == 0
+    stored = torch.load(tmp_path / "registry/models/exp-42/final/final_model.pt", weights_only=True)
+    assert torch.equal(stored["model"]["weight"], model.weight) and stored["step"] == 7

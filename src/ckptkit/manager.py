@@ -10,6 +10,7 @@ import itertools
 import logging
 import operator
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -943,6 +944,17 @@ class CheckpointManager:
         self._prepare_first_save(optimizer)
         return None
 
+    def _publish_command(self, failures: Mapping[str, Any]) -> str:
+        """The ``ckptkit publish`` command line that sends this run's final model to the backends that failed."""
+        config = self.config.source if self.config.source != "<dict>" else "<your config file>"
+        words = ["ckptkit", "publish", config, "--run-name", self.run_name]
+        if self.fallback_dir != os.path.abspath("ckptkit-fallback"):
+            words += ["--fallback-dir", self.fallback_dir]
+        for name in failures:
+            if name in self.router.instances:
+                words += ["--backend", name]
+        return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
+
     def _listing(self, what: str) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """``Reader.list_all`` on rank 0, the same on every rank (collective)."""
         status, listing = self.coll.on_rank0(what, self.reader.list_all)
@@ -1488,7 +1500,7 @@ class CheckpointManager:
             where = ", ".join(where)
             return saved, (f"the final model did not reach every final backend "
                            f"({fanout.describe_failures(failures)}); it is saved at {where}; retry with: "
-                           "ckptkit publish", failures)
+                           f"{self._publish_command(failures)}", failures)
 
         status, result = self.coll.on_rank0(f"finalize step {step}", publish)
         saved, problem = result if status == "ok" else ([], (str(result), {"(all)": result}))

@@ -328,3 +328,34 @@ def test_tmpfs_is_told_from_disk(tmp_path):
     for path in (str(tmp_path), "/dev/shm"):
         if os.path.isdir(path):
             assert _in_memory(path) == (fstype(path) in ("tmpfs", "ramfs")), (path, fstype(path))
+
+
+def test_a_committed_copy_left_aside_by_a_save_killed_while_replacing_it_is_put_back(tmp_path, pm, monkeypatch):
+    """Where a filesystem cannot swap two folders, saving step N again renames the committed
+    step-N aside, then the new copy into place. The state a kill between the two leaves: the old
+    copy aside, the new one, complete, in its temporary folder, and no step-N."""
+    import shutil
+
+    import ckptkit.local
+
+    monkeypatch.setattr(ckptkit.local, "_SWAP_GRACE_S", 0.0)  # the kill was long ago
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    committed = {k: v.clone() for k, v in model.state_dict().items()}
+    run = tmp_path / "scratch/exp"
+    shutil.copytree(run / "step-0000000002", run / ".tmp-step-0000000002-0123456789ab")  # the new copy
+    (run / "step-0000000002").rename(run / ".trash-step-0000000002-ba9876543210")
+    ck.close()
+
+    ck2 = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    model2, opt2 = make_model(seed=1)
+    assert ck2.restore(model=model2, optimizer=opt2).step == 2
+    assert_same_state(model2.state_dict(), committed)
+    ck2.prune()
+    assert _steps(tmp_path) == [1, 2]
+    assert not (run / ".trash-step-0000000002-ba9876543210").exists()

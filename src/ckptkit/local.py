@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import posixpath
 import shutil
 import stat
 import sys
 import threading
+import time
 import uuid
 from typing import Any, BinaryIO, Iterable
 
@@ -22,8 +24,24 @@ from .errors import BackendError, CheckpointError, ConfigError
 from .hashing import HashingWriter, hash_pool, usable_cpus
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .storage import DEFAULT_GRACE_S, FileBackend, _check_file_name, no_space, step_dirname, storage_full
+from .storage import (
+    DEFAULT_GRACE_S,
+    FileBackend,
+    _check_file_name,
+    no_space,
+    parse_step,
+    step_dirname,
+    storage_full,
+)
 from .writes import stoppable, write_files
+
+
+log = logging.getLogger(__name__)
+
+# Where a filesystem cannot swap two folders, saving a committed step again renames the old copy
+# aside and the new one into place: a trash folder younger than this may be a commit between
+# its two renames, and is left to it.
+_SWAP_GRACE_S = 2.0
 
 
 def local_root(path: Any, key: str) -> str:
@@ -433,6 +451,38 @@ class LocalBackend(FileBackend):
         except BaseException:
             os.close(fd)
             raise
+
+    def _listing(self, run_name: str):
+        listing = super()._listing(run_name)
+        return super()._listing(run_name) if self._put_back(run_name, listing) else listing
+
+    def _put_back(self, run_name: str, listing: dict) -> bool:
+        """Put back a committed copy that a save killed between its two renames left aside.
+
+        Without an atomic swap, saving step N again renames the committed step-N aside
+        (``.trash-step-N-*``), then the new copy into place. Killed in between, step N would be
+        gone, and the prune would delete both copies as leftovers: the old one, still
+        committed, is renamed back. Returns whether it put any back."""
+        run = self.run_path(run_name)
+        put = False
+        for dirname, folder in listing.items():
+            if not dirname.startswith(".trash-step-") or MANIFEST_NAME not in folder.files:
+                continue
+            step_dir = dirname[len(".trash-"):].rsplit("-", 1)[0]
+            if parse_step(step_dir) is None or step_dir in listing:
+                continue
+            aside, target = posixpath.join(run, dirname), posixpath.join(run, step_dir)
+            try:
+                if time.time() - os.lstat(aside).st_ctime < _SWAP_GRACE_S:
+                    continue
+                os.rename(aside, target)  # fails if a commit put a new copy there meanwhile
+                _fsync_dir(run)
+            except OSError:
+                continue
+            log.warning("backend %r: put back %s, which a save killed while replacing it had left aside as %s",
+                        self.name, self.uri(target), dirname)
+            put = True
+        return put
 
     def _strip(self, path: str) -> str:
         # ``_find`` gives plain absolute paths (os.scandir's): nothing to strip, and fsspec's

@@ -329,3 +329,24 @@ def test_metadata_placing_an_item_at_a_huge_list_index_is_refused_before_any_lis
     metadata.planner_data[key] = ("model", 10**10)
     with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="places"):
         sharded.read_metadata(io.BytesIO(pickle.dumps(metadata)))
+
+
+def test_a_shard_replaced_between_its_check_and_its_load_is_refused(tmp_path, monkeypatch):
+    """The files of a local ``dcp`` checkpoint are hashed, then read by DCP by name: one
+    replaced in between (by a program writing into the folder) is found out after the load."""
+    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    _, other, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=1)
+    shard = next(n for n in os.listdir(folder) if n.endswith(".distcp"))
+    real = sharded.open_reader
+
+    def open_reader(*args, **kwargs):  # runs after the check, before DCP reads the shards
+        tmp = folder / "swap"
+        tmp.write_bytes((other / shard).read_bytes())
+        os.replace(tmp, folder / shard)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharded, "open_reader", open_reader)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    fresh, opt = make_model(seed=2)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="changed while it was being restored"):
+        ck.restore(model=fresh, optimizer=opt)

@@ -1063,15 +1063,21 @@ class CheckpointManager:
                 return self._restore_sharded_copies(ref, manifest, model, optimizer, safe_globals, workdir)
         backend = self.router.instances[ref.backend]
         names = sorted(manifest.files)
+        mine = names[ranks.rank()::ranks.world_size()]
         problem = None
+        checked: dict[str, tuple[int, ...]] = {}
         try:
             _require_sharded_files(ref, manifest)
-            self.reader.check_files(ref, manifest, names[ranks.rank()::ranks.world_size()])
+            # What each file was when it was hashed: DCP reads the files later, by name, on any rank.
+            checked = {name: reading.identity(os.path.join(ref.local_dir, name), ref) for name in mine}
+            self.reader.check_files(ref, manifest, mine)
         except Exception as exc:
             problem = exc
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
+        for share in self.coll.all_gather(f"restore step {ref.step}: checked files", checked):
+            checked.update(share)
         problem = None
         try:
             opened = sharded.open_reader(backend.fs, ref.path, name=ref.uri, listed=manifest.files)
@@ -1087,10 +1093,14 @@ class CheckpointManager:
         _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
-        mine = rank_extra_file(ranks.rank())
-        own = self._load_file(ref, mine, safe_globals) if mine in manifest.files else None
+        own_file = rank_extra_file(ranks.rank())
+        own = self._load_file(ref, own_file, safe_globals) if own_file in manifest.files else None
+        changed = sorted(n for n, was in checked.items() if reading.identity(os.path.join(ref.local_dir, n), ref) != was)
+        self.coll.agree(f"restore step {ref.step}: files unchanged", None if not changed else CorruptCheckpointError(
+            f"{ref.uri}: {', '.join(changed[:5])} changed while it was being restored, after it was verified; the "
+            "model may hold part of it. Keep other programs from writing into checkpoint folders, and restore again"))
+        _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         return None, (saved_extra, own, self._extra_holders(manifest))
 
     def _restore_sharded_copies(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals,

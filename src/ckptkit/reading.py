@@ -179,7 +179,7 @@ class Reader:
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
         mapped = mapped if mapped and mappable(ref.local_dir) else ()
         paths = {name: os.path.join(ref.local_dir, name) for name in names}
-        before = {name: _identity(paths[name], ref) for name in names}
+        before = {name: identity(paths[name], ref) for name in names}
         for name in names:
             # A file of another size than the manifest's is refused before any of it is read:
             # reading past the end of a mapping kills the process (SIGBUS), and a file too large
@@ -215,7 +215,7 @@ class Reader:
         # What was loaded must be what was hashed, and a mapping reads the file when its pages
         # are touched, later still: a file written meanwhile would reach the model unverified.
         for name in names:
-            if _identity(paths[name], ref) != before[name]:
+            if identity(paths[name], ref) != before[name]:
                 raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
                                              "was loaded is not what was verified; nothing of it was applied. "
                                              "Keep other programs from writing into checkpoint folders")
@@ -306,7 +306,7 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
     return {name: done[name] for name in names}
 
 
-def _identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
+def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
     """What changes when a file is replaced or written: its inode, size and times. A link or
     anything else but a regular file is refused: ckptkit writes none, and loading one would
     read whatever it points at."""

@@ -102,6 +102,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
+        probed: dict[str, dict[str, Any]] = {}  # a backend serving both roles is probed once
         for role in Role:
             rc = ck.config.role(role)
             if rc is None:
@@ -115,7 +116,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                        "distribution": ck.router.types[name].dist,
                        "location": _location(instance), "settings": settings}
                 if args.probe:
-                    row["probe"] = ck.router.call(name, "probe") if ck.router.implements(name, "probe") else {}
+                    if name not in probed:
+                        probed[name] = ck.router.call(name, "probe") if ck.router.implements(name, "probe") else {}
+                    row["probe"] = probed[name]
                 rows.append(row)
         table = _table(f"{ck.config.source}: run {ck.run_name!r}, routing",
                        ("role", "backend", "type", "location", "settings") + (("probe",) if args.probe else ()),
@@ -130,15 +133,16 @@ def cmd_check(args: argparse.Namespace) -> int:
                              "\n".join(f"{k}: {v}" for k, v in bad.items()) if bad else "ok")
             table.add_row(*cells)
         problems = ck.final_problems()
+        failed = [name for name, result in probed.items() if any(v != "ok" for v in result.values())]
+        if failed:
+            problems.append(f"probe failed for {', '.join(failed)}: the storage could not be written, listed, read "
+                            "or cleaned as the table shows; check its address, bucket and credentials")
         _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows, "problems": problems}, table)
         for line in problems:
             err_console.print(f"ckptkit: error: {line}", markup=False, highlight=False)
         if not args.json and not problems:
             console.print("[green]config OK[/green]")
-        failed = [r for r in rows if any(v != "ok" for v in r.get("probe", {}).values())]
-        if failed:
-            err_console.print(f"ckptkit: error: probe failed for {', '.join(r['backend'] for r in failed)}")
-        return 1 if failed or problems else 0
+        return 1 if problems else 0
     finally:
         ck.close()
 

@@ -806,6 +806,11 @@ class FileBackend:
 
         for op, action in (("write", write), ("list", list_root),
                            ("read", read), ("delete", lambda: self.fs.rm_file(path))):
+            if op != "write" and results["write"] != "ok":
+                # Nothing was written to list, read or delete: asking would only repeat the
+                # write's failure, retries and timeouts included.
+                results[op] = "not tried (the write failed)"
+                continue
             try:
                 self._call(f"probe {op} at {self.uri(path)}", action)
                 results[op] = "ok"

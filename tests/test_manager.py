@@ -816,3 +816,19 @@ def test_a_forked_worker_exits_while_an_async_save_is_in_flight(tmp_path, pm):
     assert not alive and child.exitcode == 0
     assert [r.step for r in ck.wait()] == [0]
     ck.close()
+
+
+@pytest.mark.parametrize("where", ["extra", "rank_extra"])
+def test_an_object_whose_state_dict_raises_is_refused_naming_its_key(tmp_path, pm, where):
+    """accelerate's prepared DataLoader has a state_dict that raises AttributeError unless it
+    was built stateful: the trainer is told which key, and nothing is written."""
+
+    class NotStateful:
+        def state_dict(self):
+            return self.dl_state_dict  # as accelerate's DataLoaderShard does
+
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    with pytest.raises(ckptkit.UnstorableStateError, match=rf"{where}\['loader'\].*AttributeError"):
+        ck.save(step=1, model=model, optimizer=opt, **{where: {"loader": NotStateful()}})
+    assert not os.path.exists(tmp_path / "scratch" / "exp" / "step-0000000001")

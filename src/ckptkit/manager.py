@@ -169,8 +169,17 @@ def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iter
 
     Refused before anything is written when restore could not load it back safely.
     """
-    state = {k: v.state_dict() if callable(getattr(v, "state_dict", None)) else v
-             for k, v in (extra or {}).items()}
+    state = {}
+    for key, value in (extra or {}).items():
+        if not callable(getattr(value, "state_dict", None)):
+            state[key] = value
+            continue
+        try:
+            state[key] = value.state_dict()
+        except Exception as exc:  # e.g. accelerate's DataLoader, stateful only when built so
+            raise UnstorableStateError(
+                f"{where}[{key!r}]: its state_dict() raised {type(exc).__name__}: {exc}. Pass an object whose "
+                "state_dict() works (a data loader built to keep its position), or leave it out") from exc
     safeload.check_storable(state, where, safe_globals)
     return state
 

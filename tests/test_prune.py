@@ -359,3 +359,25 @@ def test_a_committed_copy_left_aside_by_a_save_killed_while_replacing_it_is_put_
     ck2.prune()
     assert _steps(tmp_path) == [1, 2]
     assert not (run / ".trash-step-0000000002-ba9876543210").exists()
+
+
+def test_ckptkit_prune_removes_what_a_killed_finalize_left_in_a_final_only_store(tmp_path, pm, capsys):
+    """No resume prune visits a store that only takes final models; its leftovers go by hand."""
+    cfg = local_config(tmp_path)  # "published": a local store of the final role alone
+    cfg["backends"]["published"]["leftover_grace_s"] = 60
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.finalize(model=model, step=1)
+    ck.close()
+    run = tmp_path / "published/exp"
+    old, young = run / ".tmp-final-0123456789ab", run / ".tmp-final-ba9876543210"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "final_model.pt").write_bytes(b"half a model")
+    an_hour_ago = time.time() - 3600
+    for path in (old / "final_model.pt", old):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
+    assert not old.exists() and young.exists(), "a young one may be a finalize in flight"
+    assert (run / "final" / "manifest.json").exists()

@@ -49,6 +49,7 @@ from .reading import SKIPPABLE, Reader
 from .roles import Role
 from .routing import Router
 from .split import STATE_FILE  # noqa: F401  (tools and tests import it from here)
+from .storage import FileBackend
 
 log = logging.getLogger(__name__)
 
@@ -697,6 +698,12 @@ class CheckpointManager:
             deleted += self.router.call(name, "prune", run_name=self.run_name, keep_last=keep,
                                         protected_steps=self.best_steps(name), dry_run=dry_run,
                                         counted_steps=frozenset(verified)) or []
+        for name in self.router.backends(Role.FINAL):
+            backend = self.router.instances[name]
+            if name not in self.router.backends(Role.RESUME) and isinstance(backend, FileBackend):
+                # No resume prune visits a final-only store, where a finalize killed while
+                # writing leaves its temporary folder.
+                deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
         return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt))
 
     def delete_run(self, dry_run: bool = False) -> list[CheckpointRef]:

@@ -714,6 +714,20 @@ class FileBackend:
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
         return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, now), dry_run)
 
+    def sweep_final_leftovers(self, run_name: str, dry_run: bool) -> list[CheckpointRef]:
+        """Remove what a killed ``publish_final`` left in the run (its temporary folder, past the
+        grace period); nothing else. For a backend that serves the final role alone, which no
+        resume prune visits."""
+        with self._lock:
+            in_flight = set(self._in_flight)
+        now = time.time()
+        listing = self._listing(run_name)
+        aged = self._aged(run_name, listing, now)
+        doomed = [self._ref(run_name, -1, path, role="leftover") for path, _ in self._leftovers(run_name, listing)
+                  if posixpath.basename(path).startswith((".tmp-final-", ".trash-final-"))
+                  and path not in in_flight and now - aged[path] > self.leftover_grace_s]
+        return self._remove(run_name, doomed, [], dry_run)
+
     def _aged(self, run_name: str, listing: dict[str, _Folder], now: float) -> dict[str, float]:
         """The time each folder of a listing counts as written: its own, or for a folder whose
         store tells none, when this instance first saw it (``now`` if that is this listing)."""

@@ -37,7 +37,10 @@ class RngState:
 
     In ``extra`` (shared state) every rank would get rank 0's generators back, which suits one
     process only. Restore it after anything that seeds or draws while setting up (building the
-    model, creating the data loader), so that training continues from the saved state.
+    model, creating the data loader), so that training continues from the saved state. A
+    ``DataLoader`` without a ``generator`` of its own draws a seed from torch's generator each
+    time its iterator is made (each ``for`` over it): give it one, or the moment of that draw,
+    before or after the restore, shifts every random draw that follows.
     """
 
     def state_dict(self) -> dict[str, Any]:

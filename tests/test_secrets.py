@@ -417,3 +417,27 @@ def test_the_repr_of_a_config_shows_no_credentials():
 ])
 def test_redact_keeps_what_holds_no_credentials(text):
     assert redact(text) == text
+
+
+def test_a_client_error_that_retry_passes_on_holds_no_credentials_in_its_chain():
+    """A client's own error (not transient) goes up as the cause of ckptkit's: a traceback prints
+    its text, and that of what it was raised from."""
+    from ckptkit.retry import RetryPolicy
+
+    password, key, secret = "Sup3" + "rPw", "KEYID" + "12", "Secr" + "3t"  # a traceback shows source lines
+
+    def request():
+        try:
+            raise OSError(5, f"connect to http://alice:{password}@host:9 failed", f"s3://{key}:{secret}@bkt/x")
+        except OSError as exc:
+            raise ValueError(f"Invalid endpoint http://alice:{password}@host:9 (key {key})") from exc
+
+    with pytest.raises(ValueError) as caught:
+        RetryPolicy(attempts=1).call("a request", request, secrets=(key,))
+    try:
+        raise RuntimeError("ckptkit's own error") from caught.value
+    except RuntimeError as wrapper:
+        text = "".join(traceback.format_exception(wrapper))
+    assert "Invalid endpoint" in text and "connect to" in text
+    for shown in (password, secret, key):
+        assert shown not in text, shown

@@ -79,6 +79,29 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _KEY_ID_RE.sub("<redacted-key-id>", text)
 
 
+def scrub(exc: BaseException, secrets: Iterable[str] = ()) -> BaseException:
+    """``exc`` and the exceptions chained to it with credentials redacted from their string
+    arguments, in place: a client's own error becomes the cause of ckptkit's, and a traceback
+    prints every cause's text. Returns ``exc``."""
+    secrets = tuple(secrets)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+        except (AttributeError, TypeError):  # an exception type that fixes its arguments
+            pass
+        for name in ("filename", "filename2", "strerror", "msg"):
+            value = getattr(exc, name, None)
+            if isinstance(value, str) and redact(value, secrets) != value:
+                try:
+                    setattr(exc, name, redact(value, secrets))
+                except (AttributeError, TypeError):
+                    pass
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     """A one-line description of an exception, safe to log."""
     text = str(exc).strip().splitlines()

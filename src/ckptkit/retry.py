@@ -12,7 +12,7 @@ import attrs
 
 from .config import check_number, check_options
 from .errors import CheckpointError, ConfigError
-from .redact import describe
+from .redact import describe, scrub
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,6 +160,7 @@ class RetryPolicy:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if not is_transient(exc, self.transient):
+                    scrub(exc, secrets)  # it may become the cause of ckptkit's own error, printed with it
                     raise
                 if attempt >= self.attempts:
                     raise RetriesExhausted(what, attempt, exc, secrets) from None

@@ -42,10 +42,15 @@ def run(nproc: int, scenario: str, workdir, fmt: str, wrap: str) -> list[dict]:
     ("torch", "fsdp2", (2,)),
     ("dcp", "fsdp2", (2, 3)),
     ("torch", "ddp-own-buffers", (2,)),
+    ("dcp", "ddp-own-buffers", (2,)),
 ])
 def test_each_rank_gets_its_own_buffers_back(tmp_path, fmt, wrap, restore_on):
     saved = run(2, "save", tmp_path, fmt, wrap)
     assert saved[0]["running_mean"] != saved[1]["running_mean"], "the ranks' statistics must differ"
+    if fmt == "dcp":  # what every rank holds is still written by both, not by rank 0 alone
+        folder = tmp_path / "ckpts/buffers/step-0000000001"
+        sizes = sorted((folder / n).stat().st_size for n in os.listdir(folder) if n.endswith(".distcp"))
+        assert len(sizes) == 2 and sizes[0] > sizes[1] / 4, sizes
     for nproc in restore_on:
         got = run(nproc, "restore", tmp_path, fmt, wrap)
         for rank, r in enumerate(got):

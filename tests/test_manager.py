@@ -832,3 +832,16 @@ def test_an_object_whose_state_dict_raises_is_refused_naming_its_key(tmp_path, p
     with pytest.raises(ckptkit.UnstorableStateError, match=rf"{where}\['loader'\].*AttributeError"):
         ck.save(step=1, model=model, optimizer=opt, **{where: {"loader": NotStateful()}})
     assert not os.path.exists(tmp_path / "scratch" / "exp" / "step-0000000001")
+
+
+def test_save_files_refuses_a_name_that_restore_would_not_read_back(tmp_path, pm):
+    """A manifest naming a file with a control character is refused on reading: committed,
+    it could never be restored, and a prune would take it for a leftover."""
+    folder = tmp_path / "trainer_ckpt"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w")
+    (folder / "tab\tname").write_bytes(b"x")
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    with pytest.raises(ValueError, match="control character"):
+        ck.save_files(step=1, files=folder)
+    assert not (tmp_path / "scratch" / "exp" / "step-0000000001").exists()

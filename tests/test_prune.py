@@ -381,3 +381,24 @@ def test_ckptkit_prune_removes_what_a_killed_finalize_left_in_a_final_only_store
     assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
     assert not old.exists() and young.exists(), "a young one may be a finalize in flight"
     assert (run / "final" / "manifest.json").exists()
+
+
+def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, monkeypatch):
+    """The same two renames replace a published final model; the sweep of final-only stores
+    must never delete the copy left aside."""
+    import shutil
+
+    import ckptkit.local
+
+    monkeypatch.setattr(ckptkit.local, "_SWAP_GRACE_S", 0.0)
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.finalize(model=model, step=3)
+    ck.close()
+    run = tmp_path / "published/exp"
+    shutil.copytree(run / "final", run / ".tmp-final-0123456789ab")
+    (run / "final").rename(run / ".trash-final-ba9876543210")
+    assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
+    assert (run / "final" / "manifest.json").exists()
+    assert not (run / ".trash-final-ba9876543210").exists()

@@ -104,3 +104,24 @@ def test_a_file_pruned_between_its_check_and_its_load_skips_the_checkpoint_typed
     except Exception as exc:  # never a bare FileNotFoundError out of torch.load
         assert isinstance(exc, CkptkitError), repr(exc)
         raise
+
+
+def test_a_backend_that_could_not_be_listed_is_not_listed_again(tmp_path, monkeypatch):
+    """Listing once more is for a run that changed under the restore; with a backend down, it
+    would only wait through that backend's retries a second time."""
+    from ckptkit.plugins import make_plugin_manager
+
+    from ckpt_helpers import DownBackend
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("down", DownBackend)
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["far"] = {"type": "down", "path": str(tmp_path / "far")}
+    cfg["roles"]["resume"]["backends"].append("far")
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    calls = []
+    real = reading.Reader.list_all
+    monkeypatch.setattr(reading.Reader, "list_all", lambda self: calls.append(1) or real(self))
+    with pytest.raises(CkptkitError, match="could not be listed"):
+        ck.restore(model=torch.nn.Linear(4, 4))
+    assert len(calls) == 1

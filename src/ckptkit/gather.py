@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import inspect
 import itertools
@@ -17,6 +18,7 @@ from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     _get_fqns as _dcp_names,  # the names a parameter has in DCP's state dicts: torch's own rule
@@ -321,16 +323,54 @@ def _persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
                 yield fqn, buf
 
 
-def own_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """This rank's buffers (BatchNorm's running statistics), as CPU copies by name, where each
-    rank's are its own: FSDP neither shards nor synchronises buffers, and DDP does not with
-    ``broadcast_buffers=False``. A state dict holds one rank's; a resume must give every rank its
-    own back. None where ranks hold no buffers of their own (one process, DDP broadcasting from
-    rank 0 before each forward, a model without buffers)."""
+# Where a state holds each rank's own buffers (``own_buffers``): by rank in a full state, by rank
+# as text in a sharded one (DCP's keys are text).
+RANK_BUFFERS = "rank_buffers"
+
+
+def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, torch.Tensor] | None:
+    """The buffers (BatchNorm's running statistics) this rank must save for itself, as CPU
+    copies by name (collective). FSDP neither shards nor synchronises buffers, nor does DDP with
+    ``broadcast_buffers=False``, nor anything for a plain module on several ranks: a state dict
+    holds one rank's, and a resume must give every rank its own back. Only buffers that differ
+    between ranks are kept: a rank keeps those where it differs from rank 0, and rank 0 those
+    where any rank differs (a sharded save keeps the copy of whichever rank DCP picks). None on
+    one process, under DDP broadcasting rank 0's before each forward, and where all agree."""
+    wrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if ranks.world_size() < 2 or not distributed(model) or (
-            isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers):
+            isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers):
         return None
-    return {fqn: buf.detach().to("cpu", copy=True) for fqn, buf in _persistent_buffers(model)} or None
+    mine = {fqn: buf.detach().to("cpu", copy=True) for fqn, buf in _persistent_buffers(model)}
+    digests = coll.all_gather("save: buffer digests", {fqn: _digest(t) for fqn, t in mine.items()})
+    ours, first = digests[ranks.rank()], digests[0]
+    if ranks.rank() == 0:
+        keep = {fqn for fqn in mine if any(d.get(fqn) != first.get(fqn) for d in digests[1:])}
+    else:
+        keep = {fqn for fqn in mine if ours[fqn] != first.get(fqn)}
+    return {fqn: mine[fqn] for fqn in sorted(keep)} or None
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """A digest of a CPU tensor's values, its dtype and shape."""
+    data = tensor.contiguous()
+    size = data.numel() * data.element_size()
+    raw = (ctypes.c_char * size).from_address(data.data_ptr()) if size else b""
+    return f"{data.dtype}{tuple(data.shape)}:{xxhash.xxh3_128_hexdigest(raw)}"
+
+
+def own_buffers_of(per_rank: dict[Any, dict[str, torch.Tensor] | None], rank: Any, first: Any) -> dict[str, torch.Tensor]:
+    """The buffers rank ``rank`` gets back from what each rank saved (keys ``rank`` and ``first``
+    for rank 0): its own where it saved them, else rank 0's where rank 0 saved them."""
+    return {**(per_rank.get(first) or {}), **(per_rank.get(rank) or {})}
+
+
+def rank0_model(state: dict[str, Any]) -> dict[str, Any]:
+    """The model state of a whole sharded checkpoint (``sharded.load_full``) as rank 0 held it:
+    DCP keeps one copy of a buffer every rank holds, of whichever rank it picks, and rank 0
+    saved its own where the ranks' differ."""
+    model = state["model"]
+    first = (state.get(RANK_BUFFERS) or {}).get("0") or {}
+    return {**model, **{k: v for k, v in first.items() if k in model}}
 
 
 def buffer_targets(model: torch.nn.Module, saved: Collection[str]) -> dict[str, torch.Tensor]:

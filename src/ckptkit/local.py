@@ -26,6 +26,7 @@ from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import (
     DEFAULT_GRACE_S,
+    FINAL_DIR,
     FileBackend,
     _check_file_name,
     no_space,
@@ -38,10 +39,41 @@ from .writes import stoppable, write_files
 
 log = logging.getLogger(__name__)
 
+
+def _discard(folder: str) -> None:
+    """Remove a checkpoint folder that is no longer committed, its manifest first."""
+    try:
+        os.remove(os.path.join(folder, MANIFEST_NAME))
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. A checkpoint's files are ones ckptkit
+    wrote: a link is never followed (it could lead out of the root), and a device or pipe never
+    read (it could block or never end); opening does not wait on a pipe either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a symbolic link, which ckptkit never writes; it was not followed") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is not a regular file, which ckptkit never writes; it was not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
 # Where a filesystem cannot swap two folders, saving a committed step again renames the old copy
 # aside and the new one into place: a trash folder younger than this may be a commit between
-# its two renames, and is left to it.
-_SWAP_GRACE_S = 2.0
+# its two renames, and is left to it (its time is the file server's, maybe not this clock's).
+_SWAP_GRACE_S = 60.0
+# A manifest lists a checkpoint's files, a few hundred bytes each: none comes near this.
+_MANIFEST_MAX = 64 * 2**20
 
 
 def local_root(path: Any, key: str) -> str:
@@ -292,14 +324,15 @@ class LocalBackend(FileBackend):
             _fsync_together([*written, f], tmp, self._in_memory)
         if os.path.exists(target):
             # Replacing a committed copy: swap atomically, so that a crash leaves one of the two
-            # in place; only where the filesystem cannot swap are there two renames.
+            # in place; only where the filesystem cannot swap are there two renames. The old
+            # copy loses its manifest first: half deleted, it is never taken for a checkpoint.
             if _exchange(tmp, target):
-                shutil.rmtree(tmp, ignore_errors=True)
+                _discard(tmp)
             else:
                 trash = posixpath.join(run, f".trash-{dirname}-{uuid.uuid4().hex[:12]}")
                 os.rename(target, trash)
                 os.rename(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
+                _discard(trash)
         else:
             os.rename(tmp, target)
         _fsync_dir(run)
@@ -436,21 +469,17 @@ class LocalBackend(FileBackend):
         # (it could lead out of the root, or to a device that never ends), whatever it holds.
         if type(self.fs) is not LocalFileSystem:
             return super().open_file(ref, name)
-        path = posixpath.join(ref.path, _check_file_name(name))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CheckpointError(f"{path} is a symbolic link, which ckptkit never writes; it was not "
-                                      "followed") from None
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CheckpointError(f"{path} is not a regular file, which ckptkit never writes; it was not read")
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+        return _open_regular(posixpath.join(ref.path, _check_file_name(name)))
+
+    def _manifest_bytes(self, path: str) -> bytes:
+        if type(self.fs) is not LocalFileSystem:
+            return super()._manifest_bytes(path)
+        with _open_regular(path) as f:
+            data = f.read(_MANIFEST_MAX + 1)
+        if len(data) > _MANIFEST_MAX:
+            raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({_MANIFEST_MAX} bytes); "
+                                  "it was not read")
+        return data
 
     def _listing(self, run_name: str):
         listing = super()._listing(run_name)
@@ -459,17 +488,17 @@ class LocalBackend(FileBackend):
     def _put_back(self, run_name: str, listing: dict) -> bool:
         """Put back a committed copy that a save killed between its two renames left aside.
 
-        Without an atomic swap, saving step N again renames the committed step-N aside
-        (``.trash-step-N-*``), then the new copy into place. Killed in between, step N would be
+        Without an atomic swap, saving step N (or the final model) again renames the committed
+        folder aside (``.trash-step-N-*``), then the new copy into place. Killed in between, step N would be
         gone, and the prune would delete both copies as leftovers: the old one, still
         committed, is renamed back. Returns whether it put any back."""
         run = self.run_path(run_name)
         put = False
         for dirname, folder in listing.items():
-            if not dirname.startswith(".trash-step-") or MANIFEST_NAME not in folder.files:
+            if not dirname.startswith(".trash-") or MANIFEST_NAME not in folder.files:
                 continue
             step_dir = dirname[len(".trash-"):].rsplit("-", 1)[0]
-            if parse_step(step_dir) is None or step_dir in listing:
+            if (parse_step(step_dir) is None and step_dir != FINAL_DIR) or step_dir in listing:
                 continue
             aside, target = posixpath.join(run, dirname), posixpath.join(run, step_dir)
             try:
@@ -510,20 +539,27 @@ class LocalBackend(FileBackend):
                     break
 
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
-        if os.path.islink(path):  # a folder replaced by a link since the listing: only the link goes
-            os.unlink(path)
-            return
+        # Through a descriptor of the folder, opened without following a link: a folder replaced
+        # by a link since the listing loses only the link, never what it points at.
         try:
-            os.remove(os.path.join(path, MANIFEST_NAME))  # first: a half-deleted folder is never committed
-        except FileNotFoundError:
-            pass
-        # A checkpoint is a flat folder of files: unlinked one by one, then the folder. Anything
-        # else found in it (a subfolder) leaves the rest to rmtree.
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+                os.unlink(path)
+                return
+            raise
         try:
-            with os.scandir(path) as entries:
-                names = [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
-            for name in names:
-                os.unlink(os.path.join(path, name))
+            try:
+                os.unlink(MANIFEST_NAME, dir_fd=fd)  # first: a half-deleted folder is never committed
+            except FileNotFoundError:
+                pass
+            # A checkpoint is a flat folder of files: unlinked one by one, then the folder.
+            with os.scandir(fd) as entries:
+                for name in [e.name for e in entries if not e.is_dir(follow_symlinks=False)]:
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+        try:
             os.rmdir(path)
-        except OSError:
+        except OSError:  # something else in it (a subfolder); rmtree follows no link either
             shutil.rmtree(path)

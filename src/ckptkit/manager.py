@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import attrs
 import fsspec
@@ -43,7 +43,7 @@ from .errors import (
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, valid_file_name
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -54,9 +54,6 @@ from .storage import FileBackend
 log = logging.getLogger(__name__)
 
 RANK_EXTRA_KEY = "rank_extra"
-# Each rank's own buffers (``gather.own_buffers``): by rank in a full state, by rank as text in
-# a sharded one (DCP's keys are text).
-RANK_BUFFERS_KEY = "rank_buffers"
 FINAL_FILE = "final_model.pt"
 # The manifest format of a checkpoint committed by ``save_files``: a folder of files ckptkit only
 # moves and verifies (a framework's own checkpoint), never loads.
@@ -65,26 +62,53 @@ DEFAULT_RUN_NAME = "default"
 
 
 def _add_buffer_targets(state: dict[str, Any], model, opened) -> None:
-    """A place in a sharded load's ``state`` for this rank's own buffers, where the checkpoint
-    holds them (``gather.own_buffers``)."""
+    """A place in a sharded load's ``state`` for this rank's own buffers (``gather.own_buffers``):
+    those it saved, and rank 0's where rank 0 saved some it did not."""
     if not state:  # this rank has a problem already, raised on all
         return
-    saved = sharded.items_under(opened, f"{RANK_BUFFERS_KEY}.{ranks.rank()}.")
-    targets = gather.buffer_targets(model, saved) if saved else {}
-    if targets:
-        state[RANK_BUFFERS_KEY] = {str(ranks.rank()): targets}
+    prefix = gather.RANK_BUFFERS
+    mine = sharded.items_under(opened, f"{prefix}.{ranks.rank()}.")
+    first = sharded.items_under(opened, f"{prefix}.0.") - mine
+    targets = {key: gather.buffer_targets(model, names) for key, names in ((str(ranks.rank()), mine), ("0", first))
+               if names}
+    if any(targets.values()):
+        state[prefix] = targets
 
 
 def _load_resume_state(model, optimizer, state: dict[str, Any], coll, held, source: str) -> None:
     """``gather.load_resume_state`` of a sharded load's ``state``, then this rank's own buffers."""
-    own = state.pop(RANK_BUFFERS_KEY, {}).get(str(ranks.rank()))
+    own = gather.own_buffers_of(state.pop(gather.RANK_BUFFERS, {}), str(ranks.rank()), "0")
     gather.load_resume_state(model, optimizer, state, full=False, coll=coll, held=held, source=source)
     if own:
         gather.load_own_buffers(model, own, source)
 
 
-# How often a restore that found nothing, or nothing intact, lists the run again.
-_RELISTS = 1
+def _tries(candidates: list[CheckpointRef], unreachable: dict[str, CkptkitError], step: int | None,
+           list_again: Callable[[], tuple[list[CheckpointRef], dict[str, CkptkitError]]]) -> Iterator[CheckpointRef]:
+    """Each of ``candidates`` in turn, for a restore or peek, then those of one more listing.
+
+    A listing is no snapshot: a training process writing the run may have committed a step after
+    it and pruned those it showed, before or while they were read. So once the candidates are
+    used up (none there, or none intact), the run is listed once more, and the steps not tried
+    yet are tried; ``unreachable`` is updated in place. Not for a given ``step``, nor when a
+    backend could not be listed (listing again would wait through its retries again)."""
+    tried: set[tuple[str, int]] = set()
+    pending = list(candidates)
+    relisted = step is not None or bool(unreachable)
+    while True:
+        if not pending:
+            if relisted:
+                return
+            relisted = True
+            listed, again = list_again()
+            pending = [r for r in listed if (r.backend, r.step) not in tried]
+            if not pending:
+                return
+            unreachable.clear()
+            unreachable.update(again)
+        ref = pending.pop(0)
+        tried.add((ref.backend, ref.step))
+        yield ref
 
 
 def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
@@ -228,6 +252,8 @@ def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
         if name == MANIFEST_NAME:
             raise ValueError(f"save_files: {path} is named {MANIFEST_NAME}, the name of ckptkit's own manifest; "
                              "rename it")
+        if not valid_file_name(name):  # what restore would refuse to read back
+            raise ValueError(f"save_files: {path} has a name with a control character in it; rename it")
         if name in out:
             raise ValueError(f"save_files: {out[name]} and {path} share the name {name!r}")
         out[name] = path
@@ -467,11 +493,11 @@ class CheckpointManager:
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
             self._check_run(step)
-        buffers = gather.own_buffers(model)
+        buffers = gather.own_buffers(model, self.coll)
         if role.format == "dcp":
             state = gather.resume_state(model, optimizer, sharded=True)
             if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
-                state[RANK_BUFFERS_KEY] = {str(ranks.rank()): buffers}
+                state[gather.RANK_BUFFERS] = {str(ranks.rank()): buffers}
             own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
             saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
                                                   self.coll)
@@ -483,13 +509,13 @@ class CheckpointManager:
         gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
         if gathered is not None and own_state is not None:
             state[RANK_EXTRA_KEY] = {r: extra for r, (extra, _) in enumerate(gathered)}
-        if gathered is not None and buffers is not None:
-            state[RANK_BUFFERS_KEY] = {r: bufs for r, (_, bufs) in enumerate(gathered)}
+        if gathered is not None and any(bufs for _, bufs in gathered):
+            state[gather.RANK_BUFFERS] = {r: bufs for r, (_, bufs) in enumerate(gathered) if bufs}
         if role.async_:
             if ranks.rank() == 0:
                 # Training may change the model as soon as save returns: write from a copy.
                 staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
-                                           copy_always=("extra", RANK_EXTRA_KEY, RANK_BUFFERS_KEY),
+                                           copy_always=("extra", RANK_EXTRA_KEY, gather.RANK_BUFFERS),
                                            background=role.async_copy == "background")
                 self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
             if previous is not None:
@@ -870,23 +896,7 @@ class CheckpointManager:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
-        tried: set[tuple[str, int]] = set()
-        relists = 0
-        while True:
-            if not candidates:
-                # A listing is no snapshot: a training process writing this run may have committed
-                # a step after it and pruned those it showed (before or while they were read).
-                # Found nothing, or nothing intact: list once more, for steps not tried yet.
-                if step is not None or relists == _RELISTS:
-                    break
-                relists += 1
-                listed, again = self._listing("restore: list again")
-                candidates = [r for r in listed if (r.backend, r.step) not in tried]
-                if not candidates:
-                    break
-                unreachable = again
-            ref = candidates.pop(0)
-            tried.add((ref.backend, ref.step))
+        for ref in _tries(candidates, unreachable, step, lambda: self._listing("restore: list again")):
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok" and manifest.format == FILES_FORMAT:
                 raise IncompatibleCheckpointError(
@@ -1046,12 +1056,13 @@ class CheckpointManager:
                 raise outcome[1]
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
-        buffers = state.pop(RANK_BUFFERS_KEY, None) if ranks.rank() == 0 else None
+        buffers = state.pop(gather.RANK_BUFFERS, None) if ranks.rank() == 0 else None
         gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
         saved_extra, per_rank, buffers = self.coll.share(f"restore step {ref.step}: extra",
                                                          (saved_extra, per_rank, buffers))
-        if buffers and buffers.get(ranks.rank()) is not None:
-            gather.load_own_buffers(model, buffers[ranks.rank()], ref.uri)
+        own = gather.own_buffers_of(buffers or {}, ranks.rank(), 0)
+        if own:
+            gather.load_own_buffers(model, own, ref.uri)
         per_rank = per_rank or {}
         return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
 
@@ -1084,7 +1095,9 @@ class CheckpointManager:
         checked: dict[str, tuple[int, ...]] = {}
         try:
             _require_sharded_files(ref, manifest)
-            # What each file was when it was hashed: DCP reads the files later, by name, on any rank.
+            # What each file was when this rank hashed it: DCP reads the files later, by name, on
+            # any rank, and once every rank has read, this rank looks at them again (from the same
+            # client of a shared filesystem).
             checked = {name: reading.identity(os.path.join(ref.local_dir, name), ref) for name in mine}
             self.reader.check_files(ref, manifest, mine)
         except Exception as exc:
@@ -1092,8 +1105,6 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
-        for share in self.coll.all_gather(f"restore step {ref.step}: checked files", checked):
-            checked.update(share)
         problem = None
         try:
             opened = sharded.open_reader(backend.fs, ref.path, name=ref.uri, listed=manifest.files)
@@ -1109,13 +1120,21 @@ class CheckpointManager:
         _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
-        saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
-        own_file = rank_extra_file(ranks.rank())
-        own = self._load_file(ref, own_file, safe_globals) if own_file in manifest.files else None
-        changed = sorted(n for n, was in checked.items() if reading.identity(os.path.join(ref.local_dir, n), ref) != was)
-        self.coll.agree(f"restore step {ref.step}: files unchanged", None if not changed else CorruptCheckpointError(
-            f"{ref.uri}: {', '.join(changed[:5])} changed while it was being restored, after it was verified; the "
-            "model may hold part of it. Keep other programs from writing into checkpoint folders, and restore again"))
+        problem = saved_extra = own = None
+        try:
+            saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
+            own_file = rank_extra_file(ranks.rank())
+            own = self._load_file(ref, own_file, safe_globals) if own_file in manifest.files else None
+            changed = sorted(n for n, was in checked.items()
+                             if reading.identity(os.path.join(ref.local_dir, n), ref) != was)
+            if changed:
+                problem = CorruptCheckpointError(
+                    f"{ref.uri}: {', '.join(changed[:5])} changed while it was being restored, after it was "
+                    "verified; the model may hold part of it. Keep other programs from writing into checkpoint "
+                    "folders, and restore again")
+        except Exception as exc:  # a file gone or replaced by now: raised on every rank, not left to hang
+            problem = exc
+        self.coll.agree(f"restore step {ref.step}: files unchanged", problem)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         return None, (saved_extra, own, self._extra_holders(manifest))
 
@@ -1282,20 +1301,7 @@ class CheckpointManager:
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)
         skipped = []
-        tried: set[tuple[str, int]] = set()
-        relists = 0
-        while True:
-            if not candidates:  # listed again once, as restore does
-                if step is not None or relists == _RELISTS:
-                    break
-                relists += 1
-                listed, again = self.reader.list_all()
-                candidates = [r for r in listed if (r.backend, r.step) not in tried]
-                if not candidates:
-                    break
-                unreachable = again
-            ref = candidates.pop(0)
-            tried.add((ref.backend, ref.step))
+        for ref in _tries(candidates, unreachable, step, self.reader.list_all):
             try:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
@@ -1338,7 +1344,8 @@ class CheckpointManager:
                 if manifest.format == "dcp":
                     with reading.scratch("export") as workdir:  # read once, from what was verified
                         folder = self.reader.fetch(ref, manifest, workdir)
-                        model_state = sharded.load_full(fsspec.filesystem("file"), folder, manifest.files)["model"]
+                        model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
+                                                                           manifest.files))
                 else:
                     model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
             except SKIPPABLE as exc:

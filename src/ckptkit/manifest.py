@@ -146,7 +146,8 @@ def _count(value: Any, least: int = 0) -> bool:
     return type(value) is int and value >= least
 
 
-def _file_name(name: str) -> bool:
+def valid_file_name(name: str) -> bool:
+    """Whether ``name`` may name a file of a checkpoint: one plain name in its folder, no control characters."""
     return (bool(name) and name not in (".", "..", MANIFEST_NAME) and "/" not in name and "\\" not in name
             and all(c >= " " and c != "\x7f" for c in name))
 
@@ -167,7 +168,7 @@ def _check_fields(data: dict[str, Any]) -> None:
     if not isinstance(files, dict) or not files:
         raise ValueError("it lists no files")
     for name, entry in files.items():
-        if not _file_name(name):
+        if not valid_file_name(name):
             raise ValueError(f"it names a file outside its folder, or no file: {name!r}")
         if not isinstance(entry, dict) or not _count(entry.get("size")) or not (
                 _digest(entry.get("digest")) if "digest" in entry else _digest(f"sha256:{entry.get('sha256')}")):

@@ -197,7 +197,8 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
                                           expected=m.files[FINAL_FILE]),), **common), final["model"]
     if m.format == "dcp":
         # The shards, verified and local by now, put together in this one process.
-        state = sharded.load_full(fsspec.filesystem("file"), folder, m.files)
+        full = sharded.load_full(fsspec.filesystem("file"), folder, m.files)
+        state = {**full, "model": gather.rank0_model(full)}
     elif m.format == "torch":
         state = reading.load_state(folder, source.ref, m, (), keep=("model",))
     else:

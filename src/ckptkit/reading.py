@@ -349,7 +349,7 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
         return safeload.load(path, safe_globals)
     except CheckpointError as exc:
         raise type(exc)(f"{ref.uri}: {exc}") from exc
-    except OSError as exc:  # a file deleted since it was hashed (another process's prune), or unreadable
+    except FileNotFoundError as exc:  # deleted since it was hashed: another process's prune
         raise storage_failure(ref.backend, f"reading {path}", exc) from exc
 
 

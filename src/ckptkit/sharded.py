@@ -24,11 +24,7 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import (
-    DefaultLoadPlanner,
-    DefaultSavePlanner,
-    _EmptyStateDictLoadPlanner,
-)
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
@@ -388,10 +384,7 @@ def save(state: dict[str, Any], target: tuple[FileSystemWriter, HashingFileSyste
     """Write this rank's shards of ``state`` through ``target`` (from ``writer``), collective on
     ``process_group`` (default: the default group); return the files this rank wrote."""
     w, hfs = target
-    # An item every rank holds (a buffer, a step count) is written by rank 0, so that the one
-    # copy kept is rank 0's, as in a full state, not that of whichever rank wrote least.
-    dcp.save(state, storage_writer=w, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
-             process_group=process_group)
+    dcp.save(state, storage_writer=w, process_group=process_group)
     return dict(hfs.written)
 
 

@@ -600,7 +600,7 @@ class FileBackend:
     def read_manifest(self, ref: CheckpointRef) -> Manifest:
         path = posixpath.join(ref.path, MANIFEST_NAME)
         try:
-            data = self._call(f"reading {self.uri(path)}", self.fs.cat_file, path)
+            data = self._call(f"reading {self.uri(path)}", self._manifest_bytes, path)
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri(path)} is missing: the checkpoint is not committed") from None
         except RetriesExhausted as exc:
@@ -610,6 +610,10 @@ class FileBackend:
             return Manifest.from_json(data)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.uri(path)} is not a readable manifest: {exc}") from None
+
+    def _manifest_bytes(self, path: str) -> bytes:
+        """The bytes of the manifest at ``path``."""
+        return self.fs.cat_file(path)
 
     @hookimpl
     def open_file(self, ref: CheckpointRef, name: str):

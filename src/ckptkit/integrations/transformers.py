@@ -21,7 +21,9 @@ from typing import Any, Mapping
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-except ImportError as exc:  # pragma: no cover - the extra is what brings it
+except ModuleNotFoundError as exc:  # pragma: no cover - the extra is what brings it
+    if (exc.name or "").split(".")[0] != "transformers":
+        raise  # installed, but broken: its own error says what
     raise ImportError("ckptkit.integrations.transformers needs Hugging Face transformers (and accelerate, for its "
                       'Trainer): pip install "ckptkit[transformers]"') from exc
 

@@ -274,7 +274,7 @@ def test_files_a_sharded_manifest_does_not_list_are_never_read(tmp_path, swap):
     """The attacker puts another model's metadata or shards in place and reseals the manifest
     without them: what it does not list was never verified, so no way of reading uses it."""
 
-    cfg, folder, model = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
     _, other, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=1)
     moved = [".metadata"] if swap == ".metadata" else [n for n in os.listdir(other) if n.endswith(".distcp")]
     if swap == "shards":

@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
+from ckpt_helpers import local_config, make_model, rewrite_manifest
 
 from ckptkit import CheckpointManager, CorruptCheckpointError
 from ckptkit.cli import main as cli_main
 from ckptkit.plugins import make_plugin_manager
-
-from ckpt_helpers import local_config, make_model, rewrite_manifest
 
 
 def _aged(path):

@@ -6,11 +6,10 @@ import json
 import warnings
 
 import pytest
+from ckpt_helpers import local_config, make_model, train_step
 
 from ckptkit import CheckpointManager
 from ckptkit.manifest import FileEntry, Manifest, _checksum
-
-from ckpt_helpers import local_config, make_model, train_step
 
 DIGEST = "xxh3_128:" + "0" * 32
 

@@ -393,7 +393,7 @@ def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, 
     monkeypatch.setattr(ckptkit.local, "_SWAP_GRACE_S", 0.0)
     cfg = local_config(tmp_path)
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
+    model, _ = make_model()
     ck.finalize(model=model, step=3)
     ck.close()
     run = tmp_path / "published/exp"

@@ -13,10 +13,9 @@ import warnings
 
 import pytest
 import torch
+from ckpt_helpers import local_config
 
 from ckptkit import CheckpointManager, CkptkitError, reading
-
-from ckpt_helpers import local_config
 
 
 def _managers(tmp_path, pm, keep):
@@ -109,9 +108,9 @@ def test_a_file_pruned_between_its_check_and_its_load_skips_the_checkpoint_typed
 def test_a_backend_that_could_not_be_listed_is_not_listed_again(tmp_path, monkeypatch):
     """Listing once more is for a run that changed under the restore; with a backend down, it
     would only wait through that backend's retries a second time."""
-    from ckptkit.plugins import make_plugin_manager
-
     from ckpt_helpers import DownBackend
+
+    from ckptkit.plugins import make_plugin_manager
 
     pm = make_plugin_manager(autoload=False)
     pm.add_backend_type("down", DownBackend)

@@ -402,3 +402,30 @@ def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, 
     assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
     assert (run / "final" / "manifest.json").exists()
     assert not (run / ".trash-final-ba9876543210").exists()
+
+
+def test_a_prune_right_after_such_a_kill_leaves_the_copy_aside_for_the_put_back(tmp_path, pm, monkeypatch):
+    """Within the minute the put-back waits (a commit in flight looks the same), a prune must
+    not take the committed copy left aside for a leftover: its files are old."""
+    import shutil
+
+    import ckptkit.local
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 0
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    run = tmp_path / "scratch/exp"
+    shutil.copytree(run / "step-0000000002", run / ".tmp-step-0000000002-0123456789ab")
+    (run / "step-0000000002").rename(run / ".trash-step-0000000002-ba9876543210")
+    an_hour_ago = time.time() - 3600
+    for path in (run / ".trash-step-0000000002-ba9876543210").iterdir():
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    ck.prune()
+    assert (run / ".trash-step-0000000002-ba9876543210" / "manifest.json").exists()
+    monkeypatch.setattr(ckptkit.local, "_SWAP_GRACE_S", 0.0)  # the minute has passed
+    ck.prune()
+    assert _steps(tmp_path) == [1, 2] and not (run / ".trash-step-0000000002-ba9876543210").exists()

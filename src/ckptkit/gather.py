@@ -340,13 +340,20 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
     if ranks.world_size() < 2 or not distributed(model) or (
             isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers):
         return None
-    mine = {fqn: buf.detach().to("cpu", copy=True) for fqn, buf in _persistent_buffers(model)}
-    digests = coll.all_gather("save: buffer digests", {fqn: _digest(t) for fqn, t in mine.items()})
-    ours, first = digests[ranks.rank()], digests[0]
+    mine: dict[str, torch.Tensor] = {}
+    own: dict[str, str] = {}
+    for fqn, buf in _persistent_buffers(model):
+        try:
+            mine[fqn] = buf.detach().to("cpu", copy=True)
+            own[fqn] = _digest(mine[fqn])
+        except Exception:  # noqa: BLE001 (a tensor without plain storage: not compared, and every rank goes on)
+            mine.pop(fqn, None)
+    digests = coll.all_gather("save: buffer digests", own)
+    first = digests[0]
     if ranks.rank() == 0:
         keep = {fqn for fqn in mine if any(d.get(fqn) != first.get(fqn) for d in digests[1:])}
     else:
-        keep = {fqn for fqn in mine if ours[fqn] != first.get(fqn)}
+        keep = {fqn for fqn in mine if own[fqn] != first.get(fqn)}
     return {fqn: mine[fqn] for fqn in sorted(keep)} or None
 
 
@@ -364,12 +371,14 @@ def own_buffers_of(per_rank: dict[Any, dict[str, torch.Tensor] | None], rank: An
     return {**(per_rank.get(first) or {}), **(per_rank.get(rank) or {})}
 
 
-def rank0_model(state: dict[str, Any]) -> dict[str, Any]:
+def rank0_model(state: dict[str, Any]) -> dict[str, Any] | None:
     """The model state of a whole sharded checkpoint (``sharded.load_full``) as rank 0 held it:
     DCP keeps one copy of a buffer every rank holds, of whichever rank it picks, and rank 0
     saved its own where the ranks' differ."""
-    model = state["model"]
+    model = state.get("model")
     first = (state.get(RANK_BUFFERS) or {}).get("0") or {}
+    if not isinstance(model, dict) or not first:
+        return model
     return {**model, **{k: v for k, v in first.items() if k in model}}
 
 

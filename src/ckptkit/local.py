@@ -68,6 +68,7 @@ def _open_regular(path: str) -> BinaryIO:
         os.close(fd)
         raise
 
+
 # Where a filesystem cannot swap two folders, saving a committed step again renames the old copy
 # aside and the new one into place: a trash folder younger than this may be a commit between
 # its two renames, and is left to it (its time is the file server's, maybe not this clock's).

@@ -1125,6 +1125,12 @@ class CheckpointManager:
             saved_extra = self._load_file(ref, EXTRA_FILE, safe_globals)
             own_file = rank_extra_file(ranks.rank())
             own = self._load_file(ref, own_file, safe_globals) if own_file in manifest.files else None
+        except Exception as exc:
+            problem = exc
+        # Every rank has read what it reads (DCP's load ends in a collective; this waits for the
+        # small files) before any looks at its share of the files again.
+        self.coll.agree(f"restore step {ref.step}: small files", problem)
+        try:
             changed = sorted(n for n, was in checked.items()
                              if reading.identity(os.path.join(ref.local_dir, n), ref) != was)
             if changed:

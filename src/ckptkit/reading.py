@@ -13,6 +13,7 @@ Anything else is a bug and propagates as it is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import mmap
@@ -349,7 +350,10 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
         return safeload.load(path, safe_globals)
     except CheckpointError as exc:
         raise type(exc)(f"{ref.uri}: {exc}") from exc
-    except FileNotFoundError as exc:  # deleted since it was hashed: another process's prune
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ESTALE):
+            raise
+        # Deleted since it was hashed: another process's prune (over NFS, a stale handle).
         raise storage_failure(ref.backend, f"reading {path}", exc) from exc
 
 

@@ -679,6 +679,9 @@ class FileBackend:
             ours = parse_step(dirname) is not None or dirname.startswith(LEFTOVER_PREFIXES)
             if not ours or MANIFEST_NAME in folder.files and parse_step(dirname) is not None:
                 continue
+            if dirname.startswith(".trash-") and MANIFEST_NAME in folder.files and (
+                    dirname[len(".trash-"):].rsplit("-", 1)[0] not in listing):
+                continue  # a committed copy a killed save left aside: put back, never deleted (local)
             out.append((posixpath.join(run, dirname), folder.mtime))
         return out
 

@@ -124,3 +124,32 @@ def test_a_backend_that_could_not_be_listed_is_not_listed_again(tmp_path, monkey
     with pytest.raises(CkptkitError, match="could not be listed"):
         ck.restore(model=torch.nn.Linear(4, 4))
     assert len(calls) == 1
+
+
+def test_restore_files_also_lists_again_when_what_it_listed_was_pruned(tmp_path, pm, monkeypatch):
+    trainer, reader = _managers(tmp_path, pm, keep=2)
+    src = tmp_path / "trainer_out"
+    src.mkdir()
+
+    def save_files(*steps):
+        for step in steps:
+            (src / "weights.bin").write_bytes(bytes([step]) * 8)
+            trainer.save_files(step=step, files=src)
+        trainer.wait()
+
+    save_files(0, 1)
+    real, armed = reading.Reader.list_all, [True]
+
+    def list_all(self):
+        found = real(self)
+        if armed[0]:
+            armed[0] = False
+            save_files(2, 3)  # 2 and 3 committed, 0 and 1 pruned
+        return found
+
+    monkeypatch.setattr(reading.Reader, "list_all", list_all)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = reader.restore_files(tmp_path / "out-{step}")
+    assert got is not None and got.step == 3
+    assert (tmp_path / "out-3" / "weights.bin").read_bytes() == bytes([3]) * 8

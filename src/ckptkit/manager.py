@@ -1420,12 +1420,9 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         reading.sweep_scratch()
-        status, listing = self.coll.on_rank0("restore_files: list", self.reader.list_all)
-        if status == "error":
-            raise listing
-        candidates, unreachable = listing
+        candidates, unreachable = self._listing("restore_files: list")
         skipped: list[str] = []
-        for ref in candidates:
+        for ref in _tries(candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
             status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
                                                 os.fspath(dest))
             if status == "error":

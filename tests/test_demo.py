@@ -90,3 +90,12 @@ def test_the_demo_refuses_a_config_without_a_resume_role(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("ckptkit: error: final-only.yaml: roles.resume: the demo needs a resume backend")
     assert os.listdir(tmp_path) == ["final-only.yaml"]
+
+
+def test_a_config_naming_a_backend_type_not_installed_fails_before_any_training(tmp_path):
+    (tmp_path / "s3.yaml").write_text("backends: {archive: {type: not-installed, path: s3://b/ck}}\n"
+                                      "roles: {resume: {backends: [archive]}}\n")
+    done = _demo(tmp_path, "--config", "s3.yaml")
+    assert done.returncode == 1
+    assert "not-installed" in done.stderr
+    assert "reference run" not in done.stdout, "it trained before reading the config through"

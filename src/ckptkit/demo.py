@@ -213,6 +213,11 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
         f"checkpoint every {EVERY} steps (keep_last {KEEP_LAST}), a crash after step {crash_after - 1}, a "
         "resume, and the final model published once.", highlight=False)
 
+    if config is not None:
+        # Every config error (a backend type not installed, an option it does not take) before
+        # any training, as a trainer would meet it.
+        open_manager().close()
+
     with _phase(console, "reference run, never interrupted", total=steps) as phase:
         reference, r_opt, r_sched = _setup()
         for _ in range(steps):

@@ -99,3 +99,11 @@ def test_a_config_naming_a_backend_type_not_installed_fails_before_any_training(
     assert done.returncode == 1
     assert "not-installed" in done.stderr
     assert "reference run" not in done.stdout, "it trained before reading the config through"
+
+
+def test_a_folder_the_demo_cannot_write_is_named_with_what_to_do(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    done = _demo(tmp_path, "--workdir", str(blocked / "demo"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "pass --workdir" in done.stderr and str(blocked / "demo") in done.stderr

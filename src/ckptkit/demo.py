@@ -105,8 +105,12 @@ def _fresh_workdir(workdir: str) -> str:
         if not os.path.exists(os.path.join(workdir, MARKER)):
             raise FileExistsError(f"{workdir} exists and is not a ckptkit demo folder; pass --workdir")
         shutil.rmtree(workdir)
-    os.makedirs(workdir)
-    open(os.path.join(workdir, MARKER), "w").close()
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        open(os.path.join(workdir, MARKER), "w").close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot make the demo's folder {workdir} ({exc.strerror}); pass --workdir "
+                                 "with a folder you can write") from None
     return workdir
 
 

@@ -342,3 +342,9 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "ckptkit: interrupted" in err
+
+
+def test_ls_of_a_run_with_no_checkpoint_says_so(capsys, config_file):
+    code = main(["ls", str(config_file), "--run-name", "never-saved"])
+    out = capsys.readouterr().out
+    assert code == 0 and "no committed checkpoint of run 'never-saved' in scratch" in out

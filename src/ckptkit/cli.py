@@ -183,6 +183,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                           _when(r["created"]), "\n".join(f"{k}: {v:.4g}" for k, v in r["metrics"].items()))
         if rows or not unreachable or args.json:
             _emit(args, rows, table)
+        if not rows and not unreachable and not args.json:
+            console.print(f"no committed checkpoint of run {ck.run_name!r} in "
+                          f"{', '.join(ck.router.backends(Role.RESUME))}", markup=False, highlight=False)
         if rows and not args.json:
             # The folders, whole: a URI does not fit a table column on a narrow terminal.
             for name in dict.fromkeys(r["backend"] for r in rows):

@@ -348,3 +348,32 @@ def test_ls_of_a_run_with_no_checkpoint_says_so(capsys, config_file):
     code = main(["ls", str(config_file), "--run-name", "never-saved"])
     out = capsys.readouterr().out
     assert code == 0 and "no committed checkpoint of run 'never-saved' in scratch" in out
+
+
+def test_ls_json_is_strict_json_with_a_nan_metric(capsys, config_file):
+    import json as _json
+
+    from ckptkit import CheckpointManager
+    from ckpt_helpers import make_model
+
+    model, opt = make_model()
+    with CheckpointManager.from_config(str(config_file)) as ck:
+        ck.save(step=1, model=model, optimizer=opt, metrics={"loss": float("nan"), "best": float("inf")})
+    assert main(["ls", str(config_file), "--json"]) == 0
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    rows = _json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert rows[0]["metrics"] == {"loss": "nan", "best": "inf"}
+
+
+def test_verify_checks_a_trainers_own_pt_file_without_loading_it(capsys, config_file, tmp_path):
+    from ckptkit import CheckpointManager
+
+    src = tmp_path / "trainer_out"
+    src.mkdir()
+    (src / "optimizer.pt").write_bytes(b"not a torch file: the trainer's own format")
+    with CheckpointManager.from_config(str(config_file)) as ck:
+        ck.save_files(step=3, files=src)
+    assert main(["verify", str(config_file)]) == 0, capsys.readouterr()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import logging
 import os
 import re
@@ -27,9 +28,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings manifests use: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _emit(args: argparse.Namespace, data: Any, table: Table | None) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(_strict(data), indent=2, default=str, allow_nan=False))
     elif table is not None:
         console.print(table)
 

@@ -253,7 +253,8 @@ def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
             raise ValueError(f"save_files: {path} is named {MANIFEST_NAME}, the name of ckptkit's own manifest; "
                              "rename it")
         if not valid_file_name(name):  # what restore would refuse to read back
-            raise ValueError(f"save_files: {path} has a name with a control character in it; rename it")
+            raise ValueError(f"save_files: {path} has a name that a checkpoint cannot hold (a control character "
+                             "or a backslash in it); rename it")
         if name in out:
             raise ValueError(f"save_files: {out[name]} and {path} share the name {name!r}")
         out[name] = path
@@ -848,7 +849,8 @@ class CheckpointManager:
         with reading.scratch("verify") as workdir:
             folder = self.reader.fetch(ref, manifest, workdir)
             for name in manifest.files:
-                if name.endswith(".pt"):
+                # A trainer's own files (save_files) are never loaded by ckptkit: checked, not opened.
+                if name.endswith(".pt") and manifest.format != FILES_FORMAT:
                     try:
                         safeload.check(os.path.join(folder, name), safe_globals, name=f"{ref.uri}/{name}")
                     except CkptkitError as exc:

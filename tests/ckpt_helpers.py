@@ -95,3 +95,27 @@ class DownBackend(LocalBackend):
         backend = super().from_config(name, options)
         backend.fs = _DownFS()
         return backend
+
+
+def torchrun_results(worker: str, nproc: int, scenario: str, workdir, *args: str, timeout: float = 180) -> list[dict]:
+    """Run ``worker`` under torchrun (gloo, CPU) with ``scenario``, ``workdir`` and ``args``; each
+    rank writes ``result-<scenario>-<rank>.json`` into ``workdir``: those, in rank order."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}",
+           worker, scenario, str(workdir), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = []
+    for rank in range(nproc):
+        with open(os.path.join(workdir, f"result-{scenario}-{rank}.json")) as f:
+            out.append(json.load(f))
+    return out

@@ -3,39 +3,18 @@ the rank that saved them, and the model's own copy of them is rank 0's (torchrun
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import ckptkit
 
+from ckpt_helpers import torchrun_results
+
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "buffers_worker.py")
 
 pytestmark = pytest.mark.distributed
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(nproc: int, scenario: str, workdir, fmt: str, wrap: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-           WORKER, scenario, str(workdir), fmt, wrap]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    out = []
-    for rank in range(nproc):
-        with open(os.path.join(workdir, f"result-{scenario}-{rank}.json")) as f:
-            out.append(json.load(f))
-    return out
 
 
 @pytest.mark.parametrize("fmt, wrap, restore_on", [
@@ -45,14 +24,14 @@ def run(nproc: int, scenario: str, workdir, fmt: str, wrap: str) -> list[dict]:
     ("dcp", "ddp-own-buffers", (2,)),
 ])
 def test_each_rank_gets_its_own_buffers_back(tmp_path, fmt, wrap, restore_on):
-    saved = run(2, "save", tmp_path, fmt, wrap)
+    saved = torchrun_results(WORKER, 2, "save", tmp_path, fmt, wrap)
     assert saved[0]["running_mean"] != saved[1]["running_mean"], "the ranks' statistics must differ"
     if fmt == "dcp":  # what every rank holds is still written by both, not by rank 0 alone
         folder = tmp_path / "ckpts/buffers/step-0000000001"
         sizes = sorted((folder / n).stat().st_size for n in os.listdir(folder) if n.endswith(".distcp"))
         assert len(sizes) == 2 and sizes[0] > sizes[1] / 4, sizes
     for nproc in restore_on:
-        got = run(nproc, "restore", tmp_path, fmt, wrap)
+        got = torchrun_results(WORKER, nproc, "restore", tmp_path, fmt, wrap)
         for rank, r in enumerate(got):
             assert r["running_mean"] == saved[min(rank, 0) if rank >= 2 else rank]["running_mean"], rank
     # The model's state, as export and publish take it, holds rank 0's: the rank-0 model of a

@@ -53,7 +53,7 @@ def check_run_name(name: Any, key: str = "run_name") -> str:
     """A run name becomes a folder under each backend's root: keep it one plain path segment."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise ConfigError(
-            f"{key}: {name!r} is not a valid run name; use letters, digits, '.', '_' and '-', "
+            f"{key}: {name!r} is not a valid run name; use ASCII letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, with no '/' and no '..'"
         )
     return name
@@ -82,7 +82,7 @@ class BackendSpec:
     def from_dict(cls, name: str, data: Any) -> BackendSpec:
         key = f"backends.{name}"
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigError(f"{key}: backend names use letters, digits, '.', '_' and '-'")
+            raise ConfigError(f"{key}: backend names use ASCII letters, digits, '.', '_' and '-'")
         data = _mapping(key, data)
         btype = data.get("type")
         if not isinstance(btype, str) or not btype:

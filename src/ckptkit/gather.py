@@ -329,9 +329,10 @@ RANK_BUFFERS = "rank_buffers"
 
 
 def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, torch.Tensor] | None:
-    """The buffers (BatchNorm's running statistics) this rank must save for itself, as CPU
-    copies by name (collective). FSDP neither shards nor synchronises buffers, nor does DDP with
-    ``broadcast_buffers=False``, nor anything for a plain module on several ranks: a state dict
+    """The buffers (BatchNorm's running statistics) this rank must save for itself, on the CPU
+    by name (collective): a buffer there is the model's own tensor, which every save path writes,
+    pickles or stages before ``save`` returns. FSDP neither shards nor synchronises buffers, nor
+    does DDP with ``broadcast_buffers=False``, nor anything for a plain module on several ranks: a state dict
     holds one rank's, and a resume must give every rank its own back. Only buffers that differ
     between ranks are kept: a rank keeps those where it differs from rank 0, and rank 0 those
     where any rank differs (a sharded save keeps the copy of whichever rank DCP picks). None on
@@ -340,11 +341,13 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
     if ranks.world_size() < 2 or not distributed(model) or (
             isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers):
         return None
+    # Hashed where they lie on the CPU, not copied: most agree, and a save must not copy every
+    # buffer (position tables) to find the few that differ.
     mine: dict[str, torch.Tensor] = {}
     own: dict[str, str] = {}
     for fqn, buf in _persistent_buffers(model):
         try:
-            mine[fqn] = buf.detach().to("cpu", copy=True)
+            mine[fqn] = buf.detach().to("cpu")
             own[fqn] = _digest(mine[fqn])
         except Exception:  # noqa: BLE001 (a tensor without plain storage: not compared, and every rank goes on)
             mine.pop(fqn, None)

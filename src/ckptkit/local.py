@@ -26,11 +26,10 @@ from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import (
     DEFAULT_GRACE_S,
-    FINAL_DIR,
     FileBackend,
     _check_file_name,
     no_space,
-    parse_step,
+    set_aside_for,
     step_dirname,
     storage_full,
 )
@@ -496,10 +495,8 @@ class LocalBackend(FileBackend):
         run = self.run_path(run_name)
         put = False
         for dirname, folder in listing.items():
-            if not dirname.startswith(".trash-") or MANIFEST_NAME not in folder.files:
-                continue
-            step_dir = dirname[len(".trash-"):].rsplit("-", 1)[0]
-            if (parse_step(step_dir) is None and step_dir != FINAL_DIR) or step_dir in listing:
+            step_dir = set_aside_for(dirname)
+            if step_dir is None or MANIFEST_NAME not in folder.files or step_dir in listing:
                 continue
             aside, target = posixpath.join(run, dirname), posixpath.join(run, step_dir)
             try:

@@ -64,6 +64,15 @@ def parse_step(dirname: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def set_aside_for(dirname: str) -> str | None:
+    """The folder (``step-N`` or ``final``) whose committed copy ``.trash-<folder>-<id>`` holds,
+    set aside by a local commit that replaces it; None for any other name."""
+    if not dirname.startswith(".trash-"):
+        return None
+    target = dirname[len(".trash-"):].rsplit("-", 1)[0]
+    return target if parse_step(target) is not None or target == FINAL_DIR else None
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     for key in ("mtime", "LastModified", "updated", "created"):
         value = info.get(key)
@@ -673,14 +682,15 @@ class FileBackend:
         (path, newest mtime)."""
         run = self.run_path(run_name)
         out = []
-        for dirname, folder in (self._listing(run_name) if listing is None else listing).items():
+        folders = self._listing(run_name) if listing is None else listing
+        for dirname, folder in folders.items():
             # Only what ckptkit itself writes: a step folder without manifest, or a temporary
             # or trash folder of the local commit protocol. Anything else is not ours to delete.
             ours = parse_step(dirname) is not None or dirname.startswith(LEFTOVER_PREFIXES)
             if not ours or MANIFEST_NAME in folder.files and parse_step(dirname) is not None:
                 continue
-            if dirname.startswith(".trash-") and MANIFEST_NAME in folder.files and (
-                    dirname[len(".trash-"):].rsplit("-", 1)[0] not in listing):
+            aside_for = set_aside_for(dirname)
+            if aside_for is not None and MANIFEST_NAME in folder.files and aside_for not in folders:
                 continue  # a committed copy a killed save left aside: put back, never deleted (local)
             out.append((posixpath.join(run, dirname), folder.mtime))
         return out

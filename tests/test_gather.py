@@ -610,3 +610,18 @@ def test_a_cast_final_state_keeps_the_module_versions():
     cast = gather.cast(sd, "bfloat16")
     assert cast._metadata == sd._metadata and cast._metadata["1"]["version"] == 2
     assert cast["0.weight"].dtype == torch.bfloat16 and cast["1.num_batches_tracked"].dtype == torch.int64
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
+@pytest.mark.parametrize("make", [
+    lambda scale: torch.quantize_per_tensor(torch.arange(8.0) * scale, scale, 0, torch.qint8),
+    lambda scale: torch.quantize_per_channel(torch.arange(8.0).reshape(2, 4) * torch.tensor([[scale], [1.0]]),
+                                             torch.tensor([scale, 1.0]), torch.tensor([0, 0]), 0, torch.qint8),
+], ids=["per_tensor", "per_channel"])
+def test_quantized_buffers_that_differ_only_in_scale_are_told_apart(make):
+    # Their storage holds the same integers: compared by it alone, ranks with other scales
+    # would be taken to agree, and each would resume with rank 0's.
+    a, b = make(0.5), make(0.25)
+    assert torch.equal(a.int_repr(), b.int_repr())
+    assert gather._digest(a) != gather._digest(b)
+    assert gather._digest(a) == gather._digest(make(0.5))

@@ -361,7 +361,15 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    """A digest of a CPU tensor's values, its dtype and shape."""
+    """A digest of a CPU tensor's values, its dtype and shape; of a quantized one, its scales and
+    zero points too (its storage holds only the integers)."""
+    if tensor.is_quantized:
+        if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scales = f"{tensor.q_scale()!r}/{tensor.q_zero_point()}"
+        else:
+            scales = (f"{tensor.q_per_channel_axis()}/{_digest(tensor.q_per_channel_scales())}"
+                      f"/{_digest(tensor.q_per_channel_zero_points())}")
+        return f"{tensor.dtype}:{tensor.qscheme()}:{scales}:{_digest(tensor.int_repr())}"
     data = tensor.contiguous()
     size = data.numel() * data.element_size()
     raw = (ctypes.c_char * size).from_address(data.data_ptr()) if size else b""

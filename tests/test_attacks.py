@@ -25,7 +25,7 @@ from ckptkit import CheckpointManager, UnsafeCheckpointError, safeload, sharded
 from ckptkit import errors as ckptkit_errors
 from ckptkit.cli import main
 from ckptkit.plugins import make_plugin_manager
-from ckptkit.publish import find_source, publish
+from ckptkit.publish import find_source, publish, source_from_folder
 
 from ckpt_helpers import local_config, make_model, rewrite_manifest, train_step
 
@@ -252,8 +252,8 @@ def test_cli_verify_reports_the_unsafe_checkpoint(attacked, capsys):
 
 # -- files of a sharded checkpoint that its manifest does not list ------------------------------
 
-def _dcp_checkpoint(tmp_path, pm, seed):
-    cfg = local_config(tmp_path / f"run{seed}", final=False)
+def _dcp_checkpoint(tmp_path, pm, seed, final=False):
+    cfg = local_config(tmp_path / f"run{seed}", final=final)
     cfg["roles"]["resume"]["format"] = "dcp"
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model(seed=seed)
@@ -331,10 +331,12 @@ def test_metadata_placing_an_item_at_a_huge_list_index_is_refused_before_any_lis
         sharded.read_metadata(io.BytesIO(pickle.dumps(metadata)))
 
 
-def test_a_shard_replaced_between_its_check_and_its_load_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["restore", "export", "publish", "publish --from"])
+def test_a_shard_replaced_between_its_check_and_its_load_is_refused(tmp_path, monkeypatch, how):
     """The files of a local ``dcp`` checkpoint are hashed, then read by DCP by name: one
-    replaced in between (by a program writing into the folder) is found out after the load."""
-    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    replaced in between (by a program writing into the folder) is found out after the read,
+    and nothing read from it is used."""
+    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0, final=True)
     _, other, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=1)
     shard = next(n for n in os.listdir(folder) if n.endswith(".distcp"))
     real = sharded.open_reader
@@ -347,6 +349,17 @@ def test_a_shard_replaced_between_its_check_and_its_load_is_refused(tmp_path, mo
 
     monkeypatch.setattr(sharded, "open_reader", open_reader)
     ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
-    fresh, opt = make_model(seed=2)
-    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="changed while it was being restored"):
-        ck.restore(model=fresh, optimizer=opt)
+    out = tmp_path / "model.pt"
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="changed while it was being|no verified"):
+        if how == "restore":
+            fresh, opt = make_model(seed=2)
+            ck.restore(model=fresh, optimizer=opt)
+        elif how == "export":  # skips the checkpoint, as a damaged one
+            with pytest.warns(RuntimeWarning, match="changed while it was being read"):
+                ck.export(out, step=1)
+        elif how == "publish":
+            publish(ck, find_source(ck, step=1))
+        else:
+            publish(ck, source_from_folder(folder))
+    assert not out.exists()
+    assert not (tmp_path / "run0" / "published" / "exp").exists()

@@ -1350,7 +1350,8 @@ class CheckpointManager:
                         "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
                         "with the tool that wrote it")
                 if manifest.format == "dcp":
-                    with reading.scratch("export") as workdir:  # read once, from what was verified
+                    with reading.scratch("export") as workdir, reading.unchanged(ref, manifest.files):
+                        # Read once, from what was verified.
                         folder = self.reader.fetch(ref, manifest, workdir)
                         model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
                                                                            manifest.files))

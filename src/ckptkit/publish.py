@@ -251,11 +251,12 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                               f"(final backends: {', '.join(order)})")
         order = [b for b in order if b in wanted]
     with reading.scratch("publish") as workdir:
-        folder = _verified_local(ck, source, workdir)
-        final = _final_body(source, folder) if source.kind == "final" else None
-        stored_tag = final.get("algorithm") if final is not None else None
-        algorithm = algorithm or ck.config.algorithm or (stored_tag if isinstance(stored_tag, str) else None)
-        payload, state = _payload(ck, source, folder, final, algorithm, workdir)
+        with reading.unchanged(source.ref, source.manifest.files):
+            folder = _verified_local(ck, source, workdir)
+            final = _final_body(source, folder) if source.kind == "final" else None
+            stored_tag = final.get("algorithm") if final is not None else None
+            algorithm = algorithm or ck.config.algorithm or (stored_tag if isinstance(stored_tag, str) else None)
+            payload, state = _payload(ck, source, folder, final, algorithm, workdir)
         entry = payload.files[0].expected
         held: list[CheckpointRef] = []
         lookup_failed: dict[str, CkptkitError] = {}

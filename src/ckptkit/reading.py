@@ -321,6 +321,26 @@ def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+@contextlib.contextmanager
+def unchanged(ref: CheckpointRef, names: Iterable[str]) -> Iterator[None]:
+    """Files ``names`` of a local checkpoint, which the block hashes and then reads by name, are
+    the files it hashed: their identity is taken on entering and compared on leaving, and a file
+    replaced or written meanwhile raises ``CorruptCheckpointError``. Links and other non-regular
+    files are refused on entering. A remote checkpoint is read from the copies its download
+    checked, so there is nothing to compare."""
+    if not ref.local_dir:
+        yield
+        return
+    paths = {name: os.path.join(ref.local_dir, name) for name in names}
+    before = {name: identity(path, ref) for name, path in paths.items()}
+    yield
+    changed = sorted(name for name, path in paths.items() if identity(path, ref) != before[name])
+    if changed:
+        raise CorruptCheckpointError(f"{ref.uri}: {', '.join(changed[:5])} changed while it was being read, so what "
+                                     "was read is not what was verified. Keep other programs from writing into "
+                                     "checkpoint folders")
+
+
 def _compare(ref: CheckpointRef, name: str, entry: FileEntry, size: int, digest: str) -> None:
     if size != entry.size:
         raise CorruptCheckpointError(f"{ref.uri}: {name} has {size} bytes, the manifest says {entry.size}")

@@ -120,6 +120,24 @@ def test_a_tampered_source_is_refused(tmp_path):
     ck.close()
 
 
+def test_a_source_folder_whose_file_is_a_link_is_refused_unread(tmp_path):
+    """A checkpoint folder named by --from whose state file is a link (to the same bytes, so the
+    checksum matches): ckptkit writes none, and the link's target may change between the check
+    and the read."""
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    folder = next((tmp_path / "scratch" / "exp").glob("step-*"))
+    copy = tmp_path / "elsewhere" / "state.pt"
+    copy.parent.mkdir()
+    os.replace(folder / "state.pt", copy)
+    os.symlink(copy, folder / "state.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        publish(ck, source_from_folder(folder))
+    assert not (tmp_path / "archive" / "exp").exists()
+    ck.close()
+
+
 def test_errors_name_what_is_missing(tmp_path):
     ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=tmp_path / "fb")
     with pytest.raises(CheckpointError, match="--step"):

@@ -115,6 +115,12 @@ def test_prune_dry_run_then_for_real(capsys, config_file, saved):
     assert os.listdir(saved) == ["step-0000000003"]
 
 
+def test_prune_with_nothing_to_delete_says_so_instead_of_an_empty_table(capsys, config_file, saved):
+    code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "10", "--dry-run")
+    assert code == 0 and "nothing to delete (keep_last=10)" in out and "backend" not in out
+    assert len(os.listdir(saved)) == 4
+
+
 def test_prune_keep_last_zero_is_refused_not_replaced_by_config(capsys, config_file, saved):
     code, _, err = run(capsys, "prune", str(config_file), "--keep-last", "0")
     assert code == 1 and "--keep-last must be at least 1" in err

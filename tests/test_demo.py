@@ -17,9 +17,10 @@ LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING) |\b
                       re.MULTILINE)
 
 
-def _demo(cwd, *args):
+def _demo(cwd, *args, **extra_env):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_TRACKING_URI")}
     env["COLUMNS"] = "80"
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "ckptkit.cli", "demo", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -64,6 +65,15 @@ def test_the_demo_names_the_model_version_and_the_command_that_shows_it(default_
     assert db.is_file()
     assert f"mlflow ui --backend-store-uri sqlite:///{db}\n" in out
     assert "http://127.0.0.1:5000/#/models/ckptkit_demo_mlp/versions/1" in out
+
+
+def test_the_demo_without_an_mlflow_backend_publishes_to_a_folder_and_names_the_extra(tmp_path):
+    # No plugin loaded is what a plain `pip install ckptkit` gives the demo.
+    done = _demo(tmp_path, "--steps", "20", CKPTKIT_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert os.path.isfile(tmp_path / "ckptkit-demo" / "final" / "demo" / "final" / "final_model.pt")
+    assert 'pip install "ckptkit[mlflow]"' in " ".join(done.stdout.split())
+    assert "mlflow ui" not in done.stdout
 
 
 def test_the_demo_runs_against_a_config_of_the_users(tmp_path):

@@ -271,7 +271,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for d in damaged:
             table.add_row(d["backend"], str(d["step"]), "[red]damaged, not counted[/red]", d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
-                     "damaged": damaged}, table)
+                     "damaged": damaged}, table if rows or damaged else None)
+        if not rows and not damaged and not args.json:
+            console.print(f"run {ck.run_name!r}: nothing to delete ({'all' if args.all else f'keep_last={keep}'})",
+                          markup=False, highlight=False)
         return 0
     finally:
         ck.close()

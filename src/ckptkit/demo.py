@@ -309,6 +309,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
         "mlflow_ui": views,
         "resumed_matches_uninterrupted": matches,
         "seconds": round(time.perf_counter() - began, 1),
+        "registry_missing": config is None and "registry" not in source["backends"],
     }
     if console:
         _print_summary(console, summary, per_save)
@@ -348,6 +349,10 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         console.print("See the run and the registered model in the MLflow UI:", highlight=False)
         for line in s["mlflow_ui"]:
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if s["registry_missing"]:
+        console.print('No MLflow backend was found, so the final model went to a local folder instead of a model '
+                      'registry. To register it, pip install "ckptkit[mlflow]" (docs/install.md) and run the demo '
+                      "again.", markup=False, highlight=False)
     if s["config"]:
         console.print(f"The demo's checkpoints stay in run {s['run_name']!r}; delete them with: ckptkit prune "
                       f"{shlex.quote(s['config'])} --run-name {s['run_name']} --all", markup=False, highlight=False)

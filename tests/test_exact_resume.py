@@ -8,8 +8,11 @@ import os
 import pytest
 import torch
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ckptkit import CheckpointManager, ConfigError, RunConflictError
 from ckptkit.cli import main as cli_main
+from ckptkit.local import LocalBackend
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
 
 from ckpt_helpers import assert_same_state, local_config, make_model, train_step
@@ -81,6 +84,8 @@ def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
                                                 r"new run name.*ckptkit prune .*--all") as info:
         new.save(step=0, model=fresh, optimizer=fresh_opt)
     assert (info.value.run_name, info.value.newest_step) == ("exp", 9)
+    with pytest.raises(RunConflictError):  # a trainer that catches it and saves on is refused again
+        new.save(step=1, model=fresh, optimizer=fresh_opt)
     assert sorted(os.listdir(tmp_path / "scratch/exp")) == before, "nothing of the old run may be touched"
     new.close()
 
@@ -92,6 +97,57 @@ def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
     later = CheckpointManager.from_config(cfg, plugin_manager=pm)
     assert later.save(step=11, model=fresh, optimizer=fresh_opt)
     later.close()
+
+
+class _FlakyFS(LocalFileSystem):
+    """A store whose listings fail while ``down``, as a dropped connection would."""
+
+    down = True
+
+    def find(self, *args, **kwargs):
+        if _FlakyFS.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return super().find(*args, **kwargs)
+
+
+class FlakyBackend(LocalBackend):
+    @classmethod
+    def from_config(cls, name, options):
+        backend = super().from_config(name, options)
+        backend.fs = _FlakyFS()
+        return backend
+
+
+def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_listed_answers(tmp_path, pm, monkeypatch):
+    """The old run's checkpoints lie on a backend that did not answer the first save's check:
+    saving on once it answers would write behind them, and keep_last would prune the new ones."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    old = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(10):
+        old.save(step=step, model=model, optimizer=opt)
+    old.close()
+    before = sorted(os.listdir(tmp_path / "scratch/exp"))
+
+    pm.add_backend_type("flaky", FlakyBackend)
+    cfg["backends"]["scratch"]["type"] = "flaky"
+    cfg["backends"]["spare"] = {"type": "local", "path": str(tmp_path / "spare")}
+    cfg["roles"]["resume"]["backends"] = ["spare", "scratch"]
+    monkeypatch.setattr(_FlakyFS, "down", True)
+    new = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    fresh, fresh_opt = make_model(seed=4)
+    new.save(step=0, model=fresh, optimizer=fresh_opt)
+    new.wait()  # the prune after it, which lists that backend again, ran while it was down
+    monkeypatch.setattr(_FlakyFS, "down", False)
+    # Step 1 is the first that backend commits once it answers; listed again after it, it holds
+    # the old run's step 9, and every later save is refused.
+    assert {r.backend for r in new.save(step=1, model=fresh, optimizer=fresh_opt)} == {"spare", "scratch"}
+    for step in (2, 3):
+        with pytest.raises(RunConflictError, match=r"run 'exp' already holds checkpoints up to step 9"):
+            new.save(step=step, model=fresh, optimizer=fresh_opt)
+    steps = [n for n in sorted(os.listdir(tmp_path / "scratch/exp")) if n.startswith("step-")]
+    assert steps == ["step-0000000000", "step-0000000001", *before], "nothing of either training may be pruned"
+    new.close()
 
 
 def test_peek_reads_step_metrics_and_extra_without_a_model(tmp_path, pm):

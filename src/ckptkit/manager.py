@@ -332,6 +332,10 @@ class CheckpointManager:
         self._verified: set[int] = set()
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
+        # Resume backends that could not be listed when the run was checked, and a conflict with
+        # another training found on one later (rank 0; raised by every later save).
+        self._unchecked: frozenset[str] = frozenset()
+        self._conflict: RunConflictError | None = None
         # After restore(step=N) while the run may hold newer steps: (N, the newest step seen then,
         # or None). The next save lists the run again and is refused while steps above N remain.
         self._rolled_back: tuple[int, int | None] | None = None
@@ -458,8 +462,11 @@ class CheckpointManager:
 
         The first save of a manager that did not restore from its run refuses to write into a
         run whose newest checkpoint is at or above ``step`` (``RunConflictError``): two
-        trainings under one name would prune and resume each other's checkpoints. After
-        ``restore(step=N)``, every save is refused the same way while the run holds steps above N.
+        trainings under one name would prune and resume each other's checkpoints; so is every
+        later save. A resume backend that could not be listed then is listed again after the
+        first save it commits (on the pruning thread), and if it holds newer steps it is not
+        pruned and every later save is refused. After ``restore(step=N)``, every save is refused
+        the same way while the run holds steps above N.
 
         With ``async: true`` it returns once the state is copied to CPU buffers (reused between
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
@@ -535,6 +542,8 @@ class CheckpointManager:
         own_state = None
         problem = None
         try:
+            if ranks.rank() == 0 and self._conflict is not None:
+                raise self._conflict
             if ranks.rank() == 0:
                 extra_state = _extra_state(extra, "extra", safe_globals)
             if rank_extra is not None:
@@ -554,15 +563,22 @@ class CheckpointManager:
         if status == "error":
             log.warning("could not check run %r for newer checkpoints: %s", self.run_name, listing)
             return
-        refs, _ = listing
+        refs, unreachable = listing
+        # What these hold is unknown until they answer: each is listed again, off this thread,
+        # after the first save it commits (_prune_backends).
+        self._unchecked = frozenset(unreachable)
         newest = max((r.step for r in refs), default=None)
         if newest is not None and newest >= step:
-            raise RunConflictError(
-                f"run {self.run_name!r} already holds checkpoints up to step {newest}, and this training "
-                f"did not restore from it but would save step {step} there: the two trainings would prune "
-                "and resume each other's checkpoints. Call restore() first to continue that run, choose "
-                f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
-                self.run_name, newest)
+            self._run_checked = False  # refused at every save, not only the first
+            raise self._conflict_error(step, newest)
+
+    def _conflict_error(self, step: int, newest: int) -> RunConflictError:
+        return RunConflictError(
+            f"run {self.run_name!r} already holds checkpoints up to step {newest}, and this training "
+            f"did not restore from it but would save step {step} there: the two trainings would prune "
+            "and resume each other's checkpoints. Call restore() first to continue that run, choose "
+            f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
+            self.run_name, newest)
 
     def _check_rolled_back(self, step: int, status: str, listing: Any) -> None:
         """After ``restore(step=N)``: refuse to save while the run holds steps above N, which keep_last
@@ -666,6 +682,8 @@ class CheckpointManager:
 
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int]) -> None:
         for ref in saved:
+            if ref.backend in self._unchecked and self._holds_another_training(ref.backend, step):
+                continue  # its checkpoints are another training's: not this one's to prune
             try:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
                 self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
@@ -680,6 +698,23 @@ class CheckpointManager:
                 reading.sweep_scratch()
             except Exception as exc:  # housekeeping: never the next save's failure
                 log.warning("removing scratch folders of killed processes failed: %s", exc)
+
+    def _holds_another_training(self, backend: str, step: int) -> bool:
+        """Whether ``backend``, which could not be listed when the run was checked and has just
+        committed ``step``, holds newer steps: another training's, which this one did not restore.
+        Found, the conflict is raised by every later save (``_storable``)."""
+        try:
+            refs = self.router.call(backend, "list_checkpoints", run_name=self.run_name) or []
+        except Exception as exc:
+            log.warning("could not check run %r on backend %r for newer checkpoints: %s", self.run_name, backend, exc)
+            return True
+        self._unchecked -= {backend}
+        newest = max((r.step for r in refs), default=step)
+        if newest > step:
+            self._conflict = self._conflict_error(step, newest)
+            log.error("%s (found on backend %r once it answered)", self._conflict, backend)
+            return True
+        return False
 
     def _settle_prune(self) -> None:
         """Wait for the prune after the last save, if it still runs."""

@@ -49,7 +49,33 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self):
+        if LOADER["kind"] == "per_rank":
+            return RankStateLoader(self.trainer.global_rank, LOADER["record"])
         return torch.utils.data.DataLoader(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
+
+
+# The loader a fit uses, set from its spec: "plain", or "per_rank" recording into LOADER["record"].
+LOADER = {"kind": "plain", "record": ""}
+
+
+class RankStateLoader(torch.utils.data.DataLoader):
+    """A loader with a state of its own on each rank, as one over a rank's shard of a data stream
+    has; it writes down the state each load gives it."""
+
+    def __init__(self, rank: int, record: str):
+        super().__init__(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
+        self.rank, self.record, self.served = rank, record, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self):
+        return {"rank": self.rank, "served": self.served}
+
+    def load_state_dict(self, state):
+        Path(self.record.format(rank=self.rank)).write_text(json.dumps(state))
 
 
 def trainer(config, devices: int = 1, callbacks=(), max_steps: int = MAX_STEPS, **kwargs
@@ -66,6 +92,7 @@ def trainer(config, devices: int = 1, callbacks=(), max_steps: int = MAX_STEPS, 
 def main(spec_path: str) -> None:
     """One fit as the spec says; SIGKILLs itself (every rank) at the end of ``kill_after``."""
     spec = json.loads(Path(spec_path).read_text())
+    LOADER.update(kind=spec.get("loader", "plain"), record=os.path.join(spec["workdir"], "loaded-{rank}.json"))
 
     class KillAt(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -113,12 +140,12 @@ class Fit:
     """
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
-                 devices: int = 1, env: dict | None = None):
+                 devices: int = 1, env: dict | None = None, loader: str = "plain"):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.out, self.kill_after = workdir, out, kill_after
         spec = workdir / f"spec-{out}.json"
         spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
-                                    "kill_after": kill_after, "devices": devices}))
+                                    "kill_after": kill_after, "devices": devices, "loader": loader}))
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
         self.log = open(workdir / f"log-{out}.txt", "w+")
@@ -285,6 +312,20 @@ def test_ddp_on_two_processes_killed_after_an_epochs_last_batch_resumes_bit_iden
     assert got["restored_step"] == BATCHES_PER_EPOCH
     assert_same_training(ddp_reference.result(), got, loop_exceptions=SKIPPED_EPOCH_START)
     assert committed_steps(tmp_path / "ckpts") == [2 * BATCHES_PER_EPOCH, MAX_STEPS]
+
+
+def test_ddp_gives_each_rank_back_its_own_data_loader_state(tmp_path):
+    """A loader over a rank's own shard of the data is at a position of its own on each rank:
+    every rank must get back what it saved, not rank 0's."""
+    config = local_config(tmp_path)
+    fit(tmp_path, config, kill_after=10, devices=2, loader="per_rank")
+    assert committed_steps(tmp_path / "ckpts") == [4, 8]
+    assert not list(tmp_path.glob("loaded-*.json"))
+    got = fit(tmp_path, config, devices=2, loader="per_rank")
+    assert got["restored_step"] == 8
+    loaded = {rank: json.loads((tmp_path / f"loaded-{rank}.json").read_text()) for rank in (0, 1)}
+    assert {rank: state["rank"] for rank, state in loaded.items()} == {0: 0, 1: 1}
+    assert loaded[0]["served"] == loaded[1]["served"] > 0
 
 
 def mlflow_contents(root: Path) -> tuple[list, list[str]]:

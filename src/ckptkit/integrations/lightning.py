@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Where the Lightning checkpoint (all of it but the weights) sits in ckptkit's shared extra.
 LIGHTNING_KEY = "lightning"
 RNG_KEY = "rng"
+# Each rank's data loader states, as Lightning's fit loop keeps them (``combined_loader``): a
+# loader over a rank's own shard of the data has a position of its own on each rank.
+LOADERS_KEY = "loaders"
+_LOADERS_PATH = ("loops", "fit_loop", "state_dict", "combined_loader")
 
 # What each ModelCheckpoint option becomes with ckptkit: the refusal names the user's own settings.
 _MODEL_CHECKPOINT_OPTIONS = {
@@ -181,7 +185,7 @@ class CkptkitCheckpoint(Checkpoint):
         if not isinstance(checkpoint, dict):
             raise ConfigError(f"{restored.ref.uri} was not written by CkptkitCheckpoint (its extra holds no "
                               f"{LIGHTNING_KEY!r} state); resume it with the loop that wrote it, or use a new run_name")
-        checkpoint = dict(checkpoint)
+        checkpoint = _with_loaders(checkpoint, restored.rank_extra.get(LOADERS_KEY))
         # The weights are in the module already (restore broadcast them); Lightning loads them again
         # from here after its on_load_checkpoint hooks, as it would from a file.
         checkpoint["state_dict"] = pl_module.state_dict()
@@ -235,10 +239,14 @@ class CkptkitCheckpoint(Checkpoint):
         epoch_done = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         # The weights go through ckptkit's model state (gathered, exportable, publishable).
         checkpoint.pop("state_dict", None)
+        own = {RNG_KEY: {"state": RngState().state_dict(), "epoch_done": epoch_done}}
+        loaders = _loaders(checkpoint)
+        if loaders is not None:
+            # Rank 0's stay in the shared state too: a rank of a larger job, which saved none, gets those.
+            own[LOADERS_KEY] = loaders
         self.manager.save(step=step, epoch=trainer.current_epoch, model=pl_module,
                           metrics=_plain_metrics(trainer.callback_metrics), extra={LIGHTNING_KEY: checkpoint},
-                          rank_extra={RNG_KEY: {"state": RngState().state_dict(), "epoch_done": epoch_done}},
-                          safe_globals=self.safe_globals, force=force)
+                          rank_extra=own, safe_globals=self.safe_globals, force=force)
         self._last_saved = step
 
     # -- the end ----------------------------------------------------------------------------------
@@ -269,3 +277,27 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _loaders(checkpoint: dict[str, Any]) -> Any:
+    """The data loader states in a checkpoint Lightning dumped, or None."""
+    node: Any = checkpoint
+    for key in _LOADERS_PATH:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _with_loaders(checkpoint: dict[str, Any], loaders: Any) -> dict[str, Any]:
+    """A copy of ``checkpoint`` holding this rank's own ``loaders`` where it saved some; the
+    dicts on the way are copied, so that what restore returned is left as it was."""
+    out = dict(checkpoint)
+    if loaders is None or _loaders(checkpoint) is None:
+        return out
+    node = out
+    for key in _LOADERS_PATH[:-1]:
+        node[key] = dict(node[key])
+        node = node[key]
+    node[_LOADERS_PATH[-1]] = loaders
+    return out

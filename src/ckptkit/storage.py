@@ -539,10 +539,23 @@ class FileBackend:
         # save killed right after creating its folder leaves one with no file in it.
         return self.fs.find(path, withdirs=True, detail=True)
 
+    def _forget_listings(self, path: str) -> None:
+        """Drop the filesystem's cached listings of ``path``, its parents and every folder under
+        it. fsspec's ``invalidate_cache`` forgets a folder and its parents only, and s3fs answers
+        for a file from a cached listing of its folder: a step folder listed while a save was
+        writing it (files, no manifest yet) stayed without its manifest for the life of the
+        process, and every step listed stayed cached."""
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        if cache:
+            prefix = self._strip(path).rstrip("/") + "/"
+            for key in [k for k in list(cache) if k.startswith(prefix)]:
+                cache.pop(key, None)
+
     def _listing(self, run_name: str) -> dict[str, _Folder]:
         """One listing of a run: folder name -> what is in it."""
         run = self.run_path(run_name)
-        self.fs.invalidate_cache(run)
+        self._forget_listings(run)
         try:
             found = self._call(f"listing {self.uri(run)}", self._find, run)
         except FileNotFoundError as exc:

@@ -134,6 +134,25 @@ def test_remote_only_resume_skips_a_corrupt_newest(pm, s3_backend_options, s3_en
     assert torch.equal(m[0].weight, model(10)[0].weight)
 
 
+def test_a_step_listed_while_it_was_being_written_is_read_once_committed(pm, s3_backend_options, s3_endpoint,
+                                                                          bucket):
+    """An evaluation process lists the run while the trainer is between a step's files and its
+    manifest; once the step is committed, that same process restores it. (Listings of the step
+    folder kept from the first look made it unreadable for the life of the process.)"""
+    writer = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    writer.save(step=1, model=model(1))
+    reader = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    assert reader.restore(model=model(9)).step == 1
+    # What the trainer's save of step 2 has written before its manifest.
+    fs = s3(s3_endpoint)
+    fs.pipe_file(f"{bucket}/ckpts/run/step-0000000002/state.pt", b"half of a save")
+    assert [r.step for r in reader.list_checkpoints()] == [1]
+    writer.save(step=2, model=model(2))
+    m = model(9)
+    assert reader.restore(model=m).step == 2
+    assert torch.equal(m[0].weight, model(2)[0].weight)
+
+
 def test_nothing_to_resume_returns_none(pm, s3_backend_options):
     assert manager(pm, {"archive": s3_backend_options(prefix="empty")}, ["archive"]).restore(model=model()) is None
 

@@ -427,6 +427,46 @@ def test_the_first_step_of_the_optimizer_given_prepares_its_buffers_once_and_no_
     assert len(_global_optimizer_post_hooks) == hooks
 
 
+def test_buffers_are_prepared_for_the_latest_optimizer_given_only():
+    """An evaluation loop restores into a new model and optimizer each time with the training's
+    async config: the buffers made ahead are for the latest one, not one set per optimizer ever
+    given (they added up to the state's size per restore)."""
+    saver = _background_saver()
+    kept = []  # the evaluation loop's optimizers, still alive
+    for _ in range(4):
+        model = torch.nn.Linear(128, 128)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.ones(1, 128)).sum().backward()
+        opt.step()
+        kept.append(opt)
+        saver.prepare_for(opt)
+        _join_preparing()
+        assert len(_spare_ptrs(saver)) == 2 + 2, "weight and bias, and a momentum buffer for each: one set"
+    new = torch.optim.AdamW(torch.nn.Linear(128, 128).parameters())  # a new training's: awaited
+    saver.prepare_for(new)
+    assert set(saver._awaited) == {new}
+    saver.shutdown()
+
+
+def test_a_closed_saver_keeps_no_staging_buffer():
+    """A closed manager may stay referenced (a list of results, a callback): the buffers, the
+    size of the state, go when it closes."""
+    import gc
+    import weakref
+
+    saver = _background_saver()
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 64)).sum().backward()
+    opt.step()
+    staged = saver.stage({"model": model.state_dict(), "optimizer": opt.state_dict()}, model, opt, copy_always=())
+    buffers = [weakref.ref(staged["model"]["weight"]), weakref.ref(staged["optimizer"]["state"][0]["momentum_buffer"])]
+    del staged
+    saver.shutdown()
+    gc.collect()
+    assert [b() for b in buffers] == [None, None]
+
+
 def test_an_optimizer_that_holds_state_already_is_prepared_for_at_once():
     """A resumed run: restore loaded the optimizer's state, so its buffers are made before the
     first step, and no step hook is needed."""

@@ -73,20 +73,23 @@ class AsyncSaver:
         training runs, on rank 0 (which stages), until the first save: the memory that save would
         allocate, taken earlier. Only for the optimizer given, which the manager learns from
         ``restore``: not for every optimizer the process steps, nor once per manager. Called
-        again for the same optimizer, its plan is replaced, not added to."""
+        again, for this optimizer or another (an evaluation loop restoring into a new one each
+        time), the plan is replaced, not added to: the buffers are for the latest only."""
         if not self._stager.preparing or ranks.rank() != 0:
             return  # only rank 0 stages
         new = not optimizer.state  # a new training's optimizer; a restored one holds its state
-        self._prepare(optimizer, expected_likes if new else plain_cpu_likes)
+        self._awaited = weakref.WeakSet()
+        self._prepare(optimizer, expected_likes if new else plain_cpu_likes, only=True)
         if new:
             self._awaited.add(optimizer)
             if self._prepare_hook is None:
                 self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
 
     def _prepare(self, optimizer: torch.optim.Optimizer,
-                 likes_of: Callable[[torch.optim.Optimizer], list[tuple[torch.Size, torch.dtype]]]) -> None:
+                 likes_of: Callable[[torch.optim.Optimizer], list[tuple[torch.Size, torch.dtype]]],
+                 only: bool = False) -> None:
         try:
-            wanted = self._stager.plan(likes_of(optimizer), owner=id(optimizer))
+            wanted = self._stager.plan(likes_of(optimizer), owner=id(optimizer), only=only)
             if wanted and self._stop_at_exit():
                 threading.Thread(target=self._stager.prepare, args=(wanted,), name="ckptkit-prepare").start()
         except Exception as exc:  # an optimization: it must never fail the training step it runs in
@@ -227,6 +230,9 @@ class AsyncSaver:
             if hook is not None:
                 hook.remove()
         self._step_hook = self._prepare_hook = None
+        # A closed manager may stay referenced (a list of results, a callback): its buffers,
+        # the size of the state, are not kept with it.
+        self._stager = Stager()
 
 
 def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:

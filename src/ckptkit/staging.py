@@ -171,16 +171,21 @@ class Stager:
         self._spares_lock = threading.Lock()
         self.preparing = True  # until ``stop_preparing``: buffers made after the first stage go unused
 
-    def plan(self, likes: list[tuple[torch.Size, torch.dtype]], owner: int) -> list[tuple[tuple, torch.dtype]]:
+    def plan(self, likes: list[tuple[torch.Size, torch.dtype]], owner: int,
+             only: bool = False) -> list[tuple[tuple, torch.dtype]]:
         """Record that ``owner`` (an optimizer's id) needs CPU buffers of these shapes and dtypes,
-        in place of what it needed before; release the spares that no owner needs any more (the
-        moments a first step was expected to make and did not: parameters that got no gradient,
-        or moved off the CPU), and return the buffers still to be made, for ``prepare``."""
+        in place of what it needed before (with ``only``, in place of what every owner needed);
+        release the spares that no owner needs any more (the moments a first step was expected
+        to make and did not: parameters that got no gradient, or moved off the CPU), and return
+        the buffers still to be made, for ``prepare``."""
         keys = collections.Counter((tuple(shape), dtype) for shape, dtype in likes)
         with self._spares_lock:
             if not self.preparing:
                 return []
             before = +self._planned
+            if only:
+                self._plans.clear()
+                self._planned.clear()
             self._planned.subtract(self._plans.get(owner, collections.Counter()))
             self._planned.update(keys)
             self._planned = +self._planned  # drop what no owner needs

@@ -448,6 +448,29 @@ def test_buffers_are_prepared_for_the_latest_optimizer_given_only():
     saver.shutdown()
 
 
+def test_a_saver_dropped_without_shutdown_takes_its_global_step_hooks_with_it():
+    """torch's optimizer step hooks are global: a manager dropped without close() (a sweep's
+    trial) left its hooks behind, and every step of every later optimizer ran them all."""
+    import gc
+
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    before = len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        saver = _background_saver()
+        saver.prepare_for(torch.optim.AdamW(model.parameters()))  # a new training's: a post-hook
+        model(torch.ones(1, 64)).sum().backward()
+        opt.step()
+        saver.stage({"model": model.state_dict(), "optimizer": opt.state_dict()}, model, opt, copy_always=(),
+                    background=True)  # deferred copies: a pre-hook
+        assert len(_global_optimizer_pre_hooks) > before[0] and len(_global_optimizer_post_hooks) > before[1]
+        del saver
+        gc.collect()
+        assert (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) == before
+
+
 def test_a_closed_saver_keeps_no_staging_buffer():
     """A closed manager may stay referenced (a list of results, a callback): the buffers, the
     size of the state, go when it closes."""

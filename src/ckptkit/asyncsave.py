@@ -84,6 +84,8 @@ class AsyncSaver:
             self._awaited.add(optimizer)
             if self._prepare_hook is None:
                 self._prepare_hook = register_optimizer_step_post_hook(_prepares_for(weakref.ref(self)))
+                # Torch's hooks are global: a manager dropped without close() takes its hook with it.
+                weakref.finalize(self, self._prepare_hook.remove)
 
     def _prepare(self, optimizer: torch.optim.Optimizer,
                  likes_of: Callable[[torch.optim.Optimizer], list[tuple[torch.Size, torch.dtype]]],
@@ -140,6 +142,7 @@ class AsyncSaver:
             self._stager.stop_preparing()
         if self._stager.deferred and self._step_hook is None:
             self._step_hook = register_optimizer_step_pre_hook(_waits_for(weakref.ref(self)))
+            weakref.finalize(self, self._step_hook.remove)
         # Copies from a GPU are queued, not waited for: the writer thread waits before it reads.
         self._copies = self._stager.record()
         return staged

@@ -212,6 +212,9 @@ def test_keep_best_keeps_the_best_besides_the_last(tmp_path, pm):
         ck.save(step=step, model=model, optimizer=opt, metrics={"val_loss": loss})
     kept = sorted(r.step for r in ck.list_checkpoints())
     assert kept == [1, 3, 6, 7]  # the best two (0.1, 0.3) and the last two
+    ck.wait()
+    # What the manager remembers of past steps is what is kept, not every step it ever saved.
+    assert ck._verified == set(kept) and set(ck._metrics) == set(kept)
     ck.close()
 
     # ckptkit prune honours keep_best too.

@@ -681,15 +681,24 @@ class CheckpointManager:
                                                    frozenset(self._verified))
 
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int]) -> None:
+        gone: set[int] = set()
         for ref in saved:
             if ref.backend in self._unchecked and self._holds_another_training(ref.backend, step):
                 continue  # its checkpoints are another training's: not this one's to prune
             try:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
-                self.router.call(ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
-                                 protected_steps=protected, dry_run=False, counted_steps=counted)
+                deleted = self.router.call(ref.backend, "prune", run_name=self.run_name,
+                                           keep_last=self.resume_role.keep_last, protected_steps=protected,
+                                           dry_run=False, counted_steps=counted)
+                gone.update(r.step for r in deleted or () if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+        # What a training of a million saves remembers stays the size of what it keeps. A step
+        # forgotten while another backend still holds it counts less, so it is deleted later, not
+        # sooner, and keep_best reads its metrics again from its manifest.
+        self._verified -= gone
+        for old in gone:
+            self._metrics.pop(old, None)
         if not self._swept:
             # Once, here rather than in restore: listing the temporary folder (1 ms with 2,000
             # entries, most of it under the GIL) cost a 1 MB resume a fifth of its restore.

@@ -338,3 +338,25 @@ def test_registering_a_backend_runs_none_of_its_properties():
     pm.register_backend(Lazy(), "lazy", BackendType(name="lazy", cls=Lazy, dist="tests", hooks=frozenset({"close"})))
     assert made == []
     assert pm.get_plugin("lazy") is not None and len(pm.hook.close.get_hookimpls()) >= 1
+
+
+def test_a_manager_that_fails_to_register_its_backends_leaves_a_shared_plugin_manager_as_it_was(tmp_path):
+    """A sweep shares one plugin manager between trials: a trial whose manager failed half way
+    (here its second backend's name is taken) must not leave its first backend registered, or
+    every later trial fails on that name."""
+    pm = make_plugin_manager(autoload=False)
+    cfg = {"backends": {"a": {"type": "local", "path": str(tmp_path / "a")},
+                        "b": {"type": "local", "path": str(tmp_path / "b")}},
+           "roles": {"resume": {"backends": ["a", "b"], "every_n_steps": 1, "keep_last": 2}}}
+    squatter = object()
+    pm.register(squatter, name="b")
+    before = dict(pm.list_name_plugin())
+    with pytest.raises(PluginError, match="backend 'b'.*could not be registered"):
+        CheckpointManager.from_config(cfg, run_name="r", plugin_manager=pm)
+    assert dict(pm.list_name_plugin()) == before
+    pm.unregister(squatter)
+    before = dict(pm.list_name_plugin())
+    with pytest.raises(ValueError, match="on_error"):  # refused after its backends were registered
+        CheckpointManager.from_config(cfg, run_name="r", plugin_manager=pm, on_error="ignore")
+    assert dict(pm.list_name_plugin()) == before
+    CheckpointManager.from_config(cfg, run_name="r", plugin_manager=pm).close()

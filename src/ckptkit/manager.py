@@ -365,7 +365,11 @@ class CheckpointManager:
         name = check_run_name(run_name, "run_name") if run_name else (config.run_name or DEFAULT_RUN_NAME)
         pm = plugin_manager or make_plugin_manager()
         router = Router(pm, config)
-        manager = cls(config, name, pm, router, on_error=on_error, fallback_dir=fallback_dir)
+        try:
+            manager = cls(config, name, pm, router, on_error=on_error, fallback_dir=fallback_dir)
+        except BaseException:
+            router.close()  # a shared plugin manager keeps none of its backends
+            raise
         try:
             # Ranks whose configs differ are refused here, before the first training step.
             manager.coll.start()

@@ -51,9 +51,14 @@ class Router:
                 log.warning("backend %r is declared but no role uses it", name)
             self.types[name] = btype
             self.instances[name] = self._build(name, btype, spec.options)
-        for name, instance in self.instances.items():
-            if config.roles_of(name):
-                pm.register_backend(instance, name, self.types[name])
+        try:
+            for name, instance in self.instances.items():
+                if config.roles_of(name):
+                    pm.register_backend(instance, name, self.types[name])
+        except BaseException:
+            # A plugin manager shared between managers (a sweep's) keeps nothing of a failed one.
+            self.close()
+            raise
 
     @staticmethod
     def _build(name: str, btype: BackendType, options: dict) -> Any:

@@ -106,7 +106,11 @@ class Router:
         return hook in self.types[name].hooks
 
     def close(self) -> None:
-        for name, instance in self.instances.items():
+        instances, self.instances = self.instances, {}
+        # A closed manager may stay referenced (a sweep's list of results): its backends' clients
+        # (an S3 client holds its service models, about 13 MB) go with the backends.
+        self._callers.clear()
+        for name, instance in instances.items():
             if self.pm.is_registered(instance):
                 self.pm.unregister(instance)
             close = getattr(instance, "close", None)

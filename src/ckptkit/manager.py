@@ -12,6 +12,7 @@ import operator
 import os
 import shlex
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -302,6 +303,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _outside_ckptkit() -> int:
+    """For ``warnings.warn`` in the caller of this: the stack level of the first frame outside
+    ckptkit (the trainer's call, which save, wait and finalize reach at different depths)."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class CheckpointManager:
     """Saves resume checkpoints when due, prunes them, restores the newest, publishes the final.
 
@@ -439,7 +450,7 @@ class CheckpointManager:
     def _fail(self, exc: SaveError) -> None:
         if self.on_error == "raise":
             raise exc
-        warnings.warn(str(exc), RuntimeWarning, stacklevel=3)
+        warnings.warn(str(exc), RuntimeWarning, stacklevel=_outside_ckptkit())
 
     # -- saving -----------------------------------------------------------------------------
 

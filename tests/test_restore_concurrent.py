@@ -85,6 +85,28 @@ def test_checkpoints_pruned_after_the_listing_give_way_to_the_newer_ones(tmp_pat
     _restored(reader, 3, kind)
 
 
+@pytest.mark.parametrize("kind", ["restore", "peek"])
+def test_a_trainer_that_outpaces_several_listings_is_caught_up_with(tmp_path, pm, monkeypatch, kind):
+    """An evaluation loop beside a trainer that saves and prunes faster than a restore reads:
+    each listing's steps are gone by the time they are read, twice over, and the restore lists
+    again while new steps appear instead of calling the run damaged."""
+    trainer, reader = _managers(tmp_path, pm, keep=2)
+    model = torch.nn.Linear(4, 4)
+    _save(trainer, model, 0, 1)
+    real, calls = reading.Reader.list_all, [0]
+
+    def list_all(self):
+        found = real(self)
+        calls[0] += 1
+        if calls[0] <= 2:  # the first two listings are outdated before any of their steps is read
+            last = max(r.step for r in found[0])
+            _save(trainer, model, last + 1, last + 2)
+        return found
+
+    monkeypatch.setattr(reading.Reader, "list_all", list_all)
+    _restored(reader, 5, kind)
+
+
 def test_a_file_pruned_between_its_check_and_its_load_skips_the_checkpoint_typed(tmp_path, pm, monkeypatch):
     trainer, reader = _managers(tmp_path, pm, keep=1)
     model = torch.nn.Linear(4, 4)

@@ -84,29 +84,37 @@ def _load_resume_state(model, optimizer, state: dict[str, Any], coll, held, sour
         gather.load_own_buffers(model, own, source)
 
 
+# How many times a restore or peek lists the run again while each listing shows new steps.
+_RELISTS = 8
+
+
 def _tries(candidates: list[CheckpointRef], unreachable: dict[str, CkptkitError], step: int | None,
            list_again: Callable[[], tuple[list[CheckpointRef], dict[str, CkptkitError]]]) -> Iterator[CheckpointRef]:
-    """Each of ``candidates`` in turn, for a restore or peek, then those of one more listing.
+    """Each of ``candidates`` in turn, for a restore or peek, then those of later listings.
 
     A listing is no snapshot: a training process writing the run may have committed a step after
     it and pruned those it showed, before or while they were read. So once the candidates are
-    used up (none there, or none intact), the run is listed once more, and the steps not tried
-    yet are tried; ``unreachable`` is updated in place. Not for a given ``step``, nor when a
-    backend could not be listed (listing again would wait through its retries again)."""
+    used up (none there, or none intact), the run is listed again, and the steps not tried yet
+    are tried; again while each listing shows steps not tried yet (a trainer saving and pruning
+    faster than a restore reads), up to ``_RELISTS`` times. ``unreachable`` is updated in place.
+    Not for a given ``step``, nor once a backend could not be listed (listing again would wait
+    through its retries again)."""
     tried: set[tuple[str, int]] = set()
     pending = list(candidates)
-    relisted = step is not None or bool(unreachable)
+    relists = _RELISTS if step is not None or unreachable else 0
     while True:
         if not pending:
-            if relisted:
+            if relists >= _RELISTS:
                 return
-            relisted = True
+            relists += 1
             listed, again = list_again()
             pending = [r for r in listed if (r.backend, r.step) not in tried]
             if not pending:
                 return
             unreachable.clear()
             unreachable.update(again)
+            if again:
+                relists = _RELISTS
         ref = pending.pop(0)
         tried.add((ref.backend, ref.step))
         yield ref

@@ -10,7 +10,7 @@ import torch
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptkit import CheckpointManager, ConfigError, RunConflictError
+from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError
 from ckptkit.cli import main as cli_main
 from ckptkit.local import LocalBackend
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
@@ -118,9 +118,11 @@ class FlakyBackend(LocalBackend):
         return backend
 
 
-def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_listed_answers(tmp_path, pm, monkeypatch):
+@pytest.mark.parametrize("how", ["save", "async save", "save_files"])
+def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_listed_answers(
+        tmp_path, pm, monkeypatch, how):
     """The old run's checkpoints lie on a backend that did not answer the first save's check:
-    saving on once it answers would write behind them, and keep_last would prune the new ones."""
+    saving on once it answers would write over and behind them, and keep_last would prune them."""
     cfg = local_config(tmp_path, final=False, keep=3)
     old = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model()
@@ -133,20 +135,37 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
     cfg["backends"]["scratch"]["type"] = "flaky"
     cfg["backends"]["spare"] = {"type": "local", "path": str(tmp_path / "spare")}
     cfg["roles"]["resume"]["backends"] = ["spare", "scratch"]
+    cfg["roles"]["resume"]["async"] = how == "async save"
     monkeypatch.setattr(_FlakyFS, "down", True)
     new = CheckpointManager.from_config(cfg, plugin_manager=pm)
     fresh, fresh_opt = make_model(seed=4)
-    new.save(step=0, model=fresh, optimizer=fresh_opt)
+
+    def save(step):
+        if how == "save_files":
+            folder = tmp_path / f"own-{step}"
+            folder.mkdir()
+            (folder / "trainer_state.json").write_text(f'{{"step": {step}}}')
+            return new.save_files(step=step, files=folder)
+        saved = new.save(step=step, model=fresh, optimizer=fresh_opt)
+        return new.wait() if how == "async save" else saved
+
+    save(0)
     new.wait()  # the prune after it, which lists that backend again, ran while it was down
     monkeypatch.setattr(_FlakyFS, "down", False)
     # Step 1 is the first that backend commits once it answers; listed again after it, it holds
-    # the old run's step 9, and every later save is refused.
-    assert {r.backend for r in new.save(step=1, model=fresh, optimizer=fresh_opt)} == {"spare", "scratch"}
+    # the old run's steps 7 to 9, and every later save is refused.
+    assert {r.backend for r in save(1)} == {"spare", "scratch"}
+    refusals = []
     for step in (2, 3):
-        with pytest.raises(RunConflictError, match=r"run 'exp' already holds checkpoints up to step 9"):
-            new.save(step=step, model=fresh, optimizer=fresh_opt)
+        with pytest.raises((RunConflictError, SaveError), match=r"run 'exp' already holds checkpoints up to step 9") as info:
+            save(step)
+        refusals.append(info.value)
+    assert refusals[0] is not refusals[1], "a new error each time: no traceback piles up the refused saves' frames"
     steps = [n for n in sorted(os.listdir(tmp_path / "scratch/exp")) if n.startswith("step-")]
     assert steps == ["step-0000000000", "step-0000000001", *before], "nothing of either training may be pruned"
+    # Restoring, as the error says, continues the run: saves go on.
+    assert new.restore(model=fresh, optimizer=fresh_opt).step == 9
+    assert save(10)
     new.close()
 
 

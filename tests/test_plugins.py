@@ -378,3 +378,26 @@ def test_a_closed_manager_still_referenced_keeps_no_backend(tmp_path):
     assert backend() is None
     with pytest.raises(ckptkit.CkptkitError, match="closed"):
         ck.save(step=1, model=torch.nn.Linear(2, 2))
+
+
+def test_two_managers_sharing_a_plugin_manager_each_reach_their_own_backends_only(tmp_path):
+    """A sweep's trials share one plugin manager: the first trial's calls, whose hook callers
+    were made before the second trial registered its backend, reach the first's backend only."""
+    import os
+
+    pm = make_plugin_manager(autoload=False)
+
+    def cfg(name):
+        return {"backends": {name: {"type": "local", "path": str(tmp_path / name)}},
+                "roles": {"resume": {"backends": [name], "every_n_steps": 1, "keep_last": 1}}}
+
+    model = torch.nn.Linear(2, 2)
+    first = CheckpointManager.from_config(cfg("a"), run_name="one", plugin_manager=pm)
+    first.save(step=0, model=model)
+    second = CheckpointManager.from_config(cfg("b"), run_name="two", plugin_manager=pm)
+    second.save(step=5, model=model)
+    assert [(r.backend, r.step) for r in first.list_checkpoints()] == [("a", 0)]
+    first.save(step=1, model=model)
+    assert os.listdir(tmp_path / "b") == ["two"], "the first trial wrote into the second's backend"
+    second.close()
+    first.close()

@@ -138,6 +138,30 @@ def test_a_source_folder_whose_file_is_a_link_is_refused_unread(tmp_path):
     ck.close()
 
 
+def test_a_final_file_replaced_while_it_is_being_published_fails_the_publish(tmp_path, monkeypatch):
+    """A backend may send a local final file by its path, after the check: one replaced then
+    (another program writing into the folder) is found out once it was sent."""
+    from ckptkit import fanout
+
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.finalize(model=model, step=5)
+    folder = tmp_path / "archive" / "exp" / "final"
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}}, other)
+    real = fanout.store_each
+
+    def store_each(*args, **kwargs):
+        os.replace(other, folder / "final_model.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fanout, "store_each", store_each)
+    with pytest.raises(CheckpointError, match="final_model.pt changed while it was being read"):
+        publish(ck, source_from_folder(folder), force=True)
+    ck.close()
+
+
 def test_errors_name_what_is_missing(tmp_path):
     ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=tmp_path / "fb")
     with pytest.raises(CheckpointError, match="--step"):

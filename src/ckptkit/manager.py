@@ -354,7 +354,9 @@ class CheckpointManager:
         # Resume backends that could not be listed when the run was checked, and a conflict with
         # another training found on one later (rank 0; raised by every later save).
         self._unchecked: frozenset[str] = frozenset()
-        self._conflict: RunConflictError | None = None
+        self._checked_at = 0  # the step the run was checked for
+        self._ours: set[int] = set()  # the steps committed while some backend was unchecked
+        self._conflict: tuple[int, int] | None = None  # (step, newest step found) on rank 0
         # After restore(step=N) while the run may hold newer steps: (N, the newest step seen then,
         # or None). The next save lists the run again and is refused while steps above N remain.
         self._rolled_back: tuple[int, int | None] | None = None
@@ -566,7 +568,7 @@ class CheckpointManager:
         problem = None
         try:
             if ranks.rank() == 0 and self._conflict is not None:
-                raise self._conflict
+                raise self._conflict_error(*self._conflict)  # a new one each time: no traceback piles up
             if ranks.rank() == 0:
                 extra_state = _extra_state(extra, "extra", safe_globals)
             if rank_extra is not None:
@@ -589,7 +591,7 @@ class CheckpointManager:
         refs, unreachable = listing
         # What these hold is unknown until they answer: each is listed again, off this thread,
         # after the first save it commits (_prune_backends).
-        self._unchecked = frozenset(unreachable)
+        self._unchecked, self._checked_at, self._ours = frozenset(unreachable), step, set()
         newest = max((r.step for r in refs), default=None)
         if newest is not None and newest >= step:
             self._run_checked = False  # refused at every save, not only the first
@@ -646,6 +648,10 @@ class CheckpointManager:
         """Rank 0: commit ``payload`` to every resume backend, then start the prune. Never raises."""
         try:
             self._settle_prune()  # the last save's prune, which may run beside an async write's staging
+            if self._conflict is not None:
+                # Found by the prune after the last save: an async save, or save_files, that
+                # passed the check before it was found writes nothing either.
+                return payload.step, [], {"(all)": self._conflict_error(*self._conflict)}
             saved, failures = fanout.store_each(self.router, self.run_name, Role.RESUME, payload, "save_resume",
                                                 step=payload.step)
             self._prune_after(saved, payload.step, payload.metrics)
@@ -697,6 +703,8 @@ class CheckpointManager:
         self._settle_prune()
         self._verified.add(step)
         self._metrics[step] = dict(metrics)
+        if self._unchecked:
+            self._ours.add(step)
         with self._pruning_lock:
             if self._pruner is None or self._pruner[0] != os.getpid():
                 self._pruner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ckptkit-prune"))
@@ -733,19 +741,25 @@ class CheckpointManager:
 
     def _holds_another_training(self, backend: str, step: int) -> bool:
         """Whether ``backend``, which could not be listed when the run was checked and has just
-        committed ``step``, holds newer steps: another training's, which this one did not restore.
-        Found, the conflict is raised by every later save (``_storable``)."""
+        committed ``step``, holds steps of another training at or above the step the run was
+        checked for, as the check would have found had it answered: steps this training did not
+        commit (one it wrote over, at the same step, cannot be told). Found, no later save
+        writes (``_storable``, ``_store``) and the backend is not pruned again."""
+        if self._conflict is not None:
+            return True
         try:
             refs = self.router.call(backend, "list_checkpoints", run_name=self.run_name) or []
         except Exception as exc:
             log.warning("could not check run %r on backend %r for newer checkpoints: %s", self.run_name, backend, exc)
             return True
-        self._unchecked -= {backend}
-        newest = max((r.step for r in refs), default=step)
-        if newest > step:
-            self._conflict = self._conflict_error(step, newest)
-            log.error("%s (found on backend %r once it answered)", self._conflict, backend)
+        others = [r.step for r in refs if r.step not in self._ours and r.step != step and r.step >= self._checked_at]
+        if others:
+            self._conflict = (step, max(others))
+            log.error("%s (found on backend %r once it answered)", self._conflict_error(*self._conflict), backend)
             return True
+        self._unchecked -= {backend}
+        if not self._unchecked:
+            self._ours = set()
         return False
 
     def _settle_prune(self) -> None:
@@ -1008,6 +1022,7 @@ class CheckpointManager:
             self._tracking_run_id()
             self._verified.add(manifest.step)
             self._prepare_first_save(optimizer)
+            self._unchecked, self._conflict = frozenset(), None  # this training continues the run now
             if step is not None and (unreachable or newest > step):
                 # Newer steps (or a backend that may hold some): the first save checks the run again.
                 self._rolled_back = (step, newest if newest > step else None)
@@ -1417,11 +1432,12 @@ class CheckpointManager:
                         "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
                         "with the tool that wrote it")
                 if manifest.format == "dcp":
-                    with reading.scratch("export") as workdir, reading.unchanged(ref, manifest.files):
+                    with reading.scratch("export") as workdir, reading.unchanged(ref, manifest.files) as unchanged:
                         # Read once, from what was verified.
                         folder = self.reader.fetch(ref, manifest, workdir)
                         model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
                                                                            manifest.files))
+                        unchanged()
                 else:
                     model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
             except SKIPPABLE as exc:
@@ -1465,6 +1481,8 @@ class CheckpointManager:
             raise listed
         if not self._run_checked:
             self._check_run(step)
+        conflict = self._conflict_error(*self._conflict) if ranks.rank() == 0 and self._conflict else None
+        self.coll.agree(f"save_files step {step}: check run", conflict)
         payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
                           files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
                           metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -1511,6 +1529,7 @@ class CheckpointManager:
             self._verified.add(manifest.step)
             self._rolled_back = None
             self._run_checked = True
+            self._unchecked, self._conflict = frozenset(), None  # this training continues the run now
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable)

@@ -250,13 +250,16 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
             raise ConfigError(f"{', '.join(unknown)}: not a final backend of this config "
                               f"(final backends: {', '.join(order)})")
         order = [b for b in order if b in wanted]
-    with reading.scratch("publish") as workdir:
-        with reading.unchanged(source.ref, source.manifest.files):
-            folder = _verified_local(ck, source, workdir)
-            final = _final_body(source, folder) if source.kind == "final" else None
-            stored_tag = final.get("algorithm") if final is not None else None
-            algorithm = algorithm or ck.config.algorithm or (stored_tag if isinstance(stored_tag, str) else None)
-            payload, state = _payload(ck, source, folder, final, algorithm, workdir)
+    # The source's files are checked unchanged before anything is sent, and again once it is
+    # sent: a backend may send a local final file by its path, and a model state loaded from a
+    # mapping is read while it is sent.
+    with reading.scratch("publish") as workdir, reading.unchanged(source.ref, source.manifest.files) as unchanged:
+        folder = _verified_local(ck, source, workdir)
+        final = _final_body(source, folder) if source.kind == "final" else None
+        stored_tag = final.get("algorithm") if final is not None else None
+        algorithm = algorithm or ck.config.algorithm or (stored_tag if isinstance(stored_tag, str) else None)
+        payload, state = _payload(ck, source, folder, final, algorithm, workdir)
+        unchanged()
         entry = payload.files[0].expected
         held: list[CheckpointRef] = []
         lookup_failed: dict[str, CkptkitError] = {}
@@ -270,9 +273,11 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                 if ref is not None:
                     held.append(ref)
         skip = {r.backend for r in held} | set(lookup_failed)
+        sent = [n for n in order if n not in skip]
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
-                                              names=[n for n in order if n not in skip], stored=held,
-                                              algorithm=algorithm, model=None, state=state)
+                                              names=sent, stored=held, algorithm=algorithm, model=None,
+                                              state=state)
+        unchanged()
         failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
                          failures=failures)

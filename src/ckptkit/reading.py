@@ -22,7 +22,7 @@ import shutil
 import stat
 import tempfile
 from concurrent import futures
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -322,23 +322,36 @@ def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def unchanged(ref: CheckpointRef, names: Iterable[str]) -> Iterator[None]:
-    """Files ``names`` of a local checkpoint, which the block hashes and then reads by name, are
-    the files it hashed: their identity is taken on entering and compared on leaving, and a file
-    replaced or written meanwhile raises ``CorruptCheckpointError``. Links and other non-regular
-    files are refused on entering. A remote checkpoint is read from the copies its download
-    checked, so there is nothing to compare."""
+def unchanged(ref: CheckpointRef, files: Mapping[str, FileEntry]) -> Iterator[Callable[[], None]]:
+    """The ``files`` of a local checkpoint (its manifest's entries), which the block hashes and
+    then reads by name, are the files it hashed: their identity is taken on entering, and the
+    function this gives raises ``CorruptCheckpointError`` for a file replaced or written since
+    whose bytes are no longer the manifest's (one written again with the same bytes, as a
+    publish to the source's own backend does, passes). The block calls it once it has read
+    them. Links and other non-regular files are refused on entering. A remote checkpoint is read
+    from the copies its download checked, so there is nothing to compare."""
     if not ref.local_dir:
-        yield
+        yield lambda: None
         return
-    paths = {name: os.path.join(ref.local_dir, name) for name in names}
+    paths = {name: os.path.join(ref.local_dir, name) for name in files}
     before = {name: identity(path, ref) for name, path in paths.items()}
-    yield
-    changed = sorted(name for name, path in paths.items() if identity(path, ref) != before[name])
-    if changed:
-        raise CorruptCheckpointError(f"{ref.uri}: {', '.join(changed[:5])} changed while it was being read, so what "
-                                     "was read is not what was verified. Keep other programs from writing into "
-                                     "checkpoint folders")
+
+    def same_bytes(name: str) -> bool:
+        try:
+            with open(paths[name], "rb") as f:
+                return hash_stream(f, algorithm_of(files[name].digest)) == (files[name].size, files[name].digest)
+        except OSError:
+            return False
+
+    def check() -> None:
+        changed = sorted(name for name, path in paths.items()
+                         if identity(path, ref) != before[name] and not same_bytes(name))
+        if changed:
+            raise CorruptCheckpointError(
+                f"{ref.uri}: {', '.join(changed[:5])} changed while it was being read, so what was read is not "
+                "what was verified. Keep other programs from writing into checkpoint folders")
+
+    yield check
 
 
 def _compare(ref: CheckpointRef, name: str, entry: FileEntry, size: int, digest: str) -> None:

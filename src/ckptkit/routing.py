@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -22,42 +23,45 @@ class Router:
         self.types: dict[str, BackendType] = {}
         self.instances: dict[str, Any] = {}
         self._callers: dict[tuple[str, tuple[str, ...]], Any] = {}
-        for name, spec in config.backends.items():
-            btype = pm.backend_type(spec.type, f"backends.{name}.type")
-            roles = config.roles_of(name)
-            for role in roles:
-                missing = btype.missing_hooks(role)
-                if missing:
-                    serves = ", ".join(r.value for r in btype.roles)
-                    why = getattr(btype.cls, "ROLE_HINTS", {}).get(role.value)
-                    raise ConfigError(
-                        f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
-                        f"(from {btype.dist}), which cannot serve the {role} role: "
-                        + (f"{why}; " if why else "")
-                        + f"it does not implement {', '.join(missing)}. "
-                        + (f"That type serves: {serves}; declare {name!r} only under those roles"
-                           if btype.roles else "That type serves no role: it lacks hooks every role needs "
-                           "(see docs/plugins.md, 'Which hooks serve which role')")
-                    )
-            if Role.RESUME in roles and config.resume.format == "dcp":
-                missing = [h for h in SHARDED_HOOKS if h not in btype.hooks]
-                if missing:
-                    raise ConfigError(
-                        f"roles.resume.format: dcp needs every resume backend to write shards, but "
-                        f"backend {name!r} (type {spec.type!r}, from {btype.dist}) does not implement "
-                        f"{', '.join(missing)}; use format: torch or another backend"
-                    )
-            if not roles:
-                log.warning("backend %r is declared but no role uses it", name)
-            self.types[name] = btype
-            self.instances[name] = self._build(name, btype, spec.options)
+        self._registered: frozenset[tuple[str, int]] = frozenset()  # what the callers were made for
         try:
+            for name, spec in config.backends.items():
+                btype = pm.backend_type(spec.type, f"backends.{name}.type")
+                roles = config.roles_of(name)
+                for role in roles:
+                    missing = btype.missing_hooks(role)
+                    if missing:
+                        serves = ", ".join(r.value for r in btype.roles)
+                        why = getattr(btype.cls, "ROLE_HINTS", {}).get(role.value)
+                        raise ConfigError(
+                            f"roles.{role}.backends: backend {name!r} has type {spec.type!r} "
+                            f"(from {btype.dist}), which cannot serve the {role} role: "
+                            + (f"{why}; " if why else "")
+                            + f"it does not implement {', '.join(missing)}. "
+                            + (f"That type serves: {serves}; declare {name!r} only under those roles"
+                               if btype.roles else "That type serves no role: it lacks hooks every role needs "
+                               "(see docs/plugins.md, 'Which hooks serve which role')")
+                        )
+                if Role.RESUME in roles and config.resume.format == "dcp":
+                    missing = [h for h in SHARDED_HOOKS if h not in btype.hooks]
+                    if missing:
+                        raise ConfigError(
+                            f"roles.resume.format: dcp needs every resume backend to write shards, but "
+                            f"backend {name!r} (type {spec.type!r}, from {btype.dist}) does not implement "
+                            f"{', '.join(missing)}; use format: torch or another backend"
+                        )
+                if not roles:
+                    log.warning("backend %r is declared but no role uses it", name)
+                self.types[name] = btype
+                self.instances[name] = self._build(name, btype, spec.options)
             for name, instance in self.instances.items():
                 if config.roles_of(name):
                     pm.register_backend(instance, name, self.types[name])
         except BaseException:
-            # A plugin manager shared between managers (a sweep's) keeps nothing of a failed one.
-            self.close()
+            # Built backends are closed; a plugin manager shared between managers (a sweep's)
+            # keeps nothing of a failed one. The first error is the one to see.
+            with contextlib.suppress(Exception):
+                self.close()
             raise
 
     @staticmethod
@@ -89,6 +93,12 @@ class Router:
 
     def caller(self, hook: str, names: list[str]):
         """A hook caller that reaches only the named backends."""
+        # Built by leaving out the plugins registered when it is made: one registered later (by
+        # another manager sharing the plugin manager, a sweep's next trial) would be called too.
+        registered = frozenset((n, id(p)) for n, p in self.pm.list_name_plugin())
+        if registered != self._registered:
+            self._registered = registered
+            self._callers.clear()
         key = (hook, tuple(sorted(names)))
         if key not in self._callers:
             others = [p for n, p in self.pm.list_name_plugin() if n not in names]
@@ -110,9 +120,16 @@ class Router:
         # A closed manager may stay referenced (a sweep's list of results): its backends' clients
         # (an S3 client holds its service models, about 13 MB) go with the backends.
         self._callers.clear()
-        for name, instance in instances.items():
+        for instance in instances.values():
             if self.pm.is_registered(instance):
                 self.pm.unregister(instance)
+        failure: BaseException | None = None
+        for instance in instances.values():
             close = getattr(instance, "close", None)
-            if callable(close):
-                close()
+            try:
+                if callable(close):
+                    close()
+            except Exception as exc:  # the others are closed all the same
+                failure = failure or exc
+        if failure is not None:
+            raise failure

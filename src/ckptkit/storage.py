@@ -550,7 +550,10 @@ class FileBackend:
         if cache:
             prefix = self._strip(path).rstrip("/") + "/"
             for key in [k for k in list(cache) if k.startswith(prefix)]:
-                cache.pop(key, None)
+                try:  # s3fs's own invalidation, on its IO thread, may have taken it meanwhile
+                    del cache[key]
+                except KeyError:
+                    pass
 
     def _listing(self, run_name: str) -> dict[str, _Folder]:
         """One listing of a run: folder name -> what is in it."""

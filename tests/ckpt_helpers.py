@@ -80,20 +80,25 @@ def rewrite_manifest(folder, **changes) -> None:
         f.write(manifest.to_json())
 
 
-class _DownFS(LocalFileSystem):
-    """A filesystem whose server does not answer: every listing fails as a dropped connection would."""
+class DownFS(LocalFileSystem):
+    """A filesystem whose server does not answer while ``down`` (a test may set it False to
+    bring it back): every listing fails as a dropped connection would."""
+
+    down = True
 
     def find(self, *args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
+        if DownFS.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return super().find(*args, **kwargs)
 
 
 class DownBackend(LocalBackend):
-    """The local backend over storage that cannot be reached."""
+    """The local backend over storage that cannot be reached (``DownFS``)."""
 
     @classmethod
     def from_config(cls, name, options):
         backend = super().from_config(name, options)
-        backend.fs = _DownFS()
+        backend.fs = DownFS()
         return backend
 
 

@@ -8,14 +8,11 @@ import os
 import pytest
 import torch
 
-from fsspec.implementations.local import LocalFileSystem
-
 from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError
 from ckptkit.cli import main as cli_main
-from ckptkit.local import LocalBackend
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import DownBackend, DownFS, assert_same_state, local_config, make_model, train_step
 
 
 class Sampler:
@@ -99,25 +96,6 @@ def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
     later.close()
 
 
-class _FlakyFS(LocalFileSystem):
-    """A store whose listings fail while ``down``, as a dropped connection would."""
-
-    down = True
-
-    def find(self, *args, **kwargs):
-        if _FlakyFS.down:
-            raise ConnectionRefusedError(111, "Connection refused")
-        return super().find(*args, **kwargs)
-
-
-class FlakyBackend(LocalBackend):
-    @classmethod
-    def from_config(cls, name, options):
-        backend = super().from_config(name, options)
-        backend.fs = _FlakyFS()
-        return backend
-
-
 @pytest.mark.parametrize("how", ["save", "async save", "save_files"])
 def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_listed_answers(
         tmp_path, pm, monkeypatch, how):
@@ -131,12 +109,12 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
     old.close()
     before = sorted(os.listdir(tmp_path / "scratch/exp"))
 
-    pm.add_backend_type("flaky", FlakyBackend)
+    pm.add_backend_type("flaky", DownBackend)
     cfg["backends"]["scratch"]["type"] = "flaky"
     cfg["backends"]["spare"] = {"type": "local", "path": str(tmp_path / "spare")}
     cfg["roles"]["resume"]["backends"] = ["spare", "scratch"]
     cfg["roles"]["resume"]["async"] = how == "async save"
-    monkeypatch.setattr(_FlakyFS, "down", True)
+    monkeypatch.setattr(DownFS, "down", True)
     new = CheckpointManager.from_config(cfg, plugin_manager=pm)
     fresh, fresh_opt = make_model(seed=4)
 
@@ -151,7 +129,7 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
 
     save(0)
     new.wait()  # the prune after it, which lists that backend again, ran while it was down
-    monkeypatch.setattr(_FlakyFS, "down", False)
+    monkeypatch.setattr(DownFS, "down", False)
     # Step 1 is the first that backend commits once it answers; listed again after it, it holds
     # the old run's steps 7 to 9, and every later save is refused.
     assert {r.backend for r in save(1)} == {"spare", "scratch"}

@@ -292,12 +292,16 @@ class FileBackend:
             if step is not None:
                 self._newest_step[run] = max(newest, step)
         staging = None  # where the files of a step saved again go first
-        uncommitted = True  # whether what lies at target may be removed when this fails
+        # Whether what lies at target may be removed when this fails: not before the store said
+        # that nothing committed lies there (a check that failed, a store that stopped answering,
+        # must not let the clean-up delete the committed copy).
+        uncommitted = False
         try:
             # A step above any that a listing of the run showed (the prune after each save
             # lists it, and so does the manager's check before the first) or that this instance
             # wrote is a new one: asking costs a round trip or two and can only answer no.
             stored = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path)
+            uncommitted = not stored
             if stored and _copies_files(self.fs):
                 # Saving a committed step again: its files are written beside it, and the old copy
                 # is un-committed only once all of them are stored, so a failed upload keeps it.
@@ -309,6 +313,7 @@ class FileBackend:
                 # A store that cannot copy a file itself: the old copy is un-committed and its
                 # files are overwritten, so a failure half-way loses it.
                 self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+                uncommitted = True
             current = folder = staging or target
             self._make_folder(folder)
             failed: list[str] = []

@@ -324,6 +324,34 @@ class ResumeBackendTests:
         assert sorted(p.rsplit("/", 1)[-1] for p in self.stored_files(backend)) == [MANIFEST_NAME, "state.pt"]
         assert self.unfinished_uploads(backend) == []
 
+    @pytest.mark.parametrize("role", ["resume", "final"])
+    def test_a_save_whose_check_for_a_stored_copy_fails_keeps_that_copy(self, backend, role):
+        """Saving a step (or the final model) again asks the store whether a copy is committed:
+        a store that does not answer that must not have the clean-up of the failed save delete
+        the committed copy."""
+        if role == "final" and not hasattr(backend, "publish_final"):
+            pytest.skip(f"{type(backend).__name__} does not serve the final role")
+
+        def save() -> CheckpointRef:
+            if role == "resume":
+                return self.save(backend, 3, files={"state.pt": b"old"})
+            return call_hook(backend, "publish_final", run_name=self.run_name,
+                             payload=payload(self.run_name, 3, {"final_model.pt": b"old"}, role="final"),
+                             stored=[], algorithm=None, model=None)
+
+        ref = save()
+        fs = self.wrap_filesystem(backend)
+        # The store misses that one question, then answers again (as the clean-up asks).
+        fs.add("read", permanent("injected: the store did not answer"), path=MANIFEST_NAME, times=1)
+        try:
+            save()  # a backend that need not ask (a local disk swaps folders) may succeed
+        except BackendError:
+            pass
+        fs.clear()
+        name = "state.pt" if role == "resume" else "final_model.pt"
+        assert self.read(backend, ref, name) == b"old"
+        assert call_hook(backend, "read_manifest", ref=ref).files[name].size == 3
+
     # -- leftovers ------------------------------------------------------------------------
 
     def test_what_a_crash_leaves_is_not_listed_and_goes_after_the_grace_period(self, backend):

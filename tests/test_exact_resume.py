@@ -66,14 +66,20 @@ def test_restore_asking_for_rank_extra_that_was_never_saved_says_so(tmp_path, pm
     assert restored.ranks_without_state == (0,) and loader.pos == 5
 
 
-def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
+def _old_run(tmp_path, pm):
+    """Run 'exp' saved up to step 9 by an earlier training (keep_last 3): its config, and what
+    its folder holds."""
     cfg = local_config(tmp_path, final=False, keep=3)
     old = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model()
     for step in range(10):
         old.save(step=step, model=model, optimizer=opt)
     old.close()
-    before = sorted(os.listdir(tmp_path / "scratch/exp"))
+    return cfg, sorted(os.listdir(tmp_path / "scratch/exp"))
+
+
+def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
+    cfg, before = _old_run(tmp_path, pm)
 
     new = CheckpointManager.from_config(cfg, plugin_manager=pm)
     fresh, fresh_opt = make_model(seed=4)
@@ -101,13 +107,7 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
         tmp_path, pm, monkeypatch, how):
     """The old run's checkpoints lie on a backend that did not answer the first save's check:
     saving on once it answers would write over and behind them, and keep_last would prune them."""
-    cfg = local_config(tmp_path, final=False, keep=3)
-    old = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
-    for step in range(10):
-        old.save(step=step, model=model, optimizer=opt)
-    old.close()
-    before = sorted(os.listdir(tmp_path / "scratch/exp"))
+    cfg, before = _old_run(tmp_path, pm)
 
     pm.add_backend_type("flaky", DownBackend)
     cfg["backends"]["scratch"]["type"] = "flaky"

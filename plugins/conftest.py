@@ -46,7 +46,10 @@ class Fault:
     Event), a matching request waits until it is set, then goes to the server unchanged: a
     server that hangs for as long as the test wants. With ``unread``, a matching request gets
     no "100 Continue", its body is never read and it is never answered (until ``hold`` is set,
-    when the connection is closed): a store that takes a request and then stops.
+    when the connection is closed): a store that takes a request and then stops. With ``drip``
+    (seconds), a matching request's answer comes from the server but is sent a byte at a time,
+    one every ``drip`` seconds (until ``hold`` is set, when the connection is closed): a store
+    that never stops answering and never finishes.
     """
 
     match: Callable[[str, str], bool]
@@ -57,6 +60,7 @@ class Fault:
     hits: int = 0
     hold: threading.Event | None = None
     unread: bool = False
+    drip: float | None = None
 
 
 class FaultProxy:
@@ -103,6 +107,9 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 body = self._body()
+                dripping = fault if fault is not None and fault.drip is not None else None
+                if dripping is not None:
+                    fault = None
                 if fault is not None and fault.hold is not None:
                     fault.hold.wait()
                     fault = None
@@ -133,7 +140,14 @@ class FaultProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if dripping is not None:
+                    self.close_connection = True
+                    for i in range(len(data)):
+                        if (dripping.hold or threading.Event()).wait(dripping.drip):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 with proxy.lock:
                     proxy.responses.append((self.command, self.path, 0 if self.command == "HEAD" else len(data)))

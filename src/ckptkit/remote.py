@@ -62,7 +62,7 @@ class RemoteOptions:
     concurrency: int
     # The longest one request may wait to connect, or between bytes of an answer, before it
     # counts as failed (and is retried by ``retry``): a hung server cannot stall training.
-    timeout_s: float = 60.0
+    timeout_s: float = 30.0
     # How often the client library (botocore, gcsfs) retries one failed request itself before
     # ``retry`` sees the failure; with ``timeout_s`` it bounds how long one operation can hang.
     request_retries: int = 2
@@ -93,7 +93,7 @@ class RemoteOptions:
                      integer=True)
         conc = check_number(f"{key}.upload_concurrency", options.get("upload_concurrency", concurrency), 1,
                        integer=True)
-        timeout = check_number(f"{key}.timeout_s", options.get("timeout_s", 60), 0.001)
+        timeout = check_number(f"{key}.timeout_s", options.get("timeout_s", 30), 0.001)
         request_retries = check_number(f"{key}.request_retries", options.get("request_retries", 2), 0, integer=True)
         return cls(bucket=bucket, prefix=prefix, storage_options=dict(storage_options),
                    leftover_grace_s=float(grace), retry=RetryPolicy.from_config(f"{key}.retry", options.get("retry")),

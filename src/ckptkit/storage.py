@@ -475,8 +475,12 @@ class FileBackend:
             pf.write_to(writer)
             size, digest = writer.size, writer.digest()
             out.commit()
-        except BaseException:
+        except BaseException as exc:
             out.abort()
+            failed = getattr(out, "error", None)
+            if failed is not None and failed is not exc:
+                # torch's serialiser reports an exception from a write as "unexpected pos"
+                raise failed from exc
             raise
         return FileEntry(size=size, digest=digest)
 

@@ -79,16 +79,29 @@ class PartWriter(WriteOnly):
                 self._send()
         return n
 
-    def _check(self) -> None:
+    @property
+    def error(self) -> BaseException | None:
+        """The failure of a part that has failed, if any (a writer through which it was raised,
+        such as torch's serialiser, may report it only as a failed write)."""
         for fut in self._futures:
-            if fut.done() and fut.exception() is not None:
-                raise fut.exception()
+            if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                return fut.exception()
+        return None
+
+    def _check(self) -> None:
+        if (error := self.error) is not None:
+            raise error
 
     def _send(self) -> None:
         if self._upload is None:
             self._upload = self.retry(f"starting the upload of {self.what}", self.target.begin)
         self._check()
         self._slots.acquire()
+        try:
+            self._check()  # a part may have failed while this one waited for a slot
+        except BaseException:
+            self._slots.release()
+            raise
         data = self._buf if self._fill == len(self._buf) else self._buf[:self._fill]
         self._number += 1
         try:
@@ -164,6 +177,12 @@ class StreamWriter(WriteOnly):
 
     def flush(self) -> None:
         pass
+
+    @property
+    def error(self) -> BaseException | None:
+        """The upload's failure, if it failed (a writer through which it was raised, such as
+        torch's serialiser, may report it only as a failed write)."""
+        return self._error
 
     def _run(self, open_file: Callable[[], Any]) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -180,3 +181,69 @@ def test_remote_only_resume_skips_a_corrupt_newest(pm, gcs_backend_options, gcs_
         restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m)
     assert restored.step == 10
     assert torch.equal(m[0].weight, model(10)[0].weight)
+
+
+def _in_thread(call):
+    """``call()`` on a thread, joined for at most 120 s (a hang fails the test, not the test run);
+    ``(still running, outcome)``, the outcome being the return value or the exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    return thread.is_alive(), (outcome or [None])[0]
+
+
+def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounded_time(
+        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket):
+    """aiohttp's read timeout is a wait between bytes: an answer sent a byte at a time held the
+    restore for good. Each try of a request now ends by a deadline (the timeout plus what it
+    sends and receives at the slowest rate that counts as progress)."""
+    proxy = make_fault_proxy(gcs_port)
+    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    manager(pm, {"archive": opts}, ["archive"]).save(step=0, model=model(3))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "state.pt" in p and "alt=media" in p,
+                                drip=0.1, times=None, hold=threading.Event()))
+    restored = model()
+    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+    dripping.hold.set()
+    assert not hung, "restore still waits on a store that sends a byte at a time"
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    assert "archive" in str(outcome) and "was not done within" in str(outcome), outcome
+    assert dripping.hits >= 2  # ckptkit's retry policy read it again
+    proxy.clear()
+    assert manager(pm, {"archive": opts}, ["archive"]).restore(model=restored).step == 0
+    assert torch.equal(restored[0].weight, model(3)[0].weight)
+
+
+def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
+        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, monkeypatch):
+    """aiohttp's read timeout starts once a body is sent: a chunk the store stopped reading held
+    the save for good. The chunk's try now has a deadline; the slowest rate that counts as
+    progress is raised here so that the test need not wait for 16 MiB at 256 KiB/s."""
+    import ckptkit_gcs
+
+    monkeypatch.setattr(ckptkit_gcs, "_MIN_RATE", 64 * 2**20, raising=False)
+    proxy = make_fault_proxy(gcs_port)
+    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0, part_size_mb=16)
+    opts["retry"] = {"attempts": 1}
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    ck.save(step=0, model=model(n=8))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    stalled = proxy.add(FaultT(lambda m, p: m in ("PUT", "POST") and "upload_id=" in p, unread=True,
+                               times=None, hold=threading.Event()))
+    big = model(n=2600)  # 27 MB: more than loopback's socket buffers take unread
+    hung, outcome = _in_thread(lambda: ck.save(step=1, model=big))
+    stalled.hold.set()
+    assert not hung, "save still waits on a store that stopped reading the upload"
+    assert isinstance(outcome, SaveError) and "was not done within" in str(outcome), outcome
+    assert stalled.hits >= 1
+    assert [r.step for r in manager(pm, {"archive": gcs_backend_options()}, ["archive"]).list_checkpoints()] == [0]

@@ -411,3 +411,67 @@ def test_a_pruned_checkpoint_holding_a_file_named_like_a_glob_pattern_is_deleted
     left = keys(s3(s3_endpoint), f"{bucket}/ckpts/run")
     assert left and all("step-0000000001/" in k for k in left), left
     ck.close()
+
+
+def _in_thread(call):
+    """``call()`` on a thread, joined for at most 120 s (a hang fails the test, not the test run);
+    ``(still running, outcome)``, the outcome being the return value or the exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    return thread.is_alive(), (outcome or [None])[0]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounded_time(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, fmt):
+    """Every read of the answer gets a byte, so botocore's read timeout (a wait between bytes)
+    never fires: restore waited for good. Each answer's body now has a deadline (the timeout
+    plus its size at the slowest rate that counts as progress), and a store that answers again
+    is read at once."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    manager(pm, {"archive": opts}, ["archive"], fmt=fmt).save(step=0, model=model(3))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "/step-0000000000/" in p and MANIFEST_NAME not in p,
+                                drip=0.1, times=None, hold=threading.Event()))
+    restored = model()
+    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=restored))
+    dripping.hold.set()
+    assert not hung, "restore still waits on a store that sends a byte at a time"
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    assert "archive" in str(outcome) and "was not received by its deadline" in str(outcome), outcome
+    assert dripping.hits >= 2  # ckptkit's retry policy read it again
+    proxy.clear()
+    assert manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=restored).step == 0
+    assert torch.equal(restored[0].weight, model(3)[0].weight)
+
+
+def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """botocore retries each request, s3fs retried botocore's failures again (and again around
+    a download), and ckptkit's policy all of that: waits on a hung store multiplied into most of
+    an hour per listing with the defaults. Now a request is tried request_retries + 1 times by
+    the client, and that again by each of ckptkit's attempts, no more."""
+    from ckptkit import StorageUnavailableError
+
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=1)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    hung = proxy.add(FaultT(lambda m, p: m == "GET", times=None, hold=threading.Event()))
+    still, outcome = _in_thread(ck.list_checkpoints)
+    hung.hold.set()
+    assert not still
+    assert isinstance(outcome, StorageUnavailableError) and "archive" in str(outcome), outcome
+    assert hung.hits == 2 * 2, proxy.requests

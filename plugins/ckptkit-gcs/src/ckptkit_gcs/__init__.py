@@ -9,7 +9,9 @@ gcloud, the metadata server) or from ``storage_options.token``; never from the Y
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import math
 import sys
 import types
 from typing import Any
@@ -59,14 +61,72 @@ __version__ = "0.4.0"
 # the class is defined; the undecorated request lets the config choose it instead.
 _PLAIN_REQUEST = getattr(gcsfs.core.GCSFileSystem._request, "__wrapped__", None)
 
+# The slowest transfer of a body, up or down, that counts as progress. aiohttp's read timeout
+# waits between bytes of an answer, and starts only once a request's body is sent: a store that
+# stops reading an upload, or sends an answer a byte at a time, would hold it for good.
+_MIN_RATE = 256 * 1024
+# What an answer of unknown size (a listing, a manifest, a whole small object) may be, for its
+# deadline; ckptkit reads large files in ranges, whose size is known.
+_UNSIZED_ANSWER = 16 * 2**20
+
+
+class RequestStalled(aiohttp.ClientConnectionError):
+    """One try of a request that did not finish within its deadline: retried by gcsfs like a
+    dropped connection, then by ckptkit's retry policy."""
+
+
+def _range_size(headers: Any) -> int | None:
+    value = (headers or {}).get("Range", "")
+    if value.startswith("bytes=") and "," not in value:
+        first, _, last = value[len("bytes="):].partition("-")
+        if first.isdigit() and last.isdigit():
+            return int(last) - int(first) + 1
+    return None
+
+
+def _size(data: Any) -> int:
+    if data is None:
+        return 0
+    if hasattr(data, "__len__"):
+        return len(data)
+    if hasattr(data, "seek"):  # gcsfs seeks a file-like body back to its start before sending
+        return data.seek(0, 2)
+    return _UNSIZED_ANSWER
+
+
+def _longest_wait(timeout: Any) -> float | None:
+    """The longest single wait of an aiohttp ``ClientTimeout`` (or a number of seconds)."""
+    if isinstance(timeout, (int, float)):
+        return float(timeout)
+    waits = [w for w in (getattr(timeout, k, None) for k in ("total", "connect", "sock_connect", "sock_read"))
+             if w is not None]
+    return max(waits) if waits else None
+
 
 class _GCSFileSystem(gcsfs.GCSFileSystem):
-    """gcsfs whose own retries of one request number ``request_retries``."""
+    """gcsfs whose own retries of one request number ``request_retries``, and whose every try
+    ends by a deadline: ``wait_s`` plus what it sends and receives at ``_MIN_RATE``."""
 
-    def __init__(self, *args: Any, request_retries: int = 5, **kwargs: Any):
+    def __init__(self, *args: Any, request_retries: int = 5, wait_s: float = 30.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.wait_s = wait_s
         if _PLAIN_REQUEST is not None:  # else a gcsfs whose retries cannot be chosen: its own stay
-            self._request = types.MethodType(retry_request(retries=request_retries + 1)(_PLAIN_REQUEST), self)
+            self._request = types.MethodType(retry_request(retries=request_retries + 1)(_bounded_request), self)
+
+
+async def _bounded_request(self: _GCSFileSystem, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+    sent = _size(kwargs.get("data"))
+    received = _range_size(kwargs.get("headers"))
+    deadline = self.wait_s + (sent + (_UNSIZED_ANSWER if received is None else received)) / _MIN_RATE
+    try:
+        return await asyncio.wait_for(_PLAIN_REQUEST(self, method, path, *args, **kwargs),
+                                      deadline if math.isfinite(deadline) else None)
+    except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own timeouts are TimeoutErrors too
+            raise
+        url = self._format_path(path, args).split("?", 1)[0]
+        raise RequestStalled(f"{method} {url} ({sent} bytes sent) was not done within {deadline:.1f} s "
+                             f"(the store's timeout, the bodies at {_MIN_RATE // 1024} KiB/s at least)") from exc
 
 
 class GCSBackend(FileBackend):
@@ -97,7 +157,11 @@ class GCSBackend(FileBackend):
         # transfer, which may rightly take long for a large chunk.
         storage_options.setdefault("requests_timeout", aiohttp.ClientTimeout(
             total=None, sock_connect=opts.timeout_s, sock_read=opts.timeout_s))
-        return opts.backend(cls, name, _GCSFileSystem(request_retries=opts.request_retries, **storage_options))
+        # A ``requests_timeout`` of the user's own sets the deadline's wait; one without any
+        # limit leaves only the transfer rate's.
+        wait = _longest_wait(storage_options["requests_timeout"])
+        return opts.backend(cls, name, _GCSFileSystem(
+            request_retries=opts.request_retries, wait_s=math.inf if wait is None else wait, **storage_options))
 
     def store_exists(self) -> bool:
         return self.fs.exists(self.root.split("/", 1)[0])

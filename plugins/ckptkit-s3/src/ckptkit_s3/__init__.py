@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 import s3fs
 from fsspec.asyn import sync_wrapper
+from s3fs.core import S3_RETRYABLE_ERRORS, _error_wrapper
 
 
 def _require_this_ckptkit(plugin: str) -> None:
@@ -58,10 +59,11 @@ __all__ = ["S3Backend"]
 __version__ = "0.4.0"
 
 
-# The slowest upload of a request body that counts as progress. botocore's read timeout starts
-# only once a body is sent, so a store that takes a request and never reads its body (or never
-# answers its "Expect: 100-continue") would hold the upload, and training, for good.
-_MIN_UPLOAD_RATE = 256 * 1024
+# The slowest transfer of a body, up or down, that counts as progress. botocore's read timeout
+# starts only once a body is sent, and waits between bytes, not for a whole answer: a store that
+# takes a request and never reads its body (or never answers its "Expect: 100-continue"), or that
+# sends an answer a byte at a time, would hold the transfer, and training, for good.
+_MIN_RATE = 256 * 1024
 _SENDS_BODY = frozenset({"put_object", "upload_part"})
 
 
@@ -71,30 +73,81 @@ class UploadStalled(ConnectionError):
     and ckptkit's retry policy takes either as transient."""
 
 
+class DownloadStalled(ConnectionError):
+    """An answer's body the store did not send within its deadline."""
+
+
+class StoreNotAnswering(ConnectionError):
+    """A request that failed on every one of botocore's tries (timeouts, dropped connections).
+    Raised instead of botocore's error so that s3fs's own retries around a download do not try
+    it all again: ckptkit's retry policy decides what happens next."""
+
+
+class _DeadlineBody:
+    """An answer's body whose reads all end by ``deadline`` (the event loop's clock)."""
+
+    def __init__(self, body: Any, deadline: float, what: str):
+        self._body, self._deadline, self._what = body, deadline, what
+
+    async def read(self, *args: Any, **kwargs: Any) -> bytes:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(self._body.read(*args, **kwargs), max(self._deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError as exc:
+            if loop.time() < self._deadline:  # a timeout of the client's own
+                raise
+            raise DownloadStalled(f"{self._what} was not received by its deadline (the store's "
+                                  f"timeout, the body at {_MIN_RATE // 1024} KiB/s at least)") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)
+
+
 class _S3FileSystem(s3fs.S3FileSystem):
-    """s3fs whose requests that send a body have a deadline, on every path that writes: ckptkit's
-    multipart uploads, s3fs's own file writer (``format: dcp`` shards) and ``put_file``.
+    """s3fs with one layer of retries and a deadline on every body, on every path that reads or
+    writes: ckptkit's multipart uploads, s3fs's own file writer and reader (``format: dcp``
+    shards, ``open_file``), ``put_file`` and ``cat_file``.
 
-    ``wait_s`` and ``tries`` are the client's own bounds on one request (botocore's timeouts;
-    s3fs's and botocore's tries of it); a body may take ``tries × (wait_s + size at
-    _MIN_UPLOAD_RATE)`` in all, and is then cancelled with ``UploadStalled``."""
+    ``wait_s`` and ``tries`` are the client's own bounds on one request (botocore's timeout and
+    tries). A request body may take ``tries × (wait_s + size at _MIN_RATE)`` in all, and is then
+    cancelled with ``UploadStalled``; an answer's body ``wait_s + size at _MIN_RATE`` from when
+    its headers came, then ``DownloadStalled``."""
 
-    wait_s = 60.0
+    wait_s = 30.0
     tries = 9
 
     async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
         body = kwargs.get("Body")
-        if method not in _SENDS_BODY or body is None:
-            return await super()._call_s3(method, *args, **kwargs)
-        size = len(body) if hasattr(body, "__len__") else 0
-        deadline = self.tries * (self.wait_s + size / _MIN_UPLOAD_RATE)
+        call = self._call_once(method, *args, **kwargs)
+        if method in _SENDS_BODY and body is not None:
+            size = len(body) if hasattr(body, "__len__") else 0
+            deadline = self.tries * (self.wait_s + size / _MIN_RATE)
+            try:
+                return await asyncio.wait_for(call, deadline)
+            except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
+                raise UploadStalled(
+                    f"{method} of {size} bytes to {kwargs.get('Bucket')}/{kwargs.get('Key')} was not answered "
+                    f"within {deadline:.1f} s (the store's timeouts and retries, the body sent at "
+                    f"{_MIN_RATE // 1024} KiB/s at least)") from exc
+        out = await call
+        if method == "get_object" and isinstance(out, dict) and "Body" in out:
+            size = out.get("ContentLength") or 0
+            deadline = asyncio.get_running_loop().time() + self.wait_s + size / _MIN_RATE
+            out["Body"] = _DeadlineBody(out["Body"], deadline,
+                                        f"the {size} bytes of {kwargs.get('Bucket')}/{kwargs.get('Key')}")
+        return out
+
+    async def _call_once(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """s3fs's ``_call_s3`` with its own retries left out: botocore has retried the request
+        ``tries`` times already, and s3fs's would multiply every wait on a store that hangs."""
+        await self.set_session()
+        s3 = await self.get_s3(kwargs.get("Bucket"))
+        fn = getattr(s3, method)
         try:
-            return await asyncio.wait_for(super()._call_s3(method, *args, **kwargs), deadline)
-        except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
-            raise UploadStalled(
-                f"{method} of {size} bytes to {kwargs.get('Bucket')}/{kwargs.get('Key')} was not answered within "
-                f"{deadline:.1f} s (the store's timeouts and retries, the body sent at "
-                f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
+            return await _error_wrapper(fn, kwargs=self._get_s3_method_kwargs(fn, *args, **kwargs), retries=1)
+        except S3_RETRYABLE_ERRORS as exc:
+            raise StoreNotAnswering(f"{method} of {kwargs.get('Bucket')}/{kwargs.get('Key', '')}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
 
     # s3fs binds its blocking call_s3 (which its file writer uses too) to its own _call_s3.
     call_s3 = sync_wrapper(_call_s3)
@@ -156,14 +209,14 @@ class S3Backend(FileBackend):
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
         fs = _S3FileSystem(**storage_options)
-        # s3fs retries timeouts, dropped connections and cut-off downloads around botocore's
-        # retries (5 tries, a class default): bounded by the same count.
+        # s3fs retries a download cut off mid-body (per block read) as often as botocore
+        # retries a request; a request botocore gave up on it does not try again (``_call_once``).
         fs.retries = opts.request_retries + 1
-        # The upload deadline from what the client was told, config_kwargs included.
+        # The deadlines from what the client was told, config_kwargs included.
         retries = config_kwargs["retries"].get("max_attempts", opts.request_retries) \
             if isinstance(config_kwargs["retries"], dict) else opts.request_retries
         fs.wait_s = float(max(config_kwargs["connect_timeout"], config_kwargs["read_timeout"]))
-        fs.tries = fs.retries * (int(retries) + 1)
+        fs.tries = int(retries) + 1
         return opts.backend(cls, name, fs)
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -89,8 +89,11 @@ def _size(data: Any) -> int:
         return 0
     if hasattr(data, "__len__"):
         return len(data)
-    if hasattr(data, "seek"):  # gcsfs seeks a file-like body back to its start before sending
-        return data.seek(0, 2)
+    if hasattr(data, "seek") and hasattr(data, "tell"):
+        here = data.tell()
+        end = data.seek(0, 2)
+        data.seek(here)
+        return end - here
     return _UNSIZED_ANSWER
 
 

@@ -1067,6 +1067,7 @@ class CheckpointManager:
 
     def _listing(self, what: str) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """``Reader.list_all`` on rank 0, the same on every rank (collective)."""
+        self.reader.silent.clear()  # rank 0's list_all clears its own; every rank reads after it
         status, listing = self.coll.on_rank0(what, self.reader.list_all)
         if status == "error":
             raise listing

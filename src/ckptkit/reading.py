@@ -39,7 +39,7 @@ from .errors import (
 )
 from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
-from .manifest import FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .retry import RetriesExhausted, RetryPolicy
 from .roles import Role
 from .routing import Router
@@ -90,10 +90,16 @@ class Reader:
     def __init__(self, router: Router, run_name: str):
         self.router = router
         self.run_name = run_name
+        # Backends whose store stopped answering a read since the last listing (retries
+        # exhausted on timeouts or dropped connections), with that failure: their other
+        # checkpoints are not read until a listing shows that they answer again, as each
+        # read would wait through all of its retries again.
+        self.silent: dict[str, StorageUnavailableError] = {}
 
     def list_all(self) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """Committed checkpoints across all resume backends, newest first, and the backends
         that could not be listed (name to ``StorageUnavailableError``)."""
+        self.silent.clear()
         refs: list[CheckpointRef] = []
         unreachable: dict[str, CkptkitError] = {}
         order = self.router.backends(Role.RESUME)
@@ -117,10 +123,11 @@ class Reader:
 
     def manifest(self, ref: CheckpointRef) -> Manifest:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
+        self._answering(ref, MANIFEST_NAME)
         try:
             manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
         except Exception as exc:
-            raise storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc) from exc
+            raise self._failed(ref, f"reading the manifest of {ref.uri}", exc) from exc
         if not isinstance(manifest, Manifest):
             raise CorruptCheckpointError(f"{ref.uri}: backend {ref.backend!r} returned {type(manifest).__name__} "
                                          "for its manifest")
@@ -271,6 +278,7 @@ class Reader:
         ``open_file`` retries only the open; the reads after it (one request per block on an
         object store) fail through to here.
         """
+        self._answering(ref, name)
         backend = self.router.instances.get(ref.backend)
         policy = getattr(backend, "retry", None)
         try:
@@ -278,7 +286,33 @@ class Reader:
                 return read()
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
-            raise storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc) from exc
+            raise self._failed(ref, f"reading {ref.uri}/{name}", exc) from exc
+
+    def _answering(self, ref: CheckpointRef, name: str) -> None:
+        """Raise, without asking it, for a backend that stopped answering a read since the last listing."""
+        if ref.backend in self.silent:
+            raise StorageUnavailableError(ref.backend, f"{ref.uri}/{name} was not read: the store stopped "
+                                                       "answering an earlier read")
+
+    def _failed(self, ref: CheckpointRef, what: str, exc: BaseException) -> BaseException:
+        """``storage_failure`` of ``exc``; a store that stopped answering is remembered in ``silent``."""
+        failure = storage_failure(ref.backend, what, exc)
+        if isinstance(failure, StorageUnavailableError) and _unanswered(exc):
+            self.silent[ref.backend] = failure
+        return failure
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """Did the store stop answering (retries used up on timeouts or dropped connections), as
+    opposed to refusing one request (a permission, a missing file)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RetriesExhausted):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) -> dict[str, T]:

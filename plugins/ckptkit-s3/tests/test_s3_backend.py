@@ -475,3 +475,30 @@ def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
     assert not still
     assert isinstance(outcome, StorageUnavailableError) and "archive" in str(outcome), outcome
     assert hung.hits == 2 * 2, proxy.requests
+
+
+def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_older_checkpoint(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """Restore tried every checkpoint of a store that had stopped answering, each through all of
+    its retries (with the defaults and three kept, hours). After one read gave up on it, the
+    store's other checkpoints are not read until a listing shows that it answers again."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    for step in (1, 2, 3):
+        ck.save(step=step, model=model(step))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    hung = proxy.add(FaultT(lambda m, p: m == "GET" and "list-type" not in p, times=None, hold=threading.Event()))
+    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
+    hung.hold.set()
+    assert not still
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    text = str(outcome)
+    assert "step-0000000003" in text and "step-0000000001" in text and "none could be read" in text, text
+    assert "the store stopped answering an earlier read" in text, text
+    assert hung.hits == 2, proxy.requests  # step 3's manifest, on each of two attempts; no more
+    proxy.clear()
+    restored = model()
+    assert manager(pm, {"archive": opts}, ["archive"]).restore(model=restored).step == 3
+    assert torch.equal(restored[0].weight, model(3)[0].weight)

@@ -47,8 +47,8 @@ class Fault:
     server that hangs for as long as the test wants. With ``unread``, a matching request gets
     no "100 Continue", its body is never read and it is never answered (until ``hold`` is set,
     when the connection is closed): a store that takes a request and then stops. With ``drip``
-    (seconds), a matching request's answer comes from the server but is sent a byte at a time,
-    one every ``drip`` seconds (until ``hold`` is set, when the connection is closed): a store
+    (seconds), a matching request's answer comes from the server but is sent ``drip_bytes`` at a
+    time, once every ``drip`` seconds (until ``hold`` is set, when the connection is closed): a store
     that never stops answering and never finishes.
     """
 
@@ -61,6 +61,7 @@ class Fault:
     hold: threading.Event | None = None
     unread: bool = False
     drip: float | None = None
+    drip_bytes: int = 1
 
 
 class FaultProxy:
@@ -142,10 +143,10 @@ class FaultProxy:
                 self.end_headers()
                 if dripping is not None:
                     self.close_connection = True
-                    for i in range(len(data)):
+                    for i in range(0, len(data), dripping.drip_bytes):
                         if (dripping.hold or threading.Event()).wait(dripping.drip):
                             return
-                        self.wfile.write(data[i:i + 1])
+                        self.wfile.write(data[i:i + dripping.drip_bytes])
                         self.wfile.flush()
                 elif self.command != "HEAD":
                     self.wfile.write(data)

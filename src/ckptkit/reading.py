@@ -40,7 +40,7 @@ from .errors import (
 from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .retry import RetriesExhausted, RetryPolicy
+from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .roles import Role
 from .routing import Router
 
@@ -297,22 +297,9 @@ class Reader:
     def _failed(self, ref: CheckpointRef, what: str, exc: BaseException) -> BaseException:
         """``storage_failure`` of ``exc``; a store that stopped answering is remembered in ``silent``."""
         failure = storage_failure(ref.backend, what, exc)
-        if isinstance(failure, StorageUnavailableError) and _unanswered(exc):
+        if isinstance(failure, StorageUnavailableError) and gave_up(exc):
             self.silent[ref.backend] = failure
         return failure
-
-
-def _unanswered(exc: BaseException) -> bool:
-    """Did the store stop answering (retries used up on timeouts or dropped connections), as
-    opposed to refusing one request (a permission, a missing file)?"""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RetriesExhausted):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) -> dict[str, T]:

@@ -6,7 +6,7 @@ import logging
 import random
 import socket
 import time
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import attrs
 
@@ -45,6 +45,33 @@ class RetriesExhausted(Exception):
         self.last = last
         super().__init__(f"{what}: gave up after {attempts} attempt{'s' if attempts != 1 else ''}: "
                          f"{describe(last, secrets)}")
+
+
+# The errors of a request that got no answer at all (as opposed to an answer saying no, or 503).
+_NO_ANSWER_TYPES = frozenset({
+    "ServerDisconnectedError", "ClientConnectionError", "ClientConnectorError", "ClientOSError",
+    "ClientPayloadError", "ServerTimeoutError", "ConnectionClosedError", "EndpointConnectionError",
+    "ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError", "RemoteDisconnected", "IncompleteRead",
+})
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def gave_up(exc: BaseException) -> bool:
+    """Did a retry policy give up on ``exc`` (or a cause of it) because the store stopped
+    answering: its last attempt timed out or lost its connection? A store that answers with an
+    error (503, a permission, a missing file) has not."""
+    exhausted = next((e for e in _chain(exc) if isinstance(e, RetriesExhausted)), None)
+    if exhausted is None:
+        return False
+    return any(isinstance(e, (ConnectionError, TimeoutError, socket.timeout))
+               or {c.__name__ for c in type(e).__mro__} & _NO_ANSWER_TYPES for e in _chain(exhausted.last))
 
 
 def _http_status(exc: BaseException) -> int | None:

@@ -36,7 +36,7 @@ from .hashing import HashingWriter, hash_pool
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .redact import describe, redact
-from .retry import RetriesExhausted, RetryPolicy
+from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .uploads import Multipart, PartWriter, StreamWriter
 from .writes import stoppable, write_files
 
@@ -360,14 +360,25 @@ class FileBackend:
             if staging is not None:
                 self._tidy_replaced(target, staging, entries)
         except Exception as exc:
-            if staging is not None:
-                self._discard(staging)
-            if uncommitted:
-                self._discard(target)
+            silent = gave_up(exc)
+            if silent:
+                # The store stopped answering: a clean-up would wait through all of its retries
+                # again. What is left is either whole (a manifest it took without answering) or
+                # has no manifest, which the prune removes after the grace period.
+                log.warning("backend %r: the store stopped answering; what the failed save of %s left is "
+                            "removed by a later prune", self.name, self.uri(target))
+            else:
+                if staging is not None:
+                    self._discard(staging)
+                if uncommitted:
+                    self._discard(target)
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.uri(self.root), self.uri(current), full) from full
-            if staging is None:
+            if silent and current == manifest_path:
+                outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
+                           "checkpoint is committed whole, which a restore checks")
+            elif staging is None:
                 outcome = "nothing of it was committed"
             elif uncommitted:
                 outcome = ("nothing of it was committed, and the copy of this step committed before was "
@@ -478,9 +489,9 @@ class FileBackend:
         except BaseException as exc:
             out.abort()
             failed = getattr(out, "error", None)
-            if failed is not None and failed is not exc:
+            if isinstance(exc, Exception) and failed is not None and failed is not exc:
                 # torch's serialiser reports an exception from a write as "unexpected pos"
-                raise failed from exc
+                raise failed  # noqa: B904 (the upload's failure keeps its own cause)
             raise
         return FileEntry(size=size, digest=digest)
 

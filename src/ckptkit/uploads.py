@@ -149,7 +149,9 @@ class PartWriter(WriteOnly):
         self._buf = bytearray()
         if self._upload is not None:
             try:
-                self.retry(f"aborting the upload of {self.what}", self.target.abort, self._upload)
+                # One try (the client's own retries aside): after a failure the store may not
+                # answer, and the prune aborts what is left once it is older than its grace period.
+                self.target.abort(self._upload)
             except Exception as exc:
                 log.warning("could not abort the upload of %s (the store drops it later): %s",
                             self.what, describe(exc))

@@ -449,7 +449,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     dripping.hold.set()
     assert not hung, "restore still waits on a store that sends a byte at a time"
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
-    assert "archive" in str(outcome) and "was not received by its deadline" in str(outcome), outcome
+    assert "archive" in str(outcome) and "the store stopped sending it" in str(outcome), outcome
     assert dripping.hits >= 2  # ckptkit's retry policy read it again
     proxy.clear()
     assert manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=restored).step == 0
@@ -501,4 +501,60 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
     proxy.clear()
     restored = model()
     assert manager(pm, {"archive": opts}, ["archive"]).restore(model=restored).step == 3
+    assert torch.equal(restored[0].weight, model(3)[0].weight)
+
+
+def test_a_save_whose_manifest_the_store_took_without_answering_is_left_whole(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """The clean-up of a save that failed because the store stopped answering went back to the
+    hung store with all of its retries, and could delete the files of a step whose manifest the
+    store then took: a committed checkpoint with its state gone. Now nothing is cleaned up after
+    the store stopped answering (the prune removes what has no manifest), and the error says the
+    step may be committed."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    ck.save(step=0, model=model(0))
+    ck.wait()  # the prune after it, on a thread of its own
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    held = proxy.add(FaultT(lambda m, p: m == "PUT" and p.endswith(f"step-0000000001/{MANIFEST_NAME}"),
+                            times=None, hold=threading.Event()))
+    seen = len(proxy.requests)
+    with pytest.raises(SaveError) as err:
+        ck.save(step=1, model=model(1))
+    assert "may have taken it" in str(err.value) and "step-0000000001" in str(err.value)
+    assert held.hits == 2
+    after = [r for r in proxy.requests[seen:] if MANIFEST_NAME not in r[1] or r[0] != "PUT"]
+    assert all(m == "PUT" and "step-0000000001/state.pt" in p for m, p in after), after  # no clean-up
+    held.hold.set()  # the store takes the held manifest writes now
+    fs = s3(proxy.url.replace(str(proxy.port), str(moto_port)))
+    for _ in range(100):
+        if fs.exists(f"{bucket}/ckpts/run/step-0000000001/{MANIFEST_NAME}"):
+            break
+        threading.Event().wait(0.1)
+    restored = model()
+    got = manager(pm, {"archive": opts}, ["archive"]).restore(model=restored)
+    assert got.step == 1 and not got.skipped
+    assert torch.equal(restored[0].weight, model(1)[0].weight)
+
+
+def test_a_slow_but_steady_download_is_not_taken_for_a_stalled_one(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """Downloads share a link (the parts of a split state, several ranges at once): one may get
+    far less than the link's rate. A body coming at 20 KiB/s, below what a per-request deadline
+    at the link's rate allowed, is read to the end; only one slower than the floor fails."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts["retry"] = {"attempts": 1}
+    manager(pm, {"archive": opts}, ["archive"]).save(step=0, model=model(3))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    slow = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("/state.pt"),
+                            drip=0.05, drip_bytes=1024, times=None, hold=threading.Event()))
+    restored = model()
+    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+    slow.hold.set()
+    assert not hung
+    assert isinstance(outcome, ckptkit.Restored) and outcome.step == 0 and not outcome.skipped, outcome
+    assert slow.hits == 1
     assert torch.equal(restored[0].weight, model(3)[0].weight)

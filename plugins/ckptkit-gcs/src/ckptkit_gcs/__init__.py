@@ -61,13 +61,15 @@ __version__ = "0.4.0"
 # the class is defined; the undecorated request lets the config choose it instead.
 _PLAIN_REQUEST = getattr(gcsfs.core.GCSFileSystem._request, "__wrapped__", None)
 
-# The slowest transfer of a body, up or down, that counts as progress. aiohttp's read timeout
-# waits between bytes of an answer, and starts only once a request's body is sent: a store that
-# stops reading an upload, or sends an answer a byte at a time, would hold it for good.
-_MIN_RATE = 256 * 1024
-# What an answer of unknown size (a listing, a manifest, a whole small object) may be, for its
-# deadline; ckptkit reads large files in ranges, whose size is known.
-_UNSIZED_ANSWER = 16 * 2**20
+# The slowest transfer of a body, up or down, that counts as progress, low enough for several
+# files and ranges to share a slow link. aiohttp's read timeout waits between bytes of an
+# answer, and starts only once a request's body is sent: a store that stops reading an upload,
+# or sends an answer a byte at a time, would hold it for good.
+_MIN_RATE = 64 * 1024
+# What an answer of unknown size to a request that sends nothing (a listing, a manifest, a whole
+# small object) may be, for its deadline; ckptkit reads large files in ranges, whose size is
+# known, and the answer to an upload is a few hundred bytes.
+_UNSIZED_ANSWER = 4 * 2**20
 
 
 class RequestStalled(aiohttp.ClientConnectionError):
@@ -120,7 +122,9 @@ class _GCSFileSystem(gcsfs.GCSFileSystem):
 async def _bounded_request(self: _GCSFileSystem, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
     sent = _size(kwargs.get("data"))
     received = _range_size(kwargs.get("headers"))
-    deadline = self.wait_s + (sent + (_UNSIZED_ANSWER if received is None else received)) / _MIN_RATE
+    if received is None:
+        received = 0 if sent else _UNSIZED_ANSWER
+    deadline = self.wait_s + (sent + received) / _MIN_RATE
     try:
         return await asyncio.wait_for(_PLAIN_REQUEST(self, method, path, *args, **kwargs),
                                       deadline if math.isfinite(deadline) else None)
@@ -161,7 +165,7 @@ class GCSBackend(FileBackend):
         storage_options.setdefault("requests_timeout", aiohttp.ClientTimeout(
             total=None, sock_connect=opts.timeout_s, sock_read=opts.timeout_s))
         # A ``requests_timeout`` of the user's own sets the deadline's wait; one without any
-        # limit leaves only the transfer rate's.
+        # limit sets no deadline either.
         wait = _longest_wait(storage_options["requests_timeout"])
         return opts.backend(cls, name, _GCSFileSystem(
             request_retries=opts.request_retries, wait_s=math.inf if wait is None else wait, **storage_options))

@@ -59,11 +59,14 @@ __all__ = ["S3Backend"]
 __version__ = "0.4.0"
 
 
-# The slowest transfer of a body, up or down, that counts as progress. botocore's read timeout
-# starts only once a body is sent, and waits between bytes, not for a whole answer: a store that
-# takes a request and never reads its body (or never answers its "Expect: 100-continue"), or that
-# sends an answer a byte at a time, would hold the transfer, and training, for good.
-_MIN_RATE = 256 * 1024
+# botocore's read timeout waits between bytes, and starts only once a request's body is sent: a
+# store that takes a request and never reads its body (or never answers its "Expect:
+# 100-continue"), or that sends an answer a byte at a time, would hold the transfer, and
+# training, for good. So an upload has a deadline from its size at the slowest rate that counts
+# as progress (several parts and files share one link), and a download must bring at least
+# _MIN_PROGRESS bytes a second over each wait of ``wait_s`` (however many share the link).
+_MIN_UPLOAD_RATE = 64 * 1024
+_MIN_PROGRESS = 4 * 1024
 _SENDS_BODY = frozenset({"put_object", "upload_part"})
 
 
@@ -74,7 +77,7 @@ class UploadStalled(ConnectionError):
 
 
 class DownloadStalled(ConnectionError):
-    """An answer's body the store did not send within its deadline."""
+    """An answer's body that the store sent slower than the slowest rate that counts as progress."""
 
 
 class StoreNotAnswering(ConnectionError):
@@ -83,35 +86,66 @@ class StoreNotAnswering(ConnectionError):
     it all again: ckptkit's retry policy decides what happens next."""
 
 
-class _DeadlineBody:
-    """An answer's body whose reads all end by ``deadline`` (the event loop's clock)."""
+class _WatchedBody:
+    """An answer's body that fails with ``DownloadStalled`` once a window of ``window`` seconds
+    brought fewer than ``_MIN_PROGRESS`` bytes a second."""
 
-    def __init__(self, body: Any, deadline: float, what: str):
-        self._body, self._deadline, self._what = body, deadline, what
+    _PIECE = 1 << 20
 
-    async def read(self, *args: Any, **kwargs: Any) -> bytes:
+    def __init__(self, body: Any, window: float, what: str):
+        self._body, self._window, self._what = body, window, what
+        self._start = asyncio.get_running_loop().time()
+        self._got = 0
+
+    async def read(self, amt: int | None = None) -> bytes:
+        if amt is not None and amt >= 0:
+            return await self._some(amt)
+        pieces = []
+        while piece := await self._some(self._PIECE):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    async def _some(self, amt: int) -> bytes:
         loop = asyncio.get_running_loop()
+        asked = loop.time()
+        limit = max(self._start + self._window - asked, 0.0) + self._window
         try:
-            return await asyncio.wait_for(self._body.read(*args, **kwargs), max(self._deadline - loop.time(), 0.0))
+            data = await asyncio.wait_for(self._body.read(amt), limit)
         except asyncio.TimeoutError as exc:
-            if loop.time() < self._deadline:  # a timeout of the client's own
-                raise
-            raise DownloadStalled(f"{self._what} was not received by its deadline (the store's "
-                                  f"timeout, the body at {_MIN_RATE // 1024} KiB/s at least)") from exc
+            if loop.time() < asked + limit:
+                raise  # a timeout of the client's own
+            raise DownloadStalled(f"nothing of {self._what} came for {limit:g} s: the store stopped "
+                                  "sending it") from exc
+        self._got += len(data)
+        elapsed = loop.time() - self._start
+        if data and elapsed >= self._window:
+            if self._got < _MIN_PROGRESS * elapsed:
+                raise DownloadStalled(f"{self._what} came at {self._got / elapsed:.0f} bytes/s over {elapsed:.1f} s, "
+                                      f"less than {_MIN_PROGRESS // 1024} KiB/s: the store stopped sending it")
+            self._start, self._got = loop.time(), 0
+        return data
+
+    async def __aenter__(self) -> _WatchedBody:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        close = self._body.close()
+        if asyncio.iscoroutine(close):
+            await close
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._body, name)
 
 
 class _S3FileSystem(s3fs.S3FileSystem):
-    """s3fs with one layer of retries and a deadline on every body, on every path that reads or
+    """s3fs with one layer of retries and bounds on every body, on every path that reads or
     writes: ckptkit's multipart uploads, s3fs's own file writer and reader (``format: dcp``
     shards, ``open_file``), ``put_file`` and ``cat_file``.
 
     ``wait_s`` and ``tries`` are the client's own bounds on one request (botocore's timeout and
-    tries). A request body may take ``tries × (wait_s + size at _MIN_RATE)`` in all, and is then
-    cancelled with ``UploadStalled``; an answer's body ``wait_s + size at _MIN_RATE`` from when
-    its headers came, then ``DownloadStalled``."""
+    tries). A request body may take ``tries × (wait_s + size at _MIN_UPLOAD_RATE)`` in all, and
+    is then cancelled with ``UploadStalled``; an answer's body fails with ``DownloadStalled``
+    once ``wait_s`` seconds brought less than ``_MIN_PROGRESS`` a second."""
 
     wait_s = 30.0
     tries = 9
@@ -121,20 +155,17 @@ class _S3FileSystem(s3fs.S3FileSystem):
         call = self._call_once(method, *args, **kwargs)
         if method in _SENDS_BODY and body is not None:
             size = len(body) if hasattr(body, "__len__") else 0
-            deadline = self.tries * (self.wait_s + size / _MIN_RATE)
+            deadline = self.tries * (self.wait_s + size / _MIN_UPLOAD_RATE)
             try:
                 return await asyncio.wait_for(call, deadline)
             except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
                 raise UploadStalled(
                     f"{method} of {size} bytes to {kwargs.get('Bucket')}/{kwargs.get('Key')} was not answered "
                     f"within {deadline:.1f} s (the store's timeouts and retries, the body sent at "
-                    f"{_MIN_RATE // 1024} KiB/s at least)") from exc
+                    f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
         out = await call
         if method == "get_object" and isinstance(out, dict) and "Body" in out:
-            size = out.get("ContentLength") or 0
-            deadline = asyncio.get_running_loop().time() + self.wait_s + size / _MIN_RATE
-            out["Body"] = _DeadlineBody(out["Body"], deadline,
-                                        f"the {size} bytes of {kwargs.get('Bucket')}/{kwargs.get('Key')}")
+            out["Body"] = _WatchedBody(out["Body"], self.wait_s, f"{kwargs.get('Bucket')}/{kwargs.get('Key')}")
         return out
 
     async def _call_once(self, method: str, *args: Any, **kwargs: Any) -> Any:

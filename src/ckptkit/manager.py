@@ -664,9 +664,9 @@ class CheckpointManager:
 
     def _report(self, step: int, saved: list[CheckpointRef], failures: dict[str, CkptkitError]) -> None:
         if failures:
-            where = ", ".join(r.uri for r in saved) or "nowhere"
+            where = ", ".join(r.uri for r in saved) or "none, as far as the backends told"
             self._fail(SaveError(f"step {step} was not saved to every resume backend "
-                                 f"({fanout.describe_failures(failures)}); it is committed at: {where}",
+                                 f"({fanout.describe_failures(failures)}); it is committed on: {where}",
                                  failures, saved))
 
     def wait(self) -> list[CheckpointRef]:

@@ -522,3 +522,23 @@ def test_a_leftover_without_modification_time_goes_once_it_was_seen_a_grace_peri
     assert prune(backend) == []
     clock.now += 30
     assert prune(backend) == []
+
+
+def test_a_final_folder_without_manifest_is_swept_once_past_the_grace_period():
+    from ckptkit.testing.suite import payload as suite_payload
+
+    """A publish that failed as its store stopped answering removes nothing (it could delete a
+    final model the store took without answering): what it left without a manifest is swept
+    like any leftover, and a committed final model never."""
+    fs = MemoryFileSystem(skip_instance_cache=True)
+    root = f"/final-{os.getpid()}-{time.monotonic_ns()}"
+    backend = FileBackend("store", fs, root, leftover_grace_s=0)
+    fs.pipe(f"{root}/left/final/final_model.pt", b"half a model")
+    backend.publish_final(run_name="kept", payload=suite_payload("kept", 3, {"final_model.pt": b"model"}, role="final"))
+    time.sleep(0.01)
+    swept = backend.sweep_final_leftovers(run_name="left", dry_run=False)
+    assert [r.uri.rsplit("/", 1)[-1] for r in swept] == ["final"]
+    assert not fs.exists(f"{root}/left/final")
+    assert backend.sweep_final_leftovers(run_name="kept", dry_run=False) == []
+    assert backend.final_ref(run_name="kept").step == 3
+    fs.rm(root, recursive=True)

@@ -88,8 +88,9 @@ def _load_resume_state(model, optimizer, state: dict[str, Any], coll, held, sour
 _RELISTS = 8
 
 
-def _tries(candidates: list[CheckpointRef], unreachable: dict[str, CkptkitError], step: int | None,
-           list_again: Callable[[], tuple[list[CheckpointRef], dict[str, CkptkitError]]]) -> Iterator[CheckpointRef]:
+def _tries(reader: Reader, candidates: list[CheckpointRef], unreachable: dict[str, CkptkitError],
+           step: int | None, list_again: Callable[[], tuple[list[CheckpointRef], dict[str, CkptkitError]]]
+           ) -> Iterator[CheckpointRef]:
     """Each of ``candidates`` in turn, for a restore or peek, then those of later listings.
 
     A listing is no snapshot: a training process writing the run may have committed a step after
@@ -98,26 +99,27 @@ def _tries(candidates: list[CheckpointRef], unreachable: dict[str, CkptkitError]
     are tried; again while each listing shows steps not tried yet (a trainer saving and pruning
     faster than a restore reads), up to ``_RELISTS`` times. ``unreachable`` is updated in place.
     Not for a given ``step``, nor once a backend could not be listed (listing again would wait
-    through its retries again)."""
-    tried: set[tuple[str, int]] = set()
-    pending = list(candidates)
-    relists = _RELISTS if step is not None or unreachable else 0
-    while True:
-        if not pending:
-            if relists >= _RELISTS:
-                return
-            relists += 1
-            listed, again = list_again()
-            pending = [r for r in listed if (r.backend, r.step) not in tried]
+    through its retries again). It is one pass of ``reader`` (``Reader.one_pass``)."""
+    with reader.one_pass():
+        tried: set[tuple[str, int]] = set()
+        pending = list(candidates)
+        relists = _RELISTS if step is not None or unreachable else 0
+        while True:
             if not pending:
-                return
-            unreachable.clear()
-            unreachable.update(again)
-            if again:
-                relists = _RELISTS
-        ref = pending.pop(0)
-        tried.add((ref.backend, ref.step))
-        yield ref
+                if relists >= _RELISTS:
+                    return
+                relists += 1
+                listed, again = list_again()
+                pending = [r for r in listed if (r.backend, r.step) not in tried]
+                if not pending:
+                    return
+                unreachable.clear()
+                unreachable.update(again)
+                if again:
+                    relists = _RELISTS
+            ref = pending.pop(0)
+            tried.add((ref.backend, ref.step))
+            yield ref
 
 
 def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
@@ -979,7 +981,7 @@ class CheckpointManager:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
-        for ref in _tries(candidates, unreachable, step, lambda: self._listing("restore: list again")):
+        for ref in _tries(self.reader, candidates, unreachable, step, lambda: self._listing("restore: list again")):
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok" and manifest.format == FILES_FORMAT:
                 raise IncompatibleCheckpointError(
@@ -1041,6 +1043,13 @@ class CheckpointManager:
                 silent[0],
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be read, as "
                 f"the storage did not answer ({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
+        if silent:
+            # Some are damaged, but the ones the storage did not answer for may be intact.
+            raise StorageUnavailableError(
+                silent[0],
+                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored: "
+                f"{len(silent)} could not be read, as the storage did not answer, and may be intact "
+                f"({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
         if skipped and step is not None:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
@@ -1067,7 +1076,6 @@ class CheckpointManager:
 
     def _listing(self, what: str) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """``Reader.list_all`` on rank 0, the same on every rank (collective)."""
-        self.reader.silent.clear()  # rank 0's list_all clears its own; every rank reads after it
         status, listing = self.coll.on_rank0(what, self.reader.list_all)
         if status == "error":
             raise listing
@@ -1392,7 +1400,7 @@ class CheckpointManager:
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)
         skipped = []
-        for ref in _tries(candidates, unreachable, step, self.reader.list_all):
+        for ref in _tries(self.reader, candidates, unreachable, step, self.reader.list_all):
             try:
                 manifest = self.reader.manifest(ref)
                 if EXTRA_FILE in manifest.files:
@@ -1511,7 +1519,8 @@ class CheckpointManager:
         reading.sweep_scratch()
         candidates, unreachable = self._listing("restore_files: list")
         skipped: list[str] = []
-        for ref in _tries(candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
+        silent: list[str] = []  # the backends of the skips where the storage did not answer
+        for ref in _tries(self.reader, candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
             status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
                                                 os.fspath(dest))
             if status == "error":
@@ -1521,6 +1530,8 @@ class CheckpointManager:
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
+                if isinstance(result, StorageUnavailableError):
+                    silent.append(ref.backend)
                 continue
             manifest = result
             self._unreachable([ref], unreachable)
@@ -1534,6 +1545,11 @@ class CheckpointManager:
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable)
+        if silent:
+            raise StorageUnavailableError(
+                silent[0], f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be "
+                f"fetched: {len(silent)} could not be read, as the storage did not answer, and may be intact "
+                f"({'; '.join(skipped)}). Nothing was written; retry once it answers")
         if skipped:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be fetched "

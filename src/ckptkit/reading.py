@@ -39,7 +39,7 @@ from .errors import (
 )
 from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import FileEntry, Manifest
 from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .roles import Role
 from .routing import Router
@@ -90,22 +90,32 @@ class Reader:
     def __init__(self, router: Router, run_name: str):
         self.router = router
         self.run_name = run_name
-        # Backends whose store stopped answering a read since the last listing (retries
-        # exhausted on timeouts or dropped connections), with that failure: their other
-        # checkpoints are not read until a listing shows that they answer again, as each
-        # read would wait through all of its retries again.
-        self.silent: dict[str, StorageUnavailableError] = {}
+        # In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
+        # answering the read of a manifest (retries used up on timeouts or lost connections).
+        # Their other checkpoints' manifests are not asked for until a listing shows that they
+        # answer again, as each would wait through all of its retries again.
+        self.silent: set[str] | None = None
+
+    @contextlib.contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """A restore's (or peek's) pass over the candidates of a listing; see ``silent``."""
+        self.silent = set()
+        try:
+            yield
+        finally:
+            self.silent = None
 
     def list_all(self) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """Committed checkpoints across all resume backends, newest first, and the backends
         that could not be listed (name to ``StorageUnavailableError``)."""
-        self.silent.clear()
         refs: list[CheckpointRef] = []
         unreachable: dict[str, CkptkitError] = {}
         order = self.router.backends(Role.RESUME)
         for name in order:
             try:
                 refs.extend(self.router.call(name, "list_checkpoints", run_name=self.run_name) or [])
+                if self.silent:
+                    self.silent.discard(name)  # it answers again
             except Exception as exc:
                 failure = storage_failure(name, f"listing run {self.run_name!r}", exc)
                 if not isinstance(failure, CkptkitError):
@@ -123,11 +133,15 @@ class Reader:
 
     def manifest(self, ref: CheckpointRef) -> Manifest:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
-        self._answering(ref, MANIFEST_NAME)
+        if self.silent and ref.backend in self.silent:
+            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store stopped answering "
+                                                       "the read of a newer checkpoint's manifest")
         try:
             manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
         except Exception as exc:
-            raise self._failed(ref, f"reading the manifest of {ref.uri}", exc) from exc
+            if self.silent is not None and gave_up(exc):
+                self.silent.add(ref.backend)
+            raise storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc) from exc
         if not isinstance(manifest, Manifest):
             raise CorruptCheckpointError(f"{ref.uri}: backend {ref.backend!r} returned {type(manifest).__name__} "
                                          "for its manifest")
@@ -278,7 +292,6 @@ class Reader:
         ``open_file`` retries only the open; the reads after it (one request per block on an
         object store) fail through to here.
         """
-        self._answering(ref, name)
         backend = self.router.instances.get(ref.backend)
         policy = getattr(backend, "retry", None)
         try:
@@ -286,20 +299,7 @@ class Reader:
                 return read()
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
-            raise self._failed(ref, f"reading {ref.uri}/{name}", exc) from exc
-
-    def _answering(self, ref: CheckpointRef, name: str) -> None:
-        """Raise, without asking it, for a backend that stopped answering a read since the last listing."""
-        if ref.backend in self.silent:
-            raise StorageUnavailableError(ref.backend, f"{ref.uri}/{name} was not read: the store stopped "
-                                                       "answering an earlier read")
-
-    def _failed(self, ref: CheckpointRef, what: str, exc: BaseException) -> BaseException:
-        """``storage_failure`` of ``exc``; a store that stopped answering is remembered in ``silent``."""
-        failure = storage_failure(ref.backend, what, exc)
-        if isinstance(failure, StorageUnavailableError) and gave_up(exc):
-            self.silent[ref.backend] = failure
-        return failure
+            raise storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc) from exc
 
 
 def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) -> dict[str, T]:

@@ -296,6 +296,7 @@ class FileBackend:
         # that nothing committed lies there (a check that failed, a store that stopped answering,
         # must not let the clean-up delete the committed copy).
         uncommitted = False
+        manifest_sent = False
         try:
             # A step above any that a listing of the run showed (the prune after each save
             # lists it, and so does the manager's check before the first) or that this instance
@@ -332,9 +333,10 @@ class FileBackend:
                 current = failed[0] if failed else current
                 raise
             if staging is not None:
-                current = manifest_path
-                with contextlib.suppress(FileNotFoundError):  # a retried delete whose first try went through
-                    self._call(f"deleting {self.uri(manifest_path)}", self.fs.rm_file, manifest_path)
+                # The old copy's manifest stays until the new one replaces it in one write: a
+                # reader in between finds files that do not match it (a damaged step, skipped
+                # with a warning), and a store that stops answering half-way leaves the step
+                # damaged, never gone without a word (a restore would start from step 0).
                 uncommitted = True
                 try:
                     # The store copies the new files in itself: no byte goes through this machine again.
@@ -342,6 +344,8 @@ class FileBackend:
                         src, current = posixpath.join(staging, name), posixpath.join(target, name)
                         self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
                 except Exception as exc:
+                    if gave_up(exc):  # a store that stopped answering: writing again would wait as long
+                        raise
                     # A store whose copy refuses (WebDAV's will not replace a file): the files are
                     # written into place as they were beside it, rather than the step lost.
                     log.warning("backend %r: the store could not copy %s (%s); writing the files again",
@@ -355,18 +359,22 @@ class FileBackend:
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
+            manifest_sent = True
             self._commit_manifest(manifest_path, data)
             self._remember(target, data, manifest)
             if staging is not None:
                 self._tidy_replaced(target, staging, entries)
         except Exception as exc:
             silent = gave_up(exc)
+            maybe_taken = manifest_sent and silent
             if silent:
                 # The store stopped answering: a clean-up would wait through all of its retries
-                # again. What is left is either whole (a manifest it took without answering) or
-                # has no manifest, which the prune removes after the grace period.
-                log.warning("backend %r: the store stopped answering; what the failed save of %s left is "
-                            "removed by a later prune", self.name, self.uri(target))
+                # again, and could delete the files of a manifest the store took without
+                # answering, or the manifest of a step being replaced (then gone without a word,
+                # where left it reads as damaged). What has no manifest is removed by a later
+                # prune once older than the grace period.
+                log.warning("backend %r: the store stopped answering; nothing the failed save of %s wrote "
+                            "is removed now", self.name, self.uri(target))
             else:
                 if staging is not None:
                     self._discard(staging)
@@ -375,11 +383,14 @@ class FileBackend:
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.uri(self.root), self.uri(current), full) from full
-            if silent and current == manifest_path:
+            if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
                            "checkpoint is committed whole, which a restore checks")
             elif staging is None:
                 outcome = "nothing of it was committed"
+            elif uncommitted and silent:
+                outcome = ("nothing of it was committed, and the store stopped answering while the copy of this "
+                           "step committed before was being replaced: it may be damaged, which a restore checks")
             elif uncommitted:
                 outcome = ("nothing of it was committed, and the copy of this step committed before was "
                            "un-committed to be replaced and is gone")
@@ -487,8 +498,9 @@ class FileBackend:
             size, digest = writer.size, writer.digest()
             out.commit()
         except BaseException as exc:
-            out.abort()
             failed = getattr(out, "error", None)
+            # A store that stopped answering gets one try to drop the upload, not all of them.
+            out.abort(patient=not gave_up(failed or exc))
             if isinstance(exc, Exception) and failed is not None and failed is not exc:
                 # torch's serialiser reports an exception from a write as "unexpected pos"
                 raise failed  # noqa: B904 (the upload's failure keeps its own cause)
@@ -720,10 +732,11 @@ class FileBackend:
         out = []
         folders = self._listing(run_name) if listing is None else listing
         for dirname, folder in folders.items():
-            # Only what ckptkit itself writes: a step folder without manifest, or a temporary
-            # or trash folder of the local commit protocol. Anything else is not ours to delete.
-            ours = parse_step(dirname) is not None or dirname.startswith(LEFTOVER_PREFIXES)
-            if not ours or MANIFEST_NAME in folder.files and parse_step(dirname) is not None:
+            # Only what ckptkit itself writes: a step folder or final/ without manifest, or a
+            # temporary or trash folder of the local commit protocol. Anything else is not ours.
+            checkpoint = parse_step(dirname) is not None or dirname == FINAL_DIR
+            ours = checkpoint or dirname.startswith(LEFTOVER_PREFIXES)
+            if not ours or MANIFEST_NAME in folder.files and checkpoint:
                 continue
             aside_for = set_aside_for(dirname)
             if aside_for is not None and MANIFEST_NAME in folder.files and aside_for not in folders:
@@ -768,16 +781,17 @@ class FileBackend:
         return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, now), dry_run)
 
     def sweep_final_leftovers(self, run_name: str, dry_run: bool) -> list[CheckpointRef]:
-        """Remove what a killed ``publish_final`` left in the run (its temporary folder, past the
-        grace period); nothing else. For a backend that serves the final role alone, which no
-        resume prune visits."""
+        """Remove what a killed or failed ``publish_final`` left in the run (its temporary folder,
+        or ``final/`` without a manifest, past the grace period); nothing else. For a backend
+        that serves the final role alone, which no resume prune visits."""
         with self._lock:
             in_flight = set(self._in_flight)
         now = time.time()
         listing = self._listing(run_name)
         aged = self._aged(run_name, listing, now)
         doomed = [self._ref(run_name, -1, path, role="leftover") for path, _ in self._leftovers(run_name, listing)
-                  if posixpath.basename(path).startswith((".tmp-final-", ".trash-final-"))
+                  if (posixpath.basename(path) == FINAL_DIR
+                      or posixpath.basename(path).startswith((".tmp-final-", ".trash-final-")))
                   and path not in in_flight and now - aged[path] > self.leftover_grace_s]
         return self._remove(run_name, doomed, [], dry_run)
 

@@ -138,8 +138,10 @@ class PartWriter(WriteOnly):
         self._done = True
         self._pool.shutdown(wait=True)
 
-    def abort(self) -> None:
-        """Drop the upload: stop sending parts and ask the store to forget those it holds."""
+    def abort(self, patient: bool = True) -> None:
+        """Drop the upload: stop sending parts and ask the store to forget those it holds, with
+        the retry policy if ``patient``, else in one try (the prune of a resume backend aborts
+        what is left once it is older than its grace period)."""
         if self._done:
             return
         self._done = True
@@ -149,9 +151,10 @@ class PartWriter(WriteOnly):
         self._buf = bytearray()
         if self._upload is not None:
             try:
-                # One try (the client's own retries aside): after a failure the store may not
-                # answer, and the prune aborts what is left once it is older than its grace period.
-                self.target.abort(self._upload)
+                if patient:
+                    self.retry(f"aborting the upload of {self.what}", self.target.abort, self._upload)
+                else:
+                    self.target.abort(self._upload)
             except Exception as exc:
                 log.warning("could not abort the upload of %s (the store drops it later): %s",
                             self.what, describe(exc))
@@ -221,7 +224,8 @@ class StreamWriter(WriteOnly):
             raise self._error
         self._file.close()
 
-    def abort(self) -> None:
+    def abort(self, patient: bool = True) -> None:
+        """Discard what was sent (``patient`` is for the writers that retry their clean-up)."""
         self._aborted.set()
         try:
             self._queue.put_nowait(self._END)

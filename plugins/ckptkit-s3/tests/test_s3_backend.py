@@ -490,18 +490,45 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
         ck.save(step=step, model=model(step))
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET" and "list-type" not in p, times=None, hold=threading.Event()))
-    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
+    again = manager(pm, {"archive": opts}, ["archive"])
+    still, outcome = _in_thread(lambda: again.restore(model=model()))
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
     text = str(outcome)
     assert "step-0000000003" in text and "step-0000000001" in text and "none could be read" in text, text
-    assert "the store stopped answering an earlier read" in text, text
+    assert "the store stopped answering the read of a newer checkpoint's manifest" in text, text
     assert hung.hits == 2, proxy.requests  # step 3's manifest, on each of two attempts; no more
     proxy.clear()
+    # The same manager reads everything again once the store answers: nothing of it is remembered.
+    assert again.verify(again.list_checkpoints()[-1]).step == 1
     restored = model()
-    assert manager(pm, {"archive": opts}, ["archive"]).restore(model=restored).step == 3
+    assert again.restore(model=restored).step == 3
     assert torch.equal(restored[0].weight, model(3)[0].weight)
+
+
+def test_one_object_that_stalls_does_not_keep_the_others_of_its_store_from_being_read(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """The newest checkpoint damaged, the next one's state stalling: the oldest is read and
+    restored (a store is passed over only when a manifest's read got no answer)."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    for step in (1, 2, 3):
+        ck.save(step=step, model=model(step))
+    s3(f"http://127.0.0.1:{moto_port}").pipe_file(f"{bucket}/ckpts/run/step-0000000003/state.pt", b"damaged")
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("step-0000000002/state.pt"),
+                            times=None, hold=threading.Event()))
+    restored = model()
+    with pytest.warns(RuntimeWarning):
+        still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+    hung.hold.set()
+    assert not still
+    assert isinstance(outcome, ckptkit.Restored) and outcome.step == 1, outcome
+    assert len(outcome.skipped) == 2 and hung.hits >= 1
+    assert torch.equal(restored[0].weight, model(1)[0].weight)
 
 
 def test_a_save_whose_manifest_the_store_took_without_answering_is_left_whole(
@@ -558,3 +585,32 @@ def test_a_slow_but_steady_download_is_not_taken_for_a_stalled_one(
     assert isinstance(outcome, ckptkit.Restored) and outcome.step == 0 and not outcome.skipped, outcome
     assert slow.hits == 1
     assert torch.equal(restored[0].weight, model(3)[0].weight)
+
+
+def test_a_step_saved_again_while_the_store_stops_answering_reads_as_damaged_never_as_gone(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """Saving a committed step again deleted its manifest before copying the new files into
+    place: a store that stopped answering then left the step gone, and a restore of the run
+    started from step 0 without a word. The old manifest now stays until the new one replaces
+    it, so what is left reads as damaged, and restore says so."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
+    manager(pm, {"archive": opts}, ["archive"]).save(step=1, model=model(1))
+    again = manager(pm, {"archive": opts}, ["archive"])
+    again.restore(model=model())
+    hung = {"from now on": False}
+
+    def store_stops(method, path):  # at the first copy into the step's folder, for every request
+        if method == "PUT" and path.split("?")[0].endswith("/step-0000000001/state.pt"):
+            hung["from now on"] = True
+        return hung["from now on"]
+
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    held = proxy.add(FaultT(store_stops, times=None, hold=threading.Event()))
+    with pytest.raises(SaveError, match="may be damaged, which a restore checks"):
+        again.save(step=1, model=model(7))
+    held.hold.set()  # what it held now reaches the store
+    proxy.clear()
+    with pytest.raises(ckptkit.CorruptCheckpointError, match="step-0000000001"):
+        manager(pm, {"archive": opts}, ["archive"]).restore(model=model())

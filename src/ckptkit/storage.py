@@ -14,7 +14,6 @@ same contract.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import logging

@@ -525,11 +525,11 @@ def test_a_leftover_without_modification_time_goes_once_it_was_seen_a_grace_peri
 
 
 def test_a_final_folder_without_manifest_is_swept_once_past_the_grace_period():
-    from ckptkit.testing.suite import payload as suite_payload
-
     """A publish that failed as its store stopped answering removes nothing (it could delete a
     final model the store took without answering): what it left without a manifest is swept
     like any leftover, and a committed final model never."""
+    from ckptkit.testing.suite import payload as suite_payload
+
     fs = MemoryFileSystem(skip_instance_cache=True)
     root = f"/final-{os.getpid()}-{time.monotonic_ns()}"
     backend = FileBackend("store", fs, root, leftover_grace_s=0)

@@ -24,6 +24,7 @@ _TRANSIENT_CODES = frozenset({
     "RequestThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
     "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
     "ServiceUnavailableException", "BandwidthLimitExceeded", "rateLimitExceeded", "backendError",
+    "XAmzContentSHA256Mismatch",  # a body damaged on its way: sending it again mends it
 })
 # Matched by class name so that no client library has to be imported here.
 _TRANSIENT_TYPES = frozenset({

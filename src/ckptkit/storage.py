@@ -214,6 +214,10 @@ class FileBackend:
         # in bytes, manifest). The prune after a save takes its own commit from here instead of
         # reading it back (a request on object stores).
         self._committed_here: dict[str, tuple[int, Manifest]] = {}
+        # Step folders a failed save of a committed step left under the old manifest with some
+        # of the new files (the store stopped answering): sizes may match, but a prune must not
+        # count them as intact. A later save of the step that commits clears it.
+        self._damaged: set[str] = set()
         # The highest step of each run that a listing showed or this instance wrote, and the
         # runs listed at least once: a step above it cannot be committed yet (see ``_store``).
         self._newest_step: dict[str, int] = {}
@@ -361,6 +365,7 @@ class FileBackend:
             manifest_sent = True
             self._commit_manifest(manifest_path, data)
             self._remember(target, data, manifest)
+            self._damaged.discard(target)
             if staging is not None:
                 self._tidy_replaced(target, staging, entries)
         except Exception as exc:
@@ -385,9 +390,13 @@ class FileBackend:
             if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
                            "checkpoint is committed whole, which a restore checks")
+                if staging is not None:
+                    self._damaged.add(target)
+                    outcome += "; else the copy of this step committed before may read as damaged"
             elif staging is None:
                 outcome = "nothing of it was committed"
             elif uncommitted and silent:
+                self._damaged.add(target)
                 outcome = ("nothing of it was committed, and the store stopped answering while the copy of this "
                            "step committed before was being replaced: it may be damaged, which a restore checks")
             elif uncommitted:
@@ -695,6 +704,8 @@ class FileBackend:
         that this instance committed itself is not read back either, when the listing shows it
         at the size it was written.
         """
+        if ref.path in self._damaged:
+            return False
         key = _identity(listed)
         cached = self._manifests.get(ref.path)
         with self._lock:

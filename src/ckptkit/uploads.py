@@ -105,10 +105,14 @@ class PartWriter(WriteOnly):
         data = self._buf if self._fill == len(self._buf) else self._buf[:self._fill]
         self._number += 1
         try:
-            self._futures.append(self._pool.submit(self._put, self._number, data))
+            future = self._pool.submit(self._put, self._number, data)
         except BaseException:
             self._slots.release()
             raise
+        # Released once the part's outcome is recorded, so that a part waiting for the slot sees
+        # a failure (``_check``) before it starts.
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
         if self._number % self.GROW_EVERY == 0:
             # Keep very large objects under the stores' part-count limits (S3: 10,000).
             self.part_size *= 2
@@ -116,11 +120,7 @@ class PartWriter(WriteOnly):
         self._fill = 0
 
     def _put(self, number: int, data: bytearray) -> tuple[int, Any]:
-        try:
-            return number, self.retry(f"part {number} of {self.what}", self.target.put_part,
-                                      self._upload, number, data)
-        finally:
-            self._slots.release()
+        return number, self.retry(f"part {number} of {self.what}", self.target.put_part, self._upload, number, data)
 
     def commit(self) -> None:
         """Upload what is left and publish the object; on failure, ``abort`` cleans up."""

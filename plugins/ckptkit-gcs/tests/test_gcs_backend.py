@@ -228,7 +228,7 @@ def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
         pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, monkeypatch):
     """aiohttp's read timeout starts once a body is sent: a chunk the store stopped reading held
     the save for good. The chunk's try now has a deadline; the slowest rate that counts as
-    progress is raised here so that the test need not wait for 16 MiB at 256 KiB/s."""
+    progress is raised here so that the test need not wait for 16 MiB at 64 KiB/s."""
     import ckptkit_gcs
 
     monkeypatch.setattr(ckptkit_gcs, "_MIN_RATE", 64 * 2**20, raising=False)

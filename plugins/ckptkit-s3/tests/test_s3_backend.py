@@ -438,7 +438,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     plus its size at the slowest rate that counts as progress), and a store that answers again
     is read at once."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     manager(pm, {"archive": opts}, ["archive"], fmt=fmt).save(step=0, model=model(3))
     FaultT = type(proxy).__init__.__globals__["Fault"]
@@ -465,7 +465,7 @@ def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
     from ckptkit import StorageUnavailableError
 
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=1)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=1)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     ck = manager(pm, {"archive": opts}, ["archive"])
     FaultT = type(proxy).__init__.__globals__["Fault"]
@@ -483,7 +483,7 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
     its retries (with the defaults and three kept, hours). After one read gave up on it, the
     store's other checkpoints are not read until a listing shows that it answers again."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
     for step in (1, 2, 3):
@@ -512,7 +512,7 @@ def test_one_object_that_stalls_does_not_keep_the_others_of_its_store_from_being
     """The newest checkpoint damaged, the next one's state stalling: the oldest is read and
     restored (a store is passed over only when a manifest's read got no answer)."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
     for step in (1, 2, 3):
@@ -539,7 +539,7 @@ def test_a_save_whose_manifest_the_store_took_without_answering_is_left_whole(
     the store stopped answering (the prune removes what has no manifest), and the error says the
     step may be committed."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
     ck.save(step=0, model=model(0))
@@ -572,7 +572,7 @@ def test_a_slow_but_steady_download_is_not_taken_for_a_stalled_one(
     far less than the link's rate. A body coming at 20 KiB/s, below what a per-request deadline
     at the link's rate allowed, is read to the end; only one slower than the floor fails."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 1}
     manager(pm, {"archive": opts}, ["archive"]).save(step=0, model=model(3))
     FaultT = type(proxy).__init__.__globals__["Fault"]
@@ -594,11 +594,12 @@ def test_a_step_saved_again_while_the_store_stops_answering_reads_as_damaged_nev
     started from step 0 without a word. The old manifest now stays until the new one replaces
     it, so what is left reads as damaged, and restore says so."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=0.3, request_retries=0)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
     manager(pm, {"archive": opts}, ["archive"]).save(step=1, model=model(1))
     again = manager(pm, {"archive": opts}, ["archive"])
     again.restore(model=model())
+    old = s3(f"http://127.0.0.1:{moto_port}").cat_file(f"{bucket}/ckpts/run/step-0000000001/state.pt")
     hung = {"from now on": False}
 
     def store_stops(method, path):  # at the first copy into the step's folder, for every request
@@ -612,5 +613,35 @@ def test_a_step_saved_again_while_the_store_stops_answering_reads_as_damaged_nev
         again.save(step=1, model=model(7))
     held.hold.set()  # what it held now reaches the store
     proxy.clear()
+    fs = s3(f"http://127.0.0.1:{moto_port}")
+    for _ in range(100):  # the held copy lands in the store
+        fs.invalidate_cache()
+        if fs.cat_file(f"{bucket}/ckpts/run/step-0000000001/state.pt") != old:
+            break
+        threading.Event().wait(0.1)
+    backend = again.router.instances["archive"]
+    [ref] = backend.list_checkpoints(run_name="run")
+    assert not backend._consistent(ref), "a prune would count the damaged step as intact"
     with pytest.raises(ckptkit.CorruptCheckpointError, match="step-0000000001"):
         manager(pm, {"archive": opts}, ["archive"]).restore(model=model())
+
+
+def test_damaged_checkpoints_beside_ones_the_store_did_not_answer_for_are_not_called_all_damaged(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+    """The newest damaged, the older ones' manifests unanswered: those may be intact, so restore
+    says the storage did not answer (retry later), not that the run is damaged."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
+    opts["retry"] = {"attempts": 1}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    for step in (1, 2, 3):
+        ck.save(step=step, model=model(step))
+    s3(f"http://127.0.0.1:{moto_port}").pipe_file(f"{bucket}/ckpts/run/step-0000000003/state.pt", b"damaged")
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith(f"step-0000000002/{MANIFEST_NAME}"),
+                            times=None, hold=threading.Event()))
+    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
+    hung.hold.set()
+    assert not still
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    assert "may be intact" in str(outcome) and "step-0000000001 was not read" in str(outcome), outcome

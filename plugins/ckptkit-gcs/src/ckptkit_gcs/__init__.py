@@ -124,7 +124,8 @@ async def _bounded_request(self: _GCSFileSystem, method: str, path: str, *args: 
     received = _range_size(kwargs.get("headers"))
     if received is None:
         received = 0 if sent else _UNSIZED_ANSWER
-    deadline = self.wait_s + (sent + received) / _MIN_RATE
+    # aiohttp may wait wait_s to connect and wait_s again for the answer's first bytes.
+    deadline = 2 * self.wait_s + (sent + received) / _MIN_RATE
     try:
         return await asyncio.wait_for(_PLAIN_REQUEST(self, method, path, *args, **kwargs),
                                       deadline if math.isfinite(deadline) else None)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 import s3fs
 from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
 from fsspec.asyn import sync_wrapper
 from s3fs.core import S3_RETRYABLE_ERRORS, _error_wrapper
 
@@ -178,8 +179,8 @@ class _S3FileSystem(s3fs.S3FileSystem):
         try:
             return await _error_wrapper(fn, kwargs=self._get_s3_method_kwargs(fn, *args, **kwargs), retries=1)
         except S3_RETRYABLE_ERRORS as exc:
-            if isinstance(exc.__cause__, ClientError):  # an answer (S3's RequestTimeout, translated)
-                raise
+            if isinstance(exc.__cause__, ClientError) or isinstance(exc, ResponseParserError):
+                raise  # an answer: S3's RequestTimeout (translated), or a throttle's unparsable reply
             raise StoreNotAnswering(f"{method} of {kwargs.get('Bucket')}/{kwargs.get('Key', '')}: "
                                     f"{type(exc).__name__}: {exc}") from exc
 

@@ -645,3 +645,28 @@ def test_damaged_checkpoints_beside_ones_the_store_did_not_answer_for_are_not_ca
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
     assert "may be intact" in str(outcome) and "step-0000000001 was not read" in str(outcome), outcome
+
+
+def test_restore_files_with_damaged_checkpoints_and_unanswered_ones_says_the_storage_did_not_answer(
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, tmp_path):
+    """As restore: the checkpoints whose manifests got no answer may be intact, so the error
+    says to retry once the store answers, not that the run is damaged."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
+    opts["retry"] = {"attempts": 1}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    for step in (1, 2):
+        folder = tmp_path / f"trainer-{step}"
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(bytes([step]) * 1000)
+        ck.save_files(step=step, files=folder)
+    s3(f"http://127.0.0.1:{moto_port}").pipe_file(f"{bucket}/ckpts/run/step-0000000002/weights.bin", b"damaged")
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith(f"step-0000000001/{MANIFEST_NAME}"),
+                            times=None, hold=threading.Event()))
+    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore_files(tmp_path / "out"))
+    hung.hold.set()
+    assert not still
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    assert "may be intact" in str(outcome) and "step-0000000002" in str(outcome), outcome
+    assert not (tmp_path / "out").exists()

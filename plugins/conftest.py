@@ -250,3 +250,26 @@ def silent_server():
     sock.close()
     for conn in held:
         conn.close()
+
+
+@pytest.fixture
+def in_thread():
+    """``in_thread(call)``: ``call()`` on a thread, joined for at most 120 s (a hang fails the
+    test, not the test run); returns ``(still running, outcome)``, the outcome being the return
+    value or the exception."""
+
+    def run(call: Callable[[], object]) -> tuple[bool, object]:
+        outcome: list[object] = []
+
+        def target() -> None:
+            try:
+                outcome.append(call())
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(120)
+        return thread.is_alive(), (outcome or [None])[0]
+
+    return run

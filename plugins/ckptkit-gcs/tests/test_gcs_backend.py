@@ -183,25 +183,9 @@ def test_remote_only_resume_skips_a_corrupt_newest(pm, gcs_backend_options, gcs_
     assert torch.equal(m[0].weight, model(10)[0].weight)
 
 
-def _in_thread(call):
-    """``call()`` on a thread, joined for at most 120 s (a hang fails the test, not the test run);
-    ``(still running, outcome)``, the outcome being the return value or the exception."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(call())
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(120)
-    return thread.is_alive(), (outcome or [None])[0]
-
 
 def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounded_time(
-        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket):
+        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, in_thread):
     """aiohttp's read timeout is a wait between bytes: an answer sent a byte at a time held the
     restore for good. Each try of a request now ends by a deadline (the timeout plus what it
     sends and receives at the slowest rate that counts as progress)."""
@@ -213,7 +197,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "state.pt" in p and "alt=media" in p,
                                 drip=0.1, times=None, hold=threading.Event()))
     restored = model()
-    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+    hung, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
     dripping.hold.set()
     assert not hung, "restore still waits on a store that sends a byte at a time"
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
@@ -225,7 +209,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
 
 
 def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
-        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, monkeypatch):
+        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, monkeypatch, in_thread):
     """aiohttp's read timeout starts once a body is sent: a chunk the store stopped reading held
     the save for good. The chunk's try now has a deadline; the slowest rate that counts as
     progress is raised here so that the test need not wait for 16 MiB at 64 KiB/s."""
@@ -241,7 +225,7 @@ def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
     stalled = proxy.add(FaultT(lambda m, p: m in ("PUT", "POST") and "upload_id=" in p, unread=True,
                                times=None, hold=threading.Event()))
     big = model(n=2600)  # 27 MB: more than loopback's socket buffers take unread
-    hung, outcome = _in_thread(lambda: ck.save(step=1, model=big))
+    hung, outcome = in_thread(lambda: ck.save(step=1, model=big))
     stalled.hold.set()
     assert not hung, "save still waits on a store that stopped reading the upload"
     assert isinstance(outcome, SaveError) and "was not done within" in str(outcome), outcome

@@ -413,26 +413,10 @@ def test_a_pruned_checkpoint_holding_a_file_named_like_a_glob_pattern_is_deleted
     ck.close()
 
 
-def _in_thread(call):
-    """``call()`` on a thread, joined for at most 120 s (a hang fails the test, not the test run);
-    ``(still running, outcome)``, the outcome being the return value or the exception."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(call())
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(120)
-    return thread.is_alive(), (outcome or [None])[0]
-
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounded_time(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, fmt):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, fmt, in_thread):
     """Every read of the answer gets a byte, so botocore's read timeout (a wait between bytes)
     never fires: restore waited for good. Each answer's body now has a deadline (the timeout
     plus its size at the slowest rate that counts as progress), and a store that answers again
@@ -445,7 +429,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "/step-0000000000/" in p and MANIFEST_NAME not in p,
                                 drip=0.1, times=None, hold=threading.Event()))
     restored = model()
-    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=restored))
+    hung, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=restored))
     dripping.hold.set()
     assert not hung, "restore still waits on a store that sends a byte at a time"
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
@@ -457,7 +441,7 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
 
 
 def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """botocore retries each request, s3fs retried botocore's failures again (and again around
     a download), and ckptkit's policy all of that: waits on a hung store multiplied into most of
     an hour per listing with the defaults. Now a request is tried request_retries + 1 times by
@@ -470,28 +454,35 @@ def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
     ck = manager(pm, {"archive": opts}, ["archive"])
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET", times=None, hold=threading.Event()))
-    still, outcome = _in_thread(ck.list_checkpoints)
+    still, outcome = in_thread(ck.list_checkpoints)
     hung.hold.set()
     assert not still
     assert isinstance(outcome, StorageUnavailableError) and "archive" in str(outcome), outcome
     assert hung.hits == 2 * 2, proxy.requests
 
 
+def _three_steps_behind(proxy, s3_backend_options, pm, attempts: int) -> dict:
+    """Options of a backend behind ``proxy`` (timeout_s 1, one try a request, ``attempts`` of
+    ckptkit's), with steps 1, 2 and 3 saved through it, each of ``model(step)``."""
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
+    opts["retry"] = {"attempts": attempts, "backoff_s": 0.01}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
+    for step in (1, 2, 3):
+        ck.save(step=step, model=model(step))
+    return opts
+
+
 def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_older_checkpoint(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """Restore tried every checkpoint of a store that had stopped answering, each through all of
     its retries (with the defaults and three kept, hours). After one read gave up on it, the
     store's other checkpoints are not read until a listing shows that it answers again."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
-    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
-    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
-    for step in (1, 2, 3):
-        ck.save(step=step, model=model(step))
+    opts = _three_steps_behind(proxy, s3_backend_options, pm, attempts=2)
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET" and "list-type" not in p, times=None, hold=threading.Event()))
     again = manager(pm, {"archive": opts}, ["archive"])
-    still, outcome = _in_thread(lambda: again.restore(model=model()))
+    still, outcome = in_thread(lambda: again.restore(model=model()))
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
@@ -508,22 +499,18 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
 
 
 def test_one_object_that_stalls_does_not_keep_the_others_of_its_store_from_being_read(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """The newest checkpoint damaged, the next one's state stalling: the oldest is read and
     restored (a store is passed over only when a manifest's read got no answer)."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
-    opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
-    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
-    for step in (1, 2, 3):
-        ck.save(step=step, model=model(step))
+    opts = _three_steps_behind(proxy, s3_backend_options, pm, attempts=2)
     s3(f"http://127.0.0.1:{moto_port}").pipe_file(f"{bucket}/ckpts/run/step-0000000003/state.pt", b"damaged")
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("step-0000000002/state.pt"),
                             times=None, hold=threading.Event()))
     restored = model()
     with pytest.warns(RuntimeWarning):
-        still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+        still, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.Restored) and outcome.step == 1, outcome
@@ -567,7 +554,7 @@ def test_a_save_whose_manifest_the_store_took_without_answering_is_left_whole(
 
 
 def test_a_slow_but_steady_download_is_not_taken_for_a_stalled_one(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """Downloads share a link (the parts of a split state, several ranges at once): one may get
     far less than the link's rate. A body coming at 20 KiB/s, below what a per-request deadline
     at the link's rate allowed, is read to the end; only one slower than the floor fails."""
@@ -579,7 +566,7 @@ def test_a_slow_but_steady_download_is_not_taken_for_a_stalled_one(
     slow = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("/state.pt"),
                             drip=0.05, drip_bytes=1024, times=None, hold=threading.Event()))
     restored = model()
-    hung, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
+    hung, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=restored))
     slow.hold.set()
     assert not hung
     assert isinstance(outcome, ckptkit.Restored) and outcome.step == 0 and not outcome.skipped, outcome
@@ -627,20 +614,16 @@ def test_a_step_saved_again_while_the_store_stops_answering_reads_as_damaged_nev
 
 
 def test_damaged_checkpoints_beside_ones_the_store_did_not_answer_for_are_not_called_all_damaged(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """The newest damaged, the older ones' manifests unanswered: those may be intact, so restore
     says the storage did not answer (retry later), not that the run is damaged."""
     proxy = make_fault_proxy(moto_port)
-    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
-    opts["retry"] = {"attempts": 1}
-    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=3)
-    for step in (1, 2, 3):
-        ck.save(step=step, model=model(step))
+    opts = _three_steps_behind(proxy, s3_backend_options, pm, attempts=1)
     s3(f"http://127.0.0.1:{moto_port}").pipe_file(f"{bucket}/ckpts/run/step-0000000003/state.pt", b"damaged")
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith(f"step-0000000002/{MANIFEST_NAME}"),
                             times=None, hold=threading.Event()))
-    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
+    still, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
@@ -648,7 +631,7 @@ def test_damaged_checkpoints_beside_ones_the_store_did_not_answer_for_are_not_ca
 
 
 def test_restore_files_with_damaged_checkpoints_and_unanswered_ones_says_the_storage_did_not_answer(
-        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, tmp_path):
+        pm, s3_backend_options, make_fault_proxy, moto_port, bucket, tmp_path, in_thread):
     """As restore: the checkpoints whose manifests got no answer may be intact, so the error
     says to retry once the store answers, not that the run is damaged."""
     proxy = make_fault_proxy(moto_port)
@@ -664,7 +647,7 @@ def test_restore_files_with_damaged_checkpoints_and_unanswered_ones_says_the_sto
     FaultT = type(proxy).__init__.__globals__["Fault"]
     hung = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith(f"step-0000000001/{MANIFEST_NAME}"),
                             times=None, hold=threading.Event()))
-    still, outcome = _in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore_files(tmp_path / "out"))
+    still, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore_files(tmp_path / "out"))
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome

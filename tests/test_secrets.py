@@ -441,3 +441,12 @@ def test_a_client_error_that_retry_passes_on_holds_no_credentials_in_its_chain()
     assert "Invalid endpoint" in text and "connect to" in text
     for shown in (password, secret, key):
         assert shown not in text, shown
+
+
+def test_redacting_twice_changes_nothing_more():
+    """A client's message goes through several layers that each redact it: the query of a URL
+    in it read "?<redacted><redacted><redacted>" after three."""
+    text = 'Could not connect to the endpoint URL: "http://127.0.0.1:9000/bucket?list-type=2&prefix=run%2F"'
+    once = redact(text)
+    assert once == 'Could not connect to the endpoint URL: "http://127.0.0.1:9000/bucket?<redacted>"'
+    assert redact(redact(once)) == once

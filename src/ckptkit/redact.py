@@ -6,7 +6,9 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
-_QUERY_RE = re.compile(r"((?:https?|s3|gs|gcs)://[^\s?'\"<>]+)\?[^\s'\"<>]*")
+# A query already redacted is left as it is: a message passed through several layers, each
+# redacting it, would otherwise grow a "<redacted>" per layer.
+_QUERY_RE = re.compile(r"((?:https?|s3|gs|gcs)://[^\s?'\"<>]+)\?(?!<redacted>)[^\s'\"<>]*")
 _SECRET_FIELD_RE = re.compile(
     r"(?i)\b(authorization|x-amz-security-token|x-amz-credential|x-amz-signature|x-goog-signature|"
     r"x-goog-credential|signature|access_token|refresh_token|id_token|client_secret|"

@@ -61,6 +61,7 @@ class PartWriter(WriteOnly):
         self._fill = 0
         self._upload: Any = None
         self._futures: list[Future] = []
+        self._error: BaseException | None = None
         self._number = 0
         self._done = False
 
@@ -81,12 +82,16 @@ class PartWriter(WriteOnly):
 
     @property
     def error(self) -> BaseException | None:
-        """The failure of a part that has failed, if any (a writer through which it was raised,
-        such as torch's serialiser, may report it only as a failed write)."""
-        for fut in self._futures:
-            if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                return fut.exception()
-        return None
+        """The failure of the first part that failed, if any (a writer through which it was
+        raised, such as torch's serialiser, may report it only as a failed write)."""
+        return self._error
+
+    def _finished(self, future: Future) -> None:
+        # The failure is recorded before the slot is freed, so that a part waiting for the slot
+        # sees it (``_check``) before it starts; one look per part, not one at every part.
+        if self._error is None and not future.cancelled() and future.exception() is not None:
+            self._error = future.exception()
+        self._slots.release()
 
     def _check(self) -> None:
         if (error := self.error) is not None:
@@ -109,9 +114,7 @@ class PartWriter(WriteOnly):
         except BaseException:
             self._slots.release()
             raise
-        # Released once the part's outcome is recorded, so that a part waiting for the slot sees
-        # a failure (``_check``) before it starts.
-        future.add_done_callback(lambda _: self._slots.release())
+        future.add_done_callback(self._finished)
         self._futures.append(future)
         if self._number % self.GROW_EVERY == 0:
             # Keep very large objects under the stores' part-count limits (S3: 10,000).

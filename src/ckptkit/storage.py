@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _final_folder(name: str) -> bool:
+    """Whether a run's folder ``name`` is the final model's, or one a publish stages it in or
+    sets it aside in."""
+    return name == FINAL_DIR or name.startswith((".tmp-final-", ".trash-final-"))
+
+
 def step_dirname(step: int) -> str:
     """The folder name of a resume checkpoint in the standard layout: ``step-`` and the step, zero-padded."""
     return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
@@ -800,10 +806,14 @@ class FileBackend:
         listing = self._listing(run_name)
         aged = self._aged(run_name, listing, now)
         doomed = [self._ref(run_name, -1, path, role="leftover") for path, _ in self._leftovers(run_name, listing)
-                  if (posixpath.basename(path) == FINAL_DIR
-                      or posixpath.basename(path).startswith((".tmp-final-", ".trash-final-")))
+                  if _final_folder(posixpath.basename(path))
                   and path not in in_flight and now - aged[path] > self.leftover_grace_s]
-        return self._remove(run_name, doomed, [], dry_run)
+        # A publish killed mid-upload, or one whose abort failed, leaves an unfinished upload
+        # that no listing shows and that the store bills until it is aborted.
+        run = self.run_path(run_name)
+        stale = [(ref, abort) for ref, abort in self.stale_uploads(run_name, in_flight, now)
+                 if _final_folder(posixpath.relpath(ref.path, run).split("/", 1)[0])]
+        return self._remove(run_name, doomed, stale, dry_run)
 
     def _aged(self, run_name: str, listing: dict[str, _Folder], now: float) -> dict[str, float]:
         """The time each folder of a listing counts as written: its own, or for a folder whose

@@ -310,6 +310,32 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     assert pending() == [foreign], "another run's upload is not this run's to abort"
 
 
+@pytest.mark.parametrize("folder", ["final", ".tmp-final-0123456789ab"])
+def test_a_final_only_store_aborts_what_a_killed_publish_left_unfinished(
+        pm, s3_backend_options, s3_endpoint, bucket, tmp_path, folder):
+    """A store that serves the final role alone is visited by no resume prune: ``ckptkit prune``
+    (``manager.prune``) sweeps it, unfinished uploads of the final model included, and only
+    those (moto dates every upload in 2010, past any grace period)."""
+    ck = manager(pm, {"scratch": {"type": "local", "path": str(tmp_path)},
+                      "archive": s3_backend_options(leftover_grace_s=3600)}, ["scratch"], final=["archive"])
+    fs = s3(s3_endpoint)
+    crashed = f"ckpts/run/{folder}/final_model.pt"
+    others = ["ckpts/run-other/final/final_model.pt", "ckpts/run/step-0000000005/state.pt"]
+    for key in (crashed, *others):
+        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+
+    def pending():
+        return sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
+
+    would = ck.prune(dry_run=True).deleted
+    assert [(r.backend, r.role) for r in would] == [("archive", "unfinished upload")] and crashed in would[0].uri
+    assert pending() == sorted([crashed, *others]), "a dry run aborts nothing"
+    assert [r.uri for r in ck.prune().deleted] == [r.uri for r in would]
+    # Not this run's final model, and not a resume checkpoint's upload: neither is the final sweep's.
+    assert pending() == sorted(others)
+
+
 @pytest.mark.timeout(30)
 def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_options, silent_server, bucket):
     """A server that accepts and never answers: save fails, and restore does not mistake it for

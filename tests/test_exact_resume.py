@@ -11,6 +11,7 @@ import torch
 from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError
 from ckptkit.cli import main as cli_main
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
+from ckptkit.plugins import make_plugin_manager
 
 from ckpt_helpers import DownBackend, DownFS, assert_same_state, local_config, make_model, train_step
 
@@ -145,6 +146,65 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
     assert new.restore(model=fresh, optimizer=fresh_opt).step == 9
     assert save(10)
     new.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_second_training_writing_the_run_at_the_same_time_is_stopped_at_its_next_save(tmp_path, pm, is_async):
+    """A job started again while the first still runs: it restores the first one's newest step
+    and both save on. Once the one behind sees a newer step it did not write (in the listing
+    of the prune after its own save), it saves no more, and the other saves on untouched."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    cfg["roles"]["resume"]["async"] = is_async
+    first = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(4):
+        first.save(step=step, model=model, optimizer=opt)
+    first.wait()
+    second = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))  # another process's
+    model2, opt2 = make_model(seed=1)
+    assert second.restore(model2, opt2).step == 3
+    for step in (4, 5):  # the first job is ahead
+        first.save(step=step, model=model, optimizer=opt)
+    first.wait()
+    second.save(step=4, model=model2, optimizer=opt2)
+    second.wait()  # its commit, and the prune after it, which finds step 5
+
+    def save_on():
+        second.save(step=5, model=model2, optimizer=opt2)
+        second.wait()
+
+    for _ in range(2):  # refused again, not only once
+        with pytest.raises((RunConflictError, SaveError),
+                           match=r"run 'exp' holds step 5, newer than any step this training saved \(the last, "
+                                 r"step 4\).*another training is writing the same run at the same time") as info:
+            save_on()
+    conflict = info.value if isinstance(info.value, RunConflictError) else info.value.failures["(all)"]
+    assert (conflict.run_name, conflict.newest_step) == ("exp", 5)
+    state = torch.load(tmp_path / "scratch/exp/step-0000000005" / STATE_FILE, weights_only=True)
+    assert_same_state(state["model"], model.state_dict())  # the first job's step 5, not written over
+    # The first job is not stopped, and its checkpoints are pruned as its own.
+    first.save(step=6, model=model, optimizer=opt)
+    first.wait()
+    assert sorted(os.listdir(tmp_path / "scratch/exp")) == [f"step-000000000{s}" for s in (4, 5, 6)]
+    first.close()
+    second.close()
+
+
+def test_a_newer_checkpoint_that_restore_skipped_as_damaged_is_no_other_training(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False, keep=5)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in (10, 20, 30):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    state = tmp_path / "scratch/exp/step-0000000030" / STATE_FILE
+    state.write_bytes(b"\0" * state.stat().st_size)
+    again = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match="skipped .*step-0000000030"):
+        assert again.restore(model, opt).step == 20
+    for step in (25, 26):  # below the damaged step 30, which the listing after each save shows
+        assert again.save(step=step, model=model, optimizer=opt)
+    again.close()
 
 
 def test_peek_reads_step_metrics_and_extra_without_a_model(tmp_path, pm):

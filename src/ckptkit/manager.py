@@ -358,7 +358,11 @@ class CheckpointManager:
         self._unchecked: frozenset[str] = frozenset()
         self._checked_at = 0  # the step the run was checked for
         self._ours: set[int] = set()  # the steps committed while some backend was unchecked
-        self._conflict: tuple[int, int] | None = None  # (step, newest step found) on rank 0
+        # (step, newest step found, whether found after this training committed ``step``) on rank 0
+        self._conflict: tuple[int, int, bool] | None = None
+        # The newest step this training holds as its own (committed or restored), on rank 0: a
+        # newer step in the run, which the prune's listing shows, is another training's.
+        self._newest_own: int | None = None
         # After restore(step=N) while the run may hold newer steps: (N, the newest step seen then,
         # or None). The next save lists the run again and is refused while steps above N remain.
         self._rolled_back: tuple[int, int | None] | None = None
@@ -599,11 +603,21 @@ class CheckpointManager:
             self._run_checked = False  # refused at every save, not only the first
             raise self._conflict_error(step, newest)
 
-    def _conflict_error(self, step: int, newest: int) -> RunConflictError:
+    def _conflict_error(self, step: int, newest: int, concurrent: bool = False) -> RunConflictError:
+        if concurrent:
+            return RunConflictError(
+                f"run {self.run_name!r} holds step {newest}, newer than any step this training saved "
+                f"(the last, step {step}) or restored, and not written by it: another training is "
+                "writing the same run at the same time (a job started again while the first one still "
+                "runs, or one config launched twice). The two would overwrite and prune each other's "
+                "checkpoints, so this one saves no more. Stop one of them; to keep both, give one "
+                "another run name",
+                self.run_name, newest)
         return RunConflictError(
             f"run {self.run_name!r} already holds checkpoints up to step {newest}, and this training "
             f"did not restore from it but would save step {step} there: the two trainings would prune "
-            "and resume each other's checkpoints. Call restore() first to continue that run, choose "
+            "and resume each other's checkpoints. If the training that wrote them still runs, stop it "
+            "or choose a new run name. Otherwise call restore() first to continue that run, choose "
             f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
             self.run_name, newest)
 
@@ -705,15 +719,17 @@ class CheckpointManager:
         self._settle_prune()
         self._verified.add(step)
         self._metrics[step] = dict(metrics)
+        self._newest_own = step if self._newest_own is None else max(self._newest_own, step)
         if self._unchecked:
             self._ours.add(step)
         with self._pruning_lock:
             if self._pruner is None or self._pruner[0] != os.getpid():
                 self._pruner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ckptkit-prune"))
             self._pruning = self._pruner[1].submit(self._prune_backends, list(saved), step,
-                                                   frozenset(self._verified))
+                                                   frozenset(self._verified), self._newest_own)
 
-    def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int]) -> None:
+    def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int],
+                        newest_own: int) -> None:
         gone: set[int] = set()
         for ref in saved:
             if ref.backend in self._unchecked and self._holds_another_training(ref.backend, step):
@@ -726,6 +742,8 @@ class CheckpointManager:
                 gone.update(r.step for r in deleted or () if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+                continue
+            self._note_another_writer(ref.backend, step, newest_own)
         # What a training of a million saves remembers stays the size of what it keeps. A step
         # forgotten while another backend still holds it counts less, so it is deleted later, not
         # sooner, and keep_best reads its metrics again from its manifest.
@@ -740,6 +758,19 @@ class CheckpointManager:
                 reading.sweep_scratch()
             except Exception as exc:  # housekeeping: never the next save's failure
                 log.warning("removing scratch folders of killed processes failed: %s", exc)
+
+    def _note_another_writer(self, backend: str, step: int, newest_own: int) -> None:
+        """After the prune of ``backend`` that followed this training's commit of ``step``: a
+        newer step in the run than any this training committed or restored was written by
+        another training writing the same run at the same time. Found, no later save writes
+        (``_storable``, ``_store``). The prune kept this training's newest checkpoints all the
+        same (only steps it committed count toward keep_last)."""
+        instance = self.router.instances.get(backend)
+        newest = instance.newest_pruned(self.run_name) if isinstance(instance, FileBackend) else None
+        if newest is None or newest <= newest_own or self._conflict is not None:
+            return
+        self._conflict = (step, newest, True)
+        log.error("%s (found on backend %r)", self._conflict_error(*self._conflict), backend)
 
     def _holds_another_training(self, backend: str, step: int) -> bool:
         """Whether ``backend``, which could not be listed when the run was checked and has just
@@ -756,7 +787,7 @@ class CheckpointManager:
             return True
         others = [r.step for r in refs if r.step not in self._ours and r.step != step and r.step >= self._checked_at]
         if others:
-            self._conflict = (step, max(others))
+            self._conflict = (step, max(others), False)
             log.error("%s (found on backend %r once it answered)", self._conflict_error(*self._conflict), backend)
             return True
         self._unchecked -= {backend}
@@ -1023,6 +1054,8 @@ class CheckpointManager:
             self.mlflow_run_id = None
             self._tracking_run_id()
             self._verified.add(manifest.step)
+            # Newer steps the listing showed were skipped as damaged: they are no other training's.
+            self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
             self._prepare_first_save(optimizer)
             self._unchecked, self._conflict = frozenset(), None  # this training continues the run now
             if step is not None and (unreachable or newest > step):
@@ -1539,6 +1572,7 @@ class CheckpointManager:
             self.mlflow_run_id = None
             self._tracking_run_id()
             self._verified.add(manifest.step)
+            self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
             self._rolled_back = None
             self._run_checked = True
             self._unchecked, self._conflict = frozenset(), None  # this training continues the run now

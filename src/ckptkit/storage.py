@@ -228,6 +228,8 @@ class FileBackend:
         # runs listed at least once: a step above it cannot be committed yet (see ``_store``).
         self._newest_step: dict[str, int] = {}
         self._listed_runs: set[str] = set()
+        # The newest committed step of each run that this instance's last prune of it listed.
+        self._pruned_newest: dict[str, int | None] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.location}>"
@@ -774,6 +776,7 @@ class FileBackend:
         aged = self._aged(run_name, listing, now)
         committed = self._committed(run_name, listing)
         with self._lock:
+            self._pruned_newest[run_name] = max((r.step for r in committed), default=None)
             for known in (self._manifests, self._committed_here):
                 for path in [p for p in known if posixpath.dirname(p) == self.run_path(run_name)]:
                     if posixpath.basename(path) not in listing:
@@ -857,6 +860,13 @@ class FileBackend:
             pass
         except Exception as exc:
             raise self._fail(f"could not delete {ref.uri}", exc) from None
+
+    def newest_pruned(self, run_name: str) -> int | None:
+        """The newest committed step of ``run_name`` that the last ``prune`` of it listed (None
+        before any, or when it listed none): the manager tells from it, at no further request,
+        whether another training writes the same run."""
+        with self._lock:
+            return self._pruned_newest.get(run_name)
 
     def stale_uploads(self, run_name: str, in_flight: set[str], now: float
                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:

@@ -121,6 +121,27 @@ def test_save_prune_restore_cycle_and_final_prefix(pm, s3_backend_options, s3_en
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
 
+def test_the_training_behind_of_two_writing_one_run_is_stopped(pm, s3_backend_options, s3_endpoint, bucket):
+    """Seen in the listing the prune after each save makes anyway: no request more per save."""
+    first = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    for step in range(3):
+        first.save(step=step, model=model(1))
+    second = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    assert second.restore(model(2)).step == 2
+    first.save(step=3, model=model(1))
+    first.save(step=4, model=model(1))
+    second.save(step=3, model=model(2))
+    second.wait()
+    with pytest.raises(ckptkit.RunConflictError, match="holds step 4.*another training is writing the same run"):
+        second.save(step=4, model=model(2))
+    assert first.save(step=5, model=model(1))
+    fs = s3(s3_endpoint)
+    assert [k.split("/")[0] for k in keys(fs, f"{bucket}/ckpts/run") if k.endswith(MANIFEST_NAME)] == [
+        "step-0000000003", "step-0000000004", "step-0000000005"]
+    first.close()
+    second.close()
+
+
 def test_remote_only_resume_skips_a_corrupt_newest(pm, s3_backend_options, s3_endpoint, bucket):
     ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
     for step in (10, 20):

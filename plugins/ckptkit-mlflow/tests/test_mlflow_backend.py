@@ -243,6 +243,57 @@ def test_a_hung_tracking_server_holds_up_no_save_and_fails_finalize_within_timeo
     assert all("did not answer within 1 s (1 attempt," in v for v in probe.values())
 
 
+@pytest.mark.timeout(180)
+def test_a_tracking_server_that_answers_a_byte_at_a_time_fails_finalize_in_bounded_time(
+        tmp_path, mlflow_server, make_fault_proxy, in_thread):
+    """urllib3's timeout waits for each next byte, so a dripping answer never trips it: each
+    client call has a deadline of its own (two requests' worth, 2 x timeout_s), and finalize
+    falls back to the fallback folder with the command that publishes it later."""
+    proxy = make_fault_proxy(mlflow_server.port)
+    cfg = _config(tmp_path, proxy.url, f"drip-{uuid.uuid4().hex[:8]}", timeout_s=4, retries=1)
+    ck = CheckpointManager.from_config(cfg, run_name="drip", fallback_dir=tmp_path / "fallback")
+    model, opt = _model(3)
+    _train(ck, model, opt, range(0, 6))
+    ck.wait()
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    # Every answer from now on, at a byte every 0.5 s: each read within the 2 s per attempt.
+    dripping = proxy.add(FaultT(lambda m, p: True, drip=0.5, times=None, hold=threading.Event()))
+    start = time.monotonic()
+    running, outcome = in_thread(lambda: ck.finalize(model=model, step=5))
+    took = time.monotonic() - start
+    dripping.hold.set()  # the abandoned calls' connections close
+    assert not running, "finalize still waited on a dripping server"
+    assert isinstance(outcome, PublishError), outcome
+    assert dripping.hits >= 1
+    message = str(outcome)
+    assert "had not finished" in message and "after 8 s" in message and "a byte at a time" in message
+    assert str(tmp_path / "fallback") in message and "ckptkit publish" in message
+    assert glob.glob(str(tmp_path / "fallback" / "**" / "final_model.pt"), recursive=True)
+    # The run lookup (the manifests' run id) was made before; one call's deadline, then the rest.
+    assert took < 60, f"finalize took {took:.0f} s against a dripping server"
+    ck.close()
+
+
+def test_settings_read_during_a_call_are_the_users_not_the_ones_the_call_set(monkeypatch):
+    """Inside a call ckptkit sets MLFLOW_HTTP_REQUEST_*; an error explained there (or another
+    thread's settings) must not take those for values the user exported."""
+    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(var, raising=False)
+    backend = MlflowBackend.from_config("registry", {"tracking_uri": "http://127.0.0.1:1"})
+    outside = backend.http_settings()
+    with backend._requests():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == str(outside.timeout)
+        seen = {}
+        thread = threading.Thread(target=lambda: seen.update(other=backend.http_settings()))
+        thread.start()
+        thread.join()
+        assert backend.http_settings() == outside and seen["other"] == outside
+        assert outside.budget == 30 and "timeout_s: 30 bounds each request" in backend._cause(TimeoutError("timed out"))
+    # What the user exports is still theirs.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(outside.timeout))
+    assert backend.http_settings().budget is None
+
+
 def test_a_run_link_logged_during_a_call_holds_no_credentials(caplog):
     # MLflow before 3 logs "View run <name> at: <tracking URI>/#/..." from set_terminated.
     from ckptkit_mlflow.backend import RUN_LINK_LOGGER

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterator
 
 import attrs
@@ -68,6 +69,16 @@ RUN_LINK_LOGGER = "mlflow.tracking._tracking_service.client"
 RUN_ID_RETRY_AFTER_S = 300.0
 
 _ENV_LOCK = threading.RLock()
+# The MLFLOW_HTTP_* values that ckptkit's own calls have set (``MlflowBackend._requests``), by
+# variable, so that reading the environment never takes them for values the user exported.
+_SET_HERE: dict[str, str] = {}
+# urllib3's timeout bounds each wait for the next bytes, not a whole answer: a server that
+# sends one byte at a time never trips it. Each client call therefore has a deadline of its own,
+# for the few requests one call makes (each within timeout_s), and for an upload also its size
+# at the slowest rate that counts as progress.
+_REQUESTS_PER_CALL = 2
+_MIN_RATE = 64 * 1024  # bytes per second
+_BOUNDED_SCHEMES = ("http://", "https://", "databricks")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,6 +100,58 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(e))
         yield e
         todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+
+
+class CallTimedOut(TimeoutError):
+    """A call to the tracking server that went on past its deadline (``_BoundedClient``)."""
+
+
+def _local_size(path: Any) -> int:
+    """Bytes of a file, or of every file under a folder, that a call uploads (0 if unknown)."""
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+        return os.path.getsize(path)
+    except (OSError, TypeError, ValueError):
+        return 0
+
+
+class _BoundedClient:
+    """An ``MlflowClient`` each of whose calls fails with ``CallTimedOut`` once it has run past its
+    deadline (see ``_REQUESTS_PER_CALL``). The call goes on in a daemon thread that nothing waits
+    for: the caller gets its error, and a process that ends does not wait for it either."""
+
+    def __init__(self, client: Any, request_s: Any):
+        self._client = client
+        self._request_s = request_s  # the most one request may take, as the settings are now
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seconds = _REQUESTS_PER_CALL * self._request_s()
+            if name in ("log_artifact", "log_artifacts") and len(args) > 1:
+                seconds += _local_size(args[1]) / _MIN_RATE
+            outcome: Future = Future()
+
+            def run() -> None:
+                try:
+                    outcome.set_result(attr(*args, **kwargs))
+                except BaseException as exc:
+                    outcome.set_exception(exc)
+
+            threading.Thread(target=run, name=f"ckptkit-mlflow-{name}", daemon=True).start()
+            try:
+                return outcome.result(timeout=seconds)
+            except FutureTimeout:
+                raise CallTimedOut(f"the tracking server had not finished {name} after {seconds:.0f} s, though "
+                                   "it answered within each attempt's timeout (it sends its answers too "
+                                   "slowly, or a byte at a time); check that it is healthy, or raise "
+                                   "timeout_s for a slow one") from None
+
+        return call
 
 
 def _network_failure(exc: BaseException) -> tuple[str, BaseException] | None:
@@ -311,9 +374,13 @@ class MlflowBackend:
                                        DEFAULT_RETRIES if self.retries is None else self.retries)
 
         def exported(field: str) -> int | None:
+            var = HttpSettings.ENV[field]
+            value = os.environ.get(var)
+            if value is None or _SET_HERE.get(var) == value:
+                return None  # unset, or set by a call of ckptkit's own that is under way
             try:
-                return int(os.environ[HttpSettings.ENV[field]])
-            except (KeyError, ValueError):
+                return int(value)
+            except ValueError:
                 return None
 
         given = {f: exported(f) for f in HttpSettings.ENV}
@@ -340,11 +407,12 @@ class MlflowBackend:
         link_logger = logging.getLogger(RUN_LINK_LOGGER)
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in wanted}
+            ours = {k: _SET_HERE.get(k) for k in wanted}
             try:
                 for k, v in wanted.items():
                     if (self._configured or saved[k] is None
                             or k == "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
-                        os.environ[k] = v
+                        os.environ[k] = _SET_HERE[k] = v
                 link_logger.addFilter(_REDACTING)
                 yield
             finally:
@@ -354,18 +422,36 @@ class MlflowBackend:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+                    if ours[k] is None:
+                        _SET_HERE.pop(k, None)
+                    else:
+                        _SET_HERE[k] = ours[k]
 
     @property
     def client(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            # Only an HTTP server can drip its answers; a database store is called as it is.
+            self._client = (_BoundedClient(client, self._request_s) if self.tracking_uri.startswith(_BOUNDED_SCHEMES)
+                            else client)
         return self._client
+
+    def _request_s(self) -> float:
+        """The most seconds one request may take, its retries and the pauses between them included."""
+        settings = self.http_settings()
+        if settings.budget is not None:
+            return settings.budget
+        # As ``HttpSettings.within`` counts urllib3's sleeps: none before the first retry.
+        return settings.timeout * settings.attempts + sum(settings.backoff * 2 ** (k - 1)
+                                                          for k in range(2, settings.retries + 1))
 
     def _cause(self, exc: BaseException) -> str:
         """Why a call failed, in one line without credentials; a network failure says which."""
         settings = self.http_settings()
+        if isinstance(exc, CallTimedOut):
+            return str(exc)
         failure = _network_failure(exc)
         if failure is None:
             return _one_line(exc)
@@ -499,8 +585,7 @@ class MlflowBackend:
     def _settle_lookup(self) -> None:
         """Wait for the lookups in flight, so that publishing cannot create a second run of the
         same name beside them. Each of their few requests is bounded by timeout_s."""
-        settings = self.http_settings()
-        bound = 4 * (settings.budget or settings.timeout * (settings.retries + 1)) + 5
+        bound = 4 * self._request_s() + 5
         with self._lookup_lock:
             pending = list(self._lookups_in_flight)
         for lookup in pending:

@@ -152,7 +152,8 @@ def test_a_used_run_name_is_checked_again_once_a_backend_that_could_not_be_liste
 def test_a_second_training_writing_the_run_at_the_same_time_is_stopped_at_its_next_save(tmp_path, pm, is_async):
     """A job started again while the first still runs: it restores the first one's newest step
     and both save on. Once the one behind sees a newer step it did not write (in the listing
-    of the prune after its own save), it saves no more, and the other saves on untouched."""
+    of the prune after its own save), it saves no more; once the one ahead sees a step it saved
+    committed again by the other, neither does it."""
     cfg = local_config(tmp_path, final=False, keep=3)
     cfg["roles"]["resume"]["async"] = is_async
     first = CheckpointManager.from_config(cfg, plugin_manager=pm)
@@ -169,25 +170,90 @@ def test_a_second_training_writing_the_run_at_the_same_time_is_stopped_at_its_ne
     second.save(step=4, model=model2, optimizer=opt2)
     second.wait()  # its commit, and the prune after it, which finds step 5
 
-    def save_on():
-        second.save(step=5, model=model2, optimizer=opt2)
-        second.wait()
+    def save_on(ck, step, m, o):
+        ck.save(step=step, model=m, optimizer=o)
+        ck.wait()
+
+    def conflict_of(info):
+        return info.value if isinstance(info.value, RunConflictError) else info.value.failures["(all)"]
 
     for _ in range(2):  # refused again, not only once
         with pytest.raises((RunConflictError, SaveError),
                            match=r"run 'exp' holds step 5, newer than any step this training saved \(the last, "
                                  r"step 4\).*another training is writing the same run at the same time") as info:
-            save_on()
-    conflict = info.value if isinstance(info.value, RunConflictError) else info.value.failures["(all)"]
-    assert (conflict.run_name, conflict.newest_step) == ("exp", 5)
+            save_on(second, 5, model2, opt2)
+    assert (conflict_of(info).run_name, conflict_of(info).newest_step) == ("exp", 5)
     state = torch.load(tmp_path / "scratch/exp/step-0000000005" / STATE_FILE, weights_only=True)
     assert_same_state(state["model"], model.state_dict())  # the first job's step 5, not written over
-    # The first job is not stopped, and its checkpoints are pruned as its own.
-    first.save(step=6, model=model, optimizer=opt)
-    first.wait()
+    # The first job's step 4 now holds the second's state: the first saves step 6, and its prune
+    # finds that; its checkpoints were pruned as its own meanwhile.
+    save_on(first, 6, model, opt)
     assert sorted(os.listdir(tmp_path / "scratch/exp")) == [f"step-000000000{s}" for s in (4, 5, 6)]
+    with pytest.raises((RunConflictError, SaveError),
+                       match=r"run 'exp' holds step 4 saved again, not by this training, since this training saw "
+                             r"it \(found after it saved step 6\).*another training is writing the same run"):
+        save_on(first, 7, model, opt)
     first.close()
     second.close()
+
+
+def test_two_trainings_saving_the_same_steps_in_turn_are_stopped_by_the_first_replaced_step(tmp_path, pm):
+    """Less than a save apart, neither sees a step newer than its own: each step the later one
+    saves replaces the earlier one's copy, which the earlier one's next prune lists."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    first = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    first.save(step=0, model=model, optimizer=opt)
+    second = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    model2, opt2 = make_model(seed=1)
+    assert second.restore(model2, opt2).step == 0
+    first.save(step=1, model=model, optimizer=opt)
+    second.save(step=1, model=model2, optimizer=opt2)  # replaces the first one's step 1
+    first.save(step=2, model=model, optimizer=opt)  # its prune lists step 1 replaced
+    second.save(step=2, model=model2, optimizer=opt2)
+    first.wait()  # the prune after its save of step 2
+    with pytest.raises(RunConflictError, match=r"holds step 1 saved again, not by this training"):
+        first.save(step=3, model=model, optimizer=opt)
+    # The second one's own steps were never replaced: it saves on.
+    assert second.save(step=3, model=model2, optimizer=opt2)
+    first.close()
+    second.close()
+
+
+def test_newer_steps_on_a_backend_restore_could_not_list_are_found_once_it_answers(tmp_path, pm, monkeypatch):
+    """The run went on to step 5 on a backend that did not answer the restore, which resumed
+    step 2 from the other: once it answers, it is the run's newer steps, not another training
+    at work, that the saves are refused for (as for a fresh training's first save)."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    model, opt = make_model()
+    ahead = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    for step in range(6):
+        ahead.save(step=step, model=model, optimizer=opt)
+    ahead.close()
+    spare = {"run_name": "exp", "backends": {"spare": {"type": "local", "path": str(tmp_path / "spare")}},
+             "roles": {"resume": {"backends": ["spare"], "every_n_steps": 1, "keep_last": 3}}}
+    behind = CheckpointManager.from_config(spare, plugin_manager=make_plugin_manager(autoload=False))
+    for step in range(3):
+        behind.save(step=step, model=model, optimizer=opt)
+    behind.close()
+
+    both = make_plugin_manager(autoload=False)
+    both.add_backend_type("flaky", DownBackend)
+    spare["backends"]["scratch"] = {"type": "flaky", "path": str(tmp_path / "scratch")}
+    spare["roles"]["resume"]["backends"] = ["spare", "scratch"]
+    monkeypatch.setattr(DownFS, "down", True)
+    ck = CheckpointManager.from_config(spare, plugin_manager=both)
+    assert ck.restore(model, opt).step == 2  # with a warning that scratch could not be listed
+    monkeypatch.setattr(DownFS, "down", False)
+    ck.save(step=3, model=model, optimizer=opt)
+    ck.wait()
+    with pytest.raises(RunConflictError, match=r"already holds checkpoints up to step 5, and this training did not "
+                                               r"restore from it") as info:
+        ck.save(step=4, model=model, optimizer=opt)
+    assert "at the same time" not in str(info.value)
+    steps = sorted(n for n in os.listdir(tmp_path / "scratch/exp") if n.startswith("step-"))
+    assert steps == ["step-0000000003", "step-0000000004", "step-0000000005"], "nothing newer was pruned"
+    ck.close()
 
 
 def test_a_newer_checkpoint_that_restore_skipped_as_damaged_is_no_other_training(tmp_path, pm):

@@ -358,8 +358,8 @@ class CheckpointManager:
         self._unchecked: frozenset[str] = frozenset()
         self._checked_at = 0  # the step the run was checked for
         self._ours: set[int] = set()  # the steps committed while some backend was unchecked
-        # (step, newest step found, whether found after this training committed ``step``) on rank 0
-        self._conflict: tuple[int, int, bool] | None = None
+        # The arguments of ``_conflict_error`` for the conflict found, on rank 0.
+        self._conflict: tuple | None = None
         # The newest step this training holds as its own (committed or restored), on rank 0: a
         # newer step in the run, which the prune's listing shows, is another training's.
         self._newest_own: int | None = None
@@ -603,15 +603,22 @@ class CheckpointManager:
             self._run_checked = False  # refused at every save, not only the first
             raise self._conflict_error(step, newest)
 
-    def _conflict_error(self, step: int, newest: int, concurrent: bool = False) -> RunConflictError:
-        if concurrent:
+    def _conflict_error(self, step: int, newest: int, how: str = "old", replaced: int | None = None
+                        ) -> RunConflictError:
+        """``how``: "old", the run holds steps up to ``newest`` that this training did not restore
+        from; "newer" and "replaced", another training writes the run at the same time, seen from
+        a step above any this one saved or restored, or from this one's step ``replaced`` saved
+        again by it."""
+        if how != "old":
+            found = (f"holds step {newest}, newer than any step this training saved (the last, step {step}) or "
+                     "restored, and not written by it" if how == "newer" else
+                     f"holds step {replaced} saved again, not by this training, since this training saw it "
+                     f"(found after it saved step {step})")
             return RunConflictError(
-                f"run {self.run_name!r} holds step {newest}, newer than any step this training saved "
-                f"(the last, step {step}) or restored, and not written by it: another training is "
-                "writing the same run at the same time (a job started again while the first one still "
-                "runs, or one config launched twice). The two would overwrite and prune each other's "
-                "checkpoints, so this one saves no more. Stop one of them; to keep both, give one "
-                "another run name",
+                f"run {self.run_name!r} {found}: another training is writing the same run at the same time (a "
+                "job started again while the first one still runs, or one config launched twice). The two would "
+                "overwrite and prune each other's checkpoints, so this one saves no more. Stop one of them; to "
+                "keep both, give one another run name",
                 self.run_name, newest)
         return RunConflictError(
             f"run {self.run_name!r} already holds checkpoints up to step {newest}, and this training "
@@ -633,6 +640,7 @@ class CheckpointManager:
             newest = max((r.step for r in listing[0]), default=None)
         if newest is None or newest <= restored:
             self._rolled_back = None
+            self._newest_own = restored  # the steps above it are gone
             return
         self._run_checked = False
         raise RunConflictError(
@@ -742,8 +750,7 @@ class CheckpointManager:
                 gone.update(r.step for r in deleted or () if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
-                continue
-            self._note_another_writer(ref.backend, step, newest_own)
+            self._note_another_writer(ref.backend, step, newest_own)  # from its listing, which may have worked
         # What a training of a million saves remembers stays the size of what it keeps. A step
         # forgotten while another backend still holds it counts less, so it is deleted later, not
         # sooner, and keep_best reads its metrics again from its manifest.
@@ -766,10 +773,15 @@ class CheckpointManager:
         (``_storable``, ``_store``). The prune kept this training's newest checkpoints all the
         same (only steps it committed count toward keep_last)."""
         instance = self.router.instances.get(backend)
-        newest = instance.newest_pruned(self.run_name) if isinstance(instance, FileBackend) else None
-        if newest is None or newest <= newest_own or self._conflict is not None:
+        if not isinstance(instance, FileBackend) or self._conflict is not None:
             return
-        self._conflict = (step, newest, True)
+        newest, replaced = instance.pruned_listing(self.run_name)
+        if newest is not None and newest > newest_own:
+            self._conflict = (step, newest, "newer")
+        elif replaced:
+            self._conflict = (step, newest, "replaced", max(replaced))
+        else:
+            return
         log.error("%s (found on backend %r)", self._conflict_error(*self._conflict), backend)
 
     def _holds_another_training(self, backend: str, step: int) -> bool:
@@ -787,7 +799,7 @@ class CheckpointManager:
             return True
         others = [r.step for r in refs if r.step not in self._ours and r.step != step and r.step >= self._checked_at]
         if others:
-            self._conflict = (step, max(others), False)
+            self._conflict = (step, max(others), "old")
             log.error("%s (found on backend %r once it answered)", self._conflict_error(*self._conflict), backend)
             return True
         self._unchecked -= {backend}
@@ -1057,7 +1069,11 @@ class CheckpointManager:
             # Newer steps the listing showed were skipped as damaged: they are no other training's.
             self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
             self._prepare_first_save(optimizer)
-            self._unchecked, self._conflict = frozenset(), None  # this training continues the run now
+            # This training continues the run now. A backend that could not be listed is listed
+            # again after the first save it commits: steps above the restored one there are
+            # another training's (``_holds_another_training``).
+            self._unchecked, self._conflict = frozenset(unreachable), None
+            self._checked_at, self._ours = self._newest_own + 1, set()
             if step is not None and (unreachable or newest > step):
                 # Newer steps (or a backend that may hold some): the first save checks the run again.
                 self._rolled_back = (step, newest if newest > step else None)
@@ -1575,7 +1591,8 @@ class CheckpointManager:
             self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
             self._rolled_back = None
             self._run_checked = True
-            self._unchecked, self._conflict = frozenset(), None  # this training continues the run now
+            self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
+            self._checked_at, self._ours = self._newest_own + 1, set()
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable)

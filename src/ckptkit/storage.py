@@ -228,8 +228,9 @@ class FileBackend:
         # runs listed at least once: a step above it cannot be committed yet (see ``_store``).
         self._newest_step: dict[str, int] = {}
         self._listed_runs: set[str] = set()
-        # The newest committed step of each run that this instance's last prune of it listed.
-        self._pruned_newest: dict[str, int | None] = {}
+        # What this instance's last prune of each run listed: its newest committed step, and the
+        # steps whose manifest someone else replaced since this instance last saw it.
+        self._pruned_saw: dict[str, tuple[int | None, frozenset[int]]] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.location}>"
@@ -776,13 +777,19 @@ class FileBackend:
         aged = self._aged(run_name, listing, now)
         committed = self._committed(run_name, listing)
         with self._lock:
-            self._pruned_newest[run_name] = max((r.step for r in committed), default=None)
             for known in (self._manifests, self._committed_here):
                 for path in [p for p in known if posixpath.dirname(p) == self.run_path(run_name)]:
                     if posixpath.basename(path) not in listing:
                         del known[path]
+        replaced = set()
         for ref in sorted(committed, key=lambda r: r.step, reverse=True):
-            consistent = self._consistent(ref, listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME))
+            entry = listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME)
+            before = self._manifests.get(ref.path)
+            with self._lock:
+                ours = ref.path in self._committed_here
+            if before is not None and not ours and _identity(entry) not in (None, before[0]):
+                replaced.add(ref.step)  # committed again since this instance saw it, not by it
+            consistent = self._consistent(ref, entry)
             if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
                 kept += 1
             elif ref.step in protected_steps or ref.path in in_flight:
@@ -793,6 +800,8 @@ class FileBackend:
                 # Committed but disagreeing with its manifest: not a checkpoint, a leftover.
                 doomed.append(ref)
             # Otherwise: not (yet) known to be intact, and newer than what is kept: it stays.
+        with self._lock:
+            self._pruned_saw[run_name] = (max((r.step for r in committed), default=None), frozenset(replaced))
         for path, _ in self._leftovers(run_name, listing):
             if path in in_flight or now - aged[path] <= self.leftover_grace_s:
                 continue
@@ -861,12 +870,13 @@ class FileBackend:
         except Exception as exc:
             raise self._fail(f"could not delete {ref.uri}", exc) from None
 
-    def newest_pruned(self, run_name: str) -> int | None:
-        """The newest committed step of ``run_name`` that the last ``prune`` of it listed (None
-        before any, or when it listed none): the manager tells from it, at no further request,
-        whether another training writes the same run."""
+    def pruned_listing(self, run_name: str) -> tuple[int | None, frozenset[int]]:
+        """What the last ``prune`` of ``run_name`` listed: the newest committed step (None before
+        any prune, or when it listed none), and the steps whose manifest was committed again,
+        not by this instance, since this instance last listed them. The manager tells from them,
+        at no further request, whether another training writes the same run."""
         with self._lock:
-            return self._pruned_newest.get(run_name)
+            return self._pruned_saw.get(run_name, (None, frozenset()))
 
     def stale_uploads(self, run_name: str, in_flight: set[str], now: float
                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:

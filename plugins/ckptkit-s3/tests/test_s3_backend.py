@@ -134,7 +134,10 @@ def test_the_training_behind_of_two_writing_one_run_is_stopped(pm, s3_backend_op
     second.wait()
     with pytest.raises(ckptkit.RunConflictError, match="holds step 4.*another training is writing the same run"):
         second.save(step=4, model=model(2))
-    assert first.save(step=5, model=model(1))
+    assert first.save(step=5, model=model(1))  # its prune finds its step 3 saved again by the other
+    first.wait()
+    with pytest.raises(ckptkit.RunConflictError, match="holds step 3 saved again, not by this training"):
+        first.save(step=6, model=model(1))
     fs = s3(s3_endpoint)
     assert [k.split("/")[0] for k in keys(fs, f"{bucket}/ckpts/run") if k.endswith(MANIFEST_NAME)] == [
         "step-0000000003", "step-0000000004", "step-0000000005"]

@@ -240,7 +240,9 @@ def test_a_hung_tracking_server_holds_up_no_save_and_fails_finalize_within_timeo
     assert "s3cr3t-pw" not in message + caplog.text
 
     probe = MlflowBackend.from_config("registry", {"tracking_uri": uri, "timeout_s": 1, "retries": 0}).probe()
-    assert all("did not answer within 1 s (1 attempt," in v for v in probe.values())
+    assert "did not answer within 1 s (1 attempt," in probe["connect"]
+    # Each further probe would wait as long again: a hung server is asked once.
+    assert probe["experiment"] == probe["registry"] == "not tried (the connect failed)"
 
 
 @pytest.mark.timeout(180)
@@ -272,6 +274,38 @@ def test_a_tracking_server_that_answers_a_byte_at_a_time_fails_finalize_in_bound
     # The run lookup (the manifests' run id) was made before; one call's deadline, then the rest.
     assert took < 60, f"finalize took {took:.0f} s against a dripping server"
     ck.close()
+
+
+def test_calls_given_up_on_are_capped_and_a_calls_own_timeout_is_its_own():
+    """A stand-in client whose calls wait as a dripping server makes them wait."""
+    from ckptkit_mlflow.backend import _MAX_ABANDONED, CallTimedOut, _BoundedClient
+
+    release = threading.Event()
+
+    class Stalling:
+        def hang(self):
+            release.wait(60)
+            return "late"
+
+        def own_timeout(self):
+            raise TimeoutError("the call's own")
+
+    client = _BoundedClient(Stalling(), lambda: 0.05)  # each call gets 2 x 0.05 s
+    with pytest.raises(TimeoutError, match="the call's own") as info:
+        client.own_timeout()
+    assert not isinstance(info.value, CallTimedOut)
+    threads = threading.active_count()
+    for _ in range(_MAX_ABANDONED):
+        with pytest.raises(CallTimedOut, match="had not finished hang after 0 s"):
+            client.hang()
+    with pytest.raises(CallTimedOut, match=f"{_MAX_ABANDONED} earlier calls .* still wait .* so hang was not sent"):
+        client.hang()
+    assert threading.active_count() == threads + _MAX_ABANDONED, "no thread more for a call not sent"
+    release.set()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.hang() == "late"  # the calls given up on have ended: calls go out again
 
 
 def test_settings_read_during_a_call_are_the_users_not_the_ones_the_call_set(monkeypatch):

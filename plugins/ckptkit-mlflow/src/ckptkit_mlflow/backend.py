@@ -78,6 +78,15 @@ _SET_HERE: dict[str, str] = {}
 # at the slowest rate that counts as progress.
 _REQUESTS_PER_CALL = 2
 _MIN_RATE = 64 * 1024  # bytes per second
+# Seconds a call may also spend waiting by design: a new model version is polled until the
+# registry says it is ready (MLflow waits up to 300 s; Databricks registers asynchronously).
+_WAITS = {"create_model_version": 300.0}
+# Calls given up on whose threads still wait on the server, at most: past it, a call fails at
+# once instead of leaving one more thread and connection behind (a server that drips answers to
+# a run lookup retried every few minutes would otherwise gather them for as long as it trains).
+_MAX_ABANDONED = 4
+_abandoned_lock = threading.Lock()
+_abandoned: set[int] = set()  # ids of the calls given up on that are still running
 _BOUNDED_SCHEMES = ("http://", "https://", "databricks")
 
 
@@ -131,7 +140,7 @@ class _BoundedClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            seconds = _REQUESTS_PER_CALL * self._request_s()
+            seconds = _REQUESTS_PER_CALL * self._request_s() + _WAITS.get(name, 0.0)
             if name in ("log_artifact", "log_artifacts") and len(args) > 1:
                 seconds += _local_size(args[1]) / _MIN_RATE
             outcome: Future = Future()
@@ -141,11 +150,25 @@ class _BoundedClient:
                     outcome.set_result(attr(*args, **kwargs))
                 except BaseException as exc:
                     outcome.set_exception(exc)
+                finally:
+                    with _abandoned_lock:
+                        _abandoned.discard(id(outcome))
 
+            with _abandoned_lock:
+                if len(_abandoned) >= _MAX_ABANDONED:
+                    raise CallTimedOut(f"{_MAX_ABANDONED} earlier calls to the tracking server still wait for it "
+                                       f"to finish answering, so {name} was not sent; check that it is healthy")
             threading.Thread(target=run, name=f"ckptkit-mlflow-{name}", daemon=True).start()
             try:
                 return outcome.result(timeout=seconds)
             except FutureTimeout:
+                with _abandoned_lock:
+                    if not outcome.done():  # still running: counted until it ends
+                        _abandoned.add(id(outcome))
+                if outcome.done() and outcome.exception() is not None:
+                    raise outcome.exception() from None  # the call's own TimeoutError (builtin, as FutureTimeout)
+                if outcome.done():
+                    return outcome.result()
                 raise CallTimedOut(f"the tracking server had not finished {name} after {seconds:.0f} s, though "
                                    "it answered within each attempt's timeout (it sends its answers too "
                                    "slowly, or a byte at a time); check that it is healthy, or raise "
@@ -434,8 +457,8 @@ class MlflowBackend:
 
             client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             # Only an HTTP server can drip its answers; a database store is called as it is.
-            self._client = (_BoundedClient(client, self._request_s) if self.tracking_uri.startswith(_BOUNDED_SCHEMES)
-                            else client)
+            bounded = self.tracking_uri.lower().startswith(_BOUNDED_SCHEMES)
+            self._client = _BoundedClient(client, self._request_s) if bounded else client
         return self._client
 
     def _request_s(self) -> float:
@@ -690,6 +713,10 @@ class MlflowBackend:
             for op, action in (("connect", lambda: self.client.search_experiments(max_results=1)),
                                ("experiment", lambda: self.client.get_experiment_by_name(self.experiment)),
                                ("registry", lambda: self.client.search_registered_models(max_results=1))):
+                if results.get("connect", "ok") != "ok":
+                    # A server that did not answer would make each further probe wait as long.
+                    results[op] = "not tried (the connect failed)"
+                    continue
                 try:
                     action()
                     results[op] = "ok"

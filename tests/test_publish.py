@@ -194,6 +194,26 @@ def test_cli_publish(tmp_path, monkeypatch, capsys):
     assert err.startswith("ckptkit: error:") and "step 99" in err and "\n" not in err
 
 
+def test_cli_publish_titles_its_table_by_what_happened(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path)))
+    ck = CheckpointManager.from_config(str(cfg))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.close()
+    blocker = tmp_path / "archive"
+    blocker.write_text("not a folder")  # the only final backend fails
+    assert main(["publish", str(cfg), "--step", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "run 'exp': did not publish the resume checkpoint of step 4" in out and "FAILED" in out
+    assert "published the" not in out
+    blocker.unlink()
+    assert main(["publish", str(cfg), "--step", "4"]) == 0
+    assert "run 'exp': published the resume checkpoint of step 4" in capsys.readouterr().out
+
+
 def test_a_sharded_resume_checkpoint_is_published_as_the_final_model(tmp_path):
     cfg = _config(tmp_path)
     cfg["roles"]["resume"]["format"] = "dcp"

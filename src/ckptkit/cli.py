@@ -148,7 +148,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         failed = [name for name, result in probed.items() if any(v != "ok" for v in result.values())]
         if failed:
             problems.append(f"probe failed for {', '.join(failed)}: the storage could not be written, listed, read "
-                            "or cleaned as the table shows; check its address, bucket and credentials")
+                            "or cleaned as the table shows; check its address (for an object store, its bucket) "
+                            "and credentials")
         _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows, "problems": problems}, table)
         for line in problems:
             err_console.print(f"ckptkit: error: {line}", markup=False, highlight=False)
@@ -319,7 +320,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     try:
         source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
         result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
-        title = f"run {ck.run_name!r}: published the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"
+        what = f"the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"
+        title = (f"run {ck.run_name!r}: published {what}" if result.ok else
+                 f"run {ck.run_name!r}: published {what} to some backends, not all" if result.published else
+                 f"run {ck.run_name!r}: did not publish {what}")
         table = _table(title, ("backend", "result", "where"), whole=("result",))
         for r in result.already_held:
             table.add_row(r.backend, "already held", r.uri)

@@ -159,18 +159,22 @@ def test_a_second_training_writing_the_run_at_the_same_time_is_stopped_at_its_ne
     first = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model()
     for step in range(4):
+        train_step(model, opt)  # trainings change their state between saves
         first.save(step=step, model=model, optimizer=opt)
     first.wait()
     second = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))  # another process's
     model2, opt2 = make_model(seed=1)
     assert second.restore(model2, opt2).step == 3
     for step in (4, 5):  # the first job is ahead
+        train_step(model, opt)
         first.save(step=step, model=model, optimizer=opt)
     first.wait()
+    train_step(model2, opt2)
     second.save(step=4, model=model2, optimizer=opt2)
     second.wait()  # its commit, and the prune after it, which finds step 5
 
     def save_on(ck, step, m, o):
+        train_step(m, o)
         ck.save(step=step, model=m, optimizer=o)
         ck.wait()
 
@@ -203,15 +207,18 @@ def test_two_trainings_saving_the_same_steps_in_turn_are_stopped_by_the_first_re
     cfg = local_config(tmp_path, final=False, keep=3)
     first = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model()
+    train_step(model, opt)
     first.save(step=0, model=model, optimizer=opt)
     second = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
     model2, opt2 = make_model(seed=1)
     assert second.restore(model2, opt2).step == 0
-    first.save(step=1, model=model, optimizer=opt)
-    second.save(step=1, model=model2, optimizer=opt2)  # replaces the first one's step 1
-    first.save(step=2, model=model, optimizer=opt)  # its prune lists step 1 replaced
-    second.save(step=2, model=model2, optimizer=opt2)
+    for step in (1, 2):
+        # The second replaces the first one's step; the first one's next prune lists that.
+        for ck, m, o in ((first, model, opt), (second, model2, opt2)):
+            train_step(m, o)
+            ck.save(step=step, model=m, optimizer=o)
     first.wait()  # the prune after its save of step 2
+    train_step(model, opt)
     with pytest.raises(RunConflictError, match=r"holds step 1 saved again, not by this training"):
         first.save(step=3, model=model, optimizer=opt)
     # The second one's own steps were never replaced: it saves on.

@@ -315,6 +315,7 @@ class LocalBackend(FileBackend):
         target = posixpath.join(run, dirname)
         with self._lock:
             written = self._unsynced.get(tmp, [])
+            self._attempted.add(target)
         data = manifest.to_json()
         if self._in_memory is None:
             self._in_memory = _in_memory(tmp)

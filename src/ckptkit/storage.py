@@ -145,6 +145,10 @@ def _identity(info: dict[str, Any] | None) -> tuple | None:
     return tuple(info.get(k) for k in _IDENTITY_KEYS)
 
 
+def _digests(manifest: Manifest) -> dict[str, str]:
+    return {name: entry.digest for name, entry in manifest.files.items()}
+
+
 def _check_file_name(name: str) -> str:
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(f"file name {name!r} in a manifest points outside its checkpoint")
@@ -231,6 +235,11 @@ class FileBackend:
         # What this instance's last prune of each run listed: its newest committed step, and the
         # steps whose manifest someone else replaced since this instance last saw it.
         self._pruned_saw: dict[str, tuple[int | None, frozenset[int]]] = {}
+        # Folders whose cached manifest (``_manifests``) is one this instance committed, and
+        # folders it tried to commit a manifest to since its last prune (a failed commit may
+        # still have changed the manifest there).
+        self._own_manifests: set[str] = set()
+        self._attempted: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.location}>"
@@ -458,6 +467,8 @@ class FileBackend:
 
     def _commit_manifest(self, path: str, data: bytes) -> None:
         """Publish the manifest at ``path``: the step that commits a checkpoint."""
+        with self._lock:
+            self._attempted.add(posixpath.dirname(path))
         if not self.atomic_move:
             self._call(f"writing {self.uri(path)}", self.fs.pipe_file, path, data)
             return
@@ -724,6 +735,7 @@ class FileBackend:
         elif key is not None and own is not None and listed.get("size") == own[0]:
             manifest = own[1]
             self._manifests[ref.path] = (key, manifest)
+            self._own_manifests.add(ref.path)
         else:
             try:
                 manifest = self.read_manifest(ref)
@@ -731,6 +743,7 @@ class FileBackend:
                 return False
             if key is not None:
                 self._manifests[ref.path] = (key, manifest)
+                self._own_manifests.discard(ref.path)
         if ref.sizes is None:
             return True
         return all(ref.sizes.get(n) == e.size for n, e in manifest.files.items())
@@ -781,15 +794,21 @@ class FileBackend:
                 for path in [p for p in known if posixpath.dirname(p) == self.run_path(run_name)]:
                     if posixpath.basename(path) not in listing:
                         del known[path]
+                        self._own_manifests.discard(path)
+            attempted, self._attempted = self._attempted, set()
         replaced = set()
         for ref in sorted(committed, key=lambda r: r.step, reverse=True):
             entry = listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME)
-            before = self._manifests.get(ref.path)
+            before = self._manifests.get(ref.path) if ref.path in self._own_manifests else None
             with self._lock:
-                ours = ref.path in self._committed_here
-            if before is not None and not ours and _identity(entry) not in (None, before[0]):
-                replaced.add(ref.step)  # committed again since this instance saw it, not by it
+                ours = ref.path in self._committed_here or ref.path in attempted
             consistent = self._consistent(ref, entry)
+            after = self._manifests.get(ref.path)
+            if before is not None and not ours and after is not None and after[0] != before[0] and (
+                    _digests(after[1]) != _digests(before[1])):
+                # A manifest this instance committed, replaced since by an intact one for other
+                # bytes that it did not write (a damaged one is no longer read as a manifest).
+                replaced.add(ref.step)
             if kept < keep_last and consistent and (counted_steps is None or ref.step in counted_steps):
                 kept += 1
             elif ref.step in protected_steps or ref.path in in_flight:

@@ -125,19 +125,19 @@ def test_the_training_behind_of_two_writing_one_run_is_stopped(pm, s3_backend_op
     """Seen in the listing the prune after each save makes anyway: no request more per save."""
     first = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
     for step in range(3):
-        first.save(step=step, model=model(1))
+        first.save(step=step, model=model(step))  # each step's state its own, as in training
     second = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
-    assert second.restore(model(2)).step == 2
-    first.save(step=3, model=model(1))
-    first.save(step=4, model=model(1))
-    second.save(step=3, model=model(2))
+    assert second.restore(model(99)).step == 2
+    first.save(step=3, model=model(3))
+    first.save(step=4, model=model(4))
+    second.save(step=3, model=model(103))
     second.wait()
     with pytest.raises(ckptkit.RunConflictError, match="holds step 4.*another training is writing the same run"):
-        second.save(step=4, model=model(2))
-    assert first.save(step=5, model=model(1))  # its prune finds its step 3 saved again by the other
+        second.save(step=4, model=model(104))
+    assert first.save(step=5, model=model(5))  # its prune finds its step 3 saved again by the other
     first.wait()
     with pytest.raises(ckptkit.RunConflictError, match="holds step 3 saved again, not by this training"):
-        first.save(step=6, model=model(1))
+        first.save(step=6, model=model(6))
     fs = s3(s3_endpoint)
     assert [k.split("/")[0] for k in keys(fs, f"{bucket}/ckpts/run") if k.endswith(MANIFEST_NAME)] == [
         "step-0000000003", "step-0000000004", "step-0000000005"]

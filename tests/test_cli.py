@@ -338,8 +338,11 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "ckptkit.cli", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "1000000"]
+    # SIGINT as a terminal gives it: a test run started in the background of a shell without job
+    # control ignores SIGINT, and its children inherit that (Python then raises nothing).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline(), "the demo said nothing before training"  # started: main() runs
         proc.send_signal(signal.SIGINT)

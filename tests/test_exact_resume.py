@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError
+from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError, StorageUnavailableError
 from ckptkit.cli import main as cli_main
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
 from ckptkit.plugins import make_plugin_manager
@@ -260,6 +260,28 @@ def test_newer_steps_on_a_backend_restore_could_not_list_are_found_once_it_answe
     assert "at the same time" not in str(info.value)
     steps = sorted(n for n in os.listdir(tmp_path / "scratch/exp") if n.startswith("step-"))
     assert steps == ["step-0000000003", "step-0000000004", "step-0000000005"], "nothing newer was pruned"
+    ck.close()
+
+
+def test_a_prune_whose_listing_failed_has_seen_nothing(tmp_path, pm, monkeypatch):
+    """What an earlier prune listed must not stand in for a failed listing: after a rollback
+    whose newer steps were deleted, those steps would read as another training's."""
+    pm.add_backend_type("flaky", DownBackend)
+    cfg = local_config(tmp_path, final=False, keep=3)
+    cfg["backends"]["scratch"]["type"] = "flaky"
+    monkeypatch.setattr(DownFS, "down", False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(3):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    backend = ck.router.instances["scratch"]
+    assert backend.pruned_listing("exp") == (2, frozenset())
+    monkeypatch.setattr(DownFS, "down", True)
+    with pytest.raises(StorageUnavailableError, match="could not list"):
+        backend.prune(run_name="exp", keep_last=3, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert backend.pruned_listing("exp") == (None, frozenset())
     ck.close()
 
 

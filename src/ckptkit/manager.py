@@ -828,12 +828,14 @@ class CheckpointManager:
         On each backend the checkpoints are verified newest first (every file read and checked)
         until ``keep_last`` verify; only those count toward ``keep_last``, so a run is never
         left without a checkpoint that verifies. Damaged ones are reported, not counted, and
-        deleted only once older than the kept ones. ``keep_best`` checkpoints stay.
+        deleted only once older than the kept ones. ``keep_best`` checkpoints stay. An async save
+        in flight is waited for first, and its outcome reported, as ``wait()`` does.
         """
         self._check_open()
         keep = self.resume_role.keep_last if keep_last is None else keep_last
         if keep < 1:
             raise ValueError("keep_last must be at least 1")
+        self.wait()  # an async save in flight commits, and the prune after it ends, before this one lists
         deleted: list[CheckpointRef] = []
         corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
         for name in self.router.backends(Role.RESUME):

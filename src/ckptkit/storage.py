@@ -786,6 +786,8 @@ class FileBackend:
         now = time.time()
         kept = 0
         doomed = []
+        with self._lock:
+            self._pruned_saw.pop(run_name, None)  # nothing seen, should the listing fail
         listing = self._listing(run_name)
         aged = self._aged(run_name, listing, now)
         committed = self._committed(run_name, listing)
@@ -795,7 +797,7 @@ class FileBackend:
                     if posixpath.basename(path) not in listing:
                         del known[path]
                         self._own_manifests.discard(path)
-            attempted, self._attempted = self._attempted, set()
+            attempted = set(self._attempted)  # forgotten once this prune has looked at them all
         replaced = set()
         for ref in sorted(committed, key=lambda r: r.step, reverse=True):
             entry = listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME)
@@ -821,6 +823,7 @@ class FileBackend:
             # Otherwise: not (yet) known to be intact, and newer than what is kept: it stays.
         with self._lock:
             self._pruned_saw[run_name] = (max((r.step for r in committed), default=None), frozenset(replaced))
+            self._attempted -= attempted
         for path, _ in self._leftovers(run_name, listing):
             if path in in_flight or now - aged[path] <= self.leftover_grace_s:
                 continue

@@ -177,7 +177,8 @@ def test_errors_name_what_is_missing(tmp_path):
     ck.close()
 
 
-def test_cli_publish(tmp_path, monkeypatch, capsys):
+def _trained_config_file(tmp_path, monkeypatch):
+    """A config file in the working folder, and a training of it saved (resume steps 4 and 5)."""
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "ckptkit.yaml"
     cfg.write_text(json.dumps(_config(tmp_path)))
@@ -185,6 +186,11 @@ def test_cli_publish(tmp_path, monkeypatch, capsys):
     model, opt = _model()
     _train(ck, model, opt)
     ck.close()
+    return cfg
+
+
+def test_cli_publish(tmp_path, monkeypatch, capsys):
+    cfg = _trained_config_file(tmp_path, monkeypatch)
     assert main(["publish", str(cfg), "--step", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["source"]["kind"] == "resume" and data["published"][0]["backend"] == "archive"
@@ -195,14 +201,8 @@ def test_cli_publish(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_publish_titles_its_table_by_what_happened(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")
-    cfg = tmp_path / "ckptkit.yaml"
-    cfg.write_text(json.dumps(_config(tmp_path)))
-    ck = CheckpointManager.from_config(str(cfg))
-    model, opt = _model()
-    _train(ck, model, opt)
-    ck.close()
+    cfg = _trained_config_file(tmp_path, monkeypatch)
     blocker = tmp_path / "archive"
     blocker.write_text("not a folder")  # the only final backend fails
     assert main(["publish", str(cfg), "--step", "4"]) == 1

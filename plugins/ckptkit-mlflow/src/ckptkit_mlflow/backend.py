@@ -188,6 +188,12 @@ def _network_failure(exc: BaseException) -> tuple[str, BaseException] | None:
     return None
 
 
+def _sleeps(backoff: int, retries: int) -> int:
+    """Seconds urllib3 sleeps over ``retries`` retries: ``backoff * 2**(k-1)`` before the k-th,
+    none before the first."""
+    return sum(backoff * 2 ** (k - 1) for k in range(2, retries + 1))
+
+
 @attrs.frozen
 class HttpSettings:
     """How MLflow's HTTP client waits: per attempt, how many retries, how long between them."""
@@ -208,7 +214,7 @@ class HttpSettings:
         """
         attempts = retries + 1
         backoff = BACKOFF_FACTOR
-        sleeps = sum(backoff * 2 ** (k - 1) for k in range(2, retries + 1))
+        sleeps = _sleeps(backoff, retries)
         if budget - sleeps < attempts:
             backoff, sleeps = 0, 0
         return cls(timeout=max(1, int((budget - sleeps) // attempts)), retries=retries, backoff=backoff,
@@ -466,9 +472,7 @@ class MlflowBackend:
         settings = self.http_settings()
         if settings.budget is not None:
             return settings.budget
-        # As ``HttpSettings.within`` counts urllib3's sleeps: none before the first retry.
-        return settings.timeout * settings.attempts + sum(settings.backoff * 2 ** (k - 1)
-                                                          for k in range(2, settings.retries + 1))
+        return settings.timeout * settings.attempts + _sleeps(settings.backoff, settings.retries)
 
     def _cause(self, exc: BaseException) -> str:
         """Why a call failed, in one line without credentials; a network failure says which."""

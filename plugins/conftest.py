@@ -226,9 +226,21 @@ def make_fault_proxy():
         p.close()
 
 
+class _SilentPort(int):
+    def __new__(cls, port: int, held: list):
+        self = super().__new__(cls, port)
+        self.held = held
+        return self
+
+    @property
+    def accepted(self) -> int:
+        return len(self.held)
+
+
 @pytest.fixture
 def silent_server():
-    """A TCP server on loopback that accepts connections and never answers: a hung server."""
+    """A TCP server on loopback that accepts connections and never answers: a hung server. Its
+    port, which also says how many connections it has accepted (``accepted``)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -244,7 +256,7 @@ def silent_server():
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield sock.getsockname()[1]
+    yield _SilentPort(sock.getsockname()[1], held)
     stop.set()
     thread.join(5)
     sock.close()

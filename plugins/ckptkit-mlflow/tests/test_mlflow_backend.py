@@ -229,6 +229,9 @@ def test_a_hung_tracking_server_holds_up_no_save_and_fails_finalize_within_timeo
     with pytest.raises(PublishError) as err:
         ck.finalize(model=model, step=5)
     ck.close()
+    # finalize waited for the lookup in flight; once that found the server silent, it did not
+    # ask again (a second wait as long): the lookup's one request, in two attempts, was all.
+    assert silent_server.accepted == 2
     message = str(err.value)
     (warning,) = [r.getMessage() for r in caplog.records if "could not name the MLflow run" in r.getMessage()]
     assert "'registry'" in warning and f"***@127.0.0.1:{silent_server}" in warning

@@ -330,6 +330,7 @@ class MlflowBackend:
         self._experiment_id: str | None = None
         self._owned: set[str] = set()
         self._run_id_failed_at: float | None = None
+        self._run_id_error: BaseException | None = None  # why the last lookup failed
         # The tracking run, looked up on a thread: (run name, resumed id, active id) -> its answer.
         self._lookup: Future | None = None
         self._lookup_key: tuple | None = None
@@ -598,6 +599,7 @@ class MlflowBackend:
                 run_id = self._resolve_run(run_name, resumed_run_id, active_id)
             self._run_id_failed_at = None
         except Exception as exc:
+            self._run_id_error = exc
             self._run_id_failed_at = time.monotonic()
             log.warning("backend %r: could not name the MLflow run at %s (checkpoints are saved without "
                         "it; asking again in %.0f s): %s", self.name, self.location, RUN_ID_RETRY_AFTER_S,
@@ -609,10 +611,14 @@ class MlflowBackend:
         with self._lookup_lock:
             self._lookups_in_flight.discard(lookup)
 
-    def _settle_lookup(self) -> None:
+    def _settle_lookup(self) -> BaseException | None:
         """Wait for the lookups in flight, so that publishing cannot create a second run of the
-        same name beside them. Each of their few requests is bounded by timeout_s."""
+        same name beside them. Each of their few requests is bounded by timeout_s.
+
+        Returns why a lookup failed while this waited, where the server could not be reached or
+        did not answer: asking it again at once would only wait as long a second time."""
         bound = 4 * self._request_s() + 5
+        started = time.monotonic()
         with self._lookup_lock:
             pending = list(self._lookups_in_flight)
         for lookup in pending:
@@ -620,6 +626,11 @@ class MlflowBackend:
                 lookup.result(timeout=bound)
             except TimeoutError:
                 log.warning("backend %r: the MLflow run lookup is still waiting after %.0f s", self.name, bound)
+        failed_at, error = self._run_id_failed_at, self._run_id_error
+        if pending and failed_at is not None and failed_at >= started and error is not None:
+            if _network_failure(error) is not None or isinstance(error, CallTimedOut):
+                return error
+        return None
 
     @ckptkit.hookimpl(trylast=True)
     def publish_final(self, run_name: str, payload: Payload, stored: list[CheckpointRef],
@@ -635,11 +646,12 @@ class MlflowBackend:
         try:
             # Only a remote copy exists: its checksum is computed here, outside the env lock.
             digest = self._digest(payload) if remote is not None else None
-            if not payload.mlflow_run_id:
-                # Outside _requests: the lookup thread takes the same lock for its requests.
-                self._settle_lookup()
+            # Outside _requests: the lookup thread takes the same lock for its requests.
+            unreachable = None if payload.mlflow_run_id else self._settle_lookup()
+            step = "finding the run"
+            if unreachable is not None:
+                raise self._error(step, unreachable) from None
             with self._requests():
-                step = "finding the run"
                 run_id = payload.mlflow_run_id
                 if run_id and self._usable_run(run_id):
                     if not _is_active(run_id):

@@ -515,6 +515,44 @@ def test_the_active_run_is_used_and_left_open(tmp_path, embedded_uri, monkeypatc
     assert _manifest_run_ids(tmp_path, "mine") == {active.info.run_id}
 
 
+_IMPORT_SPY = """
+import json, sys, threading
+importers = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow":
+            importers.append(threading.current_thread().name)
+
+sys.meta_path.insert(0, Spy())
+import torch
+from ckptkit import CheckpointManager
+config = json.loads(sys.argv[1])
+ck = CheckpointManager.from_config(config, run_name="spied")
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(model.parameters())
+ck.restore(model=model, optimizer=opt)
+ck.save(step=5, model=model, optimizer=opt)
+ck.tracking_run_id(timeout=60)
+ck.close()
+print(json.dumps(importers))
+"""
+
+
+def test_a_training_that_never_imported_mlflow_does_not_import_it_on_its_own_thread(tmp_path, embedded_uri):
+    """No run can be active on a thread while mlflow is not imported: importing it there, about
+    a second, would stop the first save; the run lookup imports it on its own thread."""
+    import subprocess
+
+    config = _config(tmp_path, embedded_uri, f"spied-{_uid()}")
+    done = subprocess.run([sys.executable, "-c", _IMPORT_SPY, json.dumps(config)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    importers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert importers and "MainThread" not in importers, done.stderr
+    assert _manifest_run_ids(tmp_path, "spied") != set()
+
+
 def test_log_pytorch_model_is_the_only_copy(tmp_path, embedded_uri, monkeypatch):
     import mlflow.pytorch
 

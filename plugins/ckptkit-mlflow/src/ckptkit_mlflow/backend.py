@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import string
+import sys
 import tempfile
 import threading
 import time
@@ -256,8 +257,12 @@ class _Discard(WriteOnly):
 
 def _active_run_id() -> str | None:
     """The id of the MLflow run this thread started (``mlflow.start_run``), if any."""
-    import mlflow
-
+    mlflow = sys.modules.get("mlflow")
+    # Not imported, or still being imported by the run lookup's thread: no run was started on
+    # this thread then, and importing mlflow here would stop training for about a second at
+    # the first save.
+    if mlflow is None or getattr(getattr(mlflow, "__spec__", None), "_initializing", False):
+        return None
     active = mlflow.active_run()
     return active.info.run_id if active is not None else None
 

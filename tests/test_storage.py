@@ -125,15 +125,45 @@ def test_replacing_a_local_checkpoint_is_one_atomic_swap(tmp_path, monkeypatch):
     backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
     backend.save_resume(run_name="r", step=3, payload=payload(3, b"old"))
     # Were the old copy moved aside and the new one moved in by two renames, a crash in between
-    # would leave step 3 with no copy at all; the swap never needs os.rename.
-    def no_rename(*args):
-        raise OSError("a crash here would lose step 3")
+    # would leave step 3 with no copy at all; the swap moves nothing aside.
+    real_rename, moved = os.rename, []
 
-    monkeypatch.setattr(ckptkit.local.os, "rename", no_rename)
+    def only_refused(src, dst):
+        real_rename(src, dst)  # refused (ENOTEMPTY) onto the committed copy: nothing moved
+        moved.append((src, dst))
+
+    monkeypatch.setattr(ckptkit.local.os, "rename", only_refused)
     ref = backend.save_resume(run_name="r", step=3, payload=payload(3, b"new!"))
+    assert moved == [], "the old copy was moved aside: a crash there would lose step 3"
     with backend.open_file(ref=ref, name="state.pt") as f:
         assert f.read() == b"new!"
     assert sorted(os.listdir(tmp_path / "root/r")) == ["step-0000000003"]
+
+
+def test_a_step_another_process_commits_while_this_one_commits_it_is_replaced_not_an_error(tmp_path, monkeypatch):
+    """Two trainings writing one run (a job started again while the first still runs) may commit
+    the same step at the same moment: the second rename finds the folder there and swaps, as a
+    step saved again does, rather than failing with a bare "Directory not empty"."""
+    import ckptkit.local
+
+    ours = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    theirs = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    real_rename, raced = os.rename, []
+
+    def commit_theirs_first(src, dst):
+        if not raced and os.path.basename(dst) == step_dirname(5):
+            raced.append(dst)  # their whole save, between our last look and our rename
+            theirs.save_resume(run_name="r", step=5, payload=payload(5, b"theirs"))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckptkit.local.os, "rename", commit_theirs_first)
+    ref = ours.save_resume(run_name="r", step=5, payload=payload(5, b"ours!"))
+    assert raced
+    with ours.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"ours!"
+    assert sorted(os.listdir(tmp_path / "root/r")) == [step_dirname(5)]
+    (listed,) = ours.list_checkpoints(run_name="r")
+    assert ours.read_manifest(ref=listed).files["state.pt"].size == len(b"ours!")
 
 
 class _FullDiskFile(LocalFileOpener):

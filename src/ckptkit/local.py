@@ -323,10 +323,15 @@ class LocalBackend(FileBackend):
             f.write(data)
             f.flush()
             _fsync_together([*written, f], tmp, self._in_memory)
-        if os.path.exists(target):
-            # Replacing a committed copy: swap atomically, so that a crash leaves one of the two
-            # in place; only where the filesystem cannot swap are there two renames. The old
-            # copy loses its manifest first: half deleted, it is never taken for a checkpoint.
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Replacing a committed copy (also one another process committed since this save
+            # began): swap atomically, so that a crash leaves one of the two in place; only where
+            # the filesystem cannot swap are there two renames. The old copy loses its manifest
+            # first: half deleted, it is never taken for a checkpoint.
             if _exchange(tmp, target):
                 _discard(tmp)
             else:
@@ -334,8 +339,6 @@ class LocalBackend(FileBackend):
                 os.rename(target, trash)
                 os.rename(tmp, target)
                 _discard(trash)
-        else:
-            os.rename(tmp, target)
         _fsync_dir(run)
         self._remember(target, data, manifest)
         return target

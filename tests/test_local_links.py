@@ -122,3 +122,28 @@ def test_a_named_pipe_in_a_checkpoint_is_never_waited_on(tmp_path, pm, where):
     ref = [r for r in ck.list_checkpoints() if r.step == 2]
     if ref:  # a pipe for a manifest: not a committed checkpoint at all
         assert isinstance(_in_thread(lambda: ck.verify(ref[0])).get("error"), CorruptCheckpointError)
+
+
+def test_a_link_in_place_of_a_step_folder_is_replaced_and_what_it_points_at_is_left_alone(tmp_path, pm):
+    """A run "forked" by linking another run's step folder: the save of that step replaces the
+    link with a folder of its own, and the other run's checkpoint keeps every file."""
+    cfg = local_config(tmp_path, final=False)
+    model, opt = make_model()
+    first = CheckpointManager.from_config(cfg, run_name="first", plugin_manager=pm)
+    first.save(step=5, model=model, optimizer=opt)
+    first.close()
+    theirs = tmp_path / "scratch/first/step-0000000005"
+    before = sorted(os.listdir(theirs))
+    (tmp_path / "scratch/fork").mkdir()
+    (tmp_path / "scratch/fork/step-0000000005").symlink_to(theirs, target_is_directory=True)
+
+    fork = CheckpointManager.from_config(cfg, run_name="fork", plugin_manager=pm)
+    assert fork.restore(model=model, optimizer=opt) is None  # the link is no checkpoint of this run
+    fork.save(step=5, model=model, optimizer=opt)
+    fork.close()
+    ours = tmp_path / "scratch/fork/step-0000000005"
+    assert not ours.is_symlink() and (ours / "manifest.json").is_file()
+    assert sorted(os.listdir(theirs)) == before
+    again = CheckpointManager.from_config(cfg, run_name="first", plugin_manager=pm)
+    assert again.restore(model=model, optimizer=opt).step == 5
+    again.close()

@@ -404,12 +404,10 @@ def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, 
     assert not (run / ".trash-final-ba9876543210").exists()
 
 
-def test_a_prune_right_after_such_a_kill_leaves_the_copy_aside_for_the_put_back(tmp_path, pm, monkeypatch):
-    """Within the minute the put-back waits (a commit in flight looks the same), a prune must
-    not take the committed copy left aside for a leftover: its files are old."""
+def test_a_prune_right_after_such_a_kill_puts_the_copy_aside_back_and_never_sweeps_it(tmp_path, pm):
+    """Within the minute a commit in flight looks the same: the prune gives it a moment to make
+    its second rename, then puts the committed copy back; its old files never make it a leftover."""
     import shutil
-
-    import ckptkit.local
 
     cfg = local_config(tmp_path, final=False)
     cfg["backends"]["scratch"]["leftover_grace_s"] = 0
@@ -425,7 +423,5 @@ def test_a_prune_right_after_such_a_kill_leaves_the_copy_aside_for_the_put_back(
     for path in (run / ".trash-step-0000000002-ba9876543210").iterdir():
         os.utime(path, (an_hour_ago, an_hour_ago))
     ck.prune()
-    assert (run / ".trash-step-0000000002-ba9876543210" / "manifest.json").exists()
-    monkeypatch.setattr(ckptkit.local, "_SWAP_GRACE_S", 0.0)  # the minute has passed
-    ck.prune()
     assert _steps(tmp_path) == [1, 2] and not (run / ".trash-step-0000000002-ba9876543210").exists()
+    assert (run / "step-0000000002" / "manifest.json").exists()

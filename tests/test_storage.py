@@ -572,3 +572,64 @@ def test_a_final_folder_without_manifest_is_swept_once_past_the_grace_period():
     assert backend.sweep_final_leftovers(run_name="kept", dry_run=False) == []
     assert backend.final_ref(run_name="kept").step == 3
     fs.rm(root, recursive=True)
+
+
+def test_a_commit_killed_between_its_two_renames_is_put_back_for_a_process_restarted_at_once(tmp_path, caplog):
+    """Where the filesystem cannot swap folders, saving step N again renames the committed copy
+    aside, then the new one in. A process restarted right after a kill in between (torchrun,
+    Kubernetes: seconds) finds step N again, not an empty run that trains from step 0."""
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    backend.save_resume(run_name="r", step=5, payload=payload(5, b"committed"))
+    run = tmp_path / "root/r"
+    os.rename(run / step_dirname(5), run / f".trash-{step_dirname(5)}-0123456789ab")  # the kill's leftover
+
+    restarted = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    (ref,) = restarted.list_checkpoints(run_name="r")
+    assert ref.step == 5
+    with restarted.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"committed"
+    assert sorted(os.listdir(run)) == [step_dirname(5)]
+    assert "put back" in caplog.text
+
+
+def test_running_out_of_inodes_on_the_first_folder_is_a_full_store_that_names_the_step(tmp_path, monkeypatch):
+    """An inode quota (common on clusters) fails the first mkdir of a save, before any byte."""
+    import ckptkit.local
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+
+    def no_inodes(path, *args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), path)
+
+    monkeypatch.setattr(ckptkit.local.os, "makedirs", no_inodes)
+    with pytest.raises(StorageFullError) as err:
+        backend.save_resume(run_name="r", step=2, payload=payload(2))
+    assert "step-0000000002 of run 'r'" in str(err.value) and err.value.backend == "disk"
+    monkeypatch.undo()
+    assert steps(backend) == [1]
+    assert not [n for n in os.listdir(tmp_path / "root/r") if n.startswith(".tmp-")]
+
+
+def test_a_folder_of_the_run_that_ckptkit_did_not_write_is_not_walked(tmp_path, monkeypatch):
+    """A trainer's own folder inside the run (logs, say), unreadable or holding many files, is
+    not ckptkit's to look into: the checkpoints beside it list and prune as before."""
+    import ckptkit.local
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    for step in (1, 2, 3):
+        backend.save_resume(run_name="r", step=step, payload=payload(step))
+    logs = tmp_path / "root/r/tensorboard"
+    (logs / "deep").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def unreadable_logs(path=".", *args):
+        if str(path).startswith(str(logs)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_scandir(path, *args)
+
+    monkeypatch.setattr(ckptkit.local.os, "scandir", unreadable_logs)
+    assert steps(backend) == [1, 2, 3]
+    backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert steps(backend) == [3]
+    assert logs.is_dir() and (logs / "deep").is_dir()

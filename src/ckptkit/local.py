@@ -32,6 +32,7 @@ from .storage import (
     set_aside_for,
     step_dirname,
     storage_full,
+    written_by_ckptkit,
 )
 from .writes import stoppable, write_files
 
@@ -39,8 +40,40 @@ from .writes import stoppable, write_files
 log = logging.getLogger(__name__)
 
 
+def _moved_into_place(folder: str, target: str) -> bool:
+    """Rename ``folder`` to ``target``; False, moving nothing, where ``target`` is a folder that
+    holds something (a committed copy)."""
+    try:
+        os.rename(folder, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        if exc.errno != errno.ENOTDIR or not os.path.islink(target):
+            raise
+        # A link planted where the folder goes is replaced, never followed: what it points at
+        # may be another run's checkpoint.
+        os.unlink(target)
+        os.rename(folder, target)
+    return True
+
+
+def _finished_meanwhile(target: str) -> bool:
+    """Whether a commit between its two renames puts a new copy at ``target`` within
+    ``_SWAP_WAIT_S`` (milliseconds for one alive; one killed there never does)."""
+    deadline = time.monotonic() + _SWAP_WAIT_S
+    while not os.path.lexists(target):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _discard(folder: str) -> None:
-    """Remove a checkpoint folder that is no longer committed, its manifest first."""
+    """Remove a checkpoint folder that is no longer committed, its manifest first; where a link
+    has taken the folder's place, only the link."""
+    if os.path.islink(folder):
+        os.unlink(folder)
+        return
     try:
         os.remove(os.path.join(folder, MANIFEST_NAME))
     except OSError:
@@ -70,8 +103,11 @@ def _open_regular(path: str) -> BinaryIO:
 
 # Where a filesystem cannot swap two folders, saving a committed step again renames the old copy
 # aside and the new one into place: a trash folder younger than this may be a commit between
-# its two renames, and is left to it (its time is the file server's, maybe not this clock's).
+# its two renames (its time is the file server's, maybe not this clock's). Such a commit is
+# given this long to make its second rename before the old copy is put back: a process
+# restarted at once after a kill there must not find the step gone.
 _SWAP_GRACE_S = 60.0
+_SWAP_WAIT_S = 2.0
 # A manifest lists a checkpoint's files, a few hundred bytes each: none comes near this.
 _MANIFEST_MAX = 64 * 2**20
 
@@ -305,7 +341,16 @@ class LocalBackend(FileBackend):
         tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
         with self._lock:
             self._in_flight.add(tmp)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(tmp)
+        except OSError as exc:
+            with self._lock:
+                self._in_flight.discard(tmp)
+            full = no_space(exc)  # out of inodes, or over an inode quota, fails here first
+            if full is not None:
+                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full) from full
+            raise BackendError(self.name, f"could not make a folder for {dirname} of run {run_name!r} under "
+                                          f"{self.root}: {self.describe(exc)}") from exc
         return tmp
 
     def _commit(self, tmp: str, dirname: str, manifest: Manifest) -> str:
@@ -323,11 +368,7 @@ class LocalBackend(FileBackend):
             f.write(data)
             f.flush()
             _fsync_together([*written, f], tmp, self._in_memory)
-        try:
-            os.rename(tmp, target)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+        if not _moved_into_place(tmp, target):
             # Replacing a committed copy (also one another process committed since this save
             # began): swap atomically, so that a crash leaves one of the two in place; only where
             # the filesystem cannot swap are there two renames. The old copy loses its manifest
@@ -463,7 +504,10 @@ class LocalBackend(FileBackend):
                 is_dir = stat.S_ISDIR(st.st_mode)
                 found[entry.path] = {"name": entry.path, "type": "directory" if is_dir else "file",
                                      "size": st.st_size, "mtime": st.st_mtime, "ino": st.st_ino}
-                if is_dir:
+                # A folder of the run that ckptkit did not write (a trainer's logs, say) is listed
+                # but not walked: nothing in it counts, it may hold many files, and one that
+                # cannot be read must not make the run's checkpoints unreadable.
+                if is_dir and (folder != path or written_by_ckptkit(entry.name)):
                     pending.append(entry.path)
         return found
 
@@ -504,7 +548,7 @@ class LocalBackend(FileBackend):
                 continue
             aside, target = posixpath.join(run, dirname), posixpath.join(run, step_dir)
             try:
-                if time.time() - os.lstat(aside).st_ctime < _SWAP_GRACE_S:
+                if time.time() - os.lstat(aside).st_ctime < _SWAP_GRACE_S and _finished_meanwhile(target):
                     continue
                 os.rename(aside, target)  # fails if a commit put a new copy there meanwhile
                 _fsync_dir(run)

@@ -69,6 +69,12 @@ def parse_step(dirname: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def written_by_ckptkit(dirname: str) -> bool:
+    """Whether a run's folder ``dirname`` is one ckptkit writes: a step, the final model, or a
+    temporary or set-aside copy of either."""
+    return parse_step(dirname) is not None or dirname == FINAL_DIR or dirname.startswith(LEFTOVER_PREFIXES)
+
+
 def set_aside_for(dirname: str) -> str | None:
     """The folder (``step-N`` or ``final``) whose committed copy ``.trash-<folder>-<id>`` holds,
     set aside by a local commit that replaces it; None for any other name."""
@@ -767,8 +773,7 @@ class FileBackend:
             # Only what ckptkit itself writes: a step folder or final/ without manifest, or a
             # temporary or trash folder of the local commit protocol. Anything else is not ours.
             checkpoint = parse_step(dirname) is not None or dirname == FINAL_DIR
-            ours = checkpoint or dirname.startswith(LEFTOVER_PREFIXES)
-            if not ours or MANIFEST_NAME in folder.files and checkpoint:
+            if not written_by_ckptkit(dirname) or MANIFEST_NAME in folder.files and checkpoint:
                 continue
             aside_for = set_aside_for(dirname)
             if aside_for is not None and MANIFEST_NAME in folder.files and aside_for not in folders:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from .errors import CheckpointError, CkptkitError
+from .errors import CheckpointError, CkptkitError, StorageUnavailableError
 from .manager import CheckpointManager
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
@@ -220,30 +220,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
-        refs = ck.list_checkpoints(step=args.step)
+        # Every backend is listed; one that cannot be fails the command, as for ls: a check run
+        # from cron must not pass while a store it should check cannot be seen.
+        refs, unreachable = ck.reader.list_all()
+        if args.step is not None:
+            refs = ck._copies_of(refs, unreachable, args.step)
+        elif not refs and unreachable:
+            ck._unreachable(refs, unreachable)  # raises: nothing found, and a store not seen
         # Verifying reads every byte: show how far it got (on stderr, so --json stays clean).
         for ref in track(refs, description="verifying", console=err_console, transient=True,
                          disable=args.json or not refs):
             try:
                 m = ck.verify(ref)
-                rows.append({"backend": ref.backend, "step": ref.step, "ok": True,
+                rows.append({"backend": ref.backend, "step": ref.step, "ok": True, "result": "ok",
                              "detail": f"{len(m.files)} files, {_size(m.total_size)}", "uri": ref.uri})
-            except Exception as exc:  # a storage that kept failing counts as unverifiable, too
-                rows.append({"backend": ref.backend, "step": ref.step, "ok": False,
+            except Exception as exc:
+                # A store that did not answer leaves the checkpoint unverified, not damaged: what
+                # is told corrupt here, users delete.
+                result = "unverified" if isinstance(exc, StorageUnavailableError) else "corrupt"
+                rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "result": result,
                              "detail": redact(str(exc), secret_values()), "uri": ref.uri})
         table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
                        whole=("step", "result"))
+        shown = {"ok": "[green]ok[/green]", "corrupt": "[red]CORRUPT[/red]", "unverified": "[yellow]unverified[/yellow]"}
         for r in rows:
-            table.add_row(r["backend"], str(r["step"]), "[green]ok[/green]" if r["ok"] else "[red]CORRUPT[/red]", r["detail"])
+            table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         _emit(args, rows, table)
-        if not rows:
+        if not rows and not unreachable:
             err_console.print(f"ckptkit: error: no committed checkpoint found for run {ck.run_name!r}")
             return 1
-        bad = [r for r in rows if not r["ok"]]
-        if bad:
-            err_console.print(f"ckptkit: error: {len(bad)} of {len(rows)} checkpoints failed verification")
-            return 1
-        return 0
+        corrupt = [r for r in rows if r["result"] == "corrupt"]
+        unverified = [r for r in rows if r["result"] == "unverified"]
+        if corrupt:
+            err_console.print(f"ckptkit: error: {len(corrupt)} of {len(rows)} checkpoints failed verification")
+        if unverified:
+            _fail(f"{len(unverified)} of {len(rows)} checkpoints could not be read, the storage did not answer: "
+                  "they are not known to be damaged; verify them again once it answers")
+        if unreachable:
+            _fail("; ".join(str(e) for e in unreachable.values()) + "; its checkpoints were not verified")
+        return 1 if corrupt or unverified or unreachable else 0
     finally:
         ck.close()
 

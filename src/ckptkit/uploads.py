@@ -82,8 +82,9 @@ class PartWriter(WriteOnly):
 
     @property
     def error(self) -> BaseException | None:
-        """The failure of the first part that failed, if any (a writer through which it was
-        raised, such as torch's serialiser, may report it only as a failed write)."""
+        """The failure of the upload's start or of the first part that failed, if any (a writer
+        through which it was raised, such as torch's serialiser, may report it only as a failed
+        write)."""
         return self._error
 
     def _finished(self, future: Future) -> None:
@@ -99,7 +100,13 @@ class PartWriter(WriteOnly):
 
     def _send(self) -> None:
         if self._upload is None:
-            self._upload = self.retry(f"starting the upload of {self.what}", self.target.begin)
+            try:
+                self._upload = self.retry(f"starting the upload of {self.what}", self.target.begin)
+            except BaseException as exc:
+                # Kept, as a failed part is: torch's serialiser turns it into "unexpected pos".
+                if self._error is None:
+                    self._error = exc
+                raise
         self._check()
         self._slots.acquire()
         try:

@@ -703,3 +703,22 @@ def test_restore_files_with_damaged_checkpoints_and_unanswered_ones_says_the_sto
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
     assert "may be intact" in str(outcome) and "step-0000000002" in str(outcome), outcome
     assert not (tmp_path / "out").exists()
+
+
+def test_a_multipart_upload_the_store_will_not_start_is_named_not_torchs_unexpected_pos(
+        pm, s3_backend_options, make_fault_proxy, moto_port):
+    """A state larger than one part starts a multipart upload from inside torch's serialiser,
+    which reports any failure of a write as "unexpected pos": the save says what failed."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2, part_size_mb=5)
+    opts["retry"] = {"attempts": 2, "backoff_s": 0.01, "max_backoff_s": 0.02}
+    ck = manager(pm, {"archive": opts}, ["archive"])
+    ck.save(step=1, model=model(1))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    refused = proxy.add(FaultT(lambda m, p: m == "POST" and "uploads" in p.split("?", 1)[-1], times=None))
+    with pytest.raises(ckptkit.SaveError) as err:
+        ck.save(step=2, model=model(2, n=1400))  # 7.5 MiB of weights: two parts
+    message = str(err.value)
+    assert refused.hits >= 2
+    assert "starting the upload of" in message and "unexpected pos" not in message, message
+    assert [r.step for r in ck.list_checkpoints()] == [1]

@@ -557,35 +557,64 @@ class FileBackend:
 
     @hookimpl
     def stage_sharded(self, run_name: str, step: int) -> str:
-        target = posixpath.join(self.run_path(run_name), step_dirname(step))
-        # Saving a step again: the shards may be named differently this time, so clear it all.
-        self._discard(target)
-        with self._lock:
-            self._in_flight.add(target)
+        run = self.run_path(run_name)
+        target = posixpath.join(run, step_dirname(step))
+        manifest_path = posixpath.join(target, MANIFEST_NAME)
         try:
-            self._make_folder(target)
+            committed = self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path)
+        except Exception as exc:
+            raise self._fail(f"could not check {self.uri(manifest_path)}", exc) from None
+        if committed and _copies_files(self.fs):
+            # Saving a committed step again: the shards go beside it, and commit_sharded copies
+            # them into place, so a save that fails before then keeps the committed copy.
+            folder = posixpath.join(run, f".tmp-{step_dirname(step)}-{uuid.uuid4().hex[:12]}")
+        else:
+            # A store that cannot copy a file itself, or what a failed save left: cleared, as
+            # the shards may be named differently this time.
+            folder = target
+            self._discard(target)
+        with self._lock:
+            self._in_flight.add(folder)
+        try:
+            self._make_folder(folder)
         except Exception as exc:
             with self._lock:
-                self._in_flight.discard(target)
-            raise self._fail(f"could not create {self.uri(target)}", exc) from None
-        return target
+                self._in_flight.discard(folder)
+            raise self._fail(f"could not create {self.uri(folder)}", exc) from None
+        return folder
 
     @hookimpl
     def commit_sharded(self, run_name: str, step: int, path: str, payload: Payload,
                        files: dict[str, FileEntry]) -> CheckpointRef:
-        manifest_path = posixpath.join(path, MANIFEST_NAME)
+        target = posixpath.join(self.run_path(run_name), step_dirname(step))
+        manifest_path = posixpath.join(target, MANIFEST_NAME)
+        current = target
         try:
+            if path != target:
+                # Staged beside a committed copy (stage_sharded): the store copies the shards
+                # into place. The old manifest stays until the new one replaces it in one write;
+                # a reader in between finds files that do not match it, a damaged step skipped
+                # with a warning, never a step gone without a word.
+                for name in files:
+                    src, current = posixpath.join(path, name), posixpath.join(target, name)
+                    self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
             manifest = payload.manifest(files)
             data = manifest.to_json()
+            current = manifest_path
             self._commit_manifest(manifest_path, data)
-            self._remember(path, data, manifest)
+            self._remember(target, data, manifest)
+            self._damaged.discard(target)
         except Exception as exc:
-            raise self._fail(f"could not commit {self.uri(path)}", exc) from None
+            if current != target:
+                self._damaged.add(target)  # its files may be part old, part new: checked, not trusted
+            raise self._fail(f"could not commit {self.uri(target)} (at {self.uri(current)})", exc) from None
         finally:
             with self._lock:
                 self._in_flight.discard(path)
-        self.fs.invalidate_cache(posixpath.dirname(path))
-        return self._ref(run_name, step, path, sizes={k: e.size for k, e in files.items()})
+        if path != target:
+            self._tidy_replaced(target, path, files)
+        self.fs.invalidate_cache(posixpath.dirname(target))
+        return self._ref(run_name, step, target, sizes={k: e.size for k, e in files.items()})
 
     @hookimpl
     def discard_sharded(self, path: str) -> None:

@@ -722,3 +722,32 @@ def test_a_multipart_upload_the_store_will_not_start_is_named_not_torchs_unexpec
     assert refused.hits >= 2
     assert "starting the upload of" in message and "unexpected pos" not in message, message
     assert [r.step for r in ck.list_checkpoints()] == [1]
+
+
+def test_a_sharded_step_saved_again_keeps_its_committed_copy_when_the_new_upload_fails(
+        pm, s3_backend_options, make_fault_proxy, moto_port):
+    """The last periodic step saved again at the end (save(force=True)) with keep_last 1: the
+    run's only checkpoint must outlive a failed upload of its replacement."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)
+    opts["retry"] = {"attempts": 1}
+    ck = manager(pm, {"archive": opts}, ["archive"], keep_last=1, fmt="dcp")
+    ck.save(step=4, model=model(4))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    refused = proxy.add(FaultT(lambda m, p: m in ("PUT", "POST") and ".distcp" in p, times=None))
+    with pytest.raises(ckptkit.SaveError):
+        ck.save(step=4, model=model(5), force=True)
+    assert refused.hits >= 1
+    proxy.faults.clear()
+    m = model(0)
+    restored = manager(pm, {"archive": opts}, ["archive"], fmt="dcp").restore(model=m)
+    assert restored is not None and restored.step == 4
+    assert torch.equal(m[0].weight, model(4)[0].weight)
+    # Saved again once the store answers: the new bytes replace the old, and nothing is left beside.
+    ck.save(step=4, model=model(5), force=True)
+    ck.close()
+    restored = manager(pm, {"archive": opts}, ["archive"], fmt="dcp").restore(model=m)
+    assert restored.step == 4 and torch.equal(m[0].weight, model(5)[0].weight)
+    fs = s3(opts["storage_options"]["endpoint_url"])
+    root = opts["path"][len("s3://"):]
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/run", refresh=True)] == ["step-0000000004"]

@@ -4,6 +4,7 @@ refuses up front what restore could not load back."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import enum
 import io
@@ -11,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,6 +311,47 @@ def test_allowed_types_pass_both_ways():
     value = {"when": datetime.datetime(2024, 1, 1)}
     safeload.check_storable(value, "extra", safe_globals=[datetime.datetime])
     assert round_trip(value, safe_globals=[datetime.datetime]) == value
+
+
+@dataclasses.dataclass
+class _RunConfig:
+    lr: float
+    started: Any = None
+
+
+class _Built:
+    """Rebuilt by a function of its own, which is not the type itself."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return (_make_built, (self.n,))
+
+
+def _make_built(n):
+    return _Built(n)
+
+
+def test_what_an_allowed_type_holds_must_load_too():
+    """A trusted type is pickled with all it holds: save checks that as restore will, or it
+    commits a checkpoint that restore refuses."""
+    inner = {"cfg": _RunConfig(lr=0.1, started=datetime.datetime(2024, 1, 1))}
+    with pytest.raises(UnstorableStateError, match=r"^extra\['cfg'\]\.started is a datetime\.datetime"):
+        safeload.check_storable(inner, "extra", safe_globals=[_RunConfig])
+    with pytest.raises(UnsafeCheckpointError, match="datetime"):  # what restore would have said
+        round_trip(inner, safe_globals=[_RunConfig])
+    # Allowed too, it passes both ways; so does a trusted type holding tensors and plain values.
+    both = [_RunConfig, datetime.datetime]
+    safeload.check_storable(inner, "extra", safe_globals=both)
+    assert round_trip(inner, safe_globals=both)["cfg"] == inner["cfg"]
+    plain = {"cfg": _RunConfig(lr=0.1, started=[torch.ones(2), "x"])}
+    safeload.check_storable(plain, "extra", safe_globals=[_RunConfig])
+    assert round_trip(plain, safe_globals=[_RunConfig])["cfg"].lr == 0.1
+    with pytest.raises(UnstorableStateError, match=r"^extra\['b'\] is a .*_Built.*calling _make_built"):
+        safeload.check_storable({"b": _Built(3)}, "extra", safe_globals=[_Built])
+    with pytest.raises(UnsafeCheckpointError):
+        round_trip({"b": _Built(3)}, safe_globals=[_Built])
 
 
 def test_shared_and_cyclic_containers_are_walked_once():

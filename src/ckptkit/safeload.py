@@ -19,6 +19,7 @@ import collections
 import collections.abc
 import contextlib
 import contextvars
+import copyreg
 import datetime
 import enum
 import math
@@ -408,7 +409,14 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
     while stack:
         value, path = stack.pop()
         kind = type(value)
-        if kind in _PLAIN or kind in allowed:
+        if kind in _PLAIN:
+            continue
+        if kind in allowed:
+            # Trusted itself, but what it holds is pickled with it and must load too (a
+            # datetime inside a trusted dataclass would make the checkpoint unloadable).
+            if id(value) not in seen:
+                seen.add(id(value))
+                stack.extend(_rebuilt_from(value, path, allowed))
             continue
         if kind is torch.Tensor or kind is torch.nn.Parameter:
             continue
@@ -438,6 +446,38 @@ def _numpy_storable(value: Any) -> bool:
     if type(value) is np.ndarray or isinstance(value, np.generic):
         return _numeric(value.dtype)
     return isinstance(value, np.dtype) and _numeric(value)
+
+
+def _rebuilt_from(value: Any, path: str, allowed: frozenset) -> list[tuple[Any, str]]:
+    """What pickle stores to rebuild ``value``, an instance of a type the caller allows: the
+    arguments and state of its ``__reduce_ex__``, named under ``path``. Raises
+    ``UnstorableStateError`` where it is rebuilt by a function that is not allowed."""
+    try:
+        reduced = value.__reduce_ex__(2)  # torch.save's protocol
+    except Exception:
+        return []  # torch.save raises the same, naming it
+    if isinstance(reduced, str):
+        return []  # a global looked up by name: the allowed type's own module
+    rebuild, args, *rest = (*reduced, None, None, None)[:5]
+    kind = type(value)
+    if rebuild in (copyreg.__newobj__, copyreg.__newobj_ex__) and args and args[0] is kind:
+        args = args[1:]
+    elif rebuild is not kind and rebuild not in allowed:
+        name = getattr(rebuild, "__qualname__", repr(rebuild))
+        raise UnstorableStateError(
+            f"{path} is {_type_name(value)}, which pickle rebuilds by calling {name}, and that is not in "
+            "safe_globals, so restore could not load it back; nothing was saved. Pass it in safe_globals= "
+            "to both save and restore too, or store plain values instead")
+    found: list[tuple[Any, str]] = [(a, f"{path} (an argument that rebuilds it)") for a in args or ()]
+    state, listitems, dictitems = rest[0], rest[1], rest[2]
+    for part in state if type(state) is tuple else (state,):  # (__dict__, slots) or one of them
+        if type(part) is dict:
+            found.extend((v, f"{path}.{k}") for k, v in part.items())
+        elif part is not None:
+            found.append((part, f"{path} (its state)"))
+    found.extend((v, f"{path}[{i}]") for i, v in enumerate(listitems or ()))
+    found.extend((v, f"{path}[{k!r}]") for k, v in (dictitems or ()))
+    return found
 
 
 def _type_name(value: Any) -> str:

@@ -1,5 +1,6 @@
 import inspect
 import json
+import re
 import sys
 import textwrap
 
@@ -401,3 +402,74 @@ def test_two_managers_sharing_a_plugin_manager_each_reach_their_own_backends_onl
     assert os.listdir(tmp_path / "b") == ["two"], "the first trial wrote into the second's backend"
     second.close()
     first.close()
+
+
+def test_a_plugins_own_exception_names_its_backend_type_and_distribution(tmp_path, monkeypatch, capsys):
+    """A bug in a third-party backend is reported as its own, never as a bare traceback or an
+    error that names nothing: where it happens, at build, save, probe or close."""
+    from ckptkit.cli import main as cli_main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _write_dist(site, "ckptkit-rowdy", "rowdy_backend", """
+        import os
+        import ckptkit
+        from ckptkit.local import LocalBackend
+
+        ERRORS = {"check_final": AttributeError, "tracking_run_id": LookupError, "probe": KeyError,
+                  "close": RuntimeError}
+
+        class Backend(LocalBackend):
+            def _raise(self, hook):
+                if hook in os.environ.get("ROWDY_FAIL", "").split(","):
+                    raise ERRORS[hook](f"rowdy {hook} bug")
+
+            @ckptkit.hookimpl
+            def check_final(self, run_name, algorithm):
+                self._raise("check_final")
+                return []
+
+            @ckptkit.hookimpl
+            def tracking_run_id(self, run_name, resumed_run_id):
+                self._raise("tracking_run_id")
+                return None
+
+            @ckptkit.hookimpl
+            def probe(self):
+                self._raise("probe")
+                return super().probe()
+
+            @ckptkit.hookimpl
+            def close(self):
+                self._raise("close")
+                super().close()
+    """, entry="rowdy")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    cfg = {"run_name": "r", "backends": {"disk": {"type": "local", "path": str(tmp_path / "d")},
+                                         "loud": {"type": "rowdy", "path": str(tmp_path / "f")}},
+           "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1}, "final": {"backends": ["loud"]}}}
+    origin = re.escape("(type 'rowdy', from ckptkit-rowdy 0.3) raised")
+
+    monkeypatch.setenv("ROWDY_FAIL", "check_final")
+    with pytest.raises(ckptkit.BackendError, match=f"^backend 'loud': check_final {origin} AttributeError: "
+                                                   "rowdy check_final bug"):
+        CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=True))
+
+    monkeypatch.setenv("ROWDY_FAIL", "tracking_run_id")
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=True))
+    with pytest.raises(ckptkit.BackendError, match=f"tracking_run_id {origin} LookupError"):
+        ck.save(step=1, model=torch.nn.Linear(2, 2))
+    monkeypatch.setenv("ROWDY_FAIL", "close")
+    with pytest.raises(ckptkit.BackendError, match=f"^backend 'loud': close {origin} RuntimeError"):
+        ck.close()
+
+    monkeypatch.setenv("ROWDY_FAIL", "probe")
+    config = tmp_path / "ck.yaml"
+    config.write_text(json.dumps(cfg))
+    assert cli_main(["check", str(config), "--probe", "--json"]) == 1
+    out, err = capsys.readouterr()
+    (route,) = [r for r in json.loads(out)["routes"] if r["backend"] == "loud"]
+    assert re.search(f"probe {origin} KeyError", route["probe"]["probe"])
+    assert "Traceback" not in err
+    sys.modules.pop("rowdy_backend", None)

@@ -129,7 +129,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                        "location": _location(instance), "settings": settings}
                 if args.probe:
                     if name not in probed:
-                        probed[name] = ck.router.call(name, "probe") if ck.router.implements(name, "probe") else {}
+                        try:
+                            probed[name] = (ck.router.call_blaming(name, "probe")
+                                            if ck.router.implements(name, "probe") else {})
+                        except CkptkitError as exc:  # a probe that raised instead of reporting
+                            probed[name] = {"probe": str(exc)}
                     row["probe"] = probed[name]
                 rows.append(row)
         table = _table(f"{ck.config.source}: run {ck.run_name!r}, routing",

@@ -432,9 +432,12 @@ class CheckpointManager:
         before the answer names no run. Asked at restore and at every save call until known.
         """
         if self.mlflow_run_id is None and self.config.final is not None and ranks.rank() == 0:
-            names = self.router.backends(Role.FINAL)
-            self.mlflow_run_id = self.router.caller("tracking_run_id", names)(
-                run_name=self.run_name, resumed_run_id=self._resumed_run_id)
+            for name in self.router.backends(Role.FINAL):  # the first answer wins
+                if self.router.implements(name, "tracking_run_id"):
+                    self.mlflow_run_id = self.router.call_blaming(
+                        name, "tracking_run_id", run_name=self.run_name, resumed_run_id=self._resumed_run_id)
+                    if self.mlflow_run_id is not None:
+                        break
         return self.mlflow_run_id or self._resumed_run_id
 
     def tracking_run_id(self, timeout: float = 0.0) -> str | None:
@@ -458,7 +461,8 @@ class CheckpointManager:
         problems = []
         for name in self.router.backends(Role.FINAL) if self.config.final is not None else ():
             if self.router.implements(name, "check_final"):
-                found = self.router.call(name, "check_final", run_name=self.run_name, algorithm=self.config.algorithm)
+                found = self.router.call_blaming(name, "check_final", run_name=self.run_name,
+                                                 algorithm=self.config.algorithm)
                 problems += [line if line.startswith(f"backend {name!r}") else f"backend {name!r}: {line}"
                              for line in found or ()]
         return problems

@@ -7,8 +7,9 @@ import logging
 from typing import Any
 
 from .config import Config
-from .errors import ConfigError, PluginError
+from .errors import BackendError, CkptkitError, ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
+from .redact import redact, secret_values
 from .roles import SHARDED_HOOKS, Role
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,24 @@ class Router:
             return results[0] if results else None
         return results
 
+    def call_blaming(self, backend: str, hook: str, /, **kwargs: Any) -> Any:
+        """``call``, for hooks whose contract raises nothing but ckptkit's errors: any other
+        exception is a bug of the plugin, raised as a ``BackendError`` that names the backend,
+        its type and the distribution it came from."""
+        try:
+            return self.call(backend, hook, **kwargs)
+        except CkptkitError:
+            raise
+        except Exception as exc:
+            raise self.blame(backend, hook, exc) from exc
+
+    def blame(self, backend: str, hook: str, exc: BaseException) -> BackendError:
+        """A plugin's own exception from ``hook``, as a ``BackendError`` naming where it came from."""
+        btype = self.types.get(backend)
+        origin = f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
+        return BackendError(backend, f"{hook}{origin} raised {type(exc).__name__}: "
+                                     f"{redact(str(exc), secret_values())}; report it to the plugin's authors")
+
     def implements(self, name: str, hook: str) -> bool:
         return hook in self.types[name].hooks
 
@@ -124,12 +143,14 @@ class Router:
             if self.pm.is_registered(instance):
                 self.pm.unregister(instance)
         failure: BaseException | None = None
-        for instance in instances.values():
+        for name, instance in instances.items():
             close = getattr(instance, "close", None)
             try:
                 if callable(close):
                     close()
             except Exception as exc:  # the others are closed all the same
-                failure = failure or exc
+                if failure is None:
+                    failure = exc if isinstance(exc, CkptkitError) else self.blame(name, "close", exc)
+                    failure.__cause__ = failure.__cause__ or exc
         if failure is not None:
             raise failure

@@ -391,3 +391,21 @@ def test_verify_checks_a_trainers_own_pt_file_without_loading_it(capsys, config_
     with CheckpointManager.from_config(str(config_file)) as ck:
         ck.save_files(step=3, files=src)
     assert main(["verify", str(config_file)]) == 0, capsys.readouterr()
+
+
+def test_tables_show_brackets_in_names_and_paths_as_they_are(capsys, tmp_path, monkeypatch):
+    """rich reads [word] as markup: a metric acc[top5] or a folder ck[old] lost its brackets."""
+    from ckptkit import CheckpointManager
+
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["path"] = str(tmp_path / "ck[old]")
+    config = tmp_path / "ckptkit.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with CheckpointManager.from_config(str(config)) as ck:
+        model, opt = make_model()
+        ck.save(step=1, model=model, optimizer=opt, metrics={"acc[top5]": 0.5, "loss[red]": 0.25})
+    code, out, _ = run(capsys, "ls", str(config))
+    assert code == 0 and "acc[top5]: 0.5" in out and "loss[red]: 0.25" in out
+    code, out, _ = run(capsys, "check", str(config))
+    assert code == 0 and "ck[old]" in out

@@ -17,6 +17,7 @@ import attrs
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from rich.text import Text
 
 from .errors import CheckpointError, CkptkitError, StorageUnavailableError
 from .manager import CheckpointManager
@@ -53,10 +54,19 @@ def _table(title: str, columns: Iterable[str], whole: Iterable[str] = ()) -> Tab
     wrap, and fold a word longer than the column, rather than cutting it off with an ellipsis.
     """
     keep = set(whole)
-    table = Table(title=title)
+    table = _PlainTable(title=Text(title))
     for col in columns:
         table.add_column(col, no_wrap=col in keep, overflow="fold")
     return table
+
+
+class _PlainTable(Table):
+    """A table whose text cells are shown as they are, never read as rich markup: a metric
+    named ``acc[top5]``, a folder ``./ck[old]`` or an error's ``[project.entry-points...]`` lost
+    their brackets. A cell that is styled is a ``Text`` already."""
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
 
 
 def _fail(message: str) -> None:
@@ -101,7 +111,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     table = _table("Installed backend types", ("type", "distribution", "roles", "class"), whole=("type",))
     for r in rows:
         if r.get("error"):
-            table.add_row(r["type"], "[red]broken[/red]", "-", r["error"])
+            table.add_row(r["type"], Text("broken", style="red"), "-", r["error"])
         else:
             # One item a line, so that a class path fits in one piece on an 80-column terminal.
             table.add_row(r["type"], r["distribution"].replace(" ", "\n", 1), "\n".join(r["roles"]) or "-",
@@ -246,7 +256,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                              "detail": redact(str(exc), secret_values()), "uri": ref.uri})
         table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
                        whole=("step", "result"))
-        shown = {"ok": "[green]ok[/green]", "corrupt": "[red]CORRUPT[/red]", "unverified": "[yellow]unverified[/yellow]"}
+        shown = {"ok": Text("ok", style="green"), "corrupt": Text("CORRUPT", style="red"),
+                 "unverified": Text("unverified", style="yellow")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         _emit(args, rows, table)
@@ -289,7 +300,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for r in rows:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
         for d in damaged:
-            table.add_row(d["backend"], str(d["step"]), "[red]damaged, not counted[/red]", d["error"])
+            table.add_row(d["backend"], str(d["step"]), Text("damaged, not counted", style="red"), d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
                      "damaged": damaged}, table if rows or damaged else None)
         if not rows and not damaged and not args.json:
@@ -347,9 +358,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         for r in result.already_held:
             table.add_row(r.backend, "already held", r.uri)
         for r in result.published:
-            table.add_row(r.backend, "[green]published[/green]", r.uri)
+            table.add_row(r.backend, Text("published", style="green"), r.uri)
         for name, reason in result.failures.items():
-            table.add_row(name, "[red]FAILED[/red]", reason)
+            table.add_row(name, Text("FAILED", style="red"), reason)
         _emit(args, result.to_dict(), table)
         if not result.ok:
             err_console.print(f"ckptkit: error: not published to {', '.join(result.failures)}; "

@@ -117,3 +117,32 @@ def test_a_folder_the_demo_cannot_write_is_named_with_what_to_do(tmp_path):
     done = _demo(tmp_path, "--workdir", str(blocked / "demo"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pass --workdir" in done.stderr and str(blocked / "demo") in done.stderr
+
+
+def test_a_folder_of_other_files_is_left_untouched_and_the_way_out_named(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    done = _demo(tmp_path, "--workdir", str(precious))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "is not a ckptkit demo folder: nothing in it was touched; give --workdir a new or empty folder" in done.stderr
+    assert os.listdir(precious) == ["thesis.tex"]
+
+
+def test_a_final_backend_that_reports_no_sizes_leaves_tracked_bytes_unknown_not_zero():
+    import io
+
+    from rich.console import Console
+
+    from ckptkit.demo import _print_summary
+
+    out = io.StringIO()
+    summary = {"tracked_bytes": None, "tracked_bytes_if_every_checkpoint_were_logged": None,
+               "resumed_matches_uninterrupted": True, "crashed_after_step": 14, "restored_step": 10, "saves": 3,
+               "kept_checkpoints": [10, 20], "resume_bytes_stored": {"scratch": 2048}, "registered_models": [],
+               "final_model": ["archive://x/final"], "final_loss": 0.5, "mlflow_run_id": None, "seconds": 1.0,
+               "mlflow_ui": [], "registry_missing": False, "config": None, "run_name": "r"}
+    _print_summary(Console(file=out, width=120), summary, per_save=1024)
+    text = out.getvalue()
+    assert "unknown: the final backends report no sizes" in text
+    assert "0 B" not in text and "if every checkpoint were logged" not in text

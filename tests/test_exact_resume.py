@@ -92,6 +92,13 @@ def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
         new.save(step=1, model=fresh, optimizer=fresh_opt)
     assert sorted(os.listdir(tmp_path / "scratch/exp")) == before, "nothing of the old run may be touched"
     new.close()
+    # From a config file, the command to delete the old run names that file, ready to paste.
+    config = tmp_path / "run config.yaml"
+    config.write_text(json.dumps(cfg))
+    with CheckpointManager.from_config(str(config), plugin_manager=pm) as from_file:
+        with pytest.raises(RunConflictError) as info:
+            from_file.save(step=0, model=fresh, optimizer=fresh_opt)
+    assert f"ckptkit prune '{config}' --run-name exp --all" in str(info.value)
 
     # Continuing the run after restore, or saving past its newest step, is fine.
     again = CheckpointManager.from_config(cfg, plugin_manager=pm)

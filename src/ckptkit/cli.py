@@ -300,7 +300,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for r in rows:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
         for d in damaged:
-            table.add_row(d["backend"], str(d["step"]), Text("damaged, not counted", style="red"), d["error"])
+            # Listed under what was deleted, but never deleted itself: its row says so.
+            table.add_row(d["backend"], str(d["step"]), Text("damaged: kept, not counted", style="red"), d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
                      "damaged": damaged}, table if rows or damaged else None)
         if not rows and not damaged and not args.json:

@@ -103,7 +103,8 @@ def _fresh_workdir(workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     if os.path.isdir(workdir) and os.listdir(workdir):
         if not os.path.exists(os.path.join(workdir, MARKER)):
-            raise FileExistsError(f"{workdir} exists and is not a ckptkit demo folder; pass --workdir")
+            raise FileExistsError(f"{workdir} exists, holds files and is not a ckptkit demo folder: nothing in it "
+                                  "was touched; give --workdir a new or empty folder")
         shutil.rmtree(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -286,7 +287,9 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
         run_id = ck.tracking_run_id(timeout=10.0 if views else 0.0)
         actual_run = ck.run_name
 
-    final_bytes = max((sum((r.sizes or {}).values()) for r in published), default=0)
+    # A backend that reports no sizes (a third-party one may not) leaves the figure unknown.
+    known = [sum(r.sizes.values()) for r in published if r.sizes is not None]
+    final_bytes = max(known) if known else (None if published else 0)
     per_save = round(sum(sizes) / len(sizes)) if sizes else 0
     matches = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     summary = {
@@ -303,7 +306,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
         "registered_models": registered,
         # What the tracking store holds: the final model once, against every checkpoint as well.
         "tracked_bytes": final_bytes,
-        "tracked_bytes_if_every_checkpoint_were_logged": final_bytes + saves * per_save,
+        "tracked_bytes_if_every_checkpoint_were_logged": None if final_bytes is None else final_bytes + saves * per_save,
         "final_loss": loss,
         "mlflow_run_id": run_id,
         "mlflow_ui": views,
@@ -331,20 +334,24 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         ("resume storage", ", ".join(f"{format_size(n)} in {b}" for b, n in s["resume_bytes_stored"].items()) or "-"),
         ("final model", ", ".join(s["registered_models"] or s["final_model"]) or "-"),
         ("final loss", f"{s['final_loss']:.4f}"),
-        ("tracked bytes", format_size(s["tracked_bytes"])),
-        ("if every checkpoint were logged", f"{format_size(logged)}{ratio}"),
     ]
+    if s["tracked_bytes"] is None:
+        rows.append(("tracked bytes", "unknown: the final backends report no sizes"))
+    else:
+        rows += [("tracked bytes", format_size(s["tracked_bytes"])),
+                 ("if every checkpoint were logged", f"{format_size(logged)}{ratio}")]
     if s["mlflow_run_id"]:
         rows.append(("MLflow run", s["mlflow_run_id"]))
     rows.append(("took", f"{s['seconds']:.1f} s"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
-    console.print("Tracked bytes are what the final backends (the experiment tracker) hold for this run: "
-                  "ckptkit sends them the final model once. A trainer that also logged every resume checkpoint "
-                  f"there would store {format_size(logged)}, and nothing would ever prune it; here the resume "
-                  f"checkpoints stay on {', '.join(s['resume_bytes_stored']) or 'the resume backends'}, "
-                  f"where only the newest {KEEP_LAST} are kept.", highlight=False)
+    if logged is not None:
+        console.print("Tracked bytes are what the final backends (the experiment tracker) hold for this run: "
+                      "ckptkit sends them the final model once. A trainer that also logged every resume checkpoint "
+                      f"there would store {format_size(logged)}, and nothing would ever prune it; here the resume "
+                      f"checkpoints stay on {', '.join(s['resume_bytes_stored']) or 'the resume backends'}, "
+                      f"where only the newest {KEEP_LAST} are kept.", highlight=False)
     if s["mlflow_ui"]:
         console.print("See the run and the registered model in the MLflow UI:", highlight=False)
         for line in s["mlflow_ui"]:

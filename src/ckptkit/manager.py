@@ -629,7 +629,7 @@ class CheckpointManager:
             f"did not restore from it but would save step {step} there: the two trainings would prune "
             "and resume each other's checkpoints. If the training that wrote them still runs, stop it "
             "or choose a new run name. Otherwise call restore() first to continue that run, choose "
-            f"a new run name, or delete the old run with: ckptkit prune CONFIG --run-name {self.run_name} --all",
+            f"a new run name, or delete the old run with: {self._command('prune', '--all')}",
             self.run_name, newest)
 
     def _check_rolled_back(self, step: int, status: str, listing: Any) -> None:
@@ -1120,13 +1120,18 @@ class CheckpointManager:
 
     def _publish_command(self, failures: Mapping[str, Any]) -> str:
         """The ``ckptkit publish`` command line that sends this run's final model to the backends that failed."""
-        config = self.config.source if self.config.source != "<dict>" else "<your config file>"
-        words = ["ckptkit", "publish", config, "--run-name", self.run_name]
+        words = []
         if self.fallback_dir != os.path.abspath("ckptkit-fallback"):
             words += ["--fallback-dir", self.fallback_dir]
         for name in failures:
             if name in self.router.instances:
                 words += ["--backend", name]
+        return self._command("publish", *words)
+
+    def _command(self, command: str, *options: str) -> str:
+        """The ``ckptkit`` command line that runs ``command`` on this run, quoted for a shell."""
+        config = self.config.source if self.config.source != "<dict>" else "<your config file>"
+        words = ["ckptkit", command, config, "--run-name", self.run_name, *options]
         return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
 
     def _listing(self, what: str) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:

@@ -625,3 +625,34 @@ def test_quantized_buffers_that_differ_only_in_scale_are_told_apart(make):
     assert torch.equal(a.int_repr(), b.int_repr())
     assert gather._digest(a) != gather._digest(b)
     assert gather._digest(a) == gather._digest(make(0.5))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("stepped", [True, False])
+def test_an_optimizer_training_a_parameter_outside_the_model_is_refused_by_name(tmp_path, fmt, stepped):
+    """A learned temperature kept beside the model, trained by its optimizer: optimizer state is
+    named by the model's parameter names, so it has none; the save says which and what to do,
+    instead of DCP's bare KeyError. Registered on the model, it saves and restores."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    scale = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.AdamW([*model.parameters(), scale], lr=0.1)
+    if stepped:
+        (model(torch.randn(3, 4)).sum() * scale).backward()
+        opt.step()
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError,
+                           match=r"trains param_groups\[0\]\['params'\]\[2\] \(a scalar torch.float32 tensor\), "
+                                 r"which is not a parameter of the model.*Register it on the model"):
+            ck.save(step=1, model=model, optimizer=opt)
+        assert ck.list_checkpoints() == []
+        model.logit_scale = scale
+        ck.save(step=1, model=model, optimizer=opt)
+    again = torch.nn.Linear(4, 2)
+    again.logit_scale = torch.nn.Parameter(torch.zeros(()))
+    again_opt = torch.optim.AdamW(again.parameters(), lr=0.1)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=again, optimizer=again_opt).step == 1
+    assert torch.equal(again.logit_scale, scale) and torch.equal(again.weight, model.weight)

@@ -422,3 +422,17 @@ def test_a_split_state_with_numpy_values_restores_every_time(tmp_path, pm):
         assert fresh.param_groups[0]["lr"] == np.float64(1e-3)
     assert set(torch.serialization.get_safe_globals()) == before  # nothing left allowed
     ck.close()
+
+
+def test_a_data_loader_is_refused_with_the_way_to_resume_its_position_not_safe_globals():
+    """Trusting DataLoader would pickle its dataset and still no position: the error points to
+    the recipe, not to safe_globals."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(8.0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True)
+    for value, name in ((loader, "DataLoader"), (loader.sampler, "RandomSampler"), (dataset, "TensorDataset")):
+        with pytest.raises(UnstorableStateError) as info:
+            safeload.check_storable({"data": value}, "rank_extra")
+        message = str(info.value)
+        assert message.startswith(f"rank_extra['data'] is a torch.utils.data.") and name in message
+        assert "Resuming in the middle of an epoch" in message and "StatefulDataLoader" in message
+        assert "safe_globals" not in message

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from . import ranks
-from .errors import IncompatibleCheckpointError
+from .errors import IncompatibleCheckpointError, UnstorableStateError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,18 +71,38 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     options = None if sharded else _full_options(model)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
-    if optimizer.state or load_target:
-        with _trainable(optimizer, held, lambda: names_of(model)) if load_target else contextlib.nullcontext():
+    try:
+        if optimizer.state or load_target:
+            with _trainable(optimizer, held, lambda: names_of(model)) if load_target else contextlib.nullcontext():
+                model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+            return {"model": model_sd, "optimizer": optim_sd}
+        # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's
+        # and the user's step hooks would run, a moment the size of the model would be made for
+        # each parameter, and an optimizer whose step needs a closure (LBFGS) would fail. Saving
+        # must change nothing, and there is no state to save: DCP skips the step for an optimizer
+        # that holds some, so it is given an empty entry while the groups are named.
+        with _stateless(optimizer):
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        return {"model": model_sd, "optimizer": optim_sd}
-    # DCP would first fill an unstepped optimizer's state by a step at lr=0: the optimizer's and
-    # the user's step hooks would run, a moment the size of the model would be made for each
-    # parameter, and an optimizer whose step needs a closure (LBFGS) would fail. Saving must
-    # change nothing, and there is no state to save: DCP skips the step for an optimizer that
-    # holds some, so it is given an empty entry while the groups are named.
-    with _stateless(optimizer):
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    return {"model": model_sd, "optimizer": {**optim_sd, "state": {}}}
+        return {"model": model_sd, "optimizer": {**optim_sd, "state": {}}}
+    except KeyError as exc:
+        outside = _outside_model(model, optimizer)
+        if not outside:
+            raise
+        error = IncompatibleCheckpointError if load_target else UnstorableStateError
+        raise error(
+            f"the optimizer trains {outside[0]}{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, "
+            "which is not a parameter of the model: its state has no name to be "
+            f"{'restored' if load_target else 'saved'} under (optimizer state is named by the model's parameter "
+            "names), so nothing was. Register it on the model (model.logit_scale = nn.Parameter(...)), or pass "
+            "one nn.Module holding the model and the module it belongs to (the loss's) as model=") from exc
+
+
+def _outside_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters that are none of the model's, each as where it sits."""
+    own = {id(p) for p in model.parameters()}
+    return [f"param_groups[{g}]['params'][{i}] (a {'x'.join(map(str, p.shape)) or 'scalar'} {p.dtype} tensor)"
+            for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
+            if id(p) not in own]
 
 
 @contextlib.contextmanager

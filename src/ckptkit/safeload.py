@@ -391,6 +391,10 @@ def _hint(value: Any) -> str:
     return "a plain value (number, string, list, dict)"
 
 
+# torch's own data pipeline: objects that hold data and the way through it, never a position.
+_DATA_PIPELINE = (torch.utils.data.DataLoader, torch.utils.data.Sampler, torch.utils.data.Dataset)
+
+
 def _allowed_types(safe_globals: Iterable[Any]) -> frozenset:
     return frozenset(g[0] if isinstance(g, tuple) else g for g in safe_globals)
 
@@ -435,6 +439,13 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
             else:
                 stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
             continue
+        if isinstance(value, _DATA_PIPELINE):
+            # Trusting the type would not help: pickled, a loader holds its dataset and no position.
+            raise UnstorableStateError(
+                f"{path} is {_type_name(value)}, which keeps no position in the data, so nothing was saved. "
+                "Store where the epoch stands (the epoch and the batches trained on) and skip at the sampler on "
+                "resume: docs/quickstart.md, 'Resuming in the middle of an epoch with torch's own DataLoader'; "
+                "or use torchdata's StatefulDataLoader, whose state_dict() goes in as it is.")
         raise UnstorableStateError(
             f"{path} is {_type_name(value)}, which restore could not load back safely (torch.load with "
             f"weights_only=True does not rebuild it), so nothing was saved. Store {_hint(value)} instead, "

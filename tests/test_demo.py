@@ -146,3 +146,8 @@ def test_a_final_backend_that_reports_no_sizes_leaves_tracked_bytes_unknown_not_
     text = out.getvalue()
     assert "unknown: the final backends report no sizes" in text
     assert "0 B" not in text and "if every checkpoint were logged" not in text
+    # A path is shown as it is: rich would read [old] as markup and drop it.
+    summary["final_model"] = ["file:///tmp/ck[old]/final"]
+    out = io.StringIO()
+    _print_summary(Console(file=out, width=120), summary, per_save=1024)
+    assert "file:///tmp/ck[old]/final" in out.getvalue()

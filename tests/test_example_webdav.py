@@ -146,6 +146,29 @@ def test_save_restore_and_prune_through_a_checkpoint_manager(pm, webdav_server, 
     assert_same_state(fresh.state_dict(), model.state_dict())
 
 
+def test_a_dcp_step_saved_again_on_a_store_whose_copy_will_not_replace_a_file(pm, webdav_server, password):
+    """WebDAV's COPY refuses to overwrite: the shards staged beside the committed step are then
+    copied in after its files go, and the step holds the new weights; nothing is marked damaged
+    for a later prune to take."""
+    cfg = {"run_name": "exp", "backends": {"dav": {"type": "webdav", **options(webdav_server)}},
+           "roles": {"resume": {"backends": ["dav"], "every_n_steps": 1, "keep_last": 2, "format": "dcp"}}}
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        for step in (1, 2):
+            train_step(model, opt)
+            ck.save(step=step, model=model, optimizer=opt)
+        train_step(model, opt)
+        ck.save(step=2, model=model, optimizer=opt, force=True)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        train_step(model, opt)
+        ck.save(step=3, model=model, optimizer=opt)
+        assert [r.step for r in ck.list_checkpoints()] == [3, 2]
+    fresh, fresh_opt = make_model(seed=7)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as again:
+        assert again.restore(model=fresh, optimizer=fresh_opt, step=2).step == 2
+    assert_same_state(fresh.state_dict(), expected)
+
+
 def test_the_command_line_finds_the_type_and_shows_the_host(webdav_dist, webdav_server, password, tmp_path,
                                                             capsys, monkeypatch):
     monkeypatch.delenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)

@@ -436,3 +436,41 @@ def test_a_data_loader_is_refused_with_the_way_to_resume_its_position_not_safe_g
         assert message.startswith(f"rank_extra['data'] is a torch.utils.data.") and name in message
         assert "Resuming in the middle of an epoch" in message and "StatefulDataLoader" in message
         assert "safe_globals" not in message
+
+
+class _Doubled(torch.Tensor):
+    """A tensor subclass a caller allows: torch rebuilds it itself."""
+
+
+def test_what_restore_loads_is_still_accepted_beside_allowed_types():
+    """Values that are themselves allowed (a class held by a trusted dataclass), tensors and
+    numeric arrays with their types in safe_globals, and allowed tensor subclasses all load."""
+    cases = [({"cfg": _RunConfig(lr=0.1, started=torch.nn.GELU)}, [_RunConfig, torch.nn.GELU]),
+             ({"w": torch.ones(2), "p": torch.nn.Parameter(torch.ones(2))}, [torch.Tensor, torch.nn.Parameter]),
+             ({"t": torch.ones(3).as_subclass(_Doubled)}, [_Doubled])]
+    for value, allowed in cases:
+        safeload.check_storable(value, "extra", safe_globals=allowed)
+        loaded = round_trip(value, safe_globals=allowed)
+        assert loaded.keys() == value.keys()
+
+
+_NUMPY_ALLOWED = """
+import io, sys
+import numpy as np, torch
+from ckptkit import safeload
+buf = io.BytesIO()
+torch.save({"a": np.arange(6, dtype=np.float32)}, buf)
+buf.seek(0)
+loaded = safeload.load(buf, [np.ndarray, np.dtype, np.core.multiarray._reconstruct])
+assert np.array_equal(loaded["a"], np.arange(6, dtype=np.float32))
+"""
+
+
+@pytest.mark.parametrize("seed", ["1", "2", "5"])
+def test_numpy_names_in_safe_globals_load_in_every_process(seed):
+    """torch looks allowed names up through a set: a caller's numpy.ndarray beside ckptkit's own
+    stand-in for that name won or lost by the process's hash seed."""
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _NUMPY_ALLOWED], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

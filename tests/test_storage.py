@@ -633,3 +633,26 @@ def test_a_folder_of_the_run_that_ckptkit_did_not_write_is_not_walked(tmp_path, 
     backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     assert steps(backend) == [3]
     assert logs.is_dir() and (logs / "deep").is_dir()
+
+
+def test_a_store_that_refuses_a_rename_onto_a_folder_with_another_errno_still_replaces_the_step(
+        tmp_path, monkeypatch):
+    """sshfs reports a rename onto a folder that holds files as EPERM, not ENOTEMPTY, and cannot
+    swap two folders: saving a committed step again still takes the two-rename way."""
+    import ckptkit.local
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    backend.save_resume(run_name="r", step=3, payload=payload(3, b"old"))
+    real_rename = os.rename
+
+    def sshfs_rename(src, dst):
+        if os.path.isdir(dst) and os.listdir(dst):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), dst)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckptkit.local, "_renameat2", None)
+    monkeypatch.setattr(ckptkit.local.os, "rename", sshfs_rename)
+    ref = backend.save_resume(run_name="r", step=3, payload=payload(3, b"new!"))
+    with backend.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"new!"
+    assert sorted(os.listdir(tmp_path / "root/r")) == [step_dirname(3)]

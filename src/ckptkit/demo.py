@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .config import Config
 from .errors import ConfigError
@@ -326,8 +327,8 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
     logged = s["tracked_bytes_if_every_checkpoint_were_logged"]
     ratio = f", {logged / s['tracked_bytes']:.0f}x as much" if s["tracked_bytes"] else ""
     rows = [
-        ("resumed run", "[green]bit-identical to the uninterrupted run[/green]" if s["resumed_matches_uninterrupted"]
-         else "[red]differs from the uninterrupted run[/red]"),
+        ("resumed run", Text("bit-identical to the uninterrupted run", style="green") if s["resumed_matches_uninterrupted"]
+         else Text("differs from the uninterrupted run", style="red")),
         ("interruption", f"crashed after step {s['crashed_after_step']}, resumed from step {s['restored_step']}"),
         ("resume checkpoints", f"{s['saves']} saved, about {format_size(per_save)} each; the newest {KEEP_LAST} "
                                f"kept (steps {', '.join(map(str, s['kept_checkpoints']))})"),
@@ -344,14 +345,14 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         rows.append(("MLflow run", s["mlflow_run_id"]))
     rows.append(("took", f"{s['seconds']:.1f} s"))
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, v if isinstance(v, Text) else Text(v))  # paths and names as they are, never markup
     console.print(table)
     if logged is not None:
         console.print("Tracked bytes are what the final backends (the experiment tracker) hold for this run: "
                       "ckptkit sends them the final model once. A trainer that also logged every resume checkpoint "
                       f"there would store {format_size(logged)}, and nothing would ever prune it; here the resume "
                       f"checkpoints stay on {', '.join(s['resume_bytes_stored']) or 'the resume backends'}, "
-                      f"where only the newest {KEEP_LAST} are kept.", highlight=False)
+                      f"where only the newest {KEEP_LAST} are kept.", markup=False, highlight=False)
     if s["mlflow_ui"]:
         console.print("See the run and the registered model in the MLflow UI:", highlight=False)
         for line in s["mlflow_ui"]:

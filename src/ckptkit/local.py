@@ -48,7 +48,13 @@ def _moved_into_place(folder: str, target: str) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             return False
-        if exc.errno != errno.ENOTDIR or not os.path.islink(target):
+        try:
+            mode = os.lstat(target).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISDIR(mode):
+            return False  # a folder there, refused with another errno (sshfs says EPERM)
+        if not stat.S_ISLNK(mode):
             raise
         # A link planted where the folder goes is replaced, never followed: what it points at
         # may be another run's checkpoint.

@@ -911,6 +911,7 @@ class CheckpointManager:
         and none holds it.
         """
         self._check_open()
+        self._settle_prune()  # the last save's prune, on its thread: the listing shows what it left
         refs, unreachable = self.reader.list_all()
         if step is not None:
             refs = self._copies_of(refs, unreachable, _count("step", step))

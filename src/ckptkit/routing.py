@@ -149,8 +149,10 @@ class Router:
                 if callable(close):
                     close()
             except Exception as exc:  # the others are closed all the same
-                if failure is None:
-                    failure = exc if isinstance(exc, CkptkitError) else self.blame(name, "close", exc)
-                    failure.__cause__ = failure.__cause__ or exc
+                if failure is None and isinstance(exc, CkptkitError):
+                    failure = exc
+                elif failure is None:
+                    failure = self.blame(name, "close", exc)
+                    failure.__cause__ = exc
         if failure is not None:
             raise failure

@@ -315,8 +315,11 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     taken), so a caller copies out what it keeps (see ``reading.load``).
     """
     what = name or _describe(source)
-    # The stand-ins go last so that they win over a caller's own entry for the same names.
-    allowed = [*safe_globals, *_stand_ins()]
+    # A caller's own entry for a name a stand-in covers (numpy.ndarray) is left out: torch looks
+    # names up through a set, so which of the two won would change from one process to the next.
+    stand_ins = _stand_ins()
+    covered = {name for _, name in stand_ins}
+    allowed = [*(g for g in safe_globals if _global_name(g) not in covered), *stand_ins]
     created: list = []
     token = _CREATED.set(created)
     try:
@@ -415,16 +418,19 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
         kind = type(value)
         if kind in _PLAIN:
             continue
-        if kind in allowed:
-            # Trusted itself, but what it holds is pickled with it and must load too (a
-            # datetime inside a trusted dataclass would make the checkpoint unloadable).
-            if id(value) not in seen:
-                seen.add(id(value))
-                stack.extend(_rebuilt_from(value, path, allowed))
-            continue
         if kind is torch.Tensor or kind is torch.nn.Parameter:
             continue
         if np is not None and _numpy_storable(value):
+            continue
+        if _is_allowed(value, allowed):
+            continue  # a class or function the caller trusts, stored by name
+        if kind in allowed:
+            # Trusted itself, but what it holds is pickled with it and must load too (a
+            # datetime inside a trusted dataclass would make the checkpoint unloadable). A
+            # tensor subclass is rebuilt by torch itself.
+            if id(value) not in seen and not isinstance(value, torch.Tensor):
+                seen.add(id(value))
+                stack.extend(_rebuilt_from(value, path, allowed))
             continue
         if kind in _MAPPINGS or kind in _SEQUENCES:
             if id(value) in seen:
@@ -457,6 +463,21 @@ def _numpy_storable(value: Any) -> bool:
     if type(value) is np.ndarray or isinstance(value, np.generic):
         return _numeric(value.dtype)
     return isinstance(value, np.dtype) and _numeric(value)
+
+
+def _global_name(entry: Any) -> str:
+    """The name a safe_globals entry (an object, or an (object, name) pair) is allowed under."""
+    if isinstance(entry, tuple):
+        return entry[1]
+    return f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', getattr(entry, '__name__', ''))}"
+
+
+def _is_allowed(value: Any, allowed: frozenset) -> bool:
+    """Whether ``value`` itself (a class, a function) is among the allowed globals."""
+    try:
+        return value in allowed
+    except TypeError:  # unhashable: no global is
+        return False
 
 
 def _rebuilt_from(value: Any, path: str, allowed: frozenset) -> list[tuple[Any, str]]:

@@ -560,8 +560,14 @@ class FileBackend:
         run = self.run_path(run_name)
         target = posixpath.join(run, step_dirname(step))
         manifest_path = posixpath.join(target, MANIFEST_NAME)
+        with self._lock:
+            newest = self._newest_step.get(run, -1)
+            # Above any step a listing showed or this instance wrote: nothing can lie there (as in _store).
+            unseen = run in self._listed_runs and step > newest
+            self._newest_step[run] = max(newest, step)
         try:
-            committed = self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path)
+            committed = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists,
+                                                  manifest_path)
         except Exception as exc:
             raise self._fail(f"could not check {self.uri(manifest_path)}", exc) from None
         if committed and _copies_files(self.fs):
@@ -572,7 +578,8 @@ class FileBackend:
             # A store that cannot copy a file itself, or what a failed save left: cleared, as
             # the shards may be named differently this time.
             folder = target
-            self._discard(target)
+            if not unseen:
+                self._discard(target)
         with self._lock:
             self._in_flight.add(folder)
         try:
@@ -595,9 +602,22 @@ class FileBackend:
                 # into place. The old manifest stays until the new one replaces it in one write;
                 # a reader in between finds files that do not match it, a damaged step skipped
                 # with a warning, never a step gone without a word.
-                for name in files:
-                    src, current = posixpath.join(path, name), posixpath.join(target, name)
-                    self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
+                try:
+                    for name in files:
+                        src, current = posixpath.join(path, name), posixpath.join(target, name)
+                        self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
+                except Exception as exc:
+                    if gave_up(exc):  # a store that stopped answering: the same again would wait as long
+                        raise
+                    # A store whose copy will not replace a file (WebDAV's): the old copy is
+                    # un-committed, its files removed, and the shards copied in again.
+                    log.warning("backend %r: the store could not copy %s (%s); replacing the step's files",
+                                self.name, self.uri(current), self.describe(exc))
+                    self._discard(target)
+                    self._make_folder(target)
+                    for name in files:
+                        src, current = posixpath.join(path, name), posixpath.join(target, name)
+                        self._call(f"copying {self.uri(src)} to {self.uri(current)}", self.fs.cp_file, src, current)
             manifest = payload.manifest(files)
             data = manifest.to_json()
             current = manifest_path
@@ -605,7 +625,7 @@ class FileBackend:
             self._remember(target, data, manifest)
             self._damaged.discard(target)
         except Exception as exc:
-            if current != target:
+            if current != target and gave_up(exc):
                 self._damaged.add(target)  # its files may be part old, part new: checked, not trusted
             raise self._fail(f"could not commit {self.uri(target)} (at {self.uri(current)})", exc) from None
         finally:
@@ -765,12 +785,14 @@ class FileBackend:
         cached = self._manifests.get(ref.path)
         with self._lock:
             own = self._committed_here.pop(ref.path, None)
-        if key is not None and cached is not None and cached[0] == key:
-            manifest = cached[1]
-        elif key is not None and own is not None and listed.get("size") == own[0]:
+        # What this instance just committed comes first: a step saved again within the second a
+        # store's times resolve (WebDAV) lists as the copy it replaced did, at the same size.
+        if key is not None and own is not None and listed.get("size") == own[0]:
             manifest = own[1]
             self._manifests[ref.path] = (key, manifest)
             self._own_manifests.add(ref.path)
+        elif key is not None and cached is not None and cached[0] == key:
+            manifest = cached[1]
         else:
             try:
                 manifest = self.read_manifest(ref)

@@ -656,3 +656,33 @@ def test_a_store_that_refuses_a_rename_onto_a_folder_with_another_errno_still_re
     with backend.open_file(ref=ref, name="state.pt") as f:
         assert f.read() == b"new!"
     assert sorted(os.listdir(tmp_path / "root/r")) == [step_dirname(3)]
+
+
+def test_a_reader_that_cannot_put_a_copy_back_waits_for_its_commit_once(tmp_path, monkeypatch, caplog):
+    """A read-only reader (an eval job) cannot rename the copy a killed commit set aside: it gives
+    the commit its moment once, not at every listing for the minute the copy stays young."""
+    import ckptkit.local
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    backend.save_resume(run_name="r", step=5, payload=payload(5))
+    run = tmp_path / "root/r"
+    os.rename(run / step_dirname(5), run / f".trash-{step_dirname(5)}-0123456789ab")
+    waits = []
+    real_wait, real_rename = ckptkit.local._finished_meanwhile, os.rename
+
+    def counted(target):
+        waits.append(target)
+        return real_wait(target)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), dst)
+
+    monkeypatch.setattr(ckptkit.local, "_finished_meanwhile", counted)
+    monkeypatch.setattr(ckptkit.local, "_SWAP_WAIT_S", 0.1)
+    monkeypatch.setattr(ckptkit.local.os, "rename", read_only)
+    reader = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    for _ in range(3):
+        assert reader.list_checkpoints(run_name="r") == []
+    assert len(waits) == 1
+    monkeypatch.setattr(ckptkit.local.os, "rename", real_rename)
+    assert [r.step for r in reader.list_checkpoints(run_name="r")] == [5]  # put back once it may

@@ -324,6 +324,9 @@ class LocalBackend(FileBackend):
         # fsynced, still open: the commit fsyncs them all at once.
         self._unsynced: dict[str, list[BinaryIO]] = {}
         self._in_memory: bool | None = None  # whether the root is on tmpfs; known at the first commit
+        # Copies set aside that a listing already gave their commit time to finish: a reader that
+        # cannot put one back (read-only) waits once, not at every listing.
+        self._waited: set[str] = set()
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> LocalBackend:
@@ -554,8 +557,10 @@ class LocalBackend(FileBackend):
                 continue
             aside, target = posixpath.join(run, dirname), posixpath.join(run, step_dir)
             try:
-                if time.time() - os.lstat(aside).st_ctime < _SWAP_GRACE_S and _finished_meanwhile(target):
+                if (time.time() - os.lstat(aside).st_ctime < _SWAP_GRACE_S and aside not in self._waited
+                        and _finished_meanwhile(target)):
                     continue
+                self._waited.add(aside)
                 os.rename(aside, target)  # fails if a commit put a new copy there meanwhile
                 _fsync_dir(run)
             except OSError:

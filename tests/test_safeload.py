@@ -474,3 +474,36 @@ def test_numpy_names_in_safe_globals_load_in_every_process(seed):
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", _NUMPY_ALLOWED], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _Items(list):
+    """A list subclass: weights-only loading cannot fill it."""
+
+
+class _KeywordsOnly:
+    """Pickled through functools.partial, its __new__ taking keywords."""
+
+    def __new__(cls, a=0, *, b=0):
+        return super().__new__(cls)
+
+    def __init__(self, a, *, b):
+        self.a, self.b = a, b
+
+    def __getnewargs_ex__(self):
+        return (self.a,), {"b": self.b}
+
+
+def test_allowed_types_that_restore_would_still_refuse_are_refused_at_save():
+    """Each of these was saved and then refused by every restore."""
+    refused = [(_Items([1, 2]), [_Items], "a subclass of list"),
+               (_KeywordsOnly(1, b=2), [_KeywordsOnly], "__newobj_ex__"),
+               (_RunConfig(lr=1.0), [(_RunConfig, "elsewhere._RunConfig")], "which restore could not load")]
+    for value, allowed, why in refused:
+        with pytest.raises(UnstorableStateError, match=why):
+            safeload.check_storable({"v": value}, "extra", safe_globals=allowed)
+        with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError)):
+            round_trip({"v": value}, safe_globals=allowed)
+    # An OrderedDict allowed by name is still filled as a plain one.
+    plain = {"v": collections.OrderedDict(a=torch.ones(1))}
+    safeload.check_storable(plain, "extra", safe_globals=[collections.OrderedDict])
+    assert round_trip(plain, safe_globals=[collections.OrderedDict])["v"].keys() == {"a"}

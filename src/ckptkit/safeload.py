@@ -399,7 +399,10 @@ _DATA_PIPELINE = (torch.utils.data.DataLoader, torch.utils.data.Sampler, torch.u
 
 
 def _allowed_types(safe_globals: Iterable[Any]) -> frozenset:
-    return frozenset(g[0] if isinstance(g, tuple) else g for g in safe_globals)
+    # An entry allowed under another name than its own (a class that moved, for old checkpoints)
+    # does not let a save through: what is saved now is pickled under its own name.
+    return frozenset(g[0] if isinstance(g, tuple) else g for g in safe_globals
+                     if not isinstance(g, tuple) or g[1] == _global_name(g[0]))
 
 
 def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> None:
@@ -424,7 +427,7 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
             continue
         if _is_allowed(value, allowed):
             continue  # a class or function the caller trusts, stored by name
-        if kind in allowed:
+        if kind in allowed and kind not in _MAPPINGS and kind not in _SEQUENCES:
             # Trusted itself, but what it holds is pickled with it and must load too (a
             # datetime inside a trusted dataclass would make the checkpoint unloadable). A
             # tensor subclass is rebuilt by torch itself.
@@ -492,7 +495,9 @@ def _rebuilt_from(value: Any, path: str, allowed: frozenset) -> list[tuple[Any, 
         return []  # a global looked up by name: the allowed type's own module
     rebuild, args, *rest = (*reduced, None, None, None)[:5]
     kind = type(value)
-    if rebuild in (copyreg.__newobj__, copyreg.__newobj_ex__) and args and args[0] is kind:
+    # (copyreg.__newobj_ex__, keyword arguments to __new__, is written through functools.partial,
+    # which weights-only loading refuses.)
+    if rebuild is copyreg.__newobj__ and args and args[0] is kind:
         args = args[1:]
     elif rebuild is not kind and rebuild not in allowed:
         name = getattr(rebuild, "__qualname__", repr(rebuild))
@@ -507,8 +512,13 @@ def _rebuilt_from(value: Any, path: str, allowed: frozenset) -> list[tuple[Any, 
             found.extend((v, f"{path}.{k}") for k, v in part.items())
         elif part is not None:
             found.append((part, f"{path} (its state)"))
-    found.extend((v, f"{path}[{i}]") for i, v in enumerate(listitems or ()))
-    found.extend((v, f"{path}[{k!r}]") for k, v in (dictitems or ()))
+    listitems, dictitems = list(listitems or ()), list(dictitems or ())
+    if listitems or dictitems:
+        # Weights-only loading fills only plain lists and dicts (OrderedDict among them) with items.
+        raise UnstorableStateError(
+            f"{path} is {_type_name(value)}, a subclass of {'list' if listitems else 'dict'} whose items "
+            "restore could not put back (weights-only loading fills plain lists and dicts only), so nothing "
+            f"was saved. Store a plain {'list' if listitems else 'dict'} of its items instead")
     return found
 
 

@@ -795,6 +795,54 @@ def test_an_async_save_in_flight_when_training_crashes_is_still_committed(tmp_pa
     ck.close()
 
 
+SIGTERM_AFTER_SAVE = """
+import os, signal, sys, time, torch, ckptkit
+from ckptkit.local import LocalBackend
+from ckptkit.plugins import make_plugin_manager
+
+
+class SlowDisk(LocalBackend):
+    def _write(self, pf, path, stop):
+        time.sleep(1.5)  # a write still going when SIGTERM comes
+        return super()._write(pf, path, stop)
+
+
+pm = make_plugin_manager(autoload=False)
+pm.add_backend_type("slowdisk", SlowDisk)
+folder = sys.argv[1]
+ck = ckptkit.CheckpointManager.from_config(
+    {"backends": {"disk": {"type": "slowdisk", "path": folder}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True}}},
+    run_name="exp", plugin_manager=pm)
+model = torch.nn.Linear(64, 64)
+ck.save(step=7, model=model)
+torch.save(model.state_dict(), folder + "/expected.pt")
+os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, once another rank failed; a preemption's
+time.sleep(60)
+print("SIGTERM did not end the process")
+"""
+
+
+def test_an_async_save_in_flight_at_sigterm_is_committed_before_the_process_ends(tmp_path, pm):
+    """torchrun sends SIGTERM to every rank once one fails, as Slurm and Kubernetes do to preempt:
+    the save that returned is committed, then the process ends as SIGTERM ends it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_SAVE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr[-2000:]
+    assert "in flight at SIGTERM, is committed" in proc.stderr
+    ck = CheckpointManager.from_config(
+        {"backends": {"disk": {"type": "local", "path": str(tmp_path)}},
+         "roles": {"resume": {"backends": ["disk"]}}}, run_name="exp", plugin_manager=pm)
+    model = torch.nn.Linear(64, 64)
+    assert ck.restore(model).step == 7
+    assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
+    ck.close()
+
+
 def _child_exits() -> None:
     pass
 

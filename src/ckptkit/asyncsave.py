@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -168,6 +169,7 @@ class AsyncSaver:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
             _finish_at_exit(weakref.ref(self))
+            _finish_at_sigterm(self)
         copies, self._copies = self._copies, []
         deferred, self._stager.deferred = self._stager.deferred, []
         if deferred:
@@ -264,6 +266,46 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
         threading._register_atexit(finish)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # an interpreter without it, or one already exiting
         pass
+
+
+# The savers of this process whose save in flight a SIGTERM lets finish, and whether the handler is ours.
+_sigterm_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+_sigterm_lock = threading.Lock()
+
+
+def _finish_at_sigterm(saver: AsyncSaver) -> None:
+    """On SIGTERM, let the save in flight commit before the process ends as SIGTERM ends it.
+
+    torchrun sends it to every rank once one has failed, as Slurm and Kubernetes do to preempt:
+    without this, a save that returned was lost with the process. Only where SIGTERM does what
+    it does by default: a handler of the trainer's own is left as it is (and decides)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers are set from the main thread only
+    with _sigterm_lock:
+        _sigterm_savers.add(saver)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # ours already, or the trainer's
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    for s in list(_sigterm_savers):
+        if s._pending is None or s._pending.done() or os.getpid() != s._pid:
+            continue
+        log.warning("SIGTERM: the asynchronous save in flight is finished before the process ends")
+        try:
+            s.settle()  # this is the main thread, which saved: its verdict on deferred copies is final
+            step, saved, failures = s._pending.result()
+        except Exception as exc:  # nothing to raise to: the process is ending
+            log.error("the asynchronous save in flight at SIGTERM failed: %s", exc)
+            continue
+        for name, error in failures.items():
+            log.error("the asynchronous save of step %d, in flight at SIGTERM, failed on %s: %s", step, name, error)
+        if saved:
+            log.warning("the asynchronous save of step %d, in flight at SIGTERM, is committed at %s", step,
+                        ", ".join(r.uri for r in saved))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)  # ends the process as SIGTERM would have
 
 
 def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:

@@ -285,7 +285,10 @@ def _finish_at_sigterm(saver: AsyncSaver) -> None:
         _sigterm_savers.add(saver)
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return  # ours already, or the trainer's
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):  # not the main interpreter (a subinterpreter, an embedding)
+            pass
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

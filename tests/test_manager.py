@@ -786,10 +786,14 @@ def test_an_async_save_in_flight_when_training_crashes_is_still_committed(tmp_pa
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "training crashed right after save" in proc.stderr
     assert "failed" not in proc.stderr, proc.stderr[-2000:]
+    _assert_step_7_as_saved(tmp_path, pm, torch.nn.Linear(1024, 1024))
+
+
+def _assert_step_7_as_saved(tmp_path, pm, model) -> None:
+    """A child process's step 7 is committed and holds what it wrote to expected.pt."""
     ck = CheckpointManager.from_config(
         {"backends": {"disk": {"type": "local", "path": str(tmp_path)}},
          "roles": {"resume": {"backends": ["disk"]}}}, run_name="exp", plugin_manager=pm)
-    model = torch.nn.Linear(1024, 1024)
     assert ck.restore(model).step == 7
     assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
     ck.close()
@@ -834,13 +838,7 @@ def test_an_async_save_in_flight_at_sigterm_is_committed_before_the_process_ends
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr[-2000:]
     assert "in flight at SIGTERM, is committed" in proc.stderr
-    ck = CheckpointManager.from_config(
-        {"backends": {"disk": {"type": "local", "path": str(tmp_path)}},
-         "roles": {"resume": {"backends": ["disk"]}}}, run_name="exp", plugin_manager=pm)
-    model = torch.nn.Linear(64, 64)
-    assert ck.restore(model).step == 7
-    assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
-    ck.close()
+    _assert_step_7_as_saved(tmp_path, pm, torch.nn.Linear(64, 64))
 
 
 def _child_exits() -> None:

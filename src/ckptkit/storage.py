@@ -314,10 +314,7 @@ class FileBackend:
         run, step = self.run_path(run_name), parse_step(dirname)
         with self._lock:
             self._in_flight.add(target)
-            newest = self._newest_step.get(run, -1)
-            unseen = step is not None and run in self._listed_runs and step > newest
-            if step is not None:
-                self._newest_step[run] = max(newest, step)
+        unseen = step is not None and self._unseen(run, step)
         staging = None  # where the files of a step saved again go first
         # Whether what lies at target may be removed when this fails: not before the store said
         # that nothing committed lies there (a check that failed, a store that stopped answering,
@@ -555,16 +552,21 @@ class FileBackend:
             log.warning("backend %r: could not clean up %s: %s", self.name, self.uri(path),
                         self.describe(exc))
 
+    def _unseen(self, run: str, step: int) -> bool:
+        """Whether ``step`` is above any step a listing of ``run`` showed or this instance wrote:
+        nothing can lie there yet, so asking the store is not worth its round trips. The step
+        counts as written from now on."""
+        with self._lock:
+            newest = self._newest_step.get(run, -1)
+            self._newest_step[run] = max(newest, step)
+            return run in self._listed_runs and step > newest
+
     @hookimpl
     def stage_sharded(self, run_name: str, step: int) -> str:
         run = self.run_path(run_name)
         target = posixpath.join(run, step_dirname(step))
         manifest_path = posixpath.join(target, MANIFEST_NAME)
-        with self._lock:
-            newest = self._newest_step.get(run, -1)
-            # Above any step a listing showed or this instance wrote: nothing can lie there (as in _store).
-            unseen = run in self._listed_runs and step > newest
-            self._newest_step[run] = max(newest, step)
+        unseen = self._unseen(run, step)
         try:
             committed = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists,
                                                   manifest_path)

@@ -139,6 +139,10 @@ def test_wheels_install_extras_into_a_fresh_venv(tmp_path):
     for name in built:  # typed packages: type checkers read the annotations of each
         with zipfile.ZipFile(wheels / name) as whl:
             assert f"{name.split('-')[0]}/py.typed" in whl.namelist(), name
+            # The license the metadata declares travels with each wheel, its text included.
+            dist_info = f"{name.split('-')[0]}-{v}.dist-info"
+            assert "Apache License" in whl.read(f"{dist_info}/licenses/LICENSE").decode(), name
+            assert "License-Expression: Apache-2.0" in whl.read(f"{dist_info}/METADATA").decode(), name
     with zipfile.ZipFile(wheels / built[0]) as whl:
         metadata = whl.read(f"ckptkit-{v}.dist-info/METADATA").decode()
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]

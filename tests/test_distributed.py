@@ -319,6 +319,8 @@ def test_rank0_failing_mid_save_raises_on_every_rank_without_a_hang(tmp_path):
     results = launch(2, "rank0_fails", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=90)
     for r in results:
         assert r["refused"] and "extra['bad'] is a function" in r["refused"]
+        # The rank that refused is named where the refusal reaches another rank.
+        assert ("on rank 0" in r["refused"]) == (r["rank"] != 0), r["refused"]
         assert r["raised"] and "step 1 was not saved" in r["raised"] and "local" in r["raised"]
         assert r["listed"] == [], f"rank {r['rank']} sees a committed checkpoint that failed"
     leftovers = os.listdir(tmp_path / "ckpts/dist") if (tmp_path / "ckpts/dist").exists() else []

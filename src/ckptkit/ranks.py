@@ -64,6 +64,21 @@ def _as_text(exc: BaseException) -> CkptkitError:
     return CkptkitError(f"{cls.__name__}: {exc}")
 
 
+def _on_rank(exc: CkptkitError | None, r: int) -> CkptkitError | None:
+    """A text-only error (``portable``) that says which rank it happened on, for the ranks it is
+    sent to: a trainer reads one rank's log, most often rank 0's."""
+    if exc is None:
+        return None
+    if isinstance(exc, SaveError):
+        return type(exc)(f"on rank {r}: {exc}", exc.failures, exc.saved)
+    if isinstance(exc, BackendError):
+        return type(exc)(exc.backend, f"on rank {r}: {exc.detail}")
+    try:
+        return type(exc)(f"on rank {r}: {exc}")
+    except TypeError:  # a subclass with its own constructor
+        return CkptkitError(f"on rank {r}: {exc}")
+
+
 # What gloo says when a peer did not answer in time or went away.
 _PEER_GONE = ("timed out", "timeout", "connection closed", "connection reset", "closed by peer", "broken pipe")
 
@@ -237,6 +252,6 @@ class Collectives:
             if problem is not None:
                 raise problem
             return
-        problems = [p for p in self.all_gather(label, portable(problem)) if p is not None]
+        problems = [p for p in self.all_gather(label, _on_rank(portable(problem), rank())) if p is not None]
         if problems:
             raise problem if problem is not None else problems[0]

@@ -117,6 +117,52 @@ def test_local_save_interrupted_by_keyboard_interrupt_leaves_no_temp_folder(tmp_
     assert [r.step for r in local.list_checkpoints(run_name="r")] == [1]
 
 
+class _InterruptedFile:
+    """A file whose third write is where a Ctrl-C lands."""
+
+    def __init__(self, f):
+        self._f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return self._f.write(data)
+
+    def flush(self):
+        self._f.flush()
+
+
+def test_a_keyboard_interrupt_inside_torch_save_stays_an_interrupt(tmp_path):
+    """torch.save turns what its file's write raised into a RuntimeError ("unexpected pos"): a
+    Ctrl-C there came out of save() as a SaveError blaming the disk, and with on_error="warn"
+    training went on."""
+    import torch
+
+    from ckptkit.fanout import torch_writer
+
+    local = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    local.save_resume(run_name="r", step=1, payload=payload(1))
+    write = torch_writer({"model": {f"w{i}": torch.zeros(64) for i in range(8)}})
+    interrupted = Payload(run_name="r", step=2, epoch=None, format="torch",
+                          files=(PayloadFile("state.pt", write=lambda f: write(_InterruptedFile(f))),))
+    with pytest.raises(KeyboardInterrupt):
+        local.save_resume(run_name="r", step=2, payload=interrupted)
+    assert [r.step for r in local.list_checkpoints(run_name="r")] == [1]
+    assert sorted(os.listdir(tmp_path / "root" / "r")) == [step_dirname(1)]
+
+    # Any other failure of a write is still the storage's.
+    write_failing = Payload(run_name="r", step=2, epoch=None, format="torch",
+                            files=(PayloadFile("state.pt", write=lambda f: write(_Failing(f))),))
+    with pytest.raises(BackendError, match="could not store .*Input/output error"):
+        local.save_resume(run_name="r", step=2, payload=write_failing)
+
+
+class _Failing(_InterruptedFile):
+    def write(self, data):
+        raise OSError(5, "Input/output error")
+
+
 @pytest.mark.skipif(__import__("ckptkit.local").local._renameat2 is None,
                     reason="renameat2 needs Linux with glibc 2.28 or later")
 def test_replacing_a_local_checkpoint_is_one_atomic_swap(tmp_path, monkeypatch):

@@ -86,9 +86,31 @@ def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
         # The stream is checksummed as it is written; torch's own per-record crc32 would read
         # every byte a second time for nothing.
         with _without_crc32():
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:
+                # torch's writer turns whatever its call of f.write raised into its own
+                # RuntimeError ("unexpected pos"). A Ctrl-C that landed in that call must stay an
+                # interrupt: reported as a failing backend, it would blame the storage, and a
+                # trainer saving with on_error="warn" would train on.
+                interrupt = _interrupt_behind(exc)
+                if interrupt is None:
+                    raise
+                raise interrupt from None
 
     return write
+
+
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit (what a signal handler raises) among the causes of ``exc``."""
+    seen: set[int] = set()
+    current = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _backend_failure(name: str, exc: Exception) -> CkptkitError:

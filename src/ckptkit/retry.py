@@ -16,6 +16,10 @@ from .redact import describe, scrub
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The jitter's own generator: a draw from the global ``random`` would shift the trainer's stream
+# (data order, augmentation) whenever a store failed once, and from a writer thread at no fixed
+# point, so a resumed training could not go on as the uninterrupted one did.
+_jitter = random.Random()
 
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -178,7 +182,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """The wait in seconds after failed attempt number ``attempt`` (1 for the first), with jitter."""
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        return base * (0.5 + random.random() / 2)
+        return base * (0.5 + _jitter.random() / 2)
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, secrets: Iterable[str] = (),
              **kwargs: Any) -> T:

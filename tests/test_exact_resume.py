@@ -79,6 +79,40 @@ def _old_run(tmp_path, pm):
     return cfg, sorted(os.listdir(tmp_path / "scratch/exp"))
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_step_below_one_this_training_saved_or_restored_is_refused(tmp_path, pm, mode):
+    """A step counter that starts again each epoch, or a loop restarted in the same process: the
+    lower step was committed, pruned the newest training state as the oldest of keep_last, and a
+    plain restore then resumed the old branch (an outside probe: 10, 20, 30 then 5, 6, 7 left 7, 20, 30)."""
+    cfg = local_config(tmp_path, keep=2)
+    cfg["roles"]["resume"]["async"] = mode == "async"
+    model, opt = make_model()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    for step in (10, 20, 30):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    with pytest.raises(RunConflictError, match=r"save step 5: this training already saved or restored step 30.*"
+                                                r"global step.*restore\(step=N\)") as info:
+        ck.save(step=5, model=model, optimizer=opt, force=True)
+    assert (info.value.run_name, info.value.newest_step) == ("exp", 30)
+    with pytest.raises(RunConflictError, match="step 6"):
+        ck.save_files(step=6, files=str(tmp_path))
+    ck.save(step=30, model=model, optimizer=opt, force=True)  # the same step again: replaced, not refused
+    ck.wait()
+    assert [r.step for r in ck.list_checkpoints()] == [30, 20]
+    ck.close()
+
+    # A training that restored step 30 and then counts from 0 is refused as well, on its first save.
+    again = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    fresh, fresh_opt = make_model(seed=3)
+    assert again.restore(fresh, fresh_opt).step == 30
+    with pytest.raises(RunConflictError, match="save step 0: .*step 30"):
+        again.save(step=0, model=fresh, optimizer=fresh_opt)
+    again.save(step=31, model=fresh, optimizer=fresh_opt)
+    again.close()
+    assert sorted(os.listdir(tmp_path / "scratch/exp")) == ["step-0000000030", "step-0000000031"]
+
+
 def test_a_fresh_training_under_a_used_run_name_is_refused(tmp_path, pm):
     cfg, before = _old_run(tmp_path, pm)
 

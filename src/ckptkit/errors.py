@@ -87,7 +87,8 @@ class RunConflictError(CkptkitError):
     """A new training would write into a run that already holds newer checkpoints of another one.
 
     Raised by the first ``save`` of a manager that did not restore from the run, when the run's
-    newest committed step is at or above the step being saved; and by every ``save`` after
+    newest committed step is at or above the step being saved; by a ``save`` of a step below one
+    the same manager saved or restored (its steps went back); and by every ``save`` after
     ``restore(step=N)`` while the run holds checkpoints newer than N (new saves would be pruned
     by the newer steps, and a plain restore would resume those). ``run_name`` and
     ``newest_step`` say which.

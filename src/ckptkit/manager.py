@@ -366,6 +366,8 @@ class CheckpointManager:
         # After restore(step=N) while the run may hold newer steps: (N, the newest step seen then,
         # or None). The next save lists the run again and is refused while steps above N remain.
         self._rolled_back: tuple[int, int | None] | None = None
+        # The highest step this manager saved (or began to save) or restored, on every rank.
+        self._last_step: int | None = None
         self._swept = False  # scratch folders of killed processes removed after this manager's first prune
         # Rank 0 prunes after each commit on a thread of its own (with the pid that started it:
         # a forked child starts its own); every later call of this manager waits for it first.
@@ -501,7 +503,8 @@ class CheckpointManager:
         later save. A resume backend that could not be listed then is listed again after the
         first save it commits (on the pruning thread), and if it holds newer steps it is not
         pruned and every later save is refused. After ``restore(step=N)``, every save is refused
-        the same way while the run holds steps above N.
+        the same way while the run holds steps above N. A step below one this manager saved or
+        restored is refused too: keep_last would prune it first and restore would pass it over.
 
         With ``async: true`` it returns once the state is copied to CPU buffers (reused between
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
@@ -517,6 +520,7 @@ class CheckpointManager:
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
+        self._check_step_grows(step)
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
         if unloadable is None and optimizer is not None and (
@@ -536,6 +540,7 @@ class CheckpointManager:
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
             self._check_run(step)
+        self._last_step = step
         buffers = gather.own_buffers(model, self.coll)
         if role.format == "dcp":
             state = gather.resume_state(model, optimizer, sharded=True)
@@ -587,6 +592,20 @@ class CheckpointManager:
             problem = exc
         self.coll.agree(f"save step {step}: check state", problem)
         return extra_state, own_state
+
+    def _check_step_grows(self, step: int) -> None:
+        """Refuse a step below the highest this manager saved or restored (every rank alike):
+        keep_last keeps the highest steps, so the new checkpoint would be the first pruned, and a
+        plain restore would resume the higher step, rolling back what was trained since."""
+        if self._last_step is None or step >= self._last_step:
+            return
+        raise RunConflictError(
+            f"save step {step}: this training already saved or restored step {self._last_step} of run "
+            f"{self.run_name!r}, and steps must only grow: keep_last keeps the highest steps, so step {step} would "
+            f"be pruned first, and a plain restore() would resume step {self._last_step}, losing what was trained "
+            f"since. Pass a count that keeps growing across epochs and restarts (the global step, not the step "
+            f"within an epoch). To go back to an older step, call restore(step=N) with it first",
+            self.run_name, self._last_step)
 
     def _check_run(self, step: int) -> None:
         """Refuse to write into a run that holds newer checkpoints this manager did not restore (collective)."""
@@ -1075,6 +1094,7 @@ class CheckpointManager:
             self._verified.add(manifest.step)
             # Newer steps the listing showed were skipped as damaged: they are no other training's.
             self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
+            self._last_step = manifest.step
             self._prepare_first_save(optimizer)
             # This training continues the run now. A backend that could not be listed is listed
             # again after the first save it commits: steps above the restored one there are
@@ -1543,6 +1563,7 @@ class CheckpointManager:
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
             return []
+        self._check_step_grows(step)
         self.wait()
         # Every rank has written its files (a trainer writes one RNG file per rank) before rank 0 reads them.
         self.coll.agree(f"save_files step {step}: written", None)
@@ -1553,6 +1574,7 @@ class CheckpointManager:
             self._check_run(step)
         conflict = self._conflict_error(*self._conflict) if ranks.rank() == 0 and self._conflict else None
         self.coll.agree(f"save_files step {step}: check run", conflict)
+        self._last_step = step
         payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
                           files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
                           metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -1601,6 +1623,7 @@ class CheckpointManager:
             self._tracking_run_id()
             self._verified.add(manifest.step)
             self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
+            self._last_step = manifest.step
             self._rolled_back = None
             self._run_checked = True
             self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore

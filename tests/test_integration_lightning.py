@@ -54,6 +54,21 @@ class Net(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
 
 
+# What the validation after steps 3, 6, 10, 13 and 17 logs (val_check_interval=3 in epochs of 7 batches).
+VAL_LOSS = {3: 2.0, 6: 1.0, 10: 3.0, 13: 4.0, 17: 5.0}
+
+
+class ValidatedNet(Net):
+    """Net with a validation loop: making its loader's iterator draws a seed from the global
+    generator, between a save at that step and the next training step."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", VAL_LOSS.get(self.trainer.global_step, 9.0))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(2), batch_size=1)
+
+
 # The loader a fit uses, set from its spec: "plain", or "per_rank" recording into LOADER["record"].
 LOADER = {"kind": "plain", "record": ""}
 
@@ -100,9 +115,10 @@ def main(spec_path: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     pl.seed_everything(1, verbose=False)
-    model = Net()
+    model = ValidatedNet() if spec.get("validate") else Net()
+    validation = {"val_check_interval": 3, "num_sanity_val_steps": 0} if spec.get("validate") else {}
     tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt()], logger=False,
-                       default_root_dir=spec["workdir"])
+                       default_root_dir=spec["workdir"], **validation)
     tr.fit(model)
     if tr.global_rank == 0:
         torch.save({"weights": model.state_dict(), "global_step": tr.global_step, "epoch": tr.current_epoch,
@@ -140,12 +156,13 @@ class Fit:
     """
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
-                 devices: int = 1, env: dict | None = None, loader: str = "plain"):
+                 devices: int = 1, env: dict | None = None, loader: str = "plain", validate: bool = False):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.out, self.kill_after = workdir, out, kill_after
         spec = workdir / f"spec-{out}.json"
         spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
-                                    "kill_after": kill_after, "devices": devices, "loader": loader}))
+                                    "kill_after": kill_after, "devices": devices, "loader": loader,
+                                    "validate": validate}))
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
         self.log = open(workdir / f"log-{out}.txt", "w+")
@@ -370,6 +387,57 @@ def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_p
     assert ckpt.restored_step == 6
     assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert committed_steps(tmp_path / "ckpts") == [4, 6]
+
+
+def test_a_step_that_validates_is_saved_after_its_validation_and_resumes_bit_identical(tmp_path):
+    """Saved before the validation that follows its step, a checkpoint held the metrics of the
+    validation before (keep_best kept the wrong step) and the random state before the validation
+    loader drew its seed, so a fit resumed from it went on otherwise than the uninterrupted one."""
+    def config(root):
+        cfg = local_config(root, every=3, keep_last=2)
+        cfg["roles"]["resume"]["keep_best"] = {"metric": "val_loss", "mode": "min", "count": 1}
+        return cfg
+
+    reference = Fit(tmp_path / "reference", config(tmp_path / "reference"), validate=True)
+    try:
+        fit(tmp_path, config(tmp_path), kill_after=7, validate=True)
+        metrics = {step: json.loads((tmp_path / f"ckpts/lit/step-{step:010d}/manifest.json").read_text())["metrics"]
+                   for step in committed_steps(tmp_path / "ckpts")}
+        assert {step: m.get("val_loss") for step, m in metrics.items()} == {3: 2.0, 6: 1.0}
+        got = fit(tmp_path, config(tmp_path), validate=True)
+        assert got["restored_step"] == 6
+        assert_same_training(reference.result(), got)
+        # keep_best kept step 6, the lowest val_loss, beside the newest two.
+        assert committed_steps(tmp_path / "ckpts") == [6, 15, 17]
+    finally:
+        reference.stop()
+
+
+def test_fit_with_a_ckpt_path_over_a_run_it_resumes_is_refused_before_any_step(tmp_path, monkeypatch):
+    """Lightning loads fit(ckpt_path=...) after the callback restored: the fit went on from that
+    file's older step with the run's random state, and then saved over the run's newer step."""
+    monkeypatch.chdir(tmp_path)
+    config = local_config(tmp_path, every=2, keep_last=5)
+    tr, _ = trainer(config, max_steps=2, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())
+    tr.save_checkpoint(tmp_path / "step2.ckpt")  # a file of Lightning's own, as ModelCheckpoint wrote
+    tr, _ = trainer(config, max_steps=4, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())
+    newest = (tmp_path / "ckpts/lit/step-0000000004/state.pt").read_bytes()
+
+    tr, ckpt = trainer(config, max_steps=6, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"fit\(ckpt_path=.*step2.ckpt'\) and CkptkitCheckpoint both restore.*"
+                                          r"step 4.*Remove ckpt_path"):
+        tr.fit(Net(), ckpt_path=tmp_path / "step2.ckpt")
+    assert committed_steps(tmp_path / "ckpts") == [2, 4]
+    assert (tmp_path / "ckpts/lit/step-0000000004/state.pt").read_bytes() == newest
+
+    # A new run started from a Lightning file: nothing to restore in it, so the file is the start.
+    config["run_name"] = "from-file"
+    tr, ckpt = trainer(config, max_steps=4, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net(), ckpt_path=tmp_path / "step2.ckpt")
+    assert ckpt.restored_step is None and tr.global_step == 4
+    assert committed_steps(tmp_path / "ckpts", run="from-file") == [4]
 
 
 def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_path, monkeypatch):

@@ -126,6 +126,7 @@ class CkptkitCheckpoint(Checkpoint):
         self.restored_step: int | None = None
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._after_validation: int | None = None  # a due step whose save waits for its validation
 
     @property
     def state_key(self) -> str:
@@ -198,6 +199,15 @@ class CkptkitCheckpoint(Checkpoint):
                  restored.step)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # fit(ckpt_path=...) is loaded after setup, over what was restored here: the fit would go
+        # on from that file with this run's random state, and its saves would write behind the
+        # run's newer steps. Starting a new run from a Lightning file is fine.
+        if trainer.ckpt_path is not None and self.restored_step is not None:
+            raise ConfigError(
+                f"fit(ckpt_path={str(trainer.ckpt_path)!r}) and CkptkitCheckpoint both restore: Lightning loaded "
+                f"that file over step {self.restored_step}, which ckptkit restored from run "
+                f"{self.manager.run_name!r}. Remove ckpt_path from fit(): CkptkitCheckpoint resumes the newest "
+                "committed checkpoint. To start from that file instead, give CkptkitCheckpoint a new run_name")
         self._restore_rng_at_epoch_end()
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,7 +242,18 @@ class CkptkitCheckpoint(Checkpoint):
             return
         if self.manager is None or not self.manager.is_due(step):
             return
+        if _validates_next(trainer):
+            # The step's validation runs next: saved once it ran, the checkpoint holds its metrics
+            # (what keep_best ranks) and the random draws it made (its loader's seed), which the
+            # uninterrupted fit made before its next step.
+            self._after_validation = step
+            return
         self._save(trainer, pl_module, step, force=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step, self._after_validation = self._after_validation, None
+        if step is not None and not trainer.sanity_checking and step == trainer.global_step:
+            self._save(trainer, pl_module, step, force=True)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool) -> None:
         checkpoint = _connector(trainer).dump_checkpoint(weights_only=False)
@@ -277,6 +298,22 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _validates_next(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after this training batch (its epoch loop's own test,
+    which it makes next). False where ranks could disagree: validation on a timer is decided
+    by each rank's clock, and a save is collective."""
+    loop = trainer.fit_loop.epoch_loop
+    decide = getattr(loop, "_should_check_val_fx", None)
+    if decide is None or getattr(trainer, "_val_check_time_interval", None) is not None:
+        return False
+    if getattr(loop.val_loop, "skip", False):  # no batches to validate: no validation hooks either
+        return False
+    try:
+        return bool(decide(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning's loop: save at once, as before
+        return False
 
 
 def _loaders(checkpoint: dict[str, Any]) -> Any:

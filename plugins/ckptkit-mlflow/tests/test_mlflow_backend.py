@@ -6,6 +6,8 @@ import glob
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -620,6 +622,44 @@ def test_the_embedded_default_needs_no_server(tmp_path, monkeypatch):
     assert backend.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert backend.artifact_location == f"file://{tmp_path}/mlartifacts"
     assert backend.registered_model_name == "{run_name}"
+
+
+_CREATE_DB = """
+import sys
+from ckptkit_mlflow import MlflowBackend
+MlflowBackend.from_config("registry", {"tracking_uri": sys.argv[1]}).client.search_experiments()
+"""
+
+
+def test_a_process_killed_while_the_database_is_created_leaves_none_the_next_one_cannot_use(tmp_path):
+    """MLflow makes its tables in many migrations into the file itself: kill -9 between them left a
+    database every later call refused ("index ... already exists"), ckptkit publish included."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    uri = f"sqlite:///{folder}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-c", _CREATE_DB, uri], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and not os.listdir(folder):
+            time.sleep(0.001)
+    finally:
+        proc.kill()  # at once once the first file appears: MLflow is making its tables
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "mlflow.db").exists(), "a half-made database was left in place"
+    left = os.listdir(folder)
+    assert len(left) == 1 and left[0].startswith(".mlflow.db.creating-"), left
+    old = time.time() - 3600
+    os.utime(folder / left[0], (old, old))
+
+    cfg = _config(tmp_path, uri, "after-kill")
+    ck = CheckpointManager.from_config(cfg, run_name="after-kill", fallback_dir=tmp_path / "fb")
+    model, _ = _model()
+    refs = ck.finalize(model=model, step=1, algorithm="sft")
+    ck.close()
+    assert [r.uri for r in refs] == ["models:/reg_sft/1"]
+    # The scratch of the killed process, an hour old, is gone.
+    assert sorted(os.listdir(folder)) == ["mlartifacts", "mlflow.db"]
 
 
 def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):

@@ -290,6 +290,49 @@ def _template_fields(key: str, template: Any) -> str:
     return template
 
 
+# A database being created beside its place younger than this may be another process's at work.
+_SCRATCH_DB_AGE_S = 600.0
+
+
+def _create_sqlite_whole(uri: str) -> None:
+    """Create the SQLite database of ``uri`` with all of MLflow's tables, if it does not exist yet.
+
+    MLflow makes its tables in dozens of migrations, one after another, into the file itself: a
+    process killed in between (a training stopped with kill -9 while the run was looked up)
+    left a database that every later MLflow call refused ("index ... already exists"), the
+    retry ``ckptkit publish`` included. Here they are made in a file beside it, which is then
+    linked into place whole; a database someone made meanwhile is kept.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri.split(":///", 1)[1].split("?", 1)[0]
+    if not path or path == ":memory:" or os.path.exists(path):
+        return
+    from mlflow.tracking import MlflowClient
+
+    folder, name = os.path.split(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):  # what a process killed while creating it left
+            if entry.name.startswith(f".{name}.creating-") and time.time() - entry.stat().st_mtime > _SCRATCH_DB_AGE_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    fd, scratch = tempfile.mkstemp(prefix=f".{name}.creating-", dir=folder)
+    os.close(fd)
+    os.unlink(scratch)  # MLflow makes its tables only in a database that is new
+    try:
+        client = MlflowClient(tracking_uri="sqlite:///" + scratch, registry_uri="sqlite:///" + scratch)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            pass
+    finally:
+        for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
 def _tracking_uri(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a URI such as sqlite:///mlflow.db or http://host:5000")
@@ -467,6 +510,7 @@ class MlflowBackend:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            _create_sqlite_whole(self.tracking_uri)
             client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             # Only an HTTP server can drip its answers; a database store is called as it is.
             bounded = self.tracking_uri.lower().startswith(_BOUNDED_SCHEMES)

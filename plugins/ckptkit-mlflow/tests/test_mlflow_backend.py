@@ -662,6 +662,28 @@ def test_a_process_killed_while_the_database_is_created_leaves_none_the_next_one
     assert sorted(os.listdir(folder)) == ["mlartifacts", "mlflow.db"]
 
 
+def test_the_final_model_loads_back_as_the_quickstart_says(tmp_path, embedded_uri):
+    """docs/quickstart.md, "Loading the final model back": the version's source, downloaded and
+    loaded weights-only, is the trained state dict with its step."""
+    import mlflow
+
+    cfg = _config(tmp_path, embedded_uri, f"load-back-{_uid()}", model_name=f"load-back-{_uid()}")
+    ck = CheckpointManager.from_config(cfg, run_name="load-back", fallback_dir=tmp_path / "fb")
+    model, _ = _model(seed=3)
+    [ref] = ck.finalize(model=model, step=7, algorithm="sft")
+    ck.close()
+    name, number = ref.uri.split("/")[1:]
+
+    version = MlflowClient(embedded_uri).get_model_version(name, number)
+    path = mlflow.artifacts.download_artifacts(version.source, tracking_uri=embedded_uri)
+    final = torch.load(path, weights_only=True)
+    fresh, _ = _model(seed=4)
+    fresh.load_state_dict(final["model"])
+    assert final["step"] == 7
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
 def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):
     cfg = _config(tmp_path, embedded_uri, f"noalgo-{_uid()}")
     del cfg["algorithm"]

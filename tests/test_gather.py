@@ -408,7 +408,7 @@ def test_a_frozen_layer_keeps_its_optimizer_state_for_when_it_is_unfrozen(tmp_pa
     inner2 = getattr(model2, "module", model2)
     inner2[0].requires_grad_(False)
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
-        assert ck.restore(model=model2, optimizer=opt2, extra={"sched": sched2}).step == 4
+        assert ck.restore(model=model2, optimizer=opt2).step == 4
     assert len(opt2.state) == 4 and not inner2[0].weight.requires_grad and inner2[2].weight.requires_grad
     assert_same_state(full_state(model2, opt2), at_save)
     inner2[0].requires_grad_(True)

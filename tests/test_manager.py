@@ -892,3 +892,30 @@ def test_save_files_refuses_a_name_that_restore_would_not_read_back(tmp_path, pm
     with pytest.raises(ValueError, match="cannot hold"):
         ck.save_files(step=1, files=folder)
     assert not (tmp_path / "scratch" / "exp" / "step-0000000001").exists()
+
+
+def test_an_extra_object_the_checkpoint_holds_no_state_for_is_named_not_left_silently(tmp_path, pm):
+    """A scheduler passed to restore under a key the save did not use kept its fresh state, with
+    no word: the training then went on with step 0's learning rate."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train_step(model, opt)
+    sched.step()
+    ck.save(step=1, model=model, optimizer=opt, extra={"sched": sched})
+    ck.close()
+
+    again = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model2, opt2 = make_model(seed=2)
+    other = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    with pytest.warns(RuntimeWarning, match=r"extra: 'lr_scheduler' not in .*step-0000000001 \(it holds 'sched'\); "
+                                            r"that object keeps the state it has now"):
+        again.restore(model2, opt2, extra={"lr_scheduler": other, "note": "not stateful"})
+    assert other.last_epoch == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the key it holds: restored without a word
+        again.restore(model2, opt2, extra={"sched": other})
+    assert other.last_epoch == 1
+    again.close()

@@ -233,11 +233,18 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> None:
-    """Give objects with ``load_state_dict`` their saved state back, in place."""
+def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> list[str]:
+    """Give objects with ``load_state_dict`` their saved state back, in place; return the keys
+    of those the checkpoint holds no state for."""
+    lacking = []
     for key, target in (targets or {}).items():
-        if key in saved and callable(getattr(target, "load_state_dict", None)):
+        if not callable(getattr(target, "load_state_dict", None)):
+            continue
+        if key in saved:
             target.load_state_dict(saved[key])
+        else:
+            lacking.append(key)
+    return lacking
 
 
 def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
@@ -1017,7 +1024,8 @@ class CheckpointManager:
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
         warning naming it and why, and the next newest is tried. Objects in ``extra`` (shared
         state) and ``rank_extra`` (this rank's own) with ``load_state_dict`` get their saved
-        state back; ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
+        state back (one under a key the checkpoint does not hold keeps its own, named in a
+        warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
         world size, rank r gets what saved rank r saved, and ranks without saved state are
         named in a warning and in ``Restored.ranks_without_state``. ``safe_globals`` lists extra
         types that ``torch.load(weights_only=True)`` may rebuild.
@@ -1074,8 +1082,17 @@ class CheckpointManager:
                 continue
             self._unreachable([ref], unreachable)
             saved_extra, own, holders = loaded
-            _fill(extra, saved_extra)
-            _fill(rank_extra, own or {})
+            lacking = _fill(extra, saved_extra)
+            if lacking and ranks.rank() == 0:
+                # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
+                warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
+                              f"{', '.join(map(repr, sorted(saved_extra))) or 'no extra'}); "
+                              f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
+                              "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
+            lacking = _fill(rank_extra, own or {})
+            if lacking and own:
+                warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking))} not in what this "
+                              f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)
             missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
             if missing and (rank_extra is not None or holders) and ranks.rank() == 0:
                 warnings.warn(f"rank_extra: ranks {', '.join(map(str, missing))} of {ranks.world_size()} got no saved "

@@ -508,6 +508,27 @@ def test_async_failure_is_reported_by_the_next_save_and_close_waits(tmp_path, pm
     assert (tmp_path / "ok/slow/exp/step-0000000005/manifest.json").exists(), "close waited for the write"
 
 
+def test_a_training_exception_leaving_a_with_block_is_not_replaced_by_the_failed_save(tmp_path, pm, caplog):
+    """close() at the end of a with block raised the SaveError of the save in flight, and the
+    training's own exception, the reason it stopped, survived only as that error's context."""
+    backend_cls, gate = _Gate.make()
+    pm.add_backend_type("gated", backend_cls)
+    model, opt = make_model()
+    with pytest.raises(ValueError, match="loss is nan") as info:
+        with CheckpointManager.from_config(async_config(tmp_path, fail=True), plugin_manager=pm) as ck:
+            ck.save(step=0, model=model, optimizer=opt)
+            gate.set()
+            raise ValueError("loss is nan")
+    told = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "while ValueError" in r.getMessage()]
+    assert told and "step 0 was not saved" in told[0] and "disk on fire" in told[0]
+    if hasattr(info.value, "__notes__"):
+        assert "step 0 was not saved" in info.value.__notes__[0]
+    # Without an exception on its way out, the failure is raised as before.
+    with pytest.raises(SaveError, match="step 0 was not saved"):
+        with CheckpointManager.from_config(async_config(tmp_path / "b", fail=True), plugin_manager=pm) as ck:
+            ck.save(step=0, model=model, optimizer=opt)
+
+
 def pm_with_gate():
     from ckptkit.plugins import make_plugin_manager
 

@@ -1789,5 +1789,15 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as failure:
+            # What stopped the training is the exception on its way out; a save that failed
+            # meanwhile is told beside it, not raised in its place.
+            log.error("closing the checkpoint manager while %s propagated: %s", exc_type.__name__, failure)
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"ckptkit: closing the checkpoint manager failed too: {failure}")

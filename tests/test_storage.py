@@ -19,6 +19,7 @@ import ckptkit
 from ckptkit import BackendError, CheckpointManager, StorageFullError, StorageUnavailableError, storage
 from ckptkit.checkpoint import Payload, PayloadFile
 from ckptkit.local import LocalBackend
+from fsspec.implementations.local import LocalFileSystem
 from ckptkit.manifest import FileEntry
 from ckptkit.retry import RetryPolicy
 from ckptkit.storage import FileBackend, step_dirname
@@ -156,6 +157,48 @@ def test_a_keyboard_interrupt_inside_torch_save_stays_an_interrupt(tmp_path):
                             files=(PayloadFile("state.pt", write=lambda f: write(_Failing(f))),))
     with pytest.raises(BackendError, match="could not store .*Input/output error"):
         local.save_resume(run_name="r", step=2, payload=write_failing)
+
+
+class _ShardWriteInterruptedFS(LocalFileSystem):
+    """Local files where, once ``on``, the first write into a DCP shard is where a Ctrl-C lands."""
+
+    on = False
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if _ShardWriteInterruptedFS.on and "w" in mode and str(path).endswith(".distcp"):
+            def interrupted(data):
+                raise KeyboardInterrupt
+
+            f.write = interrupted
+        return f
+
+
+class _ShardWriteInterruptedBackend(LocalBackend):
+    @classmethod
+    def from_config(cls, name, options):
+        backend = super().from_config(name, options)
+        backend.fs = _ShardWriteInterruptedFS()
+        return backend
+
+
+def test_a_keyboard_interrupt_inside_dcps_write_stays_an_interrupt(tmp_path, pm, monkeypatch):
+    """DCP wraps whatever a rank raised into its CheckpointException: a Ctrl-C while a shard was
+    written came out of save() as a failing backend, and with on_error="warn" training went on."""
+    import torch
+
+    pm.add_backend_type("interrupting", _ShardWriteInterruptedBackend)
+    cfg = {"run_name": "r", "backends": {"disk": {"type": "interrupting", "path": str(tmp_path / "root")}},
+           "roles": {"resume": {"backends": ["disk"], "format": "dcp", "keep_last": 2, "every_n_steps": 1}}}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm, on_error="warn")
+    model = torch.nn.Linear(4, 4)
+    ck.save(step=1, model=model)
+    monkeypatch.setattr(_ShardWriteInterruptedFS, "on", True)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(step=2, model=model)
+    monkeypatch.setattr(_ShardWriteInterruptedFS, "on", False)
+    assert [r.step for r in ck.list_checkpoints()] == [1]
+    ck.close()
 
 
 class _Failing(_InterruptedFile):

@@ -102,7 +102,15 @@ def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
 
 
 def _interrupt_behind(exc: BaseException) -> BaseException | None:
-    """The KeyboardInterrupt or SystemExit (what a signal handler raises) among the causes of ``exc``."""
+    """The KeyboardInterrupt or SystemExit (what a signal handler raises) behind ``exc``: among
+    its causes, or, for DCP's CheckpointException (which wraps whatever a rank raised, a Ctrl-C
+    in the middle of writing a shard too), this rank's failure."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, CheckpointException) and isinstance(failures, dict):
+        mine = failures.get(ranks.rank() if ranks.active() else 0)
+        inner = mine[0] if isinstance(mine, tuple) else getattr(mine, "exception", mine)
+        if isinstance(inner, BaseException):
+            return inner if not isinstance(inner, Exception) else _interrupt_behind(inner)
     seen: set[int] = set()
     current = exc.__cause__ or exc.__context__
     while current is not None and id(current) not in seen:
@@ -255,6 +263,9 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
                     written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
                 report = ("ok", written)
             except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+                interrupt = _interrupt_behind(exc)
+                if interrupt is not None:  # a Ctrl-C, not a failing backend (see torch_writer)
+                    raise interrupt from None
                 report = ("error", _on_this_rank(exc))
             reports = coll.all_gather(f"{at}: written", report)
         errors = [r[1] for r in reports if r[0] == "error"]

@@ -109,13 +109,16 @@ def _interrupt_behind(exc: BaseException) -> BaseException | None:
     if isinstance(exc, CheckpointException) and isinstance(failures, dict):
         mine = failures.get(ranks.rank() if ranks.active() else 0)
         inner = mine[0] if isinstance(mine, tuple) else getattr(mine, "exception", mine)
+        if isinstance(inner, (KeyboardInterrupt, SystemExit)):
+            return inner
         if isinstance(inner, BaseException):
-            return inner if not isinstance(inner, Exception) else _interrupt_behind(inner)
+            return _interrupt_behind(inner)
     seen: set[int] = set()
     current = exc.__cause__ or exc.__context__
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if not isinstance(current, Exception):
+        # Not any BaseException: a request timed out in the store's client is a CancelledError.
+        if isinstance(current, (KeyboardInterrupt, SystemExit)):
             return current
         current = current.__cause__ or current.__context__
     return None

@@ -363,3 +363,125 @@ def test_a_shard_replaced_between_its_check_and_its_load_is_refused(tmp_path, mo
             publish(ck, source_from_folder(folder))
     assert not out.exists()
     assert not (tmp_path / "run0" / "published" / "exp").exists()
+
+
+# -- small files that cost the reader far more than their size ---------------------------------
+
+def _nested(depth: int) -> tuple:
+    """A tuple holding one tuple twice, ``depth`` levels down: a pickle keeps each level once
+    (some bytes each), its repr doubles with each level (2**depth paths)."""
+    value: tuple = ()
+    for _ in range(depth):
+        value = (value, value)
+    return value
+
+
+class _BytesOf:
+    """Pickles as a call of bytes() with ``arg``: what safe loading refuses, naming the argument."""
+
+    def __init__(self, arg):
+        self.arg = arg
+
+    def __reduce__(self):
+        return bytes, (self.arg,)
+
+
+def _peak_while(fn) -> int:
+    """The most memory Python allocated (bytes) while ``fn()`` ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_refused_call_whose_argument_nests_itself_is_named_in_a_few_bytes(tmp_path):
+    """A 200-byte pickle whose refused bytes() argument nests a tuple in itself: building its
+    repr for the message took 585 MiB at 24 levels and ran out of memory at 40."""
+    path = tmp_path / "extra.pt"
+    torch.save({"x": _BytesOf(_nested(22))}, path)
+    assert path.stat().st_size < 2000
+
+    def refused():
+        with pytest.raises(UnsafeCheckpointError, match=r"a call of bytes\(\) with arguments \(\(\(\("):
+            safeload.load(str(path))
+
+    assert _peak_while(refused) < 20 * 2**20
+
+
+def test_metadata_placing_an_item_at_a_path_that_nests_itself_is_refused_in_a_few_bytes(tmp_path):
+    metadata = pickle.loads(_saved_metadata(tmp_path))
+    key = next(k for k in metadata.planner_data if k.startswith("model."))
+    metadata.planner_data[key] = ("model", _nested(22))
+
+    def refused():
+        with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="places"):
+            sharded.read_metadata(io.BytesIO(pickle.dumps(metadata)))
+
+    assert _peak_while(refused) < 20 * 2**20
+
+
+@pytest.mark.parametrize("lie", ["no chunks", "more than the files"])
+def test_metadata_declaring_tensors_its_files_do_not_hold_is_refused_before_any_is_made(tmp_path, lie):
+    """Export and publish make every tensor the metadata declares before reading a chunk: a 2 KB
+    .metadata declaring 10**9 elements and no chunks made a 4 GB file, and verify passed it."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
+    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    metadata = _metadata(folder)
+    model_key = next(k for k in metadata.state_dict_metadata if k.startswith("model."))
+    like = metadata.state_dict_metadata[model_key]
+    size = torch.Size([10**9])
+    chunks = [] if lie == "no chunks" else [ChunkStorageMetadata(offsets=torch.Size([0]), sizes=size)]
+    metadata.state_dict_metadata["model.huge"] = TensorStorageMetadata(like.properties, size, chunks)
+    _write_metadata(folder, metadata)
+    rewrite_manifest(folder)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    message = "its chunks hold 0" if lie == "no chunks" else "declares 4000.* bytes of tensors, more than"
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=message):
+        ck.verify(ck.list_checkpoints()[0])
+    with pytest.warns(RuntimeWarning, match=message), \
+            pytest.raises(ckptkit_errors.CorruptCheckpointError, match="no verified checkpoint"):
+        ck.export(tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    ck.close()
+
+
+def test_a_mapped_state_nesting_a_tuple_in_itself_restores_without_walking_every_path(tmp_path):
+    """A state file of 1 MiB or more is mapped, and what is not the model is copied out of the
+    mapping: that walk went down every path of a tuple nested in itself (2**22 at 22 levels took
+    13 s; 40 would take weeks)."""
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg)
+    model = torch.nn.Linear(512, 512)  # 1 MiB of weights: the file is mapped
+    ck.save(step=1, model=model, extra={"shared": {"t": 1}})
+    ck.close()
+    folder = tmp_path / "scratch" / "exp" / f"step-{1:010d}"
+    state = torch.load(folder / "state.pt", weights_only=True)
+    deep = _nested(40)
+    state["nested"] = deep
+    torch.save(state, folder / "state.pt")
+    rewrite_manifest(folder)
+
+    from ckptkit import reading
+
+    calls = []
+    real = reading._owned_container
+
+    def counted(obj, memo):
+        calls.append(1)
+        return real(obj, memo)
+
+    reading._owned_container = counted
+    try:
+        fresh = torch.nn.Linear(512, 512)
+        ck = CheckpointManager.from_config(cfg)
+        ck.restore(model=fresh)
+        ck.close()
+    finally:
+        reading._owned_container = real
+    assert torch.equal(fresh.weight, model.weight)
+    assert len(calls) < 100  # each of the 40 levels once, not once per path

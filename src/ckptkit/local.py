@@ -26,6 +26,7 @@ from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import (
     DEFAULT_GRACE_S,
+    MANIFEST_MAX,
     FileBackend,
     _check_file_name,
     no_space,
@@ -114,8 +115,6 @@ def _open_regular(path: str) -> BinaryIO:
 # restarted at once after a kill there must not find the step gone.
 _SWAP_GRACE_S = 60.0
 _SWAP_WAIT_S = 2.0
-# A manifest lists a checkpoint's files, a few hundred bytes each: none comes near this.
-_MANIFEST_MAX = 64 * 2**20
 
 
 def local_root(path: Any, key: str) -> str:
@@ -532,9 +531,9 @@ class LocalBackend(FileBackend):
         if type(self.fs) is not LocalFileSystem:
             return super()._manifest_bytes(path)
         with _open_regular(path) as f:
-            data = f.read(_MANIFEST_MAX + 1)
-        if len(data) > _MANIFEST_MAX:
-            raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({_MANIFEST_MAX} bytes); "
+            data = f.read(MANIFEST_MAX + 1)
+        if len(data) > MANIFEST_MAX:
+            raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({MANIFEST_MAX} bytes); "
                                   "it was not read")
         return data
 

@@ -421,7 +421,7 @@ _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.
 
 def _model_mapped(state: Any) -> Any:
     """``state`` with every tensor in memory of its own but the plain ones of its ``model`` dict."""
-    memo: dict[int, torch.UntypedStorage] = {}
+    memo: dict[Any, Any] = {}
     if not isinstance(state, dict):
         return _owned(state, memo)
     for key, value in state.items():
@@ -442,9 +442,20 @@ def _plain(obj: Any) -> bool:
             and not (obj.is_quantized or obj.is_conj() or obj.is_neg() or obj.requires_grad))
 
 
-def _owned(obj: Any, memo: dict[int, torch.UntypedStorage]) -> Any:
+def _owned(obj: Any, memo: dict[int, Any]) -> Any:
     """``obj`` with each tensor copied out of the mapping; tensors that shared storage still share
-    it (``memo``: the copy of each storage). Containers are changed in place."""
+    it (``memo``: the copy of each storage, by its address, and what each container became, by
+    its id). Containers are changed in place. A container met again is not walked again: a few
+    hundred bytes of pickle can nest one tuple in itself forty levels deep, 2**40 paths."""
+    if isinstance(obj, (dict, list, tuple)):
+        # Keyed by id, holding the container itself: freed, its id could name another one.
+        key = ("container", id(obj))
+        if key in memo:
+            return memo[key][1]
+        memo[key] = (obj, obj)  # a container inside itself (a list can be) ends there
+        done = _owned_container(obj, memo)
+        memo[key] = (obj, done)
+        return done
     if _plain(obj):
         storage = obj.untyped_storage()
         own = memo.get(storage.data_ptr())
@@ -455,6 +466,10 @@ def _owned(obj: Any, memo: dict[int, torch.UntypedStorage]) -> Any:
         raise _Opaque(f"a {type(obj).__name__} that is more than its storage's bytes")
     if isinstance(obj, _ATOMS):
         return obj
+    raise _Opaque(type(obj).__name__)
+
+
+def _owned_container(obj: dict | list | tuple, memo: dict[Any, Any]) -> Any:
     if isinstance(obj, dict):
         for key, value in obj.items():
             obj[key] = _owned(value, memo)

@@ -27,6 +27,7 @@ import os
 import pathlib
 import pickle
 import re
+import reprlib
 import threading
 import types
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -72,11 +73,11 @@ class _DType:
 
     def __new__(cls, name: Any = None, align: Any = False, copy: Any = True):
         if not isinstance(name, str) or len(name) > 16:
-            raise _refuse(f"a numpy dtype given as {type(name).__name__} {name!r:.40}")
+            raise _refuse(f"a numpy dtype given as {type(name).__name__} {shown(name, 40)}")
         try:
             dtype = np.dtype(name)
         except (TypeError, ValueError) as exc:
-            raise _refuse(f"an unknown numpy dtype {name!r}") from exc
+            raise _refuse(f"an unknown numpy dtype {shown(name)}") from exc
         if not _numeric(dtype):
             raise _refuse(f"a numpy array or scalar of dtype {dtype}")
         self = object.__new__(cls)
@@ -90,7 +91,7 @@ class _DType:
         # metadata) is not a plain numeric dtype.
         if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
                 and state[1] in ("<", ">", "|", "=") and state[2:] == (None, None, None, -1, -1, 0)):
-            raise _refuse(f"a numpy dtype {self.dtype} with the unexpected state {state!r:.120}")
+            raise _refuse(f"a numpy dtype {self.dtype} with the unexpected state {shown(state, 120)}")
         if state[1] in "<>" and self.dtype.itemsize > 1:
             self.dtype = self.dtype.newbyteorder(state[1])
 
@@ -109,7 +110,7 @@ class _Array:
 
     def __new__(cls, subtype: Any = None, shape: Any = None, typecode: Any = None):
         if subtype is not _NDArray:
-            raise _refuse(f"a numpy array of the subclass {subtype!r:.80}")
+            raise _refuse(f"a numpy array of the subclass {shown(subtype)}")
         self = object.__new__(cls)
         self.array = None
         _register(self)
@@ -117,13 +118,13 @@ class _Array:
 
     def __setstate__(self, state: Any) -> None:
         if not (isinstance(state, tuple) and len(state) == 5):
-            raise _refuse(f"a numpy array with the unexpected state {state!r:.120}")
+            raise _refuse(f"a numpy array with the unexpected state {shown(state, 120)}")
         version, shape, dtype, fortran, data = state
         if not isinstance(dtype, _DType):
             raise _refuse(f"a numpy array whose dtype is {type(dtype).__name__}")
         if not (version == 1 and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
                 and type(fortran) is bool and isinstance(data, (bytes, bytearray))):
-            raise _refuse(f"a numpy array with the unexpected state {state!r:.120}")
+            raise _refuse(f"a numpy array with the unexpected state {shown(state, 120)}")
         count = math.prod(shape)
         if len(data) != count * dtype.dtype.itemsize:
             raise CorruptCheckpointError(f"a numpy array of shape {shape} and dtype {dtype.dtype} holds "
@@ -147,6 +148,17 @@ def _scalar(dtype: Any = None, data: Any = None) -> Any:
     return _from_bytes(data, dtype.dtype, 1)[0]
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A repr of ``value`` read from a checkpoint, for a message, at most ``limit`` characters,
+    never built whole first: a pickle of a few hundred bytes can nest a tuple in itself forty
+    levels deep, and its full repr would take more memory than the machine has."""
+    return _SHOWN.repr(value)[:limit]
+
+
 def _from_bytes(data: bytes | bytearray, dtype: Any, count: int) -> Any:
     if dtype.kind == "b":  # a bool is one byte, 0 or 1; other byte values are not valid numpy bools
         return np.frombuffer(data, dtype=np.uint8, count=count) != 0
@@ -156,7 +168,7 @@ def _from_bytes(data: bytes | bytearray, dtype: Any, count: int) -> Any:
 def _empty_bytes(*args: Any) -> bytes:
     """Stands in for ``bytes``: pickle protocol 2 writes ``b""`` (an empty array's data, too) as ``bytes()``."""
     if args:
-        raise UnsafeCheckpointError(f"a call of bytes() with arguments {args!r:.80}; nothing in it ran")
+        raise UnsafeCheckpointError(f"a call of bytes() with arguments {shown(args)}; nothing in it ran")
     return b""
 
 

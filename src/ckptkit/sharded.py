@@ -12,13 +12,14 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import posixpath
 import re
 import types
 from contextlib import contextmanager
-from typing import Any, Callable, Collection, Generator, Iterable
+from typing import Any, Callable, Collection, Generator, Iterable, Mapping
 
 import fsspec
 import torch
@@ -212,7 +213,7 @@ def read_metadata(stream: Any) -> Metadata:
         where = getattr(info, "relative_path", None)
         if (not isinstance(info, _StorageInfo) or not isinstance(where, str) or not where
                 or "/" in where or "\\" in where or where in (".", "..")):
-            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} points at {where!r}, "
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} points at {safeload.shown(where)}, "
                                          "which is not a file of its own folder")
     return metadata
 
@@ -231,8 +232,8 @@ def _check_planner_data(metadata: Metadata) -> None:
     for fqn, path in data.items():
         if not (isinstance(path, (tuple, list)) and path and all(
                 type(k) is str or type(k) is int and 0 <= k < most for k in path)):
-            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} places {str(fqn)[:80]!r} at "
-                                         f"{str(path)[:80]}, which no state it holds has")
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} places {safeload.shown(fqn)} at "
+                                         f"{safeload.shown(path)}, which no state it holds has")
 
 
 class _SafeReader(FileSystemReader):
@@ -264,7 +265,7 @@ class _SafeBytes:
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
-        obj = safeload.load(value, self.safe_globals, name=f"the sharded checkpoint's item {fqn!r}")
+        obj = safeload.load(value, self.safe_globals, name=f"the sharded checkpoint's item {safeload.shown(fqn)}")
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
@@ -336,7 +337,38 @@ def open_reader(fs: fsspec.AbstractFileSystem, path: str, name: str | None = Non
         if unlisted:
             raise CorruptCheckpointError(f"{name or path}: {METADATA_FILE} points at {', '.join(unlisted[:5])}, "
                                          "which its manifest does not list; nothing of it was read")
+        if isinstance(listed, Mapping):
+            _check_sizes(metadata, listed, name or path)
     return r
+
+
+def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> None:
+    """Every tensor the metadata declares is as large as its chunks, and all of them together no
+    larger than the checkpoint's files (``listed``: name to ``FileEntry``). A load of the whole
+    state (export, publish) makes each declared tensor before it reads a chunk: a 2 KB
+    ``.metadata`` declaring one tensor of 10**9 elements and no chunks made a 4 GB file."""
+    stored = sum(e.size for e in listed.values() if isinstance(getattr(e, "size", None), int))
+    declared = 0
+    for fqn, md in (metadata.state_dict_metadata or {}).items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        size = tuple(md.size)
+        chunks = [tuple(c.sizes) for c in md.chunks]
+        if not all(type(n) is int and n >= 0 for n in [*size, *(n for c in chunks for n in c)]):
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} a size that is "
+                                         "not a list of counts")
+        numel = math.prod(size)
+        covered = sum(math.prod(c) for c in chunks)
+        if covered != numel:
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {safeload.shown(fqn)} with {numel} "
+                                         f"elements, but its chunks hold {covered}")
+        dtype = getattr(md.properties, "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} no torch dtype")
+        declared += numel * dtype.itemsize
+    if declared > stored:
+        raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {declared} bytes of tensors, more than the "
+                                     f"{stored} bytes of all its files; nothing of it was loaded")
 
 
 def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:

@@ -73,6 +73,27 @@ def test_save_prune_restore_cycle_and_final(pm, gcs_backend_options, gcs_endpoin
     assert torch.equal(m[0].weight, m2[0].weight)
 
 
+@pytest.mark.parametrize("planted", ["oversized", "empty"])
+def test_a_manifest_too_large_or_empty_is_skipped_without_reading_it_whole(pm, gcs_backend_options, gcs_endpoint,
+                                                                            bucket, planted):
+    import gcsfs
+
+    from ckptkit.storage import MANIFEST_MAX
+
+    ck = manager(pm, {"archive": gcs_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        ck.save(step=step, model=model(step))
+    ck.close()
+    body = b" " * (MANIFEST_MAX + 1) if planted == "oversized" else b""
+    fs = gcsfs.GCSFileSystem(endpoint_url=gcs_endpoint, token="anon", skip_instance_cache=True)
+    fs.pipe_file(f"{bucket}/ckpts/run/step-0000000020/{MANIFEST_NAME}", body)
+    m = model(99)
+    told = "larger than any manifest ckptkit writes" if planted == "oversized" else "not a readable manifest"
+    with pytest.warns(RuntimeWarning, match=f"step-0000000020.*{told}"):
+        restored = manager(pm, {"archive": gcs_backend_options()}, ["archive"]).restore(model=m)
+    assert restored.step == 10
+
+
 def test_multi_chunk_upload_round_trips(pm, gcs_backend_options):
     ck = manager(pm, {"archive": gcs_backend_options(part_size_mb=1)}, ["archive"])
     big = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB: several resumable chunks

@@ -158,6 +158,26 @@ def test_remote_only_resume_skips_a_corrupt_newest(pm, s3_backend_options, s3_en
     assert torch.equal(m[0].weight, model(10)[0].weight)
 
 
+@pytest.mark.parametrize("planted", ["oversized", "empty"])
+def test_a_manifest_too_large_or_empty_is_skipped_without_reading_it_whole(pm, s3_backend_options, s3_endpoint,
+                                                                            bucket, planted):
+    """An S3 manifest was read whole and then parsed: 100 MB planted there took ten times that
+    in the trainer's memory (the local backend stopped at 64 MiB)."""
+    from ckptkit.storage import MANIFEST_MAX
+
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        ck.save(step=step, model=model(step))
+    ck.close()
+    body = b" " * (MANIFEST_MAX + 1) if planted == "oversized" else b""
+    s3(s3_endpoint).pipe_file(f"{bucket}/ckpts/run/step-0000000020/{MANIFEST_NAME}", body)
+    m = model(99)
+    told = "larger than any manifest ckptkit writes" if planted == "oversized" else "not a readable manifest"
+    with pytest.warns(RuntimeWarning, match=f"step-0000000020.*{told}"):
+        restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model=m)
+    assert restored.step == 10
+
+
 def test_a_step_listed_while_it_was_being_written_is_read_once_committed(pm, s3_backend_options, s3_endpoint,
                                                                           bucket):
     """An evaluation process lists the run while the trainer is between a step's files and its

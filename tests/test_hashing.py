@@ -41,3 +41,18 @@ def test_what_cannot_be_mapped_is_read(tmp_path):
     assert hash_stream(io.BytesIO(data), mapped=True) == hash_stream(io.BytesIO(data), chunk=4096)
     with _Unreadable(empty) as f, pytest.raises(AssertionError, match="read through"):
         hash_stream(f)  # not asked to map: it reads
+
+
+def test_a_copy_with_a_limit_stops_one_byte_past_it():
+    """A remote file is downloaded before its size is compared with the manifest's: an object
+    far larger than listed filled the scratch disk it was copied to."""
+    import io
+
+    from ckptkit.hashing import copy_hashed
+
+    src, dst = io.BytesIO(b"x" * (3 * 2**20)), io.BytesIO()
+    size, _ = copy_hashed(src, dst, limit=100)
+    assert size == 101 and len(dst.getvalue()) == 101
+    src, dst = io.BytesIO(b"abc"), io.BytesIO()
+    assert copy_hashed(src, dst, limit=3)[0] == 3 and dst.getvalue() == b"abc"
+    assert copy_hashed(io.BytesIO(b"abc"), io.BytesIO())[0] == 3

@@ -102,10 +102,17 @@ class HashingWriter(WriteOnly):
         return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 
-def copy_hashed(src: BinaryIO, dst: BinaryIO, algorithm: str = ALGORITHM) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` in chunks; return the size and digest of what was copied."""
+def copy_hashed(src: BinaryIO, dst: BinaryIO, algorithm: str = ALGORITHM,
+                limit: int | None = None) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` in chunks; return the size and digest of what was copied.
+
+    ``limit``: the size expected; the copy stops one byte past it, so an object larger than its
+    manifest says is told apart (by its size) without filling the disk it is copied to."""
     writer = HashingWriter(dst, hash_pool(), algorithm)
-    while chunk := src.read(CHUNK):
+    while limit is None or writer.size <= limit:
+        chunk = src.read(CHUNK if limit is None else min(CHUNK, limit + 1 - writer.size))
+        if not chunk:
+            break
         writer.write(chunk)
     return writer.size, writer.digest()
 

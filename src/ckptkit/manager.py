@@ -1674,7 +1674,7 @@ class CheckpointManager:
                 def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
                     with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
                             open(os.path.join(tmp, name), "wb") as dst:
-                        return copy_hashed(src, dst, algorithm_of(entry.digest))
+                        return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
                 size, digest = self.reader.reading(ref, name, copy)
                 if FileEntry(size=size, digest=digest) != entry:

@@ -281,7 +281,7 @@ class Reader:
 
         def copy() -> tuple[int, str]:
             with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, open(path, "wb") as dst:
-                return copy_hashed(src, dst, algorithm_of(entry.digest))
+                return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
         _compare(ref, name, entry, *self.reading(ref, name, copy))
         return path

@@ -1082,16 +1082,23 @@ class CheckpointManager:
                 continue
             self._unreachable([ref], unreachable)
             saved_extra, own, holders = loaded
-            lacking = _fill(extra, saved_extra)
+            problem = None
+            try:
+                lacking = _fill(extra, saved_extra)
+                lacking_own = _fill(rank_extra, own or {})
+            except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
+                problem = exc
+            # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
+            # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
+            self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
             if lacking and ranks.rank() == 0:
                 # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
                 warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
                               f"{', '.join(map(repr, sorted(saved_extra))) or 'no extra'}); "
                               f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
                               "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
-            lacking = _fill(rank_extra, own or {})
-            if lacking and own:
-                warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking))} not in what this "
+            if lacking_own and own:
+                warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking_own))} not in what this "
                               f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)
             missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
             if missing and (rank_extra is not None or holders) and ranks.rank() == 0:

@@ -92,7 +92,7 @@ def test_a_step_below_one_this_training_saved_or_restored_is_refused(tmp_path, p
         train_step(model, opt)
         ck.save(step=step, model=model, optimizer=opt)
     with pytest.raises(RunConflictError, match=r"save step 5: this training already saved or restored step 30.*"
-                                                r"global step.*restore\(step=N\)") as info:
+                                                r"global step.*restore\(step=N\).*new run name") as info:
         ck.save(step=5, model=model, optimizer=opt, force=True)
     assert (info.value.run_name, info.value.newest_step) == ("exp", 30)
     with pytest.raises(RunConflictError, match="step 6"):

@@ -83,45 +83,54 @@ def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
         return write_empty
 
     def write(f: BinaryIO) -> None:
+        watched = _WatchedFile(f)
         # The stream is checksummed as it is written; torch's own per-record crc32 would read
         # every byte a second time for nothing.
         with _without_crc32():
             try:
-                torch.save(obj, f)
-            except RuntimeError as exc:
-                # torch's writer turns whatever its call of f.write raised into its own
-                # RuntimeError ("unexpected pos"). A Ctrl-C that landed in that call must stay an
-                # interrupt: reported as a failing backend, it would blame the storage, and a
-                # trainer saving with on_error="warn" would train on.
-                interrupt = _interrupt_behind(exc)
-                if interrupt is None:
+                torch.save(obj, watched)
+            except RuntimeError:
+                # A Ctrl-C that landed in a write must stay an interrupt: reported as a failing
+                # backend, it would blame the storage, and with on_error="warn" training went on.
+                if watched.interrupt is None:
                     raise
-                raise interrupt from None
+                raise watched.interrupt from None
 
     return write
 
 
-def _interrupt_behind(exc: BaseException) -> BaseException | None:
-    """The KeyboardInterrupt or SystemExit (what a signal handler raises) behind ``exc``: among
-    its causes, or, for DCP's CheckpointException (which wraps whatever a rank raised, a Ctrl-C
-    in the middle of writing a shard too), this rank's failure."""
+class _WatchedFile:
+    """The file ``torch.save`` writes into, noting a KeyboardInterrupt or SystemExit raised in one
+    of its writes: torch's writer turns whatever a write raised into its own RuntimeError
+    ("unexpected pos"). Only one raised there counts, not one being handled around the save (a
+    handler that saves at Ctrl-C, whose storage failures must still be told)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.interrupt: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.interrupt = exc
+            raise
+
+    def flush(self) -> None:
+        flush = getattr(self._f, "flush", None)
+        if flush is not None:
+            flush()
+
+
+def _interrupted_shard_write(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit that this rank raised inside DCP's save, which wraps
+    whatever a rank raised into its CheckpointException; not one the failure happened beside."""
     failures = getattr(exc, "failures", None)
-    if isinstance(exc, CheckpointException) and isinstance(failures, dict):
-        mine = failures.get(ranks.rank() if ranks.active() else 0)
-        inner = mine[0] if isinstance(mine, tuple) else getattr(mine, "exception", mine)
-        if isinstance(inner, (KeyboardInterrupt, SystemExit)):
-            return inner
-        if isinstance(inner, BaseException):
-            return _interrupt_behind(inner)
-    seen: set[int] = set()
-    current = exc.__cause__ or exc.__context__
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        # Not any BaseException: a request timed out in the store's client is a CancelledError.
-        if isinstance(current, (KeyboardInterrupt, SystemExit)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    if not isinstance(exc, CheckpointException) or not isinstance(failures, dict):
+        return None
+    mine = failures.get(ranks.rank() if ranks.active() else 0)
+    inner = mine[0] if isinstance(mine, tuple) else getattr(mine, "exception", mine)
+    return inner if isinstance(inner, (KeyboardInterrupt, SystemExit)) else None
 
 
 def _backend_failure(name: str, exc: Exception) -> CkptkitError:
@@ -266,7 +275,7 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
                     written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
                 report = ("ok", written)
             except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-                interrupt = _interrupt_behind(exc)
+                interrupt = _interrupted_shard_write(exc)
                 if interrupt is not None:  # a Ctrl-C, not a failing backend (see torch_writer)
                     raise interrupt from None
                 report = ("error", _on_this_rank(exc))

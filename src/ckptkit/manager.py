@@ -611,7 +611,8 @@ class CheckpointManager:
             f"{self.run_name!r}, and steps must only grow: keep_last keeps the highest steps, so step {step} would "
             f"be pruned first, and a plain restore() would resume step {self._last_step}, losing what was trained "
             f"since. Pass a count that keeps growing across epochs and restarts (the global step, not the step "
-            f"within an epoch). To go back to an older step, call restore(step=N) with it first",
+            f"within an epoch). To train on from an older step, restore(step=N) it in a new process, and save "
+            f"under a new run name or once the higher steps are deleted (that restore says where they lie)",
             self.run_name, self._last_step)
 
     def _check_run(self, step: int) -> None:

@@ -684,6 +684,15 @@ def test_the_final_model_loads_back_as_the_quickstart_says(tmp_path, embedded_ur
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
+def test_an_embedded_store_in_a_folder_not_made_yet_or_under_an_encoded_name_is_created(tmp_path):
+    """What MLflow itself creates: the folder of the database, and the name its URI encodes."""
+    for uri, made in [(f"sqlite:///{tmp_path}/new/mlflow.db", tmp_path / "new" / "mlflow.db"),
+                      (f"sqlite:///{tmp_path}/my%20store.db", tmp_path / "my store.db")]:
+        MlflowBackend.from_config("registry", {"tracking_uri": uri}).client.search_experiments()
+        assert made.is_file(), uri
+    assert sorted(os.listdir(tmp_path)) == ["my store.db", "new"]  # no scratch left beside them
+
+
 def test_a_missing_algorithm_is_named(tmp_path, embedded_uri):
     cfg = _config(tmp_path, embedded_uri, f"noalgo-{_uid()}")
     del cfg["algorithm"]

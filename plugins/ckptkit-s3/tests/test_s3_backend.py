@@ -178,6 +178,35 @@ def test_a_manifest_too_large_or_empty_is_skipped_without_reading_it_whole(pm, s
     assert restored.step == 10
 
 
+def test_an_object_larger_than_its_manifest_says_is_downloaded_no_further_than_that(
+        pm, s3_backend_options, s3_endpoint, bucket, monkeypatch):
+    """A state file is downloaded into a scratch folder before its size is compared: an object
+    far larger than its manifest lists was copied whole, onto the trainer's disk."""
+    import ckptkit.reading
+
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        ck.save(step=step, model=model(step))
+    ck.close()
+    fs = s3(s3_endpoint)
+    folder = f"{bucket}/ckpts/run/step-0000000020"
+    listed = json.loads(fs.cat_file(f"{folder}/{MANIFEST_NAME}"))["files"]["state.pt"]["size"]
+    fs.pipe_file(f"{folder}/state.pt", b"x" * (8 * 2**20))
+    copied = []
+    real = ckptkit.reading.copy_hashed
+
+    def counted(*args, **kwargs):
+        size, digest = real(*args, **kwargs)
+        copied.append(size)
+        return size, digest
+
+    monkeypatch.setattr(ckptkit.reading, "copy_hashed", counted)
+    with pytest.warns(RuntimeWarning, match=f"step-0000000020.*state.pt has {listed + 1} bytes"):
+        restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model=model(99))
+    assert restored.step == 10
+    assert max(copied) == listed + 1
+
+
 def test_a_step_listed_while_it_was_being_written_is_read_once_committed(pm, s3_backend_options, s3_endpoint,
                                                                           bucket):
     """An evaluation process lists the run while the trainer is between a step's files and its

@@ -202,7 +202,9 @@ class CkptkitCheckpoint(Checkpoint):
         # fit(ckpt_path=...) is loaded after setup, over what was restored here: the fit would go
         # on from that file with this run's random state, and its saves would write behind the
         # run's newer steps. Starting a new run from a Lightning file is fine.
-        if trainer.ckpt_path is not None and self.restored_step is not None:
+        # Lightning's own SLURM requeue file (hpc_ckpt_*.ckpt), which it picks by itself, is let through.
+        hpc = getattr(_connector(trainer), "_hpc_resume_path", None)
+        if trainer.ckpt_path is not None and trainer.ckpt_path != hpc and self.restored_step is not None:
             raise ConfigError(
                 f"fit(ckpt_path={str(trainer.ckpt_path)!r}) and CkptkitCheckpoint both restore: Lightning loaded "
                 f"that file over step {self.restored_step}, which ckptkit restored from run "

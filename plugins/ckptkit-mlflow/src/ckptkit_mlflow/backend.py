@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterator
@@ -301,36 +302,44 @@ def _create_sqlite_whole(uri: str) -> None:
     process killed in between (a training stopped with kill -9 while the run was looked up)
     left a database that every later MLflow call refused ("index ... already exists"), the
     retry ``ckptkit publish`` included. Here they are made in a file beside it, which is then
-    linked into place whole; a database someone made meanwhile is kept.
+    linked into place whole; a database someone made meanwhile is kept. Where that cannot be
+    done (a filesystem without hard links), MLflow creates it in place, as before.
     """
-    if not uri.startswith("sqlite:///"):
+    if not uri.lower().startswith("sqlite:"):
         return
-    path = uri.split(":///", 1)[1].split("?", 1)[0]
-    if not path or path == ":memory:" or os.path.exists(path):
+    from sqlalchemy.engine.url import make_url
+
+    path = make_url(uri).database  # decoded as MLflow decodes it (%20 and the like)
+    if not path or path == ":memory:" or path.startswith("file:") or os.path.exists(path):
         return
     from mlflow.tracking import MlflowClient
 
     folder, name = os.path.split(os.path.abspath(path))
-    with contextlib.suppress(OSError):
+    scratch = None
+    try:
+        os.makedirs(folder, exist_ok=True)
         for entry in os.scandir(folder):  # what a process killed while creating it left
             if entry.name.startswith(f".{name}.creating-") and time.time() - entry.stat().st_mtime > _SCRATCH_DB_AGE_S:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-    fd, scratch = tempfile.mkstemp(prefix=f".{name}.creating-", dir=folder)
-    os.close(fd)
-    os.unlink(scratch)  # MLflow makes its tables only in a database that is new
-    try:
-        client = MlflowClient(tracking_uri="sqlite:///" + scratch, registry_uri="sqlite:///" + scratch)
+        fd, scratch = tempfile.mkstemp(prefix=f".{name}.creating-", dir=folder)
+        os.close(fd)
+        os.unlink(scratch)  # MLflow makes its tables only in a database that is new
+        scratch_uri = "sqlite:///" + urllib.parse.quote(scratch)
+        client = MlflowClient(tracking_uri=scratch_uri, registry_uri=scratch_uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # and the registry's
-        try:
-            os.link(scratch, path)
-        except FileExistsError:
-            pass
+        os.link(scratch, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("could not create the MLflow database %s beside its place (%s); MLflow creates it in place",
+                    path, exc)
     finally:
-        for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
+        if scratch is not None:
+            for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
 
 
 def _tracking_uri(key: str, value: Any) -> str:

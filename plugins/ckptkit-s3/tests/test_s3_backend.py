@@ -207,6 +207,37 @@ def test_an_object_larger_than_its_manifest_says_is_downloaded_no_further_than_t
     assert max(copied) == listed + 1
 
 
+def test_a_file_larger_than_its_manifest_says_is_fetched_no_further_than_that(
+        pm, s3_backend_options, s3_endpoint, bucket, tmp_path, monkeypatch):
+    """restore_files streams each file into the folder it fills: the same bound as a download."""
+    import ckptkit.manager
+
+    ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3)
+    for step in (10, 20):
+        own = tmp_path / f"own-{step}"
+        own.mkdir()
+        (own / "trainer_state.json").write_text(json.dumps({"step": step}))
+        ck.save_files(step=step, files=own, force=True)
+    ck.close()
+    fs = s3(s3_endpoint)
+    folder = f"{bucket}/ckpts/run/step-0000000020"
+    listed = json.loads(fs.cat_file(f"{folder}/{MANIFEST_NAME}"))["files"]["trainer_state.json"]["size"]
+    fs.pipe_file(f"{folder}/trainer_state.json", b"x" * (8 * 2**20))
+    copied = []
+    real = ckptkit.manager.copy_hashed
+
+    def counted(*args, **kwargs):
+        size, digest = real(*args, **kwargs)
+        copied.append(size)
+        return size, digest
+
+    monkeypatch.setattr(ckptkit.manager, "copy_hashed", counted)
+    with pytest.warns(RuntimeWarning, match="step-0000000020"):
+        info = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore_files(tmp_path / "out")
+    assert info.step == 10
+    assert max(copied) == listed + 1
+
+
 def test_a_step_listed_while_it_was_being_written_is_read_once_committed(pm, s3_backend_options, s3_endpoint,
                                                                           bucket):
     """An evaluation process lists the run while the trainer is between a step's files and its

@@ -334,12 +334,22 @@ def test_a_hook_without_hookimpl_is_pointed_out(site, body, hook):
     assert "@hookimpl" in text
 
 
-def test_an_installed_plugin_with_autoload_off_says_so(site, monkeypatch):
+@pytest.mark.parametrize("off_by, fix", [
+    ("the variable", r"unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD"),
+    # Switched off in code, with the variable unset: telling to unset it sent authors astray.
+    ("code", r"build the plugin manager with autoload=True, or call load_backend_entrypoints\(\)"),
+])
+def test_an_installed_plugin_with_autoload_off_says_so(site, monkeypatch, off_by, fix):
     _write_dist(site, "ckptkit-dav", "ckptkit_dav_off", _DAV_OK,
                 "[ckptkit.backends]\nwebdav = ckptkit_dav_off:DavBackend\n")
-    pm = make_plugin_manager(autoload=False)
+    if off_by == "the variable":
+        monkeypatch.setenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+        pm = make_plugin_manager()
+    else:
+        monkeypatch.delenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+        pm = make_plugin_manager(autoload=False)
     with pytest.raises(ConfigError, match=r"ckptkit-dav 0\.3 declares it, but loading installed plugins is "
-                                          r"switched off \(unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD"):
+                                          rf"switched off \({fix}, or add the type"):
         CheckpointManager.from_config(_config(), plugin_manager=pm)
 
 
@@ -350,3 +360,47 @@ def test_a_documented_type_that_nothing_declares_names_its_extra(monkeypatch):
     text = _config_error(ConfigError, _config("azure"))
     assert 'pip install ".[azure]" ./plugins/ckptkit-azure' in text and "switched off" not in text
     assert 'pip install --index-url URL "ckptkit[azure]"' in text and "docs/install.md" in text
+
+
+class _WrongAnswers(ckptkit.local.LocalBackend):
+    """The local backend, but listing and pruning answer with what is not a list of checkpoints."""
+
+    listing: object = None
+    pruned: object = None
+
+    @ckptkit.hookimpl
+    def list_checkpoints(self, run_name):
+        got = super().list_checkpoints(run_name=run_name)
+        return {r.step: r for r in got} if _WrongAnswers.listing == "dict" else got
+
+    @ckptkit.hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        super().prune(run_name=run_name, keep_last=keep_last, protected_steps=protected_steps, dry_run=dry_run,
+                      counted_steps=counted_steps)
+        return None  # deleted some, says nothing
+
+
+def test_a_listing_or_prune_that_returns_no_list_of_checkpoints_is_named_as_the_plugins_fault(tmp_path, monkeypatch):
+    """A prune returning None was read as one that deleted nothing (ckptkit prune printed
+    "nothing to delete" while three checkpoints went), and a listing returning a dict ended in a
+    bare AttributeError naming no plugin."""
+    from ckptkit import BackendError
+    from ckptkit.plugins import make_plugin_manager
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("wrong", _WrongAnswers, "ckptkit-wrong 0.1")
+    cfg = {"run_name": "r", "backends": {"w": {"type": "wrong", "path": str(tmp_path)}},
+           "roles": {"resume": {"backends": ["w"], "every_n_steps": 1, "keep_last": 5}}}
+    import torch
+
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model = torch.nn.Linear(2, 2)
+    for step in range(4):
+        ck.save(step=step, model=model)
+    with pytest.raises(BackendError, match=r"backend 'w': prune \(type 'wrong', from ckptkit-wrong 0.1\) returned "
+                                           r"NoneType, not a list of CheckpointRef; the backend plugin is faulty"):
+        ck.prune(keep_last=1)
+    monkeypatch.setattr(_WrongAnswers, "listing", "dict")
+    with pytest.raises(BackendError, match=r"list_checkpoints \(type 'wrong', from ckptkit-wrong 0.1\) returned dict"):
+        ck.restore(model=model)
+    ck.close()

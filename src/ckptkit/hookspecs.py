@@ -212,7 +212,8 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
         is never deleted, and when fewer than ``keep_last`` counted checkpoints exist, nothing
         is deleted but leftovers, so a run is never left without a checkpoint that verifies.
         (A committed checkpoint whose files disagree in size with its manifest is a leftover.)
-        A backend that ignores it counts every committed checkpoint.
+        A backend that ignores it counts every committed checkpoint, so one damaged after its
+        commit can push intact ones out; the conformance suite fails such a backend.
     :return: the ``CheckpointRef`` of every checkpoint or leftover deleted (or that would be).
     """
 

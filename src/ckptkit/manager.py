@@ -775,10 +775,10 @@ class CheckpointManager:
                 continue  # its checkpoints are another training's: not this one's to prune
             try:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
-                deleted = self.router.call(ref.backend, "prune", run_name=self.run_name,
-                                           keep_last=self.resume_role.keep_last, protected_steps=protected,
-                                           dry_run=False, counted_steps=counted)
-                gone.update(r.step for r in deleted or () if r.step != step)
+                deleted = self.router.checked_refs(ref.backend, "prune", self.router.call(
+                    ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
+                    protected_steps=protected, dry_run=False, counted_steps=counted))
+                gone.update(r.step for r in deleted if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
             self._note_another_writer(ref.backend, step, newest_own)  # from its listing, which may have worked
@@ -824,7 +824,8 @@ class CheckpointManager:
         if self._conflict is not None:
             return True
         try:
-            refs = self.router.call(backend, "list_checkpoints", run_name=self.run_name) or []
+            refs = self.router.checked_refs(backend, "list_checkpoints",
+                                            self.router.call(backend, "list_checkpoints", run_name=self.run_name))
         except Exception as exc:
             log.warning("could not check run %r on backend %r for newer checkpoints: %s", self.run_name, backend, exc)
             return True
@@ -870,7 +871,8 @@ class CheckpointManager:
         deleted: list[CheckpointRef] = []
         corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
         for name in self.router.backends(Role.RESUME):
-            refs = sorted(self.router.call(name, "list_checkpoints", run_name=self.run_name) or [],
+            refs = sorted(self.router.checked_refs(name, "list_checkpoints",
+                                                   self.router.call(name, "list_checkpoints", run_name=self.run_name)),
                           key=lambda r: r.step, reverse=True)
             verified: set[int] = set()
             for ref in refs:
@@ -881,9 +883,9 @@ class CheckpointManager:
                     verified.add(ref.step)
                 except SKIPPABLE as exc:
                     corrupt.append((ref, exc))
-            deleted += self.router.call(name, "prune", run_name=self.run_name, keep_last=keep,
-                                        protected_steps=self.best_steps(name), dry_run=dry_run,
-                                        counted_steps=frozenset(verified)) or []
+            deleted += self.router.checked_refs(name, "prune", self.router.call(
+                name, "prune", run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),
+                dry_run=dry_run, counted_steps=frozenset(verified)))
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]
             if name not in self.router.backends(Role.RESUME) and isinstance(backend, FileBackend):
@@ -916,7 +918,8 @@ class CheckpointManager:
         keep_best = self.resume_role.keep_best
         if keep_best is None:
             return frozenset()
-        refs = self.router.call(backend, "list_checkpoints", run_name=self.run_name) or []
+        refs = self.router.checked_refs(backend, "list_checkpoints",
+                                        self.router.call(backend, "list_checkpoints", run_name=self.run_name))
         for ref in refs:
             if ref.step not in self._metrics:
                 try:

@@ -284,8 +284,11 @@ class CkptkitPluginManager(pluggy.PluginManager):
             declared = [_dist_label(ep.dist) for ep in importlib.metadata.entry_points(
                 group=BACKENDS_ENTRY_POINT_GROUP, name=name) if getattr(ep, "dist", None) is not None]
             if declared:
+                # Switched off by the variable, or by make_plugin_manager(autoload=False) in code.
+                how = (f"unset {DISABLE_AUTOLOAD_ENV}" if not autoload_enabled() else
+                       "build the plugin manager with autoload=True, or call load_backend_entrypoints()")
                 hints.append(f"{', '.join(declared)} declares it, but loading installed plugins is switched off "
-                             f"(unset {DISABLE_AUTOLOAD_ENV}, or add the type with add_backend_type)")
+                             f"({how}, or add the type with add_backend_type)")
         hints += _dists_without_entry_point(name)
         if not hints and name in KNOWN_EXTRAS:
             extra = KNOWN_EXTRAS[name]

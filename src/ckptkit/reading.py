@@ -113,7 +113,7 @@ class Reader:
         order = self.router.backends(Role.RESUME)
         for name in order:
             try:
-                refs.extend(self.router.call(name, "list_checkpoints", run_name=self.run_name) or [])
+                got = self.router.call(name, "list_checkpoints", run_name=self.run_name)
                 if self.silent:
                     self.silent.discard(name)  # it answers again
             except Exception as exc:
@@ -128,6 +128,8 @@ class Reader:
                     failure = StorageUnavailableError(name, str(failure))
                     failure.__cause__ = exc
                 unreachable[name] = failure
+                continue
+            refs.extend(self.router.checked_refs(name, "list_checkpoints", got))
         rank = {n: i for i, n in enumerate(order)}
         return sorted(refs, key=lambda r: (-r.step, rank[r.backend])), unreachable
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
+from .checkpoint import CheckpointRef
 from .config import Config
 from .errors import BackendError, CkptkitError, ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
@@ -130,6 +131,20 @@ class Router:
         origin = f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
         return BackendError(backend, f"{hook}{origin} raised {type(exc).__name__}: "
                                      f"{redact(str(exc), secret_values())}; report it to the plugin's authors")
+
+    def checked_refs(self, backend: str, hook: str, got: Any) -> list[CheckpointRef]:
+        """What a hook that returns checkpoints (``list_checkpoints``, ``prune``) returned, as a
+        list: anything else is a bug of the plugin, named as ``blame`` names it. Taken for an
+        empty answer, a listing would start training from step 0, and a prune that deleted
+        checkpoints would be told to the user as one that deleted none."""
+        if isinstance(got, (list, tuple)) and all(isinstance(r, CheckpointRef) for r in got):
+            return list(got)
+        what = type(got).__name__ if not isinstance(got, (list, tuple)) else \
+            f"a {type(got).__name__} holding {type(next(r for r in got if not isinstance(r, CheckpointRef))).__name__}"
+        btype = self.types.get(backend)
+        origin = f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
+        raise BackendError(backend, f"{hook}{origin} returned {what}, not a list of CheckpointRef; the backend "
+                                    "plugin is faulty: report it to its authors")
 
     def implements(self, name: str, hook: str) -> bool:
         return hook in self.types[name].hooks

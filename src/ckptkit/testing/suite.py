@@ -196,7 +196,8 @@ class ResumeBackendTests:
             seen.append(self.steps(backend))
 
         ref = self.save(backend, 2, files={"state.pt": b"state", "extra.pt": last_file})
-        assert seen == [[1]], "step 2 was listed before its manifest was written"
+        assert seen == [[1]], (f"while step 2's last file was written the listing showed {seen[0]}: it must show "
+                               "step 1, committed, and not step 2, whose manifest comes last")
         assert self.steps(backend) == [1, 2]
         target = ref.path.rstrip("/") + "/"
         writes = [c for c in fs.requests("write") if fs.wrapped._strip_protocol(c.path).startswith(
@@ -395,14 +396,15 @@ class ResumeBackendTests:
     # -- prune ----------------------------------------------------------------------------
 
     def test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(self, backend):
-        for s in range(6):
+        # Across a digit boundary: steps ordered as text (from folder names) put 9 after 12.
+        for s in range(7, 13):
             self.save(backend, s)
-        would = self.prune(backend, keep_last=2, protected={1}, dry_run=True)
-        assert sorted(r.step for r in would) == [0, 2, 3]
-        assert self.steps(backend) == [0, 1, 2, 3, 4, 5], "a dry run deletes nothing"
-        gone = self.prune(backend, keep_last=2, protected={1})
-        assert sorted(r.step for r in gone) == [0, 2, 3]
-        assert self.steps(backend) == [1, 4, 5]
+        would = self.prune(backend, keep_last=2, protected={8}, dry_run=True)
+        assert sorted(r.step for r in would) == [7, 9, 10]
+        assert self.steps(backend) == [7, 8, 9, 10, 11, 12], "a dry run deletes nothing"
+        gone = self.prune(backend, keep_last=2, protected={8})
+        assert sorted(r.step for r in gone) == [7, 9, 10]
+        assert self.steps(backend) == [8, 11, 12]
 
     def test_prune_refuses_keep_last_below_one(self, backend):
         self.save(backend, 0)

@@ -133,6 +133,44 @@ def test_export_to_a_bad_path_exits_1_with_one_line(capsys, config_file, saved, 
         assert code == 1 and err.startswith("ckptkit: error: --out") and err.strip().count("\n") == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB filesystem (a tmpfs; mounting needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_an_export_that_fails_halfway_leaves_the_file_that_was_there(capsys, tmp_path, small_disk):
+    """export wrote straight onto --out: stopped halfway (Ctrl-C, a full disk), it left a good
+    earlier export cut short under its name, which torch.load then refused."""
+    from ckptkit import CheckpointManager
+
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg)
+    import torch
+
+    ck.save(step=1, model=torch.nn.Linear(4, 4))
+    ck.save(step=2, model=torch.nn.Linear(256, 256), force=True)  # 256 KiB: more than the disk holds
+    ck.close()
+    config = tmp_path / "ckptkit.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = small_disk / "model.pt"
+    code, _, _ = run(capsys, "export", str(config), "--out", str(out), "--step", "1")
+    assert code == 0
+    good = out.read_bytes()
+    code, _, err = run(capsys, "export", str(config), "--out", str(out), "--step", "2")
+    assert code == 1 and err.startswith("ckptkit: error:")
+    assert out.read_bytes() == good
+    assert torch.load(out, weights_only=True)["step"] == 1
+    assert os.listdir(small_disk) == ["model.pt"]  # no temporary file left beside it
+
+
 def test_demo_too_few_steps_exits_1_with_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--workdir", str(tmp_path / "d"), "--steps", "3")
     assert code == 1 and err.startswith("ckptkit: error:") and "at least" in err

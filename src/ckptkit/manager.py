@@ -6,6 +6,7 @@ writing in the background (``asyncsave``) and reading back (``reading``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import operator
@@ -13,12 +14,13 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import attrs
 import fsspec
@@ -50,7 +52,7 @@ from .reading import SKIPPABLE, Reader
 from .roles import Role
 from .routing import Router
 from .split import STATE_FILE  # noqa: F401  (tools and tests import it from here)
-from .storage import FileBackend
+from .storage import FileBackend, no_space
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +247,32 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> list[s
         else:
             lacking.append(key)
     return lacking
+
+
+def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` a file at ``path`` through a temporary file beside it, renamed into place once
+    complete and on disk: a Ctrl-C or a full disk halfway leaves the file that was there (an
+    earlier export, a good model) as it was, not cut short under its name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CkptkitError(f"cannot write {path}: {exc.strerror or exc} in {folder}; choose a folder you can "
+                           "write to") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not isinstance(exc, Exception) or isinstance(exc, CkptkitError):
+            raise
+        full = no_space(exc)
+        why = f"no space left in {folder}" if full is not None else f"{type(exc).__name__}: {exc}"
+        raise CkptkitError(f"could not write {path} ({why}); what was there is left as it was") from exc
 
 
 def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
@@ -1563,7 +1591,7 @@ class CheckpointManager:
                 continue
             body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
                     "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
-            torch.save(body, os.fspath(out))
+            _write_whole(os.fspath(out), lambda f: torch.save(body, f))
             return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics), extra={},
                             mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         which = f"step {step}" if step is not None else "any step"

@@ -171,6 +171,17 @@ def test_an_export_that_fails_halfway_leaves_the_file_that_was_there(capsys, tmp
     assert os.listdir(small_disk) == ["model.pt"]  # no temporary file left beside it
 
 
+def test_a_skipped_checkpoint_is_one_warning_line_without_python_source(capsys, config_file, saved, tmp_path):
+    (saved / "step-0000000003" / "state.pt").write_bytes(b"short")
+    code, _, err = run(capsys, "export", str(config_file), "--out", str(tmp_path / "m.pt"))
+    assert code == 0
+    warning = [line for line in err.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("ckptkit: warning: skipped ") and "step-0000000003" in warning[0]
+    code, out, _ = run(capsys, "verify", str(config_file), "--json")
+    assert "4 files" not in out  # one file each (no extra): said in the singular
+    assert all(r["detail"].startswith("1 file,") for r in json.loads(out) if r["ok"])
+
+
 def test_demo_too_few_steps_exits_1_with_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--workdir", str(tmp_path / "d"), "--steps", "3")
     assert code == 1 and err.startswith("ckptkit: error:") and "at least" in err

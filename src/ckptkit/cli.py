@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 
@@ -247,7 +248,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             try:
                 m = ck.verify(ref)
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": True, "result": "ok",
-                             "detail": f"{len(m.files)} files, {_size(m.total_size)}", "uri": ref.uri})
+                             "detail": f"{len(m.files)} file{'s' if len(m.files) != 1 else ''}, {_size(m.total_size)}",
+                             "uri": ref.uri})
             except Exception as exc:
                 # A store that did not answer leaves the checkpoint unverified, not damaged: what
                 # is told corrupt here, users delete.
@@ -515,10 +517,18 @@ def _quiet_mlflow() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning as one line (a checkpoint skipped, and why), not Python's file, line and source."""
+    err_console.print(f"ckptkit: warning: {redact(str(message), secret_values())}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _quiet_mlflow():
+        with _quiet_mlflow(), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             return args.func(args)
     except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback
         # The last line of defence: whatever raised, no credential reaches the terminal.

@@ -64,3 +64,28 @@ def test_ckptkit_itself_never_imports_pytest():
             "assert 'pytest' not in sys.modules, 'importing ckptkit imported pytest'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+class _PruneByName(LocalBackend):
+    """A prune that orders checkpoints by their folder names' digits as text, a plugin's easy mistake."""
+
+    from ckptkit import hookimpl as _hookimpl
+
+    @_hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        refs = sorted(self.list_checkpoints(run_name=run_name), key=lambda r: str(r.step), reverse=True)
+        doomed = [r for r in refs[keep_last:] if r.step not in protected_steps]
+        if not dry_run:
+            for ref in doomed:
+                self.fs.rm(ref.path, recursive=True)
+        return doomed
+
+
+def test_the_suite_fails_a_prune_that_orders_steps_as_text(tmp_path):
+    """With steps 0 to 5 the suite passed such a prune, which deletes the newest once steps reach 10."""
+    suite = ResumeBackendTests()
+    broken = _PruneByName.from_config("disk", {"path": str(tmp_path / "broken")})
+    with pytest.raises(AssertionError):
+        suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(broken)
+    suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(
+        LocalBackend.from_config("disk", {"path": str(tmp_path / "good")}))

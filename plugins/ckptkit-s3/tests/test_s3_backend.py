@@ -178,6 +178,27 @@ def test_a_manifest_too_large_or_empty_is_skipped_without_reading_it_whole(pm, s
     assert restored.step == 10
 
 
+def _oversized(fs, folder: str, name: str) -> int:
+    """Replace file ``name`` of a committed checkpoint with 8 MiB; the size its manifest lists."""
+    listed = json.loads(fs.cat_file(f"{folder}/{MANIFEST_NAME}"))["files"][name]["size"]
+    fs.pipe_file(f"{folder}/{name}", b"x" * (8 * 2**20))
+    return listed
+
+
+def _copied_sizes(monkeypatch, module) -> list[int]:
+    """The sizes ``module``'s calls of ``copy_hashed`` copy, as they happen."""
+    copied: list[int] = []
+    real = module.copy_hashed
+
+    def counted(*args, **kwargs):
+        size, digest = real(*args, **kwargs)
+        copied.append(size)
+        return size, digest
+
+    monkeypatch.setattr(module, "copy_hashed", counted)
+    return copied
+
+
 def test_an_object_larger_than_its_manifest_says_is_downloaded_no_further_than_that(
         pm, s3_backend_options, s3_endpoint, bucket, monkeypatch):
     """A state file is downloaded into a scratch folder before its size is compared: an object
@@ -188,19 +209,8 @@ def test_an_object_larger_than_its_manifest_says_is_downloaded_no_further_than_t
     for step in (10, 20):
         ck.save(step=step, model=model(step))
     ck.close()
-    fs = s3(s3_endpoint)
-    folder = f"{bucket}/ckpts/run/step-0000000020"
-    listed = json.loads(fs.cat_file(f"{folder}/{MANIFEST_NAME}"))["files"]["state.pt"]["size"]
-    fs.pipe_file(f"{folder}/state.pt", b"x" * (8 * 2**20))
-    copied = []
-    real = ckptkit.reading.copy_hashed
-
-    def counted(*args, **kwargs):
-        size, digest = real(*args, **kwargs)
-        copied.append(size)
-        return size, digest
-
-    monkeypatch.setattr(ckptkit.reading, "copy_hashed", counted)
+    listed = _oversized(s3(s3_endpoint), f"{bucket}/ckpts/run/step-0000000020", "state.pt")
+    copied = _copied_sizes(monkeypatch, ckptkit.reading)
     with pytest.warns(RuntimeWarning, match=f"step-0000000020.*state.pt has {listed + 1} bytes"):
         restored = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore(model=model(99))
     assert restored.step == 10
@@ -219,19 +229,8 @@ def test_a_file_larger_than_its_manifest_says_is_fetched_no_further_than_that(
         (own / "trainer_state.json").write_text(json.dumps({"step": step}))
         ck.save_files(step=step, files=own, force=True)
     ck.close()
-    fs = s3(s3_endpoint)
-    folder = f"{bucket}/ckpts/run/step-0000000020"
-    listed = json.loads(fs.cat_file(f"{folder}/{MANIFEST_NAME}"))["files"]["trainer_state.json"]["size"]
-    fs.pipe_file(f"{folder}/trainer_state.json", b"x" * (8 * 2**20))
-    copied = []
-    real = ckptkit.manager.copy_hashed
-
-    def counted(*args, **kwargs):
-        size, digest = real(*args, **kwargs)
-        copied.append(size)
-        return size, digest
-
-    monkeypatch.setattr(ckptkit.manager, "copy_hashed", counted)
+    listed = _oversized(s3(s3_endpoint), f"{bucket}/ckpts/run/step-0000000020", "trainer_state.json")
+    copied = _copied_sizes(monkeypatch, ckptkit.manager)
     with pytest.warns(RuntimeWarning, match="step-0000000020"):
         info = manager(pm, {"archive": s3_backend_options()}, ["archive"]).restore_files(tmp_path / "out")
     assert info.step == 10

@@ -10,6 +10,8 @@ import torch
 
 from ckptkit import CheckpointManager, ConfigError, RunConflictError, SaveError, StorageUnavailableError
 from ckptkit.cli import main as cli_main
+from ckptkit.checkpoint import Payload, PayloadFile
+from ckptkit.local import LocalBackend
 from ckptkit.manager import EXTRA_FILE, STATE_FILE
 from ckptkit.plugins import make_plugin_manager
 
@@ -258,7 +260,9 @@ def test_two_trainings_saving_the_same_steps_in_turn_are_stopped_by_the_first_re
         for ck, m, o in ((first, model, opt), (second, model2, opt2)):
             train_step(m, o)
             ck.save(step=step, model=m, optimizer=o)
-    first.wait()  # the prune after its save of step 2
+            # The prune after the first one's save lists its own copy (one replaced sooner is
+            # found at once: test_a_step_replaced_before_the_prune_after_its_own_save_...).
+            first.wait()
     train_step(model, opt)
     with pytest.raises(RunConflictError, match=r"holds step 1 saved again, not by this training"):
         first.save(step=3, model=model, optimizer=opt)
@@ -302,6 +306,24 @@ def test_newer_steps_on_a_backend_restore_could_not_list_are_found_once_it_answe
     steps = sorted(n for n in os.listdir(tmp_path / "scratch/exp") if n.startswith("step-"))
     assert steps == ["step-0000000003", "step-0000000004", "step-0000000005"], "nothing newer was pruned"
     ck.close()
+
+
+def test_a_step_replaced_before_the_prune_after_its_own_save_is_seen_as_replaced(tmp_path):
+    """The other training's copy of a step can land before this one's prune lists it (the prune
+    runs behind the save): at the same size, within the same clock tick, it is still not ours."""
+    def payload(step: int, byte: bytes) -> Payload:
+        return Payload(run_name="exp", step=step, epoch=None, format="torch",
+                       files=(PayloadFile(STATE_FILE, write=lambda f: f.write(byte * 5000)),))
+
+    first, second = (LocalBackend.from_config(name, {"path": str(tmp_path)}) for name in ("a", "b"))
+    first.save_resume(run_name="exp", step=1, payload=payload(1, b"a"))
+    second.save_resume(run_name="exp", step=1, payload=payload(1, b"b"))
+    first.prune(run_name="exp", keep_last=3, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert first.pruned_listing("exp") == (1, frozenset({1}))
+    # Its own copy, untouched, is its own at the next prune, and the replaced one is read once.
+    first.save_resume(run_name="exp", step=2, payload=payload(2, b"a"))
+    first.prune(run_name="exp", keep_last=3, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert first.pruned_listing("exp") == (2, frozenset())
 
 
 def test_a_prune_whose_listing_failed_has_seen_nothing(tmp_path, pm, monkeypatch):

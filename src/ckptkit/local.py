@@ -369,6 +369,7 @@ class LocalBackend(FileBackend):
         with self._lock:
             written = self._unsynced.get(tmp, [])
             self._attempted.add(target)
+            self._committed_here.pop(target, None)  # what an earlier commit wrote is gone
         data = manifest.to_json()
         if self._in_memory is None:
             self._in_memory = _in_memory(tmp)
@@ -376,6 +377,7 @@ class LocalBackend(FileBackend):
             f.write(data)
             f.flush()
             _fsync_together([*written, f], tmp, self._in_memory)
+            st = os.fstat(f.fileno())
         if not _moved_into_place(tmp, target):
             # Replacing a committed copy (also one another process committed since this save
             # began): swap atomically, so that a crash leaves one of the two in place; only where
@@ -389,7 +391,8 @@ class LocalBackend(FileBackend):
                 os.rename(tmp, target)
                 _discard(trash)
         _fsync_dir(run)
-        self._remember(target, data, manifest)
+        # As fsspec's local listing describes the file (a rename changes none of these).
+        self._remember(target, data, manifest, {"size": st.st_size, "mtime": st.st_mtime, "ino": st.st_ino})
         return target
 
     def _unstage(self, tmp: str, remove: bool) -> None:

@@ -229,9 +229,10 @@ class FileBackend:
         # Manifests that prune has read, by folder: (the listing's identity of the file, manifest).
         self._manifests: dict[str, tuple[tuple, Manifest]] = {}
         # Manifests this instance committed and no listing has shown yet, by folder: (their size
-        # in bytes, manifest). The prune after a save takes its own commit from here instead of
-        # reading it back (a request on object stores).
-        self._committed_here: dict[str, tuple[int, Manifest]] = {}
+        # in bytes, manifest, the store's identity of the file as written, None where finding it
+        # would take a request). The prune after a save takes its own commit from here instead
+        # of reading it back (a request on object stores).
+        self._committed_here: dict[str, tuple[int, Manifest, tuple | None]] = {}
         # Step folders a failed save of a committed step left under the old manifest with some
         # of the new files (the store stopped answering): sizes may match, but a prune must not
         # count them as intact. A later save of the step that commits clears it.
@@ -474,6 +475,7 @@ class FileBackend:
         """Publish the manifest at ``path``: the step that commits a checkpoint."""
         with self._lock:
             self._attempted.add(posixpath.dirname(path))
+            self._committed_here.pop(posixpath.dirname(path), None)  # what an earlier commit wrote is gone
         if not self.atomic_move:
             self._call(f"writing {self.uri(path)}", self.fs.pipe_file, path, data)
             return
@@ -779,12 +781,16 @@ class FileBackend:
 
     # -- hooks: pruning -------------------------------------------------------------------
 
-    def _remember(self, folder: str, data: bytes, manifest: Manifest) -> None:
-        """Keep the resume manifest just committed at ``folder`` for the prune's first look at it."""
+    def _remember(self, folder: str, data: bytes, manifest: Manifest, written: dict[str, Any] | None = None
+                  ) -> None:
+        """Keep the resume manifest just committed at ``folder`` for the prune's first look at it.
+        ``written``: the file's details as a listing shows them, where the store gave them at no
+        request (local disk): a copy another training commits before that prune is then told
+        from this one, as it is at any later prune."""
         if manifest.role != "resume":
             return
         with self._lock:
-            self._committed_here[folder] = (len(data), manifest)
+            self._committed_here[folder] = (len(data), manifest, _identity(written))
 
     def _consistent(self, ref: CheckpointRef, listed: dict[str, Any] | None = None) -> bool:
         """Do the sizes the listing saw agree with the manifest? (No bytes are read.)
@@ -804,7 +810,8 @@ class FileBackend:
             own = self._committed_here.pop(ref.path, None)
         # What this instance just committed comes first: a step saved again within the second a
         # store's times resolve (WebDAV) lists as the copy it replaced did, at the same size.
-        if key is not None and own is not None and listed.get("size") == own[0]:
+        if key is not None and own is not None and (key == own[2] if own[2] is not None
+                                                    else listed.get("size") == own[0]):
             manifest = own[1]
             self._manifests[ref.path] = (key, manifest)
             self._own_manifests.add(ref.path)
@@ -874,9 +881,14 @@ class FileBackend:
         replaced = set()
         for ref in sorted(committed, key=lambda r: r.step, reverse=True):
             entry = listing[posixpath.basename(ref.path)].files.get(MANIFEST_NAME)
-            before = self._manifests.get(ref.path) if ref.path in self._own_manifests else None
             with self._lock:
-                ours = ref.path in self._committed_here or ref.path in attempted
+                own = self._committed_here.get(ref.path)
+                ours = own is not None or ref.path in attempted
+            if own is not None and own[2] is not None:
+                # Committed here as a file the store described: any other one is not ours.
+                before, ours = (own[2], own[1]), False
+            else:
+                before = self._manifests.get(ref.path) if ref.path in self._own_manifests else None
             consistent = self._consistent(ref, entry)
             after = self._manifests.get(ref.path)
             if before is not None and not ours and after is not None and after[0] != before[0] and (

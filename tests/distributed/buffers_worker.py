@@ -44,7 +44,14 @@ def main() -> None:
     ck.close()
     with open(os.path.join(workdir, f"result-{scenario}-{rank}.json"), "w") as f:
         json.dump({"running_mean": bn.running_mean.tolist(), "batches": int(bn.num_batches_tracked)}, f)
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's finalization: gloo's threads may free a finished
+    # collective's tensors after it began, which aborts the rank (SIGABRT, 'terminate called
+    # without an active exception'; pytorch/pytorch#190489). The results are written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

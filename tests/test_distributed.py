@@ -294,6 +294,17 @@ def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(t
         assert "out of memory while making the optimizer's state" in r["raised"][1], r
 
 
+def test_a_rank_extra_object_that_fails_on_one_rank_fails_every_rank(tmp_path):
+    """Rank 1's own data loader refused its saved position: rank 1 raised while rank 0's restore
+    returned and trained on, alone."""
+    cfg = config(tmp_path, "torch")
+    cfg["distributed"] = {"timeout_s": 20}
+    results = launch(2, "extra_target_fails_on_one_rank", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)
+    for r in results:
+        assert r["raised"] and "cannot go back to that position" in r["raised"][1], r
+    assert "on rank 1" in results[0]["raised"][1]
+
+
 def test_only_a_collective_that_lost_its_peer_breaks_the_collectives():
     """DCP raises its collectives' errors as they are and wraps each rank's own failures: a
     missing key named like "timeout_head" is a misfit of the checkpoint, not a lost rank."""

@@ -1114,8 +1114,15 @@ class CheckpointManager:
                 continue
             self._unreachable([ref], unreachable)
             saved_extra, own, holders = loaded
-            lacking = _fill(extra, saved_extra)
-            lacking_own = _fill(rank_extra, own or {})
+            problem = None
+            try:
+                lacking = _fill(extra, saved_extra)
+                lacking_own = _fill(rank_extra, own or {})
+            except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
+                problem = exc
+            # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
+            # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
+            self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
             if lacking and ranks.rank() == 0:
                 # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
                 warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "

@@ -291,6 +291,28 @@ def main() -> None:
             result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
+    elif scenario == "extra_target_fails_on_one_rank":
+        # rank 1's own object refuses its saved state: every rank's restore raises, none trains on.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, opt = build(kind, seed=0)
+        ck.save(step=0, model=model, optimizer=opt, extra={"shared": torch.optim.lr_scheduler.StepLR(opt, 1)},
+                rank_extra={"position": torch.optim.lr_scheduler.StepLR(opt, 2)}, force=True)
+        ck.close()
+
+        class Refusing:
+            def load_state_dict(self, state):
+                raise ValueError("this loader cannot go back to that position")
+
+        model2, opt2 = build(kind, seed=1)
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        try:
+            ck.restore(model2, opt2, rank_extra={"position": Refusing() if rank == 1 else
+                                                 torch.optim.lr_scheduler.StepLR(opt2, 2)})
+            result["raised"] = None
+        except Exception as exc:
+            result["raised"] = [type(exc).__name__, str(exc)]
+        ck.close()
+
     elif scenario == "optimizer_on_rank0_only":
         # DCP takes another state dict on each rank; ckptkit's checks before the load must still
         # meet on every rank (a rank without optimizer has nothing to check, but must be there).

@@ -2,6 +2,7 @@
 
 import inspect
 import pathlib
+import shutil
 import sys
 import textwrap
 import types
@@ -404,3 +405,42 @@ def test_a_listing_or_prune_that_returns_no_list_of_checkpoints_is_named_as_the_
     with pytest.raises(BackendError, match=r"list_checkpoints \(type 'wrong', from ckptkit-wrong 0.1\) returned dict"):
         ck.restore(model=model)
     ck.close()
+
+
+class _FaultyIO(ckptkit.local.LocalBackend):
+    """The local backend, but its save raises a plain exception and its manifests come back as bytes."""
+
+    @ckptkit.hookimpl
+    def save_resume(self, run_name, step, payload):
+        raise KeyError("bucket_region")
+
+    @ckptkit.hookimpl
+    def read_manifest(self, ref):
+        return super().read_manifest(ref=ref).to_json()
+
+
+def test_a_plugins_own_save_failure_and_a_manifest_of_the_wrong_type_name_the_plugin(tmp_path):
+    """A save's KeyError said only "KeyError: 'bucket_region'"; a manifest read as bytes called the
+    checkpoint damaged, which skips it for an older step or gives the whole run up for lost."""
+    from ckptkit import BackendError, SaveError
+    from ckptkit.plugins import make_plugin_manager
+    import torch
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faulty", _FaultyIO, "ckptkit-faulty 0.2")
+    cfg = {"run_name": "r", "backends": {"f": {"type": "faulty", "path": str(tmp_path / "f")},
+                                         "disk": {"type": "local", "path": str(tmp_path / "disk")}},
+           "roles": {"resume": {"backends": ["f", "disk"], "every_n_steps": 1, "keep_last": 5}}}
+    model = torch.nn.Linear(2, 2)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(SaveError, match=r"f: save_resume \(type 'faulty', from ckptkit-faulty 0.2\) raised "
+                                            r"KeyError: 'bucket_region'"):
+            ck.save(step=1, model=model)
+    shutil.copytree(tmp_path / "disk", tmp_path / "f")
+    cfg["roles"]["resume"]["backends"] = ["f"]
+    del cfg["backends"]["disk"]
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(BackendError, match=r"read_manifest \(type 'faulty', from ckptkit-faulty 0.2\) returned "
+                                               r"bytes for .*step-0000000001, not a Manifest; the backend plugin is "
+                                               "faulty"):
+            ck.restore(model=model)

@@ -133,16 +133,15 @@ def _interrupted_shard_write(exc: BaseException) -> BaseException | None:
     return inner if isinstance(inner, (KeyboardInterrupt, SystemExit)) else None
 
 
-def _backend_failure(name: str, exc: Exception) -> CkptkitError:
+def _backend_failure(router: Router, name: str, hook: str, exc: Exception) -> CkptkitError:
+    """``exc`` from ``hook`` of backend ``name`` as ckptkit's error; one of the plugin's own types
+    also says which hook raised it and where the plugin comes from."""
     if isinstance(exc, CkptkitError):
         return exc
-    failure = BackendError(name, f"{type(exc).__name__}: {exc}")
+    failure = BackendError(name, f"{type(exc).__name__}: {exc}" if isinstance(exc, (OSError, TimeoutError)) else
+                                 f"{hook}{router.origin(name)} raised {type(exc).__name__}: {exc}")
     failure.__cause__ = exc
     return failure
-
-
-def _not_a_ref(name: str, hook: str, got: Any) -> BackendError:
-    return BackendError(name, f"{hook} returned {type(got).__name__}, not a CheckpointRef; the backend plugin is faulty")
 
 
 def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook: str,
@@ -166,11 +165,11 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
         try:
             ref = router.call(name, hook, run_name=run_name, payload=payload, **kwargs)
         except Exception as exc:
-            failures[name] = _backend_failure(name, exc)
+            failures[name] = _backend_failure(router, name, hook, exc)
             log.error("backend %r failed: %s", name, _strip(name, failures[name]))
             continue
         if not isinstance(ref, CheckpointRef):
-            failures[name] = _not_a_ref(name, hook, ref)
+            failures[name] = router.faulty(name, hook, type(ref).__name__, "a CheckpointRef")
             continue
         saved.append(ref)
         if ref.local_dir and not copied and i < len(order) - 1 and holds_files(ref, payload):
@@ -253,7 +252,7 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         status, path = coll.on_rank0(f"{at}: stage", router.call, name, "stage_sharded", run_name=run_name,
                                      step=payload.step)
         if status == "error":
-            failures[name] = _backend_failure(name, path)
+            failures[name] = _backend_failure(router, name, "stage_sharded", path)
             continue
         report: tuple[str, Any] = ("ok", {})
         if source is None:
@@ -289,10 +288,10 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         status, ref = coll.on_rank0(f"{at}: commit", router.call, name, "commit_sharded", run_name=run_name,
                                      step=payload.step, path=path, payload=payload, files=files)
         if status == "ok" and not isinstance(ref, CheckpointRef):
-            status, ref = "error", _not_a_ref(name, "commit_sharded", ref)
+            status, ref = "error", router.faulty(name, "commit_sharded", type(ref).__name__, "a CheckpointRef")
         if status == "error":
             coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
-            failures[name] = _backend_failure(name, ref)
+            failures[name] = _backend_failure(router, name, "commit_sharded", ref)
             continue
         saved.append(ref)
         if source is None and ref.local_dir:

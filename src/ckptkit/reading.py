@@ -145,8 +145,10 @@ class Reader:
                 self.silent.add(ref.backend)
             raise storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc) from exc
         if not isinstance(manifest, Manifest):
-            raise CorruptCheckpointError(f"{ref.uri}: backend {ref.backend!r} returned {type(manifest).__name__} "
-                                         "for its manifest")
+            # The plugin's fault, not the checkpoint's: called damaged, it would be skipped for an
+            # older step, or the run given up for lost.
+            raise self.router.faulty(ref.backend, "read_manifest", f"{type(manifest).__name__} for {ref.uri}",
+                                     "a Manifest")
         try:
             manifest.check_location(ref.run_name, ref.step if ref.role == "resume" else None,
                                     f"the manifest of {ref.uri}")

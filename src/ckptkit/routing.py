@@ -125,12 +125,20 @@ class Router:
         except Exception as exc:
             raise self.blame(backend, hook, exc) from exc
 
+    def origin(self, backend: str) -> str:
+        """Where ``backend``'s code comes from, for errors: `` (type 'x', from dist version)``."""
+        btype = self.types.get(backend)
+        return f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
+
     def blame(self, backend: str, hook: str, exc: BaseException) -> BackendError:
         """A plugin's own exception from ``hook``, as a ``BackendError`` naming where it came from."""
-        btype = self.types.get(backend)
-        origin = f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
-        return BackendError(backend, f"{hook}{origin} raised {type(exc).__name__}: "
+        return BackendError(backend, f"{hook}{self.origin(backend)} raised {type(exc).__name__}: "
                                      f"{redact(str(exc), secret_values())}; report it to the plugin's authors")
+
+    def faulty(self, backend: str, hook: str, got: Any, wanted: str) -> BackendError:
+        """A hook's answer that breaks its contract (``wanted``: what it must return)."""
+        return BackendError(backend, f"{hook}{self.origin(backend)} returned {got}, not {wanted}; the backend "
+                                     "plugin is faulty: report it to its authors")
 
     def checked_refs(self, backend: str, hook: str, got: Any) -> list[CheckpointRef]:
         """What a hook that returns checkpoints (``list_checkpoints``, ``prune``) returned, as a
@@ -141,10 +149,7 @@ class Router:
             return list(got)
         what = type(got).__name__ if not isinstance(got, (list, tuple)) else \
             f"a {type(got).__name__} holding {type(next(r for r in got if not isinstance(r, CheckpointRef))).__name__}"
-        btype = self.types.get(backend)
-        origin = f" (type {btype.name!r}, from {btype.dist})" if btype is not None else ""
-        raise BackendError(backend, f"{hook}{origin} returned {what}, not a list of CheckpointRef; the backend "
-                                    "plugin is faulty: report it to its authors")
+        raise self.faulty(backend, hook, what, "a list of CheckpointRef")
 
     def implements(self, name: str, hook: str) -> bool:
         return hook in self.types[name].hooks

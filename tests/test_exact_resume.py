@@ -326,6 +326,28 @@ def test_a_step_replaced_before_the_prune_after_its_own_save_is_seen_as_replaced
     assert first.pruned_listing("exp") == (2, frozenset())
 
 
+def test_a_manifest_listed_with_other_times_than_written_is_still_its_own(tmp_path):
+    """A store that sets times at close, or a mount whose rename copies: the listing shows this
+    training's manifest otherwise than the commit saw it. Read back, it is still its own, so the
+    other training that replaces the step later is found."""
+    def payload(step: int, byte: bytes) -> Payload:
+        return Payload(run_name="exp", step=step, epoch=None, format="torch",
+                       files=(PayloadFile(STATE_FILE, write=lambda f: f.write(byte * 5000)),))
+
+    def prune(backend: LocalBackend) -> tuple:
+        backend.prune(run_name="exp", keep_last=3, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+        return backend.pruned_listing("exp")
+
+    first, second = (LocalBackend.from_config(name, {"path": str(tmp_path)}) for name in ("a", "b"))
+    first.save_resume(run_name="exp", step=1, payload=payload(1, b"a"))
+    manifest = tmp_path / "exp" / "step-0000000001" / "manifest.json"
+    os.utime(manifest, ns=(0, manifest.stat().st_mtime_ns // 10**9 * 10**9 - 10**9))
+    assert prune(first) == (1, frozenset())
+    second.save_resume(run_name="exp", step=1, payload=payload(1, b"b"))
+    first.save_resume(run_name="exp", step=2, payload=payload(2, b"a"))
+    assert prune(first) == (2, frozenset({1}))
+
+
 def test_a_prune_whose_listing_failed_has_seen_nothing(tmp_path, pm, monkeypatch):
     """What an earlier prune listed must not stand in for a failed listing: after a rollback
     whose newer steps were deleted, those steps would read as another training's."""

@@ -369,7 +369,7 @@ class LocalBackend(FileBackend):
         with self._lock:
             written = self._unsynced.get(tmp, [])
             self._attempted.add(target)
-            self._committed_here.pop(target, None)  # what an earlier commit wrote is gone
+            self._committed_here.pop(target, None)  # what an earlier commit wrote may be gone
         data = manifest.to_json()
         if self._in_memory is None:
             self._in_memory = _in_memory(tmp)
@@ -391,7 +391,8 @@ class LocalBackend(FileBackend):
                 os.rename(tmp, target)
                 _discard(trash)
         _fsync_dir(run)
-        # As fsspec's local listing describes the file (a rename changes none of these).
+        # As the local listing describes the file. Where a rename or close changes these (a FUSE
+        # mount of an object store, SMB), the prune reads the manifest back once instead.
         self._remember(target, data, manifest, {"size": st.st_size, "mtime": st.st_mtime, "ino": st.st_ino})
         return target
 

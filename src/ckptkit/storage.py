@@ -475,7 +475,7 @@ class FileBackend:
         """Publish the manifest at ``path``: the step that commits a checkpoint."""
         with self._lock:
             self._attempted.add(posixpath.dirname(path))
-            self._committed_here.pop(posixpath.dirname(path), None)  # what an earlier commit wrote is gone
+            self._committed_here.pop(posixpath.dirname(path), None)  # what an earlier commit wrote may be gone
         if not self.atomic_move:
             self._call(f"writing {self.uri(path)}", self.fs.pipe_file, path, data)
             return
@@ -824,7 +824,12 @@ class FileBackend:
                 return False
             if key is not None:
                 self._manifests[ref.path] = (key, manifest)
-                self._own_manifests.discard(ref.path)
+                # The file as listed is not as written (a store that sets times at close, a
+                # mount whose rename copies), yet it may still be this instance's own manifest.
+                if own is not None and _digests(manifest) == _digests(own[1]):
+                    self._own_manifests.add(ref.path)
+                else:
+                    self._own_manifests.discard(ref.path)
         if ref.sizes is None:
             return True
         return all(ref.sizes.get(n) == e.size for n, e in manifest.files.items())

@@ -451,7 +451,7 @@ def test_keep_best_keeps_the_best_besides_the_last(tmp_path, pm):
     assert kept == [1, 3, 6, 7]  # the best two (0.1, 0.3) and the last two
     ck.wait()
     # What the manager remembers of past steps is what is kept, not every step it ever saved.
-    assert ck._verified == set(kept) and set(ck._metrics) == set(kept)
+    assert ck._counted == set(kept) and set(ck._metrics) == set(kept)
     ck.close()
 
     # ckptkit prune honours keep_best too.

@@ -61,7 +61,8 @@ def test_cli_prune_keeps_the_newest_checkpoint_that_verifies(tmp_path, pm, capsy
 
 
 def test_the_prune_after_a_save_counts_only_what_this_manager_knows_is_intact(tmp_path, pm):
-    """Checkpoints of an earlier process that this one never verified do not count toward keep_last."""
+    """Checkpoints of an earlier process newer than the one this process restored (and verified)
+    do not count toward keep_last."""
     cfg = local_config(tmp_path, final=False, keep=2)
     first = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model()
@@ -81,6 +82,20 @@ def test_the_prune_after_a_save_counts_only_what_this_manager_knows_is_intact(tm
     second.save(step=4, model=model, optimizer=opt)
     second.wait()
     assert _steps(tmp_path) == [3, 4]
+
+
+def test_a_training_restarted_at_every_save_still_keeps_only_keep_last(tmp_path, pm):
+    """Preempted after each save: every process restores the newest step and saves one more.
+    Counting only the steps each process wrote or restored, no prune ever deleted anything."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    model, opt = make_model()
+    for step in range(7):
+        ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+        restored = ck.restore(model, opt)
+        assert (restored.step if restored else -1) == step - 1
+        ck.save(step=step, model=model, optimizer=opt)
+        ck.close()
+    assert _steps(tmp_path) == [4, 5, 6]
 
 
 def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_path, pm):

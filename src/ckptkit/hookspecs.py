@@ -205,7 +205,8 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
     :param protected_steps: steps that must survive (the save just made, ``keep_best``).
     :param dry_run: when true, report what would be deleted and delete nothing.
     :param counted_steps: None, or the steps known to be intact: the manager passes the steps
-        it wrote (checksummed while written) or verified when it restored; ``ckptkit prune``
+        it wrote (checksummed while written), the one it verified when it restored and those
+        older than that one (which only push out older ones still); ``ckptkit prune``
         passes the steps it has just verified by reading every byte. A checkpoint damaged
         after its commit must not push intact ones out of ``keep_last``, so only these steps
         count toward it. A committed checkpoint newer than the oldest counted one that is kept

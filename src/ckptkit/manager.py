@@ -383,9 +383,12 @@ class CheckpointManager:
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
-        # Steps known to hold intact bytes: hashed while this manager wrote them, or verified
-        # when restored. Only these count toward keep_last when pruning after a save.
-        self._verified: set[int] = set()
+        # The steps that count toward keep_last when pruning after a save: those hashed while
+        # this manager wrote them, the one verified when restored, and those older than it (once
+        # their sizes agree with their manifests). A damaged checkpoint newer than an intact one
+        # must not push it out, but the older ones of an earlier process must go: a training
+        # restarted more often than every keep_last saves would otherwise never prune.
+        self._counted: set[int] = set()
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
         # Resume backends that could not be listed when the run was checked, and a conflict with
@@ -784,7 +787,7 @@ class CheckpointManager:
         if not saved:
             return
         self._settle_prune()
-        self._verified.add(step)
+        self._counted.add(step)
         self._metrics[step] = dict(metrics)
         self._newest_own = step if self._newest_own is None else max(self._newest_own, step)
         if self._unchecked:
@@ -793,7 +796,7 @@ class CheckpointManager:
             if self._pruner is None or self._pruner[0] != os.getpid():
                 self._pruner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ckptkit-prune"))
             self._pruning = self._pruner[1].submit(self._prune_backends, list(saved), step,
-                                                   frozenset(self._verified), self._newest_own)
+                                                   frozenset(self._counted), self._newest_own)
 
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int],
                         newest_own: int) -> None:
@@ -813,7 +816,7 @@ class CheckpointManager:
         # What a training of a million saves remembers stays the size of what it keeps. A step
         # forgotten while another backend still holds it counts less, so it is deleted later, not
         # sooner, and keep_best reads its metrics again from its manifest.
-        self._verified -= gone
+        self._counted -= gone
         for old in gone:
             self._metrics.pop(old, None)
         if not self._swept:
@@ -1147,7 +1150,7 @@ class CheckpointManager:
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
             self._tracking_run_id()
-            self._verified.add(manifest.step)
+            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step)})
             # Newer steps the listing showed were skipped as damaged: they are no other training's.
             self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
             self._last_step = manifest.step
@@ -1677,7 +1680,7 @@ class CheckpointManager:
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
             self._tracking_run_id()
-            self._verified.add(manifest.step)
+            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step)})
             self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
             self._last_step = manifest.step
             self._rolled_back = None

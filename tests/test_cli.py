@@ -106,6 +106,22 @@ def test_ls_hides_checkpoint_whose_files_disagree(capsys, config_file, saved):
     assert [r["step"] for r in json.loads(out)] == [2, 1, 0]
 
 
+def test_a_checkpoint_of_a_newer_ckptkit_is_named_by_ls_verify_and_prune_and_kept(capsys, config_file, saved):
+    manifest = saved / "step-0000000003" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"version": 2', b'"version": 3'))
+    code, out, err = run(capsys, "ls", str(config_file), "--json")
+    assert [r["step"] for r in json.loads(out)] == [2, 1, 0]
+    assert "warning: " in err and "step-0000000003/manifest.json was written by a newer ckptkit" in err
+    code, out, err = run(capsys, "verify", str(config_file), "--json")
+    assert code == 1 and [r["result"] for r in json.loads(out)] == ["newer", "ok", "ok", "ok"]
+    assert "1 of 4 checkpoints were written by a newer ckptkit" in err and "CORRUPT" not in err
+    code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "1", "--json")
+    data = json.loads(out)
+    assert code == 0 and [(d["step"], d["kind"]) for d in data["damaged"]] == [(3, "newer ckptkit")]
+    assert sorted(r["step"] for r in data["deleted"]) == [0, 1]
+    assert sorted(os.listdir(saved)) == ["step-0000000002", "step-0000000003"]
+
+
 def test_prune_dry_run_then_for_real(capsys, config_file, saved):
     code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "1", "--dry-run", "--json")
     data = json.loads(out)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import warnings
 
 import pytest
 from ckpt_helpers import local_config, make_model, train_step
 
-from ckptkit import CheckpointManager
-from ckptkit.manifest import FileEntry, Manifest, _checksum
+from ckptkit import CheckpointManager, IncompatibleCheckpointError
+from ckptkit.local import LocalBackend
+from ckptkit.manifest import FileEntry, Manifest, NewerManifestError, _checksum
 
 DIGEST = "xxh3_128:" + "0" * 32
 
@@ -86,7 +89,7 @@ def test_a_manifest_nested_too_deeply_is_refused_not_a_recursion_error():
         Manifest.from_json('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
 
 
-@pytest.mark.parametrize("case", ["a NUL in a file name", "files as a list", "a negative size", "an unknown format"])
+@pytest.mark.parametrize("case", ["a NUL in a file name", "files as a list", "a negative size"])
 def test_restore_skips_such_a_manifest_for_the_checkpoint_before(tmp_path, pm, case):
     ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
     model, opt = make_model()
@@ -104,3 +107,46 @@ def test_restore_skips_such_a_manifest_for_the_checkpoint_before(tmp_path, pm, c
         restored = ck.restore(model=model2, optimizer=opt2)
     assert restored.step == 1
     assert any("skipped" in str(w.message) and "step-0000000002" in str(w.message) for w in caught)
+
+
+NEWER = {
+    "a later version": lambda text: text.replace(b'"version": 2', b'"version": 3'),
+    "a format sealed intact": lambda text: _sealed({**json.loads(text), "format": "torch2"}),
+    "a role sealed intact": lambda text: _sealed({**json.loads(text), "role": "archive"}),
+}
+
+
+@pytest.mark.parametrize("case", NEWER)
+def test_a_checkpoint_of_a_newer_ckptkit_is_refused_by_restore_and_kept_by_prune(tmp_path, pm, case):
+    """Called damaged, it was skipped for the step before, which training then saved over it;
+    and a prune past the grace period deleted it as a leftover."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 60
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    folder = tmp_path / "scratch/exp/step-0000000002"
+    path = folder / "manifest.json"
+    changed = NEWER[case](path.read_bytes())
+    assert changed != path.read_bytes()
+    with pytest.raises(NewerManifestError):
+        Manifest.from_json(changed)
+    path.write_bytes(changed)
+    for file in [folder, *folder.iterdir()]:
+        os.utime(file, (time.time() - 7200, time.time() - 7200))
+
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model2, opt2 = make_model(seed=1)
+    with pytest.raises(IncompatibleCheckpointError, match=r"step-0000000002/manifest.json was written by a newer "
+                                                          r"ckptkit, or damaged to look so: .*Upgrade ckptkit"):
+        ck.restore(model=model2, optimizer=opt2)
+    assert ck.restore(model=model2, optimizer=opt2, step=1).step == 1
+    ck.close()
+    options = {k: v for k, v in cfg["backends"]["scratch"].items() if k != "type"}
+    backend = LocalBackend.from_config("scratch", options)
+    backend.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
+    assert path.read_bytes() == changed, "neither deleted nor counted: step 1 is the one kept"
+    assert (tmp_path / "scratch/exp/step-0000000001/manifest.json").exists()

@@ -20,7 +20,7 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-from .errors import CheckpointError, CkptkitError, StorageUnavailableError
+from .errors import CheckpointError, CkptkitError, IncompatibleCheckpointError, StorageUnavailableError
 from .manager import CheckpointManager
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
@@ -196,6 +196,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for ref in refs:
             try:
                 m = ck.router.call(ref.backend, "read_manifest", ref=ref)
+            except IncompatibleCheckpointError as exc:  # a newer ckptkit's: not listed, but not hidden
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=1)
+                continue
             except CheckpointError:
                 continue
             if ref.sizes is not None and any(ref.sizes.get(n) != e.size for n, e in m.files.items()):
@@ -253,13 +256,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except Exception as exc:
                 # A store that did not answer leaves the checkpoint unverified, not damaged: what
                 # is told corrupt here, users delete.
-                result = "unverified" if isinstance(exc, StorageUnavailableError) else "corrupt"
+                result = ("unverified" if isinstance(exc, StorageUnavailableError) else
+                          "newer" if isinstance(exc, IncompatibleCheckpointError) else "corrupt")
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "result": result,
                              "detail": redact(str(exc), secret_values()), "uri": ref.uri})
         table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
                        whole=("step", "result"))
         shown = {"ok": Text("ok", style="green"), "corrupt": Text("CORRUPT", style="red"),
-                 "unverified": Text("unverified", style="yellow")}
+                 "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         _emit(args, rows, table)
@@ -268,14 +272,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return 1
         corrupt = [r for r in rows if r["result"] == "corrupt"]
         unverified = [r for r in rows if r["result"] == "unverified"]
+        newer = [r for r in rows if r["result"] == "newer"]
         if corrupt:
             err_console.print(f"ckptkit: error: {len(corrupt)} of {len(rows)} checkpoints failed verification")
         if unverified:
             _fail(f"{len(unverified)} of {len(rows)} checkpoints could not be read, the storage did not answer: "
                   "they are not known to be damaged; verify them again once it answers")
+        if newer:
+            _fail(f"{len(newer)} of {len(rows)} checkpoints were written by a newer ckptkit (or damaged to look so): "
+                  "upgrade ckptkit to verify them")
         if unreachable:
             _fail("; ".join(str(e) for e in unreachable.values()) + "; its checkpoints were not verified")
-        return 1 if corrupt or unverified or unreachable else 0
+        return 1 if corrupt or unverified or newer or unreachable else 0
     finally:
         ck.close()
 
@@ -295,7 +303,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             doomed, corrupt = list(result.deleted), result.corrupt
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
-        damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e)} for r, e in corrupt]
+        damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e),
+                    "kind": "newer ckptkit" if isinstance(e, IncompatibleCheckpointError) else "damaged"}
+                   for r, e in corrupt]
         verb = "would delete" if args.dry_run else "deleted"
         table = _table(f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})",
                        ("backend", "step", "kind", "uri"), whole=("step",))
@@ -303,7 +313,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
         for d in damaged:
             # Listed under what was deleted, but never deleted itself: its row says so.
-            table.add_row(d["backend"], str(d["step"]), Text("damaged: kept, not counted", style="red"), d["error"])
+            table.add_row(d["backend"], str(d["step"]), Text(f"{d['kind']}: kept, not counted", style="red"),
+                          d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
                      "damaged": damaged}, table if rows or damaged else None)
         if not rows and not damaged and not args.json:

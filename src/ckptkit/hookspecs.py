@@ -173,7 +173,9 @@ def read_manifest(ref: CheckpointRef) -> Manifest:
     :param ref: the checkpoint.
     :return: its ``Manifest``. Raise ``CheckpointError`` when it is missing or unreadable, and
         ``StorageUnavailableError`` when the storage did not answer (retries included), which
-        says nothing about the checkpoint.
+        says nothing about the checkpoint. ``Manifest.from_json`` raises ``NewerManifestError``
+        (a ``ValueError``) for a manifest of a newer ckptkit: raise ``IncompatibleCheckpointError``
+        for it, as ``FileBackend`` does, and never delete such a checkpoint in ``prune``.
     """
 
 

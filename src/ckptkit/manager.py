@@ -912,7 +912,7 @@ class CheckpointManager:
                 try:
                     self.reader.verify(ref)
                     verified.add(ref.step)
-                except SKIPPABLE as exc:
+                except (*SKIPPABLE, IncompatibleCheckpointError) as exc:  # a newer ckptkit's: kept too
                     corrupt.append((ref, exc))
             deleted += self.router.checked_refs(name, "prune", self.router.call(
                 name, "prune", run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),

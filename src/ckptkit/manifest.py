@@ -90,6 +90,14 @@ class Manifest:
             if stored != _checksum(data):
                 raise ValueError("its checksum does not match its content (the manifest was changed "
                                  "or damaged after it was written)")
+            if data.get("format") not in _FORMATS or data.get("role", "resume") not in _ROLES:
+                # Intact, as its checksum shows: a kind of checkpoint a later ckptkit writes.
+                raise NewerManifestError(f"it is sealed intact but holds a {data.get('role')!r} checkpoint of "
+                                         f"format {data.get('format')!r}, which this ckptkit ({_version()}) "
+                                         "does not know")
+        elif type(version) is int and version > MANIFEST_VERSION:
+            raise NewerManifestError(f"its version is {version}, and this ckptkit ({_version()}) reads "
+                                     f"versions up to {MANIFEST_VERSION}")
         elif not (version == _UNSEALED_VERSION and "checksum" not in data):
             raise ValueError(f"unknown manifest version {version!r}")
         _check_fields(data)
@@ -124,6 +132,17 @@ class Manifest:
     def total_size(self) -> int:
         """The size of all files it lists, in bytes."""
         return sum(e.size for e in self.files.values())
+
+
+class NewerManifestError(ValueError):
+    """A manifest that a later ckptkit wrote (or one damaged to look so): what it commits must be
+    neither loaded nor skipped for an older step, nor pruned as damaged."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -28,13 +28,14 @@ from .errors import (
     CkptkitError,
     ConfigError,
     CorruptCheckpointError,
+    IncompatibleCheckpointError,
     PluginError,
     StorageFullError,
     StorageUnavailableError,
 )
 from .hashing import HashingWriter, hash_stream
 from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .plugins import make_plugin_manager
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
@@ -53,9 +54,11 @@ __all__ = [
     "FileBackend",
     "FileEntry",
     "HashingWriter",
+    "IncompatibleCheckpointError",
     "MANIFEST_NAME",
     "Manifest",
     "Multipart",
+    "NewerManifestError",
     "Payload",
     "PayloadFile",
     "PluginError",

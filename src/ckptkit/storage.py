@@ -30,10 +30,11 @@ from fsspec.asyn import AsyncFileSystem
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
-from .errors import BackendError, CheckpointError, StorageFullError, StorageUnavailableError
+from .errors import (BackendError, CheckpointError, IncompatibleCheckpointError, StorageFullError,
+                     StorageUnavailableError)
 from .hashing import HashingWriter, hash_pool
 from .hookspecs import hookimpl
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .redact import describe, redact
 from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .uploads import Multipart, PartWriter, StreamWriter
@@ -754,6 +755,10 @@ class FileBackend:
             raise StorageUnavailableError(self.name, str(exc)) from exc
         try:
             return Manifest.from_json(data)
+        except NewerManifestError as exc:
+            raise IncompatibleCheckpointError(
+                f"{self.uri(path)} was written by a newer ckptkit, or damaged to look so: {exc}. Upgrade ckptkit "
+                "to restore it, or restore(step=N) an older step; ckptkit deletes none of it") from None
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.uri(path)} is not a readable manifest: {exc}") from None
 
@@ -792,8 +797,9 @@ class FileBackend:
         with self._lock:
             self._committed_here[folder] = (len(data), manifest, _identity(written))
 
-    def _consistent(self, ref: CheckpointRef, listed: dict[str, Any] | None = None) -> bool:
-        """Do the sizes the listing saw agree with the manifest? (No bytes are read.)
+    def _consistent(self, ref: CheckpointRef, listed: dict[str, Any] | None = None) -> bool | None:
+        """Do the sizes the listing saw agree with the manifest? (No bytes are read.) None for a
+        checkpoint of a newer ckptkit, which is neither counted nor deleted.
 
         ``listed`` is the listing's entry for the manifest file: a manifest read before, whose
         entry still shows the same size, time and inode or etag, is not read again (the prune
@@ -820,6 +826,8 @@ class FileBackend:
         else:
             try:
                 manifest = self.read_manifest(ref)
+            except IncompatibleCheckpointError:
+                return None
             except CheckpointError:
                 return False
             if key is not None:
@@ -895,6 +903,8 @@ class FileBackend:
             else:
                 before = self._manifests.get(ref.path) if ref.path in self._own_manifests else None
             consistent = self._consistent(ref, entry)
+            if consistent is None:
+                continue
             after = self._manifests.get(ref.path)
             if before is not None and not ours and after is not None and after[0] != before[0] and (
                     _digests(after[1]) != _digests(before[1])):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ckptkit
-from ckptkit import CheckpointError, CheckpointManager, PublishError, SaveError
+from ckptkit import CheckpointError, CheckpointManager, IncompatibleCheckpointError, PublishError, SaveError
 from ckptkit.manager import FINAL_FILE, STATE_FILE
 from ckptkit.manifest import MANIFEST_NAME
 
@@ -940,3 +940,25 @@ def test_an_extra_object_the_checkpoint_holds_no_state_for_is_named_not_left_sil
         again.restore(model2, opt2, extra={"sched": other})
     assert other.last_epoch == 1
     again.close()
+
+
+def test_an_extra_object_that_refuses_its_state_is_named_and_a_bare_one_is_refused_first(tmp_path, pm):
+    """An EMA built around a compiled model, restored without compiling, raised torch's bare
+    "Error(s) in loading state_dict for AveragedModel" once the model and optimizer were loaded;
+    a scheduler passed as extra= itself failed there with "'StepLR' object has no attribute 'items'"."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with pytest.raises(TypeError, match=r"extra must map names to objects or values .* not a StepLR"):
+        ck.save(step=1, model=model, optimizer=opt, extra=sched)
+    ck.save(step=1, model=model, optimizer=opt, extra={"sched": sched, "ema": torch.nn.Linear(2, 2)})
+    model2, opt2 = make_model(seed=2)
+    before = [p.clone() for p in model2.parameters()]
+    with pytest.raises(TypeError, match=r"rank_extra must map names .* not a StepLR"):
+        ck.restore(model2, opt2, rank_extra=sched)
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters())), "refused before loading"
+    with pytest.raises(IncompatibleCheckpointError, match=r"extra\['ema'\] \(a Linear\) refused the state saved in "
+                                                          r".*step-0000000001: RuntimeError: Error\(s\) in loading "
+                                                          r"state_dict for Linear.*restore again once it fits"):
+        ck.restore(model2, opt2, extra={"sched": sched, "ema": torch.nn.Linear(3, 3)})
+    ck.close()

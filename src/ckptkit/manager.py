@@ -202,11 +202,21 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def _named(objects: Any, where: str) -> Mapping[str, Any] | None:
+    """``extra`` or ``rank_extra`` as given, refused before anything is saved or loaded unless a
+    mapping: a scheduler passed bare failed once the model and optimizer were loaded."""
+    if objects is None or isinstance(objects, Mapping):
+        return objects
+    raise TypeError(f"{where} must map names to objects or values ({where}={{'scheduler': scheduler}}), "
+                    f"not a {type(objects).__name__}")
+
+
 def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
     """Extra state as stored: objects with ``state_dict()`` give their state, the rest as is.
 
     Refused before anything is written when restore could not load it back safely.
     """
+    _named(extra, where)
     state = {}
     for key, value in (extra or {}).items():
         if not callable(getattr(value, "state_dict", None)):
@@ -235,17 +245,24 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any]) -> list[str]:
+def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: str, uri: str) -> list[str]:
     """Give objects with ``load_state_dict`` their saved state back, in place; return the keys
     of those the checkpoint holds no state for."""
     lacking = []
     for key, target in (targets or {}).items():
         if not callable(getattr(target, "load_state_dict", None)):
             continue
-        if key in saved:
-            target.load_state_dict(saved[key])
-        else:
+        if key not in saved:
             lacking.append(key)
+            continue
+        try:
+            target.load_state_dict(saved[key])
+        except Exception as exc:
+            raise IncompatibleCheckpointError(
+                f"{where}[{key!r}] (a {type(target).__name__}) refused the state saved in {uri}: "
+                f"{type(exc).__name__}: {fanout.first_line(exc)}. The model, the optimizer and the objects "
+                "before it are loaded already; restore again once it fits (it sets each of them again), or "
+                "build them anew") from exc
     return lacking
 
 
@@ -1085,6 +1102,7 @@ class CheckpointManager:
         """
         self._check_open()
         step = None if step is None else _count("step", step)
+        extra, rank_extra = _named(extra, "extra"), _named(rank_extra, "rank_extra")
         self.wait()
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")
@@ -1119,8 +1137,8 @@ class CheckpointManager:
             saved_extra, own, holders = loaded
             problem = None
             try:
-                lacking = _fill(extra, saved_extra)
-                lacking_own = _fill(rank_extra, own or {})
+                lacking = _fill(extra, saved_extra, "extra", ref.uri)
+                lacking_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
             except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
                 problem = exc
             # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,

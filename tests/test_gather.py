@@ -656,3 +656,21 @@ def test_an_optimizer_training_a_parameter_outside_the_model_is_refused_by_name(
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
         assert ck.restore(model=again, optimizer=again_opt).step == 1
     assert torch.equal(again.logit_scale, scale) and torch.equal(again.weight, model.weight)
+
+
+def test_a_cast_keeps_tied_weights_one_tensor(tmp_path):
+    """An embedding tied to the output head was cast once per key: the bfloat16 file held it twice,
+    no smaller than the float32 one."""
+    emb = torch.nn.Embedding(512, 256)
+    head = torch.nn.Linear(256, 512, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.Sequential(emb, head)
+    sd = model.state_dict()
+    cast = gather.cast(sd, "bfloat16")
+    assert cast["0.weight"] is cast["1.weight"] and cast["0.weight"].dtype == torch.bfloat16
+    torch.save(sd, tmp_path / "f32.pt")
+    torch.save(cast, tmp_path / "bf16.pt")
+    assert (tmp_path / "bf16.pt").stat().st_size < 0.6 * (tmp_path / "f32.pt").stat().st_size
+    # Views of one storage that differ are cast apart.
+    parts = gather.cast({"a": emb.weight[:10], "b": emb.weight[10:20]}, "bfloat16")
+    assert parts["a"] is not parts["b"] and torch.equal(parts["b"], emb.weight[10:20].detach().bfloat16())

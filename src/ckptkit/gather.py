@@ -529,7 +529,21 @@ def cast(sd: dict[str, Any], dtype: str | None) -> dict[str, Any]:
     if dtype is None:
         return sd
     target = DTYPES[dtype]
-    out = type(sd)((k, v.to(target) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items())
+    # A tensor under two keys (an embedding tied to the output head) is cast once and stays one
+    # tensor: torch.save writes a storage once, so the tie keeps the cast file at half the size.
+    done: dict[tuple, torch.Tensor] = {}
+
+    def one(v: Any) -> Any:
+        if not (torch.is_tensor(v) and v.is_floating_point()):
+            return v
+        if type(v) is not torch.Tensor:  # a subclass (a DTensor) may have no storage of its own to key by
+            return v.to(target)
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if key not in done:
+            done[key] = v.to(target)
+        return done[key]
+
+    out = type(sd)((k, one(v)) for k, v in sd.items())
     if hasattr(sd, "_metadata"):  # the module versions that load_state_dict converts by
         out._metadata = sd._metadata
     return out

@@ -1155,10 +1155,12 @@ class CheckpointManager:
                               f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)
             missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
             if missing and (rank_extra is not None or holders) and ranks.rank() == 0:
-                warnings.warn(f"rank_extra: ranks {', '.join(map(str, missing))} of {ranks.world_size()} got no saved "
-                              f"state from {ref.uri} (it holds the state of ranks "
-                              f"{', '.join(map(str, sorted(holders))) or 'none'}); they keep what they have",
-                              RuntimeWarning, stacklevel=2)
+                who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}")
+                held = (f"it holds the state of ranks {', '.join(map(str, sorted(holders)))}" if holders else
+                        "it holds none: it was saved without rank_extra")
+                keep = "it keeps what it has" if len(missing) == 1 else "they keep what they have"
+                warnings.warn(f"rank_extra: {who} of {ranks.world_size()} got no saved state from {ref.uri} ({held}); "
+                              f"{keep}", RuntimeWarning, stacklevel=2)
             unclaimed = sorted(r for r in holders if r >= ranks.world_size())
             if unclaimed and ranks.rank() == 0:
                 warnings.warn(f"rank_extra: the state that ranks {', '.join(map(str, unclaimed))} saved in {ref.uri} "

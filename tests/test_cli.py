@@ -108,7 +108,8 @@ def test_ls_hides_checkpoint_whose_files_disagree(capsys, config_file, saved):
 
 def test_a_checkpoint_of_a_newer_ckptkit_is_named_by_ls_verify_and_prune_and_kept(capsys, config_file, saved):
     manifest = saved / "step-0000000003" / "manifest.json"
-    manifest.write_bytes(manifest.read_bytes().replace(b'"version": 2', b'"version": 3'))
+    later = re.sub(rb'"ckptkit_version": "[^"]*"', b'"ckptkit_version": "99.0.0"', manifest.read_bytes())
+    manifest.write_bytes(later.replace(b'"version": 2', b'"version": 3'))
     code, out, err = run(capsys, "ls", str(config_file), "--json")
     assert [r["step"] for r in json.loads(out)] == [2, 1, 0]
     assert "warning: " in err and "step-0000000003/manifest.json was written by a newer ckptkit" in err

@@ -671,6 +671,8 @@ def test_a_cast_keeps_tied_weights_one_tensor(tmp_path):
     torch.save(sd, tmp_path / "f32.pt")
     torch.save(cast, tmp_path / "bf16.pt")
     assert (tmp_path / "bf16.pt").stat().st_size < 0.6 * (tmp_path / "f32.pt").stat().st_size
+    params = gather.cast(model.state_dict(keep_vars=True), "bfloat16")
+    assert params["0.weight"] is params["1.weight"]
     # Views of one storage that differ are cast apart.
     parts = gather.cast({"a": emb.weight[:10], "b": emb.weight[10:20]}, "bfloat16")
     assert parts["a"] is not parts["b"] and torch.equal(parts["b"], emb.weight[10:20].detach().bfloat16())

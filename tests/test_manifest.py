@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 
@@ -109,8 +110,14 @@ def test_restore_skips_such_a_manifest_for_the_checkpoint_before(tmp_path, pm, c
     assert any("skipped" in str(w.message) and "step-0000000002" in str(w.message) for w in caught)
 
 
+def _later_release(text: bytes) -> bytes:
+    """``text`` as a later ckptkit's manifest: a later version, written by a later release."""
+    text = re.sub(rb'"ckptkit_version": "[^"]*"', b'"ckptkit_version": "99.0.0"', text)
+    return text.replace(b'"version": 2', b'"version": 3')
+
+
 NEWER = {
-    "a later version": lambda text: text.replace(b'"version": 2', b'"version": 3'),
+    "a later version": _later_release,
     "a format sealed intact": lambda text: _sealed({**json.loads(text), "format": "torch2"}),
     "a role sealed intact": lambda text: _sealed({**json.loads(text), "role": "archive"}),
 }
@@ -141,7 +148,7 @@ def test_a_checkpoint_of_a_newer_ckptkit_is_refused_by_restore_and_kept_by_prune
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model2, opt2 = make_model(seed=1)
     with pytest.raises(IncompatibleCheckpointError, match=r"step-0000000002/manifest.json was written by a newer "
-                                                          r"ckptkit, or damaged to look so: .*Upgrade ckptkit"):
+                                                          r"ckptkit: .*Upgrade ckptkit"):
         ck.restore(model=model2, optimizer=opt2)
     assert ck.restore(model=model2, optimizer=opt2, step=1).step == 1
     ck.close()
@@ -150,3 +157,41 @@ def test_a_checkpoint_of_a_newer_ckptkit_is_refused_by_restore_and_kept_by_prune
     backend.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False, counted_steps=None)
     assert path.read_bytes() == changed, "neither deleted nor counted: step 1 is the one kept"
     assert (tmp_path / "scratch/exp/step-0000000001/manifest.json").exists()
+
+
+def test_a_version_number_changed_by_one_bit_is_damage_not_a_newer_ckptkit(tmp_path, pm):
+    """'2' and '3' differ by one bit, and the version is not under the seal a reader checks:
+    taken for a newer ckptkit's, it stopped the restore, which the copy before could serve."""
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    path = tmp_path / "scratch/exp/step-0000000002/manifest.json"
+    path.write_bytes(path.read_bytes().replace(b'"version": 2', b'"version": 3'))
+    with pytest.raises(ValueError, match="unknown manifest version 3") as info:
+        Manifest.from_json(path.read_bytes())
+    assert not isinstance(info.value, NewerManifestError)
+    with pytest.warns(RuntimeWarning, match=r"skipped .*step-0000000002.*unknown manifest version 3"):
+        assert ck.restore(model=model, optimizer=opt).step == 1
+    ck.close()
+
+
+def test_keep_best_prunes_on_beside_a_checkpoint_of_a_newer_ckptkit(tmp_path, pm):
+    """keep_best reads each checkpoint's metrics: one it cannot read, a newer ckptkit's among
+    them, is left out of the ranking, not a failure of every prune (the disk filled up)."""
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["roles"]["resume"]["keep_best"] = {"metric": "loss", "mode": "min"}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=1, model=model, optimizer=opt, metrics={"loss": 0.1})
+    ck.close()
+    path = tmp_path / "scratch/exp/step-0000000001/manifest.json"
+    path.write_bytes(_later_release(path.read_bytes()))
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    for step in range(2, 8):
+        ck.save(step=step, model=model, optimizer=opt, metrics={"loss": 1.0 / step}, force=True)
+    ck.close()
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(tmp_path / "scratch/exp") if n.startswith("step-"))
+    assert steps == [1, 6, 7], "step 1 kept (a newer ckptkit's), the best and newest of the others kept"

@@ -98,6 +98,43 @@ def test_a_training_restarted_at_every_save_still_keeps_only_keep_last(tmp_path,
     assert _steps(tmp_path) == [4, 5, 6]
 
 
+class _LateLister(LocalBackend):
+    """Local disk whose first listing misses the newest step, as one made just before a trainer
+    committed it does."""
+
+    listings = 0
+
+    @hookimpl
+    def list_checkpoints(self, run_name):
+        _LateLister.listings += 1
+        refs = super().list_checkpoints(run_name=run_name)
+        return [r for r in refs if r.step < 3] if _LateLister.listings == 1 else refs
+
+
+def test_steps_a_restore_skipped_do_not_count_though_older_than_the_one_restored(tmp_path, pm):
+    """Steps 1 and 2 were skipped as damaged, then a new listing gave step 3: the two lie below
+    the restored step, yet are known damaged, and must not count toward keep_last."""
+    cfg = local_config(tmp_path, final=False, keep=3)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2, 3):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    for step in (1, 2):
+        _corrupt(tmp_path / f"scratch/exp/step-000000000{step}/state.pt")
+    late = make_plugin_manager(autoload=False)
+    late.add_backend_type("late", _LateLister)
+    cfg["backends"]["scratch"]["type"] = "late"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=late)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert ck.restore(model, opt).step == 3
+    ck.save(step=4, model=model, optimizer=opt)
+    ck.close()
+    assert _LateLister.listings >= 2
+    # Counted: 3 (restored) and 4 (written), fewer than keep_last: the damaged ones stay.
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
 def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_path, pm):
     cfg = local_config(tmp_path, final=False)
     cfg["backends"]["scratch"]["leftover_grace_s"] = 60

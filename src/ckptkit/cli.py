@@ -279,8 +279,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             _fail(f"{len(unverified)} of {len(rows)} checkpoints could not be read, the storage did not answer: "
                   "they are not known to be damaged; verify them again once it answers")
         if newer:
-            _fail(f"{len(newer)} of {len(rows)} checkpoints were written by a newer ckptkit (or damaged to look so): "
-                  "upgrade ckptkit to verify them")
+            _fail(f"{len(newer)} of {len(rows)} checkpoints were written by a newer ckptkit: upgrade ckptkit to "
+                  "verify them")
         if unreachable:
             _fail("; ".join(str(e) for e in unreachable.values()) + "; its checkpoints were not verified")
         return 1 if corrupt or unverified or newer or unreachable else 0

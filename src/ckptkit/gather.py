@@ -536,7 +536,7 @@ def cast(sd: dict[str, Any], dtype: str | None) -> dict[str, Any]:
     def one(v: Any) -> Any:
         if not (torch.is_tensor(v) and v.is_floating_point()):
             return v
-        if type(v) is not torch.Tensor:  # a subclass (a DTensor) may have no storage of its own to key by
+        if type(v) not in (torch.Tensor, torch.nn.Parameter):  # a DTensor has no storage of its own to key by
             return v.to(target)
         key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
         if key not in done:

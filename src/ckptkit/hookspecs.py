@@ -206,11 +206,11 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
     :param keep_last: how many committed checkpoints to keep, at least 1.
     :param protected_steps: steps that must survive (the save just made, ``keep_best``).
     :param dry_run: when true, report what would be deleted and delete nothing.
-    :param counted_steps: None, or the steps known to be intact: the manager passes the steps
-        it wrote (checksummed while written), the one it verified when it restored and those
-        older than that one (which only push out older ones still); ``ckptkit prune``
-        passes the steps it has just verified by reading every byte. A checkpoint damaged
-        after its commit must not push intact ones out of ``keep_last``, so only these steps
+    :param counted_steps: None, or the steps taken for intact: the manager passes the steps it
+        wrote (checksummed while written), the one it verified when it restored and the older
+        ones that restore did not skip; ``ckptkit prune`` passes the steps it has just verified
+        by reading every byte. A checkpoint found damaged after its commit must not push intact
+        ones out of ``keep_last``, so only these steps
         count toward it. A committed checkpoint newer than the oldest counted one that is kept
         is never deleted, and when fewer than ``keep_last`` counted checkpoints exist, nothing
         is deleted but leftovers, so a run is never left without a checkpoint that verifies.

@@ -203,8 +203,8 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _named(objects: Any, where: str) -> Mapping[str, Any] | None:
-    """``extra`` or ``rank_extra`` as given, refused before anything is saved or loaded unless a
-    mapping: a scheduler passed bare failed once the model and optimizer were loaded."""
+    """``extra`` or ``rank_extra`` as given, refused unless a mapping, before anything is saved
+    or loaded: restore fills the model and optimizer before these objects."""
     if objects is None or isinstance(objects, Mapping):
         return objects
     raise TypeError(f"{where} must map names to objects or values ({where}={{'scheduler': scheduler}}), "
@@ -401,10 +401,11 @@ class CheckpointManager:
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
         # The steps that count toward keep_last when pruning after a save: those hashed while
-        # this manager wrote them, the one verified when restored, and those older than it (once
-        # their sizes agree with their manifests). A damaged checkpoint newer than an intact one
-        # must not push it out, but the older ones of an earlier process must go: a training
-        # restarted more often than every keep_last saves would otherwise never prune.
+        # this manager wrote them, the one verified when restored, and those older than it that
+        # restore did not skip (once their sizes agree with their manifests, as for the ones
+        # written here: nothing reads those again either). A checkpoint found damaged must not
+        # push an intact one out; the older ones of earlier processes must go, or a training
+        # restarted more often than every keep_last saves keeps them all.
         self._counted: set[int] = set()
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
@@ -972,7 +973,7 @@ class CheckpointManager:
             if ref.step not in self._metrics:
                 try:
                     self._metrics[ref.step] = dict(self.reader.manifest(ref).metrics)
-                except reading.SKIPPABLE as exc:
+                except (*reading.SKIPPABLE, IncompatibleCheckpointError) as exc:
                     log.warning("keep_best: could not read the metrics of %s: %s", ref.uri, exc)
         listed = {r.step for r in refs}
         return keep_best.best({s: m for s, m in self._metrics.items() if s in listed})
@@ -1102,7 +1103,12 @@ class CheckpointManager:
         """
         self._check_open()
         step = None if step is None else _count("step", step)
-        extra, rank_extra = _named(extra, "extra"), _named(rank_extra, "rank_extra")
+        problem = None
+        try:
+            extra, rank_extra = _named(extra, "extra"), _named(rank_extra, "rank_extra")
+        except TypeError as exc:
+            problem = exc
+        self.coll.agree("restore: arguments", problem)  # raised on every rank, or the others would wait
         self.wait()
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")
@@ -1111,6 +1117,7 @@ class CheckpointManager:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
+        passed: set[int] = set()  # the steps skipped, damaged or unread: never counted toward keep_last
         for ref in _tries(self.reader, candidates, unreachable, step, lambda: self._listing("restore: list again")):
             status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
             if status == "ok" and manifest.format == FILES_FORMAT:
@@ -1130,6 +1137,7 @@ class CheckpointManager:
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
+                passed.add(ref.step)
                 if isinstance(problem, StorageUnavailableError):
                     silent.append(ref.backend)
                 continue
@@ -1170,7 +1178,8 @@ class CheckpointManager:
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
             self._tracking_run_id()
-            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step)})
+            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
+                                                   and r.step not in passed)})
             # Newer steps the listing showed were skipped as damaged: they are no other training's.
             self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
             self._last_step = manifest.step
@@ -1682,6 +1691,7 @@ class CheckpointManager:
         candidates, unreachable = self._listing("restore_files: list")
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
+        passed: set[int] = set()  # as in restore
         for ref in _tries(self.reader, candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
             status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
                                                 os.fspath(dest))
@@ -1692,6 +1702,7 @@ class CheckpointManager:
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
+                passed.add(ref.step)
                 if isinstance(result, StorageUnavailableError):
                     silent.append(ref.backend)
                 continue
@@ -1700,7 +1711,8 @@ class CheckpointManager:
             self._resumed_run_id = manifest.mlflow_run_id
             self.mlflow_run_id = None
             self._tracking_run_id()
-            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step)})
+            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
+                                                   and r.step not in passed)})
             self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
             self._last_step = manifest.step
             self._rolled_back = None

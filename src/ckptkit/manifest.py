@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from typing import Any
 
 import attrs
@@ -95,9 +96,10 @@ class Manifest:
                 raise NewerManifestError(f"it is sealed intact but holds a {data.get('role')!r} checkpoint of "
                                          f"format {data.get('format')!r}, which this ckptkit ({_version()}) "
                                          "does not know")
-        elif type(version) is int and version > MANIFEST_VERSION:
-            raise NewerManifestError(f"its version is {version}, and this ckptkit ({_version()}) reads "
-                                     f"versions up to {MANIFEST_VERSION}")
+        elif type(version) is int and version > MANIFEST_VERSION and _later(data.get("ckptkit_version")):
+            # Unsealed for this reader: told from a flipped bit by the release that wrote it.
+            raise NewerManifestError(f"its version is {version}, from ckptkit {data['ckptkit_version']}, and this "
+                                     f"ckptkit ({_version()}) reads versions up to {MANIFEST_VERSION}")
         elif not (version == _UNSEALED_VERSION and "checksum" not in data):
             raise ValueError(f"unknown manifest version {version!r}")
         _check_fields(data)
@@ -143,6 +145,17 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def _release(text: Any) -> tuple[int, ...] | None:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text) if isinstance(text, str) else None
+    return tuple(int(n or 0) for n in match.groups()) if match else None
+
+
+def _later(text: Any) -> bool:
+    """Whether ``text`` names a ckptkit release later than this one."""
+    theirs, ours = _release(text), _release(_version())
+    return theirs is not None and ours is not None and theirs > ours
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

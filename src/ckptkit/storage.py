@@ -757,8 +757,9 @@ class FileBackend:
             return Manifest.from_json(data)
         except NewerManifestError as exc:
             raise IncompatibleCheckpointError(
-                f"{self.uri(path)} was written by a newer ckptkit, or damaged to look so: {exc}. Upgrade ckptkit "
-                "to restore it, or restore(step=N) an older step; ckptkit deletes none of it") from None
+                f"{self.uri(path)} was written by a newer ckptkit: {exc}. Upgrade ckptkit to restore it (to go "
+                "on from an older step with this one, restore(step=N) it and save under a new run name); "
+                "ckptkit deletes none of it") from None
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.uri(path)} is not a readable manifest: {exc}") from None
 

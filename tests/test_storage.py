@@ -786,3 +786,28 @@ def test_a_reader_that_cannot_put_a_copy_back_waits_for_its_commit_once(tmp_path
     assert len(waits) == 1
     monkeypatch.setattr(ckptkit.local.os, "rename", real_rename)
     assert [r.step for r in reader.list_checkpoints(run_name="r")] == [5]  # put back once it may
+
+
+def test_a_root_that_reads_as_a_pattern_deletes_nothing_of_other_roots():
+    """fsspec's rm takes a path holding '[' for a pattern: a prune under /runs[12] deleted the
+    checkpoints of /runs1 (found against a real S3 server, whose prefixes are now refused)."""
+    fs = MemoryFileSystem()  # one store for the whole process: these roots are removed at the end
+    other, patterned = FileBackend("other", fs, "/runs1"), FileBackend("patterned", fs, "/runs[12]")
+
+    def payload(step: int) -> Payload:
+        return Payload(run_name="exp", step=step, epoch=None, format="torch",
+                       files=(PayloadFile("state.pt", write=lambda f: f.write(b"x" * 100)),))
+
+    try:
+        for step in (1, 2):
+            other.save_resume(run_name="exp", step=step, payload=payload(step))
+            patterned.save_resume(run_name="exp", step=step, payload=payload(step))
+        with pytest.raises(BackendError, match=r"will not delete .*runs\[12\]/exp/step-0000000001.*pattern"):
+            patterned.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                            counted_steps=None)
+        assert sorted(fs.find("/runs1")) == [f"/runs1/exp/{step_dirname(s)}/{n}" for s in (1, 2)
+                                             for n in ("manifest.json", "state.pt")]
+    finally:
+        for key in [k for k in fs.store if k.startswith(("/runs1", "/runs[12]"))]:
+            del fs.store[key]
+        fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(("/runs1", "/runs[12]"))]

@@ -37,6 +37,10 @@ def parse_bucket_uri(key: str, value: Any, scheme: str) -> tuple[str, str]:
     if "?" in rest or "#" in rest:
         raise ConfigError(f"{key}: {scheme}:// URIs take no query or fragment; put client settings "
                           "under storage_options")
+    if any(c in rest for c in "*[]"):
+        # The store's client takes them for a pattern: a prune would match other prefixes' files.
+        raise ConfigError(f"{key}: {shown!r} holds '*', '[' or ']', which {scheme}:// clients take for a "
+                          "pattern when deleting; choose a path without them")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ConfigError(f"{key}: {shown!r} names no bucket; write it like {example}")

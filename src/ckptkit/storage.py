@@ -551,7 +551,7 @@ class FileBackend:
                 self._call(f"deleting {self.uri(manifest)}", self.fs.rm_file, manifest)
             self.fs.invalidate_cache(path)
             if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
+                self._remove_tree(path)
         except Exception as exc:
             # What is left has no manifest; prune removes it after the grace period.
             log.warning("backend %r: could not clean up %s: %s", self.name, self.uri(path),
@@ -849,7 +849,16 @@ class FileBackend:
         manifest = posixpath.join(path, MANIFEST_NAME)
         if self._call(f"checking {self.uri(manifest)}", self.fs.exists, manifest):
             self._call(f"deleting {self.uri(manifest)}", self.fs.rm_file, manifest)
-        self._call(f"deleting {self.uri(path)}", self.fs.rm, path, recursive=True)
+        self._call(f"deleting {self.uri(path)}", self._remove_tree, path)
+
+    def _remove_tree(self, path: str) -> None:
+        """Delete the folder ``path`` and all in it. fsspec's ``rm`` takes a path holding ``*``,
+        ``?`` or ``[`` for a pattern, which can match other runs' folders: refused instead."""
+        if any(c in path for c in "*?["):
+            raise BackendError(self.name, f"will not delete {self.uri(path)}: its path holds '*', '?' or '[', "
+                                          "which the store's client takes for a pattern that can match other "
+                                          "folders; nothing was deleted. Give the backend a path without them")
+        self.fs.rm(path, recursive=True)
 
     def _leftovers(self, run_name: str, listing: dict[str, _Folder] | None = None
                    ) -> list[tuple[str, float | None]]:

@@ -40,6 +40,7 @@ def keys(endpoint: str, path: str) -> list[str]:
     ("s3://bucket/x", "has scheme s3://"),
     ("gs://", "names no bucket"),
     ("gs://UPPER/x", "is not a valid bucket name"),
+    ("gs://bucket/team[12]", "which gs:// clients take for a pattern"),
     ("bucket/x", "is not a gs:// URI"),
 ])
 def test_malformed_path_is_a_config_error_naming_the_key(pm, path, message):

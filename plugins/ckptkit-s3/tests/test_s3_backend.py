@@ -55,6 +55,8 @@ def keys(fs: s3fs.S3FileSystem, path: str) -> list[str]:
     ("s3://Bad_Bucket!/x", "is not a valid bucket name"),
     ("s3://bucket/a/../b", "'..' segments"),
     ("s3://bucket/x?versionId=1", "no query"),
+    ("s3://bucket/team[12]", "which s3:// clients take for a pattern"),
+    ("s3://bucket/t*", "which s3:// clients take for a pattern"),
     (42, "must be a s3:// URI"),
 ])
 def test_malformed_path_is_a_config_error_naming_the_key(pm, path, message):

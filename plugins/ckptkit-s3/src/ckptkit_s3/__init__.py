@@ -269,8 +269,8 @@ class S3Backend(FileBackend):
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
         names = None if names is None else list(names)
         # s3fs's rm takes keys with * ? [ as glob patterns: a file named like one would stay
-        # behind, so such a folder is listed and deleted whole.
-        if names is None or any(c in name for name in names for c in "*?["):
+        # behind, so such a folder is listed and deleted whole (a path holding one is refused).
+        if names is None or any(c in key for key in (path, *names) for c in "*?["):
             return super()._delete(path)
         # Two requests where a recursive delete takes four: S3 answers the deletion of a
         # missing key with success, so the manifest is not asked for first, and the files the

@@ -59,6 +59,7 @@ def test_from_file_matches_dict(tmp_path):
         (lambda c: c["backends"]["scratch"].pop("type"), "backends.scratch.type: required key is missing"),
         (lambda c: c.update(run_name="../escape"), "run_name: '../escape' is not a valid run name"),
         (lambda c: c.update(run_name="a/b"), "run_name"),
+        (lambda c: c.update(run_name="exp\n"), "run_name: 'exp\\n' is not a valid run name"),
     ],
 )
 def test_bad_config_names_the_key(mutate, message):
@@ -132,9 +133,12 @@ def test_unknown_documented_type_gives_install_hint(pm):
         CheckpointManager.from_config(cfg, plugin_manager=pm)
 
 
-def test_run_name_argument_is_checked_too(pm):
+@pytest.mark.parametrize("name", ["../../etc", "exp\n", ""])
+def test_run_name_argument_is_checked_too(pm, name):
+    """A trailing newline passed a check that ended in '$'; an empty name (--run-name "$UNSET")
+    was taken for the config's own."""
     with pytest.raises(ConfigError, match="run_name"):
-        CheckpointManager.from_config(base(), run_name="../../etc", plugin_manager=pm)
+        CheckpointManager.from_config(base(), run_name=name, plugin_manager=pm)
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,27 @@ def test_steps_a_restore_skipped_do_not_count_though_older_than_the_one_restored
     assert _steps(tmp_path) == [1, 2, 3, 4]
 
 
+def test_folders_named_like_steps_but_not_as_ckptkit_names_them_are_left_alone(tmp_path, pm):
+    """A trainer's own step-1000/ in the run folder was deleted as a leftover, and a step-²/
+    (a digit to str.isdigit, not to int) made every listing of the run fail."""
+    cfg = local_config(tmp_path, final=False, keep=1)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 60
+    run = tmp_path / "scratch/exp"
+    for name in ("step-1000", "step-\u00b2", "step-00000000001"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.pt").write_bytes(b"the trainer's own")
+        for path in (run / name, run / name / "model.pt"):
+            os.utime(path, (time.time() - 7200, time.time() - 7200))
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        model, opt = make_model()
+        assert ck.restore(model, opt) is None
+        for step in (1, 2):
+            ck.save(step=step, model=model, optimizer=opt)
+        ck.wait()
+        assert [r.step for r in ck.list_checkpoints()] == [2]
+    assert sorted(os.listdir(run)) == sorted(["step-0000000002", "step-00000000001", "step-1000", "step-\u00b2"])
+
+
 def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_path, pm):
     cfg = local_config(tmp_path, final=False)
     cfg["backends"]["scratch"]["leftover_grace_s"] = 60

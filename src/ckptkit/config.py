@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .redact import masked
 from .roles import Role
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMATS = ("torch", "dcp")
 ASYNC_COPIES = ("blocking", "background")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -51,10 +51,10 @@ def check_number(key: str, value: Any, minimum: float, integer: bool = False) ->
 
 def check_run_name(name: Any, key: str = "run_name") -> str:
     """A run name becomes a folder under each backend's root: keep it one plain path segment."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ConfigError(
-            f"{key}: {name!r} is not a valid run name; use ASCII letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit, with no '/' and no '..'"
+            f"{key}: {name!r} is not a valid run name; use 1 to 128 ASCII letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit, with no '/' and no '..'"
         )
     return name
 
@@ -81,7 +81,7 @@ class BackendSpec:
     @classmethod
     def from_dict(cls, name: str, data: Any) -> BackendSpec:
         key = f"backends.{name}"
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(f"{key}: backend names use ASCII letters, digits, '.', '_' and '-'")
         data = _mapping(key, data)
         btype = data.get("type")

@@ -447,7 +447,9 @@ class CheckpointManager:
         if config.resume is not None and config.resume.async_ and config.resume.format != "torch":
             raise ConfigError("roles.resume.async: asynchronous saving works with format: torch; "
                               "sharded (dcp) saves are synchronous, so set async: false")
-        name = check_run_name(run_name, "run_name") if run_name else (config.run_name or DEFAULT_RUN_NAME)
+        # An empty name (--run-name "$UNSET") is refused, not taken for "the config's".
+        name = (check_run_name(run_name, "run_name") if run_name is not None
+                else config.run_name or DEFAULT_RUN_NAME)
         pm = plugin_manager or make_plugin_manager()
         router = Router(pm, config)
         try:

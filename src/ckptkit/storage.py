@@ -69,7 +69,10 @@ def parse_step(dirname: str) -> int | None:
     if not dirname.startswith(STEP_PREFIX):
         return None
     digits = dirname[len(STEP_PREFIX):]
-    return int(digits) if digits.isdigit() else None
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    # Only the names step_dirname gives: a trainer's own step-1000 folder is not ckptkit's to prune.
+    return int(digits) if step_dirname(int(digits)) == dirname else None
 
 
 def written_by_ckptkit(dirname: str) -> bool:

@@ -811,3 +811,15 @@ def test_a_root_that_reads_as_a_pattern_deletes_nothing_of_other_roots():
         for key in [k for k in fs.store if k.startswith(("/runs1", "/runs[12]"))]:
             del fs.store[key]
         fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(("/runs1", "/runs[12]"))]
+
+
+def test_a_root_that_is_a_file_is_no_empty_run(tmp_path, pm):
+    """A file where the root folder should be listed as a run with nothing in it: restore returned
+    None and training started from step 0, until the first save failed."""
+    (tmp_path / "ckpts").write_text("not a folder")
+    cfg = {"run_name": "exp", "backends": {"disk": {"type": "local", "path": str(tmp_path / "ckpts")}},
+           "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": 2}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(StorageUnavailableError, match=r"ckpts/exp: NotADirectoryError: .*a file stands where a "
+                                                          r"folder of this path should be"):
+            ck.restore(torch.nn.Linear(2, 2))

@@ -500,9 +500,16 @@ class LocalBackend(FileBackend):
             folder = pending.pop()
             try:
                 entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
+            except NotADirectoryError:
                 if folder == path:
-                    raise FileNotFoundError(path) from None
+                    # A file where the root or the run's folder should be: no empty run, which
+                    # restore would take for nothing to resume.
+                    raise NotADirectoryError(errno.ENOTDIR, "a file stands where a folder of this path should be",
+                                             path) from None
+                continue
+            except FileNotFoundError:
+                if folder == path:
+                    raise
                 continue  # removed while listing, as a prune or a commit's rename does
             for entry in entries:
                 try:

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterator
@@ -322,9 +323,8 @@ def _create_sqlite_whole(uri: str) -> None:
             if entry.name.startswith(f".{name}.creating-") and time.time() - entry.stat().st_mtime > _SCRATCH_DB_AGE_S:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-        fd, scratch = tempfile.mkstemp(prefix=f".{name}.creating-", dir=folder)
-        os.close(fd)
-        os.unlink(scratch)  # MLflow makes its tables only in a database that is new
+        # A name no one else takes, and no file yet: MLflow makes its tables only in a new database.
+        scratch = os.path.join(folder, f".{name}.creating-{uuid.uuid4().hex[:12]}")
         scratch_uri = "sqlite:///" + urllib.parse.quote(scratch)
         client = MlflowClient(tracking_uri=scratch_uri, registry_uri=scratch_uri)
         client.search_experiments(max_results=1)  # the tracking tables

@@ -144,6 +144,17 @@ def test_prune_keep_last_zero_is_refused_not_replaced_by_config(capsys, config_f
     assert len(os.listdir(saved)) == 4
 
 
+@pytest.mark.parametrize("step", [[], ["--step", "1"]])
+def test_export_into_a_checkpoint_it_would_damage_is_refused(capsys, config_file, saved, step):
+    """--out at a checkpoint's state.pt replaced it, and that checkpoint then failed verification."""
+    target = saved / "step-0000000003" / "state.pt"
+    before = target.read_bytes()
+    code, _, err = run(capsys, "export", str(config_file), "--out", str(target), *step)
+    assert code == 1 and "lies inside checkpoint" in err and "step-0000000003" in err
+    assert target.read_bytes() == before
+    assert run(capsys, "verify", str(config_file))[0] == 0
+
+
 def test_export_to_a_bad_path_exits_1_with_one_line(capsys, config_file, saved, tmp_path):
     for out in (str(tmp_path / "missing" / "model.pt"), str(tmp_path)):
         code, _, err = run(capsys, "export", str(config_file), "--out", out)

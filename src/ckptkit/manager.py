@@ -1603,7 +1603,15 @@ class CheckpointManager:
         written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
         """
         self._check_open()
-        for ref in self.list_checkpoints(step=step):
+        refs = self.list_checkpoints(step=step)
+        target = os.path.realpath(os.fspath(out))
+        for ref in self.list_checkpoints() if step is not None else refs:
+            folder = os.path.realpath(ref.local_dir) if ref.local_dir else None
+            if folder is not None and os.path.commonpath([folder, target]) == folder:
+                # Replacing a file there would damage that checkpoint (its checksum no longer matches).
+                raise CkptkitError(f"export: {os.fspath(out)} lies inside checkpoint {ref.uri}; write the model "
+                                   "file outside the backends' step folders")
+        for ref in refs:
             try:
                 manifest = self.reader.manifest(ref)
                 if manifest.format == FILES_FORMAT:

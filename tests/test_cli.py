@@ -123,6 +123,17 @@ def test_a_checkpoint_of_a_newer_ckptkit_is_named_by_ls_verify_and_prune_and_kep
     assert sorted(os.listdir(saved)) == ["step-0000000002", "step-0000000003"]
 
 
+def test_ls_hides_a_manifest_that_says_another_step_than_its_folder(capsys, config_file, saved):
+    """ls showed step 9 for the manifest of step-0000000003 edited to say so; restore refused it."""
+    manifest = saved / "step-0000000003" / "manifest.json"
+    data = json.loads(manifest.read_bytes())
+    data.pop("checksum"), data.pop("version")
+    data["step"] = 9
+    manifest.write_text(json.dumps(data))  # an unsealed (version 1) manifest: nothing else to forge
+    code, out, _ = run(capsys, "ls", str(config_file), "--json")
+    assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 1, 0]
+
+
 def test_prune_dry_run_then_for_real(capsys, config_file, saved):
     code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "1", "--dry-run", "--json")
     data = json.loads(out)

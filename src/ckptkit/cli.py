@@ -195,7 +195,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         refs, unreachable = ck.reader.list_all()
         for ref in refs:
             try:
-                m = ck.router.call(ref.backend, "read_manifest", ref=ref)
+                m = ck.reader.manifest(ref)  # checked to lie where it says it belongs, as restore checks it
             except IncompatibleCheckpointError as exc:  # a newer ckptkit's: not listed, but not hidden
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=1)
                 continue

@@ -127,8 +127,8 @@ def test_ls_hides_a_manifest_that_says_another_step_than_its_folder(capsys, conf
     """ls showed step 9 for the manifest of step-0000000003 edited to say so; restore refused it."""
     manifest = saved / "step-0000000003" / "manifest.json"
     data = json.loads(manifest.read_bytes())
-    data.pop("checksum"), data.pop("version")
-    data["step"] = 9
+    data.pop("checksum")
+    data.update(version=1, step=9)
     manifest.write_text(json.dumps(data))  # an unsealed (version 1) manifest: nothing else to forge
     code, out, _ = run(capsys, "ls", str(config_file), "--json")
     assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 1, 0]

@@ -146,6 +146,26 @@ def test_save_restore_and_prune_through_a_checkpoint_manager(pm, webdav_server, 
     assert_same_state(fresh.state_dict(), model.state_dict())
 
 
+def test_a_root_holding_brackets_is_pruned_whole(pm, webdav_server, password):
+    """webdav4 deletes a folder by its name, but fsspec's rm would take '[' for a pattern: refused
+    there, every pruned step lost its manifest and kept its state.pt for good."""
+    cfg = {"run_name": "exp",
+           "backends": {"dav": {"type": "webdav", **options(webdav_server),
+                                "path": f"{webdav_server}/team%5B1%5D-{uuid.uuid4().hex[:8]}"}},
+           "roles": {"resume": {"backends": ["dav"], "every_n_steps": 1, "keep_last": 2}}}
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        for step in range(4):
+            ck.save(step=step, model=model, optimizer=opt)
+        ck.wait()
+        backend = ck.router.instances["dav"]
+        assert "[" in backend.root
+        run = backend.run_path("exp")
+        backend.fs.invalidate_cache()
+        left = sorted(p[len(run) + 1:] for p in backend.fs.find(run))
+    assert left == [f"step-000000000{s}/{n}" for s in (2, 3) for n in ("manifest.json", "state.pt")]
+
+
 def test_a_dcp_step_saved_again_on_a_store_whose_copy_will_not_replace_a_file(pm, webdav_server, password):
     """WebDAV's COPY refuses to overwrite: the shards staged beside the committed step are then
     copied in after its files go, and the step holds the new weights; nothing is marked damaged

@@ -790,7 +790,8 @@ def test_a_reader_that_cannot_put_a_copy_back_waits_for_its_commit_once(tmp_path
 
 def test_a_root_that_reads_as_a_pattern_deletes_nothing_of_other_roots():
     """fsspec's rm takes a path holding '[' for a pattern: a prune under /runs[12] deleted the
-    checkpoints of /runs1 (found against a real S3 server, whose prefixes are now refused)."""
+    checkpoints of /runs1 (found against a real S3 server, whose prefixes are now refused), and
+    left its own."""
     fs = MemoryFileSystem()  # one store for the whole process: these roots are removed at the end
     other, patterned = FileBackend("other", fs, "/runs1"), FileBackend("patterned", fs, "/runs[12]")
 
@@ -802,9 +803,11 @@ def test_a_root_that_reads_as_a_pattern_deletes_nothing_of_other_roots():
         for step in (1, 2):
             other.save_resume(run_name="exp", step=step, payload=payload(step))
             patterned.save_resume(run_name="exp", step=step, payload=payload(step))
-        with pytest.raises(BackendError, match=r"will not delete .*runs\[12\]/exp/step-0000000001.*pattern"):
-            patterned.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
-                            counted_steps=None)
+        deleted = patterned.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                                  counted_steps=None)
+        assert [r.step for r in deleted] == [1]
+        assert sorted(fs.find("/runs[12]")) == ["/runs[12]/exp/step-0000000002/manifest.json",
+                                                "/runs[12]/exp/step-0000000002/state.pt"]
         assert sorted(fs.find("/runs1")) == [f"/runs1/exp/{step_dirname(s)}/{n}" for s in (1, 2)
                                              for n in ("manifest.json", "state.pt")]
     finally:

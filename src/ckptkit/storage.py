@@ -14,6 +14,7 @@ same contract.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import logging
@@ -855,13 +856,21 @@ class FileBackend:
         self._call(f"deleting {self.uri(path)}", self._remove_tree, path)
 
     def _remove_tree(self, path: str) -> None:
-        """Delete the folder ``path`` and all in it. fsspec's ``rm`` takes a path holding ``*``,
-        ``?`` or ``[`` for a pattern, which can match other runs' folders: refused instead."""
-        if any(c in path for c in "*?["):
-            raise BackendError(self.name, f"will not delete {self.uri(path)}: its path holds '*', '?' or '[', "
-                                          "which the store's client takes for a pattern that can match other "
-                                          "folders; nothing was deleted. Give the backend a path without them")
-        self.fs.rm(path, recursive=True)
+        """Delete the folder ``path`` and all in it."""
+        if not any(c in path for c in "*?["):
+            self.fs.rm(path, recursive=True)
+            return
+        # fsspec's rm takes such a path for a pattern, which can match other runs' folders: what
+        # a listing finds under it goes by its exact name instead, deepest first.
+        found = self.fs.find(path, withdirs=True, detail=True)
+        for name, info in sorted(found.items(), key=lambda item: -item[0].count("/")):
+            if info.get("type") == "directory":
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rmdir(name)
+            else:
+                self.fs.rm_file(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rmdir(path)
 
     def _leftovers(self, run_name: str, listing: dict[str, _Folder] | None = None
                    ) -> list[tuple[str, float | None]]:

@@ -161,9 +161,19 @@ def test_export_into_a_checkpoint_it_would_damage_is_refused(capsys, config_file
     target = saved / "step-0000000003" / "state.pt"
     before = target.read_bytes()
     code, _, err = run(capsys, "export", str(config_file), "--out", str(target), *step)
-    assert code == 1 and "lies inside checkpoint" in err and "step-0000000003" in err
+    assert code == 1 and "lies inside checkpoint folder" in err and "step-0000000003" in err
     assert target.read_bytes() == before
     assert run(capsys, "verify", str(config_file))[0] == 0
+
+
+@pytest.mark.parametrize("where", ["exp/final/model.pt", "other-run/step-0000000001/state.pt"])
+def test_export_into_the_final_model_or_another_runs_checkpoint_is_refused(capsys, config_file, saved, where):
+    (saved.parent / where).parent.mkdir(parents=True, exist_ok=True)
+    code, _, err = run(capsys, "export", str(config_file), "--out", str(saved.parent / where))
+    assert code == 1 and "lies inside checkpoint folder" in err
+    assert not (saved.parent / where).exists()
+    code, _, _ = run(capsys, "export", str(config_file), "--out", str(saved / "model.pt"))
+    assert code == 0, "the run's own folder holds no checkpoint files"
 
 
 def test_export_to_a_bad_path_exits_1_with_one_line(capsys, config_file, saved, tmp_path):

@@ -52,7 +52,7 @@ from .reading import SKIPPABLE, Reader
 from .roles import Role
 from .routing import Router
 from .split import STATE_FILE  # noqa: F401  (tools and tests import it from here)
-from .storage import FileBackend, no_space
+from .storage import FileBackend, no_space, written_by_ckptkit
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,22 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
                 "before it are loaded already; restore again once it fits (it sets each of them again), or "
                 "build them anew") from exc
     return lacking
+
+
+def _outside_checkpoints(out: str, backends: Iterable[Any]) -> None:
+    """Refuse an output file inside a checkpoint folder (a step, final/, or a save's temporary
+    folder) of any run under a backend on this machine's disk: replacing a file there damages
+    that checkpoint, whose checksums no longer match."""
+    target = os.path.realpath(out)
+    for backend in backends:
+        root = backend._local_dir(backend.root) if isinstance(backend, FileBackend) else None
+        if root is None or os.path.commonpath([os.path.realpath(root), target]) != os.path.realpath(root):
+            continue
+        parts = os.path.relpath(target, os.path.realpath(root)).split(os.sep)
+        # <root>/<run>/<checkpoint folder>/...: the run's own folder, and the root, hold no checkpoint files.
+        if len(parts) > 2 and written_by_ckptkit(parts[1]):
+            raise CkptkitError(f"{out} lies inside checkpoint folder {os.path.join(root, *parts[:2])}; write the "
+                               "model file outside the backends' checkpoint folders")
 
 
 def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -1603,15 +1619,8 @@ class CheckpointManager:
         written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
         """
         self._check_open()
-        refs = self.list_checkpoints(step=step)
-        target = os.path.realpath(os.fspath(out))
-        for ref in self.list_checkpoints() if step is not None else refs:
-            folder = os.path.realpath(ref.local_dir) if ref.local_dir else None
-            if folder is not None and os.path.commonpath([folder, target]) == folder:
-                # Replacing a file there would damage that checkpoint (its checksum no longer matches).
-                raise CkptkitError(f"export: {os.fspath(out)} lies inside checkpoint {ref.uri}; write the model "
-                                   "file outside the backends' step folders")
-        for ref in refs:
+        _outside_checkpoints(os.fspath(out), self.router.instances.values())
+        for ref in self.list_checkpoints(step=step):
             try:
                 manifest = self.reader.manifest(ref)
                 if manifest.format == FILES_FORMAT:

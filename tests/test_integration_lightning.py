@@ -460,6 +460,12 @@ def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_p
     assert not (tmp_path / "ckpts").exists() and not (tmp_path / "mc").exists()
 
 
+@pytest.mark.parametrize("name", ["", "a/b"])
+def test_a_bad_run_name_is_refused_at_construction_not_on_the_ranks(tmp_path, name):
+    with pytest.raises(ConfigError, match="run_name"):
+        CkptkitCheckpoint(local_config(tmp_path), run_name=name)
+
+
 def test_a_config_without_resume_backends_is_refused_at_construction(tmp_path):
     config = local_config(tmp_path)
     del config["roles"]["resume"]

@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - the extra is what brings it
     raise ImportError("ckptkit.integrations.lightning needs PyTorch Lightning 2.x: "
                       'pip install "ckptkit[lightning]"') from exc
 
-from ..config import Config
+from ..config import Config, check_run_name
 from ..errors import ConfigError
 from ..manager import CheckpointManager
 from ..rng import RngState
@@ -117,7 +117,7 @@ class CkptkitCheckpoint(Checkpoint):
         if self.config.resume is None:
             raise ConfigError("roles.resume: CkptkitCheckpoint needs resume backends to checkpoint Lightning's "
                               "training to; declare roles.resume in the config")
-        self.run_name = run_name
+        self.run_name = None if run_name is None else check_run_name(run_name)
         self.safe_globals = list(safe_globals)
         self.params = dict(params) if params is not None else None
         self.finalize = finalize

@@ -3,6 +3,7 @@ it is loaded, or, where it cannot be memory-mapped, a large one on a second thre
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 
@@ -10,12 +11,15 @@ import pytest
 import torch
 
 from ckptkit import CheckpointManager, CorruptCheckpointError, reading
+from ckptkit.checkpoint import CheckpointRef
+from ckptkit.hashing import hash_stream
 from ckptkit.hookspecs import hookimpl
 from ckptkit.local import LocalBackend
 from ckptkit.plugins import make_plugin_manager
 from ckptkit.manager import STATE_FILE
+from ckptkit.manifest import FileEntry
 
-from ckpt_helpers import assert_same_state, local_config, train_step
+from ckpt_helpers import assert_same_state, local_config, make_model, train_step
 
 # Small: hashed before it is loaded; large (over 1 MiB): hashed on a second thread meanwhile
 # where the file cannot be memory-mapped, else hashed first too.
@@ -184,3 +188,43 @@ def test_a_failed_check_waits_for_the_other_files_hashes_before_restore_goes_on(
     assert not thread.is_alive() and out.get("result") is not None and out["result"].step == 0, out
     assert backend.closed.is_set()
     ck.close()
+
+
+def test_a_file_whose_metadata_alone_changes_during_a_restore_is_not_skipped(tmp_path, pm, monkeypatch):
+    """A chmod or a backup's hard link moves a file's change time: the intact newest checkpoint
+    was skipped as changed, and the training resumed from the step before saved over it."""
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    for step in (1, 2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    newest = tmp_path / "scratch/exp/step-0000000002" / STATE_FILE
+    load = reading.load
+
+    def load_beside_a_backup(path, *args, **kwargs):
+        os.link(path, tmp_path / "backup.pt")  # the hard link a backup tool makes as it goes
+        os.chmod(path, 0o640)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(reading, "load", load_beside_a_backup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ck.restore(model, opt).step == 2
+    ck.close()
+    assert (tmp_path / "backup.pt").stat().st_nlink == 2 and newest.stat().st_nlink == 2
+
+
+def test_a_write_that_sets_the_time_back_is_still_a_change(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 1000)
+    with open(path, "rb") as f:
+        size, digest = hash_stream(f)
+    entry = FileEntry(size=size, digest=digest)
+    ref = CheckpointRef(backend="b", run_name="r", step=1, path=str(tmp_path), uri=f"file://{tmp_path}")
+    before = reading.identity(str(path), ref)
+    assert not reading.changed(str(path), ref, before, entry)
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b"b")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert reading.changed(str(path), ref, before, entry)

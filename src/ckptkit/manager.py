@@ -1412,7 +1412,7 @@ class CheckpointManager:
         self.coll.agree(f"restore step {ref.step}: small files", problem)
         try:
             changed = sorted(n for n, was in checked.items()
-                             if reading.identity(os.path.join(ref.local_dir, n), ref) != was)
+                             if reading.changed(os.path.join(ref.local_dir, n), ref, was, manifest.files[n]))
             if changed:
                 problem = CorruptCheckpointError(
                     f"{ref.uri}: {', '.join(changed[:5])} changed while it was being restored, after it was "

@@ -241,7 +241,7 @@ class Reader:
         # What was loaded must be what was hashed, and a mapping reads the file when its pages
         # are touched, later still: a file written meanwhile would reach the model unverified.
         for name in names:
-            if identity(paths[name], ref) != before[name]:
+            if changed(paths[name], ref, before[name], manifest.files[name]):
                 raise CorruptCheckpointError(f"{ref.uri}: {name} changed while it was being restored, so what "
                                              "was loaded is not what was verified; nothing of it was applied. "
                                              "Keep other programs from writing into checkpoint folders")
@@ -344,6 +344,22 @@ def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
         raise CorruptCheckpointError(f"{ref.uri}: {os.path.basename(path)} is not a regular file (a link or "
                                      "device, which ckptkit never writes); it was not read")
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def changed(path: str, ref: CheckpointRef, before: tuple[int, ...], entry: FileEntry) -> bool:
+    """Whether the file at ``path`` is no longer the one whose ``identity`` was ``before`` and
+    whose bytes were ``entry``'s. Only its change time moved (a chmod, a hard link a backup made,
+    or a write that set the modification time back): its bytes are read again to tell."""
+    now = identity(path, ref)
+    if now == before:
+        return False
+    if now[:3] == before[:3]:
+        try:
+            with open(path, "rb") as f:
+                return hash_stream(f, algorithm_of(entry.digest)) != (entry.size, entry.digest)
+        except OSError:
+            return True
+    return True
 
 
 @contextlib.contextmanager

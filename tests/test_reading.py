@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
@@ -182,15 +183,32 @@ def _dead_pid() -> int:
 
 def test_scratch_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = tmp_path / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-abc"
+    here = reading.machine()
+    dead = tmp_path / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-{here}-abc"
     dead.mkdir()
     (dead / "state.pt").write_bytes(b"x" * 1000)
-    alive = tmp_path / f"{SCRATCH_PREFIX}restore-{os.getpid()}-def"
+    alive = tmp_path / f"{SCRATCH_PREFIX}restore-{os.getpid()}-{here}-def"
     alive.mkdir()
     unrelated = tmp_path / "ckptkit-something-else"
     unrelated.mkdir()
     assert sweep_scratch() == [str(dead)]
     assert not dead.exists() and alive.exists() and unrelated.exists()
+
+
+def test_scratch_folders_of_another_machine_are_swept_only_once_idle_for_a_day(tmp_path, monkeypatch):
+    """A TMPDIR shared by nodes or containers: a process id there means nothing here, and a
+    restore running on another node lost its download (it then resumed the step before)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    busy, idle = (tmp_path / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-0badf00d-{n}" for n in ("busy", "idle"))
+    legacy = tmp_path / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-abcd1234"  # an earlier version's name
+    for folder in (busy, idle, legacy):
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"partial")
+    day_ago = time.time() - reading.SCRATCH_IDLE_S - 60
+    for path in (idle, idle / "state.pt"):
+        os.utime(path, (day_ago, day_ago))
+    assert sweep_scratch() == [str(idle)]
+    assert busy.exists() and legacy.exists()
 
 
 def test_the_first_prune_sweeps_what_a_killed_restore_left(tmp_path, pm, monkeypatch):
@@ -199,7 +217,7 @@ def test_the_first_prune_sweeps_what_a_killed_restore_left(tmp_path, pm, monkeyp
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
-    leftover = scratch_root / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-xyz"
+    leftover = scratch_root / f"{SCRATCH_PREFIX}restore-{_dead_pid()}-{reading.machine()}-xyz"
     leftover.mkdir()
     sweeping = []
     monkeypatch.setattr(reading, "sweep_scratch",

@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import io
 import mmap
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import time
 from concurrent import futures
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, TypeVar
 
@@ -539,11 +542,28 @@ def scratch(kind: str) -> Iterator[str]:
     processes that were killed before they could clean up (see ``sweep_scratch``).
     """
     sweep_scratch()
-    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# A scratch folder of another machine or container, which no process id here can tell alive, is
+# left this long after anything in it last changed.
+SCRATCH_IDLE_S = 24 * 3600.0
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """A token for this machine and process-id namespace: the ids in scratch folder names are
+    only this machine's (a TMPDIR shared by nodes, or by containers, holds others')."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
 
 
 def sweep_scratch(tmpdir: str | None = None) -> list[str]:
@@ -560,13 +580,27 @@ def sweep_scratch(tmpdir: str | None = None) -> list[str]:
         parts = entry[len(SCRATCH_PREFIX):].split("-")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
-        pid = int(parts[1])
-        if pid == os.getpid() or _alive(pid):
-            continue
         path = os.path.join(root, entry)
+        if len(parts) >= 4 and parts[2] == machine():
+            pid = int(parts[1])
+            if pid == os.getpid() or _alive(pid):
+                continue
+        elif not _idle(path):
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def _idle(path: str) -> bool:
+    """Whether nothing in the folder ``path`` changed for ``SCRATCH_IDLE_S``."""
+    try:
+        times = [os.lstat(path).st_mtime]
+        with os.scandir(path) as entries:
+            times += [e.stat(follow_symlinks=False).st_mtime for e in entries]
+    except OSError:
+        return False
+    return time.time() - max(times) > SCRATCH_IDLE_S
 
 
 def _alive(pid: int) -> bool:

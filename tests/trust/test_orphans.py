@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ckptkit
+from ckptkit import reading
 from ckptkit.plugins import make_plugin_manager
 
 from trust.common import new_bucket
@@ -127,9 +128,10 @@ def test_scratch_folders_of_a_killed_restore_are_removed(tmp_path, monkeypatch, 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     # A restore killed while downloading; and the folder of a process that still runs (this one).
-    (tmp / f"ckptkit-scratch-restore-{dead}-abcd1234").mkdir()
-    (tmp / f"ckptkit-scratch-restore-{dead}-abcd1234" / "state.pt").write_bytes(b"partial")
-    alive = tmp / f"ckptkit-scratch-restore-{os.getppid()}-abcd1234"
+    here = reading.machine()
+    (tmp / f"ckptkit-scratch-restore-{dead}-{here}-abcd1234").mkdir()
+    (tmp / f"ckptkit-scratch-restore-{dead}-{here}-abcd1234" / "state.pt").write_bytes(b"partial")
+    alive = tmp / f"ckptkit-scratch-restore-{os.getppid()}-{here}-abcd1234"
     alive.mkdir()
 
     assert fresh_start(cfg) == 1

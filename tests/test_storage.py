@@ -826,3 +826,34 @@ def test_a_root_that_is_a_file_is_no_empty_run(tmp_path, pm):
         with pytest.raises(StorageUnavailableError, match=r"ckpts/exp: NotADirectoryError: .*a file stands where a "
                                                           r"folder of this path should be"):
             ck.restore(torch.nn.Linear(2, 2))
+
+
+def test_a_step_committed_after_the_prune_listed_it_as_a_leftover_is_kept():
+    """Another process's save still going on when the run was listed (or a store whose clock runs
+    behind this one, past the grace period): its folder had files and no manifest yet. Deleting it
+    as a leftover removed the manifest it committed meanwhile, and the save reported success."""
+    fs = MemoryFileSystem()
+    root = f"/late-commit-{os.getpid()}"
+    saver, pruner = FileBackend("saver", fs, root), FileBackend("pruner", fs, root)
+    pruner.leftover_grace_s = 0.0
+    ref = saver.save_resume(run_name="exp", step=1, payload=Payload(
+        run_name="exp", step=1, epoch=None, format="torch",
+        files=(PayloadFile("state.pt", write=lambda f: f.write(b"x" * 100)),)))
+    manifest = fs.cat_file(f"{ref.path}/manifest.json")
+    fs.rm_file(f"{ref.path}/manifest.json")  # as the run was listed: files there, no manifest yet
+    listed_as_leftovers = pruner._leftovers
+
+    def commit_after_listing(run_name, listing=None):
+        found = listed_as_leftovers(run_name, listing)
+        fs.pipe_file(f"{ref.path}/manifest.json", manifest)  # the save commits now
+        return found
+
+    pruner._leftovers = commit_after_listing
+    try:
+        time.sleep(0.01)
+        deleted = pruner.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                               counted_steps=None)
+        assert deleted == []
+        assert sorted(fs.ls(ref.path, detail=False)) == [f"{ref.path}/manifest.json", f"{ref.path}/state.pt"]
+    finally:
+        fs.rm(root, recursive=True)

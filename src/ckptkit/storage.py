@@ -990,8 +990,8 @@ class FileBackend:
                 stale: list[tuple[CheckpointRef, Callable[[], None]]], dry_run: bool) -> list[CheckpointRef]:
         """Delete ``doomed`` and abort ``stale`` uploads (unless ``dry_run``); return all of them."""
         if not dry_run:
+            doomed = [ref for ref in doomed if self._delete_or_fail(ref)]
             for ref in doomed:
-                self._delete_or_fail(ref)
                 with self._lock:
                     # A folder of that name made later is a new one, aged from scratch.
                     self._first_seen.pop(ref.path, None)
@@ -1006,13 +1006,24 @@ class FileBackend:
         except Exception as exc:
             raise self._fail(f"could not abort the unfinished upload {ref.uri}", exc) from None
 
-    def _delete_or_fail(self, ref: CheckpointRef) -> None:
+    def _delete_or_fail(self, ref: CheckpointRef) -> bool:
+        """Delete what ``ref`` names; False for a leftover step folder committed since the listing."""
         try:
+            if ref.role == "leftover" and written_by_ckptkit(posixpath.basename(ref.path)) and not (
+                    posixpath.basename(ref.path).startswith(LEFTOVER_PREFIXES)):
+                # A save still going on when the run was listed (another process's, or one whose
+                # store's clock runs behind) may have committed it since: not a leftover then.
+                manifest = posixpath.join(ref.path, MANIFEST_NAME)
+                self.fs.invalidate_cache(ref.path)
+                if self._call(f"checking {self.uri(manifest)}", self.fs.exists, manifest):
+                    log.info("backend %r: %s was committed after the prune listed it; kept", self.name, ref.uri)
+                    return False
             self._delete(ref.path, None if ref.sizes is None else list(ref.sizes))
         except FileNotFoundError:
             pass
         except Exception as exc:
             raise self._fail(f"could not delete {ref.uri}", exc) from None
+        return True
 
     def pruned_listing(self, run_name: str) -> tuple[int | None, frozenset[int]]:
         """What the last ``prune`` of ``run_name`` listed: the newest committed step (None before

@@ -180,6 +180,21 @@ def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_pat
     assert _steps(tmp_path) == [0, 1]
 
 
+def test_prune_all_through_a_link_to_another_runs_folder_deletes_nothing(tmp_path, pm, capsys):
+    """latest -> exp: prune --all --run-name latest emptied exp."""
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    os.symlink(tmp_path / "scratch/exp", tmp_path / "scratch/latest")
+    path = _config_file(tmp_path, cfg)
+    assert cli_main(["prune", path, "--all", "--run-name", "latest"]) == 1
+    assert "holds checkpoints of run 'exp'" in capsys.readouterr().err
+    assert _steps(tmp_path) == [0, 1]
+
+
 def test_prune_all_frees_the_run_name(tmp_path, pm, capsys):
     cfg = local_config(tmp_path, final=True)
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)

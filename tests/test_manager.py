@@ -962,3 +962,22 @@ def test_an_extra_object_that_refuses_its_state_is_named_and_a_bare_one_is_refus
                                                           r"state_dict for Linear.*restore again once it fits"):
         ck.restore(model2, opt2, extra={"sched": sched, "ema": torch.nn.Linear(3, 3)})
     ck.close()
+
+
+def test_restore_files_refuses_a_folder_holding_other_files(tmp_path, pm):
+    """restore_files(args.output_dir) replaced the whole folder: the trainer's logs in it went."""
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"w" * 100)
+    ck.save_files(step=1, files=src)
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "train.log").write_text("epoch 1")
+    with pytest.raises(ckptkit.CkptkitError, match=r"holds what is not this checkpoint's \(runs, train.log\)"):
+        ck.restore_files(out)
+    assert (out / "train.log").read_text() == "epoch 1" and (out / "runs").is_dir()
+    # A folder of the checkpoint's own, named after its step, is filled (and replaced) as before.
+    assert ck.restore_files(tmp_path / "ckpt-{step}").step == 1
+    assert (tmp_path / "ckpt-1" / "weights.bin").read_bytes() == b"w" * 100
+    ck.close()

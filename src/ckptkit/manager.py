@@ -1698,7 +1698,8 @@ class CheckpointManager:
         (``out/checkpoint-{step}``). Every file is streamed from its backend and checked against
         the manifest; the folder is filled under a temporary name and renamed into place, so it
         holds either all the files or none. A folder already there is kept when its files match
-        the manifest (nothing is downloaded), else replaced. Nothing is loaded: the files are
+        the manifest (nothing is downloaded), else replaced whole; without ``{step}`` in ``dest``,
+        one holding anything but the checkpoint's files is refused. Nothing is loaded: the files are
         for whoever wrote them (``save_files``). Damaged checkpoints are skipped with a warning
         as in ``restore``. Call it on every rank; rank 0 writes ``dest``, which the others must
         see. Returns the checkpoint's step, epoch and metrics (``extra`` empty) with ``ref``,
@@ -1758,6 +1759,14 @@ class CheckpointManager:
         target = os.path.abspath(dest.replace("{step}", str(manifest.step)))
         if _holds(target, manifest):
             return manifest
+        if os.path.lexists(target) and "{step}" not in dest:
+            # The folder is replaced whole: anything else in it (a trainer's logs) would go too.
+            # One named after the step (checkpoint-{step}) holds that checkpoint alone.
+            others = sorted(set(os.listdir(target)) - set(manifest.files)) if os.path.isdir(target) else [target]
+            if others or os.path.islink(target):
+                raise CkptkitError(f"restore_files: {target} holds what is not this checkpoint's "
+                                   f"({', '.join(others[:5]) or 'it is a link'}), and restore_files replaces the "
+                                   "folder whole; give it a folder of its own, such as one named after {step}")
         parent, base = os.path.split(target)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{base}.ckptkit-{uuid.uuid4().hex[:12]}")

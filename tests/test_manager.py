@@ -980,4 +980,12 @@ def test_restore_files_refuses_a_folder_holding_other_files(tmp_path, pm):
     # A folder of the checkpoint's own, named after its step, is filled (and replaced) as before.
     assert ck.restore_files(tmp_path / "ckpt-{step}").step == 1
     assert (tmp_path / "ckpt-1" / "weights.bin").read_bytes() == b"w" * 100
+    # So is one restore_files filled before, though the next checkpoint's files have other names.
+    mine = tmp_path / "mine"
+    assert ck.restore_files(mine).step == 1
+    (src / "weights.bin").unlink()
+    (src / "weights-2.bin").write_bytes(b"v" * 100)
+    ck.save_files(step=2, files=src)
+    assert ck.restore_files(mine).step == 2
+    assert sorted(p.name for p in mine.iterdir() if not p.name.startswith(".")) == ["weights-2.bin"]
     ck.close()

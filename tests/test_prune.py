@@ -191,8 +191,13 @@ def test_prune_all_through_a_link_to_another_runs_folder_deletes_nothing(tmp_pat
     os.symlink(tmp_path / "scratch/exp", tmp_path / "scratch/latest")
     path = _config_file(tmp_path, cfg)
     assert cli_main(["prune", path, "--all", "--run-name", "latest"]) == 1
-    assert "holds checkpoints of run 'exp'" in capsys.readouterr().err
+    assert "latest is a link to" in capsys.readouterr().err
     assert _steps(tmp_path) == [0, 1]
+    # A run's folder moved to another name is its own, though its manifests name the old one.
+    os.unlink(tmp_path / "scratch/latest")
+    os.rename(tmp_path / "scratch/exp", tmp_path / "scratch/exp-old")
+    assert cli_main(["prune", path, "--all", "--run-name", "exp-old"]) == 0
+    assert not [n for n in os.listdir(tmp_path / "scratch/exp-old") if n.startswith("step-")]
 
 
 def test_prune_all_frees_the_run_name(tmp_path, pm, capsys):

@@ -342,6 +342,10 @@ def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     return list(out.items())
 
 
+# Left in a folder restore_files filled, which a later restore_files may then replace whole.
+_FILLED = ".ckptkit-restored"
+
+
 def _holds(folder: str, manifest: Manifest) -> bool:
     """Does ``folder`` already hold every file of ``manifest``, byte for byte?"""
     for name, entry in manifest.files.items():
@@ -1699,7 +1703,8 @@ class CheckpointManager:
         the manifest; the folder is filled under a temporary name and renamed into place, so it
         holds either all the files or none. A folder already there is kept when its files match
         the manifest (nothing is downloaded), else replaced whole; without ``{step}`` in ``dest``,
-        one holding anything but the checkpoint's files is refused. Nothing is loaded: the files are
+        one holding anything but the checkpoint's files is refused, unless restore_files filled it
+        (it leaves a ``.ckptkit-restored`` file there). Nothing is loaded: the files are
         for whoever wrote them (``save_files``). Damaged checkpoints are skipped with a warning
         as in ``restore``. Call it on every rank; rank 0 writes ``dest``, which the others must
         see. Returns the checkpoint's step, epoch and metrics (``extra`` empty) with ``ref``,
@@ -1759,9 +1764,9 @@ class CheckpointManager:
         target = os.path.abspath(dest.replace("{step}", str(manifest.step)))
         if _holds(target, manifest):
             return manifest
-        if os.path.lexists(target) and "{step}" not in dest:
+        if os.path.lexists(target) and "{step}" not in dest and not os.path.lexists(os.path.join(target, _FILLED)):
             # The folder is replaced whole: anything else in it (a trainer's logs) would go too.
-            # One named after the step (checkpoint-{step}) holds that checkpoint alone.
+            # One named after the step (checkpoint-{step}), or one filled before, is ckptkit's.
             others = sorted(set(os.listdir(target)) - set(manifest.files)) if os.path.isdir(target) else [target]
             if others or os.path.islink(target):
                 raise CkptkitError(f"restore_files: {target} holds what is not this checkpoint's "
@@ -1772,6 +1777,7 @@ class CheckpointManager:
         tmp = os.path.join(parent, f".{base}.ckptkit-{uuid.uuid4().hex[:12]}")
         os.mkdir(tmp)
         try:
+            open(os.path.join(tmp, _FILLED), "w").close()
             for name, entry in manifest.files.items():
                 def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
                     with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \

@@ -1051,15 +1051,12 @@ class FileBackend:
             in_flight = set(self._in_flight)
         listing = self._listing(run_name)
         doomed = sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True)
-        for ref in doomed:
-            # The run's folder may be a link to another run's (latest -> exp-42): its checkpoints
-            # say whose they are, and none of another run is deleted.
-            with contextlib.suppress(CheckpointError):
-                owner = self.read_manifest(ref).run_name
-                if owner != run_name:
-                    raise BackendError(self.name, f"{self.uri(self.run_path(run_name))} holds checkpoints of run "
-                                                  f"{owner!r} ({ref.uri}): is it a link to that run's folder? "
-                                                  "Nothing was deleted; delete that run by its own name")
+        folder = self._local_dir(self.run_path(run_name))
+        if folder is not None and os.path.islink(folder):
+            # latest -> exp-42: what it deletes would be that run's checkpoints.
+            raise BackendError(self.name, f"{self.uri(self.run_path(run_name))} is a link to "
+                                          f"{os.path.realpath(folder)}: nothing was deleted. Delete the link "
+                                          "itself, or the run it leads to by that run's own name")
         doomed += [self._ref(run_name, -1, path, role="leftover")
                    for path, _ in self._leftovers(run_name, listing) if path not in in_flight]
         return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, float("inf")), dry_run)

@@ -988,4 +988,6 @@ def test_restore_files_refuses_a_folder_holding_other_files(tmp_path, pm):
     ck.save_files(step=2, files=src)
     assert ck.restore_files(mine).step == 2
     assert sorted(p.name for p in mine.iterdir() if not p.name.startswith(".")) == ["weights-2.bin"]
+    # A folder filled so and saved again holds the trainer's files alone.
+    assert ck.save_files(step=3, files=mine)[0].sizes == {"weights-2.bin": 100}
     ck.close()

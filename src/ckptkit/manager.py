@@ -316,6 +316,8 @@ def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
             raise ValueError(f"save_files: {folder} is not a folder (pass a folder or a list of files)")
         paths = []
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name == _FILLED:  # restore_files's own mark, not the trainer's
+                continue
             if entry.is_dir():
                 raise ValueError(f"save_files: {folder} holds the folder {entry.name!r}; a checkpoint is a flat "
                                  "folder of files: commit the files of that folder as their own list, or "

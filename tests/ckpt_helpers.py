@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from ckptkit import CheckpointManager
 from ckptkit.local import LocalBackend
 
 
@@ -21,6 +22,19 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
     loss.backward()
     opt.step()
     return loss.item()
+
+
+def saved_run(cfg: dict, pm, steps, train: bool = True):
+    """A manager of ``cfg`` that saved ``steps`` (each after a training step, with ``train``) and
+    waited for its prune, with the model and optimizer it saved; the caller closes it."""
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in steps:
+        if train:
+            train_step(model, opt)
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    return ck, model, opt
 
 
 def local_config(root, *, every=1, keep=5, final=True, run_name="exp") -> dict:

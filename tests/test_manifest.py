@@ -9,7 +9,7 @@ import time
 import warnings
 
 import pytest
-from ckpt_helpers import local_config, make_model, train_step
+from ckpt_helpers import local_config, make_model, saved_run
 
 from ckptkit import CheckpointManager, IncompatibleCheckpointError
 from ckptkit.local import LocalBackend
@@ -92,12 +92,7 @@ def test_a_manifest_nested_too_deeply_is_refused_not_a_recursion_error():
 
 @pytest.mark.parametrize("case", ["a NUL in a file name", "files as a list", "a negative size"])
 def test_restore_skips_such_a_manifest_for_the_checkpoint_before(tmp_path, pm, case):
-    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
-    model, opt = make_model()
-    for step in (1, 2):
-        train_step(model, opt)
-        ck.save(step=step, model=model, optimizer=opt)
-    ck.wait()
+    ck, _, _ = saved_run(local_config(tmp_path, final=False), pm, (1, 2))
     path = tmp_path / "scratch/exp/step-0000000002/manifest.json"
     data = json.loads(path.read_bytes())
     CASES[case](data)
@@ -129,12 +124,7 @@ def test_a_checkpoint_of_a_newer_ckptkit_is_refused_by_restore_and_kept_by_prune
     and a prune past the grace period deleted it as a leftover."""
     cfg = local_config(tmp_path, final=False)
     cfg["backends"]["scratch"]["leftover_grace_s"] = 60
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
-    for step in (1, 2):
-        train_step(model, opt)
-        ck.save(step=step, model=model, optimizer=opt)
-    ck.close()
+    saved_run(cfg, pm, (1, 2))[0].close()
     folder = tmp_path / "scratch/exp/step-0000000002"
     path = folder / "manifest.json"
     changed = NEWER[case](path.read_bytes())
@@ -162,12 +152,7 @@ def test_a_checkpoint_of_a_newer_ckptkit_is_refused_by_restore_and_kept_by_prune
 def test_a_version_number_changed_by_one_bit_is_damage_not_a_newer_ckptkit(tmp_path, pm):
     """'2' and '3' differ by one bit, and the version is not under the seal a reader checks:
     taken for a newer ckptkit's, it stopped the restore, which the copy before could serve."""
-    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
-    model, opt = make_model()
-    for step in (1, 2):
-        train_step(model, opt)
-        ck.save(step=step, model=model, optimizer=opt)
-    ck.wait()
+    ck, model, opt = saved_run(local_config(tmp_path, final=False), pm, (1, 2))
     path = tmp_path / "scratch/exp/step-0000000002/manifest.json"
     path.write_bytes(path.read_bytes().replace(b'"version": 2', b'"version": 3'))
     with pytest.raises(ValueError, match="unknown manifest version 3") as info:

@@ -16,7 +16,7 @@ from ckptkit.hookspecs import hookimpl
 from ckptkit.local import LocalBackend, _in_memory
 from ckptkit.plugins import make_plugin_manager
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import assert_same_state, local_config, make_model, saved_run, train_step
 
 
 def _corrupt(path):
@@ -115,10 +115,7 @@ def test_steps_a_restore_skipped_do_not_count_though_older_than_the_one_restored
     """Steps 1 and 2 were skipped as damaged, then a new listing gave step 3: the two lie below
     the restored step, yet are known damaged, and must not count toward keep_last."""
     cfg = local_config(tmp_path, final=False, keep=3)
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
-    for step in (1, 2, 3):
-        ck.save(step=step, model=model, optimizer=opt)
+    ck, model, opt = saved_run(cfg, pm, (1, 2, 3), train=False)
     ck.close()
     for step in (1, 2):
         _corrupt(tmp_path / f"scratch/exp/step-000000000{step}/state.pt")
@@ -183,11 +180,7 @@ def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_pat
 def test_prune_all_through_a_link_to_another_runs_folder_deletes_nothing(tmp_path, pm, capsys):
     """latest -> exp: prune --all --run-name latest emptied exp."""
     cfg = local_config(tmp_path, final=False)
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    model, opt = make_model()
-    for step in range(2):
-        ck.save(step=step, model=model, optimizer=opt)
-    ck.close()
+    saved_run(cfg, pm, range(2), train=False)[0].close()
     os.symlink(tmp_path / "scratch/exp", tmp_path / "scratch/latest")
     path = _config_file(tmp_path, cfg)
     assert cli_main(["prune", path, "--all", "--run-name", "latest"]) == 1

@@ -1009,8 +1009,8 @@ class FileBackend:
     def _delete_or_fail(self, ref: CheckpointRef) -> bool:
         """Delete what ``ref`` names; False for a leftover step folder committed since the listing."""
         try:
-            if ref.role == "leftover" and written_by_ckptkit(posixpath.basename(ref.path)) and not (
-                    posixpath.basename(ref.path).startswith(LEFTOVER_PREFIXES)):
+            name = posixpath.basename(ref.path)
+            if ref.role == "leftover" and (parse_step(name) is not None or name == FINAL_DIR):
                 # A save still going on when the run was listed (another process's, or one whose
                 # store's clock runs behind) may have committed it since: not a leftover then.
                 manifest = posixpath.join(ref.path, MANIFEST_NAME)

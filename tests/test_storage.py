@@ -857,3 +857,56 @@ def test_a_step_committed_after_the_prune_listed_it_as_a_leftover_is_kept():
         assert sorted(fs.ls(ref.path, detail=False)) == [f"{ref.path}/manifest.json", f"{ref.path}/state.pt"]
     finally:
         fs.rm(root, recursive=True)
+
+
+class _BehindFS(LocalFileSystem):
+    """Local files as a store whose clock runs two hours behind this machine's: every time it
+    reports is two hours earlier than this machine's clock says it was."""
+
+    cachable = False
+    lag = 2 * 3600.0
+
+    def info(self, path, **kwargs):
+        info = dict(super().info(path, **kwargs))
+        info["mtime"] -= self.lag
+        return info
+
+
+def test_a_prune_on_a_machine_whose_clock_runs_ahead_of_the_store_keeps_a_save_in_flight(tmp_path, caplog):
+    """``ckptkit prune`` from a machine whose clock is ahead of the store's by more than the
+    grace period saw another process's save in flight (files, no manifest yet) as a leftover
+    hours old and deleted its files; the save then committed a manifest for files that were gone.
+    Ages are checked against the store's clock too before anything is deleted for them."""
+    fs = _BehindFS(auto_mkdir=True)
+    root = str(tmp_path / "ckpts")
+    saver, pruner = FileBackend("saver", fs, root), FileBackend("pruner", fs, root, leftover_grace_s=600.0)
+    for step in (1, 2):
+        saver.save_resume(run_name="exp", step=step, payload=payload(step))
+    in_flight = tmp_path / "ckpts" / "exp" / step_dirname(3)
+    in_flight.mkdir()
+    (in_flight / "state.pt").write_bytes(b"y" * 100)  # a save of step 3 is writing, no manifest yet
+    crashed = tmp_path / "ckpts" / "exp" / step_dirname(4)
+    crashed.mkdir()
+    (crashed / "state.pt").write_bytes(b"z" * 100)  # a save killed an hour ago, by the store's clock
+    hour_ago = time.time() - 3600
+    os.utime(crashed / "state.pt", (hour_ago, hour_ago))
+    os.utime(crashed, (hour_ago, hour_ago))
+
+    deleted = pruner.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                           counted_steps=None)
+
+    assert sorted((r.step, r.role) for r in deleted) == [(-1, "leftover"), (1, "resume")]
+    assert [r.path for r in deleted if r.role == "leftover"] == [f"{root}/exp/{step_dirname(4)}"]
+    assert (in_flight / "state.pt").read_bytes() == b"y" * 100
+    assert sorted(os.listdir(tmp_path / "ckpts" / "exp")) == [step_dirname(2), step_dirname(3)]
+
+    # Where the store's clock cannot be read, nothing is deleted for its age.
+    fs.pipe_file = lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError("read-only"))
+    crashed.mkdir()
+    (crashed / "state.pt").write_bytes(b"z" * 100)
+    os.utime(crashed / "state.pt", (hour_ago, hour_ago))
+    os.utime(crashed, (hour_ago, hour_ago))
+    assert pruner.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                        counted_steps=None) == []
+    assert (crashed / "state.pt").exists()
+    assert "could not read the store's clock" in caplog.text

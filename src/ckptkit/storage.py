@@ -905,6 +905,7 @@ class FileBackend:
             self._pruned_saw.pop(run_name, None)  # nothing seen, should the listing fail
         listing = self._listing(run_name)
         aged = self._aged(run_name, listing, now)
+        old = self._aged_out(run_name, listing, aged, now, dry_run)
         committed = self._committed(run_name, listing)
         with self._lock:
             for known in (self._manifests, self._committed_here):
@@ -939,7 +940,7 @@ class FileBackend:
                 continue
             elif kept >= keep_last:
                 doomed.append(ref)
-            elif not consistent and now - aged[ref.path] > self.leftover_grace_s:
+            elif not consistent and old(ref.path):
                 # Committed but disagreeing with its manifest: not a checkpoint, a leftover.
                 doomed.append(ref)
             # Otherwise: not (yet) known to be intact, and newer than what is kept: it stays.
@@ -947,7 +948,7 @@ class FileBackend:
             self._pruned_saw[run_name] = (max((r.step for r in committed), default=None), frozenset(replaced))
             self._attempted -= attempted
         for path, _ in self._leftovers(run_name, listing):
-            if path in in_flight or now - aged[path] <= self.leftover_grace_s:
+            if path in in_flight or not old(path):
                 continue
             doomed.append(self._ref(run_name, -1, path, role="leftover"))
         return self._remove(run_name, doomed, self.stale_uploads(run_name, in_flight, now), dry_run)
@@ -960,10 +961,9 @@ class FileBackend:
             in_flight = set(self._in_flight)
         now = time.time()
         listing = self._listing(run_name)
-        aged = self._aged(run_name, listing, now)
+        old = self._aged_out(run_name, listing, self._aged(run_name, listing, now), now, dry_run)
         doomed = [self._ref(run_name, -1, path, role="leftover") for path, _ in self._leftovers(run_name, listing)
-                  if _final_folder(posixpath.basename(path))
-                  and path not in in_flight and now - aged[path] > self.leftover_grace_s]
+                  if _final_folder(posixpath.basename(path)) and path not in in_flight and old(path)]
         # A publish killed mid-upload, or one whose abort failed, leaves an unfinished upload
         # that no listing shows and that the store bills until it is aborted.
         run = self.run_path(run_name)
@@ -985,6 +985,45 @@ class FileBackend:
                 path = posixpath.join(run, dirname)
                 times[path] = folder.mtime if folder.mtime is not None else seen.setdefault(path, now)
         return times
+
+    def _aged_out(self, run_name: str, listing: dict[str, _Folder], aged: dict[str, float], now: float,
+                  dry_run: bool) -> Callable[[str], bool]:
+        """Whether a folder of ``listing`` is past the grace period: by this machine's clock, and,
+        before anything is deleted for it, by the store's as well when the age is the store's own
+        time. A machine whose clock runs ahead of the store's by more than the grace period
+        (a VM without NTP) would otherwise take another process's save in flight for a leftover
+        and delete files the save then commits a manifest for. A dry run deletes nothing and
+        asks nothing more."""
+        grace = self.leftover_grace_s
+        store_now: list[float] = []
+
+        def old(path: str) -> bool:
+            if now - aged[path] <= grace:
+                return False
+            if dry_run or grace == 0 or listing[posixpath.basename(path)].mtime is None:
+                return True  # an age by this machine's own first sighting, or no grace to keep
+            if not store_now:
+                store_now.append(self._store_now(run_name, now))
+            return store_now[0] - aged[path] > grace
+
+        return old
+
+    def _store_now(self, run_name: str, now: float) -> float:
+        """The store's clock, read as the time it gives a file written for the purpose into the
+        run's folder (a file there is in no listing of checkpoints), at most ``now``; minus
+        infinity, so that nothing counts as old, when it cannot be told."""
+        probe = posixpath.join(self.run_path(run_name), f".ckptkit-clock-{uuid.uuid4().hex[:12]}")
+        try:
+            self._call(f"writing {self.uri(probe)}", self.fs.pipe_file, probe, b"")
+            try:
+                written = _mtime(self._call(f"reading the time of {self.uri(probe)}", self.fs.info, probe))
+            finally:
+                self._call(f"deleting {self.uri(probe)}", self.fs.rm_file, probe)
+        except Exception as exc:
+            log.warning("backend %r: could not read the store's clock (%s); leftovers are kept until it can be "
+                        "read", self.name, self.describe(exc))
+            return -float("inf")
+        return now if written is None else min(now, written)
 
     def _remove(self, run_name: str, doomed: list[CheckpointRef],
                 stale: list[tuple[CheckpointRef, Callable[[], None]]], dry_run: bool) -> list[CheckpointRef]:

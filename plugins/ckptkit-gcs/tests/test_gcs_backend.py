@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -253,3 +254,16 @@ def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
     assert isinstance(outcome, SaveError) and "was not done within" in str(outcome), outcome
     assert stalled.hits >= 1
     assert [r.step for r in manager(pm, {"archive": gcs_backend_options()}, ["archive"]).list_checkpoints()] == [0]
+
+
+def test_the_store_clock_a_prune_checks_ages_against_is_the_stores_own(gcs_backend_options, gcs_endpoint, bucket):
+    """As for S3: the time the store gives an object written for the purpose, not this machine's
+    clock, and the object is gone afterwards."""
+    from ckptkit_gcs import GCSBackend
+
+    options = gcs_backend_options()
+    del options["type"]
+    backend = GCSBackend.from_config("archive", options)
+    store_now = backend._store_now("run", time.time() + 7200)
+    assert abs(store_now - time.time()) < 60
+    assert keys(gcs_endpoint, f"{bucket}/ckpts") == []

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -832,3 +833,18 @@ def test_a_sharded_step_saved_again_keeps_its_committed_copy_when_the_new_upload
     fs = s3(opts["storage_options"]["endpoint_url"])
     root = opts["path"][len("s3://"):]
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/run", refresh=True)] == ["step-0000000004"]
+
+
+def test_the_store_clock_a_prune_checks_ages_against_is_the_stores_own(s3_backend_options, s3_endpoint, bucket):
+    """Before a prune deletes a folder for its age it reads the store's clock (the time S3 gives
+    an object it writes for the purpose), so that a machine whose clock runs hours ahead does not
+    take a save in flight for a leftover; the object is gone afterwards."""
+    from ckptkit_s3 import S3Backend
+
+    options = s3_backend_options()
+    del options["type"]
+    backend = S3Backend.from_config("archive", options)
+    ahead = time.time() + 7200
+    store_now = backend._store_now("run", ahead)
+    assert abs(store_now - time.time()) < 60
+    assert keys(s3(s3_endpoint), f"{bucket}/ckpts") == []

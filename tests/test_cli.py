@@ -67,6 +67,20 @@ def test_check_bad_config_exits_1_with_one_line(capsys, tmp_path):
     assert "roles.resume.keep_last" in err and err.startswith("ckptkit: error:")
 
 
+def test_check_names_each_final_problem_once(tmp_path):
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["tracking"] = {"type": "mlflow", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                   "experiment": "e", "registered_model_name": "model_{algorithm}"}
+    cfg["roles"]["final"] = {"backends": ["tracking"]}
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # A real process: what reaches its terminal, the log's last-resort output included.
+    proc = subprocess.run([sys.executable, "-m", "ckptkit.cli", "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("uses {algorithm}") == 1, proc.stderr
+    assert proc.stderr.startswith("ckptkit: error: backend 'tracking': ") and proc.stderr.strip().count("\n") == 0
+
+
 def test_ls_and_verify(capsys, config_file, saved):
     code, out, _ = run(capsys, "ls", str(config_file), "--json")
     rows = json.loads(out)

@@ -122,7 +122,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    ck = _manager(args)
+    # check reports the final backends' problems itself, as errors; the manager's warning of
+    # them, meant for a training script's log, would show each one a second time.
+    with _muted("ckptkit.manager"):
+        ck = _manager(args)
     try:
         rows = []
         probed: dict[str, dict[str, Any]] = {}  # a backend serving both roles is probed once
@@ -167,12 +170,24 @@ def cmd_check(args: argparse.Namespace) -> int:
                             "and credentials")
         _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows, "problems": problems}, table)
         for line in problems:
-            err_console.print(f"ckptkit: error: {line}", markup=False, highlight=False)
+            _fail(line)
         if not args.json and not problems:
             console.print("[green]config OK[/green]")
         return 1 if problems else 0
     finally:
         ck.close()
+
+
+@contextlib.contextmanager
+def _muted(logger_name: str) -> Iterator[None]:
+    """Drop the warnings of ``logger_name`` (its errors still show) while the block runs."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _location(instance: Any) -> str:

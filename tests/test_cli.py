@@ -290,6 +290,48 @@ def test_errors_reach_the_terminal_without_credentials(capsys, config_file, monk
     assert code == 1 and "EXAMPLEKEY" not in out + err and "<redacted>" in err
 
 
+# -- --json: an error is one object on stdout ------------------------------------------------------
+
+def _json_error(out):
+    data = json.loads(out)
+    assert set(data) == {"error"} and set(data["error"]) == {"type", "message"}, data
+    return data["error"]
+
+
+@pytest.mark.parametrize("argv", [
+    ("ls",), ("verify",), ("check",), ("check", "--probe"), ("prune",), ("prune", "--all"),
+    ("export", "--out", "m.pt"), ("publish",), ("plan", "--state-size", "1GB", "--steps", "10"),
+])
+def test_with_json_a_config_error_is_one_object_on_stdout(capsys, tmp_path, argv):
+    missing = tmp_path / "nosuch.yaml"
+    code, out, err = run(capsys, argv[0], str(missing), *argv[1:], "--json")
+    assert code == 1
+    assert _json_error(out) == {"type": "ConfigError", "message": f"{missing}: config file not found"}
+    assert err.startswith("ckptkit: error: ")  # the line for a person stays on stderr
+
+
+def test_with_json_a_bad_argument_is_one_object_on_stdout(capsys, tmp_path, config_file):
+    code, out, _ = run(capsys, "demo", "--workdir", str(tmp_path / "d"), "--steps", "3", "--json")
+    error = _json_error(out)
+    assert code == 1 and error["type"] == "CkptkitError" and "at least" in error["message"]
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", str(config_file), "--json"])
+    out, err = capsys.readouterr()
+    error = _json_error(out)
+    assert exited.value.code == 2 and error["type"] == "UsageError"
+    assert "the following arguments are required: --state-size, --steps" in error["message"]
+    assert "usage: ckptkit plan" in err
+
+
+def test_with_json_an_error_holds_no_credentials(capsys, config_file, monkeypatch):
+    code, out, _ = run(capsys, "ls", str(config_file), "--run-name", "alice:hunter2@mlflow.internal:5000", "--json")
+    assert code == 1 and "hunter2" not in out and "***@mlflow.internal" in _json_error(out)["message"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
+    code, out, _ = run(capsys, "verify", str(config_file), "--run-name", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY/x",
+                       "--json")
+    assert code == 1 and "EXAMPLEKEY" not in out and "<redacted>" in _json_error(out)["message"]
+
+
 # -- a store that cannot be listed, installed as a real distribution -----------------------------
 
 _DOWN = "from ckpt_helpers import DownBackend\n"
@@ -333,6 +375,14 @@ def test_a_backend_that_cannot_be_listed_is_named_once(capsys, tmp_path, down_ty
         code, _, err = run(capsys, command, _with_down(tmp_path, ["nas"]))
         assert code == 1 and "Connection refused" in err
         assert err.count("backend 'nas'") == 1, err
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "prune"])
+def test_with_json_a_backend_that_cannot_be_listed_is_one_object_on_stdout(capsys, tmp_path, down_type, command):
+    code, out, _ = run(capsys, command, _with_down(tmp_path, ["nas"]), "--json")
+    error = _json_error(out)
+    assert code == 1 and error["type"] == "StorageUnavailableError"
+    assert error["message"].startswith("backend 'nas': ") and "Connection refused" in error["message"]
 
 
 def test_a_failing_backend_is_named_once_in_the_log(tmp_path, third_party_dist, caplog):

@@ -221,14 +221,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             rows.append({"backend": ref.backend, "step": m.step, "epoch": m.epoch, "format": m.format,
                          "size": m.total_size, "files": len(m.files), "created": m.created,
                          "metrics": m.metrics, "mlflow_run_id": m.mlflow_run_id, "uri": ref.uri})
+        if unreachable and not rows:
+            raise _unlisted(unreachable)  # an empty table would read as an empty run
         table = _table(f"run {ck.run_name!r}: committed resume checkpoints",
                        ("backend", "step", "epoch", "format", "size", "created (UTC)", "metrics"),
                        whole=("step", "epoch", "size", "created (UTC)"))
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), str(r["epoch"]), r["format"], _size(r["size"]),
                           _when(r["created"]), "\n".join(f"{k}: {v:.4g}" for k, v in r["metrics"].items()))
-        if rows or not unreachable or args.json:
-            _emit(args, rows, table)
+        _emit(args, rows, table)
         if not rows and not unreachable and not args.json:
             console.print(f"no committed checkpoint of run {ck.run_name!r} in "
                           f"{', '.join(ck.router.backends(Role.RESUME))}", markup=False, highlight=False)
@@ -241,12 +242,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 shown = f"{folder}/step-NNNNNNNNNN" if re.fullmatch(r"step-\d{10}", last) else uri
                 console.print(f"{name}: {shown}", markup=False, highlight=False, soft_wrap=True)
         if unreachable:
-            others = "; the table shows what the other backends hold" if rows else ""
-            _fail("; ".join(str(e) for e in unreachable.values()) + others)
+            _fail("; ".join(str(e) for e in unreachable.values()) + "; the table shows what the other backends hold")
             return 1
         return 0
     finally:
         ck.close()
+
+
+def _unlisted(unreachable: dict[str, CkptkitError]) -> StorageUnavailableError:
+    """One error naming every resume backend that could not be listed."""
+    first = next(iter(unreachable))
+    error = StorageUnavailableError(first, "; ".join(str(e) for e in unreachable.values()))
+    error.__cause__ = unreachable[first]
+    return error
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -454,7 +462,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptkit", description="Role-routed PyTorch checkpoints.")
+    parser = _Parser(prog="ckptkit", description="Role-routed PyTorch checkpoints.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -550,19 +558,57 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
                       highlight=False, soft_wrap=True)
 
 
+class _UsageError(Exception):
+    """A command line argparse refused, raised instead of exiting so that it can also be told as JSON."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    # Sub-parsers are built with the parent's class, so every command's usage errors come here.
+    def error(self, message: str) -> Any:
+        raise _UsageError(self, message)
+
+
+def _print_error(kind: str, message: str) -> None:
+    """An error as one JSON object on stdout, for --json: a script reading stdout gets something
+    it can parse (the exit status stays nonzero)."""
+    print(json.dumps({"error": {"type": kind, "message": redact(message, secret_values())}}, indent=2))
+
+
+def _report(args: argparse.Namespace, kind: str, message: str, prefix: str = "ckptkit: error: ") -> None:
+    """An error that ends the command: one line on stderr, and with --json one object on stdout."""
+    if getattr(args, "json", False):
+        _print_error(kind, message)
+    err_console.print(f"{prefix}{redact(message, secret_values())}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return build_parser().parse_args(argv)
+    except _UsageError as exc:
+        if "--json" in argv:  # no namespace yet: the words themselves say whether JSON was asked for
+            _print_error("UsageError", f"{exc.parser.prog}: {exc.message}")
+        argparse.ArgumentParser.error(exc.parser, exc.message)  # usage and message on stderr, exit 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         with _quiet_mlflow(), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.func(args)
     except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback
         # The last line of defence: whatever raised, no credential reaches the terminal.
-        err_console.print(f"ckptkit: error: {redact(str(exc), secret_values())}", markup=False,
-                          highlight=False, soft_wrap=True)
+        _report(args, type(exc).__name__, str(exc))
         return 1
     except KeyboardInterrupt:  # the user's own stop: no traceback; what was committed stays committed
-        err_console.print("ckptkit: interrupted", markup=False, highlight=False)
+        _report(args, "KeyboardInterrupt", "interrupted", prefix="ckptkit: ")
         return 130
 
 

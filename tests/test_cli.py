@@ -251,11 +251,6 @@ def test_demo_too_few_steps_exits_1_with_one_line(capsys, tmp_path):
     assert code == 1 and err.startswith("ckptkit: error:") and "at least" in err
 
 
-def test_verify_of_empty_run_fails(capsys, config_file):
-    code, _, err = run(capsys, "verify", str(config_file), "--run-name", "nothing-here")
-    assert code == 1 and "no committed checkpoint" in err
-
-
 def test_demo_resumes_bit_identically(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--steps", "30", "--json")
     summary = json.loads(out)
@@ -521,10 +516,44 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
     assert "Traceback" not in err and "ckptkit: interrupted" in err
 
 
-def test_ls_of_a_run_with_no_checkpoint_says_so(capsys, config_file):
-    code = main(["ls", str(config_file), "--run-name", "never-saved"])
-    out = capsys.readouterr().out
-    assert code == 0 and "no committed checkpoint of run 'never-saved' in scratch" in out
+def test_ls_of_a_run_with_no_checkpoint_fails_as_verify_does(capsys, config_file):
+    for command in ("ls", "verify"):
+        code, out, err = run(capsys, command, str(config_file), "--run-name", "never-saved")
+        assert code == 1 and out == ""
+        assert err == "ckptkit: error: run 'never-saved' has no committed checkpoint in resume backend scratch\n"
+        code, out, _ = run(capsys, command, str(config_file), "--run-name", "never-saved", "--json")
+        assert code == 1 and json.loads(out)["error"]["type"] == "CheckpointNotFoundError"
+
+
+def test_ls_without_run_name_says_where_the_run_name_came_from(capsys, tmp_path, config_file):
+    code, _, err = run(capsys, "ls", str(config_file))
+    assert code == 1 and "run 'exp' (the config's run_name; pass --run-name for another run) has no" in err
+    cfg = local_config(tmp_path, final=False)
+    del cfg["run_name"]
+    config_file.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "ls", str(config_file))
+    assert code == 1 and "run 'default' (the default run name, as the config sets no run_name" in err
+
+
+def test_ls_of_a_run_on_one_backend_of_two_lists_it_and_names_the_empty_one(capsys, tmp_path, saved):
+    cfg = local_config(tmp_path, keep=10, final=False)
+    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = run(capsys, "ls", str(path))
+    assert code == 0 and err == ""
+    assert "nas: no checkpoint of run 'exp'" in out and "scratch: file://" in out
+
+
+def test_ls_of_a_run_whose_checkpoints_are_all_damaged_fails_and_says_so(capsys, config_file, saved):
+    for step in range(4):
+        (saved / f"step-{step:010d}" / "state.pt").write_bytes(b"short")
+    code, out, err = run(capsys, "ls", str(config_file), "--json")
+    error = json.loads(out)["error"]
+    assert code == 1 and error["type"] == "CheckpointError"
+    assert error["message"] == ("run 'exp' has no checkpoint that can be listed in resume backend scratch: 4 committed "
+                                "are damaged or written by a newer ckptkit; ckptkit verify says which")
 
 
 def test_ls_json_is_strict_json_with_a_nan_metric(capsys, config_file):

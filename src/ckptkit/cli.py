@@ -20,7 +20,8 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-from .errors import CheckpointError, CkptkitError, IncompatibleCheckpointError, StorageUnavailableError
+from .errors import (CheckpointError, CheckpointNotFoundError, CkptkitError, IncompatibleCheckpointError,
+                     StorageUnavailableError)
 from .manager import CheckpointManager
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
@@ -223,6 +224,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                          "metrics": m.metrics, "mlflow_run_id": m.mlflow_run_id, "uri": ref.uri})
         if unreachable and not rows:
             raise _unlisted(unreachable)  # an empty table would read as an empty run
+        if not rows:  # as verify: a script asking what it could resume from is told there is nothing
+            raise _none_listed(args, ck, len(refs))
         table = _table(f"run {ck.run_name!r}: committed resume checkpoints",
                        ("backend", "step", "epoch", "format", "size", "created (UTC)", "metrics"),
                        whole=("step", "epoch", "size", "created (UTC)"))
@@ -230,23 +233,46 @@ def cmd_ls(args: argparse.Namespace) -> int:
             table.add_row(r["backend"], str(r["step"]), str(r["epoch"]), r["format"], _size(r["size"]),
                           _when(r["created"]), "\n".join(f"{k}: {v:.4g}" for k, v in r["metrics"].items()))
         _emit(args, rows, table)
-        if not rows and not unreachable and not args.json:
-            console.print(f"no committed checkpoint of run {ck.run_name!r} in "
-                          f"{', '.join(ck.router.backends(Role.RESUME))}", markup=False, highlight=False)
-        if rows and not args.json:
-            # The folders, whole: a URI does not fit a table column on a narrow terminal.
-            for name in dict.fromkeys(r["backend"] for r in rows):
-                uri = next(r["uri"] for r in rows if r["backend"] == name)
-                folder, _, last = uri.rstrip("/").rpartition("/")
-                # A third-party layout may name its checkpoints otherwise: shown as it is then.
-                shown = f"{folder}/step-NNNNNNNNNN" if re.fullmatch(r"step-\d{10}", last) else uri
-                console.print(f"{name}: {shown}", markup=False, highlight=False, soft_wrap=True)
+        if not args.json:
+            _print_folders(ck, rows, unreachable)
         if unreachable:
             _fail("; ".join(str(e) for e in unreachable.values()) + "; the table shows what the other backends hold")
             return 1
         return 0
     finally:
         ck.close()
+
+
+def _print_folders(ck: CheckpointManager, rows: list[dict[str, Any]], unreachable: dict[str, CkptkitError]) -> None:
+    """Where each resume backend keeps the run, whole: a URI does not fit a table column on a
+    narrow terminal. A backend holding none of the run's checkpoints says so."""
+    for name in ck.router.backends(Role.RESUME):
+        uri = next((r["uri"] for r in rows if r["backend"] == name), None)
+        if uri is None:
+            if name not in unreachable:  # one that could not be listed has its own error line
+                console.print(f"{name}: no checkpoint of run {ck.run_name!r}", markup=False, highlight=False)
+            continue
+        folder, _, last = uri.rstrip("/").rpartition("/")
+        # A third-party layout may name its checkpoints otherwise: shown as it is then.
+        shown = f"{folder}/step-NNNNNNNNNN" if re.fullmatch(r"step-\d{10}", last) else uri
+        console.print(f"{name}: {shown}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _none_listed(args: argparse.Namespace, ck: CheckpointManager, hidden: int) -> CheckpointError:
+    """The error of a run with no checkpoint to show: none committed, or only damaged ones or a
+    newer ckptkit's (``hidden``), which ls leaves out."""
+    backends = ck.router.backends(Role.RESUME)
+    where = f"resume backend{'s' if len(backends) != 1 else ''} {', '.join(backends)}"
+    if hidden:
+        return CheckpointError(f"run {ck.run_name!r} has no checkpoint that can be listed in {where}: "
+                               f"{hidden} committed {'is' if hidden == 1 else 'are'} damaged or written by a "
+                               "newer ckptkit; ckptkit verify says which")
+    # The run name is easy to leave out: say where the one looked up came from.
+    whose = ("" if args.run_name is not None else
+             " (the config's run_name; pass --run-name for another run)" if ck.config.run_name else
+             " (the default run name, as the config sets no run_name; pass --run-name)")
+    return CheckpointNotFoundError(f"run {ck.run_name!r}{whose} has no committed checkpoint in {where}",
+                                   ck.run_name)
 
 
 def _unlisted(unreachable: dict[str, CkptkitError]) -> StorageUnavailableError:
@@ -289,10 +315,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                  "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
-        _emit(args, rows, table)
         if not rows and not unreachable:
-            err_console.print(f"ckptkit: error: no committed checkpoint found for run {ck.run_name!r}")
-            return 1
+            raise _none_listed(args, ck, 0)
+        _emit(args, rows, table)
         corrupt = [r for r in rows if r["result"] == "corrupt"]
         unverified = [r for r in rows if r["result"] == "unverified"]
         newer = [r for r in rows if r["result"] == "newer"]

@@ -54,7 +54,8 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError, LookupError):
     """No committed checkpoint of the step asked for (``restore(step=...)``, ``peek(step=...)``,
-    ``export(step=...)``, ``ckptkit publish --step``).
+    ``export(step=...)``, ``ckptkit publish --step``), or of any step where one was needed
+    (``ckptkit ls`` and ``ckptkit verify`` of a run with none; ``step`` is -1 then).
 
     Raised only when every resume backend answered; with one that could not be listed,
     ``StorageUnavailableError`` is raised instead, since the step may lie there. ``run_name``,

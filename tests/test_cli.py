@@ -81,6 +81,19 @@ def test_check_names_each_final_problem_once(tmp_path):
     assert proc.stderr.startswith("ckptkit: error: backend 'tracking': ") and proc.stderr.strip().count("\n") == 0
 
 
+def test_ckptkit_log_warnings_are_one_line_each_like_the_cli_own(capsys, tmp_path):
+    """A warning ckptkit logs (here: a backend no role uses) reaches the terminal as the CLI's own
+    warnings do, prefixed and redacted; without a handler Python printed it bare, or not at all
+    where logging was set up elsewhere."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["unused"] = {"type": "local", "path": str(tmp_path / "unused")}
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "ls", str(path))
+    assert code == 1
+    assert "ckptkit: warning: backend 'unused' is declared but no role uses it" in err.splitlines()
+
+
 def test_ls_and_verify(capsys, config_file, saved):
     code, out, _ = run(capsys, "ls", str(config_file), "--json")
     rows = json.loads(out)

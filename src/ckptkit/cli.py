@@ -622,10 +622,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         argparse.ArgumentParser.error(exc.parser, exc.message)  # usage and message on stderr, exit 2
 
 
+class _LogLines(logging.Handler):
+    """ckptkit's own log records, warnings and errors, as the CLI's one-line messages: without a
+    handler Python prints them bare, with no prefix and nothing redacted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "error" if record.levelno >= logging.ERROR else "warning"
+        err_console.print(f"ckptkit: {kind}: {redact(record.getMessage(), secret_values())}", markup=False,
+                          highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _log_lines() -> Iterator[None]:
+    logger = logging.getLogger("ckptkit")
+    handler = _LogLines(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        with _quiet_mlflow(), warnings.catch_warnings():
+        with _quiet_mlflow(), _log_lines(), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.func(args)
     except (CkptkitError, OSError) as exc:  # a file the command was pointed at: one line, no traceback

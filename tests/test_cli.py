@@ -94,6 +94,16 @@ def test_ckptkit_log_warnings_are_one_line_each_like_the_cli_own(capsys, tmp_pat
     assert "ckptkit: warning: backend 'unused' is declared but no role uses it" in err.splitlines()
 
 
+def test_ls_shows_a_checkpoint_saved_without_an_epoch_as_a_dash(capsys, config_file):
+    from ckptkit import CheckpointManager
+
+    with CheckpointManager.from_config(str(config_file)) as ck:
+        ck.save(step=7, model=make_model()[0])
+    code, out, _ = run(capsys, "ls", str(config_file))
+    row = next(line for line in out.splitlines() if " 7 " in line)
+    assert code == 0 and "None" not in row and " - " in row
+
+
 def test_ls_and_verify(capsys, config_file, saved):
     code, out, _ = run(capsys, "ls", str(config_file), "--json")
     rows = json.loads(out)

@@ -230,7 +230,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                        ("backend", "step", "epoch", "format", "size", "created (UTC)", "metrics"),
                        whole=("step", "epoch", "size", "created (UTC)"))
         for r in rows:
-            table.add_row(r["backend"], str(r["step"]), str(r["epoch"]), r["format"], _size(r["size"]),
+            epoch = "-" if r["epoch"] is None else str(r["epoch"])
+            table.add_row(r["backend"], str(r["step"]), epoch, r["format"], _size(r["size"]),
                           _when(r["created"]), "\n".join(f"{k}: {v:.4g}" for k, v in r["metrics"].items()))
         _emit(args, rows, table)
         if not args.json:

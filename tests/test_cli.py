@@ -104,6 +104,20 @@ def test_ls_shows_a_checkpoint_saved_without_an_epoch_as_a_dash(capsys, config_f
     assert code == 0 and "None" not in row and " - " in row
 
 
+def test_with_json_an_error_after_the_output_leaves_stdout_one_document(capsys, config_file, saved, monkeypatch):
+    """An error once the command printed its JSON (here: closing the manager fails) goes to stderr
+    alone: a second object on stdout would make the whole of it unparseable."""
+    from ckptkit import BackendError, CheckpointManager
+
+    def failing_close(self):
+        raise BackendError("scratch", "closing failed")
+
+    monkeypatch.setattr(CheckpointManager, "close", failing_close)
+    code, out, err = run(capsys, "ls", str(config_file), "--json")
+    assert code == 1 and [r["step"] for r in json.loads(out)] == [3, 2, 1, 0]
+    assert "ckptkit: error: backend 'scratch': closing failed" in err
+
+
 def test_ls_and_verify(capsys, config_file, saved):
     code, out, _ = run(capsys, "ls", str(config_file), "--json")
     rows = json.loads(out)

@@ -872,41 +872,77 @@ class _BehindFS(LocalFileSystem):
         return info
 
 
-def test_a_prune_on_a_machine_whose_clock_runs_ahead_of_the_store_keeps_a_save_in_flight(tmp_path, caplog):
+def _leftover(folder, when=None):
+    """A step folder as a killed save leaves it: a file, no manifest; dated ``when`` by this machine."""
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"z" * 100)
+    if when is not None:
+        os.utime(folder / "state.pt", (when, when))
+        os.utime(folder, (when, when))
+
+
+def _prune(backend, run="exp", dry_run=False):
+    return backend.prune(run_name=run, keep_last=1, protected_steps=frozenset(), dry_run=dry_run, counted_steps=None)
+
+
+def test_a_prune_on_a_machine_whose_clock_runs_ahead_of_the_store_keeps_a_save_in_flight(tmp_path):
     """``ckptkit prune`` from a machine whose clock is ahead of the store's by more than the
     grace period saw another process's save in flight (files, no manifest yet) as a leftover
     hours old and deleted its files; the save then committed a manifest for files that were gone.
-    Ages are checked against the store's clock too before anything is deleted for them."""
+    Ages are checked against the store's clock too before anything is deleted for them, and a
+    dry run, which cannot read that clock, reports such a folder as kept."""
     fs = _BehindFS(auto_mkdir=True)
     root = str(tmp_path / "ckpts")
     saver, pruner = FileBackend("saver", fs, root), FileBackend("pruner", fs, root, leftover_grace_s=600.0)
+    _leftover(tmp_path / "ckpts" / "exp" / step_dirname(4), time.time() - 3600)  # killed an hour ago
     for step in (1, 2):
         saver.save_resume(run_name="exp", step=step, payload=payload(step))
     in_flight = tmp_path / "ckpts" / "exp" / step_dirname(3)
-    in_flight.mkdir()
-    (in_flight / "state.pt").write_bytes(b"y" * 100)  # a save of step 3 is writing, no manifest yet
-    crashed = tmp_path / "ckpts" / "exp" / step_dirname(4)
-    crashed.mkdir()
-    (crashed / "state.pt").write_bytes(b"z" * 100)  # a save killed an hour ago, by the store's clock
-    hour_ago = time.time() - 3600
-    os.utime(crashed / "state.pt", (hour_ago, hour_ago))
-    os.utime(crashed, (hour_ago, hour_ago))
+    _leftover(in_flight)  # a save of step 3 is writing now, no manifest yet
+    expected = [(1, "resume", f"{root}/exp/{step_dirname(1)}"), (-1, "leftover", f"{root}/exp/{step_dirname(4)}")]
 
-    deleted = pruner.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
-                           counted_steps=None)
-
-    assert sorted((r.step, r.role) for r in deleted) == [(-1, "leftover"), (1, "resume")]
-    assert [r.path for r in deleted if r.role == "leftover"] == [f"{root}/exp/{step_dirname(4)}"]
-    assert (in_flight / "state.pt").read_bytes() == b"y" * 100
+    assert sorted((r.step, r.role, r.path) for r in _prune(pruner, dry_run=True)) == sorted(expected)
+    assert sorted((r.step, r.role, r.path) for r in _prune(pruner)) == sorted(expected)
+    assert (in_flight / "state.pt").read_bytes() == b"z" * 100
     assert sorted(os.listdir(tmp_path / "ckpts" / "exp")) == [step_dirname(2), step_dirname(3)]
 
-    # Where the store's clock cannot be read, nothing is deleted for its age.
-    fs.pipe_file = lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError("read-only"))
-    crashed.mkdir()
-    (crashed / "state.pt").write_bytes(b"z" * 100)
-    os.utime(crashed / "state.pt", (hour_ago, hour_ago))
-    os.utime(crashed, (hour_ago, hour_ago))
-    assert pruner.prune(run_name="exp", keep_last=1, protected_steps=frozenset(), dry_run=False,
-                        counted_steps=None) == []
-    assert (crashed / "state.pt").exists()
+
+def test_where_the_store_clock_cannot_be_read_only_what_the_listing_proves_old_is_deleted(tmp_path, caplog):
+    """A pruner allowed to list and delete but not to write (a clean-up role) still removes a
+    leftover that a later save, by more than the grace period, shows to be old by the store's own
+    clock; one it cannot tell about (the newest thing in its run) is kept, and says why."""
+    fs = LocalFileSystem(auto_mkdir=True, skip_instance_cache=True)  # patched below
+    root = str(tmp_path / "ckpts")
+    saver, pruner = FileBackend("saver", fs, root), FileBackend("pruner", fs, root, leftover_grace_s=600.0)
+    _leftover(tmp_path / "ckpts" / "exp" / step_dirname(4), time.time() - 3600)
+    saver.save_resume(run_name="exp", step=1, payload=payload(1))
+    _leftover(tmp_path / "ckpts" / "solo" / step_dirname(5), time.time() - 3600)
+
+    def refused(*args, **kwargs):
+        raise PermissionError("this role may not write")
+
+    pruner.fs.pipe_file = refused
+    assert [(r.role, r.path) for r in _prune(pruner)] == [("leftover", f"{root}/exp/{step_dirname(4)}")]
+    assert "could not read the store's clock" not in caplog.text  # the listing alone proved it old
+    assert _prune(pruner, run="solo") == []
+    assert (tmp_path / "ckpts" / "solo" / step_dirname(5) / "state.pt").exists()
     assert "could not read the store's clock" in caplog.text
+    del pruner.fs.pipe_file
+    assert [r.path for r in _prune(pruner, run="solo")] == [f"{root}/solo/{step_dirname(5)}"]
+    assert os.listdir(tmp_path / "ckpts" / "solo") == []  # the clock's own file is gone too
+
+
+def test_what_a_prune_killed_while_reading_the_store_clock_left_goes_as_a_leftover(tmp_path):
+    root = tmp_path / "ckpts"
+    backend = FileBackend("store", LocalFileSystem(auto_mkdir=True, skip_instance_cache=True), str(root),
+                          leftover_grace_s=600.0)
+    backend.save_resume(run_name="exp", step=1, payload=payload(1))
+    left = root / "exp" / f"{storage.CLOCK_PREFIX}0123456789ab"
+    left.mkdir()
+    (left / "clock").write_bytes(b"")
+    assert _prune(backend) == []  # young: another prune may be reading the clock right now
+    hour_ago = time.time() - 3600
+    os.utime(left / "clock", (hour_ago, hour_ago))
+    os.utime(left, (hour_ago, hour_ago))
+    assert [r.path for r in _prune(backend)] == [str(left)]
+    assert os.listdir(root / "exp") == [step_dirname(1)]

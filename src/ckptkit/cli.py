@@ -45,6 +45,7 @@ def _strict(value: Any) -> Any:
 def _emit(args: argparse.Namespace, data: Any, table: Table | None) -> None:
     if getattr(args, "json", False):
         print(json.dumps(_strict(data), indent=2, default=str, allow_nan=False))
+        args.emitted = True  # stdout holds its one document: a later error goes to stderr alone
     elif table is not None:
         console.print(table)
 
@@ -383,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, NotADirectoryError) as exc:  # a bad --steps or --workdir
         raise CkptkitError(str(exc)) from None
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        _emit(args, summary, None)
     return 0 if summary["resumed_matches_uninterrupted"] else 1
 
 
@@ -607,7 +608,7 @@ def _print_error(kind: str, message: str) -> None:
 
 def _report(args: argparse.Namespace, kind: str, message: str, prefix: str = "ckptkit: error: ") -> None:
     """An error that ends the command: one line on stderr, and with --json one object on stdout."""
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and not getattr(args, "emitted", False):
         _print_error(kind, message)
     err_console.print(f"{prefix}{redact(message, secret_values())}", markup=False, highlight=False,
                       soft_wrap=True)

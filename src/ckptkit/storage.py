@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import errno
 import logging
+import math
 import os
 import posixpath
 import threading
@@ -45,7 +46,9 @@ STEP_PREFIX = "step-"
 STEP_DIGITS = 10
 FINAL_DIR = "final"
 # The temporary and trash folders of the local commit protocol (``LocalBackend``).
-LEFTOVER_PREFIXES = (".tmp-step-", ".tmp-final-", ".trash-step-", ".trash-final-")
+# The folder a prune writes a file into to read the store's clock (``FileBackend._store_now``).
+CLOCK_PREFIX = ".tmp-clock-"
+LEFTOVER_PREFIXES = (".tmp-step-", ".tmp-final-", ".trash-step-", ".trash-final-", CLOCK_PREFIX)
 DEFAULT_GRACE_S = 3600.0
 # No manifest ckptkit writes comes near this; a larger one is refused before it is read whole.
 MANIFEST_MAX = 16 * 2**20
@@ -209,7 +212,9 @@ class FileBackend:
     goes once it is still there ``leftover_grace_s`` after that first sighting. That sighting
     is never earlier than the folder was made, so another process's save in flight gets at
     least the grace period it would get by its own time. A one-shot ``ckptkit prune`` thus
-    never removes such a folder; the pruning after each save of a training run does.
+    never removes such a folder; the pruning after each save of a training run does. A folder
+    whose age is the store's own time is also checked against the store's clock (see
+    ``_aged_out``), which may write a file into the run to read it.
     """
 
     needs_folders = False
@@ -963,7 +968,8 @@ class FileBackend:
         listing = self._listing(run_name)
         old = self._aged_out(run_name, listing, self._aged(run_name, listing, now), now, dry_run)
         doomed = [self._ref(run_name, -1, path, role="leftover") for path, _ in self._leftovers(run_name, listing)
-                  if _final_folder(posixpath.basename(path)) and path not in in_flight and old(path)]
+                  if (_final_folder(posixpath.basename(path)) or posixpath.basename(path).startswith(CLOCK_PREFIX))
+                  and path not in in_flight and old(path)]
         # A publish killed mid-upload, or one whose abort failed, leaves an unfinished upload
         # that no listing shows and that the store bills until it is aborted.
         run = self.run_path(run_name)
@@ -988,20 +994,29 @@ class FileBackend:
 
     def _aged_out(self, run_name: str, listing: dict[str, _Folder], aged: dict[str, float], now: float,
                   dry_run: bool) -> Callable[[str], bool]:
-        """Whether a folder of ``listing`` is past the grace period: by this machine's clock, and,
-        before anything is deleted for it, by the store's as well when the age is the store's own
-        time. A machine whose clock runs ahead of the store's by more than the grace period
-        (a VM without NTP) would otherwise take another process's save in flight for a leftover
-        and delete files the save then commits a manifest for. A dry run deletes nothing and
-        asks nothing more."""
+        """Whether a folder of ``listing`` is past the grace period by this machine's clock and,
+        where its age is the store's own time, by the store's clock as well. A machine whose
+        clock runs ahead of the store's by more than the grace period (a VM without NTP) would
+        otherwise take another process's save in flight for a leftover and delete files the
+        save then commits a manifest for.
+
+        The newest time in the listing is a time the store's clock has passed, so a folder older
+        than the grace period by that needs no more; only where it is not (a leftover that is the
+        newest thing in the run) is the store's clock read, by writing a file (``_store_now``). A
+        dry run writes nothing, and so reports such a folder as kept."""
         grace = self.leftover_grace_s
+        newest = max((f.mtime for f in listing.values() if f.mtime is not None), default=-math.inf)
         store_now: list[float] = []
 
         def old(path: str) -> bool:
             if now - aged[path] <= grace:
                 return False
-            if dry_run or grace == 0 or listing[posixpath.basename(path)].mtime is None:
-                return True  # an age by this machine's own first sighting, or no grace to keep
+            if grace == 0 or listing[posixpath.basename(path)].mtime is None:
+                return True  # no grace to keep, or an age by this machine's own first sighting
+            if newest - aged[path] > grace:
+                return True
+            if dry_run:
+                return False
             if not store_now:
                 store_now.append(self._store_now(run_name, now))
             return store_now[0] - aged[path] > grace
@@ -1009,20 +1024,26 @@ class FileBackend:
         return old
 
     def _store_now(self, run_name: str, now: float) -> float:
-        """The store's clock, read as the time it gives a file written for the purpose into the
-        run's folder (a file there is in no listing of checkpoints), at most ``now``; minus
-        infinity, so that nothing counts as old, when it cannot be told."""
-        probe = posixpath.join(self.run_path(run_name), f".ckptkit-clock-{uuid.uuid4().hex[:12]}")
+        """The store's clock, read as the time it gives a file written for the purpose, at most
+        ``now``; minus infinity, so that nothing counts as old, when it cannot be told. The file
+        lies in a ``.tmp-clock-`` folder of the run, a leftover that a later prune removes should
+        this one be killed before it deletes it."""
+        folder = posixpath.join(self.run_path(run_name), f"{CLOCK_PREFIX}{uuid.uuid4().hex[:12]}")
+        probe = posixpath.join(folder, "clock")
         try:
+            self._make_folder(folder)
             self._call(f"writing {self.uri(probe)}", self.fs.pipe_file, probe, b"")
-            try:
-                written = _mtime(self._call(f"reading the time of {self.uri(probe)}", self.fs.info, probe))
-            finally:
-                self._call(f"deleting {self.uri(probe)}", self.fs.rm_file, probe)
+            written = _mtime(self._call(f"reading the time of {self.uri(probe)}", self.fs.info, probe))
         except Exception as exc:
             log.warning("backend %r: could not read the store's clock (%s); leftovers are kept until it can be "
                         "read", self.name, self.describe(exc))
-            return -float("inf")
+            written = -math.inf
+        try:
+            self._call(f"deleting {self.uri(folder)}", self._remove_tree, folder)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # a later prune removes it, as the leftover it then is
+            log.warning("backend %r: could not delete %s (%s)", self.name, self.uri(folder), self.describe(exc))
         return now if written is None else min(now, written)
 
     def _remove(self, run_name: str, doomed: list[CheckpointRef],

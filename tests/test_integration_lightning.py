@@ -69,6 +69,17 @@ class ValidatedNet(Net):
         return torch.utils.data.DataLoader(torch.arange(2), batch_size=1)
 
 
+class SetupLoadNet(Net):
+    """Net loading weights (a pretrained backbone, say) in its ``setup``, which Lightning calls
+    after the callbacks' own ``setup``, where ckptkit restores."""
+
+    def setup(self, stage):
+        pretrained = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=pretrained))
+
+
 # The loader a fit uses, set from its spec: "plain", or "per_rank" recording into LOADER["record"].
 LOADER = {"kind": "plain", "record": ""}
 
@@ -115,7 +126,7 @@ def main(spec_path: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     pl.seed_everything(1, verbose=False)
-    model = ValidatedNet() if spec.get("validate") else Net()
+    model = ValidatedNet() if spec.get("validate") else SetupLoadNet() if spec.get("setup_load") else Net()
     validation = {"val_check_interval": 3, "num_sanity_val_steps": 0} if spec.get("validate") else {}
     tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt()], logger=False,
                        default_root_dir=spec["workdir"], **validation)
@@ -156,13 +167,14 @@ class Fit:
     """
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
-                 devices: int = 1, env: dict | None = None, loader: str = "plain", validate: bool = False):
+                 devices: int = 1, env: dict | None = None, loader: str = "plain", validate: bool = False,
+                 setup_load: bool = False):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.out, self.kill_after = workdir, out, kill_after
         spec = workdir / f"spec-{out}.json"
         spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
                                     "kill_after": kill_after, "devices": devices, "loader": loader,
-                                    "validate": validate}))
+                                    "validate": validate, "setup_load": setup_load}))
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
         self.log = open(workdir / f"log-{out}.txt", "w+")
@@ -409,6 +421,20 @@ def test_a_step_that_validates_is_saved_after_its_validation_and_resumes_bit_ide
         assert_same_training(reference.result(), got)
         # keep_best kept step 6, the lowest val_loss, beside the newest two.
         assert committed_steps(tmp_path / "ckpts") == [6, 15, 17]
+    finally:
+        reference.stop()
+
+
+def test_a_module_loading_weights_in_its_setup_resumes_the_saved_weights_bit_identical(tmp_path):
+    """LightningModule.setup runs after the callbacks' setup: its load of pretrained weights went
+    into the very tensors Lightning then restored from, and the fit went on from the pretrained
+    weights instead of the saved ones, as with Lightning's own ckpt_path it does not."""
+    reference = Fit(tmp_path / "reference", local_config(tmp_path / "reference"), setup_load=True)
+    try:
+        fit(tmp_path, local_config(tmp_path), kill_after=10, setup_load=True)
+        got = fit(tmp_path, local_config(tmp_path), setup_load=True)
+        assert got["restored_step"] == 8
+        assert_same_training(reference.result(), got)
     finally:
         reference.stop()
 

@@ -187,9 +187,12 @@ class CkptkitCheckpoint(Checkpoint):
             raise ConfigError(f"{restored.ref.uri} was not written by CkptkitCheckpoint (its extra holds no "
                               f"{LIGHTNING_KEY!r} state); resume it with the loop that wrote it, or use a new run_name")
         checkpoint = _with_loaders(checkpoint, restored.rank_extra.get(LOADERS_KEY))
-        # The weights are in the module already (restore broadcast them); Lightning loads them again
-        # from here after its on_load_checkpoint hooks, as it would from a file.
-        checkpoint["state_dict"] = pl_module.state_dict()
+        # Lightning loads the weights from here after LightningModule.setup, which runs after this
+        # and may load weights of its own (a pretrained backbone) into the module: a copy, so
+        # that the restored ones win, as they do from a file. It lives until Lightning's restore,
+        # before any optimizer state exists, so training's own peak memory stays above it.
+        checkpoint["state_dict"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in pl_module.state_dict().items()}
         from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
         connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, restored.ref.uri)

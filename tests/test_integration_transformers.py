@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckptkit.errors import ConfigError
+
 MAX_STEPS = 12
 EVERY = 4
 KILL_AT = 6  # after the save of step 4, before the one of step 8
@@ -312,3 +314,36 @@ def kill_at(step):
 if __name__ == "__main__":
     config_path, out_dir, step = sys.argv[1:]
     train(json.loads(open(config_path).read()), out_dir, extra_callbacks=[kill_at(int(step))])
+
+
+def test_the_last_step_is_committed_so_a_finished_training_run_again_trains_and_publishes_nothing(tmp_path):
+    """With max_steps no multiple of every_n_steps, the last steps were never committed: run
+    again, the training resumed before its end, trained them again and published a second time."""
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    config["roles"]["resume"]["every_n_steps"] = 5
+    train(config, tmp_path / "out")
+    assert steps(tmp_path / "ckpts" / "hf") == [10, 12]
+    published = tmp_path / "final" / "hf" / "final" / "manifest.json"
+    first = published.read_bytes()
+
+    _, resumed = train(config, tmp_path / "out")
+    assert resumed.endswith("checkpoint-12")
+    assert published.read_bytes() == first
+
+
+def test_save_strategy_best_is_refused_before_a_step_as_it_cancels_the_scheduled_saves(tmp_path):
+    """The Trainer sets should_save to "best yet?" after each evaluation, over the save ckptkit
+    asked for: with evaluations at the due steps, only the first was ever committed."""
+    from transformers import Trainer, TrainingArguments
+
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=MAX_STEPS, per_device_train_batch_size=4,
+                             save_strategy="best", eval_strategy="steps", eval_steps=EVERY,
+                             metric_for_best_model="eval_loss", report_to=[], use_cpu=True, disable_tqdm=True)
+    callback = CkptkitCallback(local_config(tmp_path), run_name="hf")
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:4],
+                      callbacks=[callback])
+    with pytest.raises(ConfigError, match=r'save_strategy="best" lets the Trainer cancel.*keep_best'):
+        trainer.train()
+    assert not (tmp_path / "ckpts").exists() or steps(tmp_path / "ckpts" / "hf") == []

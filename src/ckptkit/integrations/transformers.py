@@ -27,7 +27,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - the extra is what bring
     raise ImportError("ckptkit.integrations.transformers needs Hugging Face transformers (and accelerate, for its "
                       'Trainer): pip install "ckptkit[transformers]"') from exc
 
-from ..errors import IncompatibleCheckpointError
+from ..errors import ConfigError, IncompatibleCheckpointError
 from ..manager import CheckpointManager
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,13 @@ class CkptkitCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
         # is active on this thread, so that the final model is logged to that run.
+        if self.drive_saves and str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
+            # The Trainer sets should_save to "is this evaluation the best yet" after its
+            # evaluation, over the save ckptkit's schedule asked for at that step.
+            raise ConfigError('save_strategy="best" lets the Trainer cancel, at every evaluation that is '
+                              "not the best yet, the saves roles.resume.every_n_steps asks for; use "
+                              'save_strategy="no" and roles.resume.keep_best (metric: eval_loss) to keep the best '
+                              "checkpoint, or CkptkitCallback(drive_saves=False) to let the Trainer decide alone")
         self.manager.tracking_run_id()
         self._start_step = state.global_step
         if "mlflow" in (args.report_to or []) and os.environ.get(LOG_ARTIFACTS, "").upper() in ("1", "TRUE", "ON", "YES"):
@@ -124,7 +131,11 @@ class CkptkitCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._steps_run += 1
-        if self.drive_saves and self.manager.is_due(state.global_step):
+        # The last step too: a finished training started again then resumes at its end, and
+        # neither trains its last steps again nor publishes a second time. (Started again, the
+        # Trainer runs one step past the end, which is not saved.)
+        last = state.global_step >= state.max_steps > self._start_step
+        if self.drive_saves and (self.manager.is_due(state.global_step) or last):
             control.should_save = True
         return control
 

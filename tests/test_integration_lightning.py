@@ -80,6 +80,13 @@ class SetupLoadNet(Net):
                 p.copy_(torch.randn(p.shape, generator=pretrained))
 
 
+class EmptyValidationNet(ValidatedNet):
+    """ValidatedNet whose validation loader has no batch: Lightning runs no validation hook."""
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(0), batch_size=1)
+
+
 # The loader a fit uses, set from its spec: "plain", or "per_rank" recording into LOADER["record"].
 LOADER = {"kind": "plain", "record": ""}
 
@@ -126,8 +133,10 @@ def main(spec_path: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     pl.seed_everything(1, verbose=False)
-    model = ValidatedNet() if spec.get("validate") else SetupLoadNet() if spec.get("setup_load") else Net()
+    model = (EmptyValidationNet() if spec.get("empty_validation") else ValidatedNet() if spec.get("validate")
+             else SetupLoadNet() if spec.get("setup_load") else Net())
     validation = {"val_check_interval": 3, "num_sanity_val_steps": 0} if spec.get("validate") else {}
+    validation.update(spec.get("validation") or {})
     tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt()], logger=False,
                        default_root_dir=spec["workdir"], **validation)
     tr.fit(model)
@@ -168,13 +177,14 @@ class Fit:
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
                  devices: int = 1, env: dict | None = None, loader: str = "plain", validate: bool = False,
-                 setup_load: bool = False):
+                 setup_load: bool = False, validation: dict | None = None, empty_validation: bool = False):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.out, self.kill_after = workdir, out, kill_after
         spec = workdir / f"spec-{out}.json"
         spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
                                     "kill_after": kill_after, "devices": devices, "loader": loader,
-                                    "validate": validate, "setup_load": setup_load}))
+                                    "validate": validate, "setup_load": setup_load, "validation": validation,
+                                    "empty_validation": empty_validation}))
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
         self.log = open(workdir / f"log-{out}.txt", "w+")
@@ -318,12 +328,6 @@ def test_a_killed_fit_resumes_from_s3_bit_identical_and_keep_last_holds(tmp_path
     assert s3_steps(fs, "lit-ckpts/runs/lit") == [16, 17]
 
 
-# Lightning itself counts one epoch start fewer after a restart at an epoch's end (its own
-# ModelCheckpoint's files resume the same way); everything else is as uninterrupted.
-SKIPPED_EPOCH_START = frozenset(f"loops/epoch_progress/{w}/{c}" for w in ("total", "current")
-                                for c in ("ready", "started"))
-
-
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory):
     """The uninterrupted fit on 2 DDP processes (its setup draws differently from one process)."""
@@ -437,6 +441,49 @@ def test_a_module_loading_weights_in_its_setup_resumes_the_saved_weights_bit_ide
         assert_same_training(reference.result(), got)
     finally:
         reference.stop()
+
+
+# Lightning itself counts one epoch start fewer after a restart at an epoch's end (its own
+# ModelCheckpoint's files resume the same way); everything else is as uninterrupted.
+SKIPPED_EPOCH_START = frozenset(f"loops/epoch_progress/{w}/{c}" for w in ("total", "current")
+                                for c in ("ready", "started"))
+
+
+@pytest.mark.parametrize("validation, kill_after, restored, val_loss, loops", [
+    # Validation at each epoch's end: a restarted fit finishes that epoch again and makes the
+    # next epoch's loader iterator a second time, which drew a seed the uninterrupted fit did not.
+    ({"val_check_interval": 1.0}, 10, 7, 9.0, frozenset()),
+    # Validation every other epoch, mid-epoch too: a restart fast-forwards the validation loop's
+    # progress, making its loader's iterator (a draw) before the first step.
+    ({"val_check_interval": 3}, 10, 7, 1.0, SKIPPED_EPOCH_START),  # (step 6's validation logged it)
+    # Every other epoch: the validation loop sets up its data only at its first validation, so
+    # before it the step looked as if nothing would validate and was saved before validation.
+    ({"val_check_interval": 1.0, "check_val_every_n_epoch": 2}, 16, 14, 9.0, frozenset()),
+], ids=["each-epoch-end", "every-3-batches", "every-2nd-epoch"])
+def test_a_save_at_an_epochs_last_batch_of_a_validating_fit_resumes_bit_identical(
+        tmp_path, validation, kill_after, restored, val_loss, loops):
+    config = local_config(tmp_path, every=BATCHES_PER_EPOCH)
+    reference = Fit(tmp_path / "reference", local_config(tmp_path / "reference", every=BATCHES_PER_EPOCH),
+                    validate=True, validation=validation)
+    try:
+        fit(tmp_path, config, kill_after=kill_after, validate=True, validation=validation)
+        manifest = json.loads((tmp_path / f"ckpts/lit/step-{restored:010d}/manifest.json").read_text())
+        assert manifest["metrics"].get("val_loss") == val_loss  # saved after its validation, where one ran
+        got = fit(tmp_path, config, validate=True, validation=validation)
+        assert got["restored_step"] == restored
+        assert_same_training(reference.result(), got, loop_exceptions=loops)
+    finally:
+        reference.stop()
+
+
+def test_a_step_left_for_a_validation_that_does_not_run_is_still_saved(tmp_path):
+    """A fit validating every other epoch sets its validation data up at its first validation:
+    only then does it turn out to have no batch, and no validation hook runs. The step left to be
+    saved after it is saved at the epoch's end instead of being lost."""
+    validation = {"val_check_interval": 1.0, "check_val_every_n_epoch": 2}
+    fit(tmp_path, local_config(tmp_path, every=BATCHES_PER_EPOCH), validate=True, validation=validation,
+        empty_validation=True)
+    assert committed_steps(tmp_path / "ckpts") == [14, 17]
 
 
 def test_fit_with_a_ckpt_path_over_a_run_it_resumes_is_refused_before_any_step(tmp_path, monkeypatch):

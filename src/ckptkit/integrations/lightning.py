@@ -189,8 +189,8 @@ class CkptkitCheckpoint(Checkpoint):
         checkpoint = _with_loaders(checkpoint, restored.rank_extra.get(LOADERS_KEY))
         # Lightning loads the weights from here after LightningModule.setup, which runs after this
         # and may load weights of its own (a pretrained backbone) into the module: a copy, so
-        # that the restored ones win, as they do from a file. It lives until Lightning's restore,
-        # before any optimizer state exists, so training's own peak memory stays above it.
+        # that the restored ones win, as they do from a file. It is dropped once Lightning loaded
+        # it (on_fit_start), before the optimizers' state is restored.
         checkpoint["state_dict"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                                     for k, v in pl_module.state_dict().items()}
         from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
@@ -213,6 +213,9 @@ class CkptkitCheckpoint(Checkpoint):
                 f"that file over step {self.restored_step}, which ckptkit restored from run "
                 f"{self.manager.run_name!r}. Remove ckpt_path from fit(): CkptkitCheckpoint resumes the newest "
                 "committed checkpoint. To start from that file instead, give CkptkitCheckpoint a new run_name")
+        loaded = getattr(_connector(trainer), "_loaded_checkpoint", None)
+        if self.restored_step is not None and not trainer.strategy.restore_checkpoint_after_setup and loaded:
+            loaded.pop("state_dict", None)  # in the module now: the copy made in setup goes
         self._restore_rng_at_epoch_end()
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,23 +223,45 @@ class CkptkitCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
-            self._pending_rng = None
+            # The generators as the uninterrupted fit had them at the next epoch's first batch:
+            # the saved ones, then the draws of making the loader's iterator.
+            self._pending_rng = {**self._pending_rng, "first_batch": RngState().state_dict()}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit restarted after an epoch's validation finishes that epoch again (its end hooks)
+        # and makes the next epoch's iterator anew, right after this: from the saved generators,
+        # as the uninterrupted fit made it (a shuffling sampler's order comes from them).
+        self._restore_rng_at_epoch_end()
 
     def _restore_rng_at_epoch_end(self) -> None:
         # Saved at an epoch's last batch: the uninterrupted fit went on to make the next epoch's
-        # loader iterator (which draws a seed), and the resumed fit makes it once while setting up
-        # its data, after the sanity check. The generators go back before that; set again after
-        # a sanity check, whose draws the uninterrupted fit made before its first step.
+        # loader iterator (which draws a seed), and the resumed fit makes it while setting up its
+        # data, after the sanity check. The generators go back before that; set again after a
+        # sanity check, whose draws the uninterrupted fit made before its first step.
         if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
             RngState().load_state_dict(self._pending_rng["state"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         # Saved mid-epoch: the generators go back after Lightning made the loader's iterator again
-        # (which draws a seed), where the uninterrupted fit was when it saved.
+        # (which draws a seed), where the uninterrupted fit was when it saved. Saved at an
+        # epoch's end: as they were once the iterator was made, whatever a restarted loop drew
+        # since (a validation loader's iterator, made to fast-forward its progress).
         if self._pending_rng is not None:
-            RngState().load_state_dict(self._pending_rng["state"])
+            state = self._pending_rng.get("first_batch", self._pending_rng["state"])
+            RngState().load_state_dict(state)
             self._pending_rng = None
+        self._save_unvalidated(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_unvalidated(trainer, pl_module)
+
+    def _save_unvalidated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A step left to be saved after its validation, which did not run after all (a loader
+        # with no batches, known only as it ran): saved now, before anything trains further.
+        step, self._after_validation = self._after_validation, None
+        if step is not None and step == trainer.global_step:
+            self._save(trainer, pl_module, step, force=True)
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -313,7 +338,9 @@ def _validates_next(trainer: pl.Trainer) -> bool:
     decide = getattr(loop, "_should_check_val_fx", None)
     if decide is None or getattr(trainer, "_val_check_time_interval", None) is not None:
         return False
-    if getattr(loop.val_loop, "skip", False):  # no batches to validate: no validation hooks either
+    # No batches to validate: no validation hooks either. Known only once the validation loop set
+    # up its data, which a fit validating every n epochs does at its first validation.
+    if getattr(loop.val_loop, "_combined_loader", None) is not None and getattr(loop.val_loop, "skip", False):
         return False
     try:
         return bool(decide(trainer.fit_loop._data_fetcher))

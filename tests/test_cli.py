@@ -94,6 +94,37 @@ def test_ckptkit_log_warnings_are_one_line_each_like_the_cli_own(capsys, tmp_pat
     assert "ckptkit: warning: backend 'unused' is declared but no role uses it" in err.splitlines()
 
 
+def test_a_plugins_log_warnings_are_redacted_lines_too_and_a_bad_record_fails_nothing(capsys, monkeypatch, tmp_path):
+    """A plugin logs under its own name (ckptkit_mlflow.backend): its warnings reach the terminal
+    as ckptkit's do, with credentials taken out; a record that cannot be formatted is reported by
+    logging and the command goes on."""
+    import logging
+
+    from ckptkit import cli
+
+    def command(args):
+        logging.getLogger("ckptkit_mlflow.backend").warning("run not usable: http://user:s3cr3t@host/api")
+        logging.getLogger("ckptkit.manager").warning("bad %d", "x")
+        print("went on")
+        return 0
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_command(parser(), command))
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # as in production: handleError is quiet
+    code, out, err = run(capsys, "backends")
+    assert code == 0 and out.strip() == "went on"
+    assert "ckptkit: warning: run not usable: http://***@host/api" in err.splitlines()
+    assert "s3cr3t" not in err
+
+
+def _with_command(parser, command):
+    parser.set_defaults(func=command)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=command)
+    return parser
+
+
 def test_ls_shows_a_checkpoint_saved_without_an_epoch_as_a_dash(capsys, config_file):
     from ckptkit import CheckpointManager
 

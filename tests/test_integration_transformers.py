@@ -342,8 +342,34 @@ def test_save_strategy_best_is_refused_before_a_step_as_it_cancels_the_scheduled
                              save_strategy="best", eval_strategy="steps", eval_steps=EVERY,
                              metric_for_best_model="eval_loss", report_to=[], use_cpu=True, disable_tqdm=True)
     callback = CkptkitCallback(local_config(tmp_path), run_name="hf")
-    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:4],
-                      callbacks=[callback])
     with pytest.raises(ConfigError, match=r'save_strategy="best" lets the Trainer cancel.*keep_best'):
+        Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:4],
+                callbacks=[callback])
+    # A callback added to a Trainer already built is refused as training starts.
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:4])
+    trainer.add_callback(callback)
+    with pytest.raises(ConfigError, match=r'save_strategy="best"'):
         trainer.train()
     assert not (tmp_path / "ckpts").exists() or steps(tmp_path / "ckpts" / "hf") == []
+
+
+def test_with_the_trainers_own_epoch_strategy_the_last_step_is_committed_once(tmp_path, monkeypatch):
+    """The Trainer saves the end itself with save_strategy="epoch": asking for it as well wrote
+    and committed the last checkpoint twice."""
+    from transformers import Trainer, TrainingArguments
+
+    from ckptkit import CheckpointManager
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    committed = []
+    save_files = CheckpointManager.save_files
+    monkeypatch.setattr(CheckpointManager, "save_files",
+                        lambda self, **kw: committed.append(kw["step"]) or save_files(self, **kw))
+    config = local_config(tmp_path)
+    config["roles"]["resume"]["every_n_steps"] = 3
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=4,
+                             save_strategy="epoch", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(),
+                      callbacks=[CkptkitCallback(config, run_name="hf")])
+    trainer.train()
+    assert committed == [3, 6, 9, 10, 12, 15, 18, 20]

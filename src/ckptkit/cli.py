@@ -625,24 +625,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class _LogLines(logging.Handler):
-    """ckptkit's own log records, warnings and errors, as the CLI's one-line messages: without a
-    handler Python prints them bare, with no prefix and nothing redacted."""
+    """The log records of ckptkit and its plugins (``ckptkit_s3``, ...), warnings and errors, as
+    the CLI's one-line messages: without a handler Python prints them bare, with no prefix and
+    nothing redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".", 1)[0].startswith("ckptkit") and super().filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
-        kind = "error" if record.levelno >= logging.ERROR else "warning"
-        err_console.print(f"ckptkit: {kind}: {redact(record.getMessage(), secret_values())}", markup=False,
-                          highlight=False, soft_wrap=True)
+        try:
+            kind = "error" if record.levelno >= logging.ERROR else "warning"
+            err_console.print(f"ckptkit: {kind}: {redact(record.getMessage(), secret_values())}", markup=False,
+                              highlight=False, soft_wrap=True)
+        except Exception:  # a record that cannot be printed must not fail the code that logged it
+            self.handleError(record)
 
 
 @contextlib.contextmanager
 def _log_lines() -> Iterator[None]:
-    logger = logging.getLogger("ckptkit")
+    # On the root logger, where the records of every plugin's own logger arrive.
     handler = _LogLines(logging.WARNING)
-    logger.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

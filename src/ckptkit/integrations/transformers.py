@@ -53,6 +53,10 @@ def _latest_metrics(state: TrainerState) -> dict[str, float]:
     return metrics
 
 
+def _save_strategy(args: TrainingArguments) -> str:
+    return str(getattr(args.save_strategy, "value", args.save_strategy))
+
+
 class CkptkitCallback(TrainerCallback):
     """Routes the Trainer's checkpoints through ckptkit: resume folders to the resume backends,
     the trained model once to the final backends.
@@ -111,16 +115,23 @@ class CkptkitCallback(TrainerCallback):
 
     # -- the Trainer's events ---------------------------------------------------------------
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
-        # is active on this thread, so that the final model is logged to that run.
-        if self.drive_saves and str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._refuse_save_best(args)  # as Trainer(...) is built, before resume_from fetches anything
+        return control
+
+    def _refuse_save_best(self, args: TrainingArguments) -> None:
+        if self.drive_saves and _save_strategy(args) == "best":
             # The Trainer sets should_save to "is this evaluation the best yet" after its
             # evaluation, over the save ckptkit's schedule asked for at that step.
             raise ConfigError('save_strategy="best" lets the Trainer cancel, at every evaluation that is '
                               "not the best yet, the saves roles.resume.every_n_steps asks for; use "
                               'save_strategy="no" and roles.resume.keep_best (metric: eval_loss) to keep the best '
                               "checkpoint, or CkptkitCallback(drive_saves=False) to let the Trainer decide alone")
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
+        # is active on this thread, so that the final model is logged to that run.
+        self._refuse_save_best(args)
         self.manager.tracking_run_id()
         self._start_step = state.global_step
         if "mlflow" in (args.report_to or []) and os.environ.get(LOG_ARTIFACTS, "").upper() in ("1", "TRUE", "ON", "YES"):
@@ -132,9 +143,10 @@ class CkptkitCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._steps_run += 1
         # The last step too: a finished training started again then resumes at its end, and
-        # neither trains its last steps again nor publishes a second time. (Started again, the
-        # Trainer runs one step past the end, which is not saved.)
-        last = state.global_step >= state.max_steps > self._start_step
+        # neither trains its last steps again nor publishes a second time. The Trainer's own
+        # "steps" and "epoch" strategies save the end themselves; asking again would write and
+        # commit it twice.
+        last = state.global_step >= state.max_steps > self._start_step and _save_strategy(args) == "no"
         if self.drive_saves and (self.manager.is_due(state.global_step) or last):
             control.should_save = True
         return control

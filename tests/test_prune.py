@@ -313,6 +313,30 @@ def test_save_returns_before_its_prune_and_the_next_write_waits_for_it(tmp_path)
     assert CheckpointManager.from_config(cfg, plugin_manager=pm).list_checkpoints()[0].step == 3
 
 
+def test_a_save_of_a_step_that_is_not_due_does_not_wait_for_the_prune(tmp_path):
+    """Training calls save at every step: one that is not due writes nothing, and waited for the
+    prune after the last due save all the same, which on a store that stopped answering held a
+    training step for minutes (8 of them with the default retries), async saves included."""
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldprune", _HeldPrune)
+    cfg = local_config(tmp_path, final=False, keep=1, every=2)
+    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    backend = ck.router.instances["scratch"]
+    model, opt = make_model()
+    try:
+        ck.save(step=2, model=model, optimizer=opt)
+        assert backend.entered.wait(20), "the prune after the save of step 2 runs, and is held"
+        step, out = _in_thread(ck.save, step=3, model=model, optimizer=opt)
+        step.join(20)
+        assert not step.is_alive(), "a step that is not due waited for the prune"
+        assert out["result"] == []
+    finally:
+        backend.release.set()
+        ck.close()
+    assert _steps(tmp_path) == [2]
+
+
 def test_best_steps_waits_for_the_prune_that_reads_and_fills_the_same_metrics(tmp_path):
     """best_steps and the prune after a save both read and fill the manager's metrics by step
     (the prune calls it on its thread): a call of it while that prune runs waits for it, as

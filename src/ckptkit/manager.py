@@ -566,7 +566,8 @@ class CheckpointManager:
         """Save a resume checkpoint if ``step`` is due (a multiple of every_n_steps), then prune.
 
         The prune (keep_last) runs on a thread of rank 0 once the checkpoint is committed; the
-        next call of this manager waits for it, and a failed prune is logged as a warning.
+        next call of this manager that writes or reads the store waits for it (a save of a step
+        that is not due does not), and a failed prune is logged as a warning.
 
         Call it on every rank. Returns the references of the committed copies (on every rank),
         empty when nothing was due. A backend that fails does not stop the others; once all were
@@ -593,13 +594,17 @@ class CheckpointManager:
         at a time. With ``async_copy: background`` the parameters and optimizer state are copied
         on that thread too, and the next ``optimizer.step()`` (of any optimizer) waits for the copy.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         role = self.resume_role
         self._tracking_run_id()  # starts the lookup well before the first due save
         step = _count("step", step)
         epoch = None if epoch is None else _count("epoch", epoch)
         if not force and not self.is_due(step):
+            # Nothing to write: the prune after the last save (on a store that stopped
+            # answering, minutes of retries) is waited for by the next save that writes.
             return []
+        self._check_open()
         self._check_step_grows(step)
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None

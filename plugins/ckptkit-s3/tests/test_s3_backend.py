@@ -572,6 +572,28 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     assert torch.equal(restored[0].weight, model(3)[0].weight)
 
 
+def test_a_listing_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounded_time(
+        pm, s3_backend_options, make_fault_proxy, moto_port, in_thread):
+    """botocore's read timeout waits between bytes, and only downloads' bodies had a deadline:
+    a listing (or a multipart upload's completion) answered a byte at a time held restore, and
+    a save, for half an hour and more. Every answer now has one: the timeout plus 1 MiB at the
+    slowest rate that counts as progress, per client try."""
+    proxy = make_fault_proxy(moto_port)
+    opts = s3_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
+    opts["retry"] = {"attempts": 1}
+    manager(pm, {"archive": opts}, ["archive"]).save(step=0, model=model(3))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "list-type=2" in p, drip=0.5, times=None,
+                                hold=threading.Event()))
+    hung, outcome = in_thread(lambda: manager(pm, {"archive": opts}, ["archive"]).restore(model=model()))
+    dripping.hold.set()
+    assert not hung, "restore still waits on a listing sent a byte at a time"
+    assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
+    assert "was not answered within 17.0 s" in str(outcome), outcome
+    proxy.clear()
+    assert manager(pm, {"archive": opts}, ["archive"]).restore(model=model()).step == 0
+
+
 def test_a_store_that_does_not_answer_is_asked_once_per_client_try_and_attempt(
         pm, s3_backend_options, make_fault_proxy, moto_port, bucket, in_thread):
     """botocore retries each request, s3fs retried botocore's failures again (and again around

@@ -70,6 +70,12 @@ __version__ = "0.4.0"
 _MIN_UPLOAD_RATE = 64 * 1024
 _MIN_PROGRESS = 4 * 1024
 _SENDS_BODY = frozenset({"put_object", "upload_part"})
+# The largest answer a request that sends no body gets, whole, before botocore returns: a
+# listing page of 1000 keys is about 350 KB. It is read at _MIN_UPLOAD_RATE at least.
+_WHOLE_ANSWER = 2**20
+# Copies the store makes itself take a time that grows with a size not known here (and S3 sends
+# filler bytes meanwhile): bounded by botocore's timeouts alone.
+_UNBOUNDED = frozenset({"copy_object", "upload_part_copy"})
 
 
 class UploadStalled(ConnectionError):
@@ -165,7 +171,21 @@ class _S3FileSystem(s3fs.S3FileSystem):
                     f"{method} of {size} bytes to {kwargs.get('Bucket')}/{kwargs.get('Key')} was not answered "
                     f"within {deadline:.1f} s (the store's timeouts and retries, the body sent at "
                     f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
-        out = await call
+        if method in _UNBOUNDED:
+            out = await call
+        else:
+            # The whole answer (headers alone for a download, whose body is watched below):
+            # a store sending it a byte at a time never trips botocore's wait between bytes.
+            deadline = self.tries * (self.wait_s + _WHOLE_ANSWER / _MIN_UPLOAD_RATE)
+            if method == "complete_multipart_upload":  # the store assembles the parts first
+                deadline += len((kwargs.get("MultipartUpload") or {}).get("Parts") or ())
+            try:
+                out = await asyncio.wait_for(call, deadline)
+            except asyncio.TimeoutError as exc:
+                raise StoreNotAnswering(
+                    f"{method} of {kwargs.get('Bucket')}/{kwargs.get('Key', kwargs.get('Prefix', ''))} was not "
+                    f"answered within {deadline:.1f} s (the store's timeouts and retries, the answer at "
+                    f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
         if method == "get_object" and isinstance(out, dict) and "Body" in out:
             out["Body"] = _WatchedBody(out["Body"], self.wait_s, f"{kwargs.get('Bucket')}/{kwargs.get('Key')}")
         return out

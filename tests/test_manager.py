@@ -991,3 +991,25 @@ def test_restore_files_refuses_a_folder_holding_other_files(tmp_path, pm):
     # A folder filled so and saved again holds the trainer's files alone.
     assert ck.save_files(step=3, files=mine)[0].sizes == {"weights-2.bin": 100}
     ck.close()
+
+
+def test_a_restore_from_one_backend_while_another_cannot_be_listed_says_so_to_the_caller(tmp_path):
+    """The backend that could not be listed may hold newer steps than the one restored: that was
+    only logged, and a trainer not showing ckptkit's log went on from an older step unaware. It is
+    a RuntimeWarning now, and ``Restored.skipped`` says it."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
+    with CheckpointManager.from_config(cfg) as ck:
+        model, opt = make_model()
+        for step in (1, 2):
+            train_step(model, opt)
+            ck.save(step=step, model=model, optimizer=opt)
+    os.rename(tmp_path / "nas", tmp_path / "nas-away")
+    (tmp_path / "nas").write_text("a file where the folder was: the store cannot be listed")
+
+    with CheckpointManager.from_config(cfg) as ck:
+        with pytest.warns(RuntimeWarning, match=r"going on with what the other backends hold.*could not list: nas"):
+            restored = ck.restore(model=make_model()[0])
+    assert restored.step == 2 and restored.ref.backend == "scratch"
+    assert len(restored.skipped) == 1 and "could not list: nas" in restored.skipped[0]

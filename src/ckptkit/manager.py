@@ -166,6 +166,8 @@ class Restored(CheckpointInfo):
     saved on fewer ranks, or without ``rank_extra``).
     """
 
+    # Why each newer checkpoint was passed over: damaged, or on a backend that could not be
+    # listed (which may hold newer steps than the one restored).
     skipped: tuple[str, ...] = ()
     rank_extra: dict[str, Any] = attrs.field(factory=dict)
     ranks_without_state: tuple[int, ...] = ()
@@ -1049,9 +1051,12 @@ class CheckpointManager:
             f"run {self.run_name!r} has no committed checkpoint of step {step} ({_steps_text(steps, step)})",
             self.run_name, step, tuple(steps))
 
-    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError]) -> None:
+    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError]) -> str | None:
+        """Raise where backends could not be listed and nothing was found elsewhere; where
+        something was, warn (on rank 0) that those backends may hold newer steps, and return
+        the warning."""
         if not unreachable:
-            return
+            return None
         detail = fanout.describe_failures(unreachable)
         if not found:
             error = StorageUnavailableError(
@@ -1061,7 +1066,11 @@ class CheckpointManager:
                 "storage answers, or remove the backend from roles.resume.backends to start without it")
             error.__cause__ = next(iter(unreachable.values()))
             raise error
-        log.warning("run %r: going on with what the other backends hold; could not list: %s", self.run_name, detail)
+        reason = (f"run {self.run_name!r}: going on with what the other backends hold, which may be older than "
+                  f"what these hold; could not list: {detail}")
+        if ranks.rank() == 0:
+            warnings.warn(reason, RuntimeWarning, stacklevel=_outside_ckptkit())
+        return reason
 
     def verify(self, ref: CheckpointRef, safe_globals: Iterable[Any] = ()) -> Manifest:
         """Check a checkpoint as restore would, without loading it into a model; return the manifest.
@@ -1170,7 +1179,9 @@ class CheckpointManager:
                 if isinstance(problem, StorageUnavailableError):
                     silent.append(ref.backend)
                 continue
-            self._unreachable([ref], unreachable)
+            passed_over = self._unreachable([ref], unreachable)
+            if passed_over is not None:
+                skipped.append(passed_over)
             saved_extra, own, holders = loaded
             problem = None
             try:

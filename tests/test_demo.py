@@ -81,7 +81,7 @@ def test_the_demo_runs_against_a_config_of_the_users(tmp_path):
               "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 1000, "keep_last": 7},
                         "final": {"backends": ["kept"]}}}
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
-    done = _demo(tmp_path, "--config", "mine.yaml", "--steps", "20")
+    done = _demo(tmp_path, "--config", "mine.yaml", "--steps", "20", "--publish")
     assert done.returncode == 0, done.stdout + done.stderr
     run = re.search(r"run '(ckptkit-demo-\d{8}-\d{6})'", done.stdout).group(1)
     # The config's backends, under the demo's own run and schedule (a save every 10 steps).
@@ -91,6 +91,21 @@ def test_the_demo_runs_against_a_config_of_the_users(tmp_path):
     assert "mlflow ui" not in done.stdout and not LOG_LINE.search(done.stdout + done.stderr)
     assert f"ckptkit prune mine.yaml --run-name {run} --all" in done.stdout
     assert sorted(os.listdir(tmp_path)) == ["ck", "final", "mine.yaml"]
+
+
+def test_the_demo_on_a_config_of_the_users_publishes_nothing_unless_asked(tmp_path):
+    """On a team's config, the demo registered its toy model as the newest version of the team's
+    registered model, and said nothing of it."""
+    config = {"backends": {"scratch": {"type": "local", "path": "./ck"}, "kept": {"type": "local", "path": "./final"}},
+              "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 1000, "keep_last": 7},
+                        "final": {"backends": ["kept"]}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    done = _demo(tmp_path, "--config", "mine.yaml", "--steps", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = " ".join(done.stdout.split())
+    assert "no final model published" in said and "add --publish" in said
+    assert "warning" not in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ck", "mine.yaml"]
 
 
 def test_the_demo_refuses_a_config_without_a_resume_role(tmp_path):

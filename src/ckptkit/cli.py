@@ -380,7 +380,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console,
-                           config=args.config)
+                           config=args.config, publish=args.publish or None)
     except (ValueError, FileExistsError, NotADirectoryError) as exc:  # a bad --steps or --workdir
         raise CkptkitError(str(exc)) from None
     if args.json:
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")
     p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
     p.add_argument("--config", help="run against this config's backends and routing instead, under a new run name")
+    p.add_argument("--publish", action="store_true",
+                   help="with --config, publish the demo's model to the config's final backends too (a new "
+                        "version of its registered models)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = add("export", cmd_export, "write one full model file from a (sharded or full) resume checkpoint")

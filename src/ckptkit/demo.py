@@ -186,18 +186,20 @@ def _mlflow_views(ck: CheckpointManager, registered: list[str]) -> list[str]:
 
 
 def run_demo(workdir: str | None, steps: int = 60, console: Console | None = None,
-             config: str | None = None) -> dict[str, Any]:
+             config: str | None = None, publish: bool | None = None) -> dict[str, Any]:
     """Train ``steps`` steps, crash after about 60% of them, resume, finish, publish.
 
     The resumed run is compared with an uninterrupted one from the same seed: their final
     weights must be bit-identical, which shows that model, optimizer, LR scheduler and data
     RNG state all came back. With ``config`` (a YAML path) it uses that config's backends and
     routing under a new run name; otherwise a local folder and an embedded MLflow store in
-    ``workdir``.
+    ``workdir``. ``publish``: send the demo's model to the final backends (default: only the
+    demo's own; a config's would register the toy model as a new version of its models).
     """
     if steps < 2 * EVERY:
         raise ValueError(f"the demo needs at least {2 * EVERY} steps")
     began = time.perf_counter()
+    ending = "and the final model published once."
     if config is None:
         workdir = _fresh_workdir(workdir or "ckptkit-demo")
         source: Config | dict[str, Any] = _config(workdir)
@@ -206,6 +208,14 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
         where = f"in {workdir}"
     else:
         source = user_config(config)
+        if source.final is None:
+            ending = "and no final model published (the config has no final role)."
+        elif not publish:
+            used = set(source.resume.backends)
+            source = attrs.evolve(source, final=None,
+                                  backends={k: v for k, v in source.backends.items() if k in used})
+            ending = ("and no final model published: that would register this toy model as a new version of "
+                      "the config's registered models; add --publish to publish it too.")
         run_name = datetime.now(timezone.utc).strftime("ckptkit-demo-%Y%m%d-%H%M%S")
         fallback = "ckptkit-fallback"
         where = f"with the backends of {config}, run {run_name!r}"
@@ -217,7 +227,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
 
     say(f"[bold]ckptkit demo[/bold] {where}: a small model trained on the CPU for {steps} steps, a resume "
         f"checkpoint every {EVERY} steps (keep_last {KEEP_LAST}), a crash after step {crash_after - 1}, a "
-        "resume, and the final model published once.", highlight=False)
+        f"resume, {ending}", highlight=False)
 
     if config is not None:
         # Every config error (a backend type not installed, an option it does not take) before

@@ -185,3 +185,19 @@ def test_fingerprints_are_the_same_for_equal_configs_holding_objects_and_sets():
         return Config(backends={"a": type(spec)(name=spec.name, type=spec.type, options=options)}, resume=cfg.resume)
 
     assert config().fingerprint() == config().fingerprint()
+
+
+def test_a_key_given_twice_in_the_config_file_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``roles:`` block silently dropped the
+    first one's resume role, and ``ckptkit check`` said the config was OK."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("roles:\n  resume: {backends: [s], every_n_steps: 1, keep_last: 1}\n"
+                    "backends:\n  s: {type: local, path: /tmp/x}\n"
+                    "roles:\n  final: {backends: [s]}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: the key 'roles' is given twice in one "
+                                          r"mapping \(lines 1 and 5\)"):
+        Config.load(str(path))
+    # A merge key's base is overridden by the keys beside it, as YAML means it to be.
+    path.write_text("backends:\n  s: &base {type: local, path: /tmp/x}\n  t:\n    <<: *base\n    path: /tmp/y\n"
+                    "roles:\n  resume: {backends: [s, t], every_n_steps: 1, keep_last: 1}\n")
+    assert Config.load(str(path)).backends["t"].options["path"] == "/tmp/y"

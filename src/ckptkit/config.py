@@ -221,6 +221,28 @@ class FinalRole:
         return cls(backends=_backends(f"{key}.backends", data.get("backends")), dtype=dtype)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last one
+    silently, and a second ``roles:`` block dropped the first one's roles."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base": the keys given beside it override the base's, as meant
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (lines {first.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); the second would replace the first: merge them",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _stable(value: Any) -> Any:
     """A stand-in for a value JSON cannot hold that is the same on every rank: sets sorted, any
     other object by its type alone (its repr may hold a memory address)."""
@@ -305,7 +327,7 @@ class Config:
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as exc:

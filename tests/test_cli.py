@@ -669,3 +669,15 @@ def test_tables_show_brackets_in_names_and_paths_as_they_are(capsys, tmp_path, m
     assert code == 0 and "acc[top5]: 0.5" in out and "loss[red]: 0.25" in out
     code, out, _ = run(capsys, "check", str(config))
     assert code == 0 and "ck[old]" in out
+
+
+@pytest.mark.parametrize("command", [["verify"], ["export", "--out", "m.pt"]])
+def test_a_store_that_cannot_be_listed_gives_advice_for_the_command_not_for_a_restore(capsys, tmp_path, down_type,
+                                                                                    command):
+    """verify and export train nothing: "starting from step 0 could throw away training" and
+    "remove the backend from roles.resume.backends" were a restore's advice."""
+    cfg = _with_down(tmp_path, ["nas"])
+    code, _, err = run(capsys, command[0], cfg, *[str(tmp_path / c) if c.endswith(".pt") else c for c in command[1:]])
+    assert code == 1 and "could not be listed" in err and "Connection refused" in err
+    assert "Try again once the storage answers" in err
+    assert "step 0" not in err and "roles.resume.backends" not in err

@@ -295,7 +295,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.step is not None:
             refs = ck._copies_of(refs, unreachable, args.step)
         elif not refs and unreachable:
-            ck._unreachable(refs, unreachable)  # raises: nothing found, and a store not seen
+            ck._unreachable(refs, unreachable, resuming=False)  # raises: nothing found, and a store not seen
         # Verifying reads every byte: show how far it got (on stderr, so --json stays clean).
         for ref in track(refs, description="verifying", console=err_console, transient=True,
                          disable=args.json or not refs):

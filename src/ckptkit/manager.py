@@ -1025,7 +1025,7 @@ class CheckpointManager:
         refs, unreachable = self.reader.list_all()
         if step is not None:
             refs = self._copies_of(refs, unreachable, _count("step", step))
-        self._unreachable(refs, unreachable)
+        self._unreachable(refs, unreachable, resuming=False)
         return refs
 
     def _copies_of(self, refs: list[CheckpointRef], unreachable: dict[str, CkptkitError],
@@ -1051,19 +1051,21 @@ class CheckpointManager:
             f"run {self.run_name!r} has no committed checkpoint of step {step} ({_steps_text(steps, step)})",
             self.run_name, step, tuple(steps))
 
-    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError]) -> str | None:
+    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError], resuming: bool = True) -> str | None:
         """Raise where backends could not be listed and nothing was found elsewhere; where
         something was, warn (on rank 0) that those backends may hold newer steps, and return
-        the warning."""
+        the warning. ``resuming``: for a restore, whose caller would otherwise start afresh."""
         if not unreachable:
             return None
         detail = fanout.describe_failures(unreachable)
         if not found:
+            advice = ("Starting from step 0 could throw away training; restore again once the storage answers, "
+                      "or remove the backend from roles.resume.backends to start without it" if resuming else
+                      "Try again once the storage answers (check its address and credentials)")
             error = StorageUnavailableError(
                 next(iter(unreachable)),
                 f"run {self.run_name!r}: no checkpoint was found, and these resume backends could not be "
-                f"listed: {detail}. Starting from step 0 could throw away training; restore again once the "
-                "storage answers, or remove the backend from roles.resume.backends to start without it")
+                f"listed: {detail}. {advice}")
             error.__cause__ = next(iter(unreachable.values()))
             raise error
         reason = (f"run {self.run_name!r}: going on with what the other backends hold, which may be older than "
@@ -1624,10 +1626,10 @@ class CheckpointManager:
                 warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
                 skipped.append(exc)
                 continue
-            self._unreachable([ref], unreachable)
+            self._unreachable([ref], unreachable, resuming=False)
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
-        self._unreachable([], unreachable)
+        self._unreachable([], unreachable, resuming=False)
         if skipped:
             which = "no committed checkpoint is intact" if step is None else f"no copy of step {step} is intact"
             raise CorruptCheckpointError(f"run {self.run_name!r}: {which} ({'; '.join(map(str, skipped))})")

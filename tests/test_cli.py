@@ -681,3 +681,17 @@ def test_a_store_that_cannot_be_listed_gives_advice_for_the_command_not_for_a_re
     assert code == 1 and "could not be listed" in err and "Connection refused" in err
     assert "Try again once the storage answers" in err
     assert "step 0" not in err and "roles.resume.backends" not in err
+
+
+def test_publish_from_a_final_store_that_cannot_be_read_says_so_not_that_none_is_stored(capsys, tmp_path, down_type):
+    """publish took a final backend it could not list for one holding no final model: "no stored
+    final model ... publish a resume checkpoint with --step" while one may lie there."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["nas"] = {"type": "down", "path": str(tmp_path / "nas")}
+    cfg["roles"]["final"] = {"backends": ["nas"]}
+    path = tmp_path / "down.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "publish", str(path), "--fallback-dir", str(tmp_path / "fallback"))
+    assert code == 1
+    assert "no stored final model was found, and these backends could not be read: nas:" in err
+    assert "Connection refused" in err and "Try again once they answer" in err

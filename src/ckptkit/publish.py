@@ -15,14 +15,14 @@ import attrs
 import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .errors import CheckpointError, CkptkitError, ConfigError
+from .errors import CheckpointError, CkptkitError, ConfigError, StorageUnavailableError
 from . import fanout, gather, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
 from .manager import FINAL_FILE, CheckpointManager
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .redact import redact, secret_values
+from .redact import describe, redact, secret_values
 from .roles import Role
 from .split import STATE_FILE
 
@@ -93,17 +93,23 @@ def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
         return None
 
 
-def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None) -> list[PublishSource]:
-    """Every committed final model of the run: in the configured backends, then the fallback."""
+def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None,
+                  unread: dict[str, BaseException] | None = None) -> list[PublishSource]:
+    """Every committed final model of the run: in the configured backends, then the fallback.
+    ``unread`` gets the backends that hold final models but could not be read, and why."""
     out = []
     seen = set()
     for name, instance in ck.router.instances.items():
-        ref = _final_of(instance, ck.run_name)
-        if ref is None:
-            continue
+        if not callable(getattr(instance, "final_ref", None)):
+            continue  # keeps no stored copy to publish from (a model registry)
         try:
+            ref = instance.final_ref(run_name=ck.run_name)
+            if ref is None:
+                continue
             manifest = instance.read_manifest(ref)
-        except CkptkitError:
+        except (OSError, CkptkitError) as exc:
+            if unread is not None:
+                unread[name] = exc
             continue
         out.append(PublishSource("final", ref, manifest, name))
         seen.add(ref.uri)
@@ -127,7 +133,17 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
     if step is not None:
         ref = ck.list_checkpoints(step=step)[0]  # CheckpointNotFoundError names the steps there are
         return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
-    finals = stored_finals(ck, fallback_dir)
+    unread: dict[str, BaseException] = {}
+    finals = stored_finals(ck, fallback_dir, unread)
+    if not finals and unread:
+        # Not "none stored": a store that did not answer may hold it.
+        name = next(iter(unread))
+        error = StorageUnavailableError(
+            name, f"run {ck.run_name!r}: no stored final model was found, and these backends could not be read: "
+            f"{'; '.join(f'{n}: {describe(e)}' for n, e in unread.items())}. Try again once they answer, or publish "
+            "a resume checkpoint with --step STEP")
+        error.__cause__ = unread[name]
+        raise error
     if not finals:
         where = os.fspath(fallback_dir or ck.fallback_dir)
         raise CheckpointError(

@@ -584,11 +584,14 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
     assert "Traceback" not in err and "ckptkit: interrupted" in err
 
 
-def test_ls_of_a_run_with_no_checkpoint_fails_as_verify_does(capsys, config_file):
+def test_ls_of_a_run_with_no_checkpoint_fails_as_verify_does(capsys, config_file, tmp_path):
+    """Saying where it looked: a relative path in a config is relative to where ckptkit runs."""
+    root = f"file://{tmp_path / 'scratch'}"
     for command in ("ls", "verify"):
         code, out, err = run(capsys, command, str(config_file), "--run-name", "never-saved")
         assert code == 1 and out == ""
-        assert err == "ckptkit: error: run 'never-saved' has no committed checkpoint in resume backend scratch\n"
+        assert err == (f"ckptkit: error: run 'never-saved' has no committed checkpoint in resume backend scratch "
+                       f"({root}, a folder that does not exist)\n")
         code, out, _ = run(capsys, command, str(config_file), "--run-name", "never-saved", "--json")
         assert code == 1 and json.loads(out)["error"]["type"] == "CheckpointNotFoundError"
 
@@ -620,8 +623,9 @@ def test_ls_of_a_run_whose_checkpoints_are_all_damaged_fails_and_says_so(capsys,
     code, out, err = run(capsys, "ls", str(config_file), "--json")
     error = json.loads(out)["error"]
     assert code == 1 and error["type"] == "CheckpointError"
-    assert error["message"] == ("run 'exp' has no checkpoint that can be listed in resume backend scratch: 4 committed "
-                                "are damaged or written by a newer ckptkit; ckptkit verify says which")
+    assert error["message"] == (f"run 'exp' has no checkpoint that can be listed in resume backend scratch "
+                                f"(file://{saved.parent}): 4 committed are damaged or written by a newer "
+                                "ckptkit; ckptkit verify says which")
 
 
 def test_ls_json_is_strict_json_with_a_nan_metric(capsys, config_file):

@@ -23,6 +23,7 @@ from rich.text import Text
 from .errors import (CheckpointError, CheckpointNotFoundError, CkptkitError, IncompatibleCheckpointError,
                      StorageUnavailableError)
 from .manager import CheckpointManager
+from .storage import FileBackend
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
 from .roles import Role
@@ -264,7 +265,7 @@ def _none_listed(args: argparse.Namespace, ck: CheckpointManager, hidden: int) -
     """The error of a run with no checkpoint to show: none committed, or only damaged ones or a
     newer ckptkit's (``hidden``), which ls leaves out."""
     backends = ck.router.backends(Role.RESUME)
-    where = f"resume backend{'s' if len(backends) != 1 else ''} {', '.join(backends)}"
+    where = f"resume backend{'s' if len(backends) != 1 else ''} {', '.join(_looked_in(ck, n) for n in backends)}"
     if hidden:
         return CheckpointError(f"run {ck.run_name!r} has no checkpoint that can be listed in {where}: "
                                f"{hidden} committed {'is' if hidden == 1 else 'are'} damaged or written by a "
@@ -275,6 +276,15 @@ def _none_listed(args: argparse.Namespace, ck: CheckpointManager, hidden: int) -
              " (the default run name, as the config sets no run_name; pass --run-name)")
     return CheckpointNotFoundError(f"run {ck.run_name!r}{whose} has no committed checkpoint in {where}",
                                    ck.run_name)
+
+
+def _looked_in(ck: CheckpointManager, name: str) -> str:
+    """A resume backend with where it keeps runs: a relative path in a config is relative to the
+    folder ckptkit runs in, and a mistyped one reads as an empty run."""
+    instance = ck.router.instances[name]
+    folder = instance._local_dir(instance.root) if isinstance(instance, FileBackend) else None
+    missing = ", a folder that does not exist" if folder is not None and not os.path.isdir(folder) else ""
+    return f"{name} ({_location(instance)}{missing})"
 
 
 def _unlisted(unreachable: dict[str, CkptkitError]) -> StorageUnavailableError:

@@ -462,11 +462,12 @@ def test_a_failing_backend_is_named_once_in_the_log(tmp_path, third_party_dist, 
     assert "(memo: ConnectionError: memo store is down)" in str(info.value)
 
 
-def test_an_unknown_backend_type_gets_a_did_you_mean(capsys, tmp_path):
+@pytest.mark.parametrize("typo", ["lcoal", "LOCAL", "Local"])
+def test_an_unknown_backend_type_gets_a_did_you_mean(capsys, tmp_path, typo):
     bad = tmp_path / "typo.yaml"
-    bad.write_text("backends: {a: {type: lcoal, path: x}}\nroles: {resume: {backends: [a]}}\n")
+    bad.write_text(f"backends: {{a: {{type: {typo}, path: x}}}}\nroles: {{resume: {{backends: [a]}}}}\n")
     code, _, err = run(capsys, "check", str(bad))
-    assert code == 1 and "unknown backend type 'lcoal'" in err and "did you mean 'local'?" in err
+    assert code == 1 and f"unknown backend type '{typo}'" in err and "did you mean 'local'?" in err
 
 
 # -- 80 columns -----------------------------------------------------------------------------------

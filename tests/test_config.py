@@ -201,3 +201,9 @@ def test_a_key_given_twice_in_the_config_file_is_refused_naming_it_and_its_lines
     path.write_text("backends:\n  s: &base {type: local, path: /tmp/x}\n  t:\n    <<: *base\n    path: /tmp/y\n"
                     "roles:\n  resume: {backends: [s, t], every_n_steps: 1, keep_last: 1}\n")
     assert Config.load(str(path)).backends["t"].options["path"] == "/tmp/y"
+
+
+def test_a_run_name_yaml_reads_as_a_number_says_to_quote_it():
+    with pytest.raises(ConfigError, match=r'run_name: 42 is a number, not a name; quote it: run_name: "42"'):
+        Config.from_dict({"run_name": 42, "backends": {"a": {"type": "local", "path": "x"}},
+                          "roles": {"resume": {"backends": ["a"]}}})

@@ -118,3 +118,9 @@ def test_cli_plan_state_size_without_unit_exits_1_with_one_line(tmp_path, capsys
     err = captured.err.strip()
     assert err.startswith("ckptkit: error: --state-size: '14' has no unit") and "\n" not in err
     assert "14GB" in err and captured.out == ""
+
+
+def test_a_cut_short_of_all_is_never_shown_as_100_percent():
+    from ckptkit.cli import _share
+
+    assert _share(0.999) == "99.9%" and _share(0.99996) == "99.996%" and _share(0.5) == "50%" and _share(1.0) == "100%"

@@ -193,6 +193,15 @@ def _muted(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _share(fraction: float) -> str:
+    """A fraction as a percentage that never rounds a cut short of all of it up to 100%."""
+    shown = f"{fraction:.0%}"
+    digits = 1
+    while shown.startswith("100") and fraction < 1 and digits < 6:
+        shown, digits = f"{fraction:.{digits}%}", digits + 1
+    return shown if not (shown.startswith("100") and fraction < 1) else "almost 100%"
+
+
 def _location(instance: Any) -> str:
     # A backend's own location first: it may add what the filesystem leaves out (a WebDAV host).
     location = getattr(instance, "location", None)
@@ -469,8 +478,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(tables[1])
         console.print(f"resume checkpoints at the end: {format_size(plan.resume_end)} routed against "
                       f"{format_size(plan.duplicate_resume_end)} with duplicate uploads to MLflow, "
-                      f"{plan.resume_cut:.0%} less; everything: {format_size(plan.total_end)} against "
-                      f"{format_size(plan.duplicate_total_end)} ({plan.total_cut:.0%})")
+                      f"{_share(plan.resume_cut)} less; everything: {format_size(plan.total_end)} against "
+                      f"{format_size(plan.duplicate_total_end)} ({_share(plan.total_cut)})")
     return 0
 
 

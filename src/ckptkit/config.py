@@ -51,6 +51,9 @@ def check_number(key: str, value: Any, minimum: float, integer: bool = False) ->
 
 def check_run_name(name: Any, key: str = "run_name") -> str:
     """A run name becomes a folder under each backend's root: keep it one plain path segment."""
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        # YAML reads run_name: 42 as a number.
+        raise ConfigError(f"{key}: {name!r} is a number, not a name; quote it: {key}: \"{name}\"")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"{key}: {name!r} is not a valid run name; use 1 to 128 ASCII letters, digits, '.', '_' and "

@@ -173,6 +173,12 @@ class Restored(CheckpointInfo):
     ranks_without_state: tuple[int, ...] = ()
 
 
+def _skipped(ref: CheckpointRef, problem: BaseException) -> str:
+    """Why a checkpoint was skipped, naming it once (most errors begin with its address)."""
+    text = str(problem)
+    return f"skipped {ref.uri}: {text.removeprefix(f'{ref.uri}: ')}"
+
+
 def _closure_misfit(optimizer: torch.optim.Optimizer, fmt: str) -> str:
     where = "in format dcp" if fmt == "dcp" else "into a distributed model"
     return (f"the state of {type(optimizer).__name__}, whose step() needs a closure, cannot be restored {where}: "
@@ -1173,7 +1179,7 @@ class CheckpointManager:
             else:
                 raise manifest
             if problem is not None:
-                reason = f"skipped {ref.uri}: {problem}"
+                reason = _skipped(ref, problem)
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)
@@ -1623,7 +1629,7 @@ class CheckpointManager:
                     # Older checkpoints keep extra inside state.pt: read it all.
                     saved_extra = self.reader.load_state(ref, manifest, safe_globals).get("extra", {})
             except SKIPPABLE as exc:
-                warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
+                warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
                 skipped.append(exc)
                 continue
             self._unreachable([ref], unreachable, resuming=False)
@@ -1662,7 +1668,7 @@ class CheckpointManager:
                 else:
                     model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
             except SKIPPABLE as exc:
-                warnings.warn(f"skipped {ref.uri}: {exc}", RuntimeWarning, stacklevel=2)
+                warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
                 continue
             body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
                     "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
@@ -1743,7 +1749,7 @@ class CheckpointManager:
             if status == "error":
                 if not isinstance(result, SKIPPABLE):
                     raise result
-                reason = f"skipped {ref.uri}: {result}"
+                reason = _skipped(ref, result)
                 if ranks.rank() == 0:
                     warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 skipped.append(reason)

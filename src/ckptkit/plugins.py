@@ -297,7 +297,8 @@ class CkptkitPluginManager(pluggy.PluginManager):
                          f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" '
                          "(see docs/install.md)")
         if not hints:
-            near = difflib.get_close_matches(name, list(self.backend_types), n=1)
+            by_case = [t for t in self.backend_types if t.lower() == str(name).lower()]
+            near = by_case or difflib.get_close_matches(name, list(self.backend_types), n=1)
             if near:
                 hints.append(f"did you mean {near[0]!r}?")
         raise ConfigError(f"{key}: unknown backend type {name!r} (installed: {installed})"

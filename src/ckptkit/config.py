@@ -228,22 +228,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last one
     silently, and a second ``roles:`` block dropped the first one's roles."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *base": the keys given beside it override the base's, as meant
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.setdefault(key, key_node.start_mark)
-            except TypeError:  # an unhashable key: PyYAML's own error follows
-                continue
-            if first is not key_node.start_mark:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping (lines {first.line + 1} and "
-                    f"{key_node.start_mark.line + 1}); the second would replace the first: merge them",
-                    key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked once per mapping, before PyYAML merges ``<<: *base`` pairs into it (and into
+        # a base, in place): the keys beside a merge key override the base's, as meant.
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping (lines {first.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); the second would replace the first: merge them",
+                        key_node.start_mark)
+        super().flatten_mapping(node)
 
 
 def _stable(value: Any) -> Any:

@@ -700,3 +700,21 @@ def test_publish_from_a_final_store_that_cannot_be_read_says_so_not_that_none_is
     assert code == 1
     assert "no stored final model was found, and these backends could not be read: nas:" in err
     assert "Connection refused" in err and "Try again once they answer" in err
+
+
+def test_publish_with_one_final_store_unread_says_the_newest_found_may_not_be_the_newest(capsys, tmp_path, down_type):
+    from ckptkit import CheckpointManager
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["kept"] = {"type": "local", "path": str(tmp_path / "kept")}
+    cfg["roles"]["final"] = {"backends": ["kept"]}
+    with CheckpointManager.from_config(cfg) as ck:
+        ck.finalize(model=make_model()[0], step=3)
+    cfg["backends"]["nas"] = {"type": "down", "path": str(tmp_path / "nas")}
+    cfg["roles"]["final"] = {"backends": ["kept", "nas"]}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _, _, err = run(capsys, "publish", str(path), "--fallback-dir", str(tmp_path / "fallback"))
+    said = " ".join(err.split())
+    assert "publishing the newest final model found; these final backends could not be read" in said
+    assert "nas: " in said and "Connection refused" in said

@@ -486,6 +486,29 @@ def test_a_step_left_for_a_validation_that_does_not_run_is_still_saved(tmp_path)
     assert committed_steps(tmp_path / "ckpts") == [14, 17]
 
 
+def test_a_mid_epoch_step_left_for_a_validation_that_does_not_run_is_saved_and_resumes(tmp_path):
+    """The same every third batch: the step is saved at the next batch's start, where Lightning
+    already tells of that batch; the checkpoint says the epoch went on, as it did."""
+    validation = {"val_check_interval": 3, "check_val_every_n_epoch": 2}
+    config = local_config(tmp_path, every=5)
+    reference = Fit(tmp_path / "reference", local_config(tmp_path / "reference", every=5), validate=True,
+                    validation=validation, empty_validation=True)
+    try:
+        fit(tmp_path, config, kill_after=12, validate=True, validation=validation, empty_validation=True)
+        assert committed_steps(tmp_path / "ckpts") == [5, 10]
+        got = fit(tmp_path, config, validate=True, validation=validation, empty_validation=True)
+        assert got["restored_step"] == 10
+        assert_same_training(reference.result(), got, loop_exceptions=LOOP_COUNTERS_AFTER_A_LATE_SAVE)
+    finally:
+        reference.stop()
+
+
+# Saved at the next batch's start, the loop has counted that batch as ready and the step as
+# stepped: those two counters (the logger's step) differ after the restart; the training does not.
+LOOP_COUNTERS_AFTER_A_LATE_SAVE = frozenset({"loops/epoch_loop.batch_progress/total/ready",
+                                             "loops/epoch_loop.state_dict/_batches_that_stepped"})
+
+
 def test_fit_with_a_ckpt_path_over_a_run_it_resumes_is_refused_before_any_step(tmp_path, monkeypatch):
     """Lightning loads fit(ckpt_path=...) after the callback restored: the fit went on from that
     file's older step with the run's random state, and then saved over the run's newer step."""

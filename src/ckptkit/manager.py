@@ -1021,7 +1021,8 @@ class CheckpointManager:
         """Committed resume checkpoints across all resume backends, newest first.
 
         Raises ``StorageUnavailableError`` when a backend could not be listed and no other
-        gave a checkpoint; with checkpoints found elsewhere, it only logs a warning. With
+        gave a checkpoint; with checkpoints found elsewhere, it warns (``RuntimeWarning``, on
+        rank 0) that the backend may hold newer ones. With
         ``step``, only the copies of that step, in the backends' order, and
         ``CheckpointNotFoundError`` (naming the steps there are) when every backend answered
         and none holds it.

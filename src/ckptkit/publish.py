@@ -9,6 +9,7 @@ state is written once as a final file, in the same form ``finalize`` writes.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable
 
 import attrs
@@ -99,6 +100,7 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
     ``unread`` gets the backends that hold final models but could not be read, and why."""
     out = []
     seen = set()
+    finals = set(ck.router.backends(Role.FINAL)) if ck.config.final is not None else set()
     for name, instance in ck.router.instances.items():
         if not callable(getattr(instance, "final_ref", None)):
             continue  # keeps no stored copy to publish from (a model registry)
@@ -107,10 +109,12 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
             if ref is None:
                 continue
             manifest = instance.read_manifest(ref)
-        except (OSError, CkptkitError) as exc:
-            if unread is not None:
+        except (OSError, StorageUnavailableError) as exc:
+            if unread is not None and name in finals:  # may hold the final model: not "none stored"
                 unread[name] = exc
             continue
+        except CkptkitError:
+            continue  # damaged: not a final model to publish
         out.append(PublishSource("final", ref, manifest, name))
         seen.add(ref.uri)
     fb = _fallback(ck, fallback_dir)
@@ -135,6 +139,10 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
         return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
     unread: dict[str, BaseException] = {}
     finals = stored_finals(ck, fallback_dir, unread)
+    if finals and unread:
+        warnings.warn(f"run {ck.run_name!r}: publishing the newest final model found; these final backends could "
+                      f"not be read and may hold a newer one: "
+                      f"{'; '.join(f'{n}: {describe(e)}' for n, e in unread.items())}", RuntimeWarning, stacklevel=2)
     if not finals and unread:
         # Not "none stored": a store that did not answer may hold it.
         name = next(iter(unread))

@@ -126,7 +126,8 @@ class CkptkitCheckpoint(Checkpoint):
         self.restored_step: int | None = None
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
-        self._after_validation: int | None = None  # a due step whose save waits for its validation
+        # A due step whose save waits for its validation, and whether it ended its epoch.
+        self._after_validation: tuple[int, bool] | None = None
 
     @property
     def state_key(self) -> str:
@@ -259,9 +260,11 @@ class CkptkitCheckpoint(Checkpoint):
     def _save_unvalidated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A step left to be saved after its validation, which did not run after all (a loader
         # with no batches, known only as it ran): saved now, before anything trains further.
-        step, self._after_validation = self._after_validation, None
-        if step is not None and step == trainer.global_step:
-            self._save(trainer, pl_module, step, force=True)
+        deferred, self._after_validation = self._after_validation, None
+        if deferred is not None and deferred[0] == trainer.global_step:
+            # At the next batch's start Lightning already tells of that batch: whether the step
+            # ended its epoch is what it was when the save was left for later.
+            self._save(trainer, pl_module, deferred[0], force=True, epoch_done=deferred[1])
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -276,18 +279,19 @@ class CkptkitCheckpoint(Checkpoint):
             # The step's validation runs next: saved once it ran, the checkpoint holds its metrics
             # (what keep_best ranks) and the random draws it made (its loader's seed), which the
             # uninterrupted fit made before its next step.
-            self._after_validation = step
+            self._after_validation = (step, _epoch_done(trainer))
             return
         self._save(trainer, pl_module, step, force=False)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step, self._after_validation = self._after_validation, None
-        if step is not None and not trainer.sanity_checking and step == trainer.global_step:
-            self._save(trainer, pl_module, step, force=True)
+        deferred, self._after_validation = self._after_validation, None
+        if deferred is not None and not trainer.sanity_checking and deferred[0] == trainer.global_step:
+            self._save(trainer, pl_module, deferred[0], force=True)
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool) -> None:
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool,
+              epoch_done: bool | None = None) -> None:
         checkpoint = _connector(trainer).dump_checkpoint(weights_only=False)
-        epoch_done = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        epoch_done = _epoch_done(trainer) if epoch_done is None else epoch_done
         # The weights go through ckptkit's model state (gathered, exportable, publishable).
         checkpoint.pop("state_dict", None)
         own = {RNG_KEY: {"state": RngState().state_dict(), "epoch_done": epoch_done}}
@@ -328,6 +332,10 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _epoch_done(trainer: pl.Trainer) -> bool:
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def _validates_next(trainer: pl.Trainer) -> bool:

@@ -263,7 +263,7 @@ class S3Backend(FileBackend):
         config_kwargs.setdefault("read_timeout", opts.timeout_s)
         # Room for every part in flight (files written at once × upload_concurrency): a request
         # waiting for a pooled connection behind slow parts counts against its deadline.
-        config_kwargs.setdefault("max_pool_connections", max(10, 8 * opts.upload_concurrency))
+        config_kwargs.setdefault("max_pool_connections", max(10, 8 * opts.concurrency))
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
         fs = _S3FileSystem(**storage_options)

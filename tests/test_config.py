@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 
@@ -216,3 +217,12 @@ def test_a_run_name_yaml_reads_as_a_number_says_to_quote_it():
     with pytest.raises(ConfigError, match=r'run_name: 42 is a number, not a name; quote it: run_name: "42"'):
         Config.from_dict({"run_name": 42, "backends": {"a": {"type": "local", "path": "x"}},
                           "roles": {"resume": {"backends": ["a"]}}})
+
+
+def test_a_backends_own_option_error_names_the_config_file_too(tmp_path):
+    """Errors in what a backend type reads (its options) came without the file's name, which
+    the config's own errors give: a job reading several configs could not tell which."""
+    path = tmp_path / "nopath.yaml"
+    path.write_text("backends:\n  s: {type: local}\nroles:\n  resume: {backends: [s]}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: backends.s.path: required key is missing"):
+        CheckpointManager.from_config(str(path))

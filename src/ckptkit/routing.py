@@ -59,11 +59,15 @@ class Router:
             for name, instance in self.instances.items():
                 if config.roles_of(name):
                     pm.register_backend(instance, name, self.types[name])
-        except BaseException:
+        except BaseException as exc:
             # Built backends are closed; a plugin manager shared between managers (a sweep's)
             # keeps nothing of a failed one. The first error is the one to see.
             with contextlib.suppress(Exception):
                 self.close()
+            if isinstance(exc, ConfigError) and config.source != "<dict>" and not str(exc).startswith(
+                    f"{config.source}: "):
+                # As the config's own errors do: which file, when a job reads several.
+                raise ConfigError(f"{config.source}: {exc}") from exc
             raise
 
     @staticmethod

@@ -718,3 +718,26 @@ def test_publish_with_one_final_store_unread_says_the_newest_found_may_not_be_th
     said = " ".join(err.split())
     assert "publishing the newest final model found; these final backends could not be read" in said
     assert "nas: " in said and "Connection refused" in said
+
+
+def test_publish_never_replaces_a_final_model_of_a_newer_ckptkit_with_an_older_one(capsys, tmp_path):
+    """A final model a newer ckptkit wrote was passed over as damaged: publish then sent the older
+    one from the fallback folder into that very backend, replacing it."""
+    from ckptkit import CheckpointManager
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["published"] = {"type": "local", "path": str(tmp_path / "published")}
+    cfg["roles"]["final"] = {"backends": ["published"]}
+    with CheckpointManager.from_config(cfg) as ck:
+        ck.finalize(model=make_model()[0], step=9)
+    fallback = {**cfg, "backends": {**cfg["backends"], "published": {"type": "local", "path": str(tmp_path / "fb")}}}
+    with CheckpointManager.from_config(fallback) as ck:
+        ck.finalize(model=make_model()[0], step=3)  # an older final model, where publish looks as well
+    manifest = tmp_path / "published" / "exp" / "final" / "manifest.json"
+    later = re.sub(rb'"ckptkit_version": "[^"]*"', b'"ckptkit_version": "99.0.0"', manifest.read_bytes())
+    manifest.write_bytes(later.replace(b'"version": 2', b'"version": 3'))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "publish", str(path), "--fallback-dir", str(tmp_path / "fb" / "exp" / ".."))
+    assert code == 1 and "written by a newer ckptkit" in err
+    assert manifest.read_bytes() == later.replace(b'"version": 2', b'"version": 3')

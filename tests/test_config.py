@@ -213,10 +213,15 @@ def test_a_key_given_twice_in_the_config_file_is_refused_naming_it_and_its_lines
                                                         "t": {"type": "local", "path": "/c"}}
 
 
-def test_a_run_name_yaml_reads_as_a_number_says_to_quote_it():
-    with pytest.raises(ConfigError, match=r'run_name: 42 is a number, not a name; quote it: run_name: "42"'):
-        Config.from_dict({"run_name": 42, "backends": {"a": {"type": "local", "path": "x"}},
-                          "roles": {"resume": {"backends": ["a"]}}})
+@pytest.mark.parametrize("written, kind", [("42", "int"), ("1.10", "float"), ("0x1F", "int"), ("yes", "bool"),
+                                           ("2024-01-05", "date")])
+def test_a_run_name_yaml_reads_as_no_string_says_to_quote_it_as_written(tmp_path, written, kind):
+    """YAML reads run_name: 1.10 as 1.1 and 0x1F as 31: quoting the value it made would name
+    another run, so the hint names none."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_name: {written}\nbackends: {{a: {{type: local, path: x}}}}\nroles: {{resume: {{backends: [a]}}}}\n")
+    with pytest.raises(ConfigError, match=rf"run_name: YAML read it as a {kind}, not a name; quote it as written"):
+        Config.load(str(path))
 
 
 def test_a_backends_own_option_error_names_the_config_file_too(tmp_path):

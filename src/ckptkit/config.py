@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -51,9 +52,11 @@ def check_number(key: str, value: Any, minimum: float, integer: bool = False) ->
 
 def check_run_name(name: Any, key: str = "run_name") -> str:
     """A run name becomes a folder under each backend's root: keep it one plain path segment."""
-    if isinstance(name, (int, float)) and not isinstance(name, bool):
-        # YAML reads run_name: 42 as a number.
-        raise ConfigError(f"{key}: {name!r} is a number, not a name; quote it: {key}: \"{name}\"")
+    if not isinstance(name, str) and isinstance(name, (int, float, datetime.date)):
+        # YAML reads run_name: 42 (or 1.10, 010, yes, 2024-01-05) as a number, a boolean or a
+        # date, and the value it made is not what was written: no value is suggested.
+        raise ConfigError(f"{key}: YAML read it as a {type(name).__name__}, not a name; quote it as written, "
+                          f"e.g. {key}: \"exp-42\"")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"{key}: {name!r} is not a valid run name; use 1 to 128 ASCII letters, digits, '.', '_' and "

@@ -16,7 +16,8 @@ import attrs
 import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .errors import CheckpointError, CkptkitError, ConfigError, StorageUnavailableError
+from .errors import (CheckpointError, CkptkitError, ConfigError, IncompatibleCheckpointError,
+                     StorageUnavailableError)
 from . import fanout, gather, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
@@ -113,6 +114,8 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
             if unread is not None and name in finals:  # may hold the final model: not "none stored"
                 unread[name] = exc
             continue
+        except IncompatibleCheckpointError:
+            raise  # a newer ckptkit's: never passed over for an older copy, which would replace it
         except CkptkitError:
             continue  # damaged: not a final model to publish
         out.append(PublishSource("final", ref, manifest, name))

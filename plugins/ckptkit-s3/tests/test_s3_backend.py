@@ -875,11 +875,12 @@ def test_the_store_clock_a_prune_checks_ages_against_is_the_stores_own(s3_backen
 def test_the_client_has_a_connection_for_every_part_in_flight(s3_backend_options):
     """Every request's answer has a deadline, and waiting for a pooled connection counts against
     it: botocore's pool of 10 made a small request wait behind 16 parts on a slow link (four
-    files written at once, four parts each) until its deadline passed."""
+    files written at once, four parts each) until its deadline passed. Up to 64 files are
+    written at once (write_threads)."""
     from ckptkit_s3 import S3Backend
 
     options = s3_backend_options(upload_concurrency=4)
     del options["type"]
-    assert S3Backend.from_config("archive", options).fs.config_kwargs["max_pool_connections"] == 32
+    assert S3Backend.from_config("archive", options).fs.config_kwargs["max_pool_connections"] == 64 * 4
     options["storage_options"]["config_kwargs"] = {"max_pool_connections": 5}
     assert S3Backend.from_config("archive", options).fs.config_kwargs["max_pool_connections"] == 5  # as told

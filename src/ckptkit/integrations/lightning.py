@@ -286,7 +286,7 @@ class CkptkitCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         deferred, self._after_validation = self._after_validation, None
         if deferred is not None and not trainer.sanity_checking and deferred[0] == trainer.global_step:
-            self._save(trainer, pl_module, deferred[0], force=True)
+            self._save(trainer, pl_module, deferred[0], force=True, epoch_done=deferred[1])
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool,
               epoch_done: bool | None = None) -> None:

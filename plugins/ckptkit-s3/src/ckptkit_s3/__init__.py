@@ -261,9 +261,10 @@ class S3Backend(FileBackend):
         config_kwargs.setdefault("retries", {"mode": "standard", "max_attempts": opts.request_retries})
         config_kwargs.setdefault("connect_timeout", opts.timeout_s)
         config_kwargs.setdefault("read_timeout", opts.timeout_s)
-        # Room for every part in flight (files written at once × upload_concurrency): a request
-        # waiting for a pooled connection behind slow parts counts against its deadline.
-        config_kwargs.setdefault("max_pool_connections", max(10, 8 * opts.concurrency))
+        # Room for every part in flight (up to 64 files written at once, roles.resume.write_threads,
+        # × upload_concurrency): a request waiting for a pooled connection behind slow parts
+        # counts against its deadline. Connections are opened as needed, not ahead.
+        config_kwargs.setdefault("max_pool_connections", max(10, 64 * opts.concurrency))
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
         fs = _S3FileSystem(**storage_options)

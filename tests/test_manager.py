@@ -1014,3 +1014,38 @@ def test_a_restore_from_one_backend_while_another_cannot_be_listed_says_so_to_th
             restored = ck.restore(model=make_model()[0])
     assert restored.step == 2 and restored.ref.backend == "scratch"
     assert len(restored.skipped) == 1 and "could not list: nas" in restored.skipped[0]
+
+
+def test_a_step_that_failed_on_a_backend_down_at_restore_is_not_taken_for_ours_there(tmp_path):
+    """Another training left steps 1 and 2 on "nas"; this one restored step 1 from "scratch"
+    while "nas" was down, and saved step 2, which failed there. Once "nas" answered, its step 2
+    (the other training's) counted as this training's own, and saves went on over it."""
+    import shutil
+    import warnings
+
+    from ckptkit import RunConflictError, SaveError
+
+    cfg = local_config(tmp_path, final=False, keep=10)
+    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
+    with CheckpointManager.from_config(cfg) as other:
+        model, opt = make_model()
+        for step in (1, 2):
+            train_step(model, opt)
+            other.save(step=step, model=model, optimizer=opt)
+    shutil.rmtree(tmp_path / "scratch/exp/step-0000000002")
+    os.rename(tmp_path / "nas", tmp_path / "nas-away")
+    (tmp_path / "nas").write_text("a file where the folder was: the store cannot be listed")
+    ck = CheckpointManager.from_config(cfg)
+    model, opt = make_model(seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ck.restore(model=model, optimizer=opt).step == 1
+    with pytest.raises(SaveError, match="nas"):
+        ck.save(step=2, model=model, optimizer=opt)
+    os.remove(tmp_path / "nas")
+    os.rename(tmp_path / "nas-away", tmp_path / "nas")
+    ck.save(step=3, model=model, optimizer=opt)  # committed; its prune finds the other training's step 2
+    with pytest.raises(RunConflictError, match=r"already holds checkpoints up to step 2"):
+        ck.save(step=4, model=model, optimizer=opt)
+    ck.close()

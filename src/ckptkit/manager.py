@@ -443,7 +443,9 @@ class CheckpointManager:
         # another training found on one later (rank 0; raised by every later save).
         self._unchecked: frozenset[str] = frozenset()
         self._checked_at = 0  # the step the run was checked for
-        self._ours: set[int] = set()  # the steps committed while some backend was unchecked
+        # The steps committed on each backend while some backend was unchecked: one that
+        # failed on a backend down at the time is not this training's there.
+        self._ours: dict[str, set[int]] = {}
         # The arguments of ``_conflict_error`` for the conflict found, on rank 0.
         self._conflict: tuple | None = None
         # The newest step this training holds as its own (committed or restored), on rank 0: a
@@ -714,7 +716,7 @@ class CheckpointManager:
         refs, unreachable = listing
         # What these hold is unknown until they answer: each is listed again, off this thread,
         # after the first save it commits (_prune_backends).
-        self._unchecked, self._checked_at, self._ours = frozenset(unreachable), step, set()
+        self._unchecked, self._checked_at, self._ours = frozenset(unreachable), step, {}
         newest = max((r.step for r in refs), default=None)
         if newest is not None and newest >= step:
             self._run_checked = False  # refused at every save, not only the first
@@ -846,7 +848,8 @@ class CheckpointManager:
         self._metrics[step] = dict(metrics)
         self._newest_own = step if self._newest_own is None else max(self._newest_own, step)
         if self._unchecked:
-            self._ours.add(step)
+            for ref in saved:
+                self._ours.setdefault(ref.backend, set()).add(step)
         with self._pruning_lock:
             if self._pruner is None or self._pruner[0] != os.getpid():
                 self._pruner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ckptkit-prune"))
@@ -915,14 +918,15 @@ class CheckpointManager:
         except Exception as exc:
             log.warning("could not check run %r on backend %r for newer checkpoints: %s", self.run_name, backend, exc)
             return True
-        others = [r.step for r in refs if r.step not in self._ours and r.step != step and r.step >= self._checked_at]
+        ours = self._ours.get(backend, set())
+        others = [r.step for r in refs if r.step not in ours and r.step != step and r.step >= self._checked_at]
         if others:
             self._conflict = (step, max(others), "old")
             log.error("%s (found on backend %r once it answered)", self._conflict_error(*self._conflict), backend)
             return True
         self._unchecked -= {backend}
         if not self._unchecked:
-            self._ours = set()
+            self._ours = {}
         return False
 
     def _settle_prune(self) -> None:
@@ -1237,7 +1241,7 @@ class CheckpointManager:
             # again after the first save it commits: steps above the restored one there are
             # another training's (``_holds_another_training``).
             self._unchecked, self._conflict = frozenset(unreachable), None
-            self._checked_at, self._ours = self._newest_own + 1, set()
+            self._checked_at, self._ours = self._newest_own + 1, {}
             if step is not None and (unreachable or newest > step):
                 # Newer steps (or a backend that may hold some): the first save checks the run again.
                 self._rolled_back = (step, newest if newest > step else None)
@@ -1770,7 +1774,7 @@ class CheckpointManager:
             self._rolled_back = None
             self._run_checked = True
             self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
-            self._checked_at, self._ours = self._newest_own + 1, set()
+            self._checked_at, self._ours = self._newest_own + 1, {}
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable)

@@ -290,8 +290,10 @@ class CkptkitPluginManager(pluggy.PluginManager):
                 hints.append(f"{', '.join(declared)} declares it, but loading installed plugins is switched off "
                              f"({how}, or add the type with add_backend_type)")
         hints += _dists_without_entry_point(name)
-        if not hints and name in KNOWN_EXTRAS:
-            extra = KNOWN_EXTRAS[name]
+        if not hints and str(name).lower() in KNOWN_EXTRAS:
+            extra = KNOWN_EXTRAS[str(name).lower()]
+            if extra != name:
+                hints.append(f"type names are lower case: {extra!r}")
             # Never from the public index alone: the name ckptkit there is another project's.
             hints.append(f'install it from a checkout with: pip install ".[{extra}]" ./plugins/ckptkit-{extra}, '
                          f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" '

@@ -946,3 +946,36 @@ def test_what_a_prune_killed_while_reading_the_store_clock_left_goes_as_a_leftov
     os.utime(left, (hour_ago, hour_ago))
     assert [r.path for r in _prune(backend)] == [str(left)]
     assert os.listdir(root / "exp") == [step_dirname(1)]
+
+
+class _NoCopyFS(LocalFileSystem):
+    """Local files as a store that cannot copy a file itself (fsspec's base cp_file)."""
+
+    cachable = False
+    cp_file = fsspec.AbstractFileSystem.cp_file
+
+
+def test_a_failed_save_again_on_a_store_that_cannot_copy_says_the_stored_copy_is_gone(tmp_path):
+    """Such a store un-commits the stored copy before it writes the new one: a failure half-way
+    loses it, and the error said "nothing of it was committed" as if the old copy were kept."""
+    backend = FileBackend("kv", _NoCopyFS(auto_mkdir=True), str(tmp_path / "root"))
+    backend.save_resume(run_name="r", step=3, payload=payload(3))
+    with pytest.raises(BackendError, match=r"the copy of this step committed before was un-committed to be "
+                                           r"replaced and is gone"):
+        backend.save_resume(run_name="r", step=3, payload=payload(3, fail=True))
+    assert steps(backend) == []
+
+
+def test_the_testing_kits_wrapper_keeps_a_stores_copying(tmp_path):
+    """A backend replaces a stored step by copying where the store can; wrapped for fault
+    injection, a store that can copy looked like one that cannot, and tests of it took the
+    other path (a failed save again then lost the stored copy)."""
+    from ckptkit.testing.faults import WrappedFileSystem
+
+    wrapped = WrappedFileSystem(LocalFileSystem(auto_mkdir=True))
+    backend = FileBackend("wrapped", wrapped, str(tmp_path / "root"))
+    assert storage._copies_files(wrapped) and not storage._copies_files(WrappedFileSystem(_NoCopyFS()))
+    backend.save_resume(run_name="r", step=3, payload=payload(3))
+    with pytest.raises(BackendError, match="the copy of this step committed before is kept"):
+        backend.save_resume(run_name="r", step=3, payload=payload(3, fail=True))
+    assert steps(backend) == [3]

@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "stay and are reported), and old leftovers")
     _config_args(p)
     p.add_argument("--keep-last", type=int, help="override roles.resume.keep_last")
-    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be deleted, delete nothing (a leftover only the store's clock could "
+                        "prove old, which a dry run does not write to read, is shown as kept)")
     p.add_argument("--all", action="store_true",
                    help="delete every resume checkpoint of the run, the newest included (frees the run name)")
     p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")

@@ -130,6 +130,14 @@ class WrappedFileSystem:
             self.faults.clear()
             self.calls.clear()
 
+    @property
+    def copies_files(self) -> bool:
+        """Whether the wrapped store copies files itself: a backend replaces a stored step by
+        copying where it can, and a wrapper must not make it take the path for stores that cannot."""
+        from ..storage import _copies_files
+
+        return _copies_files(self.wrapped)
+
     def requests(self, *kinds: str) -> list[Call]:
         """The recorded requests, of the given kinds only when some are named."""
         with self._lock:

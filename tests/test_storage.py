@@ -979,3 +979,13 @@ def test_the_testing_kits_wrapper_keeps_a_stores_copying(tmp_path):
     with pytest.raises(BackendError, match="the copy of this step committed before is kept"):
         backend.save_resume(run_name="r", step=3, payload=payload(3, fail=True))
     assert steps(backend) == [3]
+
+
+def test_a_time_under_any_key_stores_use_is_read():
+    """adlfs and others tell a file's time as last_modified: it was read as no time at all, and
+    every leftover aged from the pruning process's first sight of it."""
+    import datetime
+
+    when = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.timezone.utc)
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        assert storage._mtime({key: when}) == when.timestamp(), key

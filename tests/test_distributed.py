@@ -286,6 +286,18 @@ def test_a_rank_restoring_without_optimizer_beside_one_with_it_meets_the_others(
     assert [r["optimizer_state"] for r in results] == [6, 0]
 
 
+def test_a_save_with_an_optimizer_on_some_ranks_only_is_refused_on_every_rank_at_once(tmp_path):
+    """FSDP2, format torch: rank 1 without optimizer timed out in ckptkit's next meeting while
+    rank 0 waited in torch's gather of the optimizer's state for 30 minutes."""
+    cfg = config(tmp_path, "torch")
+    cfg["distributed"] = {"timeout_s": 60}
+    results = launch(2, "save_optimizer_on_rank0_only", tmp_path, {"config": cfg, "wrap": "fsdp2"}, timeout=120)
+    for r in results:
+        assert r["raised"][0] == "RanksDisagreeError", r
+        assert "ranks [0] passed optimizer= and ranks [1] did not" in r["raised"][1], r
+        assert r["listed"] == [], r
+
+
 def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(tmp_path):
     cfg = config(tmp_path, "dcp")
     cfg["distributed"] = {"timeout_s": 20}

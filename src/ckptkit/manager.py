@@ -38,6 +38,7 @@ from .errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PublishError,
+    RanksDisagreeError,
     RunConflictError,
     SaveError,
     StorageUnavailableError,
@@ -616,7 +617,7 @@ class CheckpointManager:
             return []
         self._check_open()
         self._check_step_grows(step)
-        extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals)
+        extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals, optimizer is not None)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
         if unloadable is None and optimizer is not None and (
                 role.format == "dcp" or gather.distributed(model)) and gather.needs_closure(optimizer):
@@ -670,9 +671,11 @@ class CheckpointManager:
         self._report(step, saved, failures)
         return saved
 
-    def _storable(self, step, extra, rank_extra, safe_globals) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _storable(self, step, extra, rank_extra, safe_globals,
+                  with_optimizer: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``extra`` (rank 0's, the one saved) and this rank's ``rank_extra`` as stored, checked on
-        every rank before anything is written; a refusal on any rank is raised on all (collective)."""
+        every rank before anything is written; a refusal on any rank is raised on all (collective),
+        as is an optimizer given on some ranks only."""
         extra_state: dict[str, Any] = {}
         own_state = None
         problem = None
@@ -686,6 +689,13 @@ class CheckpointManager:
         except Exception as exc:  # a state_dict() that raises on one rank, too
             problem = exc
         self.coll.agree(f"save step {step}: check state", problem)
+        # A sharded model's optimizer state is gathered collectively: one rank without it left the
+        # others in torch's gather for the model's own timeout (30 minutes), not ckptkit's.
+        given = self.coll.all_gather(f"save step {step}: optimizer given", with_optimizer)
+        if len(set(given)) > 1:
+            raise RanksDisagreeError(
+                f"save step {step}: ranks {[r for r, g in enumerate(given) if g]} passed optimizer= and ranks "
+                f"{[r for r, g in enumerate(given) if not g]} did not; every rank saves with the same arguments")
         return extra_state, own_state
 
     def _check_step_grows(self, step: int) -> None:

@@ -326,6 +326,20 @@ def main() -> None:
         result["optimizer_state"] = len(opt2.state)
         ck.close()
 
+    elif scenario == "save_optimizer_on_rank0_only":
+        # A sharded model's optimizer state is gathered collectively: rank 1 without one left
+        # rank 0 in torch's gather for the model's own timeout.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        model, opt = build(kind, seed=0)
+        train(model, opt, steps=1)
+        try:
+            ck.save(step=1, model=model, optimizer=opt if rank == 0 else None)
+            result["raised"] = None
+        except ckptkit.CkptkitError as exc:
+            result["raised"] = [type(exc).__name__, str(exc)]
+        result["listed"] = [r.step for r in ck.list_checkpoints()]
+        ck.close()
+
     elif scenario == "rank_leaves_during_shard_load":
         # Rank 1 is gone (crashed, killed) just as DCP's load of the shards starts: rank 0 must
         # say so, not call the checkpoint incompatible.

@@ -994,20 +994,35 @@ def test_restore_files_refuses_a_folder_holding_other_files(tmp_path, pm):
     ck.close()
 
 
+def _nas_beside_scratch(tmp_path, keep=5):
+    """A config resuming to "scratch" and "nas", with steps 1 and 2 saved to both by a training."""
+    cfg = local_config(tmp_path, final=False, keep=keep)
+    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
+    with CheckpointManager.from_config(cfg) as other:
+        model, opt = make_model()
+        for step in (1, 2):
+            train_step(model, opt)
+            other.save(step=step, model=model, optimizer=opt)
+    return cfg
+
+
+def _nas_down(tmp_path):
+    """A file where "nas"'s folder was: that store cannot be listed until ``_nas_up``."""
+    os.rename(tmp_path / "nas", tmp_path / "nas-away")
+    (tmp_path / "nas").write_text("a file where the folder was: the store cannot be listed")
+
+
+def _nas_up(tmp_path):
+    _nas_up(tmp_path)
+
+
 def test_a_restore_from_one_backend_while_another_cannot_be_listed_says_so_to_the_caller(tmp_path):
     """The backend that could not be listed may hold newer steps than the one restored: that was
     only logged, and a trainer not showing ckptkit's log went on from an older step unaware. It is
     a RuntimeWarning now, and ``Restored.skipped`` says it."""
-    cfg = local_config(tmp_path, final=False)
-    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
-    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
-    with CheckpointManager.from_config(cfg) as ck:
-        model, opt = make_model()
-        for step in (1, 2):
-            train_step(model, opt)
-            ck.save(step=step, model=model, optimizer=opt)
-    os.rename(tmp_path / "nas", tmp_path / "nas-away")
-    (tmp_path / "nas").write_text("a file where the folder was: the store cannot be listed")
+    cfg = _nas_beside_scratch(tmp_path)
+    _nas_down(tmp_path)
 
     with CheckpointManager.from_config(cfg) as ck:
         with pytest.warns(RuntimeWarning, match=r"going on with what the other backends hold.*could not list: nas"):
@@ -1025,17 +1040,9 @@ def test_a_step_that_failed_on_a_backend_down_at_restore_is_not_taken_for_ours_t
 
     from ckptkit import RunConflictError, SaveError
 
-    cfg = local_config(tmp_path, final=False, keep=10)
-    cfg["backends"]["nas"] = {"type": "local", "path": str(tmp_path / "nas")}
-    cfg["roles"]["resume"]["backends"] = ["scratch", "nas"]
-    with CheckpointManager.from_config(cfg) as other:
-        model, opt = make_model()
-        for step in (1, 2):
-            train_step(model, opt)
-            other.save(step=step, model=model, optimizer=opt)
+    cfg = _nas_beside_scratch(tmp_path, keep=10)
     shutil.rmtree(tmp_path / "scratch/exp/step-0000000002")
-    os.rename(tmp_path / "nas", tmp_path / "nas-away")
-    (tmp_path / "nas").write_text("a file where the folder was: the store cannot be listed")
+    _nas_down(tmp_path)
     ck = CheckpointManager.from_config(cfg)
     model, opt = make_model(seed=5)
     with warnings.catch_warnings():

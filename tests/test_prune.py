@@ -264,6 +264,19 @@ class _HeldPrune(LocalBackend):
                              dry_run=dry_run, counted_steps=counted_steps)
 
 
+def _held_prune_manager(tmp_path, every: int = 1, keep_best: dict | None = None, **options):
+    """A manager saving to a ``_HeldPrune`` backend, keep_last 1: (config, plugin manager,
+    manager, backend)."""
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("heldprune", _HeldPrune)
+    cfg = local_config(tmp_path, final=False, keep=1, every=every)
+    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch"), **options}
+    if keep_best is not None:
+        cfg["roles"]["resume"]["keep_best"] = keep_best
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    return cfg, pm, ck, ck.router.instances["scratch"]
+
+
 def _in_thread(fn, **kwargs) -> tuple[threading.Thread, dict]:
     out: dict = {}
 
@@ -279,12 +292,7 @@ def _in_thread(fn, **kwargs) -> tuple[threading.Thread, dict]:
 
 
 def test_save_returns_before_its_prune_and_the_next_write_waits_for_it(tmp_path):
-    pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("heldprune", _HeldPrune)
-    cfg = local_config(tmp_path, final=False, keep=1)
-    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch"), "leftover_grace_s": 0}
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    backend = ck.router.instances["scratch"]
+    cfg, pm, ck, backend = _held_prune_manager(tmp_path, leftover_grace_s=0)
     model, opt = make_model()
     backend.release.set()
     ck.save(step=1, model=model, optimizer=opt)
@@ -317,12 +325,7 @@ def test_a_save_of_a_step_that_is_not_due_does_not_wait_for_the_prune(tmp_path):
     """Training calls save at every step: one that is not due writes nothing, and waited for the
     prune after the last due save all the same, which on a store that stopped answering held a
     training step for minutes (8 of them with the default retries), async saves included."""
-    pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("heldprune", _HeldPrune)
-    cfg = local_config(tmp_path, final=False, keep=1, every=2)
-    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    backend = ck.router.instances["scratch"]
+    _, _, ck, backend = _held_prune_manager(tmp_path, every=2)
     model, opt = make_model()
     try:
         ck.save(step=2, model=model, optimizer=opt)
@@ -341,13 +344,7 @@ def test_best_steps_waits_for_the_prune_that_reads_and_fills_the_same_metrics(tm
     """best_steps and the prune after a save both read and fill the manager's metrics by step
     (the prune calls it on its thread): a call of it while that prune runs waits for it, as
     every other call of the manager does, instead of racing it on the same dict."""
-    pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("heldprune", _HeldPrune)
-    cfg = local_config(tmp_path, final=False, keep=1)
-    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
-    cfg["roles"]["resume"]["keep_best"] = {"metric": "loss", "mode": "min"}
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    backend = ck.router.instances["scratch"]
+    _, _, ck, backend = _held_prune_manager(tmp_path, keep_best={"metric": "loss", "mode": "min"})
     model, opt = make_model()
     ck.save(step=1, model=model, optimizer=opt, metrics={"loss": 1.0})
     assert backend.entered.wait(20), "the prune after the save started"
@@ -365,12 +362,7 @@ def test_best_steps_waits_for_the_prune_that_reads_and_fills_the_same_metrics(tm
 def test_a_forked_child_does_not_wait_for_the_prune_its_parent_was_running(tmp_path):
     """A process forked while the prune after a save runs has no such thread: its calls of the
     inherited manager go on instead of waiting forever for a prune that cannot finish there."""
-    pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("heldprune", _HeldPrune)
-    cfg = local_config(tmp_path, final=False, keep=1)
-    cfg["backends"]["scratch"] = {"type": "heldprune", "path": str(tmp_path / "scratch")}
-    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
-    backend = ck.router.instances["scratch"]
+    _, _, ck, backend = _held_prune_manager(tmp_path)
     model, opt = make_model()
     try:
         ck.save(step=1, model=model, optimizer=opt)

@@ -24,7 +24,7 @@ from .local import LocalBackend
 from .fanout import torch_writer
 from .manager import FINAL_FILE, CheckpointManager
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
-from .redact import describe, redact, secret_values
+from .redact import redact, secret_values
 from .roles import Role
 from .split import STATE_FILE
 
@@ -96,7 +96,7 @@ def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
 
 
 def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None,
-                  unread: dict[str, BaseException] | None = None) -> list[PublishSource]:
+                  unread: dict[str, Exception] | None = None) -> list[PublishSource]:
     """Every committed final model of the run: in the configured backends, then the fallback.
     ``unread`` gets the backends that hold final models but could not be read, and why."""
     out = []
@@ -140,18 +140,18 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
     if step is not None:
         ref = ck.list_checkpoints(step=step)[0]  # CheckpointNotFoundError names the steps there are
         return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
-    unread: dict[str, BaseException] = {}
+    unread: dict[str, Exception] = {}
     finals = stored_finals(ck, fallback_dir, unread)
     if finals and unread:
         warnings.warn(f"run {ck.run_name!r}: publishing the newest final model found; these final backends could "
-                      f"not be read and may hold a newer one: "
-                      f"{'; '.join(f'{n}: {describe(e)}' for n, e in unread.items())}", RuntimeWarning, stacklevel=2)
+                      f"not be read and may hold a newer one: {fanout.describe_failures(unread)}", RuntimeWarning,
+                      stacklevel=2)
     if not finals and unread:
         # Not "none stored": a store that did not answer may hold it.
         name = next(iter(unread))
         error = StorageUnavailableError(
             name, f"run {ck.run_name!r}: no stored final model was found, and these backends could not be read: "
-            f"{'; '.join(f'{n}: {describe(e)}' for n, e in unread.items())}. Try again once they answer, or publish "
+            f"{fanout.describe_failures(unread)}. Try again once they answer, or publish "
             "a resume checkpoint with --step STEP")
         error.__cause__ = unread[name]
         raise error

@@ -13,6 +13,7 @@ Anything else is a bug and propagates as it is.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import hashlib
@@ -483,7 +484,11 @@ def _owned(obj: Any, memo: dict[int, Any]) -> Any:
         storage = obj.untyped_storage()
         own = memo.get(storage.data_ptr())
         if own is None:
-            own = memo[storage.data_ptr()] = storage.clone()
+            # One memmove without the interpreter lock: storage.clone() starts a parallel region,
+            # whose threads waited for each other on two cores (336 MiB: 310-360 ms against 40-50 ms).
+            own = memo[storage.data_ptr()] = torch.UntypedStorage(storage.nbytes())
+            if storage.nbytes():
+                ctypes.memmove(own.data_ptr(), storage.data_ptr(), storage.nbytes())
         return torch.empty(0, dtype=obj.dtype).set_(own, obj.storage_offset(), obj.size(), obj.stride())
     if isinstance(obj, torch.Tensor):
         raise _Opaque(f"a {type(obj).__name__} that is more than its storage's bytes")

@@ -32,7 +32,9 @@ def build_model(size_gib: float) -> nn.Module:
 def manager(folder: str, is_async: bool) -> ckptkit.CheckpointManager:
     return ckptkit.CheckpointManager.from_config(
         {"backends": {"d": {"type": "local", "path": folder}},
-         "roles": {"resume": {"backends": ["d"], "every_n_steps": 1, "keep_last": 2, "async": is_async}}},
+         "roles": {"resume": {"backends": ["d"], "every_n_steps": 1, "keep_last": 2, "async": is_async,
+                                    # what save itself holds: no optimizer step follows it here
+                                    **({"async_copy": "blocking"} if is_async else {})}}},
         run_name="bench", plugin_manager=make_plugin_manager(autoload=False))
 
 

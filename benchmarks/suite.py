@@ -6,10 +6,11 @@ cases every round and taking medians:
 
 * ``save``     ckptkit's sync save to a ``local`` backend against ``torch.save`` + fsync of the
                file, and against DCP ``save`` (single process, its own fsyncs), per folder;
-* ``async``    how long an ``async: true`` save blocks the caller, against a sync ckptkit save;
-               and with ``async_copy: background``, in a training loop, the save plus the wait
-               at the next ``optimizer.step()``, what the loop's steps lose to the copy and the
-               write, and to the making of the first save's buffers;
+* ``async``    how long an ``async: true, async_copy: blocking`` save blocks the caller, against
+               a sync ckptkit save; and in a training loop, for each ``async_copy`` mode
+               (``optimizer_state`` is the default), the save plus the wait at the next
+               ``optimizer.step()``, what the loop's steps lose to the copy and the write, and
+               to the making of the first save's buffers;
 * ``first``    the first async save of a new training, from 100 MB up: each round a new
                process builds the model, a manager, restores (nothing yet), trains one step and
                saves at once, or trains two seconds more first (while the manager makes its
@@ -81,7 +82,9 @@ PREPARING_STEPS = 5  # the steps timed beside the making of those buffers
 # a trainer's first save does not find), from this size up: below it the save's fixed costs,
 # not the copy, make the time (the "async" rows show them).
 DEFAULT_FIRST_MIN = "100MB"
-FIRST_CASES = (("blocking", 0.0), ("background", 0.0), ("background", FIRST_SAVE_AFTER_S))
+FIRST_CASES = (("blocking", 0.0), ("optimizer_state", 0.0), ("background", 0.0), ("background", FIRST_SAVE_AFTER_S))
+FIRST_NAMES = {"blocking": "async first save", "optimizer_state": "async default first save",
+               "background": "async background first save"}
 
 
 def parse_size(text: str) -> int:
@@ -213,11 +216,13 @@ def race(cases: list[Case], rounds: int, warmup: bool = True) -> None:
 # -- the comparisons ----------------------------------------------------------------------
 
 def local_manager(folder: str, is_async: bool = False, keep_last: int = 2,
-                  async_copy: str = "blocking") -> ckptkit.CheckpointManager:
+                  async_copy: str | None = None) -> ckptkit.CheckpointManager:
+    """A manager on a local folder; ``async_copy`` None leaves it to the config's default."""
+    resume = {"backends": ["disk"], "every_n_steps": 1, "keep_last": keep_last, "async": is_async}
+    if async_copy is not None:
+        resume["async_copy"] = async_copy
     return ckptkit.CheckpointManager.from_config(
-        {"backends": {"disk": {"type": "local", "path": folder}},
-         "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": keep_last,
-                              "async": is_async, "async_copy": async_copy}}},
+        {"backends": {"disk": {"type": "local", "path": folder}}, "roles": {"resume": resume}},
         run_name="bench", plugin_manager=make_plugin_manager(autoload=False))
 
 
@@ -298,7 +303,7 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
 
         # Async: how long the caller is held, against a sync save of the same state.
         sync_ck = local_manager(os.path.join(work, "sync"))
-        async_ck = local_manager(os.path.join(work, "async"), is_async=True)
+        async_ck = local_manager(os.path.join(work, "async"), is_async=True, async_copy="blocking")
         # The sync save's prune runs on a thread after it returns; waited for between rounds, so
         # that it does not compete with the async case's timing for the interpreter lock.
         sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(step), model=model, optimizer=opt),
@@ -389,29 +394,36 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
     held, steps = Case("async background, held", lambda: None), Case("steps beside the copy", lambda: None)
     held_b, steps_b = Case("async blocking, held", lambda: None), Case("steps beside the write", lambda: None)
+    held_d, steps_d = Case("async default, held", lambda: None), Case("steps beside the copy", lambda: None)
     plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
-    blocking = None
+    blocking = default = None
     try:
-        blocking = local_manager(os.path.join(work, "blocking"), is_async=True)
-        cases = {bg: (held, steps), blocking: (held_b, steps_b), None: (plain_held, plain)}
-        for ck in (bg, blocking, None):  # warm-ups
+        blocking = local_manager(os.path.join(work, "blocking"), is_async=True, async_copy="blocking")
+        default = local_manager(os.path.join(work, "default"), is_async=True)
+        cases = {bg: (held, steps), blocking: (held_b, steps_b), default: (held_d, steps_d), None: (plain_held, plain)}
+        order = (bg, default, blocking, None)
+        for ck in order:  # warm-ups
             loop(ck, Case("", lambda: None), Case("", lambda: None))
         for r in range(rounds):
-            for ck in (bg, blocking, None) if r % 2 == 0 else (None, blocking, bg):
+            for ck in order if r % 2 == 0 else order[::-1]:
                 loop(ck, *cases[ck])
     finally:
-        bg.close()
-        if blocking is not None:
-            blocking.close()
+        for ck in (bg, blocking, default):
+            if ck is not None:
+                ck.close()
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
             row(size, where, "steps beside first buffers", alone, preparing,
                 f"{PREPARING_STEPS} steps after the manager's restore, against the same before it"),
             row(size, where, "async blocking held, loop", sync_case, held_b, note),
+            row(size, where, "async default held, loop", sync_case, held_d,
+                note + " (async_copy: optimizer_state, the default)"),
             row(size, where, "steps beside background copy", plain, steps,
                 "pass + optimizer step, with the copy and the write in flight"),
             row(size, where, "steps beside blocking async", plain, steps_b,
-                "pass + optimizer step, with the write in flight")]
+                "pass + optimizer step, with the write in flight"),
+            row(size, where, "steps beside default async", plain, steps_d,
+                "pass + optimizer step, with the optimizer state's copy and the write in flight")]
 
 
 def first_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[str, Any]]:
@@ -438,7 +450,7 @@ def first_suite(size: int, folder: str, rounds: int, model, opt) -> list[dict[st
                 cases[c].times.append(float(res.stdout.strip().splitlines()[-1]))
         rows = []
         for (mode, after), case in cases.items():
-            what = "async first save" if mode == "blocking" else "async background first save"
+            what = FIRST_NAMES[mode]
             when = f"after {after:g} s of training" if after else "at the first step"
             rows.append(row(size, where, f"{what}, {'trained' if after else 'at once'}", sync_case, case,
                             f"a new process each round, {when} after restore()"))

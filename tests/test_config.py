@@ -51,7 +51,7 @@ def test_from_file_matches_dict(tmp_path):
         (lambda c: c["roles"]["resume"].update(format="pickle"), "roles.resume.format: must be one of torch, dcp"),
         (lambda c: c["roles"]["final"].update(dtype="int8"), "roles.final.dtype"),
         (lambda c: c["roles"]["resume"].update({"async": True, "async_copy": "later"}),
-         "roles.resume.async_copy: must be one of blocking, background, got 'later'"),
+         "roles.resume.async_copy: must be one of blocking, optimizer_state, background, got 'later'"),
         (lambda c: c["roles"]["resume"].update(async_copy="background"),
          "roles.resume.async_copy: background applies to asynchronous saves; set async: true"),
         (lambda c: c["roles"].update(best={"backends": ["scratch"]}), "roles.best: unknown key"),

@@ -676,6 +676,48 @@ def test_background_copy_never_commits_a_tensor_changed_in_place_outside_the_opt
     ck.close()
 
 
+def test_by_default_an_async_save_defers_only_the_optimizer_state_and_copies_the_parameters_at_once(tmp_path, pm):
+    """The default async_copy (optimizer_state): the parameters are copied before save returns,
+    so a write that no version counter sees (an EMA helper swapping its weights in through
+    ``.data`` to evaluate) cannot reach the checkpoint; the optimizer's state, which only its
+    step changes, is copied while training goes on, and a change to it outside the step fails
+    that save rather than committing a mix."""
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    hooks = len(_global_optimizer_pre_hooks)
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.resume_role.async_copy == "optimizer_state"
+    model, opt = _big_model()
+    _big_step(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_opt = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+    release = threading.Event()  # the writer's copy starts only after the swap below
+    ck._async._stager.copy_deferred = lambda deferred, real=ck._async._stager.copy_deferred: (
+        release.wait(), real(deferred))[-1]
+    ck.save(step=0, model=model, optimizer=opt)
+    assert len(_global_optimizer_pre_hooks) == hooks + 1, "the next step waits for the optimizer state's copy"
+    for p in model.parameters():
+        p.data.copy_(torch.full_like(p, 7.0))  # an EMA swap: no version counter moves
+    release.set()
+    opt.step()  # waits for the copy of the moments before changing them
+    assert [r.step for r in ck.wait()] == [0]
+    fresh, fresh_opt = _big_model()
+    ck.restore(fresh, fresh_opt)
+    assert_same_state(fresh.state_dict(), expected)
+    for k, s in fresh_opt.state_dict()["state"].items():
+        assert_same_state(s, expected_opt[k])
+    ck.save(step=1, model=model, optimizer=opt)
+    opt.state[model[0].weight]["exp_avg"].zero_()  # a reset of the moments outside the step
+    with pytest.raises(SaveError, match=r"step 1 was not written: optimizer\.state\.0\.weight\.exp_avg changed in "
+                                        r"place .* async_copy: optimizer_state .* before changing optimizer state"):
+        ck.wait()
+    assert [r.step for r in ck.list_checkpoints()] == [0]
+    ck.close()
+    assert len(_global_optimizer_pre_hooks) == hooks
+
+
 def _join_preparing():
     for thread in threading.enumerate():
         if thread.name == "ckptkit-prepare":
@@ -690,7 +732,7 @@ class _TiedModel(torch.nn.Module):
         self.head.weight = self.emb.weight  # tied, as language models tie their embeddings
 
 
-@pytest.mark.parametrize("mode", ["blocking", "background"])
+@pytest.mark.parametrize("mode", ["blocking", "optimizer_state", "background"])
 def test_an_async_save_writes_a_tied_weight_once_as_a_sync_save_does(tmp_path, pm, mode):
     model = _TiedModel()
     opt = torch.optim.AdamW(model.parameters())
@@ -716,7 +758,7 @@ def test_an_async_save_writes_a_tied_weight_once_as_a_sync_save_does(tmp_path, p
     assert torch.equal(fresh_opt.state[fresh.emb.weight]["exp_avg"], opt.state[model.emb.weight]["exp_avg"])
 
 
-@pytest.mark.parametrize("mode", ["sync", "blocking", "background"])
+@pytest.mark.parametrize("mode", ["sync", "blocking", "optimizer_state", "background"])
 def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
     """The buffers of the first async save are made while training runs, from the first step of
     the optimizer given to restore on; a sync manager, which stages nothing, makes none."""
@@ -796,7 +838,7 @@ raise RuntimeError("training crashed right after save")
 """
 
 
-@pytest.mark.parametrize("copy", ["blocking", "background"])
+@pytest.mark.parametrize("copy", ["blocking", "optimizer_state", "background"])
 def test_an_async_save_in_flight_when_training_crashes_is_still_committed(tmp_path, pm, copy):
     """save() returned, so the step is staged; the interpreter's exit must neither lose it (the
     write used to fail half written) nor hang (the background copy's verdict comes from the

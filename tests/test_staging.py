@@ -138,6 +138,10 @@ def test_only_what_the_optimizer_steps_is_deferred():
     assert model[1].weight.untyped_storage().data_ptr() not in stepped
     assert opt.param_groups[0]["lr"].untyped_storage().data_ptr() not in stepped
     assert stepped_storages(None) == frozenset(), "with no optimizer, nothing waits for a step"
+    state_only = stepped_storages(opt, parameters=False)
+    assert opt.state[model[0].weight]["exp_avg"].untyped_storage().data_ptr() in state_only
+    assert model[0].weight.untyped_storage().data_ptr() not in state_only, \
+        "async_copy: optimizer_state copies the parameters before save returns"
 
 
 def test_a_tensor_learning_rate_is_copied_not_passed_through():
@@ -180,7 +184,7 @@ def test_a_parameter_changed_before_the_next_step_fails_the_save_and_writes_noth
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     written = []
-    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), copy="background")
     payload = Payload(run_name="r", step=3, epoch=None, format="torch", files=())
     if when == "after the copy":
         saver.submit(lambda *args: written.append(args) or (3, ["ref"], {}), payload, staged)
@@ -195,7 +199,7 @@ def test_a_parameter_changed_before_the_next_step_fails_the_save_and_writes_noth
     assert "step 3 was not written: model.bias changed in place between save() and the next optimizer.step()" \
         in message
     assert "async_copy: blocking" in message
-    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), copy="background")
     saver.submit(lambda p, s: (4, [torch.equal(s["model"]["bias"], model.bias.detach())], {}), payload, staged)
     assert saver.collect("test") == (4, [True], {})
     saver.shutdown()
@@ -212,10 +216,10 @@ def test_a_stage_that_raised_part_way_leaves_nothing_for_the_next_save():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="cannot copy"):
-        saver.stage({"model": model.state_dict(), "z": Uncopyable()}, model, opt, copy_always=(), background=True)
+        saver.stage({"model": model.state_dict(), "z": Uncopyable()}, model, opt, copy_always=(), copy="background")
     model(torch.ones(1, 2)).sum().backward()
     opt.step()  # moves the version counters of what the failed stage had set aside
-    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), copy="background")
     payload = Payload(run_name="r", step=5, epoch=None, format="torch", files=())
     saver.submit(lambda p, s: (5, ["ref"], {}), payload, staged)
     assert saver.collect("test") == (5, ["ref"], {})
@@ -234,7 +238,7 @@ def test_every_optimizer_step_waits_for_the_background_copy_and_close_removes_th
     started, release = threading.Event(), threading.Event()
     saver._stager.copy_deferred = lambda deferred, real=saver._stager.copy_deferred: (
         started.set(), release.wait(), real(deferred))[-1]
-    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), copy="background")
     payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=())
     saver.submit(lambda p, s: (1, [s["model"]["weight"].clone()], {}), payload, staged)
     before = model.weight.detach().clone()
@@ -268,7 +272,7 @@ def test_an_optimizer_stepped_in_a_forked_child_does_not_wait_for_the_parent_cop
     started, release = threading.Event(), threading.Event()
     saver._stager.copy_deferred = lambda deferred, real=saver._stager.copy_deferred: (
         started.set(), release.wait(), real(deferred))[-1]
-    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), background=True)
+    staged = saver.stage({"model": model.state_dict()}, model, opt, copy_always=(), copy="background")
     payload = Payload(run_name="r", step=1, epoch=None, format="torch", files=())
     saver.submit(lambda p, s: (1, ["ref"], {}), payload, staged)
     started.wait()
@@ -465,7 +469,7 @@ def test_a_saver_dropped_without_shutdown_takes_its_global_step_hooks_with_it():
         model(torch.ones(1, 64)).sum().backward()
         opt.step()
         saver.stage({"model": model.state_dict(), "optimizer": opt.state_dict()}, model, opt, copy_always=(),
-                    background=True)  # deferred copies: a pre-hook
+                    copy="background")  # deferred copies: a pre-hook
         assert len(_global_optimizer_pre_hooks) > before[0] and len(_global_optimizer_post_hooks) > before[1]
         del saver
         gc.collect()

@@ -4,8 +4,8 @@ One save is in flight at a time. Its outcome, ``(step, saved, failures)``, is co
 every rank at the next point where all ranks meet (the next due save, ``wait``, ``restore``,
 ``finalize`` or ``close``), so a failure is reported everywhere and never dropped.
 
-With ``background`` staging (``async_copy: background``) the copy of the parameters and the
-optimizer state is made on the writer thread, too. Every optimizer's ``step`` waits for it
+With ``async_copy: optimizer_state`` the copy of the optimizer's state is made on the writer
+thread, too, and with ``background`` that of the parameters it trains as well. Every optimizer's ``step`` waits for it
 first (a global step pre-hook), so the only writer of those tensors in a training loop cannot
 run before their copy is done. Then, still on the training thread, the step pre-hook (or the
 next ``collect``) compares the tensors' version counters with those at ``save``: there every
@@ -52,6 +52,7 @@ class AsyncSaver:
         self._coll = coll
         self._pid = os.getpid()  # a forked child inherits this object, but not its writer thread
         self._stager = Stager()
+        self._copy_mode = "blocking"  # async_copy of the last stage
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._copies: list[torch.cuda.Event] = []
@@ -120,9 +121,9 @@ class AsyncSaver:
         return True
 
     def stage(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-              copy_always: tuple[str, ...], background: bool = False) -> dict[str, Any]:
+              copy_always: tuple[str, ...], copy: str = "blocking") -> dict[str, Any]:
         """A copy of ``state`` that training cannot change once ``save`` returns, or, with
-        ``background``, once the next optimizer step starts.
+        ``copy`` (``async_copy``) other than ``blocking``, once the next optimizer step starts.
 
         Gathered model and optimizer state that is a private copy already passes through; the
         keys in ``copy_always`` (``extra``: anything training keeps changing, such as an EMA's
@@ -130,7 +131,8 @@ class AsyncSaver:
         """
         self._stager.deferred = []  # what a stage that raised part way left
         live = live_storages(model, optimizer)
-        defer = stepped_storages(optimizer) if background else frozenset()
+        defer = stepped_storages(optimizer, parameters=copy == "background") if copy != "blocking" else frozenset()
+        self._copy_mode = copy
         seen: dict = {}  # tensors that appear twice (tied weights) are staged once
         try:
             staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
@@ -210,10 +212,11 @@ class AsyncSaver:
                 names = ", ".join(".".join(map(str, p)) for p in changed[:3]) + (" ..." if len(changed) > 3 else "")
                 return payload.step, [], {"(staging)": CkptkitError(
                     f"step {payload.step} was not written: {names} changed in place between save() and the "
-                    "next optimizer.step() (or wait()), while async_copy: background copied it on the "
-                    "writer thread, so the copy could mix values from before and after. Only "
-                    "optimizer.step() waits for that copy: call wait() before changing parameters or "
-                    "optimizer state any other way after save, or set roles.resume.async_copy: blocking")}
+                    f"next optimizer.step() (or wait()), while async_copy: {self._copy_mode} copied it on "
+                    "the writer thread, so the copy could mix values from before and after. Only "
+                    "optimizer.step() waits for that copy: call wait() before changing "
+                    f"{'parameters or ' if self._copy_mode == 'background' else ''}optimizer state any "
+                    "other way after save, or set roles.resume.async_copy: blocking")}
         return write(payload, *args)
 
     def collect(self, caller: str) -> Outcome | None:

@@ -602,8 +602,9 @@ class CheckpointManager:
         saves), and rank 0 writes and prunes in a background thread while training goes on. It
         then returns ``[]``; the next due ``save``, or ``wait``, ``restore``, ``finalize`` or
         ``close``, waits for that write and reports its outcome as above. One save is in flight
-        at a time. With ``async_copy: background`` the parameters and optimizer state are copied
-        on that thread too, and the next ``optimizer.step()`` (of any optimizer) waits for the copy.
+        at a time. By default (``async_copy: optimizer_state``) the optimizer's state is copied on
+        that thread too (with ``background``, the parameters it trains as well), and the next
+        ``optimizer.step()`` (of any optimizer) waits for the copy.
         """
         if self._closed:
             self._check_open()
@@ -660,7 +661,7 @@ class CheckpointManager:
                 # Training may change the model as soon as save returns: write from a copy.
                 staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
                                            copy_always=("extra", RANK_EXTRA_KEY, gather.RANK_BUFFERS),
-                                           background=role.async_copy == "background")
+                                           copy=role.async_copy)
                 self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
             if previous is not None:
                 # Reported after this step's save started, so that a failure never drops it.

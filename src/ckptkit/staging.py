@@ -13,8 +13,9 @@ when the GPU has room: it snapshots the tensors on the device, which takes a fra
 millisecond per GiB, and the writer thread moves the snapshot into pinned buffers that it
 allocates there (``materialize``).
 
-With ``defer`` (``async_copy: background``), CPU tensors that only an optimizer step changes
-(the parameters it trains and its state) are not copied by ``stage``: it sets their buffers
+With ``defer`` (``async_copy: optimizer_state`` or ``background``), CPU tensors that only an
+optimizer step changes (its state, and with ``background`` the parameters it trains) are not
+copied by ``stage``: it sets their buffers
 aside with the tensors' version counters, and ``copy_deferred``, on the writer thread, fills
 them while training runs its next forward and backward passes.
 """
@@ -47,13 +48,13 @@ def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     return _storages(tensors)
 
 
-def stepped_storages(optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
-    """The storages that only ``optimizer.step()`` changes in a training loop: the parameters it
-    trains and its state. Buffers, frozen parameters and settings are not among them: a forward
-    pass or a scheduler may change those."""
+def stepped_storages(optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> frozenset[int]:
+    """The storages that only ``optimizer.step()`` changes in a training loop: its state and, with
+    ``parameters``, the parameters it trains. Buffers, frozen parameters and settings are not
+    among them: a forward pass or a scheduler may change those."""
     if optimizer is None:
         return frozenset()
-    trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad] if parameters else []
     return _storages(trained + _state_tensors(optimizer))
 
 

@@ -27,7 +27,7 @@ from ckptkit import ranks
 
 STEPS = 10
 EVERY = 3
-# wrapping, format, optimizer, async (True, or "background" for async_copy: background):
+# wrapping, format, optimizer, async (True: the default async_copy, optimizer_state; or "background"):
 # stateless SGD and each stateful optimizer, under DDP and FSDP2, in both formats.
 CASES = [
     ("ddp", "torch", "sgd", False),
@@ -81,8 +81,9 @@ def config(workdir: str, case, **distributed) -> dict:
     _, fmt, _, is_async = case
     cfg = {"backends": {"disk": {"type": "local", "path": os.path.join(workdir, "ckpts")}},
            "roles": {"resume": {"backends": ["disk"], "every_n_steps": EVERY, "keep_last": 2,
-                                "format": fmt, "async": bool(is_async),
-                                "async_copy": "background" if is_async == "background" else "blocking"}}}
+                                "format": fmt, "async": bool(is_async)}}}
+    if isinstance(is_async, str):
+        cfg["roles"]["resume"]["async_copy"] = is_async
     if distributed:
         cfg["distributed"] = distributed
     return cfg

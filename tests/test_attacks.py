@@ -485,3 +485,115 @@ def test_a_mapped_state_nesting_a_tuple_in_itself_restores_without_walking_every
         reading._owned_container = real
     assert torch.equal(fresh.weight, model.weight)
     assert len(calls) < 100  # each of the 40 levels once, not once per path
+
+
+def _finishes(fn, seconds=120.0):
+    """``fn()``'s result or exception, run on a thread: a hang is a failure within ``seconds``,
+    not a test run that never ends. A bound on a hang, far above the time it takes, not a speed goal."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return out
+
+
+def test_a_split_state_claiming_ten_billion_parts_is_refused_without_naming_them(tmp_path):
+    """A manifest of 64 bytes listing ``state-00-of-9999999999.pt``: building the names of every
+    part it claims took 2 GB and 17 s before a MemoryError that restore did not skip."""
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg)
+    model, opt = make_model(seed=0)
+    for step in (1, 2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    name = "state-00-of-9999999999.pt"
+    os.rename(folder / "state.pt", folder / name)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"][name] = data["files"].pop("state.pt")
+    rewrite_manifest(folder, files=data["files"])
+    ck = CheckpointManager.from_config(cfg)
+    fresh, fresh_opt = make_model(seed=1)
+    with pytest.warns(RuntimeWarning, match="incomplete or mixed set of state parts"):
+        out = _finishes(lambda: ck.restore(model=fresh, optimizer=fresh_opt))
+    assert out["result"].step == 1
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="incomplete or mixed set of state parts"):
+        ck.verify(ck.list_checkpoints()[0])
+    ck.close()
+
+
+def test_a_sharded_manifest_claiming_a_huge_world_size_restores_without_counting_to_it(tmp_path):
+    """rank_extra files were looked for by counting to the manifest's world_size: 10**15 hung restore."""
+    cfg, folder, model = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    rewrite_manifest(folder, world_size=10**15)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False))
+    fresh, opt = make_model(seed=2)
+    out = _finishes(lambda: ck.restore(model=fresh, optimizer=opt))
+    ck.close()
+    assert "error" not in out and out["result"].step == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def _compressed_copy(path, padding: int) -> None:
+    """``path`` rewritten with its pickle deflated and ``padding`` zero bytes after it, which the
+    unpickler never reaches: a file of a few KiB that unpacks into ``padding`` bytes."""
+    import zipfile
+
+    plain = io.BytesIO()  # ckptkit writes no per-record crc32, which zipfile checks when reading
+    torch.save(torch.load(path, weights_only=True), plain)
+    with zipfile.ZipFile(plain) as src:
+        records = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in records:
+            if info.filename.endswith("data.pkl"):
+                out.writestr(info.filename, data + b"\0" * padding, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+
+
+@pytest.mark.parametrize("name", ["state.pt", "extra.pt"])
+def test_a_state_file_with_a_compressed_record_is_refused_unread(tmp_path, name):
+    """torch.save stores every record as it is; a deflated data.pkl padded past its end made a
+    510 KB file take 520 MiB to load. It is refused as corrupt and restore goes on from the step before."""
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg)
+    model, opt = make_model(seed=0)
+    for step in (1, 2):
+        ck.save(step=step, model=model, optimizer=opt, extra={"epoch": step})
+    ck.close()
+    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    _compressed_copy(folder / name, 8 * 2**20)
+    assert (folder / name).stat().st_size < 2**20
+    rewrite_manifest(folder)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=r"compressed record \(.*data\.pkl"):
+        safeload.load(folder / name)
+    ck = CheckpointManager.from_config(cfg)
+    fresh, fresh_opt = make_model(seed=1)
+    with pytest.warns(RuntimeWarning, match="compressed record"):
+        assert ck.restore(model=fresh, optimizer=fresh_opt, extra={"epoch": None}).step == 1
+    ck.close()
+
+
+@pytest.mark.parametrize("what", ["fifo", "link to /dev/zero"])
+def test_publish_from_a_folder_reads_its_manifest_only_if_it_is_a_regular_file(tmp_path, what):
+    """``ckptkit publish --from FOLDER`` read the manifest with a plain open(): a pipe in its
+    place hung the command, a link to /dev/zero filled memory."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if what == "fifo":
+        os.mkfifo(folder / "manifest.json")
+    else:
+        os.symlink("/dev/zero", folder / "manifest.json")
+    out = _finishes(lambda: source_from_folder(folder))
+    assert isinstance(out.get("error"), ckptkit_errors.CheckpointError)
+    assert "manifest.json" in str(out["error"])

@@ -108,6 +108,17 @@ def _open_regular(path: str) -> BinaryIO:
         raise
 
 
+def manifest_bytes(path: str) -> bytes:
+    """The bytes of the manifest file at ``path``: a regular file (``_open_regular``), of which at
+    most ``MANIFEST_MAX`` bytes and one are read."""
+    with _open_regular(path) as f:
+        data = f.read(MANIFEST_MAX + 1)
+    if len(data) > MANIFEST_MAX:
+        raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({MANIFEST_MAX} bytes); "
+                              "it was not read")
+    return data
+
+
 # Where a filesystem cannot swap two folders, saving a committed step again renames the old copy
 # aside and the new one into place: a trash folder younger than this may be a commit between
 # its two renames (its time is the file server's, maybe not this clock's). Such a commit is
@@ -541,12 +552,7 @@ class LocalBackend(FileBackend):
     def _manifest_bytes(self, path: str) -> bytes:
         if type(self.fs) is not LocalFileSystem:
             return super()._manifest_bytes(path)
-        with _open_regular(path) as f:
-            data = f.read(MANIFEST_MAX + 1)
-        if len(data) > MANIFEST_MAX:
-            raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({MANIFEST_MAX} bytes); "
-                                  "it was not read")
-        return data
+        return manifest_bytes(path)
 
     def _listing(self, run_name: str):
         listing = super()._listing(run_name)

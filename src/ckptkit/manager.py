@@ -11,6 +11,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -130,6 +131,9 @@ def _require_sharded_files(ref: CheckpointRef, manifest: Manifest) -> None:
     both, and a file it does not list was never verified."""
     if EXTRA_FILE not in manifest.files or sharded.METADATA_FILE not in manifest.files:
         raise CorruptCheckpointError(f"{ref.uri}: its manifest lists no {sharded.METADATA_FILE} or no {EXTRA_FILE}")
+
+
+_RANK_EXTRA_NAME = re.compile(r"rank_extra-(\d{5,})\.pt")
 
 
 def rank_extra_file(rank: int) -> str:
@@ -1607,8 +1611,10 @@ class CheckpointManager:
         self.coll.agree(f"restore step {ref.step}: param groups", problem)
 
     def _extra_holders(self, manifest: Manifest) -> frozenset[int]:
-        return frozenset(r for r in range(max(manifest.world_size, ranks.world_size()))
-                         if rank_extra_file(r) in manifest.files)
+        # From the names listed, not a range as long as the manifest's world_size says.
+        limit = max(manifest.world_size, ranks.world_size())
+        found = (int(m.group(1)) for name in manifest.files if (m := _RANK_EXTRA_NAME.fullmatch(name)))
+        return frozenset(r for r in found if r < limit and rank_extra_file(r) in manifest.files)
 
     def _load_file(self, ref: CheckpointRef, name: str, safe_globals) -> Any:
         """One small verified file of a checkpoint, read straight from its backend and loaded weights-only."""

@@ -18,7 +18,7 @@ import fsspec
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .errors import (CheckpointError, CkptkitError, ConfigError, IncompatibleCheckpointError,
                      StorageUnavailableError)
-from . import fanout, gather, reading, safeload, sharded
+from . import fanout, gather, local, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
@@ -170,8 +170,7 @@ def source_from_folder(path: str | os.PathLike) -> PublishSource:
         text = text[len("file://"):]
     folder = os.path.abspath(os.path.expanduser(text))
     try:
-        with open(os.path.join(folder, MANIFEST_NAME), "rb") as f:
-            manifest = Manifest.from_json(f.read())
+        manifest = Manifest.from_json(local.manifest_bytes(os.path.join(folder, MANIFEST_NAME)))
     except FileNotFoundError:
         raise CheckpointError(f"{folder} holds no {MANIFEST_NAME}: not a committed checkpoint") from None
     except (ValueError, TypeError) as exc:

@@ -30,6 +30,7 @@ import re
 import reprlib
 import threading
 import types
+import zipfile
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import torch
@@ -327,6 +328,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     taken), so a caller copies out what it keeps (see ``reading.load``).
     """
     what = name or _describe(source)
+    _stored_only(source, what)
     # A caller's own entry for a name a stand-in covers (numpy.ndarray) is left out: torch looks
     # names up through a set, so which of the two won would change from one process to the next.
     stand_ins = _stand_ins()
@@ -355,6 +357,28 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     finally:
         _CREATED.reset(token)
     return obj
+
+
+def _stored_only(source: str | os.PathLike | BinaryIO, what: str) -> None:
+    """Refuse a file with a compressed record before torch reads it. torch.save stores every
+    record as it is; a compressed one is someone else's writing, and half a MiB of it unpacked
+    into 512 MiB of memory. The central directory is all that is read (a file not in torch's zip
+    format is left to torch.load, which tells what it is)."""
+    if not isinstance(source, (str, os.PathLike)):
+        if not getattr(source, "seekable", lambda: False)():
+            return
+        start = source.tell()
+    try:
+        with zipfile.ZipFile(source) as archive:
+            compressed = next((i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        return
+    finally:
+        if not isinstance(source, (str, os.PathLike)):
+            source.seek(start)
+    if compressed is not None:
+        raise CorruptCheckpointError(f"{what} holds a compressed record ({shown(compressed)}), which torch.save never "
+                                     "writes: refused unread, as a few bytes of one can unpack into gigabytes")
 
 
 def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str | None = None) -> None:

@@ -61,7 +61,8 @@ def state_files(names: Iterable[str], where: str) -> list[str]:
         raise CorruptCheckpointError(f"{where} lists no state file ({STATE_FILE} or state-NN-of-NN.pt)")
     counts = {c for c, _ in parts.values()}
     count = counts.pop() if len(counts) == 1 else None
-    expected = part_names(count) if count and count > 1 else None
+    # Names are built only for as many parts as are listed: a manifest's "of 9999999999" is its own.
+    expected = part_names(count) if count and 1 < count == len(parts) else None
     if expected is None or sorted(n for _, n in parts.values()) != expected:
         raise CorruptCheckpointError(f"{where} lists an incomplete or mixed set of state parts: "
                                      f"{', '.join(sorted(n for _, n in parts.values()))}")

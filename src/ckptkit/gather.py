@@ -355,12 +355,13 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
     does DDP with ``broadcast_buffers=False``, nor anything for a plain module on several ranks: a state dict
     holds one rank's, and a resume must give every rank its own back. Only buffers that differ
     between ranks are kept: a rank keeps those where it differs from rank 0, and rank 0 those
-    where any rank differs (a sharded save keeps the copy of whichever rank DCP picks). None on
-    one process, under DDP broadcasting rank 0's before each forward, and where all agree."""
+    where any rank differs (a sharded save keeps the copy of whichever rank DCP picks). Under DDP
+    broadcasting buffers, rank 0's are every rank's before the next forward pass: rank 0 keeps
+    those that differ, the other ranks none. None on one process and where all agree."""
     wrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if ranks.world_size() < 2 or not distributed(model) or (
-            isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers):
+    if ranks.world_size() < 2 or not distributed(model):
         return None
+    broadcast = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers
     # Hashed where they lie on the CPU, not copied: most agree, and a save must not copy every
     # buffer (position tables) to find the few that differ.
     mine: dict[str, torch.Tensor] = {}
@@ -376,7 +377,7 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
     if ranks.rank() == 0:
         keep = {fqn for fqn in mine if any(d.get(fqn) != first.get(fqn) for d in digests[1:])}
     else:
-        keep = {fqn for fqn in mine if own[fqn] != first.get(fqn)}
+        keep = set() if broadcast else {fqn for fqn in mine if own[fqn] != first.get(fqn)}
     return {fqn: mine[fqn] for fqn in sorted(keep)} or None
 
 

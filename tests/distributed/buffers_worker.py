@@ -21,6 +21,8 @@ def build(wrap):
         fully_shard(model)
     elif wrap == "ddp-own-buffers":
         model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    elif wrap == "ddp":  # broadcasts rank 0's buffers before each forward pass
+        model = torch.nn.parallel.DistributedDataParallel(model)
     return model, torch.optim.AdamW(model.parameters(), lr=0.01)
 
 

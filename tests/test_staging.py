@@ -1,4 +1,5 @@
 import collections
+import ctypes
 import os
 import threading
 
@@ -603,3 +604,48 @@ def test_deferred_copies_are_exact_for_dense_and_strided_tensors():
     for buf, src, _, _ in deferred:
         assert torch.equal(buf, src.resolve_conj())
     assert not deferred[2][0].is_conj()
+
+
+def test_copy_flat_shares_a_large_copy_with_pool_threads_chunk_by_chunk_exactly(monkeypatch):
+    from ckptkit import staging
+
+    monkeypatch.setattr(staging, "_PARALLEL_MIN", 1)  # every copy shared, in chunks of 4 KiB
+    monkeypatch.setattr(staging, "_CHUNK", 4096)
+    monkeypatch.setattr(staging, "usable_cpus", lambda: 4)
+    sources = [torch.randn(n) for n in (3 * 1024 + 5, 1, 40 * 1024 + 7)] + [torch.arange(10, dtype=torch.int64)]
+    buffers = [torch.empty_like(s) for s in sources]
+    taken = collections.Counter()
+    real = ctypes.memmove
+
+    def counted(dst, src, n):
+        taken[threading.current_thread().name.startswith("ckptkit-hash")] += 1
+        return real(dst, src, n)
+
+    monkeypatch.setattr(staging.ctypes, "memmove", counted)
+    staging.copy_flat(list(zip(buffers, sources)))
+    assert all(torch.equal(b, s) for b, s in zip(buffers, sources))
+    assert sum(taken.values()) >= 44, "in chunks of 4 KiB"
+
+
+def test_copy_flat_does_not_wait_for_a_pool_busy_with_other_work(monkeypatch):
+    """The caller copies every chunk no pool thread has taken: a pool whose threads are all held
+    by another save's work lends none, and the copy still ends."""
+    from ckptkit import staging
+    from ckptkit.hashing import hash_pool
+
+    monkeypatch.setattr(staging, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(staging, "_CHUNK", 4096)
+    monkeypatch.setattr(staging, "usable_cpus", lambda: 4)
+    release = threading.Event()
+    pool = hash_pool()
+    held = [pool.submit(release.wait) for _ in range(pool._max_workers)]
+    sources = [torch.randn(64 * 1024)]
+    buffers = [torch.empty_like(sources[0])]
+    done = threading.Event()
+    copier = threading.Thread(target=lambda: (staging.copy_flat(list(zip(buffers, sources))), done.set()), daemon=True)
+    copier.start()
+    finished = done.wait(60)  # a bound on a hang, not a speed goal
+    release.set()
+    for f in held:
+        f.result()
+    assert finished and torch.equal(buffers[0], sources[0])

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import ranks
 from .errors import CkptkitError
-from .staging import Stager, expected_likes, live_storages, plain_cpu_likes, stepped_storages
+from .staging import Stager, copy_flat, expected_likes, live_storages, plain_cpu_likes, stepped_storages
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,12 @@ class AsyncSaver:
         defer = stepped_storages(optimizer, parameters=copy == "background") if copy != "blocking" else frozenset()
         self._copy_mode = copy
         seen: dict = {}  # tensors that appear twice (tied weights) are staged once
+        moves: list = []  # the copies of dense CPU tensors, made together below
         try:
             staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
-                                            frozenset() if k in copy_always else defer, seen)
+                                            frozenset() if k in copy_always else defer, seen, moves)
                       for k, v in state.items()}
+            copy_flat(moves)
         finally:
             # What the first save did not take, later saves will not either. The post-hook stays
             # until shutdown (it returns at once now): a save made inside a step hook would

@@ -38,7 +38,8 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 def hash_pool() -> ThreadPoolExecutor:
     """The threads that overlap a save's waits (hashing while a write goes on, fsyncs issued
-    together), shared by every writer of this process.
+    together) and share an async save's copy (``staging.copy_flat``), shared by every writer of
+    this process.
 
     Started once rather than per file, which cost each save a thread start and join; a task
     never waits on another, so writers sharing the pool cannot hold each other up for long. A

@@ -584,6 +584,66 @@ def test_a_state_file_with_a_compressed_record_is_refused_unread(tmp_path, name)
     ck.close()
 
 
+def _central_directory(raw: bytes) -> tuple[int, int, int]:
+    """The end record's position, and the central directory's offset and size it gives."""
+    end = raw.rfind(b"PK\x05\x06")
+    size, offset = struct.unpack("<LL", raw[end + 12:end + 20])
+    return end, offset, size
+
+
+def _junk_before_end(raw: bytes) -> bytes:
+    end, _, _ = _central_directory(raw)
+    return raw[:end] + b"\0" * 64 + raw[end:]
+
+
+def _stored_copy_of_directory(raw: bytes) -> bytes:
+    """A second copy of the central directory, every record marked stored, put before the end
+    record, which still gives the first (deflated) one's offset: zipfile reads the copy, torch
+    the original."""
+    end, offset, size = _central_directory(raw)
+    directory = bytearray(raw[offset:offset + size])
+    at = 0
+    while at < len(directory):
+        struct.pack_into("<H", directory, at + 10, 0)
+        struct.pack_into("<L", directory, at + 20, struct.unpack_from("<L", directory, at + 24)[0])  # sizes agree
+        names, extra, comment = struct.unpack("<3H", directory[at + 28:at + 34])
+        at += 46 + names + extra + comment
+    return raw[:end] + bytes(directory) + raw[end:]
+
+
+def _unsupported_version(raw: bytes) -> bytes:
+    """The first directory record asks for zip version 13.4, which zipfile refuses with a
+    NotImplementedError and torch reads anyway."""
+    _, offset, _ = _central_directory(raw)
+    out = bytearray(raw)
+    out[offset + 6] = 134
+    return bytes(out)
+
+
+@pytest.mark.parametrize("craft", [_junk_before_end, _stored_copy_of_directory, _unsupported_version])
+def test_a_state_file_zipfile_reads_otherwise_than_torch_is_refused(tmp_path, craft):
+    """What Python's zipfile cannot read, or reads elsewhere than torch's reader does, is not
+    known to hold no compressed record: refused as corrupt, and restore goes on from the step before."""
+    cfg = local_config(tmp_path)
+    ck = CheckpointManager.from_config(cfg)
+    model, opt = make_model(seed=0)
+    for step in (1, 2):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    if craft is not _unsupported_version:
+        _compressed_copy(folder / "state.pt", 8 * 2**20)
+    (folder / "state.pt").write_bytes(craft((folder / "state.pt").read_bytes()))
+    rewrite_manifest(folder)
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match="torch.save never writes"):
+        safeload.load(folder / "state.pt")
+    ck = CheckpointManager.from_config(cfg)
+    fresh, fresh_opt = make_model(seed=1)
+    with pytest.warns(RuntimeWarning, match="torch.save never writes"):
+        assert ck.restore(model=fresh, optimizer=fresh_opt).step == 1
+    ck.close()
+
+
 @pytest.mark.parametrize("what", ["fifo", "link to /dev/zero"])
 def test_publish_from_a_folder_reads_its_manifest_only_if_it_is_a_regular_file(tmp_path, what):
     """``ckptkit publish --from FOLDER`` read the manifest with a plain open(): a pipe in its

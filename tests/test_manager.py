@@ -1,6 +1,7 @@
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -716,6 +717,56 @@ def test_by_default_an_async_save_defers_only_the_optimizer_state_and_copies_the
     assert [r.step for r in ck.list_checkpoints()] == [0]
     ck.close()
     assert len(_global_optimizer_pre_hooks) == hooks
+
+
+def test_a_save_from_inside_an_optimizer_step_copies_the_optimizer_state_at_once(tmp_path, pm):
+    """A save from the closure given to step() (or a step hook): the step goes on changing the
+    state once save returns, with no later step's wait before it, so the default copies all of
+    it before returning instead of failing every such save."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    batch = torch.randn(8, 1024)
+    seen = {}
+
+    def closure():
+        opt.zero_grad()
+        loss = model(batch).pow(2).mean()
+        loss.backward()
+        seen["opt"] = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+        ck.save(step=0, model=model, optimizer=opt)
+        return loss
+
+    opt.step(closure)
+    assert [r.step for r in ck.wait()] == [0]
+    fresh, fresh_opt = _big_model()
+    ck.restore(fresh, fresh_opt)
+    for k, s in fresh_opt.state_dict()["state"].items():
+        assert_same_state(s, seen["opt"][k])
+    ck.close()
+
+
+def test_a_save_followed_by_evaluation_commits_without_waiting_for_the_next_step(tmp_path, pm):
+    """The verdict on the deferred copy is given at the next forward pass of the thread that
+    saved too, so an evaluation after save does not hold the commit until training steps again."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    ck.save(step=0, model=model, optimizer=opt)
+    manifest = tmp_path / "scratch" / "exp" / f"step-{0:010d}" / "manifest.json"
+    model.eval()
+    deadline = time.monotonic() + 60  # a bound on a hang, not a speed goal
+    with torch.no_grad():
+        while not manifest.exists() and time.monotonic() < deadline:
+            model(torch.randn(8, 1024))  # evaluation: forward passes, no optimizer step
+            time.sleep(0.01)
+    assert manifest.exists(), "committed during evaluation"
+    assert [r.step for r in ck.wait()] == [0]
+    ck.close()
 
 
 def _join_preparing():

@@ -120,6 +120,32 @@ def test_a_tampered_source_is_refused(tmp_path):
     ck.close()
 
 
+def test_a_source_folder_whose_file_is_a_pipe_is_refused_unread(tmp_path):
+    """A pipe in a state file's place: hashing it waited for a writer forever."""
+    import threading
+
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    folder = next((tmp_path / "scratch" / "exp").glob("step-*"))
+    os.remove(folder / "state.pt")
+    os.mkfifo(folder / "state.pt")
+    out = {}
+
+    def run():
+        try:
+            publish(ck, source_from_folder(folder))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)  # a bound on a hang, not a speed goal
+    assert not thread.is_alive(), "publish waited on the pipe"
+    assert isinstance(out.get("error"), CheckpointError) and "not a regular file" in str(out["error"])
+    ck.close()
+
+
 def test_a_source_folder_whose_file_is_a_link_is_refused_unread(tmp_path):
     """A checkpoint folder named by --from whose state file is a link (to the same bytes, so the
     checksum matches): ckptkit writes none, and the link's target may change between the check

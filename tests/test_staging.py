@@ -143,6 +143,11 @@ def test_only_what_the_optimizer_steps_is_deferred():
     assert opt.state[model[0].weight]["exp_avg"].untyped_storage().data_ptr() in state_only
     assert model[0].weight.untyped_storage().data_ptr() not in state_only, \
         "async_copy: optimizer_state copies the parameters before save returns"
+    stager = Stager()
+    staged = stager.stage(opt.state_dict(), defer=state_only)
+    assert {path[-1] for _, _, _, path in stager.deferred} == {"exp_avg", "exp_avg_sq"}, \
+        "Adam's step counters, one element each, are copied at once"
+    assert torch.equal(staged["state"][0]["step"], opt.state[model[0].weight]["step"])
 
 
 def test_a_tensor_learning_rate_is_copied_not_passed_through():

@@ -5,11 +5,12 @@ every rank at the next point where all ranks meet (the next due save, ``wait``, 
 ``finalize`` or ``close``), so a failure is reported everywhere and never dropped.
 
 With ``async_copy: optimizer_state`` the copy of the optimizer's state is made on the writer
-thread, too, and with ``background`` that of the parameters it trains as well. Every optimizer's ``step`` waits for it
-first (a global step pre-hook), so the only writer of those tensors in a training loop cannot
-run before their copy is done. Then, still on the training thread, the step pre-hook (or the
-next ``collect``) compares the tensors' version counters with those at ``save``: there every
-in-place operation that thread started has finished and counted, which the writer thread
+thread, too, and with ``background`` that of the parameters it trains as well. Every
+optimizer's ``step`` waits for it first (a global step pre-hook), so the only writer of those
+tensors in a training loop cannot run before their copy is done. Then, still on the training
+thread, the step pre-hook (or the first forward pass of a module once the copies are done, or
+the next ``collect``) compares the tensors' version counters with those at ``save``: there
+every in-place operation that thread started has finished and counted, which the writer thread
 cannot know of an operation still running. The writer commits only after that verdict; a
 tensor changed in place between ``save`` and the verdict fails the save instead of committing
 a mix of before and after.
@@ -33,11 +34,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import ranks
 from .errors import CkptkitError
-from .staging import Stager, copy_flat, expected_likes, live_storages, plain_cpu_likes, stepped_storages
+from .staging import Stager, copy_flat, expected_likes, inside_optimizer_step, live_storages, plain_cpu_likes, stepped_storages
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class AsyncSaver:
         self._changed: list[tuple] = []  # the verdict: paths of tensors changed since save
         self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
+        self._forward_hook: Any = None  # while a verdict is pending: see _judges_at_forward
         self._prepare_hook: Any = None
         self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
         self._stops_at_exit = False
@@ -131,7 +134,8 @@ class AsyncSaver:
         """
         self._stager.deferred = []  # what a stage that raised part way left
         live = live_storages(model, optimizer)
-        defer = stepped_storages(optimizer, parameters=copy == "background") if copy != "blocking" else frozenset()
+        deferring = copy != "blocking" and not inside_optimizer_step()
+        defer = stepped_storages(optimizer, parameters=copy == "background") if deferring else frozenset()
         self._copy_mode = copy
         seen: dict = {}  # tensors that appear twice (tied weights) are staged once
         moves: list = []  # the copies of dense CPU tensors, made together below
@@ -167,6 +171,9 @@ class AsyncSaver:
             self._changed = [path for t, version, path in self._watched if t._version != version]
             self._watched = []
             self._judged.set()
+            if self._forward_hook is not None:
+                self._forward_hook.remove()
+                self._forward_hook = None
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
@@ -181,6 +188,8 @@ class AsyncSaver:
             self._saving_thread = threading.current_thread()
             self._copied.clear()  # set by the writer thread once the deferred copies are done
             self._judged.clear()  # set by settle, on the training thread
+            if self._forward_hook is None:
+                self._forward_hook = register_module_forward_pre_hook(_judges_at_forward(weakref.ref(self)))
         try:
             self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
         except BaseException:
@@ -322,6 +331,19 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if (s := saver()) is not None and os.getpid() == s._pid:
             s.settle()
+    return hook
+
+
+def _judges_at_forward(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
+    """A module forward pre-hook, there while a verdict on deferred copies is pending: the first
+    forward pass on the thread that saved, once the copies are done, gives it. A save followed
+    by a long evaluation then commits without waiting for the next optimizer step; an in-place
+    change that thread started before has finished there, as at a step."""
+    def hook(module: torch.nn.Module, args: Any) -> None:
+        s = saver()
+        if s is not None and s._copied.is_set() and threading.current_thread() is s._saving_thread \
+                and os.getpid() == s._pid:
+            s._judge()
     return hook
 
 

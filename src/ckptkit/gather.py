@@ -348,7 +348,7 @@ def _persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
 RANK_BUFFERS = "rank_buffers"
 
 
-def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, torch.Tensor] | None:
+def own_buffers(model: torch.nn.Module, coll: ranks.Collectives, sharded: bool) -> dict[str, torch.Tensor] | None:
     """The buffers (BatchNorm's running statistics) this rank must save for itself, on the CPU
     by name (collective): a buffer there is the model's own tensor, which every save path writes,
     pickles or stages before ``save`` returns. FSDP neither shards nor synchronises buffers, nor
@@ -356,12 +356,15 @@ def own_buffers(model: torch.nn.Module, coll: ranks.Collectives) -> dict[str, to
     holds one rank's, and a resume must give every rank its own back. Only buffers that differ
     between ranks are kept: a rank keeps those where it differs from rank 0, and rank 0 those
     where any rank differs (a sharded save keeps the copy of whichever rank DCP picks). Under DDP
-    broadcasting buffers, rank 0's are every rank's before the next forward pass: rank 0 keeps
-    those that differ, the other ranks none. None on one process and where all agree."""
+    broadcasting buffers, rank 0's are every rank's before the next forward pass: in a
+    ``sharded`` save rank 0 keeps those that differ and the other ranks none; a full save holds
+    rank 0's model state, theirs included. None on one process and where all agree."""
     wrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if ranks.world_size() < 2 or not distributed(model):
         return None
     broadcast = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.broadcast_buffers
+    if broadcast and not sharded:
+        return None
     # Hashed where they lie on the CPU, not copied: most agree, and a save must not copy every
     # buffer (position tables) to find the few that differ.
     mine: dict[str, torch.Tensor] = {}

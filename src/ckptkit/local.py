@@ -88,7 +88,7 @@ def _discard(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _open_regular(path: str) -> BinaryIO:
+def open_regular(path: str) -> BinaryIO:
     """``path`` opened for reading if it is a regular file. A checkpoint's files are ones ckptkit
     wrote: a link is never followed (it could lead out of the root), and a device or pipe never
     read (it could block or never end); opening does not wait on a pipe either."""
@@ -109,9 +109,9 @@ def _open_regular(path: str) -> BinaryIO:
 
 
 def manifest_bytes(path: str) -> bytes:
-    """The bytes of the manifest file at ``path``: a regular file (``_open_regular``), of which at
+    """The bytes of the manifest file at ``path``: a regular file (``open_regular``), of which at
     most ``MANIFEST_MAX`` bytes and one are read."""
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         data = f.read(MANIFEST_MAX + 1)
     if len(data) > MANIFEST_MAX:
         raise CheckpointError(f"{path} is larger than any manifest ckptkit writes ({MANIFEST_MAX} bytes); "
@@ -547,7 +547,7 @@ class LocalBackend(FileBackend):
         # (it could lead out of the root, or to a device that never ends), whatever it holds.
         if type(self.fs) is not LocalFileSystem:
             return super().open_file(ref, name)
-        return _open_regular(posixpath.join(ref.path, _check_file_name(name)))
+        return open_regular(posixpath.join(ref.path, _check_file_name(name)))
 
     def _manifest_bytes(self, path: str) -> bytes:
         if type(self.fs) is not LocalFileSystem:

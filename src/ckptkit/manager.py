@@ -642,7 +642,7 @@ class CheckpointManager:
         if not self._run_checked:
             self._check_run(step)
         self._last_step = step
-        buffers = gather.own_buffers(model, self.coll)
+        buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
         if role.format == "dcp":
             state = gather.resume_state(model, optimizer, sharded=True)
             if buffers is not None:  # under a key of its own per rank: DCP writes each rank's

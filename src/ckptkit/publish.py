@@ -188,8 +188,10 @@ def _verified_local(ck: CheckpointManager, source: PublishSource, workdir: str) 
     folder = source.ref.local_dir
     for name, entry in source.manifest.files.items():
         try:
-            with open(os.path.join(folder, name), "rb") as f:
-                size, digest = hash_stream(f, algorithm_of(entry.digest))
+            # A regular file of the size listed, or not read: a pipe or a link to a device never ends.
+            with local.open_regular(os.path.join(folder, name)) as f:
+                size = os.fstat(f.fileno()).st_size
+                digest = hash_stream(f, algorithm_of(entry.digest))[1] if size == entry.size else ""
         except FileNotFoundError:
             raise CheckpointError(f"{source.uri}: {name} is missing") from None
         if (size, digest) != (entry.size, entry.digest):

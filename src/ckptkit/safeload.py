@@ -362,23 +362,43 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
 def _stored_only(source: str | os.PathLike | BinaryIO, what: str) -> None:
     """Refuse a file with a compressed record before torch reads it. torch.save stores every
     record as it is; a compressed one is someone else's writing, and half a MiB of it unpacked
-    into 512 MiB of memory. The central directory is all that is read (a file not in torch's zip
-    format is left to torch.load, which tells what it is)."""
+    into 512 MiB of memory. The central directory is all that is read. A zip file that Python's
+    zipfile cannot read, or whose central directory is not where its end record says (where
+    torch's reader would look), is refused too: what zipfile did not see, torch may unpack. A
+    file not in torch's zip format is left to torch.load, which tells what it is."""
     if not isinstance(source, (str, os.PathLike)):
         if not getattr(source, "seekable", lambda: False)():
             return
         start = source.tell()
     try:
-        with zipfile.ZipFile(source) as archive:
-            compressed = next((i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
-        return
+        with open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as f:
+            if f.read(4) != b"PK\x03\x04":
+                return
+            f.seek(0)
+            _check_stored(f, what)
     finally:
         if not isinstance(source, (str, os.PathLike)):
             source.seek(start)
-    if compressed is not None:
-        raise CorruptCheckpointError(f"{what} holds a compressed record ({shown(compressed)}), which torch.save never "
-                                     "writes: refused unread, as a few bytes of one can unpack into gigabytes")
+
+
+def _check_stored(f: BinaryIO, what: str) -> None:
+    """``_stored_only`` of the zip file ``f``."""
+    def refused(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{what} {problem}, which torch.save never writes: refused unread, as a few "
+                                      "bytes of a compressed record can unpack into gigabytes")
+
+    try:
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # where the end record says the directory is
+        with zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+            start_dir = archive.start_dir
+    except Exception as exc:  # noqa: BLE001 - every way zipfile fails: what it could not read is refused
+        raise refused(f"is a zip file Python's zipfile cannot read ({type(exc).__name__}: {shown(str(exc))})") from exc
+    if end is None or start_dir != end[zipfile._ECD_OFFSET]:  # type: ignore[attr-defined]
+        raise refused("has a central directory that is not where its end record says")
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise refused(f"holds a compressed record ({shown(info.filename)})")
 
 
 def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str | None = None) -> None:

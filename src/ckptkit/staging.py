@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import copy
 import ctypes
+import sys
 import threading
 from typing import Any, Callable
 
@@ -48,6 +49,28 @@ def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         tensors += _state_tensors(optimizer)
         tensors += [v for group in optimizer.param_groups for v in group.values() if torch.is_tensor(v)]
     return _storages(tensors)
+
+
+def _step_wrapper() -> Any:
+    """The code of the wrapper torch puts around every optimizer's ``step`` (its hooks run in
+    it), or None where torch has none by that name."""
+    consts = getattr(getattr(torch.optim.Optimizer, "profile_hook_step", None), "__code__", None)
+    return next((c for c in getattr(consts, "co_consts", ()) if getattr(c, "co_name", None) == "wrapper"), None)
+
+
+_STEP_WRAPPER = _step_wrapper()
+
+
+def inside_optimizer_step() -> bool:
+    """Whether this thread is inside an optimizer's ``step`` (a save from the closure given to
+    it, or from a step hook): there the step goes on changing the state once ``save`` returns,
+    and no later step's wait comes first."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stepped_storages(optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> frozenset[int]:
@@ -289,12 +312,14 @@ class Stager:
             storage = _storage(obj) if obj.device.type == "cpu" else None
             if live is not None and storage is not None and storage not in live:
                 return obj
-            same = (obj.device, obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype, storage in defer)
+            # One element (a step counter) is copied at once: nothing to gain from waiting for it.
+            deferred = storage in defer and obj.numel() > 1
+            same = (obj.device, obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype, deferred)
             if obj.numel() and same in seen:
                 return seen[same]
             buf = self._buffers.get(path)
             fits = buf is not None and buf.shape == obj.shape and buf.dtype == obj.dtype
-            if storage in defer:
+            if deferred:
                 if not fits:
                     buf = self._buffers[path] = self._new_buffer(obj)
                 self.deferred.append((buf, obj.detach(), obj._version, path))

@@ -231,3 +231,26 @@ def test_a_backends_own_option_error_names_the_config_file_too(tmp_path):
     path.write_text("backends:\n  s: {type: local}\nroles:\n  resume: {backends: [s]}\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: backends.s.path: required key is missing"):
         CheckpointManager.from_config(str(path))
+
+
+_LAUGHS = "".join(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(10))
+
+
+@pytest.mark.parametrize("where", ["algorithm", "path"])
+def test_yaml_aliases_standing_for_billions_of_values_are_refused_before_any_walk(tmp_path, where):
+    """Ten lines of aliases nesting each other stand for 3.5 billion strings: ``ckptkit check``
+    ran out of memory building the error message's repr of them, or never ended."""
+    path = tmp_path / "bomb.yaml"
+    laughs = "\n" + _LAUGHS.rstrip("\n")
+    path.write_text(f"run_name: exp\nalgorithm: {laughs if where == 'algorithm' else 'sft'}\n"
+                    "roles:\n  resume: {backends: [s]}\nbackends:\n  s:\n    type: local\n"
+                    f"    path: {laughs.replace(chr(10), chr(10) + '    ') if where == 'path' else '/tmp/x'}\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: holds more than 100000 values once its YAML aliases"):
+        Config.load(str(path))
+    path.write_text("a: &a [1, *a]\n")  # a list that holds itself: endless
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        Config.load(str(path))
+    # A few anchors and merge keys, as configs use them, are fine.
+    path.write_text("backends:\n  s: &base {type: local, path: /tmp/x}\n  t:\n    <<: *base\n    path: /tmp/y\n"
+                    "roles:\n  resume: {backends: [s, t], every_n_steps: 1, keep_last: 1}\n")
+    assert Config.load(str(path)).backends["t"].options["path"] == "/tmp/y"

@@ -155,3 +155,12 @@ def test_credentials_in_the_tracking_uri_stay_out_of_the_explanation(tmp_path, c
     assert code == 0, err
     assert "s3cr3t" not in out and "MLFLOW_TRACKING_PASSWORD" in flat(out)
     assert Config.from_file(str(tmp_path / "c.yaml")).backends["registry"].options["tracking_uri"] == uri
+
+
+def test_a_trainer_config_whose_aliases_stand_for_billions_of_values_is_refused(tmp_path, capsys):
+    from test_config import _LAUGHS
+
+    path = tmp_path / "trainer.yaml"
+    path.write_text(f"trainer:\n  callbacks:\n{_LAUGHS}")
+    assert main(["migrate-config", str(path)]) != 0
+    assert "holds more than 100000 values once its YAML aliases" in capsys.readouterr().err

@@ -256,6 +256,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+# A config is a few hundred values. YAML aliases that nest each other make a file of a few lines
+# stand for billions (and one that holds itself, for endless ones), which any walk of it (a
+# check, an error message's repr) would go through.
+MAX_VALUES = 100_000
+
+
+def check_expanded_size(data: Any, where: str) -> None:
+    """Refuse ``data`` (as ``yaml.load`` made it) when it holds more than ``MAX_VALUES`` values
+    counted as a walk meets them: a value an alias names again counts each time."""
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: holds more than {MAX_VALUES} values once its YAML aliases (*name) are "
+                              "expanded, where a config needs a few hundred; write the values out instead")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def _stable(value: Any) -> Any:
     """A stand-in for a value JSON cannot hold that is the same on every rank: sets sorted, any
     other object by its type alone (its repr may hold a memory address)."""
@@ -349,6 +372,7 @@ class Config:
         except yaml.YAMLError as exc:
             # One line: PyYAML's message spans several, with the position on its own line.
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        check_expanded_size(data, path)
         try:
             return cls.from_dict(data, source=path)
         except ConfigError as exc:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import attrs
 import yaml
 
-from .config import Config
+from .config import Config, check_expanded_size
 from .errors import ConfigError
 from .plugins import make_plugin_manager
 from .redact import redact
@@ -288,6 +288,7 @@ def migrate_file(path: str | os.PathLike) -> Migration:
         raise ConfigError(f"{path}: trainer config not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    check_expanded_size(data, path)
     try:
         return migrate(data, source=path)
     except ConfigError as exc:

@@ -769,6 +769,40 @@ def test_a_save_followed_by_evaluation_commits_without_waiting_for_the_next_step
     ck.close()
 
 
+def test_a_forward_pass_gives_the_verdict_only_once_the_copy_is_done_and_only_on_the_saving_thread(tmp_path, pm):
+    """A forward pass while the writer still copies, or one on another thread, cannot vouch that
+    nothing changed: a reset of the moments after either still fails the save."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    release = threading.Event()
+    ck._async._stager.copy_deferred = lambda deferred, real=ck._async._stager.copy_deferred: (
+        release.wait(), real(deferred))[-1]
+    model.eval()
+    with torch.no_grad():
+        ck.save(step=0, model=model, optimizer=opt)
+        model(torch.randn(8, 1024))  # the copy has not started
+        opt.state[model[0].weight]["exp_avg"].zero_()
+        release.set()
+        with pytest.raises(SaveError, match="step 0 was not written: optimizer.state.0.weight.exp_avg changed"):
+            ck.wait()
+        ck.save(step=1, model=model, optimizer=opt)
+        ck._async._copied.wait()
+        other = threading.Thread(target=lambda: model(torch.randn(8, 1024)))
+        other.start()
+        other.join()
+        opt.state[model[0].weight]["exp_avg"].zero_()
+        with pytest.raises(SaveError, match="step 1 was not written"):
+            ck.wait()
+    assert not model._forward_pre_hooks, "the hook is there only while a verdict is pending"
+    ck.save(step=2, model=model, optimizer=opt)
+    assert len(model._forward_pre_hooks) == 1
+    ck.close()
+    assert not model._forward_pre_hooks
+
+
 def _join_preparing():
     for thread in threading.enumerate():
         if thread.name == "ckptkit-prepare":

@@ -507,3 +507,23 @@ def test_allowed_types_that_restore_would_still_refuse_are_refused_at_save():
     plain = {"v": collections.OrderedDict(a=torch.ones(1))}
     safeload.check_storable(plain, "extra", safe_globals=[collections.OrderedDict])
     assert round_trip(plain, safe_globals=[collections.OrderedDict])["v"].keys() == {"a"}
+
+
+def test_a_file_object_not_at_its_start_loads_from_where_it_is():
+    """The zip check reads the file from where the caller's position is, as torch.load does."""
+    stream = io.BytesIO(b"8 bytes!" + _good_file())
+    stream.seek(8)
+    assert torch.equal(safeload.load(stream)["w"], torch.ones(64))
+
+
+def test_a_read_that_fails_is_an_os_error_not_a_corrupt_file():
+    """A store that fails mid-read says nothing about the checkpoint: restore must not pass over
+    it as damaged."""
+    class Failing(io.BytesIO):
+        def seek(self, offset, whence=0):
+            if whence == 2:
+                raise OSError(5, "Input/output error")
+            return super().seek(offset, whence)
+
+    with pytest.raises(OSError, match="Input/output error"):
+        safeload.load(Failing(_good_file()))

@@ -654,3 +654,15 @@ def test_copy_flat_does_not_wait_for_a_pool_busy_with_other_work(monkeypatch):
     for f in held:
         f.result()
     assert finished and torch.equal(buffers[0], sources[0])
+
+
+def test_torch_step_wrapper_is_found_so_a_save_inside_a_step_is_seen():
+    from ckptkit import staging
+
+    assert staging._STEP_WRAPPER is not None, "torch's optimizer step wrapper moved: inside_optimizer_step sees nothing"
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(staging.inside_optimizer_step()))
+    opt.step()
+    assert seen == [True] and not staging.inside_optimizer_step()

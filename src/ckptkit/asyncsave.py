@@ -34,7 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import ranks
@@ -62,13 +61,15 @@ class AsyncSaver:
         self._copied.set()
         self._judged = threading.Event()  # set while no verdict on the deferred tensors is pending
         self._judged.set()
-        self._judging = threading.Lock()
+        # Re-entrant: a SIGTERM handler on the thread judging judges too (see _on_sigterm).
+        self._judging = threading.RLock()
         # (tensor, its version counter at save, its path): what the verdict compares.
         self._watched: list[tuple[torch.Tensor, int, tuple]] = []
         self._changed: list[tuple] = []  # the verdict: paths of tensors changed since save
         self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
         self._forward_hook: Any = None  # while a verdict is pending: see _judges_at_forward
+        self._model: weakref.ref[torch.nn.Module] | None = None  # the model of the last stage
         self._prepare_hook: Any = None
         self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
         self._stops_at_exit = False
@@ -137,6 +138,7 @@ class AsyncSaver:
         deferring = copy != "blocking" and not inside_optimizer_step()
         defer = stepped_storages(optimizer, parameters=copy == "background") if deferring else frozenset()
         self._copy_mode = copy
+        self._model = weakref.ref(model)
         seen: dict = {}  # tensors that appear twice (tied weights) are staged once
         moves: list = []  # the copies of dense CPU tensors, made together below
         try:
@@ -171,9 +173,12 @@ class AsyncSaver:
             self._changed = [path for t, version, path in self._watched if t._version != version]
             self._watched = []
             self._judged.set()
-            if self._forward_hook is not None:
-                self._forward_hook.remove()
-                self._forward_hook = None
+            self._drop_forward_hook()
+
+    def _drop_forward_hook(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
@@ -188,13 +193,19 @@ class AsyncSaver:
             self._saving_thread = threading.current_thread()
             self._copied.clear()  # set by the writer thread once the deferred copies are done
             self._judged.clear()  # set by settle, on the training thread
-            if self._forward_hook is None:
-                self._forward_hook = register_module_forward_pre_hook(_judges_at_forward(weakref.ref(self)))
+            model = self._model() if self._model is not None else None
+            if self._forward_hook is None and model is not None:
+                # On the model given to save, not on every module (a global hook made each call
+                # of every module slower, and every call of a torch.compile'd one warn).
+                holder: list = []
+                self._forward_hook = model.register_forward_pre_hook(_judges_at_forward(weakref.ref(self), holder))
+                holder.append(self._forward_hook)
         try:
             self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
         except BaseException:
             self._copied.set()
             self._judged.set()
+            self._drop_forward_hook()
             raise
 
     def _after_copies(self, deferred: list, copies: list[torch.cuda.Event], write: Callable[..., Outcome],
@@ -249,6 +260,7 @@ class AsyncSaver:
             if hook is not None:
                 hook.remove()
         self._step_hook = self._prepare_hook = None
+        self._drop_forward_hook()
         # A closed manager may stay referenced (a list of results, a callback): its buffers,
         # the size of the state, are not kept with it.
         self._stager = Stager()
@@ -334,15 +346,19 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     return hook
 
 
-def _judges_at_forward(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
-    """A module forward pre-hook, there while a verdict on deferred copies is pending: the first
-    forward pass on the thread that saved, once the copies are done, gives it. A save followed
-    by a long evaluation then commits without waiting for the next optimizer step; an in-place
-    change that thread started before has finished there, as at a step."""
+def _judges_at_forward(saver: weakref.ref[AsyncSaver], holder: list) -> Callable[..., None]:
+    """A forward pre-hook on the model given to save, there while a verdict on deferred copies
+    is pending: its first forward pass on the thread that saved, once the copies are done, gives
+    it. A save followed by a long evaluation then commits without waiting for the next optimizer
+    step; an in-place change that thread started before has finished there, as at a step. A
+    saver dropped without ``close`` takes the hook (``holder``: its handle) off at the next call."""
     def hook(module: torch.nn.Module, args: Any) -> None:
         s = saver()
-        if s is not None and s._copied.is_set() and threading.current_thread() is s._saving_thread \
-                and os.getpid() == s._pid:
+        if s is None:
+            while holder:
+                holder.pop().remove()
+            return
+        if s._copied.is_set() and threading.current_thread() is s._saving_thread and os.getpid() == s._pid:
             s._judge()
     return hook
 

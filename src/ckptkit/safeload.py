@@ -375,26 +375,34 @@ def _stored_only(source: str | os.PathLike | BinaryIO, what: str) -> None:
             if f.read(4) != b"PK\x03\x04":
                 return
             f.seek(0)
-            _check_stored(f, what)
+            _check_stored(f, what, 0 if isinstance(source, (str, os.PathLike)) else start)
     finally:
         if not isinstance(source, (str, os.PathLike)):
             source.seek(start)
 
 
-def _check_stored(f: BinaryIO, what: str) -> None:
-    """``_stored_only`` of the zip file ``f``."""
+# Where a zip file's end record says its central directory is: zipfile's own reading of it, which
+# ZipFile does not keep. Without it (another Python), that one check is left out.
+_END_RECORD = getattr(zipfile, "_EndRecData", None)
+_END_OFFSET = getattr(zipfile, "_ECD_OFFSET", None)
+
+
+def _check_stored(f: BinaryIO, what: str, start: int) -> None:
+    """``_stored_only`` of the zip file ``f``, whose first byte is at ``start``."""
     def refused(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{what} {problem}, which torch.save never writes: refused unread, as a few "
                                       "bytes of a compressed record can unpack into gigabytes")
 
     try:
-        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # where the end record says the directory is
+        end = _END_RECORD(f) if _END_RECORD is not None and _END_OFFSET is not None else None
         with zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
             start_dir = archive.start_dir
+    except (OSError, MemoryError):
+        raise  # the storage's failure, not the file's: as load raises it
     except Exception as exc:  # noqa: BLE001 - every way zipfile fails: what it could not read is refused
         raise refused(f"is a zip file Python's zipfile cannot read ({type(exc).__name__}: {shown(str(exc))})") from exc
-    if end is None or start_dir != end[zipfile._ECD_OFFSET]:  # type: ignore[attr-defined]
+    if end is not None and start_dir - end[_END_OFFSET] != start:
         raise refused("has a central directory that is not where its end record says")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:

@@ -280,6 +280,9 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         else:
             ours.run()  # something to restore
         whole.close()
+        # Each folder goes once its case is done: on tmpfs at 1 GiB they were memory enough
+        # (16 GiB together) for the kernel to kill the suite.
+        shutil.rmtree(os.path.join(work, "whole"), ignore_errors=True)
         if not parts & {"restore", "async"}:
             ck.close()
             return rows
@@ -298,12 +301,14 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
             race([tl, cr], rounds)
             rows.append(row(size, where, "restore", tl, cr, "verifies every byte, then loads"))
         ck.close()
+        shutil.rmtree(os.path.join(work, "ck"), ignore_errors=True)
+        os.remove(plain)
         if "async" not in parts:
             return rows
 
         # Async: how long the caller is held, against a sync save of the same state.
-        sync_ck = local_manager(os.path.join(work, "sync"))
-        async_ck = local_manager(os.path.join(work, "async"), is_async=True, async_copy="blocking")
+        sync_ck = local_manager(os.path.join(work, "sync"), keep_last=1)
+        async_ck = local_manager(os.path.join(work, "async"), is_async=True, keep_last=1, async_copy="blocking")
         # The sync save's prune runs on a thread after it returns; waited for between rounds, so
         # that it does not compete with the async case's timing for the interpreter lock.
         sync_case = Case("ckptkit sync save", lambda: sync_ck.save(step=next(step), model=model, optimizer=opt),
@@ -315,6 +320,7 @@ def local_suite(size: int, folder: str, rounds: int, model, opt, parts: set[str]
         race([sync_case, blocked], rounds)
         rows.append(row(size, where, "async blocking", sync_case, blocked, "the write goes on in the background"))
         async_ck.close()
+        shutil.rmtree(os.path.join(work, "async"), ignore_errors=True)
         rows += background_rows(size, where, work, rounds, model, opt, sync_case, step)
         sync_ck.close()
         return rows
@@ -388,7 +394,7 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     # takes from the steps that run beside it, against the same steps before that manager existed.
     alone = Case(f"{PREPARING_STEPS} steps, nothing in flight", lambda: None)
     alone.times.append(train_steps(model, opt, PREPARING_STEPS))
-    bg = local_manager(os.path.join(work, "background"), is_async=True, async_copy="background")
+    bg = local_manager(os.path.join(work, "background"), is_async=True, keep_last=1, async_copy="background")
     bg.restore(model=model, optimizer=opt)  # nothing there yet
     preparing = Case(f"{PREPARING_STEPS} steps after restore", lambda: None)
     preparing.times.append(train_steps(model, opt, PREPARING_STEPS))
@@ -398,8 +404,8 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
     plain_held, plain = Case("", lambda: None), Case("steps, no save in flight", lambda: None)
     blocking = default = None
     try:
-        blocking = local_manager(os.path.join(work, "blocking"), is_async=True, async_copy="blocking")
-        default = local_manager(os.path.join(work, "default"), is_async=True)
+        blocking = local_manager(os.path.join(work, "blocking"), is_async=True, keep_last=1, async_copy="blocking")
+        default = local_manager(os.path.join(work, "default"), is_async=True, keep_last=1)
         cases = {bg: (held, steps), blocking: (held_b, steps_b), default: (held_d, steps_d), None: (plain_held, plain)}
         order = (bg, default, blocking, None)
         for ck in order:  # warm-ups
@@ -411,6 +417,8 @@ def background_rows(size: int, where: str, work: str, rounds: int, model, opt, s
         for ck in (bg, blocking, default):
             if ck is not None:
                 ck.close()
+        for name in ("background", "blocking", "default"):
+            shutil.rmtree(os.path.join(work, name), ignore_errors=True)
     note = f"save + optimizer.step()'s wait, a {BATCH}-row forward and backward pass between"
     return [row(size, where, "async background held", sync_case, held, note),
             row(size, where, "steps beside first buffers", alone, preparing,

@@ -803,6 +803,85 @@ def test_a_forward_pass_gives_the_verdict_only_once_the_copy_is_done_and_only_on
     assert not model._forward_pre_hooks
 
 
+def test_the_verdict_hook_is_a_no_op_inside_a_graph_compiled_whole(tmp_path, pm):
+    """The hook on the saved model is traced when a compiled model recompiles (an evaluation under
+    no_grad): with fullgraph=True its thread calls made the compile fail."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model = torch.nn.Linear(64, 4)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    opt = torch.optim.Adam(model.parameters())
+    batch = torch.randn(8, 64)
+    for step in range(3):
+        compiled(batch).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ck.save(step=step, model=model, optimizer=opt)
+        ck._async._copied.wait()
+        with torch.no_grad():
+            compiled(batch)  # a recompile, with the hook on the model
+    assert [r.step for r in ck.wait()] == [2]
+    ck.close()
+
+
+def test_an_evaluation_through_the_module_a_saved_wrapper_wraps_commits_too(tmp_path, pm):
+    """save(model=wrapper) and an evaluation through the module inside it (compiled model's
+    original, DDP's .module): the verdict comes from there as well."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = _big_model()
+    _big_step(model, opt)
+    ck.save(step=0, model=torch.compile(model), optimizer=opt)
+    manifest = tmp_path / "scratch" / "exp" / f"step-{0:010d}" / "manifest.json"
+    model.eval()
+    deadline = time.monotonic() + 60  # a bound on a hang, not a speed goal
+    with torch.no_grad():
+        while not manifest.exists() and time.monotonic() < deadline:
+            model(torch.randn(8, 1024))
+            time.sleep(0.01)
+    assert manifest.exists(), "committed during evaluation through the inner module"
+    ck.close()
+
+
+DAEMON_SAVES = """
+import queue, sys, threading, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+ck = ckptkit.CheckpointManager.from_config(
+    {"backends": {"disk": {"type": "local", "path": sys.argv[1]}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True}}},
+    run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
+model = torch.nn.Linear(256, 256)
+opt = torch.optim.Adam(model.parameters())
+jobs, done = queue.Queue(), threading.Event()
+
+def trainer():
+    while True:
+        jobs.get()  # waits for more work, forever at the end
+        model(torch.ones(2, 256)).sum().backward()
+        opt.step()
+        ck.save(step=3, model=model, optimizer=opt)
+        done.set()
+
+threading.Thread(target=trainer, daemon=True).start()
+jobs.put(1)
+done.wait()
+"""
+
+
+def test_a_process_whose_daemon_thread_saved_exits_and_commits(tmp_path):
+    """The thread that saved waits on a queue forever as a daemon: its verdict would never come,
+    and the interpreter, joining the writer at exit, hung."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", DAEMON_SAVES, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)  # a bound on a hang, not a speed goal
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "exp" / f"step-{3:010d}" / "manifest.json").exists()
+
+
 def _join_preparing():
     for thread in threading.enumerate():
         if thread.name == "ckptkit-prepare":

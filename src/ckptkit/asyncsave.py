@@ -68,7 +68,7 @@ class AsyncSaver:
         self._changed: list[tuple] = []  # the verdict: paths of tensors changed since save
         self._saving_thread: threading.Thread | None = None
         self._step_hook: Any = None
-        self._forward_hook: Any = None  # while a verdict is pending: see _judges_at_forward
+        self._forward_hooks: list = []  # while a verdict is pending: see _judges_at_forward
         self._model: weakref.ref[torch.nn.Module] | None = None  # the model of the last stage
         self._prepare_hook: Any = None
         self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
@@ -176,9 +176,8 @@ class AsyncSaver:
             self._drop_forward_hook()
 
     def _drop_forward_hook(self) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
+        while self._forward_hooks:
+            self._forward_hooks.pop().remove()
 
     def submit(self, write: Callable[..., Outcome], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
@@ -194,12 +193,12 @@ class AsyncSaver:
             self._copied.clear()  # set by the writer thread once the deferred copies are done
             self._judged.clear()  # set by settle, on the training thread
             model = self._model() if self._model is not None else None
-            if self._forward_hook is None and model is not None:
-                # On the model given to save, not on every module (a global hook made each call
-                # of every module slower, and every call of a torch.compile'd one warn).
-                holder: list = []
-                self._forward_hook = model.register_forward_pre_hook(_judges_at_forward(weakref.ref(self), holder))
-                holder.append(self._forward_hook)
+            if not self._forward_hooks and model is not None:
+                # On the model given to save and the module it wraps, not on every module (a
+                # global hook made each call of every module slower, and every call of a
+                # torch.compile'd one warn).
+                hook = _judges_at_forward(weakref.ref(self), self._forward_hooks)
+                self._forward_hooks.extend(m.register_forward_pre_hook(hook) for m in _wrapped_chain(model))
         try:
             self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
         except BaseException:
@@ -275,8 +274,10 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
         if s is None or s._pending is None or os.getpid() != s._pid:
             return  # a forked child (a data loader's worker) inherits this hook but not the writer
         if s._saving_thread is not None and s._saving_thread is not threading.current_thread() \
-                and s._saving_thread.is_alive():
+                and s._saving_thread.is_alive() and not s._saving_thread.daemon:
             return  # that thread gives the verdict, or the writer does once it has ended
+        # A daemon thread that saved may wait for work forever while the interpreter joins the
+        # writer: its verdict would never come, and the exit would hang. It is given here.
         # The thread that saved is this one, done with training: its verdict is final now (the
         # writer cannot wait for it to end, as the interpreter joins the writer before that).
         s.settle()
@@ -346,13 +347,27 @@ def _waits_for(saver: weakref.ref[AsyncSaver]) -> Callable[..., None]:
     return hook
 
 
+def _wrapped_chain(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model`` and the modules it wraps (torch.compile's, DDP's): an evaluation may call any."""
+    chain = [model]
+    while True:
+        inner = getattr(chain[-1], "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module) and isinstance(chain[-1], torch.nn.parallel.DistributedDataParallel):
+            inner = chain[-1].module
+        if not isinstance(inner, torch.nn.Module) or inner in chain:
+            return chain
+        chain.append(inner)
+
+
 def _judges_at_forward(saver: weakref.ref[AsyncSaver], holder: list) -> Callable[..., None]:
     """A forward pre-hook on the model given to save, there while a verdict on deferred copies
     is pending: its first forward pass on the thread that saved, once the copies are done, gives
     it. A save followed by a long evaluation then commits without waiting for the next optimizer
     step; an in-place change that thread started before has finished there, as at a step. A
-    saver dropped without ``close`` takes the hook (``holder``: its handle) off at the next call."""
+    saver dropped without ``close`` takes the hooks (``holder``: their handles) off at the next call."""
     def hook(module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # traced into a compiled graph (fullgraph refuses thread calls): a no-op there
         s = saver()
         if s is None:
             while holder:

@@ -507,16 +507,22 @@ def _finishes(fn, seconds=120.0):
     return out
 
 
-def test_a_split_state_claiming_ten_billion_parts_is_refused_without_naming_them(tmp_path):
-    """A manifest of 64 bytes listing ``state-00-of-9999999999.pt``: building the names of every
-    part it claims took 2 GB and 17 s before a MemoryError that restore did not skip."""
+def _two_steps(tmp_path, extra: bool = False):
+    """A local run with steps 1 and 2 committed: its config and step 2's folder, for an attack
+    on step 2 that restore must pass over for step 1."""
     cfg = local_config(tmp_path)
     ck = CheckpointManager.from_config(cfg)
     model, opt = make_model(seed=0)
     for step in (1, 2):
-        ck.save(step=step, model=model, optimizer=opt)
+        ck.save(step=step, model=model, optimizer=opt, extra={"epoch": step} if extra else None)
     ck.close()
-    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    return cfg, tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+
+
+def test_a_split_state_claiming_ten_billion_parts_is_refused_without_naming_them(tmp_path):
+    """A manifest of 64 bytes listing ``state-00-of-9999999999.pt``: building the names of every
+    part it claims took 2 GB and 17 s before a MemoryError that restore did not skip."""
+    cfg, folder = _two_steps(tmp_path)
     name = "state-00-of-9999999999.pt"
     os.rename(folder / "state.pt", folder / name)
     data = json.loads((folder / "manifest.json").read_text())
@@ -565,13 +571,7 @@ def _compressed_copy(path, padding: int) -> None:
 def test_a_state_file_with_a_compressed_record_is_refused_unread(tmp_path, name):
     """torch.save stores every record as it is; a deflated data.pkl padded past its end made a
     510 KB file take 520 MiB to load. It is refused as corrupt and restore goes on from the step before."""
-    cfg = local_config(tmp_path)
-    ck = CheckpointManager.from_config(cfg)
-    model, opt = make_model(seed=0)
-    for step in (1, 2):
-        ck.save(step=step, model=model, optimizer=opt, extra={"epoch": step})
-    ck.close()
-    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    cfg, folder = _two_steps(tmp_path, extra=True)
     _compressed_copy(folder / name, 8 * 2**20)
     assert (folder / name).stat().st_size < 2**20
     rewrite_manifest(folder)
@@ -624,13 +624,7 @@ def _unsupported_version(raw: bytes) -> bytes:
 def test_a_state_file_zipfile_reads_otherwise_than_torch_is_refused(tmp_path, craft):
     """What Python's zipfile cannot read, or reads elsewhere than torch's reader does, is not
     known to hold no compressed record: refused as corrupt, and restore goes on from the step before."""
-    cfg = local_config(tmp_path)
-    ck = CheckpointManager.from_config(cfg)
-    model, opt = make_model(seed=0)
-    for step in (1, 2):
-        ck.save(step=step, model=model, optimizer=opt)
-    ck.close()
-    folder = tmp_path / "scratch" / "exp" / f"step-{2:010d}"
+    cfg, folder = _two_steps(tmp_path)
     if craft is not _unsupported_version:
         _compressed_copy(folder / "state.pt", 8 * 2**20)
     (folder / "state.pt").write_bytes(craft((folder / "state.pt").read_bytes()))

@@ -632,6 +632,15 @@ def _big_model():
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
+def _assert_restores(ck, expected, expected_opt):
+    """``ck`` restores ``expected`` into a new model and ``expected_opt`` (by parameter) into its optimizer."""
+    fresh, fresh_opt = _big_model()
+    ck.restore(fresh, fresh_opt)
+    assert_same_state(fresh.state_dict(), expected)
+    for k, s in fresh_opt.state_dict()["state"].items():
+        assert_same_state(s, expected_opt[k])
+
+
 def _big_step(model, opt):
     opt.zero_grad()
     model(torch.randn(8, 1024)).pow(2).mean().backward()
@@ -650,11 +659,7 @@ def test_background_copy_commits_the_state_as_save_saw_it_though_the_step_follow
     opt.step()  # at once: it waits for the copy, which has 48 MB to go through
     model(torch.randn(8, 1024))
     assert [r.step for r in ck.wait()] == [0]
-    fresh, fresh_opt = _big_model()
-    ck.restore(fresh, fresh_opt)
-    assert_same_state(fresh.state_dict(), expected)
-    for k, s in fresh_opt.state_dict()["state"].items():
-        assert_same_state(s, expected_opt[k])
+    _assert_restores(ck, expected, expected_opt)
     ck.close()
 
 
@@ -704,11 +709,7 @@ def test_by_default_an_async_save_defers_only_the_optimizer_state_and_copies_the
     release.set()
     opt.step()  # waits for the copy of the moments before changing them
     assert [r.step for r in ck.wait()] == [0]
-    fresh, fresh_opt = _big_model()
-    ck.restore(fresh, fresh_opt)
-    assert_same_state(fresh.state_dict(), expected)
-    for k, s in fresh_opt.state_dict()["state"].items():
-        assert_same_state(s, expected_opt[k])
+    _assert_restores(ck, expected, expected_opt)
     ck.save(step=1, model=model, optimizer=opt)
     opt.state[model[0].weight]["exp_avg"].zero_()  # a reset of the moments outside the step
     with pytest.raises(SaveError, match=r"step 1 was not written: optimizer\.state\.0\.weight\.exp_avg changed in "

@@ -8,8 +8,8 @@ With ``async_copy: optimizer_state`` the copy of the optimizer's state is made o
 thread, too, and with ``background`` that of the parameters it trains as well. Every
 optimizer's ``step`` waits for it first (a global step pre-hook), so the only writer of those
 tensors in a training loop cannot run before their copy is done. Then, still on the training
-thread, the step pre-hook (or the first forward pass of a module once the copies are done, or
-the next ``collect``) compares the tensors' version counters with those at ``save``: there
+thread, the step pre-hook (or the first forward pass of the model given to ``save``, or of a
+module it wraps, once the copies are done, or the next ``collect``) compares the tensors' version counters with those at ``save``: there
 every in-place operation that thread started has finished and counted, which the writer thread
 cannot know of an operation still running. The writer commits only after that verdict; a
 tensor changed in place between ``save`` and the verdict fails the save instead of committing
@@ -276,10 +276,9 @@ def _finish_at_exit(saver: weakref.ref[AsyncSaver]) -> None:
         if s._saving_thread is not None and s._saving_thread is not threading.current_thread() \
                 and s._saving_thread.is_alive() and not s._saving_thread.daemon:
             return  # that thread gives the verdict, or the writer does once it has ended
-        # A daemon thread that saved may wait for work forever while the interpreter joins the
-        # writer: its verdict would never come, and the exit would hang. It is given here.
-        # The thread that saved is this one, done with training: its verdict is final now (the
-        # writer cannot wait for it to end, as the interpreter joins the writer before that).
+        # The thread that saved is this one, done with training, or a daemon thread, which may
+        # wait for work forever: the verdict is given here (the writer cannot wait for that
+        # thread to end, as the interpreter joins the writer before that).
         s.settle()
         step, saved, failures = s._pending.result()
         for name, error in failures.items():

@@ -8,6 +8,7 @@ the state must go through the same gather and scatter as on many ranks.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -332,10 +333,31 @@ def test_a_model_that_fails_to_load_leaves_an_unstepped_optimizer_empty(tmp_path
     wider = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4))
     opt2 = torch.optim.AdamW(wider.parameters(), lr=1e-2)
     ck = ckptkit.CheckpointManager.from_config(cfg)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"step-0*1: the model given to restore does not fit the "
+                                                          r"weights saved there \(.*size mismatch.*new run name"):
         ck.restore(model=wider, optimizer=opt2)
     ck.close()
     assert len(opt2.state) == 0 and opt2.param_groups[0]["lr"] == 1e-2
+
+
+def test_a_model_with_other_layers_is_refused_as_incompatible_not_skipped(tmp_path):
+    """Keys the model lacks or does not know (layers made after restore, a renamed head) are the
+    model's misfit, not damage: raised at once, naming the checkpoint, with no older step tried."""
+    cfg = local_config(tmp_path, every=1)
+    model, opt, sched = build("plain", "adamw", seed=0)
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    for step in (1, 2):
+        train(model, opt, sched, range(step - 1, step))
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.close()
+    other = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+    ck = ckptkit.CheckpointManager.from_config(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipped step 2" warning: nothing older is tried
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"step-0*2: .*Unexpected key\(s\) in state_dict: "
+                                                              r"\"2\.weight\""):
+            ck.restore(model=other)
+    ck.close()
 
 
 def test_lbfgs_resumes_bit_identical(tmp_path):

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from ckptkit.errors import ConfigError
+from ckptkit.errors import ConfigError, IncompatibleCheckpointError
 from ckptkit.integrations.lightning import CkptkitCheckpoint
 
 HERE = Path(__file__).resolve()
@@ -405,6 +405,86 @@ def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_p
     assert committed_steps(tmp_path / "ckpts") == [4, 6]
 
 
+def test_an_early_stopped_fit_run_again_stays_stopped_and_publishes_nothing(tmp_path, monkeypatch):
+    """Lightning keeps trainer.should_stop out of its checkpoint: started again, a fit that early
+    stopping had ended trained on to the next validation and published a second model."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    monkeypatch.chdir(tmp_path)
+    config = local_config(tmp_path, every=4, final={"type": "local", "path": str(tmp_path / "final")})
+    for run in range(2):
+        pl.seed_everything(1, verbose=False)
+        tr, ckpt = trainer(config, logger=False, default_root_dir=tmp_path, val_check_interval=3,
+                           num_sanity_val_steps=0, callbacks=[EarlyStopping(monitor="val_loss", patience=1)])
+        tr.fit(ValidatedNet())
+        assert tr.global_step == 10  # val_loss 2, 1, then 3 at step 10: no better, patience used up
+        published = next((tmp_path / "final").rglob("final_model.pt")).stat()
+        if run == 0:
+            first = published
+    assert ckpt.restored_step == 10
+    assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert committed_steps(tmp_path / "ckpts") == [8, 10]
+
+
+def test_another_optimizer_class_is_refused_before_a_step(tmp_path, monkeypatch):
+    """Lightning loads the optimizers' state itself: AdamW's went into an Adam without a word,
+    which then trained as AdamW (decoupled weight decay among the loaded settings)."""
+    monkeypatch.chdir(tmp_path)
+    config = local_config(tmp_path, every=2)
+    tr, _ = trainer(config, max_steps=2, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())
+
+    class AdamNet(Net):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    tr, _ = trainer(config, max_steps=4, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(IncompatibleCheckpointError, match=r"step 2 of run 'lit' holds the state of the optimizers "
+                                                          r"torch\.optim\.adamw\.AdamW, and configure_optimizers "
+                                                          r"now makes torch\.optim\.adam\.Adam.*new run_name"):
+        tr.fit(AdamNet())
+    assert committed_steps(tmp_path / "ckpts") == [2]
+
+
+class LazyNet(Net):
+    """Net whose layers are made in configure_model, after the callbacks' setup."""
+
+    def __init__(self):
+        super().__init__()
+        del self.net
+
+    def configure_model(self):
+        if not hasattr(self, "net"):
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+class LazyHeadNet(Net):
+    """Net with one more layer made in configure_model: it has parameters when restore runs."""
+
+    def configure_model(self):
+        if not hasattr(self, "head"):
+            self.head = torch.nn.Linear(1, 1)
+
+
+def test_layers_made_in_configure_model_are_refused_before_training_or_named_at_restore(tmp_path, monkeypatch):
+    """CkptkitCheckpoint restores in setup, before configure_model: such a fit saved its steps
+    and then could never resume, failing with torch's bare "Unexpected key(s) in state_dict"."""
+    monkeypatch.chdir(tmp_path)
+    config = local_config(tmp_path, every=2)
+    tr, _ = trainer(config, max_steps=2, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"LazyNet has no parameters until configure_model runs.*in __init__"):
+        tr.fit(LazyNet())
+    assert tr.global_step == 0 and not (tmp_path / "ckpts").exists()
+
+    tr, _ = trainer(config, max_steps=2, logger=False, default_root_dir=tmp_path)
+    tr.fit(LazyHeadNet())
+    tr, _ = trainer(config, max_steps=4, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(IncompatibleCheckpointError, match=r"Unexpected key\(s\) in state_dict: \"head\.weight\"") as info:
+        tr.fit(LazyHeadNet())
+    assert any("before configure_model runs" in note for note in info.value.__notes__)
+    assert committed_steps(tmp_path / "ckpts") == [2]
+
+
 def test_a_step_that_validates_is_saved_after_its_validation_and_resumes_bit_identical(tmp_path):
     """Saved before the validation that follows its step, a checkpoint held the metrics of the
     validation before (keep_best kept the wrong step) and the random state before the validation
@@ -553,6 +633,7 @@ def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_p
     assert "every_n_train_steps=5 -> roles.resume.every_n_steps: 5" in message
     assert "save_top_k=3 -> roles.resume.keep_last" in message
     assert "monitor='train_loss' -> roles.resume.keep_best: {metric: train_loss" in message
+    assert "every_n_epochs" not in message  # Lightning's own 0 beside every_n_train_steps, not the user's
     assert not (tmp_path / "ckpts").exists() and not (tmp_path / "mc").exists()
 
 

@@ -331,6 +331,96 @@ def test_the_last_step_is_committed_so_a_finished_training_run_again_trains_and_
     assert published.read_bytes() == first
 
 
+def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, early_first=False, best_is_first=False):
+    """A training that EarlyStoppingCallback stops at step 12: evaluated every 4 steps, no
+    evaluation counts as better (the threshold), so after the first the patience of 2 runs out.
+    ``stop_at``: the process dies (an exception) at the end of that step instead. ``early_first``:
+    EarlyStoppingCallback comes before ckptkit's in the callbacks. ``best_is_first``: the highest
+    evaluation loss counts as best, which is the first evaluation's as the loss goes down."""
+    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                raise KeyboardInterrupt(f"killed at step {stop_at}")
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=40, per_device_train_batch_size=4, learning_rate=1e-2,
+        eval_strategy="steps", eval_steps=EVERY, save_strategy="steps", save_steps=save_steps, logging_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=best_is_first,
+        report_to=[], seed=7, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    callback = CkptkitCallback(config, run_name="hf")
+    early = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=100.0)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:8],
+                      callbacks=[early, callback, Crash()] if early_first else [callback, early, Crash()])
+    resumed = callback.resume_from(trainer)
+    try:
+        trainer.train(resume_from_checkpoint=resumed)
+    except KeyboardInterrupt:
+        callback.manager.close()
+    return trainer, resumed
+
+
+def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_stopped(tmp_path):
+    """The Trainer leaves callbacks' saved state unread by default: resumed at step 8, the
+    patience counter started again from 0 and the training ran to step 16, not 12. Started again
+    once stopped, it trained on to the next stop and published a second model. With
+    load_best_model_at_end, the model published is the best checkpoint's, and says so."""
+    final = {"type": "local", "path": str(tmp_path / "final")}
+    whole, _ = early_stopping_training(local_config(tmp_path / "whole", final=final), tmp_path / "whole" / "out",
+                                       best_is_first=True)
+    assert whole.state.global_step == 12
+
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    early_stopping_training(config, tmp_path / "out", stop_at=10, best_is_first=True)
+    assert steps(tmp_path / "ckpts" / "hf") == [4, 8]
+    trainer, resumed = early_stopping_training(config, tmp_path / "out", best_is_first=True)
+    assert resumed.endswith("checkpoint-8")
+    assert trainer.state.global_step == 12
+    last = "checkpoint-12/model.safetensors"
+    assert (tmp_path / "out" / last).read_bytes() == (tmp_path / "whole" / "out" / last).read_bytes()
+    assert_same(trainer.model, weights(whole.model))
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+
+    published = tmp_path / "final" / "hf" / "final"
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best < trainer.state.global_step  # an earlier step than the last, so the label tells them apart
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert manifest["step"] == best
+    assert manifest["metrics"]["eval_loss"] == trainer.state.best_metric
+    saved = torch.load(published / "final_model.pt", weights_only=True)
+    assert saved["step"] == best
+    assert_same(trainer.model, saved["model"])  # the best checkpoint's weights, loaded back at the end
+    first = (published / "manifest.json").read_bytes()
+
+    # Saving every step now: the one step the stopped training still runs is not kept.
+    config["roles"]["resume"]["every_n_steps"] = 1
+    again, resumed = early_stopping_training(config, tmp_path / "out", best_is_first=True)
+    assert resumed.endswith("checkpoint-12")
+    assert again.state.global_step <= 13  # the Trainer runs one step before it looks at its stop flag
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    assert not (tmp_path / "out" / "checkpoint-13").exists()
+    assert (published / "manifest.json").read_bytes() == first
+
+
+def test_the_step_where_early_stopping_stops_is_committed_though_no_save_was_due(tmp_path):
+    """Evaluated every 4 steps and saved every 8, the training stopped at step 12, committed last
+    at 8: started again, it trained up to the stop once more and published a second model."""
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    config["roles"]["resume"]["every_n_steps"] = 8
+    trainer, _ = early_stopping_training(config, tmp_path / "out", save_steps=8, early_first=True)
+    assert trainer.state.global_step == 12
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    first = (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes()
+    again, resumed = early_stopping_training(config, tmp_path / "out", save_steps=8, early_first=True)
+    assert resumed.endswith("checkpoint-12") and again.state.global_step <= 13
+    assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+
+
 def test_save_strategy_best_is_refused_before_a_step_as_it_cancels_the_scheduled_saves(tmp_path):
     """The Trainer sets should_save to "best yet?" after each evaluation, over the save ckptkit
     asked for: with evaluations at the due steps, only the first was ever committed."""

@@ -238,7 +238,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     # first: loading it is what fails for an optimizer of another class, and the model is then
     # left as it was.
     if optimizer is None:
-        set_model_state_dict(model, state["model"], options=options)
+        _load_model(model, state["model"], options, source)
         return
     kept = _kept(optimizer)
     try:
@@ -249,7 +249,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
             f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
             f"{exc}). {REBUILD}") from exc
     try:
-        set_model_state_dict(model, state["model"], options=options)
+        _load_model(model, state["model"], options, source)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept
         raise
@@ -476,6 +476,24 @@ def copies_on_load(model: torch.nn.Module) -> bool:
         if not all(_from_torch(f) for f in [type(module)._load_from_state_dict, *hooks]):
             return False
     return True
+
+
+def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: StateDictOptions | None,
+                source: str) -> None:
+    """``set_model_state_dict``, with torch's refusal of another model's weights (missing or
+    unexpected keys, other shapes) raised as ``IncompatibleCheckpointError`` naming ``source``:
+    not a damaged checkpoint, so an older one is not tried."""
+    try:
+        set_model_state_dict(model, model_state, options=options)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+        raise IncompatibleCheckpointError(
+            f"{source}: the model given to restore does not fit the weights saved there ({detail}). Build the "
+            "model as the training that saved it did (the same layers, shapes and names, all made before "
+            "restore), or give this training a new run name to start it afresh") from exc
 
 
 def _from_torch(fn: Any) -> bool:

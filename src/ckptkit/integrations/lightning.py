@@ -29,12 +29,14 @@ try:
     from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as exc:  # pragma: no cover - the extra is what brings it
     raise ImportError("ckptkit.integrations.lightning needs PyTorch Lightning 2.x: "
                       'pip install "ckptkit[lightning]"') from exc
 
+from .. import gather
 from ..config import Config, check_run_name
-from ..errors import ConfigError
+from ..errors import ConfigError, IncompatibleCheckpointError
 from ..manager import CheckpointManager
 from ..rng import RngState
 
@@ -48,6 +50,12 @@ RNG_KEY = "rng"
 # Each rank's data loader states, as Lightning's fit loop keeps them (``combined_loader``): a
 # loader over a rank's own shard of the data has a position of its own on each rank.
 LOADERS_KEY = "loaders"
+# Whether the fit had been told to stop (``trainer.should_stop``: early stopping) when it saved:
+# Lightning keeps that flag out of its checkpoint, and a finished fit started again would train on.
+STOP_KEY = "should_stop"
+# The optimizers' classes, checked at a restore as ``CheckpointManager.restore(optimizer=)`` does:
+# Lightning loads their state itself, and would load AdamW's into an Adam without a word.
+OPTIMIZERS_KEY = "optimizer_classes"
 _LOADERS_PATH = ("loops", "fit_loop", "state_dict", "combined_loader")
 
 # What each ModelCheckpoint option becomes with ckptkit: the refusal names the user's own settings.
@@ -126,6 +134,7 @@ class CkptkitCheckpoint(Checkpoint):
         self.restored_step: int | None = None
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._saved_optimizers: list[str] | None = None
         # A due step whose save waits for its validation, and whether it ended its epoch.
         self._after_validation: tuple[int, bool] | None = None
 
@@ -163,7 +172,9 @@ class CkptkitCheckpoint(Checkpoint):
             attr = {"every_n_train_steps": "_every_n_train_steps", "every_n_epochs": "_every_n_epochs",
                     "train_time_interval": "_train_time_interval"}.get(option, option)
             value = getattr(cb, attr, None)
-            if value != getattr(defaults, attr, None) and value is not None:
+            # Lightning sets every_n_epochs to 0 itself when a step or time interval is given.
+            if value != getattr(defaults, attr, None) and value is not None and not (
+                    option == "every_n_epochs" and value == 0):
                 mapped.append(f"{option}={value!r} -> {target.format(value=value)}")
         detail = ("; ".join(mapped)) if mapped else "it has no options beyond the defaults"
         return ("ModelCheckpoint and CkptkitCheckpoint are both in Trainer(callbacks=...): ModelCheckpoint's files "
@@ -180,7 +191,20 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is None:
             # Built here, not in __init__: under DDP each rank's process group exists only now.
             self.manager = CheckpointManager.from_config(self.config, run_name=self.run_name, on_error=self.on_error)
-        restored = self.manager.restore(model=pl_module, safe_globals=self.safe_globals, rank_extra={})
+        lazy = is_overridden("configure_model", pl_module)
+        if lazy and next(iter(pl_module.parameters()), None) is None:
+            raise ConfigError(
+                f"{type(pl_module).__name__} has no parameters until configure_model runs, and CkptkitCheckpoint "
+                "restores the weights in setup, before it: a resumed fit would fail to load them. Create the "
+                "layers in __init__ (CkptkitCheckpoint supports single-device and DDP training, where "
+                "configure_model is not needed)")
+        try:
+            restored = self.manager.restore(model=pl_module, safe_globals=self.safe_globals, rank_extra={})
+        except IncompatibleCheckpointError as exc:
+            if lazy:
+                exc.add_note("CkptkitCheckpoint restores the weights before configure_model runs: layers made "
+                             "there are not in the module yet. Create them in __init__")
+            raise
         if restored is None:
             return
         checkpoint = restored.extra.get(LIGHTNING_KEY)
@@ -198,7 +222,14 @@ class CkptkitCheckpoint(Checkpoint):
 
         connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, restored.ref.uri)
         self._pending_rng = restored.rank_extra.get(RNG_KEY)
+        self._saved_optimizers = restored.extra.get(OPTIMIZERS_KEY)
         self.restored_step = self._last_saved = restored.step
+        if restored.extra.get(STOP_KEY):
+            # As the fit that saved it was: told to stop, it ends once its minimum steps and epochs
+            # are done (at once, for a finished fit), and nothing is trained or published again.
+            trainer.should_stop = True
+            log.info("ckptkit: step %d of run %r was saved by a fit told to stop (early stopping): it stops "
+                     "again", restored.step, self.manager.run_name)
         log.info("ckptkit: resuming run %r from %s (global step %d)", self.manager.run_name, restored.ref.uri,
                  restored.step)
 
@@ -214,10 +245,26 @@ class CkptkitCheckpoint(Checkpoint):
                 f"that file over step {self.restored_step}, which ckptkit restored from run "
                 f"{self.manager.run_name!r}. Remove ckpt_path from fit(): CkptkitCheckpoint resumes the newest "
                 "committed checkpoint. To start from that file instead, give CkptkitCheckpoint a new run_name")
+        self._check_optimizers(trainer)
         loaded = getattr(_connector(trainer), "_loaded_checkpoint", None)
         if self.restored_step is not None and not trainer.strategy.restore_checkpoint_after_setup and loaded:
             loaded.pop("state_dict", None)  # in the module now: the copy made in setup goes
         self._restore_rng_at_epoch_end()
+
+    def _check_optimizers(self, trainer: pl.Trainer) -> None:
+        saved, self._saved_optimizers = self._saved_optimizers, None
+        if saved is None:
+            return
+        live = [gather.optimizer_class(o) for o in trainer.optimizers]
+        if len(saved) != len(live) or not all(gather.same_class(a, b) for a, b in zip(saved, live)):
+            def shown(names: list[str]) -> str:
+                return ", ".join(n.replace(":", ".") for n in names) or "none"
+
+            raise IncompatibleCheckpointError(
+                f"step {self.restored_step} of run {self.manager.run_name!r} holds the state of the optimizers "
+                f"{shown(saved)}, and configure_optimizers now makes {shown(live)}: their state and settings "
+                "(learning rate, betas, momentum) would not carry over as they were. Configure the optimizers "
+                "as the fit that saved it did, or give CkptkitCheckpoint a new run_name to start afresh")
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_rng_at_epoch_end()
@@ -299,8 +346,10 @@ class CkptkitCheckpoint(Checkpoint):
         if loaders is not None:
             # Rank 0's stay in the shared state too: a rank of a larger job, which saved none, gets those.
             own[LOADERS_KEY] = loaders
+        extra = {LIGHTNING_KEY: checkpoint, STOP_KEY: bool(trainer.should_stop),
+                 OPTIMIZERS_KEY: [gather.optimizer_class(o) for o in trainer.optimizers]}
         self.manager.save(step=step, epoch=trainer.current_epoch, model=pl_module,
-                          metrics=_plain_metrics(trainer.callback_metrics), extra={LIGHTNING_KEY: checkpoint},
+                          metrics=_plain_metrics(trainer.callback_metrics), extra=extra,
                           rank_extra=own, safe_globals=self.safe_globals, force=force)
         self._last_saved = step
 

@@ -14,6 +14,7 @@ ends. ckptkit never unpickles the Trainer's files; the Trainer loads them itself
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -53,6 +54,30 @@ def _latest_metrics(state: TrainerState) -> dict[str, float]:
     return metrics
 
 
+def _metrics_up_to(state: TrainerState, step: int) -> dict[str, float]:
+    """``_latest_metrics`` as they stood at ``step``: the newest of each logged at or before it."""
+    return _latest_metrics(TrainerState(log_history=[e for e in state.log_history if e.get("step", 0) <= step]))
+
+
+def _stopped_early(folder: str) -> bool:
+    """Whether the Trainer checkpoint in ``folder`` was saved by a training told to stop before
+    its ``max_steps`` (early stopping): the Trainer records its control flags in
+    ``trainer_state.json``, and resets them when training begins again."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE)) as f:
+            saved = json.load(f)
+        control = saved["stateful_callbacks"]["TrainerControl"]
+        control = control[0] if isinstance(control, list) else control
+        return bool(control["args"]["should_training_stop"]) and saved["global_step"] < saved["max_steps"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False  # a Trainer that keeps no such record: only max_steps tells a finished training
+
+
+def _saved_callbacks(state: TrainerState) -> list[str]:
+    """The callbacks whose state the checkpoint holds (``EarlyStoppingCallback``'s patience)."""
+    return sorted(name for name in (state.stateful_callbacks or {}) if name != "TrainerControl")
+
+
 def _save_strategy(args: TrainingArguments) -> str:
     return str(getattr(args.save_strategy, "value", args.save_strategy))
 
@@ -86,6 +111,11 @@ class CkptkitCallback(TrainerCallback):
         self.params = dict(params or {})
         self._steps_run = 0
         self._start_step = 0
+        # A restart of a training that had finished (max_steps, or told to stop): nothing more is
+        # committed or published.
+        self._finished = False
+        # The step of the checkpoint resume_from fetched, when it was saved by a training stopped early.
+        self._stopped_at: int | None = None
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -111,6 +141,14 @@ class CkptkitCallback(TrainerCallback):
                 "or give this training another run name")
         path = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}{info.step}")
         log.info("resuming the Trainer from step %d of %s (fetched into %s)", info.step, info.ref.uri, path)
+        self._stopped_at = info.step if _stopped_early(path) else None
+        args = getattr(where, "args", None)
+        if isinstance(args, TrainingArguments) and not args.restore_callback_states_from_checkpoint:
+            # Without it the Trainer leaves the callbacks' saved state (EarlyStoppingCallback's
+            # patience, its own stop flag) unread, and the resumed training goes on past where the
+            # uninterrupted one stopped.
+            args.restore_callback_states_from_checkpoint = True
+            log.info("restore_callback_states_from_checkpoint set: the callbacks' saved state is restored too")
         return path
 
     # -- the Trainer's events ---------------------------------------------------------------
@@ -134,6 +172,23 @@ class CkptkitCallback(TrainerCallback):
         self._refuse_save_best(args)
         self.manager.tracking_run_id()
         self._start_step = state.global_step
+        if state.global_step > 0:
+            stopped = state.global_step == self._stopped_at
+            self._finished = state.global_step >= state.max_steps or stopped
+            if stopped:
+                # The Trainer resets its stop flag as training begins; the loop ends after one step.
+                control.should_training_stop = True
+                log.info("step %d was saved by a training told to stop (early stopping): it stops again, and "
+                         "nothing more is committed or published", state.global_step)
+            saved = _saved_callbacks(state)
+            if saved and not args.restore_callback_states_from_checkpoint:
+                log.warning("the checkpoint holds the state of %s, which the Trainer does not restore: set "
+                            "TrainingArguments(restore_callback_states_from_checkpoint=True), or pass the Trainer "
+                            "to resume_from, for a resume that goes on as the training that saved it would have",
+                            ", ".join(saved))
+        if args.save_only_model:
+            log.warning("save_only_model=True: the Trainer's checkpoints hold no optimizer, scheduler or random "
+                        "state, so a resumed training starts those afresh and does not go on as it would have")
         if "mlflow" in (args.report_to or []) and os.environ.get(LOG_ARTIFACTS, "").upper() in ("1", "TRUE", "ON", "YES"):
             log.warning("%s is set: the Trainer's MLflow callback uploads every checkpoint folder to the tracking "
                         "store as well, beside the copies ckptkit keeps and prunes; unset it (ckptkit publishes "
@@ -147,7 +202,17 @@ class CkptkitCallback(TrainerCallback):
         # "steps" and "epoch" strategies save the end themselves; asking again would write and
         # commit it twice.
         last = state.global_step >= state.max_steps > self._start_step and _save_strategy(args) == "no"
-        if self.drive_saves and (self.manager.is_due(state.global_step) or last):
+        if self._finished:
+            control.should_save = False  # the step a finished training still runs is not kept
+        elif self.drive_saves and (self.manager.is_due(state.global_step) or last):
+            control.should_save = True
+        return control
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # An evaluation that stops training (EarlyStoppingCallback, when it runs before this one):
+        # that step is saved, so that a restart finds the training finished rather than trains
+        # up to the stop again.
+        if self.drive_saves and control.should_training_stop and not self._finished and _save_strategy(args) != "best":
             control.should_save = True
         return control
 
@@ -157,22 +222,37 @@ class CkptkitCallback(TrainerCallback):
                                 metrics=_latest_metrics(state), force=True)
         return control
 
+    @staticmethod
+    def _published_as(args: TrainingArguments, state: TrainerState) -> tuple[int, int, dict[str, float]]:
+        """The step, epoch and metrics of the model the Trainer ends with: with
+        ``load_best_model_at_end``, the best checkpoint's, which the Trainer loaded back (when its
+        folder was still there), else the last step's."""
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        name = os.path.basename(os.path.normpath(best)) if best and os.path.isdir(best) else ""
+        step_text = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+        if not step_text.isdigit():
+            return state.global_step, int(state.epoch or 0), _latest_metrics(state)
+        step = int(step_text)
+        epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
+        return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _metrics_up_to(state, step)
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: Any = None, **kwargs: Any):
         try:
             if self.publish_final and self.manager.config.final is not None:
-                if self._steps_run == 0 or self._start_step >= state.max_steps:
+                if self._steps_run == 0 or self._finished:
                     # A restart of a finished training (the Trainer may still run one more step):
                     # its model was published when it first ended.
-                    log.info("training had reached max_steps (%d) before this start; the final model is "
-                             "not published again", state.max_steps)
+                    log.info("training had finished (max_steps %d, or told to stop) before this start; the final "
+                             "model is not published again", state.max_steps)
                 elif model is None:
                     raise ValueError("the Trainer passed no model to on_train_end; nothing to publish")
                 else:
                     config = getattr(model, "config", None)
                     extra = {"transformers_config": config.to_json_string()} if hasattr(config, "to_json_string") else {}
-                    self.manager.finalize(model=model, step=state.global_step, epoch=int(state.epoch or 0),
-                                          metrics=_latest_metrics(state), extra=extra, params=self.params)
+                    step, epoch, metrics = self._published_as(args, state)
+                    self.manager.finalize(model=model, step=step, epoch=epoch, metrics=metrics, extra=extra,
+                                          params=self.params)
             else:
                 self.manager.wait()
         finally:

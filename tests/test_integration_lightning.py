@@ -426,6 +426,47 @@ def test_an_early_stopped_fit_run_again_stays_stopped_and_publishes_nothing(tmp_
     assert committed_steps(tmp_path / "ckpts") == [8, 10]
 
 
+def test_early_stopping_at_an_epochs_end_after_the_save_is_saved_again_and_stays_stopped(tmp_path, monkeypatch):
+    """Checked at the epoch's end (validation once an epoch, EarlyStopping's default), the stop
+    came after the save that followed the step's validation: that save said nothing of it, and a
+    restart failed in EarlyStopping ("conditioned on metric val_loss which is not available")."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    monkeypatch.chdir(tmp_path)
+    config = local_config(tmp_path, every=7, final={"type": "local", "path": str(tmp_path / "final")})
+    for run in range(2):
+        pl.seed_everything(1, verbose=False)
+        tr, ckpt = trainer(config, logger=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                           callbacks=[EarlyStopping(monitor="val_loss", patience=1)])
+        tr.fit(ValidatedNet())
+        assert tr.global_step == 14  # val_loss 9 after each epoch of 7 steps: the second is no better
+        if run == 0:
+            first = next((tmp_path / "final").rglob("final_model.pt")).stat()
+    assert ckpt.restored_step == 14
+    published = next((tmp_path / "final").rglob("final_model.pt")).stat()
+    assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert committed_steps(tmp_path / "ckpts") == [7, 14]
+
+
+def test_a_fit_stopped_for_another_reason_trains_on_when_started_again(tmp_path, monkeypatch):
+    """Only early stopping keeps a restarted fit stopped: one that stopped itself (a time budget
+    before a requeue) goes on from where it stopped, as from Lightning's own checkpoint."""
+    monkeypatch.chdir(tmp_path)
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    config = local_config(tmp_path, every=4)
+    tr, _ = trainer(config, logger=False, default_root_dir=tmp_path, callbacks=[StopAt()])
+    tr.fit(Net())
+    assert tr.global_step == 5 and committed_steps(tmp_path / "ckpts") == [4, 5]
+    tr, ckpt = trainer(config, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())
+    assert ckpt.restored_step == 5 and tr.global_step == MAX_STEPS
+
+
 def test_another_optimizer_class_is_refused_before_a_step(tmp_path, monkeypatch):
     """Lightning loads the optimizers' state itself: AdamW's went into an Adam without a word,
     which then trained as AdamW (decoupled weight decay among the loaded settings)."""

@@ -421,6 +421,41 @@ def test_the_step_where_early_stopping_stops_is_committed_though_no_save_was_due
     assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
 
 
+def test_a_resumed_training_still_commits_the_step_where_early_stopping_stops(tmp_path):
+    """The Trainer's own restore of callback states builds EarlyStoppingCallback anew and puts
+    it last, after ckptkit's, whose on_evaluate then never saw the stop: from the first resume on,
+    the stop step went uncommitted and a restart trained up to it and published again."""
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    config["roles"]["resume"]["every_n_steps"] = 8
+    early_stopping_training(config, tmp_path / "out", stop_at=9, save_steps=8, early_first=True)
+    assert steps(tmp_path / "ckpts" / "hf") == [8]
+    trainer, resumed = early_stopping_training(config, tmp_path / "out", save_steps=8, early_first=True)
+    assert resumed.endswith("checkpoint-8") and trainer.state.global_step == 12
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    first = (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes()
+    again, resumed = early_stopping_training(config, tmp_path / "out", save_steps=8, early_first=True)
+    assert resumed.endswith("checkpoint-12") and again.state.global_step <= 13
+    assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+
+
+def test_a_training_stopped_for_another_reason_trains_on_when_started_again(tmp_path):
+    """Only early stopping keeps a restarted training stopped: one that stopped itself at a
+    saved step (a time budget before a requeue) goes on to max_steps."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 8:
+                control.should_training_stop = True
+
+    config = local_config(tmp_path)
+    trainer, _ = train(config, tmp_path / "out", extra_callbacks=[StopAt()])
+    assert trainer.state.global_step == 8 and steps(tmp_path / "ckpts" / "hf") == [4, 8]
+    trainer, resumed = train(config, tmp_path / "out")
+    assert resumed.endswith("checkpoint-8") and trainer.state.global_step == MAX_STEPS
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+
+
 def test_save_strategy_best_is_refused_before_a_step_as_it_cancels_the_scheduled_saves(tmp_path):
     """The Trainer sets should_save to "best yet?" after each evaluation, over the save ckptkit
     asked for: with evaluations at the due steps, only the first was ever committed."""

@@ -447,3 +447,109 @@ def test_a_plugins_own_save_failure_and_a_manifest_of_the_wrong_type_name_the_pl
                                                r"bytes for .*step-0000000001, not a Manifest; the backend plugin is "
                                                "faulty"):
             ck.restore(model=model)
+
+
+class _StrayRefs(ckptkit.local.LocalBackend):
+    """The local backend, but answering with refs of another run, another backend or another
+    step, or failing to read its manifests with a plain exception, as ``mode`` says."""
+
+    mode: str | None = None
+
+    @ckptkit.hookimpl
+    def list_checkpoints(self, run_name):
+        got = super().list_checkpoints(run_name=run_name)
+        if _StrayRefs.mode == "other_run":
+            return [attrs.evolve(r, run_name="other-run") for r in got]
+        if _StrayRefs.mode == "other_backend":
+            return [attrs.evolve(r, backend="disk") for r in got]
+        return got
+
+    @ckptkit.hookimpl
+    def save_resume(self, run_name, step, payload):
+        ref = super().save_resume(run_name=run_name, step=step, payload=payload)
+        if _StrayRefs.mode == "previous_step":  # says it committed the step before
+            return next(r for r in super().list_checkpoints(run_name=run_name) if r.step == step - 1)
+        return ref
+
+    @ckptkit.hookimpl
+    def read_manifest(self, ref):
+        if _StrayRefs.mode == "manifest_bug":
+            raise KeyError("region")
+        return super().read_manifest(ref=ref)
+
+
+@pytest.fixture
+def stray(tmp_path, monkeypatch):
+    """A config with the stray plugin's backend first (it keeps files locally: later backends copy
+    from it) and the local one second, and a model whose weights are its step."""
+    import torch
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("stray", _StrayRefs, "ckptkit-stray 0.3")
+    monkeypatch.setattr(_StrayRefs, "mode", None)
+    cfg = {"run_name": "r", "backends": {"s": {"type": "stray", "path": str(tmp_path / "s")},
+                                         "disk": {"type": "local", "path": str(tmp_path / "disk")}},
+           "roles": {"resume": {"backends": ["s", "disk"], "every_n_steps": 1, "keep_last": 5}}}
+    model = torch.nn.Linear(2, 2)
+
+    def save(ck, step):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(step)
+        return ck.save(step=step, model=model)
+
+    return pm, cfg, model, save
+
+
+def test_a_save_answered_with_another_steps_ref_is_the_plugins_fault_and_not_copied(stray, monkeypatch):
+    """A backend that keeps files locally and said it committed step N-1 when asked for step N
+    had the next backend copy step N-1's files, and commit them, as step N: a restore gave the
+    older weights, and verify found nothing wrong."""
+    import torch
+    from ckptkit import SaveError
+
+    pm, cfg, model, save = stray
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        for step in (1, 2):
+            save(ck, step)
+        monkeypatch.setattr(_StrayRefs, "mode", "previous_step")
+        with pytest.raises(SaveError, match=r"s: save_resume \(type 'stray', from ckptkit-stray 0.3\) returned a ref "
+                                            r"of backend 's', run 'r', role 'resume', step 2 .*not one of backend "
+                                            r"'s', run 'r', role 'resume', step 3; the backend plugin is faulty"):
+            save(ck, 3)
+    cfg["roles"]["resume"]["backends"] = ["disk"]
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        restored = ck.restore(model=model)
+    assert restored.step == 3 and torch.equal(model.weight, torch.full((2, 2), 3.0))
+
+
+@pytest.mark.parametrize("mode, stray_part", [("other_run", r"run 'other-run'"), ("other_backend", r"backend 'disk'")])
+def test_a_listing_of_another_run_or_backend_is_the_plugins_fault_not_restored(stray, monkeypatch, mode, stray_part):
+    """A listing whose refs named another run had restore load that run's weights without a word
+    (the manifest was checked against the ref's run, not the manager's); one naming another
+    backend had that backend read the plugin's folders."""
+    from ckptkit import BackendError
+
+    pm, cfg, model, save = stray
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        save(ck, 1)
+    monkeypatch.setattr(_StrayRefs, "mode", mode)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(BackendError, match=rf"'s': list_checkpoints \(type 'stray', from ckptkit-stray 0.3\) returned "
+                                               rf"a ref of .*{stray_part}.*the backend plugin is faulty"):
+            ck.restore(model=model)
+
+
+def test_a_plugins_own_exception_reading_a_manifest_names_it_and_is_not_taken_for_damage(stray, monkeypatch):
+    """A KeyError from read_manifest reached the user bare ("KeyError: 'region'"), naming no
+    backend, hook or distribution."""
+    from ckptkit import BackendError
+
+    pm, cfg, model, save = stray
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        save(ck, 1)
+    monkeypatch.setattr(_StrayRefs, "mode", "manifest_bug")
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(BackendError, match=r"'s': read_manifest \(type 'stray', from ckptkit-stray 0.3\) raised "
+                                               r"KeyError: 'region'; report it to the plugin's authors"):
+            ck.restore(model=model)

@@ -168,8 +168,11 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
             failures[name] = _backend_failure(router, name, hook, exc)
             log.error("backend %r failed: %s", name, _strip(name, failures[name]))
             continue
-        if not isinstance(ref, CheckpointRef):
-            failures[name] = router.faulty(name, hook, type(ref).__name__, "a CheckpointRef")
+        try:
+            ref = router.checked_ref(name, hook, ref, payload)
+        except CkptkitError as exc:
+            failures[name] = exc
+            log.error("backend %r failed: %s", name, _strip(name, exc))
             continue
         saved.append(ref)
         if ref.local_dir and not copied and i < len(order) - 1 and holds_files(ref, payload):

@@ -142,7 +142,9 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
         the same time (``roles.resume.write_threads``); writing them one after the other is
         correct too.
 
-    :return: a ``CheckpointRef`` to the committed checkpoint. Raise on failure, after removing
+    :return: a ``CheckpointRef`` to the committed checkpoint: this backend's name, the payload's
+        run and step, role ``resume`` (any other ref is reported as the plugin's fault, and the
+        save as failed on this backend). Raise on failure, after removing
         or leaving uncommitted whatever was written; never touch other checkpoints. A step that
         is committed here already is replaced whole (no file of its old copy stays), and a
         failure before the new copy is complete should leave the old one committed:
@@ -160,7 +162,8 @@ def list_checkpoints(run_name: str) -> list[CheckpointRef]:
     checkpoint.
 
     :param run_name: the run whose checkpoints to list.
-    :return: a list of ``CheckpointRef``, empty when the run has none. Raise
+    :return: a list of ``CheckpointRef`` of this backend and ``run_name``, empty when the run
+        has none (a ref of another run or backend is refused as the plugin's fault). Raise
         ``StorageUnavailableError`` (keeping the cause) when the storage could not be listed,
         retries included: ``restore`` must not take that for a run without checkpoints.
     """
@@ -297,7 +300,8 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
         tensors, cast to ``roles.final.dtype``), in memory; from ``ckptkit publish``, loaded from
         the verified source. A backend that converts the model (safetensors, another dtype)
         reads it here instead of loading the file again; it must not modify it.
-    :return: a ``CheckpointRef`` to where the model now lives. A backend that stores a
+    :return: a ``CheckpointRef`` to where the model now lives, of this backend, the payload's
+        run and role ``final`` (any other is refused as the plugin's fault). A backend that stores a
         converted model sets its ``sizes`` to the files it wrote, so that the ref is not taken
         for a copy of ``final_model.pt`` (in ``stored``, or as a place ``ckptkit publish`` can
         read the model back from).

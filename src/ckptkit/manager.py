@@ -881,7 +881,7 @@ class CheckpointManager:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
                 deleted = self.router.checked_refs(ref.backend, "prune", self.router.call(
                     ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
-                    protected_steps=protected, dry_run=False, counted_steps=counted))
+                    protected_steps=protected, dry_run=False, counted_steps=counted), self.run_name)
                 gone.update(r.step for r in deleted if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
@@ -928,8 +928,8 @@ class CheckpointManager:
         if self._conflict is not None:
             return True
         try:
-            refs = self.router.checked_refs(backend, "list_checkpoints",
-                                            self.router.call(backend, "list_checkpoints", run_name=self.run_name))
+            listed = self.router.call(backend, "list_checkpoints", run_name=self.run_name)
+            refs = self.router.checked_refs(backend, "list_checkpoints", listed, self.run_name)
         except Exception as exc:
             log.warning("could not check run %r on backend %r for newer checkpoints: %s", self.run_name, backend, exc)
             return True
@@ -976,8 +976,8 @@ class CheckpointManager:
         deleted: list[CheckpointRef] = []
         corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
         for name in self.router.backends(Role.RESUME):
-            refs = sorted(self.router.checked_refs(name, "list_checkpoints",
-                                                   self.router.call(name, "list_checkpoints", run_name=self.run_name)),
+            listed = self.router.call(name, "list_checkpoints", run_name=self.run_name)
+            refs = sorted(self.router.checked_refs(name, "list_checkpoints", listed, self.run_name),
                           key=lambda r: r.step, reverse=True)
             verified: set[int] = set()
             for ref in refs:
@@ -990,7 +990,7 @@ class CheckpointManager:
                     corrupt.append((ref, exc))
             deleted += self.router.checked_refs(name, "prune", self.router.call(
                 name, "prune", run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),
-                dry_run=dry_run, counted_steps=frozenset(verified)))
+                dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]
             if name not in self.router.backends(Role.RESUME) and isinstance(backend, FileBackend):
@@ -1023,8 +1023,8 @@ class CheckpointManager:
         keep_best = self.resume_role.keep_best
         if keep_best is None:
             return frozenset()
-        refs = self.router.checked_refs(backend, "list_checkpoints",
-                                        self.router.call(backend, "list_checkpoints", run_name=self.run_name))
+        listed = self.router.call(backend, "list_checkpoints", run_name=self.run_name)
+        refs = self.router.checked_refs(backend, "list_checkpoints", listed, self.run_name)
         for ref in refs:
             if ref.step not in self._metrics:
                 try:

@@ -133,7 +133,7 @@ class Reader:
                     failure.__cause__ = exc
                 unreachable[name] = failure
                 continue
-            refs.extend(self.router.checked_refs(name, "list_checkpoints", got))
+            refs.extend(self.router.checked_refs(name, "list_checkpoints", got, self.run_name))
         rank = {n: i for i, n in enumerate(order)}
         return sorted(refs, key=lambda r: (-r.step, rank[r.backend])), unreachable
 
@@ -147,7 +147,10 @@ class Reader:
         except Exception as exc:
             if self.silent is not None and gave_up(exc):
                 self.silent.add(ref.backend)
-            raise storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc) from exc
+            failure = storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc)
+            if not isinstance(failure, CkptkitError):  # the plugin's bug: named, and never skipped as damage
+                raise self.router.blame(ref.backend, "read_manifest", exc) from exc
+            raise failure from exc
         if not isinstance(manifest, Manifest):
             # The plugin's fault, not the checkpoint's: called damaged, it would be skipped for an
             # older step, or the run given up for lost.
@@ -307,7 +310,10 @@ class Reader:
                 return read()
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
-            raise storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc) from exc
+            failure = storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc)
+            if not isinstance(failure, CkptkitError):
+                raise self.router.blame(ref.backend, f"open_file (or reading {name} through it)", exc) from exc
+            raise failure from exc
 
 
 def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) -> dict[str, T]:

@@ -144,16 +144,37 @@ class Router:
         return BackendError(backend, f"{hook}{self.origin(backend)} returned {got}, not {wanted}; the backend "
                                      "plugin is faulty: report it to its authors")
 
-    def checked_refs(self, backend: str, hook: str, got: Any) -> list[CheckpointRef]:
-        """What a hook that returns checkpoints (``list_checkpoints``, ``prune``) returned, as a
-        list: anything else is a bug of the plugin, named as ``blame`` names it. Taken for an
-        empty answer, a listing would start training from step 0, and a prune that deleted
-        checkpoints would be told to the user as one that deleted none."""
-        if isinstance(got, (list, tuple)) and all(isinstance(r, CheckpointRef) for r in got):
-            return list(got)
-        what = type(got).__name__ if not isinstance(got, (list, tuple)) else \
-            f"a {type(got).__name__} holding {type(next(r for r in got if not isinstance(r, CheckpointRef))).__name__}"
-        raise self.faulty(backend, hook, what, "a list of CheckpointRef")
+    def checked_refs(self, backend: str, hook: str, got: Any, run_name: str) -> list[CheckpointRef]:
+        """What a hook that returns checkpoints of run ``run_name`` (``list_checkpoints``,
+        ``prune``) returned, as a list: anything else is a bug of the plugin, named as ``blame``
+        names it. Taken for an empty answer, a listing would start training from step 0, and a
+        prune that deleted checkpoints would be told to the user as one that deleted none. A ref
+        of another run or another backend is such a bug too: restore would load another run's
+        weights, or read one backend's checkpoint through another."""
+        if not (isinstance(got, (list, tuple)) and all(isinstance(r, CheckpointRef) for r in got)):
+            what = type(got).__name__ if not isinstance(got, (list, tuple)) else \
+                f"a {type(got).__name__} holding {type(next(r for r in got if not isinstance(r, CheckpointRef))).__name__}"
+            raise self.faulty(backend, hook, what, "a list of CheckpointRef")
+        stray = next((r for r in got if r.backend != backend or r.run_name != run_name), None)
+        if stray is not None:
+            raise self.faulty(backend, hook, f"a ref of backend {stray.backend!r} and run {stray.run_name!r} "
+                                             f"({stray.uri})", f"refs of backend {backend!r} and run {run_name!r}")
+        return list(got)
+
+    def checked_ref(self, backend: str, hook: str, got: Any, payload: Any) -> CheckpointRef:
+        """What a hook that stores ``payload`` (``save_resume``, ``publish_final``) returned: a ref
+        of this backend, the payload's run and role, and for a resume checkpoint its step. A ref
+        to anything else would be reported as saved, and a later backend would copy its bytes
+        (``fanout.store_each``) under the payload's step."""
+        if not isinstance(got, CheckpointRef):
+            raise self.faulty(backend, hook, type(got).__name__, "a CheckpointRef")
+        if (got.backend, got.run_name, got.role) != (backend, payload.run_name, payload.role) or (
+                payload.role == "resume" and got.step != payload.step):
+            raise self.faulty(backend, hook, f"a ref of backend {got.backend!r}, run {got.run_name!r}, role "
+                                             f"{got.role!r}, step {got.step} ({got.uri})",
+                              f"one of backend {backend!r}, run {payload.run_name!r}, role {payload.role!r}"
+                              + (f", step {payload.step}" if payload.role == "resume" else ""))
+        return got
 
     def implements(self, name: str, hook: str) -> bool:
         return hook in self.types[name].hooks

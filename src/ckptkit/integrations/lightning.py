@@ -26,7 +26,7 @@ import torch
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+    from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
     from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -50,9 +50,6 @@ RNG_KEY = "rng"
 # Each rank's data loader states, as Lightning's fit loop keeps them (``combined_loader``): a
 # loader over a rank's own shard of the data has a position of its own on each rank.
 LOADERS_KEY = "loaders"
-# Whether the fit had been told to stop (``trainer.should_stop``: early stopping) when it saved:
-# Lightning keeps that flag out of its checkpoint, and a finished fit started again would train on.
-STOP_KEY = "should_stop"
 # The optimizers' classes, checked at a restore as ``CheckpointManager.restore(optimizer=)`` does:
 # Lightning loads their state itself, and would load AdamW's into an Adam without a word.
 OPTIMIZERS_KEY = "optimizer_classes"
@@ -135,6 +132,8 @@ class CkptkitCheckpoint(Checkpoint):
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._saved_optimizers: list[str] | None = None
+        # Whether the last save held an early stopping that had stopped the fit.
+        self._saved_stopped = False
         # A due step whose save waits for its validation, and whether it ended its epoch.
         self._after_validation: tuple[int, bool] | None = None
 
@@ -224,12 +223,6 @@ class CkptkitCheckpoint(Checkpoint):
         self._pending_rng = restored.rank_extra.get(RNG_KEY)
         self._saved_optimizers = restored.extra.get(OPTIMIZERS_KEY)
         self.restored_step = self._last_saved = restored.step
-        if restored.extra.get(STOP_KEY):
-            # As the fit that saved it was: told to stop, it ends once its minimum steps and epochs
-            # are done (at once, for a finished fit), and nothing is trained or published again.
-            trainer.should_stop = True
-            log.info("ckptkit: step %d of run %r was saved by a fit told to stop (early stopping): it stops "
-                     "again", restored.step, self.manager.run_name)
         log.info("ckptkit: resuming run %r from %s (global step %d)", self.manager.run_name, restored.ref.uri,
                  restored.step)
 
@@ -246,6 +239,15 @@ class CkptkitCheckpoint(Checkpoint):
                 f"{self.manager.run_name!r}. Remove ckpt_path from fit(): CkptkitCheckpoint resumes the newest "
                 "committed checkpoint. To start from that file instead, give CkptkitCheckpoint a new run_name")
         self._check_optimizers(trainer)
+        if self.restored_step is not None and _early_stopped(trainer):
+            # Lightning keeps trainer.should_stop out of its checkpoint: a fit that early stopping
+            # had ended trained on to the next validation and published again. Its callbacks'
+            # state is back by now; set as it was, the fit ends once its min_steps and min_epochs
+            # are done (at once, for a finished fit). A fit stopped otherwise (a time budget, to
+            # be requeued) trains on, as it does from Lightning's own checkpoint.
+            trainer.should_stop = True
+            log.info("ckptkit: step %d of run %r was saved by a fit that early stopping ended: it stays stopped",
+                     self.restored_step, self.manager.run_name)
         loaded = getattr(_connector(trainer), "_loaded_checkpoint", None)
         if self.restored_step is not None and not trainer.strategy.restore_checkpoint_after_setup and loaded:
             loaded.pop("state_dict", None)  # in the module now: the copy made in setup goes
@@ -346,12 +348,12 @@ class CkptkitCheckpoint(Checkpoint):
         if loaders is not None:
             # Rank 0's stay in the shared state too: a rank of a larger job, which saved none, gets those.
             own[LOADERS_KEY] = loaders
-        extra = {LIGHTNING_KEY: checkpoint, STOP_KEY: bool(trainer.should_stop),
-                 OPTIMIZERS_KEY: [gather.optimizer_class(o) for o in trainer.optimizers]}
+        extra = {LIGHTNING_KEY: checkpoint, OPTIMIZERS_KEY: [gather.optimizer_class(o) for o in trainer.optimizers]}
         self.manager.save(step=step, epoch=trainer.current_epoch, model=pl_module,
                           metrics=_plain_metrics(trainer.callback_metrics), extra=extra,
                           rank_extra=own, safe_globals=self.safe_globals, force=force)
         self._last_saved = step
+        self._saved_stopped = _early_stopped(trainer)
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -365,7 +367,9 @@ class CkptkitCheckpoint(Checkpoint):
             params = self.params if self.params is not None else _plain_params(pl_module.hparams)
             self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
                                   metrics=_plain_metrics(trainer.callback_metrics), params=params)
-        if step != self._last_saved and step > 0:
+        # Saved again where early stopping ended the fit after its last save (checked at an
+        # epoch's end, after the validation the save followed): the restart must see it stopped.
+        if step > 0 and (step != self._last_saved or _early_stopped(trainer) and not self._saved_stopped):
             # The end of fit is resumable too: running the finished fit again restores a finished
             # loop, which Lightning skips, so nothing is trained or published twice.
             self._save(trainer, pl_module, step, force=True)
@@ -381,6 +385,16 @@ class CkptkitCheckpoint(Checkpoint):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _early_stopped(trainer: pl.Trainer) -> bool:
+    """Whether an ``EarlyStopping`` callback of ``trainer`` has stopped the fit (its state says so)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping):
+            reason = getattr(cb, "stopping_reason", None)
+            if (getattr(reason, "value", 0) != 0) if reason is not None else cb.stopped_epoch > 0:
+                return True
+    return False
 
 
 def _epoch_done(trainer: pl.Trainer) -> bool:

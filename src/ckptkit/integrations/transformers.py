@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import ExportableState
 except ModuleNotFoundError as exc:  # pragma: no cover - the extra is what brings it
     if (exc.name or "").split(".")[0] != "transformers":
         raise  # installed, but broken: its own error says what
@@ -59,18 +60,35 @@ def _metrics_up_to(state: TrainerState, step: int) -> dict[str, float]:
     return _latest_metrics(TrainerState(log_history=[e for e in state.log_history if e.get("step", 0) <= step]))
 
 
-def _stopped_early(folder: str) -> bool:
-    """Whether the Trainer checkpoint in ``folder`` was saved by a training told to stop before
-    its ``max_steps`` (early stopping): the Trainer records its control flags in
-    ``trainer_state.json``, and resets them when training begins again."""
+def _saved_states(folder: str) -> dict[str, list[dict[str, Any]]]:
+    """The callbacks' states in the Trainer checkpoint in ``folder`` (``trainer_state.json``'s
+    ``stateful_callbacks``): class name to the states of its instances, in order."""
     try:
         with open(os.path.join(folder, TRAINER_STATE)) as f:
-            saved = json.load(f)
-        control = saved["stateful_callbacks"]["TrainerControl"]
-        control = control[0] if isinstance(control, list) else control
-        return bool(control["args"]["should_training_stop"]) and saved["global_step"] < saved["max_steps"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return False  # a Trainer that keeps no such record: only max_steps tells a finished training
+            saved = json.load(f).get("stateful_callbacks") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {name: [s for s in (states if isinstance(states, list) else [states]) if isinstance(s, dict)]
+            for name, states in saved.items()}
+
+
+def _stopped_early(states: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether the checkpoint whose callback ``states`` these are was saved by a training that
+    ``EarlyStoppingCallback`` stopped: the Trainer's stop flag set (it records it, and resets it
+    when training begins again) and an early stopping's patience used up. A training stopped
+    for another reason (a time budget, to be requeued) trains on when started again."""
+    def arg(state: dict[str, Any], section: str, key: str) -> Any:
+        return (state.get(section) or {}).get(key)
+
+    control = states.get("TrainerControl") or [{}]
+    if not arg(control[-1], "args", "should_training_stop"):
+        return False
+    return any(isinstance(arg(e, "attributes", "early_stopping_patience_counter"), int)
+               and isinstance(arg(e, "args", "early_stopping_patience"), int)
+               and arg(e, "attributes", "early_stopping_patience_counter") >= arg(e, "args", "early_stopping_patience")
+               for e in states.get("EarlyStoppingCallback", ()))
 
 
 def _saved_callbacks(state: TrainerState) -> list[str]:
@@ -116,6 +134,8 @@ class CkptkitCallback(TrainerCallback):
         self._finished = False
         # The step of the checkpoint resume_from fetched, when it was saved by a training stopped early.
         self._stopped_at: int | None = None
+        # Whether resume_from gave the Trainer's callbacks their saved state back.
+        self._callbacks_restored = False
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -141,15 +161,30 @@ class CkptkitCallback(TrainerCallback):
                 "or give this training another run name")
         path = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}{info.step}")
         log.info("resuming the Trainer from step %d of %s (fetched into %s)", info.step, info.ref.uri, path)
-        self._stopped_at = info.step if _stopped_early(path) else None
+        states = _saved_states(path)
+        self._stopped_at = info.step if _stopped_early(states) else None
+        self._callbacks_restored = False
+        handler = getattr(where, "callback_handler", None)
         args = getattr(where, "args", None)
-        if isinstance(args, TrainingArguments) and not args.restore_callback_states_from_checkpoint:
-            # Without it the Trainer leaves the callbacks' saved state (EarlyStoppingCallback's
-            # patience, its own stop flag) unread, and the resumed training goes on past where the
-            # uninterrupted one stopped.
-            args.restore_callback_states_from_checkpoint = True
-            log.info("restore_callback_states_from_checkpoint set: the callbacks' saved state is restored too")
+        if handler is not None and isinstance(args, TrainingArguments) and \
+                not args.restore_callback_states_from_checkpoint:
+            self._restore_callbacks(handler.callbacks, states)
         return path
+
+    def _restore_callbacks(self, callbacks: list[Any], states: dict[str, list[dict[str, Any]]]) -> None:
+        """Give the Trainer's callbacks the state they saved (``EarlyStoppingCallback``'s
+        patience counter), in place: by default the Trainer leaves it unread, and a resumed
+        training ran past the step where the uninterrupted one stopped. Its own restore
+        (``restore_callback_states_from_checkpoint``) builds each callback anew from its saved
+        arguments, which fails for one that takes others, and moves it to the end of the list."""
+        for name, saved in states.items():
+            if name == "TrainerControl":
+                continue
+            live = [cb for cb in callbacks if type(cb).__name__ == name and isinstance(cb, ExportableState)]
+            for cb, state in zip(live, saved):
+                for attribute, value in (state.get("attributes") or {}).items():
+                    setattr(cb, attribute, value)
+        self._callbacks_restored = True
 
     # -- the Trainer's events ---------------------------------------------------------------
 
@@ -181,11 +216,10 @@ class CkptkitCallback(TrainerCallback):
                 log.info("step %d was saved by a training told to stop (early stopping): it stops again, and "
                          "nothing more is committed or published", state.global_step)
             saved = _saved_callbacks(state)
-            if saved and not args.restore_callback_states_from_checkpoint:
-                log.warning("the checkpoint holds the state of %s, which the Trainer does not restore: set "
-                            "TrainingArguments(restore_callback_states_from_checkpoint=True), or pass the Trainer "
-                            "to resume_from, for a resume that goes on as the training that saved it would have",
-                            ", ".join(saved))
+            if saved and not args.restore_callback_states_from_checkpoint and not self._callbacks_restored:
+                log.warning("the checkpoint holds the state of %s, which the Trainer does not restore: pass the "
+                            "Trainer to resume_from (or set restore_callback_states_from_checkpoint=True) for a "
+                            "resume that goes on as the training that saved it would have", ", ".join(saved))
         if args.save_only_model:
             log.warning("save_only_model=True: the Trainer's checkpoints hold no optimizer, scheduler or random "
                         "state, so a resumed training starts those afresh and does not go on as it would have")

@@ -741,3 +741,40 @@ def test_publish_never_replaces_a_final_model_of_a_newer_ckptkit_with_an_older_o
     code, _, err = run(capsys, "publish", str(path), "--fallback-dir", str(tmp_path / "fb" / "exp" / ".."))
     assert code == 1 and "written by a newer ckptkit" in err
     assert manifest.read_bytes() == later.replace(b'"version": 2', b'"version": 3')
+
+
+_BUGGY = """
+import ckptkit
+from ckptkit.local import LocalBackend
+
+
+class BuggyBackend(LocalBackend):
+    @ckptkit.hookimpl
+    def read_manifest(self, ref):
+        raise KeyError("region")
+"""
+
+
+def test_verify_tells_a_plugins_failure_from_a_damaged_checkpoint(capsys, saved, tmp_path, monkeypatch):
+    """A plugin's KeyError reading manifests had every checkpoint reported CORRUPT, which users
+    delete: they are unverified, the plugin named."""
+    site = tmp_path / "site"
+    (site / "ckptkit_buggy_cli-1.0.dist-info").mkdir(parents=True)
+    (site / "ckptkit_buggy_cli.py").write_text(_BUGGY)
+    (site / "ckptkit_buggy_cli-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ckptkit-buggy-cli\nVersion: 1.0\n")
+    (site / "ckptkit_buggy_cli-1.0.dist-info" / "entry_points.txt").write_text(
+        "[ckptkit.backends]\nbuggy = ckptkit_buggy_cli:BuggyBackend\n")
+    monkeypatch.syspath_prepend(str(site))
+    cfg = local_config(tmp_path, keep=10, final=False)
+    cfg["backends"]["scratch"]["type"] = "buggy"
+    path = tmp_path / "buggy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        code, out, err = run(capsys, "verify", str(path), "--json")
+    finally:
+        sys.modules.pop("ckptkit_buggy_cli", None)
+    rows = json.loads(out)
+    assert code == 1 and [r["result"] for r in rows] == ["plugin"] * 4
+    assert "read_manifest (type 'buggy', from ckptkit-buggy-cli 1.0) raised KeyError: 'region'" in rows[0]["detail"]
+    assert "failed verification" not in err and "their backend's plugin failed" in err

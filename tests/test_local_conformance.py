@@ -8,6 +8,7 @@ folders made and commits the manifest by a move, as WebDAV does.
 
 from __future__ import annotations
 
+import attrs
 import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -89,3 +90,33 @@ def test_the_suite_fails_a_prune_that_orders_steps_as_text(tmp_path):
         suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(broken)
     suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(
         LocalBackend.from_config("disk", {"path": str(tmp_path / "good")}))
+
+
+class _StrayRefs(LocalBackend):
+    """A save that answers with the ref of the step before, and a listing that names another
+    backend: both refused by ckptkit at run time, so the suite must fail them before."""
+
+    from ckptkit import hookimpl as _hookimpl
+
+    mode = ""
+
+    @_hookimpl
+    def save_resume(self, run_name, step, payload):
+        ref = super().save_resume(run_name=run_name, step=step, payload=payload)
+        return ref if self.mode != "save" or step == 0 else attrs.evolve(ref, step=step - 1)
+
+    @_hookimpl
+    def list_checkpoints(self, run_name):
+        refs = super().list_checkpoints(run_name=run_name)
+        return [attrs.evolve(r, backend="scratch") for r in refs] if self.mode == "list" else refs
+
+
+@pytest.mark.parametrize("mode", ["save", "list"])
+def test_the_suite_fails_a_save_or_listing_that_answers_with_refs_of_another_step_or_backend(tmp_path, mode):
+    suite = ResumeBackendTests()
+    broken = _StrayRefs.from_config("disk", {"path": str(tmp_path / "broken")})
+    broken.mode = mode
+    with pytest.raises(AssertionError, match="returned|listed"):
+        suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(broken)
+    good = _StrayRefs.from_config("disk", {"path": str(tmp_path / "good")})
+    suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(good)

@@ -477,6 +477,13 @@ class _StrayRefs(ckptkit.local.LocalBackend):
             raise KeyError("region")
         return super().read_manifest(ref=ref)
 
+    @ckptkit.hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        if _StrayRefs.mode == "prune_bug":
+            raise KeyError("region")
+        return super().prune(run_name=run_name, keep_last=keep_last, protected_steps=protected_steps,
+                             dry_run=dry_run, counted_steps=counted_steps)
+
 
 @pytest.fixture
 def stray(tmp_path, monkeypatch):
@@ -553,3 +560,20 @@ def test_a_plugins_own_exception_reading_a_manifest_names_it_and_is_not_taken_fo
         with pytest.raises(BackendError, match=r"'s': read_manifest \(type 'stray', from ckptkit-stray 0.3\) raised "
                                                r"KeyError: 'region'; report it to the plugin's authors"):
             ck.restore(model=model)
+
+
+def test_a_plugins_own_exception_while_pruning_names_it(stray, monkeypatch, caplog):
+    """After a save the log said only "pruning backend 's' failed (nothing committed was lost):
+    'region'"; ckptkit prune printed a bare KeyError traceback."""
+    from ckptkit import BackendError
+
+    pm, cfg, model, save = stray
+    monkeypatch.setattr(_StrayRefs, "mode", "prune_bug")
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with caplog.at_level("WARNING", logger="ckptkit.manager"):
+            save(ck, 1)
+            ck.wait()
+        assert ("pruning backend 's' failed (nothing committed was lost): backend 's': prune (type 'stray', from "
+                "ckptkit-stray 0.3) raised KeyError: 'region'") in caplog.text
+        with pytest.raises(BackendError, match=r"'s': prune \(type 'stray', from ckptkit-stray 0.3\) raised KeyError"):
+            ck.prune()

@@ -144,13 +144,32 @@ def test_duplicate_type_name_names_both_distributions(tmp_path, monkeypatch):
             @ckptkit.hookimpl
             def publish_final(self, run_name, payload): pass
     """
-    _write_dist(site, "ckptkit-dupe", "dupe_backend", body, entry="local")
+    _write_dist(site, "ckptkit-dupe", "dupe_backend", body, entry="dupe")
+    _write_dist(site, "ckptkit-dupe2", "dupe_backend2", body, entry="dupe")
     monkeypatch.syspath_prepend(str(site))
     pm = make_plugin_manager(autoload=True)
-    cfg = {"backends": {"d": {"type": "local", "path": "x"}}, "roles": {"resume": {"backends": ["d"]}}}
-    with pytest.raises(PluginError, match=r"'local'.*ckptkit-dupe 0.3.*clashes.*ckptkit 0"):
+    cfg = {"backends": {"d": {"type": "dupe", "path": "x"}}, "roles": {"final": {"backends": ["d"]}}}
+    with pytest.raises(PluginError, match=r"'dupe'.*ckptkit-dupe2? 0.3.*clashes.*ckptkit-dupe2? 0.3"):
         CheckpointManager.from_config(cfg, plugin_manager=pm)
     sys.modules.pop("dupe_backend", None)
+    sys.modules.pop("dupe_backend2", None)
+
+
+def test_a_distribution_claiming_a_builtin_type_is_ignored_and_named(tmp_path, monkeypatch, caplog):
+    """A plugin declaring type 'local' made every config using the built-in fail, with advice to
+    uninstall one of the two distributions, ckptkit among them."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _write_dist(site, "ckptkit-hijack", "hijack_backend", "raise RuntimeError('must not be imported')\n",
+                entry="local")
+    monkeypatch.syspath_prepend(str(site))
+    with caplog.at_level("WARNING", logger="ckptkit.plugins"):
+        pm = make_plugin_manager(autoload=True)
+    assert "ckptkit-hijack 0.3 declares backend type 'local', which ckptkit itself provides" in caplog.text
+    assert "hijack_backend" not in sys.modules
+    cfg = {"backends": {"d": {"type": "local", "path": str(tmp_path / "ck")}}, "roles": {"resume": {"backends": ["d"]}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        assert type(ck.router.instances["d"]) is ckptkit.local.LocalBackend
 
 
 def test_type_without_a_roles_hooks_is_a_config_error(pm, tmp_path):

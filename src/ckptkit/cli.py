@@ -20,8 +20,8 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-from .errors import (CheckpointError, CheckpointNotFoundError, CkptkitError, IncompatibleCheckpointError,
-                     StorageUnavailableError)
+from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
+                     IncompatibleCheckpointError, StorageUnavailableError)
 from .manager import CheckpointManager
 from .storage import FileBackend
 from .plugins import make_plugin_manager
@@ -326,14 +326,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except Exception as exc:
                 # A store that did not answer leaves the checkpoint unverified, not damaged: what
                 # is told corrupt here, users delete.
+                # Nor does a backend plugin's own failure (a BackendError that is no storage's).
                 result = ("unverified" if isinstance(exc, StorageUnavailableError) else
+                          "plugin" if isinstance(exc, BackendError) else
                           "newer" if isinstance(exc, IncompatibleCheckpointError) else "corrupt")
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "result": result,
                              "detail": redact(str(exc), secret_values()), "uri": ref.uri})
         table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
                        whole=("step", "result"))
         shown = {"ok": Text("ok", style="green"), "corrupt": Text("CORRUPT", style="red"),
-                 "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow")}
+                 "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow"),
+                 "plugin": Text("backend failed", style="yellow")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         if not rows and not unreachable:
@@ -342,6 +345,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         corrupt = [r for r in rows if r["result"] == "corrupt"]
         unverified = [r for r in rows if r["result"] == "unverified"]
         newer = [r for r in rows if r["result"] == "newer"]
+        faulty = [r for r in rows if r["result"] == "plugin"]
         if corrupt:
             err_console.print(f"ckptkit: error: {len(corrupt)} of {len(rows)} checkpoints failed verification")
         if unverified:
@@ -350,9 +354,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if newer:
             _fail(f"{len(newer)} of {len(rows)} checkpoints were written by a newer ckptkit: upgrade ckptkit to "
                   "verify them")
+        if faulty:
+            _fail(f"{len(faulty)} of {len(rows)} checkpoints could not be verified, as their backend's plugin failed "
+                  "(see each one's detail): they are not known to be damaged")
         if unreachable:
             _fail("; ".join(str(e) for e in unreachable.values()) + "; its checkpoints were not verified")
-        return 1 if corrupt or unverified or newer or unreachable else 0
+        return 1 if corrupt or unverified or newer or faulty or unreachable else 0
     finally:
         ck.close()
 

@@ -193,6 +193,9 @@ class CkptkitPluginManager(pluggy.PluginManager):
         self.broken: dict[str, PluginError] = {}
         # Whether entry points of every distribution were loaded, or only ckptkit's own.
         self.autoloaded = False
+        # The types ckptkit itself provides: another distribution's type of the same name is
+        # ignored (with a warning), never taken for it, nor does it make ckptkit's unusable.
+        self.builtin: frozenset[str] = frozenset()
 
     def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
         # pluggy reads every attribute of a plugin to find its hooks. A backend's property (a
@@ -264,6 +267,12 @@ class CkptkitPluginManager(pluggy.PluginManager):
             if only_dist is not None and (dist is None or _normalized(dist.metadata["Name"] or "") != _normalized(only_dist)):
                 continue
             label = _dist_label(dist)
+            own = dist is not None and _normalized(dist.metadata["Name"] or "") == _normalized(PROJECT_NAME)
+            if ep.name in self.builtin and not own:
+                log.warning("%s declares backend type %r, which ckptkit itself provides: ckptkit's is used and %s's "
+                            "is ignored; ask its authors to give theirs another name, or uninstall %s",
+                            label, ep.name, label, label.split()[0])
+                continue
             try:
                 cls = _load_entry_point(ep, label)
                 self.add_backend_type(ep.name, cls, label)
@@ -339,6 +348,7 @@ def make_plugin_manager(autoload: bool | None = None) -> CkptkitPluginManager:
         from .local import LocalBackend
 
         pm.add_backend_type("local", LocalBackend, f"{PROJECT_NAME} (built in)")
+    pm.builtin = frozenset(pm.backend_types)
     if autoload:
         pm.load_backend_entrypoints()
     pm.check_pending()

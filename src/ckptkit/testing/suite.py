@@ -149,10 +149,22 @@ class ResumeBackendTests:
         ref = call_hook(backend, "save_resume", run_name=run_name, step=step,
                         payload=payload(run_name, step, **kwargs))
         assert isinstance(ref, CheckpointRef), f"save_resume returned {type(ref).__name__}, not a CheckpointRef"
+        # ckptkit refuses any other ref (and a backend keeping files locally is copied from by
+        # the next one): this backend's, of the run, the step and the resume role.
+        name = getattr(backend, "name", ref.backend)
+        assert (ref.backend, ref.run_name, ref.step, ref.role) == (name, run_name, step, "resume"), \
+            f"save_resume of step {step} of run {run_name!r} on backend {name!r} returned {ref}"
+        manifest = call_hook(backend, "read_manifest", ref=ref)
+        assert (manifest.run_name, manifest.step) == (run_name, step), \
+            f"read_manifest of {ref.uri} gave run {manifest.run_name!r}, step {manifest.step}"
         return ref
 
     def steps(self, backend: Any, run_name: str | None = None) -> list[int]:
-        refs = call_hook(backend, "list_checkpoints", run_name=run_name or self.run_name)
+        run_name = run_name or self.run_name
+        refs = call_hook(backend, "list_checkpoints", run_name=run_name)
+        name = getattr(backend, "name", None)
+        stray = [r for r in refs if r.run_name != run_name or name is not None and r.backend != name]
+        assert not stray, f"list_checkpoints of run {run_name!r} on backend {name!r} listed {stray}"
         return sorted(r.step for r in refs)
 
     def prune(self, backend: Any, keep_last: int = 1, protected: Iterable[int] = (), dry_run: bool = False,
@@ -335,8 +347,10 @@ class ResumeBackendTests:
             pytest.skip(f"{type(backend).__name__} does not serve the final role")
 
         def save() -> CheckpointRef:
+            # The hooks themselves: the helper's own reads would meet the fault injected below.
             if role == "resume":
-                return self.save(backend, 3, files={"state.pt": b"old"})
+                return call_hook(backend, "save_resume", run_name=self.run_name, step=3,
+                                 payload=payload(self.run_name, 3, files={"state.pt": b"old"}))
             return call_hook(backend, "publish_final", run_name=self.run_name,
                              payload=payload(self.run_name, 3, {"final_model.pt": b"old"}, role="final"),
                              stored=[], algorithm=None, model=None)
@@ -592,6 +606,7 @@ class ResumeBackendTests:
                         payload=payload(self.run_name, 1, {"final_model.pt": b"the model"}, role="final"),
                         stored=[], algorithm=None, model=None)
         assert isinstance(ref, CheckpointRef) and ref.role == "final"
+        assert (ref.backend, ref.run_name) == (getattr(backend, "name", ref.backend), self.run_name), ref
         assert self.steps(backend) == [1]
         if hasattr(backend, "final_ref"):
             found = call_hook(backend, "final_ref", run_name=self.run_name)

@@ -465,6 +465,11 @@ class _StrayRefs(ckptkit.local.LocalBackend):
         return got
 
     @ckptkit.hookimpl
+    def commit_sharded(self, run_name, step, path, payload, files):
+        ref = super().commit_sharded(run_name=run_name, step=step, path=path, payload=payload, files=files)
+        return attrs.evolve(ref, run_name="other-run") if _StrayRefs.mode == "sharded_other_run" else ref
+
+    @ckptkit.hookimpl
     def save_resume(self, run_name, step, payload):
         ref = super().save_resume(run_name=run_name, step=step, payload=payload)
         if _StrayRefs.mode == "previous_step":  # says it committed the step before
@@ -481,6 +486,8 @@ class _StrayRefs(ckptkit.local.LocalBackend):
     def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
         if _StrayRefs.mode == "prune_bug":
             raise KeyError("region")
+        if _StrayRefs.mode == "prune_down":
+            raise ConnectionResetError("the store hung up")
         return super().prune(run_name=run_name, keep_last=keep_last, protected_steps=protected_steps,
                              dry_run=dry_run, counted_steps=counted_steps)
 
@@ -521,8 +528,8 @@ def test_a_save_answered_with_another_steps_ref_is_the_plugins_fault_and_not_cop
             save(ck, step)
         monkeypatch.setattr(_StrayRefs, "mode", "previous_step")
         with pytest.raises(SaveError, match=r"s: save_resume \(type 'stray', from ckptkit-stray 0.3\) returned a ref "
-                                            r"of backend 's', run 'r', role 'resume', step 2 .*not one of backend "
-                                            r"'s', run 'r', role 'resume', step 3; the backend plugin is faulty"):
+                                            r"of backend 's', run 'r', step 2 .*not one of backend 's', run 'r', "
+                                            r"step 3; the backend plugin is faulty"):
             save(ck, 3)
     cfg["roles"]["resume"]["backends"] = ["disk"]
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
@@ -577,3 +584,57 @@ def test_a_plugins_own_exception_while_pruning_names_it(stray, monkeypatch, capl
                 "ckptkit-stray 0.3) raised KeyError: 'region'") in caplog.text
         with pytest.raises(BackendError, match=r"'s': prune \(type 'stray', from ckptkit-stray 0.3\) raised KeyError"):
             ck.prune()
+
+
+def test_a_store_that_does_not_answer_a_prune_is_not_called_a_plugin_bug(stray, monkeypatch, caplog):
+    pm, cfg, model, save = stray
+    monkeypatch.setattr(_StrayRefs, "mode", "prune_down")
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with caplog.at_level("WARNING", logger="ckptkit.manager"):
+            save(ck, 1)
+            ck.wait()
+        assert "pruning backend 's' failed (nothing committed was lost): the store hung up" in caplog.text
+        with pytest.raises(ConnectionResetError, match="the store hung up"):
+            ck.prune()
+
+
+def test_a_sharded_commit_answered_with_another_runs_ref_fails_that_backend(stray, monkeypatch):
+    """commit_sharded's ref was taken as it came: another run's was reported saved, and pruned as this run's."""
+    from ckptkit import SaveError
+
+    pm, cfg, model, save = stray
+    cfg["roles"]["resume"]["format"] = "dcp"
+    monkeypatch.setattr(_StrayRefs, "mode", "sharded_other_run")
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(SaveError, match=r"commit_sharded \(type 'stray', from ckptkit-stray 0.3\) returned a ref "
+                                            r"of backend 's', run 'other-run', step 1 .*the backend plugin is faulty") as info:
+            save(ck, 1)
+        assert [(r.backend, r.run_name) for r in info.value.saved] == [("disk", "r")]
+
+
+class _Registry:
+    """A final-only backend whose refs keep CheckpointRef's default role, as a registry plugin may."""
+
+    @classmethod
+    def from_config(cls, name, options):
+        return cls(name)
+
+    def __init__(self, name):
+        self.name = name
+
+    @ckptkit.hookimpl
+    def publish_final(self, run_name, payload):
+        from ckptkit.checkpoint import CheckpointRef
+
+        return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path="m/1", uri="registry://m/1")
+
+
+def test_a_final_ref_left_at_the_default_role_is_accepted(tmp_path):
+    import torch
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("registry", _Registry, "ckptkit-registry 0.1")
+    cfg = {"run_name": "r", "backends": {"reg": {"type": "registry"}}, "roles": {"final": {"backends": ["reg"]}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        saved = ck.finalize(model=torch.nn.Linear(2, 2), step=3)
+    assert [(r.backend, r.uri) for r in saved] == [("reg", "registry://m/1")]

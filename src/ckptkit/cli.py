@@ -336,7 +336,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                        whole=("step", "result"))
         shown = {"ok": Text("ok", style="green"), "corrupt": Text("CORRUPT", style="red"),
                  "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow"),
-                 "plugin": Text("backend failed", style="yellow")}
+                 "plugin": Text("plugin failed", style="yellow")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         if not rows and not unreachable:

@@ -290,8 +290,11 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         files = {n: e for r in reports for n, e in r[1].items()}
         status, ref = coll.on_rank0(f"{at}: commit", router.call, name, "commit_sharded", run_name=run_name,
                                      step=payload.step, path=path, payload=payload, files=files)
-        if status == "ok" and not isinstance(ref, CheckpointRef):
-            status, ref = "error", router.faulty(name, "commit_sharded", type(ref).__name__, "a CheckpointRef")
+        if status == "ok":
+            try:
+                ref = router.checked_ref(name, "commit_sharded", ref, payload)
+            except CkptkitError as exc:
+                status, ref = "error", exc
         if status == "error":
             coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
             failures[name] = _backend_failure(router, name, "commit_sharded", ref)

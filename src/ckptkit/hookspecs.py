@@ -143,8 +143,8 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
         correct too.
 
     :return: a ``CheckpointRef`` to the committed checkpoint: this backend's name, the payload's
-        run and step, role ``resume`` (any other ref is reported as the plugin's fault, and the
-        save as failed on this backend). Raise on failure, after removing
+        run and step (any other ref is reported as the plugin's fault, and the save as failed on
+        this backend). Raise on failure, after removing
         or leaving uncommitted whatever was written; never touch other checkpoints. A step that
         is committed here already is replaced whole (no file of its old copy stays), and a
         failure before the new copy is complete should leave the old one committed:
@@ -266,7 +266,8 @@ def commit_sharded(run_name: str, step: int, path: str, payload: Payload,
     :param payload: the checkpoint's metadata; its ``files`` are empty.
     :param files: every file in the folder, name to ``FileEntry`` (size and digest), gathered
         from all ranks.
-    :return: a ``CheckpointRef`` to the committed checkpoint.
+    :return: a ``CheckpointRef`` to the committed checkpoint, of this backend, the run and
+        the step (any other is refused as the plugin's fault).
     """
 
 
@@ -300,8 +301,8 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
         tensors, cast to ``roles.final.dtype``), in memory; from ``ckptkit publish``, loaded from
         the verified source. A backend that converts the model (safetensors, another dtype)
         reads it here instead of loading the file again; it must not modify it.
-    :return: a ``CheckpointRef`` to where the model now lives, of this backend, the payload's
-        run and role ``final`` (any other is refused as the plugin's fault). A backend that stores a
+    :return: a ``CheckpointRef`` to where the model now lives, of this backend and the
+        payload's run (any other is refused as the plugin's fault). A backend that stores a
         converted model sets its ``sizes`` to the files it wrote, so that the ref is not taken
         for a copy of ``final_model.pt`` (in ``stored``, or as a place ``ckptkit publish`` can
         read the model back from).

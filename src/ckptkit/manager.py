@@ -880,7 +880,7 @@ class CheckpointManager:
             try:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
                 deleted = self.router.checked_refs(ref.backend, "prune", self.router.call_blaming(
-                    ref.backend, "prune", run_name=self.run_name, keep_last=self.resume_role.keep_last,
+                    ref.backend, "prune", storage_errors=True, run_name=self.run_name, keep_last=self.resume_role.keep_last,
                     protected_steps=protected, dry_run=False, counted_steps=counted), self.run_name)
                 gone.update(r.step for r in deleted if r.step != step)
             except Exception as exc:
@@ -976,7 +976,7 @@ class CheckpointManager:
         deleted: list[CheckpointRef] = []
         corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
         for name in self.router.backends(Role.RESUME):
-            listed = self.router.call_blaming(name, "list_checkpoints", run_name=self.run_name)
+            listed = self.router.call_blaming(name, "list_checkpoints", storage_errors=True, run_name=self.run_name)
             refs = sorted(self.router.checked_refs(name, "list_checkpoints", listed, self.run_name),
                           key=lambda r: r.step, reverse=True)
             verified: set[int] = set()
@@ -989,7 +989,7 @@ class CheckpointManager:
                 except (*SKIPPABLE, IncompatibleCheckpointError) as exc:  # a newer ckptkit's: kept too
                     corrupt.append((ref, exc))
             deleted += self.router.checked_refs(name, "prune", self.router.call_blaming(
-                name, "prune", run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),
+                name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),
                 dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]

@@ -271,7 +271,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
             if ep.name in self.builtin and not own:
                 log.warning("%s declares backend type %r, which ckptkit itself provides: ckptkit's is used and %s's "
                             "is ignored; ask its authors to give theirs another name, or uninstall %s",
-                            label, ep.name, label, label.split()[0])
+                            label, ep.name, label, label if dist is None else label.split()[0])
                 continue
             try:
                 cls = _load_entry_point(ep, label)

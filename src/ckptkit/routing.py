@@ -118,15 +118,19 @@ class Router:
             return results[0] if results else None
         return results
 
-    def call_blaming(self, backend: str, hook: str, /, **kwargs: Any) -> Any:
+    def call_blaming(self, backend: str, hook: str, /, storage_errors: bool = False, **kwargs: Any) -> Any:
         """``call``, for hooks whose contract raises nothing but ckptkit's errors: any other
         exception is a bug of the plugin, raised as a ``BackendError`` that names the backend,
-        its type and the distribution it came from."""
+        its type and the distribution it came from. ``storage_errors``: an ``OSError`` or
+        ``TimeoutError`` (a store that did not answer, as a hook that talks to one may raise
+        it) is raised as it is."""
         try:
             return self.call(backend, hook, **kwargs)
         except CkptkitError:
             raise
         except Exception as exc:
+            if storage_errors and isinstance(exc, (OSError, TimeoutError)):
+                raise
             raise self.blame(backend, hook, exc) from exc
 
     def origin(self, backend: str) -> str:
@@ -162,18 +166,19 @@ class Router:
         return list(got)
 
     def checked_ref(self, backend: str, hook: str, got: Any, payload: Any) -> CheckpointRef:
-        """What a hook that stores ``payload`` (``save_resume``, ``publish_final``) returned: a ref
-        of this backend, the payload's run and role, and for a resume checkpoint its step. A ref
-        to anything else would be reported as saved, and a later backend would copy its bytes
-        (``fanout.store_each``) under the payload's step."""
+        """What a hook that stores ``payload`` (``save_resume``, ``commit_sharded``,
+        ``publish_final``) returned: a ref of this backend and the payload's run, and for a
+        resume checkpoint its step. A ref to anything else would be reported as saved, and a
+        later backend would copy its bytes (``fanout``) under the payload's step. (A final ref's
+        role is not checked: a registry's ref left at the default role did no harm.)"""
         if not isinstance(got, CheckpointRef):
             raise self.faulty(backend, hook, type(got).__name__, "a CheckpointRef")
-        if (got.backend, got.run_name, got.role) != (backend, payload.run_name, payload.role) or (
-                payload.role == "resume" and got.step != payload.step):
-            raise self.faulty(backend, hook, f"a ref of backend {got.backend!r}, run {got.run_name!r}, role "
-                                             f"{got.role!r}, step {got.step} ({got.uri})",
-                              f"one of backend {backend!r}, run {payload.run_name!r}, role {payload.role!r}"
-                              + (f", step {payload.step}" if payload.role == "resume" else ""))
+        resume = payload.role == "resume"
+        if (got.backend, got.run_name) != (backend, payload.run_name) or resume and got.step != payload.step:
+            raise self.faulty(backend, hook, f"a ref of backend {got.backend!r}, run {got.run_name!r}, step "
+                                             f"{got.step} ({got.uri})",
+                              f"one of backend {backend!r}, run {payload.run_name!r}"
+                              + (f", step {payload.step}" if resume else ""))
         return got
 
     def implements(self, name: str, hook: str) -> bool:

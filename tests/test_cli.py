@@ -400,17 +400,21 @@ def test_with_json_an_error_holds_no_credentials(capsys, config_file, monkeypatc
 _DOWN = "from ckpt_helpers import DownBackend\n"
 
 
+def _install(tmp_path, monkeypatch, type_name: str, module: str, source: str, cls: str) -> None:
+    """Install backend type ``type_name`` as a real distribution (``module``'s ``cls``) on sys.path."""
+    site = tmp_path / "site"
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ckptkit.backends]\n{type_name} = {module}:{cls}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
 @pytest.fixture
 def down_type(tmp_path, monkeypatch):
     """The backend type ``down``: the local backend over a filesystem whose listings are refused."""
-    site = tmp_path / "site"
-    (site / "ckptkit_down_cli-1.0.dist-info").mkdir(parents=True)
-    (site / "ckptkit_down_cli.py").write_text(_DOWN)
-    (site / "ckptkit_down_cli-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ckptkit-down-cli\nVersion: 1.0\n")
-    (site / "ckptkit_down_cli-1.0.dist-info" / "entry_points.txt").write_text(
-        "[ckptkit.backends]\ndown = ckptkit_down_cli:DownBackend\n")
-    monkeypatch.syspath_prepend(str(site))
+    _install(tmp_path, monkeypatch, "down", "ckptkit_down_cli", _DOWN, "DownBackend")
     yield
     sys.modules.pop("ckptkit_down_cli", None)
 
@@ -758,14 +762,7 @@ class BuggyBackend(LocalBackend):
 def test_verify_tells_a_plugins_failure_from_a_damaged_checkpoint(capsys, saved, tmp_path, monkeypatch):
     """A plugin's KeyError reading manifests had every checkpoint reported CORRUPT, which users
     delete: they are unverified, the plugin named."""
-    site = tmp_path / "site"
-    (site / "ckptkit_buggy_cli-1.0.dist-info").mkdir(parents=True)
-    (site / "ckptkit_buggy_cli.py").write_text(_BUGGY)
-    (site / "ckptkit_buggy_cli-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ckptkit-buggy-cli\nVersion: 1.0\n")
-    (site / "ckptkit_buggy_cli-1.0.dist-info" / "entry_points.txt").write_text(
-        "[ckptkit.backends]\nbuggy = ckptkit_buggy_cli:BuggyBackend\n")
-    monkeypatch.syspath_prepend(str(site))
+    _install(tmp_path, monkeypatch, "buggy", "ckptkit_buggy_cli", _BUGGY, "BuggyBackend")
     cfg = local_config(tmp_path, keep=10, final=False)
     cfg["backends"]["scratch"]["type"] = "buggy"
     path = tmp_path / "buggy.yaml"

@@ -2,6 +2,7 @@
 
 import inspect
 import pathlib
+import re
 import shutil
 import sys
 import textwrap
@@ -569,32 +570,22 @@ def test_a_plugins_own_exception_reading_a_manifest_names_it_and_is_not_taken_fo
             ck.restore(model=model)
 
 
-def test_a_plugins_own_exception_while_pruning_names_it(stray, monkeypatch, caplog):
+@pytest.mark.parametrize("mode, told, raised", [
+    ("prune_bug", "backend 's': prune (type 'stray', from ckptkit-stray 0.3) raised KeyError: 'region'",
+     ckptkit.BackendError),
+    ("prune_down", "the store hung up", ConnectionResetError),  # the store's failure, not the plugin's bug
+])
+def test_a_plugins_own_exception_while_pruning_names_it(stray, monkeypatch, caplog, mode, told, raised):
     """After a save the log said only "pruning backend 's' failed (nothing committed was lost):
     'region'"; ckptkit prune printed a bare KeyError traceback."""
-    from ckptkit import BackendError
-
     pm, cfg, model, save = stray
-    monkeypatch.setattr(_StrayRefs, "mode", "prune_bug")
+    monkeypatch.setattr(_StrayRefs, "mode", mode)
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
         with caplog.at_level("WARNING", logger="ckptkit.manager"):
             save(ck, 1)
             ck.wait()
-        assert ("pruning backend 's' failed (nothing committed was lost): backend 's': prune (type 'stray', from "
-                "ckptkit-stray 0.3) raised KeyError: 'region'") in caplog.text
-        with pytest.raises(BackendError, match=r"'s': prune \(type 'stray', from ckptkit-stray 0.3\) raised KeyError"):
-            ck.prune()
-
-
-def test_a_store_that_does_not_answer_a_prune_is_not_called_a_plugin_bug(stray, monkeypatch, caplog):
-    pm, cfg, model, save = stray
-    monkeypatch.setattr(_StrayRefs, "mode", "prune_down")
-    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
-        with caplog.at_level("WARNING", logger="ckptkit.manager"):
-            save(ck, 1)
-            ck.wait()
-        assert "pruning backend 's' failed (nothing committed was lost): the store hung up" in caplog.text
-        with pytest.raises(ConnectionResetError, match="the store hung up"):
+        assert f"pruning backend 's' failed (nothing committed was lost): {told}" in caplog.text
+        with pytest.raises(raised, match=re.escape(told)):
             ck.prune()
 
 

@@ -492,3 +492,11 @@ def test_a_plugins_own_exception_names_its_backend_type_and_distribution(tmp_pat
     assert re.search(f"probe {origin} KeyError", route["probe"]["probe"])
     assert "Traceback" not in err
     sys.modules.pop("rowdy_backend", None)
+
+
+def test_loading_the_entry_points_of_a_misspelt_distribution_says_so():
+    """only_dist="typo" loaded nothing without a word; the config's type then looked uninstalled."""
+    pm = make_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match=r"only_dist='ckptkit-webdaw'\): no installed distribution of that name "
+                                          r"declares ckptkit.backends entry points \(those that do: "):
+        pm.load_backend_entrypoints(only_dist="ckptkit-webdaw")

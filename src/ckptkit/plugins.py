@@ -262,10 +262,12 @@ class CkptkitPluginManager(pluggy.PluginManager):
         """
         if only_dist is None:
             self.autoloaded = True
+        found = only_dist is None or _normalized(only_dist) == _normalized(PROJECT_NAME)
         for ep in importlib.metadata.entry_points(group=BACKENDS_ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             if only_dist is not None and (dist is None or _normalized(dist.metadata["Name"] or "") != _normalized(only_dist)):
                 continue
+            found = True
             label = _dist_label(dist)
             own = dist is not None and _normalized(dist.metadata["Name"] or "") == _normalized(PROJECT_NAME)
             if ep.name in self.builtin and not own:
@@ -279,6 +281,13 @@ class CkptkitPluginManager(pluggy.PluginManager):
             except PluginError as exc:
                 log.warning("%s", exc)
                 self.broken[ep.name] = exc
+        if not found:
+            # A misspelt name loaded nothing, and the config's type then looked uninstalled.
+            declaring = sorted({_dist_label(ep.dist).split()[0] for ep in importlib.metadata.entry_points(
+                group=BACKENDS_ENTRY_POINT_GROUP) if getattr(ep, "dist", None) is not None})
+            raise PluginError(f"load_backend_entrypoints(only_dist={only_dist!r}): no installed distribution of that "
+                              f"name declares {BACKENDS_ENTRY_POINT_GROUP} entry points (those that do: "
+                              f"{', '.join(declaring) or 'none'})")
 
     def backend_type(self, name: str, key: str) -> BackendType:
         """The type called ``name``; ``key`` is the config key that asked for it."""

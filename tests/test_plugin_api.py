@@ -620,8 +620,10 @@ class _Registry:
         return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path="m/1", uri="registry://m/1")
 
 
-def test_a_final_ref_left_at_the_default_role_is_accepted(tmp_path):
+def test_a_final_ref_left_at_the_default_role_is_accepted(tmp_path, monkeypatch):
     import torch
+
+    monkeypatch.chdir(tmp_path)  # a refused ref would put the model in ./ckptkit-fallback
 
     pm = make_plugin_manager(autoload=False)
     pm.add_backend_type("registry", _Registry, "ckptkit-registry 0.1")

@@ -169,8 +169,8 @@ class Router:
         """What a hook that stores ``payload`` (``save_resume``, ``commit_sharded``,
         ``publish_final``) returned: a ref of this backend and the payload's run, and for a
         resume checkpoint its step. A ref to anything else would be reported as saved, and a
-        later backend would copy its bytes (``fanout``) under the payload's step. (A final ref's
-        role is not checked: a registry's ref left at the default role did no harm.)"""
+        later backend would copy its bytes (``fanout``) under the payload's step. A final ref's
+        role is not checked: a registry plugin may leave it at the default, which harms nothing."""
         if not isinstance(got, CheckpointRef):
             raise self.faulty(backend, hook, type(got).__name__, "a CheckpointRef")
         resume = payload.role == "resume"

@@ -129,7 +129,7 @@ class CkptkitCallback(TrainerCallback):
         self.params = dict(params or {})
         self._steps_run = 0
         self._start_step = 0
-        # A restart of a training that had finished (max_steps, or told to stop): nothing more is
+        # A restart of a training that had finished (max_steps, or stopped early): nothing more is
         # committed or published.
         self._finished = False
         # The step of the checkpoint resume_from fetched, when it was saved by a training stopped early.
@@ -277,7 +277,7 @@ class CkptkitCallback(TrainerCallback):
                 if self._steps_run == 0 or self._finished:
                     # A restart of a finished training (the Trainer may still run one more step):
                     # its model was published when it first ended.
-                    log.info("training had finished (max_steps %d, or told to stop) before this start; the final "
+                    log.info("training had finished (max_steps %d, or stopped early) before this start; the final "
                              "model is not published again", state.max_steps)
                 elif model is None:
                     raise ValueError("the Trainer passed no model to on_train_end; nothing to publish")

@@ -331,12 +331,14 @@ def test_the_last_step_is_committed_so_a_finished_training_run_again_trains_and_
     assert published.read_bytes() == first
 
 
-def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, early_first=False, best_is_first=False):
+def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, early_first=False, best_is_first=False,
+                            resume=None):
     """A training that EarlyStoppingCallback stops at step 12: evaluated every 4 steps, no
     evaluation counts as better (the threshold), so after the first the patience of 2 runs out.
     ``stop_at``: the process dies (an exception) at the end of that step instead. ``early_first``:
     EarlyStoppingCallback comes before ckptkit's in the callbacks. ``best_is_first``: the highest
-    evaluation loss counts as best, which is the first evaluation's as the loss goes down."""
+    evaluation loss counts as best, which is the first evaluation's as the loss goes down.
+    ``resume``: a checkpoint folder given to ``train`` as it is, without ``resume_from``."""
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
     from ckptkit.integrations.transformers import CkptkitCallback
@@ -357,7 +359,7 @@ def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, ear
     early = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=100.0)
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:8],
                       callbacks=[early, callback, Crash()] if early_first else [callback, early, Crash()])
-    resumed = callback.resume_from(trainer)
+    resumed = callback.resume_from(trainer) if resume is None else str(resume)
     try:
         trainer.train(resume_from_checkpoint=resumed)
     except KeyboardInterrupt:
@@ -425,6 +427,18 @@ def assert_stays_stopped(config, tmp_path):
     again, resumed = early_stopping_training(config, tmp_path / "out", save_steps=8, early_first=True)
     assert resumed.endswith("checkpoint-12") and again.state.global_step <= 13
     assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+
+
+def test_a_stopped_training_given_to_train_without_resume_from_stays_stopped_too(tmp_path):
+    """Told finished from what resume_from read, a training resumed by the Trainer's own
+    resume_from_checkpoint=path trained on to the next stop and published a second model."""
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    early_stopping_training(config, tmp_path / "out")
+    first = (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes()
+    again, _ = early_stopping_training(config, tmp_path / "out", resume=tmp_path / "out" / "checkpoint-12")
+    assert again.state.global_step <= 13
+    assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
 
 
 def test_a_resumed_training_still_commits_the_step_where_early_stopping_stops(tmp_path):

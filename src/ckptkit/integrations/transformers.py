@@ -43,10 +43,13 @@ TRAINER_STATE = "trainer_state.json"
 LOG_ARTIFACTS = "HF_MLFLOW_LOG_ARTIFACTS"
 
 
-def _latest_metrics(state: TrainerState) -> dict[str, float]:
-    """The newest value of every number the Trainer has logged (loss, learning_rate, eval_*)."""
+def _latest_metrics(state: TrainerState, up_to: int | None = None) -> dict[str, float]:
+    """The newest value of every number the Trainer has logged (loss, learning_rate, eval_*),
+    at or before step ``up_to`` when given."""
     metrics: dict[str, float] = {}
     for entry in state.log_history:
+        if up_to is not None and entry.get("step", 0) > up_to:
+            continue
         for key, value in entry.items():
             if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -55,23 +58,22 @@ def _latest_metrics(state: TrainerState) -> dict[str, float]:
     return metrics
 
 
-def _metrics_up_to(state: TrainerState, step: int) -> dict[str, float]:
-    """``_latest_metrics`` as they stood at ``step``: the newest of each logged at or before it."""
-    return _latest_metrics(TrainerState(log_history=[e for e in state.log_history if e.get("step", 0) <= step]))
-
-
-def _saved_states(folder: str) -> dict[str, list[dict[str, Any]]]:
-    """The callbacks' states in the Trainer checkpoint in ``folder`` (``trainer_state.json``'s
-    ``stateful_callbacks``): class name to the states of its instances, in order."""
-    try:
-        with open(os.path.join(folder, TRAINER_STATE)) as f:
-            saved = json.load(f).get("stateful_callbacks") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
+def _callback_states(saved: Any) -> dict[str, list[dict[str, Any]]]:
+    """A checkpoint's ``stateful_callbacks`` (as ``trainer_state.json`` holds it, and the
+    Trainer's state once loaded from it): class name to the states of its instances, in order."""
     if not isinstance(saved, dict):
         return {}
     return {name: [s for s in (states if isinstance(states, list) else [states]) if isinstance(s, dict)]
             for name, states in saved.items()}
+
+
+def _saved_states(folder: str) -> dict[str, list[dict[str, Any]]]:
+    """``_callback_states`` of the Trainer checkpoint in ``folder``."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE)) as f:
+            return _callback_states(json.load(f).get("stateful_callbacks"))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _stopped_early(states: dict[str, list[dict[str, Any]]]) -> bool:
@@ -89,11 +91,6 @@ def _stopped_early(states: dict[str, list[dict[str, Any]]]) -> bool:
                and isinstance(arg(e, "args", "early_stopping_patience"), int)
                and arg(e, "attributes", "early_stopping_patience_counter") >= arg(e, "args", "early_stopping_patience")
                for e in states.get("EarlyStoppingCallback", ()))
-
-
-def _saved_callbacks(state: TrainerState) -> list[str]:
-    """The callbacks whose state the checkpoint holds (``EarlyStoppingCallback``'s patience)."""
-    return sorted(name for name in (state.stateful_callbacks or {}) if name != "TrainerControl")
 
 
 def _save_strategy(args: TrainingArguments) -> str:
@@ -132,8 +129,6 @@ class CkptkitCallback(TrainerCallback):
         # A restart of a training that had finished (max_steps, or stopped early): nothing more is
         # committed or published.
         self._finished = False
-        # The step of the checkpoint resume_from fetched, when it was saved by a training stopped early.
-        self._stopped_at: int | None = None
         # Whether resume_from gave the Trainer's callbacks their saved state back.
         self._callbacks_restored = False
 
@@ -161,14 +156,12 @@ class CkptkitCallback(TrainerCallback):
                 "or give this training another run name")
         path = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}{info.step}")
         log.info("resuming the Trainer from step %d of %s (fetched into %s)", info.step, info.ref.uri, path)
-        states = _saved_states(path)
-        self._stopped_at = info.step if _stopped_early(states) else None
         self._callbacks_restored = False
         handler = getattr(where, "callback_handler", None)
         args = getattr(where, "args", None)
         if handler is not None and isinstance(args, TrainingArguments) and \
                 not args.restore_callback_states_from_checkpoint:
-            self._restore_callbacks(handler.callbacks, states)
+            self._restore_callbacks(handler.callbacks, _saved_states(path))
         return path
 
     def _restore_callbacks(self, callbacks: list[Any], states: dict[str, list[dict[str, Any]]]) -> None:
@@ -208,18 +201,20 @@ class CkptkitCallback(TrainerCallback):
         self.manager.tracking_run_id()
         self._start_step = state.global_step
         if state.global_step > 0:
-            stopped = state.global_step == self._stopped_at
+            # The state the Trainer loaded from the checkpoint it resumes (however it was given).
+            saved = _callback_states(state.stateful_callbacks)
+            stopped = _stopped_early(saved)
             self._finished = state.global_step >= state.max_steps or stopped
             if stopped:
                 # The Trainer resets its stop flag as training begins; the loop ends after one step.
                 control.should_training_stop = True
                 log.info("step %d was saved by a training told to stop (early stopping): it stops again, and "
                          "nothing more is committed or published", state.global_step)
-            saved = _saved_callbacks(state)
-            if saved and not args.restore_callback_states_from_checkpoint and not self._callbacks_restored:
+            exported = sorted(name for name in saved if name != "TrainerControl")
+            if exported and not args.restore_callback_states_from_checkpoint and not self._callbacks_restored:
                 log.warning("the checkpoint holds the state of %s, which the Trainer does not restore: pass the "
                             "Trainer to resume_from (or set restore_callback_states_from_checkpoint=True) for a "
-                            "resume that goes on as the training that saved it would have", ", ".join(saved))
+                            "resume that goes on as the training that saved it would have", ", ".join(exported))
         if args.save_only_model:
             log.warning("save_only_model=True: the Trainer's checkpoints hold no optimizer, scheduler or random "
                         "state, so a resumed training starts those afresh and does not go on as it would have")
@@ -268,7 +263,7 @@ class CkptkitCallback(TrainerCallback):
             return state.global_step, int(state.epoch or 0), _latest_metrics(state)
         step = int(step_text)
         epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
-        return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _metrics_up_to(state, step)
+        return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _latest_metrics(state, up_to=step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: Any = None, **kwargs: Any):

@@ -209,12 +209,19 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     options = _full_options(model, broadcast_from_rank0=True) if full else None
     if options is not None and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}
+    # Torch checks the weights' names and shapes while it scatters them, on rank 0 alone for an
+    # FSDP model, and the other ranks would wait for it: rank 0 checks first and every rank hears.
+    misfit = model_misfit(model, state["model"]) if options is not None and ranks.rank() == 0 else None
+    if optimizer is None and options is not None:
+        misfit = coll.broadcast("restore: model layout", misfit)
+        if misfit is not None:
+            raise IncompatibleCheckpointError(f"{source}: {misfit}")
     if optimizer is not None:
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
         names = names_of(model)
-        misfit = (layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
-                  if options is None or ranks.rank() == 0 else None)
+        if misfit is None and (options is None or ranks.rank() == 0):
+            misfit = layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
             # state tensors, and a stateless optimizer (SGD without momentum, or one saved
@@ -494,6 +501,36 @@ def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: St
             f"{source}: the model given to restore does not fit the weights saved there ({detail}). Build the "
             "model as the training that saved it did (the same layers, shapes and names, all made before "
             "restore), or give this training a new run name to start it afresh") from exc
+
+
+def model_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
+    """Why the full model state ``saved`` cannot fill ``model``, as torch's strict load would
+    refuse it (a weight missing, one the model lacks, another shape), or None. Shapes are the
+    global ones (a DTensor's); an FSDP1 module's parameters are views of flat shards outside
+    ``summon_full_params``, so there only the names are compared."""
+    live: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        tensors = itertools.chain(module._parameters.items(),
+                                  ((n, b) for n, b in module._buffers.items()
+                                   if n not in module._non_persistent_buffers_set))
+        for name, tensor in tensors:
+            if tensor is not None:
+                live.update((fqn, tensor) for fqn in _dcp_names(model, prefix + name))
+    shapes = not any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    missing = sorted(fqn for fqn in live if fqn not in saved)
+    unknown = sorted(fqn for fqn in saved if fqn not in live and not fqn.endswith("_extra_state"))
+    other = [f"{fqn} is {tuple(saved[fqn].shape)} there and {tuple(live[fqn].shape)} in the model"
+             for fqn in sorted(live) if shapes and isinstance(saved.get(fqn), torch.Tensor)
+             and tuple(saved[fqn].shape) != tuple(live[fqn].shape)]
+    if not (missing or unknown or other):
+        return None
+    found = [*([f"no weights for {_listed(missing)}"] if missing else []),
+             *([f"weights the model lacks: {_listed(unknown)}"] if unknown else []),
+             *([f"{_listed(other)}"] if other else [])]
+    return (f"the model given to restore does not fit the weights saved there ({'; '.join(found)}). Build the "
+            "model as the training that saved it did (the same layers, shapes and names, all made before "
+            "restore), or give this training a new run name to start it afresh")
 
 
 def _from_torch(fn: Any) -> bool:

@@ -300,17 +300,23 @@ def test_a_save_with_an_optimizer_on_some_ranks_only_is_refused_on_every_rank_at
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_a_model_that_does_not_fit_a_full_state_is_refused_on_every_rank(tmp_path, wrap):
-    """FSDP2: torch refused the other shape while scattering it, on rank 0 alone (a bare
-    RuntimeError), and rank 1 waited in the scatter until rank 0's process ended."""
+    """Torch's broadcast of rank 0's state found some misfits on some ranks only, the others
+    waiting in its next collective: FSDP2 a head of another shape (a bare RuntimeError on rank 0),
+    DDP a layer more (rank 0 alone), both a saved extra state the model no longer has (rank 0
+    alone, after the broadcast); a layer fewer was a bare KeyError."""
     cfg = config(tmp_path, "torch")
     cfg["distributed"] = {"timeout_s": 20}
     results = launch(2, "model_misfit_full", tmp_path, {"config": cfg, "wrap": wrap}, timeout=120)
     for r in results:
-        assert r["shape"][0] == "IncompatibleCheckpointError", r
-        assert "4.bias is (8,) there and (9,) in the model, 4.weight is (8, 64) there and (9, 64)" in r["shape"][1], r
-        assert r["missing"][0] == "IncompatibleCheckpointError", r
-        assert "(no weights for 5.bias, 5.weight)" in r["missing"][1], r
+        for case in ("shape", "missing", "unknown", "extra_state"):
+            assert r[case][0] == "IncompatibleCheckpointError", (case, r)
+            assert "the model given to restore does not fit the weights saved there" in r[case][1], (case, r)
+        assert "4.weight" in r["shape"][1] and "9, 64" in r["shape"][1], r  # torch's words for DDP
+        assert "5.bias" in r["missing"][1] and "5.weight" in r["missing"][1], r
+        assert "(weights the model lacks: 4.bias, 4.weight)" in r["unknown"][1], r
+        assert "0._extra_state" in r["extra_state"][1], r
         assert r["fits"] is None and r["same_model"], r
+        assert r["renamed"] is None, r
 
 
 def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(tmp_path):

@@ -22,6 +22,7 @@ import xxhash
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     _get_fqns as _dcp_names,  # the names a parameter has in DCP's state dicts: torch's own rule
+    _iterate_valid_model_state,  # the model's tensors as DCP walks them
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -209,9 +210,12 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     options = _full_options(model, broadcast_from_rank0=True) if full else None
     if options is not None and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}
-    # Torch checks the weights' names and shapes while it scatters them, on rank 0 alone for an
-    # FSDP model, and the other ranks would wait for it: rank 0 checks first and every rank hears.
-    misfit = model_misfit(model, state["model"]) if options is not None and ranks.rank() == 0 else None
+    misfit = None
+    if options is not None and ranks.rank() == 0:
+        try:
+            misfit = broadcast_misfit(model, state["model"])
+        except Exception:  # a check that cannot run leaves the verdict to torch's load
+            misfit = None
     if optimizer is None and options is not None:
         misfit = coll.broadcast("restore: model layout", misfit)
         if misfit is not None:
@@ -498,39 +502,41 @@ def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: St
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 600 else detail[:600] + " ..."
         raise IncompatibleCheckpointError(
-            f"{source}: the model given to restore does not fit the weights saved there ({detail}). Build the "
-            "model as the training that saved it did (the same layers, shapes and names, all made before "
-            "restore), or give this training a new run name to start it afresh") from exc
+            f"{source}: the model given to restore does not fit the weights saved there ({detail}). "
+            f"{REBUILD_MODEL}") from exc
 
 
-def model_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
-    """Why the full model state ``saved`` cannot fill ``model``, as torch's strict load would
-    refuse it (a weight missing, one the model lacks, another shape), or None. Shapes are the
-    global ones (a DTensor's); an FSDP1 module's parameters are views of flat shards outside
-    ``summon_full_params``, so there only the names are compared."""
-    live: dict[str, torch.Tensor] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        tensors = itertools.chain(module._parameters.items(),
-                                  ((n, b) for n, b in module._buffers.items()
-                                   if n not in module._non_persistent_buffers_set))
-        for name, tensor in tensors:
-            if tensor is not None:
-                live.update((fqn, tensor) for fqn in _dcp_names(model, prefix + name))
-    shapes = not any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-    missing = sorted(fqn for fqn in live if fqn not in saved)
-    unknown = sorted(fqn for fqn in saved if fqn not in live and not fqn.endswith("_extra_state"))
-    other = [f"{fqn} is {tuple(saved[fqn].shape)} there and {tuple(live[fqn].shape)} in the model"
-             for fqn in sorted(live) if shapes and isinstance(saved.get(fqn), torch.Tensor)
-             and tuple(saved[fqn].shape) != tuple(live[fqn].shape)]
-    if not (missing or unknown or other):
+REBUILD_MODEL = ("Build the model as the training that saved it did (the same layers, shapes and names, all made "
+                 "before restore), or give this training a new run name to start it afresh")
+
+
+def broadcast_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
+    """Why torch's broadcast of the full state ``saved`` into ``model`` (DCP, strict) would fail
+    part way, or None: a weight of the model missing there where DCP renames it (DDP's
+    ``module.``: rank 0 alone raises, before it broadcasts), one the model lacks (every rank
+    raises a bare ``KeyError``), or another shape than a sharded (DTensor) weight (the ranks
+    whose shard does not fit raise, the others wait for them). Names as DCP makes them; what
+    fails only in the model's own ``load_state_dict`` is left to it."""
+    missing, other = [], []
+    live: set[str] = set()
+    for name, value in _iterate_valid_model_state(model):
+        for fqn, prefixed in zip(_dcp_names(model, name),
+                                 _dcp_names(model, name, skip_ddp_prefix=False, skip_compiler_prefix=False)):
+            live.add(fqn)
+            kept = saved.get(fqn)
+            if kept is None and fqn != prefixed:
+                missing.append(fqn)
+            elif (isinstance(value, DTensor) and isinstance(kept, torch.Tensor) and kept.dim() > 0
+                  and tuple(kept.shape) != tuple(value.shape)):
+                other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
+    unknown = sorted(fqn for fqn, value in saved.items()
+                     if fqn not in live and isinstance(value, torch.Tensor) and value.dim() > 0)
+    found = ([f"no weights for {_listed(sorted(missing))}"] if missing else []) + (
+        [f"weights the model lacks: {_listed(unknown)}"] if unknown else []) + (
+        [_listed(sorted(other))] if other else [])
+    if not found:
         return None
-    found = [*([f"no weights for {_listed(missing)}"] if missing else []),
-             *([f"weights the model lacks: {_listed(unknown)}"] if unknown else []),
-             *([f"{_listed(other)}"] if other else [])]
-    return (f"the model given to restore does not fit the weights saved there ({'; '.join(found)}). Build the "
-            "model as the training that saved it did (the same layers, shapes and names, all made before "
-            "restore), or give this training a new run name to start it afresh")
+    return f"the model given to restore does not fit the weights saved there ({'; '.join(found)}). {REBUILD_MODEL}"
 
 
 def _from_torch(fn: Any) -> bool:

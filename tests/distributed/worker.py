@@ -30,6 +30,41 @@ class UnusedHead(torch.nn.Sequential):
         return x
 
 
+class WithExtraState(torch.nn.Identity):
+    """A module whose state dict holds a value that is not a tensor (``_extra_state``)."""
+
+    def get_extra_state(self):
+        return {"calls": 1}
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+class RenamedWeight(torch.nn.Module):
+    """Holds its weight in a submodule and saves it as its own, naming the submodule in
+    ``_fqn_modifiers`` as DCP asks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 16)
+        self._register_state_dict_hook(RenamedWeight._saving)
+        self._register_load_state_dict_pre_hook(RenamedWeight._loading, with_module=True)
+
+    @staticmethod
+    def _saving(module, state, prefix, *args):
+        state[prefix + "weight"] = state.pop(prefix + "embedding.weight")
+
+    def _loading(self, state, prefix, *args):
+        if prefix + "weight" in state:
+            state[prefix + "embedding.weight"] = state.pop(prefix + "weight")
+
+    def _fqn_modifiers(self):
+        return {"weight": "embedding"}
+
+    def forward(self, x):
+        return self.embedding(x)
+
+
 def model_factory(seed: int, unused: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)]
@@ -276,20 +311,34 @@ def main() -> None:
         ck.close()
 
     elif scenario == "model_misfit_full":
-        # Restored into a model whose head has another shape, then into one with a layer more
-        # (no optimizer), then into the model that saved it: every rank hears each refusal, and
-        # the ranks still meet for the restore that fits.
+        # Restored into models of other layouts: a head of another shape, a layer more (no
+        # optimizer), a layer fewer, a module that saved extra state now without it; then into
+        # the model that saved it. Every rank hears each refusal and the ranks still meet.
         saved = saved_after_one_step(cfg, kind)
         ck = ckptkit.CheckpointManager.from_config(cfg)
-        torch.manual_seed(1)
-        other_head = wrap(torch.nn.Sequential(*list(model_factory(1))[:-1], torch.nn.Linear(64, 9)), kind)
+        layers = list(model_factory(1))
+        other_head = wrap(torch.nn.Sequential(*layers[:-1], torch.nn.Linear(64, 9)), kind)
         result["shape"] = restore_raised(ck, other_head, torch.optim.AdamW(other_head.parameters()))
         longer = wrap(torch.nn.Sequential(*model_factory(1), torch.nn.Linear(8, 8)), kind)
         result["missing"] = restore_raised(ck, longer, None)
+        shorter = wrap(torch.nn.Sequential(*model_factory(1)[:-1]), kind)
+        result["unknown"] = restore_raised(ck, shorter, torch.optim.AdamW(shorter.parameters()))
         model, opt = build(kind, seed=1)
         result["fits"] = restore_raised(ck, model, opt)
         a, b = full_model_state(saved), full_model_state(model)
         result["same_model"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ck.close()
+        ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "extra-state"})
+        with_extra = wrap(torch.nn.Sequential(WithExtraState(), *model_factory(0)), kind)
+        ck.save(step=0, model=with_extra)
+        result["extra_state"] = restore_raised(ck, wrap(torch.nn.Sequential(torch.nn.Identity(), *model_factory(1)), kind),
+                                               None)
+        ck.close()
+        # A module that renames its weight in its state dict, telling DCP so (torchtune's fused embedding).
+        ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "renamed"})
+        ck.save(step=0, model=wrap(torch.nn.Sequential(RenamedWeight(), torch.nn.Linear(16, 4)), kind))
+        result["renamed"] = restore_raised(ck, wrap(torch.nn.Sequential(RenamedWeight(), torch.nn.Linear(16, 4)), kind),
+                                           None)
         ck.close()
 
     elif scenario == "load_target_fails_on_one_rank":

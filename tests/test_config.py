@@ -254,3 +254,27 @@ def test_yaml_aliases_standing_for_billions_of_values_are_refused_before_any_wal
     path.write_text("backends:\n  s: &base {type: local, path: /tmp/x}\n  t:\n    <<: *base\n    path: /tmp/y\n"
                     "roles:\n  resume: {backends: [s, t], every_n_steps: 1, keep_last: 1}\n")
     assert Config.load(str(path)).backends["t"].options["path"] == "/tmp/y"
+
+
+@pytest.mark.parametrize("second", ["./ckpts/", "./sub/../ckpts", "file://./ckpts", "./linked"])
+def test_two_resume_backends_in_one_folder_are_refused(second, pm, in_tmp):
+    """Each looked like a second copy of every checkpoint, and was the same copy."""
+    os.makedirs("ckpts")
+    os.makedirs("sub")
+    os.symlink("ckpts", "linked")
+    cfg = base()
+    cfg["backends"]["again"] = {"type": "local", "path": second}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "again"]
+    with pytest.raises(ConfigError) as info:
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert str(info.value).startswith(f"backends 'scratch' and 'again' both keep resume checkpoints in one place "
+                                      f"(file://{os.path.realpath('.')}/ckpts)"), info.value
+    assert sorted(os.listdir(in_tmp)) == ["ckpts", "linked", "sub"] and not os.listdir("ckpts")
+
+
+def test_resume_backends_in_other_folders_and_a_final_one_beside_them_are_kept_apart(pm, in_tmp):
+    cfg = base()
+    cfg["backends"]["again"] = {"type": "local", "path": "./ckpts/nested"}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "again"]  # final on scratch's folder too, as base() has it
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.close()

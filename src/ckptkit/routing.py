@@ -56,6 +56,7 @@ class Router:
                     log.warning("backend %r is declared but no role uses it", name)
                 self.types[name] = btype
                 self.instances[name] = self._build(name, btype, spec.options)
+            self._check_places(config)
             for name, instance in self.instances.items():
                 if config.roles_of(name):
                     pm.register_backend(instance, name, self.types[name])
@@ -69,6 +70,25 @@ class Router:
                 # As the config's own errors do: which file, when a job reads several.
                 raise ConfigError(f"{config.source}: {exc}") from exc
             raise
+
+    def _check_places(self, config: Config) -> None:
+        """Refuse two resume backends that keep their checkpoints in one place: each save would
+        land there twice, a copy that is the same copy, and losing the place loses both."""
+        seen: dict[tuple, str] = {}
+        for name in config.resume.backends if config.resume else ():
+            place = getattr(self.instances[name], "place", None)
+            if not callable(place):
+                continue
+            where = place()
+            if where in seen:
+                instance = self.instances[seen[where]]
+                shown = redact(instance.uri(instance.root), getattr(instance, "secrets", ()))
+                raise ConfigError(
+                    f"backends {seen[where]!r} and {name!r} both keep resume checkpoints in one place "
+                    f"({shown}): a save would write "
+                    f"the same files twice and hold one copy, not two. Point one of them at another disk, "
+                    f"bucket or prefix, or leave it out of roles.resume.backends")
+            seen[where] = name
 
     @staticmethod
     def _build(name: str, btype: BackendType, options: dict) -> Any:

@@ -84,6 +84,17 @@ def test_bad_options_name_their_key(pm, extra, key):
     assert key in str(err.value)
 
 
+def test_two_resume_backends_on_one_prefix_of_one_store_are_refused(pm):
+    one = {"type": "s3", "path": "s3://bucket/ckpts", "storage_options": {"endpoint_url": "http://127.0.0.1:9"}}
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": one, "again": {**one, "path": "s3://bucket/ckpts/"}}, ["archive", "again"])
+    assert str(err.value).startswith("backends 'archive' and 'again' both keep resume checkpoints in one place "
+                                     "(s3://bucket/ckpts)"), err.value
+    # The same bucket and prefix on another endpoint is another store.
+    other = {**one, "storage_options": {"endpoint_url": "http://127.0.0.1:10"}}
+    manager(pm, {"archive": one, "again": other}, ["archive", "again"]).close()
+
+
 def test_credentials_are_not_needed_in_the_config(pm, s3_backend_options, s3_endpoint, bucket):
     # The env chain (AWS_ACCESS_KEY_ID/...) supplies them; the YAML names only the endpoint.
     opts = s3_backend_options()

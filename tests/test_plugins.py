@@ -382,6 +382,22 @@ def test_a_manager_that_fails_to_register_its_backends_leaves_a_shared_plugin_ma
     CheckpointManager.from_config(cfg, run_name="r", plugin_manager=pm).close()
 
 
+def test_a_second_open_manager_on_a_shared_plugin_manager_is_told_what_to_do(tmp_path):
+    """Two managers open at once on one plugin manager, with a backend of one name: pluggy's
+    "Plugin name already registered" said nothing of what to do."""
+    pm = make_plugin_manager(autoload=False)
+    cfg = {"backends": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+           "roles": {"resume": {"backends": ["a"], "every_n_steps": 1, "keep_last": 2}}}
+    first = CheckpointManager.from_config(cfg, run_name="one", plugin_manager=pm)
+    with pytest.raises(PluginError) as info:
+        CheckpointManager.from_config(cfg, run_name="two", plugin_manager=pm)
+    assert str(info.value).startswith("backend 'a': this plugin manager serves a CheckpointManager with a backend of "
+                                      "that name already, one that is still open. Close that manager first"), info.value
+    first.save(step=0, model=torch.nn.Linear(2, 2))  # the first one is as it was
+    first.close()
+    CheckpointManager.from_config(cfg, run_name="two", plugin_manager=pm).close()
+
+
 def test_a_closed_manager_still_referenced_keeps_no_backend(tmp_path):
     """A sweep keeps its trials' managers in a list of results: a closed one lets its backends
     and their clients go (an S3 client holds about 13 MB of service models)."""

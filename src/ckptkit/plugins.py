@@ -328,6 +328,13 @@ class CkptkitPluginManager(pluggy.PluginManager):
         try:
             self.register(instance, name=name)
         except ValueError as exc:
+            held = self.get_plugin(name)
+            if any(isinstance(held, t.cls) for t in self.backend_types.values()):
+                raise PluginError(
+                    f"backend {name!r}: this plugin manager serves a CheckpointManager with a backend of that name "
+                    "already, one that is still open. Close that manager first (close()), or give each manager a "
+                    "plugin manager of its own (plugin_manager=make_plugin_manager())"
+                ) from exc
             raise PluginError(
                 f"backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be "
                 f"registered: {exc}"

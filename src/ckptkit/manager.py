@@ -33,6 +33,7 @@ from .asyncsave import AsyncSaver
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import (
+    BackendError,
     CheckpointNotFoundError,
     CkptkitError,
     ConfigError,
@@ -823,8 +824,13 @@ class CheckpointManager:
     def _report(self, step: int, saved: list[CheckpointRef], failures: dict[str, CkptkitError]) -> None:
         if failures:
             where = ", ".join(r.uri for r in saved) or "none, as far as the backends told"
+            # What a store's failure leaves, and so what to do; a refused save (another
+            # training's run, a plugin's bug) says so in its own words.
+            after = (". Nothing committed before was touched; the next save tries every resume backend again, and "
+                     "a restart resumes from the newest committed step"
+                     if all(isinstance(e, BackendError) for e in failures.values()) else "")
             self._fail(SaveError(f"step {step} was not saved to every resume backend "
-                                 f"({fanout.describe_failures(failures)}); it is committed on: {where}",
+                                 f"({fanout.describe_failures(failures)}); it is committed on: {where}{after}",
                                  failures, saved))
 
     def wait(self) -> list[CheckpointRef]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
+import logging
 import math
 import posixpath
 import sys
@@ -58,6 +59,8 @@ from ckptkit.manifest import MANIFEST_NAME  # noqa: E402
 from ckptkit.storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, parse_step  # noqa: E402
 
 __all__ = ["S3Backend"]
+
+log = logging.getLogger(__name__)
 __version__ = "0.4.0"
 
 
@@ -283,6 +286,7 @@ class S3Backend(FileBackend):
         # Per run: the time before which no unfinished upload can be older than the grace
         # period, as the last listing of them showed (see ``stale_uploads``).
         self._uploads_quiet_until: dict[str, float] = {}
+        self._versioning_told = False
 
     def store_exists(self) -> bool:
         return self.fs.exists(self.root.split("/", 1)[0])
@@ -291,6 +295,7 @@ class S3Backend(FileBackend):
         return _S3Multipart(self.fs, path)
 
     def _delete(self, path: str, names: Iterable[str] | None = None) -> None:
+        self._tell_versioning()
         names = None if names is None else list(names)
         # s3fs's rm takes keys with * ? [ as glob patterns: a file named like one would stay
         # behind, so such a folder is listed and deleted whole (a path holding one is refused).
@@ -304,6 +309,28 @@ class S3Backend(FileBackend):
         keys = [posixpath.join(path, name) for name in names]
         if keys:
             self._call(f"deleting {self.uri(path)}", self.fs.rm, keys)
+
+    def _tell_versioning(self) -> None:
+        """Warn once, before the first delete, when the bucket keeps what is deleted: in a
+        versioned bucket every pruned checkpoint stays as a noncurrent version, billed, and a
+        run's storage grows by one checkpoint per save. Deleting those versions is the bucket
+        owner's choice (a lifecycle rule), not a prune's."""
+        if self._versioning_told:
+            return
+        self._versioning_told = True
+        bucket = self.root.split("/", 1)[0]
+        try:
+            status = self.fs.call_s3("get_bucket_versioning", Bucket=bucket).get("Status")
+        except Exception as exc:  # not allowed to ask (a narrow IAM policy), or no answer: nothing to tell
+            log.debug("backend %r: could not read the versioning of bucket %s: %s", self.name, bucket,
+                      self.describe(exc))
+            return
+        if status in ("Enabled", "Suspended"):
+            log.warning(
+                "backend %r: bucket %s has versioning %s: what a prune deletes stays in it as noncurrent "
+                "versions, billed until they expire, and ckptkit leaves them. Add a lifecycle rule with "
+                "NoncurrentVersionExpiration to the bucket (or to the prefix %s), or keep checkpoints in a "
+                "bucket without versioning", self.name, bucket, status.lower(), self.uri(self.root))
 
     def stale_uploads(self, run_name: str, in_flight: set[str], now: float
                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:

@@ -278,3 +278,34 @@ def test_resume_backends_in_other_folders_and_a_final_one_beside_them_are_kept_a
     cfg["roles"]["resume"]["backends"] = ["scratch", "again"]  # final on scratch's folder too, as base() has it
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     ck.close()
+
+
+def test_resume_backends_on_one_path_of_two_hosts_are_kept_apart(pm, in_tmp):
+    """A filesystem made with its host as a positional argument (fsspec keeps it apart from the
+    options): the same folder on two servers is two places."""
+    import fsspec
+
+    from ckptkit.storage import FileBackend
+
+    class HostFileSystem(fsspec.AbstractFileSystem):
+        protocol = "hostfs"
+
+        def __init__(self, host, **options):
+            super().__init__(host, **options)
+
+    class HostBackend(FileBackend):
+        OPTIONS = ("host", "path")
+
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, HostFileSystem(options["host"], skip_instance_cache=True), options["path"])
+
+    pm.add_backend_type("hostfs", HostBackend)
+    cfg = base()
+    cfg["backends"] = {"a": {"type": "hostfs", "host": "one.example", "path": "/ckpts"},
+                       "b": {"type": "hostfs", "host": "two.example", "path": "/ckpts"}}
+    cfg["roles"] = {"resume": {"backends": ["a", "b"]}}
+    CheckpointManager.from_config(cfg, plugin_manager=pm).close()
+    cfg["backends"]["b"]["host"] = "one.example"
+    with pytest.raises(ConfigError, match="backends 'a' and 'b' both keep resume checkpoints in one place"):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)

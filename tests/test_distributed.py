@@ -303,7 +303,8 @@ def test_a_model_that_does_not_fit_a_full_state_is_refused_on_every_rank(tmp_pat
     """Torch's broadcast of rank 0's state found some misfits on some ranks only, the others
     waiting in its next collective: FSDP2 a head of another shape (a bare RuntimeError on rank 0),
     DDP a layer more (rank 0 alone), both a saved extra state the model no longer has (rank 0
-    alone, after the broadcast); a layer fewer was a bare KeyError."""
+    alone, after the broadcast, the other ranks keeping the optimizer state they had loaded) and
+    a param group without parameters (rank 0 alone); a layer fewer was a bare KeyError."""
     cfg = config(tmp_path, "torch")
     cfg["distributed"] = {"timeout_s": 20}
     results = launch(2, "model_misfit_full", tmp_path, {"config": cfg, "wrap": wrap}, timeout=120)
@@ -315,6 +316,9 @@ def test_a_model_that_does_not_fit_a_full_state_is_refused_on_every_rank(tmp_pat
         assert "5.bias" in r["missing"][1] and "5.weight" in r["missing"][1], r
         assert "(weights the model lacks: 4.bias, 4.weight)" in r["unknown"][1], r
         assert "0._extra_state" in r["extra_state"][1], r
+        assert r["optimizer_after"] == 0, r
+        assert r["empty_group"][0] == "IncompatibleCheckpointError", r
+        assert "has a param group without parameters (group 1), the saved one none" in r["empty_group"][1], r
         assert r["fits"] is None and r["same_model"], r
         assert r["renamed"] is None, r
 

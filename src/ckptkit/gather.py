@@ -249,7 +249,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     # first: loading it is what fails for an optimizer of another class, and the model is then
     # left as it was.
     if optimizer is None:
-        _load_model(model, state["model"], options, source)
+        _load_model(model, state["model"], options, source, coll)
         return
     kept = _kept(optimizer)
     try:
@@ -260,7 +260,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
             f"{source}: its optimizer state does not fit the optimizer given to restore ({type(exc).__name__}: "
             f"{exc}). {REBUILD}") from exc
     try:
-        _load_model(model, state["model"], options, source)
+        _load_model(model, state["model"], options, source, coll)
     except BaseException:
         optimizer.state, optimizer.param_groups = kept
         raise
@@ -304,6 +304,13 @@ def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Op
     problem = groups_misfit(len(saved), optimizer)
     if problem is not None:
         return problem
+    empty = [i for i, group in enumerate(optimizer.param_groups) if not group["params"]]
+    saved_empty = sum(1 for group in saved if not group.get("params"))
+    if empty and saved_empty != 1:
+        # DCP refuses it in its own load, and only on rank 0 where the state is broadcast.
+        return (f"the optimizer given to restore has a param group without parameters (group {empty[0]}), the "
+                f"saved one {saved_empty or 'none'}: torch's distributed state dict API (DCP), which restore loads "
+                f"optimizers through, matches such a group only to one saved without parameters. {REBUILD}")
     known = {name for group in saved for name in group.get("params", ())}
     unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
                      if names.get(p, set()).isdisjoint(known))
@@ -490,20 +497,28 @@ def copies_on_load(model: torch.nn.Module) -> bool:
 
 
 def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: StateDictOptions | None,
-                source: str) -> None:
+                source: str, coll: ranks.Collectives) -> None:
     """``set_model_state_dict``, with torch's refusal of another model's weights (missing or
     unexpected keys, other shapes) raised as ``IncompatibleCheckpointError`` naming ``source``:
-    not a damaged checkpoint, so an older one is not tried."""
+    not a damaged checkpoint, so an older one is not tried. Where rank 0's full state is
+    broadcast, rank 0 loads the saved state and the others what the broadcast gave them, so
+    torch may refuse on rank 0 alone: once past the broadcast, every rank hears of it."""
+    problem = None
     try:
         set_model_state_dict(model, model_state, options=options)
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):
-            raise
+            raise  # a failure inside the broadcast: the other ranks are still in it
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 600 else detail[:600] + " ..."
-        raise IncompatibleCheckpointError(
+        problem = IncompatibleCheckpointError(
             f"{source}: the model given to restore does not fit the weights saved there ({detail}). "
-            f"{REBUILD_MODEL}") from exc
+            f"{REBUILD_MODEL}")
+        problem.__cause__ = exc
+    if options is not None:
+        coll.agree("restore: model loaded", problem)
+    elif problem is not None:
+        raise problem
 
 
 REBUILD_MODEL = ("Build the model as the training that saved it did (the same layers, shapes and names, all made "

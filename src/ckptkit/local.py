@@ -346,7 +346,7 @@ class LocalBackend(FileBackend):
         root = local_root(options["path"], f"{key}.path")
         return cls(name, fsspec.filesystem("file"), root, leftover_grace_s=float(grace))
 
-    def place(self) -> tuple:
+    def _location(self) -> tuple:
         # One folder by any path: a symlink, "..", a trailing slash.
         return ("file", os.path.realpath(self.root))
 

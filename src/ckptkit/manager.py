@@ -1393,12 +1393,7 @@ class CheckpointManager:
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
         buffers = state.pop(gather.RANK_BUFFERS, None) if ranks.rank() == 0 else None
-        problem = None
-        try:
-            gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
-        except Exception as exc:  # torch refuses some misfits on rank 0 alone, once rank 0's state is scattered
-            problem = exc
-        self.coll.agree(f"restore step {ref.step}: load", problem)
+        gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
         saved_extra, per_rank, buffers = self.coll.share(f"restore step {ref.step}: extra",
                                                          (saved_extra, per_rank, buffers))
         own = gather.own_buffers_of(buffers or {}, ranks.rank(), 0)

@@ -12,6 +12,7 @@ from .errors import BackendError, CkptkitError, ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
 from .redact import redact, secret_values
 from .roles import SHARDED_HOOKS, Role
+from .storage import FileBackend
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,9 @@ class Router:
         land there twice, a copy that is the same copy, and losing the place loses both."""
         seen: dict[tuple, str] = {}
         for name in config.resume.backends if config.resume else ():
-            place = getattr(self.instances[name], "place", None)
-            if not callable(place):
+            if not isinstance(self.instances[name], FileBackend):
                 continue
-            where = place()
+            where = self.instances[name]._location()
             if where in seen:
                 instance = self.instances[seen[where]]
                 shown = redact(instance.uri(instance.root), getattr(instance, "secrets", ()))

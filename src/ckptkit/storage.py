@@ -269,15 +269,16 @@ class FileBackend:
 
     # -- layout ---------------------------------------------------------------------------
 
-    def place(self) -> tuple:
-        """What tells this backend's root from another's: the filesystem's protocol, the options it
-        was made with (another endpoint is another store) and the root. Two backends with one
-        place hold one copy of what is written to both."""
+    def _location(self) -> tuple:
+        """What tells this backend's root from another's: the filesystem's protocol, the arguments
+        it was made with (another host or endpoint is another store) and the root. Two backends
+        with one location hold one copy of what is written to both; any difference in how their
+        filesystems were made tells them apart."""
         try:
-            options = repr(sorted(self.fs.storage_options.items()))
+            made = repr((self.fs.storage_args, sorted(self.fs.storage_options.items())))
         except TypeError:  # options that cannot be ordered: told apart by the instance
-            options = str(id(self.fs))
-        return (self.fs.protocol, options, self.root)
+            made = str(id(self.fs))
+        return (self.fs.protocol, made, self.root)
 
     def uri(self, path: str) -> str:
         """``path`` on ``fs`` as people see it, with the filesystem's protocol (``s3://...``).

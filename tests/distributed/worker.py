@@ -328,11 +328,27 @@ def main() -> None:
         a, b = full_model_state(saved), full_model_state(model)
         result["same_model"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         ck.close()
+        # Refused by rank 0's own load, after the broadcast: every rank's optimizer is left as it was.
         ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "extra-state"})
         with_extra = wrap(torch.nn.Sequential(WithExtraState(), *model_factory(0)), kind)
-        ck.save(step=0, model=with_extra)
-        result["extra_state"] = restore_raised(ck, wrap(torch.nn.Sequential(torch.nn.Identity(), *model_factory(1)), kind),
-                                               None)
+        opt = torch.optim.AdamW(with_extra.parameters())
+        train(with_extra, opt, steps=1)
+        ck.save(step=0, model=with_extra, optimizer=opt)
+        without = wrap(torch.nn.Sequential(torch.nn.Identity(), *model_factory(1)), kind)
+        opt = torch.optim.AdamW(without.parameters())
+        result["extra_state"] = restore_raised(ck, without, opt)
+        result["optimizer_after"] = len(opt.state)
+        ck.close()
+        # Two param groups saved; restored into one group of them all and one without parameters.
+        ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "groups"})
+        model = wrap(model_factory(0), kind)
+        params = list(model.parameters())
+        opt = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}])
+        train(model, opt, steps=1)
+        ck.save(step=0, model=model, optimizer=opt)
+        model = wrap(model_factory(1), kind)
+        result["empty_group"] = restore_raised(ck, model, torch.optim.AdamW(
+            [{"params": list(model.parameters())}, {"params": [], "weight_decay": 0.0}]))
         ck.close()
         # A module that renames its weight in its state dict, telling DCP so (torchtune's fused embedding).
         ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "renamed"})

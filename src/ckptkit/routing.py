@@ -11,6 +11,7 @@ from .config import Config
 from .errors import BackendError, CkptkitError, ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
 from .redact import redact, secret_values
+from . import watchdog
 from .roles import SHARDED_HOOKS, Role
 from .storage import FileBackend
 
@@ -133,7 +134,8 @@ class Router:
 
     def call(self, backend: str, hook: str, /, **kwargs: Any) -> Any:
         """Call ``hook`` on one backend; its single result, or None if it does not implement it."""
-        results = self.caller(hook, [backend])(**kwargs)
+        with watchdog.watching(f"{hook} of backend {backend!r}{self.origin(backend)}"):
+            results = self.caller(hook, [backend])(**kwargs)
         if isinstance(results, list):
             return results[0] if results else None
         return results

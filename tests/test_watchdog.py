@@ -1,0 +1,63 @@
+"""A backend call that runs long is told of in the log, and so is its end."""
+
+import logging
+import threading
+import time
+
+import torch
+
+import ckptkit
+from ckptkit import CheckpointManager, watchdog
+from ckptkit.local import LocalBackend
+from ckptkit.plugins import make_plugin_manager
+
+
+class _Held(LocalBackend):
+    """The local backend, whose save waits until the test lets it go."""
+
+    go = threading.Event()
+
+    @ckptkit.hookimpl
+    def save_resume(self, run_name, step, payload):
+        assert self.go.wait(60), "the test never let the save go"
+        return super().save_resume(run_name=run_name, step=step, payload=payload)
+
+
+def test_a_save_that_runs_long_is_told_of_while_it_runs_and_when_it_ends(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(watchdog, "FIRST_S", 0.3)
+    monkeypatch.setattr(watchdog, "TICK_S", 0.05)
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("held", _Held, "ckptkit-held 1.0")
+    cfg = {"run_name": "r", "backends": {"slow": {"type": "held", "path": str(tmp_path / "slow")}},
+           "roles": {"resume": {"backends": ["slow"], "every_n_steps": 1, "async": True}}}
+    _Held.go.clear()
+    with caplog.at_level(logging.WARNING, logger="ckptkit.watchdog"):
+        ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+        ck.save(step=1, model=torch.nn.Linear(2, 2))  # async: the training thread goes on
+        deadline = time.monotonic() + 30
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        told = [r.getMessage() for r in caplog.records]
+        assert told and told[0].startswith("save_resume of backend 'slow' (type 'held', from ckptkit-held 1.0) has "
+                                           "run for "), told
+        assert "and not returned yet; what waits for it (the next save after an async one" in told[0]
+        _Held.go.set()
+        assert [r.step for r in ck.wait()] == [1]
+        ck.close()
+    told = [r.getMessage() for r in caplog.records]
+    assert told[-1].startswith("save_resume of backend 'slow' (type 'held', from ckptkit-held 1.0) returned after "), told
+    assert not watchdog._calls
+
+
+def test_calls_that_return_in_time_are_not_told_of(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(watchdog, "FIRST_S", 30.0)
+    monkeypatch.setattr(watchdog, "TICK_S", 0.05)
+    cfg = {"run_name": "r", "backends": {"disk": {"type": "local", "path": str(tmp_path / "disk")}},
+           "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": 1}}}
+    with caplog.at_level(logging.WARNING, logger="ckptkit.watchdog"):
+        with CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False)) as ck:
+            for step in range(3):
+                ck.save(step=step, model=torch.nn.Linear(2, 2))
+        time.sleep(0.2)
+    assert caplog.records == []
+    assert not watchdog._calls

@@ -27,6 +27,37 @@ def manager(pm, backends: dict, resume: list[str], final: list[str] | None = Non
                                                  run_name="run", plugin_manager=pm())
 
 
+@pytest.mark.parametrize("settings, told", [
+    ({}, "soft delete keeps what a prune deletes for 7 days, billed (gcloud storage buckets update gs://{bucket} "
+         "--clear-soft-delete turns it off)"),
+    ({"softDeletePolicy": {"retentionDurationSeconds": "0"}, "versioning": {"enabled": True}},
+     "object versioning keeps it as noncurrent versions, billed until a lifecycle rule deletes them "
+     "(daysSinceNoncurrentTime or numNewerVersions)"),
+    ({"softDeletePolicy": {"retentionDurationSeconds": "0"}}, None),
+])
+def test_a_prune_in_a_bucket_that_keeps_what_is_deleted_warns_once(pm, gcs_backend_options, gcs_endpoint, bucket,
+                                                                  caplog, settings, told):
+    import gcsfs
+
+    import logging
+
+    if settings:
+        fs = gcsfs.GCSFileSystem(endpoint_url=gcs_endpoint, token="anon", skip_instance_cache=True)
+        fs.call("PATCH", "b/{}", bucket, json=settings)
+    ck = manager(pm, {"archive": gcs_backend_options()}, ["archive"], keep_last=1)
+    with caplog.at_level(logging.WARNING, logger="ckptkit_gcs"):
+        for step in range(4):
+            ck.save(step=step, model=model())
+        ck.close()
+    assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == ["step-0000000003/manifest.json", "step-0000000003/state.pt"]
+    said = [r.getMessage() for r in caplog.records if r.name == "ckptkit_gcs"]
+    if told is None:
+        assert said == []
+        return
+    assert said == [f"backend 'archive': in bucket {bucket}, {told.format(bucket=bucket)}. ckptkit leaves those "
+                    "copies; a bucket of checkpoints usually wants neither"]
+
+
 def keys(endpoint: str, path: str) -> list[str]:
     import gcsfs
 

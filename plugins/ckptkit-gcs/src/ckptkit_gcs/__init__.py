@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import math
 import sys
 import types
@@ -52,6 +53,8 @@ _require_this_ckptkit("ckptkit-gcs")
 
 from ckptkit.remote import RemoteOptions  # noqa: E402
 from ckptkit.storage import FileBackend  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GCSBackend"]
 __version__ = "0.4.0"
@@ -173,3 +176,39 @@ class GCSBackend(FileBackend):
 
     def store_exists(self) -> bool:
         return self.fs.exists(self.root.split("/", 1)[0])
+
+    _retention_told = False
+
+    def _delete(self, path: str, names: Any = None) -> None:
+        self._tell_retention()
+        super()._delete(path, names)
+
+    def _tell_retention(self) -> None:
+        """Warn once, before the first delete, when the bucket keeps what is deleted: with soft
+        delete (on by default, 7 days, in buckets made since 2024) or object versioning, every
+        pruned checkpoint stays billed, and a run that saves often pays for many times its
+        ``keep_last``. Changing that is the bucket owner's choice, not a prune's."""
+        if self._retention_told:
+            return
+        self._retention_told = True
+        bucket = self.root.split("/", 1)[0]
+        try:
+            meta = self.fs.call("GET", "b/{}", bucket, json_out=True)
+        except Exception as exc:  # not allowed to read it (storage.buckets.get), or no answer: nothing to tell
+            log.debug("backend %r: could not read the settings of bucket %s: %s", self.name, bucket,
+                      self.describe(exc))
+            return
+        kept = []
+        try:
+            days = int((meta.get("softDeletePolicy") or {}).get("retentionDurationSeconds") or 0) / 86400
+        except (TypeError, ValueError):
+            days = 0
+        if days > 0:
+            kept.append(f"soft delete keeps what a prune deletes for {days:g} days, billed "
+                        f"(gcloud storage buckets update gs://{bucket} --clear-soft-delete turns it off)")
+        if (meta.get("versioning") or {}).get("enabled"):
+            kept.append("object versioning keeps it as noncurrent versions, billed until a lifecycle rule "
+                        "deletes them (daysSinceNoncurrentTime or numNewerVersions)")
+        if kept:
+            log.warning("backend %r: in bucket %s, %s. ckptkit leaves those copies; a bucket of checkpoints "
+                        "usually wants neither", self.name, bucket, "; and ".join(kept))

@@ -285,9 +285,9 @@ def test_failing_backend_does_not_touch_the_others(tmp_path, third_party_dist):
     assert "flaky" in info.value.failures and "memo store is down" in str(info.value)
     assert [r.backend for r in info.value.saved] == ["scratch"]
     assert "step-0000000001" in str(info.value)
-    assert str(info.value).endswith("; it is committed on: " + info.value.saved[0].uri + ". Nothing committed before "
-                                    "was touched; the next save tries every resume backend again, and a restart "
-                                    "resumes from the newest committed step"), info.value
+    assert str(info.value).endswith("; it is committed on: " + info.value.saved[0].uri + ". What the failing "
+                                    "backends held is as it was; the next save tries every resume backend again, and "
+                                    "a restart resumes from the newest committed step"), info.value
     ck.wait()
     assert steps_on_disk(tmp_path / "scratch") == [0, 1]
     ck.on_error = "warn"

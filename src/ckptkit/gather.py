@@ -308,9 +308,10 @@ def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Op
     saved_empty = sum(1 for group in saved if not group.get("params"))
     if empty and saved_empty != 1:
         # DCP refuses it in its own load, and only on rank 0 where the state is broadcast.
-        return (f"the optimizer given to restore has a param group without parameters (group {empty[0]}), the "
-                f"saved one {saved_empty or 'none'}: torch's distributed state dict API (DCP), which restore loads "
-                f"optimizers through, matches such a group only to one saved without parameters. {REBUILD}")
+        return (f"the optimizer given to restore has a param group without parameters (group {empty[0]}), and "
+                f"{'none' if not saved_empty else saved_empty} of the saved optimizer's groups is without: torch's "
+                "distributed state dict API (DCP), which restore loads optimizers through, matches such a group "
+                f"only to exactly one saved without parameters. {REBUILD}")
     known = {name for group in saved for name in group.get("params", ())}
     unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
                      if names.get(p, set()).isdisjoint(known))
@@ -501,20 +502,29 @@ def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: St
     """``set_model_state_dict``, with torch's refusal of another model's weights (missing or
     unexpected keys, other shapes) raised as ``IncompatibleCheckpointError`` naming ``source``:
     not a damaged checkpoint, so an older one is not tried. Where rank 0's full state is
-    broadcast, rank 0 loads the saved state and the others what the broadcast gave them, so
-    torch may refuse on rank 0 alone: once past the broadcast, every rank hears of it."""
+    broadcast, rank 0 loads the saved state and the others what the broadcast gave them, so a
+    load may fail on one rank alone (torch's refusal, a module's own ``set_extra_state``): one
+    that fails once every rank is past the broadcast is raised on every rank. One that fails
+    inside the broadcast is raised at once, the other ranks still waiting in it."""
+    past_broadcast = []
+    # The model's own load_state_dict begins once torch's broadcast has ended, on every rank.
+    handle = model.register_load_state_dict_pre_hook(lambda *args: past_broadcast.append(True))
     problem = None
     try:
         set_model_state_dict(model, model_state, options=options)
-    except RuntimeError as exc:
-        if "Error(s) in loading state_dict" not in str(exc):
-            raise  # a failure inside the broadcast: the other ranks are still in it
-        detail = " ".join(str(exc).split())
-        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
-        problem = IncompatibleCheckpointError(
-            f"{source}: the model given to restore does not fit the weights saved there ({detail}). "
-            f"{REBUILD_MODEL}")
-        problem.__cause__ = exc
+    except Exception as exc:
+        if options is not None and not past_broadcast:
+            raise
+        problem = exc
+        if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+            problem = IncompatibleCheckpointError(
+                f"{source}: the model given to restore does not fit the weights saved there ({detail}). "
+                f"{REBUILD_MODEL}")
+            problem.__cause__ = exc
+    finally:
+        handle.remove()
     if options is not None:
         coll.agree("restore: model loaded", problem)
     elif problem is not None:

@@ -826,8 +826,8 @@ class CheckpointManager:
             where = ", ".join(r.uri for r in saved) or "none, as far as the backends told"
             # What a store's failure leaves, and so what to do; a refused save (another
             # training's run, a plugin's bug) says so in its own words.
-            after = (". Nothing committed before was touched; the next save tries every resume backend again, and "
-                     "a restart resumes from the newest committed step"
+            after = (". What the failing backends held is as it was; the next save tries every resume backend "
+                     "again, and a restart resumes from the newest committed step"
                      if all(isinstance(e, BackendError) for e in failures.values()) else "")
             self._fail(SaveError(f"step {step} was not saved to every resume backend "
                                  f"({fanout.describe_failures(failures)}); it is committed on: {where}{after}",

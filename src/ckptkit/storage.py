@@ -275,7 +275,7 @@ class FileBackend:
         with one location hold one copy of what is written to both; any difference in how their
         filesystems were made tells them apart."""
         try:
-            made = repr((self.fs.storage_args, sorted(self.fs.storage_options.items())))
+            made = repr((getattr(self.fs, "storage_args", ()), sorted(self.fs.storage_options.items())))
         except TypeError:  # options that cannot be ordered: told apart by the instance
             made = str(id(self.fs))
         return (self.fs.protocol, made, self.root)

@@ -1,5 +1,6 @@
-"""Tells, in the log, of a backend call that runs long: whatever waits for it (a save, the next
-save after an async one, a restore, ``close``) stands still, and the log says on what.
+"""Tells, in the log, of a backend hook call that runs long: whatever waits for it (a save, the
+next save after an async one, a restore, ``close``) stands still, and the log says on what. Reads
+from an open file and DCP's shard transfers are not hook calls, and are not watched.
 
 One daemon thread, started with the first call watched, looks at the calls in flight a few
 times a minute. A call is first told of after ``FIRST_S`` seconds, then each time its time
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Iterator
@@ -48,6 +50,18 @@ def watching(what: str) -> Iterator[None]:
             log.warning("%s returned after %.0f s", what, time.monotonic() - started)
 
 
+def _forked() -> None:
+    """A forked child runs none of its parent's calls, nor its thread, and may have been forked
+    while another thread held the lock."""
+    global _lock, _thread
+    _lock = threading.Lock()
+    _calls.clear()
+    _thread = None
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _watch() -> None:
     while True:
         _wake.wait(min(TICK_S, FIRST_S))
@@ -58,6 +72,7 @@ def _watch() -> None:
                 entry[2] = entry[1] + 2 * (now - entry[1])
                 entry[3] = True
         for what, started, _, _ in due:
-            log.warning("%s has run for %.0f s and not returned yet; what waits for it (the next save after an "
-                        "async one, a restore, close()) waits on. A store that does not answer is given up on "
-                        "after the backend's own timeouts and retries", what, now - started)
+            log.warning("%s has run for %.0f s and not returned yet; a save, restore or close() that needs it "
+                        "(the next save, after an async one) waits until it does. It is not stopped: ckptkit's "
+                        "s3 and gcs backends give up on a store that does not answer after their timeouts and "
+                        "retries (timeout_s)", what, now - started)

@@ -40,6 +40,14 @@ class WithExtraState(torch.nn.Identity):
         pass
 
 
+class PickyExtraState(WithExtraState):
+    """Refuses its saved extra state on rank 0 only, once the broadcast is over."""
+
+    def set_extra_state(self, state) -> None:
+        if ranks.rank() == 0:
+            raise RuntimeError("rank 0 cannot take this extra state")
+
+
 class RenamedWeight(torch.nn.Module):
     """Holds its weight in a submodule and saves it as its own, naming the submodule in
     ``_fqn_modifiers`` as DCP asks."""
@@ -338,6 +346,13 @@ def main() -> None:
         opt = torch.optim.AdamW(without.parameters())
         result["extra_state"] = restore_raised(ck, without, opt)
         result["optimizer_after"] = len(opt.state)
+        # A module that takes its saved extra state on one rank and refuses it on rank 0.
+        picky = wrap(torch.nn.Sequential(PickyExtraState(), *model_factory(1)), kind)
+        try:
+            ck.restore(model=picky, optimizer=torch.optim.AdamW(picky.parameters()))
+            result["picky"] = None
+        except Exception as exc:
+            result["picky"] = [type(exc).__name__, str(exc)]
         ck.close()
         # Two param groups saved; restored into one group of them all and one without parameters.
         ck = ckptkit.CheckpointManager.from_config({**cfg, "run_name": "groups"})

@@ -95,12 +95,14 @@ def test_two_resume_backends_on_one_prefix_of_one_store_are_refused(pm):
     manager(pm, {"archive": one, "again": other}, ["archive", "again"]).close()
 
 
-@pytest.mark.parametrize("versioned", [True, False])
+@pytest.mark.parametrize("versioning", ["Enabled", "Suspended", None])
 def test_a_prune_in_a_versioned_bucket_warns_once_that_it_frees_nothing(pm, s3_backend_options, s3_endpoint, bucket,
-                                                                       caplog, versioned):
+                                                                       caplog, versioning):
+    """Suspended versioning deletes for good what is written after it: nothing to tell."""
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    if versioned:
-        fs.call_s3("put_bucket_versioning", Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for status in ("Enabled", versioning) if versioning else ():
+        fs.call_s3("put_bucket_versioning", Bucket=bucket, VersioningConfiguration={"Status": status})
+    versioned = versioning == "Enabled"
     ck = manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=1)
     with caplog.at_level(logging.WARNING, logger="ckptkit_s3"):
         for step in range(4):
@@ -110,13 +112,16 @@ def test_a_prune_in_a_versioned_bucket_warns_once_that_it_frees_nothing(pm, s3_b
     told = [r.getMessage() for r in caplog.records if "versioning" in r.getMessage()]
     if not versioned:
         assert told == []
+        if versioning == "Suspended":  # and so it is: the pruned step is gone
+            versions = fs.call_s3("list_object_versions", Bucket=bucket, Prefix="ckpts/run/step-0000000000/")
+            assert not versions.get("Versions"), versions
         return
     assert told == [f"backend 'archive': bucket {bucket} has versioning enabled: what a prune deletes stays in it as "
                     "noncurrent versions, billed until they expire, and ckptkit leaves them. Add a lifecycle rule "
                     f"with NoncurrentVersionExpiration to the bucket (or to the prefix s3://{bucket}/ckpts), or keep "
                     "checkpoints in a bucket without versioning"]
     versions = fs.call_s3("list_object_versions", Bucket=bucket, Prefix="ckpts/run/step-0000000000/")
-    assert versions.get("DeleteMarkers"), "what the warning says: the pruned step is still there, as versions"
+    assert versions.get("Versions"), "what the warning says: the pruned step is still there, as versions"
 
 
 def test_credentials_are_not_needed_in_the_config(pm, s3_backend_options, s3_endpoint, bucket):

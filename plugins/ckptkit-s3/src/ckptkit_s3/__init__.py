@@ -325,12 +325,13 @@ class S3Backend(FileBackend):
             log.debug("backend %r: could not read the versioning of bucket %s: %s", self.name, bucket,
                       self.describe(exc))
             return
-        if status in ("Enabled", "Suspended"):
+        # Suspended versioning deletes what is written since for good: only Enabled keeps it.
+        if status == "Enabled":
             log.warning(
-                "backend %r: bucket %s has versioning %s: what a prune deletes stays in it as noncurrent "
+                "backend %r: bucket %s has versioning enabled: what a prune deletes stays in it as noncurrent "
                 "versions, billed until they expire, and ckptkit leaves them. Add a lifecycle rule with "
                 "NoncurrentVersionExpiration to the bucket (or to the prefix %s), or keep checkpoints in a "
-                "bucket without versioning", self.name, bucket, status.lower(), self.uri(self.root))
+                "bucket without versioning", self.name, bucket, self.uri(self.root))
 
     def stale_uploads(self, run_name: str, in_flight: set[str], now: float
                       ) -> list[tuple[CheckpointRef, Callable[[], None]]]:

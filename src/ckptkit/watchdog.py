@@ -45,8 +45,8 @@ def watching(what: str) -> Iterator[None]:
         yield
     finally:
         with _lock:
-            entry = _calls.pop(key)
-        if entry[3]:
+            entry = _calls.pop(key, None)  # gone in a child forked inside this call
+        if entry is not None and entry[3]:
             log.warning("%s returned after %.0f s", what, time.monotonic() - started)
 
 

@@ -192,21 +192,21 @@ class GCSBackend(FileBackend):
             return
         self._retention_told = True
         bucket = self.root.split("/", 1)[0]
+        kept = []
+        # Not allowed to read the settings (storage.buckets.get), no answer, or an answer not
+        # understood: nothing to tell, and the delete goes on.
         try:
             meta = self.fs.call("GET", "b/{}", bucket, json_out=True)
-        except Exception as exc:  # not allowed to read it (storage.buckets.get), or no answer: nothing to tell
+            days = int((meta.get("softDeletePolicy") or {}).get("retentionDurationSeconds") or 0) / 86400
+            versioned = bool((meta.get("versioning") or {}).get("enabled"))
+        except Exception as exc:
             log.debug("backend %r: could not read the settings of bucket %s: %s", self.name, bucket,
                       self.describe(exc))
             return
-        kept = []
-        try:
-            days = int((meta.get("softDeletePolicy") or {}).get("retentionDurationSeconds") or 0) / 86400
-        except (TypeError, ValueError):
-            days = 0
         if days > 0:
             kept.append(f"soft delete keeps what a prune deletes for {days:g} days, billed "
                         f"(gcloud storage buckets update gs://{bucket} --clear-soft-delete turns it off)")
-        if (meta.get("versioning") or {}).get("enabled"):
+        if versioned:
             kept.append("object versioning keeps it as noncurrent versions, billed until a lifecycle rule "
                         "deletes them (daysSinceNoncurrentTime or numNewerVersions)")
         if kept:

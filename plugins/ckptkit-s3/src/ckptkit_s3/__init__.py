@@ -321,7 +321,7 @@ class S3Backend(FileBackend):
         bucket = self.root.split("/", 1)[0]
         try:
             status = self.fs.call_s3("get_bucket_versioning", Bucket=bucket).get("Status")
-        except Exception as exc:  # not allowed to ask (a narrow IAM policy), or no answer: nothing to tell
+        except Exception as exc:  # not allowed to ask (a narrow IAM policy), no answer, or one not understood
             log.debug("backend %r: could not read the versioning of bucket %s: %s", self.name, bucket,
                       self.describe(exc))
             return

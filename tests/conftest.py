@@ -18,6 +18,23 @@ def pm():
 
 
 @pytest.fixture
+def cli_columns(monkeypatch):
+    """Sets how wide the command line's consoles print: rich reads COLUMNS when a console is
+    made, and ckptkit.cli makes its own at import (a pytest-xdist worker starts with COLUMNS=80)."""
+    from rich.console import Console
+
+    import ckptkit.cli as cli
+
+    def columns(width: int) -> int:
+        monkeypatch.setenv("COLUMNS", str(width))
+        monkeypatch.setattr(cli, "console", Console())
+        monkeypatch.setattr(cli, "err_console", Console(stderr=True))
+        return width
+
+    return columns
+
+
+@pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -477,16 +477,9 @@ def test_an_unknown_backend_type_gets_a_did_you_mean(capsys, tmp_path, typo):
 # -- 80 columns -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def narrow(monkeypatch):
+def narrow(cli_columns):
     """The command line's consoles as they start on an 80-column terminal."""
-    from rich.console import Console
-
-    import ckptkit.cli as cli
-
-    monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setattr(cli, "console", Console())
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True))
-    return 80
+    return cli_columns(80)
 
 
 def _readable(out, width, *whole):
@@ -662,11 +655,11 @@ def test_verify_checks_a_trainers_own_pt_file_without_loading_it(capsys, config_
     assert main(["verify", str(config_file)]) == 0, capsys.readouterr()
 
 
-def test_tables_show_brackets_in_names_and_paths_as_they_are(capsys, tmp_path, monkeypatch):
+def test_tables_show_brackets_in_names_and_paths_as_they_are(capsys, tmp_path, cli_columns):
     """rich reads [word] as markup: a metric acc[top5] or a folder ck[old] lost its brackets."""
     from ckptkit import CheckpointManager
 
-    monkeypatch.setenv("COLUMNS", "200")
+    cli_columns(200)
     cfg = local_config(tmp_path, final=False)
     cfg["backends"]["scratch"]["path"] = str(tmp_path / "ck[old]")
     config = tmp_path / "ckptkit.yaml"

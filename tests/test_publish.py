@@ -226,8 +226,8 @@ def test_cli_publish(tmp_path, monkeypatch, capsys):
     assert err.startswith("ckptkit: error:") and "step 99" in err and "\n" not in err
 
 
-def test_cli_publish_titles_its_table_by_what_happened(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COLUMNS", "200")
+def test_cli_publish_titles_its_table_by_what_happened(tmp_path, monkeypatch, capsys, cli_columns):
+    cli_columns(200)
     cfg = _trained_config_file(tmp_path, monkeypatch)
     blocker = tmp_path / "archive"
     blocker.write_text("not a folder")  # the only final backend fails

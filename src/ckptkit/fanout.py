@@ -25,6 +25,7 @@ from .hashing import HashingWriter, algorithm_of, copy_hashed
 from .manifest import FileEntry
 from .roles import Role
 from .routing import Router
+from .storage import no_space, storage_full
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +281,14 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
                 interrupt = _interrupted_shard_write(exc)
                 if interrupt is not None:  # a Ctrl-C, not a failing backend (see torch_writer)
                     raise interrupt from None
-                report = ("error", _on_this_rank(exc))
+                report = ("full" if no_space(exc) is not None else "error", _on_this_rank(exc))
             reports = coll.all_gather(f"{at}: written", report)
-        errors = [r[1] for r in reports if r[0] == "error"]
+        errors = [r[1] for r in reports if r[0] != "ok"]
         if errors:
             coll.on_rank0(f"{at}: discard", router.call, name, "discard_sharded", path=path)
-            failures[name] = BackendError(name, "; ".join(errors))
+            failures[name] = (storage_full(name, getattr(backend, "location", name),
+                                           f"step {payload.step} of run {run_name!r}", "; ".join(errors))
+                              if any(r[0] == "full" for r in reports) else BackendError(name, "; ".join(errors)))
             continue
         files = {n: e for r in reports for n, e in r[1].items()}
         status, ref = coll.on_rank0(f"{at}: commit", router.call, name, "commit_sharded", run_name=run_name,

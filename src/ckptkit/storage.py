@@ -115,22 +115,34 @@ def no_space(exc: BaseException) -> OSError | None:
     """The "no space left" (or quota) error behind ``exc``, if that is what it comes from.
 
     torch.save reports a failed write as its own RuntimeError ("unexpected pos ..."), with the
-    OSError that says why only in the exception's context, so the whole chain is searched.
+    OSError that says why only in the exception's context, so the whole chain is searched; DCP's
+    CheckpointException holds each rank's failure outside it, in ``failures``.
     """
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[Any] = [exc]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return current
-        current = (getattr(current, "last", None) if isinstance(current, RetriesExhausted)
-                   else current.__cause__ or current.__context__)
+        if isinstance(current, RetriesExhausted):
+            pending.append(getattr(current, "last", None))
+        else:
+            pending += [current.__context__, current.__cause__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            # Each rank's failure is an (exception, traceback frames) pair, or an object holding one.
+            pending += [f[0] if isinstance(f, tuple) else getattr(f, "exception", f) for f in failures.values()]
     return None
 
 
-def storage_full(backend: str, where: str, what: str, cause: OSError) -> StorageFullError:
-    """The error for a write that ran out of space, saying what to do about it."""
-    return StorageFullError(backend, f"no space left on {where} while writing {what} ({os.strerror(cause.errno)}); "
+def storage_full(backend: str, where: str, what: str, cause: OSError | str) -> StorageFullError:
+    """The error for a write that ran out of space (``cause``: the error, or what it said),
+    saying what to do about it."""
+    why = cause if isinstance(cause, str) else os.strerror(cause.errno)
+    return StorageFullError(backend, f"no space left on {where} while writing {what} ({why}); "
                                      "nothing of it was kept. Free space, lower keep_last, or use a larger disk")
 
 

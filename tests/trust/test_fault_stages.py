@@ -378,3 +378,27 @@ def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_p
     assert saved["step"] == 1 and torch.equal(saved["model"]["weight"], model_at(1).weight)
     ck.close()
     assert restored_step(cfg) == 1
+
+
+@pytest.mark.parametrize("path", [".distcp", ".metadata", "extra.pt"])
+def test_a_sharded_save_that_runs_out_of_space_says_so_and_what_to_do(tmp_path, path):
+    """DCP wraps each rank's failure in its CheckpointException, out of the cause's chain: a full
+    disk there was a BackendError without advice (DCP's own "unexpected pos" at times)."""
+    root = tmp_path / "flaky"
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root), "leftover_grace_s": 0}})
+    cfg["roles"]["resume"]["format"] = "dcp"
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    ck.wait()
+    armed = ck.router.instances["flaky"].faults.add(op="write", path=path, error="ENOSPC")
+    with pytest.raises(SaveError) as err:
+        ck.save(step=2, model=model_at(2))
+    assert armed.fired == 1, ck.router.instances["flaky"].faults.calls
+    failure = err.value.failures["flaky"]
+    assert isinstance(failure, StorageFullError), repr(failure)
+    text = str(failure)
+    assert f"no space left on {ck.router.instances['flaky'].location}" in text and "step 2 of run 'run'" in text
+    assert "No space left on device" in text and "Free space, lower keep_last, or use a larger disk" in text
+    assert [r.step for r in ck.list_checkpoints()] == [1]
+    ck.close()
+    assert restored_step(cfg) == 1

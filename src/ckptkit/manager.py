@@ -1147,7 +1147,9 @@ class CheckpointManager:
         """Load the newest committed checkpoint across all resume backends into model and optimizer.
 
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
-        warning naming it and why, and the next newest is tried. Objects in ``extra`` (shared
+        warning naming it and why, and the next newest is tried: of another backend only, where
+        that backend's store stopped answering or did not let this process read it (the skipped
+        one may be intact). Objects in ``extra`` (shared
         state) and ``rank_extra`` (this rank's own) with ``load_state_dict`` get their saved
         state back (one under a key the checkpoint does not hold keeps its own, named in a
         warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
@@ -1280,14 +1282,16 @@ class CheckpointManager:
             raise StorageUnavailableError(
                 silent[0],
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be read, as "
-                f"the storage did not answer ({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
+                f"the storage did not answer or refused this process ({'; '.join(skipped)}). Nothing was loaded; "
+                "retry once it answers and lets this process read them")
         if silent:
             # Some are damaged, but the ones the storage did not answer for may be intact.
             raise StorageUnavailableError(
                 silent[0],
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored: "
-                f"{len(silent)} could not be read, as the storage did not answer, and may be intact "
-                f"({'; '.join(skipped)}). Nothing was loaded; retry once it answers")
+                f"{len(silent)} could not be read, as the storage did not answer or refused this process, and may be intact "
+                f"({'; '.join(skipped)}). Nothing was loaded; retry once it answers and lets this process "
+                "read them")
         if skipped and step is not None:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
@@ -1804,8 +1808,9 @@ class CheckpointManager:
         if silent:
             raise StorageUnavailableError(
                 silent[0], f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be "
-                f"fetched: {len(silent)} could not be read, as the storage did not answer, and may be intact "
-                f"({'; '.join(skipped)}). Nothing was written; retry once it answers")
+                f"fetched: {len(silent)} could not be read, as the storage did not answer or refused this process, and may be intact "
+                f"({'; '.join(skipped)}). Nothing was written; retry once it answers and lets this process "
+                "read them")
         if skipped:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be fetched "

@@ -44,7 +44,7 @@ from .errors import (
 from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
 from .manifest import FileEntry, Manifest
-from .retry import RetriesExhausted, RetryPolicy, gave_up
+from .retry import RetriesExhausted, RetryPolicy, denied, gave_up
 from .roles import Role
 from .routing import Router
 
@@ -80,6 +80,10 @@ def storage_failure(backend: str, what: str, exc: BaseException) -> CkptkitError
         error = CorruptCheckpointError(str(exc))
     elif isinstance(exc, BackendError):
         error = StorageUnavailableError(exc.backend, exc.detail)
+    elif denied(exc):
+        error = StorageUnavailableError(backend, f"{what}: {exc}. The storage does not let this process read it, "
+                                                 "which does not make it damaged: check its owner and mode (or the "
+                                                 "store's access policy)")
     elif isinstance(exc, (OSError, RetriesExhausted, TimeoutError)):
         error = StorageUnavailableError(backend, f"{what}: {exc}")
     else:
@@ -95,15 +99,17 @@ class Reader:
         self.router = router
         self.run_name = run_name
         # In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
-        # answering the read of a manifest (retries used up on timeouts or lost connections).
-        # Their other checkpoints' manifests are not asked for until a listing shows that they
-        # answer again, as each would wait through all of its retries again.
-        self.silent: set[str] | None = None
+        # answering the read of a manifest (retries used up on timeouts or lost connections), or
+        # refused this process a checkpoint's file, each with what happened. Their other
+        # checkpoints are not asked for until a listing shows that they answer again: each would
+        # wait through all of its retries again, and an older step restored past a newer one
+        # that may be intact would train again what that one holds, then save over it.
+        self.silent: dict[str, str] | None = None
 
     @contextlib.contextmanager
     def one_pass(self) -> Iterator[None]:
         """A restore's (or peek's) pass over the candidates of a listing; see ``silent``."""
-        self.silent = set()
+        self.silent = {}
         try:
             yield
         finally:
@@ -119,7 +125,7 @@ class Reader:
             try:
                 got = self.router.call(name, "list_checkpoints", run_name=self.run_name)
                 if self.silent:
-                    self.silent.discard(name)  # it answers again
+                    self.silent.pop(name, None)  # it answers again
             except Exception as exc:
                 failure = storage_failure(name, f"listing run {self.run_name!r}", exc)
                 if not isinstance(failure, CkptkitError):
@@ -140,13 +146,13 @@ class Reader:
     def manifest(self, ref: CheckpointRef) -> Manifest:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
         if self.silent and ref.backend in self.silent:
-            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store stopped answering "
-                                                       "the read of a newer checkpoint's manifest")
+            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: {self.silent[ref.backend]}")
         try:
             manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
         except Exception as exc:
             if self.silent is not None and gave_up(exc):
-                self.silent.add(ref.backend)
+                self.silent[ref.backend] = "the store stopped answering the read of a newer checkpoint's manifest"
+            self._refused(ref, exc)
             failure = storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc)
             if not isinstance(failure, CkptkitError):  # the plugin's bug: named, and never skipped as damage
                 raise self.router.blame(ref.backend, "read_manifest", exc) from exc
@@ -162,6 +168,11 @@ class Reader:
         except ValueError as exc:
             raise CorruptCheckpointError(str(exc)) from None
         return manifest
+
+    def _refused(self, ref: CheckpointRef, exc: BaseException) -> None:
+        if self.silent is not None and denied(exc):
+            self.silent[ref.backend] = (f"the storage refused this process a file of the newer {ref.uri}, which may "
+                                        "be intact: no older step of it is restored past that one")
 
     def verify(self, ref: CheckpointRef) -> Manifest:
         """Check every file of a checkpoint against its manifest; return the manifest."""
@@ -310,6 +321,7 @@ class Reader:
                 return read()
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
+            self._refused(ref, exc)
             failure = storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc)
             if not isinstance(failure, CkptkitError):
                 raise self.router.blame(ref.backend, f"open_file (or reading {name} through it)", exc) from exc

@@ -79,6 +79,12 @@ def gave_up(exc: BaseException) -> bool:
                or {c.__name__ for c in type(e).__mro__} & _NO_ANSWER_TYPES for e in _chain(exhausted.last))
 
 
+def denied(exc: BaseException) -> bool:
+    """Did the storage refuse this process (``exc`` or a cause of it): a file's owner or mode, an
+    object store's access policy? Not damage: what it would not let this process read may be intact."""
+    return any(isinstance(e, PermissionError) for e in _chain(exc))
+
+
 def _http_status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     if isinstance(response, Mapping):

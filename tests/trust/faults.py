@@ -6,12 +6,13 @@ A fault is plain data (so that it can sit in a YAML config that ``ckptkit`` read
 
 ``op`` is the operation (below), ``path`` a substring of the path it touches, ``nth`` which
 matching call fails first (from 1), ``times`` how many matching calls fail from there (None:
-all), ``error`` the exception raised: ``OSError`` (EIO), ``ENOSPC``, ``ConnectionError``.
+all), ``error`` the exception raised: ``OSError`` (EIO), ``ENOSPC``, ``ConnectionError``,
+``EACCES`` (a PermissionError).
 
 - ``faultyfs``: ckptkit's generic ``FileBackend`` (the write path of S3, GCS and third-party
   stores) over ``FaultyFS``, the local filesystem wrapped as fsspec protocol ``faultyfile``.
-  Operations: ``open`` (for writing), ``write`` (one write call on a file opened for writing),
-  ``close`` (closing such a file, which publishes it), ``pipe_file``, ``cat_file``, ``exists``,
+  Operations: ``open`` (for writing), ``open_read``, ``write`` (one write call on a file opened
+  for writing), ``close`` (closing such a file, which publishes it), ``pipe_file``, ``cat_file``, ``exists``,
   ``find``, ``rm_file``, ``rm`` and ``copy`` (a copy the store makes itself; ``path`` matches
   where it copies to).
 - ``faultylocal``: the built-in ``LocalBackend`` with faults at its own stages: ``write`` (one
@@ -42,6 +43,7 @@ ERRORS = {
     "OSError": lambda what: OSError(errno.EIO, f"injected fault: {what}"),
     "ENOSPC": lambda what: OSError(errno.ENOSPC, f"No space left on device (injected: {what})"),
     "ConnectionError": lambda what: ConnectionError(f"injected fault: {what}"),
+    "EACCES": lambda what: PermissionError(errno.EACCES, f"Permission denied (injected: {what})"),
 }
 
 
@@ -152,6 +154,7 @@ class FaultyFS(LocalFileSystem):
         if "w" in mode or "a" in mode:
             self.faults.check("open", path)
             return _FaultyFile(super()._open(path, mode, **kwargs), path, self.faults)
+        self.faults.check("open_read", path)
         return super()._open(path, mode, **kwargs)
 
     # No explicit mode: fsspec before 2024.12 has none and passes kwargs on to open("wb").

@@ -21,7 +21,7 @@ import yaml
 
 import ckptkit
 from ckptkit import cli
-from ckptkit.errors import BackendError, PublishError, SaveError, StorageFullError
+from ckptkit.errors import BackendError, PublishError, SaveError, StorageFullError, StorageUnavailableError
 from ckptkit.plugins import make_plugin_manager
 
 from trust.faults import FaultyFileBackend, FaultyLocalBackend
@@ -402,3 +402,28 @@ def test_a_sharded_save_that_runs_out_of_space_says_so_and_what_to_do(tmp_path, 
     assert [r.step for r in ck.list_checkpoints()] == [1]
     ck.close()
     assert restored_step(cfg) == 1
+
+
+@pytest.mark.parametrize("fault", [{"op": "cat_file", "path": "step-0000000002/manifest.json"},
+                                   {"op": "open_read", "path": "step-0000000002/state.pt"}],
+                         ids=["manifest", "state"])
+def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_path, fault):
+    """A file whose mode or owner keeps this process out (a restart under another user, files
+    written under umask 077) was skipped as if damaged, and the step before it restored: training
+    then ran again what the newer one holds and saved over it."""
+    root = tmp_path / "flaky"
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(root)}}, keep_last=3)
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+        ck.save(step=2, model=model_at(2))
+    ck = manager(cfg)
+    armed = ck.router.instances["flaky"].faults.add(**fault, error="EACCES", times=None)
+    with pytest.raises(StorageUnavailableError) as err:
+        ck.restore(model=model_at(-7))
+    assert armed.fired == 1
+    text = str(err.value)
+    assert "step-0000000002" in text and "does not let this process read it" in text, text
+    assert "check its owner and mode" in text and "step-0000000001 was not read" in text, text
+    assert "Nothing was loaded; retry once it answers and lets this process read them" in text, text
+    ck.close()
+    assert restored_step(cfg) == 2  # once it may be read, nothing of it was lost

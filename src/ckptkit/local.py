@@ -26,6 +26,7 @@ from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import (
     DEFAULT_GRACE_S,
+    FINAL_DIR,
     MANIFEST_MAX,
     FileBackend,
     _check_file_name,
@@ -371,7 +372,8 @@ class LocalBackend(FileBackend):
                 self._in_flight.discard(tmp)
             full = no_space(exc)  # out of inodes, or over an inode quota, fails here first
             if full is not None:
-                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full) from full
+                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
+                                   final=dirname == FINAL_DIR) from full
             raise BackendError(self.name, f"could not make a folder for {dirname} of run {run_name!r} under "
                                           f"{self.root}: {self.describe(exc)}") from exc
         return tmp
@@ -443,7 +445,8 @@ class LocalBackend(FileBackend):
                 raise
             full = no_space(exc)
             if full is not None:
-                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full) from full
+                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
+                                   final=dirname == FINAL_DIR) from full
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
                                           f"{self.root}: {self.describe(exc)}") from exc
         self._unstage(tmp, remove=False)

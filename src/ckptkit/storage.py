@@ -138,12 +138,12 @@ def no_space(exc: BaseException) -> OSError | None:
     return None
 
 
-def storage_full(backend: str, where: str, what: str, cause: OSError | str) -> StorageFullError:
+def storage_full(backend: str, where: str, what: str, cause: OSError | str, final: bool = False) -> StorageFullError:
     """The error for a write that ran out of space (``cause``: the error, or what it said),
-    saying what to do about it."""
+    saying what to do about it: ``final``, a final model's, which no keep_last makes room for."""
     why = cause if isinstance(cause, str) else os.strerror(cause.errno)
-    return StorageFullError(backend, f"no space left on {where} while writing {what} ({why}); "
-                                     "nothing of it was kept. Free space, lower keep_last, or use a larger disk")
+    return StorageFullError(backend, f"no space left on {where} while writing {what} ({why}); nothing of it was "
+                                     f"kept. Free space, {'' if final else 'lower keep_last, '}or use a larger disk")
 
 
 @attrs.define
@@ -448,7 +448,8 @@ class FileBackend:
                     self._discard(target)
             full = no_space(exc)
             if full is not None:
-                raise storage_full(self.name, self.uri(self.root), self.uri(current), full) from full
+                raise storage_full(self.name, self.uri(self.root), self.uri(current), full,
+                                   final=dirname == FINAL_DIR) from full
             if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
                            "checkpoint is committed whole, which a restore checks")

@@ -352,8 +352,9 @@ def test_ckptkit_prune_that_fails_exits_1_naming_backend_and_path_and_loses_noth
 
 @pytest.mark.parametrize("fault", [{"op": "open", "path": "final/final_model.pt"},
                                    {"op": "write", "path": "final/final_model.pt", "nth": 2},
-                                   {"op": "pipe_file", "path": "final/manifest.json"}],
-                         ids=["open", "write", "manifest"])
+                                   {"op": "pipe_file", "path": "final/manifest.json"},
+                                   {"op": "write", "path": "final/final_model.pt", "nth": 2, "error": "ENOSPC"}],
+                         ids=["open", "write", "manifest", "full"])
 def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_path, fault):
     cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
                  final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
@@ -369,6 +370,9 @@ def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_p
     failure = err.value.failures["pub"]
     assert isinstance(failure, BackendError) and failure.backend == "pub"
     assert fault["path"] in str(failure)
+    if fault.get("error") == "ENOSPC":  # the final role has no keep_last to lower
+        assert isinstance(failure, StorageFullError) and "Free space, or use a larger disk" in str(failure)
+        assert "keep_last" not in str(failure)
     text = str(err.value)
     assert "ckptkit publish" in text and str(fallback) in text, text
     # The model waits in the fallback folder; the final backend holds nothing committed.

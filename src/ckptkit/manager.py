@@ -1908,7 +1908,15 @@ class CheckpointManager:
             where = [r.uri for r in saved]
             if not any(fanout.holds_files(r, payload) and callable(getattr(self.router.instances.get(r.backend),
                                                                            "final_ref", None)) for r in saved):
-                where.append(self._write_fallback(payload))
+                try:
+                    where.append(self._write_fallback(payload))
+                except Exception as exc:  # the backends' failures are the ones to fix: kept, not replaced
+                    failures = {**failures, "fallback": exc}
+                    held = f"it is held only at {', '.join(where)}" if where else "it is stored nowhere"
+                    return saved, (f"the final model did not reach every final backend "
+                                   f"({fanout.describe_failures(failures)}), nor the fallback folder "
+                                   f"{self.fallback_dir}: {held}. Fix what failed (free space, or point fallback_dir "
+                                   "at a disk with room) and call finalize again", failures)
             where = ", ".join(where)
             return saved, (f"the final model did not reach every final backend "
                            f"({fanout.describe_failures(failures)}); it is saved at {where}; retry with: "

@@ -431,3 +431,25 @@ def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_p
     assert "Nothing was loaded; retry once it answers and lets this process read them" in text, text
     ck.close()
     assert restored_step(cfg) == 2  # once it may be read, nothing of it was lost
+
+
+def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_the_model_is(tmp_path):
+    """The fallback folder's failure replaced the final backend's: the only one named was the one
+    that had not been asked for, and nothing said that the model was stored nowhere."""
+    cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
+                 final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
+    blocker = tmp_path / "fallback"
+    blocker.write_text("a file where the fallback folder would go")
+    ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(), fallback_dir=blocker)
+    ck.save(step=1, model=model_at(1))
+    ck.wait()
+    ck.router.instances["pub"].faults.add(op="write", path="final/final_model.pt", error="ENOSPC")
+    with pytest.raises(PublishError) as err:
+        ck.finalize(model=model_at(1), step=1)
+    assert sorted(err.value.failures) == ["fallback", "pub"]
+    assert isinstance(err.value.failures["pub"], StorageFullError)
+    text = str(err.value)
+    assert "pub: " in text and "no space left" in text and f"nor the fallback folder {blocker}" in text, text
+    assert "it is stored nowhere" in text and "call finalize again" in text, text
+    ck.close()
+    assert restored_step(cfg) == 1

@@ -24,6 +24,7 @@ from .errors import BackendError, CheckpointError, ConfigError
 from .hashing import HashingWriter, hash_pool, usable_cpus
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .retry import denied
 from .storage import (
     DEFAULT_GRACE_S,
     FINAL_DIR,
@@ -37,6 +38,15 @@ from .storage import (
     written_by_ckptkit,
 )
 from .writes import stoppable, write_files
+
+
+def _refused(exc: BaseException) -> str:
+    """What to do about a write the system refused this process, said after the error."""
+    if denied(exc):
+        return ". This process may not write there: check the folder's owner and mode"
+    if any(getattr(e, "errno", None) == errno.EROFS for e in (exc, exc.__cause__, exc.__context__)):
+        return ". The filesystem is mounted read-only: point the backend at a folder on one this process may write"
+    return ""
 
 
 log = logging.getLogger(__name__)
@@ -375,7 +385,7 @@ class LocalBackend(FileBackend):
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
                                    final=dirname == FINAL_DIR) from full
             raise BackendError(self.name, f"could not make a folder for {dirname} of run {run_name!r} under "
-                                          f"{self.root}: {self.describe(exc)}") from exc
+                                          f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
         return tmp
 
     def _commit(self, tmp: str, dirname: str, manifest: Manifest) -> str:
@@ -448,7 +458,7 @@ class LocalBackend(FileBackend):
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
                                    final=dirname == FINAL_DIR) from full
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
-                                          f"{self.root}: {self.describe(exc)}") from exc
+                                          f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
         self._unstage(tmp, remove=False)
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})

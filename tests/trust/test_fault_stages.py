@@ -453,3 +453,22 @@ def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_t
     assert "it is stored nowhere" in text and "call finalize again" in text, text
     ck.close()
     assert restored_step(cfg) == 1
+
+
+@pytest.mark.parametrize("error, advice", [
+    ("EACCES", "This process may not write there: check the folder's owner and mode"),
+    ("EROFS", "The filesystem is mounted read-only: point the backend at a folder on one this process may write"),
+])
+def test_a_save_the_system_refuses_says_what_to_check(tmp_path, error, advice):
+    root = tmp_path / "flaky"
+    cfg = config({"flaky": {"type": "faultylocal", "path": str(root), "leftover_grace_s": 0}})
+    ck = manager(cfg)
+    ck.save(step=1, model=model_at(1))
+    ck.wait()
+    ck.router.instances["flaky"].faults.add(op="write", path="state.pt", error=error)
+    with pytest.raises(SaveError) as err:
+        ck.save(step=2, model=model_at(2))
+    failure = str(err.value.failures["flaky"])
+    assert "could not store step-0000000002 of run 'run'" in failure and advice in failure, failure
+    ck.close()
+    assert restored_step(cfg) == 1

@@ -333,6 +333,19 @@ def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(t
         assert "out of memory while making the optimizer's state" in r["raised"][1], r
 
 
+def test_a_file_of_the_newest_step_that_one_rank_may_not_read_stops_every_rank_restoring_an_older_one(tmp_path):
+    """Each rank checks its own share of a sharded checkpoint's files: a refusal on rank 1 alone
+    skipped the step, and rank 0, which had seen none, restored the step before it."""
+    cfg = {"run_name": "dist", "backends": {"flaky": {"type": "faultyfs", "path": str(tmp_path / "ckpts")}},
+           "roles": {"resume": {"backends": ["flaky"], "every_n_steps": 1, "keep_last": 3, "format": "dcp"}},
+           "distributed": {"timeout_s": 20}}
+    results = launch(2, "refused_on_one_rank", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)
+    assert results[1]["fired"] >= 1
+    for r in results:
+        assert r["raised"] and r["raised"][0] == "StorageUnavailableError", r
+        assert "step-0000000000 was not read" in r["raised"][1] and "does not let this process read" in r["raised"][1]
+
+
 def test_a_rank_extra_object_that_fails_on_one_rank_fails_every_rank(tmp_path):
     """Rank 1's own data loader refused its saved position: rank 1 raised while rank 0's restore
     returned and trained on, alone."""

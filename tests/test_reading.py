@@ -724,3 +724,22 @@ def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(
         ck.close()
         assert seen == mapped
         assert_same_state(model.state_dict(), states[1])
+
+
+def test_a_refused_read_is_unavailable_not_damaged_and_a_bug_beside_a_refusal_stays_a_bug():
+    from ckptkit.errors import StorageUnavailableError
+    from ckptkit.reading import refusal, storage_failure
+
+    refused = storage_failure("nas", "reading x", PermissionError(13, "Permission denied"))
+    assert isinstance(refused, StorageUnavailableError) and refusal(refused)
+    assert "check the permissions on it, or the credentials this process uses" in str(refused)
+    plain = storage_failure("nas", "reading x", OSError(5, "Input/output error"))
+    assert isinstance(plain, StorageUnavailableError) and not refusal(plain) and "permissions" not in str(plain)
+    try:  # a plugin's own handler failing while it handles a refusal: its bug, named as such by the caller
+        try:
+            raise PermissionError(13, "Permission denied")
+        except PermissionError:
+            raise TypeError("bad handler")  # noqa: B904
+    except TypeError as exc:
+        bug = exc
+    assert storage_failure("nas", "reading x", bug) is bug

@@ -1147,9 +1147,9 @@ class CheckpointManager:
         """Load the newest committed checkpoint across all resume backends into model and optimizer.
 
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
-        warning naming it and why, and the next newest is tried: of another backend only, where
-        that backend's store stopped answering or did not let this process read it (the skipped
-        one may be intact). Objects in ``extra`` (shared
+        warning naming it and why, and the next newest is tried: only another backend's where the
+        store stopped answering, and none older where the storage refused this process a file of
+        it (its permissions, or the credentials used), as the skipped one may be intact. Objects in ``extra`` (shared
         state) and ``rank_extra`` (this rank's own) with ``load_state_dict`` get their saved
         state back (one under a key the checkpoint does not hold keeps its own, named in a
         warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
@@ -1538,8 +1538,11 @@ class CheckpointManager:
         """Every rank's ``problem`` (collective): the reason to skip ``ref`` when all are skippable
         (a ``StorageUnavailableError`` when the storage did not answer any of them), None when
         there were none; raises the first that is not skippable."""
-        problems = [p for p in self.coll.all_gather(f"restore step {ref.step}: {what}", ranks.portable(problem))
-                    if p is not None]
+        gathered = self.coll.all_gather(f"restore step {ref.step}: {what}",
+                                        (ranks.portable(problem), problem is not None and reading.refusal(problem)))
+        if any(refused for _, refused in gathered):  # on any rank: no rank restores an older step past it
+            self.reader.refused_by_storage(ref)
+        problems = [p for p, _ in gathered if p is not None]
         if not problems:
             return None
         if all(isinstance(p, SKIPPABLE) for p in problems):
@@ -1668,6 +1671,13 @@ class CheckpointManager:
             return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                   extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         self._unreachable([], unreachable, resuming=False)
+        unread = [e for e in skipped if isinstance(e, StorageUnavailableError)]
+        if unread:  # may be intact: as restore says
+            raise StorageUnavailableError(
+                unread[0].backend, f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could "
+                f"be read: {len(unread)} could not be read, as the storage did not answer or refused this process, "
+                f"and may be intact ({'; '.join(map(str, skipped))}); retry once it answers and lets this process "
+                "read them")
         if skipped:
             which = "no committed checkpoint is intact" if step is None else f"no copy of step {step} is intact"
             raise CorruptCheckpointError(f"run {self.run_name!r}: {which} ({'; '.join(map(str, skipped))})")
@@ -1911,12 +1921,13 @@ class CheckpointManager:
                 try:
                     where.append(self._write_fallback(payload))
                 except Exception as exc:  # the backends' failures are the ones to fix: kept, not replaced
-                    failures = {**failures, "fallback": exc}
+                    # Named so that no backend can be called it, as "(all)".
+                    failures = {**failures, "(fallback folder)": exc}
                     held = f"it is held only at {', '.join(where)}" if where else "it is stored nowhere"
                     return saved, (f"the final model did not reach every final backend "
                                    f"({fanout.describe_failures(failures)}), nor the fallback folder "
-                                   f"{self.fallback_dir}: {held}. Fix what failed (free space, or point fallback_dir "
-                                   "at a disk with room) and call finalize again", failures)
+                                   f"{self.fallback_dir}: {held}. Fix what the errors say (or pass a fallback_dir "
+                                   "this process may write, with room), then call finalize again", failures)
             where = ", ".join(where)
             return saved, (f"the final model did not reach every final backend "
                            f"({fanout.describe_failures(failures)}); it is saved at {where}; retry with: "

@@ -80,16 +80,19 @@ def storage_failure(backend: str, what: str, exc: BaseException) -> CkptkitError
         error = CorruptCheckpointError(str(exc))
     elif isinstance(exc, BackendError):
         error = StorageUnavailableError(exc.backend, exc.detail)
-    elif denied(exc):
-        error = StorageUnavailableError(backend, f"{what}: {exc}. The storage does not let this process read it, "
-                                                 "which does not make it damaged: check its owner and mode (or the "
-                                                 "store's access policy)")
     elif isinstance(exc, (OSError, RetriesExhausted, TimeoutError)):
-        error = StorageUnavailableError(backend, f"{what}: {exc}")
+        refused = (". The storage does not let this process read it, which does not make it damaged: check the "
+                   "permissions on it, or the credentials this process uses" if denied(exc) else "")
+        error = StorageUnavailableError(backend, f"{what}: {exc}{refused}")
     else:
         return exc  # a bug: not ours to reinterpret
     error.__cause__ = exc
     return error
+
+
+def refusal(failure: BaseException) -> bool:
+    """Is ``failure`` (a typed error) the storage refusing this process a read, not damage?"""
+    return isinstance(failure, StorageUnavailableError) and denied(failure)
 
 
 class Reader:
@@ -99,21 +102,24 @@ class Reader:
         self.router = router
         self.run_name = run_name
         # In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
-        # answering the read of a manifest (retries used up on timeouts or lost connections), or
-        # refused this process a checkpoint's file, each with what happened. Their other
-        # checkpoints are not asked for until a listing shows that they answer again: each would
-        # wait through all of its retries again, and an older step restored past a newer one
-        # that may be intact would train again what that one holds, then save over it.
-        self.silent: dict[str, str] | None = None
+        # answering the read of a manifest (retries used up on timeouts or lost connections).
+        # Their other checkpoints' manifests are not asked for until a listing shows that they
+        # answer again, as each would wait through all of its retries again.
+        self.silent: set[str] | None = None
+        # In such a pass: the newest step of which the storage refused this process a file (its
+        # permissions, or the credentials used), with that checkpoint's address. It may be
+        # intact, so no older step is restored past it, from any backend: training would run
+        # again what it holds, then save over it.
+        self.refused: tuple[int, str] | None = None
 
     @contextlib.contextmanager
     def one_pass(self) -> Iterator[None]:
         """A restore's (or peek's) pass over the candidates of a listing; see ``silent``."""
-        self.silent = {}
+        self.silent, self.refused = set(), None
         try:
             yield
         finally:
-            self.silent = None
+            self.silent, self.refused = None, None
 
     def list_all(self) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """Committed checkpoints across all resume backends, newest first, and the backends
@@ -125,7 +131,7 @@ class Reader:
             try:
                 got = self.router.call(name, "list_checkpoints", run_name=self.run_name)
                 if self.silent:
-                    self.silent.pop(name, None)  # it answers again
+                    self.silent.discard(name)  # it answers again
             except Exception as exc:
                 failure = storage_failure(name, f"listing run {self.run_name!r}", exc)
                 if not isinstance(failure, CkptkitError):
@@ -146,16 +152,22 @@ class Reader:
     def manifest(self, ref: CheckpointRef) -> Manifest:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
         if self.silent and ref.backend in self.silent:
-            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: {self.silent[ref.backend]}")
+            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store stopped answering "
+                                                       "the read of a newer checkpoint's manifest")
+        if self.refused is not None and ref.step < self.refused[0]:
+            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the storage refused this process "
+                                                       f"{self.refused[1]}, which may be intact, and no older step "
+                                                       "is restored past it")
         try:
             manifest = self.router.call(ref.backend, "read_manifest", ref=ref)
         except Exception as exc:
             if self.silent is not None and gave_up(exc):
-                self.silent[ref.backend] = "the store stopped answering the read of a newer checkpoint's manifest"
-            self._refused(ref, exc)
+                self.silent.add(ref.backend)
             failure = storage_failure(ref.backend, f"reading the manifest of {ref.uri}", exc)
             if not isinstance(failure, CkptkitError):  # the plugin's bug: named, and never skipped as damage
                 raise self.router.blame(ref.backend, "read_manifest", exc) from exc
+            if refusal(failure):
+                self.refused_by_storage(ref)
             raise failure from exc
         if not isinstance(manifest, Manifest):
             # The plugin's fault, not the checkpoint's: called damaged, it would be skipped for an
@@ -169,10 +181,10 @@ class Reader:
             raise CorruptCheckpointError(str(exc)) from None
         return manifest
 
-    def _refused(self, ref: CheckpointRef, exc: BaseException) -> None:
-        if self.silent is not None and denied(exc):
-            self.silent[ref.backend] = (f"the storage refused this process a file of the newer {ref.uri}, which may "
-                                        "be intact: no older step of it is restored past that one")
+    def refused_by_storage(self, ref: CheckpointRef) -> None:
+        """Note, in a pass, that the storage refused this process a file of ``ref`` (``refused``)."""
+        if self.silent is not None and (self.refused is None or ref.step > self.refused[0]):
+            self.refused = (ref.step, f"a file of {ref.uri}")
 
     def verify(self, ref: CheckpointRef) -> Manifest:
         """Check every file of a checkpoint against its manifest; return the manifest."""
@@ -321,10 +333,11 @@ class Reader:
                 return read()
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
-            self._refused(ref, exc)
             failure = storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc)
             if not isinstance(failure, CkptkitError):
                 raise self.router.blame(ref.backend, f"open_file (or reading {name} through it)", exc) from exc
+            if refusal(failure):
+                self.refused_by_storage(ref)
             raise failure from exc
 
 

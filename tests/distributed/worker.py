@@ -388,6 +388,28 @@ def main() -> None:
             result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
+    elif scenario == "refused_on_one_rank":
+        # Rank 1 may not read a file of the newest step (its permissions), which only rank 1
+        # checks: every rank must refuse to restore the step before it.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
+        from faults import FaultyFileBackend
+
+        def faulty_pm():
+            pm = make_plugin_manager(autoload=False)
+            pm.add_backend_type("faultyfs", FaultyFileBackend)
+            return pm
+
+        ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
+        train(*build(kind, seed=0), steps=2, ck=ck)
+        ck.close()
+        ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
+        if rank == 1:
+            armed = ck.router.instances["flaky"].faults.add(op="open_read", path="step-0000000001/", error="EACCES",
+                                                             times=None)
+        result["raised"] = restore_raised(ck, *build(kind, seed=1))
+        result["fired"] = armed.fired if rank == 1 else None
+        ck.close()
+
     elif scenario == "extra_target_fails_on_one_rank":
         # rank 1's own object refuses its saved state: every rank's restore raises, none trains on.
         ck = ckptkit.CheckpointManager.from_config(cfg)

@@ -412,25 +412,32 @@ def test_a_sharded_save_that_runs_out_of_space_says_so_and_what_to_do(tmp_path, 
                                    {"op": "open_read", "path": "step-0000000002/state.pt"}],
                          ids=["manifest", "state"])
 def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_path, fault):
-    """A file whose mode or owner keeps this process out (a restart under another user, files
-    written under umask 077) was skipped as if damaged, and the step before it restored: training
-    then ran again what the newer one holds and saved over it."""
-    root = tmp_path / "flaky"
-    cfg = config({"flaky": {"type": "faultyfs", "path": str(root)}}, keep_last=3)
-    with manager(cfg) as ck:
+    """A file whose permissions keep this process out (a restart under another user, files
+    written under umask 077) was skipped as if damaged, and the step before it restored, from the
+    same backend or another one: training then ran again what the newer one holds and saved over it."""
+    both = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")},
+                   "other": {"type": "local", "path": str(tmp_path / "other")}}, keep_last=3)
+    with manager(both) as ck:
         ck.save(step=1, model=model_at(1))
-        ck.save(step=2, model=model_at(2))
-    ck = manager(cfg)
+    with manager(config({"flaky": both["backends"]["flaky"]}, keep_last=3)) as ck:
+        ck.save(step=2, model=model_at(2))  # on flaky alone
+    ck = manager(both)
     armed = ck.router.instances["flaky"].faults.add(**fault, error="EACCES", times=None)
     with pytest.raises(StorageUnavailableError) as err:
         ck.restore(model=model_at(-7))
     assert armed.fired == 1
     text = str(err.value)
     assert "step-0000000002" in text and "does not let this process read it" in text, text
-    assert "check its owner and mode" in text and "step-0000000001 was not read" in text, text
+    assert "check the permissions on it, or the credentials this process uses" in text, text
+    assert "flaky/run/step-0000000001 was not read" in text and "other/run/step-0000000001 was not read" in text
     assert "Nothing was loaded; retry once it answers and lets this process read them" in text, text
+    if fault["op"] == "cat_file":
+        with pytest.raises(StorageUnavailableError):  # peek says the same, not "none is intact"
+            ck.peek()
+    else:
+        assert ck.peek().step == 2  # which reads no state file
     ck.close()
-    assert restored_step(cfg) == 2  # once it may be read, nothing of it was lost
+    assert restored_step(both) == 2  # once it may be read, nothing of it was lost
 
 
 def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_the_model_is(tmp_path):
@@ -446,7 +453,7 @@ def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_t
     ck.router.instances["pub"].faults.add(op="write", path="final/final_model.pt", error="ENOSPC")
     with pytest.raises(PublishError) as err:
         ck.finalize(model=model_at(1), step=1)
-    assert sorted(err.value.failures) == ["fallback", "pub"]
+    assert sorted(err.value.failures) == ["(fallback folder)", "pub"]
     assert isinstance(err.value.failures["pub"], StorageFullError)
     text = str(err.value)
     assert "pub: " in text and "no space left" in text and f"nor the fallback folder {blocker}" in text, text

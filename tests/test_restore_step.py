@@ -168,7 +168,10 @@ def test_saving_after_restoring_an_older_step_is_refused_until_the_newer_steps_a
     before = sorted(os.listdir(run))
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     model, opt = make_model(seed=7)
-    assert ck.restore(model, opt, step=3).step == 3
+    # Told at once, not only at the first save that is due (every_n_steps away).
+    with pytest.warns(RuntimeWarning, match=r"run 'exp' holds checkpoints newer than the restored step 3 \(up to "
+                                            r"step 5\): every save to it is refused with RunConflictError"):
+        assert ck.restore(model, opt, step=3).step == 3
     for _ in range(2):  # refused again, not only once
         with pytest.raises(RunConflictError, match=r"run 'exp': step 3 was restored, but the run holds newer "
                                                    r"checkpoints up to step 5.*keep_last.*new run name.*"

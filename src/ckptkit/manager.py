@@ -1269,6 +1269,12 @@ class CheckpointManager:
                 # Newer steps (or a backend that may hold some): the first save checks the run again.
                 self._rolled_back = (step, newest if newest > step else None)
                 self._run_checked = False
+                if newest > step and self.config.resume is not None and ranks.rank() == 0:
+                    # Said now: the first save that is due, which refuses, may be hours of training away.
+                    warnings.warn(f"run {self.run_name!r} holds checkpoints newer than the restored step {step} (up "
+                                  f"to step {newest}): every save to it is refused with RunConflictError until "
+                                  "they are removed; to train on from here, save under a new run name",
+                                  RuntimeWarning, stacklevel=2)
             else:
                 self._rolled_back = None
                 self._run_checked = True

@@ -1091,9 +1091,16 @@ class CheckpointManager:
             return None
         detail = fanout.describe_failures(unreachable)
         if not found:
-            advice = ("Starting from step 0 could throw away training; restore again once the storage answers, "
-                      "or remove the backend from roles.resume.backends to start without it" if resuming else
-                      "Try again once the storage answers (check its address and credentials)")
+            if any(reading.refusal(e) for e in unreachable.values()):
+                # What it holds may be there and readable once this process may read it: leaving
+                # the backend out would throw that away.
+                advice = ("Starting from step 0 could throw away training; give this process access to it "
+                          "(permissions, or credentials), then restore again" if resuming else
+                          "Give this process access to it (permissions, or credentials), then try again")
+            else:
+                advice = ("Starting from step 0 could throw away training; restore again once the storage answers, "
+                          "or remove the backend from roles.resume.backends to start without it" if resuming else
+                          "Try again once the storage answers (check its address and credentials)")
             error = StorageUnavailableError(
                 next(iter(unreachable)),
                 f"run {self.run_name!r}: no checkpoint was found, and these resume backends could not be "

@@ -479,3 +479,20 @@ def test_a_save_the_system_refuses_says_what_to_check(tmp_path, error, advice):
     assert "could not store step-0000000002 of run 'run'" in failure and advice in failure, failure
     ck.close()
     assert restored_step(cfg) == 1
+
+
+def test_a_run_this_process_may_not_list_is_not_taken_for_an_empty_one_and_the_advice_fits(tmp_path):
+    """A step folder the system refused to open made the listing fail, and the advice was to leave
+    the backend out of roles.resume.backends: what it holds would be thrown away."""
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}})
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+    ck = manager(cfg)
+    ck.router.instances["flaky"].faults.add(op="find", error="EACCES", times=None)
+    with pytest.raises(StorageUnavailableError) as err:
+        ck.restore(model=model_at(-7))
+    text = str(err.value)
+    assert "could not be listed" in text and "give this process access to it (permissions, or credentials)" in text
+    assert "remove the backend" not in text, text
+    ck.close()
+    assert restored_step(cfg) == 1

@@ -87,7 +87,14 @@ def embedded_uri(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).search_experiments()
+    # Made in its own folder: MLflow puts the Default experiment's artifacts under ./mlruns of
+    # the folder a store is made in, which was the checkout that every test worker shares.
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        MlflowClient(uri).search_experiments()
+    finally:
+        os.chdir(here)
     return uri
 
 

@@ -189,6 +189,33 @@ def test_unrecoverable_fault_leaves_nothing_committed(pm, gcs_backend_options, m
     assert keys(gcs_endpoint, f"{bucket}/ckpts/run") == []
 
 
+@pytest.mark.parametrize("what", ["manifest.json", "state.pt"])
+def test_a_newest_checkpoint_the_bucket_refuses_to_this_process_is_not_restored_past(
+        pm, gcs_backend_options, make_fault_proxy, gcs_port, bucket, what):
+    """gcsfs answers a 403 with a plain OSError: read as "could not be read" like any other, the
+    step before the refused one was restored, and training would then save over the refused one."""
+    from ckptkit import StorageUnavailableError
+
+    proxy = make_fault_proxy(gcs_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    options = {"archive": gcs_backend_options(endpoint=proxy.url, retry={"attempts": 1})}
+    with manager(pm, options, ["archive"], keep_last=3) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model(step))
+    denied = proxy.add(FaultT(lambda m, p: m == "GET" and f"step-0000000002%2F{what}" in p, status=403, times=None,
+                              body=b'{"error": {"code": 403, "message": "denied"}}'))
+    ck = manager(pm, options, ["archive"], keep_last=3)
+    with pytest.raises(StorageUnavailableError) as err:
+        ck.restore(model=model(7))
+    assert denied.hits >= 1
+    text = str(err.value)
+    assert "Forbidden" in text and "does not let this process read it" in text, text
+    assert "step-0000000001 was not read" in text, text
+    proxy.clear()
+    assert ck.restore(model=model(7)).step == 2
+    ck.close()
+
+
 @pytest.mark.timeout(30)
 def test_a_hung_store_fails_the_save_and_is_not_nothing_to_resume(pm, gcs_backend_options, silent_server, bucket):
     """A server that accepts and never answers. With one try per request (gcsfs's own retries

@@ -10,6 +10,7 @@ gcloud, the metadata server) or from ``storage_options.token``; never from the Y
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
 import logging
 import math
@@ -138,6 +139,12 @@ async def _bounded_request(self: _GCSFileSystem, method: str, path: str, *args: 
         url = self._format_path(path, args).split("?", 1)[0]
         raise RequestStalled(f"{method} {url} ({sent} bytes sent) was not done within {deadline:.1f} s "
                              f"(the store's timeout, the bodies at {_MIN_RATE // 1024} KiB/s at least)") from exc
+    except OSError as exc:  # below TimeoutError, itself an OSError
+        # gcsfs answers a 403 with a plain OSError("Forbidden: ..."); as the PermissionError s3fs
+        # and the local disk give, ckptkit tells a refused read from damage (it may be intact).
+        if type(exc) is OSError and str(exc).startswith("Forbidden:"):
+            raise PermissionError(errno.EACCES, str(exc)) from exc
+        raise
 
 
 class GCSBackend(FileBackend):

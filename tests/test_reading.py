@@ -743,3 +743,27 @@ def test_a_refused_read_is_unavailable_not_damaged_and_a_bug_beside_a_refusal_st
     except TypeError as exc:
         bug = exc
     assert storage_failure("nas", "reading x", bug) is bug
+
+
+def test_a_pass_over_the_checkpoints_belongs_to_the_thread_that_made_it(tmp_path, pm):
+    """The prune thread reads manifests (keep_best) while a peek's pass may be open: a refusal or
+    a silent store in one must not stop the other's reads."""
+    from ckptkit.reading import Reader
+
+    cfg = local_config(tmp_path, final=False)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        model, opt = make_model()
+        for step in (1, 2):
+            ck.save(step=step, model=model, optimizer=opt)
+        older, newer = sorted(ck.list_checkpoints(), key=lambda r: r.step)
+        reader: Reader = ck.reader
+        got = []
+        with reader.one_pass():
+            reader.refused_by_storage(newer)
+            with pytest.raises(StorageUnavailableError, match="no older step is restored past it"):
+                reader.manifest(older)
+            other = threading.Thread(target=lambda: got.append(reader.manifest(older).step))
+            other.start()
+            other.join()
+        assert got == [1]
+        assert reader.manifest(older).step == 1  # and none of it outlives the pass

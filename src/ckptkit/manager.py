@@ -1705,32 +1705,44 @@ class CheckpointManager:
         """
         self._check_open()
         _outside_checkpoints(os.fspath(out), self.router.instances.values())
-        for ref in self.list_checkpoints(step=step):
-            try:
-                manifest = self.reader.manifest(ref)
-                if manifest.format == FILES_FORMAT:
-                    raise IncompatibleCheckpointError(
-                        f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
-                        "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
-                        "with the tool that wrote it")
-                if manifest.format == "dcp":
-                    with reading.scratch("export") as workdir, reading.unchanged(ref, manifest.files) as unchanged:
-                        # Read once, from what was verified.
-                        folder = self.reader.fetch(ref, manifest, workdir)
-                        model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
-                                                                           manifest.files))
-                        unchanged()
-                else:
-                    model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
-            except SKIPPABLE as exc:
-                warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
-                continue
-            body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
-                    "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
-            _write_whole(os.fspath(out), lambda f: torch.save(body, f))
-            return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics), extra={},
-                            mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        skipped: list[Exception] = []
+        # One pass: a newest step the storage would not let this process read is not passed over
+        # for an older one, which would then go out as the newest model.
+        with self.reader.one_pass():
+            for ref in self.list_checkpoints(step=step):
+                try:
+                    manifest = self.reader.manifest(ref)
+                    if manifest.format == FILES_FORMAT:
+                        raise IncompatibleCheckpointError(
+                            f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
+                            "not model state ckptkit can read: fetch it with restore_files(dest) and export it "
+                            "with the tool that wrote it")
+                    if manifest.format == "dcp":
+                        with reading.scratch("export") as workdir, reading.unchanged(ref, manifest.files) as unchanged:
+                            # Read once, from what was verified.
+                            folder = self.reader.fetch(ref, manifest, workdir)
+                            model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
+                                                                               manifest.files))
+                            unchanged()
+                    else:
+                        model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
+                except SKIPPABLE as exc:
+                    warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
+                    skipped.append(exc)
+                    continue
+                body = {"model": gather.cast(model_state, dtype), "step": manifest.step, "epoch": manifest.epoch,
+                        "metrics": dict(manifest.metrics), "algorithm": self.config.algorithm}
+                _write_whole(os.fspath(out), lambda f: torch.save(body, f))
+                return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics), extra={},
+                                mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         which = f"step {step}" if step is not None else "any step"
+        unread = [e for e in skipped if isinstance(e, StorageUnavailableError)]
+        if unread:
+            raise StorageUnavailableError(
+                unread[0].backend, f"run {self.run_name!r}: nothing was exported from {which}: {len(unread)} "
+                "checkpoint(s) could not be read, as the storage did not answer or refused this process, and "
+                f"may be intact ({'; '.join(map(str, skipped))}); retry once it answers and lets this process "
+                "read them")
         raise CorruptCheckpointError(f"run {self.run_name!r} has no verified checkpoint at {which} to export")
 
     # -- folders of files (a framework's own checkpoint) ------------------------------------

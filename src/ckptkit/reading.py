@@ -24,6 +24,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 from concurrent import futures
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -101,25 +102,35 @@ class Reader:
     def __init__(self, router: Router, run_name: str):
         self.router = router
         self.run_name = run_name
-        # In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
-        # answering the read of a manifest (retries used up on timeouts or lost connections).
-        # Their other checkpoints' manifests are not asked for until a listing shows that they
-        # answer again, as each would wait through all of its retries again.
-        self.silent: set[str] | None = None
-        # In such a pass: the newest step of which the storage refused this process a file (its
-        # permissions, or the credentials used), with that checkpoint's address. It may be
-        # intact, so no older step is restored past it, from any backend: training would run
-        # again what it holds, then save over it.
-        self.refused: tuple[int, str] | None = None
+        # A pass belongs to the thread that makes it: the prune thread reads manifests too
+        # (keep_best), maybe while a peek's pass is open, and neither may stop the other's reads.
+        self._pass = threading.local()
+
+    @property
+    def silent(self) -> set[str] | None:
+        """In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
+        answering the read of a manifest (retries used up on timeouts or lost connections).
+        Their other checkpoints' manifests are not asked for until a listing shows that they
+        answer again, as each would wait through all of its retries again."""
+        return getattr(self._pass, "silent", None)
+
+    @property
+    def refused(self) -> tuple[int, str] | None:
+        """In such a pass: the newest step of which the storage refused this process a file (its
+        permissions, or the credentials used), with that checkpoint's address. It may be intact,
+        so no older step is restored past it, from any backend: training would run again what it
+        holds, then save over it."""
+        return getattr(self._pass, "refused", None)
 
     @contextlib.contextmanager
     def one_pass(self) -> Iterator[None]:
-        """A restore's (or peek's) pass over the candidates of a listing; see ``silent``."""
-        self.silent, self.refused = set(), None
+        """A restore's (peek's, export's) pass over the candidates of a listing, on this thread;
+        see ``silent`` and ``refused``."""
+        self._pass.silent, self._pass.refused = set(), None
         try:
             yield
         finally:
-            self.silent, self.refused = None, None
+            self._pass.silent, self._pass.refused = None, None
 
     def list_all(self) -> tuple[list[CheckpointRef], dict[str, CkptkitError]]:
         """Committed checkpoints across all resume backends, newest first, and the backends
@@ -184,7 +195,7 @@ class Reader:
     def refused_by_storage(self, ref: CheckpointRef) -> None:
         """Note, in a pass, that the storage refused this process a file of ``ref`` (``refused``)."""
         if self.silent is not None and (self.refused is None or ref.step > self.refused[0]):
-            self.refused = (ref.step, f"a file of {ref.uri}")
+            self._pass.refused = (ref.step, f"a file of {ref.uri}")
 
     def verify(self, ref: CheckpointRef) -> Manifest:
         """Check every file of a checkpoint against its manifest; return the manifest."""

@@ -436,6 +436,9 @@ def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_p
             ck.peek()
     else:
         assert ck.peek().step == 2  # which reads no state file
+    with pytest.raises(StorageUnavailableError, match="nothing was exported from any step"):
+        ck.export(tmp_path / "model.pt")  # not step 1's model, as if it were the newest
+    assert not (tmp_path / "model.pt").exists()
     ck.close()
     assert restored_step(both) == 2  # once it may be read, nothing of it was lost
 

@@ -331,6 +331,31 @@ def test_a_store_that_stops_answering_after_the_listing_is_unavailable_not_corru
         manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=model())
 
 
+@pytest.mark.parametrize("what", [MANIFEST_NAME, "state.pt"])
+def test_a_newest_checkpoint_the_bucket_refuses_to_this_process_is_not_restored_past(
+        pm, s3_backend_options, make_fault_proxy, moto_port, what):
+    """An AccessDenied (a bucket policy, keys without read rights) is no damage: the step before
+    it is not restored, as training would then save over the refused one."""
+    proxy = make_fault_proxy(moto_port)
+    opts = {"archive": s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)}
+    with manager(pm, opts, ["archive"], keep_last=3) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model(step))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    denied = proxy.add(FaultT(lambda m, p: m in ("GET", "HEAD") and p.split("?")[0].endswith(f"step-0000000002/{what}"),
+                              status=403, times=None,
+                              body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
+    ck = manager(pm, opts, ["archive"], keep_last=3)
+    with pytest.raises(ckptkit.StorageUnavailableError) as err:
+        ck.restore(model=model(7))
+    assert denied.hits >= 1
+    text = str(err.value)
+    assert "does not let this process read it" in text and "step-0000000001 was not read" in text, text
+    proxy.clear()
+    assert ck.restore(model=model(7)).step == 2
+    ck.close()
+
+
 def test_local_and_remote_resume_newest_across_both_wins(pm, s3_backend_options, tmp_path):
     both = {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}, "archive": s3_backend_options()}
     # Step 5 only on S3 (a job that lost its scratch disk), step 3 on both.

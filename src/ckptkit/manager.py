@@ -1156,10 +1156,10 @@ class CheckpointManager:
         Call it on every rank. A checkpoint that is damaged or cannot be read is skipped with a
         warning naming it and why, and the next newest is tried: only another backend's where the
         store stopped answering, and none older where the storage refused this process a file of
-        it (its permissions, or the credentials used), as the skipped one may be intact. Objects in ``extra`` (shared
-        state) and ``rank_extra`` (this rank's own) with ``load_state_dict`` get their saved
-        state back (one under a key the checkpoint does not hold keeps its own, named in a
-        warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
+        it (its permissions, or the credentials used), as the skipped one may be intact. Objects
+        in ``extra`` (shared state) and ``rank_extra`` (this rank's own) with ``load_state_dict``
+        get their saved state back (one under a key the checkpoint does not hold keeps its own,
+        named in a warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
         world size, rank r gets what saved rank r saved, and ranks without saved state are
         named in a warning and in ``Restored.ranks_without_state``. ``safe_globals`` lists extra
         types that ``torch.load(weights_only=True)`` may rebuild.
@@ -1302,9 +1302,9 @@ class CheckpointManager:
             raise StorageUnavailableError(
                 silent[0],
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored: "
-                f"{len(silent)} could not be read, as the storage did not answer or refused this process, and may be intact "
-                f"({'; '.join(skipped)}). Nothing was loaded; retry once it answers and lets this process "
-                "read them")
+                f"{len(silent)} could not be read, as the storage did not answer or refused this process, and "
+                f"may be intact ({'; '.join(skipped)}). Nothing was loaded; retry once it answers and lets this "
+                "process read them")
         if skipped and step is not None:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
@@ -1843,9 +1843,9 @@ class CheckpointManager:
         if silent:
             raise StorageUnavailableError(
                 silent[0], f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be "
-                f"fetched: {len(silent)} could not be read, as the storage did not answer or refused this process, and may be intact "
-                f"({'; '.join(skipped)}). Nothing was written; retry once it answers and lets this process "
-                "read them")
+                f"fetched: {len(silent)} could not be read, as the storage did not answer or refused this "
+                f"process, and may be intact ({'; '.join(skipped)}). Nothing was written; retry once it answers "
+                "and lets this process read them")
         if skipped:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be fetched "

@@ -197,6 +197,17 @@ def test_scratch_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
     assert not dead.exists() and alive.exists() and unrelated.exists()
 
 
+def test_a_scratch_folder_this_machine_cannot_make_is_its_failure_not_the_storages(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "tmp"
+    not_a_folder.write_text("a file where the temporary folder should be")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    with pytest.raises(ckptkit.LocalWriteError, match="point TMPDIR at a folder with room") as err:
+        with reading.scratch("restore"):
+            pass
+    assert f"could not make a scratch folder in {not_a_folder}" in str(err.value)
+    assert isinstance(err.value.__cause__, NotADirectoryError)
+
+
 def test_scratch_folders_of_another_machine_are_swept_only_once_idle_for_a_day(tmp_path, monkeypatch):
     """A TMPDIR shared by nodes or containers: a process id there means nothing here, and a
     restore running on another node lost its download (it then resumed the step before)."""

@@ -44,6 +44,13 @@ class StorageFullError(BackendError):
     """The storage ran out of space (or quota) while a checkpoint was written."""
 
 
+class LocalWriteError(CkptkitError):
+    """This machine could not write a file that a checkpoint is read into: the scratch copy of a
+    remote checkpoint that a restore, verify, export or publish downloads, or ``restore_files``'
+    folder. A full or read-only disk here, not damage to the checkpoint, nor its storage's
+    failure: the error names the file and its ``__cause__`` is the ``OSError``."""
+
+
 class CheckpointError(CkptkitError):
     """A stored checkpoint is missing, corrupt or cannot be loaded safely."""
 

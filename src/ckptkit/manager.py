@@ -39,6 +39,7 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    LocalWriteError,
     PublishError,
     RanksDisagreeError,
     RunConflictError,
@@ -360,6 +361,8 @@ def _source_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 
 # Left in a folder restore_files filled, which a later restore_files may then replace whole.
 _FILLED = ".ckptkit-restored"
+_FILES_ADVICE = ("restore_files copies the checkpoint's files into a new folder beside the one it fills: free space "
+                 "on that disk, or give it a folder where this process may write and that has room for the checkpoint")
 
 
 def _holds(folder: str, manifest: Manifest) -> bool:
@@ -1867,15 +1870,21 @@ class CheckpointManager:
                                    f"({', '.join(others[:5]) or 'it is a link'}), and restore_files replaces the "
                                    "folder whole; give it a folder of its own, such as one named after {step}")
         parent, base = os.path.split(target)
-        os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{base}.ckptkit-{uuid.uuid4().hex[:12]}")
-        os.mkdir(tmp)
         try:
-            open(os.path.join(tmp, _FILLED), "w").close()
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(tmp)
+        except OSError as exc:
+            raise LocalWriteError(f"restore_files: could not make {tmp} ({exc}). {_FILES_ADVICE}") from exc
+        try:
+            try:
+                open(os.path.join(tmp, _FILLED), "w").close()
+            except OSError as exc:
+                raise LocalWriteError(f"restore_files: could not write into {tmp} ({exc}). {_FILES_ADVICE}") from exc
             for name, entry in manifest.files.items():
                 def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
                     with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
-                            open(os.path.join(tmp, name), "wb") as dst:
+                            reading.LocalCopy(os.path.join(tmp, name), f"{ref.uri}/{name}", _FILES_ADVICE) as dst:
                         return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
                 size, digest = self.reader.reading(ref, name, copy)

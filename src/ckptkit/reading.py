@@ -39,10 +39,11 @@ from .errors import (
     CkptkitError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    LocalWriteError,
     StorageUnavailableError,
     UnsafeCheckpointError,
 )
-from .hashing import CHUNK, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
+from .hashing import CHUNK, WriteOnly, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
 from .manifest import FileEntry, Manifest
 from .retry import RetriesExhausted, RetryPolicy, denied, gave_up
@@ -73,7 +74,7 @@ _READ_CHUNK = 256 * 1024
 def storage_failure(backend: str, what: str, exc: BaseException) -> CkptkitError:
     """The typed error for ``exc`` raised while ``what`` on ``backend``, keeping it as the cause."""
     if isinstance(exc, (UnsafeCheckpointError, IncompatibleCheckpointError, CorruptCheckpointError,
-                        StorageUnavailableError)):
+                        StorageUnavailableError, LocalWriteError)):
         return exc
     if isinstance(exc, FileNotFoundError):
         error: CkptkitError = CorruptCheckpointError(f"{what}: a file is missing ({exc})")
@@ -325,7 +326,8 @@ class Reader:
         path = os.path.join(workdir, name)
 
         def copy() -> tuple[int, str]:
-            with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, open(path, "wb") as dst:
+            with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
+                    LocalCopy(path, f"{ref.uri}/{name}", _SCRATCH_ADVICE) as dst:
                 return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
         _compare(ref, name, entry, *self.reading(ref, name, copy))
@@ -345,6 +347,8 @@ class Reader:
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
             failure = storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc)
+            if failure is exc and isinstance(exc, CkptkitError):
+                raise  # already says what failed, with its own cause
             if not isinstance(failure, CkptkitError):
                 raise self.router.blame(ref.backend, f"open_file (or reading {name} through it)", exc) from exc
             if refusal(failure):
@@ -376,6 +380,56 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
         for name in big:
             done[name] = pending[name].result()
     return {name: done[name] for name in names}
+
+
+_SCRATCH_ADVICE = ("A checkpoint on remote storage is downloaded into a scratch folder before it is loaded or "
+                   "verified: free space there, or point TMPDIR at a folder with room for the checkpoint")
+
+
+class LocalCopy(WriteOnly):
+    """The file on this machine that a download of ``source`` is written to, for ``copy_hashed``. Its
+    failures (a full or read-only disk) are this machine's, not the storage's: they are raised
+    as ``LocalWriteError`` naming the file and saying what to do (``advice``), so that they are
+    neither retried as the storage's nor taken for a damaged checkpoint or one the storage
+    refuses this process."""
+
+    def __init__(self, path: str, source: str, advice: str):
+        self.path = path
+        self.source = source
+        self.advice = advice
+        self._file: Any = None
+
+    def _failure(self, exc: OSError) -> LocalWriteError:
+        error = LocalWriteError(f"could not write {self.path}, the copy of {self.source} on this machine ({exc}); "
+                                f"{self.source} is not at fault. {self.advice}")
+        error.__cause__ = exc
+        return error
+
+    def __enter__(self) -> LocalCopy:
+        try:
+            self._file = open(self.path, "wb")
+        except OSError as exc:
+            raise self._failure(exc) from exc
+        return self
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            self._file.close()  # writes what is still buffered
+        except OSError as exc:
+            if kind is None:
+                raise self._failure(exc) from exc
 
 
 def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
@@ -589,7 +643,11 @@ def scratch(kind: str) -> Iterator[str]:
     processes that were killed before they could clean up (see ``sweep_scratch``).
     """
     sweep_scratch()
-    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
+    try:
+        path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
+    except OSError as exc:
+        raise LocalWriteError(f"could not make a scratch folder in {tempfile.gettempdir()} ({exc}). "
+                              f"{_SCRATCH_ADVICE}") from exc
     try:
         yield path
     finally:

@@ -11,8 +11,13 @@ own stages.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import resource
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -441,6 +446,68 @@ def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_p
     assert not (tmp_path / "model.pt").exists()
     ck.close()
     assert restored_step(both) == 2  # once it may be read, nothing of it was lost
+
+
+# Restores a faultyfs run in a process that may write no file past 16 KiB (RLIMIT_FSIZE, with
+# SIGXFSZ ignored so that the write fails with EFBIG instead of killing it): the disk this
+# machine downloads to is full, the checkpoint's storage is not.
+_SMALL_DISK = textwrap.dedent("""
+    import json, sys, torch, ckptkit
+    from ckptkit.plugins import make_plugin_manager
+    from trust.faults import FaultyFileBackend
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faultyfs", FaultyFileBackend)
+    cfg, dest = json.loads(sys.argv[1]), sys.argv[2]
+    out = {}
+    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        for what, call in (("restore", lambda: ck.restore(model=torch.nn.Linear(256, 64))),
+                           ("restore_files", lambda: ck.restore_files(dest))):
+            try:
+                call()
+                out[what] = None
+            except ckptkit.CkptkitError as exc:
+                out[what] = [type(exc).__name__, str(exc), repr(exc.__cause__)]
+    print(json.dumps(out))
+""")
+
+
+def _small_disk() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # kept through exec: ignored dispositions are
+
+
+def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_past(tmp_path):
+    """Downloading a remote checkpoint into a scratch folder on a full disk was told as the
+    storage not answering or refusing this process ("check the permissions on it, or the
+    credentials"), after every step had been tried: the user looked at the bucket, not at TMPDIR."""
+    cfg = config({"remote": {"type": "faultyfs", "path": str(tmp_path / "remote")}}, keep_last=3)
+    with manager(cfg) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model_at(step))
+    scratch, dest = tmp_path / "scratch", tmp_path / "restored"
+    scratch.mkdir()
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TMPDIR": str(scratch),
+           "PYTHONPATH": os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, "-c", _SMALL_DISK, json.dumps(cfg), str(dest)], env=env,
+                         preexec_fn=_small_disk, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    kind, text, cause = out["restore"]
+    assert kind == "LocalWriteError", text
+    assert str(scratch) in text and "File too large" in text and "step-0000000002/state.pt is not at fault" in text, text
+    assert "point TMPDIR at a folder with room" in text, text
+    assert "step-0000000001" not in text, text  # no older step tried
+    assert "permissions" not in text and "credentials" not in text, text
+    assert cause.startswith("OSError(27, "), cause  # the disk's own error (EFBIG), kept as the cause
+    assert "did not answer" not in run.stderr, run.stderr  # nor warned of as the storage's skip
+    kind, text, _ = out["restore_files"]
+    assert kind == "LocalWriteError", text
+    assert str(tmp_path) in text and "restore_files copies the checkpoint's files" in text, text
+    assert not dest.exists() and os.listdir(tmp_path) == sorted(os.listdir(tmp_path))  # nothing half-filled
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".restored")] == []
+    assert os.listdir(scratch) == []  # the scratch folders went
+    assert restored_step(cfg) == 2  # nothing of the checkpoints was touched
 
 
 def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_the_model_is(tmp_path):

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import struct
 
@@ -651,3 +652,136 @@ def test_publish_from_a_folder_reads_its_manifest_only_if_it_is_a_regular_file(t
     out = _finishes(lambda: source_from_folder(folder))
     assert isinstance(out.get("error"), ckptkit_errors.CheckpointError)
     assert "manifest.json" in str(out["error"])
+
+
+# -- shards that DCP itself would read into harm -------------------------------------------
+
+
+def _crafted_dcp(tmp_path, change, remote=False):
+    """A sharded checkpoint whose ``.metadata`` (and shards) ``change(metadata, folder)`` edits,
+    its manifest resealed as an attacker who controls the store would. ``remote``: read through
+    ckptkit's object-store backend (over the same folder), which downloads before DCP reads."""
+    from trust.faults import FaultyFileBackend
+
+    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    metadata = _metadata(folder)
+    change(metadata, folder)
+    _write_metadata(folder, metadata)
+    rewrite_manifest(folder)
+    pm = make_plugin_manager(autoload=False)
+    if remote:
+        pm.add_backend_type("faultyfs", FaultyFileBackend)
+        cfg["backends"]["scratch"]["type"] = "faultyfs"
+    return CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def _refused_everywhere(tmp_path, ck, message) -> None:
+    """verify, restore and export each refuse the checkpoint with ``message``; nothing is exported."""
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=message):
+        ck.verify(ck.list_checkpoints()[0])
+    model, opt = make_model(seed=3)
+    with pytest.warns(RuntimeWarning, match=message), pytest.raises(ckptkit_errors.CorruptCheckpointError):
+        ck.restore(model, opt)
+    with pytest.warns(RuntimeWarning, match=message), \
+            pytest.raises(ckptkit_errors.CorruptCheckpointError, match="no verified checkpoint"):
+        ck.export(tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    ck.close()
+
+
+def _item(metadata, fqn):
+    return next(k for k in metadata.storage_data if k.fqn == fqn)
+
+
+@pytest.mark.parametrize("fqn", ["model.0.weight", "optimizer.param_groups.0.lr"], ids=["tensor", "bytes"])
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "object store"])
+def test_a_compressed_record_in_a_shard_is_refused_before_dcp_unpacks_it(tmp_path, remote, fqn):
+    """DCP loads each tensor item with torch.load, which unpacks a deflated record whole: a
+    1 MB shard took 1 GB on restore and export. Here 32 MiB of zeros packed into a few KB. A
+    bytes item was refused only once DCP's load had begun, as a misfit of the model."""
+    import zipfile
+
+    plain = io.BytesIO()
+    torch.save(torch.zeros(8 * 2**20), plain)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(plain.getvalue())) as src, \
+            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    bomb = packed.getvalue()
+    assert len(bomb) < 2**20
+
+    def plant(metadata, folder):
+        index = _item(metadata, fqn)
+        shard = folder / metadata.storage_data[index].relative_path
+        offset = shard.stat().st_size
+        with open(shard, "ab") as f:
+            f.write(bomb)
+        metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], offset=offset,
+                                                           length=len(bomb))
+
+    _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, plant, remote),
+                        rf"item '{re.escape(fqn)}' in __0_0\.distcp holds a compressed record")
+
+
+def test_an_item_stored_through_a_transform_is_refused_unread(tmp_path):
+    """DCP unpacks an item stored through a transform (zstd) whole, before anything checks a byte
+    of it: a 49 KB shard took 2 GB. ckptkit writes none."""
+    def transform(metadata, folder):
+        index = _item(metadata, "model.0.weight")
+        metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index],
+                                                           transform_descriptors=["stream.zstd/1"])
+
+    _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, transform), r"through \['stream\.zstd/1'\], which ckptkit "
+                                                                     "never writes")
+
+
+@pytest.mark.parametrize("lie", ["overlapping", "outside"])
+def test_chunks_that_overlap_or_reach_outside_their_tensor_are_refused(tmp_path, lie):
+    """Two chunks at the same offset, each half the tensor, add up to its size: verify passed,
+    export wrote the half never read as whatever memory held (another tensor freed a moment
+    before), and publish registered it as the final model."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    def chunks(metadata, folder):
+        md = metadata.state_dict_metadata["model.0.weight"]  # 32 x 16
+        second = [0, 0] if lie == "overlapping" else [16, 8]
+        md.chunks = [ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([16, 16])),
+                     ChunkStorageMetadata(offsets=torch.Size(second), sizes=torch.Size([16, 16]))]
+
+    _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, chunks), r"gives 'model\.0\.weight' chunks that overlap or "
+                                                                  "reach outside it")
+
+
+def test_an_item_placed_past_the_end_of_its_file_is_refused(tmp_path):
+    def past_the_end(metadata, folder):
+        index = _item(metadata, "model.2.bias")
+        info = metadata.storage_data[index]
+        size = (folder / info.relative_path).stat().st_size
+        metadata.storage_data[index] = dataclasses.replace(info, offset=size - 10, length=info.length)
+
+    _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, past_the_end), r"places an item at bytes \d+ to \d+ of "
+                                                                        r"__0_0\.distcp, which has \d+")
+
+
+def test_shards_that_do_not_fit_their_metadata_are_a_corrupt_checkpoint_for_export(tmp_path, capsys):
+    """A tensor item pointing at another tensor's bytes (of another shape) made export raise
+    DCP's own CheckpointException, and the command line print two tracebacks."""
+    def swapped(metadata, folder):
+        weight, bias = _item(metadata, "model.0.weight"), _item(metadata, "model.0.bias")
+        metadata.storage_data[weight] = metadata.storage_data[bias]
+
+    ck = _crafted_dcp(tmp_path, swapped)
+    with pytest.warns(RuntimeWarning, match=r"its shards do not fit its \.metadata \(\w+Error: "), \
+            pytest.raises(ckptkit_errors.CorruptCheckpointError, match="no verified checkpoint"):
+        ck.export(tmp_path / "out.pt")
+    ck.close()
+    cfg_file = tmp_path / "ckptkit.yaml"
+    cfg_file.write_text(json.dumps(local_config(tmp_path / "run0") | {"roles": {"resume": {
+        "backends": ["scratch"], "every_n_steps": 1, "format": "dcp"}}}))
+    capsys.readouterr()
+    assert main(["export", str(cfg_file), "--out", str(tmp_path / "cli.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("ckptkit: error:") and "Traceback" not in err, err
+    assert "its shards do not fit its .metadata" in err, err
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "cli.pt").exists()

@@ -1475,6 +1475,14 @@ class CheckpointManager:
         state, problem = self._load_target(model, optimizer, held, problem)
         _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
+        problem = None
+        try:
+            sharded.check_planned(state, opened)
+        except Exception as exc:
+            problem = exc
+        skip = self._agree_sharded(ref, "records", problem)
+        if skip is not None:
+            return skip, None
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         problem = saved_extra = own = None
         try:
@@ -1537,6 +1545,7 @@ class CheckpointManager:
                                                  "which its manifest does not list")
                 self.reader.download(ref, manifest, name, workdir)
             self.reader.check_files(ref, manifest, unread[ranks.rank()::ranks.world_size()])
+            sharded.check_planned(state, opened)
         except Exception as exc:
             problem = exc
         skip = self._agree_sharded(ref, "check", problem)
@@ -1581,7 +1590,7 @@ class CheckpointManager:
 
     def _shards_failure(self, ref: CheckpointRef, optimizer, exc: BaseException) -> BaseException:
         inner = _unwrap(exc)
-        if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError)):
+        if isinstance(inner, (UnsafeCheckpointError, IncompatibleCheckpointError, CorruptCheckpointError)):
             return inner
         if optimizer is not None and "Missing key in checkpoint state_dict: optimizer" in fanout.first_line(exc):
             return IncompatibleCheckpointError(f"{ref.uri}: its optimizer state does not fit the optimizer given "

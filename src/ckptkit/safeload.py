@@ -328,7 +328,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     taken), so a caller copies out what it keeps (see ``reading.load``).
     """
     what = name or _describe(source)
-    _stored_only(source, what)
+    refuse_compressed(source, what)
     # A caller's own entry for a name a stand-in covers (numpy.ndarray) is left out: torch looks
     # names up through a set, so which of the two won would change from one process to the next.
     stand_ins = _stand_ins()
@@ -359,7 +359,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     return obj
 
 
-def _stored_only(source: str | os.PathLike | BinaryIO, what: str) -> None:
+def refuse_compressed(source: str | os.PathLike | BinaryIO, what: str) -> None:
     """Refuse a file with a compressed record before torch reads it. torch.save stores every
     record as it is; a compressed one is someone else's writing, and half a MiB of it unpacked
     into 512 MiB of memory. The central directory is all that is read. A zip file that Python's
@@ -388,7 +388,7 @@ _END_OFFSET = getattr(zipfile, "_ECD_OFFSET", None)
 
 
 def _check_stored(f: BinaryIO, what: str, start: int) -> None:
-    """``_stored_only`` of the zip file ``f``, whose first byte is at ``start``."""
+    """``refuse_compressed`` of the zip file ``f``, whose first byte is at ``start``."""
     def refused(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{what} {problem}, which torch.save never writes: refused unread, as a few "
                                       "bytes of a compressed record can unpack into gigabytes")

@@ -6,11 +6,14 @@ written (so the manifest gets checksums without reading anything back), and a re
 runs nothing stored in the checkpoint: ``.metadata`` is unpickled with an exact allowlist of
 DCP's metadata classes, and every non-tensor ("bytes") item goes through ``safeload.load``
 (weights-only) instead of DCP's ``torch.load(weights_only=False)``. Tensors DCP itself loads
-with ``weights_only=True``.
+with ``weights_only=True``. Before DCP reads an item, what would make that read costly or wrong is
+refused: a compressed record in it, a transform, a byte range past its file, and chunks that do
+not cover their tensor exactly.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -215,6 +218,15 @@ def read_metadata(stream: Any) -> Metadata:
                 or "/" in where or "\\" in where or where in (".", "..")):
             raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} points at {safeload.shown(where)}, "
                                          "which is not a file of its own folder")
+        if not all(type(n) is int and n >= 0 for n in (info.offset, info.length)):
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} places an item of {where} at "
+                                         f"{safeload.shown((info.offset, info.length))}, not a byte range")
+        if getattr(info, "transform_descriptors", None):
+            # DCP unpacks a transformed item (zstd) whole before anything sees it: 50 KB became 2 GB.
+            raise CorruptCheckpointError(f"the sharded checkpoint's {METADATA_FILE} stores an item of {where} through "
+                                         f"{safeload.shown(info.transform_descriptors)}, which ckptkit never writes: "
+                                         "refused unread, as a few bytes of a compressed item can unpack into "
+                                         "gigabytes")
     return metadata
 
 
@@ -241,6 +253,7 @@ class _SafeReader(FileSystemReader):
     because DCP would turn a typed error into text and fall back to per-rank metadata."""
 
     _metadata: Metadata | None = None
+    _checked: set[MetadataIndex] | None = None  # the items whose records were checked
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -252,6 +265,63 @@ class _SafeReader(FileSystemReader):
             self._metadata.storage_meta = StorageMeta()
         self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        self.check_records(item.storage_index for item in plan.items)
+        return super().read_data(plan, planner)
+
+    def check_records(self, indexes: Iterable[MetadataIndex]) -> None:
+        """Refuse, before DCP reads any, an item (a ``torch.save`` file inside a shard) holding a
+        compressed record: DCP loads each tensor with ``torch.load``, which unpacks a record whole
+        (a 1 MB shard into 1 GB). Only the items' zip directories are read, each once."""
+        storage = self.read_metadata().storage_data
+        if self._checked is None:
+            self._checked = set()
+        by_file: dict[str, list[MetadataIndex]] = {}
+        for index in indexes:
+            if index not in self._checked:
+                by_file.setdefault(storage[index].relative_path, []).append(index)
+        for name, items in sorted(by_file.items()):
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as stream:
+                for index in items:
+                    info = storage[index]
+                    safeload.refuse_compressed(_Window(stream, info.offset, info.length),
+                                               f"the sharded checkpoint's item {safeload.shown(index.fqn)} in {name}")
+                    self._checked.add(index)
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``start`` to ``start + length`` of the seekable file ``raw``, as a file of their own
+    (DCP's own view of an item seeks from its end the wrong way)."""
+
+    def __init__(self, raw: Any, start: int, length: int):
+        super().__init__()
+        self.raw, self.start, self.length, self.pos = raw, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = offset + (0 if whence == os.SEEK_SET else self.pos if whence == os.SEEK_CUR else self.length)
+        if pos < 0:
+            raise OSError(errno.EINVAL, "seek before the start of the item")
+        self.pos = pos
+        return pos
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), max(0, self.length - self.pos))
+        if not wanted:
+            return 0
+        self.raw.seek(self.start + self.pos)
+        got = self.raw.readinto(memoryview(buffer)[:wanted])
+        self.pos += got
+        return got
 
 
 class _SafeBytes:
@@ -362,6 +432,11 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
         if covered != numel:
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {safeload.shown(fqn)} with {numel} "
                                          f"elements, but its chunks hold {covered}")
+        if not _tiles(size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]):
+            # Chunks as large as the tensor that overlap leave part of it unwritten: a load of the
+            # whole state (export, publish) made it with torch.empty and wrote what memory held.
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} chunks that overlap "
+                                         "or reach outside it, so part of it would be read twice and part never")
         dtype = getattr(md.properties, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} no torch dtype")
@@ -369,6 +444,35 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
     if declared > stored:
         raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {declared} bytes of tensors, more than the "
                                      f"{stored} bytes of all its files; nothing of it was loaded")
+    for info in metadata.storage_data.values():
+        entry = listed.get(info.relative_path)
+        if isinstance(getattr(entry, "size", None), int) and info.offset + info.length > entry.size:
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} places an item at bytes {info.offset} to "
+                                         f"{info.offset + info.length} of {info.relative_path}, which has {entry.size}")
+
+
+def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Do ``chunks`` (offsets, sizes) lie inside a tensor of ``size`` without overlapping? With
+    their elements adding up to the tensor's, that is: they cover it exactly. Swept along the
+    first dimension, so that a tensor sharded along it over many ranks costs a sort."""
+    boxes = []
+    for offsets, sizes in chunks:
+        if len(offsets) != len(size) or len(sizes) != len(size) or not all(
+                type(o) is int and 0 <= o and o + n <= dim for o, n, dim in zip(offsets, sizes, size)):
+            return False
+        if all(sizes):
+            boxes.append((offsets, sizes))
+    if not size:
+        return len(boxes) <= 1
+    boxes.sort()
+    for i, (offsets, sizes) in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            other, other_sizes = boxes[j]
+            if other[0] >= offsets[0] + sizes[0]:
+                break
+            if all(o < p + m and p < o + n for o, n, p, m in zip(offsets, sizes, other, other_sizes)):
+                return False
+    return True
 
 
 def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
@@ -382,6 +486,19 @@ def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
     planner = SafeLoadPlanner()
     planner.set_up_planner(state, metadata, is_coordinator=False)
     return {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
+
+
+def check_planned(state: dict[str, Any], r: _SafeReader) -> None:
+    """``check_records`` of the items that ``load(state, r, ...)`` reads on this rank (DCP's
+    local plan, as for ``files_read``), so that a restore refuses them before anything is loaded
+    into the model. State the plan cannot be made for is left to ``load``, which says why."""
+    planner = SafeLoadPlanner()
+    try:
+        planner.set_up_planner(state, r.read_metadata(), is_coordinator=False)
+        items = planner.create_local_plan().items
+    except Exception:  # noqa: BLE001 - load makes the same plan and raises what fits
+        return
+    r.check_records(item.storage_index for item in items)
 
 
 def optimizer_state_held(r: _SafeReader) -> set[str]:
@@ -449,14 +566,17 @@ def load_full(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str],
     except CheckpointException as exc:
         typed = _typed(exc, path)
         if typed is exc:
-            raise
+            # No model to misfit here: verified files that DCP cannot read together disagree.
+            failures = [f[0] if isinstance(f, tuple) else f for f in (exc.failures or {}).values()]
+            detail = next((f"{type(f).__name__}: {str(f).splitlines()[0] if str(f) else ''}" for f in failures), "")
+            raise CorruptCheckpointError(f"{path}: its shards do not fit its {METADATA_FILE} ({detail})") from exc
         raise typed  # noqa: B904 (its cause is the rank's own error, set by _typed)
     return state
 
 
 def check(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str], safe_globals: Iterable[Any] = ()) -> None:
-    """Raise as ``load`` would, reading only ``.metadata`` and the non-tensor items (no tensors);
-    ``listed`` as for ``open_reader``.
+    """Raise as ``load`` would, reading only ``.metadata``, the zip directories of every item and
+    the non-tensor items (no tensor's bytes); ``listed`` as for ``open_reader``.
 
     What a deep verify needs to tell that a sharded checkpoint would load safely, at the cost
     of its small items.
@@ -469,6 +589,7 @@ def check(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str], saf
 
 
 def _check(r: _SafeReader, safe_globals: Iterable[Any]) -> None:
+    r.check_records(r.read_metadata().storage_data)
     _items(r, lambda fqn: True, safe_globals)
 
 

@@ -138,3 +138,18 @@ def torchrun_results(worker: str, nproc: int, scenario: str, workdir, *args: str
         with open(os.path.join(workdir, f"result-{scenario}-{rank}.json")) as f:
             out.append(json.load(f))
     return out
+
+
+def deflated_torch_file(floats: int) -> bytes:
+    """What ``torch.save`` of ``floats`` zeros writes, with every record deflated (torch.save
+    stores them as they are): a few KiB that unpack into 4 bytes per float."""
+    import io
+    import zipfile
+
+    plain = io.BytesIO()
+    torch.save(torch.zeros(floats), plain)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(plain.getvalue())) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    return packed.getvalue()

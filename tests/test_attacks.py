@@ -28,7 +28,7 @@ from ckptkit.cli import main
 from ckptkit.plugins import make_plugin_manager
 from ckptkit.publish import find_source, publish, source_from_folder
 
-from ckpt_helpers import local_config, make_model, rewrite_manifest, train_step
+from ckpt_helpers import deflated_torch_file, local_config, make_model, rewrite_manifest, train_step
 
 
 class RunsCode:
@@ -699,16 +699,7 @@ def test_a_compressed_record_in_a_shard_is_refused_before_dcp_unpacks_it(tmp_pat
     """DCP loads each tensor item with torch.load, which unpacks a deflated record whole: a
     1 MB shard took 1 GB on restore and export. Here 32 MiB of zeros packed into a few KB. A
     bytes item was refused only once DCP's load had begun, as a misfit of the model."""
-    import zipfile
-
-    plain = io.BytesIO()
-    torch.save(torch.zeros(8 * 2**20), plain)
-    packed = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(plain.getvalue())) as src, \
-            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info.filename))
-    bomb = packed.getvalue()
+    bomb = deflated_torch_file(8 * 2**20)
     assert len(bomb) < 2**20
 
     def plant(metadata, folder):

@@ -21,6 +21,8 @@ import yaml
 import ckptkit
 from ckptkit.cli import main as cli
 
+from ckpt_helpers import deflated_torch_file, rewrite_manifest
+
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
 LIMIT_S = 120
 
@@ -344,6 +346,33 @@ def test_a_file_of_the_newest_step_that_one_rank_may_not_read_stops_every_rank_r
     for r in results:
         assert r["raised"] and r["raised"][0] == "StorageUnavailableError", r
         assert "step-0000000000 was not read" in r["raised"][1] and "does not let this process read" in r["raised"][1]
+
+
+def test_a_compressed_item_in_another_ranks_share_is_refused_by_every_rank(tmp_path):
+    """Each rank checks a share of a sharded checkpoint's items before any is loaded; one that
+    rank 1 alone refuses makes every rank restore the step before, nothing of the refused one
+    loaded (an item nobody checked would have been unpacked whole by DCP's own load)."""
+    import dataclasses
+    import pickle
+
+    cfg = config(tmp_path, "dcp")
+    cfg["distributed"] = {"timeout_s": 20}
+    launch(2, "save", tmp_path, {"config": cfg, "wrap": "ddp"})
+    folder = tmp_path / "ckpts" / "dist" / "step-0000000001"
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    storage = metadata.storage_data
+    ordered = sorted(storage, key=lambda i: (storage[i].relative_path, storage[i].offset))
+    index = next(i for i in ordered[1::2] if i.fqn.startswith("model."))  # in rank 1's share
+    shard = folder / storage[index].relative_path
+    bomb = deflated_torch_file(8 * 2**20)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(bomb)
+    storage[index] = dataclasses.replace(storage[index], offset=offset, length=len(bomb))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_manifest(folder)
+    results = launch(2, "restore", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=120)
+    assert [r["restored_step"] for r in results] == [0, 0]
 
 
 def test_a_rank_extra_object_that_fails_on_one_rank_fails_every_rank(tmp_path):

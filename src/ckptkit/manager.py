@@ -1476,13 +1476,14 @@ class CheckpointManager:
         _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
         problem = None
-        try:
-            sharded.check_planned(state, opened)
+        try:  # each rank a share of the items, before any rank loads one
+            opened.check_records(opened.share_of_items(ranks.rank(), ranks.world_size()))
         except Exception as exc:
             problem = exc
         skip = self._agree_sharded(ref, "records", problem)
         if skip is not None:
             return skip, None
+        opened.records_checked = True
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         problem = saved_extra = own = None
         try:
@@ -1527,9 +1528,11 @@ class CheckpointManager:
         state, problem = self._load_target(model, optimizer, held, problem)
         _add_buffer_targets(state, model, opened)
         wanted: set[str] = set()
+        items: dict[Any, str] = {}
         if problem is None:
             try:
-                wanted = sharded.files_read(state, opened) | {EXTRA_FILE} | ({mine} & set(manifest.files))
+                items = sharded.items_read(state, opened)
+                wanted = set(items.values()) | {EXTRA_FILE} | ({mine} & set(manifest.files))
             except Exception as exc:  # made here, so that every rank raises the same error
                 problem = self._shards_failure(ref, optimizer, exc)
         plans = self.coll.all_gather(f"restore step {ref.step}: plan", (sorted(wanted), ranks.portable(problem)))
@@ -1545,12 +1548,13 @@ class CheckpointManager:
                                                  "which its manifest does not list")
                 self.reader.download(ref, manifest, name, workdir)
             self.reader.check_files(ref, manifest, unread[ranks.rank()::ranks.world_size()])
-            sharded.check_planned(state, opened)
+            opened.check_records(items)  # those this rank loads: the only ones it downloaded
         except Exception as exc:
             problem = exc
         skip = self._agree_sharded(ref, "check", problem)
         if skip is not None:
             return skip, None
+        opened.records_checked = True
         self._check_param_groups(ref, opened, names, optimizer, None)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)

@@ -253,7 +253,9 @@ class _SafeReader(FileSystemReader):
     because DCP would turn a typed error into text and fall back to per-rank metadata."""
 
     _metadata: Metadata | None = None
-    _checked: set[MetadataIndex] | None = None  # the items whose records were checked
+    # Set once every item a load may read was checked (by ``check_records`` here or on other
+    # ranks, the caller having gathered that none refused), so that a load does not check again.
+    records_checked = False
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -267,27 +269,31 @@ class _SafeReader(FileSystemReader):
         return self._metadata
 
     def read_data(self, plan: Any, planner: Any) -> Any:
-        self.check_records(item.storage_index for item in plan.items)
+        if not self.records_checked:
+            self.check_records(item.storage_index for item in plan.items)
         return super().read_data(plan, planner)
 
     def check_records(self, indexes: Iterable[MetadataIndex]) -> None:
         """Refuse, before DCP reads any, an item (a ``torch.save`` file inside a shard) holding a
         compressed record: DCP loads each tensor with ``torch.load``, which unpacks a record whole
-        (a 1 MB shard into 1 GB). Only the items' zip directories are read, each once."""
+        (a 1 MB shard into 1 GB). Only the items' zip directories are read."""
         storage = self.read_metadata().storage_data
-        if self._checked is None:
-            self._checked = set()
         by_file: dict[str, list[MetadataIndex]] = {}
         for index in indexes:
-            if index not in self._checked:
-                by_file.setdefault(storage[index].relative_path, []).append(index)
+            by_file.setdefault(storage[index].relative_path, []).append(index)
         for name, items in sorted(by_file.items()):
             with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as stream:
-                for index in items:
+                for index in sorted(items, key=lambda i: storage[i].offset):
                     info = storage[index]
                     safeload.refuse_compressed(_Window(stream, info.offset, info.length),
                                                f"the sharded checkpoint's item {safeload.shown(index.fqn)} in {name}")
-                    self._checked.add(index)
+
+    def share_of_items(self, rank: int, world_size: int) -> list[MetadataIndex]:
+        """Rank ``rank``'s share of every item, in an order every rank computes alike, for
+        ``check_records``: all shares together are every item, each checked once."""
+        storage = self.read_metadata().storage_data
+        ordered = sorted(storage, key=lambda i: (storage[i].relative_path, storage[i].offset))
+        return ordered[rank::world_size]
 
 
 class _Window(io.RawIOBase):
@@ -475,8 +481,9 @@ def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int,
     return True
 
 
-def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
-    """The files of the checkpoint that ``load(state, r, ...)`` reads on this rank (names in its folder).
+def items_read(state: dict[str, Any], r: _SafeReader) -> dict[MetadataIndex, str]:
+    """The items of the checkpoint that ``load(state, r, ...)`` reads on this rank, each with the
+    file it lies in (a name in the checkpoint's folder).
 
     DCP's own local plan for ``state``, made from the metadata alone: a rank reads the items its
     part of the state needs, which may lie in other ranks' files. Raises as ``load`` would for
@@ -485,20 +492,8 @@ def files_read(state: dict[str, Any], r: _SafeReader) -> set[str]:
     metadata = r.read_metadata()
     planner = SafeLoadPlanner()
     planner.set_up_planner(state, metadata, is_coordinator=False)
-    return {metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items}
-
-
-def check_planned(state: dict[str, Any], r: _SafeReader) -> None:
-    """``check_records`` of the items that ``load(state, r, ...)`` reads on this rank (DCP's
-    local plan, as for ``files_read``), so that a restore refuses them before anything is loaded
-    into the model. State the plan cannot be made for is left to ``load``, which says why."""
-    planner = SafeLoadPlanner()
-    try:
-        planner.set_up_planner(state, r.read_metadata(), is_coordinator=False)
-        items = planner.create_local_plan().items
-    except Exception:  # noqa: BLE001 - load makes the same plan and raises what fits
-        return
-    r.check_records(item.storage_index for item in items)
+    return {item.storage_index: metadata.storage_data[item.storage_index].relative_path
+            for item in planner.create_local_plan().items}
 
 
 def optimizer_state_held(r: _SafeReader) -> set[str]:

@@ -508,7 +508,7 @@ def test_tables_stay_readable_at_80_columns(capsys, config_file, saved, tmp_path
     code, out, _ = run(capsys, "prune", str(config_file), "--keep-last", "1", "--dry-run")
     _readable(out, narrow, "would delete")
     plan = tmp_path / "plan.yaml"
-    plan.write_text("backends:\n  scratch: {type: local, path: ./ck}\n  archive: {type: s3, path: s3://b/p}\n"
+    plan.write_text("backends:\n  scratch: {type: local, path: ./ck}\n  archive: {type: s3, path: s3://ckpts/p}\n"
                     "  registry: {type: mlflow}\nroles:\n  resume: {backends: [scratch], every_n_steps: 1000, "
                     "keep_last: 5}\n  final: {backends: [archive, registry]}\n")
     code, out, _ = run(capsys, "plan", str(plan), "--state-size", "14GB", "--steps", "30000")

@@ -124,3 +124,21 @@ def test_a_cut_short_of_all_is_never_shown_as_100_percent():
     from ckptkit.cli import _share
 
     assert _share(0.999) == "99.9%" and _share(0.99996) == "99.996%" and _share(0.5) == "50%" and _share(1.0) == "100%"
+
+
+@pytest.mark.parametrize("backends,named", [
+    ("scratch: {type: local, path: ./ck, bogus: 1}", "bogus"),
+    ("scratch: {type: nosuch, path: ./ck}", "nosuch"),
+    ("scratch: {type: mlflow}", "cannot serve the resume role"),
+])
+def test_cli_plan_refuses_a_config_no_training_could_run(tmp_path, capsys, backends, named):
+    """plan read the config's shape only: it planned a backend option no backend takes, a type
+    not installed, and MLflow holding the last resume checkpoints, which it never prunes, and
+    exited 0 where check and every training refuse them."""
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(f"backends:\n  {backends}\nroles:\n  resume: {{backends: [scratch], keep_last: 2}}\n")
+    assert main(["plan", str(cfg), "--state-size", "1GB", "--steps", "10", "--json"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("ckptkit: error:") and named in err and "\n" not in err, err
+    assert json.loads(captured.out)["error"]["type"] in ("ConfigError", "PluginError"), captured.out

@@ -443,6 +443,51 @@ def test_a_client_error_that_retry_passes_on_holds_no_credentials_in_its_chain()
         assert shown not in text, shown
 
 
+class _Unreachable(Exception):
+    """As urllib3's MaxRetryError: the URL it could not reach, in its text and as an attribute."""
+
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(f"Max retries exceeded with url: {url}")
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "config"])
+def test_a_backend_that_fails_to_be_built_shows_no_credential_of_its_config(pm, tmp_path, failure):
+    """gcsfs checks a raw token as it is made, at tokeninfo?access_token=<token>; on a machine
+    that cannot reach Google, the error from_config raised held the token in its text, its
+    cause's, and the traceback a training job's log shows."""
+    from ckptkit.errors import ConfigError, PluginError
+    from ckptkit.local import LocalBackend
+
+    token = "ya29." + "a-raw-access-token-0123"  # a traceback shows source lines
+
+    class Vetting(LocalBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            given = options["storage_options"]["token"]
+            if failure == "config":
+                raise ConfigError(f"backends.{name}.storage_options.token: {given!r} is not a token file")
+            try:
+                raise _Unreachable(f"https://oauth2.example/tokeninfo?access_token={given}")
+            except _Unreachable as exc:
+                raise ConnectionError(exc)  # noqa: B904 - its text is its cause's, as requests' is
+
+    pm.add_backend_type("vetting", Vetting)
+    cfg = {"backends": {"g": {"type": "vetting", "path": str(tmp_path), "storage_options": {"token": token}}},
+           "roles": {"resume": {"backends": ["g"]}}}
+    with pytest.raises(ConfigError if failure == "config" else PluginError) as caught:
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    shown = ["".join(traceback.format_exception(caught.value)), repr(caught.value)]
+    current = caught.value
+    while current is not None:
+        shown += [repr(current.args), str(getattr(current, "url", ""))]
+        current = current.__cause__ or current.__context__
+    assert not [text for text in shown if token in text], shown
+    if failure == "unreachable":
+        assert "backend 'g' (type 'vetting'" in str(caught.value) and "ConnectionError" in str(caught.value)
+        assert "tokeninfo?<redacted>" in str(caught.value)
+
+
 def test_redacting_twice_changes_nothing_more():
     """A client's message goes through several layers that each redact it: the query of a URL
     in it read "?<redacted><redacted><redacted>" after three."""

@@ -87,20 +87,21 @@ def scrub(exc: BaseException, secrets: Iterable[str] = ()) -> BaseException:
     prints every cause's text. Returns ``exc``."""
     secrets = tuple(secrets)
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
         try:
-            exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+            current.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in current.args)
         except (AttributeError, TypeError):  # an exception type that fixes its arguments
             pass
-        for name in ("filename", "filename2", "strerror", "msg"):
-            value = getattr(exc, name, None)
+        for name in ("filename", "filename2", "strerror", "msg", "url"):
+            value = getattr(current, name, None)
             if isinstance(value, str) and redact(value, secrets) != value:
                 try:
-                    setattr(exc, name, redact(value, secrets))
+                    setattr(current, name, redact(value, secrets))
                 except (AttributeError, TypeError):
                     pass
-        exc = exc.__cause__ or exc.__context__
+        current = current.__cause__ or current.__context__
     return exc
 
 

@@ -10,7 +10,7 @@ from .checkpoint import CheckpointRef
 from .config import Config
 from .errors import BackendError, CkptkitError, ConfigError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
-from .redact import redact, secret_values
+from .redact import redact, scrub, secret_values
 from . import watchdog
 from .roles import SHARDED_HOOKS, Role
 from .storage import FileBackend
@@ -93,15 +93,19 @@ class Router:
 
     @staticmethod
     def _build(name: str, btype: BackendType, options: dict) -> Any:
+        # The backend does not exist yet to name its own secrets; a client checking a token as it
+        # is made (gcsfs) fails with the token in the URL it could not reach.
+        secrets = secret_values(options)
         try:
             instance = btype.cls.from_config(name, dict(options))
-        except ConfigError:
+        except ConfigError as exc:
+            scrub(exc, secrets)
             raise
         except Exception as exc:
-            raise PluginError(
+            scrub(exc, secrets)  # a traceback prints every cause's text too
+            raise PluginError(redact(
                 f"backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be built "
-                f"from its config: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"from its config: {type(exc).__name__}: {exc}", secrets)) from exc
         btype.check_instance(name, instance)
         return instance
 

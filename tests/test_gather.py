@@ -667,7 +667,7 @@ def test_an_optimizer_training_a_parameter_outside_the_model_is_refused_by_name(
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
         with pytest.raises(ckptkit.UnstorableStateError,
                            match=r"trains param_groups\[0\]\['params'\]\[2\] \(a scalar torch.float32 tensor\), "
-                                 r"which is not a parameter of the model.*Register it on the model"):
+                                 r"which is not a parameter of the model.*register a parameter that belongs elsewhere on the model"):
             ck.save(step=1, model=model, optimizer=opt)
         assert ck.list_checkpoints() == []
         model.logit_scale = scale
@@ -678,6 +678,27 @@ def test_an_optimizer_training_a_parameter_outside_the_model_is_refused_by_name(
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
         assert ck.restore(model=again, optimizer=again_opt).step == 1
     assert torch.equal(again.logit_scale, scale) and torch.equal(again.weight, model.weight)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_restore_with_an_optimizer_of_another_copy_of_the_model_says_so(tmp_path, fmt):
+    """The model built again after its optimizer was made: restore said the checkpoint's
+    optimizer "has no parameter named ?, ?", as if the checkpoint lacked them."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=model, optimizer=opt)
+    earlier, rebuilt = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError,
+                           match=r"trains param_groups\[0\]\['params'\]\[0\] \(a 2x4 torch.float32 tensor\) \(and 1 "
+                                 r"more\), which is not a parameter of the model: its state has no name to be restored "
+                                 r"under .*Make the optimizer from the model's own parameters"):
+            ck.restore(model=rebuilt, optimizer=torch.optim.SGD(earlier.parameters(), lr=0.1))
+        assert ck.restore(model=rebuilt, optimizer=torch.optim.SGD(rebuilt.parameters(), lr=0.1)).step == 1
+    assert torch.equal(rebuilt.weight, model.weight)
 
 
 def test_a_cast_keeps_tied_weights_one_tensor(tmp_path):

@@ -14,7 +14,7 @@ import ctypes
 import dataclasses
 import inspect
 import itertools
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -86,24 +86,28 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         return {"model": model_sd, "optimizer": {**optim_sd, "state": {}}}
     except KeyError as exc:
-        outside = _outside_model(model, optimizer)
-        if not outside:
+        problem = outside_model(model.parameters(), optimizer, "restored" if load_target else "saved")
+        if problem is None:
             raise
-        error = IncompatibleCheckpointError if load_target else UnstorableStateError
-        raise error(
-            f"the optimizer trains {outside[0]}{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, "
-            "which is not a parameter of the model: its state has no name to be "
-            f"{'restored' if load_target else 'saved'} under (optimizer state is named by the model's parameter "
-            "names), so nothing was. Register it on the model (model.logit_scale = nn.Parameter(...)), or pass "
-            "one nn.Module holding the model and the module it belongs to (the loss's) as model=") from exc
+        raise (IncompatibleCheckpointError if load_target else UnstorableStateError)(problem) from exc
 
 
-def _outside_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The optimizer's parameters that are none of the model's, each as where it sits."""
-    own = {id(p) for p in model.parameters()}
-    return [f"param_groups[{g}]['params'][{i}] (a {'x'.join(map(str, p.shape)) or 'scalar'} {p.dtype} tensor)"
-            for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
-            if id(p) not in own]
+def outside_model(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, done: str) -> str | None:
+    """Why ``optimizer`` state cannot be ``done`` ("saved", "restored") for a model whose
+    parameters are ``params``: those it trains that are none of them, each named by where it sits
+    in the optimizer; None where there are none."""
+    own = {id(p) for p in params}
+    outside = [f"param_groups[{g}]['params'][{i}] (a {'x'.join(map(str, p.shape)) or 'scalar'} {p.dtype} tensor)"
+               for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
+               if id(p) not in own]
+    if not outside:
+        return None
+    return (f"the optimizer trains {outside[0]}{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, "
+            f"which is not a parameter of the model: its state has no name to be {done} under (optimizer state "
+            "is named by the model's parameter names), so nothing was. Make the optimizer from the model's own "
+            "parameters (after the model is built, not from an earlier copy); register a parameter that belongs "
+            "elsewhere on the model (model.logit_scale = nn.Parameter(...)), or pass one nn.Module holding the "
+            "model and the module it belongs to (the loss's) as model=")
 
 
 @contextlib.contextmanager
@@ -312,9 +316,12 @@ def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Op
                 f"{'none' if not saved_empty else saved_empty} of the saved optimizer's groups is without: torch's "
                 "distributed state dict API (DCP), which restore loads optimizers through, matches such a group "
                 f"only to exactly one saved without parameters. {REBUILD}")
+    problem = outside_model(names, optimizer, "restored")
+    if problem is not None:
+        return problem
     known = {name for group in saved for name in group.get("params", ())}
-    unknown = sorted(min(names.get(p, {"?"})) for group in optimizer.param_groups for p in group["params"]
-                     if names.get(p, set()).isdisjoint(known))
+    unknown = sorted(min(names[p]) for group in optimizer.param_groups for p in group["params"]
+                     if names[p].isdisjoint(known))
     if unknown:
         return (f"its optimizer has no parameter named {_listed(unknown)}, which the optimizer given to "
                 f"restore trains. {REBUILD}")

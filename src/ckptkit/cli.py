@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
-                     IncompatibleCheckpointError, StorageUnavailableError)
+                     IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
 from .manager import CheckpointManager
 from .storage import FileBackend
 from .plugins import make_plugin_manager
@@ -323,6 +323,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": True, "result": "ok",
                              "detail": f"{len(m.files)} file{'s' if len(m.files) != 1 else ''}, {_size(m.total_size)}",
                              "uri": ref.uri})
+            except LocalWriteError:
+                raise  # this machine's disk: every checkpoint would fail alike, and none is damaged
             except Exception as exc:
                 # A store that did not answer leaves the checkpoint unverified, not damaged: what
                 # is told corrupt here, users delete.

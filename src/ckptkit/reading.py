@@ -347,12 +347,12 @@ class Reader:
             return policy.call(f"reading {ref.uri}/{name}", read, secrets=getattr(backend, "secrets", ()))
         except Exception as exc:
             failure = storage_failure(ref.backend, f"reading {ref.uri}/{name}", exc)
+            if refusal(failure):  # also one a plugin raised typed itself
+                self.refused_by_storage(ref)
             if failure is exc and isinstance(exc, CkptkitError):
                 raise  # already says what failed, with its own cause
             if not isinstance(failure, CkptkitError):
                 raise self.router.blame(ref.backend, f"open_file (or reading {name} through it)", exc) from exc
-            if refusal(failure):
-                self.refused_by_storage(ref)
             raise failure from exc
 
 
@@ -400,10 +400,8 @@ class LocalCopy(WriteOnly):
         self._file: Any = None
 
     def _failure(self, exc: OSError) -> LocalWriteError:
-        error = LocalWriteError(f"could not write {self.path}, the copy of {self.source} on this machine ({exc}); "
-                                f"{self.source} is not at fault. {self.advice}")
-        error.__cause__ = exc
-        return error
+        return LocalWriteError(f"could not write {self.path}, the copy of {self.source} on this machine ({exc}); "
+                               f"{self.source} is not at fault. {self.advice}")
 
     def __enter__(self) -> LocalCopy:
         try:

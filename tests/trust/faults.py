@@ -7,7 +7,7 @@ A fault is plain data (so that it can sit in a YAML config that ``ckptkit`` read
 ``op`` is the operation (below), ``path`` a substring of the path it touches, ``nth`` which
 matching call fails first (from 1), ``times`` how many matching calls fail from there (None:
 all), ``error`` the exception raised: ``OSError`` (EIO), ``ENOSPC``, ``ConnectionError``,
-``EACCES`` (a PermissionError), ``EROFS``.
+``EACCES`` (a PermissionError), ``EROFS``, ``MemoryError``, ``KeyboardInterrupt`` (a Ctrl-C).
 
 - ``faultyfs``: ckptkit's generic ``FileBackend`` (the write path of S3, GCS and third-party
   stores) over ``FaultyFS``, the local filesystem wrapped as fsspec protocol ``faultyfile``.
@@ -45,6 +45,8 @@ ERRORS = {
     "ConnectionError": lambda what: ConnectionError(f"injected fault: {what}"),
     "EACCES": lambda what: PermissionError(errno.EACCES, f"Permission denied (injected: {what})"),
     "EROFS": lambda what: OSError(errno.EROFS, f"Read-only file system (injected: {what})"),
+    "MemoryError": lambda what: MemoryError(f"injected: {what}"),
+    "KeyboardInterrupt": lambda what: KeyboardInterrupt(),
 }
 
 

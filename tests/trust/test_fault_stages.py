@@ -452,14 +452,15 @@ def test_a_newer_checkpoint_this_process_may_not_read_is_not_restored_past(tmp_p
 # SIGXFSZ ignored so that the write fails with EFBIG instead of killing it): the disk this
 # machine downloads to is full, the checkpoint's storage is not.
 _SMALL_DISK = textwrap.dedent("""
-    import json, sys, torch, ckptkit
+    import contextlib, io, json, sys, torch, ckptkit
+    from ckptkit.cli import main
     from ckptkit.plugins import make_plugin_manager
     from trust.faults import FaultyFileBackend
     pm = make_plugin_manager(autoload=False)
     pm.add_backend_type("faultyfs", FaultyFileBackend)
-    cfg, dest = json.loads(sys.argv[1]), sys.argv[2]
+    cfg_file, dest = sys.argv[1], sys.argv[2]
     out = {}
-    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+    with ckptkit.CheckpointManager.from_config(cfg_file, plugin_manager=pm) as ck:
         for what, call in (("restore", lambda: ck.restore(model=torch.nn.Linear(256, 64))),
                            ("restore_files", lambda: ck.restore_files(dest))):
             try:
@@ -467,6 +468,10 @@ _SMALL_DISK = textwrap.dedent("""
                 out[what] = None
             except ckptkit.CkptkitError as exc:
                 out[what] = [type(exc).__name__, str(exc), repr(exc.__cause__)]
+    shown, told = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(told):
+        code = main(["verify", cfg_file, "--json"])
+    out["verify"] = [code, shown.getvalue(), told.getvalue()]
     print(json.dumps(out))
 """)
 
@@ -476,7 +481,7 @@ def _small_disk() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # kept through exec: ignored dispositions are
 
 
-def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_past(tmp_path):
+def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_past(tmp_path, faulty_dist):
     """Downloading a remote checkpoint into a scratch folder on a full disk was told as the
     storage not answering or refusing this process ("check the permissions on it, or the
     credentials"), after every step had been tried: the user looked at the bucket, not at TMPDIR."""
@@ -484,12 +489,13 @@ def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_p
     with manager(cfg) as ck:
         for step in (1, 2):
             ck.save(step=step, model=model_at(step))
-    scratch, dest = tmp_path / "scratch", tmp_path / "restored"
+    scratch, dest, cfg_file = tmp_path / "scratch", tmp_path / "restored", tmp_path / "ckptkit.yaml"
     scratch.mkdir()
+    cfg_file.write_text(yaml.safe_dump(cfg))
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TMPDIR": str(scratch),
-           "PYTHONPATH": os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    run = subprocess.run([sys.executable, "-c", _SMALL_DISK, json.dumps(cfg), str(dest)], env=env,
+           "PYTHONPATH": os.pathsep.join([str(faulty_dist), tests, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, "-c", _SMALL_DISK, str(cfg_file), str(dest)], env=env,
                          preexec_fn=_small_disk, capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -505,10 +511,43 @@ def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_p
     kind, text, _ = out["restore_files"]
     assert kind == "LocalWriteError", text
     assert str(tmp_path) in text and "restore_files copies the checkpoint's files" in text, text
-    assert not dest.exists() and os.listdir(tmp_path) == sorted(os.listdir(tmp_path))  # nothing half-filled
-    assert [n for n in os.listdir(tmp_path) if n.startswith(".restored")] == []
+    assert set(os.listdir(tmp_path)) == {"remote", "scratch", "site", "ckptkit.yaml"}  # nothing half-filled
+    code, shown, told = out["verify"]  # not "CORRUPT", which users delete
+    assert code == 1 and json.loads(shown)["error"]["type"] == "LocalWriteError", shown
+    assert told.startswith("ckptkit: error: could not write") and "CORRUPT" not in shown + told, told
     assert os.listdir(scratch) == []  # the scratch folders went
     assert restored_step(cfg) == 2  # nothing of the checkpoints was touched
+
+
+def test_a_refusal_a_plugin_raises_typed_itself_is_not_restored_past(tmp_path):
+    """A backend plugin may raise ckptkit's own StorageUnavailableError (from a PermissionError)
+    when its store refuses a read; passed on as it was, it no longer kept restore from going on to
+    the step before, as the same refusal raised untyped does."""
+    import errno
+
+    from ckptkit.plugin import hookimpl
+
+    class Refusing(FaultyFileBackend):
+        @hookimpl
+        def open_file(self, ref, name):
+            if ref.step == 2:
+                try:
+                    raise PermissionError(errno.EACCES, "AccessDenied")
+                except PermissionError as exc:
+                    raise StorageUnavailableError(self.name, f"403 reading {ref.uri}/{name}") from exc
+            return super().open_file(ref, name)
+
+    cfg = config({"remote": {"type": "faultyfs", "path": str(tmp_path / "remote")}}, keep_last=3)
+    with manager(cfg) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model_at(step))
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faultyfs", Refusing)
+    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(StorageUnavailableError, match="refused this process a file of .*step-0000000002, "
+                                                          "which may be intact, and no older step is restored"):
+            ck.restore(model=model_at(-7))
+    assert restored_step(cfg) == 2
 
 
 def test_a_publish_whose_fallback_fails_too_names_both_failures_and_says_where_the_model_is(tmp_path):

@@ -658,12 +658,18 @@ def test_publish_from_a_folder_reads_its_manifest_only_if_it_is_a_regular_file(t
 
 
 def _crafted_dcp(tmp_path, change, remote=False):
-    """A sharded checkpoint whose ``.metadata`` (and shards) ``change(metadata, folder)`` edits,
-    its manifest resealed as an attacker who controls the store would. ``remote``: read through
-    ckptkit's object-store backend (over the same folder), which downloads before DCP reads."""
+    """Two sharded checkpoints, the second's ``.metadata`` (and shards) edited by
+    ``change(metadata, folder)`` and its manifest resealed, as an attacker who controls the store
+    would. ``remote``: read through ckptkit's object-store backend (over the same folder), which
+    downloads before DCP reads."""
     from trust.faults import FaultyFileBackend
 
-    cfg, folder, _ = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0)
+    cfg, first, model = _dcp_checkpoint(tmp_path, make_plugin_manager(autoload=False), seed=0, final=True)
+    newer, newer_opt = make_model(seed=4)
+    train_step(newer, newer_opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=False)) as ck:
+        ck.save(step=2, model=newer, optimizer=newer_opt)
+    folder = first.parent / "step-0000000002"
     metadata = _metadata(folder)
     change(metadata, folder)
     _write_metadata(folder, metadata)
@@ -672,20 +678,25 @@ def _crafted_dcp(tmp_path, change, remote=False):
     if remote:
         pm.add_backend_type("faultyfs", FaultyFileBackend)
         cfg["backends"]["scratch"]["type"] = "faultyfs"
-    return CheckpointManager.from_config(cfg, plugin_manager=pm)
+    return CheckpointManager.from_config(cfg, plugin_manager=pm), model
 
 
-def _refused_everywhere(tmp_path, ck, message) -> None:
-    """verify, restore and export each refuse the checkpoint with ``message``; nothing is exported."""
+def _refused_everywhere(tmp_path, crafted, message) -> None:
+    """verify and publish of step 2 refuse it with ``message``; restore and export warn so and go
+    on from step 1, of which they load what was saved, nothing of step 2."""
+    ck, model = crafted
     with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=message):
         ck.verify(ck.list_checkpoints()[0])
-    model, opt = make_model(seed=3)
-    with pytest.warns(RuntimeWarning, match=message), pytest.raises(ckptkit_errors.CorruptCheckpointError):
-        ck.restore(model, opt)
-    with pytest.warns(RuntimeWarning, match=message), \
-            pytest.raises(ckptkit_errors.CorruptCheckpointError, match="no verified checkpoint"):
-        ck.export(tmp_path / "out.pt")
-    assert not (tmp_path / "out.pt").exists()
+    fresh, opt = make_model(seed=3)
+    with pytest.warns(RuntimeWarning, match=message):
+        assert ck.restore(fresh, opt).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    with pytest.warns(RuntimeWarning, match=message):
+        assert ck.export(tmp_path / "out.pt").step == 1
+    exported = torch.load(tmp_path / "out.pt", weights_only=True)["model"]
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=message):
+        publish(ck, find_source(ck, step=2))
     ck.close()
 
 
@@ -762,20 +773,19 @@ def test_shards_that_do_not_fit_their_metadata_are_a_corrupt_checkpoint_for_expo
         weight, bias = _item(metadata, "model.0.weight"), _item(metadata, "model.0.bias")
         metadata.storage_data[weight] = metadata.storage_data[bias]
 
-    ck = _crafted_dcp(tmp_path, swapped)
-    with pytest.warns(RuntimeWarning, match=r"its shards do not fit its \.metadata \(\w+Error: "), \
-            pytest.raises(ckptkit_errors.CorruptCheckpointError, match="no verified checkpoint"):
-        ck.export(tmp_path / "out.pt")
+    ck, model = _crafted_dcp(tmp_path, swapped)
+    with pytest.warns(RuntimeWarning, match=r"its shards do not fit its \.metadata \(\w+Error: "):
+        assert ck.export(tmp_path / "out.pt").step == 1
     ck.close()
     cfg_file = tmp_path / "ckptkit.yaml"
     cfg_file.write_text(json.dumps(local_config(tmp_path / "run0") | {"roles": {"resume": {
         "backends": ["scratch"], "every_n_steps": 1, "format": "dcp"}}}))
     capsys.readouterr()
-    assert main(["export", str(cfg_file), "--out", str(tmp_path / "cli.pt")]) == 1
+    assert main(["export", str(cfg_file), "--out", str(tmp_path / "cli.pt"), "--step", "2"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("ckptkit: error:") and "Traceback" not in err, err
     assert "its shards do not fit its .metadata" in err, err
-    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "cli.pt").exists()
+    assert not (tmp_path / "cli.pt").exists()
 
 
 @pytest.mark.parametrize("error", [OSError, MemoryError, KeyboardInterrupt], ids=lambda e: e.__name__)

@@ -375,6 +375,19 @@ def test_a_compressed_item_in_another_ranks_share_is_refused_by_every_rank(tmp_p
     assert [r["restored_step"] for r in results] == [0, 0]
 
 
+def test_a_scratch_folder_one_rank_cannot_make_fails_every_rank_at_once(tmp_path):
+    """A sharded restore from remote storage makes a scratch folder on each rank: one rank's
+    failure to make it raised there alone, and the others waited in the next collective until
+    distributed.timeout_s."""
+    cfg = {"run_name": "dist", "backends": {"remote": {"type": "faultyfs", "path": str(tmp_path / "ckpts")}},
+           "roles": {"resume": {"backends": ["remote"], "every_n_steps": 1, "format": "dcp"}},
+           "distributed": {"timeout_s": 60}}  # else rank 0 raised CollectiveTimeoutError after it
+    results = launch(2, "scratch_fails_on_one_rank", tmp_path, {"config": cfg, "wrap": "ddp"}, timeout=150)
+    for r in results:
+        assert r["raised"] and r["raised"][0] == "LocalWriteError", r
+        assert "could not make a scratch folder in" in r["raised"][1] and "not-a-folder" in r["raised"][1], r
+
+
 def test_a_rank_extra_object_that_fails_on_one_rank_fails_every_rank(tmp_path):
     """Rank 1's own data loader refused its saved position: rank 1 raised while rank 0's restore
     returned and trained on, alone."""

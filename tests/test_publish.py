@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -353,3 +358,40 @@ def test_a_final_file_that_runs_code_is_refused_and_not_passed_on(tmp_path):
         publish(ck, find_source(ck, fallback_dir=tmp_path / "fb"))
     assert not marker.exists() and not (tmp_path / "archive" / "exp" / "final").exists()
     ck.close()
+
+
+def _small_disk() -> None:
+    """No file past 16 KiB in this process (EFBIG, SIGXFSZ ignored): a full disk on this machine."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_full_scratch_disk_while_publishing_is_named_not_torchs_unexpected_pos(tmp_path):
+    """The final model publish makes is written into a scratch folder first; on a full disk
+    torch.save reported its write failing as "unexpected pos 896 vs 790", with a traceback."""
+    cfg = {"run_name": "exp", "backends": {"scratch": {"type": "local", "path": str(tmp_path / "ck")},
+                                           "published": {"type": "local", "path": str(tmp_path / "final")}},
+           "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 1}, "final": {"backends": ["published"]}}}
+    with CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=torch.nn.Linear(256, 64))
+    child = textwrap.dedent("""
+        import json, sys, ckptkit
+        from ckptkit.publish import find_source, publish
+        with ckptkit.CheckpointManager.from_config(json.loads(sys.argv[1])) as ck:
+            try:
+                publish(ck, find_source(ck, step=1))
+                print(json.dumps(None))
+            except Exception as exc:
+                print(json.dumps([type(exc).__name__, str(exc), repr(exc.__cause__)]))
+    """)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run = subprocess.run([sys.executable, "-c", child, json.dumps(cfg)], env={**os.environ, "TMPDIR": str(scratch)},
+                         preexec_fn=_small_disk, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr
+    kind, text, cause = json.loads(run.stdout.strip().splitlines()[-1])
+    assert kind == "LocalWriteError", text
+    assert f"could not write {scratch}" in text and "(the final model made from file://" in text, text
+    assert "File too large" in text and "point TMPDIR at a folder with room" in text, text
+    assert cause.startswith("OSError(27, "), cause
+    assert os.listdir(scratch) == [] and not (tmp_path / "final" / "exp" / "final").exists()

@@ -1122,8 +1122,9 @@ class CheckpointManager:
         The manifest proves itself and its place, every file matches its size and checksum, and
         every pickle in it (``.pt`` files, DCP's ``.metadata`` and non-tensor shard items) is one
         that safe loading accepts; nothing in them is run. Raises ``CorruptCheckpointError``,
-        ``StorageUnavailableError`` or ``UnsafeCheckpointError``. A ``torch`` checkpoint on a
-        remote backend is downloaded to a scratch folder for this.
+        ``StorageUnavailableError`` or ``UnsafeCheckpointError``; ``LocalWriteError`` where this
+        machine cannot hold the scratch folder a ``torch`` checkpoint on a remote backend is
+        downloaded into for this.
         """
         self._settle_prune()
         safe_globals = list(safe_globals)
@@ -1442,7 +1443,15 @@ class CheckpointManager:
         from remote storage, each rank downloads the files it reads into a scratch folder, checking
         them on the way, and DCP reads those copies, so no byte is fetched twice by one rank."""
         if not ref.local_dir:
-            with reading.scratch("restore") as workdir:
+            with contextlib.ExitStack() as stack:
+                problem, workdir = None, ""
+                try:
+                    workdir = stack.enter_context(reading.scratch("restore"))
+                except LocalWriteError as exc:
+                    problem = exc
+                # On every rank: one whose temporary folder is unusable must not leave the others
+                # waiting in the next collective until distributed.timeout_s.
+                self.coll.agree(f"restore step {ref.step}: scratch folder", problem)
                 return self._restore_sharded_copies(ref, manifest, model, optimizer, safe_globals, workdir)
         backend = self.router.instances[ref.backend]
         names = sorted(manifest.files)
@@ -1897,7 +1906,7 @@ class CheckpointManager:
             for name, entry in manifest.files.items():
                 def copy(name: str = name, entry: FileEntry = entry) -> tuple[int, str]:
                     with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
-                            reading.LocalCopy(os.path.join(tmp, name), f"{ref.uri}/{name}", _FILES_ADVICE) as dst:
+                            reading.LocalCopy(os.path.join(tmp, name), f"a copy of {ref.uri}/{name}", _FILES_ADVICE) as dst:
                         return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
                 size, digest = self.reader.reading(ref, name, copy)

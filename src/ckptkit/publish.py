@@ -238,7 +238,7 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
     out = os.path.join(workdir, "final")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, FINAL_FILE)
-    with open(path, "wb") as f:
+    with reading.LocalCopy(path, f"the final model made from {source.uri}", reading.SCRATCH_ADVICE) as f:
         w = HashingWriter(f)
         torch_writer(body)(w)
     return Payload(files=(PayloadFile(FINAL_FILE, source=path, expected=FileEntry(size=w.size, digest=w.digest())),),

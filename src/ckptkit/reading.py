@@ -327,7 +327,7 @@ class Reader:
 
         def copy() -> tuple[int, str]:
             with self.router.call(ref.backend, "open_file", ref=ref, name=name) as src, \
-                    LocalCopy(path, f"{ref.uri}/{name}", _SCRATCH_ADVICE) as dst:
+                    LocalCopy(path, f"a copy of {ref.uri}/{name}", SCRATCH_ADVICE) as dst:
                 return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
         _compare(ref, name, entry, *self.reading(ref, name, copy))
@@ -382,26 +382,31 @@ def _each(names: Sequence[str], big: Sequence[str], work: Callable[[str], T]) ->
     return {name: done[name] for name in names}
 
 
-_SCRATCH_ADVICE = ("A checkpoint on remote storage is downloaded into a scratch folder before it is loaded or "
-                   "verified: free space there, or point TMPDIR at a folder with room for the checkpoint")
+SCRATCH_ADVICE = ("ckptkit writes what it downloads from remote storage, and the final model publish makes, into "
+                  "a scratch folder in the temporary folder first: free space there, or point TMPDIR at a folder "
+                  "with room for the checkpoint")
 
 
 class LocalCopy(WriteOnly):
-    """The file on this machine that a download of ``source`` is written to, for ``copy_hashed``. Its
-    failures (a full or read-only disk) are this machine's, not the storage's: they are raised
-    as ``LocalWriteError`` naming the file and saying what to do (``advice``), so that they are
-    neither retried as the storage's nor taken for a damaged checkpoint or one the storage
-    refuses this process."""
+    """A file on this machine that what a checkpoint holds is written to (``what`` it is: the
+    copy a download makes, the final model publish makes). Its failures (a full or read-only
+    disk) are this machine's, not the storage's: they are raised as ``LocalWriteError`` naming
+    the file and saying what to do (``advice``), so that they are neither retried as the
+    storage's nor taken for a damaged checkpoint or one the storage refuses this process. A
+    writer in between that reports the failure as its own (``torch.save``: "unexpected pos")
+    has its error replaced on leaving the block."""
 
-    def __init__(self, path: str, source: str, advice: str):
+    def __init__(self, path: str, what: str, advice: str):
         self.path = path
-        self.source = source
+        self.what = what
         self.advice = advice
+        self.failed: LocalWriteError | None = None
         self._file: Any = None
 
     def _failure(self, exc: OSError) -> LocalWriteError:
-        return LocalWriteError(f"could not write {self.path}, the copy of {self.source} on this machine ({exc}); "
-                               f"{self.source} is not at fault. {self.advice}")
+        self.failed = LocalWriteError(f"could not write {self.path} ({self.what}) on this machine: {exc}. The "
+                                      f"checkpoint is not at fault. {self.advice}")
+        return self.failed
 
     def __enter__(self) -> LocalCopy:
         try:
@@ -422,12 +427,14 @@ class LocalCopy(WriteOnly):
         except OSError as exc:
             raise self._failure(exc) from exc
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
+    def __exit__(self, kind: Any, value: Any, _: Any) -> None:
         try:
             self._file.close()  # writes what is still buffered
         except OSError as exc:
             if kind is None:
                 raise self._failure(exc) from exc
+        if self.failed is not None and value is not self.failed:
+            raise self.failed
 
 
 def identity(path: str, ref: CheckpointRef) -> tuple[int, ...]:
@@ -645,7 +652,7 @@ def scratch(kind: str) -> Iterator[str]:
         path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
     except OSError as exc:
         raise LocalWriteError(f"could not make a scratch folder in {tempfile.gettempdir()} ({exc}). "
-                              f"{_SCRATCH_ADVICE}") from exc
+                              f"{SCRATCH_ADVICE}") from exc
     try:
         yield path
     finally:

@@ -410,6 +410,31 @@ def main() -> None:
         result["fired"] = armed.fired if rank == 1 else None
         ck.close()
 
+    elif scenario == "scratch_fails_on_one_rank":
+        # Rank 1's temporary folder cannot hold a scratch folder: every rank raises that at once,
+        # rather than rank 0 waiting for rank 1 in the next collective until the timeout.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
+        import tempfile
+
+        from faults import FaultyFileBackend
+
+        def faulty_pm():
+            pm = make_plugin_manager(autoload=False)
+            pm.add_backend_type("faultyfs", FaultyFileBackend)
+            return pm
+
+        ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
+        train(*build(kind, seed=0), steps=1, ck=ck)
+        ck.close()
+        if rank == 1:
+            not_a_folder = os.path.join(workdir, "not-a-folder")
+            with open(not_a_folder, "w") as f:
+                f.write("a file where the temporary folder should be")
+            tempfile.tempdir = not_a_folder
+        ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
+        result["raised"] = restore_raised(ck, *build(kind, seed=1))
+        ck.close()
+
     elif scenario == "extra_target_fails_on_one_rank":
         # rank 1's own object refuses its saved state: every rank's restore raises, none trains on.
         ck = ckptkit.CheckpointManager.from_config(cfg)

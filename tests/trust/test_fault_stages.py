@@ -502,7 +502,8 @@ def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_p
     kind, text, cause = out["restore"]
     assert kind == "LocalWriteError", text
     assert str(scratch) in text and "File too large" in text, text
-    assert "step-0000000002/state.pt is not at fault" in text, text
+    assert "(a copy of faultyfile://" in text and "step-0000000002/state.pt) on this machine" in text, text
+    assert "The checkpoint is not at fault" in text, text
     assert "point TMPDIR at a folder with room" in text, text
     assert "step-0000000001" not in text, text  # no older step tried
     assert "permissions" not in text and "credentials" not in text, text

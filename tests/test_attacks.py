@@ -691,8 +691,10 @@ def _refused_everywhere(tmp_path, crafted, message) -> None:
     with pytest.warns(RuntimeWarning, match=message):
         assert ck.restore(fresh, opt).step == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
-    with pytest.warns(RuntimeWarning, match=message):
+    with pytest.warns(RuntimeWarning, match=message) as told:
         assert ck.export(tmp_path / "out.pt").step == 1
+    # Named once, by its address, not the scratch copy's or its folder's as well.
+    assert [str(w.message).count("step-0000000002") for w in told if re.search(message, str(w.message))] == [1]
     exported = torch.load(tmp_path / "out.pt", weights_only=True)["model"]
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ckptkit_errors.CorruptCheckpointError, match=message):

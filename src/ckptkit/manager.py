@@ -1747,7 +1747,7 @@ class CheckpointManager:
                             # Read once, from what was verified.
                             folder = self.reader.fetch(ref, manifest, workdir)
                             model_state = gather.rank0_model(sharded.load_full(fsspec.filesystem("file"), folder,
-                                                                               manifest.files))
+                                                                               manifest.files, name=ref.uri))
                             unchanged()
                     else:
                         model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]

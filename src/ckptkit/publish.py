@@ -225,7 +225,7 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
                                           expected=m.files[FINAL_FILE]),), **common), final["model"]
     if m.format == "dcp":
         # The shards, verified and local by now, put together in this one process.
-        full = sharded.load_full(fsspec.filesystem("file"), folder, m.files)
+        full = sharded.load_full(fsspec.filesystem("file"), folder, m.files, name=source.uri)
         state = {**full, "model": gather.rank0_model(full)}
     elif m.format == "torch":
         state = reading.load_state(folder, source.ref, m, (), keep=("model",))

@@ -635,15 +635,17 @@ def load(state: dict[str, Any], r: _SafeReader, path: str, safe_globals: Iterabl
 
 
 def load_full(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str],
-              safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+              safe_globals: Iterable[Any] = (), name: str | None = None) -> dict[str, Any]:
     """The whole state of a sharded checkpoint in one process, as plain CPU tensors; ``listed``
-    as for ``open_reader``; raises as ``load`` does."""
-    r = open_reader(fs, path, listed=listed)
+    and ``name`` (what errors call it, default ``path``: a scratch copy's is no help) as for
+    ``open_reader``; raises as ``load`` does."""
+    name = name or path
+    r = open_reader(fs, path, name=name, listed=listed)
     state: dict[str, Any] = {}
     try:
         _load_state_dict(state, storage_reader=r, planner=SafeEmptyLoadPlanner(safe_globals), no_dist=True)
     except CheckpointException as exc:
-        typed = _typed(exc, path)
+        typed = _typed(exc, name)
         if typed is not exc:
             raise typed  # noqa: B904 (its cause is the rank's own error, set by _typed)
         failures = [f[0] if isinstance(f, tuple) else f for f in (exc.failures or {}).values()]
@@ -652,7 +654,7 @@ def load_full(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str],
                 raise failure from exc  # an interrupt, this machine's memory or disk: not the checkpoint
         # No model to misfit here: verified files that DCP cannot read together disagree.
         detail = next((f"{type(f).__name__}: {str(f).splitlines()[0] if str(f) else ''}" for f in failures), "")
-        raise CorruptCheckpointError(f"{path}: its shards do not fit its {METADATA_FILE} ({detail})") from exc
+        raise CorruptCheckpointError(f"{name}: its shards do not fit its {METADATA_FILE} ({detail})") from exc
     return state
 
 

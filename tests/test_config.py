@@ -272,6 +272,32 @@ def test_two_resume_backends_in_one_folder_are_refused(second, pm, in_tmp):
     assert sorted(os.listdir(in_tmp)) == ["ckpts", "linked", "sub"] and not os.listdir("ckpts")
 
 
+def test_the_local_backend_and_a_plugin_over_the_same_folder_are_refused(pm, in_tmp):
+    """A third-party backend over fsspec's local filesystem, pointed at the local backend's folder:
+    not refused, and each save wrote its files over the other's, losing committed steps while the
+    error said they were committed."""
+    import fsspec
+
+    from ckptkit.storage import FileBackend
+
+    class FsspecBackend(FileBackend):
+        OPTIONS = ("path",)
+
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, fsspec.filesystem("file"), options["path"])
+
+    pm.add_backend_type("fsfile", FsspecBackend)
+    os.makedirs("ckpts")
+    cfg = base()
+    cfg["backends"]["again"] = {"type": "fsfile", "path": os.path.abspath("ckpts")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "again"]
+    with pytest.raises(ConfigError, match=r"backends 'scratch' and 'again' both keep resume checkpoints in one place"):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    cfg["backends"]["again"]["path"] = os.path.abspath("elsewhere")
+    CheckpointManager.from_config(cfg, plugin_manager=pm).close()
+
+
 def test_resume_backends_in_other_folders_and_a_final_one_beside_them_are_kept_apart(pm, in_tmp):
     cfg = base()
     cfg["backends"]["again"] = {"type": "local", "path": "./ckpts/nested"}

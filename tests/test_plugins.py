@@ -516,3 +516,51 @@ def test_loading_the_entry_points_of_a_misspelt_distribution_says_so():
     with pytest.raises(PluginError, match=r"only_dist='ckptkit-webdaw'\): no installed distribution of that name "
                                           r"declares ckptkit.backends entry points \(those that do: "):
         pm.load_backend_entrypoints(only_dist="ckptkit-webdaw")
+
+
+def test_from_config_returning_no_instance_is_refused_naming_the_plugin(pm, tmp_path):
+    """A from_config that returned None was registered as the backend: check said the config was
+    fine, and each save then failed blaming a hook that had never run."""
+    class Forgetful(LocalBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            super().from_config(name, options)  # made, and not returned
+
+    pm.add_backend_type("forgetful", Forgetful)
+    cfg = {"backends": {"f": {"type": "forgetful", "path": str(tmp_path / "f")}}, "roles": {"resume": {"backends": ["f"]}}}
+    with pytest.raises(PluginError, match=r"backend 'f' \(type 'forgetful'.*\): from_config returned NoneType, not an "
+                                          r"instance of .*Forgetful; the backend plugin is faulty"):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def test_a_probe_that_answers_no_dict_is_named_in_check_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """ckptkit check --probe took every probe's answer for a dict: one that returned None ended
+    in an AttributeError traceback from ckptkit's own code, naming no plugin."""
+    from ckptkit.cli import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _write_dist(site, "ckptkit-terse", "terse_backend", """
+        import ckptkit
+        from ckptkit.local import LocalBackend
+        class Backend(LocalBackend):
+            @ckptkit.hookimpl
+            def probe(self):
+                return None
+    """, entry="terse")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps({"backends": {"t": {"type": "terse", "path": str(tmp_path / "t")}},
+                               "roles": {"resume": {"backends": ["t"]}}}))
+    code = main(["check", str(cfg), "--probe", "--json"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    shown = json.loads(captured.out)
+    probe = shown["routes"][0]["probe"]
+    assert probe == {"probe": "backend 't': probe (type 'terse', from ckptkit-terse 0.3) returned NoneType, not a dict "
+                              "of what was checked to what was found; the backend plugin is faulty: report it to its "
+                              "authors"}, probe
+    assert shown["problems"] == ["the probe of t failed in the backend's plugin itself, as the table shows: report "
+                                 "it to the plugin's authors"], shown["problems"]  # not the storage's credentials
+    assert code == 1

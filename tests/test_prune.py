@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
-from ckptkit import CheckpointManager, StorageFullError
+from ckptkit import BackendError, CheckpointManager, StorageFullError
 from ckptkit.cli import main as cli_main
 from ckptkit.hookspecs import hookimpl
 from ckptkit.local import LocalBackend, _in_memory
@@ -527,3 +529,40 @@ def test_a_prune_right_after_such_a_kill_puts_the_copy_aside_back_and_never_swee
     ck.prune()
     assert _steps(tmp_path) == [1, 2] and not (run / ".trash-step-0000000002-ba9876543210").exists()
     assert (run / "step-0000000002" / "manifest.json").exists()
+
+
+class _Greedy(LocalBackend):
+    """A plugin whose prune also deletes the newest step, and says so."""
+
+    @hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        deleted = super().prune(run_name=run_name, keep_last=keep_last, protected_steps=frozenset(),
+                                dry_run=dry_run, counted_steps=counted_steps)
+        newest = max(self.list_checkpoints(run_name=run_name), key=lambda r: r.step, default=None)
+        if newest is not None and not dry_run:
+            shutil.rmtree(newest.local_dir)
+        return [*deleted, *([newest] if newest is not None else [])]
+
+
+def test_a_plugin_prune_that_deletes_the_step_just_saved_is_named_not_passed_over(tmp_path, caplog):
+    """A plugin's prune deleted the checkpoint just committed and returned it: nothing was said,
+    and the next process restored nothing and trained from step 0. A prune that raised was
+    logged as having lost nothing, which ckptkit cannot know of a plugin."""
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("greedy", _Greedy)
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["backends"]["scratch"]["type"] = "greedy"
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck, caplog.at_level(logging.ERROR):
+        ck.save(step=1, model=model, optimizer=opt)
+        ck.wait()
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("pruning backend 'scratch' failed" in t and "prune (type 'greedy'" in t
+               and "returned step 1 among those it deleted" in t and "plugin is faulty" in t for t in told), told
+    assert "nothing committed was lost" not in caplog.text
+    with CheckpointManager.from_config(local_config(tmp_path, final=False, keep=2)) as ck:  # the plain local backend
+        ck.save(step=2, model=model, optimizer=opt)
+        ck.save(step=3, model=model, optimizer=opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(BackendError, match=r"prune \(type 'greedy'.*returned step 3 among those it deleted"):
+            ck.prune(keep_last=1)

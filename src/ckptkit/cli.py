@@ -132,6 +132,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         rows = []
         probed: dict[str, dict[str, Any]] = {}  # a backend serving both roles is probed once
+        faulty: set[str] = set()  # whose probe itself failed: the plugin's fault, not the storage's
         for role in Role:
             rc = ck.config.role(role)
             if rc is None:
@@ -149,8 +150,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                         try:
                             probed[name] = (ck.router.call_blaming(name, "probe")
                                             if ck.router.implements(name, "probe") else {})
+                            if not isinstance(probed[name], dict):
+                                raise ck.router.faulty(name, "probe", type(probed[name]).__name__,
+                                                       "a dict of what was checked to what was found")
                         except CkptkitError as exc:  # a probe that raised instead of reporting
                             probed[name] = {"probe": str(exc)}
+                            faulty.add(name)
                     row["probe"] = probed[name]
                 rows.append(row)
         table = _table(f"{ck.config.source}: run {ck.run_name!r}, routing",
@@ -166,11 +171,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                              "\n".join(f"{k}: {v}" for k, v in bad.items()) if bad else "ok")
             table.add_row(*cells)
         problems = ck.final_problems()
-        failed = [name for name, result in probed.items() if any(v != "ok" for v in result.values())]
+        failed = [name for name, result in probed.items()
+                  if name not in faulty and any(v != "ok" for v in result.values())]
         if failed:
             problems.append(f"probe failed for {', '.join(failed)}: the storage could not be written, listed, read "
                             "or cleaned as the table shows; check its address (for an object store, its bucket) "
                             "and credentials")
+        if faulty:
+            problems.append(f"the probe of {', '.join(sorted(faulty))} failed in the backend's plugin itself, as the "
+                            "table shows: report it to the plugin's authors")
         _emit(args, {"config": ck.config.source, "run_name": ck.run_name, "routes": rows, "problems": problems}, table)
         for line in problems:
             _fail(line)

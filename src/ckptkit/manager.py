@@ -21,7 +21,7 @@ import time
 import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping
 
 import attrs
 import fsspec
@@ -892,8 +892,11 @@ class CheckpointManager:
                     ref.backend, "prune", storage_errors=True, run_name=self.run_name, keep_last=self.resume_role.keep_last,
                     protected_steps=protected, dry_run=False, counted_steps=counted), self.run_name)
                 gone.update(r.step for r in deleted if r.step != step)
+                self._kept_all(ref.backend, deleted, protected)
+            except BackendError as exc:
+                log.error("pruning backend %r failed: %s", ref.backend, exc)
             except Exception as exc:
-                log.warning("pruning backend %r failed (nothing committed was lost): %s", ref.backend, exc)
+                log.warning("pruning backend %r failed: %s", ref.backend, exc)
             self._note_another_writer(ref.backend, step, newest_own)  # from its listing, which may have worked
         # What a training of a million saves remembers stays the size of what it keeps. A step
         # forgotten while another backend still holds it counts less, so it is deleted later, not
@@ -997,9 +1000,12 @@ class CheckpointManager:
                     verified.add(ref.step)
                 except (*SKIPPABLE, IncompatibleCheckpointError) as exc:  # a newer ckptkit's: kept too
                     corrupt.append((ref, exc))
-            deleted += self.router.checked_refs(name, "prune", self.router.call_blaming(
-                name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep, protected_steps=self.best_steps(name),
+            protected = self.best_steps(name)
+            pruned = self.router.checked_refs(name, "prune", self.router.call_blaming(
+                name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep, protected_steps=protected,
                 dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
+            self._kept_all(name, pruned, protected | verified)  # at most keep_last verified: all kept
+            deleted += pruned
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]
             if name not in self.router.backends(Role.RESUME) and isinstance(backend, FileBackend):
@@ -1007,6 +1013,16 @@ class CheckpointManager:
                 # writing leaves its temporary folder.
                 deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
         return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt))
+
+    def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[int]) -> None:
+        """Raise ``BackendError`` for a prune of ``backend`` that deleted a step it was told to keep
+        (the step just saved, one keep_best keeps, the newest keep_last): a faulty plugin, which
+        may have left the run without the checkpoint a restore would take."""
+        wrong = sorted({r.step for r in deleted} & set(kept))
+        if wrong:
+            raise self.router.faulty(backend, "prune", f"step {', '.join(map(str, wrong))} among those it deleted",
+                                     "only steps it was free to delete (not protected_steps, nor the newest "
+                                     "keep_last of counted_steps); what the run holds now: ckptkit ls")
 
     def delete_run(self, dry_run: bool = False) -> list[CheckpointRef]:
         """Delete every resume checkpoint of the run on every resume backend (``ckptkit prune --all``)."""

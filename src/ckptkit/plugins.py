@@ -47,6 +47,10 @@ class BackendType:
     def check_instance(self, backend: str, instance: Any) -> None:
         """Refuse an instance whose documented attributes (``BACKEND_ATTRIBUTES``) have the wrong type."""
         where = f"backend {backend!r} (type {self.name!r}, {self.cls.__module__}.{self.cls.__qualname__}, from {self.dist})"
+        if not isinstance(instance, self.cls):
+            # Registered as it is, None would answer no hook: every later error would blame a hook.
+            raise PluginError(f"{where}: from_config returned {type(instance).__name__}, not an instance of "
+                              f"{self.cls.__qualname__}; the backend plugin is faulty: report it to its authors")
         for spec in hookspecs.BACKEND_ATTRIBUTES:
             value = getattr(instance, spec.name, None)
             if value is not None:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.asyn import AsyncFileSystem
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
@@ -285,7 +286,10 @@ class FileBackend:
         """What tells this backend's root from another's: the filesystem's protocol, the arguments
         it was made with (another host or endpoint is another store) and the root. Two backends
         with one location hold one copy of what is written to both; any difference in how their
-        filesystems were made tells them apart."""
+        filesystems were made tells them apart. A folder on this machine is told as the built-in
+        local backend tells it (``file``, its real path), whichever backend reaches it."""
+        if isinstance(self.fs, LocalFileSystem):
+            return ("file", os.path.realpath(self.root))
         try:
             made = repr((getattr(self.fs, "storage_args", ()), sorted(self.fs.storage_options.items())))
         except TypeError:  # options that cannot be ordered: told apart by the instance

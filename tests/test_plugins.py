@@ -133,7 +133,7 @@ def test_bad_plugin_error_names_plugin_and_distribution(tmp_path, monkeypatch, b
     sys.modules.pop(module, None)
 
 
-def test_duplicate_type_name_names_both_distributions(tmp_path, monkeypatch):
+def test_duplicate_type_name_names_both_distributions(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
     site.mkdir()
     body = """
@@ -151,6 +151,14 @@ def test_duplicate_type_name_names_both_distributions(tmp_path, monkeypatch):
     cfg = {"backends": {"d": {"type": "dupe", "path": "x"}}, "roles": {"final": {"backends": ["d"]}}}
     with pytest.raises(PluginError, match=r"'dupe'.*ckptkit-dupe2? 0.3.*clashes.*ckptkit-dupe2? 0.3"):
         CheckpointManager.from_config(cfg, plugin_manager=pm)
+    # ckptkit backends listed it twice, once as working, which no config could use.
+    from ckptkit.cli import main
+
+    capsys.readouterr()
+    assert main(["backends", "--json"]) == 0
+    listed = [row for row in json.loads(capsys.readouterr().out) if row["type"] == "dupe"]
+    assert len(listed) == 1 and "clashes" in listed[0]["error"], listed
+    assert listed[0]["distribution"] in ("ckptkit-dupe 0.3", "ckptkit-dupe2 0.3"), listed
     sys.modules.pop("dupe_backend", None)
     sys.modules.pop("dupe_backend2", None)
 

@@ -107,10 +107,11 @@ def _size(n: int | None) -> str:
 
 def cmd_backends(args: argparse.Namespace) -> int:
     pm = make_plugin_manager()
+    # A type claimed by two distributions is broken, whichever loaded first: a config using it fails.
     rows = [{"type": t.name, "distribution": t.dist, "roles": [r.value for r in t.roles],
              "class": f"{t.cls.__module__}.{t.cls.__qualname__}"}
-            for t in sorted(pm.backend_types.values(), key=lambda t: t.name)]
-    rows += [{"type": name, "distribution": None, "roles": [], "class": None, "error": str(exc)}
+            for t in sorted(pm.backend_types.values(), key=lambda t: t.name) if t.name not in pm.broken]
+    rows += [{"type": name, "distribution": pm.broken_dists.get(name), "roles": [], "class": None, "error": str(exc)}
              for name, exc in sorted(pm.broken.items())]
     table = _table("Installed backend types", ("type", "distribution", "roles", "class"), whole=("type",))
     for r in rows:

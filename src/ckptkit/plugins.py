@@ -195,6 +195,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
         super().__init__(PROJECT_NAME)
         self.backend_types: dict[str, BackendType] = {}
         self.broken: dict[str, PluginError] = {}
+        self.broken_dists: dict[str, str] = {}  # the distribution each broken type came from
         # Whether entry points of every distribution were loaded, or only ckptkit's own.
         self.autoloaded = False
         # The types ckptkit itself provides: another distribution's type of the same name is
@@ -285,6 +286,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
             except PluginError as exc:
                 log.warning("%s", exc)
                 self.broken[ep.name] = exc
+                self.broken_dists[ep.name] = label
         if not found:
             # A misspelt name loaded nothing, and the config's type then looked uninstalled.
             declaring = sorted({_dist_label(ep.dist).split()[0] for ep in importlib.metadata.entry_points(

@@ -309,13 +309,12 @@ class _SafeReader(FileSystemReader):
         return ordered[rank::world_size]
 
 
-class _Window(io.RawIOBase):
-    """Bytes ``start`` to ``start + length`` of the seekable file ``raw``, as a file of their own
-    (DCP's own view of an item seeks from its end the wrong way)."""
+class _Item(io.RawIOBase):
+    """An item of a shard, ``length`` bytes, as a readable, seekable file of its own."""
 
-    def __init__(self, raw: Any, start: int, length: int):
+    def __init__(self, length: int):
         super().__init__()
-        self.raw, self.start, self.length, self.pos = raw, start, length, 0
+        self.length, self.pos = length, 0
 
     def readable(self) -> bool:
         return True
@@ -332,6 +331,15 @@ class _Window(io.RawIOBase):
             raise OSError(errno.EINVAL, "seek before the start of the item")
         self.pos = pos
         return pos
+
+
+class _Window(_Item):
+    """Bytes ``start`` to ``start + length`` of the seekable file ``raw`` (DCP's own view of an
+    item seeks from its end the wrong way)."""
+
+    def __init__(self, raw: Any, start: int, length: int):
+        super().__init__(length)
+        self.raw, self.start = raw, start
 
     def readinto(self, buffer: Any) -> int:
         wanted = min(len(buffer), max(0, self.length - self.pos))
@@ -370,29 +378,13 @@ def _fetched(fs: fsspec.AbstractFileSystem, path: str, infos: list[_StorageInfo]
             for i, info in enumerate(infos)]
 
 
-class _Fetched(io.RawIOBase):
-    """An item of a remote file as a file of its own, read from the ``pieces`` (offset in the
-    item to bytes) fetched already; a read elsewhere fetches what it asks for."""
+class _Fetched(_Item):
+    """An item of a remote file, read from the ``pieces`` (offset in the item to bytes) fetched
+    already; a read elsewhere fetches what it asks for."""
 
     def __init__(self, fs: Any, path: str, start: int, length: int, pieces: dict[int, bytes]):
-        super().__init__()
-        self.fs, self.path, self.start, self.length, self.pieces, self.pos = fs, path, start, length, pieces, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        pos = offset + (0 if whence == os.SEEK_SET else self.pos if whence == os.SEEK_CUR else self.length)
-        if pos < 0:
-            raise OSError(errno.EINVAL, "seek before the start of the item")
-        self.pos = pos
-        return pos
+        super().__init__(length)
+        self.fs, self.path, self.start, self.pieces = fs, path, start, pieces
 
     def readinto(self, buffer: Any) -> int:
         wanted = min(len(buffer), max(0, self.length - self.pos))

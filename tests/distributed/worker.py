@@ -248,6 +248,16 @@ def saved_after_one_step(cfg: dict, kind: str) -> torch.nn.Module:
     return model
 
 
+def faulty_pm():
+    """A plugin manager with the fault-injecting ``faultyfs`` type of tests/trust/faults.py."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
+    from faults import FaultyFileBackend
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faultyfs", FaultyFileBackend)
+    return pm
+
+
 def restore_raised(ck, model, opt) -> list[str] | None:
     """The type and text of the ckptkit error that ``restore`` raised, or None."""
     try:
@@ -391,14 +401,6 @@ def main() -> None:
     elif scenario == "refused_on_one_rank":
         # Rank 1 may not read a file of the newest step (its permissions), which only rank 1
         # checks: every rank must refuse to restore the step before it.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
-        from faults import FaultyFileBackend
-
-        def faulty_pm():
-            pm = make_plugin_manager(autoload=False)
-            pm.add_backend_type("faultyfs", FaultyFileBackend)
-            return pm
-
         ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
         train(*build(kind, seed=0), steps=2, ck=ck)
         ck.close()
@@ -413,15 +415,7 @@ def main() -> None:
     elif scenario == "scratch_fails_on_one_rank":
         # Rank 1's temporary folder cannot hold a scratch folder: every rank raises that at once,
         # rather than rank 0 waiting for rank 1 in the next collective until the timeout.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
         import tempfile
-
-        from faults import FaultyFileBackend
-
-        def faulty_pm():
-            pm = make_plugin_manager(autoload=False)
-            pm.add_backend_type("faultyfs", FaultyFileBackend)
-            return pm
 
         ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=faulty_pm())
         train(*build(kind, seed=0), steps=1, ck=ck)

@@ -120,3 +120,21 @@ def test_the_suite_fails_a_save_or_listing_that_answers_with_refs_of_another_ste
         suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(broken)
     good = _StrayRefs.from_config("disk", {"path": str(tmp_path / "good")})
     suite.test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(good)
+
+
+@pytest.mark.parametrize("helper", ["run_folder", "stored_files", "write_leftover", "make_empty_folder", "overwrite"])
+def test_the_suites_storage_helpers_skip_a_backend_without_a_filesystem_naming_what_to_override(helper):
+    """A backend whose hooks reach a registry or a database, as docs/plugins.md offers, made the
+    suite's tests fail with an AttributeError on ``fs`` from the suite's own code."""
+    from ckptkit.checkpoint import CheckpointRef
+
+    class Registry:
+        name, root = "registry", "registry://models"
+
+    args = {"run_folder": (), "stored_files": (), "write_leftover": ("step-1", "f", b""),
+            "make_empty_folder": ("step-1",),
+            "overwrite": (CheckpointRef(backend="registry", run_name="r", step=1, path="r/1", uri="registry://r/1"),
+                          "state.pt", b"")}[helper]
+    with pytest.raises(pytest.skip.Exception, match=f"Registry has no 'fs' attribute and run_path\\(\\); override "
+                                                    f"{helper} to reach its store directly"):
+        getattr(ResumeBackendTests(), helper)(Registry(), *args)

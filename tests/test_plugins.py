@@ -572,3 +572,25 @@ def test_a_probe_that_answers_no_dict_is_named_in_check_not_a_traceback(tmp_path
     assert shown["problems"] == ["the probe of t failed in the backend's plugin itself, as the table shows: report "
                                  "it to the plugin's authors"], shown["problems"]  # not the storage's credentials
     assert code == 1
+
+
+def test_a_run_conflict_names_the_backend_that_listed_the_newer_step(pm, tmp_path):
+    """A plugin that listed a step it never committed made a new training refuse to start,
+    blaming "another training", with nothing naming the plugin whose listing it came from."""
+    from ckptkit import RunConflictError
+    from ckptkit.checkpoint import CheckpointRef
+
+    class Phantom(LocalBackend):
+        @ckptkit.hookimpl
+        def list_checkpoints(self, run_name):
+            ghost = CheckpointRef(backend=self.name, run_name=run_name, step=5, path=f"{self.root}/ghost",
+                                  uri=f"file://{self.root}/ghost")
+            return [*super().list_checkpoints(run_name=run_name), ghost]
+
+    pm.add_backend_type("phantom", Phantom)
+    cfg = {"run_name": "r", "backends": {"ghostly": {"type": "phantom", "path": str(tmp_path / "g")}},
+           "roles": {"resume": {"backends": ["ghostly"], "every_n_steps": 1}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(RunConflictError, match=r"up to step 5, .* Step 5 is listed by backend 'ghostly' "
+                                                   r"\(type 'phantom', from "):
+            ck.save(step=1, model=torch.nn.Linear(2, 2))

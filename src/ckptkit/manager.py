@@ -739,14 +739,16 @@ class CheckpointManager:
         newest = max((r.step for r in refs), default=None)
         if newest is not None and newest >= step:
             self._run_checked = False  # refused at every save, not only the first
-            raise self._conflict_error(step, newest)
+            # Which backend listed it: a plugin that lists a step it never committed is the one to ask.
+            where = sorted({r.backend for r in refs if r.step == newest})
+            raise self._conflict_error(step, newest, where=where)
 
-    def _conflict_error(self, step: int, newest: int, how: str = "old", replaced: int | None = None
-                        ) -> RunConflictError:
+    def _conflict_error(self, step: int, newest: int, how: str = "old", replaced: int | None = None,
+                        where: Iterable[str] = ()) -> RunConflictError:
         """``how``: "old", the run holds steps up to ``newest`` that this training did not restore
         from; "newer" and "replaced", another training writes the run at the same time, seen from
         a step above any this one saved or restored, or from this one's step ``replaced`` saved
-        again by it."""
+        again by it. ``where``: the backends that listed ``newest``."""
         if how != "old":
             found = (f"holds step {newest}, newer than any step this training saved (the last, step {step}) or "
                      "restored, and not written by it" if how == "newer" else
@@ -763,7 +765,8 @@ class CheckpointManager:
             f"did not restore from it but would save step {step} there: the two trainings would prune "
             "and resume each other's checkpoints. If the training that wrote them still runs, stop it "
             "or choose a new run name. Otherwise call restore() first to continue that run, choose "
-            f"a new run name, or delete the old run with: {self._command('prune', '--all')}",
+            f"a new run name, or delete the old run with: {self._command('prune', '--all')}"
+            + "".join(f". Step {newest} is listed by backend {name!r}{self.router.origin(name)}" for name in where),
             self.run_name, newest)
 
     def _check_rolled_back(self, step: int, status: str, listing: Any) -> None:

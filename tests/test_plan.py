@@ -127,14 +127,13 @@ def test_a_cut_short_of_all_is_never_shown_as_100_percent():
 
 
 @pytest.mark.parametrize("backends,named", [
-    ("scratch: {type: local, path: ./ck, bogus: 1}", "bogus"),
     ("scratch: {type: nosuch, path: ./ck}", "nosuch"),
     ("scratch: {type: mlflow}", "cannot serve the resume role"),
 ])
 def test_cli_plan_refuses_a_config_no_training_could_run(tmp_path, capsys, backends, named):
-    """plan read the config's shape only: it planned a backend option no backend takes, a type
-    not installed, and MLflow holding the last resume checkpoints, which it never prunes, and
-    exited 0 where check and every training refuse them."""
+    """plan read the config's shape only: it planned a type not installed, and MLflow holding the
+    last resume checkpoints, which it never prunes, and exited 0 where check and every training
+    refuse them."""
     cfg = tmp_path / "ckptkit.yaml"
     cfg.write_text(f"backends:\n  {backends}\nroles:\n  resume: {{backends: [scratch], keep_last: 2}}\n")
     assert main(["plan", str(cfg), "--state-size", "1GB", "--steps", "10", "--json"]) == 1

@@ -778,3 +778,21 @@ def test_a_pass_over_the_checkpoints_belongs_to_the_thread_that_made_it(tmp_path
             other.join()
         assert got == [1]
         assert reader.manifest(older).step == 1  # and none of it outlives the pass
+
+
+def test_a_local_copy_that_failed_names_its_file_over_a_writers_own_error_but_not_over_an_interrupt():
+    """torch.save reports its writer's failure as "unexpected pos"; the disk's error is the one to
+    see. An interrupt that comes after is still an interrupt."""
+    with pytest.raises(ckptkit.LocalWriteError, match=r"could not write /dev/full \(a test copy\) on this machine: "
+                                                      r"\[Errno 28\] No space left on device"):
+        with reading.LocalCopy("/dev/full", "a test copy", "Free space.") as f:
+            try:
+                f.write(b"x" * 2**20)
+            except ckptkit.LocalWriteError:
+                raise RuntimeError("unexpected pos 896 vs 790") from None
+    with pytest.raises(KeyboardInterrupt):
+        with reading.LocalCopy("/dev/full", "a test copy", "Free space.") as f:
+            try:
+                f.write(b"x" * 2**20)
+            except ckptkit.LocalWriteError:
+                raise KeyboardInterrupt from None

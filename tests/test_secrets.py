@@ -488,6 +488,18 @@ def test_a_backend_that_fails_to_be_built_shows_no_credential_of_its_config(pm, 
         assert "tokeninfo?<redacted>" in str(caught.value)
 
 
+@pytest.mark.parametrize("mode", ["anon", "cloud", "cache", "browser", "google_default"])
+def test_a_gcs_token_mode_is_no_secret_and_no_message_loses_it(mode):
+    """gcsfs takes token: anon (and cloud, cache, browser, google_default) for how to find
+    credentials; taken for a credential, "anon" was cut out of a bucket name in a config error."""
+    from ckptkit.redact import secret_values
+
+    assert secret_values({"storage_options": {"token": mode}}) == secret_values({})
+    assert redact("backends.g.path: 'Canonical_Data' is not a valid bucket name",
+                  secret_values({"storage_options": {"token": mode}})).startswith("backends.g.path: 'Canonical_Data'")
+    assert "ya29.a-real-token" in secret_values({"storage_options": {"token": "ya29.a-real-token"}})
+
+
 def test_redacting_twice_changes_nothing_more():
     """A client's message goes through several layers that each redact it: the query of a URL
     in it read "?<redacted><redacted><redacted>" after three."""

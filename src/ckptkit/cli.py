@@ -476,12 +476,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_size, make_plan, parse_size
 
+    from .config import Config
+    from .routing import Router
+
+    config = Config.load(args.config)
     state = parse_size(args.state_size, "--state-size")
-    # Validated as a training would (each backend's own options, which roles its type serves),
-    # so that no plan is shown for a config that cannot run. Building a backend touches no store.
-    with _muted("ckptkit.manager"):
-        with CheckpointManager.from_config(args.config) as ck:
-            config = ck.config
+    # No plan for a config that cannot run: each backend's type installed and able to serve its
+    # roles. Nothing is built (a store's client may look for credentials it has only on the
+    # cluster); ckptkit check goes on to each backend's own options.
+    Router.types_for(make_plugin_manager(), config)
     final = parse_size(args.final_size, "--final-size") if args.final_size else None
     plan = make_plan(config, state, args.steps, final_size=final)
     columns = ("role", "backend", "type", "copies", "at end", "at peak", "note")

@@ -586,7 +586,8 @@ class CheckpointManager:
 
         The prune (keep_last) runs on a thread of rank 0 once the checkpoint is committed; the
         next call of this manager that writes or reads the store waits for it (a save of a step
-        that is not due does not), and a failed prune is logged as a warning.
+        that is not due does not), and a failed prune is logged as a warning (as an error where a
+        backend's plugin deleted a step it was told to keep).
 
         Call it on every rank. Returns the references of the committed copies (on every rank),
         empty when nothing was due. A backend that fails does not stop the others; once all were
@@ -845,7 +846,8 @@ class CheckpointManager:
 
         Call it on every rank (``save``, ``restore``, ``finalize`` and ``close`` call it). Returns
         the references of what that save committed; raises ``SaveError`` (or warns, with
-        ``on_error="warn"``) on every rank if it failed. A failed prune was logged as a warning.
+        ``on_error="warn"``) on every rank if it failed. A failed prune was logged, as ``save``
+        says.
         """
         if self._closed:  # close() waited for everything
             return []
@@ -895,11 +897,13 @@ class CheckpointManager:
                     ref.backend, "prune", storage_errors=True, run_name=self.run_name, keep_last=self.resume_role.keep_last,
                     protected_steps=protected, dry_run=False, counted_steps=counted), self.run_name)
                 gone.update(r.step for r in deleted if r.step != step)
-                self._kept_all(ref.backend, deleted, protected)
-            except BackendError as exc:
-                log.error("pruning backend %r failed: %s", ref.backend, exc)
             except Exception as exc:
                 log.warning("pruning backend %r failed: %s", ref.backend, exc)
+            else:
+                try:
+                    self._kept_all(ref.backend, deleted, protected)
+                except BackendError as exc:  # a checkpoint a restore would take may be gone
+                    log.error("pruning backend %r failed: %s", ref.backend, exc)
             self._note_another_writer(ref.backend, step, newest_own)  # from its listing, which may have worked
         # What a training of a million saves remembers stays the size of what it keeps. A step
         # forgotten while another backend still holds it counts less, so it is deleted later, not

@@ -45,7 +45,8 @@ class BackendType:
         return [h for h in ROLE_HOOKS[role] if h not in self.hooks]
 
     def check_instance(self, backend: str, instance: Any) -> None:
-        """Refuse an instance whose documented attributes (``BACKEND_ATTRIBUTES``) have the wrong type."""
+        """Refuse what ``from_config`` returned if it is no instance of the type's class, or one
+        whose documented attributes (``BACKEND_ATTRIBUTES``) have the wrong type."""
         where = f"backend {backend!r} (type {self.name!r}, {self.cls.__module__}.{self.cls.__qualname__}, from {self.dist})"
         if not isinstance(instance, self.cls):
             # Registered as it is, None would answer no hook: every later error would blame a hook.

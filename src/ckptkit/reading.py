@@ -433,7 +433,8 @@ class LocalCopy(WriteOnly):
         except OSError as exc:
             if kind is None:
                 raise self._failure(exc) from exc
-        if self.failed is not None and value is not self.failed:
+        over = value is None or isinstance(value, Exception)  # never over an interrupt
+        if self.failed is not None and over and value is not self.failed:
             raise self.failed
 
 

@@ -32,6 +32,9 @@ _BARE_USERINFO_RE = re.compile(
 _SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "session_token", "client_secret",
                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                         "access_token", "refresh_token", "private_key", "private_key_id")
+# What gcsfs takes as its ``token`` besides a credential: how to find one, no secret itself.
+# Taken for one, "anon" was cut out of every message ("C<redacted>ical_Data", a bucket name).
+_TOKEN_MODES = frozenset({"anon", "cloud", "cache", "browser", "google_default"})
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "GOOGLE_OAUTH_ACCESS_TOKEN", "GCS_OAUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN")
@@ -48,7 +51,8 @@ def secret_values(options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
         elif isinstance(value, (list, tuple)):
             for v in value:
                 walk(v, name)
-        elif isinstance(value, str) and name in _SECRET_OPTION_NAMES and len(value) >= 4:
+        elif (isinstance(value, str) and name in _SECRET_OPTION_NAMES and len(value) >= 4
+              and not (name == "token" and value in _TOKEN_MODES)):
             found.append(value)
 
     walk(dict(options or {}))

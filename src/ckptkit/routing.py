@@ -18,6 +18,14 @@ from .storage import FileBackend
 log = logging.getLogger(__name__)
 
 
+def _sourced(config: Config, exc: ConfigError) -> ConfigError:
+    """``exc`` naming the config file first, as the config's own errors do: which file, when a job
+    reads several."""
+    if config.source == "<dict>" or str(exc).startswith(f"{config.source}: "):
+        return exc
+    return ConfigError(f"{config.source}: {exc}")
+
+
 class Router:
     """The configured backend instances, registered under their config names, by role."""
 
@@ -28,6 +36,29 @@ class Router:
         self.instances: dict[str, Any] = {}
         self._callers: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._registered: frozenset[tuple[str, int]] = frozenset()  # what the callers were made for
+        try:
+            self.types = self.types_for(pm, config)
+            for name, spec in config.backends.items():
+                self.instances[name] = self._build(name, self.types[name], spec.options)
+            self._check_places(config)
+            for name, instance in self.instances.items():
+                if config.roles_of(name):
+                    pm.register_backend(instance, name, self.types[name])
+        except BaseException as exc:
+            # Built backends are closed; a plugin manager shared between managers (a sweep's)
+            # keeps nothing of a failed one. The first error is the one to see.
+            with contextlib.suppress(Exception):
+                self.close()
+            if isinstance(exc, ConfigError) and _sourced(config, exc) is not exc:
+                raise _sourced(config, exc) from exc
+            raise
+
+    @staticmethod
+    def types_for(pm: CkptkitPluginManager, config: Config) -> dict[str, BackendType]:
+        """Each backend's type, checked against the roles the config gives it (and against format
+        dcp): what can be told of a config without building a backend, which may reach its
+        store's service (gcsfs looks for credentials as it is made)."""
+        types: dict[str, BackendType] = {}
         try:
             for name, spec in config.backends.items():
                 btype = pm.backend_type(spec.type, f"backends.{name}.type")
@@ -56,22 +87,12 @@ class Router:
                         )
                 if not roles:
                     log.warning("backend %r is declared but no role uses it", name)
-                self.types[name] = btype
-                self.instances[name] = self._build(name, btype, spec.options)
-            self._check_places(config)
-            for name, instance in self.instances.items():
-                if config.roles_of(name):
-                    pm.register_backend(instance, name, self.types[name])
-        except BaseException as exc:
-            # Built backends are closed; a plugin manager shared between managers (a sweep's)
-            # keeps nothing of a failed one. The first error is the one to see.
-            with contextlib.suppress(Exception):
-                self.close()
-            if isinstance(exc, ConfigError) and config.source != "<dict>" and not str(exc).startswith(
-                    f"{config.source}: "):
-                # As the config's own errors do: which file, when a job reads several.
-                raise ConfigError(f"{config.source}: {exc}") from exc
-            raise
+                types[name] = btype
+        except ConfigError as exc:
+            if _sourced(config, exc) is exc:
+                raise
+            raise _sourced(config, exc) from exc
+        return types
 
     def _check_places(self, config: Config) -> None:
         """Refuse two resume backends that keep their checkpoints in one place: each save would

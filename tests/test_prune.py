@@ -566,3 +566,43 @@ def test_a_plugin_prune_that_deletes_the_step_just_saved_is_named_not_passed_ove
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
         with pytest.raises(BackendError, match=r"prune \(type 'greedy'.*returned step 3 among those it deleted"):
             ck.prune(keep_last=1)
+
+
+
+class _Sloppy(LocalBackend):
+    """A plugin whose prune keeps the newest step only, whatever keep_last says."""
+
+    @hookimpl
+    def prune(self, run_name, keep_last, protected_steps, dry_run, counted_steps):
+        return super().prune(run_name=run_name, keep_last=1, protected_steps=protected_steps,
+                             dry_run=dry_run, counted_steps=counted_steps)
+
+
+def test_a_plugin_prune_by_hand_that_keeps_fewer_than_keep_last_is_named(tmp_path):
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("sloppy", _Sloppy)
+    cfg = local_config(tmp_path, final=False, keep=2)
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg) as ck:  # the plain local backend
+        for step in (1, 2):
+            ck.save(step=step, model=model, optimizer=opt)
+    cfg["backends"]["scratch"]["type"] = "sloppy"
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(BackendError, match=r"prune \(type 'sloppy'.*returned step 1 among those it deleted"):
+            ck.prune(keep_last=2)
+
+
+def test_a_leftover_of_the_step_just_saved_is_pruned_without_blaming_the_backend(tmp_path, caplog):
+    """A save of step 2 killed midway left its temporary folder; the run restarted, saved step 2
+    again, and the prune after it removed that leftover: no fault of the backend's."""
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 0
+    model, opt = make_model()
+    leftover = tmp_path / "scratch" / "exp" / ".tmp-step-0000000002-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "state.pt").write_bytes(b"half")
+    with CheckpointManager.from_config(cfg) as ck, caplog.at_level(logging.WARNING):
+        ck.save(step=2, model=model, optimizer=opt)
+        ck.wait()
+    assert not leftover.exists(), "the leftover is the prune's to remove"
+    assert "pruning backend" not in caplog.text, caplog.text

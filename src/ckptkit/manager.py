@@ -901,7 +901,7 @@ class CheckpointManager:
                 log.warning("pruning backend %r failed: %s", ref.backend, exc)
             else:
                 try:
-                    self._kept_all(ref.backend, deleted, protected)
+                    self._kept_all(ref.backend, deleted, [ref])
                 except BackendError as exc:  # a checkpoint a restore would take may be gone
                     log.error("pruning backend %r failed: %s", ref.backend, exc)
             self._note_another_writer(ref.backend, step, newest_own)  # from its listing, which may have worked
@@ -1011,7 +1011,8 @@ class CheckpointManager:
             pruned = self.router.checked_refs(name, "prune", self.router.call_blaming(
                 name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep, protected_steps=protected,
                 dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
-            self._kept_all(name, pruned, protected | verified)  # at most keep_last verified: all kept
+            # At most keep_last verified: all kept.
+            self._kept_all(name, pruned, [r for r in refs if r.step in verified or r.step in protected])
             deleted += pruned
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]
@@ -1021,11 +1022,14 @@ class CheckpointManager:
                 deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
         return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt))
 
-    def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[int]) -> None:
-        """Raise ``BackendError`` for a prune of ``backend`` that deleted a step it was told to keep
-        (the step just saved, one keep_best keeps, the newest keep_last): a faulty plugin, which
-        may have left the run without the checkpoint a restore would take."""
-        wrong = sorted({r.step for r in deleted} & set(kept))
+    def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[CheckpointRef]) -> None:
+        """Raise ``BackendError`` for a prune of ``backend`` that deleted a committed checkpoint it
+        was told to keep (``kept``: the step just saved; by hand, the verified ones and those
+        keep_best keeps): a faulty plugin, which may have left the run without the checkpoint a
+        restore would take. Told apart by path: a leftover of the same step (a save of it killed
+        before) is the prune's to remove."""
+        places = {(k.step, k.path) for k in kept}
+        wrong = sorted({r.step for r in deleted if (r.step, r.path) in places})
         if wrong:
             raise self.router.faulty(backend, "prune", f"step {', '.join(map(str, wrong))} among those it deleted",
                                      "only steps it was free to delete (not protected_steps, nor the newest "

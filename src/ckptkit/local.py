@@ -357,10 +357,6 @@ class LocalBackend(FileBackend):
         root = local_root(options["path"], f"{key}.path")
         return cls(name, fsspec.filesystem("file"), root, leftover_grace_s=float(grace))
 
-    def _location(self) -> tuple:
-        # One folder by any path: a symlink, "..", a trailing slash.
-        return ("file", os.path.realpath(self.root))
-
     def write_concurrency(self, payload: Payload) -> int:
         # Each file in flight keeps about two cores busy (torch serialising it, xxh3 hashing it)
         # and a local write is bound by the CPU and memory, not by waiting: more files at once

@@ -288,7 +288,7 @@ class FileBackend:
         with one location hold one copy of what is written to both; any difference in how their
         filesystems were made tells them apart. A folder on this machine is told as the built-in
         local backend tells it (``file``, its real path), whichever backend reaches it."""
-        if isinstance(self.fs, LocalFileSystem):
+        if isinstance(self.fs, LocalFileSystem):  # one folder by any path: a symlink, "..", a trailing slash
             return ("file", os.path.realpath(self.root))
         try:
             made = repr((getattr(self.fs, "storage_args", ()), sorted(self.fs.storage_options.items())))

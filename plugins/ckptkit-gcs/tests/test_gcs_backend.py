@@ -271,9 +271,9 @@ def test_a_download_the_store_sends_a_byte_at_a_time_fails_the_restore_in_bounde
     restore for good. Each try of a request now ends by a deadline (the timeout plus what it
     sends and receives at the slowest rate that counts as progress)."""
     proxy = make_fault_proxy(gcs_port)
-    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0)
+    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=1.0, request_retries=0)
     opts["retry"] = {"attempts": 2, "backoff_s": 0.01}
-    manager(pm, {"archive": opts}, ["archive"]).save(step=0, model=model(3))
+    manager(pm, {"archive": gcs_backend_options()}, ["archive"]).save(step=0, model=model(3))
     FaultT = type(proxy).__init__.__globals__["Fault"]
     dripping = proxy.add(FaultT(lambda m, p: m == "GET" and "state.pt" in p and "alt=media" in p,
                                 drip=0.1, times=None, hold=threading.Event()))
@@ -298,10 +298,10 @@ def test_an_upload_chunk_the_store_stops_reading_fails_the_save_in_bounded_time(
 
     monkeypatch.setattr(ckptkit_gcs, "_MIN_RATE", 64 * 2**20, raising=False)
     proxy = make_fault_proxy(gcs_port)
-    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=0.5, request_retries=0, part_size_mb=16)
+    opts = gcs_backend_options(endpoint=proxy.url, timeout_s=2.0, request_retries=0, part_size_mb=16)
     opts["retry"] = {"attempts": 1}
+    manager(pm, {"archive": gcs_backend_options()}, ["archive"]).save(step=0, model=model(n=8))
     ck = manager(pm, {"archive": opts}, ["archive"])
-    ck.save(step=0, model=model(n=8))
     FaultT = type(proxy).__init__.__globals__["Fault"]
     stalled = proxy.add(FaultT(lambda m, p: m in ("PUT", "POST") and "upload_id=" in p, unread=True,
                                times=None, hold=threading.Event()))

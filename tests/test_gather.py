@@ -719,3 +719,71 @@ def test_a_cast_keeps_tied_weights_one_tensor(tmp_path):
     # Views of one storage that differ are cast apart.
     parts = gather.cast({"a": emb.weight[:10], "b": emb.weight[10:20]}, "bfloat16")
     assert parts["a"] is not parts["b"] and torch.equal(parts["b"], emb.weight[10:20].detach().bfloat16())
+
+
+def _grouped(model: torch.nn.Module, groups: list[list[str]], decays=(0.1, 0.0)) -> torch.optim.AdamW:
+    params = dict(model.named_parameters())
+    return torch.optim.AdamW([{"params": [params[n] for n in names], "weight_decay": wd, "lr": 0.01 / (1 + i)}
+                              for i, (names, wd) in enumerate(zip(groups, decays))])
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_parameter_moved_to_another_param_group_is_refused_not_trained_with_that_groups_settings(tmp_path, fmt):
+    """The groups built again with one bias in the decay group (a no-decay name filter changed):
+    DCP gave the group the saved decay group's settings, and the bias trained with lr 0.01 and
+    weight decay 0.1 instead of its own 0.005 and 0.0, without a word. Groups in another order,
+    each holding one saved group's parameters, still restore exactly."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    saved = [["0.weight", "1.weight"], ["0.bias", "1.bias"]]
+    opt = _grouped(model, saved)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=model, optimizer=opt)
+    again = copy.deepcopy(model)
+    moved = _grouped(again, [["0.weight", "1.weight", "1.bias"], ["0.bias"]])
+    before = copy.deepcopy(moved.state_dict())
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError,
+                           match=r"param group 0 of the optimizer given to restore holds parameters the checkpoint's "
+                                 r"optimizer kept in different groups \(0.weight, 1.weight in its group 0; 1.bias in "
+                                 r"its group 1\).*Build the optimizer as the run that saved it did"):
+            ck.restore(model=again, optimizer=moved)
+        assert moved.state_dict() == before  # nothing loaded
+        shared = _grouped(again, [["0.weight"], ["1.weight"]])
+        with pytest.raises(ckptkit.IncompatibleCheckpointError,
+                           match=r"param groups 0 and 1 of the optimizer given to restore both hold parameters of "
+                                 r"the checkpoint's group 0 \(1.weight in group 1\)"):
+            ck.restore(model=again, optimizer=shared)
+        swapped = _grouped(again, saved[::-1], decays=(0.0, 0.1))
+        assert ck.restore(model=again, optimizer=swapped).step == 1
+    assert [g["weight_decay"] for g in swapped.param_groups] == [0.0, 0.1]
+    assert [g["lr"] for g in swapped.param_groups] == [0.005, 0.01]
+    assert torch.equal(swapped.state[again[1].bias]["exp_avg"], opt.state[model[1].bias]["exp_avg"])
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_renamed_layer_is_told_as_the_models_change_not_the_optimizers(tmp_path, fmt):
+    """A layer renamed since the save, restored with optimizer=: the error blamed the optimizer
+    and advised restoring without it, which only moved the failure to the model."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model = torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 2)})
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    renamed = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 2)})
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError,
+                           match=r"its model has no parameter named proj.bias, proj.weight, which the model given "
+                                 r"to restore has \(a layer renamed or added since the save\?\). Build the model as "
+                                 r"the run that saved it did"):
+            ck.restore(model=renamed, optimizer=torch.optim.SGD(renamed.parameters(), lr=0.1))
+        # An optimizer over a parameter the saved model had, which the saved optimizer did not train.
+        two = torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 2)})
+        with ckptkit.CheckpointManager.from_config(cfg) as ck2:
+            ck2.save(step=2, model=two, optimizer=torch.optim.SGD([two["fc1"].weight], lr=0.1))
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"its optimizer has no parameter named fc1.bias"):
+            ck.restore(model=two, optimizer=torch.optim.SGD(two.parameters(), lr=0.1))

@@ -229,7 +229,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         without_params = _group_without_params(optim_state)
         names = names_of(model)
         if misfit is None and (options is None or ranks.rank() == 0):
-            misfit = layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None)
+            misfit = layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None,
+                                   saved_model=state["model"])
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
             # state tensors, and a stateless optimizer (SGD without momentum, or one saved
@@ -297,13 +298,16 @@ def groups_misfit(saved: int | None, optimizer: torch.optim.Optimizer) -> str | 
 
 
 def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
-                  lacking_checked: bool = False) -> str | None:
+                  lacking_checked: bool = False, saved_model: Collection[str] | None = None) -> str | None:
     """Why the saved optimizer state cannot fill ``optimizer``, or None. As torch's own
-    ``load_state_dict`` requires: as many param groups, and each of the optimizer's parameters
-    in a saved group (by name). Without the check DCP loads a group it cannot match without
-    its settings (the first step then fails), and trains parameters the checkpoint never saw
-    from no state at all. ``lacking_checked`` (full state broadcast to other ranks): also
-    ``lacking_state``."""
+    ``load_state_dict`` requires: as many param groups, each of the optimizer's parameters in a
+    saved group (by name), and each group holding the parameters of one saved group. Without the
+    check DCP loads a group it cannot match without its settings (the first step then fails),
+    trains parameters the checkpoint never saw from no state at all, and gives a parameter moved
+    to another group that group's settings (lr, weight decay) without a word. ``lacking_checked``
+    (full state broadcast to other ranks): also ``lacking_state``. ``saved_model``: the names in
+    the checkpoint's model state, where known, so that a parameter the saved model did not have
+    either is told as the model's change (a layer renamed or added), not the optimizer's."""
     saved = optim_state.get("param_groups") or []
     problem = groups_misfit(len(saved), optimizer)
     if problem is not None:
@@ -323,10 +327,46 @@ def layout_misfit(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Op
     unknown = sorted(min(names[p]) for group in optimizer.param_groups for p in group["params"]
                      if names[p].isdisjoint(known))
     if unknown:
+        if saved_model is not None and not any(name in saved_model for name in unknown):
+            return (f"its model has no parameter named {_listed(unknown)}, which the model given to restore "
+                    "has (a layer renamed or added since the save?). Build the model as the run that saved it "
+                    "did; to start a changed model from these weights, write them to a file with export() (or "
+                    "`ckptkit export`) and load that with load_state_dict(strict=False)")
         return (f"its optimizer has no parameter named {_listed(unknown)}, which the optimizer given to "
                 f"restore trains. {REBUILD}")
+    problem = _regrouped(names, optimizer, saved)
+    if problem is not None:
+        return problem
     if lacking_checked:
         return lacking_state(names, optimizer, set(optim_state.get("state", ())))
+    return None
+
+
+def _regrouped(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optimizer,
+               saved: list[dict[str, Any]]) -> str | None:
+    """Why ``optimizer``'s groups do not each hold the parameters of one saved group, or None.
+    DCP gives each saved group's settings to a group holding one of its parameters (the last):
+    a group mixing two saved groups' parameters, or two groups sharing one's, train some
+    parameters with settings they were not saved with. Groups in another order are matched."""
+    owner = {name: i for i, group in reversed(list(enumerate(saved))) for name in group.get("params", ())}
+    claimed: dict[int, int] = {}
+    for j, group in enumerate(optimizer.param_groups):
+        by_saved: dict[int, list[str]] = {}
+        for p in group["params"]:
+            for i in sorted({owner[n] for n in names[p] if n in owner}):
+                by_saved.setdefault(i, []).append(min(names[p]))
+        if len(by_saved) > 1:
+            held = "; ".join(f"{_listed(sorted(ps))} in its group {i}" for i, ps in sorted(by_saved.items()))
+            return (f"param group {j} of the optimizer given to restore holds parameters the checkpoint's "
+                    f"optimizer kept in different groups ({held}): loaded, they would all train with one "
+                    f"saved group's settings (lr, weight decay, ...). {REBUILD}")
+        for i, ps in by_saved.items():
+            if i in claimed:
+                return (f"param groups {claimed[i]} and {j} of the optimizer given to restore both hold "
+                        f"parameters of the checkpoint's group {i} ({_listed(sorted(ps))} in group {j}): "
+                        f"loaded, one of them would train with another saved group's settings (lr, weight "
+                        f"decay, ...). {REBUILD}")
+            claimed[i] = j
     return None
 
 

@@ -1681,7 +1681,8 @@ class CheckpointManager:
         if problem is None and optimizer is not None:
             try:
                 groups = sharded.saved_param_groups(opened)
-                misfit = gather.layout_misfit(names, optimizer, {"param_groups": groups})
+                misfit = gather.layout_misfit(names, optimizer, {"param_groups": groups},
+                                              saved_model=sharded.saved_model_names(opened))
             except Exception:  # unreadable here: the check after the load still refuses a misfit
                 misfit = None
             if misfit is not None:

@@ -680,6 +680,11 @@ def saved_param_groups(r: _SafeReader) -> list[dict[str, Any]]:
 _GROUP_PARAMS = re.compile(r"optimizer\.param_groups\.(\d+)\.params")
 
 
+def saved_model_names(r: _SafeReader) -> set[str]:
+    """The names in the checkpoint's model state, from its metadata (nothing else is read)."""
+    return {fqn[len("model."):] for fqn in r.read_metadata().state_dict_metadata if fqn.startswith("model.")}
+
+
 def _items(r: _SafeReader, wanted: Callable[[str], bool], safe_globals: Iterable[Any]) -> dict[str, Any]:
     """The non-tensor items whose names ``wanted`` accepts, loaded weights-only."""
     metadata = r.read_metadata()

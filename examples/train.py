@@ -258,6 +258,7 @@ def _train(ck: ckptkit.CheckpointManager, settings: Settings, args: argparse.Nam
     rng = ckptkit.RngState()  # Python, numpy, torch CPU and CUDA generators, read at save time
 
     start = 0
+    loss_value = float("nan")
     if args.resume != "none":
         # After everything that seeds or draws, so that the restored generators are the ones used.
         restored = ck.restore(model=model, optimizer=opt, extra={"sched": sched},
@@ -267,6 +268,7 @@ def _train(ck: ckptkit.CheckpointManager, settings: Settings, args: argparse.Nam
                                        f"{'nothing' if restored is None else f'step {restored.step}'} instead")
         if restored is not None:
             start = restored.step + 1
+            loss_value = float(restored.metrics.get("loss", loss_value))
             if rank == 0:
                 print(f"resumed run {ck.run_name!r} from step {restored.step} ({restored.ref.uri})", flush=True)
 
@@ -276,7 +278,6 @@ def _train(ck: ckptkit.CheckpointManager, settings: Settings, args: argparse.Nam
         losses = open(os.path.join(args.out, f"losses-rank{rank}.jsonl"), "a", encoding="utf-8")
     steps_per_epoch = max(1, train_args.dataset_size // (train_args.batch_size * world))
     last = train_args.steps - 1
-    loss_value = float("nan")
     for step in range(start, train_args.steps):
         epoch = step // steps_per_epoch
         model.train()
@@ -306,11 +307,14 @@ def _train(ck: ckptkit.CheckpointManager, settings: Settings, args: argparse.Nam
         losses.close()
 
     if start > last and rank == 0:
-        print(f"run {ck.run_name!r} already finished at step {last}; nothing to train", flush=True)
+        # Killed after its last save, maybe inside finalize: the final model is published again
+        # (a registry records another version), never left unpublished.
+        print(f"run {ck.run_name!r} already trained to step {last}; nothing to train, publishing the final "
+              "model", flush=True)
     weights = full_weights(model)  # a collective under FSDP2: every rank takes part
     if args.out and rank == 0:
         torch.save(weights, os.path.join(args.out, "final_weights.pt"))
-    if ck.config.final is not None and start <= last:
+    if ck.config.final is not None:
         ck.finalize(model=model, step=last, epoch=last // steps_per_epoch, metrics={"loss": loss_value},
                     params=attrs.asdict(model_args))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,14 @@ def test_single_process_killed_and_resumed_matches_an_uninterrupted_run(tmp_path
     # --resume STEP takes only the newest checkpoint, and says so for another step.
     older = train(tmp_path, "--config", config, "--run-name", "whole", "--resume", "6")
     assert older.returncode == 1 and "newest checkpoint is step 7" in older.stderr
+    # Killed after its last save, before the final model was published: started again, it
+    # trains nothing and publishes it (the run was skipped as finished, and had no final model).
+    shutil.rmtree(tmp_path / "final" / "whole")
+    last = ok(train(tmp_path, "--config", config, "--run-name", "whole", "--out", str(tmp_path / "again")))
+    assert "already trained to step 7; nothing to train, publishing the final model" in last.stdout
+    published = torch.load(tmp_path / "final" / "whole" / "final" / "final_model.pt", weights_only=True)
+    assert published["step"] == 7 and published["metrics"] == {"loss": losses(tmp_path / "whole", 0)[7]}, published
+    assert all(torch.equal(published["model"][k], v) for k, v in weights(tmp_path / "whole").items())
 
 
 @pytest.mark.distributed

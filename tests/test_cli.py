@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -768,3 +769,42 @@ def test_verify_tells_a_plugins_failure_from_a_damaged_checkpoint(capsys, saved,
     assert code == 1 and [r["result"] for r in rows] == ["plugin"] * 4
     assert "read_manifest (type 'buggy', from ckptkit-buggy-cli 1.0) raised KeyError: 'region'" in rows[0]["detail"]
     assert "failed verification" not in err and "their backend's plugin failed" in err
+
+
+def test_path_options_expand_the_home_folder_and_an_export_is_as_readable_as_any_file(capsys, config_file, saved,
+                                                                                     tmp_path, monkeypatch):
+    """--out=~/m.pt reaches ckptkit with the ~ (the shell expands it only at a word's start):
+    it wrote ./~/m.pt, a folder named ~ that rm -rf ~ would take the home folder with. And the
+    exported file was 0600 (a temporary file's mode), unreadable to the team it was made for."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(capsys, "export", str(config_file), "--out=~/model.pt")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (home / "model.pt").is_file() and not (tmp_path / "~").exists()
+    assert stat.S_IMODE((home / "model.pt").stat().st_mode) == 0o644
+    (home / "model.pt").chmod(0o640)  # a replaced file keeps the mode it was given
+    code, _, err = run(capsys, "export", str(config_file), "--out", str(home / "model.pt"))
+    assert code == 0, err
+    assert stat.S_IMODE((home / "model.pt").stat().st_mode) == 0o640
+    assert [p.name for p in home.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_prune_run_from_another_folder_says_where_it_looked(capsys, tmp_path, monkeypatch):
+    """A config with a relative path, run from another folder: prune said "nothing to delete"
+    as for an empty run, where ls and verify named the folder that does not exist."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "run_name": "r", "backends": {"scratch": {"type": "local", "path": "./ckpts"}},
+        "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 1, "keep_last": 2}}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, _ = run(capsys, "prune", str(tmp_path / "c.yaml"))
+    squeezed = "".join(out.split())  # rich wraps the line where it likes
+    assert code == 0 and "".join(f"nothing to delete (keep_last=2) in scratch (file://{elsewhere}/ckpts, a folder "
+                                 "that does not exist)".split()) in squeezed, out

@@ -166,3 +166,31 @@ def test_a_final_backend_that_reports_no_sizes_leaves_tracked_bytes_unknown_not_
     out = io.StringIO()
     _print_summary(Console(file=out, width=120), summary, per_save=1024)
     assert "file:///tmp/ck[old]/final" in out.getvalue()
+
+
+@pytest.mark.parametrize("autoload", [True, False])
+def test_the_hint_for_a_missing_registry_never_sends_pip_to_the_public_index(monkeypatch, autoload):
+    """It said pip install "ckptkit[mlflow]", which the public index answers with another
+    project's package; with plugins switched off, mlflow may be installed and not loaded."""
+    import io
+
+    from rich.console import Console
+
+    from ckptkit.demo import _print_summary
+
+    if autoload:
+        monkeypatch.delenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    else:
+        monkeypatch.setenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    out = io.StringIO()
+    summary = {"tracked_bytes": 10, "tracked_bytes_if_every_checkpoint_were_logged": 10,
+               "resumed_matches_uninterrupted": True, "crashed_after_step": 14, "restored_step": 10, "saves": 3,
+               "kept_checkpoints": [10, 20], "resume_bytes_stored": {"scratch": 2048}, "registered_models": [],
+               "final_model": ["file:///x/final"], "final_loss": 0.5, "mlflow_run_id": None, "seconds": 1.0,
+               "mlflow_ui": [], "registry_missing": True, "config": None, "run_name": "r"}
+    _print_summary(Console(file=out, width=400), summary, per_save=1024)
+    text = " ".join(out.getvalue().split())
+    assert 'pip install ".[mlflow]" ./plugins/ckptkit-mlflow' in text, text
+    assert 'pip install --index-url URL "ckptkit[mlflow]"' in text, text
+    assert re.search(r'pip install "ckptkit', text) is None, text
+    assert ("unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD" in text) is (not autoload), text

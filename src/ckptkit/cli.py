@@ -406,8 +406,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
                      "damaged": damaged}, table if rows or damaged else None)
         if not rows and not damaged and not args.json:
-            console.print(f"run {ck.run_name!r}: nothing to delete ({'all' if args.all else f'keep_last={keep}'})",
-                          markup=False, highlight=False)
+            # Where it looked: a relative path run from another folder reads as an empty run.
+            looked = ", ".join(_looked_in(ck, n) for n in ck.router.backends(Role.RESUME))
+            console.print(f"run {ck.run_name!r}: nothing to delete ({'all' if args.all else f'keep_last={keep}'}) "
+                          f"in {looked}", markup=False, highlight=False)
         return 0
     finally:
         ck.close()
@@ -526,9 +528,15 @@ def cmd_migrate_config(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="the ckptkit YAML config")
+    p.add_argument("config", type=_path, help="the ckptkit YAML config")
     p.add_argument("--run-name", help="the run (default: run_name from the config, else 'default')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _path(value: str) -> str:
+    """A path option with ``~`` expanded: the shell leaves ``--out=~/m.pt`` as it is, and a folder
+    named ``~`` made in the current one is a trap (``rm -rf ~`` to remove it)."""
+    return os.path.expanduser(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -561,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true",
                    help="delete every resume checkpoint of the run, the newest included (frees the run name)")
     p = add("demo", cmd_demo, "train a small model on the CPU with an interruption and a resume")
-    p.add_argument("--workdir", default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
-    p.add_argument("--config", help="run against this config's backends and routing instead, under a new run name")
+    p.add_argument("--workdir", type=_path, default="ckptkit-demo", help="where the demo keeps its files (default: ./ckptkit-demo)")
+    p.add_argument("--config", type=_path, help="run against this config's backends and routing instead, under a new run name")
     p.add_argument("--publish", action="store_true",
                    help="with --config, publish the demo's model to the config's final backends too (a new "
                         "version of its registered models)")
@@ -570,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = add("export", cmd_export, "write one full model file from a (sharded or full) resume checkpoint")
     _config_args(p)
-    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument("--out", type=_path, required=True, help="the model file to write")
     p.add_argument("--step", type=int, help="export this step (default: the newest verified)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating-point tensors")
     p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
@@ -579,19 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", metavar="FOLDER", help="publish the checkpoint in this folder")
     p.add_argument("--backend", action="append", help="publish only to this final backend (repeatable)")
     p.add_argument("--algorithm", help="the {algorithm} tag (default: the config's, else the one stored)")
-    p.add_argument("--fallback-dir", help="where finalize left the model when no backend took it "
+    p.add_argument("--fallback-dir", type=_path, help="where finalize left the model when no backend took it "
                                           "(default: ./ckptkit-fallback)")
     p.add_argument("--force", action="store_true", help="write again to backends that already hold these bytes")
     p = add("plan", cmd_plan, "bytes each role and backend will hold, beside duplicate uploads to MLflow")
-    p.add_argument("config", help="the ckptkit YAML config")
+    p.add_argument("config", type=_path, help="the ckptkit YAML config")
     p.add_argument("--state-size", required=True, help="bytes of one resume checkpoint, e.g. 14GB")
     p.add_argument("--final-size", help="bytes of the final model (default: the state size)")
     p.add_argument("--steps", type=int, required=True, help="training steps")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("migrate-config", cmd_migrate_config,
             "turn a trainer config (paths.checkpoints, mlflow) into a ckptkit config, saying why for each setting")
-    p.add_argument("trainer_config", metavar="TRAINER_CONFIG", help="the trainer's YAML")
-    p.add_argument("-o", "--out", help="write the config here and print the reasons (default: the config, "
+    p.add_argument("trainer_config", type=_path, metavar="TRAINER_CONFIG", help="the trainer's YAML")
+    p.add_argument("-o", "--out", type=_path, help="write the config here and print the reasons (default: the config, "
                                        "commented, on stdout)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser

@@ -27,7 +27,8 @@ from .config import Config
 from .errors import ConfigError
 from .manager import CheckpointManager
 from .plan import format_size
-from .plugins import make_plugin_manager
+from ._project import DISABLE_AUTOLOAD_ENV
+from .plugins import autoload_enabled, install_hint, make_plugin_manager
 from .redact import redact, secret_values
 from .rng import RngState
 from .roles import Role
@@ -368,9 +369,11 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         for line in s["mlflow_ui"]:
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     if s["registry_missing"]:
-        console.print('No MLflow backend was found, so the final model went to a local folder instead of a model '
-                      'registry. To register it, pip install "ckptkit[mlflow]" (docs/install.md) and run the demo '
-                      "again.", markup=False, highlight=False)
+        how = (f"unset {DISABLE_AUTOLOAD_ENV}, which keeps installed plugins from loading, or "
+               if not autoload_enabled() else "")
+        console.print("No MLflow backend was found, so the final model went to a local folder instead of a model "
+                      f"registry. To register it, {how}{install_hint('mlflow')}, and run the demo again.",
+                      markup=False, highlight=False)
     if s["config"]:
         console.print(f"The demo's checkpoints stay in run {s['run_name']!r}; delete them with: ckptkit prune "
                       f"{shlex.quote(s['config'])} --run-name {s['run_name']} --all", markup=False, highlight=False)

@@ -12,10 +12,11 @@ import logging
 import operator
 import os
 import re
+import secrets
 import shlex
 import shutil
+import stat
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -303,12 +304,22 @@ def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
     earlier export, a good model) as it was, not cut short under its name."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        # Made as open() makes a file (0666 less the umask; mkstemp's 0600 left an exported model
+        # unreadable to the team), or with the mode of the file it replaces.
+        while True:
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+                break
+            except FileExistsError:
+                continue
     except OSError as exc:
         raise CkptkitError(f"cannot write {path}: {exc.strerror or exc} in {folder}; choose a folder you can "
                            "write to") from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -319,10 +319,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
             extra = KNOWN_EXTRAS[str(name).lower()]
             if extra != name:
                 hints.append(f"type names are lower case: {extra!r}")
-            # Never from the public index alone: the name ckptkit there is another project's.
-            hints.append(f'install it from a checkout with: pip install ".[{extra}]" ./plugins/ckptkit-{extra}, '
-                         f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" '
-                         "(see docs/install.md)")
+            hints.append(install_hint(extra))
         if not hints:
             by_case = [t for t in self.backend_types if t.lower() == str(name).lower()]
             near = by_case or difflib.get_close_matches(name, list(self.backend_types), n=1)
@@ -348,6 +345,13 @@ class CkptkitPluginManager(pluggy.PluginManager):
             ) from exc
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"backend {name!r} (type {btype.name!r}, from {btype.dist}): {exc}") from exc
+
+
+def install_hint(extra: str) -> str:
+    """How to install the backend plugin of ``extra`` ("s3"): never from the public index alone,
+    where the name ckptkit is another project's."""
+    return (f'install it from a checkout with: pip install ".[{extra}]" ./plugins/ckptkit-{extra}, '
+            f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" (see docs/install.md)')
 
 
 def autoload_enabled() -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("ckptkit_mlflow", reason="the default demo publishes to MLflow (the dev venv installs it)")
@@ -67,12 +68,27 @@ def test_the_demo_names_the_model_version_and_the_command_that_shows_it(default_
     assert "http://127.0.0.1:5000/#/models/ckptkit_demo_mlp/versions/1" in out
 
 
+def test_the_demo_leaves_its_config_for_the_cli_and_names_the_commands_to_try(default_demo):
+    """Nothing named a config for what the demo made, so the CLI could not be tried on it."""
+    from ckptkit.cli import main
+
+    cwd, done = default_demo
+    written = cwd / "ckptkit-demo" / "ckptkit.yaml"
+    out = " ".join(done.stdout.split())
+    assert ("Its config is ckptkit-demo/ckptkit.yaml; try the CLI on what it made: ckptkit ls "
+            "ckptkit-demo/ckptkit.yaml") in out, out
+    assert main(["verify", str(written), "--json"]) == 0
+    assert main(["export", str(written), "--out", str(cwd / "model.pt")]) == 0
+    assert torch.load(cwd / "model.pt", weights_only=True)["step"] == 20  # the newest resume checkpoint
+
+
 def test_the_demo_without_an_mlflow_backend_publishes_to_a_folder_and_names_the_extra(tmp_path):
     # No plugin loaded is what a plain `pip install ckptkit` gives the demo.
     done = _demo(tmp_path, "--steps", "20", CKPTKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.path.isfile(tmp_path / "ckptkit-demo" / "final" / "demo" / "final" / "final_model.pt")
-    assert 'pip install "ckptkit[mlflow]"' in " ".join(done.stdout.split())
+    out = " ".join(done.stdout.split())
+    assert 'unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD' in out and 'pip install ".[mlflow]" ./plugins/ckptkit-mlflow' in out
     assert "mlflow ui" not in done.stdout
 
 

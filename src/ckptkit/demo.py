@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import attrs
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -204,6 +205,10 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
     if config is None:
         workdir = _fresh_workdir(workdir or "ckptkit-demo")
         source: Config | dict[str, Any] = _config(workdir)
+        # The config written beside what it makes, so that the CLI can be tried on it.
+        written = os.path.join(workdir, "ckptkit.yaml")
+        with open(written, "w", encoding="utf-8") as f:
+            yaml.safe_dump(source, f, sort_keys=False)
         run_name = None
         fallback = os.path.join(workdir, "fallback")
         where = f"in {workdir}"
@@ -219,6 +224,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
                       "the config's registered models; add --publish to publish it too.")
         run_name = datetime.now(timezone.utc).strftime("ckptkit-demo-%Y%m%d-%H%M%S")
         fallback = "ckptkit-fallback"
+        written = None
         where = f"with the backends of {config}, run {run_name!r}"
     say = console.print if console else (lambda *a, **k: None)
     crash_after = int(steps * 0.6) + 1
@@ -307,6 +313,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
     summary = {
         "workdir": workdir if config is None else None,
         "config": config,
+        "config_written": written,
         "run_name": actual_run,
         "steps": steps,
         "saves": saves,
@@ -374,6 +381,10 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         console.print("No MLflow backend was found, so the final model went to a local folder instead of a model "
                       f"registry. To register it, {how}{install_hint('mlflow')}, and run the demo again.",
                       markup=False, highlight=False)
+    if s.get("config_written"):
+        shown = shlex.quote(os.path.relpath(s["config_written"]))
+        console.print(f"Its config is {shown}; try the CLI on what it made: ckptkit ls {shown}, ckptkit verify "
+                      f"{shown}, ckptkit export {shown} --out model.pt", markup=False, highlight=False)
     if s["config"]:
         console.print(f"The demo's checkpoints stay in run {s['run_name']!r}; delete them with: ckptkit prune "
                       f"{shlex.quote(s['config'])} --run-name {s['run_name']} --all", markup=False, highlight=False)

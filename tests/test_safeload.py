@@ -10,6 +10,7 @@ import enum
 import io
 import os
 import pathlib
+import random
 import subprocess
 import sys
 from typing import Any
@@ -527,3 +528,21 @@ def test_a_read_that_fails_is_an_os_error_not_a_corrupt_file():
 
     with pytest.raises(OSError, match="Input/output error"):
         safeload.load(Failing(_good_file()))
+
+
+@pytest.mark.parametrize("value,hint", [
+    (random.Random(1), "rng.getstate()"),
+    (torch.Generator().manual_seed(1), "gen.get_state()"),
+    (np.random.default_rng(1), "gen.bit_generator.state"),
+    (np.random.RandomState(1), "rs.get_state(legacy=False)"),
+    (np.str_("adamw"), "str(value)"),
+])
+def test_a_generator_or_numpy_string_is_refused_with_the_call_that_gives_its_state(value, hint):
+    """A live generator in extra was told to "store a plain value"; the calls that give its
+    state (which does load weights-only) are the hint."""
+    try:
+        safeload.check_storable({"v": value}, "extra")
+    except UnstorableStateError as exc:
+        assert f"Store its state, {hint}" in str(exc) or f"e.g. {hint}" in str(exc), str(exc)
+    else:
+        pytest.fail(f"{type(value).__name__} was not refused")

@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import pickle
+import random
 import re
 import reprlib
 import threading
@@ -434,6 +435,16 @@ def _hint(value: Any) -> str:
         return "a plain value, e.g. value.isoformat()"
     if isinstance(value, datetime.timedelta):
         return "a plain value, e.g. td.total_seconds()"
+    if isinstance(value, random.Random):
+        return "its state, rng.getstate() (rng.setstate(...) on resume), or ckptkit.RngState for the global ones"
+    if isinstance(value, torch.Generator):
+        return "its state, gen.get_state() (gen.set_state(...) on resume)"
+    if np is not None and isinstance(value, np.random.Generator):
+        return "its state, gen.bit_generator.state (assigned back on resume)"
+    if np is not None and isinstance(value, np.random.RandomState):
+        return "its state, rs.get_state(legacy=False) (rs.set_state(...) on resume)"
+    if np is not None and isinstance(value, (np.str_, np.bytes_)):
+        return "a plain value, e.g. str(value) or bytes(value)"
     if np is not None and isinstance(value, (np.ndarray, np.generic)):
         return ("a numeric numpy array (bool, integer, float or complex), a list (array.tolist()) "
                 "or a tensor (torch.from_numpy)")

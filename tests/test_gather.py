@@ -787,3 +787,24 @@ def test_a_renamed_layer_is_told_as_the_models_change_not_the_optimizers(tmp_pat
             ck2.save(step=2, model=two, optimizer=torch.optim.SGD([two["fc1"].weight], lr=0.1))
         with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"its optimizer has no parameter named fc1.bias"):
             ck.restore(model=two, optimizer=torch.optim.SGD(two.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_restoring_into_a_model_of_another_dtype_warns_naming_the_parameters(tmp_path, fmt):
+    """A float32 training resumed into a model built in bfloat16 by mistake: the weights and
+    Adam's moments were rounded on load without a word, and the run went on from there."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.warns(RuntimeWarning, match=r"holds 4 parameter\(s\) in another dtype than saved.*0.bias \(saved "
+                                                r"float32, the model's bfloat16\), 0.weight .*Build the model in the "
+                                                r"dtype it was trained in"):
+            assert ck.restore(model=half, optimizer=torch.optim.AdamW(half.parameters())).step == 1
+        same = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*another dtype.*")
+            assert ck.restore(model=same, optimizer=torch.optim.AdamW(same.parameters())).step == 1

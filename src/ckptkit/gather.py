@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import inspect
 import itertools
+import warnings
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
@@ -224,6 +225,8 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         misfit = coll.broadcast("restore: model layout", misfit)
         if misfit is not None:
             raise IncompatibleCheckpointError(f"{source}: {misfit}")
+    if options is None or ranks.rank() == 0:
+        warn_cast(model, {k: v.dtype for k, v in state["model"].items() if isinstance(v, torch.Tensor)}, source)
     if optimizer is not None:
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
@@ -499,6 +502,21 @@ def load_own_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor], sou
                                               f"{tuple(value.shape)}, the model's {tuple(buf.shape)}")
         with torch.no_grad():
             buf.copy_(value)
+
+
+def warn_cast(model: torch.nn.Module, saved: dict[str, torch.dtype], source: str) -> None:
+    """Warn when ``model``'s parameters are of another dtype than ``saved`` (each saved tensor's
+    dtype by name): the load converts them without a word (torch's copy), and a model built in
+    bfloat16 by mistake resumed a float32 training rounded, its optimizer state with it."""
+    cast = sorted(f"{name} (saved {str(saved[name]).removeprefix('torch.')}, the model's "
+                  f"{str(param.dtype).removeprefix('torch.')})"
+                  for param, names in names_of(model).items() for name in sorted(names)[:1]
+                  if name in saved and saved[name] != param.dtype)
+    if cast:
+        warnings.warn(f"{source}: the model given to restore holds {len(cast)} parameter(s) in another dtype than "
+                      f"saved, so their saved values were converted as they were loaded, and the optimizer's state "
+                      f"with them: {_listed(cast)}. Build the model in the dtype it was trained in to resume "
+                      "exactly (cast after restore for evaluation)", RuntimeWarning, stacklevel=4)
 
 
 def names_of(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:

@@ -1531,6 +1531,8 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         opened.records_checked = True
+        if ranks.rank() == 0:
+            gather.warn_cast(model, sharded.saved_model_dtypes(opened), ref.uri)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         problem = saved_extra = own = None
         try:
@@ -1603,6 +1605,8 @@ class CheckpointManager:
             return skip, None
         opened.records_checked = True
         self._check_param_groups(ref, opened, names, optimizer, None)
+        if ranks.rank() == 0:
+            gather.warn_cast(model, sharded.saved_model_dtypes(opened), ref.uri)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)

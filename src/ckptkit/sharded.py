@@ -680,6 +680,12 @@ def saved_param_groups(r: _SafeReader) -> list[dict[str, Any]]:
 _GROUP_PARAMS = re.compile(r"optimizer\.param_groups\.(\d+)\.params")
 
 
+def saved_model_dtypes(r: _SafeReader) -> dict[str, torch.dtype]:
+    """The dtype of each tensor in the checkpoint's model state, from its metadata."""
+    return {fqn[len("model."):]: md.properties.dtype for fqn, md in r.read_metadata().state_dict_metadata.items()
+            if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+
+
 def saved_model_names(r: _SafeReader) -> set[str]:
     """The names in the checkpoint's model state, from its metadata (nothing else is read)."""
     return {fqn[len("model."):] for fqn in r.read_metadata().state_dict_metadata if fqn.startswith("model.")}

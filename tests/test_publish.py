@@ -395,3 +395,27 @@ def test_a_full_scratch_disk_while_publishing_is_named_not_torchs_unexpected_pos
     assert "File too large" in text and "point TMPDIR at a folder with room" in text, text
     assert cause.startswith("OSError(27, "), cause
     assert os.listdir(scratch) == [] and not (tmp_path / "final" / "exp" / "final").exists()
+
+
+def test_publish_with_only_a_registry_as_final_says_the_registry_keeps_no_copy_to_send(tmp_path, pm):
+    """Run after finalize registered the model, publish said the run had no stored final model,
+    which read as if finalize had published nothing."""
+    class Registered(_Registry):
+        @ckptkit.hookimpl
+        def publish_final(self, run_name, payload, stored, algorithm, model):
+            return CheckpointRef(backend=self.name, run_name=run_name, step=payload.step, path="r/1",
+                                 uri="registry://r/1", role="final")
+
+    pm.add_backend_type("registry", Registered)
+    cfg = _config(tmp_path)
+    cfg["backends"]["registry"] = {"type": "registry"}
+    cfg["roles"]["final"]["backends"] = ["registry"]
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm, fallback_dir=tmp_path / "fallback")
+    model, opt = _model()
+    _train(ck, model, opt)
+    assert [r.uri for r in ck.finalize(model=model, step=5)] == ["registry://r/1"]
+    with pytest.raises(ckptkit.CheckpointError, match=r"has no stored final model in its backends \(registry keeps no "
+                                                      r"copy that publish can read back, as a model registry does, "
+                                                      r"whatever it holds\) nor in the fallback folder .*--step STEP"):
+        find_source(ck)
+    ck.close()

@@ -157,8 +157,13 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
         raise error
     if not finals:
         where = os.fspath(fallback_dir or ck.fallback_dir)
+        # A registry may hold the run's model, but nothing publish can read back and send on.
+        opaque = [n for n in (ck.router.backends(Role.FINAL) if ck.config.final is not None else ())
+                  if not callable(getattr(ck.router.instances[n], "final_ref", None))]
+        held = (f" ({', '.join(opaque)} keep{'s' if len(opaque) == 1 else ''} no copy that publish can read back, "
+                "as a model registry does, whatever it holds)" if opaque else "")
         raise CheckpointError(
-            f"run {ck.run_name!r} has no stored final model in its backends nor in the fallback "
+            f"run {ck.run_name!r} has no stored final model in its backends{held} nor in the fallback "
             f"folder {where}; publish a resume checkpoint with --step STEP, or name a folder with --from")
     return max(finals, key=lambda s: (s.manifest.created, s.manifest.step))
 

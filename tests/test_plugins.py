@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 
 import ckptkit
 from ckptkit import CheckpointManager, ConfigError, PluginError
@@ -594,3 +595,20 @@ def test_a_run_conflict_names_the_backend_that_listed_the_newer_step(pm, tmp_pat
         with pytest.raises(RunConflictError, match=r"up to step 5, .* Step 5 is listed by backend 'ghostly' "
                                                    r"\(type 'phantom', from "):
             ck.save(step=1, model=torch.nn.Linear(2, 2))
+
+
+def test_a_backend_that_cannot_be_built_is_named_by_file_and_key(pm, tmp_path):
+    """A client failing as it is made (gcsfs without credentials) was told without the config
+    file or key, where every other config error names both."""
+    class NoCredentials(LocalBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            raise RuntimeError("no credentials found")
+
+    pm.add_backend_type("nocreds", NoCredentials)
+    path = tmp_path / "ckptkit.yaml"
+    path.write_text(yaml.safe_dump({"backends": {"archive": {"type": "nocreds", "path": str(tmp_path / "a")}},
+                                    "roles": {"resume": {"backends": ["archive"]}}}))
+    with pytest.raises(PluginError, match=rf"^{re.escape(str(path))}: backends\.archive: backend 'archive' \(type "
+                                          r"'nocreds'.*could not be built from its config: RuntimeError: no credentials"):
+        CheckpointManager.from_config(str(path), plugin_manager=pm)

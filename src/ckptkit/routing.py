@@ -39,7 +39,7 @@ class Router:
         try:
             self.types = self.types_for(pm, config)
             for name, spec in config.backends.items():
-                self.instances[name] = self._build(name, self.types[name], spec.options)
+                self.instances[name] = self._build(name, self.types[name], spec.options, config.source)
             self._check_places(config)
             for name, instance in self.instances.items():
                 if config.roles_of(name):
@@ -113,7 +113,7 @@ class Router:
             seen[where] = name
 
     @staticmethod
-    def _build(name: str, btype: BackendType, options: dict) -> Any:
+    def _build(name: str, btype: BackendType, options: dict, source: str = "<dict>") -> Any:
         # The backend does not exist yet to name its own secrets; a client checking a token as it
         # is made (gcsfs) fails with the token in the URL it could not reach.
         secrets = secret_values(options)
@@ -125,8 +125,8 @@ class Router:
         except Exception as exc:
             scrub(exc, secrets)  # a traceback prints every cause's text too
             raise PluginError(redact(
-                f"backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be built "
-                f"from its config: {type(exc).__name__}: {exc}", secrets)) from exc
+                f"{source}: backends.{name}: backend {name!r} (type {btype.name!r}, from {btype.dist}) could not be "
+                f"built from its config: {type(exc).__name__}: {exc}", secrets)) from exc
         btype.check_instance(name, instance)
         return instance
 

@@ -800,10 +800,16 @@ def test_restoring_into_a_model_of_another_dtype_warns_naming_the_parameters(tmp
         ck.save(step=1, model=model, optimizer=torch.optim.AdamW(model.parameters()))
     half = copy.deepcopy(model).to(torch.bfloat16)
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        # Refused for its optimizer: nothing was loaded, so nothing was converted either.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*another dtype.*")
+            with pytest.raises(ckptkit.IncompatibleCheckpointError, match="its optimizer has 1 param group"):
+                ck.restore(model=half, optimizer=_grouped(half, [["0.weight", "1.weight", "0.bias"], ["1.bias"]]))
         with pytest.warns(RuntimeWarning, match=r"holds 4 parameter\(s\) in another dtype than saved.*0.bias \(saved "
                                                 r"float32, the model's bfloat16\), 0.weight .*Build the model in the "
-                                                r"dtype it was trained in"):
+                                                r"dtype it was trained in") as caught:
             assert ck.restore(model=half, optimizer=torch.optim.AdamW(half.parameters())).step == 1
+        assert [w.filename for w in caught if "another dtype" in str(w.message)] == [__file__]  # the caller's line
         same = copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*another dtype.*")

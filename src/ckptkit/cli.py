@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
     _config_args(p)
     p.add_argument("--step", type=int, help="publish this resume checkpoint (default: the newest stored final model)")
-    p.add_argument("--from", dest="source", metavar="FOLDER", help="publish the checkpoint in this folder")
+    p.add_argument("--from", dest="source", type=_path, metavar="FOLDER", help="publish the checkpoint in this folder")
     p.add_argument("--backend", action="append", help="publish only to this final backend (repeatable)")
     p.add_argument("--algorithm", help="the {algorithm} tag (default: the config's, else the one stored)")
     p.add_argument("--fallback-dir", type=_path, help="where finalize left the model when no backend took it "

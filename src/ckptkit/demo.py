@@ -376,8 +376,8 @@ def _print_summary(console: Console, s: dict[str, Any], per_save: int) -> None:
         for line in s["mlflow_ui"]:
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     if s["registry_missing"]:
-        how = (f"unset {DISABLE_AUTOLOAD_ENV}, which keeps installed plugins from loading, or "
-               if not autoload_enabled() else "")
+        how = (f"unset {DISABLE_AUTOLOAD_ENV} (it keeps installed plugins from loading) where ckptkit-mlflow is "
+               "installed, else " if not autoload_enabled() else "")
         console.print("No MLflow backend was found, so the final model went to a local folder instead of a model "
                       f"registry. To register it, {how}{install_hint('mlflow')}, and run the demo again.",
                       markup=False, highlight=False)

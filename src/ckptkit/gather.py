@@ -14,7 +14,6 @@ import ctypes
 import dataclasses
 import inspect
 import itertools
-import warnings
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
@@ -225,15 +224,14 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         misfit = coll.broadcast("restore: model layout", misfit)
         if misfit is not None:
             raise IncompatibleCheckpointError(f"{source}: {misfit}")
-    if options is None or ranks.rank() == 0:
-        warn_cast(model, {k: v.dtype for k, v in state["model"].items() if isinstance(v, torch.Tensor)}, source)
     if optimizer is not None:
         optim_state = state["optimizer"]
         without_params = _group_without_params(optim_state)
         names = names_of(model)
         if misfit is None and (options is None or ranks.rank() == 0):
+            # A sharded load's state is the model's own target: its names say nothing of the saved model.
             misfit = layout_misfit(names, optimizer, optim_state, lacking_checked=options is not None,
-                                   saved_model=state["model"])
+                                   saved_model=state["model"] if full else None)
         if options is not None:
             # torch 2.13's broadcast takes its device from the optimizer's own per-parameter
             # state tensors, and a stateless optimizer (SGD without momentum, or one saved
@@ -356,13 +354,16 @@ def _regrouped(names: dict[torch.Tensor, set[str]], optimizer: torch.optim.Optim
     for j, group in enumerate(optimizer.param_groups):
         by_saved: dict[int, list[str]] = {}
         for p in group["params"]:
-            for i in sorted({owner[n] for n in names[p] if n in owner}):
-                by_saved.setdefault(i, []).append(min(names[p]))
+            # By the saved name matched: a weight tied since the save has one in each saved group.
+            for n in sorted(names[p]):
+                if n in owner:
+                    by_saved.setdefault(owner[n], []).append(n)
         if len(by_saved) > 1:
             held = "; ".join(f"{_listed(sorted(ps))} in its group {i}" for i, ps in sorted(by_saved.items()))
             return (f"param group {j} of the optimizer given to restore holds parameters the checkpoint's "
                     f"optimizer kept in different groups ({held}): loaded, they would all train with one "
-                    f"saved group's settings (lr, weight decay, ...). {REBUILD}")
+                    f"saved group's settings (lr, weight decay, ...). {REBUILD}; to regroup on purpose, restore "
+                    "into the saved grouping and move the parameters between groups afterwards")
         for i, ps in by_saved.items():
             if i in claimed:
                 return (f"param groups {claimed[i]} and {j} of the optimizer given to restore both hold "
@@ -504,19 +505,20 @@ def load_own_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor], sou
             buf.copy_(value)
 
 
-def warn_cast(model: torch.nn.Module, saved: dict[str, torch.dtype], source: str) -> None:
-    """Warn when ``model``'s parameters are of another dtype than ``saved`` (each saved tensor's
-    dtype by name): the load converts them without a word (torch's copy), and a model built in
-    bfloat16 by mistake resumed a float32 training rounded, its optimizer state with it."""
+def cast_note(model: torch.nn.Module, saved: dict[str, torch.dtype], source: str) -> str | None:
+    """What to warn of when ``model``'s parameters are of another dtype than ``saved`` (each saved
+    tensor's dtype by name), or None: the load converts them, and the optimizer's state with them,
+    as torch's copy does, so a model built in bfloat16 for a float32 training resumes rounded."""
     cast = sorted(f"{name} (saved {str(saved[name]).removeprefix('torch.')}, the model's "
                   f"{str(param.dtype).removeprefix('torch.')})"
                   for param, names in names_of(model).items() for name in sorted(names)[:1]
                   if name in saved and saved[name] != param.dtype)
-    if cast:
-        warnings.warn(f"{source}: the model given to restore holds {len(cast)} parameter(s) in another dtype than "
-                      f"saved, so their saved values were converted as they were loaded, and the optimizer's state "
-                      f"with them: {_listed(cast)}. Build the model in the dtype it was trained in to resume "
-                      "exactly (cast after restore for evaluation)", RuntimeWarning, stacklevel=4)
+    if not cast:
+        return None
+    return (f"{source}: the model given to restore holds {len(cast)} parameter(s) in another dtype than saved, so "
+            f"their saved values were converted as they were loaded, and the optimizer's state with them: "
+            f"{_listed(cast)}. Build the model in the dtype it was trained in to resume exactly (cast after "
+            "restore for evaluation)")
 
 
 def names_of(model: torch.nn.Module) -> dict[torch.Tensor, set[str]]:

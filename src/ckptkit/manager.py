@@ -15,7 +15,6 @@ import re
 import secrets
 import shlex
 import shutil
-import stat
 import sys
 import threading
 import time
@@ -304,8 +303,8 @@ def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
     earlier export, a good model) as it was, not cut short under its name."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        # Made as open() makes a file (0666 less the umask; mkstemp's 0600 left an exported model
-        # unreadable to the team), or with the mode of the file it replaces.
+        # Made as open() makes a file (0666 less the umask), or with the mode of the file it
+        # replaces: an exported model is for others to read, which mkstemp's 0600 does not allow.
         while True:
             tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
             try:
@@ -318,8 +317,8 @@ def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
                            "write to") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            with contextlib.suppress(FileNotFoundError):
-                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+            with contextlib.suppress(OSError):  # a filesystem without modes (some FUSE, CIFS) keeps its own
+                os.fchmod(f.fileno(), os.stat(path).st_mode & 0o777)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -446,6 +445,7 @@ class CheckpointManager:
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
+        self._cast: str | None = None
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
@@ -1225,6 +1225,7 @@ class CheckpointManager:
         steps first.
         """
         self._check_open()
+        self._cast = None  # a dtype conversion of the step loaded, told once it is restored
         step = None if step is None else _count("step", step)
         problem = None
         try:
@@ -1277,6 +1278,9 @@ class CheckpointManager:
             # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
             # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
             self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
+            if self._cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
+                note, self._cast = self._cast, None
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
             if lacking and ranks.rank() == 0:
                 # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
                 warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
@@ -1452,6 +1456,9 @@ class CheckpointManager:
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
         buffers = state.pop(gather.RANK_BUFFERS, None) if ranks.rank() == 0 else None
+        if ranks.rank() == 0:
+            self._cast = gather.cast_note(model, {k: v.dtype for k, v in state.get("model", {}).items()
+                                                  if isinstance(v, torch.Tensor)}, ref.uri)
         gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
         saved_extra, per_rank, buffers = self.coll.share(f"restore step {ref.step}: extra",
                                                          (saved_extra, per_rank, buffers))
@@ -1532,7 +1539,7 @@ class CheckpointManager:
             return skip, None
         opened.records_checked = True
         if ranks.rank() == 0:
-            gather.warn_cast(model, sharded.saved_model_dtypes(opened), ref.uri)
+            self._cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         problem = saved_extra = own = None
         try:
@@ -1606,7 +1613,7 @@ class CheckpointManager:
         opened.records_checked = True
         self._check_param_groups(ref, opened, names, optimizer, None)
         if ranks.rank() == 0:
-            gather.warn_cast(model, sharded.saved_model_dtypes(opened), ref.uri)
+            self._cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri)
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)

@@ -443,8 +443,10 @@ def _hint(value: Any) -> str:
         return "its state, gen.bit_generator.state (assigned back on resume)"
     if np is not None and isinstance(value, np.random.RandomState):
         return "its state, rs.get_state(legacy=False) (rs.set_state(...) on resume)"
-    if np is not None and isinstance(value, (np.str_, np.bytes_)):
-        return "a plain value, e.g. str(value) or bytes(value)"
+    if np is not None and isinstance(value, np.str_):
+        return "a plain value, e.g. str(value)"
+    if np is not None and isinstance(value, np.bytes_):
+        return "a plain value, e.g. bytes(value)"
     if np is not None and isinstance(value, (np.ndarray, np.generic)):
         return ("a numeric numpy array (bool, integer, float or complex), a list (array.tolist()) "
                 "or a tensor (torch.from_numpy)")
@@ -530,11 +532,12 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
                 "Store where the epoch stands (the epoch and the batches trained on) and skip at the sampler on "
                 "resume: docs/quickstart.md, 'Resuming in the middle of an epoch with torch's own DataLoader'; "
                 "or use torchdata's StatefulDataLoader, whose state_dict() goes in as it is.")
+        hint = _hint(value)
         raise UnstorableStateError(
             f"{path} is {_type_name(value)}, which restore could not load back safely (torch.load with "
-            f"weights_only=True does not rebuild it), so nothing was saved. Store {_hint(value)} instead, "
-            "or convert it to a tensor; or, if you trust the type, pass it in safe_globals= to both save "
-            "and restore.")
+            f"weights_only=True does not rebuild it), so nothing was saved. Store {hint} instead"
+            f"{'' if hint.startswith('its state') else ', or convert it to a tensor'}; or, if you trust the type, "
+            "pass it in safe_globals= to both save and restore.")
 
 
 def _numpy_storable(value: Any) -> bool:

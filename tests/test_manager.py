@@ -1032,14 +1032,29 @@ def _assert_step_7_as_saved(tmp_path, pm, model) -> None:
 
 
 SIGTERM_AFTER_SAVE = """
-import os, signal, sys, time, torch, ckptkit
+import logging, os, signal, sys, threading, time, torch, ckptkit
 from ckptkit.local import LocalBackend
 from ckptkit.plugins import make_plugin_manager
+
+# Set once ckptkit's SIGTERM handler has found the save in flight (it says so before it waits):
+# the write below goes on only then, so the save is in flight when SIGTERM comes however slowly
+# this process runs. A filter, not a handler: ckptkit's warnings still reach stderr.
+sigterm_seen = threading.Event()
+
+
+class _Seen(logging.Filter):
+    def filter(self, record):
+        if record.getMessage().startswith("SIGTERM:"):
+            sigterm_seen.set()
+        return True
+
+
+logging.getLogger("ckptkit.asyncsave").addFilter(_Seen())
 
 
 class SlowDisk(LocalBackend):
     def _write(self, pf, path, stop):
-        time.sleep(1.5)  # a write still going when SIGTERM comes
+        sigterm_seen.wait(60)  # a write still going when SIGTERM comes
         return super()._write(pf, path, stop)
 
 

@@ -250,12 +250,19 @@ def test_a_file_backend_writes_files_at_once_only_when_its_client_allows(cls, mo
     root = f"/parallel-{uuid.uuid4().hex[:8]}"
     backend = cls("third", fs, root)
     lock, now, seen = threading.Lock(), [0], []
+    # Four writes at once must all be in flight together: they meet at a barrier (no timing
+    # luck). Written one at a time, the first waits alone: the barrier breaks after its timeout
+    # and the save fails. A serial backend is given a moment for a second write to overlap.
+    meet = threading.Barrier(most, timeout=30) if most > 1 else None
 
     def write(f):
         with lock:
             now[0] += 1
             seen.append(now[0])
-        time.sleep(0.05)
+        if meet is not None:
+            meet.wait()
+        else:
+            time.sleep(0.05)
         f.write(b"part")
         with lock:
             now[0] -= 1

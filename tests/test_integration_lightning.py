@@ -51,7 +51,19 @@ class Net(pl.LightningModule):
     def train_dataloader(self):
         if LOADER["kind"] == "per_rank":
             return RankStateLoader(self.trainer.global_rank, LOADER["record"])
+        if LOADER["kind"] == "shuffled":
+            return torch.utils.data.DataLoader(NoisyData(), batch_size=1, shuffle=True)
         return torch.utils.data.DataLoader(torch.arange(BATCHES_PER_EPOCH), batch_size=1)
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """Items with a random augmentation, drawn from the global generator as they are fetched."""
+
+    def __len__(self) -> int:
+        return BATCHES_PER_EPOCH
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return i + torch.rand(())
 
 
 # What the validation after steps 3, 6, 10, 13 and 17 logs (val_check_interval=3 in epochs of 7 batches).
@@ -593,6 +605,22 @@ def test_a_save_at_an_epochs_last_batch_of_a_validating_fit_resumes_bit_identica
         got = fit(tmp_path, config, validate=True, validation=validation)
         assert got["restored_step"] == restored
         assert_same_training(reference.result(), got, loop_exceptions=loops)
+    finally:
+        reference.stop()
+
+
+def test_a_save_at_an_epochs_last_batch_resumes_bit_identical_with_a_shuffled_augmented_loader(tmp_path):
+    """The generators were set back at the first resumed batch to where they stood once the
+    loader's iterator was made, taking back the draws of fetching that batch (the shuffling
+    sampler's seed, the augmentation): the resumed fit trained on other random numbers."""
+    config = local_config(tmp_path, every=BATCHES_PER_EPOCH)
+    reference = Fit(tmp_path / "reference", local_config(tmp_path / "reference", every=BATCHES_PER_EPOCH),
+                    loader="shuffled")
+    try:
+        fit(tmp_path, config, kill_after=10, loader="shuffled")
+        got = fit(tmp_path, config, loader="shuffled")
+        assert got["restored_step"] == BATCHES_PER_EPOCH
+        assert_same_training(reference.result(), got, loop_exceptions=SKIPPED_EPOCH_START)
     finally:
         reference.stop()
 

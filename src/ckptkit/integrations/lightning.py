@@ -272,9 +272,12 @@ class CkptkitCheckpoint(Checkpoint):
         self._restore_rng_at_epoch_end()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
-            # The generators as the uninterrupted fit had them at the next epoch's first batch:
-            # the saved ones, then the draws of making the loader's iterator.
+        if self._pending_rng is not None and self._pending_rng.get("epoch_done") and _validates_mid_epoch(trainer):
+            # A validation loop restarted part way makes its loader's iterator to fast-forward, a
+            # draw the uninterrupted fit did not make, before the first batch: the generators go
+            # back to the saved ones and the draws of making the train loader's iterator. That
+            # also takes back the draws of fetching the first batch (a shuffling sampler's seed,
+            # a random augmentation); without such a restart nothing is taken back.
             self._pending_rng = {**self._pending_rng, "first_batch": RngState().state_dict()}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,8 +301,8 @@ class CkptkitCheckpoint(Checkpoint):
         # epoch's end: as they were once the iterator was made, whatever a restarted loop drew
         # since (a validation loader's iterator, made to fast-forward its progress).
         if self._pending_rng is not None:
-            state = self._pending_rng.get("first_batch", self._pending_rng["state"])
-            RngState().load_state_dict(state)
+            if "first_batch" in self._pending_rng or not self._pending_rng.get("epoch_done"):
+                RngState().load_state_dict(self._pending_rng.get("first_batch", self._pending_rng["state"]))
             self._pending_rng = None
         self._save_unvalidated(trainer, pl_module)
 
@@ -395,6 +398,15 @@ def _early_stopped(trainer: pl.Trainer) -> bool:
             if (getattr(reason, "value", 0) != 0) if reason is not None else cb.stopped_epoch > 0:
                 return True
     return False
+
+
+def _validates_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit validates before an epoch's end (``val_check_interval`` in batches, or a
+    fraction below 1): only then does a restarted fit fast-forward its validation loop."""
+    every = getattr(trainer, "val_check_batch", None)
+    total = getattr(trainer, "num_training_batches", None)
+    return bool(getattr(trainer, "enable_validation", False)) and isinstance(every, int) and \
+        isinstance(total, (int, float)) and every < total
 
 
 def _epoch_done(trainer: pl.Trainer) -> bool:

@@ -579,7 +579,9 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path):
             pytest.fail(f"the demo went on after Ctrl-C; what it wrote to stderr: {err[-3000:]}")
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    # 130, or ended by the SIGINT itself (Python may re-raise it at exit, where a library saw the
+    # interrupt too): a shell's $? is 130 either way.
+    assert proc.returncode in (130, -signal.SIGINT), err[-3000:]
     assert "Traceback" not in err and "ckptkit: interrupted" in err
 
 

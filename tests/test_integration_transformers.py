@@ -514,3 +514,20 @@ def test_with_the_trainers_own_epoch_strategy_the_last_step_is_committed_once(tm
                       callbacks=[CkptkitCallback(config, run_name="hf")])
     trainer.train()
     assert committed == [3, 6, 9, 10, 12, 15, 18, 20]
+
+
+def test_the_same_trainer_and_callback_train_again_after_training_ended(tmp_path):
+    """The callback closes the manager it built as training ends: resume_from on it then raised
+    "the checkpoint manager ... is closed; build a new one" (the user built none), and a second
+    train() trained its steps and failed at the first save."""
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    trainer, callback = trainer_for(config, tmp_path / "out")
+    trainer.train()
+    assert steps(tmp_path / "ckpts" / "hf") == [MAX_STEPS - EVERY, MAX_STEPS]
+    resumed = callback.resume_from(trainer)
+    assert resumed is not None and resumed.endswith(f"checkpoint-{MAX_STEPS}")
+    trainer.args.max_steps = MAX_STEPS + EVERY
+    trainer.train(resume_from_checkpoint=resumed)
+    assert steps(tmp_path / "ckpts" / "hf") == [MAX_STEPS, MAX_STEPS + EVERY]
+    published = torch.load(tmp_path / "final" / "hf" / "final" / "final_model.pt", weights_only=True)
+    assert published["step"] == MAX_STEPS + EVERY

@@ -143,6 +143,7 @@ class CkptkitCallback(TrainerCallback):
         is when that folder already matches). Pass the result to
         ``trainer.train(resume_from_checkpoint=...)``; None starts from scratch.
         """
+        self._reopen()
         output_dir = getattr(getattr(where, "args", where), "output_dir", where)
         if not isinstance(output_dir, (str, os.PathLike)):
             raise TypeError(f"resume_from takes a Trainer, TrainingArguments or a folder, got {type(where).__name__}")
@@ -163,6 +164,12 @@ class CkptkitCallback(TrainerCallback):
                 not args.restore_callback_states_from_checkpoint:
             self._restore_callbacks(handler.callbacks, _saved_states(path))
         return path
+
+    def _reopen(self) -> None:
+        # The manager built here is closed as training ends; a second train() (or resume_from) on
+        # the same callback gets a new one of the same config and run.
+        if self._owned and self.manager._closed:
+            self.manager = CheckpointManager.from_config(self.manager.config, run_name=self.manager.run_name)
 
     def _restore_callbacks(self, callbacks: list[Any], states: dict[str, list[dict[str, Any]]]) -> None:
         """Give the Trainer's callbacks the state they saved (``EarlyStoppingCallback``'s
@@ -197,6 +204,8 @@ class CkptkitCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
         # is active on this thread, so that the final model is logged to that run.
+        self._reopen()
+        self._steps_run, self._finished = 0, False
         self._refuse_save_best(args)
         self.manager.tracking_run_id()
         self._start_step = state.global_step

@@ -592,7 +592,10 @@ SKIPPED_EPOCH_START = frozenset(f"loops/epoch_progress/{w}/{c}" for w in ("total
     # Every other epoch: the validation loop sets up its data only at its first validation, so
     # before it the step looked as if nothing would validate and was saved before validation.
     ({"val_check_interval": 1.0, "check_val_every_n_epoch": 2}, 16, 14, 9.0, frozenset()),
-], ids=["each-epoch-end", "every-3-batches", "every-2nd-epoch"])
+    # Restarted at the end of an epoch that did not validate, before one that does: the
+    # validation loop is fast-forwarded before the first batch, making its loader's iterator.
+    ({"val_check_interval": 1.0, "check_val_every_n_epoch": 2}, 10, 7, None, SKIPPED_EPOCH_START),
+], ids=["each-epoch-end", "every-3-batches", "every-2nd-epoch", "every-2nd-epoch-restarted-before-it"])
 def test_a_save_at_an_epochs_last_batch_of_a_validating_fit_resumes_bit_identical(
         tmp_path, validation, kill_after, restored, val_loss, loops):
     config = local_config(tmp_path, every=BATCHES_PER_EPOCH)
@@ -609,16 +612,18 @@ def test_a_save_at_an_epochs_last_batch_of_a_validating_fit_resumes_bit_identica
         reference.stop()
 
 
-def test_a_save_at_an_epochs_last_batch_resumes_bit_identical_with_a_shuffled_augmented_loader(tmp_path):
+@pytest.mark.parametrize("validation", [None, {"val_check_interval": 3}], ids=["no-validation", "every-3-batches"])
+def test_a_save_at_an_epochs_last_batch_resumes_bit_identical_with_a_shuffled_augmented_loader(tmp_path, validation):
     """The generators were set back at the first resumed batch to where they stood once the
     loader's iterator was made, taking back the draws of fetching that batch (the shuffling
     sampler's seed, the augmentation): the resumed fit trained on other random numbers."""
     config = local_config(tmp_path, every=BATCHES_PER_EPOCH)
+    validate = validation is not None
     reference = Fit(tmp_path / "reference", local_config(tmp_path / "reference", every=BATCHES_PER_EPOCH),
-                    loader="shuffled")
+                    loader="shuffled", validate=validate, validation=validation)
     try:
-        fit(tmp_path, config, kill_after=10, loader="shuffled")
-        got = fit(tmp_path, config, loader="shuffled")
+        fit(tmp_path, config, kill_after=10, loader="shuffled", validate=validate, validation=validation)
+        got = fit(tmp_path, config, loader="shuffled", validate=validate, validation=validation)
         assert got["restored_step"] == BATCHES_PER_EPOCH
         assert_same_training(reference.result(), got, loop_exceptions=SKIPPED_EPOCH_START)
     finally:

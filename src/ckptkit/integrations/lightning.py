@@ -16,6 +16,7 @@ slot, which every Lightning 2.x release has; ``_connector`` refuses clearly wher
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -131,6 +132,7 @@ class CkptkitCheckpoint(Checkpoint):
         self.restored_step: int | None = None
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._fast_forward: tuple[Any, Any] | None = None  # a loop method wrapped until the first batch
         self._saved_optimizers: list[str] | None = None
         # Whether the last save held an early stopping that had stopped the fit.
         self._saved_stopped = False
@@ -272,13 +274,31 @@ class CkptkitCheckpoint(Checkpoint):
         self._restore_rng_at_epoch_end()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_rng is not None and self._pending_rng.get("epoch_done") and _validates_mid_epoch(trainer):
-            # A validation loop restarted part way makes its loader's iterator to fast-forward, a
-            # draw the uninterrupted fit did not make, before the first batch: the generators go
-            # back to the saved ones and the draws of making the train loader's iterator. That
-            # also takes back the draws of fetching the first batch (a shuffling sampler's seed,
-            # a random augmentation); without such a restart nothing is taken back.
-            self._pending_rng = {**self._pending_rng, "first_batch": RngState().state_dict()}
+        if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
+            # Restarted at an epoch's end before an epoch that validates, Lightning fast-forwards
+            # its validation loop before the first batch, making the validation loader's iterator:
+            # a seed drawn that the uninterrupted fit did not draw. That call alone gives its draws
+            # back; those of fetching the first batch (a shuffling sampler's seed, a random
+            # augmentation) are made as the uninterrupted fit made them.
+            loop = trainer.fit_loop.epoch_loop.val_loop
+            fast_forward = getattr(loop, "increment_progress_to_evaluation_end", None)
+            if callable(fast_forward):
+                def without_draws() -> None:
+                    held = RngState().state_dict()
+                    try:
+                        fast_forward()
+                    finally:
+                        RngState().load_state_dict(held)
+
+                loop.increment_progress_to_evaluation_end = without_draws
+                self._fast_forward = (loop, fast_forward)
+
+    def _unwrap(self) -> None:
+        if self._fast_forward is not None:
+            loop, _ = self._fast_forward
+            with contextlib.suppress(AttributeError):
+                del loop.increment_progress_to_evaluation_end  # the class's own again
+            self._fast_forward = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fit restarted after an epoch's validation finishes that epoch again (its end hooks)
@@ -298,11 +318,12 @@ class CkptkitCheckpoint(Checkpoint):
                              batch_idx: int) -> None:
         # Saved mid-epoch: the generators go back after Lightning made the loader's iterator again
         # (which draws a seed), where the uninterrupted fit was when it saved. Saved at an
-        # epoch's end: as they were once the iterator was made, whatever a restarted loop drew
-        # since (a validation loader's iterator, made to fast-forward its progress).
+        # epoch's end, they were set before the iterator was made and drew as the uninterrupted
+        # fit's did since (a validation loop's fast-forward gave its draws back).
+        self._unwrap()
         if self._pending_rng is not None:
-            if "first_batch" in self._pending_rng or not self._pending_rng.get("epoch_done"):
-                RngState().load_state_dict(self._pending_rng.get("first_batch", self._pending_rng["state"]))
+            if not self._pending_rng.get("epoch_done"):
+                RngState().load_state_dict(self._pending_rng["state"])
             self._pending_rng = None
         self._save_unvalidated(trainer, pl_module)
 
@@ -382,6 +403,7 @@ class CkptkitCheckpoint(Checkpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._unwrap()  # a fit that ended before its first batch
             self._close()
 
     def _close(self) -> None:
@@ -398,15 +420,6 @@ def _early_stopped(trainer: pl.Trainer) -> bool:
             if (getattr(reason, "value", 0) != 0) if reason is not None else cb.stopped_epoch > 0:
                 return True
     return False
-
-
-def _validates_mid_epoch(trainer: pl.Trainer) -> bool:
-    """Whether the fit validates before an epoch's end (``val_check_interval`` in batches, or a
-    fraction below 1): only then does a restarted fit fast-forward its validation loop."""
-    every = getattr(trainer, "val_check_batch", None)
-    total = getattr(trainer, "num_training_batches", None)
-    return bool(getattr(trainer, "enable_validation", False)) and isinstance(every, int) and \
-        isinstance(total, (int, float)) and every < total
 
 
 def _epoch_done(trainer: pl.Trainer) -> bool:

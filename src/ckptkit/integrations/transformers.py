@@ -294,6 +294,7 @@ class CkptkitCallback(TrainerCallback):
             else:
                 self.manager.wait()
         finally:
+            self._callbacks_restored = False  # a later train() is told again unless resume_from restores them
             if self._owned:
                 self.manager.close()
         return control

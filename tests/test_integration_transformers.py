@@ -8,6 +8,7 @@ itself, the way a preempted job dies.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -531,3 +532,30 @@ def test_the_same_trainer_and_callback_train_again_after_training_ended(tmp_path
     assert steps(tmp_path / "ckpts" / "hf") == [MAX_STEPS, MAX_STEPS + EVERY]
     published = torch.load(tmp_path / "final" / "hf" / "final" / "final_model.pt", weights_only=True)
     assert published["step"] == MAX_STEPS + EVERY
+
+
+def test_a_later_train_without_resume_from_is_told_again_of_callback_state_left_unread(tmp_path, caplog):
+    """resume_from's mark that it gave the callbacks their state back outlived the training it
+    was for: a later train() on the same callback, resumed by path alone, was told nothing."""
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    from ckptkit.integrations.transformers import CkptkitCallback
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=40, per_device_train_batch_size=4, learning_rate=1e-2,
+        eval_strategy="steps", eval_steps=EVERY, save_strategy="steps", save_steps=EVERY, logging_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", report_to=[], seed=7, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    callback = CkptkitCallback(local_config(tmp_path), run_name="hf")
+    early = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=100.0)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset(), eval_dataset=dataset()[:8],
+                      callbacks=[callback, early])
+    trainer.train()
+    unread = "which the Trainer does not restore"
+    with caplog.at_level(logging.WARNING, logger="ckptkit.integrations.transformers"):
+        path = callback.resume_from(trainer)
+        trainer.train(resume_from_checkpoint=path)
+        assert unread not in caplog.text  # resume_from gave them back
+        trainer.train(resume_from_checkpoint=path)
+    assert caplog.text.count(unread) == 1, caplog.text

@@ -445,7 +445,6 @@ class CheckpointManager:
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
-        self._cast: str | None = None
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
@@ -1225,7 +1224,6 @@ class CheckpointManager:
         steps first.
         """
         self._check_open()
-        self._cast = None  # a dtype conversion of the step loaded, told once it is restored
         step = None if step is None else _count("step", step)
         problem = None
         try:
@@ -1268,7 +1266,7 @@ class CheckpointManager:
             passed_over = self._unreachable([ref], unreachable)
             if passed_over is not None:
                 skipped.append(passed_over)
-            saved_extra, own, holders = loaded
+            saved_extra, own, holders, cast = loaded
             problem = None
             try:
                 lacking = _fill(extra, saved_extra, "extra", ref.uri)
@@ -1278,9 +1276,8 @@ class CheckpointManager:
             # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
             # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
             self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
-            if self._cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
-                note, self._cast = self._cast, None
-                warnings.warn(note, RuntimeWarning, stacklevel=2)
+            if cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
+                warnings.warn(cast, RuntimeWarning, stacklevel=2)
             if lacking and ranks.rank() == 0:
                 # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
                 warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
@@ -1456,9 +1453,9 @@ class CheckpointManager:
             return outcome[1], None
         per_rank = state.pop(RANK_EXTRA_KEY, None) if ranks.rank() == 0 else None
         buffers = state.pop(gather.RANK_BUFFERS, None) if ranks.rank() == 0 else None
-        if ranks.rank() == 0:
-            self._cast = gather.cast_note(model, {k: v.dtype for k, v in state.get("model", {}).items()
-                                                  if isinstance(v, torch.Tensor)}, ref.uri)
+        # Told once the step is restored (restore warns of it), so only where it did load.
+        cast = gather.cast_note(model, {k: v.dtype for k, v in state.get("model", {}).items()
+                                        if isinstance(v, torch.Tensor)}, ref.uri) if ranks.rank() == 0 else None
         gather.load_resume_state(model, optimizer, state, full=True, coll=self.coll, source=ref.uri)
         saved_extra, per_rank, buffers = self.coll.share(f"restore step {ref.step}: extra",
                                                          (saved_extra, per_rank, buffers))
@@ -1466,7 +1463,7 @@ class CheckpointManager:
         if own:
             gather.load_own_buffers(model, own, ref.uri)
         per_rank = per_rank or {}
-        return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank))
+        return None, (saved_extra, per_rank.get(ranks.rank()), frozenset(per_rank), cast)
 
     def _restore_sharded(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals):
         """``_load_sharded``; an optimizer that had not stepped is left without state when that
@@ -1538,8 +1535,7 @@ class CheckpointManager:
         if skip is not None:
             return skip, None
         opened.records_checked = True
-        if ranks.rank() == 0:
-            self._cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri)
+        cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri) if ranks.rank() == 0 else None
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         problem = saved_extra = own = None
         try:
@@ -1563,7 +1559,7 @@ class CheckpointManager:
             problem = exc
         self.coll.agree(f"restore step {ref.step}: files unchanged", problem)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
-        return None, (saved_extra, own, self._extra_holders(manifest))
+        return None, (saved_extra, own, self._extra_holders(manifest), cast)
 
     def _restore_sharded_copies(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals,
                                 workdir: str):
@@ -1612,13 +1608,12 @@ class CheckpointManager:
             return skip, None
         opened.records_checked = True
         self._check_param_groups(ref, opened, names, optimizer, None)
-        if ranks.rank() == 0:
-            self._cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri)
+        cast = gather.cast_note(model, sharded.saved_model_dtypes(opened), ref.uri) if ranks.rank() == 0 else None
         self._load_shards(ref, state, opened, optimizer, safe_globals)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         saved_extra = reading.load(os.path.join(workdir, EXTRA_FILE), ref, safe_globals)
         own = reading.load(os.path.join(workdir, mine), ref, safe_globals) if mine in manifest.files else None
-        return None, (saved_extra, own, self._extra_holders(manifest))
+        return None, (saved_extra, own, self._extra_holders(manifest), cast)
 
     def _agree_sharded(self, ref: CheckpointRef, what: str,
                        problem: BaseException | None) -> str | StorageUnavailableError | None:

@@ -335,6 +335,18 @@ def test_a_load_target_that_fails_on_one_rank_fails_every_rank_with_its_reason(t
         assert "out of memory while making the optimizer's state" in r["raised"][1], r
 
 
+def test_rank0s_warning_of_a_damaged_step_under_w_error_keeps_no_rank_waiting(tmp_path):
+    """Rank 0 alone reads a full checkpoint and warns that it skipped a damaged step. With
+    warnings as errors, a warning given at once raised on rank 0 mid-restore, while rank 1
+    waited for it at the next step's try until timeout_s and failed."""
+    cfg = config(tmp_path, "torch")
+    cfg["distributed"] = {"timeout_s": 10}
+    results = launch(2, "skip_warning_as_error", tmp_path, {"config": cfg, "wrap": "ddp"})
+    assert results[1] == {**results[1], "restored_step": 0} and "raised" not in results[1], results[1]
+    assert results[0]["raised"][0] == "RuntimeWarning", results[0]
+    assert "skipped" in results[0]["raised"][1] and "step-0000000001" in results[0]["raised"][1], results[0]
+
+
 def test_a_file_of_the_newest_step_that_one_rank_may_not_read_stops_every_rank_restoring_an_older_one(tmp_path):
     """Each rank checks its own share of a sharded checkpoint's files: a refusal on rank 1 alone
     skipped the step, and rank 0, which had seen none, restored the step before it."""

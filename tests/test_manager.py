@@ -2,6 +2,7 @@ import json
 import os
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -1280,4 +1281,31 @@ def test_a_step_that_failed_on_a_backend_down_at_restore_is_not_taken_for_ours_t
     ck.save(step=3, model=model, optimizer=opt)  # committed; its prune finds the other training's step 2
     with pytest.raises(RunConflictError, match=r"already holds checkpoints up to step 2"):
         ck.save(step=4, model=model, optimizer=opt)
+    ck.close()
+
+
+def test_a_skipped_step_is_told_though_an_older_one_then_fails_the_restore(tmp_path, pm):
+    """Restore warns of the damaged steps it skipped once no other rank waits for it; a step
+    tried after them that fails the restore still leaves that warning given, and under -W
+    error the failure raised is the restore's own."""
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"w" * 100)
+    ck.save_files(step=1, files=src)
+    model, opt = make_model()
+    ck.save(step=2, model=model, optimizer=opt)
+    ck.close()
+    state = tmp_path / "scratch" / "exp" / "step-0000000002" / STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match="skipped .*step-0000000002"), \
+            pytest.raises(IncompatibleCheckpointError, match="folder of files committed by save_files"):
+        ck.restore(*make_model(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IncompatibleCheckpointError, match="folder of files committed by save_files"):
+            ck.restore(*make_model(1))
     ck.close()

@@ -414,6 +414,17 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _warn_rank0(notes: list[str], quietly: bool = False) -> None:
+    """Give rank 0 each of ``notes`` as a ``RuntimeWarning`` pointing at the caller, once: the
+    list is emptied. ``quietly``, while an error is raised: a warning that the filters make an
+    error (-W error) is dropped, so that the error raised is the one seen."""
+    given, notes[:] = list(notes), []
+    if ranks.rank() == 0:
+        for note in given:
+            with contextlib.suppress(Warning) if quietly else contextlib.nullcontext():
+                warnings.warn(note, RuntimeWarning, stacklevel=_outside_ckptkit())
+
+
 def _outside_ckptkit() -> int:
     """For ``warnings.warn`` in the caller of this: the stack level of the first frame outside
     ckptkit (the trainer's call, which save, wait and finalize reach at different depths)."""
@@ -1123,10 +1134,12 @@ class CheckpointManager:
             f"run {self.run_name!r} has no committed checkpoint of step {step} ({_steps_text(steps, step)})",
             self.run_name, step, tuple(steps))
 
-    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError], resuming: bool = True) -> str | None:
+    def _unreachable(self, found: list, unreachable: dict[str, CkptkitError], resuming: bool = True,
+                     notes: list[str] | None = None) -> str | None:
         """Raise where backends could not be listed and nothing was found elsewhere; where
         something was, warn (on rank 0) that those backends may hold newer steps, and return
-        the warning. ``resuming``: for a restore, whose caller would otherwise start afresh."""
+        the warning. ``resuming``: for a restore, whose caller would otherwise start afresh.
+        ``notes``: the warning is added there instead, for the caller to give (``_warn_rank0``)."""
         if not unreachable:
             return None
         detail = fanout.describe_failures(unreachable)
@@ -1149,7 +1162,9 @@ class CheckpointManager:
             raise error
         reason = (f"run {self.run_name!r}: going on with what the other backends hold, which may be older than "
                   f"what these hold; could not list: {detail}")
-        if ranks.rank() == 0:
+        if notes is not None:
+            notes.append(reason)
+        elif ranks.rank() == 0:
             warnings.warn(reason, RuntimeWarning, stacklevel=_outside_ckptkit())
         return reason
 
@@ -1240,98 +1255,106 @@ class CheckpointManager:
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
         passed: set[int] = set()  # the steps skipped, damaged or unread: never counted toward keep_last
-        for ref in _tries(self.reader, candidates, unreachable, step, lambda: self._listing("restore: list again")):
-            status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
-            if status == "ok" and manifest.format == FILES_FORMAT:
-                raise IncompatibleCheckpointError(
-                    f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
-                    "not model state: fetch it with restore_files(dest) and let that trainer load it")
-            if status == "ok":
-                self._check_restorable(ref, manifest, model, optimizer)
-                restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
-                problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
-            elif isinstance(manifest, SKIPPABLE):
-                problem, loaded = manifest, None
-            else:
-                raise manifest
-            if problem is not None:
-                reason = _skipped(ref, problem)
-                if ranks.rank() == 0:
-                    warnings.warn(reason, RuntimeWarning, stacklevel=2)
-                skipped.append(reason)
-                passed.add(ref.step)
-                if isinstance(problem, StorageUnavailableError):
-                    silent.append(ref.backend)
-                continue
-            passed_over = self._unreachable([ref], unreachable)
-            if passed_over is not None:
-                skipped.append(passed_over)
-            saved_extra, own, holders, cast = loaded
-            problem = None
-            try:
-                lacking = _fill(extra, saved_extra, "extra", ref.uri)
-                lacking_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
-            except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
-                problem = exc
-            # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
-            # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
-            self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
-            if cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
-                warnings.warn(cast, RuntimeWarning, stacklevel=2)
-            if lacking and ranks.rank() == 0:
-                # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
-                warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
-                              f"{', '.join(map(repr, sorted(saved_extra))) or 'no extra'}); "
-                              f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
-                              "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
-            if lacking_own and own:
-                warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking_own))} not in what this "
-                              f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)
-            missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
-            if missing and (rank_extra is not None or holders) and ranks.rank() == 0:
-                who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}")
-                held = (f"it holds the state of ranks {', '.join(map(str, sorted(holders)))}" if holders else
-                        "it holds none: it was saved without rank_extra")
-                keep = "it keeps what it has" if len(missing) == 1 else "they keep what they have"
-                warnings.warn(f"rank_extra: {who} of {ranks.world_size()} got no saved state from {ref.uri} ({held}); "
-                              f"{keep}", RuntimeWarning, stacklevel=2)
-            unclaimed = sorted(r for r in holders if r >= ranks.world_size())
-            if unclaimed and ranks.rank() == 0:
-                warnings.warn(f"rank_extra: the state that ranks {', '.join(map(str, unclaimed))} saved in {ref.uri} "
-                              f"is restored by no rank, as this job has {ranks.world_size()} (rank r gets what rank r "
-                              "saved): what it held (a data position, a random state) is not carried on",
-                              RuntimeWarning, stacklevel=2)
-            self._resumed_run_id = manifest.mlflow_run_id
-            self.mlflow_run_id = None
-            self._tracking_run_id()
-            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
-                                                   and r.step not in passed)})
-            # Newer steps the listing showed were skipped as damaged: they are no other training's.
-            self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
-            self._last_step = manifest.step
-            self._prepare_first_save(optimizer)
-            # This training continues the run now. A backend that could not be listed is listed
-            # again after the first save it commits: steps above the restored one there are
-            # another training's (``_holds_another_training``).
-            self._unchecked, self._conflict = frozenset(unreachable), None
-            self._checked_at, self._ours = self._newest_own + 1, {}
-            if step is not None and (unreachable or newest > step):
-                # Newer steps (or a backend that may hold some): the first save checks the run again.
-                self._rolled_back = (step, newest if newest > step else None)
-                self._run_checked = False
-                if newest > step and self.config.resume is not None and ranks.rank() == 0:
-                    # Said now: the first save that is due, which refuses, may be hours of training away.
-                    warnings.warn(f"run {self.run_name!r} holds checkpoints newer than the restored step {step} (up "
-                                  f"to step {newest}): every save to it is refused with RunConflictError until "
-                                  "they are removed; to train on from here, save under a new run name",
+        # Rank 0's warnings of steps skipped, given once no rank waits for it any more: under
+        # -W error a warning raises, and the others would wait for rank 0 at the next step's try.
+        notes: list[str] = []
+        try:
+            for ref in _tries(self.reader, candidates, unreachable, step, lambda: self._listing("restore: list again")):
+                status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
+                if status == "ok" and manifest.format == FILES_FORMAT:
+                    raise IncompatibleCheckpointError(
+                        f"{ref.uri} is a folder of files committed by save_files (a trainer's own checkpoint), "
+                        "not model state: fetch it with restore_files(dest) and let that trainer load it")
+                if status == "ok":
+                    self._check_restorable(ref, manifest, model, optimizer)
+                    restore_one = self._restore_sharded if manifest.format == "dcp" else self._restore_full
+                    problem, loaded = restore_one(ref, manifest, model, optimizer, safe_globals)
+                elif isinstance(manifest, SKIPPABLE):
+                    problem, loaded = manifest, None
+                else:
+                    raise manifest
+                if problem is not None:
+                    reason = _skipped(ref, problem)
+                    notes.append(reason)
+                    skipped.append(reason)
+                    passed.add(ref.step)
+                    if isinstance(problem, StorageUnavailableError):
+                        silent.append(ref.backend)
+                    continue
+                passed_over = self._unreachable([ref], unreachable, notes=notes)
+                if passed_over is not None:
+                    skipped.append(passed_over)
+                saved_extra, own, holders, cast = loaded
+                problem = None
+                try:
+                    lacking = _fill(extra, saved_extra, "extra", ref.uri)
+                    lacking_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
+                except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
+                    problem = exc
+                # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
+                # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
+                self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
+                _warn_rank0(notes)
+                if cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
+                    warnings.warn(cast, RuntimeWarning, stacklevel=2)
+                if lacking and ranks.rank() == 0:
+                    # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
+                    warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "
+                                  f"{', '.join(map(repr, sorted(saved_extra))) or 'no extra'}); "
+                                  f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
+                                  "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
+                if lacking_own and own:
+                    warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking_own))} not in what this "
+                                  f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)
+                missing = tuple(r for r in range(ranks.world_size()) if r not in holders)
+                if missing and (rank_extra is not None or holders) and ranks.rank() == 0:
+                    who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}")
+                    held = (f"it holds the state of ranks {', '.join(map(str, sorted(holders)))}" if holders else
+                            "it holds none: it was saved without rank_extra")
+                    keep = "it keeps what it has" if len(missing) == 1 else "they keep what they have"
+                    warnings.warn(f"rank_extra: {who} of {ranks.world_size()} got no saved state from {ref.uri} ({held}); "
+                                  f"{keep}", RuntimeWarning, stacklevel=2)
+                unclaimed = sorted(r for r in holders if r >= ranks.world_size())
+                if unclaimed and ranks.rank() == 0:
+                    warnings.warn(f"rank_extra: the state that ranks {', '.join(map(str, unclaimed))} saved in {ref.uri} "
+                                  f"is restored by no rank, as this job has {ranks.world_size()} (rank r gets what rank r "
+                                  "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
-            else:
-                self._rolled_back = None
-                self._run_checked = True
-            return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
-                            extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
-                            manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
-                            ranks_without_state=missing)
+                self._resumed_run_id = manifest.mlflow_run_id
+                self.mlflow_run_id = None
+                self._tracking_run_id()
+                self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
+                                                       and r.step not in passed)})
+                # Newer steps the listing showed were skipped as damaged: they are no other training's.
+                self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
+                self._last_step = manifest.step
+                self._prepare_first_save(optimizer)
+                # This training continues the run now. A backend that could not be listed is listed
+                # again after the first save it commits: steps above the restored one there are
+                # another training's (``_holds_another_training``).
+                self._unchecked, self._conflict = frozenset(unreachable), None
+                self._checked_at, self._ours = self._newest_own + 1, {}
+                if step is not None and (unreachable or newest > step):
+                    # Newer steps (or a backend that may hold some): the first save checks the run again.
+                    self._rolled_back = (step, newest if newest > step else None)
+                    self._run_checked = False
+                    if newest > step and self.config.resume is not None and ranks.rank() == 0:
+                        # Said now: the first save that is due, which refuses, may be hours of training away.
+                        warnings.warn(f"run {self.run_name!r} holds checkpoints newer than the restored step {step} (up "
+                                      f"to step {newest}): every save to it is refused with RunConflictError until "
+                                      "they are removed; to train on from here, save under a new run name",
+                                      RuntimeWarning, stacklevel=2)
+                else:
+                    self._rolled_back = None
+                    self._run_checked = True
+                return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
+                                extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
+                                manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
+                                ranks_without_state=missing)
+        except BaseException:
+            _warn_rank0(notes, quietly=True)
+            raise
+        _warn_rank0(notes)
         self._unreachable([], unreachable)
         if skipped and len(silent) == len(skipped):
             # Intact for all anyone knows: the store stopped answering after the listing.
@@ -1880,35 +1903,41 @@ class CheckpointManager:
         skipped: list[str] = []
         silent: list[str] = []  # the backends of the skips where the storage did not answer
         passed: set[int] = set()  # as in restore
-        for ref in _tries(self.reader, candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
-            status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
-                                                os.fspath(dest))
-            if status == "error":
-                if not isinstance(result, SKIPPABLE):
-                    raise result
-                reason = _skipped(ref, result)
-                if ranks.rank() == 0:
-                    warnings.warn(reason, RuntimeWarning, stacklevel=2)
-                skipped.append(reason)
-                passed.add(ref.step)
-                if isinstance(result, StorageUnavailableError):
-                    silent.append(ref.backend)
-                continue
-            manifest = result
-            self._unreachable([ref], unreachable)
-            self._resumed_run_id = manifest.mlflow_run_id
-            self.mlflow_run_id = None
-            self._tracking_run_id()
-            self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
-                                                   and r.step not in passed)})
-            self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
-            self._last_step = manifest.step
-            self._rolled_back = None
-            self._run_checked = True
-            self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
-            self._checked_at, self._ours = self._newest_own + 1, {}
-            return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
-                                  extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        notes: list[str] = []  # as in restore
+        try:
+            for ref in _tries(self.reader, candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
+                status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
+                                                    os.fspath(dest))
+                if status == "error":
+                    if not isinstance(result, SKIPPABLE):
+                        raise result
+                    reason = _skipped(ref, result)
+                    notes.append(reason)
+                    skipped.append(reason)
+                    passed.add(ref.step)
+                    if isinstance(result, StorageUnavailableError):
+                        silent.append(ref.backend)
+                    continue
+                manifest = result
+                self._unreachable([ref], unreachable, notes=notes)
+                self._resumed_run_id = manifest.mlflow_run_id
+                self.mlflow_run_id = None
+                self._tracking_run_id()
+                self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
+                                                       and r.step not in passed)})
+                self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
+                self._last_step = manifest.step
+                self._rolled_back = None
+                self._run_checked = True
+                self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
+                self._checked_at, self._ours = self._newest_own + 1, {}
+                _warn_rank0(notes)
+                return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
+                                      extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
+        except BaseException:
+            _warn_rank0(notes, quietly=True)
+            raise
+        _warn_rank0(notes)
         self._unreachable([], unreachable)
         if silent:
             raise StorageUnavailableError(

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -248,6 +249,15 @@ def saved_after_one_step(cfg: dict, kind: str) -> torch.nn.Module:
     return model
 
 
+def damage(path: str) -> None:
+    """Flip one byte in the middle of the file at ``path``."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def faulty_pm():
     """A plugin manager with the fault-injecting ``faultyfs`` type of tests/trust/faults.py."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trust"))
@@ -410,6 +420,24 @@ def main() -> None:
                                                              times=None)
         result["raised"] = restore_raised(ck, *build(kind, seed=1))
         result["fired"] = armed.fired if rank == 1 else None
+        ck.close()
+
+    elif scenario == "skip_warning_as_error":
+        # The newest step is damaged; every rank runs with warnings as errors (-W error). Rank 0's
+        # warning that it skipped that step must not keep the others waiting for it.
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        train(*build(kind, seed=0), steps=2, ck=ck)
+        ck.close()
+        if rank == 0:
+            damage(os.path.join(cfg["backends"]["local"]["path"], cfg["run_name"], "step-0000000001", "state.pt"))
+        dist.barrier()
+        ck = ckptkit.CheckpointManager.from_config(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                result["restored_step"] = ck.restore(*build(kind, seed=1)).step
+            except Exception as exc:
+                result["raised"] = [type(exc).__name__, str(exc)]
         ck.close()
 
     elif scenario == "scratch_fails_on_one_rank":

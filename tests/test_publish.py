@@ -419,3 +419,61 @@ def test_publish_with_only_a_registry_as_final_says_the_registry_keeps_no_copy_t
                                                       r"whatever it holds\) nor in the fallback folder .*--step STEP"):
         find_source(ck)
     ck.close()
+
+
+def _swapped_in(tmp_path, source: str, dest: str) -> None:
+    """Replace folder ``dest`` (under tmp_path) by a copy of folder ``source``, as it is."""
+    import shutil
+
+    shutil.rmtree(tmp_path / dest, ignore_errors=True)
+    shutil.copytree(tmp_path / source, tmp_path / dest)
+
+
+def test_a_resume_step_whose_manifest_is_another_runs_is_refused_not_published_as_this_runs(tmp_path):
+    """Another run's step folder copied over this run's step 4: publish --step 4 sent it as this
+    run's final model, and sealed it under this run's name, where restore and verify refuse it."""
+    other = {**_config(tmp_path), "run_name": "other"}
+    theirs = CheckpointManager.from_config(other)
+    _train(theirs, *_model(1), steps=9)
+    theirs.close()
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    _train(ck, *_model())
+    _swapped_in(tmp_path, "scratch/other/step-0000000008", "scratch/exp/step-0000000004")
+    with pytest.raises(ckptkit.CorruptCheckpointError, match="belongs to run 'other'"):
+        find_source(ck, step=4)
+    cfg = tmp_path / "ckptkit.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path)))
+    assert main(["publish", str(cfg), "--step", "4"]) == 1
+    assert not (tmp_path / "archive" / "exp").exists()
+    ck.close()
+
+
+def test_a_stored_final_that_is_another_runs_is_not_published_as_this_runs(tmp_path):
+    """Another run's final folder in this run's fallback folder (or final backend) was published,
+    and the new manifest said it was this run's."""
+    fallback = tmp_path / "fallback"
+    other = {**_config(tmp_path), "run_name": "other"}
+    theirs = CheckpointManager.from_config(other)
+    model, opt = _model(1)
+    _train(theirs, model, opt)
+    theirs.finalize(model=model, step=5)
+    theirs.close()
+    _swapped_in(tmp_path, "archive/other/final", "fallback/exp/final")
+    ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=fallback)
+    with pytest.warns(RuntimeWarning, match="belongs to run 'other'"), \
+            pytest.raises(CheckpointError, match="no stored final model"):
+        find_source(ck)
+    _swapped_in(tmp_path, "archive/other/final", "archive/exp/final")
+    with pytest.warns(RuntimeWarning, match="belongs to run 'other'"), \
+            pytest.raises(CheckpointError, match="no stored final model"):
+        find_source(ck)
+    # This run's own final model is still found beside one that is not.
+    mine, opt = _model()
+    _train(ck, mine, opt)
+    (tmp_path / "archive" / "exp" / "final").rename(tmp_path / "foreign")
+    ck.finalize(model=mine, step=5)
+    _swapped_in(tmp_path, "foreign", "fallback/exp/final")
+    with pytest.warns(RuntimeWarning, match="belongs to run 'other'"):
+        source = find_source(ck)
+    assert source.backend == "archive" and source.manifest.run_name == "exp"
+    ck.close()

@@ -16,7 +16,7 @@ import attrs
 import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .errors import (CheckpointError, CkptkitError, ConfigError, IncompatibleCheckpointError,
+from .errors import (CheckpointError, CkptkitError, ConfigError, CorruptCheckpointError, IncompatibleCheckpointError,
                      StorageUnavailableError)
 from . import fanout, gather, local, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
@@ -109,22 +109,39 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
             ref = instance.final_ref(run_name=ck.run_name)
             if ref is None:
                 continue
-            manifest = instance.read_manifest(ref)
+            manifest = _final_manifest(instance, ref, ck.run_name)
         except (OSError, StorageUnavailableError) as exc:
             if unread is not None and name in finals:  # may hold the final model: not "none stored"
                 unread[name] = exc
             continue
         except IncompatibleCheckpointError:
             raise  # a newer ckptkit's: never passed over for an older copy, which would replace it
-        except CkptkitError:
-            continue  # damaged: not a final model to publish
+        except CkptkitError as exc:
+            # Damaged, or another run's: not a final model to publish.
+            warnings.warn(f"{ref.uri} is not published: {exc}", RuntimeWarning, stacklevel=3)
+            continue
         out.append(PublishSource("final", ref, manifest, name))
         seen.add(ref.uri)
     fb = _fallback(ck, fallback_dir)
     ref = fb.final_ref(run_name=ck.run_name)
     if ref is not None and ref.uri not in seen:
-        out.append(PublishSource("final", ref, fb.read_manifest(ref), None))
+        try:
+            out.append(PublishSource("final", ref, _final_manifest(fb, ref, ck.run_name), None))
+        except CorruptCheckpointError as exc:
+            warnings.warn(f"{ref.uri} is not published: {exc}", RuntimeWarning, stacklevel=3)
     return out
+
+
+def _final_manifest(backend: Any, ref: CheckpointRef, run_name: str) -> Manifest:
+    """The manifest of the final model at ``ref``, refused (``CorruptCheckpointError``) where it
+    says it belongs to another run than ``run_name``: publish would send that model sealed as
+    this run's."""
+    manifest = backend.read_manifest(ref)
+    try:
+        manifest.check_location(run_name, None, f"the manifest of {ref.uri}")
+    except ValueError as exc:
+        raise CorruptCheckpointError(str(exc)) from None
+    return manifest
 
 
 def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.PathLike | None = None,
@@ -139,7 +156,8 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
         return source_from_folder(path)
     if step is not None:
         ref = ck.list_checkpoints(step=step)[0]  # CheckpointNotFoundError names the steps there are
-        return PublishSource("resume", ref, ck.router.call(ref.backend, "read_manifest", ref=ref), ref.backend)
+        # As restore reads it: intact, and refused where it says it is another run's or step's.
+        return PublishSource("resume", ref, ck.reader.manifest(ref), ref.backend)
     unread: dict[str, Exception] = {}
     finals = stored_finals(ck, fallback_dir, unread)
     if finals and unread:

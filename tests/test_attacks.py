@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import pickle
@@ -848,3 +849,51 @@ def test_the_deep_check_from_an_object_store_reads_each_items_ends_and_refuses_a
             sharded.check(store, root, names)
     finally:
         store.rm(root, recursive=True)
+
+
+def _grid(*cuts):
+    """The chunks of a tensor split at ``cuts`` along each dimension: (offsets, sizes) each."""
+    spans = [[(a, b - a) for a, b in zip(c, c[1:])] for c in cuts]
+    return [(tuple(o for o, _ in cell), tuple(n for _, n in cell)) for cell in itertools.product(*spans)]
+
+
+@pytest.mark.parametrize("size, chunks, tiled", [
+    ((10,), _grid((0, 3, 6, 10)), True),                                 # uneven, along one dimension
+    ((8, 6), _grid((0, 4, 8), (0, 1, 6)), True),                         # a 2-D mesh, unevenly
+    ((8, 6), _grid((0, 1, 2, 5, 8), (0, 6)), True),                      # split twice along dimension 0
+    ((8, 6), [((0, 0), (4, 6)), ((4, 0), (4, 3)), ((4, 3), (4, 3))], True),  # split further in one half only
+    ((2,) * 12, _grid(*[(0, 1, 2)] * 12), True),                         # 4,096 chunks of one element
+    ((), [((), ())], True),
+    ((8, 6), [((0, 0), (8, 6)), ((0, 0), (0, 6))], True),               # an empty chunk covers nothing
+    ((8, 6), [((0, 0), (4, 6)), ((2, 0), (4, 6))], False),               # overlapping
+    ((8, 6), [((0, 0), (4, 6)), ((4, 0), (4, 3)), ((4, 2), (4, 3))], False),  # overlapping in one cell
+    ((8, 6), [((0, 0), (4, 6)), ((5, 0), (4, 6))], False),               # reaching outside
+    ((), [((), ()), ((), ())], False),
+])
+def test_chunks_tile_their_tensor_only_where_none_overlaps(size, chunks, tiled):
+    assert sharded._tiles(size, [tuple(map(tuple, c)) for c in chunks]) is tiled
+
+
+def test_chunks_that_would_take_more_than_a_bounded_check_are_refused_not_checked():
+    """A crafted .metadata of n chunks cost n**2/4 comparisons (16,384 chunks: 103 s). Chunks laid
+    out so that each covers many cells of the grid their edges make (n rows over n columns: n**2
+    cells) are refused unchecked; no DCP save lays them out so."""
+    n = 1100
+    rows = [((r, 0), (1, n)) for r in range(n)]
+    columns = [((n, c), (n, 1)) for c in range(n)]
+    with pytest.raises(sharded._Irregular):
+        sharded._tiles((2 * n, n), rows + columns)
+
+
+def test_a_chunk_that_no_shard_holds_is_refused(tmp_path):
+    """A .metadata declaring a tensor whose chunks no shard holds passed verify."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    def unplaced(metadata, folder):
+        metadata.state_dict_metadata["model.planted"] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch.bool), size=torch.Size([2] * 4),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size([1] * 4))
+                    for o in itertools.product((0, 1), repeat=4)])
+
+    _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, unplaced),
+                        r"gives 'model\.planted' a chunk at \[0, 0, 0, 0\] that no shard holds")

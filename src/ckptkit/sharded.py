@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import errno
 import io
+import itertools
 import math
 import os
 import pickle
@@ -497,6 +498,8 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
     ``.metadata`` declaring one tensor of 10**9 elements and no chunks made a 4 GB file."""
     stored = sum(e.size for e in listed.values() if isinstance(getattr(e, "size", None), int))
     declared = 0
+    placed = {(index.fqn, tuple(index.offset or ())) for index in metadata.storage_data}
+    unplaced = None
     for fqn, md in (metadata.state_dict_metadata or {}).items():
         if not isinstance(md, TensorStorageMetadata):
             continue
@@ -510,11 +513,22 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
         if covered != numel:
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {safeload.shown(fqn)} with {numel} "
                                          f"elements, but its chunks hold {covered}")
-        if not _tiles(size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]):
+        try:
+            tiled = _tiles(size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks])
+        except _Irregular as exc:
+            raise CorruptCheckpointError(
+                f"{name}: {METADATA_FILE} splits {safeload.shown(fqn)} into {len(md.chunks)} chunks laid out so "
+                f"irregularly that checking them would cover {exc.args[0]} cells of the grid their edges make "
+                f"(at most {_MAX_CELLS} are checked; a DCP save covers one per chunk); nothing of it was loaded"
+                ) from None
+        if not tiled:
             # Chunks as large as the tensor that overlap leave part of it unwritten: a load of the
             # whole state (export, publish) made it with torch.empty and wrote what memory held.
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} chunks that overlap "
                                          "or reach outside it, so part of it would be read twice and part never")
+        chunk = next((c for c in md.chunks if math.prod(c.sizes) and (fqn, tuple(c.offsets)) not in placed), None)
+        if chunk is not None and unplaced is None:
+            unplaced = (fqn, list(chunk.offsets))
         dtype = getattr(md.properties, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} no torch dtype")
@@ -522,6 +536,9 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
     if declared > stored:
         raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {declared} bytes of tensors, more than the "
                                      f"{stored} bytes of all its files; nothing of it was loaded")
+    if unplaced is not None:
+        raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(unplaced[0])} a chunk at "
+                                     f"{unplaced[1]} that no shard holds; nothing of it was loaded")
     for index, info in metadata.storage_data.items():
         entry = listed.get(info.relative_path)
         if isinstance(getattr(entry, "size", None), int) and info.offset + info.length > entry.size:
@@ -530,11 +547,25 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
                                          f"which has {entry.size}")
 
 
+# The most grid cells ``_tiles`` marks for one tensor. A layout DCP writes (a tensor split along
+# some of its dimensions, evenly or not, over the ranks of a mesh) covers one cell per chunk;
+# chunks placed to cover many cells each are only a crafted .metadata's, whose check would
+# otherwise grow with the square of its size (16,384 chunks of a 1.4 MB file: 103 s).
+_MAX_CELLS = 1 << 20
+
+
+class _Irregular(Exception):
+    """Chunks laid out too irregularly to check in bounded time."""
+
+
 def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
     """Do ``chunks`` (offsets, sizes) lie inside a tensor of ``size`` without overlapping? With
-    their elements adding up to the tensor's, that is: they cover it exactly. Swept along the
-    dimension the chunks split most, so that a tensor sharded along one dimension over many ranks
-    costs a sort, whichever dimension it is."""
+    their elements adding up to the tensor's, that is: they cover it exactly.
+
+    The chunks' edges along each dimension cut the tensor into a grid of cells, and each chunk
+    covers a block of them; no two chunks may cover the same cell. The work is the number of
+    cells the chunks cover (one per chunk for DCP's layouts), plus a sort; more than
+    ``_MAX_CELLS`` raises ``_Irregular``."""
     boxes = []
     for offsets, sizes in chunks:
         if len(offsets) != len(size) or len(sizes) != len(size) or not all(
@@ -542,18 +573,28 @@ def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int,
             return False
         if all(sizes):
             boxes.append((offsets, sizes))
-    if not size:
-        return len(boxes) <= 1
-    axis = max(range(len(size)), key=lambda d: len({offsets[d] for offsets, _ in boxes}))
-    boxes.sort(key=lambda box: box[0][axis])
-    for i, (offsets, sizes) in enumerate(boxes):
-        end = offsets[axis] + sizes[axis]
-        for j in range(i + 1, len(boxes)):
-            other, other_sizes = boxes[j]
-            if other[axis] >= end:
-                break
-            if all(o < p + m and p < o + n for o, n, p, m in zip(offsets, sizes, other, other_sizes)):
+    if len(boxes) <= 1:
+        return True
+    edges = [{0, dim} for dim in size]
+    for offsets, sizes in boxes:
+        for d, (o, n) in enumerate(zip(offsets, sizes)):
+            edges[d].update((o, o + n))
+    index = [{edge: i for i, edge in enumerate(sorted(axis))} for axis in edges]
+    blocks = [[range(index[d][o], index[d][o + n]) for d, (o, n) in enumerate(zip(offsets, sizes))]
+              for offsets, sizes in boxes]
+    covered = sum(math.prod(map(len, block)) for block in blocks)
+    if covered > math.prod(len(axis) - 1 for axis in index):
+        return False  # more cells covered than there are: two chunks share one
+    if covered > _MAX_CELLS:
+        raise _Irregular(covered)
+    strides = [math.prod(len(axis) - 1 for axis in index[d + 1:]) for d in range(len(index))]
+    seen: set[int] = set()
+    for block in blocks:
+        for cell in itertools.product(*block):
+            key = sum(i * stride for i, stride in zip(cell, strides))
+            if key in seen:
                 return False
+            seen.add(key)
     return True
 
 

@@ -326,8 +326,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         elif not refs and unreachable:
             ck._unreachable(refs, unreachable, resuming=False)  # raises: nothing found, and a store not seen
         # Verifying reads every byte: show how far it got (on stderr, so --json stays clean).
-        for ref in track(refs, description="verifying", console=err_console, transient=True,
-                         disable=args.json or not refs):
+        # No track(disable=True): rich before 14.3 prints an empty line as a disabled bar stops.
+        shown = refs if args.json or not refs else track(refs, description="verifying", console=err_console,
+                                                          transient=True)
+        for ref in shown:
             try:
                 m = ck.verify(ref)
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": True, "result": "ok",

@@ -153,6 +153,10 @@ class FaultyFS(LocalFileSystem):
         super().__init__(auto_mkdir=True, **kwargs)
         self.faults = faults or Faults()
 
+    def unstrip_protocol(self, name):
+        # fsspec before 2026.4 gives every subclass of its local filesystem file:// paths.
+        return f"{self.protocol}://{self._strip_protocol(name)}"
+
     def _open(self, path, mode="rb", **kwargs):
         if "w" in mode or "a" in mode:
             self.faults.check("open", path)

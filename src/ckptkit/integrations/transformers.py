@@ -131,6 +131,8 @@ class CkptkitCallback(TrainerCallback):
         self._finished = False
         # Whether resume_from gave the Trainer's callbacks their saved state back.
         self._callbacks_restored = False
+        # The step last committed and its trainer_state.json, to tell a folder saved again unchanged.
+        self._committed: tuple[int, bytes] | None = None
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -205,7 +207,7 @@ class CkptkitCallback(TrainerCallback):
         # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
         # is active on this thread, so that the final model is logged to that run.
         self._reopen()
-        self._steps_run, self._finished = 0, False
+        self._steps_run, self._finished, self._committed = 0, False, None
         self._refuse_save_best(args)
         self.manager.tracking_run_id()
         self._start_step = state.global_step
@@ -256,8 +258,18 @@ class CkptkitCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
+        try:
+            with open(os.path.join(folder, TRAINER_STATE), "rb") as f:
+                saved = (state.global_step, f.read())
+        except OSError:
+            saved = None
+        if saved is not None and saved == self._committed:
+            # The same folder saved again with nothing new (transformers before 4.50 saves the
+            # last step twice under save_strategy="epoch"): committed once.
+            return control
         self.manager.save_files(step=state.global_step, files=folder, epoch=int(state.epoch or 0),
                                 metrics=_latest_metrics(state), force=True)
+        self._committed = saved
         return control
 
     @staticmethod

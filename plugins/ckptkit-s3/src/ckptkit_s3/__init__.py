@@ -207,6 +207,29 @@ class _S3FileSystem(s3fs.S3FileSystem):
             raise StoreNotAnswering(f"{method} of {kwargs.get('Bucket')}/{kwargs.get('Key', '')}: "
                                     f"{type(exc).__name__}: {exc}") from exc
 
+    async def _iterdir(self, bucket: str, *args: Any, **kwargs: Any) -> Any:
+        """s3fs's listing, each page within the deadline ``_call_s3`` gives an answer: s3fs before
+        2026.9 fetches the pages with botocore's paginator, not through ``_call_s3``, so a page
+        answered a byte at a time held a listing (and restore) for good."""
+        deadline = self.tries * (self.wait_s + _WHOLE_ANSWER / _MIN_UPLOAD_RATE)
+        entries = super()._iterdir(bucket, *args, **kwargs)
+        try:
+            while True:
+                try:
+                    # Entries of a page already fetched come at once; the next page's fetch is
+                    # the one wait here.
+                    entry = await asyncio.wait_for(entries.__anext__(), deadline)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError as exc:
+                    raise StoreNotAnswering(
+                        f"list_objects_v2 of {bucket}/{kwargs.get('prefix', '')} was not answered within "
+                        f"{deadline:.1f} s (the store's timeouts and retries, the answer at "
+                        f"{_MIN_UPLOAD_RATE // 1024} KiB/s at least)") from exc
+                yield entry
+        finally:
+            await entries.aclose()
+
     # s3fs binds its blocking call_s3 (which its file writer uses too) to its own _call_s3.
     call_s3 = sync_wrapper(_call_s3)
 

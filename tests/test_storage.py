@@ -989,3 +989,23 @@ def test_a_time_under_any_key_stores_use_is_read():
     when = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.timezone.utc)
     for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
         assert storage._mtime({key: when}) == when.timestamp(), key
+
+
+@pytest.mark.parametrize("size", ["at the limit", "past the limit"])
+def test_a_local_manifest_is_read_whole_up_to_its_limit_and_refused_past_it(tmp_path, size):
+    """A manifest is read to its end, at most MANIFEST_MAX bytes and one: a larger one is refused
+    unread as any other backend refuses it."""
+    from ckptkit import local
+    from ckptkit.storage import MANIFEST_MAX
+
+    path = tmp_path / "manifest.json"
+    with open(path, "wb") as f:
+        f.truncate(MANIFEST_MAX + (size == "past the limit"))
+        f.seek(0)
+        f.write(b"{")
+    if size == "at the limit":
+        data = local.manifest_bytes(str(path))
+        assert len(data) == MANIFEST_MAX and data[:1] == b"{"
+    else:
+        with pytest.raises(ckptkit.CheckpointError, match="larger than any manifest ckptkit writes"):
+            local.manifest_bytes(str(path))

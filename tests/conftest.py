@@ -109,7 +109,7 @@ def third_party_dist(tmp_path, monkeypatch):
                 return io.BytesIO(STORE[(self.name, ref.run_name, ref.step)][0][name])
 
             @ckptkit.hookimpl
-            def prune(self, run_name, keep_last):
+            def prune(self, run_name, keep_last, protected_steps, dry_run):
                 CALLS.append((self.name, "prune", keep_last, None))
                 return []
 

@@ -297,6 +297,28 @@ def test_hook_argument_with_a_default_is_refused_when_the_type_is_added(pm):
     assert "lenient" not in pm.backend_types
 
 
+@pytest.mark.parametrize("hook, signature, missing", [
+    ("prune", "self, run_name, keep_last, protected_steps", "dry_run"),
+    ("prune", "self, run_name, keep_last, dry_run", "protected_steps"),
+    ("prune", "self, run_name, keep_last", "dry_run, protected_steps"),
+    ("delete_run", "self, run_name", "dry_run"),
+])
+def test_a_deleting_hook_that_leaves_out_what_protects_is_refused_when_the_type_is_added(pm, hook, signature,
+                                                                                         missing):
+    """A prune that took a subset of its arguments without dry_run loaded, and `ckptkit prune
+    --dry-run` deleted the checkpoints it said it would only list."""
+    namespace = {}
+    exec(f"def {hook}({signature}): return []", namespace)
+    Careless = type("Careless", (), {"from_config": classmethod(lambda cls, name, options: cls()),
+                                     hook: ckptkit.hookimpl(namespace[hook])})
+    with pytest.raises(PluginError) as info:
+        pm.add_backend_type("careless", Careless, "ckptkit-careless 0.1")
+    text = str(info.value)
+    assert "'careless'" in text and "ckptkit-careless 0.1" in text
+    assert f"hook {hook} does not take {missing}" in text and "delete" in text
+    assert "careless" not in pm.backend_types
+
+
 @pytest.mark.parametrize("signature", ["self, run_name, *, keep_last, protected_steps, dry_run",
                                        "self, run_name, keep_last, **options"])
 def test_hook_arguments_that_pluggy_never_passes_are_refused(pm, signature):

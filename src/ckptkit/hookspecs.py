@@ -5,7 +5,9 @@ manager builds one instance per backend declared in the config and registers it 
 plugin manager under its config name. For a role, only the instances declared for that role are
 called, one at a time, so that one failing backend never stops or undoes another. Every hook is
 called with keyword arguments only; an implementation may accept fewer arguments than a spec
-lists, which is how specs grow without breaking older plugins.
+lists, which is how specs grow without breaking older plugins, except those of
+``plugins.REQUIRED_ARGUMENTS`` (``prune``'s ``dry_run`` and ``protected_steps``, ``delete_run``'s
+``dry_run``): left out, they would delete what they protect.
 
 A type serves the ``resume`` role when it implements ``save_resume``, ``list_checkpoints``,
 ``read_manifest``, ``open_file`` and ``prune``, and sharded resume checkpoints (``format: dcp``)

@@ -72,6 +72,12 @@ def _dist_label(dist: importlib.metadata.Distribution | None) -> str:
     return f"{dist.metadata['Name']} {dist.version}"
 
 
+# Arguments that an implementation of these hooks must take: one that leaves them out runs as if
+# they never held anything, and deletes what they protect (a prune without dry_run deleted the
+# checkpoints `ckptkit prune --dry-run` only listed).
+REQUIRED_ARGUMENTS = {"prune": ("dry_run", "protected_steps"), "delete_run": ("dry_run",)}
+
+
 def _check_passable(where: str, hook: str, params: list[inspect.Parameter]) -> None:
     """Refuse parameters of a hook implementation that pluggy would not fill in."""
     for p in params:
@@ -251,6 +257,13 @@ class CkptkitPluginManager(pluggy.PluginManager):
                 raise PluginError(
                     f"{where}: hook {attr} takes {', '.join(extra)}, which the spec does not "
                     f"provide (it provides {', '.join(caller.spec.argnames)})"
+                )
+            missing = [p for p in REQUIRED_ARGUMENTS.get(attr, ()) if p not in params]
+            if missing:
+                raise PluginError(
+                    f"{where}: hook {attr} does not take {', '.join(missing)}, which it must honour: left out, "
+                    f"{attr} would delete what {'they protect' if len(missing) > 1 else 'it protects'} "
+                    f"(with dry_run, what it should only list); add {', '.join(missing)} to its arguments"
                 )
             hooks.add(attr)
         if not hooks:

@@ -493,6 +493,8 @@ def test_a_plugins_own_exception_names_its_backend_type_and_distribution(tmp_pat
             @ckptkit.hookimpl
             def check_final(self, run_name, algorithm):
                 self._raise("check_final")
+                if "check_final_text" in os.environ.get("ROWDY_FAIL", ""):
+                    return "one problem"  # read a character to a problem, were it taken
                 return []
 
             @ckptkit.hookimpl
@@ -520,6 +522,11 @@ def test_a_plugins_own_exception_names_its_backend_type_and_distribution(tmp_pat
     monkeypatch.setenv("ROWDY_FAIL", "check_final")
     with pytest.raises(ckptkit.BackendError, match=f"^backend 'loud': check_final {origin} AttributeError: "
                                                    "rowdy check_final bug"):
+        CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=True))
+
+    monkeypatch.setenv("ROWDY_FAIL", "check_final_text")
+    with pytest.raises(ckptkit.BackendError, match=r"^backend 'loud': check_final \(type 'rowdy', from ckptkit-rowdy "
+                                                   r"0\.3\) returned str, not a list of strings"):
         CheckpointManager.from_config(cfg, plugin_manager=make_plugin_manager(autoload=True))
 
     monkeypatch.setenv("ROWDY_FAIL", "tracking_run_id")

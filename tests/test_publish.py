@@ -17,6 +17,7 @@ import ckptkit
 from ckptkit import CheckpointManager, CheckpointError, ConfigError, PublishError
 from ckptkit.checkpoint import CheckpointRef
 from ckptkit.cli import main
+from ckptkit.local import LocalBackend
 from ckptkit.publish import find_source, publish, source_from_folder
 
 
@@ -320,11 +321,20 @@ def test_a_registry_is_asked_whether_it_holds_the_bytes_before_it_is_sent_them(t
     cases = [(held, False, [("find_published", digest, "sft")]),
              (BackendError("registry", "registry down"), False, [("find_published", digest, "sft")]),
              (BackendError("registry", "registry down"), True, [("publish_final", digest, "sft")])]
+    # A plugin's own bug in find_published, raised or returned, fails that backend by name.
+    bug = "find_published (type 'registry', from <registered in code>)"
+    cases += [(KeyError("region"), False, [("find_published", digest, "sft")]),
+              ("models:/m/1", False, [("find_published", digest, "sft")])]
     for holds, force, calls in cases:
         _Registry.holds, _Registry.calls = holds, []
         result = publish(ck, find_source(ck), force=force)
         assert _Registry.calls == calls
-        if holds is held:
+        if isinstance(holds, (KeyError, str)):
+            assert list(result.failures) == ["registry"] and not result.published, result.failures
+            told = result.failures["registry"]
+            assert bug in told and "report it to" in told, told
+            assert ("raised KeyError" in told) if isinstance(holds, KeyError) else ("returned str" in told), told
+        elif holds is held:
             assert result.already_held == (find_source(ck).ref, held) and result.ok
         elif not force:
             assert result.failures == {"registry": "backend 'registry': registry down"} and not result.published
@@ -476,4 +486,22 @@ def test_a_stored_final_that_is_another_runs_is_not_published_as_this_runs(tmp_p
     with pytest.warns(RuntimeWarning, match="belongs to run 'other'"):
         source = find_source(ck)
     assert source.backend == "archive" and source.manifest.run_name == "exp"
+    ck.close()
+
+
+class _BuggyFinals(LocalBackend):
+    @ckptkit.hookimpl
+    def final_ref(self, run_name):
+        raise KeyError("region")
+
+
+def test_a_final_ref_that_fails_as_a_plugins_bug_is_named_not_a_traceback(tmp_path, pm, capsys):
+    """A plugin's final_ref raising KeyError ended ckptkit publish with a raw traceback."""
+    pm.add_backend_type("buggy", _BuggyFinals)
+    cfg = _config(tmp_path)
+    cfg["backends"]["archive"]["type"] = "buggy"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    with pytest.raises(ckptkit.BackendError, match=r"final_ref \(type 'buggy', from <registered in code>\) raised "
+                                                   r"KeyError: 'region'; report it to the plugin's authors"):
+        find_source(ck)
     ck.close()

@@ -585,6 +585,10 @@ class CheckpointManager:
             if self.router.implements(name, "check_final"):
                 found = self.router.call_blaming(name, "check_final", run_name=self.run_name,
                                                  algorithm=self.config.algorithm)
+                if found is not None and not (isinstance(found, (list, tuple)) and all(isinstance(line, str)
+                                                                                     for line in found)):
+                    # A string would be read a character to a problem.
+                    raise self.router.faulty(name, "check_final", type(found).__name__, "a list of strings")
                 problems += [line if line.startswith(f"backend {name!r}") else f"backend {name!r}: {line}"
                              for line in found or ()]
         return problems

@@ -70,29 +70,44 @@ def _fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None) -> 
     return LocalBackend.from_config("fallback", {"path": os.fspath(fallback_dir or ck.fallback_dir)})
 
 
-def _holding(backend: Any, run_name: str, entry: FileEntry, algorithm: str | None) -> CheckpointRef | None:
-    """Where ``backend`` already holds a final file equal to ``entry``, if it does."""
-    ref = _final_of(backend, run_name)
+def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str | None) -> CheckpointRef | None:
+    """Where final backend ``name`` already holds a final file equal to ``entry``, if it does."""
+    backend = ck.router.instances[name]
+    ref = None
+    if _has(backend, "final_ref"):
+        try:
+            ref = _final_of(ck, name, ck.run_name)
+        except (OSError, StorageUnavailableError):
+            pass  # what it holds cannot be told: it is sent the model, as one that holds none
     if ref is not None:
         try:
             theirs = backend.read_manifest(ref)
         except CkptkitError:
             return None
         return ref if theirs.files.get(FINAL_FILE) == entry else None
-    # Hooks called directly, since the fallback folder's backend is not registered; a type
-    # loads only if every method named like a hook is marked, so the method is the hook.
-    find = getattr(backend, "find_published", None)
-    return find(run_name=run_name, digest=entry.digest, algorithm=algorithm) if callable(find) else None
+    if not _has(backend, "find_published"):
+        return None
+    found = ck.router.call_blaming(name, "find_published", run_name=ck.run_name, digest=entry.digest,
+                                   algorithm=algorithm)
+    return _ref_or_none(ck, name, "find_published", found)
 
 
-def _final_of(backend: Any, run_name: str) -> CheckpointRef | None:
-    final_ref = getattr(backend, "final_ref", None)
-    if not callable(final_ref):
-        return None
-    try:
-        return final_ref(run_name=run_name)
-    except (OSError, CkptkitError):
-        return None
+def _has(backend: Any, hook: str) -> bool:
+    # A type loads only if every method named like a hook is marked, so the method is the hook.
+    return callable(getattr(backend, hook, None))
+
+
+def _final_of(ck: CheckpointManager, name: str, run_name: str) -> CheckpointRef | None:
+    """``final_ref`` of configured backend ``name``: a plugin's own exception, or an answer that
+    is not a ``CheckpointRef`` or None, is raised as its bug (``BackendError``, naming it)."""
+    return _ref_or_none(ck, name, "final_ref",
+                        ck.router.call_blaming(name, "final_ref", storage_errors=True, run_name=run_name))
+
+
+def _ref_or_none(ck: CheckpointManager, name: str, hook: str, got: Any) -> CheckpointRef | None:
+    if got is not None and not isinstance(got, CheckpointRef):
+        raise ck.router.faulty(name, hook, type(got).__name__, "a CheckpointRef or None")
+    return got
 
 
 def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None,
@@ -103,12 +118,17 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
     seen = set()
     finals = set(ck.router.backends(Role.FINAL)) if ck.config.final is not None else set()
     for name, instance in ck.router.instances.items():
-        if not callable(getattr(instance, "final_ref", None)):
+        if not _has(instance, "final_ref"):
             continue  # keeps no stored copy to publish from (a model registry)
         try:
-            ref = instance.final_ref(run_name=ck.run_name)
-            if ref is None:
-                continue
+            ref = _final_of(ck, name, ck.run_name)
+        except (OSError, StorageUnavailableError) as exc:
+            if unread is not None and name in finals:  # may hold the final model: not "none stored"
+                unread[name] = exc
+            continue
+        if ref is None:
+            continue
+        try:
             manifest = _final_manifest(instance, ref, ck.run_name)
         except (OSError, StorageUnavailableError) as exc:
             if unread is not None and name in finals:  # may hold the final model: not "none stored"
@@ -317,7 +337,7 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
         if not force and entry is not None:
             for name in order:
                 try:
-                    ref = _holding(ck.router.instances[name], ck.run_name, entry, algorithm)
+                    ref = _holding(ck, name, entry, algorithm)
                 except CkptkitError as exc:
                     lookup_failed[name] = exc
                     continue

@@ -12,7 +12,8 @@ and provides a fixture that builds the backend::
         def backend(self, tmp_path):
             return MyBackend("mine", ..., retry=RetryPolicy(attempts=3, backoff_s=0.01))
 
-This package imports pytest; ckptkit itself never imports it.
+A final backend that keeps no files (a model registry) subclasses ``FinalBackendTests`` the
+same way. This package imports pytest; ckptkit itself never imports it.
 """
 
 try:
@@ -24,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - the extra is what brings it
 pytest.register_assert_rewrite("ckptkit.testing.suite")
 
 from .faults import Call, Fault, WrappedFileSystem, permanent, transient
-from .suite import PLANTED_SECRET, ResumeBackendTests, call_hook, payload
+from .suite import PLANTED_SECRET, FinalBackendTests, ResumeBackendTests, call_hook, payload
 
-__all__ = ["Call", "Fault", "PLANTED_SECRET", "ResumeBackendTests", "WrappedFileSystem", "call_hook",
+__all__ = ["Call", "Fault", "FinalBackendTests", "PLANTED_SECRET", "ResumeBackendTests", "WrappedFileSystem", "call_hook",
            "payload", "permanent", "transient"]

@@ -650,3 +650,85 @@ class ResumeBackendTests:
         call_hook(backend, "discard_sharded", path=doomed)
         assert self.steps(backend) == [1, 2]
         assert not [p for p in self.stored_files(backend) if step_dirname(3) in p]
+
+
+class FinalBackendTests:
+    """The contract of a ``final`` backend that keeps no resume checkpoints and no files that
+    ``ckptkit publish`` reads back (a model registry). Subclass it and provide ``backend``.
+
+    A backend that serves the resume role too (a ``FileBackend``) is checked by
+    ``ResumeBackendTests``, whose final-model test covers its ``publish_final``.
+
+    Attributes a subclass may change: ``run_name``, the run the tests publish (a fresh
+    ``backend`` per test keeps runs apart, or give each subclass its own), and ``algorithm``,
+    the tag passed to the hooks.
+    """
+
+    run_name = "run"
+    algorithm: str | None = "sft"
+
+    @pytest.fixture
+    def backend(self) -> Any:
+        """A fresh backend instance with a ``name`` (the one its ``from_config`` was given),
+        over a store where the run holds no model yet."""
+        raise NotImplementedError("subclasses of FinalBackendTests provide the 'backend' fixture")
+
+    def publish(self, backend: Any, step: int, data: bytes | None = None,
+                stored: Iterable[CheckpointRef] = (), known: bool = False) -> tuple[CheckpointRef, str]:
+        """``publish_final`` of a final model of ``step`` (``data``: its file's bytes) as ckptkit
+        calls it; the ref it returned and the file's digest. The file comes as ``finalize``
+        gives it to the first backend that stores it, to be serialised, its size and checksum
+        unknown; ``known``: as ``ckptkit publish`` gives it, with them (``expected``)."""
+        data = data if data is not None else f"the final model of step {step}".encode() * 50
+        size, digest = hash_stream(io.BytesIO(data))
+        files = (PayloadFile("final_model.pt", write=lambda f: f.write(data),
+                             expected=FileEntry(size, digest) if known else None),)
+        final = Payload(run_name=self.run_name, step=step, epoch=step // 10, format="torch", role="final",
+                        metrics={"loss": 1.0 / (step + 1)}, files=files)
+        ref = call_hook(backend, "publish_final", run_name=self.run_name, payload=final, stored=list(stored),
+                        algorithm=self.algorithm, model=None, state={})
+        return ref, digest
+
+    def find(self, backend: Any, digest: str) -> CheckpointRef | None:
+        if not hasattr(backend, "find_published"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional find_published hook")
+        return call_hook(backend, "find_published", run_name=self.run_name, digest=digest, algorithm=self.algorithm)
+
+    def test_a_published_model_is_named_by_a_ref_of_this_backend_and_run(self, backend):
+        ref, _ = self.publish(backend, 5)
+        assert isinstance(ref, CheckpointRef), f"publish_final returned {type(ref).__name__}, not a CheckpointRef"
+        assert (ref.backend, ref.run_name) == (backend.name, self.run_name), ref
+        assert ref.uri and PLANTED_SECRET not in ref.uri
+
+    def test_the_ref_is_this_backends_own_though_another_backend_holds_the_model(self, backend):
+        """``stored`` names the copies earlier final backends made: a registry may record one's
+        URI instead of uploading the file, but the ref it returns is its own."""
+        elsewhere = CheckpointRef(backend="archive", run_name=self.run_name, step=5, path="bucket/run/final",
+                                  uri="s3://bucket/run/final", role="final")
+        ref, _ = self.publish(backend, 5, stored=[elsewhere])
+        assert isinstance(ref, CheckpointRef) and (ref.backend, ref.run_name) == (backend.name, self.run_name), ref
+
+    @pytest.mark.parametrize("known", [False, True], ids=["from finalize", "from publish"])
+    def test_find_published_finds_a_model_by_its_checksum_and_nothing_else(self, backend, known):
+        assert self.find(backend, "xxh3-128:" + "0" * 32) is None, "nothing was published with that checksum"
+        ref, digest = self.publish(backend, 5, known=known)
+        found = self.find(backend, digest)
+        assert found is not None, "find_published did not find the model just published by its checksum"
+        assert (found.backend, found.run_name, found.uri) == (backend.name, self.run_name, ref.uri), (found, ref)
+        assert self.find(backend, "xxh3-128:" + "0" * 32) is None
+
+    def test_a_later_model_leaves_what_an_earlier_one_is_published_as(self, backend):
+        """A published version is kept as it was: a second model of the run (a later finalize,
+        ``ckptkit publish --step``) is published beside it, never over it."""
+        first, first_digest = self.publish(backend, 5)
+        second, second_digest = self.publish(backend, 9, data=b"another model" * 100)
+        assert first.uri != second.uri, f"both models were published as {first.uri}"
+        found_first, found_second = self.find(backend, first_digest), self.find(backend, second_digest)
+        assert found_first is not None and found_first.uri == first.uri, (found_first, first)
+        assert found_second is not None and found_second.uri == second.uri, (found_second, second)
+
+    def test_check_final_answers_a_list_of_lines(self, backend):
+        if not hasattr(backend, "check_final"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional check_final hook")
+        problems = call_hook(backend, "check_final", run_name=self.run_name, algorithm=self.algorithm)
+        assert isinstance(problems, list) and all(isinstance(p, str) for p in problems), problems

@@ -530,8 +530,11 @@ def test_a_save_answered_with_another_steps_ref_is_the_plugins_fault_and_not_cop
         monkeypatch.setattr(_StrayRefs, "mode", "previous_step")
         with pytest.raises(SaveError, match=r"s: save_resume \(type 'stray', from ckptkit-stray 0.3\) returned a ref "
                                             r"of backend 's', run 'r', step 2 .*not one of backend 's', run 'r', "
-                                            r"step 3; the backend plugin is faulty"):
+                                            r"step 3; the backend plugin is faulty") as info:
             save(ck, 3)
+        # The hook ran: what it stored is not known, and not told as left as it was.
+        assert "What 's' stored is not known: it may hold step 3" in str(info.value), info.value
+        assert "as it was" not in str(info.value)
     cfg["roles"]["resume"]["backends"] = ["disk"]
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
         restored = ck.restore(model=model)

@@ -32,6 +32,11 @@ class BackendError(CkptkitError):
         return (type(self), (self.backend, self.detail))
 
 
+class FaultyAnswerError(BackendError):
+    """A backend plugin's hook answered what its contract does not allow (a ref of another step,
+    not a ref at all): it ran, so what it did to its store is not known."""
+
+
 class StorageUnavailableError(BackendError):
     """A backend's storage could not be reached, listed or read (retries included).
 

@@ -38,6 +38,7 @@ from .errors import (
     CkptkitError,
     ConfigError,
     CorruptCheckpointError,
+    FaultyAnswerError,
     IncompatibleCheckpointError,
     LocalWriteError,
     PublishError,
@@ -858,9 +859,16 @@ class CheckpointManager:
             where = ", ".join(r.uri for r in saved) or "none, as far as the backends told"
             # What a store's failure leaves, and so what to do; a refused save (another
             # training's run, a plugin's bug) says so in its own words.
-            after = (". What the failing backends held is as it was; the next save tries every resume backend "
-                     "again, and a restart resumes from the newest committed step"
-                     if all(isinstance(e, BackendError) for e in failures.values()) else "")
+            answered = sorted(n for n, e in failures.items() if isinstance(e, FaultyAnswerError))
+            if answered:
+                # The hook ran and said what it must not: it may have committed the step.
+                after = (f". What {', '.join(map(repr, answered))} stored is not known: it may hold step {step}, "
+                         "which a restart would then resume")
+            elif all(isinstance(e, BackendError) for e in failures.values()):
+                after = (". What the failing backends held is as it was; the next save tries every resume backend "
+                         "again, and a restart resumes from the newest committed step")
+            else:
+                after = ""
             self._fail(SaveError(f"step {step} was not saved to every resume backend "
                                  f"({fanout.describe_failures(failures)}); it is committed on: {where}{after}",
                                  failures, saved))

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checkpoint import CheckpointRef
 from .config import Config
-from .errors import BackendError, CkptkitError, ConfigError, PluginError
+from .errors import BackendError, CkptkitError, ConfigError, FaultyAnswerError, PluginError
 from .plugins import BackendType, CkptkitPluginManager
 from .redact import redact, scrub, secret_values
 from . import watchdog
@@ -192,7 +192,7 @@ class Router:
 
     def faulty(self, backend: str, hook: str, got: Any, wanted: str) -> BackendError:
         """A hook's answer that breaks its contract (``wanted``: what it must return)."""
-        return BackendError(backend, f"{hook}{self.origin(backend)} returned {got}, not {wanted}; the backend "
+        return FaultyAnswerError(backend, f"{hook}{self.origin(backend)} returned {got}, not {wanted}; the backend "
                                      "plugin is faulty: report it to its authors")
 
     def checked_refs(self, backend: str, hook: str, got: Any, run_name: str) -> list[CheckpointRef]:

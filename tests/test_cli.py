@@ -46,6 +46,18 @@ def test_backends_lists_types_with_distribution_and_roles(capsys):
     assert rows["local"]["roles"] == ["resume", "final"]
 
 
+def test_backends_with_autoload_off_says_installed_plugins_were_not_loaded(capsys, monkeypatch, cli_columns):
+    """Titled "Installed backend types", the list left out every installed plugin without a word."""
+    cli_columns(200)
+    monkeypatch.setenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and "local" in out and "s3" not in out.split()
+    assert "CKPTKIT_DISABLE_PLUGIN_AUTOLOAD is set: installed plugins were not loaded" in " ".join(out.split())
+    monkeypatch.delenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD")
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and "Installed backend types" in out and "not loaded" not in out
+
+
 def test_check_shows_routing_and_probes(capsys, config_file, tmp_path):
     code, out, _ = run(capsys, "check", str(config_file), "--json", "--probe")
     data = json.loads(out)

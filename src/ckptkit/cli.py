@@ -24,6 +24,7 @@ from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, Ckp
                      IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
 from .manager import CheckpointManager
 from .storage import FileBackend
+from ._project import DISABLE_AUTOLOAD_ENV
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
 from .roles import Role
@@ -113,7 +114,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
             for t in sorted(pm.backend_types.values(), key=lambda t: t.name) if t.name not in pm.broken]
     rows += [{"type": name, "distribution": pm.broken_dists.get(name), "roles": [], "class": None, "error": str(exc)}
              for name, exc in sorted(pm.broken.items())]
-    table = _table("Installed backend types", ("type", "distribution", "roles", "class"), whole=("type",))
+    # With autoload off, the installed plugins were not looked for: the title must not say they are all here.
+    title = ("Installed backend types" if pm.autoloaded else
+             f"Backend types built into ckptkit ({DISABLE_AUTOLOAD_ENV} is set: installed plugins were not loaded)")
+    table = _table(title, ("type", "distribution", "roles", "class"), whole=("type",))
     for r in rows:
         if r.get("error"):
             table.add_row(r["type"], Text("broken", style="red"), "-", r["error"])

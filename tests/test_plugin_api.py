@@ -1,6 +1,7 @@
 """The public plugin API (``ckptkit.plugin``): documented, checked, and clear about authoring mistakes."""
 
 import inspect
+import os
 import pathlib
 import re
 import shutil
@@ -194,7 +195,8 @@ def test_a_class_attribute_of_the_wrong_type_is_refused_when_the_type_is_added(n
     assert "odd" not in pm.backend_types
 
 
-@pytest.mark.parametrize("old, new", [("_multipart", "multipart"), ("_stale_uploads", "stale_uploads")])
+@pytest.mark.parametrize("old, new", [("_multipart", "multipart"), ("_stale_uploads", "stale_uploads"),
+                                      ("_local_dir", "local_dir")])
 def test_an_override_of_a_formerly_private_step_is_pointed_out(old, new):
     Old = type("Old", (plugin.FileBackend,), {
         "from_config": classmethod(lambda cls, name, options: None), old: lambda self, *args: None})
@@ -636,3 +638,36 @@ def test_a_final_ref_left_at_the_default_role_is_accepted(tmp_path, monkeypatch)
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
         saved = ck.finalize(model=torch.nn.Linear(2, 2), step=3)
     assert [(r.backend, r.uri) for r in saved] == [("reg", "registry://m/1")]
+
+
+def test_a_file_backend_over_this_machines_files_says_so_through_local_dir(tmp_path):
+    """Saying where a path lies on this machine took overriding a private method: now local_dir,
+    which the refs carry, and restore reads from in place."""
+    import torch
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Plain(plugin.FileBackend):
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, LocalFileSystem(auto_mkdir=True), options["path"])
+
+    class InPlace(Plain):
+        def local_dir(self, path):
+            return path
+
+    made = {}
+    for cls in (Plain, InPlace):
+        pm = make_plugin_manager(autoload=False)
+        pm.add_backend_type("mine", cls)
+        backend = type("B", (), {"name": cls.__name__.lower()})
+        cfg = {"run_name": "r", "backends": {backend.name: {"type": "mine", "path": str(tmp_path / backend.name)}},
+               "roles": {"resume": {"backends": [backend.name], "every_n_steps": 1}}}
+        model = torch.nn.Linear(3, 2)
+        with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+            ck.save(step=1, model=model)
+            (made[cls],) = ck.list_checkpoints()
+            restored = torch.nn.Linear(3, 2)
+            assert ck.restore(model=restored).step == 1
+            assert torch.equal(restored.weight, model.weight)
+    assert made[Plain].local_dir is None
+    assert made[InPlace].local_dir == made[InPlace].path and os.path.isdir(made[InPlace].local_dir)

@@ -305,7 +305,7 @@ def _looked_in(ck: CheckpointManager, name: str) -> str:
     """A resume backend with where it keeps runs: a relative path in a config is relative to the
     folder ckptkit runs in, and a mistyped one reads as an empty run."""
     instance = ck.router.instances[name]
-    folder = instance._local_dir(instance.root) if isinstance(instance, FileBackend) else None
+    folder = instance.local_dir(instance.root) if isinstance(instance, FileBackend) else None
     missing = ", a folder that does not exist" if folder is not None and not os.path.isdir(folder) else ""
     return f"{name} ({_location(instance)}{missing})"
 

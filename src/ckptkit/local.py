@@ -366,7 +366,7 @@ class LocalBackend(FileBackend):
         # as one file, 2 at once 1.3 times).
         return min(super().write_concurrency(payload), max(2, usable_cpus() // 2))
 
-    def _local_dir(self, path: str) -> str:
+    def local_dir(self, path: str) -> str:
         return path
 
     def _stage(self, run_name: str, dirname: str) -> str:

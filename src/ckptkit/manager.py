@@ -288,7 +288,7 @@ def _outside_checkpoints(out: str, backends: Iterable[Any]) -> None:
     that checkpoint, whose checksums no longer match."""
     target = os.path.realpath(out)
     for backend in backends:
-        root = backend._local_dir(backend.root) if isinstance(backend, FileBackend) else None
+        root = backend.local_dir(backend.root) if isinstance(backend, FileBackend) else None
         if root is None or os.path.commonpath([os.path.realpath(root), target]) != os.path.realpath(root):
             continue
         parts = os.path.relpath(target, os.path.realpath(root)).split(os.sep)

@@ -316,11 +316,13 @@ class FileBackend:
              sizes: dict[str, int] | None = None, mtime: float | None = None) -> CheckpointRef:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=path,
                              uri=self.uri(path), role=role, sizes=sizes, mtime=mtime,
-                             local_dir=self._local_dir(path))
+                             local_dir=self.local_dir(path))
 
-    def _local_dir(self, path: str) -> str | None:
-        """The folder on this machine's disk that ``path`` is, where readers may open its files
-        directly; None for a store that is not local disk."""
+    def local_dir(self, path: str) -> str | None:
+        """The folder on this machine's disk that ``path`` on ``fs`` is, where readers may open
+        its files directly (restore then hashes and loads them in place, without a download);
+        None for a store that is not this machine's disk. Override it for a filesystem whose
+        paths are files of this machine under another name."""
         return None
 
     # -- requests -------------------------------------------------------------------------
@@ -1144,7 +1146,7 @@ class FileBackend:
             in_flight = set(self._in_flight)
         listing = self._listing(run_name)
         doomed = sorted(self._committed(run_name, listing), key=lambda r: r.step, reverse=True)
-        folder = self._local_dir(self.run_path(run_name))
+        folder = self.local_dir(self.run_path(run_name))
         if folder is not None and os.path.islink(folder):
             # latest -> exp-42: what it deletes would be that run's checkpoints.
             raise BackendError(self.name, f"{self.uri(self.run_path(run_name))} is a link to "

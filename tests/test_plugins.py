@@ -91,6 +91,7 @@ def _write_dist(site, dist_name, module, body, entry="thing"):
     "body, message",
     [
         ("import not_a_real_module_xyz\n", "failed to load: importing bad_backend_"),
+        ("x = 1\ny = undefined_name\n", ".py:2: name 'undefined_name' is not defined"),  # where, from a CLI
         ("""
             import ckptkit
             class Backend:

@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import re
+import traceback
 from typing import Any
 
 import attrs
@@ -176,7 +177,10 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint, label: str) -> Any:
         raise PluginError(f"{head}: importing {module_name} needs the module {missing or str(exc)!r}, which "
                           f"is not installed; install {dist}'s dependencies, or uninstall {dist}") from exc
     except Exception as exc:
-        raise PluginError(f"{head}: importing {module_name} ({ep.value}) raised {type(exc).__name__}: {exc}; "
+        # Where it was raised: the traceback stays on __cause__, which the command line never shows.
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        raise PluginError(f"{head}: importing {module_name} ({ep.value}) raised {type(exc).__name__}{at}: {exc}; "
                           f"that is a bug in {dist}: upgrade or uninstall it") from exc
     if not ep.attr:
         raise PluginError(f"{head}: its entry point value {ep.value!r} names a module, not a class; write it "

@@ -109,6 +109,20 @@ def test_a_staged_state_dict_keeps_the_module_versions():
     assert not hasattr(staged["optimizer"], "_metadata")
 
 
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_a_namedtuple_is_staged_as_itself():
+    """An async save of extra holding a namedtuple raised TypeError (its class was called with
+    one generator for all its fields), where a sync save stored it."""
+    live = Pair(torch.ones(2), (1, [2.0, torch.zeros(1)]))
+    staged = Stager().stage({"extra": {"pair": live, "size": torch.Size([2, 3])}})
+    pair = staged["extra"]["pair"]
+    assert type(pair) is Pair and torch.equal(pair.a, live.a) and pair.a.data_ptr() != live.a.data_ptr()
+    assert pair.b[0] == 1 and pair.b[1][0] == 2.0 and torch.equal(pair.b[1][1], live.b[1][1])
+    assert staged["extra"]["size"] == torch.Size([2, 3]) and type(staged["extra"]["size"]) is torch.Size
+
+
 def test_deferred_tensors_get_their_buffer_now_and_their_copy_later():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -354,7 +354,9 @@ class Stager:
                 staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return staged
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.stage(v, live, path + (i,), defer, seen, moves) for i, v in enumerate(obj))
+            items = [self.stage(v, live, path + (i,), defer, seen, moves) for i, v in enumerate(obj)]
+            # A namedtuple takes its fields one by one, as a sync save stores it.
+            return type(obj)(*items) if isinstance(obj, tuple) and hasattr(obj, "_fields") else type(obj)(items)
         return copy.deepcopy(obj)
 
     def copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor, int, tuple]]) -> None:

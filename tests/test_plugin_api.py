@@ -196,7 +196,7 @@ def test_a_class_attribute_of_the_wrong_type_is_refused_when_the_type_is_added(n
 
 
 @pytest.mark.parametrize("old, new", [("_multipart", "multipart"), ("_stale_uploads", "stale_uploads"),
-                                      ("_local_dir", "local_dir")])
+                                      ("_local_dir", "local_dir"), ("_location", "place")])
 def test_an_override_of_a_formerly_private_step_is_pointed_out(old, new):
     Old = type("Old", (plugin.FileBackend,), {
         "from_config": classmethod(lambda cls, name, options: None), old: lambda self, *args: None})
@@ -671,3 +671,32 @@ def test_a_file_backend_over_this_machines_files_says_so_through_local_dir(tmp_p
             assert torch.equal(restored.weight, model.weight)
     assert made[Plain].local_dir is None
     assert made[InPlace].local_dir == made[InPlace].path and os.path.isdir(made[InPlace].local_dir)
+
+
+def test_two_backends_whose_options_name_one_store_two_ways_are_one_place_once_place_says_so(tmp_path):
+    """Two resume backends of a third-party filesystem whose roots spell one folder two ways held
+    one copy: the check compared their options as written, and no public step could say better."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Spelled(plugin.FileBackend):
+        """A store named by a filesystem option (as a bucket or a base folder is): root is within it."""
+
+        @classmethod
+        def from_config(cls, name, options):
+            return cls(name, MemoryFileSystem(base=options["base"]), f"/{tmp_path.name}-{cls.__name__}")
+
+    class Normalised(Spelled):
+        def place(self):
+            return (self.fs.protocol, self.fs.storage_options["base"].rstrip("/"), self.root)
+
+    for cls, refused in ((Spelled, False), (Normalised, True)):
+        pm = make_plugin_manager(autoload=False)
+        pm.add_backend_type("spelled", cls)
+        cfg = {"run_name": "r", "backends": {"a": {"type": "spelled", "base": "team/ckpts"},
+                                             "b": {"type": "spelled", "base": "team/ckpts/"}},
+               "roles": {"resume": {"backends": ["a", "b"], "every_n_steps": 1}}}
+        if refused:
+            with pytest.raises(ConfigError, match="backends 'a' and 'b' both keep resume checkpoints in one place"):
+                CheckpointManager.from_config(cfg, plugin_manager=pm)
+        else:
+            CheckpointManager.from_config(cfg, plugin_manager=pm).close()

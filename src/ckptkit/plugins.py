@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # Backend types that ckptkit documents, and the extra that installs each.
 KNOWN_EXTRAS = {"s3": "s3", "gcs": "gcs", "mlflow": "mlflow"}
 # Method names a backend may still define from before they became public: the new name.
-RENAMED = {"_multipart": "multipart", "_stale_uploads": "stale_uploads", "_local_dir": "local_dir"}
+RENAMED = {"_multipart": "multipart", "_stale_uploads": "stale_uploads", "_local_dir": "local_dir",
+           "_location": "place"}
 
 
 @attrs.frozen

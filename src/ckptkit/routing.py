@@ -101,7 +101,7 @@ class Router:
         for name in config.resume.backends if config.resume else ():
             if not isinstance(self.instances[name], FileBackend):
                 continue
-            where = self.instances[name]._location()
+            where = self.instances[name].place()
             if where in seen:
                 instance = self.instances[seen[where]]
                 shown = redact(instance.uri(instance.root), getattr(instance, "secrets", ()))

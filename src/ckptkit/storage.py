@@ -24,7 +24,7 @@ import posixpath
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import attrs
 import fsspec
@@ -282,12 +282,14 @@ class FileBackend:
 
     # -- layout ---------------------------------------------------------------------------
 
-    def _location(self) -> tuple:
-        """What tells this backend's root from another's: the filesystem's protocol, the arguments
-        it was made with (another host or endpoint is another store) and the root. Two backends
-        with one location hold one copy of what is written to both; any difference in how their
-        filesystems were made tells them apart. A folder on this machine is told as the built-in
-        local backend tells it (``file``, its real path), whichever backend reaches it."""
+    def place(self) -> Hashable:
+        """What tells this backend's root from another's: two resume backends with equal places
+        are refused (they would hold one copy of what is written to both). By default the
+        filesystem's protocol, the arguments it was made with (another host or endpoint is
+        another store) and the root, so any difference in how their filesystems were made tells
+        them apart; a folder on this machine is told as the built-in local backend tells it
+        (``file``, its real path), whichever backend reaches it. Override it where options
+        spelled two ways name one store."""
         if isinstance(self.fs, LocalFileSystem):  # one folder by any path: a symlink, "..", a trailing slash
             return ("file", os.path.realpath(self.root))
         try:

@@ -883,6 +883,17 @@ def test_chunks_that_would_take_more_than_a_bounded_check_are_refused_not_checke
     columns = [((n, c), (n, 1)) for c in range(n)]
     with pytest.raises(sharded._Irregular):
         sharded._tiles((2 * n, n), rows + columns)
+    # Few chunks, each covering many cells: 32 chunks of a 17-dimensional tensor covered 2**20
+    # cells (1.4 s), and a .metadata of 1.4 MB holds 430 such tensors.
+    size = (16,) + (2,) * 16
+    chunks = []
+    for g in range(16):
+        for half in (0, 1):
+            offsets, sizes = [g] + [0] * 16, [1] + [2] * 16
+            offsets[g + 1], sizes[g + 1] = half, 1
+            chunks.append((tuple(offsets), tuple(sizes)))
+    with pytest.raises(sharded._Irregular):
+        sharded._tiles(size, chunks)
 
 
 def test_a_chunk_that_no_shard_holds_is_refused(tmp_path):

@@ -340,7 +340,7 @@ def test_rank0s_warning_of_a_damaged_step_under_w_error_keeps_no_rank_waiting(tm
     warnings as errors, a warning given at once raised on rank 0 mid-restore, while rank 1
     waited for it at the next step's try until timeout_s and failed."""
     cfg = config(tmp_path, "torch")
-    cfg["distributed"] = {"timeout_s": 10}
+    cfg["distributed"] = {"timeout_s": 20}
     results = launch(2, "skip_warning_as_error", tmp_path, {"config": cfg, "wrap": "ddp"})
     assert results[1] == {**results[1], "restored_step": 0} and "raised" not in results[1], results[1]
     assert results[0]["raised"][0] == "RuntimeWarning", results[0]

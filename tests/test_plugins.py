@@ -92,6 +92,7 @@ def _write_dist(site, dist_name, module, body, entry="thing"):
     [
         ("import not_a_real_module_xyz\n", "failed to load: importing bad_backend_"),
         ("x = 1\ny = undefined_name\n", ".py:2: name 'undefined_name' is not defined"),  # where, from a CLI
+        ("x = 1\ndef broken(:\n", ".py:2: invalid syntax"),
         ("""
             import ckptkit
             class Backend:

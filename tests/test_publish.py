@@ -505,3 +505,26 @@ def test_a_final_ref_that_fails_as_a_plugins_bug_is_named_not_a_traceback(tmp_pa
                                                    r"KeyError: 'region'; report it to the plugin's authors"):
         find_source(ck)
     ck.close()
+
+
+def test_a_damaged_final_model_is_passed_over_for_the_fallbacks_and_repaired_by_a_publish(tmp_path):
+    """A final backend whose final manifest is damaged was taken for one holding nothing: publish
+    found the fallback's model and sent it there, repairing the damaged one."""
+    fallback = tmp_path / "fallback"
+    ck = CheckpointManager.from_config(_config(tmp_path), fallback_dir=fallback)
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.finalize(model=model, step=5)
+    import shutil
+
+    shutil.copytree(tmp_path / "archive" / "exp" / "final", fallback / "exp" / "final")
+    manifest = tmp_path / "archive" / "exp" / "final" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])
+    with pytest.warns(RuntimeWarning, match="backend 'archive': its final model of run 'exp' is not published"):
+        source = find_source(ck)
+    assert source.backend is None and source.manifest.step == 5  # the fallback's
+    with pytest.warns(RuntimeWarning, match="is not published"):
+        result = publish(ck, find_source(ck))
+    assert [r.backend for r in result.published] == ["archive"] and result.ok
+    assert find_source(ck).backend == "archive"  # repaired
+    ck.close()

@@ -179,8 +179,11 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint, label: str) -> Any:
                           f"is not installed; install {dist}'s dependencies, or uninstall {dist}") from exc
     except Exception as exc:
         # Where it was raised: the traceback stays on __cause__, which the command line never shows.
-        frames = traceback.extract_tb(exc.__traceback__)
-        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        if isinstance(exc, SyntaxError):  # raised by the import machinery: the file is in the error
+            at = f" at {exc.filename}:{exc.lineno}" if exc.filename else ""
+        else:
+            frames = traceback.extract_tb(exc.__traceback__)
+            at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
         raise PluginError(f"{head}: importing {module_name} ({ep.value}) raised {type(exc).__name__}{at}: {exc}; "
                           f"that is a bug in {dist}: upgrade or uninstall it") from exc
     if not ep.attr:

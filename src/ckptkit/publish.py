@@ -16,8 +16,8 @@ import attrs
 import fsspec
 
 from .checkpoint import CheckpointRef, Payload, PayloadFile
-from .errors import (CheckpointError, CkptkitError, ConfigError, CorruptCheckpointError, IncompatibleCheckpointError,
-                     StorageUnavailableError)
+from .errors import (BackendError, CheckpointError, CkptkitError, ConfigError, CorruptCheckpointError,
+                     IncompatibleCheckpointError, StorageUnavailableError)
 from . import fanout, gather, local, reading, safeload, sharded
 from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
@@ -79,6 +79,12 @@ def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str 
             ref = _final_of(ck, name, ck.run_name)
         except (OSError, StorageUnavailableError):
             pass  # what it holds cannot be told: it is sent the model, as one that holds none
+        except IncompatibleCheckpointError:
+            raise  # a newer ckptkit's final model: never replaced by an older one
+        except CkptkitError as exc:
+            if isinstance(exc, BackendError):
+                raise  # the plugin's bug, named: that backend fails
+            # A damaged final model: sent this one, which repairs it.
     if ref is not None:
         try:
             theirs = backend.read_manifest(ref)
@@ -87,8 +93,12 @@ def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str 
         return ref if theirs.files.get(FINAL_FILE) == entry else None
     if not _has(backend, "find_published"):
         return None
-    found = ck.router.call_blaming(name, "find_published", run_name=ck.run_name, digest=entry.digest,
-                                   algorithm=algorithm)
+    try:
+        found = ck.router.call_blaming(name, "find_published", storage_errors=True, run_name=ck.run_name,
+                                       digest=entry.digest, algorithm=algorithm)
+    except (OSError, TimeoutError) as exc:  # its server down: not the plugin's bug
+        raise StorageUnavailableError(name, f"find_published{ck.router.origin(name)}: could not ask whether it "
+                                            f"holds the model ({type(exc).__name__}: {exc})") from exc
     return _ref_or_none(ck, name, "find_published", found)
 
 
@@ -125,6 +135,15 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
         except (OSError, StorageUnavailableError) as exc:
             if unread is not None and name in finals:  # may hold the final model: not "none stored"
                 unread[name] = exc
+            continue
+        except IncompatibleCheckpointError:
+            raise  # as below
+        except CkptkitError as exc:
+            if isinstance(exc, BackendError):
+                raise  # the plugin's bug, named
+            # Its final model's manifest is damaged (final_ref reads it): not one to publish.
+            warnings.warn(f"backend {name!r}: its final model of run {ck.run_name!r} is not published: {exc}",
+                          RuntimeWarning, stacklevel=3)
             continue
         if ref is None:
             continue

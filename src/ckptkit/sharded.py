@@ -497,12 +497,11 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
     state (export, publish) makes each declared tensor before it reads a chunk: a 2 KB
     ``.metadata`` declaring one tensor of 10**9 elements and no chunks made a 4 GB file."""
     stored = sum(e.size for e in listed.values() if isinstance(getattr(e, "size", None), int))
+    tensors = {fqn: md for fqn, md in (metadata.state_dict_metadata or {}).items()
+               if isinstance(md, TensorStorageMetadata)}
+    # The checks that cost a pass over the chunks first, for every tensor; the tiling after them.
     declared = 0
-    placed = {(index.fqn, tuple(index.offset or ())) for index in metadata.storage_data}
-    unplaced = None
-    for fqn, md in (metadata.state_dict_metadata or {}).items():
-        if not isinstance(md, TensorStorageMetadata):
-            continue
+    for fqn, md in tensors.items():
         size = tuple(md.size)
         chunks = [tuple(c.sizes) for c in md.chunks]
         if not all(type(n) is int and n >= 0 for n in [*size, *(n for c in chunks for n in c)]):
@@ -513,13 +512,23 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
         if covered != numel:
             raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {safeload.shown(fqn)} with {numel} "
                                          f"elements, but its chunks hold {covered}")
+        dtype = getattr(md.properties, "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} no torch dtype")
+        declared += numel * dtype.itemsize
+    if declared > stored:
+        raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {declared} bytes of tensors, more than the "
+                                     f"{stored} bytes of all its files; nothing of it was loaded")
+    placed = {(index.fqn, tuple(index.offset or ())) for index in metadata.storage_data}
+    unplaced = None
+    for fqn, md in tensors.items():
         try:
-            tiled = _tiles(size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks])
+            tiled = _tiles(tuple(md.size), [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks])
         except _Irregular as exc:
             raise CorruptCheckpointError(
                 f"{name}: {METADATA_FILE} splits {safeload.shown(fqn)} into {len(md.chunks)} chunks laid out so "
                 f"irregularly that checking them would cover {exc.args[0]} cells of the grid their edges make "
-                f"(at most {_MAX_CELLS} are checked; a DCP save covers one per chunk); nothing of it was loaded"
+                f"(at most {_CELLS_PER_CHUNK} a chunk are checked; a DCP save covers one); nothing of it was loaded"
                 ) from None
         if not tiled:
             # Chunks as large as the tensor that overlap leave part of it unwritten: a load of the
@@ -529,13 +538,6 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
         chunk = next((c for c in md.chunks if math.prod(c.sizes) and (fqn, tuple(c.offsets)) not in placed), None)
         if chunk is not None and unplaced is None:
             unplaced = (fqn, list(chunk.offsets))
-        dtype = getattr(md.properties, "dtype", None)
-        if not isinstance(dtype, torch.dtype):
-            raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(fqn)} no torch dtype")
-        declared += numel * dtype.itemsize
-    if declared > stored:
-        raise CorruptCheckpointError(f"{name}: {METADATA_FILE} declares {declared} bytes of tensors, more than the "
-                                     f"{stored} bytes of all its files; nothing of it was loaded")
     if unplaced is not None:
         raise CorruptCheckpointError(f"{name}: {METADATA_FILE} gives {safeload.shown(unplaced[0])} a chunk at "
                                      f"{unplaced[1]} that no shard holds; nothing of it was loaded")
@@ -547,11 +549,13 @@ def _check_sizes(metadata: Metadata, listed: Mapping[str, Any], name: str) -> No
                                          f"which has {entry.size}")
 
 
-# The most grid cells ``_tiles`` marks for one tensor. A layout DCP writes (a tensor split along
-# some of its dimensions, evenly or not, over the ranks of a mesh) covers one cell per chunk;
-# chunks placed to cover many cells each are only a crafted .metadata's, whose check would
-# otherwise grow with the square of its size (16,384 chunks of a 1.4 MB file: 103 s).
-_MAX_CELLS = 1 << 20
+# The most grid cells ``_tiles`` marks for a tensor, per chunk (and in all for a tensor of few
+# chunks), so that the check of a whole .metadata grows with its size. A layout DCP writes (a
+# tensor split along some of its dimensions, evenly or not, over the ranks of a mesh) covers one
+# cell per chunk; chunks placed to cover many cells each are only a crafted .metadata's, whose
+# check would otherwise grow with the square of its size (16,384 chunks of a 1.4 MB file: 103 s).
+_CELLS_PER_CHUNK = 4
+_MIN_CELLS = 1024
 
 
 class _Irregular(Exception):
@@ -565,7 +569,7 @@ def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int,
     The chunks' edges along each dimension cut the tensor into a grid of cells, and each chunk
     covers a block of them; no two chunks may cover the same cell. The work is the number of
     cells the chunks cover (one per chunk for DCP's layouts), plus a sort; more than
-    ``_MAX_CELLS`` raises ``_Irregular``."""
+    ``_CELLS_PER_CHUNK`` a chunk (``_MIN_CELLS`` for a few chunks) raises ``_Irregular``."""
     boxes = []
     for offsets, sizes in chunks:
         if len(offsets) != len(size) or len(sizes) != len(size) or not all(
@@ -585,7 +589,7 @@ def _tiles(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int,
     covered = sum(math.prod(map(len, block)) for block in blocks)
     if covered > math.prod(len(axis) - 1 for axis in index):
         return False  # more cells covered than there are: two chunks share one
-    if covered > _MAX_CELLS:
+    if covered > max(_CELLS_PER_CHUNK * len(boxes), _MIN_CELLS):
         raise _Irregular(covered)
     strides = [math.prod(len(axis) - 1 for axis in index[d + 1:]) for d in range(len(index))]
     seen: set[int] = set()

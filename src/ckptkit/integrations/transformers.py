@@ -267,9 +267,9 @@ class CkptkitCallback(TrainerCallback):
             # The same folder saved again with nothing new (transformers before 4.50 saves the
             # last step twice under save_strategy="epoch"): committed once.
             return control
-        self.manager.save_files(step=state.global_step, files=folder, epoch=int(state.epoch or 0),
-                                metrics=_latest_metrics(state), force=True)
-        self._committed = saved
+        refs = self.manager.save_files(step=state.global_step, files=folder, epoch=int(state.epoch or 0),
+                                       metrics=_latest_metrics(state), force=True)
+        self._committed = saved if refs else None  # with on_error="warn", a failed save is tried again
         return control
 
     @staticmethod

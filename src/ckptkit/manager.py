@@ -415,6 +415,27 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+@attrs.define
+class _PassedOver:
+    """The checkpoints a restore's tries passed over: why (``reasons``), the backends of those the
+    storage did not answer for (``silent``), and their steps (never counted toward keep_last).
+    ``notes``: rank 0's warnings of them not given yet, given once no rank waits for rank 0 any
+    more (``_warn_rank0``): under -W error a warning raises, and the others would wait for it."""
+
+    reasons: list[str] = attrs.Factory(list)
+    silent: list[str] = attrs.Factory(list)
+    steps: set[int] = attrs.Factory(set)
+    notes: list[str] = attrs.Factory(list)
+
+    def add(self, ref: CheckpointRef, problem: BaseException) -> None:
+        reason = _skipped(ref, problem)
+        self.reasons.append(reason)
+        self.notes.append(reason)
+        self.steps.add(ref.step)
+        if isinstance(problem, StorageUnavailableError):
+            self.silent.append(ref.backend)
+
+
 def _warn_rank0(notes: list[str], quietly: bool = False) -> None:
     """Give rank 0 each of ``notes`` as a ``RuntimeWarning`` pointing at the caller, once: the
     list is emptied. ``quietly``, while an error is raised: a warning that the filters make an
@@ -1264,12 +1285,7 @@ class CheckpointManager:
         newest = candidates[0].step if candidates else None
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
-        skipped: list[str] = []
-        silent: list[str] = []  # the backends of the skips where the storage did not answer
-        passed: set[int] = set()  # the steps skipped, damaged or unread: never counted toward keep_last
-        # Rank 0's warnings of steps skipped, given once no rank waits for it any more: under
-        # -W error a warning raises, and the others would wait for rank 0 at the next step's try.
-        notes: list[str] = []
+        over = _PassedOver()
         try:
             for ref in _tries(self.reader, candidates, unreachable, step, lambda: self._listing("restore: list again")):
                 status, manifest = self.coll.on_rank0(f"restore: manifest of step {ref.step}", self.reader.manifest, ref)
@@ -1286,16 +1302,11 @@ class CheckpointManager:
                 else:
                     raise manifest
                 if problem is not None:
-                    reason = _skipped(ref, problem)
-                    notes.append(reason)
-                    skipped.append(reason)
-                    passed.add(ref.step)
-                    if isinstance(problem, StorageUnavailableError):
-                        silent.append(ref.backend)
+                    over.add(ref, problem)
                     continue
-                passed_over = self._unreachable([ref], unreachable, notes=notes)
+                passed_over = self._unreachable([ref], unreachable, notes=over.notes)
                 if passed_over is not None:
-                    skipped.append(passed_over)
+                    over.reasons.append(passed_over)
                 saved_extra, own, holders, cast = loaded
                 problem = None
                 try:
@@ -1306,7 +1317,7 @@ class CheckpointManager:
                 # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
                 # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
                 self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
-                _warn_rank0(notes)
+                _warn_rank0(over.notes)
                 if cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
                     warnings.warn(cast, RuntimeWarning, stacklevel=2)
                 if lacking and ranks.rank() == 0:
@@ -1336,7 +1347,7 @@ class CheckpointManager:
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
-                                                       and r.step not in passed)})
+                                                       and r.step not in over.steps)})
                 # Newer steps the listing showed were skipped as damaged: they are no other training's.
                 self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
                 self._last_step = manifest.step
@@ -1361,37 +1372,37 @@ class CheckpointManager:
                     self._run_checked = True
                 return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                 extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
-                                manifest=manifest, skipped=tuple(skipped), rank_extra=own or {},
+                                manifest=manifest, skipped=tuple(over.reasons), rank_extra=own or {},
                                 ranks_without_state=missing)
         except BaseException:
-            _warn_rank0(notes, quietly=True)
+            _warn_rank0(over.notes, quietly=True)
             raise
-        _warn_rank0(notes)
+        _warn_rank0(over.notes)
         self._unreachable([], unreachable)
-        if skipped and len(silent) == len(skipped):
+        if over.reasons and len(over.silent) == len(over.reasons):
             # Intact for all anyone knows: the store stopped answering after the listing.
             raise StorageUnavailableError(
-                silent[0],
-                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be read, as "
-                f"the storage did not answer or refused this process ({'; '.join(skipped)}). Nothing was loaded; "
+                over.silent[0],
+                f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none could be read, as "
+                f"the storage did not answer or refused this process ({'; '.join(over.reasons)}). Nothing was loaded; "
                 "retry once it answers and lets this process read them")
-        if silent:
+        if over.silent:
             # Some are damaged, but the ones the storage did not answer for may be intact.
             raise StorageUnavailableError(
-                silent[0],
-                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored: "
-                f"{len(silent)} could not be read, as the storage did not answer or refused this process, and "
-                f"may be intact ({'; '.join(skipped)}). Nothing was loaded; retry once it answers and lets this "
+                over.silent[0],
+                f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none could be restored: "
+                f"{len(over.silent)} could not be read, as the storage did not answer or refused this process, and "
+                f"may be intact ({'; '.join(over.reasons)}). Nothing was loaded; retry once it answers and lets this "
                 "process read them")
-        if skipped and step is not None:
+        if over.reasons and step is not None:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
-                f"({'; '.join(skipped)}). Nothing was loaded, and no other step was tried: restore another "
+                f"({'; '.join(over.reasons)}). Nothing was loaded, and no other step was tried: restore another "
                 "step, or restore() without step= for the newest intact one")
-        if skipped:
+        if over.reasons:
             raise CorruptCheckpointError(
-                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be restored "
-                f"({'; '.join(skipped)}). Nothing was loaded; starting from step 0 would throw them away. "
+                f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none could be restored "
+                f"({'; '.join(over.reasons)}). Nothing was loaded; starting from step 0 would throw them away. "
                 "Check the storage, or start a new run name")
         self._prepare_first_save(optimizer)
         return None
@@ -1912,10 +1923,7 @@ class CheckpointManager:
         self.wait()
         reading.sweep_scratch()
         candidates, unreachable = self._listing("restore_files: list")
-        skipped: list[str] = []
-        silent: list[str] = []  # the backends of the skips where the storage did not answer
-        passed: set[int] = set()  # as in restore
-        notes: list[str] = []  # as in restore
+        over = _PassedOver()
         try:
             for ref in _tries(self.reader, candidates, unreachable, None, lambda: self._listing("restore_files: list again")):
                 status, result = self.coll.on_rank0(f"restore_files: step {ref.step}", self._fetch_files, ref,
@@ -1923,44 +1931,39 @@ class CheckpointManager:
                 if status == "error":
                     if not isinstance(result, SKIPPABLE):
                         raise result
-                    reason = _skipped(ref, result)
-                    notes.append(reason)
-                    skipped.append(reason)
-                    passed.add(ref.step)
-                    if isinstance(result, StorageUnavailableError):
-                        silent.append(ref.backend)
+                    over.add(ref, result)
                     continue
                 manifest = result
-                self._unreachable([ref], unreachable, notes=notes)
+                self._unreachable([ref], unreachable, notes=over.notes)
                 self._resumed_run_id = manifest.mlflow_run_id
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
-                                                       and r.step not in passed)})
+                                                       and r.step not in over.steps)})
                 self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
                 self._last_step = manifest.step
                 self._rolled_back = None
                 self._run_checked = True
                 self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
                 self._checked_at, self._ours = self._newest_own + 1, {}
-                _warn_rank0(notes)
+                _warn_rank0(over.notes)
                 return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                       extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
         except BaseException:
-            _warn_rank0(notes, quietly=True)
+            _warn_rank0(over.notes, quietly=True)
             raise
-        _warn_rank0(notes)
+        _warn_rank0(over.notes)
         self._unreachable([], unreachable)
-        if silent:
+        if over.silent:
             raise StorageUnavailableError(
-                silent[0], f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be "
-                f"fetched: {len(silent)} could not be read, as the storage did not answer or refused this "
-                f"process, and may be intact ({'; '.join(skipped)}). Nothing was written; retry once it answers "
+                over.silent[0], f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none "
+                f"could be fetched: {len(over.silent)} could not be read, as the storage did not answer or refused this "
+                f"process, and may be intact ({'; '.join(over.reasons)}). Nothing was written; retry once it answers "
                 "and lets this process read them")
-        if skipped:
+        if over.reasons:
             raise CorruptCheckpointError(
-                f"run {self.run_name!r} has {len(skipped)} committed checkpoint(s) and none could be fetched "
-                f"({'; '.join(skipped)}). Nothing was written; check the storage, or start a new run name")
+                f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none could be fetched "
+                f"({'; '.join(over.reasons)}). Nothing was written; check the storage, or start a new run name")
         return None
 
     def _fetch_files(self, ref: CheckpointRef, dest: str) -> Manifest:

@@ -130,24 +130,11 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
     for name, instance in ck.router.instances.items():
         if not _has(instance, "final_ref"):
             continue  # keeps no stored copy to publish from (a model registry)
+        ref = None
         try:
             ref = _final_of(ck, name, ck.run_name)
-        except (OSError, StorageUnavailableError) as exc:
-            if unread is not None and name in finals:  # may hold the final model: not "none stored"
-                unread[name] = exc
-            continue
-        except IncompatibleCheckpointError:
-            raise  # as below
-        except CkptkitError as exc:
-            if isinstance(exc, BackendError):
-                raise  # the plugin's bug, named
-            # Its final model's manifest is damaged (final_ref reads it): not one to publish.
-            warnings.warn(f"backend {name!r}: its final model of run {ck.run_name!r} is not published: {exc}",
-                          RuntimeWarning, stacklevel=3)
-            continue
-        if ref is None:
-            continue
-        try:
+            if ref is None:
+                continue
             manifest = _final_manifest(instance, ref, ck.run_name)
         except (OSError, StorageUnavailableError) as exc:
             if unread is not None and name in finals:  # may hold the final model: not "none stored"
@@ -156,8 +143,11 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
         except IncompatibleCheckpointError:
             raise  # a newer ckptkit's: never passed over for an older copy, which would replace it
         except CkptkitError as exc:
-            # Damaged, or another run's: not a final model to publish.
-            warnings.warn(f"{ref.uri} is not published: {exc}", RuntimeWarning, stacklevel=3)
+            if ref is None and isinstance(exc, BackendError):
+                raise  # final_ref's own bug: the plugin's, named
+            # Damaged (final_ref reads the manifest too), or another run's: not a final model to publish.
+            where = ref.uri if ref is not None else f"backend {name!r}: its final model of run {ck.run_name!r}"
+            warnings.warn(f"{where} is not published: {exc}", RuntimeWarning, stacklevel=3)
             continue
         out.append(PublishSource("final", ref, manifest, name))
         seen.add(ref.uri)

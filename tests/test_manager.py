@@ -927,6 +927,47 @@ def test_an_async_save_writes_a_tied_weight_once_as_a_sync_save_does(tmp_path, p
     assert torch.equal(fresh_opt.state[fresh.emb.weight]["exp_avg"], opt.state[model.emb.weight]["exp_avg"])
 
 
+class _RunningCount(torch.nn.Module):
+    """Keeps a count outside its parameters and buffers, as extra state, and adds to it in
+    place at every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.seen = torch.zeros(3)
+
+    def forward(self, x):
+        self.seen.add_(1.0)
+        return self.lin(x)
+
+    def get_extra_state(self):
+        return {"seen": self.seen}
+
+    def set_extra_state(self, state):
+        self.seen.copy_(state["seen"])
+
+
+@pytest.mark.parametrize("mode", ["blocking", "optimizer_state", "background"])
+def test_an_async_save_holds_a_modules_extra_state_as_save_saw_it(tmp_path, pm, mode):
+    """A tensor a module's get_extra_state returns is no parameter or buffer of it: it was taken
+    for a private copy and written as the next forward had changed it, without a word."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model = _RunningCount()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    at_save = model.seen.clone()
+    ck.save(step=0, model=model, optimizer=opt)
+    model(torch.ones(2, 3)).sum().backward()  # the next step's forward, before its optimizer step
+    ck.wait()
+    ck.close()
+    fresh = _RunningCount()
+    CheckpointManager.from_config(cfg, plugin_manager=pm).restore(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert torch.equal(fresh.seen, at_save), (fresh.seen, at_save)
+
+
 @pytest.mark.parametrize("mode", ["sync", "blocking", "optimizer_state", "background"])
 def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
     """The buffers of the first async save are made while training runs, from the first step of

@@ -41,6 +41,13 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
+def _extra_state(key: Any) -> bool:
+    """Whether a state dict's ``key`` holds what a module's ``get_extra_state`` returned: no
+    parameter or buffer, so outside ``live_storages``, yet whatever the module keeps and may
+    change in place (a running statistic), never a private copy. It is copied at once."""
+    return isinstance(key, str) and (key == "_extra_state" or key.endswith("._extra_state"))
+
+
 def live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> frozenset[int]:
     """The storages that training writes to: parameters, buffers and optimizer state, and tensors
     among the optimizer's settings (a tensor ``lr``, which a scheduler changes in place)."""
@@ -349,7 +356,8 @@ class Stager:
             # an older version of a module saved: the copy must carry them as the original does.
             metadata = getattr(obj, "_metadata", None)
             kind = dict if metadata is None else collections.OrderedDict
-            staged = kind((k, self.stage(v, live, path + (k,), defer, seen, moves)) for k, v in obj.items())
+            staged = kind((k, self.stage(v, None, path + (k,), frozenset(), seen, moves) if _extra_state(k)
+                           else self.stage(v, live, path + (k,), defer, seen, moves)) for k, v in obj.items())
             if metadata is not None:
                 staged._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return staged

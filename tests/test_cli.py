@@ -732,6 +732,15 @@ def test_publish_with_one_final_store_unread_says_the_newest_found_may_not_be_th
     assert "nas: " in said and "Connection refused" in said
 
 
+def test_publish_to_a_backend_not_in_the_config_names_it_before_looking_for_a_model(capsys, tmp_path):
+    """Without --step, a misnamed --backend was hidden behind "no stored final model"."""
+    cfg = local_config(tmp_path, final=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "publish", str(path), "--backend", "nope", "--fallback-dir", str(tmp_path / "fb"))
+    assert code == 1 and "nope: not a final backend of this config (final backends: published)" in err, err
+
+
 def test_publish_never_replaces_a_final_model_of_a_newer_ckptkit_with_an_older_one(capsys, tmp_path):
     """A final model a newer ckptkit wrote was passed over as damaged: publish then sent the older
     one from the fallback folder into that very backend, replacing it."""

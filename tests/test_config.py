@@ -58,6 +58,10 @@ def test_from_file_matches_dict(tmp_path):
         (lambda c: c.update(roles={}), "roles: declare at least one role"),
         (lambda c: c.update(backends={}), "backends: declare at least one backend"),
         (lambda c: c["backends"]["scratch"].pop("type"), "backends.scratch.type: required key is missing"),
+        (lambda c: c["backends"]["scratch"].update(type=5),
+         "backends.scratch.type: must be the name of a backend type (e.g. type: local), got 5"),
+        (lambda c: c["roles"]["resume"].update(format="dcp", **{"async": True}),
+         "roles.resume.async: asynchronous saving works with format: torch"),
         (lambda c: c.update(run_name="../escape"), "run_name: '../escape' is not a valid run name"),
         (lambda c: c.update(run_name="a/b"), "run_name"),
         (lambda c: c.update(run_name="exp\n"), "run_name: 'exp\\n' is not a valid run name"),
@@ -213,14 +217,14 @@ def test_a_key_given_twice_in_the_config_file_is_refused_naming_it_and_its_lines
                                                         "t": {"type": "local", "path": "/c"}}
 
 
-@pytest.mark.parametrize("written, kind", [("42", "int"), ("1.10", "float"), ("0x1F", "int"), ("yes", "bool"),
-                                           ("2024-01-05", "date")])
+@pytest.mark.parametrize("written, kind", [("42", "an int"), ("1.10", "a float"), ("0x1F", "an int"),
+                                           ("yes", "a bool"), ("2024-01-05", "a date")])
 def test_a_run_name_yaml_reads_as_no_string_says_to_quote_it_as_written(tmp_path, written, kind):
     """YAML reads run_name: 1.10 as 1.1 and 0x1F as 31: quoting the value it made would name
     another run, so the hint names none."""
     path = tmp_path / "c.yaml"
     path.write_text(f"run_name: {written}\nbackends: {{a: {{type: local, path: x}}}}\nroles: {{resume: {{backends: [a]}}}}\n")
-    with pytest.raises(ConfigError, match=rf"run_name: YAML read it as a {kind}, not a name; quote it as written"):
+    with pytest.raises(ConfigError, match=rf"run_name: YAML read it as {kind}, not a name; quote it as written"):
         Config.load(str(path))
 
 

@@ -88,7 +88,7 @@ def test_the_demo_without_an_mlflow_backend_publishes_to_a_folder_and_names_the_
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.path.isfile(tmp_path / "ckptkit-demo" / "final" / "demo" / "final" / "final_model.pt")
     out = " ".join(done.stdout.split())
-    assert 'unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD' in out and 'pip install ".[mlflow]" ./plugins/ckptkit-mlflow' in out
+    assert 'unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD' in out and 'pip install -c constraints.txt ".[mlflow]" ./plugins/ckptkit-mlflow' in out
     assert "mlflow ui" not in done.stdout
 
 
@@ -206,7 +206,21 @@ def test_the_hint_for_a_missing_registry_never_sends_pip_to_the_public_index(mon
                "mlflow_ui": [], "registry_missing": True, "config": None, "run_name": "r"}
     _print_summary(Console(file=out, width=400), summary, per_save=1024)
     text = " ".join(out.getvalue().split())
-    assert 'pip install ".[mlflow]" ./plugins/ckptkit-mlflow' in text, text
+    assert 'pip install -c constraints.txt ".[mlflow]" ./plugins/ckptkit-mlflow' in text, text
     assert 'pip install --index-url URL "ckptkit[mlflow]"' in text, text
     assert re.search(r'pip install "ckptkit', text) is None, text
     assert ("unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD" in text) is (not autoload), text
+
+
+def test_the_tracking_server_to_open_is_shown_without_its_user_part():
+    """"open http://***@host:5000" is no address a browser takes; the credentials stay unshown."""
+    from types import SimpleNamespace
+
+    from ckptkit.demo import _mlflow_views
+    from ckptkit.roles import Role
+
+    ck = SimpleNamespace(
+        config=SimpleNamespace(final=True, backends={"registry": SimpleNamespace(type="mlflow")}),
+        router=SimpleNamespace(backends=lambda role: ["registry"] if role is Role.FINAL else [],
+                               instances={"registry": SimpleNamespace(tracking_uri="http://bob:s3cr3t@127.0.0.1:5000/")}))
+    assert _mlflow_views(ck, []) == ["open http://127.0.0.1:5000/"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ckpt_helpers import local_config, make_model, rewrite_manifest
 
-from ckptkit import CheckpointManager, CorruptCheckpointError
+from ckptkit import BackendError, CheckpointManager, CorruptCheckpointError, SaveError
 from ckptkit.cli import main as cli_main
 from ckptkit.plugins import make_plugin_manager
 
@@ -147,3 +147,27 @@ def test_a_link_in_place_of_a_step_folder_is_replaced_and_what_it_points_at_is_l
     again = CheckpointManager.from_config(cfg, run_name="first", plugin_manager=pm)
     assert again.restore(model=model, optimizer=opt).step == 5
     again.close()
+
+
+def test_a_run_folder_that_is_a_link_is_neither_written_nor_pruned_nor_restored_through(tmp_path, pm):
+    """A link planted in the root in place of a run's folder would take the run's saves, and the
+    prune after each, outside the root: into a folder whose old step-looking folders it deletes."""
+    victim = tmp_path / "outside"
+    for name in ("step-0000000007", ".tmp-step-0000000009-abcdef012345"):
+        (victim / name).mkdir(parents=True)
+        (victim / name / "precious.txt").write_text("the user's own")
+        _aged(victim / name)
+    _aged(victim)
+    cfg = local_config(tmp_path, final=False)
+    cfg["backends"]["scratch"]["leftover_grace_s"] = 60
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch/exp").symlink_to(victim, target_is_directory=True)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    with pytest.raises(BackendError, match="exp is a link to .*outside.*nothing was written or deleted"):
+        ck.restore(model=model, optimizer=opt)  # not "nothing to resume": training would start over
+    with pytest.raises(SaveError, match="exp is a link to"):
+        ck.save(step=10, model=model, optimizer=opt)
+    ck.close()
+    assert sorted(os.listdir(victim)) == [".tmp-step-0000000009-abcdef012345", "step-0000000007"]
+    assert all((victim / n / "precious.txt").is_file() for n in os.listdir(victim))

@@ -362,11 +362,11 @@ def test_a_documented_type_that_nothing_declares_names_its_extra(monkeypatch):
 
     monkeypatch.setitem(plugins.KNOWN_EXTRAS, "azure", "azure")
     text = _config_error(ConfigError, _config("azure"))
-    assert 'pip install ".[azure]" ./plugins/ckptkit-azure' in text and "switched off" not in text
+    assert 'pip install -c constraints.txt ".[azure]" ./plugins/ckptkit-azure' in text and "switched off" not in text
     assert 'pip install --index-url URL "ckptkit[azure]"' in text and "docs/install.md" in text
     # Given in other case: the same hint, and the name as it is spelt.
     text = _config_error(ConfigError, _config("Azure"))
-    assert "type names are lower case: 'azure'" in text and 'pip install ".[azure]"' in text
+    assert "type names are lower case: 'azure'" in text and 'pip install -c constraints.txt ".[azure]"' in text
 
 
 class _WrongAnswers(ckptkit.local.LocalBackend):

@@ -4,6 +4,7 @@ implicit folders or with an atomic move, killed saves."""
 
 import errno
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -671,6 +672,48 @@ def test_a_final_folder_without_manifest_is_swept_once_past_the_grace_period():
     assert not fs.exists(f"{root}/left/final")
     assert backend.sweep_final_leftovers(run_name="kept", dry_run=False) == []
     assert backend.final_ref(run_name="kept").step == 3
+    fs.rm(root, recursive=True)
+
+
+def test_a_step_another_training_committed_since_this_one_listed_is_neither_written_over_nor_deleted():
+    """A requeued job (``b``) lists the run; its predecessor (``a``), still alive, commits step 2;
+    then ``b`` saves step 2 and fails. ``b`` wrote into ``a``'s folder, thinking the step new, and
+    its clean-up deleted it: the run lost its newest step (with ``keep_last: 1``, every step)."""
+    fs = MemoryFileSystem(skip_instance_cache=True)
+    root = f"/two-{os.getpid()}-{time.monotonic_ns()}"
+    a, b = FileBackend("store", fs, root), FileBackend("store", fs, root)
+    a.save_resume(run_name="r", step=1, payload=payload(1, b"a's step 1"))
+    assert steps(b) == [1]
+    a.save_resume(run_name="r", step=2, payload=payload(2, b"a's step 2"))
+    with pytest.raises(BackendError, match="nothing of it was committed"):
+        b.save_resume(run_name="r", step=2, payload=payload(2, b"b's step 2", fail=True))
+    (ref,) = [r for r in a.list_checkpoints(run_name="r") if r.step == 2]
+    with a.open_file(ref=ref, name="state.pt") as f:
+        assert f.read() == b"a's step 2"
+    assert a.read_manifest(ref=ref).files["state.pt"].size == len(b"a's step 2")
+    # The shards of a dcp save of that step go beside it, likewise.
+    assert posixpath.basename(b.stage_sharded(run_name="r", step=2)).startswith(".tmp-")
+    fs.rm(root, recursive=True)
+
+
+def test_a_step_another_training_commits_while_this_save_writes_it_is_not_deleted_by_its_failure():
+    """The same two trainings at the same moment: ``b``'s failed save leaves ``a``'s manifest where
+    it is (a step that reads as damaged if ``b``'s files went over ``a``'s, never one gone
+    without a word) and says so."""
+    fs = MemoryFileSystem(skip_instance_cache=True)
+    root = f"/two-{os.getpid()}-{time.monotonic_ns()}"
+    a, b = FileBackend("store", fs, root), FileBackend("store", fs, root)
+    a.save_resume(run_name="r", step=1, payload=payload(1, b"a's step 1"))
+
+    def write(f):
+        f.write(b"b's half")
+        a.save_resume(run_name="r", step=2, payload=payload(2, b"a's step 2"))
+        raise OSError("disk full")
+
+    failing = Payload(run_name="r", step=2, epoch=None, format="torch", files=(PayloadFile("state.pt", write=write),))
+    with pytest.raises(BackendError, match="another training of the run committed meanwhile is left as it is"):
+        b.save_resume(run_name="r", step=2, payload=failing)
+    assert fs.exists(f"{root}/r/{step_dirname(2)}/manifest.json")
     fs.rm(root, recursive=True)
 
 

@@ -453,11 +453,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import find_source, publish
+    from .publish import final_backends, find_source, publish
 
     ck = CheckpointManager.from_config(args.config, run_name=args.run_name,
                                        fallback_dir=args.fallback_dir or "ckptkit-fallback")
     try:
+        final_backends(ck, args.backend or None)  # a misnamed backend first, not "no final model"
         source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
         result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
         what = f"the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"

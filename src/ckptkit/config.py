@@ -55,7 +55,8 @@ def check_run_name(name: Any, key: str = "run_name") -> str:
     if not isinstance(name, str) and isinstance(name, (int, float, datetime.date)):
         # YAML reads run_name: 42 (or 1.10, 010, yes, 2024-01-05) as a number, a boolean or a
         # date, and the value it made is not what was written: no value is suggested.
-        raise ConfigError(f"{key}: YAML read it as a {type(name).__name__}, not a name; quote it as written, "
+        kind = type(name).__name__
+        raise ConfigError(f"{key}: YAML read it as {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a name; quote it as written, "
                           f"e.g. {key}: \"exp-42\"")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ConfigError(
@@ -91,8 +92,10 @@ class BackendSpec:
             raise ConfigError(f"{key}: backend names use ASCII letters, digits, '.', '_' and '-'")
         data = _mapping(key, data)
         btype = data.get("type")
-        if not isinstance(btype, str) or not btype:
+        if "type" not in data:
             raise ConfigError(f"{key}.type: required key is missing (e.g. type: local)")
+        if not isinstance(btype, str) or not btype:
+            raise ConfigError(f"{key}.type: must be the name of a backend type (e.g. type: local), got {btype!r}")
         return cls(name=name, type=btype, options={k: v for k, v in data.items() if k != "type"})
 
 
@@ -183,6 +186,9 @@ class ResumeRole:
         is_async = data.get("async", False)
         if not isinstance(is_async, bool):
             raise ConfigError(f"{key}.async: must be true or false, got {is_async!r}")
+        if is_async and fmt != "torch":
+            raise ConfigError(f"{key}.async: asynchronous saving works with format: torch; "
+                              "sharded (dcp) saves are synchronous, so set async: false")
         async_copy = data.get("async_copy", "optimizer_state" if is_async else "blocking")
         if async_copy not in ASYNC_COPIES:
             raise ConfigError(f"{key}.async_copy: must be one of {', '.join(ASYNC_COPIES)}, got {async_copy!r}")

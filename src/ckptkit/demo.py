@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import time
+import urllib.parse
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -178,7 +179,9 @@ def _mlflow_views(ck: CheckpointManager, registered: list[str]) -> list[str]:
             continue
         uri = redact(uri, secret_values())
         if uri.startswith(SERVER_SCHEMES):
-            lines.append(f"open {uri}")
+            # The address to open, its user part left out: "***@" is no address a browser takes.
+            parts = urllib.parse.urlsplit(uri)
+            lines.append(f"open {urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition('@')[2]))}")
         else:
             lines.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
             for label in registered:

@@ -27,11 +27,11 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .retry import denied
 from .storage import (
     DEFAULT_GRACE_S,
-    FINAL_DIR,
     MANIFEST_MAX,
     FileBackend,
     _check_file_name,
     no_space,
+    parse_final,
     set_aside_for,
     step_dirname,
     storage_full,
@@ -369,7 +369,18 @@ class LocalBackend(FileBackend):
     def local_dir(self, path: str) -> str:
         return path
 
+    def _refuse_linked_run(self, run_name: str) -> None:
+        """Refuse a run whose folder is a link: what a save wrote and a prune deleted through it
+        would lie outside the root (a link planted there, or ``latest`` pointing at another run)."""
+        run = self.run_path(run_name)
+        if os.path.islink(run):
+            raise BackendError(self.name, f"{self.uri(run)} is a link to {os.path.realpath(run)}: ckptkit writes, "
+                                          "lists and deletes no run through a link, which could reach outside "
+                                          f"{self.root}; nothing was written or deleted. Remove the link, or set "
+                                          f"backends.{self.name}.path to the folder the run should live in")
+
     def _stage(self, run_name: str, dirname: str) -> str:
+        self._refuse_linked_run(run_name)
         tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
         with self._lock:
             self._in_flight.add(tmp)
@@ -381,7 +392,7 @@ class LocalBackend(FileBackend):
             full = no_space(exc)  # out of inodes, or over an inode quota, fails here first
             if full is not None:
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
-                                   final=dirname == FINAL_DIR) from full
+                                   final=parse_final(dirname) is not None) from full
             raise BackendError(self.name, f"could not make a folder for {dirname} of run {run_name!r} under "
                                           f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
         return tmp
@@ -427,7 +438,8 @@ class LocalBackend(FileBackend):
         with self._lock:
             self._in_flight.discard(tmp)
 
-    def _store(self, run_name: str, dirname: str, payload: Payload) -> CheckpointRef:
+    def _store(self, run_name: str, dirname: str, payload: Payload,
+               same_as: tuple[CheckpointRef, Manifest] | None = None) -> CheckpointRef:
         tmp = self._stage(run_name, dirname)
         written: list[BinaryIO] = []
         with self._lock:
@@ -441,7 +453,8 @@ class LocalBackend(FileBackend):
                     payload.files,
                     lambda pf, stop: self._write(pf, os.path.join(tmp, _check_file_name(pf.name)), stop),
                     self.write_concurrency(payload))
-                target = self._commit(tmp, dirname, payload.manifest(entries))
+                same = same_as is not None and entries == same_as[1].files
+                target = "" if same else self._commit(tmp, dirname, payload.manifest(entries))
             finally:
                 with self._lock:
                     del self._unsynced[tmp]
@@ -454,9 +467,12 @@ class LocalBackend(FileBackend):
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
-                                   final=dirname == FINAL_DIR) from full
+                                   final=parse_final(dirname) is not None) from full
             raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
                                           f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
+        if same:
+            self._unstage(tmp, remove=True)
+            return same_as[0]
         self._unstage(tmp, remove=False)
         return self._ref(run_name, payload.step, target, role=payload.role,
                          sizes={k: e.size for k, e in entries.items()})
@@ -570,6 +586,7 @@ class LocalBackend(FileBackend):
         return manifest_bytes(path)
 
     def _listing(self, run_name: str):
+        self._refuse_linked_run(run_name)
         listing = super()._listing(run_name)
         return super()._listing(run_name) if self._put_back(run_name, listing) else listing
 

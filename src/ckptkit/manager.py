@@ -528,9 +528,6 @@ class CheckpointManager:
         ``finalize`` once every other backend was tried: ``raise`` or ``warn``.
         """
         config = Config.load(source)
-        if config.resume is not None and config.resume.async_ and config.resume.format != "torch":
-            raise ConfigError("roles.resume.async: asynchronous saving works with format: torch; "
-                              "sharded (dcp) saves are synchronous, so set async: false")
         # An empty name (--run-name "$UNSET") is refused, not taken for "the config's".
         name = (check_run_name(run_name, "run_name") if run_name is not None
                 else config.run_name or DEFAULT_RUN_NAME)

@@ -8,7 +8,8 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
 - ``Payload``/``PayloadFile`` (what to store), ``CheckpointRef`` (where it now lives),
   ``Manifest``/``FileEntry`` (what a checkpoint holds; ``Manifest.to_json()`` and
   ``Manifest.from_json()`` serialise and parse it) are the values the hooks exchange;
-  ``step_dirname``, ``parse_step``, ``FINAL_DIR`` and ``MANIFEST_NAME`` name the standard layout.
+  ``step_dirname``, ``parse_step``, ``final_dirname``, ``parse_final``, ``FINAL_DIR`` and
+  ``MANIFEST_NAME`` name the standard layout.
 - ``RetryPolicy`` retries transient errors (``RetryPolicy.from_config`` reads a ``retry:``
   mapping; ``transient=`` adds a client's own exception types), ``RemoteOptions`` reads the
   options every object-store backend shares, ``check_options``/``check_number`` validate a
@@ -39,7 +40,7 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .plugins import make_plugin_manager
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
-from .storage import FINAL_DIR, FileBackend, parse_step, step_dirname
+from .storage import FINAL_DIR, FileBackend, final_dirname, parse_final, parse_step, step_dirname
 from .uploads import Multipart
 
 __all__ = [
@@ -69,11 +70,13 @@ __all__ = [
     "StorageUnavailableError",
     "check_number",
     "check_options",
+    "final_dirname",
     "hash_stream",
     "hookimpl",
     "is_transient",
     "make_plugin_manager",
     "parse_bucket_uri",
+    "parse_final",
     "parse_step",
     "step_dirname",
 ]

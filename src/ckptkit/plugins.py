@@ -371,7 +371,7 @@ class CkptkitPluginManager(pluggy.PluginManager):
 def install_hint(extra: str) -> str:
     """How to install the backend plugin of ``extra`` ("s3"): never from the public index alone,
     where the name ckptkit is another project's."""
-    return (f'install it from a checkout with: pip install ".[{extra}]" ./plugins/ckptkit-{extra}, '
+    return (f'install it from a checkout with: pip install -c constraints.txt ".[{extra}]" ./plugins/ckptkit-{extra}, '
             f'or from your team\'s index with: pip install --index-url URL "ckptkit[{extra}]" (see docs/install.md)')
 
 

@@ -308,6 +308,22 @@ def _final_body(source: PublishSource, folder: str) -> dict[str, Any]:
     return body
 
 
+def final_backends(ck: CheckpointManager, backends: Iterable[str] | None = None) -> list[str]:
+    """The final backends a publish sends to, in their order: all, or those named in ``backends``;
+    a name that is not one is refused before any source is looked for."""
+    if ck.config.final is None:
+        raise ConfigError("roles.final: no final backends are declared in the config")
+    order = ck.router.backends(Role.FINAL)
+    if backends is None:
+        return order
+    wanted = list(backends)
+    unknown = [b for b in wanted if b not in order]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: not a final backend of this config "
+                          f"(final backends: {', '.join(order)})")
+    return [b for b in order if b in wanted]
+
+
 def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str] | None = None,
             algorithm: str | None = None, force: bool = False) -> PublishResult:
     """Send ``source`` through the final backends (all, or those named), one at a time.
@@ -320,16 +336,7 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
     that backend then fails without being sent the model. A failing backend does not stop the
     others.
     """
-    if ck.config.final is None:
-        raise ConfigError("roles.final: no final backends are declared in the config")
-    order = ck.router.backends(Role.FINAL)
-    if backends is not None:
-        wanted = list(backends)
-        unknown = [b for b in wanted if b not in order]
-        if unknown:
-            raise ConfigError(f"{', '.join(unknown)}: not a final backend of this config "
-                              f"(final backends: {', '.join(order)})")
-        order = [b for b in order if b in wanted]
+    order = final_backends(ck, backends)
     # The source's files are checked unchanged before anything is sent, and again once it is
     # sent: a backend may send a local final file by its path, and a model state loaded from a
     # mapping is read while it is sent.

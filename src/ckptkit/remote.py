@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any, Mapping
 
 import attrs
@@ -53,6 +54,23 @@ def parse_bucket_uri(key: str, value: Any, scheme: str) -> tuple[str, str]:
     return bucket, "/".join(segments)
 
 
+def _refuse_credentials_in_urls(key: str, options: Mapping[str, Any]) -> None:
+    """Refuse a URL with ``user:password@`` among ``options`` (an ``endpoint_url``, also one under
+    ``client_kwargs``): the client sends it with its own credentials and the store refuses every
+    request, which reads as a store that does not answer. The value is not shown."""
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            _refuse_credentials_in_urls(f"{key}.{name}", value)
+        elif isinstance(value, str) and "://" in value:
+            try:
+                parts = urllib.parse.urlsplit(value)
+            except ValueError:
+                continue
+            if parts.username is not None or parts.password is not None:
+                raise ConfigError(f"{key}.{name}: credentials (user:password@) do not belong in a URL; put them "
+                                  "under storage_options (key, secret) or in the environment")
+
+
 @attrs.frozen
 class RemoteOptions:
     """The options every object-store backend reads from its config."""
@@ -92,6 +110,7 @@ class RemoteOptions:
         if not isinstance(storage_options, Mapping):
             raise ConfigError(f"{key}.storage_options: must be a mapping of fsspec options, "
                               f"got {type(storage_options).__name__}")
+        _refuse_credentials_in_urls(f"{key}.storage_options", storage_options)
         grace = check_number(f"{key}.leftover_grace_s", options.get("leftover_grace_s", DEFAULT_GRACE_S), 0)
         mb = check_number(f"{key}.part_size_mb", options.get("part_size_mb", part_size_mb), min_part_size_mb,
                      integer=True)

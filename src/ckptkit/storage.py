@@ -59,9 +59,26 @@ T = TypeVar("T")
 
 
 def _final_folder(name: str) -> bool:
-    """Whether a run's folder ``name`` is the final model's, or one a publish stages it in or
+    """Whether a run's folder ``name`` is a final model's, or one a publish stages it in or
     sets it aside in."""
-    return name == FINAL_DIR or name.startswith((".tmp-final-", ".trash-final-"))
+    return parse_final(name) is not None or name.startswith((".tmp-final-", ".trash-final-"))
+
+
+def final_dirname(version: int) -> str:
+    """The folder of a run's ``version``-th final model: ``final``, then ``final-2``, ``final-3``...
+    A final model is kept as it was published (a registry may point at its bytes), so a later
+    one goes beside it."""
+    return FINAL_DIR if version == 1 else f"{FINAL_DIR}-{version}"
+
+
+def parse_final(dirname: str) -> int | None:
+    """The version a ``final_dirname`` folder name holds, or None for any other name."""
+    if dirname == FINAL_DIR:
+        return 1
+    digits = dirname[len(FINAL_DIR) + 1:] if dirname.startswith(FINAL_DIR + "-") else ""
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits) if final_dirname(int(digits)) == dirname and int(digits) > 1 else None
 
 
 def step_dirname(step: int) -> str:
@@ -83,16 +100,16 @@ def parse_step(dirname: str) -> int | None:
 def written_by_ckptkit(dirname: str) -> bool:
     """Whether a run's folder ``dirname`` is one ckptkit writes: a step, the final model, or a
     temporary or set-aside copy of either."""
-    return parse_step(dirname) is not None or dirname == FINAL_DIR or dirname.startswith(LEFTOVER_PREFIXES)
+    return parse_step(dirname) is not None or parse_final(dirname) is not None or dirname.startswith(LEFTOVER_PREFIXES)
 
 
 def set_aside_for(dirname: str) -> str | None:
-    """The folder (``step-N`` or ``final``) whose committed copy ``.trash-<folder>-<id>`` holds,
+    """The folder (``step-N`` or ``final``, ``final-N``) whose committed copy ``.trash-<folder>-<id>`` holds,
     set aside by a local commit that replaces it; None for any other name."""
     if not dirname.startswith(".trash-"):
         return None
     target = dirname[len(".trash-"):].rsplit("-", 1)[0]
-    return target if parse_step(target) is not None or target == FINAL_DIR else None
+    return target if parse_step(target) is not None or parse_final(target) is not None else None
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -264,10 +281,6 @@ class FileBackend:
         # of the new files (the store stopped answering): sizes may match, but a prune must not
         # count them as intact. A later save of the step that commits clears it.
         self._damaged: set[str] = set()
-        # The highest step of each run that a listing showed or this instance wrote, and the
-        # runs listed at least once: a step above it cannot be committed yet (see ``_store``).
-        self._newest_step: dict[str, int] = {}
-        self._listed_runs: set[str] = set()
         # What this instance's last prune of each run listed: its newest committed step, and the
         # steps whose manifest someone else replaced since this instance last saw it.
         self._pruned_saw: dict[str, tuple[int | None, frozenset[int]]] = {}
@@ -353,16 +366,46 @@ class FileBackend:
 
     @hookimpl
     def publish_final(self, run_name: str, payload: Payload) -> CheckpointRef:
-        return self._store(run_name, FINAL_DIR, payload)
+        # Beside every final model the run holds, never over one: past the highest version
+        # present, committed or not (a publish in flight, or what a killed one left). The same
+        # bytes as the newest one (a finished job started again) are not kept twice.
+        listing = self._listing(run_name)
+        taken = [v for v in map(parse_final, listing) if v]
+        newest = None
+        ref = self._newest_final(run_name, listing)
+        if ref is not None:
+            try:
+                manifest = self.read_manifest(ref)
+                newest = (attrs.evolve(ref, step=manifest.step), manifest)
+            except Exception:
+                # Damaged, a newer ckptkit's, or not read (a store that did not answer, which
+                # the write then meets on its own): this one goes beside it, as any new one.
+                pass
+        if newest is not None and {pf.name: pf.expected for pf in payload.files} == newest[1].files:
+            return newest[0]
+        return self._store(run_name, final_dirname(max(taken, default=0) + 1), payload, same_as=newest)
 
-    def _store(self, run_name: str, dirname: str, payload: Payload) -> CheckpointRef:
+    def _newest_final(self, run_name: str, listing: dict[str, _Folder]) -> CheckpointRef | None:
+        """The folder of the run's newest committed final model in ``listing`` (its step not read)."""
+        committed = {parse_final(d): f.files for d, f in listing.items() if MANIFEST_NAME in f.files}
+        committed.pop(None, None)
+        if not committed:
+            return None
+        version = max(committed)
+        return self._ref(run_name, -1, posixpath.join(self.run_path(run_name), final_dirname(version)), role="final",
+                         sizes={n: int(i.get("size") or 0) for n, i in committed[version].items() if n != MANIFEST_NAME})
+
+    def _store(self, run_name: str, dirname: str, payload: Payload,
+               same_as: tuple[CheckpointRef, Manifest] | None = None) -> CheckpointRef:
+        """Write ``payload``'s files into ``dirname`` of the run, then its manifest. ``same_as``: a
+        committed checkpoint whose ref is returned instead, and this copy discarded uncommitted,
+        when the files written turn out to be its own."""
         target = posixpath.join(self.run_path(run_name), dirname)
         manifest_path = posixpath.join(target, MANIFEST_NAME)
         current = manifest_path
-        run, step = self.run_path(run_name), parse_step(dirname)
+        run = self.run_path(run_name)
         with self._lock:
             self._in_flight.add(target)
-        unseen = step is not None and self._unseen(run, step)
         staging = None  # where the files of a step saved again go first
         # Whether what lies at target may be removed when this fails: not before the store said
         # that nothing committed lies there (a check that failed, a store that stopped answering,
@@ -370,11 +413,13 @@ class FileBackend:
         uncommitted = False
         replaced_in_place = False  # a store that cannot copy: the committed copy is un-committed first
         manifest_sent = False
+        doing = "checking"
         try:
-            # A step above any that a listing of the run showed (the prune after each save
-            # lists it, and so does the manager's check before the first) or that this instance
-            # wrote is a new one: asking costs a round trip or two and can only answer no.
-            stored = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists, manifest_path)
+            # Asked at every save, though this process may think the step new: another training
+            # of the run (a requeued job's predecessor, still saving) may have committed it since
+            # this one last listed, and it is then saved beside, not written over.
+            stored = self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path)
+            doing = "writing"
             uncommitted = not stored
             if stored and _copies_files(self.fs):
                 # Saving a committed step again: its files are written beside it, and the old copy
@@ -429,6 +474,9 @@ class FileBackend:
                     except BaseException:
                         current = failed[0] if failed else current
                         raise
+            if same_as is not None and staging is None and uncommitted and entries == same_as[1].files:
+                self._discard(target)
+                return same_as[0]
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
@@ -441,6 +489,7 @@ class FileBackend:
         except Exception as exc:
             silent = gave_up(exc)
             maybe_taken = manifest_sent and silent
+            theirs = False
             if silent:
                 # The store stopped answering: a clean-up would wait through all of its retries
                 # again, and could delete the files of a manifest the store took without
@@ -452,18 +501,23 @@ class FileBackend:
             else:
                 if staging is not None:
                     self._discard(staging)
-                if uncommitted:
+                theirs = (uncommitted and staging is None and not replaced_in_place
+                          and self._committed_meanwhile(manifest_path))
+                if uncommitted and not theirs:
                     self._discard(target)
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.uri(self.root), self.uri(current), full,
-                                   final=dirname == FINAL_DIR) from full
+                                   final=parse_final(dirname) is not None) from full
             if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
                            "checkpoint is committed whole, which a restore checks")
                 if staging is not None:
                     self._damaged.add(target)
                     outcome += "; else the copy of this step committed before may read as damaged"
+            elif theirs:
+                outcome = ("nothing of it was committed, and a copy of this step that another training of the run "
+                           "committed meanwhile is left as it is (damaged, where this save's files went over its own)")
             elif staging is None and not replaced_in_place:
                 outcome = "nothing of it was committed"
             elif uncommitted and silent:
@@ -475,7 +529,7 @@ class FileBackend:
                            "un-committed to be replaced and is gone")
             else:
                 outcome = "nothing of it was committed; the copy of this step committed before is kept"
-            raise self._fail(f"could not store {self.uri(target)} (writing {self.uri(current)} failed; {outcome})",
+            raise self._fail(f"could not store {self.uri(target)} ({doing} {self.uri(current)} failed; {outcome})",
                              exc) from None
         finally:
             with self._lock:
@@ -603,24 +657,30 @@ class FileBackend:
             log.warning("backend %r: could not clean up %s: %s", self.name, self.uri(path),
                         self.describe(exc))
 
-    def _unseen(self, run: str, step: int) -> bool:
-        """Whether ``step`` is above any step a listing of ``run`` showed or this instance wrote:
-        nothing can lie there yet, so asking the store is not worth its round trips. The step
-        counts as written from now on."""
-        with self._lock:
-            newest = self._newest_step.get(run, -1)
-            self._newest_step[run] = max(newest, step)
-            return run in self._listed_runs and step > newest
+    def file_exists(self, path: str) -> bool:
+        """Whether the file ``path`` is stored, asked before every save of a step. ``fs.exists``
+        answers for a folder too, which on an object store costs a listing after a missing key's
+        HEAD: a backend whose store tells a file in one request overrides this (``s3``)."""
+        return self.fs.exists(path)
+
+    def _committed_meanwhile(self, manifest_path: str) -> bool:
+        """Whether a manifest lies at ``manifest_path``, where a failed save found none and wrote
+        none: another training of the run committed the step while this one wrote. Its folder is
+        then left as it is (read as damaged, where this save's files went over its own), not
+        deleted. A store that cannot be asked is taken to hold one."""
+        try:
+            self.fs.invalidate_cache(posixpath.dirname(manifest_path))
+            return bool(self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path))
+        except Exception:
+            return True
 
     @hookimpl
     def stage_sharded(self, run_name: str, step: int) -> str:
         run = self.run_path(run_name)
         target = posixpath.join(run, step_dirname(step))
         manifest_path = posixpath.join(target, MANIFEST_NAME)
-        unseen = self._unseen(run, step)
         try:
-            committed = not unseen and self._call(f"checking {self.uri(manifest_path)}", self.fs.exists,
-                                                  manifest_path)
+            committed = self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path)
         except Exception as exc:
             raise self._fail(f"could not check {self.uri(manifest_path)}", exc) from None
         if committed and _copies_files(self.fs):
@@ -631,8 +691,7 @@ class FileBackend:
             # A store that cannot copy a file itself, or what a failed save left: cleared, as
             # the shards may be named differently this time.
             folder = target
-            if not unseen:
-                self._discard(target)
+            self._discard(target)
         with self._lock:
             self._in_flight.add(folder)
         try:
@@ -756,10 +815,6 @@ class FileBackend:
                 folder.touched(info)
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info
-        listed = [step for step in map(parse_step, folders) if step is not None]
-        with self._lock:
-            self._newest_step[run] = max(self._newest_step.get(run, -1), *listed, -1)
-            self._listed_runs.add(run)
         return folders
 
     def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:
@@ -779,15 +834,9 @@ class FileBackend:
 
     @hookimpl
     def final_ref(self, run_name: str) -> CheckpointRef | None:
-        """The committed final model of a run, if this backend holds one."""
-        folder = self._listing(run_name).get(FINAL_DIR)
-        files = folder.files if folder is not None else {}
-        if MANIFEST_NAME not in files:
-            return None
-        path = posixpath.join(self.run_path(run_name), FINAL_DIR)
-        ref = self._ref(run_name, -1, path, role="final",
-                        sizes={n: int(i.get("size") or 0) for n, i in files.items() if n != MANIFEST_NAME})
-        return attrs.evolve(ref, step=self.read_manifest(ref).step)
+        """The run's newest committed final model, if this backend holds one."""
+        ref = self._newest_final(run_name, self._listing(run_name))
+        return None if ref is None else attrs.evolve(ref, step=self.read_manifest(ref).step)
 
     @hookimpl
     def read_manifest(self, ref: CheckpointRef) -> Manifest:
@@ -922,9 +971,9 @@ class FileBackend:
         out = []
         folders = self._listing(run_name) if listing is None else listing
         for dirname, folder in folders.items():
-            # Only what ckptkit itself writes: a step folder or final/ without manifest, or a
+            # Only what ckptkit itself writes: a step or final folder without manifest, or a
             # temporary or trash folder of the local commit protocol. Anything else is not ours.
-            checkpoint = parse_step(dirname) is not None or dirname == FINAL_DIR
+            checkpoint = parse_step(dirname) is not None or parse_final(dirname) is not None
             if not written_by_ckptkit(dirname) or MANIFEST_NAME in folder.files and checkpoint:
                 continue
             aside_for = set_aside_for(dirname)
@@ -1107,7 +1156,7 @@ class FileBackend:
         """Delete what ``ref`` names; False for a leftover step folder committed since the listing."""
         try:
             name = posixpath.basename(ref.path)
-            if ref.role == "leftover" and (parse_step(name) is not None or name == FINAL_DIR):
+            if ref.role == "leftover" and (parse_step(name) is not None or parse_final(name) is not None):
                 # A save still going on when the run was listed (another process's, or one whose
                 # store's clock runs behind) may have committed it since: not a leftover then.
                 manifest = posixpath.join(ref.path, MANIFEST_NAME)

@@ -242,6 +242,10 @@ def test_a_hung_store_fails_the_save_and_is_not_nothing_to_resume(pm, gcs_backen
     ({"leftover_grace_s": -1}, "backends.archive.leftover_grace_s"),
     ({"timeout_s": 0}, "backends.archive.timeout_s"),
     ({"request_retries": -1}, "backends.archive.request_retries"),
+    # gcsfs took the path for a raw token, and the first request failed on the network.
+    ({"storage_options": {"token": "/nonexistent/key.json"}}, "backends.archive.storage_options: its token names a key file that does not exist"),
+    ({"storage_options": {"endpoint_url": "http://u:s3cr3t@127.0.0.1:9"}},
+     "backends.archive.storage_options.endpoint_url: credentials (user:password@) do not belong in a URL"),
 ])
 def test_bad_options_name_their_key(pm, extra, key):
     with pytest.raises(ConfigError) as err:

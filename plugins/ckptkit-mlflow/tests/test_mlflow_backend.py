@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ckptkit import CheckpointManager, ConfigError, PublishError
 from ckptkit.cli import main
+from ckptkit.plugin import hash_stream
 from ckptkit_mlflow import FINAL_URI_PARAM, MlflowBackend, redact
 
 
@@ -444,6 +445,24 @@ def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spa
     s3_manifest = json.loads(s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).cat_file(
         f"{bucket}/finals/ref/final/manifest.json"))
     assert version.tags["ckptkit.digest"] == s3_manifest["files"]["final_model.pt"]["digest"]
+
+    # A later final of the run (trained on, finalized again) goes beside the first: version 1
+    # still points at the bytes its checksum tag names.
+    ck = CheckpointManager.from_config(cfg, run_name="ref")
+    ck.restore(model=model, optimizer=opt)
+    _train(ck, model, opt, range(11, 16))
+    ck.finalize(model=model, step=15)
+    ck.close()
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    first, second = sorted(client.search_model_versions(f"run_id='{run.info.run_id}'"), key=lambda v: int(v.version))
+    assert first.source == expected
+    assert second.source == f"s3://{bucket}/finals/ref/final-2/final_model.pt"
+    for v in (first, second):
+        with fs.open(v.source) as f:
+            assert hash_stream(f)[1] == v.tags["ckptkit.digest"], f"version {v.version} lost its bytes"
+    assert first.tags["ckptkit.digest"] != second.tags["ckptkit.digest"]
+    params = client.get_run(run.info.run_id).data.params
+    assert (params[FINAL_URI_PARAM], params[f"{FINAL_URI_PARAM}-2"]) == (expected, second.source)
 
 
 def test_publishing_a_step_twice_registers_it_once(tmp_path, embedded_uri, capsys):

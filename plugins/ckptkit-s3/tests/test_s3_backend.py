@@ -84,6 +84,25 @@ def test_bad_options_name_their_key(pm, extra, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("storage_options, key, message", [
+    # s3fs hands a key it does not know to the client's session at the first request, whose
+    # TypeError then read as a store that does not answer ("restore again once it answers").
+    ({"endpointurl": "http://127.0.0.1:9"}, "backends.archive.storage_options.endpointurl",
+     "not an option of s3fs.S3FileSystem (did you mean endpoint_url?)"),
+    # botocore refuses every request of such a client, which read as a store not answering.
+    ({"endpoint_url": "http://alice:s3cr3t@127.0.0.1:9"}, "backends.archive.storage_options.endpoint_url",
+     "credentials (user:password@) do not belong in a URL"),
+    ({"client_kwargs": {"endpoint_url": "http://alice:s3cr3t@127.0.0.1:9"}},
+     "backends.archive.storage_options.client_kwargs.endpoint_url", "credentials (user:password@) do not belong"),
+])
+def test_storage_options_the_client_would_fail_on_later_are_refused_by_name(pm, storage_options, key, message):
+    with pytest.raises(ConfigError) as err:
+        manager(pm, {"archive": {"type": "s3", "path": "s3://bucket/x", "storage_options": storage_options}},
+                ["archive"])
+    assert str(err.value).startswith(f"{key}: {message}"), err.value
+    assert "s3cr3t" not in str(err.value)
+
+
 def test_two_resume_backends_on_one_prefix_of_one_store_are_refused(pm):
     one = {"type": "s3", "path": "s3://bucket/ckpts", "storage_options": {"endpoint_url": "http://127.0.0.1:9"}}
     with pytest.raises(ConfigError) as err:
@@ -563,14 +582,15 @@ def test_a_store_that_takes_an_upload_and_never_reads_it_fails_the_save_in_bound
     assert [r.step for r in manager(pm, {"archive": s3_backend_options()}, ["archive"]).list_checkpoints()] == [0]
 
 
-def test_a_save_takes_five_requests_and_lists_unfinished_uploads_once_per_grace_period(
+def test_a_save_takes_six_requests_and_lists_unfinished_uploads_once_per_grace_period(
         pm, s3_backend_options, make_fault_proxy, moto_port, bucket):
-    """The round trips of a small save, pinned so that they cannot grow unnoticed: the two
-    files (the state and the manifest; no extra.pt without extra), the prune's listing, and the deletion of the checkpoint keep_last lets go (manifest
-    first, then the rest in one batch). Not asked: whether the new step exists (the last listing
-    says it cannot), the manifest just written (the backend knows it), the folder's files again
-    before deleting them, nor the unfinished uploads (none can be stale before the grace period
-    has passed since the last look)."""
+    """The round trips of a small save, pinned so that they cannot grow unnoticed: whether the
+    step is stored (another training of the run may have committed it since the last listing),
+    the two files (the state and the manifest; no extra.pt without extra), the prune's listing,
+    and the deletion of the checkpoint keep_last lets go (manifest first, then the rest in one
+    batch). Not asked: the manifest just written (the backend knows it), the folder's files
+    again before deleting them, nor the unfinished uploads (none can be stale before the grace
+    period has passed since the last look)."""
     proxy = make_fault_proxy(moto_port)
     ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url)}, ["archive"], keep_last=2)
     m = model()
@@ -585,7 +605,7 @@ def test_a_save_takes_five_requests_and_lists_unfinished_uploads_once_per_grace_
         ck.wait()
         folder, old = (f"/{bucket}/ckpts/run/step-{s:010d}" for s in (step, step - 2))
         assert [(method, path.split("?")[0]) for method, path in proxy.requests] == [
-            ("PUT", f"{folder}/state.pt"), ("PUT", f"{folder}/{MANIFEST_NAME}"),
+            ("HEAD", f"{folder}/{MANIFEST_NAME}"), ("PUT", f"{folder}/state.pt"), ("PUT", f"{folder}/{MANIFEST_NAME}"),
             ("GET", f"/{bucket}"),  # the prune's listing of the run
             ("DELETE", f"{old}/{MANIFEST_NAME}"), ("POST", f"/{bucket}"),
         ], proxy.requests
@@ -770,6 +790,8 @@ def test_a_save_whose_manifest_the_store_took_without_answering_is_left_whole(
     assert held.hits == 2
     after = [r for r in proxy.requests[seen:]  # but the new manager's first listing of the run
              if (MANIFEST_NAME not in r[1] or r[0] != "PUT") and "list-type" not in r[1]]
+    assert after[0] == ("HEAD", f"/{bucket}/ckpts/run/step-0000000001/{MANIFEST_NAME}"), after
+    after = after[1:]  # whether the step was stored, asked before the save wrote anything
     assert all(m == "PUT" and "step-0000000001/state.pt" in p for m, p in after), after  # no clean-up
     held.hold.set()  # the store takes the held manifest writes now
     fs = s3(proxy.url.replace(str(proxy.port), str(moto_port)))

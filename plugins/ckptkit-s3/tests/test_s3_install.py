@@ -39,7 +39,7 @@ def test_missing_plugin_names_the_extra_that_installs_it():
         # Installed, but not loaded: the error says so instead of suggesting to install it.
         assert "ckptkit-s3" in str(err.value) and "loading installed plugins is switched off" in str(err.value)
     else:
-        assert 'pip install ".[s3]" ./plugins/ckptkit-s3' in str(err.value)
+        assert 'pip install -c constraints.txt ".[s3]" ./plugins/ckptkit-s3' in str(err.value)
         assert 'pip install --index-url URL "ckptkit[s3]"' in str(err.value)
 
 

@@ -26,7 +26,7 @@ import attrs
 import pytest
 
 from ..plugin import (MANIFEST_NAME, BackendError, CheckpointRef, FileEntry, IncompatibleCheckpointError, Manifest,
-                      Payload, PayloadFile, StorageUnavailableError, hash_stream, step_dirname)
+                      Payload, PayloadFile, StorageUnavailableError, final_dirname, hash_stream, step_dirname)
 from .faults import MOVES, WrappedFileSystem, permanent, transient
 
 # A credential-looking string for backends built without credentials of their own.
@@ -629,6 +629,39 @@ class ResumeBackendTests:
             assert self.read(backend, found, "final_model.pt") == b"the model"
         self.past_grace(backend)
         assert self.prune(backend, keep_last=1) == []
+
+    def test_a_later_final_model_is_stored_beside_the_earlier_one_never_over_it(self, backend):
+        """A registry may point at a published final model's bytes (MLflow records an object
+        store's URI instead of uploading a copy): a later one of the run (finalize again, ``ckptkit
+        publish --step``) goes beside it, unless it is the newest one's bytes again. What a killed
+        publish left is passed over, never written into, and goes after the grace period; the
+        finals stay."""
+        if not hasattr(backend, "publish_final"):
+            pytest.skip(f"{type(backend).__name__} does not serve the final role")
+
+        def publish(step: int, data: bytes) -> CheckpointRef:
+            return call_hook(backend, "publish_final", run_name=self.run_name,
+                             payload=payload(self.run_name, step, {"final_model.pt": data}, role="final"),
+                             stored=[], algorithm=None, model=None)
+
+        first = publish(5, b"the first model")
+        self.write_leftover(backend, final_dirname(2), "final_model.pt", b"half a model")
+        second = publish(9, b"the second model")
+        assert first.path != second.path, f"both final models were stored at {first.uri}"
+        assert posixpath.basename(second.path.rstrip("/")) == final_dirname(3), second.path
+        assert self.read(backend, first, "final_model.pt") == b"the first model"
+        assert self.read(backend, second, "final_model.pt") == b"the second model"
+        if hasattr(backend, "final_ref"):
+            newest = call_hook(backend, "final_ref", run_name=self.run_name)
+            assert newest is not None and (newest.path, newest.step) == (second.path, 9), newest
+        # The newest one's bytes again (a finished job started again): named, not kept twice.
+        held = self.stored_files(backend)
+        assert publish(9, b"the second model").path == second.path
+        assert self.stored_files(backend) == held
+        self.past_grace(backend)
+        assert [posixpath.basename(r.path.rstrip("/")) for r in self.prune(backend)] == [final_dirname(2)]
+        assert self.read(backend, first, "final_model.pt") == b"the first model"
+        assert self.read(backend, second, "final_model.pt") == b"the second model"
 
     def test_a_sharded_checkpoint_is_committed_by_its_manifest(self, backend):
         if not hasattr(backend, "stage_sharded"):

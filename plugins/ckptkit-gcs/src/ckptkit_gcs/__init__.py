@@ -14,6 +14,7 @@ import errno
 import importlib.util
 import logging
 import math
+import os
 import sys
 import types
 from typing import Any
@@ -52,6 +53,7 @@ def _require_this_ckptkit(plugin: str) -> None:
 
 _require_this_ckptkit("ckptkit-gcs")
 
+from ckptkit.errors import ConfigError  # noqa: E402
 from ckptkit.remote import RemoteOptions  # noqa: E402
 from ckptkit.storage import FileBackend  # noqa: E402
 
@@ -170,6 +172,13 @@ class GCSBackend(FileBackend):
     def from_config(cls, name: str, options: dict[str, Any]) -> GCSBackend:
         opts = RemoteOptions.from_config(name, options, cls.SCHEME, part_size_mb=16, min_part_size_mb=1)
         storage_options = dict(opts.storage_options)
+        token = storage_options.get("token")
+        if isinstance(token, str) and (token.endswith(".json") or "/" in token) \
+                and not os.path.isfile(os.path.expanduser(token)):
+            # gcsfs takes a string that is no file for a raw access token, and the first
+            # request fails on the network: the value (perhaps a token) is not shown.
+            raise ConfigError(f"backends.{name}.storage_options: its token names a key file that does not exist on "
+                              "this machine; give the path of the service account's JSON key, or google_default")
         storage_options.setdefault("skip_instance_cache", True)
         # A bound on each wait (connecting, and between bytes of an answer), not on a whole
         # transfer, which may rightly take long for a large chunk.

@@ -723,9 +723,10 @@ class MlflowBackend:
                     step = "logging the pytorch-flavour model"
                     source = self._log_flavour(run_id, model)
                 elif remote is not None:
-                    step = f"logging parameter {FINAL_URI_PARAM}"
                     source = remote.uri.rstrip("/") + "/" + FINAL_FILE
-                    self.client.log_param(run_id, FINAL_URI_PARAM, source)
+                    param = self._uri_param(run_id, source)
+                    step = f"logging parameter {param}"
+                    self.client.log_param(run_id, param, source)
                 else:
                     step = f"uploading {ARTIFACT_DIR}/{FINAL_FILE}"
                     artifact, size, digest = self._upload(run_id, payload)
@@ -835,6 +836,18 @@ class MlflowBackend:
             log.warning("backend %r: run %s already logs params %s with other values; MLflow keeps the first "
                         "ones, the final file holds the new ones", self.name, run_id, ", ".join(changed))
         return [Param(k, v) for k, v in given.items() if k not in held]
+
+    def _uri_param(self, run_id: str, source: str) -> str:
+        """The parameter that records ``source``: ``final_checkpoint_uri``, or for a later final
+        of the run stored elsewhere (a file backend keeps each beside the last), the first of
+        ``final_checkpoint_uri-2``, ``-3``... free or holding it. MLflow never changes a logged
+        parameter."""
+        held = self.client.get_run(run_id).data.params
+        param, n = FINAL_URI_PARAM, 1
+        while held.get(param, source) != source:
+            n += 1
+            param = f"{FINAL_URI_PARAM}-{n}"
+        return param
 
     def _artifact_dir(self, run_id: str) -> str:
         """``checkpoints``, or a fresh subfolder when this run already holds a final model.

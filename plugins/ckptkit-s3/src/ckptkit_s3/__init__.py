@@ -10,7 +10,9 @@ Credentials come from the usual AWS chain (environment, config files, instance r
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
+import inspect
 import importlib.util
 import logging
 import math
@@ -54,9 +56,10 @@ def _require_this_ckptkit(plugin: str) -> None:
 _require_this_ckptkit("ckptkit-s3")
 
 from ckptkit.checkpoint import CheckpointRef  # noqa: E402
+from ckptkit.errors import ConfigError  # noqa: E402
 from ckptkit.remote import RemoteOptions  # noqa: E402
 from ckptkit.manifest import MANIFEST_NAME  # noqa: E402
-from ckptkit.storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, parse_step  # noqa: E402
+from ckptkit.storage import LEFTOVER_PREFIXES, FileBackend, parse_final, parse_step  # noqa: E402
 
 __all__ = ["S3Backend"]
 
@@ -260,6 +263,22 @@ class _S3Multipart:
         self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload)
 
 
+def _check_passed_on(name: str, fs: Any) -> None:
+    """Refuse a ``storage_options`` key that s3fs took for none of its own: it passes those to
+    the client's session at the first request, which then fails (a typo'd ``endpointurl``), and
+    that failure would read as a store that does not answer."""
+    from aiobotocore.session import AioSession
+
+    session = set(inspect.signature(AioSession.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in getattr(fs, "kwargs", {}) if k not in session)
+    if unknown:
+        known = [p for p in inspect.signature(s3fs.S3FileSystem.__init__).parameters if p not in ("self", "kwargs")]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"backends.{name}.storage_options.{unknown[0]}: not an option of s3fs.S3FileSystem"
+                          f"{hint}; its options are {', '.join(known)}")
+
+
 class S3Backend(FileBackend):
     """Checkpoints under ``s3://bucket/prefix/<run_name>/``.
 
@@ -294,6 +313,7 @@ class S3Backend(FileBackend):
         storage_options["config_kwargs"] = config_kwargs
         storage_options.setdefault("skip_instance_cache", True)
         fs = _S3FileSystem(**storage_options)
+        _check_passed_on(name, fs)
         # s3fs retries a download cut off mid-body (per block read) as often as botocore
         # retries a request; a request botocore gave up on it does not try again (``_call_once``).
         fs.retries = opts.request_retries + 1
@@ -313,6 +333,15 @@ class S3Backend(FileBackend):
 
     def store_exists(self) -> bool:
         return self.fs.exists(self.root.split("/", 1)[0])
+
+    def file_exists(self, path: str) -> bool:
+        # One HEAD: s3fs's exists lists the key as a folder too when the HEAD finds nothing.
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
 
     def multipart(self, path: str) -> _S3Multipart:
         return _S3Multipart(self.fs, path)
@@ -380,7 +409,7 @@ class S3Backend(FileBackend):
         for upload in uploads:
             folder = upload["Key"][len(prefix):].split("/", 1)[0]
             # Uploads into a checkpoint's folder, or beside it where a step saved again is staged.
-            if parse_step(folder) is None and folder != FINAL_DIR and not folder.startswith(LEFTOVER_PREFIXES):
+            if parse_step(folder) is None and parse_final(folder) is None and not folder.startswith(LEFTOVER_PREFIXES):
                 continue
             quiet_until = min(quiet_until, upload["Initiated"].timestamp() + self.leftover_grace_s)
             if posixpath.join(run, folder) in in_flight:

@@ -300,6 +300,17 @@ def test_a_save_with_an_optimizer_on_some_ranks_only_is_refused_on_every_rank_at
         assert r["listed"] == [], r
 
 
+def test_a_restore_given_extra_on_some_ranks_only_is_refused_on_every_rank(tmp_path):
+    """A scheduler passed to restore on rank 0 only was left fresh on rank 1, without a word: the
+    ranks then trained with different learning rates."""
+    results = launch(2, "restore_extra_on_rank0_only", tmp_path, {"config": config(tmp_path, "torch"), "wrap": "ddp"},
+                     timeout=120)
+    for r in results:
+        assert r["raised"][0] == "RanksDisagreeError", r
+        assert "different extra= names (rank 0: scheduler; rank 1: none)" in r["raised"][1], r
+        assert (r["restored"], r["epoch"]) == (1, 1), r
+
+
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_a_model_that_does_not_fit_a_full_state_is_refused_on_every_rank(tmp_path, wrap):
     """Torch's broadcast of rank 0's state found some misfits on some ranks only, the others

@@ -1276,6 +1276,14 @@ class CheckpointManager:
         except TypeError as exc:
             problem = exc
         self.coll.agree("restore: arguments", problem)  # raised on every rank, or the others would wait
+        # Each rank loads the saved extra state into the objects it passed: one passed on some
+        # ranks only (a scheduler on rank 0) was left as it was on the others, without a word.
+        given = self.coll.all_gather("restore: extra given", sorted(extra) if extra else [])
+        if any(names != given[0] for names in given):
+            raise RanksDisagreeError(
+                "restore: the ranks passed different extra= names (" + "; ".join(
+                    f"rank {r}: {', '.join(names) or 'none'}" for r, names in enumerate(given)) + "); every rank "
+                "passes the same objects, each of which gets the saved state, or reads it from Restored.extra")
         self.wait()
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")

@@ -506,6 +506,25 @@ def main() -> None:
         result["listed"] = [r.step for r in ck.list_checkpoints()]
         ck.close()
 
+    elif scenario == "restore_extra_on_rank0_only":
+        # A scheduler passed to restore on rank 0 only: rank 1's stayed fresh, without a word.
+        model, opt = build(kind, seed=0)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        with ckptkit.CheckpointManager.from_config(cfg) as ck:
+            train(model, opt, steps=1)
+            sched.step()
+            ck.save(step=1, model=model, optimizer=opt, extra={"scheduler": sched})
+        fresh, fresh_opt = build(kind, seed=1)
+        fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+        with ckptkit.CheckpointManager.from_config(cfg) as ck:
+            try:
+                ck.restore(fresh, fresh_opt, extra={"scheduler": fresh_sched} if rank == 0 else None)
+                result["raised"] = None
+            except ckptkit.CkptkitError as exc:
+                result["raised"] = [type(exc).__name__, str(exc)]
+            result["restored"] = ck.restore(fresh, fresh_opt, extra={"scheduler": fresh_sched}).step
+        result["epoch"] = fresh_sched.last_epoch
+
     elif scenario == "rank_leaves_during_shard_load":
         # Rank 1 is gone (crashed, killed) just as DCP's load of the shards starts: rank 0 must
         # say so, not call the checkpoint incompatible.

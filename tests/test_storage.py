@@ -717,6 +717,80 @@ def test_a_step_another_training_commits_while_this_save_writes_it_is_not_delete
     fs.rm(root, recursive=True)
 
 
+def _final_payload(data):
+    return Payload(run_name="r", step=9, epoch=None, format="torch", role="final",
+                   files=(PayloadFile("final_model.pt", write=lambda f: f.write(data)),))
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_two_publishes_that_pick_the_same_version_keep_both_final_models(tmp_path, kind):
+    """Each publish picks the version past those its listing shows: one that listed before the
+    other committed took the same folder, and replaced (local disk) or wrote over (an object
+    store) a final model a registry may point at."""
+    base = LocalBackend if kind == "local" else FileBackend
+
+    class ListsEarly(base):
+        meanwhile = None
+
+        def _listing(self, run_name):
+            listing = super()._listing(run_name)
+            if self.meanwhile is not None:
+                self.meanwhile, meanwhile = None, self.meanwhile
+                meanwhile()
+            return listing
+
+    if kind == "local":
+        a, b = (LocalBackend.from_config("disk", {"path": str(tmp_path / "root")}),
+                ListsEarly("disk", LocalFileSystem(), str(tmp_path / "root")))
+    else:
+        fs, root = MemoryFileSystem(skip_instance_cache=True), f"/pub-{os.getpid()}-{time.monotonic_ns()}"
+        a, b = FileBackend("store", fs, root), ListsEarly("store", fs, root)
+    a.publish_final(run_name="r", payload=_final_payload(b"first"))
+    theirs = []
+    b.meanwhile = lambda: theirs.append(a.publish_final(run_name="r", payload=_final_payload(b"theirs")))
+    ours = b.publish_final(run_name="r", payload=_final_payload(b"ours"))
+    assert posixpath.basename(theirs[0].path) == "final-2" and posixpath.basename(ours.path) == "final-3"
+    for ref, data in ((theirs[0], b"theirs"), (ours, b"ours")):
+        with a.open_file(ref=ref, name="final_model.pt") as f:
+            assert f.read() == data
+    assert a.final_ref(run_name="r").path == ours.path
+
+
+def test_a_final_model_whose_checksum_is_the_newest_ones_is_named_without_a_byte_written(tmp_path):
+    """``ckptkit publish --force`` of the model a backend holds: its size and checksum are known
+    before anything is written (``expected``), so nothing is."""
+    import io
+
+    from ckptkit.hashing import hash_stream
+
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root")})
+    first = backend.publish_final(run_name="r", payload=_final_payload(b"model"))
+    size, digest = hash_stream(io.BytesIO(b"model"))
+
+    def unwritten(f):
+        raise AssertionError("written again")
+
+    known = Payload(run_name="r", step=9, epoch=None, format="torch", role="final",
+                    files=(PayloadFile("final_model.pt", write=unwritten, expected=FileEntry(size, digest)),))
+    assert backend.publish_final(run_name="r", payload=known).path == first.path
+    assert sorted(os.listdir(tmp_path / "root/r")) == ["final"]
+
+
+def test_a_folder_named_like_a_later_final_model_that_ckptkit_did_not_write_is_left_alone(tmp_path):
+    """A trainer's own final-2024/ in the run is no final model of ckptkit's: not a leftover to
+    delete, nor a version to count past."""
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root"), "leftover_grace_s": 0})
+    backend.save_resume(run_name="r", step=1, payload=payload(1))
+    own = tmp_path / "root/r/final-2024"
+    own.mkdir()
+    (own / "model.safetensors").write_bytes(b"the trainer's own")
+    time.sleep(0.01)
+    assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False,
+                         counted_steps=None) == []
+    assert backend.publish_final(run_name="r", payload=_final_payload(b"model")).path.endswith("/r/final")
+    assert (own / "model.safetensors").read_bytes() == b"the trainer's own"
+
+
 def test_a_commit_killed_between_its_two_renames_is_put_back_for_a_process_restarted_at_once(tmp_path, caplog):
     """Where the filesystem cannot swap folders, saving step N again renames the committed copy
     aside, then the new one in. A process restarted right after a kill in between (torchrun,

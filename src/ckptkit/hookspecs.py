@@ -231,7 +231,7 @@ def delete_run(run_name: str, dry_run: bool) -> list[CheckpointRef]:
     """Delete every resume checkpoint of a run, the newest included, and its leftovers.
 
     Called only by ``ckptkit prune --all``, when a person wants a run name free for a new
-    training. The final model (``final/``) is not a resume checkpoint and stays.
+    training. The final models (``final/``, ``final-2/``...) are not resume checkpoints and stay.
 
     :param run_name: the run to empty.
     :param dry_run: when true, report what would be deleted and delete nothing.
@@ -292,6 +292,8 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
     Called by ``CheckpointManager.finalize`` and ``ckptkit publish`` on the writing rank, once
     for each backend declared under ``roles.final``. Implementations marked ``trylast`` are
     called after the others, so a registry can refer to a copy a file backend already holds.
+    A model published before is never replaced: a registry may point at its bytes, so a later
+    one of the run goes beside it (``FileBackend``: ``final-2/``, ``final-3/``...).
 
     :param run_name: the run the model belongs to.
     :param payload: the final model's files (``final_model.pt``), as for ``save_resume``.
@@ -341,7 +343,7 @@ def probe() -> dict[str, Any]:
 
 @_hookspec
 def final_ref(run_name: str) -> CheckpointRef | None:
-    """Find the committed final model of a run in this backend.
+    """Find the newest committed final model of a run in this backend.
 
     Called by ``ckptkit publish`` directly on each configured backend (and on the local fallback
     folder), to find stored final models to send and to skip backends that already hold

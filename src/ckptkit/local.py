@@ -30,6 +30,7 @@ from .storage import (
     MANIFEST_MAX,
     FileBackend,
     _check_file_name,
+    _VersionTaken,
     no_space,
     parse_final,
     set_aside_for,
@@ -397,9 +398,10 @@ class LocalBackend(FileBackend):
                                           f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
         return tmp
 
-    def _commit(self, tmp: str, dirname: str, manifest: Manifest) -> str:
+    def _commit(self, tmp: str, dirname: str, manifest: Manifest, replace: bool = True) -> str:
         """Write the manifest into ``tmp``, fsync it, the files written there (still open) and the
-        folder, then rename it to ``dirname``, replacing an older copy."""
+        folder, then rename it to ``dirname``, replacing an older copy (``replace=False``, a final
+        model: raising ``_VersionTaken`` instead)."""
         run = posixpath.dirname(tmp)
         target = posixpath.join(run, dirname)
         with self._lock:
@@ -415,6 +417,8 @@ class LocalBackend(FileBackend):
             _fsync_together([*written, f], tmp, self._in_memory)
             st = os.fstat(f.fileno())
         if not _moved_into_place(tmp, target):
+            if not replace:
+                raise _VersionTaken(dirname)
             # Replacing a committed copy (also one another process committed since this save
             # began): swap atomically, so that a crash leaves one of the two in place; only where
             # the filesystem cannot swap are there two renames. The old copy loses its manifest
@@ -439,7 +443,7 @@ class LocalBackend(FileBackend):
             self._in_flight.discard(tmp)
 
     def _store(self, run_name: str, dirname: str, payload: Payload,
-               same_as: tuple[CheckpointRef, Manifest] | None = None) -> CheckpointRef:
+               same_as: tuple[CheckpointRef, Manifest] | None = None, replace: bool = True) -> CheckpointRef:
         tmp = self._stage(run_name, dirname)
         written: list[BinaryIO] = []
         with self._lock:
@@ -454,7 +458,7 @@ class LocalBackend(FileBackend):
                     lambda pf, stop: self._write(pf, os.path.join(tmp, _check_file_name(pf.name)), stop),
                     self.write_concurrency(payload))
                 same = same_as is not None and entries == same_as[1].files
-                target = "" if same else self._commit(tmp, dirname, payload.manifest(entries))
+                target = "" if same else self._commit(tmp, dirname, payload.manifest(entries), replace)
             finally:
                 with self._lock:
                     del self._unsynced[tmp]
@@ -462,8 +466,8 @@ class LocalBackend(FileBackend):
                     f.close()
         except BaseException as exc:
             self._unstage(tmp, remove=True)
-            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: no leftover, then go on
-                raise
+            if not isinstance(exc, Exception) or isinstance(exc, _VersionTaken):
+                raise  # KeyboardInterrupt, SystemExit: no leftover, then go on; a version taken: the next
             full = no_space(exc)
             if full is not None:
                 raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,

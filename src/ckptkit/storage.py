@@ -64,6 +64,33 @@ def _final_folder(name: str) -> bool:
     return parse_final(name) is not None or name.startswith((".tmp-final-", ".trash-final-"))
 
 
+# What a publish writes into a final model's folder: a folder of that name holding anything
+# else (a trainer's own final-2024/) is not ckptkit's, and no prune deletes it.
+_FINAL_WRITES = ("final_model.pt",)
+
+
+def _final_leftover(files: Iterable[str]) -> bool:
+    """Whether a final model's folder without a manifest holds only what a publish writes (the
+    file, a manifest on its way in): what a killed one left."""
+    return all(n in _FINAL_WRITES or n.startswith(f".{MANIFEST_NAME}.tmp-") for n in files)
+
+
+def _staged_version(dirname: str) -> int | None:
+    """The version of a final model that a ``.tmp-final…-<id>`` folder stages (a publish in
+    flight on local disk), or None."""
+    if not dirname.startswith(".tmp-final"):
+        return None
+    return parse_final(dirname[len(".tmp-"):].rsplit("-", 1)[0])
+
+
+_VERSION_TRIES = 8
+
+
+class _VersionTaken(Exception):
+    """The folder chosen for a final model holds one already: another publish of the run took
+    it meanwhile. The next version is tried; a final model is never replaced."""
+
+
 def final_dirname(version: int) -> str:
     """The folder of a run's ``version``-th final model: ``final``, then ``final-2``, ``final-3``...
     A final model is kept as it was published (a registry may point at its bytes), so a later
@@ -370,7 +397,9 @@ class FileBackend:
         # present, committed or not (a publish in flight, or what a killed one left). The same
         # bytes as the newest one (a finished job started again) are not kept twice.
         listing = self._listing(run_name)
-        taken = [v for v in map(parse_final, listing) if v]
+        taken = [v for d, f in listing.items()
+                 if (v := parse_final(d)) and (MANIFEST_NAME in f.files or _final_leftover(f.files))]
+        taken += [v for d in listing if (v := _staged_version(d))]
         newest = None
         ref = self._newest_final(run_name, listing)
         if ref is not None:
@@ -383,7 +412,15 @@ class FileBackend:
                 pass
         if newest is not None and {pf.name: pf.expected for pf in payload.files} == newest[1].files:
             return newest[0]
-        return self._store(run_name, final_dirname(max(taken, default=0) + 1), payload, same_as=newest)
+        version = max(taken, default=0) + 1
+        for _ in range(_VERSION_TRIES):
+            try:
+                return self._store(run_name, final_dirname(version), payload, same_as=newest, replace=False)
+            except _VersionTaken:
+                version += 1  # another publish of the run committed it meanwhile
+        raise BackendError(self.name, f"could not store the final model of run {run_name!r}: {_VERSION_TRIES} "
+                                      "final model folders in a row were taken by other publishes of the run "
+                                      "meanwhile; publish again once they are done")
 
     def _newest_final(self, run_name: str, listing: dict[str, _Folder]) -> CheckpointRef | None:
         """The folder of the run's newest committed final model in ``listing`` (its step not read)."""
@@ -396,10 +433,11 @@ class FileBackend:
                          sizes={n: int(i.get("size") or 0) for n, i in committed[version].items() if n != MANIFEST_NAME})
 
     def _store(self, run_name: str, dirname: str, payload: Payload,
-               same_as: tuple[CheckpointRef, Manifest] | None = None) -> CheckpointRef:
+               same_as: tuple[CheckpointRef, Manifest] | None = None, replace: bool = True) -> CheckpointRef:
         """Write ``payload``'s files into ``dirname`` of the run, then its manifest. ``same_as``: a
         committed checkpoint whose ref is returned instead, and this copy discarded uncommitted,
-        when the files written turn out to be its own."""
+        when the files written turn out to be its own. ``replace=False`` (a final model): a
+        committed copy found there raises ``_VersionTaken``, before anything is written."""
         target = posixpath.join(self.run_path(run_name), dirname)
         manifest_path = posixpath.join(target, MANIFEST_NAME)
         current = manifest_path
@@ -419,6 +457,8 @@ class FileBackend:
             # of the run (a requeued job's predecessor, still saving) may have committed it since
             # this one last listed, and it is then saved beside, not written over.
             stored = self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path)
+            if stored and not replace:
+                raise _VersionTaken(dirname)
             doing = "writing"
             uncommitted = not stored
             if stored and _copies_files(self.fs):
@@ -475,8 +515,10 @@ class FileBackend:
                         current = failed[0] if failed else current
                         raise
             if same_as is not None and staging is None and uncommitted and entries == same_as[1].files:
-                self._discard(target)
-                return same_as[0]
+                if self._committed_meanwhile(manifest_path) is False:
+                    self._discard(target)
+                    return same_as[0]
+                raise _VersionTaken(dirname)  # taken by another publish meanwhile: left as it is
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
@@ -486,10 +528,12 @@ class FileBackend:
             self._damaged.discard(target)
             if staging is not None:
                 self._tidy_replaced(target, staging, entries)
+        except _VersionTaken:
+            raise
         except Exception as exc:
             silent = gave_up(exc)
             maybe_taken = manifest_sent and silent
-            theirs = False
+            theirs: bool | None = False
             if silent:
                 # The store stopped answering: a clean-up would wait through all of its retries
                 # again, and could delete the files of a manifest the store took without
@@ -501,9 +545,9 @@ class FileBackend:
             else:
                 if staging is not None:
                     self._discard(staging)
-                theirs = (uncommitted and staging is None and not replaced_in_place
-                          and self._committed_meanwhile(manifest_path))
-                if uncommitted and not theirs:
+                if uncommitted and staging is None and not replaced_in_place:
+                    theirs = self._committed_meanwhile(manifest_path)
+                if uncommitted and theirs is False:
                     self._discard(target)
             full = no_space(exc)
             if full is not None:
@@ -518,6 +562,9 @@ class FileBackend:
             elif theirs:
                 outcome = ("nothing of it was committed, and a copy of this step that another training of the run "
                            "committed meanwhile is left as it is (damaged, where this save's files went over its own)")
+            elif theirs is None:
+                outcome = ("nothing of it was committed; whether another training of the run committed this step "
+                           "meanwhile could not be asked, so what lies there is left as it is")
             elif staging is None and not replaced_in_place:
                 outcome = "nothing of it was committed"
             elif uncommitted and silent:
@@ -663,16 +710,16 @@ class FileBackend:
         HEAD: a backend whose store tells a file in one request overrides this (``s3``)."""
         return self.fs.exists(path)
 
-    def _committed_meanwhile(self, manifest_path: str) -> bool:
+    def _committed_meanwhile(self, manifest_path: str) -> bool | None:
         """Whether a manifest lies at ``manifest_path``, where a failed save found none and wrote
         none: another training of the run committed the step while this one wrote. Its folder is
         then left as it is (read as damaged, where this save's files went over its own), not
-        deleted. A store that cannot be asked is taken to hold one."""
+        deleted. None for a store that could not be asked, which is left alone as well."""
         try:
             self.fs.invalidate_cache(posixpath.dirname(manifest_path))
             return bool(self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path))
         except Exception:
-            return True
+            return None
 
     @hookimpl
     def stage_sharded(self, run_name: str, step: int) -> str:
@@ -689,9 +736,11 @@ class FileBackend:
             folder = posixpath.join(run, f".tmp-{step_dirname(step)}-{uuid.uuid4().hex[:12]}")
         else:
             # A store that cannot copy a file itself, or what a failed save left: cleared, as
-            # the shards may be named differently this time.
+            # the shards may be named differently this time (not what another training of the
+            # run committed since the check).
             folder = target
-            self._discard(target)
+            if self._committed_meanwhile(manifest_path) is False:
+                self._discard(target)
         with self._lock:
             self._in_flight.add(folder)
         try:
@@ -973,9 +1022,12 @@ class FileBackend:
         for dirname, folder in folders.items():
             # Only what ckptkit itself writes: a step or final folder without manifest, or a
             # temporary or trash folder of the local commit protocol. Anything else is not ours.
-            checkpoint = parse_step(dirname) is not None or parse_final(dirname) is not None
+            final = parse_final(dirname) is not None
+            checkpoint = parse_step(dirname) is not None or final
             if not written_by_ckptkit(dirname) or MANIFEST_NAME in folder.files and checkpoint:
                 continue
+            if final and MANIFEST_NAME not in folder.files and not _final_leftover(folder.files):
+                continue  # a trainer's own final-2024/, say
             aside_for = set_aside_for(dirname)
             if aside_for is not None and MANIFEST_NAME in folder.files and aside_for not in folders:
                 continue  # a committed copy a killed save left aside: put back, never deleted (local)
@@ -1046,7 +1098,7 @@ class FileBackend:
 
     def sweep_final_leftovers(self, run_name: str, dry_run: bool) -> list[CheckpointRef]:
         """Remove what a killed or failed ``publish_final`` left in the run (its temporary folder,
-        or ``final/`` without a manifest, past the grace period); nothing else. For a backend
+        or a ``final/``, ``final-N/`` without a manifest, past the grace period); nothing else. For a backend
         that serves the final role alone, which no resume prune visits."""
         with self._lock:
             in_flight = set(self._in_flight)

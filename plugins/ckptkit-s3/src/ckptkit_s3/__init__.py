@@ -390,7 +390,7 @@ class S3Backend(FileBackend):
         """Multipart uploads of this run's checkpoints that a killed save started and never finished.
 
         S3 keeps their parts (and bills them) until they are aborted. Only uploads into a step
-        folder or ``final/`` of this run, older than the grace period and not this process's
+        folder or a ``final/``, ``final-N/`` of this run, older than the grace period and not this process's
         own save in flight, are returned.
 
         They are listed only when one can have grown old enough: an upload that a listing did

@@ -248,6 +248,6 @@ class FaultyLocalBackend(LocalBackend):
         faulty = attrs.evolve(pf, source=None, write=lambda f: pf.write_to(_FaultyStream(f, path, faults)))
         return super()._write(faulty, path, stop)
 
-    def _commit(self, tmp, dirname, manifest):
+    def _commit(self, tmp, dirname, manifest, replace=True):
         self.faults.check("commit", f"{tmp}/manifest.json")
-        return super()._commit(tmp, dirname, manifest)
+        return super()._commit(tmp, dirname, manifest, replace)

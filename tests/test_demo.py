@@ -142,6 +142,13 @@ def test_a_config_naming_a_backend_type_not_installed_fails_before_any_training(
     assert "reference run" not in done.stdout, "it trained before reading the config through"
 
 
+def test_publish_without_a_config_is_refused_before_training(tmp_path):
+    """--publish applies with --config; alone it was accepted and did nothing of its own."""
+    done = _demo(tmp_path, "--publish")
+    assert done.returncode == 1 and "--publish applies with --config" in done.stderr, done.stderr
+    assert not (tmp_path / "ckptkit-demo").exists()
+
+
 def test_a_folder_the_demo_cannot_write_is_named_with_what_to_do(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")

@@ -424,6 +424,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.publish and args.config is None:
+        # The demo's own config publishes always; --publish asks it of a config given.
+        raise CkptkitError("demo: --publish applies with --config (the demo's own config publishes its model "
+                           "already); add --config FILE, or leave --publish out")
     try:
         summary = run_demo(args.workdir, steps=args.steps, console=None if args.json else console,
                            config=args.config, publish=args.publish or None)

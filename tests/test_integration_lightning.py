@@ -9,6 +9,7 @@ optimizer, scheduler, loop state and every rank's RNG state all came back.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -415,6 +416,31 @@ def test_a_finished_fit_run_again_resumes_at_its_end_and_publishes_nothing(tmp_p
     assert ckpt.restored_step == 6
     assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert committed_steps(tmp_path / "ckpts") == [4, 6]
+
+
+def test_a_finished_fit_whose_final_model_no_backend_holds_publishes_it_when_run_again(tmp_path, monkeypatch, caplog):
+    """A job stopped inside finalize after its last step, a due one, was saved: Lightning skips
+    the restored, finished loop and its on_train_end, and the model was never published, without
+    a word. A first fit without a final role leaves the run so; the restart publishes the
+    restored weights of that step, once."""
+    monkeypatch.chdir(tmp_path)
+    tr, _ = trainer(local_config(tmp_path, every=4), max_steps=8, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())
+    config = local_config(tmp_path, every=4, final={"type": "local", "path": str(tmp_path / "final")})
+    model = Net()
+    with caplog.at_level(logging.WARNING, logger="ckptkit.integrations.lightning"):
+        tr, ckpt = trainer(config, max_steps=8, logger=False, default_root_dir=tmp_path)
+        tr.fit(model)
+    assert ckpt.restored_step == 8
+    assert "not every final backend holds its final model of step 8" in caplog.text
+    published = torch.load(tmp_path / "final" / "lit" / "final" / "final_model.pt", weights_only=True)
+    assert published["step"] == 8
+    assert all(torch.equal(published["model"][k], v) for k, v in model.state_dict().items())
+    first = (tmp_path / "final" / "lit" / "final" / "manifest.json").read_bytes()
+    tr, _ = trainer(config, max_steps=8, logger=False, default_root_dir=tmp_path)
+    tr.fit(Net())  # published now: not again
+    assert sorted(os.listdir(tmp_path / "final" / "lit")) == ["final"]
+    assert (tmp_path / "final" / "lit" / "final" / "manifest.json").read_bytes() == first
 
 
 def test_an_early_stopped_fit_run_again_stays_stopped_and_publishes_nothing(tmp_path, monkeypatch):

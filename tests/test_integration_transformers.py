@@ -332,6 +332,31 @@ def test_the_last_step_is_committed_so_a_finished_training_run_again_trains_and_
     assert published.read_bytes() == first
 
 
+def test_a_finished_training_whose_final_model_no_backend_holds_publishes_it_when_run_again(tmp_path, caplog):
+    """A job stopped inside finalize, after its last step was committed: every restart found the
+    training finished and published nothing, without a word; ckptkit publish could not either
+    (a files checkpoint holds no state.pt). A first training without a final role leaves the
+    run so; the restart publishes the restored weights of the last step."""
+    train(local_config(tmp_path), tmp_path / "out")
+    assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
+    config = local_config(tmp_path, final={"type": "local", "path": str(tmp_path / "final")})
+    with caplog.at_level(logging.WARNING, logger="ckptkit.integrations.transformers"):
+        trainer, resumed = train(config, tmp_path / "out")
+    assert resumed.endswith("checkpoint-12")
+    assert "not every final backend holds its final model of step 12" in caplog.text
+    published = torch.load(tmp_path / "final" / "hf" / "final" / "final_model.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(resumed, "model.safetensors"))
+    assert published["step"] == 12
+    assert all(torch.equal(published["model"][k], saved[k]) for k in saved), "not the last step's weights"
+    first = (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes()
+
+    train(config, tmp_path / "out")  # published now: not again
+    assert sorted(os.listdir(tmp_path / "final" / "hf")) == ["final"]
+    assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+
+
 def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, early_first=False, best_is_first=False,
                             resume=None):
     """A training that EarlyStoppingCallback stops at step 12: evaluated every 4 steps, no

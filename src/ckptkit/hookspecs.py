@@ -370,6 +370,22 @@ def find_published(run_name: str, digest: str, algorithm: str | None) -> Checkpo
 
 
 @_hookspec
+def final_step(run_name: str, algorithm: str | None) -> int | None:
+    """Tell the step of the newest final model of a run that this backend holds, for a backend
+    without ``final_ref`` (a registry).
+
+    Called by ``CheckpointManager.final_held`` on rank 0, directly on each final backend, when a
+    training finds itself finished at a restart (the Lightning and transformers integrations):
+    a job stopped inside ``finalize`` published nothing, and is published then. A final backend
+    with neither hook cannot tell, and the model is published again to be sure.
+
+    :param run_name: the run.
+    :param algorithm: the model's tag, as passed to ``publish_final``, or None.
+    :return: the step, or None when this backend holds no final model of the run.
+    """
+
+
+@_hookspec
 def close() -> None:
     """Release what the backend holds (clients, connections, thread pools).
 

@@ -2093,6 +2093,44 @@ class CheckpointManager:
             self._fail(PublishError(message, failures, saved))
         return saved
 
+    def final_held(self, step: int) -> bool | None:
+        """Whether every final backend holds a final model of this run from ``step`` on (the
+        newest it holds is of that step or a later one): True or False, or None when some
+        backend cannot tell (a type with neither ``final_ref`` nor ``final_step``, a store that
+        did not answer, a damaged final model). Rank 0 asks; every rank gets its answer.
+
+        For a training that finds itself finished at a restart: a job stopped inside
+        ``finalize`` published nothing, and publishes unless this is True.
+        """
+        self._check_open()
+        if self.config.final is None:
+            return True
+
+        def ask() -> bool | None:
+            answers: list[bool | None] = []
+            for name in self.router.backends(Role.FINAL):
+                backend = self.router.instances[name]
+                try:
+                    if callable(getattr(backend, "final_ref", None)):
+                        ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
+                        newest = None if ref is None else ref.step
+                    elif callable(getattr(backend, "final_step", None)):
+                        newest = self.router.call_blaming(name, "final_step", storage_errors=True,
+                                                          run_name=self.run_name, algorithm=self.config.algorithm)
+                    else:
+                        answers.append(None)
+                        continue
+                except Exception as exc:  # unreadable or unreachable: not known to hold it
+                    log.warning("could not tell whether backend %r holds the final model of run %r: %s", name,
+                                self.run_name, exc)
+                    answers.append(None)
+                    continue
+                answers.append(isinstance(newest, int) and newest >= step)
+            return False if False in answers else None if None in answers else True
+
+        status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
+        return result if status == "ok" else None
+
     def _write_fallback(self, payload: Payload) -> str:
         from .local import LocalBackend
 

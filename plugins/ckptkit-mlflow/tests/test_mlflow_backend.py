@@ -465,6 +465,23 @@ def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spa
     assert (params[FINAL_URI_PARAM], params[f"{FINAL_URI_PARAM}-2"]) == (expected, second.source)
 
 
+def test_final_held_asks_the_registry_for_the_newest_step_of_the_run(tmp_path, embedded_uri):
+    """What a training restarted finished asks before publishing what a job stopped inside
+    finalize left unpublished: the registry answers with the steps its versions carry."""
+    exp = f"held-{_uid()}"
+    cfg = _config(tmp_path, embedded_uri, exp, model_name=f"held_{_uid()}")
+    ck = CheckpointManager.from_config(cfg, run_name="first")
+    model, opt = _model(0)
+    assert ck.final_held(5) is False
+    ck.finalize(model=model, step=5)
+    assert (ck.final_held(5), ck.final_held(4), ck.final_held(6)) == (True, True, False)
+    ck.close()
+    # Another run, registering to the same model name, holds none of its own.
+    other = CheckpointManager.from_config(cfg, run_name="second")
+    assert other.final_held(1) is False
+    other.close()
+
+
 def test_publishing_a_step_twice_registers_it_once(tmp_path, embedded_uri, capsys):
     exp = f"twice-{_uid()}"
     name = f"twice_{_uid()}"

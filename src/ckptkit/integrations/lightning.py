@@ -130,6 +130,10 @@ class CkptkitCheckpoint(Checkpoint):
         self.on_error = on_error
         self.manager: CheckpointManager | None = None
         self.restored_step: int | None = None
+        # The epoch and metrics of the step restored, and whether this fit trained at all: a fit
+        # restored finished is skipped by Lightning, on_train_end included.
+        self._restored_as: tuple[int | None, dict[str, float]] = (None, {})
+        self._trained = False
         self._last_saved: int | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._fast_forward: tuple[Any, Any] | None = None  # a loop method wrapped until the first batch
@@ -187,6 +191,7 @@ class CkptkitCheckpoint(Checkpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._trained = False
         self._check_trainer(trainer)
         connector = _connector(trainer)
         if self.manager is None:
@@ -225,6 +230,7 @@ class CkptkitCheckpoint(Checkpoint):
         self._pending_rng = restored.rank_extra.get(RNG_KEY)
         self._saved_optimizers = restored.extra.get(OPTIMIZERS_KEY)
         self.restored_step = self._last_saved = restored.step
+        self._restored_as = (restored.epoch, dict(restored.metrics))
         log.info("ckptkit: resuming run %r from %s (global step %d)", self.manager.run_name, restored.ref.uri,
                  restored.step)
 
@@ -274,6 +280,7 @@ class CkptkitCheckpoint(Checkpoint):
         self._restore_rng_at_epoch_end()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         if self._pending_rng is not None and self._pending_rng.get("epoch_done"):
             # Restarted at an epoch's end before an epoch that validates, Lightning fast-forwards
             # its validation loop before the first batch, making the validation loader's iterator:
@@ -386,7 +393,8 @@ class CkptkitCheckpoint(Checkpoint):
             return
         step = trainer.global_step
         # Published first, saved second: a crash between the two trains the last steps again and
-        # publishes again, where the other order could leave a finished fit never published.
+        # publishes again. Where the last step was saved already (a due one), a restart finds the
+        # fit finished and publishes in teardown, unless the final backends hold the model.
         if self.finalize and self.manager.config.final is not None:
             params = self.params if self.params is not None else _plain_params(pl_module.hparams)
             self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
@@ -404,7 +412,26 @@ class CkptkitCheckpoint(Checkpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._unwrap()  # a fit that ended before its first batch
-            self._close()
+            try:
+                self._publish_missing(trainer, pl_module)
+            finally:
+                self._close()
+
+    def _publish_missing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit restored finished, whose loop Lightning skipped with its on_train_end: publish
+        the final model where a job stopped inside finalize (after the last step's save) left
+        it unpublished. (A fit that failed closed the manager already.)"""
+        if (self.manager is None or self._trained or self.restored_step is None or not self.finalize
+                or self.manager.config.final is None or not trainer.fit_loop.done):
+            return
+        if self.manager.final_held(self.restored_step):
+            return
+        log.warning("ckptkit: the fit of run %r had finished before this start, but not every final backend holds "
+                    "its final model of step %d (a job stopped inside finalize?): publishing it now",
+                    self.manager.run_name, self.restored_step)
+        epoch, metrics = self._restored_as
+        params = self.params if self.params is not None else _plain_params(pl_module.hparams)
+        self.manager.finalize(model=pl_module, step=self.restored_step, epoch=epoch, metrics=metrics, params=params)
 
     def _close(self) -> None:
         if self.manager is not None:

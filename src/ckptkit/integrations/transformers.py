@@ -129,6 +129,9 @@ class CkptkitCallback(TrainerCallback):
         # A restart of a training that had finished (max_steps, or stopped early): nothing more is
         # committed or published.
         self._finished = False
+        # Such a restart whose final model no final backend holds (a job stopped inside
+        # finalize): published at the end, once the Trainer has loaded the best model back.
+        self._unpublished = False
         # Whether resume_from gave the Trainer's callbacks their saved state back.
         self._callbacks_restored = False
         # The step last committed and its trainer_state.json, to tell a folder saved again unchanged.
@@ -207,7 +210,7 @@ class CkptkitCallback(TrainerCallback):
         # Starts the tracking run's lookup now, while the Trainer's own MLflow run (report_to)
         # is active on this thread, so that the final model is logged to that run.
         self._reopen()
-        self._steps_run, self._finished, self._committed = 0, False, None
+        self._steps_run, self._finished, self._committed, self._unpublished = 0, False, None, False
         self._refuse_save_best(args)
         self.manager.tracking_run_id()
         self._start_step = state.global_step
@@ -221,6 +224,8 @@ class CkptkitCallback(TrainerCallback):
                 control.should_training_stop = True
                 log.info("step %d was saved by a training told to stop (early stopping): it stops again, and "
                          "nothing more is committed or published", state.global_step)
+            if self._finished:
+                self._publish_missing(args, state, kwargs.get("model"))
             exported = sorted(name for name in saved if name != "TrainerControl")
             if exported and not args.restore_callback_states_from_checkpoint and not self._callbacks_restored:
                 log.warning("the checkpoint holds the state of %s, which the Trainer does not restore: pass the "
@@ -286,23 +291,42 @@ class CkptkitCallback(TrainerCallback):
         epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
         return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _latest_metrics(state, up_to=step)
 
+    def _publish_missing(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        """At the start of a finished training: publish its final model where a job stopped
+        inside finalize left it unpublished, from the weights just restored (the step the
+        Trainer may still run is not the model's), or, when the Trainer loads the best
+        checkpoint back at the end, then."""
+        if not self.publish_final or self.manager.config.final is None:
+            return
+        step, _, _ = self._published_as(args, state)
+        if self.manager.final_held(step):
+            log.info("training had finished (max_steps %d, or stopped early) before this start, and its final model "
+                     "is published: it is not published again", state.max_steps)
+            return
+        log.warning("training had finished (max_steps %d, or stopped early) before this start, but not every final "
+                    "backend holds its final model of step %d (a job stopped inside finalize?): publishing it now",
+                    state.max_steps, step)
+        if step == state.global_step:
+            self._finalize(args, state, model)
+        else:
+            self._unpublished = True
+
+    def _finalize(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        if model is None:
+            raise ValueError("the Trainer passed no model to the callback; nothing to publish")
+        config = getattr(model, "config", None)
+        extra = {"transformers_config": config.to_json_string()} if hasattr(config, "to_json_string") else {}
+        step, epoch, metrics = self._published_as(args, state)
+        self.manager.finalize(model=model, step=step, epoch=epoch, metrics=metrics, extra=extra, params=self.params)
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: Any = None, **kwargs: Any):
         try:
             if self.publish_final and self.manager.config.final is not None:
-                if self._steps_run == 0 or self._finished:
-                    # A restart of a finished training (the Trainer may still run one more step):
-                    # its model was published when it first ended.
-                    log.info("training had finished (max_steps %d, or stopped early) before this start; the final "
-                             "model is not published again", state.max_steps)
-                elif model is None:
-                    raise ValueError("the Trainer passed no model to on_train_end; nothing to publish")
+                if (self._steps_run == 0 or self._finished) and not self._unpublished:
+                    pass  # a restart of a finished training: published already, or at its start
                 else:
-                    config = getattr(model, "config", None)
-                    extra = {"transformers_config": config.to_json_string()} if hasattr(config, "to_json_string") else {}
-                    step, epoch, metrics = self._published_as(args, state)
-                    self.manager.finalize(model=model, step=step, epoch=epoch, metrics=metrics, extra=extra,
-                                          params=self.params)
+                    self._finalize(args, state, model)
             else:
                 self.manager.wait()
         finally:

@@ -760,6 +760,17 @@ class FinalBackendTests:
         assert found_first is not None and found_first.uri == first.uri, (found_first, first)
         assert found_second is not None and found_second.uri == second.uri, (found_second, second)
 
+    def test_final_step_names_the_newest_step_of_the_run_published(self, backend):
+        """What a training restarted finished asks, to publish what a job stopped inside
+        ``finalize`` left unpublished (answering None for a run holding one would publish it
+        again at every restart; answering a step for a run holding none, never)."""
+        if not hasattr(backend, "final_step"):
+            pytest.skip(f"{type(backend).__name__} does not implement the optional final_step hook")
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) is None
+        self.publish(backend, 5)
+        self.publish(backend, 9, data=b"another model" * 100)
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) == 9
+
     def test_check_final_answers_a_list_of_lines(self, backend):
         if not hasattr(backend, "check_final"):
             pytest.skip(f"{type(backend).__name__} does not implement the optional check_final hook")

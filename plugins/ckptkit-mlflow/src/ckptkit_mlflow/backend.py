@@ -775,6 +775,25 @@ class MlflowBackend:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=uri, uri=uri, role="final")
 
     @ckptkit.hookimpl
+    def final_step(self, run_name: str, algorithm: str | None) -> int | None:
+        """The highest ``ckptkit.step`` among the registered versions of the run's model that
+        carry this run's name."""
+        name = self.model_name(run_name, algorithm)
+        try:
+            with self._requests():
+                found = self.client.search_model_versions(f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+        except Exception as exc:
+            raise self._error(f"looking for the versions of {name!r} of run {run_name!r}", exc) from None
+        steps = []
+        for v in found:
+            if v.name == name and v.status != "FAILED_REGISTRATION":
+                try:
+                    steps.append(int(v.tags.get("ckptkit.step", "")))
+                except ValueError:
+                    continue
+        return max(steps, default=None)
+
+    @ckptkit.hookimpl
     def probe(self) -> dict[str, Any]:
         db = self.tracking_uri.split(":///", 1)[1] if self.tracking_uri.startswith("sqlite:///") else None
         if db and db != ":memory:" and not os.path.exists(db):

@@ -487,6 +487,12 @@ def test_ckptkit_prune_removes_what_a_killed_finalize_left_in_a_final_only_store
     assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
     assert not old.exists() and young.exists(), "a young one may be a finalize in flight"
     assert (run / "final" / "manifest.json").exists()
+    # A config of the final role alone: it was refused ("no resume backends are declared").
+    os.utime(young, (an_hour_ago, an_hour_ago))
+    os.utime(young / "final_model.pt", (an_hour_ago, an_hour_ago))
+    del cfg["roles"]["resume"]
+    assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
+    assert not young.exists() and (run / "final" / "manifest.json").exists()
 
 
 def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, monkeypatch):

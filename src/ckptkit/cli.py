@@ -390,7 +390,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             corrupt: tuple = ()
             keep = 0
         else:
-            keep = ck.resume_role.keep_last if args.keep_last is None else args.keep_last
+            keep = (ck.config.resume.keep_last if ck.config.resume is not None else 1) if args.keep_last is None \
+                else args.keep_last
             if keep < 1:
                 raise CkptkitError("--keep-last must be at least 1")
             result = ck.prune(keep_last=keep, dry_run=args.dry_run)

@@ -1039,7 +1039,10 @@ class CheckpointManager:
         in flight is waited for first, and its outcome reported, as ``wait()`` does.
         """
         self._check_open()
-        keep = self.resume_role.keep_last if keep_last is None else keep_last
+        # A config of the final role alone has no resume checkpoints, only what a killed
+        # finalize left in its stores (swept below).
+        keep = (self.config.resume.keep_last if self.config.resume is not None else 1) if keep_last is None \
+            else keep_last
         if keep < 1:
             raise ValueError("keep_last must be at least 1")
         self.wait()  # an async save in flight commits, and the prune after it ends, before this one lists

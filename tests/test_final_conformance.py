@@ -62,6 +62,10 @@ class JsonRegistry:
         return self._ref(run_name, held[0]) if held else None
 
     @ckptkit.hookimpl
+    def final_step(self, run_name, algorithm):
+        return max((v["step"] for v in self._index() if v["run"] == run_name), default=None)
+
+    @ckptkit.hookimpl
     def check_final(self, run_name, algorithm):
         return [] if os.access(self.folder, os.W_OK) else [f"{self.folder} is not writable"]
 
@@ -70,6 +74,12 @@ class TestJsonRegistry(FinalBackendTests):
     @pytest.fixture
     def backend(self, tmp_path):
         return JsonRegistry("reg", str(tmp_path / "registry"))
+
+
+class _CannotTell(JsonRegistry):
+    """A registry that cannot say which steps it holds (no final_step)."""
+
+    final_step = None
 
 
 class _OneSlot(JsonRegistry):
@@ -133,3 +143,26 @@ def test_the_registry_the_suite_passes_serves_a_training(tmp_path):
     assert result.already_held == () and [r.uri for r in result.published] == ["jsonreg://reg/exp/2"]
     assert [r.uri for r in publish(ck, find_source(ck, step=1)).already_held] == ["jsonreg://reg/exp/2"]
     ck.close()
+
+
+def test_final_held_cannot_tell_for_a_registry_without_final_step_and_tells_beside_a_file_backend(tmp_path):
+    """A training restarted finished publishes only where final_held answers False: a registry
+    that cannot tell (no final_step) answers None, which publishing would turn into a new version
+    at every restart."""
+    import torch
+
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("jsonreg", _CannotTell)
+    cfg = {"run_name": "exp",
+           "backends": {"disk": {"type": "local", "path": str(tmp_path / "ckpts")},
+                        "kept": {"type": "local", "path": str(tmp_path / "kept")},
+                        "reg": {"type": "jsonreg", "path": str(tmp_path / "registry")}},
+           "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1}, "final": {"backends": ["kept"]}}}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        assert ck.final_held(3) is False
+        ck.finalize(model=torch.nn.Linear(4, 2), step=3)
+        assert (ck.final_held(3), ck.final_held(4)) == (True, False)
+    cfg["roles"]["final"]["backends"] = ["kept", "reg"]
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        assert ck.final_held(3) is None
+        assert ck.final_held(4) is False  # what one backend lacks is lacking, whatever the other says

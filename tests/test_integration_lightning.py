@@ -425,17 +425,17 @@ def test_a_finished_fit_whose_final_model_no_backend_holds_publishes_it_when_run
     restored weights of that step, once."""
     monkeypatch.chdir(tmp_path)
     tr, _ = trainer(local_config(tmp_path, every=4), max_steps=8, logger=False, default_root_dir=tmp_path)
-    tr.fit(Net())
+    trained = Net()
+    tr.fit(trained)
     config = local_config(tmp_path, every=4, final={"type": "local", "path": str(tmp_path / "final")})
-    model = Net()
     with caplog.at_level(logging.WARNING, logger="ckptkit.integrations.lightning"):
         tr, ckpt = trainer(config, max_steps=8, logger=False, default_root_dir=tmp_path)
-        tr.fit(model)
+        tr.fit(Net())
     assert ckpt.restored_step == 8
     assert "not every final backend holds its final model of step 8" in caplog.text
     published = torch.load(tmp_path / "final" / "lit" / "final" / "final_model.pt", weights_only=True)
     assert published["step"] == 8
-    assert all(torch.equal(published["model"][k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(published["model"][k], v) for k, v in trained.state_dict().items())
     first = (tmp_path / "final" / "lit" / "final" / "manifest.json").read_bytes()
     tr, _ = trainer(config, max_steps=8, logger=False, default_root_dir=tmp_path)
     tr.fit(Net())  # published now: not again

@@ -398,7 +398,7 @@ def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_s
     patience counter started again from 0 and the training ran to step 16, not 12. Started again
     once stopped, it trained on to the next stop and published a second model. With
     load_best_model_at_end, the model published is the best checkpoint's, and says so."""
-    final = {"type": "local", "path": str(tmp_path / "final")}
+    final = {"type": "local", "path": str(tmp_path / "whole" / "final")}
     whole, _ = early_stopping_training(local_config(tmp_path / "whole", final=final), tmp_path / "whole" / "out",
                                        best_is_first=True)
     assert whole.state.global_step == 12
@@ -432,6 +432,14 @@ def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_s
     assert again.state.global_step <= 13  # the Trainer runs one step before it looks at its stop flag
     assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
     assert not (tmp_path / "out" / "checkpoint-13").exists()
+    assert (published / "manifest.json").read_bytes() == first
+
+    # On another machine (resume_from fetches the newest checkpoint only, not the best one's
+    # folder): the best step's final model is held, so nothing is published, the last step's
+    # weights least of all.
+    shutil.rmtree(tmp_path / "out")
+    early_stopping_training(config, tmp_path / "out", best_is_first=True)
+    assert sorted(os.listdir(tmp_path / "final" / "hf")) == ["final"]
     assert (published / "manifest.json").read_bytes() == first
 
 

@@ -717,6 +717,17 @@ def test_a_step_another_training_commits_while_this_save_writes_it_is_not_delete
     fs.rm(root, recursive=True)
 
 
+def test_a_sharded_save_of_a_committed_step_where_the_store_cannot_copy_clears_the_old_copy_first():
+    """There the shards go into the step's own folder: the old manifest and shards are removed
+    first, or the new shards lay under the old manifest, with old shards of other names left."""
+    fs, root = _NoCopyMemoryFS(skip_instance_cache=True), f"/dcp-{os.getpid()}-{time.monotonic_ns()}"
+    backend = FileBackend("kv", fs, root)
+    backend.save_resume(run_name="r", step=3, payload=payload(3))
+    folder = backend.stage_sharded(run_name="r", step=3)
+    assert folder.endswith(step_dirname(3))
+    assert not [p for p in fs.find(folder)], fs.find(folder)
+
+
 def _final_payload(data):
     return Payload(run_name="r", step=9, epoch=None, format="torch", role="final",
                    files=(PayloadFile("final_model.pt", write=lambda f: f.write(data)),))
@@ -776,19 +787,31 @@ def test_a_final_model_whose_checksum_is_the_newest_ones_is_named_without_a_byte
     assert sorted(os.listdir(tmp_path / "root/r")) == ["final"]
 
 
-def test_a_folder_named_like_a_later_final_model_that_ckptkit_did_not_write_is_left_alone(tmp_path):
-    """A trainer's own final-2024/ in the run is no final model of ckptkit's: not a leftover to
-    delete, nor a version to count past."""
-    backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root"), "leftover_grace_s": 0})
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_a_folder_named_like_a_later_final_model_that_ckptkit_did_not_write_is_left_alone(tmp_path, kind):
+    """A trainer's own final-2024/ in the run (files of its own, or only a folder) is no final
+    model of ckptkit's: the prune took it for a killed publish's leftover and deleted it, and on an
+    object store a publish wrote into it."""
+    if kind == "local":
+        backend = LocalBackend.from_config("disk", {"path": str(tmp_path / "root"), "leftover_grace_s": 0})
+        fs, root = backend.fs, str(tmp_path / "root")
+    else:
+        fs, root = MemoryFileSystem(skip_instance_cache=True), f"/own-{os.getpid()}-{time.monotonic_ns()}"
+        backend = FileBackend("store", fs, root, leftover_grace_s=0)
     backend.save_resume(run_name="r", step=1, payload=payload(1))
-    own = tmp_path / "root/r/final-2024"
-    own.mkdir()
-    (own / "model.safetensors").write_bytes(b"the trainer's own")
+    for path, data in (("final-2/model.safetensors", b"the trainer's own"),
+                       ("final-2024/tokenizer/vocab.json", b"its vocabulary")):
+        fs.makedirs(posixpath.dirname(f"{root}/r/{path}"), exist_ok=True)
+        fs.pipe(f"{root}/r/{path}", data)
     time.sleep(0.01)
     assert backend.prune(run_name="r", keep_last=1, protected_steps=frozenset(), dry_run=False,
                          counted_steps=None) == []
-    assert backend.publish_final(run_name="r", payload=_final_payload(b"model")).path.endswith("/r/final")
-    assert (own / "model.safetensors").read_bytes() == b"the trainer's own"
+    first = backend.publish_final(run_name="r", payload=_final_payload(b"model"))
+    assert first.path.endswith("/r/final")
+    assert backend.publish_final(run_name="r", payload=_final_payload(b"later")).path.endswith("/r/final-3")
+    assert fs.cat(f"{root}/r/final-2/model.safetensors") == b"the trainer's own"
+    assert fs.cat(f"{root}/r/final-2024/tokenizer/vocab.json") == b"its vocabulary"
+    assert not fs.exists(f"{root}/r/final-2/{'manifest.json'}")
 
 
 def test_a_commit_killed_between_its_two_renames_is_put_back_for_a_process_restarted_at_once(tmp_path, caplog):

@@ -347,7 +347,9 @@ def final_ref(run_name: str) -> CheckpointRef | None:
 
     Called by ``ckptkit publish`` directly on each configured backend (and on the local fallback
     folder), to find stored final models to send and to skip backends that already hold
-    identical bytes. ``FileBackend`` implements it; a registry answers with ``find_published``.
+    identical bytes; and by ``CheckpointManager.final_held`` on rank 0, when a training finds
+    itself finished at a restart. ``FileBackend`` implements it; a registry answers with
+    ``find_published`` and ``final_step``.
 
     :param run_name: the run.
     :return: a ``CheckpointRef`` (role ``final``) whose manifest ``read_manifest`` can read, or

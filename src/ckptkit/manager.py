@@ -2100,7 +2100,8 @@ class CheckpointManager:
         """Whether every final backend holds a final model of this run from ``step`` on (the
         newest it holds is of that step or a later one): True or False, or None when some
         backend cannot tell (a type with neither ``final_ref`` nor ``final_step``, a store that
-        did not answer, a damaged final model). Rank 0 asks; every rank gets its answer.
+        did not answer, a damaged final model). Collective under torch.distributed: every rank
+        calls it; rank 0 asks, and every rank gets its answer.
 
         For a training that finds itself finished at a restart: a job stopped inside
         ``finalize`` published nothing, and publishes unless this is True.

@@ -69,10 +69,10 @@ def _final_folder(name: str) -> bool:
 _FINAL_WRITES = ("final_model.pt",)
 
 
-def _final_leftover(files: Iterable[str]) -> bool:
+def _final_leftover(folder: _Folder) -> bool:
     """Whether a final model's folder without a manifest holds only what a publish writes (the
-    file, a manifest on its way in): what a killed one left."""
-    return all(n in _FINAL_WRITES or n.startswith(f".{MANIFEST_NAME}.tmp-") for n in files)
+    file, a manifest on its way in), and no folder: what a killed one left."""
+    return not folder.nested and all(n in _FINAL_WRITES or n.startswith(f".{MANIFEST_NAME}.tmp-") for n in folder.files)
 
 
 def _staged_version(dirname: str) -> int | None:
@@ -196,6 +196,7 @@ class _Folder:
     """What one listing of a run saw of a folder directly under it."""
 
     files: dict[str, dict[str, Any]] = attrs.Factory(dict)  # the files directly inside: name -> info
+    nested: bool = False  # whether anything lies deeper: a folder inside, or files in one
     # The newest modification time of the folder itself or of any file under it; None when the
     # store tells neither (object stores have no folders of their own).
     mtime: float | None = None
@@ -397,8 +398,10 @@ class FileBackend:
         # present, committed or not (a publish in flight, or what a killed one left). The same
         # bytes as the newest one (a finished job started again) are not kept twice.
         listing = self._listing(run_name)
+        # Past ckptkit's own versions (committed, being written, left by a killed publish), and
+        # past any other folder of such a name too: none is written into.
         taken = [v for d, f in listing.items()
-                 if (v := parse_final(d)) and (MANIFEST_NAME in f.files or _final_leftover(f.files))]
+                 if (v := parse_final(d)) and (MANIFEST_NAME in f.files or _final_leftover(f))]
         taken += [v for d in listing if (v := _staged_version(d))]
         newest = None
         ref = self._newest_final(run_name, listing)
@@ -414,6 +417,8 @@ class FileBackend:
             return newest[0]
         version = max(taken, default=0) + 1
         for _ in range(_VERSION_TRIES):
+            while final_dirname(version) in listing:
+                version += 1
             try:
                 return self._store(run_name, final_dirname(version), payload, same_as=newest, replace=False)
             except _VersionTaken:
@@ -515,10 +520,13 @@ class FileBackend:
                         current = failed[0] if failed else current
                         raise
             if same_as is not None and staging is None and uncommitted and entries == same_as[1].files:
-                if self._committed_meanwhile(manifest_path) is False:
+                meanwhile = self._committed_meanwhile(manifest_path)
+                if meanwhile is False:
                     self._discard(target)
                     return same_as[0]
-                raise _VersionTaken(dirname)  # taken by another publish meanwhile: left as it is
+                if meanwhile:
+                    raise _VersionTaken(dirname)  # taken by another publish meanwhile: left as it is
+                raise OSError(f"whether {self.uri(manifest_path)} was committed meanwhile could not be asked")
             manifest = payload.manifest(entries)
             current = manifest_path
             data = manifest.to_json()
@@ -739,7 +747,7 @@ class FileBackend:
             # the shards may be named differently this time (not what another training of the
             # run committed since the check).
             folder = target
-            if self._committed_meanwhile(manifest_path) is False:
+            if committed or self._committed_meanwhile(manifest_path) is False:
                 self._discard(target)
         with self._lock:
             self._in_flight.add(folder)
@@ -864,6 +872,8 @@ class FileBackend:
                 folder.touched(info)
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info
+            elif len(parts) >= 2:
+                folder.nested = True
         return folders
 
     def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:
@@ -1026,7 +1036,7 @@ class FileBackend:
             checkpoint = parse_step(dirname) is not None or final
             if not written_by_ckptkit(dirname) or MANIFEST_NAME in folder.files and checkpoint:
                 continue
-            if final and MANIFEST_NAME not in folder.files and not _final_leftover(folder.files):
+            if final and MANIFEST_NAME not in folder.files and not _final_leftover(folder):
                 continue  # a trainer's own final-2024/, say
             aside_for = set_aside_for(dirname)
             if aside_for is not None and MANIFEST_NAME in folder.files and aside_for not in folders:

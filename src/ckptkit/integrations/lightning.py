@@ -424,7 +424,13 @@ class CkptkitCheckpoint(Checkpoint):
         if (self.manager is None or self._trained or self.restored_step is None or not self.finalize
                 or self.manager.config.final is None or not trainer.fit_loop.done):
             return
-        if self.manager.final_held(self.restored_step):
+        held = self.manager.final_held(self.restored_step)
+        if held:
+            return
+        if held is None:
+            log.warning("ckptkit: the fit of run %r had finished before this start; whether every final backend holds "
+                        "its final model of step %d could not be told (see the warnings above), so it is not published "
+                        "again", self.manager.run_name, self.restored_step)
             return
         log.warning("ckptkit: the fit of run %r had finished before this start, but not every final backend holds "
                     "its final model of step %d (a job stopped inside finalize?): publishing it now",

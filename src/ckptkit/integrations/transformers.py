@@ -93,6 +93,13 @@ def _stopped_early(states: dict[str, list[dict[str, Any]]]) -> bool:
                for e in states.get("EarlyStoppingCallback", ()))
 
 
+def _step_of(folder: str | None) -> int | None:
+    """The step of a Trainer checkpoint folder by its name (``checkpoint-12``), or None."""
+    name = os.path.basename(os.path.normpath(folder)) if folder else ""
+    digits = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
 def _save_strategy(args: TrainingArguments) -> str:
     return str(getattr(args.save_strategy, "value", args.save_strategy))
 
@@ -283,11 +290,9 @@ class CkptkitCallback(TrainerCallback):
         ``load_best_model_at_end``, the best checkpoint's, which the Trainer loaded back (when its
         folder was still there), else the last step's."""
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
-        name = os.path.basename(os.path.normpath(best)) if best and os.path.isdir(best) else ""
-        step_text = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
-        if not step_text.isdigit():
+        step = _step_of(best) if best and os.path.isdir(best) else None
+        if step is None:
             return state.global_step, int(state.epoch or 0), _latest_metrics(state)
-        step = int(step_text)
         epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
         return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _latest_metrics(state, up_to=step)
 
@@ -298,10 +303,28 @@ class CkptkitCallback(TrainerCallback):
         checkpoint back at the end, then."""
         if not self.publish_final or self.manager.config.final is None:
             return
-        step, _, _ = self._published_as(args, state)
-        if self.manager.final_held(step):
+        # The step the first end published: the best checkpoint's, whether or not its folder is
+        # here (resume_from fetches the newest only, and the Trainer then forgets the folder's
+        # name, though not its step).
+        best = None
+        if args.load_best_model_at_end:
+            best = getattr(state, "best_global_step", None) or _step_of(state.best_model_checkpoint)
+        step = best if best is not None else state.global_step
+        held = self.manager.final_held(step)
+        if held:
             log.info("training had finished (max_steps %d, or stopped early) before this start, and its final model "
                      "is published: it is not published again", state.max_steps)
+            return
+        if held is None:
+            log.warning("training had finished (max_steps %d, or stopped early) before this start; whether every final "
+                        "backend holds its final model of step %d could not be told (see the warnings above), so it "
+                        "is not published again", state.max_steps, step)
+            return
+        if step != state.global_step and self._published_as(args, state)[0] != step:
+            log.warning("training had finished before this start, but not every final backend holds its final model "
+                        "of step %d (a job stopped inside finalize?), and that checkpoint's folder is not here to "
+                        "publish it from: fetch it with restore_files(step=%d) into the output folder and run again",
+                        step, step)
             return
         log.warning("training had finished (max_steps %d, or stopped early) before this start, but not every final "
                     "backend holds its final model of step %d (a job stopped inside finalize?): publishing it now",

@@ -394,12 +394,11 @@ class FileBackend:
 
     @hookimpl
     def publish_final(self, run_name: str, payload: Payload) -> CheckpointRef:
-        # Beside every final model the run holds, never over one: past the highest version
-        # present, committed or not (a publish in flight, or what a killed one left). The same
-        # bytes as the newest one (a finished job started again) are not kept twice.
+        # Beside every final model the run holds, never over one: past ckptkit's own versions
+        # (committed, being written, left by a killed publish), and past any other folder of
+        # such a name too, which is not written into. The same bytes as the newest one (a
+        # finished job started again) are not kept twice.
         listing = self._listing(run_name)
-        # Past ckptkit's own versions (committed, being written, left by a killed publish), and
-        # past any other folder of such a name too: none is written into.
         taken = [v for d, f in listing.items()
                  if (v := parse_final(d)) and (MANIFEST_NAME in f.files or _final_leftover(f))]
         taken += [v for d in listing if (v := _staged_version(d))]

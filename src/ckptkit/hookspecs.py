@@ -373,13 +373,14 @@ def find_published(run_name: str, digest: str, algorithm: str | None) -> Checkpo
 
 @_hookspec
 def final_step(run_name: str, algorithm: str | None) -> int | None:
-    """Tell the step of the newest final model of a run that this backend holds, for a backend
-    without ``final_ref`` (a registry).
+    """Tell the highest step among the final models of a run that this backend holds (not the
+    newest one's: ``ckptkit publish --step`` of an older step publishes last).
 
     Called by ``CheckpointManager.final_held`` on rank 0, directly on each final backend, when a
     training finds itself finished at a restart (the Lightning and transformers integrations):
-    a job stopped inside ``finalize`` published nothing, and is published then. A final backend
-    with neither hook cannot tell, and the model is published again to be sure.
+    a job stopped inside ``finalize`` published nothing, and is published then. ``FileBackend``
+    implements it; a final backend with neither this hook nor ``final_ref`` cannot tell, and
+    the restart then warns and publishes nothing.
 
     :param run_name: the run.
     :param algorithm: the model's tag, as passed to ``publish_final``, or None.

@@ -2098,9 +2098,9 @@ class CheckpointManager:
 
     def final_held(self, step: int) -> bool | None:
         """Whether every final backend holds a final model of this run from ``step`` on (the
-        newest it holds is of that step or a later one): True or False, or None when some
-        backend cannot tell (a type with neither ``final_ref`` nor ``final_step``, a store that
-        did not answer, a damaged final model). Collective under torch.distributed: every rank
+        furthest it holds is of that step or a later one, by ``final_step``, else ``final_ref``):
+        True or False, or None when some backend cannot tell (a type with neither hook, a store
+        that did not answer, a damaged final model). Collective under torch.distributed: every rank
         calls it; rank 0 asks, and every rank gets its answer.
 
         For a training that finds itself finished at a restart: a job stopped inside
@@ -2115,12 +2115,12 @@ class CheckpointManager:
             for name in self.router.backends(Role.FINAL):
                 backend = self.router.instances[name]
                 try:
-                    if callable(getattr(backend, "final_ref", None)):
-                        ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
-                        newest = None if ref is None else ref.step
-                    elif callable(getattr(backend, "final_step", None)):
+                    if callable(getattr(backend, "final_step", None)):
                         newest = self.router.call_blaming(name, "final_step", storage_errors=True,
                                                           run_name=self.run_name, algorithm=self.config.algorithm)
+                    elif callable(getattr(backend, "final_ref", None)):
+                        ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
+                        newest = None if ref is None else ref.step
                     else:
                         answers.append(None)
                         continue

@@ -426,6 +426,23 @@ class FileBackend:
                                       "final model folders in a row were taken by other publishes of the run "
                                       "meanwhile; publish again once they are done")
 
+    @hookimpl
+    def final_step(self, run_name: str, algorithm: str | None) -> int | None:
+        """The highest step among the run's committed final models (a ``ckptkit publish --step``
+        of an older step is the newest folder, not the furthest model); unreadable ones are
+        passed over."""
+        listing = self._listing(run_name)
+        steps = []
+        for dirname, folder in listing.items():
+            if parse_final(dirname) is None or MANIFEST_NAME not in folder.files:
+                continue
+            ref = self._ref(run_name, -1, posixpath.join(self.run_path(run_name), dirname), role="final")
+            try:
+                steps.append(self.read_manifest(ref).step)
+            except CheckpointError:
+                continue
+        return max(steps, default=None)
+
     def _newest_final(self, run_name: str, listing: dict[str, _Folder]) -> CheckpointRef | None:
         """The folder of the run's newest committed final model in ``listing`` (its step not read)."""
         committed = {parse_final(d): f.files for d, f in listing.items() if MANIFEST_NAME in f.files}

@@ -662,6 +662,10 @@ class ResumeBackendTests:
         assert [posixpath.basename(r.path.rstrip("/")) for r in self.prune(backend)] == [final_dirname(2)]
         assert self.read(backend, first, "final_model.pt") == b"the first model"
         assert self.read(backend, second, "final_model.pt") == b"the second model"
+        if hasattr(backend, "final_step"):
+            # An older step published last is the newest folder, not the furthest model.
+            publish(3, b"an older step's model")
+            assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=None) == 9
 
     def test_a_sharded_checkpoint_is_committed_by_its_manifest(self, backend):
         if not hasattr(backend, "stage_sharded"):

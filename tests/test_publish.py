@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import attrs
 import pytest
 import torch
 
@@ -325,11 +326,17 @@ def test_a_registry_is_asked_whether_it_holds_the_bytes_before_it_is_sent_them(t
     bug = "find_published (type 'registry', from <registered in code>)"
     cases += [(KeyError("region"), False, [("find_published", digest, "sft")]),
               ("models:/m/1", False, [("find_published", digest, "sft")])]
+    # Another run's version, answered as this run's: it was taken for held, and nothing sent.
+    theirs = attrs.evolve(held, run_name="other")
+    cases += [(theirs, False, [("find_published", digest, "sft")])]
     for holds, force, calls in cases:
         _Registry.holds, _Registry.calls = holds, []
         result = publish(ck, find_source(ck), force=force)
         assert _Registry.calls == calls
-        if isinstance(holds, (KeyError, str)):
+        if holds is theirs:
+            assert list(result.failures) == ["registry"] and "registry" not in [r.backend for r in result.already_held]
+            assert "returned a ref of backend 'registry', run 'other'" in result.failures["registry"], result.failures
+        elif isinstance(holds, (KeyError, str)):
             assert list(result.failures) == ["registry"] and not result.published, result.failures
             told = result.failures["registry"]
             assert bug in told and "report it to" in told, told

@@ -390,12 +390,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             corrupt: tuple = ()
             keep = 0
         else:
-            keep = (ck.config.resume.keep_last if ck.config.resume is not None else 1) if args.keep_last is None \
-                else args.keep_last
-            if keep < 1:
+            if args.keep_last is not None and args.keep_last < 1:
                 raise CkptkitError("--keep-last must be at least 1")
-            result = ck.prune(keep_last=keep, dry_run=args.dry_run)
-            doomed, corrupt = list(result.deleted), result.corrupt
+            result = ck.prune(keep_last=args.keep_last, dry_run=args.dry_run)
+            doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
         damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e),

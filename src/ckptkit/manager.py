@@ -150,6 +150,7 @@ class PruneResult:
 
     deleted: tuple[CheckpointRef, ...]
     corrupt: tuple[tuple[CheckpointRef, CkptkitError], ...]
+    keep_last: int = 1  # the keep_last it pruned to: the one given, else the config's
 
 
 @attrs.frozen
@@ -881,7 +882,8 @@ class CheckpointManager:
             if answered:
                 # The hook ran and said what it must not: it may have committed the step.
                 after = (f". What {', '.join(map(repr, answered))} stored is not known: it may hold step {step}, "
-                         "which a restart would then resume")
+                         "which a restart would then resume; see what it holds with ckptkit ls and ckptkit verify "
+                         f"--step {step}, and delete that step there if it is not whole")
             elif all(isinstance(e, BackendError) for e in failures.values()):
                 after = (". What the failing backends held is as it was; the next save tries every resume backend "
                          "again, and a restart resumes from the newest committed step")
@@ -1074,7 +1076,7 @@ class CheckpointManager:
                 # No resume prune visits a final-only store, where a finalize killed while
                 # writing leaves its temporary folder.
                 deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
-        return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt))
+        return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt), keep_last=keep)
 
     def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[CheckpointRef]) -> None:
         """Raise ``BackendError`` for a prune of ``backend`` that deleted a committed checkpoint it

@@ -96,10 +96,10 @@ def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str 
     try:
         found = ck.router.call_blaming(name, "find_published", storage_errors=True, run_name=ck.run_name,
                                        digest=entry.digest, algorithm=algorithm)
-    except (OSError, TimeoutError) as exc:  # its server down: not the plugin's bug
+    except OSError as exc:  # its server down (TimeoutError too): not the plugin's bug
         raise StorageUnavailableError(name, f"find_published{ck.router.origin(name)}: could not ask whether it "
                                             f"holds the model ({type(exc).__name__}: {exc})") from exc
-    return _ref_or_none(ck, name, "find_published", found)
+    return ck.router.found_ref(name, "find_published", found, ck.run_name)
 
 
 def _has(backend: Any, hook: str) -> bool:
@@ -110,14 +110,8 @@ def _has(backend: Any, hook: str) -> bool:
 def _final_of(ck: CheckpointManager, name: str, run_name: str) -> CheckpointRef | None:
     """``final_ref`` of configured backend ``name``: a plugin's own exception, or an answer that
     is not a ``CheckpointRef`` or None, is raised as its bug (``BackendError``, naming it)."""
-    return _ref_or_none(ck, name, "final_ref",
-                        ck.router.call_blaming(name, "final_ref", storage_errors=True, run_name=run_name))
-
-
-def _ref_or_none(ck: CheckpointManager, name: str, hook: str, got: Any) -> CheckpointRef | None:
-    if got is not None and not isinstance(got, CheckpointRef):
-        raise ck.router.faulty(name, hook, type(got).__name__, "a CheckpointRef or None")
-    return got
+    return ck.router.found_ref(name, "final_ref", ck.router.call_blaming(
+        name, "final_ref", storage_errors=True, run_name=run_name), run_name)
 
 
 def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None,

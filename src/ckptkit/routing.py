@@ -218,14 +218,26 @@ class Router:
         resume checkpoint its step. A ref to anything else would be reported as saved, and a
         later backend would copy its bytes (``fanout``) under the payload's step. A final ref's
         role is not checked: a registry plugin may leave it at the default, which harms nothing."""
+        return self._owned_ref(backend, hook, got, payload.run_name, payload.step if payload.role == "resume" else None)
+
+    def found_ref(self, backend: str, hook: str, got: Any, run_name: str) -> CheckpointRef | None:
+        """What a hook that looks a final model up (``final_ref``, ``find_published``) returned:
+        None, or a ref of this backend and run. Another run's would count as this run's model,
+        held already, and the publish skip it."""
+        if got is None:
+            return None
+        if not isinstance(got, CheckpointRef):
+            raise self.faulty(backend, hook, type(got).__name__, "a CheckpointRef or None")
+        return self._owned_ref(backend, hook, got, run_name, None)
+
+    def _owned_ref(self, backend: str, hook: str, got: Any, run_name: str, step: int | None) -> CheckpointRef:
         if not isinstance(got, CheckpointRef):
             raise self.faulty(backend, hook, type(got).__name__, "a CheckpointRef")
-        resume = payload.role == "resume"
-        if (got.backend, got.run_name) != (backend, payload.run_name) or resume and got.step != payload.step:
+        if (got.backend, got.run_name) != (backend, run_name) or step is not None and got.step != step:
             raise self.faulty(backend, hook, f"a ref of backend {got.backend!r}, run {got.run_name!r}, step "
                                              f"{got.step} ({got.uri})",
-                              f"one of backend {backend!r}, run {payload.run_name!r}"
-                              + (f", step {payload.step}" if resume else ""))
+                              f"one of backend {backend!r}, run {run_name!r}" + (f", step {step}" if step is not None
+                                                                                 else ""))
         return got
 
     def implements(self, name: str, hook: str) -> bool:

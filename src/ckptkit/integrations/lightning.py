@@ -396,9 +396,7 @@ class CkptkitCheckpoint(Checkpoint):
         # publishes again. Where the last step was saved already (a due one), a restart finds the
         # fit finished and publishes in teardown, unless the final backends hold the model.
         if self.finalize and self.manager.config.final is not None:
-            params = self.params if self.params is not None else _plain_params(pl_module.hparams)
-            self.manager.finalize(model=pl_module, step=step, epoch=trainer.current_epoch,
-                                  metrics=_plain_metrics(trainer.callback_metrics), params=params)
+            self._finalize(pl_module, step, trainer.current_epoch, _plain_metrics(trainer.callback_metrics))
         # Saved again where early stopping ended the fit after its last save (checked at an
         # epoch's end, after the validation the save followed): the restart must see it stopped.
         if step > 0 and (step != self._last_saved or _early_stopped(trainer) and not self._saved_stopped):
@@ -435,9 +433,11 @@ class CkptkitCheckpoint(Checkpoint):
         log.warning("ckptkit: the fit of run %r had finished before this start, but not every final backend holds "
                     "its final model of step %d (a job stopped inside finalize?): publishing it now",
                     self.manager.run_name, self.restored_step)
-        epoch, metrics = self._restored_as
+        self._finalize(pl_module, self.restored_step, *self._restored_as)
+
+    def _finalize(self, pl_module: pl.LightningModule, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
         params = self.params if self.params is not None else _plain_params(pl_module.hparams)
-        self.manager.finalize(model=pl_module, step=self.restored_step, epoch=epoch, metrics=metrics, params=params)
+        self.manager.finalize(model=pl_module, step=step, epoch=epoch, metrics=metrics, params=params)
 
     def _close(self) -> None:
         if self.manager is not None:

@@ -594,3 +594,16 @@ def test_a_later_train_without_resume_from_is_told_again_of_callback_state_left_
         assert unread not in caplog.text  # resume_from gave them back
         trainer.train(resume_from_checkpoint=path)
     assert caplog.text.count(unread) == 1, caplog.text
+
+
+@pytest.mark.distributed
+def test_a_folder_saved_again_is_skipped_on_every_rank_as_rank_0_decides(tmp_path):
+    """The ranks of two nodes: only rank 0's node holds the checkpoint folder. Rank 1 must skip
+    the second save of the same folder with rank 0, not enter save_files alone."""
+    from ckpt_helpers import torchrun_results
+
+    worker = os.path.join(os.path.dirname(__file__), "distributed", "hf_callback_worker.py")
+    got = torchrun_results(worker, 2, "save", tmp_path)
+    assert [r["steps"] for r in got] == [[5], [5]]
+    first, second = got[0]["commits"]
+    assert first == second, "the folder saved again unchanged is committed once"

@@ -29,6 +29,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - the extra is what bring
     raise ImportError("ckptkit.integrations.transformers needs Hugging Face transformers (and accelerate, for its "
                       'Trainer): pip install "ckptkit[transformers]"') from exc
 
+from .. import ranks
 from ..errors import ConfigError, IncompatibleCheckpointError
 from ..manager import CheckpointManager
 
@@ -270,14 +271,18 @@ class CkptkitCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
-        try:
-            with open(os.path.join(folder, TRAINER_STATE), "rb") as f:
-                saved = (state.global_step, f.read())
-        except OSError:
-            saved = None
-        if saved is not None and saved == self._committed:
-            # The same folder saved again with nothing new (transformers before 4.50 saves the
-            # last step twice under save_strategy="epoch"): committed once.
+        saved = None
+        if ranks.rank() == 0:  # save_files reads the folder on rank 0, the one node sure to hold it
+            try:
+                with open(os.path.join(folder, TRAINER_STATE), "rb") as f:
+                    saved = (state.global_step, f.read())
+            except OSError:
+                pass
+        # The same folder saved again with nothing new (transformers before 4.50 saves the last
+        # step twice under save_strategy="epoch") is committed once. Rank 0 decides for all, as
+        # save_files is collective.
+        if self.manager.coll.share(f"on_save step {state.global_step}: saved again",
+                                   saved is not None and saved == self._committed):
             return control
         refs = self.manager.save_files(step=state.global_step, files=folder, epoch=int(state.epoch or 0),
                                        metrics=_latest_metrics(state), force=True)

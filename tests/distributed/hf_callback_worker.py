@@ -1,0 +1,50 @@
+"""The transformers callback's saves on two ranks that share no output folder, as on two nodes:
+the Trainer writes each checkpoint folder on rank 0's node only, and saves the last step's
+folder twice (transformers before 4.50, save_strategy="epoch"). Every rank writes what it saw."""
+
+import json
+import os
+import sys
+import types
+
+import torch.distributed as dist
+from transformers import TrainerControl, TrainerState
+
+from ckptkit.integrations.transformers import CkptkitCallback
+
+
+def main() -> None:
+    scenario, workdir = sys.argv[1:3]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = {"run_name": "hf",
+              "backends": {"local": {"type": "local", "path": os.path.join(workdir, "ckpts")}},
+              "roles": {"resume": {"backends": ["local"], "every_n_steps": 1, "keep_last": 2}},
+              "distributed": {"timeout_s": 60}}
+    callback = CkptkitCallback(config)
+    args = types.SimpleNamespace(output_dir=os.path.join(workdir, f"node-{rank}"))
+    state = TrainerState(global_step=5, epoch=1.0)
+    if rank == 0:
+        folder = os.path.join(args.output_dir, "checkpoint-5")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+            json.dump({"global_step": 5}, f)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"weights")
+    dist.barrier()
+    manifest = os.path.join(workdir, "ckpts", "hf", "step-0000000005", "manifest.json")
+    commits = []
+    for _ in range(2):
+        callback.on_save(args, state, TrainerControl())
+        commits.append(os.stat(manifest).st_mtime_ns if rank == 0 else None)
+    # Every rank meets here: a rank still inside a save would be at another ckptkit call.
+    callback.manager.coll.agree("after both saves", None)
+    steps = [ref.step for ref in callback.manager.list_checkpoints()]
+    callback.manager.close()
+    with open(os.path.join(workdir, f"result-{scenario}-{rank}.json"), "w") as f:
+        json.dump({"steps": steps, "commits": commits}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

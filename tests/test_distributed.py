@@ -463,3 +463,44 @@ def test_fsdp1_full_and_sharded(tmp_path):
         results = launch(min(torch.cuda.device_count(), 2), "cycle", tmp_path / fmt,
                          {"config": config(tmp_path / fmt, fmt), "wrap": "fsdp1", "cuda": True}, group=True)
         assert all(r["diffs"] == [] for r in results)
+
+
+# -- a local backend whose folder the ranks do not share (a disk on each machine) ---------------
+
+UNSHARED = os.path.join(os.path.dirname(__file__), "distributed", "unshared_worker.py")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a disk of its own per rank is a mount namespace (root)")
+
+
+@needs_root
+def test_a_sharded_save_onto_disks_the_ranks_do_not_share_fails_and_leaves_nothing(tmp_path):
+    from ckpt_helpers import torchrun_results
+
+    (tmp_path / "ckpts").mkdir()
+    got = torchrun_results(UNSHARED, 2, "save-dcp", tmp_path, "1")
+    for r in got:
+        assert r["error"] is not None and "rank 1 does not see the folder" in r["error"], r
+        assert "filesystem every rank mounts" in r["error"]
+    assert got[0]["files"] == [], "rank 0 committed nothing, and its staged folder is gone"
+    assert got[1]["files"] == [], "rank 1 wrote nothing onto its own disk"
+
+
+@needs_root
+def test_a_restore_where_rank_0_does_not_see_the_newest_checkpoint_is_refused_not_started_afresh(tmp_path):
+    """Rank 0 runs on a machine whose disk lacks the run: restore would return None, and training
+    would start over from step 0 beside the steps that the other machine holds."""
+    from ckpt_helpers import torchrun_results
+
+    config = {"run_name": "r", "backends": {"local": {"type": "local", "path": str(tmp_path / "ckpts")}},
+              "roles": {"resume": {"backends": ["local"], "every_n_steps": 1, "keep_last": 2}}}
+    with ckptkit.CheckpointManager.from_config(config) as ck:
+        model = torch.nn.Linear(4, 2)
+        ck.save(step=3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    got = torchrun_results(UNSHARED, 2, "restore", tmp_path, "0")
+    for r in got:
+        assert r["error"] is not None and r["error"].startswith("ConfigError: backend 'local'"), r
+        assert "rank 1 sees step 3 of run 'r' committed there, and rank 0, whose listing restore goes by, sees none" \
+            in r["error"] and "Nothing was loaded" in r["error"]
+    assert [f for f in got[1]["files"] if f.endswith("manifest.json")] == ["r/step-0000000003/manifest.json"]
+    # Rank 0 on the machine that holds them: the others need not see them, as rank 0 reads for all.
+    got = torchrun_results(UNSHARED, 2, "restore", tmp_path, "1")
+    assert [(r["error"], r["step"]) for r in got] == [(None, 3), (None, 3)]

@@ -276,6 +276,26 @@ def test_publishing_a_resume_step_twice_writes_it_once(tmp_path):
     ck.close()
 
 
+def test_a_final_model_whose_bytes_changed_since_is_not_already_held_and_is_sent_again(tmp_path):
+    """Its manifest and size as they were, a byte of it changed (a disk's damage, a hand's):
+    publish reads the copy back before it calls it held, and stores the model beside it."""
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    assert [r.backend for r in publish(ck, find_source(ck, step=4)).published] == ["archive"]
+    stored = tmp_path / "archive" / "exp" / "final" / "final_model.pt"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 1
+    stored.write_bytes(bytes(data))
+    again = publish(ck, find_source(ck, step=4))
+    assert [r.backend for r in again.published] == ["archive"] and not again.already_held
+    assert again.published[0].path.endswith("/final-2")
+    repaired = ck.router.instances["archive"].final_ref(run_name="exp")
+    assert repaired.path.endswith("/final-2")
+    ck.reader.verify(repaired)
+    ck.close()
+
+
 class _Registry:
     """A final backend that, like a model registry, keeps no files but can say what it holds."""
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import ckptkit
 from ckptkit import CheckpointManager, CorruptCheckpointError, UnsafeCheckpointError, UnstorableStateError
 from ckptkit import safeload
 
@@ -116,6 +117,52 @@ def test_numpy_state_survives_save_and_restore(tmp_path, pm, fmt):
     assert_same_numpy(got["ema"], extra["ema"])
     assert type(got["best"]) is np.float64 and got["best"] == 0.25
     assert type(got["seen"]) is np.int64 and got["seen"] == 12
+    ck.close()
+
+
+# -- expanded views: a few bytes that claim any number of elements -------------------------
+
+def test_a_file_whose_expanded_views_claim_far_more_than_they_store_is_refused(tmp_path):
+    """A tensor of one stored float expanded to 2**26 elements: a file of a few KiB that a cast
+    (export --dtype, a final dtype) or an optimizer's load copies into 256 MiB; more of them,
+    into all the memory there is."""
+    path = tmp_path / "state.pt"
+    torch.save({"model": {"w": torch.zeros(3)}, "optimizer": {"state": {"0.w": {"exp_avg": torch.zeros(1).expand(2**26)}}}},
+               path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(UnsafeCheckpointError, match=r"state.pt: its tensors store 0.0 MiB and copied densely take "
+                                                    r"256.0 MiB more: .* most of all \['optimizer'\]\['state'\]"
+                                                    r"\['0.w'\]\['exp_avg'\]"):
+        safeload.load(path)
+    with pytest.raises(UnsafeCheckpointError):
+        safeload.check(path)
+
+
+def test_expanded_views_within_what_the_file_stores_or_64_mib_load():
+    small = torch.zeros(1).expand(1000)  # 4 KB more than stored
+    big = torch.arange(2**22, dtype=torch.float32)  # 16 MiB stored
+    as_wide = big[:1].expand(2**22)  # as much more as the file stores
+    buf = io.BytesIO()
+    torch.save({"small": small, "big": big, "wide": as_wide, "mask": torch.ones(1, 1).expand(2048, 2048)}, buf)
+    buf.seek(0)
+    got = safeload.load(buf)
+    assert got["small"].shape == (1000,) and got["wide"].stride() == (0,) and got["mask"].shape == (2048, 2048)
+    assert torch.equal(got["big"], big)
+
+
+def test_a_save_whose_expanded_views_restore_would_refuse_writes_nothing(tmp_path, pm):
+    ck = CheckpointManager.from_config(local_config(tmp_path, final=False), plugin_manager=pm)
+    model, opt = make_model()
+    with pytest.raises(UnstorableStateError, match=r"extra: its tensors store .* most of all extra\['mask'\]\. "
+                                                   r"Restore refuses such a file, so nothing was saved"):
+        ck.save(step=1, model=model, optimizer=opt, extra={"mask": torch.zeros(1).expand(2**25)})
+    assert ck.list_checkpoints() == []
+    ck.save(step=1, model=model, optimizer=opt, extra={"mask": torch.zeros(1).expand(2**10)})
+    assert ck.restore(model, opt).extra["mask"].shape == (2**10,)
+    model.register_buffer("mask", torch.zeros(1).expand(2**25))  # the model's own state, written as it is
+    with pytest.raises(ckptkit.SaveError, match=r"nothing was saved: .* most of all \['model'\]\['mask'\]"):
+        ck.save(step=2, model=model, optimizer=opt)
+    assert [r.step for r in ck.list_checkpoints()] == [1]
     ck.close()
 
 

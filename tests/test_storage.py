@@ -390,16 +390,36 @@ def full_disk(tmp_path):
 def test_a_full_disk_at_the_commit_of_a_sharded_checkpoint_is_named(full_disk):
     backend = LocalBackend.from_config("disk", {"path": str(full_disk)})
     staged = backend.stage_sharded(run_name="r", step=3)
-    with open(full_disk / "ballast", "wb") as f, pytest.raises(OSError):
+    with open(os.path.join(staged, "__0_0.distcp"), "wb") as f:
+        f.write(b"s")
+    with open(full_disk / "ballast", "wb", buffering=0) as f, pytest.raises(OSError):
         while True:  # the shards took the rest of the disk
             f.write(b"\0" * 65536)
-            f.flush()
     empty = Payload(run_name="r", step=3, epoch=None, format="dcp", files=())
     with pytest.raises(StorageFullError) as info:
         backend.commit_sharded(run_name="r", step=3, path=staged, payload=empty, files={"__0_0.distcp": FileEntry(1, "x:0")})
     assert str(info.value).startswith(f"backend 'disk': no space left on {full_disk} while writing the manifest of {staged}")
     assert info.value.__cause__.errno == errno.ENOSPC
     assert backend.list_checkpoints(run_name="r") == []
+
+
+def test_a_sharded_commit_naming_a_file_the_folder_does_not_hold_whole_is_refused(tmp_path):
+    """The ranks wrote onto disks of their own (tests/test_distributed.py makes that for real):
+    the manifest would name files that no restore finds."""
+    backend = LocalBackend.from_config("disk", {"path": str(tmp_path)})
+    staged = backend.stage_sharded(run_name="r", step=1)
+    with open(os.path.join(staged, "__0_0.distcp"), "wb") as f:
+        f.write(b"abc")
+    with open(os.path.join(staged, "__1_0.distcp"), "wb") as f:
+        f.write(b"ab")
+    empty = Payload(run_name="r", step=1, epoch=None, format="dcp", files=())
+    files = {"__0_0.distcp": FileEntry(3, "x:0"), "__1_0.distcp": FileEntry(3, "x:0"), "__2_0.distcp": FileEntry(3, "x:0")}
+    with pytest.raises(BackendError, match=r"could not commit .*: __1_0.distcp, __2_0.distcp, written by the ranks, "
+                                           r"are not there \(or not whole\) as rank 0 sees that folder"):
+        backend.commit_sharded(run_name="r", step=1, path=staged, payload=empty, files=files)
+    assert backend.list_checkpoints(run_name="r") == []
+    backend.commit_sharded(run_name="r", step=1, path=staged, payload=empty, files={"__0_0.distcp": FileEntry(3, "x:0")})
+    assert steps(backend) == [1]
 
 
 class _NoImplicitFoldersFS(LocalFileSystem):

@@ -204,6 +204,13 @@ def _exchange(a: str, b: str) -> bool:
     return _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def _size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 class _EarlyWriteback:
     """Passes writes to ``f`` and asks the kernel to start writing each full window to disk.
 
@@ -457,7 +464,7 @@ class LocalBackend(FileBackend):
                     payload.files,
                     lambda pf, stop: self._write(pf, os.path.join(tmp, _check_file_name(pf.name)), stop),
                     self.write_concurrency(payload))
-                same = same_as is not None and entries == same_as[1].files
+                same = same_as is not None and entries == same_as[1].files and self._holds_whole(*same_as)
                 target = "" if same else self._commit(tmp, dirname, payload.manifest(entries), replace)
             finally:
                 with self._lock:
@@ -488,6 +495,14 @@ class LocalBackend(FileBackend):
     @hookimpl
     def commit_sharded(self, run_name: str, step: int, path: str, payload: Payload,
                        files: dict[str, FileEntry]) -> CheckpointRef:
+        # The ranks wrote these files; a manifest naming one that is not here (written to
+        # another machine's disk) would commit a checkpoint that no restore can read.
+        absent = [n for n, e in sorted(files.items()) if _size_of(os.path.join(path, n)) != e.size]
+        if absent:
+            raise BackendError(self.name, f"could not commit {path}: {', '.join(absent[:5])}"
+                                          f"{f' and {len(absent) - 5} more' if len(absent) > 5 else ''}, written by "
+                                          "the ranks, are not there (or not whole) as rank 0 sees that folder. Every "
+                                          "rank must write into one filesystem that they all share (NFS, Lustre)")
         try:
             target = self._commit(path, step_dirname(step), payload.manifest(files))
         except Exception as exc:

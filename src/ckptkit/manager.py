@@ -246,6 +246,10 @@ def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iter
                 f"{where}[{key!r}]: its state_dict() raised {type(exc).__name__}: {exc}. Pass an object whose "
                 "state_dict() works (a data loader built to keep its position), or leave it out") from exc
     safeload.check_storable(state, where, safe_globals)
+    inflated = safeload.inflation_problem(state, where)
+    if inflated is not None:
+        raise UnstorableStateError(f"{where}: {inflated}. Restore refuses such a file, so nothing was saved: store "
+                                   "a dense copy of that tensor (tensor.contiguous()) instead")
     return state
 
 
@@ -1312,6 +1316,7 @@ class CheckpointManager:
                 else:
                     raise manifest
                 if problem is not None:
+                    self.reader.not_delivered(ref, problem)
                     over.add(ref, problem)
                     continue
                 passed_over = self._unreachable([ref], unreachable, notes=over.notes)
@@ -1438,7 +1443,46 @@ class CheckpointManager:
         status, listing = self.coll.on_rank0(what, self.reader.list_all)
         if status == "error":
             raise listing
+        self._check_seen_alike(what, listing[0])
         return listing
+
+    def _check_seen_alike(self, what: str, candidates: list[CheckpointRef]) -> None:
+        """Refuse, on every rank (collective), a backend keeping files on local disk in which some
+        rank sees a newer committed step than rank 0, whose listing a restore goes by: its path is
+        a local disk on each machine, and rank 0 runs on another one than the job that saved.
+        Restoring would start over from nothing (or an older step) and throw the newer training
+        away. Each rank lists such backends itself; a rank whose listing fails says nothing."""
+        if not ranks.active():
+            return
+        local = [n for n in self.router.backends(Role.RESUME)
+                 if getattr(self.router.instances[n], "keeps_files_locally", False)]
+        if not local:
+            return
+        seen: dict[str, int | None] = {}
+        for name in local:
+            if ranks.rank() == 0:
+                seen[name] = max((r.step for r in candidates if r.backend == name), default=None)
+                continue
+            try:
+                refs = self.router.call(name, "list_checkpoints", run_name=self.run_name)
+                seen[name] = max((r.step for r in refs if r.role == "resume"), default=None)
+            except Exception:  # noqa: BLE001 - rank 0's listing tells what fails; this one only compares
+                continue
+        everyone = self.coll.all_gather(f"{what}: steps seen", seen)
+        for name in local:
+            base = everyone[0].get(name)
+            ahead = [(r, got[name]) for r, got in enumerate(everyone)
+                     if got.get(name) is not None and (base is None or got[name] > base)]
+            if ahead:
+                rank, step = ahead[0]
+                where = getattr(self.router.instances[name], "location", name)
+                raise ConfigError(
+                    f"backend {name!r} ({where}): rank {rank} sees step {step} of run {self.run_name!r} committed there, "
+                    f"and rank 0, whose listing restore goes by, sees {'none' if base is None else f'step {base} at newest'}"
+                    ": the ranks do not share that folder (a local disk on each machine), and restoring would start from "
+                    f"{'scratch' if base is None else f'step {base}'}, throwing the newer training away. Nothing was "
+                    "loaded. Put the backend's path on a filesystem that every rank mounts (NFS, Lustre), or run rank 0 "
+                    "on the machine that holds the checkpoints")
 
     def _check_restorable(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
         """Refuse, on every rank and before anything is read (collective), a model on the meta
@@ -1803,6 +1847,7 @@ class CheckpointManager:
                     # Older checkpoints keep extra inside state.pt: read it all.
                     saved_extra = self.reader.load_state(ref, manifest, safe_globals).get("extra", {})
             except SKIPPABLE as exc:
+                self.reader.not_delivered(ref, exc)
                 warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
                 skipped.append(exc)
                 continue
@@ -1941,6 +1986,7 @@ class CheckpointManager:
                 if status == "error":
                     if not isinstance(result, SKIPPABLE):
                         raise result
+                    self.reader.not_delivered(ref, result)
                     over.add(ref, result)
                     continue
                 manifest = result

@@ -88,9 +88,13 @@ def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str 
     if ref is not None:
         try:
             theirs = backend.read_manifest(ref)
+            if theirs.files.get(FINAL_FILE) != entry:
+                return None
+            # Its bytes read back: a copy changed since its manifest was written is sent the model again.
+            ck.reader.check_files(ref, theirs, [FINAL_FILE])
         except CkptkitError:
             return None
-        return ref if theirs.files.get(FINAL_FILE) == entry else None
+        return ref
     if not _has(backend, "find_published"):
         return None
     try:
@@ -116,12 +120,14 @@ def _final_of(ck: CheckpointManager, name: str, run_name: str) -> CheckpointRef 
 
 def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None = None,
                   unread: dict[str, Exception] | None = None) -> list[PublishSource]:
-    """Every committed final model of the run: in the configured backends, then the fallback.
+    """Every committed final model of the run: in the final backends, then the fallback. A
+    resume backend's is none: what the final role did not write is not taken for its model.
     ``unread`` gets the backends that hold final models but could not be read, and why."""
     out = []
     seen = set()
-    finals = set(ck.router.backends(Role.FINAL)) if ck.config.final is not None else set()
-    for name, instance in ck.router.instances.items():
+    finals = ck.router.backends(Role.FINAL) if ck.config.final is not None else []
+    for name in finals:
+        instance = ck.router.instances[name]
         if not _has(instance, "final_ref"):
             continue  # keeps no stored copy to publish from (a model registry)
         ref = None
@@ -131,7 +137,7 @@ def stored_finals(ck: CheckpointManager, fallback_dir: str | os.PathLike | None 
                 continue
             manifest = _final_manifest(instance, ref, ck.run_name)
         except (OSError, StorageUnavailableError) as exc:
-            if unread is not None and name in finals:  # may hold the final model: not "none stored"
+            if unread is not None:  # may hold the final model: not "none stored"
                 unread[name] = exc
             continue
         except IncompatibleCheckpointError:
@@ -183,17 +189,17 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
         return PublishSource("resume", ref, ck.reader.manifest(ref), ref.backend)
     unread: dict[str, Exception] = {}
     finals = stored_finals(ck, fallback_dir, unread)
-    if finals and unread:
-        warnings.warn(f"run {ck.run_name!r}: publishing the newest final model found; these final backends could "
-                      f"not be read and may hold a newer one: {fanout.describe_failures(unread)}", RuntimeWarning,
-                      stacklevel=2)
-    if not finals and unread:
-        # Not "none stored": a store that did not answer may hold it.
+    if unread:
+        # Not "none stored", and what was found is not known to be the newest: a store that did
+        # not answer may hold a newer final model, which an older one would follow as the newest
+        # version in a registry.
         name = next(iter(unread))
+        found = (f"the newest final model found (step {max(finals, key=_newest).manifest.step}) may not be the "
+                 "newest" if finals else "no stored final model was found")
         error = StorageUnavailableError(
-            name, f"run {ck.run_name!r}: no stored final model was found, and these backends could not be read: "
-            f"{fanout.describe_failures(unread)}. Try again once they answer, or publish "
-            "a resume checkpoint with --step STEP")
+            name, f"run {ck.run_name!r}: {found}, as these final backends could not be read: "
+            f"{fanout.describe_failures(unread)}. Nothing was published; try again once they answer, or name the model: "
+            "a resume checkpoint with --step STEP, or a folder with --from")
         error.__cause__ = unread[name]
         raise error
     if not finals:
@@ -206,7 +212,11 @@ def find_source(ck: CheckpointManager, step: int | None = None, path: str | os.P
         raise CheckpointError(
             f"run {ck.run_name!r} has no stored final model in its backends{held} nor in the fallback "
             f"folder {where}; publish a resume checkpoint with --step STEP, or name a folder with --from")
-    return max(finals, key=lambda s: (s.manifest.created, s.manifest.step))
+    return max(finals, key=_newest)
+
+
+def _newest(source: PublishSource) -> tuple[str, int]:
+    return source.manifest.created, source.manifest.step
 
 
 def source_from_folder(path: str | os.PathLike) -> PublishSource:

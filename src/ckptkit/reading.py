@@ -110,9 +110,11 @@ class Reader:
     @property
     def silent(self) -> set[str] | None:
         """In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
-        answering the read of a manifest (retries used up on timeouts or lost connections).
-        Their other checkpoints' manifests are not asked for until a listing shows that they
-        answer again, as each would wait through all of its retries again."""
+        answering the read of a manifest (retries used up on timeouts or lost connections), or
+        did not deliver a file of a checkpoint (``not_delivered``). Their other checkpoints'
+        manifests are not asked for until a listing shows that they answer again, as each would
+        wait through all of its retries again, and an older step is no stand-in for one that may
+        be intact."""
         return getattr(self._pass, "silent", None)
 
     @property
@@ -165,7 +167,7 @@ class Reader:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
         if self.silent and ref.backend in self.silent:
             raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store stopped answering "
-                                                       "the read of a newer checkpoint's manifest")
+                                                       "the read of a newer checkpoint, which may be intact")
         if self.refused is not None and ref.step < self.refused[0]:
             raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the storage refused this process "
                                                        f"{self.refused[1]}, which may be intact, and no older step "
@@ -192,6 +194,14 @@ class Reader:
         except ValueError as exc:
             raise CorruptCheckpointError(str(exc)) from None
         return manifest
+
+    def not_delivered(self, ref: CheckpointRef, problem: BaseException) -> None:
+        """Note, in a pass, that ``ref`` was skipped for ``problem``: where that is the storage not
+        delivering a file of it (its store stopped answering, or answered errors through every
+        retry), not damage, no older checkpoint of that backend is read (``silent``). Training
+        resumed from one would save over the newer step."""
+        if self.silent is not None and isinstance(problem, StorageUnavailableError):
+            self.silent.add(ref.backend)
 
     def refused_by_storage(self, ref: CheckpointRef) -> None:
         """Note, in a pass, that the storage refused this process a file of ``ref`` (``refused``)."""

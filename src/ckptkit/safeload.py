@@ -343,6 +343,10 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
                              mmap=mapped and isinstance(source, (str, os.PathLike)))
         if created:
             obj = _resolve(obj, {})
+        inflated = inflation_problem(obj)
+        if inflated is not None:
+            raise UnsafeCheckpointError(f"{inflated}. A few bytes of such a file can fill the memory of the "
+                                        "process that casts it or loads it into an optimizer, so it was refused")
     except CkptkitError as exc:
         raise type(exc)(f"{what}: {exc}") from exc
     except pickle.UnpicklingError as exc:
@@ -358,6 +362,59 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     finally:
         _CREATED.reset(token)
     return obj
+
+
+# How much more memory than they store the tensors of one file may take once copied densely
+# (cast, or loaded into an optimizer): expanded views (stride 0) of a few bytes can claim any
+# number of elements.
+_INFLATION_FLOOR = 64 * 2**20
+
+
+def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
+    """The bytes that the tensors in ``obj`` store, the bytes more that copying each densely
+    takes (expanded views), and where the view that adds most lies (``[key][key]``), or None."""
+    stored, extra, worst, worst_at = 0, 0, 0, None
+    seen: set[int] = set()
+    storages: set[tuple[Any, int]] = set()
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, torch.Tensor):
+            try:
+                storage = value.untyped_storage()
+                nbytes, key = storage.nbytes(), (value.device, storage.data_ptr())
+            except (RuntimeError, NotImplementedError):  # sparse, quantized: no plain storage
+                continue
+            if key not in storages:
+                storages.add(key)
+                stored += nbytes
+            more = value.numel() * value.element_size() - nbytes
+            if more > 0:
+                extra += more
+                if more > worst:
+                    worst, worst_at = more, path
+            continue
+        if type(value) in _ATOMS or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}[{k!r:.60}]") for k, v in value.items())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif hasattr(value, "__dict__"):
+            stack.extend((v, f"{path}.{k}") for k, v in vars(value).items())
+    return stored, extra, worst_at
+
+
+def inflation_problem(obj: Any, where: str = "") -> str | None:
+    """Why the tensors in ``obj`` would take too much more memory copied densely than they store
+    (more than the stored bytes and 64 MiB), naming the view that adds most (under ``where``);
+    None when not."""
+    stored, extra, worst_at = inflation(obj, where)
+    if extra <= max(stored, _INFLATION_FLOOR):
+        return None
+    return (f"its tensors store {stored / 2**20:.1f} MiB and copied densely take {extra / 2**20:.1f} MiB more: "
+            f"expanded views (stride 0) claim far more elements than they hold, most of all {worst_at or 'the top'}")
 
 
 def refuse_compressed(source: str | os.PathLike | BinaryIO, what: str) -> None:

@@ -35,7 +35,7 @@ from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import check_run_name
 from .errors import (BackendError, CheckpointError, IncompatibleCheckpointError, StorageFullError,
                      StorageUnavailableError)
-from .hashing import HashingWriter, hash_pool
+from .hashing import HashingWriter, algorithm_of, hash_pool, hash_stream
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .redact import describe, redact
@@ -412,7 +412,8 @@ class FileBackend:
                 # Damaged, a newer ckptkit's, or not read (a store that did not answer, which
                 # the write then meets on its own): this one goes beside it, as any new one.
                 pass
-        if newest is not None and {pf.name: pf.expected for pf in payload.files} == newest[1].files:
+        if (newest is not None and {pf.name: pf.expected for pf in payload.files} == newest[1].files
+                and self._holds_whole(*newest)):
             return newest[0]
         version = max(taken, default=0) + 1
         for _ in range(_VERSION_TRIES):
@@ -425,6 +426,20 @@ class FileBackend:
         raise BackendError(self.name, f"could not store the final model of run {run_name!r}: {_VERSION_TRIES} "
                                       "final model folders in a row were taken by other publishes of the run "
                                       "meanwhile; publish again once they are done")
+
+    def _holds_whole(self, ref: CheckpointRef, manifest: Manifest) -> bool:
+        """Whether every file at ``ref`` still matches ``manifest`` (read back and hashed): a final
+        model whose bytes changed since (a disk's damage, a hand's) is not the same as a new one
+        of equal digest, which is then stored beside it as the next version."""
+        for name, entry in manifest.files.items():
+            try:
+                with self.open_file(ref=ref, name=name) as f:
+                    found = hash_stream(f, algorithm_of(entry.digest))
+            except Exception:  # noqa: BLE001 - unreadable is not whole; the write that follows says why
+                return False
+            if found != (entry.size, entry.digest):
+                return False
+        return True
 
     @hookimpl
     def final_step(self, run_name: str, algorithm: str | None) -> int | None:
@@ -535,7 +550,8 @@ class FileBackend:
                     except BaseException:
                         current = failed[0] if failed else current
                         raise
-            if same_as is not None and staging is None and uncommitted and entries == same_as[1].files:
+            if (same_as is not None and staging is None and uncommitted and entries == same_as[1].files
+                    and self._holds_whole(*same_as)):
                 meanwhile = self._committed_meanwhile(manifest_path)
                 if meanwhile is False:
                     self._discard(target)

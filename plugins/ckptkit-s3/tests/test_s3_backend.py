@@ -375,6 +375,31 @@ def test_a_newest_checkpoint_the_bucket_refuses_to_this_process_is_not_restored_
     ck.close()
 
 
+@pytest.mark.parametrize("fault", ["dropped", "503"])
+def test_a_newest_checkpoint_whose_file_the_store_does_not_deliver_is_not_restored_past(
+        pm, s3_backend_options, make_fault_proxy, moto_port, fault):
+    """The listing and the manifest answer, the state file's download does not (the connection
+    cut, or 503 through every retry): the newest checkpoint may be intact, so the step before it
+    is not restored, over which training would then save."""
+    proxy = make_fault_proxy(moto_port)
+    opts = {"archive": s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)}
+    with manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3) as ck:  # past the proxy
+        for step in (1, 2):
+            ck.save(step=step, model=model(step))
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    spoiled = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("step-0000000002/state.pt"),
+                               drop=fault == "dropped", times=None))
+    ck = manager(pm, opts, ["archive"], keep_last=3)
+    with pytest.raises(ckptkit.StorageUnavailableError, match="may be intact") as err:
+        ck.restore(model=model(7))
+    assert "step-0000000001 was not read: the store stopped answering the read of a newer checkpoint" \
+        in str(err.value), str(err.value)
+    assert spoiled.hits >= 1
+    proxy.clear()
+    assert ck.restore(model=model(7)).step == 2
+    ck.close()
+
+
 def test_local_and_remote_resume_newest_across_both_wins(pm, s3_backend_options, tmp_path):
     both = {"scratch": {"type": "local", "path": str(tmp_path / "scratch")}, "archive": s3_backend_options()}
     # Step 5 only on S3 (a job that lost its scratch disk), step 3 on both.
@@ -734,7 +759,7 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
     text = str(outcome)
     assert "step-0000000003" in text and "step-0000000001" in text and "none could be read" in text, text
-    assert "the store stopped answering the read of a newer checkpoint's manifest" in text, text
+    assert "the store stopped answering the read of a newer checkpoint, which may be intact" in text, text
     assert hung.hits == 2, proxy.requests  # step 3's manifest, on each of two attempts; no more
     proxy.clear()
     # The same manager reads everything again once the store answers: nothing of it is remembered.

@@ -658,10 +658,16 @@ class ResumeBackendTests:
         held = self.stored_files(backend)
         assert publish(9, b"the second model").path == second.path
         assert self.stored_files(backend) == held
+        # Unless the newest one's bytes changed since (its size and manifest as they were): the
+        # model goes beside it again, read back whole.
+        self.write_leftover(backend, final_dirname(3), "final_model.pt", b"the secOnd model")
+        third = publish(9, b"the second model")
+        assert posixpath.basename(third.path.rstrip("/")) == final_dirname(4), third.path
+        assert self.read(backend, third, "final_model.pt") == b"the second model"
         self.past_grace(backend)
         assert [posixpath.basename(r.path.rstrip("/")) for r in self.prune(backend)] == [final_dirname(2)]
         assert self.read(backend, first, "final_model.pt") == b"the first model"
-        assert self.read(backend, second, "final_model.pt") == b"the second model"
+        assert self.read(backend, third, "final_model.pt") == b"the second model"
         if hasattr(backend, "final_step"):
             # An older step published last is the newest folder, not the furthest model.
             publish(3, b"an older step's model")

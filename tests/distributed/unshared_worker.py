@@ -1,0 +1,61 @@
+"""Ranks that do not share the local backend's folder, as on machines each with a disk of its
+own: the rank named on the command line sees a folder of its own at the backend's path (a tmpfs
+mounted over it in a mount namespace of its own). Every rank writes what it saw as JSON."""
+
+import ctypes
+import json
+import os
+import sys
+
+
+def own_disk(path: str) -> None:
+    """This process alone sees an empty tmpfs at ``path`` (needs root; before any thread starts)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    newns, rec, private = 0x00020000, 16384, 1 << 18
+    if (libc.unshare(newns) or libc.mount(None, b"/", None, rec | private, None)
+            or libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", 0, None)):
+        raise OSError(ctypes.get_errno(), f"could not give this rank a folder of its own at {path}")
+
+
+def files_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def main() -> None:
+    scenario, workdir, blind = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root = os.path.join(workdir, "ckpts")
+    if int(os.environ["RANK"]) == blind:
+        own_disk(root)
+    import torch
+    import torch.distributed as dist
+
+    import ckptkit
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    fmt = "dcp" if scenario == "save-dcp" else "torch"
+    config = {"run_name": "r", "backends": {"local": {"type": "local", "path": root}},
+              "roles": {"resume": {"backends": ["local"], "every_n_steps": 1, "keep_last": 2, "format": fmt}},
+              "distributed": {"timeout_s": 60}}
+    ck = ckptkit.CheckpointManager.from_config(config)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result: dict = {"error": None}
+    try:
+        if scenario == "save-dcp":
+            ck.save(step=1, model=model, optimizer=opt, rank_extra={"pos": rank})
+        else:
+            restored = ck.restore(model, opt)
+            result["step"] = None if restored is None else restored.step
+    except Exception as exc:  # noqa: BLE001 - what each rank was told is the result
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["files"] = files_under(root)
+    ck.close()
+    with open(os.path.join(workdir, f"result-{scenario}-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from ckptkit.checkpoint import CheckpointRef
 from ckptkit.cli import main
 from ckptkit.local import LocalBackend
 from ckptkit.publish import find_source, publish, source_from_folder
+
+from ckpt_helpers import rewrite_manifest
 
 
 def _model(seed=0):
@@ -293,6 +296,21 @@ def test_a_final_model_whose_bytes_changed_since_is_not_already_held_and_is_sent
     repaired = ck.router.instances["archive"].final_ref(run_name="exp")
     assert repaired.path.endswith("/final-2")
     ck.reader.verify(repaired)
+    ck.close()
+
+
+def test_a_final_model_in_a_resume_backend_is_never_taken_for_the_runs_newest(tmp_path):
+    """A final-looking folder in a store the final role does not use (written by hand, or by
+    whoever may write there), newer by its manifest: publish goes by the final backends."""
+    ck = CheckpointManager.from_config(_config(tmp_path))
+    model, opt = _model()
+    _train(ck, model, opt)
+    ck.finalize(model=model, step=5, epoch=1)
+    planted = tmp_path / "scratch" / "exp" / "final-7"
+    shutil.copytree(tmp_path / "archive" / "exp" / "final", planted)
+    rewrite_manifest(planted, created="9999-12-31T23:59:59+00:00", step=6)
+    source = find_source(ck)
+    assert source.backend == "archive" and source.manifest.step == 5
     ck.close()
 
 

@@ -504,3 +504,8 @@ def test_a_restore_where_rank_0_does_not_see_the_newest_checkpoint_is_refused_no
     # Rank 0 on the machine that holds them: the others need not see them, as rank 0 reads for all.
     got = torchrun_results(UNSHARED, 2, "restore", tmp_path, "1")
     assert [(r["error"], r["step"]) for r in got] == [(None, 3), (None, 3)]
+    # One shared folder, where a training beside this job commits a step between the ranks'
+    # listings: rank 0 sees it too when it looks again, so the restore goes on from its listing.
+    got = torchrun_results(UNSHARED, 2, "restore-meanwhile", tmp_path, "-1")
+    assert [(r["error"], r["step"]) for r in got] == [(None, 3), (None, 3)]
+    assert "r/step-0000000009/manifest.json" in got[0]["files"]

@@ -1448,10 +1448,12 @@ class CheckpointManager:
 
     def _check_seen_alike(self, what: str, candidates: list[CheckpointRef]) -> None:
         """Refuse, on every rank (collective), a backend keeping files on local disk in which some
-        rank sees a newer committed step than rank 0, whose listing a restore goes by: its path is
-        a local disk on each machine, and rank 0 runs on another one than the job that saved.
-        Restoring would start over from nothing (or an older step) and throw the newer training
-        away. Each rank lists such backends itself; a rank whose listing fails says nothing."""
+        rank sees a newer committed step than rank 0, whose listing a restore goes by, and rank 0
+        does not see it even when it looks again (a step committed meanwhile by a training beside
+        it is seen then): its path is a local disk on each machine, and rank 0 runs on another
+        one than the job that saved. Restoring would start over from nothing (or an older step)
+        and throw the newer training away. Each rank lists such backends itself; a rank whose
+        listing fails says nothing."""
         if not ranks.active():
             return
         local = [n for n in self.router.backends(Role.RESUME)
@@ -1462,27 +1464,45 @@ class CheckpointManager:
         for name in local:
             if ranks.rank() == 0:
                 seen[name] = max((r.step for r in candidates if r.backend == name), default=None)
-                continue
-            try:
-                refs = self.router.call(name, "list_checkpoints", run_name=self.run_name)
-                seen[name] = max((r.step for r in refs if r.role == "resume"), default=None)
-            except Exception:  # noqa: BLE001 - rank 0's listing tells what fails; this one only compares
-                continue
+            else:
+                seen[name] = self._newest_seen(name, missing=-1)
         everyone = self.coll.all_gather(f"{what}: steps seen", seen)
+        ahead = {}
         for name in local:
             base = everyone[0].get(name)
-            ahead = [(r, got[name]) for r, got in enumerate(everyone)
-                     if got.get(name) is not None and (base is None or got[name] > base)]
-            if ahead:
-                rank, step = ahead[0]
+            above = [(r, got[name]) for r, got in enumerate(everyone)
+                     if got.get(name) is not None and got[name] >= 0 and (base is None or got[name] > base)]
+            if above:
+                ahead[name] = (base, *above[0])
+        if not ahead:
+            return
+        problem = None
+        if ranks.rank() == 0:
+            for name, (base, rank, step) in ahead.items():
+                again = self._newest_seen(name, missing=None)
+                if again is not None and again >= step:
+                    continue  # committed meanwhile, where every rank sees it
                 where = getattr(self.router.instances[name], "location", name)
-                raise ConfigError(
-                    f"backend {name!r} ({where}): rank {rank} sees step {step} of run {self.run_name!r} committed there, "
-                    f"and rank 0, whose listing restore goes by, sees {'none' if base is None else f'step {base} at newest'}"
-                    ": the ranks do not share that folder (a local disk on each machine), and restoring would start from "
-                    f"{'scratch' if base is None else f'step {base}'}, throwing the newer training away. Nothing was "
-                    "loaded. Put the backend's path on a filesystem that every rank mounts (NFS, Lustre), or run rank 0 "
-                    "on the machine that holds the checkpoints")
+                problem = (
+                    f"backend {name!r} ({where}): rank {rank} sees step {step} of run {self.run_name!r} committed "
+                    f"there, and rank 0, whose listing restore goes by, sees {'none' if base is None else f'step {base} at newest'}"
+                    ": the ranks do not share that folder (a local disk on each machine), and restoring would start "
+                    f"from {'scratch' if base is None else f'step {base}'}, throwing the newer training away. Nothing "
+                    "was loaded. Put the backend's path on a filesystem that every rank mounts (NFS, Lustre), or run "
+                    "rank 0 on the machine that holds the checkpoints")
+                break
+        problem = self.coll.broadcast(f"{what}: steps seen again", problem)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def _newest_seen(self, name: str, missing: int | None) -> int | None:
+        """The newest step this process sees committed in backend ``name``; ``missing`` when it
+        cannot list it."""
+        try:
+            refs = self.router.call(name, "list_checkpoints", run_name=self.run_name)
+        except Exception:  # noqa: BLE001 - rank 0's own listing says what fails; this one only compares
+            return missing
+        return max((r.step for r in refs if r.role == "resume"), default=None)
 
     def _check_restorable(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
         """Refuse, on every rank and before anything is read (collective), a model on the meta

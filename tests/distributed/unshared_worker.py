@@ -17,6 +17,36 @@ def own_disk(path: str) -> None:
         raise OSError(ctypes.get_errno(), f"could not give this rank a folder of its own at {path}")
 
 
+def plugin_manager(root: str, rank: int):
+    """ckptkit's plugins, and the type ``late``: the local backend, whose first listing on rank 1
+    finds a step committed just before it (a copy of step 3, sealed as step 9)."""
+    import shutil
+
+    from ckptkit.local import LocalBackend
+    from ckptkit.plugin import hookimpl
+    from ckptkit.plugins import make_plugin_manager
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ckpt_helpers import rewrite_manifest
+
+    class LateLocal(LocalBackend):
+        planted = False
+
+        @hookimpl
+        def list_checkpoints(self, run_name):
+            if rank == 1 and not LateLocal.planted:
+                LateLocal.planted = True
+                run = os.path.join(root, run_name)
+                shutil.copytree(os.path.join(run, "step-0000000003"), os.path.join(run, ".tmp-late"))
+                rewrite_manifest(os.path.join(run, ".tmp-late"), step=9)
+                os.rename(os.path.join(run, ".tmp-late"), os.path.join(run, "step-0000000009"))
+            return super().list_checkpoints(run_name=run_name)
+
+    pm = make_plugin_manager()
+    pm.add_backend_type("late", LateLocal)
+    return pm
+
+
 def files_under(root: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
@@ -24,7 +54,7 @@ def files_under(root: str) -> list[str]:
 def main() -> None:
     scenario, workdir, blind = sys.argv[1], sys.argv[2], int(sys.argv[3])
     root = os.path.join(workdir, "ckpts")
-    if int(os.environ["RANK"]) == blind:
+    if int(os.environ["RANK"]) == blind:  # -1: none
         own_disk(root)
     import torch
     import torch.distributed as dist
@@ -37,7 +67,11 @@ def main() -> None:
     config = {"run_name": "r", "backends": {"local": {"type": "local", "path": root}},
               "roles": {"resume": {"backends": ["local"], "every_n_steps": 1, "keep_last": 2, "format": fmt}},
               "distributed": {"timeout_s": 60}}
-    ck = ckptkit.CheckpointManager.from_config(config)
+    if scenario == "restore-meanwhile":
+        # One folder that every rank shares, where another training commits step 9 while rank 1
+        # lists the run, after rank 0 did.
+        config["backends"]["local"]["type"] = "late"
+    ck = ckptkit.CheckpointManager.from_config(config, plugin_manager=plugin_manager(root, rank))
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -93,6 +93,16 @@ class SetupLoadNet(Net):
                 p.copy_(torch.randn(p.shape, generator=pretrained))
 
 
+class RankStopNet(Net):
+    """Net logging a metric of its own on each rank (no sync_dist), which worsens on rank 1 only:
+    early stopping decides there, and Lightning then stops every rank."""
+
+    def training_step(self, batch, batch_idx):
+        step = float(self.trainer.global_step)
+        self.log("m", step if self.trainer.global_rank == 1 else -step, on_step=True, on_epoch=False)
+        return super().training_step(batch, batch_idx)
+
+
 class EmptyValidationNet(ValidatedNet):
     """ValidatedNet whose validation loader has no batch: Lightning runs no validation hook."""
 
@@ -147,10 +157,13 @@ def main(spec_path: str) -> None:
 
     pl.seed_everything(1, verbose=False)
     model = (EmptyValidationNet() if spec.get("empty_validation") else ValidatedNet() if spec.get("validate")
-             else SetupLoadNet() if spec.get("setup_load") else Net())
+             else SetupLoadNet() if spec.get("setup_load") else RankStopNet() if spec.get("rank_stop") else Net())
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stopping = [EarlyStopping(monitor="m", patience=1, check_on_train_epoch_end=True)] if spec.get("rank_stop") else []
     validation = {"val_check_interval": 3, "num_sanity_val_steps": 0} if spec.get("validate") else {}
     validation.update(spec.get("validation") or {})
-    tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt()], logger=False,
+    tr, ckpt = trainer(spec["config"], devices=spec.get("devices", 1), callbacks=[KillAt(), *stopping], logger=False,
                        default_root_dir=spec["workdir"], **validation)
     tr.fit(model)
     if tr.global_rank == 0:
@@ -190,14 +203,15 @@ class Fit:
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
                  devices: int = 1, env: dict | None = None, loader: str = "plain", validate: bool = False,
-                 setup_load: bool = False, validation: dict | None = None, empty_validation: bool = False):
+                 setup_load: bool = False, validation: dict | None = None, empty_validation: bool = False,
+                 rank_stop: bool = False):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir, self.out, self.kill_after = workdir, out, kill_after
         spec = workdir / f"spec-{out}.json"
         spec.write_text(json.dumps({"workdir": str(workdir), "config": config, "out": out,
                                     "kill_after": kill_after, "devices": devices, "loader": loader,
                                     "validate": validate, "setup_load": setup_load, "validation": validation,
-                                    "empty_validation": empty_validation}))
+                                    "empty_validation": empty_validation, "rank_stop": rank_stop}))
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
         self.log = open(workdir / f"log-{out}.txt", "w+")
@@ -484,6 +498,23 @@ def test_early_stopping_at_an_epochs_end_after_the_save_is_saved_again_and_stays
     published = next((tmp_path / "final").rglob("final_model.pt")).stat()
     assert (published.st_ino, published.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert committed_steps(tmp_path / "ckpts") == [7, 14]
+
+
+@pytest.mark.distributed
+def test_early_stopping_decided_on_one_rank_saves_on_every_rank_and_stays_stopped(tmp_path):
+    """Lightning stops every rank once one decides, but says why on that rank alone: that rank
+    saved the stopped fit alone (the others waited in vain, then failed), and a restart read rank
+    0's callback state, which did not say the fit had stopped, and trained on."""
+    config = local_config(tmp_path, every=BATCHES_PER_EPOCH, keep_last=3,
+                          final={"type": "local", "path": str(tmp_path / "final")})
+    config["distributed"] = {"timeout_s": 30}
+    first = fit(tmp_path, config, devices=2, rank_stop=True)
+    stop = 2 * BATCHES_PER_EPOCH  # m worsens on rank 1 from the second epoch's end: patience 1 used up
+    assert first["global_step"] == stop and committed_steps(tmp_path / "ckpts") == [BATCHES_PER_EPOCH, stop]
+    published = sorted(p.parent.name for p in (tmp_path / "final").rglob("final_model.pt"))
+    again = fit(tmp_path, config, devices=2, rank_stop=True, out="again.pt")
+    assert again["restored_step"] == stop and again["global_step"] == stop, "the restart stays stopped"
+    assert sorted(p.parent.name for p in (tmp_path / "final").rglob("final_model.pt")) == published == ["final"]
 
 
 def test_a_fit_stopped_for_another_reason_trains_on_when_started_again(tmp_path, monkeypatch):

@@ -200,8 +200,8 @@ class Reader:
         delivering a file of it (its store stopped answering, or answered errors through every
         retry), not damage, no older checkpoint of that backend is read (``silent``). Training
         resumed from one would save over the newer step."""
-        if self.silent is not None and isinstance(problem, StorageUnavailableError):
-            self.silent.add(ref.backend)
+        if self.silent is not None and isinstance(problem, StorageUnavailableError) and not refusal(problem):
+            self.silent.add(ref.backend)  # (a refusal stops every older step already: ``refused``)
 
     def refused_by_storage(self, ref: CheckpointRef) -> None:
         """Note, in a pass, that the storage refused this process a file of ``ref`` (``refused``)."""

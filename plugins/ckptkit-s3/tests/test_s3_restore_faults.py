@@ -68,33 +68,36 @@ def reader(pm, s3_backend_options, proxy) -> ckptkit.CheckpointManager:
     return manager(pm, opts)
 
 
-def test_newest_unreadable_past_the_retry_budget_falls_back_to_the_older_one(
+def test_newest_unreadable_past_the_retry_budget_is_not_restored_past(
         pm, s3_backend_options, two_checkpoints, make_fault_proxy, moto_port, bucket):
+    """503 on every read of the newest state, through the retries: it may be intact, so the
+    older checkpoint is not restored (training would save over the newer step); once the store
+    delivers, the newest is."""
     proxy = make_fault_proxy(moto_port)
     broken = fault(proxy, state_get(20), status=503, times=None)
     m = model(99)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        restored = reader(pm, s3_backend_options, proxy).restore(model=m)
+        with pytest.raises(ckptkit.StorageUnavailableError) as err:
+            reader(pm, s3_backend_options, proxy).restore(model=m)
 
     newest, older = (f"s3://{bucket}/ckpts/run/step-{s:010d}" for s in (20, 10))
-    assert restored is not None
-    assert (restored.step, restored.ref.uri) == (10, older)
-    assert_same_state(m, model(10))
+    assert_same_state(m, model(99))
     # Every read of step 20's state was spoiled, and it was tried as often as the policy allows.
     assert broken.hits == ATTEMPTS, proxy.requests
-    # The older checkpoint was read through the same proxy, untouched.
-    assert any(p.split("?")[0].endswith("step-0000000010/state.pt") for meth, p in proxy.requests if meth == "GET")
-
-    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime) == 1, [str(w.message) for w in caught]
-    text = str(runtime[0].message)
-    assert text.startswith(f"skipped {newest}:"), text
-    assert older not in text
+    # The older checkpoint's state was not read.
+    assert not any(p.split("?")[0].endswith("step-0000000010/state.pt") for meth, p in proxy.requests if meth == "GET")
+    text = str(err.value)
     assert f"reading {newest}/state.pt: gave up after {ATTEMPTS} attempts" in text, text
-    assert restored.skipped == (text,)
-    for blob in [text, *restored.skipped]:
+    assert f"{older} was not read: the store stopped answering the read of a newer checkpoint, which may be intact" \
+        in text, text
+    runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    for blob in [text, *runtime]:
         assert SECRET not in blob and KEY_ID not in blob
+    proxy.clear()
+    restored = reader(pm, s3_backend_options, proxy).restore(model=m)
+    assert (restored.step, restored.ref.uri) == (20, newest)
+    assert_same_state(m, model(20))
 
 
 def test_newest_read_that_recovers_is_restored_without_a_warning(

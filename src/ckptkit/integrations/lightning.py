@@ -54,6 +54,9 @@ LOADERS_KEY = "loaders"
 # The optimizers' classes, checked at a restore as ``CheckpointManager.restore(optimizer=)`` does:
 # Lightning loads their state itself, and would load AdamW's into an Adam without a word.
 OPTIMIZERS_KEY = "optimizer_classes"
+# Whether early stopping had ended the fit when it saved, as every rank agreed: the callback's
+# own state (rank 0's) says so only where rank 0 decided the stop.
+STOPPED_KEY = "early_stopped"
 _LOADERS_PATH = ("loops", "fit_loop", "state_dict", "combined_loader")
 
 # What each ModelCheckpoint option becomes with ckptkit: the refusal names the user's own settings.
@@ -140,6 +143,9 @@ class CkptkitCheckpoint(Checkpoint):
         self._saved_optimizers: list[str] | None = None
         # Whether the last save held an early stopping that had stopped the fit.
         self._saved_stopped = False
+        # Whether the step restored was saved by a fit that early stopping ended (None: saved
+        # before ckptkit recorded it, when the callback's state tells).
+        self._restored_stopped: bool | None = None
         # A due step whose save waits for its validation, and whether it ended its epoch.
         self._after_validation: tuple[int, bool] | None = None
 
@@ -229,6 +235,7 @@ class CkptkitCheckpoint(Checkpoint):
         connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, restored.ref.uri)
         self._pending_rng = restored.rank_extra.get(RNG_KEY)
         self._saved_optimizers = restored.extra.get(OPTIMIZERS_KEY)
+        self._restored_stopped = restored.extra.get(STOPPED_KEY)
         self.restored_step = self._last_saved = restored.step
         self._restored_as = (restored.epoch, dict(restored.metrics))
         log.info("ckptkit: resuming run %r from %s (global step %d)", self.manager.run_name, restored.ref.uri,
@@ -247,7 +254,8 @@ class CkptkitCheckpoint(Checkpoint):
                 f"{self.manager.run_name!r}. Remove ckpt_path from fit(): CkptkitCheckpoint resumes the newest "
                 "committed checkpoint. To start from that file instead, give CkptkitCheckpoint a new run_name")
         self._check_optimizers(trainer)
-        if self.restored_step is not None and _early_stopped(trainer):
+        stopped = self._restored_stopped if self._restored_stopped is not None else _early_stopped(trainer)
+        if self.restored_step is not None and stopped:
             # Lightning keeps trainer.should_stop out of its checkpoint: a fit that early stopping
             # had ended trained on to the next validation and published again. Its callbacks'
             # state is back by now; set as it was, the fit ends once its min_steps and min_epochs
@@ -379,12 +387,14 @@ class CkptkitCheckpoint(Checkpoint):
         if loaders is not None:
             # Rank 0's stay in the shared state too: a rank of a larger job, which saved none, gets those.
             own[LOADERS_KEY] = loaders
-        extra = {LIGHTNING_KEY: checkpoint, OPTIMIZERS_KEY: [gather.optimizer_class(o) for o in trainer.optimizers]}
+        stopped = self._early_stopped(trainer)
+        extra = {LIGHTNING_KEY: checkpoint, OPTIMIZERS_KEY: [gather.optimizer_class(o) for o in trainer.optimizers],
+                 STOPPED_KEY: stopped}
         self.manager.save(step=step, epoch=trainer.current_epoch, model=pl_module,
                           metrics=_plain_metrics(trainer.callback_metrics), extra=extra,
                           rank_extra=own, safe_globals=self.safe_globals, force=force)
         self._last_saved = step
-        self._saved_stopped = _early_stopped(trainer)
+        self._saved_stopped = stopped
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -399,7 +409,7 @@ class CkptkitCheckpoint(Checkpoint):
             self._finalize(pl_module, step, trainer.current_epoch, _plain_metrics(trainer.callback_metrics))
         # Saved again where early stopping ended the fit after its last save (checked at an
         # epoch's end, after the validation the save followed): the restart must see it stopped.
-        if step > 0 and (step != self._last_saved or _early_stopped(trainer) and not self._saved_stopped):
+        if step > 0 and (step != self._last_saved or self._early_stopped(trainer) and not self._saved_stopped):
             # The end of fit is resumable too: running the finished fit again restores a finished
             # loop, which Lightning skips, so nothing is trained or published twice.
             self._save(trainer, pl_module, step, force=True)
@@ -439,6 +449,12 @@ class CkptkitCheckpoint(Checkpoint):
         params = self.params if self.params is not None else _plain_params(pl_module.hparams)
         self.manager.finalize(model=pl_module, step=step, epoch=epoch, metrics=metrics, params=params)
 
+    def _early_stopped(self, trainer: pl.Trainer) -> bool:
+        """Whether early stopping ended the fit on any rank (collective): Lightning stops every rank
+        once one decides to, but says why on that rank alone, and a save taken on some ranks only
+        would wait for the others until distributed.timeout_s."""
+        return any(self.manager.coll.all_gather("early stopping", _early_stopped(trainer)))
+
     def _close(self) -> None:
         if self.manager is not None:
             manager, self.manager = self.manager, None
@@ -446,7 +462,7 @@ class CkptkitCheckpoint(Checkpoint):
 
 
 def _early_stopped(trainer: pl.Trainer) -> bool:
-    """Whether an ``EarlyStopping`` callback of ``trainer`` has stopped the fit (its state says so)."""
+    """Whether an ``EarlyStopping`` callback of ``trainer`` has stopped the fit, as this rank's state says."""
     for cb in trainer.callbacks:
         if isinstance(cb, EarlyStopping):
             reason = getattr(cb, "stopping_reason", None)

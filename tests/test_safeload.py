@@ -159,11 +159,30 @@ def test_a_save_whose_expanded_views_restore_would_refuse_writes_nothing(tmp_pat
     assert ck.list_checkpoints() == []
     ck.save(step=1, model=model, optimizer=opt, extra={"mask": torch.zeros(1).expand(2**10)})
     assert ck.restore(model, opt).extra["mask"].shape == (2**10,)
-    model.register_buffer("mask", torch.zeros(1).expand(2**25))  # the model's own state, written as it is
-    with pytest.raises(ckptkit.SaveError, match=r"nothing was saved: .* most of all \['model'\]\['mask'\]"):
-        ck.save(step=2, model=model, optimizer=opt)
-    assert [r.step for r in ck.list_checkpoints()] == [1]
+    # The model's own state is written densely instead (as an async save's copy is), and loads.
+    model.register_buffer("mask", torch.zeros(1).expand(2**25))
+    ref = ck.save(step=2, model=model, optimizer=opt)[0]
+    ck.verify(ref)
+    mask = safeload.load(os.path.join(ref.local_dir, "state.pt"))["model"]["mask"]
+    assert mask.shape == (2**25,) and mask.stride() == (1,) and not mask.any()
     ck.close()
+
+
+def test_many_views_of_one_storage_claiming_far_more_than_it_holds_are_refused():
+    """Each view no larger than the storage it points into, two thousand of them: 4 MiB stored,
+    8 GiB once each is copied."""
+    base = torch.zeros(2**20)
+    buf = io.BytesIO()
+    torch.save({"base": base, "views": [base[:1].expand(2**20) for _ in range(2000)]}, buf)
+    buf.seek(0)
+    with pytest.raises(UnsafeCheckpointError, match=r"its tensors store 4.0 MiB and copied densely take 8000.0 MiB "
+                                                    r"more"):
+        safeload.load(buf)
+    tied = torch.randn(2**22)  # 16 MiB under two names, as tied weights are: no more than stored
+    buf = io.BytesIO()
+    torch.save({"embed": tied, "head": tied, "view": tied[:2**21]}, buf)
+    buf.seek(0)
+    assert safeload.load(buf)["head"].shape == (2**22,)
 
 
 # -- what stays refused --------------------------------------------------------------------

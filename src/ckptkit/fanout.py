@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import ranks, safeload, sharded
 from .checkpoint import CheckpointRef, Payload
-from .errors import BackendError, CkptkitError, CorruptCheckpointError, UnstorableStateError
+from .errors import BackendError, CkptkitError, CorruptCheckpointError
 from .hashing import HashingWriter, algorithm_of, copy_hashed
 from .manifest import FileEntry
 from .roles import Role
@@ -83,10 +83,9 @@ def torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
 
         return write_empty
 
-    inflated = safeload.inflation_problem(obj)
-    if inflated is not None:  # restore would refuse the file (safeload.load)
-        raise UnstorableStateError(f"nothing was saved: {inflated}. Restore refuses such a file, so store a dense "
-                                   "copy of that tensor (tensor.contiguous()) instead")
+    if safeload.inflation_problem(obj) is not None:
+        # Written densely, as an async save's copy is: restore refuses such a file (safeload.load).
+        obj = safeload.densified(obj)
 
     def write(f: BinaryIO) -> None:
         watched = _WatchedFile(f)
@@ -264,36 +263,29 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
             failures[name] = _backend_failure(router, name, "stage_sharded", path)
             continue
         report: tuple[str, Any] = ("ok", {})
-        unshared = _unshared(backend, path)
-        if unshared is not None:
-            report = ("error", unshared)
         if source is None:
-            if report[0] == "ok":
-                try:
-                    target = sharded.writer(backend.fs, path,
-                                            sync=bool(getattr(backend, "keeps_files_locally", False)))
-                except Exception as exc:
-                    report = ("error", _on_this_rank(exc))
+            try:
+                target = sharded.writer(backend.fs, path, sync=bool(getattr(backend, "keeps_files_locally", False)))
+            except Exception as exc:
+                report = ("error", _on_this_rank(exc))
             # DCP's collectives run on ckptkit's group: every rank enters them, or none does.
             reports = coll.all_gather(f"{at}: ready", report)
-        if source is not None or all(r[0] == "ok" for r in reports):
-            if report[0] == "ok":
-                try:
-                    if source is None:
-                        written = sharded.save(state, target, process_group=coll.group)
-                        if ranks.rank() == 0:
-                            written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
-                        for fname, write in (rank_files or {}).items():
-                            written[fname] = put_file(backend.fs, path, fname, write)
-                    else:
-                        written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e)
-                                   for n, e in mine.items()}
-                    report = ("ok", written)
-                except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-                    interrupt = _interrupted_shard_write(exc)
-                    if interrupt is not None:  # a Ctrl-C, not a failing backend (see torch_writer)
-                        raise interrupt from None
-                    report = ("full" if no_space(exc) is not None else "error", _on_this_rank(exc))
+        if report[0] == "ok" and (source is not None or all(r[0] == "ok" for r in reports)):
+            try:
+                if source is None:
+                    written = sharded.save(state, target, process_group=coll.group)
+                    if ranks.rank() == 0:
+                        written[EXTRA_FILE] = put_file(backend.fs, path, EXTRA_FILE, torch_writer(extra))
+                    for fname, write in (rank_files or {}).items():
+                        written[fname] = put_file(backend.fs, path, fname, write)
+                else:
+                    written = {n: copy_file(os.path.join(source, n), backend.fs, path, n, e) for n, e in mine.items()}
+                report = ("ok", written)
+            except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+                interrupt = _interrupted_shard_write(exc)
+                if interrupt is not None:  # a Ctrl-C, not a failing backend (see torch_writer)
+                    raise interrupt from None
+                report = ("full" if no_space(exc) is not None else "error", _on_this_rank(exc))
             reports = coll.all_gather(f"{at}: written", report)
         errors = [r[1] for r in reports if r[0] != "ok"]
         if errors:
@@ -318,19 +310,6 @@ def save_sharded(router: Router, run_name: str, payload: Payload, state: dict[st
         if source is None and ref.local_dir:
             source, mine = ref.local_dir, report[1]
     return saved, failures
-
-
-def _unshared(backend: Any, path: str) -> str | None:
-    """Why this rank cannot write its shards into the folder rank 0 staged on a backend that keeps
-    files on local disk, or None: a folder that this rank does not see is on another machine's
-    disk. Each rank would write into a folder of its own, and rank 0 would commit a manifest
-    naming files that its disk does not hold."""
-    if ranks.rank() == 0 or not getattr(backend, "keeps_files_locally", False) or os.path.isdir(path):
-        return None
-    return (f"rank {ranks.rank()} does not see the folder {path} that rank 0 made for this step: the backend's path "
-            "is not one filesystem that every rank shares (a local disk on each machine?), so the ranks' shards "
-            "would land on different disks. Put it on a filesystem every rank mounts (NFS, Lustre), or save the "
-            "sharded state to S3 or GCS")
 
 
 def _on_this_rank(exc: BaseException) -> str:

@@ -1316,7 +1316,7 @@ class CheckpointManager:
                 else:
                     raise manifest
                 if problem is not None:
-                    self.reader.not_delivered(ref, problem)
+                    self.reader.note_skipped(ref, problem)
                     over.add(ref, problem)
                     continue
                 passed_over = self._unreachable([ref], unreachable, notes=over.notes)
@@ -1443,43 +1443,48 @@ class CheckpointManager:
         status, listing = self.coll.on_rank0(what, self.reader.list_all)
         if status == "error":
             raise listing
-        self._check_seen_alike(what, listing[0])
+        self._check_seen_alike(what, *listing)
         return listing
 
-    def _check_seen_alike(self, what: str, candidates: list[CheckpointRef]) -> None:
+    def _check_seen_alike(self, what: str, candidates: list[CheckpointRef], unreachable: Mapping[str, Any]) -> None:
         """Refuse, on every rank (collective), a backend keeping files on local disk in which some
         rank sees a newer committed step than rank 0, whose listing a restore goes by, and rank 0
-        does not see it even when it looks again (a step committed meanwhile by a training beside
-        it is seen then): its path is a local disk on each machine, and rank 0 runs on another
-        one than the job that saved. Restoring would start over from nothing (or an older step)
-        and throw the newer training away. Each rank lists such backends itself; a rank whose
+        does not see it on a second look (a step committed meanwhile by a training beside it is
+        seen then): its path is a local disk on each machine, and rank 0 runs on another one than
+        the job that saved. Restoring would start over from nothing (or an older step) and throw
+        the newer training away. One rank per machine lists (``LOCAL_RANK`` 0, where set); a
+        backend that rank 0 could not list is left to restore's own error, and a rank whose
         listing fails says nothing."""
         if not ranks.active():
             return
         local = [n for n in self.router.backends(Role.RESUME)
-                 if getattr(self.router.instances[n], "keeps_files_locally", False)]
+                 if getattr(self.router.instances[n], "keeps_files_locally", False) and n not in unreachable]
         if not local:
             return
+        lister = ranks.rank() != 0 and os.environ.get("LOCAL_RANK", "0") == "0"
         seen: dict[str, int | None] = {}
         for name in local:
             if ranks.rank() == 0:
                 seen[name] = max((r.step for r in candidates if r.backend == name), default=None)
-            else:
-                seen[name] = self._newest_seen(name, missing=-1)
+            elif lister:
+                seen[name] = self._newest_seen(name)
         everyone = self.coll.all_gather(f"{what}: steps seen", seen)
         ahead = {}
         for name in local:
             base = everyone[0].get(name)
-            above = [(r, got[name]) for r, got in enumerate(everyone)
-                     if got.get(name) is not None and got[name] >= 0 and (base is None or got[name] > base)]
+            above = [(got[name], r) for r, got in enumerate(everyone)
+                     if got.get(name) is not None and (base is None or got[name] > base)]
             if above:
-                ahead[name] = (base, *above[0])
+                ahead[name] = (base, *max(above))
         if not ahead:
             return
         problem = None
         if ranks.rank() == 0:
-            for name, (base, rank, step) in ahead.items():
-                again = self._newest_seen(name, missing=None)
+            for name, (base, step, rank) in ahead.items():
+                try:
+                    again = self._newest_seen(name, quiet=False)
+                except Exception:  # noqa: BLE001 - not listed again: whether it is there cannot be told
+                    continue
                 if again is not None and again >= step:
                     continue  # committed meanwhile, where every rank sees it
                 where = getattr(self.router.instances[name], "location", name)
@@ -1495,13 +1500,15 @@ class CheckpointManager:
         if problem is not None:
             raise ConfigError(problem)
 
-    def _newest_seen(self, name: str, missing: int | None) -> int | None:
-        """The newest step this process sees committed in backend ``name``; ``missing`` when it
-        cannot list it."""
+    def _newest_seen(self, name: str, quiet: bool = True) -> int | None:
+        """The newest step this process sees committed in backend ``name``; None when it sees
+        none, or (``quiet``) cannot list it."""
         try:
             refs = self.router.call(name, "list_checkpoints", run_name=self.run_name)
         except Exception:  # noqa: BLE001 - rank 0's own listing says what fails; this one only compares
-            return missing
+            if not quiet:
+                raise
+            return None
         return max((r.step for r in refs if r.role == "resume"), default=None)
 
     def _check_restorable(self, ref: CheckpointRef, manifest: Manifest, model, optimizer) -> None:
@@ -1867,7 +1874,7 @@ class CheckpointManager:
                     # Older checkpoints keep extra inside state.pt: read it all.
                     saved_extra = self.reader.load_state(ref, manifest, safe_globals).get("extra", {})
             except SKIPPABLE as exc:
-                self.reader.not_delivered(ref, exc)
+                self.reader.note_skipped(ref, exc)
                 warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
                 skipped.append(exc)
                 continue
@@ -1918,6 +1925,7 @@ class CheckpointManager:
                     else:
                         model_state = self.reader.load_state(ref, manifest, (), keep=("model",))["model"]
                 except SKIPPABLE as exc:
+                    self.reader.note_skipped(ref, exc)
                     warnings.warn(_skipped(ref, exc), RuntimeWarning, stacklevel=2)
                     skipped.append(exc)
                     continue
@@ -2006,7 +2014,7 @@ class CheckpointManager:
                 if status == "error":
                     if not isinstance(result, SKIPPABLE):
                         raise result
-                    self.reader.not_delivered(ref, result)
+                    self.reader.note_skipped(ref, result)
                     over.add(ref, result)
                     continue
                 manifest = result

@@ -46,7 +46,7 @@ from .errors import (
 from .hashing import CHUNK, WriteOnly, algorithm_of, copy_hashed, hash_pool, hash_stream, usable_cpus
 from .local import mappable
 from .manifest import FileEntry, Manifest
-from .retry import RetriesExhausted, RetryPolicy, denied, gave_up
+from .retry import RetriesExhausted, RetryPolicy, denied, exhausted, gave_up
 from .roles import Role
 from .routing import Router
 
@@ -111,7 +111,7 @@ class Reader:
     def silent(self) -> set[str] | None:
         """In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
         answering the read of a manifest (retries used up on timeouts or lost connections), or
-        did not deliver a file of a checkpoint (``not_delivered``). Their other checkpoints'
+        did not deliver a file of a checkpoint through every retry (``note_skipped``). Their other checkpoints'
         manifests are not asked for until a listing shows that they answer again, as each would
         wait through all of its retries again, and an older step is no stand-in for one that may
         be intact."""
@@ -166,8 +166,8 @@ class Reader:
     def manifest(self, ref: CheckpointRef) -> Manifest:
         """The checkpoint's manifest, intact (its own checksum) and lying where it says it belongs."""
         if self.silent and ref.backend in self.silent:
-            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store stopped answering "
-                                                       "the read of a newer checkpoint, which may be intact")
+            raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the store did not deliver a newer "
+                                                       "checkpoint through every retry, and that one may be intact")
         if self.refused is not None and ref.step < self.refused[0]:
             raise StorageUnavailableError(ref.backend, f"{ref.uri} was not read: the storage refused this process "
                                                        f"{self.refused[1]}, which may be intact, and no older step "
@@ -195,13 +195,15 @@ class Reader:
             raise CorruptCheckpointError(str(exc)) from None
         return manifest
 
-    def not_delivered(self, ref: CheckpointRef, problem: BaseException) -> None:
-        """Note, in a pass, that ``ref`` was skipped for ``problem``: where that is the storage not
-        delivering a file of it (its store stopped answering, or answered errors through every
-        retry), not damage, no older checkpoint of that backend is read (``silent``). Training
-        resumed from one would save over the newer step."""
-        if self.silent is not None and isinstance(problem, StorageUnavailableError) and not refusal(problem):
-            self.silent.add(ref.backend)  # (a refusal stops every older step already: ``refused``)
+    def note_skipped(self, ref: CheckpointRef, problem: BaseException) -> None:
+        """Note, in a pass, that ``ref`` was skipped for ``problem``. Where the storage did not
+        deliver a file of it through every retry (it stopped answering, or kept answering with
+        transient errors), not damage, no older checkpoint of that backend is read (``silent``):
+        it may be intact, and training resumed from an older one would save over it. (A refusal
+        stops every older step already: ``refused``.)"""
+        if (self.silent is not None and isinstance(problem, StorageUnavailableError) and exhausted(problem)
+                and not refusal(problem)):
+            self.silent.add(ref.backend)
 
     def refused_by_storage(self, ref: CheckpointRef) -> None:
         """Note, in a pass, that the storage refused this process a file of ``ref`` (``refused``)."""

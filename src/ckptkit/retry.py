@@ -79,6 +79,12 @@ def gave_up(exc: BaseException) -> bool:
                or {c.__name__ for c in type(e).__mro__} & _NO_ANSWER_TYPES for e in _chain(exhausted.last))
 
 
+def exhausted(exc: BaseException) -> bool:
+    """Did ``exc`` (or a cause of it) persist through every attempt a retry policy allows: a store
+    that stopped answering (``gave_up``) or kept answering with transient errors (503)?"""
+    return any(isinstance(e, RetriesExhausted) for e in _chain(exc))
+
+
 def denied(exc: BaseException) -> bool:
     """Did the storage refuse this process (``exc`` or a cause of it): a file's owner or mode, an
     object store's access policy? Not damage: what it would not let this process read may be intact."""

@@ -371,9 +371,10 @@ _INFLATION_FLOOR = 64 * 2**20
 
 
 def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
-    """The bytes that the tensors in ``obj`` store, the bytes more that copying each densely
-    takes (expanded views), and where the view that adds most lies (``[key][key]``), or None."""
-    stored, extra, worst, worst_at = 0, 0, 0, None
+    """The bytes that the tensors in ``obj`` store, the bytes more that copying every tensor
+    densely takes than that (expanded views, many views of one storage), and where the view that
+    adds most lies (``[key][key]``), or None."""
+    stored, dense, worst, worst_at = 0, 0, 0, None
     seen: set[int] = set()
     storages: set[tuple[Any, int]] = set()
     stack: list[tuple[Any, str]] = [(obj, where)]
@@ -388,11 +389,10 @@ def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
             if key not in storages:
                 storages.add(key)
                 stored += nbytes
-            more = value.numel() * value.element_size() - nbytes
-            if more > 0:
-                extra += more
-                if more > worst:
-                    worst, worst_at = more, path
+            size = value.numel() * value.element_size()
+            dense += size
+            if size - nbytes > worst:
+                worst, worst_at = size - nbytes, path
             continue
         if type(value) in _ATOMS or id(value) in seen:
             continue
@@ -403,18 +403,41 @@ def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
         elif hasattr(value, "__dict__"):
             stack.extend((v, f"{path}.{k}") for k, v in vars(value).items())
-    return stored, extra, worst_at
+    return stored, max(dense - stored, 0), worst_at
 
 
 def inflation_problem(obj: Any, where: str = "") -> str | None:
     """Why the tensors in ``obj`` would take too much more memory copied densely than they store
     (more than the stored bytes and 64 MiB), naming the view that adds most (under ``where``);
-    None when not."""
+    None when not. Tied weights (two names for one tensor) add no more than what is stored."""
     stored, extra, worst_at = inflation(obj, where)
     if extra <= max(stored, _INFLATION_FLOOR):
         return None
     return (f"its tensors store {stored / 2**20:.1f} MiB and copied densely take {extra / 2**20:.1f} MiB more: "
-            f"expanded views (stride 0) claim far more elements than they hold, most of all {worst_at or 'the top'}")
+            f"expanded views (stride 0), or many views of one storage, claim far more than they hold"
+            f"{f', most of all {worst_at}' if worst_at else ''}")
+
+
+def densified(obj: Any) -> Any:
+    """``obj`` with every tensor that claims more than its storage holds (an expanded view) copied
+    densely, in new dicts, lists and tuples where one holds such a tensor; ``obj`` itself otherwise."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            return obj.contiguous() if obj.numel() * obj.element_size() > obj.untyped_storage().nbytes() else obj
+        except (RuntimeError, NotImplementedError):
+            return obj
+    if type(obj) in (dict, collections.OrderedDict):
+        items = {k: densified(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple):
+        values = [densified(v) for v in obj]
+        return obj if all(a is b for a, b in zip(values, obj)) else type(obj)(values)
+    return obj
 
 
 def refuse_compressed(source: str | os.PathLike | BinaryIO, what: str) -> None:

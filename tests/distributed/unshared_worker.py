@@ -54,6 +54,7 @@ def files_under(root: str) -> list[str]:
 def main() -> None:
     scenario, workdir, blind = sys.argv[1], sys.argv[2], int(sys.argv[3])
     root = os.path.join(workdir, "ckpts")
+    os.environ["LOCAL_RANK"] = "0"  # each rank stands for a machine of its own
     if int(os.environ["RANK"]) == blind:  # -1: none
         own_disk(root)
     import torch

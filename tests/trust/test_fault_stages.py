@@ -520,6 +520,31 @@ def test_a_full_disk_on_this_machine_is_not_blamed_on_the_storage_nor_restored_p
     assert restored_step(cfg) == 2  # nothing of the checkpoints was touched
 
 
+def test_a_read_error_without_retries_is_damage_and_the_step_before_is_restored(tmp_path):
+    """A bad sector under the newest state file (EIO, which no retry policy retries): that copy
+    is damaged, not held back by a store that may deliver it later, so the step before restores."""
+    import errno
+
+    from ckptkit.plugin import hookimpl
+
+    class BadSector(FaultyFileBackend):
+        @hookimpl
+        def open_file(self, ref, name):
+            if ref.step == 2 and name == "state.pt":
+                raise OSError(errno.EIO, "Input/output error")
+            return super().open_file(ref, name)
+
+    cfg = config({"remote": {"type": "faultyfs", "path": str(tmp_path / "remote")}}, keep_last=3)
+    with manager(cfg) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model_at(step))
+    pm = make_plugin_manager(autoload=False)
+    pm.add_backend_type("faultyfs", BadSector)
+    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.warns(RuntimeWarning, match="skipped .*step-0000000002: .*Input/output error"):
+            assert ck.restore(model=model_at(-7)).step == 1
+
+
 def test_a_refusal_a_plugin_raises_typed_itself_is_not_restored_past(tmp_path):
     """A backend plugin may raise ckptkit's own StorageUnavailableError (from a PermissionError)
     when its store refuses a read; passed on as it was, it no longer kept restore from going on to

@@ -392,7 +392,7 @@ def test_a_newest_checkpoint_whose_file_the_store_does_not_deliver_is_not_restor
     ck = manager(pm, opts, ["archive"], keep_last=3)
     with pytest.raises(ckptkit.StorageUnavailableError, match="may be intact") as err:
         ck.restore(model=model(7))
-    assert "step-0000000001 was not read: the store stopped answering the read of a newer checkpoint" \
+    assert "step-0000000001 was not read: the store did not deliver a newer checkpoint through every retry" \
         in str(err.value), str(err.value)
     assert spoiled.hits >= 1
     proxy.clear()
@@ -759,7 +759,7 @@ def test_a_store_that_stops_answering_after_the_listing_is_not_asked_for_each_ol
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
     text = str(outcome)
     assert "step-0000000003" in text and "step-0000000001" in text and "none could be read" in text, text
-    assert "the store stopped answering the read of a newer checkpoint, which may be intact" in text, text
+    assert "the store did not deliver a newer checkpoint through every retry, and that one may be intact" in text, text
     assert hung.hits == 2, proxy.requests  # step 3's manifest, on each of two attempts; no more
     proxy.clear()
     # The same manager reads everything again once the store answers: nothing of it is remembered.
@@ -786,7 +786,7 @@ def test_an_object_that_stalls_is_not_restored_past_to_an_older_step_of_its_stor
     hung.hold.set()
     assert not still
     assert isinstance(outcome, ckptkit.StorageUnavailableError), outcome
-    assert "step-0000000001 was not read: the store stopped answering the read of a newer checkpoint" in str(outcome)
+    assert "step-0000000001 was not read: the store did not deliver a newer checkpoint through every retry" in str(outcome)
     assert hung.hits >= 1 and torch.equal(restored[0].weight, model()[0].weight), "nothing was loaded"
     proxy.clear()
     with pytest.warns(RuntimeWarning):  # the damaged newest one, skipped

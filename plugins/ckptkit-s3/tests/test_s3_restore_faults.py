@@ -89,7 +89,7 @@ def test_newest_unreadable_past_the_retry_budget_is_not_restored_past(
     assert not any(p.split("?")[0].endswith("step-0000000010/state.pt") for meth, p in proxy.requests if meth == "GET")
     text = str(err.value)
     assert f"reading {newest}/state.pt: gave up after {ATTEMPTS} attempts" in text, text
-    assert f"{older} was not read: the store stopped answering the read of a newer checkpoint, which may be intact" \
+    assert f"{older} was not read: the store did not deliver a newer checkpoint through every retry, and that one may be intact" \
         in text, text
     runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     for blob in [text, *runtime]:

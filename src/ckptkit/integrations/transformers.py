@@ -142,7 +142,8 @@ class CkptkitCallback(TrainerCallback):
         self._unpublished = False
         # Whether resume_from gave the Trainer's callbacks their saved state back.
         self._callbacks_restored = False
-        # The step last committed and its trainer_state.json, to tell a folder saved again unchanged.
+        # The step last committed and its trainer_state.json, to tell a folder saved again
+        # unchanged (rank 0's: it decides for every rank).
         self._committed: tuple[int, bytes] | None = None
 
     # -- resuming ---------------------------------------------------------------------------

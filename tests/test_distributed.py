@@ -510,3 +510,21 @@ def test_a_restore_where_rank_0_does_not_see_the_newest_checkpoint_is_refused_no
     got = torchrun_results(UNSHARED, 2, "restore-meanwhile", tmp_path, "-1")
     assert [(r["error"], r["step"]) for r in got] == [(None, 3), (None, 3)]
     assert "r/step-0000000009/manifest.json" in got[0]["files"]
+
+
+def test_files_a_rank_sees_in_its_own_folder_that_rank_0_does_not_are_refused_not_left_out(tmp_path):
+    """save_files with a folder on each machine's own disk (a Trainer's output_dir per node):
+    rank 1's random state lay only there, and every checkpoint was committed without it."""
+    from ckpt_helpers import torchrun_results
+
+    got = torchrun_results(UNSHARED, 2, "save-files-own", tmp_path, "-1")
+    for r in got:
+        assert r["error"] is not None and r["error"].startswith("ConfigError: "), r
+        assert "save_files step 5: rank 1 sees rng_state_1.pth in " in r["error"]
+        assert "Nothing was saved" in r["error"]
+    assert not [f for f in got[0]["files"] if f.endswith("manifest.json")]
+    got = torchrun_results(UNSHARED, 2, "save-files-shared", tmp_path, "-1")
+    assert [r["error"] for r in got] == [None, None]
+    manifest = json.loads((tmp_path / "ckpts" / "r" / "step-0000000005" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.bin", "rng_state_0.pth", "rng_state_1.pth"]
+

@@ -1973,6 +1973,8 @@ class CheckpointManager:
         status, listed = self.coll.on_rank0(f"save_files step {step}: list", _source_files, files)
         if status == "error":
             raise listed
+        if ranks.active() and isinstance(files, (str, os.PathLike)):
+            listed = self._files_seen_alike(step, os.fspath(files), listed)
         if not self._run_checked:
             self._check_run(step)
         conflict = self._conflict_error(*self._conflict) if ranks.rank() == 0 and self._conflict else None
@@ -1986,6 +1988,37 @@ class CheckpointManager:
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
         return saved
+
+    def _files_seen_alike(self, step: int, folder: str, listed: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``listed`` (rank 0's files of ``folder``) with every file another rank sees there that
+        rank 0 finds too, past its own listing (a shared filesystem's cached one); refused on
+        every rank (collective) where rank 0 does not find it: the folder is on each machine's
+        own disk (a Trainer's output_dir per node), and that rank's file (its random state) would
+        be left out of the checkpoint without a word."""
+        try:
+            mine = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name != _FILLED)
+        except OSError:
+            mine = []
+        everyone = self.coll.all_gather(f"save_files step {step}: files seen", mine)
+        problem = None
+        if ranks.rank() == 0:
+            have = {name for name, _ in listed}
+            unseen = {name: r for r, names in reversed(list(enumerate(everyone))) for name in names if name not in have}
+            missing = sorted(n for n in unseen if not os.path.isfile(os.path.join(folder, n)))
+            try:
+                if missing:
+                    raise ConfigError(
+                        f"save_files step {step}: rank {unseen[missing[0]]} sees {', '.join(missing[:5])} in {folder}, "
+                        "and rank 0, which reads and stores every file, does not find "
+                        f"{'it' if len(missing) == 1 else 'them'} there: the folder is not one that every rank shares "
+                        "(a disk on each machine), and those files would be left out. Nothing was saved. Write the "
+                        "checkpoint onto a filesystem every rank mounts (the Trainer's output_dir)")
+                if unseen:
+                    listed = _source_files([p for _, p in listed] + [os.path.join(folder, n) for n in sorted(unseen)])
+            except Exception as exc:
+                problem = exc
+        self.coll.agree(f"save_files step {step}: files seen by rank 0", problem)
+        return listed
 
     def restore_files(self, dest: str | os.PathLike) -> CheckpointInfo | None:
         """Put the files of the newest intact checkpoint across the resume backends into a folder.

@@ -78,7 +78,19 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     result: dict = {"error": None}
     try:
-        if scenario == "save-dcp":
+        if scenario.startswith("save-files"):
+            # A trainer's checkpoint folder: rank 0 writes the weights, each rank its random
+            # state, into one folder every rank shares, or into a folder per rank (an output
+            # folder on each machine's own disk).
+            folder = os.path.join(workdir, "out" if scenario == "save-files-shared" else f"out-{rank}", "ckpt-5")
+            os.makedirs(folder, exist_ok=True)
+            if rank == 0:
+                with open(os.path.join(folder, "model.bin"), "wb") as f:
+                    f.write(b"weights")
+            with open(os.path.join(folder, f"rng_state_{rank}.pth"), "wb") as f:
+                f.write(b"rng %d" % rank)
+            ck.save_files(step=5, files=folder)
+        elif scenario == "save-dcp":
             ck.save(step=1, model=model, optimizer=opt, rank_extra={"pos": rank})
         else:
             restored = ck.restore(model, opt)

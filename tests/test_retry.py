@@ -45,3 +45,17 @@ def test_a_store_that_keeps_failing_gives_up_after_the_attempts():
     with pytest.raises(RetriesExhausted):
         RetryPolicy(attempts=2, backoff_s=0, max_backoff_s=0).call("put", down)
     assert len(calls) == 2
+
+
+def test_a_store_that_gave_no_answer_in_time_is_told_with_the_settings_to_raise():
+    def slow():
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(RetriesExhausted) as info:
+        RetryPolicy(attempts=2, backoff_s=0, max_backoff_s=0).call("get", slow)
+    assert "gave up after 2 attempts" in str(info.value)
+    assert "no answer came in time: if the store is only slow, raise the backend's timeout_s" in str(info.value)
+    with pytest.raises(RetriesExhausted) as info:
+        RetryPolicy(attempts=1, backoff_s=0, max_backoff_s=0).call("get", lambda: (_ for _ in ()).throw(
+            ConnectionResetError("reset by peer")))
+    assert "timeout_s" not in str(info.value), "a store that answers with a reset is not slow"

@@ -48,8 +48,14 @@ class RetriesExhausted(Exception):
         self.what = what
         self.attempts = attempts
         self.last = last
+        slow = ("; no answer came in time: if the store is only slow, raise the backend's timeout_s (or "
+                "request_retries, retry.attempts; docs/config.md)" if _timed_out(last) else "")
         super().__init__(f"{what}: gave up after {attempts} attempt{'s' if attempts != 1 else ''}: "
-                         f"{describe(last, secrets)}")
+                         f"{describe(last, secrets)}{slow}")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return any(isinstance(e, (TimeoutError, socket.timeout)) or "Timeout" in type(e).__name__ for e in _chain(exc))
 
 
 # The errors of a request that got no answer at all (as opposed to an answer saying no, or 503).

@@ -159,11 +159,13 @@ def list_checkpoints(run_name: str) -> list[CheckpointRef]:
     """List the committed resume checkpoints of a run, in any order.
 
     Called by ``restore``, ``export``, ``ckptkit ls`` and ``ckptkit verify``, once per resume
-    backend (on rank 0 when distributed). A folder without a manifest is not committed and must
-    not be listed. Remote backends should answer from one listing rather than one request per
-    checkpoint.
+    backend (on rank 0 when distributed; at a restore, a backend that ``keeps_files_locally`` is
+    also listed by one rank per machine, to tell disks that the ranks do not share). A folder
+    without a manifest is not committed and must not be listed. Remote backends should answer
+    from one listing rather than one request per checkpoint.
 
-    :param run_name: the run whose checkpoints to list.
+    :param run_name: the run whose checkpoints to list; a run whose name begins with this one
+        (``exp-2`` for ``exp``) is another run, and none of its checkpoints is listed.
     :return: a list of ``CheckpointRef`` of this backend and ``run_name``, empty when the run
         has none (a ref of another run or backend is refused as the plugin's fault). Raise
         ``StorageUnavailableError`` (keeping the cause) when the storage could not be listed,
@@ -192,7 +194,11 @@ def open_file(ref: CheckpointRef, name: str) -> BinaryIO:
 
     :param ref: the checkpoint.
     :param name: a file name from its manifest.
-    :return: a binary file object, usable as a context manager; the caller closes it.
+    :return: a binary file object, usable as a context manager; the caller closes it. It must
+        give the file's bytes whole: restore compares them with the manifest's size and digest
+        and skips a checkpoint that does not match as damaged. A file that is not there raises
+        ``FileNotFoundError`` (damage too); a store that does not answer raises ``OSError``
+        (or ``StorageUnavailableError``), which restore does not take for damage.
     """
 
 
@@ -207,8 +213,10 @@ def prune(run_name: str, keep_last: int, protected_steps: frozenset[int],
     (folders without a manifest, unfinished uploads) may be removed once they are older than the
     backend's grace period.
 
-    :param run_name: the run to prune.
-    :param keep_last: how many committed checkpoints to keep, at least 1.
+    :param run_name: the run to prune, and no other: a run whose name begins with this one
+        (``exp`` and ``exp-2``) is another run, whose checkpoints are never listed or deleted.
+    :param keep_last: how many committed checkpoints to keep, at least 1 (below 1 raises
+        ``ValueError``, deleting nothing).
     :param protected_steps: steps that must survive (the save just made, ``keep_best``).
     :param dry_run: when true, report what would be deleted and delete nothing.
     :param counted_steps: None, or the steps taken for intact: the manager passes the steps it

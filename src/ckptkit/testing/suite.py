@@ -423,6 +423,27 @@ class ResumeBackendTests:
         assert self.steps(backend) == [2]
         assert self.steps(backend, "other-run") == [4], "another run is not this run's to prune"
 
+    def test_a_run_whose_name_begins_with_this_ones_is_another_run(self, backend):
+        """A listing by prefix takes ``run-2/...`` for part of run ``run``: the prune after a save
+        of one run then deletes the other's checkpoints. Each run lists, reads, prunes and
+        deletes its own alone."""
+        other = f"{self.run_name}-2"
+        for s in (1, 2, 3):
+            self.save(backend, s, run_name=other)
+        self.save(backend, 2)
+        assert self.steps(backend) == [2], "another run's checkpoints were listed as this run's"
+        for ref in call_hook(backend, "list_checkpoints", run_name=self.run_name):
+            manifest = call_hook(backend, "read_manifest", ref=ref)
+            assert manifest.run_name == self.run_name, f"read_manifest of {ref.uri} gave run {manifest.run_name!r}"
+        self.save(backend, 5)
+        self.prune(backend, keep_last=1)
+        assert self.steps(backend) == [5]
+        assert self.steps(backend, other) == [1, 2, 3], "the prune of one run deleted another's checkpoints"
+        if hasattr(backend, "delete_run"):
+            call_hook(backend, "delete_run", run_name=self.run_name, dry_run=False)
+            assert self.steps(backend) == []
+            assert self.steps(backend, other) == [1, 2, 3], "delete_run of one run deleted another's checkpoints"
+
     # -- prune ----------------------------------------------------------------------------
 
     def test_prune_keeps_the_newest_and_protected_steps_and_a_dry_run_deletes_nothing(self, backend):
@@ -527,9 +548,9 @@ class ResumeBackendTests:
             assert 1 <= answered <= self.listing_requests, f"the store answered {answered} requests for one listing"
 
     def test_transient_errors_are_retried(self, backend):
+        fs = self.wrap_filesystem(backend)  # skips a backend without a filesystem to put faults in front of
         attempts = getattr(getattr(backend, "retry", None), "attempts", 0)
         assert attempts >= 2, "build the backend with a RetryPolicy of at least 2 attempts for this suite"
-        fs = self.wrap_filesystem(backend)
         listing = fs.add("list", transient())
         fs.add("write", transient(), path="state.pt")
         fs.add("write", transient(), path=MANIFEST_NAME)

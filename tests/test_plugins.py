@@ -92,6 +92,10 @@ def _write_dist(site, dist_name, module, body, entry="thing"):
     [
         ("import not_a_real_module_xyz\n", "failed to load: importing bad_backend_"),
         ("x = 1\ny = undefined_name\n", ".py:2: name 'undefined_name' is not defined"),  # where, from a CLI
+        # The plugin's own line, not the standard library's where the failure surfaced.
+        ("import os\nregion = os.environ['CKPTKIT_TEST_NO_SUCH_VARIABLE']\n",
+         ".py:2: 'CKPTKIT_TEST_NO_SUCH_VARIABLE'"),
+        ("import json\nsettings = json.loads('{')\n", ".py:2: Expecting property name"),
         ("x = 1\ndef broken(:\n", ".py:2: invalid syntax"),
         ("""
             import ckptkit

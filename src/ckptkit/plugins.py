@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import re
+import sysconfig
 import traceback
 from typing import Any
 
@@ -182,8 +183,11 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint, label: str) -> Any:
         if isinstance(exc, SyntaxError):  # raised by the import machinery: the file is in the error
             at = f" at {exc.filename}:{exc.lineno}" if exc.filename else ""
         else:
-            frames = traceback.extract_tb(exc.__traceback__)
-            at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+            # The plugin's own line, not the standard library's where it failed (os.environ[...]).
+            stdlib = sysconfig.get_paths()["stdlib"]
+            frame = ([f for f in frames if not f.filename.startswith(stdlib)] or frames or [None])[-1]
+            at = f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
         raise PluginError(f"{head}: importing {module_name} ({ep.value}) raised {type(exc).__name__}{at}: {exc}; "
                           f"that is a bug in {dist}: upgrade or uninstall it") from exc
     if not ep.attr:

@@ -357,6 +357,19 @@ def test_an_installed_plugin_with_autoload_off_says_so(site, monkeypatch, off_by
         CheckpointManager.from_config(_config(), plugin_manager=pm)
 
 
+def test_two_installed_plugins_of_one_type_with_autoload_off_say_to_uninstall_one(site, monkeypatch):
+    """Told to switch loading on, the user then met the clash the hint had not named."""
+    _write_dist(site, "ckptkit-dav", "ckptkit_dav_off", _DAV_OK,
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_off:DavBackend\n")
+    _write_dist(site, "ckptkit-dav-fork", "ckptkit_dav_fork", _DAV_OK.replace("ckptkit_dav_off", "ckptkit_dav_fork"),
+                "[ckptkit.backends]\nwebdav = ckptkit_dav_fork:DavBackend\n")
+    monkeypatch.setenv("CKPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with pytest.raises(ConfigError, match=r"ckptkit-dav 0\.3 and ckptkit-dav-fork 0\.3 declare it, so loading "
+                                          r"installed plugins \(switched off: unset CKPTKIT_DISABLE_PLUGIN_AUTOLOAD\) "
+                                          r"would refuse it too; uninstall all but one of them"):
+        CheckpointManager.from_config(_config(), plugin_manager=make_plugin_manager())
+
+
 def test_a_documented_type_that_nothing_declares_names_its_extra(monkeypatch):
     from ckptkit import plugins
 

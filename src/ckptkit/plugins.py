@@ -337,8 +337,12 @@ class CkptkitPluginManager(pluggy.PluginManager):
                 # Switched off by the variable, or by make_plugin_manager(autoload=False) in code.
                 how = (f"unset {DISABLE_AUTOLOAD_ENV}" if not autoload_enabled() else
                        "build the plugin manager with autoload=True, or call load_backend_entrypoints()")
-                hints.append(f"{', '.join(declared)} declares it, but loading installed plugins is switched off "
-                             f"({how}, or add the type with add_backend_type)")
+                if len(set(declared)) > 1:  # loading them would refuse the clash: say so now
+                    hints.append(f"{' and '.join(sorted(set(declared)))} declare it, so loading installed plugins "
+                                 f"(switched off: {how}) would refuse it too; uninstall all but one of them")
+                else:
+                    hints.append(f"{declared[0]} declares it, but loading installed plugins is switched off "
+                                 f"({how}, or add the type with add_backend_type)")
         hints += _dists_without_entry_point(name)
         if not hints and str(name).lower() in KNOWN_EXTRAS:
             extra = KNOWN_EXTRAS[str(name).lower()]

@@ -607,3 +607,15 @@ def test_a_folder_saved_again_is_skipped_on_every_rank_as_rank_0_decides(tmp_pat
     assert [r["steps"] for r in got] == [[5], [5]]
     first, second = got[0]["commits"]
     assert first == second, "the folder saved again unchanged is committed once"
+
+
+@pytest.mark.distributed
+def test_the_step_of_the_final_model_is_rank_0s_on_every_rank(tmp_path):
+    """Whether the best checkpoint's folder is still there was asked of each rank's own disk:
+    ranks that answered differently called finalize with different steps."""
+    from ckpt_helpers import torchrun_results
+
+    worker = os.path.join(os.path.dirname(__file__), "distributed", "hf_callback_worker.py")
+    got = torchrun_results(worker, 2, "published-as", tmp_path)
+    assert [(r["step"], r["epoch"]) for r in got] == [(3, 0), (3, 0)]
+

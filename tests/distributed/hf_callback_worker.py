@@ -24,6 +24,20 @@ def main() -> None:
     callback = CkptkitCallback(config)
     args = types.SimpleNamespace(output_dir=os.path.join(workdir, f"node-{rank}"))
     state = TrainerState(global_step=5, epoch=1.0)
+    if scenario == "published-as":
+        # The best checkpoint's folder, which the Trainer loaded back at the end, on rank 0's disk only.
+        args.load_best_model_at_end = True
+        state.best_model_checkpoint = os.path.join(args.output_dir, "checkpoint-3")
+        state.log_history = [{"step": 3, "epoch": 0.0, "eval_loss": 0.5}]
+        if rank == 0:
+            os.makedirs(state.best_model_checkpoint)
+        dist.barrier()
+        step, epoch, _ = callback._published_as(args, state)
+        callback.manager.close()
+        with open(os.path.join(workdir, f"result-{scenario}-{rank}.json"), "w") as f:
+            json.dump({"step": step, "epoch": epoch}, f)
+        dist.destroy_process_group()
+        return
     if rank == 0:
         folder = os.path.join(args.output_dir, "checkpoint-5")
         os.makedirs(folder)

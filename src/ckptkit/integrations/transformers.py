@@ -290,17 +290,19 @@ class CkptkitCallback(TrainerCallback):
         self._committed = saved if refs else None  # with on_error="warn", a failed save is tried again
         return control
 
-    @staticmethod
-    def _published_as(args: TrainingArguments, state: TrainerState) -> tuple[int, int, dict[str, float]]:
+    def _published_as(self, args: TrainingArguments, state: TrainerState) -> tuple[int, int, dict[str, float]]:
         """The step, epoch and metrics of the model the Trainer ends with: with
         ``load_best_model_at_end``, the best checkpoint's, which the Trainer loaded back (when its
-        folder was still there), else the last step's."""
+        folder was still there), else the last step's. Rank 0's answer on every rank
+        (collective): whether the folder is there is asked of rank 0's disk."""
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         step = _step_of(best) if best and os.path.isdir(best) else None
         if step is None:
-            return state.global_step, int(state.epoch or 0), _latest_metrics(state)
-        epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
-        return step, int(epochs[-1]) if epochs else int(state.epoch or 0), _latest_metrics(state, up_to=step)
+            found = state.global_step, int(state.epoch or 0), _latest_metrics(state)
+        else:
+            epochs = [e["epoch"] for e in state.log_history if e.get("step") == step and "epoch" in e]
+            found = step, int(epochs[-1]) if epochs else int(state.epoch or 0), _latest_metrics(state, up_to=step)
+        return self.manager.coll.share("the Trainer's final model", found)
 
     def _publish_missing(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
         """At the start of a finished training: publish its final model where a job stopped

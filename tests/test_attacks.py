@@ -908,3 +908,37 @@ def test_a_chunk_that_no_shard_holds_is_refused(tmp_path):
 
     _refused_everywhere(tmp_path, _crafted_dcp(tmp_path, unplaced),
                         r"gives 'model\.planted' a chunk at \[0, 0, 0, 0\] that no shard holds")
+
+
+def test_a_split_state_whose_parts_each_pass_but_together_inflate_is_refused(tmp_path):
+    """Each file of a split state (or each small item of a sharded one) was measured alone, each
+    with its own 64 MiB allowance: parts of a few hundred bytes each added up without a bound,
+    restored into the optimizer, exported and published."""
+    from pathlib import Path
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["write_threads"] = 2
+    with CheckpointManager.from_config(cfg) as ck:
+        model, opt = make_model()
+        train_step(model, opt)
+        folder = Path(ck.save(step=1, model=model, optimizer=opt)[0].local_dir)
+    parts = sorted(p.name for p in folder.glob("state-*.pt"))
+    assert len(parts) == 2, parts
+    count = 4
+    names = [f"state-{i:02d}-of-{count:02d}.pt" for i in range(count)]
+    for old, new in zip(parts, names):
+        (folder / old).rename(folder / new)
+    for i in (2, 3):  # 48 MiB more each, under the allowance of one file
+        torch.save({"model": {f"junk{i}": torch.zeros(1).expand(3 * 2**22)}}, folder / names[i])
+    entry = {"size": 0, "digest": "xxh3_128:0"}
+    rewrite_manifest(folder, files={name: dict(entry) for name in names})
+    for name in names:
+        safeload.load(folder / name)  # each alone loads
+    with CheckpointManager.from_config(cfg) as ck:
+        model, opt = make_model(1)
+        with pytest.raises(UnsafeCheckpointError, match=r"step-0000000001: its tensors store .* copied densely "
+                                                        r"take 96.0 MiB more"):
+            ck.restore(model, opt)
+        assert not opt.state and torch.equal(model[0].weight, make_model(1)[0][0].weight), "nothing was loaded"
+        with pytest.raises(UnsafeCheckpointError, match="copied densely take 96.0 MiB more"):
+            ck.export(tmp_path / "model.pt")

@@ -185,6 +185,36 @@ def test_many_views_of_one_storage_claiming_far_more_than_it_holds_are_refused()
     assert safeload.load(buf)["head"].shape == (2**22,)
 
 
+def test_a_sparse_tensor_of_expanded_indices_and_values_is_measured_by_them():
+    """A sparse tensor has no plain storage of its own: its indices and values, which an
+    optimizer's load copies densely, were not measured at all."""
+    n = 2**25
+    sparse = torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long).expand(1, n),
+                                     torch.zeros(1).expand(n), (4,), check_invariants=False)
+    buf = io.BytesIO()
+    torch.save({"optimizer": {"state": {"w": {"junk": sparse}}}}, buf)
+    assert buf.tell() < 8192
+    buf.seek(0)
+    with pytest.raises(UnsafeCheckpointError, match=r"most of all \['optimizer'\]\['state'\]\['w'\]\['junk'\]"
+                                                    r"\.(indices|values)"):
+        safeload.load(buf)
+    plain = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([1.0, 2.0]), (4,))
+    buf = io.BytesIO()
+    torch.save({"s": plain}, buf)
+    buf.seek(0)
+    assert torch.equal(safeload.load(buf)["s"].to_dense(), plain.to_dense())
+
+
+def test_an_expanded_view_hidden_in_a_tensors_attributes_is_measured():
+    carrier = torch.zeros(3)
+    carrier.hidden = torch.zeros(1).expand(2**26)
+    buf = io.BytesIO()
+    torch.save({"w": carrier}, buf)
+    buf.seek(0)
+    with pytest.raises(UnsafeCheckpointError, match=r"most of all \['w'\]\.hidden"):
+        safeload.load(buf)
+
+
 # -- what stays refused --------------------------------------------------------------------
 
 class _Reduces:

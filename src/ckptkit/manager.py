@@ -1566,6 +1566,7 @@ class CheckpointManager:
                     saved_extra = loaded[EXTRA_FILE]
                 else:  # checkpoints from before extra had a file of its own
                     saved_extra = state.pop("extra", {})
+                safeload.refuse_inflated((state, saved_extra), ref.uri)  # each file within its own allowance
                 if optimizer is not None and "optimizer" not in state:
                     raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                                       "optimizer=); restore it without optimizer=")

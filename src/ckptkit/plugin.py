@@ -9,7 +9,8 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
   ``Manifest``/``FileEntry`` (what a checkpoint holds; ``Manifest.to_json()`` and
   ``Manifest.from_json()`` serialise and parse it) are the values the hooks exchange;
   ``step_dirname``, ``parse_step``, ``final_dirname``, ``parse_final``, ``FINAL_DIR`` and
-  ``MANIFEST_NAME`` name the standard layout.
+  ``MANIFEST_NAME`` name the standard layout; ``LEFTOVER_PREFIXES`` begin the names of what a
+  killed save or publish leaves in a run's folder.
 - ``RetryPolicy`` retries transient errors (``RetryPolicy.from_config`` reads a ``retry:``
   mapping; ``transient=`` adds a client's own exception types), ``RemoteOptions`` reads the
   options every object-store backend shares, ``check_options``/``check_number`` validate a
@@ -40,7 +41,7 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .plugins import make_plugin_manager
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
-from .storage import FINAL_DIR, FileBackend, final_dirname, parse_final, parse_step, step_dirname
+from .storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, final_dirname, parse_final, parse_step, step_dirname
 from .uploads import Multipart
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "FileEntry",
     "HashingWriter",
     "IncompatibleCheckpointError",
+    "LEFTOVER_PREFIXES",
     "MANIFEST_NAME",
     "Manifest",
     "Multipart",

@@ -650,7 +650,9 @@ def _merged(ref: CheckpointRef, manifest: Manifest, load_all: Callable[[list[str
     parts = [loaded.pop(n) for n in names]
     if keep is not None:
         parts = [{k: v for k, v in p.items() if k in keep} if isinstance(p, dict) else p for p in parts]
-    return split.merge(parts, ref.uri)
+    state = split.merge(parts, ref.uri)
+    safeload.refuse_inflated(state, ref.uri)  # each part was within its own allowance
+    return state
 
 
 @contextlib.contextmanager

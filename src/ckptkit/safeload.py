@@ -381,10 +381,16 @@ def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
     while stack:
         value, path = stack.pop()
         if isinstance(value, torch.Tensor):
+            # What a tensor carries in its __dict__ loads with it (torch rebuilds it).
+            stack.extend((v, f"{path}.{k}") for k, v in getattr(value, "__dict__", {}).items())
+            parts = _components(value)
+            if parts:  # sparse: measured by the plain tensors it is made of
+                stack.extend((t, f"{path}.{n}") for n, t in parts)
+                continue
             try:
                 storage = value.untyped_storage()
                 nbytes, key = storage.nbytes(), (value.device, storage.data_ptr())
-            except (RuntimeError, NotImplementedError):  # sparse, quantized: no plain storage
+            except (RuntimeError, NotImplementedError):  # quantized and the like: no plain storage
                 continue
             if key not in storages:
                 storages.add(key)
@@ -404,6 +410,31 @@ def inflation(obj: Any, where: str = "") -> tuple[int, int, str | None]:
         elif hasattr(value, "__dict__"):
             stack.extend((v, f"{path}.{k}") for k, v in vars(value).items())
     return stored, max(dense - stored, 0), worst_at
+
+
+def _components(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The plain tensors a sparse tensor is made of (indices and values), each of which may be an
+    expanded view; none for a strided one."""
+    layout = t.layout
+    if layout == torch.strided:
+        return []
+    if layout == torch.sparse_coo:
+        return [("indices", t._indices()), ("values", t._values())]
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [("crow_indices", t.crow_indices()), ("col_indices", t.col_indices()), ("values", t.values())]
+    if layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [("ccol_indices", t.ccol_indices()), ("row_indices", t.row_indices()), ("values", t.values())]
+    return []
+
+
+def refuse_inflated(obj: Any, what: str) -> None:
+    """Raise ``UnsafeCheckpointError`` naming ``what`` where ``inflation_problem`` finds one: for
+    what was loaded from several files or items together (a split state, a sharded one's small
+    items), each within its own allowance."""
+    inflated = inflation_problem(obj)
+    if inflated is not None:
+        raise UnsafeCheckpointError(f"{what}: {inflated}. A few bytes of such a file can fill the memory of the "
+                                    "process that casts it or loads it into an optimizer, so it was refused")
 
 
 def inflation_problem(obj: Any, where: str = "") -> str | None:

@@ -692,6 +692,7 @@ def load_full(fs: fsspec.AbstractFileSystem, path: str, listed: Collection[str],
         # No model to misfit here: verified files that DCP cannot read together disagree.
         detail = next((f"{type(f).__name__}: {str(f).splitlines()[0] if str(f) else ''}" for f in failures), "")
         raise CorruptCheckpointError(f"{name}: its shards do not fit its {METADATA_FILE} ({detail})") from exc
+    safeload.refuse_inflated(state, name)  # each small item was within its own allowance
     return state
 
 

@@ -53,9 +53,7 @@ def _require_this_ckptkit(plugin: str) -> None:
 
 _require_this_ckptkit("ckptkit-gcs")
 
-from ckptkit.errors import ConfigError  # noqa: E402
-from ckptkit.remote import RemoteOptions  # noqa: E402
-from ckptkit.storage import FileBackend  # noqa: E402
+from ckptkit.plugin import ConfigError, FileBackend, RemoteOptions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

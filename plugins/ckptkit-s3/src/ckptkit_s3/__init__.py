@@ -55,11 +55,8 @@ def _require_this_ckptkit(plugin: str) -> None:
 
 _require_this_ckptkit("ckptkit-s3")
 
-from ckptkit.checkpoint import CheckpointRef  # noqa: E402
-from ckptkit.errors import ConfigError  # noqa: E402
-from ckptkit.remote import RemoteOptions  # noqa: E402
-from ckptkit.manifest import MANIFEST_NAME  # noqa: E402
-from ckptkit.storage import LEFTOVER_PREFIXES, FileBackend, parse_final, parse_step  # noqa: E402
+from ckptkit.plugin import (  # noqa: E402
+    LEFTOVER_PREFIXES, MANIFEST_NAME, CheckpointRef, ConfigError, FileBackend, RemoteOptions, parse_final, parse_step)
 
 __all__ = ["S3Backend"]
 

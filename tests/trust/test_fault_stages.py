@@ -534,15 +534,21 @@ def test_a_read_error_without_retries_is_damage_and_the_step_before_is_restored(
                 raise OSError(errno.EIO, "Input/output error")
             return super().open_file(ref, name)
 
+    with _two_steps_read_through(tmp_path, BadSector) as ck:
+        with pytest.warns(RuntimeWarning, match="skipped .*step-0000000002: .*Input/output error"):
+            assert ck.restore(model=model_at(-7)).step == 1
+
+
+def _two_steps_read_through(tmp_path, backend_type) -> ckptkit.CheckpointManager:
+    """Steps 1 and 2 saved to a ``faultyfs`` backend, and a manager reading them through
+    ``backend_type`` (a subclass of it that fails some reads)."""
     cfg = config({"remote": {"type": "faultyfs", "path": str(tmp_path / "remote")}}, keep_last=3)
     with manager(cfg) as ck:
         for step in (1, 2):
             ck.save(step=step, model=model_at(step))
     pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("faultyfs", BadSector)
-    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
-        with pytest.warns(RuntimeWarning, match="skipped .*step-0000000002: .*Input/output error"):
-            assert ck.restore(model=model_at(-7)).step == 1
+    pm.add_backend_type("faultyfs", backend_type)
+    return ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm)
 
 
 def test_a_refusal_a_plugin_raises_typed_itself_is_not_restored_past(tmp_path):
@@ -564,12 +570,7 @@ def test_a_refusal_a_plugin_raises_typed_itself_is_not_restored_past(tmp_path):
             return super().open_file(ref, name)
 
     cfg = config({"remote": {"type": "faultyfs", "path": str(tmp_path / "remote")}}, keep_last=3)
-    with manager(cfg) as ck:
-        for step in (1, 2):
-            ck.save(step=step, model=model_at(step))
-    pm = make_plugin_manager(autoload=False)
-    pm.add_backend_type("faultyfs", Refusing)
-    with ckptkit.CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+    with _two_steps_read_through(tmp_path, Refusing) as ck:
         with pytest.raises(StorageUnavailableError, match="refused this process a file of .*step-0000000002, "
                                                           "which may be intact, and no older step is restored"):
             ck.restore(model=model_at(-7))

@@ -350,17 +350,23 @@ def test_a_store_that_stops_answering_after_the_listing_is_unavailable_not_corru
         manager(pm, {"archive": opts}, ["archive"], fmt=fmt).restore(model=model())
 
 
+def _two_steps_behind_a_proxy(pm, s3_backend_options, make_fault_proxy, moto_port):
+    """Steps 1 and 2 saved past a fault proxy; the proxy, backend options that go through it
+    (no client retries, 2 s a request), and its ``Fault`` type."""
+    proxy = make_fault_proxy(moto_port)
+    opts = {"archive": s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)}
+    with manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3) as ck:
+        for step in (1, 2):
+            ck.save(step=step, model=model(step))
+    return proxy, opts, type(proxy).__init__.__globals__["Fault"]
+
+
 @pytest.mark.parametrize("what", [MANIFEST_NAME, "state.pt"])
 def test_a_newest_checkpoint_the_bucket_refuses_to_this_process_is_not_restored_past(
         pm, s3_backend_options, make_fault_proxy, moto_port, what):
     """An AccessDenied (a bucket policy, keys without read rights) is no damage: the step before
     it is not restored, as training would then save over the refused one."""
-    proxy = make_fault_proxy(moto_port)
-    opts = {"archive": s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)}
-    with manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3) as ck:  # past the proxy
-        for step in (1, 2):
-            ck.save(step=step, model=model(step))
-    FaultT = type(proxy).__init__.__globals__["Fault"]
+    proxy, opts, FaultT = _two_steps_behind_a_proxy(pm, s3_backend_options, make_fault_proxy, moto_port)
     denied = proxy.add(FaultT(lambda m, p: m in ("GET", "HEAD") and p.split("?")[0].endswith(f"step-0000000002/{what}"),
                               status=403, times=None,
                               body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
@@ -381,12 +387,7 @@ def test_a_newest_checkpoint_whose_file_the_store_does_not_deliver_is_not_restor
     """The listing and the manifest answer, the state file's download does not (the connection
     cut, or 503 through every retry): the newest checkpoint may be intact, so the step before it
     is not restored, over which training would then save."""
-    proxy = make_fault_proxy(moto_port)
-    opts = {"archive": s3_backend_options(endpoint=proxy.url, request_retries=0, timeout_s=2)}
-    with manager(pm, {"archive": s3_backend_options()}, ["archive"], keep_last=3) as ck:  # past the proxy
-        for step in (1, 2):
-            ck.save(step=step, model=model(step))
-    FaultT = type(proxy).__init__.__globals__["Fault"]
+    proxy, opts, FaultT = _two_steps_behind_a_proxy(pm, s3_backend_options, make_fault_proxy, moto_port)
     spoiled = proxy.add(FaultT(lambda m, p: m == "GET" and p.split("?")[0].endswith("step-0000000002/state.pt"),
                                drop=fault == "dropped", times=None))
     ck = manager(pm, opts, ["archive"], keep_last=3)

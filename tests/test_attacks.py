@@ -942,3 +942,40 @@ def test_a_split_state_whose_parts_each_pass_but_together_inflate_is_refused(tmp
         assert not opt.state and torch.equal(model[0].weight, make_model(1)[0][0].weight), "nothing was loaded"
         with pytest.raises(UnsafeCheckpointError, match="copied densely take 96.0 MiB more"):
             ck.export(tmp_path / "model.pt")
+
+
+def test_a_sharded_checkpoints_small_items_each_passing_but_together_inflating_are_refused(tmp_path):
+    """The same through a ``dcp`` checkpoint's ``.metadata``: bytes items of a few hundred bytes,
+    each a tensor claiming 48 MiB, which export and publish load together."""
+    import io
+    import pickle
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    with CheckpointManager.from_config(cfg) as ck:
+        model, opt = make_model()
+        train_step(model, opt)
+        folder = Path(ck.save(step=1, model=model, optimizer=opt)[0].local_dir)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    item = io.BytesIO()
+    torch.save(torch.zeros(1).expand(3 * 2**22), item)
+    blob = item.getvalue()
+    with open(folder / "__junk.distcp", "wb") as f:
+        for i in range(2):
+            fqn = f"model.junk{i}"
+            metadata.state_dict_metadata[fqn] = BytesStorageMetadata()
+            metadata.storage_data[MetadataIndex(fqn)] = _StorageInfo("__junk.distcp", i * len(blob), len(blob))
+            metadata.planner_data[fqn] = ("model", f"junk{i}")
+            f.write(blob)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    files["__junk.distcp"] = {"size": 0, "digest": "xxh3_128:0"}
+    rewrite_manifest(folder, files=files)
+    with CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(UnsafeCheckpointError, match="copied densely take 96.0 MiB more"):
+            ck.export(tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

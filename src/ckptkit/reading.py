@@ -111,10 +111,10 @@ class Reader:
     def silent(self) -> set[str] | None:
         """In a pass over a run's checkpoints (``one_pass``): the backends whose store stopped
         answering the read of a manifest (retries used up on timeouts or lost connections), or
-        did not deliver a file of a checkpoint through every retry (``note_skipped``). Their other checkpoints'
-        manifests are not asked for until a listing shows that they answer again, as each would
-        wait through all of its retries again, and an older step is no stand-in for one that may
-        be intact."""
+        did not deliver a file of a checkpoint through every retry (``note_skipped``). Their
+        other checkpoints' manifests are not asked for until a listing shows that they answer
+        again, as each would wait through all of its retries again, and an older step is no
+        stand-in for one that may be intact."""
         return getattr(self._pass, "silent", None)
 
     @property

@@ -1566,7 +1566,8 @@ class CheckpointManager:
                     saved_extra = loaded[EXTRA_FILE]
                 else:  # checkpoints from before extra had a file of its own
                     saved_extra = state.pop("extra", {})
-                safeload.refuse_inflated((state, saved_extra), ref.uri)  # each file within its own allowance
+                if len(loaded) > 1:  # each file was measured alone as it loaded; one file needs no second look
+                    safeload.refuse_inflated((state, saved_extra), ref.uri)
                 if optimizer is not None and "optimizer" not in state:
                     raise IncompatibleCheckpointError(f"{ref.uri} holds no optimizer state (it was saved without "
                                                       "optimizer=); restore it without optimizer=")

@@ -343,10 +343,6 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
                              mmap=mapped and isinstance(source, (str, os.PathLike)))
         if created:
             obj = _resolve(obj, {})
-        inflated = inflation_problem(obj)
-        if inflated is not None:
-            raise UnsafeCheckpointError(f"{inflated}. A few bytes of such a file can fill the memory of the "
-                                        "process that casts it or loads it into an optimizer, so it was refused")
     except CkptkitError as exc:
         raise type(exc)(f"{what}: {exc}") from exc
     except pickle.UnpicklingError as exc:
@@ -361,6 +357,7 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
                                      f"({type(exc).__name__}{': ' + detail if detail else ''})") from exc
     finally:
         _CREATED.reset(token)
+    refuse_inflated(obj, what)
     return obj
 
 
@@ -429,8 +426,8 @@ def _components(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 def refuse_inflated(obj: Any, what: str) -> None:
     """Raise ``UnsafeCheckpointError`` naming ``what`` where ``inflation_problem`` finds one: for
-    what was loaded from several files or items together (a split state, a sharded one's small
-    items), each within its own allowance."""
+    one file's content (``load``), and again for what was loaded from several files or items
+    together (a split state, a sharded one's small items), each within its own allowance."""
     inflated = inflation_problem(obj)
     if inflated is not None:
         raise UnsafeCheckpointError(f"{what}: {inflated}. A few bytes of such a file can fill the memory of the "

@@ -63,11 +63,12 @@ def third_party_dist(tmp_path, monkeypatch):
         class MemoBackend:
             @classmethod
             def from_config(cls, name, options):
-                return cls(name, options.get("fail", False))
+                return cls(name, options.get("fail", False), options.get("unanswered_steps", ()))
 
-            def __init__(self, name, fail):
+            def __init__(self, name, fail, unanswered_steps=()):
                 self.name = name
                 self.fail = fail
+                self.unanswered_steps = set(unanswered_steps)
 
             def _put(self, run_name, key, payload):
                 if self.fail:
@@ -102,6 +103,8 @@ def third_party_dist(tmp_path, monkeypatch):
 
             @ckptkit.hookimpl
             def read_manifest(self, ref):
+                if ref.step in self.unanswered_steps:
+                    raise ConnectionError("memo store did not answer")
                 return STORE[(self.name, ref.run_name, ref.step)][1]
 
             @ckptkit.hookimpl

@@ -396,8 +396,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
-        damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": str(e),
-                    "kind": "newer ckptkit" if isinstance(e, IncompatibleCheckpointError) else "damaged"}
+        # A store that did not answer leaves a checkpoint unread, not damaged (as verify tells it).
+        damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": redact(str(e), secret_values()),
+                    "kind": ("newer ckptkit" if isinstance(e, IncompatibleCheckpointError) else
+                             "unread" if isinstance(e, StorageUnavailableError) else "damaged")}
                    for r, e in corrupt]
         verb = "would delete" if args.dry_run else "deleted"
         table = _table(f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})",

@@ -1,13 +1,16 @@
 """ckptkit.integrations.lightning against real PyTorch Lightning on the CPU.
 
-Each fit runs in a subprocess (this file run as a script), so that a kill is a real SIGKILL and
-DDP is Lightning's own launcher with 2 CPU processes. The model draws its data from the global
+Each fit runs in a process of its own, so that a kill is a real SIGKILL and DDP is Lightning's
+own launcher with 2 CPU processes. The fits are forked from one process per test worker that has
+imported torch and Lightning (this file run as a script with ``--serve``): importing Lightning
+takes 6 to 10 s on two cores, longer than most fits. The model draws its data from the global
 generator every step, so a resumed fit matches an uninterrupted one only if the weights,
 optimizer, scheduler, loop state and every rank's RNG state all came back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,10 +199,9 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
 
 
 class Fit:
-    """One fit in a subprocess, started at once; ``result()`` waits for it.
+    """One fit in a process of its own, forked at once by the fit server; ``result()`` waits for it.
 
-    Independent fits run side by side (a reference beside the fit killed to resume): on two
-    cores that halves the time spent importing torch and Lightning.
+    Independent fits run side by side (a reference beside the fit killed to resume).
     """
 
     def __init__(self, workdir: Path, config: dict, out: str = "result.pt", kill_after: int | None = None,
@@ -212,39 +215,142 @@ class Fit:
                                     "kill_after": kill_after, "devices": devices, "loader": loader,
                                     "validate": validate, "setup_load": setup_load, "validation": validation,
                                     "empty_validation": empty_validation, "rank_stop": rank_stop}))
+        self.log = workdir / f"log-{out}.txt"
+        self.exit = workdir / f"exit-{out}"
+        self.pid_file = workdir / f"pid-{out}"
+        for old in (self.exit, self.pid_file):
+            old.unlink(missing_ok=True)
         run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                        **(env or {}))
-        self.log = open(workdir / f"log-{out}.txt", "w+")
-        self.proc = subprocess.Popen([sys.executable, str(HERE), str(spec)], cwd=workdir, env=run_env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        FitServer.fork({"spec": str(spec), "cwd": str(workdir), "env": run_env, "log": str(self.log),
+                        "exit": str(self.exit), "pid": str(self.pid_file)})
+        self.returncode: int | None = None
         self._result: dict | None = None
+
+    def _wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.exit.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        self.returncode = int(self.exit.read_text())
+        return True
 
     def result(self) -> dict | None:
         """What the fit saved, or None when it was killed as asked."""
-        if self.proc.returncode is None:
-            try:
-                self.proc.wait(300)
-            finally:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.log.seek(0)
-            output = self.log.read()[-6000:]
-            self.log.close()
+        if self.returncode is None:
+            ended = self._wait(300)
+            if not ended:
+                self.stop()
+            output = self.log.read_text()[-6000:] if self.log.exists() else FitServer.output()
+            assert ended, f"the fit did not end within 300 s: {output}"
             if self.kill_after is not None:
-                assert self.proc.returncode == -signal.SIGKILL, output
+                assert self.returncode == -signal.SIGKILL, output
                 assert not (self.workdir / self.out).exists()
             else:
-                assert self.proc.returncode == 0, output
+                assert self.returncode == 0, output
                 self._result = torch.load(self.workdir / self.out, weights_only=True)
         return self._result
 
     def stop(self) -> None:
-        """Kill the fit if it is still running (a test failed before waiting for it)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        """Kill the fit, and the ranks it started, if it is still running (a test failed before
+        waiting for it)."""
+        if self.returncode is not None or self._wait(0):
+            return
+        deadline = time.monotonic() + 30
+        while not self.pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.killpg(int(self.pid_file.read_text()), signal.SIGKILL)
+        self._wait(30)
+
+
+class FitServer:
+    """The process the fits are forked from, one per test worker, started with the first fit."""
+
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @classmethod
+    def fork(cls, request: dict) -> None:
+        if cls.proc is None or cls.proc.poll() is not None:
+            fd, name = tempfile.mkstemp(prefix="ckptkit-fit-server-", suffix=".txt")
+            cls.log = Path(name)
+            cls.proc = subprocess.Popen([sys.executable, str(HERE), "--serve"], stdin=subprocess.PIPE, stdout=fd,
+                                        stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+            os.close(fd)
+        cls.proc.stdin.write(json.dumps(request) + "\n")
+        cls.proc.stdin.flush()
+
+    @classmethod
+    def output(cls) -> str:
+        return f"(the fit server: {cls.log.read_text()[-3000:] if cls.log else 'never started'})"
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.proc is not None:
+            cls.proc.stdin.close()
+            try:
+                cls.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+                cls.proc.wait()
+            cls.proc = None
+        if cls.log is not None:
+            cls.log.unlink(missing_ok=True)
+            cls.log = None
+
+
+def serve() -> None:
+    """Fork a fit for each request read from stdin (JSON: the spec, its folder, environment and
+    log, and the files to write the fit's pid and exit status into), until stdin closes.
+
+    Each request forks a monitor, which forks the fit and writes its exit status once it ends
+    (negative: the signal that killed it), so that this process waits for nothing. The fit
+    leads a process group of its own, which a test kills whole, with the rank Lightning
+    started. Nothing here has touched torch's thread pools when it forks.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the monitors
+    for line in sys.stdin:
+        request = json.loads(line)
+        if os.fork() != 0:
+            continue
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            _fitting(request)  # never returns
+        Path(request["pid"]).write_text(str(pid))
+        status = os.waitpid(pid, 0)[1]
+        exit_file = Path(request["exit"])
+        exit_file.with_suffix(".tmp").write_text(str(os.waitstatus_to_exitcode(status)))
+        os.replace(exit_file.with_suffix(".tmp"), exit_file)
+        os._exit(0)
+
+
+def _fitting(request: dict) -> None:
+    """The forked fit: the process a fit started as a script would be, then ``main``."""
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    # Lightning starts the other DDP ranks as this script again, with these arguments.
+    sys.argv = [str(HERE), request["spec"]]
+    main(request["spec"])
+    sys.exit(0)  # through the interpreter's own shutdown, as a script ends
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fit_server():
+    yield
+    FitServer.close()
 
 
 def fit(workdir: Path, config: dict, **kwargs) -> dict | None:
@@ -783,4 +889,4 @@ def test_a_config_without_resume_backends_is_refused_at_construction(tmp_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    serve() if sys.argv[1] == "--serve" else main(sys.argv[1])

@@ -125,6 +125,23 @@ def test_public_names_are_the_ones_ckptkit_uses():
     assert callable(plugin.FileBackend.multipart) and not hasattr(plugin.FileBackend, "_multipart")
 
 
+@pytest.mark.parametrize("distribution", ["ckptkit-s3", "ckptkit-gcs", "ckptkit-mlflow"])
+def test_the_plugins_we_ship_import_nothing_of_ckptkit_but_its_public_api(distribution):
+    """Our own plugins are what a third-party author copies from: one that reached into a private
+    module would break with a release that third parties are told is compatible."""
+    import ast
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "plugins" / distribution / "src"
+    private = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            private += [f"{path.name}:{node.lineno} {name}" for name in names
+                        if name.split(".")[0] == "ckptkit" and name not in ("ckptkit", "ckptkit.plugin")]
+    assert list(src.rglob("*.py")) and not private, private
+
+
 def test_manifest_serialises_and_parses():
     payload = plugin.Payload(run_name="r", step=3, epoch=1, format="torch",
                              files=(plugin.PayloadFile(name="state.pt", write=lambda f: f.write(b"x")),),

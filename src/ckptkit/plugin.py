@@ -17,6 +17,7 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
   backend's own options.
 - ``BACKEND_ATTRIBUTES`` lists the attributes ckptkit reads from a backend besides its hooks.
 - ``make_plugin_manager`` builds a plugin manager for a backend's tests.
+- ``redact``/``secret_values`` keep credentials out of what a backend says (errors, logs).
 - The error types a backend raises or lets through.
 """
 
@@ -39,6 +40,7 @@ from .hashing import HashingWriter, hash_stream
 from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
 from .plugins import make_plugin_manager
+from .redact import redact, secret_values
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
 from .storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, final_dirname, parse_final, parse_step, step_dirname
@@ -80,5 +82,7 @@ __all__ = [
     "parse_bucket_uri",
     "parse_final",
     "parse_step",
+    "redact",
+    "secret_values",
     "step_dirname",
 ]

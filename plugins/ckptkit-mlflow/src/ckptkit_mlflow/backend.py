@@ -33,11 +33,8 @@ from typing import Any, Iterator
 import attrs
 
 import ckptkit
-from ckptkit.checkpoint import CheckpointRef, Payload, PayloadFile
-from ckptkit.config import check_number, check_options
-from ckptkit.errors import BackendError, ConfigError
-from ckptkit.hashing import HashingWriter, WriteOnly, hash_stream
-from ckptkit.redact import redact, secret_values
+from ckptkit.plugin import (BackendError, CheckpointRef, ConfigError, HashingWriter, Payload, PayloadFile,
+                            check_number, check_options, hash_stream, redact, secret_values)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +246,7 @@ class _Redacting(logging.Filter):
 _REDACTING = _Redacting()
 
 
-class _Discard(WriteOnly):
+class _Discard:
     def write(self, data) -> int:
         return memoryview(data).nbytes
 

@@ -1210,6 +1210,33 @@ def test_an_extra_object_the_checkpoint_holds_no_state_for_is_named_not_left_sil
     again.close()
 
 
+def test_an_object_restore_cannot_set_in_place_is_named_not_left_silently(tmp_path, pm):
+    """A sampler's generator trusted through safe_globals saved and restored without a word, but
+    restore gave its state only in the result: the generator passed kept its fresh seed, and the
+    data order after the resume was another than the uninterrupted run's."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    model, opt = make_model()
+    gen = torch.Generator().manual_seed(1)
+    torch.rand(5, generator=gen)
+    ck.save(step=1, model=model, optimizer=opt, extra={"gen": gen, "seen": [1, 2], "lr": 0.5},
+            rank_extra={"gen": gen}, safe_globals=[torch.Generator])
+    expected = torch.rand(2, generator=gen)
+    ck.close()
+
+    again = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    fresh = torch.Generator().manual_seed(1)
+    with pytest.warns(RuntimeWarning) as caught:
+        restored = again.restore(model, opt, extra={"gen": fresh, "seen": [], "lr": 0.1}, rank_extra={"gen": fresh},
+                                 safe_globals=[torch.Generator])
+    told = [str(w.message) for w in caught if "restore left" in str(w.message)]
+    assert len(told) == 2 and all("no load_state_dict" in t for t in told), told
+    assert "extra: restore left 'gen' (a Generator), 'seen' (a list) as they were" in told[0]
+    assert "restored.extra[key]" in told[0] and "'lr'" not in told[0]
+    assert told[1].startswith("rank_extra on rank 0: restore left 'gen' (a Generator) as it was")
+    assert torch.equal(torch.rand(2, generator=restored.extra["gen"]), expected)
+    again.close()
+
+
 def test_an_extra_object_that_refuses_its_state_is_named_and_a_bare_one_is_refused_first(tmp_path, pm):
     """An EMA built around a compiled model, restored without compiling, raised torch's bare
     "Error(s) in loading state_dict for AveragedModel" once the model and optimizer were loaded;

@@ -266,12 +266,20 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: str, uri: str) -> list[str]:
+# Values nobody expects restore to change in place: what restore gives back for them is in the result only.
+_VALUES = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset, range, torch.dtype, torch.device)
+
+
+def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: str, uri: str
+          ) -> tuple[list[str], list[str]]:
     """Give objects with ``load_state_dict`` their saved state back, in place; return the keys
-    of those the checkpoint holds no state for."""
-    lacking = []
+    of those the checkpoint holds no state for, and of the objects it holds state for that
+    restore cannot set in place (a generator trusted through ``safe_globals``, a list)."""
+    lacking, unset = [], []
     for key, target in (targets or {}).items():
         if not callable(getattr(target, "load_state_dict", None)):
+            if key in saved and not isinstance(target, _VALUES):
+                unset.append(f"{key!r} (a {type(target).__name__})")
             continue
         if key not in saved:
             lacking.append(key)
@@ -284,7 +292,15 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
                 f"{type(exc).__name__}: {fanout.first_line(exc)}. The model, the optimizer and the objects "
                 "before it are loaded already; restore again once it fits (it sets each of them again), or "
                 "build them anew") from exc
-    return lacking
+    return lacking, unset
+
+
+def _fill_warning(unset: list[str], where: str, uri: str) -> str:
+    return (f"{where}: restore left {', '.join(unset)} as {'it was' if len(unset) == 1 else 'they were'}: "
+            f"{'it has' if len(unset) == 1 else 'they have'} no load_state_dict, so the state saved in {uri} "
+            f"is not put into {'it' if len(unset) == 1 else 'them'}. Take it from the result "
+            f"(restored.{where.split()[0]}[key]), or save an object restore sets in place (one with "
+            "state_dict/load_state_dict, such as ckptkit.RngState for random generators)")
 
 
 def _outside_checkpoints(out: str, backends: Iterable[Any]) -> None:
@@ -1325,8 +1341,8 @@ class CheckpointManager:
                 saved_extra, own, holders, cast = loaded
                 problem = None
                 try:
-                    lacking = _fill(extra, saved_extra, "extra", ref.uri)
-                    lacking_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
+                    lacking, unset = _fill(extra, saved_extra, "extra", ref.uri)
+                    lacking_own, unset_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
                 except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
                     problem = exc
                 # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
@@ -1341,6 +1357,11 @@ class CheckpointManager:
                                   f"{', '.join(map(repr, sorted(saved_extra))) or 'no extra'}); "
                                   f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
                                   "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
+                if unset and ranks.rank() == 0:
+                    warnings.warn(_fill_warning(unset, "extra", ref.uri), RuntimeWarning, stacklevel=2)
+                if unset_own:
+                    warnings.warn(_fill_warning(unset_own, f"rank_extra on rank {ranks.rank()}", ref.uri),
+                                  RuntimeWarning, stacklevel=2)
                 if lacking_own and own:
                     warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking_own))} not in what this "
                                   f"rank saved in {ref.uri}; kept as it is now", RuntimeWarning, stacklevel=2)

@@ -1108,26 +1108,78 @@ ck = ckptkit.CheckpointManager.from_config(
      "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True}}},
     run_name="exp", plugin_manager=pm)
 model = torch.nn.Linear(64, 64)
-ck.save(step=7, model=model)
-torch.save(model.state_dict(), folder + "/expected.pt")
+opt = torch.optim.AdamW(model.parameters())
+saved = threading.Event()
+
+
+def train():  # saves step 7, then steps on, as a trainer does while the save writes
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()  # state for the save to defer (async_copy: optimizer_state)
+    ck.save(step=7, model=model, optimizer=opt)
+    torch.save(model.state_dict(), folder + "/expected.pt")
+    saved.set()
+    while True:
+        model(torch.randn(2, 64)).sum().backward()
+        opt.step()  # the first one after the save gives the verdict the writer waits for
+        time.sleep(0.05)
+
+
+if sys.argv[2] == "thread":  # as a trainer that trains on a thread of its own (Ray Train's, a GUI's)
+    threading.Thread(target=train, daemon=True).start()
+    saved.wait(60)
+else:
+    model(torch.randn(2, 64)).sum().backward()
+    ck.save(step=7, model=model)
+    torch.save(model.state_dict(), folder + "/expected.pt")
 os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, once another rank failed; a preemption's
 time.sleep(60)
 print("SIGTERM did not end the process")
 """
 
 
-def test_an_async_save_in_flight_at_sigterm_is_committed_before_the_process_ends(tmp_path, pm):
+@pytest.mark.parametrize("training", ["main", "thread"])
+def test_an_async_save_in_flight_at_sigterm_is_committed_before_the_process_ends(tmp_path, pm, training):
     """torchrun sends SIGTERM to every rank once one fails, as Slurm and Kubernetes do to preempt:
-    the save that returned is committed, then the process ends as SIGTERM ends it."""
+    the save that returned is committed, then the process ends as SIGTERM ends it. Also where
+    training runs on a thread other than the main one, which alone can set a signal handler:
+    the manager built on the main thread sets it (it was set at the first save only, and not at
+    all from another thread, so SIGTERM ended the process with the save lost)."""
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_SAVE, str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_SAVE, str(tmp_path), training],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr[-2000:]
     assert "in flight at SIGTERM, is committed" in proc.stderr
     _assert_step_7_as_saved(tmp_path, pm, torch.nn.Linear(64, 64))
+
+
+def test_an_async_save_where_no_sigterm_handler_can_be_set_says_so(tmp_path, pm, caplog):
+    """A manager built and saving on a thread other than the main one cannot set its SIGTERM
+    handler: a SIGTERM would end the process before a save in flight commits, which is told once."""
+    import signal
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["async"] = True
+    before = signal.getsignal(signal.SIGTERM)
+    ran = []
+
+    def train():
+        with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+            model, opt = make_model()
+            for step in range(2):
+                train_step(model, opt)
+                ck.save(step=step, model=model, optimizer=opt)
+        ran.append(True)
+
+    with caplog.at_level("WARNING", logger="ckptkit.asyncsave"):
+        worker = threading.Thread(target=train, name="trainer")
+        worker.start()
+        worker.join(60)
+    told = [r.getMessage() for r in caplog.records if "cannot set its SIGTERM handler" in r.getMessage()]
+    assert ran and len(told) == 1 and "'trainer'" in told[0] and "ck.wait()" in told[0], told
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _child_exits() -> None:

@@ -73,6 +73,8 @@ class AsyncSaver:
         self._prepare_hook: Any = None
         self._awaited: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # prepared at their first step
         self._stops_at_exit = False
+        self._sigterm_settled = False  # SIGTERM's handler set, or left to the trainer's own
+        self._sigterm_told = False
 
     def prepare_for(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the first save's CPU buffers for ``optimizer``'s parameters and state while
@@ -158,6 +160,12 @@ class AsyncSaver:
         self._copies = self._stager.record()
         return staged
 
+    def guard_sigterm(self) -> None:
+        """Let a SIGTERM wait for this saver's save in flight (``_finish_at_sigterm``), once
+        called from the main thread: the manager's constructor and each submit try."""
+        if not self._sigterm_settled:
+            self._sigterm_settled = _finish_at_sigterm(self)
+
     def settle(self) -> None:
         """On the thread that trains: wait for the deferred copies of the save in flight, then
         give the verdict on them (at once when there are none)."""
@@ -184,7 +192,14 @@ class AsyncSaver:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
             _finish_at_exit(weakref.ref(self))
-            _finish_at_sigterm(self)
+        self.guard_sigterm()
+        if not self._sigterm_settled and not self._sigterm_told:
+            self._sigterm_told = True
+            log.warning("async save from thread %r, not the main thread: ckptkit cannot set its SIGTERM handler "
+                        "from there, so a SIGTERM (a preemption's, torchrun's) ends this process before a save in "
+                        "flight commits. Build the CheckpointManager on the main thread (it sets the handler then), "
+                        "or have a SIGTERM handler of yours call ck.wait() before the process ends",
+                        threading.current_thread().name)
         copies, self._copies = self._copies, []
         deferred, self._stager.deferred = self._stager.deferred, []
         if deferred:
@@ -299,22 +314,24 @@ _sigterm_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 _sigterm_lock = threading.Lock()
 
 
-def _finish_at_sigterm(saver: AsyncSaver) -> None:
+def _finish_at_sigterm(saver: AsyncSaver) -> bool:
     """On SIGTERM, let the save in flight commit before the process ends as SIGTERM ends it.
 
     torchrun sends it to every rank once one has failed, as Slurm and Kubernetes do to preempt:
     without this, a save that returned was lost with the process. Only where SIGTERM does what
-    it does by default: a handler of the trainer's own is left as it is (and decides)."""
+    it does by default: a handler of the trainer's own is left as it is (and decides). Returns
+    False where nothing could be decided: off the main thread, from which alone a handler is set."""
     if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers are set from the main thread only
+        return False
     with _sigterm_lock:
         _sigterm_savers.add(saver)
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return  # ours already, or the trainer's
+            return True  # ours already, or the trainer's
         try:
             signal.signal(signal.SIGTERM, _on_sigterm)
         except (ValueError, OSError):  # not the main interpreter (a subinterpreter, an embedding)
             pass
+        return True
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -323,7 +340,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             continue
         log.warning("SIGTERM: the asynchronous save in flight is finished before the process ends")
         try:
-            s.settle()  # this is the main thread, which saved: its verdict on deferred copies is final
+            if s._saving_thread in (None, threading.current_thread()):
+                s.settle()  # this thread saved: its verdict on deferred copies is final
+            # else the thread that trains gives it, at its next step, while this one waits
             step, saved, failures = s._pending.result()
         except Exception as exc:  # nothing to raise to: the process is ending
             log.error("the asynchronous save in flight at SIGTERM failed: %s", exc)

@@ -503,6 +503,8 @@ class CheckpointManager:
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
+        if config.resume is not None and config.resume.async_:
+            self._async.guard_sigterm()  # from here, where a training on a thread of its own cannot
         # The steps that count toward keep_last when pruning after a save: those hashed while
         # this manager wrote them, the one verified when restored, and those older than it that
         # restore did not skip (once their sizes agree with their manifests, as for the ones

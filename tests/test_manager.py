@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import threading
 import time
 import warnings
@@ -1180,6 +1181,63 @@ def test_an_async_save_where_no_sigterm_handler_can_be_set_says_so(tmp_path, pm,
     told = [r.getMessage() for r in caplog.records if "cannot set its SIGTERM handler" in r.getMessage()]
     assert ran and len(told) == 1 and "'trainer'" in told[0] and "ck.wait()" in told[0], told
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _SignalledMidStep(torch.optim.SGD):
+    """SGD whose step is interrupted by SIGUSR1 halfway, while ``midway``: the first parameter
+    stepped, the rest not."""
+
+    midway = True
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        with torch.no_grad():
+            params[0].add_(1.0)
+            if self.midway:
+                signal.raise_signal(signal.SIGUSR1)  # its Python handler runs before the next line
+            for p in params[1:]:
+                p.add_(1.0)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_save_from_a_signal_handler_that_interrupted_the_optimizer_step_is_refused(tmp_path, pm, is_async):
+    """A preemption handler that saves (SIGTERM: save, close, exit) can fire inside
+    optimizer.step(): the checkpoint then held some parameters stepped and others not, and
+    restore took it as any other. A save in the step's hooks, or after it, is as before."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["async"] = is_async
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, _ = make_model()
+    opt = _SignalledMidStep(model.parameters(), lr=0.1)
+    handled = []
+    publishing = [True]
+
+    def handler(signum, frame):
+        if publishing[0]:
+            ck.finalize(model=model, step=1)
+        handled.append(ck.save(step=len(handled) + 1, model=model, optimizer=opt, force=True))
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(ckptkit.CkptkitError, match=r"finalize was called from a SIGUSR1 handler"):
+            opt.step()
+        publishing[0] = False
+        with pytest.raises(ckptkit.CkptkitError, match=r"save step 1 was called from a SIGUSR1 handler that "
+                                                       r"interrupted optimizer.step\(\): .* nothing was saved"):
+            opt.step()
+        assert not (tmp_path / "published").exists() or not list((tmp_path / "published").rglob("*.pt"))
+        assert not handled and ck.wait() == [] and not list((tmp_path / "scratch" / "exp").glob("step-*"))
+        hook = opt.register_step_post_hook(lambda *args: signal.raise_signal(signal.SIGUSR1))
+        opt.midway = False  # a whole step, then the hook's signal: saved
+        opt.step()
+        hook.remove()
+        signal.raise_signal(signal.SIGUSR1)  # between steps
+        ck.wait()
+        assert len(handled) == 2 and sorted(p.name for p in (tmp_path / "scratch" / "exp").glob("step-*")) == [
+            "step-0000000001", "step-0000000002"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        ck.close()
 
 
 def _child_exits() -> None:

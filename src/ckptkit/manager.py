@@ -28,7 +28,7 @@ import fsspec
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import fanout, gather, ranks, reading, safeload, sharded, split
+from . import fanout, gather, ranks, reading, safeload, sharded, split, staging
 from .asyncsave import AsyncSaver
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
@@ -293,6 +293,17 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
                 "before it are loaded already; restore again once it fits (it sets each of them again), or "
                 "build them anew") from exc
     return lacking, unset
+
+
+def _refuse_mid_step(what: str) -> None:
+    """Refuse ``what`` when called from a signal handler that interrupted ``optimizer.step()``."""
+    signal_name = staging.interrupted_step()
+    if signal_name is not None:
+        raise CkptkitError(
+            f"{what} was called from a {signal_name} handler that interrupted optimizer.step(): the parameters and "
+            "the optimizer's state are part updated, so nothing was saved (the checkpoints committed before stand). "
+            "In the handler, set a flag and save once the step has returned (at the top of the next iteration); "
+            "an async save in flight commits with ck.wait() or ck.close()")
 
 
 def _fill_warning(unset: list[str], where: str, uri: str) -> str:
@@ -693,6 +704,7 @@ class CheckpointManager:
             # answering, minutes of retries) is waited for by the next save that writes.
             return []
         self._check_open()
+        _refuse_mid_step(f"save step {step}")
         self._check_step_grows(step)
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals, optimizer is not None)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
@@ -2174,6 +2186,7 @@ class CheckpointManager:
         self._check_open()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
+        _refuse_mid_step("finalize")
         problem = None
         try:
             step = _count("step", step)

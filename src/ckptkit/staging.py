@@ -25,6 +25,8 @@ from __future__ import annotations
 import collections
 import copy
 import ctypes
+import functools
+import signal
 import sys
 import threading
 from typing import Any, Callable
@@ -78,6 +80,49 @@ def inside_optimizer_step() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def interrupted_step() -> str | None:
+    """The name of the signal whose handler this call comes from, where that handler interrupted
+    an optimizer's own ``step`` (not one of its hooks, which run before or after it): the
+    parameters and the optimizer's state are then part updated, some tensors stepped and others
+    not. None otherwise, a save from the closure given to ``step`` included."""
+    if _STEP_WRAPPER is None:
+        return None
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _STEP_WRAPPER:
+        frames.append(frame)
+        frame = frame.f_back
+    if frame is None or not frames:
+        return None
+    stepping = frame.f_locals.get("func")  # what torch's wrapper wraps: the optimizer's own step
+    if getattr(stepping, "__code__", None) is not frames[-1].f_code:
+        return None
+    handlers: dict[Any, int] = {}
+    for number in signal.valid_signals():
+        try:
+            code = _handler_code(signal.getsignal(number))
+        except (ValueError, OSError):
+            continue
+        if code is not None:
+            handlers.setdefault(code, number)
+    for f in frames:
+        number = handlers.get(f.f_code)
+        if number is not None:
+            return signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+    return None
+
+
+def _handler_code(handler: Any) -> Any:
+    """The code a Python signal handler runs, or None for ``SIG_DFL``, ``SIG_IGN`` and the like."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    handler = getattr(handler, "__func__", handler)  # a bound method
+    code = getattr(handler, "__code__", None)
+    if code is None and callable(handler) and not isinstance(handler, int):
+        code = getattr(getattr(type(handler), "__call__", None), "__code__", None)  # a callable object
+    return code
 
 
 def stepped_storages(optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> frozenset[int]:

@@ -1119,13 +1119,26 @@ def train():  # saves step 7, then steps on, as a trainer does while the save wr
     ck.save(step=7, model=model, optimizer=opt)
     torch.save(model.state_dict(), folder + "/expected.pt")
     saved.set()
+    if sys.argv[2] == "stuck-thread":
+        threading.Event().wait()  # in a collective whose peer died: no next step, no verdict
     while True:
         model(torch.randn(2, 64)).sum().backward()
         opt.step()  # the first one after the save gives the verdict the writer waits for
         time.sleep(0.05)
 
 
-if sys.argv[2] == "thread":  # as a trainer that trains on a thread of its own (Ray Train's, a GUI's)
+if sys.argv[2] == "chained":
+    # A trainer's own handler, set after the manager was built, that calls the one before it and
+    # then stops training its own way (Lightning's): the process lives on.
+    before = signal.getsignal(signal.SIGTERM)
+
+    def graceful(signum, frame):
+        before(signum, frame)
+        print("the trainer's handler ran", flush=True)
+
+    signal.signal(signal.SIGTERM, graceful)
+if sys.argv[2].endswith("thread"):  # as a trainer that trains on a thread of its own (Ray Train's, a GUI's)
+    ckptkit.asyncsave._VERDICT_WAIT_S = 1.0
     threading.Thread(target=train, daemon=True).start()
     saved.wait(60)
 else:
@@ -1133,26 +1146,34 @@ else:
     ck.save(step=7, model=model)
     torch.save(model.state_dict(), folder + "/expected.pt")
 os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, once another rank failed; a preemption's
+if sys.argv[2] == "chained":
+    sys.exit(0)
 time.sleep(60)
 print("SIGTERM did not end the process")
 """
 
 
-@pytest.mark.parametrize("training", ["main", "thread"])
+@pytest.mark.parametrize("training", ["main", "thread", "stuck-thread", "chained"])
 def test_an_async_save_in_flight_at_sigterm_is_committed_before_the_process_ends(tmp_path, pm, training):
     """torchrun sends SIGTERM to every rank once one fails, as Slurm and Kubernetes do to preempt:
     the save that returned is committed, then the process ends as SIGTERM ends it. Also where
     training runs on a thread other than the main one, which alone can set a signal handler:
     the manager built on the main thread sets it (it was set at the first save only, and not at
-    all from another thread, so SIGTERM ended the process with the save lost)."""
+    all from another thread, so SIGTERM ended the process with the save lost); where that thread
+    is stuck and never reaches its next step, SIGTERM still ends the process, soon. A trainer's
+    own handler that calls ckptkit's and goes on (Lightning's) keeps the process alive."""
     import signal
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_SAVE, str(tmp_path), training],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr[-2000:]
+    if training == "chained":
+        assert proc.returncode == 0 and "the trainer's handler ran" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr[-2000:]
     assert "in flight at SIGTERM, is committed" in proc.stderr
+    assert ("is checked from here" in proc.stderr) == (training == "stuck-thread")
     _assert_step_7_as_saved(tmp_path, pm, torch.nn.Linear(64, 64))
 
 

@@ -334,15 +334,27 @@ def _finish_at_sigterm(saver: AsyncSaver) -> bool:
         return True
 
 
+# How long SIGTERM waits for the verdict on deferred copies from a training thread other than the
+# one it runs on. One that is stuck (in a collective whose peer died: what torchrun sends SIGTERM
+# for) gives none, and the signal's grace period is short; a stuck thread changes no tensor, so
+# the verdict is then given here.
+_VERDICT_WAIT_S = 10.0
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    # A trainer's handler set after this one may call it before its own shutdown (Lightning's
+    # does): the save in flight is finished, and that handler decides how the process ends.
+    chained = signal.getsignal(signal.SIGTERM) is not _on_sigterm
     for s in list(_sigterm_savers):
         if s._pending is None or s._pending.done() or os.getpid() != s._pid:
             continue
         log.warning("SIGTERM: the asynchronous save in flight is finished before the process ends")
         try:
-            if s._saving_thread in (None, threading.current_thread()):
-                s.settle()  # this thread saved: its verdict on deferred copies is final
-            # else the thread that trains gives it, at its next step, while this one waits
+            training = s._saving_thread
+            if training not in (None, threading.current_thread()) and not s._judged.wait(_VERDICT_WAIT_S):
+                log.warning("SIGTERM: thread %r, which saved, has not reached its next optimizer step in %.0f s; the "
+                            "save in flight is checked from here", training.name, _VERDICT_WAIT_S)
+            s.settle()
             step, saved, failures = s._pending.result()
         except Exception as exc:  # nothing to raise to: the process is ending
             log.error("the asynchronous save in flight at SIGTERM failed: %s", exc)
@@ -352,6 +364,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         if saved:
             log.warning("the asynchronous save of step %d, in flight at SIGTERM, is committed at %s", step,
                         ", ".join(r.uri for r in saved))
+    if chained:
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.raise_signal(signal.SIGTERM)  # ends the process as SIGTERM would have
 

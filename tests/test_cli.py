@@ -195,9 +195,9 @@ def test_ls_names_the_folder_pattern_only_for_the_standard_layout(capsys, config
     assert code == 0 and "m: memo://m/exp/7" in out and "NNNN" not in out
 
 
-def test_prune_names_a_checkpoint_its_store_did_not_deliver_unread_not_damaged(capsys, tmp_path, third_party_dist):
+def test_prune_names_a_checkpoint_its_store_did_not_deliver_unverified_not_damaged(capsys, tmp_path, third_party_dist):
     """A checkpoint whose manifest the store did not deliver was listed by prune as damaged:
-    what is told damaged, users delete, and it may be intact (verify calls it unverified)."""
+    what is told damaged, users delete, and it may be intact (as verify calls it)."""
     from ckptkit import CheckpointManager
 
     memo = {"backends": {"m": {"type": "memo"}}, "roles": {"resume": {"backends": ["m"], "every_n_steps": 1}},
@@ -211,10 +211,10 @@ def test_prune_names_a_checkpoint_its_store_did_not_deliver_unread_not_damaged(c
     config.write_text(yaml.safe_dump(memo))
     code, out, _ = run(capsys, "prune", str(config), "--keep-last", "1", "--json")
     data = json.loads(out)
-    assert code == 0 and [(d["step"], d["kind"]) for d in data["damaged"]] == [(2, "unread")]
+    assert code == 0 and [(d["step"], d["kind"]) for d in data["damaged"]] == [(2, "unverified")]
     assert "did not answer" in data["damaged"][0]["error"]
     code, out, _ = run(capsys, "prune", str(config), "--keep-last", "1")
-    assert "unread: kept, not counted" in " ".join(out.split()) and "damaged" not in out
+    assert "unverified:" in out and "damaged" not in out
 
 
 def test_ls_hides_checkpoint_whose_files_disagree(capsys, config_file, saved):

@@ -321,7 +321,11 @@ def serve() -> None:
         if pid == 0:
             os.setpgid(0, 0)
             _fitting(request)  # never returns
-        Path(request["pid"]).write_text(str(pid))
+        with contextlib.suppress(OSError):  # in both, so that the group exists once the pid is known
+            os.setpgid(pid, pid)
+        pid_file = Path(request["pid"])
+        pid_file.with_suffix(".tmp").write_text(str(pid))
+        os.replace(pid_file.with_suffix(".tmp"), pid_file)
         status = os.waitpid(pid, 0)[1]
         exit_file = Path(request["exit"])
         exit_file.with_suffix(".tmp").write_text(str(os.waitstatus_to_exitcode(status)))

@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -1206,11 +1207,13 @@ def test_an_async_save_where_no_sigterm_handler_can_be_set_says_so(tmp_path, pm,
 
 class _SignalledMidStep(torch.optim.SGD):
     """SGD whose step is interrupted by SIGUSR1 halfway, while ``midway``: the first parameter
-    stepped, the rest not."""
+    stepped, the rest not. A closure given to it runs first, as SGD's own does."""
 
     midway = True
 
     def step(self, closure=None):
+        if closure is not None:
+            closure()
         params = [p for group in self.param_groups for p in group["params"]]
         with torch.no_grad():
             params[0].add_(1.0)
@@ -1224,7 +1227,9 @@ class _SignalledMidStep(torch.optim.SGD):
 def test_a_save_from_a_signal_handler_that_interrupted_the_optimizer_step_is_refused(tmp_path, pm, is_async):
     """A preemption handler that saves (SIGTERM: save, close, exit) can fire inside
     optimizer.step(): the checkpoint then held some parameters stepped and others not, and
-    restore took it as any other. A save in the step's hooks, or after it, is as before."""
+    restore took it as any other. Also a handler that first set the default back (a second
+    signal then ends the process). A save in the step's hooks, in the closure given to it (before
+    the step changes anything: Lightning's training step runs there), or between steps is saved."""
     cfg = local_config(tmp_path)
     cfg["roles"]["resume"]["async"] = is_async
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
@@ -1238,7 +1243,12 @@ def test_a_save_from_a_signal_handler_that_interrupted_the_optimizer_step_is_ref
             ck.finalize(model=model, step=1)
         handled.append(ck.save(step=len(handled) + 1, model=model, optimizer=opt, force=True))
 
+    def once(signum, frame):
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        handler(signum, frame)
+
     previous = signal.signal(signal.SIGUSR1, handler)
+    steps = tmp_path / "scratch" / "exp"
     try:
         with pytest.raises(ckptkit.CkptkitError, match=r"finalize was called from a SIGUSR1 handler"):
             opt.step()
@@ -1246,16 +1256,21 @@ def test_a_save_from_a_signal_handler_that_interrupted_the_optimizer_step_is_ref
         with pytest.raises(ckptkit.CkptkitError, match=r"save step 1 was called from a SIGUSR1 handler that "
                                                        r"interrupted optimizer.step\(\): .* nothing was saved"):
             opt.step()
+        signal.signal(signal.SIGUSR1, once)
+        with pytest.raises(ckptkit.CkptkitError, match=r"save step 1 was called from a SIGUSR1 handler"):
+            opt.step()
+        signal.signal(signal.SIGUSR1, handler)
         assert not (tmp_path / "published").exists() or not list((tmp_path / "published").rglob("*.pt"))
-        assert not handled and ck.wait() == [] and not list((tmp_path / "scratch" / "exp").glob("step-*"))
+        assert not handled and ck.wait() == [] and not list(steps.glob("step-*"))
+        opt.midway = False
         hook = opt.register_step_post_hook(lambda *args: signal.raise_signal(signal.SIGUSR1))
-        opt.midway = False  # a whole step, then the hook's signal: saved
-        opt.step()
+        opt.step()  # a whole step, then the hook's signal
         hook.remove()
         signal.raise_signal(signal.SIGUSR1)  # between steps
+        opt.step(closure=lambda: signal.raise_signal(signal.SIGUSR1))  # in the closure, before any update
         ck.wait()
-        assert len(handled) == 2 and sorted(p.name for p in (tmp_path / "scratch" / "exp").glob("step-*")) == [
-            "step-0000000001", "step-0000000002"]
+        assert len(handled) == 3 and sorted(p.name for p in steps.glob("step-*")) == [
+            "step-0000000001", "step-0000000002", "step-0000000003"]
     finally:
         signal.signal(signal.SIGUSR1, previous)
         ck.close()
@@ -1349,7 +1364,8 @@ def test_an_object_restore_cannot_set_in_place_is_named_not_left_silently(tmp_pa
     model, opt = make_model()
     gen = torch.Generator().manual_seed(1)
     torch.rand(5, generator=gen)
-    ck.save(step=1, model=model, optimizer=opt, extra={"gen": gen, "seen": [1, 2], "lr": 0.5},
+    values = {"lr": 0.5, "steps": 3, "ok": True, "name": "x", "shape": (2, 3)}
+    ck.save(step=1, model=model, optimizer=opt, extra={"gen": gen, "seen": [1, 2], **values},
             rank_extra={"gen": gen}, safe_globals=[torch.Generator])
     expected = torch.rand(2, generator=gen)
     ck.close()
@@ -1357,13 +1373,17 @@ def test_an_object_restore_cannot_set_in_place_is_named_not_left_silently(tmp_pa
     again = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
     fresh = torch.Generator().manual_seed(1)
     with pytest.warns(RuntimeWarning) as caught:
-        restored = again.restore(model, opt, extra={"gen": fresh, "seen": [], "lr": 0.1}, rank_extra={"gen": fresh},
-                                 safe_globals=[torch.Generator])
+        # Values passed as they were saved, as numpy gives them, or of other kinds: no word of them.
+        import numpy as np
+
+        given = {"gen": fresh, "seen": [], "lr": np.float32(0.1), "steps": np.int64(1), "ok": np.bool_(False),
+                 "name": pathlib.Path("y"), "shape": (1,)}
+        restored = again.restore(model, opt, extra=given, rank_extra={"gen": fresh}, safe_globals=[torch.Generator])
     told = [str(w.message) for w in caught if "restore left" in str(w.message)]
     assert len(told) == 2 and all("no load_state_dict" in t for t in told), told
-    assert "extra: restore left 'gen' (a Generator), 'seen' (a list) as they were" in told[0]
-    assert "restored.extra[key]" in told[0] and "'lr'" not in told[0]
-    assert told[1].startswith("rank_extra on rank 0: restore left 'gen' (a Generator) as it was")
+    assert "extra: restore left 'gen' (Generator), 'seen' (list) as they were" in told[0]
+    assert "restored.extra[key]" in told[0] and not any(f"'{k}'" in told[0] for k in values), told[0]
+    assert told[1].startswith("rank_extra on rank 0: restore left 'gen' (Generator) as it was")
     assert torch.equal(torch.rand(2, generator=restored.extra["gen"]), expected)
     again.close()
 

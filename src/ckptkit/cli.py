@@ -399,7 +399,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # A store that did not answer leaves a checkpoint unread, not damaged (as verify tells it).
         damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": redact(str(e), secret_values()),
                     "kind": ("newer ckptkit" if isinstance(e, IncompatibleCheckpointError) else
-                             "unread" if isinstance(e, StorageUnavailableError) else "damaged")}
+                             "unverified" if isinstance(e, StorageUnavailableError) else "damaged")}
                    for r, e in corrupt]
         verb = "would delete" if args.dry_run else "deleted"
         table = _table(f"run {ck.run_name!r}: {verb} ({'all' if args.all else f'keep_last={keep}'})",
@@ -408,7 +408,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             table.add_row(r["backend"], str(r["step"] if r["step"] is not None else "-"), r["kind"], r["uri"])
         for d in damaged:
             # Listed under what was deleted, but never deleted itself: its row says so.
-            table.add_row(d["backend"], str(d["step"]), Text(f"{d['kind']}: kept, not counted", style="red"),
+            table.add_row(d["backend"], str(d["step"]), Text(f"{d['kind']}: kept, not counted",
+                                                             style="red" if d["kind"] == "damaged" else "yellow"),
                           d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
                      "damaged": damaged}, table if rows or damaged else None)

@@ -7,8 +7,11 @@ writing in the background (``asyncsave``) and reading back (``reading``).
 from __future__ import annotations
 
 import contextlib
+import datetime
+import enum
 import itertools
 import logging
+import numbers
 import operator
 import os
 import re
@@ -267,7 +270,8 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 # Values nobody expects restore to change in place: what restore gives back for them is in the result only.
-_VALUES = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset, range, torch.dtype, torch.device)
+_VALUES = (type(None), numbers.Number, str, bytes, tuple, frozenset, range, enum.Enum, os.PathLike,
+           datetime.date, datetime.time, datetime.timedelta, torch.dtype, torch.device, torch.Size)
 
 
 def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: str, uri: str
@@ -278,8 +282,8 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
     lacking, unset = [], []
     for key, target in (targets or {}).items():
         if not callable(getattr(target, "load_state_dict", None)):
-            if key in saved and not isinstance(target, _VALUES):
-                unset.append(f"{key!r} (a {type(target).__name__})")
+            if key in saved and not isinstance(target, _VALUES) and not _numpy_value(target):
+                unset.append(f"{key!r} ({type(target).__name__})")
             continue
         if key not in saved:
             lacking.append(key)
@@ -304,6 +308,12 @@ def _refuse_mid_step(what: str) -> None:
             "the optimizer's state are part updated, so nothing was saved (the checkpoints committed before stand). "
             "In the handler, set a flag and save once the step has returned (at the top of the next iteration); "
             "an async save in flight commits with ck.wait() or ck.close()")
+
+
+def _numpy_value(obj: Any) -> bool:
+    """A numpy scalar (``np.float32(0.5)``, ``np.bool_``): a value, as a Python number is."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(obj, np.generic)
 
 
 def _fill_warning(unset: list[str], where: str, uri: str) -> str:
@@ -704,7 +714,6 @@ class CheckpointManager:
             # answering, minutes of retries) is waited for by the next save that writes.
             return []
         self._check_open()
-        _refuse_mid_step(f"save step {step}")
         self._check_step_grows(step)
         extra_state, own_state = self._storable(step, extra, rank_extra, safe_globals, optimizer is not None)
         unloadable = gather.groups_misfit(None, optimizer) if optimizer is not None else None
@@ -769,6 +778,7 @@ class CheckpointManager:
         own_state = None
         problem = None
         try:
+            _refuse_mid_step(f"save step {step}")
             if ranks.rank() == 0 and self._conflict is not None:
                 raise self._conflict_error(*self._conflict)  # a new one each time: no traceback piles up
             if ranks.rank() == 0:
@@ -2186,9 +2196,9 @@ class CheckpointManager:
         self._check_open()
         if self.config.final is None:
             raise ConfigError("roles.final: no final backends are declared in the config")
-        _refuse_mid_step("finalize")
         problem = None
         try:
+            _refuse_mid_step("finalize")
             step = _count("step", step)
             epoch = None if epoch is None else _count("epoch", epoch)
             extra_state = _extra_state(extra, "extra")

@@ -26,6 +26,7 @@ import collections
 import copy
 import ctypes
 import functools
+import inspect
 import signal
 import sys
 import threading
@@ -83,10 +84,11 @@ def inside_optimizer_step() -> bool:
 
 
 def interrupted_step() -> str | None:
-    """The name of the signal whose handler this call comes from, where that handler interrupted
-    an optimizer's own ``step`` (not one of its hooks, which run before or after it): the
-    parameters and the optimizer's state are then part updated, some tensors stepped and others
-    not. None otherwise, a save from the closure given to ``step`` included."""
+    """What interrupted an optimizer's own ``step`` ("SIGTERM", say), where this call comes from a
+    signal handler that did: the parameters and the optimizer's state are then part updated,
+    some tensors stepped and others not. None otherwise: outside a step, in its hooks (run before
+    and after it), and in the closure given to it, which an optimizer that takes one optionally
+    runs before it changes anything (LBFGS, which needs one, runs it between updates too)."""
     if _STEP_WRAPPER is None:
         return None
     frames = []
@@ -96,33 +98,58 @@ def interrupted_step() -> str | None:
         frame = frame.f_back
     if frame is None or not frames:
         return None
-    stepping = frame.f_locals.get("func")  # what torch's wrapper wraps: the optimizer's own step
+    wrapper = frame.f_locals
+    stepping = wrapper.get("func")  # what torch's wrapper wraps: the optimizer's own step
     if getattr(stepping, "__code__", None) is not frames[-1].f_code:
         return None
-    handlers: dict[Any, int] = {}
-    for number in signal.valid_signals():
-        try:
-            code = _handler_code(signal.getsignal(number))
-        except (ValueError, OSError):
+    args, kwargs = wrapper.get("args") or (), wrapper.get("kwargs") or {}
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    in_closure = _code_of(closure) if closure is not None and not _needs_closure(stepping) else None
+    for i, f in enumerate(frames):
+        number = _signal_handled(f)
+        if number is None:
             continue
-        if code is not None:
-            handlers.setdefault(code, number)
-    for f in frames:
-        number = handlers.get(f.f_code)
-        if number is not None:
-            return signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+        if in_closure is not None and any(g.f_code is in_closure for g in frames[i + 1:]):
+            return None
+        if number in signal.Signals._value2member_map_:
+            return signal.Signals(number).name
+        return "signal" if number < 0 else f"signal {number}"
     return None
 
 
-def _handler_code(handler: Any) -> Any:
-    """The code a Python signal handler runs, or None for ``SIG_DFL``, ``SIG_IGN`` and the like."""
-    while isinstance(handler, functools.partial):
-        handler = handler.func
-    handler = getattr(handler, "__func__", handler)  # a bound method
-    code = getattr(handler, "__code__", None)
-    if code is None and callable(handler) and not isinstance(handler, int):
-        code = getattr(getattr(type(handler), "__call__", None), "__code__", None)  # a callable object
+def _signal_handled(frame: Any) -> int | None:
+    """The signal number a Python signal handler's ``frame`` was called for (-1 where it shows
+    none), or None for a frame of another function. Python calls a handler with the frame it
+    interrupted, the one below it, as an argument: whatever the handler is (a function, a bound
+    method, a callable object), and whether or not it is still the signal's handler."""
+    code = frame.f_code
+    if not code.co_argcount or frame.f_back is None:
+        return None
+    values = frame.f_locals
+    names = code.co_varnames[:code.co_argcount]
+    if not any(values.get(n) is frame.f_back for n in names):
+        return None
+    return next((v for n in names if type(v := values.get(n)) is int or isinstance(v, signal.Signals)), -1)
+
+
+def _code_of(fn: Any) -> Any:
+    """The code a call of ``fn`` runs first: through partials, bound methods and callable objects."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None and callable(fn):
+        code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
     return code
+
+
+def _needs_closure(step: Any) -> bool:
+    """Whether ``step`` (an optimizer's, unbound) requires a closure, which it may run between updates (LBFGS)."""
+    try:
+        closure = inspect.signature(inspect.unwrap(step)).parameters.get("closure")
+    except (TypeError, ValueError):
+        return True
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def stepped_storages(optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> frozenset[int]:

@@ -217,10 +217,17 @@ def test_prune_names_a_checkpoint_its_store_did_not_deliver_unverified_not_damag
     assert "unverified:" in out and "damaged" not in out
 
 
-def test_ls_hides_checkpoint_whose_files_disagree(capsys, config_file, saved):
+def test_ls_leaves_out_damaged_checkpoints_and_says_which(capsys, config_file, saved):
+    """ls left out a checkpoint restore would not take without a word: at 3 a.m. the newest step
+    seemed to have vanished, and a RunConflictError naming newer steps could not be understood."""
     (saved / "step-0000000003" / "state.pt").write_bytes(b"short")
-    code, out, _ = run(capsys, "ls", str(config_file), "--json")
-    assert [r["step"] for r in json.loads(out)] == [2, 1, 0]
+    (saved / "step-0000000001" / "manifest.json").write_text("{}")
+    code, out, err = run(capsys, "ls", str(config_file), "--json")
+    assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 0]
+    told = " ".join(err.split())
+    assert "warning: 2 checkpoints of the store's listing are not shown" in told, told
+    assert "scratch step 3 (its files disagree" in told and "scratch step 1 (its manifest is damaged" in told
+    assert "ckptkit verify" in told
 
 
 def test_a_checkpoint_of_a_newer_ckptkit_is_named_by_ls_verify_and_prune_and_kept(capsys, config_file, saved):
@@ -332,6 +339,9 @@ def test_an_export_that_fails_halfway_leaves_the_file_that_was_there(capsys, tmp
     assert code == 0
     good = out.read_bytes()
     code, _, err = run(capsys, "export", str(config), "--out", str(out), "--step", "2")
+    assert code == 1 and f"--out: {out} exists; pass --force to replace it" in err
+    assert out.read_bytes() == good
+    code, _, err = run(capsys, "export", str(config), "--out", str(out), "--step", "2", "--force")
     assert code == 1 and err.startswith("ckptkit: error:")
     assert out.read_bytes() == good
     assert torch.load(out, weights_only=True)["step"] == 1
@@ -841,7 +851,7 @@ def test_path_options_expand_the_home_folder_and_an_export_is_as_readable_as_any
     assert (home / "model.pt").is_file() and not (tmp_path / "~").exists()
     assert stat.S_IMODE((home / "model.pt").stat().st_mode) == 0o644
     (home / "model.pt").chmod(0o640)  # a replaced file keeps the mode it was given
-    code, _, err = run(capsys, "export", str(config_file), "--out", str(home / "model.pt"))
+    code, _, err = run(capsys, "export", str(config_file), "--out", str(home / "model.pt"), "--force")
     assert code == 0, err
     assert stat.S_IMODE((home / "model.pt").stat().st_mode) == 0o640
     assert [p.name for p in home.iterdir()] == ["model.pt"]  # no temporary file left

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
                      IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
-from .manager import CheckpointManager
+from .manager import CheckpointManager, _outside_checkpoints
 from .storage import FileBackend
 from ._project import DISABLE_AUTOLOAD_ENV
 from .plugins import make_plugin_manager
@@ -232,6 +232,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         rows = []
+        left_out: list[str] = []  # listed by the store, not shown: restore would not take them
         # Every backend is listed; one that cannot be is an error even when others answered.
         refs, unreachable = ck.reader.list_all()
         for ref in refs:
@@ -241,9 +242,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=1)
                 continue
             except CheckpointError:
+                left_out.append(f"{ref.backend} step {ref.step} (its manifest is damaged or missing)")
                 continue
             if ref.sizes is not None and any(ref.sizes.get(n) != e.size for n, e in m.files.items()):
-                continue  # files disagree with the manifest: not a checkpoint
+                # Files that disagree with the manifest: not a checkpoint restore would take.
+                left_out.append(f"{ref.backend} step {ref.step} (its files disagree with its manifest)")
+                continue
             rows.append({"backend": ref.backend, "step": m.step, "epoch": m.epoch, "format": m.format,
                          "size": m.total_size, "files": len(m.files), "created": m.created,
                          "metrics": m.metrics, "mlflow_run_id": m.mlflow_run_id, "uri": ref.uri})
@@ -261,6 +265,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _emit(args, rows, table)
         if not args.json:
             _print_folders(ck, rows, unreachable)
+        if left_out:
+            warnings.warn(f"{len(left_out)} checkpoint{'s' if len(left_out) != 1 else ''} of the store's listing "
+                          f"{'are' if len(left_out) != 1 else 'is'} not shown, as restore would not take "
+                          f"{'them' if len(left_out) != 1 else 'it'}: {', '.join(left_out)}. "
+                          "ckptkit verify tells what is wrong with each; prune deletes them only once older than "
+                          "the checkpoints it keeps", RuntimeWarning, stacklevel=1)
         if unreachable:
             _fail("; ".join(str(e) for e in unreachable.values()) + "; the table shows what the other backends hold")
             return 1
@@ -448,6 +458,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CkptkitError(f"--out: the folder {out_dir} does not exist")
     ck = _manager(args)
     try:
+        _outside_checkpoints(args.out, ck.router.instances.values())  # the more pressing refusal first
+        if os.path.lexists(args.out) and not args.force:
+            # Another step's model, or a file someone points at (a registered model's artifact).
+            raise CkptkitError(f"--out: {args.out} exists; pass --force to replace it (replaced whole, once the new "
+                               "file is complete), or name another file")
         done = ck.export(args.out, step=args.step, dtype=args.dtype)
         row = {"step": done.step, "format": done.manifest.format, "source": done.ref.uri, "out": args.out}
         table = _table(f"run {ck.run_name!r}: exported", row, whole=("step", "format"))
@@ -594,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_path, required=True, help="the model file to write")
     p.add_argument("--step", type=int, help="export this step (default: the newest verified)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating-point tensors")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
     _config_args(p)
     p.add_argument("--step", type=int, help="publish this resume checkpoint (default: the newest stored final model)")

@@ -217,6 +217,13 @@ def test_prune_names_a_checkpoint_its_store_did_not_deliver_unverified_not_damag
     assert "unverified:" in out and "damaged" not in out
 
 
+def test_prune_all_with_keep_last_is_refused_deleting_nothing(capsys, config_file, saved):
+    """"prune --all --keep-last 2", meant as all but two, deleted every step, the newest included."""
+    code, _, err = run(capsys, "prune", str(config_file), "--all", "--keep-last", "2")
+    assert code == 1 and "--all deletes every checkpoint of the run" in err and "give one of them" in err
+    assert sorted(os.listdir(saved)) == [f"step-000000000{i}" for i in range(4)]
+
+
 def test_ls_leaves_out_damaged_checkpoints_and_says_which(capsys, config_file, saved):
     """ls left out a checkpoint restore would not take without a word: at 3 a.m. the newest step
     seemed to have vanished, and a RunConflictError naming newer steps could not be understood."""

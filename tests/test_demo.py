@@ -231,3 +231,25 @@ def test_the_tracking_server_to_open_is_shown_without_its_user_part():
         router=SimpleNamespace(backends=lambda role: ["registry"] if role is Role.FINAL else [],
                                instances={"registry": SimpleNamespace(tracking_uri="http://bob:s3cr3t@127.0.0.1:5000/")}))
     assert _mlflow_views(ck, []) == ["open http://127.0.0.1:5000/"]
+
+
+def test_an_earlier_demo_folder_is_emptied_only_of_what_the_demo_made(tmp_path):
+    """A second ckptkit demo removed the earlier demo's folder whole: notes kept there went with it,
+    and nothing said so."""
+    from ckptkit.demo import MARKER, _fresh_workdir
+
+    folder = tmp_path / "ckptkit-demo"
+    (folder / "checkpoints" / "demo").mkdir(parents=True)
+    (folder / MARKER).touch()
+    (folder / "mlflow.db").write_text("db")
+    (folder / "my-notes").mkdir()
+    (folder / "my-notes" / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError, match=r"holds an earlier demo and files it did not make \(my-notes\): "
+                                              r"nothing in it was touched"):
+        _fresh_workdir(str(folder))
+    assert (folder / "my-notes" / "notes.txt").read_text() == "kept" and (folder / "mlflow.db").exists()
+    (folder / "my-notes" / "notes.txt").unlink()
+    (folder / "my-notes").rmdir()
+    assert _fresh_workdir(str(folder)) == (str(folder), True)
+    assert os.listdir(folder) == [MARKER]
+    assert _fresh_workdir(str(tmp_path / "new")) == (str(tmp_path / "new"), False)

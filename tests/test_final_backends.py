@@ -309,7 +309,9 @@ def test_publishing_a_resume_step_hands_the_converting_backend_the_state_in_memo
 
 def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path, monkeypatch):
     """The error's ``ckptkit publish ...`` names the config, the run and the fallback folder:
-    run as written once the backend is back, it publishes what finalize could not."""
+    run as written once the backend is back, it publishes what finalize could not. From another
+    folder too: the config given by a relative path, and the default fallback folder, relative
+    to where finalize ran, were named so, and from elsewhere publish found no final model."""
     import shlex
 
     import yaml
@@ -323,7 +325,7 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
                      "registry": {"type": "local", "path": str(blocked / "models")}},
         "roles": {"resume": {"backends": ["scratch"]}, "final": {"backends": ["registry"]}}}))
     monkeypatch.chdir(tmp_path)
-    ck = CheckpointManager.from_config(str(config), run_name="exp-42", fallback_dir=tmp_path / "fb")
+    ck = CheckpointManager.from_config("ck.yaml", run_name="exp-42")
     model = torch.nn.Linear(3, 2)
     with pytest.raises(PublishError) as caught:
         ck.finalize(model=model, step=7)
@@ -331,7 +333,10 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     command = str(caught.value).split("retry with: ", 1)[1].split("\n")[0]
     words = shlex.split(command)
     assert words[:3] == ["ckptkit", "publish", str(config)] and "exp-42" in words
+    assert words[words.index("--fallback-dir") + 1] == str(tmp_path / "ckptkit-fallback")
     blocked.unlink()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(words[1:]) == 0
     stored = torch.load(tmp_path / "registry/models/exp-42/final/final_model.pt", weights_only=True)
     assert torch.equal(stored["model"]["weight"], model.weight) and stored["step"] == 7

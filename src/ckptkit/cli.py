@@ -393,6 +393,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.all and args.keep_last is not None:
+        # "Delete all but N" read as --all wipes the run, the newest step included.
+        raise CkptkitError("--all deletes every checkpoint of the run, the newest included, and --keep-last keeps "
+                           "some: give one of them (--keep-last N alone keeps the newest N)")
     ck = _manager(args)
     try:
         if args.all:

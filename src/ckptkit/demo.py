@@ -103,20 +103,33 @@ def user_config(path: str) -> Config:
                         resume=attrs.evolve(config.resume, every_n_steps=EVERY, keep_last=KEEP_LAST))
 
 
-def _fresh_workdir(workdir: str) -> str:
+# What a demo makes in its folder: a folder holding anything else is not removed for the next demo.
+_MADE = frozenset({MARKER, "checkpoints", "ckptkit.yaml", "mlartifacts", "mlflow.db", "final", "fallback"})
+
+
+def _fresh_workdir(workdir: str) -> tuple[str, bool]:
+    """``workdir``, absolute and empty but for the demo's marker, and whether an earlier demo's
+    files were removed from it."""
     workdir = os.path.abspath(workdir)
+    removed = False
     if os.path.isdir(workdir) and os.listdir(workdir):
         if not os.path.exists(os.path.join(workdir, MARKER)):
             raise FileExistsError(f"{workdir} exists, holds files and is not a ckptkit demo folder: nothing in it "
                                   "was touched; give --workdir a new or empty folder")
+        others = sorted(set(os.listdir(workdir)) - _MADE)
+        if others:
+            raise FileExistsError(f"{workdir} holds an earlier demo and files it did not make ({', '.join(others[:5])}"
+                                  f"{' ...' if len(others) > 5 else ''}): nothing in it was touched; move those "
+                                  "away, or give --workdir a new or empty folder")
         shutil.rmtree(workdir)
+        removed = True
     try:
         os.makedirs(workdir, exist_ok=True)
         open(os.path.join(workdir, MARKER), "w").close()
     except OSError as exc:
         raise OSError(exc.errno, f"cannot make the demo's folder {workdir} ({exc.strerror}); pass --workdir "
                                  "with a folder you can write") from None
-    return workdir
+    return workdir, removed
 
 
 class _Phase:
@@ -206,7 +219,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
     began = time.perf_counter()
     ending = "and the final model published once."
     if config is None:
-        workdir = _fresh_workdir(workdir or "ckptkit-demo")
+        workdir, removed = _fresh_workdir(workdir or "ckptkit-demo")
         source: Config | dict[str, Any] = _config(workdir)
         # The config written beside what it makes, so that the CLI can be tried on it.
         written = os.path.join(workdir, "ckptkit.yaml")
@@ -214,7 +227,7 @@ def run_demo(workdir: str | None, steps: int = 60, console: Console | None = Non
             yaml.safe_dump(source, f, sort_keys=False)
         run_name = None
         fallback = os.path.join(workdir, "fallback")
-        where = f"in {workdir}"
+        where = f"in {workdir}" + (" (the earlier demo's files there removed)" if removed else "")
     else:
         source = user_config(config)
         if source.final is None:

@@ -1469,9 +1469,7 @@ class CheckpointManager:
 
     def _publish_command(self, failures: Mapping[str, Any]) -> str:
         """The ``ckptkit publish`` command line that sends this run's final model to the backends that failed."""
-        words = []
-        if self.fallback_dir != os.path.abspath("ckptkit-fallback"):
-            words += ["--fallback-dir", self.fallback_dir]
+        words = ["--fallback-dir", self.fallback_dir]  # absolute: the command may run from another folder
         for name in failures:
             if name in self.router.instances:
                 words += ["--backend", name]
@@ -1479,7 +1477,7 @@ class CheckpointManager:
 
     def _command(self, command: str, *options: str) -> str:
         """The ``ckptkit`` command line that runs ``command`` on this run, quoted for a shell."""
-        config = self.config.source if self.config.source != "<dict>" else "<your config file>"
+        config = os.path.abspath(self.config.source) if self.config.source != "<dict>" else "<your config file>"
         words = ["ckptkit", command, config, "--run-name", self.run_name, *options]
         return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
 

@@ -877,3 +877,12 @@ def test_prune_run_from_another_folder_says_where_it_looked(capsys, tmp_path, mo
     squeezed = "".join(out.split())  # rich wraps the line where it likes
     assert code == 0 and "".join(f"nothing to delete (keep_last=2) in scratch (file://{elsewhere}/ckpts, a folder "
                                  "that does not exist)".split()) in squeezed, out
+
+
+def test_python_m_ckptkit_is_the_ckptkit_command():
+    """Where the console script is not on the PATH (a venv not activated), ``python -m ckptkit``
+    said "No module named ckptkit.__main__"."""
+    proc = subprocess.run([sys.executable, "-m", "ckptkit", "backends", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "local" in [row["type"] for row in json.loads(proc.stdout)]

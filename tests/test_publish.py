@@ -248,6 +248,11 @@ def test_cli_publish_titles_its_table_by_what_happened(tmp_path, monkeypatch, ca
     blocker.unlink()
     assert main(["publish", str(cfg), "--step", "4"]) == 0
     assert "run 'exp': published the resume checkpoint of step 4" in capsys.readouterr().out
+    # Again: every backend holds it, and the title says that nothing was published.
+    assert main(["publish", str(cfg), "--step", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "run 'exp': nothing to publish, every backend holds the resume checkpoint of step 4" in out
+    assert "already held" in out and "published the" not in out
 
 
 def test_a_sharded_resume_checkpoint_is_published_as_the_final_model(tmp_path):

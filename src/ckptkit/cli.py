@@ -487,7 +487,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
         result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
         what = f"the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"
-        title = (f"run {ck.run_name!r}: published {what}" if result.ok else
+        title = (f"run {ck.run_name!r}: nothing to publish, every backend holds {what} already"
+                 if result.ok and not result.published else
+                 f"run {ck.run_name!r}: published {what}" if result.ok else
                  f"run {ck.run_name!r}: published {what} to some backends, not all" if result.published else
                  f"run {ck.run_name!r}: did not publish {what}")
         table = _table(title, ("backend", "result", "where"), whole=("result",))

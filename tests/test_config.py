@@ -82,6 +82,11 @@ def test_yaml_errors_name_the_file(tmp_path):
         Config.from_file(path)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         Config.from_file(tmp_path / "missing.yaml")
+    text = "backends: {a: {type: local, path: x}}\nroles: {resume: {backends: [a]}}\n"
+    with pytest.raises(ConfigError, match=r"^the config given is text of several lines, not the path of a config "
+                                          r"file: .*yaml.safe_load\(text\)") as caught:
+        Config.load(text)  # what CheckpointManager.from_config(text) reads
+    assert "backends" not in str(caught.value)
     path.write_text("backends: {a: {type: local, path: x}}\nroles: {resume: {backends: [a], keep_last: -1}}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: roles.resume.keep_last"):
         Config.from_file(path)

@@ -87,6 +87,9 @@ def test_yaml_errors_name_the_file(tmp_path):
                                           r"file: .*yaml.safe_load\(text\)") as caught:
         Config.load(text)  # what CheckpointManager.from_config(text) reads
     assert "backends" not in str(caught.value)
+    long_text = text + "".join(f"# {'x' * 70}\n" for _ in range(5))  # longer than a file name may be
+    with pytest.raises(ConfigError, match=r"^the config given is text of several lines"):
+        Config.load(long_text)
     path.write_text("backends: {a: {type: local, path: x}}\nroles: {resume: {backends: [a], keep_last: -1}}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: roles.resume.keep_last"):
         Config.from_file(path)

@@ -877,6 +877,32 @@ def test_model_checkpoint_beside_it_is_refused_naming_the_ckptkit_settings(tmp_p
     assert "every_n_epochs" not in message  # Lightning's own 0 beside every_n_train_steps, not the user's
     assert not (tmp_path / "ckpts").exists() and not (tmp_path / "mc").exists()
 
+def test_an_async_save_leaves_sigterm_to_lightnings_own_handler(tmp_path):
+    """Lightning sets its SIGTERM handler when the fit starts and calls the one it replaced:
+    ckptkit's, set when the manager was built, then ended the process, cutting short Lightning's
+    stop at the next step (and SLURM's requeue, which keeps the process alive)."""
+    import signal as signals
+
+    config = local_config(tmp_path, every=1)
+    config["roles"]["resume"]["async"] = True
+    seen = {}
+
+    class Look(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["handler"] = signals.getsignal(signals.SIGTERM)
+
+    before = signals.signal(signals.SIGTERM, signals.SIG_DFL)
+    try:
+        tr, _ = trainer(config, callbacks=[Look()], max_steps=2, logger=False, default_root_dir=tmp_path)
+        tr.fit(Net())
+    finally:
+        signals.signal(signals.SIGTERM, before)
+    handlers = getattr(seen["handler"], "signal_handlers", None)
+    assert handlers, seen
+    assert not [h for h in handlers if getattr(h, "__module__", "").startswith("ckptkit")], handlers
+    assert committed_steps(tmp_path / "ckpts"), "the fit saved asynchronously"
+
+
 
 @pytest.mark.parametrize("name", ["", "a/b"])
 def test_a_bad_run_name_is_refused_at_construction_not_on_the_ranks(tmp_path, name):

@@ -25,13 +25,15 @@ whatever else the state holds.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import signal
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -314,6 +316,27 @@ _sigterm_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 _sigterm_lock = threading.Lock()
 
 
+_sigterm_at_build: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptkit_sigterm_at_build", default=True)
+
+
+def sigterm_at_build() -> bool:
+    """Whether a manager built now sets its SIGTERM handler at once (see ``sigterm_left_to_trainer``)."""
+    return _sigterm_at_build.get()
+
+
+@contextlib.contextmanager
+def sigterm_left_to_trainer() -> Iterator[None]:
+    """Managers built in this block set no SIGTERM handler when built. A trainer that sets its
+    own afterwards and calls the one it replaced (Lightning's) stops training its own way, which
+    ckptkit's would cut short by ending the process; its shutdown closes the manager, which
+    waits for the save in flight. A first save where no handler is set by then still sets one."""
+    token = _sigterm_at_build.set(False)
+    try:
+        yield
+    finally:
+        _sigterm_at_build.reset(token)
+
+
 def _finish_at_sigterm(saver: AsyncSaver) -> bool:
     """On SIGTERM, let the save in flight commit before the process ends as SIGTERM ends it.
 
@@ -342,9 +365,6 @@ _VERDICT_WAIT_S = 10.0
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # A trainer's handler set after this one may call it before its own shutdown (Lightning's
-    # does): the save in flight is finished, and that handler decides how the process ends.
-    chained = signal.getsignal(signal.SIGTERM) is not _on_sigterm
     for s in list(_sigterm_savers):
         if s._pending is None or s._pending.done() or os.getpid() != s._pid:
             continue
@@ -364,8 +384,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         if saved:
             log.warning("the asynchronous save of step %d, in flight at SIGTERM, is committed at %s", step,
                         ", ".join(r.uri for r in saved))
-    if chained:
-        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.raise_signal(signal.SIGTERM)  # ends the process as SIGTERM would have
 

@@ -410,7 +410,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
-        # A store that did not answer leaves a checkpoint unread, not damaged (as verify tells it).
+        # A store that did not answer leaves a checkpoint unverified, not damaged (as verify tells it).
         damaged = [{"backend": r.backend, "step": r.step, "uri": r.uri, "error": redact(str(e), secret_values()),
                     "kind": ("newer ckptkit" if isinstance(e, IncompatibleCheckpointError) else
                              "unverified" if isinstance(e, StorageUnavailableError) else "damaged")}
@@ -487,7 +487,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         source = find_source(ck, step=args.step, path=args.source, fallback_dir=args.fallback_dir)
         result = publish(ck, source, backends=args.backend or None, algorithm=args.algorithm, force=args.force)
         what = f"the {source.kind} checkpoint of step {source.manifest.step} from {source.uri}"
-        title = (f"run {ck.run_name!r}: nothing to publish, every backend holds {what} already"
+        title = (f"run {ck.run_name!r}: nothing to publish, {what} is held already where it was to go"
                  if result.ok and not result.published else
                  f"run {ck.run_name!r}: published {what}" if result.ok else
                  f"run {ck.run_name!r}: published {what} to some backends, not all" if result.published else

@@ -367,13 +367,13 @@ class Config:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Config:
         path = os.fspath(path)
+        if "\n" in path:  # the YAML text itself, not a path to it (never shown: it may hold credentials)
+            raise ConfigError("the config given is text of several lines, not the path of a config file: pass "
+                              "the file's path, or the text parsed (yaml.safe_load(text), a dict)")
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except FileNotFoundError:
-            if "\n" in path:  # the YAML text itself, not a path to it
-                raise ConfigError("the config given is text of several lines, not the path of a config file: pass "
-                                  "the file's path, or the text parsed (yaml.safe_load(text), a dict)") from None
             raise ConfigError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -104,7 +104,8 @@ def user_config(path: str) -> Config:
 
 
 # What a demo makes in its folder: a folder holding anything else is not removed for the next demo.
-_MADE = frozenset({MARKER, "checkpoints", "ckptkit.yaml", "mlartifacts", "mlflow.db", "final", "fallback"})
+_MADE = frozenset({MARKER, "checkpoints", "ckptkit.yaml", "mlartifacts", "mlflow.db", "final", "fallback",
+                   "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm"})  # SQLite's, left by a demo killed
 
 
 def _fresh_workdir(workdir: str) -> tuple[str, bool]:

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import fanout, gather, ranks, reading, safeload, sharded, split, staging
-from .asyncsave import AsyncSaver
+from .asyncsave import AsyncSaver, sigterm_at_build
 from .checkpoint import CheckpointRef, Payload, PayloadFile
 from .config import Config, ResumeRole, check_run_name
 from .errors import (
@@ -524,7 +524,7 @@ class CheckpointManager:
         self.coll = ranks.Collectives(config.distributed.timeout_s,
                                       attrs.evolve(config, run_name=run_name).fingerprint())
         self._async = AsyncSaver(self.coll)
-        if config.resume is not None and config.resume.async_:
+        if config.resume is not None and config.resume.async_ and sigterm_at_build():
             self._async.guard_sigterm()  # from here, where a training on a thread of its own cannot
         # The steps that count toward keep_last when pruning after a save: those hashed while
         # this manager wrote them, the one verified when restored, and those older than it that

@@ -87,8 +87,9 @@ def interrupted_step() -> str | None:
     """What interrupted an optimizer's own ``step`` ("SIGTERM", say), where this call comes from a
     signal handler that did: the parameters and the optimizer's state are then part updated,
     some tensors stepped and others not. None otherwise: outside a step, in its hooks (run before
-    and after it), and in the closure given to it, which an optimizer that takes one optionally
-    runs before it changes anything (LBFGS, which needs one, runs it between updates too)."""
+    and after it), and in the closure given to one of torch's own optimizers, which runs it
+    before it changes anything (but LBFGS, which runs it between updates too; another's step,
+    SAM's say, may change the parameters before its closure runs)."""
     if _STEP_WRAPPER is None:
         return None
     frames = []
@@ -104,52 +105,62 @@ def interrupted_step() -> str | None:
         return None
     args, kwargs = wrapper.get("args") or (), wrapper.get("kwargs") or {}
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    in_closure = _code_of(closure) if closure is not None and not _needs_closure(stepping) else None
+    optimizer = args[0] if args else None
+    own = (type(optimizer).__module__.startswith("torch.optim.")
+           and not isinstance(optimizer, torch.optim.LBFGS))
+    in_closure = _code_of(closure) if closure is not None and own else None
+    installed = _installed_handlers()
     for i, f in enumerate(frames):
-        number = _signal_handled(f)
+        number = installed.get(f.f_code) or _signal_handled(f)
         if number is None:
             continue
         if in_closure is not None and any(g.f_code is in_closure for g in frames[i + 1:]):
             return None
-        if number in signal.Signals._value2member_map_:
-            return signal.Signals(number).name
-        return "signal" if number < 0 else f"signal {number}"
+        return signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
     return None
 
 
+def _installed_handlers() -> dict[Any, int]:
+    """The code of each Python signal handler set now, and its signal."""
+    found: dict[Any, int] = {}
+    for number in signal.valid_signals():
+        try:
+            code = _code_of(signal.getsignal(number))
+        except (ValueError, OSError):
+            continue
+        if code is not None:
+            found.setdefault(code, number)
+    return found
+
+
 def _signal_handled(frame: Any) -> int | None:
-    """The signal number a Python signal handler's ``frame`` was called for (-1 where it shows
-    none), or None for a frame of another function. Python calls a handler with the frame it
-    interrupted, the one below it, as an argument: whatever the handler is (a function, a bound
-    method, a callable object), and whether or not it is still the signal's handler."""
+    """The signal a Python signal handler's ``frame`` was called for, or None for a frame of
+    another function. Python calls a handler with the signal's number and the frame it
+    interrupted, the one below it: a handler no longer set (one that set the default back
+    first) and a wrapper around one (a decorator's ``*args``) are found by those arguments."""
     code = frame.f_code
-    if not code.co_argcount or frame.f_back is None:
+    if frame.f_back is None:
         return None
     values = frame.f_locals
-    names = code.co_varnames[:code.co_argcount]
-    if not any(values.get(n) is frame.f_back for n in names):
+    given = [values.get(n) for n in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]]
+    if code.co_flags & inspect.CO_VARARGS:
+        extra = values.get(code.co_varnames[code.co_argcount + code.co_kwonlyargcount])
+        given += list(extra) if isinstance(extra, tuple) else []
+    if not any(v is frame.f_back for v in given):
         return None
-    return next((v for n in names if type(v := values.get(n)) is int or isinstance(v, signal.Signals)), -1)
+    return next((int(v) for v in given if type(v) in (int, signal.Signals) and v in signal.valid_signals()), None)
 
 
 def _code_of(fn: Any) -> Any:
-    """The code a call of ``fn`` runs first: through partials, bound methods and callable objects."""
+    """The code a call of ``fn`` runs first: through partials, bound methods and callable objects;
+    None for ``SIG_DFL``, ``SIG_IGN`` and the like."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     fn = getattr(fn, "__func__", fn)
     code = getattr(fn, "__code__", None)
-    if code is None and callable(fn):
+    if code is None and callable(fn) and not isinstance(fn, int):
         code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
     return code
-
-
-def _needs_closure(step: Any) -> bool:
-    """Whether ``step`` (an optimizer's, unbound) requires a closure, which it may run between updates (LBFGS)."""
-    try:
-        closure = inspect.signature(inspect.unwrap(step)).parameters.get("closure")
-    except (TypeError, ValueError):
-        return True
-    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def stepped_storages(optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> frozenset[int]:

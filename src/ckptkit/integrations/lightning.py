@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - the extra is what brings it
 from .. import gather
 from ..config import Config, check_run_name
 from ..errors import ConfigError, IncompatibleCheckpointError
+from ..asyncsave import sigterm_left_to_trainer
 from ..manager import CheckpointManager
 from ..rng import RngState
 
@@ -202,7 +203,11 @@ class CkptkitCheckpoint(Checkpoint):
         connector = _connector(trainer)
         if self.manager is None:
             # Built here, not in __init__: under DDP each rank's process group exists only now.
-            self.manager = CheckpointManager.from_config(self.config, run_name=self.run_name, on_error=self.on_error)
+            # Lightning sets its own SIGTERM handler when the fit starts, which stops at the next step and
+            # tears down (closing the manager: the async save in flight commits).
+            with sigterm_left_to_trainer():
+                self.manager = CheckpointManager.from_config(self.config, run_name=self.run_name,
+                                                             on_error=self.on_error)
         lazy = is_overridden("configure_model", pl_module)
         if lazy and next(iter(pl_module.parameters()), None) is None:
             raise ConfigError(

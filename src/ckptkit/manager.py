@@ -316,11 +316,13 @@ def _numpy_value(obj: Any) -> bool:
     return np is not None and isinstance(obj, np.generic)
 
 
-def _fill_warning(unset: list[str], where: str, uri: str) -> str:
+def _fill_warning(unset: list[str], argument: str, where: str, uri: str) -> str:
+    """The warning for the objects ``unset`` of ``argument`` (``extra``, ``rank_extra``) that
+    restore could not set in place; ``where`` begins it."""
     return (f"{where}: restore left {', '.join(unset)} as {'it was' if len(unset) == 1 else 'they were'}: "
             f"{'it has' if len(unset) == 1 else 'they have'} no load_state_dict, so the state saved in {uri} "
             f"is not put into {'it' if len(unset) == 1 else 'them'}. Take it from the result "
-            f"(restored.{where.split()[0]}[key]), or save an object restore sets in place (one with "
+            f"(restored.{argument}[key]), or save an object restore sets in place (one with "
             "state_dict/load_state_dict, such as ckptkit.RngState for random generators)")
 
 
@@ -1382,9 +1384,9 @@ class CheckpointManager:
                                   f"{'that object keeps' if len(lacking) == 1 else 'those objects keep'} the state "
                                   "it has now. Save it with extra= under the same key", RuntimeWarning, stacklevel=2)
                 if unset and ranks.rank() == 0:
-                    warnings.warn(_fill_warning(unset, "extra", ref.uri), RuntimeWarning, stacklevel=2)
+                    warnings.warn(_fill_warning(unset, "extra", "extra", ref.uri), RuntimeWarning, stacklevel=2)
                 if unset_own:
-                    warnings.warn(_fill_warning(unset_own, f"rank_extra on rank {ranks.rank()}", ref.uri),
+                    warnings.warn(_fill_warning(unset_own, "rank_extra", f"rank_extra on rank {ranks.rank()}", ref.uri),
                                   RuntimeWarning, stacklevel=2)
                 if lacking_own and own:
                     warnings.warn(f"rank_extra on rank {ranks.rank()}: {', '.join(map(repr, lacking_own))} not in what this "

@@ -75,12 +75,19 @@ def inside_optimizer_step() -> bool:
     """Whether this thread is inside an optimizer's ``step`` (a save from the closure given to
     it, or from a step hook): there the step goes on changing the state once ``save`` returns,
     and no later step's wait comes first."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _STEP_WRAPPER:
-            return True
+    return _step_frames()[0] is not None
+
+
+def _step_frames() -> tuple[Any, list[Any]]:
+    """The frame of torch's wrapper around the optimizer step this thread is in (None outside
+    one), and the frames of the calls made in it, innermost first, the callers of this module's
+    functions left out."""
+    frames = []
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _STEP_WRAPPER:
+        frames.append(frame)
         frame = frame.f_back
-    return False
+    return frame, frames
 
 
 def interrupted_step() -> str | None:
@@ -90,13 +97,7 @@ def interrupted_step() -> str | None:
     and after it), and in the closure given to one of torch's own optimizers, which runs it
     before it changes anything (but LBFGS, which runs it between updates too; another's step,
     SAM's say, may change the parameters before its closure runs)."""
-    if _STEP_WRAPPER is None:
-        return None
-    frames = []
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _STEP_WRAPPER:
-        frames.append(frame)
-        frame = frame.f_back
+    frame, frames = _step_frames()
     if frame is None or not frames:
         return None
     wrapper = frame.f_locals

@@ -311,7 +311,8 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     """The error's ``ckptkit publish ...`` names the config, the run and the fallback folder:
     run as written once the backend is back, it publishes what finalize could not. From another
     folder too: the config given by a relative path, and the default fallback folder, relative
-    to where finalize ran, were named so, and from elsewhere publish found no final model."""
+    to where the manager was built, were named so, and from elsewhere publish found no final
+    model; a trainer that changed folder after building its manager gets the same names."""
     import shlex
 
     import yaml
@@ -327,6 +328,8 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     monkeypatch.chdir(tmp_path)
     ck = CheckpointManager.from_config("ck.yaml", run_name="exp-42")
     model = torch.nn.Linear(3, 2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a trainer that changes folder after building its manager
     with pytest.raises(PublishError) as caught:
         ck.finalize(model=model, step=7)
     ck.close()
@@ -335,8 +338,6 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     assert words[:3] == ["ckptkit", "publish", str(config)] and "exp-42" in words
     assert words[words.index("--fallback-dir") + 1] == str(tmp_path / "ckptkit-fallback")
     blocked.unlink()
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(words[1:]) == 0
     stored = torch.load(tmp_path / "registry/models/exp-42/final/final_model.pt", weights_only=True)
     assert torch.equal(stored["model"]["weight"], model.weight) and stored["step"] == 7

@@ -1529,3 +1529,20 @@ def test_a_skipped_step_is_told_though_an_older_one_then_fails_the_restore(tmp_p
         with pytest.raises(IncompatibleCheckpointError, match="folder of files committed by save_files"):
             ck.restore(*make_model(1))
     ck.close()
+
+
+def test_export_with_replace_false_refuses_a_file_that_is_there_before_reading_anything(tmp_path, pm):
+    """The API's own refusal, which ``ckptkit export`` without ``--force`` is: the file stays as
+    it was, and one inside a checkpoint folder is refused as damaging that checkpoint first."""
+    ck = CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm)
+    ck.save(step=1, model=make_model()[0])
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"someone's file")
+    with pytest.raises(FileExistsError) as caught:
+        ck.export(out, replace=False)
+    assert caught.value.filename == str(out) and out.read_bytes() == b"someone's file"
+    inside = tmp_path / "scratch" / "exp" / "step-0000000001" / STATE_FILE
+    with pytest.raises(ckptkit.CkptkitError, match="lies inside checkpoint folder"):
+        ck.export(inside, replace=False)
+    assert ck.export(out).step == 1 and torch.load(out, weights_only=True)["step"] == 1
+    ck.close()

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
                      IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
-from .manager import CheckpointManager, _outside_checkpoints
+from .manager import CheckpointManager
 from .storage import FileBackend
 from ._project import DISABLE_AUTOLOAD_ENV
 from .plugins import make_plugin_manager
@@ -462,12 +462,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CkptkitError(f"--out: the folder {out_dir} does not exist")
     ck = _manager(args)
     try:
-        _outside_checkpoints(args.out, ck.router.instances.values())  # the more pressing refusal first
-        if os.path.lexists(args.out) and not args.force:
+        try:
+            done = ck.export(args.out, step=args.step, dtype=args.dtype, replace=args.force)
+        except FileExistsError as exc:
+            if exc.filename != args.out:
+                raise
             # Another step's model, or a file someone points at (a registered model's artifact).
             raise CkptkitError(f"--out: {args.out} exists; pass --force to replace it (replaced whole, once the new "
-                               "file is complete), or name another file")
-        done = ck.export(args.out, step=args.step, dtype=args.dtype)
+                               "file is complete), or name another file") from None
         row = {"step": done.step, "format": done.manifest.format, "source": done.ref.uri, "out": args.out}
         table = _table(f"run {ck.run_name!r}: exported", row, whole=("step", "format"))
         table.add_row(*(str(v) for v in row.values()))

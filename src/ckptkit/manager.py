@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import errno
 import itertools
 import logging
 import numbers
@@ -519,6 +520,8 @@ class CheckpointManager:
         self.reader = Reader(router, run_name)
         self.on_error = on_error
         self.fallback_dir = os.path.abspath(fallback_dir)
+        # Resolved now: a trainer may change folder before a retry command names the file.
+        self._config_file = os.path.abspath(config.source) if config.source != "<dict>" else None
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
         self._closed = False
@@ -1479,7 +1482,7 @@ class CheckpointManager:
 
     def _command(self, command: str, *options: str) -> str:
         """The ``ckptkit`` command line that runs ``command`` on this run, quoted for a shell."""
-        config = os.path.abspath(self.config.source) if self.config.source != "<dict>" else "<your config file>"
+        config = self._config_file or "<your config file>"
         words = ["ckptkit", command, config, "--run-name", self.run_name, *options]
         return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
 
@@ -1941,15 +1944,20 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"run {self.run_name!r}: {which} ({'; '.join(map(str, skipped))})")
         return None
 
-    def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Restored:
+    def export(self, out: str | os.PathLike, step: int | None = None, dtype: str | None = None, *,
+               replace: bool = True) -> Restored:
         """Write one full, unsharded model file from a stored resume checkpoint, offline.
 
         Takes the newest verified checkpoint (or ``step``, and no other: ``CheckpointNotFoundError``
         when no backend holds it), in either format, and writes what ``finalize`` would have
-        written: ``{"model", "step", "epoch", "metrics", "algorithm"}``.
+        written: ``{"model", "step", "epoch", "metrics", "algorithm"}``. A file at ``out`` is
+        replaced whole once the new one is complete; with ``replace=False``, ``FileExistsError``
+        instead, before anything is read.
         """
         self._check_open()
         _outside_checkpoints(os.fspath(out), self.router.instances.values())
+        if not replace and os.path.lexists(out):
+            raise FileExistsError(errno.EEXIST, "exists already", os.fspath(out))
         skipped: list[Exception] = []
         # One pass: a newest step the storage would not let this process read is not passed over
         # for an older one, which would then go out as the newest model.

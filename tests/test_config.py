@@ -154,6 +154,22 @@ def test_run_name_argument_is_checked_too(pm, name):
         CheckpointManager.from_config(base(), run_name=name, plugin_manager=pm)
 
 
+@pytest.mark.parametrize("name", ["step-0000000005", "final", "final-2"])
+def test_a_run_name_shaped_like_a_folder_ckptkit_writes_in_a_run_is_refused(pm, tmp_path, name):
+    """Under a backend root that was another run's folder, such a run was taken for that run's
+    checkpoint: its save of step 5 replaced the whole run with its own, and its prune deleted a
+    final-shaped one once idle for the grace period, without a word."""
+    cfg = base()
+    cfg["backends"]["scratch"] = {"type": "local", "path": str(tmp_path / "root" / "alice")}
+    with pytest.raises(ConfigError, match=f"run_name: '{name}' is the name of a folder ckptkit writes inside a run"):
+        CheckpointManager.from_config(cfg, run_name=name, plugin_manager=pm)
+    with pytest.raises(ConfigError, match="is the name of a folder ckptkit writes"):
+        CheckpointManager.from_config({**cfg, "run_name": name}, plugin_manager=pm)
+    assert not (tmp_path / "root").exists()
+    for near in ("step-5", "step-0000000005a", "finals", "final-v2", "final_2"):
+        CheckpointManager.from_config(cfg, run_name=near, plugin_manager=pm).close()
+
+
 @pytest.mark.parametrize(
     "given, expected",
     [

@@ -63,6 +63,13 @@ def check_run_name(name: Any, key: str = "run_name") -> str:
             f"{key}: {name!r} is not a valid run name; use 1 to 128 ASCII letters, digits, '.', '_' and "
             "'-', starting with a letter or digit, with no '/' and no '..'"
         )
+    from .storage import written_by_ckptkit  # storage checks run names with this function
+
+    if written_by_ckptkit(name):
+        # Under a root that is another run's folder, that run would take this one for its own
+        # checkpoint: replace it with its save of that step, or prune it.
+        raise ConfigError(f"{key}: {name!r} is the name of a folder ckptkit writes inside a run (step-N, final, "
+                          "final-N); choose a run name of another shape")
     return name
 
 

@@ -241,7 +241,8 @@ class Reader:
         from storage once: a local file of 1 MiB or more is hashed on a second thread while the
         caller's thread loads it (both read it from the page cache), a smaller one before it
         loads; a remote one is downloaded into a scratch folder while it is hashed, and loaded
-        from there. The parts of a split state are downloaded, and loaded, several at a time.
+        from there (mapped as below, as a local file is). The parts of a split state are
+        downloaded, and loaded, several at a time.
 
         ``mapped``: state files whose model tensors may stay in the file, memory-mapped, for a
         caller that copies them into the model and drops them (see ``load``). Where the local
@@ -256,7 +257,11 @@ class Reader:
             threaded = getattr(self.router.instances.get(ref.backend), "concurrent_writes", False)
             with scratch("load") as workdir:
                 _each(names, big if threaded else (), lambda name: self.download(ref, manifest, name, workdir))
-                return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals))
+                # Verified as they came; the model's share is read from the scratch copy straight
+                # into the model, not held a second time beside it (the mapping outlives removal).
+                local = mapped if mapped and mappable(workdir) else ()
+                return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals,
+                                                           model_mapped=name in local))
         mapped = mapped if mapped and mappable(ref.local_dir) else ()
         paths = {name: os.path.join(ref.local_dir, name) for name in names}
         before = {name: identity(paths[name], ref) for name in names}

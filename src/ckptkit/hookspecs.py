@@ -322,7 +322,7 @@ def publish_final(run_name: str, payload: Payload, stored: list[CheckpointRef],
 
 
 @_hookspec(firstresult=True)
-def tracking_run_id(run_name: str, resumed_run_id: str | None, resumed: bool) -> str | None:
+def tracking_run_id(run_name: str, resumed_run_id: str | None) -> str | None:
     """Name the experiment-tracking run that checkpoints of this run belong to.
 
     Called by the manager on rank 0 at ``restore``, at every ``save`` call until a backend
@@ -334,9 +334,6 @@ def tracking_run_id(run_name: str, resumed_run_id: str | None, resumed: bool) ->
 
     :param run_name: the ckptkit run name.
     :param resumed_run_id: the run id found in the checkpoint that was restored, if any.
-    :param resumed: whether this training restored a checkpoint (one that names no run too). A
-        training that did not is a new one: a backend should not continue a finished run of the
-        same name for it (another training's, whose metrics and models it would mix in).
     :return: a run id, or None when this backend does not track runs or does not know it yet.
     """
 
@@ -383,7 +380,7 @@ def find_published(run_name: str, digest: str, algorithm: str | None) -> Checkpo
 
 
 @_hookspec
-def final_step(run_name: str, algorithm: str | None, tracking_run_id: str | None) -> int | None:
+def final_step(run_name: str, algorithm: str | None) -> int | None:
     """Tell the highest step among the final models of a run that this backend holds (not the
     newest one's: ``ckptkit publish --step`` of an older step publishes last).
 
@@ -395,10 +392,6 @@ def final_step(run_name: str, algorithm: str | None, tracking_run_id: str | None
 
     :param run_name: the run.
     :param algorithm: the model's tag, as passed to ``publish_final``, or None.
-    :param tracking_run_id: the experiment-tracking run (MLflow's run id) that the restored
-        checkpoint names, or None when not known. A backend that records the run each final
-        model came from counts only that run's: a final model of the same run name from another
-        training (another experiment, or the name reused) is not this one's. Others ignore it.
     :return: the step, or None when this backend holds no final model of the run.
     """
 

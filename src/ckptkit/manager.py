@@ -524,7 +524,6 @@ class CheckpointManager:
         self._config_file = os.path.abspath(config.source) if config.source != "<dict>" else None
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
-        self._resumed = False  # restored a checkpoint: this training goes on from another's start
         self._closed = False
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
@@ -626,8 +625,7 @@ class CheckpointManager:
             for name in self.router.backends(Role.FINAL):  # the first answer wins
                 if self.router.implements(name, "tracking_run_id"):
                     self.mlflow_run_id = self.router.call_blaming(
-                        name, "tracking_run_id", run_name=self.run_name, resumed_run_id=self._resumed_run_id,
-                        resumed=self._resumed)
+                        name, "tracking_run_id", run_name=self.run_name, resumed_run_id=self._resumed_run_id)
                     if self.mlflow_run_id is not None:
                         break
         return self.mlflow_run_id or self._resumed_run_id
@@ -1411,7 +1409,6 @@ class CheckpointManager:
                                   "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._resumed = True
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2111,7 +2108,6 @@ class CheckpointManager:
                 manifest = result
                 self._unreachable([ref], unreachable, notes=over.notes)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._resumed = True
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2279,9 +2275,6 @@ class CheckpointManager:
         if self.config.final is None:
             return True
 
-        # The run the earlier attempt published from: its checkpoints name it.
-        tracking = self._resumed_run_id or self.mlflow_run_id
-
         def ask() -> bool | None:
             answers: list[bool | None] = []
             for name in self.router.backends(Role.FINAL):
@@ -2289,8 +2282,7 @@ class CheckpointManager:
                 try:
                     if callable(getattr(backend, "final_step", None)):
                         newest = self.router.call_blaming(name, "final_step", storage_errors=True,
-                                                          run_name=self.run_name, algorithm=self.config.algorithm,
-                                                          tracking_run_id=tracking)
+                                                          run_name=self.run_name, algorithm=self.config.algorithm)
                     elif callable(getattr(backend, "final_ref", None)):
                         ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
                         newest = None if ref is None else ref.step

@@ -482,47 +482,6 @@ def test_final_held_asks_the_registry_for_the_newest_step_of_the_run(tmp_path, e
     other.close()
 
 
-def test_another_training_of_the_same_run_name_gets_its_own_run_and_none_of_its_final_models(tmp_path, embedded_uri):
-    """Two people share an experiment and a run name (each with a resume disk of their own).
-    The second training reopened the first's finished run, logged into it and registered its
-    model from it; restarted finished, it took the first's final model of a later step for its
-    own (final_held), so that its own was never published. The same from another experiment
-    registering to the same model name."""
-    exp = f"shared-{_uid()}"
-    name = f"shared_{_uid()}"
-    client = MlflowClient(embedded_uri)
-    alice = _config(tmp_path / "alice", embedded_uri, exp, model_name=name)
-    ck = CheckpointManager.from_config(alice, run_name="baseline")
-    assert ck.tracking_run_id(timeout=60) is not None  # every manifest names the run
-    model, opt = _model(0)
-    _train(ck, model, opt, range(1, 11))
-    ck.finalize(model=model, step=10)
-    ck.close()
-    (alice_run,) = _manifest_run_ids(tmp_path / "alice", "baseline")
-
-    for bob_exp in (exp, f"other-{_uid()}"):
-        bob = _config(tmp_path / bob_exp, embedded_uri, bob_exp, model_name=name)
-        ck = CheckpointManager.from_config(bob, run_name="baseline")
-        model, opt = _model(1)
-        assert ck.tracking_run_id(timeout=60) not in (None, alice_run)
-        _train(ck, model, opt, range(1, 6))
-        ck.close()  # stopped before its finalize
-        (bob_run,) = _manifest_run_ids(tmp_path / bob_exp, "baseline")
-        assert bob_run != alice_run
-        ck = CheckpointManager.from_config(bob, run_name="baseline")
-        model, opt = _model(2)
-        assert ck.restore(model=model, optimizer=opt).step == 5
-        assert ck.final_held(5) is False, "the other training's final model of step 10 is not this one's"
-        ck.finalize(model=model, step=5)
-        assert ck.final_held(5) is True
-        ck.close()
-        fives = {v.run_id for v in client.search_model_versions(f"name='{name}'") if v.tags["ckptkit.step"] == "5"}
-        assert bob_run in fives and alice_run not in fives
-    run = client.get_run(alice_run)
-    assert run.info.status == "FINISHED" and run.data.metrics["final/step"] == 10.0
-    assert [m.value for m in client.get_metric_history(alice_run, "final/step")] == [10.0]
-
-
 def test_publishing_a_step_twice_registers_it_once(tmp_path, embedded_uri, capsys):
     exp = f"twice-{_uid()}"
     name = f"twice_{_uid()}"

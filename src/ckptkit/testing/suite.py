@@ -797,10 +797,10 @@ class FinalBackendTests:
         again at every restart; answering a step for a run holding none, never)."""
         if not hasattr(backend, "final_step"):
             pytest.skip(f"{type(backend).__name__} does not implement the optional final_step hook")
-        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm, tracking_run_id=None) is None
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) is None
         self.publish(backend, 5)
         self.publish(backend, 9, data=b"another model" * 100)
-        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm, tracking_run_id=None) == 9
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) == 9
 
     def test_check_final_answers_a_list_of_lines(self, backend):
         if not hasattr(backend, "check_final"):

@@ -589,12 +589,9 @@ class MlflowBackend:
         self._owned.add(run_id)
         return run_id
 
-    def _resolve_run(self, run_name: str, resumed_run_id: str | None, active_id: str | None, resumed: bool) -> str:
+    def _resolve_run(self, run_name: str, resumed_run_id: str | None, active_id: str | None) -> str:
         """The run to use: the caller's active run (``active_id``), the resumed one, the newest
-        run of that name, or a new one. The newest only if it has not finished, for a training
-        that resumed from no checkpoint (``resumed``): a finished run published its training's
-        final model, and a new training of that name is another one (a colleague's, or the name
-        reused after ``ckptkit prune --all``), whose metrics and models are not that run's."""
+        run of that name, or a new one."""
         if active_id is not None:
             if self._usable_run(active_id):
                 return active_id
@@ -606,11 +603,8 @@ class MlflowBackend:
         runs = self.client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
             order_by=["attributes.start_time DESC"])
-        if runs and (resumed or runs[0].info.status != "FINISHED"):
-            return self._reopen(runs[0].info.run_id)
         if runs:
-            log.info("backend %r: the MLflow run %s named %r has finished, and this training did not resume from "
-                     "it: it gets a run of its own", self.name, runs[0].info.run_id, run_name)
+            return self._reopen(runs[0].info.run_id)
         run = self.client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
         self._owned.add(run.info.run_id)
         return run.info.run_id
@@ -636,9 +630,9 @@ class MlflowBackend:
         return [problem] if problem else []
 
     @ckptkit.hookimpl
-    def tracking_run_id(self, run_name: str, resumed_run_id: str | None, resumed: bool) -> str | None:
+    def tracking_run_id(self, run_name: str, resumed_run_id: str | None) -> str | None:
         # MLflow keeps the active run per thread: only the caller's thread can see it.
-        key = (run_name, resumed_run_id, _active_run_id(), resumed)
+        key = (run_name, resumed_run_id, _active_run_id())
         with self._lookup_lock:
             lookup = self._lookup
             failed_at = self._run_id_failed_at
@@ -653,12 +647,11 @@ class MlflowBackend:
                                  daemon=True).start()
         return lookup.result() if lookup.done() else None
 
-    def _look_up(self, lookup: Future, run_name: str, resumed_run_id: str | None, active_id: str | None,
-                 resumed: bool) -> None:
+    def _look_up(self, lookup: Future, run_name: str, resumed_run_id: str | None, active_id: str | None) -> None:
         run_id = None
         try:
             with self._requests():
-                run_id = self._resolve_run(run_name, resumed_run_id, active_id, resumed)
+                run_id = self._resolve_run(run_name, resumed_run_id, active_id)
             self._run_id_failed_at = None
         except Exception as exc:
             self._run_id_error = exc
@@ -719,9 +712,7 @@ class MlflowBackend:
                     if not _is_active(run_id):
                         self._owned.add(run_id)
                 else:
-                    # A stored checkpoint that names no run (its lookup had not answered): the
-                    # newest run of that name, as before, is its training's more likely than not.
-                    run_id = self._resolve_run(run_name, None, _active_run_id(), resumed=True)
+                    run_id = self._resolve_run(run_name, None, _active_run_id())
                 step = "logging the final metrics"
                 self._log_final_metrics(run_id, payload, algorithm)
                 sizes = None
@@ -781,10 +772,9 @@ class MlflowBackend:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=uri, uri=uri, role="final")
 
     @ckptkit.hookimpl
-    def final_step(self, run_name: str, algorithm: str | None, tracking_run_id: str | None) -> int | None:
+    def final_step(self, run_name: str, algorithm: str | None) -> int | None:
         """The highest ``ckptkit.step`` among the registered versions of the run's model that
-        carry this run's name and, where ``tracking_run_id`` is known, were registered from that
-        MLflow run: another experiment's run of the same name registers to the same model."""
+        carry this run's name."""
         name = self.model_name(run_name, algorithm)
         try:
             with self._requests():
@@ -793,8 +783,7 @@ class MlflowBackend:
             raise self._error(f"looking for the versions of {name!r} of run {run_name!r}", exc) from None
         steps = []
         for v in found:
-            if (v.name == name and v.status != "FAILED_REGISTRATION"
-                    and (tracking_run_id is None or v.run_id == tracking_run_id)):
+            if v.name == name and v.status != "FAILED_REGISTRATION":
                 try:
                     steps.append(int(v.tags.get("ckptkit.step", "")))
                 except ValueError:

@@ -68,8 +68,9 @@ def check_run_name(name: Any, key: str = "run_name") -> str:
     if written_by_ckptkit(name):
         # Under a root that is another run's folder, that run would take this one for its own
         # checkpoint: replace it with its save of that step, or prune it.
-        raise ConfigError(f"{key}: {name!r} is the name of a folder ckptkit writes inside a run (step-N, final, "
-                          "final-N); choose a run name of another shape")
+        raise ConfigError(f"{key}: {name!r} is the name of a folder ckptkit writes inside a run ('step-' and 10 "
+                          "digits, 'final', 'final-' and digits); choose a run name of another shape (a run saved "
+                          "under such a name before: rename its folder under each backend root to the new name)")
     return name
 
 

@@ -341,3 +341,33 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     assert main(words[1:]) == 0
     stored = torch.load(tmp_path / "registry/models/exp-42/final/final_model.pt", weights_only=True)
     assert torch.equal(stored["model"]["weight"], model.weight) and stored["step"] == 7
+
+
+def test_final_held_counts_only_the_final_models_of_the_training_asking(tmp_path):
+    """A run name used again after ``ckptkit prune --all`` (which keeps the final models): the
+    new training, stopped inside its finalize and restarted finished at step 10, took the old
+    training's final model of step 20 for its own, so that its own was never published."""
+    import yaml
+
+    cfg = {"run_name": "exp",
+           "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                        "kept": {"type": "local", "path": str(tmp_path / "kept")}},
+           "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5}, "final": {"backends": ["kept"]}}}
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as old:
+        old.save(step=20, model=model)
+        old.finalize(model=model, step=20)
+    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(tmp_path / "ck.yaml"), "--all"]) == 0
+    with CheckpointManager.from_config(cfg) as new:
+        new.save(step=10, model=model)  # then stopped inside finalize: nothing published
+    with CheckpointManager.from_config(cfg) as restarted:
+        assert restarted.restore(model=model).step == 10
+        assert restarted.final_held(10) is False
+        restarted.finalize(model=model, step=10)
+        assert restarted.final_held(10) is True
+    with CheckpointManager.from_config(cfg) as again:
+        assert again.restore(model=model).step == 10
+        assert again.final_held(10) is True, "its own final model, published by the restart before"
+    ids = {json.loads(p.read_text())["training_id"] for p in (tmp_path / "kept" / "exp").glob("final*/manifest.json")}
+    assert len(ids) == 2 and None not in ids

@@ -158,11 +158,15 @@ def test_final_held_cannot_tell_for_a_registry_without_final_step_and_tells_besi
                         "kept": {"type": "local", "path": str(tmp_path / "kept")},
                         "reg": {"type": "jsonreg", "path": str(tmp_path / "registry")}},
            "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1}, "final": {"backends": ["kept"]}}}
+    model = torch.nn.Linear(4, 2)
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
         assert ck.final_held(3) is False
-        ck.finalize(model=torch.nn.Linear(4, 2), step=3)
+        ck.save(step=3, model=model)
+        ck.finalize(model=model, step=3)
         assert (ck.final_held(3), ck.final_held(4)) == (True, False)
     cfg["roles"]["final"]["backends"] = ["kept", "reg"]
     with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        assert ck.final_held(3) is False, "before restore, this is a new training: the final model is another's"
+        assert ck.restore(model=model).step == 3  # the same training, restarted finished
         assert ck.final_held(3) is None
         assert ck.final_held(4) is False  # what one backend lacks is lacking, whatever the other says

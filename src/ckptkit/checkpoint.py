@@ -66,6 +66,8 @@ class Payload:
     concurrency: int = 1
     # ``gather.optimizer_class`` of the optimizer whose state the files hold, if any.
     optimizer: str | None = None
+    # The training that made it (``Manifest.training_id``).
+    training_id: str | None = None
 
     def manifest(self, files: dict[str, FileEntry]) -> Manifest:
         """The manifest that commits this payload once ``files`` are stored."""
@@ -84,6 +86,7 @@ class Payload:
             created=now(),
             extra_in_state=False,
             optimizer=self.optimizer,
+            training_id=self.training_id,
         )
 
     def from_stored(self, local_dir: str, manifest: Manifest) -> Payload:

@@ -380,7 +380,7 @@ def find_published(run_name: str, digest: str, algorithm: str | None) -> Checkpo
 
 
 @_hookspec
-def final_step(run_name: str, algorithm: str | None) -> int | None:
+def final_step(run_name: str, algorithm: str | None, training_id: str | None) -> int | None:
     """Tell the highest step among the final models of a run that this backend holds (not the
     newest one's: ``ckptkit publish --step`` of an older step publishes last).
 
@@ -392,6 +392,11 @@ def final_step(run_name: str, algorithm: str | None) -> int | None:
 
     :param run_name: the run.
     :param algorithm: the model's tag, as passed to ``publish_final``, or None.
+    :param training_id: the training asking (``Payload.training_id`` of what it publishes: carried
+        on from the checkpoint it restored). A backend that records each final model's
+        ``training_id`` counts only that training's and those that name none (written before
+        they did): another training of the same run name (a colleague's, another experiment's,
+        the name used again after ``ckptkit prune --all``) holds none of this one's.
     :return: the step, or None when this backend holds no final model of the run.
     """
 

@@ -524,6 +524,8 @@ class CheckpointManager:
         self._config_file = os.path.abspath(config.source) if config.source != "<dict>" else None
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
+        # This training's own, unless restore carries on another's (rank 0's is the one written).
+        self._training_id = secrets.token_hex(8)
         self._closed = False
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
@@ -735,6 +737,7 @@ class CheckpointManager:
             metrics=_metrics(metrics), world_size=ranks.world_size(),
             mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None,
             optimizer=None if optimizer is None else gather.optimizer_class(optimizer),
+            training_id=self._training_id,
         )
         previous = self._async.collect(f"save step {step}") if role.async_ else None
         if not self._run_checked:
@@ -1409,6 +1412,7 @@ class CheckpointManager:
                                   "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
                 self._resumed_run_id = manifest.mlflow_run_id
+                self._training_id = manifest.training_id or self._training_id
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2038,7 +2042,8 @@ class CheckpointManager:
         payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
                           files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
                           metrics=_metrics(metrics), world_size=ranks.world_size(),
-                          mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None)
+                          mlflow_run_id=self._tracking_run_id() if ranks.rank() == 0 else None,
+                          training_id=self._training_id)
         status, result = self.coll.on_rank0(f"save_files step {step}: write", self._store, payload)
         _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
         self._report(step, saved, failures)
@@ -2108,6 +2113,7 @@ class CheckpointManager:
                 manifest = result
                 self._unreachable([ref], unreachable, notes=over.notes)
                 self._resumed_run_id = manifest.mlflow_run_id
+                self._training_id = manifest.training_id or self._training_id
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2228,6 +2234,7 @@ class CheckpointManager:
                 run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
                 files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),),
                 metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(), params=model_params,
+                training_id=self._training_id,
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
                                                 algorithm=algorithm, model=model, state=state)
@@ -2262,8 +2269,9 @@ class CheckpointManager:
         return saved
 
     def final_held(self, step: int) -> bool | None:
-        """Whether every final backend holds a final model of this run from ``step`` on (the
-        furthest it holds is of that step or a later one, by ``final_step``, else ``final_ref``):
+        """Whether every final backend holds a final model of this training from ``step`` on (the
+        furthest it holds of the training that the restored checkpoint names, or of this one
+        before any restore, is of that step or a later one, by ``final_step``, else ``final_ref``):
         True or False, or None when some backend cannot tell (a type with neither hook, a store
         that did not answer, a damaged final model). Collective under torch.distributed: every rank
         calls it; rank 0 asks, and every rank gets its answer.
@@ -2282,7 +2290,8 @@ class CheckpointManager:
                 try:
                     if callable(getattr(backend, "final_step", None)):
                         newest = self.router.call_blaming(name, "final_step", storage_errors=True,
-                                                          run_name=self.run_name, algorithm=self.config.algorithm)
+                                                          run_name=self.run_name, algorithm=self.config.algorithm,
+                                                          training_id=self._training_id)
                     elif callable(getattr(backend, "final_ref", None)):
                         ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
                         newest = None if ref is None else ref.step

@@ -64,6 +64,10 @@ class Manifest:
     # The class of the optimizer whose state it holds, ``module:qualname`` (``gather.optimizer_class``);
     # None when saved without one, or in manifests written before they said.
     optimizer: str | None = None
+    # The training that wrote it: made by a training that restored nothing, carried on by one that
+    # restored. Tells one training's final models from another's of the same run name; None in
+    # manifests written before they said.
+    training_id: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -217,6 +221,7 @@ def _check_fields(data: dict[str, Any]) -> None:
         "world_size": lambda v: _count(v, 1),
         "mlflow_run_id": lambda v: v is None or isinstance(v, str),
         "optimizer": lambda v: v is None or isinstance(v, str),
+        "training_id": lambda v: v is None or (isinstance(v, str) and bool(v)),
         "extra_in_state": lambda v: type(v) is bool,
         "torch_version": lambda v: isinstance(v, str),
         "ckptkit_version": lambda v: isinstance(v, str),

@@ -273,7 +273,7 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
     """
     m = source.manifest
     common = dict(run_name=ck.run_name, step=m.step, epoch=m.epoch, format="torch", role="final",
-                  metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id)
+                  metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id, training_id=m.training_id)
     if source.kind == "final":
         if FINAL_FILE not in m.files:
             raise CheckpointError(f"{source.uri}: a final checkpoint without {FINAL_FILE}")

@@ -442,10 +442,10 @@ class FileBackend:
         return True
 
     @hookimpl
-    def final_step(self, run_name: str, algorithm: str | None) -> int | None:
+    def final_step(self, run_name: str, algorithm: str | None, training_id: str | None) -> int | None:
         """The highest step among the run's committed final models (a ``ckptkit publish --step``
-        of an older step is the newest folder, not the furthest model); unreadable ones are
-        passed over."""
+        of an older step is the newest folder, not the furthest model) of training
+        ``training_id``, or naming none; unreadable ones are passed over."""
         listing = self._listing(run_name)
         steps = []
         for dirname, folder in listing.items():
@@ -453,9 +453,11 @@ class FileBackend:
                 continue
             ref = self._ref(run_name, -1, posixpath.join(self.run_path(run_name), dirname), role="final")
             try:
-                steps.append(self.read_manifest(ref).step)
+                manifest = self.read_manifest(ref)
             except CheckpointError:
                 continue
+            if training_id is None or manifest.training_id in (None, training_id):
+                steps.append(manifest.step)
         return max(steps, default=None)
 
     def _newest_final(self, run_name: str, listing: dict[str, _Folder]) -> CheckpointRef | None:

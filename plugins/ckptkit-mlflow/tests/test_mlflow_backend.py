@@ -482,6 +482,39 @@ def test_final_held_asks_the_registry_for_the_newest_step_of_the_run(tmp_path, e
     other.close()
 
 
+def test_final_held_counts_the_versions_of_this_training_whatever_run_registered_them(tmp_path, embedded_uri,
+                                                                                       monkeypatch):
+    """A training restarted finished publishes what a job stopped inside finalize left
+    unpublished, once: each launch in an active run of its own (transformers' MLflowCallback
+    starts one) registers from that run, yet it is the same training. Another experiment's
+    training of the same run name registers to the same model, and holds none of this one's."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_uri)
+    mlflow.set_tracking_uri(embedded_uri)
+    name = f"held_{_uid()}"
+    other = _config(tmp_path / "other", embedded_uri, f"other-{_uid()}", model_name=name)
+    with CheckpointManager.from_config(other, run_name="baseline") as ck:
+        model, opt = _model(0)
+        _train(ck, model, opt, range(1, 21))
+        ck.finalize(model=model, step=20)
+    cfg = _config(tmp_path / "mine", embedded_uri, f"mine-{_uid()}", model_name=name)
+    with mlflow.start_run():
+        with CheckpointManager.from_config(cfg, run_name="baseline") as ck:
+            model, opt = _model(1)
+            _train(ck, model, opt, range(1, 6))  # then stopped inside finalize
+    for launch in range(3):
+        with mlflow.start_run() as active, CheckpointManager.from_config(cfg, run_name="baseline") as ck:
+            model, opt = _model(2)
+            assert ck.restore(model=model, optimizer=opt).step == 5
+            if launch == 0:
+                assert ck.final_held(5) is False, "the other training's version of step 20 is not this one's"
+                ck.finalize(model=model, step=5)
+            assert ck.final_held(5) is True, f"launch {launch}: its own version, registered from another run"
+    mine = [v for v in MlflowClient(embedded_uri).search_model_versions(f"name='{name}'") if v.tags["ckptkit.step"] == "5"]
+    assert len(mine) == 1 and mine[0].run_id != active.info.run_id
+
+
 def test_publishing_a_step_twice_registers_it_once(tmp_path, embedded_uri, capsys):
     exp = f"twice-{_uid()}"
     name = f"twice_{_uid()}"

@@ -692,7 +692,7 @@ class ResumeBackendTests:
         if hasattr(backend, "final_step"):
             # An older step published last is the newest folder, not the furthest model.
             publish(3, b"an older step's model")
-            assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=None) == 9
+            assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=None, training_id=None) == 9
 
     def test_a_sharded_checkpoint_is_committed_by_its_manifest(self, backend):
         if not hasattr(backend, "stage_sharded"):
@@ -797,10 +797,10 @@ class FinalBackendTests:
         again at every restart; answering a step for a run holding none, never)."""
         if not hasattr(backend, "final_step"):
             pytest.skip(f"{type(backend).__name__} does not implement the optional final_step hook")
-        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) is None
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm, training_id=None) is None
         self.publish(backend, 5)
         self.publish(backend, 9, data=b"another model" * 100)
-        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm) == 9
+        assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm, training_id=None) == 9
 
     def test_check_final_answers_a_list_of_lines(self, backend):
         if not hasattr(backend, "check_final"):

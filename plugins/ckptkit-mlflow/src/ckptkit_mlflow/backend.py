@@ -51,6 +51,8 @@ DEFAULT_MODEL_NAME = "{run_name}"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 DIGEST_TAG = "ckptkit.digest"
+# The training a version came from (``Payload.training_id``), for final_step.
+TRAINING_TAG = "ckptkit.training_id"
 # The most one request to the tracking server may take, retries included, unless configured.
 DEFAULT_TIMEOUT_S = 30
 DEFAULT_RETRIES = 2
@@ -772,9 +774,10 @@ class MlflowBackend:
         return CheckpointRef(backend=self.name, run_name=run_name, step=step, path=uri, uri=uri, role="final")
 
     @ckptkit.hookimpl
-    def final_step(self, run_name: str, algorithm: str | None) -> int | None:
+    def final_step(self, run_name: str, algorithm: str | None, training_id: str | None) -> int | None:
         """The highest ``ckptkit.step`` among the registered versions of the run's model that
-        carry this run's name."""
+        carry this run's name and, where they name one, training ``training_id``: the model
+        name is shared by every experiment's run of that name, by default."""
         name = self.model_name(run_name, algorithm)
         try:
             with self._requests():
@@ -783,7 +786,8 @@ class MlflowBackend:
             raise self._error(f"looking for the versions of {name!r} of run {run_name!r}", exc) from None
         steps = []
         for v in found:
-            if v.name == name and v.status != "FAILED_REGISTRATION":
+            if (v.name == name and v.status != "FAILED_REGISTRATION"
+                    and (training_id is None or v.tags.get(TRAINING_TAG) in (None, training_id))):
                 try:
                     steps.append(int(v.tags.get("ckptkit.step", "")))
                 except ValueError:
@@ -953,6 +957,8 @@ class MlflowBackend:
             tags["ckptkit.algorithm"] = algorithm
         if digest is not None:
             tags[DIGEST_TAG] = digest
+        if payload.training_id is not None:
+            tags[TRAINING_TAG] = payload.training_id
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
         return str(mv.version)
 

@@ -18,7 +18,10 @@ class PayloadFile:
 
     ``write`` streams the content into an open binary file. Once one backend has stored the
     file on local disk, later backends get ``source`` (that file's path) and ``expected`` (its
-    size and checksum) instead, so they copy bytes rather than serialise the state again.
+    size and checksum) instead, so they copy bytes rather than serialise the state again. Once
+    a final backend has stored it elsewhere (an object store), later ones get ``write`` and
+    ``expected`` as that copy's manifest lists it: a registry that points at that copy records
+    its checksum without serialising the model again.
     """
 
     name: str

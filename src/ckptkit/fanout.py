@@ -15,6 +15,7 @@ import os
 import threading
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+import attrs
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -185,6 +186,11 @@ def store_each(router: Router, run_name: str, role: Role, payload: Payload, hook
             local = _stored_payload(router, name, ref, payload)
             if local is not None:
                 payload, copied = local, True
+        elif (role is Role.FINAL and not copied and i < len(order) - 1 and holds_files(ref, payload)
+              and any(pf.expected is None for pf in payload.files)):
+            # A registry after it records the checksum the store computed as it uploaded, and
+            # points at that copy, rather than serialising the model once more to learn it.
+            payload = _with_checksums(router, name, ref, payload)
     return saved, failures
 
 
@@ -210,6 +216,21 @@ def _stored_payload(router: Router, name: str, ref: CheckpointRef, payload: Payl
     log.warning("backend %r: the copy at %s cannot be read back (%s); the other backends write their own",
                 name, ref.uri, why)
     return None
+
+
+def _with_checksums(router: Router, name: str, ref: CheckpointRef, payload: Payload) -> Payload:
+    """``payload`` with the size and checksum of each file as the manifest of ``ref`` (a copy
+    that is not on this machine's disk) lists them, where backend ``name`` can show it."""
+    if not router.implements(name, "read_manifest"):
+        return payload
+    try:
+        listed = router.call(name, "read_manifest", ref=ref).files
+    except Exception as exc:  # the copy stands; a later backend computes the checksum itself
+        log.info("backend %r: the manifest of %s could not be read back (%s)", name, ref.uri, exc)
+        return payload
+    return attrs.evolve(payload, files=tuple(
+        attrs.evolve(pf, expected=listed[pf.name]) if pf.expected is None and pf.name in listed else pf
+        for pf in payload.files))
 
 
 def put_file(fs, folder: str, name: str, write: Callable[[BinaryIO], None]) -> FileEntry:

@@ -544,7 +544,7 @@ class LocalBackend(FileBackend):
             if written is None:
                 f.close()
         entry = FileEntry(size=size, digest=digest)
-        if pf.expected is not None and pf.expected != entry:
+        if pf.source is not None and pf.expected is not None and pf.expected != entry:
             raise OSError(f"{pf.source} changed while it was copied")
         return entry
 

@@ -711,7 +711,7 @@ class FileBackend:
         ``stop`` (set when another file of the checkpoint failed) ends the write early.
         """
         entry = self._call(f"uploading {self.uri(path)}", self._put_once, pf, path, stop)
-        if pf.expected is not None and pf.expected != entry:
+        if pf.source is not None and pf.expected is not None and pf.expected != entry:
             raise CheckpointError(f"{pf.source} changed while it was copied to {self.uri(path)}")
         return entry
 

@@ -430,9 +430,18 @@ def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spa
     ck = CheckpointManager.from_config(cfg, run_name="ref")
     model, opt = _model(2)
     _train(ck, model, opt, range(1, 11))
+    import ckptkit.manager
+
+    serialised = []
+    writer = ckptkit.manager.torch_writer
+    monkeypatch.setattr(ckptkit.manager, "torch_writer",
+                        lambda obj: (lambda f: (serialised.append(1), writer(obj)(f))[1]))
     refs = ck.finalize(model=model, step=10, epoch=1, metrics={"loss": 0.5})
     ck.close()
     assert [r.backend for r in refs] == ["archive", "registry"]  # the registry goes last
+    # The registry took the checksum S3's upload computed: the model was serialised once, not
+    # a second time to learn it.
+    assert len(serialised) == 1
     client = MlflowClient(embedded_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
     expected = f"s3://{bucket}/finals/ref/final/final_model.pt"

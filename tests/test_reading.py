@@ -448,9 +448,9 @@ def test_a_restore_maps_the_state_file_and_keeps_nothing_in_the_mapping(tmp_path
     seen = []
     original = reading._model_mapped
 
-    def spy(state):
+    def spy(state, keep=None):
         seen.append(_mapped(state_file))
-        return original(state)
+        return original(state, keep)
 
     monkeypatch.setattr(reading, "_model_mapped", spy)
     fresh = _WithExtraState()  # as a resuming process holds it: an optimizer that has not stepped
@@ -487,11 +487,11 @@ def test_a_remote_restore_maps_the_downloaded_state_file_and_keeps_nothing_in_th
     seen = []
     original = reading._model_mapped
 
-    def spy(state):
+    def spy(state, keep=None):
         weight = state["model"]["0.weight"]
         with open("/proc/self/maps") as f:
             seen.append(any(reading.SCRATCH_PREFIX in line and _in_mapping(weight, line.split()[-1]) for line in f))
-        return original(state)
+        return original(state, keep)
 
     monkeypatch.setattr(reading, "_model_mapped", spy)
     try:
@@ -510,6 +510,31 @@ def test_a_remote_restore_maps_the_downloaded_state_file_and_keeps_nothing_in_th
         assert not any(reading.SCRATCH_PREFIX in line for line in f), "nothing is left in the mapping"
     assert_same_state(fresh.state_dict(), model.state_dict())
     assert_same_state(fresh_opt.state_dict(), opt.state_dict())
+
+
+def test_export_reads_the_model_through_the_mapping_and_never_copies_the_optimizers_state(tmp_path, pm, monkeypatch):
+    """export (and publish of a resume step) loaded the whole state, the optimizer's moments
+    (two thirds of an AdamW state) included, to keep the model alone."""
+    cfg = local_config(tmp_path)
+    model, opt = _split_model()
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    ck.save(step=1, model=model, optimizer=opt)
+    state_file = tmp_path / "scratch/exp/step-0000000001/state.pt"
+    returned, owned = [], []
+    original_mapped, original_owned = reading._model_mapped, reading._owned
+
+    def spy(state, keep=None):
+        out = original_mapped(state, keep)
+        returned.append((sorted(out), all(_in_mapping(t, state_file) for t in out["model"].values())))
+        return out
+
+    monkeypatch.setattr(reading, "_model_mapped", spy)
+    monkeypatch.setattr(reading, "_owned", lambda obj, memo: (owned.append(obj), original_owned(obj, memo))[1])
+    assert ck.export(tmp_path / "model.pt").step == 1
+    ck.close()
+    assert returned == [(["model"], True)] and not any(isinstance(o, torch.Tensor) for o in owned)
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert_same_state(exported, model.state_dict())
 
 
 def test_the_model_tensors_stay_mapped_and_everything_else_gets_memory_of_its_own(tmp_path):
@@ -615,7 +640,7 @@ def test_the_state_file_is_not_mapped_where_a_tensor_could_stay_in_or_write_to_i
     before = state_file.read_bytes()
     seen = []
     original = reading._model_mapped
-    monkeypatch.setattr(reading, "_model_mapped", lambda state: seen.append(1) or original(state))
+    monkeypatch.setattr(reading, "_model_mapped", lambda state, keep=None: seen.append(1) or original(state, keep))
     fresh = _adopting_model() if why == "load pre-hook" else torch.nn.Linear(512, 512)
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     if why == "MAP_SHARED":
@@ -650,10 +675,10 @@ def test_a_state_file_written_between_its_check_and_its_load_is_refused(tmp_path
     state_file = tmp_path / "scratch/exp/step-0000000002/state.pt"
     original = reading._model_mapped
 
-    def written_meanwhile(state):
+    def written_meanwhile(state, keep=None):
         if state_file.exists():
             os.utime(state_file, ns=(1, 1))
-        return original(state)
+        return original(state, keep)
 
     monkeypatch.setattr(reading, "_model_mapped", written_meanwhile)
     model, opt = make_model()
@@ -773,7 +798,7 @@ def test_a_small_state_file_loads_without_a_mapping_and_a_large_one_through_one(
     assert state_file.stat().st_size < reading._MAP_MIN
     seen = []
     original = reading._model_mapped
-    monkeypatch.setattr(reading, "_model_mapped", lambda state: seen.append(1) or original(state))
+    monkeypatch.setattr(reading, "_model_mapped", lambda state, keep=None: seen.append(1) or original(state, keep))
     for map_min, mapped in ((reading._MAP_MIN, []), (state_file.stat().st_size, [1])):
         monkeypatch.setattr(reading, "_MAP_MIN", map_min)
         seen.clear()

@@ -232,7 +232,8 @@ class Reader:
         return workdir
 
     def load_files(self, ref: CheckpointRef, manifest: Manifest, names: Sequence[str],
-                   safe_globals: Iterable[Any] = (), mapped: Collection[str] = ()) -> dict[str, Any]:
+                   safe_globals: Iterable[Any] = (), mapped: Collection[str] = (),
+                   keep: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Files ``names`` of ``ref``, each checked against ``manifest`` and loaded weights-only.
 
         Returns only once every one of them matched its size and checksum, so a caller may apply
@@ -248,7 +249,8 @@ class Reader:
         caller that copies them into the model and drops them (see ``load``). Where the local
         filesystem allows mapping, such a file is refused before it is mapped if its size is not
         the manifest's. Any local file that changed (inode, size or times) by the time it was
-        loaded and hashed is refused as corrupt.
+        loaded and hashed is refused as corrupt. ``keep``: of a mapped file, only these top-level
+        keys are returned, the others dropped without being copied out of the mapping.
         """
         safe_globals = list(safe_globals)
         big = [n for n in names if manifest.files[n].size >= _THREAD_MIN]
@@ -261,7 +263,7 @@ class Reader:
                 # into the model, not held a second time beside it (the mapping outlives removal).
                 local = mapped if mapped and mappable(workdir) else ()
                 return _each(names, big, lambda name: load(os.path.join(workdir, name), ref, safe_globals,
-                                                           model_mapped=name in local))
+                                                           model_mapped=name in local, keep=keep))
         mapped = mapped if mapped and mappable(ref.local_dir) else ()
         paths = {name: os.path.join(ref.local_dir, name) for name in names}
         before = {name: identity(paths[name], ref) for name in names}
@@ -285,7 +287,8 @@ class Reader:
             # The weights-only unpickler runs on bytes not yet verified. That is safe because it
             # runs nothing stored in them, and nothing loaded is returned, let alone applied to a
             # model or optimizer, before the digests below matched.
-            loaded = _each(names, big, lambda name: load(paths[name], ref, safe_globals, model_mapped=name in mapped))
+            loaded = _each(names, big, lambda name: load(paths[name], ref, safe_globals, model_mapped=name in mapped,
+                                                         keep=keep))
         except Exception as exc:
             failure = exc
         finally:
@@ -310,8 +313,10 @@ class Reader:
                    keep: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The whole state of a ``torch`` checkpoint: ``state.pt``, or every part of a split state
         merged into one dict, each file verified and loaded by ``load_files``. ``keep`` keeps only
-        those top-level keys (``export`` needs the model alone)."""
-        return _merged(ref, manifest, lambda names: self.load_files(ref, manifest, names, safe_globals), keep)
+        those top-level keys (``export`` needs the model alone): its tensors then stay in the
+        files, mapped, and nothing else is copied out of them."""
+        return _merged(ref, manifest, lambda names: self.load_files(
+            ref, manifest, names, safe_globals, mapped=worth_mapping(manifest, names) if keep else (), keep=keep), keep)
 
     def _digest(self, ref: CheckpointRef, manifest: Manifest, name: str, mapped: bool = False) -> tuple[int, str]:
         """The size and digest of file ``name`` of a local checkpoint, read in pieces that stay in
@@ -525,12 +530,14 @@ def _compare(ref: CheckpointRef, name: str, entry: FileEntry, size: int, digest:
         raise CorruptCheckpointError(f"{ref.uri}: {name} does not match its checksum")
 
 
-def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_mapped: bool = False) -> Any:
+def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_mapped: bool = False,
+         keep: tuple[str, ...] | None = None) -> Any:
     """A verified file of ``ref``, loaded weights-only, with the checkpoint named in any error.
 
     ``model_mapped``: the file is memory-mapped, and the tensors of its top-level ``model`` dict
     stay in the mapping, for a caller that copies them into the model's own tensors and then
-    drops them (``load_state_dict`` copies). Every other tensor is copied out of the mapping into
+    drops them (``load_state_dict`` copies), and with ``keep`` only those top-level keys are
+    returned (the others are dropped uncopied). Every other tensor is copied out of the mapping into
     memory of its own, as a plain load gives it: optimizers keep loaded tensors as they are, and
     one that pointed into the file would keep the whole file mapped (and, once pruned, its disk
     space taken) for the rest of training. The model's share is then read once, straight into the
@@ -541,7 +548,7 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
         if model_mapped and torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE:
             # (MAP_SHARED, which torch lets a process choose, would let a write reach the file.)
             try:
-                return _model_mapped(safeload.load(path, safe_globals, mapped=True))
+                return _model_mapped(safeload.load(path, safe_globals, mapped=True), keep)
             except _Opaque:
                 pass
         return safeload.load(path, safe_globals)
@@ -562,11 +569,15 @@ class _Opaque(Exception):
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout, torch.Size)
 
 
-def _model_mapped(state: Any) -> Any:
-    """``state`` with every tensor in memory of its own but the plain ones of its ``model`` dict."""
+def _model_mapped(state: Any, keep: tuple[str, ...] | None = None) -> Any:
+    """``state`` with every tensor in memory of its own but the plain ones of its ``model`` dict;
+    with ``keep``, only those of its top-level keys."""
     memo: dict[Any, Any] = {}
     if not isinstance(state, dict):
         return _owned(state, memo)
+    if keep is not None:
+        for key in [k for k in state if k not in keep]:
+            del state[key]
     for key, value in state.items():
         if key != "model" or not isinstance(value, dict):
             state[key] = _owned(value, memo)
@@ -644,7 +655,9 @@ def load_state(folder: str, ref: CheckpointRef, manifest: Manifest, safe_globals
                keep: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The whole state of a ``torch`` checkpoint whose files lie in ``folder``, verified already,
     merged from its parts; ``keep`` as for ``Reader.load_state``."""
-    return _merged(ref, manifest, lambda names: {n: load(os.path.join(folder, n), ref, safe_globals)
+    mapped = worth_mapping(manifest, manifest.files) if keep and mappable(folder) else ()
+    return _merged(ref, manifest, lambda names: {n: load(os.path.join(folder, n), ref, safe_globals,
+                                                         model_mapped=n in mapped, keep=keep)
                                                  for n in names}, keep)
 
 

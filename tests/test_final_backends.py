@@ -371,3 +371,31 @@ def test_final_held_counts_only_the_final_models_of_the_training_asking(tmp_path
         assert again.final_held(10) is True, "its own final model, published by the restart before"
     ids = {json.loads(p.read_text())["training_id"] for p in (tmp_path / "kept" / "exp").glob("final*/manifest.json")}
     assert len(ids) == 2 and None not in ids
+
+
+@pytest.mark.parametrize("how", ["restored", "resumed by the trainer", "written before training ids"])
+def test_a_training_restarted_finished_publishes_its_final_model_once(tmp_path, how):
+    """Restarted again and again after a stop inside finalize, a training publishes once: also
+    one whose trainer resumed it by its own means (the Trainer's resume_from_checkpoint, no
+    restore), and one whose checkpoint a ckptkit before training ids wrote."""
+    from ckpt_helpers import rewrite_manifest
+
+    cfg = {"run_name": "exp",
+           "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
+                        "kept": {"type": "local", "path": str(tmp_path / "kept")}},
+           "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5}, "final": {"backends": ["kept"]}}}
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        first.save(step=10, model=model)  # then stopped inside finalize
+    if how == "written before training ids":
+        rewrite_manifest(tmp_path / "scratch/exp/step-0000000010", training_id=None)
+    answers = []
+    for _ in range(3):
+        with CheckpointManager.from_config(cfg) as ck:
+            if how != "resumed by the trainer":
+                assert ck.restore(model=model).step == 10
+            answers.append(ck.final_held(10))
+            if not answers[-1]:
+                ck.finalize(model=model, step=10)
+    assert answers == [False, True, True]
+    assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final"]

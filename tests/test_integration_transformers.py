@@ -472,6 +472,7 @@ def test_a_stopped_training_given_to_train_without_resume_from_stays_stopped_too
     again, _ = early_stopping_training(config, tmp_path / "out", resume=tmp_path / "out" / "checkpoint-12")
     assert again.state.global_step <= 13
     assert (tmp_path / "final" / "hf" / "final" / "manifest.json").read_bytes() == first
+    assert sorted(os.listdir(tmp_path / "final" / "hf")) == ["final"], "its own final model is not published twice"
     assert steps(tmp_path / "ckpts" / "hf") == [8, 12]
 
 

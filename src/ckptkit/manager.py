@@ -524,8 +524,9 @@ class CheckpointManager:
         self._config_file = os.path.abspath(config.source) if config.source != "<dict>" else None
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
-        # This training's own, unless restore carries on another's (rank 0's is the one written).
-        self._training_id = secrets.token_hex(8)
+        # This training's own, unless restore carries on another's (rank 0's is the one written);
+        # None carried on from a checkpoint written before checkpoints named one.
+        self._training_id: str | None = secrets.token_hex(8)
         self._closed = False
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
@@ -1412,7 +1413,7 @@ class CheckpointManager:
                                   "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = manifest.training_id or self._training_id
+                self._training_id = manifest.training_id
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2113,7 +2114,7 @@ class CheckpointManager:
                 manifest = result
                 self._unreachable([ref], unreachable, notes=over.notes)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = manifest.training_id or self._training_id
+                self._training_id = manifest.training_id
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2234,7 +2235,7 @@ class CheckpointManager:
                 run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
                 files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),),
                 metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(), params=model_params,
-                training_id=self._training_id,
+                training_id=self._training_of(step),
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
                                                 algorithm=algorithm, model=model, state=state)
@@ -2284,6 +2285,7 @@ class CheckpointManager:
             return True
 
         def ask() -> bool | None:
+            training_id = self._training_of(step)
             answers: list[bool | None] = []
             for name in self.router.backends(Role.FINAL):
                 backend = self.router.instances[name]
@@ -2291,7 +2293,7 @@ class CheckpointManager:
                     if callable(getattr(backend, "final_step", None)):
                         newest = self.router.call_blaming(name, "final_step", storage_errors=True,
                                                           run_name=self.run_name, algorithm=self.config.algorithm,
-                                                          training_id=self._training_id)
+                                                          training_id=training_id)
                     elif callable(getattr(backend, "final_ref", None)):
                         ref = self.router.call_blaming(name, "final_ref", storage_errors=True, run_name=self.run_name)
                         newest = None if ref is None else ref.step
@@ -2308,6 +2310,23 @@ class CheckpointManager:
 
         status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
         return result if status == "ok" else None
+
+    def _training_of(self, step: int) -> str | None:
+        """Rank 0: the training whose final model of ``step`` this one publishes or asks after:
+        its own (carried on from the checkpoint it restored) where it saved or restored ``step``,
+        else the one that committed the resume checkpoint of ``step`` (a trainer that resumed it by
+        its own means, not through ``restore``), else its own. None: one that named none."""
+        if self._last_step == step:
+            return self._training_id
+        try:
+            refs, _ = self.reader.list_all()
+            for ref in refs:
+                if ref.step == step:
+                    with contextlib.suppress(CkptkitError):
+                        return self.reader.manifest(ref).training_id
+        except CkptkitError:
+            pass
+        return self._training_id
 
     def _write_fallback(self, payload: Payload) -> str:
         from .local import LocalBackend

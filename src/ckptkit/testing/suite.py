@@ -738,17 +738,19 @@ class FinalBackendTests:
         raise NotImplementedError("subclasses of FinalBackendTests provide the 'backend' fixture")
 
     def publish(self, backend: Any, step: int, data: bytes | None = None,
-                stored: Iterable[CheckpointRef] = (), known: bool = False) -> tuple[CheckpointRef, str]:
+                stored: Iterable[CheckpointRef] = (), known: bool = False,
+                training_id: str | None = None) -> tuple[CheckpointRef, str]:
         """``publish_final`` of a final model of ``step`` (``data``: its file's bytes) as ckptkit
         calls it; the ref it returned and the file's digest. The file comes as ``finalize``
         gives it to the first backend that stores it, to be serialised, its size and checksum
-        unknown; ``known``: as ``ckptkit publish`` gives it, with them (``expected``)."""
+        unknown; ``known``: as ``ckptkit publish`` gives it, with them (``expected``);
+        ``training_id``: the training that made it."""
         data = data if data is not None else f"the final model of step {step}".encode() * 50
         size, digest = hash_stream(io.BytesIO(data))
         files = (PayloadFile("final_model.pt", write=lambda f: f.write(data),
                              expected=FileEntry(size, digest) if known else None),)
         final = Payload(run_name=self.run_name, step=step, epoch=step // 10, format="torch", role="final",
-                        metrics={"loss": 1.0 / (step + 1)}, files=files)
+                        metrics={"loss": 1.0 / (step + 1)}, files=files, training_id=training_id)
         ref = call_hook(backend, "publish_final", run_name=self.run_name, payload=final, stored=list(stored),
                         algorithm=self.algorithm, model=None, state={})
         return ref, digest
@@ -801,6 +803,24 @@ class FinalBackendTests:
         self.publish(backend, 5)
         self.publish(backend, 9, data=b"another model" * 100)
         assert call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm, training_id=None) == 9
+
+    def test_final_step_counts_the_final_models_of_the_training_asking(self, backend):
+        """A final model of the same run name from another training (another experiment's, the
+        name used again after ``ckptkit prune --all``) is not the asking one's: counted, it kept
+        a restarted training's own from being published. One that names no training (written
+        before they did) counts for every training."""
+        if "training_id" not in inspect.signature(getattr(backend, "final_step", lambda: None)).parameters:
+            pytest.skip(f"{type(backend).__name__}'s final_step does not take training_id (optional)")
+
+        def newest(training_id: str | None) -> int | None:
+            return call_hook(backend, "final_step", run_name=self.run_name, algorithm=self.algorithm,
+                             training_id=training_id)
+
+        self.publish(backend, 9, training_id="training-a")
+        assert newest("training-b") is None, "another training's final model was counted"
+        assert (newest("training-a"), newest(None)) == (9, 9)
+        self.publish(backend, 12, data=b"a model of no named training" * 50)
+        assert (newest("training-b"), newest("training-a")) == (12, 12)
 
     def test_check_final_answers_a_list_of_lines(self, backend):
         if not hasattr(backend, "check_final"):

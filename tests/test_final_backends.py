@@ -399,3 +399,73 @@ def test_a_training_restarted_finished_publishes_its_final_model_once(tmp_path, 
                 ck.finalize(model=model, step=10)
     assert answers == [False, True, True]
     assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final"]
+
+
+def _kept_config(tmp_path, keep_last=3, resume_type="local"):
+    return {"run_name": "exp",
+            "backends": {"scratch": {"type": resume_type, "path": str(tmp_path / "scratch")},
+                         "kept": {"type": "local", "path": str(tmp_path / "kept")}},
+            "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5, "keep_last": keep_last},
+                      "final": {"backends": ["kept"]}}}
+
+
+def test_a_trainer_resumed_by_its_own_means_finds_its_final_model_though_that_steps_checkpoint_was_pruned(tmp_path):
+    """load_best_model_at_end: the final model is of the best step, whose resume checkpoint
+    keep_last pruned; a Trainer resuming by its own means (no restore) asked with an id of its
+    own at every start, and published again each time."""
+    cfg = _kept_config(tmp_path, keep_last=1)
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        first.save(step=5, model=model)
+        first.save(step=10, model=model)
+        first.finalize(model=model, step=5)
+    for _ in range(2):
+        with CheckpointManager.from_config(cfg) as ck:
+            assert ck.final_held(5) is True
+
+
+def test_final_held_cannot_tell_while_the_resume_store_does_not_answer(tmp_path, pm):
+    """Which training a Trainer resumed by its own means is told by the run's checkpoints: with
+    their store down, final_held answered False (publish again), not None."""
+    from ckpt_helpers import DownBackend, DownFS
+
+    pm.add_backend_type("flaky", DownBackend)
+    model = torch.nn.Linear(3, 2)
+    DownFS.down = False
+    try:
+        with CheckpointManager.from_config(_kept_config(tmp_path, resume_type="flaky"), plugin_manager=pm) as first:
+            first.save(step=10, model=model)
+            first.finalize(model=model, step=10)
+        DownFS.down = True
+        with CheckpointManager.from_config(_kept_config(tmp_path, resume_type="flaky"), plugin_manager=pm) as ck:
+            assert ck.final_held(10) is None
+            DownFS.down = False
+            assert ck.final_held(10) is True
+    finally:
+        DownFS.down = True
+
+
+def test_another_trainings_final_model_of_the_same_bytes_is_not_handed_back_as_this_ones(tmp_path):
+    """A deterministic training run again under its name after prune --all makes the same
+    final file; the file backend handed back the old training's as already held, and this
+    training's final_held stayed False at every restart."""
+    import yaml
+
+    cfg = _kept_config(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as old:
+        old.save(step=10, model=model)
+        old.finalize(model=model, step=10)
+    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(tmp_path / "ck.yaml"), "--all"]) == 0
+    with CheckpointManager.from_config(cfg) as new:
+        new.save(step=10, model=model)  # then stopped inside finalize
+    answers = []
+    for _ in range(3):
+        with CheckpointManager.from_config(cfg) as ck:
+            assert ck.restore(model=model).step == 10
+            answers.append(ck.final_held(10))
+            if not answers[-1]:
+                ck.finalize(model=model, step=10)
+    assert answers == [False, True, True]
+    assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final", "final-2"]

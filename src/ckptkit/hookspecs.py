@@ -138,7 +138,9 @@ def save_resume(run_name: str, step: int, payload: Payload) -> CheckpointRef:
     :param step: the training step; the checkpoint's folder is ``step-<step, zero-padded>``.
     :param payload: the files to write, in order. A file carries either ``write`` (a callable
         that streams the content into an open binary file) or ``source`` (the local path of the
-        same bytes) with ``expected`` (their size and checksum). ``payload.manifest(files)``
+        same bytes) with ``expected`` (their size and checksum); for a final model stored on an
+        object store before, ``write`` with ``expected`` (that copy's size and checksum, which
+        serialising it again gives too). ``payload.manifest(files)``
         builds the manifest, which must be written last, once every file is stored: its
         presence is the commit. ``payload.concurrency`` is how many files may be written at
         the same time (``roles.resume.write_threads``); writing them one after the other is
@@ -392,11 +394,12 @@ def final_step(run_name: str, algorithm: str | None, training_id: str | None) ->
 
     :param run_name: the run.
     :param algorithm: the model's tag, as passed to ``publish_final``, or None.
-    :param training_id: the training asking (``Payload.training_id`` of what it publishes: carried
-        on from the checkpoint it restored). A backend that records each final model's
-        ``training_id`` counts only that training's and those that name none (written before
-        they did): another training of the same run name (a colleague's, another experiment's,
-        the name used again after ``ckptkit prune --all``) holds none of this one's.
+    :param training_id: the training asked after (``Payload.training_id`` of the final models it
+        publishes: the one that committed the run's resume checkpoint of that step), or None
+        for any. A backend that records each final model's ``training_id`` counts only that
+        training's and those that name none (written before they did): another training of the
+        same run name (a colleague's, another experiment's, the name used again after ``ckptkit
+        prune --all``) holds none of this one's.
     :return: the step, or None when this backend holds no final model of the run.
     """
 

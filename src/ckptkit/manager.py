@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import hashlib
 import errno
 import itertools
 import logging
@@ -327,6 +328,15 @@ def _fill_warning(unset: list[str], argument: str, where: str, uri: str) -> str:
             "state_dict/load_state_dict, such as ckptkit.RngState for random generators)")
 
 
+def training_of(manifest: Manifest) -> str:
+    """The training that committed ``manifest``: its ``training_id``, or for one written before
+    manifests named one, an id made from it, the same at every restart that restores it."""
+    if manifest.training_id is not None:
+        return manifest.training_id
+    made = f"{manifest.run_name}\0{manifest.step}\0{manifest.created}".encode()
+    return "legacy-" + hashlib.blake2b(made, digest_size=8).hexdigest()
+
+
 def _outside_checkpoints(out: str, backends: Iterable[Any]) -> None:
     """Refuse an output file inside a checkpoint folder (a step, final/, or a save's temporary
     folder) of any run under a backend on this machine's disk: replacing a file there damages
@@ -524,9 +534,8 @@ class CheckpointManager:
         self._config_file = os.path.abspath(config.source) if config.source != "<dict>" else None
         self.mlflow_run_id: str | None = None
         self._resumed_run_id: str | None = None
-        # This training's own, unless restore carries on another's (rank 0's is the one written);
-        # None carried on from a checkpoint written before checkpoints named one.
-        self._training_id: str | None = secrets.token_hex(8)
+        # This training's own, unless restore carries on another's (rank 0's is the one written).
+        self._training_id = secrets.token_hex(8)
         self._closed = False
         self._pid = os.getpid()
         self.coll = ranks.Collectives(config.distributed.timeout_s,
@@ -1413,7 +1422,7 @@ class CheckpointManager:
                                   "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = manifest.training_id
+                self._training_id = training_of(manifest)
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2114,7 +2123,7 @@ class CheckpointManager:
                 manifest = result
                 self._unreachable([ref], unreachable, notes=over.notes)
                 self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = manifest.training_id
+                self._training_id = training_of(manifest)
                 self.mlflow_run_id = None
                 self._tracking_run_id()
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
@@ -2229,13 +2238,17 @@ class CheckpointManager:
         algorithm = algorithm or self.config.algorithm
 
         def publish() -> tuple[list[CheckpointRef], tuple[str, dict[str, CkptkitError]] | None]:
+            training_id = self._training_of(step)
+            if training_id is None:
+                log.warning("finalize step %d: the resume checkpoints could not all be listed, so the final model is "
+                            "published as this process's own training, not the one that saved step %d", step, step)
             body = {"model": state, "step": step, "epoch": epoch, "metrics": _metrics(metrics),
                     "algorithm": algorithm, "extra": extra_state, "params": model_params}
             payload = Payload(
                 run_name=self.run_name, step=step, epoch=epoch, format="torch", role="final",
                 files=(PayloadFile(FINAL_FILE, write=torch_writer(body)),),
                 metrics=_metrics(metrics), mlflow_run_id=self._tracking_run_id(), params=model_params,
-                training_id=self._training_of(step),
+                training_id=training_id or self._training_id,
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
                                                 algorithm=algorithm, model=model, state=state)
@@ -2271,10 +2284,11 @@ class CheckpointManager:
 
     def final_held(self, step: int) -> bool | None:
         """Whether every final backend holds a final model of this training from ``step`` on (the
-        furthest it holds of the training that the restored checkpoint names, or of this one
-        before any restore, is of that step or a later one, by ``final_step``, else ``final_ref``):
-        True or False, or None when some backend cannot tell (a type with neither hook, a store
-        that did not answer, a damaged final model). Collective under torch.distributed: every rank
+        furthest it holds of the training that saved or restored here, else of the one that
+        committed the run's resume checkpoint of ``step`` (see ``_training_of``), is of that
+        step or a later one, by ``final_step``, else ``final_ref``): True or False, or None when
+        some backend cannot tell (a type with neither hook, a store that did not answer, a
+        damaged final model). Collective under torch.distributed: every rank
         calls it; rank 0 asks, and every rank gets its answer.
 
         For a training that finds itself finished at a restart: a job stopped inside
@@ -2286,6 +2300,8 @@ class CheckpointManager:
 
         def ask() -> bool | None:
             training_id = self._training_of(step)
+            if training_id is None:
+                return None
             answers: list[bool | None] = []
             for name in self.router.backends(Role.FINAL):
                 backend = self.router.instances[name]
@@ -2312,21 +2328,25 @@ class CheckpointManager:
         return result if status == "ok" else None
 
     def _training_of(self, step: int) -> str | None:
-        """Rank 0: the training whose final model of ``step`` this one publishes or asks after:
-        its own (carried on from the checkpoint it restored) where it saved or restored ``step``,
-        else the one that committed the resume checkpoint of ``step`` (a trainer that resumed it by
-        its own means, not through ``restore``), else its own. None: one that named none."""
-        if self._last_step == step:
+        """Rank 0: the training whose final model of ``step`` this one publishes or asks after.
+        Its own (carried on from the checkpoint it restored) once it saved or restored; else, for
+        a trainer that resumed by its own means (not through ``restore``), the one that committed
+        the resume checkpoint of ``step``, or the newest one (that of ``step`` pruned); its own
+        where the run holds none. None where a store that did not answer may hold it."""
+        if self._last_step is not None:
             return self._training_id
         try:
-            refs, _ = self.reader.list_all()
-            for ref in refs:
-                if ref.step == step:
-                    with contextlib.suppress(CkptkitError):
-                        return self.reader.manifest(ref).training_id
+            refs, unreachable = self.reader.list_all()
+            for ref in sorted(refs, key=lambda r: r.step != step):  # that of step first, then newest first
+                try:
+                    return training_of(self.reader.manifest(ref))
+                except StorageUnavailableError:
+                    return None
+                except CkptkitError:
+                    continue  # damaged: the next one
         except CkptkitError:
-            pass
-        return self._training_id
+            return None
+        return None if unreachable else self._training_id
 
     def _write_fallback(self, payload: Payload) -> str:
         from .local import LocalBackend

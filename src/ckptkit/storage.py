@@ -407,7 +407,10 @@ class FileBackend:
         if ref is not None:
             try:
                 manifest = self.read_manifest(ref)
-                newest = (attrs.evolve(ref, step=manifest.step), manifest)
+                # Another training's model of the same bytes (a deterministic run again) is not
+                # this one's: handed back, it would leave this training's final model unpublished.
+                if manifest.training_id == payload.training_id:
+                    newest = (attrs.evolve(ref, step=manifest.step), manifest)
             except Exception:
                 # Damaged, a newer ckptkit's, or not read (a store that did not answer, which
                 # the write then meets on its own): this one goes beside it, as any new one.

@@ -343,24 +343,36 @@ def test_the_retry_command_a_failed_finalize_names_publishes_as_written(tmp_path
     assert torch.equal(stored["model"]["weight"], model.weight) and stored["step"] == 7
 
 
+def _kept_config(tmp_path, keep_last=3, resume_type="local"):
+    return {"run_name": "exp",
+            "backends": {"scratch": {"type": resume_type, "path": str(tmp_path / "scratch")},
+                         "kept": {"type": "local", "path": str(tmp_path / "kept")}},
+            "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5, "keep_last": keep_last},
+                      "final": {"backends": ["kept"]}}}
+
+
+def _run_name_used_again(tmp_path, cfg, model, old_step: int) -> None:
+    """A training that published its final model of ``old_step``, its resume checkpoints then
+    deleted with ``ckptkit prune --all`` (which keeps final models), and a new training under the
+    same run name that saved step 10 and was stopped inside its finalize."""
+    import yaml
+
+    with CheckpointManager.from_config(cfg) as old:
+        old.save(step=old_step, model=model)
+        old.finalize(model=model, step=old_step)
+    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(tmp_path / "ck.yaml"), "--all"]) == 0
+    with CheckpointManager.from_config(cfg) as new:
+        new.save(step=10, model=model)
+
+
 def test_final_held_counts_only_the_final_models_of_the_training_asking(tmp_path):
     """A run name used again after ``ckptkit prune --all`` (which keeps the final models): the
     new training, stopped inside its finalize and restarted finished at step 10, took the old
     training's final model of step 20 for its own, so that its own was never published."""
-    import yaml
-
-    cfg = {"run_name": "exp",
-           "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
-                        "kept": {"type": "local", "path": str(tmp_path / "kept")}},
-           "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5}, "final": {"backends": ["kept"]}}}
+    cfg = _kept_config(tmp_path)
     model = torch.nn.Linear(3, 2)
-    with CheckpointManager.from_config(cfg) as old:
-        old.save(step=20, model=model)
-        old.finalize(model=model, step=20)
-    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["prune", str(tmp_path / "ck.yaml"), "--all"]) == 0
-    with CheckpointManager.from_config(cfg) as new:
-        new.save(step=10, model=model)  # then stopped inside finalize: nothing published
+    _run_name_used_again(tmp_path, cfg, model, old_step=20)
     with CheckpointManager.from_config(cfg) as restarted:
         assert restarted.restore(model=model).step == 10
         assert restarted.final_held(10) is False
@@ -380,10 +392,7 @@ def test_a_training_restarted_finished_publishes_its_final_model_once(tmp_path, 
     restore), and one whose checkpoint a ckptkit before training ids wrote."""
     from ckpt_helpers import rewrite_manifest
 
-    cfg = {"run_name": "exp",
-           "backends": {"scratch": {"type": "local", "path": str(tmp_path / "scratch")},
-                        "kept": {"type": "local", "path": str(tmp_path / "kept")}},
-           "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5}, "final": {"backends": ["kept"]}}}
+    cfg = _kept_config(tmp_path)
     model = torch.nn.Linear(3, 2)
     with CheckpointManager.from_config(cfg) as first:
         first.save(step=10, model=model)  # then stopped inside finalize
@@ -399,14 +408,6 @@ def test_a_training_restarted_finished_publishes_its_final_model_once(tmp_path, 
                 ck.finalize(model=model, step=10)
     assert answers == [False, True, True]
     assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final"]
-
-
-def _kept_config(tmp_path, keep_last=3, resume_type="local"):
-    return {"run_name": "exp",
-            "backends": {"scratch": {"type": resume_type, "path": str(tmp_path / "scratch")},
-                         "kept": {"type": "local", "path": str(tmp_path / "kept")}},
-            "roles": {"resume": {"backends": ["scratch"], "every_n_steps": 5, "keep_last": keep_last},
-                      "final": {"backends": ["kept"]}}}
 
 
 def test_a_trainer_resumed_by_its_own_means_finds_its_final_model_though_that_steps_checkpoint_was_pruned(tmp_path):
@@ -449,17 +450,9 @@ def test_another_trainings_final_model_of_the_same_bytes_is_not_handed_back_as_t
     """A deterministic training run again under its name after prune --all makes the same
     final file; the file backend handed back the old training's as already held, and this
     training's final_held stayed False at every restart."""
-    import yaml
-
     cfg = _kept_config(tmp_path)
     model = torch.nn.Linear(3, 2)
-    with CheckpointManager.from_config(cfg) as old:
-        old.save(step=10, model=model)
-        old.finalize(model=model, step=10)
-    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["prune", str(tmp_path / "ck.yaml"), "--all"]) == 0
-    with CheckpointManager.from_config(cfg) as new:
-        new.save(step=10, model=model)  # then stopped inside finalize
+    _run_name_used_again(tmp_path, cfg, model, old_step=10)
     answers = []
     for _ in range(3):
         with CheckpointManager.from_config(cfg) as ck:

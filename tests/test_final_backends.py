@@ -462,3 +462,38 @@ def test_another_trainings_final_model_of_the_same_bytes_is_not_handed_back_as_t
                 ck.finalize(model=model, step=10)
     assert answers == [False, True, True]
     assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final", "final-2"]
+
+
+def test_with_no_resume_checkpoint_to_tell_the_training_by_every_final_model_counts(tmp_path):
+    """A config with a final role alone, or a run whose resume checkpoints are gone: a manager
+    that neither saved nor restored asked with an id of its own, new at every start, and
+    published again each time."""
+    cfg = _kept_config(tmp_path)
+    del cfg["roles"]["resume"]
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        first.finalize(model=model, step=10)
+    for _ in range(2):
+        with CheckpointManager.from_config(cfg) as ck:
+            assert ck.final_held(10) is True
+    assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final"]
+
+
+def test_ckptkit_publish_of_a_resume_step_names_the_training_that_committed_it(tmp_path):
+    """Written before training ids, the resume checkpoint names none: the final model published
+    from it named none either, and counted for every later training of the run name."""
+    import yaml
+
+    from ckpt_helpers import rewrite_manifest
+    from ckptkit.manifest import Manifest, training_of
+
+    cfg = _kept_config(tmp_path)
+    with CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=10, model=torch.nn.Linear(3, 2))
+    step = tmp_path / "scratch/exp/step-0000000010"
+    rewrite_manifest(step, training_id=None)
+    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["publish", str(tmp_path / "ck.yaml"), "--step", "10"]) == 0
+    resumed = Manifest.from_json((step / "manifest.json").read_bytes())
+    published = Manifest.from_json((tmp_path / "kept/exp/final/manifest.json").read_bytes())
+    assert published.training_id == training_of(resumed) and published.training_id.startswith("legacy-")

@@ -395,8 +395,9 @@ def final_step(run_name: str, algorithm: str | None, training_id: str | None) ->
     :param run_name: the run.
     :param algorithm: the model's tag, as passed to ``publish_final``, or None.
     :param training_id: the training asked after (``Payload.training_id`` of the final models it
-        publishes: the one that committed the run's resume checkpoint of that step), or None
-        for any. A backend that records each final model's ``training_id`` counts only that
+        publishes: the one whose checkpoints the asking manager saved or restored, else the one
+        that committed the run's resume checkpoint of that step, or its newest), or None for
+        any (the run holds no resume checkpoint to tell it by). A backend that records each final model's ``training_id`` counts only that
         training's and those that name none (written before they did): another training of the
         same run name (a colleague's, another experiment's, the name used again after ``ckptkit
         prune --all``) holds none of this one's.

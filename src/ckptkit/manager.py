@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import hashlib
 import errno
 import itertools
 import logging
@@ -56,7 +55,7 @@ from .errors import (
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, valid_file_name
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, training_of, valid_file_name
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -326,15 +325,6 @@ def _fill_warning(unset: list[str], argument: str, where: str, uri: str) -> str:
             f"is not put into {'it' if len(unset) == 1 else 'them'}. Take it from the result "
             f"(restored.{argument}[key]), or save an object restore sets in place (one with "
             "state_dict/load_state_dict, such as ckptkit.RngState for random generators)")
-
-
-def training_of(manifest: Manifest) -> str:
-    """The training that committed ``manifest``: its ``training_id``, or for one written before
-    manifests named one, an id made from it, the same at every restart that restores it."""
-    if manifest.training_id is not None:
-        return manifest.training_id
-    made = f"{manifest.run_name}\0{manifest.step}\0{manifest.created}".encode()
-    return "legacy-" + hashlib.blake2b(made, digest_size=8).hexdigest()
 
 
 def _outside_checkpoints(out: str, backends: Iterable[Any]) -> None:
@@ -2238,10 +2228,10 @@ class CheckpointManager:
         algorithm = algorithm or self.config.algorithm
 
         def publish() -> tuple[list[CheckpointRef], tuple[str, dict[str, CkptkitError]] | None]:
-            training_id = self._training_of(step)
-            if training_id is None:
-                log.warning("finalize step %d: the resume checkpoints could not all be listed, so the final model is "
-                            "published as this process's own training, not the one that saved step %d", step, step)
+            told, training_id = self._training_of(step)
+            if not told:
+                log.warning("finalize step %d: the resume checkpoints could not all be read, so the final model is "
+                            "published as this process's own training, whichever saved step %d", step, step)
             body = {"model": state, "step": step, "epoch": epoch, "metrics": _metrics(metrics),
                     "algorithm": algorithm, "extra": extra_state, "params": model_params}
             payload = Payload(
@@ -2299,8 +2289,8 @@ class CheckpointManager:
             return True
 
         def ask() -> bool | None:
-            training_id = self._training_of(step)
-            if training_id is None:
+            told, training_id = self._training_of(step)
+            if not told:
                 return None
             answers: list[bool | None] = []
             for name in self.router.backends(Role.FINAL):
@@ -2327,26 +2317,27 @@ class CheckpointManager:
         status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
         return result if status == "ok" else None
 
-    def _training_of(self, step: int) -> str | None:
-        """Rank 0: the training whose final model of ``step`` this one publishes or asks after.
-        Its own (carried on from the checkpoint it restored) once it saved or restored; else, for
-        a trainer that resumed by its own means (not through ``restore``), the one that committed
-        the resume checkpoint of ``step``, or the newest one (that of ``step`` pruned); its own
-        where the run holds none. None where a store that did not answer may hold it."""
+    def _training_of(self, step: int) -> tuple[bool, str | None]:
+        """Rank 0: whether it can tell, and the training whose final model of ``step`` this one
+        publishes or asks after. Its own (carried on from the checkpoint it restored) once it
+        saved or restored; else, for a trainer that resumed by its own means (not through
+        ``restore``), the one that committed the run's resume checkpoint of ``step``, or the
+        newest one (that of ``step`` pruned); None (any) where the run holds none. Cannot tell
+        where a store that did not answer may hold one."""
         if self._last_step is not None:
-            return self._training_id
+            return True, self._training_id
         try:
             refs, unreachable = self.reader.list_all()
             for ref in sorted(refs, key=lambda r: r.step != step):  # that of step first, then newest first
                 try:
-                    return training_of(self.reader.manifest(ref))
+                    return True, training_of(self.reader.manifest(ref))
                 except StorageUnavailableError:
-                    return None
+                    return False, None
                 except CkptkitError:
                     continue  # damaged: the next one
         except CkptkitError:
-            return None
-        return None if unreachable else self._training_id
+            return False, None
+        return not unreachable, None
 
     def _write_fallback(self, payload: Payload) -> str:
         from .local import LocalBackend

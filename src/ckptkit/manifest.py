@@ -140,6 +140,15 @@ class Manifest:
         return sum(e.size for e in self.files.values())
 
 
+def training_of(manifest: Manifest) -> str:
+    """The training that committed ``manifest``: its ``training_id``, or for one written before
+    manifests named one, an id made from what every copy of it says alike (run, step, files)."""
+    if manifest.training_id is not None:
+        return manifest.training_id
+    made = json.dumps([manifest.run_name, manifest.step, sorted((n, e.digest) for n, e in manifest.files.items())])
+    return "legacy-" + xxhash.xxh3_64_hexdigest(made.encode())
+
+
 class NewerManifestError(ValueError):
     """A manifest that a later ckptkit wrote (or one damaged to look so): what it commits must be
     neither loaded nor skipped for an older step, nor pruned as damaged."""

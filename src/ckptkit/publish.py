@@ -23,7 +23,7 @@ from .hashing import HashingWriter, algorithm_of, hash_stream
 from .local import LocalBackend
 from .fanout import torch_writer
 from .manager import FINAL_FILE, CheckpointManager
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, training_of
 from .redact import redact, secret_values
 from .roles import Role
 from .split import STATE_FILE
@@ -272,8 +272,11 @@ def _payload(ck: CheckpointManager, source: PublishSource, folder: str, final: d
     ``final``: the loaded final file, for a final source.
     """
     m = source.manifest
+    # A resume step's final model is of the training that committed it (training_of: also one
+    # written before ids); a final model sent again keeps what it says.
     common = dict(run_name=ck.run_name, step=m.step, epoch=m.epoch, format="torch", role="final",
-                  metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id, training_id=m.training_id)
+                  metrics=dict(m.metrics), mlflow_run_id=m.mlflow_run_id,
+                  training_id=m.training_id if source.kind == "final" else training_of(m))
     if source.kind == "final":
         if FINAL_FILE not in m.files:
             raise CheckpointError(f"{source.uri}: a final checkpoint without {FINAL_FILE}")

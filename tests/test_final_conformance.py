@@ -50,7 +50,8 @@ class JsonRegistry:
             # Hashed as it is written: from finalize the file is written here first (no expected).
             sink = HashingWriter(f)
             payload.files[0].write_to(sink)
-        version = {"run": run_name, "n": n, "step": payload.step, "digest": sink.digest()}
+        version = {"run": run_name, "n": n, "step": payload.step, "digest": sink.digest(),
+                   "training": payload.training_id}
         index.append(version)
         with open(os.path.join(self.folder, "index.json"), "w") as f:
             json.dump(index, f)
@@ -62,8 +63,9 @@ class JsonRegistry:
         return self._ref(run_name, held[0]) if held else None
 
     @ckptkit.hookimpl
-    def final_step(self, run_name, algorithm):
-        return max((v["step"] for v in self._index() if v["run"] == run_name), default=None)
+    def final_step(self, run_name, algorithm, training_id):
+        return max((v["step"] for v in self._index() if v["run"] == run_name
+                    and (training_id is None or v.get("training") in (None, training_id))), default=None)
 
     @ckptkit.hookimpl
     def check_final(self, run_name, algorithm):

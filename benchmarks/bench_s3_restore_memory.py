@@ -25,16 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moto_server import moto_server  # noqa: E402
+from suite import _status as status  # noqa: E402  (a field of /proc/self/status, in bytes)
 
 BUCKET = "bench"
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Peak:

@@ -12,7 +12,7 @@ import pytest
 import ckptkit
 from ckptkit import CheckpointManager
 from ckptkit.plugin import make_plugin_manager
-from ckptkit.plugin import CheckpointRef, HashingWriter
+from ckptkit.plugin import CheckpointRef, HashingWriter, counts_for
 from ckptkit.testing import FinalBackendTests
 
 
@@ -65,7 +65,7 @@ class JsonRegistry:
     @ckptkit.hookimpl
     def final_step(self, run_name, algorithm, training_id):
         return max((v["step"] for v in self._index() if v["run"] == run_name
-                    and (training_id is None or v.get("training") in (None, training_id))), default=None)
+                    and counts_for(v.get("training"), training_id)), default=None)
 
     @ckptkit.hookimpl
     def check_final(self, run_name, algorithm):

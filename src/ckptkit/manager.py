@@ -616,6 +616,13 @@ class CheckpointManager:
             raise ConfigError("roles.resume: no resume backends are declared in the config")
         return self.config.resume
 
+    def _carry_on(self, manifest: Manifest) -> None:
+        """Go on as the training that committed the restored ``manifest``: its tracking run and id."""
+        self._resumed_run_id = manifest.mlflow_run_id
+        self._training_id = training_of(manifest)
+        self.mlflow_run_id = None
+        self._tracking_run_id()
+
     def _tracking_run_id(self) -> str | None:
         """Rank 0: the tracking run's id once a final backend knows it, else the restored one.
 
@@ -1411,10 +1418,7 @@ class CheckpointManager:
                                   f"is restored by no rank, as this job has {ranks.world_size()} (rank r gets what rank r "
                                   "saved): what it held (a data position, a random state) is not carried on",
                                   RuntimeWarning, stacklevel=2)
-                self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = training_of(manifest)
-                self.mlflow_run_id = None
-                self._tracking_run_id()
+                self._carry_on(manifest)
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
                                                        and r.step not in over.steps)})
                 # Newer steps the listing showed were skipped as damaged: they are no other training's.
@@ -2112,10 +2116,7 @@ class CheckpointManager:
                     continue
                 manifest = result
                 self._unreachable([ref], unreachable, notes=over.notes)
-                self._resumed_run_id = manifest.mlflow_run_id
-                self._training_id = training_of(manifest)
-                self.mlflow_run_id = None
-                self._tracking_run_id()
+                self._carry_on(manifest)
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
                                                        and r.step not in over.steps)})
                 self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore

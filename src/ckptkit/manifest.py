@@ -149,6 +149,13 @@ def training_of(manifest: Manifest) -> str:
     return "legacy-" + xxhash.xxh3_64_hexdigest(made.encode())
 
 
+def counts_for(recorded: str | None, asked: str | None) -> bool:
+    """Whether a final model published by training ``recorded`` counts for ``final_step`` asked
+    after training ``asked``: asked after none, every one does; one that names none (written
+    before training ids) counts for every training."""
+    return asked is None or recorded in (None, asked)
+
+
 class NewerManifestError(ValueError):
     """A manifest that a later ckptkit wrote (or one damaged to look so): what it commits must be
     neither loaded nor skipped for an older step, nor pruned as damaged."""

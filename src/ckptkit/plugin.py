@@ -18,6 +18,7 @@ change between releases. ``docs/plugins.md`` walks through each name. In short:
 - ``BACKEND_ATTRIBUTES`` lists the attributes ckptkit reads from a backend besides its hooks.
 - ``make_plugin_manager`` builds a plugin manager for a backend's tests.
 - ``redact``/``secret_values`` keep credentials out of what a backend says (errors, logs).
+- ``counts_for`` tells whether a final model counts for the training ``final_step`` asks after.
 - The error types a backend raises or lets through.
 """
 
@@ -38,7 +39,7 @@ from .errors import (
 )
 from .hashing import HashingWriter, hash_stream
 from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError, counts_for
 from .plugins import make_plugin_manager
 from .redact import redact, secret_values
 from .remote import RemoteOptions, parse_bucket_uri
@@ -74,6 +75,7 @@ __all__ = [
     "StorageUnavailableError",
     "check_number",
     "check_options",
+    "counts_for",
     "final_dirname",
     "hash_stream",
     "hookimpl",

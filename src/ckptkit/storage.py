@@ -37,7 +37,7 @@ from .errors import (BackendError, CheckpointError, IncompatibleCheckpointError,
                      StorageUnavailableError)
 from .hashing import HashingWriter, algorithm_of, hash_pool, hash_stream
 from .hookspecs import hookimpl
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError, counts_for
 from .redact import describe, redact
 from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .uploads import Multipart, PartWriter, StreamWriter
@@ -459,7 +459,7 @@ class FileBackend:
                 manifest = self.read_manifest(ref)
             except CheckpointError:
                 continue
-            if training_id is None or manifest.training_id in (None, training_id):
+            if counts_for(manifest.training_id, training_id):
                 steps.append(manifest.step)
         return max(steps, default=None)
 

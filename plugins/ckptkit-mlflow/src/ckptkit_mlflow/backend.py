@@ -34,7 +34,7 @@ import attrs
 
 import ckptkit
 from ckptkit.plugin import (BackendError, CheckpointRef, ConfigError, HashingWriter, Payload, PayloadFile,
-                            check_number, check_options, hash_stream, redact, secret_values)
+                            check_number, check_options, counts_for, hash_stream, redact, secret_values)
 
 log = logging.getLogger(__name__)
 
@@ -787,7 +787,7 @@ class MlflowBackend:
         steps = []
         for v in found:
             if (v.name == name and v.status != "FAILED_REGISTRATION"
-                    and (training_id is None or v.tags.get(TRAINING_TAG) in (None, training_id))):
+                    and counts_for(v.tags.get(TRAINING_TAG), training_id)):
                 try:
                     steps.append(int(v.tags.get("ckptkit.step", "")))
                 except ValueError:

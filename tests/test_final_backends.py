@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 
@@ -497,3 +498,36 @@ def test_ckptkit_publish_of_a_resume_step_names_the_training_that_committed_it(t
     resumed = Manifest.from_json((step / "manifest.json").read_bytes())
     published = Manifest.from_json((tmp_path / "kept/exp/final/manifest.json").read_bytes())
     assert published.training_id == training_of(resumed) and published.training_id.startswith("legacy-")
+
+
+def test_a_training_rolled_back_past_its_published_final_model_publishes_its_own(tmp_path):
+    """restore(step=N) past a loss spike, the newer steps deleted by hand, trained on to the same
+    last step, stopped inside finalize and restarted finished: the final model the first branch
+    published is not this one's, so it is published again rather than taken for held."""
+    cfg = _kept_config(tmp_path, keep_last=5)
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        for step in (5, 10, 15, 20):
+            first.save(step=step, model=model)
+        first.finalize(model=model, step=20)
+    with CheckpointManager.from_config(cfg) as branch:
+        with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
+            assert branch.restore(model=model, step=10).step == 10
+        for step in (15, 20):
+            shutil.rmtree(tmp_path / "scratch" / "exp" / f"step-{step:010d}")
+        with torch.no_grad():
+            model.weight.add_(1.0)  # trained on differently
+        for step in (15, 20):
+            branch.save(step=step, model=model)
+    with CheckpointManager.from_config(cfg) as restarted:
+        assert restarted.restore(model=model).step == 20
+        assert restarted.final_held(20) is False, "the first branch's final model counted as this one's"
+        restarted.finalize(model=model, step=20)
+        assert restarted.final_held(20) is True
+    with CheckpointManager.from_config(cfg) as again:
+        assert again.restore(model=model).step == 20
+        assert again.final_held(20) is True
+    # Restored without step= (nothing newer), a training carries its id on as before.
+    with CheckpointManager.from_config(cfg) as plain:
+        assert plain.restore(model=model, step=20).step == 20
+        assert plain.final_held(20) is True

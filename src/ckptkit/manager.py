@@ -1330,7 +1330,9 @@ class CheckpointManager:
         While the run holds steps newer than N, ``save`` is refused with ``RunConflictError``:
         keep_last would prune the new checkpoints in favour of the newer ones, and a plain
         restore would resume those. Save under a new run name instead, or delete the newer
-        steps first.
+        steps first. Restored past newer steps, the training is a branch with a training id of
+        its own: a final model published from those steps is not taken for its own
+        (``final_held``).
         """
         self._check_open()
         step = None if step is None else _count("step", step)
@@ -1433,6 +1435,10 @@ class CheckpointManager:
                 if step is not None and (unreachable or newest > step):
                     # Newer steps (or a backend that may hold some): the first save checks the run again.
                     self._rolled_back = (step, newest if newest > step else None)
+                    if newest > step:
+                        # A branch: the final model the training restored published from a later
+                        # step is not this one's (final_held asks after this training's alone).
+                        self._training_id = secrets.token_hex(8)
                     self._run_checked = False
                     if newest > step and self.config.resume is not None and ranks.rank() == 0:
                         # Said now: the first save that is due, which refuses, may be hours of training away.

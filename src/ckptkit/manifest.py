@@ -100,10 +100,13 @@ class Manifest:
                 raise NewerManifestError(f"it is sealed intact but holds a {data.get('role')!r} checkpoint of "
                                          f"format {data.get('format')!r}, which this ckptkit ({_version()}) "
                                          "does not know")
-        elif type(version) is int and version > MANIFEST_VERSION and _later(data.get("ckptkit_version")):
-            # Unsealed for this reader: told from a flipped bit by the release that wrote it.
-            raise NewerManifestError(f"its version is {version}, from ckptkit {data['ckptkit_version']}, and this "
-                                     f"ckptkit ({_version()}) reads versions up to {MANIFEST_VERSION}")
+        elif type(version) is int and version > MANIFEST_VERSION and (
+                _sealed_as_now(data) or _later(data.get("ckptkit_version"))):
+            # Told from a flipped bit by the seal every later version keeps (checked whatever
+            # ckptkit_version says: a format change may land before a release is numbered), or
+            # by the later release that wrote it.
+            raise NewerManifestError(f"its version is {version}, from ckptkit {data.get('ckptkit_version')}, and "
+                                     f"this ckptkit ({_version()}) reads versions up to {MANIFEST_VERSION}")
         elif not (version == _UNSEALED_VERSION and "checksum" not in data):
             raise ValueError(f"unknown manifest version {version!r}")
         _check_fields(data)
@@ -176,6 +179,17 @@ def _later(text: Any) -> bool:
     """Whether ``text`` names a ckptkit release later than this one."""
     theirs, ours = _release(text), _release(_version())
     return theirs is not None and ours is not None and theirs > ours
+
+
+def _sealed_as_now(data: dict[str, Any]) -> bool:
+    """Whether ``data`` carries this version's seal: a checksum, as ``to_json`` makes it, of
+    everything else in it. Every later manifest version keeps this seal, so that a reader of
+    an earlier one can tell a later manifest from one damaged to look so."""
+    rest = {k: v for k, v in data.items() if k != "checksum"}
+    try:
+        return data.get("checksum") == _checksum(rest)
+    except (TypeError, ValueError):  # not canonical JSON (a NaN): not sealed by ckptkit
+        return False
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -393,7 +393,7 @@ def early_stopping_training(config, out_dir, stop_at=None, save_steps=EVERY, ear
     return trainer, resumed
 
 
-def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_stopped(tmp_path):
+def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_stopped(tmp_path, caplog):
     """The Trainer leaves callbacks' saved state unread by default: resumed at step 8, the
     patience counter started again from 0 and the training ran to step 16, not 12. Started again
     once stopped, it trained on to the next stop and published a second model. With
@@ -441,6 +441,20 @@ def test_early_stopping_resumes_with_its_patience_and_a_stopped_training_stays_s
     early_stopping_training(config, tmp_path / "out", best_is_first=True)
     assert sorted(os.listdir(tmp_path / "final" / "hf")) == ["final"]
     assert (published / "manifest.json").read_bytes() == first
+
+    # The same, its final model never published (stopped inside finalize): the best step's
+    # folder is not here to publish from, and the warning says how to bring it (it advised a
+    # restore_files(step=) that does not exist).
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(published)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckptkit"):
+        early_stopping_training(config, tmp_path / "out", best_is_first=True)
+    told = [r.getMessage() for r in caplog.records if "is not here to publish it from" in r.getMessage()]
+    assert len(told) == 1 and "restore_files" not in told[0], told
+    assert f"(ckptkit ls <your config file> --run-name hf lists where step {best} is)" in told[0]
+    assert f"into the output folder as checkpoint-{best} and run again" in told[0]
+    assert not published.exists()
 
 
 def test_the_step_where_early_stopping_stops_is_committed_though_no_save_was_due(tmp_path):

@@ -331,8 +331,8 @@ class CkptkitCallback(TrainerCallback):
         if step != state.global_step and self._published_as(args, state)[0] != step:
             log.warning("training had finished before this start, but not every final backend holds its final model "
                         "of step %d (a job stopped inside finalize?), and that checkpoint's folder is not here to "
-                        "publish it from: fetch it with restore_files(step=%d) into the output folder and run again",
-                        step, step)
+                        "publish it from: copy that checkpoint's folder (%s lists where step %d is) into the output "
+                        "folder as %s%d and run again", step, self.manager._command("ls"), step, CHECKPOINT_PREFIX, step)
             return
         log.warning("training had finished (max_steps %d, or stopped early) before this start, but not every final "
                     "backend holds its final model of step %d (a job stopped inside finalize?): publishing it now",

@@ -869,3 +869,76 @@ def test_a_local_copy_that_failed_names_its_file_over_a_writers_own_error_but_no
                 f.write(b"x" * 2**20)
             except ckptkit.LocalWriteError:
                 raise KeyboardInterrupt from None
+
+
+class _CountedOpens(LocalBackend):
+    """The local backend; counts the files it is asked to open."""
+
+    opened: list
+
+    @ckptkit.hookimpl
+    def open_file(self, ref, name):
+        self.opened.append(name)
+        return super().open_file(ref=ref, name=name)
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_a_mapped_state_file_is_hashed_through_the_mapping_its_tensors_point_into(tmp_path, pm, parts):
+    """A state file hashed on its own (reads, or a mapping of its own) had every byte read from the
+    page cache twice, once for the hash and once as the load copied it out: 100 MB restored in
+    1.2 to 1.3 times torch.load's time on tmpfs. It is hashed through the load's mapping, and
+    never opened for a hash of its own."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["write_threads"] = parts
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 600))
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=1, model=model, optimizer=opt)
+    folder = tmp_path / "scratch/exp/step-0000000001"
+    states = sorted(p.name for p in folder.glob("state*.pt"))
+    assert len(states) == parts and all((folder / n).stat().st_size >= reading._MAP_MIN for n in states)
+    pm.add_backend_type("opens", _CountedOpens)
+    cfg["backends"]["scratch"]["type"] = "opens"
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.router.instances["scratch"].opened = opened = []
+        fresh = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 600))
+        fresh_opt = torch.optim.AdamW(fresh.parameters())
+        assert ck.restore(fresh, fresh_opt).step == 1
+        assert not set(states) & set(opened), opened
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    assert_same_state(fresh_opt.state_dict(), opt.state_dict())
+    # A byte changed in the mapped file is still caught, and nothing of it applied.
+    path = folder / states[-1]
+    data = bytearray(path.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x01
+    path.write_bytes(bytes(data))
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.router.instances["scratch"].opened = []
+        with pytest.raises(CorruptCheckpointError, match=f"{states[-1]} does not match its checksum"):
+            ck.restore(torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 600)))
+
+
+def test_a_hash_through_the_mapping_is_the_files_and_is_not_taken_where_the_mapping_is_not_known(tmp_path):
+    from ckptkit import safeload
+    from ckptkit.hashing import hash_stream
+
+    path = str(tmp_path / "state.pt")
+    shared = torch.arange(1000, dtype=torch.float32)
+    torch.save({"model": {"w": torch.randn(300, 300), "v": shared[:10]}, "optimizer": {"m": shared[500:], "n": 3}}, path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        expected = hash_stream(f, "xxh3_128")
+    raw = safeload.load(path, mapped=True)
+    assert reading.digest_through_mapping(raw, path, size, "xxh3_128") == expected
+    # A storage the file holds that no tensor given points into, or a tensor not from the file:
+    # where the mapping starts is not known for sure, and the caller hashes the file itself.
+    assert reading.digest_through_mapping({"model": {"v": raw["model"]["v"]}}, path, size, "xxh3_128") is None
+    assert reading.digest_through_mapping({**raw, "x": torch.zeros(3)}, path, size, "xxh3_128") is None
+    assert reading.digest_through_mapping(torch.load(path, weights_only=True), path, size, "xxh3_128") is None
+    nested: tuple = (raw,)
+    for _ in range(60):  # a tuple nested in itself many times over is walked once
+        nested = (nested, nested)
+    assert reading.digest_through_mapping(nested, path, size, "xxh3_128") == expected

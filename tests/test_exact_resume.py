@@ -515,3 +515,34 @@ def test_finalize_stores_params_and_extra_beside_the_model(tmp_path, pm):
     assert body["params"] == params and body["extra"] == {"vocab": ["a", "b"]}
     with pytest.raises(ValueError, match=r"params\['layers'\]: must be a string, number.*extra="):
         ck.finalize(model, step=3, params={"layers": [1, 2]})
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_restore_given_no_optimizer_says_the_saved_optimizer_state_is_not_restored(tmp_path, pm, fmt):
+    """Saved with optimizer= and restored without it, the optimizer's state (Adam's moments and
+    step counts) was left behind without a word: the ported trainer trained on from fresh moments."""
+    import warnings
+
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model, opt = make_model()
+    train_step(model, opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=1, model=model, optimizer=opt)
+        ck.save(step=2, model=model)
+    (tmp_path / "scratch/exp/step-0000000002").rename(tmp_path / "step-2")  # step 1 is the newest for now
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.warns(RuntimeWarning, match=r"step-0000000001 holds the state of a torch\.optim\.adamw\.AdamW "
+                                                r"optimizer, and restore was given no optimizer=: that state is not "
+                                                r"restored .* Pass optimizer= to restore it"):
+            assert ck.restore(model=make_model()[0]).step == 1
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh, fresh_opt = make_model()
+        assert ck.restore(model=fresh, optimizer=fresh_opt).step == 1
+    assert not [w for w in caught if "optimizer=" in str(w.message)], [str(w.message) for w in caught]
+    (tmp_path / "step-2").rename(tmp_path / "scratch/exp/step-0000000002")  # saved without one: nothing to say
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ck.restore(model=make_model()[0]).step == 2
+    assert not [w for w in caught if "optimizer=" in str(w.message)], [str(w.message) for w in caught]

@@ -1311,8 +1311,9 @@ class CheckpointManager:
         get their saved state back (one under a key the checkpoint does not hold keeps its own,
         named in a warning); ``Restored.extra`` and ``Restored.rank_extra`` hold all of it. On another
         world size, rank r gets what saved rank r saved, and ranks without saved state are
-        named in a warning and in ``Restored.ranks_without_state``. ``safe_globals`` lists extra
-        types that ``torch.load(weights_only=True)`` may rebuild.
+        named in a warning and in ``Restored.ranks_without_state``. Given no ``optimizer``, the
+        optimizer state a checkpoint holds is left out, with a warning. ``safe_globals`` lists
+        extra types that ``torch.load(weights_only=True)`` may rebuild.
 
         Returns None only when every resume backend answered and none holds a checkpoint of
         this run. Raises ``StorageUnavailableError`` when nothing was found and some backend
@@ -1392,6 +1393,13 @@ class CheckpointManager:
                 _warn_rank0(over.notes)
                 if cast is not None:  # after the last meeting point: a warning raised (-W error) holds no rank up
                     warnings.warn(cast, RuntimeWarning, stacklevel=2)
+                if optimizer is None and manifest.optimizer is not None and ranks.rank() == 0:
+                    # Adam's moments and step counts gone without a word: a porting slip that only
+                    # shows as a worse loss curve.
+                    warnings.warn(f"{ref.uri} holds the state of a {manifest.optimizer.replace(':', '.')} optimizer, "
+                                  "and restore was given no optimizer=: that state is not restored (an optimizer "
+                                  "built now starts without it). Pass optimizer= to restore it", RuntimeWarning,
+                                  stacklevel=2)
                 if lacking and ranks.rank() == 0:
                     # A scheduler or loader that quietly kept its fresh state would train on from step 0's.
                     warnings.warn(f"extra: {', '.join(map(repr, lacking))} not in {ref.uri} (it holds "

@@ -680,6 +680,40 @@ def test_an_optimizer_training_a_parameter_outside_the_model_is_refused_by_name(
     assert torch.equal(again.logit_scale, scale) and torch.equal(again.weight, model.weight)
 
 
+class _CountingSGD(torch.optim.SGD):
+    """A hand-written optimizer that keeps a count of its own in its state, under no parameter."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        self.state["global"] = self.state.get("global", 0) + 1
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_optimizer_state_under_a_key_of_its_own_is_refused_by_name(tmp_path, fmt):
+    """DCP names optimizer state by parameter: a step count kept under "global" made save fail with
+    DCP's bare KeyError: 'global'. The save says which entry and what to do; passed as extra=,
+    the optimizer saves and restores whole."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model = torch.nn.Linear(4, 2)
+    opt = _CountingSGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError,
+                           match=r"the _CountingSGD optimizer's state holds 'global' under a key that is none of its "
+                                 r"parameters: .*pass the optimizer as extra=\{'optimizer': \.\.\.\} instead of optimizer="):
+            ck.save(step=1, model=model, optimizer=opt)
+        assert ck.list_checkpoints() == []
+        ck.save(step=1, model=model, extra={"optimizer": opt})
+    again = torch.nn.Linear(4, 2)
+    again_opt = _CountingSGD(again.parameters(), lr=0.1, momentum=0.9)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=again, extra={"optimizer": again_opt}).step == 1
+    assert again_opt.state["global"] == 1 and torch.equal(again.weight, model.weight)
+    assert torch.equal(again_opt.state[again.weight]["momentum_buffer"], opt.state[model.weight]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_restore_with_an_optimizer_of_another_copy_of_the_model_says_so(tmp_path, fmt):
     """The model built again after its optimizer was made: restore said the checkpoint's

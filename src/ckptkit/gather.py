@@ -86,10 +86,28 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         return {"model": model_sd, "optimizer": {**optim_sd, "state": {}}}
     except KeyError as exc:
-        problem = outside_model(model.parameters(), optimizer, "restored" if load_target else "saved")
+        done = "restored" if load_target else "saved"
+        problem = outside_model(model.parameters(), optimizer, done) or keys_of_its_own(optimizer, done)
         if problem is None:
             raise
         raise (IncompatibleCheckpointError if load_target else UnstorableStateError)(problem) from exc
+
+
+def keys_of_its_own(optimizer: torch.optim.Optimizer, done: str) -> str | None:
+    """Why ``optimizer`` state cannot be ``done``: entries of ``optimizer.state`` under keys that
+    are none of its parameters (a hand-written optimizer's step count of its own); None where
+    there are none."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    own = [k for k in optimizer.state if id(k) not in params]
+    if not own:
+        return None
+    shown = ", ".join(repr(k) if isinstance(k, (str, int)) else f"a {type(k).__name__}" for k in own[:3])
+    return (f"the {type(optimizer).__name__} optimizer's state holds {shown}{' and more' if len(own) > 3 else ''} "
+            f"under a key that is none of its parameters: optimizer state is {done} per parameter, named by the "
+            "model's parameter names (torch.distributed.checkpoint), so that entry has no name to be "
+            f"{done} under, and nothing was. Keep such a value in a parameter's state (optimizer.state[p]) or in "
+            "a param group (optimizer.param_groups[i]), or pass the optimizer as extra={'optimizer': ...} instead of "
+            "optimizer= (its own state_dict() is then saved as it is)")
 
 
 def outside_model(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, done: str) -> str | None:

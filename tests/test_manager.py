@@ -1546,3 +1546,41 @@ def test_export_with_replace_false_refuses_a_file_that_is_there_before_reading_a
         ck.export(inside, replace=False)
     assert ck.export(out).step == 1 and torch.load(out, weights_only=True)["step"] == 1
     ck.close()
+
+
+def test_optimizer_takes_one_optimizer_and_says_how_to_save_several(tmp_path, pm):
+    """A GAN's two optimizers passed as a list: save failed with a bare AttributeError from inside,
+    and restore of an empty run returned None without a word."""
+    gen, disc = torch.nn.Linear(4, 2), torch.nn.Linear(2, 1)
+    opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
+    model = torch.nn.ModuleDict({"gen": gen, "disc": disc})
+    several = r"optimizer= takes one optimizer, not a list\. For several .* extra= \(extra=\{'opt_d': opt_d\}"
+    with CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm) as ck:
+        with pytest.raises(TypeError, match=several):
+            ck.restore(model=model, optimizer=[opt_g, opt_d])
+        with pytest.raises(TypeError, match=several):
+            ck.save(step=5, model=model, optimizer=[opt_g, opt_d])
+        assert ck.list_checkpoints() == []
+        (gen(torch.randn(3, 4)).sum() + disc(torch.randn(3, 2)).sum()).backward()
+        opt_g.step()
+        opt_d.step()
+        ck.save(step=5, model=model, optimizer=opt_g, extra={"opt_d": opt_d})
+    again = torch.nn.ModuleDict({"gen": torch.nn.Linear(4, 2), "disc": torch.nn.Linear(2, 1)})
+    again_g, again_d = torch.optim.Adam(again["gen"].parameters()), torch.optim.Adam(again["disc"].parameters())
+    with CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm) as ck:
+        assert ck.restore(model=again, optimizer=again_g, extra={"opt_d": again_d}).step == 5
+    assert torch.equal(again_d.state[again["disc"].weight]["exp_avg"], opt_d.state[disc.weight]["exp_avg"])
+    assert torch.equal(again_g.state[again["gen"].weight]["exp_avg"], opt_g.state[gen.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("value, shown", [("warmup", "'warmup'"), (None, "None"),
+                                          (torch.ones(3), "a tensor of 3 elements"), ([0.5], "a list")])
+def test_a_metric_that_is_no_number_is_refused_by_name(tmp_path, pm, value, shown):
+    model = torch.nn.Linear(4, 2)
+    with CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm) as ck:
+        with pytest.raises(ValueError, match=rf"metrics\['phase'\] is {shown}, not a number: a metric is a float, "
+                                             r"an int or a tensor of one element"):
+            ck.save(step=5, model=model, metrics={"loss": 0.5, "phase": value})
+        assert ck.list_checkpoints() == []
+        ck.save(step=5, model=model, metrics={"loss": torch.tensor(0.5), "phase": 2})
+        assert ck.list_checkpoints()[0].step == 5

@@ -218,9 +218,25 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     for k, v in (metrics or {}).items():
         if not isinstance(k, str) or not k:
             raise ValueError(f"metric names must be non-empty strings, got {k!r}")
-        value = float(v.item() if torch.is_tensor(v) else v)
+        try:
+            value = float(v.item() if torch.is_tensor(v) else v)
+        except (TypeError, ValueError, RuntimeError):
+            shown = (repr(v[:40]) if isinstance(v, (str, bytes)) else "None" if v is None else
+                     f"a tensor of {v.numel()} elements" if torch.is_tensor(v) else f"a {type(v).__name__}")
+            raise ValueError(f"metrics[{k!r}] is {shown}, not a number: a metric is a float, an int or a tensor "
+                             "of one element; keep other values in extra=") from None
         out[k] = value
     return out
+
+
+def _one_optimizer(optimizer: Any) -> None:
+    """Refuse what is not one optimizer (a list of a GAN's two) before anything is saved or loaded."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer) or (
+            hasattr(optimizer, "param_groups") and hasattr(optimizer, "state_dict")):
+        return
+    raise TypeError(f"optimizer= takes one optimizer, not a {type(optimizer).__name__}. For several (a GAN's), "
+                    "pass one as optimizer= and the others in extra= (extra={'opt_d': opt_d}: their state_dict() "
+                    "is saved whole, and restore gives it back to the objects passed the same way)")
 
 
 def _named(objects: Any, where: str) -> Mapping[str, Any] | None:
@@ -723,6 +739,7 @@ class CheckpointManager:
         self._tracking_run_id()  # starts the lookup well before the first due save
         step = _count("step", step)
         epoch = None if epoch is None else _count("epoch", epoch)
+        _one_optimizer(optimizer)
         if not force and not self.is_due(step):
             # Nothing to write: the prune after the last save (on a store that stopped
             # answering, minutes of retries) is waited for by the next save that writes.
@@ -1340,6 +1357,7 @@ class CheckpointManager:
         problem = None
         try:
             extra, rank_extra = _named(extra, "extra"), _named(rank_extra, "rank_extra")
+            _one_optimizer(optimizer)
         except TypeError as exc:
             problem = exc
         self.coll.agree("restore: arguments", problem)  # raised on every rank, or the others would wait

@@ -1406,8 +1406,18 @@ def test_an_extra_object_that_refuses_its_state_is_named_and_a_bare_one_is_refus
     assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters())), "refused before loading"
     with pytest.raises(IncompatibleCheckpointError, match=r"extra\['ema'\] \(a Linear\) refused the state saved in "
                                                           r".*step-0000000001: RuntimeError: Error\(s\) in loading "
-                                                          r"state_dict for Linear.*restore again once it fits"):
+                                                          r"state_dict for Linear: size mismatch for weight: copying a "
+                                                          r"param with shape torch.Size\(\[2, 2\]\) from checkpoint.*"
+                                                          r"restore again once it fits"):
         ck.restore(model2, opt2, extra={"sched": sched, "ema": torch.nn.Linear(3, 3)})
+    # Saved from a compiled module's wrapper, restored into a plain one: the keys torch names, and why.
+    compiled = torch.nn.Module()
+    compiled._orig_mod = torch.nn.Linear(2, 2)
+    ck.save(step=2, model=model, optimizer=opt, extra={"sched": sched, "ema": compiled})
+    with pytest.raises(IncompatibleCheckpointError, match=r"Missing key\(s\) in state_dict: \"weight\", \"bias\"\. "
+                                                          r"Unexpected key\(s\) in state_dict: \"_orig_mod.weight\".*"
+                                                          r"the saved keys carry torch.compile's '_orig_mod.' prefix"):
+        ck.restore(model2, opt2, extra={"sched": sched, "ema": torch.nn.Linear(2, 2)})
     ck.close()
 
 

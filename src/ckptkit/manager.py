@@ -308,9 +308,15 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
         try:
             target.load_state_dict(saved[key])
         except Exception as exc:
+            # Whole, not its first line: torch's refusal names the keys on the lines after it.
+            reason = " ".join(str(exc).split())
+            reason = reason if len(reason) <= 800 else reason[:800] + " ..."
+            compiled = ("; the saved keys carry torch.compile's '_orig_mod.' prefix: build the object the same way "
+                        "on both sides (from the compiled module, or from the plain one)"
+                        if "_orig_mod." in reason else "")
             raise IncompatibleCheckpointError(
                 f"{where}[{key!r}] (a {type(target).__name__}) refused the state saved in {uri}: "
-                f"{type(exc).__name__}: {fanout.first_line(exc)}. The model, the optimizer and the objects "
+                f"{type(exc).__name__}: {reason}{compiled}. The model, the optimizer and the objects "
                 "before it are loaded already; restore again once it fits (it sets each of them again), or "
                 "build them anew") from exc
     return lacking, unset

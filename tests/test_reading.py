@@ -942,3 +942,56 @@ def test_a_hash_through_the_mapping_is_the_files_and_is_not_taken_where_the_mapp
     for _ in range(60):  # a tuple nested in itself many times over is walked once
         nested = (nested, nested)
     assert reading.digest_through_mapping(nested, path, size, "xxh3_128") == expected
+
+
+def test_a_mapped_state_holding_a_sparse_tensor_restores(tmp_path, pm):
+    """The hash through the mapping asked a sparse buffer for its storage, which it has none of:
+    restore raised NotImplementedError instead of loading the file the plain way (review)."""
+
+    class WithSparse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(600, 600)
+            self.register_buffer("adj", torch.eye(50).to_sparse())
+
+    model = WithSparse()
+    with CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm) as ck:
+        ck.save(step=1, model=model)
+    assert (tmp_path / "scratch/exp/step-0000000001/state.pt").stat().st_size >= reading._MAP_MIN
+    fresh = WithSparse()
+    with CheckpointManager.from_config(local_config(tmp_path), plugin_manager=pm) as ck:
+        assert ck.restore(fresh).step == 1
+    assert torch.equal(fresh.lin.weight, model.lin.weight) and torch.equal(fresh.adj.to_dense(), torch.eye(50))
+
+
+def test_a_file_torch_swaps_in_the_mapping_or_places_by_computed_offsets_is_hashed_on_its_own(tmp_path, monkeypatch):
+    """torch.load(mmap=True) swaps a big-endian file's tensors to this machine's byte order inside
+    the mapping: hashed there, an intact file failed its check, and one whose tensors were swapped
+    beforehand passed it while loading other values (review)."""
+    import sys
+
+    from torch.utils.serialization import config
+
+    from ckptkit import safeload
+    from ckptkit.hashing import hash_stream
+
+    other = "big" if sys.byteorder == "little" else "little"
+    path = str(tmp_path / "state.pt")
+    monkeypatch.setattr(sys, "byteorder", other)  # as torch.save writes it on such a machine
+    torch.save({"model": {"w": torch.arange(90000, dtype=torch.float32)}}, path)
+    monkeypatch.undo()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        expected = hash_stream(f, "xxh3_128")
+    raw = safeload.load(path, mapped=True)
+    assert raw["model"]["w"][1].item() != 1.0, "swapped to this machine's order as it loaded"
+    assert reading.digest_through_mapping(raw, path, size, "xxh3_128") is None
+    # A file of this machine's order, with storage offsets that torch computes instead of reading.
+    native = str(tmp_path / "native.pt")
+    torch.save({"model": {"w": torch.arange(90000, dtype=torch.float32)}}, native)
+    raw = safeload.load(native, mapped=True)
+    with open(native, "rb") as f:
+        assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") == \
+            hash_stream(f, "xxh3_128")
+    monkeypatch.setattr(config.load, "calculate_storage_offsets", True)
+    assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") is None

@@ -131,8 +131,10 @@ def algorithm_of(digest: str) -> str:
 
 
 def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK,
-                mapped: bool = False) -> tuple[int, str]:
+                mapped: bool = False, hasher: Any = None) -> tuple[int, str]:
     """Read ``src`` to its end in reads of ``chunk`` bytes; return its size and digest.
+    ``hasher``: one of ``algorithm`` that hashed what comes before ``src``'s bytes (the size
+    returned is of the bytes read here).
 
     Reads go into one reused buffer where ``src`` can ``readinto``: a fresh ``bytes`` per read
     costs page faults on new memory each time, and a buffer small enough to stay in the CPU's
@@ -148,7 +150,7 @@ def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK,
     truncated meanwhile) kills the process (SIGBUS) where a ``read`` raises: only for a file the
     caller maps anyway.
     """
-    if mapped:
+    if mapped and hasher is None:
         try:
             mapping = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
         except (AttributeError, OSError, ValueError):  # no descriptor, an empty file, or no mmap there
@@ -158,7 +160,7 @@ def hash_stream(src: BinaryIO, algorithm: str = ALGORITHM, chunk: int = CHUNK,
                 h = new_hasher(algorithm)
                 h.update(mapping)
                 return len(mapping), f"{algorithm}:{h.hexdigest()}"
-    h = new_hasher(algorithm)
+    h = new_hasher(algorithm) if hasher is None else hasher
     size = 0
     readinto = getattr(src, "readinto", None)
     if readinto is None:

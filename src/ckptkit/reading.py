@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -592,16 +593,24 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
 
 
 def digest_through_mapping(raw: Any, path: str, size: int, algorithm: str) -> tuple[int, str] | None:
-    """The size and digest of the file at ``path`` (``size`` bytes), read through the mapping
-    that the tensors of ``raw`` (its load with ``mapped``) point into; None where that mapping
-    cannot be told for sure.
+    """The size and digest of the file at ``path`` (``size`` bytes by its manifest), read through
+    the mapping that the tensors of ``raw`` (its load with ``mapped``) point into, up to the end
+    of the last of them, and the rest (the zip's directory) by a read; None where that mapping
+    cannot be told for sure, for the caller to hash the file on its own.
 
     torch maps the whole file and points each storage at its record's offset in it, so the
     mapping starts at any storage's address less its record's offset. That is taken as known
     only where the storages' addresses, less that start, are the offsets of the file's data
-    records, one for one: anything else (a record no tensor uses, an empty one, a tensor not from
-    the file) leaves the hash to a read of its own."""
-    addresses: set[int] = set()
+    records, one for one: anything else (a record no tensor uses, a tensor not from the file, a
+    sparse one) leaves the hash to a read of its own. So is a file whose tensors torch swapped
+    in the mapping to this machine's byte order, or whose offsets it computed rather than read.
+    Only what lies inside the storages torch made of the mapping is read through it.
+    """
+    from torch.utils.serialization import config
+
+    if getattr(config.load, "calculate_storage_offsets", False):
+        return None
+    ends: dict[int, int] = {}
     seen: set[int] = set()  # each container once: a tuple nested in itself has 2**depth paths
     stack = [raw]
     while stack:
@@ -611,9 +620,13 @@ def digest_through_mapping(raw: Any, path: str, size: int, algorithm: str) -> tu
                 continue
             seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            if type(obj) is not torch.Tensor or obj.device.type != "cpu":
+            if type(obj) is not torch.Tensor or obj.device.type != "cpu" or obj.layout != torch.strided:
                 return None
-            addresses.add(obj.untyped_storage().data_ptr())
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return None
+            ends[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
@@ -622,18 +635,25 @@ def digest_through_mapping(raw: Any, path: str, size: int, algorithm: str) -> tu
             return None
     try:
         reader = torch._C.PyTorchFileReader(path)
-        offsets = sorted(reader.get_record_offset(n) for n in reader.get_all_records() if n.startswith("data/"))
-    except (AttributeError, RuntimeError, OSError):
+        names = reader.get_all_records()
+        if "byteorder" not in names or reader.get_record("byteorder") != sys.byteorder.encode():
+            return None  # (torch swaps the bytes of each storage in the mapping)
+        offsets = sorted(reader.get_record_offset(n) for n in names if n.startswith("data/"))
+    except (AttributeError, RuntimeError, OSError, ValueError):
         return None
-    found = sorted(addresses)
+    found = sorted(ends)
     if not found or len(found) != len(offsets):
         return None
     start = found[0] - offsets[0]
-    if start <= 0 or [a - start for a in found] != offsets or offsets[-1] >= size:
+    mapped = max(ends.values()) - start
+    if start <= 0 or [a - start for a in found] != offsets or mapped > size:
         return None
     h = new_hasher(algorithm)
-    h.update(memoryview((ctypes.c_char * size).from_address(start)))
-    return size, f"{algorithm}:{h.hexdigest()}"
+    h.update(memoryview((ctypes.c_char * mapped).from_address(start)))
+    with open(path, "rb") as f:
+        f.seek(mapped)
+        rest, digest = hash_stream(f, algorithm, _READ_CHUNK, hasher=h)
+    return mapped + rest, digest
 
 
 class _Opaque(Exception):

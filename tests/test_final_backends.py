@@ -531,3 +531,25 @@ def test_a_training_rolled_back_past_its_published_final_model_publishes_its_own
     with CheckpointManager.from_config(cfg) as plain:
         assert plain.restore(model=model, step=20).step == 20
         assert plain.final_held(20) is True
+
+
+def test_the_same_rollback_run_again_publishes_its_final_model_once(tmp_path):
+    """restore(step=10) past newer steps, then finalize(step=10) to publish the model before a
+    loss spike, run twice (a requeued job): a branch id drawn at random made each run another
+    training, whose final model was published again (review)."""
+    cfg = _kept_config(tmp_path, keep_last=5)
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        for step in (5, 10, 15, 20):
+            first.save(step=step, model=model)
+        first.finalize(model=model, step=20)
+    held = []
+    for _ in range(2):
+        with CheckpointManager.from_config(cfg) as branch:
+            with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
+                assert branch.restore(model=model, step=10).step == 10
+            held.append(branch.final_held(10))
+            if not held[-1]:
+                branch.finalize(model=model, step=10)
+    assert held == [False, True]
+    assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final", "final-2"]

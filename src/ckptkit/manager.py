@@ -55,7 +55,7 @@ from .errors import (
 )
 from .fanout import EXTRA_FILE, torch_writer
 from .hashing import algorithm_of, copy_hashed, hash_stream
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, training_of, valid_file_name
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, branch_of, training_of, valid_file_name
 from .plugins import CkptkitPluginManager, make_plugin_manager
 from .reading import SKIPPABLE, Reader
 from .roles import Role
@@ -1355,8 +1355,9 @@ class CheckpointManager:
         keep_last would prune the new checkpoints in favour of the newer ones, and a plain
         restore would resume those. Save under a new run name instead, or delete the newer
         steps first. Restored past newer steps, the training is a branch with a training id of
-        its own: a final model published from those steps is not taken for its own
-        (``final_held``).
+        its own (the same each time step N of that training is restored so): a final model
+        published from those steps is not taken for its own (``final_held``). Restored after the
+        newer steps were removed, it goes on as the training it restored.
         """
         self._check_open()
         step = None if step is None else _count("step", step)
@@ -1470,7 +1471,9 @@ class CheckpointManager:
                     if newest > step:
                         # A branch: the final model the training restored published from a later
                         # step is not this one's (final_held asks after this training's alone).
-                        self._training_id = secrets.token_hex(8)
+                        # Made from what it branched off, so that the same job run again is the
+                        # same branch, whose final model is not published twice.
+                        self._training_id = branch_of(self._training_id, step)
                     self._run_checked = False
                     if newest > step and self.config.resume is not None and ranks.rank() == 0:
                         # Said now: the first save that is due, which refuses, may be hours of training away.

@@ -152,6 +152,12 @@ def training_of(manifest: Manifest) -> str:
     return "legacy-" + xxhash.xxh3_64_hexdigest(made.encode())
 
 
+def branch_of(training_id: str, step: int) -> str:
+    """The training that goes on from ``step`` of training ``training_id`` past its later steps
+    (``restore(step=)``): the same for every job that branches there."""
+    return "branch-" + xxhash.xxh3_64_hexdigest(f"{training_id}:{step}".encode())
+
+
 def counts_for(recorded: str | None, asked: str | None) -> bool:
     """Whether a final model published by training ``recorded`` counts for ``final_step`` asked
     after training ``asked``: asked after none, every one does; one that names none (written

@@ -41,6 +41,7 @@ from .hashing import HashingWriter, hash_stream
 from .hookspecs import BACKEND_ATTRIBUTES, hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError, counts_for
 from .plugins import make_plugin_manager
+from .reading import scratch
 from .redact import redact, secret_values
 from .remote import RemoteOptions, parse_bucket_uri
 from .retry import RetriesExhausted, RetryPolicy, is_transient
@@ -85,6 +86,7 @@ __all__ = [
     "parse_final",
     "parse_step",
     "redact",
+    "scratch",
     "secret_values",
     "step_dirname",
 ]

@@ -771,7 +771,8 @@ def _merged(ref: CheckpointRef, manifest: Manifest, load_all: Callable[[list[str
 
 @contextlib.contextmanager
 def scratch(kind: str) -> Iterator[str]:
-    """A private temporary folder for downloads, removed afterwards.
+    """A private temporary folder for downloads, or copies a backend makes to send, removed
+    afterwards; ``kind`` goes into its name.
 
     Its name carries this process's id, so that a later call can remove the folders of
     processes that were killed before they could clean up (see ``sweep_scratch``).

@@ -816,3 +816,46 @@ def test_saves_never_wait_for_the_tracking_run(tmp_path, mlflow_server, make_fau
     client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name(exp).experiment_id])] == [run_id]
     assert client.get_model_version("held_sft", ref.uri.rsplit("/", 1)[1]).run_id == run_id
+
+
+_KILLED_IN_UPLOAD = """
+import json, sys, time
+from ckptkit import CheckpointManager
+from ckptkit.plugin import Payload, PayloadFile
+
+def write(f):
+    f.write(b"x" * 100000)
+    open(sys.argv[2], "w").close()  # the copy to upload is being written: the parent kills us now
+    time.sleep(120)
+
+with CheckpointManager.from_config(json.loads(sys.argv[1]), run_name="killed") as ck:
+    payload = Payload(run_name="killed", step=1, epoch=None, format="torch", role="final",
+                      files=(PayloadFile("final_model.pt", write=write),))
+    ck.router.instances["registry"].publish_final(run_name="killed", payload=payload, stored=[], algorithm="sft",
+                                                  model=None)
+"""
+
+
+def test_the_copy_a_killed_publish_was_uploading_is_swept_from_the_temporary_folder(tmp_path, embedded_uri):
+    """A finalize killed while the registry's copy of the model was written left that copy (the
+    model's full size) in TMPDIR for good: its folder was no scratch folder, which ckptkit sweeps."""
+    from ckptkit.reading import SCRATCH_PREFIX, sweep_scratch
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    cfg = _config(tmp_path, embedded_uri, f"killed-{_uid()}")
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_IN_UPLOAD, json.dumps(cfg), str(ready)],
+                             env={**os.environ, "TMPDIR": str(tmpdir)}, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"the child never wrote its copy (exit {child.poll()})"
+    finally:
+        child.kill()
+        child.wait()
+    left = [p for p in tmpdir.iterdir() if p.name.startswith(SCRATCH_PREFIX + "mlflow-")]
+    assert len(left) == 1 and (left[0] / "final_model.pt").stat().st_size == 100000, list(tmpdir.iterdir())
+    assert sweep_scratch(str(tmpdir)) == [str(left[0])]
+    assert not left[0].exists()

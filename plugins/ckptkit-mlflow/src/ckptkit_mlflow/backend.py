@@ -21,7 +21,6 @@ import os
 import re
 import string
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -34,7 +33,7 @@ import attrs
 
 import ckptkit
 from ckptkit.plugin import (BackendError, CheckpointRef, ConfigError, HashingWriter, Payload, PayloadFile,
-                            check_number, check_options, counts_for, hash_stream, redact, secret_values)
+                            check_number, check_options, counts_for, hash_stream, redact, scratch, secret_values)
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +314,7 @@ def _create_sqlite_whole(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     folder, name = os.path.split(os.path.abspath(path))
-    scratch = None
+    creating = None
     try:
         os.makedirs(folder, exist_ok=True)
         for entry in os.scandir(folder):  # what a process killed while creating it left
@@ -323,20 +322,20 @@ def _create_sqlite_whole(uri: str) -> None:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
         # A name no one else takes, and no file yet: MLflow makes its tables only in a new database.
-        scratch = os.path.join(folder, f".{name}.creating-{uuid.uuid4().hex[:12]}")
-        scratch_uri = "sqlite:///" + urllib.parse.quote(scratch)
+        creating = os.path.join(folder, f".{name}.creating-{uuid.uuid4().hex[:12]}")
+        scratch_uri = "sqlite:///" + urllib.parse.quote(creating)
         client = MlflowClient(tracking_uri=scratch_uri, registry_uri=scratch_uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # and the registry's
-        os.link(scratch, path)
+        os.link(creating, path)
     except FileExistsError:
         pass
     except OSError as exc:
         log.warning("could not create the MLflow database %s beside its place (%s); MLflow creates it in place",
                     path, exc)
     finally:
-        if scratch is not None:
-            for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
+        if creating is not None:
+            for leftover in (creating, creating + "-journal", creating + "-wal", creating + "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
 
@@ -906,7 +905,8 @@ class MlflowBackend:
         if pf.source is not None and os.path.basename(pf.source) == FINAL_FILE:
             self.client.log_artifact(run_id, pf.source, folder)
             return f"{folder}/{FINAL_FILE}", os.path.getsize(pf.source), self._digest(payload)
-        with tempfile.TemporaryDirectory(prefix="ckptkit-mlflow-") as tmp:
+        # A scratch folder: one a killed process left (a full copy of the model) is swept later.
+        with scratch("mlflow") as tmp:
             path = os.path.join(tmp, FINAL_FILE)
             if pf.source is not None:
                 os.symlink(os.path.abspath(pf.source), path)
@@ -937,7 +937,7 @@ class MlflowBackend:
         while folder in taken:
             folder = f"{ARTIFACT_DIR}/{FLAVOUR_DIR}-{n}"
             n += 1
-        with tempfile.TemporaryDirectory(prefix="ckptkit-mlflow-") as tmp:
+        with scratch("mlflow") as tmp:
             path = os.path.join(tmp, "model")
             mlflow.pytorch.save_model(model, path, serialization_format="pickle")
             self.client.log_artifacts(run_id, path, folder)

@@ -166,8 +166,11 @@ class PartWriter(WriteOnly):
                 else:
                     self.target.abort(self._upload)
             except Exception as exc:
-                log.warning("could not abort the upload of %s (the store drops it later): %s",
-                            self.what, describe(exc))
+                # S3 keeps the parts (billed, and listed by no object listing) until they are
+                # aborted: the next prune of this run does it once past leftover_grace_s.
+                log.warning("could not abort the upload of %s (%s); its parts stay in the store until the next prune "
+                            "of this run aborts it, once older than leftover_grace_s, or a lifecycle rule with "
+                            "AbortIncompleteMultipartUpload does", self.what, describe(exc))
 
 
 class StreamWriter(WriteOnly):

@@ -315,6 +315,27 @@ def _final_body(source: PublishSource, folder: str) -> dict[str, Any]:
     return body
 
 
+def _held_elsewhere(ck: CheckpointManager, order: list[str], entry: FileEntry | None,
+                    algorithm: str | None) -> list[CheckpointRef]:
+    """The copies of these bytes that final backends not named for this publish hold (a retry
+    with --backend of the registry alone, the S3 copy committed): handed on in ``stored``, so that
+    a registry records one's URI instead of uploading the model again. Only file backends count
+    (a copy that can be pointed at); one that cannot tell is passed over, as it is not asked."""
+    found: list[CheckpointRef] = []
+    if entry is None:
+        return found
+    for name in ck.router.backends(Role.FINAL):
+        if name in order or not _has(ck.router.instances[name], "final_ref"):
+            continue
+        try:
+            ref = _holding(ck, name, entry, algorithm)
+        except CkptkitError:
+            continue
+        if ref is not None:
+            found.append(ref)
+    return found
+
+
 def final_backends(ck: CheckpointManager, backends: Iterable[str] | None = None) -> list[str]:
     """The final backends a publish sends to, in their order: all, or those named in ``backends``;
     a name that is not one is refused before any source is looked for."""
@@ -340,8 +361,8 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
     records its URI instead of uploading a copy. A file backend tells through its final
     manifest; a registry through ``find_published(run_name, digest, algorithm)``, which returns
     the reference of what holds them (or None) and raises a ``CkptkitError`` when it cannot tell:
-    that backend then fails without being sent the model. A failing backend does not stop the
-    others.
+    that backend then fails without being sent the model. A file backend not named that holds
+    them is handed on too (``_held_elsewhere``). A failing backend does not stop the others.
     """
     order = final_backends(ck, backends)
     # The source's files are checked unchanged before anything is sent, and again once it is
@@ -369,8 +390,8 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
         skip = {r.backend for r in held} | set(lookup_failed)
         sent = [n for n in order if n not in skip]
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
-                                              names=sent, stored=held, algorithm=algorithm, model=None,
-                                              state=state)
+                                              names=sent, stored=held + _held_elsewhere(ck, order, entry, algorithm),
+                                              algorithm=algorithm, model=None, state=state)
         unchanged()
         failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),

@@ -859,3 +859,38 @@ def test_the_copy_a_killed_publish_was_uploading_is_swept_from_the_temporary_fol
     assert len(left) == 1 and (left[0] / "final_model.pt").stat().st_size == 100000, list(tmpdir.iterdir())
     assert sweep_scratch(str(tmpdir)) == [str(left[0])]
     assert not left[0].exists()
+
+
+def test_a_retry_to_the_registry_alone_references_the_s3_copy_committed_before(tmp_path, embedded_uri, spawn_server,
+                                                                                 monkeypatch):
+    """The printed retry after a registry that failed in finalize names the registry alone: it
+    uploaded the model again as an MLflow artifact, though the S3 final prefix held the same
+    bytes, which the registry records by URI when both are sent in one go (FinOps probe)."""
+    pytest.importorskip("ckptkit_s3")
+    import s3fs
+    import yaml
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = spawn_server(lambda p: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(p)])
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = f"retry-{_uid()}"
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    exp = f"retry-{_uid()}"
+    archive = {"type": "s3", "path": f"s3://{bucket}/finals", "storage_options": {"endpoint_url": endpoint}}
+    both = _config(tmp_path, embedded_uri, exp, model_name=f"retry_{_uid()}", final=("registry", "archive"),
+                   backends={"archive": archive})
+    archive_only = {**both, "roles": {**both["roles"], "final": {"backends": ["archive"]}}}
+    ck = CheckpointManager.from_config(archive_only, run_name="retried")
+    model, opt = _model(3)
+    _train(ck, model, opt, range(1, 6))
+    ck.finalize(model=model, step=5)  # the S3 copy committed; the registry's part left to the retry
+    ck.close()
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
+    assert main(["publish", str(tmp_path / "both.yaml"), "--run-name", "retried", "--backend", "registry"]) == 0
+    client = MlflowClient(embedded_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    (version,) = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    assert version.source == f"s3://{bucket}/finals/retried/final/final_model.pt"
+    assert _files(client, run.info.run_id) == [], "the model uploaded a second time"

@@ -894,3 +894,30 @@ def test_a_retry_to_the_registry_alone_references_the_s3_copy_committed_before(t
     (version,) = client.search_model_versions(f"run_id='{run.info.run_id}'")
     assert version.source == f"s3://{bucket}/finals/retried/final/final_model.pt"
     assert _files(client, run.info.run_id) == [], "the model uploaded a second time"
+
+
+def test_a_registration_that_failed_after_its_upload_is_retried_from_that_upload(tmp_path, embedded_uri):
+    """The model uploaded, its registration refused (a model name MLflow does not take), then the
+    printed retry run with the name fixed: the retry uploaded the model again to final-2, and the
+    first upload stayed in the run, pointed at by nothing (FinOps probe)."""
+    import yaml
+
+    exp = f"reupload-{_uid()}"
+    cfg = _config(tmp_path, embedded_uri, exp, model_name="bad:{run_name}")
+    ck = CheckpointManager.from_config(cfg, run_name="reup")
+    model, opt = _model(4)
+    _train(ck, model, opt, range(1, 6))
+    with pytest.raises(PublishError, match="Invalid model name"):
+        ck.finalize(model=model, step=5)
+    ck.close()
+    client = MlflowClient(embedded_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    uploaded = _files(client, run.info.run_id)
+    assert [p for p, _ in uploaded] == ["checkpoints/final_model.pt"]
+    cfg["backends"]["registry"]["registered_model_name"] = "good_{run_name}"
+    (tmp_path / "fixed.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["publish", str(tmp_path / "fixed.yaml"), "--run-name", "reup", "--backend", "registry"]) == 0
+    assert _files(client, run.info.run_id) == uploaded, "uploaded a second time"
+    (version,) = client.search_model_versions("name='good_reup'")
+    assert version.run_id == run.info.run_id
+    assert version.source.endswith("checkpoints/final_model.pt") and "final-2" not in version.source, version.source

@@ -52,6 +52,9 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 DIGEST_TAG = "ckptkit.digest"
 # The training a version came from (``Payload.training_id``), for final_step.
 TRAINING_TAG = "ckptkit.training_id"
+# A run tag per final file uploaded, ``ckptkit.artifact.<folder>`` = its checksum: a publish
+# retried after the registry failed (the upload done) registers that file rather than another copy.
+ARTIFACT_TAG = "ckptkit.artifact."
 # The most one request to the tracking server may take, retries included, unless configured.
 DEFAULT_TIMEOUT_S = 30
 DEFAULT_RETRIES = 2
@@ -899,12 +902,12 @@ class MlflowBackend:
         return sink.digest()
 
     def _upload(self, run_id: str, payload: Payload) -> tuple[str, int, str]:
-        """Upload the final file as a run artifact; its path in the run, size and checksum."""
+        """Upload the final file as a run artifact, unless the run holds one of the same bytes;
+        its path in the run, size and checksum."""
         pf = self._final_file(payload)
-        folder = self._artifact_dir(run_id)
         if pf.source is not None and os.path.basename(pf.source) == FINAL_FILE:
-            self.client.log_artifact(run_id, pf.source, folder)
-            return f"{folder}/{FINAL_FILE}", os.path.getsize(pf.source), self._digest(payload)
+            size, digest = os.path.getsize(pf.source), self._digest(payload)
+            return f"{self._send(run_id, pf.source, size, digest)}/{FINAL_FILE}", size, digest
         # A scratch folder: one a killed process left (a full copy of the model) is swept later.
         with scratch("mlflow") as tmp:
             path = os.path.join(tmp, FINAL_FILE)
@@ -918,8 +921,21 @@ class MlflowBackend:
                     pf.write(w)
                 digest = w.digest()
             size = os.path.getsize(path)
-            self.client.log_artifact(run_id, path, folder)
-        return f"{folder}/{FINAL_FILE}", size, digest
+            return f"{self._send(run_id, path, size, digest)}/{FINAL_FILE}", size, digest
+
+    def _send(self, run_id: str, path: str, size: int, digest: str) -> str:
+        """The run's folder that holds the final file at ``path``: one uploaded before with these
+        bytes (a registration that failed after its upload), else a new one it is uploaded to."""
+        for key, value in self.client.get_run(run_id).data.tags.items():
+            if key.startswith(ARTIFACT_TAG) and value == digest:
+                folder = key[len(ARTIFACT_TAG):]
+                held = {a.path: a.file_size for a in self.client.list_artifacts(run_id, folder)}
+                if held.get(f"{folder}/{FINAL_FILE}") == size:
+                    return folder
+        folder = self._artifact_dir(run_id)
+        self.client.log_artifact(run_id, path, folder)
+        self.client.set_tag(run_id, ARTIFACT_TAG + folder, digest)
+        return folder
 
     def _log_flavour(self, run_id: str, model: Any) -> str:
         import mlflow.pytorch

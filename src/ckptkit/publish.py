@@ -8,7 +8,9 @@ state is written once as a final file, in the same form ``finalize`` writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import warnings
 from typing import Any, Iterable
 
@@ -66,8 +68,22 @@ class PublishResult:
         }
 
 
+FALLBACK = "fallback"  # the name of the fallback folder's backend, in the refs it gives
+
+
 def _fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None) -> LocalBackend:
-    return LocalBackend.from_config("fallback", {"path": os.fspath(fallback_dir or ck.fallback_dir)})
+    return LocalBackend.from_config(FALLBACK, {"path": os.fspath(fallback_dir or ck.fallback_dir)})
+
+
+def retire_fallback(source: PublishSource) -> None:
+    """Remove the fallback folder's final model ``source`` (and its run's folder, left empty), once
+    every final backend holds it."""
+    folder = source.ref.local_dir
+    if source.ref.backend != FALLBACK or not folder:
+        raise ValueError(f"{source.uri} is not a final model of the fallback folder")
+    shutil.rmtree(folder)
+    with contextlib.suppress(OSError):  # other final models of the run, or a folder not ours
+        os.rmdir(os.path.dirname(folder))
 
 
 def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str | None) -> CheckpointRef | None:

@@ -993,5 +993,6 @@ def test_a_file_torch_swaps_in_the_mapping_or_places_by_computed_offsets_is_hash
     with open(native, "rb") as f:
         assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") == \
             hash_stream(f, "xxh3_128")
-    monkeypatch.setattr(config.load, "calculate_storage_offsets", True)
-    assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") is None
+    with config.patch({"load.calculate_storage_offsets": True}):  # (monkeypatch would delete the setting)
+        assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") is None
+    assert not config.load.calculate_storage_offsets

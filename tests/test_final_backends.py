@@ -553,3 +553,30 @@ def test_the_same_rollback_run_again_publishes_its_final_model_once(tmp_path):
                 branch.finalize(model=model, step=10)
     assert held == [False, True]
     assert sorted(p.name for p in (tmp_path / "kept" / "exp").iterdir()) == ["final", "final-2"]
+
+
+def test_a_second_branch_off_the_same_step_is_another_training(tmp_path):
+    """Two rollbacks to step 10, one after the other, each past the newer steps there were: the
+    second branch took the first one's training id (made from the step alone), so the first
+    branch's final model counted as the second's at its finished restart (review)."""
+    cfg = _kept_config(tmp_path, keep_last=5)
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        for step in (5, 10, 15, 20):
+            first.save(step=step, model=model)
+        first.finalize(model=model, step=20)
+    for branch in (1, 2):
+        with CheckpointManager.from_config(cfg) as ck:
+            with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
+                assert ck.restore(model=model, step=10).step == 10
+            for step in (15, 20):
+                shutil.rmtree(tmp_path / "scratch" / "exp" / f"step-{step:010d}")
+            with torch.no_grad():
+                model.weight.add_(branch)
+            for step in (15, 20):
+                ck.save(step=step, model=model)
+            if branch == 1:
+                ck.finalize(model=model, step=20)  # the second branch is stopped inside its finalize
+    with CheckpointManager.from_config(cfg) as restarted:
+        assert restarted.restore(model=model).step == 20
+        assert restarted.final_held(20) is False, "the first branch's final model counted as the second's"

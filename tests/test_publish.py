@@ -578,38 +578,3 @@ def test_a_damaged_final_model_is_passed_over_for_the_fallbacks_and_repaired_by_
     assert [r.backend for r in result.published] == ["archive"] and result.ok
     assert find_source(ck).backend == "archive"  # repaired
     ck.close()
-
-
-def test_ckptkit_publish_from_the_fallback_removes_it_once_every_final_backend_holds_it(tmp_path, capsys):
-    """The fallback copy of a failed finalize stayed on the disk for good once ckptkit publish had
-    sent it everywhere: no command removed it, and no doc said to (FinOps probe). Sent to one
-    final backend while another still lacks it, it is kept; a retry naming the other removes it
-    once both hold it (the retry finalize prints names only the backends that failed, and its
-    source is by then the newest stored copy, a backend's, not the fallback's)."""
-    import yaml
-
-    cfg = _config(tmp_path)
-    cfg["backends"]["mirror"] = {"type": "local", "path": str(tmp_path / "mirror")}
-    cfg["roles"]["final"]["backends"] = ["archive", "mirror"]
-    for blocked in ("archive", "mirror"):
-        (tmp_path / blocked).write_text("not a folder")  # its backend fails
-    fallback = tmp_path / "fallback"
-    ck = CheckpointManager.from_config(cfg, fallback_dir=fallback)
-    model, opt = _model()
-    _train(ck, model, opt)
-    with pytest.raises(PublishError, match=str(fallback)):
-        ck.finalize(model=model, step=5)
-    ck.close()
-    held = (fallback / "exp" / "final" / "final_model.pt").read_bytes()
-    (tmp_path / "ck.yaml").write_text(yaml.safe_dump(cfg))
-    publish_to = ["publish", str(tmp_path / "ck.yaml"), "--fallback-dir", str(fallback), "--backend"]
-    (tmp_path / "archive").unlink()
-    (tmp_path / "mirror").unlink()  # answers now, and holds no final model
-    assert main([*publish_to, "archive"]) == 0
-    assert (tmp_path / "archive" / "exp" / "final" / "final_model.pt").read_bytes() == held
-    assert (fallback / "exp" / "final" / "final_model.pt").read_bytes() == held, "the mirror lacks it still"
-    assert "removed the fallback copy" not in capsys.readouterr().err
-    assert main([*publish_to, "mirror"]) == 0
-    assert (tmp_path / "mirror" / "exp" / "final" / "final_model.pt").read_bytes() == held
-    assert not (fallback / "exp").exists() and fallback.exists()
-    assert f"removed the fallback copy file://{fallback}/exp/final" in " ".join(capsys.readouterr().err.split())

@@ -197,6 +197,19 @@ def test_scratch_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
     assert not dead.exists() and alive.exists() and unrelated.exists()
 
 
+def test_a_scratch_folder_of_a_kind_with_a_dash_is_swept_once_its_process_is_gone(tmp_path, monkeypatch):
+    """A plugin's scratch("my-store"): the sweep read "store" as the process id, and the folder of
+    a killed process stayed for good (review)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = ("import os, sys; from ckptkit.plugin import scratch\n"
+            "with scratch('my-store') as folder:\n"
+            "    open(os.path.join(folder, 'copy'), 'wb').write(b'x' * 1000); os._exit(9)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 9
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(SCRATCH_PREFIX)]
+    assert sweep_scratch() == [str(left)] and not left.exists()
+
+
 def test_a_scratch_folder_this_machine_cannot_make_is_its_failure_not_the_storages(tmp_path, monkeypatch):
     not_a_folder = tmp_path / "tmp"
     not_a_folder.write_text("a file where the temporary folder should be")

@@ -480,7 +480,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import final_backends, find_source, publish, retire_fallback
+    from .publish import final_backends, find_source, publish
 
     ck = CheckpointManager.from_config(args.config, run_name=args.run_name,
                                        fallback_dir=args.fallback_dir or "ckptkit-fallback")
@@ -506,11 +506,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
             err_console.print(f"ckptkit: error: not published to {', '.join(result.failures)}; "
                               f"the model stays at {source.uri}", markup=False, highlight=False, soft_wrap=True)
             return 1
-        # Every final backend holds it now: the emergency copy would stay on this disk for good.
-        retired = retire_fallback(ck, args.fallback_dir, result)
-        if retired is not None:
-            err_console.print(f"ckptkit: every final backend holds it: removed the fallback copy {retired}",
-                              markup=False, highlight=False, soft_wrap=True)
         return 0
     finally:
         ck.close()

@@ -220,8 +220,9 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise ValueError(f"metric names must be non-empty strings, got {k!r}")
         try:
             value = float(v.item() if torch.is_tensor(v) else v)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, OverflowError):
             shown = (repr(v[:40]) if isinstance(v, (str, bytes)) else "None" if v is None else
+                     "an integer too large for a float" if isinstance(v, int) else
                      f"a tensor of {v.numel()} elements" if torch.is_tensor(v) else f"a {type(v).__name__}")
             raise ValueError(f"metrics[{k!r}] is {shown}, not a number: a metric is a float, an int or a tensor "
                              "of one element; keep other values in extra=") from None
@@ -311,8 +312,8 @@ def _fill(targets: Mapping[str, Any] | None, saved: Mapping[str, Any], where: st
             # Whole, not its first line: torch's refusal names the keys on the lines after it.
             reason = " ".join(str(exc).split())
             reason = reason if len(reason) <= 800 else reason[:800] + " ..."
-            compiled = ("; the saved keys carry torch.compile's '_orig_mod.' prefix: build the object the same way "
-                        "on both sides (from the compiled module, or from the plain one)"
+            compiled = ("; torch.compile's '_orig_mod.' prefix is on the keys of one side only: build the object the "
+                        "same way when saving and restoring (from the compiled module, or from the plain one)"
                         if "_orig_mod." in reason else "")
             raise IncompatibleCheckpointError(
                 f"{where}[{key!r}] (a {type(target).__name__}) refused the state saved in {uri}: "
@@ -1380,6 +1381,7 @@ class CheckpointManager:
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")
         newest = candidates[0].step if candidates else None
+        newest_ref = candidates[0] if candidates else None
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         over = _PassedOver()
@@ -1471,9 +1473,11 @@ class CheckpointManager:
                     if newest > step:
                         # A branch: the final model the training restored published from a later
                         # step is not this one's (final_held asks after this training's alone).
-                        # Made from what it branched off, so that the same job run again is the
-                        # same branch, whose final model is not published twice.
-                        self._training_id = branch_of(self._training_id, step)
+                        # Made from what it branched off and what it went back past, so that the
+                        # same job run again is the same branch (its final model not published
+                        # twice), and a second branch off that step, past the first one's steps,
+                        # another one.
+                        self._training_id = branch_of(self._training_id, step, self._training_at(newest_ref))
                     self._run_checked = False
                     if newest > step and self.config.resume is not None and ranks.rank() == 0:
                         # Said now: the first save that is due, which refuses, may be hours of training away.
@@ -2358,6 +2362,15 @@ class CheckpointManager:
 
         status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
         return result if status == "ok" else None
+
+    def _training_at(self, ref: CheckpointRef | None) -> str | None:
+        """Rank 0: the training that committed ``ref``, or None where it cannot be read."""
+        if ref is None or ranks.rank() != 0:
+            return None
+        try:
+            return training_of(self.reader.manifest(ref))
+        except CkptkitError:
+            return None
 
     def _training_of(self, step: int) -> tuple[bool, str | None]:
         """Rank 0: whether it can tell, and the training whose final model of ``step`` this one

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import math
 import re
+import secrets
 from typing import Any
 
 import attrs
@@ -152,10 +153,13 @@ def training_of(manifest: Manifest) -> str:
     return "legacy-" + xxhash.xxh3_64_hexdigest(made.encode())
 
 
-def branch_of(training_id: str, step: int) -> str:
-    """The training that goes on from ``step`` of training ``training_id`` past its later steps
-    (``restore(step=)``): the same for every job that branches there."""
-    return "branch-" + xxhash.xxh3_64_hexdigest(f"{training_id}:{step}".encode())
+def branch_of(training_id: str, step: int, past: str | None) -> str:
+    """The training that goes on from ``step`` of training ``training_id`` past the later steps
+    that training ``past`` committed (``restore(step=)``): the same for every job that branches
+    there past the same steps; a new one each time where ``past`` is not known."""
+    if past is None:
+        return "branch-" + secrets.token_hex(8)
+    return "branch-" + xxhash.xxh3_64_hexdigest(f"{training_id}:{step}:{past}".encode())
 
 
 def counts_for(recorded: str | None, asked: str | None) -> bool:

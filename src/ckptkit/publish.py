@@ -8,9 +8,7 @@ state is written once as a final file, in the same form ``finalize`` writes.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import warnings
 from typing import Any, Iterable
 
@@ -53,19 +51,10 @@ class PublishResult:
     published: tuple[CheckpointRef, ...] = ()
     already_held: tuple[CheckpointRef, ...] = ()
     failures: dict[str, str] = attrs.field(factory=dict)
-    # Final backends not named for this publish found holding these bytes (``_held_elsewhere``).
-    held_elsewhere: tuple[CheckpointRef, ...] = ()
-    # The final file sent: its size and checksum.
-    sent: FileEntry | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failures
-
-    def everywhere(self, final_backends: Iterable[str]) -> bool:
-        """Whether every one of ``final_backends`` holds the model once this publish is done."""
-        holding = {r.backend for r in (*self.published, *self.already_held, *self.held_elsewhere)}
-        return self.ok and set(final_backends) <= holding
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,28 +68,6 @@ class PublishResult:
 
 def _fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None) -> LocalBackend:
     return LocalBackend.from_config("fallback", {"path": os.fspath(fallback_dir or ck.fallback_dir)})
-
-
-def retire_fallback(ck: CheckpointManager, fallback_dir: str | os.PathLike | None,
-                    result: PublishResult) -> str | None:
-    """Once every final backend holds what ``result`` sent: remove the fallback folder's newest
-    final model of the run if it is those bytes (and the run's folder there, left empty); its
-    address, or None where there was nothing to remove."""
-    if result.sent is None or ck.config.final is None or not result.everywhere(ck.router.backends(Role.FINAL)):
-        return None
-    fb = _fallback(ck, fallback_dir)
-    ref = fb.final_ref(run_name=ck.run_name)
-    if ref is None or not ref.local_dir:
-        return None
-    try:
-        if _final_manifest(fb, ref, ck.run_name).files.get(FINAL_FILE) != result.sent:
-            return None
-    except CkptkitError:
-        return None  # not a copy of these bytes that can be told: kept
-    shutil.rmtree(ref.local_dir)
-    with contextlib.suppress(OSError):  # other final models of the run, or a folder not ours
-        os.rmdir(os.path.dirname(ref.local_dir))
-    return ref.uri
 
 
 def _holding(ck: CheckpointManager, name: str, entry: FileEntry, algorithm: str | None) -> CheckpointRef | None:
@@ -348,18 +315,21 @@ def _final_body(source: PublishSource, folder: str) -> dict[str, Any]:
     return body
 
 
-def _held_elsewhere(ck: CheckpointManager, order: list[str], entry: FileEntry | None,
+def _held_elsewhere(ck: CheckpointManager, order: list[str], source: PublishSource, entry: FileEntry | None,
                     algorithm: str | None) -> list[CheckpointRef]:
-    """Where final backends not named for this publish hold these bytes (a retry with --backend
-    of the registry alone, the S3 copy committed): a file backend's copy is handed on in
-    ``stored``, so that a registry records its URI instead of uploading the model again; and with
-    every backend holding them, ``ckptkit publish`` removes the fallback copy. One that cannot
-    tell is passed over, as it is not asked."""
+    """The copies of these bytes that final backends not named for this publish hold (a retry
+    with --backend of the registry alone, the S3 copy committed): handed on in ``stored``, so that
+    a registry records one's URI instead of uploading the model again. Only file backends count
+    (a copy that can be pointed at); one that cannot tell is passed over, as it is not asked.
+    The source's own copy, verified as it was read, is not read a second time."""
     found: list[CheckpointRef] = []
     if entry is None:
         return found
     for name in ck.router.backends(Role.FINAL):
-        if name in order:
+        if name in order or not _has(ck.router.instances[name], "final_ref"):
+            continue
+        if name == source.backend and source.kind == "final" and source.manifest.files.get(FINAL_FILE) == entry:
+            found.append(source.ref)
             continue
         try:
             ref = _holding(ck, name, entry, algorithm)
@@ -423,13 +393,10 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                     held.append(ref)
         skip = {r.backend for r in held} | set(lookup_failed)
         sent = [n for n in order if n not in skip]
-        elsewhere = _held_elsewhere(ck, order, entry, algorithm)
-        # A registry's version is no copy to point at: only file backends' are handed on.
-        copies = [r for r in elsewhere if _has(ck.router.instances[r.backend], "final_ref")]
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
-                                              names=sent, stored=held + copies, algorithm=algorithm, model=None,
-                                              state=state)
+                                              names=sent, stored=held + _held_elsewhere(ck, order, source, entry, algorithm),
+                                              algorithm=algorithm, model=None, state=state)
         unchanged()
         failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),
-                         failures=failures, held_elsewhere=tuple(elsewhere), sent=entry)
+                         failures=failures)

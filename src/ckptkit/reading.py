@@ -778,6 +778,7 @@ def scratch(kind: str) -> Iterator[str]:
     processes that were killed before they could clean up (see ``sweep_scratch``).
     """
     sweep_scratch()
+    kind = kind.replace("-", "_")  # the sweep reads the process id after the first dash
     try:
         path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
     except OSError as exc:

@@ -500,16 +500,22 @@ def test_ckptkit_publish_of_a_resume_step_names_the_training_that_committed_it(t
     assert published.training_id == training_of(resumed) and published.training_id.startswith("legacy-")
 
 
-def test_a_training_rolled_back_past_its_published_final_model_publishes_its_own(tmp_path):
-    """restore(step=N) past a loss spike, the newer steps deleted by hand, trained on to the same
-    last step, stopped inside finalize and restarted finished: the final model the first branch
-    published is not this one's, so it is published again rather than taken for held."""
+def _finished_at_20(tmp_path):
+    """A training that saved steps 5 to 20 and published its final model of step 20."""
     cfg = _kept_config(tmp_path, keep_last=5)
     model = torch.nn.Linear(3, 2)
     with CheckpointManager.from_config(cfg) as first:
         for step in (5, 10, 15, 20):
             first.save(step=step, model=model)
         first.finalize(model=model, step=20)
+    return cfg, model
+
+
+def test_a_training_rolled_back_past_its_published_final_model_publishes_its_own(tmp_path):
+    """restore(step=N) past a loss spike, the newer steps deleted by hand, trained on to the same
+    last step, stopped inside finalize and restarted finished: the final model the first branch
+    published is not this one's, so it is published again rather than taken for held."""
+    cfg, model = _finished_at_20(tmp_path)
     with CheckpointManager.from_config(cfg) as branch:
         with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
             assert branch.restore(model=model, step=10).step == 10
@@ -537,12 +543,7 @@ def test_the_same_rollback_run_again_publishes_its_final_model_once(tmp_path):
     """restore(step=10) past newer steps, then finalize(step=10) to publish the model before a
     loss spike, run twice (a requeued job): a branch id drawn at random made each run another
     training, whose final model was published again (review)."""
-    cfg = _kept_config(tmp_path, keep_last=5)
-    model = torch.nn.Linear(3, 2)
-    with CheckpointManager.from_config(cfg) as first:
-        for step in (5, 10, 15, 20):
-            first.save(step=step, model=model)
-        first.finalize(model=model, step=20)
+    cfg, model = _finished_at_20(tmp_path)
     held = []
     for _ in range(2):
         with CheckpointManager.from_config(cfg) as branch:
@@ -559,12 +560,7 @@ def test_a_second_branch_off_the_same_step_is_another_training(tmp_path):
     """Two rollbacks to step 10, one after the other, each past the newer steps there were: the
     second branch took the first one's training id (made from the step alone), so the first
     branch's final model counted as the second's at its finished restart (review)."""
-    cfg = _kept_config(tmp_path, keep_last=5)
-    model = torch.nn.Linear(3, 2)
-    with CheckpointManager.from_config(cfg) as first:
-        for step in (5, 10, 15, 20):
-            first.save(step=step, model=model)
-        first.finalize(model=model, step=20)
+    cfg, model = _finished_at_20(tmp_path)
     for branch in (1, 2):
         with CheckpointManager.from_config(cfg) as ck:
             with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):

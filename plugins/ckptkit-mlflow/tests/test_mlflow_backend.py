@@ -412,7 +412,9 @@ def test_registry_versions_increment_and_keep_their_own_bytes(tmp_path, embedded
         assert v.tags["ckptkit.algorithm"] == "dpo"
 
 
-def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spawn_server, monkeypatch):
+def _s3_archive(spawn_server, monkeypatch) -> tuple[str, str, dict]:
+    """A moto server with a new bucket: its endpoint, the bucket, and an S3 final backend's
+    options for a prefix in it."""
     pytest.importorskip("ckptkit_s3")
     import s3fs
 
@@ -423,8 +425,14 @@ def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spa
     endpoint = f"http://127.0.0.1:{port}"
     bucket = f"final-{_uid()}"
     s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    return endpoint, bucket, {"type": "s3", "path": f"s3://{bucket}/finals", "storage_options": {"endpoint_url": endpoint}}
+
+
+def test_an_s3_final_copy_is_referenced_not_uploaded(tmp_path, embedded_uri, spawn_server, monkeypatch):
+    import s3fs
+
+    endpoint, bucket, archive = _s3_archive(spawn_server, monkeypatch)
     exp = f"s3-{_uid()}"
-    archive = {"type": "s3", "path": f"s3://{bucket}/finals", "storage_options": {"endpoint_url": endpoint}}
     cfg = _config(tmp_path, embedded_uri, exp, model_name=f"s3_{_uid()}", final=("registry", "archive"),
                   backends={"archive": archive})
     ck = CheckpointManager.from_config(cfg, run_name="ref")
@@ -866,19 +874,10 @@ def test_a_retry_to_the_registry_alone_references_the_s3_copy_committed_before(t
     """The printed retry after a registry that failed in finalize names the registry alone: it
     uploaded the model again as an MLflow artifact, though the S3 final prefix held the same
     bytes, which the registry records by URI when both are sent in one go (FinOps probe)."""
-    pytest.importorskip("ckptkit_s3")
-    import s3fs
     import yaml
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = spawn_server(lambda p: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(p)])
-    endpoint = f"http://127.0.0.1:{port}"
-    bucket = f"retry-{_uid()}"
-    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    _, bucket, archive = _s3_archive(spawn_server, monkeypatch)
     exp = f"retry-{_uid()}"
-    archive = {"type": "s3", "path": f"s3://{bucket}/finals", "storage_options": {"endpoint_url": endpoint}}
     both = _config(tmp_path, embedded_uri, exp, model_name=f"retry_{_uid()}", final=("registry", "archive"),
                    backends={"archive": archive})
     archive_only = {**both, "roles": {**both["roles"], "final": {"backends": ["archive"]}}}

@@ -576,3 +576,28 @@ def test_a_second_branch_off_the_same_step_is_another_training(tmp_path):
     with CheckpointManager.from_config(cfg) as restarted:
         assert restarted.restore(model=model).step == 20
         assert restarted.final_held(20) is False, "the first branch's final model counted as the second's"
+
+
+def test_a_rollback_run_again_is_the_same_branch_though_one_copy_of_the_newest_step_is_damaged(tmp_path):
+    """The branch id is made from the training that committed the newest step: with the first
+    backend's copy of it damaged, the id was drawn at random, and a job run again published its
+    final model again, though the other backend's copy told the training (review)."""
+    cfg = _kept_config(tmp_path, keep_last=5)
+    cfg["backends"]["mirror"] = {"type": "local", "path": str(tmp_path / "mirror")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "mirror"]
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager.from_config(cfg) as first:
+        for step in (5, 10, 15, 20):
+            first.save(step=step, model=model)
+        first.finalize(model=model, step=20)
+    manifest = tmp_path / "scratch" / "exp" / "step-0000000020" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-20])
+    held = []
+    for _ in range(2):
+        with CheckpointManager.from_config(cfg) as branch:
+            with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
+                assert branch.restore(model=model, step=10).step == 10
+            held.append(branch.final_held(10))
+            if not held[-1]:
+                branch.finalize(model=model, step=10)
+    assert held == [False, True]

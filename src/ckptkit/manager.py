@@ -1356,7 +1356,7 @@ class CheckpointManager:
         keep_last would prune the new checkpoints in favour of the newer ones, and a plain
         restore would resume those. Save under a new run name instead, or delete the newer
         steps first. Restored past newer steps, the training is a branch with a training id of
-        its own (the same each time step N of that training is restored so): a final model
+        its own (the same each time step N is restored past the same newer steps): a final model
         published from those steps is not taken for its own (``final_held``). Restored after the
         newer steps were removed, it goes on as the training it restored.
         """
@@ -1381,7 +1381,7 @@ class CheckpointManager:
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")
         newest = candidates[0].step if candidates else None
-        newest_ref = candidates[0] if candidates else None
+        newest_copies = [r for r in candidates if r.step == newest]
         if step is not None:
             candidates = self._copies_of(candidates, unreachable, step)  # the same listing on every rank
         over = _PassedOver()
@@ -1414,6 +1414,8 @@ class CheckpointManager:
                     lacking_own, unset_own = _fill(rank_extra, own or {}, "rank_extra", ref.uri)
                 except Exception as exc:  # a state one rank's object refuses: every rank stops, as at save
                     problem = exc
+                # Read before the last meeting point, so that a store slow to answer holds every rank there.
+                past = self._training_at(newest_copies) if step is not None and newest > step else None
                 # Also the last meeting point of a restore: a rank frozen in it makes the others raise here,
                 # within timeout_s, rather than in the model's own first collective (gloo: 30 minutes).
                 self.coll.agree(f"restore step {ref.step}: extra and rank_extra", problem)
@@ -1477,7 +1479,7 @@ class CheckpointManager:
                         # same job run again is the same branch (its final model not published
                         # twice), and a second branch off that step, past the first one's steps,
                         # another one.
-                        self._training_id = branch_of(self._training_id, step, self._training_at(newest_ref))
+                        self._training_id = branch_of(self._training_id, step, past)
                     self._run_checked = False
                     if newest > step and self.config.resume is not None and ranks.rank() == 0:
                         # Said now: the first save that is due, which refuses, may be hours of training away.
@@ -2363,14 +2365,17 @@ class CheckpointManager:
         status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
         return result if status == "ok" else None
 
-    def _training_at(self, ref: CheckpointRef | None) -> str | None:
-        """Rank 0: the training that committed ``ref``, or None where it cannot be read."""
-        if ref is None or ranks.rank() != 0:
+    def _training_at(self, copies: list[CheckpointRef]) -> str | None:
+        """Rank 0: the training that committed the checkpoint of which ``copies`` are the copies
+        (one per backend), from the first that can be read; None where none can."""
+        if ranks.rank() != 0:
             return None
-        try:
-            return training_of(self.reader.manifest(ref))
-        except CkptkitError:
-            return None
+        for ref in copies:
+            try:
+                return training_of(self.reader.manifest(ref))
+            except CkptkitError:
+                continue
+        return None
 
     def _training_of(self, step: int) -> tuple[bool, str | None]:
         """Rank 0: whether it can tell, and the training whose final model of ``step`` this one

@@ -20,6 +20,7 @@ import hashlib
 import io
 import mmap
 import os
+import re
 import shutil
 import socket
 import stat
@@ -778,7 +779,7 @@ def scratch(kind: str) -> Iterator[str]:
     processes that were killed before they could clean up (see ``sweep_scratch``).
     """
     sweep_scratch()
-    kind = kind.replace("-", "_")  # the sweep reads the process id after the first dash
+    kind = re.sub(r"[^A-Za-z0-9_]", "_", kind)  # the sweep reads the process id after the first dash
     try:
         path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-{machine()}-")
     except OSError as exc:

@@ -2290,7 +2290,6 @@ class CheckpointManager:
             )
             saved, failures = fanout.store_each(self.router, self.run_name, Role.FINAL, payload, "publish_final",
                                                 algorithm=algorithm, model=model, state=state)
-            self._sweep_final_only({r.backend for r in saved})
             if not failures:
                 return saved, None
             where = [r.uri for r in saved]
@@ -2365,21 +2364,6 @@ class CheckpointManager:
 
         status, result = self.coll.on_rank0(f"final model of step {step} held", ask)
         return result if status == "ok" else None
-
-    def _sweep_final_only(self, names: Collection[str]) -> None:
-        """Rank 0, after a finalize: remove what an earlier finalize, killed or failed, left in those
-        of the final-only stores ``names`` that just took the model (unfinished uploads, billed and
-        shown by no listing), past the grace period, as ``ckptkit prune`` does; no resume prune
-        visits such a store. A failure is logged: the model is published all the same."""
-        for name in names:
-            backend = self.router.instances.get(name)
-            if name in self.router.backends(Role.RESUME) or not isinstance(backend, FileBackend):
-                continue
-            try:
-                backend.sweep_final_leftovers(self.run_name, False)
-            except Exception as exc:  # noqa: BLE001  (the published model is not undone by it)
-                log.warning("backend %r: could not remove what an earlier finalize of run %r left: %s", name,
-                            self.run_name, exc)
 
     def _training_at(self, copies: list[CheckpointRef]) -> str | None:
         """Rank 0: the training that committed the checkpoint of which ``copies`` are the copies

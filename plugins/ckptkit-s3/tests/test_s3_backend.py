@@ -527,30 +527,6 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
 
 
 @pytest.mark.parametrize("folder", ["final", ".tmp-final-0123456789ab"])
-def test_the_next_finalize_aborts_what_a_killed_one_left_unfinished_in_a_final_only_store(
-        pm, s3_backend_options, s3_endpoint, bucket, tmp_path, folder):
-    """A finalize killed mid-upload into a store of the final role alone left its parts, billed
-    and listed by nothing, until someone ran ckptkit prune, which no pipeline does (FinOps probe):
-    the next finalize of the run aborts them (moto dates every upload in 2010, past the grace
-    period), and nothing else."""
-    ck = manager(pm, {"scratch": {"type": "local", "path": str(tmp_path)},
-                      "archive": s3_backend_options(leftover_grace_s=3600)}, ["scratch"], final=["archive"])
-    fs = s3(s3_endpoint)
-    crashed = f"ckpts/run/{folder}/final_model.pt"
-    others = ["ckpts/run-other/final/final_model.pt", "ckpts/run/step-0000000005/state.pt"]
-    for key in (crashed, *others):
-        upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-        fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
-    net = model()
-    ck.save(step=5, model=net)
-    (ref,) = ck.finalize(model=net, step=5)
-    ck.close()
-    assert ref.backend == "archive" and fs.exists(f"{bucket}/ckpts/run/final/manifest.json")
-    pending = sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
-    assert pending == sorted(others)
-
-
-@pytest.mark.parametrize("folder", ["final", ".tmp-final-0123456789ab"])
 def test_a_final_only_store_aborts_what_a_killed_publish_left_unfinished(
         pm, s3_backend_options, s3_endpoint, bucket, tmp_path, folder):
     """A store that serves the final role alone is visited by no resume prune: ``ckptkit prune``

@@ -92,10 +92,10 @@ class Manifest:
             raise ValueError("not a ckptkit manifest")
         version = data.get("version")
         if version == MANIFEST_VERSION:
-            stored = data.pop("checksum", None)
-            if stored != _checksum(data):
+            if not _sealed_as_now(data):
                 raise ValueError("its checksum does not match its content (the manifest was changed "
                                  "or damaged after it was written)")
+            del data["checksum"]
             if data.get("format") not in _FORMATS or data.get("role", "resume") not in _ROLES:
                 # Intact, as its checksum shows: a kind of checkpoint a later ckptkit writes.
                 raise NewerManifestError(f"it is sealed intact but holds a {data.get('role')!r} checkpoint of "

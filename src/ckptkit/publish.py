@@ -393,9 +393,10 @@ def publish(ck: CheckpointManager, source: PublishSource, backends: Iterable[str
                     held.append(ref)
         skip = {r.backend for r in held} | set(lookup_failed)
         sent = [n for n in order if n not in skip]
+        stored = held + _held_elsewhere(ck, order, source, entry, algorithm)
         published, errors = fanout.store_each(ck.router, ck.run_name, Role.FINAL, payload, "publish_final",
-                                              names=sent, stored=held + _held_elsewhere(ck, order, source, entry, algorithm),
-                                              algorithm=algorithm, model=None, state=state)
+                                              names=sent, stored=stored, algorithm=algorithm, model=None,
+                                              state=state)
         unchanged()
         failures = {n: redact(str(e), secret_values()) for n, e in {**lookup_failed, **errors}.items()}
     return PublishResult(source=source, published=tuple(published), already_held=tuple(held),

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def test_s3_unfinished_multipart_upload_of_a_killed_save_is_aborted(moto_port):
     for key in ("ckpts/run/step-0000000002/state.pt", "ckpts/other/step-0000000005/state.pt"):
         upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 5 * 2**20)
+    time.sleep(1.1)  # idle past the grace period (0) by the store's clock, whose Date is in whole seconds
 
     assert fresh_start(cfg) == 1
     uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])

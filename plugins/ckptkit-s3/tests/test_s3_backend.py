@@ -496,11 +496,12 @@ def test_unrecoverable_fault_leaves_nothing_committed_and_names_the_object(
 @pytest.mark.parametrize("folder", ["step-0000000005", ".tmp-step-0000000005-0123456789ab"])
 def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
         pm, s3_backend_options, s3_endpoint, bucket, folder):
-    # moto dates every upload in 2010, so every upload here is past any grace period. They are
-    # made before this backend first lists the run's uploads: one begun after a listing cannot
-    # be stale before a grace period has passed since, so the prune does not list again until
-    # then (moto's dates would contradict that).
-    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
+    # moto dates every upload in 2010, so every upload here began past any grace period; its
+    # part was received just now, so a grace period of a second passes before the prune. They
+    # are made before this backend first lists the run's uploads: one begun after a listing
+    # cannot be stale before a grace period has passed since, so the prune does not list again
+    # until then (moto's dates would contradict that).
+    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=1)}, ["archive"], keep_last=1)
     fs = s3(s3_endpoint)
     # What a save killed mid-upload leaves: a multipart upload with a part, never completed.
     crashed = f"ckpts/run/{folder}/state.pt"
@@ -508,6 +509,7 @@ def test_unfinished_uploads_of_a_killed_save_are_aborted_after_the_grace_period(
     for key in (crashed, foreign):
         upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    time.sleep(2.1)  # past the grace period by the store's clock too, whose Date is in whole seconds
 
     def pending():
         return sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
@@ -533,13 +535,14 @@ def test_a_final_only_store_aborts_what_a_killed_publish_left_unfinished(
     (``manager.prune``) sweeps it, unfinished uploads of the final model included, and only
     those (moto dates every upload in 2010, past any grace period)."""
     ck = manager(pm, {"scratch": {"type": "local", "path": str(tmp_path)},
-                      "archive": s3_backend_options(leftover_grace_s=3600)}, ["scratch"], final=["archive"])
+                      "archive": s3_backend_options(leftover_grace_s=1)}, ["scratch"], final=["archive"])
     fs = s3(s3_endpoint)
     crashed = f"ckpts/run/{folder}/final_model.pt"
     others = ["ckpts/run-other/final/final_model.pt", "ckpts/run/step-0000000005/state.pt"]
     for key in (crashed, *others):
         upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    time.sleep(2.1)  # its last part past the grace period, by the store's clock too
 
     def pending():
         return sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []))
@@ -550,6 +553,37 @@ def test_a_final_only_store_aborts_what_a_killed_publish_left_unfinished(
     assert [r.uri for r in ck.prune().deleted] == [r.uri for r in would]
     # Not this run's final model, and not a resume checkpoint's upload: neither is the final sweep's.
     assert pending() == sorted(others)
+
+
+def test_an_upload_still_receiving_parts_is_not_aborted_however_long_ago_it_began(
+        pm, s3_backend_options, s3_endpoint, bucket):
+    """Another process's upload of a large checkpoint or final model takes longer than the grace
+    period: it is stale only once no part has arrived for that long, by this machine's clock and
+    by the store's. moto dates every upload in 2010; the parts carry the time they arrived."""
+    ck = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
+    fs = s3(s3_endpoint)
+    busy = "ckpts/run/final-2/final_model.pt"
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=busy)["UploadId"]
+    fs.call_s3("upload_part", Bucket=bucket, Key=busy, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+
+    def pending():
+        return [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])]
+
+    assert not ck.prune().deleted and pending() == [busy]
+    again = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"], keep_last=1)
+    again.save(step=1, model=model())
+    again.wait()
+    assert pending() == [busy], "the prune after a save left it too"
+    # This machine's clock two hours ahead of the store's: the part is two hours old by it alone.
+    fresh = manager(pm, {"archive": s3_backend_options(leftover_grace_s=3600)}, ["archive"])
+    assert fresh.router.instances["archive"].stale_uploads("run", set(), time.time() + 7200) == []
+    # A store's clock that has passed the grace period since the last part, and this machine's too.
+    quick = manager(pm, {"archive": s3_backend_options(leftover_grace_s=1)}, ["archive"])
+    time.sleep(2.1)
+    stale = quick.router.instances["archive"].stale_uploads("run", set(), time.time())
+    assert [ref.uri for ref, _ in stale] == [f"s3://{bucket}/{busy}"]
+    stale[0][1]()
+    assert pending() == []
 
 
 @pytest.mark.timeout(30)

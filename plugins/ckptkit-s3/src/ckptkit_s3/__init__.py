@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import email.utils
 import functools
 import inspect
 import importlib.util
@@ -387,8 +388,11 @@ class S3Backend(FileBackend):
         """Multipart uploads of this run's checkpoints that a killed save started and never finished.
 
         S3 keeps their parts (and bills them) until they are aborted. Only uploads into a step
-        folder or a ``final/``, ``final-N/`` of this run, older than the grace period and not this process's
-        own save in flight, are returned.
+        folder or a ``final/``, ``final-N/`` of this run, not this process's own save in flight,
+        and idle for longer than the grace period are returned: begun that long ago, and no part
+        received since, by this machine's clock and by the store's (``_idle_for``). A large
+        upload of another process takes longer than the grace period and is still sending parts;
+        a machine whose clock runs ahead of the store's would take any upload for an old one.
 
         They are listed only when one can have grown old enough: an upload that a listing did
         not show began after it, so none can be stale before the grace period has passed since
@@ -408,12 +412,19 @@ class S3Backend(FileBackend):
             # Uploads into a checkpoint's folder, or beside it where a step saved again is staged.
             if parse_step(folder) is None and parse_final(folder) is None and not folder.startswith(LEFTOVER_PREFIXES):
                 continue
-            quiet_until = min(quiet_until, upload["Initiated"].timestamp() + self.leftover_grace_s)
-            if posixpath.join(run, folder) in in_flight:
-                continue
-            if now - upload["Initiated"].timestamp() <= self.leftover_grace_s:
+            begun = upload["Initiated"].timestamp()
+            if posixpath.join(run, folder) in in_flight or now - begun <= self.leftover_grace_s:
+                quiet_until = min(quiet_until, begun + self.leftover_grace_s)
                 continue
             ref = self._ref(run_name, -1, f"{bucket}/{upload['Key']}", role="unfinished upload")
+            if math.isfinite(now):
+                idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
+                if idle is None:
+                    continue  # finished or aborted since the listing
+                if idle <= self.leftover_grace_s:
+                    quiet_until = min(quiet_until, now + self.leftover_grace_s - idle)
+                    continue
+            quiet_until = min(quiet_until, begun + self.leftover_grace_s)  # listed again should its abort fail
             abort = functools.partial(self._call, f"aborting the upload of {ref.uri}", self.fs.call_s3,
                                       "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
                                       UploadId=upload["UploadId"])
@@ -421,6 +432,28 @@ class S3Backend(FileBackend):
         if math.isfinite(now):
             self._uploads_quiet_until[run] = quiet_until
         return stale
+
+    def _idle_for(self, bucket: str, upload: dict[str, Any], now: float) -> float | None:
+        """How long ``upload`` (an entry of ``list_multipart_uploads``) has received nothing: since
+        its newest part, or its start if it has none, by this machine's clock (``now``) or by the
+        store's (the ``Date`` of its answers), whichever tells less. None once it is gone."""
+        newest = upload["Initiated"].timestamp()
+        store_now = now
+        page: dict[str, Any] = {"Bucket": bucket, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+        while True:
+            try:
+                out = self.fs.call_s3("list_parts", **page)
+            except FileNotFoundError:
+                return None
+            newest = max([newest, *(part["LastModified"].timestamp() for part in out.get("Parts", ()))])
+            date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            try:
+                store_now = min(store_now, email.utils.parsedate_to_datetime(date).timestamp())
+            except (TypeError, ValueError):
+                pass  # no Date: this machine's clock alone
+            if not out.get("IsTruncated"):
+                return store_now - newest
+            page["PartNumberMarker"] = out["NextPartNumberMarker"]
 
     def _list_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []

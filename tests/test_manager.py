@@ -1595,3 +1595,36 @@ def test_a_metric_that_is_no_number_is_refused_by_name(tmp_path, pm, value, show
         assert ck.list_checkpoints() == []
         ck.save(step=5, model=model, metrics={"loss": torch.tensor(0.5), "phase": 2})
         assert ck.list_checkpoints()[0].step == 5
+
+
+@pytest.mark.parametrize("publish_fails", [False, True], ids=["published", "publish-failed"])
+def test_finalize_after_a_failed_async_save_tells_what_became_of_the_final_model(tmp_path, pm, publish_fails):
+    """The last async save failed and finalize reports it: the error also says where the final
+    model went, so that a failed publish's fallback folder and retry are not hidden behind the
+    save's failure, and a publish that worked is not run again for nothing."""
+    cfg = local_config(tmp_path)
+    cfg["roles"]["resume"]["async"] = True
+    fallback = tmp_path / "fallback"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm, fallback_dir=fallback)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    ck.wait()
+    (tmp_path / "scratch" / "exp").rename(tmp_path / "kept")
+    (tmp_path / "scratch" / "exp").write_text("in the way")  # the next save's folder cannot be made
+    if publish_fails:
+        (tmp_path / "published").write_text("in the way")
+    ck.save(step=1, model=model, optimizer=opt)
+    with pytest.raises(SaveError) as info:
+        ck.finalize(model=model, step=1)
+    message = str(info.value)
+    assert "step 1 was not saved to every resume backend (scratch:" in message
+    if publish_fails:
+        assert isinstance(info.value, PublishError) and set(info.value.failures) == {"published"}
+        assert str(fallback) in message and "retry with: ckptkit publish" in message
+        assert (fallback / "exp" / "final" / FINAL_FILE).is_file()
+    else:
+        assert not isinstance(info.value, PublishError) and set(info.value.failures) == {"scratch"}
+        assert (tmp_path / "published" / "exp" / "final" / FINAL_FILE).is_file()
+        assert f"published all the same, to file://{tmp_path / 'published'}" in message
+        assert "finalize need not run again" in message
+    ck.close()

@@ -245,6 +245,46 @@ def test_a_full_disk_is_named_and_leaves_nothing(tmp_path, pm, tiny_disk):
     assert ck.restore(small).step == 0
 
 
+def test_a_restart_on_a_disk_with_room_for_keep_last_and_one_more_removes_the_step_a_kill_left_over(
+        tmp_path, pm, tiny_disk):
+    """Killed between a commit and the prune after it, a training leaves one step more than
+    keep_last. The disk holds keep_last checkpoints and the one being written, not one more: the
+    restarted training's saves all failed for want of space, and only a save that commits
+    prunes. The restore now prunes what that prune would have."""
+    import torch
+
+    cfg = local_config(tmp_path, final=False, keep=3)
+    cfg["backends"]["scratch"]["path"] = str(tiny_disk)
+    model = torch.nn.Linear(384, 384)  # 577 KiB a checkpoint: three fit in 2 MiB, four do not
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    for step in range(3):  # what keep_last 2 and a kill before the third save's prune leave
+        ck.save(step=step, model=model)
+    ck.close()
+    cfg["roles"]["resume"]["keep_last"] = 2
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.restore(model).step == 2
+    ck.save(step=3, model=model)
+    ck.close()
+    assert sorted(os.listdir(tiny_disk / "exp")) == ["step-0000000002", "step-0000000003"]
+
+
+def test_a_restore_prunes_only_what_lies_beyond_keep_last_and_a_rollback_nothing(tmp_path, pm):
+    cfg = local_config(tmp_path, final=False, keep=4)
+    ck, model, opt = saved_run(cfg, pm, (1, 2, 3, 4), train=False)
+    ck.close()
+    cfg["roles"]["resume"]["keep_last"] = 2
+    back = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    with pytest.warns(RuntimeWarning, match="newer than the restored step 2"):
+        assert back.restore(model, opt, step=2).step == 2
+    back.close()
+    assert _steps(tmp_path) == [1, 2, 3, 4], "a rollback keeps the steps it went back past, and the one it restored"
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.restore(model, opt).step == 4
+    ck.wait()
+    assert _steps(tmp_path) == [3, 4]
+    ck.close()
+
+
 # -- the prune after a save, off the caller's thread ------------------------------------------
 
 

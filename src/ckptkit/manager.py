@@ -1021,6 +1021,22 @@ class CheckpointManager:
             self._pruning = self._pruner[1].submit(self._prune_backends, list(saved), step,
                                                    frozenset(self._counted), self._newest_own)
 
+    def _trim(self, candidates: list[CheckpointRef], manifest: Manifest) -> None:
+        """Rank 0, once a restore goes on from ``manifest``'s step: prune the backends where it
+        lies beside more steps than keep_last (a process killed between a commit and the prune
+        after it leaves one too many), on the pruning thread, as that prune would have. On a disk
+        with room for keep_last checkpoints and the one being written, every save failed for
+        want of space, and only the prune after a save that commits removes the extra one."""
+        if ranks.rank() != 0 or self.config.resume is None:
+            return
+        held: dict[str, set[int]] = {}
+        for ref in candidates:
+            held.setdefault(ref.backend, set()).add(ref.step)
+        keep = self.resume_role.keep_last
+        crowded = [r for r in candidates if r.step == manifest.step and len(held[r.backend]) > keep]
+        if crowded:
+            self._prune_after(crowded, manifest.step, manifest.metrics)
+
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int],
                         newest_own: int) -> None:
         gone: set[int] = set()
@@ -1490,6 +1506,7 @@ class CheckpointManager:
                 else:
                     self._rolled_back = None
                     self._run_checked = True
+                    self._trim(candidates, manifest)
                 return Restored(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                 extra=saved_extra, mlflow_run_id=manifest.mlflow_run_id, ref=ref,
                                 manifest=manifest, skipped=tuple(over.reasons), rank_extra=own or {},
@@ -2172,6 +2189,7 @@ class CheckpointManager:
                 self._run_checked = True
                 self._unchecked, self._conflict = frozenset(unreachable), None  # as in restore
                 self._checked_at, self._ours = self._newest_own + 1, {}
+                self._trim(candidates, manifest)
                 _warn_rank0(over.notes)
                 return CheckpointInfo(step=manifest.step, epoch=manifest.epoch, metrics=dict(manifest.metrics),
                                       extra={}, mlflow_run_id=manifest.mlflow_run_id, ref=ref, manifest=manifest)
@@ -2312,12 +2330,25 @@ class CheckpointManager:
 
         status, result = self.coll.on_rank0(f"finalize step {step}", publish)
         saved, problem = result if status == "ok" else ([], (str(result), {"(all)": result}))
+        resume_failure = None
         if previous is not None:
-            # The last resume save's outcome, reported once the final model is safe.
-            self._report(*previous)
+            # The last resume save's outcome, reported once the final model is safe, and with what
+            # became of it: raised alone, it hid where a failed publish left the model, and that a
+            # publish that worked needs no second finalize (a registry would hold it twice).
+            try:
+                self._report(*previous)
+            except SaveError as exc:
+                resume_failure = exc
         if problem:
             message, failures = problem
+            if resume_failure is not None:
+                message += f". The last resume save failed too: {resume_failure}"
             self._fail(PublishError(message, failures, saved))
+        if resume_failure is not None:
+            published = ", ".join(r.uri for r in saved) or "nowhere, as no final backend stores a copy"
+            raise SaveError(f"{resume_failure}. The final model of step {step} was published all the same, to "
+                            f"{published}: finalize need not run again", resume_failure.failures,
+                            resume_failure.saved) from resume_failure.__cause__
         return saved
 
     def final_held(self, step: int) -> bool | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -62,6 +63,32 @@ def test_a_restore_where_rank_0_does_not_see_the_newest_checkpoint_is_refused_no
     assert "r/step-0000000009/manifest.json" in got[0]["files"]
 
 
+@needs_root
+def test_a_step_rank_0_lacks_on_its_own_disk_but_sees_on_a_shared_backend_is_restored_from_there(tmp_path):
+    """A disk on each machine beside a store every machine reaches (an object store), the job
+    started again with rank 0 on another machine: restore goes on from the shared store's copy
+    of the newest step, where the check refused the run as started from scratch."""
+    from ckpt_helpers import torchrun_results
+
+    config = {"run_name": "r", "backends": {"local": {"type": "local", "path": str(tmp_path / "ckpts")},
+                                            "durable": {"type": "local", "path": str(tmp_path / "durable")}},
+              "roles": {"resume": {"backends": ["local", "durable"], "every_n_steps": 1, "keep_last": 2}}}
+    with ckptkit.CheckpointManager.from_config(config) as ck:
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ck.save(step=2, model=model, optimizer=opt)
+        ck.save(step=3, model=model, optimizer=opt)
+    got = torchrun_results(UNSHARED, 2, "restore-two", tmp_path, "0")
+    assert [(r["error"], r["step"]) for r in got] == [(None, 3), (None, 3)]
+    # The shared store one step behind what the other machine's disk holds: refused, naming the
+    # step restore would go on from.
+    shutil.rmtree(tmp_path / "durable" / "r" / "step-0000000003")
+    got = torchrun_results(UNSHARED, 2, "restore-two", tmp_path, "0")
+    for r in got:
+        assert r["error"] is not None and "rank 1 sees step 3 of run 'r' committed there" in r["error"], r
+        assert "restoring would start from step 2, throwing the newer training away" in r["error"]
+
+
 def test_files_a_rank_sees_in_its_own_folder_that_rank_0_does_not_are_refused_not_left_out(tmp_path):
     """save_files with a folder on each machine's own disk (a Trainer's output_dir per node):
     rank 1's random state lay only there, and every checkpoint was committed without it."""
@@ -78,3 +105,24 @@ def test_files_a_rank_sees_in_its_own_folder_that_rank_0_does_not_are_refused_no
     manifest = json.loads((tmp_path / "ckpts" / "r" / "step-0000000005" / "manifest.json").read_text())
     assert sorted(manifest["files"]) == ["model.bin", "rng_state_0.pth", "rng_state_1.pth"]
 
+
+
+@needs_root
+def test_a_rank_whose_own_disk_holds_an_older_copy_of_a_file_of_a_sharded_step_skips_that_step(tmp_path):
+    """The checkpoints staged onto each machine's disk (FSDP2), rank 1's copy of its shard of
+    step 2 an older one (staged before that step was saved again): each rank checked a share of
+    the files on its own disk, so rank 1 loaded that shard unchecked and trained on from step 2
+    with another step's weights, rank 0 with step 2's. A file that is not the one the rank whose share it is checked is checked again
+    by the rank that reads it."""
+    from ckpt_helpers import torchrun_results
+
+    got = torchrun_results(UNSHARED, 2, "save-dcp-steps-fsdp", tmp_path, "-1")
+    assert [r["error"] for r in got] == [None, None]
+    shutil.copytree(tmp_path / "ckpts", tmp_path / "disk")  # staged onto rank 1's machine
+    got = torchrun_results(UNSHARED, 2, "restore-dcp-fsdp", tmp_path, "1")
+    assert [(r["error"], r["step"], r["pos"]) for r in got] == [(None, 2, 200), (None, 2, 201)]
+    staged = tmp_path / "disk" / "r"
+    # Rank 1's shard: in rank 0's share of the files to check, and read by rank 1 alone.
+    shutil.copy2(staged / "step-0000000001" / "__1_0.distcp", staged / "step-0000000002" / "__1_0.distcp")
+    got = torchrun_results(UNSHARED, 2, "restore-dcp-fsdp", tmp_path, "1")
+    assert [(r["error"], r["step"], r["pos"]) for r in got] == [(None, 1, 100), (None, 1, 101)]

@@ -1572,7 +1572,8 @@ class CheckpointManager:
         does not see it on a second look (a step committed meanwhile by a training beside it is
         seen then): its path is a local disk on each machine, and rank 0 runs on another one than
         the job that saved. Restoring would start over from nothing (or an older step) and throw
-        the newer training away. One rank per machine lists (``LOCAL_RANK`` 0, where set); a
+        the newer training away; not where rank 0 sees that step, or a newer one, on another
+        resume backend (an object store beside a disk on each machine). One rank per machine lists (``LOCAL_RANK`` 0, where set); a
         backend that rank 0 could not list is left to restore's own error, and a rank whose
         listing fails says nothing."""
         if not ranks.active():
@@ -1600,7 +1601,12 @@ class CheckpointManager:
             return
         problem = None
         if ranks.rank() == 0:
+            # What restore goes on from: rank 0's newest on any resume backend (another one, such
+            # as an object store every machine reaches, may hold the step that disk lacks).
+            newest = max((r.step for r in candidates), default=None)
             for name, (base, step, rank) in ahead.items():
+                if newest is not None and newest >= step:
+                    continue
                 try:
                     again = self._newest_seen(name, quiet=False)
                 except Exception:  # noqa: BLE001 - not listed again: whether it is there cannot be told
@@ -1612,9 +1618,9 @@ class CheckpointManager:
                     f"backend {name!r} ({where}): rank {rank} sees step {step} of run {self.run_name!r} committed "
                     f"there, and rank 0, whose listing restore goes by, sees {'none' if base is None else f'step {base} at newest'}"
                     ": the ranks do not share that folder (a local disk on each machine), and restoring would start "
-                    f"from {'scratch' if base is None else f'step {base}'}, throwing the newer training away. Nothing "
-                    "was loaded. Put the backend's path on a filesystem that every rank mounts (NFS, Lustre), or run "
-                    "rank 0 on the machine that holds the checkpoints")
+                    f"from {'scratch' if newest is None else f'step {newest}'}, throwing the newer training away. "
+                    "Nothing was loaded. Put the backend's path on a filesystem that every rank mounts (NFS, Lustre), "
+                    "or run rank 0 on the machine that holds the checkpoints")
                 break
         problem = self.coll.broadcast(f"{what}: steps seen again", problem)
         if problem is not None:
@@ -1775,6 +1781,9 @@ class CheckpointManager:
         state, problem = self._load_target(model, optimizer, held, problem)
         _add_buffer_targets(state, model, opened)
         self._check_param_groups(ref, opened, names, optimizer, problem)
+        skip = self._check_own_reads(ref, manifest, state, opened, checked)
+        if skip is not None:
+            return skip, None
         problem = None
         try:  # each rank a share of the items, before any rank loads one
             opened.check_records(opened.share_of_items(ranks.rank(), ranks.world_size()))
@@ -1809,6 +1818,44 @@ class CheckpointManager:
         self.coll.agree(f"restore step {ref.step}: files unchanged", problem)
         _load_resume_state(model, optimizer, state, self.coll, held, ref.uri)
         return None, (saved_extra, own, self._extra_holders(manifest), cast)
+
+    def _check_own_reads(self, ref: CheckpointRef, manifest: Manifest, state: dict[str, Any], opened,
+                         checked: dict[str, tuple[int, ...]]) -> str | StorageUnavailableError | None:
+        """Collective, from local storage: each rank hashes the files it reads that are not, by
+        their inode, size and time, the files the rank whose share they are hashed (``checked``,
+        each rank's). A folder the ranks do not share (a disk on each machine, a copy staged onto
+        each) can hold another copy of a file there, an older one: unchecked, it reached the
+        model, one rank restoring the step and another a mix of it and an older one. On one
+        shared filesystem they are the same files, and nothing is read again. Returns the reason
+        to skip ``ref`` as ``_agree_sharded`` does, or None."""
+        if ranks.world_size() == 1:
+            return None
+        problem = None
+        seen: dict[str, tuple[int, ...]] = {}
+        try:
+            shards = set(sharded.items_read(state, opened).values())
+        except Exception:  # state the checkpoint cannot fill: the load says so, in its own words
+            shards = set(manifest.files)
+        reads = {sharded.METADATA_FILE, EXTRA_FILE, rank_extra_file(ranks.rank()), *shards}
+        try:
+            seen = {n: reading.identity(os.path.join(ref.local_dir, n), ref)
+                    for n in sorted(reads & set(manifest.files)) if n not in checked}
+        except Exception as exc:
+            problem = exc
+        skip = self._agree_sharded(ref, "files read", problem)
+        if skip is not None:
+            return skip
+        shares = self.coll.all_gather(f"restore step {ref.step}: files checked",
+                                      {n: was[:3] for n, was in checked.items()})
+        owner = {n: i % ranks.world_size() for i, n in enumerate(sorted(manifest.files))}
+        other = [n for n, was in seen.items() if shares[owner[n]].get(n) != was[:3]]
+        problem = None
+        try:
+            self.reader.check_files(ref, manifest, other)
+            checked.update((n, seen[n]) for n in other)  # looked at again once every rank has read
+        except Exception as exc:
+            problem = exc
+        return self._agree_sharded(ref, "files read checked", problem)
 
     def _restore_sharded_copies(self, ref: CheckpointRef, manifest: Manifest, model, optimizer, safe_globals,
                                 workdir: str):

@@ -57,6 +57,11 @@ def main() -> None:
     os.environ["LOCAL_RANK"] = "0"  # each rank stands for a machine of its own
     if int(os.environ["RANK"]) == blind:  # -1: none
         own_disk(root)
+        staged = os.path.join(workdir, "disk")
+        if os.path.isdir(staged):  # a copy of the checkpoints staged onto this machine's disk
+            import shutil
+
+            shutil.copytree(staged, root, dirs_exist_ok=True)
     import torch
     import torch.distributed as dist
 
@@ -64,17 +69,25 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    fmt = "dcp" if scenario == "save-dcp" else "torch"
+    fmt = "dcp" if "dcp" in scenario else "torch"
     config = {"run_name": "r", "backends": {"local": {"type": "local", "path": root}},
               "roles": {"resume": {"backends": ["local"], "every_n_steps": 1, "keep_last": 2, "format": fmt}},
               "distributed": {"timeout_s": 60}}
+    if scenario == "restore-two":  # and a folder that every rank shares, as an object store would be
+        config["backends"]["durable"] = {"type": "local", "path": os.path.join(workdir, "durable")}
+        config["roles"]["resume"]["backends"].append("durable")
     if scenario == "restore-meanwhile":
         # One folder that every rank shares, where another training commits step 9 while rank 1
         # lists the run, after rank 0 did.
         config["backends"]["local"]["type"] = "late"
     ck = ckptkit.CheckpointManager.from_config(config, plugin_manager=plugin_manager(root, rank))
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    if scenario.endswith("-fsdp"):  # each rank reads its own shard, from its own file
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(torch.nn.Linear(4, 2))
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     result: dict = {"error": None}
     try:
@@ -92,9 +105,16 @@ def main() -> None:
             ck.save_files(step=5, files=folder)
         elif scenario == "save-dcp":
             ck.save(step=1, model=model, optimizer=opt, rank_extra={"pos": rank})
+        elif scenario.startswith("save-dcp-steps"):
+            for step in (1, 2):
+                with torch.no_grad():  # other weights at each step
+                    for p in model.parameters():
+                        p.add_(1.0)
+                ck.save(step=step, model=model, optimizer=opt, rank_extra={"pos": 100 * step + rank})
         else:
             restored = ck.restore(model, opt)
             result["step"] = None if restored is None else restored.step
+            result["pos"] = None if restored is None else restored.rank_extra.get("pos")
     except Exception as exc:  # noqa: BLE001 - what each rank was told is the result
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["files"] = files_under(root)

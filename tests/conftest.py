@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -148,3 +149,15 @@ def _mlflow_globals_put_back(monkeypatch):
         monkeypatch.setenv(var, "" if value is None else value)
         if value is None:
             monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB filesystem that fills up for real (a tmpfs; mounting needs root)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

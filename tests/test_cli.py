@@ -582,6 +582,22 @@ def test_check_probe_leaves_nothing_in_the_working_directory(capsys, in_tmp, mon
     assert sorted(os.listdir(in_tmp)) == ["ckptkit.yaml"]
 
 
+def test_check_probe_on_a_full_disk_says_so_and_leaves_nothing(capsys, in_tmp, tiny_disk):
+    """The probe's write made its file, then ran out of space: the file stayed, one a probe, and
+    the advice was to check the address and credentials."""
+    with open(tiny_disk / "filler", "wb") as f, pytest.raises(OSError):
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    (in_tmp / "ckptkit.yaml").write_text(f"backends:\n  scratch: {{type: local, path: {tiny_disk}}}\n"
+                                         "roles:\n  resume: {backends: [scratch]}\n")
+    code, out, err = run(capsys, "check", "ckptkit.yaml", "--probe", "--json")
+    probe = {r["backend"]: r["probe"] for r in json.loads(out)["routes"]}["scratch"]
+    assert code != 0 and "No space left on device" in probe["write"], probe
+    assert "the filesystem is full: free space there" in probe["write"] and "free space" in err
+    assert sorted(os.listdir(tiny_disk)) == ["filler"], "the probe's file is gone"
+
+
 def test_check_probe_keeps_a_root_that_was_there(capsys, in_tmp):
     (in_tmp / "checkpoints").mkdir()
     (in_tmp / "ckptkit.yaml").write_text("backends:\n  scratch: {type: local, path: ./checkpoints}\n"

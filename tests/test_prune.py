@@ -214,18 +214,6 @@ def test_prune_all_frees_the_run_name(tmp_path, pm, capsys):
     assert fresh.save(step=0, model=model, optimizer=opt), "a new training may use the name again"
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MiB filesystem that fills up for real (a tmpfs; mounting needs root)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_disk_is_named_and_leaves_nothing(tmp_path, pm, tiny_disk):
     import torch
 

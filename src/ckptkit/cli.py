@@ -180,8 +180,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                   if name not in faulty and any(v != "ok" for v in result.values())]
         if failed:
             problems.append(f"probe failed for {', '.join(failed)}: the storage could not be written, listed, read "
-                            "or cleaned as the table shows; check its address (for an object store, its bucket) "
-                            "and credentials")
+                            "or cleaned as the table shows; check its address (for an object store, its bucket), "
+                            "credentials, free space and permissions")
         if faulty:
             problems.append(f"the probe of {', '.join(sorted(faulty))} failed in the backend's plugin itself, as the "
                             "table shows: report it to the plugin's authors")

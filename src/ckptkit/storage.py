@@ -241,6 +241,15 @@ def _copies_files(fs: Any) -> bool:
             or getattr(cls, "_cp_file", None) not in (None, AsyncFileSystem._cp_file))
 
 
+# What a probe's failure says to do, by the OSError's errno, beyond checking the address.
+_PROBE_HINTS = {
+    errno.ENOSPC: " (the filesystem is full: free space there)",
+    errno.EDQUOT: " (a disk quota is reached: free space or raise the quota)",
+    errno.EROFS: " (the filesystem is mounted read-only: point the backend at one this process may write)",
+    errno.EACCES: " (this process may not write there: check the folder's permissions)",
+}
+
+
 class FileBackend:
     """Resume checkpoints and the final model as folders of files on an fsspec filesystem.
 
@@ -1342,5 +1351,9 @@ class FileBackend:
                 self._call(f"probe {op} at {self.uri(path)}", action)
                 results[op] = "ok"
             except Exception as exc:
-                results[op] = self.describe(exc)
+                results[op] = self.describe(exc) + _PROBE_HINTS.get(getattr(exc, "errno", None), "")
+                if op == "write":
+                    # A write that failed part way (a full disk) may have left the file: "leaves nothing".
+                    with contextlib.suppress(Exception):
+                        self.fs.rm_file(path)
         return results

@@ -1627,4 +1627,5 @@ def test_finalize_after_a_failed_async_save_tells_what_became_of_the_final_model
         assert (tmp_path / "published" / "exp" / "final" / FINAL_FILE).is_file()
         assert f"published all the same, to file://{tmp_path / 'published'}" in message
         assert "finalize need not run again" in message
+        assert [(r.backend, r.role) for r in info.value.saved] == [("published", "final")]
     ck.close()

@@ -7,12 +7,13 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from ckptkit import BackendError, CheckpointManager, StorageFullError
+from ckptkit import BackendError, CheckpointManager, StorageFullError, reading
 from ckptkit.cli import main as cli_main
 from ckptkit.hookspecs import hookimpl
 from ckptkit.local import LocalBackend, _in_memory
@@ -179,6 +180,63 @@ def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_pat
     assert _steps(tmp_path) == [0, 1]
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_what_a_save_killed_on_this_machine_left_goes_at_once_and_nothing_else_young(tmp_path, pm):
+    """The local backend names its temporary folders with the process and machine that made
+    them: one whose process is gone is removed by the next prune, however young, where it held
+    a checkpoint's space for the grace period (an hour)."""
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    staged = []
+    backend = ck.router.instances["scratch"]
+    real_stage = backend._stage
+    backend._stage = lambda run_name, dirname: staged.append(real_stage(run_name, dirname)) or staged[-1]
+    ck.save(step=0, model=model, optimizer=opt)
+    assert staged and staged[0].endswith(f".{os.getpid()}.{reading.machine()}"), staged
+    run = tmp_path / "scratch" / "exp"
+    killed = run / f".tmp-step-0000000001-abcdef012345.{_dead_pid()}.{reading.machine()}"
+    running = run / f".tmp-step-0000000001-abcdef012346.{os.getppid()}.{reading.machine()}"
+    elsewhere = run / f".tmp-step-0000000001-abcdef012347.{_dead_pid()}.0badf00d"
+    for folder in (killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"part of a checkpoint")
+    ck.save(step=2, model=model, optimizer=opt)
+    ck.wait()
+    assert not killed.exists()
+    assert running.exists() and elsewhere.exists(), "a process that runs, or one of another machine, may be saving"
+    assert _steps(tmp_path) == [0, 2]
+    ck.close()
+
+
+def test_a_restart_on_a_full_disk_removes_what_its_killed_save_left_before_saving(tmp_path, pm, tiny_disk):
+    """Killed part way through a save, a training leaves a partial checkpoint. On a disk with
+    room for keep_last checkpoints and the one being written, the restarted training's saves
+    failed for want of space for an hour, and then still, as only a save that commits prunes."""
+    import torch
+
+    cfg = local_config(tmp_path, final=False, keep=2)
+    cfg["backends"]["scratch"]["path"] = str(tiny_disk)
+    model = torch.nn.Linear(384, 384)  # 577 KiB a checkpoint: three fit in 2 MiB, not four
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    for step in range(2):
+        ck.save(step=step, model=model)
+    ck.close()
+    killed = tiny_disk / "exp" / f".tmp-step-0000000002-abcdef012345.{_dead_pid()}.{reading.machine()}"
+    killed.mkdir()
+    shutil.copy(tiny_disk / "exp" / "step-0000000001" / "state.pt", killed / "state.pt")
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.restore(model).step == 1
+    ck.save(step=2, model=model)
+    ck.close()
+    assert sorted(os.listdir(tiny_disk / "exp")) == ["step-0000000001", "step-0000000002"]
+
+
 def test_prune_all_through_a_link_to_another_runs_folder_deletes_nothing(tmp_path, pm, capsys):
     """latest -> exp: prune --all --run-name latest emptied exp."""
     cfg = local_config(tmp_path, final=False)
@@ -256,20 +314,27 @@ def test_a_restart_on_a_disk_with_room_for_keep_last_and_one_more_removes_the_st
     assert sorted(os.listdir(tiny_disk / "exp")) == ["step-0000000002", "step-0000000003"]
 
 
-def test_a_restore_prunes_only_what_lies_beyond_keep_last_and_a_rollback_nothing(tmp_path, pm):
+def test_a_restore_deletes_nothing_and_the_first_save_after_it_prunes_first(tmp_path, pm):
+    """An evaluation job restores beside the training with a config of its own (keep_last 2
+    where the training keeps 4): its restore deletes nothing. A training that restores and saves
+    prunes what lies beyond its keep_last before it writes; a rollback deletes nothing."""
     cfg = local_config(tmp_path, final=False, keep=4)
     ck, model, opt = saved_run(cfg, pm, (1, 2, 3, 4), train=False)
     ck.close()
     cfg["roles"]["resume"]["keep_last"] = 2
+    evaluation = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert evaluation.restore(model, opt).step == 4
+    evaluation.close()
     back = CheckpointManager.from_config(cfg, plugin_manager=pm)
     with pytest.warns(RuntimeWarning, match="newer than the restored step 2"):
         assert back.restore(model, opt, step=2).step == 2
     back.close()
-    assert _steps(tmp_path) == [1, 2, 3, 4], "a rollback keeps the steps it went back past, and the one it restored"
+    assert _steps(tmp_path) == [1, 2, 3, 4]
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     assert ck.restore(model, opt).step == 4
+    ck.save(step=5, model=model, optimizer=opt)
     ck.wait()
-    assert _steps(tmp_path) == [3, 4]
+    assert _steps(tmp_path) == [4, 5]
     ck.close()
 
 

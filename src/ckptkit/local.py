@@ -24,6 +24,7 @@ from .errors import BackendError, CheckpointError, ConfigError
 from .hashing import HashingWriter, hash_pool, usable_cpus
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .processes import writer_mark
 from .retry import denied
 from .storage import (
     DEFAULT_GRACE_S,
@@ -389,7 +390,10 @@ class LocalBackend(FileBackend):
 
     def _stage(self, run_name: str, dirname: str) -> str:
         self._refuse_linked_run(run_name)
-        tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}")
+        # Named with this process and machine: once the process is gone (killed mid-save), a
+        # prune on this machine removes the folder at once, not after the grace period, in which
+        # it held up to a checkpoint's space on a disk that may have room for keep_last more only.
+        tmp = posixpath.join(self.run_path(run_name), f".tmp-{dirname}-{uuid.uuid4().hex[:12]}.{writer_mark()}")
         with self._lock:
             self._in_flight.add(tmp)
         try:

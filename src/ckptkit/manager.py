@@ -583,6 +583,7 @@ class CheckpointManager:
         # The highest step this manager saved (or began to save) or restored, on every rank.
         self._last_step: int | None = None
         self._swept = False  # scratch folders of killed processes removed after this manager's first prune
+        self._trim_due: tuple[list[CheckpointRef], int] | None = None  # _trim, for the first save
         # Rank 0 prunes after each commit on a thread of its own (with the pid that started it:
         # a forked child starts its own); every later call of this manager waits for it first.
         self._pruner: tuple[int, ThreadPoolExecutor] | None = None
@@ -774,6 +775,7 @@ class CheckpointManager:
         if not self._run_checked:
             self._check_run(step)
         self._last_step = step
+        self._trim_now()
         buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
         if role.format == "dcp":
             state = gather.resume_state(model, optimizer, sharded=True)
@@ -1022,20 +1024,41 @@ class CheckpointManager:
                                                    frozenset(self._counted), self._newest_own)
 
     def _trim(self, candidates: list[CheckpointRef], manifest: Manifest) -> None:
-        """Rank 0, once a restore goes on from ``manifest``'s step: prune the backends where it
-        lies beside more steps than keep_last (a process killed between a commit and the prune
-        after it leaves one too many), on the pruning thread, as that prune would have. On a disk
-        with room for keep_last checkpoints and the one being written, every save failed for
-        want of space, and only the prune after a save that commits removes the extra one."""
+        """Rank 0, once a restore goes on from ``manifest``'s step: note the backends where it lies
+        beside more steps than keep_last (a process killed between a commit and the prune after
+        it leaves one too many) or beside what a save killed on this machine left, for the first
+        save to prune first (``_trim_now``), as the prune after a save would. On a disk with room
+        for keep_last checkpoints and the one being written, every save failed for want of
+        space, and only the prune after a save that commits removes either."""
+        self._trim_due = None
         if ranks.rank() != 0 or self.config.resume is None:
             return
         held: dict[str, set[int]] = {}
         for ref in candidates:
             held.setdefault(ref.backend, set()).add(ref.step)
         keep = self.resume_role.keep_last
-        crowded = [r for r in candidates if r.step == manifest.step and len(held[r.backend]) > keep]
-        if crowded:
-            self._prune_after(crowded, manifest.step, manifest.metrics)
+        due = [r for r in candidates
+               if r.step == manifest.step and (len(held[r.backend]) > keep or self._killed_writes(r.backend))]
+        if due:
+            self._trim_due = (due, manifest.step)
+
+    def _trim_now(self) -> None:
+        """Rank 0, before the first write after a restore: the prune ``_trim`` found due, so that
+        the write finds the space it frees. Not in restore itself, which changes nothing in the
+        store (an evaluation job restores beside the training, with a config of its own)."""
+        if self._trim_due is None:
+            return
+        (due, step), self._trim_due = self._trim_due, None
+        self._settle_prune()
+        self._prune_backends(due, step, frozenset(self._counted), self._newest_own)
+
+    def _killed_writes(self, backend: str) -> bool:
+        """Whether ``backend`` holds a folder of this run that a save killed on this machine left."""
+        instance = self.router.instances.get(backend)
+        try:
+            return isinstance(instance, FileBackend) and instance.killed_writes(self.run_name)
+        except Exception:  # noqa: BLE001 - a listing that fails now is the next prune's to report
+            return False
 
     def _prune_backends(self, saved: list[CheckpointRef], step: int, counted: frozenset[int],
                         newest_own: int) -> None:
@@ -1394,6 +1417,7 @@ class CheckpointManager:
                     f"rank {r}: {', '.join(names) or 'none'}" for r, names in enumerate(given)) + "); every rank "
                 "passes the same objects, each of which gets the saved state, or reads it from Restored.extra")
         self.wait()
+        self._trim_due = None
         safe_globals = list(safe_globals)
         candidates, unreachable = self._listing("restore: list")
         newest = candidates[0].step if candidates else None
@@ -1822,7 +1846,7 @@ class CheckpointManager:
     def _check_own_reads(self, ref: CheckpointRef, manifest: Manifest, state: dict[str, Any], opened,
                          checked: dict[str, tuple[int, ...]]) -> str | StorageUnavailableError | None:
         """Collective, from local storage: each rank hashes the files it reads that are not, by
-        their inode, size and time, the files the rank whose share they are hashed (``checked``,
+        their size and time, the files the rank whose share they are hashed (``checked``,
         each rank's). A folder the ranks do not share (a disk on each machine, a copy staged onto
         each) can hold another copy of a file there, an older one: unchecked, it reached the
         model, one rank restoring the step and another a mix of it and an older one. On one
@@ -1845,10 +1869,11 @@ class CheckpointManager:
         skip = self._agree_sharded(ref, "files read", problem)
         if skip is not None:
             return skip
+        # Size and time, not the inode, which a filesystem mounted through FUSE numbers per machine.
         shares = self.coll.all_gather(f"restore step {ref.step}: files checked",
-                                      {n: was[:3] for n, was in checked.items()})
+                                      {n: was[1:3] for n, was in checked.items()})
         owner = {n: i % ranks.world_size() for i, n in enumerate(sorted(manifest.files))}
-        other = [n for n, was in seen.items() if shares[owner[n]].get(n) != was[:3]]
+        other = [n for n, was in seen.items() if shares[owner[n]].get(n) != was[1:3]]
         problem = None
         try:
             self.reader.check_files(ref, manifest, other)
@@ -2154,6 +2179,7 @@ class CheckpointManager:
         conflict = self._conflict_error(*self._conflict) if ranks.rank() == 0 and self._conflict else None
         self.coll.agree(f"save_files step {step}: check run", conflict)
         self._last_step = step
+        self._trim_now()
         payload = Payload(run_name=self.run_name, step=step, epoch=epoch, format=FILES_FORMAT,
                           files=tuple(PayloadFile(name, source=path) for name, path in listed or ()),
                           metrics=_metrics(metrics), world_size=ranks.world_size(),
@@ -2393,9 +2419,10 @@ class CheckpointManager:
             self._fail(PublishError(message, failures, saved))
         if resume_failure is not None:
             published = ", ".join(r.uri for r in saved) or "nowhere, as no final backend stores a copy"
+            # ``saved`` holds the final model's copies too (role "final"), as finalize would return them.
             raise SaveError(f"{resume_failure}. The final model of step {step} was published all the same, to "
                             f"{published}: finalize need not run again", resume_failure.failures,
-                            resume_failure.saved) from resume_failure.__cause__
+                            [*resume_failure.saved, *saved]) from resume_failure.__cause__
         return saved
 
     def final_held(self, step: int) -> bool | None:

@@ -16,13 +16,11 @@ import contextlib
 import ctypes
 import errno
 import functools
-import hashlib
 import io
 import mmap
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from .errors import (
 from .hashing import CHUNK, WriteOnly, algorithm_of, copy_hashed, hash_pool, hash_stream, new_hasher, usable_cpus
 from .local import mappable
 from .manifest import FileEntry, Manifest
+from .processes import alive, machine
 from .retry import RetriesExhausted, RetryPolicy, denied, exhausted, gave_up
 from .roles import Role
 from .routing import Router
@@ -796,18 +795,6 @@ def scratch(kind: str) -> Iterator[str]:
 SCRATCH_IDLE_S = 24 * 3600.0
 
 
-@functools.lru_cache(maxsize=1)
-def machine() -> str:
-    """A token for this machine and process-id namespace: the ids in scratch folder names are
-    only this machine's (a TMPDIR shared by nodes, or by containers, holds others')."""
-    parts = [socket.gethostname()]
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
-        parts.append(f.read().strip())
-    with contextlib.suppress(OSError):
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
-
-
 def sweep_scratch(tmpdir: str | None = None) -> list[str]:
     """Remove the scratch folders of processes that no longer run; return what was removed."""
     root = tmpdir or tempfile.gettempdir()
@@ -825,7 +812,7 @@ def sweep_scratch(tmpdir: str | None = None) -> list[str]:
         path = os.path.join(root, entry)
         if len(parts) >= 4 and parts[2] == machine():
             pid = int(parts[1])
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or alive(pid):
                 continue
         elif not _idle(path):
             continue
@@ -843,13 +830,3 @@ def _idle(path: str) -> bool:
     except OSError:
         return False
     return time.time() - max(times) > SCRATCH_IDLE_S
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

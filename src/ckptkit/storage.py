@@ -38,6 +38,7 @@ from .errors import (BackendError, CheckpointError, IncompatibleCheckpointError,
 from .hashing import HashingWriter, algorithm_of, hash_pool, hash_stream
 from .hookspecs import hookimpl
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, NewerManifestError, counts_for
+from .processes import writer_gone
 from .redact import describe, redact
 from .retry import RetriesExhausted, RetryPolicy, gave_up
 from .uploads import Multipart, PartWriter, StreamWriter
@@ -239,6 +240,15 @@ def _copies_files(fs: Any) -> bool:
     cls = type(fs)
     return (getattr(cls, "cp_file", None) not in (None, fsspec.AbstractFileSystem.cp_file)
             or getattr(cls, "_cp_file", None) not in (None, AsyncFileSystem._cp_file))
+
+
+def _left_by_the_gone(dirname: str) -> bool:
+    """Whether ``dirname`` is a temporary folder named with the process that made it (``.tmp-…-
+    <id>.<pid>.<machine>``, the local backend's) and that process, of this machine, is gone."""
+    if not dirname.startswith(LEFTOVER_PREFIXES):
+        return False
+    _, _, mark = dirname.rpartition("-")[2].partition(".")
+    return writer_gone(mark)
 
 
 # What a probe's failure says to do, by the OSError's errno, beyond checking the address.
@@ -1203,6 +1213,8 @@ class FileBackend:
         store_now: list[float] = []
 
         def old(path: str) -> bool:
+            if _left_by_the_gone(posixpath.basename(path)):
+                return True
             if now - aged[path] <= grace:
                 return False
             if grace == 0 or listing[posixpath.basename(path)].mtime is None:
@@ -1216,6 +1228,11 @@ class FileBackend:
             return store_now[0] - aged[path] > grace
 
         return old
+
+    def killed_writes(self, run_name: str) -> bool:
+        """Whether the run holds a temporary folder that a process of this machine made and that
+        process no longer runs (a save killed part way), which a prune removes at once."""
+        return any(_left_by_the_gone(name) for name in self._listing(run_name))
 
     def _store_now(self, run_name: str, now: float) -> float:
         """The store's clock, read as the time it gives a file written for the purpose, at most

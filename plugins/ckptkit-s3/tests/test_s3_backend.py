@@ -586,6 +586,31 @@ def test_an_upload_still_receiving_parts_is_not_aborted_however_long_ago_it_bega
     assert pending() == []
 
 
+def test_a_store_refusing_to_list_an_uploads_parts_still_prunes_and_ages_it_by_its_start(
+        pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket, caplog):
+    """An identity without s3:ListMultipartUploadParts: the prune goes on (keep_last held, the
+    killed save's upload aborted, by when it began, as before parts were asked), and says once
+    which permission to allow."""
+    proxy = make_fault_proxy(moto_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    proxy.add(FaultT(lambda m, p: m == "GET" and "uploadId=" in p, status=403, times=None,
+                     body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
+    fs = s3(s3_endpoint)
+    killed = "ckpts/run/step-0000000007/state.pt"
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=killed)["UploadId"]
+    fs.call_s3("upload_part", Bucket=bucket, Key=killed, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url, leftover_grace_s=1)}, ["archive"],
+                 keep_last=2)
+    with caplog.at_level(logging.WARNING, logger="ckptkit_s3"):
+        for step in range(1, 5):
+            ck.save(step=step, model=model())
+            ck.wait()
+    assert [r.step for r in ck.list_checkpoints()] == [4, 3]
+    assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    told = [r.getMessage() for r in caplog.records if "ListMultipartUploadParts" in r.getMessage()]
+    assert len(told) == 1 and "aged by when they began" in told[0]
+
+
 @pytest.mark.timeout(30)
 def test_a_hung_store_fails_within_timeout_s_with_a_typed_error(pm, s3_backend_options, silent_server, bucket):
     """A server that accepts and never answers: save fails, and restore does not mistake it for

@@ -327,6 +327,7 @@ class S3Backend(FileBackend):
         # Per run: the time before which no unfinished upload can be older than the grace
         # period, as the last listing of them showed (see ``stale_uploads``).
         self._uploads_quiet_until: dict[str, float] = {}
+        self._parts_unlisted = False  # said once: the store refused to list an upload's parts
         self._versioning_told = False
 
     def store_exists(self) -> bool:
@@ -418,7 +419,16 @@ class S3Backend(FileBackend):
                 continue
             ref = self._ref(run_name, -1, f"{bucket}/{upload['Key']}", role="unfinished upload")
             if math.isfinite(now):
-                idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
+                try:
+                    idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
+                except Exception as exc:  # noqa: BLE001 - aged by its start alone, as before parts were asked
+                    if not self._parts_unlisted:
+                        self._parts_unlisted = True
+                        log.warning("backend %r: the parts of unfinished uploads could not be listed (%s), so they "
+                                    "are aged by when they began: an upload of another process that takes longer "
+                                    "than leftover_grace_s may be aborted. Allow s3:ListMultipartUploadParts",
+                                    self.name, self.describe(exc))
+                    idle = now - begun
                 if idle is None:
                     continue  # finished or aborted since the listing
                 if idle <= self.leftover_grace_s:

@@ -1,0 +1,49 @@
+"""Whose a temporary name is: the id and machine of the process that made it, and whether that
+process still runs, so that what a killed process left can go at once rather than after a grace
+period. Only names made on this machine, in this process-id namespace, can be told."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import socket
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """A token for this machine and process-id namespace: the ids in names made here are only
+    this machine's (a folder shared by nodes, or by containers, holds others')."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of id ``pid`` runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def writer_mark() -> str:
+    """``<pid>.<machine>``: what a temporary name carries of the process making it."""
+    return f"{os.getpid()}.{machine()}"
+
+
+def writer_gone(mark: str) -> bool:
+    """Whether ``mark`` (the end of a name, as ``writer_mark`` made it) names a process of this
+    machine that no longer runs. A mark of another machine, of another process-id namespace, or
+    of no form known here, could be a process that runs: False."""
+    pid, _, where = mark.partition(".")
+    if not pid.isdigit() or where != machine():
+        return False
+    return int(pid) != os.getpid() and not alive(int(pid))

@@ -126,3 +126,19 @@ def test_a_rank_whose_own_disk_holds_an_older_copy_of_a_file_of_a_sharded_step_s
     shutil.copy2(staged / "step-0000000001" / "__1_0.distcp", staged / "step-0000000002" / "__1_0.distcp")
     got = torchrun_results(UNSHARED, 2, "restore-dcp-fsdp", tmp_path, "1")
     assert [(r["error"], r["step"], r["pos"]) for r in got] == [(None, 1, 100), (None, 1, 101)]
+
+
+@needs_root
+def test_a_sharded_checkpoint_on_rank_0s_disk_alone_is_said_to_be_on_a_folder_the_ranks_do_not_share(tmp_path):
+    """Saved on one machine, restored on two, each with a disk of its own: rank 1 finds no shard
+    in its folder. Refused, as before; the error said the checkpoints were damaged, and now says
+    which rank sees what, and why a sharded checkpoint needs a folder every rank mounts."""
+    from ckpt_helpers import torchrun_results
+
+    got = torchrun_results(UNSHARED, 2, "save-dcp-steps-fsdp", tmp_path, "-1")
+    assert [r["error"] for r in got] == [None, None]
+    got = torchrun_results(UNSHARED, 2, "restore-dcp-fsdp", tmp_path, "1")
+    for r in got:
+        assert r["error"] is not None and r["error"].startswith("CorruptCheckpointError: "), r
+        assert "Rank 1 sees no step in backend 'local'" in r["error"] and "rank 0 sees step 2" in r["error"]
+        assert "a sharded (format: dcp) checkpoint is read by every rank from its own" in r["error"]

@@ -584,6 +584,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._swept = False  # scratch folders of killed processes removed after this manager's first prune
         self._trim_due: tuple[list[CheckpointRef], int] | None = None  # _trim, for the first save
+        self._behind: list[tuple[str, int, int | None, int]] = []  # _check_seen_alike, for restore's errors
         # Rank 0 prunes after each commit on a thread of its own (with the pid that started it:
         # a forked child starts its own); every later call of this manager waits for it first.
         self._pruner: tuple[int, ThreadPoolExecutor] | None = None
@@ -1559,12 +1560,12 @@ class CheckpointManager:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r}: every copy of step {step} is damaged and none could be restored "
                 f"({'; '.join(over.reasons)}). Nothing was loaded, and no other step was tried: restore another "
-                "step, or restore() without step= for the newest intact one")
+                f"step, or restore() without step= for the newest intact one{self._behind_note()}")
         if over.reasons:
             raise CorruptCheckpointError(
                 f"run {self.run_name!r} has {len(over.reasons)} committed checkpoint(s) and none could be restored "
                 f"({'; '.join(over.reasons)}). Nothing was loaded; starting from step 0 would throw them away. "
-                "Check the storage, or start a new run name")
+                f"Check the storage, or start a new run name{self._behind_note()}")
         self._prepare_first_save(optimizer)
         return None
 
@@ -1600,6 +1601,7 @@ class CheckpointManager:
         resume backend (an object store beside a disk on each machine). One rank per machine lists (``LOCAL_RANK`` 0, where set); a
         backend that rank 0 could not list is left to restore's own error, and a rank whose
         listing fails says nothing."""
+        self._behind = []
         if not ranks.active():
             return
         local = [n for n in self.router.backends(Role.RESUME)
@@ -1614,6 +1616,11 @@ class CheckpointManager:
             elif lister:
                 seen[name] = self._newest_seen(name)
         everyone = self.coll.all_gather(f"{what}: steps seen", seen)
+        # Ranks that see less than rank 0 there: harmless where rank 0 reads for all, the cause
+        # where each rank reads its own shards (said if no checkpoint can be restored).
+        self._behind = [(name, r, got[name], everyone[0][name]) for name in local if everyone[0].get(name) is not None
+                        for r, got in enumerate(everyone) if name in got and r
+                        and (got[name] is None or got[name] < everyone[0][name])]
         ahead = {}
         for name in local:
             base = everyone[0].get(name)
@@ -1649,6 +1656,18 @@ class CheckpointManager:
         problem = self.coll.broadcast(f"{what}: steps seen again", problem)
         if problem is not None:
             raise ConfigError(problem)
+
+    def _behind_note(self) -> str:
+        """Why a restore found no checkpoint it could read where some rank lists less than rank 0
+        (``_check_seen_alike``): a disk on each machine, of which every rank reads its own shards."""
+        if not self._behind:
+            return ""
+        name, rank, got, base = self._behind[0]
+        where = getattr(self.router.instances[name], "location", name)
+        return (f". Rank {rank} sees {'no step' if got is None else f'step {got} at newest'} in backend {name!r} "
+                f"({where}) where rank 0 sees step {base}: the ranks may not share that folder (a local disk on each "
+                "machine), and a sharded (format: dcp) checkpoint is read by every rank from its own. Put the "
+                "backend's path on a filesystem that every rank mounts (NFS, Lustre)")
 
     def _newest_seen(self, name: str, quiet: bool = True) -> int | None:
         """The newest step this process sees committed in backend ``name``; None when it sees

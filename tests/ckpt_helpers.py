@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
@@ -153,3 +156,16 @@ def deflated_torch_file(floats: int) -> bytes:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
     return packed.getvalue()
+
+
+def small_tmpfs(tmp_path, size: str):
+    """For a fixture: a ``size`` filesystem that fills up for real (a tmpfs at ``tmp_path/tiny``;
+    mounting needs root, else the test is skipped), unmounted afterwards."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 from ckptkit.plugins import make_plugin_manager
+
+from ckpt_helpers import small_tmpfs
 
 
 @pytest.fixture
@@ -154,10 +155,4 @@ def _mlflow_globals_put_back(monkeypatch):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 2 MiB filesystem that fills up for real (a tmpfs; mounting needs root)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from small_tmpfs(tmp_path, "2m")

@@ -25,7 +25,7 @@ from ckptkit.manifest import FileEntry
 from ckptkit.retry import RetryPolicy
 from ckptkit.storage import FileBackend, step_dirname
 
-from ckpt_helpers import assert_same_state, local_config, make_model, train_step
+from ckpt_helpers import assert_same_state, local_config, make_model, small_tmpfs, train_step
 
 
 def payload(step, data=b"x" * 100, fail=False):
@@ -377,13 +377,7 @@ def test_a_store_that_keeps_failing_is_storage_unavailable_with_its_cause_not_a_
 @pytest.fixture
 def full_disk(tmp_path):
     """A real 1 MiB filesystem (a tmpfs; mounting needs root), filled up to its last byte."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from small_tmpfs(tmp_path, "1m")
 
 
 def test_a_full_disk_at_the_commit_of_a_sharded_checkpoint_is_named(full_disk):

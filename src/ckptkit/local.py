@@ -346,6 +346,8 @@ class LocalBackend(FileBackend):
     checkpoint or a leftover that nothing reads.
     """
 
+    marks_writers = True  # its temporary folders name their process (_stage)
+
     OPTIONS = ("path", "leftover_grace_s")
     keeps_files_locally = True
     concurrent_writes = True

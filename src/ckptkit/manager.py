@@ -1054,10 +1054,14 @@ class CheckpointManager:
         self._prune_backends(due, step, frozenset(self._counted), self._newest_own)
 
     def _killed_writes(self, backend: str) -> bool:
-        """Whether ``backend`` holds a folder of this run that a save killed on this machine left."""
+        """Whether ``backend`` holds a folder of this run that a save killed on this machine left.
+        Asked only of a backend whose names tell their writer (local disk: a listing costs no
+        request, and one of an object store would hold rank 0 past restore's last meeting point)."""
         instance = self.router.instances.get(backend)
+        if not (isinstance(instance, FileBackend) and instance.marks_writers):
+            return False
         try:
-            return isinstance(instance, FileBackend) and instance.killed_writes(self.run_name)
+            return instance.killed_writes(self.run_name)
         except Exception:  # noqa: BLE001 - a listing that fails now is the next prune's to report
             return False
 

@@ -298,6 +298,10 @@ class FileBackend:
     ``_aged_out``), which may write a file into the run to read it.
     """
 
+    # Whether the temporary folders it stages carry their writer's process and machine (the local
+    # backend's do), so that a prune can tell one a killed process left at once.
+    marks_writers = False
+
     needs_folders = False
     atomic_move = False
     concurrent_writes = False

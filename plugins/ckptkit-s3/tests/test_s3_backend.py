@@ -586,29 +586,37 @@ def test_an_upload_still_receiving_parts_is_not_aborted_however_long_ago_it_bega
     assert pending() == []
 
 
-def test_a_store_refusing_to_list_an_uploads_parts_still_prunes_and_ages_it_by_its_start(
-        pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket, caplog):
+@pytest.mark.parametrize("status", [403, 503], ids=["refused", "throttled"])
+def test_a_store_failing_to_list_an_uploads_parts_still_prunes_and_ages_it_by_its_start_only_if_refused(
+        pm, s3_backend_options, make_fault_proxy, moto_port, s3_endpoint, bucket, caplog, status):
     """An identity without s3:ListMultipartUploadParts: the prune goes on (keep_last held, the
     killed save's upload aborted, by when it began, as before parts were asked), and says once
-    which permission to allow."""
+    which permission to allow. A store that fails the listing now (throttled) is asked again at
+    the next prune: meanwhile the upload, which may still be receiving parts, is kept."""
     proxy = make_fault_proxy(moto_port)
     FaultT = type(proxy).__init__.__globals__["Fault"]
-    proxy.add(FaultT(lambda m, p: m == "GET" and "uploadId=" in p, status=403, times=None,
-                     body=b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"))
+    code = b"AccessDenied" if status == 403 else b"SlowDown"
+    proxy.add(FaultT(lambda m, p: m == "GET" and "uploadId=" in p, status=status, times=None,
+                     body=b"<Error><Code>" + code + b"</Code><Message>no</Message></Error>"))
     fs = s3(s3_endpoint)
     killed = "ckpts/run/step-0000000007/state.pt"
     upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=killed)["UploadId"]
     fs.call_s3("upload_part", Bucket=bucket, Key=killed, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
-    ck = manager(pm, {"archive": s3_backend_options(endpoint=proxy.url, leftover_grace_s=1)}, ["archive"],
-                 keep_last=2)
+    options = s3_backend_options(endpoint=proxy.url, leftover_grace_s=1, request_retries=0, retry={"attempts": 1})
+    ck = manager(pm, {"archive": options}, ["archive"], keep_last=2)
     with caplog.at_level(logging.WARNING, logger="ckptkit_s3"):
         for step in range(1, 5):
             ck.save(step=step, model=model())
             ck.wait()
     assert [r.step for r in ck.list_checkpoints()] == [4, 3]
-    assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
-    told = [r.getMessage() for r in caplog.records if "ListMultipartUploadParts" in r.getMessage()]
-    assert len(told) == 1 and "aged by when they began" in told[0]
+    pending = [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])]
+    told = [r.getMessage() for r in caplog.records if "could not be listed" in r.getMessage()]
+    if status == 403:
+        assert pending == []
+        assert len(told) == 1 and "aged by when they began" in told[0] and "ListMultipartUploadParts" in told[0]
+    else:
+        assert pending == [killed]
+        assert told and all("left for the next prune" in m for m in told)
 
 
 @pytest.mark.timeout(30)

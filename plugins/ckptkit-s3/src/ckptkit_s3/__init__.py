@@ -57,7 +57,8 @@ def _require_this_ckptkit(plugin: str) -> None:
 _require_this_ckptkit("ckptkit-s3")
 
 from ckptkit.plugin import (  # noqa: E402
-    LEFTOVER_PREFIXES, MANIFEST_NAME, CheckpointRef, ConfigError, FileBackend, RemoteOptions, parse_final, parse_step)
+    LEFTOVER_PREFIXES, MANIFEST_NAME, CheckpointRef, ConfigError, FileBackend, RemoteOptions, denied, parse_final,
+    parse_step)
 
 __all__ = ["S3Backend"]
 
@@ -421,8 +422,13 @@ class S3Backend(FileBackend):
             if math.isfinite(now):
                 try:
                     idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
-                except Exception as exc:  # noqa: BLE001 - aged by its start alone, as before parts were asked
-                    if not self._parts_unlisted:
+                except Exception as exc:  # noqa: BLE001 - told below, and the upload decided on
+                    if not denied(exc):  # a store slow or failing now (throttled): asked again at the next prune
+                        log.warning("backend %r: the parts of %s could not be listed (%s); it is left for the next "
+                                    "prune", self.name, ref.uri, self.describe(exc))
+                        quiet_until = min(quiet_until, now)
+                        continue
+                    if not self._parts_unlisted:  # refused for good: aged by its start, as before parts were asked
                         self._parts_unlisted = True
                         log.warning("backend %r: the parts of unfinished uploads could not be listed (%s), so they "
                                     "are aged by when they began: an upload of another process that takes longer "

@@ -1629,3 +1629,80 @@ def test_finalize_after_a_failed_async_save_tells_what_became_of_the_final_model
         assert "finalize need not run again" in message
         assert [(r.backend, r.role) for r in info.value.saved] == [("published", "final")]
     ck.close()
+
+
+NO_WRITER_THREAD = """
+import os, sys, threading, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+folder, copy = sys.argv[1], sys.argv[2]
+ck = ckptkit.CheckpointManager.from_config(
+    {"backends": {"disk": {"type": "local", "path": folder}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": 5, "async": True,
+                          "async_copy": copy}}},
+    run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
+torch.manual_seed(0)
+model = torch.nn.Linear(64, 64)
+opt = torch.optim.AdamW(model.parameters())
+def train():
+    opt.zero_grad()
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    opt.step()
+train()
+threading.stack_size(1 << 44)  # no thread can start: its stack cannot be mapped
+try:
+    ck.save(step=1, model=model, optimizer=opt)
+except RuntimeError as exc:
+    print("save 1:", exc)
+threading.stack_size(0)
+train()
+ck.save(step=2, model=model, optimizer=opt)
+ck.wait()
+torch.save(model.state_dict(), folder + "/expected.pt")
+ck.close()
+"""
+
+
+@pytest.mark.parametrize("copy", ["blocking", "optimizer_state", "background"])
+def test_an_async_save_whose_writer_thread_cannot_start_writes_nothing_ever(tmp_path, pm, copy):
+    """No memory for the writer thread's stack (memory-tight probe): save raised, yet its write
+    stayed queued and ran with the next save's thread, committing step 1 with step 2's weights."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", NO_WRITER_THREAD, str(tmp_path), copy],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "save 1: can't start new thread" in proc.stdout, proc.stdout
+    assert sorted(n for n in os.listdir(tmp_path / "exp") if n.startswith("step-")) == ["step-0000000002"]
+    model = torch.nn.Linear(64, 64)
+    ck = CheckpointManager.from_config(
+        {"backends": {"disk": {"type": "local", "path": str(tmp_path)}}, "roles": {"resume": {"backends": ["disk"]}}},
+        run_name="exp", plugin_manager=pm)
+    assert ck.restore(model).step == 2
+    assert_same_state(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
+    ck.close()
+
+
+def test_a_failed_async_save_is_reported_when_the_next_save_fails_before_it_would_have_been(tmp_path, pm):
+    """The next save collects the failed save's outcome, then fails itself before reporting it
+    (memory-tight probe: its staging ran out of memory): the earlier failure went unsaid."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["async"] = True
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "exp").write_text("in the way")  # step 0's folder cannot be made
+    ck.save(step=0, model=model, optimizer=opt)
+
+    def refuses():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    opt.state_dict = refuses
+    with pytest.raises(SaveError, match="step 0 was not saved to every resume backend") as info:
+        ck.save(step=1, model=model, optimizer=opt)
+    assert isinstance(info.value.__context__, RuntimeError) and "allocate" in str(info.value.__context__)
+    del opt.state_dict
+    (tmp_path / "scratch" / "exp").unlink()
+    ck.save(step=2, model=model, optimizer=opt)
+    assert [r.step for r in ck.wait()] == [2]
+    ck.close()

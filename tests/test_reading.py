@@ -1009,3 +1009,50 @@ def test_a_file_torch_swaps_in_the_mapping_or_places_by_computed_offsets_is_hash
     with config.patch({"load.calculate_storage_offsets": True}):  # (monkeypatch would delete the setting)
         assert reading.digest_through_mapping(raw, native, os.path.getsize(native), "xxh3_128") is None
     assert not config.load.calculate_storage_offsets
+
+
+OUT_OF_MEMORY_RESTORE = """
+import json, resource, sys, threading, warnings, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+folder = sys.argv[1]
+config = {"backends": {"disk": {"type": "local", "path": folder}},
+          "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": 3}}}
+torch.manual_seed(0)
+model = torch.nn.Linear(2048, 2048)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(2, 2048)).sum().backward()
+opt.step()
+with ckptkit.CheckpointManager.from_config(config, run_name="exp", plugin_manager=make_plugin_manager(autoload=False)) as ck:
+    ck.save(step=1, model=model, optimizer=opt)
+    ck.save(step=2, model=model, optimizer=opt)
+ck = ckptkit.CheckpointManager.from_config(config, run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
+threading.stack_size(1 << 18)
+size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+told = {}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    resource.setrlimit(resource.RLIMIT_AS, (size + 24 * 2**20, resource.RLIM_INFINITY))
+    try:
+        ck.restore(model, opt)
+        told["limited"] = "restored"
+    except BaseException as exc:
+        told["limited"] = f"{type(exc).__name__}: {exc}"
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+told["skipped"] = [str(w.message) for w in caught if "skipped" in str(w.message)]
+told["then"] = ck.restore(model, opt).step
+ck.close()
+print(json.dumps(told))
+"""
+
+
+def test_a_restore_that_runs_out_of_memory_says_so_and_skips_nothing(tmp_path):
+    """The mapping of the state file failed for want of memory (memory-tight probe): restore
+    took both checkpoints for damaged, skipping them; had memory freed up between the tries, it
+    would have resumed an older step. Now a MemoryError naming the checkpoint, at once."""
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_RESTORE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    told = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert told["limited"].startswith(f"MemoryError: file://{tmp_path}/exp/step-0000000002: this machine ran out "
+                                      "of memory loading state.pt"), told
+    assert told["skipped"] == [] and told["then"] == 2

@@ -680,3 +680,71 @@ def test_torch_step_wrapper_is_found_so_a_save_inside_a_step_is_seen():
     opt.register_step_pre_hook(lambda *_: seen.append(staging.inside_optimizer_step()))
     opt.step()
     assert seen == [True] and not staging.inside_optimizer_step()
+
+
+OUT_OF_MEMORY_STAGING = """
+import json, logging, resource, sys, threading, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+folder, scenario = sys.argv[1], sys.argv[2]
+logging.basicConfig(level=logging.WARNING, format="LOG %(name)s: %(message)s")
+torch.set_num_threads(1)
+ck = ckptkit.CheckpointManager.from_config(
+    {"backends": {"disk": {"type": "local", "path": folder}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True, "async_copy": "blocking"}}},
+    run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)])
+opt = torch.optim.AdamW(model.parameters())
+threading.stack_size(1 << 18)
+def limit():
+    size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + 24 * 2**20, resource.RLIM_INFINITY))
+def unlimit():
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+told = {}
+if scenario == "ahead":  # a new training: the buffers for its first save are made after restore
+    limit()
+    told["restored"] = ck.restore(model, opt)
+    for t in threading.enumerate():
+        if t.name == "ckptkit-prepare":
+            t.join()
+    unlimit()
+    told["spares"] = sum(len(v) for v in ck._async._stager._spares.values())
+else:
+    model(torch.ones(2, 1024)).sum().backward()
+    opt.step()
+    limit()
+    try:
+        ck.save(step=0, model=model, optimizer=opt)
+        told["save"] = "returned"
+    except BaseException as exc:
+        told["save"] = f"{type(exc).__name__}: {exc}"
+    unlimit()
+    told["held"] = ck._async._stager.nbytes
+ck.save(step=1, model=model, optimizer=opt)
+told["then"] = [r.step for r in ck.wait()]
+ck.close()
+print(json.dumps(told, default=str))
+"""
+
+
+@pytest.mark.parametrize("scenario", ["stage", "ahead"])
+def test_staging_that_runs_out_of_memory_releases_what_it_made_and_says_so(tmp_path, scenario):
+    """Memory-tight probe: a failed async save's copy kept the buffers it had made (the next
+    training step then ran out of memory) and raised torch's bare allocator error; the buffers
+    made ahead after restore died in an unhandled thread exception, keeping theirs too."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_STAGING, str(tmp_path), scenario],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    told = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert told["then"] == [1], "the next save works once memory is back"
+    if scenario == "stage":
+        assert told["save"].startswith("MemoryError: async save: this machine ran out of memory"), told
+        assert "roles.resume.async: false" in told["save"] and told["held"] == 0
+    else:
+        assert told["spares"] == 0 and "Exception in thread" not in proc.stderr
+        assert "making the async save's buffers ahead failed" in proc.stderr

@@ -40,6 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import ranks
 from .errors import CkptkitError
+from .safeload import out_of_memory
 from .staging import Stager, copy_flat, expected_likes, inside_optimizer_step, live_storages, plain_cpu_likes, stepped_storages
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,15 @@ class AsyncSaver:
                                             frozenset() if k in copy_always else defer, seen, moves)
                       for k, v in state.items()}
             copy_flat(moves)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            # Kept, the buffers it made would take the memory the next training step needs.
+            self._stager.release()
+            raise MemoryError(f"async save: this machine ran out of memory for the copy of the state that the write "
+                              f"goes on from ({str(exc).splitlines()[0]}); nothing was saved, and the copy's buffers "
+                              "were released. Free memory, or set roles.resume.async: false (a save then writes "
+                              "from the model itself, without a copy)") from exc
         finally:
             # What the first save did not take, later saves will not either. The post-hook stays
             # until shutdown (it returns at once now): a save made inside a step hook would
@@ -219,6 +229,11 @@ class AsyncSaver:
         try:
             self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
         except BaseException:
+            # The executor queues the write before it starts its thread: where that fails (no
+            # memory for a stack), the write stayed queued and ran with the next save's thread,
+            # committing this step from buffers that save had filled with its own state.
+            writer, self._writer = self._writer, None
+            writer.shutdown(wait=False, cancel_futures=True)
             self._copied.set()
             self._judged.set()
             self._drop_forward_hook()

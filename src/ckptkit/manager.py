@@ -773,43 +773,59 @@ class CheckpointManager:
             training_id=self._training_id,
         )
         previous = self._async.collect(f"save step {step}") if role.async_ else None
-        if not self._run_checked:
-            self._check_run(step)
-        self._last_step = step
-        self._trim_now()
-        buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
-        if role.format == "dcp":
-            state = gather.resume_state(model, optimizer, sharded=True)
-            if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
-                state[gather.RANK_BUFFERS] = {str(ranks.rank()): buffers}
-            own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
-            saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
-                                                  self.coll)
-            if saved:
-                self.coll.on_rank0(f"save step {step}: prune", self._prune_after, saved, step, payload.metrics)
+        with self._reported_on_failure(previous) as unreported:
+            if not self._run_checked:
+                self._check_run(step)
+            self._last_step = step
+            self._trim_now()
+            buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
+            if role.format == "dcp":
+                state = gather.resume_state(model, optimizer, sharded=True)
+                if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
+                    state[gather.RANK_BUFFERS] = {str(ranks.rank()): buffers}
+                own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
+                saved, failures = fanout.save_sharded(self.router, self.run_name, payload, state, extra_state, own_file,
+                                                      self.coll)
+                if saved:
+                    self.coll.on_rank0(f"save step {step}: prune", self._prune_after, saved, step, payload.metrics)
+                self._report(step, saved, failures)
+                return saved
+            state = gather.resume_state(model, optimizer)
+            gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
+            if gathered is not None and own_state is not None:
+                state[RANK_EXTRA_KEY] = {r: extra for r, (extra, _) in enumerate(gathered)}
+            if gathered is not None and any(bufs for _, bufs in gathered):
+                state[gather.RANK_BUFFERS] = {r: bufs for r, (_, bufs) in enumerate(gathered) if bufs}
+            if role.async_:
+                if ranks.rank() == 0:
+                    # Training may change the model as soon as save returns: write from a copy.
+                    staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
+                                               copy_always=("extra", RANK_EXTRA_KEY, gather.RANK_BUFFERS),
+                                               copy=role.async_copy)
+                    self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
+                if unreported:
+                    # Reported after this step's save started, so that a failure never drops it.
+                    self._report(*unreported.pop())
+                return []
+            status, result = self.coll.on_rank0(f"save step {step}: write", self._store_full, payload, state, extra_state)
+            _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
             self._report(step, saved, failures)
             return saved
-        state = gather.resume_state(model, optimizer)
-        gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
-        if gathered is not None and own_state is not None:
-            state[RANK_EXTRA_KEY] = {r: extra for r, (extra, _) in enumerate(gathered)}
-        if gathered is not None and any(bufs for _, bufs in gathered):
-            state[gather.RANK_BUFFERS] = {r: bufs for r, (_, bufs) in enumerate(gathered) if bufs}
-        if role.async_:
-            if ranks.rank() == 0:
-                # Training may change the model as soon as save returns: write from a copy.
-                staged = self._async.stage({**state, "extra": extra_state}, model, optimizer,
-                                           copy_always=("extra", RANK_EXTRA_KEY, gather.RANK_BUFFERS),
-                                           copy=role.async_copy)
-                self._async.submit(self._store_full, payload, staged, staged.pop("extra"))
-            if previous is not None:
-                # Reported after this step's save started, so that a failure never drops it.
-                self._report(*previous)
-            return []
-        status, result = self.coll.on_rank0(f"save step {step}: write", self._store_full, payload, state, extra_state)
-        _, saved, failures = result if status == "ok" else (step, [], {"(all)": result})
-        self._report(step, saved, failures)
-        return saved
+
+    @contextlib.contextmanager
+    def _reported_on_failure(self, previous: tuple[int, list[CheckpointRef], dict[str, CkptkitError]] | None
+                             ) -> Iterator[list]:
+        """The outcome of the async save before this one (``previous``, collected), for the block
+        to report (it pops it from the list it is given); one it has not, when the block raises,
+        is reported then if it failed: dropped, a failed save went unsaid (its ``SaveError`` is
+        raised with the block's exception as its context)."""
+        unreported = [] if previous is None else [previous]
+        try:
+            yield unreported
+        except BaseException:
+            if unreported and unreported[0][2]:
+                self._report(*unreported.pop())
+            raise
 
     def _storable(self, step, extra, rank_extra, safe_globals,
                   with_optimizer: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:

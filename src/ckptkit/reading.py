@@ -585,6 +585,8 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
         return safeload.load(path, safe_globals)
     except CheckpointError as exc:
         raise type(exc)(f"{ref.uri}: {exc}") from exc
+    except MemoryError as exc:  # this machine's, never the checkpoint's: not skipped for an older one
+        raise MemoryError(f"{ref.uri}: {exc}") from exc
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ESTALE):
             raise

@@ -352,6 +352,12 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     except RecursionError as exc:
         raise CorruptCheckpointError(f"{what} nests objects too deeply to load") from exc
     except Exception as exc:  # zip errors, truncation, records that do not fit together
+        if out_of_memory(exc):
+            # This machine's lack, not the file's damage: a restore that took it for damage went
+            # back to an older step, which it restored once memory freed up.
+            raise MemoryError(f"this machine ran out of memory loading {what} ({str(exc).splitlines()[0]}): "
+                              "the file is not known to be damaged, and nothing of it was applied. Free memory, or "
+                              "load it where there is more, and try again") from exc
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise CorruptCheckpointError(f"{what} is not a readable checkpoint file "
                                      f"({type(exc).__name__}{': ' + detail if detail else ''})") from exc
@@ -359,6 +365,15 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
         _CREATED.reset(token)
     refuse_inflated(obj, what)
     return obj
+
+
+_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|can't allocate memory|DefaultCPUAllocator|out of memory", re.I)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether torch's error ``exc`` says this machine ran out of memory (an allocation, or a
+    mapping of the file), not that the file is damaged."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc))))
 
 
 # How much more memory than they store the tensors of one file may take once copied densely

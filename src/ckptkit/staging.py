@@ -27,6 +27,7 @@ import copy
 import ctypes
 import functools
 import inspect
+import logging
 import signal
 import sys
 import threading
@@ -35,6 +36,8 @@ from typing import Any, Callable
 import torch
 
 from .hashing import hash_pool, usable_cpus
+
+log = logging.getLogger(__name__)
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -360,17 +363,28 @@ class Stager:
         """Make and page in CPU buffers of these shapes and dtypes (what ``plan`` returned), the
         largest first, for the first ``stage`` to take; one that the plans no longer need when it
         is done is dropped. Meant for a thread of its own; it stops once a stage has run."""
-        for shape, dtype in sorted(likes, key=lambda like: -torch.Size(like[0]).numel() * like[1].itemsize):
-            if not self.preparing:
-                return
-            buf = torch.empty(shape, dtype=dtype)
-            _page_in(buf, lambda: self.preparing)
-            with self._spares_lock:
+        try:
+            for shape, dtype in sorted(likes, key=lambda like: -torch.Size(like[0]).numel() * like[1].itemsize):
                 if not self.preparing:
                     return
-                spares = self._spares.setdefault((shape, dtype), [])
-                if len(spares) < self._planned[(shape, dtype)]:
-                    spares.append(buf)
+                buf = torch.empty(shape, dtype=dtype)
+                _page_in(buf, lambda: self.preparing)
+                with self._spares_lock:
+                    if not self.preparing:
+                        return
+                    spares = self._spares.setdefault((shape, dtype), [])
+                    if len(spares) < self._planned[(shape, dtype)]:
+                        spares.append(buf)
+        except Exception as exc:  # noqa: BLE001 - a head start, never the training's failure
+            # Out of memory, most likely: what it made would take the memory training needs.
+            self.stop_preparing()
+            log.warning("making the async save's buffers ahead failed (%s); those made were released, and the "
+                        "first save makes its own", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def release(self) -> None:
+        """Drop every buffer kept for the next stage, and the spares made ahead."""
+        self.stop_preparing()
+        self._buffers.clear()
 
     def stop_preparing(self) -> None:
         """Release the buffers that ``prepare`` made and no stage took, and make no more."""

@@ -1706,3 +1706,82 @@ def test_a_failed_async_save_is_reported_when_the_next_save_fails_before_it_woul
     ck.save(step=2, model=model, optimizer=opt)
     assert [r.step for r in ck.wait()] == [2]
     ck.close()
+
+
+OUT_OF_MEMORY_LATER = """
+import json, resource, sys, threading, warnings, torch, ckptkit
+from ckptkit.plugins import make_plugin_manager
+folder, scenario, headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = {"backends": {"disk": {"type": "local", "path": folder}, "out": {"type": "local", "path": folder + "/final"}},
+          "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "keep_last": 3},
+                    "final": {"backends": ["out"], "dtype": "bfloat16"}}}
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Linear(2048, 2048)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(2, 2048)).sum().backward()
+opt.step()
+pm = make_plugin_manager(autoload=False)
+ck = ckptkit.CheckpointManager.from_config(config, run_name="exp", plugin_manager=pm)
+if scenario != "restore":
+    ck.save(step=1, model=model, optimizer=opt)
+if scenario == "save":
+    ck.close()
+    sys.exit()
+if scenario == "restore":
+    ck.close()
+    ck = ckptkit.CheckpointManager.from_config(config, run_name="exp", plugin_manager=pm)
+    model = torch.nn.Linear(2048, 2048)
+    opt = torch.optim.AdamW(model.parameters())
+threading.stack_size(1 << 18)
+size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+told = {}
+resource.setrlimit(resource.RLIMIT_AS, (size + headroom * 2**20, resource.RLIM_INFINITY))
+try:
+    if scenario == "restore":
+        ck.restore(model, opt)
+    else:
+        ck.finalize(model, step=1)
+    told["limited"] = "worked"
+except BaseException as exc:
+    told["limited"] = f"{type(exc).__name__}: {exc}"
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+told["optimizer_state"] = len(opt.state)
+if scenario == "restore":
+    told["then"] = ck.restore(model, opt).step
+else:
+    told["then"] = [r.step for r in ck.finalize(model, step=1)]
+ck.close()
+print(json.dumps(told))
+"""
+
+
+@pytest.mark.parametrize("scenario, headroom_mib", [("restore", 60), ("finalize", 4)])
+def test_running_out_of_memory_copying_a_restore_or_casting_a_final_model_says_what_and_keeps_everything(
+        tmp_path, scenario, headroom_mib):
+    """Memory-tight probe: a restore that ran out of memory copying the optimizer's state out of
+    the mapped file, and a finalize casting the model to bfloat16, raised torch's bare allocator
+    error. Now a MemoryError saying what ran out and what to do; nothing half loaded, nothing
+    lost, and the same call works once memory is back."""
+    import json
+    import subprocess
+    import sys
+
+    def child(*args):
+        proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_LATER, str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()
+
+    if scenario == "restore":
+        child("save", "0")  # in a process of its own, whose freed memory the restore cannot reuse
+    told = json.loads(child(scenario, str(headroom_mib))[-1])
+    if scenario == "restore":
+        assert told["limited"].startswith(f"MemoryError: file://{tmp_path}/exp/step-0000000001: this machine ran "
+                                          "out of memory copying the state out of"), told
+        assert told["optimizer_state"] == 0 and told["then"] == 1
+    else:
+        assert told["limited"].startswith("MemoryError: finalize step 1: this machine ran out of memory gathering "
+                                          "the final model and casting it to bfloat16"), told
+        assert "ckptkit publish" in told["limited"] and "--step 1" in told["limited"]
+        assert told["then"] == [1]

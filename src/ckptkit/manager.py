@@ -2402,7 +2402,19 @@ class CheckpointManager:
         is_async = self.config.resume is not None and self.config.resume.async_
         previous = self._async.collect(f"finalize step {step}") if is_async else None
         self._settle_prune()
-        state = gather.final_state(model, self.config.final.dtype)
+        problem, state = None, {}
+        try:
+            state = gather.final_state(model, self.config.final.dtype)
+        except RuntimeError as exc:  # rank 0's cast, after the gather: every rank raises
+            if not safeload.out_of_memory(exc):
+                raise
+            cast = f" and casting it to {self.config.final.dtype}" if self.config.final.dtype else ""
+            problem = MemoryError(f"finalize step {step}: this machine ran out of memory gathering the final model"
+                                  f"{cast} ({str(exc).splitlines()[0]}); nothing was published, and the resume "
+                                  "checkpoints are as they were. Publish its resume checkpoint where there is memory "
+                                  f"with: {self._command('publish', '--step', str(step))}")
+            problem.__cause__ = exc
+        self.coll.agree(f"finalize step {step}: final state", problem)
         algorithm = algorithm or self.config.algorithm
 
         def publish() -> tuple[list[CheckpointRef], tuple[str, dict[str, CkptkitError]] | None]:

@@ -587,6 +587,12 @@ def load(path: str, ref: CheckpointRef, safe_globals: Iterable[Any] = (), model_
         raise type(exc)(f"{ref.uri}: {exc}") from exc
     except MemoryError as exc:  # this machine's, never the checkpoint's: not skipped for an older one
         raise MemoryError(f"{ref.uri}: {exc}") from exc
+    except RuntimeError as exc:
+        if not safeload.out_of_memory(exc):
+            raise
+        raise MemoryError(f"{ref.uri}: this machine ran out of memory copying the state out of {path} "
+                          f"({str(exc).splitlines()[0]}); nothing of it was applied. Free memory, or restore where "
+                          "there is more, and try again") from exc
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ESTALE):
             raise

@@ -685,12 +685,12 @@ def test_torch_step_wrapper_is_found_so_a_save_inside_a_step_is_seen():
 OUT_OF_MEMORY_STAGING = """
 import json, logging, resource, sys, threading, torch, ckptkit
 from ckptkit.plugins import make_plugin_manager
-folder, scenario = sys.argv[1], sys.argv[2]
+folder, scenario, copy, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 logging.basicConfig(level=logging.WARNING, format="LOG %(name)s: %(message)s")
 torch.set_num_threads(1)
 ck = ckptkit.CheckpointManager.from_config(
     {"backends": {"disk": {"type": "local", "path": folder}},
-     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True, "async_copy": "blocking"}}},
+     "roles": {"resume": {"backends": ["disk"], "every_n_steps": 1, "async": True, "async_copy": copy}}},
     run_name="exp", plugin_manager=make_plugin_manager(autoload=False))
 torch.manual_seed(0)
 model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)])
@@ -698,7 +698,7 @@ opt = torch.optim.AdamW(model.parameters())
 threading.stack_size(1 << 18)
 def limit():
     size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
-    resource.setrlimit(resource.RLIMIT_AS, (size + 24 * 2**20, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom * 2**20, resource.RLIM_INFINITY))
 def unlimit():
     resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 told = {}
@@ -720,7 +720,7 @@ else:
     except BaseException as exc:
         told["save"] = f"{type(exc).__name__}: {exc}"
     unlimit()
-    told["held"] = ck._async._stager.nbytes
+    told["held"] = ck._async._stager.nbytes + sum(b.nbytes for b, *_ in ck._async._stager.deferred)
 ck.save(step=1, model=model, optimizer=opt)
 told["then"] = [r.step for r in ck.wait()]
 ck.close()
@@ -728,8 +728,10 @@ print(json.dumps(told, default=str))
 """
 
 
-@pytest.mark.parametrize("scenario", ["stage", "ahead"])
-def test_staging_that_runs_out_of_memory_releases_what_it_made_and_says_so(tmp_path, scenario):
+# 24 MiB: short of the parameters' copy (24 MiB); 40: short of the optimizer's moments, copied later.
+@pytest.mark.parametrize("scenario, copy, headroom", [("stage", "blocking", 24), ("stage", "optimizer_state", 40),
+                                                      ("ahead", "optimizer_state", 24)])
+def test_staging_that_runs_out_of_memory_releases_what_it_made_and_says_so(tmp_path, scenario, copy, headroom):
     """Memory-tight probe: a failed async save's copy kept the buffers it had made (the next
     training step then ran out of memory) and raised torch's bare allocator error; the buffers
     made ahead after restore died in an unhandled thread exception, keeping theirs too."""
@@ -737,7 +739,7 @@ def test_staging_that_runs_out_of_memory_releases_what_it_made_and_says_so(tmp_p
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_STAGING, str(tmp_path), scenario],
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_STAGING, str(tmp_path), scenario, copy, str(headroom)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     told = json.loads(proc.stdout.strip().splitlines()[-1])

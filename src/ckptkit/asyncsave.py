@@ -58,6 +58,7 @@ class AsyncSaver:
         self._stager = Stager()
         self._copy_mode = "blocking"  # async_copy of the last stage
         self._writer: ThreadPoolExecutor | None = None
+        self._exit_hooked = False  # _finish_at_exit registered, once whatever executors come and go
         self._pending: Future | None = None
         self._copies: list[torch.cuda.Event] = []
         self._copied = threading.Event()  # set while no deferred copy is pending
@@ -154,8 +155,11 @@ class AsyncSaver:
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            # Kept, the buffers it made would take the memory the next training step needs.
+            # Kept, the buffers it made would take the memory the next training step needs (the
+            # exception's traceback holds this frame, and so these two).
             self._stager.release()
+            seen.clear()
+            moves.clear()
             raise MemoryError(f"async save: this machine ran out of memory for the copy of the state that the write "
                               f"goes on from ({str(exc).splitlines()[0]}); nothing was saved, and the copy's buffers "
                               "were released. Free memory, or set roles.resume.async: false (a save then writes "
@@ -203,7 +207,9 @@ class AsyncSaver:
         """Run ``write(*args)`` on the writer thread; it must return an outcome, never raise."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-save")
-            _finish_at_exit(weakref.ref(self))
+            if not self._exit_hooked:
+                self._exit_hooked = True
+                _finish_at_exit(weakref.ref(self))
         self.guard_sigterm()
         if not self._sigterm_settled and not self._sigterm_told:
             self._sigterm_told = True
@@ -228,12 +234,13 @@ class AsyncSaver:
                 self._forward_hooks.extend(m.register_forward_pre_hook(hook) for m in _wrapped_chain(model))
         try:
             self._pending = self._writer.submit(self._after_copies, deferred, copies, write, *args)
-        except BaseException:
-            # The executor queues the write before it starts its thread: where that fails (no
-            # memory for a stack), the write stayed queued and ran with the next save's thread,
-            # committing this step from buffers that save had filled with its own state.
-            writer, self._writer = self._writer, None
-            writer.shutdown(wait=False, cancel_futures=True)
+        except BaseException as exc:
+            if isinstance(exc, RuntimeError):
+                # The executor queues the write before it starts its thread: where that fails (no
+                # memory for a stack), the write stayed queued and ran with the next save's
+                # thread, committing this step from buffers that save had filled with its own.
+                writer, self._writer = self._writer, None
+                writer.shutdown(wait=False, cancel_futures=True)
             self._copied.set()
             self._judged.set()
             self._drop_forward_hook()

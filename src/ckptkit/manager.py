@@ -817,14 +817,15 @@ class CheckpointManager:
                              ) -> Iterator[list]:
         """The outcome of the async save before this one (``previous``, collected), for the block
         to report (it pops it from the list it is given); one it has not, when the block raises,
-        is reported then if it failed: dropped, a failed save went unsaid (its ``SaveError`` is
-        raised with the block's exception as its context)."""
+        is logged then as an error if it failed (dropped, a failed save went unsaid), and the
+        block's own exception goes on as it was (a Ctrl-C stays one)."""
         unreported = [] if previous is None else [previous]
         try:
             yield unreported
         except BaseException:
-            if unreported and unreported[0][2]:
-                self._report(*unreported.pop())
+            failed = self._save_error(*unreported.pop()) if unreported else None
+            if failed is not None:
+                log.error("%s (the save after it failed too, with the error raised now)", failed)
             raise
 
     def _storable(self, step, extra, rank_extra, safe_globals,
@@ -976,6 +977,14 @@ class CheckpointManager:
             return payload.step, [], {"(all)": failure}
 
     def _report(self, step: int, saved: list[CheckpointRef], failures: dict[str, CkptkitError]) -> None:
+        failed = self._save_error(step, saved, failures)
+        if failed is not None:
+            self._fail(failed)
+
+    def _save_error(self, step: int, saved: list[CheckpointRef], failures: dict[str, CkptkitError]
+                    ) -> SaveError | None:
+        """The ``SaveError`` of a save of ``step`` that committed ``saved`` and failed on the
+        backends in ``failures``; None when none failed."""
         if failures:
             where = ", ".join(r.uri for r in saved) or "none, as far as the backends told"
             # What a store's failure leaves, and so what to do; a refused save (another
@@ -991,9 +1000,10 @@ class CheckpointManager:
                          "again, and a restart resumes from the newest committed step")
             else:
                 after = ""
-            self._fail(SaveError(f"step {step} was not saved to every resume backend "
-                                 f"({fanout.describe_failures(failures)}); it is committed on: {where}{after}",
-                                 failures, saved))
+            return SaveError(f"step {step} was not saved to every resume backend "
+                             f"({fanout.describe_failures(failures)}); it is committed on: {where}{after}",
+                             failures, saved)
+        return None
 
     def wait(self) -> list[CheckpointRef]:
         """Wait for the asynchronous save in flight, if any, and the prune after the last save,

@@ -44,7 +44,7 @@ from .plugins import make_plugin_manager
 from .reading import scratch
 from .redact import redact, secret_values
 from .remote import RemoteOptions, parse_bucket_uri
-from .retry import RetriesExhausted, RetryPolicy, denied, is_transient
+from .retry import RetriesExhausted, RetryPolicy, is_transient
 from .storage import FINAL_DIR, LEFTOVER_PREFIXES, FileBackend, final_dirname, parse_final, parse_step, step_dirname
 from .uploads import Multipart
 
@@ -77,7 +77,6 @@ __all__ = [
     "check_number",
     "check_options",
     "counts_for",
-    "denied",
     "final_dirname",
     "hash_stream",
     "hookimpl",

@@ -367,13 +367,19 @@ def load(source: str | os.PathLike | BinaryIO, safe_globals: Iterable[Any] = (),
     return obj
 
 
-_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|can't allocate memory|DefaultCPUAllocator|out of memory", re.I)
+# torch's own words for an allocation or a mapping of the file that this machine refused.
+_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (can't allocate|not enough) memory"
+                            r"|unable to mmap \d+ bytes from file <.*>: Cannot allocate memory \(12\)")
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether torch's error ``exc`` says this machine ran out of memory (an allocation, or a
-    mapping of the file), not that the file is damaged."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc))))
+    mapping of the file), not that the file is damaged. Errors that quote the file's record
+    names (which its pickle chooses) are never taken for it."""
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" not in text and bool(_OUT_OF_MEMORY.search(text))
 
 
 # How much more memory than they store the tensors of one file may take once copied densely

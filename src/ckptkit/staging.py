@@ -382,9 +382,14 @@ class Stager:
                         "first save makes its own", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def release(self) -> None:
-        """Drop every buffer kept for the next stage, and the spares made ahead."""
+        """Drop every buffer kept for the next stage, those a stage that failed part way made
+        (its deferred copies' too), and the spares made ahead."""
         self.stop_preparing()
         self._buffers.clear()
+        self.deferred = []
+        self._snapshots.clear()
+        self._copying.clear()
+        self._room.clear()
 
     def stop_preparing(self) -> None:
         """Release the buffers that ``prepare`` made and no stage took, and make no more."""

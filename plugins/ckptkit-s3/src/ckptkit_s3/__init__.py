@@ -57,8 +57,8 @@ def _require_this_ckptkit(plugin: str) -> None:
 _require_this_ckptkit("ckptkit-s3")
 
 from ckptkit.plugin import (  # noqa: E402
-    LEFTOVER_PREFIXES, MANIFEST_NAME, CheckpointRef, ConfigError, FileBackend, RemoteOptions, denied, parse_final,
-    parse_step)
+    LEFTOVER_PREFIXES, MANIFEST_NAME, CheckpointRef, ConfigError, FileBackend, RemoteOptions, RetriesExhausted,
+    is_transient, parse_final, parse_step)
 
 __all__ = ["S3Backend"]
 
@@ -409,6 +409,7 @@ class S3Backend(FileBackend):
         uploads = self._call(f"listing unfinished uploads under {self.uri(run)}", self._list_uploads, bucket, prefix)
         stale = []
         quiet_until = now + self.leftover_grace_s
+        busy = False
         for upload in uploads:
             folder = upload["Key"][len(prefix):].split("/", 1)[0]
             # Uploads into a checkpoint's folder, or beside it where a step saved again is staged.
@@ -420,20 +421,24 @@ class S3Backend(FileBackend):
                 continue
             ref = self._ref(run_name, -1, f"{bucket}/{upload['Key']}", role="unfinished upload")
             if math.isfinite(now):
+                if busy:  # the store failed this prune's listing of parts already: all wait for the next
+                    quiet_until = min(quiet_until, now)
+                    continue
                 try:
                     idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
                 except Exception as exc:  # noqa: BLE001 - told below, and the upload decided on
-                    if not denied(exc):  # a store slow or failing now (throttled): asked again at the next prune
-                        log.warning("backend %r: the parts of %s could not be listed (%s); it is left for the next "
-                                    "prune", self.name, ref.uri, self.describe(exc))
+                    if isinstance(exc, RetriesExhausted) or is_transient(exc):  # slow or failing now: asked again next prune
+                        busy = True
+                        log.warning("backend %r: the parts of %s could not be listed (%s); its unfinished uploads "
+                                    "are left for the next prune", self.name, ref.uri, self.describe(exc))
                         quiet_until = min(quiet_until, now)
                         continue
                     if not self._parts_unlisted:  # refused for good: aged by its start, as before parts were asked
                         self._parts_unlisted = True
                         log.warning("backend %r: the parts of unfinished uploads could not be listed (%s), so they "
                                     "are aged by when they began: an upload of another process that takes longer "
-                                    "than leftover_grace_s may be aborted. Allow s3:ListMultipartUploadParts",
-                                    self.name, self.describe(exc))
+                                    "than leftover_grace_s may be aborted. Where the store refused it, allow "
+                                    "s3:ListMultipartUploadParts", self.name, self.describe(exc))
                     idle = now - begun
                 if idle is None:
                     continue  # finished or aborted since the listing

@@ -214,6 +214,27 @@ def test_what_a_save_killed_on_this_machine_left_goes_at_once_and_nothing_else_y
     ck.close()
 
 
+def test_a_folder_made_where_the_machine_cannot_be_told_apart_waits_for_the_grace_period(tmp_path, pm, monkeypatch):
+    """No boot id or process-id namespace to read (no /proc): a hostname alone could be another
+    machine's, whose save in flight this prune would delete. Such names carry no process."""
+    from ckptkit import processes
+
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    ck.save(step=0, model=model, optimizer=opt)
+    ck.wait()
+    monkeypatch.setattr(processes, "_boot_and_namespace", lambda: ())
+    assert processes.writer_mark() == "0.0"
+    run = tmp_path / "scratch" / "exp"
+    other = run / f".tmp-step-0000000001-abcdef012345.{_dead_pid()}.{reading.machine()}"
+    other.mkdir()
+    ck.save(step=2, model=model, optimizer=opt)
+    ck.wait()
+    assert other.exists(), "a process that cannot be told gone may be saving"
+    ck.close()
+
+
 def test_a_restart_on_a_full_disk_removes_what_its_killed_save_left_before_saving(tmp_path, pm, tiny_disk):
     """Killed part way through a save, a training leaves a partial checkpoint. On a disk with
     room for keep_last checkpoints and the one being written, the restarted training's saves
@@ -296,7 +317,7 @@ def test_a_restart_on_a_disk_with_room_for_keep_last_and_one_more_removes_the_st
     """Killed between a commit and the prune after it, a training leaves one step more than
     keep_last. The disk holds keep_last checkpoints and the one being written, not one more: the
     restarted training's saves all failed for want of space, and only a save that commits
-    prunes. The restore now prunes what that prune would have."""
+    prunes. The first save after the restore now prunes what that prune would have, first."""
     import torch
 
     cfg = local_config(tmp_path, final=False, keep=3)

@@ -511,20 +511,26 @@ def _finished_at_20(tmp_path, cfg=None):
     return cfg, model
 
 
+def _branch_off_10(tmp_path, ck, model, change: float) -> None:
+    """``ck`` restores step 10 past the newer steps, which are then deleted by hand, and trains on
+    differently (``change`` added to the weights) to save steps 15 and 20 again."""
+    with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
+        assert ck.restore(model=model, step=10).step == 10
+    for step in (15, 20):
+        shutil.rmtree(tmp_path / "scratch" / "exp" / f"step-{step:010d}")
+    with torch.no_grad():
+        model.weight.add_(change)
+    for step in (15, 20):
+        ck.save(step=step, model=model)
+
+
 def test_a_training_rolled_back_past_its_published_final_model_publishes_its_own(tmp_path):
     """restore(step=N) past a loss spike, the newer steps deleted by hand, trained on to the same
     last step, stopped inside finalize and restarted finished: the final model the first branch
     published is not this one's, so it is published again rather than taken for held."""
     cfg, model = _finished_at_20(tmp_path)
     with CheckpointManager.from_config(cfg) as branch:
-        with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
-            assert branch.restore(model=model, step=10).step == 10
-        for step in (15, 20):
-            shutil.rmtree(tmp_path / "scratch" / "exp" / f"step-{step:010d}")
-        with torch.no_grad():
-            model.weight.add_(1.0)  # trained on differently
-        for step in (15, 20):
-            branch.save(step=step, model=model)
+        _branch_off_10(tmp_path, branch, model, 1.0)
     with CheckpointManager.from_config(cfg) as restarted:
         assert restarted.restore(model=model).step == 20
         assert restarted.final_held(20) is False, "the first branch's final model counted as this one's"
@@ -569,14 +575,7 @@ def test_a_second_branch_off_the_same_step_is_another_training(tmp_path):
     cfg, model = _finished_at_20(tmp_path)
     for branch in (1, 2):
         with CheckpointManager.from_config(cfg) as ck:
-            with pytest.warns(RuntimeWarning, match="newer than the restored step 10"):
-                assert ck.restore(model=model, step=10).step == 10
-            for step in (15, 20):
-                shutil.rmtree(tmp_path / "scratch" / "exp" / f"step-{step:010d}")
-            with torch.no_grad():
-                model.weight.add_(branch)
-            for step in (15, 20):
-                ck.save(step=step, model=model)
+            _branch_off_10(tmp_path, ck, model, branch)
             if branch == 1:
                 ck.finalize(model=model, step=20)  # the second branch is stopped inside its finalize
     with CheckpointManager.from_config(cfg) as restarted:

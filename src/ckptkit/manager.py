@@ -1921,8 +1921,8 @@ class CheckpointManager:
         # Size and time, not the inode, which a filesystem mounted through FUSE numbers per machine.
         shares = self.coll.all_gather(f"restore step {ref.step}: files checked",
                                       {n: was[1:3] for n, was in checked.items()})
-        owner = {n: i % ranks.world_size() for i, n in enumerate(sorted(manifest.files))}
-        other = [n for n, was in seen.items() if shares[owner[n]].get(n) != was[1:3]]
+        hashed = {n: was for share in shares for n, was in share.items()}
+        other = [n for n, was in seen.items() if hashed.get(n) != was[1:3]]
         problem = None
         try:
             self.reader.check_files(ref, manifest, other)
@@ -2464,15 +2464,13 @@ class CheckpointManager:
 
         status, result = self.coll.on_rank0(f"finalize step {step}", publish)
         saved, problem = result if status == "ok" else ([], (str(result), {"(all)": result}))
-        resume_failure = None
-        if previous is not None:
-            # The last resume save's outcome, reported once the final model is safe, and with what
-            # became of it: raised alone, it hid where a failed publish left the model, and that a
-            # publish that worked needs no second finalize (a registry would hold it twice).
-            try:
-                self._report(*previous)
-            except SaveError as exc:
-                resume_failure = exc
+        # The last resume save's outcome, reported once the final model is safe, and with what
+        # became of it: raised alone, it hid where a failed publish left the model, and that a
+        # publish that worked needs no second finalize (a registry would hold it twice).
+        resume_failure = self._save_error(*previous) if previous is not None else None
+        if resume_failure is not None and self.on_error != "raise":
+            self._fail(resume_failure)  # a warning
+            resume_failure = None
         if problem:
             message, failures = problem
             if resume_failure is not None:

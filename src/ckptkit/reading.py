@@ -46,7 +46,7 @@ from .errors import (
 from .hashing import CHUNK, WriteOnly, algorithm_of, copy_hashed, hash_pool, hash_stream, new_hasher, usable_cpus
 from .local import mappable
 from .manifest import FileEntry, Manifest
-from .processes import alive, machine, writer_mark
+from .processes import machine, writer_gone, writer_mark
 from .retry import RetriesExhausted, RetryPolicy, denied, exhausted, gave_up
 from .roles import Role
 from .routing import Router
@@ -819,8 +819,7 @@ def sweep_scratch(tmpdir: str | None = None) -> list[str]:
             continue
         path = os.path.join(root, entry)
         if len(parts) >= 4 and parts[2] == machine() and writer_mark() != "0.0":  # a machine told apart
-            pid = int(parts[1])
-            if pid == os.getpid() or alive(pid):
+            if not writer_gone(f"{parts[1]}.{parts[2]}"):
                 continue
         elif not _idle(path):
             continue

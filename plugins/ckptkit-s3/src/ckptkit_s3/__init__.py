@@ -63,6 +63,7 @@ from ckptkit.plugin import (  # noqa: E402
 __all__ = ["S3Backend"]
 
 log = logging.getLogger(__name__)
+_BUSY = object()  # the store failed a listing of an upload's parts for now: asked again at the next prune
 __version__ = "0.4.0"
 
 
@@ -421,25 +422,12 @@ class S3Backend(FileBackend):
                 continue
             ref = self._ref(run_name, -1, f"{bucket}/{upload['Key']}", role="unfinished upload")
             if math.isfinite(now):
-                if busy:  # the store failed this prune's listing of parts already: all wait for the next
+                # After one listing of parts the store failed for now, the others wait for the next prune.
+                idle = None if busy else self._told_idle(ref, bucket, upload, now)
+                busy = busy or idle is _BUSY
+                if busy:
                     quiet_until = min(quiet_until, now)
                     continue
-                try:
-                    idle = self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
-                except Exception as exc:  # noqa: BLE001 - told below, and the upload decided on
-                    if isinstance(exc, RetriesExhausted) or is_transient(exc):  # slow or failing now: asked again next prune
-                        busy = True
-                        log.warning("backend %r: the parts of %s could not be listed (%s); its unfinished uploads "
-                                    "are left for the next prune", self.name, ref.uri, self.describe(exc))
-                        quiet_until = min(quiet_until, now)
-                        continue
-                    if not self._parts_unlisted:  # refused for good: aged by its start, as before parts were asked
-                        self._parts_unlisted = True
-                        log.warning("backend %r: the parts of unfinished uploads could not be listed (%s), so they "
-                                    "are aged by when they began: an upload of another process that takes longer "
-                                    "than leftover_grace_s may be aborted. Where the store refused it, allow "
-                                    "s3:ListMultipartUploadParts", self.name, self.describe(exc))
-                    idle = now - begun
                 if idle is None:
                     continue  # finished or aborted since the listing
                 if idle <= self.leftover_grace_s:
@@ -453,6 +441,24 @@ class S3Backend(FileBackend):
         if math.isfinite(now):
             self._uploads_quiet_until[run] = quiet_until
         return stale
+
+    def _told_idle(self, ref: CheckpointRef, bucket: str, upload: dict[str, Any], now: float) -> Any:
+        """``_idle_for``, asked of the store: ``_BUSY`` where it failed for now (throttled, slow),
+        and its age by when it began where it refuses to list parts for good, saying so once."""
+        try:
+            return self._call(f"listing the parts of {ref.uri}", self._idle_for, bucket, upload, now)
+        except Exception as exc:  # noqa: BLE001 - told here, and the upload decided on
+            if isinstance(exc, RetriesExhausted) or is_transient(exc):
+                log.warning("backend %r: the parts of %s could not be listed (%s); its unfinished uploads are left "
+                            "for the next prune", self.name, ref.uri, self.describe(exc))
+                return _BUSY
+            if not self._parts_unlisted:
+                self._parts_unlisted = True
+                log.warning("backend %r: the parts of unfinished uploads could not be listed (%s), so they are "
+                            "aged by when they began: an upload of another process that takes longer than "
+                            "leftover_grace_s may be aborted. Where the store refused it, allow "
+                            "s3:ListMultipartUploadParts", self.name, self.describe(exc))
+            return now - upload["Initiated"].timestamp()
 
     def _idle_for(self, bucket: str, upload: dict[str, Any], now: float) -> float | None:
         """How long ``upload`` (an entry of ``list_multipart_uploads``) has received nothing: since

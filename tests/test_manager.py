@@ -1,3 +1,4 @@
+import enum
 import json
 import logging
 import os
@@ -969,6 +970,97 @@ def test_an_async_save_holds_a_modules_extra_state_as_save_saw_it(tmp_path, pm, 
     fresh = _RunningCount()
     CheckpointManager.from_config(cfg, plugin_manager=pm).restore(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
     assert torch.equal(fresh.seen, at_save), (fresh.seen, at_save)
+
+
+class _Stage(enum.Enum):
+    WARMUP = 1
+
+
+class _Curriculum(torch.nn.Module):
+    """A module whose extra state is an object of its own, as a trainer's curriculum keeps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.stage = _Stage.WARMUP
+
+    def get_extra_state(self):
+        return {"stage": self.stage}
+
+    def set_extra_state(self, state):
+        self.stage = state["stage"]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_modules_extra_state_that_restore_could_not_load_is_refused_at_save(tmp_path, pm, fmt):
+    """extra= was checked before anything was written; what a module's get_extra_state returns
+    was not: every step was committed, and every restore of them refused. A refused save leaves
+    no step behind it either, so a save of a lower step is not refused for it."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"]["format"] = fmt
+    model = _Curriculum()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError,
+                           match=r"the model's state_dict\(\)\['_extra_state'\]\['stage'\] is a .*_Stage, "
+                                 r"which restore could not load back safely .*nothing was saved.*safe_globals="):
+            ck.save(step=5, model=model)
+        assert steps_on_disk(tmp_path / "scratch") == []
+        ck.save(step=4, model=model, safe_globals=[_Stage])
+    fresh = _Curriculum()
+    fresh.stage = None
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        assert ck.restore(fresh, safe_globals=[_Stage]).step == 4
+    assert fresh.stage is _Stage.WARMUP
+
+
+def test_an_optimizers_own_setting_that_restore_could_not_load_is_refused_at_save(tmp_path, pm):
+    """A custom optimizer's param group setting is saved with its state, and loaded weights-only."""
+    cfg = local_config(tmp_path, final=False)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["schedule"] = pathlib.PurePosixPath("cosine")
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError,
+                           match=r"the optimizer's param_groups\[0\]\['schedule'\] is a pathlib.PurePosixPath"):
+            ck.save(step=1, model=model, optimizer=opt)
+    assert steps_on_disk(tmp_path / "scratch") == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "blocking", "background"])
+def test_sparse_tensors_and_views_of_one_storage_come_back_as_saved(tmp_path, pm, mode):
+    """An async save raised torch's bare "Cannot access data pointer" for a sparse buffer, and
+    gave views of one storage in extra (a flat-buffer EMA) a copy each: an object that adopts what
+    restore gives it then stopped updating its views with the buffer."""
+    class FlatEma:
+        def __init__(self):
+            self.flat = torch.zeros(6)
+            self.views = [self.flat[:4], self.flat[4:]]
+
+        def state_dict(self):
+            return {"flat": self.flat, "views": self.views}
+
+        def load_state_dict(self, state):
+            self.flat, self.views = state["flat"], state["views"]
+
+    cfg = local_config(tmp_path, final=False)
+    if mode != "sync":
+        cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
+    model = torch.nn.Linear(3, 3)
+    adjacency = torch.sparse_coo_tensor([[0, 1], [1, 2]], [1.0, 2.0], (3, 3))
+    model.register_buffer("adjacency", adjacency)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = FlatEma()
+    ema.flat.add_(1.0)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=1, model=model, optimizer=opt, extra={"ema": ema})
+        ema.flat.add_(5.0)  # after save returned: not in the checkpoint
+    fresh, back = torch.nn.Linear(3, 3), FlatEma()
+    fresh.register_buffer("adjacency", torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), [], (3, 3)))
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.restore(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), extra={"ema": back})
+    assert torch.equal(fresh.adjacency.to_dense(), adjacency.to_dense())
+    back.flat.add_(1.0)
+    assert [v.tolist() for v in back.views] == [[2.0] * 4, [2.0] * 2]
 
 
 @pytest.mark.parametrize("mode", ["sync", "blocking", "optimizer_state", "background"])

@@ -551,6 +551,28 @@ def test_what_restore_loads_is_still_accepted_beside_allowed_types():
         assert loaded.keys() == value.keys()
 
 
+class _Outer:
+    class Inner(enum.Enum):
+        A = 1
+
+    @staticmethod
+    def make():
+        return 1
+
+
+def test_a_trusted_class_defined_inside_another_is_refused_at_save():
+    """pickle stores a nested class through getattr(Outer, "Inner"), which weights-only loading
+    refuses whatever safe_globals allow: accepted at save, every restore of it was refused."""
+    for value, allowed, what in ((_Outer.Inner.A, [_Outer.Inner], r"a .*test_safeload._Outer.Inner"),
+                                 (_Outer.Inner, [_Outer.Inner], r"the class .*test_safeload._Outer.Inner"),
+                                 (_Outer.make, [_Outer.make], r"the function .*test_safeload._Outer.make")):
+        with pytest.raises(UnstorableStateError, match=rf"extra\['v'\] is {what}, defined inside _Outer: pickle "
+                                                      r"stores it through getattr.*Define it at the top level"):
+            safeload.check_storable({"v": value}, "extra", safe_globals=allowed)
+        with pytest.raises(UnsafeCheckpointError, match="getattr"):  # what restore would have said
+            round_trip({"v": value}, safe_globals=allowed)
+
+
 _NUMPY_ALLOWED = """
 import io, sys
 import numpy as np, torch

@@ -33,6 +33,7 @@ import signal
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from copy import deepcopy  # (``copy`` names stage's argument)
 from typing import Any, Callable, Iterator
 
 import torch
@@ -41,7 +42,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from . import ranks
 from .errors import CkptkitError
 from .safeload import out_of_memory
-from .staging import Stager, copy_flat, expected_likes, inside_optimizer_step, live_storages, plain_cpu_likes, stepped_storages
+from .staging import (Stager, copy_flat, expected_likes, inside_optimizer_step, live_storages, plain_cpu_likes,
+                      shares_views, stepped_storages)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +150,11 @@ class AsyncSaver:
         seen: dict = {}  # tensors that appear twice (tied weights) are staged once
         moves: list = []  # the copies of dense CPU tensors, made together below
         try:
-            staged = {k: self._stager.stage(v, None if k in copy_always else live, (k,),
-                                            frozenset() if k in copy_always else defer, seen, moves)
+            # Views of one storage are copied as torch's own deep copy makes them, still sharing
+            # it, into memory of this save's own (rare: a flat-buffer EMA in extra).
+            staged = {k: deepcopy(v) if k in copy_always and shares_views(v) else
+                      self._stager.stage(v, None if k in copy_always else live, (k,),
+                                         frozenset() if k in copy_always else defer, seen, moves)
                       for k, v in state.items()}
             copy_flat(moves)
         except Exception as exc:

@@ -70,6 +70,10 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     frozen ones among them get a place for it too.
     """
     options = None if sharded else _full_options(model)
+    if next(_iterate_valid_model_state(model), None) is None:
+        # DCP refuses a model without state (a parameter-free baseline), asking the process group
+        # for the rank to say so even in one process; there is nothing to gather.
+        return {"model": {}} if optimizer is None else {"model": {}, "optimizer": {"state": {}, "param_groups": []}}
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     try:
@@ -232,7 +236,9 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     options = _full_options(model, broadcast_from_rank0=True) if full else None
     if options is not None and ranks.rank() != 0:
         state = {"model": {}, "optimizer": {}}
-    misfit = None
+    misfit = plain_misfit(model, state["model"]) if full and options is None else None
+    if misfit is not None:
+        raise IncompatibleCheckpointError(f"{source}: {misfit}")
     if options is not None and ranks.rank() == 0:
         try:
             misfit = broadcast_misfit(model, state["model"])
@@ -591,6 +597,8 @@ def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: St
     load may fail on one rank alone (torch's refusal, a module's own ``set_extra_state``): one
     that fails once every rank is past the broadcast is raised on every rank. One that fails
     inside the broadcast is raised at once, the other ranks still waiting in it."""
+    if next(_iterate_valid_model_state(model), None) is None:
+        return  # nothing to load, and DCP refuses a model without state (``resume_state``)
     past_broadcast = []
     # The model's own load_state_dict begins once torch's broadcast has ended, on every rank.
     handle = model.register_load_state_dict_pre_hook(lambda *args: past_broadcast.append(True))
@@ -641,12 +649,70 @@ def broadcast_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | Non
                 other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
     unknown = sorted(fqn for fqn, value in saved.items()
                      if fqn not in live and isinstance(value, torch.Tensor) and value.dim() > 0)
+    return _misfit(missing, unknown, other)
+
+
+def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
+    """Why the model's own strict ``load_state_dict``, which DCP runs for a plain module in one
+    process, would refuse the full state ``saved``, or None: a weight the model has and ``saved``
+    lacks, one the other way round, or one of another shape. Found before anything is loaded:
+    torch copies in every weight that fits before it raises, and a trainer that catches the
+    refusal and starts afresh would train a model part restored. An empty ``saved`` counts too,
+    which DCP loads into any model without a word. A model with a module whose loading is its
+    own (a ``_load_from_state_dict`` other than ``_PLAIN_LOADS``, a load hook from outside torch:
+    either may rename or reshape) is left to its own load; lazy weights are not told by shape."""
+    owned: dict[str, torch.nn.Module] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values()]
+        if type(module)._load_from_state_dict not in _PLAIN_LOADS or not all(
+                _from_torch(getattr(h, "hook", h)) for h in hooks):
+            return None
+        owned[prefix] = module
+    missing, other = [], []
+    live: set[str] = set()
+    for name, value in _iterate_valid_model_state(model):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = owned.get(owner_name)
+        for fqn in _dcp_names(model, name):
+            live.add(fqn)
+            kept = saved.get(fqn)
+            if leaf == torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX:
+                if fqn not in saved and owner is not None and \
+                        type(owner).set_extra_state is not torch.nn.Module.set_extra_state:
+                    missing.append(fqn)
+            elif fqn not in saved:
+                # (BatchNorm makes up a step count that a checkpoint of an older torch lacks.)
+                if not (leaf == "num_batches_tracked" and isinstance(owner, torch.nn.modules.batchnorm._NormBase)):
+                    missing.append(fqn)
+            elif not isinstance(kept, torch.Tensor):
+                other.append(f"{fqn} is a {type(kept).__name__} there, not a tensor")
+            elif not torch.nn.parameter.is_lazy(value) and tuple(kept.shape) != tuple(value.shape) and not (
+                    value.dim() == 0 and kept.dim() == 1):  # (torch takes a 1-d weight for a 0-d one)
+                other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
+    unknown = sorted(fqn for fqn in saved
+                     if fqn not in live and not fqn.endswith(torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX))
+    return _misfit(missing, unknown, other)
+
+
+# The loads whose rules ``plain_misfit`` knows: torch's own, and the norms' (which only convert
+# what an older torch saved, and add a missing step count).
+_PLAIN_LOADS = tuple(load for load in (
+    torch.nn.Module._load_from_state_dict,
+    getattr(getattr(torch.nn.modules.batchnorm, "_NormBase", None), "_load_from_state_dict", None),
+    getattr(getattr(torch.nn.modules.instancenorm, "_InstanceNorm", None), "_load_from_state_dict", None),
+) if load is not None)
+
+
+def _misfit(missing: list[str], unknown: list[str], other: list[str]) -> str | None:
     found = ([f"no weights for {_listed(sorted(missing))}"] if missing else []) + (
         [f"weights the model lacks: {_listed(unknown)}"] if unknown else []) + (
         [_listed(sorted(other))] if other else [])
     if not found:
         return None
-    return f"the model given to restore does not fit the weights saved there ({'; '.join(found)}). {REBUILD_MODEL}"
+    renamed = (". To start a changed model from these weights, write them to a file with export() (or `ckptkit "
+               "export`) and load that with load_state_dict(strict=False)" if missing or unknown else "")
+    return (f"the model given to restore does not fit the weights saved there ({'; '.join(found)}). "
+            f"{REBUILD_MODEL}{renamed}")
 
 
 def _from_torch(fn: Any) -> bool:

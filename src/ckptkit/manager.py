@@ -274,6 +274,27 @@ def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iter
     return state
 
 
+def _unloadable(state: dict[str, Any], safe_globals: Iterable[Any]) -> UnstorableStateError | None:
+    """Why restore could not load back the gathered model and optimizer state, or None. Their
+    tensors always load; what else they hold is the user's to choose (a module's
+    ``get_extra_state()``, a custom optimizer's settings or per-parameter values) and is held to
+    the rules ``extra`` is, before anything is written: a save that took a dataclass from a module
+    committed every step, and every restore of them was refused."""
+    try:
+        model = state.get("model") or {}
+        safeload.check_storable({k: v for k, v in model.items() if not isinstance(v, torch.Tensor)},
+                                "the model's state_dict()", safe_globals)
+        optim = state.get("optimizer") or {}
+        safeload.check_storable(optim.get("param_groups", []), "the optimizer's param_groups", safe_globals)
+        for name, entry in (optim.get("state") or {}).items():
+            values = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)} \
+                if isinstance(entry, dict) else entry
+            safeload.check_storable(values, f"the optimizer's state[{name!r}]", safe_globals)
+    except UnstorableStateError as exc:
+        return exc
+    return None
+
+
 def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Model settings as plain values a registry can record and anyone can read back."""
     out = {}
@@ -776,11 +797,12 @@ class CheckpointManager:
         with self._reported_on_failure(previous) as unreported:
             if not self._run_checked:
                 self._check_run(step)
-            self._last_step = step
             self._trim_now()
             buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
             if role.format == "dcp":
                 state = gather.resume_state(model, optimizer, sharded=True)
+                self.coll.agree(f"save step {step}: check model state", _unloadable(state, safe_globals))
+                self._last_step = step
                 if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
                     state[gather.RANK_BUFFERS] = {str(ranks.rank()): buffers}
                 own_file = {} if own_state is None else {rank_extra_file(ranks.rank()): torch_writer(own_state)}
@@ -791,6 +813,8 @@ class CheckpointManager:
                 self._report(step, saved, failures)
                 return saved
             state = gather.resume_state(model, optimizer)
+            self.coll.agree(f"save step {step}: check model state", _unloadable(state, safe_globals))
+            self._last_step = step
             gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
             if gathered is not None and own_state is not None:
                 state[RANK_EXTRA_KEY] = {r: extra for r, (extra, _) in enumerate(gathered)}

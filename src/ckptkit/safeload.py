@@ -632,8 +632,11 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
         if np is not None and _numpy_storable(value):
             continue
         if _is_allowed(value, allowed):
+            _refuse_nested(value, path, f"the {'class' if isinstance(value, type) else 'function'} "
+                                        f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}")
             continue  # a class or function the caller trusts, stored by name
         if kind in allowed and kind not in _MAPPINGS and kind not in _SEQUENCES:
+            _refuse_nested(kind, path, _type_name(value))
             # Trusted itself, but what it holds is pickled with it and must load too (a
             # datetime inside a trusted dataclass would make the checkpoint unloadable). A
             # tensor subclass is rebuilt by torch itself.
@@ -667,6 +670,18 @@ def check_storable(obj: Any, where: str, safe_globals: Iterable[Any] = ()) -> No
             f"weights_only=True does not rebuild it), so nothing was saved. Store {hint} instead"
             f"{'' if hint.startswith('its state') else ', or convert it to a tensor'}; or, if you trust the type, "
             "pass it in safe_globals= to both save and restore.")
+
+
+def _refuse_nested(allowed: Any, path: str, what: str) -> None:
+    """Refuse ``what`` at ``path`` where the trusted class or function ``allowed`` it is, or is an
+    instance of, is defined inside another (``Outer.Inner``): pickle stores it as
+    ``getattr(Outer, "Inner")``, and weights-only loading refuses ``getattr``."""
+    name = getattr(allowed, "__qualname__", "")
+    if "." in name:
+        raise UnstorableStateError(
+            f"{path} is {what}, defined inside {name.rpartition('.')[0]}: pickle stores it through getattr, which "
+            "restore's safe loading refuses whatever safe_globals allow, so nothing was saved. Define it at the "
+            "top level of its module")
 
 
 def _numpy_storable(value: Any) -> bool:

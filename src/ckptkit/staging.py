@@ -47,6 +47,32 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
+def shares_views(obj: Any) -> bool:
+    """Whether ``obj`` (walked through dicts, lists and tuples, as ``Stager.stage`` walks it)
+    holds CPU tensors that are different views of one storage: a flat buffer and views of it,
+    as a flat-buffer EMA keeps. ``Stager.stage`` gives each its own buffer, and an object whose
+    ``load_state_dict`` adopts what restore gives it would no longer update its views with the
+    buffer; ``torch.save`` keeps them sharing."""
+    views: dict[int, tuple] = {}
+    walked: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if torch.is_tensor(item):
+            if item.device.type != "cpu" or item.layout != torch.strided or not item.numel():
+                continue
+            storage = _storage(item)
+            if storage is None:
+                continue
+            view = (item.storage_offset(), tuple(item.shape), item.stride(), item.dtype)
+            if views.setdefault(storage, view) != view:
+                return True
+        elif isinstance(item, (dict, list, tuple)) and id(item) not in walked:
+            walked.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
 def _extra_state(key: Any) -> bool:
     """Whether a state dict's ``key`` holds what a module's ``get_extra_state`` returned: no
     parameter or buffer, so outside ``live_storages``, yet whatever the module keeps and may
@@ -418,6 +444,9 @@ class Stager:
         the copies of dense CPU tensors are added to it as (buffer, source) pairs for
         ``copy_flat`` to make, instead of being made one by one here."""
         seen = {} if seen is None else seen
+        if torch.is_tensor(obj) and obj.layout != torch.strided:
+            # A sparse tensor has no storage of its own to keep a buffer for: copied whole, each time.
+            return obj.detach().clone()
         if torch.is_tensor(obj):
             storage = _storage(obj) if obj.device.type == "cpu" else None
             if live is not None and storage is not None and storage not in live:

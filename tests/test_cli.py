@@ -856,6 +856,53 @@ def test_verify_tells_a_plugins_failure_from_a_damaged_checkpoint(capsys, saved,
     assert "failed verification" not in err and "their backend's plugin failed" in err
 
 
+_PRUNED_MEANWHILE = """
+import os, shutil
+import ckptkit
+from ckptkit.local import LocalBackend
+
+
+class PrunedMeanwhile(LocalBackend):
+    \"\"\"Step 1 is deleted, as a training's prune deletes it, once it has been listed.\"\"\"
+
+    @ckptkit.hookimpl
+    def read_manifest(self, ref):
+        if ref.step == 1 and os.environ.get("PRUNE_STEP_1") == "1":
+            os.remove(os.path.join(ref.local_dir, "manifest.json"))  # a prune deletes the manifest first
+        return super().read_manifest(ref=ref)
+"""
+
+
+@pytest.mark.parametrize("pruned", [True, False])
+def test_verify_does_not_call_a_checkpoint_pruned_while_it_was_read_corrupt(capsys, saved, tmp_path, monkeypatch,
+                                                                          pruned):
+    """A check from cron beside a training: a checkpoint its prune deleted between the listing and
+    the reads was reported CORRUPT, and the command failed. A checkpoint still listed whose
+    manifest cannot be read is still damaged."""
+    _install(tmp_path, monkeypatch, "pruning", "ckptkit_pruning_cli", _PRUNED_MEANWHILE, "PrunedMeanwhile")
+    monkeypatch.setenv("PRUNE_STEP_1", "1")
+    cfg = local_config(tmp_path, keep=10, final=False)
+    cfg["backends"]["scratch"]["type"] = "pruning"
+    path = tmp_path / "pruning.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if not pruned:  # damaged in place: the manifest is there, and unreadable
+        (saved / "step-0000000001" / "manifest.json").write_text("{")
+        monkeypatch.setenv("PRUNE_STEP_1", "0")
+    try:
+        code, out, err = run(capsys, "verify", str(path), "--json")
+    finally:
+        sys.modules.pop("ckptkit_pruning_cli", None)
+    rows = {r["step"]: r for r in json.loads(out)}
+    assert [rows[s]["result"] for s in (3, 2, 0)] == ["ok"] * 3
+    if pruned:
+        assert code == 0, err
+        assert rows[1]["result"] == "gone" and "deleted while it was being verified" in rows[1]["detail"]
+        assert "failed verification" not in err
+    else:
+        assert code == 1 and rows[1]["result"] == "corrupt"
+        assert "1 of 4 checkpoints failed verification" in err
+
+
 def test_path_options_expand_the_home_folder_and_an_export_is_as_readable_as_any_file(capsys, config_file, saved,
                                                                                      tmp_path, monkeypatch):
     """--out=~/m.pt reaches ckptkit with the ~ (the shell expands it only at a word's start):
@@ -902,3 +949,16 @@ def test_python_m_ckptkit_is_the_ckptkit_command():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "local" in [row["type"] for row in json.loads(proc.stdout)]
+
+
+@pytest.mark.parametrize("command", ["verify", "export", "publish"])
+def test_a_step_below_zero_is_refused_as_an_option_not_a_traceback(capsys, config_file, command):
+    """export and publish printed a ValueError's traceback for --step -1 (and nothing on stdout
+    with --json)."""
+    extra = ["--out", "m.pt"] if command == "export" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(config_file), "--step", "-1", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"ckptkit {command}: error: argument --step: a step is a whole number from 0 up, not '-1'" in err
+    assert "Traceback" not in err

@@ -117,6 +117,9 @@ def test_config_file_errors_are_one_line_and_name_the_file_once(tmp_path):
         ({"type": "s3", "path": "s3://bucket/x"}, "backends.scratch.type: unknown backend type 's3' (installed: local"),
         ({"type": "local", "path": "s3://bucket/x"}, "backends.scratch.path: 's3://bucket/x' is a s3:// URI"),
         ({"type": "local", "path": "file://host/x"}, "backends.scratch.path: malformed file URI"),
+        ({"type": "local", "path": "${SCRATCH}/ckpts"}, "backends.scratch.path: '${SCRATCH}/ckpts' holds ${SCRATCH}, "
+                                                        "which ckptkit does not expand (only ~ is)"),
+        ({"type": "local", "path": "/data/$USER/ckpts"}, "backends.scratch.path: '/data/$USER/ckpts' holds $USER"),
         ({"type": "local"}, "backends.scratch.path: required key is missing"),
         ({"type": "local", "path": "x", "pth": 1}, "backends.scratch.pth: unknown key"),
         ({"type": "local", "path": "x", "leftover_grace_s": -1}, "backends.scratch.leftover_grace_s"),

@@ -180,6 +180,28 @@ def test_empty_folders_left_by_a_kill_are_removed_after_the_grace_period(tmp_pat
     assert _steps(tmp_path) == [0, 1]
 
 
+def test_a_checkpoint_a_killed_prune_half_deleted_goes_by_the_age_of_its_files(tmp_path, pm):
+    """A prune deletes a checkpoint's manifest, then its files: killed in between, it left old
+    files in a folder whose own time the deletions had just set, so each restart's prune took it
+    for a save in flight and kept it another hour (the grace period)."""
+    cfg = local_config(tmp_path, final=False)
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    model, opt = make_model()
+    for step in range(3):
+        ck.save(step=step, model=model, optimizer=opt)
+    ck.wait()
+    half = tmp_path / "scratch" / "exp" / "step-0000000000"
+    two_hours_ago = time.time() - 7200
+    for path in half.iterdir():
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    (half / "manifest.json").unlink()  # what the killed prune did first; the folder's time is now
+    ck.save(step=3, model=model, optimizer=opt)
+    ck.wait()
+    assert not half.exists()
+    assert _steps(tmp_path) == [1, 2, 3]
+    ck.close()
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -607,6 +629,29 @@ def test_ckptkit_prune_removes_what_a_killed_finalize_left_in_a_final_only_store
     del cfg["roles"]["resume"]
     assert cli_main(["prune", _config_file(tmp_path, cfg)]) == 0
     assert not young.exists() and (run / "final" / "manifest.json").exists()
+
+
+def test_what_a_publish_killed_on_this_machine_left_goes_at_the_next_publish(tmp_path, pm):
+    """A store of the final role alone is visited by no prune: each publish killed part way left a
+    whole model in a temporary folder until someone ran ckptkit prune, and took a version number."""
+    cfg = local_config(tmp_path)  # "published": a local store of the final role alone
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=1, model=model, optimizer=opt)
+        ck.finalize(model=model, step=1)
+    run = tmp_path / "published/exp"
+    killed = [run / f".tmp-final-{v}-0123456789a{v}.{_dead_pid()}.{reading.machine()}" for v in (2, 3)]
+    running = run / f".tmp-final-4-0123456789ab.{os.getppid()}.{reading.machine()}"
+    elsewhere = run / f".tmp-final-5-0123456789ab.{_dead_pid()}.0badf00d"
+    for folder in (*killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "final_model.pt").write_bytes(b"a whole model")
+    train_step(model, opt)
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        [ref] = ck.finalize(model=model, step=2)
+    assert not any(folder.exists() for folder in killed)
+    assert running.exists() and elsewhere.exists(), "a process that runs, or one of another machine, may be publishing"
+    assert ref.uri.rstrip("/").endswith("/final-6") and (run / "final-6" / "manifest.json").exists()
 
 
 def test_a_final_model_left_aside_by_a_killed_publish_is_put_back(tmp_path, pm, monkeypatch):

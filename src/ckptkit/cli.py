@@ -20,6 +20,7 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
+from .checkpoint import CheckpointRef
 from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
                      IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
 from .manager import CheckpointManager
@@ -358,13 +359,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 result = ("unverified" if isinstance(exc, StorageUnavailableError) else
                           "plugin" if isinstance(exc, BackendError) else
                           "newer" if isinstance(exc, IncompatibleCheckpointError) else "corrupt")
+                detail = redact(str(exc), secret_values())
+                if result == "corrupt" and _deleted_since(ck, ref):
+                    # Pruned between the listing and its reads (a training saving beside a check run
+                    # from cron): its files went one by one, which is no damage.
+                    result, detail = "gone", ("deleted while it was being verified (a training's keep_last, or "
+                                              "another prune): no longer a checkpoint of the run")
                 rows.append({"backend": ref.backend, "step": ref.step, "ok": False, "result": result,
-                             "detail": redact(str(exc), secret_values()), "uri": ref.uri})
+                             "detail": detail, "uri": ref.uri})
         table = _table(f"run {ck.run_name!r}: verification", ("backend", "step", "result", "detail"),
                        whole=("step", "result"))
         shown = {"ok": Text("ok", style="green"), "corrupt": Text("CORRUPT", style="red"),
                  "unverified": Text("unverified", style="yellow"), "newer": Text("newer ckptkit", style="yellow"),
-                 "plugin": Text("plugin failed", style="yellow")}
+                 "plugin": Text("plugin failed", style="yellow"), "gone": Text("gone", style="dim")}
         for r in rows:
             table.add_row(r["backend"], str(r["step"]), shown[r["result"]], r["detail"])
         if not rows and not unreachable:
@@ -390,6 +397,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1 if corrupt or unverified or newer or faulty or unreachable else 0
     finally:
         ck.close()
+
+
+def _deleted_since(ck: CheckpointManager, ref: CheckpointRef) -> bool:
+    """Whether checkpoint ``ref`` is no longer listed on its backend (a prune deleted it since
+    the listing), asked again once reading it failed."""
+    try:
+        refs, unreachable = ck.reader.list_all()
+    except Exception:  # noqa: BLE001 - not known to be gone: the failure stands as it was
+        return False
+    return ref.backend not in unreachable and not any(
+        (r.backend, r.step, r.uri) == (ref.backend, ref.step, ref.uri) for r in refs)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -575,6 +593,18 @@ def _path(value: str) -> str:
     return os.path.expanduser(value)
 
 
+def _step(value: str) -> int:
+    """A ``--step``: a count from 0, as ``save`` takes it; anything else is refused as the
+    options are, not as a traceback from deep inside."""
+    try:
+        step = int(value)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"a step is a whole number from 0 up, not {value!r}")
+    return step
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckptkit", description="Role-routed PyTorch checkpoints.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -594,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p = add("verify", cmd_verify, "check every file of every checkpoint against its manifest")
     _config_args(p)
-    p.add_argument("--step", type=int, help="verify only this step")
+    p.add_argument("--step", type=_step, help="verify only this step")
     p = add("prune", cmd_prune, "delete all but the newest keep_last checkpoints that verify (damaged newer ones "
                                 "stay and are reported), and old leftovers")
     _config_args(p)
@@ -615,12 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "write one full model file from a (sharded or full) resume checkpoint")
     _config_args(p)
     p.add_argument("--out", type=_path, required=True, help="the model file to write")
-    p.add_argument("--step", type=int, help="export this step (default: the newest verified)")
+    p.add_argument("--step", type=_step, help="export this step (default: the newest verified)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating-point tensors")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p = add("publish", cmd_publish, "publish a stored final or resume checkpoint through the final backends")
     _config_args(p)
-    p.add_argument("--step", type=int, help="publish this resume checkpoint (default: the newest stored final model)")
+    p.add_argument("--step", type=_step, help="publish this resume checkpoint (default: the newest stored final model)")
     p.add_argument("--from", dest="source", type=_path, metavar="FOLDER", help="publish the checkpoint in this folder")
     p.add_argument("--backend", action="append", help="publish only to this final backend (repeatable)")
     p.add_argument("--algorithm", help="the {algorithm} tag (default: the config's, else the one stored)")

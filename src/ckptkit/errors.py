@@ -22,6 +22,11 @@ class PluginError(CkptkitError):
 class BackendError(CkptkitError):
     """A backend failed to store, list, read or delete a checkpoint."""
 
+    # Whether what the backend held is as it was before the failed call: False where the store
+    # may hold the step after all, or a copy committed before was damaged or removed (the
+    # message says which).
+    held_as_it_was = True
+
     def __init__(self, backend: str, message: str):
         self.backend = backend
         self.detail = message
@@ -29,7 +34,7 @@ class BackendError(CkptkitError):
         super().__init__(message if message.startswith(prefix) else prefix + message)
 
     def __reduce__(self):
-        return (type(self), (self.backend, self.detail))
+        return (type(self), (self.backend, self.detail), {"held_as_it_was": self.held_as_it_was})
 
 
 class FaultyAnswerError(BackendError):

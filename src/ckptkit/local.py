@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import posixpath
+import re
 import shutil
 import stat
 import sys
@@ -166,6 +167,14 @@ def local_root(path: Any, key: str) -> str:
             f"{key}: {text!r} is a {scheme}:// URI, but type local takes a local path; "
             f"use type: {scheme} for it"
         )
+    unexpanded = re.search(r"\$\{[^}]*\}|\$[A-Za-z_]\w*", text)
+    if unexpanded:
+        # Taken as it is, a folder named "${SCRATCH}" was made under the working directory (a
+        # container's, lost with it) and every check said the config was fine.
+        raise ConfigError(
+            f"{key}: {text!r} holds {unexpanded.group(0)}, which ckptkit does not expand (only ~ is): the "
+            "checkpoints would go to a folder of that name under the working directory. Expand it before "
+            "the config reaches ckptkit (os.path.expandvars, or envsubst), or write the path out")
     return os.path.abspath(os.path.expanduser(text))
 
 

@@ -1020,8 +1020,11 @@ class CheckpointManager:
                          "which a restart would then resume; see what it holds with ckptkit ls and ckptkit verify "
                          f"--step {step}, and delete that step there if it is not whole")
             elif all(isinstance(e, BackendError) for e in failures.values()):
-                after = (". What the failing backends held is as it was; the next save tries every resume backend "
-                         "again, and a restart resumes from the newest committed step")
+                changed = sorted(n for n, e in failures.items() if not e.held_as_it_was)
+                held = (f"What {', '.join(map(repr, changed))} held may have changed, as its message says"
+                        if changed else "What the failing backends held is as it was")
+                after = (f". {held}; the next save tries every resume backend again, and a restart resumes from the "
+                         "newest committed step")
             else:
                 after = ""
             return SaveError(f"step {step} was not saved to every resume backend "

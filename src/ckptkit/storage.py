@@ -68,12 +68,16 @@ def _final_folder(name: str) -> bool:
 # What a publish writes into a final model's folder: a folder of that name holding anything
 # else (a trainer's own final-2024/) is not ckptkit's, and no prune deletes it.
 _FINAL_WRITES = ("final_model.pt",)
+# The mark a publish leaves in a final model's folder of an object store before writing into it
+# (``FileBackend._claim``).
+CLAIM_PREFIX = ".claim-"
 
 
 def _final_leftover(folder: _Folder) -> bool:
     """Whether a final model's folder without a manifest holds only what a publish writes (the
     file, a manifest on its way in), and no folder: what a killed one left."""
-    return not folder.nested and all(n in _FINAL_WRITES or n.startswith(f".{MANIFEST_NAME}.tmp-") for n in folder.files)
+    return not folder.nested and all(n in _FINAL_WRITES or n.startswith((f".{MANIFEST_NAME}.tmp-", CLAIM_PREFIX))
+                                     for n in folder.files)
 
 
 def _staged_version(dirname: str) -> int | None:
@@ -198,9 +202,12 @@ class _Folder:
 
     files: dict[str, dict[str, Any]] = attrs.Factory(dict)  # the files directly inside: name -> info
     nested: bool = False  # whether anything lies deeper: a folder inside, or files in one
-    # The newest modification time of the folder itself or of any file under it; None when the
-    # store tells neither (object stores have no folders of their own).
+    # The newest modification time of the files under it, or of the folder itself where it holds
+    # none; None when the store tells neither (object stores have no folders of their own). Not
+    # the folder's own beside files: deleting a file sets it, and a prune killed part way left a
+    # folder of old files that looked an hour young at every restart, so never went.
     mtime: float | None = None
+    own_mtime: float | None = None
 
     def touched(self, info: dict[str, Any]) -> None:
         mtime = _mtime(info)
@@ -422,6 +429,7 @@ class FileBackend:
         # such a name too, which is not written into. The same bytes as the newest one (a
         # finished job started again) are not kept twice.
         listing = self._listing(run_name)
+        self._sweep_killed_publishes(run_name, listing)
         taken = [v for d, f in listing.items()
                  if (v := parse_final(d)) and (MANIFEST_NAME in f.files or _final_leftover(f))]
         taken += [v for d in listing if (v := _staged_version(d))]
@@ -452,6 +460,55 @@ class FileBackend:
         raise BackendError(self.name, f"could not store the final model of run {run_name!r}: {_VERSION_TRIES} "
                                       "final model folders in a row were taken by other publishes of the run "
                                       "meanwhile; publish again once they are done")
+
+    def _sweep_killed_publishes(self, run_name: str, listing: dict[str, _Folder]) -> None:
+        """Remove from ``listing``, and the store, the folders that publishes killed part way on
+        this machine staged a final model in (named with their process, which is gone): each
+        held a whole model, and a backend that serves the final role alone is visited by no
+        prune, so they piled up at every publish killed, each taking a version number. A failure
+        here is logged: the publish goes on."""
+        gone = [d for d in listing if d.startswith(".tmp-final") and _left_by_the_gone(d)]
+        if not gone:
+            return
+        run = self.run_path(run_name)
+        try:
+            self._remove(run_name, [self._ref(run_name, -1, posixpath.join(run, d), role="leftover") for d in gone],
+                         [], dry_run=False)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("backend %r: could not remove what killed publishes left in run %r: %s", self.name,
+                        run_name, self.describe(exc))
+            return
+        for d in gone:
+            del listing[d]
+
+    def _claim(self, target: str) -> str:
+        """Mark ``target``, a final model's folder, as this publish's before anything is written
+        into it; raise ``_VersionTaken`` where another publish marked or committed it first.
+
+        An object store lists a file once it is written, but not one still uploading (minutes for
+        a large model): two publishes that listed the run together both chose this version, and
+        the later one's files went over the model the earlier one had committed and reported
+        published. Each writes a mark of its own and then looks: one that finds another's mark, or
+        a manifest, goes on to the next version. Of two marks the later one's writer sees the
+        earlier, so two never both go on (both may step aside, and take the next versions). A
+        store that lists a write late would need more than this."""
+        self._make_folder(target)
+        claim = posixpath.join(target, f"{CLAIM_PREFIX}{uuid.uuid4().hex[:12]}")
+        self._call(f"writing {self.uri(claim)}", self.fs.pipe_file, claim, b"")
+        self.fs.invalidate_cache(target)
+        found = {posixpath.basename(p) for p in self._call(f"listing {self.uri(target)}", self.fs.find, target)}
+        if MANIFEST_NAME in found or any(n.startswith(CLAIM_PREFIX) for n in found - {posixpath.basename(claim)}):
+            self._unclaim(claim)
+            raise _VersionTaken(posixpath.basename(target))
+        return claim
+
+    def _unclaim(self, claim: str) -> None:
+        """Remove the mark ``_claim`` left (a publish committed, or gone to the next version); one
+        that stays costs nothing but a file, which readers, going by the manifest, pass over."""
+        try:
+            self._call(f"deleting {self.uri(claim)}", self.fs.rm_file, claim)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("backend %r: could not remove %s: %s", self.name, self.uri(claim), self.describe(exc))
 
     def _holds_whole(self, ref: CheckpointRef, manifest: Manifest) -> bool:
         """Whether every file at ``ref`` still matches ``manifest`` (read back and hashed): a final
@@ -509,6 +566,7 @@ class FileBackend:
         with self._lock:
             self._in_flight.add(target)
         staging = None  # where the files of a step saved again go first
+        claim = None
         # Whether what lies at target may be removed when this fails: not before the store said
         # that nothing committed lies there (a check that failed, a store that stopped answering,
         # must not let the clean-up delete the committed copy).
@@ -523,6 +581,8 @@ class FileBackend:
             stored = self._call(f"checking {self.uri(manifest_path)}", self.file_exists, manifest_path)
             if stored and not replace:
                 raise _VersionTaken(dirname)
+            if not replace:
+                claim = self._claim(target)
             doing = "writing"
             uncommitted = not stored
             if stored and _copies_files(self.fs):
@@ -596,7 +656,11 @@ class FileBackend:
             self._damaged.discard(target)
             if staging is not None:
                 self._tidy_replaced(target, staging, entries)
+            if claim is not None:
+                self._unclaim(claim)
         except _VersionTaken:
+            if claim is not None:
+                self._unclaim(claim)
             raise
         except Exception as exc:
             silent = gave_up(exc)
@@ -621,6 +685,7 @@ class FileBackend:
             if full is not None:
                 raise storage_full(self.name, self.uri(self.root), self.uri(current), full,
                                    final=parse_final(dirname) is not None) from full
+            kept = False  # whether what the store held is as it was
             if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
                            "checkpoint is committed whole, which a restore checks")
@@ -634,7 +699,7 @@ class FileBackend:
                 outcome = ("nothing of it was committed; whether another training of the run committed this step "
                            "meanwhile could not be asked, so what lies there is left as it is")
             elif staging is None and not replaced_in_place:
-                outcome = "nothing of it was committed"
+                outcome, kept = "nothing of it was committed", True
             elif uncommitted and silent:
                 self._damaged.add(target)
                 outcome = ("nothing of it was committed, and the store stopped answering while the copy of this "
@@ -643,9 +708,11 @@ class FileBackend:
                 outcome = ("nothing of it was committed, and the copy of this step committed before was "
                            "un-committed to be replaced and is gone")
             else:
-                outcome = "nothing of it was committed; the copy of this step committed before is kept"
-            raise self._fail(f"could not store {self.uri(target)} ({doing} {self.uri(current)} failed; {outcome})",
-                             exc) from None
+                outcome, kept = "nothing of it was committed; the copy of this step committed before is kept", True
+            failure = self._fail(f"could not store {self.uri(target)} ({doing} {self.uri(current)} failed; {outcome})",
+                                 exc)
+            failure.held_as_it_was = kept
+            raise failure from None
         finally:
             with self._lock:
                 self._in_flight.discard(target)
@@ -926,14 +993,19 @@ class FileBackend:
             if not parts[0] or len(parts) == 1 and not is_dir:
                 continue
             folder = folders.setdefault(parts[0], _Folder())
-            if len(parts) == 1 or not is_dir:
+            if len(parts) == 1:
+                folder.own_mtime = _mtime(info)
+            elif not is_dir:
                 # ckptkit's saves write files, never nested folders: a save in flight shows
-                # in the folder's own time or its files', so a nested folder's is left out.
+                # in its files' times, so a nested folder's is left out.
                 folder.touched(info)
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info
             elif len(parts) >= 2:
                 folder.nested = True
+        for folder in folders.values():
+            if folder.mtime is None:  # a folder just made, no file in it yet
+                folder.mtime = folder.own_mtime
         return folders
 
     def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:

@@ -84,6 +84,15 @@ class Faults:
         self.lock = threading.Lock()
         self.plan = [Fault.from_dict(f) for f in plan or ()]
         self.calls: list[tuple[str, str]] = []
+        self.pauses: list[tuple[str, str, threading.Event, threading.Event]] = []
+
+    def pause(self, op: str, path: str) -> tuple[threading.Event, threading.Event]:
+        """Hold the next operation ``op`` on a path holding ``path`` until the second event
+        returned is set; the first is set once it waits (a race made to happen)."""
+        reached, release = threading.Event(), threading.Event()
+        with self.lock:
+            self.pauses.append((op, path, reached, release))
+        return reached, release
 
     def add(self, **fault: Any) -> Fault:
         f = Fault.from_dict(fault)
@@ -103,6 +112,13 @@ class Faults:
             return next((f for f in self.plan if f.hit(op, str(path))), None)
 
     def check(self, op: str, path: str) -> None:
+        with self.lock:
+            held = next((p for p in self.pauses if p[0] == op and p[1] in str(path)), None)
+            if held is not None:
+                self.pauses.remove(held)
+        if held is not None:
+            held[2].set()
+            held[3].wait(60)
         fault = self.take(op, path)
         if fault is not None:
             raise ERRORS[fault.error](f"{op} {path}")

@@ -389,6 +389,71 @@ def test_a_failed_publish_keeps_the_final_model_and_the_resume_checkpoints(tmp_p
     assert restored_step(cfg) == 1
 
 
+def test_a_save_whose_manifest_write_went_unanswered_does_not_say_the_store_is_as_it_was(tmp_path):
+    """A store that took the manifest without answering holds the step committed: the save's
+    error said so for that backend, and then that what the failing backends held was as it was."""
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky"), "retry": {"attempts": 1}},
+                  "scratch": {"type": "local", "path": str(tmp_path / "scratch")}})
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+        ck.wait()
+        ck.router.instances["flaky"].faults.add(op="pipe_file", path="step-0000000002/manifest.json",
+                                                error="ConnectionError")
+        with pytest.raises(SaveError) as err:
+            ck.save(step=2, model=model_at(2))
+        text = str(err.value)
+        assert "may have taken it" in text
+        assert "What 'flaky' held may have changed, as its message says; the next save tries" in text, text
+        assert "held is as it was" not in text
+        ck.router.instances["flaky"].faults.add(op="open", path="step-0000000003/state.pt")
+        with pytest.raises(SaveError) as err:  # refused before anything was written: as it was
+            ck.save(step=3, model=model_at(3))
+        assert "What the failing backends held is as it was" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("held", ["upload", "mark"])
+def test_two_publishes_of_a_run_to_an_object_store_at_once_keep_both_models(tmp_path, held):
+    """An object store lists no upload in flight: a publish that started while another uploaded
+    its model chose the same version, wrote its file over the other's and then its manifest,
+    and both reported the model published. Held at ``upload``, the first publish has marked its
+    version and is uploading when the second lists the run; held at ``mark``, both listed the
+    run before either marked a version, and the second commits first."""
+    import threading
+
+    def cfg_of(name):
+        return config({"scratch": {"type": "local", "path": str(tmp_path / name)}},
+                      final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
+
+    first, second = manager(cfg_of("a")), manager(cfg_of("b"))
+    faults = first.router.instances["pub"].faults
+    reached, release = faults.pause("open" if held == "upload" else "pipe_file",
+                                    "final/final_model.pt" if held == "upload" else "/.claim-")
+    outcome = {}
+    publisher = threading.Thread(target=lambda: outcome.update(first=first.finalize(model=model_at(11), step=11)))
+    publisher.start()
+    assert reached.wait(30)
+    try:
+        told = second.finalize(model=model_at(12), step=12)
+    finally:
+        release.set()
+        publisher.join(60)
+    assert not publisher.is_alive()
+    by_step = {}
+    for version in sorted(os.listdir(tmp_path / "pub" / "run")):
+        folder = tmp_path / "pub" / "run" / version
+        manifest = json.loads((folder / "manifest.json").read_text())
+        saved = torch.load(folder / "final_model.pt", weights_only=True)
+        assert torch.equal(saved["model"]["weight"], model_at(manifest["step"]).weight), version
+        assert not [n for n in os.listdir(folder) if n.startswith(".claim-")], "the marks are removed"
+        by_step[manifest["step"]] = version
+    assert sorted(by_step) == [11, 12], by_step
+    # Each was told of its own folder.
+    assert [r.uri.rstrip("/").rsplit("/", 1)[-1] for r in outcome["first"]] == [by_step[11]]
+    assert [r.uri.rstrip("/").rsplit("/", 1)[-1] for r in told] == [by_step[12]]
+    first.close()
+    second.close()
+
+
 @pytest.mark.parametrize("path", [".distcp", ".metadata", "extra.pt"])
 def test_a_sharded_save_that_runs_out_of_space_says_so_and_what_to_do(tmp_path, path):
     """DCP wraps each rank's failure in its CheckpointException, out of the cause's chain: a full

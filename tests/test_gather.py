@@ -927,3 +927,69 @@ def test_a_model_without_state_saves_and_restores(tmp_path):
     with ckptkit.CheckpointManager.from_config(cfg) as ck:
         restored = ck.restore(model=torch.nn.Sequential())
     assert restored.step == 3 and restored.extra == {"seen": 12}
+
+
+class _Shared(torch.nn.Module):
+    """One submodule under two names (ALBERT's layers), and one weight under two names in a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 3)
+        self.dec = self.enc
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.w_out = self.w
+
+
+class _OwnLoad(torch.nn.Module):
+    """A wrapper that saves and loads its module's weights under the module's own names (Lightning
+    Fabric's module does), which torch's rules for the wrapper's names would not match."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 2)
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        return self.inner.load_state_dict(state_dict, *args, **kwargs)
+
+
+@pytest.mark.parametrize("make", [_Shared, _OwnLoad,
+                                  lambda: torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(
+                                      torch.nn.Linear(4, 4)), {torch.nn.Linear}, dtype=torch.qint8)],
+                         ids=["shared", "own load", "quantized"])
+def test_models_whose_state_dict_names_differ_from_their_parameters_restore(tmp_path, make):
+    """The check before a restore named the weights as DCP walks the parameters: a shared
+    module's second name, a wrapper that loads its own way, and a quantized layer (no parameter
+    at all, its weights packed by _save_to_state_dict) were refused, and the quantized model was
+    saved as a model without state, its weights lost."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    torch.manual_seed(0)
+    model = make()
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=model)
+    torch.manual_seed(1)
+    fresh = make()
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=fresh).step == 1
+    saved, back = model.state_dict(), fresh.state_dict()
+    assert list(saved) == list(back) and saved
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value.dequantize() if value.is_quantized else value,
+                               back[key].dequantize() if back[key].is_quantized else back[key]), key
+    if make is not _Shared and make is not _OwnLoad:
+        assert torch.equal(fresh[0].weight().dequantize(), model[0].weight().dequantize())
+
+
+def test_an_optimizer_of_a_model_without_state_is_refused_at_save(tmp_path):
+    """Its parameters are outside the model, with no name to save their state under: refused,
+    as for any model, where the save of a model without state committed a checkpoint that
+    every restore with the optimizer refused."""
+    cfg = local_config(tmp_path, every=1, final=False)
+    temperature = torch.nn.Parameter(torch.ones(()))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.UnstorableStateError, match="which is not a parameter of the model"):
+            ck.save(step=1, model=torch.nn.ReLU(), optimizer=torch.optim.Adam([temperature]))
+        assert ck.list_checkpoints() == []

@@ -1063,6 +1063,22 @@ def test_sparse_tensors_and_views_of_one_storage_come_back_as_saved(tmp_path, pm
     assert [v.tolist() for v in back.views] == [[2.0] * 4, [2.0] * 2]
 
 
+@pytest.mark.parametrize("mode", ["blocking", "background"])
+def test_views_of_a_parameter_in_extra_are_saved_async(tmp_path, pm, mode):
+    """Rows of a weight kept in extra are views that record how they were made: the copy that
+    keeps views sharing their storage refused them ("Only Tensors created explicitly by the user
+    support the deepcopy protocol")."""
+    cfg = local_config(tmp_path, final=False)
+    cfg["roles"]["resume"].update({"async": True, "async_copy": mode})
+    model = torch.nn.Linear(3, 2)
+    rows = {"first": model.weight[0], "second": model.weight[1]}
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        ck.save(step=1, model=model, extra={"rows": rows})
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        restored = ck.restore(torch.nn.Linear(3, 2))
+    assert torch.equal(restored.extra["rows"]["second"], model.weight[1].detach())
+
+
 @pytest.mark.parametrize("mode", ["sync", "blocking", "optimizer_state", "background"])
 def test_the_first_async_save_copies_into_buffers_paged_in_after_the_first_step(tmp_path, pm, mode):
     """The buffers of the first async save are made while training runs, from the first step of

@@ -664,3 +664,12 @@ def test_a_generator_or_numpy_string_is_refused_with_the_call_that_gives_its_sta
         assert f"Store its state, {hint}" in str(exc) or f"e.g. {hint}" in str(exc), str(exc)
     else:
         pytest.fail(f"{type(value).__name__} was not refused")
+
+
+def test_every_torch_value_weights_only_loading_rebuilds_is_storable():
+    """A reference-quantized module's state holds its torch.qscheme, which restore loads: save
+    refused it as unloadable."""
+    values = {"qscheme": torch.per_channel_affine, "dtype": torch.bfloat16, "device": torch.device("cpu"),
+              "layout": torch.strided, "size": torch.Size([2, 3])}
+    safeload.check_storable(values, "extra")
+    assert round_trip(values) == values

@@ -43,7 +43,7 @@ from . import ranks
 from .errors import CkptkitError
 from .safeload import out_of_memory
 from .staging import (Stager, copy_flat, expected_likes, inside_optimizer_step, live_storages, plain_cpu_likes,
-                      shares_views, stepped_storages)
+                      detached, shares_views, stepped_storages)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class AsyncSaver:
         try:
             # Views of one storage are copied as torch's own deep copy makes them, still sharing
             # it, into memory of this save's own (rare: a flat-buffer EMA in extra).
-            staged = {k: deepcopy(v) if k in copy_always and shares_views(v) else
+            staged = {k: deepcopy(detached(v)) if k in copy_always and shares_views(v) else
                       self._stager.stage(v, None if k in copy_always else live, (k,),
                                          frozenset() if k in copy_always else defer, seen, moves)
                       for k, v in state.items()}

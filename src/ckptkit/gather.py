@@ -70,12 +70,15 @@ def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     frozen ones among them get a place for it too.
     """
     options = None if sharded else _full_options(model)
-    if next(_iterate_valid_model_state(model), None) is None:
-        # DCP refuses a model without state (a parameter-free baseline), asking the process group
-        # for the rank to say so even in one process; there is nothing to gather.
-        return {"model": {}} if optimizer is None else {"model": {}, "optimizer": {"state": {}, "param_groups": []}}
     if optimizer is None:
-        return {"model": get_model_state_dict(model, options=options)}
+        try:
+            return {"model": get_model_state_dict(model, options=options)}
+        except (RuntimeError, ValueError):
+            # DCP refuses a model without state (a parameter-free baseline), asking the process
+            # group for the rank to say so even in one process: there is nothing to gather.
+            if model.state_dict():
+                raise
+            return {"model": {}}
     try:
         if optimizer.state or load_target:
             with _trainable(optimizer, held, lambda: names_of(model)) if load_target else contextlib.nullcontext():
@@ -597,7 +600,7 @@ def _load_model(model: torch.nn.Module, model_state: dict[str, Any], options: St
     load may fail on one rank alone (torch's refusal, a module's own ``set_extra_state``): one
     that fails once every rank is past the broadcast is raised on every rank. One that fails
     inside the broadcast is raised at once, the other ranks still waiting in it."""
-    if next(_iterate_valid_model_state(model), None) is None:
+    if not model_state and not model.state_dict():
         return  # nothing to load, and DCP refuses a model without state (``resume_state``)
     past_broadcast = []
     # The model's own load_state_dict begins once torch's broadcast has ended, on every rank.
@@ -658,27 +661,35 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
     lacks, one the other way round, or one of another shape. Found before anything is loaded:
     torch copies in every weight that fits before it raises, and a trainer that catches the
     refusal and starts afresh would train a model part restored. An empty ``saved`` counts too,
-    which DCP loads into any model without a word. A model with a module whose loading is its
-    own (a ``_load_from_state_dict`` other than ``_PLAIN_LOADS``, a load hook from outside torch:
-    either may rename or reshape) is left to its own load; lazy weights are not told by shape."""
-    owned: dict[str, torch.nn.Module] = {}
+    which DCP loads into any model without a word. The weights are named as ``state_dict`` names
+    them, a shared module or tensor under each of its names. A model with a module that saves or
+    loads its own way (a ``state_dict``, ``load_state_dict``, ``_save_to_state_dict`` or
+    ``_load_from_state_dict`` other than torch's, ``_PLAIN_LOADS`` aside, or a state-dict hook
+    from outside torch: any of them may rename, add or reshape) is left to its own load; lazy
+    weights are not told by shape."""
+    names: list[tuple[str, torch.nn.Module, str, Any]] = []  # (state_dict key, its module, its name there, value)
     for prefix, module in model.named_modules(remove_duplicate=False):
-        hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values()]
-        if type(module)._load_from_state_dict not in _PLAIN_LOADS or not all(
-                _from_torch(getattr(h, "hook", h)) for h in hooks):
+        kind = type(module)
+        hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values(),
+                 *module._state_dict_hooks.values(), *module._state_dict_pre_hooks.values()]
+        if (kind._load_from_state_dict not in _PLAIN_LOADS
+                or any(getattr(kind, m) is not getattr(torch.nn.Module, m) or m in vars(module) for m in _OWN_WAYS)
+                or not all(_from_torch(getattr(h, "hook", h)) for h in hooks)):
             return None
-        owned[prefix] = module
+        dot = f"{prefix}." if prefix else ""
+        names += [(dot + n, module, n, p) for n, p in module._parameters.items() if p is not None]
+        names += [(dot + n, module, n, b) for n, b in module._buffers.items()
+                  if b is not None and n not in module._non_persistent_buffers_set]
+        if kind.get_extra_state is not torch.nn.Module.get_extra_state:
+            names.append((dot + _EXTRA, module, _EXTRA, None))
     missing, other = [], []
     live: set[str] = set()
-    for name, value in _iterate_valid_model_state(model):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = owned.get(owner_name)
-        for fqn in _dcp_names(model, name):
+    for key, owner, leaf, value in names:
+        for fqn in _dcp_names(model, key):
             live.add(fqn)
             kept = saved.get(fqn)
-            if leaf == torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX:
-                if fqn not in saved and owner is not None and \
-                        type(owner).set_extra_state is not torch.nn.Module.set_extra_state:
+            if leaf == _EXTRA:
+                if fqn not in saved and type(owner).set_extra_state is not torch.nn.Module.set_extra_state:
                     missing.append(fqn)
             elif fqn not in saved:
                 # (BatchNorm makes up a step count that a checkpoint of an older torch lacks.)
@@ -689,9 +700,13 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
             elif not torch.nn.parameter.is_lazy(value) and tuple(kept.shape) != tuple(value.shape) and not (
                     value.dim() == 0 and kept.dim() == 1):  # (torch takes a 1-d weight for a 0-d one)
                 other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
-    unknown = sorted(fqn for fqn in saved
-                     if fqn not in live and not fqn.endswith(torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX))
-    return _misfit(missing, unknown, other)
+    unknown = sorted(fqn for fqn in saved if fqn not in live and not fqn.endswith(_EXTRA))
+    return _misfit(sorted(set(missing)), unknown, sorted(set(other)))
+
+
+_EXTRA = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+# What a module may override to save or load a state of its own making.
+_OWN_WAYS = ("state_dict", "load_state_dict", "_save_to_state_dict")
 
 
 # The loads whose rules ``plain_misfit`` knows: torch's own, and the norms' (which only convert

@@ -274,7 +274,7 @@ def _extra_state(extra: Mapping[str, Any] | None, where: str, safe_globals: Iter
     return state
 
 
-def _unloadable(state: dict[str, Any], safe_globals: Iterable[Any]) -> UnstorableStateError | None:
+def _unloadable(step: int, state: dict[str, Any], safe_globals: Iterable[Any]) -> Exception | None:
     """Why restore could not load back the gathered model and optimizer state, or None. Their
     tensors always load; what else they hold is the user's to choose (a module's
     ``get_extra_state()``, a custom optimizer's settings or per-parameter values) and is held to
@@ -283,14 +283,15 @@ def _unloadable(state: dict[str, Any], safe_globals: Iterable[Any]) -> Unstorabl
     try:
         model = state.get("model") or {}
         safeload.check_storable({k: v for k, v in model.items() if not isinstance(v, torch.Tensor)},
-                                "the model's state_dict()", safe_globals)
+                                f"save step {step}: the model's state_dict()", safe_globals)
         optim = state.get("optimizer") or {}
-        safeload.check_storable(optim.get("param_groups", []), "the optimizer's param_groups", safe_globals)
+        safeload.check_storable(optim.get("param_groups", []), f"save step {step}: the optimizer's param_groups",
+                                safe_globals)
         for name, entry in (optim.get("state") or {}).items():
             values = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)} \
                 if isinstance(entry, dict) else entry
-            safeload.check_storable(values, f"the optimizer's state[{name!r}]", safe_globals)
-    except UnstorableStateError as exc:
+            safeload.check_storable(values, f"save step {step}: the optimizer's state[{name!r}]", safe_globals)
+    except Exception as exc:  # any: a rank that raised alone would leave the others in the agreement
         return exc
     return None
 
@@ -801,7 +802,7 @@ class CheckpointManager:
             buffers = gather.own_buffers(model, self.coll, sharded=role.format == "dcp")
             if role.format == "dcp":
                 state = gather.resume_state(model, optimizer, sharded=True)
-                self.coll.agree(f"save step {step}: check model state", _unloadable(state, safe_globals))
+                self.coll.agree(f"save step {step}: check model state", _unloadable(step, state, safe_globals))
                 self._last_step = step
                 if buffers is not None:  # under a key of its own per rank: DCP writes each rank's
                     state[gather.RANK_BUFFERS] = {str(ranks.rank()): buffers}
@@ -813,7 +814,7 @@ class CheckpointManager:
                 self._report(step, saved, failures)
                 return saved
             state = gather.resume_state(model, optimizer)
-            self.coll.agree(f"save step {step}: check model state", _unloadable(state, safe_globals))
+            self.coll.agree(f"save step {step}: check model state", _unloadable(step, state, safe_globals))
             self._last_step = step
             gathered = self.coll.gather(f"save step {step}: rank_extra", (own_state, buffers))
             if gathered is not None and own_state is not None:

@@ -551,7 +551,7 @@ def check(path: str | os.PathLike, safe_globals: Iterable[Any] = (), name: str |
 # -- refusing at save time what load could not rebuild --------------------------------------
 
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray,
-                    torch.Size, torch.dtype, torch.device, torch.layout})
+                    torch.Size, torch.dtype, torch.device, torch.layout, torch.qscheme})
 _MAPPINGS = frozenset({dict, collections.OrderedDict, collections.Counter})
 _SEQUENCES = frozenset({list, tuple, set})
 

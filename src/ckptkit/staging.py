@@ -55,22 +55,38 @@ def shares_views(obj: Any) -> bool:
     buffer; ``torch.save`` keeps them sharing."""
     views: dict[int, tuple] = {}
     walked: set[int] = set()
+    shared = False
     stack = [obj]
     while stack:
         item = stack.pop()
         if torch.is_tensor(item):
-            if item.device.type != "cpu" or item.layout != torch.strided or not item.numel():
+            if item.device.type != "cpu":
+                return False  # staged to the CPU as ever: a deep copy would stay on the device
+            if item.layout != torch.strided or not item.numel():
                 continue
             storage = _storage(item)
             if storage is None:
                 continue
             view = (item.storage_offset(), tuple(item.shape), item.stride(), item.dtype)
-            if views.setdefault(storage, view) != view:
-                return True
+            shared = shared or views.setdefault(storage, view) != view
         elif isinstance(item, (dict, list, tuple)) and id(item) not in walked:
             walked.add(id(item))
             stack.extend(item.values() if isinstance(item, dict) else item)
-    return False
+    return shared
+
+
+def detached(obj: Any) -> Any:
+    """``obj`` with each tensor in its dicts, lists and tuples detached from autograd, still
+    sharing its storage: a deep copy refuses a view that records how it was made."""
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return dict((k, detached(v)) for k, v in obj.items()) if type(obj) is dict else \
+            collections.OrderedDict((k, detached(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):  # as ``Stager.stage`` rebuilds them
+        items = [detached(v) for v in obj]
+        return type(obj)(*items) if isinstance(obj, tuple) and hasattr(obj, "_fields") else type(obj)(items)
+    return obj
 
 
 def _extra_state(key: Any) -> bool:

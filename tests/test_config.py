@@ -119,7 +119,7 @@ def test_config_file_errors_are_one_line_and_name_the_file_once(tmp_path):
         ({"type": "local", "path": "file://host/x"}, "backends.scratch.path: malformed file URI"),
         ({"type": "local", "path": "${SCRATCH}/ckpts"}, "backends.scratch.path: '${SCRATCH}/ckpts' holds ${SCRATCH}, "
                                                         "which ckptkit does not expand (only ~ is)"),
-        ({"type": "local", "path": "/data/$USER/ckpts"}, "backends.scratch.path: '/data/$USER/ckpts' holds $USER"),
+        ({"type": "local", "path": "/data/${USER}/ckpts"}, "backends.scratch.path: '/data/${USER}/ckpts' holds ${USER}"),
         ({"type": "local"}, "backends.scratch.path: required key is missing"),
         ({"type": "local", "path": "x", "pth": 1}, "backends.scratch.pth: unknown key"),
         ({"type": "local", "path": "x", "leftover_grace_s": -1}, "backends.scratch.leftover_grace_s"),
@@ -366,3 +366,12 @@ def test_resume_backends_on_one_path_of_two_hosts_are_kept_apart(pm, in_tmp):
     cfg["backends"]["b"]["host"] = "one.example"
     with pytest.raises(ConfigError, match="backends 'a' and 'b' both keep resume checkpoints in one place"):
         CheckpointManager.from_config(cfg, plugin_manager=pm)
+
+
+def test_a_dollar_in_a_folder_name_is_kept(tmp_path, pm):
+    """Only ${VAR} is refused: "$recycle" and "price$usd" are folder names."""
+    cfg = base()
+    cfg["backends"]["scratch"] = {"type": "local", "path": str(tmp_path / "price$usd")}
+    ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
+    assert ck.router.instances["scratch"].root == str(tmp_path / "price$usd")
+    ck.close()

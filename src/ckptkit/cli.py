@@ -242,8 +242,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             except IncompatibleCheckpointError as exc:  # a newer ckptkit's: not listed, but not hidden
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=1)
                 continue
-            except CheckpointError:
-                left_out.append(f"{ref.backend} step {ref.step} (its manifest is damaged or missing)")
+            except CheckpointError as exc:  # what restore would say of it (a manifest in another step's folder)
+                left_out.append(f"{ref.backend} step {ref.step} ({str(exc).splitlines()[0] if str(exc) else 'its manifest is damaged or missing'})")
                 continue
             if ref.sizes is not None and any(ref.sizes.get(n) != e.size for n, e in m.files.items()):
                 # Files that disagree with the manifest: not a checkpoint restore would take.

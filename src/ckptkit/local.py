@@ -167,14 +167,15 @@ def local_root(path: Any, key: str) -> str:
             f"{key}: {text!r} is a {scheme}:// URI, but type local takes a local path; "
             f"use type: {scheme} for it"
         )
-    unexpanded = re.search(r"\$\{[^}]*\}|\$[A-Za-z_]\w*", text)
+    unexpanded = re.search(r"\$\{[^}]*\}", text)
     if unexpanded:
-        # Taken as it is, a folder named "${SCRATCH}" was made under the working directory (a
-        # container's, lost with it) and every check said the config was fine.
+        # Taken as it is, a folder named "${SCRATCH}" was made (under the working directory: a
+        # container's, lost with it) and every check said the config was fine. A bare $name is
+        # left alone: folders are named so ("$recycle", "price$usd").
         raise ConfigError(
             f"{key}: {text!r} holds {unexpanded.group(0)}, which ckptkit does not expand (only ~ is): the "
-            "checkpoints would go to a folder of that name under the working directory. Expand it before "
-            "the config reaches ckptkit (os.path.expandvars, or envsubst), or write the path out")
+            "checkpoints would go to a folder of that very name. Expand it before the config reaches ckptkit "
+            "(os.path.expandvars, or envsubst), or write the path out")
     return os.path.abspath(os.path.expanduser(text))
 
 
@@ -356,6 +357,7 @@ class LocalBackend(FileBackend):
     """
 
     marks_writers = True  # its temporary folders name their process (_stage)
+    stages_writes = True  # a save writes into one of those, renamed into place (_commit)
 
     OPTIONS = ("path", "leftover_grace_s")
     keeps_files_locally = True
@@ -452,7 +454,11 @@ class LocalBackend(FileBackend):
                 os.rename(target, trash)
                 os.rename(tmp, target)
                 _discard(trash)
-        _fsync_dir(run)
+        try:
+            _fsync_dir(run)
+        except OSError as exc:
+            exc.committed = True  # type: ignore[attr-defined]  (renamed into place: the step is there)
+            raise
         # As the local listing describes the file. Where a rename or close changes these (a FUSE
         # mount of an object store, SMB), the prune reads the manifest back once instead.
         self._remember(target, data, manifest, {"size": st.st_size, "mtime": st.st_mtime, "ino": st.st_ino})
@@ -491,11 +497,12 @@ class LocalBackend(FileBackend):
             if not isinstance(exc, Exception) or isinstance(exc, _VersionTaken):
                 raise  # KeyboardInterrupt, SystemExit: no leftover, then go on; a version taken: the next
             full = no_space(exc)
-            if full is not None:
-                raise storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
-                                   final=parse_final(dirname) is not None) from full
-            raise BackendError(self.name, f"could not store {dirname} of run {run_name!r} under "
-                                          f"{self.root}: {self.describe(exc)}{_refused(exc)}") from exc
+            failure = storage_full(self.name, self.root, f"{dirname} of run {run_name!r}", full,
+                                   final=parse_final(dirname) is not None) if full is not None else BackendError(
+                self.name, f"could not store {dirname} of run {run_name!r} under {self.root}: "
+                           f"{self.describe(exc)}{_refused(exc)}")
+            failure.held_as_it_was = not getattr(exc, "committed", False)
+            raise failure from (full if full is not None else exc)
         if same:
             self._unstage(tmp, remove=True)
             return same_as[0]

@@ -202,12 +202,11 @@ class _Folder:
 
     files: dict[str, dict[str, Any]] = attrs.Factory(dict)  # the files directly inside: name -> info
     nested: bool = False  # whether anything lies deeper: a folder inside, or files in one
-    # The newest modification time of the files under it, or of the folder itself where it holds
-    # none; None when the store tells neither (object stores have no folders of their own). Not
-    # the folder's own beside files: deleting a file sets it, and a prune killed part way left a
-    # folder of old files that looked an hour young at every restart, so never went.
+    # The newest modification time of the folder itself or of any file under it; None when the
+    # store tells neither (object stores have no folders of their own).
     mtime: float | None = None
-    own_mtime: float | None = None
+    # The newest of its files' alone: deleting a file sets the folder's time (``aged``).
+    files_mtime: float | None = None
 
     def touched(self, info: dict[str, Any]) -> None:
         mtime = _mtime(info)
@@ -308,6 +307,9 @@ class FileBackend:
     # Whether the temporary folders it stages carry their writer's process and machine (the local
     # backend's do), so that a prune can tell one a killed process left at once.
     marks_writers = False
+    # Whether every save writes into a temporary folder that is then renamed into place, never
+    # into a step's own folder (the local backend's): there, a step folder's age is its files'.
+    stages_writes = False
 
     needs_folders = False
     atomic_move = False
@@ -496,7 +498,11 @@ class FileBackend:
         claim = posixpath.join(target, f"{CLAIM_PREFIX}{uuid.uuid4().hex[:12]}")
         self._call(f"writing {self.uri(claim)}", self.fs.pipe_file, claim, b"")
         self.fs.invalidate_cache(target)
-        found = {posixpath.basename(p) for p in self._call(f"listing {self.uri(target)}", self.fs.find, target)}
+        try:
+            found = {posixpath.basename(p) for p in self._call(f"listing {self.uri(target)}", self.fs.find, target)}
+        except BaseException:
+            self._unclaim(claim)
+            raise
         if MANIFEST_NAME in found or any(n.startswith(CLAIM_PREFIX) for n in found - {posixpath.basename(claim)}):
             self._unclaim(claim)
             raise _VersionTaken(posixpath.basename(target))
@@ -582,7 +588,9 @@ class FileBackend:
             if stored and not replace:
                 raise _VersionTaken(dirname)
             if not replace:
+                doing, current = "marking", target
                 claim = self._claim(target)
+                current = manifest_path
             doing = "writing"
             uncommitted = not stored
             if stored and _copies_files(self.fs):
@@ -681,10 +689,6 @@ class FileBackend:
                     theirs = self._committed_meanwhile(manifest_path)
                 if uncommitted and theirs is False:
                     self._discard(target)
-            full = no_space(exc)
-            if full is not None:
-                raise storage_full(self.name, self.uri(self.root), self.uri(current), full,
-                                   final=parse_final(dirname) is not None) from full
             kept = False  # whether what the store held is as it was
             if maybe_taken:
                 outcome = ("the store did not answer the manifest's write, so it may have taken it: then the "
@@ -709,6 +713,12 @@ class FileBackend:
                            "un-committed to be replaced and is gone")
             else:
                 outcome, kept = "nothing of it was committed; the copy of this step committed before is kept", True
+            full = no_space(exc)
+            if full is not None:
+                failure = storage_full(self.name, self.uri(self.root), self.uri(current), full,
+                                       final=parse_final(dirname) is not None)
+                failure.held_as_it_was = kept
+                raise failure from full
             failure = self._fail(f"could not store {self.uri(target)} ({doing} {self.uri(current)} failed; {outcome})",
                                  exc)
             failure.held_as_it_was = kept
@@ -923,7 +933,10 @@ class FileBackend:
         except Exception as exc:
             if current != target and gave_up(exc):
                 self._damaged.add(target)  # its files may be part old, part new: checked, not trusted
-            raise self._fail(f"could not commit {self.uri(target)} (at {self.uri(current)})", exc) from None
+            failure = self._fail(f"could not commit {self.uri(target)} (at {self.uri(current)})", exc)
+            # Files copied over a committed copy, or a manifest the store may have taken unanswered.
+            failure.held_as_it_was = path == target and not (current == manifest_path and gave_up(exc))
+            raise failure from None
         finally:
             with self._lock:
                 self._in_flight.discard(path)
@@ -993,19 +1006,18 @@ class FileBackend:
             if not parts[0] or len(parts) == 1 and not is_dir:
                 continue
             folder = folders.setdefault(parts[0], _Folder())
-            if len(parts) == 1:
-                folder.own_mtime = _mtime(info)
-            elif not is_dir:
+            if len(parts) == 1 or not is_dir:
                 # ckptkit's saves write files, never nested folders: a save in flight shows
-                # in its files' times, so a nested folder's is left out.
+                # in the folder's own time or its files', so a nested folder's is left out.
                 folder.touched(info)
+            if len(parts) > 1 and not is_dir:
+                mtime = _mtime(info)
+                if mtime is not None and (folder.files_mtime is None or mtime > folder.files_mtime):
+                    folder.files_mtime = mtime
             if len(parts) == 2 and not is_dir:
                 folder.files[parts[1]] = info
             elif len(parts) >= 2:
                 folder.nested = True
-        for folder in folders.values():
-            if folder.mtime is None:  # a folder just made, no file in it yet
-                folder.mtime = folder.own_mtime
         return folders
 
     def _committed(self, run_name: str, listing: dict[str, _Folder]) -> list[CheckpointRef]:
@@ -1270,6 +1282,11 @@ class FileBackend:
             for dirname, folder in listing.items():
                 path = posixpath.join(run, dirname)
                 times[path] = folder.mtime if folder.mtime is not None else seen.setdefault(path, now)
+                if self.stages_writes and folder.files_mtime is not None and parse_step(dirname) is not None:
+                    # No save writes into a step's folder here: one without a manifest is what a
+                    # prune killed part way left, whose deletions set the folder's time, and it
+                    # looked young at every restart. Its files tell its age.
+                    times[path] = folder.files_mtime
         return times
 
     def _aged_out(self, run_name: str, listing: dict[str, _Folder], aged: dict[str, float], now: float,

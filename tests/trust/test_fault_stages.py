@@ -411,6 +411,81 @@ def test_a_save_whose_manifest_write_went_unanswered_does_not_say_the_store_is_a
         assert "What the failing backends held is as it was" in str(err.value), str(err.value)
 
 
+def test_a_full_store_that_cost_a_step_saved_again_its_committed_copy_says_so(tmp_path):
+    """Saving a committed step again: the store refused the copy over the committed one and then
+    the rewrite (no space), and the committed copy was gone; the error said that what the
+    failing backend held was as it was."""
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}}, keep_last=5)
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+        ck.save(step=2, model=model_at(2))
+    with manager(cfg) as ck:
+        ck.restore(model=model_at(0))
+        faults = ck.router.instances["flaky"].faults
+        faults.add(op="copy", path="step-0000000002/state.pt", error="ENOSPC")
+        faults.add(op="open", path="step-0000000002/state.pt", error="ENOSPC")
+        with pytest.raises(SaveError) as err:
+            ck.save(step=2, model=model_at(22))
+    failure = err.value.failures["flaky"]
+    assert isinstance(failure, StorageFullError) and not failure.held_as_it_was
+    assert "What 'flaky' held may have changed" in str(err.value) and "held is as it was" not in str(err.value)
+    assert "step-0000000002" not in folders(tmp_path / "flaky")
+
+
+def test_a_publish_whose_look_after_its_mark_fails_takes_the_mark_back(tmp_path):
+    cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
+                 final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})
+    fallback = tmp_path / "fallback"
+    ck = ckptkit.CheckpointManager.from_config(cfg, plugin_manager=plugin_manager(), fallback_dir=fallback)
+    ck.router.instances["pub"].faults.add(op="find", path="run/final")
+    with pytest.raises(PublishError) as err:
+        ck.finalize(model=model_at(1), step=1)
+    ck.close()
+    assert "marking" in str(err.value.failures["pub"]), str(err.value)
+    assert not os.path.exists(tmp_path / "pub" / "run" / "final") or not os.listdir(tmp_path / "pub" / "run" / "final")
+
+
+def test_a_step_saved_again_in_place_is_no_leftover_to_another_processs_prune(tmp_path):
+    """A store that cannot copy a file itself rewrites a committed step in place, its manifest
+    deleted first: its files are old then, and only the folder's own time (set by that deletion)
+    tells that a save is under way. Aged by its files, the folder was deleted by a prune of
+    another process, and the save then committed a manifest over a folder without its file."""
+    import threading
+    import time
+
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}}, keep_last=5)
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+        ck.save(step=2, model=model_at(2))
+    run = tmp_path / "flaky" / "run"
+    old = time.time() - 7200
+    for path in [*run.glob("*/*"), *run.glob("*")]:
+        os.utime(path, (old, old))
+    saving, pruning = manager(cfg), manager(cfg)
+    saving.restore(model=model_at(0))
+    store = saving.router.instances["flaky"]
+    store.fs.copies_files = False
+    reached, release = store.faults.pause("open", "step-0000000002/state.pt")
+    failure = []
+    writer = threading.Thread(target=lambda: saving.save(step=2, model=model_at(22)) or saving.wait())
+    writer.start()
+    try:
+        assert reached.wait(30)
+        assert os.listdir(run / "step-0000000002") == ["state.pt"]  # its manifest deleted, its file old
+        assert pruning.router.instances["flaky"].prune(run_name="run", keep_last=5, protected_steps=frozenset(),
+                                                dry_run=False, counted_steps=None) == [], "a save in flight"
+    finally:
+        release.set()
+        writer.join(60)
+    assert sorted(os.listdir(run / "step-0000000002")) == ["manifest.json", "state.pt"]
+    saving.close()
+    pruning.close()
+    m = model_at(-7)
+    with manager(cfg) as ck:
+        assert ck.restore(model=m).step == 2
+    assert_holds_step(m, 22)  # what the save in flight wrote, whole
+
+
 @pytest.mark.parametrize("held", ["upload", "mark"])
 def test_two_publishes_of_a_run_to_an_object_store_at_once_keep_both_models(tmp_path, held):
     """An object store lists no upload in flight: a publish that started while another uploaded

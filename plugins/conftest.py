@@ -49,7 +49,8 @@ class Fault:
     when the connection is closed): a store that takes a request and then stops. With ``drip``
     (seconds), a matching request's answer comes from the server but is sent ``drip_bytes`` at a
     time, once every ``drip`` seconds (until ``hold`` is set, when the connection is closed): a store
-    that never stops answering and never finishes.
+    that never stops answering and never finishes. With ``flip``, a matching request's answer
+    comes from the server with one bit of its body flipped: bytes damaged on their way.
     """
 
     match: Callable[[str, str], bool]
@@ -62,6 +63,7 @@ class Fault:
     unread: bool = False
     drip: float | None = None
     drip_bytes: int = 1
+    flip: bool = False
 
 
 class FaultProxy:
@@ -109,7 +111,8 @@ class FaultProxy:
                     return
                 body = self._body()
                 dripping = fault if fault is not None and fault.drip is not None else None
-                if dripping is not None:
+                flipping = fault if fault is not None and fault.flip else None
+                if dripping is not None or flipping is not None:
                     fault = None
                 if fault is not None and fault.hold is not None:
                     fault.hold.wait()
@@ -133,6 +136,9 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if flipping is not None and data:
+                    middle = len(data) // 2
+                    data = data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:]
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):

@@ -36,6 +36,7 @@ _TRANSIENT_TYPES = frozenset({
     "ClientPayloadError", "ServerTimeoutError", "ConnectionClosedError", "EndpointConnectionError",
     "ReadTimeoutError", "ConnectTimeoutError", "ProxyError", "ChunkedEncodingError", "IncompleteRead",
     "ResponseParserError", "FSTimeoutError", "RemoteDisconnected", "HTTPClientError",
+    "FlexibleChecksumError",  # botocore: an answer damaged on its way (its checksum disagrees); read it again
 })
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, CheckpointError, ConfigError)

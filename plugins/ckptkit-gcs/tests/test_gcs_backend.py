@@ -172,6 +172,30 @@ def test_transient_fault_is_retried(pm, gcs_backend_options, make_fault_proxy, g
         f"{bucket}/ckpts/run/step-0000000000/{MANIFEST_NAME}"))["step"] == 0
 
 
+def test_a_state_damaged_on_its_way_is_read_again_not_passed_over(pm, gcs_backend_options, make_fault_proxy,
+                                                                   gcs_port, bucket, caplog):
+    """One bit flipped in flight (gcsfs checks no checksum of what it reads) made the newest
+    checkpoint "damaged": restore went back to the step before, which the next save wrote over.
+    Damaged where it is kept, every read disagrees, and the step before is restored."""
+    proxy = make_fault_proxy(gcs_port)
+    FaultT = type(proxy).__init__.__globals__["Fault"]
+    ck = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"], keep_last=3)
+    for step in (1, 2):
+        ck.save(step=step, model=model(step))
+    newest = lambda m, p: m == "GET" and "step-0000000002%2Fstate.pt" in p or "step-0000000002/state.pt" in p
+    once = proxy.add(FaultT(newest, flip=True, times=1))
+    m = model(99)
+    restored = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"]).restore(model=m)
+    assert once.hits == 1 and (restored.step, restored.skipped) == (2, ())
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model(2).state_dict().values()))
+    assert "step-0000000002/state.pt did not match its checksum as downloaded; reading it again" in caplog.text
+    proxy.clear()
+    always = proxy.add(FaultT(newest, flip=True, times=None))
+    with pytest.warns(RuntimeWarning, match="does not match its checksum"):
+        restored = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"]).restore(model=m)
+    assert restored.step == 1 and always.hits == 2
+
+
 def test_unrecoverable_fault_leaves_nothing_committed(pm, gcs_backend_options, make_fault_proxy, gcs_port,
                                                       gcs_endpoint, bucket, tmp_path):
     proxy = make_fault_proxy(gcs_port)

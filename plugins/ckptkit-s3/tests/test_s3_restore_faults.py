@@ -117,3 +117,25 @@ def test_newest_read_that_recovers_is_restored_without_a_warning(
     assert_same_state(m, model(20))
     # Step 10 was never needed.
     assert not any("step-0000000010/state.pt" in p for _, p in proxy.requests)
+
+
+def test_a_state_damaged_on_its_way_is_read_again_not_passed_over(
+        pm, s3_backend_options, two_checkpoints, make_fault_proxy, moto_port, bucket):
+    """One bit flipped in flight: botocore's check of the answer's checksum raised
+    FlexibleChecksumError, which ckptkit blamed on the s3 plugin ("report it to the plugin's
+    authors") and restore failed. It is a read to make again; one that never comes whole leaves
+    the step unread, not damaged, and no older step is restored past it."""
+    proxy = make_fault_proxy(moto_port)
+    flipped = fault(proxy, state_get(20), flip=True, times=1)
+    m = model(99)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = reader(pm, s3_backend_options, proxy).restore(model=m)
+    assert flipped.hits == 1
+    assert (restored.step, restored.skipped) == (20, ())
+    assert_same_state(m, model(20))
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    proxy.clear()
+    fault(proxy, state_get(20), flip=True, times=None)
+    with pytest.raises(ckptkit.StorageUnavailableError, match=f"gave up after {ATTEMPTS} attempts"):
+        reader(pm, s3_backend_options, proxy).restore(model=model(99))

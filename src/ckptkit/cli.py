@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .checkpoint import CheckpointRef
-from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError,
+from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, CkptkitError, PruneError,
                      IncompatibleCheckpointError, LocalWriteError, StorageUnavailableError)
 from .manager import CheckpointManager
 from .storage import FileBackend
@@ -417,6 +417,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            "some: give one of them (--keep-last N alone keeps the newest N)")
     ck = _manager(args)
     try:
+        failed: PruneError | None = None
         if args.all:
             doomed = ck.delete_run(dry_run=args.dry_run)
             corrupt: tuple = ()
@@ -424,7 +425,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             if args.keep_last is not None and args.keep_last < 1:
                 raise CkptkitError("--keep-last must be at least 1")
-            result = ck.prune(keep_last=args.keep_last, dry_run=args.dry_run)
+            try:
+                result = ck.prune(keep_last=args.keep_last, dry_run=args.dry_run)
+            except PruneError as exc:  # what the other backends lost is shown all the same
+                if len(exc.failures) == 1 and not exc.result.deleted and not exc.result.corrupt:
+                    raise next(iter(exc.failures.values())) from None  # nothing else to show: the error as it is
+                failed, result = exc, exc.result
             doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
@@ -444,7 +450,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                                              style="red" if d["kind"] == "damaged" else "yellow"),
                           d["error"])
         _emit(args, {"dry_run": args.dry_run, "keep_last": keep, "all": args.all, "deleted": rows,
-                     "damaged": damaged}, table if rows or damaged else None)
+                     "damaged": damaged,
+                     **({"failed": {n: redact(str(e), secret_values()) for n, e in failed.failures.items()}}
+                        if failed is not None else {})}, table if rows or damaged else None)
+        if failed is not None:
+            _fail("; ".join(str(e) for e in failed.failures.values()) + (
+                "; the table shows what the other backends lost" if rows and not args.json else ""))
+            return 1
         if not rows and not damaged and not args.json:
             # Where it looked: a relative path run from another folder reads as an empty run.
             looked = ", ".join(_looked_in(ck, n) for n in ck.router.backends(Role.RESUME))

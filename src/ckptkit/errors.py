@@ -6,6 +6,8 @@ as ``__cause__`` (``raise ... from exc``), so code can look past the message to 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CkptkitError(Exception):
     """Base class of every error ckptkit raises on purpose."""
@@ -140,6 +142,21 @@ class SaveError(CkptkitError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.failures, self.saved))
+
+
+class PruneError(BackendError):
+    """A pruning by hand (``CheckpointManager.prune``) failed on some resume backends after it
+    pruned the others. ``backend`` names the first that failed; ``failures`` maps each one to its
+    exception; ``result`` (a ``PruneResult``) holds what was deleted on the others, so that no
+    deletion goes untold."""
+
+    def __init__(self, backend: str, message: str, failures: dict | None = None, result: Any = None):
+        super().__init__(backend, message)
+        self.failures = failures or {}
+        self.result = result
+
+    def __reduce__(self):
+        return (type(self), (self.backend, self.detail, self.failures, self.result))
 
 
 class PublishError(SaveError):

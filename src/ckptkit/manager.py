@@ -45,6 +45,7 @@ from .errors import (
     FaultyAnswerError,
     IncompatibleCheckpointError,
     LocalWriteError,
+    PruneError,
     PublishError,
     RanksDisagreeError,
     RunConflictError,
@@ -1219,7 +1220,9 @@ class CheckpointManager:
         until ``keep_last`` verify; only those count toward ``keep_last``, so a run is never
         left without a checkpoint that verifies. Damaged ones are reported, not counted, and
         deleted only once older than the kept ones. ``keep_best`` checkpoints stay. An async save
-        in flight is waited for first, and its outcome reported, as ``wait()`` does.
+        in flight is waited for first, and its outcome reported, as ``wait()`` does. A backend
+        that fails is left as it is and the others are pruned all the same; then ``PruneError``
+        is raised, naming each failure, with what was deleted on the others in its ``result``.
         """
         self._check_open()
         # A config of the final role alone has no resume checkpoints, only what a killed
@@ -1231,25 +1234,35 @@ class CheckpointManager:
         self.wait()  # an async save in flight commits, and the prune after it ends, before this one lists
         deleted: list[CheckpointRef] = []
         corrupt: list[tuple[CheckpointRef, CkptkitError]] = []
+        failures: dict[str, CkptkitError] = {}
         for name in self.router.backends(Role.RESUME):
-            listed = self.router.call_blaming(name, "list_checkpoints", storage_errors=True, run_name=self.run_name)
-            refs = sorted(self.router.checked_refs(name, "list_checkpoints", listed, self.run_name),
-                          key=lambda r: r.step, reverse=True)
-            verified: set[int] = set()
-            for ref in refs:
-                if len(verified) >= keep:
-                    break
-                try:
-                    self.reader.verify(ref)
-                    verified.add(ref.step)
-                except (*SKIPPABLE, IncompatibleCheckpointError) as exc:  # a newer ckptkit's: kept too
-                    corrupt.append((ref, exc))
-            protected = self.best_steps(name)
-            pruned = self.router.checked_refs(name, "prune", self.router.call_blaming(
-                name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep, protected_steps=protected,
-                dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
-            # At most keep_last verified: all kept.
-            self._kept_all(name, pruned, [r for r in refs if r.step in verified or r.step in protected])
+            # Each backend alone: one that fails is left as it is and the others are still
+            # pruned, whatever the order of the config's list, and what they lost is told.
+            try:
+                listed = self.router.call_blaming(name, "list_checkpoints", storage_errors=True,
+                                                  run_name=self.run_name)
+                refs = sorted(self.router.checked_refs(name, "list_checkpoints", listed, self.run_name),
+                              key=lambda r: r.step, reverse=True)
+                verified: set[int] = set()
+                found: list[tuple[CheckpointRef, CkptkitError]] = []
+                for ref in refs:
+                    if len(verified) >= keep:
+                        break
+                    try:
+                        self.reader.verify(ref)
+                        verified.add(ref.step)
+                    except (*SKIPPABLE, IncompatibleCheckpointError) as exc:  # a newer ckptkit's: kept too
+                        found.append((ref, exc))
+                protected = self.best_steps(name)
+                pruned = self.router.checked_refs(name, "prune", self.router.call_blaming(
+                    name, "prune", storage_errors=True, run_name=self.run_name, keep_last=keep,
+                    protected_steps=protected, dry_run=dry_run, counted_steps=frozenset(verified)), self.run_name)
+                # At most keep_last verified: all kept.
+                self._kept_all(name, pruned, [r for r in refs if r.step in verified or r.step in protected])
+            except CkptkitError as exc:
+                failures[name] = exc
+                continue
+            corrupt += found
             deleted += pruned
         for name in self.router.backends(Role.FINAL):
             backend = self.router.instances[name]
@@ -1257,7 +1270,15 @@ class CheckpointManager:
                 # No resume prune visits a final-only store, where a finalize killed while
                 # writing leaves its temporary folder.
                 deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
-        return PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt), keep_last=keep)
+        result = PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt), keep_last=keep)
+        if failures:
+            verb = "would delete" if dry_run else "deleted"
+            done = (f"on the other backends it {verb} {len(deleted)} checkpoint(s) and leftover(s) ("
+                    f"{', '.join(r.uri for r in deleted[:5])}{' and more' if len(deleted) > 5 else ''})" if deleted
+                    else f"on the other backends it {verb} nothing")
+            raise PruneError(next(iter(failures)), f"{'; '.join(str(e) for e in failures.values())}; {done}",
+                             failures, result)
+        return result
 
     def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[CheckpointRef]) -> None:
         """Raise ``BackendError`` for a prune of ``backend`` that deleted a committed checkpoint it

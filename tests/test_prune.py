@@ -202,6 +202,31 @@ def test_a_checkpoint_a_killed_prune_half_deleted_goes_by_the_age_of_its_files(t
     ck.close()
 
 
+def test_a_copy_restore_found_damaged_does_not_count_toward_keep_last_on_its_backend(tmp_path, pm):
+    """Restore passed over one backend's damaged copy of the newest step for another's; the
+    prune after the next save counted the damaged copy toward keep_last there, and deleted
+    that backend's intact older step."""
+    cfg = local_config(tmp_path, keep=2, final=False)
+    cfg["backends"]["mirror"] = {"type": "local", "path": str(tmp_path / "mirror")}
+    cfg["roles"]["resume"]["backends"] = ["scratch", "mirror"]
+    model, opt = make_model()
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        for step in range(4):
+            ck.save(step=step, model=model, optimizer=opt)
+    state = tmp_path / "scratch" / "exp" / "step-0000000003" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.chmod(0o644)
+    state.write_bytes(bytes(data))
+    with CheckpointManager.from_config(cfg, plugin_manager=pm) as ck:
+        with pytest.warns(RuntimeWarning, match="does not match its checksum"):
+            restored = ck.restore(model, opt)
+        assert (restored.step, restored.ref.backend) == (3, "mirror")
+        ck.save(step=4, model=model, optimizer=opt)
+    assert _steps(tmp_path) == [2, 3, 4], "two intact steps, and the damaged one between them"
+    assert sorted(os.listdir(tmp_path / "mirror" / "exp")) == ["step-0000000003", "step-0000000004"]
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

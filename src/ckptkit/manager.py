@@ -517,6 +517,7 @@ class _PassedOver:
     silent: list[str] = attrs.Factory(list)
     steps: set[int] = attrs.Factory(set)
     notes: list[str] = attrs.Factory(list)
+    damaged: dict[str, set[int]] = attrs.Factory(dict)  # the steps found damaged, by backend
 
     def add(self, ref: CheckpointRef, problem: BaseException) -> None:
         reason = _skipped(ref, problem)
@@ -525,6 +526,8 @@ class _PassedOver:
         self.steps.add(ref.step)
         if isinstance(problem, StorageUnavailableError):
             self.silent.append(ref.backend)
+        elif isinstance(problem, CorruptCheckpointError):
+            self.damaged.setdefault(ref.backend, set()).add(ref.step)
 
 
 def _warn_rank0(notes: list[str], quietly: bool = False) -> None:
@@ -586,6 +589,7 @@ class CheckpointManager:
         # push an intact one out; the older ones of earlier processes must go, or a training
         # restarted more often than every keep_last saves keeps them all.
         self._counted: set[int] = set()
+        self._damaged_copies: dict[str, set[int]] = {}  # steps restore found damaged, by backend
         self._metrics: dict[int, dict[str, float]] = {}
         self._run_checked = False
         # Resume backends that could not be listed when the run was checked, and a conflict with
@@ -1128,9 +1132,11 @@ class CheckpointManager:
                 continue  # its checkpoints are another training's: not this one's to prune
             try:
                 protected = frozenset({step}) | self._best_steps(ref.backend)
+                damaged = self._damaged_copies.get(ref.backend, set())
                 deleted = self.router.checked_refs(ref.backend, "prune", self.router.call_blaming(
                     ref.backend, "prune", storage_errors=True, run_name=self.run_name, keep_last=self.resume_role.keep_last,
-                    protected_steps=protected, dry_run=False, counted_steps=counted), self.run_name)
+                    protected_steps=protected, dry_run=False, counted_steps=counted - damaged), self.run_name)
+                damaged.difference_update(r.step for r in deleted)
                 gone.update(r.step for r in deleted if r.step != step)
             except Exception as exc:
                 log.warning("pruning backend %r failed: %s", ref.backend, exc)
@@ -1580,6 +1586,9 @@ class CheckpointManager:
                 self._carry_on(manifest)
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
                                                        and r.step not in over.steps)})
+                # A copy of the restored step found damaged on one backend is not counted there: it
+                # would keep an intact older step of that backend from the keep_last it is owed.
+                self._damaged_copies = over.damaged
                 # Newer steps the listing showed were skipped as damaged: they are no other training's.
                 self._newest_own = max(manifest.step, newest if newest is not None else manifest.step)
                 self._last_step = manifest.step
@@ -2354,6 +2363,7 @@ class CheckpointManager:
                 self._carry_on(manifest)
                 self._counted.update({manifest.step, *(r.step for r in candidates if r.step < manifest.step
                                                        and r.step not in over.steps)})
+                self._damaged_copies = over.damaged  # as in restore
                 self._newest_own = max([manifest.step, *(r.step for r in candidates)])  # as in restore
                 self._last_step = manifest.step
                 self._rolled_back = None

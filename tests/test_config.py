@@ -375,3 +375,17 @@ def test_a_dollar_in_a_folder_name_is_kept(tmp_path, pm):
     ck = CheckpointManager.from_config(cfg, plugin_manager=pm)
     assert ck.router.instances["scratch"].root == str(tmp_path / "price$usd")
     ck.close()
+
+
+def test_a_dollar_name_the_environment_holds_is_refused(tmp_path, pm, monkeypatch):
+    """$SCRATCH/ckpts, meant to be expanded, made a folder named $SCRATCH under the working
+    directory; $recycle, which the environment does not hold, is a folder's name."""
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "fast"))
+    monkeypatch.delenv("recycle", raising=False)
+    cfg = base()
+    cfg["backends"]["scratch"] = {"type": "local", "path": "$SCRATCH/ckpts"}
+    with pytest.raises(ConfigError, match=r"backends.scratch.path: '\$SCRATCH/ckpts' holds \$SCRATCH, which ckptkit "
+                                          r"does not expand"):
+        CheckpointManager.from_config(cfg, plugin_manager=pm)
+    cfg["backends"]["scratch"]["path"] = str(tmp_path / "$recycle")
+    CheckpointManager.from_config(cfg, plugin_manager=pm).close()

@@ -993,3 +993,45 @@ def test_an_optimizer_of_a_model_without_state_is_refused_at_save(tmp_path):
         with pytest.raises(ckptkit.UnstorableStateError, match="which is not a parameter of the model"):
             ck.save(step=1, model=torch.nn.ReLU(), optimizer=torch.optim.Adam([temperature]))
         assert ck.list_checkpoints() == []
+
+
+def test_a_saved_weight_the_model_lacks_is_refused_however_it_is_named(tmp_path):
+    """A weight named like extra state (has_extra_state) was taken for one and passed over, so
+    torch copied in every other weight before refusing it; a module given its own
+    _load_from_state_dict on the instance (a patch for a buffer added since) was judged by
+    torch's rules, which it does not follow, and refused."""
+    cfg = local_config(tmp_path, every=1, final=False)
+
+    class Flagged(torch.nn.Module):
+        def __init__(self, flag=True):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            if flag:
+                self.has_extra_state = torch.nn.Parameter(torch.ones(2))
+
+    torch.manual_seed(0)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=Flagged())
+    torch.manual_seed(1)
+    model = Flagged(flag=False)
+    before = copy.deepcopy(model.state_dict())
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"weights the model lacks: has_extra_state\)"):
+            ck.restore(model=model)
+    assert_same_state(model.state_dict(), before)
+
+    patched = torch.nn.Linear(3, 3)
+    patched.register_buffer("scale", torch.full((3,), 2.0))
+    own = patched._load_from_state_dict
+
+    def compat(state_dict, prefix, *args):
+        state_dict.setdefault(prefix + "scale", torch.ones(3))  # what a checkpoint from before it holds
+        return own(state_dict, prefix, *args)
+
+    patched._load_from_state_dict = compat
+    cfg = local_config(tmp_path / "patched", every=1, final=False)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=torch.nn.Linear(3, 3))
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        assert ck.restore(model=patched).step == 1
+    assert torch.equal(patched.scale, torch.ones(3))

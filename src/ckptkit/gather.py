@@ -672,7 +672,7 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
         kind = type(module)
         hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values(),
                  *module._state_dict_hooks.values(), *module._state_dict_pre_hooks.values()]
-        if (kind._load_from_state_dict not in _PLAIN_LOADS
+        if (kind._load_from_state_dict not in _PLAIN_LOADS or "_load_from_state_dict" in vars(module)
                 or any(getattr(kind, m) is not getattr(torch.nn.Module, m) or m in vars(module) for m in _OWN_WAYS)
                 or not all(_from_torch(getattr(h, "hook", h)) for h in hooks)):
             return None
@@ -684,6 +684,11 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
             names.append((dot + _EXTRA, module, _EXTRA, None))
     missing, other = [], []
     live: set[str] = set()
+    # A saved module's extra state that the model's module of that name does not take is ignored
+    # by torch; one of a module the model no longer has is an unexpected key.
+    known_modules = {fqn for prefix, _ in model.named_modules(remove_duplicate=False) if prefix
+                     for fqn in _dcp_names(model, f"{prefix}.{_EXTRA}")}
+    known_modules = {fqn.rpartition(".")[0] for fqn in known_modules}
     for key, owner, leaf, value in names:
         for fqn in _dcp_names(model, key):
             live.add(fqn)
@@ -700,7 +705,8 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
             elif not torch.nn.parameter.is_lazy(value) and tuple(kept.shape) != tuple(value.shape) and not (
                     value.dim() == 0 and kept.dim() == 1):  # (torch takes a 1-d weight for a 0-d one)
                 other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
-    unknown = sorted(fqn for fqn in saved if fqn not in live and not fqn.endswith(_EXTRA))
+    unknown = sorted(fqn for fqn in saved if fqn not in live and not (
+        fqn == _EXTRA or fqn.endswith(f".{_EXTRA}") and fqn.rpartition(".")[0] in known_modules))
     return _misfit(sorted(set(missing)), unknown, sorted(set(other)))
 
 

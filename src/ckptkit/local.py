@@ -167,11 +167,12 @@ def local_root(path: Any, key: str) -> str:
             f"{key}: {text!r} is a {scheme}:// URI, but type local takes a local path; "
             f"use type: {scheme} for it"
         )
-    unexpanded = re.search(r"\$\{[^}]*\}", text)
+    unexpanded = re.search(r"\$\{[^}]*\}", text) or next(
+        (m for m in re.finditer(r"\$([A-Za-z_]\w*)", text) if m.group(1) in os.environ), None)
     if unexpanded:
         # Taken as it is, a folder named "${SCRATCH}" was made (under the working directory: a
         # container's, lost with it) and every check said the config was fine. A bare $name is
-        # left alone: folders are named so ("$recycle", "price$usd").
+        # refused only where the environment has that variable: folders are named so ("$recycle").
         raise ConfigError(
             f"{key}: {text!r} holds {unexpanded.group(0)}, which ckptkit does not expand (only ~ is): the "
             "checkpoints would go to a folder of that very name. Expand it before the config reaches ckptkit "
@@ -529,9 +530,10 @@ class LocalBackend(FileBackend):
             target = self._commit(path, step_dirname(step), payload.manifest(files))
         except Exception as exc:
             full = no_space(exc)
-            if full is not None:
-                raise storage_full(self.name, self.root, f"the manifest of {path}", full) from full
-            raise BackendError(self.name, f"could not commit {path}: {self.describe(exc)}") from exc
+            failure = storage_full(self.name, self.root, f"the manifest of {path}", full) if full is not None \
+                else BackendError(self.name, f"could not commit {path}: {self.describe(exc)}")
+            failure.held_as_it_was = not getattr(exc, "committed", False)  # renamed into place: it is there
+            raise failure from (full if full is not None else exc)
         self._unstage(path, remove=False)
         return self._ref(run_name, step, target, sizes={k: e.size for k, e in files.items()})
 

@@ -341,6 +341,8 @@ class FileBackend:
         # of the new files (the store stopped answering): sizes may match, but a prune must not
         # count them as intact. A later save of the step that commits clears it.
         self._damaged: set[str] = set()
+        # Step folders whose committed copy a sharded save cleared to write its shards in place.
+        self._cleared: set[str] = set()
         # What this instance's last prune of each run listed: its newest committed step, and the
         # steps whose manifest someone else replaced since this instance last saw it.
         self._pruned_saw: dict[str, tuple[int | None, frozenset[int]]] = {}
@@ -886,6 +888,9 @@ class FileBackend:
             folder = target
             if committed or self._committed_meanwhile(manifest_path) is False:
                 self._discard(target)
+            if committed:
+                with self._lock:
+                    self._cleared.add(target)  # a failed commit says the copy committed before is gone
         with self._lock:
             self._in_flight.add(folder)
         try:
@@ -934,12 +939,17 @@ class FileBackend:
             if current != target and gave_up(exc):
                 self._damaged.add(target)  # its files may be part old, part new: checked, not trusted
             failure = self._fail(f"could not commit {self.uri(target)} (at {self.uri(current)})", exc)
-            # Files copied over a committed copy, or a manifest the store may have taken unanswered.
-            failure.held_as_it_was = path == target and not (current == manifest_path and gave_up(exc))
+            # Files copied over a committed copy, a committed copy cleared for the shards to go in
+            # its place, or a manifest the store may have taken unanswered.
+            with self._lock:
+                cleared = target in self._cleared
+            failure.held_as_it_was = path == target and not cleared and not (
+                current == manifest_path and gave_up(exc))
             raise failure from None
         finally:
             with self._lock:
                 self._in_flight.discard(path)
+                self._cleared.discard(target)
         if path != target:
             self._tidy_replaced(target, path, files)
         self.fs.invalidate_cache(posixpath.dirname(target))

@@ -432,6 +432,52 @@ def test_a_full_store_that_cost_a_step_saved_again_its_committed_copy_says_so(tm
     assert "step-0000000002" not in folders(tmp_path / "flaky")
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_commit_that_failed_after_its_rename_says_the_store_changed(tmp_path, monkeypatch, fmt):
+    """The local backend renames a save into place, then syncs the run folder: a failure of the
+    sync leaves the step committed, and the error said the backend held what it held before."""
+    import errno
+
+    from ckptkit import local
+
+    cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}}, keep_last=5)
+    cfg["roles"]["resume"]["format"] = fmt
+    synced = local._fsync_dir
+
+    def failing(path):
+        if os.path.basename(path) == "run":
+            raise OSError(errno.EIO, "I/O error (injected)")
+        return synced(path)
+
+    with manager(cfg) as ck:
+        monkeypatch.setattr(local, "_fsync_dir", failing)
+        with pytest.raises(SaveError) as err:
+            ck.save(step=1, model=model_at(1))
+        monkeypatch.setattr(local, "_fsync_dir", synced)
+        assert not err.value.failures["scratch"].held_as_it_was
+        assert "What 'scratch' held may have changed" in str(err.value)
+        assert [r.step for r in ck.list_checkpoints()] == [1]
+
+
+def test_a_sharded_step_saved_again_in_place_whose_commit_fails_says_its_copy_is_gone(tmp_path):
+    """A store that cannot copy clears a committed step for the shards of its new save: when the
+    commit then failed, the error said the backend held what it held before."""
+    cfg = config({"flaky": {"type": "faultyfs", "path": str(tmp_path / "flaky")}}, keep_last=5)
+    cfg["roles"]["resume"]["format"] = "dcp"
+    with manager(cfg) as ck:
+        ck.save(step=1, model=model_at(1))
+        ck.save(step=2, model=model_at(2))
+    with manager(cfg) as ck:
+        ck.restore(model=model_at(0))
+        store = ck.router.instances["flaky"]
+        store.fs.copies_files = False
+        store.faults.add(op="open", path="step-0000000002/manifest.json", times=None)
+        with pytest.raises(SaveError) as err:
+            ck.save(step=2, model=model_at(22))
+        assert not err.value.failures["flaky"].held_as_it_was
+        assert "What 'flaky' held may have changed" in str(err.value)
+
+
 def test_a_publish_whose_look_after_its_mark_fails_takes_the_mark_back(tmp_path):
     cfg = config({"scratch": {"type": "local", "path": str(tmp_path / "scratch")}},
                  final={"pub": {"type": "faultyfs", "path": str(tmp_path / "pub")}})

@@ -493,17 +493,21 @@ def test_ls_exits_1_when_a_backend_cannot_be_listed_and_shows_what_the_others_ho
     assert "Connection refused" in err and "the other backends" in err
 
 
+@pytest.mark.parametrize("every", [False, True], ids=["keep-last", "all"])
 @pytest.mark.parametrize("order", [["nas", "scratch"], ["scratch", "nas"]])
 def test_prune_with_a_backend_that_cannot_be_listed_prunes_the_others_and_shows_what_went(capsys, saved, tmp_path,
-                                                                                         down_type, order):
+                                                                                         down_type, order, every):
     """The others were pruned, or not, by where the failing backend stood in the config's list,
     and what they lost was not shown: only the failing backend's error."""
-    code, out, err = run(capsys, "prune", _with_down(tmp_path, order), "--keep-last", "2", "--json")
+    code, out, err = run(capsys, "prune", _with_down(tmp_path, order), *(["--all"] if every else ["--keep-last", "2"]),
+                         "--json")
     told = json.loads(out)
     assert code == 1
-    assert [(r["backend"], r["step"]) for r in told["deleted"]] == [("scratch", 1), ("scratch", 0)]
+    gone = [3, 2, 1, 0] if every else [1, 0]
+    assert sorted((r["backend"], r["step"]) for r in told["deleted"] if r["step"] is not None) == \
+        sorted(("scratch", s) for s in gone)
     assert list(told["failed"]) == ["nas"] and "Connection refused" in told["failed"]["nas"]
-    assert sorted(os.listdir(saved)) == ["step-0000000002", "step-0000000003"]
+    assert sorted(os.listdir(saved)) == ([] if every else ["step-0000000002", "step-0000000003"])
     assert err.startswith("ckptkit: error: backend 'nas': could not list") and err.count("backend 'nas'") == 1, err
 
 

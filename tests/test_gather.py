@@ -1020,6 +1020,23 @@ def test_a_saved_weight_the_model_lacks_is_refused_however_it_is_named(tmp_path)
             ck.restore(model=model)
     assert_same_state(model.state_dict(), before)
 
+    class Counted(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"seen": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    cfg = local_config(tmp_path / "extra", every=1, final=False)
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        ck.save(step=1, model=torch.nn.Sequential(Counted(3, 3)))
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 3))  # keeps no extra state: the saved one is unexpected
+    before = copy.deepcopy(plain.state_dict())
+    with ckptkit.CheckpointManager.from_config(cfg) as ck:
+        with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"weights the model lacks: 0._extra_state\)"):
+            ck.restore(model=plain)
+    assert_same_state(plain.state_dict(), before)
+
     patched = torch.nn.Linear(3, 3)
     patched.register_buffer("scale", torch.full((3,), 2.0))
     own = patched._load_from_state_dict

@@ -59,3 +59,16 @@ def test_a_store_that_gave_no_answer_in_time_is_told_with_the_settings_to_raise(
         RetryPolicy(attempts=1, backoff_s=0, max_backoff_s=0).call("get", lambda: (_ for _ in ()).throw(
             ConnectionResetError("reset by peer")))
     assert "timeout_s" not in str(info.value), "a store that answers with a reset is not slow"
+
+
+def test_an_answer_whose_checksum_disagrees_is_read_again_and_an_unknown_algorithm_is_not():
+    """botocore raises FlexibleChecksumError both for an answer damaged on its way (read it
+    again) and for a checksum algorithm it does not know (a setting: retrying only delays it)."""
+    from ckptkit.retry import is_transient
+
+    class FlexibleChecksumError(Exception):
+        pass
+
+    assert is_transient(FlexibleChecksumError("Expected checksum T4I+NA== did not match calculated checksum: kpyFqA=="))
+    assert not is_transient(FlexibleChecksumError("Unsupported checksum algorithm: md5"))
+

@@ -418,20 +418,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ck = _manager(args)
     try:
         failed: PruneError | None = None
-        if args.all:
-            doomed = ck.delete_run(dry_run=args.dry_run)
-            corrupt: tuple = ()
-            keep = 0
-        else:
-            if args.keep_last is not None and args.keep_last < 1:
-                raise CkptkitError("--keep-last must be at least 1")
-            try:
-                result = ck.prune(keep_last=args.keep_last, dry_run=args.dry_run)
-            except PruneError as exc:  # what the other backends lost is shown all the same
-                if len(exc.failures) == 1 and not exc.result.deleted and not exc.result.corrupt:
-                    raise next(iter(exc.failures.values())) from None  # nothing else to show: the error as it is
-                failed, result = exc, exc.result
-            doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
+        if not args.all and args.keep_last is not None and args.keep_last < 1:
+            raise CkptkitError("--keep-last must be at least 1")
+        try:
+            result = ck.delete_run(dry_run=args.dry_run) if args.all else \
+                ck.prune(keep_last=args.keep_last, dry_run=args.dry_run)
+        except PruneError as exc:  # what the other backends lost is shown all the same
+            if len(exc.failures) == 1 and not exc.result.deleted and not exc.result.corrupt:
+                raise next(iter(exc.failures.values())) from None  # nothing else to show: the error as it is
+            failed, result = exc, exc.result
+        doomed, corrupt, keep = list(result.deleted), result.corrupt, result.keep_last
         rows = [{"backend": r.backend, "step": r.step if r.step >= 0 else None, "kind": r.role, "uri": r.uri}
                 for r in doomed]
         # A store that did not answer leaves a checkpoint unverified, not damaged (as verify tells it).

@@ -684,11 +684,6 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
             names.append((dot + _EXTRA, module, _EXTRA, None))
     missing, other = [], []
     live: set[str] = set()
-    # A saved module's extra state that the model's module of that name does not take is ignored
-    # by torch; one of a module the model no longer has is an unexpected key.
-    known_modules = {fqn for prefix, _ in model.named_modules(remove_duplicate=False) if prefix
-                     for fqn in _dcp_names(model, f"{prefix}.{_EXTRA}")}
-    known_modules = {fqn.rpartition(".")[0] for fqn in known_modules}
     for key, owner, leaf, value in names:
         for fqn in _dcp_names(model, key):
             live.add(fqn)
@@ -705,8 +700,8 @@ def plain_misfit(model: torch.nn.Module, saved: dict[str, Any]) -> str | None:
             elif not torch.nn.parameter.is_lazy(value) and tuple(kept.shape) != tuple(value.shape) and not (
                     value.dim() == 0 and kept.dim() == 1):  # (torch takes a 1-d weight for a 0-d one)
                 other.append(f"{fqn} is {tuple(kept.shape)} there and {tuple(value.shape)} in the model")
-    unknown = sorted(fqn for fqn in saved if fqn not in live and not (
-        fqn == _EXTRA or fqn.endswith(f".{_EXTRA}") and fqn.rpartition(".")[0] in known_modules))
+    # (Saved extra state of a module that keeps none is an unexpected key too, under strict.)
+    unknown = sorted(fqn for fqn in saved if fqn not in live)
     return _misfit(sorted(set(missing)), unknown, sorted(set(other)))
 
 

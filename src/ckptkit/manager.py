@@ -1276,15 +1276,21 @@ class CheckpointManager:
                 # No resume prune visits a final-only store, where a finalize killed while
                 # writing leaves its temporary folder.
                 deleted += backend.sweep_final_leftovers(self.run_name, dry_run)
-        result = PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt), keep_last=keep)
-        if failures:
-            verb = "would delete" if dry_run else "deleted"
-            done = (f"on the other backends it {verb} {len(deleted)} checkpoint(s) and leftover(s) ("
-                    f"{', '.join(r.uri for r in deleted[:5])}{' and more' if len(deleted) > 5 else ''})" if deleted
-                    else f"on the other backends it {verb} nothing")
-            raise PruneError(next(iter(failures)), f"{'; '.join(str(e) for e in failures.values())}; {done}",
-                             failures, result)
-        return result
+        return self._pruned(PruneResult(deleted=tuple(deleted), corrupt=tuple(corrupt), keep_last=keep), failures,
+                            dry_run)
+
+    @staticmethod
+    def _pruned(result: PruneResult, failures: dict[str, CkptkitError], dry_run: bool) -> PruneResult:
+        """``result``, or ``PruneError`` telling ``failures`` and what ``result`` deleted elsewhere."""
+        if not failures:
+            return result
+        verb = "would delete" if dry_run else "deleted"
+        deleted = result.deleted
+        done = (f"on the other backends it {verb} {len(deleted)} checkpoint(s) and leftover(s) ("
+                f"{', '.join(r.uri for r in deleted[:5])}{' and more' if len(deleted) > 5 else ''})" if deleted
+                else f"on the other backends it {verb} nothing")
+        raise PruneError(next(iter(failures)), f"{'; '.join(str(e) for e in failures.values())}; {done}",
+                         failures, result)
 
     def _kept_all(self, backend: str, deleted: list[CheckpointRef], kept: Collection[CheckpointRef]) -> None:
         """Raise ``BackendError`` for a prune of ``backend`` that deleted a committed checkpoint it
@@ -1299,17 +1305,25 @@ class CheckpointManager:
                                      "only steps it was free to delete (not protected_steps, nor the newest "
                                      "keep_last of counted_steps); what the run holds now: ckptkit ls")
 
-    def delete_run(self, dry_run: bool = False) -> list[CheckpointRef]:
-        """Delete every resume checkpoint of the run on every resume backend (``ckptkit prune --all``)."""
+    def delete_run(self, dry_run: bool = False) -> PruneResult:
+        """Delete every resume checkpoint of the run on every resume backend (``ckptkit prune
+        --all``); the result's ``keep_last`` is 0. A backend that fails is left as it is and the
+        others are emptied all the same; then ``PruneError`` is raised, as ``prune`` does."""
         self._check_open()
-        gone: list[CheckpointRef] = []
-        for name in self.router.backends(Role.RESUME):
+        names = self.router.backends(Role.RESUME)
+        for name in names:  # before anything is deleted anywhere
             if not self.router.implements(name, "delete_run"):
                 raise CkptkitError(f"backend {name!r} (type {self.router.types[name].name!r}) cannot delete a "
                                    "whole run (its type does not implement delete_run); delete it with the "
                                    "storage's own tools")
-            gone += self.router.call(name, "delete_run", run_name=self.run_name, dry_run=dry_run) or []
-        return gone
+        gone: list[CheckpointRef] = []
+        failures: dict[str, CkptkitError] = {}
+        for name in names:
+            try:
+                gone += self.router.call(name, "delete_run", run_name=self.run_name, dry_run=dry_run) or []
+            except CkptkitError as exc:
+                failures[name] = exc
+        return self._pruned(PruneResult(deleted=tuple(gone), corrupt=(), keep_last=0), failures, dry_run)
 
     def best_steps(self, backend: str) -> frozenset[int]:
         """The steps that ``roles.resume.keep_best`` keeps on ``backend`` (empty without keep_best).

@@ -223,7 +223,20 @@ class Reader:
         for name in names:
             entry = manifest.files[name]
             read = functools.partial(self._hash, ref, name, algorithm_of(entry.digest), CHUNK, False, entry.size)
-            _compare(ref, name, entry, *self.reading(ref, name, read))
+            _compare(ref, name, entry, *self._read_whole(ref, name, entry, read))
+
+    def _read_whole(self, ref: CheckpointRef, name: str, entry: FileEntry,
+                    read: Callable[[], tuple[int, str]]) -> tuple[int, str]:
+        """``read()`` of a file of ``ref`` (its size and digest), made again once where a remote
+        file of the manifest's size disagrees with its checksum: damaged on its way here (a
+        proxy, a NIC, plain HTTP to a store) or where it is kept, which only a second read tells,
+        and a checkpoint called damaged is passed over for an older one (which the next save
+        writes over) or deleted by hand."""
+        got = self.reading(ref, name, read)
+        if not ref.local_dir and got[0] == entry.size and got[1] != entry.digest:
+            log.warning("%s/%s did not match its checksum as read; reading it again", ref.uri, name)
+            got = self.reading(ref, name, read)
+        return got
 
     def fetch(self, ref: CheckpointRef, manifest: Manifest, workdir: str) -> str:
         """A local folder holding the checkpoint's verified files."""
@@ -381,14 +394,7 @@ class Reader:
                     LocalCopy(path, f"a copy of {ref.uri}/{name}", SCRATCH_ADVICE) as dst:
                 return copy_hashed(src, dst, algorithm_of(entry.digest), limit=entry.size)
 
-        got = self.reading(ref, name, copy)
-        if got[0] == entry.size and got[1] != entry.digest:
-            # Damaged on its way here (a proxy, a NIC, plain HTTP to a store), or where it is kept:
-            # only a second read tells, and a checkpoint called damaged is passed over for an
-            # older one, which the next save then writes over.
-            log.warning("%s/%s did not match its checksum as downloaded; reading it again", ref.uri, name)
-            got = self.reading(ref, name, copy)
-        _compare(ref, name, entry, *got)
+        _compare(ref, name, entry, *self._read_whole(ref, name, entry, copy))
         return path
 
     def reading(self, ref: CheckpointRef, name: str, read: Callable[[], T]) -> T:

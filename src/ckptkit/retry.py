@@ -36,7 +36,6 @@ _TRANSIENT_TYPES = frozenset({
     "ClientPayloadError", "ServerTimeoutError", "ConnectionClosedError", "EndpointConnectionError",
     "ReadTimeoutError", "ConnectTimeoutError", "ProxyError", "ChunkedEncodingError", "IncompleteRead",
     "ResponseParserError", "FSTimeoutError", "RemoteDisconnected", "HTTPClientError",
-    "FlexibleChecksumError",  # botocore: an answer damaged on its way (its checksum disagrees); read it again
 })
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, CheckpointError, ConfigError)
@@ -146,6 +145,8 @@ def is_transient(exc: BaseException, also: Iterable[Any] = ()) -> bool:
             return True
         if {c.__name__ for c in type(current).__mro__} & _TRANSIENT_TYPES:
             return True
+        if type(current).__name__ == "FlexibleChecksumError" and str(current).startswith("Expected checksum"):
+            return True  # botocore: an answer damaged on its way (not an algorithm it lacks); read it again
         if _http_status(current) in TRANSIENT_STATUS or _error_code(current) in _TRANSIENT_CODES:
             return True
         if any(f"{code}" in str(current) for code in ("SlowDown", "reduce your request rate")):

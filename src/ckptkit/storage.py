@@ -960,6 +960,7 @@ class FileBackend:
         self._discard(path)
         with self._lock:
             self._in_flight.discard(path)
+            self._cleared.discard(path)
 
     # -- hooks: reading -------------------------------------------------------------------
 

@@ -182,13 +182,24 @@ def test_a_state_damaged_on_its_way_is_read_again_not_passed_over(pm, gcs_backen
     ck = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"], keep_last=3)
     for step in (1, 2):
         ck.save(step=step, model=model(step))
-    newest = lambda m, p: m == "GET" and "step-0000000002%2Fstate.pt" in p or "step-0000000002/state.pt" in p
+    def newest(method, path):  # the bytes of step 2's state (alt=media), not its metadata
+        return method == "GET" and "alt=media" in path and any(
+            s in path for s in ("step-0000000002%2Fstate.pt", "step-0000000002/state.pt"))
+
     once = proxy.add(FaultT(newest, flip=True, times=1))
     m = model(99)
     restored = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"]).restore(model=m)
     assert once.hits == 1 and (restored.step, restored.skipped) == (2, ())
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model(2).state_dict().values()))
-    assert "step-0000000002/state.pt did not match its checksum as downloaded; reading it again" in caplog.text
+    assert "step-0000000002/state.pt did not match its checksum as read; reading it again" in caplog.text
+    # verify (and prune by hand, which verifies) reads again too: CORRUPT is what users delete.
+    proxy.clear()
+    again = proxy.add(FaultT(newest, flip=True, times=1))
+    checking = manager(pm, {"archive": gcs_backend_options(endpoint=proxy.url)}, ["archive"])
+    assert checking.verify(restored.ref).step == 2 and again.hits == 1
+    proxy.clear()
+    again = proxy.add(FaultT(newest, flip=True, times=1))
+    assert checking.reader.verify(restored.ref).step == 2 and again.hits == 1  # prune's check
     proxy.clear()
     always = proxy.add(FaultT(newest, flip=True, times=None))
     with pytest.warns(RuntimeWarning, match="does not match its checksum"):
